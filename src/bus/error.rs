@@ -1,0 +1,38 @@
+//! Errors of the bus and its backends; callers decide by [`BusError`] variant, never by text.
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum BusError {
+    /// The bus URL or a bus setting is wrong.
+    #[error("invalid bus configuration: {0}")]
+    Config(String),
+    /// The topic does not exist; `nexus topology apply` creates it.
+    #[error("topic `{0}` does not exist on the bus (run `nexus topology apply`)")]
+    UnknownTopic(String),
+    /// The partition is out of the topic's range.
+    #[error("topic `{topic}` has no partition {partition}")]
+    UnknownPartition { topic: String, partition: u32 },
+    /// The broker could not be reached or refused the request; retrying may help.
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+    /// The broker did not answer in time; retrying may help.
+    #[error("bus operation timed out: {0}")]
+    Timeout(String),
+    /// The embedded store failed (disk, corruption).
+    #[error("embedded log: {0}")]
+    Storage(String),
+    /// The subscription was closed.
+    #[error("subscription closed")]
+    Closed,
+    /// The operation is not possible in the current state (e.g. a group with active members).
+    #[error("{0}")]
+    Conflict(String),
+}
+
+impl BusError {
+    /// Whether trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, BusError::Unavailable(_) | BusError::Timeout(_))
+    }
+}

@@ -1,0 +1,400 @@
+//! Layered configuration: commented defaults built into the binary (`config.default.toml`) →
+//! a file given with `--config` → `NEXUS_*` environment variables; validated once at start.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::bus::BusUrl;
+
+/// The built-in defaults, with a comment on every key.
+pub const DEFAULT_CONFIG: &str = include_str!("config.default.toml");
+
+/// A configuration error names the key at fault.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("config: {0}")]
+    Load(String),
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, message: message.into() }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub bus: BusConfig,
+    pub consumer: ConsumerConfig,
+    pub http: HttpConfig,
+    pub http_client: HttpClientConfig,
+    pub stores: StoresConfig,
+    pub topology: TopologyConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+/// The bus: which one and how to talk to it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BusConfig {
+    /// `embedded://<dir>`, `kafka://h:p[,h:p]`, `kafka+ssl://...`, `nats://h:p`, `tls://h:p`.
+    pub url: String,
+    /// Where a group without a committed offset starts.
+    pub start_from: StartFromConfig,
+    /// Extra CA bundle for the bus's TLS.
+    pub ca_file: String,
+    /// Client certificate for mutual TLS.
+    pub client_cert_file: String,
+    /// Client key for mutual TLS.
+    pub client_key_file: String,
+    pub kafka: KafkaConfig,
+    pub nats: NatsConfig,
+    pub embedded: EmbeddedConfig,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StartFromConfig {
+    Earliest,
+    Latest,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Group session timeout (ms).
+    pub session_timeout_ms: u64,
+    /// `cooperative-sticky`, `range` or `roundrobin`.
+    pub partition_assignment_strategy: String,
+    /// Idempotent producer.
+    pub enable_idempotence: bool,
+    /// Publish timeout (ms).
+    pub message_timeout_ms: u64,
+    /// SASL mechanism, "" for none.
+    pub sasl_mechanism: String,
+    pub sasl_username: String,
+    /// Secret: redacted when printed.
+    pub sasl_password: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Redelivery time of an unacked record (ms).
+    pub ack_wait_ms: u64,
+    /// Partition lease time (ms); must exceed `ack_wait_ms`.
+    pub lease_ttl_ms: u64,
+    /// Stream replicas.
+    pub replicas: usize,
+    pub user: String,
+    /// Secret: redacted when printed.
+    pub password: String,
+    /// Secret: redacted when printed.
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedConfig {
+    /// Records per group-commit transaction at most.
+    pub max_batch: usize,
+}
+
+/// The consumer runtime shared by every worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerConfig {
+    /// Key lanes per subscription.
+    pub concurrency: usize,
+    /// Unacked records per subscription.
+    pub max_in_flight: usize,
+    /// Handler timeout (ms).
+    pub handler_timeout_ms: u64,
+    /// First retry delay (ms).
+    pub retry_initial_ms: u64,
+    /// Largest retry delay (ms).
+    pub retry_max_ms: u64,
+    /// Lag measurement interval (ms).
+    pub lag_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Listen address.
+    pub listen: String,
+    /// PEM certificate chain; with the key, serve HTTPS.
+    pub tls_cert_file: String,
+    /// PEM private key.
+    pub tls_key_file: String,
+    /// Secret: bearer token of the admin and ingest endpoints.
+    pub admin_token: String,
+    /// Largest request body (bytes).
+    pub max_body_bytes: usize,
+    /// Drain time on shutdown (ms).
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpClientConfig {
+    /// Timeout of each outbound call (ms).
+    pub timeout_ms: u64,
+    /// Extra CA bundle.
+    pub ca_file: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoresConfig {
+    /// Secret (may carry a password): Redis URL, "" for the embedded store.
+    pub redis_url: String,
+    /// Secret (may carry a password): PostgreSQL URL, "" for SQLite.
+    pub postgres_url: String,
+    /// Local data directory.
+    pub data_dir: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopologyConfig {
+    /// Topology YAML file, "" for the built-in one.
+    pub file: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// `text` or `json`.
+    pub log_format: LogFormat,
+    /// Default level filter when RUST_LOG is unset.
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+const REDACTED: &str = "<redacted>";
+
+impl Config {
+    /// Defaults → optional file → `NEXUS_*` env, then validated.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_CONFIG));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Load(format!("file {} does not exist", path.display())));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment.merge(Env::prefixed("NEXUS_").split("__"));
+        Self::from_figment(figment)
+    }
+
+    /// The built-in defaults only (tests and tools).
+    pub fn defaults() -> Config {
+        // The embedded defaults are part of the binary and covered by a test.
+        Self::from_figment(Figment::from(Toml::string(DEFAULT_CONFIG)))
+            .expect("built-in defaults are valid")
+    }
+
+    fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        let config: Config = figment.extract().map_err(|e| ConfigError::Load(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Cross-field and format rules.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        BusUrl::parse(&self.bus.url).map_err(|e| invalid("bus.url", e.to_string()))?;
+        match self.bus.kafka.partition_assignment_strategy.as_str() {
+            "cooperative-sticky" | "range" | "roundrobin" => {}
+            other => {
+                return Err(invalid(
+                    "bus.kafka.partition_assignment_strategy",
+                    format!("`{other}` is not cooperative-sticky, range or roundrobin"),
+                ))
+            }
+        }
+        match self.bus.kafka.sasl_mechanism.as_str() {
+            "" | "PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512" => {}
+            other => {
+                return Err(invalid(
+                    "bus.kafka.sasl_mechanism",
+                    format!("`{other}` is not PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"),
+                ))
+            }
+        }
+        if self.bus.kafka.session_timeout_ms < 1000 {
+            return Err(invalid("bus.kafka.session_timeout_ms", "must be at least 1000"));
+        }
+        if self.bus.nats.ack_wait_ms < 100 {
+            return Err(invalid("bus.nats.ack_wait_ms", "must be at least 100"));
+        }
+        if self.bus.nats.lease_ttl_ms <= self.bus.nats.ack_wait_ms {
+            return Err(invalid(
+                "bus.nats.lease_ttl_ms",
+                "must exceed bus.nats.ack_wait_ms so a new owner never overtakes a dead owner's records",
+            ));
+        }
+        if self.bus.nats.replicas == 0 {
+            return Err(invalid("bus.nats.replicas", "must be at least 1"));
+        }
+        if self.bus.embedded.max_batch == 0 {
+            return Err(invalid("bus.embedded.max_batch", "must be at least 1"));
+        }
+        if (self.bus.client_cert_file.is_empty()) != (self.bus.client_key_file.is_empty()) {
+            return Err(invalid("bus.client_key_file", "set both client_cert_file and client_key_file, or neither"));
+        }
+        if self.consumer.concurrency == 0 {
+            return Err(invalid("consumer.concurrency", "must be at least 1"));
+        }
+        if self.consumer.max_in_flight == 0 {
+            return Err(invalid("consumer.max_in_flight", "must be at least 1"));
+        }
+        if self.consumer.retry_initial_ms == 0 || self.consumer.retry_max_ms < self.consumer.retry_initial_ms {
+            return Err(invalid("consumer.retry_max_ms", "need 0 < retry_initial_ms <= retry_max_ms"));
+        }
+        if self.consumer.lag_interval_ms == 0 {
+            return Err(invalid("consumer.lag_interval_ms", "must be at least 1"));
+        }
+        self.http
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|e| invalid("http.listen", format!("`{}`: {e}", self.http.listen)))?;
+        if self.http.tls_cert_file.is_empty() != self.http.tls_key_file.is_empty() {
+            return Err(invalid("http.tls_key_file", "set both tls_cert_file and tls_key_file, or neither"));
+        }
+        for (key, path) in [
+            ("http.tls_cert_file", &self.http.tls_cert_file),
+            ("http.tls_key_file", &self.http.tls_key_file),
+            ("http_client.ca_file", &self.http_client.ca_file),
+            ("bus.ca_file", &self.bus.ca_file),
+            ("bus.client_cert_file", &self.bus.client_cert_file),
+            ("bus.client_key_file", &self.bus.client_key_file),
+        ] {
+            if !path.is_empty() && !Path::new(path).is_file() {
+                return Err(invalid(key, format!("file `{path}` does not exist")));
+            }
+        }
+        if self.http.max_body_bytes == 0 {
+            return Err(invalid("http.max_body_bytes", "must be at least 1"));
+        }
+        if self.http_client.timeout_ms == 0 {
+            return Err(invalid("http_client.timeout_ms", "must be at least 1"));
+        }
+        let redis = &self.stores.redis_url;
+        if !redis.is_empty() && !(redis.starts_with("redis://") || redis.starts_with("rediss://")) {
+            return Err(invalid("stores.redis_url", "must start with redis:// or rediss:// (TLS)"));
+        }
+        let pg = &self.stores.postgres_url;
+        if !pg.is_empty() && !(pg.starts_with("postgres://") || pg.starts_with("postgresql://")) {
+            return Err(invalid(
+                "stores.postgres_url",
+                "must start with postgres:// or postgresql:// (TLS: ?sslmode=require)",
+            ));
+        }
+        if !self.topology.file.is_empty() && !Path::new(&self.topology.file).is_file() {
+            return Err(invalid("topology.file", format!("file `{}` does not exist", self.topology.file)));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level).is_err() {
+            return Err(invalid("telemetry.log_level", format!("`{}` is not a level filter", self.telemetry.log_level)));
+        }
+        Ok(())
+    }
+
+    /// The effective config as TOML with every secret replaced.
+    pub fn redacted_toml(&self) -> String {
+        let mut c = self.clone();
+        for secret in [
+            &mut c.bus.kafka.sasl_password,
+            &mut c.bus.nats.password,
+            &mut c.bus.nats.token,
+            &mut c.http.admin_token,
+        ] {
+            if !secret.is_empty() {
+                *secret = REDACTED.to_string();
+            }
+        }
+        c.bus.url = redact_url_password(&c.bus.url);
+        c.stores.redis_url = redact_url_password(&c.stores.redis_url);
+        c.stores.postgres_url = redact_url_password(&c.stores.postgres_url);
+        toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}"))
+    }
+
+    pub fn consumer_handler_timeout(&self) -> Duration {
+        Duration::from_millis(self.consumer.handler_timeout_ms)
+    }
+
+    /// The data directory for embedded stores.
+    pub fn data_dir(&self) -> PathBuf {
+        PathBuf::from(&self.stores.data_dir)
+    }
+}
+
+/// Replaces the password of `scheme://user:password@host` URLs.
+fn redact_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else { return url.to_string() };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:{REDACTED}@{host}"),
+        None => format!("{scheme}://{REDACTED}@{host}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::defaults();
+        assert_eq!(c.http.listen, "127.0.0.1:8080");
+        assert!(c.bus.url.starts_with("embedded://"));
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let mut c = Config::defaults();
+        c.bus.url = "carrier-pigeon://x:1".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("bus.url"), "{e}");
+
+        let mut c = Config::defaults();
+        c.bus.nats.lease_ttl_ms = c.bus.nats.ack_wait_ms;
+        assert!(c.validate().unwrap_err().to_string().contains("bus.nats.lease_ttl_ms"));
+
+        let mut c = Config::defaults();
+        c.http.listen = "nowhere".into();
+        assert!(c.validate().unwrap_err().to_string().contains("http.listen"));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let figment = Figment::from(Toml::string(DEFAULT_CONFIG))
+            .merge(Toml::string("[bus]\nurll = \"x\"\n"));
+        let e = Config::from_figment(figment).unwrap_err().to_string();
+        assert!(e.contains("urll"), "{e}");
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let mut c = Config::defaults();
+        c.http.admin_token = "hunter2".into();
+        c.stores.redis_url = "rediss://user:s3cret@redis:6380".into();
+        c.bus.kafka.sasl_password = "kpass".into();
+        let out = c.redacted_toml();
+        assert!(!out.contains("hunter2") && !out.contains("s3cret") && !out.contains("kpass"), "{out}");
+        assert!(out.contains("rediss://user:<redacted>@redis:6380"));
+    }
+}

@@ -1,0 +1,1 @@
+//! Conversion between JSON values and Avro values, guided by the schema (ingest and decode).
