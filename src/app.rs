@@ -1,1 +1,170 @@
-//! tmp
+//! Assembling roles into processes: `nexus dev` (edge and every worker role on one embedded
+//! bus), `nexus edge` and `nexus worker <role>...` (the same code split into pods). One
+//! cancellation token drains everything on SIGTERM / Ctrl-C.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::bus::consumer::{Consumer, ConsumerOptions};
+use crate::bus::{self, Bus, BusError};
+use crate::config::Config;
+use crate::edge::{self, server, AppState};
+use crate::topology::{self, Topology, TopologyError};
+use crate::workers::{self, WorkerError};
+
+#[derive(Debug, Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    #[error(transparent)]
+    Serve(#[from] server::ServeError),
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    #[error("{0}")]
+    Roles(String),
+}
+
+/// What a process runs.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// Edge and every role; the topology is applied to the (embedded) bus at start.
+    Dev,
+    /// The HTTP edge only.
+    Edge,
+    /// These worker roles (and `/metrics`, `/healthz`, `/readyz` on `http.listen`).
+    Worker(Vec<String>),
+}
+
+/// The topology from `topology.file`, or the built-in one.
+pub fn load_topology(config: &Config) -> Result<Topology, TopologyError> {
+    if config.topology.file.is_empty() {
+        Ok(Topology::builtin())
+    } else {
+        Topology::load(&config.topology.file)
+    }
+}
+
+/// Runs `mode` until `shutdown`, then drains: the edge stops accepting and finishes in-flight
+/// requests, consumers finish and ack their current events and leave their groups.
+pub async fn run(config: Arc<Config>, mode: Mode, shutdown: CancellationToken) -> Result<(), AppError> {
+    let topology = Arc::new(load_topology(&config)?);
+    let bus = bus::connect(&config.bus).await?;
+    info!(bus = bus.kind(), ?mode, "starting");
+
+    let roles: Vec<String> = match &mode {
+        Mode::Dev => {
+            let applied = topology::apply(bus.as_ref(), &topology).await?;
+            info!(created = applied.creates(), updated = applied.updates(), unchanged = applied.unchanged(), "topology applied");
+            topology.roles.iter().filter(|r| !r.broadcast).map(|r| r.name.clone()).collect()
+        }
+        Mode::Edge => {
+            let topics: Vec<String> = topology.topics.iter().map(|t| t.name.clone()).collect();
+            topology::ensure_topics(bus.as_ref(), &topics).await?;
+            Vec::new()
+        }
+        Mode::Worker(roles) => {
+            if roles.is_empty() {
+                return Err(AppError::Roles(format!(
+                    "name at least one role; the topology has: {}",
+                    topology.roles.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ")
+                )));
+            }
+            for role in roles {
+                topology::ensure_role_topics(bus.as_ref(), &topology, role).await?;
+            }
+            roles.clone()
+        }
+    };
+
+    let mut tasks: JoinSet<Result<(), AppError>> = JoinSet::new();
+    for role in &roles {
+        spawn_role(&mut tasks, &config, &topology, bus.clone(), role, shutdown.clone())?;
+    }
+
+    let state = AppState {
+        config: config.clone(),
+        bus: bus.clone(),
+        topology: topology.clone(),
+        metrics: crate::telemetry::init_metrics(),
+    };
+    let bound = server::bind(&config.http).await?;
+    info!(addr = %bound.addr, tls = bound.is_tls(), "listening");
+    let grace = Duration::from_millis(config.http.shutdown_grace_ms);
+    let http_shutdown = shutdown.clone();
+    tasks.spawn(async move { Ok(bound.serve(edge::app(state), http_shutdown, grace).await?) });
+
+    // The first task to fail takes the process down (after draining the rest): a pod with a
+    // dead consumer must restart rather than look healthy.
+    let mut result = Ok(());
+    while let Some(joined) = tasks.join_next().await {
+        let outcome = match joined {
+            Ok(r) => r,
+            Err(e) => Err(AppError::Roles(format!("task panicked: {e}"))),
+        };
+        if let Err(e) = outcome {
+            if result.is_ok() {
+                error!(error = %e, "a component failed; shutting down");
+                result = Err(e);
+            }
+            shutdown.cancel();
+        }
+    }
+    info!("stopped");
+    result
+}
+
+fn spawn_role(
+    tasks: &mut JoinSet<Result<(), AppError>>,
+    config: &Config,
+    topology: &Topology,
+    bus: Arc<dyn Bus>,
+    role_name: &str,
+    shutdown: CancellationToken,
+) -> Result<(), AppError> {
+    let role = topology.role(role_name).ok_or_else(|| TopologyError::UnknownRole(role_name.to_string()))?;
+    let handler = workers::handler_for(&role.name, config)?;
+    let mut options = ConsumerOptions::from_config(&config.consumer, config.bus.start_from);
+    options.concurrency = role.concurrency.max(1) as usize;
+    for topic in &role.topics {
+        let consumer = Consumer::new(bus.clone(), &role.group, topic, options.clone());
+        let handler = handler.clone();
+        let shutdown = shutdown.clone();
+        info!(role = %role.name, group = %role.group, topic = %topic, "starting consumer");
+        tasks.spawn(async move { Ok(consumer.run(handler, shutdown).await?) });
+    }
+    Ok(())
+}
+
+/// Cancels `token` on SIGTERM or Ctrl-C.
+pub fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    error!(error = %e, "cannot listen for SIGTERM");
+                    let _ = tokio::signal::ctrl_c().await;
+                    token.cancel();
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM: draining"),
+                _ = tokio::signal::ctrl_c() => info!("interrupt: draining"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        token.cancel();
+    });
+}

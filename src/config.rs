@@ -38,6 +38,14 @@ pub struct Config {
     pub stores: StoresConfig,
     pub topology: TopologyConfig,
     pub telemetry: TelemetryConfig,
+    pub workers: WorkersConfig,
+}
+
+/// Settings of individual worker roles.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersConfig {
+    pub tap: crate::workers::tap::TapConfig,
 }
 
 /// The bus: which one and how to talk to it.

@@ -1,1 +1,27 @@
-//! tmp
+//! TLS plumbing shared by listeners and clients: one rustls crypto provider (ring) for the
+//! process, and loading of PEM bundles.
+
+use std::path::Path;
+
+/// Installs ring as the process's rustls provider; harmless when already installed.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path} holds no PEM certificate")]
+    Empty { path: String },
+}
+
+/// Reads a PEM file (CA bundle) fully; callers hand the bytes to their client library.
+pub fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
+    let bytes = std::fs::read(path).map_err(|source| TlsError::Read { path: path.display().to_string(), source })?;
+    let mut reader = std::io::BufReader::new(bytes.as_slice());
+    if rustls_pemfile::certs(&mut reader).next().is_none() {
+        return Err(TlsError::Empty { path: path.display().to_string() });
+    }
+    Ok(bytes)
+}

@@ -1,1 +1,410 @@
-//! tmp
+//! The consumer runtime every worker runs on: decodes deliveries, hands them to the handler on
+//! per-key lanes, acks after the effect, retries failures in place and dead-letters what can
+//! never succeed. Exports consumed/handle/dead-letter metrics and the group's lag.
+//!
+//! Ordering: a key always maps to the same lane and a lane handles one event at a time, retrying
+//! it in place, so events of one conversation are handled in partition order. Different keys
+//! run concurrently (a slow conversation stalls only the keys sharing its lane); nothing is
+//! ordered across keys. Delivery is at-least-once: handlers must be idempotent by event id.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rand::Rng;
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, info_span, warn, Instrument};
+
+use super::{dlq_topic, headers, Bus, BusError, Delivery, Message, OutRecord, StartFrom, SubscribeOptions};
+use crate::config::{ConsumerConfig, StartFromConfig};
+use crate::events::{self, Event};
+use crate::telemetry::metrics as m;
+
+/// What a handler says about an event it could not apply.
+#[derive(Debug, Error)]
+pub enum HandleError {
+    /// Worth another try later (peer down, timeout); the event is retried in place.
+    #[error("retry: {0}")]
+    Retry(String),
+    /// Can never succeed (peer said 4xx, invalid content); the event goes to the dead-letter
+    /// topic with `reason` (a short machine-readable code) and is acked.
+    #[error("rejected ({reason}): {detail}")]
+    Reject { reason: &'static str, detail: String },
+}
+
+/// The effect of one worker role.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Applies the event's effect; must be idempotent by `event.envelope.event_id`.
+    async fn handle(&self, event: &Event, message: &Message) -> Result<(), HandleError>;
+}
+
+/// Runtime settings of one consumer.
+#[derive(Debug, Clone)]
+pub struct ConsumerOptions {
+    pub concurrency: usize,
+    pub max_in_flight: usize,
+    pub handler_timeout: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub lag_interval: Duration,
+    pub start: StartFrom,
+}
+
+impl ConsumerOptions {
+    pub fn from_config(c: &ConsumerConfig, start: StartFromConfig) -> Self {
+        Self {
+            concurrency: c.concurrency,
+            max_in_flight: c.max_in_flight,
+            handler_timeout: Duration::from_millis(c.handler_timeout_ms),
+            retry_initial: Duration::from_millis(c.retry_initial_ms),
+            retry_max: Duration::from_millis(c.retry_max_ms),
+            lag_interval: Duration::from_millis(c.lag_interval_ms),
+            start: match start {
+                StartFromConfig::Earliest => StartFrom::Earliest,
+                StartFromConfig::Latest => StartFrom::Latest,
+            },
+        }
+    }
+}
+
+/// One consumer group member on one topic.
+pub struct Consumer {
+    bus: Arc<dyn Bus>,
+    group: String,
+    topic: String,
+    options: ConsumerOptions,
+}
+
+impl Consumer {
+    pub fn new(bus: Arc<dyn Bus>, group: &str, topic: &str, options: ConsumerOptions) -> Self {
+        Self { bus, group: group.to_string(), topic: topic.to_string(), options }
+    }
+
+    /// Consumes until `shutdown` fires, then finishes the events being handled, acks them and
+    /// leaves the group; events queued but not started are left for redelivery.
+    pub async fn run(self, handler: Arc<dyn Handler>, shutdown: CancellationToken) -> Result<(), BusError> {
+        let span = info_span!("consumer", topic = %self.topic, group = %self.group);
+        self.run_inner(handler, shutdown).instrument(span).await
+    }
+
+    async fn run_inner(self, handler: Arc<dyn Handler>, shutdown: CancellationToken) -> Result<(), BusError> {
+        let opts = SubscribeOptions { start: self.options.start, max_in_flight: self.options.max_in_flight };
+        let mut sub = self.bus.subscribe(&self.group, &self.topic, opts).await?;
+        info!("joined consumer group");
+        let lag_stop = shutdown.child_token();
+        let lag = tokio::spawn(report_lag(
+            self.bus.clone(),
+            self.group.clone(),
+            self.topic.clone(),
+            self.options.lag_interval,
+            lag_stop.clone(),
+        ));
+
+        let ctx = Arc::new(LaneContext {
+            bus: self.bus.clone(),
+            group: self.group.clone(),
+            topic: self.topic.clone(),
+            handler,
+            options: self.options.clone(),
+            shutdown: shutdown.clone(),
+        });
+        let lanes = self.options.concurrency.max(1);
+        let depth = (self.options.max_in_flight / lanes).max(1);
+        let mut senders = Vec::with_capacity(lanes);
+        let mut tasks = JoinSet::new();
+        for lane in 0..lanes {
+            let (tx, rx) = mpsc::channel::<Delivery>(depth);
+            senders.push(tx);
+            tasks.spawn(run_lane(ctx.clone(), rx).instrument(info_span!("lane", lane)));
+        }
+
+        let mut result = Ok(());
+        let mut failures = 0u32;
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                next = sub.next() => next,
+            };
+            match next {
+                None => break,
+                Some(Ok(delivery)) => {
+                    failures = 0;
+                    let lane = lane_of(&delivery.message.key, lanes);
+                    let sent = tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        sent = senders[lane].send(delivery) => sent,
+                    };
+                    if sent.is_err() {
+                        // A lane only ends on shutdown; anything else is a bug worth stopping for.
+                        result = Err(BusError::Closed);
+                        break;
+                    }
+                }
+                Some(Err(e)) if e.is_transient() => {
+                    failures += 1;
+                    let wait = backoff(&self.options, failures);
+                    warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "bus receive failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+                Some(Err(e)) => {
+                    error!(error = %e, "bus receive failed permanently; consumer stops");
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        // Closing the lanes' queues lets each finish its current event; queued ones are dropped
+        // unacked and come back to whoever owns the partition next.
+        drop(senders);
+        while tasks.join_next().await.is_some() {}
+        lag_stop.cancel();
+        let _ = lag.await;
+        if let Err(e) = sub.close().await {
+            warn!(error = %e, "leaving the consumer group failed; unacked events will be redelivered");
+        }
+        info!("left consumer group");
+        result
+    }
+}
+
+struct LaneContext {
+    bus: Arc<dyn Bus>,
+    group: String,
+    topic: String,
+    handler: Arc<dyn Handler>,
+    options: ConsumerOptions,
+    shutdown: CancellationToken,
+}
+
+/// The lane of a key among `lanes`: same key → same lane, so one conversation is handled in
+/// order (public for tests that need keys on distinct lanes).
+pub fn lane_of(key: &str, lanes: usize) -> usize {
+    // FNV-1a: stable and cheap; any stable hash works.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.as_bytes() {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % lanes as u64) as usize
+}
+
+fn backoff(o: &ConsumerOptions, attempt: u32) -> Duration {
+    let exp = o.retry_initial.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+    let capped = exp.min(o.retry_max);
+    // Full jitter on the upper half keeps retrying members from moving in lockstep.
+    let half = capped / 2;
+    half + half.mul_f64(rand::rng().random::<f64>())
+}
+
+async fn run_lane(ctx: Arc<LaneContext>, mut rx: mpsc::Receiver<Delivery>) {
+    loop {
+        let delivery = tokio::select! {
+            // Stop between events on shutdown; the current one always finishes below.
+            _ = ctx.shutdown.cancelled() => return,
+            d = rx.recv() => match d { Some(d) => d, None => return },
+        };
+        process(&ctx, delivery).await;
+    }
+}
+
+async fn process(ctx: &LaneContext, delivery: Delivery) {
+    let started = Instant::now();
+    let msg = &delivery.message;
+    let outcome = match events::decode(&msg.payload) {
+        Err(e) => {
+            let span = info_span!("dead_letter", partition = msg.partition, offset = msg.offset);
+            match dead_letter(ctx, msg, e.reason_code(), &e.to_string()).instrument(span).await {
+                Ok(()) => Outcome::DeadLettered(e.reason_code()),
+                Err(()) => return, // shutting down; left for redelivery
+            }
+        }
+        Ok(event) => {
+            let span = info_span!(
+                "handle",
+                event_id = %event.envelope.event_id,
+                event_type = %event.envelope.event_type,
+                conversation_id = %event.envelope.conversation_id,
+                tenant = %event.envelope.tenant_id,
+                traceparent = event.envelope.traceparent.as_deref().unwrap_or(""),
+                partition = msg.partition,
+                offset = msg.offset,
+            );
+            match handle_with_retry(ctx, &event, msg).instrument(span).await {
+                Some(o) => o,
+                None => return,
+            }
+        }
+    };
+    let labels = [("topic", ctx.topic.clone()), ("group", ctx.group.clone())];
+    metrics::histogram!(m::EVENT_HANDLE_SECONDS, &labels).record(started.elapsed().as_secs_f64());
+    if let Outcome::DeadLettered(reason) = outcome {
+        metrics::counter!(m::EVENTS_DEAD_LETTERED_TOTAL, "topic" => ctx.topic.clone(), "group" => ctx.group.clone(), "reason" => reason).increment(1);
+    }
+    metrics::counter!(m::EVENTS_CONSUMED_TOTAL, "topic" => ctx.topic.clone(), "group" => ctx.group.clone(), "outcome" => outcome.label()).increment(1);
+    if let Err(e) = delivery.ack().await {
+        // The effect is done; a lost ack means a redelivery, which idempotent handlers absorb.
+        warn!(error = %e, "ack failed; the event may be delivered again");
+    }
+}
+
+enum Outcome {
+    Handled,
+    DeadLettered(&'static str),
+}
+
+impl Outcome {
+    fn label(&self) -> &'static str {
+        match self {
+            Outcome::Handled => "ok",
+            Outcome::DeadLettered(_) => "dead_lettered",
+        }
+    }
+}
+
+/// Runs the handler until it succeeds or rejects; `None` if shutdown interrupted the retries.
+async fn handle_with_retry(ctx: &LaneContext, event: &Event, msg: &Message) -> Option<Outcome> {
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let result = tokio::time::timeout(ctx.options.handler_timeout, ctx.handler.handle(event, msg)).await;
+        let failure = match result {
+            Ok(Ok(())) => return Some(Outcome::Handled),
+            Ok(Err(HandleError::Reject { reason, detail })) => {
+                warn!(reason, detail = %detail, "handler rejected the event; dead-lettering");
+                return match dead_letter(ctx, msg, reason, &detail).await {
+                    Ok(()) => Some(Outcome::DeadLettered(reason)),
+                    Err(()) => None,
+                };
+            }
+            Ok(Err(HandleError::Retry(e))) => e,
+            Err(_) => format!("handler timed out after {:?}", ctx.options.handler_timeout),
+        };
+        metrics::counter!(m::EVENTS_CONSUMED_TOTAL, "topic" => ctx.topic.clone(), "group" => ctx.group.clone(), "outcome" => "retried").increment(1);
+        let wait = backoff(&ctx.options, attempt);
+        warn!(attempt, error = %failure, retry_in_ms = wait.as_millis() as u64, "handler failed; retrying");
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Writes the record to the topic's dead-letter topic, retrying until the bus takes it: an
+/// event is acked only once it is safe somewhere. `Err` only when shutdown interrupts.
+async fn dead_letter(ctx: &LaneContext, msg: &Message, reason: &str, detail: &str) -> Result<(), ()> {
+    let mut record = OutRecord::new(msg.key.clone(), msg.payload.clone());
+    record.headers = msg.headers.clone();
+    record.headers.extend([
+        (headers::DLQ_REASON.to_string(), reason.to_string()),
+        (headers::DLQ_ERROR.to_string(), truncate(detail, 1024)),
+        (headers::DLQ_SOURCE_TOPIC.to_string(), msg.topic.clone()),
+        (headers::DLQ_SOURCE_PARTITION.to_string(), msg.partition.to_string()),
+        (headers::DLQ_SOURCE_OFFSET.to_string(), msg.offset.to_string()),
+        (headers::DLQ_GROUP.to_string(), ctx.group.clone()),
+    ]);
+    let dlq = dlq_topic(&msg.topic);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match ctx.bus.publish(&dlq, record.clone()).await {
+            Ok(p) => {
+                warn!(reason, dlq = %dlq, dlq_partition = p.partition, dlq_offset = p.offset, "event dead-lettered");
+                return Ok(());
+            }
+            Err(e) => {
+                let wait = backoff(&ctx.options, attempt);
+                error!(error = %e, dlq = %dlq, "cannot write to the dead-letter topic; retrying (consumption of this key is held)");
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => return Err(()),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+/// Measures the group's lag on a timer, also while the consumer is idle or stuck, and exports
+/// `nexus_consumer_lag{topic,partition,group}`.
+pub async fn report_lag(bus: Arc<dyn Bus>, group: String, topic: String, every: Duration, stop: CancellationToken) {
+    let span = info_span!("lag_reporter", topic = %topic, group = %group);
+    async {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match bus.group_positions(&group, &topic).await {
+                Ok(positions) => {
+                    for p in positions {
+                        metrics::gauge!(m::CONSUMER_LAG, "topic" => topic.clone(), "partition" => p.partition.to_string(), "group" => group.clone())
+                            .set(p.lag as f64);
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!(m::CONSUMER_LAG_ERRORS_TOTAL, "topic" => topic.clone(), "group" => group.clone()).increment(1);
+                    debug!(error = %e, "lag measurement failed");
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_keeps_its_lane() {
+        for k in ["a", "conv-1", "0190-uuid"] {
+            assert_eq!(lane_of(k, 16), lane_of(k, 16));
+            assert!(lane_of(k, 16) < 16);
+        }
+        let used: std::collections::HashSet<usize> = (0..200).map(|i| lane_of(&format!("k{i}"), 8)).collect();
+        assert_eq!(used.len(), 8);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let o = ConsumerOptions {
+            concurrency: 1,
+            max_in_flight: 1,
+            handler_timeout: Duration::from_secs(1),
+            retry_initial: Duration::from_millis(100),
+            retry_max: Duration::from_millis(1000),
+            lag_interval: Duration::from_secs(1),
+            start: StartFrom::Earliest,
+        };
+        let first = backoff(&o, 1);
+        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+        let late = backoff(&o, 30);
+        assert!(late >= Duration::from_millis(500) && late <= Duration::from_millis(1000));
+    }
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+}

@@ -15,6 +15,7 @@
 pub mod consumer;
 pub mod embedded;
 pub mod error;
+mod instrumented;
 pub mod jetstream;
 pub mod kafka;
 mod partitioner;
@@ -255,10 +256,11 @@ pub trait Bus: Send + Sync + 'static {
     async fn health(&self) -> Result<(), BusError>;
 }
 
-/// Connects to the bus named by the URL; the only place backends are picked.
+/// Connects to the bus named by the URL; the only place backends are picked. The bus comes
+/// wrapped so publishes are measured the same way on every backend.
 pub async fn connect(config: &BusConfig) -> Result<Arc<dyn Bus>, BusError> {
     let url = BusUrl::parse(&config.url)?;
-    Ok(match url {
+    let bus: Arc<dyn Bus> = match url {
         BusUrl::Embedded { dir } => Arc::new(embedded::EmbeddedBus::open(&dir, config)?),
         BusUrl::Kafka { brokers, tls } => {
             Arc::new(kafka::KafkaBus::connect(&brokers, tls, config).await?)
@@ -266,7 +268,8 @@ pub async fn connect(config: &BusConfig) -> Result<Arc<dyn Bus>, BusError> {
         BusUrl::Nats { url, tls } => {
             Arc::new(jetstream::JetStreamBus::connect(&url, tls, config).await?)
         }
-    })
+    };
+    Ok(instrumented::InstrumentedBus::wrap(bus))
 }
 
 /// Dead-letter topic of a topic.

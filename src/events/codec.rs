@@ -1,9 +1,25 @@
 //! Single-object encoding of events: `C3 01`, the writer schema's CRC-64-AVRO fingerprint
 //! (8 bytes, little-endian), then the Avro binary body. Decoding resolves to the latest version.
+//!
+//! Writers always use the latest version of the event type; readers accept any registered
+//! version and see it as the latest (fields added since take their defaults), so producers and
+//! consumers can be upgraded in any order within a topic version.
+
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
 use thiserror::Error;
 use uuid::Uuid;
+
+use super::json::{self, Path};
+use super::node::{Node, RecordNode};
+use super::registry::Registry;
+
+/// The two marker bytes that open every single-object payload.
+pub const MARKER: [u8; 2] = [0xC3, 0x01];
+
+/// Marker plus fingerprint.
+pub const HEADER_LEN: usize = 10;
 
 /// The common envelope every event carries (schemas/envelope.avsc).
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +48,7 @@ pub struct Event {
 pub enum EncodeError {
     #[error("unknown event type `{0}`")]
     UnknownEventType(String),
+    /// `path` names the field: `body.contact.email_address`, `body.media_ids[2]`, `tenant_id`.
     #[error("field `{path}`: {message}")]
     Invalid { path: String, message: String },
 }
@@ -57,10 +74,329 @@ impl DecodeError {
     }
 }
 
-pub fn encode(_event: &Event) -> Result<Vec<u8>, EncodeError> {
-    Err(EncodeError::UnknownEventType("codec not built yet".into()))
+/// Encodes with the built-in registry, using the latest version of `envelope.event_type`.
+pub fn encode(event: &Event) -> Result<Vec<u8>, EncodeError> {
+    Registry::builtin().encode(event)
 }
 
-pub fn decode(_bytes: &[u8]) -> Result<Event, DecodeError> {
-    Err(DecodeError::NotSingleObject)
+/// Decodes with the built-in registry; the result is shaped as the latest version of its type.
+pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    Registry::builtin().decode(bytes)
+}
+
+/// The fingerprint a payload names, if it is a single-object payload (for logs and DLQ headers).
+pub fn fingerprint_of(bytes: &[u8]) -> Option<u64> {
+    let header = bytes.get(..HEADER_LEN)?;
+    if header[..2] != MARKER {
+        return None;
+    }
+    let mut fp = [0u8; 8];
+    fp.copy_from_slice(&header[2..]);
+    Some(u64::from_le_bytes(fp))
+}
+
+impl Registry {
+    /// Encodes an event with this registry (see [`encode`]).
+    pub fn encode(&self, event: &Event) -> Result<Vec<u8>, EncodeError> {
+        let mut out = Vec::with_capacity(256);
+        self.encode_into(event, &mut out)?;
+        Ok(out)
+    }
+
+    /// Appends the encoded event to `out` (reuse one buffer on hot paths). On error `out` may
+    /// hold a partial payload after its original length.
+    pub fn encode_into(&self, event: &Event, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        let schema = self
+            .latest(&event.envelope.event_type)
+            .ok_or_else(|| EncodeError::UnknownEventType(event.envelope.event_type.clone()))?;
+        out.extend_from_slice(&MARKER);
+        out.extend_from_slice(&schema.fingerprint.to_le_bytes());
+        let record = &schema.node;
+        let env = match record.fields.first().map(|f| &f.node) {
+            Some(Node::Record(env)) => env,
+            // The registry only admits schemas whose first field is the envelope record.
+            _ => return Err(invalid("envelope", "schema has no envelope")),
+        };
+        write_envelope(env, &event.envelope, out)?;
+        json::write_record_fields(record, 1, &event.body, &Path::Root("body"), out)
+    }
+
+    /// Decodes a payload with this registry (see [`decode`]).
+    pub fn decode(&self, bytes: &[u8]) -> Result<Event, DecodeError> {
+        let fingerprint = fingerprint_of(bytes).ok_or(DecodeError::NotSingleObject)?;
+        let schema = self
+            .by_fingerprint(fingerprint)
+            .ok_or(DecodeError::UnknownFingerprint(fingerprint))?;
+        let plan = schema
+            .to_latest
+            .as_ref()
+            .map_err(|e| DecodeError::Body(e.clone()))?;
+        let mut body = &bytes[HEADER_LEN..];
+        let value = json::read(plan, &mut body).map_err(DecodeError::Body)?;
+        if !body.is_empty() {
+            return Err(DecodeError::Body(format!("{} trailing bytes", body.len())));
+        }
+        let Value::Object(mut fields) = value else {
+            return Err(DecodeError::Body("body is not a record".into()));
+        };
+        let envelope = match fields.remove("envelope") {
+            Some(Value::Object(env)) => envelope_from_map(env).map_err(DecodeError::Body)?,
+            _ => return Err(DecodeError::Body("no envelope".into())),
+        };
+        if envelope.event_type != schema.event_type {
+            return Err(DecodeError::Body(format!(
+                "envelope says {} but the schema is {}",
+                envelope.event_type, schema.event_type
+            )));
+        }
+        Ok(Event {
+            envelope,
+            body: fields,
+        })
+    }
+}
+
+impl Event {
+    /// A new event happening now, with a fresh UUID v7 id and no trace context.
+    pub fn new(
+        event_type: impl Into<String>,
+        tenant_id: impl Into<String>,
+        conversation_id: impl Into<String>,
+        producer: impl Into<String>,
+        body: Map<String, Value>,
+    ) -> Event {
+        Event {
+            envelope: Envelope {
+                event_id: Uuid::now_v7(),
+                event_type: event_type.into(),
+                tenant_id: tenant_id.into(),
+                conversation_id: conversation_id.into(),
+                occurred_at_ms: now_ms(),
+                traceparent: None,
+                producer: producer.into(),
+            },
+            body,
+        }
+    }
+
+    /// Sets the W3C traceparent.
+    pub fn with_traceparent(mut self, traceparent: impl Into<String>) -> Event {
+        self.envelope.traceparent = Some(traceparent.into());
+        self
+    }
+
+    /// The event from the ingest endpoint's JSON: `{"event_type", "tenant_id",
+    /// "conversation_id", "event_id"?, "occurred_at"? (ms or RFC 3339), "traceparent"?,
+    /// "producer"? (default `ingest`), "body"? (default `{}`)}`. The event type must be known to
+    /// the built-in registry; the body is checked against its schema by [`encode`].
+    pub fn from_json(value: &Value) -> Result<Event, EncodeError> {
+        Event::from_json_owned(value.clone())
+    }
+
+    /// [`Event::from_json`] taking ownership, which saves copying the body.
+    pub fn from_json_owned(value: Value) -> Result<Event, EncodeError> {
+        let Value::Object(mut m) = value else {
+            return Err(invalid("", "expected a JSON object"));
+        };
+        let event_type = required_string(&mut m, "event_type")?;
+        if Registry::builtin().latest(&event_type).is_none() {
+            return Err(EncodeError::UnknownEventType(event_type));
+        }
+        let tenant_id = required_string(&mut m, "tenant_id")?;
+        let conversation_id = required_string(&mut m, "conversation_id")?;
+        let event_id = match m.remove("event_id") {
+            None | Some(Value::Null) => Uuid::now_v7(),
+            Some(Value::String(s)) => Uuid::parse_str(&s)
+                .map_err(|e| invalid("event_id", format!("expected a UUID: {e}")))?,
+            Some(_) => return Err(invalid("event_id", "expected a UUID string")),
+        };
+        let occurred_at_ms = match m.remove("occurred_at") {
+            None | Some(Value::Null) => now_ms(),
+            Some(Value::Number(n)) => n
+                .as_i64()
+                .ok_or_else(|| invalid("occurred_at", "expected milliseconds since the epoch"))?,
+            Some(Value::String(s)) => chrono::DateTime::parse_from_rfc3339(&s)
+                .map_err(|e| {
+                    invalid(
+                        "occurred_at",
+                        format!("expected an RFC 3339 timestamp: {e}"),
+                    )
+                })?
+                .timestamp_millis(),
+            Some(_) => {
+                return Err(invalid(
+                    "occurred_at",
+                    "expected milliseconds or an RFC 3339 string",
+                ))
+            }
+        };
+        let traceparent = match m.remove("traceparent") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if is_traceparent(&s) => Some(s),
+            Some(_) => {
+                return Err(invalid(
+                    "traceparent",
+                    "expected a W3C traceparent `00-<32 hex>-<16 hex>-<2 hex>`",
+                ))
+            }
+        };
+        let producer = match m.remove("producer") {
+            None | Some(Value::Null) => "ingest".to_owned(),
+            Some(Value::String(s)) if !s.is_empty() => s,
+            Some(_) => return Err(invalid("producer", "expected a non-empty string")),
+        };
+        let body = match m.remove("body") {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(b)) => b,
+            Some(_) => return Err(invalid("body", "expected an object")),
+        };
+        if let Some(k) = m.keys().next() {
+            return Err(invalid(k, "unknown field"));
+        }
+        Ok(Event {
+            envelope: Envelope {
+                event_id,
+                event_type,
+                tenant_id,
+                conversation_id,
+                occurred_at_ms,
+                traceparent,
+                producer,
+            },
+            body,
+        })
+    }
+
+    /// The event as the ingest JSON that [`Event::from_json`] reads.
+    pub fn to_json(&self) -> Value {
+        let e = &self.envelope;
+        serde_json::json!({
+            "event_type": e.event_type,
+            "tenant_id": e.tenant_id,
+            "conversation_id": e.conversation_id,
+            "event_id": e.event_id.to_string(),
+            "occurred_at": e.occurred_at_ms,
+            "traceparent": e.traceparent,
+            "producer": e.producer,
+            "body": self.body,
+        })
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn invalid(path: &str, message: impl Into<String>) -> EncodeError {
+    EncodeError::Invalid {
+        path: path.to_owned(),
+        message: message.into(),
+    }
+}
+
+fn required_string(m: &mut Map<String, Value>, key: &str) -> Result<String, EncodeError> {
+    match m.remove(key) {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s),
+        Some(Value::String(_)) => Err(invalid(key, "must not be empty")),
+        Some(_) => Err(invalid(key, "expected a string")),
+        None => Err(invalid(key, "missing required field")),
+    }
+}
+
+/// `version-traceid-parentid-flags`, lower-case hex, per W3C Trace Context.
+fn is_traceparent(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    let hex = |p: &str, n: usize| {
+        p.len() == n && p.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    parts.len() >= 4
+        && hex(parts[0], 2)
+        && parts[0] != "ff"
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+        && (parts[0] != "00" || parts.len() == 4)
+}
+
+/// Writes the envelope straight from the struct, guided by the envelope schema (no JSON
+/// detour on the hot path). Fields the struct lacks take their schema defaults.
+fn write_envelope(env: &RecordNode, e: &Envelope, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    for f in &env.fields {
+        match (f.name.as_str(), &f.node) {
+            ("event_id", Node::Uuid | Node::String) => {
+                let mut buf = Uuid::encode_buffer();
+                json::write_bytes(
+                    e.event_id.hyphenated().encode_lower(&mut buf).as_bytes(),
+                    out,
+                );
+            }
+            ("event_type", Node::String) => json::write_bytes(e.event_type.as_bytes(), out),
+            ("tenant_id", Node::String) => json::write_bytes(e.tenant_id.as_bytes(), out),
+            ("conversation_id", Node::String) => {
+                json::write_bytes(e.conversation_id.as_bytes(), out)
+            }
+            ("producer", Node::String) => json::write_bytes(e.producer.as_bytes(), out),
+            ("occurred_at", Node::TimestampMillis | Node::Long) => {
+                json::write_long(e.occurred_at_ms, out)
+            }
+            ("traceparent", Node::Union(branches)) => {
+                let want_null = e.traceparent.is_none();
+                let i = branches
+                    .iter()
+                    .position(|b| {
+                        matches!((b, want_null), (Node::Null, true) | (Node::String, false))
+                    })
+                    .ok_or_else(|| {
+                        invalid("envelope.traceparent", "schema cannot hold this value")
+                    })?;
+                json::write_long(i as i64, out);
+                if let Some(t) = &e.traceparent {
+                    json::write_bytes(t.as_bytes(), out);
+                }
+            }
+            (name, _) => match &f.default {
+                Some((_, bytes)) => out.extend_from_slice(bytes),
+                None => {
+                    return Err(invalid(
+                        &format!("envelope.{name}"),
+                        "envelope field unknown to nexus",
+                    ))
+                }
+            },
+        }
+    }
+    Ok(())
+}
+
+fn envelope_from_map(mut m: Map<String, Value>) -> Result<Envelope, String> {
+    let mut string = |k: &str| match m.remove(k) {
+        Some(Value::String(s)) => Ok(s),
+        _ => Err(format!("envelope.{k} is not a string")),
+    };
+    let event_id = string("event_id")?;
+    let event_type = string("event_type")?;
+    let tenant_id = string("tenant_id")?;
+    let conversation_id = string("conversation_id")?;
+    let producer = string("producer")?;
+    let event_id = Uuid::parse_str(&event_id).map_err(|e| format!("envelope.event_id: {e}"))?;
+    let occurred_at_ms = m
+        .get("occurred_at")
+        .and_then(Value::as_i64)
+        .ok_or("envelope.occurred_at is not a number")?;
+    let traceparent = match m.remove("traceparent") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s),
+        Some(_) => return Err("envelope.traceparent is not a string".into()),
+    };
+    Ok(Envelope {
+        event_id,
+        event_type,
+        tenant_id,
+        conversation_id,
+        occurred_at_ms,
+        traceparent,
+        producer,
+    })
 }

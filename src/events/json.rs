@@ -1,1 +1,669 @@
-//! Conversion between JSON values and Avro values, guided by the schema (ingest and decode).
+//! Conversion between JSON values and Avro binary, guided by the compiled schema.
+//!
+//! JSON mapping (both directions): null, boolean, numbers for int/long/float/double, strings for
+//! string and enum symbols, `bytes`/`fixed` as standard base64 text, arrays, objects for maps and
+//! records. A union takes the plain JSON value (no `{"type": value}` wrapper): `null` picks the
+//! null branch, anything else the first branch that accepts it. Logical types: `uuid` is the
+//! hyphenated text (normalised to lower case), `timestamp-millis` is a number of milliseconds
+//! (an RFC 3339 string is accepted on input). Writing fails with the path of the offending field;
+//! reading fails with a message only (the bytes, not the caller, are at fault).
+
+use serde_json::{Map, Number, Value};
+
+use super::codec::EncodeError;
+use super::node::{FieldNode, Node, Plan, RecordNode, Step};
+
+/// Where a value sits in the input, built on the stack and rendered only for an error.
+#[derive(Clone, Copy)]
+pub(crate) enum Path<'a> {
+    Root(&'a str),
+    Field(&'a Path<'a>, &'a str),
+    Index(&'a Path<'a>, usize),
+    Key(&'a Path<'a>, &'a str),
+}
+
+impl Path<'_> {
+    pub(crate) fn render(&self) -> String {
+        match self {
+            Path::Root(r) => (*r).to_owned(),
+            Path::Field(p, f) => {
+                let parent = p.render();
+                if parent.is_empty() {
+                    (*f).to_owned()
+                } else {
+                    format!("{parent}.{f}")
+                }
+            }
+            Path::Index(p, i) => format!("{}[{i}]", p.render()),
+            Path::Key(p, k) => format!("{}[{k:?}]", p.render()),
+        }
+    }
+
+    fn err(&self, message: impl Into<String>) -> EncodeError {
+        EncodeError::Invalid {
+            path: self.render(),
+            message: message.into(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writing
+
+/// Writes the fields of `record` (from `skip` on) from a JSON object: a missing field takes its
+/// default, a missing field without default or a key the schema lacks is an error.
+pub(crate) fn write_record_fields(
+    record: &RecordNode,
+    skip: usize,
+    obj: &Map<String, Value>,
+    path: &Path<'_>,
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
+    let fields = record.fields.get(skip..).unwrap_or_default();
+    let mut seen = 0usize;
+    for field in fields {
+        let fpath = Path::Field(path, &field.name);
+        match obj.get(&field.name) {
+            Some(v) => {
+                seen += 1;
+                write_value(&field.node, v, &fpath, out)?;
+            }
+            None => match &field.default {
+                Some((_, bytes)) => out.extend_from_slice(bytes),
+                None => {
+                    return Err(fpath.err(format!(
+                        "missing required field of type {}",
+                        describe(&field.node)
+                    )))
+                }
+            },
+        }
+    }
+    if seen != obj.len() {
+        if let Some(k) = obj
+            .keys()
+            .find(|k| !fields.iter().any(|f: &FieldNode| &f.name == *k))
+        {
+            return Err(Path::Field(path, k).err(format!("unknown field (not in {})", record.name)));
+        }
+    }
+    Ok(())
+}
+
+/// Writes one JSON value as `node`.
+pub(crate) fn write_value(
+    node: &Node,
+    v: &Value,
+    path: &Path<'_>,
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
+    match (node, v) {
+        (Node::Null, Value::Null) => {}
+        (Node::Boolean, Value::Bool(b)) => out.push(u8::from(*b)),
+        (Node::Int, Value::Number(n)) => {
+            let i = n
+                .as_i64()
+                .and_then(|i| i32::try_from(i).ok())
+                .ok_or_else(|| path.err(format!("expected int (32-bit integer), got {n}")))?;
+            write_long(i64::from(i), out);
+        }
+        (Node::Long, Value::Number(n)) | (Node::TimestampMillis, Value::Number(n)) => {
+            let i = n.as_i64().ok_or_else(|| {
+                path.err(format!(
+                    "expected {} (64-bit integer), got {n}",
+                    node.kind()
+                ))
+            })?;
+            write_long(i, out);
+        }
+        (Node::TimestampMillis, Value::String(s)) => {
+            let t = chrono::DateTime::parse_from_rfc3339(s).map_err(|e| {
+                path.err(format!(
+                    "expected milliseconds or an RFC 3339 timestamp: {e}"
+                ))
+            })?;
+            write_long(t.timestamp_millis(), out);
+        }
+        (Node::Float, Value::Number(n)) => {
+            let f = n.as_f64().ok_or_else(|| path.err("expected float"))?;
+            out.extend_from_slice(&(f as f32).to_le_bytes());
+        }
+        (Node::Double, Value::Number(n)) => {
+            let f = n.as_f64().ok_or_else(|| path.err("expected double"))?;
+            out.extend_from_slice(&f.to_le_bytes());
+        }
+        (Node::String, Value::String(s)) => write_bytes(s.as_bytes(), out),
+        (Node::Uuid, Value::String(s)) => {
+            let u =
+                uuid::Uuid::parse_str(s).map_err(|e| path.err(format!("expected a UUID: {e}")))?;
+            let mut buf = uuid::Uuid::encode_buffer();
+            write_bytes(u.hyphenated().encode_lower(&mut buf).as_bytes(), out);
+        }
+        (Node::Bytes, Value::String(s)) => {
+            let b = base64_decode(s).ok_or_else(|| path.err("expected base64 text"))?;
+            write_bytes(&b, out);
+        }
+        (Node::Fixed(size), Value::String(s)) => {
+            let b = base64_decode(s).ok_or_else(|| path.err("expected base64 text"))?;
+            if b.len() != *size {
+                return Err(path.err(format!("expected {size} bytes, got {}", b.len())));
+            }
+            out.extend_from_slice(&b);
+        }
+        (Node::Enum(e), Value::String(s)) => {
+            let i = e.symbols.iter().position(|x| x == s).ok_or_else(|| {
+                path.err(format!(
+                    "unknown symbol `{s}`, expected one of {}",
+                    e.symbols.join(", ")
+                ))
+            })?;
+            write_long(i as i64, out);
+        }
+        (Node::Array(items), Value::Array(a)) => {
+            if !a.is_empty() {
+                write_long(a.len() as i64, out);
+                for (i, item) in a.iter().enumerate() {
+                    write_value(items, item, &Path::Index(path, i), out)?;
+                }
+            }
+            out.push(0);
+        }
+        (Node::Map(values), Value::Object(m)) => {
+            if !m.is_empty() {
+                write_long(m.len() as i64, out);
+                for (k, item) in m {
+                    write_bytes(k.as_bytes(), out);
+                    write_value(values, item, &Path::Key(path, k), out)?;
+                }
+            }
+            out.push(0);
+        }
+        (Node::Record(r), Value::Object(m)) => write_record_fields(r, 0, m, path, out)?,
+        (Node::Union(branches), v) => write_union(branches, v, path, out)?,
+        (node, v) => {
+            return Err(path.err(format!("expected {}, got {}", describe(node), json_kind(v))))
+        }
+    }
+    Ok(())
+}
+
+fn write_union(
+    branches: &[Node],
+    v: &Value,
+    path: &Path<'_>,
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
+    if v.is_null() {
+        let i = branches
+            .iter()
+            .position(|b| matches!(b, Node::Null))
+            .ok_or_else(|| path.err(format!("expected {}, got null", describe_union(branches))))?;
+        write_long(i as i64, out);
+        return Ok(());
+    }
+    let mut candidates = branches
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| !matches!(b, Node::Null));
+    // The common `["null", T]`: write directly so a nested error keeps its own path.
+    if branches.len() <= 2 {
+        if let Some((i, b)) = candidates.next() {
+            write_long(i as i64, out);
+            return write_value(b, v, path, out);
+        }
+    }
+    let mark = out.len();
+    for (i, b) in candidates {
+        write_long(i as i64, out);
+        if write_value(b, v, path, out).is_ok() {
+            return Ok(());
+        }
+        out.truncate(mark);
+    }
+    Err(path.err(format!(
+        "expected {}, got {}",
+        describe_union(branches),
+        json_kind(v)
+    )))
+}
+
+/// A default in nexus's JSON form: Avro writes `bytes`/`fixed` defaults as strings of code points
+/// 0-255, and a union's default belongs to its first branch.
+pub(crate) fn normalize_default(node: &Node, v: &Value) -> Result<Value, String> {
+    Ok(match (node, v) {
+        (Node::Union(b), v) => normalize_default(b.first().ok_or("empty union")?, v)?,
+        (Node::Bytes | Node::Fixed(_), Value::String(s)) => {
+            let bytes: Option<Vec<u8>> =
+                s.chars().map(|c| u8::try_from(u32::from(c)).ok()).collect();
+            Value::String(base64_encode(
+                &bytes.ok_or("bytes default has a code point above 255")?,
+            ))
+        }
+        (Node::Array(items), Value::Array(a)) => Value::Array(
+            a.iter()
+                .map(|x| normalize_default(items, x))
+                .collect::<Result<_, _>>()?,
+        ),
+        (Node::Map(values), Value::Object(m)) => Value::Object(
+            m.iter()
+                .map(|(k, x)| Ok((k.clone(), normalize_default(values, x)?)))
+                .collect::<Result<_, String>>()?,
+        ),
+        (Node::Record(r), Value::Object(m)) => {
+            let mut out = Map::new();
+            for f in &r.fields {
+                let x = match (m.get(&f.name), &f.default) {
+                    (Some(x), _) => normalize_default(&f.node, x)?,
+                    (None, Some((d, _))) => d.clone(),
+                    (None, None) => return Err(format!("record default lacks field `{}`", f.name)),
+                };
+                out.insert(f.name.clone(), x);
+            }
+            Value::Object(out)
+        }
+        (_, v) => v.clone(),
+    })
+}
+
+/// Writes a normalised default; a union's default is written as its first branch.
+pub(crate) fn write_default(node: &Node, v: &Value, out: &mut Vec<u8>) -> Result<(), String> {
+    let root = Path::Root("default");
+    match node {
+        Node::Union(b) => {
+            out.push(0); // branch index 0, zig-zag encoded
+            write_value(b.first().ok_or("empty union")?, v, &root, out)
+        }
+        _ => write_value(node, v, &root, out),
+    }
+    .map_err(|e| e.to_string())
+}
+
+pub(crate) fn write_long(v: i64, out: &mut Vec<u8>) {
+    let mut z = ((v << 1) ^ (v >> 63)) as u64;
+    while z >= 0x80 {
+        out.push((z as u8) | 0x80);
+        z >>= 7;
+    }
+    out.push(z as u8);
+}
+
+pub(crate) fn write_bytes(b: &[u8], out: &mut Vec<u8>) {
+    write_long(b.len() as i64, out);
+    out.extend_from_slice(b);
+}
+
+fn describe(node: &Node) -> String {
+    match node {
+        Node::Union(b) => describe_union(b),
+        Node::Enum(e) => format!("enum {}", e.name),
+        Node::Record(r) => format!("record {} (object)", r.name),
+        other => other.kind().to_owned(),
+    }
+}
+
+fn describe_union(branches: &[Node]) -> String {
+    let kinds: Vec<String> = branches.iter().map(describe).collect();
+    format!("one of [{}]", kinds.join(", "))
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_f64() => "a fractional number",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading
+
+/// Reads one value written with the plan's writer schema, shaped as its reader schema.
+pub(crate) fn read(plan: &Plan, buf: &mut &[u8]) -> Result<Value, String> {
+    Ok(match plan {
+        Plan::Same(node) => read_node(node, buf)?,
+        Plan::IntToFloat | Plan::LongToFloat => float(read_long(buf)? as f64)?,
+        Plan::FloatToDouble => float(f64::from(read_f32(buf)?))?,
+        Plan::StringToBytes => Value::String(base64_encode(read_slice(buf)?)),
+        Plan::BytesToString => Value::String(read_string(buf)?),
+        Plan::Enum(map) => {
+            let i = read_long(buf)?;
+            let sym = usize::try_from(i)
+                .ok()
+                .and_then(|i| map.get(i))
+                .ok_or_else(|| format!("enum index {i} out of range"))?;
+            Value::String(
+                sym.clone()
+                    .ok_or_else(|| format!("enum symbol #{i} unknown to the reader"))?,
+            )
+        }
+        Plan::Array(items) => {
+            let mut out = Vec::new();
+            read_blocks(buf, |buf| {
+                out.push(read(items, buf)?);
+                Ok(())
+            })?;
+            Value::Array(out)
+        }
+        Plan::Map(values) => {
+            let mut out = Map::new();
+            read_blocks(buf, |buf| {
+                let k = read_string(buf)?;
+                out.insert(k, read(values, buf)?);
+                Ok(())
+            })?;
+            Value::Object(out)
+        }
+        Plan::WriterUnion(branches) => {
+            let i = read_long(buf)?;
+            let branch = usize::try_from(i)
+                .ok()
+                .and_then(|i| branches.get(i))
+                .ok_or_else(|| format!("union index {i} out of range"))?;
+            read(branch.as_ref().map_err(Clone::clone)?, buf)?
+        }
+        Plan::Record(r) => {
+            let mut out = Map::new();
+            for step in &r.steps {
+                match step {
+                    Step::Read(name, p) => {
+                        out.insert(name.clone(), read(p, buf)?);
+                    }
+                    Step::Skip(node) => skip(node, buf)?,
+                }
+            }
+            for (name, d) in &r.defaults {
+                out.insert(name.clone(), d.clone());
+            }
+            Value::Object(out)
+        }
+    })
+}
+
+/// Reads a value with no resolution (writer schema = reader schema).
+pub(crate) fn read_node(node: &Node, buf: &mut &[u8]) -> Result<Value, String> {
+    Ok(match node {
+        Node::Null => Value::Null,
+        Node::Boolean => match take(buf, 1)?[0] {
+            0 => Value::Bool(false),
+            1 => Value::Bool(true),
+            b => return Err(format!("invalid boolean byte {b}")),
+        },
+        Node::Int => {
+            let i = read_long(buf)?;
+            i32::try_from(i).map_err(|_| format!("int out of range: {i}"))?;
+            Value::Number(i.into())
+        }
+        Node::Long | Node::TimestampMillis => Value::Number(read_long(buf)?.into()),
+        Node::Float => float(f64::from(read_f32(buf)?))?,
+        Node::Double => {
+            let b = take(buf, 8)?;
+            let mut a = [0u8; 8];
+            a.copy_from_slice(b);
+            float(f64::from_le_bytes(a))?
+        }
+        Node::String | Node::Uuid => Value::String(read_string(buf)?),
+        Node::Bytes => Value::String(base64_encode(read_slice(buf)?)),
+        Node::Fixed(n) => Value::String(base64_encode(take(buf, *n)?)),
+        Node::Enum(e) => {
+            let i = read_long(buf)?;
+            let sym = usize::try_from(i)
+                .ok()
+                .and_then(|i| e.symbols.get(i))
+                .ok_or_else(|| format!("enum index {i} out of range for {}", e.name))?;
+            Value::String(sym.clone())
+        }
+        Node::Array(items) => {
+            let mut out = Vec::new();
+            read_blocks(buf, |buf| {
+                out.push(read_node(items, buf)?);
+                Ok(())
+            })?;
+            Value::Array(out)
+        }
+        Node::Map(values) => {
+            let mut out = Map::new();
+            read_blocks(buf, |buf| {
+                let k = read_string(buf)?;
+                out.insert(k, read_node(values, buf)?);
+                Ok(())
+            })?;
+            Value::Object(out)
+        }
+        Node::Union(branches) => {
+            let i = read_long(buf)?;
+            let b = usize::try_from(i)
+                .ok()
+                .and_then(|i| branches.get(i))
+                .ok_or_else(|| format!("union index {i} out of range"))?;
+            read_node(b, buf)?
+        }
+        Node::Record(r) => {
+            let mut out = Map::new();
+            for f in &r.fields {
+                out.insert(f.name.clone(), read_node(&f.node, buf)?);
+            }
+            Value::Object(out)
+        }
+    })
+}
+
+/// Skips a value of a writer field the reader does not have.
+fn skip(node: &Node, buf: &mut &[u8]) -> Result<(), String> {
+    match node {
+        Node::Null => {}
+        Node::Boolean => {
+            take(buf, 1)?;
+        }
+        Node::Int | Node::Long | Node::TimestampMillis | Node::Enum(_) => {
+            read_long(buf)?;
+        }
+        Node::Float => {
+            take(buf, 4)?;
+        }
+        Node::Double => {
+            take(buf, 8)?;
+        }
+        Node::Bytes | Node::String | Node::Uuid => {
+            read_slice(buf)?;
+        }
+        Node::Fixed(n) => {
+            take(buf, *n)?;
+        }
+        Node::Array(items) => read_blocks(buf, |buf| skip(items, buf))?,
+        Node::Map(values) => read_blocks(buf, |buf| {
+            read_slice(buf)?;
+            skip(values, buf)
+        })?,
+        Node::Union(branches) => {
+            let i = read_long(buf)?;
+            let b = usize::try_from(i)
+                .ok()
+                .and_then(|i| branches.get(i))
+                .ok_or_else(|| format!("union index {i} out of range"))?;
+            skip(b, buf)?;
+        }
+        Node::Record(r) => {
+            for f in &r.fields {
+                skip(&f.node, buf)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Array and map blocks: a count, (if negative: its absolute value, then the block's byte size),
+/// items; a zero count ends the sequence.
+fn read_blocks(
+    buf: &mut &[u8],
+    mut item: impl FnMut(&mut &[u8]) -> Result<(), String>,
+) -> Result<(), String> {
+    loop {
+        let mut count = read_long(buf)?;
+        if count == 0 {
+            return Ok(());
+        }
+        if count < 0 {
+            count = count.checked_neg().ok_or("invalid block count")?;
+            read_long(buf)?;
+        }
+        // Every item takes at least one byte except nulls; this bounds hostile counts.
+        if count as u64 > buf.len() as u64 + 1 {
+            return Err(format!("block count {count} exceeds the remaining input"));
+        }
+        for _ in 0..count {
+            item(buf)?;
+        }
+    }
+}
+
+fn float(f: f64) -> Result<Value, String> {
+    Number::from_f64(f)
+        .map(Value::Number)
+        .ok_or_else(|| format!("non-finite number {f} has no JSON form"))
+}
+
+fn take<'a>(buf: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
+    if buf.len() < n {
+        return Err("unexpected end of input".into());
+    }
+    let (head, tail) = buf.split_at(n);
+    *buf = tail;
+    Ok(head)
+}
+
+pub(crate) fn read_long(buf: &mut &[u8]) -> Result<i64, String> {
+    let mut z: u64 = 0;
+    for shift in (0..70).step_by(7) {
+        let (&b, rest) = buf.split_first().ok_or("unexpected end of input")?;
+        *buf = rest;
+        if shift == 63 && b > 1 {
+            return Err("varint overflows 64 bits".into());
+        }
+        z |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Ok((z >> 1) as i64 ^ -((z & 1) as i64));
+        }
+    }
+    Err("varint longer than 10 bytes".into())
+}
+
+fn read_f32(buf: &mut &[u8]) -> Result<f32, String> {
+    let b = take(buf, 4)?;
+    Ok(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+fn read_slice<'a>(buf: &mut &'a [u8]) -> Result<&'a [u8], String> {
+    let len = read_long(buf)?;
+    let len = usize::try_from(len).map_err(|_| format!("negative length {len}"))?;
+    take(buf, len)
+}
+
+fn read_string(buf: &mut &[u8]) -> Result<String, String> {
+    let b = read_slice(buf)?;
+    std::str::from_utf8(b)
+        .map(str::to_owned)
+        .map_err(|_| "string is not valid UTF-8".into())
+}
+
+// ---------------------------------------------------------------------------------------------
+// base64 (standard alphabet, padded), for bytes and fixed values
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+pub(crate) fn base64_encode(data: &[u8]) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+pub(crate) fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let s = s.as_bytes();
+    if s.len() % 4 != 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(s.len() / 4 * 3);
+    for (ci, chunk) in s.chunks(4).enumerate() {
+        let last = ci + 1 == s.len() / 4;
+        let pad = chunk.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 || (pad > 0 && !last) {
+            return None;
+        }
+        let mut n = 0u32;
+        for &c in &chunk[..4 - pad] {
+            let v = B64.iter().position(|&x| x == c)? as u32;
+            n = (n << 6) | v;
+        }
+        n <<= 6 * pad as u32;
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..3 - pad]);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zigzag_round_trips() {
+        for v in [
+            0i64,
+            -1,
+            1,
+            63,
+            -64,
+            64,
+            i32::MAX as i64,
+            i64::MAX,
+            i64::MIN,
+        ] {
+            let mut out = Vec::new();
+            write_long(v, &mut out);
+            let mut s = out.as_slice();
+            assert_eq!(read_long(&mut s).unwrap(), v);
+            assert!(s.is_empty());
+        }
+        let mut out = Vec::new();
+        write_long(-3, &mut out);
+        assert_eq!(out, [5]);
+    }
+
+    #[test]
+    fn base64_round_trips() {
+        for data in [
+            &b""[..],
+            b"f",
+            b"fo",
+            b"foo",
+            b"foob",
+            b"fooba",
+            b"foobar",
+            &[0, 255, 128],
+        ] {
+            let e = base64_encode(data);
+            assert_eq!(base64_decode(&e).as_deref(), Some(data));
+        }
+        assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
+        assert_eq!(base64_encode(b"fo"), "Zm8=");
+        assert!(base64_decode("Zm9=v").is_none());
+        assert!(base64_decode("Z=8=").is_none());
+    }
+}

@@ -1,9 +1,23 @@
 //! Typed events: the Avro schema registry built from `schemas/` at compile time, the common
 //! envelope, and the single-object codec (marker, CRC-64-AVRO fingerprint, body).
+//!
+//! - [`codec`]: [`Event`], [`Envelope`], [`encode`], [`decode`], [`Event::from_json`].
+//! - [`registry`]: [`Registry`] (embedded schemas by fingerprint, [`Registry::check`],
+//!   [`Registry::lock_file`], [`Registry::check_dir`] and [`Registry::write_lock`] for
+//!   `nexus schemas check|lock`).
+//! - `json`: JSON ⇄ Avro binary guided by the schema; `node`: the compiled schema and the
+//!   writer→reader resolution plan; `pcf`: Parsing Canonical Form and CRC-64-AVRO.
+//!
+//! The evolution rule is written down in `schemas/README.md`.
 
 pub mod codec;
 mod json;
+mod node;
+mod pcf;
 pub mod registry;
 
-pub use codec::{decode, encode, DecodeError, EncodeError, Envelope, Event};
-pub use registry::{EventSchema, Registry, SchemaError};
+#[cfg(test)]
+mod tests;
+
+pub use codec::{decode, encode, fingerprint_of, DecodeError, EncodeError, Envelope, Event};
+pub use registry::{CheckReport, EventSchema, Registry, SchemaError};

@@ -1,7 +1,33 @@
 //! The schema registry: every version of every event schema in `schemas/`, embedded at compile
-//! time, indexed by CRC-64-AVRO fingerprint; plus the backward-compatibility check.
+//! time (see `build.rs`), indexed by CRC-64-AVRO fingerprint; plus the checks behind
+//! `nexus schemas check` and the lock behind `nexus schemas lock`.
+//!
+//! Layout of a schema directory (the rules are in `schemas/README.md`):
+//! - `envelope.avsc`: record `nexus.Envelope`, the common envelope;
+//! - `events/<snake_name>/v<N>.avsc`: record `nexus.events.<Name>`, first field
+//!   `{"name": "envelope", "type": "nexus.Envelope"}`;
+//! - `fingerprints.lock`: `<Name> <version> <fingerprint hex>` per released version.
+//!
+//! The *wire schema* of a version is the event schema with the envelope inlined, so it is
+//! self-contained and its Parsing Canonical Form and fingerprint are the standard ones any Avro
+//! implementation computes from the same JSON.
 
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock};
+
+use apache_avro::schema_compatibility::SchemaCompatibility;
+use serde_json::Value;
 use thiserror::Error;
+
+use super::node::{Node, Plan, RecordNode};
+use super::pcf;
+
+include!(concat!(env!("OUT_DIR"), "/schema_files.rs"));
+
+/// File name of the lock inside a schema directory.
+pub const LOCK_FILE: &str = "fingerprints.lock";
 
 /// One version of one event type's schema, composed with the envelope.
 #[derive(Debug, Clone)]
@@ -11,30 +37,193 @@ pub struct EventSchema {
     /// Avro full name, e.g. `nexus.events.MessageReceived`.
     pub full_name: String,
     pub version: u32,
+    /// CRC-64-AVRO of the Parsing Canonical Form; written little-endian after the marker.
     pub fingerprint: u64,
     pub schema: apache_avro::Schema,
     /// The composed schema as JSON (envelope inlined), as written on the wire's fingerprint.
     pub json: serde_json::Value,
+    /// The Parsing Canonical Form the fingerprint is computed from.
+    pub canonical_form: String,
+    /// The file it came from, relative to the schema directory.
+    pub file: String,
+    /// Compiled form used by the codec.
+    pub(crate) node: Arc<RecordNode>,
+    /// How to read data of this version as the latest version of its type.
+    pub(crate) to_latest: Result<Plan, String>,
 }
 
-#[derive(Debug, Error)]
+/// A problem with the schema directory. Every variant names the file or the type and version.
+#[derive(Debug, Clone, Error, PartialEq)]
 pub enum SchemaError {
     #[error("{file}: {message}")]
     Invalid { file: String, message: String },
     #[error("{event_type} v{version} cannot read v{previous}: {message}")]
-    Incompatible { event_type: String, version: u32, previous: u32, message: String },
+    Incompatible {
+        event_type: String,
+        version: u32,
+        previous: u32,
+        message: String,
+    },
+    #[error("{event_type} v{version} is new, run `nexus schemas lock`")]
+    NotLocked { event_type: String, version: u32 },
+    #[error(
+        "{event_type} v{version} was changed after release: fingerprint {actual:016x}, locked \
+         {locked:016x}; never edit a released version, add v{} instead",
+        version + 1
+    )]
+    LockMismatch {
+        event_type: String,
+        version: u32,
+        locked: u64,
+        actual: u64,
+    },
+    #[error("{event_type} v{version} is in {LOCK_FILE} but its schema file is gone; released versions must be kept")]
+    MissingVersion { event_type: String, version: u32 },
+    #[error("{path}: {message}")]
+    Io { path: String, message: String },
+}
+
+/// What a successful check saw.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckReport {
+    /// Per event type: name, latest version, fingerprint of the latest version.
+    pub event_types: Vec<(String, u32, u64)>,
+    /// Number of schema versions checked.
+    pub versions: usize,
+}
+
+impl fmt::Display for CheckReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} event types, {} schema versions: compatible and locked",
+            self.event_types.len(),
+            self.versions
+        )?;
+        for (t, v, fp) in &self.event_types {
+            writeln!(f, "  {t:<28} v{v:<3} {fp:016x}")?;
+        }
+        Ok(())
+    }
 }
 
 /// All known schemas.
 pub struct Registry {
-    schemas: Vec<EventSchema>,
+    pub(crate) schemas: Vec<EventSchema>,
+    by_fingerprint: HashMap<u64, usize>,
+    latest: HashMap<String, usize>,
+    /// Entries of the lock file: (type, version) → fingerprint.
+    lock: HashMap<(String, u32), u64>,
+    /// Problems that do not stop the registry from working but fail `check`.
+    lint: Vec<SchemaError>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry")
+            .field("versions", &self.schemas.len())
+            .finish()
+    }
 }
 
 impl Registry {
-    /// The registry built from `schemas/` at compile time.
+    /// The registry built from `schemas/` at compile time, parsed on first use.
+    ///
+    /// # Panics
+    /// If the embedded schemas do not load. They are compiled into the binary and the unit
+    /// tests load them, so this is a build defect, not a run-time condition.
     pub fn builtin() -> &'static Registry {
-        static R: std::sync::LazyLock<Registry> = std::sync::LazyLock::new(|| Registry { schemas: Vec::new() });
+        static R: LazyLock<Registry> = LazyLock::new(|| {
+            Registry::from_sources(SCHEMA_FILES.iter().copied()).unwrap_or_else(|errors| {
+                let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                panic!("embedded schemas are invalid:\n{}", list.join("\n"))
+            })
+        });
         &R
+    }
+
+    /// The files embedded at compile time: (path relative to `schemas/`, contents).
+    pub fn builtin_files() -> &'static [(&'static str, &'static str)] {
+        SCHEMA_FILES
+    }
+
+    /// Builds a registry from (path relative to the schema directory, contents) pairs. Files
+    /// other than `*.avsc` and the lock are ignored. Errors are everything that makes a schema
+    /// unusable; style and compatibility problems are left to [`Registry::check`].
+    pub fn from_sources<'a>(
+        files: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Registry, Vec<SchemaError>> {
+        let files: Vec<(&str, &str)> = files.into_iter().collect();
+        let mut errors = Vec::new();
+        let mut lint = Vec::new();
+
+        let Some((_, envelope_text)) = files.iter().find(|(p, _)| *p == "envelope.avsc") else {
+            return Err(vec![invalid("envelope.avsc", "missing")]);
+        };
+        let envelope: Value = match serde_json::from_str(envelope_text) {
+            Ok(v) => v,
+            Err(e) => return Err(vec![invalid("envelope.avsc", format!("not JSON: {e}"))]),
+        };
+        if full_name_of(&envelope).as_deref() != Some("nexus.Envelope") {
+            return Err(vec![invalid(
+                "envelope.avsc",
+                "must define record `nexus.Envelope`",
+            )]);
+        }
+        lint_docs("envelope.avsc", &envelope, &mut lint);
+
+        let mut schemas = Vec::new();
+        let mut lock = HashMap::new();
+        for (path, text) in &files {
+            if *path == LOCK_FILE {
+                lock = parse_lock(text, &mut lint);
+            } else if *path != "envelope.avsc" && path.ends_with(".avsc") {
+                match load_event(path, text, &envelope, &mut lint) {
+                    Ok(s) => schemas.push(s),
+                    Err(e) => errors.push(e),
+                }
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        schemas.sort_by(|a, b| (&a.event_type, a.version).cmp(&(&b.event_type, b.version)));
+
+        let mut by_fingerprint = HashMap::new();
+        let mut latest = HashMap::new();
+        for (i, s) in schemas.iter().enumerate() {
+            if let Some(j) = by_fingerprint.insert(s.fingerprint, i) {
+                let other = &schemas[j];
+                lint.push(invalid(
+                    &s.file,
+                    format!(
+                        "same wire schema as {} v{}; a new version must differ",
+                        other.event_type, other.version
+                    ),
+                ));
+            }
+            latest.insert(s.event_type.clone(), i);
+        }
+        for i in 0..schemas.len() {
+            let reader = Node::Record(Arc::clone(&schemas[latest[&schemas[i].event_type]].node));
+            schemas[i].to_latest =
+                Plan::build(&Node::Record(Arc::clone(&schemas[i].node)), &reader);
+        }
+        Ok(Registry {
+            schemas,
+            by_fingerprint,
+            latest,
+            lock,
+            lint,
+        })
+    }
+
+    /// Loads a schema directory from disk (what `nexus schemas check --dir` validates, so an
+    /// edit can be checked before a rebuild embeds it).
+    pub fn load_dir(dir: &Path) -> Result<Registry, Vec<SchemaError>> {
+        let mut files = Vec::new();
+        read_tree(dir, dir, &mut files).map_err(|e| vec![e])?;
+        Registry::from_sources(files.iter().map(|(p, t)| (p.as_str(), t.as_str())))
     }
 
     /// Every schema version, by type then version.
@@ -44,18 +233,412 @@ impl Registry {
 
     /// The latest version of an event type (what writers use).
     pub fn latest(&self, event_type: &str) -> Option<&EventSchema> {
-        self.schemas.iter().filter(|s| s.event_type == event_type).max_by_key(|s| s.version)
+        self.latest.get(event_type).map(|&i| &self.schemas[i])
+    }
+
+    /// One version of an event type.
+    pub fn get(&self, event_type: &str, version: u32) -> Option<&EventSchema> {
+        self.schemas
+            .iter()
+            .find(|s| s.event_type == event_type && s.version == version)
     }
 
     /// The schema a payload was written with.
     pub fn by_fingerprint(&self, fingerprint: u64) -> Option<&EventSchema> {
-        self.schemas.iter().find(|s| s.fingerprint == fingerprint)
+        self.by_fingerprint
+            .get(&fingerprint)
+            .map(|&i| &self.schemas[i])
     }
 
-    /// Short names of every event type.
+    /// Short names of every event type, sorted.
     pub fn event_types(&self) -> Vec<&str> {
         let mut v: Vec<&str> = self.schemas.iter().map(|s| s.event_type.as_str()).collect();
         v.dedup();
         v
     }
+
+    /// The rules of `schemas/README.md`: every released version is kept and unchanged (its
+    /// fingerprint equals the lock), each version can read the data of every earlier version
+    /// (`SchemaCompatibility::can_read(writer = old, reader = new)`), versions are numbered
+    /// 1..N, record names never change, the envelope comes first, every schema and field has
+    /// a `doc`, every enum has a `default`. A version missing from the lock is reported as new.
+    pub fn check(&self) -> Result<CheckReport, Vec<SchemaError>> {
+        let mut errors = self.lint.clone();
+        let mut by_type: Vec<(&str, Vec<&EventSchema>)> = Vec::new();
+        for s in &self.schemas {
+            match by_type.last_mut() {
+                Some((t, v)) if *t == s.event_type => v.push(s),
+                _ => by_type.push((&s.event_type, vec![s])),
+            }
+        }
+        for (t, versions) in &by_type {
+            for (i, s) in versions.iter().enumerate() {
+                if s.version as usize != i + 1 {
+                    errors.push(invalid(
+                        &s.file,
+                        format!("versions of {t} must be numbered 1, 2, ... without gaps"),
+                    ));
+                    break;
+                }
+            }
+            for (j, newer) in versions.iter().enumerate() {
+                if newer.full_name != versions[0].full_name {
+                    errors.push(invalid(
+                        &newer.file,
+                        format!("record name changed from {}", versions[0].full_name),
+                    ));
+                }
+                for older in &versions[..j] {
+                    if let Err(e) = SchemaCompatibility::can_read(&older.schema, &newer.schema) {
+                        errors.push(SchemaError::Incompatible {
+                            event_type: t.to_string(),
+                            version: newer.version,
+                            previous: older.version,
+                            message: e.to_string(),
+                        });
+                    }
+                }
+            }
+            for s in versions {
+                if let Err(e) = &s.to_latest {
+                    let latest = versions.last().map_or(s.version, |l| l.version);
+                    let dup = errors.iter().any(|x| {
+                        matches!(x, SchemaError::Incompatible { event_type, version, previous, .. }
+                            if event_type == t && *version == latest && *previous == s.version)
+                    });
+                    if !dup {
+                        errors.push(SchemaError::Incompatible {
+                            event_type: t.to_string(),
+                            version: latest,
+                            previous: s.version,
+                            message: e.clone(),
+                        });
+                    }
+                }
+                match self.lock.get(&(s.event_type.clone(), s.version)) {
+                    None => errors.push(SchemaError::NotLocked {
+                        event_type: s.event_type.clone(),
+                        version: s.version,
+                    }),
+                    Some(&locked) if locked != s.fingerprint => {
+                        errors.push(SchemaError::LockMismatch {
+                            event_type: s.event_type.clone(),
+                            version: s.version,
+                            locked,
+                            actual: s.fingerprint,
+                        })
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        let mut missing: Vec<&(String, u32)> = self
+            .lock
+            .keys()
+            .filter(|(t, v)| self.get(t, *v).is_none())
+            .collect();
+        missing.sort();
+        for (t, v) in missing {
+            errors.push(SchemaError::MissingVersion {
+                event_type: t.clone(),
+                version: *v,
+            });
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(CheckReport {
+            event_types: by_type
+                .iter()
+                .filter_map(|(t, v)| v.last().map(|l| (t.to_string(), l.version, l.fingerprint)))
+                .collect(),
+            versions: self.schemas.len(),
+        })
+    }
+
+    /// The lock file for the versions present: one line per version, `<Name> <version>
+    /// <fingerprint as 16 hex digits>` (the CRC-64-AVRO value; the wire carries it little-endian).
+    pub fn lock_file(&self) -> String {
+        let mut out = String::from(
+            "# Released event schema versions and their CRC-64-AVRO fingerprints (Parsing Canonical\n\
+             # Form of the wire schema, envelope inlined). Written by `nexus schemas lock`; checked by\n\
+             # `nexus schemas check`. A line never changes once released: see README.md.\n",
+        );
+        for s in &self.schemas {
+            out.push_str(&format!(
+                "{} {} {:016x}\n",
+                s.event_type, s.version, s.fingerprint
+            ));
+        }
+        out
+    }
+}
+
+impl Registry {
+    /// `nexus schemas check --dir <dir>`: loads the directory from disk and runs [`Registry::check`].
+    pub fn check_dir(dir: &Path) -> Result<CheckReport, Vec<SchemaError>> {
+        Registry::load_dir(dir)?.check()
+    }
+
+    /// `nexus schemas lock --dir <dir>`: records new versions in `<dir>/fingerprints.lock` and
+    /// returns its path. Refuses (with the errors) when anything other than "new version" is wrong,
+    /// so an incompatible or edited released schema cannot be locked in. To re-lock from scratch,
+    /// delete the lock file first.
+    pub fn write_lock(dir: &Path) -> Result<PathBuf, Vec<SchemaError>> {
+        let registry = Registry::load_dir(dir)?;
+        if let Err(errors) = registry.check() {
+            let blocking: Vec<SchemaError> = errors
+                .into_iter()
+                .filter(|e| !matches!(e, SchemaError::NotLocked { .. }))
+                .collect();
+            if !blocking.is_empty() {
+                return Err(blocking);
+            }
+        }
+        let path = dir.join(LOCK_FILE);
+        std::fs::write(&path, registry.lock_file()).map_err(|e| {
+            vec![SchemaError::Io {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            }]
+        })?;
+        Ok(path)
+    }
+}
+
+fn invalid(file: &str, message: impl Into<String>) -> SchemaError {
+    SchemaError::Invalid {
+        file: file.to_owned(),
+        message: message.into(),
+    }
+}
+
+fn full_name_of(v: &Value) -> Option<String> {
+    let name = v.get("name")?.as_str()?;
+    if name.contains('.') {
+        return Some(name.to_owned());
+    }
+    Some(match v.get("namespace").and_then(Value::as_str) {
+        Some(ns) if !ns.is_empty() => format!("{ns}.{name}"),
+        _ => name.to_owned(),
+    })
+}
+
+/// `MessageReceived` → `message_received`.
+fn snake_case(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 4);
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn load_event(
+    path: &str,
+    text: &str,
+    envelope: &Value,
+    lint: &mut Vec<SchemaError>,
+) -> Result<EventSchema, SchemaError> {
+    let parts: Vec<&str> = path.split('/').collect();
+    let (dir, version) = match parts.as_slice() {
+        ["events", dir, file] => {
+            let v = file
+                .strip_prefix('v')
+                .and_then(|f| f.strip_suffix(".avsc"))
+                .and_then(|n| n.parse::<u32>().ok())
+                .filter(|&n| n > 0)
+                .ok_or_else(|| invalid(path, "schema files are named v<N>.avsc with N >= 1"))?;
+            (*dir, v)
+        }
+        _ => {
+            return Err(invalid(
+                path,
+                "event schemas live at events/<snake_name>/v<N>.avsc",
+            ))
+        }
+    };
+    let raw: Value =
+        serde_json::from_str(text).map_err(|e| invalid(path, format!("not JSON: {e}")))?;
+    let full_name = full_name_of(&raw).ok_or_else(|| invalid(path, "not a named record"))?;
+    let event_type = full_name
+        .strip_prefix("nexus.events.")
+        .filter(|n| !n.contains('.'))
+        .ok_or_else(|| {
+            invalid(
+                path,
+                format!("record must be named nexus.events.<Name>, not {full_name}"),
+            )
+        })?
+        .to_owned();
+    if snake_case(&event_type) != dir {
+        return Err(invalid(
+            path,
+            format!(
+                "{event_type} belongs in events/{}/",
+                snake_case(&event_type)
+            ),
+        ));
+    }
+    lint_docs(path, &raw, lint);
+
+    // Inline the envelope so the wire schema is self-contained.
+    let mut composed = raw;
+    let first = composed
+        .get_mut("fields")
+        .and_then(Value::as_array_mut)
+        .and_then(|f| f.first_mut())
+        .ok_or_else(|| invalid(path, "record has no fields"))?;
+    let is_envelope = first.get("name").and_then(Value::as_str) == Some("envelope")
+        && first.get("type").and_then(Value::as_str) == Some("nexus.Envelope");
+    if !is_envelope {
+        return Err(invalid(
+            path,
+            r#"the first field must be {"name": "envelope", "type": "nexus.Envelope"}"#,
+        ));
+    }
+    first["type"] = envelope.clone();
+
+    let schema = apache_avro::Schema::parse(&composed).map_err(|e| invalid(path, e.to_string()))?;
+    let canonical_form = pcf::canonical_form(&composed).map_err(|e| invalid(path, e))?;
+    let fingerprint = pcf::crc64_avro(canonical_form.as_bytes());
+    let node = match Node::compile(&schema).map_err(|e| invalid(path, e))? {
+        Node::Record(r) => r,
+        _ => return Err(invalid(path, "not a record")),
+    };
+    Ok(EventSchema {
+        event_type,
+        full_name,
+        version,
+        fingerprint,
+        schema,
+        json: composed,
+        canonical_form,
+        file: path.to_owned(),
+        node,
+        to_latest: Err("not resolved yet".into()),
+    })
+}
+
+/// Every record, enum and fixed and every field carries a `doc`; every enum has a `default`
+/// (so a reader survives symbols added later).
+fn lint_docs(file: &str, v: &Value, lint: &mut Vec<SchemaError>) {
+    match v {
+        Value::Array(items) => items.iter().for_each(|i| lint_docs(file, i, lint)),
+        Value::Object(m) => {
+            let ty = m.get("type").and_then(Value::as_str);
+            if matches!(ty, Some("record" | "enum" | "fixed")) {
+                let name = m.get("name").and_then(Value::as_str).unwrap_or("?");
+                if !m.contains_key("doc") {
+                    lint.push(invalid(file, format!("{name} has no `doc`")));
+                }
+                if ty == Some("enum") && !m.contains_key("default") {
+                    lint.push(invalid(
+                        file,
+                        format!("enum {name} has no `default` symbol"),
+                    ));
+                }
+                if let Some(fields) = m.get("fields").and_then(Value::as_array) {
+                    for f in fields {
+                        if f.get("doc").is_none() {
+                            let fname = f.get("name").and_then(Value::as_str).unwrap_or("?");
+                            lint.push(invalid(file, format!("field {name}.{fname} has no `doc`")));
+                        }
+                        if let Some(t) = f.get("type") {
+                            lint_docs(file, t, lint);
+                        }
+                    }
+                }
+            }
+            for key in ["items", "values"] {
+                if let Some(t) = m.get(key) {
+                    lint_docs(file, t, lint);
+                }
+            }
+            if let Some(t @ (Value::Object(_) | Value::Array(_))) = m.get("type") {
+                lint_docs(file, t, lint);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn parse_lock(text: &str, lint: &mut Vec<SchemaError>) -> HashMap<(String, u32), u64> {
+    let mut out = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        let parsed = match parts.as_slice() {
+            [t, v, fp] => v
+                .trim_start_matches('v')
+                .parse::<u32>()
+                .ok()
+                .zip(u64::from_str_radix(fp, 16).ok())
+                .map(|(v, fp)| ((t.to_string(), v), fp)),
+            _ => None,
+        };
+        match parsed {
+            Some((key, fp)) => {
+                if out.insert(key.clone(), fp).is_some() {
+                    lint.push(invalid(
+                        LOCK_FILE,
+                        format!("line {}: {} v{} listed twice", n + 1, key.0, key.1),
+                    ));
+                }
+            }
+            None => lint.push(invalid(
+                LOCK_FILE,
+                format!("line {}: expected `<Name> <version> <hex>`", n + 1),
+            )),
+        }
+    }
+    out
+}
+
+fn read_tree(root: &Path, dir: &Path, out: &mut Vec<(String, String)>) -> Result<(), SchemaError> {
+    let io = |p: &Path, e: std::io::Error| SchemaError::Io {
+        path: p.display().to_string(),
+        message: e.to_string(),
+    };
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| io(dir, e))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| io(dir, e))?;
+    entries.sort();
+    for path in entries {
+        let hidden = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'));
+        if hidden {
+            continue;
+        }
+        if path.is_dir() {
+            read_tree(root, &path, out)?;
+        } else if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("avsc" | "lock")
+        ) {
+            let text = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
+            let rel = path
+                .strip_prefix(root)
+                .unwrap_or(&path)
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join("/");
+            out.push((rel, text));
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,34 @@
+# nexus: the commands a developer and CI use. `make test` starts what the tests need.
+CARGO ?= cargo
+SERVICES := bash scripts/services.sh
+
+.PHONY: run build test lint bench services services-stop clean-data
+
+## Everything in one process on the embedded bus (http://127.0.0.1:8080).
+run:
+	$(CARGO) run --release -- dev
+
+build:
+	$(CARGO) build --all-targets
+
+## Starts Kafka (Tansu), NATS 2.14, PostgreSQL and Redis as needed, then the whole suite.
+test: services
+	eval "$$($(SERVICES) env)" && $(CARGO) test --all-targets -- --test-threads=6
+
+## fmt + clippy, warnings are errors.
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+## Throughput of the nexus bus against the raw clients, side by side on the same brokers.
+bench: services
+	eval "$$($(SERVICES) env)" && $(CARGO) bench --bench bus_throughput
+
+services:
+	$(SERVICES) start
+
+services-stop:
+	$(SERVICES) stop
+
+clean-data:
+	rm -rf .nexus

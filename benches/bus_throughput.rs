@@ -1,0 +1,247 @@
+//! Bus throughput, side by side in one run on the same brokers: produce + consume of N
+//! 300-byte events with the plain client (rdkafka, async-nats, a sequential file) against the
+//! nexus `Bus` with Avro encode/decode and ack-after-effect through the consumer runtime.
+//! Prints events/s for each and the ratio nexus/raw. Run with `make bench`.
+//!
+//! Env: NEXUS_BENCH_EVENTS (default 100000), NEXUS_BENCH_BACKENDS (default
+//! `embedded,jetstream,kafka`), NEXUS_TEST_KAFKA_BROKERS, NEXUS_TEST_NATS_URL.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::{stream, StreamExt};
+use nexus::bus::consumer::{Consumer, ConsumerOptions, HandleError, Handler};
+use nexus::bus::{Bus, Message, OutRecord, StartFrom, TopicSpec};
+use nexus::config::Config;
+use nexus::events::{encode, Event};
+use tokio_util::sync::CancellationToken;
+
+const WINDOW: usize = 1000;
+const PARTITIONS: u32 = 4;
+const BODY_BYTES: usize = 300;
+
+fn events_n() -> u64 {
+    std::env::var("NEXUS_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000)
+}
+
+/// A `MessageReceived` whose encoded size is about 300 bytes.
+fn payload(i: u64) -> (String, Vec<u8>) {
+    let key = format!("conv-{}", i % 512);
+    let body = serde_json::json!({
+        "message_id": uuid::Uuid::now_v7().to_string(),
+        "channel": "WEB_CHAT",
+        "participant_id": "customer-1",
+        "participant_kind": "CUSTOMER",
+        "kind": "TEXT",
+        "text": "x".repeat(140),
+    });
+    let serde_json::Value::Object(body) = body else { unreachable!("literal object") };
+    let event = Event::new("MessageReceived", "tenant-bench", &key, "bench", body);
+    (key, encode(&event).expect("encode"))
+}
+
+struct Count(AtomicU64);
+
+#[async_trait]
+impl Handler for Count {
+    async fn handle(&self, _e: &Event, _m: &Message) -> Result<(), HandleError> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+async fn nexus_run(bus: Arc<dyn Bus>, n: u64) -> Duration {
+    let topic = format!("bench{}", uuid::Uuid::new_v4().simple());
+    for t in [topic.clone(), format!("{topic}.dlq")] {
+        bus.apply_topic(&TopicSpec { name: t, partitions: PARTITIONS, retention: None }).await.expect("topic");
+    }
+    let records: Vec<(String, Vec<u8>)> = (0..n).map(payload).collect();
+    let started = Instant::now();
+    stream::iter(records)
+        .map(|(k, p)| {
+            let bus = bus.clone();
+            let topic = topic.clone();
+            async move { bus.publish(&topic, OutRecord::new(k, p)).await.expect("publish") }
+        })
+        .buffer_unordered(WINDOW)
+        .for_each(|_| async {})
+        .await;
+    let count = Arc::new(Count(AtomicU64::new(0)));
+    let stop = CancellationToken::new();
+    let options = ConsumerOptions {
+        concurrency: 16,
+        max_in_flight: 4096,
+        handler_timeout: Duration::from_secs(30),
+        retry_initial: Duration::from_millis(10),
+        retry_max: Duration::from_millis(100),
+        lag_interval: Duration::from_secs(5),
+        start: StartFrom::Earliest,
+    };
+    let consumer = Consumer::new(bus.clone(), &format!("g-{topic}"), &topic, options);
+    let run = tokio::spawn(consumer.run(count.clone(), stop.clone()));
+    while count.0.load(Ordering::Relaxed) < n {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let elapsed = started.elapsed();
+    stop.cancel();
+    run.await.expect("join").expect("consumer");
+    elapsed
+}
+
+/// Sequential file append (length-prefixed, fsync per 1024 records like the embedded log's
+/// group commit) and read back.
+fn raw_file(n: u64) -> Duration {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("raw.log");
+    let records: Vec<(String, Vec<u8>)> = (0..n).map(payload).collect();
+    let started = Instant::now();
+    let file = std::fs::File::create(&path).expect("create");
+    let mut w = BufWriter::new(file);
+    for (i, (k, p)) in records.iter().enumerate() {
+        w.write_all(&(k.len() as u32).to_le_bytes()).expect("write");
+        w.write_all(k.as_bytes()).expect("write");
+        w.write_all(&(p.len() as u32).to_le_bytes()).expect("write");
+        w.write_all(p).expect("write");
+        if (i + 1) % 1024 == 0 {
+            w.flush().expect("flush");
+            w.get_ref().sync_data().expect("fsync");
+        }
+    }
+    w.flush().expect("flush");
+    w.get_ref().sync_data().expect("fsync");
+    let mut r = BufReader::new(std::fs::File::open(&path).expect("open"));
+    let mut read = 0u64;
+    let mut len = [0u8; 4];
+    let mut buf = Vec::new();
+    while r.read_exact(&mut len).is_ok() {
+        buf.resize(u32::from_le_bytes(len) as usize, 0);
+        r.read_exact(&mut buf).expect("read key");
+        r.read_exact(&mut len).expect("read len");
+        buf.resize(u32::from_le_bytes(len) as usize, 0);
+        r.read_exact(&mut buf).expect("read payload");
+        read += 1;
+    }
+    assert_eq!(read, n);
+    started.elapsed()
+}
+
+async fn raw_kafka(brokers: &str, n: u64) -> Duration {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::consumer::{Consumer as _, StreamConsumer};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::ClientConfig;
+
+    let topic = format!("rawbench{}", uuid::Uuid::new_v4().simple());
+    let admin: AdminClient<_> = ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin");
+    admin
+        .create_topics(&[NewTopic::new(&topic, PARTITIONS as i32, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .await
+        .expect("create topic");
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", brokers).set("acks", "all").create().expect("producer");
+    let records: Vec<(String, Vec<u8>)> = (0..n).map(payload).collect();
+    let started = Instant::now();
+    stream::iter(records.iter().enumerate())
+        .map(|(i, (k, p))| {
+            let producer = &producer;
+            let topic = &topic;
+            async move {
+                let rec = FutureRecord::to(topic).key(k).payload(p).partition((i as u32 % PARTITIONS) as i32);
+                producer.send(rec, Duration::from_secs(30)).await.expect("send")
+            }
+        })
+        .buffer_unordered(WINDOW)
+        .for_each(|_| async {})
+        .await;
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("g-{topic}"))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[&topic]).expect("subscribe");
+    let mut got = 0u64;
+    while got < n {
+        consumer.recv().await.expect("recv");
+        got += 1;
+    }
+    consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync).expect("commit");
+    started.elapsed()
+}
+
+async fn raw_nats(url: &str, n: u64) -> Duration {
+    use async_nats::jetstream::{self, consumer::pull};
+    let client = async_nats::connect(url).await.expect("nats");
+    let js = jetstream::new(client);
+    let name = format!("rawbench{}", uuid::Uuid::new_v4().simple());
+    let subjects: Vec<String> = (0..PARTITIONS).map(|p| format!("{name}.{p}")).collect();
+    let stream = js
+        .create_stream(jetstream::stream::Config { name: name.clone(), subjects: subjects.clone(), ..Default::default() })
+        .await
+        .expect("stream");
+    let records: Vec<(String, Vec<u8>)> = (0..n).map(payload).collect();
+    let started = Instant::now();
+    stream::iter(records.into_iter().enumerate())
+        .map(|(i, (_k, p))| {
+            let js = js.clone();
+            let subject = subjects[i % subjects.len()].clone();
+            async move { js.publish(subject, p.into()).await.expect("publish").await.expect("ack") }
+        })
+        .buffer_unordered(WINDOW)
+        .for_each(|_| async {})
+        .await;
+    let consumer = stream
+        .create_consumer(pull::Config { durable_name: Some("raw".into()), ..Default::default() })
+        .await
+        .expect("consumer");
+    let mut messages = consumer.stream().max_messages_per_batch(1000).messages().await.expect("messages");
+    let mut got = 0u64;
+    while got < n {
+        let m = messages.next().await.expect("message").expect("message ok");
+        m.ack().await.expect("ack");
+        got += 1;
+    }
+    started.elapsed()
+}
+
+fn rate(n: u64, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let n = events_n();
+    let backends = std::env::var("NEXUS_BENCH_BACKENDS").unwrap_or_else(|_| "embedded,jetstream,kafka".into());
+    let kafka = std::env::var("NEXUS_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into());
+    let nats = std::env::var("NEXUS_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:14222".into());
+    println!("bus throughput: {n} events of ~{BODY_BYTES} bytes, {PARTITIONS} partitions, {WINDOW} publishes in flight");
+    println!("{:<10} {:>14} {:>14} {:>8}", "backend", "raw ev/s", "nexus ev/s", "ratio");
+    for backend in backends.split(',').map(str::trim).filter(|b| !b.is_empty()) {
+        let mut config = Config::defaults().bus;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let raw = match backend {
+            "embedded" => {
+                config.url = format!("embedded://{}", dir.path().display());
+                raw_file(n)
+            }
+            "kafka" => {
+                config.url = format!("kafka://{kafka}");
+                config.kafka.session_timeout_ms = 6000;
+                raw_kafka(&kafka, n).await
+            }
+            "jetstream" => {
+                config.url = nats.clone();
+                raw_nats(&nats, n).await
+            }
+            other => panic!("unknown backend {other}"),
+        };
+        let bus = nexus::bus::connect(&config).await.expect("connect");
+        let ours = nexus_run(bus, n).await;
+        let (r, o) = (rate(n, raw), rate(n, ours));
+        println!("{backend:<10} {r:>14.0} {o:>14.0} {:>7.2}x", o / r);
+    }
+}

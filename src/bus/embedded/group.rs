@@ -1,0 +1,355 @@
+//! Consumer groups of this process: who owns which partition, what each owner has been handed
+//! and acked, and the committed offset that follows the contiguous acked prefix.
+//!
+//! Every change happens under the one `groups` mutex, and commits are queued to the writer
+//! while it is held, so the writer sees a partition's commits in the order they were decided
+//! (a seek that moves back is never overtaken by an older forward commit).
+//!
+//! Each assignment of a partition gets a fresh epoch. Deliveries and buffered records carry the
+//! epoch they were read under; anything carrying an older epoch (a member that lost the
+//! partition, or a partition that was seeked) is ignored, so a stale member's late acks cannot
+//! move the new owner's committed offset.
+
+use std::collections::{BTreeMap, HashMap};
+
+use tokio::sync::{oneshot, watch};
+
+use super::writer::Cmd;
+use super::{lock, store, Inner, TopicShared};
+use crate::bus::{BusError, GroupPosition, Message, StartFrom};
+
+/// (group, topic).
+pub(super) type GroupKey = (String, String);
+
+pub(super) struct GroupState {
+    members: Vec<Member>,
+    parts: Vec<PartTrack>,
+    next_epoch: u64,
+    /// Bumped on every assignment change: members re-check what they own.
+    changed: watch::Sender<u64>,
+}
+
+struct Member {
+    id: u64,
+    start: StartFrom,
+}
+
+#[derive(Default)]
+struct PartTrack {
+    owner: Option<u64>,
+    epoch: u64,
+    /// The group's committed offset (the next to consume), as last queued to the writer.
+    committed: Option<u64>,
+    /// The first offset not yet acked by the current owner: the committed offset to be.
+    base: u64,
+    /// The next offset to read for the current owner.
+    next_fetch: u64,
+    /// Acked (or expired) ranges `[start, end)` at or past `base`, waiting for the gap.
+    done: BTreeMap<u64, u64>,
+}
+
+/// A partition a member should read: where, under which epoch.
+pub(super) struct FetchPlan {
+    pub(super) partition: u32,
+    pub(super) epoch: u64,
+    pub(super) from: u64,
+}
+
+impl Inner {
+    /// Adds a member to the group, loading the group's committed offsets on first use.
+    pub(super) fn join(
+        &self,
+        group: &str,
+        topic: &str,
+        start: StartFrom,
+    ) -> Result<(u64, watch::Receiver<u64>), BusError> {
+        let shared = self.topic(topic)?;
+        let key: GroupKey = (group.to_string(), topic.to_string());
+        let mut groups = lock(&self.groups);
+        let gs = self.group_entry(&mut groups, &key, &shared)?;
+        let id = self.next_member.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        gs.members.push(Member { id, start });
+        let rx = gs.changed.subscribe();
+        self.rebalance(&key, gs, &shared);
+        tracing::debug!(group, topic, member = id, members = gs.members.len(), "member joined");
+        Ok((id, rx))
+    }
+
+    /// Removes a member; its partitions go to the others, starting from the committed offset.
+    pub(super) fn leave(&self, key: &GroupKey, member: u64) {
+        let Ok(shared) = self.topic(&key.1) else { return };
+        let mut groups = lock(&self.groups);
+        if let Some(gs) = groups.get_mut(key) {
+            let before = gs.members.len();
+            gs.members.retain(|m| m.id != member);
+            if gs.members.len() != before {
+                self.rebalance(key, gs, &shared);
+                tracing::debug!(group = %key.0, topic = %key.1, member, members = gs.members.len(), "member left");
+            }
+        }
+    }
+
+    /// Re-runs assignment for every group of a topic whose partitions changed.
+    pub(super) fn rebalance_topic(&self, topic: &str) {
+        let Ok(shared) = self.topic(topic) else { return };
+        let mut groups = lock(&self.groups);
+        for (key, gs) in groups.iter_mut().filter(|(k, _)| k.1 == topic) {
+            self.rebalance(key, gs, &shared);
+        }
+    }
+
+    fn group_entry<'a>(
+        &self,
+        groups: &'a mut HashMap<GroupKey, GroupState>,
+        key: &GroupKey,
+        shared: &TopicShared,
+    ) -> Result<&'a mut GroupState, BusError> {
+        if !groups.contains_key(key) {
+            let db = self.db()?;
+            let committed = store::load_offsets(&db.db, &key.0, &key.1, shared.partitions.len() as u32)?;
+            let parts = committed
+                .into_iter()
+                .map(|committed| PartTrack { committed, ..PartTrack::default() })
+                .collect();
+            groups.insert(
+                key.clone(),
+                GroupState { members: Vec::new(), parts, next_epoch: 1, changed: watch::channel(0).0 },
+            );
+        }
+        let gs = groups
+            .get_mut(key)
+            .ok_or_else(|| BusError::Storage("group state vanished under its lock".into()))?;
+        // Partitions added since the group was loaded start uncommitted.
+        while gs.parts.len() < shared.partitions.len() {
+            gs.parts.push(PartTrack::default());
+        }
+        Ok(gs)
+    }
+
+    /// Sticky, balanced assignment: every member gets ⌊P/M⌋ or ⌈P/M⌉ partitions (earlier
+    /// members the larger share); an owner keeps what fits its share, the rest is handed out.
+    fn rebalance(&self, key: &GroupKey, gs: &mut GroupState, shared: &TopicShared) {
+        while gs.parts.len() < shared.partitions.len() {
+            gs.parts.push(PartTrack::default());
+        }
+        let (n, m) = (gs.parts.len(), gs.members.len());
+        let quota = |i: usize| if m == 0 { 0 } else { n / m + usize::from(i < n % m) };
+        let mut counts = vec![0usize; m];
+        let mut want: Vec<Option<usize>> = vec![None; n];
+        for (p, t) in gs.parts.iter().enumerate() {
+            let Some(i) = t.owner.and_then(|o| gs.members.iter().position(|mm| mm.id == o)) else {
+                continue;
+            };
+            if counts[i] < quota(i) {
+                counts[i] += 1;
+                want[p] = Some(i);
+            }
+        }
+        let mut next = 0;
+        for w in want.iter_mut().filter(|w| w.is_none()) {
+            if m == 0 {
+                break;
+            }
+            while counts[next] >= quota(next) {
+                next = (next + 1) % m;
+            }
+            counts[next] += 1;
+            *w = Some(next);
+        }
+        let mut moved = false;
+        for (p, w) in want.into_iter().enumerate() {
+            let new_owner = w.map(|i| (gs.members[i].id, gs.members[i].start));
+            if gs.parts[p].owner == new_owner.map(|(id, _)| id) {
+                continue;
+            }
+            moved = true;
+            let epoch = gs.next_epoch;
+            gs.next_epoch += 1;
+            let t = &mut gs.parts[p];
+            t.owner = new_owner.map(|(id, _)| id);
+            t.epoch = epoch;
+            t.done.clear();
+            let Some((_, start)) = new_owner else { continue };
+            let Some(ps) = shared.partitions.get(p) else { continue };
+            let position = match (t.committed, start) {
+                (Some(c), _) => c,
+                (None, StartFrom::Earliest) => ps.low(),
+                (None, StartFrom::Latest) => {
+                    // Remember the tail now: a member dying before its first ack must not make
+                    // the next one skip what was published in between.
+                    let high = ps.high();
+                    t.committed = Some(high);
+                    self.queue_commit(key, p as u32, high);
+                    high
+                }
+            };
+            t.base = position;
+            t.next_fetch = position;
+        }
+        if moved {
+            gs.changed.send_modify(|g| *g = g.wrapping_add(1));
+        }
+    }
+
+    /// Queues a commit to the writer; the caller holds the groups lock (see the module doc).
+    fn queue_commit(&self, key: &GroupKey, partition: u32, offset: u64) {
+        let cmd = Cmd::Commit { group: key.0.clone(), topic: key.1.clone(), partition, offset, reply: None };
+        if self.send(cmd).is_err() {
+            tracing::debug!(group = %key.0, topic = %key.1, partition, offset, "bus closed; commit not queued");
+        }
+    }
+
+    /// Moves `base` over the contiguous done prefix and queues the new committed offset.
+    fn advance(&self, key: &GroupKey, partition: u32, t: &mut PartTrack) {
+        let before = t.base;
+        while let Some((&start, &end)) = t.done.first_key_value() {
+            if start > t.base {
+                break;
+            }
+            t.done.pop_first();
+            t.base = t.base.max(end);
+        }
+        if t.base > before {
+            t.committed = Some(t.base);
+            self.queue_commit(key, partition, t.base);
+        }
+    }
+
+    /// Records the ack of `offset` read under `epoch`; a stale epoch is ignored (the record is
+    /// redelivered to the partition's current owner).
+    pub(super) fn ack(&self, key: &GroupKey, partition: u32, offset: u64, epoch: u64) -> Result<(), BusError> {
+        if self.closed.is_cancelled() {
+            return Err(BusError::Closed);
+        }
+        let mut groups = lock(&self.groups);
+        let Some(t) = groups.get_mut(key).and_then(|gs| gs.parts.get_mut(partition as usize)) else {
+            return Ok(());
+        };
+        if t.epoch != epoch || t.owner.is_none() {
+            tracing::debug!(group = %key.0, topic = %key.1, partition, offset, "ack of a revoked partition ignored");
+            return Ok(());
+        }
+        if offset >= t.base {
+            t.done.insert(offset, offset + 1);
+            self.advance(key, partition, t);
+        }
+        Ok(())
+    }
+
+    /// Whether `member` still owns `partition` under `epoch`.
+    pub(super) fn owns(&self, key: &GroupKey, member: u64, partition: u32, epoch: u64) -> bool {
+        let groups = lock(&self.groups);
+        groups
+            .get(key)
+            .and_then(|gs| gs.parts.get(partition as usize))
+            .is_some_and(|t| t.owner == Some(member) && t.epoch == epoch)
+    }
+
+    /// The member's partitions with records to read. Records that retention removed before
+    /// they were read count as done, so the committed offset can pass them.
+    pub(super) fn plan(&self, key: &GroupKey, member: u64) -> Result<Vec<FetchPlan>, BusError> {
+        let shared = self.topic(&key.1)?;
+        let mut groups = lock(&self.groups);
+        let Some(gs) = groups.get_mut(key) else { return Ok(Vec::new()) };
+        let mut plan = Vec::new();
+        for (p, t) in gs.parts.iter_mut().enumerate() {
+            if t.owner != Some(member) {
+                continue;
+            }
+            let Some(ps) = shared.partitions.get(p) else { continue };
+            let (high, low) = (ps.high(), ps.low());
+            if t.next_fetch < low {
+                t.done.insert(t.next_fetch, low);
+                t.next_fetch = low;
+                self.advance(key, p as u32, t);
+            }
+            if t.next_fetch < high {
+                plan.push(FetchPlan { partition: p as u32, epoch: t.epoch, from: t.next_fetch });
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Takes the records read for `plan` into the member's tracking; returns those still valid.
+    pub(super) fn fetched(&self, key: &GroupKey, member: u64, plan: &FetchPlan, records: Vec<Message>) -> Vec<Message> {
+        let mut groups = lock(&self.groups);
+        let Some(t) = groups.get_mut(key).and_then(|gs| gs.parts.get_mut(plan.partition as usize)) else {
+            return Vec::new();
+        };
+        // A rebalance or seek since the plan: what was read belongs to someone else now.
+        if t.owner != Some(member) || t.epoch != plan.epoch || t.next_fetch != plan.from {
+            return Vec::new();
+        }
+        let (Some(first), Some(last)) = (records.first(), records.last()) else { return records };
+        if first.offset > plan.from {
+            // Dense offsets: a hole at the start was trimmed by retention meanwhile.
+            t.done.insert(plan.from, first.offset);
+            self.advance(key, plan.partition, t);
+        }
+        t.next_fetch = last.offset + 1;
+        records
+    }
+
+    /// Sets the committed offset; the receiver answers once it is durable. The owner (if any)
+    /// continues from there under a new epoch.
+    pub(super) fn seek_group(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<oneshot::Receiver<Result<(), BusError>>, BusError> {
+        let shared = self.topic(topic)?;
+        shared.partition(topic, partition)?;
+        let key: GroupKey = (group.to_string(), topic.to_string());
+        let mut groups = lock(&self.groups);
+        let gs = self.group_entry(&mut groups, &key, &shared)?;
+        let epoch = gs.next_epoch;
+        gs.next_epoch += 1;
+        let t = gs
+            .parts
+            .get_mut(partition as usize)
+            .ok_or_else(|| BusError::UnknownPartition { topic: topic.to_string(), partition })?;
+        t.committed = Some(offset);
+        t.epoch = epoch;
+        t.base = offset;
+        t.next_fetch = offset;
+        t.done.clear();
+        let (reply, durable) = oneshot::channel();
+        self.send(Cmd::Commit {
+            group: key.0.clone(),
+            topic: key.1.clone(),
+            partition,
+            offset,
+            reply: Some(reply),
+        })?;
+        gs.changed.send_modify(|g| *g = g.wrapping_add(1));
+        tracing::info!(group, topic, partition, offset, "group offset set");
+        Ok(durable)
+    }
+
+    pub(super) fn group_positions(&self, group: &str, topic: &str) -> Result<Vec<GroupPosition>, BusError> {
+        let shared = self.topic(topic)?;
+        let key: GroupKey = (group.to_string(), topic.to_string());
+        let mut groups = lock(&self.groups);
+        let gs = self.group_entry(&mut groups, &key, &shared)?;
+        Ok(shared
+            .partitions
+            .iter()
+            .zip(&gs.parts)
+            .enumerate()
+            .map(|(p, (ps, t))| {
+                let high = ps.high();
+                let low = ps.low().min(high);
+                // Records below `low` are gone: they cannot be consumed, so they are no lag.
+                let from = t.committed.unwrap_or(low).max(low);
+                GroupPosition { partition: p as u32, committed: t.committed, high, lag: high.saturating_sub(from) }
+            })
+            .collect())
+    }
+
+    pub(super) fn active_members(&self, group: &str, topic: &str) -> usize {
+        let groups = lock(&self.groups);
+        groups.get(&(group.to_string(), topic.to_string())).map_or(0, |gs| gs.members.len())
+    }
+}

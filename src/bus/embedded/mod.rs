@@ -1,0 +1,434 @@
+//! Embedded bus: a durable log per topic partition with committed offsets per group, in one
+//! redb file (`<dir>/bus.redb`). One process; used by `nexus dev` and tests.
+//!
+//! Design:
+//! - [`store`]: the redb tables (topics, partition metadata, records keyed by
+//!   `(topic, partition, offset)`, group offsets) and the reads every caller shares.
+//! - [`writer`]: the only writer, one OS thread. Publishes, offset commits, topic changes and
+//!   retention go through its channel; it writes up to `bus.embedded.max_batch` publishes per
+//!   redb transaction (group commit: one fsync) and answers each caller after the commit.
+//! - [`group`]: consumer groups in this process: partition assignment, per-partition delivery
+//!   tracking with an epoch, the contiguous acked prefix that becomes the committed offset.
+//! - [`subscription`]: a member's `next()` loop: reads batches of its partitions, wakes on
+//!   appends (a watch per topic) and rebalances (a watch per group), bounded by `max_in_flight`.
+//!
+//! Ordering holds per partition only: the writer appends a partition's records in the order
+//! publishes reach its channel, and a member reads a partition in offset order. Nothing is
+//! ordered across partitions.
+//!
+//! Durability: `publish` and `seek_group` return after their transaction committed (fsync).
+//! An ack returns once its commit is queued to the writer (written within one batch, a few
+//! milliseconds); `Subscription::close` and dropping the bus wait until every queued commit is
+//! durable. A crash may therefore redeliver the last few milliseconds of acked records, which
+//! at-least-once consumers tolerate.
+
+mod group;
+mod store;
+mod subscription;
+#[cfg(test)]
+mod tests;
+mod writer;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use group::{GroupKey, GroupState};
+use writer::Cmd;
+
+/// File name of the log inside the bus directory.
+const FILE_NAME: &str = "bus.redb";
+
+/// How long `open` waits for a bus on the same directory that this process is dropping to let
+/// go of the file (its writer finishes its last batch): a test "restart" drops and reopens.
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
+
+/// Files opened by an embedded bus of this process. redb's file lock also refuses a second
+/// open from the same process, so this only tells "still closing here" from "held elsewhere".
+static OPEN_FILES: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+/// Locks a mutex, ignoring poisoning: every critical section leaves the state consistent
+/// before anything that can panic, so a panicked holder leaves nothing half-done.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A storage failure with what was being done.
+fn storage<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> BusError {
+    move |e| BusError::Storage(format!("{what}: {e}"))
+}
+
+/// Milliseconds since the epoch.
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Removes the file from [`OPEN_FILES`] when dropped.
+struct Registration(PathBuf);
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        lock(&OPEN_FILES).remove(&self.0);
+    }
+}
+
+/// The open database. Fields drop in order: the file is closed (and unlocked) before the
+/// registration goes, so a reopen that sees the path free can lock it.
+pub(super) struct DbHandle {
+    db: redb::Database,
+    _registration: Registration,
+}
+
+/// What readers share about one partition; the writer stores these after each commit.
+pub(super) struct PartShared {
+    /// First offset still kept.
+    low: AtomicU64,
+    /// Next offset to be written.
+    high: AtomicU64,
+}
+
+impl PartShared {
+    fn new(low: u64, high: u64) -> Arc<Self> {
+        Arc::new(Self { low: AtomicU64::new(low), high: AtomicU64::new(high) })
+    }
+
+    pub(super) fn low(&self) -> u64 {
+        self.low.load(Ordering::Acquire)
+    }
+
+    pub(super) fn high(&self) -> u64 {
+        self.high.load(Ordering::Acquire)
+    }
+}
+
+/// What readers share about one topic; replaced as a whole when the topic changes.
+pub(super) struct TopicShared {
+    pub(super) partitions: Vec<Arc<PartShared>>,
+    pub(super) retention: Option<Duration>,
+    /// Bumped after every commit that appended to (or trimmed) the topic: wakes its readers.
+    pub(super) tick: Arc<watch::Sender<u64>>,
+}
+
+impl TopicShared {
+    fn partition(&self, topic: &str, partition: u32) -> Result<&Arc<PartShared>, BusError> {
+        self.partitions
+            .get(partition as usize)
+            .ok_or_else(|| BusError::UnknownPartition { topic: topic.to_string(), partition })
+    }
+}
+
+pub(super) type Topics = RwLock<HashMap<String, Arc<TopicShared>>>;
+
+/// State shared by the bus handle, its subscriptions and their ackers.
+pub(super) struct Inner {
+    path: PathBuf,
+    /// `None` once the bus is dropped.
+    db: RwLock<Option<Arc<DbHandle>>>,
+    tx: mpsc::Sender<Cmd>,
+    topics: Arc<Topics>,
+    groups: Mutex<HashMap<GroupKey, GroupState>>,
+    closed: CancellationToken,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    next_member: AtomicU64,
+}
+
+impl Inner {
+    fn db(&self) -> Result<Arc<DbHandle>, BusError> {
+        self.db.read().unwrap_or_else(PoisonError::into_inner).clone().ok_or(BusError::Closed)
+    }
+
+    fn topic(&self, topic: &str) -> Result<Arc<TopicShared>, BusError> {
+        self.topics
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(topic)
+            .cloned()
+            .ok_or_else(|| BusError::UnknownTopic(topic.to_string()))
+    }
+
+    fn send(&self, cmd: Cmd) -> Result<(), BusError> {
+        if self.closed.is_cancelled() {
+            return Err(BusError::Closed);
+        }
+        self.tx.send(cmd).map_err(|_| BusError::Closed)
+    }
+
+    /// Sends a command and waits for the writer's answer (after its commit).
+    async fn call<T>(
+        &self,
+        cmd: impl FnOnce(oneshot::Sender<Result<T, BusError>>) -> Cmd,
+    ) -> Result<T, BusError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(cmd(reply))?;
+        answer.await.map_err(|_| BusError::Closed)?
+    }
+
+    /// Waits until every command queued before it is durable.
+    async fn flush(&self) -> Result<(), BusError> {
+        self.call(|reply| Cmd::Flush { reply }).await
+    }
+
+    /// Stops the writer after it wrote what was queued and closes the file.
+    fn shutdown(&self) {
+        self.closed.cancel();
+        let _ = self.tx.send(Cmd::Shutdown);
+        if let Some(handle) = lock(&self.writer).take() {
+            if handle.join().is_err() {
+                tracing::error!(path = %self.path.display(), "embedded bus writer panicked");
+            }
+        }
+        self.db.write().unwrap_or_else(PoisonError::into_inner).take();
+    }
+}
+
+/// The embedded bus. Dropping it stops the writer (after it wrote what was queued), ends
+/// every subscription and closes the file, as a process exit would.
+pub struct EmbeddedBus {
+    inner: Arc<Inner>,
+}
+
+impl EmbeddedBus {
+    /// Opens (or creates) the log in `dir`.
+    pub fn open(dir: &std::path::Path, config: &crate::config::BusConfig) -> Result<Self, BusError> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            BusError::Storage(format!("creating bus directory `{}`: {e}", dir.display()))
+        })?;
+        let path = dir.join(FILE_NAME);
+        let key = std::fs::canonicalize(dir)
+            .map_err(|e| BusError::Storage(format!("resolving `{}`: {e}", dir.display())))?
+            .join(FILE_NAME);
+        let registration = register(&key, &path)?;
+        let db = redb::Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => BusError::Storage(format!(
+                "`{}` is locked: another nexus process (for example `nexus dev`) holds the \
+                 embedded bus; stop it or point bus.url at another directory",
+                path.display()
+            )),
+            other => BusError::Storage(format!("opening `{}`: {other}", path.display())),
+        })?;
+        let handle = Arc::new(DbHandle { db, _registration: registration });
+        let metas = store::init(&handle.db)?;
+
+        let topics: HashMap<String, Arc<TopicShared>> = metas
+            .iter()
+            .map(|(name, meta)| {
+                let shared = TopicShared {
+                    partitions: meta.partitions.iter().map(|p| PartShared::new(p.low, p.high)).collect(),
+                    retention: meta.retention,
+                    tick: Arc::new(watch::channel(0).0),
+                };
+                (name.clone(), Arc::new(shared))
+            })
+            .collect();
+        let topics = Arc::new(RwLock::new(topics));
+        let (tx, rx) = mpsc::channel();
+        let writer = writer::Writer::new(
+            handle.clone(),
+            topics.clone(),
+            rx,
+            config.embedded.max_batch.max(1),
+            metas,
+            path.clone(),
+        );
+        let thread = std::thread::Builder::new()
+            .name("nexus-bus-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| BusError::Storage(format!("starting the writer thread: {e}")))?;
+        tracing::info!(path = %path.display(), "embedded bus opened");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path,
+                db: RwLock::new(Some(handle)),
+                tx,
+                topics,
+                groups: Mutex::new(HashMap::new()),
+                closed: CancellationToken::new(),
+                writer: Mutex::new(Some(thread)),
+                next_member: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// Runs retention now instead of waiting for the next pass.
+    #[cfg(test)]
+    pub(crate) async fn enforce_retention(&self) -> Result<(), BusError> {
+        self.inner.call(|reply| Cmd::Retention { reply }).await
+    }
+}
+
+/// Claims `key` for this process, waiting a little for a bus of this process that is still
+/// closing the same file.
+fn register(key: &Path, path: &Path) -> Result<Registration, BusError> {
+    let deadline = Instant::now() + RELEASE_WAIT;
+    loop {
+        if lock(&OPEN_FILES).insert(key.to_path_buf()) {
+            return Ok(Registration(key.to_path_buf()));
+        }
+        if Instant::now() >= deadline {
+            return Err(BusError::Storage(format!(
+                "`{}` is already open by another embedded bus in this process",
+                path.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl Drop for EmbeddedBus {
+    fn drop(&mut self) {
+        self.inner.shutdown();
+    }
+}
+
+#[async_trait]
+impl Bus for EmbeddedBus {
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn publish(&self, topic: &str, record: OutRecord) -> Result<Published, BusError> {
+        let topic = topic.to_string();
+        self.inner.call(|reply| Cmd::Publish { topic, record, reply }).await
+    }
+
+    async fn subscribe(
+        &self,
+        group: &str,
+        topic: &str,
+        options: SubscribeOptions,
+    ) -> Result<Box<dyn Subscription>, BusError> {
+        let sub = subscription::EmbeddedSubscription::join(self.inner.clone(), group, topic, options)?;
+        Ok(Box::new(sub))
+    }
+
+    async fn topic_info(&self, topic: &str) -> Result<Option<TopicInfo>, BusError> {
+        match self.inner.topic(topic) {
+            Ok(t) => Ok(Some(TopicInfo {
+                name: topic.to_string(),
+                partitions: t.partitions.len() as u32,
+                retention: t.retention,
+            })),
+            Err(BusError::UnknownTopic(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn apply_topic(&self, spec: &TopicSpec) -> Result<(), BusError> {
+        if spec.partitions == 0 {
+            return Err(BusError::Config(format!("topic `{}` needs at least one partition", spec.name)));
+        }
+        let spec = spec.clone();
+        let name = spec.name.clone();
+        self.inner.call(|reply| Cmd::ApplyTopic { spec, reply }).await?;
+        // New partitions need owners in the groups already consuming the topic.
+        self.inner.rebalance_topic(&name);
+        Ok(())
+    }
+
+    async fn partition_offsets(&self, topic: &str) -> Result<Vec<PartitionOffsets>, BusError> {
+        let t = self.inner.topic(topic)?;
+        Ok(t.partitions
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                // `high` first: a trim between the loads can then only make `low` newer.
+                let high = p.high();
+                PartitionOffsets { partition: i as u32, low: p.low().min(high), high }
+            })
+            .collect())
+    }
+
+    async fn group_positions(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> Result<Vec<GroupPosition>, BusError> {
+        self.inner.group_positions(group, topic)
+    }
+
+    async fn offset_for_time(
+        &self,
+        topic: &str,
+        partition: u32,
+        ts_ms: i64,
+    ) -> Result<u64, BusError> {
+        self.inner.topic(topic)?.partition(topic, partition)?;
+        let db = self.inner.db()?;
+        let topic = topic.to_string();
+        tokio::task::spawn_blocking(move || store::offset_for_time(&db.db, &topic, partition, ts_ms))
+            .await
+            .map_err(storage("offset lookup task"))?
+    }
+
+    async fn count_between(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        to: u64,
+    ) -> Result<u64, BusError> {
+        // Offsets are dense; only retention removes records, from the low end.
+        let t = self.inner.topic(topic)?;
+        let p = t.partition(topic, partition)?;
+        let (low, high) = (p.low(), p.high());
+        Ok(to.min(high).saturating_sub(from.max(low)))
+    }
+
+    async fn seek_group(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<(), BusError> {
+        let durable = self.inner.seek_group(group, topic, partition, offset)?;
+        durable.await.map_err(|_| BusError::Closed)?
+    }
+
+    async fn active_members(&self, group: &str, topic: &str) -> Result<usize, BusError> {
+        self.inner.topic(topic)?;
+        Ok(self.inner.active_members(group, topic))
+    }
+
+    async fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<Message>, BusError> {
+        self.inner.topic(topic)?.partition(topic, partition)?;
+        let db = self.inner.db()?;
+        let topic = topic.to_string();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.db.begin_read().map_err(storage("begin read"))?;
+            store::read_records(&txn, &topic, partition, from, max)
+        })
+        .await
+        .map_err(storage("read task"))?
+    }
+
+    async fn health(&self) -> Result<(), BusError> {
+        let db = self.inner.db()?;
+        db.db.begin_read().map_err(storage("begin read"))?;
+        if self.inner.writer_alive() {
+            Ok(())
+        } else {
+            Err(BusError::Storage("the embedded bus writer stopped".into()))
+        }
+    }
+}
+
+impl Inner {
+    fn writer_alive(&self) -> bool {
+        lock(&self.writer).as_ref().is_some_and(|h| !h.is_finished())
+    }
+}

@@ -1,0 +1,187 @@
+//! A member of a consumer group: reads its partitions in batches and hands records out, at
+//! most `max_in_flight` unacked at a time.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
+
+use super::group::{FetchPlan, GroupKey};
+use super::{storage, store, Inner};
+use crate::bus::{Acker, BusError, Delivery, Message, SubscribeOptions, Subscription};
+
+/// Records read per fetch at most. Large enough that a busy member reads in few transactions,
+/// small enough that a rebalance throws little read-ahead away.
+const READ_BATCH: usize = 256;
+
+pub(super) struct EmbeddedSubscription {
+    inner: Arc<Inner>,
+    key: Arc<GroupKey>,
+    member: u64,
+    /// Assignment changes of the group.
+    assignment: watch::Receiver<u64>,
+    /// Appends to the topic.
+    appends: watch::Receiver<u64>,
+    /// One permit per handed-out, unacked record.
+    in_flight: Arc<Semaphore>,
+    batch: usize,
+    /// Read ahead, with the epoch each record was read under.
+    buffer: VecDeque<(u64, Message)>,
+    /// Rotates which partition a fetch starts with, so one busy partition cannot starve others.
+    cursor: usize,
+    left: bool,
+    span: tracing::Span,
+}
+
+impl EmbeddedSubscription {
+    pub(super) fn join(
+        inner: Arc<Inner>,
+        group: &str,
+        topic: &str,
+        options: SubscribeOptions,
+    ) -> Result<Self, BusError> {
+        let appends = inner.topic(topic)?.tick.subscribe();
+        let (member, assignment) = inner.join(group, topic, options.start)?;
+        let max_in_flight = options.max_in_flight.max(1);
+        Ok(Self {
+            inner,
+            key: Arc::new((group.to_string(), topic.to_string())),
+            member,
+            assignment,
+            appends,
+            in_flight: Arc::new(Semaphore::new(max_in_flight)),
+            batch: max_in_flight.min(READ_BATCH),
+            buffer: VecDeque::new(),
+            cursor: 0,
+            left: false,
+            span: tracing::info_span!("embedded_subscription", group, topic, member),
+        })
+    }
+
+    /// Reads the next batch of the member's partitions into the buffer; returns how many.
+    async fn fetch(&mut self) -> Result<usize, BusError> {
+        let mut plan = self.inner.plan(&self.key, self.member)?;
+        if plan.is_empty() {
+            return Ok(0);
+        }
+        self.cursor = (self.cursor + 1) % plan.len();
+        plan.rotate_left(self.cursor);
+        let db = self.inner.db()?;
+        let topic = self.key.1.clone();
+        let budget = self.batch;
+        let read = tokio::task::spawn_blocking(move || -> Result<Vec<(FetchPlan, Vec<Message>)>, BusError> {
+            let txn = db.db.begin_read().map_err(storage("begin read"))?;
+            let mut left = budget;
+            let mut out = Vec::with_capacity(plan.len());
+            for p in plan {
+                if left == 0 {
+                    break;
+                }
+                let records = store::read_records(&txn, &topic, p.partition, p.from, left)?;
+                left -= records.len();
+                out.push((p, records));
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(storage("read task"))??;
+        let mut n = 0;
+        for (p, records) in read {
+            for m in self.inner.fetched(&self.key, self.member, &p, records) {
+                self.buffer.push_back((p.epoch, m));
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    async fn next_delivery(&mut self) -> Option<Result<Delivery, BusError>> {
+        loop {
+            if self.left || self.inner.closed.is_cancelled() {
+                return None;
+            }
+            while let Some((epoch, message)) = self.buffer.pop_front() {
+                if !self.inner.owns(&self.key, self.member, message.partition, epoch) {
+                    continue;
+                }
+                let permit = tokio::select! {
+                    permit = self.in_flight.clone().acquire_owned() => permit.ok()?,
+                    () = self.inner.closed.cancelled() => return None,
+                };
+                // The wait may have spanned a rebalance.
+                if !self.inner.owns(&self.key, self.member, message.partition, epoch) {
+                    continue;
+                }
+                let acker = EmbeddedAcker {
+                    inner: self.inner.clone(),
+                    key: self.key.clone(),
+                    partition: message.partition,
+                    offset: message.offset,
+                    epoch,
+                    _permit: permit,
+                };
+                return Some(Ok(Delivery::new(message, Box::new(acker))));
+            }
+            // Mark both signals seen before looking, so a change after the look wakes the wait.
+            self.assignment.borrow_and_update();
+            self.appends.borrow_and_update();
+            match self.fetch().await {
+                Ok(0) => {}
+                Ok(_) => continue,
+                Err(BusError::Closed) => return None,
+                Err(e) => return Some(Err(e)),
+            }
+            tokio::select! {
+                changed = self.assignment.changed() => changed.ok()?,
+                changed = self.appends.changed() => changed.ok()?,
+                () = self.inner.closed.cancelled() => return None,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Subscription for EmbeddedSubscription {
+    async fn next(&mut self) -> Option<Result<Delivery, BusError>> {
+        let span = self.span.clone();
+        self.next_delivery().instrument(span).await
+    }
+
+    async fn close(mut self: Box<Self>) -> Result<(), BusError> {
+        self.left = true;
+        self.buffer.clear();
+        self.inner.leave(&self.key, self.member);
+        // Everything acked so far was queued before this flush.
+        self.inner.flush().await
+    }
+}
+
+impl Drop for EmbeddedSubscription {
+    fn drop(&mut self) {
+        // Dropped without close: the member "dies". What it acked is already queued; what it
+        // did not goes to the next owner from the committed offset.
+        if !self.left {
+            self.inner.leave(&self.key, self.member);
+        }
+    }
+}
+
+struct EmbeddedAcker {
+    inner: Arc<Inner>,
+    key: Arc<GroupKey>,
+    partition: u32,
+    offset: u64,
+    epoch: u64,
+    /// Frees the in-flight slot when acked or dropped.
+    _permit: OwnedSemaphorePermit,
+}
+
+#[async_trait]
+impl Acker for EmbeddedAcker {
+    /// Returns once the resulting commit (if the prefix moved) is queued to the writer.
+    async fn ack(self: Box<Self>) -> Result<(), BusError> {
+        self.inner.ack(&self.key, self.partition, self.offset, self.epoch)
+    }
+}

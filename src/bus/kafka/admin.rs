@@ -1,0 +1,394 @@
+//! Topics, offsets, group positions and replay reads on Kafka.
+//!
+//! Watermark, metadata and offset lookups are blocking librdkafka calls and run on the blocking
+//! pool; the admin requests (create, describe, alter) are futures of the admin client.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{
+    AdminOptions, AlterConfig, ConfigSource, NewPartitions, NewTopic, ResourceSpecifier,
+    TopicReplication,
+};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use tracing::{info, warn};
+
+use super::consumer::to_message;
+use super::{bad_data, blocking, map_code, map_err, KafkaBus, REQUEST_TIMEOUT};
+use crate::bus::{BusError, GroupPosition, Message, PartitionOffsets, TopicInfo, TopicSpec};
+
+const RETENTION_MS: &str = "retention.ms";
+
+/// How long `apply_topic` waits for a new topic or partitions to show in metadata: brokers
+/// create them asynchronously after acknowledging the request.
+const PROPAGATION_WAIT: Duration = Duration::from_secs(10);
+
+fn admin_options() -> AdminOptions {
+    AdminOptions::new().request_timeout(Some(REQUEST_TIMEOUT)).operation_timeout(Some(REQUEST_TIMEOUT))
+}
+
+/// Retention as Kafka writes it: milliseconds, -1 for forever.
+fn retention_ms(retention: Option<Duration>) -> String {
+    match retention {
+        Some(d) => d.as_millis().to_string(),
+        None => "-1".to_string(),
+    }
+}
+
+/// The topic's configuration as the broker describes it; `None` if the broker cannot describe
+/// configs.
+async fn describe_topic(
+    bus: &KafkaBus,
+    topic: &str,
+) -> Result<Option<HashMap<String, (String, ConfigSource)>>, BusError> {
+    let results = bus
+        .admin
+        .describe_configs(&[ResourceSpecifier::Topic(topic)], &admin_options())
+        .await
+        .map_err(map_err)?;
+    match results.into_iter().next() {
+        Some(Ok(resource)) => Ok(Some(
+            resource
+                .entries
+                .into_iter()
+                .filter_map(|e| e.value.map(|v| (e.name, (v, e.source))))
+                .collect(),
+        )),
+        Some(Err(RDKafkaErrorCode::UnknownTopicOrPartition)) => {
+            Err(BusError::UnknownTopic(topic.into()))
+        }
+        // Brokers without DescribeConfigs (or that refuse it for topics) answer with an error
+        // code here; retention is then unknown rather than a guess.
+        Some(Err(code)) => {
+            warn!(topic, error = %code, "broker cannot describe topic configs; retention unknown");
+            Ok(None)
+        }
+        None => Ok(None),
+    }
+}
+
+fn parse_retention(configs: &HashMap<String, (String, ConfigSource)>) -> Option<Duration> {
+    let (value, _) = configs.get(RETENTION_MS)?;
+    match value.parse::<i64>() {
+        Ok(ms) if ms >= 0 => Some(Duration::from_millis(ms as u64)),
+        // -1 (or any negative) keeps records forever.
+        _ => None,
+    }
+}
+
+pub(super) async fn topic_info(bus: &KafkaBus, topic: &str) -> Result<Option<TopicInfo>, BusError> {
+    let Some(partitions) = bus.fetch_partition_count(topic).await? else { return Ok(None) };
+    // A broker that cannot describe configs gives no retention: reported as None (unknown),
+    // which `apply_topic` treats as "set it".
+    let retention = describe_topic(bus, topic).await?.as_ref().and_then(parse_retention);
+    Ok(Some(TopicInfo { name: topic.to_string(), partitions, retention }))
+}
+
+pub(super) async fn apply_topic(bus: &KafkaBus, spec: &TopicSpec) -> Result<(), BusError> {
+    if spec.partitions == 0 {
+        return Err(BusError::Config(format!("topic `{}` needs at least one partition", spec.name)));
+    }
+    let partitions = i32::try_from(spec.partitions)
+        .map_err(|_| BusError::Config(format!("topic `{}`: too many partitions", spec.name)))?;
+    let retention = retention_ms(spec.retention);
+    let current = match bus.fetch_partition_count(&spec.name).await? {
+        Some(n) => n,
+        None => {
+            // Replication -1: the broker's default replication factor (KIP-464).
+            let new = NewTopic::new(&spec.name, partitions, TopicReplication::Fixed(-1))
+                .set(RETENTION_MS, &retention);
+            let results = bus.admin.create_topics(&[new], &admin_options()).await.map_err(map_err)?;
+            match results.into_iter().next() {
+                Some(Ok(_)) | None => {
+                    info!(topic = %spec.name, partitions, retention = %retention, "topic created");
+                    return wait_for_partitions(bus, &spec.name, spec.partitions).await;
+                }
+                // Another process created it meanwhile: converge like an existing topic.
+                Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => {
+                    wait_for_partitions(bus, &spec.name, 1).await?;
+                    bus.fetch_partition_count(&spec.name)
+                        .await?
+                        .ok_or_else(|| BusError::UnknownTopic(spec.name.clone()))?
+                }
+                Some(Err((_, code))) => return Err(map_code(code, "create topic")),
+            }
+        }
+    };
+    if spec.partitions < current {
+        return Err(BusError::Conflict(format!(
+            "topic `{}` has {current} partitions and cannot shrink to {}: keys would move; create a new topic version instead",
+            spec.name, spec.partitions
+        )));
+    }
+    if spec.partitions > current {
+        let grow = NewPartitions::new(&spec.name, spec.partitions as usize);
+        let results =
+            bus.admin.create_partitions(&[grow], &admin_options()).await.map_err(map_err)?;
+        if let Some(Err((_, code))) = results.into_iter().next() {
+            return Err(map_code(code, "add partitions"));
+        }
+        info!(topic = %spec.name, from = current, to = spec.partitions, "partitions added");
+        wait_for_partitions(bus, &spec.name, spec.partitions).await?;
+    }
+    let configs = describe_topic(bus, &spec.name).await?;
+    let known = configs.as_ref().map(parse_retention);
+    if known != Some(spec.retention) {
+        // AlterConfigs (rdkafka has no incremental variant) replaces the topic's whole dynamic
+        // config, so the dynamic entries an operator set are sent along unchanged.
+        let mut alter = AlterConfig::new(ResourceSpecifier::Topic(&spec.name));
+        if let Some(configs) = &configs {
+            for (name, (value, source)) in configs {
+                if *source == ConfigSource::DynamicTopic && name != RETENTION_MS {
+                    alter = alter.set(name, value);
+                }
+            }
+        }
+        alter = alter.set(RETENTION_MS, &retention);
+        let results = bus.admin.alter_configs([&alter], &admin_options()).await.map_err(map_err)?;
+        if let Some(Err((_, code))) = results.into_iter().next() {
+            return Err(map_code(code, "set retention"));
+        }
+        info!(topic = %spec.name, retention = %retention, "retention set");
+    }
+    Ok(())
+}
+
+/// Waits until metadata shows at least `partitions` partitions of the topic.
+async fn wait_for_partitions(bus: &KafkaBus, topic: &str, partitions: u32) -> Result<(), BusError> {
+    let deadline = Instant::now() + PROPAGATION_WAIT;
+    loop {
+        if bus.fetch_partition_count(topic).await?.is_some_and(|n| n >= partitions) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(BusError::Timeout(format!(
+                "topic `{topic}` did not show {partitions} partitions within {PROPAGATION_WAIT:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn watermarks(meta: &BaseConsumer, topic: &str, partitions: u32) -> Result<Vec<PartitionOffsets>, BusError> {
+    (0..partitions)
+        .map(|p| {
+            let (low, high) =
+                meta.fetch_watermarks(topic, p as i32, REQUEST_TIMEOUT).map_err(map_err)?;
+            Ok(PartitionOffsets {
+                partition: p,
+                low: u64::try_from(low).map_err(|_| bad_data("low watermark"))?,
+                high: u64::try_from(high).map_err(|_| bad_data("high watermark"))?,
+            })
+        })
+        .collect()
+}
+
+pub(super) async fn partition_offsets(
+    bus: &KafkaBus,
+    topic: &str,
+) -> Result<Vec<PartitionOffsets>, BusError> {
+    let n = bus.fetch_partition_count(topic).await?.ok_or_else(|| BusError::UnknownTopic(topic.into()))?;
+    let meta = Arc::clone(&bus.meta);
+    let topic = topic.to_string();
+    blocking(move || watermarks(&meta, &topic, n)).await
+}
+
+pub(super) async fn group_positions(
+    bus: &KafkaBus,
+    group: &str,
+    topic: &str,
+) -> Result<Vec<GroupPosition>, BusError> {
+    let offsets = partition_offsets(bus, topic).await?;
+    let client = bus.group_client(group)?;
+    let topic = topic.to_string();
+    blocking(move || {
+        let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+        for o in &offsets {
+            tpl.add_partition(&topic, o.partition as i32);
+        }
+        let committed = client.committed_offsets(tpl, REQUEST_TIMEOUT).map_err(map_err)?;
+        Ok(offsets
+            .iter()
+            .map(|o| {
+                let c = committed
+                    .find_partition(&topic, o.partition as i32)
+                    .and_then(|e| match e.offset() {
+                        Offset::Offset(c) => u64::try_from(c).ok(),
+                        _ => None,
+                    });
+                // Never committed: everything still kept is ahead of the group.
+                let lag = match c {
+                    Some(c) => o.high.saturating_sub(c),
+                    None => o.high.saturating_sub(o.low),
+                };
+                GroupPosition { partition: o.partition, committed: c, high: o.high, lag }
+            })
+            .collect())
+    })
+    .await
+}
+
+pub(super) async fn offset_for_time(
+    bus: &KafkaBus,
+    topic: &str,
+    partition: u32,
+    ts_ms: i64,
+) -> Result<u64, BusError> {
+    bus.check_partition(topic, partition).await?;
+    let meta = Arc::clone(&bus.meta);
+    let topic = topic.to_string();
+    blocking(move || {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, partition as i32, Offset::Offset(ts_ms)).map_err(map_err)?;
+        let found = meta.offsets_for_times(tpl, REQUEST_TIMEOUT).map_err(map_err)?;
+        let offset = found.find_partition(&topic, partition as i32).and_then(|e| match e.offset() {
+            Offset::Offset(o) => u64::try_from(o).ok(),
+            // No record at or after the time: Kafka answers -1 (End).
+            _ => None,
+        });
+        match offset {
+            Some(o) => Ok(o),
+            None => {
+                let (_, high) =
+                    meta.fetch_watermarks(&topic, partition as i32, REQUEST_TIMEOUT).map_err(map_err)?;
+                u64::try_from(high).map_err(|_| bad_data("high watermark"))
+            }
+        }
+    })
+    .await
+}
+
+pub(super) async fn seek_group(
+    bus: &KafkaBus,
+    group: &str,
+    topic: &str,
+    partition: u32,
+    offset: u64,
+) -> Result<(), BusError> {
+    bus.check_partition(topic, partition).await?;
+    // Kafka only takes commits from outside the group while it has no members; say so plainly
+    // instead of passing on the broker's UNKNOWN_MEMBER_ID.
+    let members = group_members(bus, group).await?;
+    if !members.is_empty() {
+        return Err(BusError::Conflict(format!(
+            "group `{group}` has {} active member(s); stop its consumers before moving its offsets",
+            members.len()
+        )));
+    }
+    let offset = i64::try_from(offset)
+        .map_err(|_| BusError::Config(format!("offset {offset} is out of range")))?;
+    let client = bus.group_client(group)?;
+    let topic = topic.to_string();
+    blocking(move || {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, partition as i32, Offset::Offset(offset)).map_err(map_err)?;
+        client.commit(&tpl, CommitMode::Sync).map_err(map_err)?;
+        Ok(())
+    })
+    .await
+}
+
+/// The topics each current member of `group` subscribes to (`None`: metadata not readable).
+async fn group_members(bus: &KafkaBus, group: &str) -> Result<Vec<Option<Vec<String>>>, BusError> {
+    let meta = Arc::clone(&bus.meta);
+    let group = group.to_string();
+    blocking(move || {
+        let list = meta.client().fetch_group_list(Some(&group), REQUEST_TIMEOUT).map_err(map_err)?;
+        let Some(info) = list.groups().iter().find(|g| g.name() == group) else { return Ok(Vec::new()) };
+        if matches!(info.state(), "Dead" | "Empty") {
+            return Ok(Vec::new());
+        }
+        Ok(info.members().iter().map(|m| m.metadata().and_then(subscribed_topics)).collect())
+    })
+    .await
+}
+
+pub(super) async fn active_members(bus: &KafkaBus, group: &str, topic: &str) -> Result<usize, BusError> {
+    let members = group_members(bus, group).await?;
+    // One group may consume several topics (one member per subscription); count the members of
+    // this topic. A member whose metadata cannot be read is counted: better to refuse a seek
+    // than to move offsets under a live consumer.
+    Ok(members
+        .iter()
+        .filter(|m| m.as_ref().map_or(true, |topics| topics.iter().any(|t| t == topic)))
+        .count())
+}
+
+/// The topics of a consumer-protocol subscription (member metadata): version i16, then an
+/// array (i32 count) of strings (i16 length + bytes); later fields are not needed.
+fn subscribed_topics(data: &[u8]) -> Option<Vec<String>> {
+    let mut rest = data.get(2..)?;
+    let count = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+    rest = &rest[4..];
+    let mut topics = Vec::with_capacity(usize::try_from(count).ok()?.min(1024));
+    for _ in 0..count {
+        let len = usize::try_from(i16::from_be_bytes(rest.get(..2)?.try_into().ok()?)).ok()?;
+        let name = rest.get(2..2 + len)?;
+        topics.push(String::from_utf8_lossy(name).into_owned());
+        rest = &rest[2 + len..];
+    }
+    Some(topics)
+}
+
+pub(super) async fn read(
+    bus: &KafkaBus,
+    topic: &str,
+    partition: u32,
+    from: u64,
+    max: usize,
+) -> Result<Vec<Message>, BusError> {
+    bus.check_partition(topic, partition).await?;
+    if max == 0 {
+        return Ok(Vec::new());
+    }
+    let mut cc = bus.settings.consumer_config(None);
+    // A `from` below the log start reads from the first record still kept.
+    cc.set("auto.offset.reset", "earliest");
+    let topic = topic.to_string();
+    blocking(move || {
+        let reader: BaseConsumer = cc.create().map_err(super::config_err)?;
+        let (low, high) =
+            reader.fetch_watermarks(&topic, partition as i32, REQUEST_TIMEOUT).map_err(map_err)?;
+        let high = u64::try_from(high).map_err(|_| bad_data("high watermark"))?;
+        let low = u64::try_from(low).map_err(|_| bad_data("low watermark"))?;
+        let start = from.max(low);
+        if start >= high {
+            return Ok(Vec::new());
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, partition as i32, Offset::Offset(start as i64))
+            .map_err(map_err)?;
+        reader.assign(&tpl).map_err(map_err)?;
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        let mut out = Vec::with_capacity(max.min(1024));
+        // Records of one partition arrive in offset order; stop at the high watermark read
+        // above, so a busy partition does not keep the read going.
+        while out.len() < max {
+            if Instant::now() >= deadline {
+                return Err(BusError::Timeout(format!(
+                    "reading {topic}[{partition}] from {start}: got {} records before the deadline",
+                    out.len()
+                )));
+            }
+            match reader.poll(Duration::from_millis(100)) {
+                None => {}
+                Some(Ok(m)) => {
+                    let Ok(offset) = u64::try_from(rdkafka::Message::offset(&m)) else { continue };
+                    if offset < from {
+                        continue;
+                    }
+                    out.push(to_message(&m, partition, offset));
+                    if offset + 1 >= high {
+                        break;
+                    }
+                }
+                Some(Err(e)) => return Err(map_err(e).into()),
+            }
+        }
+        Ok(out)
+    })
+    .await
+}

@@ -1,0 +1,408 @@
+//! Kafka bus via rdkafka (librdkafka): keyed partitions, consumer groups with cooperative
+//! rebalancing, manual commit of the contiguous acked prefix, idempotent producer.
+//!
+//! - [`KafkaBus`] (this file): connection settings, the producer and the error mapping.
+//! - `consumer`: one consumer-group member per subscription, its poll thread, ack tracking and
+//!   the rebalance handling that keeps commits exact across partition moves.
+//! - `admin`: topics, offsets, group positions, replay reads and health.
+//!
+//! Ordering: the producer picks the partition from the key with [`partition_for`], so one key's
+//! records keep their publish order within one partition (librdkafka's idempotent producer keeps
+//! order across retries). Nothing is ordered across partitions or across topics.
+
+mod admin;
+mod consumer;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::admin::AdminClient;
+
+use super::*;
+use crate::config::BusConfig;
+
+/// How long metadata, watermark and admin requests may take before they count as a timeout.
+/// Long enough for a broker under load, short enough that readiness and tools answer promptly.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Readiness must answer quickly: a broker that cannot give metadata in this time is not ready.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long a cached partition count is trusted. Partitions only grow (by `topology apply`), and a
+/// publisher that keeps using the old count only places new keys on the old partitions for this
+/// long, so a short refresh keeps every process agreeing on key placement soon after a change.
+const PARTITION_CACHE_TTL: Duration = Duration::from_secs(30);
+
+/// The Kafka backend.
+pub struct KafkaBus {
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    /// Groupless consumer for watermarks and offset lookups (no group, never subscribes).
+    meta: Arc<BaseConsumer>,
+    /// Non-member consumers per group, for reading and setting committed offsets.
+    group_clients: Mutex<HashMap<String, Arc<BaseConsumer>>>,
+    /// Partition counts per topic, from metadata.
+    partitions: Mutex<HashMap<String, (u32, Instant)>>,
+    settings: Arc<Settings>,
+}
+
+/// What every client of this bus shares: addresses, security and the Kafka settings.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    brokers: String,
+    tls: bool,
+    config: BusConfig,
+}
+
+impl Settings {
+    /// Bootstrap servers and security, the part every client (producer, consumer, admin) needs.
+    fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("client.id", "nexus")
+            // Topics are created by `nexus topology apply` with their partitions and retention;
+            // a typo must fail as UnknownTopic, not create a one-partition topic.
+            .set("allow.auto.create.topics", "false");
+        let k = &self.config.kafka;
+        let sasl = !k.sasl_mechanism.is_empty();
+        let protocol = match (self.tls, sasl) {
+            (false, false) => "plaintext",
+            (true, false) => "ssl",
+            (false, true) => "sasl_plaintext",
+            (true, true) => "sasl_ssl",
+        };
+        c.set("security.protocol", protocol);
+        if self.tls {
+            if !self.config.ca_file.is_empty() {
+                c.set("ssl.ca.location", &self.config.ca_file);
+            }
+            if !self.config.client_cert_file.is_empty() {
+                c.set("ssl.certificate.location", &self.config.client_cert_file);
+                c.set("ssl.key.location", &self.config.client_key_file);
+            }
+        }
+        if sasl {
+            c.set("sasl.mechanism", &k.sasl_mechanism)
+                .set("sasl.username", &k.sasl_username)
+                .set("sasl.password", &k.sasl_password);
+        }
+        c
+    }
+
+    /// A consumer that never commits by itself: offsets move only by explicit commits.
+    fn consumer_config(&self, group: Option<&str>) -> ClientConfig {
+        let mut c = self.client_config();
+        c.set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false");
+        if let Some(group) = group {
+            c.set("group.id", group);
+        }
+        c
+    }
+}
+
+impl KafkaBus {
+    /// Creates the producer and admin clients and checks the brokers answer.
+    pub async fn connect(brokers: &str, tls: bool, config: &BusConfig) -> Result<Self, BusError> {
+        let settings =
+            Arc::new(Settings { brokers: brokers.to_string(), tls, config: config.clone() });
+        let k = &config.kafka;
+        let mut pc = settings.client_config();
+        pc.set("acks", "all")
+            .set("enable.idempotence", if k.enable_idempotence { "true" } else { "false" })
+            .set("message.timeout.ms", k.message_timeout_ms.to_string())
+            // Edges answer only after the broker acked, so publish latency is user latency;
+            // under load records still batch while earlier requests are in flight.
+            .set("linger.ms", "1");
+        let producer: FutureProducer = pc.create().map_err(config_err)?;
+        let admin: AdminClient<DefaultClientContext> =
+            settings.client_config().create().map_err(config_err)?;
+        let meta: BaseConsumer = settings.consumer_config(None).create().map_err(config_err)?;
+        let bus = KafkaBus {
+            producer,
+            admin,
+            meta: Arc::new(meta),
+            group_clients: Mutex::new(HashMap::new()),
+            partitions: Mutex::new(HashMap::new()),
+            settings,
+        };
+        bus.health().await?;
+        Ok(bus)
+    }
+
+    /// The partition count of `topic`, from the cache or metadata.
+    async fn partition_count(&self, topic: &str) -> Result<u32, BusError> {
+        if let Some((n, at)) = lock(&self.partitions).get(topic) {
+            if at.elapsed() < PARTITION_CACHE_TTL {
+                return Ok(*n);
+            }
+        }
+        let n = self.fetch_partition_count(topic).await?.ok_or_else(|| BusError::UnknownTopic(topic.into()))?;
+        lock(&self.partitions).insert(topic.to_string(), (n, Instant::now()));
+        Ok(n)
+    }
+
+    fn forget_partitions(&self, topic: &str) {
+        lock(&self.partitions).remove(topic);
+    }
+
+    /// Partitions of `topic` from fresh metadata; `None` if the topic does not exist.
+    async fn fetch_partition_count(&self, topic: &str) -> Result<Option<u32>, BusError> {
+        let meta = Arc::clone(&self.meta);
+        let name = topic.to_string();
+        blocking(move || {
+            let md = meta.client().fetch_metadata(Some(&name), REQUEST_TIMEOUT).map_err(map_err)?;
+            let Some(t) = md.topics().iter().find(|t| t.name() == name) else { return Ok(None) };
+            match t.error() {
+                None if !t.partitions().is_empty() => Ok(Some(t.partitions().len() as u32)),
+                None => Ok(None),
+                Some(e) => match RDKafkaErrorCode::from(e) {
+                    RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic => {
+                        Ok(None)
+                    }
+                    code => Err(map_code(code, "topic metadata")),
+                },
+            }
+        })
+        .await
+    }
+
+    /// The non-member consumer of `group` (cached: creating a client costs threads and sockets).
+    fn group_client(&self, group: &str) -> Result<Arc<BaseConsumer>, BusError> {
+        let mut clients = lock(&self.group_clients);
+        if let Some(c) = clients.get(group) {
+            return Ok(Arc::clone(c));
+        }
+        let c: BaseConsumer =
+            self.settings.consumer_config(Some(group)).create().map_err(config_err)?;
+        let c = Arc::new(c);
+        clients.insert(group.to_string(), Arc::clone(&c));
+        Ok(c)
+    }
+
+    async fn check_partition(&self, topic: &str, partition: u32) -> Result<u32, BusError> {
+        let n = match self.fetch_partition_count(topic).await? {
+            Some(n) => n,
+            None => return Err(BusError::UnknownTopic(topic.into())),
+        };
+        if partition >= n {
+            return Err(BusError::UnknownPartition { topic: topic.into(), partition });
+        }
+        Ok(n)
+    }
+}
+
+#[async_trait]
+impl Bus for KafkaBus {
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+
+    async fn publish(&self, topic: &str, record: OutRecord) -> Result<Published, BusError> {
+        let partitions = self.partition_count(topic).await?;
+        let partition = partition_for(&record.key, partitions);
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (name, value) in &record.headers {
+            headers = headers.insert(Header { key: name, value: Some(value.as_bytes()) });
+        }
+        let fr = FutureRecord::to(topic)
+            .partition(partition as i32)
+            .key(record.key.as_bytes())
+            .payload(record.payload.as_ref())
+            .headers(headers);
+        let timeout = Duration::from_millis(self.settings.config.kafka.message_timeout_ms);
+        match self.producer.send(fr, timeout).await {
+            Ok(d) => Ok(Published {
+                partition: u32::try_from(d.partition).map_err(|_| bad_data("partition"))?,
+                offset: u64::try_from(d.offset).map_err(|_| bad_data("offset"))?,
+            }),
+            Err((e, _)) => {
+                let m = map_err(e);
+                match m.code {
+                    Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => {
+                        self.forget_partitions(topic);
+                        Err(BusError::UnknownTopic(topic.into()))
+                    }
+                    // Partitions changed under the cached count: refresh on the next publish.
+                    Some(RDKafkaErrorCode::UnknownPartition) => {
+                        self.forget_partitions(topic);
+                        Err(m.error)
+                    }
+                    _ => Err(m.error),
+                }
+            }
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        group: &str,
+        topic: &str,
+        options: SubscribeOptions,
+    ) -> Result<Box<dyn Subscription>, BusError> {
+        if self.fetch_partition_count(topic).await?.is_none() {
+            return Err(BusError::UnknownTopic(topic.into()));
+        }
+        let sub = consumer::KafkaSubscription::start(&self.settings, group, topic, options)?;
+        Ok(Box::new(sub))
+    }
+
+    async fn topic_info(&self, topic: &str) -> Result<Option<TopicInfo>, BusError> {
+        admin::topic_info(self, topic).await
+    }
+
+    async fn apply_topic(&self, spec: &TopicSpec) -> Result<(), BusError> {
+        let r = admin::apply_topic(self, spec).await;
+        self.forget_partitions(&spec.name);
+        r
+    }
+
+    async fn partition_offsets(&self, topic: &str) -> Result<Vec<PartitionOffsets>, BusError> {
+        admin::partition_offsets(self, topic).await
+    }
+
+    async fn group_positions(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> Result<Vec<GroupPosition>, BusError> {
+        admin::group_positions(self, group, topic).await
+    }
+
+    async fn offset_for_time(
+        &self,
+        topic: &str,
+        partition: u32,
+        ts_ms: i64,
+    ) -> Result<u64, BusError> {
+        admin::offset_for_time(self, topic, partition, ts_ms).await
+    }
+
+    async fn seek_group(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<(), BusError> {
+        admin::seek_group(self, group, topic, partition, offset).await
+    }
+
+    async fn active_members(&self, group: &str, topic: &str) -> Result<usize, BusError> {
+        admin::active_members(self, group, topic).await
+    }
+
+    async fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<Message>, BusError> {
+        admin::read(self, topic, partition, from, max).await
+    }
+
+    async fn health(&self) -> Result<(), BusError> {
+        let meta = Arc::clone(&self.meta);
+        blocking(move || {
+            let md = meta.client().fetch_metadata(None, HEALTH_TIMEOUT).map_err(map_err)?;
+            if md.brokers().is_empty() {
+                return Err(BusError::Unavailable("the cluster reported no brokers".into()));
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// Runs a blocking rdkafka call (metadata, watermarks, commits) off the async workers.
+pub(crate) async fn blocking<T, F>(f: F) -> Result<T, BusError>
+where
+    F: FnOnce() -> Result<T, BusError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BusError::Unavailable(format!("kafka client task failed: {e}")))?
+}
+
+/// Locks a mutex; a poisoned lock only means another thread panicked while holding plain
+/// bookkeeping data, which stays consistent between statements, so it is used as is.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn config_err(e: KafkaError) -> BusError {
+    BusError::Config(format!("kafka client: {e}"))
+}
+
+pub(crate) fn bad_data(what: &str) -> BusError {
+    BusError::Unavailable(format!("kafka broker returned an invalid {what}"))
+}
+
+/// A [`BusError`] with the librdkafka code it came from, for callers that refine it.
+pub(crate) struct MappedError {
+    pub(crate) code: Option<RDKafkaErrorCode>,
+    pub(crate) error: BusError,
+}
+
+impl From<MappedError> for BusError {
+    fn from(m: MappedError) -> BusError {
+        m.error
+    }
+}
+
+/// Maps an rdkafka error; transient conditions become `Unavailable` or `Timeout`.
+pub(crate) fn map_err(e: KafkaError) -> MappedError {
+    match &e {
+        KafkaError::ClientConfig(..) | KafkaError::ClientCreation(_) => {
+            MappedError { code: None, error: BusError::Config(e.to_string()) }
+        }
+        KafkaError::Canceled => {
+            MappedError { code: None, error: BusError::Unavailable("kafka client shut down".into()) }
+        }
+        _ => match e.rdkafka_error_code() {
+            Some(code) => MappedError { code: Some(code), error: map_code(code, &e.to_string()) },
+            None => MappedError { code: None, error: BusError::Unavailable(e.to_string()) },
+        },
+    }
+}
+
+/// Maps a librdkafka/Kafka error code to a [`BusError`] kind.
+pub(crate) fn map_code(code: RDKafkaErrorCode, context: &str) -> BusError {
+    use RDKafkaErrorCode as C;
+    let msg = format!("{context}: {code}");
+    match code {
+        C::MessageTimedOut
+        | C::OperationTimedOut
+        | C::RequestTimedOut
+        | C::TimedOutQueue => BusError::Timeout(msg),
+        C::InvalidPartitions | C::InvalidReplicationFactor | C::PolicyViolation => {
+            BusError::Conflict(msg)
+        }
+        C::RebalanceInProgress | C::IllegalGeneration | C::UnknownMemberId => {
+            BusError::Conflict(msg)
+        }
+        C::SaslAuthenticationFailed
+        | C::Authentication
+        | C::TopicAuthorizationFailed
+        | C::GroupAuthorizationFailed
+        | C::ClusterAuthorizationFailed
+        | C::SSL
+        | C::InvalidConfig => BusError::Config(msg),
+        // Everything else (transport, coordinator moves, leader elections, full queues, unknown
+        // topics seen by a client whose metadata is stale) may pass on retry.
+        _ => BusError::Unavailable(msg),
+    }
+}

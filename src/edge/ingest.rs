@@ -1,0 +1,112 @@
+//! `POST /v1/events/{topic}`: a JSON event for tools and tests. It is validated against the
+//! topic's schema, published as Avro, and answered 202 with the event id after the bus ack.
+//! Nothing is published when anything is wrong.
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+
+use super::{ApiError, AppState};
+use crate::bus::{headers, OutRecord};
+use crate::events::{self, Event};
+
+pub async fn ingest(
+    State(state): State<AppState>,
+    Path(topic): Path<String>,
+    request_headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    authorize(&state, &request_headers)?;
+    let declared = state
+        .topology
+        .topic(&topic)
+        .ok_or_else(|| ApiError::not_found("UNKNOWN_TOPIC", format!("topic `{topic}` is not in the topology")))?;
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("INVALID_JSON", format!("body is not valid JSON: {e}")))?;
+    let mut event = Event::from_json(&value).map_err(|e| ApiError::bad_request("INVALID_EVENT", e.to_string()))?;
+    if !declared.events.iter().any(|t| *t == event.envelope.event_type) {
+        return Err(ApiError::bad_request(
+            "EVENT_TYPE_NOT_ALLOWED",
+            format!("topic `{topic}` does not carry `{}` (it carries: {})", event.envelope.event_type, declared.events.join(", ")),
+        ));
+    }
+    if event.envelope.traceparent.is_none() {
+        event.envelope.traceparent = request_headers
+            .get(headers::TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| is_traceparent(v))
+            .map(str::to_string)
+            .or_else(|| Some(new_traceparent()));
+    }
+    let payload = events::encode(&event).map_err(|e| ApiError::bad_request("SCHEMA_MISMATCH", e.to_string()))?;
+    let mut record = OutRecord::new(event.envelope.conversation_id.clone(), payload)
+        .with_header(headers::EVENT_TYPE, event.envelope.event_type.clone());
+    if let Some(tp) = &event.envelope.traceparent {
+        record = record.with_header(headers::TRACEPARENT, tp.clone());
+    }
+    let published = state
+        .bus
+        .publish(&topic, record)
+        .await
+        .map_err(|e| ApiError::unavailable(format!("publish to {topic}: {e}")))?;
+    tracing::debug!(event_id = %event.envelope.event_id, topic = %topic, partition = published.partition, offset = published.offset, "event ingested");
+    Ok((StatusCode::ACCEPTED, Json(json!({"event_id": event.envelope.event_id.to_string()}))))
+}
+
+/// Bearer admin token, compared in constant time; no token configured → the endpoint is off.
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let expected = state.config.http.admin_token.as_bytes();
+    if expected.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "ADMIN_DISABLED",
+            "no admin token is configured (http.admin_token)",
+        ));
+    }
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| ApiError::unauthorized("send `Authorization: Bearer <admin token>`"))?;
+    if bool::from(given.as_bytes().ct_eq(expected)) {
+        Ok(())
+    } else {
+        Err(ApiError::new(StatusCode::FORBIDDEN, "INVALID_TOKEN", "the admin token is wrong"))
+    }
+}
+
+/// `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`, ids not all zero.
+fn is_traceparent(v: &str) -> bool {
+    let parts: Vec<&str> = v.split('-').collect();
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    parts.len() == 4
+        && hex(parts[0], 2)
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+        && parts[1].bytes().any(|b| b != b'0')
+        && parts[2].bytes().any(|b| b != b'0')
+}
+
+/// A new trace context rooted at the edge.
+pub fn new_traceparent() -> String {
+    let trace = uuid::Uuid::new_v4().simple().to_string();
+    let span = &uuid::Uuid::new_v4().simple().to_string()[..16];
+    format!("00-{trace}-{span}-01")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_format() {
+        assert!(is_traceparent(&new_traceparent()));
+        assert!(is_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        assert!(!is_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01"));
+        assert!(!is_traceparent("garbage"));
+    }
+}

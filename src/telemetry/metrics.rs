@@ -1,0 +1,41 @@
+//! Every metric nexus exports, with its description; names follow Prometheus conventions and
+//! labels are bounded sets (topic, partition, group, outcome, reason, route template).
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+
+/// Events behind the log end, per `topic`, `partition`, `group`; updated on a timer.
+pub const CONSUMER_LAG: &str = "nexus_consumer_lag";
+/// Failed lag measurements per `topic`, `group`.
+pub const CONSUMER_LAG_ERRORS_TOTAL: &str = "nexus_consumer_lag_errors_total";
+/// Events taken from the bus by a consumer, per `topic`, `group`, `outcome` (ok, retried, dead_lettered).
+pub const EVENTS_CONSUMED_TOTAL: &str = "nexus_events_consumed_total";
+/// Time from delivery to ack, per `topic`, `group`.
+pub const EVENT_HANDLE_SECONDS: &str = "nexus_event_handle_seconds";
+/// Records the bus acknowledged, per `topic`.
+pub const EVENTS_PUBLISHED_TOTAL: &str = "nexus_events_published_total";
+/// Publishes the bus refused or did not acknowledge, per `topic`.
+pub const BUS_PUBLISH_ERRORS_TOTAL: &str = "nexus_bus_publish_errors_total";
+/// Publish latency until the broker's ack, per `topic`.
+pub const BUS_PUBLISH_SECONDS: &str = "nexus_bus_publish_seconds";
+/// Events written to a dead-letter topic, per `topic`, `group`, `reason`.
+pub const EVENTS_DEAD_LETTERED_TOTAL: &str = "nexus_events_dead_lettered_total";
+/// HTTP requests, per `method`, `route` (template), `status`.
+pub const HTTP_REQUESTS_TOTAL: &str = "nexus_http_requests_total";
+/// HTTP request latency, per `method`, `route`.
+pub const HTTP_REQUEST_SECONDS: &str = "nexus_http_request_duration_seconds";
+/// 1 while the bus answers, 0 otherwise (readiness probe result).
+pub const BUS_UP: &str = "nexus_bus_up";
+
+pub(super) fn describe_all() {
+    describe_gauge!(CONSUMER_LAG, "Events behind the log end per topic, partition and consumer group.");
+    describe_counter!(CONSUMER_LAG_ERRORS_TOTAL, "Lag measurements that failed.");
+    describe_counter!(EVENTS_CONSUMED_TOTAL, "Events taken from the bus by outcome (ok, retried, dead_lettered).");
+    describe_histogram!(EVENT_HANDLE_SECONDS, Unit::Seconds, "Time from delivery to ack of an event.");
+    describe_counter!(EVENTS_PUBLISHED_TOTAL, "Records acknowledged by the bus.");
+    describe_counter!(BUS_PUBLISH_ERRORS_TOTAL, "Publishes that failed.");
+    describe_histogram!(BUS_PUBLISH_SECONDS, Unit::Seconds, "Publish latency until the broker acknowledged.");
+    describe_counter!(EVENTS_DEAD_LETTERED_TOTAL, "Events written to a dead-letter topic, by reason.");
+    describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests by method, route template and status.");
+    describe_histogram!(HTTP_REQUEST_SECONDS, Unit::Seconds, "HTTP request latency by route template.");
+    describe_gauge!(BUS_UP, "1 if the bus answered the last readiness check.");
+}

@@ -1,0 +1,369 @@
+//! The bus conformance suite: the same cases against every backend (embedded always; NATS
+//! JetStream and Kafka with the servers `scripts/services.sh` starts). `NEXUS_TEST_BUS=<backend>`
+//! runs one backend only.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use common::{next_within, take, TestBus};
+use nexus::bus::consumer::{lane_of, Consumer, ConsumerOptions, HandleError, Handler};
+use nexus::bus::{dlq_topic, headers, Message, OutRecord, StartFrom, SubscribeOptions};
+use nexus::events::Event;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn opts() -> SubscribeOptions {
+    SubscribeOptions { start: StartFrom::Earliest, max_in_flight: 256 }
+}
+
+fn consumer_options(concurrency: usize) -> ConsumerOptions {
+    ConsumerOptions {
+        concurrency,
+        max_in_flight: 256,
+        handler_timeout: Duration::from_secs(30),
+        retry_initial: Duration::from_millis(20),
+        retry_max: Duration::from_millis(200),
+        lag_interval: Duration::from_millis(200),
+        start: StartFrom::Earliest,
+    }
+}
+
+fn seq_record(key: &str, seq: u64) -> OutRecord {
+    OutRecord::new(key, format!("{key}:{seq}").into_bytes())
+}
+
+fn parse_seq(m: &Message) -> (String, u64) {
+    let s = std::str::from_utf8(&m.payload).expect("utf8");
+    let (k, n) = s.rsplit_once(':').expect("key:seq");
+    (k.to_string(), n.parse().expect("seq"))
+}
+
+/// Two members of one group: every key's records arrive complete and in publish order (a
+/// redelivery after a handover may repeat a record, never skip or reorder), and both members
+/// get work.
+async fn keyed_order_with_two_members(t: TestBus) {
+    let topic = t.fresh_topic(4).await;
+    let group = format!("g-{topic}");
+    let received: Arc<Mutex<Vec<(usize, String, u64)>>> = Arc::default();
+    let stop = CancellationToken::new();
+    let mut members = Vec::new();
+    for id in 0..2 {
+        let mut sub = t.bus.subscribe(&group, &topic, opts()).await.expect("subscribe");
+        let received = received.clone();
+        let stop = stop.clone();
+        members.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    d = sub.next() => match d {
+                        Some(Ok(d)) => {
+                            let (k, n) = parse_seq(&d.message);
+                            received.lock().unwrap().push((id, k, n));
+                            d.ack().await.expect("ack");
+                        }
+                        Some(Err(e)) => panic!("member {id}: {e}"),
+                        None => break,
+                    }
+                }
+            }
+            sub.close().await.expect("close");
+        }));
+    }
+    t.wait_members(&group, &topic, 2).await;
+    tokio::time::sleep(t.settle_time()).await;
+
+    let keys: Vec<String> = (0..20).map(|i| format!("conv-{i}")).collect();
+    let per_key = 25u64;
+    for n in 0..per_key {
+        for k in &keys {
+            t.bus.publish(&topic, seq_record(k, n)).await.expect("publish");
+        }
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let distinct: HashSet<(String, u64)> =
+            received.lock().unwrap().iter().map(|(_, k, n)| (k.clone(), *n)).collect();
+        if distinct.len() == keys.len() * per_key as usize {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {} distinct records arrived", distinct.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    for m in members {
+        m.await.expect("member task");
+    }
+    let got = received.lock().unwrap().clone();
+    let mut by_key: HashMap<&str, Vec<u64>> = HashMap::new();
+    let mut by_member = [0usize; 2];
+    for (id, k, n) in &got {
+        by_key.entry(k.as_str()).or_default().push(*n);
+        by_member[*id] += 1;
+    }
+    for (k, seqs) in by_key {
+        let mut max_seen: Option<u64> = None;
+        for &n in &seqs {
+            let next = max_seen.map_or(0, |m| m + 1);
+            assert!(n <= next, "key {k} skipped ahead to {n} (expected at most {next}): {seqs:?}");
+            max_seen = Some(max_seen.map_or(n, |m| m.max(n)));
+        }
+        assert_eq!(max_seen, Some(per_key - 1), "key {k} incomplete");
+    }
+    assert!(by_member[0] > 0 && by_member[1] > 0, "both members should get partitions: {by_member:?}");
+}
+
+/// A member that dies without acking: the group's next member gets every unacked record, and
+/// none of the acked ones.
+async fn redelivery_after_member_dies(t: TestBus) {
+    let topic = t.fresh_topic(1).await;
+    let group = format!("g-{topic}");
+    for n in 0..20 {
+        t.bus.publish(&topic, seq_record("k", n)).await.expect("publish");
+    }
+    let mut a = t.bus.subscribe(&group, &topic, opts()).await.expect("subscribe a");
+    let first = take(&mut a, 5, WAIT, true).await;
+    assert_eq!(first.iter().map(|m| parse_seq(m).1).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+    // Take more without acking, then die: no close, no commit.
+    let unacked = take(&mut a, 5, WAIT, false).await;
+    assert_eq!(parse_seq(&unacked[0]).1, 5);
+    drop(a);
+
+    let mut b = t.bus.subscribe(&group, &topic, opts()).await.expect("subscribe b");
+    let rest = take(&mut b, 15, WAIT + t.failover_time(), true).await;
+    let seqs: Vec<u64> = rest.iter().map(|m| parse_seq(m).1).collect();
+    assert_eq!(seqs, (5..20).collect::<Vec<_>>(), "the new member must resume at the first unacked record");
+    b.close().await.expect("close");
+}
+
+/// Acked records are never delivered again to the same group.
+async fn acked_records_are_not_redelivered(t: TestBus) {
+    let topic = t.fresh_topic(2).await;
+    let group = format!("g-{topic}");
+    for n in 0..10 {
+        t.bus.publish(&topic, seq_record(&format!("k{n}"), n)).await.expect("publish");
+    }
+    let mut a = t.bus.subscribe(&group, &topic, opts()).await.expect("subscribe");
+    take(&mut a, 10, WAIT, true).await;
+    a.close().await.expect("close");
+
+    let mut b = t.bus.subscribe(&group, &topic, opts()).await.expect("subscribe again");
+    t.bus.publish(&topic, seq_record("marker", 99)).await.expect("publish marker");
+    let d = next_within(&mut b, WAIT + t.failover_time()).await.expect("the marker arrives");
+    assert_eq!(parse_seq(&d.message), ("marker".to_string(), 99), "an acked record came back");
+    d.ack().await.expect("ack");
+    assert!(next_within(&mut b, Duration::from_millis(1500)).await.is_none(), "nothing else may arrive");
+    b.close().await.expect("close");
+}
+
+struct SlowOnce {
+    slow_key: String,
+    slow_for: Duration,
+    done: Mutex<Vec<(String, Instant)>>,
+}
+
+#[async_trait]
+impl Handler for SlowOnce {
+    async fn handle(&self, event: &Event, _m: &Message) -> Result<(), HandleError> {
+        if event.envelope.conversation_id == self.slow_key {
+            tokio::time::sleep(self.slow_for).await;
+        }
+        self.done.lock().unwrap().push((event.envelope.conversation_id.clone(), Instant::now()));
+        Ok(())
+    }
+}
+
+/// A slow handler on one key does not stall other keys, even in the same partition.
+async fn slow_handler_does_not_stall_other_keys(t: TestBus) {
+    let topic = t.fresh_topic(1).await;
+    let group = format!("g-{topic}");
+    let lanes = 8;
+    let slow_key = "slow-conversation".to_string();
+    let others: Vec<String> = (0..200)
+        .map(|i| format!("conv-{i}"))
+        .filter(|k| lane_of(k, lanes) != lane_of(&slow_key, lanes))
+        .take(20)
+        .collect();
+    t.bus.publish(&topic, common::event_record(&slow_key, 0)).await.expect("publish");
+    for k in &others {
+        t.bus.publish(&topic, common::event_record(k, 0)).await.expect("publish");
+    }
+    let handler = Arc::new(SlowOnce { slow_key: slow_key.clone(), slow_for: Duration::from_secs(6), done: Mutex::default() });
+    let stop = CancellationToken::new();
+    let consumer = Consumer::new(t.bus.clone(), &group, &topic, consumer_options(lanes));
+    let run = tokio::spawn(consumer.run(handler.clone(), stop.clone()));
+
+    let deadline = Instant::now() + WAIT;
+    while handler.done.lock().unwrap().len() < others.len() + 1 {
+        assert!(Instant::now() < deadline, "events not handled in time");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let done = handler.done.lock().unwrap().clone();
+    let slow_at = done.iter().find(|(k, _)| *k == slow_key).map(|(_, at)| *at).expect("slow handled");
+    let others_before_slow = done.iter().filter(|(k, at)| *k != slow_key && *at < slow_at).count();
+    assert_eq!(others_before_slow, others.len(), "every other key must finish while the slow one runs");
+
+    // Everything was acked: the committed offset reaches the log end.
+    wait_lag(&t, &group, &topic, 0).await;
+    stop.cancel();
+    run.await.expect("join").expect("consumer");
+}
+
+struct Counting {
+    seen: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl Handler for Counting {
+    async fn handle(&self, event: &Event, _m: &Message) -> Result<(), HandleError> {
+        self.seen.lock().unwrap().push(event.envelope.event_id.to_string());
+        Ok(())
+    }
+}
+
+/// Undecodable payloads go to the dead-letter topic with the reason in headers, are counted,
+/// and the consumer goes on.
+async fn bad_payloads_are_dead_lettered(t: TestBus) {
+    nexus::telemetry::init_metrics();
+    let topic = t.fresh_topic(1).await;
+    let group = format!("g-{topic}");
+    t.bus.publish(&topic, OutRecord::new("k", b"not avro at all".to_vec())).await.expect("publish");
+    let mut unknown = vec![0xC3, 0x01];
+    unknown.extend_from_slice(&0x0123_4567_89ab_cdefu64.to_le_bytes());
+    unknown.extend_from_slice(b"\x02body");
+    t.bus.publish(&topic, OutRecord::new("k", unknown)).await.expect("publish");
+    t.bus.publish(&topic, common::event_record("k", 1)).await.expect("publish");
+
+    let handler = Arc::new(Counting { seen: Mutex::default() });
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(Consumer::new(t.bus.clone(), &group, &topic, consumer_options(4)).run(handler.clone(), stop.clone()));
+    wait_lag(&t, &group, &topic, 0).await;
+    assert_eq!(handler.seen.lock().unwrap().len(), 1, "the valid event is handled once");
+
+    let dlq = dlq_topic(&topic);
+    let offsets = t.bus.partition_offsets(&dlq).await.expect("dlq offsets");
+    let mut dead = Vec::new();
+    for p in offsets {
+        dead.extend(t.bus.read(&dlq, p.partition, p.low, 100).await.expect("read dlq"));
+    }
+    let reasons: Vec<&str> = dead.iter().filter_map(|m| m.header(headers::DLQ_REASON)).collect();
+    assert_eq!(reasons, vec!["not_single_object", "unknown_fingerprint"]);
+    assert_eq!(dead[0].payload.as_ref(), b"not avro at all", "the original bytes are kept");
+    assert_eq!(dead[0].header(headers::DLQ_SOURCE_TOPIC), Some(topic.as_str()));
+    assert_eq!(dead[0].header(headers::DLQ_SOURCE_OFFSET), Some("0"));
+    stop.cancel();
+    run.await.expect("join").expect("consumer");
+
+    let rendered = nexus::telemetry::init_metrics().render();
+    let line = rendered
+        .lines()
+        .find(|l| l.starts_with("nexus_events_dead_lettered_total") && l.contains(&topic) && l.contains("unknown_fingerprint"))
+        .unwrap_or_else(|| panic!("dead-letter counter missing:\n{rendered}"));
+    assert!(line.ends_with(" 1"), "{line}");
+}
+
+/// Replay by offset and by time: positions and counts are right and the group re-reads them.
+async fn replay_by_offset_and_time(t: TestBus) {
+    let topic = t.fresh_topic(2).await;
+    let group = format!("g-{topic}");
+    for n in 0..6 {
+        t.bus.publish(&topic, seq_record(&format!("early{n}"), n)).await.expect("publish");
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let cut = chrono::Utc::now().timestamp_millis();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for n in 0..4 {
+        t.bus.publish(&topic, seq_record(&format!("late{n}"), n)).await.expect("publish");
+    }
+    let mut sub = t.bus.subscribe(&group, &topic, opts()).await.expect("subscribe");
+    take(&mut sub, 10, WAIT, true).await;
+    sub.close().await.expect("close");
+    wait_lag(&t, &group, &topic, 0).await;
+
+    // By time: only the late records lie after the cut.
+    let mut by_time = 0;
+    for p in t.bus.partition_offsets(&topic).await.expect("offsets") {
+        let target = t.bus.offset_for_time(&topic, p.partition, cut).await.expect("offset for time");
+        by_time += t.bus.count_between(&topic, p.partition, target, p.high).await.expect("count");
+    }
+    assert_eq!(by_time, 4);
+
+    // By offset: back to the start of every partition, the group reads all ten again.
+    for p in t.bus.partition_offsets(&topic).await.expect("offsets") {
+        t.bus.seek_group(&group, &topic, p.partition, p.low).await.expect("seek");
+    }
+    let lag: u64 = t.bus.group_positions(&group, &topic).await.expect("positions").iter().map(|p| p.lag).sum();
+    assert_eq!(lag, 10);
+    let mut sub = t.bus.subscribe(&group, &topic, opts()).await.expect("subscribe");
+    let again = take(&mut sub, 10, WAIT, true).await;
+    let keys: HashSet<String> = again.iter().map(|m| m.key.clone()).collect();
+    assert_eq!(keys.len(), 10);
+    sub.close().await.expect("close");
+}
+
+/// Lag is the number of records behind the log end, per partition, before and after consuming.
+async fn lag_figures_are_correct(t: TestBus) {
+    nexus::telemetry::init_metrics();
+    let topic = t.fresh_topic(2).await;
+    let group = format!("g-{topic}");
+    // One record per request: some brokers misreport the log end after a batched produce.
+    let mut per_partition: BTreeMap<u32, u64> = BTreeMap::new();
+    for n in 0..10 {
+        let p = t.bus.publish(&topic, seq_record(&format!("k{n}"), n)).await.expect("publish");
+        *per_partition.entry(p.partition).or_default() += 1;
+    }
+    let positions = t.bus.group_positions(&group, &topic).await.expect("positions");
+    for p in &positions {
+        assert_eq!(p.lag, per_partition.get(&p.partition).copied().unwrap_or(0), "partition {}", p.partition);
+    }
+    let mut sub = t.bus.subscribe(&group, &topic, opts()).await.expect("subscribe");
+    take(&mut sub, 4, WAIT, true).await;
+    sub.close().await.expect("close");
+    wait_lag(&t, &group, &topic, 6).await;
+
+    // The exported gauge follows, also with no consumer running.
+    let stop = CancellationToken::new();
+    let reporter = tokio::spawn(nexus::bus::consumer::report_lag(
+        t.bus.clone(),
+        group.clone(),
+        topic.clone(),
+        Duration::from_millis(100),
+        stop.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    reporter.await.expect("reporter");
+    let rendered = nexus::telemetry::init_metrics().render();
+    let sum: f64 = rendered
+        .lines()
+        .filter(|l| l.starts_with("nexus_consumer_lag{") && l.contains(&topic))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(sum, 6.0, "exported lag:\n{rendered}");
+}
+
+async fn wait_lag(t: &TestBus, group: &str, topic: &str, want: u64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let lag: u64 = t.bus.group_positions(group, topic).await.expect("positions").iter().map(|p| p.lag).sum();
+        if lag == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "lag stays {lag}, want {want}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+per_backend!(
+    keyed_order_with_two_members,
+    redelivery_after_member_dies,
+    acked_records_are_not_redelivered,
+    slow_handler_does_not_stall_other_keys,
+    bad_payloads_are_dead_lettered,
+    replay_by_offset_and_time,
+    lag_figures_are_correct,
+);

@@ -1,0 +1,97 @@
+//! Running the `nexus` binary in tests: a free port, a child that is killed on drop, and
+//! waiting for HTTP readiness.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// A `nexus` child process; SIGKILLed on drop so no test leaves one running.
+pub struct Nexus {
+    pub child: Child,
+    pub log: std::path::PathBuf,
+}
+
+impl Drop for Nexus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Nexus {
+    /// Starts `nexus <args>` with extra env, logging to `<dir>/<name>.log`.
+    pub fn start(dir: &Path, name: &str, args: &[&str], env: &[(&str, String)]) -> Nexus {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nexus"));
+        cmd.args(args).stdout(Stdio::from(out)).stderr(Stdio::from(err)).env("RUST_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn nexus");
+        Nexus { child, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM (graceful drain).
+    pub fn terminate(&self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+    }
+
+    /// Waits until `url` answers 200, or panics with the process log.
+    pub async fn wait_ready(&mut self, client: &reqwest::Client, url: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(r) = client.get(url).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("nexus exited with {status}:\n{}", self.log_text());
+            }
+            assert!(Instant::now() < deadline, "{url} not ready in {within:?}:\n{}", self.log_text());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Runs `nexus <args>` to completion; returns (success, stdout, stderr).
+pub fn run(args: &[&str], env: &[(&str, String)]) -> (bool, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nexus"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run nexus");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Sum of the samples of `metric` whose labels contain every `needle`.
+pub fn metric_sum(rendered: &str, metric: &str, needles: &[&str]) -> Option<f64> {
+    let mut found = None;
+    for line in rendered.lines() {
+        let Some(rest) = line.strip_prefix(metric) else { continue };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) || !needles.iter().all(|n| line.contains(n)) {
+            continue;
+        }
+        if let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+            found = Some(found.unwrap_or(0.0) + v);
+        }
+    }
+    found
+}

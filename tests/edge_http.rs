@@ -1,0 +1,164 @@
+//! The edge's HTTP API, called in-process with `oneshot` on an embedded bus: the ingest
+//! endpoint publishes valid events only after the bus ack and answers bad input with clear
+//! 4xx codes, publishing nothing.
+
+mod common;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use nexus::config::Config;
+use nexus::edge::{self, AppState};
+use nexus::topology::{self, Topology};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+const TOKEN: &str = "test-admin-token";
+
+async fn state() -> (AppState, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::defaults();
+    config.bus = common::bus_config("embedded", Some(dir.path()));
+    config.http.admin_token = TOKEN.into();
+    let bus = nexus::bus::connect(&config.bus).await.expect("bus");
+    let topology = Topology::builtin();
+    topology::apply(bus.as_ref(), &topology).await.expect("apply");
+    let state = AppState {
+        config: Arc::new(config),
+        bus,
+        topology: Arc::new(topology),
+        metrics: nexus::telemetry::init_metrics(),
+    };
+    (state, dir)
+}
+
+fn post(path: &str, token: Option<&str>, body: impl Into<Body>) -> Request<Body> {
+    let mut r = Request::post(path).header("content-type", "application/json");
+    if let Some(t) = token {
+        r = r.header("authorization", format!("Bearer {t}"));
+    }
+    r.body(body.into()).expect("request")
+}
+
+async fn call(state: &AppState, req: Request<Body>) -> (StatusCode, Value) {
+    let resp = edge::app(state.clone()).oneshot(req).await.expect("response");
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+fn valid_event() -> Value {
+    json!({
+        "event_type": "MessageReceived",
+        "tenant_id": "tenant-a",
+        "conversation_id": "0193a4b2-0000-7000-8000-000000000001",
+        "body": {
+            "message_id": "0193a4b2-0000-7000-8000-0000000000aa",
+            "channel": "WEB_CHAT",
+            "participant_id": "customer-1",
+            "participant_kind": "CUSTOMER",
+            "kind": "TEXT",
+            "text": "hello"
+        }
+    })
+}
+
+async fn published(state: &AppState, topic: &str) -> u64 {
+    let offsets = state.bus.partition_offsets(topic).await.expect("offsets");
+    offsets.iter().map(|p| p.high - p.low).sum()
+}
+
+#[tokio::test]
+async fn a_valid_event_is_published_and_answered_with_its_id() {
+    let (state, _dir) = state().await;
+    let (status, body) = call(&state, post("/v1/events/nexus.inbound.v1", Some(TOKEN), valid_event().to_string())).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let id = body["event_id"].as_str().expect("event_id");
+    assert_eq!(published(&state, "nexus.inbound.v1").await, 1);
+
+    // The bytes on the bus decode to the same event, with a trace context added at the edge.
+    let offsets = state.bus.partition_offsets("nexus.inbound.v1").await.expect("offsets");
+    let p = offsets.iter().find(|p| p.high > p.low).expect("a partition has it");
+    let msg = state.bus.read("nexus.inbound.v1", p.partition, p.low, 1).await.expect("read").remove(0);
+    let event = nexus::events::decode(&msg.payload).expect("decode");
+    assert_eq!(event.envelope.event_id.to_string(), id);
+    assert_eq!(event.envelope.conversation_id, msg.key);
+    assert_eq!(event.body["text"], "hello");
+    assert!(event.envelope.traceparent.as_deref().is_some_and(|t| t.starts_with("00-")));
+}
+
+#[tokio::test]
+async fn the_callers_trace_context_travels_in_the_envelope() {
+    let (state, _dir) = state().await;
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let req = Request::post("/v1/events/nexus.inbound.v1")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("traceparent", tp)
+        .body(Body::from(valid_event().to_string()))
+        .expect("request");
+    let (status, _) = call(&state, req).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let offsets = state.bus.partition_offsets("nexus.inbound.v1").await.expect("offsets");
+    let p = offsets.iter().find(|p| p.high > p.low).expect("published");
+    let msg = state.bus.read("nexus.inbound.v1", p.partition, p.low, 1).await.expect("read").remove(0);
+    assert_eq!(nexus::events::decode(&msg.payload).expect("decode").envelope.traceparent.as_deref(), Some(tp));
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_4xx_and_publishes_nothing() {
+    let (state, _dir) = state().await;
+    let topic = "/v1/events/nexus.inbound.v1";
+    let mut wrong_type = valid_event();
+    wrong_type["body"]["text"] = json!(42);
+    let mut missing = valid_event();
+    missing["body"].as_object_mut().expect("object").remove("participant_id");
+    let mut unknown_field = valid_event();
+    unknown_field["body"]["surprise"] = json!(true);
+    let mut not_allowed = valid_event();
+    not_allowed["event_type"] = json!("DeliverySucceeded");
+    let mut no_such_type = valid_event();
+    no_such_type["event_type"] = json!("Nonsense");
+
+    let cases: Vec<(Request<Body>, StatusCode, &str)> = vec![
+        (post(topic, None, valid_event().to_string()), StatusCode::UNAUTHORIZED, "AUTHENTICATION_REQUIRED"),
+        (post(topic, Some("wrong"), valid_event().to_string()), StatusCode::FORBIDDEN, "INVALID_TOKEN"),
+        (post("/v1/events/no.such.topic", Some(TOKEN), valid_event().to_string()), StatusCode::NOT_FOUND, "UNKNOWN_TOPIC"),
+        (post(topic, Some(TOKEN), "{not json"), StatusCode::BAD_REQUEST, "INVALID_JSON"),
+        (post(topic, Some(TOKEN), wrong_type.to_string()), StatusCode::BAD_REQUEST, "SCHEMA_MISMATCH"),
+        (post(topic, Some(TOKEN), missing.to_string()), StatusCode::BAD_REQUEST, "SCHEMA_MISMATCH"),
+        (post(topic, Some(TOKEN), unknown_field.to_string()), StatusCode::BAD_REQUEST, "SCHEMA_MISMATCH"),
+        (post(topic, Some(TOKEN), not_allowed.to_string()), StatusCode::BAD_REQUEST, "EVENT_TYPE_NOT_ALLOWED"),
+        (post(topic, Some(TOKEN), no_such_type.to_string()), StatusCode::BAD_REQUEST, "INVALID_EVENT"),
+        (post(topic, Some(TOKEN), "[]"), StatusCode::BAD_REQUEST, "INVALID_EVENT"),
+    ];
+    for (req, want_status, want_code) in cases {
+        let (status, body) = call(&state, req).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (want_status, Some(want_code)), "{body}");
+        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    assert_eq!(published(&state, "nexus.inbound.v1").await, 0, "nothing may be published");
+}
+
+#[tokio::test]
+async fn ingest_is_off_without_an_admin_token() {
+    let (mut state, _dir) = state().await;
+    let mut config = (*state.config).clone();
+    config.http.admin_token = String::new();
+    state.config = Arc::new(config);
+    let (status, body) = call(&state, post("/v1/events/nexus.inbound.v1", Some(""), valid_event().to_string())).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(body["error"]["code"], "ADMIN_DISABLED");
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let (state, _dir) = state().await;
+    let resp = edge::app(state.clone()).oneshot(Request::get("/healthz").body(Body::empty()).expect("req")).await.expect("resp");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = edge::app(state.clone()).oneshot(Request::get("/readyz").body(Body::empty()).expect("req")).await.expect("resp");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let (status, body) = call(&state, Request::get("/nope").body(Body::empty()).expect("req")).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("NOT_FOUND")));
+}

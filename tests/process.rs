@@ -1,0 +1,163 @@
+//! The `nexus` binary end to end: `nexus dev` serves health and metrics, consumes what the
+//! ingest endpoint publishes (lag back to 0), serves HTTPS when configured; the CLI's config,
+//! topology and schema commands behave as documented.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::process::{free_port, metric_sum, run, Nexus};
+use serde_json::json;
+
+const TOKEN: &str = "dev-admin-token";
+
+fn dev(dir: &std::path::Path, port: u16, extra: &[(&str, String)]) -> Nexus {
+    let data = dir.join("data");
+    let listen = format!("127.0.0.1:{port}");
+    let mut env = vec![
+        ("NEXUS_HTTP__ADMIN_TOKEN", TOKEN.to_string()),
+        ("NEXUS_CONSUMER__LAG_INTERVAL_MS", "200".to_string()),
+    ];
+    env.extend(extra.iter().cloned());
+    Nexus::start(dir, "dev", &["dev", "--data-dir", data.to_str().expect("utf8"), "--listen", &listen], &env)
+}
+
+#[tokio::test]
+async fn dev_consumes_ingested_events_and_lag_returns_to_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let mut nexus = dev(dir.path(), port, &[]);
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    nexus.wait_ready(&client, &format!("{base}/readyz"), Duration::from_secs(60)).await;
+
+    let event = json!({
+        "event_type": "MessageReceived",
+        "tenant_id": "tenant-a",
+        "conversation_id": "0193a4b2-0000-7000-8000-000000000001",
+        "body": {"message_id": "0193a4b2-0000-7000-8000-0000000000aa", "participant_id": "c1", "text": "hi"}
+    });
+    let resp = client
+        .post(format!("{base}/v1/events/nexus.inbound.v1"))
+        .bearer_auth(TOKEN)
+        .json(&event)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status(), 202);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = client.get(format!("{base}/metrics")).send().await.expect("metrics").text().await.expect("text");
+        let group = "group=\"nexus-conversation\"";
+        let topic = "topic=\"nexus.inbound.v1\"";
+        let consumed = metric_sum(&metrics, "nexus_events_consumed_total", &[topic, group, "outcome=\"ok\""]);
+        let lag = metric_sum(&metrics, "nexus_consumer_lag", &[topic, group]);
+        let published = metric_sum(&metrics, "nexus_events_published_total", &[topic]);
+        if consumed == Some(1.0) && lag == Some(0.0) && published == Some(1.0) {
+            assert!(metrics.contains("nexus_event_handle_seconds_bucket"), "histogram exported");
+            assert!(metrics.contains("nexus_bus_publish_seconds_bucket"), "histogram exported");
+            break;
+        }
+        assert!(Instant::now() < deadline, "consumed={consumed:?} lag={lag:?} published={published:?}\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn https_edge_when_a_certificate_is_configured() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()]).expect("cert");
+    let cert_pem = cert.cert.pem();
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, &cert_pem).expect("write cert");
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).expect("write key");
+    let port = free_port();
+    let mut nexus = dev(
+        dir.path(),
+        port,
+        &[
+            ("NEXUS_HTTP__TLS_CERT_FILE", cert_path.display().to_string()),
+            ("NEXUS_HTTP__TLS_KEY_FILE", key_path.display().to_string()),
+        ],
+    );
+    let client = reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).expect("pem"))
+        .build()
+        .expect("client");
+    let url = format!("https://localhost:{port}/healthz");
+    nexus.wait_ready(&client, &url, Duration::from_secs(60)).await;
+    let body: serde_json::Value = client.get(&url).send().await.expect("https").json().await.expect("json");
+    assert_eq!(body["status"], "ok");
+    // Plain HTTP on the TLS port is not served.
+    let plain = reqwest::Client::new().get(format!("http://127.0.0.1:{port}/healthz")).send().await;
+    assert!(plain.map(|r| !r.status().is_success()).unwrap_or(true));
+}
+
+#[test]
+fn config_check_redacts_secrets_and_names_bad_keys() {
+    let (ok, out, err) = run(&["config", "check"], &[("NEXUS_HTTP__ADMIN_TOKEN", "very-secret".into())]);
+    assert!(ok, "{err}");
+    assert!(out.contains("admin_token = \"<redacted>\"") && !out.contains("very-secret"), "{out}");
+
+    let (ok, _, err) = run(&["config", "check"], &[("NEXUS_BUS__URL", "carrier-pigeon://x:1".into())]);
+    assert!(!ok);
+    assert!(err.contains("bus.url"), "{err}");
+
+    let (ok, _, err) = run(&["config", "check"], &[("NEXUS_CONSUMER__CONCURENCY", "3".into())]);
+    assert!(!ok, "an unknown key must fail");
+    assert!(err.contains("concurency"), "{err}");
+}
+
+#[test]
+fn topology_plan_apply_twice_and_asyncapi_on_the_embedded_bus() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bus = format!("embedded://{}", dir.path().join("bus").display());
+    let (ok, plan, err) = run(&["topology", "plan", "--bus", &bus], &[]);
+    assert!(ok, "{err}");
+    let topology = nexus::topology::Topology::builtin();
+    for t in &topology.topics {
+        assert!(plan.contains(&t.name), "plan lists {}:\n{plan}", t.name);
+    }
+    let (ok, first, err) = run(&["topology", "apply", "--bus", &bus], &[]);
+    assert!(ok, "{err}");
+    let (ok, second, err) = run(&["topology", "apply", "--bus", &bus], &[]);
+    assert!(ok, "{err}");
+    assert_ne!(first, second);
+    assert!(second.contains("0 to create, 0 to update"), "second apply changes nothing:\n{second}");
+
+    let (ok, doc, err) = run(&["topology", "asyncapi"], &[]);
+    assert!(ok, "{err}");
+    let yaml: serde_yaml::Value = serde_yaml::from_str(&doc).expect("asyncapi is YAML");
+    assert_eq!(yaml["asyncapi"].as_str(), Some("3.0.0"));
+    let channels = yaml["channels"].as_mapping().expect("channels");
+    for t in &topology.topics {
+        assert!(
+            channels.values().any(|c| c["address"].as_str() == Some(t.name.as_str())),
+            "asyncapi has {}",
+            t.name
+        );
+    }
+}
+
+#[test]
+fn schemas_check_passes_on_the_built_in_schemas() {
+    let (ok, out, err) = run(&["schemas", "check"], &[]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = run(&["schemas", "check", "--dir", concat!(env!("CARGO_MANIFEST_DIR"), "/schemas")], &[]);
+    assert!(ok, "{out}{err}");
+}
+
+#[test]
+fn worker_refuses_to_start_when_topics_are_missing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bus = format!("embedded://{}", dir.path().join("bus").display());
+    let (ok, _, err) = run(
+        &["worker", "conversation"],
+        &[("NEXUS_BUS__URL", bus), ("NEXUS_HTTP__LISTEN", format!("127.0.0.1:{}", free_port()))],
+    );
+    assert!(!ok);
+    assert!(err.contains("nexus topology apply"), "{err}");
+}
