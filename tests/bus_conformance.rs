@@ -346,6 +346,67 @@ async fn lag_figures_are_correct(t: TestBus) {
     assert_eq!(sum, 6.0, "exported lag:\n{rendered}");
 }
 
+/// An idempotent effect: per conversation, the set of event ids applied.
+struct Idempotent {
+    calls: std::sync::atomic::AtomicU64,
+    state: Mutex<BTreeMap<String, std::collections::BTreeSet<String>>>,
+}
+
+#[async_trait]
+impl Handler for Idempotent {
+    async fn handle(&self, event: &Event, _m: &Message) -> Result<(), HandleError> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let e = &event.envelope;
+        self.state.lock().unwrap().entry(e.conversation_id.clone()).or_default().insert(e.event_id.to_string());
+        Ok(())
+    }
+}
+
+/// `nexus replay`: the dry run counts what will be reprocessed, execution refuses while the
+/// group is live, and reprocessing everything leaves the idempotent end state unchanged.
+async fn replay_changes_no_end_state(t: TestBus) {
+    let topic = t.fresh_topic(3).await;
+    let group = format!("g-{topic}");
+    for n in 0..40u64 {
+        t.bus.publish(&topic, common::event_record(&format!("conv-{}", n % 8), n / 8)).await.expect("publish");
+    }
+    let handler = Arc::new(Idempotent { calls: Default::default(), state: Mutex::default() });
+    let run_once = |handler: Arc<Idempotent>| {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(Consumer::new(t.bus.clone(), &group, &topic, consumer_options(4)).run(handler, stop.clone()));
+        (stop, task)
+    };
+    let (stop, task) = run_once(handler.clone());
+    wait_lag(&t, &group, &topic, 0).await;
+    let before = handler.state.lock().unwrap().clone();
+    assert_eq!(before.values().map(|s| s.len()).sum::<usize>(), 40);
+
+    let request = nexus::replay::ReplayRequest {
+        topic: topic.clone(),
+        group: group.clone(),
+        from: nexus::replay::ReplayFrom::Offset(0),
+        to_time: None,
+        partition: None,
+    };
+    let dry = nexus::replay::plan(t.bus.as_ref(), &request).await.expect("dry run");
+    assert_eq!(dry.total_reprocess(), 40, "{dry}");
+    t.wait_members(&group, &topic, 1).await;
+    assert!(nexus::replay::execute(t.bus.as_ref(), &request, false).await.is_err(), "a live group must not be moved");
+    stop.cancel();
+    task.await.expect("join").expect("consumer");
+    t.wait_members(&group, &topic, 0).await;
+
+    let executed = nexus::replay::execute(t.bus.as_ref(), &request, false).await.expect("execute");
+    assert_eq!(executed.total_reprocess(), 40);
+    wait_lag(&t, &group, &topic, 40).await;
+    let (stop, task) = run_once(handler.clone());
+    wait_lag(&t, &group, &topic, 0).await;
+    stop.cancel();
+    task.await.expect("join").expect("consumer");
+    assert_eq!(handler.calls.load(std::sync::atomic::Ordering::SeqCst), 80, "every event was handled again");
+    assert_eq!(*handler.state.lock().unwrap(), before, "the end state is unchanged");
+}
+
 async fn wait_lag(t: &TestBus, group: &str, topic: &str, want: u64) {
     let deadline = Instant::now() + WAIT;
     loop {
@@ -366,4 +427,5 @@ per_backend!(
     bad_payloads_are_dead_lettered,
     replay_by_offset_and_time,
     lag_figures_are_correct,
+    replay_changes_no_end_state,
 );

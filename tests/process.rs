@@ -126,7 +126,7 @@ fn topology_plan_apply_twice_and_asyncapi_on_the_embedded_bus() {
     let (ok, second, err) = run(&["topology", "apply", "--bus", &bus], &[]);
     assert!(ok, "{err}");
     assert_ne!(first, second);
-    assert!(second.contains("0 to create, 0 to update"), "second apply changes nothing:\n{second}");
+    assert!(second.contains("Applied: 0 created, 0 updated"), "second apply changes nothing:\n{second}");
 
     let (ok, doc, err) = run(&["topology", "asyncapi"], &[]);
     assert!(ok, "{err}");

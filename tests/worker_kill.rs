@@ -40,7 +40,7 @@ async fn kill_mid_stream(backend: &'static str) {
     let (ok, out, err) = run(&["topology", "apply"], &env);
     assert!(ok, "{out}{err}");
     let (ok, again, err) = run(&["topology", "apply"], &env);
-    assert!(ok && again.contains("0 to create, 0 to update"), "second apply changes nothing:\n{again}{err}");
+    assert!(ok && again.contains("Applied: 0 created, 0 updated"), "second apply changes nothing:\n{again}{err}");
 
     let with_port = |mut env: Vec<(&'static str, String)>| {
         env.push(("NEXUS_HTTP__LISTEN", format!("127.0.0.1:{}", free_port())));

@@ -400,3 +400,91 @@ fn envelope_from_map(mut m: Map<String, Value>) -> Result<Envelope, String> {
         producer,
     })
 }
+
+impl Registry {
+    /// An example event of the latest version of `event_type` with every field set to a
+    /// plausible value (optional fields included): for documentation, load generators and tests.
+    pub fn example(&self, event_type: &str) -> Option<Event> {
+        let schema = self.latest(event_type)?;
+        let mut body = Map::new();
+        for f in schema.node.fields.iter().skip(1) {
+            body.insert(f.name.clone(), example_value(&f.name, &f.node));
+        }
+        let mut event = Event::new(
+            event_type,
+            "tenant-acme",
+            Uuid::now_v7().to_string(),
+            "edge/chat",
+            body,
+        );
+        event.envelope.traceparent =
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+        Some(event)
+    }
+}
+
+fn example_value(name: &str, node: &Node) -> Value {
+    match node {
+        Node::Null => Value::Null,
+        Node::Boolean => Value::Bool(true),
+        Node::Int if name.contains("status") => 200.into(),
+        Node::Int => 3.into(),
+        Node::Long if name.contains("position") => 7.into(),
+        Node::Long => 1250.into(),
+        Node::Float | Node::Double => 1.5.into(),
+        Node::TimestampMillis => now_ms().into(),
+        Node::Uuid => Uuid::now_v7().to_string().into(),
+        Node::Bytes => "aGVsbG8=".into(),
+        Node::Fixed(n) => json::base64_encode(&vec![7u8; *n]).into(),
+        Node::String => {
+            let s = if name.contains("email") {
+                "ada@example.com".to_owned()
+            } else if name.contains("phone") || name == "recipient" || name == "sender" {
+                "+15551234567".to_owned()
+            } else if name.contains("name") {
+                "Ada".to_owned()
+            } else if [
+                "text",
+                "preview",
+                "note",
+                "first_message",
+                "subject",
+                "error",
+            ]
+            .contains(&name)
+            {
+                "Hello, I need help with order 1234 — it has not arrived 📦".to_owned()
+            } else if name.contains("uri") {
+                "https://nexus.example.com/interactions/8f2c".to_owned()
+            } else {
+                format!("{name}-8f2c")
+            };
+            Value::String(s)
+        }
+        Node::Enum(e) => e
+            .symbols
+            .iter()
+            .find(|s| *s != "UNKNOWN")
+            .or_else(|| e.symbols.first())
+            .map_or(Value::Null, |s| Value::String(s.clone())),
+        Node::Array(items) => {
+            Value::Array(vec![example_value(name, items), example_value(name, items)])
+        }
+        Node::Map(values) => {
+            let mut m = Map::new();
+            m.insert("order_id".into(), example_value(name, values));
+            m.insert("vip".into(), example_value(name, values));
+            Value::Object(m)
+        }
+        Node::Union(branches) => branches
+            .iter()
+            .find(|b| !matches!(b, Node::Null))
+            .map_or(Value::Null, |b| example_value(name, b)),
+        Node::Record(r) => Value::Object(
+            r.fields
+                .iter()
+                .map(|f| (f.name.clone(), example_value(&f.name, &f.node)))
+                .collect(),
+        ),
+    }
+}

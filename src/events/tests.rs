@@ -1,1 +1,458 @@
+//! Codec and registry tests: every event type round-trips, bad input is rejected with the field
+//! path, and a newer schema version reads older data.
 
+use serde_json::{json, Map, Value};
+
+use super::*;
+
+fn body(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => panic!("body must be an object"),
+    }
+}
+
+fn message_received() -> Event {
+    Event::new(
+        "MessageReceived",
+        "tenant-acme",
+        "0190f5e2-7c1a-7d3e-9a41-5b8c2d9e0f11",
+        "edge/messaging",
+        body(json!({
+            "message_id": "0190f5e2-7c1a-7d3e-9a41-5b8c2d9e0f12",
+            "client_message_id": "app-msg-881",
+            "channel": "MESSAGING",
+            "channel_id": "ch-whatsapp-eu",
+            "participant_id": "p-customer-1",
+            "participant_kind": "CUSTOMER",
+            "nickname": "Ada",
+            "contact": {"first_name": "Ada", "email_address": "ada@example.com"},
+            "kind": "TEXT",
+            "text": "Where is my parcel?",
+            "media_ids": ["m-1", "m-2"],
+            "sent_at": 1_732_540_000_000i64,
+        })),
+    )
+}
+
+#[test]
+fn builtin_registry_passes_its_own_check() {
+    let r = Registry::builtin();
+    assert!(r.event_types().len() >= 22, "{:?}", r.event_types());
+    let report = r.check().unwrap_or_else(|e| panic!("{e:#?}"));
+    assert_eq!(report.versions, r.all().len());
+    assert_eq!(
+        r.lock_file(),
+        Registry::builtin_files()
+            .iter()
+            .find(|(p, _)| *p == "fingerprints.lock")
+            .unwrap()
+            .1
+    );
+}
+
+#[test]
+fn every_event_type_round_trips() {
+    let r = Registry::builtin();
+    for t in r.event_types() {
+        let event = r.example(t).unwrap();
+        let bytes = encode(&event).unwrap_or_else(|e| panic!("{t}: {e}"));
+        assert_eq!(bytes[..2], codec::MARKER);
+        assert_eq!(
+            fingerprint_of(&bytes),
+            Some(r.latest(t).unwrap().fingerprint)
+        );
+        let back = decode(&bytes).unwrap_or_else(|e| panic!("{t}: {e}"));
+        assert_eq!(back, event, "{t}");
+        // Minimal bodies (only required fields) round-trip too, with defaults filled in.
+        let schema = r.latest(t).unwrap();
+        let minimal: Map<String, Value> = event
+            .body
+            .iter()
+            .filter(|(k, _)| {
+                schema
+                    .node
+                    .fields
+                    .iter()
+                    .any(|f| &f.name == *k && f.default.is_none())
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let small = Event {
+            body: minimal,
+            ..event.clone()
+        };
+        let back = decode(&encode(&small).unwrap()).unwrap();
+        assert_eq!(back.body.len(), schema.node.fields.len() - 1, "{t}");
+    }
+}
+
+#[test]
+fn realistic_message_round_trips_with_defaults() {
+    let event = message_received();
+    let bytes = encode(&event).unwrap();
+    assert!(bytes.len() < 400, "{} bytes", bytes.len());
+    let back = decode(&bytes).unwrap();
+    assert_eq!(back.envelope, event.envelope);
+    assert_eq!(back.body["text"], "Where is my parcel?");
+    assert_eq!(back.body["transcript_position"], Value::Null);
+    assert_eq!(back.body["contact"]["last_name"], Value::Null);
+    assert_eq!(back.body["contact"]["email_address"], "ada@example.com");
+}
+
+fn invalid_path(event: &Event) -> (String, String) {
+    match encode(event) {
+        Err(EncodeError::Invalid { path, message }) => (path, message),
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+}
+
+#[test]
+fn wrong_types_and_missing_or_unknown_fields_name_the_path() {
+    let mut e = message_received();
+    e.body.insert("text".into(), json!(42));
+    assert_eq!(invalid_path(&e).0, "body.text");
+
+    let mut e = message_received();
+    e.body.insert("contact".into(), json!({"email_address": 7}));
+    assert_eq!(invalid_path(&e).0, "body.contact.email_address");
+
+    let mut e = message_received();
+    e.body.insert("media_ids".into(), json!(["ok", null]));
+    assert_eq!(invalid_path(&e).0, "body.media_ids[1]");
+
+    let mut e = message_received();
+    e.body.remove("participant_id");
+    let (path, message) = invalid_path(&e);
+    assert_eq!(path, "body.participant_id");
+    assert!(message.contains("missing"), "{message}");
+
+    let mut e = message_received();
+    e.body.insert("colour".into(), json!("red"));
+    let (path, message) = invalid_path(&e);
+    assert_eq!(path, "body.colour");
+    assert!(message.contains("unknown field"), "{message}");
+
+    let mut e = message_received();
+    e.body.insert("channel".into(), json!("CARRIER_PIGEON"));
+    assert_eq!(invalid_path(&e).0, "body.channel");
+
+    let mut e = message_received();
+    e.body.insert("message_id".into(), json!("not-a-uuid"));
+    assert_eq!(invalid_path(&e).0, "body.message_id");
+
+    let mut e = message_received();
+    e.body.insert("sent_at".into(), json!(1.5));
+    assert_eq!(invalid_path(&e).0, "body.sent_at");
+
+    let mut e = message_received();
+    e.envelope.event_type = "NoSuchEvent".into();
+    assert!(matches!(encode(&e), Err(EncodeError::UnknownEventType(_))));
+}
+
+#[test]
+fn timestamps_accept_rfc3339_on_input() {
+    let mut e = message_received();
+    e.body
+        .insert("sent_at".into(), json!("2024-11-25T12:00:00Z"));
+    let back = decode(&encode(&e).unwrap()).unwrap();
+    assert_eq!(back.body["sent_at"], json!(1_732_536_000_000i64));
+}
+
+#[test]
+fn bad_payloads_are_rejected_with_a_reason() {
+    assert!(matches!(decode(b""), Err(DecodeError::NotSingleObject)));
+    assert!(matches!(
+        decode(b"{\"json\":1}"),
+        Err(DecodeError::NotSingleObject)
+    ));
+
+    let mut unknown = vec![0xC3, 0x01];
+    unknown.extend_from_slice(&0x1234_5678_9abc_def0u64.to_le_bytes());
+    unknown.push(0);
+    let err = decode(&unknown).unwrap_err();
+    assert!(matches!(
+        err,
+        DecodeError::UnknownFingerprint(0x1234_5678_9abc_def0)
+    ));
+    assert_eq!(err.reason_code(), "unknown_fingerprint");
+
+    let bytes = encode(&message_received()).unwrap();
+    for cut in [11, bytes.len() / 2, bytes.len() - 1] {
+        let err = decode(&bytes[..cut]).unwrap_err();
+        assert!(matches!(err, DecodeError::Body(_)), "cut {cut}: {err:?}");
+    }
+    let mut long = bytes.clone();
+    long.push(0);
+    assert!(matches!(decode(&long), Err(DecodeError::Body(m)) if m.contains("trailing")));
+
+    // Garbage after a valid header must never panic.
+    let mut junk = bytes[..10].to_vec();
+    junk.extend_from_slice(&[0xff; 40]);
+    assert!(matches!(decode(&junk), Err(DecodeError::Body(_))));
+}
+
+#[test]
+fn from_json_reads_the_ingest_shape_and_names_bad_fields() {
+    let e = Event::from_json(&json!({
+        "event_type": "TypingIndicated",
+        "tenant_id": "t1",
+        "conversation_id": "c1",
+        "occurred_at": 1_732_540_000_000i64,
+        "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "body": {"participant_id": "p1", "participant_kind": "CUSTOMER", "state": "STARTED"}
+    }))
+    .unwrap();
+    assert_eq!(e.envelope.producer, "ingest");
+    assert_eq!(e.envelope.occurred_at_ms, 1_732_540_000_000);
+    let back = decode(&encode(&e).unwrap()).unwrap();
+    assert_eq!(back, Event::from_json(&back.to_json()).unwrap());
+
+    let bad = |v: Value| match Event::from_json(&v) {
+        Err(EncodeError::Invalid { path, .. }) => path,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        bad(json!({"event_type": "TypingIndicated", "conversation_id": "c"})),
+        "tenant_id"
+    );
+    assert_eq!(
+        bad(
+            json!({"event_type": "TypingIndicated", "tenant_id": "t", "conversation_id": "c", "event_id": "x"})
+        ),
+        "event_id"
+    );
+    assert_eq!(
+        bad(
+            json!({"event_type": "TypingIndicated", "tenant_id": "t", "conversation_id": "c", "traceparent": "nope"})
+        ),
+        "traceparent"
+    );
+    assert_eq!(
+        bad(
+            json!({"event_type": "TypingIndicated", "tenant_id": "t", "conversation_id": "c", "extra": 1})
+        ),
+        "extra"
+    );
+    assert!(matches!(
+        Event::from_json(&json!({"event_type": "Nope", "tenant_id": "t", "conversation_id": "c"})),
+        Err(EncodeError::UnknownEventType(_))
+    ));
+}
+
+/// The built-in files plus extra (path, text) pairs: a test-only registry.
+fn registry_with(extra: &[(&str, String)]) -> Result<Registry, Vec<SchemaError>> {
+    let files = Registry::builtin_files()
+        .iter()
+        .map(|(p, t)| (*p, *t))
+        .chain(extra.iter().map(|(p, t)| (*p, t.as_str())));
+    Registry::from_sources(files)
+}
+
+fn typing_v1() -> Value {
+    serde_json::from_str(
+        Registry::builtin_files()
+            .iter()
+            .find(|(p, _)| *p == "events/typing_indicated/v1.avsc")
+            .unwrap()
+            .1,
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_v2_schema_reads_v1_data() {
+    let mut v2 = typing_v1();
+    let fields = v2["fields"].as_array_mut().unwrap();
+    // Added with a default, an enum symbol added, an int→long style promotion via a new field.
+    fields.push(json!({"name": "source_device", "type": ["null", "string"], "default": null, "doc": "Device."}));
+    fields.push(
+        json!({"name": "burst", "type": "long", "default": 1, "doc": "Keystroke burst count."}),
+    );
+    fields.iter_mut().find(|f| f["name"] == "state").unwrap()["type"]["symbols"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!("PAUSED"));
+    // A removed field that had a default.
+    fields.retain(|f| f["name"] != "preview");
+    let r = registry_with(&[("events/typing_indicated/v2.avsc", v2.to_string())]).unwrap();
+    assert_eq!(r.latest("TypingIndicated").unwrap().version, 2);
+
+    // Written with v1 by the built-in registry, read by the v2 registry.
+    let mut e = Registry::builtin().example("TypingIndicated").unwrap();
+    e.body.insert("preview".into(), json!("Hel"));
+    let v1_bytes = Registry::builtin().encode(&e).unwrap();
+    let back = r.decode(&v1_bytes).unwrap();
+    assert_eq!(back.envelope, e.envelope);
+    assert_eq!(back.body["source_device"], Value::Null);
+    assert_eq!(back.body["burst"], json!(1));
+    assert!(!back.body.contains_key("preview"));
+    assert_eq!(back.body["state"], e.body["state"]);
+
+    // The v2 registry writes v2; the check wants it locked, and nothing else.
+    let v2_bytes = r.encode(&back).unwrap();
+    assert_ne!(fingerprint_of(&v2_bytes), fingerprint_of(&v1_bytes));
+    let errors = r.check().unwrap_err();
+    assert_eq!(
+        errors,
+        vec![SchemaError::NotLocked {
+            event_type: "TypingIndicated".into(),
+            version: 2
+        }]
+    );
+    assert!(errors[0].to_string().contains("nexus schemas lock"));
+}
+
+#[test]
+fn incompatible_and_edited_versions_fail_the_check() {
+    // A new required field without default: v2 cannot read v1.
+    let mut v2 = typing_v1();
+    v2["fields"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "device", "type": "string", "doc": "Device."}));
+    let r = registry_with(&[("events/typing_indicated/v2.avsc", v2.to_string())]).unwrap();
+    let errors = r.check().unwrap_err();
+    assert!(
+        errors.iter().any(|e| matches!(
+            e,
+            SchemaError::Incompatible {
+                version: 2,
+                previous: 1,
+                ..
+            }
+        )),
+        "{errors:?}"
+    );
+    assert!(matches!(
+        r.decode(
+            &Registry::builtin()
+                .encode(&Registry::builtin().example("TypingIndicated").unwrap())
+                .unwrap()
+        ),
+        Err(DecodeError::Body(_))
+    ));
+
+    // A type change that is not a promotion.
+    let mut v2 = typing_v1();
+    for f in v2["fields"].as_array_mut().unwrap() {
+        if f["name"] == "participant_id" {
+            f["type"] = json!("long");
+        }
+    }
+    let r = registry_with(&[("events/typing_indicated/v2.avsc", v2.to_string())]).unwrap();
+    assert!(r
+        .check()
+        .unwrap_err()
+        .iter()
+        .any(|e| matches!(e, SchemaError::Incompatible { .. })));
+
+    // Editing a released version: the fingerprint no longer matches the lock.
+    let mut edited = typing_v1();
+    edited["fields"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "x", "type": ["null", "string"], "default": null, "doc": "x"}));
+    let files: Vec<(&str, String)> = Registry::builtin_files()
+        .iter()
+        .map(|(p, t)| {
+            (
+                *p,
+                if *p == "events/typing_indicated/v1.avsc" {
+                    edited.to_string()
+                } else {
+                    t.to_string()
+                },
+            )
+        })
+        .collect();
+    let r = Registry::from_sources(files.iter().map(|(p, t)| (*p, t.as_str()))).unwrap();
+    assert!(r
+        .check()
+        .unwrap_err()
+        .iter()
+        .any(|e| matches!(e, SchemaError::LockMismatch { version: 1, .. })));
+
+    // Deleting a released version.
+    let files: Vec<(&str, &str)> = Registry::builtin_files()
+        .iter()
+        .copied()
+        .filter(|(p, _)| *p != "events/typing_indicated/v1.avsc")
+        .collect();
+    let r = Registry::from_sources(files).unwrap();
+    assert!(r
+        .check()
+        .unwrap_err()
+        .iter()
+        .any(|e| matches!(e, SchemaError::MissingVersion { version: 1, .. })));
+}
+
+#[test]
+fn style_rules_are_checked() {
+    let mut v2 = typing_v1();
+    let fields = v2["fields"].as_array_mut().unwrap();
+    fields.push(json!({"name": "mood", "type": ["null", {"type": "enum", "name": "Mood", "symbols": ["A"]}], "default": null}));
+    let r = registry_with(&[("events/typing_indicated/v2.avsc", v2.to_string())]).unwrap();
+    let errors: Vec<String> = r
+        .check()
+        .unwrap_err()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        errors.iter().any(|e| e.contains("Mood has no `doc`")),
+        "{errors:?}"
+    );
+    assert!(
+        errors.iter().any(|e| e.contains("no `default` symbol")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("field TypingIndicated.mood has no `doc`")),
+        "{errors:?}"
+    );
+
+    let no_envelope = json!({"type": "record", "name": "Foo", "namespace": "nexus.events", "doc": "d",
+        "fields": [{"name": "a", "type": "string", "doc": "d"}]});
+    let errors = registry_with(&[("events/foo/v1.avsc", no_envelope.to_string())]).unwrap_err();
+    assert!(errors[0].to_string().contains("first field"), "{errors:?}");
+    let misplaced = typing_v1();
+    let errors = registry_with(&[("events/typing/v2.avsc", misplaced.to_string())]).unwrap_err();
+    assert!(
+        errors[0].to_string().contains("events/typing_indicated/"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn check_dir_and_write_lock_work_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    for (path, text) in Registry::builtin_files() {
+        let p = dir.path().join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+    Registry::check_dir(dir.path()).unwrap();
+    let mut v2 = typing_v1();
+    v2["fields"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "x", "type": ["null", "string"], "default": null, "doc": "x"}));
+    std::fs::write(
+        dir.path().join("events/typing_indicated/v2.avsc"),
+        v2.to_string(),
+    )
+    .unwrap();
+    assert!(matches!(
+        &Registry::check_dir(dir.path()).unwrap_err()[..],
+        [SchemaError::NotLocked { version: 2, .. }]
+    ));
+    Registry::write_lock(dir.path()).unwrap();
+    let report = Registry::check_dir(dir.path()).unwrap();
+    assert!(report
+        .event_types
+        .iter()
+        .any(|(t, v, _)| t == "TypingIndicated" && *v == 2));
+}

@@ -328,6 +328,7 @@ fn check_topic_name(name: &str) -> Result<(), TopologyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::topology::test_support::TEST_YAML;
 
     fn parse(yaml: &str) -> Result<Topology, TopologyError> {
         Topology::from_yaml_with(yaml, None)

@@ -277,7 +277,7 @@ mod tests {
             partitions: 4,
             retention: Some(Duration::from_secs(60)),
         };
-        let info = |partitions, secs| TopicInfo {
+        let info = |partitions: u32, secs: Option<u64>| TopicInfo {
             name: "t".into(),
             partitions,
             retention: secs.map(Duration::from_secs),

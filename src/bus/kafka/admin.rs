@@ -319,7 +319,7 @@ pub(super) async fn active_members(bus: &KafkaBus, group: &str, topic: &str) -> 
 
 /// The topics of a consumer-protocol subscription (member metadata): version i16, then an
 /// array (i32 count) of strings (i16 length + bytes); later fields are not needed.
-fn subscribed_topics(data: &[u8]) -> Option<Vec<String>> {
+pub(super) fn subscribed_topics(data: &[u8]) -> Option<Vec<String>> {
     let mut rest = data.get(2..)?;
     let count = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
     rest = &rest[4..];

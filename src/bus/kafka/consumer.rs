@@ -645,3 +645,32 @@ pub(super) fn to_message(m: &BorrowedMessage<'_>, partition: u32, offset: u64) -
         headers,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{PartTrack, Slot};
+
+    #[test]
+    fn prefix_moves_only_over_contiguous_acks() {
+        let mut t = PartTrack::new(1);
+        for o in [10, 11, 12, 13] {
+            t.pending.insert(o, Slot::Out);
+        }
+        for o in [12, 11] {
+            t.pending.insert(o, Slot::Acked);
+            t.advance();
+        }
+        assert_eq!(t.to_commit(), None, "10 is still out");
+        t.pending.insert(10, Slot::Acked);
+        t.advance();
+        assert_eq!(t.to_commit(), Some(13));
+        t.committed = Some(13);
+        assert_eq!(t.to_commit(), None);
+        // An abandoned record stops the prefix for good in this ownership.
+        t.pending.insert(13, Slot::Abandoned);
+        t.pending.insert(14, Slot::Acked);
+        t.advance();
+        assert_eq!(t.to_commit(), None);
+        assert!(!t.has_out());
+    }
+}

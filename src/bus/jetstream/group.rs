@@ -1,0 +1,700 @@
+//! Consumer groups on JetStream: partition leases, per-partition fetch loops, and keeping
+//! handed-out records alive.
+//!
+//! Each (group, partition) has one durable pull consumer. A member may pull from it only while
+//! it holds the partition's **lease**, a key `<group>.p.<partition>` in the topic's KV bucket
+//! `nexus_leases_<stream>`: taken with `create` (fails while another member holds it), renewed
+//! with `update(revision)` (fails once someone else took it), released with a revision-checked
+//! delete. The bucket's `max_age` is `lease_ttl`, so a dead member's leases and heartbeats
+//! (`<group>.m.<member>`) vanish by themselves. Every member reads the live heartbeats, sorts
+//! them and takes the partitions `p` with `p % members == its index` (fair share); a member
+//! holding a partition it should not drains it first: it stops pulling, waits until what it
+//! handed out is acked (or `drain_timeout`), NAKs what is left, then deletes the lease.
+//!
+//! **Why per-key order holds across members.** JetStream delivers a consumer's pending
+//! redeliveries before new records, and a NAK makes a record redeliverable at once; so a new
+//! owner sees the old owner's unacked records first, in sequence order, provided they are
+//! redeliverable by the time it pulls:
+//! - clean handover: the old owner NAKs them in sequence order before deleting the lease;
+//! - dead owner: its records become redeliverable `ack_wait` after their last delivery or
+//!   `+WPI`, while its lease lasts `lease_ttl` after its last renewal (`lease_ttl > ack_wait`,
+//!   enforced by config). The owner only sends a pull request (expiring after `fetch_expires`)
+//!   or a `+WPI` while `now + fetch_expires + ack_wait + safety <= renewal_sent + lease_ttl`,
+//!   so everything it ever received is redeliverable `safety` before the lease can expire,
+//!   however it dies. Renewals every `(lease_ttl - ack_wait) / 4` keep that true while alive.
+//!
+//! A slow handler is not overtaken by a redelivery to its own member: records handed out and
+//! not acked are kept alive with `+WPI` every `ack_wait / 3` while the lease holds. A record
+//! dropped without ack stays pending (and alive) until the partition is handed over, where it
+//! is NAKed for the next owner, as the bus contract says.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{pull, Consumer, DeliverPolicy, FromConsumer};
+use async_nats::jetstream::kv;
+use async_nats::jetstream::{self, AckKind, Context};
+use async_nats::Subject;
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::json;
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use super::{codec, consumer_error, timestamp_ms, Inner, Timing};
+use crate::bus::{Acker, BusError, Delivery, StartFrom, SubscribeOptions, Subscription};
+
+/// Records asked for per pull request, at most (bounded further by free in-flight slots).
+const BATCH_MAX: usize = 64;
+/// Pause after a failed pull or consumer lookup before trying again.
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// The partition count is re-read this often, so partitions added while members run are taken.
+const PARTITIONS_REFRESH: Duration = Duration::from_secs(30);
+
+/// Joins `group` on `topic`; see the module doc.
+pub(super) async fn subscribe(
+    bus: &Arc<Inner>,
+    group: &str,
+    topic: &str,
+    options: SubscribeOptions,
+) -> Result<Box<dyn Subscription>, BusError> {
+    let meta = bus.require_topic(topic).await?;
+    let group_key = codec::group_key(group)?;
+    let bucket = codec::lease_bucket(&meta.stream);
+    let kv = bus
+        .js
+        .create_or_update_key_value(kv::Config {
+            bucket: bucket.clone(),
+            description: format!("nexus partition leases of topic `{topic}`"),
+            history: 1,
+            max_age: bus.timing.lease_ttl,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: bus.replicas,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| BusError::Unavailable(format!("lease bucket {bucket}: {e}")))?;
+    let max_in_flight = options.max_in_flight.max(1);
+    let (tx, rx) = mpsc::channel(max_in_flight + 8);
+    let g = Arc::new(Group {
+        js: bus.js.clone(),
+        client: bus.client.clone(),
+        bus_timing: bus.timing,
+        topic: topic.to_string(),
+        stream: meta.stream.clone(),
+        group: group.to_string(),
+        group_key,
+        member: uuid::Uuid::now_v7().simple().to_string(),
+        kv,
+        bucket,
+        start: options.start,
+        max_ack_pending: max_in_flight as i64,
+        permits: Arc::new(Semaphore::new(max_in_flight)),
+        tx,
+        leave: CancellationToken::new(),
+        slots: Mutex::new(BTreeMap::new()),
+        worker_done: Notify::new(),
+    });
+    // Consumers exist from the join on, so `Latest` means "from now" and positions show them.
+    for partition in 0..meta.partitions {
+        ensure_consumer(bus, &g, partition).await?;
+    }
+    let span = tracing::info_span!("jetstream_group", topic, group, member = %g.member);
+    let coordinator = tokio::spawn(coordinate(bus.clone(), g.clone(), meta.partitions).instrument(span));
+    info!(topic, group, member = %g.member, "joined consumer group");
+    Ok(Box::new(JetStreamSubscription { rx, leave: g.leave.clone(), coordinator: Some(coordinator) }))
+}
+
+/// State shared by a subscription's tasks.
+struct Group {
+    js: Context,
+    client: async_nats::Client,
+    bus_timing: Timing,
+    topic: String,
+    stream: String,
+    group: String,
+    group_key: String,
+    member: String,
+    kv: kv::Store,
+    bucket: String,
+    start: StartFrom,
+    max_ack_pending: i64,
+    /// In-flight records of the subscription (backpressure): one permit per handed-out record.
+    permits: Arc<Semaphore>,
+    tx: mpsc::Sender<Result<Delivery, BusError>>,
+    /// Cancelled when the subscription closes or is dropped.
+    leave: CancellationToken,
+    /// Partitions held now, for the progress keeper.
+    slots: Mutex<BTreeMap<u32, Arc<Slot>>>,
+    /// A partition worker finished (the coordinator releases its lease at once).
+    worker_done: Notify,
+}
+
+impl Group {
+    fn timing(&self) -> &Timing {
+        &self.bus_timing
+    }
+}
+
+/// A partition this member holds.
+struct Slot {
+    partition: u32,
+    lease: Mutex<Lease>,
+    /// Set when the partition is to be handed over.
+    draining: AtomicBool,
+    /// Cancelled when the lease was lost: stop at once, release nothing.
+    lost: CancellationToken,
+    /// Wakes the worker: draining started, or a handed-out record was settled.
+    wake: Notify,
+    /// Handed-out records not acked yet, by stream sequence.
+    inflight: Mutex<BTreeMap<u64, Inflight>>,
+}
+
+#[derive(Clone, Copy)]
+struct Lease {
+    revision: u64,
+    /// Renewal send time + TTL: the lease cannot expire before this.
+    deadline: Instant,
+}
+
+struct Inflight {
+    reply: Subject,
+    /// The delivery was dropped without ack: nobody works on it, it waits for the handover.
+    abandoned: bool,
+}
+
+impl Slot {
+    fn lease(&self) -> Lease {
+        *lock(&self.lease)
+    }
+
+    fn settle(&self, seq: u64) {
+        lock(&self.inflight).remove(&seq);
+        self.wake.notify_one();
+    }
+
+    fn abandon(&self, seq: u64) {
+        if let Some(entry) = lock(&self.inflight).get_mut(&seq) {
+            entry.abandoned = true;
+        }
+        self.wake.notify_one();
+    }
+
+    /// Nothing handed out is still being worked on.
+    fn idle(&self) -> bool {
+        lock(&self.inflight).values().all(|e| e.abandoned)
+    }
+}
+
+/// Locks a mutex, recovering from a poisoned one (the data stays consistent: every critical
+/// section is a single map operation).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Why a partition worker stopped.
+enum WorkerEnd {
+    /// Handed over cleanly: release the lease.
+    Drained,
+    /// The lease is gone: release nothing.
+    Lost,
+    /// The topic cannot be consumed (deleted stream, bad config): end the subscription.
+    Fatal(BusError),
+}
+
+struct Held {
+    slot: Arc<Slot>,
+    task: JoinHandle<WorkerEnd>,
+}
+
+/// The durable consumer of the group on a partition: created with the subscription's start
+/// if missing, its ack wait and in-flight bound brought in line with this member's config.
+async fn ensure_consumer(
+    bus: &Inner,
+    g: &Group,
+    partition: u32,
+) -> Result<Consumer<pull::Config>, BusError> {
+    let name = codec::consumer_name(&g.group_key, partition);
+    let subject = codec::subject(&g.topic, partition);
+    let what = format!("consumer {}/{name}", g.stream);
+    if let Some(info) = bus.consumer_info(&g.stream, &name).await? {
+        let cfg = &info.config;
+        if cfg.ack_wait == g.timing().ack_wait && cfg.max_ack_pending == g.max_ack_pending {
+            let config = pull::Config::try_from_consumer_config(info.config.clone())
+                .map_err(|e| BusError::Conflict(format!("{what} is not a pull consumer: {e}")))?;
+            return Ok(Consumer::new(config, info, g.js.clone()));
+        }
+        let mut config = pull::Config::try_from_consumer_config(info.config.clone())
+            .map_err(|e| BusError::Conflict(format!("{what} is not a pull consumer: {e}")))?;
+        config.ack_wait = g.timing().ack_wait;
+        config.max_ack_pending = g.max_ack_pending;
+        return g
+            .js
+            .update_consumer_on_stream(config, &g.stream)
+            .await
+            .map_err(|e| BusError::Unavailable(format!("updating {what}: {e}")));
+    }
+    let deliver = match g.start {
+        StartFrom::Earliest => DeliverPolicy::All,
+        StartFrom::Latest => DeliverPolicy::New,
+    };
+    let config = bus.durable_config(&g.group, &name, &subject, partition, deliver, g.max_ack_pending);
+    g.js.create_consumer_on_stream(config, &g.stream).await.map_err(|e| consumer_error(&format!("creating {what}"), &e))
+}
+
+/// The coordinator: heartbeat, lease renewal, fair-share rebalancing, releasing drained
+/// partitions, and on leave the orderly hand-over of everything.
+async fn coordinate(bus: Arc<Inner>, g: Arc<Group>, mut partitions: u32) -> Result<(), BusError> {
+    let timing = *g.timing();
+    let keeper_stop = CancellationToken::new();
+    let keeper_span = tracing::info_span!("jetstream_progress", topic = %g.topic, group = %g.group);
+    let keeper = tokio::spawn(keep_alive(g.clone(), keeper_stop.clone()).instrument(keeper_span));
+    let member_key = codec::member_key(&g.group_key, &g.member);
+    let mut held: HashMap<u32, Held> = HashMap::new();
+    let mut fatal: Option<BusError> = None;
+    let mut partitions_read = Instant::now();
+    loop {
+        for end in reap(&g, &mut held).await {
+            if let WorkerEnd::Fatal(e) = end {
+                warn!(error = %e, "partition cannot be consumed; leaving the group");
+                fatal.get_or_insert(e);
+            }
+        }
+        let leaving = g.leave.is_cancelled() || fatal.is_some();
+        if leaving && held.is_empty() {
+            break;
+        }
+        if !leaving {
+            if let Err(e) = g.kv.put(&member_key, Bytes::new()).await {
+                warn!(error = %e, "member heartbeat failed");
+            }
+        }
+        renew(&g, &mut held).await;
+        if leaving {
+            for h in held.values() {
+                start_drain(&h.slot);
+            }
+        } else {
+            if partitions_read.elapsed() >= PARTITIONS_REFRESH {
+                match bus.topic_meta(&g.topic).await {
+                    Ok(Some(meta)) => {
+                        if meta.partitions > partitions {
+                            info!(from = partitions, to = meta.partitions, "topic gained partitions");
+                        }
+                        partitions = partitions.max(meta.partitions);
+                        partitions_read = Instant::now();
+                    }
+                    Ok(None) => {
+                        fatal.get_or_insert(BusError::UnknownTopic(g.topic.clone()));
+                        continue;
+                    }
+                    Err(e) => warn!(error = %e, "re-reading the partition count failed"),
+                }
+            }
+            rebalance(&bus, &g, &mut held, partitions).await;
+        }
+        let pause = tokio::time::sleep(timing.renew_every);
+        tokio::select! {
+            _ = pause => {}
+            _ = g.worker_done.notified() => {}
+            _ = g.leave.cancelled(), if !leaving => {}
+        }
+    }
+    // Leaving: the heartbeat goes without a trace, so the others rebalance at once.
+    let subject = codec::kv_subject(&g.bucket, &member_key);
+    let purge = bus
+        .api::<serde_json::Value>(format!("STREAM.PURGE.KV_{}", g.bucket), &json!({ "filter": subject }))
+        .await;
+    if let Err(e) = purge {
+        debug!(error = %e.into_bus("purging heartbeat"), "heartbeat left to expire");
+    }
+    keeper_stop.cancel();
+    let _ = keeper.await;
+    info!("left consumer group");
+    if let Some(e) = fatal {
+        // The subscription yields the error, then ends.
+        let _ = g.tx.try_send(Err(e));
+    }
+    Ok(())
+}
+
+/// Which partitions this member should hold, then acts on the difference.
+async fn rebalance(bus: &Arc<Inner>, g: &Arc<Group>, held: &mut HashMap<u32, Held>, partitions: u32) {
+    let mut members = match bus.members(&g.stream, &g.group_key).await {
+        Ok(m) => m,
+        Err(e) => {
+            warn!(error = %e, "listing group members failed; keeping the current partitions");
+            return;
+        }
+    };
+    if !members.contains(&g.member) {
+        members.push(g.member.clone());
+        members.sort();
+    }
+    let index = members.iter().position(|m| *m == g.member).unwrap_or(0) as u32;
+    let count = members.len() as u32;
+    let mine = |p: u32| p % count == index;
+    for (p, h) in held.iter() {
+        if !mine(*p) && !h.slot.draining.load(Ordering::SeqCst) {
+            debug!(partition = p, members = count, "handing partition over");
+            start_drain(&h.slot);
+        }
+    }
+    let wanted: Vec<u32> = (0..partitions).filter(|p| mine(*p) && !held.contains_key(p)).collect();
+    for p in wanted {
+        let key = codec::lease_key(&g.group_key, p);
+        let sent = Instant::now();
+        match g.kv.create(&key, Bytes::from(g.member.clone())).await {
+            Ok(revision) => {
+                let slot = Arc::new(Slot {
+                    partition: p,
+                    lease: Mutex::new(Lease { revision, deadline: sent + g.timing().lease_ttl }),
+                    draining: AtomicBool::new(false),
+                    lost: CancellationToken::new(),
+                    wake: Notify::new(),
+                    inflight: Mutex::new(BTreeMap::new()),
+                });
+                lock(&g.slots).insert(p, slot.clone());
+                let span = tracing::info_span!("jetstream_partition", topic = %g.topic, group = %g.group, partition = p);
+                let task = tokio::spawn(run_partition(bus.clone(), g.clone(), slot.clone()).instrument(span));
+                info!(partition = p, "partition acquired");
+                held.insert(p, Held { slot, task });
+            }
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) => warn!(partition = p, error = %e, "taking partition lease failed"),
+        }
+    }
+}
+
+fn start_drain(slot: &Slot) {
+    if !slot.draining.swap(true, Ordering::SeqCst) {
+        slot.wake.notify_one();
+    }
+}
+
+/// Renews every held lease; a lease someone else took (or that expired) is lost at once.
+async fn renew(g: &Group, held: &mut HashMap<u32, Held>) {
+    let renewals = held.values().filter(|h| !h.slot.lost.is_cancelled()).map(|h| {
+        let slot = h.slot.clone();
+        async move {
+            let key = codec::lease_key(&g.group_key, slot.partition);
+            let current = slot.lease();
+            let sent = Instant::now();
+            match g.kv.update(&key, Bytes::from(g.member.clone()), current.revision).await {
+                Ok(revision) => {
+                    *lock(&slot.lease) = Lease { revision, deadline: sent + g.timing().lease_ttl };
+                }
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    warn!(partition = slot.partition, "partition lease lost");
+                    slot.lost.cancel();
+                }
+                Err(e) => warn!(partition = slot.partition, error = %e, "renewing partition lease failed"),
+            }
+        }
+    });
+    futures::future::join_all(renewals).await;
+}
+
+/// Collects finished partition workers, handing drained partitions over.
+async fn reap(g: &Group, held: &mut HashMap<u32, Held>) -> Vec<WorkerEnd> {
+    let finished: Vec<u32> = held.iter().filter(|(_, h)| h.task.is_finished()).map(|(p, _)| *p).collect();
+    let mut ends = Vec::new();
+    for p in finished {
+        let Some(h) = held.remove(&p) else { continue };
+        lock(&g.slots).remove(&p);
+        let end = match h.task.await {
+            Ok(end) => end,
+            Err(e) => {
+                warn!(partition = p, error = %e, "partition worker failed");
+                WorkerEnd::Drained
+            }
+        };
+        match &end {
+            WorkerEnd::Lost => {}
+            WorkerEnd::Drained | WorkerEnd::Fatal(_) => release(g, &h.slot).await,
+        }
+        ends.push(end);
+    }
+    ends
+}
+
+/// Hands a partition over: NAKs what was handed out and not acked, in sequence order, so the
+/// next owner gets those first and in order; then deletes the lease (revision-checked, so a
+/// lease that was taken over meanwhile stays).
+async fn release(g: &Group, slot: &Slot) {
+    let left: Vec<(u64, Inflight)> = std::mem::take(&mut *lock(&slot.inflight)).into_iter().collect();
+    for (_, entry) in &left {
+        let acker = jetstream::message::Acker::new(g.js.clone(), Some(entry.reply.clone()));
+        if let Err(e) = acker.ack_with(AckKind::Nak(None)).await {
+            debug!(partition = slot.partition, error = %e, "NAK failed; the record is redelivered after ack wait");
+        }
+    }
+    if !left.is_empty() {
+        if let Err(e) = g.client.flush().await {
+            debug!(error = %e, "flush after NAKs failed");
+        }
+    }
+    if slot.lost.is_cancelled() {
+        return;
+    }
+    let key = codec::lease_key(&g.group_key, slot.partition);
+    match g.kv.delete_expect_revision(&key, Some(slot.lease().revision)).await {
+        Ok(()) => info!(partition = slot.partition, requeued = left.len(), "partition released"),
+        Err(e) => debug!(partition = slot.partition, error = %e, "lease left to expire"),
+    }
+}
+
+/// One partition's fetch loop: pulls while the lease allows, hands records out in order,
+/// drains on hand-over.
+async fn run_partition(bus: Arc<Inner>, g: Arc<Group>, slot: Arc<Slot>) -> WorkerEnd {
+    let end = fetch_loop(&bus, &g, &slot).await;
+    let end = match end {
+        Some(end) => end,
+        None => drain(&g, &slot).await,
+    };
+    g.worker_done.notify_one();
+    end
+}
+
+/// Pulls until draining (`None`) or the lease is lost / the topic is gone.
+async fn fetch_loop(bus: &Arc<Inner>, g: &Arc<Group>, slot: &Arc<Slot>) -> Option<WorkerEnd> {
+    let timing = *g.timing();
+    let consumer = loop {
+        if slot.lost.is_cancelled() {
+            return Some(WorkerEnd::Lost);
+        }
+        if slot.draining.load(Ordering::SeqCst) {
+            return None;
+        }
+        match ensure_consumer(bus, g, slot.partition).await {
+            Ok(c) => break c,
+            Err(BusError::UnknownTopic(t)) => return Some(WorkerEnd::Fatal(BusError::UnknownTopic(t))),
+            Err(e) => {
+                warn!(error = %e, "partition consumer unavailable; retrying");
+                pause(slot, RETRY_PAUSE).await;
+            }
+        }
+    };
+    loop {
+        if slot.lost.is_cancelled() {
+            return Some(WorkerEnd::Lost);
+        }
+        if slot.draining.load(Ordering::SeqCst) {
+            return None;
+        }
+        if !timing.can_fetch(slot.lease().deadline) {
+            // The lease is not fresh enough to cover a pull; the coordinator renews it.
+            pause(slot, timing.renew_every / 2).await;
+            continue;
+        }
+        let first = tokio::select! {
+            permit = g.permits.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return Some(WorkerEnd::Lost),
+            },
+            _ = slot.wake.notified() => continue,
+            _ = slot.lost.cancelled() => return Some(WorkerEnd::Lost),
+        };
+        let mut permits = vec![first];
+        while permits.len() < BATCH_MAX {
+            match g.permits.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        let batch = consumer.batch().max_messages(permits.len()).expires(timing.fetch_expires).messages().await;
+        let mut batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(error = %e, "pull request failed; retrying");
+                drop(permits);
+                pause(slot, RETRY_PAUSE).await;
+                continue;
+            }
+        };
+        // A pull request is always read to its end: records it brings after an early stop
+        // would sit unacked until ack wait and could overtake records the next owner gets.
+        while let Some(item) = batch.next().await {
+            match item {
+                Ok(m) => {
+                    let permit = permits.pop();
+                    hand_out(g, slot, m, permit).await;
+                }
+                Err(e) => {
+                    // Status replies (e.g. 409 while the consumer is being replaced) end the
+                    // request; the next one tells whether it persists.
+                    debug!(error = %e, "pull request ended with a status");
+                    drop(std::mem::take(&mut permits));
+                    pause(slot, RETRY_PAUSE).await;
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps, cut short by a lost lease or a wake-up.
+async fn pause(slot: &Slot, d: Duration) {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = slot.wake.notified() => {}
+        _ = slot.lost.cancelled() => {}
+    }
+}
+
+/// Registers a record as handed out and passes it to the subscription.
+async fn hand_out(g: &Arc<Group>, slot: &Arc<Slot>, m: jetstream::Message, permit: Option<OwnedSemaphorePermit>) {
+    let (seq, ts) = match m.info() {
+        Ok(info) => (info.stream_sequence, timestamp_ms(info.published.unix_timestamp_nanos())),
+        Err(e) => {
+            warn!(error = %e, "record without JetStream metadata left for redelivery");
+            return;
+        }
+    };
+    let Some(reply) = m.message.reply.clone() else {
+        warn!(seq, "record without ack subject left for redelivery");
+        return;
+    };
+    {
+        let mut inflight = lock(&slot.inflight);
+        match inflight.get_mut(&seq) {
+            // Redelivered while its first delivery is still being handled (a missed `+WPI`):
+            // handing it out again would let it overtake later records of its key.
+            Some(entry) if !entry.abandoned => {
+                entry.reply = reply;
+                return;
+            }
+            _ => {
+                inflight.insert(seq, Inflight { reply: reply.clone(), abandoned: false });
+            }
+        }
+    }
+    let message = codec::message(&g.topic, slot.partition, seq, ts, m.message.headers.as_ref(), m.message.payload.clone());
+    let acker = JetStreamAcker { client: g.client.clone(), slot: slot.clone(), seq, reply, _permit: permit, acked: false };
+    // A closed subscription hands the delivery back; dropping it marks it abandoned.
+    let _ = g.tx.send(Ok(Delivery::new(message, Box::new(acker)))).await;
+}
+
+/// Waits until what was handed out is acked or dropped (or the drain timeout), then ends.
+async fn drain(g: &Group, slot: &Slot) -> WorkerEnd {
+    let until = Instant::now() + g.timing().drain_timeout;
+    loop {
+        if slot.lost.is_cancelled() {
+            return WorkerEnd::Lost;
+        }
+        if slot.idle() {
+            return WorkerEnd::Drained;
+        }
+        let now = Instant::now();
+        if now >= until {
+            warn!(partition = slot.partition, "records still being handled at hand-over; they are requeued");
+            return WorkerEnd::Drained;
+        }
+        pause(slot, until - now).await;
+    }
+}
+
+/// Keeps handed-out records from being redelivered while this member works on them.
+async fn keep_alive(g: Arc<Group>, stop: CancellationToken) {
+    let timing = *g.timing();
+    let mut tick = tokio::time::interval(timing.progress_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let slots: Vec<Arc<Slot>> = lock(&g.slots).values().cloned().collect();
+        let mut sent = 0usize;
+        for slot in slots {
+            // Past this point a `+WPI` could keep a record unredeliverable after the lease
+            // may have expired; the record is then left to redeliver.
+            if slot.lost.is_cancelled() || !timing.can_progress(slot.lease().deadline) {
+                continue;
+            }
+            let replies: Vec<Subject> = lock(&slot.inflight).values().map(|e| e.reply.clone()).collect();
+            for reply in replies {
+                if let Err(e) = g.client.publish(reply, Bytes::from(AckKind::Progress)).await {
+                    debug!(error = %e, "progress signal failed");
+                }
+                sent += 1;
+            }
+        }
+        if sent > 0 {
+            debug!(records = sent, "kept in-flight records alive");
+        }
+    }
+}
+
+/// Acks one record and waits for the server's confirmation, so a returned ack is committed.
+struct JetStreamAcker {
+    client: async_nats::Client,
+    slot: Arc<Slot>,
+    seq: u64,
+    reply: Subject,
+    _permit: Option<OwnedSemaphorePermit>,
+    acked: bool,
+}
+
+#[async_trait]
+impl Acker for JetStreamAcker {
+    async fn ack(mut self: Box<Self>) -> Result<(), BusError> {
+        use async_nats::RequestErrorKind as K;
+        match self.client.request(self.reply.clone(), Bytes::from_static(b"+ACK")).await {
+            Ok(_) => {
+                self.acked = true;
+                self.slot.settle(self.seq);
+                Ok(())
+            }
+            Err(e) => Err(match e.kind() {
+                K::TimedOut => BusError::Timeout(format!("ack of sequence {}: {e}", self.seq)),
+                K::NoResponders | K::Other => BusError::Unavailable(format!("ack of sequence {}: {e}", self.seq)),
+            }),
+        }
+    }
+}
+
+impl Drop for JetStreamAcker {
+    fn drop(&mut self) {
+        if !self.acked {
+            self.slot.abandon(self.seq);
+        }
+    }
+}
+
+/// A member of a consumer group.
+struct JetStreamSubscription {
+    rx: mpsc::Receiver<Result<Delivery, BusError>>,
+    leave: CancellationToken,
+    coordinator: Option<JoinHandle<Result<(), BusError>>>,
+}
+
+#[async_trait]
+impl Subscription for JetStreamSubscription {
+    async fn next(&mut self) -> Option<Result<Delivery, BusError>> {
+        self.rx.recv().await
+    }
+
+    async fn close(mut self: Box<Self>) -> Result<(), BusError> {
+        self.leave.cancel();
+        // Undelivered records are dropped, so they count as abandoned and are requeued.
+        self.rx.close();
+        while self.rx.try_recv().is_ok() {}
+        match self.coordinator.take() {
+            Some(task) => task.await.map_err(|e| BusError::Unavailable(format!("group coordinator: {e}")))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for JetStreamSubscription {
+    fn drop(&mut self) {
+        // Without `close` the member still leaves in the background; if the process dies
+        // instead, its leases expire.
+        self.leave.cancel();
+    }
+}

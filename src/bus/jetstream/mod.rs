@@ -1,0 +1,876 @@
+//! NATS JetStream bus (async-nats; NATS server 2.10 or newer, checked at connect).
+//!
+//! Layout:
+//! - **One stream per topic** (`nexus.inbound.v1` → stream `nexus_inbound_v1`), file storage,
+//!   limits retention with `max_age` = topic retention, replicas from `bus.nats.replicas` (set at
+//!   creation). Its subjects are `<topic>.<partition>`, listed one by one rather than as a
+//!   wildcard, so the stream config says how many partitions the topic has and `<topic>.dlq`
+//!   never overlaps `<topic>`. The partition of a record is [`partition_for`] of its key, as on
+//!   every backend; the key and the header order travel in headers (see `codec`).
+//! - **Offsets are stream sequences minus one**: they increase within a partition but are
+//!   sparse (the partitions share one sequence), so `count_between` counts the partition's
+//!   records instead of subtracting. A partition's `low` is its first record's offset and
+//!   `high` its last record's offset + 1; an empty partition has `low = high` = the stream's
+//!   next offset, below anything appended later.
+//! - **Groups**: one durable pull consumer per (group, partition) filtered to that partition's
+//!   subject, explicit acks; its ack floor is the committed offset (it only moves over a
+//!   contiguous acked prefix, as the contract wants). Members share partitions through leases
+//!   in a KV bucket; `group` explains why per-key order holds across members.
+//!
+//! Why not JetStream's own partitioning (2.11 priority groups with pinned clients): a pinned
+//! client is chosen per pull, not balanced across members, and its handover does not wait for
+//! the previous client's unacked records; the lease protocol does both and runs on 2.10.
+
+mod codec;
+mod group;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{self, pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::response::Response;
+use async_nats::jetstream::{self, stream, Context, ErrorCode};
+use async_nats::{ConnectErrorKind, ServerAddr};
+use async_trait::async_trait;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::*;
+use crate::config::{BusConfig, NatsConfig};
+
+/// Timeout of each JetStream API request and publish acknowledgement.
+const API_TIMEOUT: Duration = Duration::from_secs(5);
+/// Timeout of the initial connection; connecting is part of start-up, which should fail fast.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a publisher trusts its cached partition count. Another process may add partitions
+/// (`nexus topology apply`); Kafka producers refresh metadata on a similar scale.
+const PARTITIONS_TTL: Duration = Duration::from_secs(30);
+/// Lease TTL minus ack wait must leave room for renewals, pull expiry and a safety gap (each a
+/// quarter of it); below this the gaps are too small to outlast network latency.
+const MIN_LEASE_MARGIN: Duration = Duration::from_millis(200);
+/// Ephemeral consumers used for counting and reading vanish on their own after this if the
+/// delete that follows their use is lost.
+const EPHEMERAL_INACTIVE: Duration = Duration::from_secs(30);
+/// Records fetched per pull request by `read`.
+const READ_BATCH: usize = 256;
+/// Metadata key naming the topic a stream belongs to.
+const TOPIC_METADATA: &str = "nexus.topic";
+/// Oldest supported server: consumer create/update actions and stream metadata are 2.10.
+const MIN_SERVER: (u64, u64) = (2, 10);
+
+/// Lease and delivery timing, derived once from `bus.nats` (see `group` for why each holds).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    /// Redelivery time of an unacked record.
+    ack_wait: Duration,
+    /// Lifetime of a lease or heartbeat not renewed.
+    lease_ttl: Duration,
+    /// How often leases and heartbeats are renewed.
+    renew_every: Duration,
+    /// Gap kept between the last moment a record could become redeliverable and lease expiry.
+    safety: Duration,
+    /// Expiry of each pull request.
+    fetch_expires: Duration,
+    /// How often handed-out records are kept alive with `+WPI`.
+    progress_every: Duration,
+    /// How long a partition being handed over waits for its handed-out records.
+    drain_timeout: Duration,
+}
+
+impl Timing {
+    fn from_config(c: &NatsConfig) -> Result<Self, BusError> {
+        let ack_wait = Duration::from_millis(c.ack_wait_ms);
+        let lease_ttl = Duration::from_millis(c.lease_ttl_ms);
+        let margin = lease_ttl.saturating_sub(ack_wait);
+        if margin < MIN_LEASE_MARGIN {
+            return Err(BusError::Config(format!(
+                "bus.nats.lease_ttl_ms must exceed bus.nats.ack_wait_ms by at least {} ms on JetStream",
+                MIN_LEASE_MARGIN.as_millis()
+            )));
+        }
+        let quarter = margin / 4;
+        Ok(Timing {
+            ack_wait,
+            lease_ttl,
+            renew_every: quarter.min(Duration::from_secs(5)),
+            safety: quarter,
+            fetch_expires: quarter.min(Duration::from_secs(1)),
+            progress_every: ack_wait / 3,
+            drain_timeout: (ack_wait * 2).max(Duration::from_secs(10)),
+        })
+    }
+
+    /// Whether a pull request sent now cannot deliver a record that stays unredeliverable past
+    /// the lease (deadline = lease renewal send time + TTL).
+    fn can_fetch(&self, deadline: Instant) -> bool {
+        Instant::now() + self.fetch_expires + self.ack_wait + self.safety <= deadline
+    }
+
+    /// Whether a `+WPI` sent now keeps a record unredeliverable only while the lease holds.
+    fn can_progress(&self, deadline: Instant) -> bool {
+        Instant::now() + self.ack_wait + self.safety <= deadline
+    }
+}
+
+/// The JetStream bus. Cheap to share: one NATS connection, multiplexed.
+pub struct JetStreamBus {
+    inner: Arc<Inner>,
+}
+
+impl std::ops::Deref for JetStreamBus {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+/// The bus state, shared with the tasks of its subscriptions.
+pub struct Inner {
+    client: async_nats::Client,
+    js: Context,
+    timing: Timing,
+    replicas: usize,
+    /// topic → (partitions, when read), for publishing.
+    partitions: Mutex<HashMap<String, (u32, Instant)>>,
+}
+
+/// What the stream of a topic looks like.
+struct TopicMeta {
+    stream: String,
+    partitions: u32,
+    config: stream::Config,
+    state: StreamState,
+}
+
+/// The parts of `STREAM.INFO` nexus reads (the subjects map is private in async-nats).
+#[derive(Debug, Deserialize)]
+struct StreamInfo {
+    config: stream::Config,
+    state: StreamState,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamState {
+    #[serde(default)]
+    last_seq: u64,
+    #[serde(default)]
+    subjects: Option<HashMap<String, u64>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DeleteResponse {
+    #[serde(default)]
+    #[allow(dead_code)]
+    success: bool,
+}
+
+/// A JetStream API call failed either on the way or at the server.
+enum ApiError {
+    Request(jetstream::context::RequestError),
+    Server(jetstream::Error),
+}
+
+impl ApiError {
+    fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ApiError::Server(e) => Some(e.error_code()),
+            ApiError::Request(_) => None,
+        }
+    }
+
+    fn into_bus(self, what: &str) -> BusError {
+        match self {
+            ApiError::Request(e) => request_error(what, &e),
+            ApiError::Server(e) => server_error(what, &e),
+        }
+    }
+}
+
+fn request_error(what: &str, e: &jetstream::context::RequestError) -> BusError {
+    use jetstream::context::RequestErrorKind as K;
+    match e.kind() {
+        K::TimedOut => BusError::Timeout(format!("{what}: {e}")),
+        K::NoResponders => BusError::Unavailable(format!("{what}: JetStream did not answer (is it enabled?)")),
+        K::Other => BusError::Unavailable(format!("{what}: {e}")),
+    }
+}
+
+fn server_error(what: &str, e: &jetstream::Error) -> BusError {
+    match e.error_code() {
+        ErrorCode::STREAM_NAME_EXIST | ErrorCode::STREAM_SUBJECT_OVERLAP | ErrorCode::CONSUMER_NAME_EXIST => {
+            BusError::Conflict(format!("{what}: {e}"))
+        }
+        ErrorCode::BAD_REQUEST | ErrorCode::STREAM_INVALID_CONFIG | ErrorCode::INVALID_JSON => {
+            BusError::Config(format!("{what}: {e}"))
+        }
+        _ => BusError::Unavailable(format!("{what}: {e}")),
+    }
+}
+
+fn consumer_error(what: &str, e: &jetstream::stream::ConsumerError) -> BusError {
+    use jetstream::stream::ConsumerErrorKind as K;
+    match e.kind() {
+        K::TimedOut => BusError::Timeout(format!("{what}: {e}")),
+        K::JetStream(err) => server_error(what, &err),
+        K::InvalidName | K::InvalidConsumerType => BusError::Config(format!("{what}: {e}")),
+        K::Request | K::Other => BusError::Unavailable(format!("{what}: {e}")),
+    }
+}
+
+fn batch_error(what: &str, e: &pull::BatchError) -> BusError {
+    BusError::Unavailable(format!("{what}: {e}"))
+}
+
+fn connect_error(url: &str, e: &async_nats::ConnectError) -> BusError {
+    match e.kind() {
+        ConnectErrorKind::ServerParse
+        | ConnectErrorKind::Tls
+        | ConnectErrorKind::Authentication
+        | ConnectErrorKind::AuthorizationViolation => BusError::Config(format!("NATS at {url}: {e}")),
+        ConnectErrorKind::TimedOut => BusError::Timeout(format!("NATS at {url}: {e}")),
+        _ => BusError::Unavailable(format!("NATS at {url}: {e}")),
+    }
+}
+
+/// `nats://a:4222,b:4222` → one address per server, each with the scheme.
+fn server_addrs(url: &str) -> Result<Vec<ServerAddr>, BusError> {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("nats", url));
+    rest.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            format!("{scheme}://{s}")
+                .parse::<ServerAddr>()
+                .map_err(|e| BusError::Config(format!("NATS server `{s}` in `{url}`: {e}")))
+        })
+        .collect()
+}
+
+fn check_server_version(version: &str) -> Result<(), BusError> {
+    let mut parts = version.trim_start_matches('v').split(|c: char| !c.is_ascii_digit());
+    let major = parts.next().and_then(|p| p.parse::<u64>().ok());
+    let minor = parts.next().and_then(|p| p.parse::<u64>().ok());
+    match (major, minor) {
+        (Some(major), Some(minor)) if (major, minor) >= MIN_SERVER => Ok(()),
+        (Some(_), Some(_)) => Err(BusError::Config(format!(
+            "NATS server {version} is too old: nexus needs {}.{} or newer",
+            MIN_SERVER.0, MIN_SERVER.1
+        ))),
+        // A server that does not say is given the benefit of the doubt.
+        _ => Ok(()),
+    }
+}
+
+impl JetStreamBus {
+    /// Connects (`nats://` or `tls://`, comma-separated servers allowed) and checks the server
+    /// is recent enough and has JetStream.
+    pub async fn connect(url: &str, tls: bool, config: &BusConfig) -> Result<Self, BusError> {
+        let timing = Timing::from_config(&config.nats)?;
+        let mut options = async_nats::ConnectOptions::new()
+            .name("nexus")
+            .connection_timeout(CONNECT_TIMEOUT)
+            .require_tls(tls);
+        if !config.ca_file.is_empty() {
+            options = options.add_root_certificates(config.ca_file.clone().into());
+        }
+        if !config.client_cert_file.is_empty() {
+            options = options
+                .add_client_certificate(config.client_cert_file.clone().into(), config.client_key_file.clone().into());
+        }
+        if !config.nats.user.is_empty() {
+            options = options.user_and_password(config.nats.user.clone(), config.nats.password.clone());
+        }
+        if !config.nats.token.is_empty() {
+            options = options.token(config.nats.token.clone());
+        }
+        let client = options.connect(server_addrs(url)?).await.map_err(|e| connect_error(url, &e))?;
+        check_server_version(&client.server_info().version)?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(API_TIMEOUT);
+        let bus = JetStreamBus {
+            inner: Arc::new(Inner {
+                client,
+                js,
+                timing,
+                replicas: config.nats.replicas.max(1),
+                partitions: Mutex::new(HashMap::new()),
+            }),
+        };
+        bus.health().await?;
+        Ok(bus)
+    }
+}
+
+impl Inner {
+    /// One JetStream API request (`$JS.API.<subject>`), its error kept typed.
+    async fn api<T: serde::de::DeserializeOwned>(
+        &self,
+        subject: String,
+        payload: &serde_json::Value,
+    ) -> Result<T, ApiError> {
+        match self.js.request(subject, payload).await {
+            Ok(Response::Ok(v)) => Ok(v),
+            Ok(Response::Err { error }) => Err(ApiError::Server(error)),
+            Err(e) => Err(ApiError::Request(e)),
+        }
+    }
+
+    async fn stream_info(&self, stream: &str, subjects_filter: Option<&str>) -> Result<Option<StreamInfo>, BusError> {
+        let payload = match subjects_filter {
+            Some(filter) => json!({ "subjects_filter": filter }),
+            None => json!({}),
+        };
+        match self.api::<StreamInfo>(format!("STREAM.INFO.{stream}"), &payload).await {
+            Ok(info) => Ok(Some(info)),
+            Err(e) if e.code() == Some(ErrorCode::STREAM_NOT_FOUND) => Ok(None),
+            Err(e) => Err(e.into_bus(&format!("stream info of {stream}"))),
+        }
+    }
+
+    /// The topic's stream, or `None`. A stream of that name holding other subjects belongs to
+    /// another topic (the name mapping folds `.` into `_`): a conflict, never silently shared.
+    async fn topic_meta(&self, topic: &str) -> Result<Option<TopicMeta>, BusError> {
+        codec::validate_topic(topic)?;
+        let stream = codec::stream_name(topic);
+        let Some(info) = self.stream_info(&stream, Some(&format!("{topic}.*"))).await? else {
+            return Ok(None);
+        };
+        let mut seen = Vec::with_capacity(info.config.subjects.len());
+        for s in &info.config.subjects {
+            match codec::partition_of_subject(topic, s) {
+                Some(p) => seen.push(p),
+                None => {
+                    return Err(BusError::Conflict(format!(
+                        "stream {stream} exists but does not hold topic `{topic}` (subject `{s}`)"
+                    )))
+                }
+            }
+        }
+        seen.sort_unstable();
+        let contiguous = seen.iter().enumerate().all(|(i, p)| i as u32 == *p);
+        if seen.is_empty() || !contiguous {
+            return Err(BusError::Conflict(format!(
+                "stream {stream} has subjects {:?}, not partitions 0..n of `{topic}`",
+                info.config.subjects
+            )));
+        }
+        let partitions = seen.len() as u32;
+        self.remember_partitions(topic, partitions);
+        Ok(Some(TopicMeta { stream, partitions, config: info.config, state: info.state }))
+    }
+
+    async fn require_topic(&self, topic: &str) -> Result<TopicMeta, BusError> {
+        self.topic_meta(topic).await?.ok_or_else(|| BusError::UnknownTopic(topic.to_string()))
+    }
+
+    fn remember_partitions(&self, topic: &str, partitions: u32) {
+        if let Ok(mut cache) = self.partitions.lock() {
+            cache.insert(topic.to_string(), (partitions, Instant::now()));
+        }
+    }
+
+    fn forget_partitions(&self, topic: &str) {
+        if let Ok(mut cache) = self.partitions.lock() {
+            cache.remove(topic);
+        }
+    }
+
+    async fn partition_count(&self, topic: &str) -> Result<u32, BusError> {
+        let cached = self
+            .partitions
+            .lock()
+            .ok()
+            .and_then(|c| c.get(topic).copied())
+            .filter(|(_, at)| at.elapsed() < PARTITIONS_TTL);
+        match cached {
+            Some((n, _)) => Ok(n),
+            None => Ok(self.require_topic(topic).await?.partitions),
+        }
+    }
+
+    /// `(low, high, records)` of one partition (offsets, see the module doc).
+    async fn bounds(&self, meta: &TopicMeta, topic: &str, partition: u32) -> Result<(u64, u64, u64), BusError> {
+        let subject = codec::subject(topic, partition);
+        let count = meta.state.subjects.as_ref().and_then(|s| s.get(&subject).copied()).unwrap_or(0);
+        let empty = (meta.state.last_seq, meta.state.last_seq, 0);
+        if count == 0 {
+            return Ok(empty);
+        }
+        let first = self.message_seq(&meta.stream, json!({ "seq": 1, "next_by_subj": subject })).await?;
+        let last = self.message_seq(&meta.stream, json!({ "last_by_subj": subject })).await?;
+        match (first, last) {
+            (Some(first), Some(last)) => Ok((first - 1, last, count)),
+            // Expired between the stream info and these reads.
+            _ => Ok(empty),
+        }
+    }
+
+    /// The sequence of the message a `STREAM.MSG.GET` request selects, if any.
+    async fn message_seq(&self, stream: &str, request: serde_json::Value) -> Result<Option<u64>, BusError> {
+        #[derive(Deserialize)]
+        struct Got {
+            message: GotMessage,
+        }
+        #[derive(Deserialize)]
+        struct GotMessage {
+            seq: u64,
+        }
+        match self.api::<Got>(format!("STREAM.MSG.GET.{stream}"), &request).await {
+            Ok(got) => Ok(Some(got.message.seq.max(1))),
+            Err(e) if e.code() == Some(ErrorCode::NO_MESSAGE_FOUND) => Ok(None),
+            Err(e) => Err(e.into_bus(&format!("message get on {stream}"))),
+        }
+    }
+
+    async fn consumer_info(&self, stream: &str, name: &str) -> Result<Option<consumer::Info>, BusError> {
+        match self.api::<consumer::Info>(format!("CONSUMER.INFO.{stream}.{name}"), &json!({})).await {
+            Ok(info) => Ok(Some(info)),
+            Err(e) if e.code() == Some(ErrorCode::CONSUMER_NOT_FOUND) => Ok(None),
+            Err(e) if e.code() == Some(ErrorCode::STREAM_NOT_FOUND) => Ok(None),
+            Err(e) => Err(e.into_bus(&format!("consumer info of {stream}/{name}"))),
+        }
+    }
+
+    async fn delete_consumer(&self, stream: &str, name: &str) -> Result<(), BusError> {
+        match self.api::<DeleteResponse>(format!("CONSUMER.DELETE.{stream}.{name}"), &json!({})).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some(ErrorCode::CONSUMER_NOT_FOUND) => Ok(()),
+            Err(e) => Err(e.into_bus(&format!("deleting consumer {stream}/{name}"))),
+        }
+    }
+
+    /// An ephemeral, unacknowledged consumer on one partition from `deliver` on (for counting
+    /// and reading); the caller deletes it.
+    async fn ephemeral(
+        &self,
+        stream: &str,
+        subject: &str,
+        deliver: DeliverPolicy,
+    ) -> Result<consumer::Consumer<pull::Config>, BusError> {
+        let config = pull::Config {
+            filter_subject: subject.to_string(),
+            deliver_policy: deliver,
+            ack_policy: AckPolicy::None,
+            inactive_threshold: EPHEMERAL_INACTIVE,
+            memory_storage: true,
+            description: Some("nexus bus: count/read".into()),
+            ..Default::default()
+        };
+        self.js
+            .create_consumer_on_stream(config, stream)
+            .await
+            .map_err(|e| consumer_error(&format!("ephemeral consumer on {stream}"), &e))
+    }
+
+    async fn drop_ephemeral(&self, stream: &str, consumer: &consumer::Consumer<pull::Config>) {
+        let name = consumer.cached_info().name.clone();
+        if let Err(e) = self.delete_consumer(stream, &name).await {
+            tracing::debug!(stream, consumer = %name, error = %e, "ephemeral consumer left to expire");
+        }
+    }
+
+    /// How many records of the partition have a stream sequence `>= seq`.
+    async fn count_from_seq(&self, stream: &str, subject: &str, seq: u64) -> Result<u64, BusError> {
+        let deliver = DeliverPolicy::ByStartSequence { start_sequence: seq.max(1) };
+        let consumer = self.ephemeral(stream, subject, deliver).await?;
+        let pending = consumer.cached_info().num_pending;
+        self.drop_ephemeral(stream, &consumer).await;
+        Ok(pending)
+    }
+
+    /// The durable consumer config of a group on a partition.
+    fn durable_config(
+        &self,
+        group: &str,
+        name: &str,
+        subject: &str,
+        partition: u32,
+        deliver: DeliverPolicy,
+        max_ack_pending: i64,
+    ) -> pull::Config {
+        pull::Config {
+            durable_name: Some(name.to_string()),
+            description: Some(format!("nexus group `{group}`, partition {partition}")),
+            filter_subject: subject.to_string(),
+            deliver_policy: deliver,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: self.timing.ack_wait,
+            max_ack_pending,
+            metadata: HashMap::from([
+                ("nexus.group".to_string(), group.to_string()),
+                ("nexus.partition".to_string(), partition.to_string()),
+            ]),
+            ..Default::default()
+        }
+    }
+
+    /// Live members of a group: heartbeat keys not yet expired, sorted.
+    async fn members(&self, stream: &str, group_key: &str) -> Result<Vec<String>, BusError> {
+        let bucket = codec::lease_bucket(stream);
+        let filter = codec::members_filter(&bucket, group_key);
+        let Some(info) = self.stream_info(&format!("KV_{bucket}"), Some(&filter)).await? else {
+            return Ok(Vec::new());
+        };
+        let prefix = format!("$KV.{bucket}.{group_key}.m.");
+        let mut members: Vec<String> = info
+            .state
+            .subjects
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .filter_map(|(s, _)| s.strip_prefix(&prefix).map(str::to_string))
+            .collect();
+        members.sort();
+        Ok(members)
+    }
+
+    fn stream_config(&self, spec: &TopicSpec, stream: &str) -> stream::Config {
+        let max_age = spec.retention.unwrap_or_default();
+        stream::Config {
+            name: stream.to_string(),
+            description: Some(format!("nexus topic `{}`", spec.name)),
+            subjects: (0..spec.partitions).map(|p| codec::subject(&spec.name, p)).collect(),
+            retention: stream::RetentionPolicy::Limits,
+            discard: stream::DiscardPolicy::Old,
+            storage: stream::StorageType::File,
+            max_age,
+            duplicate_window: duplicate_window(max_age),
+            num_replicas: self.replicas,
+            max_messages: -1,
+            max_bytes: -1,
+            max_messages_per_subject: -1,
+            max_consumers: -1,
+            metadata: HashMap::from([(TOPIC_METADATA.to_string(), spec.name.clone())]),
+            ..Default::default()
+        }
+    }
+}
+
+/// The server refuses a duplicate window longer than `max_age`; nexus sets no message ids, so
+/// the window only needs to be valid.
+fn duplicate_window(max_age: Duration) -> Duration {
+    const DEFAULT: Duration = Duration::from_secs(120);
+    if max_age.is_zero() {
+        DEFAULT
+    } else {
+        DEFAULT.min(max_age)
+    }
+}
+
+fn publish_error(topic: &str, e: &jetstream::context::PublishError) -> BusError {
+    use jetstream::context::PublishErrorKind as K;
+    match e.kind() {
+        K::StreamNotFound => BusError::UnknownTopic(topic.to_string()),
+        K::TimedOut => BusError::Timeout(format!("publish to {topic}: {e}")),
+        K::WrongLastMessageId | K::WrongLastSequence => BusError::Conflict(format!("publish to {topic}: {e}")),
+        K::BrokenPipe | K::Other => BusError::Unavailable(format!("publish to {topic}: {e}")),
+    }
+}
+
+fn check_partition(meta: &TopicMeta, topic: &str, partition: u32) -> Result<(), BusError> {
+    if partition < meta.partitions {
+        Ok(())
+    } else {
+        Err(BusError::UnknownPartition { topic: topic.to_string(), partition })
+    }
+}
+
+fn timestamp_ms(nanos: i128) -> i64 {
+    i64::try_from(nanos / 1_000_000).unwrap_or(i64::MAX)
+}
+
+#[async_trait]
+impl Bus for JetStreamBus {
+    fn kind(&self) -> &'static str {
+        "jetstream"
+    }
+
+    async fn publish(&self, topic: &str, record: OutRecord) -> Result<Published, BusError> {
+        let partitions = self.partition_count(topic).await?;
+        let partition = partition_for(&record.key, partitions);
+        let headers = codec::encode_headers(&record)?;
+        let ack = async {
+            self.js
+                .publish_with_headers(codec::subject(topic, partition), headers, record.payload)
+                .await?
+                .await
+        }
+        .await
+        .map_err(|e| {
+            if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
+                self.forget_partitions(topic);
+            }
+            publish_error(topic, &e)
+        })?;
+        let stream = codec::stream_name(topic);
+        if ack.stream != stream {
+            self.forget_partitions(topic);
+            return Err(BusError::Conflict(format!(
+                "{topic} partition {partition} was stored by stream {} instead of {stream}",
+                ack.stream
+            )));
+        }
+        Ok(Published { partition, offset: ack.sequence.saturating_sub(1) })
+    }
+
+    async fn subscribe(
+        &self,
+        group: &str,
+        topic: &str,
+        options: SubscribeOptions,
+    ) -> Result<Box<dyn Subscription>, BusError> {
+        group::subscribe(&self.inner, group, topic, options).await
+    }
+
+    async fn topic_info(&self, topic: &str) -> Result<Option<TopicInfo>, BusError> {
+        Ok(self.topic_meta(topic).await?.map(|meta| TopicInfo {
+            name: topic.to_string(),
+            partitions: meta.partitions,
+            retention: (!meta.config.max_age.is_zero()).then_some(meta.config.max_age),
+        }))
+    }
+
+    async fn apply_topic(&self, spec: &TopicSpec) -> Result<(), BusError> {
+        codec::validate_topic(&spec.name)?;
+        if spec.partitions == 0 {
+            return Err(BusError::Config(format!("topic `{}` needs at least one partition", spec.name)));
+        }
+        let stream = codec::stream_name(&spec.name);
+        // Twice at most: a concurrent `apply` may create the stream between look and create.
+        for _ in 0..2 {
+            let Some(meta) = self.topic_meta(&spec.name).await? else {
+                let config = self.stream_config(spec, &stream);
+                let created = self.api::<StreamInfo>(format!("STREAM.CREATE.{stream}"), &json!(config)).await;
+                match created {
+                    Ok(_) => {
+                        tracing::info!(topic = %spec.name, stream, partitions = spec.partitions, "stream created");
+                        self.remember_partitions(&spec.name, spec.partitions);
+                        return Ok(());
+                    }
+                    Err(e) if e.code() == Some(ErrorCode::STREAM_NAME_EXIST) => continue,
+                    Err(e) => return Err(e.into_bus(&format!("creating stream {stream}"))),
+                }
+            };
+            if spec.partitions < meta.partitions {
+                return Err(BusError::Conflict(format!(
+                    "topic `{}` has {} partitions; partitions cannot be removed (asked for {})",
+                    spec.name, meta.partitions, spec.partitions
+                )));
+            }
+            let max_age = spec.retention.unwrap_or_default();
+            if spec.partitions == meta.partitions && meta.config.max_age == max_age {
+                return Ok(());
+            }
+            let mut config = meta.config.clone();
+            config.subjects = (0..spec.partitions).map(|p| codec::subject(&spec.name, p)).collect();
+            config.max_age = max_age;
+            config.duplicate_window = config.duplicate_window.min(duplicate_window(max_age));
+            self.api::<StreamInfo>(format!("STREAM.UPDATE.{stream}"), &json!(config))
+                .await
+                .map_err(|e| e.into_bus(&format!("updating stream {stream}")))?;
+            tracing::info!(topic = %spec.name, stream, partitions = spec.partitions, "stream updated");
+            self.remember_partitions(&spec.name, spec.partitions);
+            return Ok(());
+        }
+        Err(BusError::Conflict(format!("stream {stream} keeps changing while being applied")))
+    }
+
+    async fn partition_offsets(&self, topic: &str) -> Result<Vec<PartitionOffsets>, BusError> {
+        let meta = self.require_topic(topic).await?;
+        let mut out = Vec::with_capacity(meta.partitions as usize);
+        for partition in 0..meta.partitions {
+            let (low, high, _) = self.bounds(&meta, topic, partition).await?;
+            out.push(PartitionOffsets { partition, low, high });
+        }
+        Ok(out)
+    }
+
+    async fn group_positions(&self, group: &str, topic: &str) -> Result<Vec<GroupPosition>, BusError> {
+        let meta = self.require_topic(topic).await?;
+        let gkey = codec::group_key(group)?;
+        let mut out = Vec::with_capacity(meta.partitions as usize);
+        for partition in 0..meta.partitions {
+            let (_, high, records) = self.bounds(&meta, topic, partition).await?;
+            let name = codec::consumer_name(&gkey, partition);
+            let position = match self.consumer_info(&meta.stream, &name).await? {
+                // No consumer yet: nothing committed, every record is behind.
+                None => GroupPosition { partition, committed: None, high, lag: records },
+                Some(info) => {
+                    // The ack floor is the last stream sequence of the contiguous acked
+                    // prefix, so the next offset to consume is that sequence (offset = seq - 1).
+                    // A fresh consumer's floor only means something if it was placed by a seek.
+                    let placed = matches!(info.config.deliver_policy, DeliverPolicy::ByStartSequence { .. });
+                    let committed = (info.ack_floor.consumer_sequence > 0 || placed)
+                        .then(|| info.ack_floor.stream_sequence.min(high));
+                    let all_acked = info.num_ack_pending == 0
+                        && info.delivered.stream_sequence <= info.ack_floor.stream_sequence;
+                    let lag = if all_acked {
+                        info.num_pending
+                    } else {
+                        // Acks above the floor do not count (as on Kafka): count from it.
+                        let subject = codec::subject(topic, partition);
+                        self.count_from_seq(&meta.stream, &subject, info.ack_floor.stream_sequence + 1).await?
+                    };
+                    GroupPosition { partition, committed, high, lag }
+                }
+            };
+            out.push(position);
+        }
+        Ok(out)
+    }
+
+    async fn offset_for_time(&self, topic: &str, partition: u32, ts_ms: i64) -> Result<u64, BusError> {
+        let meta = self.require_topic(topic).await?;
+        check_partition(&meta, topic, partition)?;
+        let at = chrono::DateTime::from_timestamp_millis(ts_ms)
+            .ok_or_else(|| BusError::Config(format!("timestamp {ts_ms} ms is out of range")))?
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        // async-nats wants a `time::OffsetDateTime`; going through its serde form avoids a
+        // direct dependency on `time`.
+        let deliver: DeliverPolicy =
+            serde_json::from_value(json!({ "deliver_policy": "by_start_time", "opt_start_time": at }))
+                .map_err(|e| BusError::Config(format!("start time {at}: {e}")))?;
+        let subject = codec::subject(topic, partition);
+        let consumer = self.ephemeral(&meta.stream, &subject, deliver).await?;
+        let found = if consumer.cached_info().num_pending == 0 {
+            None
+        } else {
+            let what = format!("offset for time on {topic}/{partition}");
+            let first = async {
+                let mut batch = consumer.fetch().max_messages(1).messages().await.map_err(|e| batch_error(&what, &e))?;
+                match batch.next().await {
+                    Some(Ok(m)) => Ok(m.info().map(|i| i.stream_sequence).ok()),
+                    Some(Err(e)) => Err(BusError::Unavailable(format!("{what}: {e}"))),
+                    None => Ok(None),
+                }
+            }
+            .await;
+            match first {
+                Ok(seq) => seq,
+                Err(e) => {
+                    self.drop_ephemeral(&meta.stream, &consumer).await;
+                    return Err(e);
+                }
+            }
+        };
+        self.drop_ephemeral(&meta.stream, &consumer).await;
+        match found {
+            Some(seq) => Ok(seq - 1),
+            None => Ok(self.bounds(&meta, topic, partition).await?.1),
+        }
+    }
+
+    async fn count_between(&self, topic: &str, partition: u32, from: u64, to: u64) -> Result<u64, BusError> {
+        if to <= from {
+            return Ok(0);
+        }
+        let meta = self.require_topic(topic).await?;
+        check_partition(&meta, topic, partition)?;
+        let subject = codec::subject(topic, partition);
+        // Offsets [from, to) are sequences [from + 1, to + 1).
+        let from_on = self.count_from_seq(&meta.stream, &subject, from + 1).await?;
+        let to_on = if to >= meta.state.last_seq {
+            0
+        } else {
+            self.count_from_seq(&meta.stream, &subject, to + 1).await?
+        };
+        Ok(from_on.saturating_sub(to_on))
+    }
+
+    async fn seek_group(&self, group: &str, topic: &str, partition: u32, offset: u64) -> Result<(), BusError> {
+        let meta = self.require_topic(topic).await?;
+        check_partition(&meta, topic, partition)?;
+        let gkey = codec::group_key(group)?;
+        let members = self.members(&meta.stream, &gkey).await?;
+        if !members.is_empty() {
+            return Err(BusError::Conflict(format!(
+                "group `{group}` has {} active member(s) on `{topic}`; stop them before moving its offsets",
+                members.len()
+            )));
+        }
+        // A durable consumer's start cannot be changed, so it is replaced; its ack floor then
+        // starts just below the new start, which is what the next member resumes from.
+        let name = codec::consumer_name(&gkey, partition);
+        let subject = codec::subject(topic, partition);
+        let max_ack_pending = match self.consumer_info(&meta.stream, &name).await? {
+            Some(info) => info.config.max_ack_pending,
+            None => SubscribeOptions::default().max_in_flight as i64,
+        };
+        self.delete_consumer(&meta.stream, &name).await?;
+        let deliver = DeliverPolicy::ByStartSequence { start_sequence: offset + 1 };
+        let config = self.durable_config(group, &name, &subject, partition, deliver, max_ack_pending);
+        self.js
+            .create_consumer_on_stream(config, &meta.stream)
+            .await
+            .map_err(|e| consumer_error(&format!("recreating consumer {name}"), &e))?;
+        tracing::info!(group, topic, partition, offset, "group offset moved");
+        Ok(())
+    }
+
+    async fn active_members(&self, group: &str, topic: &str) -> Result<usize, BusError> {
+        codec::validate_topic(topic)?;
+        let gkey = codec::group_key(group)?;
+        Ok(self.members(&codec::stream_name(topic), &gkey).await?.len())
+    }
+
+    async fn read(&self, topic: &str, partition: u32, from: u64, max: usize) -> Result<Vec<Message>, BusError> {
+        let meta = self.require_topic(topic).await?;
+        check_partition(&meta, topic, partition)?;
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let subject = codec::subject(topic, partition);
+        let deliver = DeliverPolicy::ByStartSequence { start_sequence: from.saturating_add(1) };
+        let consumer = self.ephemeral(&meta.stream, &subject, deliver).await?;
+        let mut out = Vec::new();
+        let mut left = (consumer.cached_info().num_pending as usize).min(max);
+        let what = format!("reading {topic}/{partition}");
+        let result = async {
+            while left > 0 {
+                let mut batch =
+                    consumer.fetch().max_messages(left.min(READ_BATCH)).messages().await.map_err(|e| batch_error(&what, &e))?;
+                let before = out.len();
+                while let Some(item) = batch.next().await {
+                    let m = item.map_err(|e| BusError::Unavailable(format!("{what}: {e}")))?;
+                    let Ok(info) = m.info() else {
+                        tracing::warn!(topic, partition, "record without JetStream metadata skipped");
+                        continue;
+                    };
+                    let seq = info.stream_sequence;
+                    let ts = timestamp_ms(info.published.unix_timestamp_nanos());
+                    out.push(codec::message(topic, partition, seq, ts, m.message.headers.as_ref(), m.message.payload.clone()));
+                }
+                let got = out.len() - before;
+                if got == 0 {
+                    break;
+                }
+                left = left.saturating_sub(got);
+            }
+            Ok::<_, BusError>(())
+        }
+        .await;
+        self.drop_ephemeral(&meta.stream, &consumer).await;
+        result?;
+        Ok(out)
+    }
+
+    async fn health(&self) -> Result<(), BusError> {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(BusError::Unavailable("not connected to NATS".into()));
+        }
+        self.js.query_account().await.map_err(|e| {
+            use jetstream::context::AccountErrorKind as K;
+            match e.kind() {
+                K::TimedOut => BusError::Timeout(format!("JetStream account info: {e}")),
+                K::JetStreamUnavailable => BusError::Unavailable("JetStream is not enabled on the NATS server".into()),
+                K::JetStream(err) => server_error("JetStream account info", &err),
+                K::Other => BusError::Unavailable(format!("JetStream account info: {e}")),
+            }
+        })?;
+        Ok(())
+    }
+}

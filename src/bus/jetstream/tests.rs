@@ -1,0 +1,303 @@
+//! Tests of the JetStream backend. The codec tests need nothing; the others need a NATS server
+//! 2.10+ with JetStream at `NEXUS_TEST_NATS_URL` (default `nats://127.0.0.1:14222`) and fail
+//! if it is down, unless that variable is `skip`.
+
+use std::time::{Duration, Instant};
+
+use super::codec::*;
+use super::*;
+use crate::config::Config;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn test_config() -> Option<BusConfig> {
+    let url = std::env::var("NEXUS_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:14222".into());
+    if url == "skip" {
+        eprintln!("NEXUS_TEST_NATS_URL=skip: JetStream test not run");
+        return None;
+    }
+    let mut c = Config::defaults().bus;
+    c.url = url;
+    c.nats.ack_wait_ms = 1500;
+    c.nats.lease_ttl_ms = 2500;
+    Some(c)
+}
+
+async fn connect(config: &BusConfig) -> JetStreamBus {
+    let tls = config.url.starts_with("tls://");
+    JetStreamBus::connect(&config.url, tls, config)
+        .await
+        .unwrap_or_else(|e| panic!("NATS at {} (set NEXUS_TEST_NATS_URL=skip to skip): {e}", config.url))
+}
+
+async fn fresh_topic(bus: &JetStreamBus, partitions: u32) -> String {
+    let name = format!("nexus.test.t{}", uuid::Uuid::new_v4().simple());
+    bus.apply_topic(&TopicSpec { name: name.clone(), partitions, retention: None }).await.expect("create topic");
+    name
+}
+
+async fn next(sub: &mut Box<dyn Subscription>, within: Duration) -> Option<Delivery> {
+    match tokio::time::timeout(within, sub.next()).await {
+        Ok(Some(Ok(d))) => Some(d),
+        Ok(Some(Err(e))) => panic!("subscription error: {e}"),
+        Ok(None) | Err(_) => None,
+    }
+}
+
+fn seq_of(m: &Message) -> u64 {
+    std::str::from_utf8(&m.payload).expect("utf8").rsplit(':').next().and_then(|n| n.parse().ok()).expect("seq")
+}
+
+/// A key that lands in `partition` of `partitions`.
+fn key_in(partition: u32, partitions: u32, tag: &str) -> String {
+    (0..).map(|i| format!("{tag}-{i}")).find(|k| partition_for(k, partitions) == partition).expect("some key")
+}
+
+#[test]
+fn header_values_survive_nats_framing() {
+    for v in ["plain", "", " lead", "trail\t", "a\r\nb", "100% done", "ünïcode ok", "%41", "x%"] {
+        assert_eq!(unescape_value(&escape_value(v)), v, "{v:?}");
+        assert!(!escape_value(v).contains(['\r', '\n']));
+        assert_eq!(escape_value(v).trim(), escape_value(v), "{v:?}");
+    }
+    assert_eq!(escape_value("traceparent-00-abc"), "traceparent-00-abc", "plain values are untouched");
+}
+
+#[test]
+fn headers_keep_key_and_order() {
+    let record = OutRecord::new("conv 1\n", "x")
+        .with_header("b", "2")
+        .with_header("a", "multi\nline")
+        .with_header("b", "3");
+    let map = encode_headers(&record).expect("encode");
+    let (key, headers) = decode_headers(Some(&map));
+    assert_eq!(key, "conv 1\n");
+    assert_eq!(headers, vec![("b".into(), "2".into()), ("a".into(), "multi\nline".into()), ("b".into(), "3".into())]);
+    assert!(encode_headers(&OutRecord::new("k", "x").with_header("bad name", "v")).is_err());
+    assert!(encode_headers(&OutRecord::new("k", "x").with_header(KEY_HEADER, "v")).is_err());
+}
+
+#[test]
+fn names_map_one_to_one() {
+    assert_eq!(stream_name("nexus.inbound.v1"), "nexus_inbound_v1");
+    assert_eq!(subject("nexus.inbound.v1", 3), "nexus.inbound.v1.3");
+    assert_eq!(partition_of_subject("a.b", "a.b.12"), Some(12));
+    assert_eq!(partition_of_subject("a.b", "a.b.dlq.0"), None);
+    assert_eq!(partition_of_subject("a.b", "a.b.01"), None);
+    assert_eq!(group_key("conversation").unwrap(), "conversation");
+    assert_eq!(group_key("edge.pod 1").unwrap(), "edge=2Epod=201");
+    assert_ne!(group_key("a.b").unwrap(), group_key("a_b").unwrap());
+    assert!(group_key("").is_err());
+    assert!(validate_topic("nexus.inbound.v1").is_ok());
+    for bad in ["", "a..b", ".a", "a.", "a b", "a.*", "a.>"] {
+        assert!(validate_topic(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn timing_keeps_fetch_and_progress_inside_the_lease() {
+    let mut c = Config::defaults().bus.nats;
+    c.ack_wait_ms = 1500;
+    c.lease_ttl_ms = 2500;
+    let t = Timing::from_config(&c).expect("valid");
+    // Right after a renewal, both are allowed; a renewal interval later (plus slack), too.
+    let deadline = Instant::now() + t.lease_ttl;
+    assert!(t.can_fetch(deadline) && t.can_progress(deadline));
+    let later = deadline - t.renew_every - Duration::from_millis(20);
+    assert!(t.can_fetch(later) && t.can_progress(later));
+    // Once the lease is within ack wait of expiring, nothing may extend past it.
+    assert!(!t.can_progress(Instant::now() + t.ack_wait));
+    c.lease_ttl_ms = 1600;
+    assert!(matches!(Timing::from_config(&c), Err(BusError::Config(_))));
+}
+
+#[tokio::test]
+async fn topics_are_created_grown_and_never_shrunk() {
+    let Some(config) = test_config() else { return };
+    let bus = connect(&config).await;
+    bus.health().await.expect("healthy");
+    let topic = format!("nexus.test.t{}", uuid::Uuid::new_v4().simple());
+    assert_eq!(bus.topic_info(&topic).await.expect("info"), None);
+    let week = Duration::from_secs(7 * 86400);
+    bus.apply_topic(&TopicSpec { name: topic.clone(), partitions: 2, retention: Some(week) }).await.expect("create");
+    let info = bus.topic_info(&topic).await.expect("info").expect("exists");
+    assert_eq!((info.partitions, info.retention), (2, Some(week)));
+    bus.apply_topic(&TopicSpec { name: topic.clone(), partitions: 3, retention: None }).await.expect("grow");
+    let info = bus.topic_info(&topic).await.expect("info").expect("exists");
+    assert_eq!((info.partitions, info.retention), (3, None));
+    let shrink = bus.apply_topic(&TopicSpec { name: topic.clone(), partitions: 1, retention: None }).await;
+    assert!(matches!(shrink, Err(BusError::Conflict(_))), "{shrink:?}");
+    // `a.b` and `a_b` share a stream name; the second one is refused, not merged.
+    let twin = topic.replace('.', "_");
+    let clash = bus.apply_topic(&TopicSpec { name: twin, partitions: 3, retention: None }).await;
+    assert!(matches!(clash, Err(BusError::Conflict(_))), "{clash:?}");
+    let missing = bus.publish("nexus.test.missing", OutRecord::new("k", "x")).await;
+    assert!(matches!(missing, Err(BusError::UnknownTopic(_))), "{missing:?}");
+}
+
+#[tokio::test]
+async fn offsets_counts_reads_and_times_per_partition() {
+    let Some(config) = test_config() else { return };
+    let bus = connect(&config).await;
+    let topic = fresh_topic(&bus, 3).await;
+    for p in bus.partition_offsets(&topic).await.expect("offsets") {
+        assert_eq!((p.low, p.high), (0, 0), "an empty topic starts at 0");
+    }
+    let k0 = key_in(0, 3, "a");
+    let k2 = key_in(2, 3, "b");
+    let mut placed = Vec::new();
+    for n in 0..4u64 {
+        let r = OutRecord::new(k0.clone(), format!("{k0}:{n}")).with_header("nexus-event-type", "t").with_header("x", "1");
+        placed.push(bus.publish(&topic, r).await.expect("publish"));
+        placed.push(bus.publish(&topic, OutRecord::new(k2.clone(), format!("{k2}:{n}"))).await.expect("publish"));
+    }
+    let cut = chrono::Utc::now().timestamp_millis();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let late = bus.publish(&topic, OutRecord::new(k0.clone(), format!("{k0}:4"))).await.expect("publish");
+    assert_eq!(placed[0], Published { partition: 0, offset: 0 });
+    assert_eq!(placed[1], Published { partition: 2, offset: 1 });
+
+    let offsets = bus.partition_offsets(&topic).await.expect("offsets");
+    assert_eq!(offsets[0], PartitionOffsets { partition: 0, low: 0, high: late.offset + 1 });
+    assert_eq!(offsets[2], PartitionOffsets { partition: 2, low: 1, high: 8 });
+    assert_eq!(offsets[1].low, offsets[1].high, "empty partition");
+    assert_eq!(bus.count_between(&topic, 0, offsets[0].low, offsets[0].high).await.expect("count"), 5);
+    assert_eq!(bus.count_between(&topic, 2, 1, 5).await.expect("count"), 2, "offsets 1 and 3 of partition 2");
+    assert_eq!(bus.count_between(&topic, 1, 0, 100).await.expect("count"), 0);
+
+    let read = bus.read(&topic, 0, 0, 100).await.expect("read");
+    assert_eq!(read.iter().map(seq_of).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+    assert_eq!(read[0].key, k0);
+    assert_eq!(read[0].headers, vec![("nexus-event-type".into(), "t".into()), ("x".into(), "1".into())]);
+    assert!(read.windows(2).all(|w| w[0].offset < w[1].offset));
+    let tail = bus.read(&topic, 0, read[2].offset, 2).await.expect("read from");
+    assert_eq!(tail.iter().map(seq_of).collect::<Vec<_>>(), vec![2, 3]);
+
+    assert_eq!(bus.offset_for_time(&topic, 0, cut).await.expect("by time"), late.offset);
+    assert_eq!(bus.offset_for_time(&topic, 2, cut).await.expect("by time"), offsets[2].high);
+    assert_eq!(bus.offset_for_time(&topic, 0, 0).await.expect("by time"), 0);
+    let bad = bus.read(&topic, 3, 0, 1).await;
+    assert!(matches!(bad, Err(BusError::UnknownPartition { partition: 3, .. })), "{bad:?}");
+}
+
+#[tokio::test]
+async fn commit_moves_over_the_acked_prefix_only() {
+    let Some(config) = test_config() else { return };
+    let bus = connect(&config).await;
+    let topic = fresh_topic(&bus, 1).await;
+    let group = "g";
+    for n in 0..3 {
+        bus.publish(&topic, OutRecord::new("k", format!("k:{n}"))).await.expect("publish");
+    }
+    let before = bus.group_positions(group, &topic).await.expect("positions");
+    assert_eq!(before, vec![GroupPosition { partition: 0, committed: None, high: 3, lag: 3 }]);
+    let mut sub = bus.subscribe(group, &topic, SubscribeOptions::default()).await.expect("subscribe");
+    let d0 = next(&mut sub, WAIT).await.expect("0");
+    let d1 = next(&mut sub, WAIT).await.expect("1");
+    let d2 = next(&mut sub, WAIT).await.expect("2");
+    assert_eq!([&d0, &d1, &d2].map(|d| d.message.offset), [0, 1, 2]);
+    d2.ack().await.expect("ack 2");
+    d1.ack().await.expect("ack 1");
+    let p = bus.group_positions(group, &topic).await.expect("positions")[0];
+    assert_eq!((p.committed.unwrap_or(0), p.lag), (0, 3), "a gap keeps the commit at the gap");
+    d0.ack().await.expect("ack 0");
+    let p = bus.group_positions(group, &topic).await.expect("positions")[0];
+    assert_eq!((p.committed, p.lag), (Some(3), 0));
+    let seek = bus.seek_group(group, &topic, 0, 1).await;
+    assert!(matches!(seek, Err(BusError::Conflict(_))), "no seek under a live member: {seek:?}");
+    sub.close().await.expect("close");
+    assert_eq!(bus.active_members(group, &topic).await.expect("members"), 0);
+    bus.seek_group(group, &topic, 0, 1).await.expect("seek");
+    let p = bus.group_positions(group, &topic).await.expect("positions")[0];
+    assert_eq!((p.committed, p.lag), (Some(1), 2));
+    let mut sub = bus.subscribe(group, &topic, SubscribeOptions::default()).await.expect("subscribe");
+    let again = next(&mut sub, WAIT).await.expect("replayed");
+    assert_eq!(again.message.offset, 1);
+    again.ack().await.expect("ack");
+    sub.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_handler_is_not_overtaken_by_its_own_redelivery() {
+    let Some(config) = test_config() else { return };
+    let bus = connect(&config).await;
+    let topic = fresh_topic(&bus, 1).await;
+    bus.publish(&topic, OutRecord::new("k", "k:0")).await.expect("publish");
+    let mut sub = bus.subscribe("g", &topic, SubscribeOptions::default()).await.expect("subscribe");
+    let d = next(&mut sub, WAIT).await.expect("first");
+    // Three ack waits without an ack: `+WPI` keeps the record ours.
+    let again = next(&mut sub, Duration::from_millis(config.nats.ack_wait_ms * 3)).await;
+    assert!(again.is_none(), "redelivered while in flight: {:?}", again.map(|d| d.message.offset));
+    d.ack().await.expect("ack");
+    let p = bus.group_positions("g", &topic).await.expect("positions")[0];
+    assert_eq!(p.lag, 0);
+    sub.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_share_partitions_and_a_crashed_members_records_come_back_in_order() {
+    let Some(config) = test_config() else { return };
+    let bus = connect(&config).await;
+    let topic = fresh_topic(&bus, 2).await;
+    let group = "crash";
+    let keys = [key_in(0, 2, "c"), key_in(1, 2, "c")];
+    for n in 0..10u64 {
+        for k in &keys {
+            bus.publish(&topic, OutRecord::new(k.clone(), format!("{k}:{n}"))).await.expect("publish");
+        }
+    }
+    // Member A runs on its own runtime and connection, takes records without acking, then the
+    // runtime is torn down: a crash, no hand-over.
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<(u32, u64)>>();
+    let (topic_a, config_a) = (topic.clone(), config.clone());
+    let crashed = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+        rt.block_on(async {
+            let bus = connect(&config_a).await;
+            let mut sub = bus.subscribe(group, &topic_a, SubscribeOptions::default()).await.expect("subscribe a");
+            let mut got = Vec::new();
+            let mut held = Vec::new();
+            while got.len() < 6 {
+                let d = next(&mut sub, WAIT).await.expect("a receives");
+                got.push((d.message.partition, seq_of(&d.message)));
+                // Ack the first two of each partition, hold the rest.
+                if seq_of(&d.message) < 2 {
+                    d.ack().await.expect("ack");
+                } else {
+                    held.push(d);
+                }
+            }
+            tx.send(got).expect("report");
+            std::mem::forget(held);
+            std::mem::forget(sub);
+        });
+        rt.shutdown_background();
+    });
+    let a_got = rx.recv_timeout(WAIT).expect("member a ran");
+    crashed.join().expect("member a thread");
+    assert!(!a_got.is_empty());
+
+    let mut b = bus.subscribe(group, &topic, SubscribeOptions::default()).await.expect("subscribe b");
+    let mut c = bus.subscribe(group, &topic, SubscribeOptions::default()).await.expect("subscribe c");
+    let deadline = Instant::now() + WAIT;
+    let mut seen: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
+    let mut by_member = [0usize; 2];
+    while seen.iter().any(|s| s.last() != Some(&9)) {
+        assert!(Instant::now() < deadline, "not everything came back: {seen:?}");
+        for (i, sub) in [&mut b, &mut c].into_iter().enumerate() {
+            if let Some(d) = next(sub, Duration::from_millis(100)).await {
+                seen[d.message.partition as usize].push(seq_of(&d.message));
+                by_member[i] += 1;
+                d.ack().await.expect("ack");
+            }
+        }
+    }
+    for (p, s) in seen.iter().enumerate() {
+        // Partition p resumes at the first record A did not ack, in order, nothing skipped.
+        let acked = a_got.iter().filter(|(ap, n)| *ap == p as u32 && *n < 2).count() as u64;
+        assert_eq!(s, &(acked..10).collect::<Vec<_>>(), "partition {p}");
+    }
+    assert!(by_member[0] > 0 && by_member[1] > 0, "both members work: {by_member:?}");
+    b.close().await.expect("close b");
+    c.close().await.expect("close c");
+}

@@ -1,0 +1,270 @@
+//! Unit tests of the ack bookkeeping, and tests against a Kafka-protocol broker at
+//! `NEXUS_TEST_KAFKA_BROKERS` (default 127.0.0.1:19092, started by `scripts/services.sh`).
+//! Without the variable and without a broker on the default address the broker tests skip.
+
+use std::time::Duration;
+
+use super::*;
+use crate::config::Config;
+
+fn brokers() -> Option<String> {
+    if let Ok(b) = std::env::var("NEXUS_TEST_KAFKA_BROKERS") {
+        return Some(b);
+    }
+    let default = "127.0.0.1:19092";
+    match std::net::TcpStream::connect_timeout(&default.parse().ok()?, Duration::from_millis(300)) {
+        Ok(_) => Some(default.to_string()),
+        Err(_) => {
+            eprintln!("no Kafka broker at {default} and NEXUS_TEST_KAFKA_BROKERS unset; skipping");
+            None
+        }
+    }
+}
+
+async fn bus() -> Option<KafkaBus> {
+    let brokers = brokers()?;
+    let mut config = Config::defaults().bus;
+    config.url = format!("kafka://{brokers}");
+    // Tansu's first group join takes about half the session timeout.
+    config.kafka.session_timeout_ms = 6000;
+    Some(KafkaBus::connect(&brokers, false, &config).await.expect("connect"))
+}
+
+fn name(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4())
+}
+
+async fn topic(bus: &KafkaBus, partitions: u32) -> String {
+    let t = name("t");
+    bus.apply_topic(&TopicSpec { name: t.clone(), partitions, retention: None }).await.expect("apply");
+    t
+}
+
+async fn next(sub: &mut Box<dyn Subscription>) -> Delivery {
+    tokio::time::timeout(Duration::from_secs(30), sub.next())
+        .await
+        .expect("a delivery in time")
+        .expect("open")
+        .expect("no error")
+}
+
+async fn committed(bus: &KafkaBus, group: &str, topic: &str, partition: u32) -> Option<u64> {
+    bus.group_positions(group, topic).await.unwrap()[partition as usize].committed
+}
+
+#[test]
+fn parses_subscription_metadata() {
+    // version 1, two topics, then user data the parser ignores.
+    let mut data = vec![0, 1, 0, 0, 0, 2];
+    for t in ["a.v1", "bb"] {
+        data.extend_from_slice(&(t.len() as i16).to_be_bytes());
+        data.extend_from_slice(t.as_bytes());
+    }
+    data.extend_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+    assert_eq!(admin::subscribed_topics(&data), Some(vec!["a.v1".into(), "bb".into()]));
+    assert_eq!(admin::subscribed_topics(&[0, 1, 0, 0, 0, 5, 0]), None);
+}
+
+#[tokio::test]
+async fn publish_places_keys_like_every_backend() {
+    let Some(bus) = bus().await else { return };
+    let t = topic(&bus, 4).await;
+    let mut last = std::collections::HashMap::new();
+    for i in 0..20 {
+        let key = format!("conv-{}", i % 5);
+        let p = bus
+            .publish(&t, OutRecord::new(key.clone(), format!("m{i}")).with_header("nexus-x", "1"))
+            .await
+            .unwrap();
+        assert_eq!(p.partition, partition_for(&key, 4));
+        if let Some(prev) = last.insert(p.partition, p.offset) {
+            assert!(p.offset > prev, "offsets grow per partition");
+        }
+    }
+    let e = bus.publish("no-such-topic-x", OutRecord::new("k", "v")).await.unwrap_err();
+    assert!(matches!(e, BusError::UnknownTopic(_)), "{e:?}");
+    assert!(bus.topic_info("no-such-topic-x").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn apply_topic_creates_grows_and_refuses_to_shrink() {
+    let Some(bus) = bus().await else { return };
+    let t = name("t");
+    let day = Some(Duration::from_secs(86_400));
+    bus.apply_topic(&TopicSpec { name: t.clone(), partitions: 2, retention: day }).await.unwrap();
+    let info = bus.topic_info(&t).await.unwrap().unwrap();
+    assert_eq!(info.partitions, 2);
+    eprintln!("retention as described: {:?}", info.retention);
+    bus.apply_topic(&TopicSpec { name: t.clone(), partitions: 3, retention: None }).await.unwrap();
+    assert_eq!(bus.topic_info(&t).await.unwrap().unwrap().partitions, 3);
+    let e = bus.apply_topic(&TopicSpec { name: t.clone(), partitions: 1, retention: None }).await;
+    assert!(matches!(e, Err(BusError::Conflict(_))), "{e:?}");
+    // The publisher sees the new partition count.
+    let p = bus.publish(&t, OutRecord::new("k", "v")).await.unwrap();
+    assert_eq!(p.partition, partition_for("k", 3));
+}
+
+#[tokio::test]
+async fn commits_only_the_contiguous_acked_prefix() {
+    let Some(bus) = bus().await else { return };
+    let t = topic(&bus, 1).await;
+    let g = name("g");
+    for i in 0..3 {
+        bus.publish(&t, OutRecord::new("k", format!("m{i}")).with_header("h", "v")).await.unwrap();
+    }
+    let mut sub = bus.subscribe(&g, &t, SubscribeOptions::default()).await.unwrap();
+    let d0 = next(&mut sub).await;
+    let d1 = next(&mut sub).await;
+    let d2 = next(&mut sub).await;
+    assert_eq!((d0.message.offset, d1.message.offset, d2.message.offset), (0, 1, 2));
+    assert_eq!(d0.message.header("h"), Some("v"));
+    assert_eq!(d0.message.payload.as_ref(), b"m0");
+    d2.ack().await.unwrap();
+    d1.ack().await.unwrap();
+    assert_eq!(committed(&bus, &g, &t, 0).await, None);
+    d0.ack().await.unwrap();
+    assert_eq!(committed(&bus, &g, &t, 0).await, Some(3));
+    assert_eq!(bus.active_members(&g, &t).await.unwrap(), 1);
+    sub.close().await.unwrap();
+    assert_eq!(bus.active_members(&g, &t).await.unwrap(), 0);
+    let pos = bus.group_positions(&g, &t).await.unwrap();
+    assert_eq!(pos[0].lag, 0);
+}
+
+#[tokio::test]
+async fn a_dead_member_leaves_unacked_records_to_the_next() {
+    let Some(bus) = bus().await else { return };
+    let t = topic(&bus, 1).await;
+    let g = name("g");
+    for i in 0..4 {
+        bus.publish(&t, OutRecord::new("k", format!("m{i}"))).await.unwrap();
+    }
+    let mut sub = bus.subscribe(&g, &t, SubscribeOptions::default()).await.unwrap();
+    let d0 = next(&mut sub).await;
+    let d1 = next(&mut sub).await;
+    let d2 = next(&mut sub).await;
+    d0.ack().await.unwrap();
+    d2.ack().await.unwrap();
+    drop(d1);
+    drop(sub);
+    let mut sub = bus.subscribe(&g, &t, SubscribeOptions::default()).await.unwrap();
+    let again = next(&mut sub).await;
+    assert_eq!(again.message.offset, 1, "redelivered from the first unacked record");
+    again.ack().await.unwrap();
+    sub.close().await.unwrap();
+    assert_eq!(committed(&bus, &g, &t, 0).await, Some(2));
+}
+
+#[tokio::test]
+async fn max_in_flight_holds_back_records() {
+    let Some(bus) = bus().await else { return };
+    let t = topic(&bus, 2).await;
+    let g = name("g");
+    for i in 0..10 {
+        bus.publish(&t, OutRecord::new(format!("k{i}"), "v")).await.unwrap();
+    }
+    let opts = SubscribeOptions { start: StartFrom::Earliest, max_in_flight: 3 };
+    let mut sub = bus.subscribe(&g, &t, opts).await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(next(&mut sub).await);
+    }
+    let extra = tokio::time::timeout(Duration::from_millis(1500), sub.next()).await;
+    // At most one record fetched while pausing may be queued beyond the limit.
+    if let Ok(Some(Ok(d))) = extra {
+        held.push(d);
+        assert!(tokio::time::timeout(Duration::from_millis(1500), sub.next()).await.is_err());
+    }
+    let mut seen = held.len();
+    for d in held {
+        d.ack().await.unwrap();
+    }
+    while seen < 10 {
+        next(&mut sub).await.ack().await.unwrap();
+        seen += 1;
+    }
+    sub.close().await.unwrap();
+    let pos = bus.group_positions(&g, &t).await.unwrap();
+    assert!(pos.iter().all(|p| p.lag == 0), "{pos:?}");
+}
+
+#[tokio::test]
+async fn a_rebalance_hands_over_without_loss_or_double_commit() {
+    let Some(bus) = bus().await else { return };
+    let t = topic(&bus, 4).await;
+    let g = name("g");
+    for i in 0..40 {
+        bus.publish(&t, OutRecord::new(format!("k{i}"), format!("{i}"))).await.unwrap();
+    }
+    let mut a = bus.subscribe(&g, &t, SubscribeOptions::default()).await.unwrap();
+    let mut got = std::collections::HashSet::new();
+    for _ in 0..10 {
+        let d = next(&mut a).await;
+        got.insert((d.message.partition, d.message.offset));
+        d.ack().await.unwrap();
+    }
+    // A second member joins; both keep consuming until all 40 are acked once.
+    let b = bus.subscribe(&g, &t, SubscribeOptions::default()).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
+    for mut sub in [a, b] {
+        let tx = tx.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(20), sub.next()).await {
+                let key = (d.message.partition, d.message.offset);
+                d.ack().await.unwrap();
+                if tx.send(key).is_err() {
+                    break;
+                }
+            }
+            sub
+        }));
+    }
+    drop(tx);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    while got.len() < 40 && tokio::time::Instant::now() < deadline {
+        if let Ok(Some(key)) = tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+            got.insert(key);
+        }
+    }
+    assert_eq!(got.len(), 40, "every record delivered");
+    let positions = bus.group_positions(&g, &t).await.unwrap();
+    for task in tasks {
+        task.abort();
+    }
+    let offsets = bus.partition_offsets(&t).await.unwrap();
+    for (p, o) in positions.iter().zip(&offsets) {
+        assert!(p.committed.unwrap_or(0) <= o.high, "{p:?} {o:?}");
+    }
+}
+
+#[tokio::test]
+async fn offsets_reads_and_seeks() {
+    let Some(bus) = bus().await else { return };
+    let t = topic(&bus, 1).await;
+    let g = name("g");
+    let before = chrono::Utc::now().timestamp_millis() - 1;
+    for i in 0..5 {
+        bus.publish(&t, OutRecord::new("k", format!("m{i}"))).await.unwrap();
+    }
+    let offs = bus.partition_offsets(&t).await.unwrap();
+    assert_eq!((offs[0].low, offs[0].high), (0, 5));
+    assert_eq!(bus.offset_for_time(&t, 0, before).await.unwrap(), 0);
+    assert_eq!(bus.offset_for_time(&t, 0, i64::MAX / 2).await.unwrap(), 5);
+    let read = bus.read(&t, 0, 2, 10).await.unwrap();
+    assert_eq!(read.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![2, 3, 4]);
+    assert_eq!(read[0].payload.as_ref(), b"m2");
+    assert!(bus.read(&t, 0, 5, 10).await.unwrap().is_empty());
+    assert!(matches!(bus.read(&t, 3, 0, 1).await, Err(BusError::UnknownPartition { .. })));
+    let pos = bus.group_positions(&g, &t).await.unwrap();
+    assert_eq!((pos[0].committed, pos[0].lag), (None, 5));
+    bus.seek_group(&g, &t, 0, 3).await.unwrap();
+    let pos = bus.group_positions(&g, &t).await.unwrap();
+    assert_eq!((pos[0].committed, pos[0].lag), (Some(3), 2));
+    let mut sub = bus.subscribe(&g, &t, SubscribeOptions::default()).await.unwrap();
+    assert_eq!(next(&mut sub).await.message.offset, 3);
+    let e = bus.seek_group(&g, &t, 0, 0).await;
+    assert!(matches!(e, Err(BusError::Conflict(_))), "{e:?}");
+    sub.close().await.unwrap();
+    bus.health().await.unwrap();
+}
