@@ -205,7 +205,14 @@ impl Config {
             }
             figment = figment.merge(Toml::file(path));
         }
-        figment = figment.merge(Env::prefixed("NEXUS_").split("__"));
+        // NEXUS_CONFIG names the file (a CLI flag's env); NEXUS_TEST_*, NEXUS_BENCH_* and
+        // NEXUS_SERVICES_* belong to the test tooling. Every other NEXUS_* must be a config key.
+        let env = Env::prefixed("NEXUS_").split("__").filter(|key| {
+            let key = key.as_str();
+            !(key.eq_ignore_ascii_case("config")
+                || ["test_", "bench_", "services_"].iter().any(|p| key.to_ascii_lowercase().starts_with(p)))
+        });
+        figment = figment.merge(env);
         Self::from_figment(figment)
     }
 

@@ -81,8 +81,9 @@ pub fn parse_duration(value: &str) -> Result<Option<Duration>, DurationError> {
     Ok(Some(Duration::from_millis(total_ms)))
 }
 
-/// Formats a duration the way the YAML writes it: days, hours, minutes, seconds, milliseconds
-/// (weeks are shown as days, which is how retention is usually spoken of).
+/// Formats a duration the way the YAML writes it: days, hours, minutes, seconds, milliseconds.
+/// Weeks are shown as days and anything under two days in hours (`24h`, `36h`), which is how
+/// retention is usually spoken of.
 pub fn format_duration(duration: Option<Duration>) -> String {
     let Some(duration) = duration else {
         return FOREVER.to_owned();
@@ -92,7 +93,11 @@ pub fn format_duration(duration: Option<Duration>) -> String {
         return "0s".to_owned();
     }
     let mut out = String::new();
+    let two_days = 2 * 86_400_000;
     for (name, factor) in UNITS.iter().skip(1) {
+        if *name == "d" && ms < two_days {
+            continue;
+        }
         let factor = u128::from(*factor);
         if ms >= factor {
             out.push_str(&format!("{}{name}", ms / factor));
@@ -144,10 +149,12 @@ mod tests {
 
     #[test]
     fn formats_back() {
-        for s in ["7d", "1d12h", "30m", "1h30m15s", "250ms", "forever"] {
+        for s in [
+            "7d", "2d12h", "24h", "36h", "30m", "1h30m15s", "250ms", "forever",
+        ] {
             assert_eq!(format_duration(parse_duration(s).unwrap()), s);
         }
         assert_eq!(format_duration(parse_duration("1w").unwrap()), "7d");
-        assert_eq!(format_duration(parse_duration("24h").unwrap()), "1d");
+        assert_eq!(format_duration(parse_duration("1d").unwrap()), "24h");
     }
 }

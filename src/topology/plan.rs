@@ -383,7 +383,7 @@ mod tests {
         );
         let line = b.to_string();
         assert!(
-            line.starts_with("~ update t.b: retention 1d → 3d, partitions 2 → 5"),
+            line.starts_with("~ update t.b: retention 24h → 3d, partitions 2 → 5"),
             "{line}"
         );
         assert!(p

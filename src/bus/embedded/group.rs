@@ -67,17 +67,27 @@ impl Inner {
         let key: GroupKey = (group.to_string(), topic.to_string());
         let mut groups = lock(&self.groups);
         let gs = self.group_entry(&mut groups, &key, &shared)?;
-        let id = self.next_member.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = self
+            .next_member
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         gs.members.push(Member { id, start });
         let rx = gs.changed.subscribe();
         self.rebalance(&key, gs, &shared);
-        tracing::debug!(group, topic, member = id, members = gs.members.len(), "member joined");
+        tracing::debug!(
+            group,
+            topic,
+            member = id,
+            members = gs.members.len(),
+            "member joined"
+        );
         Ok((id, rx))
     }
 
     /// Removes a member; its partitions go to the others, starting from the committed offset.
     pub(super) fn leave(&self, key: &GroupKey, member: u64) {
-        let Ok(shared) = self.topic(&key.1) else { return };
+        let Ok(shared) = self.topic(&key.1) else {
+            return;
+        };
         let mut groups = lock(&self.groups);
         if let Some(gs) = groups.get_mut(key) {
             let before = gs.members.len();
@@ -91,7 +101,9 @@ impl Inner {
 
     /// Re-runs assignment for every group of a topic whose partitions changed.
     pub(super) fn rebalance_topic(&self, topic: &str) {
-        let Ok(shared) = self.topic(topic) else { return };
+        let Ok(shared) = self.topic(topic) else {
+            return;
+        };
         let mut groups = lock(&self.groups);
         for (key, gs) in groups.iter_mut().filter(|(k, _)| k.1 == topic) {
             self.rebalance(key, gs, &shared);
@@ -106,14 +118,23 @@ impl Inner {
     ) -> Result<&'a mut GroupState, BusError> {
         if !groups.contains_key(key) {
             let db = self.db()?;
-            let committed = store::load_offsets(&db.db, &key.0, &key.1, shared.partitions.len() as u32)?;
+            let committed =
+                store::load_offsets(&db.db, &key.0, &key.1, shared.partitions.len() as u32)?;
             let parts = committed
                 .into_iter()
-                .map(|committed| PartTrack { committed, ..PartTrack::default() })
+                .map(|committed| PartTrack {
+                    committed,
+                    ..PartTrack::default()
+                })
                 .collect();
             groups.insert(
                 key.clone(),
-                GroupState { members: Vec::new(), parts, next_epoch: 1, changed: watch::channel(0).0 },
+                GroupState {
+                    members: Vec::new(),
+                    parts,
+                    next_epoch: 1,
+                    changed: watch::channel(0).0,
+                },
             );
         }
         let gs = groups
@@ -133,11 +154,20 @@ impl Inner {
             gs.parts.push(PartTrack::default());
         }
         let (n, m) = (gs.parts.len(), gs.members.len());
-        let quota = |i: usize| if m == 0 { 0 } else { n / m + usize::from(i < n % m) };
+        let quota = |i: usize| {
+            if m == 0 {
+                0
+            } else {
+                n / m + usize::from(i < n % m)
+            }
+        };
         let mut counts = vec![0usize; m];
         let mut want: Vec<Option<usize>> = vec![None; n];
         for (p, t) in gs.parts.iter().enumerate() {
-            let Some(i) = t.owner.and_then(|o| gs.members.iter().position(|mm| mm.id == o)) else {
+            let Some(i) = t
+                .owner
+                .and_then(|o| gs.members.iter().position(|mm| mm.id == o))
+            else {
                 continue;
             };
             if counts[i] < quota(i) {
@@ -169,8 +199,12 @@ impl Inner {
             t.owner = new_owner.map(|(id, _)| id);
             t.epoch = epoch;
             t.done.clear();
-            let Some((_, start)) = new_owner else { continue };
-            let Some(ps) = shared.partitions.get(p) else { continue };
+            let Some((_, start)) = new_owner else {
+                continue;
+            };
+            let Some(ps) = shared.partitions.get(p) else {
+                continue;
+            };
             let position = match (t.committed, start) {
                 (Some(c), _) => c,
                 (None, StartFrom::Earliest) => ps.low(),
@@ -193,7 +227,13 @@ impl Inner {
 
     /// Queues a commit to the writer; the caller holds the groups lock (see the module doc).
     fn queue_commit(&self, key: &GroupKey, partition: u32, offset: u64) {
-        let cmd = Cmd::Commit { group: key.0.clone(), topic: key.1.clone(), partition, offset, reply: None };
+        let cmd = Cmd::Commit {
+            group: key.0.clone(),
+            topic: key.1.clone(),
+            partition,
+            offset,
+            reply: None,
+        };
         if self.send(cmd).is_err() {
             tracing::debug!(group = %key.0, topic = %key.1, partition, offset, "bus closed; commit not queued");
         }
@@ -217,12 +257,21 @@ impl Inner {
 
     /// Records the ack of `offset` read under `epoch`; a stale epoch is ignored (the record is
     /// redelivered to the partition's current owner).
-    pub(super) fn ack(&self, key: &GroupKey, partition: u32, offset: u64, epoch: u64) -> Result<(), BusError> {
+    pub(super) fn ack(
+        &self,
+        key: &GroupKey,
+        partition: u32,
+        offset: u64,
+        epoch: u64,
+    ) -> Result<(), BusError> {
         if self.closed.is_cancelled() {
             return Err(BusError::Closed);
         }
         let mut groups = lock(&self.groups);
-        let Some(t) = groups.get_mut(key).and_then(|gs| gs.parts.get_mut(partition as usize)) else {
+        let Some(t) = groups
+            .get_mut(key)
+            .and_then(|gs| gs.parts.get_mut(partition as usize))
+        else {
             return Ok(());
         };
         if t.epoch != epoch || t.owner.is_none() {
@@ -250,13 +299,17 @@ impl Inner {
     pub(super) fn plan(&self, key: &GroupKey, member: u64) -> Result<Vec<FetchPlan>, BusError> {
         let shared = self.topic(&key.1)?;
         let mut groups = lock(&self.groups);
-        let Some(gs) = groups.get_mut(key) else { return Ok(Vec::new()) };
+        let Some(gs) = groups.get_mut(key) else {
+            return Ok(Vec::new());
+        };
         let mut plan = Vec::new();
         for (p, t) in gs.parts.iter_mut().enumerate() {
             if t.owner != Some(member) {
                 continue;
             }
-            let Some(ps) = shared.partitions.get(p) else { continue };
+            let Some(ps) = shared.partitions.get(p) else {
+                continue;
+            };
             let (high, low) = (ps.high(), ps.low());
             if t.next_fetch < low {
                 t.done.insert(t.next_fetch, low);
@@ -264,23 +317,38 @@ impl Inner {
                 self.advance(key, p as u32, t);
             }
             if t.next_fetch < high {
-                plan.push(FetchPlan { partition: p as u32, epoch: t.epoch, from: t.next_fetch });
+                plan.push(FetchPlan {
+                    partition: p as u32,
+                    epoch: t.epoch,
+                    from: t.next_fetch,
+                });
             }
         }
         Ok(plan)
     }
 
     /// Takes the records read for `plan` into the member's tracking; returns those still valid.
-    pub(super) fn fetched(&self, key: &GroupKey, member: u64, plan: &FetchPlan, records: Vec<Message>) -> Vec<Message> {
+    pub(super) fn fetched(
+        &self,
+        key: &GroupKey,
+        member: u64,
+        plan: &FetchPlan,
+        records: Vec<Message>,
+    ) -> Vec<Message> {
         let mut groups = lock(&self.groups);
-        let Some(t) = groups.get_mut(key).and_then(|gs| gs.parts.get_mut(plan.partition as usize)) else {
+        let Some(t) = groups
+            .get_mut(key)
+            .and_then(|gs| gs.parts.get_mut(plan.partition as usize))
+        else {
             return Vec::new();
         };
         // A rebalance or seek since the plan: what was read belongs to someone else now.
         if t.owner != Some(member) || t.epoch != plan.epoch || t.next_fetch != plan.from {
             return Vec::new();
         }
-        let (Some(first), Some(last)) = (records.first(), records.last()) else { return records };
+        let (Some(first), Some(last)) = (records.first(), records.last()) else {
+            return records;
+        };
         if first.offset > plan.from {
             // Dense offsets: a hole at the start was trimmed by retention meanwhile.
             t.done.insert(plan.from, first.offset);
@@ -309,7 +377,10 @@ impl Inner {
         let t = gs
             .parts
             .get_mut(partition as usize)
-            .ok_or_else(|| BusError::UnknownPartition { topic: topic.to_string(), partition })?;
+            .ok_or_else(|| BusError::UnknownPartition {
+                topic: topic.to_string(),
+                partition,
+            })?;
         t.committed = Some(offset);
         t.epoch = epoch;
         t.base = offset;
@@ -328,7 +399,11 @@ impl Inner {
         Ok(durable)
     }
 
-    pub(super) fn group_positions(&self, group: &str, topic: &str) -> Result<Vec<GroupPosition>, BusError> {
+    pub(super) fn group_positions(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> Result<Vec<GroupPosition>, BusError> {
         let shared = self.topic(topic)?;
         let key: GroupKey = (group.to_string(), topic.to_string());
         let mut groups = lock(&self.groups);
@@ -343,13 +418,20 @@ impl Inner {
                 let low = ps.low().min(high);
                 // Records below `low` are gone: they cannot be consumed, so they are no lag.
                 let from = t.committed.unwrap_or(low).max(low);
-                GroupPosition { partition: p as u32, committed: t.committed, high, lag: high.saturating_sub(from) }
+                GroupPosition {
+                    partition: p as u32,
+                    committed: t.committed,
+                    high,
+                    lag: high.saturating_sub(from),
+                }
             })
             .collect())
     }
 
     pub(super) fn active_members(&self, group: &str, topic: &str) -> usize {
         let groups = lock(&self.groups);
-        groups.get(&(group.to_string(), topic.to_string())).map_or(0, |gs| gs.members.len())
+        groups
+            .get(&(group.to_string(), topic.to_string()))
+            .map_or(0, |gs| gs.members.len())
     }
 }

@@ -97,7 +97,10 @@ pub(super) struct PartShared {
 
 impl PartShared {
     fn new(low: u64, high: u64) -> Arc<Self> {
-        Arc::new(Self { low: AtomicU64::new(low), high: AtomicU64::new(high) })
+        Arc::new(Self {
+            low: AtomicU64::new(low),
+            high: AtomicU64::new(high),
+        })
     }
 
     pub(super) fn low(&self) -> u64 {
@@ -121,7 +124,10 @@ impl TopicShared {
     fn partition(&self, topic: &str, partition: u32) -> Result<&Arc<PartShared>, BusError> {
         self.partitions
             .get(partition as usize)
-            .ok_or_else(|| BusError::UnknownPartition { topic: topic.to_string(), partition })
+            .ok_or_else(|| BusError::UnknownPartition {
+                topic: topic.to_string(),
+                partition,
+            })
     }
 }
 
@@ -142,7 +148,11 @@ pub(super) struct Inner {
 
 impl Inner {
     fn db(&self) -> Result<Arc<DbHandle>, BusError> {
-        self.db.read().unwrap_or_else(PoisonError::into_inner).clone().ok_or(BusError::Closed)
+        self.db
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or(BusError::Closed)
     }
 
     fn topic(&self, topic: &str) -> Result<Arc<TopicShared>, BusError> {
@@ -185,7 +195,10 @@ impl Inner {
                 tracing::error!(path = %self.path.display(), "embedded bus writer panicked");
             }
         }
-        self.db.write().unwrap_or_else(PoisonError::into_inner).take();
+        self.db
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
     }
 }
 
@@ -197,7 +210,10 @@ pub struct EmbeddedBus {
 
 impl EmbeddedBus {
     /// Opens (or creates) the log in `dir`.
-    pub fn open(dir: &std::path::Path, config: &crate::config::BusConfig) -> Result<Self, BusError> {
+    pub fn open(
+        dir: &std::path::Path,
+        config: &crate::config::BusConfig,
+    ) -> Result<Self, BusError> {
         std::fs::create_dir_all(dir).map_err(|e| {
             BusError::Storage(format!("creating bus directory `{}`: {e}", dir.display()))
         })?;
@@ -214,14 +230,21 @@ impl EmbeddedBus {
             )),
             other => BusError::Storage(format!("opening `{}`: {other}", path.display())),
         })?;
-        let handle = Arc::new(DbHandle { db, _registration: registration });
+        let handle = Arc::new(DbHandle {
+            db,
+            _registration: registration,
+        });
         let metas = store::init(&handle.db)?;
 
         let topics: HashMap<String, Arc<TopicShared>> = metas
             .iter()
             .map(|(name, meta)| {
                 let shared = TopicShared {
-                    partitions: meta.partitions.iter().map(|p| PartShared::new(p.low, p.high)).collect(),
+                    partitions: meta
+                        .partitions
+                        .iter()
+                        .map(|p| PartShared::new(p.low, p.high))
+                        .collect(),
                     retention: meta.retention,
                     tick: Arc::new(watch::channel(0).0),
                 };
@@ -257,9 +280,8 @@ impl EmbeddedBus {
         })
     }
 
-    /// Runs retention now instead of waiting for the next pass.
-    #[cfg(test)]
-    pub(crate) async fn enforce_retention(&self) -> Result<(), BusError> {
+    /// Runs a retention pass now instead of waiting for the next one (tests and tools).
+    pub async fn enforce_retention(&self) -> Result<(), BusError> {
         self.inner.call(|reply| Cmd::Retention { reply }).await
     }
 }
@@ -296,7 +318,13 @@ impl Bus for EmbeddedBus {
 
     async fn publish(&self, topic: &str, record: OutRecord) -> Result<Published, BusError> {
         let topic = topic.to_string();
-        self.inner.call(|reply| Cmd::Publish { topic, record, reply }).await
+        self.inner
+            .call(|reply| Cmd::Publish {
+                topic,
+                record,
+                reply,
+            })
+            .await
     }
 
     async fn subscribe(
@@ -305,7 +333,8 @@ impl Bus for EmbeddedBus {
         topic: &str,
         options: SubscribeOptions,
     ) -> Result<Box<dyn Subscription>, BusError> {
-        let sub = subscription::EmbeddedSubscription::join(self.inner.clone(), group, topic, options)?;
+        let sub =
+            subscription::EmbeddedSubscription::join(self.inner.clone(), group, topic, options)?;
         Ok(Box::new(sub))
     }
 
@@ -323,11 +352,16 @@ impl Bus for EmbeddedBus {
 
     async fn apply_topic(&self, spec: &TopicSpec) -> Result<(), BusError> {
         if spec.partitions == 0 {
-            return Err(BusError::Config(format!("topic `{}` needs at least one partition", spec.name)));
+            return Err(BusError::Config(format!(
+                "topic `{}` needs at least one partition",
+                spec.name
+            )));
         }
         let spec = spec.clone();
         let name = spec.name.clone();
-        self.inner.call(|reply| Cmd::ApplyTopic { spec, reply }).await?;
+        self.inner
+            .call(|reply| Cmd::ApplyTopic { spec, reply })
+            .await?;
         // New partitions need owners in the groups already consuming the topic.
         self.inner.rebalance_topic(&name);
         Ok(())
@@ -341,7 +375,11 @@ impl Bus for EmbeddedBus {
             .map(|(i, p)| {
                 // `high` first: a trim between the loads can then only make `low` newer.
                 let high = p.high();
-                PartitionOffsets { partition: i as u32, low: p.low().min(high), high }
+                PartitionOffsets {
+                    partition: i as u32,
+                    low: p.low().min(high),
+                    high,
+                }
             })
             .collect())
     }
@@ -363,9 +401,11 @@ impl Bus for EmbeddedBus {
         self.inner.topic(topic)?.partition(topic, partition)?;
         let db = self.inner.db()?;
         let topic = topic.to_string();
-        tokio::task::spawn_blocking(move || store::offset_for_time(&db.db, &topic, partition, ts_ms))
-            .await
-            .map_err(storage("offset lookup task"))?
+        tokio::task::spawn_blocking(move || {
+            store::offset_for_time(&db.db, &topic, partition, ts_ms)
+        })
+        .await
+        .map_err(storage("offset lookup task"))?
     }
 
     async fn count_between(
@@ -429,6 +469,8 @@ impl Bus for EmbeddedBus {
 
 impl Inner {
     fn writer_alive(&self) -> bool {
-        lock(&self.writer).as_ref().is_some_and(|h| !h.is_finished())
+        lock(&self.writer)
+            .as_ref()
+            .is_some_and(|h| !h.is_finished())
     }
 }

@@ -48,10 +48,14 @@ pub(super) fn retention_to_ms(retention: Option<Duration>) -> Option<u64> {
 pub(super) fn init(db: &Database) -> Result<HashMap<String, TopicMeta>, BusError> {
     let txn = db.begin_write().map_err(storage("begin write"))?;
     {
-        txn.open_table(TOPICS).map_err(storage("creating topics table"))?;
-        txn.open_table(PARTITIONS).map_err(storage("creating partitions table"))?;
-        txn.open_table(RECORDS).map_err(storage("creating records table"))?;
-        txn.open_table(OFFSETS).map_err(storage("creating group offsets table"))?;
+        txn.open_table(TOPICS)
+            .map_err(storage("creating topics table"))?;
+        txn.open_table(PARTITIONS)
+            .map_err(storage("creating partitions table"))?;
+        txn.open_table(RECORDS)
+            .map_err(storage("creating records table"))?;
+        txn.open_table(OFFSETS)
+            .map_err(storage("creating group offsets table"))?;
     }
     txn.commit().map_err(storage("commit"))?;
     let txn = db.begin_read().map_err(storage("begin read"))?;
@@ -61,7 +65,9 @@ pub(super) fn init(db: &Database) -> Result<HashMap<String, TopicMeta>, BusError
 /// Every topic with its partitions, as committed.
 pub(super) fn load_topics(txn: &ReadTransaction) -> Result<HashMap<String, TopicMeta>, BusError> {
     let topics = txn.open_table(TOPICS).map_err(storage("open topics"))?;
-    let parts = txn.open_table(PARTITIONS).map_err(storage("open partitions"))?;
+    let parts = txn
+        .open_table(PARTITIONS)
+        .map_err(storage("open partitions"))?;
     let mut out = HashMap::new();
     for entry in topics.iter().map_err(storage("scan topics"))? {
         let (name, value) = entry.map_err(storage("read topic"))?;
@@ -85,7 +91,10 @@ pub(super) fn load_topics(txn: &ReadTransaction) -> Result<HashMap<String, Topic
         }
         out.insert(
             name,
-            TopicMeta { partitions, retention: retention_ms.map(Duration::from_millis) },
+            TopicMeta {
+                partitions,
+                retention: retention_ms.map(Duration::from_millis),
+            },
         );
     }
     Ok(out)
@@ -112,7 +121,9 @@ pub(super) fn read_records(
         let (_, _, offset) = k.value();
         let (timestamp_ms, key, headers, payload) = v.value();
         let headers: Headers = serde_json::from_slice(headers).map_err(|e| {
-            BusError::Storage(format!("record {topic}/{partition}/{offset}: bad headers: {e}"))
+            BusError::Storage(format!(
+                "record {topic}/{partition}/{offset}: bad headers: {e}"
+            ))
         })?;
         out.push(Message {
             topic: topic.to_string(),
@@ -139,11 +150,16 @@ pub(super) fn offset_for_time(
     ts_ms: i64,
 ) -> Result<u64, BusError> {
     let txn = db.begin_read().map_err(storage("begin read"))?;
-    let parts = txn.open_table(PARTITIONS).map_err(storage("open partitions"))?;
+    let parts = txn
+        .open_table(PARTITIONS)
+        .map_err(storage("open partitions"))?;
     let (mut lo, mut hi, _) = parts
         .get((topic, partition))
         .map_err(storage("read partition"))?
-        .ok_or_else(|| BusError::UnknownPartition { topic: topic.to_string(), partition })?
+        .ok_or_else(|| BusError::UnknownPartition {
+            topic: topic.to_string(),
+            partition,
+        })?
         .value();
     let records = txn.open_table(RECORDS).map_err(storage("open records"))?;
     while lo < hi {
@@ -152,7 +168,9 @@ pub(super) fn offset_for_time(
             .get((topic, partition, mid))
             .map_err(storage("read record"))?
             .ok_or_else(|| {
-                BusError::Storage(format!("record {topic}/{partition}/{mid} missing inside the log"))
+                BusError::Storage(format!(
+                    "record {topic}/{partition}/{mid} missing inside the log"
+                ))
             })?
             .value()
             .0;
@@ -173,10 +191,15 @@ pub(super) fn load_offsets(
     partitions: u32,
 ) -> Result<Vec<Option<u64>>, BusError> {
     let txn = db.begin_read().map_err(storage("begin read"))?;
-    let offsets = txn.open_table(OFFSETS).map_err(storage("open group offsets"))?;
+    let offsets = txn
+        .open_table(OFFSETS)
+        .map_err(storage("open group offsets"))?;
     (0..partitions)
         .map(|p| {
-            Ok(offsets.get((group, topic, p)).map_err(storage("read group offset"))?.map(|v| v.value()))
+            Ok(offsets
+                .get((group, topic, p))
+                .map_err(storage("read group offset"))?
+                .map(|v| v.value()))
         })
         .collect()
 }

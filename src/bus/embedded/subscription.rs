@@ -71,20 +71,22 @@ impl EmbeddedSubscription {
         let db = self.inner.db()?;
         let topic = self.key.1.clone();
         let budget = self.batch;
-        let read = tokio::task::spawn_blocking(move || -> Result<Vec<(FetchPlan, Vec<Message>)>, BusError> {
-            let txn = db.db.begin_read().map_err(storage("begin read"))?;
-            let mut left = budget;
-            let mut out = Vec::with_capacity(plan.len());
-            for p in plan {
-                if left == 0 {
-                    break;
+        let read = tokio::task::spawn_blocking(
+            move || -> Result<Vec<(FetchPlan, Vec<Message>)>, BusError> {
+                let txn = db.db.begin_read().map_err(storage("begin read"))?;
+                let mut left = budget;
+                let mut out = Vec::with_capacity(plan.len());
+                for p in plan {
+                    if left == 0 {
+                        break;
+                    }
+                    let records = store::read_records(&txn, &topic, p.partition, p.from, left)?;
+                    left -= records.len();
+                    out.push((p, records));
                 }
-                let records = store::read_records(&txn, &topic, p.partition, p.from, left)?;
-                left -= records.len();
-                out.push((p, records));
-            }
-            Ok(out)
-        })
+                Ok(out)
+            },
+        )
         .await
         .map_err(storage("read task"))??;
         let mut n = 0;
@@ -102,16 +104,28 @@ impl EmbeddedSubscription {
             if self.left || self.inner.closed.is_cancelled() {
                 return None;
             }
-            while let Some((epoch, message)) = self.buffer.pop_front() {
-                if !self.inner.owns(&self.key, self.member, message.partition, epoch) {
+            // Cancel-safe: a record leaves the buffer only together with its permit, so a
+            // caller that gives up waiting (select!, timeout) loses nothing.
+            while let Some(&(epoch, ref message)) = self.buffer.front() {
+                if !self
+                    .inner
+                    .owns(&self.key, self.member, message.partition, epoch)
+                {
+                    self.buffer.pop_front();
                     continue;
                 }
                 let permit = tokio::select! {
                     permit = self.in_flight.clone().acquire_owned() => permit.ok()?,
                     () = self.inner.closed.cancelled() => return None,
                 };
+                let Some((epoch, message)) = self.buffer.pop_front() else {
+                    continue;
+                };
                 // The wait may have spanned a rebalance.
-                if !self.inner.owns(&self.key, self.member, message.partition, epoch) {
+                if !self
+                    .inner
+                    .owns(&self.key, self.member, message.partition, epoch)
+                {
                     continue;
                 }
                 let acker = EmbeddedAcker {
@@ -182,6 +196,7 @@ struct EmbeddedAcker {
 impl Acker for EmbeddedAcker {
     /// Returns once the resulting commit (if the prefix moved) is queued to the writer.
     async fn ack(self: Box<Self>) -> Result<(), BusError> {
-        self.inner.ack(&self.key, self.partition, self.offset, self.epoch)
+        self.inner
+            .ack(&self.key, self.partition, self.offset, self.epoch)
     }
 }

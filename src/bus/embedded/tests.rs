@@ -15,11 +15,20 @@ fn open(dir: &Path) -> EmbeddedBus {
 }
 
 async fn topic(bus: &EmbeddedBus, name: &str, partitions: u32) {
-    bus.apply_topic(&TopicSpec { name: name.into(), partitions, retention: None }).await.unwrap();
+    bus.apply_topic(&TopicSpec {
+        name: name.into(),
+        partitions,
+        retention: None,
+    })
+    .await
+    .unwrap();
 }
 
 fn opts(max_in_flight: usize) -> SubscribeOptions {
-    SubscribeOptions { start: StartFrom::Earliest, max_in_flight }
+    SubscribeOptions {
+        start: StartFrom::Earliest,
+        max_in_flight,
+    }
 }
 
 /// The next delivery, failing the test if none comes within a second.
@@ -33,7 +42,9 @@ async fn next(sub: &mut Box<dyn Subscription>) -> Delivery {
 
 /// Whether nothing is delivered for a short while.
 async fn quiet(sub: &mut Box<dyn Subscription>) -> bool {
-    tokio::time::timeout(Duration::from_millis(150), sub.next()).await.is_err()
+    tokio::time::timeout(Duration::from_millis(150), sub.next())
+        .await
+        .is_err()
 }
 
 #[tokio::test]
@@ -43,8 +54,20 @@ async fn restart_keeps_records_and_acks() {
         let bus = open(dir.path());
         topic(&bus, "t", 1).await;
         for i in 0..5 {
-            let p = bus.publish("t", OutRecord::new("k", format!("m{i}")).with_header("h", "v")).await.unwrap();
-            assert_eq!(p, Published { partition: 0, offset: i });
+            let p = bus
+                .publish(
+                    "t",
+                    OutRecord::new("k", format!("m{i}")).with_header("h", "v"),
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                p,
+                Published {
+                    partition: 0,
+                    offset: i
+                }
+            );
         }
         let mut sub = bus.subscribe("g", "t", opts(16)).await.unwrap();
         for _ in 0..2 {
@@ -57,7 +80,15 @@ async fn restart_keeps_records_and_acks() {
     let bus = open(dir.path());
     assert_eq!(bus.topic_info("t").await.unwrap().unwrap().partitions, 1);
     let pos = bus.group_positions("g", "t").await.unwrap();
-    assert_eq!(pos[0], GroupPosition { partition: 0, committed: Some(2), high: 5, lag: 3 });
+    assert_eq!(
+        pos[0],
+        GroupPosition {
+            partition: 0,
+            committed: Some(2),
+            high: 5,
+            lag: 3
+        }
+    );
     let mut sub = bus.subscribe("g", "t", opts(16)).await.unwrap();
     for i in 2..5 {
         let d = next(&mut sub).await;
@@ -69,7 +100,13 @@ async fn restart_keeps_records_and_acks() {
     assert!(quiet(&mut sub).await);
     sub.close().await.unwrap();
     // Offsets continue after a restart.
-    assert_eq!(bus.publish("t", OutRecord::new("k", "m5")).await.unwrap().offset, 5);
+    assert_eq!(
+        bus.publish("t", OutRecord::new("k", "m5"))
+            .await
+            .unwrap()
+            .offset,
+        5
+    );
     assert_eq!(bus.group_positions("g", "t").await.unwrap()[0].lag, 1);
 }
 
@@ -79,7 +116,9 @@ async fn out_of_order_acks_commit_only_the_prefix() {
     let bus = open(dir.path());
     topic(&bus, "t", 1).await;
     for i in 0..4 {
-        bus.publish("t", OutRecord::new("k", format!("{i}"))).await.unwrap();
+        bus.publish("t", OutRecord::new("k", format!("{i}")))
+            .await
+            .unwrap();
     }
     let mut sub = bus.subscribe("g", "t", opts(16)).await.unwrap();
     let mut ds = Vec::new();
@@ -92,16 +131,25 @@ async fn out_of_order_acks_commit_only_the_prefix() {
     let d0 = ds.pop().unwrap();
     d1.ack().await.unwrap();
     d3.ack().await.unwrap();
-    assert_eq!(bus.group_positions("g", "t").await.unwrap()[0].committed, None);
+    assert_eq!(
+        bus.group_positions("g", "t").await.unwrap()[0].committed,
+        None
+    );
     d0.ack().await.unwrap();
-    assert_eq!(bus.group_positions("g", "t").await.unwrap()[0].committed, Some(2));
+    assert_eq!(
+        bus.group_positions("g", "t").await.unwrap()[0].committed,
+        Some(2)
+    );
     drop(d2);
     sub.close().await.unwrap();
     // Durable after close: a restart sees the prefix and redelivers 2 (3 was acked but lies
     // past the gap, so it comes again too).
     drop(bus);
     let bus = open(dir.path());
-    assert_eq!(bus.group_positions("g", "t").await.unwrap()[0].committed, Some(2));
+    assert_eq!(
+        bus.group_positions("g", "t").await.unwrap()[0].committed,
+        Some(2)
+    );
     let mut sub = bus.subscribe("g", "t", opts(16)).await.unwrap();
     assert_eq!(next(&mut sub).await.message.offset, 2);
     assert_eq!(next(&mut sub).await.message.offset, 3);
@@ -117,7 +165,10 @@ async fn members_split_partitions_and_a_dead_members_work_moves() {
     assert_eq!(bus.active_members("g", "t").await.unwrap(), 2);
     let mut per_partition = [0u32; 4];
     for i in 0..40 {
-        let p = bus.publish("t", OutRecord::new(format!("k{i}"), "x")).await.unwrap();
+        let p = bus
+            .publish("t", OutRecord::new(format!("k{i}"), "x"))
+            .await
+            .unwrap();
         per_partition[p.partition as usize] += 1;
     }
     assert!(per_partition.iter().all(|&n| n > 0), "{per_partition:?}");
@@ -148,7 +199,13 @@ async fn members_split_partitions_and_a_dead_members_work_moves() {
         d.ack().await.unwrap();
     }
     assert!(quiet(&mut a).await);
-    let lag: u64 = bus.group_positions("g", "t").await.unwrap().iter().map(|p| p.lag).sum();
+    let lag: u64 = bus
+        .group_positions("g", "t")
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.lag)
+        .sum();
     assert_eq!(lag, 0);
 }
 
@@ -158,7 +215,9 @@ async fn max_in_flight_bounds_unacked_records() {
     let bus = open(dir.path());
     topic(&bus, "t", 1).await;
     for i in 0..5 {
-        bus.publish("t", OutRecord::new("k", format!("{i}"))).await.unwrap();
+        bus.publish("t", OutRecord::new("k", format!("{i}")))
+            .await
+            .unwrap();
     }
     let mut sub = bus.subscribe("g", "t", opts(2)).await.unwrap();
     let d0 = next(&mut sub).await;
@@ -173,13 +232,24 @@ async fn consumers_wake_on_append_and_latest_starts_at_the_tail() {
     let dir = tempfile::tempdir().unwrap();
     let bus = open(dir.path());
     topic(&bus, "t", 2).await;
-    bus.publish("t", OutRecord::new("old", "old")).await.unwrap();
+    bus.publish("t", OutRecord::new("old", "old"))
+        .await
+        .unwrap();
     let mut sub = bus
-        .subscribe("tail", "t", SubscribeOptions { start: StartFrom::Latest, max_in_flight: 8 })
+        .subscribe(
+            "tail",
+            "t",
+            SubscribeOptions {
+                start: StartFrom::Latest,
+                max_in_flight: 8,
+            },
+        )
         .await
         .unwrap();
     assert!(quiet(&mut sub).await);
-    bus.publish("t", OutRecord::new("new", "new")).await.unwrap();
+    bus.publish("t", OutRecord::new("new", "new"))
+        .await
+        .unwrap();
     assert_eq!(next(&mut sub).await.message.payload, "new");
 }
 
@@ -190,7 +260,9 @@ async fn offset_for_time_finds_the_first_record_at_or_after() {
     topic(&bus, "t", 1).await;
     let mut times = Vec::new();
     for i in 0..6 {
-        bus.publish("t", OutRecord::new("k", format!("{i}"))).await.unwrap();
+        bus.publish("t", OutRecord::new("k", format!("{i}")))
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(3)).await;
     }
     for m in bus.read("t", 0, 0, 100).await.unwrap() {
@@ -198,27 +270,48 @@ async fn offset_for_time_finds_the_first_record_at_or_after() {
     }
     assert!(times.windows(2).all(|w| w[0] <= w[1]));
     assert_eq!(bus.offset_for_time("t", 0, i64::MIN).await.unwrap(), 0);
-    assert_eq!(bus.offset_for_time("t", 0, times[3]).await.unwrap(), times.iter().position(|&t| t == times[3]).unwrap() as u64);
+    assert_eq!(
+        bus.offset_for_time("t", 0, times[3]).await.unwrap(),
+        times.iter().position(|&t| t == times[3]).unwrap() as u64
+    );
     assert_eq!(bus.offset_for_time("t", 0, times[5] + 1).await.unwrap(), 6);
-    assert!(matches!(bus.offset_for_time("t", 7, 0).await, Err(BusError::UnknownPartition { .. })));
+    assert!(matches!(
+        bus.offset_for_time("t", 7, 0).await,
+        Err(BusError::UnknownPartition { .. })
+    ));
 }
 
 #[tokio::test]
 async fn retention_moves_low_and_consumers_and_lag_follow() {
     let dir = tempfile::tempdir().unwrap();
     let bus = open(dir.path());
-    let spec = TopicSpec { name: "t".into(), partitions: 1, retention: Some(Duration::from_millis(200)) };
+    let spec = TopicSpec {
+        name: "t".into(),
+        partitions: 1,
+        retention: Some(Duration::from_millis(200)),
+    };
     bus.apply_topic(&spec).await.unwrap();
     for i in 0..3 {
-        bus.publish("t", OutRecord::new("k", format!("{i}"))).await.unwrap();
+        bus.publish("t", OutRecord::new("k", format!("{i}")))
+            .await
+            .unwrap();
     }
     let mut sub = bus.subscribe("g", "t", opts(8)).await.unwrap();
     next(&mut sub).await.ack().await.unwrap();
     tokio::time::sleep(Duration::from_millis(250)).await;
-    bus.publish("t", OutRecord::new("k", "fresh")).await.unwrap();
+    bus.publish("t", OutRecord::new("k", "fresh"))
+        .await
+        .unwrap();
     bus.enforce_retention().await.unwrap();
     let offs = bus.partition_offsets("t").await.unwrap();
-    assert_eq!(offs[0], PartitionOffsets { partition: 0, low: 3, high: 4 });
+    assert_eq!(
+        offs[0],
+        PartitionOffsets {
+            partition: 0,
+            low: 3,
+            high: 4
+        }
+    );
     assert_eq!(bus.count_between("t", 0, 0, 4).await.unwrap(), 1);
     assert_eq!(bus.read("t", 0, 0, 10).await.unwrap().len(), 1);
     // Committed 1 < low 3: lag counts only what is still there.
@@ -231,7 +324,10 @@ async fn retention_moves_low_and_consumers_and_lag_follow() {
     let d = next(&mut sub).await;
     assert_eq!(d.message.offset, 3);
     d.ack().await.unwrap();
-    assert_eq!(bus.group_positions("g", "t").await.unwrap()[0].committed, Some(4));
+    assert_eq!(
+        bus.group_positions("g", "t").await.unwrap()[0].committed,
+        Some(4)
+    );
 }
 
 #[tokio::test]
@@ -242,7 +338,9 @@ async fn group_commit_answers_every_publisher() {
     let tasks: Vec<_> = (0..200)
         .map(|i| {
             let bus = bus.clone();
-            tokio::spawn(async move { bus.publish("t", OutRecord::new(format!("k{i}"), "x")).await })
+            tokio::spawn(
+                async move { bus.publish("t", OutRecord::new(format!("k{i}"), "x")).await },
+            )
         })
         .collect();
     let mut got = HashSet::new();
@@ -264,23 +362,43 @@ async fn group_commit_answers_every_publisher() {
 async fn topics_are_checked_and_only_grow() {
     let dir = tempfile::tempdir().unwrap();
     let bus = open(dir.path());
-    assert!(matches!(bus.publish("nope", OutRecord::new("k", "x")).await, Err(BusError::UnknownTopic(_))));
-    assert!(matches!(bus.subscribe("g", "nope", opts(1)).await, Err(BusError::UnknownTopic(_))));
+    assert!(matches!(
+        bus.publish("nope", OutRecord::new("k", "x")).await,
+        Err(BusError::UnknownTopic(_))
+    ));
+    assert!(matches!(
+        bus.subscribe("g", "nope", opts(1)).await,
+        Err(BusError::UnknownTopic(_))
+    ));
     assert!(bus.topic_info("nope").await.unwrap().is_none());
     topic(&bus, "t", 2).await;
     let mut sub = bus.subscribe("g", "t", opts(8)).await.unwrap();
     topic(&bus, "t", 4).await;
     assert!(matches!(
-        bus.apply_topic(&TopicSpec { name: "t".into(), partitions: 3, retention: None }).await,
+        bus.apply_topic(&TopicSpec {
+            name: "t".into(),
+            partitions: 3,
+            retention: None
+        })
+        .await,
         Err(BusError::Conflict(_))
     ));
-    let spec = TopicSpec { name: "t".into(), partitions: 4, retention: Some(Duration::from_secs(60)) };
+    let spec = TopicSpec {
+        name: "t".into(),
+        partitions: 4,
+        retention: Some(Duration::from_secs(60)),
+    };
     bus.apply_topic(&spec).await.unwrap();
     let info = bus.topic_info("t").await.unwrap().unwrap();
-    assert_eq!((info.partitions, info.retention), (4, Some(Duration::from_secs(60))));
+    assert_eq!(
+        (info.partitions, info.retention),
+        (4, Some(Duration::from_secs(60)))
+    );
     // The new partitions are owned by the existing member.
     for i in 0..20 {
-        bus.publish("t", OutRecord::new(format!("k{i}"), "x")).await.unwrap();
+        bus.publish("t", OutRecord::new(format!("k{i}"), "x"))
+            .await
+            .unwrap();
     }
     for _ in 0..20 {
         next(&mut sub).await.ack().await.unwrap();
@@ -294,7 +412,9 @@ async fn seek_moves_the_group_back_for_replay() {
     let bus = open(dir.path());
     topic(&bus, "t", 1).await;
     for i in 0..3 {
-        bus.publish("t", OutRecord::new("k", format!("{i}"))).await.unwrap();
+        bus.publish("t", OutRecord::new("k", format!("{i}")))
+            .await
+            .unwrap();
     }
     let mut sub = bus.subscribe("g", "t", opts(8)).await.unwrap();
     for _ in 0..3 {
@@ -313,5 +433,8 @@ async fn a_second_open_of_a_held_file_fails_clearly() {
     let _bus = open(dir.path());
     // Another process would hit redb's file lock; simulate it by locking with redb directly.
     let other = redb::Database::create(dir.path().join(FILE_NAME));
-    assert!(matches!(other, Err(redb::DatabaseError::DatabaseAlreadyOpen)));
+    assert!(matches!(
+        other,
+        Err(redb::DatabaseError::DatabaseAlreadyOpen)
+    ));
 }

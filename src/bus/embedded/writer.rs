@@ -33,14 +33,31 @@ const MAX_OTHER_PER_BATCH: usize = 4096;
 type Reply<T> = oneshot::Sender<Result<T, BusError>>;
 
 pub(super) enum Cmd {
-    Publish { topic: String, record: OutRecord, reply: Reply<Published> },
+    Publish {
+        topic: String,
+        record: OutRecord,
+        reply: Reply<Published>,
+    },
     /// Sets a group's committed offset; `reply` (if any) is answered once it is durable.
-    Commit { group: String, topic: String, partition: u32, offset: u64, reply: Option<Reply<()>> },
-    ApplyTopic { spec: TopicSpec, reply: Reply<()> },
+    Commit {
+        group: String,
+        topic: String,
+        partition: u32,
+        offset: u64,
+        reply: Option<Reply<()>>,
+    },
+    ApplyTopic {
+        spec: TopicSpec,
+        reply: Reply<()>,
+    },
     /// Answered once everything queued before it is durable.
-    Flush { reply: Reply<()> },
+    Flush {
+        reply: Reply<()>,
+    },
     /// Runs a retention pass now.
-    Retention { reply: Reply<()> },
+    Retention {
+        reply: Reply<()>,
+    },
     /// Writes what came before and stops.
     Shutdown,
 }
@@ -71,7 +88,9 @@ impl Pending {
             }
             (Pending::Rejected(reply), failure) => {
                 let e = failure.map(copy_err);
-                let _ = reply.send(Err(e.unwrap_or_else(|| BusError::Storage("batch rejected".into()))));
+                let _ = reply.send(Err(
+                    e.unwrap_or_else(|| BusError::Storage("batch rejected".into()))
+                ));
             }
         }
     }
@@ -110,7 +129,14 @@ impl Writer {
         metas: HashMap<String, TopicMeta>,
         path: PathBuf,
     ) -> Self {
-        Self { db, topics, rx, max_batch, metas, path }
+        Self {
+            db,
+            topics,
+            rx,
+            max_batch,
+            metas,
+            path,
+        }
     }
 
     pub(super) fn run(mut self) {
@@ -165,14 +191,23 @@ impl Writer {
         let mut changes = Changes::default();
         let started = Instant::now();
         let n = batch.len();
-        let result = self.db.db.begin_write().map_err(storage("begin write")).and_then(|txn| {
-            self.apply(&txn, batch, &mut pending, &mut retention, &mut changes)?;
-            txn.commit().map_err(storage("commit"))
-        });
+        let result = self
+            .db
+            .db
+            .begin_write()
+            .map_err(storage("begin write"))
+            .and_then(|txn| {
+                self.apply(&txn, batch, &mut pending, &mut retention, &mut changes)?;
+                txn.commit().map_err(storage("commit"))
+            });
         match &result {
             Ok(()) => {
                 self.publish_changes(&changes);
-                tracing::trace!(commands = n, elapsed_us = started.elapsed().as_micros() as u64, "batch committed");
+                tracing::trace!(
+                    commands = n,
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "batch committed"
+                );
             }
             Err(e) => {
                 tracing::error!(error = %e, commands = n, "embedded bus write failed; the batch is rejected");
@@ -196,14 +231,20 @@ impl Writer {
         changes: &mut Changes,
     ) -> Result<(), BusError> {
         let mut records = txn.open_table(RECORDS).map_err(storage("open records"))?;
-        let mut offsets = txn.open_table(OFFSETS).map_err(storage("open group offsets"))?;
+        let mut offsets = txn
+            .open_table(OFFSETS)
+            .map_err(storage("open group offsets"))?;
         let mut topics = txn.open_table(TOPICS).map_err(storage("open topics"))?;
         let mut failure = None;
         for cmd in batch {
             // After a storage failure the transaction is dropped (rolled back); every caller of
             // the batch is still collected so that each gets the failure.
             match cmd {
-                Cmd::Publish { topic, record, reply } => {
+                Cmd::Publish {
+                    topic,
+                    record,
+                    reply,
+                } => {
                     if failure.is_some() {
                         pending.push(Pending::Rejected(reply));
                         continue;
@@ -219,9 +260,17 @@ impl Writer {
                         }
                     }
                 }
-                Cmd::Commit { group, topic, partition, offset, reply } => {
+                Cmd::Commit {
+                    group,
+                    topic,
+                    partition,
+                    offset,
+                    reply,
+                } => {
                     if failure.is_none() {
-                        if let Err(e) = offsets.insert((group.as_str(), topic.as_str(), partition), offset) {
+                        if let Err(e) =
+                            offsets.insert((group.as_str(), topic.as_str(), partition), offset)
+                        {
                             failure = Some(storage("write group offset")(e));
                         }
                     }
@@ -251,7 +300,9 @@ impl Writer {
             }
         }
         if failure.is_none() {
-            let mut parts = txn.open_table(PARTITIONS).map_err(storage("open partitions"))?;
+            let mut parts = txn
+                .open_table(PARTITIONS)
+                .map_err(storage("open partitions"))?;
             for (topic, ps) in &changes.partitions {
                 for &p in ps {
                     self.write_part(&mut parts, topic, p)?;
@@ -271,10 +322,15 @@ impl Writer {
         record: &OutRecord,
         changes: &mut Changes,
     ) -> Result<Published, BusError> {
-        let meta = self.metas.get_mut(topic).ok_or_else(|| BusError::UnknownTopic(topic.to_string()))?;
+        let meta = self
+            .metas
+            .get_mut(topic)
+            .ok_or_else(|| BusError::UnknownTopic(topic.to_string()))?;
         let partition = partition_for(&record.key, meta.partitions.len() as u32);
         let part = meta.partitions.get_mut(partition as usize).ok_or_else(|| {
-            BusError::Storage(format!("topic `{topic}` has no metadata for partition {partition}"))
+            BusError::Storage(format!(
+                "topic `{topic}` has no metadata for partition {partition}"
+            ))
         })?;
         let offset = part.high;
         // Monotonic per partition, so offset_for_time can binary-search.
@@ -283,12 +339,21 @@ impl Writer {
         records
             .insert(
                 (topic, partition, offset),
-                (ts, record.key.as_str(), headers.as_slice(), record.payload.as_ref()),
+                (
+                    ts,
+                    record.key.as_str(),
+                    headers.as_slice(),
+                    record.payload.as_ref(),
+                ),
             )
             .map_err(storage("append record"))?;
         part.high += 1;
         part.last_ts = ts;
-        changes.partitions.entry(topic.to_string()).or_default().insert(partition);
+        changes
+            .partitions
+            .entry(topic.to_string())
+            .or_default()
+            .insert(partition);
         Ok(Published { partition, offset })
     }
 
@@ -310,7 +375,10 @@ impl Writer {
             return Ok(());
         }
         topics
-            .insert(spec.name.as_str(), (spec.partitions, store::retention_to_ms(spec.retention)))
+            .insert(
+                spec.name.as_str(),
+                (spec.partitions, store::retention_to_ms(spec.retention)),
+            )
             .map_err(storage("write topic"))?;
         meta.retention = spec.retention;
         let added = changes.partitions.entry(spec.name.clone()).or_default();
@@ -329,7 +397,11 @@ impl Writer {
         topic: &str,
         partition: u32,
     ) -> Result<(), BusError> {
-        let Some(m) = self.metas.get(topic).and_then(|t| t.partitions.get(partition as usize)) else {
+        let Some(m) = self
+            .metas
+            .get(topic)
+            .and_then(|t| t.partitions.get(partition as usize))
+        else {
             return Ok(());
         };
         parts
@@ -346,8 +418,11 @@ impl Writer {
         {
             let mut records = txn.open_table(RECORDS).map_err(storage("open records"))?;
             for (topic, meta) in &self.metas {
-                let Some(retention) = meta.retention else { continue };
-                let cutoff = now.saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
+                let Some(retention) = meta.retention else {
+                    continue;
+                };
+                let cutoff =
+                    now.saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
                 for (p, part) in meta.partitions.iter().enumerate() {
                     let p = p as u32;
                     if part.low >= part.high {
@@ -367,7 +442,10 @@ impl Writer {
                     }
                     if new_low > part.low {
                         records
-                            .retain_in((topic.as_str(), p, part.low)..(topic.as_str(), p, new_low), |_, _| false)
+                            .retain_in(
+                                (topic.as_str(), p, part.low)..(topic.as_str(), p, new_low),
+                                |_, _| false,
+                            )
                             .map_err(storage("delete expired records"))?;
                         trims.push((topic.clone(), p, new_low));
                     }
@@ -380,14 +458,24 @@ impl Writer {
         }
         let mut changes = Changes::default();
         for (topic, p, low) in &trims {
-            if let Some(part) = self.metas.get_mut(topic).and_then(|t| t.partitions.get_mut(*p as usize)) {
+            if let Some(part) = self
+                .metas
+                .get_mut(topic)
+                .and_then(|t| t.partitions.get_mut(*p as usize))
+            {
                 part.low = *low;
             }
-            changes.partitions.entry(topic.clone()).or_default().insert(*p);
+            changes
+                .partitions
+                .entry(topic.clone())
+                .or_default()
+                .insert(*p);
         }
         let result = (|| {
             {
-                let mut parts = txn.open_table(PARTITIONS).map_err(storage("open partitions"))?;
+                let mut parts = txn
+                    .open_table(PARTITIONS)
+                    .map_err(storage("open partitions"))?;
                 for (topic, p, _) in &trims {
                     self.write_part(&mut parts, topic, *p)?;
                 }
@@ -412,20 +500,36 @@ impl Writer {
     fn publish_changes(&self, changes: &Changes) {
         let mut topics = self.topics.write().unwrap_or_else(PoisonError::into_inner);
         for name in &changes.topics {
-            let Some(meta) = self.metas.get(name) else { continue };
+            let Some(meta) = self.metas.get(name) else {
+                continue;
+            };
             let old = topics.get(name);
             let mut partitions: Vec<Arc<PartShared>> =
                 old.map(|t| t.partitions.clone()).unwrap_or_default();
             for p in meta.partitions.iter().skip(partitions.len()) {
                 partitions.push(PartShared::new(p.low, p.high));
             }
-            let tick = old.map(|t| t.tick.clone()).unwrap_or_else(|| Arc::new(watch::channel(0).0));
-            topics.insert(name.clone(), Arc::new(TopicShared { partitions, retention: meta.retention, tick }));
+            let tick = old
+                .map(|t| t.tick.clone())
+                .unwrap_or_else(|| Arc::new(watch::channel(0).0));
+            topics.insert(
+                name.clone(),
+                Arc::new(TopicShared {
+                    partitions,
+                    retention: meta.retention,
+                    tick,
+                }),
+            );
         }
         for (name, ps) in &changes.partitions {
-            let (Some(meta), Some(shared)) = (self.metas.get(name), topics.get(name)) else { continue };
+            let (Some(meta), Some(shared)) = (self.metas.get(name), topics.get(name)) else {
+                continue;
+            };
             for &p in ps {
-                if let (Some(m), Some(s)) = (meta.partitions.get(p as usize), shared.partitions.get(p as usize)) {
+                if let (Some(m), Some(s)) = (
+                    meta.partitions.get(p as usize),
+                    shared.partitions.get(p as usize),
+                ) {
                     s.high.store(m.high, std::sync::atomic::Ordering::Release);
                     s.low.store(m.low, std::sync::atomic::Ordering::Release);
                 }
@@ -436,7 +540,12 @@ impl Writer {
 
     /// After a failed transaction: the writer's view goes back to what is committed.
     fn reload(&mut self) {
-        let loaded = self.db.db.begin_read().map_err(storage("begin read")).and_then(|t| store::load_topics(&t));
+        let loaded = self
+            .db
+            .db
+            .begin_read()
+            .map_err(storage("begin read"))
+            .and_then(|t| store::load_topics(&t));
         match loaded {
             Ok(metas) => self.metas = metas,
             Err(e) => tracing::error!(error = %e, "reloading embedded bus metadata failed"),

@@ -21,7 +21,9 @@ pub(super) fn validate_topic(topic: &str) -> Result<(), BusError> {
     let ok = !topic.is_empty()
         && topic.split('.').all(|token| {
             !token.is_empty()
-                && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                && token
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         });
     if ok {
         Ok(())
@@ -46,7 +48,10 @@ pub(super) fn subject(topic: &str, partition: u32) -> String {
 /// The partition a stream subject names, if it is `<topic>.<n>`.
 pub(super) fn partition_of_subject(topic: &str, subject: &str) -> Option<u32> {
     let rest = subject.strip_prefix(topic)?.strip_prefix('.')?;
-    if rest.is_empty() || !rest.bytes().all(|b| b.is_ascii_digit()) || (rest.len() > 1 && rest.starts_with('0')) {
+    if rest.is_empty()
+        || !rest.bytes().all(|b| b.is_ascii_digit())
+        || (rest.len() > 1 && rest.starts_with('0'))
+    {
         return None;
     }
     rest.parse().ok()
@@ -154,10 +159,15 @@ pub(super) fn encode_headers(record: &OutRecord) -> Result<HeaderMap, BusError> 
     let mut order = String::new();
     for (name, value) in &record.headers {
         if name == KEY_HEADER || name == ORDER_HEADER {
-            return Err(BusError::Config(format!("header `{name}` is reserved by the JetStream bus")));
+            return Err(BusError::Config(format!(
+                "header `{name}` is reserved by the JetStream bus"
+            )));
         }
-        let header = HeaderName::from_str(name)
-            .map_err(|_| BusError::Config(format!("header name `{name}` is not valid on NATS (visible ASCII, no `:`)")))?;
+        let header = HeaderName::from_str(name).map_err(|_| {
+            BusError::Config(format!(
+                "header name `{name}` is not valid on NATS (visible ASCII, no `:`)"
+            ))
+        })?;
         map.append(header, HeaderValue::from(escape_value(value)));
         if !order.is_empty() {
             order.push(' ');
@@ -171,8 +181,13 @@ pub(super) fn encode_headers(record: &OutRecord) -> Result<HeaderMap, BusError> 
 /// The record key and headers back from NATS headers. Without the order header (a record
 /// published by another tool) every header but NATS's own comes back, sorted by name.
 pub(super) fn decode_headers(map: Option<&HeaderMap>) -> (String, Headers) {
-    let Some(map) = map else { return (String::new(), Vec::new()) };
-    let key = map.get(KEY_HEADER).map(|v| unescape_value(v.as_str())).unwrap_or_default();
+    let Some(map) = map else {
+        return (String::new(), Vec::new());
+    };
+    let key = map
+        .get(KEY_HEADER)
+        .map(|v| unescape_value(v.as_str()))
+        .unwrap_or_default();
     let mut headers = Vec::new();
     match map.get(ORDER_HEADER) {
         Some(order) => {

@@ -35,7 +35,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, Consumer, DeliverPolicy, FromConsumer};
 use async_nats::jetstream::kv;
-use async_nats::jetstream::{self, AckKind, Context};
+use async_nats::jetstream::stream::ConsumerErrorKind;
+use async_nats::jetstream::{self, AckKind, Context, ErrorCode};
 use async_nats::Subject;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -105,9 +106,14 @@ pub(super) async fn subscribe(
         ensure_consumer(bus, &g, partition).await?;
     }
     let span = tracing::info_span!("jetstream_group", topic, group, member = %g.member);
-    let coordinator = tokio::spawn(coordinate(bus.clone(), g.clone(), meta.partitions).instrument(span));
+    let coordinator =
+        tokio::spawn(coordinate(bus.clone(), g.clone(), meta.partitions).instrument(span));
     info!(topic, group, member = %g.member, "joined consumer group");
-    Ok(Box::new(JetStreamSubscription { rx, leave: g.leave.clone(), coordinator: Some(coordinator) }))
+    Ok(Box::new(JetStreamSubscription {
+        rx,
+        leave: g.leave.clone(),
+        coordinator: Some(coordinator),
+    }))
 }
 
 /// State shared by a subscription's tasks.
@@ -243,8 +249,24 @@ async fn ensure_consumer(
         StartFrom::Earliest => DeliverPolicy::All,
         StartFrom::Latest => DeliverPolicy::New,
     };
-    let config = bus.durable_config(&g.group, &name, &subject, partition, deliver, g.max_ack_pending);
-    g.js.create_consumer_on_stream(config, &g.stream).await.map_err(|e| consumer_error(&format!("creating {what}"), &e))
+    let config = bus.durable_config(
+        &g.group,
+        &name,
+        &subject,
+        partition,
+        deliver,
+        g.max_ack_pending,
+    );
+    g.js.create_consumer_on_stream(config, &g.stream)
+        .await
+        .map_err(|e| match e.kind() {
+            ConsumerErrorKind::JetStream(err)
+                if err.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+            {
+                BusError::UnknownTopic(g.topic.clone())
+            }
+            _ => consumer_error(&format!("creating {what}"), &e),
+        })
 }
 
 /// The coordinator: heartbeat, lease renewal, fair-share rebalancing, releasing drained
@@ -284,7 +306,11 @@ async fn coordinate(bus: Arc<Inner>, g: Arc<Group>, mut partitions: u32) -> Resu
                 match bus.topic_meta(&g.topic).await {
                     Ok(Some(meta)) => {
                         if meta.partitions > partitions {
-                            info!(from = partitions, to = meta.partitions, "topic gained partitions");
+                            info!(
+                                from = partitions,
+                                to = meta.partitions,
+                                "topic gained partitions"
+                            );
                         }
                         partitions = partitions.max(meta.partitions);
                         partitions_read = Instant::now();
@@ -308,7 +334,10 @@ async fn coordinate(bus: Arc<Inner>, g: Arc<Group>, mut partitions: u32) -> Resu
     // Leaving: the heartbeat goes without a trace, so the others rebalance at once.
     let subject = codec::kv_subject(&g.bucket, &member_key);
     let purge = bus
-        .api::<serde_json::Value>(format!("STREAM.PURGE.KV_{}", g.bucket), &json!({ "filter": subject }))
+        .api::<serde_json::Value>(
+            format!("STREAM.PURGE.KV_{}", g.bucket),
+            &json!({ "filter": subject }),
+        )
         .await;
     if let Err(e) = purge {
         debug!(error = %e.into_bus("purging heartbeat"), "heartbeat left to expire");
@@ -324,7 +353,12 @@ async fn coordinate(bus: Arc<Inner>, g: Arc<Group>, mut partitions: u32) -> Resu
 }
 
 /// Which partitions this member should hold, then acts on the difference.
-async fn rebalance(bus: &Arc<Inner>, g: &Arc<Group>, held: &mut HashMap<u32, Held>, partitions: u32) {
+async fn rebalance(
+    bus: &Arc<Inner>,
+    g: &Arc<Group>,
+    held: &mut HashMap<u32, Held>,
+    partitions: u32,
+) {
     let mut members = match bus.members(&g.stream, &g.group_key).await {
         Ok(m) => m,
         Err(e) => {
@@ -345,7 +379,9 @@ async fn rebalance(bus: &Arc<Inner>, g: &Arc<Group>, held: &mut HashMap<u32, Hel
             start_drain(&h.slot);
         }
     }
-    let wanted: Vec<u32> = (0..partitions).filter(|p| mine(*p) && !held.contains_key(p)).collect();
+    let wanted: Vec<u32> = (0..partitions)
+        .filter(|p| mine(*p) && !held.contains_key(p))
+        .collect();
     for p in wanted {
         let key = codec::lease_key(&g.group_key, p);
         let sent = Instant::now();
@@ -353,7 +389,10 @@ async fn rebalance(bus: &Arc<Inner>, g: &Arc<Group>, held: &mut HashMap<u32, Hel
             Ok(revision) => {
                 let slot = Arc::new(Slot {
                     partition: p,
-                    lease: Mutex::new(Lease { revision, deadline: sent + g.timing().lease_ttl }),
+                    lease: Mutex::new(Lease {
+                        revision,
+                        deadline: sent + g.timing().lease_ttl,
+                    }),
                     draining: AtomicBool::new(false),
                     lost: CancellationToken::new(),
                     wake: Notify::new(),
@@ -361,7 +400,9 @@ async fn rebalance(bus: &Arc<Inner>, g: &Arc<Group>, held: &mut HashMap<u32, Hel
                 });
                 lock(&g.slots).insert(p, slot.clone());
                 let span = tracing::info_span!("jetstream_partition", topic = %g.topic, group = %g.group, partition = p);
-                let task = tokio::spawn(run_partition(bus.clone(), g.clone(), slot.clone()).instrument(span));
+                let task = tokio::spawn(
+                    run_partition(bus.clone(), g.clone(), slot.clone()).instrument(span),
+                );
                 info!(partition = p, "partition acquired");
                 held.insert(p, Held { slot, task });
             }
@@ -402,7 +443,11 @@ async fn renew(g: &Group, held: &mut HashMap<u32, Held>) {
 
 /// Collects finished partition workers, handing drained partitions over.
 async fn reap(g: &Group, held: &mut HashMap<u32, Held>) -> Vec<WorkerEnd> {
-    let finished: Vec<u32> = held.iter().filter(|(_, h)| h.task.is_finished()).map(|(p, _)| *p).collect();
+    let finished: Vec<u32> = held
+        .iter()
+        .filter(|(_, h)| h.task.is_finished())
+        .map(|(p, _)| *p)
+        .collect();
     let mut ends = Vec::new();
     for p in finished {
         let Some(h) = held.remove(&p) else { continue };
@@ -427,7 +472,9 @@ async fn reap(g: &Group, held: &mut HashMap<u32, Held>) -> Vec<WorkerEnd> {
 /// next owner gets those first and in order; then deletes the lease (revision-checked, so a
 /// lease that was taken over meanwhile stays).
 async fn release(g: &Group, slot: &Slot) {
-    let left: Vec<(u64, Inflight)> = std::mem::take(&mut *lock(&slot.inflight)).into_iter().collect();
+    let left: Vec<(u64, Inflight)> = std::mem::take(&mut *lock(&slot.inflight))
+        .into_iter()
+        .collect();
     for (_, entry) in &left {
         let acker = jetstream::message::Acker::new(g.js.clone(), Some(entry.reply.clone()));
         if let Err(e) = acker.ack_with(AckKind::Nak(None)).await {
@@ -443,8 +490,16 @@ async fn release(g: &Group, slot: &Slot) {
         return;
     }
     let key = codec::lease_key(&g.group_key, slot.partition);
-    match g.kv.delete_expect_revision(&key, Some(slot.lease().revision)).await {
-        Ok(()) => info!(partition = slot.partition, requeued = left.len(), "partition released"),
+    match g
+        .kv
+        .delete_expect_revision(&key, Some(slot.lease().revision))
+        .await
+    {
+        Ok(()) => info!(
+            partition = slot.partition,
+            requeued = left.len(),
+            "partition released"
+        ),
         Err(e) => debug!(partition = slot.partition, error = %e, "lease left to expire"),
     }
 }
@@ -464,22 +519,8 @@ async fn run_partition(bus: Arc<Inner>, g: Arc<Group>, slot: Arc<Slot>) -> Worke
 /// Pulls until draining (`None`) or the lease is lost / the topic is gone.
 async fn fetch_loop(bus: &Arc<Inner>, g: &Arc<Group>, slot: &Arc<Slot>) -> Option<WorkerEnd> {
     let timing = *g.timing();
-    let consumer = loop {
-        if slot.lost.is_cancelled() {
-            return Some(WorkerEnd::Lost);
-        }
-        if slot.draining.load(Ordering::SeqCst) {
-            return None;
-        }
-        match ensure_consumer(bus, g, slot.partition).await {
-            Ok(c) => break c,
-            Err(BusError::UnknownTopic(t)) => return Some(WorkerEnd::Fatal(BusError::UnknownTopic(t))),
-            Err(e) => {
-                warn!(error = %e, "partition consumer unavailable; retrying");
-                pause(slot, RETRY_PAUSE).await;
-            }
-        }
-    };
+    // Looked up again after a failed pull: the consumer may have been replaced or lost.
+    let mut current: Option<Consumer<pull::Config>> = None;
     loop {
         if slot.lost.is_cancelled() {
             return Some(WorkerEnd::Lost);
@@ -487,6 +528,21 @@ async fn fetch_loop(bus: &Arc<Inner>, g: &Arc<Group>, slot: &Arc<Slot>) -> Optio
         if slot.draining.load(Ordering::SeqCst) {
             return None;
         }
+        let consumer = match current.take() {
+            Some(c) => c,
+            None => match ensure_consumer(bus, g, slot.partition).await {
+                Ok(c) => c,
+                Err(BusError::UnknownTopic(t)) => {
+                    return Some(WorkerEnd::Fatal(BusError::UnknownTopic(t)))
+                }
+                Err(e) => {
+                    warn!(error = %e, "partition consumer unavailable; retrying");
+                    pause(slot, RETRY_PAUSE).await;
+                    continue;
+                }
+            },
+        };
+        let consumer = &*current.insert(consumer);
         if !timing.can_fetch(slot.lease().deadline) {
             // The lease is not fresh enough to cover a pull; the coordinator renews it.
             pause(slot, timing.renew_every / 2).await;
@@ -507,16 +563,23 @@ async fn fetch_loop(bus: &Arc<Inner>, g: &Arc<Group>, slot: &Arc<Slot>) -> Optio
                 Err(_) => break,
             }
         }
-        let batch = consumer.batch().max_messages(permits.len()).expires(timing.fetch_expires).messages().await;
+        let batch = consumer
+            .batch()
+            .max_messages(permits.len())
+            .expires(timing.fetch_expires)
+            .messages()
+            .await;
         let mut batch = match batch {
             Ok(b) => b,
             Err(e) => {
                 warn!(error = %e, "pull request failed; retrying");
                 drop(permits);
+                current = None;
                 pause(slot, RETRY_PAUSE).await;
                 continue;
             }
         };
+        let mut stale = false;
         // A pull request is always read to its end: records it brings after an early stop
         // would sit unacked until ack wait and could overtake records the next owner gets.
         while let Some(item) = batch.next().await {
@@ -530,9 +593,13 @@ async fn fetch_loop(bus: &Arc<Inner>, g: &Arc<Group>, slot: &Arc<Slot>) -> Optio
                     // request; the next one tells whether it persists.
                     debug!(error = %e, "pull request ended with a status");
                     drop(std::mem::take(&mut permits));
+                    stale = true;
                     pause(slot, RETRY_PAUSE).await;
                 }
             }
+        }
+        if stale {
+            current = None;
         }
     }
 }
@@ -547,9 +614,17 @@ async fn pause(slot: &Slot, d: Duration) {
 }
 
 /// Registers a record as handed out and passes it to the subscription.
-async fn hand_out(g: &Arc<Group>, slot: &Arc<Slot>, m: jetstream::Message, permit: Option<OwnedSemaphorePermit>) {
+async fn hand_out(
+    g: &Arc<Group>,
+    slot: &Arc<Slot>,
+    m: jetstream::Message,
+    permit: Option<OwnedSemaphorePermit>,
+) {
     let (seq, ts) = match m.info() {
-        Ok(info) => (info.stream_sequence, timestamp_ms(info.published.unix_timestamp_nanos())),
+        Ok(info) => (
+            info.stream_sequence,
+            timestamp_ms(info.published.unix_timestamp_nanos()),
+        ),
         Err(e) => {
             warn!(error = %e, "record without JetStream metadata left for redelivery");
             return;
@@ -569,12 +644,32 @@ async fn hand_out(g: &Arc<Group>, slot: &Arc<Slot>, m: jetstream::Message, permi
                 return;
             }
             _ => {
-                inflight.insert(seq, Inflight { reply: reply.clone(), abandoned: false });
+                inflight.insert(
+                    seq,
+                    Inflight {
+                        reply: reply.clone(),
+                        abandoned: false,
+                    },
+                );
             }
         }
     }
-    let message = codec::message(&g.topic, slot.partition, seq, ts, m.message.headers.as_ref(), m.message.payload.clone());
-    let acker = JetStreamAcker { client: g.client.clone(), slot: slot.clone(), seq, reply, _permit: permit, acked: false };
+    let message = codec::message(
+        &g.topic,
+        slot.partition,
+        seq,
+        ts,
+        m.message.headers.as_ref(),
+        m.message.payload.clone(),
+    );
+    let acker = JetStreamAcker {
+        client: g.client.clone(),
+        slot: slot.clone(),
+        seq,
+        reply,
+        _permit: permit,
+        acked: false,
+    };
     // A closed subscription hands the delivery back; dropping it marks it abandoned.
     let _ = g.tx.send(Ok(Delivery::new(message, Box::new(acker)))).await;
 }
@@ -591,7 +686,10 @@ async fn drain(g: &Group, slot: &Slot) -> WorkerEnd {
         }
         let now = Instant::now();
         if now >= until {
-            warn!(partition = slot.partition, "records still being handled at hand-over; they are requeued");
+            warn!(
+                partition = slot.partition,
+                "records still being handled at hand-over; they are requeued"
+            );
             return WorkerEnd::Drained;
         }
         pause(slot, until - now).await;
@@ -616,9 +714,16 @@ async fn keep_alive(g: Arc<Group>, stop: CancellationToken) {
             if slot.lost.is_cancelled() || !timing.can_progress(slot.lease().deadline) {
                 continue;
             }
-            let replies: Vec<Subject> = lock(&slot.inflight).values().map(|e| e.reply.clone()).collect();
+            let replies: Vec<Subject> = lock(&slot.inflight)
+                .values()
+                .map(|e| e.reply.clone())
+                .collect();
             for reply in replies {
-                if let Err(e) = g.client.publish(reply, Bytes::from(AckKind::Progress)).await {
+                if let Err(e) = g
+                    .client
+                    .publish(reply, Bytes::from(AckKind::Progress))
+                    .await
+                {
                     debug!(error = %e, "progress signal failed");
                 }
                 sent += 1;
@@ -644,7 +749,11 @@ struct JetStreamAcker {
 impl Acker for JetStreamAcker {
     async fn ack(mut self: Box<Self>) -> Result<(), BusError> {
         use async_nats::RequestErrorKind as K;
-        match self.client.request(self.reply.clone(), Bytes::from_static(b"+ACK")).await {
+        match self
+            .client
+            .request(self.reply.clone(), Bytes::from_static(b"+ACK"))
+            .await
+        {
             Ok(_) => {
                 self.acked = true;
                 self.slot.settle(self.seq);
@@ -652,7 +761,9 @@ impl Acker for JetStreamAcker {
             }
             Err(e) => Err(match e.kind() {
                 K::TimedOut => BusError::Timeout(format!("ack of sequence {}: {e}", self.seq)),
-                K::NoResponders | K::Other => BusError::Unavailable(format!("ack of sequence {}: {e}", self.seq)),
+                K::NoResponders | K::Other => {
+                    BusError::Unavailable(format!("ack of sequence {}: {e}", self.seq))
+                }
             }),
         }
     }
@@ -685,7 +796,9 @@ impl Subscription for JetStreamSubscription {
         self.rx.close();
         while self.rx.try_recv().is_ok() {}
         match self.coordinator.take() {
-            Some(task) => task.await.map_err(|e| BusError::Unavailable(format!("group coordinator: {e}")))?,
+            Some(task) => task
+                .await
+                .map_err(|e| BusError::Unavailable(format!("group coordinator: {e}")))?,
             None => Ok(()),
         }
     }

@@ -195,16 +195,18 @@ fn request_error(what: &str, e: &jetstream::context::RequestError) -> BusError {
     use jetstream::context::RequestErrorKind as K;
     match e.kind() {
         K::TimedOut => BusError::Timeout(format!("{what}: {e}")),
-        K::NoResponders => BusError::Unavailable(format!("{what}: JetStream did not answer (is it enabled?)")),
+        K::NoResponders => {
+            BusError::Unavailable(format!("{what}: JetStream did not answer (is it enabled?)"))
+        }
         K::Other => BusError::Unavailable(format!("{what}: {e}")),
     }
 }
 
 fn server_error(what: &str, e: &jetstream::Error) -> BusError {
     match e.error_code() {
-        ErrorCode::STREAM_NAME_EXIST | ErrorCode::STREAM_SUBJECT_OVERLAP | ErrorCode::CONSUMER_NAME_EXIST => {
-            BusError::Conflict(format!("{what}: {e}"))
-        }
+        ErrorCode::STREAM_NAME_EXIST
+        | ErrorCode::STREAM_SUBJECT_OVERLAP
+        | ErrorCode::CONSUMER_NAME_EXIST => BusError::Conflict(format!("{what}: {e}")),
         ErrorCode::BAD_REQUEST | ErrorCode::STREAM_INVALID_CONFIG | ErrorCode::INVALID_JSON => {
             BusError::Config(format!("{what}: {e}"))
         }
@@ -231,7 +233,9 @@ fn connect_error(url: &str, e: &async_nats::ConnectError) -> BusError {
         ConnectErrorKind::ServerParse
         | ConnectErrorKind::Tls
         | ConnectErrorKind::Authentication
-        | ConnectErrorKind::AuthorizationViolation => BusError::Config(format!("NATS at {url}: {e}")),
+        | ConnectErrorKind::AuthorizationViolation => {
+            BusError::Config(format!("NATS at {url}: {e}"))
+        }
         ConnectErrorKind::TimedOut => BusError::Timeout(format!("NATS at {url}: {e}")),
         _ => BusError::Unavailable(format!("NATS at {url}: {e}")),
     }
@@ -251,7 +255,9 @@ fn server_addrs(url: &str) -> Result<Vec<ServerAddr>, BusError> {
 }
 
 fn check_server_version(version: &str) -> Result<(), BusError> {
-    let mut parts = version.trim_start_matches('v').split(|c: char| !c.is_ascii_digit());
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(|c: char| !c.is_ascii_digit());
     let major = parts.next().and_then(|p| p.parse::<u64>().ok());
     let minor = parts.next().and_then(|p| p.parse::<u64>().ok());
     match (major, minor) {
@@ -278,16 +284,22 @@ impl JetStreamBus {
             options = options.add_root_certificates(config.ca_file.clone().into());
         }
         if !config.client_cert_file.is_empty() {
-            options = options
-                .add_client_certificate(config.client_cert_file.clone().into(), config.client_key_file.clone().into());
+            options = options.add_client_certificate(
+                config.client_cert_file.clone().into(),
+                config.client_key_file.clone().into(),
+            );
         }
         if !config.nats.user.is_empty() {
-            options = options.user_and_password(config.nats.user.clone(), config.nats.password.clone());
+            options =
+                options.user_and_password(config.nats.user.clone(), config.nats.password.clone());
         }
         if !config.nats.token.is_empty() {
             options = options.token(config.nats.token.clone());
         }
-        let client = options.connect(server_addrs(url)?).await.map_err(|e| connect_error(url, &e))?;
+        let client = options
+            .connect(server_addrs(url)?)
+            .await
+            .map_err(|e| connect_error(url, &e))?;
         check_server_version(&client.server_info().version)?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(API_TIMEOUT);
@@ -319,12 +331,19 @@ impl Inner {
         }
     }
 
-    async fn stream_info(&self, stream: &str, subjects_filter: Option<&str>) -> Result<Option<StreamInfo>, BusError> {
+    async fn stream_info(
+        &self,
+        stream: &str,
+        subjects_filter: Option<&str>,
+    ) -> Result<Option<StreamInfo>, BusError> {
         let payload = match subjects_filter {
             Some(filter) => json!({ "subjects_filter": filter }),
             None => json!({}),
         };
-        match self.api::<StreamInfo>(format!("STREAM.INFO.{stream}"), &payload).await {
+        match self
+            .api::<StreamInfo>(format!("STREAM.INFO.{stream}"), &payload)
+            .await
+        {
             Ok(info) => Ok(Some(info)),
             Err(e) if e.code() == Some(ErrorCode::STREAM_NOT_FOUND) => Ok(None),
             Err(e) => Err(e.into_bus(&format!("stream info of {stream}"))),
@@ -336,7 +355,10 @@ impl Inner {
     async fn topic_meta(&self, topic: &str) -> Result<Option<TopicMeta>, BusError> {
         codec::validate_topic(topic)?;
         let stream = codec::stream_name(topic);
-        let Some(info) = self.stream_info(&stream, Some(&format!("{topic}.*"))).await? else {
+        let Some(info) = self
+            .stream_info(&stream, Some(&format!("{topic}.*")))
+            .await?
+        else {
             return Ok(None);
         };
         let mut seen = Vec::with_capacity(info.config.subjects.len());
@@ -360,11 +382,18 @@ impl Inner {
         }
         let partitions = seen.len() as u32;
         self.remember_partitions(topic, partitions);
-        Ok(Some(TopicMeta { stream, partitions, config: info.config, state: info.state }))
+        Ok(Some(TopicMeta {
+            stream,
+            partitions,
+            config: info.config,
+            state: info.state,
+        }))
     }
 
     async fn require_topic(&self, topic: &str) -> Result<TopicMeta, BusError> {
-        self.topic_meta(topic).await?.ok_or_else(|| BusError::UnknownTopic(topic.to_string()))
+        self.topic_meta(topic)
+            .await?
+            .ok_or_else(|| BusError::UnknownTopic(topic.to_string()))
     }
 
     fn remember_partitions(&self, topic: &str, partitions: u32) {
@@ -393,15 +422,29 @@ impl Inner {
     }
 
     /// `(low, high, records)` of one partition (offsets, see the module doc).
-    async fn bounds(&self, meta: &TopicMeta, topic: &str, partition: u32) -> Result<(u64, u64, u64), BusError> {
+    async fn bounds(
+        &self,
+        meta: &TopicMeta,
+        topic: &str,
+        partition: u32,
+    ) -> Result<(u64, u64, u64), BusError> {
         let subject = codec::subject(topic, partition);
-        let count = meta.state.subjects.as_ref().and_then(|s| s.get(&subject).copied()).unwrap_or(0);
+        let count = meta
+            .state
+            .subjects
+            .as_ref()
+            .and_then(|s| s.get(&subject).copied())
+            .unwrap_or(0);
         let empty = (meta.state.last_seq, meta.state.last_seq, 0);
         if count == 0 {
             return Ok(empty);
         }
-        let first = self.message_seq(&meta.stream, json!({ "seq": 1, "next_by_subj": subject })).await?;
-        let last = self.message_seq(&meta.stream, json!({ "last_by_subj": subject })).await?;
+        let first = self
+            .message_seq(&meta.stream, json!({ "seq": 1, "next_by_subj": subject }))
+            .await?;
+        let last = self
+            .message_seq(&meta.stream, json!({ "last_by_subj": subject }))
+            .await?;
         match (first, last) {
             (Some(first), Some(last)) => Ok((first - 1, last, count)),
             // Expired between the stream info and these reads.
@@ -410,7 +453,11 @@ impl Inner {
     }
 
     /// The sequence of the message a `STREAM.MSG.GET` request selects, if any.
-    async fn message_seq(&self, stream: &str, request: serde_json::Value) -> Result<Option<u64>, BusError> {
+    async fn message_seq(
+        &self,
+        stream: &str,
+        request: serde_json::Value,
+    ) -> Result<Option<u64>, BusError> {
         #[derive(Deserialize)]
         struct Got {
             message: GotMessage,
@@ -419,15 +466,25 @@ impl Inner {
         struct GotMessage {
             seq: u64,
         }
-        match self.api::<Got>(format!("STREAM.MSG.GET.{stream}"), &request).await {
+        match self
+            .api::<Got>(format!("STREAM.MSG.GET.{stream}"), &request)
+            .await
+        {
             Ok(got) => Ok(Some(got.message.seq.max(1))),
             Err(e) if e.code() == Some(ErrorCode::NO_MESSAGE_FOUND) => Ok(None),
             Err(e) => Err(e.into_bus(&format!("message get on {stream}"))),
         }
     }
 
-    async fn consumer_info(&self, stream: &str, name: &str) -> Result<Option<consumer::Info>, BusError> {
-        match self.api::<consumer::Info>(format!("CONSUMER.INFO.{stream}.{name}"), &json!({})).await {
+    async fn consumer_info(
+        &self,
+        stream: &str,
+        name: &str,
+    ) -> Result<Option<consumer::Info>, BusError> {
+        match self
+            .api::<consumer::Info>(format!("CONSUMER.INFO.{stream}.{name}"), &json!({}))
+            .await
+        {
             Ok(info) => Ok(Some(info)),
             Err(e) if e.code() == Some(ErrorCode::CONSUMER_NOT_FOUND) => Ok(None),
             Err(e) if e.code() == Some(ErrorCode::STREAM_NOT_FOUND) => Ok(None),
@@ -436,7 +493,10 @@ impl Inner {
     }
 
     async fn delete_consumer(&self, stream: &str, name: &str) -> Result<(), BusError> {
-        match self.api::<DeleteResponse>(format!("CONSUMER.DELETE.{stream}.{name}"), &json!({})).await {
+        match self
+            .api::<DeleteResponse>(format!("CONSUMER.DELETE.{stream}.{name}"), &json!({}))
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) if e.code() == Some(ErrorCode::CONSUMER_NOT_FOUND) => Ok(()),
             Err(e) => Err(e.into_bus(&format!("deleting consumer {stream}/{name}"))),
@@ -475,7 +535,9 @@ impl Inner {
 
     /// How many records of the partition have a stream sequence `>= seq`.
     async fn count_from_seq(&self, stream: &str, subject: &str, seq: u64) -> Result<u64, BusError> {
-        let deliver = DeliverPolicy::ByStartSequence { start_sequence: seq.max(1) };
+        let deliver = DeliverPolicy::ByStartSequence {
+            start_sequence: seq.max(1),
+        };
         let consumer = self.ephemeral(stream, subject, deliver).await?;
         let pending = consumer.cached_info().num_pending;
         self.drop_ephemeral(stream, &consumer).await;
@@ -512,7 +574,10 @@ impl Inner {
     async fn members(&self, stream: &str, group_key: &str) -> Result<Vec<String>, BusError> {
         let bucket = codec::lease_bucket(stream);
         let filter = codec::members_filter(&bucket, group_key);
-        let Some(info) = self.stream_info(&format!("KV_{bucket}"), Some(&filter)).await? else {
+        let Some(info) = self
+            .stream_info(&format!("KV_{bucket}"), Some(&filter))
+            .await?
+        else {
             return Ok(Vec::new());
         };
         let prefix = format!("$KV.{bucket}.{group_key}.m.");
@@ -533,7 +598,9 @@ impl Inner {
         stream::Config {
             name: stream.to_string(),
             description: Some(format!("nexus topic `{}`", spec.name)),
-            subjects: (0..spec.partitions).map(|p| codec::subject(&spec.name, p)).collect(),
+            subjects: (0..spec.partitions)
+                .map(|p| codec::subject(&spec.name, p))
+                .collect(),
             retention: stream::RetentionPolicy::Limits,
             discard: stream::DiscardPolicy::Old,
             storage: stream::StorageType::File,
@@ -566,7 +633,9 @@ fn publish_error(topic: &str, e: &jetstream::context::PublishError) -> BusError 
     match e.kind() {
         K::StreamNotFound => BusError::UnknownTopic(topic.to_string()),
         K::TimedOut => BusError::Timeout(format!("publish to {topic}: {e}")),
-        K::WrongLastMessageId | K::WrongLastSequence => BusError::Conflict(format!("publish to {topic}: {e}")),
+        K::WrongLastMessageId | K::WrongLastSequence => {
+            BusError::Conflict(format!("publish to {topic}: {e}"))
+        }
         K::BrokenPipe | K::Other => BusError::Unavailable(format!("publish to {topic}: {e}")),
     }
 }
@@ -575,7 +644,10 @@ fn check_partition(meta: &TopicMeta, topic: &str, partition: u32) -> Result<(), 
     if partition < meta.partitions {
         Ok(())
     } else {
-        Err(BusError::UnknownPartition { topic: topic.to_string(), partition })
+        Err(BusError::UnknownPartition {
+            topic: topic.to_string(),
+            partition,
+        })
     }
 }
 
@@ -614,7 +686,10 @@ impl Bus for JetStreamBus {
                 ack.stream
             )));
         }
-        Ok(Published { partition, offset: ack.sequence.saturating_sub(1) })
+        Ok(Published {
+            partition,
+            offset: ack.sequence.saturating_sub(1),
+        })
     }
 
     async fn subscribe(
@@ -637,14 +712,19 @@ impl Bus for JetStreamBus {
     async fn apply_topic(&self, spec: &TopicSpec) -> Result<(), BusError> {
         codec::validate_topic(&spec.name)?;
         if spec.partitions == 0 {
-            return Err(BusError::Config(format!("topic `{}` needs at least one partition", spec.name)));
+            return Err(BusError::Config(format!(
+                "topic `{}` needs at least one partition",
+                spec.name
+            )));
         }
         let stream = codec::stream_name(&spec.name);
         // Twice at most: a concurrent `apply` may create the stream between look and create.
         for _ in 0..2 {
             let Some(meta) = self.topic_meta(&spec.name).await? else {
                 let config = self.stream_config(spec, &stream);
-                let created = self.api::<StreamInfo>(format!("STREAM.CREATE.{stream}"), &json!(config)).await;
+                let created = self
+                    .api::<StreamInfo>(format!("STREAM.CREATE.{stream}"), &json!(config))
+                    .await;
                 match created {
                     Ok(_) => {
                         tracing::info!(topic = %spec.name, stream, partitions = spec.partitions, "stream created");
@@ -666,7 +746,9 @@ impl Bus for JetStreamBus {
                 return Ok(());
             }
             let mut config = meta.config.clone();
-            config.subjects = (0..spec.partitions).map(|p| codec::subject(&spec.name, p)).collect();
+            config.subjects = (0..spec.partitions)
+                .map(|p| codec::subject(&spec.name, p))
+                .collect();
             config.max_age = max_age;
             config.duplicate_window = config.duplicate_window.min(duplicate_window(max_age));
             self.api::<StreamInfo>(format!("STREAM.UPDATE.{stream}"), &json!(config))
@@ -676,7 +758,9 @@ impl Bus for JetStreamBus {
             self.remember_partitions(&spec.name, spec.partitions);
             return Ok(());
         }
-        Err(BusError::Conflict(format!("stream {stream} keeps changing while being applied")))
+        Err(BusError::Conflict(format!(
+            "stream {stream} keeps changing while being applied"
+        )))
     }
 
     async fn partition_offsets(&self, topic: &str) -> Result<Vec<PartitionOffsets>, BusError> {
@@ -684,12 +768,20 @@ impl Bus for JetStreamBus {
         let mut out = Vec::with_capacity(meta.partitions as usize);
         for partition in 0..meta.partitions {
             let (low, high, _) = self.bounds(&meta, topic, partition).await?;
-            out.push(PartitionOffsets { partition, low, high });
+            out.push(PartitionOffsets {
+                partition,
+                low,
+                high,
+            });
         }
         Ok(out)
     }
 
-    async fn group_positions(&self, group: &str, topic: &str) -> Result<Vec<GroupPosition>, BusError> {
+    async fn group_positions(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> Result<Vec<GroupPosition>, BusError> {
         let meta = self.require_topic(topic).await?;
         let gkey = codec::group_key(group)?;
         let mut out = Vec::with_capacity(meta.partitions as usize);
@@ -698,12 +790,20 @@ impl Bus for JetStreamBus {
             let name = codec::consumer_name(&gkey, partition);
             let position = match self.consumer_info(&meta.stream, &name).await? {
                 // No consumer yet: nothing committed, every record is behind.
-                None => GroupPosition { partition, committed: None, high, lag: records },
+                None => GroupPosition {
+                    partition,
+                    committed: None,
+                    high,
+                    lag: records,
+                },
                 Some(info) => {
                     // The ack floor is the last stream sequence of the contiguous acked
                     // prefix, so the next offset to consume is that sequence (offset = seq - 1).
                     // A fresh consumer's floor only means something if it was placed by a seek.
-                    let placed = matches!(info.config.deliver_policy, DeliverPolicy::ByStartSequence { .. });
+                    let placed = matches!(
+                        info.config.deliver_policy,
+                        DeliverPolicy::ByStartSequence { .. }
+                    );
                     let committed = (info.ack_floor.consumer_sequence > 0 || placed)
                         .then(|| info.ack_floor.stream_sequence.min(high));
                     let all_acked = info.num_ack_pending == 0
@@ -713,9 +813,19 @@ impl Bus for JetStreamBus {
                     } else {
                         // Acks above the floor do not count (as on Kafka): count from it.
                         let subject = codec::subject(topic, partition);
-                        self.count_from_seq(&meta.stream, &subject, info.ack_floor.stream_sequence + 1).await?
+                        self.count_from_seq(
+                            &meta.stream,
+                            &subject,
+                            info.ack_floor.stream_sequence + 1,
+                        )
+                        .await?
                     };
-                    GroupPosition { partition, committed, high, lag }
+                    GroupPosition {
+                        partition,
+                        committed,
+                        high,
+                        lag,
+                    }
                 }
             };
             out.push(position);
@@ -723,7 +833,12 @@ impl Bus for JetStreamBus {
         Ok(out)
     }
 
-    async fn offset_for_time(&self, topic: &str, partition: u32, ts_ms: i64) -> Result<u64, BusError> {
+    async fn offset_for_time(
+        &self,
+        topic: &str,
+        partition: u32,
+        ts_ms: i64,
+    ) -> Result<u64, BusError> {
         let meta = self.require_topic(topic).await?;
         check_partition(&meta, topic, partition)?;
         let at = chrono::DateTime::from_timestamp_millis(ts_ms)
@@ -731,9 +846,10 @@ impl Bus for JetStreamBus {
             .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         // async-nats wants a `time::OffsetDateTime`; going through its serde form avoids a
         // direct dependency on `time`.
-        let deliver: DeliverPolicy =
-            serde_json::from_value(json!({ "deliver_policy": "by_start_time", "opt_start_time": at }))
-                .map_err(|e| BusError::Config(format!("start time {at}: {e}")))?;
+        let deliver: DeliverPolicy = serde_json::from_value(
+            json!({ "deliver_policy": "by_start_time", "opt_start_time": at }),
+        )
+        .map_err(|e| BusError::Config(format!("start time {at}: {e}")))?;
         let subject = codec::subject(topic, partition);
         let consumer = self.ephemeral(&meta.stream, &subject, deliver).await?;
         let found = if consumer.cached_info().num_pending == 0 {
@@ -741,7 +857,12 @@ impl Bus for JetStreamBus {
         } else {
             let what = format!("offset for time on {topic}/{partition}");
             let first = async {
-                let mut batch = consumer.fetch().max_messages(1).messages().await.map_err(|e| batch_error(&what, &e))?;
+                let mut batch = consumer
+                    .fetch()
+                    .max_messages(1)
+                    .messages()
+                    .await
+                    .map_err(|e| batch_error(&what, &e))?;
                 match batch.next().await {
                     Some(Ok(m)) => Ok(m.info().map(|i| i.stream_sequence).ok()),
                     Some(Err(e)) => Err(BusError::Unavailable(format!("{what}: {e}"))),
@@ -764,7 +885,13 @@ impl Bus for JetStreamBus {
         }
     }
 
-    async fn count_between(&self, topic: &str, partition: u32, from: u64, to: u64) -> Result<u64, BusError> {
+    async fn count_between(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        to: u64,
+    ) -> Result<u64, BusError> {
         if to <= from {
             return Ok(0);
         }
@@ -772,7 +899,9 @@ impl Bus for JetStreamBus {
         check_partition(&meta, topic, partition)?;
         let subject = codec::subject(topic, partition);
         // Offsets [from, to) are sequences [from + 1, to + 1).
-        let from_on = self.count_from_seq(&meta.stream, &subject, from + 1).await?;
+        let from_on = self
+            .count_from_seq(&meta.stream, &subject, from + 1)
+            .await?;
         let to_on = if to >= meta.state.last_seq {
             0
         } else {
@@ -781,7 +910,13 @@ impl Bus for JetStreamBus {
         Ok(from_on.saturating_sub(to_on))
     }
 
-    async fn seek_group(&self, group: &str, topic: &str, partition: u32, offset: u64) -> Result<(), BusError> {
+    async fn seek_group(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<(), BusError> {
         let meta = self.require_topic(topic).await?;
         check_partition(&meta, topic, partition)?;
         let gkey = codec::group_key(group)?;
@@ -801,8 +936,11 @@ impl Bus for JetStreamBus {
             None => SubscribeOptions::default().max_in_flight as i64,
         };
         self.delete_consumer(&meta.stream, &name).await?;
-        let deliver = DeliverPolicy::ByStartSequence { start_sequence: offset + 1 };
-        let config = self.durable_config(group, &name, &subject, partition, deliver, max_ack_pending);
+        let deliver = DeliverPolicy::ByStartSequence {
+            start_sequence: offset + 1,
+        };
+        let config =
+            self.durable_config(group, &name, &subject, partition, deliver, max_ack_pending);
         self.js
             .create_consumer_on_stream(config, &meta.stream)
             .await
@@ -817,32 +955,55 @@ impl Bus for JetStreamBus {
         Ok(self.members(&codec::stream_name(topic), &gkey).await?.len())
     }
 
-    async fn read(&self, topic: &str, partition: u32, from: u64, max: usize) -> Result<Vec<Message>, BusError> {
+    async fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<Message>, BusError> {
         let meta = self.require_topic(topic).await?;
         check_partition(&meta, topic, partition)?;
         if max == 0 {
             return Ok(Vec::new());
         }
         let subject = codec::subject(topic, partition);
-        let deliver = DeliverPolicy::ByStartSequence { start_sequence: from.saturating_add(1) };
+        let deliver = DeliverPolicy::ByStartSequence {
+            start_sequence: from.saturating_add(1),
+        };
         let consumer = self.ephemeral(&meta.stream, &subject, deliver).await?;
         let mut out = Vec::new();
         let mut left = (consumer.cached_info().num_pending as usize).min(max);
         let what = format!("reading {topic}/{partition}");
         let result = async {
             while left > 0 {
-                let mut batch =
-                    consumer.fetch().max_messages(left.min(READ_BATCH)).messages().await.map_err(|e| batch_error(&what, &e))?;
+                let mut batch = consumer
+                    .fetch()
+                    .max_messages(left.min(READ_BATCH))
+                    .messages()
+                    .await
+                    .map_err(|e| batch_error(&what, &e))?;
                 let before = out.len();
                 while let Some(item) = batch.next().await {
                     let m = item.map_err(|e| BusError::Unavailable(format!("{what}: {e}")))?;
                     let Ok(info) = m.info() else {
-                        tracing::warn!(topic, partition, "record without JetStream metadata skipped");
+                        tracing::warn!(
+                            topic,
+                            partition,
+                            "record without JetStream metadata skipped"
+                        );
                         continue;
                     };
                     let seq = info.stream_sequence;
                     let ts = timestamp_ms(info.published.unix_timestamp_nanos());
-                    out.push(codec::message(topic, partition, seq, ts, m.message.headers.as_ref(), m.message.payload.clone()));
+                    out.push(codec::message(
+                        topic,
+                        partition,
+                        seq,
+                        ts,
+                        m.message.headers.as_ref(),
+                        m.message.payload.clone(),
+                    ));
                 }
                 let got = out.len() - before;
                 if got == 0 {
@@ -866,7 +1027,9 @@ impl Bus for JetStreamBus {
             use jetstream::context::AccountErrorKind as K;
             match e.kind() {
                 K::TimedOut => BusError::Timeout(format!("JetStream account info: {e}")),
-                K::JetStreamUnavailable => BusError::Unavailable("JetStream is not enabled on the NATS server".into()),
+                K::JetStreamUnavailable => {
+                    BusError::Unavailable("JetStream is not enabled on the NATS server".into())
+                }
                 K::JetStream(err) => server_error("JetStream account info", &err),
                 K::Other => BusError::Unavailable(format!("JetStream account info: {e}")),
             }

@@ -11,7 +11,8 @@ use crate::config::Config;
 const WAIT: Duration = Duration::from_secs(30);
 
 fn test_config() -> Option<BusConfig> {
-    let url = std::env::var("NEXUS_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:14222".into());
+    let url =
+        std::env::var("NEXUS_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:14222".into());
     if url == "skip" {
         eprintln!("NEXUS_TEST_NATS_URL=skip: JetStream test not run");
         return None;
@@ -27,12 +28,23 @@ async fn connect(config: &BusConfig) -> JetStreamBus {
     let tls = config.url.starts_with("tls://");
     JetStreamBus::connect(&config.url, tls, config)
         .await
-        .unwrap_or_else(|e| panic!("NATS at {} (set NEXUS_TEST_NATS_URL=skip to skip): {e}", config.url))
+        .unwrap_or_else(|e| {
+            panic!(
+                "NATS at {} (set NEXUS_TEST_NATS_URL=skip to skip): {e}",
+                config.url
+            )
+        })
 }
 
 async fn fresh_topic(bus: &JetStreamBus, partitions: u32) -> String {
     let name = format!("nexus.test.t{}", uuid::Uuid::new_v4().simple());
-    bus.apply_topic(&TopicSpec { name: name.clone(), partitions, retention: None }).await.expect("create topic");
+    bus.apply_topic(&TopicSpec {
+        name: name.clone(),
+        partitions,
+        retention: None,
+    })
+    .await
+    .expect("create topic");
     name
 }
 
@@ -45,22 +57,44 @@ async fn next(sub: &mut Box<dyn Subscription>, within: Duration) -> Option<Deliv
 }
 
 fn seq_of(m: &Message) -> u64 {
-    std::str::from_utf8(&m.payload).expect("utf8").rsplit(':').next().and_then(|n| n.parse().ok()).expect("seq")
+    std::str::from_utf8(&m.payload)
+        .expect("utf8")
+        .rsplit(':')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("seq")
 }
 
 /// A key that lands in `partition` of `partitions`.
 fn key_in(partition: u32, partitions: u32, tag: &str) -> String {
-    (0..).map(|i| format!("{tag}-{i}")).find(|k| partition_for(k, partitions) == partition).expect("some key")
+    (0..)
+        .map(|i| format!("{tag}-{i}"))
+        .find(|k| partition_for(k, partitions) == partition)
+        .expect("some key")
 }
 
 #[test]
 fn header_values_survive_nats_framing() {
-    for v in ["plain", "", " lead", "trail\t", "a\r\nb", "100% done", "ünïcode ok", "%41", "x%"] {
+    for v in [
+        "plain",
+        "",
+        " lead",
+        "trail\t",
+        "a\r\nb",
+        "100% done",
+        "ünïcode ok",
+        "%41",
+        "x%",
+    ] {
         assert_eq!(unescape_value(&escape_value(v)), v, "{v:?}");
         assert!(!escape_value(v).contains(['\r', '\n']));
         assert_eq!(escape_value(v).trim(), escape_value(v), "{v:?}");
     }
-    assert_eq!(escape_value("traceparent-00-abc"), "traceparent-00-abc", "plain values are untouched");
+    assert_eq!(
+        escape_value("traceparent-00-abc"),
+        "traceparent-00-abc",
+        "plain values are untouched"
+    );
 }
 
 #[test]
@@ -72,7 +106,14 @@ fn headers_keep_key_and_order() {
     let map = encode_headers(&record).expect("encode");
     let (key, headers) = decode_headers(Some(&map));
     assert_eq!(key, "conv 1\n");
-    assert_eq!(headers, vec![("b".into(), "2".into()), ("a".into(), "multi\nline".into()), ("b".into(), "3".into())]);
+    assert_eq!(
+        headers,
+        vec![
+            ("b".into(), "2".into()),
+            ("a".into(), "multi\nline".into()),
+            ("b".into(), "3".into())
+        ]
+    );
     assert!(encode_headers(&OutRecord::new("k", "x").with_header("bad name", "v")).is_err());
     assert!(encode_headers(&OutRecord::new("k", "x").with_header(KEY_HEADER, "v")).is_err());
 }
@@ -119,20 +160,49 @@ async fn topics_are_created_grown_and_never_shrunk() {
     let topic = format!("nexus.test.t{}", uuid::Uuid::new_v4().simple());
     assert_eq!(bus.topic_info(&topic).await.expect("info"), None);
     let week = Duration::from_secs(7 * 86400);
-    bus.apply_topic(&TopicSpec { name: topic.clone(), partitions: 2, retention: Some(week) }).await.expect("create");
+    bus.apply_topic(&TopicSpec {
+        name: topic.clone(),
+        partitions: 2,
+        retention: Some(week),
+    })
+    .await
+    .expect("create");
     let info = bus.topic_info(&topic).await.expect("info").expect("exists");
     assert_eq!((info.partitions, info.retention), (2, Some(week)));
-    bus.apply_topic(&TopicSpec { name: topic.clone(), partitions: 3, retention: None }).await.expect("grow");
+    bus.apply_topic(&TopicSpec {
+        name: topic.clone(),
+        partitions: 3,
+        retention: None,
+    })
+    .await
+    .expect("grow");
     let info = bus.topic_info(&topic).await.expect("info").expect("exists");
     assert_eq!((info.partitions, info.retention), (3, None));
-    let shrink = bus.apply_topic(&TopicSpec { name: topic.clone(), partitions: 1, retention: None }).await;
+    let shrink = bus
+        .apply_topic(&TopicSpec {
+            name: topic.clone(),
+            partitions: 1,
+            retention: None,
+        })
+        .await;
     assert!(matches!(shrink, Err(BusError::Conflict(_))), "{shrink:?}");
     // `a.b` and `a_b` share a stream name; the second one is refused, not merged.
     let twin = topic.replace('.', "_");
-    let clash = bus.apply_topic(&TopicSpec { name: twin, partitions: 3, retention: None }).await;
+    let clash = bus
+        .apply_topic(&TopicSpec {
+            name: twin,
+            partitions: 3,
+            retention: None,
+        })
+        .await;
     assert!(matches!(clash, Err(BusError::Conflict(_))), "{clash:?}");
-    let missing = bus.publish("nexus.test.missing", OutRecord::new("k", "x")).await;
-    assert!(matches!(missing, Err(BusError::UnknownTopic(_))), "{missing:?}");
+    let missing = bus
+        .publish("nexus.test.missing", OutRecord::new("k", "x"))
+        .await;
+    assert!(
+        matches!(missing, Err(BusError::UnknownTopic(_))),
+        "{missing:?}"
+    );
 }
 
 #[tokio::test]
@@ -147,37 +217,107 @@ async fn offsets_counts_reads_and_times_per_partition() {
     let k2 = key_in(2, 3, "b");
     let mut placed = Vec::new();
     for n in 0..4u64 {
-        let r = OutRecord::new(k0.clone(), format!("{k0}:{n}")).with_header("nexus-event-type", "t").with_header("x", "1");
+        let r = OutRecord::new(k0.clone(), format!("{k0}:{n}"))
+            .with_header("nexus-event-type", "t")
+            .with_header("x", "1");
         placed.push(bus.publish(&topic, r).await.expect("publish"));
-        placed.push(bus.publish(&topic, OutRecord::new(k2.clone(), format!("{k2}:{n}"))).await.expect("publish"));
+        placed.push(
+            bus.publish(&topic, OutRecord::new(k2.clone(), format!("{k2}:{n}")))
+                .await
+                .expect("publish"),
+        );
     }
+    // Apart by more than the millisecond resolution of the cut.
+    tokio::time::sleep(Duration::from_millis(50)).await;
     let cut = chrono::Utc::now().timestamp_millis();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let late = bus.publish(&topic, OutRecord::new(k0.clone(), format!("{k0}:4"))).await.expect("publish");
-    assert_eq!(placed[0], Published { partition: 0, offset: 0 });
-    assert_eq!(placed[1], Published { partition: 2, offset: 1 });
+    let late = bus
+        .publish(&topic, OutRecord::new(k0.clone(), format!("{k0}:4")))
+        .await
+        .expect("publish");
+    assert_eq!(
+        placed[0],
+        Published {
+            partition: 0,
+            offset: 0
+        }
+    );
+    assert_eq!(
+        placed[1],
+        Published {
+            partition: 2,
+            offset: 1
+        }
+    );
 
     let offsets = bus.partition_offsets(&topic).await.expect("offsets");
-    assert_eq!(offsets[0], PartitionOffsets { partition: 0, low: 0, high: late.offset + 1 });
-    assert_eq!(offsets[2], PartitionOffsets { partition: 2, low: 1, high: 8 });
+    assert_eq!(
+        offsets[0],
+        PartitionOffsets {
+            partition: 0,
+            low: 0,
+            high: late.offset + 1
+        }
+    );
+    assert_eq!(
+        offsets[2],
+        PartitionOffsets {
+            partition: 2,
+            low: 1,
+            high: 8
+        }
+    );
     assert_eq!(offsets[1].low, offsets[1].high, "empty partition");
-    assert_eq!(bus.count_between(&topic, 0, offsets[0].low, offsets[0].high).await.expect("count"), 5);
-    assert_eq!(bus.count_between(&topic, 2, 1, 5).await.expect("count"), 2, "offsets 1 and 3 of partition 2");
-    assert_eq!(bus.count_between(&topic, 1, 0, 100).await.expect("count"), 0);
+    assert_eq!(
+        bus.count_between(&topic, 0, offsets[0].low, offsets[0].high)
+            .await
+            .expect("count"),
+        5
+    );
+    assert_eq!(
+        bus.count_between(&topic, 2, 1, 5).await.expect("count"),
+        2,
+        "offsets 1 and 3 of partition 2"
+    );
+    assert_eq!(
+        bus.count_between(&topic, 1, 0, 100).await.expect("count"),
+        0
+    );
 
     let read = bus.read(&topic, 0, 0, 100).await.expect("read");
-    assert_eq!(read.iter().map(seq_of).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+    assert_eq!(
+        read.iter().map(seq_of).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3, 4]
+    );
     assert_eq!(read[0].key, k0);
-    assert_eq!(read[0].headers, vec![("nexus-event-type".into(), "t".into()), ("x".into(), "1".into())]);
+    assert_eq!(
+        read[0].headers,
+        vec![
+            ("nexus-event-type".into(), "t".into()),
+            ("x".into(), "1".into())
+        ]
+    );
     assert!(read.windows(2).all(|w| w[0].offset < w[1].offset));
-    let tail = bus.read(&topic, 0, read[2].offset, 2).await.expect("read from");
+    let tail = bus
+        .read(&topic, 0, read[2].offset, 2)
+        .await
+        .expect("read from");
     assert_eq!(tail.iter().map(seq_of).collect::<Vec<_>>(), vec![2, 3]);
 
-    assert_eq!(bus.offset_for_time(&topic, 0, cut).await.expect("by time"), late.offset);
-    assert_eq!(bus.offset_for_time(&topic, 2, cut).await.expect("by time"), offsets[2].high);
+    assert_eq!(
+        bus.offset_for_time(&topic, 0, cut).await.expect("by time"),
+        late.offset
+    );
+    assert_eq!(
+        bus.offset_for_time(&topic, 2, cut).await.expect("by time"),
+        offsets[2].high
+    );
     assert_eq!(bus.offset_for_time(&topic, 0, 0).await.expect("by time"), 0);
     let bad = bus.read(&topic, 3, 0, 1).await;
-    assert!(matches!(bad, Err(BusError::UnknownPartition { partition: 3, .. })), "{bad:?}");
+    assert!(
+        matches!(bad, Err(BusError::UnknownPartition { partition: 3, .. })),
+        "{bad:?}"
+    );
 }
 
 #[tokio::test]
@@ -187,11 +327,24 @@ async fn commit_moves_over_the_acked_prefix_only() {
     let topic = fresh_topic(&bus, 1).await;
     let group = "g";
     for n in 0..3 {
-        bus.publish(&topic, OutRecord::new("k", format!("k:{n}"))).await.expect("publish");
+        bus.publish(&topic, OutRecord::new("k", format!("k:{n}")))
+            .await
+            .expect("publish");
     }
     let before = bus.group_positions(group, &topic).await.expect("positions");
-    assert_eq!(before, vec![GroupPosition { partition: 0, committed: None, high: 3, lag: 3 }]);
-    let mut sub = bus.subscribe(group, &topic, SubscribeOptions::default()).await.expect("subscribe");
+    assert_eq!(
+        before,
+        vec![GroupPosition {
+            partition: 0,
+            committed: None,
+            high: 3,
+            lag: 3
+        }]
+    );
+    let mut sub = bus
+        .subscribe(group, &topic, SubscribeOptions::default())
+        .await
+        .expect("subscribe");
     let d0 = next(&mut sub, WAIT).await.expect("0");
     let d1 = next(&mut sub, WAIT).await.expect("1");
     let d2 = next(&mut sub, WAIT).await.expect("2");
@@ -199,18 +352,28 @@ async fn commit_moves_over_the_acked_prefix_only() {
     d2.ack().await.expect("ack 2");
     d1.ack().await.expect("ack 1");
     let p = bus.group_positions(group, &topic).await.expect("positions")[0];
-    assert_eq!((p.committed.unwrap_or(0), p.lag), (0, 3), "a gap keeps the commit at the gap");
+    assert_eq!(
+        (p.committed.unwrap_or(0), p.lag),
+        (0, 3),
+        "a gap keeps the commit at the gap"
+    );
     d0.ack().await.expect("ack 0");
     let p = bus.group_positions(group, &topic).await.expect("positions")[0];
     assert_eq!((p.committed, p.lag), (Some(3), 0));
     let seek = bus.seek_group(group, &topic, 0, 1).await;
-    assert!(matches!(seek, Err(BusError::Conflict(_))), "no seek under a live member: {seek:?}");
+    assert!(
+        matches!(seek, Err(BusError::Conflict(_))),
+        "no seek under a live member: {seek:?}"
+    );
     sub.close().await.expect("close");
     assert_eq!(bus.active_members(group, &topic).await.expect("members"), 0);
     bus.seek_group(group, &topic, 0, 1).await.expect("seek");
     let p = bus.group_positions(group, &topic).await.expect("positions")[0];
     assert_eq!((p.committed, p.lag), (Some(1), 2));
-    let mut sub = bus.subscribe(group, &topic, SubscribeOptions::default()).await.expect("subscribe");
+    let mut sub = bus
+        .subscribe(group, &topic, SubscribeOptions::default())
+        .await
+        .expect("subscribe");
     let again = next(&mut sub, WAIT).await.expect("replayed");
     assert_eq!(again.message.offset, 1);
     again.ack().await.expect("ack");
@@ -222,12 +385,21 @@ async fn a_slow_handler_is_not_overtaken_by_its_own_redelivery() {
     let Some(config) = test_config() else { return };
     let bus = connect(&config).await;
     let topic = fresh_topic(&bus, 1).await;
-    bus.publish(&topic, OutRecord::new("k", "k:0")).await.expect("publish");
-    let mut sub = bus.subscribe("g", &topic, SubscribeOptions::default()).await.expect("subscribe");
+    bus.publish(&topic, OutRecord::new("k", "k:0"))
+        .await
+        .expect("publish");
+    let mut sub = bus
+        .subscribe("g", &topic, SubscribeOptions::default())
+        .await
+        .expect("subscribe");
     let d = next(&mut sub, WAIT).await.expect("first");
     // Three ack waits without an ack: `+WPI` keeps the record ours.
     let again = next(&mut sub, Duration::from_millis(config.nats.ack_wait_ms * 3)).await;
-    assert!(again.is_none(), "redelivered while in flight: {:?}", again.map(|d| d.message.offset));
+    assert!(
+        again.is_none(),
+        "redelivered while in flight: {:?}",
+        again.map(|d| d.message.offset)
+    );
     d.ack().await.expect("ack");
     let p = bus.group_positions("g", &topic).await.expect("positions")[0];
     assert_eq!(p.lag, 0);
@@ -243,7 +415,9 @@ async fn members_share_partitions_and_a_crashed_members_records_come_back_in_ord
     let keys = [key_in(0, 2, "c"), key_in(1, 2, "c")];
     for n in 0..10u64 {
         for k in &keys {
-            bus.publish(&topic, OutRecord::new(k.clone(), format!("{k}:{n}"))).await.expect("publish");
+            bus.publish(&topic, OutRecord::new(k.clone(), format!("{k}:{n}")))
+                .await
+                .expect("publish");
         }
     }
     // Member A runs on its own runtime and connection, takes records without acking, then the
@@ -251,10 +425,17 @@ async fn members_share_partitions_and_a_crashed_members_records_come_back_in_ord
     let (tx, rx) = std::sync::mpsc::channel::<Vec<(u32, u64)>>();
     let (topic_a, config_a) = (topic.clone(), config.clone());
     let crashed = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("rt");
         rt.block_on(async {
             let bus = connect(&config_a).await;
-            let mut sub = bus.subscribe(group, &topic_a, SubscribeOptions::default()).await.expect("subscribe a");
+            let mut sub = bus
+                .subscribe(group, &topic_a, SubscribeOptions::default())
+                .await
+                .expect("subscribe a");
             let mut got = Vec::new();
             let mut held = Vec::new();
             while got.len() < 6 {
@@ -277,13 +458,22 @@ async fn members_share_partitions_and_a_crashed_members_records_come_back_in_ord
     crashed.join().expect("member a thread");
     assert!(!a_got.is_empty());
 
-    let mut b = bus.subscribe(group, &topic, SubscribeOptions::default()).await.expect("subscribe b");
-    let mut c = bus.subscribe(group, &topic, SubscribeOptions::default()).await.expect("subscribe c");
+    let mut b = bus
+        .subscribe(group, &topic, SubscribeOptions::default())
+        .await
+        .expect("subscribe b");
+    let mut c = bus
+        .subscribe(group, &topic, SubscribeOptions::default())
+        .await
+        .expect("subscribe c");
     let deadline = Instant::now() + WAIT;
     let mut seen: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
     let mut by_member = [0usize; 2];
     while seen.iter().any(|s| s.last() != Some(&9)) {
-        assert!(Instant::now() < deadline, "not everything came back: {seen:?}");
+        assert!(
+            Instant::now() < deadline,
+            "not everything came back: {seen:?}"
+        );
         for (i, sub) in [&mut b, &mut c].into_iter().enumerate() {
             if let Some(d) = next(sub, Duration::from_millis(100)).await {
                 seen[d.message.partition as usize].push(seq_of(&d.message));
@@ -294,10 +484,16 @@ async fn members_share_partitions_and_a_crashed_members_records_come_back_in_ord
     }
     for (p, s) in seen.iter().enumerate() {
         // Partition p resumes at the first record A did not ack, in order, nothing skipped.
-        let acked = a_got.iter().filter(|(ap, n)| *ap == p as u32 && *n < 2).count() as u64;
+        let acked = a_got
+            .iter()
+            .filter(|(ap, n)| *ap == p as u32 && *n < 2)
+            .count() as u64;
         assert_eq!(s, &(acked..10).collect::<Vec<_>>(), "partition {p}");
     }
-    assert!(by_member[0] > 0 && by_member[1] > 0, "both members work: {by_member:?}");
+    assert!(
+        by_member[0] > 0 && by_member[1] > 0,
+        "both members work: {by_member:?}"
+    );
     b.close().await.expect("close b");
     c.close().await.expect("close c");
 }

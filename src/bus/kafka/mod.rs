@@ -73,6 +73,9 @@ impl Settings {
             // Topics are created by `nexus topology apply` with their partitions and retention;
             // a typo must fail as UnknownTopic, not create a one-partition topic.
             .set("allow.auto.create.topics", "false");
+        if let Ok(d) = std::env::var("NEXUS_KAFKA_DEBUG") {
+            c.set("debug", d);
+        }
         let k = &self.config.kafka;
         let sasl = !k.sasl_mechanism.is_empty();
         let protocol = match (self.tls, sasl) {

@@ -21,7 +21,15 @@ fn brokers() -> Option<String> {
     }
 }
 
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
 async fn bus() -> Option<KafkaBus> {
+    init_logs();
     let brokers = brokers()?;
     let mut config = Config::defaults().bus;
     config.url = format!("kafka://{brokers}");
@@ -267,4 +275,27 @@ async fn offsets_reads_and_seeks() {
     assert!(matches!(e, Err(BusError::Conflict(_))), "{e:?}");
     sub.close().await.unwrap();
     bus.health().await.unwrap();
+}
+
+#[tokio::test]
+async fn zz_probe() {
+    let Some(bus) = bus().await else { return };
+    let t = topic(&bus, 1).await;
+    let t0 = chrono::Utc::now().timestamp_millis();
+    for i in 0..3 {
+        bus.publish(&t, OutRecord::new("k", format!("m{i}"))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let msgs = bus.read(&t, 0, 0, 10).await.unwrap();
+    for m in &msgs {
+        eprintln!("PROBE msg {} ts {}", m.offset, m.timestamp_ms);
+    }
+    for ts in [0, t0 - 1, msgs[1].timestamp_ms, msgs[2].timestamp_ms, msgs[2].timestamp_ms + 1, t0 + 60_000, i64::MAX / 2] {
+        eprintln!("PROBE ts {ts} -> {:?}", bus.offset_for_time(&t, 0, ts).await);
+    }
+    let grow = rdkafka::admin::NewPartitions::new(&t, 2);
+    eprintln!("PROBE create_partitions {:?}", bus.admin.create_partitions(&[grow], &rdkafka::admin::AdminOptions::new()).await);
+    let alter = rdkafka::admin::AlterConfig::new(rdkafka::admin::ResourceSpecifier::Topic(&t)).set("retention.ms", "1000");
+    eprintln!("PROBE alter {:?}", bus.admin.alter_configs([&alter], &rdkafka::admin::AdminOptions::new()).await);
+    eprintln!("PROBE info {:?}", bus.topic_info(&t).await);
 }
