@@ -24,7 +24,10 @@ const PARTITIONS: u32 = 4;
 const BODY_BYTES: usize = 300;
 
 fn events_n() -> u64 {
-    std::env::var("NEXUS_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000)
+    std::env::var("NEXUS_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000)
 }
 
 /// A `MessageReceived` whose encoded size is about 300 bytes.
@@ -38,7 +41,9 @@ fn payload(i: u64) -> (String, Vec<u8>) {
         "kind": "TEXT",
         "text": "x".repeat(140),
     });
-    let serde_json::Value::Object(body) = body else { unreachable!("literal object") };
+    let serde_json::Value::Object(body) = body else {
+        unreachable!("literal object")
+    };
     let event = Event::new("MessageReceived", "tenant-bench", &key, "bench", body);
     (key, encode(&event).expect("encode"))
 }
@@ -56,7 +61,13 @@ impl Handler for Count {
 async fn nexus_run(bus: Arc<dyn Bus>, n: u64) -> Duration {
     let topic = format!("bench{}", uuid::Uuid::new_v4().simple());
     for t in [topic.clone(), format!("{topic}.dlq")] {
-        bus.apply_topic(&TopicSpec { name: t, partitions: PARTITIONS, retention: None }).await.expect("topic");
+        bus.apply_topic(&TopicSpec {
+            name: t,
+            partitions: PARTITIONS,
+            retention: None,
+        })
+        .await
+        .expect("topic");
     }
     let records: Vec<(String, Vec<u8>)> = (0..n).map(payload).collect();
     let started = Instant::now();
@@ -64,7 +75,11 @@ async fn nexus_run(bus: Arc<dyn Bus>, n: u64) -> Duration {
         .map(|(k, p)| {
             let bus = bus.clone();
             let topic = topic.clone();
-            async move { bus.publish(&topic, OutRecord::new(k, p)).await.expect("publish") }
+            async move {
+                bus.publish(&topic, OutRecord::new(k, p))
+                    .await
+                    .expect("publish")
+            }
         })
         .buffer_unordered(WINDOW)
         .for_each(|_| async {})
@@ -135,13 +150,26 @@ async fn raw_kafka(brokers: &str, n: u64) -> Duration {
     use rdkafka::ClientConfig;
 
     let topic = format!("rawbench{}", uuid::Uuid::new_v4().simple());
-    let admin: AdminClient<_> = ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin");
+    let admin: AdminClient<_> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin");
     admin
-        .create_topics(&[NewTopic::new(&topic, PARTITIONS as i32, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .create_topics(
+            &[NewTopic::new(
+                &topic,
+                PARTITIONS as i32,
+                TopicReplication::Fixed(1),
+            )],
+            &AdminOptions::new(),
+        )
         .await
         .expect("create topic");
-    let producer: FutureProducer =
-        ClientConfig::new().set("bootstrap.servers", brokers).set("acks", "all").create().expect("producer");
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .create()
+        .expect("producer");
     let records: Vec<(String, Vec<u8>)> = (0..n).map(payload).collect();
     let started = Instant::now();
     stream::iter(records.iter().enumerate())
@@ -149,8 +177,14 @@ async fn raw_kafka(brokers: &str, n: u64) -> Duration {
             let producer = &producer;
             let topic = &topic;
             async move {
-                let rec = FutureRecord::to(topic).key(k).payload(p).partition((i as u32 % PARTITIONS) as i32);
-                producer.send(rec, Duration::from_secs(30)).await.expect("send")
+                let rec = FutureRecord::to(topic)
+                    .key(k)
+                    .payload(p)
+                    .partition((i as u32 % PARTITIONS) as i32);
+                producer
+                    .send(rec, Duration::from_secs(30))
+                    .await
+                    .expect("send")
             }
         })
         .buffer_unordered(WINDOW)
@@ -169,7 +203,9 @@ async fn raw_kafka(brokers: &str, n: u64) -> Duration {
         consumer.recv().await.expect("recv");
         got += 1;
     }
-    consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync).expect("commit");
+    consumer
+        .commit_consumer_state(rdkafka::consumer::CommitMode::Sync)
+        .expect("commit");
     started.elapsed()
 }
 
@@ -180,7 +216,11 @@ async fn raw_nats(url: &str, n: u64) -> Duration {
     let name = format!("rawbench{}", uuid::Uuid::new_v4().simple());
     let subjects: Vec<String> = (0..PARTITIONS).map(|p| format!("{name}.{p}")).collect();
     let stream = js
-        .create_stream(jetstream::stream::Config { name: name.clone(), subjects: subjects.clone(), ..Default::default() })
+        .create_stream(jetstream::stream::Config {
+            name: name.clone(),
+            subjects: subjects.clone(),
+            ..Default::default()
+        })
         .await
         .expect("stream");
     let records: Vec<(String, Vec<u8>)> = (0..n).map(payload).collect();
@@ -189,16 +229,30 @@ async fn raw_nats(url: &str, n: u64) -> Duration {
         .map(|(i, (_k, p))| {
             let js = js.clone();
             let subject = subjects[i % subjects.len()].clone();
-            async move { js.publish(subject, p.into()).await.expect("publish").await.expect("ack") }
+            async move {
+                js.publish(subject, p.into())
+                    .await
+                    .expect("publish")
+                    .await
+                    .expect("ack")
+            }
         })
         .buffer_unordered(WINDOW)
         .for_each(|_| async {})
         .await;
     let consumer = stream
-        .create_consumer(pull::Config { durable_name: Some("raw".into()), ..Default::default() })
+        .create_consumer(pull::Config {
+            durable_name: Some("raw".into()),
+            ..Default::default()
+        })
         .await
         .expect("consumer");
-    let mut messages = consumer.stream().max_messages_per_batch(1000).messages().await.expect("messages");
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(1000)
+        .messages()
+        .await
+        .expect("messages");
     let mut got = 0u64;
     while got < n {
         let m = messages.next().await.expect("message").expect("message ok");
@@ -215,11 +269,17 @@ fn rate(n: u64, d: Duration) -> f64 {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let n = events_n();
-    let backends = std::env::var("NEXUS_BENCH_BACKENDS").unwrap_or_else(|_| "embedded,jetstream,kafka".into());
-    let kafka = std::env::var("NEXUS_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into());
-    let nats = std::env::var("NEXUS_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:14222".into());
+    let backends =
+        std::env::var("NEXUS_BENCH_BACKENDS").unwrap_or_else(|_| "embedded,jetstream,kafka".into());
+    let kafka =
+        std::env::var("NEXUS_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into());
+    let nats =
+        std::env::var("NEXUS_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:14222".into());
     println!("bus throughput: {n} events of ~{BODY_BYTES} bytes, {PARTITIONS} partitions, {WINDOW} publishes in flight");
-    println!("{:<10} {:>14} {:>14} {:>8}", "backend", "raw ev/s", "nexus ev/s", "ratio");
+    println!(
+        "{:<10} {:>14} {:>14} {:>8}",
+        "backend", "raw ev/s", "nexus ev/s", "ratio"
+    );
     for backend in backends.split(',').map(str::trim).filter(|b| !b.is_empty()) {
         let mut config = Config::defaults().bus;
         let dir = tempfile::tempdir().expect("tempdir");

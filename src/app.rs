@@ -53,7 +53,11 @@ pub fn load_topology(config: &Config) -> Result<Topology, TopologyError> {
 
 /// Runs `mode` until `shutdown`, then drains: the edge stops accepting and finishes in-flight
 /// requests, consumers finish and ack their current events and leave their groups.
-pub async fn run(config: Arc<Config>, mode: Mode, shutdown: CancellationToken) -> Result<(), AppError> {
+pub async fn run(
+    config: Arc<Config>,
+    mode: Mode,
+    shutdown: CancellationToken,
+) -> Result<(), AppError> {
     let topology = Arc::new(load_topology(&config)?);
     let bus = bus::connect(&config.bus).await?;
     info!(bus = bus.kind(), ?mode, "starting");
@@ -61,8 +65,18 @@ pub async fn run(config: Arc<Config>, mode: Mode, shutdown: CancellationToken) -
     let roles: Vec<String> = match &mode {
         Mode::Dev => {
             let applied = topology::apply(bus.as_ref(), &topology).await?;
-            info!(created = applied.creates(), updated = applied.updates(), unchanged = applied.unchanged(), "topology applied");
-            topology.roles.iter().filter(|r| !r.broadcast).map(|r| r.name.clone()).collect()
+            info!(
+                created = applied.creates(),
+                updated = applied.updates(),
+                unchanged = applied.unchanged(),
+                "topology applied"
+            );
+            topology
+                .roles
+                .iter()
+                .filter(|r| !r.broadcast)
+                .map(|r| r.name.clone())
+                .collect()
         }
         Mode::Edge => {
             let topics: Vec<String> = topology.topics.iter().map(|t| t.name.clone()).collect();
@@ -73,7 +87,12 @@ pub async fn run(config: Arc<Config>, mode: Mode, shutdown: CancellationToken) -
             if roles.is_empty() {
                 return Err(AppError::Roles(format!(
                     "name at least one role; the topology has: {}",
-                    topology.roles.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ")
+                    topology
+                        .roles
+                        .iter()
+                        .map(|r| r.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )));
             }
             for role in roles {
@@ -85,7 +104,14 @@ pub async fn run(config: Arc<Config>, mode: Mode, shutdown: CancellationToken) -
 
     let mut tasks: JoinSet<Result<(), AppError>> = JoinSet::new();
     for role in &roles {
-        spawn_role(&mut tasks, &config, &topology, bus.clone(), role, shutdown.clone())?;
+        spawn_role(
+            &mut tasks,
+            &config,
+            &topology,
+            bus.clone(),
+            role,
+            shutdown.clone(),
+        )?;
     }
 
     let state = AppState {
@@ -128,7 +154,9 @@ fn spawn_role(
     role_name: &str,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
-    let role = topology.role(role_name).ok_or_else(|| TopologyError::UnknownRole(role_name.to_string()))?;
+    let role = topology
+        .role(role_name)
+        .ok_or_else(|| TopologyError::UnknownRole(role_name.to_string()))?;
     let handler = workers::handler_for(&role.name, config)?;
     let mut options = ConsumerOptions::from_config(&config.consumer, config.bus.start_from);
     options.concurrency = role.concurrency.max(1) as usize;
@@ -147,15 +175,16 @@ pub fn cancel_on_signal(token: CancellationToken) {
     tokio::spawn(async move {
         #[cfg(unix)]
         {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    error!(error = %e, "cannot listen for SIGTERM");
-                    let _ = tokio::signal::ctrl_c().await;
-                    token.cancel();
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        error!(error = %e, "cannot listen for SIGTERM");
+                        let _ = tokio::signal::ctrl_c().await;
+                        token.cancel();
+                        return;
+                    }
+                };
             tokio::select! {
                 _ = term.recv() => info!("SIGTERM: draining"),
                 _ = tokio::signal::ctrl_c() => info!("interrupt: draining"),

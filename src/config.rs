@@ -25,7 +25,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key, message: message.into() }
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -201,7 +204,10 @@ impl Config {
         let mut figment = Figment::from(Toml::string(DEFAULT_CONFIG));
         if let Some(path) = file {
             if !path.exists() {
-                return Err(ConfigError::Load(format!("file {} does not exist", path.display())));
+                return Err(ConfigError::Load(format!(
+                    "file {} does not exist",
+                    path.display()
+                )));
             }
             figment = figment.merge(Toml::file(path));
         }
@@ -210,7 +216,9 @@ impl Config {
         let env = Env::prefixed("NEXUS_").split("__").filter(|key| {
             let key = key.as_str();
             !(key.eq_ignore_ascii_case("config")
-                || ["test_", "bench_", "services_"].iter().any(|p| key.to_ascii_lowercase().starts_with(p)))
+                || ["test_", "bench_", "services_"]
+                    .iter()
+                    .any(|p| key.to_ascii_lowercase().starts_with(p)))
         });
         figment = figment.merge(env);
         Self::from_figment(figment)
@@ -224,7 +232,9 @@ impl Config {
     }
 
     fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
-        let config: Config = figment.extract().map_err(|e| ConfigError::Load(e.to_string()))?;
+        let config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
         config.validate()?;
         Ok(config)
     }
@@ -251,7 +261,10 @@ impl Config {
             }
         }
         if self.bus.kafka.session_timeout_ms < 1000 {
-            return Err(invalid("bus.kafka.session_timeout_ms", "must be at least 1000"));
+            return Err(invalid(
+                "bus.kafka.session_timeout_ms",
+                "must be at least 1000",
+            ));
         }
         if self.bus.nats.ack_wait_ms < 100 {
             return Err(invalid("bus.nats.ack_wait_ms", "must be at least 100"));
@@ -269,7 +282,10 @@ impl Config {
             return Err(invalid("bus.embedded.max_batch", "must be at least 1"));
         }
         if (self.bus.client_cert_file.is_empty()) != (self.bus.client_key_file.is_empty()) {
-            return Err(invalid("bus.client_key_file", "set both client_cert_file and client_key_file, or neither"));
+            return Err(invalid(
+                "bus.client_key_file",
+                "set both client_cert_file and client_key_file, or neither",
+            ));
         }
         if self.consumer.concurrency == 0 {
             return Err(invalid("consumer.concurrency", "must be at least 1"));
@@ -277,8 +293,13 @@ impl Config {
         if self.consumer.max_in_flight == 0 {
             return Err(invalid("consumer.max_in_flight", "must be at least 1"));
         }
-        if self.consumer.retry_initial_ms == 0 || self.consumer.retry_max_ms < self.consumer.retry_initial_ms {
-            return Err(invalid("consumer.retry_max_ms", "need 0 < retry_initial_ms <= retry_max_ms"));
+        if self.consumer.retry_initial_ms == 0
+            || self.consumer.retry_max_ms < self.consumer.retry_initial_ms
+        {
+            return Err(invalid(
+                "consumer.retry_max_ms",
+                "need 0 < retry_initial_ms <= retry_max_ms",
+            ));
         }
         if self.consumer.lag_interval_ms == 0 {
             return Err(invalid("consumer.lag_interval_ms", "must be at least 1"));
@@ -288,7 +309,10 @@ impl Config {
             .parse::<SocketAddr>()
             .map_err(|e| invalid("http.listen", format!("`{}`: {e}", self.http.listen)))?;
         if self.http.tls_cert_file.is_empty() != self.http.tls_key_file.is_empty() {
-            return Err(invalid("http.tls_key_file", "set both tls_cert_file and tls_key_file, or neither"));
+            return Err(invalid(
+                "http.tls_key_file",
+                "set both tls_cert_file and tls_key_file, or neither",
+            ));
         }
         for (key, path) in [
             ("http.tls_cert_file", &self.http.tls_cert_file),
@@ -309,21 +333,30 @@ impl Config {
             return Err(invalid("http_client.timeout_ms", "must be at least 1"));
         }
         let redis = &self.stores.redis_url;
-        if !redis.is_empty() && !(redis.starts_with("redis://") || redis.starts_with("rediss://")) {
-            return Err(invalid("stores.redis_url", "must start with redis:// or rediss:// (TLS)"));
+        if !(redis.is_empty() || redis.starts_with("redis://") || redis.starts_with("rediss://")) {
+            return Err(invalid(
+                "stores.redis_url",
+                "must start with redis:// or rediss:// (TLS)",
+            ));
         }
         let pg = &self.stores.postgres_url;
-        if !pg.is_empty() && !(pg.starts_with("postgres://") || pg.starts_with("postgresql://")) {
+        if !(pg.is_empty() || pg.starts_with("postgres://") || pg.starts_with("postgresql://")) {
             return Err(invalid(
                 "stores.postgres_url",
                 "must start with postgres:// or postgresql:// (TLS: ?sslmode=require)",
             ));
         }
         if !self.topology.file.is_empty() && !Path::new(&self.topology.file).is_file() {
-            return Err(invalid("topology.file", format!("file `{}` does not exist", self.topology.file)));
+            return Err(invalid(
+                "topology.file",
+                format!("file `{}` does not exist", self.topology.file),
+            ));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level).is_err() {
-            return Err(invalid("telemetry.log_level", format!("`{}` is not a level filter", self.telemetry.log_level)));
+            return Err(invalid(
+                "telemetry.log_level",
+                format!("`{}` is not a level filter", self.telemetry.log_level),
+            ));
         }
         Ok(())
     }
@@ -359,8 +392,12 @@ impl Config {
 
 /// Replaces the password of `scheme://user:password@host` URLs.
 fn redact_url_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let Some((userinfo, host)) = rest.rsplit_once('@') else { return url.to_string() };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_string();
+    };
     match userinfo.split_once(':') {
         Some((user, _)) => format!("{scheme}://{user}:{REDACTED}@{host}"),
         None => format!("{scheme}://{REDACTED}@{host}"),
@@ -387,11 +424,19 @@ mod tests {
 
         let mut c = Config::defaults();
         c.bus.nats.lease_ttl_ms = c.bus.nats.ack_wait_ms;
-        assert!(c.validate().unwrap_err().to_string().contains("bus.nats.lease_ttl_ms"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("bus.nats.lease_ttl_ms"));
 
         let mut c = Config::defaults();
         c.http.listen = "nowhere".into();
-        assert!(c.validate().unwrap_err().to_string().contains("http.listen"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("http.listen"));
     }
 
     #[test]
@@ -409,7 +454,10 @@ mod tests {
         c.stores.redis_url = "rediss://user:s3cret@redis:6380".into();
         c.bus.kafka.sasl_password = "kpass".into();
         let out = c.redacted_toml();
-        assert!(!out.contains("hunter2") && !out.contains("s3cret") && !out.contains("kpass"), "{out}");
+        assert!(
+            !out.contains("hunter2") && !out.contains("s3cret") && !out.contains("kpass"),
+            "{out}"
+        );
         assert!(out.contains("rediss://user:<redacted>@redis:6380"));
     }
 }

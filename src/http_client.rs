@@ -24,11 +24,16 @@ pub fn build(config: &HttpClientConfig) -> Result<reqwest::Client, ClientError> 
         .user_agent(concat!("nexus/", env!("CARGO_PKG_VERSION")));
     if !config.ca_file.is_empty() {
         let pem = crate::tls::read_pem(Path::new(&config.ca_file))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|e| ClientError::Bundle { path: config.ca_file.clone(), message: e.to_string() })?;
+        let certs =
+            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ClientError::Bundle {
+                path: config.ca_file.clone(),
+                message: e.to_string(),
+            })?;
         for cert in certs {
             builder = builder.add_root_certificate(cert);
         }
     }
-    builder.build().map_err(|e| ClientError::Build(e.to_string()))
+    builder
+        .build()
+        .map_err(|e| ClientError::Build(e.to_string()))
 }

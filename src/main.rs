@@ -14,7 +14,12 @@ use nexus::replay;
 use nexus::topology;
 
 #[derive(Parser)]
-#[command(name = "nexus", version, about = "Event-driven digital-channels hub", propagate_version = true)]
+#[command(
+    name = "nexus",
+    version,
+    about = "Event-driven digital-channels hub",
+    propagate_version = true
+)]
 struct Cli {
     /// Configuration file (TOML); layered over the built-in defaults, under NEXUS_* env.
     #[arg(long, global = true, env = "NEXUS_CONFIG")]
@@ -136,8 +141,13 @@ enum SchemasCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
-    /// Prints the fingerprint lock for the schemas built into the binary.
-    Lock,
+    /// Prints the fingerprint lock of the built-in schemas, or with --dir writes
+    /// `<dir>/fingerprints.lock` (refused while anything but a new version is wrong).
+    Lock {
+        /// Schemas directory whose lock file to write.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -165,7 +175,9 @@ fn main() -> Result<()> {
             Command::Topology { command } => run_topology(config, command).await,
             Command::Replay(args) => run_replay(config, args).await,
             Command::Schemas { command } => run_schemas(command),
-            Command::Config { command: ConfigCommand::Check } => {
+            Command::Config {
+                command: ConfigCommand::Check,
+            } => {
                 print!("{}", config.redacted_toml());
                 eprintln!("config ok");
                 Ok(())
@@ -177,10 +189,16 @@ fn main() -> Result<()> {
 async fn serve(config: Config, mode: Mode) -> Result<()> {
     let shutdown = CancellationToken::new();
     app::cancel_on_signal(shutdown.clone());
-    app::run(Arc::new(config), mode, shutdown).await.context("nexus stopped with an error")
+    app::run(Arc::new(config), mode, shutdown)
+        .await
+        .context("nexus stopped with an error")
 }
 
-fn with_bus(mut config: Config, bus: &Option<String>, topology: &Option<PathBuf>) -> Result<Config> {
+fn with_bus(
+    mut config: Config,
+    bus: &Option<String>,
+    topology: &Option<PathBuf>,
+) -> Result<Config> {
     if let Some(url) = bus {
         config.bus.url = url.clone();
     }
@@ -196,7 +214,9 @@ async fn run_topology(config: Config, command: TopologyCommand) -> Result<()> {
         TopologyCommand::Plan(args) => {
             let config = with_bus(config, &args.bus, &args.topology)?;
             let topology = app::load_topology(&config)?;
-            let bus = nexus::bus::connect(&config.bus).await.context("cannot connect to the bus")?;
+            let bus = nexus::bus::connect(&config.bus)
+                .await
+                .context("cannot connect to the bus")?;
             let plan = topology::plan(bus.as_ref(), &topology).await?;
             print!("{plan}");
             Ok(())
@@ -204,17 +224,23 @@ async fn run_topology(config: Config, command: TopologyCommand) -> Result<()> {
         TopologyCommand::Apply(args) => {
             let config = with_bus(config, &args.bus, &args.topology)?;
             let topology = app::load_topology(&config)?;
-            let bus = nexus::bus::connect(&config.bus).await.context("cannot connect to the bus")?;
+            let bus = nexus::bus::connect(&config.bus)
+                .await
+                .context("cannot connect to the bus")?;
             let plan = topology::apply(bus.as_ref(), &topology).await?;
             print!("{plan}");
             Ok(())
         }
-        TopologyCommand::Asyncapi { topology: file, out } => {
+        TopologyCommand::Asyncapi {
+            topology: file,
+            out,
+        } => {
             let config = with_bus(config, &None, &file)?;
             let topology = app::load_topology(&config)?;
             let doc = topology::asyncapi::render(&topology, Registry::builtin());
             match out {
-                Some(path) => std::fs::write(&path, doc).with_context(|| format!("cannot write {}", path.display()))?,
+                Some(path) => std::fs::write(&path, doc)
+                    .with_context(|| format!("cannot write {}", path.display()))?,
                 None => print!("{doc}"),
             }
             Ok(())
@@ -225,7 +251,9 @@ async fn run_topology(config: Config, command: TopologyCommand) -> Result<()> {
 fn parse_time(flag: &str, value: &str) -> Result<i64> {
     chrono::DateTime::parse_from_rfc3339(value)
         .map(|t| t.timestamp_millis())
-        .with_context(|| format!("{flag} `{value}` is not an RFC 3339 time (e.g. 2026-11-25T10:00:00Z)"))
+        .with_context(|| {
+            format!("{flag} `{value}` is not an RFC 3339 time (e.g. 2026-11-25T10:00:00Z)")
+        })
 }
 
 async fn run_replay(config: Config, args: ReplayArgs) -> Result<()> {
@@ -235,8 +263,14 @@ async fn run_replay(config: Config, args: ReplayArgs) -> Result<()> {
         (None, Some(t)) => replay::ReplayFrom::Time(parse_time("--from-time", t)?),
         _ => bail!("give exactly one of --from-offset and --from-time"),
     };
-    let to_time = args.to_time.as_deref().map(|t| parse_time("--to-time", t)).transpose()?;
-    let bus = nexus::bus::connect(&config.bus).await.context("cannot connect to the bus")?;
+    let to_time = args
+        .to_time
+        .as_deref()
+        .map(|t| parse_time("--to-time", t))
+        .transpose()?;
+    let bus = nexus::bus::connect(&config.bus)
+        .await
+        .context("cannot connect to the bus")?;
     if let Some(dest) = &args.copy_to {
         let request = replay::CopyRequest {
             from_topic: args.topic.clone(),
@@ -249,11 +283,19 @@ async fn run_replay(config: Config, args: ReplayArgs) -> Result<()> {
         print!("{report}");
         return Ok(());
     }
-    let Some(group) = args.group else { bail!("--group is required unless --copy-to is given") };
+    let Some(group) = args.group else {
+        bail!("--group is required unless --copy-to is given")
+    };
     if to_time.is_some() {
         bail!("--to-time only applies with --copy-to: a consumer group cannot stop at a time");
     }
-    let request = replay::ReplayRequest { topic: args.topic, group, from, to_time, partition: args.partition };
+    let request = replay::ReplayRequest {
+        topic: args.topic,
+        group,
+        from,
+        to_time,
+        partition: args.partition,
+    };
     let plan = if args.execute {
         replay::execute(bus.as_ref(), &request, args.force).await?
     } else {
@@ -283,9 +325,21 @@ fn run_schemas(command: SchemasCommand) -> Result<()> {
                 }
             }
         }
-        SchemasCommand::Lock => {
+        SchemasCommand::Lock { dir: None } => {
             print!("{}", Registry::builtin().lock_file());
             Ok(())
         }
+        SchemasCommand::Lock { dir: Some(dir) } => match Registry::write_lock(&dir) {
+            Ok(path) => {
+                println!("wrote {}", path.display());
+                Ok(())
+            }
+            Err(errors) => {
+                for e in &errors {
+                    eprintln!("error: {e}");
+                }
+                bail!("lock not written: {} schema problem(s)", errors.len())
+            }
+        },
     }
 }

@@ -11,17 +11,25 @@ pub fn install_crypto_provider() {
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path} holds no PEM certificate")]
     Empty { path: String },
 }
 
 /// Reads a PEM file (CA bundle) fully; callers hand the bytes to their client library.
 pub fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
-    let bytes = std::fs::read(path).map_err(|source| TlsError::Read { path: path.display().to_string(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
     let mut reader = std::io::BufReader::new(bytes.as_slice());
     if rustls_pemfile::certs(&mut reader).next().is_none() {
-        return Err(TlsError::Empty { path: path.display().to_string() });
+        return Err(TlsError::Empty {
+            path: path.display().to_string(),
+        });
     }
     Ok(bytes)
 }

@@ -18,7 +18,10 @@ use tokio_util::sync::CancellationToken;
 const WAIT: Duration = Duration::from_secs(60);
 
 fn opts() -> SubscribeOptions {
-    SubscribeOptions { start: StartFrom::Earliest, max_in_flight: 256 }
+    SubscribeOptions {
+        start: StartFrom::Earliest,
+        max_in_flight: 256,
+    }
 }
 
 fn consumer_options(concurrency: usize) -> ConsumerOptions {
@@ -53,7 +56,11 @@ async fn keyed_order_with_two_members(t: TestBus) {
     let stop = CancellationToken::new();
     let mut members = Vec::new();
     for id in 0..2 {
-        let mut sub = t.bus.subscribe(&group, &topic, opts()).await.expect("subscribe");
+        let mut sub = t
+            .bus
+            .subscribe(&group, &topic, opts())
+            .await
+            .expect("subscribe");
         let received = received.clone();
         let stop = stop.clone();
         members.push(tokio::spawn(async move {
@@ -81,17 +88,28 @@ async fn keyed_order_with_two_members(t: TestBus) {
     let per_key = 25u64;
     for n in 0..per_key {
         for k in &keys {
-            t.bus.publish(&topic, seq_record(k, n)).await.expect("publish");
+            t.bus
+                .publish(&topic, seq_record(k, n))
+                .await
+                .expect("publish");
         }
     }
     let deadline = Instant::now() + WAIT;
     loop {
-        let distinct: HashSet<(String, u64)> =
-            received.lock().unwrap().iter().map(|(_, k, n)| (k.clone(), *n)).collect();
+        let distinct: HashSet<(String, u64)> = received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, k, n)| (k.clone(), *n))
+            .collect();
         if distinct.len() == keys.len() * per_key as usize {
             break;
         }
-        assert!(Instant::now() < deadline, "only {} distinct records arrived", distinct.len());
+        assert!(
+            Instant::now() < deadline,
+            "only {} distinct records arrived",
+            distinct.len()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.cancel();
@@ -109,12 +127,18 @@ async fn keyed_order_with_two_members(t: TestBus) {
         let mut max_seen: Option<u64> = None;
         for &n in &seqs {
             let next = max_seen.map_or(0, |m| m + 1);
-            assert!(n <= next, "key {k} skipped ahead to {n} (expected at most {next}): {seqs:?}");
+            assert!(
+                n <= next,
+                "key {k} skipped ahead to {n} (expected at most {next}): {seqs:?}"
+            );
             max_seen = Some(max_seen.map_or(n, |m| m.max(n)));
         }
         assert_eq!(max_seen, Some(per_key - 1), "key {k} incomplete");
     }
-    assert!(by_member[0] > 0 && by_member[1] > 0, "both members should get partitions: {by_member:?}");
+    assert!(
+        by_member[0] > 0 && by_member[1] > 0,
+        "both members should get partitions: {by_member:?}"
+    );
 }
 
 /// A member that dies without acking: the group's next member gets every unacked record, and
@@ -123,20 +147,38 @@ async fn redelivery_after_member_dies(t: TestBus) {
     let topic = t.fresh_topic(1).await;
     let group = format!("g-{topic}");
     for n in 0..20 {
-        t.bus.publish(&topic, seq_record("k", n)).await.expect("publish");
+        t.bus
+            .publish(&topic, seq_record("k", n))
+            .await
+            .expect("publish");
     }
-    let mut a = t.bus.subscribe(&group, &topic, opts()).await.expect("subscribe a");
+    let mut a = t
+        .bus
+        .subscribe(&group, &topic, opts())
+        .await
+        .expect("subscribe a");
     let first = take(&mut a, 5, WAIT, true).await;
-    assert_eq!(first.iter().map(|m| parse_seq(m).1).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+    assert_eq!(
+        first.iter().map(|m| parse_seq(m).1).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3, 4]
+    );
     // Take more without acking, then die: no close, no commit.
     let unacked = take(&mut a, 5, WAIT, false).await;
     assert_eq!(parse_seq(&unacked[0]).1, 5);
     drop(a);
 
-    let mut b = t.bus.subscribe(&group, &topic, opts()).await.expect("subscribe b");
+    let mut b = t
+        .bus
+        .subscribe(&group, &topic, opts())
+        .await
+        .expect("subscribe b");
     let rest = take(&mut b, 15, WAIT + t.failover_time(), true).await;
     let seqs: Vec<u64> = rest.iter().map(|m| parse_seq(m).1).collect();
-    assert_eq!(seqs, (5..20).collect::<Vec<_>>(), "the new member must resume at the first unacked record");
+    assert_eq!(
+        seqs,
+        (5..20).collect::<Vec<_>>(),
+        "the new member must resume at the first unacked record"
+    );
     b.close().await.expect("close");
 }
 
@@ -145,18 +187,43 @@ async fn acked_records_are_not_redelivered(t: TestBus) {
     let topic = t.fresh_topic(2).await;
     let group = format!("g-{topic}");
     for n in 0..10 {
-        t.bus.publish(&topic, seq_record(&format!("k{n}"), n)).await.expect("publish");
+        t.bus
+            .publish(&topic, seq_record(&format!("k{n}"), n))
+            .await
+            .expect("publish");
     }
-    let mut a = t.bus.subscribe(&group, &topic, opts()).await.expect("subscribe");
+    let mut a = t
+        .bus
+        .subscribe(&group, &topic, opts())
+        .await
+        .expect("subscribe");
     take(&mut a, 10, WAIT, true).await;
     a.close().await.expect("close");
 
-    let mut b = t.bus.subscribe(&group, &topic, opts()).await.expect("subscribe again");
-    t.bus.publish(&topic, seq_record("marker", 99)).await.expect("publish marker");
-    let d = next_within(&mut b, WAIT + t.failover_time()).await.expect("the marker arrives");
-    assert_eq!(parse_seq(&d.message), ("marker".to_string(), 99), "an acked record came back");
+    let mut b = t
+        .bus
+        .subscribe(&group, &topic, opts())
+        .await
+        .expect("subscribe again");
+    t.bus
+        .publish(&topic, seq_record("marker", 99))
+        .await
+        .expect("publish marker");
+    let d = next_within(&mut b, WAIT + t.failover_time())
+        .await
+        .expect("the marker arrives");
+    assert_eq!(
+        parse_seq(&d.message),
+        ("marker".to_string(), 99),
+        "an acked record came back"
+    );
     d.ack().await.expect("ack");
-    assert!(next_within(&mut b, Duration::from_millis(1500)).await.is_none(), "nothing else may arrive");
+    assert!(
+        next_within(&mut b, Duration::from_millis(1500))
+            .await
+            .is_none(),
+        "nothing else may arrive"
+    );
     b.close().await.expect("close");
 }
 
@@ -172,7 +239,10 @@ impl Handler for SlowOnce {
         if event.envelope.conversation_id == self.slow_key {
             tokio::time::sleep(self.slow_for).await;
         }
-        self.done.lock().unwrap().push((event.envelope.conversation_id.clone(), Instant::now()));
+        self.done
+            .lock()
+            .unwrap()
+            .push((event.envelope.conversation_id.clone(), Instant::now()));
         Ok(())
     }
 }
@@ -188,11 +258,21 @@ async fn slow_handler_does_not_stall_other_keys(t: TestBus) {
         .filter(|k| lane_of(k, lanes) != lane_of(&slow_key, lanes))
         .take(20)
         .collect();
-    t.bus.publish(&topic, common::event_record(&slow_key, 0)).await.expect("publish");
+    t.bus
+        .publish(&topic, common::event_record(&slow_key, 0))
+        .await
+        .expect("publish");
     for k in &others {
-        t.bus.publish(&topic, common::event_record(k, 0)).await.expect("publish");
+        t.bus
+            .publish(&topic, common::event_record(k, 0))
+            .await
+            .expect("publish");
     }
-    let handler = Arc::new(SlowOnce { slow_key: slow_key.clone(), slow_for: Duration::from_secs(6), done: Mutex::default() });
+    let handler = Arc::new(SlowOnce {
+        slow_key: slow_key.clone(),
+        slow_for: Duration::from_secs(6),
+        done: Mutex::default(),
+    });
     let stop = CancellationToken::new();
     let consumer = Consumer::new(t.bus.clone(), &group, &topic, consumer_options(lanes));
     let run = tokio::spawn(consumer.run(handler.clone(), stop.clone()));
@@ -203,9 +283,20 @@ async fn slow_handler_does_not_stall_other_keys(t: TestBus) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let done = handler.done.lock().unwrap().clone();
-    let slow_at = done.iter().find(|(k, _)| *k == slow_key).map(|(_, at)| *at).expect("slow handled");
-    let others_before_slow = done.iter().filter(|(k, at)| *k != slow_key && *at < slow_at).count();
-    assert_eq!(others_before_slow, others.len(), "every other key must finish while the slow one runs");
+    let slow_at = done
+        .iter()
+        .find(|(k, _)| *k == slow_key)
+        .map(|(_, at)| *at)
+        .expect("slow handled");
+    let others_before_slow = done
+        .iter()
+        .filter(|(k, at)| *k != slow_key && *at < slow_at)
+        .count();
+    assert_eq!(
+        others_before_slow,
+        others.len(),
+        "every other key must finish while the slow one runs"
+    );
 
     // Everything was acked: the committed offset reaches the log end.
     wait_lag(&t, &group, &topic, 0).await;
@@ -220,7 +311,10 @@ struct Counting {
 #[async_trait]
 impl Handler for Counting {
     async fn handle(&self, event: &Event, _m: &Message) -> Result<(), HandleError> {
-        self.seen.lock().unwrap().push(event.envelope.event_id.to_string());
+        self.seen
+            .lock()
+            .unwrap()
+            .push(event.envelope.event_id.to_string());
         Ok(())
     }
 }
@@ -231,29 +325,62 @@ async fn bad_payloads_are_dead_lettered(t: TestBus) {
     nexus::telemetry::init_metrics();
     let topic = t.fresh_topic(1).await;
     let group = format!("g-{topic}");
-    t.bus.publish(&topic, OutRecord::new("k", b"not avro at all".to_vec())).await.expect("publish");
+    t.bus
+        .publish(&topic, OutRecord::new("k", b"not avro at all".to_vec()))
+        .await
+        .expect("publish");
     let mut unknown = vec![0xC3, 0x01];
     unknown.extend_from_slice(&0x0123_4567_89ab_cdefu64.to_le_bytes());
     unknown.extend_from_slice(b"\x02body");
-    t.bus.publish(&topic, OutRecord::new("k", unknown)).await.expect("publish");
-    t.bus.publish(&topic, common::event_record("k", 1)).await.expect("publish");
+    t.bus
+        .publish(&topic, OutRecord::new("k", unknown))
+        .await
+        .expect("publish");
+    t.bus
+        .publish(&topic, common::event_record("k", 1))
+        .await
+        .expect("publish");
 
-    let handler = Arc::new(Counting { seen: Mutex::default() });
+    let handler = Arc::new(Counting {
+        seen: Mutex::default(),
+    });
     let stop = CancellationToken::new();
-    let run = tokio::spawn(Consumer::new(t.bus.clone(), &group, &topic, consumer_options(4)).run(handler.clone(), stop.clone()));
+    let run = tokio::spawn(
+        Consumer::new(t.bus.clone(), &group, &topic, consumer_options(4))
+            .run(handler.clone(), stop.clone()),
+    );
     wait_lag(&t, &group, &topic, 0).await;
-    assert_eq!(handler.seen.lock().unwrap().len(), 1, "the valid event is handled once");
+    assert_eq!(
+        handler.seen.lock().unwrap().len(),
+        1,
+        "the valid event is handled once"
+    );
 
     let dlq = dlq_topic(&topic);
     let offsets = t.bus.partition_offsets(&dlq).await.expect("dlq offsets");
     let mut dead = Vec::new();
     for p in offsets {
-        dead.extend(t.bus.read(&dlq, p.partition, p.low, 100).await.expect("read dlq"));
+        dead.extend(
+            t.bus
+                .read(&dlq, p.partition, p.low, 100)
+                .await
+                .expect("read dlq"),
+        );
     }
-    let reasons: Vec<&str> = dead.iter().filter_map(|m| m.header(headers::DLQ_REASON)).collect();
+    let reasons: Vec<&str> = dead
+        .iter()
+        .filter_map(|m| m.header(headers::DLQ_REASON))
+        .collect();
     assert_eq!(reasons, vec!["not_single_object", "unknown_fingerprint"]);
-    assert_eq!(dead[0].payload.as_ref(), b"not avro at all", "the original bytes are kept");
-    assert_eq!(dead[0].header(headers::DLQ_SOURCE_TOPIC), Some(topic.as_str()));
+    assert_eq!(
+        dead[0].payload.as_ref(),
+        b"not avro at all",
+        "the original bytes are kept"
+    );
+    assert_eq!(
+        dead[0].header(headers::DLQ_SOURCE_TOPIC),
+        Some(topic.as_str())
+    );
     assert_eq!(dead[0].header(headers::DLQ_SOURCE_OFFSET), Some("0"));
     stop.cancel();
     run.await.expect("join").expect("consumer");
@@ -261,7 +388,11 @@ async fn bad_payloads_are_dead_lettered(t: TestBus) {
     let rendered = nexus::telemetry::init_metrics().render();
     let line = rendered
         .lines()
-        .find(|l| l.starts_with("nexus_events_dead_lettered_total") && l.contains(&topic) && l.contains("unknown_fingerprint"))
+        .find(|l| {
+            l.starts_with("nexus_events_dead_lettered_total")
+                && l.contains(&topic)
+                && l.contains("unknown_fingerprint")
+        })
         .unwrap_or_else(|| panic!("dead-letter counter missing:\n{rendered}"));
     assert!(line.ends_with(" 1"), "{line}");
 }
@@ -271,15 +402,25 @@ async fn replay_by_offset_and_time(t: TestBus) {
     let topic = t.fresh_topic(2).await;
     let group = format!("g-{topic}");
     for n in 0..6 {
-        t.bus.publish(&topic, seq_record(&format!("early{n}"), n)).await.expect("publish");
+        t.bus
+            .publish(&topic, seq_record(&format!("early{n}"), n))
+            .await
+            .expect("publish");
     }
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let cut = chrono::Utc::now().timestamp_millis();
     tokio::time::sleep(Duration::from_millis(1100)).await;
     for n in 0..4 {
-        t.bus.publish(&topic, seq_record(&format!("late{n}"), n)).await.expect("publish");
+        t.bus
+            .publish(&topic, seq_record(&format!("late{n}"), n))
+            .await
+            .expect("publish");
     }
-    let mut sub = t.bus.subscribe(&group, &topic, opts()).await.expect("subscribe");
+    let mut sub = t
+        .bus
+        .subscribe(&group, &topic, opts())
+        .await
+        .expect("subscribe");
     take(&mut sub, 10, WAIT, true).await;
     sub.close().await.expect("close");
     wait_lag(&t, &group, &topic, 0).await;
@@ -287,18 +428,40 @@ async fn replay_by_offset_and_time(t: TestBus) {
     // By time: only the late records lie after the cut.
     let mut by_time = 0;
     for p in t.bus.partition_offsets(&topic).await.expect("offsets") {
-        let target = t.bus.offset_for_time(&topic, p.partition, cut).await.expect("offset for time");
-        by_time += t.bus.count_between(&topic, p.partition, target, p.high).await.expect("count");
+        let target = t
+            .bus
+            .offset_for_time(&topic, p.partition, cut)
+            .await
+            .expect("offset for time");
+        by_time += t
+            .bus
+            .count_between(&topic, p.partition, target, p.high)
+            .await
+            .expect("count");
     }
     assert_eq!(by_time, 4);
 
     // By offset: back to the start of every partition, the group reads all ten again.
     for p in t.bus.partition_offsets(&topic).await.expect("offsets") {
-        t.bus.seek_group(&group, &topic, p.partition, p.low).await.expect("seek");
+        t.bus
+            .seek_group(&group, &topic, p.partition, p.low)
+            .await
+            .expect("seek");
     }
-    let lag: u64 = t.bus.group_positions(&group, &topic).await.expect("positions").iter().map(|p| p.lag).sum();
+    let lag: u64 = t
+        .bus
+        .group_positions(&group, &topic)
+        .await
+        .expect("positions")
+        .iter()
+        .map(|p| p.lag)
+        .sum();
     assert_eq!(lag, 10);
-    let mut sub = t.bus.subscribe(&group, &topic, opts()).await.expect("subscribe");
+    let mut sub = t
+        .bus
+        .subscribe(&group, &topic, opts())
+        .await
+        .expect("subscribe");
     let again = take(&mut sub, 10, WAIT, true).await;
     let keys: HashSet<String> = again.iter().map(|m| m.key.clone()).collect();
     assert_eq!(keys.len(), 10);
@@ -313,14 +476,31 @@ async fn lag_figures_are_correct(t: TestBus) {
     // One record per request: some brokers misreport the log end after a batched produce.
     let mut per_partition: BTreeMap<u32, u64> = BTreeMap::new();
     for n in 0..10 {
-        let p = t.bus.publish(&topic, seq_record(&format!("k{n}"), n)).await.expect("publish");
+        let p = t
+            .bus
+            .publish(&topic, seq_record(&format!("k{n}"), n))
+            .await
+            .expect("publish");
         *per_partition.entry(p.partition).or_default() += 1;
     }
-    let positions = t.bus.group_positions(&group, &topic).await.expect("positions");
+    let positions = t
+        .bus
+        .group_positions(&group, &topic)
+        .await
+        .expect("positions");
     for p in &positions {
-        assert_eq!(p.lag, per_partition.get(&p.partition).copied().unwrap_or(0), "partition {}", p.partition);
+        assert_eq!(
+            p.lag,
+            per_partition.get(&p.partition).copied().unwrap_or(0),
+            "partition {}",
+            p.partition
+        );
     }
-    let mut sub = t.bus.subscribe(&group, &topic, opts()).await.expect("subscribe");
+    let mut sub = t
+        .bus
+        .subscribe(&group, &topic, opts())
+        .await
+        .expect("subscribe");
     take(&mut sub, 4, WAIT, true).await;
     sub.close().await.expect("close");
     wait_lag(&t, &group, &topic, 6).await;
@@ -357,7 +537,12 @@ impl Handler for Idempotent {
     async fn handle(&self, event: &Event, _m: &Message) -> Result<(), HandleError> {
         self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let e = &event.envelope;
-        self.state.lock().unwrap().entry(e.conversation_id.clone()).or_default().insert(e.event_id.to_string());
+        self.state
+            .lock()
+            .unwrap()
+            .entry(e.conversation_id.clone())
+            .or_default()
+            .insert(e.event_id.to_string());
         Ok(())
     }
 }
@@ -368,12 +553,24 @@ async fn replay_changes_no_end_state(t: TestBus) {
     let topic = t.fresh_topic(3).await;
     let group = format!("g-{topic}");
     for n in 0..40u64 {
-        t.bus.publish(&topic, common::event_record(&format!("conv-{}", n % 8), n / 8)).await.expect("publish");
+        t.bus
+            .publish(
+                &topic,
+                common::event_record(&format!("conv-{}", n % 8), n / 8),
+            )
+            .await
+            .expect("publish");
     }
-    let handler = Arc::new(Idempotent { calls: Default::default(), state: Mutex::default() });
+    let handler = Arc::new(Idempotent {
+        calls: Default::default(),
+        state: Mutex::default(),
+    });
     let run_once = |handler: Arc<Idempotent>| {
         let stop = CancellationToken::new();
-        let task = tokio::spawn(Consumer::new(t.bus.clone(), &group, &topic, consumer_options(4)).run(handler, stop.clone()));
+        let task = tokio::spawn(
+            Consumer::new(t.bus.clone(), &group, &topic, consumer_options(4))
+                .run(handler, stop.clone()),
+        );
         (stop, task)
     };
     let (stop, task) = run_once(handler.clone());
@@ -388,29 +585,53 @@ async fn replay_changes_no_end_state(t: TestBus) {
         to_time: None,
         partition: None,
     };
-    let dry = nexus::replay::plan(t.bus.as_ref(), &request).await.expect("dry run");
+    let dry = nexus::replay::plan(t.bus.as_ref(), &request)
+        .await
+        .expect("dry run");
     assert_eq!(dry.total_reprocess(), 40, "{dry}");
     t.wait_members(&group, &topic, 1).await;
-    assert!(nexus::replay::execute(t.bus.as_ref(), &request, false).await.is_err(), "a live group must not be moved");
+    assert!(
+        nexus::replay::execute(t.bus.as_ref(), &request, false)
+            .await
+            .is_err(),
+        "a live group must not be moved"
+    );
     stop.cancel();
     task.await.expect("join").expect("consumer");
     t.wait_members(&group, &topic, 0).await;
 
-    let executed = nexus::replay::execute(t.bus.as_ref(), &request, false).await.expect("execute");
+    let executed = nexus::replay::execute(t.bus.as_ref(), &request, false)
+        .await
+        .expect("execute");
     assert_eq!(executed.total_reprocess(), 40);
     wait_lag(&t, &group, &topic, 40).await;
     let (stop, task) = run_once(handler.clone());
     wait_lag(&t, &group, &topic, 0).await;
     stop.cancel();
     task.await.expect("join").expect("consumer");
-    assert_eq!(handler.calls.load(std::sync::atomic::Ordering::SeqCst), 80, "every event was handled again");
-    assert_eq!(*handler.state.lock().unwrap(), before, "the end state is unchanged");
+    assert_eq!(
+        handler.calls.load(std::sync::atomic::Ordering::SeqCst),
+        80,
+        "every event was handled again"
+    );
+    assert_eq!(
+        *handler.state.lock().unwrap(),
+        before,
+        "the end state is unchanged"
+    );
 }
 
 async fn wait_lag(t: &TestBus, group: &str, topic: &str, want: u64) {
     let deadline = Instant::now() + WAIT;
     loop {
-        let lag: u64 = t.bus.group_positions(group, topic).await.expect("positions").iter().map(|p| p.lag).sum();
+        let lag: u64 = t
+            .bus
+            .group_positions(group, topic)
+            .await
+            .expect("positions")
+            .iter()
+            .map(|p| p.lag)
+            .sum();
         if lag == want {
             return;
         }

@@ -24,7 +24,9 @@ async fn state() -> (AppState, tempfile::TempDir) {
     config.http.admin_token = TOKEN.into();
     let bus = nexus::bus::connect(&config.bus).await.expect("bus");
     let topology = Topology::builtin();
-    topology::apply(bus.as_ref(), &topology).await.expect("apply");
+    topology::apply(bus.as_ref(), &topology)
+        .await
+        .expect("apply");
     let state = AppState {
         config: Arc::new(config),
         bus,
@@ -43,10 +45,16 @@ fn post(path: &str, token: Option<&str>, body: impl Into<Body>) -> Request<Body>
 }
 
 async fn call(state: &AppState, req: Request<Body>) -> (StatusCode, Value) {
-    let resp = edge::app(state.clone()).oneshot(req).await.expect("response");
+    let resp = edge::app(state.clone())
+        .oneshot(req)
+        .await
+        .expect("response");
     let status = resp.status();
     let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 fn valid_event() -> Value {
@@ -73,20 +81,44 @@ async fn published(state: &AppState, topic: &str) -> u64 {
 #[tokio::test]
 async fn a_valid_event_is_published_and_answered_with_its_id() {
     let (state, _dir) = state().await;
-    let (status, body) = call(&state, post("/v1/events/nexus.inbound.v1", Some(TOKEN), valid_event().to_string())).await;
+    let (status, body) = call(
+        &state,
+        post(
+            "/v1/events/nexus.inbound.v1",
+            Some(TOKEN),
+            valid_event().to_string(),
+        ),
+    )
+    .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     let id = body["event_id"].as_str().expect("event_id");
     assert_eq!(published(&state, "nexus.inbound.v1").await, 1);
 
     // The bytes on the bus decode to the same event, with a trace context added at the edge.
-    let offsets = state.bus.partition_offsets("nexus.inbound.v1").await.expect("offsets");
-    let p = offsets.iter().find(|p| p.high > p.low).expect("a partition has it");
-    let msg = state.bus.read("nexus.inbound.v1", p.partition, p.low, 1).await.expect("read").remove(0);
+    let offsets = state
+        .bus
+        .partition_offsets("nexus.inbound.v1")
+        .await
+        .expect("offsets");
+    let p = offsets
+        .iter()
+        .find(|p| p.high > p.low)
+        .expect("a partition has it");
+    let msg = state
+        .bus
+        .read("nexus.inbound.v1", p.partition, p.low, 1)
+        .await
+        .expect("read")
+        .remove(0);
     let event = nexus::events::decode(&msg.payload).expect("decode");
     assert_eq!(event.envelope.event_id.to_string(), id);
     assert_eq!(event.envelope.conversation_id, msg.key);
     assert_eq!(event.body["text"], "hello");
-    assert!(event.envelope.traceparent.as_deref().is_some_and(|t| t.starts_with("00-")));
+    assert!(event
+        .envelope
+        .traceparent
+        .as_deref()
+        .is_some_and(|t| t.starts_with("00-")));
 }
 
 #[tokio::test]
@@ -100,10 +132,26 @@ async fn the_callers_trace_context_travels_in_the_envelope() {
         .expect("request");
     let (status, _) = call(&state, req).await;
     assert_eq!(status, StatusCode::ACCEPTED);
-    let offsets = state.bus.partition_offsets("nexus.inbound.v1").await.expect("offsets");
+    let offsets = state
+        .bus
+        .partition_offsets("nexus.inbound.v1")
+        .await
+        .expect("offsets");
     let p = offsets.iter().find(|p| p.high > p.low).expect("published");
-    let msg = state.bus.read("nexus.inbound.v1", p.partition, p.low, 1).await.expect("read").remove(0);
-    assert_eq!(nexus::events::decode(&msg.payload).expect("decode").envelope.traceparent.as_deref(), Some(tp));
+    let msg = state
+        .bus
+        .read("nexus.inbound.v1", p.partition, p.low, 1)
+        .await
+        .expect("read")
+        .remove(0);
+    assert_eq!(
+        nexus::events::decode(&msg.payload)
+            .expect("decode")
+            .envelope
+            .traceparent
+            .as_deref(),
+        Some(tp)
+    );
 }
 
 #[tokio::test]
@@ -113,7 +161,10 @@ async fn bad_input_gets_a_clear_4xx_and_publishes_nothing() {
     let mut wrong_type = valid_event();
     wrong_type["body"]["text"] = json!(42);
     let mut missing = valid_event();
-    missing["body"].as_object_mut().expect("object").remove("participant_id");
+    missing["body"]
+        .as_object_mut()
+        .expect("object")
+        .remove("participant_id");
     let mut unknown_field = valid_event();
     unknown_field["body"]["surprise"] = json!(true);
     let mut not_allowed = valid_event();
@@ -122,23 +173,77 @@ async fn bad_input_gets_a_clear_4xx_and_publishes_nothing() {
     no_such_type["event_type"] = json!("Nonsense");
 
     let cases: Vec<(Request<Body>, StatusCode, &str)> = vec![
-        (post(topic, None, valid_event().to_string()), StatusCode::UNAUTHORIZED, "AUTHENTICATION_REQUIRED"),
-        (post(topic, Some("wrong"), valid_event().to_string()), StatusCode::FORBIDDEN, "INVALID_TOKEN"),
-        (post("/v1/events/no.such.topic", Some(TOKEN), valid_event().to_string()), StatusCode::NOT_FOUND, "UNKNOWN_TOPIC"),
-        (post(topic, Some(TOKEN), "{not json"), StatusCode::BAD_REQUEST, "INVALID_JSON"),
-        (post(topic, Some(TOKEN), wrong_type.to_string()), StatusCode::BAD_REQUEST, "SCHEMA_MISMATCH"),
-        (post(topic, Some(TOKEN), missing.to_string()), StatusCode::BAD_REQUEST, "SCHEMA_MISMATCH"),
-        (post(topic, Some(TOKEN), unknown_field.to_string()), StatusCode::BAD_REQUEST, "SCHEMA_MISMATCH"),
-        (post(topic, Some(TOKEN), not_allowed.to_string()), StatusCode::BAD_REQUEST, "EVENT_TYPE_NOT_ALLOWED"),
-        (post(topic, Some(TOKEN), no_such_type.to_string()), StatusCode::BAD_REQUEST, "INVALID_EVENT"),
-        (post(topic, Some(TOKEN), "[]"), StatusCode::BAD_REQUEST, "INVALID_EVENT"),
+        (
+            post(topic, None, valid_event().to_string()),
+            StatusCode::UNAUTHORIZED,
+            "AUTHENTICATION_REQUIRED",
+        ),
+        (
+            post(topic, Some("wrong"), valid_event().to_string()),
+            StatusCode::FORBIDDEN,
+            "INVALID_TOKEN",
+        ),
+        (
+            post(
+                "/v1/events/no.such.topic",
+                Some(TOKEN),
+                valid_event().to_string(),
+            ),
+            StatusCode::NOT_FOUND,
+            "UNKNOWN_TOPIC",
+        ),
+        (
+            post(topic, Some(TOKEN), "{not json"),
+            StatusCode::BAD_REQUEST,
+            "INVALID_JSON",
+        ),
+        (
+            post(topic, Some(TOKEN), wrong_type.to_string()),
+            StatusCode::BAD_REQUEST,
+            "SCHEMA_MISMATCH",
+        ),
+        (
+            post(topic, Some(TOKEN), missing.to_string()),
+            StatusCode::BAD_REQUEST,
+            "SCHEMA_MISMATCH",
+        ),
+        (
+            post(topic, Some(TOKEN), unknown_field.to_string()),
+            StatusCode::BAD_REQUEST,
+            "SCHEMA_MISMATCH",
+        ),
+        (
+            post(topic, Some(TOKEN), not_allowed.to_string()),
+            StatusCode::BAD_REQUEST,
+            "EVENT_TYPE_NOT_ALLOWED",
+        ),
+        (
+            post(topic, Some(TOKEN), no_such_type.to_string()),
+            StatusCode::BAD_REQUEST,
+            "INVALID_EVENT",
+        ),
+        (
+            post(topic, Some(TOKEN), "[]"),
+            StatusCode::BAD_REQUEST,
+            "INVALID_EVENT",
+        ),
     ];
     for (req, want_status, want_code) in cases {
         let (status, body) = call(&state, req).await;
-        assert_eq!((status, body["error"]["code"].as_str()), (want_status, Some(want_code)), "{body}");
-        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (want_status, Some(want_code)),
+            "{body}"
+        );
+        assert!(body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
     }
-    assert_eq!(published(&state, "nexus.inbound.v1").await, 0, "nothing may be published");
+    assert_eq!(
+        published(&state, "nexus.inbound.v1").await,
+        0,
+        "nothing may be published"
+    );
 }
 
 #[tokio::test]
@@ -147,7 +252,15 @@ async fn ingest_is_off_without_an_admin_token() {
     let mut config = (*state.config).clone();
     config.http.admin_token = String::new();
     state.config = Arc::new(config);
-    let (status, body) = call(&state, post("/v1/events/nexus.inbound.v1", Some(""), valid_event().to_string())).await;
+    let (status, body) = call(
+        &state,
+        post(
+            "/v1/events/nexus.inbound.v1",
+            Some(""),
+            valid_event().to_string(),
+        ),
+    )
+    .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(body["error"]["code"], "ADMIN_DISABLED");
 }
@@ -155,10 +268,23 @@ async fn ingest_is_off_without_an_admin_token() {
 #[tokio::test]
 async fn health_and_readiness() {
     let (state, _dir) = state().await;
-    let resp = edge::app(state.clone()).oneshot(Request::get("/healthz").body(Body::empty()).expect("req")).await.expect("resp");
+    let resp = edge::app(state.clone())
+        .oneshot(Request::get("/healthz").body(Body::empty()).expect("req"))
+        .await
+        .expect("resp");
     assert_eq!(resp.status(), StatusCode::OK);
-    let resp = edge::app(state.clone()).oneshot(Request::get("/readyz").body(Body::empty()).expect("req")).await.expect("resp");
+    let resp = edge::app(state.clone())
+        .oneshot(Request::get("/readyz").body(Body::empty()).expect("req"))
+        .await
+        .expect("resp");
     assert_eq!(resp.status(), StatusCode::OK);
-    let (status, body) = call(&state, Request::get("/nope").body(Body::empty()).expect("req")).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("NOT_FOUND")));
+    let (status, body) = call(
+        &state,
+        Request::get("/nope").body(Body::empty()).expect("req"),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("NOT_FOUND"))
+    );
 }

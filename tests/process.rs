@@ -19,7 +19,18 @@ fn dev(dir: &std::path::Path, port: u16, extra: &[(&str, String)]) -> Nexus {
         ("NEXUS_CONSUMER__LAG_INTERVAL_MS", "200".to_string()),
     ];
     env.extend(extra.iter().cloned());
-    Nexus::start(dir, "dev", &["dev", "--data-dir", data.to_str().expect("utf8"), "--listen", &listen], &env)
+    Nexus::start(
+        dir,
+        "dev",
+        &[
+            "dev",
+            "--data-dir",
+            data.to_str().expect("utf8"),
+            "--listen",
+            &listen,
+        ],
+        &env,
+    )
 }
 
 #[tokio::test]
@@ -29,7 +40,9 @@ async fn dev_consumes_ingested_events_and_lag_returns_to_zero() {
     let mut nexus = dev(dir.path(), port, &[]);
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
-    nexus.wait_ready(&client, &format!("{base}/readyz"), Duration::from_secs(60)).await;
+    nexus
+        .wait_ready(&client, &format!("{base}/readyz"), Duration::from_secs(60))
+        .await;
 
     let event = json!({
         "event_type": "MessageReceived",
@@ -48,18 +61,38 @@ async fn dev_consumes_ingested_events_and_lag_returns_to_zero() {
 
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let metrics = client.get(format!("{base}/metrics")).send().await.expect("metrics").text().await.expect("text");
+        let metrics = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
         let group = "group=\"nexus-conversation\"";
         let topic = "topic=\"nexus.inbound.v1\"";
-        let consumed = metric_sum(&metrics, "nexus_events_consumed_total", &[topic, group, "outcome=\"ok\""]);
+        let consumed = metric_sum(
+            &metrics,
+            "nexus_events_consumed_total",
+            &[topic, group, "outcome=\"ok\""],
+        );
         let lag = metric_sum(&metrics, "nexus_consumer_lag", &[topic, group]);
         let published = metric_sum(&metrics, "nexus_events_published_total", &[topic]);
         if consumed == Some(1.0) && lag == Some(0.0) && published == Some(1.0) {
-            assert!(metrics.contains("nexus_event_handle_seconds_bucket"), "histogram exported");
-            assert!(metrics.contains("nexus_bus_publish_seconds_bucket"), "histogram exported");
+            assert!(
+                metrics.contains("nexus_event_handle_seconds_bucket"),
+                "histogram exported"
+            );
+            assert!(
+                metrics.contains("nexus_bus_publish_seconds_bucket"),
+                "histogram exported"
+            );
             break;
         }
-        assert!(Instant::now() < deadline, "consumed={consumed:?} lag={lag:?} published={published:?}\n{metrics}");
+        assert!(
+            Instant::now() < deadline,
+            "consumed={consumed:?} lag={lag:?} published={published:?}\n{metrics}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -67,7 +100,9 @@ async fn dev_consumes_ingested_events_and_lag_returns_to_zero() {
 #[tokio::test]
 async fn https_edge_when_a_certificate_is_configured() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()]).expect("cert");
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .expect("cert");
     let cert_pem = cert.cert.pem();
     let cert_path = dir.path().join("cert.pem");
     let key_path = dir.path().join("key.pem");
@@ -88,25 +123,49 @@ async fn https_edge_when_a_certificate_is_configured() {
         .build()
         .expect("client");
     let url = format!("https://localhost:{port}/healthz");
-    nexus.wait_ready(&client, &url, Duration::from_secs(60)).await;
-    let body: serde_json::Value = client.get(&url).send().await.expect("https").json().await.expect("json");
+    nexus
+        .wait_ready(&client, &url, Duration::from_secs(60))
+        .await;
+    let body: serde_json::Value = client
+        .get(&url)
+        .send()
+        .await
+        .expect("https")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(body["status"], "ok");
     // Plain HTTP on the TLS port is not served.
-    let plain = reqwest::Client::new().get(format!("http://127.0.0.1:{port}/healthz")).send().await;
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .send()
+        .await;
     assert!(plain.map(|r| !r.status().is_success()).unwrap_or(true));
 }
 
 #[test]
 fn config_check_redacts_secrets_and_names_bad_keys() {
-    let (ok, out, err) = run(&["config", "check"], &[("NEXUS_HTTP__ADMIN_TOKEN", "very-secret".into())]);
+    let (ok, out, err) = run(
+        &["config", "check"],
+        &[("NEXUS_HTTP__ADMIN_TOKEN", "very-secret".into())],
+    );
     assert!(ok, "{err}");
-    assert!(out.contains("admin_token = \"<redacted>\"") && !out.contains("very-secret"), "{out}");
+    assert!(
+        out.contains("admin_token = \"<redacted>\"") && !out.contains("very-secret"),
+        "{out}"
+    );
 
-    let (ok, _, err) = run(&["config", "check"], &[("NEXUS_BUS__URL", "carrier-pigeon://x:1".into())]);
+    let (ok, _, err) = run(
+        &["config", "check"],
+        &[("NEXUS_BUS__URL", "carrier-pigeon://x:1".into())],
+    );
     assert!(!ok);
     assert!(err.contains("bus.url"), "{err}");
 
-    let (ok, _, err) = run(&["config", "check"], &[("NEXUS_CONSUMER__CONCURENCY", "3".into())]);
+    let (ok, _, err) = run(
+        &["config", "check"],
+        &[("NEXUS_CONSUMER__CONCURENCY", "3".into())],
+    );
     assert!(!ok, "an unknown key must fail");
     assert!(err.contains("concurency"), "{err}");
 }
@@ -126,7 +185,10 @@ fn topology_plan_apply_twice_and_asyncapi_on_the_embedded_bus() {
     let (ok, second, err) = run(&["topology", "apply", "--bus", &bus], &[]);
     assert!(ok, "{err}");
     assert_ne!(first, second);
-    assert!(second.contains("Applied: 0 created, 0 updated"), "second apply changes nothing:\n{second}");
+    assert!(
+        second.contains("Applied: 0 created, 0 updated"),
+        "second apply changes nothing:\n{second}"
+    );
 
     let (ok, doc, err) = run(&["topology", "asyncapi"], &[]);
     assert!(ok, "{err}");
@@ -135,7 +197,9 @@ fn topology_plan_apply_twice_and_asyncapi_on_the_embedded_bus() {
     let channels = yaml["channels"].as_mapping().expect("channels");
     for t in &topology.topics {
         assert!(
-            channels.values().any(|c| c["address"].as_str() == Some(t.name.as_str())),
+            channels
+                .values()
+                .any(|c| c["address"].as_str() == Some(t.name.as_str())),
             "asyncapi has {}",
             t.name
         );
@@ -146,7 +210,15 @@ fn topology_plan_apply_twice_and_asyncapi_on_the_embedded_bus() {
 fn schemas_check_passes_on_the_built_in_schemas() {
     let (ok, out, err) = run(&["schemas", "check"], &[]);
     assert!(ok, "{out}{err}");
-    let (ok, out, err) = run(&["schemas", "check", "--dir", concat!(env!("CARGO_MANIFEST_DIR"), "/schemas")], &[]);
+    let (ok, out, err) = run(
+        &[
+            "schemas",
+            "check",
+            "--dir",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/schemas"),
+        ],
+        &[],
+    );
     assert!(ok, "{out}{err}");
 }
 
@@ -156,7 +228,10 @@ fn worker_refuses_to_start_when_topics_are_missing() {
     let bus = format!("embedded://{}", dir.path().join("bus").display());
     let (ok, _, err) = run(
         &["worker", "conversation"],
-        &[("NEXUS_BUS__URL", bus), ("NEXUS_HTTP__LISTEN", format!("127.0.0.1:{}", free_port()))],
+        &[
+            ("NEXUS_BUS__URL", bus),
+            ("NEXUS_HTTP__LISTEN", format!("127.0.0.1:{}", free_port())),
+        ],
     );
     assert!(!ok);
     assert!(err.contains("nexus topology apply"), "{err}");

@@ -18,7 +18,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
-use super::{dlq_topic, headers, Bus, BusError, Delivery, Message, OutRecord, StartFrom, SubscribeOptions};
+use super::{
+    dlq_topic, headers, Bus, BusError, Delivery, Message, OutRecord, StartFrom, SubscribeOptions,
+};
 use crate::config::{ConsumerConfig, StartFromConfig};
 use crate::events::{self, Event};
 use crate::telemetry::metrics as m;
@@ -32,7 +34,10 @@ pub enum HandleError {
     /// Can never succeed (peer said 4xx, invalid content); the event goes to the dead-letter
     /// topic with `reason` (a short machine-readable code) and is acked.
     #[error("rejected ({reason}): {detail}")]
-    Reject { reason: &'static str, detail: String },
+    Reject {
+        reason: &'static str,
+        detail: String,
+    },
 }
 
 /// The effect of one worker role.
@@ -81,18 +86,34 @@ pub struct Consumer {
 
 impl Consumer {
     pub fn new(bus: Arc<dyn Bus>, group: &str, topic: &str, options: ConsumerOptions) -> Self {
-        Self { bus, group: group.to_string(), topic: topic.to_string(), options }
+        Self {
+            bus,
+            group: group.to_string(),
+            topic: topic.to_string(),
+            options,
+        }
     }
 
     /// Consumes until `shutdown` fires, then finishes the events being handled, acks them and
     /// leaves the group; events queued but not started are left for redelivery.
-    pub async fn run(self, handler: Arc<dyn Handler>, shutdown: CancellationToken) -> Result<(), BusError> {
+    pub async fn run(
+        self,
+        handler: Arc<dyn Handler>,
+        shutdown: CancellationToken,
+    ) -> Result<(), BusError> {
         let span = info_span!("consumer", topic = %self.topic, group = %self.group);
         self.run_inner(handler, shutdown).instrument(span).await
     }
 
-    async fn run_inner(self, handler: Arc<dyn Handler>, shutdown: CancellationToken) -> Result<(), BusError> {
-        let opts = SubscribeOptions { start: self.options.start, max_in_flight: self.options.max_in_flight };
+    async fn run_inner(
+        self,
+        handler: Arc<dyn Handler>,
+        shutdown: CancellationToken,
+    ) -> Result<(), BusError> {
+        let opts = SubscribeOptions {
+            start: self.options.start,
+            max_in_flight: self.options.max_in_flight,
+        };
         let mut sub = self.bus.subscribe(&self.group, &self.topic, opts).await?;
         info!("joined consumer group");
         let lag_stop = shutdown.child_token();
@@ -196,7 +217,9 @@ pub fn lane_of(key: &str, lanes: usize) -> usize {
 }
 
 fn backoff(o: &ConsumerOptions, attempt: u32) -> Duration {
-    let exp = o.retry_initial.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+    let exp = o
+        .retry_initial
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
     let capped = exp.min(o.retry_max);
     // Full jitter on the upper half keeps retrying members from moving in lockstep.
     let half = capped / 2;
@@ -219,8 +242,15 @@ async fn process(ctx: &LaneContext, delivery: Delivery) {
     let msg = &delivery.message;
     let outcome = match events::decode(&msg.payload) {
         Err(e) => {
-            let span = info_span!("dead_letter", partition = msg.partition, offset = msg.offset);
-            match dead_letter(ctx, msg, e.reason_code(), &e.to_string()).instrument(span).await {
+            let span = info_span!(
+                "dead_letter",
+                partition = msg.partition,
+                offset = msg.offset
+            );
+            match dead_letter(ctx, msg, e.reason_code(), &e.to_string())
+                .instrument(span)
+                .await
+            {
                 Ok(()) => Outcome::DeadLettered(e.reason_code()),
                 Err(()) => return, // shutting down; left for redelivery
             }
@@ -273,7 +303,8 @@ async fn handle_with_retry(ctx: &LaneContext, event: &Event, msg: &Message) -> O
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let result = tokio::time::timeout(ctx.options.handler_timeout, ctx.handler.handle(event, msg)).await;
+        let result =
+            tokio::time::timeout(ctx.options.handler_timeout, ctx.handler.handle(event, msg)).await;
         let failure = match result {
             Ok(Ok(())) => return Some(Outcome::Handled),
             Ok(Err(HandleError::Reject { reason, detail })) => {
@@ -298,15 +329,26 @@ async fn handle_with_retry(ctx: &LaneContext, event: &Event, msg: &Message) -> O
 
 /// Writes the record to the topic's dead-letter topic, retrying until the bus takes it: an
 /// event is acked only once it is safe somewhere. `Err` only when shutdown interrupts.
-async fn dead_letter(ctx: &LaneContext, msg: &Message, reason: &str, detail: &str) -> Result<(), ()> {
+async fn dead_letter(
+    ctx: &LaneContext,
+    msg: &Message,
+    reason: &str,
+    detail: &str,
+) -> Result<(), ()> {
     let mut record = OutRecord::new(msg.key.clone(), msg.payload.clone());
     record.headers = msg.headers.clone();
     record.headers.extend([
         (headers::DLQ_REASON.to_string(), reason.to_string()),
         (headers::DLQ_ERROR.to_string(), truncate(detail, 1024)),
         (headers::DLQ_SOURCE_TOPIC.to_string(), msg.topic.clone()),
-        (headers::DLQ_SOURCE_PARTITION.to_string(), msg.partition.to_string()),
-        (headers::DLQ_SOURCE_OFFSET.to_string(), msg.offset.to_string()),
+        (
+            headers::DLQ_SOURCE_PARTITION.to_string(),
+            msg.partition.to_string(),
+        ),
+        (
+            headers::DLQ_SOURCE_OFFSET.to_string(),
+            msg.offset.to_string(),
+        ),
         (headers::DLQ_GROUP.to_string(), ctx.group.clone()),
     ]);
     let dlq = dlq_topic(&msg.topic);
@@ -343,7 +385,13 @@ fn truncate(s: &str, max: usize) -> String {
 
 /// Measures the group's lag on a timer, also while the consumer is idle or stuck, and exports
 /// `nexus_consumer_lag{topic,partition,group}`.
-pub async fn report_lag(bus: Arc<dyn Bus>, group: String, topic: String, every: Duration, stop: CancellationToken) {
+pub async fn report_lag(
+    bus: Arc<dyn Bus>,
+    group: String,
+    topic: String,
+    every: Duration,
+    stop: CancellationToken,
+) {
     let span = info_span!("lag_reporter", topic = %topic, group = %group);
     async {
         let mut tick = tokio::time::interval(every);
@@ -381,7 +429,8 @@ mod tests {
             assert_eq!(lane_of(k, 16), lane_of(k, 16));
             assert!(lane_of(k, 16) < 16);
         }
-        let used: std::collections::HashSet<usize> = (0..200).map(|i| lane_of(&format!("k{i}"), 8)).collect();
+        let used: std::collections::HashSet<usize> =
+            (0..200).map(|i| lane_of(&format!("k{i}"), 8)).collect();
         assert_eq!(used.len(), 8);
     }
 

@@ -35,7 +35,9 @@ impl Bus for InstrumentedBus {
                     .record(started.elapsed().as_secs_f64());
                 metrics::counter!(m::EVENTS_PUBLISHED_TOTAL, "topic" => topic_label).increment(1);
             }
-            Err(_) => metrics::counter!(m::BUS_PUBLISH_ERRORS_TOTAL, "topic" => topic_label).increment(1),
+            Err(_) => {
+                metrics::counter!(m::BUS_PUBLISH_ERRORS_TOTAL, "topic" => topic_label).increment(1)
+            }
         }
         result
     }
@@ -61,19 +63,40 @@ impl Bus for InstrumentedBus {
         self.inner.partition_offsets(topic).await
     }
 
-    async fn group_positions(&self, group: &str, topic: &str) -> Result<Vec<GroupPosition>, BusError> {
+    async fn group_positions(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> Result<Vec<GroupPosition>, BusError> {
         self.inner.group_positions(group, topic).await
     }
 
-    async fn offset_for_time(&self, topic: &str, partition: u32, ts_ms: i64) -> Result<u64, BusError> {
+    async fn offset_for_time(
+        &self,
+        topic: &str,
+        partition: u32,
+        ts_ms: i64,
+    ) -> Result<u64, BusError> {
         self.inner.offset_for_time(topic, partition, ts_ms).await
     }
 
-    async fn count_between(&self, topic: &str, partition: u32, from: u64, to: u64) -> Result<u64, BusError> {
+    async fn count_between(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        to: u64,
+    ) -> Result<u64, BusError> {
         self.inner.count_between(topic, partition, from, to).await
     }
 
-    async fn seek_group(&self, group: &str, topic: &str, partition: u32, offset: u64) -> Result<(), BusError> {
+    async fn seek_group(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<(), BusError> {
         self.inner.seek_group(group, topic, partition, offset).await
     }
 
@@ -81,7 +104,13 @@ impl Bus for InstrumentedBus {
         self.inner.active_members(group, topic).await
     }
 
-    async fn read(&self, topic: &str, partition: u32, from: u64, max: usize) -> Result<Vec<Message>, BusError> {
+    async fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<Message>, BusError> {
         self.inner.read(topic, partition, from, max).await
     }
 

@@ -47,7 +47,11 @@ pub struct OutRecord {
 
 impl OutRecord {
     pub fn new(key: impl Into<String>, payload: impl Into<Bytes>) -> Self {
-        Self { key: key.into(), payload: payload.into(), headers: Vec::new() }
+        Self {
+            key: key.into(),
+            payload: payload.into(),
+            headers: Vec::new(),
+        }
     }
 
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
@@ -78,7 +82,10 @@ pub struct Message {
 
 impl Message {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -131,7 +138,10 @@ pub struct SubscribeOptions {
 
 impl Default for SubscribeOptions {
     fn default() -> Self {
-        Self { start: StartFrom::Earliest, max_in_flight: 1024 }
+        Self {
+            start: StartFrom::Earliest,
+            max_in_flight: 1024,
+        }
     }
 }
 
@@ -150,7 +160,9 @@ pub struct Delivery {
 
 impl std::fmt::Debug for Delivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Delivery").field("message", &self.message).finish()
+        f.debug_struct("Delivery")
+            .field("message", &self.message)
+            .finish()
     }
 }
 
@@ -216,8 +228,12 @@ pub trait Bus: Send + Sync + 'static {
     ) -> Result<Vec<GroupPosition>, BusError>;
 
     /// The first offset in `partition` whose append time is at or after `ts_ms`, or the log end.
-    async fn offset_for_time(&self, topic: &str, partition: u32, ts_ms: i64)
-        -> Result<u64, BusError>;
+    async fn offset_for_time(
+        &self,
+        topic: &str,
+        partition: u32,
+        ts_ms: i64,
+    ) -> Result<u64, BusError>;
 
     /// How many records lie in `[from, to)` of a partition.
     async fn count_between(

@@ -56,7 +56,9 @@ fn check_host_port(addr: &str, url: &str) -> Result<(), BusError> {
     if ok {
         Ok(())
     } else {
-        Err(BusError::Config(format!("`{addr}` in `{url}` is not host:port")))
+        Err(BusError::Config(format!(
+            "`{addr}` in `{url}` is not host:port"
+        )))
     }
 }
 
@@ -68,14 +70,25 @@ mod tests {
     fn parses_each_scheme() {
         assert_eq!(
             BusUrl::parse("embedded://./.nexus/bus").unwrap(),
-            BusUrl::Embedded { dir: PathBuf::from("./.nexus/bus") }
+            BusUrl::Embedded {
+                dir: PathBuf::from("./.nexus/bus")
+            }
         );
         assert_eq!(
             BusUrl::parse("kafka://a:9092,b:9093").unwrap(),
-            BusUrl::Kafka { brokers: "a:9092,b:9093".into(), tls: false }
+            BusUrl::Kafka {
+                brokers: "a:9092,b:9093".into(),
+                tls: false
+            }
         );
-        assert!(matches!(BusUrl::parse("kafka+ssl://a:9093").unwrap(), BusUrl::Kafka { tls: true, .. }));
-        assert!(matches!(BusUrl::parse("tls://n:4222").unwrap(), BusUrl::Nats { tls: true, .. }));
+        assert!(matches!(
+            BusUrl::parse("kafka+ssl://a:9093").unwrap(),
+            BusUrl::Kafka { tls: true, .. }
+        ));
+        assert!(matches!(
+            BusUrl::parse("tls://n:4222").unwrap(),
+            BusUrl::Nats { tls: true, .. }
+        ));
         assert!(BusUrl::parse("kafka://nohost").is_err());
         assert!(BusUrl::parse("redis://x:1").is_err());
         assert!(BusUrl::parse("embedded://").is_err());

@@ -26,14 +26,22 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     };
     metrics::gauge!(m::BUS_UP).set(if bus.is_ok() { 1.0 } else { 0.0 });
     match bus {
-        Ok(()) => (StatusCode::OK, Json(json!({"status": "ready", "bus": state.bus.kind()}))),
+        Ok(()) => (
+            StatusCode::OK,
+            Json(json!({"status": "ready", "bus": state.bus.kind()})),
+        ),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not_ready", "checks": {"bus": {"kind": state.bus.kind(), "error": e}}})),
+            Json(
+                json!({"status": "not_ready", "checks": {"bus": {"kind": state.bus.kind(), "error": e}}}),
+            ),
         ),
     }
 }
 
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
 }

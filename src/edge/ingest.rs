@@ -20,17 +20,25 @@ pub async fn ingest(
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     authorize(&state, &request_headers)?;
-    let declared = state
-        .topology
-        .topic(&topic)
-        .ok_or_else(|| ApiError::not_found("UNKNOWN_TOPIC", format!("topic `{topic}` is not in the topology")))?;
-    let value: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request("INVALID_JSON", format!("body is not valid JSON: {e}")))?;
-    let mut event = Event::from_json(&value).map_err(|e| ApiError::bad_request("INVALID_EVENT", e.to_string()))?;
-    if !declared.events.iter().any(|t| *t == event.envelope.event_type) {
+    let declared = state.topology.topic(&topic).ok_or_else(|| {
+        ApiError::not_found(
+            "UNKNOWN_TOPIC",
+            format!("topic `{topic}` is not in the topology"),
+        )
+    })?;
+    let value: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request("INVALID_JSON", format!("body is not valid JSON: {e}"))
+    })?;
+    let mut event = Event::from_json_owned(value)
+        .map_err(|e| ApiError::bad_request("INVALID_EVENT", e.to_string()))?;
+    if !declared.events.contains(&event.envelope.event_type) {
         return Err(ApiError::bad_request(
             "EVENT_TYPE_NOT_ALLOWED",
-            format!("topic `{topic}` does not carry `{}` (it carries: {})", event.envelope.event_type, declared.events.join(", ")),
+            format!(
+                "topic `{topic}` does not carry `{}` (it carries: {})",
+                event.envelope.event_type,
+                declared.events.join(", ")
+            ),
         ));
     }
     if event.envelope.traceparent.is_none() {
@@ -41,7 +49,8 @@ pub async fn ingest(
             .map(str::to_string)
             .or_else(|| Some(new_traceparent()));
     }
-    let payload = events::encode(&event).map_err(|e| ApiError::bad_request("SCHEMA_MISMATCH", e.to_string()))?;
+    let payload = events::encode(&event)
+        .map_err(|e| ApiError::bad_request("SCHEMA_MISMATCH", e.to_string()))?;
     let mut record = OutRecord::new(event.envelope.conversation_id.clone(), payload)
         .with_header(headers::EVENT_TYPE, event.envelope.event_type.clone());
     if let Some(tp) = &event.envelope.traceparent {
@@ -53,7 +62,10 @@ pub async fn ingest(
         .await
         .map_err(|e| ApiError::unavailable(format!("publish to {topic}: {e}")))?;
     tracing::debug!(event_id = %event.envelope.event_id, topic = %topic, partition = published.partition, offset = published.offset, "event ingested");
-    Ok((StatusCode::ACCEPTED, Json(json!({"event_id": event.envelope.event_id.to_string()}))))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"event_id": event.envelope.event_id.to_string()})),
+    ))
 }
 
 /// Bearer admin token, compared in constant time; no token configured → the endpoint is off.
@@ -74,7 +86,11 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     if bool::from(given.as_bytes().ct_eq(expected)) {
         Ok(())
     } else {
-        Err(ApiError::new(StatusCode::FORBIDDEN, "INVALID_TOKEN", "the admin token is wrong"))
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "INVALID_TOKEN",
+            "the admin token is wrong",
+        ))
     }
 }
 
@@ -105,8 +121,12 @@ mod tests {
     #[test]
     fn traceparent_format() {
         assert!(is_traceparent(&new_traceparent()));
-        assert!(is_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
-        assert!(!is_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01"));
+        assert!(is_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        assert!(!is_traceparent(
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01"
+        ));
         assert!(!is_traceparent("garbage"));
     }
 }

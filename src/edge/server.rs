@@ -18,7 +18,10 @@ pub enum ServeError {
     #[error("TLS certificate/key: {0}")]
     Tls(String),
     #[error("cannot serve on {addr}: {source}")]
-    Io { addr: String, source: std::io::Error },
+    Io {
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 /// A bound listener, so callers learn the port before serving (tests bind port 0).
@@ -30,10 +33,24 @@ pub struct Bound {
 
 /// Binds the listener and loads TLS material.
 pub async fn bind(config: &HttpConfig) -> Result<Bound, ServeError> {
-    let addr: SocketAddr = config.listen.parse().map_err(|_| ServeError::Address(config.listen.clone()))?;
-    let listener = std::net::TcpListener::bind(addr).map_err(|source| ServeError::Io { addr: addr.to_string(), source })?;
-    listener.set_nonblocking(true).map_err(|source| ServeError::Io { addr: addr.to_string(), source })?;
-    let addr = listener.local_addr().map_err(|source| ServeError::Io { addr: addr.to_string(), source })?;
+    let addr: SocketAddr = config
+        .listen
+        .parse()
+        .map_err(|_| ServeError::Address(config.listen.clone()))?;
+    let listener = std::net::TcpListener::bind(addr).map_err(|source| ServeError::Io {
+        addr: addr.to_string(),
+        source,
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| ServeError::Io {
+            addr: addr.to_string(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Io {
+        addr: addr.to_string(),
+        source,
+    })?;
     let tls = if config.tls_cert_file.is_empty() {
         None
     } else {
@@ -44,7 +61,11 @@ pub async fn bind(config: &HttpConfig) -> Result<Bound, ServeError> {
                 .map_err(|e| ServeError::Tls(e.to_string()))?,
         )
     };
-    Ok(Bound { addr, listener, tls })
+    Ok(Bound {
+        addr,
+        listener,
+        tls,
+    })
 }
 
 impl Bound {
@@ -53,7 +74,12 @@ impl Bound {
     }
 
     /// Serves until `shutdown`, then drains for at most `grace`.
-    pub async fn serve(self, app: Router, shutdown: CancellationToken, grace: Duration) -> Result<(), ServeError> {
+    pub async fn serve(
+        self,
+        app: Router,
+        shutdown: CancellationToken,
+        grace: Duration,
+    ) -> Result<(), ServeError> {
         let handle = Handle::new();
         let drain = handle.clone();
         tokio::spawn(async move {
@@ -63,8 +89,18 @@ impl Bound {
         let addr = self.addr.to_string();
         let service = app.into_make_service();
         let result = match self.tls {
-            Some(tls) => axum_server::from_tcp_rustls(self.listener, tls).handle(handle).serve(service).await,
-            None => axum_server::from_tcp(self.listener).handle(handle).serve(service).await,
+            Some(tls) => {
+                axum_server::from_tcp_rustls(self.listener, tls)
+                    .handle(handle)
+                    .serve(service)
+                    .await
+            }
+            None => {
+                axum_server::from_tcp(self.listener)
+                    .handle(handle)
+                    .serve(service)
+                    .await
+            }
         };
         result.map_err(|source| ServeError::Io { addr, source })
     }

@@ -22,6 +22,7 @@ pub async fn track(req: Request, next: Next) -> Response {
     let status = response.status().as_u16();
     span.record("status", status);
     metrics::counter!(m::HTTP_REQUESTS_TOTAL, "method" => method.clone(), "route" => route.clone(), "status" => status.to_string()).increment(1);
-    metrics::histogram!(m::HTTP_REQUEST_SECONDS, "method" => method, "route" => route).record(started.elapsed().as_secs_f64());
+    metrics::histogram!(m::HTTP_REQUEST_SECONDS, "method" => method, "route" => route)
+        .record(started.elapsed().as_secs_f64());
     response
 }

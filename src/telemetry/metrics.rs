@@ -27,15 +27,39 @@ pub const HTTP_REQUEST_SECONDS: &str = "nexus_http_request_duration_seconds";
 pub const BUS_UP: &str = "nexus_bus_up";
 
 pub(super) fn describe_all() {
-    describe_gauge!(CONSUMER_LAG, "Events behind the log end per topic, partition and consumer group.");
+    describe_gauge!(
+        CONSUMER_LAG,
+        "Events behind the log end per topic, partition and consumer group."
+    );
     describe_counter!(CONSUMER_LAG_ERRORS_TOTAL, "Lag measurements that failed.");
-    describe_counter!(EVENTS_CONSUMED_TOTAL, "Events taken from the bus by outcome (ok, retried, dead_lettered).");
-    describe_histogram!(EVENT_HANDLE_SECONDS, Unit::Seconds, "Time from delivery to ack of an event.");
+    describe_counter!(
+        EVENTS_CONSUMED_TOTAL,
+        "Events taken from the bus by outcome (ok, retried, dead_lettered)."
+    );
+    describe_histogram!(
+        EVENT_HANDLE_SECONDS,
+        Unit::Seconds,
+        "Time from delivery to ack of an event."
+    );
     describe_counter!(EVENTS_PUBLISHED_TOTAL, "Records acknowledged by the bus.");
     describe_counter!(BUS_PUBLISH_ERRORS_TOTAL, "Publishes that failed.");
-    describe_histogram!(BUS_PUBLISH_SECONDS, Unit::Seconds, "Publish latency until the broker acknowledged.");
-    describe_counter!(EVENTS_DEAD_LETTERED_TOTAL, "Events written to a dead-letter topic, by reason.");
-    describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests by method, route template and status.");
-    describe_histogram!(HTTP_REQUEST_SECONDS, Unit::Seconds, "HTTP request latency by route template.");
+    describe_histogram!(
+        BUS_PUBLISH_SECONDS,
+        Unit::Seconds,
+        "Publish latency until the broker acknowledged."
+    );
+    describe_counter!(
+        EVENTS_DEAD_LETTERED_TOTAL,
+        "Events written to a dead-letter topic, by reason."
+    );
+    describe_counter!(
+        HTTP_REQUESTS_TOTAL,
+        "HTTP requests by method, route template and status."
+    );
+    describe_histogram!(
+        HTTP_REQUEST_SECONDS,
+        Unit::Seconds,
+        "HTTP request latency by route template."
+    );
     describe_gauge!(BUS_UP, "1 if the bus answered the last readiness check.");
 }

@@ -25,10 +25,14 @@ pub enum WorkerError {
 /// The effect of `role`.
 pub fn handler_for(role: &str, config: &Config) -> Result<Arc<dyn Handler>, WorkerError> {
     Ok(match role {
-        "tap" => Arc::new(tap::Tap::new(&config.workers.tap, &config.http_client).map_err(|e| WorkerError::Config {
-            role: role.to_string(),
-            message: e.to_string(),
-        })?),
+        "tap" => Arc::new(
+            tap::Tap::new(&config.workers.tap, &config.http_client).map_err(|e| {
+                WorkerError::Config {
+                    role: role.to_string(),
+                    message: e.to_string(),
+                }
+            })?,
+        ),
         other => Arc::new(pending::Pending::new(other)),
     })
 }

@@ -13,7 +13,9 @@ pub struct Pending {
 
 impl Pending {
     pub fn new(role: &str) -> Self {
-        Self { role: role.to_string() }
+        Self {
+            role: role.to_string(),
+        }
     }
 }
 

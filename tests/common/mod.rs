@@ -28,7 +28,10 @@ pub fn bus_config(backend: &str, dir: Option<&std::path::Path>) -> BusConfig {
     c.nats.ack_wait_ms = 1500;
     c.nats.lease_ttl_ms = 2500;
     c.url = match backend {
-        "embedded" => format!("embedded://{}", dir.expect("embedded needs a dir").display()),
+        "embedded" => format!(
+            "embedded://{}",
+            dir.expect("embedded needs a dir").display()
+        ),
         "kafka" => format!(
             "kafka://{}",
             std::env::var("NEXUS_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
@@ -58,7 +61,12 @@ pub async fn test_bus(backend: &'static str) -> TestBus {
     let bus = bus::connect(&config)
         .await
         .unwrap_or_else(|e| panic!("cannot connect to the {backend} bus ({}): {e}", config.url));
-    TestBus { bus, config, dir, backend }
+    TestBus {
+        bus,
+        config,
+        dir,
+        backend,
+    }
 }
 
 impl TestBus {
@@ -67,7 +75,11 @@ impl TestBus {
         let name = format!("t{}", uuid::Uuid::new_v4().simple());
         for n in [name.clone(), bus::dlq_topic(&name)] {
             self.bus
-                .apply_topic(&TopicSpec { name: n, partitions, retention: None })
+                .apply_topic(&TopicSpec {
+                    name: n,
+                    partitions,
+                    retention: None,
+                })
                 .await
                 .expect("create topic");
         }
@@ -100,7 +112,10 @@ impl TestBus {
             if have == n {
                 return;
             }
-            assert!(Instant::now() < deadline, "group {group} has {have} members, want {n}");
+            assert!(
+                Instant::now() < deadline,
+                "group {group} has {have} members, want {n}"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -116,7 +131,12 @@ pub async fn next_within(sub: &mut Box<dyn Subscription>, within: Duration) -> O
 }
 
 /// Receives `n` deliveries (panics after `within`), acking each if `ack`.
-pub async fn take(sub: &mut Box<dyn Subscription>, n: usize, within: Duration, ack: bool) -> Vec<nexus::bus::Message> {
+pub async fn take(
+    sub: &mut Box<dyn Subscription>,
+    n: usize,
+    within: Duration,
+    ack: bool,
+) -> Vec<nexus::bus::Message> {
     let deadline = Instant::now() + within;
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
@@ -152,7 +172,9 @@ pub fn event(key: &str, seq: u64) -> nexus::events::Event {
         "kind": "TEXT",
         "text": format!("{key}:{seq}"),
     });
-    let serde_json::Value::Object(body) = body else { unreachable!("literal object") };
+    let serde_json::Value::Object(body) = body else {
+        unreachable!("literal object")
+    };
     nexus::events::Event::new("MessageReceived", "tenant-test", key, "test", body)
 }
 

@@ -31,7 +31,10 @@ impl Nexus {
         let out = std::fs::File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nexus"));
-        cmd.args(args).stdout(Stdio::from(out)).stderr(Stdio::from(err)).env("RUST_LOG", "info");
+        cmd.args(args)
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .env("RUST_LOG", "info");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -45,7 +48,9 @@ impl Nexus {
 
     /// Sends SIGTERM (graceful drain).
     pub fn terminate(&self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
     }
 
     /// Waits until `url` answers 200, or panics with the process log.
@@ -60,7 +65,11 @@ impl Nexus {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("nexus exited with {status}:\n{}", self.log_text());
             }
-            assert!(Instant::now() < deadline, "{url} not ready in {within:?}:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "{url} not ready in {within:?}:\n{}",
+                self.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -85,8 +94,12 @@ pub fn run(args: &[&str], env: &[(&str, String)]) -> (bool, String, String) {
 pub fn metric_sum(rendered: &str, metric: &str, needles: &[&str]) -> Option<f64> {
     let mut found = None;
     for line in rendered.lines() {
-        let Some(rest) = line.strip_prefix(metric) else { continue };
-        if !(rest.starts_with('{') || rest.starts_with(' ')) || !needles.iter().all(|n| line.contains(n)) {
+        let Some(rest) = line.strip_prefix(metric) else {
+            continue;
+        };
+        if !(rest.starts_with('{') || rest.starts_with(' '))
+            || !needles.iter().all(|n| line.contains(n))
+        {
             continue;
         }
         if let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {

@@ -30,8 +30,12 @@ pub struct Sink {
 impl Sink {
     pub async fn start() -> Sink {
         let state: Arc<Mutex<SinkState>> = Arc::default();
-        let app = Router::new().route("/events", post(receive)).with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind sink");
+        let app = Router::new()
+            .route("/events", post(receive))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind sink");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move { axum::serve(listener, app).await });
         Sink { addr, state }
@@ -50,12 +54,20 @@ impl Sink {
     }
 }
 
-async fn receive(State(state): State<Arc<Mutex<SinkState>>>, headers: HeaderMap, Json(body): Json<Value>) -> StatusCode {
+async fn receive(
+    State(state): State<Arc<Mutex<SinkState>>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> StatusCode {
     let mut s = state.lock().unwrap();
     if let Some(code) = s.fail_with {
         return StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     }
-    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     let n = s.deliveries.entry(key).or_insert(0);
     *n += 1;
     if *n == 1 {

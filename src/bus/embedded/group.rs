@@ -154,13 +154,7 @@ impl Inner {
             gs.parts.push(PartTrack::default());
         }
         let (n, m) = (gs.parts.len(), gs.members.len());
-        let quota = |i: usize| {
-            if m == 0 {
-                0
-            } else {
-                n / m + usize::from(i < n % m)
-            }
-        };
+        let quota = |i: usize| n.checked_div(m).map_or(0, |q| q + usize::from(i < n % m));
         let mut counts = vec![0usize; m];
         let mut want: Vec<Option<usize>> = vec![None; n];
         for (p, t) in gs.parts.iter().enumerate() {

@@ -20,8 +20,11 @@ use crate::bus::{BusError, Headers, Message};
 pub(super) const TOPICS: TableDefinition<&str, (u32, Option<u64>)> = TableDefinition::new("topics");
 pub(super) const PARTITIONS: TableDefinition<(&str, u32), (u64, u64, i64)> =
     TableDefinition::new("partitions");
-pub(super) const RECORDS: TableDefinition<(&str, u32, u64), (i64, &str, &[u8], &[u8])> =
-    TableDefinition::new("records");
+/// Key of `records`: (topic, partition, offset).
+pub(super) type RecordKey<'a> = (&'a str, u32, u64);
+/// Value of `records`: (append time ms, key, headers as JSON, payload).
+pub(super) type RecordValue<'a> = (i64, &'a str, &'a [u8], &'a [u8]);
+pub(super) const RECORDS: TableDefinition<RecordKey, RecordValue> = TableDefinition::new("records");
 pub(super) const OFFSETS: TableDefinition<(&str, &str, u32), u64> =
     TableDefinition::new("group_offsets");
 

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use redb::{ReadableTable, Table, WriteTransaction};
 use tokio::sync::{oneshot, watch};
 
-use super::store::{self, PartMeta, TopicMeta, OFFSETS, PARTITIONS, RECORDS, TOPICS};
+use super::store::{
+    self, PartMeta, RecordKey, RecordValue, TopicMeta, OFFSETS, PARTITIONS, RECORDS, TOPICS,
+};
 use super::{now_ms, storage, DbHandle, PartShared, TopicShared, Topics};
 use crate::bus::{partition_for, BusError, OutRecord, Published, TopicSpec};
 
@@ -144,16 +146,18 @@ impl Writer {
         let _entered = span.enter();
         let mut next_retention = Instant::now() + RETENTION_INTERVAL;
         loop {
+            // Checked on every turn, not only when the channel is idle: a writer that is never
+            // idle must still trim.
+            if Instant::now() >= next_retention {
+                if let Err(e) = self.retention() {
+                    tracing::warn!(error = %e, "retention pass failed; retrying next pass");
+                }
+                next_retention = Instant::now() + RETENTION_INTERVAL;
+            }
             let wait = next_retention.saturating_duration_since(Instant::now());
             let first = match self.rx.recv_timeout(wait) {
                 Ok(cmd) => cmd,
-                Err(RecvTimeoutError::Timeout) => {
-                    if let Err(e) = self.retention() {
-                        tracing::warn!(error = %e, "retention pass failed; retrying next pass");
-                    }
-                    next_retention = Instant::now() + RETENTION_INTERVAL;
-                    continue;
-                }
+                Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => break,
             };
             let mut batch = vec![first];
@@ -185,7 +189,7 @@ impl Writer {
     }
 
     /// Writes one batch in one transaction and answers its callers.
-    fn write_batch(&mut self, batch: Vec<Cmd>) {
+    fn write_batch(&mut self, mut batch: Vec<Cmd>) {
         let mut pending = Vec::with_capacity(batch.len());
         let mut retention = Vec::new();
         let mut changes = Changes::default();
@@ -197,7 +201,7 @@ impl Writer {
             .begin_write()
             .map_err(storage("begin write"))
             .and_then(|txn| {
-                self.apply(&txn, batch, &mut pending, &mut retention, &mut changes)?;
+                self.apply(&txn, &mut batch, &mut pending, &mut retention, &mut changes)?;
                 txn.commit().map_err(storage("commit"))
             });
         match &result {
@@ -217,6 +221,24 @@ impl Writer {
         for p in pending {
             p.answer(result.as_ref().err());
         }
+        // Commands not reached because the transaction could not even start.
+        for cmd in batch {
+            let e = || copy_err(result.as_ref().err().unwrap_or(&BusError::Closed));
+            match cmd {
+                Cmd::Publish { reply, .. } => {
+                    let _ = reply.send(Err(e()));
+                }
+                Cmd::Commit {
+                    reply: Some(reply), ..
+                }
+                | Cmd::ApplyTopic { reply, .. }
+                | Cmd::Flush { reply }
+                | Cmd::Retention { reply } => {
+                    let _ = reply.send(Err(e()));
+                }
+                Cmd::Commit { reply: None, .. } | Cmd::Shutdown => {}
+            }
+        }
         for reply in retention {
             let _ = reply.send(self.retention());
         }
@@ -225,7 +247,7 @@ impl Writer {
     fn apply(
         &mut self,
         txn: &WriteTransaction,
-        batch: Vec<Cmd>,
+        batch: &mut Vec<Cmd>,
         pending: &mut Vec<Pending>,
         retention: &mut Vec<Reply<()>>,
         changes: &mut Changes,
@@ -236,7 +258,7 @@ impl Writer {
             .map_err(storage("open group offsets"))?;
         let mut topics = txn.open_table(TOPICS).map_err(storage("open topics"))?;
         let mut failure = None;
-        for cmd in batch {
+        for cmd in batch.drain(..) {
             // After a storage failure the transaction is dropped (rolled back); every caller of
             // the batch is still collected so that each gets the failure.
             match cmd {
@@ -317,7 +339,7 @@ impl Writer {
 
     fn append(
         &mut self,
-        records: &mut Table<(&str, u32, u64), (i64, &str, &[u8], &[u8])>,
+        records: &mut Table<RecordKey, RecordValue>,
         topic: &str,
         record: &OutRecord,
         changes: &mut Changes,

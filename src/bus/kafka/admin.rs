@@ -22,12 +22,17 @@ use crate::bus::{BusError, GroupPosition, Message, PartitionOffsets, TopicInfo, 
 
 const RETENTION_MS: &str = "retention.ms";
 
+/// Group id of replay readers (required by librdkafka's `assign`; never joined or committed).
+const READER_GROUP: &str = "nexus-reader";
+
 /// How long `apply_topic` waits for a new topic or partitions to show in metadata: brokers
 /// create them asynchronously after acknowledging the request.
 const PROPAGATION_WAIT: Duration = Duration::from_secs(10);
 
 fn admin_options() -> AdminOptions {
-    AdminOptions::new().request_timeout(Some(REQUEST_TIMEOUT)).operation_timeout(Some(REQUEST_TIMEOUT))
+    AdminOptions::new()
+        .request_timeout(Some(REQUEST_TIMEOUT))
+        .operation_timeout(Some(REQUEST_TIMEOUT))
 }
 
 /// Retention as Kafka writes it: milliseconds, -1 for forever.
@@ -80,16 +85,28 @@ fn parse_retention(configs: &HashMap<String, (String, ConfigSource)>) -> Option<
 }
 
 pub(super) async fn topic_info(bus: &KafkaBus, topic: &str) -> Result<Option<TopicInfo>, BusError> {
-    let Some(partitions) = bus.fetch_partition_count(topic).await? else { return Ok(None) };
+    let Some(partitions) = bus.fetch_partition_count(topic).await? else {
+        return Ok(None);
+    };
     // A broker that cannot describe configs gives no retention: reported as None (unknown),
     // which `apply_topic` treats as "set it".
-    let retention = describe_topic(bus, topic).await?.as_ref().and_then(parse_retention);
-    Ok(Some(TopicInfo { name: topic.to_string(), partitions, retention }))
+    let retention = describe_topic(bus, topic)
+        .await?
+        .as_ref()
+        .and_then(parse_retention);
+    Ok(Some(TopicInfo {
+        name: topic.to_string(),
+        partitions,
+        retention,
+    }))
 }
 
 pub(super) async fn apply_topic(bus: &KafkaBus, spec: &TopicSpec) -> Result<(), BusError> {
     if spec.partitions == 0 {
-        return Err(BusError::Config(format!("topic `{}` needs at least one partition", spec.name)));
+        return Err(BusError::Config(format!(
+            "topic `{}` needs at least one partition",
+            spec.name
+        )));
     }
     let partitions = i32::try_from(spec.partitions)
         .map_err(|_| BusError::Config(format!("topic `{}`: too many partitions", spec.name)))?;
@@ -100,7 +117,11 @@ pub(super) async fn apply_topic(bus: &KafkaBus, spec: &TopicSpec) -> Result<(), 
             // Replication -1: the broker's default replication factor (KIP-464).
             let new = NewTopic::new(&spec.name, partitions, TopicReplication::Fixed(-1))
                 .set(RETENTION_MS, &retention);
-            let results = bus.admin.create_topics(&[new], &admin_options()).await.map_err(map_err)?;
+            let results = bus
+                .admin
+                .create_topics(&[new], &admin_options())
+                .await
+                .map_err(map_err)?;
             match results.into_iter().next() {
                 Some(Ok(_)) | None => {
                     info!(topic = %spec.name, partitions, retention = %retention, "topic created");
@@ -125,8 +146,11 @@ pub(super) async fn apply_topic(bus: &KafkaBus, spec: &TopicSpec) -> Result<(), 
     }
     if spec.partitions > current {
         let grow = NewPartitions::new(&spec.name, spec.partitions as usize);
-        let results =
-            bus.admin.create_partitions(&[grow], &admin_options()).await.map_err(map_err)?;
+        let results = bus
+            .admin
+            .create_partitions(&[grow], &admin_options())
+            .await
+            .map_err(map_err)?;
         if let Some(Err((_, code))) = results.into_iter().next() {
             return Err(map_code(code, "add partitions"));
         }
@@ -147,7 +171,11 @@ pub(super) async fn apply_topic(bus: &KafkaBus, spec: &TopicSpec) -> Result<(), 
             }
         }
         alter = alter.set(RETENTION_MS, &retention);
-        let results = bus.admin.alter_configs([&alter], &admin_options()).await.map_err(map_err)?;
+        let results = bus
+            .admin
+            .alter_configs([&alter], &admin_options())
+            .await
+            .map_err(map_err)?;
         if let Some(Err((_, code))) = results.into_iter().next() {
             return Err(map_code(code, "set retention"));
         }
@@ -160,7 +188,11 @@ pub(super) async fn apply_topic(bus: &KafkaBus, spec: &TopicSpec) -> Result<(), 
 async fn wait_for_partitions(bus: &KafkaBus, topic: &str, partitions: u32) -> Result<(), BusError> {
     let deadline = Instant::now() + PROPAGATION_WAIT;
     loop {
-        if bus.fetch_partition_count(topic).await?.is_some_and(|n| n >= partitions) {
+        if bus
+            .fetch_partition_count(topic)
+            .await?
+            .is_some_and(|n| n >= partitions)
+        {
             return Ok(());
         }
         if Instant::now() >= deadline {
@@ -172,11 +204,16 @@ async fn wait_for_partitions(bus: &KafkaBus, topic: &str, partitions: u32) -> Re
     }
 }
 
-fn watermarks(meta: &BaseConsumer, topic: &str, partitions: u32) -> Result<Vec<PartitionOffsets>, BusError> {
+fn watermarks(
+    meta: &BaseConsumer,
+    topic: &str,
+    partitions: u32,
+) -> Result<Vec<PartitionOffsets>, BusError> {
     (0..partitions)
         .map(|p| {
-            let (low, high) =
-                meta.fetch_watermarks(topic, p as i32, REQUEST_TIMEOUT).map_err(map_err)?;
+            let (low, high) = meta
+                .fetch_watermarks(topic, p as i32, REQUEST_TIMEOUT)
+                .map_err(map_err)?;
             Ok(PartitionOffsets {
                 partition: p,
                 low: u64::try_from(low).map_err(|_| bad_data("low watermark"))?,
@@ -190,7 +227,10 @@ pub(super) async fn partition_offsets(
     bus: &KafkaBus,
     topic: &str,
 ) -> Result<Vec<PartitionOffsets>, BusError> {
-    let n = bus.fetch_partition_count(topic).await?.ok_or_else(|| BusError::UnknownTopic(topic.into()))?;
+    let n = bus
+        .fetch_partition_count(topic)
+        .await?
+        .ok_or_else(|| BusError::UnknownTopic(topic.into()))?;
     let meta = Arc::clone(&bus.meta);
     let topic = topic.to_string();
     blocking(move || watermarks(&meta, &topic, n)).await
@@ -209,7 +249,9 @@ pub(super) async fn group_positions(
         for o in &offsets {
             tpl.add_partition(&topic, o.partition as i32);
         }
-        let committed = client.committed_offsets(tpl, REQUEST_TIMEOUT).map_err(map_err)?;
+        let committed = client
+            .committed_offsets(tpl, REQUEST_TIMEOUT)
+            .map_err(map_err)?;
         Ok(offsets
             .iter()
             .map(|o| {
@@ -224,7 +266,12 @@ pub(super) async fn group_positions(
                     Some(c) => o.high.saturating_sub(c),
                     None => o.high.saturating_sub(o.low),
                 };
-                GroupPosition { partition: o.partition, committed: c, high: o.high, lag }
+                GroupPosition {
+                    partition: o.partition,
+                    committed: c,
+                    high: o.high,
+                    lag,
+                }
             })
             .collect())
     })
@@ -242,18 +289,24 @@ pub(super) async fn offset_for_time(
     let topic = topic.to_string();
     blocking(move || {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, partition as i32, Offset::Offset(ts_ms)).map_err(map_err)?;
-        let found = meta.offsets_for_times(tpl, REQUEST_TIMEOUT).map_err(map_err)?;
-        let offset = found.find_partition(&topic, partition as i32).and_then(|e| match e.offset() {
-            Offset::Offset(o) => u64::try_from(o).ok(),
-            // No record at or after the time: Kafka answers -1 (End).
-            _ => None,
-        });
+        tpl.add_partition_offset(&topic, partition as i32, Offset::Offset(ts_ms))
+            .map_err(map_err)?;
+        let found = meta
+            .offsets_for_times(tpl, REQUEST_TIMEOUT)
+            .map_err(map_err)?;
+        let offset = found
+            .find_partition(&topic, partition as i32)
+            .and_then(|e| match e.offset() {
+                Offset::Offset(o) => u64::try_from(o).ok(),
+                // No record at or after the time: Kafka answers -1 (End).
+                _ => None,
+            });
         match offset {
             Some(o) => Ok(o),
             None => {
-                let (_, high) =
-                    meta.fetch_watermarks(&topic, partition as i32, REQUEST_TIMEOUT).map_err(map_err)?;
+                let (_, high) = meta
+                    .fetch_watermarks(&topic, partition as i32, REQUEST_TIMEOUT)
+                    .map_err(map_err)?;
                 u64::try_from(high).map_err(|_| bad_data("high watermark"))
             }
         }
@@ -284,7 +337,8 @@ pub(super) async fn seek_group(
     let topic = topic.to_string();
     blocking(move || {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, partition as i32, Offset::Offset(offset)).map_err(map_err)?;
+        tpl.add_partition_offset(&topic, partition as i32, Offset::Offset(offset))
+            .map_err(map_err)?;
         client.commit(&tpl, CommitMode::Sync).map_err(map_err)?;
         Ok(())
     })
@@ -296,24 +350,40 @@ async fn group_members(bus: &KafkaBus, group: &str) -> Result<Vec<Option<Vec<Str
     let meta = Arc::clone(&bus.meta);
     let group = group.to_string();
     blocking(move || {
-        let list = meta.client().fetch_group_list(Some(&group), REQUEST_TIMEOUT).map_err(map_err)?;
-        let Some(info) = list.groups().iter().find(|g| g.name() == group) else { return Ok(Vec::new()) };
+        let list = meta
+            .client()
+            .fetch_group_list(Some(&group), REQUEST_TIMEOUT)
+            .map_err(map_err)?;
+        let Some(info) = list.groups().iter().find(|g| g.name() == group) else {
+            return Ok(Vec::new());
+        };
         if matches!(info.state(), "Dead" | "Empty") {
             return Ok(Vec::new());
         }
-        Ok(info.members().iter().map(|m| m.metadata().and_then(subscribed_topics)).collect())
+        Ok(info
+            .members()
+            .iter()
+            .map(|m| m.metadata().and_then(subscribed_topics))
+            .collect())
     })
     .await
 }
 
-pub(super) async fn active_members(bus: &KafkaBus, group: &str, topic: &str) -> Result<usize, BusError> {
+pub(super) async fn active_members(
+    bus: &KafkaBus,
+    group: &str,
+    topic: &str,
+) -> Result<usize, BusError> {
     let members = group_members(bus, group).await?;
     // One group may consume several topics (one member per subscription); count the members of
     // this topic. A member whose metadata cannot be read is counted: better to refuse a seek
     // than to move offsets under a live consumer.
     Ok(members
         .iter()
-        .filter(|m| m.as_ref().map_or(true, |topics| topics.iter().any(|t| t == topic)))
+        .filter(|m| {
+            m.as_ref()
+                .map_or(true, |topics| topics.iter().any(|t| t == topic))
+        })
         .count())
 }
 
@@ -344,14 +414,17 @@ pub(super) async fn read(
     if max == 0 {
         return Ok(Vec::new());
     }
-    let mut cc = bus.settings.consumer_config(None);
+    // librdkafka only allows `assign` with a group id; this reader assigns one partition by
+    // hand and never joins the group or commits, so the id is only a local label.
+    let mut cc = bus.settings.consumer_config(Some(READER_GROUP));
     // A `from` below the log start reads from the first record still kept.
     cc.set("auto.offset.reset", "earliest");
     let topic = topic.to_string();
     blocking(move || {
         let reader: BaseConsumer = cc.create().map_err(super::config_err)?;
-        let (low, high) =
-            reader.fetch_watermarks(&topic, partition as i32, REQUEST_TIMEOUT).map_err(map_err)?;
+        let (low, high) = reader
+            .fetch_watermarks(&topic, partition as i32, REQUEST_TIMEOUT)
+            .map_err(map_err)?;
         let high = u64::try_from(high).map_err(|_| bad_data("high watermark"))?;
         let low = u64::try_from(low).map_err(|_| bad_data("low watermark"))?;
         let start = from.max(low);
@@ -376,7 +449,9 @@ pub(super) async fn read(
             match reader.poll(Duration::from_millis(100)) {
                 None => {}
                 Some(Ok(m)) => {
-                    let Ok(offset) = u64::try_from(rdkafka::Message::offset(&m)) else { continue };
+                    let Ok(offset) = u64::try_from(rdkafka::Message::offset(&m)) else {
+                        continue;
+                    };
                     if offset < from {
                         continue;
                     }

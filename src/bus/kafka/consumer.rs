@@ -76,7 +76,13 @@ struct PartTrack {
 
 impl PartTrack {
     fn new(epoch: u64) -> Self {
-        Self { epoch, revoking: false, pending: BTreeMap::new(), acked_upto: None, committed: None }
+        Self {
+            epoch,
+            revoking: false,
+            pending: BTreeMap::new(),
+            acked_upto: None,
+            committed: None,
+        }
     }
 
     /// Moves the acked prefix over leading acked records.
@@ -207,7 +213,8 @@ impl Tracker {
         }
         let mut tpl = TopicPartitionList::with_capacity(targets.len());
         for (p, _, o) in &targets {
-            tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*o)).map_err(map_err)?;
+            tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*o))
+                .map_err(map_err)?;
         }
         consumer.commit(&tpl, CommitMode::Sync).map_err(map_err)?;
         let mut parts = lock(&self.parts);
@@ -237,8 +244,11 @@ impl Tracker {
     }
 
     fn on_revoke(&self, consumer: &Member, tpl: &TopicPartitionList) {
-        let revoked: HashSet<i32> =
-            tpl.elements_for_topic(&self.topic).iter().map(|e| e.partition()).collect();
+        let revoked: HashSet<i32> = tpl
+            .elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
         let lost = consumer.assignment_lost();
         {
             let mut parts = lock(&self.parts);
@@ -252,7 +262,11 @@ impl Tracker {
         // application pause flag, and a later re-assignment must not start paused.
         let to_resume: Vec<i32> = {
             let mut paused = lock(&self.paused);
-            revoked.iter().copied().filter(|p| paused.remove(p)).collect()
+            revoked
+                .iter()
+                .copied()
+                .filter(|p| paused.remove(p))
+                .collect()
         };
         if !to_resume.is_empty() {
             let mut r = TopicPartitionList::new();
@@ -287,7 +301,9 @@ impl Tracker {
         let deadline = Instant::now() + REVOKE_ACK_WAIT;
         let mut parts = lock(&self.parts);
         loop {
-            let busy = revoked.iter().any(|p| parts.get(p).is_some_and(PartTrack::has_out));
+            let busy = revoked
+                .iter()
+                .any(|p| parts.get(p).is_some_and(PartTrack::has_out));
             if !busy {
                 return;
             }
@@ -299,7 +315,11 @@ impl Tracker {
                 );
                 return;
             }
-            parts = self.changed.wait_timeout(parts, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            parts = self
+                .changed
+                .wait_timeout(parts, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 }
@@ -341,7 +361,10 @@ impl Acker for KafkaAcker {
     async fn ack(mut self: Box<Self>) -> Result<(), BusError> {
         self.settled = true;
         self.tracker.in_flight.fetch_sub(1, Ordering::AcqRel);
-        if !self.tracker.settle(self.partition, self.offset, self.epoch, Slot::Acked) {
+        if !self
+            .tracker
+            .settle(self.partition, self.offset, self.epoch, Slot::Acked)
+        {
             return Ok(());
         }
         // The ack returns once the prefix it completed is committed. Concurrent acks queue on
@@ -354,7 +377,9 @@ impl Acker for KafkaAcker {
                 // Leaving commits the acked prefix itself.
                 return Ok(());
             }
-            let Some(consumer) = consumer.upgrade() else { return Ok(()) };
+            let Some(consumer) = consumer.upgrade() else {
+                return Ok(());
+            };
             let result = {
                 let _commits = lock(&tracker.commit_lock);
                 tracker.commit_acked(&consumer, None)
@@ -370,7 +395,8 @@ impl Drop for KafkaAcker {
     fn drop(&mut self) {
         if !self.settled {
             self.tracker.in_flight.fetch_sub(1, Ordering::AcqRel);
-            self.tracker.settle(self.partition, self.offset, self.epoch, Slot::Abandoned);
+            self.tracker
+                .settle(self.partition, self.offset, self.epoch, Slot::Abandoned);
         }
     }
 }
@@ -401,11 +427,16 @@ impl KafkaSubscription {
         // Heartbeats must be well inside the session timeout (Kafka's rule of thumb: a third).
         let heartbeat = (k.session_timeout_ms / 3).clamp(100, 3000);
         cc.set("auto.offset.reset", start)
-            .set("partition.assignment.strategy", &k.partition_assignment_strategy)
+            .set(
+                "partition.assignment.strategy",
+                &k.partition_assignment_strategy,
+            )
             .set("session.timeout.ms", k.session_timeout_ms.to_string())
             .set("heartbeat.interval.ms", heartbeat.to_string());
         let tracker = Arc::new(Tracker::new(topic, group));
-        let context = MemberContext { tracker: Arc::clone(&tracker) };
+        let context = MemberContext {
+            tracker: Arc::clone(&tracker),
+        };
         let consumer: Member = cc
             .create_with_context(context)
             .map_err(|e| BusError::Config(format!("kafka consumer: {e}")))?;
@@ -428,7 +459,13 @@ impl KafkaSubscription {
             .name(format!("kafka-{group}"))
             .spawn(move || member.run())
             .map_err(|e| BusError::Unavailable(format!("cannot start the consumer thread: {e}")))?;
-        Ok(Self { rx, tracker, consumer: weak, stop, thread: Some(thread) })
+        Ok(Self {
+            rx,
+            tracker,
+            consumer: weak,
+            stop,
+            thread: Some(thread),
+        })
     }
 }
 
@@ -494,12 +531,17 @@ struct MemberThread {
 
 impl MemberThread {
     fn run(self) {
-        let span = info_span!("kafka_member", topic = %self.tracker.topic, group = %self.tracker.group);
+        let span =
+            info_span!("kafka_member", topic = %self.tracker.topic, group = %self.tracker.group);
         let _entered = span.enter();
         while !self.stop.load(Ordering::Acquire) && !self.tx.is_closed() {
             let over = self.tracker.in_flight.load(Ordering::Acquire) >= self.max_in_flight;
             self.apply_backpressure(over);
-            let timeout = if over { PAUSED_POLL_INTERVAL } else { POLL_INTERVAL };
+            let timeout = if over {
+                PAUSED_POLL_INTERVAL
+            } else {
+                POLL_INTERVAL
+            };
             match self.consumer.poll(timeout) {
                 None => {}
                 Some(Ok(m)) => {
@@ -525,11 +567,17 @@ impl MemberThread {
     fn hand_over(&self, m: &BorrowedMessage<'_>) -> bool {
         let (partition, offset) = (m.partition(), m.offset());
         let (Ok(p), Ok(o)) = (u32::try_from(partition), u64::try_from(offset)) else {
-            warn!(partition, offset, "record with an invalid position; skipped");
+            warn!(
+                partition,
+                offset, "record with an invalid position; skipped"
+            );
             return true;
         };
         let Some(epoch) = self.tracker.queue(partition, offset) else {
-            debug!(partition, offset, "record of a partition not owned; skipped");
+            debug!(
+                partition,
+                offset, "record of a partition not owned; skipped"
+            );
             return true;
         };
         let message = to_message(m, p, o);
@@ -549,7 +597,9 @@ impl MemberThread {
     fn apply_backpressure(&self, over: bool) {
         let topic = &self.tracker.topic;
         if over {
-            let Ok(assignment) = self.consumer.assignment() else { return };
+            let Ok(assignment) = self.consumer.assignment() else {
+                return;
+            };
             let mut paused = lock(&self.tracker.paused);
             let mut tpl = TopicPartitionList::new();
             for e in assignment.elements_for_topic(topic) {
@@ -585,7 +635,12 @@ impl MemberThread {
     /// waiting for records still out, then the member leaves so its partitions move at once.
     fn leave(self) {
         self.tracker.leaving.store(true, Ordering::Release);
-        let MemberThread { consumer, tracker, tx, .. } = self;
+        let MemberThread {
+            consumer,
+            tracker,
+            tx,
+            ..
+        } = self;
         drop(tx);
         // An acker may hold the consumer for a moment while committing; closing happens here,
         // once this thread holds the only reference, so `close` returns after the member left.
@@ -640,7 +695,10 @@ pub(super) fn to_message(m: &BorrowedMessage<'_>, partition: u32, offset: u64) -
         partition,
         offset,
         timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
-        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
+        key: m
+            .key()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .unwrap_or_default(),
         payload: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
         headers,
     }

@@ -20,13 +20,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::admin::AdminClient;
 
 use super::*;
 use crate::config::BusConfig;
@@ -118,12 +118,22 @@ impl Settings {
 impl KafkaBus {
     /// Creates the producer and admin clients and checks the brokers answer.
     pub async fn connect(brokers: &str, tls: bool, config: &BusConfig) -> Result<Self, BusError> {
-        let settings =
-            Arc::new(Settings { brokers: brokers.to_string(), tls, config: config.clone() });
+        let settings = Arc::new(Settings {
+            brokers: brokers.to_string(),
+            tls,
+            config: config.clone(),
+        });
         let k = &config.kafka;
         let mut pc = settings.client_config();
         pc.set("acks", "all")
-            .set("enable.idempotence", if k.enable_idempotence { "true" } else { "false" })
+            .set(
+                "enable.idempotence",
+                if k.enable_idempotence {
+                    "true"
+                } else {
+                    "false"
+                },
+            )
             .set("message.timeout.ms", k.message_timeout_ms.to_string())
             // Edges answer only after the broker acked, so publish latency is user latency;
             // under load records still batch while earlier requests are in flight.
@@ -131,7 +141,10 @@ impl KafkaBus {
         let producer: FutureProducer = pc.create().map_err(config_err)?;
         let admin: AdminClient<DefaultClientContext> =
             settings.client_config().create().map_err(config_err)?;
-        let meta: BaseConsumer = settings.consumer_config(None).create().map_err(config_err)?;
+        let meta: BaseConsumer = settings
+            .consumer_config(None)
+            .create()
+            .map_err(config_err)?;
         let bus = KafkaBus {
             producer,
             admin,
@@ -151,7 +164,10 @@ impl KafkaBus {
                 return Ok(*n);
             }
         }
-        let n = self.fetch_partition_count(topic).await?.ok_or_else(|| BusError::UnknownTopic(topic.into()))?;
+        let n = self
+            .fetch_partition_count(topic)
+            .await?
+            .ok_or_else(|| BusError::UnknownTopic(topic.into()))?;
         lock(&self.partitions).insert(topic.to_string(), (n, Instant::now()));
         Ok(n)
     }
@@ -165,8 +181,13 @@ impl KafkaBus {
         let meta = Arc::clone(&self.meta);
         let name = topic.to_string();
         blocking(move || {
-            let md = meta.client().fetch_metadata(Some(&name), REQUEST_TIMEOUT).map_err(map_err)?;
-            let Some(t) = md.topics().iter().find(|t| t.name() == name) else { return Ok(None) };
+            let md = meta
+                .client()
+                .fetch_metadata(Some(&name), REQUEST_TIMEOUT)
+                .map_err(map_err)?;
+            let Some(t) = md.topics().iter().find(|t| t.name() == name) else {
+                return Ok(None);
+            };
             match t.error() {
                 None if !t.partitions().is_empty() => Ok(Some(t.partitions().len() as u32)),
                 None => Ok(None),
@@ -187,8 +208,11 @@ impl KafkaBus {
         if let Some(c) = clients.get(group) {
             return Ok(Arc::clone(c));
         }
-        let c: BaseConsumer =
-            self.settings.consumer_config(Some(group)).create().map_err(config_err)?;
+        let c: BaseConsumer = self
+            .settings
+            .consumer_config(Some(group))
+            .create()
+            .map_err(config_err)?;
         let c = Arc::new(c);
         clients.insert(group.to_string(), Arc::clone(&c));
         Ok(c)
@@ -200,7 +224,10 @@ impl KafkaBus {
             None => return Err(BusError::UnknownTopic(topic.into())),
         };
         if partition >= n {
-            return Err(BusError::UnknownPartition { topic: topic.into(), partition });
+            return Err(BusError::UnknownPartition {
+                topic: topic.into(),
+                partition,
+            });
         }
         Ok(n)
     }
@@ -217,7 +244,10 @@ impl Bus for KafkaBus {
         let partition = partition_for(&record.key, partitions);
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (name, value) in &record.headers {
-            headers = headers.insert(Header { key: name, value: Some(value.as_bytes()) });
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value.as_bytes()),
+            });
         }
         let fr = FutureRecord::to(topic)
             .partition(partition as i32)
@@ -233,7 +263,9 @@ impl Bus for KafkaBus {
             Err((e, _)) => {
                 let m = map_err(e);
                 match m.code {
-                    Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => {
+                    Some(
+                        RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic,
+                    ) => {
                         self.forget_partitions(topic);
                         Err(BusError::UnknownTopic(topic.into()))
                     }
@@ -319,9 +351,14 @@ impl Bus for KafkaBus {
     async fn health(&self) -> Result<(), BusError> {
         let meta = Arc::clone(&self.meta);
         blocking(move || {
-            let md = meta.client().fetch_metadata(None, HEALTH_TIMEOUT).map_err(map_err)?;
+            let md = meta
+                .client()
+                .fetch_metadata(None, HEALTH_TIMEOUT)
+                .map_err(map_err)?;
             if md.brokers().is_empty() {
-                return Err(BusError::Unavailable("the cluster reported no brokers".into()));
+                return Err(BusError::Unavailable(
+                    "the cluster reported no brokers".into(),
+                ));
             }
             Ok(())
         })
@@ -369,15 +406,23 @@ impl From<MappedError> for BusError {
 /// Maps an rdkafka error; transient conditions become `Unavailable` or `Timeout`.
 pub(crate) fn map_err(e: KafkaError) -> MappedError {
     match &e {
-        KafkaError::ClientConfig(..) | KafkaError::ClientCreation(_) => {
-            MappedError { code: None, error: BusError::Config(e.to_string()) }
-        }
-        KafkaError::Canceled => {
-            MappedError { code: None, error: BusError::Unavailable("kafka client shut down".into()) }
-        }
+        KafkaError::ClientConfig(..) | KafkaError::ClientCreation(_) => MappedError {
+            code: None,
+            error: BusError::Config(e.to_string()),
+        },
+        KafkaError::Canceled => MappedError {
+            code: None,
+            error: BusError::Unavailable("kafka client shut down".into()),
+        },
         _ => match e.rdkafka_error_code() {
-            Some(code) => MappedError { code: Some(code), error: map_code(code, &e.to_string()) },
-            None => MappedError { code: None, error: BusError::Unavailable(e.to_string()) },
+            Some(code) => MappedError {
+                code: Some(code),
+                error: map_code(code, &e.to_string()),
+            },
+            None => MappedError {
+                code: None,
+                error: BusError::Unavailable(e.to_string()),
+            },
         },
     }
 }
@@ -387,10 +432,9 @@ pub(crate) fn map_code(code: RDKafkaErrorCode, context: &str) -> BusError {
     use RDKafkaErrorCode as C;
     let msg = format!("{context}: {code}");
     match code {
-        C::MessageTimedOut
-        | C::OperationTimedOut
-        | C::RequestTimedOut
-        | C::TimedOutQueue => BusError::Timeout(msg),
+        C::MessageTimedOut | C::OperationTimedOut | C::RequestTimedOut | C::TimedOutQueue => {
+            BusError::Timeout(msg)
+        }
         C::InvalidPartitions | C::InvalidReplicationFactor | C::PolicyViolation => {
             BusError::Conflict(msg)
         }

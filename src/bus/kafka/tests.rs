@@ -35,7 +35,11 @@ async fn bus() -> Option<KafkaBus> {
     config.url = format!("kafka://{brokers}");
     // Tansu's first group join takes about half the session timeout.
     config.kafka.session_timeout_ms = 6000;
-    Some(KafkaBus::connect(&brokers, false, &config).await.expect("connect"))
+    Some(
+        KafkaBus::connect(&brokers, false, &config)
+            .await
+            .expect("connect"),
+    )
 }
 
 fn name(prefix: &str) -> String {
@@ -44,7 +48,13 @@ fn name(prefix: &str) -> String {
 
 async fn topic(bus: &KafkaBus, partitions: u32) -> String {
     let t = name("t");
-    bus.apply_topic(&TopicSpec { name: t.clone(), partitions, retention: None }).await.expect("apply");
+    bus.apply_topic(&TopicSpec {
+        name: t.clone(),
+        partitions,
+        retention: None,
+    })
+    .await
+    .expect("apply");
     t
 }
 
@@ -69,7 +79,10 @@ fn parses_subscription_metadata() {
         data.extend_from_slice(t.as_bytes());
     }
     data.extend_from_slice(&[0xff, 0xff, 0xff, 0xff]);
-    assert_eq!(admin::subscribed_topics(&data), Some(vec!["a.v1".into(), "bb".into()]));
+    assert_eq!(
+        admin::subscribed_topics(&data),
+        Some(vec!["a.v1".into(), "bb".into()])
+    );
     assert_eq!(admin::subscribed_topics(&[0, 1, 0, 0, 0, 5, 0]), None);
 }
 
@@ -81,7 +94,10 @@ async fn publish_places_keys_like_every_backend() {
     for i in 0..20 {
         let key = format!("conv-{}", i % 5);
         let p = bus
-            .publish(&t, OutRecord::new(key.clone(), format!("m{i}")).with_header("nexus-x", "1"))
+            .publish(
+                &t,
+                OutRecord::new(key.clone(), format!("m{i}")).with_header("nexus-x", "1"),
+            )
             .await
             .unwrap();
         assert_eq!(p.partition, partition_for(&key, 4));
@@ -89,7 +105,10 @@ async fn publish_places_keys_like_every_backend() {
             assert!(p.offset > prev, "offsets grow per partition");
         }
     }
-    let e = bus.publish("no-such-topic-x", OutRecord::new("k", "v")).await.unwrap_err();
+    let e = bus
+        .publish("no-such-topic-x", OutRecord::new("k", "v"))
+        .await
+        .unwrap_err();
     assert!(matches!(e, BusError::UnknownTopic(_)), "{e:?}");
     assert!(bus.topic_info("no-such-topic-x").await.unwrap().is_none());
 }
@@ -99,13 +118,31 @@ async fn apply_topic_creates_grows_and_refuses_to_shrink() {
     let Some(bus) = bus().await else { return };
     let t = name("t");
     let day = Some(Duration::from_secs(86_400));
-    bus.apply_topic(&TopicSpec { name: t.clone(), partitions: 2, retention: day }).await.unwrap();
+    bus.apply_topic(&TopicSpec {
+        name: t.clone(),
+        partitions: 2,
+        retention: day,
+    })
+    .await
+    .unwrap();
     let info = bus.topic_info(&t).await.unwrap().unwrap();
     assert_eq!(info.partitions, 2);
     eprintln!("retention as described: {:?}", info.retention);
-    bus.apply_topic(&TopicSpec { name: t.clone(), partitions: 3, retention: None }).await.unwrap();
+    bus.apply_topic(&TopicSpec {
+        name: t.clone(),
+        partitions: 3,
+        retention: None,
+    })
+    .await
+    .unwrap();
     assert_eq!(bus.topic_info(&t).await.unwrap().unwrap().partitions, 3);
-    let e = bus.apply_topic(&TopicSpec { name: t.clone(), partitions: 1, retention: None }).await;
+    let e = bus
+        .apply_topic(&TopicSpec {
+            name: t.clone(),
+            partitions: 1,
+            retention: None,
+        })
+        .await;
     assert!(matches!(e, Err(BusError::Conflict(_))), "{e:?}");
     // The publisher sees the new partition count.
     let p = bus.publish(&t, OutRecord::new("k", "v")).await.unwrap();
@@ -118,13 +155,24 @@ async fn commits_only_the_contiguous_acked_prefix() {
     let t = topic(&bus, 1).await;
     let g = name("g");
     for i in 0..3 {
-        bus.publish(&t, OutRecord::new("k", format!("m{i}")).with_header("h", "v")).await.unwrap();
+        bus.publish(
+            &t,
+            OutRecord::new("k", format!("m{i}")).with_header("h", "v"),
+        )
+        .await
+        .unwrap();
     }
-    let mut sub = bus.subscribe(&g, &t, SubscribeOptions::default()).await.unwrap();
+    let mut sub = bus
+        .subscribe(&g, &t, SubscribeOptions::default())
+        .await
+        .unwrap();
     let d0 = next(&mut sub).await;
     let d1 = next(&mut sub).await;
     let d2 = next(&mut sub).await;
-    assert_eq!((d0.message.offset, d1.message.offset, d2.message.offset), (0, 1, 2));
+    assert_eq!(
+        (d0.message.offset, d1.message.offset, d2.message.offset),
+        (0, 1, 2)
+    );
     assert_eq!(d0.message.header("h"), Some("v"));
     assert_eq!(d0.message.payload.as_ref(), b"m0");
     d2.ack().await.unwrap();
@@ -145,9 +193,14 @@ async fn a_dead_member_leaves_unacked_records_to_the_next() {
     let t = topic(&bus, 1).await;
     let g = name("g");
     for i in 0..4 {
-        bus.publish(&t, OutRecord::new("k", format!("m{i}"))).await.unwrap();
+        bus.publish(&t, OutRecord::new("k", format!("m{i}")))
+            .await
+            .unwrap();
     }
-    let mut sub = bus.subscribe(&g, &t, SubscribeOptions::default()).await.unwrap();
+    let mut sub = bus
+        .subscribe(&g, &t, SubscribeOptions::default())
+        .await
+        .unwrap();
     let d0 = next(&mut sub).await;
     let d1 = next(&mut sub).await;
     let d2 = next(&mut sub).await;
@@ -155,9 +208,15 @@ async fn a_dead_member_leaves_unacked_records_to_the_next() {
     d2.ack().await.unwrap();
     drop(d1);
     drop(sub);
-    let mut sub = bus.subscribe(&g, &t, SubscribeOptions::default()).await.unwrap();
+    let mut sub = bus
+        .subscribe(&g, &t, SubscribeOptions::default())
+        .await
+        .unwrap();
     let again = next(&mut sub).await;
-    assert_eq!(again.message.offset, 1, "redelivered from the first unacked record");
+    assert_eq!(
+        again.message.offset, 1,
+        "redelivered from the first unacked record"
+    );
     again.ack().await.unwrap();
     sub.close().await.unwrap();
     assert_eq!(committed(&bus, &g, &t, 0).await, Some(2));
@@ -169,9 +228,14 @@ async fn max_in_flight_holds_back_records() {
     let t = topic(&bus, 2).await;
     let g = name("g");
     for i in 0..10 {
-        bus.publish(&t, OutRecord::new(format!("k{i}"), "v")).await.unwrap();
+        bus.publish(&t, OutRecord::new(format!("k{i}"), "v"))
+            .await
+            .unwrap();
     }
-    let opts = SubscribeOptions { start: StartFrom::Earliest, max_in_flight: 3 };
+    let opts = SubscribeOptions {
+        start: StartFrom::Earliest,
+        max_in_flight: 3,
+    };
     let mut sub = bus.subscribe(&g, &t, opts).await.unwrap();
     let mut held = Vec::new();
     for _ in 0..3 {
@@ -181,7 +245,11 @@ async fn max_in_flight_holds_back_records() {
     // At most one record fetched while pausing may be queued beyond the limit.
     if let Ok(Some(Ok(d))) = extra {
         held.push(d);
-        assert!(tokio::time::timeout(Duration::from_millis(1500), sub.next()).await.is_err());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1500), sub.next())
+                .await
+                .is_err()
+        );
     }
     let mut seen = held.len();
     for d in held {
@@ -202,9 +270,14 @@ async fn a_rebalance_hands_over_without_loss_or_double_commit() {
     let t = topic(&bus, 4).await;
     let g = name("g");
     for i in 0..40 {
-        bus.publish(&t, OutRecord::new(format!("k{i}"), format!("{i}"))).await.unwrap();
+        bus.publish(&t, OutRecord::new(format!("k{i}"), format!("{i}")))
+            .await
+            .unwrap();
     }
-    let mut a = bus.subscribe(&g, &t, SubscribeOptions::default()).await.unwrap();
+    let mut a = bus
+        .subscribe(&g, &t, SubscribeOptions::default())
+        .await
+        .unwrap();
     let mut got = std::collections::HashSet::new();
     for _ in 0..10 {
         let d = next(&mut a).await;
@@ -212,13 +285,18 @@ async fn a_rebalance_hands_over_without_loss_or_double_commit() {
         d.ack().await.unwrap();
     }
     // A second member joins; both keep consuming until all 40 are acked once.
-    let b = bus.subscribe(&g, &t, SubscribeOptions::default()).await.unwrap();
+    let b = bus
+        .subscribe(&g, &t, SubscribeOptions::default())
+        .await
+        .unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut tasks = Vec::new();
     for mut sub in [a, b] {
         let tx = tx.clone();
         tasks.push(tokio::spawn(async move {
-            while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(20), sub.next()).await {
+            while let Ok(Some(Ok(d))) =
+                tokio::time::timeout(Duration::from_secs(20), sub.next()).await
+            {
                 let key = (d.message.partition, d.message.offset);
                 d.ack().await.unwrap();
                 if tx.send(key).is_err() {
@@ -253,23 +331,34 @@ async fn offsets_reads_and_seeks() {
     let g = name("g");
     let before = chrono::Utc::now().timestamp_millis() - 1;
     for i in 0..5 {
-        bus.publish(&t, OutRecord::new("k", format!("m{i}"))).await.unwrap();
+        bus.publish(&t, OutRecord::new("k", format!("m{i}")))
+            .await
+            .unwrap();
     }
     let offs = bus.partition_offsets(&t).await.unwrap();
     assert_eq!((offs[0].low, offs[0].high), (0, 5));
     assert_eq!(bus.offset_for_time(&t, 0, before).await.unwrap(), 0);
     assert_eq!(bus.offset_for_time(&t, 0, i64::MAX / 2).await.unwrap(), 5);
     let read = bus.read(&t, 0, 2, 10).await.unwrap();
-    assert_eq!(read.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![2, 3, 4]);
+    assert_eq!(
+        read.iter().map(|m| m.offset).collect::<Vec<_>>(),
+        vec![2, 3, 4]
+    );
     assert_eq!(read[0].payload.as_ref(), b"m2");
     assert!(bus.read(&t, 0, 5, 10).await.unwrap().is_empty());
-    assert!(matches!(bus.read(&t, 3, 0, 1).await, Err(BusError::UnknownPartition { .. })));
+    assert!(matches!(
+        bus.read(&t, 3, 0, 1).await,
+        Err(BusError::UnknownPartition { .. })
+    ));
     let pos = bus.group_positions(&g, &t).await.unwrap();
     assert_eq!((pos[0].committed, pos[0].lag), (None, 5));
     bus.seek_group(&g, &t, 0, 3).await.unwrap();
     let pos = bus.group_positions(&g, &t).await.unwrap();
     assert_eq!((pos[0].committed, pos[0].lag), (Some(3), 2));
-    let mut sub = bus.subscribe(&g, &t, SubscribeOptions::default()).await.unwrap();
+    let mut sub = bus
+        .subscribe(&g, &t, SubscribeOptions::default())
+        .await
+        .unwrap();
     assert_eq!(next(&mut sub).await.message.offset, 3);
     let e = bus.seek_group(&g, &t, 0, 0).await;
     assert!(matches!(e, Err(BusError::Conflict(_))), "{e:?}");
@@ -283,19 +372,43 @@ async fn zz_probe() {
     let t = topic(&bus, 1).await;
     let t0 = chrono::Utc::now().timestamp_millis();
     for i in 0..3 {
-        bus.publish(&t, OutRecord::new("k", format!("m{i}"))).await.unwrap();
+        bus.publish(&t, OutRecord::new("k", format!("m{i}")))
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let msgs = bus.read(&t, 0, 0, 10).await.unwrap();
     for m in &msgs {
         eprintln!("PROBE msg {} ts {}", m.offset, m.timestamp_ms);
     }
-    for ts in [0, t0 - 1, msgs[1].timestamp_ms, msgs[2].timestamp_ms, msgs[2].timestamp_ms + 1, t0 + 60_000, i64::MAX / 2] {
-        eprintln!("PROBE ts {ts} -> {:?}", bus.offset_for_time(&t, 0, ts).await);
+    for ts in [
+        0,
+        t0 - 1,
+        msgs[1].timestamp_ms,
+        msgs[2].timestamp_ms,
+        msgs[2].timestamp_ms + 1,
+        t0 + 60_000,
+        i64::MAX / 2,
+    ] {
+        eprintln!(
+            "PROBE ts {ts} -> {:?}",
+            bus.offset_for_time(&t, 0, ts).await
+        );
     }
     let grow = rdkafka::admin::NewPartitions::new(&t, 2);
-    eprintln!("PROBE create_partitions {:?}", bus.admin.create_partitions(&[grow], &rdkafka::admin::AdminOptions::new()).await);
-    let alter = rdkafka::admin::AlterConfig::new(rdkafka::admin::ResourceSpecifier::Topic(&t)).set("retention.ms", "1000");
-    eprintln!("PROBE alter {:?}", bus.admin.alter_configs([&alter], &rdkafka::admin::AdminOptions::new()).await);
+    eprintln!(
+        "PROBE create_partitions {:?}",
+        bus.admin
+            .create_partitions(&[grow], &rdkafka::admin::AdminOptions::new())
+            .await
+    );
+    let alter = rdkafka::admin::AlterConfig::new(rdkafka::admin::ResourceSpecifier::Topic(&t))
+        .set("retention.ms", "1000");
+    eprintln!(
+        "PROBE alter {:?}",
+        bus.admin
+            .alter_configs([&alter], &rdkafka::admin::AdminOptions::new())
+            .await
+    );
     eprintln!("PROBE info {:?}", bus.topic_info(&t).await);
 }

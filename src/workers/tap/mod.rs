@@ -34,11 +34,15 @@ impl Tap {
         if config.url.is_empty() {
             return Err(TapError::NoUrl);
         }
-        let url = reqwest::Url::parse(&config.url).map_err(|_| TapError::BadUrl(config.url.clone()))?;
+        let url =
+            reqwest::Url::parse(&config.url).map_err(|_| TapError::BadUrl(config.url.clone()))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(TapError::BadUrl(config.url.clone()));
         }
-        Ok(Self { url, client: crate::http_client::build(client)? })
+        Ok(Self {
+            url,
+            client: crate::http_client::build(client)?,
+        })
     }
 }
 
@@ -58,18 +62,31 @@ impl Handler for Tap {
             "offset": message.offset,
             "body": event.body,
         });
-        let mut request = self.client.post(self.url.clone()).header("idempotency-key", e.event_id.to_string()).json(&body);
+        let mut request = self
+            .client
+            .post(self.url.clone())
+            .header("idempotency-key", e.event_id.to_string())
+            .json(&body);
         if let Some(tp) = &e.traceparent {
             request = request.header("traceparent", tp);
         }
-        let response = request.send().await.map_err(|err| HandleError::Retry(format!("POST {}: {err}", self.url)))?;
+        let response = request
+            .send()
+            .await
+            .map_err(|err| HandleError::Retry(format!("POST {}: {err}", self.url)))?;
         let status = response.status();
         if status.is_success() {
             Ok(())
         } else if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
-            Err(HandleError::Retry(format!("POST {} answered {status}", self.url)))
+            Err(HandleError::Retry(format!(
+                "POST {} answered {status}",
+                self.url
+            )))
         } else {
-            Err(HandleError::Reject { reason: "tap_rejected", detail: format!("POST {} answered {status}", self.url) })
+            Err(HandleError::Reject {
+                reason: "tap_rejected",
+                detail: format!("POST {} answered {status}", self.url),
+            })
         }
     }
 }
