@@ -236,3 +236,119 @@ fn worker_refuses_to_start_when_topics_are_missing() {
     assert!(!ok);
     assert!(err.contains("nexus topology apply"), "{err}");
 }
+
+/// `nexus replay` from the command line on an embedded bus: the dry run prints the counts and
+/// changes nothing, `--execute` moves the group, `--copy-to` copies a range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_cli_dry_run_execute_and_copy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("embedded://{}", dir.path().join("bus").display());
+    let t = {
+        let mut config = nexus::config::Config::defaults().bus;
+        config.url = url.clone();
+        nexus::bus::connect(&config).await.expect("bus")
+    };
+    for name in ["orders", "orders.dlq", "copy"] {
+        t.apply_topic(&nexus::bus::TopicSpec {
+            name: name.into(),
+            partitions: 2,
+            retention: None,
+        })
+        .await
+        .expect("topic");
+    }
+    for n in 0..10 {
+        t.publish("orders", common::event_record(&format!("conv-{n}"), n))
+            .await
+            .expect("publish");
+    }
+    let mut sub = t
+        .subscribe("g", "orders", nexus::bus::SubscribeOptions::default())
+        .await
+        .expect("subscribe");
+    common::take(&mut sub, 10, Duration::from_secs(10), true).await;
+    sub.close().await.expect("close");
+    drop(t);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let lag = |url: String| async move {
+        let mut config = nexus::config::Config::defaults().bus;
+        config.url = url;
+        let bus = nexus::bus::connect(&config).await.expect("bus");
+        let lag: u64 = bus
+            .group_positions("g", "orders")
+            .await
+            .expect("positions")
+            .iter()
+            .map(|p| p.lag)
+            .sum();
+        lag
+    };
+    let replay = |mode: &str| {
+        run(
+            &[
+                "replay",
+                "--bus",
+                &url,
+                "--topic",
+                "orders",
+                "--group",
+                "g",
+                "--from-offset",
+                "0",
+                mode,
+            ],
+            &[],
+        )
+    };
+    let (ok, out, err) = replay("--dry-run");
+    assert!(ok, "{err}");
+    let total = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("TOTAL"))
+        .expect("TOTAL line");
+    assert_eq!(
+        total.split_whitespace().collect::<Vec<_>>(),
+        vec!["TOTAL", "10", "0"],
+        "{out}"
+    );
+    assert_eq!(lag(url.clone()).await, 0, "a dry run changes nothing");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let (ok, out, err) = replay("--execute");
+    assert!(ok, "{out}{err}");
+    assert_eq!(
+        lag(url.clone()).await,
+        10,
+        "the group will reprocess all ten"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let (ok, out, err) = run(
+        &[
+            "replay",
+            "--bus",
+            &url,
+            "--topic",
+            "orders",
+            "--copy-to",
+            "copy",
+            "--from-offset",
+            "0",
+            "--execute",
+        ],
+        &[],
+    );
+    assert!(ok, "{out}{err}");
+    let mut config = nexus::config::Config::defaults().bus;
+    config.url = url.clone();
+    let bus = nexus::bus::connect(&config).await.expect("bus");
+    let copied: u64 = bus
+        .partition_offsets("copy")
+        .await
+        .expect("offsets")
+        .iter()
+        .map(|p| p.high - p.low)
+        .sum();
+    assert_eq!(copied, 10);
+}

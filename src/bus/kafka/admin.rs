@@ -286,33 +286,62 @@ pub(super) async fn offset_for_time(
 ) -> Result<u64, BusError> {
     bus.check_partition(topic, partition).await?;
     let meta = Arc::clone(&bus.meta);
-    let topic = topic.to_string();
-    blocking(move || {
+    let name = topic.to_string();
+    let (offset, high) = blocking(move || {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, partition as i32, Offset::Offset(ts_ms))
+        tpl.add_partition_offset(&name, partition as i32, Offset::Offset(ts_ms))
             .map_err(map_err)?;
         let found = meta
             .offsets_for_times(tpl, REQUEST_TIMEOUT)
             .map_err(map_err)?;
         let offset = found
-            .find_partition(&topic, partition as i32)
+            .find_partition(&name, partition as i32)
             .and_then(|e| match e.offset() {
                 Offset::Offset(o) => u64::try_from(o).ok(),
                 // No record at or after the time: Kafka answers -1 (End).
                 _ => None,
             });
-        match offset {
-            Some(o) => Ok(o),
-            None => {
-                let (_, high) = meta
-                    .fetch_watermarks(&topic, partition as i32, REQUEST_TIMEOUT)
-                    .map_err(map_err)?;
-                u64::try_from(high).map_err(|_| bad_data("high watermark"))
-            }
-        }
+        let (_, high) = meta
+            .fetch_watermarks(&name, partition as i32, REQUEST_TIMEOUT)
+            .map_err(map_err)?;
+        let high = u64::try_from(high).map_err(|_| bad_data("high watermark"))?;
+        Ok((offset, high))
     })
-    .await
+    .await?;
+    let Some(offset) = offset.filter(|o| *o < high) else {
+        return Ok(high);
+    };
+    // Kafka's answer is the first record with a timestamp at or after `ts_ms`, so the record
+    // there is never older. Some Kafka-protocol brokers (Tansu 0.6) answer the last offset or 0
+    // for a time after the last record instead; such an answer is caught here and replaced by a
+    // scan, which a correct broker never triggers.
+    let mut at = offset;
+    loop {
+        let batch = read(bus, topic, partition, at, SCAN_BATCH).await?;
+        let Some(last) = batch.last() else {
+            return Ok(high);
+        };
+        if let Some(m) = batch.iter().find(|m| m.timestamp_ms >= ts_ms) {
+            if m.offset != offset {
+                warn!(
+                    topic,
+                    partition,
+                    broker = offset,
+                    scanned = m.offset,
+                    "broker answered a wrong offset for a time; used a scan"
+                );
+            }
+            return Ok(m.offset);
+        }
+        at = last.offset + 1;
+        if at >= high {
+            return Ok(high);
+        }
+    }
 }
+
+/// Records per read while scanning for a time on a broker that answered wrongly.
+const SCAN_BATCH: usize = 500;
 
 pub(super) async fn seek_group(
     bus: &KafkaBus,
@@ -324,11 +353,13 @@ pub(super) async fn seek_group(
     bus.check_partition(topic, partition).await?;
     // Kafka only takes commits from outside the group while it has no members; say so plainly
     // instead of passing on the broker's UNKNOWN_MEMBER_ID.
-    let members = group_members(bus, group).await?;
-    if !members.is_empty() {
+    let members = group_members(bus, group)
+        .await?
+        .len()
+        .max(bus.local_members(group, None));
+    if members > 0 {
         return Err(BusError::Conflict(format!(
-            "group `{group}` has {} active member(s); stop its consumers before moving its offsets",
-            members.len()
+            "group `{group}` has {members} active member(s); stop its consumers before moving its offsets"
         )));
     }
     let offset = i64::try_from(offset)
@@ -375,16 +406,21 @@ pub(super) async fn active_members(
     topic: &str,
 ) -> Result<usize, BusError> {
     let members = group_members(bus, group).await?;
+    // Tansu 0.6 lists (ListGroups) only groups that have committed offsets, so a group that
+    // joined but never committed looks empty there; the members this process runs are counted
+    // too. On Kafka the broker's figure already includes them.
+    let local = bus.local_members(group, Some(topic));
     // One group may consume several topics (one member per subscription); count the members of
     // this topic. A member whose metadata cannot be read is counted: better to refuse a seek
     // than to move offsets under a live consumer.
-    Ok(members
+    let listed = members
         .iter()
         .filter(|m| {
             m.as_ref()
                 .map_or(true, |topics| topics.iter().any(|t| t == topic))
         })
-        .count())
+        .count();
+    Ok(listed.max(local))
 }
 
 /// The topics of a consumer-protocol subscription (member metadata): version i16, then an

@@ -401,6 +401,30 @@ impl Drop for KafkaAcker {
     }
 }
 
+/// What the bus keeps of each member it started, to order a new join after a leave.
+#[derive(Clone)]
+pub(super) struct MemberHandle {
+    topic: String,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicBool>,
+}
+
+impl MemberHandle {
+    /// Told to leave (closed or dropped) and not gone yet.
+    pub(super) fn leaving(&self) -> bool {
+        self.stop.load(Ordering::Acquire) && !self.done.load(Ordering::Acquire)
+    }
+
+    pub(super) fn done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
+    /// Still a member (neither closed nor dropped), optionally of `topic`.
+    pub(super) fn active(&self, topic: Option<&str>) -> bool {
+        !self.stop.load(Ordering::Acquire) && topic.map_or(true, |t| t == self.topic)
+    }
+}
+
 /// A subscription on Kafka: one group member.
 pub(super) struct KafkaSubscription {
     rx: mpsc::Receiver<Item>,
@@ -417,7 +441,7 @@ impl KafkaSubscription {
         group: &str,
         topic: &str,
         options: SubscribeOptions,
-    ) -> Result<Self, BusError> {
+    ) -> Result<(Self, MemberHandle), BusError> {
         let k = &settings.config.kafka;
         let mut cc = settings.consumer_config(Some(group));
         let start = match options.start {
@@ -447,7 +471,14 @@ impl KafkaSubscription {
         // The member never queues more than max_in_flight (+1 fetched while pausing).
         let (tx, rx) = mpsc::channel(max_in_flight + 1);
         let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
+        let handle = MemberHandle {
+            topic: topic.to_string(),
+            stop: Arc::clone(&stop),
+            done: Arc::clone(&done),
+        };
         let member = MemberThread {
+            done,
             consumer,
             tracker: Arc::clone(&tracker),
             tx,
@@ -459,13 +490,16 @@ impl KafkaSubscription {
             .name(format!("kafka-{group}"))
             .spawn(move || member.run())
             .map_err(|e| BusError::Unavailable(format!("cannot start the consumer thread: {e}")))?;
-        Ok(Self {
-            rx,
-            tracker,
-            consumer: weak,
-            stop,
-            thread: Some(thread),
-        })
+        Ok((
+            Self {
+                rx,
+                tracker,
+                consumer: weak,
+                stop,
+                thread: Some(thread),
+            },
+            handle,
+        ))
     }
 }
 
@@ -522,6 +556,8 @@ impl Drop for KafkaSubscription {
 
 /// The member thread's state.
 struct MemberThread {
+    /// Set once the member has left the group.
+    done: Arc<AtomicBool>,
     consumer: Arc<Member>,
     tracker: Arc<Tracker>,
     tx: mpsc::Sender<Item>,
@@ -639,6 +675,7 @@ impl MemberThread {
             consumer,
             tracker,
             tx,
+            done,
             ..
         } = self;
         drop(tx);
@@ -666,6 +703,7 @@ impl MemberThread {
             }
         }
         lock(&tracker.parts).clear();
+        done.store(true, Ordering::Release);
         info!("left the consumer group");
     }
 }

@@ -43,6 +43,10 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
 /// long, so a short refresh keeps every process agreeing on key placement soon after a change.
 const PARTITION_CACHE_TTL: Duration = Duration::from_secs(30);
 
+/// How long a new member waits for a leave of the same group in this process to finish: a
+/// leave commits and sends LeaveGroup, which takes milliseconds unless the broker is down.
+const LEAVE_ORDER_WAIT: Duration = Duration::from_secs(10);
+
 /// The Kafka backend.
 pub struct KafkaBus {
     producer: FutureProducer,
@@ -53,6 +57,8 @@ pub struct KafkaBus {
     group_clients: Mutex<HashMap<String, Arc<BaseConsumer>>>,
     /// Partition counts per topic, from metadata.
     partitions: Mutex<HashMap<String, (u32, Instant)>>,
+    /// Members started by this bus, per group, so a join waits for a leave in progress.
+    members: Mutex<HashMap<String, Vec<consumer::MemberHandle>>>,
     settings: Arc<Settings>,
 }
 
@@ -73,9 +79,6 @@ impl Settings {
             // Topics are created by `nexus topology apply` with their partitions and retention;
             // a typo must fail as UnknownTopic, not create a one-partition topic.
             .set("allow.auto.create.topics", "false");
-        if let Ok(d) = std::env::var("NEXUS_KAFKA_DEBUG") {
-            c.set("debug", d);
-        }
         let k = &self.config.kafka;
         let sasl = !k.sasl_mechanism.is_empty();
         let protocol = match (self.tls, sasl) {
@@ -151,6 +154,7 @@ impl KafkaBus {
             meta: Arc::new(meta),
             group_clients: Mutex::new(HashMap::new()),
             partitions: Mutex::new(HashMap::new()),
+            members: Mutex::new(HashMap::new()),
             settings,
         };
         bus.health().await?;
@@ -216,6 +220,34 @@ impl KafkaBus {
         let c = Arc::new(c);
         clients.insert(group.to_string(), Arc::clone(&c));
         Ok(c)
+    }
+
+    /// Waits (bounded) until members of `group` that were closed or dropped have left.
+    ///
+    /// A join racing a leave is legal Kafka, but a coordinator may then pick the leaving member
+    /// as the group leader: Tansu 0.6 keeps such a departed leader and never completes the
+    /// rebalance. Joining after the leave avoids that, and costs nothing on any broker.
+    async fn wait_for_leaves(&self, group: &str) {
+        let deadline = Instant::now() + LEAVE_ORDER_WAIT;
+        loop {
+            let leaving = {
+                let mut members = lock(&self.members);
+                let list = members.entry(group.to_string()).or_default();
+                list.retain(|m| !m.done());
+                list.iter().any(consumer::MemberHandle::leaving)
+            };
+            if !leaving || Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Members of `group` this process runs (of `topic`, or of any topic).
+    pub(crate) fn local_members(&self, group: &str, topic: Option<&str>) -> usize {
+        lock(&self.members)
+            .get(group)
+            .map_or(0, |list| list.iter().filter(|m| m.active(topic)).count())
     }
 
     async fn check_partition(&self, topic: &str, partition: u32) -> Result<u32, BusError> {
@@ -289,7 +321,13 @@ impl Bus for KafkaBus {
         if self.fetch_partition_count(topic).await?.is_none() {
             return Err(BusError::UnknownTopic(topic.into()));
         }
-        let sub = consumer::KafkaSubscription::start(&self.settings, group, topic, options)?;
+        self.wait_for_leaves(group).await;
+        let (sub, handle) =
+            consumer::KafkaSubscription::start(&self.settings, group, topic, options)?;
+        lock(&self.members)
+            .entry(group.to_string())
+            .or_default()
+            .push(handle);
         Ok(Box::new(sub))
     }
 
@@ -414,6 +452,11 @@ pub(crate) fn map_err(e: KafkaError) -> MappedError {
             code: None,
             error: BusError::Unavailable("kafka client shut down".into()),
         },
+        // Admin results carry the broker's code but `rdkafka_error_code` does not expose it.
+        KafkaError::AdminOp(code) => MappedError {
+            code: Some(*code),
+            error: map_code(*code, "admin operation"),
+        },
         _ => match e.rdkafka_error_code() {
             Some(code) => MappedError {
                 code: Some(code),
@@ -441,6 +484,11 @@ pub(crate) fn map_code(code: RDKafkaErrorCode, context: &str) -> BusError {
         C::RebalanceInProgress | C::IllegalGeneration | C::UnknownMemberId => {
             BusError::Conflict(msg)
         }
+        // The broker lacks the API (Tansu 0.6 has no CreatePartitions or AlterConfigs): retrying
+        // does not help, an operator has to act.
+        C::UnsupportedFeature | C::UnsupportedVersion => BusError::Conflict(format!(
+            "{msg} (the broker does not implement this operation)"
+        )),
         C::SaslAuthenticationFailed
         | C::Authentication
         | C::TopicAuthorizationFailed

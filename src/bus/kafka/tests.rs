@@ -118,35 +118,31 @@ async fn apply_topic_creates_grows_and_refuses_to_shrink() {
     let Some(bus) = bus().await else { return };
     let t = name("t");
     let day = Some(Duration::from_secs(86_400));
-    bus.apply_topic(&TopicSpec {
+    let spec = |partitions, retention| TopicSpec {
         name: t.clone(),
-        partitions: 2,
-        retention: day,
-    })
-    .await
-    .unwrap();
+        partitions,
+        retention,
+    };
+    bus.apply_topic(&spec(2, day)).await.unwrap();
     let info = bus.topic_info(&t).await.unwrap().unwrap();
-    assert_eq!(info.partitions, 2);
-    eprintln!("retention as described: {:?}", info.retention);
-    bus.apply_topic(&TopicSpec {
-        name: t.clone(),
-        partitions: 3,
-        retention: None,
-    })
-    .await
-    .unwrap();
-    assert_eq!(bus.topic_info(&t).await.unwrap().unwrap().partitions, 3);
-    let e = bus
-        .apply_topic(&TopicSpec {
-            name: t.clone(),
-            partitions: 1,
-            retention: None,
-        })
-        .await;
+    assert_eq!((info.partitions, info.retention), (2, day));
+    // Re-applying the same spec changes nothing (no admin call the broker may lack).
+    bus.apply_topic(&spec(2, day)).await.unwrap();
+    match bus.apply_topic(&spec(3, day)).await {
+        Ok(()) => {
+            assert_eq!(bus.topic_info(&t).await.unwrap().unwrap().partitions, 3);
+            // The publisher sees the new partition count.
+            let p = bus.publish(&t, OutRecord::new("k", "v")).await.unwrap();
+            assert_eq!(p.partition, partition_for("k", 3));
+        }
+        // Tansu 0.6 has no CreatePartitions: a clear, non-transient error.
+        Err(BusError::Conflict(m)) if m.contains("does not implement") => {
+            eprintln!("broker cannot add partitions: {m}")
+        }
+        Err(e) => panic!("{e:?}"),
+    }
+    let e = bus.apply_topic(&spec(1, day)).await;
     assert!(matches!(e, Err(BusError::Conflict(_))), "{e:?}");
-    // The publisher sees the new partition count.
-    let p = bus.publish(&t, OutRecord::new("k", "v")).await.unwrap();
-    assert_eq!(p.partition, partition_for("k", 3));
 }
 
 #[tokio::test]
@@ -364,51 +360,4 @@ async fn offsets_reads_and_seeks() {
     assert!(matches!(e, Err(BusError::Conflict(_))), "{e:?}");
     sub.close().await.unwrap();
     bus.health().await.unwrap();
-}
-
-#[tokio::test]
-async fn zz_probe() {
-    let Some(bus) = bus().await else { return };
-    let t = topic(&bus, 1).await;
-    let t0 = chrono::Utc::now().timestamp_millis();
-    for i in 0..3 {
-        bus.publish(&t, OutRecord::new("k", format!("m{i}")))
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let msgs = bus.read(&t, 0, 0, 10).await.unwrap();
-    for m in &msgs {
-        eprintln!("PROBE msg {} ts {}", m.offset, m.timestamp_ms);
-    }
-    for ts in [
-        0,
-        t0 - 1,
-        msgs[1].timestamp_ms,
-        msgs[2].timestamp_ms,
-        msgs[2].timestamp_ms + 1,
-        t0 + 60_000,
-        i64::MAX / 2,
-    ] {
-        eprintln!(
-            "PROBE ts {ts} -> {:?}",
-            bus.offset_for_time(&t, 0, ts).await
-        );
-    }
-    let grow = rdkafka::admin::NewPartitions::new(&t, 2);
-    eprintln!(
-        "PROBE create_partitions {:?}",
-        bus.admin
-            .create_partitions(&[grow], &rdkafka::admin::AdminOptions::new())
-            .await
-    );
-    let alter = rdkafka::admin::AlterConfig::new(rdkafka::admin::ResourceSpecifier::Topic(&t))
-        .set("retention.ms", "1000");
-    eprintln!(
-        "PROBE alter {:?}",
-        bus.admin
-            .alter_configs([&alter], &rdkafka::admin::AdminOptions::new())
-            .await
-    );
-    eprintln!("PROBE info {:?}", bus.topic_info(&t).await);
 }
