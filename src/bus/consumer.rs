@@ -4,8 +4,10 @@
 //!
 //! Ordering: a key always maps to the same lane and a lane handles one event at a time, retrying
 //! it in place, so events of one conversation are handled in partition order. Different keys
-//! run concurrently (a slow conversation stalls only the keys sharing its lane); nothing is
-//! ordered across keys. Delivery is at-least-once: handlers must be idempotent by event id.
+//! run concurrently: a slow conversation stalls only the keys sharing its lane, until its lane's
+//! queue (`max_in_flight / concurrency`) is full, which then holds the intake (bounded memory).
+//! Nothing is ordered across keys. Delivery is at-least-once: handlers must be idempotent by
+//! event id.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

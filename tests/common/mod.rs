@@ -156,9 +156,9 @@ pub async fn take(
 #[macro_export]
 macro_rules! per_backend {
     ($($case:ident),* $(,)?) => {
-        mod embedded { $( #[tokio::test(flavor = "multi_thread", worker_threads = 4)] async fn $case() { if crate::common::selected("embedded") { super::$case(crate::common::test_bus("embedded").await).await } } )* }
-        mod jetstream { $( #[tokio::test(flavor = "multi_thread", worker_threads = 4)] async fn $case() { if crate::common::selected("jetstream") { super::$case(crate::common::test_bus("jetstream").await).await } } )* }
-        mod kafka { $( #[tokio::test(flavor = "multi_thread", worker_threads = 4)] async fn $case() { if crate::common::selected("kafka") { super::$case(crate::common::test_bus("kafka").await).await } } )* }
+        mod embedded { $( #[tokio::test(flavor = "multi_thread", worker_threads = 4)] async fn $case() { if $crate::common::selected("embedded") { super::$case($crate::common::test_bus("embedded").await).await } } )* }
+        mod jetstream { $( #[tokio::test(flavor = "multi_thread", worker_threads = 4)] async fn $case() { if $crate::common::selected("jetstream") { super::$case($crate::common::test_bus("jetstream").await).await } } )* }
+        mod kafka { $( #[tokio::test(flavor = "multi_thread", worker_threads = 4)] async fn $case() { if $crate::common::selected("kafka") { super::$case($crate::common::test_bus("kafka").await).await } } )* }
     };
 }
 

@@ -579,12 +579,9 @@ impl MemberThread {
                 POLL_INTERVAL
             };
             match self.consumer.poll(timeout) {
-                None => {}
-                Some(Ok(m)) => {
-                    if !self.hand_over(&m) {
-                        break;
-                    }
-                }
+                // `hand_over` is false once the subscription is gone.
+                Some(Ok(m)) if !self.hand_over(&m) => break,
+                None | Some(Ok(_)) => {}
                 Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
                     let e = super::map_code(code, "kafka consumer failed fatally");
                     warn!(error = %e, "consumer stopped");

@@ -63,7 +63,7 @@ pub struct KafkaBus {
 }
 
 /// What every client of this bus shares: addresses, security and the Kafka settings.
-#[derive(Debug, Clone)]
+/// No `Debug`: it holds the SASL password.
 pub(crate) struct Settings {
     brokers: String,
     tls: bool,
