@@ -507,6 +507,12 @@ async fn release(g: &Group, slot: &Slot) {
 /// One partition's fetch loop: pulls while the lease allows, hands records out in order,
 /// drains on hand-over.
 async fn run_partition(bus: Arc<Inner>, g: Arc<Group>, slot: Arc<Slot>) -> WorkerEnd {
+    if let Err(e) = start_at_ack_floor(&bus, &g, slot.partition).await {
+        warn!(partition = slot.partition, error = %e, "cannot reset the partition to its ack floor");
+        g.worker_done.notify_one();
+        // Give the lease back so this member (or another) tries again on the next round.
+        return WorkerEnd::Drained;
+    }
     let end = fetch_loop(&bus, &g, &slot).await;
     let end = match end {
         Some(end) => end,
@@ -514,6 +520,36 @@ async fn run_partition(bus: Arc<Inner>, g: Arc<Group>, slot: Arc<Slot>) -> Worke
     };
     g.worker_done.notify_one();
     end
+}
+
+/// A new owner starts exactly after the ack floor when the previous owner left records
+/// unacked. Their redelivery would otherwise wait for the server's ack-wait timer, which may
+/// fire after this owner's first pull and let newer records of a key overtake older ones (seen
+/// after a SIGKILL). Records acked above the floor come again: at-least-once, as on Kafka.
+async fn start_at_ack_floor(bus: &Inner, g: &Group, partition: u32) -> Result<(), BusError> {
+    let name = codec::consumer_name(&g.group_key, partition);
+    let Some(info) = bus.consumer_info(&g.stream, &name).await? else {
+        return Ok(());
+    };
+    if info.num_ack_pending == 0 {
+        return Ok(());
+    }
+    let start = info.ack_floor.stream_sequence + 1;
+    info!(
+        partition,
+        pending = info.num_ack_pending,
+        start,
+        "previous owner left records unacked; restarting at the ack floor"
+    );
+    bus.restart_consumer(
+        &g.stream,
+        &g.group,
+        &g.group_key,
+        &g.topic,
+        partition,
+        start,
+    )
+    .await
 }
 
 /// Pulls until draining (`None`) or the lease is lost / the topic is gone.

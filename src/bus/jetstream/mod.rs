@@ -492,6 +492,35 @@ impl Inner {
         }
     }
 
+    /// Replaces the group's durable consumer on a partition with one starting at stream
+    /// sequence `start_sequence` (a durable consumer's start cannot be changed); its ack floor
+    /// then sits just below the start, which is where the next member resumes.
+    async fn restart_consumer(
+        &self,
+        stream: &str,
+        group: &str,
+        group_key: &str,
+        topic: &str,
+        partition: u32,
+        start_sequence: u64,
+    ) -> Result<(), BusError> {
+        let name = codec::consumer_name(group_key, partition);
+        let subject = codec::subject(topic, partition);
+        let max_ack_pending = match self.consumer_info(stream, &name).await? {
+            Some(info) => info.config.max_ack_pending,
+            None => SubscribeOptions::default().max_in_flight as i64,
+        };
+        self.delete_consumer(stream, &name).await?;
+        let deliver = DeliverPolicy::ByStartSequence { start_sequence };
+        let config =
+            self.durable_config(group, &name, &subject, partition, deliver, max_ack_pending);
+        self.js
+            .create_consumer_on_stream(config, stream)
+            .await
+            .map_err(|e| consumer_error(&format!("recreating consumer {name}"), &e))?;
+        Ok(())
+    }
+
     async fn delete_consumer(&self, stream: &str, name: &str) -> Result<(), BusError> {
         match self
             .api::<DeleteResponse>(format!("CONSUMER.DELETE.{stream}.{name}"), &json!({}))
@@ -927,24 +956,9 @@ impl Bus for JetStreamBus {
                 members.len()
             )));
         }
-        // A durable consumer's start cannot be changed, so it is replaced; its ack floor then
-        // starts just below the new start, which is what the next member resumes from.
-        let name = codec::consumer_name(&gkey, partition);
-        let subject = codec::subject(topic, partition);
-        let max_ack_pending = match self.consumer_info(&meta.stream, &name).await? {
-            Some(info) => info.config.max_ack_pending,
-            None => SubscribeOptions::default().max_in_flight as i64,
-        };
-        self.delete_consumer(&meta.stream, &name).await?;
-        let deliver = DeliverPolicy::ByStartSequence {
-            start_sequence: offset + 1,
-        };
-        let config =
-            self.durable_config(group, &name, &subject, partition, deliver, max_ack_pending);
-        self.js
-            .create_consumer_on_stream(config, &meta.stream)
-            .await
-            .map_err(|e| consumer_error(&format!("recreating consumer {name}"), &e))?;
+        self.inner
+            .restart_consumer(&meta.stream, group, &gkey, topic, partition, offset + 1)
+            .await?;
         tracing::info!(group, topic, partition, offset, "group offset moved");
         Ok(())
     }
