@@ -1,7 +1,8 @@
 //! Bus throughput, side by side in one run on the same brokers: produce + consume of N
 //! 300-byte events with the plain client (rdkafka, async-nats, a sequential file) against the
 //! nexus `Bus` with Avro encode/decode and ack-after-effect through the consumer runtime.
-//! Prints events/s for each and the ratio nexus/raw. Run with `make bench`.
+//! Prints events/s for each phase (produce until every ack; consume from the first record to
+//! the last, so the one-off group join is left out) and the ratio nexus/raw. `make bench`.
 //!
 //! Env: NEXUS_BENCH_EVENTS (default 100000), NEXUS_BENCH_BACKENDS (default
 //! `embedded,jetstream,kafka`), NEXUS_TEST_KAFKA_BROKERS, NEXUS_TEST_NATS_URL.
@@ -58,7 +59,14 @@ impl Handler for Count {
     }
 }
 
-async fn nexus_run(bus: Arc<dyn Bus>, n: u64) -> Duration {
+/// Produce and consume phases; the consume phase starts at the first record handled, so the
+/// one-off consumer-group join is not counted (it is broker latency, the same for both).
+struct Phases {
+    produce: Duration,
+    consume: Duration,
+}
+
+async fn nexus_run(bus: Arc<dyn Bus>, n: u64) -> Phases {
     let topic = format!("bench{}", uuid::Uuid::new_v4().simple());
     for t in [topic.clone(), format!("{topic}.dlq")] {
         bus.apply_topic(&TopicSpec {
@@ -84,6 +92,7 @@ async fn nexus_run(bus: Arc<dyn Bus>, n: u64) -> Duration {
         .buffer_unordered(WINDOW)
         .for_each(|_| async {})
         .await;
+    let produce = started.elapsed();
     let count = Arc::new(Count(AtomicU64::new(0)));
     let stop = CancellationToken::new();
     let options = ConsumerOptions {
@@ -97,18 +106,22 @@ async fn nexus_run(bus: Arc<dyn Bus>, n: u64) -> Duration {
     };
     let consumer = Consumer::new(bus.clone(), &format!("g-{topic}"), &topic, options);
     let run = tokio::spawn(consumer.run(count.clone(), stop.clone()));
-    while count.0.load(Ordering::Relaxed) < n {
-        tokio::time::sleep(Duration::from_millis(1)).await;
+    while count.0.load(Ordering::Relaxed) == 0 {
+        tokio::time::sleep(Duration::from_micros(200)).await;
     }
-    let elapsed = started.elapsed();
+    let first = Instant::now();
+    while count.0.load(Ordering::Relaxed) < n {
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let consume = first.elapsed();
     stop.cancel();
     run.await.expect("join").expect("consumer");
-    elapsed
+    Phases { produce, consume }
 }
 
 /// Sequential file append (length-prefixed, fsync per 1024 records like the embedded log's
 /// group commit) and read back.
-fn raw_file(n: u64) -> Duration {
+fn raw_file(n: u64) -> Phases {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("raw.log");
     let records: Vec<(String, Vec<u8>)> = (0..n).map(payload).collect();
@@ -127,6 +140,8 @@ fn raw_file(n: u64) -> Duration {
     }
     w.flush().expect("flush");
     w.get_ref().sync_data().expect("fsync");
+    let produce = started.elapsed();
+    let started = Instant::now();
     let mut r = BufReader::new(std::fs::File::open(&path).expect("open"));
     let mut read = 0u64;
     let mut len = [0u8; 4];
@@ -140,10 +155,13 @@ fn raw_file(n: u64) -> Duration {
         read += 1;
     }
     assert_eq!(read, n);
-    started.elapsed()
+    Phases {
+        produce,
+        consume: started.elapsed(),
+    }
 }
 
-async fn raw_kafka(brokers: &str, n: u64) -> Duration {
+async fn raw_kafka(brokers: &str, n: u64) -> Phases {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::consumer::{Consumer as _, StreamConsumer};
     use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -190,6 +208,7 @@ async fn raw_kafka(brokers: &str, n: u64) -> Duration {
         .buffer_unordered(WINDOW)
         .for_each(|_| async {})
         .await;
+    let produce = started.elapsed();
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("g-{topic}"))
@@ -198,7 +217,9 @@ async fn raw_kafka(brokers: &str, n: u64) -> Duration {
         .create()
         .expect("consumer");
     consumer.subscribe(&[&topic]).expect("subscribe");
-    let mut got = 0u64;
+    consumer.recv().await.expect("recv");
+    let first = Instant::now();
+    let mut got = 1u64;
     while got < n {
         consumer.recv().await.expect("recv");
         got += 1;
@@ -206,10 +227,13 @@ async fn raw_kafka(brokers: &str, n: u64) -> Duration {
     consumer
         .commit_consumer_state(rdkafka::consumer::CommitMode::Sync)
         .expect("commit");
-    started.elapsed()
+    Phases {
+        produce,
+        consume: first.elapsed(),
+    }
 }
 
-async fn raw_nats(url: &str, n: u64) -> Duration {
+async fn raw_nats(url: &str, n: u64) -> Phases {
     use async_nats::jetstream::{self, consumer::pull};
     let client = async_nats::connect(url).await.expect("nats");
     let js = jetstream::new(client);
@@ -240,6 +264,7 @@ async fn raw_nats(url: &str, n: u64) -> Duration {
         .buffer_unordered(WINDOW)
         .for_each(|_| async {})
         .await;
+    let produce = started.elapsed();
     let consumer = stream
         .create_consumer(pull::Config {
             durable_name: Some("raw".into()),
@@ -253,13 +278,19 @@ async fn raw_nats(url: &str, n: u64) -> Duration {
         .messages()
         .await
         .expect("messages");
-    let mut got = 0u64;
+    let m = messages.next().await.expect("message").expect("message ok");
+    m.ack().await.expect("ack");
+    let first = Instant::now();
+    let mut got = 1u64;
     while got < n {
         let m = messages.next().await.expect("message").expect("message ok");
         m.ack().await.expect("ack");
         got += 1;
     }
-    started.elapsed()
+    Phases {
+        produce,
+        consume: first.elapsed(),
+    }
 }
 
 fn rate(n: u64, d: Duration) -> f64 {
@@ -277,9 +308,19 @@ async fn main() {
         std::env::var("NEXUS_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:14222".into());
     println!("bus throughput: {n} events of ~{BODY_BYTES} bytes, {PARTITIONS} partitions, {WINDOW} publishes in flight");
     println!(
-        "{:<10} {:>14} {:>14} {:>8}",
-        "backend", "raw ev/s", "nexus ev/s", "ratio"
+        "{:<10} {:>10} {:>10} {:>7} | {:>10} {:>10} {:>7} | {:>10} {:>10} {:>7}",
+        "backend",
+        "produce",
+        "nexus",
+        "ratio",
+        "consume",
+        "nexus",
+        "ratio",
+        "total",
+        "nexus",
+        "ratio"
     );
+    println!("{:<10} (events/s: raw client, nexus Bus, nexus/raw)", "");
     for backend in backends.split(',').map(str::trim).filter(|b| !b.is_empty()) {
         let mut config = Config::defaults().bus;
         let dir = tempfile::tempdir().expect("tempdir");
@@ -301,7 +342,15 @@ async fn main() {
         };
         let bus = nexus::bus::connect(&config).await.expect("connect");
         let ours = nexus_run(bus, n).await;
-        let (r, o) = (rate(n, raw), rate(n, ours));
-        println!("{backend:<10} {r:>14.0} {o:>14.0} {:>7.2}x", o / r);
+        let row = |raw: Duration, ours: Duration| {
+            let (r, o) = (rate(n, raw), rate(n, ours));
+            format!("{r:>10.0} {o:>10.0} {:>6.2}x", o / r)
+        };
+        println!(
+            "{backend:<10} {} | {} | {}",
+            row(raw.produce, ours.produce),
+            row(raw.consume, ours.consume),
+            row(raw.produce + raw.consume, ours.produce + ours.consume)
+        );
     }
 }
