@@ -4,7 +4,19 @@
 //! group events all arrive on that thread, so a revoke can never interleave with handing out a
 //! record. Records go to [`KafkaSubscription::next`] through a channel; acks come back through
 //! [`Tracker`], which keeps per partition the records handed out in this ownership (its epoch)
-//! and commits the contiguous acked prefix.
+//! and the contiguous acked prefix.
+//!
+//! Commits: an ack only records itself in the tracker and returns, without a broker round trip.
+//! The member thread commits the acked prefix in the background, asynchronously, every
+//! [`COMMIT_INTERVAL`] (sooner after [`COMMIT_BATCH`] newly committable records). Commits are
+//! synchronous where the position must be on the broker before going on: before a revoke
+//! completes, when the member leaves (`close` or drop), and when this process asks for the
+//! group's positions ([`MemberHandle::flush`]), so lag read here includes every ack made here.
+//!
+//! Durability window: a record acked but not yet committed when the process dies is delivered
+//! again to the next owner (at-least-once, as for unacked records). The window is bounded by
+//! the commit interval: at most about [`COMMIT_INTERVAL`] or [`COMMIT_BATCH`] records of acks,
+//! whichever is smaller. A clean leave or revoke loses nothing of what was acked.
 //!
 //! Order: each partition's records are handed out in offset order; acks may come in any order
 //! (the runtime works on different keys at once), the committed offset only moves over a prefix
@@ -45,8 +57,29 @@ const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// acks freed room is at most this late.
 const PAUSED_POLL_INTERVAL: Duration = Duration::from_millis(10);
 
-/// How long leaving waits for ackers that are committing at that moment to finish.
+/// How long leaving waits for a position flush ([`MemberHandle::flush`]) that is committing at
+/// that moment to finish.
 const LEAVE_WAIT: Duration = Duration::from_secs(5);
+
+/// Longest time an ack waits for its background commit, which bounds what a crash redelivers.
+/// 100 ms is far below Kafka's default auto-commit interval (5 s) and below a human-visible
+/// delay in lag figures, while at a few hundred commits per second at most it costs the broker
+/// (and Tansu's storage) little; commits are asynchronous, so the interval costs no throughput.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Newly committable records that trigger a commit before [`COMMIT_INTERVAL`] is up. Under load
+/// (hundreds of thousands of records per second) this caps the redelivery after a crash to about
+/// one runtime queue (the default `max_in_flight` is 1024), at one small commit request per
+/// thousand records, which is negligible next to fetching them.
+const COMMIT_BATCH: usize = 1000;
+
+/// In-flight count at or below which partitions paused for backpressure resume: half of
+/// `max_in_flight`. librdkafka drops the records it prefetched for a partition when it is paused
+/// and fetches again on resume; resuming at half overlaps that fetch round trip with handling
+/// the other half, instead of stalling the consumer once per `max_in_flight` records.
+fn resume_below(max_in_flight: usize) -> usize {
+    max_in_flight / 2
+}
 
 /// The state of one record handed out from a partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,8 +103,11 @@ struct PartTrack {
     pending: BTreeMap<i64, Slot>,
     /// End (next offset) of the contiguous acked prefix of this ownership.
     acked_upto: Option<i64>,
-    /// What this member last committed for the partition.
+    /// What this member last committed for the partition (asynchronous commits count when
+    /// requested; a failed one resets this to `synced`).
     committed: Option<i64>,
+    /// What this member last committed synchronously (known to be on the broker).
+    synced: Option<i64>,
 }
 
 impl PartTrack {
@@ -82,23 +118,37 @@ impl PartTrack {
             pending: BTreeMap::new(),
             acked_upto: None,
             committed: None,
+            synced: None,
         }
     }
 
-    /// Moves the acked prefix over leading acked records.
-    fn advance(&mut self) {
+    /// Moves the acked prefix over leading acked records; returns how many it moved over.
+    fn advance(&mut self) -> usize {
+        let mut moved = 0;
         while let Some(first) = self.pending.first_entry() {
             if *first.get() != Slot::Acked {
                 break;
             }
             let (offset, _) = first.remove_entry();
             self.acked_upto = Some(offset + 1);
+            moved += 1;
         }
+        moved
     }
 
     /// The offset to commit, if the acked prefix moved past what was committed.
     fn to_commit(&self) -> Option<i64> {
-        match (self.acked_upto, self.committed) {
+        Self::past(self.acked_upto, self.committed)
+    }
+
+    /// The offset to commit synchronously: also what asynchronous commits may still have in
+    /// flight, so a synchronous commit leaves the whole acked prefix on the broker.
+    fn to_sync(&self) -> Option<i64> {
+        Self::past(self.acked_upto, self.synced)
+    }
+
+    fn past(acked: Option<i64>, done: Option<i64>) -> Option<i64> {
+        match (acked, done) {
             (Some(a), Some(c)) if a <= c => None,
             (a, _) => a,
         }
@@ -123,6 +173,9 @@ pub(super) struct Tracker {
     commit_lock: Mutex<()>,
     /// Records handed to the channel and not yet acked or dropped (backpressure).
     in_flight: AtomicUsize,
+    /// Records the acked prefixes moved over since the last background commit (a failed
+    /// commit adds one so the next tick retries).
+    uncommitted: AtomicUsize,
     next_epoch: AtomicU64,
     /// Set when the member leaves (close or drop): revokes then commit without waiting.
     leaving: AtomicBool,
@@ -141,6 +194,7 @@ impl Tracker {
             changed: Condvar::new(),
             commit_lock: Mutex::new(()),
             in_flight: AtomicUsize::new(0),
+            uncommitted: AtomicUsize::new(0),
             next_epoch: AtomicU64::new(1),
             leaving: AtomicBool::new(false),
             paused: Mutex::new(HashSet::new()),
@@ -172,10 +226,10 @@ impl Tracker {
         }
     }
 
-    /// Records the fate of a handed-out record; true if the acked prefix now needs a commit.
+    /// Records the fate of a handed-out record; the member thread commits the acked prefix.
     /// Acks of an ownership that ended are ignored: the next owner got (or gets) the record.
-    fn settle(&self, partition: i32, offset: i64, epoch: u64, slot: Slot) -> bool {
-        let need = {
+    fn settle(&self, partition: i32, offset: i64, epoch: u64, slot: Slot) {
+        let moved = {
             let mut parts = lock(&self.parts);
             match parts.get_mut(&partition) {
                 Some(t) if t.epoch == epoch => {
@@ -184,29 +238,41 @@ impl Tracker {
                             *s = slot;
                         }
                     }
-                    t.advance();
-                    t.to_commit().is_some()
+                    t.advance()
                 }
                 _ => {
                     debug!(
                         topic = %self.topic, group = %self.group, partition, offset,
                         "ack of a partition no longer owned; ignored"
                     );
-                    false
+                    0
                 }
             }
         };
+        if moved > 0 {
+            self.uncommitted.fetch_add(moved, Ordering::AcqRel);
+        }
         self.changed.notify_all();
-        need
     }
 
     /// Commits the acked prefix of every owned partition (or of `only`) that moved.
+    /// `Async` only requests the commit (the result comes to [`MemberContext`]); `Sync` returns
+    /// once the broker has it, including what asynchronous commits before it requested.
     /// The caller holds `commit_lock`.
-    fn commit_acked(&self, consumer: &Member, only: Option<&HashSet<i32>>) -> Result<(), BusError> {
+    fn commit_acked(
+        &self,
+        consumer: &Member,
+        only: Option<&HashSet<i32>>,
+        mode: CommitMode,
+    ) -> Result<(), BusError> {
+        let sync = matches!(mode, CommitMode::Sync);
         let targets: Vec<(i32, u64, i64)> = lock(&self.parts)
             .iter()
             .filter(|(p, _)| only.map_or(true, |o| o.contains(p)))
-            .filter_map(|(p, t)| t.to_commit().map(|o| (*p, t.epoch, o)))
+            .filter_map(|(p, t)| {
+                let o = if sync { t.to_sync() } else { t.to_commit() };
+                o.map(|o| (*p, t.epoch, o))
+            })
             .collect();
         if targets.is_empty() {
             return Ok(());
@@ -216,15 +282,31 @@ impl Tracker {
             tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*o))
                 .map_err(map_err)?;
         }
-        consumer.commit(&tpl, CommitMode::Sync).map_err(map_err)?;
+        consumer.commit(&tpl, mode).map_err(map_err)?;
         let mut parts = lock(&self.parts);
         for (p, epoch, o) in targets {
             if let Some(t) = parts.get_mut(&p).filter(|t| t.epoch == epoch) {
                 t.committed = Some(t.committed.map_or(o, |c| c.max(o)));
+                if sync {
+                    t.synced = Some(t.synced.map_or(o, |c| c.max(o)));
+                }
             }
         }
-        debug!(topic = %self.topic, group = %self.group, "committed acked offsets");
+        debug!(topic = %self.topic, group = %self.group, sync, "committed acked offsets");
         Ok(())
+    }
+
+    /// A commit failed on the broker: what it covered counts as uncommitted again, so the next
+    /// background commit retries it.
+    fn commit_failed(&self, tpl: &TopicPartitionList) {
+        let mut parts = lock(&self.parts);
+        for e in tpl.elements_for_topic(&self.topic) {
+            if let Some(t) = parts.get_mut(&e.partition()) {
+                t.committed = t.synced;
+            }
+        }
+        drop(parts);
+        self.uncommitted.fetch_add(1, Ordering::AcqRel);
     }
 
     fn on_assign(&self, tpl: &TopicPartitionList) {
@@ -286,7 +368,7 @@ impl Tracker {
                 self.wait_for_acks(&revoked);
             }
             let _commits = lock(&self.commit_lock);
-            if let Err(e) = self.commit_acked(consumer, Some(&revoked)) {
+            if let Err(e) = self.commit_acked(consumer, Some(&revoked), CommitMode::Sync) {
                 warn!(topic = %self.topic, group = %self.group, error = %e, "commit on revoke failed; the next owner redelivers from the last commit");
                 *lock(&self.commit_error) = Some(e);
             }
@@ -332,6 +414,22 @@ pub(super) struct MemberContext {
 impl ClientContext for MemberContext {}
 
 impl ConsumerContext for MemberContext {
+    /// Results of commits, served by `poll` on the member thread. Synchronous commits report
+    /// their errors to the caller as well; resetting after them only causes one more commit.
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        if let Err(e) = result {
+            warn!(
+                topic = %self.tracker.topic, group = %self.tracker.group, error = %e,
+                "commit failed; retried with the next commit"
+            );
+            self.tracker.commit_failed(offsets);
+        }
+    }
+
     // Both run before librdkafka applies the change: partitions are tracked before their first
     // record can arrive, and a revoked partition's acks are waited for and committed before
     // another member can be given it.
@@ -349,7 +447,6 @@ impl ConsumerContext for MemberContext {
 /// Backend side of a delivery's ack.
 struct KafkaAcker {
     tracker: Arc<Tracker>,
-    consumer: Weak<Member>,
     partition: i32,
     offset: i64,
     epoch: u64,
@@ -358,36 +455,15 @@ struct KafkaAcker {
 
 #[async_trait]
 impl Acker for KafkaAcker {
+    /// Records the ack and returns: the member thread commits the acked prefix in the
+    /// background (see the module docs for the durability window). Like before, an ack after the
+    /// member left, or of a partition it no longer owns, is ignored and returns `Ok`.
     async fn ack(mut self: Box<Self>) -> Result<(), BusError> {
         self.settled = true;
         self.tracker.in_flight.fetch_sub(1, Ordering::AcqRel);
-        if !self
-            .tracker
-            .settle(self.partition, self.offset, self.epoch, Slot::Acked)
-        {
-            return Ok(());
-        }
-        // The ack returns once the prefix it completed is committed. Concurrent acks queue on
-        // `commit_lock` and find their offsets already covered by the commit before them, so
-        // commits batch under load.
-        let tracker = Arc::clone(&self.tracker);
-        let consumer = self.consumer.clone();
-        blocking(move || {
-            if tracker.leaving.load(Ordering::Acquire) {
-                // Leaving commits the acked prefix itself.
-                return Ok(());
-            }
-            let Some(consumer) = consumer.upgrade() else {
-                return Ok(());
-            };
-            let result = {
-                let _commits = lock(&tracker.commit_lock);
-                tracker.commit_acked(&consumer, None)
-            };
-            drop(consumer);
-            result
-        })
-        .await
+        self.tracker
+            .settle(self.partition, self.offset, self.epoch, Slot::Acked);
+        Ok(())
     }
 }
 
@@ -401,15 +477,41 @@ impl Drop for KafkaAcker {
     }
 }
 
-/// What the bus keeps of each member it started, to order a new join after a leave.
+/// What the bus keeps of each member it started, to order a new join after a leave and to
+/// flush its acks before reading the group's positions.
 #[derive(Clone)]
 pub(super) struct MemberHandle {
     topic: String,
     stop: Arc<AtomicBool>,
     done: Arc<AtomicBool>,
+    tracker: Arc<Tracker>,
+    consumer: Weak<Member>,
 }
 
 impl MemberHandle {
+    /// Of `topic` (any group: the bus keeps handles per group).
+    pub(super) fn is_of(&self, topic: &str) -> bool {
+        self.topic == topic
+    }
+
+    /// Commits this member's acked prefix synchronously, so positions read next include every
+    /// ack made in this process. Blocking (a broker round trip when there is something to
+    /// commit). A member that is leaving commits by itself.
+    pub(super) fn flush(&self) -> Result<(), BusError> {
+        if !self.active(None) || self.tracker.leaving.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let Some(consumer) = self.consumer.upgrade() else {
+            return Ok(());
+        };
+        let result = {
+            let _commits = lock(&self.tracker.commit_lock);
+            self.tracker.commit_acked(&consumer, None, CommitMode::Sync)
+        };
+        drop(consumer);
+        result
+    }
+
     /// Told to leave (closed or dropped) and not gone yet.
     pub(super) fn leaving(&self) -> bool {
         self.stop.load(Ordering::Acquire) && !self.done.load(Ordering::Acquire)
@@ -429,7 +531,6 @@ impl MemberHandle {
 pub(super) struct KafkaSubscription {
     rx: mpsc::Receiver<Item>,
     tracker: Arc<Tracker>,
-    consumer: Weak<Member>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -476,6 +577,8 @@ impl KafkaSubscription {
             topic: topic.to_string(),
             stop: Arc::clone(&stop),
             done: Arc::clone(&done),
+            tracker: Arc::clone(&tracker),
+            consumer: weak,
         };
         let member = MemberThread {
             done,
@@ -494,7 +597,6 @@ impl KafkaSubscription {
             Self {
                 rx,
                 tracker,
-                consumer: weak,
                 stop,
                 thread: Some(thread),
             },
@@ -519,7 +621,6 @@ impl Subscription for KafkaSubscription {
             }
             let acker = KafkaAcker {
                 tracker: Arc::clone(&self.tracker),
-                consumer: self.consumer.clone(),
                 partition,
                 offset,
                 epoch,
@@ -547,8 +648,8 @@ impl Subscription for KafkaSubscription {
 }
 
 impl Drop for KafkaSubscription {
-    /// Without `close` the member leaves in the background, committing nothing beyond what
-    /// was acked.
+    /// Without `close` the member leaves in the background; it commits what was acked (and
+    /// nothing beyond) before it leaves the group.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
     }
@@ -570,14 +671,26 @@ impl MemberThread {
         let span =
             info_span!("kafka_member", topic = %self.tracker.topic, group = %self.tracker.group);
         let _entered = span.enter();
+        let mut last_commit = Instant::now();
+        let mut over = false;
         while !self.stop.load(Ordering::Acquire) && !self.tx.is_closed() {
-            let over = self.tracker.in_flight.load(Ordering::Acquire) >= self.max_in_flight;
+            let in_flight = self.tracker.in_flight.load(Ordering::Acquire);
+            over = if over {
+                in_flight > resume_below(self.max_in_flight)
+            } else {
+                in_flight >= self.max_in_flight
+            };
             self.apply_backpressure(over);
-            let timeout = if over {
+            let mut timeout = if over {
                 PAUSED_POLL_INTERVAL
             } else {
                 POLL_INTERVAL
             };
+            if self.commit_if_due(&mut last_commit) {
+                // Acks wait: wake up when their commit is due.
+                let due = COMMIT_INTERVAL.saturating_sub(last_commit.elapsed());
+                timeout = timeout.min(due.max(Duration::from_millis(1)));
+            }
             match self.consumer.poll(timeout) {
                 // `hand_over` is false once the subscription is gone.
                 Some(Ok(m)) if !self.hand_over(&m) => break,
@@ -594,6 +707,31 @@ impl MemberThread {
             }
         }
         self.leave();
+    }
+
+    /// Commits the acked prefix asynchronously once [`COMMIT_INTERVAL`] passed since the last
+    /// commit or [`COMMIT_BATCH`] records became committable; true if acks are left waiting.
+    fn commit_if_due(&self, last: &mut Instant) -> bool {
+        let tracker = &self.tracker;
+        let n = tracker.uncommitted.load(Ordering::Acquire);
+        if n == 0 {
+            return false;
+        }
+        if n < COMMIT_BATCH && last.elapsed() < COMMIT_INTERVAL {
+            return true;
+        }
+        // Acks counted after the swap are in the next commit.
+        tracker.uncommitted.swap(0, Ordering::AcqRel);
+        *last = Instant::now();
+        let result = {
+            let _commits = lock(&tracker.commit_lock);
+            tracker.commit_acked(&self.consumer, None, CommitMode::Async)
+        };
+        if let Err(e) = result {
+            warn!(error = %e, "cannot request a commit; retried with the next one");
+            tracker.uncommitted.fetch_add(1, Ordering::AcqRel);
+        }
+        false
     }
 
     /// Queues one record; false if the subscription is gone.
@@ -624,7 +762,8 @@ impl MemberThread {
         true
     }
 
-    /// Pauses every assigned partition while `max_in_flight` records are out, resumes after.
+    /// Pauses every assigned partition while `max_in_flight` records are out, resumes once
+    /// they fell to [`resume_below`].
     /// librdkafka resumes a paused partition right after the last record it returned, so
     /// nothing is skipped or repeated.
     fn apply_backpressure(&self, over: bool) {
@@ -664,10 +803,23 @@ impl MemberThread {
         }
     }
 
-    /// Leaves the group: the revoke that closing triggers commits the acked prefix without
-    /// waiting for records still out, then the member leaves so its partitions move at once.
+    /// Leaves the group: commits the acked prefix synchronously, then the revoke that closing
+    /// triggers commits what was acked meanwhile without waiting for records still out, and the
+    /// member leaves so its partitions move at once.
     fn leave(self) {
         self.tracker.leaving.store(true, Ordering::Release);
+        // Lost partitions belong to others already: nothing is committed for them (the revoke
+        // callback knows which; the whole commit waits for it then).
+        if !self.consumer.assignment_lost() {
+            let result = {
+                let _commits = lock(&self.tracker.commit_lock);
+                self.tracker
+                    .commit_acked(&self.consumer, None, CommitMode::Sync)
+            };
+            if let Err(e) = result {
+                warn!(error = %e, "commit before leaving failed; the revoke commits again");
+            }
+        }
         let MemberThread {
             consumer,
             tracker,

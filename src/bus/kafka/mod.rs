@@ -1,6 +1,12 @@
 //! Kafka bus via rdkafka (librdkafka): keyed partitions, consumer groups with cooperative
 //! rebalancing, manual commit of the contiguous acked prefix, idempotent producer.
 //!
+//! Acks are cheap: an ack is recorded in memory and the acked prefix is committed in the
+//! background (every 100 ms or every 1000 records, see `consumer`), and synchronously before a
+//! revoke completes, when a member leaves and before this process reads the group's positions.
+//! Durability window: what was acked but not yet committed when the process dies is delivered
+//! again (at-least-once), at most one commit interval's worth of acks.
+//!
 //! - [`KafkaBus`] (this file): connection settings, the producer and the error mapping.
 //! - `consumer`: one consumer-group member per subscription, its poll thread, ack tracking and
 //!   the rebalance handling that keeps commits exact across partition moves.
@@ -243,6 +249,34 @@ impl KafkaBus {
         }
     }
 
+    /// Commits what this process's members of `group` on `topic` acked and have not committed
+    /// yet, so the positions read next include every ack made here (acks are committed in the
+    /// background otherwise). A failure only leaves the positions behind by the uncommitted acks.
+    async fn flush_local_acks(&self, group: &str, topic: &str) {
+        let members: Vec<consumer::MemberHandle> = lock(&self.members)
+            .get(group)
+            .map(|list| {
+                list.iter()
+                    .filter(|m| m.is_of(topic) && m.active(None))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        if members.is_empty() {
+            return;
+        }
+        let result = blocking(move || {
+            for m in &members {
+                m.flush()?;
+            }
+            Ok(())
+        })
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(group, topic, error = %e, "cannot commit acked offsets before reading positions");
+        }
+    }
+
     /// Members of `group` this process runs (of `topic`, or of any topic).
     pub(crate) fn local_members(&self, group: &str, topic: Option<&str>) -> usize {
         lock(&self.members)
@@ -350,6 +384,7 @@ impl Bus for KafkaBus {
         group: &str,
         topic: &str,
     ) -> Result<Vec<GroupPosition>, BusError> {
+        self.flush_local_acks(group, topic).await;
         admin::group_positions(self, group, topic).await
     }
 
