@@ -172,8 +172,11 @@ impl Delivery {
     }
 
     /// Marks the record done. The group's committed offset moves past it once every earlier
-    /// record of its partition is acked too. Dropping a delivery without ack leaves it for
-    /// redelivery after this member dies or leaves the group.
+    /// record of its partition is acked too; the commit reaches the broker shortly after
+    /// (Kafka: within the commit interval; JetStream: with the next flush; embedded: the next
+    /// write batch), and at once on a clean leave. A member that dies in that window has its
+    /// acked records delivered again (at-least-once). Dropping a delivery without ack leaves
+    /// it for redelivery after this member dies or leaves the group.
     pub async fn ack(self) -> Result<(), BusError> {
         self.acker.ack().await
     }

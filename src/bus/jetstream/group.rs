@@ -27,6 +27,21 @@
 //! not acked are kept alive with `+WPI` every `ack_wait / 3` while the lease holds. A record
 //! dropped without ack stays pending (and alive) until the partition is handed over, where it
 //! is NAKed for the next owner, as the bus contract says.
+//!
+//! **Acks are plain, not confirmed.** `Delivery::ack` publishes `+ACK` to the record's reply
+//! subject and returns without waiting for the server (no double ack): a returned ack is
+//! *sent*, not yet *committed*. The connection writes it out at once and a per-subscription
+//! flusher (one `flush` at a time, at most one per millisecond, covering every ack published
+//! before it) makes sure it reached the socket; the server applies it on arrival. The window in which a returned
+//! ack can still be lost is therefore the time from the publish to the server processing it:
+//! normally one write plus network latency, at most until the connection breaks (acks queued
+//! on a broken connection are dropped). A lost ack only means the record is delivered again
+//! (after `ack_wait`, or at once to a next owner that restarts at the ack floor): at-least-once,
+//! handlers are idempotent. The bookkeeping stays exact on the member's side: a record leaves
+//! the in-flight set only once its ack was handed to the connection, so a hand-over waits for
+//! the acks of what it handed out, NAKs only what was not acked, and flushes the connection
+//! before deleting the lease (acks and NAKs reach the server before the next owner can pull);
+//! `+WPI` is sent only for records still in flight.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,8 +65,16 @@ use tracing::{debug, info, warn, Instrument};
 use super::{codec, consumer_error, timestamp_ms, Inner, Timing};
 use crate::bus::{Acker, BusError, Delivery, StartFrom, SubscribeOptions, Subscription};
 
-/// Records asked for per pull request, at most (bounded further by free in-flight slots).
-const BATCH_MAX: usize = 64;
+/// Records asked for per pull request, at most (bounded further by free in-flight slots, which
+/// never exceed the consumer's `max_ack_pending`).
+const BATCH_MAX: usize = 512;
+/// With fewer free slots than this (bounded by a quarter of the in-flight limit), a pull waits
+/// up to [`BATCH_LINGER`] for more: when the handlers are the bottleneck every ack frees one
+/// slot, and pulling one record per round trip would cost more than it brings.
+const BATCH_MIN: usize = 64;
+const BATCH_LINGER: Duration = Duration::from_millis(2);
+/// Least time between two ack flushes (acks published meanwhile share the next one).
+const ACK_FLUSH_EVERY: Duration = Duration::from_millis(1);
 /// Pause after a failed pull or consumer lookup before trying again.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 /// The partition count is re-read this often, so partitions added while members run are taken.
@@ -82,6 +105,9 @@ pub(super) async fn subscribe(
         .map_err(|e| BusError::Unavailable(format!("lease bucket {bucket}: {e}")))?;
     let max_in_flight = options.max_in_flight.max(1);
     let (tx, rx) = mpsc::channel(max_in_flight + 8);
+    // Capacity 1: an ack finding a flush already requested needs no other one.
+    let (acks, acks_rx) = mpsc::channel(1);
+    tokio::spawn(flush_acks(bus.client.clone(), acks_rx));
     let g = Arc::new(Group {
         js: bus.js.clone(),
         client: bus.client.clone(),
@@ -97,6 +123,7 @@ pub(super) async fn subscribe(
         max_ack_pending: max_in_flight as i64,
         permits: Arc::new(Semaphore::new(max_in_flight)),
         tx,
+        acks,
         leave: CancellationToken::new(),
         slots: Mutex::new(BTreeMap::new()),
         worker_done: Notify::new(),
@@ -133,6 +160,8 @@ struct Group {
     /// In-flight records of the subscription (backpressure): one permit per handed-out record.
     permits: Arc<Semaphore>,
     tx: mpsc::Sender<Result<Delivery, BusError>>,
+    /// Asks the ack flusher for a flush (see [`flush_acks`]).
+    acks: mpsc::Sender<()>,
     /// Cancelled when the subscription closes or is dropped.
     leave: CancellationToken,
     /// Partitions held now, for the progress keeper.
@@ -159,6 +188,8 @@ struct Slot {
     wake: Notify,
     /// Handed-out records not acked yet, by stream sequence.
     inflight: Mutex<BTreeMap<u64, Inflight>>,
+    /// Asks the ack flusher for a flush after an ack was published.
+    flush: mpsc::Sender<()>,
 }
 
 #[derive(Clone, Copy)]
@@ -397,6 +428,7 @@ async fn rebalance(
                     lost: CancellationToken::new(),
                     wake: Notify::new(),
                     inflight: Mutex::new(BTreeMap::new()),
+                    flush: g.acks.clone(),
                 });
                 lock(&g.slots).insert(p, slot.clone());
                 let span = tracing::info_span!("jetstream_partition", topic = %g.topic, group = %g.group, partition = p);
@@ -481,10 +513,10 @@ async fn release(g: &Group, slot: &Slot) {
             debug!(partition = slot.partition, error = %e, "NAK failed; the record is redelivered after ack wait");
         }
     }
-    if !left.is_empty() {
-        if let Err(e) = g.client.flush().await {
-            debug!(error = %e, "flush after NAKs failed");
-        }
+    // Acks are published without confirmation: push them (and the NAKs) out before the lease
+    // goes, so the next owner finds them applied.
+    if let Err(e) = g.client.flush().await {
+        debug!(error = %e, "flush before hand-over failed");
     }
     if slot.lost.is_cancelled() {
         return;
@@ -584,7 +616,7 @@ async fn fetch_loop(bus: &Arc<Inner>, g: &Arc<Group>, slot: &Arc<Slot>) -> Optio
             pause(slot, timing.renew_every / 2).await;
             continue;
         }
-        let first = tokio::select! {
+        let mut permits = tokio::select! {
             permit = g.permits.clone().acquire_owned() => match permit {
                 Ok(p) => p,
                 Err(_) => return Some(WorkerEnd::Lost),
@@ -592,16 +624,29 @@ async fn fetch_loop(bus: &Arc<Inner>, g: &Arc<Group>, slot: &Arc<Slot>) -> Optio
             _ = slot.wake.notified() => continue,
             _ = slot.lost.cancelled() => return Some(WorkerEnd::Lost),
         };
-        let mut permits = vec![first];
-        while permits.len() < BATCH_MAX {
-            match g.permits.clone().try_acquire_owned() {
-                Ok(p) => permits.push(p),
-                Err(_) => break,
+        // Whatever else is free, up to a batch, in one go; a small batch waits a little.
+        take_free(g, &mut permits);
+        let min_batch = BATCH_MIN.min(g.max_ack_pending as usize / 4).max(1);
+        if permits.num_permits() < min_batch {
+            let short = (min_batch - permits.num_permits()) as u32;
+            let more =
+                tokio::time::timeout(BATCH_LINGER, g.permits.clone().acquire_many_owned(short));
+            tokio::select! {
+                more = more => {
+                    if let Ok(Ok(p)) = more {
+                        permits.merge(p);
+                    }
+                }
+                _ = slot.lost.cancelled() => return Some(WorkerEnd::Lost),
             }
+            take_free(g, &mut permits);
+        }
+        if !timing.can_fetch(slot.lease().deadline) || slot.draining.load(Ordering::SeqCst) {
+            continue;
         }
         let batch = consumer
             .batch()
-            .max_messages(permits.len())
+            .max_messages(permits.num_permits())
             .expires(timing.fetch_expires)
             .messages()
             .await;
@@ -621,14 +666,14 @@ async fn fetch_loop(bus: &Arc<Inner>, g: &Arc<Group>, slot: &Arc<Slot>) -> Optio
         while let Some(item) = batch.next().await {
             match item {
                 Ok(m) => {
-                    let permit = permits.pop();
+                    let permit = permits.split(1);
                     hand_out(g, slot, m, permit).await;
                 }
                 Err(e) => {
                     // Status replies (e.g. 409 while the consumer is being replaced) end the
                     // request; the next one tells whether it persists.
                     debug!(error = %e, "pull request ended with a status");
-                    drop(std::mem::take(&mut permits));
+                    drop(permits.split(permits.num_permits()));
                     stale = true;
                     pause(slot, RETRY_PAUSE).await;
                 }
@@ -636,6 +681,19 @@ async fn fetch_loop(bus: &Arc<Inner>, g: &Arc<Group>, slot: &Arc<Slot>) -> Optio
         }
         if stale {
             current = None;
+        }
+    }
+}
+
+/// Adds free in-flight slots to `permits`, up to a batch.
+fn take_free(g: &Group, permits: &mut OwnedSemaphorePermit) {
+    let more = g
+        .permits
+        .available_permits()
+        .min(BATCH_MAX.saturating_sub(permits.num_permits()));
+    if more > 0 {
+        if let Ok(p) = g.permits.clone().try_acquire_many_owned(more as u32) {
+            permits.merge(p);
         }
     }
 }
@@ -771,7 +829,21 @@ async fn keep_alive(g: Arc<Group>, stop: CancellationToken) {
     }
 }
 
-/// Acks one record and waits for the server's confirmation, so a returned ack is committed.
+/// Pushes published acks out: one `flush` at a time, at most one per [`ACK_FLUSH_EVERY`], each
+/// covering every ack published before it; acks arriving meanwhile are covered by the next.
+/// Ends once the group and every slot (so every delivery) are gone.
+async fn flush_acks(client: async_nats::Client, mut requests: mpsc::Receiver<()>) {
+    while requests.recv().await.is_some() {
+        let started = Instant::now();
+        if let Err(e) = client.flush().await {
+            debug!(error = %e, "flushing acks failed; unflushed acks mean redeliveries");
+        }
+        tokio::time::sleep_until((started + ACK_FLUSH_EVERY).into()).await;
+    }
+}
+
+/// Acks one record with a plain `+ACK` (no confirmation; see the module doc for the window in
+/// which a returned ack can still be lost).
 struct JetStreamAcker {
     client: async_nats::Client,
     slot: Arc<Slot>,
@@ -784,24 +856,17 @@ struct JetStreamAcker {
 #[async_trait]
 impl Acker for JetStreamAcker {
     async fn ack(mut self: Box<Self>) -> Result<(), BusError> {
-        use async_nats::RequestErrorKind as K;
-        match self
-            .client
-            .request(self.reply.clone(), Bytes::from_static(b"+ACK"))
+        self.client
+            .publish(self.reply.clone(), Bytes::from_static(b"+ACK"))
             .await
-        {
-            Ok(_) => {
-                self.acked = true;
-                self.slot.settle(self.seq);
-                Ok(())
-            }
-            Err(e) => Err(match e.kind() {
-                K::TimedOut => BusError::Timeout(format!("ack of sequence {}: {e}", self.seq)),
-                K::NoResponders | K::Other => {
-                    BusError::Unavailable(format!("ack of sequence {}: {e}", self.seq))
-                }
-            }),
-        }
+            .map_err(|e| BusError::Unavailable(format!("ack of sequence {}: {e}", self.seq)))?;
+        // Settled only once the ack is queued on the connection, ahead of any NAK a hand-over
+        // sends afterwards.
+        self.acked = true;
+        self.slot.settle(self.seq);
+        // Full means a flush is already requested and will cover this ack.
+        let _ = self.slot.flush.try_send(());
+        Ok(())
     }
 }
 

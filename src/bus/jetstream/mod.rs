@@ -14,8 +14,10 @@
 //!   next offset, below anything appended later.
 //! - **Groups**: one durable pull consumer per (group, partition) filtered to that partition's
 //!   subject, explicit acks; its ack floor is the committed offset (it only moves over a
-//!   contiguous acked prefix, as the contract wants). Members share partitions through leases
-//!   in a KV bucket; `group` explains why per-key order holds across members.
+//!   contiguous acked prefix, as the contract wants). Acks are plain (`+ACK` without waiting
+//!   for the server's confirmation), so a returned ack is sent, not yet committed; a lost one
+//!   means a redelivery (at-least-once). Members share partitions through leases in a KV
+//!   bucket; `group` explains why per-key order holds across members and the ack window.
 //!
 //! Why not JetStream's own partitioning (2.11 priority groups with pinned clients): a pinned
 //! client is chosen per pull, not balanced across members, and its handover does not wait for
