@@ -36,6 +36,33 @@ fn consumer_options(concurrency: usize) -> ConsumerOptions {
     }
 }
 
+/// A consumer runtime running in the background until [`Running::stop`].
+struct Running {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), nexus::bus::BusError>>,
+}
+
+impl Running {
+    fn start(
+        t: &TestBus,
+        group: &str,
+        topic: &str,
+        handler: Arc<dyn Handler>,
+        lanes: usize,
+    ) -> Running {
+        let stop = CancellationToken::new();
+        let consumer = Consumer::new(t.bus.clone(), group, topic, consumer_options(lanes));
+        let task = tokio::spawn(consumer.run(handler, stop.clone()));
+        Running { stop, task }
+    }
+
+    /// Drains and leaves the group; the consumer must have ended without error.
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.expect("join").expect("consumer");
+    }
+}
+
 fn seq_record(key: &str, seq: u64) -> OutRecord {
     OutRecord::new(key, format!("{key}:{seq}").into_bytes())
 }
@@ -273,9 +300,7 @@ async fn slow_handler_does_not_stall_other_keys(t: TestBus) {
         slow_for: Duration::from_secs(6),
         done: Mutex::default(),
     });
-    let stop = CancellationToken::new();
-    let consumer = Consumer::new(t.bus.clone(), &group, &topic, consumer_options(lanes));
-    let run = tokio::spawn(consumer.run(handler.clone(), stop.clone()));
+    let running = Running::start(&t, &group, &topic, handler.clone(), lanes);
 
     let deadline = Instant::now() + WAIT;
     while handler.done.lock().unwrap().len() < others.len() + 1 {
@@ -300,8 +325,7 @@ async fn slow_handler_does_not_stall_other_keys(t: TestBus) {
 
     // Everything was acked: the committed offset reaches the log end.
     wait_lag(&t, &group, &topic, 0).await;
-    stop.cancel();
-    run.await.expect("join").expect("consumer");
+    running.stop().await;
 }
 
 struct Counting {
@@ -344,11 +368,7 @@ async fn bad_payloads_are_dead_lettered(t: TestBus) {
     let handler = Arc::new(Counting {
         seen: Mutex::default(),
     });
-    let stop = CancellationToken::new();
-    let run = tokio::spawn(
-        Consumer::new(t.bus.clone(), &group, &topic, consumer_options(4))
-            .run(handler.clone(), stop.clone()),
-    );
+    let running = Running::start(&t, &group, &topic, handler.clone(), 4);
     wait_lag(&t, &group, &topic, 0).await;
     assert_eq!(
         handler.seen.lock().unwrap().len(),
@@ -382,8 +402,7 @@ async fn bad_payloads_are_dead_lettered(t: TestBus) {
         Some(topic.as_str())
     );
     assert_eq!(dead[0].header(headers::DLQ_SOURCE_OFFSET), Some("0"));
-    stop.cancel();
-    run.await.expect("join").expect("consumer");
+    running.stop().await;
 
     let rendered = nexus::telemetry::init_metrics().render();
     let line = rendered
@@ -565,15 +584,7 @@ async fn replay_changes_no_end_state(t: TestBus) {
         calls: Default::default(),
         state: Mutex::default(),
     });
-    let run_once = |handler: Arc<Idempotent>| {
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(
-            Consumer::new(t.bus.clone(), &group, &topic, consumer_options(4))
-                .run(handler, stop.clone()),
-        );
-        (stop, task)
-    };
-    let (stop, task) = run_once(handler.clone());
+    let running = Running::start(&t, &group, &topic, handler.clone(), 4);
     wait_lag(&t, &group, &topic, 0).await;
     let before = handler.state.lock().unwrap().clone();
     assert_eq!(before.values().map(|s| s.len()).sum::<usize>(), 40);
@@ -596,8 +607,7 @@ async fn replay_changes_no_end_state(t: TestBus) {
             .is_err(),
         "a live group must not be moved"
     );
-    stop.cancel();
-    task.await.expect("join").expect("consumer");
+    running.stop().await;
     t.wait_members(&group, &topic, 0).await;
 
     let executed = nexus::replay::execute(t.bus.as_ref(), &request, false)
@@ -605,10 +615,9 @@ async fn replay_changes_no_end_state(t: TestBus) {
         .expect("execute");
     assert_eq!(executed.total_reprocess(), 40);
     wait_lag(&t, &group, &topic, 40).await;
-    let (stop, task) = run_once(handler.clone());
+    let running = Running::start(&t, &group, &topic, handler.clone(), 4);
     wait_lag(&t, &group, &topic, 0).await;
-    stop.cancel();
-    task.await.expect("join").expect("consumer");
+    running.stop().await;
     assert_eq!(
         handler.calls.load(std::sync::atomic::Ordering::SeqCst),
         80,
