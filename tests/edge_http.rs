@@ -247,6 +247,22 @@ async fn bad_input_gets_a_clear_4xx_and_publishes_nothing() {
 }
 
 #[tokio::test]
+async fn an_oversized_body_is_refused_with_a_code() {
+    let (state, _dir) = state().await;
+    let limit = state.config.http.max_body_bytes;
+    let mut big = valid_event();
+    big["body"]["text"] = json!("x".repeat(limit + 1));
+    let (status, body) = call(
+        &state,
+        post("/v1/events/nexus.inbound.v1", Some(TOKEN), big.to_string()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert_eq!(body["error"]["code"], "PAYLOAD_TOO_LARGE");
+    assert_eq!(published(&state, "nexus.inbound.v1").await, 0);
+}
+
+#[tokio::test]
 async fn ingest_is_off_without_an_admin_token() {
     let (mut state, _dir) = state().await;
     let mut config = (*state.config).clone();

@@ -3,6 +3,7 @@
 //! Nothing is published when anything is wrong.
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
@@ -17,7 +18,7 @@ pub async fn ingest(
     State(state): State<AppState>,
     Path(topic): Path<String>,
     request_headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     authorize(&state, &request_headers)?;
     let declared = state.topology.topic(&topic).ok_or_else(|| {
@@ -26,6 +27,8 @@ pub async fn ingest(
             format!("topic `{topic}` is not in the topology"),
         )
     })?;
+    let body =
+        body.map_err(|e| ApiError::new(e.status(), body_error_code(e.status()), e.body_text()))?;
     let value: Value = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request("INVALID_JSON", format!("body is not valid JSON: {e}"))
     })?;
@@ -66,6 +69,15 @@ pub async fn ingest(
         StatusCode::ACCEPTED,
         Json(json!({"event_id": event.envelope.event_id.to_string()})),
     ))
+}
+
+/// The machine-readable code of a body that could not be read.
+fn body_error_code(status: StatusCode) -> &'static str {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        "PAYLOAD_TOO_LARGE"
+    } else {
+        "INVALID_BODY"
+    }
 }
 
 /// Bearer admin token, compared in constant time; no token configured → the endpoint is off.
