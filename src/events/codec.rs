@@ -12,7 +12,7 @@ use thiserror::Error;
 use uuid::Uuid;
 
 use super::json::{self, Path};
-use super::node::{Node, RecordNode};
+use super::node::{Node, Plan, RecordNode, RecordPlan, Step};
 use super::registry::Registry;
 
 /// The two marker bytes that open every single-object payload.
@@ -132,15 +132,30 @@ impl Registry {
             .as_ref()
             .map_err(|e| DecodeError::Body(e.clone()))?;
         let mut body = &bytes[HEADER_LEN..];
-        let value = json::read(plan, &mut body).map_err(DecodeError::Body)?;
-        if !body.is_empty() {
-            return Err(DecodeError::Body(format!("{} trailing bytes", body.len())));
-        }
-        let Value::Object(mut fields) = value else {
-            return Err(DecodeError::Body("body is not a record".into()));
+        let (envelope, fields) = match plan {
+            // The registry's event schemas are records: read the envelope straight into its
+            // fields (no intermediate map) and the rest into the body map.
+            Plan::Record(r) => {
+                let read = read_event(r, &mut body).map_err(DecodeError::Body)?;
+                if !body.is_empty() {
+                    return Err(DecodeError::Body(format!("{} trailing bytes", body.len())));
+                }
+                read
+            }
+            _ => {
+                let value = json::read(plan, &mut body).map_err(DecodeError::Body)?;
+                if !body.is_empty() {
+                    return Err(DecodeError::Body(format!("{} trailing bytes", body.len())));
+                }
+                let Value::Object(mut fields) = value else {
+                    return Err(DecodeError::Body("body is not a record".into()));
+                };
+                let envelope = fields.remove("envelope").map(RawEnvelope::from_value);
+                (envelope, fields)
+            }
         };
-        let envelope = match fields.remove("envelope") {
-            Some(Value::Object(env)) => envelope_from_map(env).map_err(DecodeError::Body)?,
+        let envelope = match envelope {
+            Some(Some(env)) => env.into_envelope().map_err(DecodeError::Body)?,
             _ => return Err(DecodeError::Body("no envelope".into())),
         };
         if envelope.event_type != schema.event_type {
@@ -370,35 +385,134 @@ fn write_envelope(env: &RecordNode, e: &Envelope, out: &mut Vec<u8>) -> Result<(
     Ok(())
 }
 
-fn envelope_from_map(mut m: Map<String, Value>) -> Result<Envelope, String> {
-    let mut string = |k: &str| match m.remove(k) {
-        Some(Value::String(s)) => Ok(s),
-        _ => Err(format!("envelope.{k} is not a string")),
-    };
-    let event_id = string("event_id")?;
-    let event_type = string("event_type")?;
-    let tenant_id = string("tenant_id")?;
-    let conversation_id = string("conversation_id")?;
-    let producer = string("producer")?;
-    let event_id = Uuid::parse_str(&event_id).map_err(|e| format!("envelope.event_id: {e}"))?;
-    let occurred_at_ms = m
-        .get("occurred_at")
-        .and_then(Value::as_i64)
-        .ok_or("envelope.occurred_at is not a number")?;
-    let traceparent = match m.remove("traceparent") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s),
-        Some(_) => return Err("envelope.traceparent is not a string".into()),
-    };
-    Ok(Envelope {
-        event_id,
-        event_type,
-        tenant_id,
-        conversation_id,
-        occurred_at_ms,
-        traceparent,
-        producer,
-    })
+/// `None` = no `envelope` field; `Some(None)` = an `envelope` that is not a record.
+type EnvelopeSlot = Option<Option<RawEnvelope>>;
+
+/// Reads a whole event record: the `envelope` field into a [`RawEnvelope`], every other field
+/// into the body map. Same result as reading the record as a map and removing `envelope`
+/// (a later duplicate name wins), without building the envelope's map.
+fn read_event(
+    r: &RecordPlan,
+    buf: &mut &[u8],
+) -> Result<(EnvelopeSlot, Map<String, Value>), String> {
+    let mut envelope = None;
+    let mut fields = Vec::with_capacity(r.steps.len() + r.defaults.len());
+    for step in &r.steps {
+        match step {
+            Step::Read(name, Plan::Record(env)) if name == "envelope" => {
+                envelope = Some(Some(RawEnvelope::read(env, buf)?));
+            }
+            Step::Read(name, p) if name == "envelope" => {
+                envelope = Some(RawEnvelope::from_value(json::read(p, buf)?));
+            }
+            Step::Read(name, p) => fields.push((name.clone(), json::read(p, buf)?)),
+            Step::Skip(node) => json::skip(node, buf)?,
+        }
+    }
+    for (name, d) in &r.defaults {
+        if name == "envelope" {
+            envelope = Some(RawEnvelope::from_value(d.clone()));
+        } else {
+            fields.push((name.clone(), d.clone()));
+        }
+    }
+    Ok((envelope, fields.into_iter().collect()))
+}
+
+/// The envelope fields as read, before their types are checked (in [`RawEnvelope::into_envelope`],
+/// after the whole body has been read, so errors come in the same order as before).
+#[derive(Default)]
+struct RawEnvelope {
+    event_id: Option<Value>,
+    event_type: Option<Value>,
+    tenant_id: Option<Value>,
+    conversation_id: Option<Value>,
+    occurred_at: Option<Value>,
+    traceparent: Option<Value>,
+    producer: Option<Value>,
+}
+
+impl RawEnvelope {
+    /// The slot for a reader envelope field; `None` for fields [`Envelope`] does not carry.
+    fn slot(&mut self, name: &str) -> Option<&mut Option<Value>> {
+        Some(match name {
+            "event_id" => &mut self.event_id,
+            "event_type" => &mut self.event_type,
+            "tenant_id" => &mut self.tenant_id,
+            "conversation_id" => &mut self.conversation_id,
+            "occurred_at" => &mut self.occurred_at,
+            "traceparent" => &mut self.traceparent,
+            "producer" => &mut self.producer,
+            _ => return None,
+        })
+    }
+
+    fn read(r: &RecordPlan, buf: &mut &[u8]) -> Result<RawEnvelope, String> {
+        let mut env = RawEnvelope::default();
+        for step in &r.steps {
+            match step {
+                Step::Read(name, p) => {
+                    let v = json::read(p, buf)?;
+                    if let Some(slot) = env.slot(name) {
+                        *slot = Some(v);
+                    }
+                }
+                Step::Skip(node) => json::skip(node, buf)?,
+            }
+        }
+        for (name, d) in &r.defaults {
+            if let Some(slot) = env.slot(name) {
+                *slot = Some(d.clone());
+            }
+        }
+        Ok(env)
+    }
+
+    /// `None` unless `v` is an object.
+    fn from_value(v: Value) -> Option<RawEnvelope> {
+        let Value::Object(m) = v else { return None };
+        let mut env = RawEnvelope::default();
+        for (k, v) in m {
+            if let Some(slot) = env.slot(&k) {
+                *slot = Some(v);
+            }
+        }
+        Some(env)
+    }
+
+    fn into_envelope(self) -> Result<Envelope, String> {
+        fn string(k: &str, v: Option<Value>) -> Result<String, String> {
+            match v {
+                Some(Value::String(s)) => Ok(s),
+                _ => Err(format!("envelope.{k} is not a string")),
+            }
+        }
+        let event_id = string("event_id", self.event_id)?;
+        let event_type = string("event_type", self.event_type)?;
+        let tenant_id = string("tenant_id", self.tenant_id)?;
+        let conversation_id = string("conversation_id", self.conversation_id)?;
+        let producer = string("producer", self.producer)?;
+        let event_id = Uuid::parse_str(&event_id).map_err(|e| format!("envelope.event_id: {e}"))?;
+        let occurred_at_ms = self
+            .occurred_at
+            .as_ref()
+            .and_then(Value::as_i64)
+            .ok_or("envelope.occurred_at is not a number")?;
+        let traceparent = match self.traceparent {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s),
+            Some(_) => return Err("envelope.traceparent is not a string".into()),
+        };
+        Ok(Envelope {
+            event_id,
+            event_type,
+            tenant_id,
+            conversation_id,
+            occurred_at_ms,
+            traceparent,
+            producer,
+        })
+    }
 }
 
 impl Registry {
