@@ -30,12 +30,10 @@
 //!
 //! **Acks are plain, not confirmed.** `Delivery::ack` publishes `+ACK` to the record's reply
 //! subject and returns without waiting for the server (no double ack): a returned ack is
-//! *sent*, not yet *committed*. The connection writes it out at once and a per-subscription
-//! flusher (one `flush` at a time, at most one per millisecond, covering every ack published
-//! before it) makes sure it reached the socket; the server applies it on arrival. The window in which a returned
-//! ack can still be lost is therefore the time from the publish to the server processing it:
-//! normally one write plus network latency, at most until the connection breaks (acks queued
-//! on a broken connection are dropped). A lost ack only means the record is delivered again
+//! *sent*, not yet *committed*: it returns once the connection flushed it to the socket, so a
+//! process dying right after an ack does not lose it (a test kills a member's runtime right
+//! after its acks). The server applies it on arrival; only a connection that breaks before
+//! the server read it loses a returned ack. A lost ack only means the record is delivered again
 //! (after `ack_wait`, or at once to a next owner that restarts at the ack floor): at-least-once,
 //! handlers are idempotent. The bookkeeping stays exact on the member's side: a record leaves
 //! the in-flight set only once its ack was handed to the connection, so a hand-over waits for
@@ -73,8 +71,6 @@ const BATCH_MAX: usize = 512;
 /// slot, and pulling one record per round trip would cost more than it brings.
 const BATCH_MIN: usize = 64;
 const BATCH_LINGER: Duration = Duration::from_millis(2);
-/// Least time between two ack flushes (acks published meanwhile share the next one).
-const ACK_FLUSH_EVERY: Duration = Duration::from_millis(1);
 /// Pause after a failed pull or consumer lookup before trying again.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 /// The partition count is re-read this often, so partitions added while members run are taken.
@@ -105,9 +101,6 @@ pub(super) async fn subscribe(
         .map_err(|e| BusError::Unavailable(format!("lease bucket {bucket}: {e}")))?;
     let max_in_flight = options.max_in_flight.max(1);
     let (tx, rx) = mpsc::channel(max_in_flight + 8);
-    // Capacity 1: an ack finding a flush already requested needs no other one.
-    let (acks, acks_rx) = mpsc::channel(1);
-    tokio::spawn(flush_acks(bus.client.clone(), acks_rx));
     let g = Arc::new(Group {
         js: bus.js.clone(),
         client: bus.client.clone(),
@@ -123,7 +116,6 @@ pub(super) async fn subscribe(
         max_ack_pending: max_in_flight as i64,
         permits: Arc::new(Semaphore::new(max_in_flight)),
         tx,
-        acks,
         leave: CancellationToken::new(),
         slots: Mutex::new(BTreeMap::new()),
         worker_done: Notify::new(),
@@ -160,8 +152,6 @@ struct Group {
     /// In-flight records of the subscription (backpressure): one permit per handed-out record.
     permits: Arc<Semaphore>,
     tx: mpsc::Sender<Result<Delivery, BusError>>,
-    /// Asks the ack flusher for a flush (see [`flush_acks`]).
-    acks: mpsc::Sender<()>,
     /// Cancelled when the subscription closes or is dropped.
     leave: CancellationToken,
     /// Partitions held now, for the progress keeper.
@@ -188,8 +178,6 @@ struct Slot {
     wake: Notify,
     /// Handed-out records not acked yet, by stream sequence.
     inflight: Mutex<BTreeMap<u64, Inflight>>,
-    /// Asks the ack flusher for a flush after an ack was published.
-    flush: mpsc::Sender<()>,
 }
 
 #[derive(Clone, Copy)]
@@ -428,7 +416,6 @@ async fn rebalance(
                     lost: CancellationToken::new(),
                     wake: Notify::new(),
                     inflight: Mutex::new(BTreeMap::new()),
-                    flush: g.acks.clone(),
                 });
                 lock(&g.slots).insert(p, slot.clone());
                 let span = tracing::info_span!("jetstream_partition", topic = %g.topic, group = %g.group, partition = p);
@@ -829,19 +816,6 @@ async fn keep_alive(g: Arc<Group>, stop: CancellationToken) {
     }
 }
 
-/// Pushes published acks out: one `flush` at a time, at most one per [`ACK_FLUSH_EVERY`], each
-/// covering every ack published before it; acks arriving meanwhile are covered by the next.
-/// Ends once the group and every slot (so every delivery) are gone.
-async fn flush_acks(client: async_nats::Client, mut requests: mpsc::Receiver<()>) {
-    while requests.recv().await.is_some() {
-        let started = Instant::now();
-        if let Err(e) = client.flush().await {
-            debug!(error = %e, "flushing acks failed; unflushed acks mean redeliveries");
-        }
-        tokio::time::sleep_until((started + ACK_FLUSH_EVERY).into()).await;
-    }
-}
-
 /// Acks one record with a plain `+ACK` (no confirmation; see the module doc for the window in
 /// which a returned ack can still be lost).
 struct JetStreamAcker {
@@ -864,9 +838,12 @@ impl Acker for JetStreamAcker {
         // sends afterwards.
         self.acked = true;
         self.slot.settle(self.seq);
-        // Full means a flush is already requested and will cover this ack.
-        let _ = self.slot.flush.try_send(());
-        Ok(())
+        // Written to the socket before returning, so an ack that returned survives the process
+        // dying right after (only a broken connection can still lose it). Concurrent acks share
+        // the connection's flushes, so this costs a hop to the connection task, not a round trip.
+        self.client.flush().await.map_err(|e| {
+            BusError::Unavailable(format!("flushing ack of sequence {}: {e}", self.seq))
+        })
     }
 }
 

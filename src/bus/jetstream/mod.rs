@@ -15,8 +15,8 @@
 //! - **Groups**: one durable pull consumer per (group, partition) filtered to that partition's
 //!   subject, explicit acks; its ack floor is the committed offset (it only moves over a
 //!   contiguous acked prefix, as the contract wants). Acks are plain (`+ACK` without waiting
-//!   for the server's confirmation), so a returned ack is sent, not yet committed; a lost one
-//!   means a redelivery (at-least-once). Members share partitions through leases in a KV
+//!   for the server's confirmation, but flushed to the socket), so a returned ack is sent, not
+//!   yet committed; one lost with a broken connection means a redelivery (at-least-once). Members share partitions through leases in a KV
 //!   bucket; `group` explains why per-key order holds across members and the ack window.
 //!
 //! Why not JetStream's own partitioning (2.11 priority groups with pinned clients): a pinned
