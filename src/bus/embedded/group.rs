@@ -220,15 +220,11 @@ impl Inner {
     }
 
     /// Queues a commit to the writer; the caller holds the groups lock (see the module doc).
+    /// The latest offset of a partition replaces any not yet written.
     fn queue_commit(&self, key: &GroupKey, partition: u32, offset: u64) {
-        let cmd = Cmd::Commit {
-            group: key.0.clone(),
-            topic: key.1.clone(),
-            partition,
-            offset,
-            reply: None,
-        };
-        if self.send(cmd).is_err() {
+        let mut pending = lock(&self.commits);
+        if pending.record(key, partition, offset) && self.send(Cmd::Commits).is_err() {
+            pending.unnudge();
             tracing::debug!(group = %key.0, topic = %key.1, partition, offset, "bus closed; commit not queued");
         }
     }
@@ -380,14 +376,13 @@ impl Inner {
         t.base = offset;
         t.next_fetch = offset;
         t.done.clear();
+        if self.closed.is_cancelled() {
+            return Err(BusError::Closed);
+        }
+        self.queue_commit(&key, partition, offset);
+        // Answered once everything recorded before it, this offset included, is durable.
         let (reply, durable) = oneshot::channel();
-        self.send(Cmd::Commit {
-            group: key.0.clone(),
-            topic: key.1.clone(),
-            partition,
-            offset,
-            reply: Some(reply),
-        })?;
+        self.send(Cmd::Flush { reply })?;
         gs.changed.send_modify(|g| *g = g.wrapping_add(1));
         tracing::info!(group, topic, partition, offset, "group offset set");
         Ok(durable)

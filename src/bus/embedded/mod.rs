@@ -139,6 +139,8 @@ pub(super) struct Inner {
     /// `None` once the bus is dropped.
     db: RwLock<Option<Arc<DbHandle>>>,
     tx: mpsc::Sender<Cmd>,
+    /// Committed offsets waiting for the writer (see [`writer::PendingCommits`]).
+    commits: Arc<Mutex<writer::PendingCommits>>,
     topics: Arc<Topics>,
     groups: Mutex<HashMap<GroupKey, GroupState>>,
     closed: CancellationToken,
@@ -253,10 +255,12 @@ impl EmbeddedBus {
             .collect();
         let topics = Arc::new(RwLock::new(topics));
         let (tx, rx) = mpsc::channel();
+        let commits = Arc::new(Mutex::new(writer::PendingCommits::default()));
         let writer = writer::Writer::new(
             handle.clone(),
             topics.clone(),
             rx,
+            commits.clone(),
             config.embedded.max_batch.max(1),
             metas,
             path.clone(),
@@ -271,6 +275,7 @@ impl EmbeddedBus {
                 path,
                 db: RwLock::new(Some(handle)),
                 tx,
+                commits,
                 topics,
                 groups: Mutex::new(HashMap::new()),
                 closed: CancellationToken::new(),

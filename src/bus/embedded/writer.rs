@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::{Arc, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use redb::{ReadableTable, Table, WriteTransaction};
@@ -17,7 +17,7 @@ use tokio::sync::{oneshot, watch};
 use super::store::{
     self, PartMeta, RecordKey, RecordValue, TopicMeta, OFFSETS, PARTITIONS, RECORDS, TOPICS,
 };
-use super::{now_ms, storage, DbHandle, PartShared, TopicShared, Topics};
+use super::{lock, now_ms, storage, DbHandle, PartShared, TopicShared, Topics};
 use crate::bus::{partition_for, BusError, OutRecord, Published, TopicSpec};
 
 /// How often retention runs. Retention is hours or days in practice; a pass only looks at the
@@ -40,14 +40,9 @@ pub(super) enum Cmd {
         record: OutRecord,
         reply: Reply<Published>,
     },
-    /// Sets a group's committed offset; `reply` (if any) is answered once it is durable.
-    Commit {
-        group: String,
-        topic: String,
-        partition: u32,
-        offset: u64,
-        reply: Option<Reply<()>>,
-    },
+    /// Committed offsets are waiting in [`PendingCommits`]: write them. Sent only when the
+    /// pending set turns non-empty, so a burst of acks costs one command.
+    Commits,
     ApplyTopic {
         spec: TopicSpec,
         reply: Reply<()>,
@@ -63,6 +58,42 @@ pub(super) enum Cmd {
     /// Writes what came before and stops.
     Shutdown,
 }
+
+/// Committed offsets decided by the consumer groups and not yet written, latest per partition.
+///
+/// Acks record here (under the groups lock, so a partition's offsets are decided in order and
+/// the latest decision wins) instead of queueing one command each; the writer takes the whole
+/// set into its next transaction. Every batch takes the set after receiving its commands, so a
+/// `Flush` sent after an offset was recorded is answered only once that offset is durable.
+#[derive(Default)]
+pub(super) struct PendingCommits {
+    offsets: HashMap<(String, String), BTreeMap<u32, u64>>,
+    /// A `Cmd::Commits` is queued and the writer has not taken the set since.
+    nudged: bool,
+}
+
+impl PendingCommits {
+    /// Records the committed offset of a partition; returns whether the writer must be nudged.
+    pub(super) fn record(&mut self, key: &(String, String), partition: u32, offset: u64) -> bool {
+        match self.offsets.get_mut(key) {
+            Some(parts) => {
+                parts.insert(partition, offset);
+            }
+            None => {
+                self.offsets
+                    .insert(key.clone(), BTreeMap::from([(partition, offset)]));
+            }
+        }
+        !std::mem::replace(&mut self.nudged, true)
+    }
+
+    /// The writer lost a nudge (closed channel): let the next record send one.
+    pub(super) fn unnudge(&mut self) {
+        self.nudged = false;
+    }
+}
+
+type CommitSet = HashMap<(String, String), BTreeMap<u32, u64>>;
 
 /// An answer held back until the transaction commits.
 enum Pending {
@@ -107,6 +138,7 @@ pub(super) struct Writer {
     db: Arc<DbHandle>,
     topics: Arc<Topics>,
     rx: Receiver<Cmd>,
+    commits: Arc<Mutex<PendingCommits>>,
     max_batch: usize,
     /// The writer's own view of the metadata, ahead of the shared one during a transaction.
     metas: HashMap<String, TopicMeta>,
@@ -127,6 +159,7 @@ impl Writer {
         db: Arc<DbHandle>,
         topics: Arc<Topics>,
         rx: Receiver<Cmd>,
+        commits: Arc<Mutex<PendingCommits>>,
         max_batch: usize,
         metas: HashMap<String, TopicMeta>,
         path: PathBuf,
@@ -135,6 +168,7 @@ impl Writer {
             db,
             topics,
             rx,
+            commits,
             max_batch,
             metas,
             path,
@@ -193,6 +227,7 @@ impl Writer {
         let mut pending = Vec::with_capacity(batch.len());
         let mut retention = Vec::new();
         let mut changes = Changes::default();
+        let mut commits = CommitSet::new();
         let started = Instant::now();
         let n = batch.len();
         let result = self
@@ -201,7 +236,14 @@ impl Writer {
             .begin_write()
             .map_err(storage("begin write"))
             .and_then(|txn| {
-                self.apply(&txn, &mut batch, &mut pending, &mut retention, &mut changes)?;
+                self.apply(
+                    &txn,
+                    &mut batch,
+                    &mut pending,
+                    &mut retention,
+                    &mut changes,
+                    &mut commits,
+                )?;
                 txn.commit().map_err(storage("commit"))
             });
         match &result {
@@ -216,6 +258,16 @@ impl Writer {
             Err(e) => {
                 tracing::error!(error = %e, commands = n, "embedded bus write failed; the batch is rejected");
                 self.reload();
+                // Offsets taken but not written go back, unless a newer one was decided since;
+                // the next decided offset nudges the writer again.
+                let mut pc = lock(&self.commits);
+                for (key, parts) in commits {
+                    let entry = pc.offsets.entry(key).or_default();
+                    for (p, o) in parts {
+                        entry.entry(p).or_insert(o);
+                    }
+                }
+                pc.nudged = false;
             }
         }
         for p in pending {
@@ -228,15 +280,10 @@ impl Writer {
                 Cmd::Publish { reply, .. } => {
                     let _ = reply.send(Err(e()));
                 }
-                Cmd::Commit {
-                    reply: Some(reply), ..
-                }
-                | Cmd::ApplyTopic { reply, .. }
-                | Cmd::Flush { reply }
-                | Cmd::Retention { reply } => {
+                Cmd::ApplyTopic { reply, .. } | Cmd::Flush { reply } | Cmd::Retention { reply } => {
                     let _ = reply.send(Err(e()));
                 }
-                Cmd::Commit { reply: None, .. } | Cmd::Shutdown => {}
+                Cmd::Commits | Cmd::Shutdown => {}
             }
         }
         for reply in retention {
@@ -251,6 +298,7 @@ impl Writer {
         pending: &mut Vec<Pending>,
         retention: &mut Vec<Reply<()>>,
         changes: &mut Changes,
+        commits: &mut CommitSet,
     ) -> Result<(), BusError> {
         let mut records = txn.open_table(RECORDS).map_err(storage("open records"))?;
         let mut offsets = txn
@@ -282,24 +330,7 @@ impl Writer {
                         }
                     }
                 }
-                Cmd::Commit {
-                    group,
-                    topic,
-                    partition,
-                    offset,
-                    reply,
-                } => {
-                    if failure.is_none() {
-                        if let Err(e) =
-                            offsets.insert((group.as_str(), topic.as_str(), partition), offset)
-                        {
-                            failure = Some(storage("write group offset")(e));
-                        }
-                    }
-                    if let Some(reply) = reply {
-                        pending.push(Pending::Done(reply));
-                    }
-                }
+                Cmd::Commits => {}
                 Cmd::ApplyTopic { spec, reply } => {
                     if failure.is_some() {
                         pending.push(Pending::Done(reply));
@@ -319,6 +350,24 @@ impl Writer {
                 Cmd::Flush { reply } => pending.push(Pending::Done(reply)),
                 Cmd::Retention { reply } => retention.push(reply),
                 Cmd::Shutdown => {}
+            }
+        }
+        // Taken after every command of the batch was received: see [`PendingCommits`].
+        {
+            let mut pc = lock(&self.commits);
+            *commits = std::mem::take(&mut pc.offsets);
+            pc.nudged = false;
+        }
+        if failure.is_none() {
+            'offsets: for ((group, topic), parts) in commits.iter() {
+                for (&partition, &offset) in parts {
+                    if let Err(e) =
+                        offsets.insert((group.as_str(), topic.as_str(), partition), offset)
+                    {
+                        failure = Some(storage("write group offset")(e));
+                        break 'offsets;
+                    }
+                }
             }
         }
         if failure.is_none() {
@@ -371,11 +420,16 @@ impl Writer {
             .map_err(storage("append record"))?;
         part.high += 1;
         part.last_ts = ts;
-        changes
-            .partitions
-            .entry(topic.to_string())
-            .or_default()
-            .insert(partition);
+        match changes.partitions.get_mut(topic) {
+            Some(ps) => {
+                ps.insert(partition);
+            }
+            None => {
+                changes
+                    .partitions
+                    .insert(topic.to_string(), BTreeSet::from([partition]));
+            }
+        }
         Ok(Published { partition, offset })
     }
 
