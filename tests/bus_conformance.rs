@@ -219,13 +219,7 @@ async fn acked_records_are_not_redelivered(t: TestBus) {
             .await
             .expect("publish");
     }
-    let mut a = t
-        .bus
-        .subscribe(&group, &topic, opts())
-        .await
-        .expect("subscribe");
-    take(&mut a, 10, WAIT, true).await;
-    a.close().await.expect("close");
+    consume_and_leave(&t, &group, &topic, 10).await;
 
     let mut b = t
         .bus
@@ -435,13 +429,7 @@ async fn replay_by_offset_and_time(t: TestBus) {
             .await
             .expect("publish");
     }
-    let mut sub = t
-        .bus
-        .subscribe(&group, &topic, opts())
-        .await
-        .expect("subscribe");
-    take(&mut sub, 10, WAIT, true).await;
-    sub.close().await.expect("close");
+    consume_and_leave(&t, &group, &topic, 10).await;
     wait_lag(&t, &group, &topic, 0).await;
 
     // By time: only the late records lie after the cut.
@@ -628,6 +616,17 @@ async fn replay_changes_no_end_state(t: TestBus) {
         before,
         "the end state is unchanged"
     );
+}
+
+/// Joins the group, acks `n` records, and leaves cleanly (everything acked committed).
+async fn consume_and_leave(t: &TestBus, group: &str, topic: &str, n: usize) {
+    let mut sub = t
+        .bus
+        .subscribe(group, topic, opts())
+        .await
+        .expect("subscribe");
+    take(&mut sub, n, WAIT, true).await;
+    sub.close().await.expect("close");
 }
 
 async fn wait_lag(t: &TestBus, group: &str, topic: &str, want: u64) {
