@@ -64,6 +64,21 @@ impl Handler for Count {
 struct Phases {
     produce: Duration,
     consume: Duration,
+    /// Process CPU time (user + system, every thread) spent in the consume phase.
+    consume_cpu: Duration,
+}
+
+/// CPU time of this process so far, from /proc (Linux); zero elsewhere.
+fn cpu_time() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return Duration::ZERO;
+    };
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15 of stat, 11 and 12 after the command; 100 Hz.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
 async fn nexus_run(bus: Arc<dyn Bus>, n: u64) -> Phases {
@@ -109,14 +124,19 @@ async fn nexus_run(bus: Arc<dyn Bus>, n: u64) -> Phases {
     while count.0.load(Ordering::Relaxed) == 0 {
         tokio::time::sleep(Duration::from_micros(200)).await;
     }
-    let first = Instant::now();
+    let (first, cpu) = (Instant::now(), cpu_time());
     while count.0.load(Ordering::Relaxed) < n {
         tokio::time::sleep(Duration::from_micros(200)).await;
     }
     let consume = first.elapsed();
+    let consume_cpu = cpu_time().saturating_sub(cpu);
     stop.cancel();
     run.await.expect("join").expect("consumer");
-    Phases { produce, consume }
+    Phases {
+        produce,
+        consume,
+        consume_cpu,
+    }
 }
 
 /// Sequential file append (length-prefixed, fsync per 1024 records like the embedded log's
@@ -141,7 +161,7 @@ fn raw_file(n: u64) -> Phases {
     w.flush().expect("flush");
     w.get_ref().sync_data().expect("fsync");
     let produce = started.elapsed();
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), cpu_time());
     let mut r = BufReader::new(std::fs::File::open(&path).expect("open"));
     let mut read = 0u64;
     let mut len = [0u8; 4];
@@ -158,6 +178,7 @@ fn raw_file(n: u64) -> Phases {
     Phases {
         produce,
         consume: started.elapsed(),
+        consume_cpu: cpu_time().saturating_sub(cpu),
     }
 }
 
@@ -218,7 +239,7 @@ async fn raw_kafka(brokers: &str, n: u64) -> Phases {
         .expect("consumer");
     consumer.subscribe(&[&topic]).expect("subscribe");
     consumer.recv().await.expect("recv");
-    let first = Instant::now();
+    let (first, cpu) = (Instant::now(), cpu_time());
     let mut got = 1u64;
     while got < n {
         consumer.recv().await.expect("recv");
@@ -230,6 +251,7 @@ async fn raw_kafka(brokers: &str, n: u64) -> Phases {
     Phases {
         produce,
         consume: first.elapsed(),
+        consume_cpu: cpu_time().saturating_sub(cpu),
     }
 }
 
@@ -280,7 +302,7 @@ async fn raw_nats(url: &str, n: u64) -> Phases {
         .expect("messages");
     let m = messages.next().await.expect("message").expect("message ok");
     m.ack().await.expect("ack");
-    let first = Instant::now();
+    let (first, cpu) = (Instant::now(), cpu_time());
     let mut got = 1u64;
     while got < n {
         let m = messages.next().await.expect("message").expect("message ok");
@@ -290,6 +312,7 @@ async fn raw_nats(url: &str, n: u64) -> Phases {
     Phases {
         produce,
         consume: first.elapsed(),
+        consume_cpu: cpu_time().saturating_sub(cpu),
     }
 }
 
@@ -351,6 +374,13 @@ async fn main() {
             row(raw.produce, ours.produce),
             row(raw.consume, ours.consume),
             row(raw.produce + raw.consume, ours.produce + ours.consume)
+        );
+        let per_event = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+        println!(
+            "{:<10} consume CPU (this process, µs/event): raw {:.2}, nexus {:.2}",
+            "",
+            per_event(raw.consume_cpu),
+            per_event(ours.consume_cpu)
         );
     }
 }

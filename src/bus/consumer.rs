@@ -134,6 +134,7 @@ impl Consumer {
             handler,
             options: self.options.clone(),
             shutdown: shutdown.clone(),
+            metrics: LaneMetrics::new(&self.topic, &self.group),
         });
         let lanes = self.options.concurrency.max(1);
         let depth = (self.options.max_in_flight / lanes).max(1);
@@ -204,6 +205,28 @@ struct LaneContext {
     handler: Arc<dyn Handler>,
     options: ConsumerOptions,
     shutdown: CancellationToken,
+    metrics: LaneMetrics,
+}
+
+/// Metric handles resolved once per consumer: a per-event lookup with cloned label strings
+/// cost more than the handler does in a light worker.
+struct LaneMetrics {
+    handle_seconds: metrics::Histogram,
+    handled: metrics::Counter,
+    dead_lettered: metrics::Counter,
+    retried: metrics::Counter,
+}
+
+impl LaneMetrics {
+    fn new(topic: &str, group: &str) -> Self {
+        let consumed = |outcome: &'static str| metrics::counter!(m::EVENTS_CONSUMED_TOTAL, "topic" => topic.to_string(), "group" => group.to_string(), "outcome" => outcome);
+        Self {
+            handle_seconds: metrics::histogram!(m::EVENT_HANDLE_SECONDS, "topic" => topic.to_string(), "group" => group.to_string()),
+            handled: consumed("ok"),
+            dead_lettered: consumed("dead_lettered"),
+            retried: consumed("retried"),
+        }
+    }
 }
 
 /// The lane of a key among `lanes`: same key → same lane, so one conversation is handled in
@@ -274,12 +297,17 @@ async fn process(ctx: &LaneContext, delivery: Delivery) {
             }
         }
     };
-    let labels = [("topic", ctx.topic.clone()), ("group", ctx.group.clone())];
-    metrics::histogram!(m::EVENT_HANDLE_SECONDS, &labels).record(started.elapsed().as_secs_f64());
-    if let Outcome::DeadLettered(reason) = outcome {
-        metrics::counter!(m::EVENTS_DEAD_LETTERED_TOTAL, "topic" => ctx.topic.clone(), "group" => ctx.group.clone(), "reason" => reason).increment(1);
+    ctx.metrics
+        .handle_seconds
+        .record(started.elapsed().as_secs_f64());
+    match outcome {
+        Outcome::Handled => ctx.metrics.handled.increment(1),
+        Outcome::DeadLettered(reason) => {
+            // Rare, and its reason label is open-ended: resolved per event.
+            metrics::counter!(m::EVENTS_DEAD_LETTERED_TOTAL, "topic" => ctx.topic.clone(), "group" => ctx.group.clone(), "reason" => reason).increment(1);
+            ctx.metrics.dead_lettered.increment(1);
+        }
     }
-    metrics::counter!(m::EVENTS_CONSUMED_TOTAL, "topic" => ctx.topic.clone(), "group" => ctx.group.clone(), "outcome" => outcome.label()).increment(1);
     if let Err(e) = delivery.ack().await {
         // The effect is done; a lost ack means a redelivery, which idempotent handlers absorb.
         warn!(error = %e, "ack failed; the event may be delivered again");
@@ -289,15 +317,6 @@ async fn process(ctx: &LaneContext, delivery: Delivery) {
 enum Outcome {
     Handled,
     DeadLettered(&'static str),
-}
-
-impl Outcome {
-    fn label(&self) -> &'static str {
-        match self {
-            Outcome::Handled => "ok",
-            Outcome::DeadLettered(_) => "dead_lettered",
-        }
-    }
 }
 
 /// Runs the handler until it succeeds or rejects; `None` if shutdown interrupted the retries.
@@ -319,7 +338,7 @@ async fn handle_with_retry(ctx: &LaneContext, event: &Event, msg: &Message) -> O
             Ok(Err(HandleError::Retry(e))) => e,
             Err(_) => format!("handler timed out after {:?}", ctx.options.handler_timeout),
         };
-        metrics::counter!(m::EVENTS_CONSUMED_TOTAL, "topic" => ctx.topic.clone(), "group" => ctx.group.clone(), "outcome" => "retried").increment(1);
+        ctx.metrics.retried.increment(1);
         let wait = backoff(&ctx.options, attempt);
         warn!(attempt, error = %failure, retry_in_ms = wait.as_millis() as u64, "handler failed; retrying");
         tokio::select! {

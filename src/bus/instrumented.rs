@@ -1,7 +1,8 @@
 //! A [`Bus`] wrapper that counts and times every publish in one place, whatever the backend,
 //! so `nexus_events_published_total` and `nexus_bus_publish_seconds` mean the same everywhere.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -11,11 +12,39 @@ use crate::telemetry::metrics as m;
 
 pub struct InstrumentedBus {
     inner: Arc<dyn Bus>,
+    /// Handles per topic, resolved once: topics are few and fixed by the topology.
+    per_topic: RwLock<HashMap<String, Arc<TopicMetrics>>>,
+}
+
+struct TopicMetrics {
+    seconds: metrics::Histogram,
+    published: metrics::Counter,
+    errors: metrics::Counter,
 }
 
 impl InstrumentedBus {
     pub fn wrap(inner: Arc<dyn Bus>) -> Arc<dyn Bus> {
-        Arc::new(Self { inner })
+        Arc::new(Self {
+            inner,
+            per_topic: RwLock::new(HashMap::new()),
+        })
+    }
+
+    fn metrics_of(&self, topic: &str) -> Arc<TopicMetrics> {
+        let read = self.per_topic.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = read.get(topic) {
+            return Arc::clone(t);
+        }
+        drop(read);
+        let mut write = self.per_topic.write().unwrap_or_else(|e| e.into_inner());
+        let t = write.entry(topic.to_string()).or_insert_with(|| {
+            Arc::new(TopicMetrics {
+                seconds: metrics::histogram!(m::BUS_PUBLISH_SECONDS, "topic" => topic.to_string()),
+                published: metrics::counter!(m::EVENTS_PUBLISHED_TOTAL, "topic" => topic.to_string()),
+                errors: metrics::counter!(m::BUS_PUBLISH_ERRORS_TOTAL, "topic" => topic.to_string()),
+            })
+        });
+        Arc::clone(t)
     }
 }
 
@@ -28,16 +57,13 @@ impl Bus for InstrumentedBus {
     async fn publish(&self, topic: &str, record: OutRecord) -> Result<Published, BusError> {
         let started = Instant::now();
         let result = self.inner.publish(topic, record).await;
-        let topic_label = topic.to_string();
+        let t = self.metrics_of(topic);
         match &result {
             Ok(_) => {
-                metrics::histogram!(m::BUS_PUBLISH_SECONDS, "topic" => topic_label.clone())
-                    .record(started.elapsed().as_secs_f64());
-                metrics::counter!(m::EVENTS_PUBLISHED_TOTAL, "topic" => topic_label).increment(1);
+                t.seconds.record(started.elapsed().as_secs_f64());
+                t.published.increment(1);
             }
-            Err(_) => {
-                metrics::counter!(m::BUS_PUBLISH_ERRORS_TOTAL, "topic" => topic_label).increment(1)
-            }
+            Err(_) => t.errors.increment(1),
         }
         result
     }
