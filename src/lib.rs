@@ -23,6 +23,7 @@ pub mod edge;
 pub mod events;
 pub mod http_client;
 pub mod replay;
+pub mod stores;
 pub mod telemetry;
 pub mod tls;
 pub mod topology;

@@ -1,0 +1,4 @@
+//! The stores nexus keeps state in: live sessions (Redis or embedded) and provisioning
+//! (PostgreSQL or SQLite).
+
+pub mod session;

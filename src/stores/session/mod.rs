@@ -1,0 +1,291 @@
+//! Live chat state shared by every edge and worker instance: conversations, transcripts, agent
+//! presence and capacity, queues and timers. Redis in production, redb in `nexus dev`.
+//!
+//! Writers: a conversation's record and transcript are written only by the conversation worker
+//! while it handles that conversation's events, which the bus orders per conversation (its key),
+//! so they need no compare-and-set. Agent capacity, queues and timers are shared by every worker
+//! instance and change only through the atomic operations below (Redis: one Lua script each).
+//! Edges only read (transcript, conversation) to serve reads and resume streams.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The store cannot be reached or failed; worth a retry.
+    #[error("session store unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data this version cannot read (a bug or a foreign writer).
+    #[error("session store data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Who said or did something in a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PartyKind {
+    Customer,
+    Agent,
+    Bot,
+    System,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Party {
+    pub participant_id: String,
+    pub nickname: String,
+    pub kind: PartyKind,
+}
+
+/// Transcript entry kinds: the legacy v2 event types plus what v3 adds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    ParticipantJoined,
+    ParticipantLeft,
+    Message,
+    Notice,
+    CustomNotice,
+    TypingStarted,
+    TypingStopped,
+    FileUploaded,
+    ReadReceipt,
+    UserDataUpdated,
+}
+
+/// An entry to append; the store gives it its position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewEntry {
+    /// The event that produced the entry: appending the same event id twice is a no-op.
+    pub event_id: String,
+    pub kind: EntryKind,
+    pub from: Party,
+    pub text: Option<String>,
+    /// Client-supplied message id: a second entry with the same one is a no-op too.
+    pub message_id: Option<String>,
+    /// User data, notice payload, file id/name, the read position of a receipt.
+    pub data: BTreeMap<String, String>,
+    pub at_ms: i64,
+}
+
+/// A transcript entry; positions start at 1 and have no gaps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    pub position: u64,
+    #[serde(flatten)]
+    pub entry: NewEntry,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub position: u64,
+    /// The event or message id was already in the transcript at `position`.
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConversationState {
+    /// With a bot.
+    Bot,
+    /// Waiting in a queue for an agent.
+    Queued,
+    /// Offered to `offered_to`, waiting for accept or reject.
+    Offered,
+    /// An agent is connected.
+    Connected,
+    Closed,
+}
+
+/// The live record of one conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Conversation {
+    pub tenant_id: String,
+    pub conversation_id: String,
+    /// e.g. `WEB_CHAT`.
+    pub channel: String,
+    pub state: ConversationState,
+    pub customer: Party,
+    pub contact: BTreeMap<String, String>,
+    pub user_data: BTreeMap<String, String>,
+    pub subject: Option<String>,
+    pub queue_id: Option<String>,
+    pub bot_id: Option<String>,
+    /// The connected agent.
+    pub agent_id: Option<String>,
+    /// The agent the conversation is offered to now.
+    pub offered_to: Option<String>,
+    /// Agents that rejected or let the offer time out, not offered again.
+    pub declined_by: Vec<String>,
+    pub files: u32,
+    pub created_at_ms: i64,
+    /// The customer's last action (async chat closes idle conversations).
+    pub last_activity_ms: i64,
+    pub closed_reason: Option<String>,
+}
+
+/// An agent's live presence; the durable agent (name, skills, capacity) is in provisioning.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentPresence {
+    pub tenant_id: String,
+    pub agent_id: String,
+    pub ready: bool,
+    pub skills: Vec<String>,
+    /// Conversations the agent may hold per media (e.g. `chat` → 3).
+    pub capacity: BTreeMap<String, u32>,
+    /// Conversations held (reserved by an offer or connected) per media; kept by the store.
+    pub active: BTreeMap<String, u32>,
+    /// Since when the agent is idle: set when it becomes ready and when it releases a
+    /// conversation; the longest idle ready agent is offered first.
+    pub idle_since_ms: i64,
+}
+
+/// What to look for when reserving an agent for a conversation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reserve {
+    pub conversation_id: String,
+    pub media: String,
+    /// The agent must have every one of these.
+    pub skills: Vec<String>,
+    /// Never these agents (they declined).
+    pub exclude: Vec<String>,
+    pub now_ms: i64,
+}
+
+/// A timer: `kind` is what happens when it fires (`offer`, `idle`, `close`), `id` what it
+/// fires for (a conversation id).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Timer {
+    pub kind: String,
+    pub tenant_id: String,
+    pub id: String,
+}
+
+#[async_trait]
+pub trait SessionStore: Send + Sync + 'static {
+    /// Creates or replaces the conversation's record.
+    async fn put_conversation(&self, c: &Conversation) -> Result<(), StoreError>;
+
+    async fn conversation(
+        &self,
+        tenant: &str,
+        conversation_id: &str,
+    ) -> Result<Option<Conversation>, StoreError>;
+
+    /// Lets a closed conversation (record, transcript, dedup ids) expire after `ttl`.
+    async fn expire_conversation(
+        &self,
+        tenant: &str,
+        conversation_id: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Appends at the next position, atomically; idempotent by `event_id` and `message_id`.
+    async fn append(
+        &self,
+        tenant: &str,
+        conversation_id: &str,
+        entry: &NewEntry,
+    ) -> Result<Appended, StoreError>;
+
+    /// Entries from position `from` (inclusive, 1-based) on, at most `max`, in order.
+    async fn transcript(
+        &self,
+        tenant: &str,
+        conversation_id: &str,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<Entry>, StoreError>;
+
+    /// Sets readiness, skills and capacity; keeps `active`. Becoming ready (or first seen)
+    /// sets `idle_since_ms` to `now_ms`.
+    async fn set_presence(
+        &self,
+        tenant: &str,
+        agent_id: &str,
+        ready: bool,
+        skills: &[String],
+        capacity: &BTreeMap<String, u32>,
+        now_ms: i64,
+    ) -> Result<AgentPresence, StoreError>;
+
+    async fn presence(
+        &self,
+        tenant: &str,
+        agent_id: &str,
+    ) -> Result<Option<AgentPresence>, StoreError>;
+
+    /// Atomically picks the longest idle ready agent with the skills and a free slot for the
+    /// media, takes the slot for the conversation and returns the agent. Concurrent calls from
+    /// any number of instances never take an agent over its capacity. If the conversation
+    /// already holds a slot with an agent not excluded, returns that agent (a retried reserve
+    /// takes nothing more).
+    async fn reserve_agent(&self, tenant: &str, r: &Reserve) -> Result<Option<String>, StoreError>;
+
+    /// Gives the conversation's slot back (offer rejected or timed out, conversation ended);
+    /// `idle_since_ms` becomes `now_ms`. Idempotent: false if it held none.
+    async fn release_agent(
+        &self,
+        tenant: &str,
+        agent_id: &str,
+        media: &str,
+        conversation_id: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError>;
+
+    /// Conversations holding a slot of the agent.
+    async fn agent_conversations(
+        &self,
+        tenant: &str,
+        agent_id: &str,
+    ) -> Result<Vec<String>, StoreError>;
+
+    /// Puts the conversation in the queue (idempotent: keeps its first place).
+    async fn enqueue(
+        &self,
+        tenant: &str,
+        queue_id: &str,
+        conversation_id: &str,
+        priority: i64,
+        at_ms: i64,
+    ) -> Result<(), StoreError>;
+
+    /// Takes it out; false if it was not there. One caller wins when several race.
+    async fn dequeue(
+        &self,
+        tenant: &str,
+        queue_id: &str,
+        conversation_id: &str,
+    ) -> Result<bool, StoreError>;
+
+    /// The first `max` waiting: highest priority first, then longest waiting.
+    async fn waiting(
+        &self,
+        tenant: &str,
+        queue_id: &str,
+        max: usize,
+    ) -> Result<Vec<String>, StoreError>;
+
+    /// Sets (or moves) the timer to fire at `due_ms`.
+    async fn schedule(&self, timer: &Timer, due_ms: i64) -> Result<(), StoreError>;
+
+    async fn cancel(&self, timer: &Timer) -> Result<(), StoreError>;
+
+    /// Removes and returns up to `max` timers of `kind` due at `now_ms`; a timer is returned to
+    /// exactly one caller however many instances poll.
+    async fn claim_due(
+        &self,
+        kind: &str,
+        now_ms: i64,
+        max: usize,
+    ) -> Result<Vec<Timer>, StoreError>;
+
+    /// True the first time `key` is seen within `ttl` (dedup of effects by event id).
+    async fn remember(&self, key: &str, ttl: Duration) -> Result<bool, StoreError>;
+
+    /// Reachable (for `/readyz`).
+    async fn ping(&self) -> Result<(), StoreError>;
+}
