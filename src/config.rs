@@ -49,6 +49,7 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct WorkersConfig {
     pub tap: crate::workers::tap::TapConfig,
+    pub conversation: crate::workers::conversation::ConversationConfig,
 }
 
 /// The bus: which one and how to talk to it.

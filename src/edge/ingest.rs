@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
 use super::{ApiError, AppState};
-use crate::bus::{headers, OutRecord};
+use crate::bus::headers;
 use crate::events::{self, Event};
 
 pub async fn ingest(
@@ -52,18 +52,13 @@ pub async fn ingest(
             .map(str::to_string)
             .or_else(|| Some(new_traceparent()));
     }
-    let payload = events::encode(&event)
-        .map_err(|e| ApiError::bad_request("SCHEMA_MISMATCH", e.to_string()))?;
-    let mut record = OutRecord::new(event.envelope.conversation_id.clone(), payload)
-        .with_header(headers::EVENT_TYPE, event.envelope.event_type.clone());
-    if let Some(tp) = &event.envelope.traceparent {
-        record = record.with_header(headers::TRACEPARENT, tp.clone());
-    }
-    let published = state
-        .bus
-        .publish(&topic, record)
-        .await
-        .map_err(|e| ApiError::unavailable(format!("publish to {topic}: {e}")))?;
+    let published = match events::publish::publish(state.bus.as_ref(), &topic, &event).await {
+        Ok(p) => p,
+        Err(events::publish::PublishError::Encode(e)) => {
+            return Err(ApiError::bad_request("SCHEMA_MISMATCH", e.to_string()))
+        }
+        Err(e) => return Err(ApiError::unavailable(e.to_string())),
+    };
     tracing::debug!(event_id = %event.envelope.event_id, topic = %topic, partition = published.partition, offset = published.offset, "event ingested");
     Ok((
         StatusCode::ACCEPTED,

@@ -10,10 +10,12 @@
 //!
 //! The evolution rule is written down in `schemas/README.md`.
 
+pub mod chat;
 pub mod codec;
 mod json;
 mod node;
 mod pcf;
+pub mod publish;
 pub mod registry;
 
 #[cfg(test)]

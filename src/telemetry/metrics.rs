@@ -25,8 +25,20 @@ pub const HTTP_REQUESTS_TOTAL: &str = "nexus_http_requests_total";
 pub const HTTP_REQUEST_SECONDS: &str = "nexus_http_request_duration_seconds";
 /// 1 while the bus answers, 0 otherwise (readiness probe result).
 pub const BUS_UP: &str = "nexus_bus_up";
+/// Conversation timers that fired (offer timeouts, queue retries), per `kind`.
+pub const TIMERS_FIRED_TOTAL: &str = "nexus_conversation_timers_fired_total";
+/// Timer claims or actions that failed, per `kind`.
+pub const TIMER_ERRORS_TOTAL: &str = "nexus_conversation_timer_errors_total";
 
 pub(super) fn describe_all() {
+    describe_counter!(
+        TIMERS_FIRED_TOTAL,
+        "Conversation timers that fired (offer timeouts, queue retries)."
+    );
+    describe_counter!(
+        TIMER_ERRORS_TOTAL,
+        "Conversation timer claims or actions that failed."
+    );
     describe_gauge!(
         CONSUMER_LAG,
         "Events behind the log end per topic, partition and consumer group."

@@ -6,6 +6,7 @@
 //! the consumer runtime with [`pending::Pending`], which acks and counts, until their issues
 //! land (see README "Not built yet").
 
+pub mod conversation;
 pub mod pending;
 pub mod tap;
 

@@ -125,6 +125,44 @@ pub struct Conversation {
     /// The customer's last action (async chat closes idle conversations).
     pub last_activity_ms: i64,
     pub closed_reason: Option<String>,
+    /// The conversation worker's bookkeeping.
+    #[serde(default)]
+    pub routing: Routing,
+}
+
+/// Routing details and idempotency bookkeeping of a conversation.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Routing {
+    /// The current offer (to `offered_to`).
+    pub offer_id: Option<String>,
+    pub skills: Vec<String>,
+    pub priority: i64,
+    /// Async chat: kept open while idle, closed after the idle time and grace.
+    pub is_async: bool,
+    /// Ids of the last events applied to this record (newest last): a redelivered one is
+    /// skipped.
+    pub applied: Vec<String>,
+}
+
+impl Routing {
+    /// How many applied event ids a record remembers; redeliveries come soon after the
+    /// original, and a replay of older events meets a closed conversation.
+    pub const APPLIED_KEPT: usize = 64;
+
+    pub fn was_applied(&self, event_id: &str) -> bool {
+        self.applied.iter().any(|e| e == event_id)
+    }
+
+    pub fn mark_applied(&mut self, event_id: String) {
+        if self.was_applied(&event_id) {
+            return;
+        }
+        self.applied.push(event_id);
+        if self.applied.len() > Self::APPLIED_KEPT {
+            let extra = self.applied.len() - Self::APPLIED_KEPT;
+            self.applied.drain(..extra);
+        }
+    }
 }
 
 /// An agent's live presence; the durable agent (name, skills, capacity) is in provisioning.

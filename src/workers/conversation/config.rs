@@ -1,0 +1,27 @@
+//! Settings of the `conversation` role (`[workers.conversation]`).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConversationConfig {
+    /// How long an agent has to accept an offer before it goes to the next agent.
+    pub offer_timeout_ms: u64,
+    /// How often a queued conversation is tried again when no agent was free.
+    pub requeue_interval_ms: u64,
+    /// How often the timer loop looks for due timers.
+    pub timer_interval_ms: u64,
+    /// How long a closed conversation's record and transcript stay readable.
+    pub closed_retention_s: u64,
+}
+
+impl Default for ConversationConfig {
+    fn default() -> Self {
+        Self {
+            offer_timeout_ms: 30_000,
+            requeue_interval_ms: 2_000,
+            timer_interval_ms: 200,
+            closed_retention_s: 7 * 86_400,
+        }
+    }
+}

@@ -1,0 +1,778 @@
+//! The conversation's state machine: one method per event type. Each method is safe to run
+//! again for the same event (see the module docs of the role for how).
+
+use std::collections::BTreeMap;
+
+use serde_json::json;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use super::{
+    directory, directory_failed, notify, store_failed, ConversationWorker, AGENT_TOPIC, CHAT_MEDIA,
+    DELIVERY_TOPIC, INTERACTION_TOPIC,
+};
+use crate::bus::consumer::HandleError;
+use crate::events::chat::{self as ev, Channel, ClientEventKind, ParticipantKind};
+use crate::events::Event;
+use crate::stores::session::{
+    Conversation, ConversationState, Entry, EntryKind, NewEntry, Party, PartyKind, Reserve,
+    Routing, Timer,
+};
+
+pub(crate) const OFFER_TIMER: &str = "offer";
+pub(crate) const QUEUED_TIMER: &str = "queued";
+
+type Step = Result<(), HandleError>;
+
+/// The offer id of the `attempt`-th offer of a conversation to an agent: the same for a
+/// retried dispatch, so a duplicate offer is recognised.
+pub(crate) fn offer_id(conversation_id: &str, agent_id: &str, attempt: usize) -> String {
+    let name = format!("{conversation_id}/offer/{agent_id}/{attempt}");
+    Uuid::new_v5(&Uuid::NAMESPACE_OID, name.as_bytes()).to_string()
+}
+
+fn party_kind(k: ParticipantKind) -> PartyKind {
+    match k {
+        ParticipantKind::Agent => PartyKind::Agent,
+        ParticipantKind::Bot => PartyKind::Bot,
+        ParticipantKind::System => PartyKind::System,
+        ParticipantKind::Customer | ParticipantKind::Unknown => PartyKind::Customer,
+    }
+}
+
+fn system() -> Party {
+    Party {
+        participant_id: "system".into(),
+        nickname: "system".into(),
+        kind: PartyKind::System,
+    }
+}
+
+fn entry(source: &Event, kind: EntryKind, from: Party, text: Option<String>) -> NewEntry {
+    NewEntry {
+        event_id: source.envelope.event_id.to_string(),
+        kind,
+        from,
+        text,
+        message_id: None,
+        data: BTreeMap::new(),
+        at_ms: source.envelope.occurred_at_ms,
+    }
+}
+
+/// Agents who see the conversation's transcript: the connected one.
+fn watchers(c: &Conversation) -> Vec<String> {
+    c.agent_id.iter().cloned().collect()
+}
+
+impl ConversationWorker {
+    async fn load(&self, source: &Event) -> Result<Option<Conversation>, HandleError> {
+        self.store
+            .conversation(&source.envelope.tenant_id, &source.envelope.conversation_id)
+            .await
+            .map_err(store_failed)
+    }
+
+    async fn save(&self, c: &mut Conversation, source: &Event) -> Step {
+        c.routing.mark_applied(source.envelope.event_id.to_string());
+        self.store.put_conversation(c).await.map_err(store_failed)
+    }
+
+    /// Appends an entry (its event id derived from `source` and `what`, so one source can
+    /// append several) and tells the customer and the watching agents.
+    async fn append(
+        &self,
+        c: &Conversation,
+        source: &Event,
+        what: &str,
+        mut new: NewEntry,
+    ) -> Result<Entry, HandleError> {
+        new.event_id = crate::events::chat::derived_id(&source.envelope.event_id, what).to_string();
+        let appended = self
+            .store
+            .append(&c.tenant_id, &c.conversation_id, &new)
+            .await
+            .map_err(store_failed)?;
+        let stored = Entry {
+            position: appended.position,
+            entry: new,
+        };
+        let client = notify::transcript(&c.conversation_id, &stored, watchers(c));
+        self.emit(
+            DELIVERY_TOPIC,
+            source,
+            &c.conversation_id,
+            &format!("client/{what}"),
+            &client,
+        )
+        .await?;
+        Ok(stored)
+    }
+
+    pub(super) async fn on_requested(&self, e: &Event, b: ev::ConversationRequested) -> Step {
+        if let Some(existing) = self.load(e).await? {
+            if !existing
+                .routing
+                .was_applied(&e.envelope.event_id.to_string())
+            {
+                warn!(conversation_id = %e.envelope.conversation_id, "a second request for an existing conversation; ignored");
+            }
+            return Ok(());
+        }
+        let at = e.envelope.occurred_at_ms;
+        let customer = Party {
+            participant_id: b.participant_id.clone(),
+            nickname: b.nickname.clone(),
+            kind: PartyKind::Customer,
+        };
+        let channel = "WEB_CHAT";
+        let mut c = Conversation {
+            tenant_id: e.envelope.tenant_id.clone(),
+            conversation_id: e.envelope.conversation_id.clone(),
+            channel: channel.into(),
+            state: ConversationState::Queued,
+            customer: customer.clone(),
+            contact: b.contact.to_map(),
+            user_data: b.user_data.clone(),
+            subject: b.subject.clone(),
+            queue_id: None,
+            bot_id: None,
+            agent_id: None,
+            offered_to: None,
+            declined_by: Vec::new(),
+            files: 0,
+            created_at_ms: at,
+            last_activity_ms: at,
+            closed_reason: None,
+            routing: Routing {
+                is_async: b.is_async,
+                ..Routing::default()
+            },
+        };
+        self.emit(
+            INTERACTION_TOPIC,
+            e,
+            &c.conversation_id,
+            "started",
+            &ev::ConversationStarted {
+                channel: Channel::WebChat,
+                channel_id: b.channel_id.clone(),
+                customer_participant_id: b.participant_id.clone(),
+                customer_nickname: b.nickname.clone(),
+                contact_id: None,
+                subject: b.subject.clone(),
+                user_data: b.user_data.clone(),
+                is_async: b.is_async,
+            },
+        )
+        .await?;
+        let joined = self
+            .append(
+                &c,
+                e,
+                "joined",
+                entry(e, EntryKind::ParticipantJoined, customer.clone(), None),
+            )
+            .await?;
+        self.emit(
+            INTERACTION_TOPIC,
+            e,
+            &c.conversation_id,
+            "joined",
+            &ev::ParticipantJoined {
+                participant_id: customer.participant_id.clone(),
+                participant_kind: ParticipantKind::Customer,
+                nickname: customer.nickname.clone(),
+                agent_id: None,
+                transcript_position: i64::try_from(joined.position).ok(),
+            },
+        )
+        .await?;
+        if let Some(text) = b.first_message.clone().filter(|t| !t.is_empty()) {
+            let m = self
+                .append(
+                    &c,
+                    e,
+                    "first",
+                    entry(e, EntryKind::Message, customer.clone(), Some(text.clone())),
+                )
+                .await?;
+            self.emit_customer_message(e, &c, &m, None).await?;
+        }
+
+        let rules = self
+            .directory
+            .routing_rules(&c.tenant_id)
+            .await
+            .map_err(directory_failed)?;
+        let Some(rule) = directory::route(&rules, channel, &c.user_data).cloned() else {
+            info!(conversation_id = %c.conversation_id, "no routing rule matches; closing");
+            let notice = NewEntry {
+                data: BTreeMap::from([("code".into(), "NO_ROUTE".into())]),
+                ..entry(
+                    e,
+                    EntryKind::Notice,
+                    system(),
+                    Some("No one is available to take this chat.".into()),
+                )
+            };
+            self.append(&c, e, "no-route", notice).await?;
+            return self.close(&mut c, e, ev::CloseReason::System, None).await;
+        };
+        if rule.bot_id.is_some() {
+            // Bot-first routing is not built yet (README): the rule's queue serves meanwhile.
+            warn!(rule = %rule.id, "bot-first rules are not supported yet; routing to the rule's queue");
+        }
+        c.queue_id = Some(rule.queue_id.clone());
+        c.routing.skills = rule.skills.clone();
+        c.routing.priority = rule.priority;
+        self.emit(
+            INTERACTION_TOPIC,
+            e,
+            &c.conversation_id,
+            "routed",
+            &ev::ConversationRouted {
+                target_kind: ev::TargetKind::Queue,
+                target_id: rule.queue_id.clone(),
+                queue_id: Some(rule.queue_id.clone()),
+                skills: rule.skills.clone(),
+                priority: i32::try_from(rule.priority).unwrap_or(i32::MAX),
+                rule_id: Some(rule.id.clone()),
+            },
+        )
+        .await?;
+        self.wait_in_queue(&c, e).await?;
+        self.save(&mut c, e).await
+    }
+
+    /// Puts a queued conversation in its queue and offers it to an agent if one is free;
+    /// otherwise a timer tries again later.
+    async fn wait_in_queue(&self, c: &Conversation, source: &Event) -> Step {
+        let Some(queue) = &c.queue_id else {
+            return Ok(());
+        };
+        self.store
+            .enqueue(
+                &c.tenant_id,
+                queue,
+                &c.conversation_id,
+                c.routing.priority,
+                c.created_at_ms,
+            )
+            .await
+            .map_err(store_failed)?;
+        if !self
+            .try_offer(c, source, source.envelope.occurred_at_ms)
+            .await?
+        {
+            let due = source.envelope.occurred_at_ms
+                + i64::try_from(self.config.requeue_interval_ms).unwrap_or(i64::MAX / 4);
+            self.store
+                .schedule(
+                    &Timer {
+                        kind: QUEUED_TIMER.into(),
+                        tenant_id: c.tenant_id.clone(),
+                        id: c.conversation_id.clone(),
+                    },
+                    due,
+                )
+                .await
+                .map_err(store_failed)?;
+        }
+        Ok(())
+    }
+
+    /// Reserves the longest idle fitting agent and publishes the offer (applied by
+    /// [`Self::on_offered`] in the conversation's order). False if nobody fits now.
+    pub(crate) async fn try_offer(
+        &self,
+        c: &Conversation,
+        source: &Event,
+        now_ms: i64,
+    ) -> Result<bool, HandleError> {
+        let reserve = Reserve {
+            conversation_id: c.conversation_id.clone(),
+            media: CHAT_MEDIA.into(),
+            skills: c.routing.skills.clone(),
+            exclude: c.declined_by.clone(),
+            now_ms,
+        };
+        let Some(agent) = self
+            .store
+            .reserve_agent(&c.tenant_id, &reserve)
+            .await
+            .map_err(store_failed)?
+        else {
+            return Ok(false);
+        };
+        let attempt = c.declined_by.len() + 1;
+        let offer = ev::AgentOffered {
+            offer_id: offer_id(&c.conversation_id, &agent, attempt),
+            agent_id: agent.clone(),
+            queue_id: c.queue_id.clone(),
+            channel: Channel::WebChat,
+            channel_id: None,
+            customer_nickname: c.customer.nickname.clone(),
+            expires_at: now_ms
+                + i64::try_from(self.offer_timeout().as_millis()).unwrap_or(i64::MAX / 4),
+            attempt: i32::try_from(attempt).unwrap_or(i32::MAX),
+        };
+        let what = format!("offer/{agent}/{attempt}");
+        self.emit(AGENT_TOPIC, source, &c.conversation_id, &what, &offer)
+            .await?;
+        debug!(conversation_id = %c.conversation_id, agent = %agent, "offer published");
+        Ok(true)
+    }
+
+    pub(super) async fn on_offered(&self, e: &Event, b: ev::AgentOffered) -> Step {
+        let tenant = &e.envelope.tenant_id;
+        let Some(mut c) = self.load(e).await? else {
+            return self.release(tenant, &b.agent_id, e).await;
+        };
+        if c.routing.was_applied(&e.envelope.event_id.to_string())
+            || c.routing.offer_id.as_deref() == Some(b.offer_id.as_str())
+        {
+            return Ok(());
+        }
+        if c.state != ConversationState::Queued {
+            // Stale: the conversation moved on since the agent was reserved for it.
+            let holds = c.agent_id.as_deref() == Some(b.agent_id.as_str())
+                || c.offered_to.as_deref() == Some(b.agent_id.as_str());
+            if !holds {
+                self.release(tenant, &b.agent_id, e).await?;
+            }
+            return Ok(());
+        }
+        c.state = ConversationState::Offered;
+        c.offered_to = Some(b.agent_id.clone());
+        c.routing.offer_id = Some(b.offer_id.clone());
+        if let Some(queue) = &c.queue_id {
+            self.store
+                .dequeue(tenant, queue, &c.conversation_id)
+                .await
+                .map_err(store_failed)?;
+        }
+        self.store
+            .schedule(&self.timer(OFFER_TIMER, &c), b.expires_at)
+            .await
+            .map_err(store_failed)?;
+        let offer = json!({
+            "type": "offer",
+            "conversation_id": c.conversation_id,
+            "offer_id": b.offer_id,
+            "queue_id": c.queue_id,
+            "nickname": c.customer.nickname,
+            "subject": c.subject,
+            "user_data": c.user_data,
+            "expires_at": b.expires_at,
+        });
+        let client = notify::to_agent(&b.agent_id, ClientEventKind::Offer, offer);
+        self.emit(DELIVERY_TOPIC, e, &c.conversation_id, "client", &client)
+            .await?;
+        self.save(&mut c, e).await
+    }
+
+    pub(super) async fn on_accepted(&self, e: &Event, b: ev::AgentAccepted) -> Step {
+        let Some(mut c) = self.load(e).await? else {
+            return Ok(());
+        };
+        if c.routing.was_applied(&e.envelope.event_id.to_string()) {
+            return Ok(());
+        }
+        let current = c.state == ConversationState::Offered
+            && c.offered_to.as_deref() == Some(b.agent_id.as_str())
+            && c.routing.offer_id.as_deref() == Some(b.offer_id.as_str());
+        if !current {
+            let closed = json!({"type": "offer_closed", "conversation_id": c.conversation_id,
+                "offer_id": b.offer_id, "reason": "not_current"});
+            let client = notify::to_agent(&b.agent_id, ClientEventKind::OfferClosed, closed);
+            return self
+                .emit(DELIVERY_TOPIC, e, &c.conversation_id, "client", &client)
+                .await;
+        }
+        c.state = ConversationState::Connected;
+        c.agent_id = Some(b.agent_id.clone());
+        c.offered_to = None;
+        self.store
+            .cancel(&self.timer(OFFER_TIMER, &c))
+            .await
+            .map_err(store_failed)?;
+        let agent = Party {
+            participant_id: b.participant_id.clone(),
+            nickname: b.nickname.clone(),
+            kind: PartyKind::Agent,
+        };
+        let joined = self
+            .append(
+                &c,
+                e,
+                "joined",
+                entry(e, EntryKind::ParticipantJoined, agent, None),
+            )
+            .await?;
+        self.emit(
+            INTERACTION_TOPIC,
+            e,
+            &c.conversation_id,
+            "joined",
+            &ev::ParticipantJoined {
+                participant_id: b.participant_id.clone(),
+                participant_kind: ParticipantKind::Agent,
+                nickname: b.nickname.clone(),
+                agent_id: Some(b.agent_id.clone()),
+                transcript_position: i64::try_from(joined.position).ok(),
+            },
+        )
+        .await?;
+        let state = json!({"type": "state", "conversation_id": c.conversation_id,
+            "state": "connected", "agent_id": b.agent_id, "nickname": c.customer.nickname});
+        let client = notify::state(false, vec![b.agent_id.clone()], state);
+        self.emit(
+            DELIVERY_TOPIC,
+            e,
+            &c.conversation_id,
+            "client/state",
+            &client,
+        )
+        .await?;
+        self.save(&mut c, e).await
+    }
+
+    pub(super) async fn on_rejected(&self, e: &Event, b: ev::AgentRejected) -> Step {
+        let Some(mut c) = self.load(e).await? else {
+            return Ok(());
+        };
+        if c.routing.was_applied(&e.envelope.event_id.to_string()) {
+            return Ok(());
+        }
+        let current = c.state == ConversationState::Offered
+            && c.offered_to.as_deref() == Some(b.agent_id.as_str())
+            && c.routing.offer_id.as_deref() == Some(b.offer_id.as_str());
+        if !current {
+            return Ok(());
+        }
+        info!(conversation_id = %c.conversation_id, agent = %b.agent_id, reason = ?b.reason, "offer declined; next agent");
+        self.release(&c.tenant_id, &b.agent_id, e).await?;
+        c.state = ConversationState::Queued;
+        c.offered_to = None;
+        c.routing.offer_id = None;
+        if !c.declined_by.contains(&b.agent_id) {
+            c.declined_by.push(b.agent_id.clone());
+        }
+        self.store
+            .cancel(&self.timer(OFFER_TIMER, &c))
+            .await
+            .map_err(store_failed)?;
+        let closed = json!({"type": "offer_closed", "conversation_id": c.conversation_id,
+            "offer_id": b.offer_id, "reason": b.reason});
+        let client = notify::to_agent(&b.agent_id, ClientEventKind::OfferClosed, closed);
+        self.emit(DELIVERY_TOPIC, e, &c.conversation_id, "client", &client)
+            .await?;
+        self.wait_in_queue(&c, e).await?;
+        self.save(&mut c, e).await
+    }
+
+    pub(super) async fn on_customer_message(&self, e: &Event, b: ev::MessageReceived) -> Step {
+        let Some(mut c) = self.open_conversation(e).await? else {
+            return Ok(());
+        };
+        let from = Party {
+            participant_id: b.participant_id.clone(),
+            nickname: b
+                .nickname
+                .clone()
+                .unwrap_or_else(|| c.customer.nickname.clone()),
+            kind: party_kind(b.participant_kind),
+        };
+        let kind = match b.kind {
+            ev::MessageKind::CustomNotice => EntryKind::CustomNotice,
+            ev::MessageKind::Notice => EntryKind::Notice,
+            _ => EntryKind::Message,
+        };
+        let mut new = entry(e, kind, from, b.text.clone());
+        new.message_id = Some(
+            b.client_message_id
+                .clone()
+                .unwrap_or_else(|| b.message_id.clone()),
+        );
+        let m = self.append(&c, e, "message", new).await?;
+        self.emit_customer_message(e, &c, &m, Some(&b)).await?;
+        c.last_activity_ms = c.last_activity_ms.max(e.envelope.occurred_at_ms);
+        self.save(&mut c, e).await
+    }
+
+    async fn emit_customer_message(
+        &self,
+        e: &Event,
+        c: &Conversation,
+        m: &Entry,
+        original: Option<&ev::MessageReceived>,
+    ) -> Step {
+        let body = ev::MessageReceived {
+            message_id: m
+                .entry
+                .message_id
+                .clone()
+                .unwrap_or_else(|| m.entry.event_id.clone()),
+            client_message_id: original.and_then(|o| o.client_message_id.clone()),
+            channel: Channel::WebChat,
+            channel_id: None,
+            participant_id: m.entry.from.participant_id.clone(),
+            participant_kind: ParticipantKind::Customer,
+            nickname: Some(m.entry.from.nickname.clone()),
+            contact: original.map(|o| o.contact.clone()).unwrap_or_default(),
+            kind: ev::MessageKind::Text,
+            text: m.entry.text.clone(),
+            media_ids: original.map(|o| o.media_ids.clone()).unwrap_or_default(),
+            sent_at: Some(m.entry.at_ms),
+            transcript_position: i64::try_from(m.position).ok(),
+        };
+        let what = format!("message/{}", m.position);
+        self.emit(INTERACTION_TOPIC, e, &c.conversation_id, &what, &body)
+            .await
+    }
+
+    pub(super) async fn on_agent_message(&self, e: &Event, b: ev::MessageSent) -> Step {
+        let Some(c) = self.open_conversation(e).await? else {
+            return Ok(());
+        };
+        if b.participant_kind == ParticipantKind::Agent
+            && c.agent_id.as_deref() != b.agent_id.as_deref()
+        {
+            warn!(conversation_id = %c.conversation_id, "a message from an agent not connected; dropped");
+            return Ok(());
+        }
+        let from = Party {
+            participant_id: b.participant_id.clone(),
+            nickname: b.nickname.clone(),
+            kind: party_kind(b.participant_kind),
+        };
+        let mut new = entry(e, EntryKind::Message, from, b.text.clone());
+        new.message_id = Some(b.message_id.clone());
+        let m = self.append(&c, e, "message", new).await?;
+        let body = ev::MessageSent {
+            transcript_position: i64::try_from(m.position).ok(),
+            ..b
+        };
+        let what = format!("message/{}", m.position);
+        self.emit(INTERACTION_TOPIC, e, &c.conversation_id, &what, &body)
+            .await
+    }
+
+    pub(super) async fn on_typing(&self, e: &Event, b: ev::TypingIndicated) -> Step {
+        let Some(c) = self.open_conversation(e).await? else {
+            return Ok(());
+        };
+        let kind = match b.state {
+            ev::TypingState::Stopped => EntryKind::TypingStopped,
+            _ => EntryKind::TypingStarted,
+        };
+        let nickname = if b.participant_kind == ParticipantKind::Customer {
+            c.customer.nickname.clone()
+        } else {
+            b.participant_id.clone()
+        };
+        let from = Party {
+            participant_id: b.participant_id.clone(),
+            nickname,
+            kind: party_kind(b.participant_kind),
+        };
+        self.append(&c, e, "typing", entry(e, kind, from, None))
+            .await
+            .map(|_| ())
+    }
+
+    pub(super) async fn on_customer_left(&self, e: &Event, b: ev::ParticipantLeft) -> Step {
+        let Some(mut c) = self.open_conversation(e).await? else {
+            return Ok(());
+        };
+        let left = entry(e, EntryKind::ParticipantLeft, c.customer.clone(), None);
+        self.append(&c, e, "left", left).await?;
+        self.close(
+            &mut c,
+            e,
+            ev::CloseReason::CustomerLeft,
+            Some(b.participant_id),
+        )
+        .await
+    }
+
+    pub(super) async fn on_completed(&self, e: &Event, b: ev::ConversationCompleted) -> Step {
+        let Some(mut c) = self.open_conversation(e).await? else {
+            return Ok(());
+        };
+        if c.agent_id.as_deref() != Some(b.agent_id.as_str()) {
+            warn!(conversation_id = %c.conversation_id, agent = %b.agent_id, "completion by an agent not connected; ignored");
+            return Ok(());
+        }
+        let agent = Party {
+            participant_id: b.participant_id.clone(),
+            nickname: b.agent_id.clone(),
+            kind: PartyKind::Agent,
+        };
+        let mut left = entry(e, EntryKind::ParticipantLeft, agent, None);
+        if let Some(d) = &b.disposition {
+            left.data.insert("disposition".into(), d.clone());
+        }
+        let appended = self.append(&c, e, "left", left).await?;
+        self.emit(
+            INTERACTION_TOPIC,
+            e,
+            &c.conversation_id,
+            "left",
+            &ev::ParticipantLeft {
+                participant_id: b.participant_id.clone(),
+                participant_kind: ParticipantKind::Agent,
+                nickname: None,
+                reason: ev::LeftReason::Left,
+                transcript_position: i64::try_from(appended.position).ok(),
+            },
+        )
+        .await?;
+        c.user_data.extend(b.user_data.clone());
+        self.close(
+            &mut c,
+            e,
+            ev::CloseReason::AgentCompleted,
+            Some(b.participant_id),
+        )
+        .await
+    }
+
+    pub(super) async fn on_agent_state(&self, e: &Event, b: ev::AgentStateChanged) -> Step {
+        let tenant = &e.envelope.tenant_id;
+        let profile = self
+            .directory
+            .agent(tenant, &b.agent_id)
+            .await
+            .map_err(directory_failed)?;
+        let Some(profile) = profile else {
+            warn!(agent = %b.agent_id, "state of an unknown agent; ignored");
+            return Ok(());
+        };
+        let mut capacity = profile.capacity.clone();
+        for (media, n) in &b.capacity {
+            capacity.insert(media.clone(), u32::try_from(*n).unwrap_or(0));
+        }
+        let ready = b.state == ev::AgentState::Ready;
+        self.store
+            .set_presence(
+                tenant,
+                &b.agent_id,
+                ready,
+                &profile.skills,
+                &capacity,
+                e.envelope.occurred_at_ms,
+            )
+            .await
+            .map_err(store_failed)?;
+        info!(agent = %b.agent_id, ready, "agent state");
+        Ok(())
+    }
+
+    /// Closes: frees the agent, leaves the queue, tells everyone, lets the record expire.
+    async fn close(
+        &self,
+        c: &mut Conversation,
+        e: &Event,
+        reason: ev::CloseReason,
+        by: Option<String>,
+    ) -> Step {
+        let tenant = c.tenant_id.clone();
+        let agents: Vec<String> = c
+            .agent_id
+            .iter()
+            .chain(c.offered_to.iter())
+            .cloned()
+            .collect();
+        for agent in &agents {
+            self.release(&tenant, agent, e).await?;
+        }
+        if let Some(queue) = &c.queue_id {
+            self.store
+                .dequeue(&tenant, queue, &c.conversation_id)
+                .await
+                .map_err(store_failed)?;
+        }
+        self.store
+            .cancel(&self.timer(OFFER_TIMER, c))
+            .await
+            .map_err(store_failed)?;
+        let length = self
+            .store
+            .transcript(&tenant, &c.conversation_id, 1, usize::MAX)
+            .await
+            .map_err(store_failed)?
+            .len();
+        self.emit(
+            INTERACTION_TOPIC,
+            e,
+            &c.conversation_id,
+            "closed",
+            &ev::ConversationClosed {
+                reason,
+                closed_by_participant_id: by,
+                transcript_length: i64::try_from(length).unwrap_or(i64::MAX),
+            },
+        )
+        .await?;
+        let reason_text = serde_json::to_value(reason).unwrap_or_default();
+        let state = json!({"type": "state", "conversation_id": c.conversation_id,
+            "state": "closed", "reason": reason_text});
+        let client = notify::state(true, agents, state);
+        self.emit(
+            DELIVERY_TOPIC,
+            e,
+            &c.conversation_id,
+            "client/closed",
+            &client,
+        )
+        .await?;
+        c.state = ConversationState::Closed;
+        c.closed_reason = reason_text.as_str().map(str::to_string);
+        c.offered_to = None;
+        self.save(c, e).await?;
+        self.store
+            .expire_conversation(
+                &tenant,
+                &c.conversation_id,
+                std::time::Duration::from_secs(self.config.closed_retention_s),
+            )
+            .await
+            .map_err(store_failed)
+    }
+
+    async fn release(&self, tenant: &str, agent: &str, e: &Event) -> Step {
+        self.store
+            .release_agent(
+                tenant,
+                agent,
+                CHAT_MEDIA,
+                &e.envelope.conversation_id,
+                e.envelope.occurred_at_ms,
+            )
+            .await
+            .map(|_| ())
+            .map_err(store_failed)
+    }
+
+    /// The conversation if it exists, is not closed and the event was not applied yet.
+    async fn open_conversation(&self, e: &Event) -> Result<Option<Conversation>, HandleError> {
+        match self.load(e).await? {
+            Some(c) if c.state == ConversationState::Closed => {
+                debug!(conversation_id = %c.conversation_id, event_type = %e.envelope.event_type, "conversation closed; event dropped");
+                Ok(None)
+            }
+            Some(c) if c.routing.was_applied(&e.envelope.event_id.to_string()) => Ok(None),
+            other => Ok(other),
+        }
+    }
+
+    pub(crate) fn timer(&self, kind: &str, c: &Conversation) -> Timer {
+        Timer {
+            kind: kind.into(),
+            tenant_id: c.tenant_id.clone(),
+            id: c.conversation_id.clone(),
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! The `conversation` role: live session state in the session store, the transcript, and
+//! routing of conversations to queues and agents; it publishes the interaction stream and the
+//! client-bound events the edges push to sockets.
+//!
+//! Ordering and idempotency: the role consumes the inbound and agent topics, both keyed by
+//! conversation id, so one conversation's events are handled one at a time in order (agent
+//! readiness is keyed by agent id and touches only that agent's presence). Only this role writes
+//! a conversation's record and transcript. Each handler does idempotent steps — transcript
+//! appends dedup by event id, agent reservations are idempotent per conversation, derived
+//! events get ids derived from their source — and saves the record last with the event's id in
+//! `routing.applied`, so a redelivery after a crash anywhere redoes the same steps with the same
+//! result and a redelivery after the save is skipped. Nothing is ordered across conversations.
+//!
+//! Changes that concern another conversation (an agent freed a slot, an offer timed out) are
+//! never applied from here: the timer loop ([`timers`]) publishes an event keyed by that
+//! conversation, whose handler applies it in order.
+
+pub mod config;
+pub mod directory;
+mod flow;
+pub mod notify;
+pub mod timers;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tracing::debug;
+
+pub use config::ConversationConfig;
+pub use directory::{AgentProfile, Directory, DirectoryError, Rule};
+
+use crate::bus::consumer::{HandleError, Handler};
+use crate::bus::{Bus, Message};
+use crate::events::chat::{self, Body, BodyError};
+use crate::events::publish::{publish, PublishError};
+use crate::events::Event;
+use crate::stores::session::{SessionStore, StoreError};
+
+/// Topics the role writes.
+pub const INTERACTION_TOPIC: &str = "nexus.interaction.v1";
+pub const AGENT_TOPIC: &str = "nexus.agent.v1";
+pub const DELIVERY_TOPIC: &str = "nexus.delivery.v1";
+
+/// The media of web chat in agent capacities.
+pub const CHAT_MEDIA: &str = "chat";
+
+pub(crate) const PRODUCER: &str = "worker/conversation";
+
+pub struct ConversationWorker {
+    pub(crate) bus: Arc<dyn Bus>,
+    pub(crate) store: Arc<dyn SessionStore>,
+    pub(crate) directory: Arc<dyn Directory>,
+    pub(crate) config: ConversationConfig,
+}
+
+impl ConversationWorker {
+    pub fn new(
+        bus: Arc<dyn Bus>,
+        store: Arc<dyn SessionStore>,
+        directory: Arc<dyn Directory>,
+        config: ConversationConfig,
+    ) -> Self {
+        Self {
+            bus,
+            store,
+            directory,
+            config,
+        }
+    }
+
+    pub(crate) fn offer_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.offer_timeout_ms)
+    }
+
+    /// Publishes `body` as an event derived from `source` (same tenant, conversation and trace,
+    /// an id derived from the source's and `what`).
+    pub(crate) async fn emit<B: Body>(
+        &self,
+        topic: &str,
+        source: &Event,
+        conversation_id: &str,
+        what: &str,
+        body: &B,
+    ) -> Result<(), HandleError> {
+        let mut event = Event::typed(body, &source.envelope.tenant_id, conversation_id, PRODUCER)
+            .map_err(reject_body)?
+            .with_derived_id(&source.envelope.event_id, what);
+        event.envelope.traceparent = source.envelope.traceparent.clone();
+        publish(self.bus.as_ref(), topic, &event)
+            .await
+            .map(|_| ())
+            .map_err(publish_failed)
+    }
+}
+
+#[async_trait]
+impl Handler for ConversationWorker {
+    async fn handle(&self, event: &Event, _message: &Message) -> Result<(), HandleError> {
+        let t = event.envelope.event_type.as_str();
+        match t {
+            chat::ConversationRequested::TYPE => self.on_requested(event, body(event)?).await,
+            chat::MessageReceived::TYPE => self.on_customer_message(event, body(event)?).await,
+            chat::TypingIndicated::TYPE => self.on_typing(event, body(event)?).await,
+            chat::ParticipantLeft::TYPE => self.on_customer_left(event, body(event)?).await,
+            chat::AgentStateChanged::TYPE => self.on_agent_state(event, body(event)?).await,
+            chat::AgentOffered::TYPE => self.on_offered(event, body(event)?).await,
+            chat::AgentAccepted::TYPE => self.on_accepted(event, body(event)?).await,
+            chat::AgentRejected::TYPE => self.on_rejected(event, body(event)?).await,
+            chat::MessageSent::TYPE => self.on_agent_message(event, body(event)?).await,
+            chat::ConversationCompleted::TYPE => self.on_completed(event, body(event)?).await,
+            other => {
+                debug!(event_type = other, "not a conversation event; skipped");
+                Ok(())
+            }
+        }
+    }
+}
+
+fn body<B: Body>(event: &Event) -> Result<B, HandleError> {
+    event.body_as::<B>().map_err(reject_body)
+}
+
+fn reject_body(e: BodyError) -> HandleError {
+    HandleError::Reject {
+        reason: "invalid_body",
+        detail: e.to_string(),
+    }
+}
+
+pub(crate) fn store_failed(e: StoreError) -> HandleError {
+    match e {
+        StoreError::Unavailable(m) => HandleError::Retry(m),
+        StoreError::Corrupt(m) => HandleError::Reject {
+            reason: "corrupt_session",
+            detail: m,
+        },
+    }
+}
+
+pub(crate) fn directory_failed(e: DirectoryError) -> HandleError {
+    HandleError::Retry(e.to_string())
+}
+
+fn publish_failed(e: PublishError) -> HandleError {
+    match e {
+        PublishError::Encode(e) => HandleError::Reject {
+            reason: "encode_failed",
+            detail: e.to_string(),
+        },
+        e => HandleError::Retry(e.to_string()),
+    }
+}

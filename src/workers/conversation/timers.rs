@@ -1,0 +1,109 @@
+//! The conversation role's timer loop: offers that lapsed become `AgentRejected` (TIMEOUT)
+//! and queued conversations are offered again, each as an event keyed by its conversation so
+//! the conversation's handler applies it in order. Every worker instance runs the loop; a due
+//! timer is claimed by exactly one of them (the store's `claim_due`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info_span, warn, Instrument};
+
+use super::flow::{OFFER_TIMER, QUEUED_TIMER};
+use super::{ConversationWorker, AGENT_TOPIC};
+use crate::bus::consumer::HandleError;
+use crate::events::chat::{self as ev, derived_id};
+use crate::events::Event;
+use crate::stores::session::{ConversationState, Timer};
+use crate::telemetry::metrics as m;
+
+const CLAIM_BATCH: usize = 100;
+
+/// Runs until `stop`.
+pub async fn run(worker: Arc<ConversationWorker>, stop: CancellationToken) {
+    let every = Duration::from_millis(worker.config.timer_interval_ms.max(10));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = chrono::Utc::now().timestamp_millis();
+        for kind in [OFFER_TIMER, QUEUED_TIMER] {
+            let span = info_span!("timers", kind);
+            async {
+                match worker.store.claim_due(kind, now, CLAIM_BATCH).await {
+                    Ok(due) => {
+                        for timer in due {
+                            metrics::counter!(m::TIMERS_FIRED_TOTAL, "kind" => kind).increment(1);
+                            if let Err(e) = fire(&worker, &timer, now).await {
+                                // Claimed but not acted on: put it back for the next tick.
+                                warn!(error = %e, conversation_id = %timer.id, "timer failed; retried");
+                                metrics::counter!(m::TIMER_ERRORS_TOTAL, "kind" => kind).increment(1);
+                                let _ = worker.store.schedule(&timer, now + 1_000).await;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        metrics::counter!(m::TIMER_ERRORS_TOTAL, "kind" => kind).increment(1);
+                        warn!(error = %e, "cannot claim due timers");
+                    }
+                }
+            }
+            .instrument(span)
+            .await;
+        }
+    }
+}
+
+async fn fire(worker: &ConversationWorker, timer: &Timer, now: i64) -> Result<(), HandleError> {
+    let Some(c) = worker
+        .store
+        .conversation(&timer.tenant_id, &timer.id)
+        .await
+        .map_err(super::store_failed)?
+    else {
+        return Ok(());
+    };
+    match timer.kind.as_str() {
+        OFFER_TIMER if c.state == ConversationState::Offered => {
+            let (Some(agent), Some(offer)) = (&c.offered_to, &c.routing.offer_id) else {
+                return Ok(());
+            };
+            let body = ev::AgentRejected {
+                offer_id: offer.clone(),
+                agent_id: agent.clone(),
+                reason: ev::RejectReason::Timeout,
+            };
+            // The id derives from the offer: a timer fired twice rejects once.
+            let source = derived_id(&uuid::Uuid::NAMESPACE_OID, offer);
+            let event = Event::typed(&body, &c.tenant_id, &c.conversation_id, super::PRODUCER)
+                .map_err(|e| HandleError::Retry(e.to_string()))?
+                .with_derived_id(&source, "timeout");
+            crate::events::publish::publish(worker.bus.as_ref(), AGENT_TOPIC, &event)
+                .await
+                .map_err(|e| HandleError::Retry(e.to_string()))?;
+        }
+        QUEUED_TIMER if c.state == ConversationState::Queued => {
+            // A synthetic source: the offer it may publish gets an id from the offer itself.
+            let source = Event::new(
+                "Timer",
+                c.tenant_id.clone(),
+                c.conversation_id.clone(),
+                super::PRODUCER,
+                Default::default(),
+            );
+            if !worker.try_offer(&c, &source, now).await? {
+                let due = now + i64::try_from(worker.config.requeue_interval_ms).unwrap_or(1_000);
+                worker
+                    .store
+                    .schedule(timer, due)
+                    .await
+                    .map_err(super::store_failed)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
