@@ -42,6 +42,22 @@ pub struct Config {
     pub topology: TopologyConfig,
     pub telemetry: TelemetryConfig,
     pub workers: WorkersConfig,
+    pub chat: ChatConfig,
+}
+
+/// The web chat APIs (v3 and legacy v2).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatConfig {
+    /// Secret: signs client keys. Every edge pod needs the same one; "" = a random key per
+    /// process (fine for `nexus dev`, not for several edge pods).
+    pub client_key_secret: String,
+    /// Longest message text (characters).
+    pub max_message_chars: usize,
+    /// Longest nickname (characters).
+    pub max_nickname_chars: usize,
+    /// Most user-data entries per session.
+    pub max_user_data_entries: usize,
 }
 
 /// Settings of individual worker roles.
@@ -368,6 +384,7 @@ impl Config {
         for secret in [
             &mut c.bus.kafka.sasl_password,
             &mut c.bus.nats.password,
+            &mut c.chat.client_key_secret,
             &mut c.bus.nats.token,
             &mut c.http.admin_token,
         ] {

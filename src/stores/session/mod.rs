@@ -2,8 +2,9 @@
 //! presence and capacity, queues and timers. Redis in production, redb in `nexus dev`.
 //!
 //! Writers: a conversation's record and transcript are written only by the conversation worker
-//! while it handles that conversation's events, which the bus orders per conversation (its key),
-//! so they need no compare-and-set. Agent capacity, queues and timers are shared by every worker
+//! while it handles that conversation's events. Its events arrive on two topics (inbound and
+//! agent), each ordered per conversation but not with each other, so the record is written by
+//! compare-and-set on its version; transcript appends are atomic and idempotent. Agent capacity, queues and timers are shared by every worker
 //! instance and change only through the atomic operations below (Redis: one Lua script each).
 //! Edges only read (transcript, conversation) to serve reads and resume streams.
 
@@ -128,6 +129,9 @@ pub struct Conversation {
     /// The conversation worker's bookkeeping.
     #[serde(default)]
     pub routing: Routing,
+    /// Write version for compare-and-set (see [`SessionStore::put_conversation`]).
+    #[serde(default)]
+    pub version: u64,
 }
 
 /// Routing details and idempotency bookkeeping of a conversation.
@@ -204,8 +208,11 @@ pub struct Timer {
 
 #[async_trait]
 pub trait SessionStore: Send + Sync + 'static {
-    /// Creates or replaces the conversation's record.
-    async fn put_conversation(&self, c: &Conversation) -> Result<(), StoreError>;
+    /// Writes the record if the stored one still has `c.version` (0: none stored yet) and
+    /// stores it with `version + 1`; false (nothing written) on a conflict. Handlers of one
+    /// conversation can run concurrently (its events come on two topics), so every write is a
+    /// compare-and-set and the loser redoes its (idempotent) work on the fresh record.
+    async fn put_conversation(&self, c: &Conversation) -> Result<bool, StoreError>;
 
     async fn conversation(
         &self,

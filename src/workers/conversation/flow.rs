@@ -22,6 +22,9 @@ use crate::stores::session::{
 pub(crate) const OFFER_TIMER: &str = "offer";
 pub(crate) const QUEUED_TIMER: &str = "queued";
 
+/// How long an offer waits for its conversation's record before it is dropped.
+const OFFER_WAITS_FOR_CONVERSATION_MS: i64 = 60_000;
+
 type Step = Result<(), HandleError>;
 
 /// The offer id of the `attempt`-th offer of a conversation to an agent: the same for a
@@ -73,9 +76,19 @@ impl ConversationWorker {
             .map_err(store_failed)
     }
 
+    /// Saves the record by compare-and-set; on a conflict the event is retried on the fresh
+    /// record (every step before the save is idempotent).
     async fn save(&self, c: &mut Conversation, source: &Event) -> Step {
         c.routing.mark_applied(source.envelope.event_id.to_string());
-        self.store.put_conversation(c).await.map_err(store_failed)
+        if self.store.put_conversation(c).await.map_err(store_failed)? {
+            c.version += 1;
+            Ok(())
+        } else {
+            Err(HandleError::Retry(format!(
+                "conversation {} changed concurrently; applying again",
+                c.conversation_id
+            )))
+        }
     }
 
     /// Appends an entry (its event id derived from `source` and `what`, so one source can
@@ -148,6 +161,7 @@ impl ConversationWorker {
                 is_async: b.is_async,
                 ..Routing::default()
             },
+            version: 0,
         };
         self.emit(
             INTERACTION_TOPIC,
@@ -261,9 +275,10 @@ impl ConversationWorker {
             )
             .await
             .map_err(store_failed)?;
-        if !self
-            .try_offer(c, source, source.envelope.occurred_at_ms)
-            .await?
+        self.try_offer(c, source, source.envelope.occurred_at_ms)
+            .await?;
+        // Also after an offer: if it never applies (lost with a crash, or the agent's slot was
+        // released meanwhile), the timer offers again while the conversation still waits.
         {
             let due = source.envelope.occurred_at_ms
                 + i64::try_from(self.config.requeue_interval_ms).unwrap_or(i64::MAX / 4);
@@ -327,6 +342,14 @@ impl ConversationWorker {
     pub(super) async fn on_offered(&self, e: &Event, b: ev::AgentOffered) -> Step {
         let tenant = &e.envelope.tenant_id;
         let Some(mut c) = self.load(e).await? else {
+            // The agent topic is not ordered with the inbound one: the request that created
+            // the conversation may still be in flight. Wait for it a while, then give up.
+            let age = chrono::Utc::now().timestamp_millis() - e.envelope.occurred_at_ms;
+            if age < OFFER_WAITS_FOR_CONVERSATION_MS {
+                return Err(HandleError::Retry(
+                    "offer of a conversation not saved yet".into(),
+                ));
+            }
             return self.release(tenant, &b.agent_id, e).await;
         };
         if c.routing.was_applied(&e.envelope.event_id.to_string())

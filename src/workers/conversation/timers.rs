@@ -94,14 +94,14 @@ async fn fire(worker: &ConversationWorker, timer: &Timer, now: i64) -> Result<()
                 super::PRODUCER,
                 Default::default(),
             );
-            if !worker.try_offer(&c, &source, now).await? {
-                let due = now + i64::try_from(worker.config.requeue_interval_ms).unwrap_or(1_000);
-                worker
-                    .store
-                    .schedule(timer, due)
-                    .await
-                    .map_err(super::store_failed)?;
-            }
+            worker.try_offer(&c, &source, now).await?;
+            // Again later while it still waits (an offer published now may yet fail to apply).
+            let due = now + i64::try_from(worker.config.requeue_interval_ms).unwrap_or(1_000);
+            worker
+                .store
+                .schedule(timer, due)
+                .await
+                .map_err(super::store_failed)?;
         }
         _ => {}
     }

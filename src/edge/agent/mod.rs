@@ -1,0 +1,389 @@
+//! The agent desktop API (`/v1/agent...`, agent token): readiness, offers, replies, typing,
+//! completion, own conversations and transcripts, and the agent WebSocket (`ws`), whose
+//! operations are the same functions as the HTTP routes.
+//!
+//! The edge publishes what the agent does and answers 202; the conversation worker judges it in
+//! the conversation's order (a stale accept gets an `offer_closed` push, a reply to a
+//! conversation the agent does not hold is dropped), so the edge never races the worker.
+
+mod ws;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::chat::publish_event;
+use super::{ApiError, AppState};
+use crate::events::chat::{self as ev, ParticipantKind};
+use crate::events::Event;
+use crate::stores::provisioning::Agent;
+use crate::workers::conversation::AGENT_TOPIC;
+
+const PRODUCER: &str = "edge/agent";
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/agent/me", get(me))
+        .route("/v1/agent/state", post(set_state))
+        .route("/v1/agent/conversations", get(conversations))
+        .route("/v1/agent/conversations/{id}/accept", post(accept))
+        .route("/v1/agent/conversations/{id}/reject", post(reject))
+        .route(
+            "/v1/agent/conversations/{id}/messages",
+            post(reply).get(transcript),
+        )
+        .route("/v1/agent/conversations/{id}/typing", post(typing))
+        .route("/v1/agent/conversations/{id}/complete", post(complete))
+        .route("/v1/agent/ws", get(ws::websocket))
+}
+
+/// The agent of a bearer agent token.
+async fn agent_of(state: &AppState, headers: &HeaderMap) -> Result<Agent, ApiError> {
+    let raw = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| ApiError::unauthorized("send `Authorization: Bearer <agent token>`"))?;
+    super::auth::agent(state, raw).await
+}
+
+async fn publish(state: &AppState, event: Event) -> Result<(), ApiError> {
+    publish_event(state, AGENT_TOPIC, &event.with_traceparent(super::new_traceparent())).await
+}
+
+fn event<B: ev::Body>(body: &B, agent: &Agent, conversation_id: &str) -> Result<Event, ApiError> {
+    Event::typed(body, &agent.tenant_id, conversation_id, PRODUCER)
+        .map_err(|e| ApiError::bad_request("INVALID_FIELD", e.to_string()))
+}
+
+fn check_id(id: &str) -> Result<(), ApiError> {
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(ApiError::bad_request("INVALID_FIELD", "not a conversation id"));
+    }
+    Ok(())
+}
+
+/// Readiness: an `AgentStateChanged` keyed by the agent id.
+pub(crate) async fn do_set_state(state: &AppState, agent: &Agent, ready: bool) -> Result<(), ApiError> {
+    let body = ev::AgentStateChanged {
+        agent_id: agent.id.clone(),
+        state: if ready {
+            ev::AgentState::Ready
+        } else {
+            ev::AgentState::NotReady
+        },
+        reason_code: None,
+        capacity: Default::default(),
+    };
+    let e = event(&body, agent, &agent.id)?;
+    publish(state, e).await
+}
+
+pub(crate) async fn do_accept(state: &AppState, agent: &Agent, id: &str, offer_id: &str) -> Result<(), ApiError> {
+    check_id(id)?;
+    let body = ev::AgentAccepted {
+        offer_id: offer_uuid(offer_id)?,
+        agent_id: agent.id.clone(),
+        participant_id: agent.id.clone(),
+        nickname: agent.name.clone(),
+    };
+    let e = event(&body, agent, id)?;
+    publish(state, e).await
+}
+
+pub(crate) async fn do_reject(state: &AppState, agent: &Agent, id: &str, offer_id: &str) -> Result<(), ApiError> {
+    check_id(id)?;
+    let body = ev::AgentRejected {
+        offer_id: offer_uuid(offer_id)?,
+        agent_id: agent.id.clone(),
+        reason: ev::RejectReason::Declined,
+    };
+    let e = event(&body, agent, id)?;
+    publish(state, e).await
+}
+
+fn offer_uuid(offer_id: &str) -> Result<String, ApiError> {
+    Uuid::parse_str(offer_id)
+        .map(|u| u.to_string())
+        .map_err(|_| ApiError::bad_request("INVALID_FIELD", "offer_id is not a UUID"))
+}
+
+pub(crate) async fn do_reply(
+    state: &AppState,
+    agent: &Agent,
+    id: &str,
+    text: String,
+    message_id: Option<String>,
+) -> Result<String, ApiError> {
+    check_id(id)?;
+    super::chat::check_text(state, &text)?;
+    let message_id = match message_id {
+        Some(m) if m.is_empty() || m.len() > 128 => {
+            return Err(ApiError::bad_request("INVALID_FIELD", "message_id is 1 to 128 characters"))
+        }
+        Some(m) => m,
+        None => Uuid::now_v7().to_string(),
+    };
+    let body = ev::MessageSent {
+        message_id: message_id.clone(),
+        participant_id: agent.id.clone(),
+        participant_kind: ParticipantKind::Agent,
+        nickname: agent.name.clone(),
+        agent_id: Some(agent.id.clone()),
+        kind: ev::MessageKind::Text,
+        text: Some(text),
+        media_ids: Vec::new(),
+        in_reply_to: None,
+        transcript_position: None,
+    };
+    let e = event(&body, agent, id)?;
+    publish(state, e).await?;
+    Ok(message_id)
+}
+
+pub(crate) async fn do_typing(state: &AppState, agent: &Agent, id: &str, started: bool) -> Result<(), ApiError> {
+    check_id(id)?;
+    let body = ev::TypingIndicated {
+        participant_id: agent.id.clone(),
+        participant_kind: ParticipantKind::Agent,
+        state: if started {
+            ev::TypingState::Started
+        } else {
+            ev::TypingState::Stopped
+        },
+        preview: None,
+        transcript_position: None,
+    };
+    let e = event(&body, agent, id)?;
+    publish(state, e).await
+}
+
+pub(crate) async fn do_complete(
+    state: &AppState,
+    agent: &Agent,
+    id: &str,
+    disposition: Option<String>,
+    note: Option<String>,
+) -> Result<(), ApiError> {
+    check_id(id)?;
+    let body = ev::ConversationCompleted {
+        agent_id: agent.id.clone(),
+        participant_id: agent.id.clone(),
+        disposition,
+        note,
+        user_data: Default::default(),
+        close_conversation: true,
+    };
+    let e = event(&body, agent, id)?;
+    publish(state, e).await
+}
+
+async fn me(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    let agent = agent_of(&state, &headers).await?;
+    let presence = state
+        .sessions
+        .presence(&agent.tenant_id, &agent.id)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    Ok(Json(json!({
+        "id": agent.id,
+        "tenant_id": agent.tenant_id,
+        "name": agent.name,
+        "skills": agent.skills,
+        "capacity": agent.capacity,
+        "ready": presence.as_ref().is_some_and(|p| p.ready),
+        "active": presence.map(|p| p.active).unwrap_or_default(),
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateRequest {
+    /// `ready` or `not_ready`.
+    state: String,
+}
+
+fn parse_ready(s: &str) -> Result<bool, ApiError> {
+    match s {
+        "ready" => Ok(true),
+        "not_ready" => Ok(false),
+        _ => Err(ApiError::bad_request("INVALID_FIELD", "state is `ready` or `not_ready`")),
+    }
+}
+
+async fn set_state(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, ApiError> {
+    let agent = agent_of(&state, &headers).await?;
+    let r: StateRequest = super::chat::json_body(body)?;
+    do_set_state(&state, &agent, parse_ready(&r.state)?).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OfferRequest {
+    offer_id: String,
+}
+
+async fn accept(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, ApiError> {
+    let agent = agent_of(&state, &headers).await?;
+    let r: OfferRequest = super::chat::json_body(body)?;
+    do_accept(&state, &agent, &id, &r.offer_id).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+async fn reject(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, ApiError> {
+    let agent = agent_of(&state, &headers).await?;
+    let r: OfferRequest = super::chat::json_body(body)?;
+    do_reject(&state, &agent, &id, &r.offer_id).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplyRequest {
+    text: String,
+    message_id: Option<String>,
+}
+
+async fn reply(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let agent = agent_of(&state, &headers).await?;
+    let r: ReplyRequest = super::chat::json_body(body)?;
+    let message_id = do_reply(&state, &agent, &id, r.text, r.message_id).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "message_id": message_id }))))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TypingRequest {
+    state: String,
+}
+
+async fn typing(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, ApiError> {
+    let agent = agent_of(&state, &headers).await?;
+    let r: TypingRequest = super::chat::json_body(body)?;
+    let started = match r.state.as_str() {
+        "started" => true,
+        "stopped" => false,
+        _ => return Err(ApiError::bad_request("INVALID_FIELD", "state is `started` or `stopped`")),
+    };
+    do_typing(&state, &agent, &id, started).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompleteRequest {
+    disposition: Option<String>,
+    note: Option<String>,
+}
+
+async fn complete(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, ApiError> {
+    let agent = agent_of(&state, &headers).await?;
+    let r: CompleteRequest = match body {
+        Ok(b) if b.is_empty() => CompleteRequest::default(),
+        other => super::chat::json_body(other)?,
+    };
+    do_complete(&state, &agent, &id, r.disposition, r.note).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+/// The agent's conversations (offered or connected).
+async fn conversations(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let agent = agent_of(&state, &headers).await?;
+    let ids = state
+        .sessions
+        .agent_conversations(&agent.tenant_id, &agent.id)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let mut items = Vec::new();
+    for id in ids {
+        let c = state
+            .sessions
+            .conversation(&agent.tenant_id, &id)
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        if let Some(c) = c {
+            items.push(json!({
+                "conversation_id": c.conversation_id,
+                "state": c.state,
+                "nickname": c.customer.nickname,
+                "queue_id": c.queue_id,
+                "offer_id": if c.offered_to.as_deref() == Some(agent.id.as_str()) { c.routing.offer_id.clone() } else { None },
+                "created_at": c.created_at_ms,
+            }));
+        }
+    }
+    Ok(Json(json!({ "items": items })))
+}
+
+#[derive(Debug, Deserialize)]
+struct TranscriptQuery {
+    from: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// A transcript the agent holds or was offered; anything else is 404.
+async fn transcript(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<TranscriptQuery>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let agent = agent_of(&state, &headers).await?;
+    check_id(&id)?;
+    let c = state
+        .sessions
+        .conversation(&agent.tenant_id, &id)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let mine = c.is_some_and(|c| {
+        c.agent_id.as_deref() == Some(agent.id.as_str())
+            || c.offered_to.as_deref() == Some(agent.id.as_str())
+    });
+    if !mine {
+        return Err(ApiError::not_found("CONVERSATION_NOT_FOUND", "no such conversation of yours"));
+    }
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let (messages, next, ended) =
+        super::chat::read_transcript(&state, &agent.tenant_id, &id, q.from.unwrap_or(1), limit)
+            .await?;
+    Ok(Json(json!({"messages": messages, "next_position": next, "chat_ended": ended})))
+}

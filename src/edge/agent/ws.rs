@@ -1,0 +1,152 @@
+//! The agent WebSocket: pushes (offers, transcript entries, state changes) of the agent's
+//! conversations out; the same operations as the HTTP routes in, as JSON requests with an
+//! optional `request_id` echoed in the answer.
+
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::broadcast::error::RecvError;
+
+use super::{do_accept, do_complete, do_reject, do_reply, do_set_state, do_typing};
+use crate::edge::{ApiError, AppState};
+use crate::stores::provisioning::Agent;
+
+#[derive(Debug, Deserialize)]
+pub struct WsQuery {
+    /// Browsers cannot set headers on a WebSocket: the agent token may come as a parameter.
+    pub token: Option<String>,
+}
+
+pub async fn websocket(
+    State(state): State<AppState>,
+    Query(q): Query<WsQuery>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let agent = match q.token {
+        Some(t) => crate::edge::auth::agent(&state, &t).await?,
+        None => super::agent_of(&state, &headers).await?,
+    };
+    Ok(ws.on_upgrade(move |socket| serve(socket, state, agent)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Request {
+    op: String,
+    request_id: Option<String>,
+    conversation_id: Option<String>,
+    offer_id: Option<String>,
+    text: Option<String>,
+    message_id: Option<String>,
+    state: Option<String>,
+    disposition: Option<String>,
+    note: Option<String>,
+}
+
+async fn serve(mut socket: WebSocket, state: AppState, agent: Agent) {
+    let mut feed = state.hub.agent(&agent.tenant_id, &agent.id);
+    let shutdown = state.shutdown.clone();
+    let hello = json!({"type": "hello", "agent_id": agent.id, "name": agent.name});
+    if socket.send(WsMessage::Text(hello.to_string().into())).await.is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = socket.send(WsMessage::Close(Some(axum::extract::ws::CloseFrame {
+                    code: 1012,
+                    reason: "edge restarting; reconnect".into(),
+                }))).await;
+                return;
+            }
+            push = feed.rx.recv() => match push {
+                Ok(p) => {
+                    if socket.send(WsMessage::Text(p.data.as_ref().into())).await.is_err() {
+                        return;
+                    }
+                }
+                Err(RecvError::Lagged(n)) => {
+                    // The desktop re-reads its conversations (GET /v1/agent/conversations).
+                    let note = json!({"type": "resync", "missed": n});
+                    if socket.send(WsMessage::Text(note.to_string().into())).await.is_err() {
+                        return;
+                    }
+                }
+                Err(RecvError::Closed) => return,
+            },
+            incoming = socket.recv() => match incoming {
+                Some(Ok(WsMessage::Text(text))) => {
+                    let answer = handle(&state, &agent, text.as_str()).await;
+                    if socket.send(WsMessage::Text(answer.to_string().into())).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+}
+
+async fn handle(state: &AppState, agent: &Agent, text: &str) -> Value {
+    let request: Request = match serde_json::from_str(text) {
+        Ok(r) => r,
+        Err(e) => {
+            return json!({"type": "error", "code": "INVALID_BODY", "message": e.to_string()})
+        }
+    };
+    let id = request.request_id.clone();
+    match run(state, agent, request).await {
+        Ok(extra) => json!({"type": "ack", "request_id": id, "result": extra}),
+        Err(e) => json!({"type": "error", "request_id": id, "code": e.code, "message": e.message}),
+    }
+}
+
+fn need(v: Option<String>, name: &str) -> Result<String, ApiError> {
+    v.ok_or_else(|| ApiError::bad_request("INVALID_FIELD", format!("`{name}` is required")))
+}
+
+async fn run(state: &AppState, agent: &Agent, r: Request) -> Result<Value, ApiError> {
+    match r.op.as_str() {
+        "ready" => do_set_state(state, agent, true).await.map(|_| Value::Null),
+        "not_ready" => do_set_state(state, agent, false).await.map(|_| Value::Null),
+        "accept" => {
+            let id = need(r.conversation_id, "conversation_id")?;
+            do_accept(state, agent, &id, &need(r.offer_id, "offer_id")?)
+                .await
+                .map(|_| Value::Null)
+        }
+        "reject" => {
+            let id = need(r.conversation_id, "conversation_id")?;
+            do_reject(state, agent, &id, &need(r.offer_id, "offer_id")?)
+                .await
+                .map(|_| Value::Null)
+        }
+        "reply" => {
+            let id = need(r.conversation_id, "conversation_id")?;
+            let m = do_reply(state, agent, &id, need(r.text, "text")?, r.message_id).await?;
+            Ok(json!({"message_id": m}))
+        }
+        "typing" => {
+            let id = need(r.conversation_id, "conversation_id")?;
+            let started = need(r.state, "state")? == "started";
+            do_typing(state, agent, &id, started)
+                .await
+                .map(|_| Value::Null)
+        }
+        "complete" => {
+            let id = need(r.conversation_id, "conversation_id")?;
+            do_complete(state, agent, &id, r.disposition, r.note)
+                .await
+                .map(|_| Value::Null)
+        }
+        other => Err(ApiError::bad_request(
+            "UNKNOWN_OP",
+            format!("unknown op `{other}`"),
+        )),
+    }
+}

@@ -1,0 +1,94 @@
+//! Web chat for customers: Chat API v3 (`/nexus/v3/chat/sessions...`, JSON, WebSocket and
+//! SSE streams). Requests become events on the inbound topic; reads come from the session store.
+
+pub mod client_key;
+mod stream;
+mod v3;
+
+use axum::http::HeaderMap;
+use axum::routing::{get, post};
+use axum::Router;
+
+use super::{ApiError, AppState};
+use crate::events::publish::{publish, PublishError};
+use crate::events::Event;
+use crate::stores::provisioning::Permission;
+pub use client_key::{Claims, ClientKeys};
+pub(crate) use v3::{check_text, json_body, read_transcript};
+
+pub const INBOUND_TOPIC: &str = "nexus.inbound.v1";
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/nexus/v3/chat/sessions", post(v3::start))
+        .route(
+            "/nexus/v3/chat/sessions/{id}/messages",
+            post(v3::send).get(v3::transcript),
+        )
+        .route("/nexus/v3/chat/sessions/{id}/typing", post(v3::typing))
+        .route("/nexus/v3/chat/sessions/{id}/disconnect", post(v3::disconnect))
+        .route("/nexus/v3/chat/sessions/{id}/stream", get(stream::websocket))
+        .route("/nexus/v3/chat/sessions/{id}/events", get(stream::sse))
+}
+
+/// The tenant of a request's `x-api-key`, which must have the chat permission.
+pub(crate) async fn chat_tenant(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
+    let raw = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| ApiError::unauthorized("send the tenant's API key in `x-api-key`"))?;
+    let grant = super::auth::api_key(state, raw).await?;
+    if !grant.permissions.contains(&Permission::Chat) {
+        return Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "PERMISSION_DENIED",
+            "this API key has no chat permission",
+        ));
+    }
+    Ok(grant.tenant_id)
+}
+
+/// The session a request may act on: its API key's tenant and a client key for this session.
+pub(crate) async fn session_claims(
+    state: &AppState,
+    headers: &HeaderMap,
+    session_id: &str,
+) -> Result<Claims, ApiError> {
+    let tenant = chat_tenant(state, headers).await?;
+    let raw = headers
+        .get("x-nexus-client-key")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| ApiError::unauthorized("send the session's client key in `x-nexus-client-key`"))?;
+    claims_for(state, raw, &tenant, session_id)
+}
+
+/// Checks a client key against the tenant and session; a key of another session or tenant is
+/// the same answer as a wrong key, so nothing about other sessions leaks.
+pub(crate) fn claims_for(
+    state: &AppState,
+    raw: &str,
+    tenant: &str,
+    session_id: &str,
+) -> Result<Claims, ApiError> {
+    match state.client_keys.verify(raw) {
+        Some(c) if c.tid == tenant && c.sid == session_id => Ok(c),
+        _ => Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "INVALID_CLIENT_KEY",
+            "the client key is not valid for this session",
+        )),
+    }
+}
+
+/// Publishes an event the edge built, answering 503 if the bus does not take it.
+pub(crate) async fn publish_event(
+    state: &AppState,
+    topic: &str,
+    event: &Event,
+) -> Result<(), ApiError> {
+    match publish(state.bus.as_ref(), topic, event).await {
+        Ok(_) => Ok(()),
+        Err(PublishError::Encode(e)) => Err(ApiError::bad_request("INVALID_FIELD", e.to_string())),
+        Err(e) => Err(ApiError::unavailable(e.to_string())),
+    }
+}

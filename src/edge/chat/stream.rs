@@ -1,0 +1,220 @@
+//! Customer event streams (WebSocket and SSE), resumable from a transcript position: the
+//! backlog comes from the session store, then live pushes from the hub; positions already sent
+//! are skipped, so a reconnect misses nothing and repeats nothing.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::Stream;
+use serde::Deserialize;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::{claims_for, Claims};
+use crate::edge::hub::{Feed, Push};
+use crate::edge::{ApiError, AppState};
+use crate::events::chat::ClientEventKind;
+use crate::workers::conversation::notify::entry_json;
+
+/// Backlog read per store call.
+const PAGE: usize = 200;
+
+#[derive(Debug, Deserialize)]
+pub struct StreamQuery {
+    /// First transcript position wanted (1-based); default 1 = everything.
+    pub from: Option<u64>,
+    /// Browsers cannot set headers on a WebSocket: the keys may come as parameters.
+    pub api_key: Option<String>,
+    pub client_key: Option<String>,
+}
+
+async fn authorize(
+    state: &AppState,
+    headers: &HeaderMap,
+    q: &StreamQuery,
+    id: &str,
+) -> Result<Claims, ApiError> {
+    let mut h = headers.clone();
+    for (name, value) in [("x-api-key", &q.api_key), ("x-nexus-client-key", &q.client_key)] {
+        if let Some(v) = value.as_deref().and_then(|v| v.parse().ok()) {
+            h.entry(name).or_insert(v);
+        }
+    }
+    let tenant = super::chat_tenant(state, &h).await?;
+    let raw = h
+        .get("x-nexus-client-key")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| ApiError::unauthorized("send the session's client key"))?;
+    claims_for(state, raw, &tenant, id)
+}
+
+/// A customer's feed: backlog from the store, then live pushes, without gaps or repeats.
+pub(crate) struct Resumable {
+    state: AppState,
+    claims: Claims,
+    feed: Feed,
+    /// Last transcript position sent.
+    last: u64,
+    queue: VecDeque<(Option<u64>, Arc<str>)>,
+}
+
+impl Resumable {
+    pub(crate) fn new(state: AppState, claims: Claims, from: u64) -> Self {
+        // Subscribe before reading the backlog, so nothing falls between the two.
+        let feed = state.hub.customer(&claims.tid, &claims.sid);
+        Self {
+            state,
+            claims,
+            feed,
+            last: from.max(1) - 1,
+            queue: VecDeque::new(),
+        }
+    }
+
+    /// Reads what the store has after `last`.
+    async fn catch_up(&mut self) -> Result<(), ApiError> {
+        loop {
+            let entries = self
+                .state
+                .sessions
+                .transcript(&self.claims.tid, &self.claims.sid, self.last + 1, PAGE)
+                .await
+                .map_err(|e| ApiError::unavailable(e.to_string()))?;
+            let n = entries.len();
+            for e in entries {
+                self.last = e.position;
+                let json = entry_json(&self.claims.sid, &e).to_string();
+                self.queue.push_back((Some(e.position), Arc::from(json)));
+            }
+            if n < PAGE {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The next thing to send: (transcript position if any, JSON text). `None` once the hub
+    /// is gone (shutdown).
+    pub(crate) async fn next(&mut self) -> Option<(Option<u64>, Arc<str>)> {
+        loop {
+            if let Some(item) = self.queue.pop_front() {
+                return Some(item);
+            }
+            match self.feed.rx.recv().await {
+                Ok(push) => {
+                    if let Some(item) = self.accept(&push).await {
+                        return Some(item);
+                    }
+                }
+                // Fell behind the live buffer: the store has everything, read it from there.
+                Err(RecvError::Lagged(_)) => {
+                    if self.catch_up().await.is_err() {
+                        return None;
+                    }
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    async fn accept(&mut self, push: &Push) -> Option<(Option<u64>, Arc<str>)> {
+        if push.kind != ClientEventKind::Transcript {
+            return Some((None, push.data.clone()));
+        }
+        let position = push.position?;
+        if position <= self.last {
+            return None; // already sent from the backlog or a duplicate delivery
+        }
+        if position > self.last + 1 {
+            // A gap (a push lost or arriving before an earlier one): the store fills it.
+            if self.catch_up().await.is_err() {
+                return None;
+            }
+            return self.queue.pop_front();
+        }
+        self.last = position;
+        Some((Some(position), push.data.clone()))
+    }
+}
+
+pub async fn websocket(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<StreamQuery>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let claims = authorize(&state, &headers, &q, &id).await?;
+    let mut feed = Resumable::new(state, claims, q.from.unwrap_or(1));
+    feed.catch_up().await?;
+    Ok(ws.on_upgrade(move |socket| serve_socket(socket, feed)))
+}
+
+async fn serve_socket(mut socket: WebSocket, mut feed: Resumable) {
+    let shutdown = feed.state.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = socket.send(WsMessage::Close(Some(axum::extract::ws::CloseFrame {
+                    code: 1012, // service restart: reconnect, resuming from the last position
+                    reason: "edge restarting; reconnect".into(),
+                }))).await;
+                return;
+            }
+            item = feed.next() => {
+                let Some((_, json)) = item else { return };
+                if socket.send(WsMessage::Text(json.as_ref().into())).await.is_err() {
+                    return;
+                }
+            }
+            incoming = socket.recv() => match incoming {
+                Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => return,
+                // Customers act through the HTTP API; pings are answered by axum.
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+}
+
+pub async fn sse(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<StreamQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let claims = authorize(&state, &headers, &q, &id).await?;
+    // An EventSource reconnecting sends the id of the last event it got.
+    let from = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|p| p + 1)
+        .or(q.from)
+        .unwrap_or(1);
+    let mut feed = Resumable::new(state, claims, from);
+    feed.catch_up().await?;
+    Ok(Sse::new(sse_stream(feed))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+fn sse_stream(feed: Resumable) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    futures::stream::unfold(feed, |mut feed| async move {
+        let shutdown = feed.state.shutdown.clone();
+        let item = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            item = feed.next() => item,
+        };
+        let (position, json) = item?;
+        let mut event = SseEvent::default().data(json.as_ref());
+        if let Some(p) = position {
+            event = event.id(p.to_string());
+        }
+        Some((Ok(event), feed))
+    })
+}

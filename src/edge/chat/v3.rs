@@ -1,0 +1,434 @@
+//! Chat API v3 handlers: start, send, typing, transcript, disconnect. Each validates, builds
+//! the event, publishes it and answers after the bus ack; nothing is published on bad input.
+
+use std::collections::BTreeMap;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::{chat_tenant, publish_event, session_claims, Claims, INBOUND_TOPIC};
+use crate::edge::{ApiError, AppState};
+use crate::events::chat::{self as ev, Channel, Contact, MessageKind, ParticipantKind};
+use crate::events::Event;
+use crate::stores::session::ConversationState;
+use crate::workers::conversation::notify::entry_json;
+
+const PRODUCER: &str = "edge/chat";
+
+/// Reads a JSON body, rejecting malformed JSON and unknown fields with a 400.
+pub(crate) fn json_body<T: DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|e| {
+        let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            "PAYLOAD_TOO_LARGE"
+        } else {
+            "INVALID_BODY"
+        };
+        ApiError::new(e.status(), code, e.body_text())
+    })?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("INVALID_BODY", format!("body: {e}")))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    pub nickname: Option<String>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub email_address: Option<String>,
+    pub phone_number: Option<String>,
+    pub subject: Option<String>,
+    #[serde(default)]
+    pub user_data: BTreeMap<String, String>,
+    /// A first message.
+    pub text: Option<String>,
+    /// Async chat: the session stays open while the customer is away.
+    #[serde(default, rename = "async")]
+    pub is_async: bool,
+}
+
+pub(crate) fn check_text(state: &AppState, text: &str) -> Result<(), ApiError> {
+    let max = state.config.chat.max_message_chars;
+    if text.trim().is_empty() {
+        return Err(ApiError::bad_request("INVALID_MESSAGE", "the message text is empty"));
+    }
+    if text.chars().count() > max {
+        return Err(ApiError::bad_request(
+            "MESSAGE_TOO_LONG",
+            format!("the message text is longer than {max} characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// The nickname a start request gives (or first + last name), validated.
+pub(crate) fn nickname(
+    state: &AppState,
+    nickname: Option<&str>,
+    first: Option<&str>,
+    last: Option<&str>,
+) -> Result<String, ApiError> {
+    let given = match nickname.map(str::trim).filter(|n| !n.is_empty()) {
+        Some(n) => n.to_string(),
+        None => [first, last]
+            .iter()
+            .flatten()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join(" "),
+    };
+    let max = state.config.chat.max_nickname_chars;
+    if given.is_empty() || given.chars().count() > max || given.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "INVALID_NICKNAME",
+            format!("give a nickname (or first and last name) of 1 to {max} printable characters"),
+        ));
+    }
+    Ok(given)
+}
+
+pub(crate) fn check_user_data(
+    state: &AppState,
+    data: &BTreeMap<String, String>,
+) -> Result<(), ApiError> {
+    let max = state.config.chat.max_user_data_entries;
+    if data.len() > max {
+        return Err(ApiError::bad_request(
+            "INVALID_USER_DATA",
+            format!("at most {max} user-data entries"),
+        ));
+    }
+    if data.keys().any(|k| k.is_empty() || k.len() > 256) || data.values().any(|v| v.len() > 4096)
+    {
+        return Err(ApiError::bad_request(
+            "INVALID_USER_DATA",
+            "user-data keys are 1 to 256 bytes, values at most 4096",
+        ));
+    }
+    Ok(())
+}
+
+/// What starting a session needs, shared by v3 and the legacy v2 API.
+pub(crate) struct NewSession {
+    pub nickname: String,
+    pub contact: Contact,
+    pub subject: Option<String>,
+    pub user_data: BTreeMap<String, String>,
+    pub text: Option<String>,
+    pub is_async: bool,
+    pub service: Option<String>,
+}
+
+/// Publishes the conversation request; returns the claims of the new session.
+pub(crate) async fn open_session(
+    state: &AppState,
+    tenant: &str,
+    s: NewSession,
+    traceparent: Option<String>,
+) -> Result<Claims, ApiError> {
+    let conversation_id = Uuid::now_v7().to_string();
+    let participant_id = Uuid::now_v7().to_string();
+    let body = ev::ConversationRequested {
+        channel: Channel::WebChat,
+        channel_id: None,
+        service: s.service,
+        participant_id: participant_id.clone(),
+        nickname: s.nickname,
+        contact: s.contact,
+        subject: s.subject,
+        first_message: s.text,
+        user_data: s.user_data,
+        is_async: s.is_async,
+    };
+    let mut event = Event::typed(&body, tenant, &conversation_id, PRODUCER)
+        .map_err(|e| ApiError::bad_request("INVALID_FIELD", e.to_string()))?;
+    event.envelope.traceparent = traceparent;
+    publish_event(state, INBOUND_TOPIC, &event).await?;
+    Ok(Claims {
+        tid: tenant.to_string(),
+        sid: conversation_id,
+        pid: participant_id,
+        iat: event.envelope.occurred_at_ms / 1000,
+    })
+}
+
+pub(crate) fn traceparent(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| Some(crate::edge::new_traceparent()))
+}
+
+pub async fn start(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let tenant = chat_tenant(&state, &headers).await?;
+    let r: StartRequest = json_body(body)?;
+    let nick = nickname(
+        &state,
+        r.nickname.as_deref(),
+        r.first_name.as_deref(),
+        r.last_name.as_deref(),
+    )?;
+    if let Some(t) = &r.text {
+        check_text(&state, t)?;
+    }
+    check_user_data(&state, &r.user_data)?;
+    let session = NewSession {
+        nickname: nick,
+        contact: Contact {
+            first_name: r.first_name,
+            last_name: r.last_name,
+            email_address: r.email_address,
+            phone_number: r.phone_number,
+        },
+        subject: r.subject,
+        user_data: r.user_data,
+        text: r.text,
+        is_async: r.is_async,
+        service: None,
+    };
+    let claims = open_session(&state, &tenant, session, traceparent(&headers)).await?;
+    let id = claims.sid.clone();
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "session_id": id,
+            "participant_id": claims.pid,
+            "client_key": state.client_keys.issue(&claims),
+            "stream": {
+                "websocket": format!("/nexus/v3/chat/sessions/{id}/stream"),
+                "sse": format!("/nexus/v3/chat/sessions/{id}/events"),
+            },
+        })),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendRequest {
+    pub text: String,
+    /// The client's id of the message: a retried send with the same id is not a second one.
+    pub message_id: Option<String>,
+}
+
+/// Refuses actions on a session the worker already closed.
+pub(crate) async fn ensure_open(state: &AppState, c: &Claims) -> Result<(), ApiError> {
+    let record = state
+        .sessions
+        .conversation(&c.tid, &c.sid)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    match record {
+        Some(r) if r.state == ConversationState::Closed => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "SESSION_CLOSED",
+            "the chat has ended",
+        )),
+        // Absent: the worker has not applied the start yet; the client key proves the session.
+        _ => Ok(()),
+    }
+}
+
+/// Publishes a customer message; returns its message id.
+pub(crate) async fn customer_message(
+    state: &AppState,
+    c: &Claims,
+    text: String,
+    kind: MessageKind,
+    client_message_id: Option<String>,
+    traceparent: Option<String>,
+) -> Result<String, ApiError> {
+    check_text(state, &text)?;
+    if client_message_id.as_ref().is_some_and(|m| m.is_empty() || m.len() > 128) {
+        return Err(ApiError::bad_request("INVALID_FIELD", "message_id is 1 to 128 characters"));
+    }
+    ensure_open(state, c).await?;
+    let message_id = Uuid::now_v7().to_string();
+    let body = ev::MessageReceived {
+        message_id: message_id.clone(),
+        client_message_id: client_message_id.clone(),
+        channel: Channel::WebChat,
+        channel_id: None,
+        participant_id: c.pid.clone(),
+        participant_kind: ParticipantKind::Customer,
+        nickname: None,
+        contact: Contact::default(),
+        kind,
+        text: Some(text),
+        media_ids: Vec::new(),
+        sent_at: None,
+        transcript_position: None,
+    };
+    let mut event = Event::typed(&body, &c.tid, &c.sid, PRODUCER)
+        .map_err(|e| ApiError::bad_request("INVALID_FIELD", e.to_string()))?;
+    event.envelope.traceparent = traceparent;
+    publish_event(state, INBOUND_TOPIC, &event).await?;
+    Ok(client_message_id.unwrap_or(message_id))
+}
+
+pub async fn send(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let c = session_claims(&state, &headers, &id).await?;
+    let r: SendRequest = json_body(body)?;
+    let message_id = customer_message(
+        &state,
+        &c,
+        r.text,
+        MessageKind::Text,
+        r.message_id,
+        traceparent(&headers),
+    )
+    .await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "message_id": message_id }))))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TypingRequest {
+    /// `started` or `stopped`.
+    pub state: String,
+}
+
+pub(crate) async fn customer_typing(
+    state: &AppState,
+    c: &Claims,
+    started: bool,
+    traceparent: Option<String>,
+) -> Result<(), ApiError> {
+    ensure_open(state, c).await?;
+    let body = ev::TypingIndicated {
+        participant_id: c.pid.clone(),
+        participant_kind: ParticipantKind::Customer,
+        state: if started {
+            ev::TypingState::Started
+        } else {
+            ev::TypingState::Stopped
+        },
+        preview: None,
+        transcript_position: None,
+    };
+    let mut event = Event::typed(&body, &c.tid, &c.sid, PRODUCER)
+        .map_err(|e| ApiError::bad_request("INVALID_FIELD", e.to_string()))?;
+    event.envelope.traceparent = traceparent;
+    publish_event(state, INBOUND_TOPIC, &event).await
+}
+
+pub async fn typing(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, ApiError> {
+    let c = session_claims(&state, &headers, &id).await?;
+    let r: TypingRequest = json_body(body)?;
+    let started = match r.state.as_str() {
+        "started" => true,
+        "stopped" => false,
+        _ => {
+            return Err(ApiError::bad_request(
+                "INVALID_FIELD",
+                "state is `started` or `stopped`",
+            ))
+        }
+    };
+    customer_typing(&state, &c, started, traceparent(&headers)).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+pub(crate) async fn customer_leaves(
+    state: &AppState,
+    c: &Claims,
+    traceparent: Option<String>,
+) -> Result<(), ApiError> {
+    ensure_open(state, c).await?;
+    let body = ev::ParticipantLeft {
+        participant_id: c.pid.clone(),
+        participant_kind: ParticipantKind::Customer,
+        nickname: None,
+        reason: ev::LeftReason::Left,
+        transcript_position: None,
+    };
+    let mut event = Event::typed(&body, &c.tid, &c.sid, PRODUCER)
+        .map_err(|e| ApiError::bad_request("INVALID_FIELD", e.to_string()))?;
+    event.envelope.traceparent = traceparent;
+    publish_event(state, INBOUND_TOPIC, &event).await
+}
+
+pub async fn disconnect(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let c = session_claims(&state, &headers, &id).await?;
+    customer_leaves(&state, &c, traceparent(&headers)).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TranscriptQuery {
+    /// First position to return (1-based); default 1.
+    pub from: Option<u64>,
+    pub limit: Option<usize>,
+}
+
+/// Transcript entries from a position, the next position and whether the chat ended.
+pub(crate) async fn read_transcript(
+    state: &AppState,
+    tenant: &str,
+    conversation_id: &str,
+    from: u64,
+    limit: usize,
+) -> Result<(Vec<Value>, u64, bool), ApiError> {
+    let entries = state
+        .sessions
+        .transcript(tenant, conversation_id, from.max(1), limit)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let ended = state
+        .sessions
+        .conversation(tenant, conversation_id)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?
+        .is_some_and(|c| c.state == ConversationState::Closed);
+    let next = entries.last().map(|e| e.position + 1).unwrap_or(from.max(1));
+    let json = entries
+        .iter()
+        .map(|e| entry_json(conversation_id, e))
+        .collect();
+    Ok((json, next, ended))
+}
+
+pub async fn transcript(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<TranscriptQuery>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let c = session_claims(&state, &headers, &id).await?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let (messages, next, ended) =
+        read_transcript(&state, &c.tid, &c.sid, q.from.unwrap_or(1), limit).await?;
+    Ok(Json(json!({
+        "messages": messages,
+        "next_position": next,
+        "chat_ended": ended,
+    })))
+}
