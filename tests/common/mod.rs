@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use nexus::bus::{self, Bus, Delivery, Subscription, TopicSpec};
 use nexus::config::{BusConfig, Config};
 
+pub mod chat;
 pub mod process;
 pub mod sink;
 

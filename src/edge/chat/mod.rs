@@ -3,6 +3,7 @@
 
 pub mod client_key;
 mod stream;
+mod v2;
 mod v3;
 
 use axum::http::HeaderMap;
@@ -29,6 +30,9 @@ pub fn routes() -> Router<AppState> {
         .route("/nexus/v3/chat/sessions/{id}/disconnect", post(v3::disconnect))
         .route("/nexus/v3/chat/sessions/{id}/stream", get(stream::websocket))
         .route("/nexus/v3/chat/sessions/{id}/events", get(stream::sse))
+        .route("/genesys/2/chat/{service}", post(v2::start))
+        .route("/genesys/2/chat/{service}/", post(v2::start))
+        .route("/genesys/2/chat/{service}/{chat_id}/{op}", post(v2::operation))
 }
 
 /// The tenant of a request's `x-api-key`, which must have the chat permission.

@@ -1,0 +1,262 @@
+//! Legacy Chat API v2 (`/genesys/2/chat/{service}...`) for widgets and scripts in the field:
+//! form-encoded POSTs, `apikey` header, `secureKey`/`userId`/`alias` per request, transcript
+//! polling with `refresh`. It is a view of the same conversation events as v3.
+
+use std::collections::BTreeMap;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::v3::{
+    check_user_data, customer_leaves, customer_message, customer_typing, nickname, open_session,
+    traceparent, NewSession,
+};
+use super::{claims_for, Claims};
+use crate::edge::{ApiError, AppState};
+use crate::events::chat::{Contact, MessageKind};
+use crate::stores::session::{ConversationState, Entry, EntryKind, PartyKind};
+
+/// The chat server alias v2 clients echo back.
+pub const ALIAS: &str = "nexus";
+
+/// A v2 error answer: the v2 body (`statusCode`, `errors`) with the HTTP status of the error.
+pub struct V2Error(ApiError);
+
+impl From<ApiError> for V2Error {
+    fn from(e: ApiError) -> Self {
+        V2Error(e)
+    }
+}
+
+impl IntoResponse for V2Error {
+    fn into_response(self) -> Response {
+        let e = self.0;
+        if e.status.is_server_error() {
+            return e.into_response();
+        }
+        let body = json!({
+            "statusCode": 2,
+            "chatEnded": false,
+            "errors": [{"code": e.code, "advice": e.message}],
+        });
+        (e.status, Json(body)).into_response()
+    }
+}
+
+type Answer = Result<Json<Value>, V2Error>;
+
+/// Form fields in order; `userData[key]` pairs gathered apart.
+struct Form {
+    fields: BTreeMap<String, String>,
+    user_data: BTreeMap<String, String>,
+}
+
+impl Form {
+    fn parse(body: &Bytes) -> Result<Form, ApiError> {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body).map_err(|e| {
+            ApiError::bad_request("INVALID_BODY", format!("not a urlencoded form: {e}"))
+        })?;
+        let mut form = Form {
+            fields: BTreeMap::new(),
+            user_data: BTreeMap::new(),
+        };
+        for (k, v) in pairs {
+            match k.strip_prefix("userData[").and_then(|r| r.strip_suffix(']')) {
+                Some(key) => {
+                    form.user_data.insert(key.to_string(), v);
+                }
+                None => {
+                    form.fields.insert(k, v);
+                }
+            }
+        }
+        Ok(form)
+    }
+
+    fn get(&self, k: &str) -> Option<&str> {
+        self.fields.get(k).map(String::as_str).filter(|v| !v.is_empty())
+    }
+
+    fn position(&self) -> Result<u64, ApiError> {
+        match self.get("transcriptPosition") {
+            None => Ok(1),
+            Some(p) => p.parse::<u64>().map(|p| p.max(1)).map_err(|_| {
+                ApiError::bad_request("INVALID_FIELD", "transcriptPosition is a number")
+            }),
+        }
+    }
+}
+
+async fn tenant(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
+    // v2 names the header `apikey`; v3's `x-api-key` works too.
+    let mut h = headers.clone();
+    if let Some(v) = headers.get("apikey").cloned() {
+        h.entry("x-api-key").or_insert(v);
+    }
+    super::chat_tenant(state, &h).await
+}
+
+fn v2_type(kind: EntryKind) -> Option<&'static str> {
+    Some(match kind {
+        EntryKind::ParticipantJoined => "ParticipantJoined",
+        EntryKind::ParticipantLeft => "ParticipantLeft",
+        EntryKind::Message => "Message",
+        EntryKind::Notice | EntryKind::FileUploaded => "Notice",
+        EntryKind::CustomNotice => "CustomNotice",
+        EntryKind::TypingStarted => "TypingStarted",
+        EntryKind::TypingStopped => "TypingStopped",
+        // Not v2 event types: left out of the v2 view.
+        EntryKind::ReadReceipt | EntryKind::UserDataUpdated => return None,
+    })
+}
+
+fn v2_message(e: &Entry) -> Option<Value> {
+    let from_type = match e.entry.from.kind {
+        PartyKind::Customer => "Client",
+        PartyKind::Agent => "Agent",
+        PartyKind::Bot | PartyKind::System => "External",
+    };
+    Some(json!({
+        "index": e.position,
+        "type": v2_type(e.entry.kind)?,
+        "from": {
+            "nickname": e.entry.from.nickname,
+            "participantId": e.entry.from.participant_id,
+            "type": from_type,
+        },
+        "text": e.entry.text,
+        "utcTime": e.entry.at_ms,
+    }))
+}
+
+/// The common answer: messages after `from`, the next position, whether the chat ended.
+async fn answer(state: &AppState, c: &Claims, from: u64, extra: Value) -> Answer {
+    let entries = state
+        .sessions
+        .transcript(&c.tid, &c.sid, from, 1000)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let ended = state
+        .sessions
+        .conversation(&c.tid, &c.sid)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?
+        .is_some_and(|r| r.state == ConversationState::Closed);
+    let next = entries.last().map(|e| e.position + 1).unwrap_or(from);
+    let mut body = json!({
+        "statusCode": 0,
+        "chatEnded": ended,
+        "nextPosition": next,
+        "messages": entries.iter().filter_map(v2_message).collect::<Vec<_>>(),
+    });
+    if let (Value::Object(b), Value::Object(x)) = (&mut body, extra) {
+        b.extend(x);
+    }
+    Ok(Json(body))
+}
+
+pub async fn start(
+    State(state): State<AppState>,
+    Path(service): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Answer {
+    let tenant = tenant(&state, &headers).await?;
+    let form = Form::parse(&body)?;
+    let nick = nickname(
+        &state,
+        form.get("nickname"),
+        form.get("firstName"),
+        form.get("lastName"),
+    )?;
+    check_user_data(&state, &form.user_data)?;
+    let text = form.get("text").map(str::to_string);
+    if let Some(t) = &text {
+        super::check_text(&state, t)?;
+    }
+    let session = NewSession {
+        nickname: nick,
+        contact: Contact {
+            first_name: form.get("firstName").map(str::to_string),
+            last_name: form.get("lastName").map(str::to_string),
+            email_address: form.get("emailAddress").map(str::to_string),
+            phone_number: None,
+        },
+        subject: form.get("subject").map(str::to_string),
+        user_data: form.user_data.clone(),
+        text,
+        is_async: false,
+        service: Some(service),
+    };
+    let claims = open_session(&state, &tenant, session, traceparent(&headers)).await?;
+    let extra = json!({
+        "chatId": claims.sid,
+        "userId": claims.pid,
+        "secureKey": state.client_keys.issue(&claims),
+        "alias": ALIAS,
+    });
+    answer(&state, &claims, 1, extra).await
+}
+
+pub async fn operation(
+    State(state): State<AppState>,
+    Path((_service, chat_id, op)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Answer {
+    let tenant = tenant(&state, &headers).await?;
+    let form = Form::parse(&body)?;
+    let claims = session(&state, &form, &tenant, &chat_id)?;
+    let from = form.position()?;
+    let tp = traceparent(&headers);
+    match op.as_str() {
+        "send" | "customNotice" => {
+            let text = form
+                .get("message")
+                .ok_or_else(|| ApiError::bad_request("INVALID_MESSAGE", "`message` is required"))?
+                .to_string();
+            let kind = if op == "send" {
+                MessageKind::Text
+            } else {
+                MessageKind::CustomNotice
+            };
+            customer_message(&state, &claims, text, kind, None, tp).await?;
+        }
+        "refresh" => {}
+        "startTyping" => customer_typing(&state, &claims, true, tp).await?,
+        "stopTyping" => customer_typing(&state, &claims, false, tp).await?,
+        "disconnect" => customer_leaves(&state, &claims, tp).await?,
+        "updateData" | "readReceipt" => {
+            // Recorded on the conversation by later versions; accepted so v2 widgets work.
+            check_user_data(&state, &form.user_data)?;
+        }
+        other => {
+            return Err(ApiError::not_found("UNKNOWN_OPERATION", format!("no v2 operation `{other}`")).into())
+        }
+    }
+    answer(&state, &claims, from, json!({})).await
+}
+
+/// The session of a v2 request: `secureKey` must be this chat's key, `userId` its customer and
+/// `alias` ours; any mismatch is the same error, so other chats cannot be probed.
+fn session(state: &AppState, form: &Form, tenant: &str, chat_id: &str) -> Result<Claims, ApiError> {
+    let denied = || {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "INVALID_SECURE_KEY",
+            "secureKey, userId and alias do not match this chat",
+        )
+    };
+    let key = form.get("secureKey").ok_or_else(denied)?;
+    let claims = claims_for(state, key, tenant, chat_id).map_err(|_| denied())?;
+    if form.get("userId") != Some(claims.pid.as_str())
+        || form.get("alias").is_some_and(|a| a != ALIAS)
+    {
+        return Err(denied());
+    }
+    Ok(claims)
+}

@@ -1,0 +1,255 @@
+//! Chat test harness: a running nexus (one `nexus dev` process, or edges and workers on a NATS
+//! server of the test's own with PostgreSQL and Redis), provisioning through the admin API,
+//! and customer/agent WebSocket clients.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use super::process::{free_port, Nexus};
+
+pub const ADMIN: &str = "admin-token-for-tests";
+pub const CLIENT_KEY_SECRET: &str = "client-key-secret-for-tests";
+
+/// A nats-server of the test's own, killed on drop.
+pub struct OwnNats {
+    child: std::process::Child,
+    pub url: String,
+}
+
+impl Drop for OwnNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl OwnNats {
+    pub async fn start(dir: &Path) -> OwnNats {
+        let bin = std::env::var("NEXUS_TEST_NATS_SERVER")
+            .expect("NEXUS_TEST_NATS_SERVER (run through `make test`: scripts/services.sh env)");
+        let port = free_port();
+        let store = dir.join("nats");
+        let child = std::process::Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(&store)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        OwnNats {
+            child,
+            url: format!("nats://127.0.0.1:{port}"),
+        }
+    }
+}
+
+/// A fresh PostgreSQL database, dropped at the end.
+pub struct TestDb {
+    pub url: String,
+    name: String,
+}
+
+impl TestDb {
+    pub async fn create() -> TestDb {
+        let base = std::env::var("NEXUS_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let name = format!("nexus_e2e_{}", uuid::Uuid::new_v4().simple());
+        psql(&base, &format!("CREATE DATABASE {name}"));
+        let url = match base.rsplit_once('/') {
+            Some((head, _)) => format!("{head}/{name}"),
+            None => panic!("bad postgres url {base}"),
+        };
+        TestDb { url, name }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let base = std::env::var("NEXUS_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        psql(&base, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
+    }
+}
+
+fn psql(url: &str, sql: &str) {
+    let status = std::process::Command::new("psql")
+        .args([url, "-q", "-c", sql])
+        .status()
+        .expect("psql");
+    assert!(status.success(), "psql {sql} failed");
+}
+
+/// Env shared by every nexus process of a test system.
+pub fn base_env(dir: &Path) -> Vec<(&'static str, String)> {
+    vec![
+        ("NEXUS_HTTP__ADMIN_TOKEN", ADMIN.to_string()),
+        ("NEXUS_CHAT__CLIENT_KEY_SECRET", CLIENT_KEY_SECRET.to_string()),
+        ("NEXUS_STORES__DATA_DIR", dir.display().to_string()),
+        ("NEXUS_WORKERS__CONVERSATION__OFFER_TIMEOUT_MS", "3000".into()),
+        ("NEXUS_WORKERS__CONVERSATION__REQUEUE_INTERVAL_MS", "300".into()),
+        ("NEXUS_WORKERS__CONVERSATION__TIMER_INTERVAL_MS", "50".into()),
+        ("NEXUS_CONSUMER__RETRY_INITIAL_MS", "20".into()),
+        ("NEXUS_CONSUMER__LAG_INTERVAL_MS", "1000".into()),
+    ]
+}
+
+/// One running nexus process with its base URL.
+pub struct Node {
+    pub nexus: Nexus,
+    pub url: String,
+}
+
+pub async fn start_node(
+    dir: &Path,
+    name: &str,
+    args: &[&str],
+    mut env: Vec<(&'static str, String)>,
+) -> Node {
+    let port = free_port();
+    env.push(("NEXUS_HTTP__LISTEN", format!("127.0.0.1:{port}")));
+    let env: Vec<(&str, String)> = env.into_iter().collect();
+    let mut nexus = Nexus::start(dir, name, args, &env);
+    let url = format!("http://127.0.0.1:{port}");
+    nexus
+        .wait_ready(&reqwest::Client::new(), &format!("{url}/readyz"), Duration::from_secs(60))
+        .await;
+    Node { nexus, url }
+}
+
+/// Admin API calls for a test tenant with one queue, one rule and agents.
+pub struct Admin {
+    pub http: reqwest::Client,
+    pub url: String,
+}
+
+impl Admin {
+    pub fn new(url: &str) -> Admin {
+        Admin {
+            http: reqwest::Client::new(),
+            url: url.to_string(),
+        }
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Value {
+        let r = self
+            .http
+            .post(format!("{}/v1/admin{path}", self.url))
+            .bearer_auth(ADMIN)
+            .json(&body)
+            .send()
+            .await
+            .expect("admin request");
+        let status = r.status();
+        let text = r.text().await.expect("admin body");
+        assert!(status.is_success(), "POST {path}: {status} {text}");
+        serde_json::from_str(&text).expect("admin json")
+    }
+}
+
+/// A tenant ready for chat: API key, a queue, a rule routing web chat there.
+pub struct Tenant {
+    pub id: String,
+    pub api_key: String,
+    pub queue_id: String,
+}
+
+pub async fn provision_tenant(admin: &Admin) -> Tenant {
+    let name = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let tenant = admin.post("/tenants", json!({"name": name})).await;
+    let id = tenant["id"].as_str().expect("tenant id").to_string();
+    let key = admin
+        .post(
+            &format!("/tenants/{id}/api-keys"),
+            json!({"name": "widget", "permissions": ["chat"]}),
+        )
+        .await;
+    let queue = admin
+        .post(&format!("/tenants/{id}/queues"), json!({"name": "support"}))
+        .await;
+    let queue_id = queue["id"].as_str().expect("queue id").to_string();
+    admin
+        .post(
+            &format!("/tenants/{id}/routing-rules"),
+            json!({"channel": "WEB_CHAT", "queue_id": queue_id, "priority": 1}),
+        )
+        .await;
+    Tenant {
+        id,
+        api_key: key["key"].as_str().expect("api key").to_string(),
+        queue_id,
+    }
+}
+
+/// Creates an agent; returns (id, token).
+pub async fn provision_agent(admin: &Admin, tenant: &Tenant, name: &str, chats: u32) -> (String, String) {
+    let a = admin
+        .post(
+            &format!("/tenants/{}/agents", tenant.id),
+            json!({"name": name, "skills": [], "capacity": {"chat": chats}}),
+        )
+        .await;
+    (
+        a["id"].as_str().expect("agent id").to_string(),
+        a["token"].as_str().expect("agent token").to_string(),
+    )
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub async fn ws_connect(url: &str) -> Ws {
+    let url = url.replacen("http://", "ws://", 1);
+    let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket");
+    ws
+}
+
+/// The next JSON text frame matching `pred`, within `within`; others are skipped.
+pub async fn ws_until(ws: &mut Ws, within: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let frame = tokio::time::timeout(left, ws.next())
+            .await
+            .expect("timed out waiting for a websocket message")
+            .expect("websocket closed")
+            .expect("websocket error");
+        if let WsMessage::Text(t) = frame {
+            let v: Value = serde_json::from_str(t.as_str()).expect("json frame");
+            if pred(&v) {
+                return v;
+            }
+        }
+    }
+}
+
+pub async fn ws_send(ws: &mut Ws, v: Value) {
+    ws.send(WsMessage::Text(v.to_string().into()))
+        .await
+        .expect("websocket send");
+}
+
+/// Polls `f` until it returns Some, within `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
