@@ -6,11 +6,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ::redis::AsyncCommands;
 use nexus::stores::session::embedded::EmbeddedStore;
 use nexus::stores::session::redis::RedisStore;
 use nexus::stores::session::{
     Conversation, ConversationState, EntryKind, NewEntry, Party, PartyKind, Reserve, SessionStore,
-    Timer,
+    StoreError, Timer,
 };
 
 /// A store under test plus what must live as long as it.
@@ -77,9 +78,42 @@ impl TestStore {
     }
 }
 
+/// Deletes what a Redis case left under its tenant (keys of tenants named after it included),
+/// so the shared server does not fill up; a failed case leaves its keys for inspection.
+async fn cleanup(tenant: &str) {
+    let client = ::redis::Client::open(redis_url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let mut keys = Vec::new();
+    for pattern in [format!("nx:{{t:{tenant}*"), format!("nx:seen:{tenant}*")] {
+        let mut cursor = 0u64;
+        loop {
+            let (next, found): (u64, Vec<String>) = ::redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .expect("scan");
+            keys.extend(found);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    if !keys.is_empty() {
+        conn.del::<_, ()>(keys).await.expect("del");
+    }
+}
+
 macro_rules! per_store {
     ($($case:ident),* $(,)?) => {
-        mod redis { $( #[tokio::test(flavor = "multi_thread", worker_threads = 4)] async fn $case() { if super::selected("redis") { super::$case(super::test_store("redis").await).await } } )* }
+        mod redis { $( #[tokio::test(flavor = "multi_thread", worker_threads = 4)] async fn $case() { if super::selected("redis") { let t = super::test_store("redis").await; let tenant = t.tenant.clone(); super::$case(t).await; super::cleanup(&tenant).await } } )* }
         mod embedded { $( #[tokio::test(flavor = "multi_thread", worker_threads = 4)] async fn $case() { if super::selected("embedded") { super::$case(super::test_store("embedded").await).await } } )* }
     };
 }
@@ -670,6 +704,10 @@ async fn timers_schedule_move_cancel_claim(t: TestStore) {
         .await
         .expect("claim")
         .is_empty());
+    assert_eq!(
+        s.claim_due(&kind, 10, 10).await.expect("claim"),
+        [timer(&kind, tn, "x")]
+    );
 }
 
 async fn concurrent_claimers_get_each_timer_once(t: TestStore) {
@@ -875,6 +913,54 @@ async fn embedded_survives_reopen() {
         .remember("k1", Duration::from_secs(60))
         .await
         .expect("remember"));
+}
+
+/// Foreign or damaged data in Redis is `Corrupt`, from plain reads and from inside scripts.
+#[tokio::test]
+async fn redis_corrupt_data_is_reported() {
+    if !selected("redis") {
+        return;
+    }
+    let t = test_store("redis").await;
+    let client = ::redis::Client::open(redis_url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let pre = format!("nx:{{t:{}}}:", t.tenant);
+    let _: () = conn
+        .set(format!("{pre}conv:c1"), "{not json")
+        .await
+        .expect("set");
+    let _: () = conn
+        .rpush(format!("{pre}conv:c2"), "a list")
+        .await
+        .expect("rpush");
+    let _: () = conn
+        .zadd(format!("{pre}agents"), "a1", 1)
+        .await
+        .expect("zadd");
+    let _: () = conn
+        .hset(format!("{pre}agent:a1"), "profile", "{broken")
+        .await
+        .expect("hset");
+    let is_corrupt = |r: Result<_, StoreError>| matches!(r, Err(StoreError::Corrupt(_)));
+    assert!(is_corrupt(
+        t.store.conversation(&t.tenant, "c1").await.map(|_| ())
+    ));
+    assert!(is_corrupt(
+        t.store.conversation(&t.tenant, "c2").await.map(|_| ())
+    ));
+    assert!(is_corrupt(
+        t.store.presence(&t.tenant, "a1").await.map(|_| ())
+    ));
+    assert!(is_corrupt(
+        t.store
+            .reserve_agent(&t.tenant, &reserve("c9", &[], &[]))
+            .await
+            .map(|_| ())
+    ));
+    cleanup(&t.tenant).await;
 }
 
 /// `connect` picks the embedded store when no Redis URL is set and Redis otherwise.

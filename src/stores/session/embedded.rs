@@ -909,3 +909,56 @@ impl SessionStore for EmbeddedStore {
         self.read(|_| Ok(())).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_sorts_highest_priority_first() {
+        let priorities = [i64::MIN, -5, -1, 0, 1, 7, i64::MAX];
+        let mut ranked: Vec<(u64, i64)> = priorities.iter().map(|&p| (rank(p), p)).collect();
+        ranked.sort();
+        let order: Vec<i64> = ranked.into_iter().map(|(_, p)| p).collect();
+        assert_eq!(order, [i64::MAX, 7, 1, 0, -1, -5, i64::MIN]);
+    }
+
+    #[tokio::test]
+    async fn corrupt_rows_are_reported_not_panicked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(dir.path()).await.expect("open");
+        store
+            .write(|txn| {
+                txn.open_table(CONVERSATIONS)
+                    .map_err(storage("open"))?
+                    .insert(("t", "c"), b"{not json".as_slice())
+                    .map_err(storage("insert"))?;
+                txn.open_table(AGENTS)
+                    .map_err(storage("open"))?
+                    .insert(("t", "a"), b"[]".as_slice())
+                    .map_err(storage("insert"))?;
+                Ok(())
+            })
+            .await
+            .expect("write");
+        assert!(matches!(
+            store.conversation("t", "c").await,
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            store.presence("t", "a").await,
+            Err(StoreError::Corrupt(_))
+        ));
+        let r = Reserve {
+            conversation_id: "c".into(),
+            media: "chat".into(),
+            skills: vec![],
+            exclude: vec![],
+            now_ms: 0,
+        };
+        assert!(matches!(
+            store.reserve_agent("t", &r).await,
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+}

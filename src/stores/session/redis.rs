@@ -700,6 +700,14 @@ mod tests {
     }
 
     #[test]
+    fn data_errors_are_corrupt_others_unavailable() {
+        let parse = RedisError::from((ErrorKind::TypeError, "not a number"));
+        assert!(matches!(redis_err(parse), StoreError::Corrupt(_)));
+        let io = RedisError::from(std::io::Error::other("reset"));
+        assert!(matches!(redis_err(io), StoreError::Unavailable(_)));
+    }
+
+    #[test]
     fn queue_members_sort_by_time() {
         let mut members = [
             queue_member(5, "b"),
