@@ -1,9 +1,9 @@
 //! The session store of `nexus dev`: one redb file (`<data_dir>/sessions.redb`), so sessions
 //! survive a restart; each operation is one redb write transaction, hence atomic.
 //!
-//! redb runs one write transaction at a time (others wait in `begin_write`), which is what
-//! makes reserve, release, dequeue and claim atomic; reads use snapshots. All redb work runs on
-//! tokio's blocking pool. Every write commits durably (fsync) before it returns.
+//! redb runs one write transaction at a time, which is what makes reserve, release, dequeue and
+//! claim atomic; writers wait their turn on an async mutex, reads use snapshots. All redb work
+//! runs on tokio's blocking pool. Every write commits durably (fsync) before it returns.
 //!
 //! Tables (keys lead with the tenant, so a tenant's rows are one range):
 //! - `conversations`: (tenant, conversation) → [`Conversation`] JSON.
@@ -85,6 +85,10 @@ fn rank(priority: i64) -> u64 {
 /// A [`SessionStore`] in one redb file; clone the `Arc` to share it, one per file.
 pub struct EmbeddedStore {
     db: Arc<Database>,
+    /// Writers queue here, asynchronously, rather than each parking a blocking-pool thread in
+    /// `begin_write`; the guard moves into the blocking task, so it is held until the commit
+    /// even if the caller stops waiting.
+    writer: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl EmbeddedStore {
@@ -124,7 +128,10 @@ impl EmbeddedStore {
         })
         .await
         .map_err(storage("open task"))??;
-        Ok(Self { db: Arc::new(db) })
+        Ok(Self {
+            db: Arc::new(db),
+            writer: Arc::new(tokio::sync::Mutex::new(())),
+        })
     }
 
     /// Runs `f` in one write transaction on the blocking pool and commits if it succeeded.
@@ -134,7 +141,9 @@ impl EmbeddedStore {
         F: FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
     {
         let db = self.db.clone();
+        let turn = self.writer.clone().lock_owned().await;
         tokio::task::spawn_blocking(move || {
+            let _turn = turn;
             let txn = db.begin_write().map_err(storage("begin write"))?;
             let out = f(&txn)?;
             txn.commit().map_err(storage("commit"))?;

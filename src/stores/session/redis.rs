@@ -89,7 +89,9 @@ return {score, redis.call('HGETALL', KEYS[2])}
 "#;
 
 /// KEYS: agents, holder. ARGV: key prefix, conversation, media, skills JSON, excluded JSON.
-/// Returns the agent id or nil.
+/// Returns the agent id or nil. The agents' own keys (`agent:`, `slots:`) are built from the
+/// prefix, so not declared; they share the tenant's hash tag, hence the slot of KEYS. Scans the
+/// tenant's agents in idle order: O(agents of the tenant), stopping at the first that fits.
 const RESERVE: &str = r#"
 local prefix, conv, media = ARGV[1], ARGV[2], ARGV[3]
 local skills = cjson.decode(ARGV[4])
