@@ -14,6 +14,7 @@ use crate::bus::consumer::{Consumer, ConsumerOptions};
 use crate::bus::{self, Bus, BusError};
 use crate::config::Config;
 use crate::edge::{self, server, AppState};
+use crate::stores::provisioning::{Provisioning, ProvisioningError};
 use crate::topology::{self, Topology, TopologyError};
 use crate::workers::{self, WorkerError};
 
@@ -27,6 +28,8 @@ pub enum AppError {
     Serve(#[from] server::ServeError),
     #[error(transparent)]
     Worker(#[from] WorkerError),
+    #[error(transparent)]
+    Provisioning(#[from] ProvisioningError),
     #[error("{0}")]
     Roles(String),
 }
@@ -60,7 +63,13 @@ pub async fn run(
 ) -> Result<(), AppError> {
     let topology = Arc::new(load_topology(&config)?);
     let bus = bus::connect(&config.bus).await?;
-    info!(bus = bus.kind(), ?mode, "starting");
+    let provisioning = Arc::new(Provisioning::from_config(&config.stores).await?);
+    info!(
+        bus = bus.kind(),
+        provisioning = provisioning.kind(),
+        ?mode,
+        "starting"
+    );
 
     let roles: Vec<String> = match &mode {
         Mode::Dev => {
@@ -119,6 +128,7 @@ pub async fn run(
         bus: bus.clone(),
         topology: topology.clone(),
         metrics: crate::telemetry::init_metrics(),
+        provisioning,
     };
     let bound = server::bind(&config.http).await?;
     info!(addr = %bound.addr, tls = bound.is_tls(), "listening");

@@ -188,6 +188,9 @@ pub struct StoresConfig {
     pub postgres_url: String,
     /// Local data directory.
     pub data_dir: String,
+    /// Secret: 32-byte key (hex or base64) encrypting bot credentials; "" = a key file
+    /// generated once under `data_dir` (single-process `nexus dev` only).
+    pub provisioning_key: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -363,6 +366,17 @@ impl Config {
                 "must start with postgres:// or postgresql:// (TLS: ?sslmode=require)",
             ));
         }
+        if !self.stores.provisioning_key.is_empty() {
+            crate::stores::provisioning::secrets::EncryptionKey::parse(
+                &self.stores.provisioning_key,
+            )
+            .map_err(|e| invalid("stores.provisioning_key", e))?;
+        } else if !pg.is_empty() {
+            return Err(invalid(
+                "stores.provisioning_key",
+                "required with stores.postgres_url: every process must encrypt bot credentials with the same key",
+            ));
+        }
         if !self.topology.file.is_empty() && !Path::new(&self.topology.file).is_file() {
             return Err(invalid(
                 "topology.file",
@@ -387,6 +401,7 @@ impl Config {
             &mut c.chat.client_key_secret,
             &mut c.bus.nats.token,
             &mut c.http.admin_token,
+            &mut c.stores.provisioning_key,
         ] {
             if !secret.is_empty() {
                 *secret = REDACTED.to_string();
@@ -449,6 +464,22 @@ mod tests {
             .contains("bus.nats.lease_ttl_ms"));
 
         let mut c = Config::defaults();
+        c.stores.provisioning_key = "too-short".into();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("stores.provisioning_key"));
+
+        let mut c = Config::defaults();
+        c.stores.postgres_url = "postgres://db/nexus".into();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("stores.provisioning_key"));
+
+        let mut c = Config::defaults();
         c.http.listen = "nowhere".into();
         assert!(c
             .validate()
@@ -471,9 +502,14 @@ mod tests {
         c.http.admin_token = "hunter2".into();
         c.stores.redis_url = "rediss://user:s3cret@redis:6380".into();
         c.bus.kafka.sasl_password = "kpass".into();
+        c.stores.provisioning_key =
+            "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff".into();
         let out = c.redacted_toml();
         assert!(
-            !out.contains("hunter2") && !out.contains("s3cret") && !out.contains("kpass"),
+            !out.contains("hunter2")
+                && !out.contains("s3cret")
+                && !out.contains("kpass")
+                && !out.contains("0011223344"),
             "{out}"
         );
         assert!(out.contains("rediss://user:<redacted>@redis:6380"));

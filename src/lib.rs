@@ -10,6 +10,7 @@
 //! - [`topology`]: topics and worker roles declared in YAML; plan/apply and AsyncAPI.
 //! - [`replay`]: moving a consumer group's offsets and copying ranges between topics.
 //! - [`edge`]: the HTTP/WebSocket API (health, metrics, event ingest; channels add theirs).
+//! - [`stores`]: where state is kept: provisioning (PostgreSQL / SQLite).
 //! - [`workers`]: worker roles, one folder each.
 //! - [`telemetry`]: logging, tracing and Prometheus metrics.
 //! - [`config`]: layered configuration (embedded defaults → file → `NEXUS_*` env).

@@ -27,11 +27,19 @@ async fn state() -> (AppState, tempfile::TempDir) {
     topology::apply(bus.as_ref(), &topology)
         .await
         .expect("apply");
+    let key = nexus::stores::provisioning::secrets::EncryptionKey::generate();
+    let provisioning = nexus::stores::provisioning::Provisioning::connect(
+        &dir.path().join("provisioning.db").display().to_string(),
+        &key,
+    )
+    .await
+    .expect("provisioning");
     let state = AppState {
         config: Arc::new(config),
         bus,
         topology: Arc::new(topology),
         metrics: nexus::telemetry::init_metrics(),
+        provisioning: Arc::new(provisioning),
     };
     (state, dir)
 }
@@ -180,7 +188,7 @@ async fn bad_input_gets_a_clear_4xx_and_publishes_nothing() {
         ),
         (
             post(topic, Some("wrong"), valid_event().to_string()),
-            StatusCode::FORBIDDEN,
+            StatusCode::UNAUTHORIZED,
             "INVALID_TOKEN",
         ),
         (

@@ -1,10 +1,40 @@
-//! Authentication of edge callers against provisioning: tenant API keys and agent tokens,
-//! mapped to 401/403 answers with machine-readable codes (and 503 when the store is down).
+//! Authentication of edge callers: the admin bearer token (admin and ingest endpoints,
+//! constant-time compare), tenant API keys and agent tokens against provisioning, mapped to
+//! 401/403 answers with machine-readable codes (503 when the store is down).
 
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, StatusCode};
+use subtle::ConstantTimeEq;
 
 use super::{ApiError, AppState};
+use crate::config::HttpConfig;
 use crate::stores::provisioning::{Agent, ApiKeyGrant, AuthError};
+
+/// `Authorization: Bearer <http.admin_token>`: 401 when missing or wrong, 403 `ADMIN_DISABLED`
+/// when no token is configured.
+pub fn require_admin(config: &HttpConfig, headers: &HeaderMap) -> Result<(), ApiError> {
+    let expected = config.admin_token.as_bytes();
+    if expected.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "ADMIN_DISABLED",
+            "no admin token is configured (http.admin_token)",
+        ));
+    }
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| ApiError::unauthorized("send `Authorization: Bearer <admin token>`"))?;
+    if bool::from(given.as_bytes().ct_eq(expected)) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "INVALID_TOKEN",
+            "the admin token is wrong",
+        ))
+    }
+}
 
 fn refused(e: AuthError, what: &str) -> ApiError {
     match e {
@@ -27,6 +57,7 @@ fn refused(e: AuthError, what: &str) -> ApiError {
     }
 }
 
+/// The grant of a tenant API key.
 pub async fn api_key(state: &AppState, raw: &str) -> Result<ApiKeyGrant, ApiError> {
     state
         .provisioning
@@ -35,6 +66,7 @@ pub async fn api_key(state: &AppState, raw: &str) -> Result<ApiKeyGrant, ApiErro
         .map_err(|e| refused(e, "API key"))
 }
 
+/// The agent of an agent token.
 pub async fn agent(state: &AppState, raw: &str) -> Result<Agent, ApiError> {
     state
         .provisioning

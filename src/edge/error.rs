@@ -1,6 +1,7 @@
 //! One error type for every HTTP answer: 4xx carry a machine-readable code and a message,
 //! 5xx are logged and answer an opaque body.
 
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -48,6 +49,32 @@ impl IntoResponse for ApiError {
             Json(json!({"error": {"code": self.code, "message": self.message}})),
         )
             .into_response()
+    }
+}
+
+/// JSON bodies that cannot be read answer in the same shape as every other error.
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        // A well-formed body of the wrong shape (unknown or missing field, wrong type) is a
+        // 400 like any other invalid input, not axum's 422.
+        let (status, code) = match &rejection {
+            JsonRejection::JsonDataError(_) => (StatusCode::BAD_REQUEST, "INVALID_BODY"),
+            JsonRejection::JsonSyntaxError(_) => (StatusCode::BAD_REQUEST, "INVALID_JSON"),
+            JsonRejection::MissingJsonContentType(_) => {
+                (rejection.status(), "UNSUPPORTED_MEDIA_TYPE")
+            }
+            _ if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                (rejection.status(), "PAYLOAD_TOO_LARGE")
+            }
+            _ => (rejection.status(), "INVALID_BODY"),
+        };
+        Self::new(status, code, rejection.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::bad_request("INVALID_QUERY", rejection.body_text())
     }
 }
 

@@ -24,19 +24,34 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("timed out".to_string()),
     };
+    let provisioning = match tokio::time::timeout(READY_TIMEOUT, state.provisioning.health()).await
+    {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".to_string()),
+    };
     metrics::gauge!(m::BUS_UP).set(if bus.is_ok() { 1.0 } else { 0.0 });
-    match bus {
-        Ok(()) => (
+    if bus.is_ok() && provisioning.is_ok() {
+        return (
             StatusCode::OK,
-            Json(json!({"status": "ready", "bus": state.bus.kind()})),
-        ),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(
-                json!({"status": "not_ready", "checks": {"bus": {"kind": state.bus.kind(), "error": e}}}),
-            ),
-        ),
+            Json(json!({
+                "status": "ready",
+                "bus": state.bus.kind(),
+                "provisioning": state.provisioning.kind(),
+            })),
+        );
     }
+    let check = |kind: &str, result: Result<(), String>| match result {
+        Ok(()) => json!({"kind": kind, "ok": true}),
+        Err(e) => json!({"kind": kind, "ok": false, "error": e}),
+    };
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"status": "not_ready", "checks": {
+            "bus": check(state.bus.kind(), bus),
+            "provisioning": check(state.provisioning.kind(), provisioning),
+        }})),
+    )
 }
 
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

@@ -8,7 +8,6 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use serde_json::{json, Value};
-use subtle::ConstantTimeEq;
 
 use super::{ApiError, AppState};
 use crate::bus::headers;
@@ -20,7 +19,7 @@ pub async fn ingest(
     request_headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    authorize(&state, &request_headers)?;
+    super::auth::require_admin(&state.config.http, &request_headers)?;
     let declared = state.topology.topic(&topic).ok_or_else(|| {
         ApiError::not_found(
             "UNKNOWN_TOPIC",
@@ -72,32 +71,6 @@ fn body_error_code(status: StatusCode) -> &'static str {
         "PAYLOAD_TOO_LARGE"
     } else {
         "INVALID_BODY"
-    }
-}
-
-/// Bearer admin token, compared in constant time; no token configured → the endpoint is off.
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let expected = state.config.http.admin_token.as_bytes();
-    if expected.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "ADMIN_DISABLED",
-            "no admin token is configured (http.admin_token)",
-        ));
-    }
-    let given = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| ApiError::unauthorized("send `Authorization: Bearer <admin token>`"))?;
-    if bool::from(given.as_bytes().ct_eq(expected)) {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "INVALID_TOKEN",
-            "the admin token is wrong",
-        ))
     }
 }
 

@@ -1,6 +1,8 @@
 //! The edge: the HTTP/WebSocket API of nexus. It validates, authenticates, turns requests into
 //! events, publishes them and answers only after the bus acknowledged. It keeps no state.
 
+mod admin;
+mod auth;
 pub mod error;
 mod health;
 mod ingest;
@@ -16,6 +18,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::bus::Bus;
 use crate::config::Config;
+use crate::stores::provisioning::Provisioning;
 use crate::topology::Topology;
 
 pub use error::ApiError;
@@ -27,12 +30,14 @@ pub struct AppState {
     pub bus: Arc<dyn Bus>,
     pub topology: Arc<Topology>,
     pub metrics: PrometheusHandle,
+    pub provisioning: Arc<Provisioning>,
 }
 
 /// The edge's routes; tests call it with `oneshot`.
 pub fn app(state: AppState) -> Router {
     let limit = state.config.http.max_body_bytes;
     Router::new()
+        .merge(admin::router(state.clone()))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 
+use crate::stores::provisioning::{Provisioning, ProvisioningError};
+
 #[derive(Debug, thiserror::Error)]
 #[error("provisioning unavailable: {0}")]
 pub struct DirectoryError(pub String);
@@ -61,6 +63,43 @@ pub trait Directory: Send + Sync + 'static {
         tenant: &str,
         agent_id: &str,
     ) -> Result<Option<AgentProfile>, DirectoryError>;
+}
+
+/// Provisioning (PostgreSQL or SQLite) is the directory of a running nexus.
+#[async_trait]
+impl Directory for Provisioning {
+    async fn routing_rules(&self, tenant: &str) -> Result<Vec<Rule>, DirectoryError> {
+        let rules = Provisioning::routing_rules(self, tenant)
+            .await
+            .map_err(|e| DirectoryError(e.to_string()))?;
+        Ok(rules
+            .into_iter()
+            .map(|r| Rule {
+                id: r.id,
+                channel: r.channel,
+                attributes: r.attributes,
+                queue_id: r.queue_id,
+                skills: r.required_skills,
+                priority: i64::from(r.priority),
+                bot_id: r.bot_id,
+            })
+            .collect())
+    }
+
+    async fn agent(
+        &self,
+        tenant: &str,
+        agent_id: &str,
+    ) -> Result<Option<AgentProfile>, DirectoryError> {
+        match Provisioning::agent(self, tenant, agent_id).await {
+            Ok(a) => Ok(Some(AgentProfile {
+                skills: a.skills,
+                capacity: a.capacity,
+            })),
+            Err(ProvisioningError::NotFound(_)) => Ok(None),
+            Err(e) => Err(DirectoryError(e.to_string())),
+        }
+    }
 }
 
 #[cfg(test)]

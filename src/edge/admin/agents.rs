@@ -1,0 +1,63 @@
+//! `/v1/admin/tenants/{tenant}/agents`: a tenant's agents (skills, capacity per media).
+//! POST and `POST .../{id}/token` (rotation) answer the agent token once, as `token`.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+
+use super::{Body, Listing};
+use crate::edge::{ApiError, AppState};
+use crate::stores::provisioning::{Agent, AgentPatch, AgentToken, CreatedAgent, NewAgent, Page};
+
+pub async fn create(
+    State(state): State<AppState>,
+    Path(tenant): Path<String>,
+    Body(new): Body<NewAgent>,
+) -> Result<(StatusCode, Json<CreatedAgent>), ApiError> {
+    let created = state.provisioning.create_agent(&tenant, new).await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    Path(tenant): Path<String>,
+    listing: Listing,
+) -> Result<Json<Page<Agent>>, ApiError> {
+    let page = listing.page()?;
+    Ok(Json(state.provisioning.list_agents(&tenant, &page).await?))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    Path((tenant, id)): Path<(String, String)>,
+) -> Result<Json<Agent>, ApiError> {
+    Ok(Json(state.provisioning.agent(&tenant, &id).await?))
+}
+
+pub async fn update(
+    State(state): State<AppState>,
+    Path((tenant, id)): Path<(String, String)>,
+    Body(patch): Body<AgentPatch>,
+) -> Result<Json<Agent>, ApiError> {
+    Ok(Json(
+        state.provisioning.update_agent(&tenant, &id, patch).await?,
+    ))
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    Path((tenant, id)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    state.provisioning.delete_agent(&tenant, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A new token for the agent; the old one stops working.
+pub async fn rotate_token(
+    State(state): State<AppState>,
+    Path((tenant, id)): Path<(String, String)>,
+) -> Result<Json<AgentToken>, ApiError> {
+    Ok(Json(
+        state.provisioning.rotate_agent_token(&tenant, &id).await?,
+    ))
+}

@@ -1,0 +1,53 @@
+//! `/v1/admin/tenants/{tenant}/bots`: a tenant's bot endpoints (URL and credential).
+//! The credential is accepted on POST/PATCH and never answered (`has_credential` instead).
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+
+use super::{Body, Listing};
+use crate::edge::{ApiError, AppState};
+use crate::stores::provisioning::{BotEndpoint, BotPatch, NewBot, Page};
+
+pub async fn create(
+    State(state): State<AppState>,
+    Path(tenant): Path<String>,
+    Body(new): Body<NewBot>,
+) -> Result<(StatusCode, Json<BotEndpoint>), ApiError> {
+    let created = state.provisioning.create_bot(&tenant, new).await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    Path(tenant): Path<String>,
+    listing: Listing,
+) -> Result<Json<Page<BotEndpoint>>, ApiError> {
+    let page = listing.page()?;
+    Ok(Json(state.provisioning.list_bots(&tenant, &page).await?))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    Path((tenant, id)): Path<(String, String)>,
+) -> Result<Json<BotEndpoint>, ApiError> {
+    Ok(Json(state.provisioning.bot(&tenant, &id).await?))
+}
+
+pub async fn update(
+    State(state): State<AppState>,
+    Path((tenant, id)): Path<(String, String)>,
+    Body(patch): Body<BotPatch>,
+) -> Result<Json<BotEndpoint>, ApiError> {
+    Ok(Json(
+        state.provisioning.update_bot(&tenant, &id, patch).await?,
+    ))
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    Path((tenant, id)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    state.provisioning.delete_bot(&tenant, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

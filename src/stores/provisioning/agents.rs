@@ -1,0 +1,184 @@
+//! Agents of a tenant (skills, capacity per media type) and their tokens: stored as SHA-256,
+//! shown once at creation or rotation.
+
+use sqlx::any::AnyRow;
+
+use super::models::{
+    self, Agent, AgentPatch, AgentToken, CreatedAgent, NewAgent, Page, PageRequest,
+};
+use super::secrets::{self, AGENT_TOKEN_PREFIX};
+use super::sql::{self, get, get_json, Keyed};
+use super::{AuthError, Object, Provisioning, ProvisioningError};
+
+const SELECT: &str = "SELECT id, tenant_id, name, skills, capacity, created_at_ms FROM agents";
+
+impl Keyed for Agent {
+    fn key(&self) -> &str {
+        &self.id
+    }
+}
+
+fn from_row(row: &AnyRow) -> Result<Agent, ProvisioningError> {
+    Ok(Agent {
+        id: get(row, "id")?,
+        tenant_id: get(row, "tenant_id")?,
+        name: get(row, "name")?,
+        skills: get_json(row, "skills")?,
+        capacity: get_json(row, "capacity")?,
+        created_at_ms: get(row, "created_at_ms")?,
+    })
+}
+
+fn duplicate(name: &str) -> impl FnOnce() -> String + '_ {
+    move || format!("an agent named `{name}` already exists in this tenant")
+}
+
+impl Provisioning {
+    /// Creates an agent; the answer holds its token, which is never available again.
+    pub async fn create_agent(
+        &self,
+        tenant_id: &str,
+        new: NewAgent,
+    ) -> Result<CreatedAgent, ProvisioningError> {
+        let agent = Agent {
+            id: sql::new_id(),
+            tenant_id: self.tenant(tenant_id).await?.id,
+            name: models::name("name", &new.name)?,
+            skills: models::skills("skills", &new.skills)?,
+            capacity: models::capacity(&new.capacity)?,
+            created_at_ms: sql::now_ms(),
+        };
+        let token = secrets::generate_token(AGENT_TOKEN_PREFIX);
+        sqlx::query(
+            "INSERT INTO agents (id, tenant_id, name, skills, capacity, token_hash, created_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(agent.id.clone())
+        .bind(agent.tenant_id.clone())
+        .bind(agent.name.clone())
+        .bind(sql::to_json(&agent.skills))
+        .bind(sql::to_json(&agent.capacity))
+        .bind(token.hash.clone())
+        .bind(agent.created_at_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| sql::write_error(e, duplicate(&agent.name), String::new))?;
+        Ok(CreatedAgent {
+            agent,
+            token: token.raw,
+        })
+    }
+
+    /// The tenant's agent `id`.
+    pub async fn agent(&self, tenant_id: &str, id: &str) -> Result<Agent, ProvisioningError> {
+        let row = sqlx::query(&format!("{SELECT} WHERE tenant_id = $1 AND id = $2"))
+            .bind(tenant_id.to_string())
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(sql::unavailable)?;
+        match row {
+            Some(row) => from_row(&row),
+            None => Err(self.missing(tenant_id, Object::Agent).await),
+        }
+    }
+
+    pub async fn list_agents(
+        &self,
+        tenant_id: &str,
+        page: &PageRequest,
+    ) -> Result<Page<Agent>, ProvisioningError> {
+        self.tenant(tenant_id).await?;
+        sql::page(&self.pool, SELECT, Some(tenant_id), page, from_row).await
+    }
+
+    pub async fn update_agent(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        patch: AgentPatch,
+    ) -> Result<Agent, ProvisioningError> {
+        let mut agent = self.agent(tenant_id, id).await?;
+        if let Some(name) = &patch.name {
+            agent.name = models::name("name", name)?;
+        }
+        if let Some(skills) = &patch.skills {
+            agent.skills = models::skills("skills", skills)?;
+        }
+        if let Some(capacity) = &patch.capacity {
+            agent.capacity = models::capacity(capacity)?;
+        }
+        sqlx::query(
+            "UPDATE agents SET name = $3, skills = $4, capacity = $5 WHERE tenant_id = $1 AND id = $2",
+        )
+        .bind(agent.tenant_id.clone())
+        .bind(agent.id.clone())
+        .bind(agent.name.clone())
+        .bind(sql::to_json(&agent.skills))
+        .bind(sql::to_json(&agent.capacity))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| sql::write_error(e, duplicate(&agent.name), String::new))?;
+        Ok(agent)
+    }
+
+    pub async fn delete_agent(&self, tenant_id: &str, id: &str) -> Result<(), ProvisioningError> {
+        let done = sqlx::query("DELETE FROM agents WHERE tenant_id = $1 AND id = $2")
+            .bind(tenant_id.to_string())
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(sql::unavailable)?;
+        if done.rows_affected() == 0 {
+            return Err(self.missing(tenant_id, Object::Agent).await);
+        }
+        Ok(())
+    }
+
+    /// Replaces the agent's token; the old one stops working at once.
+    pub async fn rotate_agent_token(
+        &self,
+        tenant_id: &str,
+        id: &str,
+    ) -> Result<AgentToken, ProvisioningError> {
+        let token = secrets::generate_token(AGENT_TOKEN_PREFIX);
+        let done =
+            sqlx::query("UPDATE agents SET token_hash = $3 WHERE tenant_id = $1 AND id = $2")
+                .bind(tenant_id.to_string())
+                .bind(id.to_string())
+                .bind(token.hash.clone())
+                .execute(&self.pool)
+                .await
+                .map_err(sql::unavailable)?;
+        if done.rows_affected() == 0 {
+            return Err(self.missing(tenant_id, Object::Agent).await);
+        }
+        Ok(AgentToken {
+            agent_id: id.to_string(),
+            token: token.raw,
+        })
+    }
+
+    /// The agent a raw agent token belongs to; the token is never logged.
+    pub async fn authenticate_agent(&self, raw_token: &str) -> Result<Agent, AuthError> {
+        if !raw_token.starts_with(AGENT_TOKEN_PREFIX) {
+            return Err(AuthError::Unknown);
+        }
+        let row = sqlx::query(
+            "SELECT id, tenant_id, name, skills, capacity, created_at_ms, token_hash FROM agents WHERE token_hash = $1",
+        )
+        .bind(secrets::hash_token(raw_token))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| AuthError::Unavailable(e.to_string()))?;
+        let Some(row) = row else {
+            return Err(AuthError::Unknown);
+        };
+        let unavailable = |e: ProvisioningError| AuthError::Unavailable(e.to_string());
+        let stored: String = get(&row, "token_hash").map_err(unavailable)?;
+        if !secrets::token_matches(raw_token, &stored) {
+            return Err(AuthError::Unknown);
+        }
+        from_row(&row).map_err(unavailable)
+    }
+}

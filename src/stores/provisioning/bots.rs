@@ -1,0 +1,185 @@
+//! Bot endpoints of a tenant: URL and credential. The credential is encrypted at rest, bound to
+//! its tenant and bot, never answered; only the worker that calls the bot decrypts it.
+
+use sqlx::any::AnyRow;
+
+use super::models::{self, BotEndpoint, BotPatch, NewBot, Page, PageRequest};
+use super::sql::{self, get, Keyed};
+use super::{Object, Provisioning, ProvisioningError};
+
+const SELECT: &str = "SELECT id, tenant_id, name, url, created_at_ms FROM bots";
+
+impl Keyed for BotEndpoint {
+    fn key(&self) -> &str {
+        &self.id
+    }
+}
+
+fn from_row(row: &AnyRow) -> Result<BotEndpoint, ProvisioningError> {
+    Ok(BotEndpoint {
+        id: get(row, "id")?,
+        tenant_id: get(row, "tenant_id")?,
+        name: get(row, "name")?,
+        url: get(row, "url")?,
+        // The column is NOT NULL: every bot has one.
+        has_credential: true,
+        created_at_ms: get(row, "created_at_ms")?,
+    })
+}
+
+/// Binds a ciphertext to its row, so a credential copied to another bot does not decrypt.
+fn aad(tenant_id: &str, bot_id: &str) -> String {
+    format!("nexus/bot/{tenant_id}/{bot_id}")
+}
+
+fn duplicate(name: &str) -> impl FnOnce() -> String + '_ {
+    move || format!("a bot named `{name}` already exists in this tenant")
+}
+
+fn referenced() -> String {
+    "the bot is used by routing rules; change or delete them first".to_string()
+}
+
+impl Provisioning {
+    pub async fn create_bot(
+        &self,
+        tenant_id: &str,
+        new: NewBot,
+    ) -> Result<BotEndpoint, ProvisioningError> {
+        let bot = BotEndpoint {
+            id: sql::new_id(),
+            tenant_id: self.tenant(tenant_id).await?.id,
+            name: models::name("name", &new.name)?,
+            url: models::url(&new.url)?,
+            has_credential: true,
+            created_at_ms: sql::now_ms(),
+        };
+        models::credential(&new.credential)?;
+        let sealed = self
+            .cipher
+            .encrypt(&new.credential, &aad(&bot.tenant_id, &bot.id));
+        sqlx::query(
+            "INSERT INTO bots (id, tenant_id, name, url, credential, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(bot.id.clone())
+        .bind(bot.tenant_id.clone())
+        .bind(bot.name.clone())
+        .bind(bot.url.clone())
+        .bind(sealed)
+        .bind(bot.created_at_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| sql::write_error(e, duplicate(&bot.name), referenced))?;
+        Ok(bot)
+    }
+
+    pub async fn bot(&self, tenant_id: &str, id: &str) -> Result<BotEndpoint, ProvisioningError> {
+        let row = sqlx::query(&format!("{SELECT} WHERE tenant_id = $1 AND id = $2"))
+            .bind(tenant_id.to_string())
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(sql::unavailable)?;
+        match row {
+            Some(row) => from_row(&row),
+            None => Err(self.missing(tenant_id, Object::Bot).await),
+        }
+    }
+
+    pub async fn list_bots(
+        &self,
+        tenant_id: &str,
+        page: &PageRequest,
+    ) -> Result<Page<BotEndpoint>, ProvisioningError> {
+        self.tenant(tenant_id).await?;
+        sql::page(&self.pool, SELECT, Some(tenant_id), page, from_row).await
+    }
+
+    /// Changes name, URL or credential (a new credential replaces the old one).
+    pub async fn update_bot(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        patch: BotPatch,
+    ) -> Result<BotEndpoint, ProvisioningError> {
+        let mut bot = self.bot(tenant_id, id).await?;
+        if let Some(name) = &patch.name {
+            bot.name = models::name("name", name)?;
+        }
+        if let Some(url) = &patch.url {
+            bot.url = models::url(url)?;
+        }
+        let conflict = |e| sql::write_error(e, duplicate(&bot.name), referenced);
+        match &patch.credential {
+            Some(credential) => {
+                models::credential(credential)?;
+                let sealed = self
+                    .cipher
+                    .encrypt(credential, &aad(&bot.tenant_id, &bot.id));
+                sqlx::query(
+                    "UPDATE bots SET name = $3, url = $4, credential = $5 WHERE tenant_id = $1 AND id = $2",
+                )
+                .bind(bot.tenant_id.clone())
+                .bind(bot.id.clone())
+                .bind(bot.name.clone())
+                .bind(bot.url.clone())
+                .bind(sealed)
+                .execute(&self.pool)
+                .await
+                .map_err(conflict)?;
+            }
+            None => {
+                sqlx::query("UPDATE bots SET name = $3, url = $4 WHERE tenant_id = $1 AND id = $2")
+                    .bind(bot.tenant_id.clone())
+                    .bind(bot.id.clone())
+                    .bind(bot.name.clone())
+                    .bind(bot.url.clone())
+                    .execute(&self.pool)
+                    .await
+                    .map_err(conflict)?;
+            }
+        }
+        Ok(bot)
+    }
+
+    /// Deletes the bot; refused (conflict) while a routing rule points at it.
+    pub async fn delete_bot(&self, tenant_id: &str, id: &str) -> Result<(), ProvisioningError> {
+        let done = sqlx::query("DELETE FROM bots WHERE tenant_id = $1 AND id = $2")
+            .bind(tenant_id.to_string())
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(|e| sql::write_error(e, String::new, referenced))?;
+        if done.rows_affected() == 0 {
+            return Err(self.missing(tenant_id, Object::Bot).await);
+        }
+        Ok(())
+    }
+
+    /// The bot endpoint and its decrypted credential, for the worker that calls the bot only.
+    /// Never log or answer the credential.
+    pub async fn bot_credential(
+        &self,
+        tenant_id: &str,
+        bot_id: &str,
+    ) -> Result<(BotEndpoint, String), ProvisioningError> {
+        let row = sqlx::query(
+            "SELECT id, tenant_id, name, url, credential, created_at_ms FROM bots WHERE tenant_id = $1 AND id = $2",
+        )
+        .bind(tenant_id.to_string())
+        .bind(bot_id.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(sql::unavailable)?;
+        let Some(row) = row else {
+            return Err(self.missing(tenant_id, Object::Bot).await);
+        };
+        let bot = from_row(&row)?;
+        let sealed: String = get(&row, "credential")?;
+        let credential = self
+            .cipher
+            .decrypt(&sealed, &aad(&bot.tenant_id, &bot.id))
+            .map_err(|e| ProvisioningError::Unavailable(format!("bot {}: {e}", bot.id)))?;
+        Ok((bot, credential))
+    }
+}

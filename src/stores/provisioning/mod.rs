@@ -1,0 +1,210 @@
+//! The provisioning store: tenants and, per tenant, API keys, queues, agents, routing rules and
+//! bot endpoints, in PostgreSQL (production) or SQLite (`nexus dev`) through one SQL code path.
+//!
+//! Every object of a tenant is read and written by `(tenant_id, id)`, so one tenant's calls
+//! never reach another's objects. Secrets are hashed or encrypted ([`secrets`]) and never
+//! returned after creation. The rest of nexus calls [`Provisioning::authenticate_api_key`],
+//! [`Provisioning::authenticate_agent`], [`Provisioning::routing_rules`],
+//! [`Provisioning::bot_credential`], [`Provisioning::agent`] and [`Provisioning::queue`].
+
+mod agents;
+mod api_keys;
+mod bots;
+pub mod models;
+mod queues;
+mod routing;
+pub mod secrets;
+mod sql;
+mod tenants;
+
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use sqlx::any::AnyPoolOptions;
+use sqlx::AnyPool;
+use thiserror::Error;
+
+use crate::config::StoresConfig;
+pub use models::*;
+use secrets::{Cipher, EncryptionKey};
+
+/// Connections per process: the admin API and the hot-path lookups are short queries.
+const MAX_CONNECTIONS: u32 = 8;
+/// How long a caller waits for a connection before the store counts as unavailable.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The SQLite file under `stores.data_dir` when no PostgreSQL URL is configured.
+pub const SQLITE_FILE: &str = "provisioning.db";
+/// The generated encryption key file under `stores.data_dir` when no key is configured.
+pub const KEY_FILE: &str = "provisioning.key";
+
+/// The kinds of provisioned objects, for "not found" answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Object {
+    Tenant,
+    ApiKey,
+    Queue,
+    Agent,
+    RoutingRule,
+    Bot,
+}
+
+impl Object {
+    /// The machine-readable code of "no such object" (`QUEUE_NOT_FOUND`, ...).
+    pub fn not_found_code(self) -> &'static str {
+        match self {
+            Object::Tenant => "TENANT_NOT_FOUND",
+            Object::ApiKey => "API_KEY_NOT_FOUND",
+            Object::Queue => "QUEUE_NOT_FOUND",
+            Object::Agent => "AGENT_NOT_FOUND",
+            Object::RoutingRule => "ROUTING_RULE_NOT_FOUND",
+            Object::Bot => "BOT_NOT_FOUND",
+        }
+    }
+}
+
+impl fmt::Display for Object {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Object::Tenant => "tenant",
+            Object::ApiKey => "API key",
+            Object::Queue => "queue",
+            Object::Agent => "agent",
+            Object::RoutingRule => "routing rule",
+            Object::Bot => "bot endpoint",
+        })
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ProvisioningError {
+    #[error("no such {0}")]
+    NotFound(Object),
+    /// A duplicate name, or an object still referenced.
+    #[error("{0}")]
+    Conflict(String),
+    #[error("`{field}` {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("provisioning store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Why a presented API key or agent token is refused.
+#[derive(Debug, Error)]
+pub enum AuthError {
+    #[error("unknown credential")]
+    Unknown,
+    #[error("the API key is disabled")]
+    Disabled,
+    #[error("the API key has expired")]
+    Expired,
+    #[error("provisioning store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The provisioning store; cheap to share behind an `Arc`.
+pub struct Provisioning {
+    pool: AnyPool,
+    cipher: Cipher,
+    kind: &'static str,
+}
+
+impl fmt::Debug for Provisioning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Provisioning")
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Provisioning {
+    /// Connects to `target` (a `postgres://` URL, a `sqlite:` URL or a SQLite file path, created
+    /// if missing) and applies the migrations. `key` encrypts bot credentials.
+    pub async fn connect(target: &str, key: &EncryptionKey) -> Result<Self, ProvisioningError> {
+        sqlx::any::install_default_drivers();
+        let (url, kind) =
+            if target.starts_with("postgres://") || target.starts_with("postgresql://") {
+                (target.to_string(), "postgres")
+            } else if target.starts_with("sqlite:") {
+                (target.to_string(), "sqlite")
+            } else {
+                if let Some(dir) = Path::new(target).parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| {
+                        ProvisioningError::Unavailable(format!("{}: {e}", dir.display()))
+                    })?;
+                }
+                (format!("sqlite://{target}?mode=rwc"), "sqlite")
+            };
+        let pool = AnyPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect(&url)
+            .await
+            .map_err(|e| ProvisioningError::Unavailable(format!("connect ({kind}): {e}")))?;
+        sqlx::migrate!("src/stores/provisioning/migrations")
+            .run(&pool)
+            .await
+            .map_err(|e| ProvisioningError::Unavailable(format!("migrations ({kind}): {e}")))?;
+        Ok(Self {
+            pool,
+            cipher: Cipher::new(key),
+            kind,
+        })
+    }
+
+    /// From `[stores]`: `postgres_url`, or SQLite under `data_dir`; `provisioning_key`, or a
+    /// key file generated once under `data_dir`.
+    pub async fn from_config(stores: &StoresConfig) -> Result<Self, ProvisioningError> {
+        let data_dir = Path::new(&stores.data_dir);
+        let key = if stores.provisioning_key.is_empty() {
+            EncryptionKey::load_or_create(&data_dir.join(KEY_FILE)).map_err(|e| {
+                ProvisioningError::Unavailable(format!("provisioning key file: {e}"))
+            })?
+        } else {
+            EncryptionKey::parse(&stores.provisioning_key).map_err(|e| {
+                ProvisioningError::Invalid {
+                    field: "stores.provisioning_key",
+                    message: e,
+                }
+            })?
+        };
+        let target = if stores.postgres_url.is_empty() {
+            data_dir.join(SQLITE_FILE).display().to_string()
+        } else {
+            stores.postgres_url.clone()
+        };
+        Self::connect(&target, &key).await
+    }
+
+    /// `postgres` or `sqlite`.
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    /// Whether the database answers (for `/readyz`).
+    pub async fn health(&self) -> Result<(), ProvisioningError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(sql::unavailable)
+    }
+
+    /// Closes the connections (tests drop their database afterwards).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// `NotFound(object)`, or `NotFound(Tenant)` when the tenant itself is missing, so callers
+    /// learn which part of the path is wrong.
+    async fn missing(&self, tenant_id: &str, object: Object) -> ProvisioningError {
+        match self.tenant(tenant_id).await {
+            Ok(_) => ProvisioningError::NotFound(object),
+            Err(e) => e,
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Queues of a tenant: where routing rules send conversations.
+
+use sqlx::any::AnyRow;
+
+use super::models::{self, NewQueue, Page, PageRequest, Queue, QueuePatch};
+use super::sql::{self, get, Keyed};
+use super::{Object, Provisioning, ProvisioningError};
+
+const SELECT: &str = "SELECT id, tenant_id, name, created_at_ms FROM queues";
+
+impl Keyed for Queue {
+    fn key(&self) -> &str {
+        &self.id
+    }
+}
+
+fn from_row(row: &AnyRow) -> Result<Queue, ProvisioningError> {
+    Ok(Queue {
+        id: get(row, "id")?,
+        tenant_id: get(row, "tenant_id")?,
+        name: get(row, "name")?,
+        created_at_ms: get(row, "created_at_ms")?,
+    })
+}
+
+fn duplicate(name: &str) -> impl FnOnce() -> String + '_ {
+    move || format!("a queue named `{name}` already exists in this tenant")
+}
+
+fn referenced() -> String {
+    "the queue is used by routing rules; change or delete them first".to_string()
+}
+
+impl Provisioning {
+    pub async fn create_queue(
+        &self,
+        tenant_id: &str,
+        new: NewQueue,
+    ) -> Result<Queue, ProvisioningError> {
+        let queue = Queue {
+            id: sql::new_id(),
+            tenant_id: self.tenant(tenant_id).await?.id,
+            name: models::name("name", &new.name)?,
+            created_at_ms: sql::now_ms(),
+        };
+        sqlx::query(
+            "INSERT INTO queues (id, tenant_id, name, created_at_ms) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(queue.id.clone())
+        .bind(queue.tenant_id.clone())
+        .bind(queue.name.clone())
+        .bind(queue.created_at_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| sql::write_error(e, duplicate(&queue.name), referenced))?;
+        Ok(queue)
+    }
+
+    /// The tenant's queue `id`.
+    pub async fn queue(&self, tenant_id: &str, id: &str) -> Result<Queue, ProvisioningError> {
+        let row = sqlx::query(&format!("{SELECT} WHERE tenant_id = $1 AND id = $2"))
+            .bind(tenant_id.to_string())
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(sql::unavailable)?;
+        match row {
+            Some(row) => from_row(&row),
+            None => Err(self.missing(tenant_id, Object::Queue).await),
+        }
+    }
+
+    pub async fn list_queues(
+        &self,
+        tenant_id: &str,
+        page: &PageRequest,
+    ) -> Result<Page<Queue>, ProvisioningError> {
+        self.tenant(tenant_id).await?;
+        sql::page(&self.pool, SELECT, Some(tenant_id), page, from_row).await
+    }
+
+    pub async fn update_queue(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        patch: QueuePatch,
+    ) -> Result<Queue, ProvisioningError> {
+        let mut queue = self.queue(tenant_id, id).await?;
+        if let Some(name) = &patch.name {
+            queue.name = models::name("name", name)?;
+        }
+        sqlx::query("UPDATE queues SET name = $3 WHERE tenant_id = $1 AND id = $2")
+            .bind(queue.tenant_id.clone())
+            .bind(queue.id.clone())
+            .bind(queue.name.clone())
+            .execute(&self.pool)
+            .await
+            .map_err(|e| sql::write_error(e, duplicate(&queue.name), referenced))?;
+        Ok(queue)
+    }
+
+    /// Deletes the queue; refused (conflict) while a routing rule points at it.
+    pub async fn delete_queue(&self, tenant_id: &str, id: &str) -> Result<(), ProvisioningError> {
+        let done = sqlx::query("DELETE FROM queues WHERE tenant_id = $1 AND id = $2")
+            .bind(tenant_id.to_string())
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(|e| sql::write_error(e, String::new, referenced))?;
+        if done.rows_affected() == 0 {
+            return Err(self.missing(tenant_id, Object::Queue).await);
+        }
+        Ok(())
+    }
+}

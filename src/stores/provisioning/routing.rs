@@ -1,0 +1,189 @@
+//! Routing rules of a tenant: channel and attributes → queue, required skills, priority and an
+//! optional bot first. A rule only ever points at a queue and bot of its own tenant.
+
+use sqlx::any::AnyRow;
+
+use super::models::{self, NewRoutingRule, Page, PageRequest, RoutingRule, RoutingRulePatch};
+use super::sql::{self, get, get_json, Keyed};
+use super::{Object, Provisioning, ProvisioningError};
+
+const SELECT: &str = "SELECT id, tenant_id, channel, attributes, queue_id, required_skills, priority, bot_id, created_at_ms FROM routing_rules";
+
+impl Keyed for RoutingRule {
+    fn key(&self) -> &str {
+        &self.id
+    }
+}
+
+fn from_row(row: &AnyRow) -> Result<RoutingRule, ProvisioningError> {
+    let priority: i64 = get(row, "priority")?;
+    Ok(RoutingRule {
+        id: get(row, "id")?,
+        tenant_id: get(row, "tenant_id")?,
+        channel: get(row, "channel")?,
+        attributes: get_json(row, "attributes")?,
+        queue_id: get(row, "queue_id")?,
+        required_skills: get_json(row, "required_skills")?,
+        priority: i32::try_from(priority).map_err(|_| {
+            ProvisioningError::Unavailable(format!("rule priority {priority} out of range"))
+        })?,
+        bot_id: get(row, "bot_id")?,
+        created_at_ms: get(row, "created_at_ms")?,
+    })
+}
+
+fn referenced() -> String {
+    "the rule's queue or bot was deleted meanwhile".to_string()
+}
+
+impl Provisioning {
+    pub async fn create_routing_rule(
+        &self,
+        tenant_id: &str,
+        new: NewRoutingRule,
+    ) -> Result<RoutingRule, ProvisioningError> {
+        let rule = RoutingRule {
+            id: sql::new_id(),
+            tenant_id: self.tenant(tenant_id).await?.id,
+            channel: models::ident("channel", &new.channel)?,
+            attributes: models::attributes(&new.attributes)?,
+            queue_id: new.queue_id,
+            required_skills: models::skills("required_skills", &new.required_skills)?,
+            priority: new.priority,
+            bot_id: new.bot_id,
+            created_at_ms: sql::now_ms(),
+        };
+        self.check_links(&rule).await?;
+        sqlx::query(
+            "INSERT INTO routing_rules (id, tenant_id, channel, attributes, queue_id, required_skills, priority, bot_id, created_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(rule.id.clone())
+        .bind(rule.tenant_id.clone())
+        .bind(rule.channel.clone())
+        .bind(sql::to_json(&rule.attributes))
+        .bind(rule.queue_id.clone())
+        .bind(sql::to_json(&rule.required_skills))
+        .bind(i64::from(rule.priority))
+        .bind(rule.bot_id.clone())
+        .bind(rule.created_at_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| sql::write_error(e, referenced, referenced))?;
+        Ok(rule)
+    }
+
+    /// The queue and bot must exist in the rule's own tenant: another tenant's id is as
+    /// unknown as a missing one.
+    async fn check_links(&self, rule: &RoutingRule) -> Result<(), ProvisioningError> {
+        self.queue(&rule.tenant_id, &rule.queue_id).await?;
+        if let Some(bot_id) = &rule.bot_id {
+            self.bot(&rule.tenant_id, bot_id).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn routing_rule(
+        &self,
+        tenant_id: &str,
+        id: &str,
+    ) -> Result<RoutingRule, ProvisioningError> {
+        let row = sqlx::query(&format!("{SELECT} WHERE tenant_id = $1 AND id = $2"))
+            .bind(tenant_id.to_string())
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(sql::unavailable)?;
+        match row {
+            Some(row) => from_row(&row),
+            None => Err(self.missing(tenant_id, Object::RoutingRule).await),
+        }
+    }
+
+    /// Admin listing, by id.
+    pub async fn list_routing_rules(
+        &self,
+        tenant_id: &str,
+        page: &PageRequest,
+    ) -> Result<Page<RoutingRule>, ProvisioningError> {
+        self.tenant(tenant_id).await?;
+        sql::page(&self.pool, SELECT, Some(tenant_id), page, from_row).await
+    }
+
+    /// Every rule of the tenant in evaluation order: highest priority first, then oldest first.
+    /// The router takes the first rule that [`RoutingRule::matches`].
+    pub async fn routing_rules(
+        &self,
+        tenant_id: &str,
+    ) -> Result<Vec<RoutingRule>, ProvisioningError> {
+        let rows = sqlx::query(&format!(
+            "{SELECT} WHERE tenant_id = $1 ORDER BY priority DESC, id ASC"
+        ))
+        .bind(tenant_id.to_string())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(sql::unavailable)?;
+        rows.iter().map(from_row).collect()
+    }
+
+    pub async fn update_routing_rule(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        patch: RoutingRulePatch,
+    ) -> Result<RoutingRule, ProvisioningError> {
+        let mut rule = self.routing_rule(tenant_id, id).await?;
+        if let Some(channel) = &patch.channel {
+            rule.channel = models::ident("channel", channel)?;
+        }
+        if let Some(attributes) = &patch.attributes {
+            rule.attributes = models::attributes(attributes)?;
+        }
+        if let Some(queue_id) = patch.queue_id {
+            rule.queue_id = queue_id;
+        }
+        if let Some(skills) = &patch.required_skills {
+            rule.required_skills = models::skills("required_skills", skills)?;
+        }
+        if let Some(priority) = patch.priority {
+            rule.priority = priority;
+        }
+        if let Some(bot_id) = patch.bot_id {
+            rule.bot_id = bot_id;
+        }
+        self.check_links(&rule).await?;
+        sqlx::query(
+            "UPDATE routing_rules SET channel = $3, attributes = $4, queue_id = $5, required_skills = $6, priority = $7, bot_id = $8 \
+             WHERE tenant_id = $1 AND id = $2",
+        )
+        .bind(rule.tenant_id.clone())
+        .bind(rule.id.clone())
+        .bind(rule.channel.clone())
+        .bind(sql::to_json(&rule.attributes))
+        .bind(rule.queue_id.clone())
+        .bind(sql::to_json(&rule.required_skills))
+        .bind(i64::from(rule.priority))
+        .bind(rule.bot_id.clone())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| sql::write_error(e, referenced, referenced))?;
+        Ok(rule)
+    }
+
+    pub async fn delete_routing_rule(
+        &self,
+        tenant_id: &str,
+        id: &str,
+    ) -> Result<(), ProvisioningError> {
+        let done = sqlx::query("DELETE FROM routing_rules WHERE tenant_id = $1 AND id = $2")
+            .bind(tenant_id.to_string())
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(sql::unavailable)?;
+        if done.rows_affected() == 0 {
+            return Err(self.missing(tenant_id, Object::RoutingRule).await);
+        }
+        Ok(())
+    }
+}

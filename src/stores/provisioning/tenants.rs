@@ -1,0 +1,95 @@
+//! Tenants: the root of every other object; deleting one deletes everything it owns.
+
+use sqlx::any::AnyRow;
+
+use super::models::{self, NewTenant, Page, PageRequest, Tenant, TenantPatch};
+use super::sql::{self, get, Keyed};
+use super::{Object, Provisioning, ProvisioningError};
+
+const SELECT: &str = "SELECT id, name, created_at_ms FROM tenants";
+
+impl Keyed for Tenant {
+    fn key(&self) -> &str {
+        &self.id
+    }
+}
+
+fn from_row(row: &AnyRow) -> Result<Tenant, ProvisioningError> {
+    Ok(Tenant {
+        id: get(row, "id")?,
+        name: get(row, "name")?,
+        created_at_ms: get(row, "created_at_ms")?,
+    })
+}
+
+fn duplicate(name: &str) -> impl FnOnce() -> String + '_ {
+    move || format!("a tenant named `{name}` already exists")
+}
+
+impl Provisioning {
+    pub async fn create_tenant(&self, new: NewTenant) -> Result<Tenant, ProvisioningError> {
+        let tenant = Tenant {
+            id: sql::new_id(),
+            name: models::name("name", &new.name)?,
+            created_at_ms: sql::now_ms(),
+        };
+        sqlx::query("INSERT INTO tenants (id, name, created_at_ms) VALUES ($1, $2, $3)")
+            .bind(tenant.id.clone())
+            .bind(tenant.name.clone())
+            .bind(tenant.created_at_ms)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| sql::write_error(e, duplicate(&tenant.name), String::new))?;
+        Ok(tenant)
+    }
+
+    pub async fn tenant(&self, id: &str) -> Result<Tenant, ProvisioningError> {
+        let row = sqlx::query(&format!("{SELECT} WHERE id = $1"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(sql::unavailable)?;
+        match row {
+            Some(row) => from_row(&row),
+            None => Err(ProvisioningError::NotFound(Object::Tenant)),
+        }
+    }
+
+    pub async fn list_tenants(
+        &self,
+        page: &PageRequest,
+    ) -> Result<Page<Tenant>, ProvisioningError> {
+        sql::page(&self.pool, SELECT, None, page, from_row).await
+    }
+
+    pub async fn update_tenant(
+        &self,
+        id: &str,
+        patch: TenantPatch,
+    ) -> Result<Tenant, ProvisioningError> {
+        let mut tenant = self.tenant(id).await?;
+        if let Some(name) = &patch.name {
+            tenant.name = models::name("name", name)?;
+        }
+        sqlx::query("UPDATE tenants SET name = $2 WHERE id = $1")
+            .bind(tenant.id.clone())
+            .bind(tenant.name.clone())
+            .execute(&self.pool)
+            .await
+            .map_err(|e| sql::write_error(e, duplicate(&tenant.name), String::new))?;
+        Ok(tenant)
+    }
+
+    /// Deletes the tenant with all its keys, queues, agents, rules and bots.
+    pub async fn delete_tenant(&self, id: &str) -> Result<(), ProvisioningError> {
+        let done = sqlx::query("DELETE FROM tenants WHERE id = $1")
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(sql::unavailable)?;
+        if done.rows_affected() == 0 {
+            return Err(ProvisioningError::NotFound(Object::Tenant));
+        }
+        Ok(())
+    }
+}

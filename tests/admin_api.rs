@@ -1,0 +1,1291 @@
+//! The provisioning admin API (`/v1/admin`) and the store behind it, called in-process with
+//! `oneshot`, every case on SQLite (a temp file) and on PostgreSQL (a fresh database per test;
+//! `NEXUS_TEST_POSTGRES_URL` overrides `postgres://postgres@127.0.0.1:5432/test`).
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use nexus::config::Config;
+use nexus::edge::{self, AppState};
+use nexus::stores::provisioning::secrets::EncryptionKey;
+use nexus::stores::provisioning::{AuthError, Permission, Provisioning};
+use serde_json::{json, Value};
+use sqlx::{AnyPool, Connection, Executor, Row};
+use tower::ServiceExt;
+
+const TOKEN: &str = "test-admin-token";
+const BOT_SECRET: &str = "bot-s3cret-credential-value";
+
+#[derive(Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+struct Harness {
+    state: AppState,
+    /// A second connection to the same database, to look at what is stored.
+    raw: AnyPool,
+    /// The PostgreSQL database to drop at the end.
+    database: Option<(String, String)>,
+    _dir: tempfile::TempDir,
+}
+
+fn postgres_base() -> String {
+    std::env::var("NEXUS_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// `base` with its database name replaced.
+fn with_database(base: &str, name: &str) -> String {
+    let (url, query) = match base.split_once('?') {
+        Some((u, q)) => (u, format!("?{q}")),
+        None => (base, String::new()),
+    };
+    let (prefix, _) = url.rsplit_once('/').expect("a database URL has a path");
+    format!("{prefix}/{name}{query}")
+}
+
+async fn harness(backend: Backend) -> Harness {
+    sqlx::any::install_default_drivers();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (target, database) = match backend {
+        Backend::Sqlite => (
+            dir.path().join("provisioning.db").display().to_string(),
+            None,
+        ),
+        Backend::Postgres => {
+            let base = postgres_base();
+            let name = format!("nexus_t_{}", uuid::Uuid::new_v4().simple());
+            let mut admin = sqlx::PgConnection::connect(&base)
+                .await
+                .expect("PostgreSQL reachable (NEXUS_TEST_POSTGRES_URL)");
+            admin
+                .execute(format!("CREATE DATABASE {name}").as_str())
+                .await
+                .expect("create database");
+            admin.close().await.expect("close");
+            (with_database(&base, &name), Some((base, name)))
+        }
+    };
+    let provisioning = Provisioning::connect(&target, &EncryptionKey::generate())
+        .await
+        .expect("provisioning");
+    let raw_url = match backend {
+        Backend::Sqlite => format!("sqlite://{target}"),
+        Backend::Postgres => target.clone(),
+    };
+    let raw = AnyPool::connect(&raw_url).await.expect("raw pool");
+    let mut config = Config::defaults();
+    config.bus = common::bus_config("embedded", Some(&dir.path().join("bus")));
+    config.http.admin_token = TOKEN.into();
+    let bus = nexus::bus::connect(&config.bus).await.expect("bus");
+    let state = AppState {
+        config: Arc::new(config),
+        bus,
+        topology: Arc::new(nexus::topology::Topology::builtin()),
+        metrics: nexus::telemetry::init_metrics(),
+        provisioning: Arc::new(provisioning),
+    };
+    Harness {
+        state,
+        raw,
+        database,
+        _dir: dir,
+    }
+}
+
+impl Harness {
+    fn store(&self) -> &Provisioning {
+        &self.state.provisioning
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Body>,
+    ) -> (StatusCode, Value, String) {
+        let mut r = Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            r = r.header("authorization", format!("Bearer {t}"));
+        }
+        let req = match body {
+            Some(b) => r.header("content-type", "application/json").body(b),
+            None => r.body(Body::empty()),
+        }
+        .expect("request");
+        let resp = edge::app(self.state.clone())
+            .oneshot(req)
+            .await
+            .expect("response");
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        let text = String::from_utf8_lossy(&bytes).to_string();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            text,
+        )
+    }
+
+    /// An authorized call with a JSON body (or none).
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let (status, value, _) = self
+            .send(
+                method,
+                path,
+                Some(TOKEN),
+                body.map(|b| Body::from(b.to_string())),
+            )
+            .await;
+        (status, value)
+    }
+
+    /// POST that must answer 201; the created object.
+    async fn create(&self, path: &str, body: Value) -> Value {
+        let (status, value) = self.call(Method::POST, path, Some(body)).await;
+        assert_eq!(status, StatusCode::CREATED, "POST {path}: {value}");
+        value
+    }
+
+    async fn tenant(&self, name: &str) -> String {
+        id(&self
+            .create("/v1/admin/tenants", json!({"name": name}))
+            .await)
+    }
+
+    /// Every row of `table`, as one text blob, to search for plaintext secrets.
+    async fn table_text(&self, table: &str, columns: &[&str]) -> String {
+        let rows = sqlx::query(&format!("SELECT {} FROM {table}", columns.join(", ")))
+            .fetch_all(&self.raw)
+            .await
+            .expect("select");
+        assert!(!rows.is_empty(), "{table} has rows");
+        let mut out = String::new();
+        for row in rows {
+            for c in columns {
+                let v: Option<String> = row.try_get(*c).expect("text column");
+                out.push_str(&v.unwrap_or_default());
+                out.push('|');
+            }
+        }
+        out
+    }
+
+    async fn finish(mut self) {
+        self.state.provisioning.close().await;
+        self.raw.close().await;
+        if let Some((base, name)) = self.database.take() {
+            drop_database(&base, &name).await;
+        }
+    }
+}
+
+async fn drop_database(base: &str, name: &str) {
+    let mut admin = sqlx::PgConnection::connect(base).await.expect("connect");
+    admin
+        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+        .await
+        .expect("drop database");
+}
+
+/// A failed test still drops its database (`finish` did not run).
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some((base, name)) = self.database.take() {
+            let _ = std::thread::spawn(move || {
+                if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    rt.block_on(drop_database(&base, &name));
+                }
+            })
+            .join();
+        }
+    }
+}
+
+fn id(v: &Value) -> String {
+    v["id"].as_str().expect("an id").to_string()
+}
+
+fn code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("<no code>")
+}
+
+async fn crud_and_pagination(backend: Backend) {
+    let h = harness(backend).await;
+    let mut created = Vec::new();
+    for i in 0..7 {
+        created.push(h.tenant(&format!("tenant-{i}")).await);
+    }
+    // Pages of 3: 3, 3, 1, no repeats, in creation order, the last without a cursor.
+    let mut seen = Vec::new();
+    let mut sizes = Vec::new();
+    let mut path = "/v1/admin/tenants?limit=3".to_string();
+    loop {
+        let (status, page) = h.call(Method::GET, &path, None).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let items = page["items"].as_array().expect("items");
+        sizes.push(items.len());
+        seen.extend(items.iter().map(id));
+        match page["next"].as_str() {
+            Some(next) => path = format!("/v1/admin/tenants?limit=3&after={next}"),
+            None => {
+                assert!(page["next"].is_null());
+                break;
+            }
+        }
+    }
+    assert_eq!(sizes, vec![3, 3, 1]);
+    assert_eq!(seen, created);
+    let (_, all) = h.call(Method::GET, "/v1/admin/tenants", None).await;
+    assert_eq!(all["items"].as_array().expect("items").len(), 7);
+
+    // Read, rename, delete.
+    let t = &created[0];
+    let (status, got) = h
+        .call(Method::GET, &format!("/v1/admin/tenants/{t}"), None)
+        .await;
+    assert_eq!(
+        (status, got["name"].as_str()),
+        (StatusCode::OK, Some("tenant-0"))
+    );
+    let (status, renamed) = h
+        .call(
+            Method::PATCH,
+            &format!("/v1/admin/tenants/{t}"),
+            Some(json!({"name": "renamed"})),
+        )
+        .await;
+    assert_eq!(
+        (status, renamed["name"].as_str()),
+        (StatusCode::OK, Some("renamed"))
+    );
+    let (_, got) = h
+        .call(Method::GET, &format!("/v1/admin/tenants/{t}"), None)
+        .await;
+    assert_eq!(got["name"], "renamed");
+
+    // Nested resources page the same way.
+    let base = format!("/v1/admin/tenants/{t}/queues");
+    let mut queues = HashSet::new();
+    for i in 0..7 {
+        queues.insert(id(&h.create(&base, json!({"name": format!("q{i}")})).await));
+    }
+    let (_, p1) = h.call(Method::GET, &format!("{base}?limit=3"), None).await;
+    let next = p1["next"].as_str().expect("next");
+    let (_, p2) = h
+        .call(Method::GET, &format!("{base}?limit=3&after={next}"), None)
+        .await;
+    let next = p2["next"].as_str().expect("next");
+    let (_, p3) = h
+        .call(Method::GET, &format!("{base}?limit=3&after={next}"), None)
+        .await;
+    let listed: Vec<String> = [&p1, &p2, &p3]
+        .iter()
+        .flat_map(|p| p["items"].as_array().expect("items").iter().map(id))
+        .collect();
+    assert_eq!(listed.len(), 7);
+    assert_eq!(listed.iter().cloned().collect::<HashSet<_>>(), queues);
+    assert!(p3["next"].is_null());
+
+    // Deleting a tenant deletes what it owns.
+    let q = listed[0].clone();
+    let (status, _) = h
+        .call(Method::DELETE, &format!("/v1/admin/tenants/{t}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body) = h
+        .call(Method::GET, &format!("/v1/admin/tenants/{t}"), None)
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::NOT_FOUND, "TENANT_NOT_FOUND")
+    );
+    let left: i64 = sqlx::query("SELECT COUNT(*) AS n FROM queues WHERE id = $1")
+        .bind(q)
+        .fetch_one(&h.raw)
+        .await
+        .expect("count")
+        .try_get("n")
+        .expect("n");
+    assert_eq!(left, 0);
+    let (_, all) = h.call(Method::GET, "/v1/admin/tenants", None).await;
+    assert_eq!(all["items"].as_array().expect("items").len(), 6);
+
+    // /readyz checks the provisioning database too.
+    let (status, ready, _) = h.send(Method::GET, "/readyz", None, None).await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+    assert!(ready["provisioning"].is_string(), "{ready}");
+    h.finish().await;
+}
+
+async fn validation_errors(backend: Backend) {
+    let h = harness(backend).await;
+    let t = h.tenant("acme").await;
+    let tp = format!("/v1/admin/tenants/{t}");
+    let long = format!(r#"{{"name": "{}"}}"#, "x".repeat(201));
+    let cases: Vec<(Method, String, &str, StatusCode, &str, &str)> = vec![
+        (
+            Method::POST,
+            "/v1/admin/tenants".into(),
+            r#"{"name": "a", "colour": "red"}"#,
+            StatusCode::BAD_REQUEST,
+            "INVALID_BODY",
+            "colour",
+        ),
+        (
+            Method::POST,
+            "/v1/admin/tenants".into(),
+            r#"{"name": "a""#,
+            StatusCode::BAD_REQUEST,
+            "INVALID_JSON",
+            "",
+        ),
+        (
+            Method::POST,
+            "/v1/admin/tenants".into(),
+            r#"{}"#,
+            StatusCode::BAD_REQUEST,
+            "INVALID_BODY",
+            "name",
+        ),
+        (
+            Method::POST,
+            "/v1/admin/tenants".into(),
+            r#"{"name": "  "}"#,
+            StatusCode::BAD_REQUEST,
+            "INVALID_FIELD",
+            "`name`",
+        ),
+        (
+            Method::POST,
+            "/v1/admin/tenants".into(),
+            &long,
+            StatusCode::BAD_REQUEST,
+            "INVALID_FIELD",
+            "`name`",
+        ),
+        (
+            Method::PATCH,
+            tp.clone(),
+            r#"{"nom": "x"}"#,
+            StatusCode::BAD_REQUEST,
+            "INVALID_BODY",
+            "nom",
+        ),
+        (
+            Method::POST,
+            format!("{tp}/api-keys"),
+            r#"{"name": "k", "permissions": []}"#,
+            StatusCode::BAD_REQUEST,
+            "INVALID_FIELD",
+            "`permissions`",
+        ),
+        (
+            Method::POST,
+            format!("{tp}/api-keys"),
+            r#"{"name": "k", "permissions": ["root"]}"#,
+            StatusCode::BAD_REQUEST,
+            "INVALID_BODY",
+            "root",
+        ),
+        (
+            Method::POST,
+            format!("{tp}/api-keys"),
+            r#"{"name": "k", "permissions": ["chat"], "expires_at_ms": -5}"#,
+            StatusCode::BAD_REQUEST,
+            "INVALID_FIELD",
+            "`expires_at_ms`",
+        ),
+        (
+            Method::POST,
+            format!("{tp}/queues"),
+            r#"{"name": ""}"#,
+            StatusCode::BAD_REQUEST,
+            "INVALID_FIELD",
+            "`name`",
+        ),
+        (
+            Method::POST,
+            format!("{tp}/agents"),
+            r#"{"name": "a", "skills": ["has space"]}"#,
+            StatusCode::BAD_REQUEST,
+            "INVALID_FIELD",
+            "`skills`",
+        ),
+        (
+            Method::POST,
+            format!("{tp}/agents"),
+            r#"{"name": "a", "capacity": {"chat": -1}}"#,
+            StatusCode::BAD_REQUEST,
+            "INVALID_BODY",
+            "capacity",
+        ),
+        (
+            Method::POST,
+            format!("{tp}/agents"),
+            r#"{"name": "a", "capacity": {"chat": 100000}}"#,
+            StatusCode::BAD_REQUEST,
+            "INVALID_FIELD",
+            "`capacity`",
+        ),
+        (
+            Method::POST,
+            format!("{tp}/bots"),
+            r#"{"name": "b", "url": "ftp://bot", "credential": "c"}"#,
+            StatusCode::BAD_REQUEST,
+            "INVALID_FIELD",
+            "`url`",
+        ),
+        (
+            Method::POST,
+            format!("{tp}/bots"),
+            r#"{"name": "b", "url": "https://bot.example", "credential": ""}"#,
+            StatusCode::BAD_REQUEST,
+            "INVALID_FIELD",
+            "`credential`",
+        ),
+        (
+            Method::POST,
+            format!("{tp}/routing-rules"),
+            r#"{"channel": "web chat", "queue_id": "q"}"#,
+            StatusCode::BAD_REQUEST,
+            "INVALID_FIELD",
+            "`channel`",
+        ),
+        (
+            Method::GET,
+            "/v1/admin/tenants?limit=0".into(),
+            "",
+            StatusCode::BAD_REQUEST,
+            "INVALID_FIELD",
+            "`limit`",
+        ),
+        (
+            Method::GET,
+            "/v1/admin/tenants?limit=501".into(),
+            "",
+            StatusCode::BAD_REQUEST,
+            "INVALID_FIELD",
+            "`limit`",
+        ),
+        (
+            Method::GET,
+            "/v1/admin/tenants?limit=many".into(),
+            "",
+            StatusCode::BAD_REQUEST,
+            "INVALID_QUERY",
+            "",
+        ),
+        (
+            Method::GET,
+            "/v1/admin/tenants?after=%21%21".into(),
+            "",
+            StatusCode::BAD_REQUEST,
+            "INVALID_FIELD",
+            "`after`",
+        ),
+        (
+            Method::GET,
+            format!("{tp}/queues?sort=name"),
+            "",
+            StatusCode::BAD_REQUEST,
+            "INVALID_QUERY",
+            "sort",
+        ),
+    ];
+    for (method, path, body, status, want_code, mention) in cases {
+        let body = (!body.is_empty()).then(|| Body::from(body.to_string()));
+        let (got, value, text) = h.send(method.clone(), &path, Some(TOKEN), body).await;
+        assert_eq!(got, status, "{method} {path}: {text}");
+        assert_eq!(code(&value), want_code, "{method} {path}: {text}");
+        let message = value["error"]["message"].as_str().expect("message");
+        assert!(message.contains(mention), "{method} {path}: {message}");
+    }
+    // Nothing invalid was stored.
+    let (_, all) = h.call(Method::GET, "/v1/admin/tenants", None).await;
+    assert_eq!(all["items"].as_array().expect("items").len(), 1);
+    for r in ["api-keys", "queues", "agents", "bots", "routing-rules"] {
+        let (_, list) = h.call(Method::GET, &format!("{tp}/{r}"), None).await;
+        assert_eq!(list["items"], json!([]), "{r}");
+    }
+    h.finish().await;
+}
+
+async fn conflicts_and_not_found(backend: Backend) {
+    let h = harness(backend).await;
+    let a = h.tenant("acme").await;
+    let b = h.tenant("globex").await;
+    let ap = format!("/v1/admin/tenants/{a}");
+    let bp = format!("/v1/admin/tenants/{b}");
+
+    let (status, body) = h
+        .call(
+            Method::POST,
+            "/v1/admin/tenants",
+            Some(json!({"name": "acme"})),
+        )
+        .await;
+    assert_eq!((status, code(&body)), (StatusCode::CONFLICT, "CONFLICT"));
+    let (status, body) = h
+        .call(Method::PATCH, &bp, Some(json!({"name": "acme"})))
+        .await;
+    assert_eq!((status, code(&body)), (StatusCode::CONFLICT, "CONFLICT"));
+
+    let q = id(&h
+        .create(&format!("{ap}/queues"), json!({"name": "sales"}))
+        .await);
+    let (status, body) = h
+        .call(
+            Method::POST,
+            &format!("{ap}/queues"),
+            Some(json!({"name": "sales"})),
+        )
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::CONFLICT, "CONFLICT"),
+        "{body}"
+    );
+    // The same name in another tenant is fine.
+    h.create(&format!("{bp}/queues"), json!({"name": "sales"}))
+        .await;
+    let q2 = id(&h
+        .create(&format!("{ap}/queues"), json!({"name": "support"}))
+        .await);
+    let (status, _) = h
+        .call(
+            Method::PATCH,
+            &format!("{ap}/queues/{q2}"),
+            Some(json!({"name": "sales"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+
+    h.create(&format!("{ap}/agents"), json!({"name": "ann"}))
+        .await;
+    let (status, body) = h
+        .call(
+            Method::POST,
+            &format!("{ap}/agents"),
+            Some(json!({"name": "ann"})),
+        )
+        .await;
+    assert_eq!((status, code(&body)), (StatusCode::CONFLICT, "CONFLICT"));
+
+    // A queue or bot in use by a rule cannot be deleted.
+    let bot = id(&h
+        .create(
+            &format!("{ap}/bots"),
+            json!({"name": "faq", "url": "https://bot.example/faq", "credential": BOT_SECRET}),
+        )
+        .await);
+    let rule = id(&h
+        .create(
+            &format!("{ap}/routing-rules"),
+            json!({"channel": "chat", "queue_id": q, "bot_id": bot}),
+        )
+        .await);
+    let (status, body) = h
+        .call(Method::DELETE, &format!("{ap}/queues/{q}"), None)
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::CONFLICT, "CONFLICT"),
+        "{body}"
+    );
+    let (status, _) = h
+        .call(Method::DELETE, &format!("{ap}/bots/{bot}"), None)
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    // Unlinking the bot (null) lets it go.
+    let (status, body) = h
+        .call(
+            Method::PATCH,
+            &format!("{ap}/routing-rules/{rule}"),
+            Some(json!({"bot_id": null})),
+        )
+        .await;
+    assert_eq!((status, &body["bot_id"]), (StatusCode::OK, &Value::Null));
+    let (status, _) = h
+        .call(Method::DELETE, &format!("{ap}/bots/{bot}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+
+    // Unknown ids.
+    let missing = "0193a4b2-0000-7000-8000-000000000000";
+    let cases = [
+        (format!("/v1/admin/tenants/{missing}"), "TENANT_NOT_FOUND"),
+        (
+            format!("/v1/admin/tenants/{missing}/queues/{q}"),
+            "TENANT_NOT_FOUND",
+        ),
+        (format!("{ap}/api-keys/{missing}"), "API_KEY_NOT_FOUND"),
+        (format!("{ap}/queues/{missing}"), "QUEUE_NOT_FOUND"),
+        (format!("{ap}/agents/{missing}"), "AGENT_NOT_FOUND"),
+        (
+            format!("{ap}/routing-rules/{missing}"),
+            "ROUTING_RULE_NOT_FOUND",
+        ),
+        (format!("{ap}/bots/{missing}"), "BOT_NOT_FOUND"),
+    ];
+    for (path, want) in cases {
+        for method in [Method::GET, Method::PATCH, Method::DELETE] {
+            let body = (method == Method::PATCH).then(|| json!({}));
+            let (status, body) = h.call(method.clone(), &path, body).await;
+            assert_eq!(
+                (status, code(&body)),
+                (StatusCode::NOT_FOUND, want),
+                "{method} {path}"
+            );
+        }
+    }
+    let (status, body) = h
+        .call(
+            Method::POST,
+            &format!("/v1/admin/tenants/{missing}/queues"),
+            Some(json!({"name": "x"})),
+        )
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::NOT_FOUND, "TENANT_NOT_FOUND")
+    );
+    for kind in ["api-keys", "queues", "agents", "routing-rules", "bots"] {
+        let (status, body) = h
+            .call(
+                Method::GET,
+                &format!("/v1/admin/tenants/{missing}/{kind}"),
+                None,
+            )
+            .await;
+        assert_eq!(
+            (status, code(&body)),
+            (StatusCode::NOT_FOUND, "TENANT_NOT_FOUND"),
+            "{kind}"
+        );
+    }
+    let (status, body) = h
+        .call(
+            Method::POST,
+            &format!("{ap}/routing-rules"),
+            Some(json!({"channel": "chat", "queue_id": missing})),
+        )
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::NOT_FOUND, "QUEUE_NOT_FOUND")
+    );
+    let (status, body) = h
+        .call(
+            Method::POST,
+            &format!("{ap}/routing-rules"),
+            Some(json!({"channel": "chat", "queue_id": q, "bot_id": missing})),
+        )
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::NOT_FOUND, "BOT_NOT_FOUND")
+    );
+    let (status, body) = h
+        .call(Method::POST, &format!("{ap}/agents/{missing}/token"), None)
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::NOT_FOUND, "AGENT_NOT_FOUND")
+    );
+    h.finish().await;
+}
+
+async fn admin_token_is_required(backend: Backend) {
+    let h = harness(backend).await;
+    let t = h.tenant("acme").await;
+    let paths = [
+        (Method::POST, "/v1/admin/tenants".to_string()),
+        (Method::GET, "/v1/admin/tenants".to_string()),
+        (Method::GET, format!("/v1/admin/tenants/{t}")),
+        (Method::DELETE, format!("/v1/admin/tenants/{t}")),
+        (Method::POST, format!("/v1/admin/tenants/{t}/api-keys")),
+        (Method::GET, format!("/v1/admin/tenants/{t}/queues")),
+        (Method::POST, format!("/v1/admin/tenants/{t}/bots")),
+    ];
+    for (method, path) in paths {
+        for (token, want) in [
+            (None, "AUTHENTICATION_REQUIRED"),
+            (Some("wrong"), "INVALID_TOKEN"),
+        ] {
+            let body = Some(Body::from(json!({"name": "x"}).to_string()));
+            let (status, value, text) = h.send(method.clone(), &path, token, body).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}: {text}");
+            assert_eq!(code(&value), want, "{method} {path}");
+        }
+    }
+    // Nothing happened.
+    let (_, all) = h.call(Method::GET, "/v1/admin/tenants", None).await;
+    assert_eq!(all["items"].as_array().expect("items").len(), 1);
+    let (_, keys) = h
+        .call(
+            Method::GET,
+            &format!("/v1/admin/tenants/{t}/api-keys"),
+            None,
+        )
+        .await;
+    assert_eq!(keys["items"], json!([]));
+    h.finish().await;
+}
+
+async fn api_keys_are_shown_once_and_authenticate(backend: Backend) {
+    let h = harness(backend).await;
+    let t = h.tenant("acme").await;
+    let base = format!("/v1/admin/tenants/{t}/api-keys");
+    let created = h
+        .create(
+            &base,
+            json!({"name": "widget", "permissions": ["chat", "messaging"]}),
+        )
+        .await;
+    let raw = created["key"]
+        .as_str()
+        .expect("key shown at creation")
+        .to_string();
+    assert!(raw.starts_with("nxk_"), "{raw}");
+    assert_eq!(created["enabled"], true);
+    let key_id = id(&created);
+
+    // Never again: not in GET, list or PATCH answers, not in the database.
+    let (_, _, got) = h
+        .send(Method::GET, &format!("{base}/{key_id}"), Some(TOKEN), None)
+        .await;
+    let (_, _, list) = h.send(Method::GET, &base, Some(TOKEN), None).await;
+    let (_, _, patched) = h
+        .send(
+            Method::PATCH,
+            &format!("{base}/{key_id}"),
+            Some(TOKEN),
+            Some(Body::from(json!({"name": "widget-2"}).to_string())),
+        )
+        .await;
+    for text in [&got, &list, &patched] {
+        assert!(!text.contains(&raw) && !text.contains("\"key\""), "{text}");
+    }
+    assert!(list.contains("widget"));
+    let stored = h
+        .table_text(
+            "api_keys",
+            &["id", "tenant_id", "name", "key_hash", "permissions"],
+        )
+        .await;
+    assert!(
+        !stored.contains(&raw) && !stored.contains(&raw[4..]),
+        "{stored}"
+    );
+
+    // Authentication: valid, disabled, expired, unknown.
+    let grant = h
+        .store()
+        .authenticate_api_key(&raw)
+        .await
+        .expect("valid key");
+    assert_eq!(grant.tenant_id, t);
+    assert_eq!(grant.key_id, key_id);
+    assert!(grant.allows(Permission::Chat) && grant.allows(Permission::Messaging));
+    assert!(!grant.allows(Permission::SecureMail));
+
+    let patch = |body: Value| {
+        let path = format!("{base}/{key_id}");
+        let h = &h;
+        async move {
+            let (status, v) = h.call(Method::PATCH, &path, Some(body)).await;
+            assert_eq!(status, StatusCode::OK, "{v}");
+            v
+        }
+    };
+    assert_eq!(patch(json!({"enabled": false})).await["enabled"], false);
+    assert!(matches!(
+        h.store().authenticate_api_key(&raw).await,
+        Err(AuthError::Disabled)
+    ));
+    patch(json!({"enabled": true, "expires_at_ms": 1_000})).await;
+    assert!(matches!(
+        h.store().authenticate_api_key(&raw).await,
+        Err(AuthError::Expired)
+    ));
+    let future = chrono::Utc::now().timestamp_millis() + 3_600_000;
+    patch(json!({"expires_at_ms": future})).await;
+    assert!(h.store().authenticate_api_key(&raw).await.is_ok());
+    assert!(patch(json!({"expires_at_ms": null})).await["expires_at_ms"].is_null());
+    assert!(h.store().authenticate_api_key(&raw).await.is_ok());
+
+    let other = format!("nxk_{}", "A".repeat(43));
+    for unknown in [other.as_str(), "", "garbage", &raw[..raw.len() - 1]] {
+        assert!(
+            matches!(
+                h.store().authenticate_api_key(unknown).await,
+                Err(AuthError::Unknown)
+            ),
+            "{unknown}"
+        );
+    }
+    let (status, _) = h
+        .call(Method::DELETE, &format!("{base}/{key_id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(matches!(
+        h.store().authenticate_api_key(&raw).await,
+        Err(AuthError::Unknown)
+    ));
+    h.finish().await;
+}
+
+async fn bot_credentials_are_encrypted_and_never_returned(backend: Backend) {
+    let h = harness(backend).await;
+    let t = h.tenant("acme").await;
+    let base = format!("/v1/admin/tenants/{t}/bots");
+    let body = json!({"name": "faq", "url": "https://bot.example/faq", "credential": BOT_SECRET});
+    let (status, created, created_text) = h
+        .send(
+            Method::POST,
+            &base,
+            Some(TOKEN),
+            Some(Body::from(body.to_string())),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created_text}");
+    assert_eq!(created["has_credential"], true);
+    let bot = id(&created);
+    let (_, _, got) = h
+        .send(Method::GET, &format!("{base}/{bot}"), Some(TOKEN), None)
+        .await;
+    let (_, _, list) = h.send(Method::GET, &base, Some(TOKEN), None).await;
+    let (_, _, patched) = h
+        .send(
+            Method::PATCH,
+            &format!("{base}/{bot}"),
+            Some(TOKEN),
+            Some(Body::from(
+                json!({"url": "https://bot.example/v2"}).to_string(),
+            )),
+        )
+        .await;
+    for text in [&created_text, &got, &list, &patched] {
+        assert!(
+            !text.contains(BOT_SECRET) && !text.contains("\"credential\""),
+            "{text}"
+        );
+        assert!(text.contains("has_credential"), "{text}");
+    }
+    let stored = h
+        .table_text("bots", &["id", "tenant_id", "name", "url", "credential"])
+        .await;
+    assert!(!stored.contains(BOT_SECRET), "{stored}");
+    assert!(!stored.contains("s3cret"), "{stored}");
+
+    let (endpoint, credential) = h.store().bot_credential(&t, &bot).await.expect("decrypts");
+    assert_eq!(credential, BOT_SECRET);
+    assert_eq!(endpoint.url, "https://bot.example/v2");
+
+    // A new credential replaces the old one.
+    let (status, patched) = h
+        .call(
+            Method::PATCH,
+            &format!("{base}/{bot}"),
+            Some(json!({"credential": "rotated-value"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!patched.to_string().contains("rotated-value"));
+    let (_, credential) = h.store().bot_credential(&t, &bot).await.expect("decrypts");
+    assert_eq!(credential, "rotated-value");
+
+    // Another tenant cannot read it, and a ciphertext moved to another row does not decrypt.
+    let other = h.tenant("globex").await;
+    assert!(h.store().bot_credential(&other, &bot).await.is_err());
+    let b2 = id(&h
+        .create(
+            &base,
+            json!({"name": "other", "url": "https://bot.example/o", "credential": "x"}),
+        )
+        .await);
+    sqlx::query(
+        "UPDATE bots SET credential = (SELECT credential FROM bots WHERE id = $1) WHERE id = $2",
+    )
+    .bind(bot.clone())
+    .bind(b2.clone())
+    .execute(&h.raw)
+    .await
+    .expect("copy ciphertext");
+    assert!(h.store().bot_credential(&t, &b2).await.is_err());
+    h.finish().await;
+}
+
+async fn agent_tokens_authenticate_and_rotate(backend: Backend) {
+    let h = harness(backend).await;
+    let t = h.tenant("acme").await;
+    let base = format!("/v1/admin/tenants/{t}/agents");
+    let created = h
+        .create(
+            &base,
+            json!({"name": "ann", "skills": ["french", "billing"], "capacity": {"chat": 3, "email": 5}}),
+        )
+        .await;
+    let token = created["token"].as_str().expect("token once").to_string();
+    assert!(token.starts_with("nxa_"));
+    assert_eq!(created["skills"], json!(["billing", "french"]));
+    assert_eq!(created["capacity"], json!({"chat": 3, "email": 5}));
+    let agent = id(&created);
+    let (_, _, got) = h
+        .send(Method::GET, &format!("{base}/{agent}"), Some(TOKEN), None)
+        .await;
+    let (_, _, list) = h.send(Method::GET, &base, Some(TOKEN), None).await;
+    for text in [&got, &list] {
+        assert!(
+            !text.contains(&token) && !text.contains("\"token\""),
+            "{text}"
+        );
+    }
+    let stored = h
+        .table_text(
+            "agents",
+            &["id", "name", "skills", "capacity", "token_hash"],
+        )
+        .await;
+    assert!(!stored.contains(&token[4..]), "{stored}");
+
+    let authed = h
+        .store()
+        .authenticate_agent(&token)
+        .await
+        .expect("valid token");
+    assert_eq!(
+        (authed.id.as_str(), authed.tenant_id.as_str()),
+        (agent.as_str(), t.as_str())
+    );
+    assert_eq!(authed.capacity.get("chat"), Some(&3));
+
+    let (status, rotated) = h
+        .call(Method::POST, &format!("{base}/{agent}/token"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{rotated}");
+    let new_token = rotated["token"].as_str().expect("new token").to_string();
+    assert_ne!(new_token, token);
+    assert!(matches!(
+        h.store().authenticate_agent(&token).await,
+        Err(AuthError::Unknown)
+    ));
+    assert_eq!(
+        h.store()
+            .authenticate_agent(&new_token)
+            .await
+            .expect("new works")
+            .id,
+        agent
+    );
+    assert!(matches!(
+        h.store().authenticate_agent("nxa_nope").await,
+        Err(AuthError::Unknown)
+    ));
+
+    // PATCH changes skills and capacity; the store's lookup sees it.
+    let (status, patched) = h
+        .call(
+            Method::PATCH,
+            &format!("{base}/{agent}"),
+            Some(json!({"capacity": {"chat": 1}})),
+        )
+        .await;
+    assert_eq!(
+        (status, &patched["capacity"]),
+        (StatusCode::OK, &json!({"chat": 1}))
+    );
+    assert_eq!(patched["skills"], json!(["billing", "french"]));
+    let stored = h.store().agent(&t, &agent).await.expect("agent");
+    assert_eq!(stored.capacity.get("chat"), Some(&1));
+    h.finish().await;
+}
+
+async fn routing_rules_in_priority_order(backend: Backend) {
+    let h = harness(backend).await;
+    let t = h.tenant("acme").await;
+    let tp = format!("/v1/admin/tenants/{t}");
+    let q = id(&h
+        .create(&format!("{tp}/queues"), json!({"name": "sales"}))
+        .await);
+    let low = id(&h
+        .create(
+            &format!("{tp}/routing-rules"),
+            json!({"channel": "chat", "queue_id": q, "priority": 1}),
+        )
+        .await);
+    let high = h
+        .create(
+            &format!("{tp}/routing-rules"),
+            json!({"channel": "chat", "queue_id": q, "priority": 10,
+                   "attributes": {"lang": "fr"}, "required_skills": ["french"]}),
+        )
+        .await;
+    assert_eq!(high["attributes"], json!({"lang": "fr"}));
+    let high = id(&high);
+    let mid = id(&h
+        .create(
+            &format!("{tp}/routing-rules"),
+            json!({"channel": "sms", "queue_id": q, "priority": 5}),
+        )
+        .await);
+    let rules = h.store().routing_rules(&t).await.expect("rules");
+    let order: Vec<&str> = rules.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(order, vec![high.as_str(), mid.as_str(), low.as_str()]);
+    let fr: BTreeMap<String, String> = [("lang".to_string(), "fr".to_string())].into();
+    let first = rules
+        .iter()
+        .find(|r| r.matches("chat", &fr))
+        .expect("a match");
+    assert_eq!(first.id, high);
+    let queue = h.store().queue(&t, &first.queue_id).await.expect("queue");
+    assert_eq!(queue.name, "sales");
+    h.finish().await;
+}
+
+/// With tenants A and B, every read, change or delete of B's objects through A's path is a 404
+/// and changes nothing; lists and lookups of A never show B's objects; links across tenants
+/// are refused.
+async fn tenant_isolation_on_every_endpoint(backend: Backend) {
+    let h = harness(backend).await;
+    let a = h.tenant("tenant-a").await;
+    let b = h.tenant("tenant-b").await;
+    let ap = format!("/v1/admin/tenants/{a}");
+    let bp = format!("/v1/admin/tenants/{b}");
+    h.create(&format!("{ap}/queues"), json!({"name": "a-queue"}))
+        .await;
+
+    let b_queue = id(&h
+        .create(&format!("{bp}/queues"), json!({"name": "b-queue"}))
+        .await);
+    let b_bot = id(&h
+        .create(
+            &format!("{bp}/bots"),
+            json!({"name": "b-bot", "url": "https://bot.example/b", "credential": BOT_SECRET}),
+        )
+        .await);
+    let b_key = h
+        .create(
+            &format!("{bp}/api-keys"),
+            json!({"name": "b-key", "permissions": ["chat"]}),
+        )
+        .await;
+    let b_raw = b_key["key"].as_str().expect("key").to_string();
+    let b_agent = h
+        .create(
+            &format!("{bp}/agents"),
+            json!({"name": "b-agent", "skills": ["x"]}),
+        )
+        .await;
+    let b_token = b_agent["token"].as_str().expect("token").to_string();
+    let b_rule = id(&h
+        .create(
+            &format!("{bp}/routing-rules"),
+            json!({"channel": "chat", "queue_id": b_queue, "bot_id": b_bot}),
+        )
+        .await);
+    let objects = [
+        (
+            "api-keys",
+            id(&b_key),
+            "API_KEY_NOT_FOUND",
+            json!({"name": "hijack", "enabled": false}),
+        ),
+        (
+            "queues",
+            b_queue.clone(),
+            "QUEUE_NOT_FOUND",
+            json!({"name": "hijack"}),
+        ),
+        (
+            "agents",
+            id(&b_agent),
+            "AGENT_NOT_FOUND",
+            json!({"name": "hijack"}),
+        ),
+        (
+            "routing-rules",
+            b_rule.clone(),
+            "ROUTING_RULE_NOT_FOUND",
+            json!({"priority": 99}),
+        ),
+        (
+            "bots",
+            b_bot.clone(),
+            "BOT_NOT_FOUND",
+            json!({"name": "hijack", "credential": "stolen"}),
+        ),
+    ];
+    let mut before = Vec::new();
+    for (kind, oid, _, _) in &objects {
+        let (status, v) = h
+            .call(Method::GET, &format!("{bp}/{kind}/{oid}"), None)
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        before.push(v);
+    }
+    for (kind, oid, not_found, patch) in &objects {
+        let path = format!("{ap}/{kind}/{oid}");
+        for (method, body) in [
+            (Method::GET, None),
+            (Method::PATCH, Some(patch.clone())),
+            (Method::DELETE, None),
+        ] {
+            let (status, v) = h.call(method.clone(), &path, body).await;
+            assert_eq!(
+                (status, code(&v)),
+                (StatusCode::NOT_FOUND, *not_found),
+                "{method} {path}: {v}"
+            );
+            assert!(v.get("id").is_none(), "{method} {path} leaked {v}");
+        }
+        // A's lists never hold B's objects.
+        let (status, list) = h.call(Method::GET, &format!("{ap}/{kind}"), None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(!list.to_string().contains(oid.as_str()), "{kind}: {list}");
+    }
+    let (status, v) = h
+        .call(
+            Method::POST,
+            &format!("{ap}/agents/{}/token", id(&b_agent)),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, code(&v)),
+        (StatusCode::NOT_FOUND, "AGENT_NOT_FOUND")
+    );
+    // Nothing of B changed, and B's secrets still work.
+    for ((kind, oid, _, _), was) in objects.iter().zip(&before) {
+        let (status, now) = h
+            .call(Method::GET, &format!("{bp}/{kind}/{oid}"), None)
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(&now, was, "{kind} changed");
+    }
+    assert_eq!(
+        h.store()
+            .authenticate_api_key(&b_raw)
+            .await
+            .expect("key")
+            .tenant_id,
+        b
+    );
+    assert_eq!(
+        h.store()
+            .authenticate_agent(&b_token)
+            .await
+            .expect("token")
+            .tenant_id,
+        b
+    );
+    assert_eq!(
+        h.store().bot_credential(&b, &b_bot).await.expect("bot").1,
+        BOT_SECRET
+    );
+
+    // Links across tenants are refused, on create and on change.
+    let (status, v) = h
+        .call(
+            Method::POST,
+            &format!("{ap}/routing-rules"),
+            Some(json!({"channel": "chat", "queue_id": b_queue})),
+        )
+        .await;
+    assert_eq!(
+        (status, code(&v)),
+        (StatusCode::NOT_FOUND, "QUEUE_NOT_FOUND")
+    );
+    let a_queue = id(&h
+        .create(&format!("{ap}/queues"), json!({"name": "a-queue-2"}))
+        .await);
+    let (status, v) = h
+        .call(
+            Method::POST,
+            &format!("{ap}/routing-rules"),
+            Some(json!({"channel": "chat", "queue_id": a_queue, "bot_id": b_bot})),
+        )
+        .await;
+    assert_eq!((status, code(&v)), (StatusCode::NOT_FOUND, "BOT_NOT_FOUND"));
+    let a_rule = id(&h
+        .create(
+            &format!("{ap}/routing-rules"),
+            json!({"channel": "chat", "queue_id": a_queue}),
+        )
+        .await);
+    let (status, v) = h
+        .call(
+            Method::PATCH,
+            &format!("{ap}/routing-rules/{a_rule}"),
+            Some(json!({"queue_id": b_queue})),
+        )
+        .await;
+    assert_eq!(
+        (status, code(&v)),
+        (StatusCode::NOT_FOUND, "QUEUE_NOT_FOUND")
+    );
+    let (status, v) = h
+        .call(
+            Method::PATCH,
+            &format!("{ap}/routing-rules/{a_rule}"),
+            Some(json!({"bot_id": b_bot})),
+        )
+        .await;
+    assert_eq!((status, code(&v)), (StatusCode::NOT_FOUND, "BOT_NOT_FOUND"));
+
+    // The store's lookups are scoped the same way.
+    let rules = h.store().routing_rules(&a).await.expect("rules");
+    assert_eq!(
+        rules.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        vec![a_rule.as_str()]
+    );
+    assert_eq!(rules[0].queue_id, a_queue);
+    assert!(h.store().queue(&a, &b_queue).await.is_err());
+    assert!(h.store().agent(&a, &id(&b_agent)).await.is_err());
+    assert!(h.store().bot_credential(&a, &b_bot).await.is_err());
+    // Deleting A leaves B whole.
+    let (status, _) = h.call(Method::DELETE, &ap, None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    for (kind, oid, _, _) in &objects {
+        let (status, _) = h
+            .call(Method::GET, &format!("{bp}/{kind}/{oid}"), None)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{kind}");
+    }
+    h.finish().await;
+}
+
+macro_rules! on_both_backends {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test] async fn $case() { super::$case(super::Backend::Sqlite).await })*
+        }
+        mod postgres {
+            $(#[tokio::test] async fn $case() { super::$case(super::Backend::Postgres).await })*
+        }
+    };
+}
+
+on_both_backends!(
+    crud_and_pagination,
+    validation_errors,
+    conflicts_and_not_found,
+    admin_token_is_required,
+    api_keys_are_shown_once_and_authenticate,
+    bot_credentials_are_encrypted_and_never_returned,
+    agent_tokens_authenticate_and_rotate,
+    routing_rules_in_priority_order,
+    tenant_isolation_on_every_endpoint,
+);
