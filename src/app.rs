@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::bus::consumer::{Consumer, ConsumerOptions};
-use crate::bus::{self, Bus, BusError};
+use crate::bus::{self, BusError};
 use crate::config::Config;
 use crate::edge::{self, server, AppState};
 use crate::stores::provisioning::{Provisioning, ProvisioningError};
@@ -30,6 +30,8 @@ pub enum AppError {
     Worker(#[from] WorkerError),
     #[error(transparent)]
     Provisioning(#[from] ProvisioningError),
+    #[error(transparent)]
+    Sessions(#[from] crate::stores::session::StoreError),
     #[error("{0}")]
     Roles(String),
 }
@@ -64,12 +66,18 @@ pub async fn run(
     let topology = Arc::new(load_topology(&config)?);
     let bus = bus::connect(&config.bus).await?;
     let provisioning = Arc::new(Provisioning::from_config(&config.stores).await?);
+    let sessions = crate::stores::session::connect(&config.stores).await?;
     info!(
         bus = bus.kind(),
         provisioning = provisioning.kind(),
         ?mode,
         "starting"
     );
+    let deps = workers::Deps {
+        bus: bus.clone(),
+        sessions: sessions.clone(),
+        provisioning: provisioning.clone(),
+    };
 
     let roles: Vec<String> = match &mode {
         Mode::Dev => {
@@ -117,19 +125,28 @@ pub async fn run(
             &mut tasks,
             &config,
             &topology,
-            bus.clone(),
+            &deps,
             role,
             shutdown.clone(),
         )?;
     }
 
-    let state = AppState {
-        config: config.clone(),
-        bus: bus.clone(),
-        topology: topology.clone(),
-        metrics: crate::telemetry::init_metrics(),
-        provisioning,
-    };
+    let mut state = AppState::new(
+        config.clone(),
+        bus.clone(),
+        topology.clone(),
+        crate::telemetry::init_metrics(),
+        provisioning.clone(),
+        sessions,
+    );
+    state.shutdown = shutdown.clone();
+    if matches!(mode, Mode::Dev) {
+        let dir = std::path::Path::new(&config.stores.data_dir);
+        state.demo = Some(Arc::new(edge::demo::ensure(&provisioning, dir).await?));
+    }
+    if matches!(mode, Mode::Dev | Mode::Edge) {
+        spawn_socket_feed(&mut tasks, &config, &topology, &state, shutdown.clone())?;
+    }
     let bound = server::bind(&config.http).await?;
     info!(addr = %bound.addr, tls = bound.is_tls(), "listening");
     let grace = Duration::from_millis(config.http.shutdown_grace_ms);
@@ -160,22 +177,57 @@ fn spawn_role(
     tasks: &mut JoinSet<Result<(), AppError>>,
     config: &Config,
     topology: &Topology,
-    bus: Arc<dyn Bus>,
+    deps: &workers::Deps,
     role_name: &str,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
     let role = topology
         .role(role_name)
         .ok_or_else(|| TopologyError::UnknownRole(role_name.to_string()))?;
-    let handler = workers::handler_for(&role.name, config)?;
+    let handler = workers::handler_for(&role.name, config, deps)?;
+    if let Some(worker) = &handler.conversation {
+        let (worker, stop) = (worker.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            crate::workers::conversation::timers::run(worker, stop).await;
+            Ok(())
+        });
+    }
     let mut options = ConsumerOptions::from_config(&config.consumer, config.bus.start_from);
     options.concurrency = role.concurrency.max(1) as usize;
     for topic in &role.topics {
-        let consumer = Consumer::new(bus.clone(), &role.group, topic, options.clone());
-        let handler = handler.clone();
+        let consumer = Consumer::new(deps.bus.clone(), &role.group, topic, options.clone());
+        let handler = handler.handler.clone();
         let shutdown = shutdown.clone();
         info!(role = %role.name, group = %role.group, topic = %topic, "starting consumer");
         tasks.spawn(async move { Ok(consumer.run(handler, shutdown).await?) });
+    }
+    Ok(())
+}
+
+/// The broadcast read of the delivery topic that feeds this process's sockets: a consumer
+/// group of its own (the edge role's group plus a process id) from the tail, so every edge
+/// process sees every client event.
+fn spawn_socket_feed(
+    tasks: &mut JoinSet<Result<(), AppError>>,
+    config: &Config,
+    topology: &Topology,
+    state: &AppState,
+    shutdown: CancellationToken,
+) -> Result<(), AppError> {
+    let Some(role) = topology.roles.iter().find(|r| r.broadcast) else {
+        return Ok(());
+    };
+    let group = format!("{}-{}", role.group, uuid::Uuid::now_v7().simple());
+    let mut options = ConsumerOptions::from_config(&config.consumer, config.bus.start_from);
+    options.concurrency = role.concurrency.max(1) as usize;
+    options.start = crate::bus::StartFrom::Latest;
+    let feeder: Arc<dyn crate::bus::consumer::Handler> =
+        Arc::new(edge::hub::HubFeeder(state.hub.clone()));
+    for topic in &role.topics {
+        let consumer = Consumer::new(state.bus.clone(), &group, topic, options.clone());
+        let (feeder, shutdown) = (feeder.clone(), shutdown.clone());
+        info!(group = %group, topic = %topic, "starting the socket feed");
+        tasks.spawn(async move { Ok(consumer.run(feeder, shutdown).await?) });
     }
     Ok(())
 }

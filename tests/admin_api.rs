@@ -85,13 +85,19 @@ async fn harness(backend: Backend) -> Harness {
     config.bus = common::bus_config("embedded", Some(&dir.path().join("bus")));
     config.http.admin_token = TOKEN.into();
     let bus = nexus::bus::connect(&config.bus).await.expect("bus");
-    let state = AppState {
-        config: Arc::new(config),
+    let sessions: Arc<dyn nexus::stores::session::SessionStore> = Arc::new(
+        nexus::stores::session::embedded::EmbeddedStore::open(&dir.path().join("sessions"))
+            .await
+            .expect("session store"),
+    );
+    let state = AppState::new(
+        Arc::new(config),
         bus,
-        topology: Arc::new(nexus::topology::Topology::builtin()),
-        metrics: nexus::telemetry::init_metrics(),
-        provisioning: Arc::new(provisioning),
-    };
+        Arc::new(nexus::topology::Topology::builtin()),
+        nexus::telemetry::init_metrics(),
+        Arc::new(provisioning),
+        sessions,
+    );
     Harness {
         state,
         raw,

@@ -237,6 +237,7 @@ async fn nats_postgres_redis_chat_across_two_edges() {
     let mut env = base_env(dir.path());
     env.push(("NEXUS_BUS__URL", nats.url.clone()));
     env.push(("NEXUS_STORES__POSTGRES_URL", db.url.clone()));
+    env.push(("NEXUS_STORES__PROVISIONING_KEY", "11".repeat(32)));
     env.push((
         "NEXUS_STORES__REDIS_URL",
         std::env::var("NEXUS_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),

@@ -34,13 +34,19 @@ async fn state() -> (AppState, tempfile::TempDir) {
     )
     .await
     .expect("provisioning");
-    let state = AppState {
-        config: Arc::new(config),
+    let sessions: Arc<dyn nexus::stores::session::SessionStore> = Arc::new(
+        nexus::stores::session::embedded::EmbeddedStore::open(&dir.path().join("sessions"))
+            .await
+            .expect("session store"),
+    );
+    let state = AppState::new(
+        Arc::new(config),
         bus,
-        topology: Arc::new(topology),
-        metrics: nexus::telemetry::init_metrics(),
-        provisioning: Arc::new(provisioning),
-    };
+        Arc::new(topology),
+        nexus::telemetry::init_metrics(),
+        Arc::new(provisioning),
+        sessions,
+    );
     (state, dir)
 }
 

@@ -129,8 +129,11 @@ impl Handler for HubFeeder {
     async fn handle(&self, event: &Event, _m: &Message) -> Result<(), HandleError> {
         // The topic also carries delivery outcomes; only client events are for sockets.
         if let Ok(e) = event.body_as::<ClientEvent>() {
-            self.0
-                .dispatch(&event.envelope.tenant_id, &event.envelope.conversation_id, &e);
+            self.0.dispatch(
+                &event.envelope.tenant_id,
+                &event.envelope.conversation_id,
+                &e,
+            );
         }
         Ok(())
     }

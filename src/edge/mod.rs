@@ -2,9 +2,13 @@
 //! events, publishes them and answers only after the bus acknowledged. It keeps no state.
 
 mod admin;
+mod agent;
 mod auth;
+pub mod chat;
+pub mod demo;
 pub mod error;
 mod health;
+pub mod hub;
 mod ingest;
 pub mod server;
 mod telemetry;
@@ -16,12 +20,16 @@ use axum::routing::{get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::bus::Bus;
 use crate::config::Config;
 use crate::stores::provisioning::Provisioning;
+use crate::stores::session::SessionStore;
 use crate::topology::Topology;
 
 pub use error::ApiError;
+pub use ingest::new_traceparent;
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -31,6 +39,45 @@ pub struct AppState {
     pub topology: Arc<Topology>,
     pub metrics: PrometheusHandle,
     pub provisioning: Arc<Provisioning>,
+    pub sessions: Arc<dyn SessionStore>,
+    /// Sockets of this process, fed from the delivery topic.
+    pub hub: Arc<hub::Hub>,
+    pub client_keys: chat::ClientKeys,
+    /// The demo tenant (`nexus dev` only).
+    pub demo: Option<Arc<demo::DemoTenant>>,
+    /// Fires on shutdown: sockets close with a reconnect hint.
+    pub shutdown: CancellationToken,
+}
+
+impl AppState {
+    /// The state with an empty hub, no demo and client keys from `chat.client_key_secret`
+    /// (a random secret per process when empty).
+    pub fn new(
+        config: Arc<Config>,
+        bus: Arc<dyn Bus>,
+        topology: Arc<Topology>,
+        metrics: PrometheusHandle,
+        provisioning: Arc<Provisioning>,
+        sessions: Arc<dyn SessionStore>,
+    ) -> Self {
+        let secret = if config.chat.client_key_secret.is_empty() {
+            uuid::Uuid::new_v4().as_bytes().repeat(2)
+        } else {
+            config.chat.client_key_secret.as_bytes().to_vec()
+        };
+        Self {
+            client_keys: chat::ClientKeys::new(&secret),
+            config,
+            bus,
+            topology,
+            metrics,
+            provisioning,
+            sessions,
+            hub: hub::Hub::new(),
+            demo: None,
+            shutdown: CancellationToken::new(),
+        }
+    }
 }
 
 /// The edge's routes; tests call it with `oneshot`.
@@ -38,6 +85,9 @@ pub fn app(state: AppState) -> Router {
     let limit = state.config.http.max_body_bytes;
     Router::new()
         .merge(admin::router(state.clone()))
+        .merge(chat::routes())
+        .merge(agent::routes())
+        .merge(demo::routes())
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

@@ -1,10 +1,10 @@
 //! Worker roles, one folder each. A role is a consumer group on the topics the topology gives
 //! it; [`handler_for`] maps a role name to its effect.
 //!
-//! Built so far: `tap` (forwards events to an HTTP endpoint). The channel roles of the
-//! topology (conversation, history, gws, webhooks, delivery) have no effects yet: they run
-//! the consumer runtime with [`pending::Pending`], which acks and counts, until their issues
-//! land (see README "Not built yet").
+//! Built so far: `conversation` (sessions, transcript, routing to agents) and `tap` (forwards
+//! events to an HTTP endpoint). The integration roles of the topology (history, gws, webhooks,
+//! delivery) have no effects yet: they run the consumer runtime with [`pending::Pending`],
+//! which acks and counts, until their issue lands (see README "Not built yet").
 
 pub mod conversation;
 pub mod pending;
@@ -15,7 +15,10 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::bus::consumer::Handler;
+use crate::bus::Bus;
 use crate::config::Config;
+use crate::stores::provisioning::Provisioning;
+use crate::stores::session::SessionStore;
 
 #[derive(Debug, Error)]
 pub enum WorkerError {
@@ -23,9 +26,24 @@ pub enum WorkerError {
     Config { role: String, message: String },
 }
 
+/// What worker roles are built from.
+#[derive(Clone)]
+pub struct Deps {
+    pub bus: Arc<dyn Bus>,
+    pub sessions: Arc<dyn SessionStore>,
+    pub provisioning: Arc<Provisioning>,
+}
+
+/// A role's handler, and the conversation worker itself when the role is `conversation` (its
+/// timer loop runs beside the consumers).
+pub struct RoleHandler {
+    pub handler: Arc<dyn Handler>,
+    pub conversation: Option<Arc<conversation::ConversationWorker>>,
+}
+
 /// The effect of `role`.
-pub fn handler_for(role: &str, config: &Config) -> Result<Arc<dyn Handler>, WorkerError> {
-    Ok(match role {
+pub fn handler_for(role: &str, config: &Config, deps: &Deps) -> Result<RoleHandler, WorkerError> {
+    let handler: Arc<dyn Handler> = match role {
         "tap" => Arc::new(
             tap::Tap::new(&config.workers.tap, &config.http_client).map_err(|e| {
                 WorkerError::Config {
@@ -34,6 +52,22 @@ pub fn handler_for(role: &str, config: &Config) -> Result<Arc<dyn Handler>, Work
                 }
             })?,
         ),
+        "conversation" => {
+            let worker = Arc::new(conversation::ConversationWorker::new(
+                deps.bus.clone(),
+                deps.sessions.clone(),
+                deps.provisioning.clone(),
+                config.workers.conversation.clone(),
+            ));
+            return Ok(RoleHandler {
+                handler: worker.clone(),
+                conversation: Some(worker),
+            });
+        }
         other => Arc::new(pending::Pending::new(other)),
+    };
+    Ok(RoleHandler {
+        handler,
+        conversation: None,
     })
 }

@@ -132,9 +132,16 @@ pub async fn start_node(
     mut env: Vec<(&'static str, String)>,
 ) -> Node {
     let port = free_port();
-    env.push(("NEXUS_HTTP__LISTEN", format!("127.0.0.1:{port}")));
+    let listen = format!("127.0.0.1:{port}");
+    env.push(("NEXUS_HTTP__LISTEN", listen.clone()));
     let env: Vec<(&str, String)> = env.into_iter().collect();
-    let mut nexus = Nexus::start(dir, name, args, &env);
+    // `nexus dev` takes its data dir and address as flags (they win over the env).
+    let data = dir.join(name).display().to_string();
+    let mut args: Vec<&str> = args.to_vec();
+    if args.first() == Some(&"dev") {
+        args.extend(["--data-dir", data.as_str(), "--listen", listen.as_str()]);
+    }
+    let mut nexus = Nexus::start(dir, name, &args, &env);
     let url = format!("http://127.0.0.1:{port}");
     nexus
         .wait_ready(

@@ -54,7 +54,12 @@ async fn agent_of(state: &AppState, headers: &HeaderMap) -> Result<Agent, ApiErr
 }
 
 async fn publish(state: &AppState, event: Event) -> Result<(), ApiError> {
-    publish_event(state, AGENT_TOPIC, &event.with_traceparent(super::new_traceparent())).await
+    publish_event(
+        state,
+        AGENT_TOPIC,
+        &event.with_traceparent(super::new_traceparent()),
+    )
+    .await
 }
 
 fn event<B: ev::Body>(body: &B, agent: &Agent, conversation_id: &str) -> Result<Event, ApiError> {
@@ -63,14 +68,22 @@ fn event<B: ev::Body>(body: &B, agent: &Agent, conversation_id: &str) -> Result<
 }
 
 fn check_id(id: &str) -> Result<(), ApiError> {
-    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-        return Err(ApiError::bad_request("INVALID_FIELD", "not a conversation id"));
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(ApiError::bad_request(
+            "INVALID_FIELD",
+            "not a conversation id",
+        ));
     }
     Ok(())
 }
 
 /// Readiness: an `AgentStateChanged` keyed by the agent id.
-pub(crate) async fn do_set_state(state: &AppState, agent: &Agent, ready: bool) -> Result<(), ApiError> {
+pub(crate) async fn do_set_state(
+    state: &AppState,
+    agent: &Agent,
+    ready: bool,
+) -> Result<(), ApiError> {
     let body = ev::AgentStateChanged {
         agent_id: agent.id.clone(),
         state: if ready {
@@ -85,7 +98,12 @@ pub(crate) async fn do_set_state(state: &AppState, agent: &Agent, ready: bool) -
     publish(state, e).await
 }
 
-pub(crate) async fn do_accept(state: &AppState, agent: &Agent, id: &str, offer_id: &str) -> Result<(), ApiError> {
+pub(crate) async fn do_accept(
+    state: &AppState,
+    agent: &Agent,
+    id: &str,
+    offer_id: &str,
+) -> Result<(), ApiError> {
     check_id(id)?;
     let body = ev::AgentAccepted {
         offer_id: offer_uuid(offer_id)?,
@@ -97,7 +115,12 @@ pub(crate) async fn do_accept(state: &AppState, agent: &Agent, id: &str, offer_i
     publish(state, e).await
 }
 
-pub(crate) async fn do_reject(state: &AppState, agent: &Agent, id: &str, offer_id: &str) -> Result<(), ApiError> {
+pub(crate) async fn do_reject(
+    state: &AppState,
+    agent: &Agent,
+    id: &str,
+    offer_id: &str,
+) -> Result<(), ApiError> {
     check_id(id)?;
     let body = ev::AgentRejected {
         offer_id: offer_uuid(offer_id)?,
@@ -125,7 +148,10 @@ pub(crate) async fn do_reply(
     super::chat::check_text(state, &text)?;
     let message_id = match message_id {
         Some(m) if m.is_empty() || m.len() > 128 => {
-            return Err(ApiError::bad_request("INVALID_FIELD", "message_id is 1 to 128 characters"))
+            return Err(ApiError::bad_request(
+                "INVALID_FIELD",
+                "message_id is 1 to 128 characters",
+            ))
         }
         Some(m) => m,
         None => Uuid::now_v7().to_string(),
@@ -147,7 +173,12 @@ pub(crate) async fn do_reply(
     Ok(message_id)
 }
 
-pub(crate) async fn do_typing(state: &AppState, agent: &Agent, id: &str, started: bool) -> Result<(), ApiError> {
+pub(crate) async fn do_typing(
+    state: &AppState,
+    agent: &Agent,
+    id: &str,
+    started: bool,
+) -> Result<(), ApiError> {
     check_id(id)?;
     let body = ev::TypingIndicated {
         participant_id: agent.id.clone(),
@@ -213,7 +244,10 @@ fn parse_ready(s: &str) -> Result<bool, ApiError> {
     match s {
         "ready" => Ok(true),
         "not_ready" => Ok(false),
-        _ => Err(ApiError::bad_request("INVALID_FIELD", "state is `ready` or `not_ready`")),
+        _ => Err(ApiError::bad_request(
+            "INVALID_FIELD",
+            "state is `ready` or `not_ready`",
+        )),
     }
 }
 
@@ -274,7 +308,10 @@ async fn reply(
     let agent = agent_of(&state, &headers).await?;
     let r: ReplyRequest = super::chat::json_body(body)?;
     let message_id = do_reply(&state, &agent, &id, r.text, r.message_id).await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "message_id": message_id }))))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "message_id": message_id })),
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -294,7 +331,12 @@ async fn typing(
     let started = match r.state.as_str() {
         "started" => true,
         "stopped" => false,
-        _ => return Err(ApiError::bad_request("INVALID_FIELD", "state is `started` or `stopped`")),
+        _ => {
+            return Err(ApiError::bad_request(
+                "INVALID_FIELD",
+                "state is `started` or `stopped`",
+            ))
+        }
     };
     do_typing(&state, &agent, &id, started).await?;
     Ok(StatusCode::ACCEPTED)
@@ -379,11 +421,16 @@ async fn transcript(
             || c.offered_to.as_deref() == Some(agent.id.as_str())
     });
     if !mine {
-        return Err(ApiError::not_found("CONVERSATION_NOT_FOUND", "no such conversation of yours"));
+        return Err(ApiError::not_found(
+            "CONVERSATION_NOT_FOUND",
+            "no such conversation of yours",
+        ));
     }
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let (messages, next, ended) =
         super::chat::read_transcript(&state, &agent.tenant_id, &id, q.from.unwrap_or(1), limit)
             .await?;
-    Ok(Json(json!({"messages": messages, "next_position": next, "chat_ended": ended})))
+    Ok(Json(
+        json!({"messages": messages, "next_position": next, "chat_ended": ended}),
+    ))
 }

@@ -51,7 +51,11 @@ async fn serve(mut socket: WebSocket, state: AppState, agent: Agent) {
     let mut feed = state.hub.agent(&agent.tenant_id, &agent.id);
     let shutdown = state.shutdown.clone();
     let hello = json!({"type": "hello", "agent_id": agent.id, "name": agent.name});
-    if socket.send(WsMessage::Text(hello.to_string().into())).await.is_err() {
+    if socket
+        .send(WsMessage::Text(hello.to_string().into()))
+        .await
+        .is_err()
+    {
         return;
     }
     loop {
@@ -95,9 +99,7 @@ async fn serve(mut socket: WebSocket, state: AppState, agent: Agent) {
 async fn handle(state: &AppState, agent: &Agent, text: &str) -> Value {
     let request: Request = match serde_json::from_str(text) {
         Ok(r) => r,
-        Err(e) => {
-            return json!({"type": "error", "code": "INVALID_BODY", "message": e.to_string()})
-        }
+        Err(e) => return json!({"type": "error", "code": "INVALID_BODY", "message": e.to_string()}),
     };
     let id = request.request_id.clone();
     match run(state, agent, request).await {

@@ -97,7 +97,10 @@ mod tests {
         let (head, _) = token.rsplit_once('.').expect("dot");
         let forged_payload = B64.encode(br#"{"tid":"t2","sid":"s1","pid":"p1","iat":1}"#);
         let (h, _) = head.split_once('.').expect("dot");
-        let forged = format!("{h}.{forged_payload}.{}", token.rsplit_once('.').expect("dot").1);
+        let forged = format!(
+            "{h}.{forged_payload}.{}",
+            token.rsplit_once('.').expect("dot").1
+        );
         assert_eq!(keys.verify(&forged), None);
         assert_eq!(keys.verify("garbage"), None);
     }

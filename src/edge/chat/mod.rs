@@ -27,12 +27,21 @@ pub fn routes() -> Router<AppState> {
             post(v3::send).get(v3::transcript),
         )
         .route("/nexus/v3/chat/sessions/{id}/typing", post(v3::typing))
-        .route("/nexus/v3/chat/sessions/{id}/disconnect", post(v3::disconnect))
-        .route("/nexus/v3/chat/sessions/{id}/stream", get(stream::websocket))
+        .route(
+            "/nexus/v3/chat/sessions/{id}/disconnect",
+            post(v3::disconnect),
+        )
+        .route(
+            "/nexus/v3/chat/sessions/{id}/stream",
+            get(stream::websocket),
+        )
         .route("/nexus/v3/chat/sessions/{id}/events", get(stream::sse))
         .route("/genesys/2/chat/{service}", post(v2::start))
         .route("/genesys/2/chat/{service}/", post(v2::start))
-        .route("/genesys/2/chat/{service}/{chat_id}/{op}", post(v2::operation))
+        .route(
+            "/genesys/2/chat/{service}/{chat_id}/{op}",
+            post(v2::operation),
+        )
 }
 
 /// The tenant of a request's `x-api-key`, which must have the chat permission.
@@ -62,7 +71,9 @@ pub(crate) async fn session_claims(
     let raw = headers
         .get("x-nexus-client-key")
         .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| ApiError::unauthorized("send the session's client key in `x-nexus-client-key`"))?;
+        .ok_or_else(|| {
+            ApiError::unauthorized("send the session's client key in `x-nexus-client-key`")
+        })?;
     claims_for(state, raw, &tenant, session_id)
 }
 

@@ -41,7 +41,10 @@ async fn authorize(
     id: &str,
 ) -> Result<Claims, ApiError> {
     let mut h = headers.clone();
-    for (name, value) in [("x-api-key", &q.api_key), ("x-nexus-client-key", &q.client_key)] {
+    for (name, value) in [
+        ("x-api-key", &q.api_key),
+        ("x-nexus-client-key", &q.client_key),
+    ] {
         if let Some(v) = value.as_deref().and_then(|v| v.parse().ok()) {
             h.entry(name).or_insert(v);
         }

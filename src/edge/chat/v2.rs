@@ -65,7 +65,10 @@ impl Form {
             user_data: BTreeMap::new(),
         };
         for (k, v) in pairs {
-            match k.strip_prefix("userData[").and_then(|r| r.strip_suffix(']')) {
+            match k
+                .strip_prefix("userData[")
+                .and_then(|r| r.strip_suffix(']'))
+            {
                 Some(key) => {
                     form.user_data.insert(key.to_string(), v);
                 }
@@ -78,7 +81,10 @@ impl Form {
     }
 
     fn get(&self, k: &str) -> Option<&str> {
-        self.fields.get(k).map(String::as_str).filter(|v| !v.is_empty())
+        self.fields
+            .get(k)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
     }
 
     fn position(&self) -> Result<u64, ApiError> {
@@ -235,7 +241,11 @@ pub async fn operation(
             check_user_data(&state, &form.user_data)?;
         }
         other => {
-            return Err(ApiError::not_found("UNKNOWN_OPERATION", format!("no v2 operation `{other}`")).into())
+            return Err(ApiError::not_found(
+                "UNKNOWN_OPERATION",
+                format!("no v2 operation `{other}`"),
+            )
+            .into())
         }
     }
     answer(&state, &claims, from, json!({})).await

@@ -59,7 +59,10 @@ pub struct StartRequest {
 pub(crate) fn check_text(state: &AppState, text: &str) -> Result<(), ApiError> {
     let max = state.config.chat.max_message_chars;
     if text.trim().is_empty() {
-        return Err(ApiError::bad_request("INVALID_MESSAGE", "the message text is empty"));
+        return Err(ApiError::bad_request(
+            "INVALID_MESSAGE",
+            "the message text is empty",
+        ));
     }
     if text.chars().count() > max {
         return Err(ApiError::bad_request(
@@ -108,8 +111,7 @@ pub(crate) fn check_user_data(
             format!("at most {max} user-data entries"),
         ));
     }
-    if data.keys().any(|k| k.is_empty() || k.len() > 256) || data.values().any(|v| v.len() > 4096)
-    {
+    if data.keys().any(|k| k.is_empty() || k.len() > 256) || data.values().any(|v| v.len() > 4096) {
         return Err(ApiError::bad_request(
             "INVALID_USER_DATA",
             "user-data keys are 1 to 256 bytes, values at most 4096",
@@ -253,8 +255,14 @@ pub(crate) async fn customer_message(
     traceparent: Option<String>,
 ) -> Result<String, ApiError> {
     check_text(state, &text)?;
-    if client_message_id.as_ref().is_some_and(|m| m.is_empty() || m.len() > 128) {
-        return Err(ApiError::bad_request("INVALID_FIELD", "message_id is 1 to 128 characters"));
+    if client_message_id
+        .as_ref()
+        .is_some_and(|m| m.is_empty() || m.len() > 128)
+    {
+        return Err(ApiError::bad_request(
+            "INVALID_FIELD",
+            "message_id is 1 to 128 characters",
+        ));
     }
     ensure_open(state, c).await?;
     let message_id = Uuid::now_v7().to_string();
@@ -297,7 +305,10 @@ pub async fn send(
         traceparent(&headers),
     )
     .await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "message_id": message_id }))))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "message_id": message_id })),
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -408,7 +419,10 @@ pub(crate) async fn read_transcript(
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?
         .is_some_and(|c| c.state == ConversationState::Closed);
-    let next = entries.last().map(|e| e.position + 1).unwrap_or(from.max(1));
+    let next = entries
+        .last()
+        .map(|e| e.position + 1)
+        .unwrap_or(from.max(1));
     let json = entries
         .iter()
         .map(|e| entry_json(conversation_id, e))

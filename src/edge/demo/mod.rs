@@ -70,7 +70,11 @@ pub async fn ensure(
         .ok()
         .and_then(|b| serde_json::from_slice::<DemoTenant>(&b).ok())
     {
-        if provisioning.authenticate_api_key(&demo.api_key).await.is_ok() {
+        if provisioning
+            .authenticate_api_key(&demo.api_key)
+            .await
+            .is_ok()
+        {
             return Ok(demo);
         }
     }
@@ -92,7 +96,12 @@ pub async fn ensure(
         )
         .await?;
     let queue = provisioning
-        .create_queue(&tenant.id, NewQueue { name: "support".into() })
+        .create_queue(
+            &tenant.id,
+            NewQueue {
+                name: "support".into(),
+            },
+        )
         .await?;
     provisioning
         .create_routing_rule(
