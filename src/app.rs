@@ -63,6 +63,8 @@ pub async fn run(
     mode: Mode,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
+    // First: metric handles resolved before the recorder exists would count nowhere.
+    let metrics = crate::telemetry::init_metrics();
     let topology = Arc::new(load_topology(&config)?);
     let bus = bus::connect(&config.bus).await?;
     let provisioning = Arc::new(Provisioning::from_config(&config.stores).await?);
@@ -135,7 +137,7 @@ pub async fn run(
         config.clone(),
         bus.clone(),
         topology.clone(),
-        crate::telemetry::init_metrics(),
+        metrics,
         provisioning.clone(),
         sessions,
     );

@@ -257,3 +257,135 @@ async fn nats_postgres_redis_chat_across_two_edges() {
     scenario(&edge_a.url, &edge_b.url).await;
     drop((worker, edge_a, edge_b));
 }
+
+/// Async chat: an idle customer gets a notice after `idle_timeout`, and the chat closes with
+/// IDLE_TIMEOUT after `close_grace` unless the customer returns (which restarts the clock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_chat_closes_when_idle_unless_the_customer_returns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut env = base_env(dir.path());
+    env.push(("NEXUS_WORKERS__CONVERSATION__IDLE_TIMEOUT_S", "2".into()));
+    env.push(("NEXUS_WORKERS__CONVERSATION__CLOSE_GRACE_S", "2".into()));
+    let node = start_node(dir.path(), "dev", &["dev"], env).await;
+    let url = node.url.as_str();
+    let admin = Admin::new(url);
+    let tenant = provision_tenant(&admin).await;
+    let http = reqwest::Client::new();
+    let started: Value = http
+        .post(format!("{url}/nexus/v3/chat/sessions"))
+        .header("x-api-key", &tenant.api_key)
+        .json(&json!({"nickname": "Bea", "async": true}))
+        .send()
+        .await
+        .expect("start")
+        .json()
+        .await
+        .expect("json");
+    let sid = started["session_id"].as_str().expect("sid").to_string();
+    let ck = started["client_key"].as_str().expect("key").to_string();
+    let mut customer = ws_connect(&format!(
+        "{url}/nexus/v3/chat/sessions/{sid}/stream?api_key={}&client_key={ck}",
+        tenant.api_key
+    ))
+    .await;
+    let notice = |v: &Value| v["type"] == "transcript" && v["kind"] == "Notice";
+    let closed = |v: &Value| v["type"] == "state" && v["state"] == "closed";
+
+    // Idle: the notice comes, then the customer returns within the grace.
+    let first = ws_until(&mut customer, WAIT, notice).await;
+    assert_eq!(first["from"]["kind"], "system");
+    let r = http
+        .post(format!("{url}/nexus/v3/chat/sessions/{sid}/messages"))
+        .header("x-api-key", &tenant.api_key)
+        .header("x-nexus-client-key", &ck)
+        .json(&json!({"text": "still here"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 202);
+    // The first grace passes without a close (the message restarted the clock).
+    let early = tokio::time::timeout(Duration::from_millis(2500), async {
+        ws_until(&mut customer, WAIT, closed).await
+    })
+    .await;
+    assert!(
+        early.is_err(),
+        "closed although the customer returned: {early:?}"
+    );
+    // Idle again: a second notice, then the close.
+    let end = ws_until(&mut customer, WAIT, closed).await;
+    assert_eq!(end["reason"], "IDLE_TIMEOUT");
+}
+
+/// An offer that lapses or is rejected goes to the next agent; the first is told it closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lapsed_and_rejected_offers_go_to_the_next_agent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut env = base_env(dir.path());
+    env.push(("NEXUS_WORKERS__CONVERSATION__OFFER_TIMEOUT_MS", "1500".into()));
+    let node = start_node(dir.path(), "dev", &["dev"], env).await;
+    let url = node.url.as_str();
+    let admin = Admin::new(url);
+    let tenant = provision_tenant(&admin).await;
+    let (_, t1) = provision_agent(&admin, &tenant, "first", 1).await;
+    let mut first = agent_ready(url, &t1).await;
+    // The second agent becomes ready later, so the first is the longest idle.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (_, t2) = provision_agent(&admin, &tenant, "second", 1).await;
+    let mut second = agent_ready(url, &t2).await;
+    let (_, t3) = provision_agent(&admin, &tenant, "third", 1).await;
+    let mut third = agent_ready(url, &t3).await;
+
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{url}/nexus/v3/chat/sessions"))
+        .header("x-api-key", &tenant.api_key)
+        .json(&json!({"nickname": "Cy"}))
+        .send()
+        .await
+        .expect("start");
+    assert_eq!(r.status(), 201);
+    // First: offered, ignored until it lapses.
+    let offer = ws_until(&mut first, WAIT, |v| v["type"] == "offer").await;
+    let lapsed = ws_until(&mut first, WAIT, |v| v["type"] == "offer_closed").await;
+    assert_eq!(lapsed["offer_id"], offer["offer_id"]);
+    assert_eq!(lapsed["reason"], "TIMEOUT");
+    // Second: offered, rejects.
+    let offer2 = ws_until(&mut second, WAIT, |v| v["type"] == "offer").await;
+    assert_eq!(offer2["conversation_id"], offer["conversation_id"]);
+    assert_ne!(offer2["offer_id"], offer["offer_id"]);
+    ws_send(
+        &mut second,
+        json!({"op": "reject", "conversation_id": offer2["conversation_id"], "offer_id": offer2["offer_id"]}),
+    )
+    .await;
+    // Third: offered, accepts; a late accept by the first is refused.
+    let offer3 = ws_until(&mut third, WAIT, |v| v["type"] == "offer").await;
+    assert_eq!(offer3["conversation_id"], offer["conversation_id"]);
+    ws_send(
+        &mut third,
+        json!({"op": "accept", "conversation_id": offer3["conversation_id"], "offer_id": offer3["offer_id"]}),
+    )
+    .await;
+    ws_until(&mut third, WAIT, |v| v["type"] == "state" && v["state"] == "connected").await;
+    ws_send(
+        &mut first,
+        json!({"op": "accept", "conversation_id": offer["conversation_id"], "offer_id": offer["offer_id"]}),
+    )
+    .await;
+    let refused = ws_until(&mut first, WAIT, |v| v["type"] == "offer_closed").await;
+    assert_eq!(refused["reason"], "not_current");
+    // The first and second agents hold nothing; the third holds the chat.
+    for (token, held) in [(&t1, 0), (&t2, 0), (&t3, 1)] {
+        let me: Value = http
+            .get(format!("{url}/v1/agent/me"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("me")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(me["active"]["chat"].as_u64().unwrap_or(0), held, "{me}");
+    }
+}

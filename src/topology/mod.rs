@@ -14,6 +14,7 @@ pub mod asyncapi;
 pub mod duration;
 pub mod model;
 pub mod plan;
+pub mod topics;
 
 use std::path::PathBuf;
 

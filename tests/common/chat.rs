@@ -96,6 +96,7 @@ fn psql(url: &str, sql: &str) {
 /// Env shared by every nexus process of a test system.
 pub fn base_env(dir: &Path) -> Vec<(&'static str, String)> {
     vec![
+        ("RUST_LOG", "info,nexus::workers::conversation=debug".to_string()),
         ("NEXUS_HTTP__ADMIN_TOKEN", ADMIN.to_string()),
         (
             "NEXUS_CHAT__CLIENT_KEY_SECRET",
@@ -119,10 +120,22 @@ pub fn base_env(dir: &Path) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// One running nexus process with its base URL.
+/// One running nexus process with its base URL; a failing test prints its log.
 pub struct Node {
     pub nexus: Nexus,
     pub url: String,
+    pub name: String,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.nexus.log_text();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+            eprintln!("---- log of {} (last 60 lines) ----\n{tail}", self.name);
+        }
+    }
 }
 
 pub async fn start_node(
@@ -150,7 +163,11 @@ pub async fn start_node(
             Duration::from_secs(60),
         )
         .await;
-    Node { nexus, url }
+    Node {
+        nexus,
+        url,
+        name: name.to_string(),
+    }
 }
 
 /// Admin API calls for a test tenant with one queue, one rule and agents.

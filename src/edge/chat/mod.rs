@@ -17,7 +17,7 @@ use crate::stores::provisioning::Permission;
 pub use client_key::{Claims, ClientKeys};
 pub(crate) use v3::{check_text, json_body, read_transcript};
 
-pub const INBOUND_TOPIC: &str = "nexus.inbound.v1";
+pub use crate::topology::topics::INBOUND as INBOUND_TOPIC;
 
 pub fn routes() -> Router<AppState> {
     Router::new()

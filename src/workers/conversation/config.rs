@@ -13,6 +13,10 @@ pub struct ConversationConfig {
     pub timer_interval_ms: u64,
     /// How long a closed conversation's record and transcript stay readable.
     pub closed_retention_s: u64,
+    /// Async chat: a conversation whose customer was idle this long gets a notice...
+    pub idle_timeout_s: u64,
+    /// ...and is closed (`IDLE_TIMEOUT`) this much later unless the customer returns.
+    pub close_grace_s: u64,
 }
 
 impl Default for ConversationConfig {
@@ -22,6 +26,8 @@ impl Default for ConversationConfig {
             requeue_interval_ms: 2_000,
             timer_interval_ms: 200,
             closed_retention_s: 7 * 86_400,
+            idle_timeout_s: 86_400,
+            close_grace_s: 3_600,
         }
     }
 }

@@ -21,11 +21,19 @@ use crate::stores::session::{
 
 pub(crate) const OFFER_TIMER: &str = "offer";
 pub(crate) const QUEUED_TIMER: &str = "queued";
+/// Async chat: the customer has been idle for `idle_timeout_s` (a notice is sent).
+pub(crate) const IDLE_TIMER: &str = "idle";
+/// Async chat: the grace after the notice ran out (the conversation closes).
+pub(crate) const IDLE_CLOSE_TIMER: &str = "idle_close";
 
 /// How long an offer waits for its conversation's record before it is dropped.
 const OFFER_WAITS_FOR_CONVERSATION_MS: i64 = 60_000;
 
 type Step = Result<(), HandleError>;
+
+pub(crate) fn secs_ms(s: u64) -> i64 {
+    i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX / 4)
+}
 
 /// The offer id of the `attempt`-th offer of a conversation to an agent: the same for a
 /// retried dispatch, so a duplicate offer is recognised.
@@ -256,7 +264,20 @@ impl ConversationWorker {
         )
         .await?;
         self.wait_in_queue(&c, e).await?;
+        self.arm_idle(&c).await?;
         self.save(&mut c, e).await
+    }
+
+    /// Async chat: (re)sets the idle timer from the customer's last activity.
+    async fn arm_idle(&self, c: &Conversation) -> Step {
+        if !c.routing.is_async {
+            return Ok(());
+        }
+        let due = c.last_activity_ms + secs_ms(self.config.idle_timeout_s);
+        self.store
+            .schedule(&self.timer(IDLE_TIMER, c), due)
+            .await
+            .map_err(store_failed)
     }
 
     /// Puts a queued conversation in its queue and offers it to an agent if one is free;
@@ -521,6 +542,7 @@ impl ConversationWorker {
         let m = self.append(&c, e, "message", new).await?;
         self.emit_customer_message(e, &c, &m, Some(&b)).await?;
         c.last_activity_ms = c.last_activity_ms.max(e.envelope.occurred_at_ms);
+        self.arm_idle(&c).await?;
         self.save(&mut c, e).await
     }
 
@@ -570,7 +592,12 @@ impl ConversationWorker {
             nickname: b.nickname.clone(),
             kind: party_kind(b.participant_kind),
         };
-        let mut new = entry(e, EntryKind::Message, from, b.text.clone());
+        let kind = match b.kind {
+            ev::MessageKind::Notice => EntryKind::Notice,
+            ev::MessageKind::CustomNotice => EntryKind::CustomNotice,
+            _ => EntryKind::Message,
+        };
+        let mut new = entry(e, kind, from, b.text.clone());
         new.message_id = Some(b.message_id.clone());
         let m = self.append(&c, e, "message", new).await?;
         let body = ev::MessageSent {
@@ -611,13 +638,12 @@ impl ConversationWorker {
         };
         let left = entry(e, EntryKind::ParticipantLeft, c.customer.clone(), None);
         self.append(&c, e, "left", left).await?;
-        self.close(
-            &mut c,
-            e,
-            ev::CloseReason::CustomerLeft,
-            Some(b.participant_id),
-        )
-        .await
+        let reason = if b.reason == ev::LeftReason::Timeout {
+            ev::CloseReason::IdleTimeout
+        } else {
+            ev::CloseReason::CustomerLeft
+        };
+        self.close(&mut c, e, reason, Some(b.participant_id)).await
     }
 
     pub(super) async fn on_completed(&self, e: &Event, b: ev::ConversationCompleted) -> Step {
@@ -717,10 +743,12 @@ impl ConversationWorker {
                 .await
                 .map_err(store_failed)?;
         }
-        self.store
-            .cancel(&self.timer(OFFER_TIMER, c))
-            .await
-            .map_err(store_failed)?;
+        for kind in [OFFER_TIMER, IDLE_TIMER, IDLE_CLOSE_TIMER] {
+            self.store
+                .cancel(&self.timer(kind, c))
+                .await
+                .map_err(store_failed)?;
+        }
         let length = self
             .store
             .transcript(&tenant, &c.conversation_id, 1, usize::MAX)

@@ -38,9 +38,10 @@ use crate::events::Event;
 use crate::stores::session::{SessionStore, StoreError};
 
 /// Topics the role writes.
-pub const INTERACTION_TOPIC: &str = "nexus.interaction.v1";
-pub const AGENT_TOPIC: &str = "nexus.agent.v1";
-pub const DELIVERY_TOPIC: &str = "nexus.delivery.v1";
+pub use crate::topology::topics::{
+    AGENT as AGENT_TOPIC, DELIVERY as DELIVERY_TOPIC, INBOUND as INBOUND_TOPIC,
+    INTERACTION as INTERACTION_TOPIC,
+};
 
 /// The media of web chat in agent capacities.
 pub const CHAT_MEDIA: &str = "chat";

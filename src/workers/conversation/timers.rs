@@ -1,5 +1,5 @@
-//! The conversation role's timer loop: offers that lapsed become `AgentRejected` (TIMEOUT)
-//! and queued conversations are offered again, each as an event keyed by its conversation so
+//! The conversation role's timer loop: offers that lapsed become `AgentRejected` (TIMEOUT),
+//! queued conversations are offered again, idle async chats get a notice and then close, each as an event keyed by its conversation so
 //! the conversation's handler applies it in order. Every worker instance runs the loop; a due
 //! timer is claimed by exactly one of them (the store's `claim_due`).
 
@@ -9,8 +9,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info_span, warn, Instrument};
 
-use super::flow::{OFFER_TIMER, QUEUED_TIMER};
-use super::{ConversationWorker, AGENT_TOPIC};
+use super::flow::{secs_ms, IDLE_CLOSE_TIMER, IDLE_TIMER, OFFER_TIMER, QUEUED_TIMER};
+use super::{ConversationWorker, AGENT_TOPIC, INBOUND_TOPIC};
 use crate::bus::consumer::HandleError;
 use crate::events::chat::{self as ev, derived_id};
 use crate::events::Event;
@@ -30,7 +30,7 @@ pub async fn run(worker: Arc<ConversationWorker>, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         let now = chrono::Utc::now().timestamp_millis();
-        for kind in [OFFER_TIMER, QUEUED_TIMER] {
+        for kind in [OFFER_TIMER, QUEUED_TIMER, IDLE_TIMER, IDLE_CLOSE_TIMER] {
             let span = info_span!("timers", kind);
             async {
                 match worker.store.claim_due(kind, now, CLAIM_BATCH).await {
@@ -103,7 +103,83 @@ async fn fire(worker: &ConversationWorker, timer: &Timer, now: i64) -> Result<()
                 .await
                 .map_err(super::store_failed)?;
         }
+        IDLE_TIMER if c.state != ConversationState::Closed => {
+            let idle_at = c.last_activity_ms + secs_ms(worker.config.idle_timeout_s);
+            if now < idle_at {
+                // The customer came back since: wait for the new idle time.
+                return worker
+                    .store
+                    .schedule(timer, idle_at)
+                    .await
+                    .map_err(super::store_failed);
+            }
+            let grace = worker.config.close_grace_s;
+            let body = ev::MessageSent {
+                message_id: derived_id(
+                    &seed(&c.conversation_id, c.last_activity_ms),
+                    "idle-notice",
+                )
+                .to_string(),
+                participant_id: "system".into(),
+                participant_kind: ev::ParticipantKind::System,
+                nickname: "system".into(),
+                agent_id: None,
+                kind: ev::MessageKind::Notice,
+                text: Some(format!(
+                    "This chat has been idle; it closes in {} minutes unless you reply.",
+                    grace.div_ceil(60)
+                )),
+                media_ids: Vec::new(),
+                in_reply_to: None,
+                transcript_position: None,
+            };
+            // Ids derive from the idle period, so a timer fired twice notifies once.
+            let event = Event::typed(&body, &c.tenant_id, &c.conversation_id, super::PRODUCER)
+                .map_err(|e| HandleError::Retry(e.to_string()))?
+                .with_derived_id(&seed(&c.conversation_id, c.last_activity_ms), "idle");
+            crate::events::publish::publish(worker.bus.as_ref(), AGENT_TOPIC, &event)
+                .await
+                .map_err(|e| HandleError::Retry(e.to_string()))?;
+            let close = Timer {
+                kind: IDLE_CLOSE_TIMER.into(),
+                ..timer.clone()
+            };
+            worker
+                .store
+                .schedule(&close, idle_at + secs_ms(grace))
+                .await
+                .map_err(super::store_failed)?;
+        }
+        IDLE_CLOSE_TIMER if c.state != ConversationState::Closed => {
+            let close_at = c.last_activity_ms
+                + secs_ms(worker.config.idle_timeout_s)
+                + secs_ms(worker.config.close_grace_s);
+            if now < close_at {
+                return Ok(()); // the customer came back; their activity re-armed the idle timer
+            }
+            let body = ev::ParticipantLeft {
+                participant_id: c.customer.participant_id.clone(),
+                participant_kind: ev::ParticipantKind::Customer,
+                nickname: Some(c.customer.nickname.clone()),
+                reason: ev::LeftReason::Timeout,
+                transcript_position: None,
+            };
+            let event = Event::typed(&body, &c.tenant_id, &c.conversation_id, super::PRODUCER)
+                .map_err(|e| HandleError::Retry(e.to_string()))?
+                .with_derived_id(&seed(&c.conversation_id, c.last_activity_ms), "idle-close");
+            crate::events::publish::publish(worker.bus.as_ref(), INBOUND_TOPIC, &event)
+                .await
+                .map_err(|e| HandleError::Retry(e.to_string()))?;
+        }
         _ => {}
     }
     Ok(())
+}
+
+/// A stable id seed of one idle period of a conversation.
+fn seed(conversation_id: &str, last_activity_ms: i64) -> uuid::Uuid {
+    uuid::Uuid::new_v5(
+        &uuid::Uuid::NAMESPACE_OID,
+        format!("{conversation_id}/idle/{last_activity_ms}").as_bytes(),
+    )
 }

@@ -1,0 +1,279 @@
+//! Routing under load with two conversation-worker processes on one NATS JetStream (the
+//! test's own), PostgreSQL and Redis: per-conversation order end to end, and agent capacity
+//! never exceeded while offers race across worker instances.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use common::chat::*;
+use futures::future::join_all;
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// One edge and two conversation workers sharing the group.
+struct System {
+    _dir: tempfile::TempDir,
+    _nats: OwnNats,
+    _db: TestDb,
+    _nodes: Vec<Node>,
+    url: String,
+}
+
+async fn system() -> System {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = OwnNats::start(dir.path()).await;
+    let db = TestDb::create().await;
+    let mut env = base_env(dir.path());
+    env.push(("NEXUS_BUS__URL", nats.url.clone()));
+    env.push(("NEXUS_STORES__POSTGRES_URL", db.url.clone()));
+    env.push(("NEXUS_STORES__PROVISIONING_KEY", "22".repeat(32)));
+    env.push((
+        "NEXUS_STORES__REDIS_URL",
+        std::env::var("NEXUS_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+    ));
+    let (ok, out, err) = common::process::run(&["topology", "apply", "--bus", &nats.url], &[]);
+    assert!(ok, "topology apply: {out} {err}");
+    let mut nodes = Vec::new();
+    for name in ["worker-1", "worker-2"] {
+        nodes.push(start_node(dir.path(), name, &["worker", "conversation"], env.clone()).await);
+    }
+    let edge = start_node(dir.path(), "edge", &["edge"], env).await;
+    let url = edge.url.clone();
+    nodes.push(edge);
+    System {
+        _dir: dir,
+        _nats: nats,
+        _db: db,
+        _nodes: nodes,
+        url,
+    }
+}
+
+struct Customer {
+    sid: String,
+    key: String,
+}
+
+async fn start_chat(http: &reqwest::Client, url: &str, api_key: &str, n: usize) -> Customer {
+    let started: Value = http
+        .post(format!("{url}/nexus/v3/chat/sessions"))
+        .header("x-api-key", api_key)
+        .json(&json!({"nickname": format!("customer {n}")}))
+        .send()
+        .await
+        .expect("start")
+        .json()
+        .await
+        .expect("start json");
+    Customer {
+        sid: started["session_id"].as_str().expect("sid").to_string(),
+        key: started["client_key"].as_str().expect("key").to_string(),
+    }
+}
+
+async fn ready_agent(url: &str, token: &str) -> Ws {
+    let mut ws = ws_connect(&format!("{url}/v1/agent/ws?token={token}")).await;
+    ws_until(&mut ws, WAIT, |v| v["type"] == "hello").await;
+    ws_send(&mut ws, json!({"op": "ready", "request_id": "ready"})).await;
+    ws_until(&mut ws, WAIT, |v| v["request_id"] == "ready").await;
+    let http = reqwest::Client::new();
+    eventually(WAIT, "agent ready", || {
+        let http = http.clone();
+        async move {
+            let me: Value = http
+                .get(format!("{url}/v1/agent/me"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (me["ready"] == true).then_some(())
+        }
+    })
+    .await;
+    ws
+}
+
+/// Accepts every offer until `connected` conversations are connected; returns them.
+async fn accept_until(ws: &mut Ws, connected: usize) -> HashSet<String> {
+    let mut mine = HashSet::new();
+    while mine.len() < connected {
+        let v = ws_until(ws, WAIT, |v| {
+            v["type"] == "offer" || (v["type"] == "state" && v["state"] == "connected")
+        })
+        .await;
+        if v["type"] == "offer" {
+            ws_send(
+                ws,
+                json!({"op": "accept", "conversation_id": v["conversation_id"], "offer_id": v["offer_id"]}),
+            )
+            .await;
+        } else {
+            mine.insert(v["conversation_id"].as_str().expect("id").to_string());
+            eprintln!("agent holds {}", mine.len());
+        }
+    }
+    mine
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thousand_messages_arrive_in_send_order_per_conversation() {
+    const CHATS: usize = 50;
+    const PER_CHAT: usize = 20;
+    let sys = system().await;
+    let admin = Admin::new(&sys.url);
+    let tenant = provision_tenant(&admin).await;
+    let http = reqwest::Client::new();
+    let mut agents = Vec::new();
+    for i in 0..5 {
+        let (_, token) = provision_agent(&admin, &tenant, &format!("agent {i}"), 10).await;
+        agents.push(ready_agent(&sys.url, &token).await);
+    }
+    let customers: Vec<Customer> =
+        join_all((0..CHATS).map(|n| start_chat(&http, &sys.url, &tenant.api_key, n))).await;
+    // Every agent takes its share: 50 chats over 5 agents of 10.
+    let mut held: Vec<HashSet<String>> = Vec::new();
+    let results = join_all(agents.iter_mut().map(|ws| accept_until(ws, CHATS / 5))).await;
+    held.extend(results);
+    eprintln!("phase: all connected");
+    let all: HashSet<&String> = held.iter().flatten().collect();
+    assert_eq!(all.len(), CHATS, "every chat is connected to one agent");
+
+    // Each customer sends its messages one after the other; the chats run concurrently.
+    join_all(customers.iter().map(|c| {
+        let http = http.clone();
+        let (url, api_key) = (sys.url.clone(), tenant.api_key.clone());
+        async move {
+            for i in 0..PER_CHAT {
+                let r = http
+                    .post(format!("{url}/nexus/v3/chat/sessions/{}/messages", c.sid))
+                    .header("x-api-key", &api_key)
+                    .header("x-nexus-client-key", &c.key)
+                    .json(&json!({"text": format!("m{i:02}")}))
+                    .send()
+                    .await
+                    .expect("send");
+                assert_eq!(r.status(), 202);
+            }
+        }
+    }))
+    .await;
+
+    eprintln!("phase: all sent");
+    // Each agent's socket sees its chats' messages in send order, each once.
+    let seen = join_all(agents.iter_mut().zip(&held).map(|(ws, mine)| async move {
+        let mut got: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
+        while got.values().map(Vec::len).sum::<usize>() < mine.len() * PER_CHAT {
+            let v = ws_until(ws, WAIT, |v| {
+                v["type"] == "transcript"
+                    && v["kind"] == "Message"
+                    && v["from"]["kind"] == "customer"
+            })
+            .await;
+            let id = v["conversation_id"].as_str().expect("id").to_string();
+            assert!(
+                mine.contains(&id),
+                "a message of a chat this agent does not hold"
+            );
+            let position = v["position"].as_u64().expect("position");
+            got.entry(id)
+                .or_default()
+                .push((position, v["text"].as_str().expect("text").to_string()));
+        }
+        got
+    }))
+    .await;
+    let expected: Vec<String> = (0..PER_CHAT).map(|i| format!("m{i:02}")).collect();
+    let mut chats = 0;
+    for got in seen {
+        for (id, messages) in got {
+            let texts: Vec<String> = messages.iter().map(|(_, t)| t.clone()).collect();
+            assert_eq!(texts, expected, "order of chat {id}");
+            assert!(
+                messages.windows(2).all(|w| w[0].0 < w[1].0),
+                "positions grow in chat {id}"
+            );
+            chats += 1;
+        }
+    }
+    assert_eq!(chats, CHATS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn capacity_holds_while_offers_race_across_workers() {
+    const AGENTS: usize = 3;
+    const CAPACITY: u32 = 2;
+    const CHATS: usize = 20;
+    let sys = system().await;
+    let admin = Admin::new(&sys.url);
+    let tenant = provision_tenant(&admin).await;
+    let http = reqwest::Client::new();
+    let mut agents = Vec::new();
+    let mut tokens = Vec::new();
+    for i in 0..AGENTS {
+        let (_, token) = provision_agent(&admin, &tenant, &format!("agent {i}"), CAPACITY).await;
+        agents.push(ready_agent(&sys.url, &token).await);
+        tokens.push(token);
+    }
+    // Twenty chats at once: two workers race to offer them.
+    let customers: Vec<Customer> =
+        join_all((0..CHATS).map(|n| start_chat(&http, &sys.url, &tenant.api_key, n))).await;
+    let held = join_all(
+        agents
+            .iter_mut()
+            .map(|ws| accept_until(ws, CAPACITY as usize)),
+    )
+    .await;
+    let mut connected: HashMap<String, usize> = HashMap::new();
+    for mine in &held {
+        for id in mine {
+            *connected.entry(id.clone()).or_default() += 1;
+        }
+    }
+    assert_eq!(connected.len(), AGENTS * CAPACITY as usize);
+    assert!(
+        connected.values().all(|n| *n == 1),
+        "a chat connected to two agents"
+    );
+    // Give the timers several requeue rounds: nobody may be offered more.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (ws, token) in agents.iter_mut().zip(&tokens) {
+        let extra = tokio::time::timeout(Duration::from_millis(300), async {
+            ws_until(ws, WAIT, |v| v["type"] == "offer").await
+        })
+        .await;
+        assert!(
+            extra.is_err(),
+            "an agent at capacity got another offer: {extra:?}"
+        );
+        let me: Value = http
+            .get(format!("{}/v1/agent/me", sys.url))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("me")
+            .json()
+            .await
+            .expect("me json");
+        assert_eq!(me["active"]["chat"], CAPACITY, "{me}");
+    }
+    // One agent completes a chat: its freed slot takes exactly one waiting chat.
+    let done = held[0].iter().next().expect("a chat").clone();
+    ws_send(
+        &mut agents[0],
+        json!({"op": "complete", "conversation_id": done, "request_id": "c"}),
+    )
+    .await;
+    let offer = ws_until(&mut agents[0], WAIT, |v| v["type"] == "offer").await;
+    let next = offer["conversation_id"].as_str().expect("id").to_string();
+    assert!(
+        !connected.contains_key(&next),
+        "the new offer is a waiting chat"
+    );
+    assert!(customers.iter().any(|c| c.sid == next));
+}
