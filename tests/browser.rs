@@ -2,8 +2,9 @@
 //! drives `/demo/agent` and `/demo/widget` in headless Debian Chromium through Playwright's
 //! driver (customer starts and sends, agent accepts and replies, customer sees the reply, agent
 //! completes, customer sees the end) and screenshots both pages into
-//! `target/browser-artefacts/`. Requires `/usr/bin/chromium` and the Python module
-//! `playwright` (CI installs both): a missing one fails the test rather than skipping it.
+//! `target/browser-artefacts/`. Requires `/usr/bin/chromium` (or `NEXUS_TEST_CHROMIUM`) and
+//! the Python module `playwright` (CI installs both): a missing one fails the test rather than
+//! skipping it.
 
 mod common;
 
@@ -13,7 +14,10 @@ use std::time::Duration;
 
 use common::chat::{base_env, start_node};
 
-const CHROMIUM: &str = "/usr/bin/chromium";
+/// Debian's browser; `NEXUS_TEST_CHROMIUM` names another (demo.py reads the same variable).
+fn chromium() -> String {
+    std::env::var("NEXUS_TEST_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into())
+}
 /// The screenshots the script takes: three moments, both pages each.
 const SHOTS: [&str; 6] = [
     "1-customer-waiting-agent.png",
@@ -36,9 +40,10 @@ fn artefact_dir() -> PathBuf {
 }
 
 fn require_tools() {
+    let chromium = chromium();
     assert!(
-        Path::new(CHROMIUM).exists(),
-        "{CHROMIUM} is missing: install Debian's browser with \
+        Path::new(&chromium).exists(),
+        "{chromium} is missing: install Debian's browser with \
          `apt-get install -y chromium` (.ci/run does)"
     );
     let module = Command::new("python3")
@@ -60,9 +65,8 @@ async fn demo_pages_chat_end_to_end_in_chromium() {
     let node = start_node(dir.path(), "dev", &["dev"], base_env(dir.path())).await;
 
     let out = artefact_dir();
-    for shot in SHOTS {
-        let _ = std::fs::remove_file(out.join(shot));
-    }
+    // Only this run's screenshots (and a failure's) are left to look at.
+    let _ = std::fs::remove_dir_all(&out);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/demo.py");
     let child = tokio::process::Command::new("python3")
         .arg(&script)
