@@ -1,0 +1,166 @@
+"""Drives the two demo pages of a running `nexus dev` in headless Chromium (Debian's
+/usr/bin/chromium, driven by Playwright's driver; no browser download).
+
+    python3 tests/browser/demo.py BASE_URL ARTEFACT_DIR
+
+The agent console (page A) goes ready; the widget (page B) starts a chat and sends; A accepts
+the offer, sees the message and replies; B sees the reply; A completes; B sees the end.
+Screenshots of both pages at each key moment go to ARTEFACT_DIR. Any step that does not happen
+within STEP_MS exits non-zero naming the step, with screenshots and page logs of the failure.
+"""
+
+import os
+import sys
+import time
+
+CHROMIUM = os.environ.get("NEXUS_TEST_CHROMIUM", "/usr/bin/chromium")
+# One step on a loaded 2-core machine: a bus round trip or two plus rendering, well under this.
+STEP_MS = 15_000
+CUSTOMER_TEXT = "hello from the browser"
+AGENT_TEXT = "hi, this is the agent speaking"
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def fail(msg):
+    print(f"demo.py: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+try:
+    from playwright.sync_api import Error as PlaywrightError
+    from playwright.sync_api import sync_playwright
+except ImportError:
+    fail("the Python module `playwright` is missing: `python3 -m pip install playwright` "
+         "(its driver only; never `playwright install`, the browser is Debian's chromium)")
+
+
+class Flow:
+    def __init__(self, base, out, agent, widget):
+        self.base, self.out = base.rstrip("/"), out
+        self.agent, self.widget = agent, widget
+        self.logs = {"agent": [], "widget": []}
+        for name, page in (("agent", agent), ("widget", widget)):
+            page.set_default_timeout(STEP_MS)
+            page.on("console", lambda m, n=name: self.logs[n].append(f"console.{m.type}: {m.text}"))
+            page.on("pageerror", lambda e, n=name: self.logs[n].append(f"pageerror: {e}"))
+        self.step_name = "start"
+
+    def shoot(self, moment):
+        for name, page in (("agent", self.agent), ("widget", self.widget)):
+            page.screenshot(path=os.path.join(self.out, f"{moment}-{name}.png"), full_page=True)
+
+    def step(self, name, fn):
+        self.step_name = name
+        started = time.monotonic()
+        fn()
+        print(f"ok  {name} ({time.monotonic() - started:.1f}s)", flush=True)
+
+    def run(self):
+        a, b = self.agent, self.widget
+        agent_log, widget_log = a.locator("#log"), b.locator("#log")
+
+        def agent_ready():
+            a.goto(f"{self.base}/demo/agent")
+            # The socket is open once the hello named the agent.
+            a.wait_for_function("document.getElementById('who').textContent.length > 0")
+            a.click("#ready")
+            # The ack only says the request was published; wait until the worker applied it.
+            a.wait_for_function(
+                """async () => {
+                    const cfg = await (await fetch('/demo/config.json')).json();
+                    const me = await (await fetch('/v1/agent/me',
+                        { headers: { authorization: 'Bearer ' + cfg.agent_token } })).json();
+                    return me.ready === true;
+                }""",
+                polling=200,
+            )
+
+        def customer_sends():
+            b.goto(f"{self.base}/demo/widget")
+            b.wait_for_function("document.getElementById('status').textContent === 'ready'")
+            b.fill("#nickname", "Browser Customer")
+            b.click("#startBtn")
+            b.wait_for_function("document.getElementById('status').textContent === 'connected'")
+            b.wait_for_selector("#start", state="hidden")
+            b.fill("#text", CUSTOMER_TEXT)
+            b.click("#sendBtn")
+            widget_log.get_by_text(CUSTOMER_TEXT).wait_for()
+
+        def agent_accepts():
+            a.locator(".offer .accept").first.click()
+            agent_log.get_by_text(CUSTOMER_TEXT).wait_for()
+
+        def agent_replies():
+            a.fill("#text", AGENT_TEXT)
+            a.click("#sendBtn")
+            agent_log.get_by_text(AGENT_TEXT).wait_for()
+
+        def customer_sees_reply():
+            widget_log.get_by_text(AGENT_TEXT).wait_for()
+
+        def agent_completes():
+            a.click("#completeBtn")
+            agent_log.get_by_text("Conversation ended.").wait_for()
+
+        def customer_sees_end():
+            widget_log.get_by_text("The chat has ended.").wait_for()
+            b.wait_for_selector("#send", state="hidden")
+
+        self.step("agent opens the console and goes ready", agent_ready)
+        self.step("customer starts a chat and sends", customer_sends)
+        self.shoot("1-customer-waiting")
+        self.step("agent accepts the offer and sees the message", agent_accepts)
+        self.step("agent replies", agent_replies)
+        self.step("customer sees the reply", customer_sees_reply)
+        self.shoot("2-reply")
+        self.step("agent completes", agent_completes)
+        self.step("customer sees the end", customer_sees_end)
+        self.shoot("3-ended")
+
+    def report_failure(self, error):
+        print(f"demo.py: FAILED at step '{self.step_name}': {error}", file=sys.stderr)
+        try:
+            self.shoot("failed")
+            print(f"demo.py: screenshots of the failure: {self.out}/failed-*.png", file=sys.stderr)
+        except PlaywrightError as e:
+            print(f"demo.py: no failure screenshot: {e}", file=sys.stderr)
+        for name, lines in self.logs.items():
+            for line in lines[-20:]:
+                print(f"  {name} {line}", file=sys.stderr)
+
+
+def main():
+    if len(sys.argv) != 3:
+        fail("usage: demo.py BASE_URL ARTEFACT_DIR")
+    base, out = sys.argv[1], sys.argv[2]
+    if not os.access(CHROMIUM, os.X_OK):
+        fail(f"{CHROMIUM} is missing: `apt-get install -y chromium` (Debian's package)")
+    os.makedirs(out, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            # Two contexts: the customer and the agent share no storage, as on two machines.
+            viewport = {"width": 1000, "height": 700}
+            agent = browser.new_context(viewport=viewport).new_page()
+            widget = browser.new_context(viewport=viewport).new_page()
+            flow = Flow(base, out, agent, widget)
+            try:
+                flow.run()
+            except PlaywrightError as e:
+                flow.report_failure("\n".join(str(e).splitlines()[:6]) or repr(e))
+                sys.exit(1)
+        finally:
+            browser.close()
+    print(f"demo.py: the demo flow passed; screenshots in {out}")
+
+
+if __name__ == "__main__":
+    main()
