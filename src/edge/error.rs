@@ -1,7 +1,8 @@
 //! One error type for every HTTP answer: 4xx carry a machine-readable code and a message,
 //! 5xx are logged and answer an opaque body.
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, JsonRejection, QueryRejection};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -75,6 +76,30 @@ impl From<JsonRejection> for ApiError {
 impl From<QueryRejection> for ApiError {
     fn from(rejection: QueryRejection) -> Self {
         Self::bad_request("INVALID_QUERY", rejection.body_text())
+    }
+}
+
+/// A request to a WebSocket route that is not a WebSocket handshake (checked after
+/// authentication, so a bad key answers the same on every route).
+impl From<WebSocketUpgradeRejection> for ApiError {
+    fn from(rejection: WebSocketUpgradeRejection) -> Self {
+        Self::new(
+            rejection.status(),
+            "WEBSOCKET_UPGRADE_REQUIRED",
+            rejection.body_text(),
+        )
+    }
+}
+
+/// A body that cannot be read (too large, cut off).
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        let code = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            "PAYLOAD_TOO_LARGE"
+        } else {
+            "INVALID_BODY"
+        };
+        Self::new(rejection.status(), code, rejection.body_text())
     }
 }
 

@@ -9,7 +9,7 @@
 mod ws;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
@@ -26,6 +26,8 @@ use crate::stores::provisioning::Agent;
 use crate::workers::conversation::AGENT_TOPIC;
 
 const PRODUCER: &str = "edge/agent";
+/// Longest disposition code (characters): a code from the tenant's list, not free text.
+const MAX_DISPOSITION_CHARS: usize = 128;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -203,6 +205,22 @@ pub(crate) async fn do_complete(
     note: Option<String>,
 ) -> Result<(), ApiError> {
     check_id(id)?;
+    if disposition
+        .as_ref()
+        .is_some_and(|d| d.trim().is_empty() || d.chars().count() > MAX_DISPOSITION_CHARS)
+    {
+        return Err(ApiError::bad_request(
+            "INVALID_FIELD",
+            format!("disposition is 1 to {MAX_DISPOSITION_CHARS} characters"),
+        ));
+    }
+    let max_note = state.config.chat.max_message_chars;
+    if note.as_ref().is_some_and(|n| n.chars().count() > max_note) {
+        return Err(ApiError::bad_request(
+            "INVALID_FIELD",
+            format!("note is at most {max_note} characters"),
+        ));
+    }
     let body = ev::ConversationCompleted {
         agent_id: agent.id.clone(),
         participant_id: agent.id.clone(),
@@ -328,16 +346,7 @@ async fn typing(
 ) -> Result<StatusCode, ApiError> {
     let agent = agent_of(&state, &headers).await?;
     let r: TypingRequest = super::chat::json_body(body)?;
-    let started = match r.state.as_str() {
-        "started" => true,
-        "stopped" => false,
-        _ => {
-            return Err(ApiError::bad_request(
-                "INVALID_FIELD",
-                "state is `started` or `stopped`",
-            ))
-        }
-    };
+    let started = super::chat::typing_started(&r.state)?;
     do_typing(&state, &agent, &id, started).await?;
     Ok(StatusCode::ACCEPTED)
 }
@@ -406,10 +415,11 @@ struct TranscriptQuery {
 async fn transcript(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Query(q): Query<TranscriptQuery>,
+    query: Result<Query<TranscriptQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let agent = agent_of(&state, &headers).await?;
+    let Query(q) = query?;
     check_id(&id)?;
     let c = state
         .sessions

@@ -2,6 +2,8 @@
 //! conversations out; the same operations as the HTTP routes in, as JSON requests with an
 //! optional `request_id` echoed in the answer.
 
+use axum::extract::rejection::QueryRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
@@ -22,14 +24,16 @@ pub struct WsQuery {
 
 pub async fn websocket(
     State(state): State<AppState>,
-    Query(q): Query<WsQuery>,
+    query: Result<Query<WsQuery>, QueryRejection>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(q) = query?;
     let agent = match q.token {
         Some(t) => crate::edge::auth::agent(&state, &t).await?,
         None => super::agent_of(&state, &headers).await?,
     };
+    let ws = ws?;
     Ok(ws.on_upgrade(move |socket| serve(socket, state, agent)))
 }
 
@@ -99,7 +103,10 @@ async fn serve(mut socket: WebSocket, state: AppState, agent: Agent) {
 async fn handle(state: &AppState, agent: &Agent, text: &str) -> Value {
     let request: Request = match serde_json::from_str(text) {
         Ok(r) => r,
-        Err(e) => return json!({"type": "error", "code": "INVALID_BODY", "message": e.to_string()}),
+        Err(e) => {
+            let e = crate::edge::chat::body_error(&e);
+            return json!({"type": "error", "code": e.code, "message": e.message});
+        }
     };
     let id = request.request_id.clone();
     match run(state, agent, request).await {
@@ -135,7 +142,7 @@ async fn run(state: &AppState, agent: &Agent, r: Request) -> Result<Value, ApiEr
         }
         "typing" => {
             let id = need(r.conversation_id, "conversation_id")?;
-            let started = need(r.state, "state")? == "started";
+            let started = crate::edge::chat::typing_started(&need(r.state, "state")?)?;
             do_typing(state, agent, &id, started)
                 .await
                 .map(|_| Value::Null)
@@ -147,7 +154,7 @@ async fn run(state: &AppState, agent: &Agent, r: Request) -> Result<Value, ApiEr
                 .map(|_| Value::Null)
         }
         other => Err(ApiError::bad_request(
-            "UNKNOWN_OP",
+            "UNKNOWN_OPERATION",
             format!("unknown op `{other}`"),
         )),
     }

@@ -15,7 +15,7 @@ use crate::events::publish::{publish, PublishError};
 use crate::events::Event;
 use crate::stores::provisioning::Permission;
 pub use client_key::{Claims, ClientKeys};
-pub(crate) use v3::{check_text, json_body, read_transcript};
+pub(crate) use v3::{body_error, check_text, json_body, read_transcript, typing_started};
 
 pub use crate::topology::topics::INBOUND as INBOUND_TOPIC;
 

@@ -7,6 +7,8 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::rejection::QueryRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
@@ -148,11 +150,13 @@ impl Resumable {
 pub async fn websocket(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Query(q): Query<StreamQuery>,
+    query: Result<Query<StreamQuery>, QueryRejection>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(q) = query?;
     let claims = authorize(&state, &headers, &q, &id).await?;
+    let ws = ws?;
     let mut feed = Resumable::new(state, claims, q.from.unwrap_or(1));
     feed.catch_up().await?;
     Ok(ws.on_upgrade(move |socket| serve_socket(socket, feed)))
@@ -187,16 +191,17 @@ async fn serve_socket(mut socket: WebSocket, mut feed: Resumable) {
 pub async fn sse(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Query(q): Query<StreamQuery>,
+    query: Result<Query<StreamQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let Query(q) = query?;
     let claims = authorize(&state, &headers, &q, &id).await?;
     // An EventSource reconnecting sends the id of the last event it got.
     let from = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
-        .map(|p| p + 1)
+        .map(|p| p.saturating_add(1))
         .or(q.from)
         .unwrap_or(1);
     let mut feed = Resumable::new(state, claims, from);

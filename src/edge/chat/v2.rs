@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -40,7 +41,7 @@ impl IntoResponse for V2Error {
         }
         let body = json!({
             "statusCode": 2,
-            "chatEnded": false,
+            "chatEnded": e.code == "SESSION_CLOSED",
             "errors": [{"code": e.code, "advice": e.message}],
         });
         (e.status, Json(body)).into_response()
@@ -169,10 +170,10 @@ pub async fn start(
     State(state): State<AppState>,
     Path(service): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Answer {
     let tenant = tenant(&state, &headers).await?;
-    let form = Form::parse(&body)?;
+    let form = Form::parse(&body.map_err(ApiError::from)?)?;
     let nick = nickname(
         &state,
         form.get("nickname"),
@@ -212,10 +213,10 @@ pub async fn operation(
     State(state): State<AppState>,
     Path((_service, chat_id, op)): Path<(String, String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Answer {
     let tenant = tenant(&state, &headers).await?;
-    let form = Form::parse(&body)?;
+    let form = Form::parse(&body.map_err(ApiError::from)?)?;
     let claims = session(&state, &form, &tenant, &chat_id)?;
     let from = form.position()?;
     let tp = traceparent(&headers);

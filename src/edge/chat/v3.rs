@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
@@ -26,16 +26,32 @@ const PRODUCER: &str = "edge/chat";
 pub(crate) fn json_body<T: DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<T, ApiError> {
-    let body = body.map_err(|e| {
-        let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            "PAYLOAD_TOO_LARGE"
-        } else {
-            "INVALID_BODY"
-        };
-        ApiError::new(e.status(), code, e.body_text())
-    })?;
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request("INVALID_BODY", format!("body: {e}")))
+    let body = body?;
+    serde_json::from_slice(&body).map_err(|e| body_error(&e))
+}
+
+/// A body serde could not read: `INVALID_JSON` when it is not JSON at all, `INVALID_BODY` when
+/// it is JSON of the wrong shape (unknown or missing field, wrong type) — the same codes as the
+/// admin and ingest APIs.
+pub(crate) fn body_error(e: &serde_json::Error) -> ApiError {
+    match e.classify() {
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+            ApiError::bad_request("INVALID_JSON", format!("body is not valid JSON: {e}"))
+        }
+        _ => ApiError::bad_request("INVALID_BODY", format!("body: {e}")),
+    }
+}
+
+/// A typing state: `started` or `stopped` (customer and agent alike).
+pub(crate) fn typing_started(state: &str) -> Result<bool, ApiError> {
+    match state {
+        "started" => Ok(true),
+        "stopped" => Ok(false),
+        _ => Err(ApiError::bad_request(
+            "INVALID_FIELD",
+            "state is `started` or `stopped`",
+        )),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,6 +147,32 @@ pub(crate) struct NewSession {
     pub service: Option<String>,
 }
 
+/// Longest contact field or subject (characters): they end up in the record and on every
+/// agent desktop, so they are bounded like the nickname.
+const MAX_CONTACT_CHARS: usize = 256;
+
+fn check_contact(s: &NewSession) -> Result<(), ApiError> {
+    let fields = [
+        ("first_name", &s.contact.first_name),
+        ("last_name", &s.contact.last_name),
+        ("email_address", &s.contact.email_address),
+        ("phone_number", &s.contact.phone_number),
+        ("subject", &s.subject),
+    ];
+    for (name, value) in fields {
+        if value
+            .as_deref()
+            .is_some_and(|v| v.chars().count() > MAX_CONTACT_CHARS)
+        {
+            return Err(ApiError::bad_request(
+                "INVALID_FIELD",
+                format!("{name} is at most {MAX_CONTACT_CHARS} characters"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Publishes the conversation request; returns the claims of the new session.
 pub(crate) async fn open_session(
     state: &AppState,
@@ -138,6 +180,7 @@ pub(crate) async fn open_session(
     s: NewSession,
     traceparent: Option<String>,
 ) -> Result<Claims, ApiError> {
+    check_contact(&s)?;
     let conversation_id = Uuid::now_v7().to_string();
     let participant_id = Uuid::now_v7().to_string();
     let body = ev::ConversationRequested {
@@ -350,16 +393,7 @@ pub async fn typing(
 ) -> Result<StatusCode, ApiError> {
     let c = session_claims(&state, &headers, &id).await?;
     let r: TypingRequest = json_body(body)?;
-    let started = match r.state.as_str() {
-        "started" => true,
-        "stopped" => false,
-        _ => {
-            return Err(ApiError::bad_request(
-                "INVALID_FIELD",
-                "state is `started` or `stopped`",
-            ))
-        }
-    };
+    let started = typing_started(&r.state)?;
     customer_typing(&state, &c, started, traceparent(&headers)).await?;
     Ok(StatusCode::ACCEPTED)
 }
@@ -433,10 +467,11 @@ pub(crate) async fn read_transcript(
 pub async fn transcript(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Query(q): Query<TranscriptQuery>,
+    query: Result<Query<TranscriptQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let c = session_claims(&state, &headers, &id).await?;
+    let Query(q) = query?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let (messages, next, ended) =
         read_transcript(&state, &c.tid, &c.sid, q.from.unwrap_or(1), limit).await?;

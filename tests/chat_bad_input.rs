@@ -1,0 +1,1953 @@
+//! Bad input on every chat v3, legacy v2 and agent endpoint, in-process (embedded bus, embedded
+//! session store, SQLite provisioning): each rejected request answers a clear 4xx with a
+//! machine-readable code and publishes nothing on the inbound or agent topic. Tenant A's keys
+//! never reach tenant B's sessions or transcripts.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use futures::{SinkExt, StreamExt};
+use http_body_util::BodyExt;
+use nexus::config::Config;
+use nexus::edge::chat::{Claims, ClientKeys};
+use nexus::edge::{self, AppState};
+use nexus::stores::provisioning::{NewAgent, NewApiKey, NewTenant, Permission, Provisioning};
+use nexus::stores::session::{Conversation, ConversationState, Party, PartyKind, Routing};
+use nexus::topology::{self, Topology};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tower::ServiceExt;
+
+const INBOUND: &str = "nexus.inbound.v1";
+const AGENT: &str = "nexus.agent.v1";
+/// Small limits, so "too long" is cheap to send.
+const MAX_TEXT: usize = 20;
+const MAX_NICK: usize = 10;
+const MAX_USER_DATA: usize = 3;
+const MAX_BODY: usize = 4096;
+const WS_HEADERS: [(&str, &str); 4] = [
+    ("connection", "upgrade"),
+    ("upgrade", "websocket"),
+    ("sec-websocket-version", "13"),
+    ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+];
+
+/// A started chat session.
+#[derive(Clone)]
+struct Session {
+    id: String,
+    pid: String,
+    ck: String,
+}
+
+struct TenantFx {
+    id: String,
+    key: String,
+    /// Two open sessions and one whose record is Closed.
+    s1: Session,
+    s2: Session,
+    closed: Session,
+    /// `alice` holds s1; `bob` holds s2.
+    alice: (String, String),
+    bob: (String, String),
+}
+
+struct Fx {
+    state: AppState,
+    _dir: tempfile::TempDir,
+    a: TenantFx,
+    b: TenantFx,
+    disabled_key: String,
+    expired_key: String,
+    no_chat_key: String,
+    rotated_token: String,
+    deleted_token: String,
+    cases: usize,
+}
+
+fn conversation(tenant: &str, id: &str, state: ConversationState, agent: &str) -> Conversation {
+    Conversation {
+        tenant_id: tenant.into(),
+        conversation_id: id.into(),
+        channel: "WEB_CHAT".into(),
+        state,
+        customer: Party {
+            participant_id: "customer".into(),
+            nickname: "Ann".into(),
+            kind: PartyKind::Customer,
+        },
+        contact: BTreeMap::new(),
+        user_data: BTreeMap::new(),
+        subject: None,
+        queue_id: None,
+        bot_id: None,
+        agent_id: Some(agent.into()),
+        offered_to: None,
+        declined_by: vec![],
+        files: 0,
+        created_at_ms: 1_700_000_000_000,
+        last_activity_ms: 1_700_000_000_000,
+        closed_reason: None,
+        routing: Routing::default(),
+        version: 0,
+    }
+}
+
+async fn api_key(
+    p: &Provisioning,
+    tenant: &str,
+    perms: Vec<Permission>,
+    enabled: bool,
+    expires: Option<i64>,
+) -> String {
+    p.create_api_key(
+        tenant,
+        NewApiKey {
+            name: format!("k{}", uuid::Uuid::new_v4().simple()),
+            permissions: perms,
+            enabled,
+            expires_at_ms: expires,
+        },
+    )
+    .await
+    .expect("api key")
+    .key
+}
+
+async fn agent(p: &Provisioning, tenant: &str, name: &str) -> (String, String) {
+    let a = p
+        .create_agent(
+            tenant,
+            NewAgent {
+                name: name.into(),
+                skills: vec![],
+                capacity: BTreeMap::from([("chat".into(), 2)]),
+            },
+        )
+        .await
+        .expect("agent");
+    (a.agent.id, a.token)
+}
+
+async fn start(state: &AppState, key: &str, nickname: &str) -> Session {
+    let req = Request::post("/nexus/v3/chat/sessions")
+        .header("x-api-key", key)
+        .header("content-type", "application/json")
+        .body(Body::from(json!({ "nickname": nickname }).to_string()))
+        .expect("request");
+    let (status, body) = call(state, req).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    Session {
+        id: body["session_id"].as_str().expect("id").into(),
+        pid: body["participant_id"].as_str().expect("pid").into(),
+        ck: body["client_key"].as_str().expect("ck").into(),
+    }
+}
+
+async fn tenant(state: &AppState, name: &str) -> TenantFx {
+    let p = &state.provisioning;
+    let id = p
+        .create_tenant(NewTenant { name: name.into() })
+        .await
+        .expect("tenant")
+        .id;
+    let key = api_key(p, &id, vec![Permission::Chat], true, None).await;
+    let (s1, s2, closed) = (
+        start(state, &key, "Ann").await,
+        start(state, &key, "Bo").await,
+        start(state, &key, "Cy").await,
+    );
+    let alice = agent(p, &id, "alice").await;
+    let bob = agent(p, &id, "bob").await;
+    TenantFx {
+        id,
+        key,
+        s1,
+        s2,
+        closed,
+        alice,
+        bob,
+    }
+}
+
+async fn fixture() -> Fx {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::defaults();
+    config.bus = common::bus_config("embedded", Some(dir.path()));
+    config.chat.max_message_chars = MAX_TEXT;
+    config.chat.max_nickname_chars = MAX_NICK;
+    config.chat.max_user_data_entries = MAX_USER_DATA;
+    config.http.max_body_bytes = MAX_BODY;
+    let bus = nexus::bus::connect(&config.bus).await.expect("bus");
+    let topology = Topology::builtin();
+    topology::apply(bus.as_ref(), &topology)
+        .await
+        .expect("apply");
+    let key = nexus::stores::provisioning::secrets::EncryptionKey::generate();
+    let provisioning = Provisioning::connect(
+        &dir.path().join("provisioning.db").display().to_string(),
+        &key,
+    )
+    .await
+    .expect("provisioning");
+    let sessions: Arc<dyn nexus::stores::session::SessionStore> = Arc::new(
+        nexus::stores::session::embedded::EmbeddedStore::open(&dir.path().join("sessions"))
+            .await
+            .expect("session store"),
+    );
+    let state = AppState::new(
+        Arc::new(config),
+        bus,
+        Arc::new(topology),
+        nexus::telemetry::init_metrics(),
+        Arc::new(provisioning),
+        sessions,
+    );
+    let a = tenant(&state, "tenant-a").await;
+    let b = tenant(&state, "tenant-b").await;
+    let p = state.provisioning.clone();
+    let disabled_key = api_key(&p, &a.id, vec![Permission::Chat], false, None).await;
+    let expired_key = api_key(&p, &a.id, vec![Permission::Chat], true, Some(1)).await;
+    let no_chat_key = api_key(&p, &a.id, vec![Permission::Messaging], true, None).await;
+    let (carol, rotated_token) = agent(&p, &a.id, "carol").await;
+    p.rotate_agent_token(&a.id, &carol).await.expect("rotate");
+    let (dave, deleted_token) = agent(&p, &a.id, "dave").await;
+    p.delete_agent(&a.id, &dave).await.expect("delete");
+
+    // Records as the conversation worker would write them: A's s1 with alice, s2 with bob, a
+    // closed one; B's s1 held by an agent whose id is alice's (ids are per tenant).
+    let s = &state.sessions;
+    for c in [
+        conversation(&a.id, &a.s1.id, ConversationState::Connected, &a.alice.0),
+        conversation(&a.id, &a.s2.id, ConversationState::Connected, &a.bob.0),
+        conversation(&a.id, &a.closed.id, ConversationState::Closed, &a.alice.0),
+        conversation(&b.id, &b.s1.id, ConversationState::Connected, &a.alice.0),
+        conversation(&b.id, &b.closed.id, ConversationState::Closed, &b.alice.0),
+    ] {
+        assert!(s.put_conversation(&c).await.expect("put"));
+    }
+    Fx {
+        state,
+        _dir: dir,
+        a,
+        b,
+        disabled_key,
+        expired_key,
+        no_chat_key,
+        rotated_token,
+        deleted_token,
+        cases: 0,
+    }
+}
+
+async fn call(state: &AppState, req: Request<Body>) -> (StatusCode, Value) {
+    let resp = edge::app(state.clone())
+        .oneshot(req)
+        .await
+        .expect("response");
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+/// Records on the inbound and agent topics.
+async fn published(state: &AppState) -> (u64, u64) {
+    let mut n = [0; 2];
+    for (i, topic) in [INBOUND, AGENT].iter().enumerate() {
+        let offsets = state.bus.partition_offsets(topic).await.expect("offsets");
+        n[i] = offsets.iter().map(|p| p.high - p.low).sum();
+    }
+    (n[0], n[1])
+}
+
+/// The machine-readable code of a v3/agent (`error.code`) or v2 (`errors[0].code`) answer.
+fn code_of(body: &Value) -> &str {
+    body["error"]["code"]
+        .as_str()
+        .or(body["errors"][0]["code"].as_str())
+        .unwrap_or("<no code>")
+}
+
+/// A request: `headers` are (name, value); a body is sent as given.
+fn rq(method: &str, uri: &str, headers: &[(&str, &str)], body: Option<&str>) -> Request<Body> {
+    let mut r = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    r.body(body.map(|b| Body::from(b.to_string())).unwrap_or_default())
+        .expect("request")
+}
+
+impl Fx {
+    /// Sends `req`, expecting `status` and `code`, and that nothing was published.
+    async fn rejected(&mut self, what: &str, req: Request<Body>, status: u16, code: &str) -> Value {
+        let before = published(&self.state).await;
+        let (got, body) = call(&self.state, req).await;
+        assert_eq!(got.as_u16(), status, "{what}: {body}");
+        assert_eq!(code_of(&body), code, "{what}: {body}");
+        assert!(
+            !body.to_string().contains(&self.b.s1.id) || what.contains("tenant B"),
+            "{what}: leaks B's session: {body}"
+        );
+        assert_eq!(published(&self.state).await, before, "{what}: published");
+        self.cases += 1;
+        body
+    }
+
+    /// Sends `req`, expecting `status` and that exactly `(inbound, agent)` records were
+    /// published.
+    async fn accepted(
+        &mut self,
+        what: &str,
+        req: Request<Body>,
+        status: u16,
+        n: (u64, u64),
+    ) -> Value {
+        let before = published(&self.state).await;
+        let (got, body) = call(&self.state, req).await;
+        assert_eq!(got.as_u16(), status, "{what}: {body}");
+        let after = published(&self.state).await;
+        assert_eq!(
+            (after.0 - before.0, after.1 - before.1),
+            n,
+            "{what}: published"
+        );
+        self.cases += 1;
+        body
+    }
+}
+
+// ---- chat v3 ---------------------------------------------------------------------------
+
+/// The session endpoints of v3: (method, path suffix, a valid body).
+const V3: [(&str, &str, Option<&str>); 6] = [
+    ("POST", "messages", Some(r#"{"text":"hi"}"#)),
+    ("GET", "messages", None),
+    ("POST", "typing", Some(r#"{"state":"started"}"#)),
+    ("POST", "disconnect", None),
+    ("GET", "stream", None),
+    ("GET", "events", None),
+];
+
+fn v3_req(
+    method: &str,
+    suffix: &str,
+    session: &str,
+    api_key: Option<&str>,
+    client_key: Option<&str>,
+    body: Option<&str>,
+) -> Request<Body> {
+    let mut h: Vec<(&str, &str)> = vec![("content-type", "application/json")];
+    if let Some(k) = api_key {
+        h.push(("x-api-key", k));
+    }
+    if let Some(k) = client_key {
+        h.push(("x-nexus-client-key", k));
+    }
+    if suffix == "stream" {
+        h.extend(WS_HEADERS);
+    }
+    rq(
+        method,
+        &format!("/nexus/v3/chat/sessions/{session}/{suffix}"),
+        &h,
+        body,
+    )
+}
+
+fn forged_keys(fx: &Fx) -> Vec<(&'static str, String)> {
+    let s1 = &fx.a.s1;
+    let claims = Claims {
+        tid: fx.a.id.clone(),
+        sid: s1.id.clone(),
+        pid: s1.pid.clone(),
+        iat: 1,
+    };
+    let other_secret = ClientKeys::new(b"not the edge's secret").issue(&claims);
+    // s2's header and payload under s1's signature.
+    let (s2_signing, _) = fx.a.s2.ck.rsplit_once('.').expect("jwt");
+    let (_, s1_sig) = s1.ck.rsplit_once('.').expect("jwt");
+    let spliced = format!("{s2_signing}.{s1_sig}");
+    // s1's key with B's tenant id in the payload, signature unchanged.
+    let (head, rest) = s1.ck.split_once('.').expect("jwt");
+    let (_, sig) = rest.split_once('.').expect("jwt");
+    use base64::Engine;
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(
+        serde_json::to_vec(&Claims {
+            tid: fx.b.id.clone(),
+            ..claims.clone()
+        })
+        .expect("json"),
+    );
+    let retenanted = format!("{head}.{payload}.{sig}");
+    vec![
+        ("garbage", "garbage".into()),
+        ("empty", String::new()),
+        ("three dots", "a.b.c".into()),
+        ("signed with another secret", other_secret),
+        ("spliced signature", spliced),
+        ("payload moved to tenant B", retenanted),
+        ("alg none", format!("{head}.{payload}.")),
+    ]
+}
+
+#[tokio::test]
+async fn v3_session_endpoints_refuse_every_wrong_credential() {
+    let mut fx = fixture().await;
+    let a_key = fx.a.key.clone();
+    let b_key = fx.b.key.clone();
+    let (a1, a2, b1) = (fx.a.s1.clone(), fx.a.s2.clone(), fx.b.s1.clone());
+    let forged = forged_keys(&fx);
+    let unknown_session = uuid::Uuid::now_v7().to_string();
+    for (method, suffix, body) in V3 {
+        let ep = format!("{method} {suffix}");
+        let keys: [(&str, Option<&str>, u16, &str); 7] = [
+            ("no api key", None, 401, "AUTHENTICATION_REQUIRED"),
+            (
+                "garbage api key",
+                Some("garbage"),
+                401,
+                "INVALID_CREDENTIALS",
+            ),
+            (
+                "unknown api key",
+                Some("nxk_0000000000000000000000000000"),
+                401,
+                "INVALID_CREDENTIALS",
+            ),
+            (
+                "disabled api key",
+                Some(fx.disabled_key.as_str()),
+                403,
+                "API_KEY_DISABLED",
+            ),
+            (
+                "expired api key",
+                Some(fx.expired_key.as_str()),
+                403,
+                "API_KEY_EXPIRED",
+            ),
+            (
+                "api key without chat",
+                Some(fx.no_chat_key.as_str()),
+                403,
+                "PERMISSION_DENIED",
+            ),
+            ("empty api key", Some(""), 401, "INVALID_CREDENTIALS"),
+        ];
+        let keys: Vec<_> = keys
+            .iter()
+            .map(|(w, k, s, c)| (*w, k.map(str::to_string), *s, *c))
+            .collect();
+        for (what, key, status, code) in keys {
+            let req = v3_req(method, suffix, &a1.id, key.as_deref(), Some(&a1.ck), body);
+            fx.rejected(&format!("{ep}: {what}"), req, status, code)
+                .await;
+        }
+        let client: [(&str, &str, &str, Option<&str>); 6] = [
+            ("no client key", a_key.as_str(), a1.id.as_str(), None),
+            (
+                "client key of another session",
+                &a_key,
+                &a1.id,
+                Some(a2.ck.as_str()),
+            ),
+            (
+                "unknown session",
+                &a_key,
+                &unknown_session,
+                Some(a1.ck.as_str()),
+            ),
+            (
+                "tenant B's client key on tenant B's session with A's api key",
+                &a_key,
+                &b1.id,
+                Some(b1.ck.as_str()),
+            ),
+            (
+                "A's client key with tenant B's api key",
+                &b_key,
+                &a1.id,
+                Some(a1.ck.as_str()),
+            ),
+            (
+                "tenant B's keys on A's session",
+                &b_key,
+                &a1.id,
+                Some(b1.ck.as_str()),
+            ),
+        ];
+        for (what, key, session, ck) in client {
+            let (status, code) = if ck.is_none() {
+                (401, "AUTHENTICATION_REQUIRED")
+            } else {
+                (403, "INVALID_CLIENT_KEY")
+            };
+            let req = v3_req(method, suffix, session, Some(key), ck, body);
+            fx.rejected(&format!("{ep}: {what}"), req, status, code)
+                .await;
+        }
+        for (what, ck) in &forged {
+            let req = v3_req(method, suffix, &a1.id, Some(&a_key), Some(ck), body);
+            fx.rejected(
+                &format!("{ep}: forged client key ({what})"),
+                req,
+                403,
+                "INVALID_CLIENT_KEY",
+            )
+            .await;
+        }
+    }
+
+    // Streams take the keys as parameters too (browsers cannot set WebSocket headers).
+    for suffix in ["stream", "events"] {
+        let uri = |q: String| format!("/nexus/v3/chat/sessions/{}/{suffix}?{q}", a1.id);
+        let ws: &[(&str, &str)] = if suffix == "stream" { &WS_HEADERS } else { &[] };
+        let cases = [
+            (
+                "unknown api key",
+                format!("api_key=nxk_x&client_key={}", a1.ck),
+                401,
+                "INVALID_CREDENTIALS",
+            ),
+            (
+                "disabled api key",
+                format!("api_key={}&client_key={}", fx.disabled_key, a1.ck),
+                403,
+                "API_KEY_DISABLED",
+            ),
+            (
+                "other session's client key",
+                format!("api_key={a_key}&client_key={}", a2.ck),
+                403,
+                "INVALID_CLIENT_KEY",
+            ),
+            (
+                "tenant B's keys",
+                format!("api_key={b_key}&client_key={}", b1.ck),
+                403,
+                "INVALID_CLIENT_KEY",
+            ),
+            (
+                "no client key",
+                format!("api_key={a_key}"),
+                401,
+                "AUTHENTICATION_REQUIRED",
+            ),
+            (
+                "bad position",
+                format!("api_key={a_key}&client_key={}&from=x", a1.ck),
+                400,
+                "INVALID_QUERY",
+            ),
+            (
+                "negative position",
+                format!("api_key={a_key}&client_key={}&from=-1", a1.ck),
+                400,
+                "INVALID_QUERY",
+            ),
+        ];
+        for (what, q, status, code) in cases {
+            let req = rq("GET", &uri(q), ws, None);
+            fx.rejected(
+                &format!("{suffix} by parameters: {what}"),
+                req,
+                status,
+                code,
+            )
+            .await;
+        }
+    }
+    // The right keys on a request that is no WebSocket handshake (oneshot cannot upgrade).
+    let req = v3_req("GET", "stream", &a1.id, Some(&a_key), Some(&a1.ck), None);
+    fx.rejected(
+        "stream: not upgradable",
+        req,
+        426,
+        "WEBSOCKET_UPGRADE_REQUIRED",
+    )
+    .await;
+    let req = rq(
+        "GET",
+        &format!("/nexus/v3/chat/sessions/{}/stream", a1.id),
+        &[("x-api-key", &a_key), ("x-nexus-client-key", &a1.ck)],
+        None,
+    );
+    fx.rejected(
+        "stream: no handshake headers",
+        req,
+        400,
+        "WEBSOCKET_UPGRADE_REQUIRED",
+    )
+    .await;
+
+    // The same keys work: the rejections above were about the keys.
+    let req = v3_req("GET", "messages", &a1.id, Some(&a_key), Some(&a1.ck), None);
+    fx.accepted("transcript with the right keys", req, 200, (0, 0))
+        .await;
+    let req = v3_req(
+        "POST",
+        "messages",
+        &a1.id,
+        Some(&a_key),
+        Some(&a1.ck),
+        Some(r#"{"text":"hi"}"#),
+    );
+    fx.accepted("send with the right keys", req, 202, (1, 0))
+        .await;
+    eprintln!("v3 session credentials: {} cases", fx.cases);
+}
+
+#[tokio::test]
+async fn v3_bodies_are_validated_before_anything_is_published() {
+    let mut fx = fixture().await;
+    let key = fx.a.key.clone();
+    let s = fx.a.s1.clone();
+    let long_text = "x".repeat(MAX_TEXT + 1);
+    let long_nick = "n".repeat(MAX_NICK + 1);
+    let huge = format!(r#"{{"text":"{}"}}"#, "x".repeat(MAX_BODY));
+    let start = |body: &str| {
+        rq(
+            "POST",
+            "/nexus/v3/chat/sessions",
+            &[("x-api-key", &key), ("content-type", "application/json")],
+            Some(body),
+        )
+    };
+    let start_cases: Vec<(&str, String, u16, &str)> = vec![
+        (
+            "malformed JSON",
+            r#"{"nickname":"#.into(),
+            400,
+            "INVALID_JSON",
+        ),
+        ("empty body", String::new(), 400, "INVALID_JSON"),
+        ("not an object", "[1,2]".into(), 400, "INVALID_BODY"),
+        (
+            "unknown field",
+            r#"{"nickname":"Ann","nick":"x"}"#.into(),
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            "wrong type",
+            r#"{"nickname":7}"#.into(),
+            400,
+            "INVALID_BODY",
+        ),
+        ("no nickname", "{}".into(), 400, "INVALID_NICKNAME"),
+        (
+            "empty nickname",
+            r#"{"nickname":""}"#.into(),
+            400,
+            "INVALID_NICKNAME",
+        ),
+        (
+            "blank nickname",
+            r#"{"nickname":"   "}"#.into(),
+            400,
+            "INVALID_NICKNAME",
+        ),
+        (
+            "oversized nickname",
+            json!({"nickname": long_nick}).to_string(),
+            400,
+            "INVALID_NICKNAME",
+        ),
+        (
+            "oversized first+last name",
+            json!({"first_name": "Annabel", "last_name": "Lee-Smith"}).to_string(),
+            400,
+            "INVALID_NICKNAME",
+        ),
+        (
+            "control character in nickname",
+            json!({"nickname": "An\u{7}n"}).to_string(),
+            400,
+            "INVALID_NICKNAME",
+        ),
+        (
+            "empty first message",
+            json!({"nickname": "Ann", "text": " "}).to_string(),
+            400,
+            "INVALID_MESSAGE",
+        ),
+        (
+            "oversized first message",
+            json!({"nickname": "Ann", "text": long_text}).to_string(),
+            400,
+            "MESSAGE_TOO_LONG",
+        ),
+        (
+            "too much user data",
+            json!({"nickname": "Ann", "user_data": {"a":"1","b":"2","c":"3","d":"4"}}).to_string(),
+            400,
+            "INVALID_USER_DATA",
+        ),
+        (
+            "empty user-data key",
+            json!({"nickname": "Ann", "user_data": {"":"1"}}).to_string(),
+            400,
+            "INVALID_USER_DATA",
+        ),
+        (
+            "oversized subject",
+            json!({"nickname": "Ann", "subject": "s".repeat(300)}).to_string(),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "oversized email",
+            json!({"nickname": "Ann", "email_address": "e".repeat(300)}).to_string(),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "async not a bool",
+            json!({"nickname": "Ann", "async": "yes"}).to_string(),
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            "body over the limit",
+            huge.clone(),
+            413,
+            "PAYLOAD_TOO_LARGE",
+        ),
+    ];
+    for (what, body, status, code) in start_cases {
+        fx.rejected(&format!("start: {what}"), start(&body), status, code)
+            .await;
+    }
+    for (what, k, status, code) in [
+        ("no api key", None, 401, "AUTHENTICATION_REQUIRED"),
+        (
+            "unknown api key",
+            Some("nxk_nope"),
+            401,
+            "INVALID_CREDENTIALS",
+        ),
+        (
+            "disabled api key",
+            Some(fx.disabled_key.as_str()),
+            403,
+            "API_KEY_DISABLED",
+        ),
+        (
+            "expired api key",
+            Some(fx.expired_key.as_str()),
+            403,
+            "API_KEY_EXPIRED",
+        ),
+        (
+            "api key without chat",
+            Some(fx.no_chat_key.as_str()),
+            403,
+            "PERMISSION_DENIED",
+        ),
+    ]
+    .map(|(w, k, s, c)| (w, k.map(str::to_string), s, c))
+    {
+        let mut h = vec![("content-type", "application/json")];
+        if let Some(k) = &k {
+            h.push(("x-api-key", k));
+        }
+        let req = rq(
+            "POST",
+            "/nexus/v3/chat/sessions",
+            &h,
+            Some(r#"{"nickname":"Ann"}"#),
+        );
+        fx.rejected(&format!("start: {what}"), req, status, code)
+            .await;
+    }
+    // First and last name stand in for a nickname; exactly the limits is fine.
+    let ok = json!({"first_name": "Ann", "last_name": "Lee", "text": "x".repeat(MAX_TEXT)});
+    fx.accepted(
+        "start with first+last name",
+        start(&ok.to_string()),
+        201,
+        (1, 0),
+    )
+    .await;
+
+    let send = |body: &str| {
+        v3_req(
+            "POST",
+            "messages",
+            &s.id,
+            Some(&key),
+            Some(&s.ck),
+            Some(body),
+        )
+    };
+    let send_cases: Vec<(&str, String, u16, &str)> = vec![
+        (
+            "malformed JSON",
+            r#"{"text":"hi""#.into(),
+            400,
+            "INVALID_JSON",
+        ),
+        ("empty body", String::new(), 400, "INVALID_JSON"),
+        (
+            "unknown field",
+            r#"{"text":"hi","html":"<b>"}"#.into(),
+            400,
+            "INVALID_BODY",
+        ),
+        ("no text", "{}".into(), 400, "INVALID_BODY"),
+        (
+            "text not a string",
+            r#"{"text":["hi"]}"#.into(),
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            "empty text",
+            r#"{"text":""}"#.into(),
+            400,
+            "INVALID_MESSAGE",
+        ),
+        (
+            "blank text",
+            r#"{"text":" \n\t"}"#.into(),
+            400,
+            "INVALID_MESSAGE",
+        ),
+        (
+            "oversized text",
+            json!({"text": long_text}).to_string(),
+            400,
+            "MESSAGE_TOO_LONG",
+        ),
+        (
+            "empty message id",
+            r#"{"text":"hi","message_id":""}"#.into(),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "oversized message id",
+            json!({"text": "hi", "message_id": "m".repeat(129)}).to_string(),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "body over the limit",
+            huge.clone(),
+            413,
+            "PAYLOAD_TOO_LARGE",
+        ),
+    ];
+    for (what, body, status, code) in send_cases {
+        fx.rejected(&format!("send: {what}"), send(&body), status, code)
+            .await;
+    }
+    // Multi-byte characters count as characters, not bytes.
+    let req = send(&json!({"text": "é".repeat(MAX_TEXT)}).to_string());
+    fx.accepted("send of exactly the limit in characters", req, 202, (1, 0))
+        .await;
+
+    let typing = |body: &str| v3_req("POST", "typing", &s.id, Some(&key), Some(&s.ck), Some(body));
+    for (what, body, status, code) in [
+        ("bad state", r#"{"state":"busy"}"#, 400, "INVALID_FIELD"),
+        ("empty state", r#"{"state":""}"#, 400, "INVALID_FIELD"),
+        (
+            "state not a string",
+            r#"{"state":true}"#,
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            "unknown field",
+            r#"{"state":"started","preview":"x"}"#,
+            400,
+            "INVALID_BODY",
+        ),
+        ("malformed JSON", "{state:started}", 400, "INVALID_JSON"),
+        ("no state", "{}", 400, "INVALID_BODY"),
+    ] {
+        fx.rejected(&format!("typing: {what}"), typing(body), status, code)
+            .await;
+    }
+
+    let transcript = |q: &str| {
+        rq(
+            "GET",
+            &format!("/nexus/v3/chat/sessions/{}/messages?{q}", s.id),
+            &[("x-api-key", &key), ("x-nexus-client-key", &s.ck)],
+            None,
+        )
+    };
+    for (what, q) in [
+        ("bad from", "from=abc"),
+        ("negative limit", "limit=-1"),
+        ("huge from", "from=99999999999999999999999"),
+    ] {
+        fx.rejected(
+            &format!("transcript: {what}"),
+            transcript(q),
+            400,
+            "INVALID_QUERY",
+        )
+        .await;
+    }
+    let body = fx
+        .accepted(
+            "transcript from the last position",
+            transcript("from=18446744073709551615"),
+            200,
+            (0, 0),
+        )
+        .await;
+    assert_eq!(body["messages"], json!([]));
+
+    // An SSE client resuming from the largest position is served, not a panic.
+    let req = rq(
+        "GET",
+        &format!("/nexus/v3/chat/sessions/{}/events", s.id),
+        &[
+            ("x-api-key", &key),
+            ("x-nexus-client-key", &s.ck),
+            ("last-event-id", "18446744073709551615"),
+        ],
+        None,
+    );
+    let resp = edge::app(fx.state.clone())
+        .oneshot(req)
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    eprintln!("v3 bodies: {} cases", fx.cases);
+}
+
+#[tokio::test]
+async fn a_closed_conversation_refuses_customer_actions() {
+    let mut fx = fixture().await;
+    let key = fx.a.key.clone();
+    let c = fx.a.closed.clone();
+    for (suffix, body) in [
+        ("messages", Some(r#"{"text":"hi"}"#)),
+        ("typing", Some(r#"{"state":"started"}"#)),
+        ("disconnect", None),
+    ] {
+        let req = v3_req("POST", suffix, &c.id, Some(&key), Some(&c.ck), body);
+        fx.rejected(
+            &format!("v3 {suffix} on a closed chat"),
+            req,
+            409,
+            "SESSION_CLOSED",
+        )
+        .await;
+    }
+    let req = v3_req("GET", "messages", &c.id, Some(&key), Some(&c.ck), None);
+    let body = fx
+        .accepted("v3 transcript of a closed chat", req, 200, (0, 0))
+        .await;
+    assert_eq!(body["chat_ended"], true);
+    for (op, extra) in [
+        ("send", "&message=hi"),
+        ("customNotice", "&message=hi"),
+        ("startTyping", ""),
+        ("stopTyping", ""),
+        ("disconnect", ""),
+    ] {
+        let form = format!("secureKey={}&userId={}&alias=nexus{extra}", c.ck, c.pid);
+        let req = v2_req(&c.id, op, Some(&key), &form);
+        let body = fx
+            .rejected(
+                &format!("v2 {op} on a closed chat"),
+                req,
+                409,
+                "SESSION_CLOSED",
+            )
+            .await;
+        assert_eq!(body["chatEnded"], true, "{body}");
+        assert_eq!(body["statusCode"], 2, "{body}");
+    }
+    let form = format!("secureKey={}&userId={}&alias=nexus", c.ck, c.pid);
+    let body = fx
+        .accepted(
+            "v2 refresh of a closed chat",
+            v2_req(&c.id, "refresh", Some(&key), &form),
+            200,
+            (0, 0),
+        )
+        .await;
+    assert_eq!(body["chatEnded"], true);
+    eprintln!("closed: {} cases", fx.cases);
+}
+
+// ---- chat v2 ---------------------------------------------------------------------------
+
+const V2_OPS: [&str; 8] = [
+    "send",
+    "refresh",
+    "startTyping",
+    "stopTyping",
+    "disconnect",
+    "customNotice",
+    "updateData",
+    "readReceipt",
+];
+
+fn v2_req(chat: &str, op: &str, key: Option<&str>, form: &str) -> Request<Body> {
+    let mut h = vec![("content-type", "application/x-www-form-urlencoded")];
+    if let Some(k) = key {
+        h.push(("apikey", k));
+    }
+    rq(
+        "POST",
+        &format!("/genesys/2/chat/svc/{chat}/{op}"),
+        &h,
+        Some(form),
+    )
+}
+
+fn v2_form(s: &Session, extra: &str) -> String {
+    format!(
+        "secureKey={}&userId={}&alias=nexus&message=hi{extra}",
+        s.ck, s.pid
+    )
+}
+
+#[tokio::test]
+async fn v2_refuses_wrong_keys_and_bad_fields() {
+    let mut fx = fixture().await;
+    let key = fx.a.key.clone();
+    let b_key = fx.b.key.clone();
+    let (a1, a2, b1) = (fx.a.s1.clone(), fx.a.s2.clone(), fx.b.s1.clone());
+    for op in V2_OPS {
+        let ok = v2_form(&a1, "");
+        let api: [(&str, Option<&str>, u16, &str); 6] = [
+            ("no apikey", None, 401, "AUTHENTICATION_REQUIRED"),
+            (
+                "unknown apikey",
+                Some("nxk_nope"),
+                401,
+                "INVALID_CREDENTIALS",
+            ),
+            (
+                "disabled apikey",
+                Some(fx.disabled_key.as_str()),
+                403,
+                "API_KEY_DISABLED",
+            ),
+            (
+                "expired apikey",
+                Some(fx.expired_key.as_str()),
+                403,
+                "API_KEY_EXPIRED",
+            ),
+            (
+                "apikey without chat",
+                Some(fx.no_chat_key.as_str()),
+                403,
+                "PERMISSION_DENIED",
+            ),
+            (
+                "tenant B's apikey",
+                Some(b_key.as_str()),
+                403,
+                "INVALID_SECURE_KEY",
+            ),
+        ];
+        let api: Vec<_> = api
+            .iter()
+            .map(|(w, k, s, c)| (*w, k.map(str::to_string), *s, *c))
+            .collect();
+        for (what, k, status, code) in api {
+            let body = fx
+                .rejected(
+                    &format!("v2 {op}: {what}"),
+                    v2_req(&a1.id, op, k.as_deref(), &ok),
+                    status,
+                    code,
+                )
+                .await;
+            assert_eq!(body["statusCode"], 2, "{body}");
+            assert!(body.get("messages").is_none(), "{op}: {what}: {body}");
+        }
+        let wrong: Vec<(&str, &str, String)> = vec![
+            (
+                "no secureKey",
+                &a1.id,
+                format!("userId={}&alias=nexus&message=hi", a1.pid),
+            ),
+            (
+                "garbage secureKey",
+                &a1.id,
+                format!("secureKey=xyz&userId={}&alias=nexus&message=hi", a1.pid),
+            ),
+            (
+                "another chat's secureKey and userId",
+                &a1.id,
+                v2_form(&a2, ""),
+            ),
+            (
+                "another chat's secureKey",
+                &a1.id,
+                format!(
+                    "secureKey={}&userId={}&alias=nexus&message=hi",
+                    a2.ck, a1.pid
+                ),
+            ),
+            (
+                "wrong userId",
+                &a1.id,
+                format!(
+                    "secureKey={}&userId={}&alias=nexus&message=hi",
+                    a1.ck, a2.pid
+                ),
+            ),
+            (
+                "no userId",
+                &a1.id,
+                format!("secureKey={}&alias=nexus&message=hi", a1.ck),
+            ),
+            (
+                "wrong alias",
+                &a1.id,
+                format!(
+                    "secureKey={}&userId={}&alias=other&message=hi",
+                    a1.ck, a1.pid
+                ),
+            ),
+            ("tenant B's chat", &b1.id, v2_form(&b1, "")),
+            (
+                "unknown chatId",
+                "0193a4b2-0000-7000-8000-000000000001",
+                ok.clone(),
+            ),
+        ];
+        for (what, chat, form) in wrong {
+            let body = fx
+                .rejected(
+                    &format!("v2 {op}: {what}"),
+                    v2_req(chat, op, Some(&key), &form),
+                    403,
+                    "INVALID_SECURE_KEY",
+                )
+                .await;
+            assert!(body.get("messages").is_none(), "{op}: {what}: {body}");
+        }
+        // A's credentials with B's key on A's chat.
+        fx.rejected(
+            &format!("v2 {op}: A's chat with B's apikey"),
+            v2_req(&a1.id, op, Some(&b_key), &v2_form(&a1, "")),
+            403,
+            "INVALID_SECURE_KEY",
+        )
+        .await;
+        for bad in ["x", "-1", "1.5"] {
+            let form = v2_form(&a1, &format!("&transcriptPosition={bad}"));
+            fx.rejected(
+                &format!("v2 {op}: transcriptPosition {bad}"),
+                v2_req(&a1.id, op, Some(&key), &form),
+                400,
+                "INVALID_FIELD",
+            )
+            .await;
+        }
+        let huge = v2_form(&a1, &format!("&x={}", "x".repeat(MAX_BODY)));
+        fx.rejected(
+            &format!("v2 {op}: body over the limit"),
+            v2_req(&a1.id, op, Some(&key), &huge),
+            413,
+            "PAYLOAD_TOO_LARGE",
+        )
+        .await;
+    }
+    let long = "x".repeat(MAX_TEXT + 1);
+    for op in ["send", "customNotice"] {
+        let base = format!("secureKey={}&userId={}&alias=nexus", a1.ck, a1.pid);
+        for (what, extra, code) in [
+            ("no message", String::new(), "INVALID_MESSAGE"),
+            ("empty message", "&message=".to_string(), "INVALID_MESSAGE"),
+            (
+                "blank message",
+                "&message=+++".to_string(),
+                "INVALID_MESSAGE",
+            ),
+            (
+                "oversized message",
+                format!("&message={long}"),
+                "MESSAGE_TOO_LONG",
+            ),
+        ] {
+            let req = v2_req(&a1.id, op, Some(&key), &format!("{base}{extra}"));
+            fx.rejected(&format!("v2 {op}: {what}"), req, 400, code)
+                .await;
+        }
+    }
+    let too_much = v2_form(
+        &a1,
+        "&userData[a]=1&userData[b]=2&userData[c]=3&userData[d]=4",
+    );
+    fx.rejected(
+        "v2 updateData: too much user data",
+        v2_req(&a1.id, "updateData", Some(&key), &too_much),
+        400,
+        "INVALID_USER_DATA",
+    )
+    .await;
+    fx.rejected(
+        "v2 unknown op",
+        v2_req(&a1.id, "hack", Some(&key), &v2_form(&a1, "")),
+        404,
+        "UNKNOWN_OPERATION",
+    )
+    .await;
+    fx.rejected(
+        "v2 unknown op, wrong key",
+        v2_req(&a1.id, "hack", Some(&key), &v2_form(&a2, "")),
+        403,
+        "INVALID_SECURE_KEY",
+    )
+    .await;
+
+    // Start.
+    let start = |path: &str, k: Option<&str>, form: &str| {
+        let mut h = vec![("content-type", "application/x-www-form-urlencoded")];
+        if let Some(k) = k {
+            h.push(("apikey", k));
+        }
+        rq("POST", path, &h, Some(form))
+    };
+    let long_nick = "n".repeat(MAX_NICK + 1);
+    let cases: Vec<(&str, Option<String>, String, u16, &str)> = vec![
+        (
+            "no apikey",
+            None,
+            "nickname=Ann".into(),
+            401,
+            "AUTHENTICATION_REQUIRED",
+        ),
+        (
+            "unknown apikey",
+            Some("nxk_nope".into()),
+            "nickname=Ann".into(),
+            401,
+            "INVALID_CREDENTIALS",
+        ),
+        (
+            "disabled apikey",
+            Some(fx.disabled_key.clone()),
+            "nickname=Ann".into(),
+            403,
+            "API_KEY_DISABLED",
+        ),
+        (
+            "expired apikey",
+            Some(fx.expired_key.clone()),
+            "nickname=Ann".into(),
+            403,
+            "API_KEY_EXPIRED",
+        ),
+        (
+            "apikey without chat",
+            Some(fx.no_chat_key.clone()),
+            "nickname=Ann".into(),
+            403,
+            "PERMISSION_DENIED",
+        ),
+        (
+            "no nickname",
+            Some(key.clone()),
+            "subject=help".into(),
+            400,
+            "INVALID_NICKNAME",
+        ),
+        (
+            "empty nickname",
+            Some(key.clone()),
+            "nickname=".into(),
+            400,
+            "INVALID_NICKNAME",
+        ),
+        (
+            "blank nickname",
+            Some(key.clone()),
+            "nickname=++".into(),
+            400,
+            "INVALID_NICKNAME",
+        ),
+        (
+            "oversized nickname",
+            Some(key.clone()),
+            format!("nickname={long_nick}"),
+            400,
+            "INVALID_NICKNAME",
+        ),
+        (
+            "control character in nickname",
+            Some(key.clone()),
+            "nickname=A%00n".into(),
+            400,
+            "INVALID_NICKNAME",
+        ),
+        (
+            "oversized first message",
+            Some(key.clone()),
+            format!("nickname=Ann&text={long}"),
+            400,
+            "MESSAGE_TOO_LONG",
+        ),
+        (
+            "blank first message",
+            Some(key.clone()),
+            "nickname=Ann&text=+".into(),
+            400,
+            "INVALID_MESSAGE",
+        ),
+        (
+            "too much user data",
+            Some(key.clone()),
+            "nickname=Ann&userData[a]=1&userData[b]=2&userData[c]=3&userData[d]=4".into(),
+            400,
+            "INVALID_USER_DATA",
+        ),
+        (
+            "oversized subject",
+            Some(key.clone()),
+            format!("nickname=Ann&subject={}", "s".repeat(300)),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "body over the limit",
+            Some(key.clone()),
+            format!("nickname=Ann&x={}", "x".repeat(MAX_BODY)),
+            413,
+            "PAYLOAD_TOO_LARGE",
+        ),
+    ];
+    for path in ["/genesys/2/chat/svc", "/genesys/2/chat/svc/"] {
+        for (what, k, form, status, code) in &cases {
+            let body = fx
+                .rejected(
+                    &format!("v2 start {path}: {what}"),
+                    start(path, k.as_deref(), form),
+                    *status,
+                    code,
+                )
+                .await;
+            assert_eq!(body["statusCode"], 2, "{body}");
+            assert!(body.get("chatId").is_none(), "{body}");
+        }
+    }
+    let body = fx
+        .accepted(
+            "v2 start",
+            start(
+                "/genesys/2/chat/svc",
+                Some(&key),
+                "firstName=Ann&lastName=Lee&text=hello",
+            ),
+            200,
+            (1, 0),
+        )
+        .await;
+    assert_eq!(body["statusCode"], 0, "{body}");
+    let body = fx
+        .accepted(
+            "v2 refresh with the right keys",
+            v2_req(&a1.id, "refresh", Some(&key), &v2_form(&a1, "")),
+            200,
+            (0, 0),
+        )
+        .await;
+    assert_eq!(body["statusCode"], 0, "{body}");
+    eprintln!("v2: {} cases", fx.cases);
+}
+
+// ---- agent -----------------------------------------------------------------------------
+
+#[tokio::test]
+async fn agent_endpoints_refuse_bad_tokens_and_bodies() {
+    let mut fx = fixture().await;
+    let token = fx.a.alice.1.clone();
+    let conv = fx.a.s1.id.clone();
+    let offer = uuid::Uuid::new_v4().to_string();
+    let offer_body = json!({ "offer_id": offer }).to_string();
+    let endpoints: Vec<(&str, String, Option<String>)> = vec![
+        ("GET", "/v1/agent/me".into(), None),
+        (
+            "POST",
+            "/v1/agent/state".into(),
+            Some(r#"{"state":"ready"}"#.into()),
+        ),
+        ("GET", "/v1/agent/conversations".into(), None),
+        (
+            "POST",
+            format!("/v1/agent/conversations/{conv}/accept"),
+            Some(offer_body.clone()),
+        ),
+        (
+            "POST",
+            format!("/v1/agent/conversations/{conv}/reject"),
+            Some(offer_body.clone()),
+        ),
+        (
+            "POST",
+            format!("/v1/agent/conversations/{conv}/messages"),
+            Some(r#"{"text":"hi"}"#.into()),
+        ),
+        (
+            "GET",
+            format!("/v1/agent/conversations/{conv}/messages"),
+            None,
+        ),
+        (
+            "POST",
+            format!("/v1/agent/conversations/{conv}/typing"),
+            Some(r#"{"state":"started"}"#.into()),
+        ),
+        (
+            "POST",
+            format!("/v1/agent/conversations/{conv}/complete"),
+            Some("{}".into()),
+        ),
+        ("GET", "/v1/agent/ws".into(), None),
+    ];
+    let a_key = format!("Bearer {}", fx.a.key);
+    let rotated = format!("Bearer {}", fx.rotated_token);
+    let deleted = format!("Bearer {}", fx.deleted_token);
+    let auths: Vec<(&str, Option<&str>, &str)> = vec![
+        ("no token", None, "AUTHENTICATION_REQUIRED"),
+        (
+            "not a bearer",
+            Some("Basic YWxpY2U6cHc="),
+            "AUTHENTICATION_REQUIRED",
+        ),
+        (
+            "garbage token",
+            Some("Bearer garbage"),
+            "INVALID_CREDENTIALS",
+        ),
+        ("empty token", Some("Bearer "), "INVALID_CREDENTIALS"),
+        (
+            "unknown token",
+            Some("Bearer nxa_00000000000000000000"),
+            "INVALID_CREDENTIALS",
+        ),
+        ("a tenant API key", Some(&a_key), "INVALID_CREDENTIALS"),
+        (
+            "a rotated-away token",
+            Some(&rotated),
+            "INVALID_CREDENTIALS",
+        ),
+        (
+            "a deleted agent's token",
+            Some(&deleted),
+            "INVALID_CREDENTIALS",
+        ),
+    ];
+    for (method, path, body) in &endpoints {
+        for (what, auth, code) in &auths {
+            let mut h: Vec<(&str, &str)> = vec![("content-type", "application/json")];
+            if let Some(a) = auth {
+                h.push(("authorization", a));
+            }
+            if path.ends_with("/ws") {
+                h.extend(WS_HEADERS);
+            }
+            let req = rq(method, path, &h, body.as_deref());
+            fx.rejected(&format!("{method} {path}: {what}"), req, 401, code)
+                .await;
+        }
+    }
+    for (what, q) in [
+        ("garbage token parameter", "token=garbage".to_string()),
+        (
+            "rotated-away token parameter",
+            format!("token={}", fx.rotated_token),
+        ),
+        ("API key as token parameter", format!("token={}", fx.a.key)),
+    ] {
+        let req = rq("GET", &format!("/v1/agent/ws?{q}"), &WS_HEADERS, None);
+        fx.rejected(&format!("ws: {what}"), req, 401, "INVALID_CREDENTIALS")
+            .await;
+    }
+    let req = rq(
+        "GET",
+        &format!("/v1/agent/ws?token={token}"),
+        &WS_HEADERS,
+        None,
+    );
+    fx.rejected("ws: not upgradable", req, 426, "WEBSOCKET_UPGRADE_REQUIRED")
+        .await;
+
+    let bearer = format!("Bearer {token}");
+    let post = |path: String, body: &str| {
+        rq(
+            "POST",
+            &path,
+            &[
+                ("authorization", &bearer),
+                ("content-type", "application/json"),
+            ],
+            Some(body),
+        )
+    };
+    let c = |op: &str| format!("/v1/agent/conversations/{conv}/{op}");
+    let long = "x".repeat(MAX_TEXT + 1);
+    let huge = format!(r#"{{"text":"{}"}}"#, "x".repeat(MAX_BODY));
+    let bad_ids = ["a.b", "%20", &"a".repeat(65)];
+    let mut cases: Vec<(String, String, String, u16, &str)> = vec![
+        (
+            "state: bad value".into(),
+            "/v1/agent/state".into(),
+            r#"{"state":"busy"}"#.into(),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "state: ready as bool".into(),
+            "/v1/agent/state".into(),
+            r#"{"state":true}"#.into(),
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            "state: unknown field".into(),
+            "/v1/agent/state".into(),
+            r#"{"state":"ready","capacity":9}"#.into(),
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            "state: malformed".into(),
+            "/v1/agent/state".into(),
+            r#"{"state":"#.into(),
+            400,
+            "INVALID_JSON",
+        ),
+        (
+            "state: empty body".into(),
+            "/v1/agent/state".into(),
+            String::new(),
+            400,
+            "INVALID_JSON",
+        ),
+        (
+            "reply: empty text".into(),
+            c("messages"),
+            r#"{"text":""}"#.into(),
+            400,
+            "INVALID_MESSAGE",
+        ),
+        (
+            "reply: blank text".into(),
+            c("messages"),
+            r#"{"text":"  "}"#.into(),
+            400,
+            "INVALID_MESSAGE",
+        ),
+        (
+            "reply: oversized text".into(),
+            c("messages"),
+            json!({"text": long}).to_string(),
+            400,
+            "MESSAGE_TOO_LONG",
+        ),
+        (
+            "reply: empty message id".into(),
+            c("messages"),
+            r#"{"text":"hi","message_id":""}"#.into(),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "reply: unknown field".into(),
+            c("messages"),
+            r#"{"text":"hi","to":"x"}"#.into(),
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            "reply: malformed".into(),
+            c("messages"),
+            "text=hi".into(),
+            400,
+            "INVALID_JSON",
+        ),
+        (
+            "reply: body over the limit".into(),
+            c("messages"),
+            huge,
+            413,
+            "PAYLOAD_TOO_LARGE",
+        ),
+        (
+            "typing: bad state".into(),
+            c("typing"),
+            r#"{"state":"busy"}"#.into(),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "typing: unknown field".into(),
+            c("typing"),
+            r#"{"state":"started","x":1}"#.into(),
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            "complete: unknown field".into(),
+            c("complete"),
+            r#"{"disposition":"ok","close":true}"#.into(),
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            "complete: malformed".into(),
+            c("complete"),
+            "{".into(),
+            400,
+            "INVALID_JSON",
+        ),
+        (
+            "complete: oversized note".into(),
+            c("complete"),
+            json!({"note": long}).to_string(),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "complete: oversized disposition".into(),
+            c("complete"),
+            json!({"disposition": "d".repeat(129)}).to_string(),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "complete: empty disposition".into(),
+            c("complete"),
+            r#"{"disposition":""}"#.into(),
+            400,
+            "INVALID_FIELD",
+        ),
+    ];
+    for op in ["accept", "reject"] {
+        cases.extend([
+            (
+                format!("{op}: offer id not a UUID"),
+                c(op),
+                r#"{"offer_id":"offer-1"}"#.into(),
+                400,
+                "INVALID_FIELD",
+            ),
+            (
+                format!("{op}: empty offer id"),
+                c(op),
+                r#"{"offer_id":""}"#.into(),
+                400,
+                "INVALID_FIELD",
+            ),
+            (
+                format!("{op}: no offer id"),
+                c(op),
+                "{}".into(),
+                400,
+                "INVALID_BODY",
+            ),
+            (
+                format!("{op}: unknown field"),
+                c(op),
+                json!({"offer_id": offer, "agent_id": "x"}).to_string(),
+                400,
+                "INVALID_BODY",
+            ),
+            (
+                format!("{op}: malformed"),
+                c(op),
+                "nope".into(),
+                400,
+                "INVALID_JSON",
+            ),
+        ]);
+    }
+    for id in bad_ids {
+        for (op, body) in [
+            ("accept", offer_body.as_str()),
+            ("reject", offer_body.as_str()),
+            ("messages", r#"{"text":"hi"}"#),
+            ("typing", r#"{"state":"started"}"#),
+            ("complete", "{}"),
+        ] {
+            cases.push((
+                format!("{op}: conversation id {id:.8}"),
+                format!("/v1/agent/conversations/{id}/{op}"),
+                body.into(),
+                400,
+                "INVALID_FIELD",
+            ));
+        }
+    }
+    for (what, path, body, status, code) in cases {
+        fx.rejected(&what, post(path, &body), status, code).await;
+    }
+
+    // Transcripts: only the agent's own conversations, only in its tenant.
+    let get = |path: String, auth: &str| rq("GET", &path, &[("authorization", auth)], None);
+    let t = |id: &str| format!("/v1/agent/conversations/{id}/messages");
+    let bob = format!("Bearer {}", fx.a.bob.1);
+    let b_alice = format!("Bearer {}", fx.b.alice.1);
+    let reads = [
+        (
+            "another agent's conversation",
+            t(&fx.a.s2.id),
+            bearer.clone(),
+        ),
+        (
+            "a conversation held by alice, read by bob",
+            t(&conv),
+            bob.clone(),
+        ),
+        (
+            "tenant B's conversation held by an agent with alice's id",
+            t(&fx.b.s1.id),
+            bearer.clone(),
+        ),
+        (
+            "tenant A's conversation read by tenant B's agent",
+            t(&conv),
+            b_alice.clone(),
+        ),
+        (
+            "an unknown conversation",
+            t(&uuid::Uuid::now_v7().to_string()),
+            bearer.clone(),
+        ),
+    ];
+    for (what, path, auth) in reads {
+        fx.rejected(
+            &format!("transcript: {what}"),
+            get(path, &auth),
+            404,
+            "CONVERSATION_NOT_FOUND",
+        )
+        .await;
+    }
+    fx.rejected(
+        "transcript: bad id",
+        get(t("a.b"), &bearer),
+        400,
+        "INVALID_FIELD",
+    )
+    .await;
+    fx.rejected(
+        "transcript: bad from",
+        get(format!("{}?from=x", t(&conv)), &bearer),
+        400,
+        "INVALID_QUERY",
+    )
+    .await;
+    fx.accepted(
+        "transcript: own conversation",
+        get(t(&conv), &bearer),
+        200,
+        (0, 0),
+    )
+    .await;
+    fx.accepted(
+        "transcript: own closed conversation",
+        get(t(&fx.a.closed.id), &bearer),
+        200,
+        (0, 0),
+    )
+    .await;
+
+    // The right token with valid bodies is accepted, one event each.
+    fx.accepted(
+        "state",
+        post("/v1/agent/state".into(), r#"{"state":"not_ready"}"#),
+        202,
+        (0, 1),
+    )
+    .await;
+    fx.accepted(
+        "reply",
+        post(
+            c("messages"),
+            &json!({"text": "x".repeat(MAX_TEXT)}).to_string(),
+        ),
+        202,
+        (0, 1),
+    )
+    .await;
+    fx.accepted(
+        "complete with an empty body",
+        post(c("complete"), ""),
+        202,
+        (0, 1),
+    )
+    .await;
+    eprintln!("agent http: {} cases", fx.cases);
+}
+
+// ---- WebSockets over a real socket -----------------------------------------------------
+
+async fn serve(state: AppState) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, edge::app(state)).await;
+    });
+    format!("ws://{addr}")
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a frame in time")
+            .expect("open")
+            .expect("frame");
+        if let WsMessage::Text(t) = frame {
+            return serde_json::from_str(t.as_str()).expect("json frame");
+        }
+    }
+}
+
+/// The handshake is refused with `status`.
+async fn refused(url: String, status: u16) {
+    match tokio_tungstenite::connect_async(url.as_str()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), status, "{url}");
+            let body: Value = serde_json::from_slice(resp.body().as_deref().unwrap_or_default())
+                .unwrap_or(Value::Null);
+            assert!(code_of(&body) != "<no code>", "{url}: {body}");
+        }
+        Err(e) => panic!("{url}: {e}"),
+        Ok(_) => panic!("{url}: connected"),
+    }
+}
+
+#[tokio::test]
+async fn websocket_handshakes_and_agent_operations_refuse_bad_input() {
+    let fx = fixture().await;
+    let base = serve(fx.state.clone()).await;
+    let (key, a1, a2, b1) = (&fx.a.key, &fx.a.s1, &fx.a.s2, &fx.b.s1);
+    let stream = |sid: &str, k: &str, ck: &str| {
+        format!("{base}/nexus/v3/chat/sessions/{sid}/stream?api_key={k}&client_key={ck}")
+    };
+    refused(stream(&a1.id, key, &a2.ck), 403).await;
+    refused(stream(&a1.id, &fx.b.key, &b1.ck), 403).await;
+    refused(stream(&a1.id, "nxk_nope", &a1.ck), 401).await;
+    refused(stream(&a1.id, &fx.expired_key, &a1.ck), 403).await;
+    refused(format!("{base}/v1/agent/ws?token=garbage"), 401).await;
+    refused(format!("{base}/v1/agent/ws"), 401).await;
+    let (mut customer, _) = tokio_tungstenite::connect_async(stream(&a1.id, key, &a1.ck))
+        .await
+        .expect("the right keys connect");
+    customer.close(None).await.ok();
+
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("{base}/v1/agent/ws?token={}", fx.a.alice.1))
+            .await
+            .expect("agent ws");
+    assert_eq!(next_json(&mut ws).await["type"], "hello");
+    let conv = &a1.id;
+    let long = "x".repeat(MAX_TEXT + 1);
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("malformed", "{\"op\":".into(), "INVALID_JSON"),
+        ("not JSON", "hello".into(), "INVALID_JSON"),
+        (
+            "unknown field",
+            json!({"op": "ready", "request_id": "1", "force": true}).to_string(),
+            "INVALID_BODY",
+        ),
+        (
+            "no op",
+            json!({"request_id": "1"}).to_string(),
+            "INVALID_BODY",
+        ),
+        (
+            "unknown op",
+            json!({"op": "transfer_all", "request_id": "1"}).to_string(),
+            "UNKNOWN_OPERATION",
+        ),
+        (
+            "typing bad state",
+            json!({"op": "typing", "conversation_id": conv, "state": "busy"}).to_string(),
+            "INVALID_FIELD",
+        ),
+        (
+            "typing no state",
+            json!({"op": "typing", "conversation_id": conv}).to_string(),
+            "INVALID_FIELD",
+        ),
+        (
+            "accept non-UUID offer",
+            json!({"op": "accept", "conversation_id": conv, "offer_id": "o-1"}).to_string(),
+            "INVALID_FIELD",
+        ),
+        (
+            "accept no conversation",
+            json!({"op": "accept", "offer_id": uuid::Uuid::new_v4()}).to_string(),
+            "INVALID_FIELD",
+        ),
+        (
+            "reject bad conversation id",
+            json!({"op": "reject", "conversation_id": "../x", "offer_id": uuid::Uuid::new_v4()})
+                .to_string(),
+            "INVALID_FIELD",
+        ),
+        (
+            "reply empty",
+            json!({"op": "reply", "conversation_id": conv, "text": ""}).to_string(),
+            "INVALID_MESSAGE",
+        ),
+        (
+            "reply oversized",
+            json!({"op": "reply", "conversation_id": conv, "text": long}).to_string(),
+            "MESSAGE_TOO_LONG",
+        ),
+        (
+            "reply no text",
+            json!({"op": "reply", "conversation_id": conv}).to_string(),
+            "INVALID_FIELD",
+        ),
+        (
+            "complete oversized note",
+            json!({"op": "complete", "conversation_id": conv, "note": long}).to_string(),
+            "INVALID_FIELD",
+        ),
+    ];
+    let mut n = 0;
+    for (what, text, code) in cases {
+        let before = published(&fx.state).await;
+        ws.send(WsMessage::Text(text.into())).await.expect("send");
+        let answer = next_json(&mut ws).await;
+        assert_eq!(answer["type"], "error", "{what}: {answer}");
+        assert_eq!(answer["code"], code, "{what}: {answer}");
+        assert_eq!(published(&fx.state).await, before, "{what}: published");
+        n += 1;
+    }
+    // Still open and working after all that.
+    ws.send(WsMessage::Text(
+        json!({"op": "typing", "conversation_id": conv, "state": "stopped", "request_id": "ok"})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .expect("send");
+    let ack = next_json(&mut ws).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    eprintln!("websockets: {} cases", n + 7);
+}
