@@ -322,7 +322,10 @@ async fn async_chat_closes_when_idle_unless_the_customer_returns() {
 async fn lapsed_and_rejected_offers_go_to_the_next_agent() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut env = base_env(dir.path());
-    env.push(("NEXUS_WORKERS__CONVERSATION__OFFER_TIMEOUT_MS", "1500".into()));
+    env.push((
+        "NEXUS_WORKERS__CONVERSATION__OFFER_TIMEOUT_MS",
+        "1500".into(),
+    ));
     let node = start_node(dir.path(), "dev", &["dev"], env).await;
     let url = node.url.as_str();
     let admin = Admin::new(url);
@@ -367,7 +370,10 @@ async fn lapsed_and_rejected_offers_go_to_the_next_agent() {
         json!({"op": "accept", "conversation_id": offer3["conversation_id"], "offer_id": offer3["offer_id"]}),
     )
     .await;
-    ws_until(&mut third, WAIT, |v| v["type"] == "state" && v["state"] == "connected").await;
+    ws_until(&mut third, WAIT, |v| {
+        v["type"] == "state" && v["state"] == "connected"
+    })
+    .await;
     ws_send(
         &mut first,
         json!({"op": "accept", "conversation_id": offer["conversation_id"], "offer_id": offer["offer_id"]}),

@@ -14,11 +14,13 @@ use serde_json::{json, Value};
 const WAIT: Duration = Duration::from_secs(60);
 
 /// One edge and two conversation workers sharing the group.
+/// Fields drop in order: the processes (printing their logs if the test failed) before the
+/// directory holding the logs.
 struct System {
-    _dir: tempfile::TempDir,
+    _nodes: Vec<Node>,
     _nats: OwnNats,
     _db: TestDb,
-    _nodes: Vec<Node>,
+    _dir: tempfile::TempDir,
     url: String,
 }
 
@@ -115,7 +117,6 @@ async fn accept_until(ws: &mut Ws, connected: usize) -> HashSet<String> {
             .await;
         } else {
             mine.insert(v["conversation_id"].as_str().expect("id").to_string());
-            eprintln!("agent holds {}", mine.len());
         }
     }
     mine
@@ -140,7 +141,6 @@ async fn thousand_messages_arrive_in_send_order_per_conversation() {
     let mut held: Vec<HashSet<String>> = Vec::new();
     let results = join_all(agents.iter_mut().map(|ws| accept_until(ws, CHATS / 5))).await;
     held.extend(results);
-    eprintln!("phase: all connected");
     let all: HashSet<&String> = held.iter().flatten().collect();
     assert_eq!(all.len(), CHATS, "every chat is connected to one agent");
 
@@ -164,7 +164,6 @@ async fn thousand_messages_arrive_in_send_order_per_conversation() {
     }))
     .await;
 
-    eprintln!("phase: all sent");
     // Each agent's socket sees its chats' messages in send order, each once.
     let seen = join_all(agents.iter_mut().zip(&held).map(|(ws, mine)| async move {
         let mut got: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();

@@ -96,16 +96,21 @@ fn psql(url: &str, sql: &str) {
 /// Env shared by every nexus process of a test system.
 pub fn base_env(dir: &Path) -> Vec<(&'static str, String)> {
     vec![
-        ("RUST_LOG", "info,nexus::workers::conversation=debug".to_string()),
+        (
+            "RUST_LOG",
+            "info,nexus::workers::conversation=debug".to_string(),
+        ),
         ("NEXUS_HTTP__ADMIN_TOKEN", ADMIN.to_string()),
         (
             "NEXUS_CHAT__CLIENT_KEY_SECRET",
             CLIENT_KEY_SECRET.to_string(),
         ),
         ("NEXUS_STORES__DATA_DIR", dir.display().to_string()),
+        // Long enough that a loaded CI machine never lets an offer lapse by accident; the
+        // lapse test sets its own.
         (
             "NEXUS_WORKERS__CONVERSATION__OFFER_TIMEOUT_MS",
-            "3000".into(),
+            "20000".into(),
         ),
         (
             "NEXUS_WORKERS__CONVERSATION__REQUEUE_INTERVAL_MS",
@@ -133,7 +138,17 @@ impl Drop for Node {
             let log = self.nexus.log_text();
             let lines: Vec<&str> = log.lines().collect();
             let tail = lines[lines.len().saturating_sub(60)..].join("\n");
-            eprintln!("---- log of {} (last 60 lines) ----\n{tail}", self.name);
+            let kept = std::env::temp_dir().join(format!(
+                "nexus-failed-{}-{}.log",
+                std::process::id(),
+                self.name
+            ));
+            let _ = std::fs::write(&kept, &log);
+            eprintln!(
+                "---- log of {} (last 60 lines; all of it in {}) ----\n{tail}",
+                self.name,
+                kept.display()
+            );
         }
     }
 }

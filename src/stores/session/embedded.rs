@@ -369,6 +369,8 @@ fn reserve_in(
         return Ok(None);
     };
     *agent.active.entry(r.media.clone()).or_insert(0) += 1;
+    // Busy from now: the next offer goes to another agent first (round robin among the idle).
+    agent.idle_since_ms = r.now_ms;
     write_agent(txn, &agent)?;
     txn.open_table(SLOTS)
         .map_err(storage("open slots"))?

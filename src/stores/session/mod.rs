@@ -159,6 +159,9 @@ pub struct Conversation {
 pub struct Routing {
     /// The current offer (to `offered_to`).
     pub offer_id: Option<String>,
+    /// The connected agent's display name (shown when they leave).
+    #[serde(default)]
+    pub agent_nickname: Option<String>,
     pub skills: Vec<String>,
     pub priority: i64,
     /// Async chat: kept open while idle, closed after the idle time and grace.
@@ -200,7 +203,7 @@ pub struct AgentPresence {
     pub capacity: BTreeMap<String, u32>,
     /// Conversations held (reserved by an offer or connected) per media; kept by the store.
     pub active: BTreeMap<String, u32>,
-    /// Since when the agent is idle: set when it becomes ready and when it releases a
+    /// Since when the agent is idle: set when it becomes ready, takes a slot or releases a
     /// conversation; the longest idle ready agent is offered first.
     pub idle_since_ms: i64,
 }
@@ -284,7 +287,8 @@ pub trait SessionStore: Send + Sync + 'static {
     ) -> Result<Option<AgentPresence>, StoreError>;
 
     /// Atomically picks the longest idle ready agent with the skills and a free slot for the
-    /// media, takes the slot for the conversation and returns the agent. Concurrent calls from
+    /// media, takes the slot for the conversation (its idle time restarts at `now_ms`, so offers
+    /// go round the idle agents) and returns the agent. Concurrent calls from
     /// any number of instances never take an agent over its capacity. If the conversation
     /// already holds a slot with an agent not excluded, returns that agent (a retried reserve
     /// takes nothing more).

@@ -129,6 +129,7 @@ for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
         local active = tonumber(h[2] or 0) or 0
         if fits and active < cap then
           redis.call('HINCRBY', key, 'a:' .. media, 1)
+          redis.call('ZADD', KEYS[1], ARGV[6], id)
           redis.call('HSET', prefix .. 'slots:' .. id, conv, media)
           redis.call('SADD', KEYS[2], id)
           return id
@@ -541,6 +542,7 @@ impl SessionStore for RedisStore {
             .arg(&r.media)
             .arg(skills)
             .arg(exclude)
+            .arg(r.now_ms)
             .invoke_async(&mut self.conn())
             .await
             .map_err(redis_err)

@@ -436,6 +436,7 @@ impl ConversationWorker {
         }
         c.state = ConversationState::Connected;
         c.agent_id = Some(b.agent_id.clone());
+        c.routing.agent_nickname = Some(b.nickname.clone());
         c.offered_to = None;
         self.store
             .cancel(&self.timer(OFFER_TIMER, &c))
@@ -656,7 +657,11 @@ impl ConversationWorker {
         }
         let agent = Party {
             participant_id: b.participant_id.clone(),
-            nickname: b.agent_id.clone(),
+            nickname: c
+                .routing
+                .agent_nickname
+                .clone()
+                .unwrap_or_else(|| b.agent_id.clone()),
             kind: PartyKind::Agent,
         };
         let mut left = entry(e, EntryKind::ParticipantLeft, agent, None);
