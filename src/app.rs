@@ -68,7 +68,17 @@ pub async fn run(
     let topology = Arc::new(load_topology(&config)?);
     let bus = bus::connect(&config.bus).await?;
     let provisioning = Arc::new(Provisioning::from_config(&config.stores).await?);
-    let sessions = crate::stores::session::connect(&config.stores).await?;
+    // Live sessions serve the chat APIs and the conversation role; other worker pods have none
+    // (the embedded store is one process's file, so they must not open it).
+    let needs_sessions = match &mode {
+        Mode::Dev | Mode::Edge => true,
+        Mode::Worker(roles) => roles.iter().any(|r| r == "conversation"),
+    };
+    let sessions = if needs_sessions {
+        Some(crate::stores::session::connect(&config.stores).await?)
+    } else {
+        None
+    };
     info!(
         bus = bus.kind(),
         provisioning = provisioning.kind(),
@@ -153,7 +163,11 @@ pub async fn run(
     info!(addr = %bound.addr, tls = bound.is_tls(), "listening");
     let grace = Duration::from_millis(config.http.shutdown_grace_ms);
     let http_shutdown = shutdown.clone();
-    tasks.spawn(async move { Ok(bound.serve(edge::app(state), http_shutdown, grace).await?) });
+    let router = match mode {
+        Mode::Dev | Mode::Edge => edge::app(state),
+        Mode::Worker(_) => edge::ops_app(state),
+    };
+    tasks.spawn(async move { Ok(bound.serve(router, http_shutdown, grace).await?) });
 
     // The first task to fail takes the process down (after draining the rest): a pod with a
     // dead consumer must restart rather than look healthy.

@@ -221,7 +221,7 @@ async fn fixture() -> Fx {
 
     // Records as the conversation worker would write them: A's s1 with alice, s2 with bob, a
     // closed one; B's s1 held by an agent whose id is alice's (ids are per tenant).
-    let s = &state.sessions;
+    let s = state.sessions().expect("session store");
     for c in [
         conversation(&a.id, &a.s1.id, ConversationState::Connected, &a.alice.0),
         conversation(&a.id, &a.s2.id, ConversationState::Connected, &a.bob.0),

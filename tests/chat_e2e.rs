@@ -395,3 +395,128 @@ async fn lapsed_and_rejected_offers_go_to_the_next_agent() {
         assert_eq!(me["active"]["chat"].as_u64().unwrap_or(0), held, "{me}");
     }
 }
+
+/// Transfers: to a named agent (only that agent is offered), to another queue, and a refused
+/// transfer to a queue that does not exist; the customer sees who left and joined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_to_an_agent_and_to_a_queue() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = start_node(dir.path(), "dev", &["dev"], base_env(dir.path())).await;
+    let url = node.url.as_str();
+    let admin = Admin::new(url);
+    let tenant = provision_tenant(&admin).await;
+    let billing = admin
+        .post(
+            &format!("/tenants/{}/queues", tenant.id),
+            json!({"name": "billing"}),
+        )
+        .await;
+    let (_, a_token) = provision_agent(&admin, &tenant, "alice", 1).await;
+    let mut alice = agent_ready(url, &a_token).await;
+    let (_, b_token) = provision_agent(&admin, &tenant, "bob", 1).await;
+    let mut bob = agent_ready(url, &b_token).await;
+    let (c_id, c_token) = provision_agent(&admin, &tenant, "carol", 1).await;
+    let mut carol = agent_ready(url, &c_token).await;
+
+    let http = reqwest::Client::new();
+    let started: Value = http
+        .post(format!("{url}/nexus/v3/chat/sessions"))
+        .header("x-api-key", &tenant.api_key)
+        .json(&json!({"nickname": "Dee"}))
+        .send()
+        .await
+        .expect("start")
+        .json()
+        .await
+        .expect("json");
+    let sid = started["session_id"].as_str().expect("sid").to_string();
+    let ck = started["client_key"].as_str().expect("key").to_string();
+    let mut customer = ws_connect(&format!(
+        "{url}/nexus/v3/chat/sessions/{sid}/stream?api_key={}&client_key={ck}",
+        tenant.api_key
+    ))
+    .await;
+    // Alice is the longest idle: she gets it and accepts.
+    let offer = ws_until(&mut alice, WAIT, |v| v["type"] == "offer").await;
+    ws_send(
+        &mut alice,
+        json!({"op": "accept", "conversation_id": sid, "offer_id": offer["offer_id"]}),
+    )
+    .await;
+    ws_until(&mut alice, WAIT, |v| {
+        v["type"] == "state" && v["state"] == "connected"
+    })
+    .await;
+
+    // A queue that does not exist: refused, Alice keeps the chat.
+    ws_send(&mut alice, json!({"op": "transfer", "conversation_id": sid, "queue_id": "01a21399-0000-7000-8000-000000000000"})).await;
+    let failed = ws_until(&mut alice, WAIT, |v| v["type"] == "transfer_failed").await;
+    assert_eq!(failed["reason"], "QUEUE_NOT_FOUND");
+
+    // To Carol by name (Bob is idle longer, but only Carol may be offered).
+    ws_send(
+        &mut alice,
+        json!({"op": "transfer", "conversation_id": sid, "agent_id": c_id}),
+    )
+    .await;
+    ws_until(&mut alice, WAIT, |v| {
+        v["type"] == "state" && v["state"] == "transferred"
+    })
+    .await;
+    let left = ws_until(&mut customer, WAIT, |v| {
+        v["type"] == "transcript" && v["kind"] == "ParticipantLeft"
+    })
+    .await;
+    assert_eq!(left["from"]["nickname"], "alice");
+    let offer = ws_until(&mut carol, WAIT, |v| v["type"] == "offer").await;
+    ws_send(
+        &mut carol,
+        json!({"op": "accept", "conversation_id": sid, "offer_id": offer["offer_id"]}),
+    )
+    .await;
+    let joined = ws_until(&mut customer, WAIT, |v| {
+        v["type"] == "transcript"
+            && v["kind"] == "ParticipantJoined"
+            && v["from"]["kind"] == "agent"
+    })
+    .await;
+    assert_eq!(joined["from"]["nickname"], "carol");
+
+    // To the billing queue: Bob (idle, never declined) is offered; Carol is not offered it back.
+    ws_send(
+        &mut carol,
+        json!({"op": "transfer", "conversation_id": sid, "queue_id": billing["id"]}),
+    )
+    .await;
+    ws_until(&mut carol, WAIT, |v| {
+        v["type"] == "state" && v["state"] == "transferred"
+    })
+    .await;
+    let offer = ws_until(&mut bob, WAIT, |v| v["type"] == "offer").await;
+    assert_eq!(offer["queue_id"], billing["id"]);
+    ws_send(
+        &mut bob,
+        json!({"op": "accept", "conversation_id": sid, "offer_id": offer["offer_id"]}),
+    )
+    .await;
+    let joined = ws_until(&mut customer, WAIT, |v| {
+        v["type"] == "transcript"
+            && v["kind"] == "ParticipantJoined"
+            && v["from"]["kind"] == "agent"
+    })
+    .await;
+    assert_eq!(joined["from"]["nickname"], "bob");
+    // Alice and Carol hold nothing; Bob holds the chat.
+    for (token, held) in [(&a_token, 0), (&c_token, 0), (&b_token, 1)] {
+        let me: Value = http
+            .get(format!("{url}/v1/agent/me"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("me")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(me["active"]["chat"].as_u64().unwrap_or(0), held, "{me}");
+    }
+}

@@ -177,6 +177,7 @@ fn reserve(conversation: &str, skills_: &[&str], exclude: &[&str]) -> Reserve {
         skills: skills(skills_),
         exclude: skills(exclude),
         now_ms: 5_000,
+        only: None,
     }
 }
 
@@ -413,6 +414,28 @@ async fn presence_and_idle_since(t: TestStore) {
     // Taking the slot restarted the idle time (at the reserve's `now_ms`), so the next offer
     // goes to another idle agent first.
     assert_eq!((p.active.get("chat"), p.idle_since_ms), (Some(&1), 5_000));
+}
+
+/// A reserve for one named agent takes only that agent, even when others are idle longer.
+async fn reserve_for_a_named_agent(t: TestStore) {
+    let s = &t.store;
+    let tn = &t.tenant;
+    for (agent, idle) in [("a-old", 10), ("b-new", 20)] {
+        s.set_presence(tn, agent, true, &[], &chat(1), idle)
+            .await
+            .expect("set");
+    }
+    let only = |conv: &str, agent: &str| Reserve {
+        only: Some(agent.into()),
+        ..reserve(conv, &[], &[])
+    };
+    let got = s.reserve_agent(tn, &only("c1", "b-new")).await.expect("r");
+    assert_eq!(got.as_deref(), Some("b-new"));
+    // b-new is full now: a reserve for it alone finds nobody, although a-old is free.
+    let got = s.reserve_agent(tn, &only("c2", "b-new")).await.expect("r");
+    assert_eq!(got, None);
+    let p = s.presence(tn, "a-old").await.expect("get").expect("some");
+    assert_eq!(p.active.get("chat").copied().unwrap_or(0), 0);
 }
 
 async fn reserve_picks_longest_idle_that_fits(t: TestStore) {
@@ -900,6 +923,7 @@ per_store!(
     concurrent_appends_are_gap_free,
     presence_and_idle_since,
     reserve_picks_longest_idle_that_fits,
+    reserve_for_a_named_agent,
     retried_reserve_takes_no_second_slot,
     release_is_idempotent,
     racing_reserves_respect_capacity,

@@ -30,8 +30,16 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("timed out".to_string()),
     };
+    let sessions = match &state.sessions {
+        None => Ok(()),
+        Some(store) => match tokio::time::timeout(READY_TIMEOUT, store.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".to_string()),
+        },
+    };
     metrics::gauge!(m::BUS_UP).set(if bus.is_ok() { 1.0 } else { 0.0 });
-    if bus.is_ok() && provisioning.is_ok() {
+    if bus.is_ok() && provisioning.is_ok() && sessions.is_ok() {
         return (
             StatusCode::OK,
             Json(json!({
@@ -50,6 +58,7 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         Json(json!({"status": "not_ready", "checks": {
             "bus": check(state.bus.kind(), bus),
             "provisioning": check(state.provisioning.kind(), provisioning),
+            "sessions": check("session store", sessions),
         }})),
     )
 }

@@ -39,7 +39,9 @@ pub struct AppState {
     pub topology: Arc<Topology>,
     pub metrics: PrometheusHandle,
     pub provisioning: Arc<Provisioning>,
-    pub sessions: Arc<dyn SessionStore>,
+    /// Live sessions; `None` in worker processes without the conversation role (they serve
+    /// no chat API).
+    pub sessions: Option<Arc<dyn SessionStore>>,
     /// Sockets of this process, fed from the delivery topic.
     pub hub: Arc<hub::Hub>,
     pub client_keys: chat::ClientKeys,
@@ -58,7 +60,7 @@ impl AppState {
         topology: Arc<Topology>,
         metrics: PrometheusHandle,
         provisioning: Arc<Provisioning>,
-        sessions: Arc<dyn SessionStore>,
+        sessions: impl Into<Option<Arc<dyn SessionStore>>>,
     ) -> Self {
         let secret = if config.chat.client_key_secret.is_empty() {
             uuid::Uuid::new_v4().as_bytes().repeat(2)
@@ -72,12 +74,32 @@ impl AppState {
             topology,
             metrics,
             provisioning,
-            sessions,
+            sessions: sessions.into(),
             hub: hub::Hub::new(),
             demo: None,
             shutdown: CancellationToken::new(),
         }
     }
+}
+
+impl AppState {
+    /// The session store, or 503 in a process that has none.
+    pub fn sessions(&self) -> Result<&Arc<dyn SessionStore>, ApiError> {
+        self.sessions.as_ref().ok_or_else(|| {
+            ApiError::unavailable("this process serves no chat API (no session store)")
+        })
+    }
+}
+
+/// What a worker pod serves: health, readiness and metrics only.
+pub fn ops_app(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .fallback(error::not_found)
+        .layer(axum::middleware::from_fn(telemetry::track))
+        .with_state(state)
 }
 
 /// The edge's routes; tests call it with `oneshot`.

@@ -152,6 +152,11 @@ symbols!(CloseReason {
     Error
 });
 symbols!(TargetKind { Queue, Agent, Bot });
+symbols!(TransferMode {
+    Transfer,
+    Consult,
+    Conference
+});
 symbols!(ClientEventKind {
     Transcript,
     Offer,
@@ -298,6 +303,18 @@ pub struct ConversationCompleted {
     pub close_conversation: bool,
 }
 body!(ConversationCompleted);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransferRequested {
+    pub agent_id: String,
+    pub participant_id: String,
+    pub target_kind: TargetKind,
+    pub target_id: String,
+    pub mode: TransferMode,
+    pub note: Option<String>,
+    pub user_data: BTreeMap<String, String>,
+}
+body!(TransferRequested);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConversationStarted {

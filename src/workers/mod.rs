@@ -30,7 +30,8 @@ pub enum WorkerError {
 #[derive(Clone)]
 pub struct Deps {
     pub bus: Arc<dyn Bus>,
-    pub sessions: Arc<dyn SessionStore>,
+    /// `None` in processes without a role that keeps sessions.
+    pub sessions: Option<Arc<dyn SessionStore>>,
     pub provisioning: Arc<Provisioning>,
 }
 
@@ -53,9 +54,13 @@ pub fn handler_for(role: &str, config: &Config, deps: &Deps) -> Result<RoleHandl
             })?,
         ),
         "conversation" => {
+            let sessions = deps.sessions.clone().ok_or_else(|| WorkerError::Config {
+                role: role.to_string(),
+                message: "the conversation role needs the session store".into(),
+            })?;
             let worker = Arc::new(conversation::ConversationWorker::new(
                 deps.bus.clone(),
-                deps.sessions.clone(),
+                sessions,
                 deps.provisioning.clone(),
                 config.workers.conversation.clone(),
             ));

@@ -42,6 +42,7 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/v1/agent/conversations/{id}/typing", post(typing))
         .route("/v1/agent/conversations/{id}/complete", post(complete))
+        .route("/v1/agent/conversations/{id}/transfer", post(transfer))
         .route("/v1/agent/ws", get(ws::websocket))
 }
 
@@ -233,10 +234,64 @@ pub(crate) async fn do_complete(
     publish(state, e).await
 }
 
+/// Hands a connected conversation to a queue or another agent of the tenant.
+pub(crate) async fn do_transfer(
+    state: &AppState,
+    agent: &Agent,
+    id: &str,
+    queue_id: Option<String>,
+    agent_id: Option<String>,
+    note: Option<String>,
+) -> Result<(), ApiError> {
+    check_id(id)?;
+    let (target_kind, target_id) = match (queue_id, agent_id) {
+        (Some(q), None) => (ev::TargetKind::Queue, q),
+        (None, Some(a)) => (ev::TargetKind::Agent, a),
+        _ => {
+            return Err(ApiError::bad_request(
+                "INVALID_FIELD",
+                "give exactly one of `queue_id` or `agent_id`",
+            ))
+        }
+    };
+    check_id(&target_id)?;
+    let body = ev::TransferRequested {
+        agent_id: agent.id.clone(),
+        participant_id: agent.id.clone(),
+        target_kind,
+        target_id,
+        mode: ev::TransferMode::Transfer,
+        note,
+        user_data: Default::default(),
+    };
+    let e = event(&body, agent, id)?;
+    publish(state, e).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransferRequest {
+    queue_id: Option<String>,
+    agent_id: Option<String>,
+    note: Option<String>,
+}
+
+async fn transfer(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, ApiError> {
+    let agent = agent_of(&state, &headers).await?;
+    let r: TransferRequest = super::chat::json_body(body)?;
+    do_transfer(&state, &agent, &id, r.queue_id, r.agent_id, r.note).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
 async fn me(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     let agent = agent_of(&state, &headers).await?;
     let presence = state
-        .sessions
+        .sessions()?
         .presence(&agent.tenant_id, &agent.id)
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?;
@@ -380,14 +435,14 @@ async fn conversations(
 ) -> Result<Json<Value>, ApiError> {
     let agent = agent_of(&state, &headers).await?;
     let ids = state
-        .sessions
+        .sessions()?
         .agent_conversations(&agent.tenant_id, &agent.id)
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?;
     let mut items = Vec::new();
     for id in ids {
         let c = state
-            .sessions
+            .sessions()?
             .conversation(&agent.tenant_id, &id)
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
@@ -422,7 +477,7 @@ async fn transcript(
     let Query(q) = query?;
     check_id(&id)?;
     let c = state
-        .sessions
+        .sessions()?
         .conversation(&agent.tenant_id, &id)
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?;

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::broadcast::error::RecvError;
 
-use super::{do_accept, do_complete, do_reject, do_reply, do_set_state, do_typing};
+use super::{do_accept, do_complete, do_reject, do_reply, do_set_state, do_transfer, do_typing};
 use crate::edge::{ApiError, AppState};
 use crate::stores::provisioning::Agent;
 
@@ -49,6 +49,8 @@ struct Request {
     state: Option<String>,
     disposition: Option<String>,
     note: Option<String>,
+    queue_id: Option<String>,
+    agent_id: Option<String>,
 }
 
 async fn serve(mut socket: WebSocket, state: AppState, agent: Agent) {
@@ -150,6 +152,12 @@ async fn run(state: &AppState, agent: &Agent, r: Request) -> Result<Value, ApiEr
         "complete" => {
             let id = need(r.conversation_id, "conversation_id")?;
             do_complete(state, agent, &id, r.disposition, r.note)
+                .await
+                .map(|_| Value::Null)
+        }
+        "transfer" => {
+            let id = need(r.conversation_id, "conversation_id")?;
+            do_transfer(state, agent, &id, r.queue_id, r.agent_id, r.note)
                 .await
                 .map(|_| Value::Null)
         }

@@ -87,7 +87,7 @@ impl Resumable {
         loop {
             let entries = self
                 .state
-                .sessions
+                .sessions()?
                 .transcript(&self.claims.tid, &self.claims.sid, self.last + 1, PAGE)
                 .await
                 .map_err(|e| ApiError::unavailable(e.to_string()))?;

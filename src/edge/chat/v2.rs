@@ -143,12 +143,12 @@ fn v2_message(e: &Entry) -> Option<Value> {
 /// The common answer: messages after `from`, the next position, whether the chat ended.
 async fn answer(state: &AppState, c: &Claims, from: u64, extra: Value) -> Answer {
     let entries = state
-        .sessions
+        .sessions()?
         .transcript(&c.tid, &c.sid, from, 1000)
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?;
     let ended = state
-        .sessions
+        .sessions()?
         .conversation(&c.tid, &c.sid)
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?

@@ -273,7 +273,7 @@ pub struct SendRequest {
 /// Refuses actions on a session the worker already closed.
 pub(crate) async fn ensure_open(state: &AppState, c: &Claims) -> Result<(), ApiError> {
     let record = state
-        .sessions
+        .sessions()?
         .conversation(&c.tid, &c.sid)
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?;
@@ -443,12 +443,12 @@ pub(crate) async fn read_transcript(
     limit: usize,
 ) -> Result<(Vec<Value>, u64, bool), ApiError> {
     let entries = state
-        .sessions
+        .sessions()?
         .transcript(tenant, conversation_id, from.max(1), limit)
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?;
     let ended = state
-        .sessions
+        .sessions()?
         .conversation(tenant, conversation_id)
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?

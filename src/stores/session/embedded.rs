@@ -356,6 +356,7 @@ fn reserve_in(
             let fits = p.ready
                 && active < cap
                 && !r.exclude.contains(&p.agent_id)
+                && r.only.as_ref().map_or(true, |o| *o == p.agent_id)
                 && r.skills.iter().all(|s| p.skills.contains(s));
             if fits {
                 candidates.push(p);
@@ -987,6 +988,7 @@ mod tests {
             skills: vec![],
             exclude: vec![],
             now_ms: 0,
+            only: None,
         };
         assert!(matches!(
             store.reserve_agent("t", &r).await,

@@ -162,6 +162,9 @@ pub struct Routing {
     /// The connected agent's display name (shown when they leave).
     #[serde(default)]
     pub agent_nickname: Option<String>,
+    /// A transfer to a named agent: only that agent is offered the conversation.
+    #[serde(default)]
+    pub target_agent: Option<String>,
     pub skills: Vec<String>,
     pub priority: i64,
     /// Async chat: kept open while idle, closed after the idle time and grace.
@@ -217,6 +220,8 @@ pub struct Reserve {
     pub skills: Vec<String>,
     /// Never these agents (they declined).
     pub exclude: Vec<String>,
+    /// Only this agent (a transfer to a named agent).
+    pub only: Option<String>,
     pub now_ms: i64,
 }
 

@@ -111,8 +111,9 @@ for _, a in ipairs(cjson.decode(ARGV[5])) do excl[a] = true end
 for _, a in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   if not excl[a] then return a end
 end
+local only = ARGV[7]
 for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  if not excl[id] then
+  if not excl[id] and (only == '' or only == id) then
     local key = prefix .. 'agent:' .. id
     local h = redis.call('HMGET', key, 'profile', 'a:' .. media)
     if h[1] then
@@ -543,6 +544,7 @@ impl SessionStore for RedisStore {
             .arg(skills)
             .arg(exclude)
             .arg(r.now_ms)
+            .arg(r.only.as_deref().unwrap_or(""))
             .invoke_async(&mut self.conn())
             .await
             .map_err(redis_err)

@@ -58,6 +58,7 @@ pub struct AgentProfile {
 #[async_trait]
 pub trait Directory: Send + Sync + 'static {
     async fn routing_rules(&self, tenant: &str) -> Result<Vec<Rule>, DirectoryError>;
+    async fn queue_exists(&self, tenant: &str, queue_id: &str) -> Result<bool, DirectoryError>;
     async fn agent(
         &self,
         tenant: &str,
@@ -84,6 +85,14 @@ impl Directory for Provisioning {
                 bot_id: r.bot_id,
             })
             .collect())
+    }
+
+    async fn queue_exists(&self, tenant: &str, queue_id: &str) -> Result<bool, DirectoryError> {
+        match Provisioning::queue(self, tenant, queue_id).await {
+            Ok(_) => Ok(true),
+            Err(ProvisioningError::NotFound(_)) => Ok(false),
+            Err(e) => Err(DirectoryError(e.to_string())),
+        }
     }
 
     async fn agent(

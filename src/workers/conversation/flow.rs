@@ -332,6 +332,7 @@ impl ConversationWorker {
             skills: c.routing.skills.clone(),
             exclude: c.declined_by.clone(),
             now_ms,
+            only: c.routing.target_agent.clone(),
         };
         let Some(agent) = self
             .store
@@ -501,6 +502,8 @@ impl ConversationWorker {
         c.state = ConversationState::Queued;
         c.offered_to = None;
         c.routing.offer_id = None;
+        // A transfer to a named agent who declined falls back to the conversation's queue.
+        c.routing.target_agent = None;
         if !c.declined_by.contains(&b.agent_id) {
             c.declined_by.push(b.agent_id.clone());
         }
@@ -691,6 +694,112 @@ impl ConversationWorker {
             Some(b.participant_id),
         )
         .await
+    }
+
+    /// A connected agent hands the conversation to a queue or a named agent: the agent leaves,
+    /// the conversation waits again and is offered (to that agent only, for a named one).
+    pub(super) async fn on_transfer(&self, e: &Event, b: ev::TransferRequested) -> Step {
+        let Some(mut c) = self.open_conversation(e).await? else {
+            return Ok(());
+        };
+        if c.state != ConversationState::Connected || c.agent_id.as_deref() != Some(&b.agent_id) {
+            warn!(conversation_id = %c.conversation_id, agent = %b.agent_id, "transfer by an agent not connected; ignored");
+            return Ok(());
+        }
+        let tenant = c.tenant_id.clone();
+        let refused = match b.target_kind {
+            ev::TargetKind::Queue => {
+                if self
+                    .directory
+                    .queue_exists(&tenant, &b.target_id)
+                    .await
+                    .map_err(directory_failed)?
+                {
+                    c.queue_id = Some(b.target_id.clone());
+                    c.routing.target_agent = None;
+                    None
+                } else {
+                    Some("QUEUE_NOT_FOUND")
+                }
+            }
+            ev::TargetKind::Agent if b.target_id == b.agent_id => Some("SAME_AGENT"),
+            ev::TargetKind::Agent => {
+                if self
+                    .directory
+                    .agent(&tenant, &b.target_id)
+                    .await
+                    .map_err(directory_failed)?
+                    .is_some()
+                {
+                    c.routing.target_agent = Some(b.target_id.clone());
+                    None
+                } else {
+                    Some("AGENT_NOT_FOUND")
+                }
+            }
+            _ => Some("UNSUPPORTED_TARGET"),
+        };
+        if let Some(reason) = refused {
+            let failed = json!({"type": "transfer_failed", "conversation_id": c.conversation_id,
+                "target_id": b.target_id, "reason": reason});
+            let client = notify::state(false, vec![b.agent_id.clone()], failed);
+            return self
+                .emit(
+                    DELIVERY_TOPIC,
+                    e,
+                    &c.conversation_id,
+                    "client/transfer",
+                    &client,
+                )
+                .await;
+        }
+        self.release(&tenant, &b.agent_id, e).await?;
+        let agent = Party {
+            participant_id: b.participant_id.clone(),
+            nickname: c
+                .routing
+                .agent_nickname
+                .clone()
+                .unwrap_or_else(|| b.agent_id.clone()),
+            kind: PartyKind::Agent,
+        };
+        let mut left = entry(e, EntryKind::ParticipantLeft, agent, None);
+        left.data.insert("reason".into(), "transferred".into());
+        let appended = self.append(&c, e, "left", left).await?;
+        self.emit(
+            INTERACTION_TOPIC,
+            e,
+            &c.conversation_id,
+            "left",
+            &ev::ParticipantLeft {
+                participant_id: b.participant_id.clone(),
+                participant_kind: ParticipantKind::Agent,
+                nickname: c.routing.agent_nickname.clone(),
+                reason: ev::LeftReason::Transferred,
+                transcript_position: i64::try_from(appended.position).ok(),
+            },
+        )
+        .await?;
+        let state = json!({"type": "state", "conversation_id": c.conversation_id,
+            "state": "transferred", "target_id": b.target_id});
+        let client = notify::state(false, vec![b.agent_id.clone()], state);
+        self.emit(
+            DELIVERY_TOPIC,
+            e,
+            &c.conversation_id,
+            "client/transferred",
+            &client,
+        )
+        .await?;
+        c.state = ConversationState::Queued;
+        c.agent_id = None;
+        c.routing.agent_nickname = None;
+        c.routing.offer_id = None;
+        // Not offered back to the agent who handed it over.
+        c.declined_by = vec![b.agent_id.clone()];
+        c.user_data.extend(b.user_data.clone());
+        self.wait_in_queue(&c, e).await?;
+        self.save(&mut c, e).await
     }
 
     pub(super) async fn on_agent_state(&self, e: &Event, b: ev::AgentStateChanged) -> Step {

@@ -110,6 +110,7 @@ impl Handler for ConversationWorker {
             chat::AgentRejected::TYPE => self.on_rejected(event, body(event)?).await,
             chat::MessageSent::TYPE => self.on_agent_message(event, body(event)?).await,
             chat::ConversationCompleted::TYPE => self.on_completed(event, body(event)?).await,
+            chat::TransferRequested::TYPE => self.on_transfer(event, body(event)?).await,
             other => {
                 debug!(event_type = other, "not a conversation event; skipped");
                 Ok(())
