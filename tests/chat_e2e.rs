@@ -258,6 +258,35 @@ async fn nats_postgres_redis_chat_across_two_edges() {
     drop((worker, edge_a, edge_b));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_postgres_redis_chat_end_to_end() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kafka = OwnKafka::start().await;
+    let db = TestDb::create().await;
+    let bus = format!("kafka://{}", kafka.brokers);
+    let mut env = base_env(dir.path());
+    env.push(("NEXUS_BUS__URL", bus.clone()));
+    env.push(("NEXUS_BUS__KAFKA__SESSION_TIMEOUT_MS", "6000".into()));
+    env.push(("NEXUS_STORES__POSTGRES_URL", db.url.clone()));
+    env.push(("NEXUS_STORES__PROVISIONING_KEY", "33".repeat(32)));
+    env.push((
+        "NEXUS_STORES__REDIS_URL",
+        std::env::var("NEXUS_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+    ));
+    let (ok, out, err) = common::process::run(&["topology", "apply", "--bus", &bus], &[]);
+    assert!(ok, "topology apply: {out} {err}");
+    let worker = start_node(
+        dir.path(),
+        "worker",
+        &["worker", "conversation"],
+        env.clone(),
+    )
+    .await;
+    let edge = start_node(dir.path(), "edge", &["edge"], env).await;
+    scenario(&edge.url, &edge.url).await;
+    drop((worker, edge));
+}
+
 /// Async chat: an idle customer gets a notice after `idle_timeout`, and the chat closes with
 /// IDLE_TIMEOUT after `close_grace` unless the customer returns (which restarts the clock).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

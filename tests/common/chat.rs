@@ -54,6 +54,50 @@ impl OwnNats {
     }
 }
 
+/// A Tansu (Kafka-protocol) broker of the test's own, in memory, killed on drop.
+pub struct OwnKafka {
+    child: std::process::Child,
+    pub brokers: String,
+}
+
+impl Drop for OwnKafka {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl OwnKafka {
+    pub async fn start() -> OwnKafka {
+        let bin = std::env::var("NEXUS_TEST_TANSU")
+            .expect("NEXUS_TEST_TANSU (run through `make test`: scripts/services.sh env)");
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = std::process::Command::new(bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start tansu");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(Instant::now() < deadline, "tansu did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        OwnKafka {
+            child,
+            brokers: format!("127.0.0.1:{port}"),
+        }
+    }
+}
+
 /// A fresh PostgreSQL database, dropped at the end.
 pub struct TestDb {
     pub url: String,
