@@ -549,3 +549,146 @@ async fn transfer_to_an_agent_and_to_a_queue() {
         assert_eq!(me["active"]["chat"].as_u64().unwrap_or(0), held, "{me}");
     }
 }
+
+/// A bot endpoint on loopback: checks the signature, echoes, hands off on "agent please".
+async fn start_bot(credential: &'static str) -> (String, tokio::task::JoinHandle<()>) {
+    use axum::http::{HeaderMap, StatusCode};
+    use hmac::{Hmac, Mac};
+    async fn turn(
+        axum::extract::State(credential): axum::extract::State<&'static str>,
+        headers: HeaderMap,
+        body: axum::body::Bytes,
+    ) -> (StatusCode, axum::Json<Value>) {
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(credential.as_bytes()).expect("key");
+        mac.update(&body);
+        let expected: String = mac
+            .finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let given = headers
+            .get("x-nexus-signature")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if given != format!("sha256={expected}") {
+            return (StatusCode::UNAUTHORIZED, axum::Json(json!({})));
+        }
+        let request: Value = serde_json::from_slice(&body).expect("json");
+        let text = request["message"]["text"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let answer = if text == "agent please" {
+            json!({"replies": [{"text": "Passing you to a human."}],
+                   "handoff": {"user_data": {"intent": "billing"}}})
+        } else {
+            json!({"replies": [{"text": format!("Bot: {text}")}]})
+        };
+        (StatusCode::OK, axum::Json(answer))
+    }
+    let app = axum::Router::new()
+        .route("/bot", axum::routing::post(turn))
+        .with_state(credential);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/bot", listener.local_addr().expect("addr"));
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (url, server)
+}
+
+/// Bot first: the bot answers the customer (signed calls), hands off to the queue with context,
+/// and a bot that is down hands the next chat to the queue at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bot_first_then_handoff_and_fallback_when_down() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = start_node(dir.path(), "dev", &["dev"], base_env(dir.path())).await;
+    let url = node.url.as_str();
+    let admin = Admin::new(url);
+    let tenant = provision_tenant(&admin).await;
+    let (bot_url, bot_server) = start_bot("bot-secret").await;
+    let bot = admin
+        .post(
+            &format!("/tenants/{}/bots", tenant.id),
+            json!({"name": "Botty", "url": bot_url, "credential": "bot-secret"}),
+        )
+        .await;
+    admin
+        .post(
+            &format!("/tenants/{}/routing-rules", tenant.id),
+            json!({"channel": "WEB_CHAT", "queue_id": tenant.queue_id, "priority": 10, "bot_id": bot["id"]}),
+        )
+        .await;
+    let (_, token) = provision_agent(&admin, &tenant, "alice", 2).await;
+    let mut agent = agent_ready(url, &token).await;
+    let http = reqwest::Client::new();
+    let start = |text: &'static str| {
+        let http = http.clone();
+        let (url, key) = (url.to_string(), tenant.api_key.clone());
+        async move {
+            let v: Value = http
+                .post(format!("{url}/nexus/v3/chat/sessions"))
+                .header("x-api-key", &key)
+                .json(&json!({"nickname": "Eve", "text": text}))
+                .send()
+                .await
+                .expect("start")
+                .json()
+                .await
+                .expect("json");
+            let sid = v["session_id"].as_str().expect("sid").to_string();
+            let ck = v["client_key"].as_str().expect("key").to_string();
+            let ws = ws_connect(&format!(
+                "{url}/nexus/v3/chat/sessions/{sid}/stream?api_key={key}&client_key={ck}"
+            ))
+            .await;
+            (sid, ck, ws)
+        }
+    };
+    let from_bot = |v: &Value| v["type"] == "transcript" && v["from"]["kind"] == "bot";
+
+    let (sid, ck, mut customer) = start("hello").await;
+    let reply = ws_until(&mut customer, WAIT, from_bot).await;
+    assert_eq!(reply["text"], "Bot: hello");
+    assert_eq!(reply["from"]["nickname"], "Botty");
+    // With the bot, nobody is offered the chat.
+    let early = tokio::time::timeout(Duration::from_millis(500), async {
+        ws_until(&mut agent, WAIT, |v| v["type"] == "offer").await
+    })
+    .await;
+    assert!(early.is_err(), "offered while with the bot: {early:?}");
+
+    let r = http
+        .post(format!("{url}/nexus/v3/chat/sessions/{sid}/messages"))
+        .header("x-api-key", &tenant.api_key)
+        .header("x-nexus-client-key", &ck)
+        .json(&json!({"text": "agent please"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 202);
+    let reply = ws_until(&mut customer, WAIT, from_bot).await;
+    assert_eq!(reply["text"], "Passing you to a human.");
+    let offer = ws_until(&mut agent, WAIT, |v| v["type"] == "offer").await;
+    assert_eq!(offer["conversation_id"], sid.as_str());
+    assert_eq!(offer["user_data"]["intent"], "billing", "{offer}");
+    assert_eq!(offer["queue_id"], tenant.queue_id.as_str());
+
+    // The bot goes down: the next chat goes to the queue with a notice.
+    bot_server.abort();
+    let _ = bot_server.await;
+    let (sid2, _, mut customer2) = start("anyone?").await;
+    let notice = ws_until(&mut customer2, WAIT, |v| {
+        v["type"] == "transcript" && v["kind"] == "Notice"
+    })
+    .await;
+    assert_eq!(notice["text"], "Connecting you to an agent.");
+    let offer = ws_until(&mut agent, WAIT, |v| {
+        v["type"] == "offer" && v["conversation_id"] == sid2.as_str()
+    })
+    .await;
+    assert_eq!(offer["queue_id"], tenant.queue_id.as_str());
+}

@@ -25,6 +25,8 @@ pub const HTTP_REQUESTS_TOTAL: &str = "nexus_http_requests_total";
 pub const HTTP_REQUEST_SECONDS: &str = "nexus_http_request_duration_seconds";
 /// 1 while the bus answers, 0 otherwise (readiness probe result).
 pub const BUS_UP: &str = "nexus_bus_up";
+/// Calls to bot endpoints, per `outcome` (ok, failed).
+pub const BOT_CALLS_TOTAL: &str = "nexus_bot_calls_total";
 /// Conversation timers that fired (offer timeouts, queue retries), per `kind`.
 pub const TIMERS_FIRED_TOTAL: &str = "nexus_conversation_timers_fired_total";
 /// Timer claims or actions that failed, per `kind`.

@@ -63,6 +63,12 @@ pub fn handler_for(role: &str, config: &Config, deps: &Deps) -> Result<RoleHandl
                 sessions,
                 deps.provisioning.clone(),
                 config.workers.conversation.clone(),
+                crate::http_client::build(&config.http_client).map_err(|e| {
+                    WorkerError::Config {
+                        role: role.to_string(),
+                        message: e.to_string(),
+                    }
+                })?,
             ));
             return Ok(RoleHandler {
                 handler: worker.clone(),

@@ -17,6 +17,18 @@ pub struct ConversationConfig {
     pub idle_timeout_s: u64,
     /// ...and is closed (`IDLE_TIMEOUT`) this much later unless the customer returns.
     pub close_grace_s: u64,
+    /// How long a bot has to answer one message.
+    pub bot_timeout_ms: u64,
+    /// A bot that is down (unreachable, timeout, 5xx): `queue` hands the conversation to its
+    /// rule's queue at once; `retry` retries the message in place (the conversation waits).
+    pub bot_fallback: BotFallback,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BotFallback {
+    Queue,
+    Retry,
 }
 
 impl Default for ConversationConfig {
@@ -28,6 +40,8 @@ impl Default for ConversationConfig {
             closed_retention_s: 7 * 86_400,
             idle_timeout_s: 86_400,
             close_grace_s: 3_600,
+            bot_timeout_ms: 5_000,
+            bot_fallback: BotFallback::Queue,
         }
     }
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 
+use super::bot::BotTarget;
 use crate::stores::provisioning::{Provisioning, ProvisioningError};
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +60,8 @@ pub struct AgentProfile {
 pub trait Directory: Send + Sync + 'static {
     async fn routing_rules(&self, tenant: &str) -> Result<Vec<Rule>, DirectoryError>;
     async fn queue_exists(&self, tenant: &str, queue_id: &str) -> Result<bool, DirectoryError>;
+    /// The bot's endpoint with its credential decrypted; `None` if the tenant has no such bot.
+    async fn bot(&self, tenant: &str, bot_id: &str) -> Result<Option<BotTarget>, DirectoryError>;
     async fn agent(
         &self,
         tenant: &str,
@@ -85,6 +88,18 @@ impl Directory for Provisioning {
                 bot_id: r.bot_id,
             })
             .collect())
+    }
+
+    async fn bot(&self, tenant: &str, bot_id: &str) -> Result<Option<BotTarget>, DirectoryError> {
+        match Provisioning::bot_credential(self, tenant, bot_id).await {
+            Ok((endpoint, credential)) => Ok(Some(BotTarget {
+                name: endpoint.name,
+                url: endpoint.url,
+                credential,
+            })),
+            Err(ProvisioningError::NotFound(_)) => Ok(None),
+            Err(e) => Err(DirectoryError(e.to_string())),
+        }
     }
 
     async fn queue_exists(&self, tenant: &str, queue_id: &str) -> Result<bool, DirectoryError> {

@@ -210,6 +210,7 @@ impl ConversationWorker {
             },
         )
         .await?;
+        let mut first = None;
         if let Some(text) = b.first_message.clone().filter(|t| !t.is_empty()) {
             let m = self
                 .append(
@@ -220,6 +221,7 @@ impl ConversationWorker {
                 )
                 .await?;
             self.emit_customer_message(e, &c, &m, None).await?;
+            first = Some(m);
         }
 
         let rules = self
@@ -241,21 +243,21 @@ impl ConversationWorker {
             self.append(&c, e, "no-route", notice).await?;
             return self.close(&mut c, e, ev::CloseReason::System, None).await;
         };
-        if rule.bot_id.is_some() {
-            // Bot-first routing is not built yet (README): the rule's queue serves meanwhile.
-            warn!(rule = %rule.id, "bot-first rules are not supported yet; routing to the rule's queue");
-        }
         c.queue_id = Some(rule.queue_id.clone());
         c.routing.skills = rule.skills.clone();
         c.routing.priority = rule.priority;
+        let (target_kind, target_id) = match &rule.bot_id {
+            Some(bot) => (ev::TargetKind::Bot, bot.clone()),
+            None => (ev::TargetKind::Queue, rule.queue_id.clone()),
+        };
         self.emit(
             INTERACTION_TOPIC,
             e,
             &c.conversation_id,
             "routed",
             &ev::ConversationRouted {
-                target_kind: ev::TargetKind::Queue,
-                target_id: rule.queue_id.clone(),
+                target_kind,
+                target_id,
                 queue_id: Some(rule.queue_id.clone()),
                 skills: rule.skills.clone(),
                 priority: i32::try_from(rule.priority).unwrap_or(i32::MAX),
@@ -263,6 +265,16 @@ impl ConversationWorker {
             },
         )
         .await?;
+        if let Some(bot) = &rule.bot_id {
+            // Bot first: the rule's queue takes over when the bot hands off (or is down).
+            c.state = ConversationState::Bot;
+            c.bot_id = Some(bot.clone());
+            if let Some(m) = &first {
+                self.bot_turn(&mut c, e, m).await?;
+            }
+            self.arm_idle(&c).await?;
+            return self.save(&mut c, e).await;
+        }
         self.wait_in_queue(&c, e).await?;
         self.arm_idle(&c).await?;
         self.save(&mut c, e).await
@@ -359,6 +371,120 @@ impl ConversationWorker {
             .await?;
         debug!(conversation_id = %c.conversation_id, agent = %agent, "offer published");
         Ok(true)
+    }
+
+    /// Sends one customer message to the conversation's bot and applies its answer: replies
+    /// into the transcript, a handoff to a queue. A bot that is down hands the conversation to
+    /// its queue (or, with `bot_fallback = "retry"`, retries the message in place).
+    async fn bot_turn(&self, c: &mut Conversation, e: &Event, m: &Entry) -> Step {
+        let Some(bot_id) = c.bot_id.clone() else {
+            return Ok(());
+        };
+        let target = self
+            .directory
+            .bot(&c.tenant_id, &bot_id)
+            .await
+            .map_err(directory_failed)?;
+        let Some(target) = target else {
+            warn!(conversation_id = %c.conversation_id, bot = %bot_id, "the rule's bot does not exist; handing off");
+            return self.hand_off(c, e, None, BTreeMap::new()).await;
+        };
+        let request = json!({
+            "event": "message",
+            "tenant_id": c.tenant_id,
+            "conversation_id": c.conversation_id,
+            "customer": {"participant_id": c.customer.participant_id, "nickname": c.customer.nickname},
+            "user_data": c.user_data,
+            "message": {"position": m.position, "message_id": m.entry.message_id, "text": m.entry.text},
+        });
+        let key = crate::events::chat::derived_id(&e.envelope.event_id, "bot").to_string();
+        let timeout = std::time::Duration::from_millis(self.config.bot_timeout_ms);
+        let turn = match super::bot::call(&self.http, &target, &request, &key, timeout).await {
+            Ok(turn) => turn,
+            Err(err) => {
+                metrics::counter!(crate::telemetry::metrics::BOT_CALLS_TOTAL, "outcome" => "failed")
+                    .increment(1);
+                if matches!(err, super::bot::BotError::Down(_))
+                    && self.config.bot_fallback == super::config::BotFallback::Retry
+                {
+                    return Err(HandleError::Retry(err.to_string()));
+                }
+                warn!(conversation_id = %c.conversation_id, error = %err, "bot unavailable; handing off to the queue");
+                let notice = entry(
+                    e,
+                    EntryKind::Notice,
+                    system(),
+                    Some("Connecting you to an agent.".into()),
+                );
+                self.append(c, e, "bot-down", notice).await?;
+                return self.hand_off(c, e, None, BTreeMap::new()).await;
+            }
+        };
+        metrics::counter!(crate::telemetry::metrics::BOT_CALLS_TOTAL, "outcome" => "ok")
+            .increment(1);
+        let bot = Party {
+            participant_id: bot_id.clone(),
+            nickname: target.name.clone(),
+            kind: PartyKind::Bot,
+        };
+        for (i, reply) in turn.replies.iter().enumerate() {
+            let what = format!("bot/{}/{i}", m.position);
+            let mut new = entry(e, EntryKind::Message, bot.clone(), Some(reply.text.clone()));
+            new.message_id =
+                Some(crate::events::chat::derived_id(&e.envelope.event_id, &what).to_string());
+            let r = self.append(c, e, &what, new).await?;
+            let sent = ev::MessageSent {
+                message_id: r.entry.message_id.clone().unwrap_or_default(),
+                participant_id: bot_id.clone(),
+                participant_kind: ParticipantKind::Bot,
+                nickname: target.name.clone(),
+                agent_id: None,
+                kind: ev::MessageKind::Text,
+                text: Some(reply.text.clone()),
+                media_ids: Vec::new(),
+                in_reply_to: m.entry.message_id.clone(),
+                transcript_position: i64::try_from(r.position).ok(),
+            };
+            self.emit(
+                INTERACTION_TOPIC,
+                e,
+                &c.conversation_id,
+                &format!("message/{}", r.position),
+                &sent,
+            )
+            .await?;
+        }
+        match turn.handoff {
+            Some(h) => self.hand_off(c, e, h.queue_id, h.user_data).await,
+            None => Ok(()),
+        }
+    }
+
+    /// From the bot to a queue (the one given, if it exists, else the rule's), with the bot's
+    /// context added to the user data.
+    async fn hand_off(
+        &self,
+        c: &mut Conversation,
+        e: &Event,
+        queue: Option<String>,
+        context: BTreeMap<String, String>,
+    ) -> Step {
+        if let Some(q) = queue {
+            if self
+                .directory
+                .queue_exists(&c.tenant_id, &q)
+                .await
+                .map_err(directory_failed)?
+            {
+                c.queue_id = Some(q);
+            } else {
+                warn!(conversation_id = %c.conversation_id, queue = %q, "bot handoff to an unknown queue; using the rule's");
+            }
+        }
+        c.user_data.extend(context);
+        c.state = ConversationState::Queued;
+        info!(conversation_id = %c.conversation_id, queue = ?c.queue_id, "bot handed off");
+        self.wait_in_queue(c, e).await
     }
 
     pub(super) async fn on_offered(&self, e: &Event, b: ev::AgentOffered) -> Step {
@@ -545,6 +671,9 @@ impl ConversationWorker {
         );
         let m = self.append(&c, e, "message", new).await?;
         self.emit_customer_message(e, &c, &m, Some(&b)).await?;
+        if c.state == ConversationState::Bot && m.entry.kind == EntryKind::Message {
+            self.bot_turn(&mut c, e, &m).await?;
+        }
         c.last_activity_ms = c.last_activity_ms.max(e.envelope.occurred_at_ms);
         self.arm_idle(&c).await?;
         self.save(&mut c, e).await

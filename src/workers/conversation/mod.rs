@@ -15,6 +15,7 @@
 //! never applied from here: the timer loop ([`timers`]) publishes an event keyed by that
 //! conversation, whose handler applies it in order.
 
+pub mod bot;
 pub mod config;
 pub mod directory;
 mod flow;
@@ -53,6 +54,8 @@ pub struct ConversationWorker {
     pub(crate) store: Arc<dyn SessionStore>,
     pub(crate) directory: Arc<dyn Directory>,
     pub(crate) config: ConversationConfig,
+    /// Calls to bot endpoints.
+    pub(crate) http: reqwest::Client,
 }
 
 impl ConversationWorker {
@@ -61,12 +64,14 @@ impl ConversationWorker {
         store: Arc<dyn SessionStore>,
         directory: Arc<dyn Directory>,
         config: ConversationConfig,
+        http: reqwest::Client,
     ) -> Self {
         Self {
             bus,
             store,
             directory,
             config,
+            http,
         }
     }
 
