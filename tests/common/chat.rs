@@ -322,9 +322,11 @@ where
 /// The multipart boundary of [`multipart`].
 pub const BOUNDARY: &str = "nexus-test-boundary-7MA4YWxkTrZu0gW";
 
-/// A `multipart/form-data` body (boundary [`BOUNDARY`]) of parts `(name, file name, content
-/// type, bytes)`.
-pub fn multipart(parts: &[(&str, Option<&str>, Option<&str>, &[u8])]) -> Vec<u8> {
+/// A multipart part: `(name, file name, content type, bytes)`.
+pub type Part<'a> = (&'a str, Option<&'a str>, Option<&'a str>, &'a [u8]);
+
+/// A `multipart/form-data` body (boundary [`BOUNDARY`]) of `parts`.
+pub fn multipart(parts: &[Part]) -> Vec<u8> {
     let mut body = Vec::new();
     for (name, file_name, content_type, data) in parts {
         body.extend_from_slice(format!("--{BOUNDARY}\r\n").as_bytes());
