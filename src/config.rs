@@ -58,6 +58,14 @@ pub struct ChatConfig {
     pub max_nickname_chars: usize,
     /// Most user-data entries per session.
     pub max_user_data_entries: usize,
+    /// MIME types a customer may upload (`type/subtype`, compared without parameters and
+    /// case); anything else is `INVALID_FILE_TYPE`.
+    pub file_types: Vec<String>,
+    /// Largest uploaded file (bytes); larger is `LIMIT_FILE_SIZE`. Uploads may exceed
+    /// `http.max_body_bytes` up to this (plus multipart framing).
+    pub max_file_bytes: usize,
+    /// Most files one session may upload; more is `LIMIT_FILE_COUNT`.
+    pub max_files_per_session: usize,
 }
 
 /// Settings of individual worker roles.
@@ -348,6 +356,19 @@ impl Config {
         }
         if self.http.max_body_bytes == 0 {
             return Err(invalid("http.max_body_bytes", "must be at least 1"));
+        }
+        if self.chat.max_file_bytes == 0 {
+            return Err(invalid("chat.max_file_bytes", "must be at least 1"));
+        }
+        if let Some(t) =
+            self.chat.file_types.iter().find(
+                |t| !matches!(t.split_once('/'), Some((a, b)) if !a.is_empty() && !b.is_empty()),
+            )
+        {
+            return Err(invalid(
+                "chat.file_types",
+                format!("`{t}` is not a MIME type (type/subtype)"),
+            ));
         }
         if self.http_client.timeout_ms == 0 {
             return Err(invalid("http_client.timeout_ms", "must be at least 1"));

@@ -164,6 +164,46 @@ async fn scenario(url: &str, agent_url: &str) {
     assert_eq!(texts, ["hello", "hi Ann, how can I help?"]);
     assert_eq!(v2["nextPosition"], 5);
 
+    // The customer uploads a file; the agent sees a FileUploaded entry and downloads the
+    // bytes (on the two-edge system, from the other edge).
+    let data = png(3000);
+    let up: Value = http
+        .post(format!("{url}/nexus/v3/chat/sessions/{sid}/files"))
+        .header("x-api-key", &tenant.api_key)
+        .header("x-nexus-client-key", &ck)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )
+        .body(multipart(&[(
+            "file",
+            Some("screenshot.png"),
+            Some("image/png"),
+            &data,
+        )]))
+        .send()
+        .await
+        .expect("upload")
+        .json()
+        .await
+        .expect("upload json");
+    let file_id = up["file_id"].as_str().expect("file_id").to_string();
+    let uploaded = ws_until(&mut agent, WAIT, |v| transcript_frame(v, "FileUploaded")).await;
+    assert_eq!(uploaded["position"], 5);
+    assert_eq!(uploaded["data"]["file_id"], file_id.as_str());
+    assert_eq!(uploaded["data"]["name"], "screenshot.png");
+    let got = http
+        .get(format!(
+            "{agent_url}/v1/agent/conversations/{sid}/files/{file_id}"
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("agent download");
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.headers()["content-type"], "image/png");
+    assert_eq!(got.bytes().await.expect("bytes").as_ref(), data.as_slice());
+
     // The agent completes; the customer sees the end.
     ws_send(
         &mut agent,

@@ -107,7 +107,7 @@ pub fn app(state: AppState) -> Router {
     let limit = state.config.http.max_body_bytes;
     Router::new()
         .merge(admin::router(state.clone()))
-        .merge(chat::routes())
+        .merge(chat::routes(state.config.chat.max_file_bytes))
         .merge(agent::routes())
         .merge(demo::routes())
         .route("/healthz", get(health::healthz))

@@ -1,5 +1,5 @@
 //! The agent desktop API (`/v1/agent...`, agent token): readiness, offers, replies, typing,
-//! completion, own conversations and transcripts, and the agent WebSocket (`ws`), whose
+//! completion, own conversations, their transcripts and files, and the agent WebSocket (`ws`), whose
 //! operations are the same functions as the HTTP routes.
 //!
 //! The edge publishes what the agent does and answers 202; the conversation worker judges it in
@@ -12,6 +12,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -41,6 +42,10 @@ pub fn routes() -> Router<AppState> {
             post(reply).get(transcript),
         )
         .route("/v1/agent/conversations/{id}/typing", post(typing))
+        .route(
+            "/v1/agent/conversations/{id}/files/{file_id}",
+            get(download),
+        )
         .route("/v1/agent/conversations/{id}/complete", post(complete))
         .route("/v1/agent/conversations/{id}/transfer", post(transfer))
         .route("/v1/agent/ws", get(ws::websocket))
@@ -460,6 +465,43 @@ async fn conversations(
     Ok(Json(json!({ "items": items })))
 }
 
+/// Refuses a conversation the agent neither holds nor was offered, with the same 404 as one
+/// that does not exist.
+async fn ensure_mine(state: &AppState, agent: &Agent, id: &str) -> Result<(), ApiError> {
+    check_id(id)?;
+    let c = state
+        .sessions()?
+        .conversation(&agent.tenant_id, id)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let mine = c.is_some_and(|c| {
+        c.agent_id.as_deref() == Some(agent.id.as_str())
+            || c.offered_to.as_deref() == Some(agent.id.as_str())
+    });
+    if !mine {
+        return Err(ApiError::not_found(
+            "CONVERSATION_NOT_FOUND",
+            "no such conversation of yours",
+        ));
+    }
+    Ok(())
+}
+
+/// A file uploaded into a conversation the agent holds or was offered.
+async fn download(
+    State(state): State<AppState>,
+    Path((id, file_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let agent = agent_of(&state, &headers).await?;
+    ensure_mine(&state, &agent, &id).await?;
+    let file = state
+        .provisioning
+        .file(&agent.tenant_id, &id, &file_id)
+        .await?;
+    Ok(super::chat::file_response(file))
+}
+
 #[derive(Debug, Deserialize)]
 struct TranscriptQuery {
     from: Option<u64>,
@@ -475,22 +517,7 @@ async fn transcript(
 ) -> Result<Json<Value>, ApiError> {
     let agent = agent_of(&state, &headers).await?;
     let Query(q) = query?;
-    check_id(&id)?;
-    let c = state
-        .sessions()?
-        .conversation(&agent.tenant_id, &id)
-        .await
-        .map_err(|e| ApiError::unavailable(e.to_string()))?;
-    let mine = c.is_some_and(|c| {
-        c.agent_id.as_deref() == Some(agent.id.as_str())
-            || c.offered_to.as_deref() == Some(agent.id.as_str())
-    });
-    if !mine {
-        return Err(ApiError::not_found(
-            "CONVERSATION_NOT_FOUND",
-            "no such conversation of yours",
-        ));
-    }
+    ensure_mine(&state, &agent, &id).await?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let (messages, next, ended) =
         super::chat::read_transcript(&state, &agent.tenant_id, &id, q.from.unwrap_or(1), limit)

@@ -1,11 +1,14 @@
 //! Web chat for customers: Chat API v3 (`/nexus/v3/chat/sessions...`, JSON, WebSocket and
-//! SSE streams). Requests become events on the inbound topic; reads come from the session store.
+//! SSE streams, multipart file upload). Requests become events on the inbound topic; reads
+//! come from the session store (files: the provisioning database).
 
 pub mod client_key;
+mod files;
 mod stream;
 mod v2;
 mod v3;
 
+use axum::extract::DefaultBodyLimit;
 use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::Router;
@@ -15,11 +18,15 @@ use crate::events::publish::{publish, PublishError};
 use crate::events::Event;
 use crate::stores::provisioning::Permission;
 pub use client_key::{Claims, ClientKeys};
+pub(crate) use files::file_response;
 pub(crate) use v3::{body_error, check_text, json_body, read_transcript, typing_started};
 
 pub use crate::topology::topics::INBOUND as INBOUND_TOPIC;
 
-pub fn routes() -> Router<AppState> {
+/// The chat routes; the upload route takes bodies up to `max_file_bytes` plus multipart
+/// framing, above the edge's general body limit.
+pub fn routes(max_file_bytes: usize) -> Router<AppState> {
+    let upload_limit = DefaultBodyLimit::max(max_file_bytes.saturating_add(files::FRAMING_BYTES));
     Router::new()
         .route("/nexus/v3/chat/sessions", post(v3::start))
         .route(
@@ -27,6 +34,14 @@ pub fn routes() -> Router<AppState> {
             post(v3::send).get(v3::transcript),
         )
         .route("/nexus/v3/chat/sessions/{id}/typing", post(v3::typing))
+        .route(
+            "/nexus/v3/chat/sessions/{id}/files",
+            post(files::upload).layer(upload_limit),
+        )
+        .route(
+            "/nexus/v3/chat/sessions/{id}/files/{file_id}",
+            get(files::download),
+        )
         .route(
             "/nexus/v3/chat/sessions/{id}/disconnect",
             post(v3::disconnect),

@@ -1,4 +1,4 @@
-//! Chat API v3 handlers: start, send, typing, transcript, disconnect. Each validates, builds
+//! Chat API v3 handlers: start, send, typing, transcript, disconnect (files: [`super::files`]). Each validates, builds
 //! the event, publishes it and answers after the bus ack; nothing is published on bad input.
 
 use std::collections::BTreeMap;
@@ -288,6 +288,17 @@ pub(crate) async fn ensure_open(state: &AppState, c: &Claims) -> Result<(), ApiE
     }
 }
 
+/// A client's message id, when given, is 1 to 128 characters.
+pub(crate) fn check_message_id(id: Option<&str>) -> Result<(), ApiError> {
+    if id.is_some_and(|m| m.is_empty() || m.len() > 128) {
+        return Err(ApiError::bad_request(
+            "INVALID_FIELD",
+            "message_id is 1 to 128 characters",
+        ));
+    }
+    Ok(())
+}
+
 /// Publishes a customer message; returns its message id.
 pub(crate) async fn customer_message(
     state: &AppState,
@@ -298,16 +309,30 @@ pub(crate) async fn customer_message(
     traceparent: Option<String>,
 ) -> Result<String, ApiError> {
     check_text(state, &text)?;
-    if client_message_id
-        .as_ref()
-        .is_some_and(|m| m.is_empty() || m.len() > 128)
-    {
-        return Err(ApiError::bad_request(
-            "INVALID_FIELD",
-            "message_id is 1 to 128 characters",
-        ));
-    }
+    check_message_id(client_message_id.as_deref())?;
     ensure_open(state, c).await?;
+    publish_customer_message(
+        state,
+        c,
+        text,
+        kind,
+        client_message_id,
+        Vec::new(),
+        traceparent,
+    )
+    .await
+}
+
+/// Publishes a customer's `MessageReceived` the caller validated; returns its message id.
+pub(crate) async fn publish_customer_message(
+    state: &AppState,
+    c: &Claims,
+    text: String,
+    kind: MessageKind,
+    client_message_id: Option<String>,
+    media_ids: Vec<String>,
+    traceparent: Option<String>,
+) -> Result<String, ApiError> {
     let message_id = Uuid::now_v7().to_string();
     let body = ev::MessageReceived {
         message_id: message_id.clone(),
@@ -320,7 +345,7 @@ pub(crate) async fn customer_message(
         contact: Contact::default(),
         kind,
         text: Some(text),
-        media_ids: Vec::new(),
+        media_ids,
         sent_at: None,
         transcript_position: None,
     };

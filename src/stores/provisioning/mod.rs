@@ -1,5 +1,6 @@
-//! The provisioning store: tenants and, per tenant, API keys, queues, agents, routing rules and
-//! bot endpoints, in PostgreSQL (production) or SQLite (`nexus dev`) through one SQL code path.
+//! The provisioning store: tenants and, per tenant, API keys, queues, agents, routing rules,
+//! bot endpoints and the files customers upload into chats ([`files`]), in PostgreSQL
+//! (production) or SQLite (`nexus dev`) through one SQL code path.
 //!
 //! Every object of a tenant is read and written by `(tenant_id, id)`, so one tenant's calls
 //! never reach another's objects. Secrets are hashed or encrypted ([`secrets`]) and never
@@ -10,6 +11,7 @@
 mod agents;
 mod api_keys;
 mod bots;
+pub mod files;
 pub mod models;
 mod queues;
 mod routing;
@@ -26,6 +28,7 @@ use sqlx::AnyPool;
 use thiserror::Error;
 
 use crate::config::StoresConfig;
+pub use files::{ChatFile, NewChatFile};
 pub use models::*;
 use secrets::{Cipher, EncryptionKey};
 
@@ -48,6 +51,7 @@ pub enum Object {
     Agent,
     RoutingRule,
     Bot,
+    File,
 }
 
 impl Object {
@@ -60,6 +64,7 @@ impl Object {
             Object::Agent => "AGENT_NOT_FOUND",
             Object::RoutingRule => "ROUTING_RULE_NOT_FOUND",
             Object::Bot => "BOT_NOT_FOUND",
+            Object::File => "FILE_NOT_FOUND",
         }
     }
 }
@@ -73,6 +78,7 @@ impl fmt::Display for Object {
             Object::Agent => "agent",
             Object::RoutingRule => "routing rule",
             Object::Bot => "bot endpoint",
+            Object::File => "file",
         })
     }
 }

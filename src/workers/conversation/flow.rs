@@ -663,17 +663,45 @@ impl ConversationWorker {
             ev::MessageKind::Notice => EntryKind::Notice,
             _ => EntryKind::Message,
         };
-        let mut new = entry(e, kind, from, b.text.clone());
-        new.message_id = Some(
-            b.client_message_id
-                .clone()
-                .unwrap_or_else(|| b.message_id.clone()),
-        );
-        let m = self.append(&c, e, "message", new).await?;
-        self.emit_customer_message(e, &c, &m, Some(&b)).await?;
-        if c.state == ConversationState::Bot && m.entry.kind == EntryKind::Message {
-            self.bot_turn(&mut c, e, &m).await?;
+        let message_id = b
+            .client_message_id
+            .clone()
+            .unwrap_or_else(|| b.message_id.clone());
+        // A file upload is one `FileUploaded` entry per file (the text is the file name).
+        let mut entries = Vec::new();
+        if b.media_ids.is_empty() {
+            entries.push((
+                "message".to_string(),
+                entry(e, kind, from.clone(), b.text.clone()),
+            ));
         }
+        for (i, file_id) in b.media_ids.iter().enumerate() {
+            let mut new = entry(e, EntryKind::FileUploaded, from.clone(), b.text.clone());
+            new.data.insert("file_id".into(), file_id.clone());
+            if let Some(name) = &b.text {
+                new.data.insert("name".into(), name.clone());
+            }
+            entries.push((format!("file/{i}"), new));
+        }
+        let mut first = None;
+        for (i, (what, mut new)) in entries.into_iter().enumerate() {
+            // Each entry needs its own message id: appends dedup on it.
+            new.message_id = Some(if i == 0 {
+                message_id.clone()
+            } else {
+                format!("{message_id}/{i}")
+            });
+            let m = self.append(&c, e, &what, new).await?;
+            first.get_or_insert(m);
+        }
+        if let Some(m) = first {
+            self.emit_customer_message(e, &c, &m, Some(&b)).await?;
+            if c.state == ConversationState::Bot && m.entry.kind == EntryKind::Message {
+                self.bot_turn(&mut c, e, &m).await?;
+            }
+        }
+        let files = u32::try_from(b.media_ids.len()).unwrap_or(u32::MAX);
+        c.files = c.files.saturating_add(files);
         c.last_activity_ms = c.last_activity_ms.max(e.envelope.occurred_at_ms);
         self.arm_idle(&c).await?;
         self.save(&mut c, e).await

@@ -1,0 +1,367 @@
+//! Chat API v3 files: a customer uploads a file into the session (multipart field `file`,
+//! optional `message_id`), and the customer or the agent of the conversation downloads it.
+//!
+//! The upload is checked before anything is kept: the type against `chat.file_types` (and the
+//! first bytes against the type, for types with a signature), the size against
+//! `chat.max_file_bytes`, the session's count against `chat.max_files_per_session`. Then the
+//! bytes go to the provisioning database (every edge pod can serve them) and a customer
+//! `MessageReceived` carrying the file id is published; the conversation worker turns it into
+//! a `FileUploaded` transcript entry.
+
+use axum::extract::multipart::{MultipartError, MultipartRejection};
+use axum::extract::{Multipart, Path, State};
+use axum::http::header::{
+    CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_TYPE, X_CONTENT_TYPE_OPTIONS,
+};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::v3::{check_message_id, ensure_open, publish_customer_message, traceparent};
+use super::{session_claims, Claims};
+use crate::edge::{ApiError, AppState};
+use crate::events::chat::MessageKind;
+use crate::stores::provisioning::{ChatFile, NewChatFile};
+
+/// Room for the multipart framing above `chat.max_file_bytes`: part headers, boundaries and
+/// the `message_id` field are a few hundred bytes; 64 KiB leaves slack for long file names
+/// without letting a body grow much past the file limit.
+pub(super) const FRAMING_BYTES: usize = 64 * 1024;
+
+/// Longest file name kept (characters); longer names are cut.
+const MAX_NAME_CHARS: usize = 255;
+
+/// The first bytes of the allowed types that have a signature: a part declaring one of these
+/// types must start with it, and a `text/*` part must start with none of them.
+const SIGNATURES: [(&str, &[u8]); 5] = [
+    ("image/png", b"\x89PNG\r\n\x1a\n"),
+    ("image/jpeg", b"\xff\xd8\xff"),
+    ("image/gif", b"GIF87a"),
+    ("image/gif", b"GIF89a"),
+    ("application/pdf", b"%PDF-"),
+];
+
+fn invalid_type(message: impl Into<String>) -> ApiError {
+    ApiError::bad_request("INVALID_FILE_TYPE", message)
+}
+
+fn too_large(max: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "LIMIT_FILE_SIZE",
+        format!("the file is larger than {max} bytes"),
+    )
+}
+
+fn too_many(max: usize) -> ApiError {
+    ApiError::bad_request(
+        "LIMIT_FILE_COUNT",
+        format!("a session may upload at most {max} files"),
+    )
+}
+
+/// A body that is not multipart/form-data (or has no boundary).
+fn rejection(r: MultipartRejection) -> ApiError {
+    ApiError::bad_request(
+        "INVALID_BODY",
+        format!(
+            "send multipart/form-data with a `file` part: {}",
+            r.body_text()
+        ),
+    )
+}
+
+/// A multipart body that cannot be read: over the route's body limit is the file size limit.
+fn read_error(e: MultipartError, max: usize) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        too_large(max)
+    } else {
+        ApiError::bad_request("INVALID_BODY", format!("multipart body: {}", e.body_text()))
+    }
+}
+
+/// `type/subtype`, lowercased, without parameters.
+fn essence(content_type: &str) -> String {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase()
+}
+
+/// Whether the bytes visibly contradict the declared type.
+fn mismatch(content_type: &str, data: &[u8]) -> bool {
+    let declared: Vec<&[u8]> = SIGNATURES
+        .iter()
+        .filter(|(t, _)| *t == content_type)
+        .map(|(_, magic)| *magic)
+        .collect();
+    if !declared.is_empty() {
+        return !declared.iter().any(|magic| data.starts_with(magic));
+    }
+    content_type.starts_with("text/")
+        && (data.contains(&0) || SIGNATURES.iter().any(|(_, m)| data.starts_with(m)))
+}
+
+/// The name to keep: the last path component of what the client sent, without control
+/// characters, at most [`MAX_NAME_CHARS`]; `file` when nothing is left.
+fn file_name(given: Option<&str>) -> String {
+    let base = given
+        .unwrap_or_default()
+        .rsplit(['/', '\\'])
+        .next()
+        .unwrap_or_default();
+    let name: String = base
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_NAME_CHARS)
+        .collect();
+    match name.trim() {
+        "" => "file".to_string(),
+        n => n.to_string(),
+    }
+}
+
+/// `attachment` with an ASCII fallback name and the exact name as RFC 5987 `filename*`.
+fn disposition(name: &str) -> HeaderValue {
+    let ascii: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let mut encoded = String::new();
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            encoded.push(char::from(b));
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    HeaderValue::from_str(&format!(
+        "attachment; filename=\"{ascii}\"; filename*=UTF-8''{encoded}"
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static("attachment"))
+}
+
+/// The download answer: the bytes with their type, as an attachment the browser does not sniff.
+pub(crate) fn file_response(f: ChatFile) -> Response {
+    let content_type = HeaderValue::from_str(&f.content_type)
+        .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"));
+    (
+        [
+            (CONTENT_TYPE, content_type),
+            (CONTENT_DISPOSITION, disposition(&f.name)),
+            (CONTENT_LENGTH, HeaderValue::from(f.data.len())),
+            (X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
+            (CACHE_CONTROL, HeaderValue::from_static("private, no-store")),
+        ],
+        f.data,
+    )
+        .into_response()
+}
+
+/// What the multipart body carried.
+struct Upload {
+    name: String,
+    content_type: String,
+    data: Vec<u8>,
+    message_id: Option<String>,
+}
+
+/// Reads the parts: exactly one `file` (checked for type and size while it streams in) and an
+/// optional `message_id`; anything else is refused.
+async fn read_upload(state: &AppState, mut multipart: Multipart) -> Result<Upload, ApiError> {
+    let chat = &state.config.chat;
+    let max = chat.max_file_bytes;
+    let mut file = None;
+    let mut message_id = None;
+    while let Some(mut field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| read_error(e, max))?
+    {
+        match field.name() {
+            Some("file") if file.is_none() => {
+                let content_type = essence(field.content_type().unwrap_or_default());
+                if !chat
+                    .file_types
+                    .iter()
+                    .any(|t| t.eq_ignore_ascii_case(&content_type))
+                {
+                    return Err(invalid_type(format!(
+                        "files of type `{content_type}` are not accepted; allowed: {}",
+                        chat.file_types.join(", ")
+                    )));
+                }
+                let name = file_name(field.file_name());
+                let mut data = Vec::new();
+                while let Some(chunk) = field.chunk().await.map_err(|e| read_error(e, max))? {
+                    if data.len() + chunk.len() > max {
+                        return Err(too_large(max));
+                    }
+                    data.extend_from_slice(&chunk);
+                }
+                file = Some((name, content_type, data));
+            }
+            Some("file") => {
+                return Err(ApiError::bad_request(
+                    "INVALID_BODY",
+                    "send one `file` part per request",
+                ))
+            }
+            Some("message_id") if message_id.is_none() => {
+                message_id = Some(field.text().await.map_err(|e| read_error(e, max))?);
+            }
+            _ => {
+                return Err(ApiError::bad_request(
+                    "INVALID_BODY",
+                    "the parts are `file` and an optional `message_id`",
+                ))
+            }
+        }
+    }
+    let Some((name, content_type, data)) = file else {
+        return Err(ApiError::bad_request(
+            "INVALID_BODY",
+            "send the file in a multipart part named `file`",
+        ));
+    };
+    if data.is_empty() {
+        return Err(ApiError::bad_request("INVALID_FIELD", "the file is empty"));
+    }
+    if mismatch(&content_type, &data) {
+        return Err(invalid_type(format!(
+            "the file's content is not `{content_type}`"
+        )));
+    }
+    check_message_id(message_id.as_deref())?;
+    Ok(Upload {
+        name,
+        content_type,
+        data,
+        message_id,
+    })
+}
+
+/// Refuses an upload when the session already holds its files.
+async fn ensure_room(state: &AppState, c: &Claims) -> Result<(), ApiError> {
+    let max = state.config.chat.max_files_per_session;
+    if state.provisioning.count_files(&c.tid, &c.sid).await? >= max {
+        return Err(too_many(max));
+    }
+    Ok(())
+}
+
+pub async fn upload(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let c = session_claims(&state, &headers, &id).await?;
+    let multipart = multipart.map_err(rejection)?;
+    ensure_open(&state, &c).await?;
+    ensure_room(&state, &c).await?;
+    let upload = read_upload(&state, multipart).await?;
+    let max = state.config.chat.max_files_per_session;
+    let new = NewChatFile {
+        tenant_id: c.tid.clone(),
+        conversation_id: c.sid.clone(),
+        name: upload.name,
+        content_type: upload.content_type,
+        data: upload.data,
+        expires_at_ms: None,
+    };
+    let Some(file) = state.provisioning.put_file(new, max).await? else {
+        return Err(too_many(max));
+    };
+    let published = publish_customer_message(
+        &state,
+        &c,
+        file.name.clone(),
+        MessageKind::Text,
+        upload.message_id,
+        vec![file.id.clone()],
+        traceparent(&headers),
+    )
+    .await;
+    let message_id = match published {
+        Ok(m) => m,
+        Err(e) => {
+            // Nobody learns of a file whose message was not published: give its place back.
+            if let Err(d) = state
+                .provisioning
+                .delete_file(&c.tid, &c.sid, &file.id)
+                .await
+            {
+                tracing::warn!(file_id = %file.id, error = %d, "unpublished upload not deleted");
+            }
+            return Err(e);
+        }
+    };
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "file_id": file.id,
+            "name": file.name,
+            "content_type": file.content_type,
+            "size": file.size,
+            "url": format!("/nexus/v3/chat/sessions/{}/files/{}", c.sid, file.id),
+            "message_id": message_id,
+        })),
+    ))
+}
+
+pub async fn download(
+    State(state): State<AppState>,
+    Path((id, file_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let c = session_claims(&state, &headers, &id).await?;
+    let file = state.provisioning.file(&c.tid, &c.sid, &file_id).await?;
+    Ok(file_response(file))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_keep_the_last_component_without_controls() {
+        assert_eq!(file_name(Some("../../etc/passwd")), "passwd");
+        assert_eq!(file_name(Some("C:\\Users\\a\\report.pdf")), "report.pdf");
+        assert_eq!(file_name(Some("a\r\nb.txt")), "ab.txt");
+        assert_eq!(file_name(Some("  ")), "file");
+        assert_eq!(file_name(None), "file");
+        assert_eq!(file_name(Some(&"x".repeat(300))).len(), MAX_NAME_CHARS);
+    }
+
+    #[test]
+    fn signatures_must_match_the_declared_type() {
+        assert!(!mismatch("image/png", b"\x89PNG\r\n\x1a\nrest"));
+        assert!(mismatch("image/png", b"GIF89a..."));
+        assert!(!mismatch("image/gif", b"GIF87a"));
+        assert!(mismatch("application/pdf", b"hello"));
+        assert!(!mismatch("text/plain", b"hello"));
+        assert!(mismatch("text/plain", b"%PDF-1.7"));
+        assert!(mismatch("text/plain", b"a\0b"));
+        assert!(!mismatch("application/zip", b"PK"));
+        assert_eq!(essence("Image/PNG; charset=x"), "image/png");
+    }
+
+    #[test]
+    fn disposition_is_an_attachment_with_both_names() {
+        let v = disposition("résumé \"1\".pdf");
+        assert_eq!(
+            v.to_str().expect("ascii"),
+            "attachment; filename=\"r_sum_ _1_.pdf\"; filename*=UTF-8''r%C3%A9sum%C3%A9%20%221%22.pdf"
+        );
+    }
+}

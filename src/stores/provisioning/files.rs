@@ -1,0 +1,230 @@
+//! Chat files: the bytes a customer uploads into a conversation. They are kept in this database,
+//! not on an edge's disk, so every edge pod can serve them. A file is read and counted by
+//! `(tenant, conversation, id)` only: no other session, and no other tenant, can reach it.
+
+use sqlx::any::AnyRow;
+
+use super::sql::{self, get};
+use super::{Object, Provisioning, ProvisioningError};
+
+const SELECT: &str = "SELECT id, tenant_id, conversation_id, name, content_type, size, data, \
+    created_at_ms, expires_at_ms FROM chat_files";
+
+/// A file to store; the edge has checked its type and size.
+#[derive(Debug, Clone)]
+pub struct NewChatFile {
+    pub tenant_id: String,
+    pub conversation_id: String,
+    pub name: String,
+    pub content_type: String,
+    pub data: Vec<u8>,
+    /// `None`: kept until the tenant is deleted.
+    pub expires_at_ms: Option<i64>,
+}
+
+/// A stored file with its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatFile {
+    /// UUID v7.
+    pub id: String,
+    pub tenant_id: String,
+    pub conversation_id: String,
+    pub name: String,
+    pub content_type: String,
+    pub size: i64,
+    pub data: Vec<u8>,
+    pub created_at_ms: i64,
+    pub expires_at_ms: Option<i64>,
+}
+
+fn from_row(row: &AnyRow) -> Result<ChatFile, ProvisioningError> {
+    Ok(ChatFile {
+        id: get(row, "id")?,
+        tenant_id: get(row, "tenant_id")?,
+        conversation_id: get(row, "conversation_id")?,
+        name: get(row, "name")?,
+        content_type: get(row, "content_type")?,
+        size: get(row, "size")?,
+        data: get(row, "data")?,
+        created_at_ms: get(row, "created_at_ms")?,
+        expires_at_ms: get(row, "expires_at_ms")?,
+    })
+}
+
+impl Provisioning {
+    /// Stores a file unless its conversation already holds `max_files`: `None` then. The count
+    /// and the insert are one statement, so two uploads at once on one database connection
+    /// cannot both take the last place (on PostgreSQL, concurrent transactions can still
+    /// overshoot by the number racing; the edge counts first as well).
+    pub async fn put_file(
+        &self,
+        new: NewChatFile,
+        max_files: usize,
+    ) -> Result<Option<ChatFile>, ProvisioningError> {
+        let file = ChatFile {
+            id: sql::new_id(),
+            size: i64::try_from(new.data.len()).unwrap_or(i64::MAX),
+            tenant_id: new.tenant_id,
+            conversation_id: new.conversation_id,
+            name: new.name,
+            content_type: new.content_type,
+            data: new.data,
+            created_at_ms: sql::now_ms(),
+            expires_at_ms: new.expires_at_ms,
+        };
+        let done = sqlx::query(
+            "INSERT INTO chat_files (id, tenant_id, conversation_id, name, content_type, size, \
+             data, created_at_ms, expires_at_ms) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 \
+             WHERE (SELECT COUNT(*) FROM chat_files WHERE tenant_id = $2 AND conversation_id = $3) < $10",
+        )
+        .bind(file.id.clone())
+        .bind(file.tenant_id.clone())
+        .bind(file.conversation_id.clone())
+        .bind(file.name.clone())
+        .bind(file.content_type.clone())
+        .bind(file.size)
+        .bind(file.data.clone())
+        .bind(file.created_at_ms)
+        .bind(file.expires_at_ms)
+        .bind(i64::try_from(max_files).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| sql::write_error(e, String::new, || "no such tenant".into()))?;
+        Ok((done.rows_affected() == 1).then_some(file))
+    }
+
+    /// A file of the conversation that has not expired.
+    pub async fn file(
+        &self,
+        tenant_id: &str,
+        conversation_id: &str,
+        id: &str,
+    ) -> Result<ChatFile, ProvisioningError> {
+        let row = sqlx::query(&format!(
+            "{SELECT} WHERE tenant_id = $1 AND conversation_id = $2 AND id = $3 \
+             AND (expires_at_ms IS NULL OR expires_at_ms > $4)"
+        ))
+        .bind(tenant_id.to_string())
+        .bind(conversation_id.to_string())
+        .bind(id.to_string())
+        .bind(sql::now_ms())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(sql::unavailable)?;
+        match row {
+            Some(row) => from_row(&row),
+            None => Err(ProvisioningError::NotFound(Object::File)),
+        }
+    }
+
+    /// Deletes a file (an upload whose message could not be published gives its place back).
+    pub async fn delete_file(
+        &self,
+        tenant_id: &str,
+        conversation_id: &str,
+        id: &str,
+    ) -> Result<(), ProvisioningError> {
+        sqlx::query(
+            "DELETE FROM chat_files WHERE tenant_id = $1 AND conversation_id = $2 AND id = $3",
+        )
+        .bind(tenant_id.to_string())
+        .bind(conversation_id.to_string())
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(sql::unavailable)?;
+        Ok(())
+    }
+
+    /// How many files the conversation holds (expired ones included: they still take a place
+    /// until deleted).
+    pub async fn count_files(
+        &self,
+        tenant_id: &str,
+        conversation_id: &str,
+    ) -> Result<usize, ProvisioningError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM chat_files WHERE tenant_id = $1 AND conversation_id = $2",
+        )
+        .bind(tenant_id.to_string())
+        .bind(conversation_id.to_string())
+        .fetch_one(&self.pool)
+        .await
+        .map_err(sql::unavailable)?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stores::provisioning::models::NewTenant;
+    use crate::stores::provisioning::secrets::EncryptionKey;
+
+    async fn store(dir: &tempfile::TempDir) -> (Provisioning, String) {
+        let p = Provisioning::connect(
+            &dir.path().join("p.db").display().to_string(),
+            &EncryptionKey::generate(),
+        )
+        .await
+        .expect("connect");
+        let t = p
+            .create_tenant(NewTenant { name: "t".into() })
+            .await
+            .expect("tenant");
+        (p, t.id)
+    }
+
+    fn new(tenant: &str, conversation: &str, data: &[u8]) -> NewChatFile {
+        NewChatFile {
+            tenant_id: tenant.into(),
+            conversation_id: conversation.into(),
+            name: "a.png".into(),
+            content_type: "image/png".into(),
+            data: data.to_vec(),
+            expires_at_ms: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn files_round_trip_scoped_and_limited() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (p, t) = store(&dir).await;
+        let bytes = [0u8, 1, 2, 255, 0, 10];
+        let f = p
+            .put_file(new(&t, "c1", &bytes), 2)
+            .await
+            .expect("put")
+            .expect("room");
+        let got = p.file(&t, "c1", &f.id).await.expect("file");
+        assert_eq!(got, f);
+        assert_eq!(got.data, bytes);
+        assert_eq!(got.size, 6);
+        for (tenant, conv) in [(t.as_str(), "c2"), ("other", "c1")] {
+            assert!(matches!(
+                p.file(tenant, conv, &f.id).await,
+                Err(ProvisioningError::NotFound(Object::File))
+            ));
+        }
+        p.put_file(new(&t, "c1", b"x"), 2)
+            .await
+            .expect("put")
+            .expect("room");
+        assert!(p
+            .put_file(new(&t, "c1", b"y"), 2)
+            .await
+            .expect("put")
+            .is_none());
+        assert_eq!(p.count_files(&t, "c1").await.expect("count"), 2);
+        assert_eq!(p.count_files(&t, "c2").await.expect("count"), 0);
+        p.delete_file(&t, "c1", &f.id).await.expect("delete");
+        assert_eq!(p.count_files(&t, "c1").await.expect("count"), 1);
+        let expired = NewChatFile {
+            expires_at_ms: Some(1),
+            ..new(&t, "c3", b"z")
+        };
+        let e = p.put_file(expired, 2).await.expect("put").expect("room");
+        assert!(p.file(&t, "c3", &e.id).await.is_err());
+    }
+}

@@ -1,0 +1,511 @@
+//! Chat files in-process (embedded bus, embedded session store, SQLite provisioning): an upload
+//! comes back byte for byte to the customer and to the agent holding the chat; every limit
+//! answers its code (INVALID_FILE_TYPE, LIMIT_FILE_SIZE, LIMIT_FILE_COUNT, SESSION_CLOSED) and
+//! publishes nothing; another session, agent or tenant never reaches the file.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, Response, StatusCode};
+use common::chat::{multipart, png, BOUNDARY};
+use http_body_util::BodyExt;
+use nexus::config::Config;
+use nexus::edge::{self, AppState};
+use nexus::stores::provisioning::{NewAgent, NewApiKey, NewTenant, Permission, Provisioning};
+use nexus::stores::session::{Conversation, ConversationState, Party, PartyKind, Routing};
+use nexus::topology::{self, Topology};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+const INBOUND: &str = "nexus.inbound.v1";
+/// Below the file limit, so the upload route must lift it.
+const MAX_BODY: usize = 256;
+const MAX_FILE: usize = 1024;
+const MAX_FILES: usize = 2;
+
+struct Session {
+    id: String,
+    ck: String,
+}
+
+struct Fx {
+    state: AppState,
+    _dir: tempfile::TempDir,
+    a_key: String,
+    b_key: String,
+    /// A's sessions: s1 held by alice, s2 by bob, one closed; B's session.
+    s1: Session,
+    s2: Session,
+    closed: Session,
+    b1: Session,
+    alice: String,
+    bob: String,
+}
+
+fn record(tenant: &str, id: &str, state: ConversationState, agent: &str) -> Conversation {
+    Conversation {
+        tenant_id: tenant.into(),
+        conversation_id: id.into(),
+        channel: "WEB_CHAT".into(),
+        state,
+        customer: Party {
+            participant_id: "customer".into(),
+            nickname: "Ann".into(),
+            kind: PartyKind::Customer,
+        },
+        contact: BTreeMap::new(),
+        user_data: BTreeMap::new(),
+        subject: None,
+        queue_id: None,
+        bot_id: None,
+        agent_id: Some(agent.into()),
+        offered_to: None,
+        declined_by: vec![],
+        files: 0,
+        created_at_ms: 1_700_000_000_000,
+        last_activity_ms: 1_700_000_000_000,
+        closed_reason: None,
+        routing: Routing::default(),
+        version: 0,
+    }
+}
+
+async fn send(state: &AppState, req: Request<Body>) -> Response<Body> {
+    edge::app(state.clone())
+        .oneshot(req)
+        .await
+        .expect("response")
+}
+
+async fn call(state: &AppState, req: Request<Body>) -> (StatusCode, Value) {
+    let resp = send(state, req).await;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+async fn start(state: &AppState, key: &str) -> Session {
+    let req = Request::post("/nexus/v3/chat/sessions")
+        .header("x-api-key", key)
+        .body(Body::from(json!({"nickname": "Ann"}).to_string()))
+        .expect("request");
+    let (status, body) = call(state, req).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    Session {
+        id: body["session_id"].as_str().expect("id").into(),
+        ck: body["client_key"].as_str().expect("ck").into(),
+    }
+}
+
+async fn tenant_with_key(p: &Provisioning, name: &str) -> (String, String) {
+    let id = p
+        .create_tenant(NewTenant { name: name.into() })
+        .await
+        .expect("tenant")
+        .id;
+    let key = p
+        .create_api_key(
+            &id,
+            NewApiKey {
+                name: "chat".into(),
+                permissions: vec![Permission::Chat],
+                enabled: true,
+                expires_at_ms: None,
+            },
+        )
+        .await
+        .expect("key")
+        .key;
+    (id, key)
+}
+
+async fn agent(p: &Provisioning, tenant: &str, name: &str) -> (String, String) {
+    let a = p
+        .create_agent(
+            tenant,
+            NewAgent {
+                name: name.into(),
+                skills: vec![],
+                capacity: BTreeMap::from([("chat".into(), 2)]),
+            },
+        )
+        .await
+        .expect("agent");
+    (a.agent.id, a.token)
+}
+
+async fn fixture() -> Fx {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::defaults();
+    config.bus = common::bus_config("embedded", Some(dir.path()));
+    config.http.max_body_bytes = MAX_BODY;
+    config.chat.max_file_bytes = MAX_FILE;
+    config.chat.max_files_per_session = MAX_FILES;
+    let bus = nexus::bus::connect(&config.bus).await.expect("bus");
+    let topology = Topology::builtin();
+    topology::apply(bus.as_ref(), &topology)
+        .await
+        .expect("apply");
+    let provisioning = Provisioning::connect(
+        &dir.path().join("provisioning.db").display().to_string(),
+        &nexus::stores::provisioning::secrets::EncryptionKey::generate(),
+    )
+    .await
+    .expect("provisioning");
+    let sessions: Arc<dyn nexus::stores::session::SessionStore> = Arc::new(
+        nexus::stores::session::embedded::EmbeddedStore::open(&dir.path().join("sessions"))
+            .await
+            .expect("session store"),
+    );
+    let state = AppState::new(
+        Arc::new(config),
+        bus,
+        Arc::new(topology),
+        nexus::telemetry::init_metrics(),
+        Arc::new(provisioning),
+        sessions,
+    );
+    let p = state.provisioning.clone();
+    let (a, a_key) = tenant_with_key(&p, "tenant-a").await;
+    let (b, b_key) = tenant_with_key(&p, "tenant-b").await;
+    let (s1, s2, closed, b1) = (
+        start(&state, &a_key).await,
+        start(&state, &a_key).await,
+        start(&state, &a_key).await,
+        start(&state, &b_key).await,
+    );
+    let (alice_id, alice) = agent(&p, &a, "alice").await;
+    let (bob_id, bob) = agent(&p, &a, "bob").await;
+    for c in [
+        record(&a, &s1.id, ConversationState::Connected, &alice_id),
+        record(&a, &s2.id, ConversationState::Connected, &bob_id),
+        record(&a, &closed.id, ConversationState::Closed, &alice_id),
+        // B's session held by an agent id equal to alice's: ids are per tenant.
+        record(&b, &b1.id, ConversationState::Connected, &alice_id),
+    ] {
+        assert!(state
+            .sessions()
+            .expect("sessions")
+            .put_conversation(&c)
+            .await
+            .expect("put"));
+    }
+    Fx {
+        state,
+        _dir: dir,
+        a_key,
+        b_key,
+        s1,
+        s2,
+        closed,
+        b1,
+        alice,
+        bob,
+    }
+}
+
+async fn published(state: &AppState) -> u64 {
+    let offsets = state.bus.partition_offsets(INBOUND).await.expect("offsets");
+    offsets.iter().map(|p| p.high - p.low).sum()
+}
+
+fn upload_req(api_key: &str, session: &Session, ck: &str, body: Vec<u8>) -> Request<Body> {
+    Request::post(format!("/nexus/v3/chat/sessions/{}/files", session.id))
+        .header("x-api-key", api_key)
+        .header("x-nexus-client-key", ck)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )
+        .body(Body::from(body))
+        .expect("request")
+}
+
+fn file_part<'a>(name: &'a str, content_type: &'a str, data: &'a [u8]) -> Vec<u8> {
+    multipart(&[("file", Some(name), Some(content_type), data)])
+}
+
+fn customer_get(api_key: &str, session: &str, ck: &str, file_id: &str) -> Request<Body> {
+    Request::get(format!("/nexus/v3/chat/sessions/{session}/files/{file_id}"))
+        .header("x-api-key", api_key)
+        .header("x-nexus-client-key", ck)
+        .body(Body::empty())
+        .expect("request")
+}
+
+fn agent_get(token: &str, session: &str, file_id: &str) -> Request<Body> {
+    Request::get(format!("/v1/agent/conversations/{session}/files/{file_id}"))
+        .header("authorization", format!("Bearer {token}"))
+        .body(Body::empty())
+        .expect("request")
+}
+
+/// The bytes and headers of a successful download.
+async fn download(state: &AppState, req: Request<Body>) -> (Vec<u8>, String, String) {
+    let resp = send(state, req).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let header = |n: &str| {
+        resp.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let (ct, cd) = (header("content-type"), header("content-disposition"));
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (bytes.to_vec(), ct, cd)
+}
+
+impl Fx {
+    /// Expects `status` and `code`, and that nothing was published.
+    async fn rejected(&self, what: &str, req: Request<Body>, status: u16, code: &str) {
+        let before = published(&self.state).await;
+        let (got, body) = call(&self.state, req).await;
+        assert_eq!(got.as_u16(), status, "{what}: {body}");
+        assert_eq!(body["error"]["code"], code, "{what}: {body}");
+        assert_eq!(published(&self.state).await, before, "{what}: published");
+    }
+}
+
+#[tokio::test]
+async fn an_upload_comes_back_to_the_customer_and_the_agent_only() {
+    let fx = fixture().await;
+    let s = &fx.state;
+    // Larger than http.max_body_bytes, within chat.max_file_bytes.
+    let data = png(MAX_FILE);
+    let before = published(s).await;
+    let body = multipart(&[
+        ("message_id", None, None, b"m-file-1"),
+        ("file", Some("dir/phötö 1.png"), Some("image/png"), &data),
+    ]);
+    let (status, up) = call(s, upload_req(&fx.a_key, &fx.s1, &fx.s1.ck, body)).await;
+    assert_eq!(status, StatusCode::CREATED, "{up}");
+    assert_eq!(published(s).await, before + 1, "one MessageReceived");
+    let id = up["file_id"].as_str().expect("file_id").to_string();
+    assert_eq!(up["name"], "phötö 1.png");
+    assert_eq!(up["content_type"], "image/png");
+    assert_eq!(up["size"], MAX_FILE);
+    assert_eq!(up["message_id"], "m-file-1");
+    assert_eq!(
+        up["url"],
+        format!("/nexus/v3/chat/sessions/{}/files/{id}", fx.s1.id)
+    );
+
+    let (bytes, ct, cd) = download(s, customer_get(&fx.a_key, &fx.s1.id, &fx.s1.ck, &id)).await;
+    assert_eq!(bytes, data);
+    assert_eq!(ct, "image/png");
+    assert!(
+        cd.starts_with("attachment; filename=\"ph_t_ 1.png\""),
+        "{cd}"
+    );
+    let (bytes, ct, _) = download(s, agent_get(&fx.alice, &fx.s1.id, &id)).await;
+    assert_eq!((bytes, ct.as_str()), (data.clone(), "image/png"));
+
+    // Nobody else: another session's key, another session, another agent, another tenant.
+    fx.rejected(
+        "s2's client key on s1",
+        customer_get(&fx.a_key, &fx.s1.id, &fx.s2.ck, &id),
+        403,
+        "INVALID_CLIENT_KEY",
+    )
+    .await;
+    fx.rejected(
+        "s1's file through s2",
+        customer_get(&fx.a_key, &fx.s2.id, &fx.s2.ck, &id),
+        404,
+        "FILE_NOT_FOUND",
+    )
+    .await;
+    fx.rejected(
+        "tenant B's key with s1's client key",
+        customer_get(&fx.b_key, &fx.s1.id, &fx.s1.ck, &id),
+        403,
+        "INVALID_CLIENT_KEY",
+    )
+    .await;
+    fx.rejected(
+        "s1's file through tenant B's session",
+        customer_get(&fx.b_key, &fx.b1.id, &fx.b1.ck, &id),
+        404,
+        "FILE_NOT_FOUND",
+    )
+    .await;
+    fx.rejected(
+        "bob does not hold s1",
+        agent_get(&fx.bob, &fx.s1.id, &id),
+        404,
+        "CONVERSATION_NOT_FOUND",
+    )
+    .await;
+    fx.rejected(
+        "alice's id holds B's session, but in tenant B",
+        agent_get(&fx.alice, &fx.b1.id, &id),
+        404,
+        "CONVERSATION_NOT_FOUND",
+    )
+    .await;
+    fx.rejected(
+        "no such file",
+        customer_get(&fx.a_key, &fx.s1.id, &fx.s1.ck, "nope"),
+        404,
+        "FILE_NOT_FOUND",
+    )
+    .await;
+    fx.rejected(
+        "uploading with s2's client key into s1",
+        upload_req(
+            &fx.a_key,
+            &fx.s1,
+            &fx.s2.ck,
+            file_part("a.png", "image/png", &png(10)),
+        ),
+        403,
+        "INVALID_CLIENT_KEY",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn every_limit_has_its_code_and_publishes_nothing() {
+    let fx = fixture().await;
+    let (k, s1) = (&fx.a_key, &fx.s1);
+    let up = |body: Vec<u8>| upload_req(k, s1, &s1.ck, body);
+    let cases: Vec<(&str, Request<Body>, u16, &str)> = vec![
+        (
+            "type not allowed",
+            up(file_part("a.zip", "application/zip", b"PK\x03\x04")),
+            400,
+            "INVALID_FILE_TYPE",
+        ),
+        (
+            "no content type",
+            up(multipart(&[("file", Some("a.png"), None, &png(10))])),
+            400,
+            "INVALID_FILE_TYPE",
+        ),
+        (
+            "PNG declared, PDF sent",
+            up(file_part("a.png", "image/png", b"%PDF-1.7 ...")),
+            400,
+            "INVALID_FILE_TYPE",
+        ),
+        (
+            "text declared, PNG sent",
+            up(file_part("a.txt", "text/plain", &png(10))),
+            400,
+            "INVALID_FILE_TYPE",
+        ),
+        (
+            "one byte over the file limit",
+            up(file_part("a.png", "image/png", &png(MAX_FILE + 1))),
+            413,
+            "LIMIT_FILE_SIZE",
+        ),
+        (
+            "far over the route's body limit",
+            up(file_part("a.png", "image/png", &png(200 * 1024))),
+            413,
+            "LIMIT_FILE_SIZE",
+        ),
+        (
+            "not multipart",
+            Request::post(format!("/nexus/v3/chat/sessions/{}/files", s1.id))
+                .header("x-api-key", k)
+                .header("x-nexus-client-key", &s1.ck)
+                .header("content-type", "application/json")
+                .body(Body::from("{}"))
+                .expect("request"),
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            "no file part",
+            up(multipart(&[("message_id", None, None, b"m1")])),
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            "an unknown part",
+            up(multipart(&[
+                ("file", Some("a.txt"), Some("text/plain"), b"hi"),
+                ("other", None, None, b"x"),
+            ])),
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            "empty file",
+            up(file_part("a.txt", "text/plain", b"")),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "closed session",
+            upload_req(
+                k,
+                &fx.closed,
+                &fx.closed.ck,
+                file_part("a.txt", "text/plain", b"hi"),
+            ),
+            409,
+            "SESSION_CLOSED",
+        ),
+        (
+            "no client key",
+            Request::post(format!("/nexus/v3/chat/sessions/{}/files", s1.id))
+                .header("x-api-key", k)
+                .body(Body::from(file_part("a.txt", "text/plain", b"hi")))
+                .expect("request"),
+            401,
+            "AUTHENTICATION_REQUIRED",
+        ),
+        (
+            "tenant B's API key",
+            upload_req(
+                &fx.b_key,
+                s1,
+                &s1.ck,
+                file_part("a.txt", "text/plain", b"hi"),
+            ),
+            403,
+            "INVALID_CLIENT_KEY",
+        ),
+    ];
+    for (what, req, status, code) in cases {
+        fx.rejected(what, req, status, code).await;
+    }
+
+    // The count: MAX_FILES uploads (parameters and case in the type are fine), then no more.
+    for i in 0..MAX_FILES {
+        let name = format!("note{i}.txt");
+        let body = file_part(&name, "Text/Plain; charset=utf-8", b"hello");
+        let (status, body) = call(&fx.state, up(body)).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!(body["content_type"], "text/plain");
+    }
+    fx.rejected(
+        "one file too many",
+        up(file_part("more.txt", "text/plain", b"hello")),
+        400,
+        "LIMIT_FILE_COUNT",
+    )
+    .await;
+    // Another session of the tenant has its own count.
+    let (status, body) = call(
+        &fx.state,
+        upload_req(
+            k,
+            &fx.s2,
+            &fx.s2.ck,
+            file_part("a.gif", "image/gif", b"GIF89a...."),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+}
