@@ -328,10 +328,13 @@ impl Fx {
 // ---- chat v3 ---------------------------------------------------------------------------
 
 /// The session endpoints of v3: (method, path suffix, a valid body).
-const V3: [(&str, &str, Option<&str>); 6] = [
+const V3: [(&str, &str, Option<&str>); 9] = [
     ("POST", "messages", Some(r#"{"text":"hi"}"#)),
     ("GET", "messages", None),
     ("POST", "typing", Some(r#"{"state":"started"}"#)),
+    ("POST", "user-data", Some(r#"{"user_data":{"k":"v"}}"#)),
+    ("POST", "read-receipt", Some(r#"{"position":1}"#)),
+    ("POST", "notices", Some(r#"{"text":"hi"}"#)),
     ("POST", "disconnect", None),
     ("GET", "stream", None),
     ("GET", "events", None),
@@ -879,6 +882,70 @@ async fn v3_bodies_are_validated_before_anything_is_published() {
             .await;
     }
 
+    for (suffix, what, body, status, code) in [
+        (
+            "user-data",
+            "nothing to change",
+            "{}",
+            400,
+            "INVALID_USER_DATA",
+        ),
+        (
+            "user-data",
+            "empty key",
+            r#"{"user_data":{"":"v"}}"#,
+            400,
+            "INVALID_USER_DATA",
+        ),
+        (
+            "user-data",
+            "unknown field",
+            r#"{"data":{}}"#,
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            "user-data",
+            "malformed JSON",
+            "{user_data",
+            400,
+            "INVALID_JSON",
+        ),
+        (
+            "read-receipt",
+            "position 0",
+            r#"{"position":0}"#,
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "read-receipt",
+            "negative position",
+            r#"{"position":-1}"#,
+            400,
+            "INVALID_BODY",
+        ),
+        ("read-receipt", "no position", "{}", 400, "INVALID_BODY"),
+        (
+            "notices",
+            "empty text",
+            r#"{"text":""}"#,
+            400,
+            "INVALID_MESSAGE",
+        ),
+        (
+            "notices",
+            "unknown field",
+            r#"{"text":"x","kind":"y"}"#,
+            400,
+            "INVALID_BODY",
+        ),
+    ] {
+        let req = v3_req("POST", suffix, &s.id, Some(&key), Some(&s.ck), Some(body));
+        fx.rejected(&format!("{suffix}: {what}"), req, status, code)
+            .await;
+    }
+
     let transcript = |q: &str| {
         rq(
             "GET",
@@ -937,6 +1004,9 @@ async fn a_closed_conversation_refuses_customer_actions() {
     for (suffix, body) in [
         ("messages", Some(r#"{"text":"hi"}"#)),
         ("typing", Some(r#"{"state":"started"}"#)),
+        ("user-data", Some(r#"{"user_data":{"k":"v"}}"#)),
+        ("read-receipt", Some(r#"{"position":1}"#)),
+        ("notices", Some(r#"{"text":"hi"}"#)),
         ("disconnect", None),
     ] {
         let req = v3_req("POST", suffix, &c.id, Some(&key), Some(&c.ck), body);

@@ -204,6 +204,33 @@ async fn scenario(url: &str, agent_url: &str) {
     assert_eq!(got.headers()["content-type"], "image/png");
     assert_eq!(got.bytes().await.expect("bytes").as_ref(), data.as_slice());
 
+    // User data, a read receipt and a custom notice reach the agent as transcript entries.
+    let session_post = |path: &str, body: Value| {
+        http.post(format!("{url}/nexus/v3/chat/sessions/{sid}/{path}"))
+            .header("x-api-key", &tenant.api_key)
+            .header("x-nexus-client-key", &ck)
+            .json(&body)
+            .send()
+    };
+    let r = session_post("user-data", json!({"user_data": {"lang": "fr"}}))
+        .await
+        .expect("user data");
+    assert_eq!(r.status(), 202);
+    let data = ws_until(&mut agent, WAIT, |v| transcript_frame(v, "UserDataUpdated")).await;
+    assert_eq!(data["data"]["lang"], "fr");
+    let r = session_post("read-receipt", json!({"position": 4}))
+        .await
+        .expect("receipt");
+    assert_eq!(r.status(), 202);
+    let read = ws_until(&mut agent, WAIT, |v| transcript_frame(v, "ReadReceipt")).await;
+    assert_eq!(read["data"]["position"], "4");
+    let r = session_post("notices", json!({"text": "page: /pricing"}))
+        .await
+        .expect("notice");
+    assert_eq!(r.status(), 202);
+    let notice = ws_until(&mut agent, WAIT, |v| transcript_frame(v, "CustomNotice")).await;
+    assert_eq!(notice["text"], "page: /pricing");
+
     // The agent completes; the customer sees the end.
     ws_send(
         &mut agent,

@@ -152,6 +152,7 @@ symbols!(CloseReason {
     Error
 });
 symbols!(TargetKind { Queue, Agent, Bot });
+symbols!(ReceiptKind { Delivered, Read });
 symbols!(TransferMode {
     Transfer,
     Consult,
@@ -303,6 +304,27 @@ pub struct ConversationCompleted {
     pub close_conversation: bool,
 }
 body!(ConversationCompleted);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReceiptReceived {
+    pub participant_id: String,
+    pub participant_kind: ParticipantKind,
+    pub kind: ReceiptKind,
+    pub message_id: Option<String>,
+    pub client_message_id: Option<String>,
+    pub transcript_position: Option<i64>,
+    pub read_at: Option<i64>,
+}
+body!(ReceiptReceived);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserDataUpdated {
+    pub participant_id: String,
+    pub participant_kind: ParticipantKind,
+    pub user_data: BTreeMap<String, String>,
+    pub removed_keys: Vec<String>,
+}
+body!(UserDataUpdated);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TransferRequested {

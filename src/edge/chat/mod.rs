@@ -35,6 +35,15 @@ pub fn routes(max_file_bytes: usize) -> Router<AppState> {
         )
         .route("/nexus/v3/chat/sessions/{id}/typing", post(v3::typing))
         .route(
+            "/nexus/v3/chat/sessions/{id}/user-data",
+            post(v3::user_data),
+        )
+        .route(
+            "/nexus/v3/chat/sessions/{id}/read-receipt",
+            post(v3::read_receipt),
+        )
+        .route("/nexus/v3/chat/sessions/{id}/notices", post(v3::notice))
+        .route(
             "/nexus/v3/chat/sessions/{id}/files",
             post(files::upload).layer(upload_limit),
         )

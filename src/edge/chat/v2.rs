@@ -13,8 +13,8 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::v3::{
-    check_user_data, customer_leaves, customer_message, customer_typing, nickname, open_session,
-    traceparent, NewSession,
+    check_user_data, customer_leaves, customer_message, customer_read, customer_typing,
+    customer_user_data, nickname, open_session, traceparent, NewSession,
 };
 use super::{claims_for, Claims};
 use crate::edge::{ApiError, AppState};
@@ -237,10 +237,10 @@ pub async fn operation(
         "startTyping" => customer_typing(&state, &claims, true, tp).await?,
         "stopTyping" => customer_typing(&state, &claims, false, tp).await?,
         "disconnect" => customer_leaves(&state, &claims, tp).await?,
-        "updateData" | "readReceipt" => {
-            // Recorded on the conversation by later versions; accepted so v2 widgets work.
-            check_user_data(&state, &form.user_data)?;
+        "updateData" => {
+            customer_user_data(&state, &claims, form.user_data.clone(), Vec::new(), tp).await?;
         }
+        "readReceipt" => customer_read(&state, &claims, from, tp).await?,
         other => {
             return Err(ApiError::not_found(
                 "UNKNOWN_OPERATION",

@@ -404,10 +404,7 @@ pub(crate) async fn customer_typing(
         preview: None,
         transcript_position: None,
     };
-    let mut event = Event::typed(&body, &c.tid, &c.sid, PRODUCER)
-        .map_err(|e| ApiError::bad_request("INVALID_FIELD", e.to_string()))?;
-    event.envelope.traceparent = traceparent;
-    publish_event(state, INBOUND_TOPIC, &event).await
+    publish_customer(state, c, &body, traceparent).await
 }
 
 pub async fn typing(
@@ -423,6 +420,19 @@ pub async fn typing(
     Ok(StatusCode::ACCEPTED)
 }
 
+/// Publishes a customer event of the session `c` on the inbound topic.
+async fn publish_customer<B: ev::Body>(
+    state: &AppState,
+    c: &Claims,
+    body: &B,
+    traceparent: Option<String>,
+) -> Result<(), ApiError> {
+    let mut event = Event::typed(body, &c.tid, &c.sid, PRODUCER)
+        .map_err(|e| ApiError::bad_request("INVALID_FIELD", e.to_string()))?;
+    event.envelope.traceparent = traceparent;
+    publish_event(state, INBOUND_TOPIC, &event).await
+}
+
 pub(crate) async fn customer_leaves(
     state: &AppState,
     c: &Claims,
@@ -436,10 +446,7 @@ pub(crate) async fn customer_leaves(
         reason: ev::LeftReason::Left,
         transcript_position: None,
     };
-    let mut event = Event::typed(&body, &c.tid, &c.sid, PRODUCER)
-        .map_err(|e| ApiError::bad_request("INVALID_FIELD", e.to_string()))?;
-    event.envelope.traceparent = traceparent;
-    publish_event(state, INBOUND_TOPIC, &event).await
+    publish_customer(state, c, &body, traceparent).await
 }
 
 pub async fn disconnect(
@@ -505,4 +512,121 @@ pub async fn transcript(
         "next_position": next,
         "chat_ended": ended,
     })))
+}
+
+/// Merges user data into the conversation (and removes `removed` keys).
+pub(crate) async fn customer_user_data(
+    state: &AppState,
+    c: &Claims,
+    user_data: BTreeMap<String, String>,
+    removed: Vec<String>,
+    traceparent: Option<String>,
+) -> Result<(), ApiError> {
+    check_user_data(state, &user_data)?;
+    if user_data.is_empty() && removed.is_empty() {
+        return Err(ApiError::bad_request(
+            "INVALID_USER_DATA",
+            "give user data to set or keys to remove",
+        ));
+    }
+    ensure_open(state, c).await?;
+    let body = ev::UserDataUpdated {
+        participant_id: c.pid.clone(),
+        participant_kind: ParticipantKind::Customer,
+        user_data,
+        removed_keys: removed,
+    };
+    publish_customer(state, c, &body, traceparent).await
+}
+
+/// The customer read the transcript up to `position`.
+pub(crate) async fn customer_read(
+    state: &AppState,
+    c: &Claims,
+    position: u64,
+    traceparent: Option<String>,
+) -> Result<(), ApiError> {
+    let position = i64::try_from(position)
+        .ok()
+        .filter(|p| *p >= 1)
+        .ok_or_else(|| {
+            ApiError::bad_request("INVALID_FIELD", "position is a transcript position (>= 1)")
+        })?;
+    ensure_open(state, c).await?;
+    let body = ev::ReceiptReceived {
+        participant_id: c.pid.clone(),
+        participant_kind: ParticipantKind::Customer,
+        kind: ev::ReceiptKind::Read,
+        message_id: None,
+        client_message_id: None,
+        transcript_position: Some(position),
+        read_at: Some(chrono::Utc::now().timestamp_millis()),
+    };
+    publish_customer(state, c, &body, traceparent).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserDataRequest {
+    #[serde(default)]
+    pub user_data: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+pub async fn user_data(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, ApiError> {
+    let c = session_claims(&state, &headers, &id).await?;
+    let r: UserDataRequest = json_body(body)?;
+    customer_user_data(&state, &c, r.user_data, r.remove, traceparent(&headers)).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadRequest {
+    pub position: u64,
+}
+
+pub async fn read_receipt(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, ApiError> {
+    let c = session_claims(&state, &headers, &id).await?;
+    let r: ReadRequest = json_body(body)?;
+    customer_read(&state, &c, r.position, traceparent(&headers)).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoticeRequest {
+    pub text: String,
+}
+
+/// A custom notice from the widget (shown to the agent as a notice, not a message).
+pub async fn notice(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let c = session_claims(&state, &headers, &id).await?;
+    let r: NoticeRequest = json_body(body)?;
+    let id = customer_message(
+        &state,
+        &c,
+        r.text,
+        MessageKind::CustomNotice,
+        None,
+        traceparent(&headers),
+    )
+    .await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "message_id": id }))))
 }

@@ -793,6 +793,46 @@ impl ConversationWorker {
             .map(|_| ())
     }
 
+    /// A read receipt: an entry with the position read, for the agent to see.
+    pub(super) async fn on_receipt(&self, e: &Event, b: ev::ReceiptReceived) -> Step {
+        let Some(c) = self.open_conversation(e).await? else {
+            return Ok(());
+        };
+        let from = Party {
+            participant_id: b.participant_id.clone(),
+            nickname: c.customer.nickname.clone(),
+            kind: party_kind(b.participant_kind),
+        };
+        let mut new = entry(e, EntryKind::ReadReceipt, from, None);
+        if let Some(p) = b.transcript_position {
+            new.data.insert("position".into(), p.to_string());
+        }
+        if let Some(m) = &b.message_id {
+            new.data.insert("message_id".into(), m.clone());
+        }
+        self.append(&c, e, "receipt", new).await.map(|_| ())
+    }
+
+    /// User data set or removed by the customer: merged into the conversation and recorded.
+    pub(super) async fn on_user_data(&self, e: &Event, b: ev::UserDataUpdated) -> Step {
+        let Some(mut c) = self.open_conversation(e).await? else {
+            return Ok(());
+        };
+        let from = Party {
+            participant_id: b.participant_id.clone(),
+            nickname: c.customer.nickname.clone(),
+            kind: party_kind(b.participant_kind),
+        };
+        let mut new = entry(e, EntryKind::UserDataUpdated, from, None);
+        new.data = b.user_data.clone();
+        self.append(&c, e, "user-data", new).await?;
+        c.user_data.extend(b.user_data);
+        for k in &b.removed_keys {
+            c.user_data.remove(k);
+        }
+        self.save(&mut c, e).await
+    }
+
     pub(super) async fn on_customer_left(&self, e: &Event, b: ev::ParticipantLeft) -> Step {
         let Some(mut c) = self.open_conversation(e).await? else {
             return Ok(());

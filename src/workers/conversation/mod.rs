@@ -116,6 +116,8 @@ impl Handler for ConversationWorker {
             chat::MessageSent::TYPE => self.on_agent_message(event, body(event)?).await,
             chat::ConversationCompleted::TYPE => self.on_completed(event, body(event)?).await,
             chat::TransferRequested::TYPE => self.on_transfer(event, body(event)?).await,
+            chat::ReceiptReceived::TYPE => self.on_receipt(event, body(event)?).await,
+            chat::UserDataUpdated::TYPE => self.on_user_data(event, body(event)?).await,
             other => {
                 debug!(event_type = other, "not a conversation event; skipped");
                 Ok(())
