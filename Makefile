@@ -20,9 +20,10 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-## Throughput of the nexus bus against the raw clients, side by side on the same brokers.
+## Throughput of the nexus bus against the raw clients, side by side on the same brokers; then
+## chat load (customer send → agent receive latency over WebSockets, against the bus's own p99).
 bench: services
-	eval "$$($(SERVICES) env)" && $(CARGO) bench --bench bus_throughput
+	eval "$$($(SERVICES) env)" && $(CARGO) bench --bench bus_throughput && $(CARGO) bench --bench chat_load
 
 services:
 	$(SERVICES) start
