@@ -22,11 +22,14 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use redb::{Database, ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Database, Durability, ReadTransaction, ReadableTable, TableDefinition, WriteTransaction,
+};
 
 use super::{
     AgentPresence, Appended, Conversation, Entry, NewEntry, Reserve, SessionStore, StoreError,
@@ -77,6 +80,30 @@ fn ttl_ms(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// An empty durable commit: persists every commit made without fsync before it.
+fn sync_now(
+    db: &Database,
+    dirty: &AtomicBool,
+    last_sync: &std::sync::Mutex<Instant>,
+) -> Result<(), StoreError> {
+    let txn = db.begin_write().map_err(storage("begin write"))?;
+    txn.commit().map_err(storage("commit"))?;
+    dirty.store(false, Ordering::Release);
+    *last_sync.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+    Ok(())
+}
+
+impl Drop for EmbeddedStore {
+    /// A clean close persists what is still lagging.
+    fn drop(&mut self) {
+        if self.dirty.load(Ordering::Acquire) {
+            if let Err(e) = sync_now(&self.db, &self.dirty, &self.last_sync) {
+                tracing::warn!(error = %e, "session store: the last writes may not be durable");
+            }
+        }
+    }
+}
+
 /// Order-preserving map of a priority to a rank that sorts highest priority first.
 fn rank(priority: i64) -> u64 {
     !((priority as u64) ^ (1 << 63))
@@ -89,7 +116,16 @@ pub struct EmbeddedStore {
     /// `begin_write`; the guard moves into the blocking task, so it is held until the commit
     /// even if the caller stops waiting.
     writer: Arc<tokio::sync::Mutex<()>>,
+    /// Commits since the last one made durable (see [`SYNC_EVERY`]).
+    dirty: Arc<AtomicBool>,
+    last_sync: Arc<std::sync::Mutex<Instant>>,
 }
+
+/// How far durability may lag: commits are made without fsync, and one in this interval (or
+/// the background flush after it) is made durable, which persists every commit before it. Like
+/// Redis with `appendfsync everysec`, a crash loses at most this much of the live state; an fsync
+/// per commit capped chat throughput at a few hundred messages a second.
+const SYNC_EVERY: Duration = Duration::from_millis(100);
 
 impl EmbeddedStore {
     /// Opens (or creates) `<dir>/sessions.redb`. One store per file and process: a second open
@@ -128,10 +164,42 @@ impl EmbeddedStore {
         })
         .await
         .map_err(storage("open task"))??;
-        Ok(Self {
+        let store = Self {
             db: Arc::new(db),
             writer: Arc::new(tokio::sync::Mutex::new(())),
-        })
+            dirty: Arc::new(AtomicBool::new(false)),
+            last_sync: Arc::new(std::sync::Mutex::new(Instant::now())),
+        };
+        store.spawn_flusher();
+        Ok(store)
+    }
+
+    /// Makes lagging commits durable within [`SYNC_EVERY`] when no later write does; ends
+    /// with the store.
+    fn spawn_flusher(&self) {
+        let (db, writer, dirty) = (
+            Arc::downgrade(&self.db),
+            self.writer.clone(),
+            self.dirty.clone(),
+        );
+        let last_sync = self.last_sync.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SYNC_EVERY);
+            loop {
+                tick.tick().await;
+                let Some(db) = db.upgrade() else { return };
+                if !dirty.load(Ordering::Acquire) {
+                    continue;
+                }
+                let turn = writer.clone().lock_owned().await;
+                let (dirty, last_sync) = (dirty.clone(), last_sync.clone());
+                let _ = tokio::task::spawn_blocking(move || {
+                    let _turn = turn;
+                    sync_now(&db, &dirty, &last_sync)
+                })
+                .await;
+            }
+        });
     }
 
     /// Runs `f` in one write transaction on the blocking pool and commits if it succeeded.
@@ -142,11 +210,24 @@ impl EmbeddedStore {
     {
         let db = self.db.clone();
         let turn = self.writer.clone().lock_owned().await;
+        let (dirty, last_sync) = (self.dirty.clone(), self.last_sync.clone());
         tokio::task::spawn_blocking(move || {
             let _turn = turn;
-            let txn = db.begin_write().map_err(storage("begin write"))?;
+            let mut txn = db.begin_write().map_err(storage("begin write"))?;
+            let durable = {
+                let mut last = last_sync.lock().unwrap_or_else(PoisonError::into_inner);
+                let due = last.elapsed() >= SYNC_EVERY;
+                if due {
+                    *last = Instant::now();
+                }
+                due
+            };
+            if !durable {
+                txn.set_durability(Durability::None);
+            }
             let out = f(&txn)?;
             txn.commit().map_err(storage("commit"))?;
+            dirty.store(!durable, Ordering::Release);
             Ok(out)
         })
         .await
