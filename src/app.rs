@@ -240,7 +240,7 @@ fn spawn_socket_feed(
     let feeder: Arc<dyn crate::bus::consumer::Handler> =
         Arc::new(edge::hub::HubFeeder(state.hub.clone()));
     for topic in &role.topics {
-        let consumer = Consumer::new(state.bus.clone(), &group, topic, options.clone());
+        let consumer = Consumer::new(state.bus.clone(), &group, topic, options.clone()).transient();
         let (feeder, shutdown) = (feeder.clone(), shutdown.clone());
         info!(group = %group, topic = %topic, "starting the socket feed");
         tasks.spawn(async move { Ok(consumer.run(feeder, shutdown).await?) });

@@ -21,6 +21,7 @@ fn opts() -> SubscribeOptions {
     SubscribeOptions {
         start: StartFrom::Earliest,
         max_in_flight: 256,
+        transient: false,
     }
 }
 

@@ -84,6 +84,7 @@ pub struct Consumer {
     group: String,
     topic: String,
     options: ConsumerOptions,
+    transient: bool,
 }
 
 impl Consumer {
@@ -93,7 +94,15 @@ impl Consumer {
             group: group.to_string(),
             topic: topic.to_string(),
             options,
+            transient: false,
         }
+    }
+
+    /// Marks the group as living only as long as this process (see
+    /// [`SubscribeOptions::transient`]).
+    pub fn transient(mut self) -> Self {
+        self.transient = true;
+        self
     }
 
     /// Consumes until `shutdown` fires, then finishes the events being handled, acks them and
@@ -115,6 +124,7 @@ impl Consumer {
         let opts = SubscribeOptions {
             start: self.options.start,
             max_in_flight: self.options.max_in_flight,
+            transient: self.transient,
         };
         let mut sub = self.bus.subscribe(&self.group, &self.topic, opts).await?;
         info!("joined consumer group");

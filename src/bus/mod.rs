@@ -134,13 +134,22 @@ pub struct SubscribeOptions {
     pub start: StartFrom,
     /// Records handed out and not yet acked, per subscription (backpressure).
     pub max_in_flight: usize,
+    /// The group lives only as long as this process (a broadcast reader with a group of its
+    /// own): the backend may forget it once nobody uses it (JetStream: its consumers expire after
+    /// [`TRANSIENT_GROUP_IDLE`] without a member; Kafka forgets idle groups by its own offsets
+    /// retention; embedded groups are in-process anyway).
+    pub transient: bool,
 }
+
+/// How long a transient group's state survives without a member.
+pub const TRANSIENT_GROUP_IDLE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 impl Default for SubscribeOptions {
     fn default() -> Self {
         Self {
             start: StartFrom::Earliest,
             max_in_flight: 1024,
+            transient: false,
         }
     }
 }
