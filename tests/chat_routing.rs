@@ -13,6 +13,10 @@ use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// The two tests start three nexus processes and a NATS server each: one at a time, so a
+/// loaded two-core CI machine does not starve them.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// One edge and two conversation workers sharing the group.
 /// Fields drop in order: the processes (printing their logs if the test failed) before the
 /// directory holding the logs.
@@ -126,6 +130,7 @@ async fn accept_until(ws: &mut Ws, connected: usize) -> HashSet<String> {
 async fn thousand_messages_arrive_in_send_order_per_conversation() {
     const CHATS: usize = 50;
     const PER_CHAT: usize = 20;
+    let _serial = SERIAL.lock().await;
     let sys = system().await;
     let admin = Admin::new(&sys.url);
     let tenant = provision_tenant(&admin).await;
@@ -208,6 +213,7 @@ async fn capacity_holds_while_offers_race_across_workers() {
     const AGENTS: usize = 3;
     const CAPACITY: u32 = 2;
     const CHATS: usize = 20;
+    let _serial = SERIAL.lock().await;
     let sys = system().await;
     let admin = Admin::new(&sys.url);
     let tenant = provision_tenant(&admin).await;
