@@ -759,3 +759,381 @@ async fn bot_first_then_handoff_and_fallback_when_down() {
     .await;
     assert_eq!(offer["queue_id"], tenant.queue_id.as_str());
 }
+
+/// The bot API: a bot-first conversation's bot posts later (not in a turn's answer), a retried
+/// post with the same `message_id` is one message, the bot hands off with context, and after
+/// the handoff the bot can no longer post.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bot_posts_and_hands_off_through_the_bot_api() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = start_node(dir.path(), "dev", &["dev"], base_env(dir.path())).await;
+    let url = node.url.as_str();
+    let admin = Admin::new(url);
+    let tenant = provision_tenant(&admin).await;
+    let (bot_url, _bot_server) = start_bot("bot-secret").await;
+    let bot = admin
+        .post(
+            &format!("/tenants/{}/bots", tenant.id),
+            json!({"name": "Botty", "url": bot_url, "credential": "bot-secret"}),
+        )
+        .await;
+    let bot_token = bot["token"].as_str().expect("bot token").to_string();
+    assert!(bot_token.starts_with("nxb_"), "{bot}");
+    admin
+        .post(
+            &format!("/tenants/{}/routing-rules", tenant.id),
+            json!({"channel": "WEB_CHAT", "queue_id": tenant.queue_id, "priority": 10, "bot_id": bot["id"]}),
+        )
+        .await;
+    let (_, token) = provision_agent(&admin, &tenant, "alice", 2).await;
+    let mut agent = agent_ready(url, &token).await;
+    let http = reqwest::Client::new();
+    let started: Value = http
+        .post(format!("{url}/nexus/v3/chat/sessions"))
+        .header("x-api-key", &tenant.api_key)
+        .json(&json!({"nickname": "Eve", "text": "hello"}))
+        .send()
+        .await
+        .expect("start")
+        .json()
+        .await
+        .expect("json");
+    let sid = started["session_id"].as_str().expect("sid").to_string();
+    let ck = started["client_key"].as_str().expect("key").to_string();
+    let mut customer = ws_connect(&format!(
+        "{url}/nexus/v3/chat/sessions/{sid}/stream?api_key={}&client_key={ck}",
+        tenant.api_key
+    ))
+    .await;
+    let from_bot = |v: &Value| v["type"] == "transcript" && v["from"]["kind"] == "bot";
+    // The synchronous answer still works.
+    let reply = ws_until(&mut customer, WAIT, from_bot).await;
+    assert_eq!(reply["text"], "Bot: hello");
+
+    let bot_post = |path: &'static str, body: Value| {
+        let (http, url, sid, bot_token) = (
+            http.clone(),
+            url.to_string(),
+            sid.clone(),
+            bot_token.clone(),
+        );
+        async move {
+            let r = http
+                .post(format!("{url}/v1/bot/conversations/{sid}/{path}"))
+                .bearer_auth(&bot_token)
+                .json(&body)
+                .send()
+                .await
+                .expect("bot api");
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    // The conversation is known to the bot API once the turn that introduced it is applied.
+    eventually(WAIT, "conversation known to the bot API", || {
+        let (http, url, sid, bot_token) = (
+            http.clone(),
+            url.to_string(),
+            sid.clone(),
+            bot_token.clone(),
+        );
+        async move {
+            let r = http
+                .get(format!("{url}/v1/bot/conversations/{sid}/messages"))
+                .bearer_auth(&bot_token)
+                .send()
+                .await
+                .ok()?;
+            (r.status() == 200).then_some(())
+        }
+    })
+    .await;
+    // Later, on its own: the customer sees it as the bot's.
+    let (status, body) = bot_post(
+        "messages",
+        json!({"text": "Still there?", "message_id": "b-1"}),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let b1 = body["message_id"].as_str().expect("message id").to_string();
+    let later = ws_until(&mut customer, WAIT, from_bot).await;
+    assert_eq!(later["text"], "Still there?");
+    assert_eq!(later["message_id"], b1.as_str());
+    assert_eq!(later["from"]["nickname"], "Botty");
+    // A retry is not a second message (the next post is applied after it, in order).
+    let (status, body) = bot_post(
+        "messages",
+        json!({"text": "Still there?", "message_id": "b-1"}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["message_id"].as_str()),
+        (202, Some(b1.as_str()))
+    );
+    let (status, _) = bot_post("messages", json!({"text": "Take your time."})).await;
+    assert_eq!(status, 202);
+    let next = ws_until(&mut customer, WAIT, from_bot).await;
+    assert_eq!(
+        next["text"], "Take your time.",
+        "the retry showed again: {next}"
+    );
+    let transcript: Value = http
+        .get(format!("{url}/v1/bot/conversations/{sid}/messages"))
+        .bearer_auth(&bot_token)
+        .send()
+        .await
+        .expect("transcript")
+        .json()
+        .await
+        .expect("json");
+    let messages = transcript["messages"].as_array().expect("messages");
+    let copies = messages
+        .iter()
+        .filter(|m| m["message_id"] == b1.as_str())
+        .count();
+    assert_eq!(copies, 1, "{transcript}");
+    assert!(
+        messages.iter().any(|m| m["text"] == "hello"),
+        "{transcript}"
+    );
+
+    // Nobody was offered the chat while with the bot; the handoff offers it with the context.
+    let early = tokio::time::timeout(Duration::from_millis(300), async {
+        ws_until(&mut agent, WAIT, |v| v["type"] == "offer").await
+    })
+    .await;
+    assert!(early.is_err(), "offered while with the bot: {early:?}");
+    let (status, body) = bot_post("handoff", json!({"user_data": {"intent": "sales"}})).await;
+    assert_eq!(status, 202, "{body}");
+    let offer = ws_until(&mut agent, WAIT, |v| v["type"] == "offer").await;
+    assert_eq!(offer["conversation_id"], sid.as_str());
+    assert_eq!(offer["user_data"]["intent"], "sales", "{offer}");
+    assert_eq!(offer["queue_id"], tenant.queue_id.as_str());
+
+    // Handed off: the bot cannot post or hand off again.
+    let (status, body) = bot_post("messages", json!({"text": "me again"})).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("HANDED_OFF")),
+        "{body}"
+    );
+    let (status, body) = bot_post("handoff", json!({})).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("HANDED_OFF")),
+        "{body}"
+    );
+}
+
+/// The owner invites `agent_id` as consultant over the agent WebSocket.
+async fn invite(owner: &mut Ws, sid: &str, agent_id: &str) {
+    ws_send(
+        owner,
+        json!({"op": "consult", "conversation_id": sid, "agent_id": agent_id, "request_id": "c"}),
+    )
+    .await;
+    let ack = ws_until(owner, WAIT, |v| v["request_id"] == "c").await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+}
+
+/// Consult / conference: the owner invites a second agent, who joins (capacity counted), reads
+/// the transcript, sees the customer's messages, replies to the customer and leaves without
+/// ending the chat; invited again, the owner's completion ends it for both and frees both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consultant_joins_replies_leaves_and_completion_frees_both() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = start_node(dir.path(), "dev", &["dev"], base_env(dir.path())).await;
+    let url = node.url.as_str();
+    let admin = Admin::new(url);
+    let tenant = provision_tenant(&admin).await;
+    let (_, a_token) = provision_agent(&admin, &tenant, "alice", 1).await;
+    let mut alice = agent_ready(url, &a_token).await;
+    let (b_id, b_token) = provision_agent(&admin, &tenant, "bob", 1).await;
+    let mut bob = agent_ready(url, &b_token).await;
+    let http = reqwest::Client::new();
+    let active = |token: &str| {
+        let (http, url, token) = (http.clone(), url.to_string(), token.to_string());
+        async move {
+            let me: Value = http
+                .get(format!("{url}/v1/agent/me"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .expect("me")
+                .json()
+                .await
+                .expect("json");
+            me["active"]["chat"].as_u64().unwrap_or(0)
+        }
+    };
+
+    let started: Value = http
+        .post(format!("{url}/nexus/v3/chat/sessions"))
+        .header("x-api-key", &tenant.api_key)
+        .json(&json!({"nickname": "Fay", "text": "my order is late"}))
+        .send()
+        .await
+        .expect("start")
+        .json()
+        .await
+        .expect("json");
+    let sid = started["session_id"].as_str().expect("sid").to_string();
+    let ck = started["client_key"].as_str().expect("key").to_string();
+    let mut customer = ws_connect(&format!(
+        "{url}/nexus/v3/chat/sessions/{sid}/stream?api_key={}&client_key={ck}",
+        tenant.api_key
+    ))
+    .await;
+    let send = |text: &'static str| {
+        let (http, url, sid, ck, key) = (
+            http.clone(),
+            url.to_string(),
+            sid.clone(),
+            ck.clone(),
+            tenant.api_key.clone(),
+        );
+        async move {
+            let r = http
+                .post(format!("{url}/nexus/v3/chat/sessions/{sid}/messages"))
+                .header("x-api-key", &key)
+                .header("x-nexus-client-key", &ck)
+                .json(&json!({"text": text}))
+                .send()
+                .await
+                .expect("send");
+            assert_eq!(r.status(), 202);
+        }
+    };
+    // Alice (ready first, longest idle) takes it.
+    let offer = ws_until(&mut alice, WAIT, |v| v["type"] == "offer").await;
+    ws_send(
+        &mut alice,
+        json!({"op": "accept", "conversation_id": sid, "offer_id": offer["offer_id"]}),
+    )
+    .await;
+    ws_until(&mut alice, WAIT, |v| {
+        v["type"] == "state" && v["state"] == "connected"
+    })
+    .await;
+
+    invite(&mut alice, &sid, &b_id).await;
+    let offer = ws_until(&mut bob, WAIT, |v| v["type"] == "offer").await;
+    assert_eq!(offer["consult"], true, "{offer}");
+    assert_eq!(offer["conversation_id"], sid.as_str());
+    // Consulting takes one of Bob's slots.
+    assert_eq!(active(&b_token).await, 1);
+    let r = http
+        .post(format!("{url}/v1/agent/conversations/{sid}/accept"))
+        .bearer_auth(&b_token)
+        .json(&json!({"offer_id": offer["offer_id"]}))
+        .send()
+        .await
+        .expect("accept");
+    assert_eq!(r.status(), 202);
+    let joined =
+        |v: &Value| transcript_frame(v, "ParticipantJoined") && v["from"]["nickname"] == "bob";
+    ws_until(&mut customer, WAIT, joined).await;
+    ws_until(&mut alice, WAIT, joined).await;
+    ws_until(&mut bob, WAIT, |v| {
+        v["type"] == "state" && v["state"] == "connected"
+    })
+    .await;
+    // Bob reads what was said before he joined.
+    let transcript: Value = http
+        .get(format!("{url}/v1/agent/conversations/{sid}/messages"))
+        .bearer_auth(&b_token)
+        .send()
+        .await
+        .expect("transcript")
+        .json()
+        .await
+        .expect("json");
+    let texts: Vec<&str> = transcript["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["text"].as_str())
+        .collect();
+    assert!(texts.contains(&"my order is late"), "{transcript}");
+
+    // Both agents see the customer; the customer sees Bob's reply.
+    send("it was due monday").await;
+    let said = |v: &Value| transcript_frame(v, "Message") && v["text"] == "it was due monday";
+    ws_until(&mut alice, WAIT, said).await;
+    ws_until(&mut bob, WAIT, said).await;
+    ws_send(
+        &mut bob,
+        json!({"op": "reply", "conversation_id": sid, "text": "I can reship it"}),
+    )
+    .await;
+    let reply = ws_until(&mut customer, WAIT, |v| {
+        transcript_frame(v, "Message") && v["from"]["kind"] == "agent"
+    })
+    .await;
+    assert_eq!(
+        (reply["text"].as_str(), reply["from"]["nickname"].as_str()),
+        (Some("I can reship it"), Some("bob"))
+    );
+    ws_until(&mut alice, WAIT, |v| {
+        transcript_frame(v, "Message") && v["text"] == "I can reship it"
+    })
+    .await;
+
+    // Bob leaves: his slot is free, the chat goes on with Alice.
+    let r = http
+        .post(format!("{url}/v1/agent/conversations/{sid}/leave"))
+        .bearer_auth(&b_token)
+        .send()
+        .await
+        .expect("leave");
+    assert_eq!(r.status(), 202);
+    let left = ws_until(&mut customer, WAIT, |v| {
+        transcript_frame(v, "ParticipantLeft")
+    })
+    .await;
+    assert_eq!(left["from"]["nickname"], "bob");
+    ws_until(&mut bob, WAIT, |v| {
+        v["type"] == "state" && v["state"] == "left"
+    })
+    .await;
+    assert_eq!(active(&b_token).await, 0);
+    assert_eq!(active(&a_token).await, 1);
+    send("thanks").await;
+    ws_until(&mut alice, WAIT, |v| {
+        transcript_frame(v, "Message") && v["text"] == "thanks"
+    })
+    .await;
+    // Bob no longer sees the conversation.
+    let r = http
+        .get(format!("{url}/v1/agent/conversations/{sid}/messages"))
+        .bearer_auth(&b_token)
+        .send()
+        .await
+        .expect("transcript");
+    assert_eq!(r.status(), 404);
+
+    // Invited again and joined, then Alice completes: closed for both, both slots free.
+    invite(&mut alice, &sid, &b_id).await;
+    let offer = ws_until(&mut bob, WAIT, |v| v["type"] == "offer").await;
+    ws_send(
+        &mut bob,
+        json!({"op": "accept", "conversation_id": sid, "offer_id": offer["offer_id"]}),
+    )
+    .await;
+    ws_until(&mut bob, WAIT, |v| {
+        v["type"] == "state" && v["state"] == "connected"
+    })
+    .await;
+    assert_eq!(active(&b_token).await, 1);
+    ws_send(
+        &mut alice,
+        json!({"op": "complete", "conversation_id": sid, "disposition": "resolved"}),
+    )
+    .await;
+    let closed = |v: &Value| v["type"] == "state" && v["state"] == "closed";
+    ws_until(&mut alice, WAIT, closed).await;
+    ws_until(&mut bob, WAIT, closed).await;
+    ws_until(&mut customer, WAIT, closed).await;
+    assert_eq!(active(&a_token).await, 0);
+    assert_eq!(active(&b_token).await, 0);
+}

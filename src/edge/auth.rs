@@ -1,5 +1,5 @@
 //! Authentication of edge callers: the admin bearer token (admin and ingest endpoints,
-//! constant-time compare), tenant API keys and agent tokens against provisioning, mapped to
+//! constant-time compare), tenant API keys, agent and bot tokens against provisioning, mapped to
 //! 401/403 answers with machine-readable codes (503 when the store is down).
 
 use axum::http::{header, HeaderMap, StatusCode};
@@ -7,7 +7,7 @@ use subtle::ConstantTimeEq;
 
 use super::{ApiError, AppState};
 use crate::config::HttpConfig;
-use crate::stores::provisioning::{Agent, ApiKeyGrant, AuthError};
+use crate::stores::provisioning::{Agent, ApiKeyGrant, AuthError, BotEndpoint};
 
 /// `Authorization: Bearer <http.admin_token>`: 401 when missing or wrong, 403 `ADMIN_DISABLED`
 /// when no token is configured.
@@ -73,4 +73,13 @@ pub async fn agent(state: &AppState, raw: &str) -> Result<Agent, ApiError> {
         .authenticate_agent(raw)
         .await
         .map_err(|e| refused(e, "agent token"))
+}
+
+/// The bot of a bot API token.
+pub async fn bot(state: &AppState, raw: &str) -> Result<BotEndpoint, ApiError> {
+    state
+        .provisioning
+        .authenticate_bot(raw)
+        .await
+        .map_err(|e| refused(e, "bot token"))
 }

@@ -4,6 +4,7 @@
 mod admin;
 mod agent;
 mod auth;
+mod bot;
 pub mod chat;
 pub mod demo;
 pub mod error;
@@ -109,6 +110,7 @@ pub fn app(state: AppState) -> Router {
         .merge(admin::router(state.clone()))
         .merge(chat::routes(state.config.chat.max_file_bytes))
         .merge(agent::routes())
+        .merge(bot::routes())
         .merge(demo::routes())
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

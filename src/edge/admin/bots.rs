@@ -1,5 +1,6 @@
 //! `/v1/admin/tenants/{tenant}/bots`: a tenant's bot endpoints (URL and credential).
 //! The credential is accepted on POST/PATCH and never answered (`has_credential` instead).
+//! POST and `POST .../{id}/token` (rotation) answer the bot's API token once, as `token`.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -7,13 +8,13 @@ use axum::Json;
 
 use super::{Body, Listing};
 use crate::edge::{ApiError, AppState};
-use crate::stores::provisioning::{BotEndpoint, BotPatch, NewBot, Page};
+use crate::stores::provisioning::{BotEndpoint, BotPatch, BotToken, CreatedBot, NewBot, Page};
 
 pub async fn create(
     State(state): State<AppState>,
     Path(tenant): Path<String>,
     Body(new): Body<NewBot>,
-) -> Result<(StatusCode, Json<BotEndpoint>), ApiError> {
+) -> Result<(StatusCode, Json<CreatedBot>), ApiError> {
     let created = state.provisioning.create_bot(&tenant, new).await?;
     Ok((StatusCode::CREATED, Json(created)))
 }
@@ -50,4 +51,14 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     state.provisioning.delete_bot(&tenant, &id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A new bot API token; the old one stops working.
+pub async fn rotate_token(
+    State(state): State<AppState>,
+    Path((tenant, id)): Path<(String, String)>,
+) -> Result<Json<BotToken>, ApiError> {
+    Ok(Json(
+        state.provisioning.rotate_bot_token(&tenant, &id).await?,
+    ))
 }

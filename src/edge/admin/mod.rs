@@ -86,6 +86,10 @@ pub fn router(state: AppState) -> Router<AppState> {
             &format!("{t}/{{tenant}}/bots/{{id}}"),
             get(bots::get).patch(bots::update).delete(bots::delete),
         )
+        .route(
+            &format!("{t}/{{tenant}}/bots/{{id}}/token"),
+            post(bots::rotate_token),
+        )
         .route_layer(middleware::from_fn_with_state(state, require_admin))
 }
 

@@ -1,6 +1,7 @@
 //! The agent desktop API (`/v1/agent...`, agent token): readiness, offers, replies, typing,
-//! completion, own conversations, their transcripts and files, and the agent WebSocket (`ws`), whose
-//! operations are the same functions as the HTTP routes.
+//! completion, transfer, consultants (invite, leave), own conversations, their transcripts and
+//! files, and the agent WebSocket (`ws`), whose operations are the same functions as the HTTP
+//! routes.
 //!
 //! The edge publishes what the agent does and answers 202; the conversation worker judges it in
 //! the conversation's order (a stale accept gets an `offer_closed` push, a reply to a
@@ -48,6 +49,8 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/v1/agent/conversations/{id}/complete", post(complete))
         .route("/v1/agent/conversations/{id}/transfer", post(transfer))
+        .route("/v1/agent/conversations/{id}/consult", post(consult))
+        .route("/v1/agent/conversations/{id}/leave", post(leave))
         .route("/v1/agent/ws", get(ws::websocket))
 }
 
@@ -75,7 +78,7 @@ fn event<B: ev::Body>(body: &B, agent: &Agent, conversation_id: &str) -> Result<
         .map_err(|e| ApiError::bad_request("INVALID_FIELD", e.to_string()))
 }
 
-fn check_id(id: &str) -> Result<(), ApiError> {
+pub(crate) fn check_id(id: &str) -> Result<(), ApiError> {
     if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
     {
         return Err(ApiError::bad_request(
@@ -273,6 +276,73 @@ pub(crate) async fn do_transfer(
     publish(state, e).await
 }
 
+/// Invites another agent of the tenant into a conversation the agent holds, as a consultant in
+/// conference (the customer sees what the consultant writes).
+pub(crate) async fn do_consult(
+    state: &AppState,
+    agent: &Agent,
+    id: &str,
+    agent_id: &str,
+    note: Option<String>,
+) -> Result<(), ApiError> {
+    check_id(id)?;
+    check_id(agent_id)?;
+    let body = ev::TransferRequested {
+        agent_id: agent.id.clone(),
+        participant_id: agent.id.clone(),
+        target_kind: ev::TargetKind::Agent,
+        target_id: agent_id.to_string(),
+        mode: ev::TransferMode::Conference,
+        note,
+        user_data: Default::default(),
+    };
+    let e = event(&body, agent, id)?;
+    publish(state, e).await
+}
+
+/// A consultant leaves the conversation (or withdraws from an invitation); it goes on.
+pub(crate) async fn do_leave(state: &AppState, agent: &Agent, id: &str) -> Result<(), ApiError> {
+    check_id(id)?;
+    let body = ev::ParticipantLeft {
+        participant_id: agent.id.clone(),
+        participant_kind: ParticipantKind::Agent,
+        nickname: Some(agent.name.clone()),
+        reason: ev::LeftReason::Left,
+        transcript_position: None,
+    };
+    let e = event(&body, agent, id)?;
+    publish(state, e).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsultRequest {
+    agent_id: String,
+    note: Option<String>,
+}
+
+async fn consult(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, ApiError> {
+    let agent = agent_of(&state, &headers).await?;
+    let r: ConsultRequest = super::chat::json_body(body)?;
+    do_consult(&state, &agent, &id, &r.agent_id, r.note).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+async fn leave(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let agent = agent_of(&state, &headers).await?;
+    do_leave(&state, &agent, &id).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TransferRequest {
@@ -457,7 +527,8 @@ async fn conversations(
                 "state": c.state,
                 "nickname": c.customer.nickname,
                 "queue_id": c.queue_id,
-                "offer_id": if c.offered_to.as_deref() == Some(agent.id.as_str()) { c.routing.offer_id.clone() } else { None },
+                "offer_id": if c.offered_to.as_deref() == Some(agent.id.as_str()) { c.routing.offer_id.clone() } else if c.routing.consult_invited.as_deref() == Some(agent.id.as_str()) { c.routing.consult_offer_id.clone() } else { None },
+                "role": if c.agent_id.as_deref() == Some(agent.id.as_str()) || c.offered_to.as_deref() == Some(agent.id.as_str()) { "owner" } else { "consultant" },
                 "created_at": c.created_at_ms,
             }));
         }
@@ -465,8 +536,8 @@ async fn conversations(
     Ok(Json(json!({ "items": items })))
 }
 
-/// Refuses a conversation the agent neither holds nor was offered, with the same 404 as one
-/// that does not exist.
+/// Refuses a conversation the agent neither holds nor was offered (as owner or consultant),
+/// with the same 404 as one that does not exist.
 async fn ensure_mine(state: &AppState, agent: &Agent, id: &str) -> Result<(), ApiError> {
     check_id(id)?;
     let c = state
@@ -474,9 +545,12 @@ async fn ensure_mine(state: &AppState, agent: &Agent, id: &str) -> Result<(), Ap
         .conversation(&agent.tenant_id, id)
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let me = Some(agent.id.as_str());
     let mine = c.is_some_and(|c| {
-        c.agent_id.as_deref() == Some(agent.id.as_str())
-            || c.offered_to.as_deref() == Some(agent.id.as_str())
+        c.agent_id.as_deref() == me
+            || c.offered_to.as_deref() == me
+            || c.routing.consultant.as_deref() == me
+            || c.routing.consult_invited.as_deref() == me
     });
     if !mine {
         return Err(ApiError::not_found(

@@ -12,7 +12,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::broadcast::error::RecvError;
 
-use super::{do_accept, do_complete, do_reject, do_reply, do_set_state, do_transfer, do_typing};
+use super::{
+    do_accept, do_complete, do_consult, do_leave, do_reject, do_reply, do_set_state, do_transfer,
+    do_typing,
+};
 use crate::edge::{ApiError, AppState};
 use crate::stores::provisioning::Agent;
 
@@ -160,6 +163,16 @@ async fn run(state: &AppState, agent: &Agent, r: Request) -> Result<Value, ApiEr
             do_transfer(state, agent, &id, r.queue_id, r.agent_id, r.note)
                 .await
                 .map(|_| Value::Null)
+        }
+        "consult" => {
+            let id = need(r.conversation_id, "conversation_id")?;
+            do_consult(state, agent, &id, &need(r.agent_id, "agent_id")?, r.note)
+                .await
+                .map(|_| Value::Null)
+        }
+        "leave" => {
+            let id = need(r.conversation_id, "conversation_id")?;
+            do_leave(state, agent, &id).await.map(|_| Value::Null)
         }
         other => Err(ApiError::bad_request(
             "UNKNOWN_OPERATION",

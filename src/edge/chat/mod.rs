@@ -19,7 +19,10 @@ use crate::events::Event;
 use crate::stores::provisioning::Permission;
 pub use client_key::{Claims, ClientKeys};
 pub(crate) use files::file_response;
-pub(crate) use v3::{body_error, check_text, json_body, read_transcript, typing_started};
+pub(crate) use v3::{
+    body_error, check_message_id, check_text, check_user_data, json_body, read_transcript,
+    typing_started,
+};
 
 pub use crate::topology::topics::INBOUND as INBOUND_TOPIC;
 

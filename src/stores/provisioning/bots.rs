@@ -1,11 +1,13 @@
 //! Bot endpoints of a tenant: URL and credential. The credential is encrypted at rest, bound to
-//! its tenant and bot, never answered; only the worker that calls the bot decrypts it.
+//! its tenant and bot, never answered; only the worker that calls the bot decrypts it. Each bot
+//! also has a bot API token (SHA-256 stored, shown once) with which it calls the bot API.
 
 use sqlx::any::AnyRow;
 
-use super::models::{self, BotEndpoint, BotPatch, NewBot, Page, PageRequest};
+use super::models::{self, BotEndpoint, BotPatch, BotToken, CreatedBot, NewBot, Page, PageRequest};
+use super::secrets::{self, BOT_TOKEN_PREFIX};
 use super::sql::{self, get, Keyed};
-use super::{Object, Provisioning, ProvisioningError};
+use super::{AuthError, Object, Provisioning, ProvisioningError};
 
 const SELECT: &str = "SELECT id, tenant_id, name, url, created_at_ms FROM bots";
 
@@ -41,11 +43,12 @@ fn referenced() -> String {
 }
 
 impl Provisioning {
+    /// Creates a bot endpoint; the answer holds its bot API token, never available again.
     pub async fn create_bot(
         &self,
         tenant_id: &str,
         new: NewBot,
-    ) -> Result<BotEndpoint, ProvisioningError> {
+    ) -> Result<CreatedBot, ProvisioningError> {
         let bot = BotEndpoint {
             id: sql::new_id(),
             tenant_id: self.tenant(tenant_id).await?.id,
@@ -58,19 +61,70 @@ impl Provisioning {
         let sealed = self
             .cipher
             .encrypt(&new.credential, &aad(&bot.tenant_id, &bot.id));
+        let token = secrets::generate_token(BOT_TOKEN_PREFIX);
         sqlx::query(
-            "INSERT INTO bots (id, tenant_id, name, url, credential, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO bots (id, tenant_id, name, url, credential, token_hash, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(bot.id.clone())
         .bind(bot.tenant_id.clone())
         .bind(bot.name.clone())
         .bind(bot.url.clone())
         .bind(sealed)
+        .bind(token.hash.clone())
         .bind(bot.created_at_ms)
         .execute(&self.pool)
         .await
         .map_err(|e| sql::write_error(e, duplicate(&bot.name), referenced))?;
-        Ok(bot)
+        Ok(CreatedBot {
+            bot,
+            token: token.raw,
+        })
+    }
+
+    /// Replaces the bot's API token; the old one stops working at once.
+    pub async fn rotate_bot_token(
+        &self,
+        tenant_id: &str,
+        id: &str,
+    ) -> Result<BotToken, ProvisioningError> {
+        let token = secrets::generate_token(BOT_TOKEN_PREFIX);
+        let done = sqlx::query("UPDATE bots SET token_hash = $3 WHERE tenant_id = $1 AND id = $2")
+            .bind(tenant_id.to_string())
+            .bind(id.to_string())
+            .bind(token.hash.clone())
+            .execute(&self.pool)
+            .await
+            .map_err(sql::unavailable)?;
+        if done.rows_affected() == 0 {
+            return Err(self.missing(tenant_id, Object::Bot).await);
+        }
+        Ok(BotToken {
+            bot_id: id.to_string(),
+            token: token.raw,
+        })
+    }
+
+    /// The bot a raw bot API token belongs to; the token is never logged.
+    pub async fn authenticate_bot(&self, raw_token: &str) -> Result<BotEndpoint, AuthError> {
+        if !raw_token.starts_with(BOT_TOKEN_PREFIX) {
+            return Err(AuthError::Unknown);
+        }
+        let row = sqlx::query(
+            "SELECT id, tenant_id, name, url, created_at_ms, token_hash FROM bots WHERE token_hash = $1",
+        )
+        .bind(secrets::hash_token(raw_token))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| AuthError::Unavailable(e.to_string()))?;
+        let Some(row) = row else {
+            return Err(AuthError::Unknown);
+        };
+        let unavailable = |e: ProvisioningError| AuthError::Unavailable(e.to_string());
+        let stored: String = get(&row, "token_hash").map_err(unavailable)?;
+        if !secrets::token_matches(raw_token, &stored) {
+            return Err(AuthError::Unknown);
+        }
+        from_row(&row).map_err(unavailable)
     }
 
     pub async fn bot(&self, tenant_id: &str, id: &str) -> Result<BotEndpoint, ProvisioningError> {

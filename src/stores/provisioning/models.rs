@@ -143,6 +143,21 @@ pub struct CreatedAgent {
     pub token: String,
 }
 
+/// A bot endpoint as answered at creation: the only time its bot API `token` is shown.
+#[derive(Debug, Clone, Serialize)]
+pub struct CreatedBot {
+    #[serde(flatten)]
+    pub bot: BotEndpoint,
+    pub token: String,
+}
+
+/// A rotated bot API token, shown once.
+#[derive(Debug, Clone, Serialize)]
+pub struct BotToken {
+    pub bot_id: String,
+    pub token: String,
+}
+
 /// A rotated agent token, shown once.
 #[derive(Debug, Clone, Serialize)]
 pub struct AgentToken {

@@ -1,5 +1,5 @@
-//! Secrets of provisioning: API keys and agent tokens (random, stored as SHA-256, compared in
-//! constant time) and bot credentials (encrypted at rest with XChaCha20-Poly1305).
+//! Secrets of provisioning: API keys, agent and bot tokens (random, stored as SHA-256, compared
+//! in constant time) and bot credentials (encrypted at rest with XChaCha20-Poly1305).
 
 use std::fmt;
 use std::io::Write;
@@ -17,6 +17,8 @@ use subtle::ConstantTimeEq;
 pub const API_KEY_PREFIX: &str = "nxk_";
 /// Prefix of agent tokens.
 pub const AGENT_TOKEN_PREFIX: &str = "nxa_";
+/// Prefix of bot API tokens.
+pub const BOT_TOKEN_PREFIX: &str = "nxb_";
 
 /// Random bytes per token: 256 bits, beyond any guessing.
 const TOKEN_BYTES: usize = 32;

@@ -165,6 +165,16 @@ pub struct Routing {
     /// A transfer to a named agent: only that agent is offered the conversation.
     #[serde(default)]
     pub target_agent: Option<String>,
+    /// A second agent in conference with the connected one (see the agent API's consult).
+    #[serde(default)]
+    pub consultant: Option<String>,
+    #[serde(default)]
+    pub consultant_nickname: Option<String>,
+    /// The agent invited as consultant, holding a slot until it accepts, declines or leaves.
+    #[serde(default)]
+    pub consult_invited: Option<String>,
+    #[serde(default)]
+    pub consult_offer_id: Option<String>,
     pub skills: Vec<String>,
     pub priority: i64,
     /// Async chat: kept open while idle, closed after the idle time and grace.

@@ -59,6 +59,13 @@ fn system() -> Party {
     }
 }
 
+/// Whether `offer_id` is the open consultant invitation of `agent`.
+fn is_consult_offer(c: &Conversation, agent: &str, offer_id: &str) -> bool {
+    c.state == ConversationState::Connected
+        && c.routing.consult_invited.as_deref() == Some(agent)
+        && c.routing.consult_offer_id.as_deref() == Some(offer_id)
+}
+
 fn entry(source: &Event, kind: EntryKind, from: Party, text: Option<String>) -> NewEntry {
     NewEntry {
         event_id: source.envelope.event_id.to_string(),
@@ -71,9 +78,13 @@ fn entry(source: &Event, kind: EntryKind, from: Party, text: Option<String>) -> 
     }
 }
 
-/// Agents who see the conversation's transcript: the connected one.
+/// Agents who see the conversation's transcript: the connected one and its consultant.
 fn watchers(c: &Conversation) -> Vec<String> {
-    c.agent_id.iter().cloned().collect()
+    c.agent_id
+        .iter()
+        .chain(c.routing.consultant.iter())
+        .cloned()
+        .collect()
 }
 
 impl ConversationWorker {
@@ -550,6 +561,9 @@ impl ConversationWorker {
         if c.routing.was_applied(&e.envelope.event_id.to_string()) {
             return Ok(());
         }
+        if is_consult_offer(&c, &b.agent_id, &b.offer_id) {
+            return self.join_consultant(c, e, b).await;
+        }
         let current = c.state == ConversationState::Offered
             && c.offered_to.as_deref() == Some(b.agent_id.as_str())
             && c.routing.offer_id.as_deref() == Some(b.offer_id.as_str());
@@ -616,6 +630,11 @@ impl ConversationWorker {
         };
         if c.routing.was_applied(&e.envelope.event_id.to_string()) {
             return Ok(());
+        }
+        if is_consult_offer(&c, &b.agent_id, &b.offer_id) {
+            return self
+                .drop_consultant(c, e, &b.agent_id, Some("DECLINED"))
+                .await;
         }
         let current = c.state == ConversationState::Offered
             && c.offered_to.as_deref() == Some(b.agent_id.as_str())
@@ -742,10 +761,20 @@ impl ConversationWorker {
         let Some(c) = self.open_conversation(e).await? else {
             return Ok(());
         };
+        let sender = b.agent_id.as_deref();
         if b.participant_kind == ParticipantKind::Agent
-            && c.agent_id.as_deref() != b.agent_id.as_deref()
+            && (sender.is_none()
+                || (c.agent_id.as_deref() != sender && c.routing.consultant.as_deref() != sender))
         {
             warn!(conversation_id = %c.conversation_id, "a message from an agent not connected; dropped");
+            return Ok(());
+        }
+        // The bot API: only the bot the conversation is with, and only until it hands off.
+        if b.participant_kind == ParticipantKind::Bot
+            && (c.state != ConversationState::Bot
+                || c.bot_id.as_deref() != Some(b.participant_id.as_str()))
+        {
+            warn!(conversation_id = %c.conversation_id, "a message from a bot the conversation is not with; dropped");
             return Ok(());
         }
         let from = Party {
@@ -899,12 +928,31 @@ impl ConversationWorker {
         let Some(mut c) = self.open_conversation(e).await? else {
             return Ok(());
         };
+        if c.state == ConversationState::Bot {
+            // A handoff through the bot API: the requester is the bot.
+            if c.bot_id.as_deref() != Some(b.agent_id.as_str()) {
+                warn!(conversation_id = %c.conversation_id, "handoff by a bot the conversation is not with; ignored");
+                return Ok(());
+            }
+            self.hand_off(&mut c, e, Some(b.target_id), b.user_data)
+                .await?;
+            return self.save(&mut c, e).await;
+        }
         if c.state != ConversationState::Connected || c.agent_id.as_deref() != Some(&b.agent_id) {
             warn!(conversation_id = %c.conversation_id, agent = %b.agent_id, "transfer by an agent not connected; ignored");
             return Ok(());
         }
+        if matches!(
+            b.mode,
+            ev::TransferMode::Conference | ev::TransferMode::Consult
+        ) {
+            return self.invite_consultant(c, e, b).await;
+        }
         let tenant = c.tenant_id.clone();
+        let in_consult = c.routing.consultant.is_some() || c.routing.consult_invited.is_some();
         let refused = match b.target_kind {
+            // The consultant would be left holding a conversation nobody owns.
+            _ if in_consult => Some("CONSULT_IN_PROGRESS"),
             ev::TargetKind::Queue => {
                 if self
                     .directory
@@ -999,6 +1047,228 @@ impl ConversationWorker {
         self.save(&mut c, e).await
     }
 
+    /// The connected agent invites another agent as consultant: the consultant's slot is taken
+    /// now (consulting counts against its capacity) and it gets an offer marked `consult`.
+    async fn invite_consultant(
+        &self,
+        mut c: Conversation,
+        e: &Event,
+        b: ev::TransferRequested,
+    ) -> Step {
+        let tenant = c.tenant_id.clone();
+        let target = b.target_id.clone();
+        let refused = if b.target_kind != ev::TargetKind::Agent {
+            Some("UNSUPPORTED_TARGET")
+        } else if target == b.agent_id {
+            Some("SAME_AGENT")
+        } else if c.routing.consultant.is_some() || c.routing.consult_invited.is_some() {
+            Some("CONSULT_IN_PROGRESS")
+        } else if self
+            .directory
+            .agent(&tenant, &target)
+            .await
+            .map_err(directory_failed)?
+            .is_none()
+        {
+            Some("AGENT_NOT_FOUND")
+        } else {
+            let reserve = Reserve {
+                conversation_id: c.conversation_id.clone(),
+                media: CHAT_MEDIA.into(),
+                skills: Vec::new(),
+                // The owner's own slot of this conversation is not the consultant's.
+                exclude: vec![b.agent_id.clone()],
+                only: Some(target.clone()),
+                now_ms: e.envelope.occurred_at_ms,
+            };
+            let reserved = self
+                .store
+                .reserve_agent(&tenant, &reserve)
+                .await
+                .map_err(store_failed)?;
+            (reserved.as_deref() != Some(target.as_str())).then_some("AGENT_NOT_AVAILABLE")
+        };
+        if let Some(reason) = refused {
+            let failed = json!({"type": "transfer_failed", "conversation_id": c.conversation_id,
+                "target_id": target, "reason": reason, "mode": "consult"});
+            let client = notify::state(false, vec![b.agent_id.clone()], failed);
+            return self
+                .emit(
+                    DELIVERY_TOPIC,
+                    e,
+                    &c.conversation_id,
+                    "client/consult",
+                    &client,
+                )
+                .await;
+        }
+        let offer_id = crate::events::chat::derived_id(&e.envelope.event_id, "consult").to_string();
+        let offer = json!({
+            "type": "offer",
+            "consult": true,
+            "conversation_id": c.conversation_id,
+            "offer_id": offer_id,
+            "invited_by": b.agent_id,
+            "note": b.note,
+            "queue_id": c.queue_id,
+            "nickname": c.customer.nickname,
+            "subject": c.subject,
+            "user_data": c.user_data,
+        });
+        let client = notify::to_agent(&target, ClientEventKind::Offer, offer);
+        self.emit(
+            DELIVERY_TOPIC,
+            e,
+            &c.conversation_id,
+            "client/consult",
+            &client,
+        )
+        .await?;
+        c.routing.consult_invited = Some(target);
+        c.routing.consult_offer_id = Some(offer_id);
+        self.save(&mut c, e).await
+    }
+
+    /// The invited consultant accepts: it joins as a second agent and sees what follows.
+    async fn join_consultant(&self, mut c: Conversation, e: &Event, b: ev::AgentAccepted) -> Step {
+        c.routing.consultant = Some(b.agent_id.clone());
+        c.routing.consultant_nickname = Some(b.nickname.clone());
+        c.routing.consult_invited = None;
+        c.routing.consult_offer_id = None;
+        let agent = Party {
+            participant_id: b.participant_id.clone(),
+            nickname: b.nickname.clone(),
+            kind: PartyKind::Agent,
+        };
+        let mut joined = entry(e, EntryKind::ParticipantJoined, agent, None);
+        joined.data.insert("role".into(), "consultant".into());
+        let joined = self.append(&c, e, "joined", joined).await?;
+        self.emit(
+            INTERACTION_TOPIC,
+            e,
+            &c.conversation_id,
+            "joined",
+            &ev::ParticipantJoined {
+                participant_id: b.participant_id.clone(),
+                participant_kind: ParticipantKind::Agent,
+                nickname: b.nickname.clone(),
+                agent_id: Some(b.agent_id.clone()),
+                transcript_position: i64::try_from(joined.position).ok(),
+            },
+        )
+        .await?;
+        let state = json!({"type": "state", "conversation_id": c.conversation_id,
+            "state": "connected", "role": "consultant", "agent_id": b.agent_id,
+            "nickname": c.customer.nickname});
+        let client = notify::state(false, vec![b.agent_id.clone()], state);
+        self.emit(
+            DELIVERY_TOPIC,
+            e,
+            &c.conversation_id,
+            "client/state",
+            &client,
+        )
+        .await?;
+        self.save(&mut c, e).await
+    }
+
+    /// An agent leaves a conversation it is consultant of (or declines or withdraws from the
+    /// invitation); the conversation goes on with its owner.
+    pub(super) async fn on_agent_left(&self, e: &Event, b: ev::ParticipantLeft) -> Step {
+        let Some(c) = self.open_conversation(e).await? else {
+            return Ok(());
+        };
+        let agent = b.participant_id.clone();
+        if c.routing.consultant.as_deref() == Some(agent.as_str())
+            || c.routing.consult_invited.as_deref() == Some(agent.as_str())
+        {
+            return self.drop_consultant(c, e, &agent, None).await;
+        }
+        warn!(conversation_id = %c.conversation_id, agent = %agent, "leave by an agent not consulting; ignored (owners complete or transfer)");
+        Ok(())
+    }
+
+    /// Frees the consultant (or the invited one) and tells the owner; `declined` for an
+    /// invitation refused.
+    async fn drop_consultant(
+        &self,
+        mut c: Conversation,
+        e: &Event,
+        agent: &str,
+        declined: Option<&str>,
+    ) -> Step {
+        self.release(&c.tenant_id, agent, e).await?;
+        if c.routing.consultant.as_deref() == Some(agent) {
+            let party = Party {
+                participant_id: agent.to_string(),
+                nickname: c
+                    .routing
+                    .consultant_nickname
+                    .clone()
+                    .unwrap_or_else(|| agent.to_string()),
+                kind: PartyKind::Agent,
+            };
+            let mut left = entry(e, EntryKind::ParticipantLeft, party, None);
+            left.data.insert("role".into(), "consultant".into());
+            let appended = self.append(&c, e, "left", left).await?;
+            self.emit(
+                INTERACTION_TOPIC,
+                e,
+                &c.conversation_id,
+                "left",
+                &ev::ParticipantLeft {
+                    participant_id: agent.to_string(),
+                    participant_kind: ParticipantKind::Agent,
+                    nickname: c.routing.consultant_nickname.clone(),
+                    reason: ev::LeftReason::Left,
+                    transcript_position: i64::try_from(appended.position).ok(),
+                },
+            )
+            .await?;
+            let state = json!({"type": "state", "conversation_id": c.conversation_id,
+                "state": "left", "role": "consultant"});
+            let client = notify::state(false, vec![agent.to_string()], state);
+            self.emit(
+                DELIVERY_TOPIC,
+                e,
+                &c.conversation_id,
+                "client/left",
+                &client,
+            )
+            .await?;
+        } else {
+            let closed = json!({"type": "offer_closed", "conversation_id": c.conversation_id,
+                "offer_id": c.routing.consult_offer_id, "reason": declined.unwrap_or("withdrawn")});
+            let client = notify::to_agent(agent, ClientEventKind::OfferClosed, closed);
+            self.emit(
+                DELIVERY_TOPIC,
+                e,
+                &c.conversation_id,
+                "client/offer",
+                &client,
+            )
+            .await?;
+            if let (Some(reason), Some(owner)) = (declined, c.agent_id.clone()) {
+                let failed = json!({"type": "transfer_failed", "conversation_id": c.conversation_id,
+                    "target_id": agent, "reason": reason, "mode": "consult"});
+                let client = notify::state(false, vec![owner], failed);
+                self.emit(
+                    DELIVERY_TOPIC,
+                    e,
+                    &c.conversation_id,
+                    "client/consult",
+                    &client,
+                )
+                .await?;
+            }
+        }
+        c.routing.consultant = None;
+        c.routing.consultant_nickname = None;
+        c.routing.consult_invited = None;
+        c.routing.consult_offer_id = None;
+        self.save(&mut c, e).await
+    }
+
     pub(super) async fn on_agent_state(&self, e: &Event, b: ev::AgentStateChanged) -> Step {
         let tenant = &e.envelope.tenant_id;
         let profile = self
@@ -1043,6 +1313,8 @@ impl ConversationWorker {
             .agent_id
             .iter()
             .chain(c.offered_to.iter())
+            .chain(c.routing.consultant.iter())
+            .chain(c.routing.consult_invited.iter())
             .cloned()
             .collect();
         for agent in &agents {

@@ -108,7 +108,14 @@ impl Handler for ConversationWorker {
             chat::ConversationRequested::TYPE => self.on_requested(event, body(event)?).await,
             chat::MessageReceived::TYPE => self.on_customer_message(event, body(event)?).await,
             chat::TypingIndicated::TYPE => self.on_typing(event, body(event)?).await,
-            chat::ParticipantLeft::TYPE => self.on_customer_left(event, body(event)?).await,
+            chat::ParticipantLeft::TYPE => {
+                let b: chat::ParticipantLeft = body(event)?;
+                if b.participant_kind == chat::ParticipantKind::Agent {
+                    self.on_agent_left(event, b).await
+                } else {
+                    self.on_customer_left(event, b).await
+                }
+            }
             chat::AgentStateChanged::TYPE => self.on_agent_state(event, body(event)?).await,
             chat::AgentOffered::TYPE => self.on_offered(event, body(event)?).await,
             chat::AgentAccepted::TYPE => self.on_accepted(event, body(event)?).await,
