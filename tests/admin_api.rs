@@ -890,9 +890,20 @@ async fn bot_credentials_are_encrypted_and_never_returned(backend: Backend) {
         );
         assert!(text.contains("has_credential"), "{text}");
     }
+    // The bot API token: shown once at creation, stored as its SHA-256 only.
+    let token = created["token"].as_str().expect("bot token");
+    assert!(token.starts_with("nxb_"), "{created_text}");
+    for text in [&got, &list, &patched] {
+        assert!(!text.contains(token) && !text.contains("token"), "{text}");
+    }
     let stored = h
-        .table_text("bots", &["id", "tenant_id", "name", "url", "credential"])
+        .table_text(
+            "bots",
+            &["id", "tenant_id", "name", "url", "credential", "token_hash"],
+        )
         .await;
+    assert!(!stored.contains(&token[4..]), "{stored}");
+    assert!(stored.contains(&nexus::stores::provisioning::secrets::hash_token(token)));
     assert!(!stored.contains(BOT_SECRET), "{stored}");
     assert!(!stored.contains("s3cret"), "{stored}");
 

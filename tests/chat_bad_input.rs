@@ -1,7 +1,7 @@
 //! Bad input on every chat v3, legacy v2 and agent endpoint, in-process (embedded bus, embedded
 //! session store, SQLite provisioning): each rejected request answers a clear 4xx with a
 //! machine-readable code and publishes nothing on the inbound or agent topic. Tenant A's keys
-//! never reach tenant B's sessions or transcripts.
+//! never reach tenant B's sessions or transcripts; a bot only its own conversations.
 
 mod common;
 
@@ -16,7 +16,9 @@ use http_body_util::BodyExt;
 use nexus::config::Config;
 use nexus::edge::chat::{Claims, ClientKeys};
 use nexus::edge::{self, AppState};
-use nexus::stores::provisioning::{NewAgent, NewApiKey, NewTenant, Permission, Provisioning};
+use nexus::stores::provisioning::{
+    NewAgent, NewApiKey, NewBot, NewQueue, NewTenant, Permission, Provisioning,
+};
 use nexus::stores::session::{Conversation, ConversationState, Party, PartyKind, Routing};
 use nexus::topology::{self, Topology};
 use serde_json::{json, Value};
@@ -1863,6 +1865,390 @@ async fn agent_endpoints_refuse_bad_tokens_and_bodies() {
     )
     .await;
     eprintln!("agent http: {} cases", fx.cases);
+}
+
+// ---- bot API ---------------------------------------------------------------------------
+
+/// A bot of `tenant`; returns (id, bot API token).
+async fn bot(p: &Provisioning, tenant: &str, name: &str) -> (String, String) {
+    let b = p
+        .create_bot(
+            tenant,
+            NewBot {
+                name: name.into(),
+                url: "http://127.0.0.1:9/bot".into(),
+                credential: "bot-secret".into(),
+            },
+        )
+        .await
+        .expect("bot");
+    (b.bot.id, b.token)
+}
+
+#[tokio::test]
+async fn bot_api_refuses_wrong_tokens_conversations_and_bodies() {
+    let mut fx = fixture().await;
+    let p = fx.state.provisioning.clone();
+    let (a, b) = (fx.a.id.clone(), fx.b.id.clone());
+    let queue = |t: String| {
+        let p = p.clone();
+        async move {
+            p.create_queue(&t, NewQueue { name: "q".into() })
+                .await
+                .expect("queue")
+                .id
+        }
+    };
+    let (a_queue, b_queue) = (queue(a.clone()).await, queue(b.clone()).await);
+    let (bot1, token1) = bot(&p, &a, "bot1").await;
+    let (_bot2, token2) = bot(&p, &a, "bot2").await;
+    let (bot3, token3) = bot(&p, &b, "bot3").await;
+    let (_, rotated) = bot(&p, &a, "rotated").await;
+    let rotated_id = p
+        .list_bots(
+            &a,
+            &nexus::stores::provisioning::PageRequest::new(Some(100), None).expect("page"),
+        )
+        .await
+        .expect("bots")
+        .items
+        .into_iter()
+        .find(|x| x.name == "rotated")
+        .expect("rotated bot")
+        .id;
+    p.rotate_bot_token(&a, &rotated_id).await.expect("rotate");
+    let (deleted_id, deleted) = bot(&p, &a, "deleted").await;
+    p.delete_bot(&a, &deleted_id).await.expect("delete");
+
+    // Records as the worker writes them: with bot1, handed off by bot1, closed; B's with bot3.
+    let id = || uuid::Uuid::now_v7().to_string();
+    let (with_bot, handed_off, closed, no_queue, b_conv) = (id(), id(), id(), id(), id());
+    let record =
+        |tenant: &str, cid: &str, state: ConversationState, bot: &str, queue: Option<&str>| {
+            let mut c = conversation(tenant, cid, state, "nobody");
+            c.agent_id = None;
+            c.bot_id = Some(bot.into());
+            c.queue_id = queue.map(str::to_string);
+            c
+        };
+    let s = fx.state.sessions().expect("session store").clone();
+    for c in [
+        record(&a, &with_bot, ConversationState::Bot, &bot1, Some(&a_queue)),
+        record(
+            &a,
+            &handed_off,
+            ConversationState::Queued,
+            &bot1,
+            Some(&a_queue),
+        ),
+        record(
+            &a,
+            &closed,
+            ConversationState::Closed,
+            &bot1,
+            Some(&a_queue),
+        ),
+        record(&a, &no_queue, ConversationState::Bot, &bot1, None),
+        record(&b, &b_conv, ConversationState::Bot, &bot3, Some(&b_queue)),
+    ] {
+        assert!(s.put_conversation(&c).await.expect("put"));
+    }
+
+    let path = |cid: &str, op: &str| format!("/v1/bot/conversations/{cid}/{op}");
+    let req = |method: &str, path: String, token: &str, body: Option<&str>| {
+        let auth = format!("Bearer {token}");
+        rq(
+            method,
+            &path,
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            body,
+        )
+    };
+    let endpoints: [(&str, &str, Option<&str>); 3] = [
+        ("POST", "messages", Some(r#"{"text":"hi"}"#)),
+        ("POST", "handoff", Some("{}")),
+        ("GET", "messages", None),
+    ];
+
+    // Credentials: none, garbage, another kind of token, rotated away, of a deleted bot.
+    let agent_token = fx.a.alice.1.clone();
+    let api_key = fx.a.key.clone();
+    for (method, op, body) in endpoints {
+        let p = path(&with_bot, op);
+        let bare = rq(method, &p, &[("content-type", "application/json")], body);
+        fx.rejected(
+            &format!("{op}: no token"),
+            bare,
+            401,
+            "AUTHENTICATION_REQUIRED",
+        )
+        .await;
+        for (what, token) in [
+            ("garbage token", "garbage"),
+            ("unknown bot token", "nxb_00000000000000000000"),
+            ("an agent token", agent_token.as_str()),
+            ("a tenant API key", api_key.as_str()),
+            ("a rotated-away token", rotated.as_str()),
+            ("a deleted bot's token", deleted.as_str()),
+        ] {
+            let r = req(method, p.clone(), token, body);
+            fx.rejected(
+                &format!("{method} {op}: {what}"),
+                r,
+                401,
+                "INVALID_CREDENTIALS",
+            )
+            .await;
+        }
+        // Conversations: unknown, another tenant's (either way), another bot's, handed off,
+        // closed, not a conversation id.
+        let unknown = id();
+        for (what, cid, token, status, code) in [
+            (
+                "unknown conversation",
+                unknown.as_str(),
+                token1.as_str(),
+                404,
+                "CONVERSATION_NOT_FOUND",
+            ),
+            (
+                "tenant B's conversation",
+                b_conv.as_str(),
+                token1.as_str(),
+                404,
+                "CONVERSATION_NOT_FOUND",
+            ),
+            (
+                "tenant B's bot on A's",
+                with_bot.as_str(),
+                token3.as_str(),
+                404,
+                "CONVERSATION_NOT_FOUND",
+            ),
+            (
+                "another bot's conversation",
+                with_bot.as_str(),
+                token2.as_str(),
+                403,
+                "NOT_YOUR_CONVERSATION",
+            ),
+            (
+                "bad conversation id",
+                "a.b",
+                token1.as_str(),
+                400,
+                "INVALID_FIELD",
+            ),
+        ] {
+            let r = req(method, path(cid, op), token, body);
+            fx.rejected(&format!("{method} {op}: {what}"), r, status, code)
+                .await;
+        }
+        if method == "POST" {
+            for (what, cid, code) in [
+                ("handed off", handed_off.as_str(), "HANDED_OFF"),
+                ("closed", closed.as_str(), "SESSION_CLOSED"),
+            ] {
+                let r = req(method, path(cid, op), &token1, body);
+                fx.rejected(&format!("{op}: {what}"), r, 409, code).await;
+            }
+        }
+    }
+
+    // Bodies.
+    let long = json!({"text": "x".repeat(MAX_TEXT + 1)}).to_string();
+    let many: BTreeMap<String, String> = (0..=MAX_USER_DATA)
+        .map(|i| (format!("k{i}"), "v".into()))
+        .collect();
+    let many = json!({ "user_data": many }).to_string();
+    let b_queue_body = json!({ "queue_id": b_queue }).to_string();
+    let unknown_queue = json!({ "queue_id": id() }).to_string();
+    for (what, op, cid, body, status, code) in [
+        (
+            "empty text",
+            "messages",
+            &with_bot,
+            r#"{"text":""}"#,
+            400,
+            "INVALID_MESSAGE",
+        ),
+        (
+            "oversized text",
+            "messages",
+            &with_bot,
+            long.as_str(),
+            400,
+            "MESSAGE_TOO_LONG",
+        ),
+        (
+            "empty message id",
+            "messages",
+            &with_bot,
+            r#"{"text":"hi","message_id":""}"#,
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "unknown field",
+            "messages",
+            &with_bot,
+            r#"{"text":"hi","agent_id":"x"}"#,
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            "malformed",
+            "messages",
+            &with_bot,
+            "text=hi",
+            400,
+            "INVALID_JSON",
+        ),
+        (
+            "unknown queue",
+            "handoff",
+            &with_bot,
+            unknown_queue.as_str(),
+            404,
+            "QUEUE_NOT_FOUND",
+        ),
+        (
+            "tenant B's queue",
+            "handoff",
+            &with_bot,
+            b_queue_body.as_str(),
+            404,
+            "QUEUE_NOT_FOUND",
+        ),
+        (
+            "bad queue id",
+            "handoff",
+            &with_bot,
+            r#"{"queue_id":"a.b"}"#,
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "too much user data",
+            "handoff",
+            &with_bot,
+            many.as_str(),
+            400,
+            "INVALID_USER_DATA",
+        ),
+        (
+            "user data not strings",
+            "handoff",
+            &with_bot,
+            r#"{"user_data":{"k":1}}"#,
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            "unknown field",
+            "handoff",
+            &with_bot,
+            r#"{"queue":"x"}"#,
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            "no queue anywhere",
+            "handoff",
+            &no_queue,
+            "{}",
+            400,
+            "INVALID_FIELD",
+        ),
+    ] {
+        let r = req("POST", path(cid, op), &token1, Some(body));
+        fx.rejected(&format!("{op}: {what}"), r, status, code).await;
+    }
+
+    // The right bot: one event each; transcripts also after the handoff.
+    let r = req(
+        "POST",
+        path(&with_bot, "messages"),
+        &token1,
+        Some(r#"{"text":"later"}"#),
+    );
+    fx.accepted("bot message", r, 202, (0, 1)).await;
+    let body = json!({"queue_id": a_queue, "user_data": {"intent": "x"}}).to_string();
+    let r = req("POST", path(&with_bot, "handoff"), &token1, Some(&body));
+    fx.accepted("handoff", r, 202, (0, 1)).await;
+    let r = req("POST", path(&with_bot, "handoff"), &token1, Some(""));
+    fx.accepted("handoff with an empty body", r, 202, (0, 1))
+        .await;
+    for cid in [&with_bot, &handed_off] {
+        let r = req("GET", path(cid, "messages"), &token1, None);
+        fx.accepted("bot transcript", r, 200, (0, 0)).await;
+    }
+    eprintln!("bot api: {} cases", fx.cases);
+}
+
+#[tokio::test]
+async fn consult_and_leave_refuse_bad_bodies() {
+    let mut fx = fixture().await;
+    let conv = fx.a.s1.id.clone();
+    let bearer = format!("Bearer {}", fx.a.alice.1);
+    let post = |path: String, body: &str| {
+        rq(
+            "POST",
+            &path,
+            &[
+                ("authorization", &bearer),
+                ("content-type", "application/json"),
+            ],
+            Some(body),
+        )
+    };
+    let consult = format!("/v1/agent/conversations/{conv}/consult");
+    for (what, path, body, status, code) in [
+        ("no agent id", consult.clone(), "{}", 400, "INVALID_BODY"),
+        (
+            "bad agent id",
+            consult.clone(),
+            r#"{"agent_id":"a.b"}"#,
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "unknown field",
+            consult.clone(),
+            r#"{"agent_id":"x","queue_id":"y"}"#,
+            400,
+            "INVALID_BODY",
+        ),
+        ("malformed", consult.clone(), "{", 400, "INVALID_JSON"),
+        (
+            "bad conversation id",
+            "/v1/agent/conversations/a.b/consult".into(),
+            r#"{"agent_id":"x"}"#,
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "leave: bad conversation id",
+            "/v1/agent/conversations/a.b/leave".into(),
+            "",
+            400,
+            "INVALID_FIELD",
+        ),
+    ] {
+        fx.rejected(&format!("consult: {what}"), post(path, body), status, code)
+            .await;
+    }
+    let leave = format!("/v1/agent/conversations/{conv}/leave");
+    let r = rq("POST", &leave, &[], None);
+    fx.rejected("leave: no token", r, 401, "AUTHENTICATION_REQUIRED")
+        .await;
+    let body = json!({"agent_id": fx.a.bob.0}).to_string();
+    fx.accepted("consult", post(consult, &body), 202, (0, 1))
+        .await;
+    fx.accepted("leave", post(leave, ""), 202, (0, 1)).await;
 }
 
 // ---- WebSockets over a real socket -----------------------------------------------------

@@ -942,7 +942,12 @@ async fn invite(owner: &mut Ws, sid: &str, agent_id: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consultant_joins_replies_leaves_and_completion_frees_both() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let node = start_node(dir.path(), "dev", &["dev"], base_env(dir.path())).await;
+    let mut env = base_env(dir.path());
+    env.push((
+        "NEXUS_WORKERS__CONVERSATION__OFFER_TIMEOUT_MS",
+        "4000".into(),
+    ));
+    let node = start_node(dir.path(), "dev", &["dev"], env).await;
     let url = node.url.as_str();
     let admin = Admin::new(url);
     let tenant = provision_tenant(&admin).await;
@@ -1016,6 +1021,34 @@ async fn consultant_joins_replies_leaves_and_completion_frees_both() {
     })
     .await;
 
+    // Declined, then left to lapse: Alice is told, Bob's slot is back each time.
+    let failed = |v: &Value| v["type"] == "transfer_failed";
+    invite(&mut alice, &sid, &b_id).await;
+    let offer = ws_until(&mut bob, WAIT, |v| v["type"] == "offer").await;
+    ws_send(
+        &mut bob,
+        json!({"op": "reject", "conversation_id": sid, "offer_id": offer["offer_id"]}),
+    )
+    .await;
+    let refused = ws_until(&mut alice, WAIT, failed).await;
+    assert_eq!(
+        (refused["reason"].as_str(), refused["target_id"].as_str()),
+        (Some("DECLINED"), Some(b_id.as_str()))
+    );
+    assert_eq!(active(&b_token).await, 0);
+    invite(&mut alice, &sid, &b_id).await;
+    let offer = ws_until(&mut bob, WAIT, |v| v["type"] == "offer").await;
+    let closed = ws_until(&mut bob, WAIT, |v| v["type"] == "offer_closed").await;
+    assert_eq!(
+        (closed["offer_id"].clone(), closed["reason"].as_str()),
+        (offer["offer_id"].clone(), Some("TIMEOUT"))
+    );
+    assert_eq!(
+        ws_until(&mut alice, WAIT, failed).await["reason"],
+        "TIMEOUT"
+    );
+    assert_eq!(active(&b_token).await, 0);
+
     invite(&mut alice, &sid, &b_id).await;
     let offer = ws_until(&mut bob, WAIT, |v| v["type"] == "offer").await;
     assert_eq!(offer["consult"], true, "{offer}");
@@ -1078,6 +1111,22 @@ async fn consultant_joins_replies_leaves_and_completion_frees_both() {
         transcript_frame(v, "Message") && v["text"] == "I can reship it"
     })
     .await;
+
+    // While Bob is in, Alice can neither transfer nor invite a second consultant.
+    ws_send(
+        &mut alice,
+        json!({"op": "transfer", "conversation_id": sid, "queue_id": tenant.queue_id}),
+    )
+    .await;
+    assert_eq!(
+        ws_until(&mut alice, WAIT, failed).await["reason"],
+        "CONSULT_IN_PROGRESS"
+    );
+    invite(&mut alice, &sid, &b_id).await;
+    assert_eq!(
+        ws_until(&mut alice, WAIT, failed).await["reason"],
+        "CONSULT_IN_PROGRESS"
+    );
 
     // Bob leaves: his slot is free, the chat goes on with Alice.
     let r = http

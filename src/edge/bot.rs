@@ -1,10 +1,9 @@
-//! The bot API (`/v1/bot/conversations/{id}/...`, bearer bot token): a bot posts messages and
-//! hands off to a queue whenever it likes, not only in the answer to a customer's message.
-//!
-//! The edge refuses at once what the session record already rules out (another tenant's or an
-//! unknown conversation: 404; another bot's: 403; handed off or closed: 409) and publishes the
-//! rest on the agent topic; the conversation worker applies it only while the conversation is
-//! still with this bot, in the conversation's order.
+//! The bot API (`/v1/bot/conversations/{id}/...`, bearer bot token): a bot posts messages, hands
+//! off to a queue and reads the transcript at any time, not only in the answer to a turn.
+
+// The edge refuses at once what the session record already rules out (an unknown or another
+// tenant's conversation: 404; another bot's: 403; handed off or closed: 409); the conversation
+// worker applies the rest only while the conversation is still with this bot, in its order.
 
 use std::collections::BTreeMap;
 

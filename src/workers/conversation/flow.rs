@@ -21,6 +21,8 @@ use crate::stores::session::{
 
 pub(crate) const OFFER_TIMER: &str = "offer";
 pub(crate) const QUEUED_TIMER: &str = "queued";
+/// A consultant invitation not answered within the offer timeout is withdrawn.
+pub(crate) const CONSULT_TIMER: &str = "consult";
 /// Async chat: the customer has been idle for `idle_timeout_s` (a notice is sent).
 pub(crate) const IDLE_TIMER: &str = "idle";
 /// Async chat: the grace after the notice ran out (the conversation closes).
@@ -632,9 +634,12 @@ impl ConversationWorker {
             return Ok(());
         }
         if is_consult_offer(&c, &b.agent_id, &b.offer_id) {
-            return self
-                .drop_consultant(c, e, &b.agent_id, Some("DECLINED"))
-                .await;
+            let reason = if b.reason == ev::RejectReason::Timeout {
+                "TIMEOUT"
+            } else {
+                "DECLINED"
+            };
+            return self.drop_consultant(c, e, &b.agent_id, Some(reason)).await;
         }
         let current = c.state == ConversationState::Offered
             && c.offered_to.as_deref() == Some(b.agent_id.as_str())
@@ -1103,6 +1108,12 @@ impl ConversationWorker {
                 .await;
         }
         let offer_id = crate::events::chat::derived_id(&e.envelope.event_id, "consult").to_string();
+        let expires_at = e.envelope.occurred_at_ms
+            + i64::try_from(self.offer_timeout().as_millis()).unwrap_or(i64::MAX / 4);
+        self.store
+            .schedule(&self.timer(CONSULT_TIMER, &c), expires_at)
+            .await
+            .map_err(store_failed)?;
         let offer = json!({
             "type": "offer",
             "consult": true,
@@ -1114,6 +1125,7 @@ impl ConversationWorker {
             "nickname": c.customer.nickname,
             "subject": c.subject,
             "user_data": c.user_data,
+            "expires_at": expires_at,
         });
         let client = notify::to_agent(&target, ClientEventKind::Offer, offer);
         self.emit(
@@ -1131,6 +1143,10 @@ impl ConversationWorker {
 
     /// The invited consultant accepts: it joins as a second agent and sees what follows.
     async fn join_consultant(&self, mut c: Conversation, e: &Event, b: ev::AgentAccepted) -> Step {
+        self.store
+            .cancel(&self.timer(CONSULT_TIMER, &c))
+            .await
+            .map_err(store_failed)?;
         c.routing.consultant = Some(b.agent_id.clone());
         c.routing.consultant_nickname = Some(b.nickname.clone());
         c.routing.consult_invited = None;
@@ -1198,6 +1214,10 @@ impl ConversationWorker {
         declined: Option<&str>,
     ) -> Step {
         self.release(&c.tenant_id, agent, e).await?;
+        self.store
+            .cancel(&self.timer(CONSULT_TIMER, &c))
+            .await
+            .map_err(store_failed)?;
         if c.routing.consultant.as_deref() == Some(agent) {
             let party = Party {
                 participant_id: agent.to_string(),
@@ -1326,7 +1346,7 @@ impl ConversationWorker {
                 .await
                 .map_err(store_failed)?;
         }
-        for kind in [OFFER_TIMER, IDLE_TIMER, IDLE_CLOSE_TIMER] {
+        for kind in [OFFER_TIMER, IDLE_TIMER, IDLE_CLOSE_TIMER, CONSULT_TIMER] {
             self.store
                 .cancel(&self.timer(kind, c))
                 .await

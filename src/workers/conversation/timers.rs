@@ -1,5 +1,5 @@
-//! The conversation role's timer loop: offers that lapsed become `AgentRejected` (TIMEOUT),
-//! queued conversations are offered again, idle async chats get a notice and then close, each as an event keyed by its conversation so
+//! The conversation role's timer loop: offers and consultant invitations that lapsed become
+//! `AgentRejected` (TIMEOUT), queued conversations are offered again, idle async chats get a notice and then close, each as an event keyed by its conversation so
 //! the conversation's handler applies it in order. Every worker instance runs the loop; a due
 //! timer is claimed by exactly one of them (the store's `claim_due`).
 
@@ -9,7 +9,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info_span, warn, Instrument};
 
-use super::flow::{secs_ms, IDLE_CLOSE_TIMER, IDLE_TIMER, OFFER_TIMER, QUEUED_TIMER};
+use super::flow::{
+    secs_ms, CONSULT_TIMER, IDLE_CLOSE_TIMER, IDLE_TIMER, OFFER_TIMER, QUEUED_TIMER,
+};
 use super::{ConversationWorker, AGENT_TOPIC, INBOUND_TOPIC};
 use crate::bus::consumer::HandleError;
 use crate::events::chat::{self as ev, derived_id};
@@ -30,7 +32,13 @@ pub async fn run(worker: Arc<ConversationWorker>, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         let now = chrono::Utc::now().timestamp_millis();
-        for kind in [OFFER_TIMER, QUEUED_TIMER, IDLE_TIMER, IDLE_CLOSE_TIMER] {
+        for kind in [
+            OFFER_TIMER,
+            QUEUED_TIMER,
+            IDLE_TIMER,
+            IDLE_CLOSE_TIMER,
+            CONSULT_TIMER,
+        ] {
             let span = info_span!("timers", kind);
             async {
                 match worker.store.claim_due(kind, now, CLAIM_BATCH).await {
@@ -67,10 +75,18 @@ async fn fire(worker: &ConversationWorker, timer: &Timer, now: i64) -> Result<()
         return Ok(());
     };
     match timer.kind.as_str() {
-        OFFER_TIMER if c.state == ConversationState::Offered => {
-            let (Some(agent), Some(offer)) = (&c.offered_to, &c.routing.offer_id) else {
+        kind @ (OFFER_TIMER | CONSULT_TIMER) => {
+            let (agent, offer) = if kind == OFFER_TIMER {
+                (&c.offered_to, &c.routing.offer_id)
+            } else {
+                (&c.routing.consult_invited, &c.routing.consult_offer_id)
+            };
+            let (Some(agent), Some(offer)) = (agent, offer) else {
                 return Ok(());
             };
+            if kind == OFFER_TIMER && c.state != ConversationState::Offered {
+                return Ok(());
+            }
             let body = ev::AgentRejected {
                 offer_id: offer.clone(),
                 agent_id: agent.clone(),
