@@ -6,7 +6,8 @@
 //! "nickname"}, "user_data", "message": {"position", "message_id", "text"}}`, headers
 //! `x-nexus-signature: sha256=<hex>` and `idempotency-key` (stable across redeliveries, so a bot
 //! that dedups on it answers a message once). Answer (2xx): `{"replies": [{"text"}],
-//! "handoff": {"queue_id"?, "user_data"?}}`, both optional.
+//! "handoff": {"queue_id"?, "user_data"?}}`, both optional; the bot may also post or hand off later
+//! through the bot API (`edge::bot`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
