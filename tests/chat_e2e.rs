@@ -923,6 +923,47 @@ async fn bot_posts_and_hands_off_through_the_bot_api() {
         (409, Some("HANDED_OFF")),
         "{body}"
     );
+    // A bot post that passed the edge before the handoff but reaches the worker after it is
+    // dropped there: publish one straight onto the agent topic, then the agent takes over.
+    let late = json!({
+        "event_type": "MessageSent",
+        "tenant_id": tenant.id,
+        "conversation_id": sid,
+        "body": {
+            "message_id": uuid::Uuid::now_v7().to_string(),
+            "participant_id": bot["id"],
+            "participant_kind": "BOT",
+            "nickname": "Botty",
+            "kind": "TEXT",
+            "text": "too late"
+        }
+    });
+    let r = http
+        .post(format!("{url}/v1/events/nexus.agent.v1"))
+        .bearer_auth(ADMIN)
+        .json(&late)
+        .send()
+        .await
+        .expect("ingest");
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
+    ws_send(
+        &mut agent,
+        json!({"op": "accept", "conversation_id": sid, "offer_id": offer["offer_id"]}),
+    )
+    .await;
+    ws_send(
+        &mut agent,
+        json!({"op": "reply", "conversation_id": sid, "text": "agent here"}),
+    )
+    .await;
+    let next = ws_until(&mut customer, WAIT, |v| {
+        transcript_frame(v, "Message") && v["from"]["kind"] != "customer"
+    })
+    .await;
+    assert_eq!(
+        next["text"], "agent here",
+        "the late bot post was applied: {next}"
+    );
 }
 
 /// The owner invites `agent_id` as consultant over the agent WebSocket.
@@ -1160,6 +1201,31 @@ async fn consultant_joins_replies_leaves_and_completion_frees_both() {
         .await
         .expect("transcript");
     assert_eq!(r.status(), 404);
+
+    // Invited again: a consultant's `complete` ends its part only.
+    invite(&mut alice, &sid, &b_id).await;
+    let offer = ws_until(&mut bob, WAIT, |v| v["type"] == "offer").await;
+    ws_send(
+        &mut bob,
+        json!({"op": "accept", "conversation_id": sid, "offer_id": offer["offer_id"]}),
+    )
+    .await;
+    ws_until(&mut bob, WAIT, |v| {
+        v["type"] == "state" && v["state"] == "connected"
+    })
+    .await;
+    ws_send(&mut bob, json!({"op": "complete", "conversation_id": sid})).await;
+    ws_until(&mut bob, WAIT, |v| {
+        v["type"] == "state" && v["state"] == "left"
+    })
+    .await;
+    let left = ws_until(&mut customer, WAIT, |v| {
+        transcript_frame(v, "ParticipantLeft")
+    })
+    .await;
+    assert_eq!(left["from"]["nickname"], "bob");
+    assert_eq!(active(&b_token).await, 0);
+    assert_eq!(active(&a_token).await, 1);
 
     // Invited again and joined, then Alice completes: closed for both, both slots free.
     invite(&mut alice, &sid, &b_id).await;

@@ -885,6 +885,10 @@ impl ConversationWorker {
         let Some(mut c) = self.open_conversation(e).await? else {
             return Ok(());
         };
+        if c.routing.consultant.as_deref() == Some(b.agent_id.as_str()) {
+            // A consultant's completion ends its part only.
+            return self.drop_consultant(c, e, &b.agent_id, None).await;
+        }
         if c.agent_id.as_deref() != Some(b.agent_id.as_str()) {
             warn!(conversation_id = %c.conversation_id, agent = %b.agent_id, "completion by an agent not connected; ignored");
             return Ok(());
