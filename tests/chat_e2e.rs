@@ -977,25 +977,25 @@ async fn invite(owner: &mut Ws, sid: &str, agent_id: &str) {
     assert_eq!(ack["type"], "ack", "{ack}");
 }
 
+/// Short enough that the consult test sees an invitation lapse, long enough for a loaded machine.
+fn consult_timeout_env() -> (&'static str, String) {
+    (
+        "NEXUS_WORKERS__CONVERSATION__OFFER_TIMEOUT_MS",
+        "4000".into(),
+    )
+}
+
 /// Consult / conference: the owner invites a second agent, who joins (capacity counted), reads
 /// the transcript, sees the customer's messages, replies to the customer and leaves without
 /// ending the chat; invited again, the owner's completion ends it for both and frees both.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn consultant_joins_replies_leaves_and_completion_frees_both() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut env = base_env(dir.path());
-    env.push((
-        "NEXUS_WORKERS__CONVERSATION__OFFER_TIMEOUT_MS",
-        "4000".into(),
-    ));
-    let node = start_node(dir.path(), "dev", &["dev"], env).await;
-    let url = node.url.as_str();
+/// The consultant (Bob) works through `other`, which may be another edge than `url`.
+async fn consult_scenario(url: &str, other: &str) {
     let admin = Admin::new(url);
     let tenant = provision_tenant(&admin).await;
     let (_, a_token) = provision_agent(&admin, &tenant, "alice", 1).await;
     let mut alice = agent_ready(url, &a_token).await;
     let (b_id, b_token) = provision_agent(&admin, &tenant, "bob", 1).await;
-    let mut bob = agent_ready(url, &b_token).await;
+    let mut bob = agent_ready(other, &b_token).await;
     let http = reqwest::Client::new();
     let active = |token: &str| {
         let (http, url, token) = (http.clone(), url.to_string(), token.to_string());
@@ -1097,7 +1097,7 @@ async fn consultant_joins_replies_leaves_and_completion_frees_both() {
     // Consulting takes one of Bob's slots.
     assert_eq!(active(&b_token).await, 1);
     let r = http
-        .post(format!("{url}/v1/agent/conversations/{sid}/accept"))
+        .post(format!("{other}/v1/agent/conversations/{sid}/accept"))
         .bearer_auth(&b_token)
         .json(&json!({"offer_id": offer["offer_id"]}))
         .send()
@@ -1114,7 +1114,7 @@ async fn consultant_joins_replies_leaves_and_completion_frees_both() {
     .await;
     // Bob reads what was said before he joined.
     let transcript: Value = http
-        .get(format!("{url}/v1/agent/conversations/{sid}/messages"))
+        .get(format!("{other}/v1/agent/conversations/{sid}/messages"))
         .bearer_auth(&b_token)
         .send()
         .await
@@ -1171,7 +1171,7 @@ async fn consultant_joins_replies_leaves_and_completion_frees_both() {
 
     // Bob leaves: his slot is free, the chat goes on with Alice.
     let r = http
-        .post(format!("{url}/v1/agent/conversations/{sid}/leave"))
+        .post(format!("{other}/v1/agent/conversations/{sid}/leave"))
         .bearer_auth(&b_token)
         .send()
         .await
@@ -1195,7 +1195,7 @@ async fn consultant_joins_replies_leaves_and_completion_frees_both() {
     .await;
     // Bob no longer sees the conversation.
     let r = http
-        .get(format!("{url}/v1/agent/conversations/{sid}/messages"))
+        .get(format!("{other}/v1/agent/conversations/{sid}/messages"))
         .bearer_auth(&b_token)
         .send()
         .await
@@ -1251,4 +1251,44 @@ async fn consultant_joins_replies_leaves_and_completion_frees_both() {
     ws_until(&mut customer, WAIT, closed).await;
     assert_eq!(active(&a_token).await, 0);
     assert_eq!(active(&b_token).await, 0);
+}
+
+/// Consult on `nexus dev`: embedded bus, SQLite, redb.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consultant_joins_replies_leaves_and_completion_frees_both() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut env = base_env(dir.path());
+    env.push(consult_timeout_env());
+    let node = start_node(dir.path(), "dev", &["dev"], env).await;
+    consult_scenario(&node.url, &node.url).await;
+}
+
+/// Consult on NATS JetStream + PostgreSQL + Redis, the consultant on a second edge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_postgres_redis_consult_across_two_edges() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = OwnNats::start(dir.path()).await;
+    let db = TestDb::create().await;
+    let mut env = base_env(dir.path());
+    env.push(consult_timeout_env());
+    env.push(("NEXUS_BUS__URL", nats.url.clone()));
+    env.push(("NEXUS_STORES__POSTGRES_URL", db.url.clone()));
+    env.push(("NEXUS_STORES__PROVISIONING_KEY", "11".repeat(32)));
+    env.push((
+        "NEXUS_STORES__REDIS_URL",
+        std::env::var("NEXUS_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+    ));
+    let (ok, out, err) = common::process::run(&["topology", "apply", "--bus", &nats.url], &[]);
+    assert!(ok, "topology apply: {out} {err}");
+    let worker = start_node(
+        dir.path(),
+        "worker",
+        &["worker", "conversation"],
+        env.clone(),
+    )
+    .await;
+    let edge_a = start_node(dir.path(), "edge-a", &["edge"], env.clone()).await;
+    let edge_b = start_node(dir.path(), "edge-b", &["edge"], env).await;
+    consult_scenario(&edge_a.url, &edge_b.url).await;
+    drop((worker, edge_a, edge_b));
 }
