@@ -199,11 +199,13 @@ pub(crate) async fn open_session(
         .map_err(|e| ApiError::bad_request("INVALID_FIELD", e.to_string()))?;
     event.envelope.traceparent = traceparent;
     publish_event(state, INBOUND_TOPIC, &event).await?;
+    let iat = event.envelope.occurred_at_ms / 1000;
     Ok(Claims {
         tid: tenant.to_string(),
         sid: conversation_id,
         pid: participant_id,
-        iat: event.envelope.occurred_at_ms / 1000,
+        iat,
+        exp: Some(state.client_keys.expiry(iat)),
     })
 }
 
@@ -270,7 +272,12 @@ pub struct SendRequest {
     pub message_id: Option<String>,
 }
 
-/// Refuses actions on a session the worker already closed.
+/// The code of a session whose record the store no longer has (closed and expired).
+pub(crate) const SESSION_ENDED: &str = "SESSION_ENDED";
+
+/// Refuses actions on a session the worker already closed (409 `SESSION_CLOSED`) or whose
+/// record is gone (410 `SESSION_ENDED`). The record read is the one this check always made, so
+/// the send path gains no store round trip.
 pub(crate) async fn ensure_open(state: &AppState, c: &Claims) -> Result<(), ApiError> {
     let record = state
         .sessions()?
@@ -283,9 +290,25 @@ pub(crate) async fn ensure_open(state: &AppState, c: &Claims) -> Result<(), ApiE
             "SESSION_CLOSED",
             "the chat has ended",
         )),
+        Some(_) => Ok(()),
+        None if record_gone(state, c, chrono::Utc::now().timestamp()) => Err(ApiError::new(
+            StatusCode::GONE,
+            SESSION_ENDED,
+            "the chat has ended and is no longer kept",
+        )),
         // Absent: the worker has not applied the start yet; the client key proves the session.
-        _ => Ok(()),
+        None => Ok(()),
     }
+}
+
+/// Whether a missing record means the session is over rather than not yet started. Only a
+/// closed record expires, `closed_retention_s` after the close, so a record missing while its
+/// key is younger than that can only be a start the worker has not applied yet (however far
+/// behind it is); an older key's session may have closed and expired.
+fn record_gone(state: &AppState, c: &Claims, now_s: i64) -> bool {
+    let retention = state.config.workers.conversation.closed_retention_s;
+    let retention = i64::try_from(retention).unwrap_or(i64::MAX);
+    now_s.saturating_sub(c.iat) > retention.saturating_add(super::client_key::CLOCK_SKEW_S)
 }
 
 /// A client's message id, when given, is 1 to 128 characters.
