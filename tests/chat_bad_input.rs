@@ -334,8 +334,9 @@ impl Fx {
 // ---- chat v3 ---------------------------------------------------------------------------
 
 /// The session endpoints of v3: (method, path suffix, a valid body).
-const V3: [(&str, &str, Option<&str>); 9] = [
+const V3: [(&str, &str, Option<&str>); 10] = [
     ("POST", "messages", Some(r#"{"text":"hi"}"#)),
+    ("POST", "client-key", None),
     ("GET", "messages", None),
     ("POST", "typing", Some(r#"{"state":"started"}"#)),
     ("POST", "user-data", Some(r#"{"user_data":{"k":"v"}}"#)),
@@ -2254,6 +2255,61 @@ async fn a_session_the_store_no_longer_has_refuses_customer_actions() {
         ),
         202,
         (1, 0),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_open_session_renews_its_client_key_and_a_closed_one_does_not() {
+    let mut fx = fixture().await;
+    let (tenant, key) = (fx.a.id.clone(), fx.a.key.clone());
+    let (s1, closed) = (fx.a.s1.clone(), fx.a.closed.clone());
+    let now = now_s();
+    // A key near its end renews into one that lives a full ttl from now.
+    let old = key_for(&tenant, &s1, now - KEY_TTL_S as i64 + 30, Some(now + 30));
+    let body = fx
+        .accepted(
+            "renew",
+            v3_req("POST", "client-key", &s1.id, Some(&key), Some(&old), None),
+            201,
+            (0, 0),
+        )
+        .await;
+    let renewed = body["client_key"].as_str().expect("client_key").to_string();
+    let claims = payload(&renewed);
+    let exp = claims["exp"].as_i64().expect("exp");
+    assert_eq!(body["client_key_expires_at"], exp);
+    assert!(exp >= now + KEY_TTL_S as i64, "{claims}");
+    assert_eq!(
+        (&claims["sid"], &claims["pid"]),
+        (&json!(s1.id), &json!(s1.pid))
+    );
+    fx.accepted(
+        "send with the renewed key",
+        v3_req(
+            "POST",
+            "messages",
+            &s1.id,
+            Some(&key),
+            Some(&renewed),
+            V3[0].2,
+        ),
+        202,
+        (1, 0),
+    )
+    .await;
+    fx.rejected(
+        "renew a closed chat's key",
+        v3_req(
+            "POST",
+            "client-key",
+            &closed.id,
+            Some(&key),
+            Some(&closed.ck),
+            None,
+        ),
+        409,
+        "SESSION_CLOSED",
     )
     .await;
 }

@@ -45,6 +45,10 @@ pub fn routes(max_file_bytes: usize) -> Router<AppState> {
         )
         .route("/nexus/v3/chat/sessions/{id}/notices", post(v3::notice))
         .route(
+            "/nexus/v3/chat/sessions/{id}/client-key",
+            post(v3::renew_key),
+        )
+        .route(
             "/nexus/v3/chat/sessions/{id}/files",
             post(files::upload).layer(upload_limit),
         )

@@ -256,11 +256,34 @@ pub async fn start(
             "session_id": id,
             "participant_id": claims.pid,
             "client_key": state.client_keys.issue(&claims),
+            "client_key_expires_at": claims.exp,
             "stream": {
                 "websocket": format!("/nexus/v3/chat/sessions/{id}/stream"),
                 "sse": format!("/nexus/v3/chat/sessions/{id}/events"),
             },
         })),
+    ))
+}
+
+/// A fresh client key for the session, for the holder of a valid key while the chat is open:
+/// an async chat can outlive `chat.client_key_ttl_s`, while a closed chat's keys still die.
+pub async fn renew_key(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let c = session_claims(&state, &headers, &id).await?;
+    ensure_open(&state, &c).await?;
+    let iat = chrono::Utc::now().timestamp();
+    let exp = state.client_keys.expiry(iat);
+    let key = state.client_keys.issue(&Claims {
+        iat,
+        exp: Some(exp),
+        ..c
+    });
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "client_key": key, "client_key_expires_at": exp })),
     ))
 }
 
