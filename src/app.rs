@@ -158,6 +158,11 @@ pub async fn run(
     }
     if matches!(mode, Mode::Dev | Mode::Edge) {
         spawn_socket_feed(&mut tasks, &config, &topology, &state, shutdown.clone())?;
+        let (sweeper, stop) = (state.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            edge::chat::sweep_files(sweeper, stop).await;
+            Ok(())
+        });
     }
     let bound = server::bind(&config.http).await?;
     info!(addr = %bound.addr, tls = bound.is_tls(), "listening");

@@ -66,6 +66,13 @@ pub struct ChatConfig {
     pub max_file_bytes: usize,
     /// Most files one session may upload; more is `LIMIT_FILE_COUNT`.
     pub max_files_per_session: usize,
+    /// Lifetime of a client key (s); an older key is `CLIENT_KEY_EXPIRED`.
+    pub client_key_ttl_s: u64,
+    /// How long an uploaded file is kept (s); then downloads are `FILE_EXPIRED` and the sweeper
+    /// deletes it.
+    pub file_retention_s: u64,
+    /// How often each edge pod deletes expired files (ms).
+    pub file_sweep_interval_ms: u64,
 }
 
 /// Settings of individual worker roles.
@@ -359,6 +366,18 @@ impl Config {
         }
         if self.chat.max_file_bytes == 0 {
             return Err(invalid("chat.max_file_bytes", "must be at least 1"));
+        }
+        for (key, value) in [
+            ("chat.client_key_ttl_s", self.chat.client_key_ttl_s),
+            ("chat.file_retention_s", self.chat.file_retention_s),
+            (
+                "chat.file_sweep_interval_ms",
+                self.chat.file_sweep_interval_ms,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
         }
         if let Some(t) =
             self.chat.file_types.iter().find(

@@ -32,6 +32,10 @@ const MAX_TEXT: usize = 20;
 const MAX_NICK: usize = 10;
 const MAX_USER_DATA: usize = 3;
 const MAX_BODY: usize = 4096;
+/// The edge's client-key secret, so tests can sign keys of their own (expired ones).
+const SECRET: &[u8] = b"client-key-secret-of-chat-bad-input";
+/// Client-key lifetime (s).
+const KEY_TTL_S: u64 = 3600;
 const WS_HEADERS: [(&str, &str); 4] = [
     ("connection", "upgrade"),
     ("upgrade", "websocket"),
@@ -185,6 +189,8 @@ async fn fixture() -> Fx {
     config.chat.max_nickname_chars = MAX_NICK;
     config.chat.max_user_data_entries = MAX_USER_DATA;
     config.http.max_body_bytes = MAX_BODY;
+    config.chat.client_key_secret = String::from_utf8_lossy(SECRET).into_owned();
+    config.chat.client_key_ttl_s = KEY_TTL_S;
     let bus = nexus::bus::connect(&config.bus).await.expect("bus");
     let topology = Topology::builtin();
     topology::apply(bus.as_ref(), &topology)
@@ -330,8 +336,9 @@ impl Fx {
 // ---- chat v3 ---------------------------------------------------------------------------
 
 /// The session endpoints of v3: (method, path suffix, a valid body).
-const V3: [(&str, &str, Option<&str>); 9] = [
+const V3: [(&str, &str, Option<&str>); 10] = [
     ("POST", "messages", Some(r#"{"text":"hi"}"#)),
+    ("POST", "client-key", None),
     ("GET", "messages", None),
     ("POST", "typing", Some(r#"{"state":"started"}"#)),
     ("POST", "user-data", Some(r#"{"user_data":{"k":"v"}}"#)),
@@ -375,8 +382,9 @@ fn forged_keys(fx: &Fx) -> Vec<(&'static str, String)> {
         sid: s1.id.clone(),
         pid: s1.pid.clone(),
         iat: 1,
+        exp: None,
     };
-    let other_secret = ClientKeys::new(b"not the edge's secret").issue(&claims);
+    let other_secret = ClientKeys::new(b"not the edge's secret", 3600).issue(&claims);
     // s2's header and payload under s1's signature.
     let (s2_signing, _) = fx.a.s2.ck.rsplit_once('.').expect("jwt");
     let (_, s1_sig) = s1.ck.rsplit_once('.').expect("jwt");
@@ -2280,14 +2288,15 @@ async fn next_json(ws: &mut Ws) -> Value {
     }
 }
 
-/// The handshake is refused with `status`.
-async fn refused(url: String, status: u16) {
+/// The handshake is refused with `status`; returns the answer's body.
+async fn refused(url: String, status: u16) -> Value {
     match tokio_tungstenite::connect_async(url.as_str()).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             assert_eq!(resp.status().as_u16(), status, "{url}");
             let body: Value = serde_json::from_slice(resp.body().as_deref().unwrap_or_default())
                 .unwrap_or(Value::Null);
             assert!(code_of(&body) != "<no code>", "{url}: {body}");
+            body
         }
         Err(e) => panic!("{url}: {e}"),
         Ok(_) => panic!("{url}: connected"),
@@ -2406,4 +2415,287 @@ async fn websocket_handshakes_and_agent_operations_refuse_bad_input() {
     let ack = next_json(&mut ws).await;
     assert_eq!(ack["type"], "ack", "{ack}");
     eprintln!("websockets: {} cases", n + 7);
+}
+
+// ---- client-key expiry and ended sessions ------------------------------------------------
+
+fn now_s() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// A key for `s` signed with the edge's secret, with the given `iat` and `exp`.
+fn key_for(tenant: &str, s: &Session, iat: i64, exp: Option<i64>) -> String {
+    ClientKeys::new(SECRET, KEY_TTL_S).issue(&Claims {
+        tid: tenant.into(),
+        sid: s.id.clone(),
+        pid: s.pid.clone(),
+        iat,
+        exp,
+    })
+}
+
+/// The claims inside a key (its middle part), unverified.
+fn payload(key: &str) -> Value {
+    use base64::Engine;
+    let part = key.split('.').nth(1).expect("jwt payload");
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .expect("base64");
+    serde_json::from_slice(&json).expect("json")
+}
+
+#[tokio::test]
+async fn expired_client_keys_are_refused_with_their_code() {
+    let mut fx = fixture().await;
+    let (tenant, key) = (fx.a.id.clone(), fx.a.key.clone());
+    let (s1, s2) = (fx.a.s1.clone(), fx.a.s2.clone());
+    let skew = nexus::edge::chat::client_key::CLOCK_SKEW_S;
+    let now = now_s();
+
+    // Issued keys carry `exp` = `iat` + chat.client_key_ttl_s.
+    let claims = payload(&s1.ck);
+    let iat = claims["iat"].as_i64().expect("iat");
+    assert!((now - iat).abs() < 60, "{claims}");
+    assert_eq!(
+        claims["exp"].as_i64(),
+        Some(iat + KEY_TTL_S as i64),
+        "{claims}"
+    );
+
+    let expired = key_for(&tenant, &s1, now - 7200, Some(now - 3600));
+    // Keys issued before keys carried `exp` live `ttl` from `iat`.
+    let old_legacy = key_for(&tenant, &s1, now - KEY_TTL_S as i64 - skew - 60, None);
+    for (what, ck) in [
+        ("expired", &expired),
+        ("legacy, past iat + ttl", &old_legacy),
+    ] {
+        for (method, suffix, body) in V3 {
+            let req = v3_req(method, suffix, &s1.id, Some(&key), Some(ck), body);
+            fx.rejected(
+                &format!("{what}: {method} {suffix}"),
+                req,
+                401,
+                "CLIENT_KEY_EXPIRED",
+            )
+            .await;
+        }
+        let upload = rq(
+            "POST",
+            &format!("/nexus/v3/chat/sessions/{}/files", s1.id),
+            &[("x-api-key", &key), ("x-nexus-client-key", ck)],
+            None,
+        );
+        fx.rejected(
+            &format!("{what}: upload"),
+            upload,
+            401,
+            "CLIENT_KEY_EXPIRED",
+        )
+        .await;
+        for op in V2_OPS {
+            let form = format!("secureKey={ck}&userId={}&alias=nexus&message=hi", s1.pid);
+            let body = fx
+                .rejected(
+                    &format!("{what}: v2 {op}"),
+                    v2_req(&s1.id, op, Some(&key), &form),
+                    401,
+                    "CLIENT_KEY_EXPIRED",
+                )
+                .await;
+            assert_eq!(body["statusCode"], 2, "{body}");
+        }
+    }
+    // An expired key of another session is just a wrong key: nothing about s2 leaks.
+    let s2_expired = key_for(&tenant, &s2, now - 7200, Some(now - 3600));
+    fx.rejected(
+        "s2's expired key on s1",
+        v3_req(
+            "POST",
+            "messages",
+            &s1.id,
+            Some(&key),
+            Some(&s2_expired),
+            V3[0].2,
+        ),
+        403,
+        "INVALID_CLIENT_KEY",
+    )
+    .await;
+    let form = format!(
+        "secureKey={s2_expired}&userId={}&alias=nexus&message=hi",
+        s2.pid
+    );
+    fx.rejected(
+        "v2: s2's expired key on s1",
+        v2_req(&s1.id, "send", Some(&key), &form),
+        403,
+        "INVALID_SECURE_KEY",
+    )
+    .await;
+
+    // Within the clock skew, and a legacy key younger than the ttl, still work.
+    let skewed = key_for(&tenant, &s1, now - 600, Some(now - skew / 2));
+    let young_legacy = key_for(&tenant, &s1, now - 60, None);
+    for (what, ck) in [
+        ("within the skew", skewed),
+        ("young legacy key", young_legacy),
+    ] {
+        fx.accepted(
+            what,
+            v3_req("POST", "messages", &s1.id, Some(&key), Some(&ck), V3[0].2),
+            202,
+            (1, 0),
+        )
+        .await;
+    }
+
+    // The streams refuse an expired key at the handshake.
+    let base = serve(fx.state.clone()).await;
+    let ws = format!(
+        "{base}/nexus/v3/chat/sessions/{}/stream?api_key={key}&client_key={expired}",
+        s1.id
+    );
+    let body = refused(ws, 401).await;
+    assert_eq!(code_of(&body), "CLIENT_KEY_EXPIRED", "{body}");
+    let sse = format!(
+        "{}/nexus/v3/chat/sessions/{}/events?api_key={key}&client_key={expired}",
+        base.replacen("ws://", "http://", 1),
+        s1.id
+    );
+    let resp = reqwest::get(&sse).await.expect("sse");
+    assert_eq!(resp.status().as_u16(), 401);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(code_of(&body), "CLIENT_KEY_EXPIRED", "{body}");
+}
+
+#[tokio::test]
+async fn a_session_the_store_no_longer_has_refuses_customer_actions() {
+    let mut fx = fixture().await;
+    let (tenant, key) = (fx.a.id.clone(), fx.a.key.clone());
+    let retention = fx.state.config.workers.conversation.closed_retention_s as i64;
+    let skew = nexus::edge::chat::client_key::CLOCK_SKEW_S;
+    let now = now_s();
+    // A session with no record: closed and expired long ago (its key, issued with a long
+    // ttl, is still valid)...
+    let gone = Session {
+        id: uuid::Uuid::now_v7().to_string(),
+        pid: uuid::Uuid::now_v7().to_string(),
+        ck: String::new(),
+    };
+    let gone = Session {
+        ck: key_for(
+            &tenant,
+            &gone,
+            now - retention - skew - 60,
+            Some(now + 3600),
+        ),
+        ..gone
+    };
+    for (suffix, body) in [
+        ("messages", Some(r#"{"text":"hi"}"#)),
+        ("typing", Some(r#"{"state":"started"}"#)),
+        ("user-data", Some(r#"{"user_data":{"k":"v"}}"#)),
+        ("read-receipt", Some(r#"{"position":1}"#)),
+        ("notices", Some(r#"{"text":"hi"}"#)),
+        ("disconnect", None),
+    ] {
+        let req = v3_req("POST", suffix, &gone.id, Some(&key), Some(&gone.ck), body);
+        fx.rejected(
+            &format!("v3 {suffix}, record gone"),
+            req,
+            410,
+            "SESSION_ENDED",
+        )
+        .await;
+    }
+    for op in ["send", "customNotice", "startTyping", "disconnect"] {
+        let body = fx
+            .rejected(
+                &format!("v2 {op}, record gone"),
+                v2_req(&gone.id, op, Some(&key), &v2_form(&gone, "")),
+                410,
+                "SESSION_ENDED",
+            )
+            .await;
+        assert_eq!(body["chatEnded"], true, "{body}");
+    }
+    // ...while a session started just now whose record the worker has not written yet is
+    // accepted: the start is on its way.
+    let fresh = Session {
+        ck: String::new(),
+        ..gone.clone()
+    };
+    let fresh = Session {
+        ck: key_for(&tenant, &fresh, now, Some(now + 3600)),
+        ..fresh
+    };
+    fx.accepted(
+        "a send before the worker applied the start",
+        v3_req(
+            "POST",
+            "messages",
+            &fresh.id,
+            Some(&key),
+            Some(&fresh.ck),
+            V3[0].2,
+        ),
+        202,
+        (1, 0),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_open_session_renews_its_client_key_and_a_closed_one_does_not() {
+    let mut fx = fixture().await;
+    let (tenant, key) = (fx.a.id.clone(), fx.a.key.clone());
+    let (s1, closed) = (fx.a.s1.clone(), fx.a.closed.clone());
+    let now = now_s();
+    // A key near its end renews into one that lives a full ttl from now.
+    let old = key_for(&tenant, &s1, now - KEY_TTL_S as i64 + 30, Some(now + 30));
+    let body = fx
+        .accepted(
+            "renew",
+            v3_req("POST", "client-key", &s1.id, Some(&key), Some(&old), None),
+            201,
+            (0, 0),
+        )
+        .await;
+    let renewed = body["client_key"].as_str().expect("client_key").to_string();
+    let claims = payload(&renewed);
+    let exp = claims["exp"].as_i64().expect("exp");
+    assert_eq!(body["client_key_expires_at"], exp);
+    assert!(exp >= now + KEY_TTL_S as i64, "{claims}");
+    assert_eq!(
+        (&claims["sid"], &claims["pid"]),
+        (&json!(s1.id), &json!(s1.pid))
+    );
+    fx.accepted(
+        "send with the renewed key",
+        v3_req(
+            "POST",
+            "messages",
+            &s1.id,
+            Some(&key),
+            Some(&renewed),
+            V3[0].2,
+        ),
+        202,
+        (1, 0),
+    )
+    .await;
+    fx.rejected(
+        "renew a closed chat's key",
+        v3_req(
+            "POST",
+            "client-key",
+            &closed.id,
+            Some(&key),
+            Some(&closed.ck),
+            None,
+        ),
+        409,
+        "SESSION_CLOSED",
+    )
+    .await;
 }

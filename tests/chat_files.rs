@@ -1,12 +1,15 @@
 //! Chat files in-process (embedded bus, embedded session store, SQLite provisioning): an upload
 //! comes back byte for byte to the customer and to the agent holding the chat; every limit
 //! answers its code (INVALID_FILE_TYPE, LIMIT_FILE_SIZE, LIMIT_FILE_COUNT, SESSION_CLOSED) and
-//! publishes nothing; another session, agent or tenant never reaches the file.
+//! publishes nothing; another session, agent or tenant never reaches the file. Files expire:
+//! 410 FILE_EXPIRED, their place freed, the sweeper deletes them (here on SQLite, and in a real
+//! `nexus dev` process on PostgreSQL).
 
 mod common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, Response, StatusCode};
@@ -141,12 +144,18 @@ async fn agent(p: &Provisioning, tenant: &str, name: &str) -> (String, String) {
 }
 
 async fn fixture() -> Fx {
+    fixture_with(|_| {}).await
+}
+
+/// The fixture with `tweak` applied to its config.
+async fn fixture_with(tweak: impl FnOnce(&mut Config)) -> Fx {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = Config::defaults();
     config.bus = common::bus_config("embedded", Some(dir.path()));
     config.http.max_body_bytes = MAX_BODY;
     config.chat.max_file_bytes = MAX_FILE;
     config.chat.max_files_per_session = MAX_FILES;
+    tweak(&mut config);
     let bus = nexus::bus::connect(&config.bus).await.expect("bus");
     let topology = Topology::builtin();
     topology::apply(bus.as_ref(), &topology)
@@ -508,4 +517,231 @@ async fn every_limit_has_its_code_and_publishes_nothing() {
     )
     .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
+}
+
+/// `nexus_chat_files_expired_total` as the edge's /metrics renders it (0 before the first sweep).
+fn files_expired_metric(state: &AppState) -> u64 {
+    let rendered = state.metrics.render();
+    common::process::metric_sum(&rendered, "nexus_chat_files_expired_total", &[]).unwrap_or(0.0)
+        as u64
+}
+
+/// Rows of `chat_files` with this id, read from the SQLite file behind the store.
+async fn rows(db: &sqlx::SqlitePool, file_id: &str) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(*) FROM chat_files WHERE id = ?")
+        .bind(file_id)
+        .fetch_one(db)
+        .await
+        .expect("count")
+}
+
+#[tokio::test]
+async fn expired_files_answer_410_free_their_place_and_are_swept() {
+    const RETENTION_S: u64 = 2;
+    let fx = fixture_with(|c| {
+        c.chat.file_retention_s = RETENTION_S;
+        c.chat.file_sweep_interval_ms = 50;
+    })
+    .await;
+    let (s, k, s1) = (&fx.state, &fx.a_key, &fx.s1);
+    let up = |name: &str| upload_req(k, s1, &s1.ck, file_part(name, "text/plain", b"hello"));
+    let mut ids = Vec::new();
+    for i in 0..MAX_FILES {
+        let (status, body) = call(s, up(&format!("n{i}.txt"))).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        ids.push(body["file_id"].as_str().expect("file_id").to_string());
+    }
+    let first = ids[0].clone();
+    let (bytes, _, _) = download(s, customer_get(k, &s1.id, &s1.ck, &first)).await;
+    assert_eq!(bytes, b"hello");
+    fx.rejected("full", up("more.txt"), 400, "LIMIT_FILE_COUNT")
+        .await;
+
+    // Past the retention: 410 to the customer and to the agent, and the places are free again.
+    common::chat::eventually(Duration::from_secs(20), "the file expires", || async {
+        let (status, _) = call(s, customer_get(k, &s1.id, &s1.ck, &first)).await;
+        (status == StatusCode::GONE).then_some(())
+    })
+    .await;
+    fx.rejected(
+        "customer, expired",
+        customer_get(k, &s1.id, &s1.ck, &first),
+        410,
+        "FILE_EXPIRED",
+    )
+    .await;
+    fx.rejected(
+        "agent, expired",
+        agent_get(&fx.alice, &s1.id, &first),
+        410,
+        "FILE_EXPIRED",
+    )
+    .await;
+    // Through another session the answer comes from the id's age alone: the same as for an
+    // id of that age that never existed, so nothing about s1's file leaks.
+    let an_hour_ago = chrono::Utc::now().timestamp() as u64 - 3600;
+    let made_up = uuid::Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, an_hour_ago, 0));
+    for (what, id) in [
+        ("s1's expired file", first.clone()),
+        ("made up", made_up.to_string()),
+    ] {
+        fx.rejected(
+            &format!("{what} through s2"),
+            customer_get(k, &fx.s2.id, &fx.s2.ck, &id),
+            410,
+            "FILE_EXPIRED",
+        )
+        .await;
+    }
+    fx.rejected(
+        "a new id that does not exist",
+        customer_get(k, &s1.id, &s1.ck, &uuid::Uuid::now_v7().to_string()),
+        404,
+        "FILE_NOT_FOUND",
+    )
+    .await;
+    let (status, body) = call(s, up("again.txt")).await;
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "expired files take no place: {body}"
+    );
+
+    // The sweeper deletes the rows (and so the bytes); the metric counts them; the ids still
+    // answer FILE_EXPIRED rather than FILE_NOT_FOUND.
+    let db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        fx._dir.path().join("provisioning.db").display()
+    ))
+    .await
+    .expect("sqlite");
+    for id in &ids {
+        assert_eq!(rows(&db, id).await, 1, "kept until swept");
+    }
+    let before = files_expired_metric(s);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sweeper = tokio::spawn(edge::chat::sweep_files(s.clone(), stop.clone()));
+    common::chat::eventually(Duration::from_secs(20), "the sweeper deletes", || async {
+        let mut left = 0;
+        for id in &ids {
+            left += rows(&db, id).await;
+        }
+        (left == 0).then_some(())
+    })
+    .await;
+    assert!(
+        files_expired_metric(s) >= before + MAX_FILES as u64,
+        "{}",
+        s.metrics.render()
+    );
+    fx.rejected(
+        "customer, swept",
+        customer_get(k, &s1.id, &s1.ck, &first),
+        410,
+        "FILE_EXPIRED",
+    )
+    .await;
+    stop.cancel();
+    sweeper.await.expect("sweeper stops");
+}
+
+/// The same life cycle in a real `nexus dev` process on PostgreSQL, configured through the
+/// environment: the edge's own sweeper deletes the rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_expire_and_are_swept_on_postgres() {
+    use common::chat::{base_env, eventually, provision_tenant, start_node, Admin, TestDb};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = TestDb::create().await;
+    let mut env = base_env(dir.path());
+    env.extend([
+        (
+            "NEXUS_BUS__URL",
+            format!("embedded://{}", dir.path().join("bus").display()),
+        ),
+        ("NEXUS_STORES__POSTGRES_URL", db.url.clone()),
+        ("NEXUS_STORES__PROVISIONING_KEY", "44".repeat(32)),
+        ("NEXUS_CHAT__FILE_RETENTION_S", "2".into()),
+        ("NEXUS_CHAT__FILE_SWEEP_INTERVAL_MS", "200".into()),
+        ("NEXUS_CHAT__MAX_FILES_PER_SESSION", "1".into()),
+    ]);
+    let node = start_node(dir.path(), "dev", &["dev"], env).await;
+    let tenant = provision_tenant(&Admin::new(&node.url)).await;
+    let http = reqwest::Client::new();
+    let started: Value = http
+        .post(format!("{}/nexus/v3/chat/sessions", node.url))
+        .header("x-api-key", &tenant.api_key)
+        .json(&json!({"nickname": "Ann"}))
+        .send()
+        .await
+        .expect("start")
+        .json()
+        .await
+        .expect("start json");
+    let sid = started["session_id"].as_str().expect("session_id");
+    let ck = started["client_key"].as_str().expect("client_key");
+    let session = format!("{}/nexus/v3/chat/sessions/{sid}", node.url);
+    let upload = || {
+        http.post(format!("{session}/files"))
+            .header("x-api-key", &tenant.api_key)
+            .header("x-nexus-client-key", ck)
+            .header(
+                "content-type",
+                format!("multipart/form-data; boundary={BOUNDARY}"),
+            )
+            .body(file_part("a.png", "image/png", &png(100)))
+            .send()
+    };
+    let up = upload().await.expect("upload");
+    assert_eq!(up.status(), 201);
+    let file_id = up.json::<Value>().await.expect("json")["file_id"]
+        .as_str()
+        .expect("file_id")
+        .to_string();
+    let code = |r: Value| r["error"]["code"].as_str().unwrap_or_default().to_string();
+    let full = upload().await.expect("upload");
+    assert_eq!(full.status(), 400);
+    assert_eq!(code(full.json().await.expect("json")), "LIMIT_FILE_COUNT");
+    let get = || {
+        http.get(format!("{session}/files/{file_id}"))
+            .header("x-api-key", &tenant.api_key)
+            .header("x-nexus-client-key", ck)
+            .send()
+    };
+    assert_eq!(get().await.expect("download").status(), 200);
+
+    let pg = sqlx::PgPool::connect(&db.url).await.expect("postgres");
+    let rows = || async {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM chat_files WHERE id = $1")
+            .bind(&file_id)
+            .fetch_one(&pg)
+            .await
+            .expect("count")
+    };
+    assert_eq!(rows().await, 1);
+    eventually(
+        Duration::from_secs(30),
+        "the sweeper deletes the file",
+        || async { (rows().await == 0).then_some(()) },
+    )
+    .await;
+    let gone = get().await.expect("download");
+    assert_eq!(gone.status(), 410);
+    assert_eq!(code(gone.json().await.expect("json")), "FILE_EXPIRED");
+    let metrics = http
+        .get(format!("{}/metrics", node.url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let swept = common::process::metric_sum(&metrics, "nexus_chat_files_expired_total", &[]);
+    assert!(swept.is_some_and(|n| n >= 1.0), "{metrics}");
+    assert_eq!(
+        upload().await.expect("upload").status(),
+        201,
+        "the place is free"
+    );
+    pg.close().await;
+    drop(node);
 }

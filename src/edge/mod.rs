@@ -69,7 +69,7 @@ impl AppState {
             config.chat.client_key_secret.as_bytes().to_vec()
         };
         Self {
-            client_keys: chat::ClientKeys::new(&secret),
+            client_keys: chat::ClientKeys::new(&secret, config.chat.client_key_ttl_s),
             config,
             bus,
             topology,

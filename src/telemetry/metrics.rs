@@ -31,8 +31,14 @@ pub const BOT_CALLS_TOTAL: &str = "nexus_bot_calls_total";
 pub const TIMERS_FIRED_TOTAL: &str = "nexus_conversation_timers_fired_total";
 /// Timer claims or actions that failed, per `kind`.
 pub const TIMER_ERRORS_TOTAL: &str = "nexus_conversation_timer_errors_total";
+/// Expired chat files (rows and bytes) the sweeper deleted.
+pub const CHAT_FILES_EXPIRED_TOTAL: &str = "nexus_chat_files_expired_total";
 
 pub(super) fn describe_all() {
+    describe_counter!(
+        CHAT_FILES_EXPIRED_TOTAL,
+        "Expired chat files (rows and bytes) the sweeper deleted."
+    );
     describe_counter!(
         TIMERS_FIRED_TOTAL,
         "Conversation timers that fired (offer timeouts, queue retries)."

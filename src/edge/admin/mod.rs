@@ -139,6 +139,9 @@ impl From<ProvisioningError> for ApiError {
             ProvisioningError::NotFound(object) => {
                 ApiError::not_found(object.not_found_code(), e.to_string())
             }
+            ProvisioningError::Expired(object) => {
+                ApiError::new(StatusCode::GONE, object.expired_code(), e.to_string())
+            }
             ProvisioningError::Conflict(_) => {
                 ApiError::new(StatusCode::CONFLICT, "CONFLICT", e.to_string())
             }

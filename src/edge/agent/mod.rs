@@ -569,10 +569,7 @@ async fn download(
 ) -> Result<Response, ApiError> {
     let agent = agent_of(&state, &headers).await?;
     ensure_mine(&state, &agent, &id).await?;
-    let file = state
-        .provisioning
-        .file(&agent.tenant_id, &id, &file_id)
-        .await?;
+    let file = super::chat::stored_file(&state, &agent.tenant_id, &id, &file_id).await?;
     Ok(super::chat::file_response(file))
 }
 

@@ -7,6 +7,11 @@
 //! bytes go to the provisioning database (every edge pod can serve them) and a customer
 //! `MessageReceived` carrying the file id is published; the conversation worker turns it into
 //! a `FileUploaded` transcript entry.
+//!
+//! A file expires `chat.file_retention_s` after upload: downloads answer 410 `FILE_EXPIRED`,
+//! it no longer counts against the limit, and [`sweep`] deletes it.
+
+use std::time::Duration;
 
 use axum::extract::multipart::{MultipartError, MultipartRejection};
 use axum::extract::{Multipart, Path, State};
@@ -17,12 +22,15 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+use tracing::{info_span, Instrument};
 
 use super::v3::{check_message_id, ensure_open, publish_customer_message, traceparent};
 use super::{session_claims, Claims};
 use crate::edge::{ApiError, AppState};
 use crate::events::chat::MessageKind;
-use crate::stores::provisioning::{ChatFile, NewChatFile};
+use crate::stores::provisioning::{ChatFile, NewChatFile, Object, ProvisioningError};
+use crate::telemetry::metrics as m;
 
 /// Room for the multipart framing above `chat.max_file_bytes`: part headers, boundaries and
 /// the `message_id` field are a few hundred bytes; 64 KiB leaves slack for long file names
@@ -277,7 +285,7 @@ pub async fn upload(
         name: upload.name,
         content_type: upload.content_type,
         data: upload.data,
-        expires_at_ms: None,
+        expires_at_ms: Some(expires_at_ms(state.config.chat.file_retention_s, now_ms())),
     };
     let Some(file) = state.provisioning.put_file(new, max).await? else {
         return Err(too_many(max));
@@ -325,8 +333,101 @@ pub async fn download(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let c = session_claims(&state, &headers, &id).await?;
-    let file = state.provisioning.file(&c.tid, &c.sid, &file_id).await?;
+    let file = stored_file(&state, &c.tid, &c.sid, &file_id).await?;
     Ok(file_response(file))
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// When a file uploaded at `now_ms` expires.
+fn expires_at_ms(retention_s: u64, now_ms: i64) -> i64 {
+    let retention_ms = i64::try_from(retention_s.saturating_mul(1000)).unwrap_or(i64::MAX);
+    now_ms.saturating_add(retention_ms)
+}
+
+/// A file to download (customer or agent): 410 `FILE_EXPIRED` past its expiry, and still after
+/// the sweeper deleted it, since a file id (UUID v7) carries its upload time.
+pub(crate) async fn stored_file(
+    state: &AppState,
+    tenant: &str,
+    conversation: &str,
+    file_id: &str,
+) -> Result<ChatFile, ApiError> {
+    match state.provisioning.file(tenant, conversation, file_id).await {
+        Err(ProvisioningError::NotFound(Object::File))
+            if id_expired(file_id, state.config.chat.file_retention_s, now_ms()) =>
+        {
+            Err(ProvisioningError::Expired(Object::File).into())
+        }
+        found => Ok(found?),
+    }
+}
+
+/// Whether a file with this id, uploaded at the time its UUID v7 carries, is past retention.
+fn id_expired(file_id: &str, retention_s: u64, now_ms: i64) -> bool {
+    let Some(uploaded) = uuid::Uuid::parse_str(file_id)
+        .ok()
+        .filter(|u| u.get_version_num() == 7)
+        .and_then(|u| u.get_timestamp())
+    else {
+        return false;
+    };
+    let (secs, nanos) = uploaded.to_unix();
+    let uploaded_ms = i64::try_from(secs)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1000)
+        .saturating_add(i64::from(nanos / 1_000_000));
+    expires_at_ms(retention_s, uploaded_ms) <= now_ms
+}
+
+/// Files deleted per statement: bounds each delete's locks and work; a sweep repeats until a
+/// batch comes back short.
+const SWEEP_BATCH: usize = 500;
+
+/// Deletes expired files every `chat.file_sweep_interval_ms` until `stop`. Every edge pod runs
+/// it; the deletes are idempotent, so pods sweeping at once delete each file once.
+pub async fn sweep(state: AppState, stop: CancellationToken) {
+    let every = Duration::from_millis(state.config.chat.file_sweep_interval_ms);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        sweep_once(&state)
+            .instrument(info_span!("chat_file_sweep"))
+            .await;
+    }
+}
+
+async fn sweep_once(state: &AppState) {
+    let now = now_ms();
+    let mut deleted = 0;
+    let outcome = loop {
+        match state
+            .provisioning
+            .delete_expired_files(now, SWEEP_BATCH)
+            .await
+        {
+            Ok(n) => {
+                deleted += n;
+                if n < SWEEP_BATCH as u64 {
+                    break Ok(());
+                }
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    metrics::counter!(m::CHAT_FILES_EXPIRED_TOTAL).increment(deleted);
+    match outcome {
+        Ok(()) if deleted > 0 => tracing::info!(deleted, "expired chat files deleted"),
+        Ok(()) => {}
+        // Retried on the next tick; what is expired stays refused meanwhile.
+        Err(e) => tracing::warn!(deleted, error = %e, "chat file sweep failed; retried"),
+    }
 }
 
 #[cfg(test)]
@@ -354,6 +455,20 @@ mod tests {
         assert!(mismatch("text/plain", b"a\0b"));
         assert!(!mismatch("application/zip", b"PK"));
         assert_eq!(essence("Image/PNG; charset=x"), "image/png");
+    }
+
+    #[test]
+    fn a_file_id_tells_whether_its_retention_passed() {
+        let id = uuid::Uuid::now_v7().to_string();
+        let now = now_ms();
+        assert!(!id_expired(&id, 60, now));
+        assert!(!id_expired(&id, 60, now + 58_000));
+        assert!(id_expired(&id, 60, now + 61_000));
+        // Only our UUID v7 ids carry a time.
+        assert!(!id_expired(&uuid::Uuid::new_v4().to_string(), 60, i64::MAX));
+        assert!(!id_expired("nope", 60, i64::MAX));
+        assert_eq!(expires_at_ms(60, 1_000), 61_000);
+        assert_eq!(expires_at_ms(u64::MAX, 1_000), i64::MAX);
     }
 
     #[test]

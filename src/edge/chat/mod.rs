@@ -18,7 +18,8 @@ use crate::events::publish::{publish, PublishError};
 use crate::events::Event;
 use crate::stores::provisioning::Permission;
 pub use client_key::{Claims, ClientKeys};
-pub(crate) use files::file_response;
+pub use files::sweep as sweep_files;
+pub(crate) use files::{file_response, stored_file};
 pub(crate) use v3::{
     body_error, check_message_id, check_text, check_user_data, json_body, read_transcript,
     typing_started,
@@ -46,6 +47,10 @@ pub fn routes(max_file_bytes: usize) -> Router<AppState> {
             post(v3::read_receipt),
         )
         .route("/nexus/v3/chat/sessions/{id}/notices", post(v3::notice))
+        .route(
+            "/nexus/v3/chat/sessions/{id}/client-key",
+            post(v3::renew_key),
+        )
         .route(
             "/nexus/v3/chat/sessions/{id}/files",
             post(files::upload).layer(upload_limit),
@@ -104,8 +109,12 @@ pub(crate) async fn session_claims(
     claims_for(state, raw, &tenant, session_id)
 }
 
+/// The code of a client key that was valid for the session but has expired.
+pub(crate) const CLIENT_KEY_EXPIRED: &str = "CLIENT_KEY_EXPIRED";
+
 /// Checks a client key against the tenant and session; a key of another session or tenant is
-/// the same answer as a wrong key, so nothing about other sessions leaks.
+/// the same answer as a wrong key, so nothing about other sessions leaks. Expiry is checked
+/// last: only the holder of this session's key learns that it expired.
 pub(crate) fn claims_for(
     state: &AppState,
     raw: &str,
@@ -113,7 +122,19 @@ pub(crate) fn claims_for(
     session_id: &str,
 ) -> Result<Claims, ApiError> {
     match state.client_keys.verify(raw) {
-        Some(c) if c.tid == tenant && c.sid == session_id => Ok(c),
+        Some(c) if c.tid == tenant && c.sid == session_id => {
+            if state
+                .client_keys
+                .expired(&c, chrono::Utc::now().timestamp())
+            {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::UNAUTHORIZED,
+                    CLIENT_KEY_EXPIRED,
+                    "the client key has expired; start a new session",
+                ));
+            }
+            Ok(c)
+        }
         _ => Err(ApiError::new(
             axum::http::StatusCode::FORBIDDEN,
             "INVALID_CLIENT_KEY",

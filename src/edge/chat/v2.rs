@@ -14,9 +14,9 @@ use serde_json::{json, Value};
 
 use super::v3::{
     check_user_data, customer_leaves, customer_message, customer_read, customer_typing,
-    customer_user_data, nickname, open_session, traceparent, NewSession,
+    customer_user_data, nickname, open_session, traceparent, NewSession, SESSION_ENDED,
 };
-use super::{claims_for, Claims};
+use super::{claims_for, Claims, CLIENT_KEY_EXPIRED};
 use crate::edge::{ApiError, AppState};
 use crate::events::chat::{Contact, MessageKind};
 use crate::stores::session::{ConversationState, Entry, EntryKind, PartyKind};
@@ -41,7 +41,7 @@ impl IntoResponse for V2Error {
         }
         let body = json!({
             "statusCode": 2,
-            "chatEnded": e.code == "SESSION_CLOSED",
+            "chatEnded": e.code == "SESSION_CLOSED" || e.code == SESSION_ENDED,
             "errors": [{"code": e.code, "advice": e.message}],
         });
         (e.status, Json(body)).into_response()
@@ -263,7 +263,12 @@ fn session(state: &AppState, form: &Form, tenant: &str, chat_id: &str) -> Result
         )
     };
     let key = form.get("secureKey").ok_or_else(denied)?;
-    let claims = claims_for(state, key, tenant, chat_id).map_err(|_| denied())?;
+    let claims = match claims_for(state, key, tenant, chat_id) {
+        Ok(c) => c,
+        // This chat's own key, only expired: the client should start a new chat.
+        Err(e) if e.code == CLIENT_KEY_EXPIRED => return Err(e),
+        Err(_) => return Err(denied()),
+    };
     if form.get("userId") != Some(claims.pid.as_str())
         || form.get("alias").is_some_and(|a| a != ALIAS)
     {

@@ -199,11 +199,13 @@ pub(crate) async fn open_session(
         .map_err(|e| ApiError::bad_request("INVALID_FIELD", e.to_string()))?;
     event.envelope.traceparent = traceparent;
     publish_event(state, INBOUND_TOPIC, &event).await?;
+    let iat = event.envelope.occurred_at_ms / 1000;
     Ok(Claims {
         tid: tenant.to_string(),
         sid: conversation_id,
         pid: participant_id,
-        iat: event.envelope.occurred_at_ms / 1000,
+        iat,
+        exp: Some(state.client_keys.expiry(iat)),
     })
 }
 
@@ -254,11 +256,34 @@ pub async fn start(
             "session_id": id,
             "participant_id": claims.pid,
             "client_key": state.client_keys.issue(&claims),
+            "client_key_expires_at": claims.exp,
             "stream": {
                 "websocket": format!("/nexus/v3/chat/sessions/{id}/stream"),
                 "sse": format!("/nexus/v3/chat/sessions/{id}/events"),
             },
         })),
+    ))
+}
+
+/// A fresh client key for the session, for the holder of a valid key while the chat is open:
+/// an async chat can outlive `chat.client_key_ttl_s`, while a closed chat's keys still die.
+pub async fn renew_key(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let c = session_claims(&state, &headers, &id).await?;
+    ensure_open(&state, &c).await?;
+    let iat = chrono::Utc::now().timestamp();
+    let exp = state.client_keys.expiry(iat);
+    let key = state.client_keys.issue(&Claims {
+        iat,
+        exp: Some(exp),
+        ..c
+    });
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "client_key": key, "client_key_expires_at": exp })),
     ))
 }
 
@@ -270,7 +295,12 @@ pub struct SendRequest {
     pub message_id: Option<String>,
 }
 
-/// Refuses actions on a session the worker already closed.
+/// The code of a session whose record the store no longer has (closed and expired).
+pub(crate) const SESSION_ENDED: &str = "SESSION_ENDED";
+
+/// Refuses actions on a session the worker already closed (409 `SESSION_CLOSED`) or whose
+/// record is gone (410 `SESSION_ENDED`). The record read is the one this check always made, so
+/// the send path gains no store round trip.
 pub(crate) async fn ensure_open(state: &AppState, c: &Claims) -> Result<(), ApiError> {
     let record = state
         .sessions()?
@@ -283,9 +313,25 @@ pub(crate) async fn ensure_open(state: &AppState, c: &Claims) -> Result<(), ApiE
             "SESSION_CLOSED",
             "the chat has ended",
         )),
+        Some(_) => Ok(()),
+        None if record_gone(state, c, chrono::Utc::now().timestamp()) => Err(ApiError::new(
+            StatusCode::GONE,
+            SESSION_ENDED,
+            "the chat has ended and is no longer kept",
+        )),
         // Absent: the worker has not applied the start yet; the client key proves the session.
-        _ => Ok(()),
+        None => Ok(()),
     }
+}
+
+/// Whether a missing record means the session is over rather than not yet started. Only a
+/// closed record expires, `closed_retention_s` after the close, so a record missing while its
+/// key is younger than that can only be a start the worker has not applied yet (however far
+/// behind it is); an older key's session may have closed and expired.
+fn record_gone(state: &AppState, c: &Claims, now_s: i64) -> bool {
+    let retention = state.config.workers.conversation.closed_retention_s;
+    let retention = i64::try_from(retention).unwrap_or(i64::MAX);
+    now_s.saturating_sub(c.iat) > retention.saturating_add(super::client_key::CLOCK_SKEW_S)
 }
 
 /// A client's message id, when given, is 1 to 128 characters.

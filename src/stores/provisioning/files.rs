@@ -1,6 +1,8 @@
 //! Chat files: the bytes a customer uploads into a conversation. They are kept in this database,
 //! not on an edge's disk, so every edge pod can serve them. A file is read and counted by
 //! `(tenant, conversation, id)` only: no other session, and no other tenant, can reach it.
+//! A file past `expires_at_ms` is refused and not counted; [`Provisioning::delete_expired_files`]
+//! removes it.
 
 use sqlx::any::AnyRow;
 
@@ -76,7 +78,8 @@ impl Provisioning {
             "INSERT INTO chat_files (id, tenant_id, conversation_id, name, content_type, size, \
              data, created_at_ms, expires_at_ms) \
              SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 \
-             WHERE (SELECT COUNT(*) FROM chat_files WHERE tenant_id = $2 AND conversation_id = $3) < $10",
+             WHERE (SELECT COUNT(*) FROM chat_files WHERE tenant_id = $2 AND conversation_id = $3 \
+             AND (expires_at_ms IS NULL OR expires_at_ms > $8)) < $10",
         )
         .bind(file.id.clone())
         .bind(file.tenant_id.clone())
@@ -94,7 +97,7 @@ impl Provisioning {
         Ok((done.rows_affected() == 1).then_some(file))
     }
 
-    /// A file of the conversation that has not expired.
+    /// A file of the conversation; `Expired(File)` once past its expiry (until it is swept).
     pub async fn file(
         &self,
         tenant_id: &str,
@@ -102,20 +105,41 @@ impl Provisioning {
         id: &str,
     ) -> Result<ChatFile, ProvisioningError> {
         let row = sqlx::query(&format!(
-            "{SELECT} WHERE tenant_id = $1 AND conversation_id = $2 AND id = $3 \
-             AND (expires_at_ms IS NULL OR expires_at_ms > $4)"
+            "{SELECT} WHERE tenant_id = $1 AND conversation_id = $2 AND id = $3"
         ))
         .bind(tenant_id.to_string())
         .bind(conversation_id.to_string())
         .bind(id.to_string())
-        .bind(sql::now_ms())
         .fetch_optional(&self.pool)
         .await
         .map_err(sql::unavailable)?;
-        match row {
-            Some(row) => from_row(&row),
-            None => Err(ProvisioningError::NotFound(Object::File)),
+        let file = match row {
+            Some(row) => from_row(&row)?,
+            None => return Err(ProvisioningError::NotFound(Object::File)),
+        };
+        if file.expires_at_ms.is_some_and(|at| at <= sql::now_ms()) {
+            return Err(ProvisioningError::Expired(Object::File));
         }
+        Ok(file)
+    }
+
+    /// Deletes up to `batch` files (rows and bytes) expired at `now_ms`; returns how many this
+    /// call deleted. Idempotent: processes sweeping at once delete each file once between them.
+    pub async fn delete_expired_files(
+        &self,
+        now_ms: i64,
+        batch: usize,
+    ) -> Result<u64, ProvisioningError> {
+        let done = sqlx::query(
+            "DELETE FROM chat_files WHERE id IN \
+             (SELECT id FROM chat_files WHERE expires_at_ms <= $1 LIMIT $2)",
+        )
+        .bind(now_ms)
+        .bind(i64::try_from(batch).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await
+        .map_err(sql::unavailable)?;
+        Ok(done.rows_affected())
     }
 
     /// Deletes a file (an upload whose message could not be published gives its place back).
@@ -137,18 +161,20 @@ impl Provisioning {
         Ok(())
     }
 
-    /// How many files the conversation holds (expired ones included: they still take a place
-    /// until deleted).
+    /// How many unexpired files the conversation holds (an expired one gives its place back
+    /// before the sweeper deletes it).
     pub async fn count_files(
         &self,
         tenant_id: &str,
         conversation_id: &str,
     ) -> Result<usize, ProvisioningError> {
         let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM chat_files WHERE tenant_id = $1 AND conversation_id = $2",
+            "SELECT COUNT(*) FROM chat_files WHERE tenant_id = $1 AND conversation_id = $2 \
+             AND (expires_at_ms IS NULL OR expires_at_ms > $3)",
         )
         .bind(tenant_id.to_string())
         .bind(conversation_id.to_string())
+        .bind(sql::now_ms())
         .fetch_one(&self.pool)
         .await
         .map_err(sql::unavailable)?;
@@ -225,6 +251,49 @@ mod tests {
             ..new(&t, "c3", b"z")
         };
         let e = p.put_file(expired, 2).await.expect("put").expect("room");
-        assert!(p.file(&t, "c3", &e.id).await.is_err());
+        assert!(matches!(
+            p.file(&t, "c3", &e.id).await,
+            Err(ProvisioningError::Expired(Object::File))
+        ));
+    }
+
+    #[tokio::test]
+    async fn expired_files_take_no_place_and_are_swept_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (p, t) = store(&dir).await;
+        let expired = |conv: &str| NewChatFile {
+            expires_at_ms: Some(1),
+            ..new(&t, conv, b"old")
+        };
+        // An expired file does not count against the limit of 1.
+        p.put_file(expired("c1"), 1)
+            .await
+            .expect("put")
+            .expect("room");
+        assert_eq!(p.count_files(&t, "c1").await.expect("count"), 0);
+        let kept = NewChatFile {
+            expires_at_ms: Some(i64::MAX),
+            ..new(&t, "c1", b"new")
+        };
+        let kept = p.put_file(kept, 1).await.expect("put").expect("room");
+        assert_eq!(p.count_files(&t, "c1").await.expect("count"), 1);
+        for conv in ["c2", "c3", "c4"] {
+            p.put_file(expired(conv), 1)
+                .await
+                .expect("put")
+                .expect("room");
+        }
+        let forever = p
+            .put_file(new(&t, "c5", b"x"), 1)
+            .await
+            .expect("put")
+            .expect("room");
+        // Batches of 3: 4 expired files take two calls; then nothing is left to delete.
+        let now = sql::now_ms();
+        assert_eq!(p.delete_expired_files(now, 3).await.expect("sweep"), 3);
+        assert_eq!(p.delete_expired_files(now, 3).await.expect("sweep"), 1);
+        assert_eq!(p.delete_expired_files(now, 3).await.expect("sweep"), 0);
+        assert_eq!(p.file(&t, "c1", &kept.id).await.expect("kept"), kept);
+        assert_eq!(p.file(&t, "c5", &forever.id).await.expect("kept"), forever);
     }
 }

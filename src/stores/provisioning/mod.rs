@@ -67,6 +67,14 @@ impl Object {
             Object::File => "FILE_NOT_FOUND",
         }
     }
+
+    /// The machine-readable code of "this object expired" (only files expire).
+    pub fn expired_code(self) -> &'static str {
+        match self {
+            Object::File => "FILE_EXPIRED",
+            _ => "EXPIRED",
+        }
+    }
 }
 
 impl fmt::Display for Object {
@@ -87,6 +95,9 @@ impl fmt::Display for Object {
 pub enum ProvisioningError {
     #[error("no such {0}")]
     NotFound(Object),
+    /// The object exists but is past its expiry (a chat file past `chat.file_retention_s`).
+    #[error("the {0} has expired")]
+    Expired(Object),
     /// A duplicate name, or an object still referenced.
     #[error("{0}")]
     Conflict(String),
