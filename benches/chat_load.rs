@@ -8,6 +8,11 @@
 //! rate reached, p99 ≤ 50 ms) as a multiple of the legacy chat server's 50 messages/s.
 //! `make bench` (after bus_throughput), or `cargo bench --bench chat_load`.
 //!
+//! With NEXUS_BENCH_BUS (e.g. `nats://127.0.0.1:14222`, `kafka://127.0.0.1:19092`) the system
+//! under load is instead a `nexus edge` and a `nexus worker conversation` process on that bus with
+//! Redis (NEXUS_BENCH_REDIS_URL, else NEXUS_TEST_REDIS_URL, else 127.0.0.1:6379) and a fresh
+//! database on NEXUS_BENCH_POSTGRES_URL's server; the bus run then uses that broker too.
+//!
 //! Env: NEXUS_BENCH_CHATS (default 1000), NEXUS_BENCH_AGENTS (20), NEXUS_BENCH_RATES
 //! (messages/s, default `50,100,200,500,1000,2000,5000`; the ladder stops at the first rate not
 //! held, since a backlog left behind would only spoil the next one), NEXUS_BENCH_SECONDS (per rate, default 10),
@@ -64,46 +69,149 @@ fn cpu_time(pid: &str) -> Duration {
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
-/// The `nexus dev` child; killed on drop.
+/// Where the system under load runs: `nexus dev` (embedded bus and stores), or, with
+/// `NEXUS_BENCH_BUS` set, a `nexus edge` and a `nexus worker conversation` process on that bus
+/// with Redis and a fresh PostgreSQL database (the production shape, on one machine).
+#[derive(Clone)]
+struct Deployment {
+    /// `None` = embedded (`nexus dev`).
+    bus: Option<String>,
+    redis: String,
+    postgres: String,
+}
+
+impl Deployment {
+    fn from_env() -> Deployment {
+        Deployment {
+            bus: std::env::var("NEXUS_BENCH_BUS")
+                .ok()
+                .filter(|b| !b.is_empty()),
+            redis: std::env::var("NEXUS_BENCH_REDIS_URL")
+                .or_else(|_| std::env::var("NEXUS_TEST_REDIS_URL"))
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+            postgres: std::env::var("NEXUS_BENCH_POSTGRES_URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into()),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match &self.bus {
+            None => "nexus dev (embedded bus, SQLite, embedded session store)".into(),
+            Some(bus) => {
+                format!("nexus edge + nexus worker conversation on {bus}, Redis, PostgreSQL")
+            }
+        }
+    }
+}
+
+fn psql(url: &str, sql: &str) {
+    let status = Command::new("psql")
+        .args([url, "-q", "-c", sql])
+        .status()
+        .expect("psql");
+    assert!(status.success(), "psql {sql} failed");
+}
+
+/// The nexus processes under load; killed (and the bench database dropped) on drop.
 struct Nexus {
-    child: Child,
+    children: Vec<Child>,
     url: String,
+    /// (server url, database) created for this run.
+    database: Option<(String, String)>,
 }
 
 impl Drop for Nexus {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some((server, name)) = &self.database {
+            psql(
+                server,
+                &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            );
+        }
     }
 }
 
+fn free_listen() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
 impl Nexus {
-    async fn start(dir: &Path) -> Nexus {
+    async fn start(dir: &Path, deployment: &Deployment) -> Nexus {
         let bin = std::env::var("NEXUS_BENCH_BIN")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_nexus").to_string());
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let listen = format!("127.0.0.1:{port}");
-        let log = std::fs::File::create(dir.join("nexus.log")).expect("log file");
-        let child = Command::new(bin)
-            .args(["dev", "--listen", &listen, "--data-dir"])
-            .arg(dir.join("data"))
-            .env("RUST_LOG", "warn")
-            .env("NEXUS_HTTP__ADMIN_TOKEN", ADMIN)
-            .env("NEXUS_CHAT__CLIENT_KEY_SECRET", CLIENT_KEY_SECRET)
-            // Setup offers 1 000 chats at once; none may lapse on a loaded machine.
-            .env("NEXUS_WORKERS__CONVERSATION__OFFER_TIMEOUT_MS", "120000")
-            .env("NEXUS_WORKERS__CONVERSATION__REQUEUE_INTERVAL_MS", "300")
-            .stdout(Stdio::from(log.try_clone().expect("log file")))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn nexus");
-        let mut nexus = Nexus {
-            child,
-            url: format!("http://{listen}"),
+        let spawn = |name: &str, args: &[&str], env: &[(&str, String)]| {
+            let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log file");
+            Command::new(&bin)
+                .args(args)
+                .env("RUST_LOG", "warn")
+                .env("NEXUS_HTTP__ADMIN_TOKEN", ADMIN)
+                .env("NEXUS_CHAT__CLIENT_KEY_SECRET", CLIENT_KEY_SECRET)
+                // Setup offers 1 000 chats at once; none may lapse on a loaded machine.
+                .env("NEXUS_WORKERS__CONVERSATION__OFFER_TIMEOUT_MS", "120000")
+                .env("NEXUS_WORKERS__CONVERSATION__REQUEUE_INTERVAL_MS", "300")
+                .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+                .stdout(Stdio::from(log.try_clone().expect("log file")))
+                .stderr(Stdio::from(log))
+                .spawn()
+                .expect("spawn nexus")
         };
+        let listen = free_listen();
+        let mut nexus = Nexus {
+            children: Vec::new(),
+            url: format!("http://{listen}"),
+            database: None,
+        };
+        match &deployment.bus {
+            None => {
+                let data = dir.join("data").display().to_string();
+                nexus.children.push(spawn(
+                    "nexus",
+                    &["dev", "--listen", &listen, "--data-dir", &data],
+                    &[],
+                ));
+            }
+            Some(bus) => {
+                let name = format!("nexus_bench_{}", uuid::Uuid::new_v4().simple());
+                psql(&deployment.postgres, &format!("CREATE DATABASE {name}"));
+                let server = deployment.postgres.clone();
+                let db_url = match server.rsplit_once('/') {
+                    Some((head, _)) => format!("{head}/{name}"),
+                    None => panic!("bad postgres url {server}"),
+                };
+                nexus.database = Some((server, name));
+                let status = Command::new(&bin)
+                    .args(["topology", "apply", "--bus", bus])
+                    .status()
+                    .expect("topology apply");
+                assert!(status.success(), "nexus topology apply --bus {bus} failed");
+                let env = [
+                    ("NEXUS_BUS__URL", bus.clone()),
+                    ("NEXUS_STORES__POSTGRES_URL", db_url),
+                    ("NEXUS_STORES__PROVISIONING_KEY", "42".repeat(32)),
+                    ("NEXUS_STORES__REDIS_URL", deployment.redis.clone()),
+                    (
+                        "NEXUS_STORES__DATA_DIR",
+                        dir.join("data").display().to_string(),
+                    ),
+                ];
+                let mut worker_env = env.to_vec();
+                worker_env.push(("NEXUS_HTTP__LISTEN", free_listen()));
+                nexus
+                    .children
+                    .push(spawn("worker", &["worker", "conversation"], &worker_env));
+                let mut edge_env = env.to_vec();
+                edge_env.push(("NEXUS_HTTP__LISTEN", listen.clone()));
+                nexus.children.push(spawn("edge", &["edge"], &edge_env));
+            }
+        }
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -112,16 +220,22 @@ impl Nexus {
                     return nexus;
                 }
             }
-            if let Ok(Some(status)) = nexus.child.try_wait() {
-                panic!("nexus exited with {status}; log in {}", dir.display());
+            for child in &mut nexus.children {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("nexus exited with {status}; logs in {}", dir.display());
+                }
             }
             assert!(Instant::now() < deadline, "nexus not ready in 60 s");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
-    fn pid(&self) -> String {
-        self.child.id().to_string()
+    /// CPU time of every nexus process so far.
+    fn cpu(&self) -> Duration {
+        self.children
+            .iter()
+            .map(|c| cpu_time(&c.id().to_string()))
+            .sum()
     }
 }
 
@@ -325,7 +439,7 @@ async fn chat_run(
     secs: u64,
 ) -> Run {
     let errors_before = seen.errors.load(Ordering::Relaxed);
-    let cpu = (cpu_time(&nexus.pid()), cpu_time("self"));
+    let cpu = (nexus.cpu(), cpu_time("self"));
     let (failed, send_secs, max_lag) = open_loop(rate, secs, seen.base, |k, stamp| {
         let http = clients[k as usize % clients.len()].clone();
         let session = &sessions[k as usize % sessions.len()];
@@ -365,7 +479,7 @@ async fn chat_run(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let cpu = (
-        (cpu_time(&nexus.pid()) - cpu.0).as_secs_f64(),
+        (nexus.cpu() - cpu.0).as_secs_f64(),
         (cpu_time("self") - cpu.1).as_secs_f64(),
     );
     let latencies = std::mem::take(&mut *seen.latencies[step].lock().expect("latencies"));
@@ -429,12 +543,24 @@ fn bus_event(key: &str, text: &str) -> Vec<u8> {
 }
 
 /// The bus alone at `rate`: publish (stamped just before) → consumer runtime handle.
-async fn bus_run(dir: &Path, chats: usize, rate: f64, secs: u64, base: Instant) -> Run {
+/// On the deployment's bus: embedded in `dir`, or a fresh topic and group on the broker.
+async fn bus_run(
+    dir: &Path,
+    deployment: &Deployment,
+    chats: usize,
+    rate: f64,
+    secs: u64,
+    base: Instant,
+) -> Run {
     let defaults = Config::defaults();
     let mut config = defaults.bus.clone();
-    config.url = format!("embedded://{}", dir.display());
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    config.url = match &deployment.bus {
+        None => format!("embedded://{}", dir.display()),
+        Some(bus) => bus.clone(),
+    };
     let bus = nexus::bus::connect(&config).await.expect("bus");
-    let topic = "bench.inbound".to_string();
+    let topic = format!("bench.inbound.{}", &run[..12]);
     for name in [topic.clone(), format!("{topic}.dlq")] {
         bus.apply_topic(&TopicSpec {
             name,
@@ -451,7 +577,8 @@ async fn bus_run(dir: &Path, chats: usize, rate: f64, secs: u64, base: Instant) 
     });
     let stop = CancellationToken::new();
     let options = ConsumerOptions::from_config(&defaults.consumer, defaults.bus.start_from);
-    let consumer = Consumer::new(bus.clone(), "bench", &topic, options);
+    let group = format!("bench-{}", &run[..12]);
+    let consumer = Consumer::new(bus.clone(), &group, &topic, options);
     let running = tokio::spawn(consumer.run(probe.clone(), stop.clone()));
     bus.publish(&topic, OutRecord::new("warm", bus_event("warm", "warm")))
         .await
@@ -517,7 +644,8 @@ async fn main() {
         .filter_map(|r| r.trim().parse().ok())
         .collect();
     let dir = tempfile::tempdir().expect("tempdir");
-    let nexus = Nexus::start(dir.path()).await;
+    let deployment = Deployment::from_env();
+    let nexus = Nexus::start(dir.path(), &deployment).await;
     let clients: Vec<reqwest::Client> = (0..CLIENTS)
         .map(|_| {
             reqwest::Client::builder()
@@ -587,6 +715,7 @@ async fn main() {
         0,
         "errors during setup"
     );
+    println!("chat load on {}", deployment.describe());
     println!(
         "chat load: {chats} chats over {agents} agents ({capacity} chats each), connected in {:.1} s; \
          {secs} s per rate, {CLIENTS} HTTP/1.1 keep-alive clients, {MAX_IN_FLIGHT} sends in flight at most",
@@ -618,7 +747,7 @@ async fn main() {
         )
         .await;
         let bus_dir = tempfile::tempdir().expect("tempdir");
-        let mut bus = bus_run(bus_dir.path(), chats, rate, secs, seen.base).await;
+        let mut bus = bus_run(bus_dir.path(), &deployment, chats, rate, secs, seen.base).await;
         let (c50, c99, cmax) = percentiles(&mut chat.latencies);
         let (b50, b99, _) = percentiles(&mut bus.latencies);
         let achieved = chat.sent as f64 / chat.send_secs.max(1e-9);

@@ -206,6 +206,8 @@ pub struct StoresConfig {
     /// Secret: 32-byte key (hex or base64) encrypting bot credentials; "" = a key file
     /// generated once under `data_dir` (single-process `nexus dev` only).
     pub provisioning_key: String,
+    /// Milliseconds an API-key lookup is reused by a process (0 = never).
+    pub auth_cache_ttl_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

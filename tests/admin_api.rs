@@ -6,6 +6,7 @@ mod common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
@@ -33,6 +34,8 @@ struct Harness {
     raw: AnyPool,
     /// The PostgreSQL database to drop at the end.
     database: Option<(String, String)>,
+    /// Where the store is, for a second process's view of it.
+    target: String,
     _dir: tempfile::TempDir,
 }
 
@@ -102,6 +105,7 @@ async fn harness(backend: Backend) -> Harness {
         state,
         raw,
         database,
+        target,
         _dir: dir,
     }
 }
@@ -853,6 +857,57 @@ async fn api_keys_are_shown_once_and_authenticate(backend: Backend) {
     h.finish().await;
 }
 
+/// Another pod caches an API-key lookup for its TTL: a key disabled through this pod keeps
+/// working there until the TTL passes, then is refused; with a zero TTL at once.
+async fn other_pods_see_key_changes_within_the_cache_ttl(backend: Backend) {
+    let h = harness(backend).await;
+    let t = h.tenant("acme").await;
+    let base = format!("/v1/admin/tenants/{t}/api-keys");
+    let created = h
+        .create(&base, json!({"name": "widget", "permissions": ["chat"]}))
+        .await;
+    let raw = created["key"].as_str().expect("key").to_string();
+    let key_id = id(&created);
+    let ttl = Duration::from_millis(400);
+    let other = Provisioning::connect(&h.target, &EncryptionKey::generate())
+        .await
+        .expect("second pod")
+        .with_auth_cache_ttl(ttl);
+    let uncached = Provisioning::connect(&h.target, &EncryptionKey::generate())
+        .await
+        .expect("third pod")
+        .with_auth_cache_ttl(Duration::ZERO);
+    assert!(other.authenticate_api_key(&raw).await.is_ok());
+    assert!(uncached.authenticate_api_key(&raw).await.is_ok());
+    let disabled_at = std::time::Instant::now();
+    let (status, v) = h
+        .call(
+            Method::PATCH,
+            &format!("{base}/{key_id}"),
+            Some(json!({"enabled": false})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert!(matches!(
+        uncached.authenticate_api_key(&raw).await,
+        Err(AuthError::Disabled)
+    ));
+    if disabled_at.elapsed() < ttl / 2 {
+        assert!(
+            other.authenticate_api_key(&raw).await.is_ok(),
+            "within the TTL the other pod still has the lookup"
+        );
+    }
+    tokio::time::sleep(ttl).await;
+    assert!(matches!(
+        other.authenticate_api_key(&raw).await,
+        Err(AuthError::Disabled)
+    ));
+    other.close().await;
+    uncached.close().await;
+    h.finish().await;
+}
+
 async fn bot_credentials_are_encrypted_and_never_returned(backend: Backend) {
     let h = harness(backend).await;
     let t = h.tenant("acme").await;
@@ -1301,6 +1356,7 @@ on_both_backends!(
     conflicts_and_not_found,
     admin_token_is_required,
     api_keys_are_shown_once_and_authenticate,
+    other_pods_see_key_changes_within_the_cache_ttl,
     bot_credentials_are_encrypted_and_never_returned,
     agent_tokens_authenticate_and_rotate,
     routing_rules_in_priority_order,

@@ -3,6 +3,7 @@
 
 use sqlx::any::AnyRow;
 
+use super::auth_cache::CachedKey;
 use super::models::{
     self, ApiKey, ApiKeyGrant, ApiKeyPatch, CreatedApiKey, NewApiKey, Page, PageRequest,
 };
@@ -127,6 +128,8 @@ impl Provisioning {
         .execute(&self.pool)
         .await
         .map_err(sql::unavailable)?;
+        // After the write: a lookup racing the update cannot re-cache the old row.
+        self.auth_cache.clear();
         Ok(key)
     }
 
@@ -137,6 +140,7 @@ impl Provisioning {
             .execute(&self.pool)
             .await
             .map_err(sql::unavailable)?;
+        self.auth_cache.clear();
         if done.rows_affected() == 0 {
             return Err(self.missing(tenant_id, Object::ApiKey).await);
         }
@@ -149,10 +153,29 @@ impl Provisioning {
         if !raw.starts_with(API_KEY_PREFIX) {
             return Err(AuthError::Unknown);
         }
+        let hash = secrets::hash_token(raw);
+        let key = match self.auth_cache.get(&hash) {
+            Some(key) => key,
+            None => {
+                let key = self.lookup_api_key(raw, &hash).await?;
+                self.auth_cache.put(hash, key.clone());
+                key
+            }
+        };
+        if !key.enabled {
+            return Err(AuthError::Disabled);
+        }
+        if key.expires_at_ms.is_some_and(|at| at <= sql::now_ms()) {
+            return Err(AuthError::Expired);
+        }
+        Ok(key.grant)
+    }
+
+    async fn lookup_api_key(&self, raw: &str, hash: &str) -> Result<CachedKey, AuthError> {
         let row = sqlx::query(
             "SELECT id, tenant_id, key_hash, permissions, enabled, expires_at_ms FROM api_keys WHERE key_hash = $1",
         )
-        .bind(secrets::hash_token(raw))
+        .bind(hash.to_string())
         .fetch_optional(&self.pool)
         .await
         .map_err(|e| AuthError::Unavailable(e.to_string()))?;
@@ -166,17 +189,14 @@ impl Provisioning {
         if !secrets::token_matches(raw, &stored) {
             return Err(AuthError::Unknown);
         }
-        if get::<i64>(&row, "enabled").map_err(unavailable)? == 0 {
-            return Err(AuthError::Disabled);
-        }
-        let expires: Option<i64> = get(&row, "expires_at_ms").map_err(unavailable)?;
-        if expires.is_some_and(|at| at <= sql::now_ms()) {
-            return Err(AuthError::Expired);
-        }
-        Ok(ApiKeyGrant {
-            tenant_id: get(&row, "tenant_id").map_err(unavailable)?,
-            key_id: get(&row, "id").map_err(unavailable)?,
-            permissions: get_json(&row, "permissions").map_err(unavailable)?,
+        Ok(CachedKey {
+            grant: ApiKeyGrant {
+                tenant_id: get(&row, "tenant_id").map_err(unavailable)?,
+                key_id: get(&row, "id").map_err(unavailable)?,
+                permissions: get_json(&row, "permissions").map_err(unavailable)?,
+            },
+            enabled: get::<i64>(&row, "enabled").map_err(unavailable)? != 0,
+            expires_at_ms: get(&row, "expires_at_ms").map_err(unavailable)?,
         })
     }
 }

@@ -10,6 +10,7 @@
 
 mod agents;
 mod api_keys;
+mod auth_cache;
 mod bots;
 pub mod files;
 pub mod models;
@@ -36,6 +37,8 @@ use secrets::{Cipher, EncryptionKey};
 const MAX_CONNECTIONS: u32 = 8;
 /// How long a caller waits for a connection before the store counts as unavailable.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// API-key lookups reused for this long unless `[stores] auth_cache_ttl_ms` says otherwise.
+const AUTH_CACHE_TTL: Duration = Duration::from_secs(5);
 
 /// The SQLite file under `stores.data_dir` when no PostgreSQL URL is configured.
 pub const SQLITE_FILE: &str = "provisioning.db";
@@ -128,6 +131,7 @@ pub struct Provisioning {
     pool: AnyPool,
     cipher: Cipher,
     kind: &'static str,
+    auth_cache: auth_cache::AuthCache,
 }
 
 impl fmt::Debug for Provisioning {
@@ -170,7 +174,14 @@ impl Provisioning {
             pool,
             cipher: Cipher::new(key),
             kind,
+            auth_cache: auth_cache::AuthCache::new(AUTH_CACHE_TTL),
         })
+    }
+
+    /// How long an API-key lookup is reused (zero: every request asks the database).
+    pub fn with_auth_cache_ttl(mut self, ttl: Duration) -> Self {
+        self.auth_cache = auth_cache::AuthCache::new(ttl);
+        self
     }
 
     /// From `[stores]`: `postgres_url`, or SQLite under `data_dir`; `provisioning_key`, or a
@@ -194,7 +205,9 @@ impl Provisioning {
         } else {
             stores.postgres_url.clone()
         };
-        Self::connect(&target, &key).await
+        Ok(Self::connect(&target, &key)
+            .await?
+            .with_auth_cache_ttl(Duration::from_millis(stores.auth_cache_ttl_ms)))
     }
 
     /// `postgres` or `sqlite`.

@@ -87,6 +87,7 @@ impl Provisioning {
             .execute(&self.pool)
             .await
             .map_err(sql::unavailable)?;
+        self.auth_cache.clear();
         if done.rows_affected() == 0 {
             return Err(ProvisioningError::NotFound(Object::Tenant));
         }
