@@ -13,6 +13,9 @@
 //! Redis (NEXUS_BENCH_REDIS_URL, else NEXUS_TEST_REDIS_URL, else 127.0.0.1:6379) and a fresh
 //! database on NEXUS_BENCH_POSTGRES_URL's server; the bus run then uses that broker too.
 //!
+//! CPU is reported per process group as % of one core over the send phase, and per message in µs:
+//! nexus's processes, and beside them the local broker, Redis and PostgreSQL ("peers").
+//!
 //! Env: NEXUS_BENCH_CHATS (default 1000), NEXUS_BENCH_AGENTS (20), NEXUS_BENCH_RATES
 //! (messages/s, default `50,100,200,500,1000,2000,5000`; the ladder stops at the first rate not
 //! held, since a backlog left behind would only spoil the next one), NEXUS_BENCH_SECONDS (per rate, default 10),
@@ -67,6 +70,27 @@ fn cpu_time(pid: &str) -> Duration {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// Processes on this machine the nexus processes lean on (their CPU is reported beside nexus's).
+const PEERS: &[&str] = &["nats-server", "redis-server", "postgres", "tansu"];
+
+/// CPU time so far of every local broker, Redis and PostgreSQL process.
+fn peers_cpu() -> Duration {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Duration::ZERO;
+    };
+    procs
+        .filter_map(|p| p.ok())
+        .filter_map(|p| {
+            let pid = p.file_name().to_string_lossy().to_string();
+            let comm = std::fs::read_to_string(p.path().join("comm")).ok()?;
+            PEERS
+                .iter()
+                .any(|name| comm.trim().starts_with(name))
+                .then(|| cpu_time(&pid))
+        })
+        .sum()
 }
 
 /// Where the system under load runs: `nexus dev` (embedded bus and stores), or, with
@@ -388,8 +412,8 @@ struct Run {
     /// Latest start of a send after its scheduled instant (client saturation).
     max_lag: Duration,
     latencies: Vec<u64>,
-    /// CPU seconds of (nexus, this process) over the run.
-    cpu: (f64, f64),
+    /// CPU seconds of (nexus, this process, the local broker + Redis + PostgreSQL) over the run.
+    cpu: (f64, f64, f64),
 }
 
 /// Sends `rate × secs` messages open-loop, chat after chat round robin; `send(k, stamp)`
@@ -439,7 +463,7 @@ async fn chat_run(
     secs: u64,
 ) -> Run {
     let errors_before = seen.errors.load(Ordering::Relaxed);
-    let cpu = (nexus.cpu(), cpu_time("self"));
+    let cpu = (nexus.cpu(), cpu_time("self"), peers_cpu());
     let (failed, send_secs, max_lag) = open_loop(rate, secs, seen.base, |k, stamp| {
         let http = clients[k as usize % clients.len()].clone();
         let session = &sessions[k as usize % sessions.len()];
@@ -481,6 +505,7 @@ async fn chat_run(
     let cpu = (
         (nexus.cpu() - cpu.0).as_secs_f64(),
         (cpu_time("self") - cpu.1).as_secs_f64(),
+        (peers_cpu().saturating_sub(cpu.2)).as_secs_f64(),
     );
     let latencies = std::mem::take(&mut *seen.latencies[step].lock().expect("latencies"));
     let lost = delivered_target.saturating_sub(latencies.len() as u64);
@@ -615,7 +640,7 @@ async fn bus_run(
         send_secs,
         max_lag,
         latencies,
-        cpu: (0.0, (cpu_time("self") - cpu).as_secs_f64()),
+        cpu: (0.0, (cpu_time("self") - cpu).as_secs_f64(), 0.0),
     }
 }
 
@@ -722,7 +747,7 @@ async fn main() {
         setup.elapsed().as_secs_f64()
     );
     println!(
-        "{:>7} {:>8} {:>7} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>7} | {:>10} {:>10} | {:>6}",
+        "{:>7} {:>8} {:>7} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>7} | {:>10} {:>10} {:>10} | {:>12} | {:>6}",
         "rate",
         "achieved",
         "errors",
@@ -733,12 +758,14 @@ async fn main() {
         "p99",
         "ratio",
         "nexus CPU",
+        "peers CPU",
         "bench CPU",
+        "CPU per msg",
         "held"
     );
     println!(
-        "{:>7} {:>8} {:>7} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>7} | {:>10} {:>10} |",
-        "msg/s", "msg/s", "", "ms", "ms", "ms", "ms", "ms", "chat/bus", "% of 1 core", "(chat/bus)"
+        "{:>7} {:>8} {:>7} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>7} | {:>10} {:>10} {:>10} | {:>12} |",
+        "msg/s", "msg/s", "", "ms", "ms", "ms", "ms", "ms", "chat/bus", "% of 1 core", "", "(chat/bus)", "nexus/peers µs"
     );
     let mut held: Option<f64> = None;
     for (step, &rate) in rates.iter().enumerate() {
@@ -758,7 +785,7 @@ async fn main() {
         let pct = |cpu: f64, secs: f64| format!("{:.0}", cpu / secs * 100.0);
         let span = chat.send_secs;
         println!(
-            "{rate:>7.0} {achieved:>8.0} {:>7} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>6.1}x | {:>10} {:>4}/{:<5} | {:>6}",
+            "{rate:>7.0} {achieved:>8.0} {:>7} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>6.1}x | {:>10} {:>10} {:>4}/{:<5} | {:>12} | {:>6}",
             chat.errors,
             ms(c50),
             ms(c99),
@@ -767,8 +794,14 @@ async fn main() {
             ms(b99),
             c99.as_secs_f64() / b99.as_secs_f64().max(1e-9),
             pct(chat.cpu.0, span),
+            pct(chat.cpu.2, span),
             pct(chat.cpu.1, span),
             pct(bus.cpu.1, bus.send_secs),
+            format!(
+                "{:.0}/{:.0}",
+                chat.cpu.0 / chat.sent.max(1) as f64 * 1e6,
+                chat.cpu.2 / chat.sent.max(1) as f64 * 1e6
+            ),
             if ok { "yes" } else { "no" },
         );
         if bus.errors > 0 {
