@@ -581,7 +581,7 @@ async fn segments_roll_and_reads_cross_them() {
 }
 
 #[tokio::test]
-async fn retention_deletes_old_segments_but_never_the_active_one() {
+async fn retention_deletes_whole_expired_segments() {
     let dir = tempfile::tempdir().unwrap();
     let bus = EmbeddedBus::open_with(dir.path(), &config(64), SMALL_SEGMENT).unwrap();
     bus.apply_topic(&TopicSpec {
@@ -594,19 +594,30 @@ async fn retention_deletes_old_segments_but_never_the_active_one() {
     publish_n(&bus, 0, 5).await;
     assert_eq!(segments(dir.path()).len(), 3);
     tokio::time::sleep(Duration::from_millis(350)).await;
+    // The segment being written (record 4) is past the retention: the next append rolls.
+    publish_n(&bus, 5, 6).await;
+    assert_eq!(segments(dir.path()).len(), 4);
     bus.enforce_retention().await.unwrap();
-    // Everything expired, but the active segment (records 4..5) stays.
     assert_eq!(segments(dir.path()).len(), 1);
     let offs = bus.partition_offsets("t").await.unwrap()[0];
-    assert_eq!((offs.low, offs.high), (4, 5));
-    assert_records(&bus.read("t", 0, 0, 10).await.unwrap(), 4, 5);
+    assert_eq!((offs.low, offs.high), (5, 6));
+    assert_records(&bus.read("t", 0, 0, 10).await.unwrap(), 5, 6);
     // The deleted segments stay deleted: a reopen starts at the same low.
     drop(bus);
     let bus = EmbeddedBus::open_with(dir.path(), &config(64), SMALL_SEGMENT).unwrap();
     let offs = bus.partition_offsets("t").await.unwrap()[0];
-    assert_eq!((offs.low, offs.high), (4, 5));
-    publish_n(&bus, 5, 6).await;
-    assert_records(&bus.read("t", 0, 0, 10).await.unwrap(), 4, 6);
+    assert_eq!((offs.low, offs.high), (5, 6));
+    // An idle partition: its last segment is closed and deleted once all of it expired.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    bus.enforce_retention().await.unwrap();
+    let offs = bus.partition_offsets("t").await.unwrap()[0];
+    assert_eq!((offs.low, offs.high), (6, 6));
+    assert!(bus.read("t", 0, 0, 10).await.unwrap().is_empty());
+    assert_eq!(segments(dir.path()).len(), 1);
+    publish_n(&bus, 6, 7).await;
+    drop(bus);
+    let bus = EmbeddedBus::open_with(dir.path(), &config(64), SMALL_SEGMENT).unwrap();
+    assert_records(&bus.read("t", 0, 0, 10).await.unwrap(), 6, 7);
 }
 
 /// (committed, high) of each partition.

@@ -526,7 +526,8 @@ impl Writer {
         Ok(())
     }
 
-    /// Deletes the segments older than their topic's retention, moving `low` forward.
+    /// Deletes the segments older than their topic's retention, moving `low` forward. Only
+    /// whole segments go, never the one being written (an expired one is closed first).
     fn retention(&mut self) -> Result<(), BusError> {
         let now = now_ms();
         let mut changes = Changes::default();
@@ -538,6 +539,13 @@ impl Writer {
             let cutoff =
                 now.saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
             for (p, part) in meta.partitions.iter().enumerate() {
+                // An idle partition's last segment expires whole: close it so it can go.
+                if part.log.active().0 > 0 && part.log.last_ts().is_some_and(|t| t < cutoff) {
+                    if let Err(e) = part.log.roll() {
+                        failed = Some(e);
+                        continue;
+                    }
+                }
                 match part.log.expire(cutoff) {
                     Ok(Some(_)) => changes.partition(topic, p as u32),
                     Ok(None) => {}
