@@ -37,6 +37,8 @@ const LOG_DIR: &str = "log";
 const HEADER: usize = 8;
 /// A frame longer than this is garbage (records are bounded far below it by the edges).
 const MAX_FRAME: u32 = 1 << 30;
+/// Positions inside a segment are `u32`; a batch that would pass this is cut short.
+pub(super) const MAX_SEGMENT: u64 = u32::MAX as u64;
 /// Rewrite the offsets log once this many bytes were appended to it: commits are ~50 bytes and
 /// come every batch, so this compacts every ~20k batches into a file of one entry per partition.
 pub(super) const OFFSETS_COMPACT_BYTES: u64 = 1 << 20;
@@ -150,6 +152,12 @@ impl<'a> Cursor<'a> {
     fn u64(&mut self) -> Option<u64> {
         Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
     }
+}
+
+/// Bytes of a record's frame, or `None` past the frame limit.
+pub(super) fn record_size(key: &str, headers: &[u8], payload: &[u8]) -> Option<u64> {
+    let body = 24 + key.len() + headers.len() + payload.len();
+    (body <= MAX_FRAME as usize).then_some((HEADER + body) as u64)
 }
 
 /// Appends one record frame to `buf`.

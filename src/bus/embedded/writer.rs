@@ -140,6 +140,8 @@ struct Tail {
     /// Offset of the next record appended.
     next: u64,
     last_ts: i64,
+    /// Bytes of the segment being written before this batch.
+    base_len: u64,
 }
 
 pub(super) struct Writer {
@@ -436,6 +438,7 @@ impl Writer {
                 append: Append::default(),
                 next: part.log.high(),
                 last_ts: part.log.last_ts().unwrap_or(i64::MIN),
+                base_len: part.log.active().0,
             };
             tails.insert(key.clone(), tail);
         }
@@ -445,6 +448,18 @@ impl Writer {
         // Monotonic per partition, so offset_for_time can binary-search.
         let ts = tail.last_ts.max(now_ms());
         let headers = serde_json::to_vec(&record.headers).map_err(storage("encoding headers"))?;
+        let size = store::record_size(&record.key, &headers, &record.payload).ok_or_else(|| {
+            BusError::Conflict(format!(
+                "a record of {} bytes is past the embedded log's 1 GiB limit",
+                record.payload.len()
+            ))
+        })?;
+        if tail.base_len + tail.append.buf.len() as u64 + size > store::MAX_SEGMENT {
+            // Transient: the next batch starts a new segment first.
+            return Err(BusError::Unavailable(format!(
+                "segment of `{topic}` partition {partition} is full for this batch"
+            )));
+        }
         let offset = tail.next;
         let a = &mut tail.append;
         a.positions.push(a.buf.len() as u32);
