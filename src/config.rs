@@ -146,7 +146,7 @@ pub struct NatsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmbeddedConfig {
-    /// Records per group-commit transaction at most.
+    /// Publishes per group-commit batch at most.
     pub max_batch: usize,
 }
 

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use tokio::sync::{oneshot, watch};
 
 use super::writer::Cmd;
-use super::{lock, store, Inner, TopicShared};
+use super::{lock, Inner, TopicShared};
 use crate::bus::{BusError, GroupPosition, Message, StartFrom};
 
 /// (group, topic).
@@ -117,9 +117,9 @@ impl Inner {
         shared: &TopicShared,
     ) -> Result<&'a mut GroupState, BusError> {
         if !groups.contains_key(key) {
-            let db = self.db()?;
             let committed =
-                store::load_offsets(&db.db, &key.0, &key.1, shared.partitions.len() as u32)?;
+                self.store()?
+                    .load_offsets(&key.0, &key.1, shared.partitions.len() as u32);
             let parts = committed
                 .into_iter()
                 .map(|committed| PartTrack {

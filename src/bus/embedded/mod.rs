@@ -1,12 +1,13 @@
-//! Embedded bus: a durable log per topic partition with committed offsets per group, in one
-//! redb file (`<dir>/bus.redb`). One process; used by `nexus dev` and tests.
+//! Embedded bus: a durable segment log per topic partition with committed offsets per group,
+//! in a directory (`<dir>/log/`, `topics.json`, `offsets.log`). One process; `nexus dev`, tests.
 //!
 //! Design:
-//! - [`store`]: the redb tables (topics, partition metadata, records keyed by
-//!   `(topic, partition, offset)`, group offsets) and the reads every caller shares.
+//! - [`store`]: the files (append-only segments named by base offset with an in-memory index,
+//!   the topics file, the offsets log), the frame format and the reads every caller shares.
 //! - [`writer`]: the only writer, one OS thread. Publishes, offset commits, topic changes and
 //!   retention go through its channel; it writes up to `bus.embedded.max_batch` publishes per
-//!   redb transaction (group commit: one fsync) and answers each caller after the commit.
+//!   batch (group commit: one write and one fdatasync per touched file) and answers each caller
+//!   once its data is durable. Retention deletes whole segments, never the one being written.
 //! - [`group`]: consumer groups in this process: partition assignment, per-partition delivery
 //!   tracking with an epoch, the contiguous acked prefix that becomes the committed offset.
 //! - [`subscription`]: a member's `next()` loop: reads batches of its partitions, wakes on
@@ -16,7 +17,7 @@
 //! publishes reach its channel, and a member reads a partition in offset order. Nothing is
 //! ordered across partitions.
 //!
-//! Durability: `publish` and `seek_group` return after their transaction committed (fsync).
+//! Durability: `publish` and `seek_group` return after their batch is durable (fdatasync).
 //! An ack returns once its commit is queued to the writer (written within one batch, a few
 //! milliseconds); `Subscription::close` and dropping the bus wait until every queued commit is
 //! durable. A crash may therefore redeliver the last few milliseconds of acked records, which
@@ -44,15 +45,23 @@ use super::*;
 use group::{GroupKey, GroupState};
 use writer::Cmd;
 
-/// File name of the log inside the bus directory.
-const FILE_NAME: &str = "bus.redb";
+/// Held (flock) by the process using the directory.
+const LOCK_FILE: &str = "bus.lock";
+
+/// The redb file of the bus before the segment log; refused rather than silently ignored.
+const OLD_FILE: &str = "bus.redb";
+
+/// A segment is closed and a new one started past this size: small enough that retention,
+/// which deletes whole segments, frees space in steps, large enough to keep files few.
+const SEGMENT_BYTES: u64 = 64 << 20;
 
 /// How long `open` waits for a bus on the same directory that this process is dropping to let
 /// go of the file (its writer finishes its last batch): a test "restart" drops and reopens.
 const RELEASE_WAIT: Duration = Duration::from_secs(5);
 
-/// Files opened by an embedded bus of this process. redb's file lock also refuses a second
-/// open from the same process, so this only tells "still closing here" from "held elsewhere".
+/// Directories opened by an embedded bus of this process. The flock on the lock file also
+/// refuses a second open from the same process, so this only tells "still closing here" from
+/// "held elsewhere".
 static OPEN_FILES: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
 
 /// Locks a mutex, ignoring poisoning: every critical section leaves the state consistent
@@ -80,27 +89,49 @@ impl Drop for Registration {
     }
 }
 
-/// The open database. Fields drop in order: the file is closed (and unlocked) before the
+/// The open directory. Fields drop in order: the lock file is closed (and unlocked) before the
 /// registration goes, so a reopen that sees the path free can lock it.
-pub(super) struct DbHandle {
-    db: redb::Database,
+pub(super) struct StoreHandle {
+    /// Durable committed offsets, what a group starts from when it forms in this process.
+    offsets: Mutex<store::OffsetMap>,
+    _lock: std::fs::File,
     _registration: Registration,
 }
 
-/// What readers share about one partition; the writer stores these after each commit.
+impl StoreHandle {
+    /// The committed offsets of a group on a topic, by partition.
+    fn load_offsets(&self, group: &str, topic: &str, partitions: u32) -> Vec<Option<u64>> {
+        let map = lock(&self.offsets);
+        let parts = map.get(&(group.to_string(), topic.to_string()));
+        (0..partitions)
+            .map(|p| parts.and_then(|m| m.get(&p).copied()))
+            .collect()
+    }
+}
+
+/// What readers share about one partition; the writer refreshes `low` and `high` after each
+/// durable batch, so readers never see records that are not yet durable.
 pub(super) struct PartShared {
     /// First offset still kept.
     low: AtomicU64,
     /// Next offset to be written.
     high: AtomicU64,
+    log: store::PartLog,
 }
 
 impl PartShared {
-    fn new(low: u64, high: u64) -> Arc<Self> {
+    fn new(log: store::PartLog) -> Arc<Self> {
         Arc::new(Self {
-            low: AtomicU64::new(low),
-            high: AtomicU64::new(high),
+            low: AtomicU64::new(log.low()),
+            high: AtomicU64::new(log.high()),
+            log,
         })
+    }
+
+    /// Takes `low` and `high` from the log.
+    fn refresh(&self) {
+        self.high.store(self.log.high(), Ordering::Release);
+        self.low.store(self.log.low(), Ordering::Release);
     }
 
     pub(super) fn low(&self) -> u64 {
@@ -137,7 +168,7 @@ pub(super) type Topics = RwLock<HashMap<String, Arc<TopicShared>>>;
 pub(super) struct Inner {
     path: PathBuf,
     /// `None` once the bus is dropped.
-    db: RwLock<Option<Arc<DbHandle>>>,
+    store: RwLock<Option<Arc<StoreHandle>>>,
     tx: mpsc::Sender<Cmd>,
     /// Committed offsets waiting for the writer (see [`writer::PendingCommits`]).
     commits: Arc<Mutex<writer::PendingCommits>>,
@@ -149,8 +180,8 @@ pub(super) struct Inner {
 }
 
 impl Inner {
-    fn db(&self) -> Result<Arc<DbHandle>, BusError> {
-        self.db
+    fn store(&self) -> Result<Arc<StoreHandle>, BusError> {
+        self.store
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
@@ -197,7 +228,7 @@ impl Inner {
                 tracing::error!(path = %self.path.display(), "embedded bus writer panicked");
             }
         }
-        self.db
+        self.store
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
@@ -216,37 +247,61 @@ impl EmbeddedBus {
         dir: &std::path::Path,
         config: &crate::config::BusConfig,
     ) -> Result<Self, BusError> {
+        Self::open_with(dir, config, SEGMENT_BYTES)
+    }
+
+    /// [`Self::open`] with a segment size (tests roll segments after a few records).
+    fn open_with(
+        dir: &std::path::Path,
+        config: &crate::config::BusConfig,
+        segment_bytes: u64,
+    ) -> Result<Self, BusError> {
         std::fs::create_dir_all(dir).map_err(|e| {
             BusError::Storage(format!("creating bus directory `{}`: {e}", dir.display()))
         })?;
-        let path = dir.join(FILE_NAME);
+        let path = dir.to_path_buf();
+        if dir.join(OLD_FILE).exists() {
+            return Err(BusError::Storage(format!(
+                "`{}` is an embedded bus of an older nexus (one redb file); this version keeps a \
+                 segment log and does not migrate it: delete the file (its events are lost) or \
+                 point bus.url at another directory",
+                dir.join(OLD_FILE).display()
+            )));
+        }
         let key = std::fs::canonicalize(dir)
-            .map_err(|e| BusError::Storage(format!("resolving `{}`: {e}", dir.display())))?
-            .join(FILE_NAME);
+            .map_err(|e| BusError::Storage(format!("resolving `{}`: {e}", dir.display())))?;
         let registration = register(&key, &path)?;
-        let db = redb::Database::create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => BusError::Storage(format!(
-                "`{}` is locked: another nexus process (for example `nexus dev`) holds the \
-                 embedded bus; stop it or point bus.url at another directory",
-                path.display()
-            )),
-            other => BusError::Storage(format!("opening `{}`: {other}", path.display())),
-        })?;
-        let handle = Arc::new(DbHandle {
-            db,
+        let lock_file = lock_dir(dir)?;
+        let (offsets, committed) = store::OffsetsLog::open(dir)?;
+        let handle = Arc::new(StoreHandle {
+            offsets: Mutex::new(committed),
+            _lock: lock_file,
             _registration: registration,
         });
-        let metas = store::init(&handle.db)?;
-
+        let files = store::load_topics(dir)?;
+        let mut metas = HashMap::new();
+        for (name, file) in &files {
+            let partitions = (0..file.partitions)
+                .map(|p| {
+                    Ok(PartShared::new(store::PartLog::open(
+                        store::partition_dir(dir, name, p),
+                    )?))
+                })
+                .collect::<Result<Vec<_>, BusError>>()?;
+            let retention = file.retention_ms.map(Duration::from_millis);
+            metas.insert(
+                name.clone(),
+                writer::TopicMeta {
+                    partitions,
+                    retention,
+                },
+            );
+        }
         let topics: HashMap<String, Arc<TopicShared>> = metas
             .iter()
             .map(|(name, meta)| {
                 let shared = TopicShared {
-                    partitions: meta
-                        .partitions
-                        .iter()
-                        .map(|p| PartShared::new(p.low, p.high))
-                        .collect(),
+                    partitions: meta.partitions.clone(),
                     retention: meta.retention,
                     tick: Arc::new(watch::channel(0).0),
                 };
@@ -262,7 +317,12 @@ impl EmbeddedBus {
             rx,
             commits.clone(),
             config.embedded.max_batch.max(1),
-            metas,
+            writer::Opened {
+                metas,
+                files,
+                offsets,
+                segment_bytes,
+            },
             path.clone(),
         );
         let thread = std::thread::Builder::new()
@@ -273,7 +333,7 @@ impl EmbeddedBus {
         Ok(Self {
             inner: Arc::new(Inner {
                 path,
-                db: RwLock::new(Some(handle)),
+                store: RwLock::new(Some(handle)),
                 tx,
                 commits,
                 topics,
@@ -288,6 +348,30 @@ impl EmbeddedBus {
     /// Runs a retention pass now instead of waiting for the next one (tests and tools).
     pub async fn enforce_retention(&self) -> Result<(), BusError> {
         self.inner.call(|reply| Cmd::Retention { reply }).await
+    }
+}
+
+/// Takes the directory's lock file: an advisory exclusive flock, released when the file closes
+/// (also when the process dies).
+fn lock_dir(dir: &Path) -> Result<std::fs::File, BusError> {
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| BusError::Storage(format!("opening `{}`: {e}", path.display())))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(BusError::Storage(format!(
+            "`{}` is locked: another nexus process (for example `nexus dev`) holds the \
+             embedded bus; stop it or point bus.url at another directory",
+            dir.display()
+        ))),
+        Err(e) => Err(BusError::Storage(format!(
+            "locking `{}`: {e}",
+            path.display()
+        ))),
     }
 }
 
@@ -403,14 +487,15 @@ impl Bus for EmbeddedBus {
         partition: u32,
         ts_ms: i64,
     ) -> Result<u64, BusError> {
-        self.inner.topic(topic)?.partition(topic, partition)?;
-        let db = self.inner.db()?;
-        let topic = topic.to_string();
-        tokio::task::spawn_blocking(move || {
-            store::offset_for_time(&db.db, &topic, partition, ts_ms)
-        })
-        .await
-        .map_err(storage("offset lookup task"))?
+        let part = self
+            .inner
+            .topic(topic)?
+            .partition(topic, partition)?
+            .clone();
+        let _open = self.inner.store()?;
+        tokio::task::spawn_blocking(move || part.log.offset_for_time(ts_ms, part.high()))
+            .await
+            .map_err(storage("offset lookup task"))?
     }
 
     async fn count_between(
@@ -450,20 +535,22 @@ impl Bus for EmbeddedBus {
         from: u64,
         max: usize,
     ) -> Result<Vec<Message>, BusError> {
-        self.inner.topic(topic)?.partition(topic, partition)?;
-        let db = self.inner.db()?;
+        let part = self
+            .inner
+            .topic(topic)?
+            .partition(topic, partition)?
+            .clone();
+        let _open = self.inner.store()?;
         let topic = topic.to_string();
         tokio::task::spawn_blocking(move || {
-            let txn = db.db.begin_read().map_err(storage("begin read"))?;
-            store::read_records(&txn, &topic, partition, from, max)
+            part.log.read(&topic, partition, from, max, part.high())
         })
         .await
         .map_err(storage("read task"))?
     }
 
     async fn health(&self) -> Result<(), BusError> {
-        let db = self.inner.db()?;
-        db.db.begin_read().map_err(storage("begin read"))?;
+        self.inner.store()?;
         if self.inner.writer_alive() {
             Ok(())
         } else {

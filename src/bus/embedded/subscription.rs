@@ -9,7 +9,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use super::group::{FetchPlan, GroupKey};
-use super::{storage, store, Inner};
+use super::{storage, Inner};
 use crate::bus::{Acker, BusError, Delivery, Message, SubscribeOptions, Subscription};
 
 /// Records read per fetch at most. Large enough that a busy member reads in few transactions,
@@ -68,19 +68,22 @@ impl EmbeddedSubscription {
         }
         self.cursor = (self.cursor + 1) % plan.len();
         plan.rotate_left(self.cursor);
-        let db = self.inner.db()?;
+        let _open = self.inner.store()?;
+        let shared = self.inner.topic(&self.key.1)?;
         let topic = self.key.1.clone();
         let budget = self.batch;
         let read = tokio::task::spawn_blocking(
             move || -> Result<Vec<(FetchPlan, Vec<Message>)>, BusError> {
-                let txn = db.db.begin_read().map_err(storage("begin read"))?;
                 let mut left = budget;
                 let mut out = Vec::with_capacity(plan.len());
                 for p in plan {
                     if left == 0 {
                         break;
                     }
-                    let records = store::read_records(&txn, &topic, p.partition, p.from, left)?;
+                    let part = shared.partition(&topic, p.partition)?;
+                    let records = part
+                        .log
+                        .read(&topic, p.partition, p.from, left, part.high())?;
                     left -= records.len();
                     out.push((p, records));
                 }

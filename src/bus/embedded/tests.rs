@@ -430,11 +430,12 @@ async fn seek_moves_the_group_back_for_replay() {
 }
 
 #[tokio::test]
-async fn a_file_held_by_another_process_fails_clearly() {
+async fn a_directory_held_by_another_process_fails_clearly() {
     let dir = tempfile::tempdir().unwrap();
     drop(open(dir.path()));
-    // What another process holds, redb's file lock reports; hold it the same way here.
-    let other = redb::Database::create(dir.path().join(FILE_NAME)).unwrap();
+    // Another process holds the flock; an open file description of this process holds it alike.
+    let other = std::fs::File::open(dir.path().join(LOCK_FILE)).unwrap();
+    rustix::fs::flock(&other, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
     let err = EmbeddedBus::open(dir.path(), &config(8))
         .err()
         .expect("locked");
@@ -445,4 +446,237 @@ async fn a_file_held_by_another_process_fails_clearly() {
     drop(other);
     // Released: it opens again (a restart in the same process).
     open(dir.path());
+}
+
+#[tokio::test]
+async fn an_old_redb_bus_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(OLD_FILE), b"redb").unwrap();
+    let err = EmbeddedBus::open(dir.path(), &config(8))
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(&err, BusError::Storage(m) if m.contains("bus.redb") && m.contains("older")),
+        "{err}"
+    );
+}
+
+/// The segment files of partition 0 of `t`, oldest first.
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(store::partition_dir(dir, "t", 0))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Segment size that rolls after two of [`publish_n`]'s records (46 bytes each with framing).
+const SMALL_SEGMENT: u64 = 80;
+
+async fn publish_n(bus: &EmbeddedBus, from: u64, to: u64) {
+    for i in from..to {
+        let p = bus
+            .publish(
+                "t",
+                OutRecord::new("k", format!("m{i}")).with_header("n", i.to_string()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(p.offset, i);
+    }
+}
+
+fn assert_records(got: &[Message], from: u64, to: u64) {
+    let want: Vec<(u64, String, String)> = (from..to)
+        .map(|i| (i, format!("m{i}"), i.to_string()))
+        .collect();
+    let got: Vec<(u64, String, String)> = got
+        .iter()
+        .map(|m| {
+            (
+                m.offset,
+                String::from_utf8(m.payload.to_vec()).unwrap(),
+                m.header("n").unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(got, want);
+}
+
+#[tokio::test]
+async fn a_torn_tail_is_cut_off_on_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let bus = open(dir.path());
+        topic(&bus, "t", 1).await;
+        publish_n(&bus, 0, 3).await;
+    }
+    let seg = segments(dir.path()).pop().unwrap();
+    let good = std::fs::metadata(&seg).unwrap().len();
+    // A crash mid-write: a frame header promising more than follows, then garbage.
+    let mut torn = 100u32.to_le_bytes().to_vec();
+    torn.extend_from_slice(b"\x01\x02\x03\x04garbage");
+    let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+    std::io::Write::write_all(&mut f, &torn).unwrap();
+    drop(f);
+    let bus = open(dir.path());
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), good);
+    assert_eq!(bus.partition_offsets("t").await.unwrap()[0].high, 3);
+    assert_records(&bus.read("t", 0, 0, 10).await.unwrap(), 0, 3);
+    // Appends continue right after the last whole record and survive another reopen.
+    publish_n(&bus, 3, 5).await;
+    drop(bus);
+    let bus = open(dir.path());
+    assert_records(&bus.read("t", 0, 0, 10).await.unwrap(), 0, 5);
+}
+
+#[tokio::test]
+async fn segments_roll_and_reads_cross_them() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let bus = EmbeddedBus::open_with(dir.path(), &config(64), SMALL_SEGMENT).unwrap();
+        topic(&bus, "t", 1).await;
+        publish_n(&bus, 0, 9).await;
+        assert_records(&bus.read("t", 0, 0, 100).await.unwrap(), 0, 9);
+        assert_records(&bus.read("t", 0, 3, 4).await.unwrap(), 3, 7);
+        let mut sub = bus.subscribe("g", "t", opts(100)).await.unwrap();
+        for i in 0..9 {
+            let d = next(&mut sub).await;
+            assert_eq!(d.message.offset, i);
+            d.ack().await.unwrap();
+        }
+        sub.close().await.unwrap();
+    }
+    let names: Vec<String> = segments(dir.path())
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        [0, 2, 4, 6, 8].map(|b| format!("{b:020}.log")).to_vec()
+    );
+    // Reopened: the index is rebuilt from every segment.
+    let bus = EmbeddedBus::open_with(dir.path(), &config(64), SMALL_SEGMENT).unwrap();
+    assert_records(&bus.read("t", 0, 1, 100).await.unwrap(), 1, 9);
+    let times: Vec<i64> = bus
+        .read("t", 0, 0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.timestamp_ms)
+        .collect();
+    assert_eq!(
+        bus.offset_for_time("t", 0, times[5]).await.unwrap(),
+        times.iter().position(|&t| t == times[5]).unwrap() as u64
+    );
+    assert_eq!(bus.offset_for_time("t", 0, times[8] + 1).await.unwrap(), 9);
+    assert_eq!(
+        bus.group_positions("g", "t").await.unwrap()[0].committed,
+        Some(9)
+    );
+    publish_n(&bus, 9, 10).await;
+    assert_records(&bus.read("t", 0, 8, 100).await.unwrap(), 8, 10);
+}
+
+#[tokio::test]
+async fn retention_deletes_whole_expired_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = EmbeddedBus::open_with(dir.path(), &config(64), SMALL_SEGMENT).unwrap();
+    bus.apply_topic(&TopicSpec {
+        name: "t".into(),
+        partitions: 1,
+        retention: Some(Duration::from_millis(300)),
+    })
+    .await
+    .unwrap();
+    publish_n(&bus, 0, 5).await;
+    assert_eq!(segments(dir.path()).len(), 3);
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    // The segment being written (record 4) is past the retention: the next append rolls.
+    publish_n(&bus, 5, 6).await;
+    assert_eq!(segments(dir.path()).len(), 4);
+    bus.enforce_retention().await.unwrap();
+    assert_eq!(segments(dir.path()).len(), 1);
+    let offs = bus.partition_offsets("t").await.unwrap()[0];
+    assert_eq!((offs.low, offs.high), (5, 6));
+    assert_records(&bus.read("t", 0, 0, 10).await.unwrap(), 5, 6);
+    // The deleted segments stay deleted: a reopen starts at the same low.
+    drop(bus);
+    let bus = EmbeddedBus::open_with(dir.path(), &config(64), SMALL_SEGMENT).unwrap();
+    let offs = bus.partition_offsets("t").await.unwrap()[0];
+    assert_eq!((offs.low, offs.high), (5, 6));
+    // An idle partition: its last segment is closed and deleted once all of it expired.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    bus.enforce_retention().await.unwrap();
+    let offs = bus.partition_offsets("t").await.unwrap()[0];
+    assert_eq!((offs.low, offs.high), (6, 6));
+    assert!(bus.read("t", 0, 0, 10).await.unwrap().is_empty());
+    assert_eq!(segments(dir.path()).len(), 1);
+    publish_n(&bus, 6, 7).await;
+    drop(bus);
+    let bus = EmbeddedBus::open_with(dir.path(), &config(64), SMALL_SEGMENT).unwrap();
+    assert_records(&bus.read("t", 0, 0, 10).await.unwrap(), 6, 7);
+}
+
+/// (committed, high) of each partition.
+async fn positions(bus: &EmbeddedBus, group: &str, topic: &str) -> Vec<(Option<u64>, u64)> {
+    bus.group_positions(group, topic)
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| (p.committed, p.high))
+        .collect()
+}
+
+#[tokio::test]
+async fn offsets_survive_reopen_and_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let bus = open(dir.path());
+        topic(&bus, "t", 2).await;
+        topic(&bus, "u", 1).await;
+        for i in 0..20 {
+            bus.publish("t", OutRecord::new(format!("k{i}"), "x"))
+                .await
+                .unwrap();
+        }
+        bus.publish("u", OutRecord::new("k", "x")).await.unwrap();
+        for (group, topic, n) in [("a", "t", 20), ("b", "t", 20), ("a", "u", 1)] {
+            let mut sub = bus.subscribe(group, topic, opts(100)).await.unwrap();
+            for _ in 0..n {
+                next(&mut sub).await.ack().await.unwrap();
+            }
+            sub.close().await.unwrap();
+        }
+        bus.seek_group("b", "t", 0, 0).await.unwrap();
+    }
+    let before = std::fs::metadata(dir.path().join(store::OFFSETS_FILE))
+        .unwrap()
+        .len();
+    let bus = open(dir.path());
+    let highs: Vec<u64> = bus
+        .partition_offsets("t")
+        .await
+        .unwrap()
+        .iter()
+        .map(|o| o.high)
+        .collect();
+    assert_eq!(highs.iter().sum::<u64>(), 20);
+    assert_eq!(
+        positions(&bus, "a", "t").await,
+        highs.iter().map(|&h| (Some(h), h)).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        positions(&bus, "b", "t").await,
+        vec![(Some(0), highs[0]), (Some(highs[1]), highs[1])]
+    );
+    assert_eq!(positions(&bus, "a", "u").await, vec![(Some(1), 1)]);
+    assert_eq!(positions(&bus, "c", "t").await[0].0, None);
+    // Compacted on open to one entry per partition (five), from one per commit batch.
+    let after = std::fs::metadata(dir.path().join(store::OFFSETS_FILE))
+        .unwrap()
+        .len();
+    assert!(after < before, "{after} < {before}");
 }

@@ -1,9 +1,9 @@
 //! The single writer: group commit of publishes, offset commits, topic changes and retention.
 //!
-//! redb allows one write transaction at a time, so one thread owns all writing. It blocks on its
-//! channel, then takes what else is queued, up to `max_batch` publishes, into one transaction
-//! (one fsync), and answers every caller after the commit. Appends to one partition happen in
-//! channel order, which is what makes a key's records ordered.
+//! One thread owns all writing. It blocks on its channel, then takes what else is queued, up to
+//! `max_batch` publishes, into one batch: one write and one fdatasync per touched segment and
+//! for the offsets log, run side by side, and it answers every caller after they are durable.
+//! Appends to one partition happen in channel order, which is what makes a key's records ordered.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -11,25 +11,18 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use redb::{ReadableTable, Table, WriteTransaction};
 use tokio::sync::{oneshot, watch};
 
-use super::store::{
-    self, PartMeta, RecordKey, RecordValue, TopicMeta, OFFSETS, PARTITIONS, RECORDS, TOPICS,
-};
-use super::{lock, now_ms, storage, DbHandle, PartShared, TopicShared, Topics};
+use super::store::{self, Append, OffsetsLog, PartLog, TopicFile};
+use super::{lock, now_ms, storage, PartShared, StoreHandle, TopicShared, Topics};
 use crate::bus::{partition_for, BusError, OutRecord, Published, TopicSpec};
 
-/// How often retention runs. Retention is hours or days in practice; a pass only looks at the
-/// oldest records of each partition, so a second is both cheap and far finer than needed.
+/// How often retention runs. Retention is hours or days in practice; a pass only compares the
+/// newest append time of each partition's oldest segments, so a second is cheap and fine enough.
 const RETENTION_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Records one retention pass deletes per partition at most, so a long-overdue trim does not
-/// hold the writer (and every publisher) in one huge transaction; the next pass continues.
-const RETENTION_BATCH: u64 = 50_000;
-
-/// Commands besides publishes taken into one transaction at most (commits are tiny, but a
-/// transaction must end for anyone to be answered).
+/// Commands besides publishes taken into one batch at most (commits are tiny, but a batch must
+/// end for anyone to be answered).
 const MAX_OTHER_PER_BATCH: usize = 4096;
 
 type Reply<T> = oneshot::Sender<Result<T, BusError>>;
@@ -63,7 +56,7 @@ pub(super) enum Cmd {
 ///
 /// Acks record here (under the groups lock, so a partition's offsets are decided in order and
 /// the latest decision wins) instead of queueing one command each; the writer takes the whole
-/// set into its next transaction. Every batch takes the set after receiving its commands, so a
+/// set into its next batch. Every batch takes the set after receiving its commands, so a
 /// `Flush` sent after an offset was recorded is answered only once that offset is durable.
 #[derive(Default)]
 pub(super) struct PendingCommits {
@@ -93,13 +86,13 @@ impl PendingCommits {
     }
 }
 
-type CommitSet = HashMap<(String, String), BTreeMap<u32, u64>>;
+type CommitSet = store::OffsetMap;
 
-/// An answer held back until the transaction commits.
+/// An answer held back until the batch is durable.
 enum Pending {
     Published(Reply<Published>, Published),
     Done(Reply<()>),
-    /// A publish of a batch that failed before it was appended.
+    /// A publish of a batch that failed.
     Rejected(Reply<Published>),
 }
 
@@ -129,23 +122,44 @@ impl Pending {
     }
 }
 
-/// Every caller of a failed transaction gets the same storage failure.
+/// Every caller of a failed batch gets the same storage failure.
 fn copy_err(e: &BusError) -> BusError {
     BusError::Storage(e.to_string())
 }
 
+/// A topic as the writer sees it.
+pub(super) struct TopicMeta {
+    pub(super) partitions: Vec<Arc<PartShared>>,
+    pub(super) retention: Option<Duration>,
+}
+
+/// What one batch appends to one partition, before it is durable.
+struct Tail {
+    part: Arc<PartShared>,
+    append: Append,
+    /// Offset of the next record appended.
+    next: u64,
+    last_ts: i64,
+    /// Bytes of the segment being written before this batch.
+    base_len: u64,
+}
+
 pub(super) struct Writer {
-    db: Arc<DbHandle>,
+    store: Arc<StoreHandle>,
     topics: Arc<Topics>,
     rx: Receiver<Cmd>,
     commits: Arc<Mutex<PendingCommits>>,
     max_batch: usize,
-    /// The writer's own view of the metadata, ahead of the shared one during a transaction.
+    segment_bytes: u64,
+    /// The writer's view of the topics, ahead of the shared one within a batch.
     metas: HashMap<String, TopicMeta>,
-    path: PathBuf,
+    /// What `topics.json` holds.
+    files: BTreeMap<String, TopicFile>,
+    offsets: OffsetsLog,
+    dir: PathBuf,
 }
 
-/// What a transaction changed, published to readers after it committed.
+/// What a batch changed, published to readers after it is durable.
 #[derive(Default)]
 struct Changes {
     /// Partitions whose `high` or `low` moved.
@@ -154,29 +168,54 @@ struct Changes {
     topics: BTreeSet<String>,
 }
 
+impl Changes {
+    fn partition(&mut self, topic: &str, partition: u32) {
+        match self.partitions.get_mut(topic) {
+            Some(ps) => {
+                ps.insert(partition);
+            }
+            None => {
+                self.partitions
+                    .insert(topic.to_string(), BTreeSet::from([partition]));
+            }
+        }
+    }
+}
+
+/// Everything [`Writer::new`] needs besides the channel ends.
+pub(super) struct Opened {
+    pub(super) metas: HashMap<String, TopicMeta>,
+    pub(super) files: BTreeMap<String, TopicFile>,
+    pub(super) offsets: OffsetsLog,
+    pub(super) segment_bytes: u64,
+}
+
 impl Writer {
     pub(super) fn new(
-        db: Arc<DbHandle>,
+        store: Arc<StoreHandle>,
         topics: Arc<Topics>,
         rx: Receiver<Cmd>,
         commits: Arc<Mutex<PendingCommits>>,
         max_batch: usize,
-        metas: HashMap<String, TopicMeta>,
-        path: PathBuf,
+        opened: Opened,
+        dir: PathBuf,
     ) -> Self {
         Self {
-            db,
+            store,
             topics,
             rx,
             commits,
             max_batch,
-            metas,
-            path,
+            segment_bytes: opened.segment_bytes,
+            metas: opened.metas,
+            files: opened.files,
+            offsets: opened.offsets,
+            dir,
         }
     }
 
     pub(super) fn run(mut self) {
-        let span = tracing::info_span!("embedded_bus_writer", path = %self.path.display());
+        let span = tracing::info_span!("embedded_bus_writer", path = %self.dir.display());
         let _entered = span.enter();
         let mut next_retention = Instant::now() + RETENTION_INTERVAL;
         loop {
@@ -222,42 +261,74 @@ impl Writer {
         tracing::debug!("embedded bus writer stopped");
     }
 
-    /// Writes one batch in one transaction and answers its callers.
-    fn write_batch(&mut self, mut batch: Vec<Cmd>) {
+    /// Writes one batch and answers its callers once it is durable.
+    fn write_batch(&mut self, batch: Vec<Cmd>) {
         let mut pending = Vec::with_capacity(batch.len());
         let mut retention = Vec::new();
         let mut changes = Changes::default();
-        let mut commits = CommitSet::new();
+        let mut tails: BTreeMap<(String, u32), Tail> = BTreeMap::new();
         let started = Instant::now();
         let n = batch.len();
-        let result = self
-            .db
-            .db
-            .begin_write()
-            .map_err(storage("begin write"))
-            .and_then(|txn| {
-                self.apply(
-                    &txn,
-                    &mut batch,
-                    &mut pending,
-                    &mut retention,
-                    &mut changes,
-                    &mut commits,
-                )?;
-                txn.commit().map_err(storage("commit"))
-            });
-        match &result {
-            Ok(()) => {
+        let mut failure = None;
+        for cmd in batch {
+            match cmd {
+                Cmd::Publish {
+                    topic,
+                    record,
+                    reply,
+                } => {
+                    if failure.is_some() {
+                        pending.push(Pending::Rejected(reply));
+                        continue;
+                    }
+                    match self.append(&mut tails, &topic, &record) {
+                        Ok(p) => pending.push(Pending::Published(reply, p)),
+                        Err(e @ BusError::Storage(_)) => {
+                            failure = Some(e);
+                            pending.push(Pending::Rejected(reply));
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+                // Topic changes write their own files at once; a failure fails only them.
+                Cmd::ApplyTopic { spec, reply } => {
+                    let _ = reply.send(self.apply_topic(&spec));
+                }
+                Cmd::Flush { reply } => pending.push(Pending::Done(reply)),
+                Cmd::Retention { reply } => retention.push(reply),
+                Cmd::Commits | Cmd::Shutdown => {}
+            }
+        }
+        // Taken after every command of the batch was received: see [`PendingCommits`].
+        let commits = {
+            let mut pc = lock(&self.commits);
+            pc.nudged = false;
+            std::mem::take(&mut pc.offsets)
+        };
+        if failure.is_none() {
+            failure = self.write_durably(&tails, &commits).err();
+        }
+        match &failure {
+            None => {
+                for ((topic, partition), tail) in tails {
+                    tail.part.log.publish(tail.append);
+                    changes.partition(&topic, partition);
+                }
+                self.committed(commits);
                 self.publish_changes(&changes);
                 tracing::trace!(
                     commands = n,
                     elapsed_us = started.elapsed().as_micros() as u64,
-                    "batch committed"
+                    "batch written"
                 );
             }
-            Err(e) => {
+            Some(e) => {
                 tracing::error!(error = %e, commands = n, "embedded bus write failed; the batch is rejected");
-                self.reload();
+                for tail in tails.values() {
+                    tail.part.log.unwrite();
+                }
                 // Offsets taken but not written go back, unless a newer one was decided since;
                 // the next decided offset nudges the writer again.
                 let mut pc = lock(&self.commits);
@@ -271,360 +342,273 @@ impl Writer {
             }
         }
         for p in pending {
-            p.answer(result.as_ref().err());
-        }
-        // Commands not reached because the transaction could not even start.
-        for cmd in batch {
-            let e = || copy_err(result.as_ref().err().unwrap_or(&BusError::Closed));
-            match cmd {
-                Cmd::Publish { reply, .. } => {
-                    let _ = reply.send(Err(e()));
-                }
-                Cmd::ApplyTopic { reply, .. } | Cmd::Flush { reply } | Cmd::Retention { reply } => {
-                    let _ = reply.send(Err(e()));
-                }
-                Cmd::Commits | Cmd::Shutdown => {}
-            }
+            p.answer(failure.as_ref());
         }
         for reply in retention {
             let _ = reply.send(self.retention());
         }
     }
 
-    fn apply(
+    /// Writes every tail and the offsets, each file with one write and one fdatasync, side by
+    /// side (the syncs wait on the disk, not the CPU); any failure cuts every tail back.
+    fn write_durably(
         &mut self,
-        txn: &WriteTransaction,
-        batch: &mut Vec<Cmd>,
-        pending: &mut Vec<Pending>,
-        retention: &mut Vec<Reply<()>>,
-        changes: &mut Changes,
-        commits: &mut CommitSet,
+        tails: &BTreeMap<(String, u32), Tail>,
+        commits: &CommitSet,
     ) -> Result<(), BusError> {
-        let mut records = txn.open_table(RECORDS).map_err(storage("open records"))?;
-        let mut offsets = txn
-            .open_table(OFFSETS)
-            .map_err(storage("open group offsets"))?;
-        let mut topics = txn.open_table(TOPICS).map_err(storage("open topics"))?;
-        let mut failure = None;
-        for cmd in batch.drain(..) {
-            // After a storage failure the transaction is dropped (rolled back); every caller of
-            // the batch is still collected so that each gets the failure.
-            match cmd {
-                Cmd::Publish {
-                    topic,
-                    record,
-                    reply,
-                } => {
-                    if failure.is_some() {
-                        pending.push(Pending::Rejected(reply));
-                        continue;
-                    }
-                    match self.append(&mut records, &topic, &record, changes) {
-                        Ok(p) => pending.push(Pending::Published(reply, p)),
-                        Err(e @ BusError::Storage(_)) => {
-                            failure = Some(e);
-                            pending.push(Pending::Rejected(reply));
-                        }
-                        Err(e) => {
-                            let _ = reply.send(Err(e));
-                        }
-                    }
-                }
-                Cmd::Commits => {}
-                Cmd::ApplyTopic { spec, reply } => {
-                    if failure.is_some() {
-                        pending.push(Pending::Done(reply));
-                        continue;
-                    }
-                    match self.apply_topic(&mut topics, &spec, changes) {
-                        Ok(()) => pending.push(Pending::Done(reply)),
-                        Err(e @ BusError::Storage(_)) => {
-                            failure = Some(e);
-                            pending.push(Pending::Done(reply));
-                        }
-                        Err(e) => {
-                            let _ = reply.send(Err(e));
-                        }
-                    }
-                }
-                Cmd::Flush { reply } => pending.push(Pending::Done(reply)),
-                Cmd::Retention { reply } => retention.push(reply),
-                Cmd::Shutdown => {}
+        let mut offsets = Vec::new();
+        for ((group, topic), parts) in commits {
+            for (&p, &o) in parts {
+                store::put_offset(&mut offsets, group, topic, p, o);
             }
         }
-        // Taken after every command of the batch was received: see [`PendingCommits`].
-        {
-            let mut pc = lock(&self.commits);
-            *commits = std::mem::take(&mut pc.offsets);
-            pc.nudged = false;
-        }
-        if failure.is_none() {
-            'offsets: for ((group, topic), parts) in commits.iter() {
-                for (&partition, &offset) in parts {
-                    if let Err(e) =
-                        offsets.insert((group.as_str(), topic.as_str(), partition), offset)
-                    {
-                        failure = Some(storage("write group offset")(e));
-                        break 'offsets;
-                    }
-                }
+        let log = &mut self.offsets;
+        let jobs = tails.len() + usize::from(!offsets.is_empty());
+        let results: Vec<Result<(), BusError>> = if jobs <= 1 {
+            let mut r: Vec<_> = tails
+                .values()
+                .map(|t| t.part.log.write(&t.append))
+                .collect();
+            if !offsets.is_empty() {
+                r.push(log.append(&offsets));
             }
-        }
-        if failure.is_none() {
-            let mut parts = txn
-                .open_table(PARTITIONS)
-                .map_err(storage("open partitions"))?;
-            for (topic, ps) in &changes.partitions {
-                for &p in ps {
-                    self.write_part(&mut parts, topic, p)?;
+            r
+        } else {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = tails
+                    .values()
+                    .map(|t| s.spawn(|| t.part.log.write(&t.append)))
+                    .collect();
+                let mut r = Vec::with_capacity(jobs);
+                if !offsets.is_empty() {
+                    r.push(log.append(&offsets));
                 }
+                for h in handles {
+                    r.push(h.join().unwrap_or_else(|_| {
+                        Err(BusError::Storage("a segment write panicked".into()))
+                    }));
+                }
+                r
+            })
+        };
+        if let Some(e) = results.into_iter().find_map(Result::err) {
+            for t in tails.values() {
+                t.part.log.unwrite();
             }
+            return Err(e);
         }
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(()),
+        Ok(())
+    }
+
+    /// Records durable offsets for new group members, compacting the log now and then.
+    fn committed(&mut self, commits: CommitSet) {
+        if commits.is_empty() {
+            return;
+        }
+        let mut map = lock(&self.store.offsets);
+        for (key, parts) in commits {
+            map.entry(key).or_default().extend(parts);
+        }
+        if self.offsets.needs_compaction() {
+            if let Err(e) = self.offsets.compact(&map) {
+                tracing::warn!(error = %e, "compacting the offsets log failed; retrying later");
+            }
         }
     }
 
     fn append(
         &mut self,
-        records: &mut Table<RecordKey, RecordValue>,
+        tails: &mut BTreeMap<(String, u32), Tail>,
         topic: &str,
         record: &OutRecord,
-        changes: &mut Changes,
     ) -> Result<Published, BusError> {
         let meta = self
             .metas
-            .get_mut(topic)
+            .get(topic)
             .ok_or_else(|| BusError::UnknownTopic(topic.to_string()))?;
         let partition = partition_for(&record.key, meta.partitions.len() as u32);
-        let part = meta.partitions.get_mut(partition as usize).ok_or_else(|| {
-            BusError::Storage(format!(
-                "topic `{topic}` has no metadata for partition {partition}"
+        let key = (topic.to_string(), partition);
+        if !tails.contains_key(&key) {
+            let part = meta.partitions.get(partition as usize).ok_or_else(|| {
+                BusError::Storage(format!("topic `{topic}` lacks partition {partition}"))
+            })?;
+            self.maybe_roll(&part.log, meta.retention)?;
+            let tail = Tail {
+                part: part.clone(),
+                append: Append::default(),
+                next: part.log.high(),
+                last_ts: part.log.last_ts().unwrap_or(i64::MIN),
+                base_len: part.log.active().0,
+            };
+            tails.insert(key.clone(), tail);
+        }
+        let Some(tail) = tails.get_mut(&key) else {
+            return Err(BusError::Storage("lost a partition tail".into()));
+        };
+        // Monotonic per partition, so offset_for_time can binary-search.
+        let ts = tail.last_ts.max(now_ms());
+        let headers = serde_json::to_vec(&record.headers).map_err(storage("encoding headers"))?;
+        let size = store::record_size(&record.key, &headers, &record.payload).ok_or_else(|| {
+            BusError::Conflict(format!(
+                "a record of {} bytes is past the embedded log's 1 GiB limit",
+                record.payload.len()
             ))
         })?;
-        let offset = part.high;
-        // Monotonic per partition, so offset_for_time can binary-search.
-        let ts = part.last_ts.max(now_ms());
-        let headers = serde_json::to_vec(&record.headers).map_err(storage("encoding headers"))?;
-        records
-            .insert(
-                (topic, partition, offset),
-                (
-                    ts,
-                    record.key.as_str(),
-                    headers.as_slice(),
-                    record.payload.as_ref(),
-                ),
-            )
-            .map_err(storage("append record"))?;
-        part.high += 1;
-        part.last_ts = ts;
-        match changes.partitions.get_mut(topic) {
-            Some(ps) => {
-                ps.insert(partition);
-            }
-            None => {
-                changes
-                    .partitions
-                    .insert(topic.to_string(), BTreeSet::from([partition]));
-            }
+        if tail.base_len + tail.append.buf.len() as u64 + size > store::MAX_SEGMENT {
+            // Transient: the next batch starts a new segment first.
+            return Err(BusError::Unavailable(format!(
+                "segment of `{topic}` partition {partition} is full for this batch"
+            )));
         }
+        let offset = tail.next;
+        let a = &mut tail.append;
+        a.positions.push(a.buf.len() as u32);
+        store::put_record(
+            &mut a.buf,
+            offset,
+            ts,
+            &record.key,
+            &headers,
+            &record.payload,
+        );
+        a.first_ts.get_or_insert(ts);
+        a.last_ts = ts;
+        tail.last_ts = ts;
+        tail.next += 1;
         Ok(Published { partition, offset })
     }
 
-    fn apply_topic(
-        &mut self,
-        topics: &mut Table<&str, (u32, Option<u64>)>,
-        spec: &TopicSpec,
-        changes: &mut Changes,
-    ) -> Result<(), BusError> {
-        let meta = self.metas.entry(spec.name.clone()).or_default();
-        let have = meta.partitions.len() as u32;
+    /// Starts a new segment once the active one is full, or older than the topic's retention
+    /// (so that retention, which deletes whole segments, also works on a quiet topic).
+    fn maybe_roll(&self, log: &PartLog, retention: Option<Duration>) -> Result<(), BusError> {
+        let (len, first_ts) = log.active();
+        let aged = match (retention, first_ts) {
+            (Some(r), Some(first)) => {
+                now_ms().saturating_sub(first) >= i64::try_from(r.as_millis()).unwrap_or(i64::MAX)
+            }
+            _ => false,
+        };
+        if len > 0 && (len >= self.segment_bytes || aged) {
+            log.roll()?;
+        }
+        Ok(())
+    }
+
+    /// Creates or grows a topic, durable and visible to readers when it returns.
+    fn apply_topic(&mut self, spec: &TopicSpec) -> Result<(), BusError> {
+        let have = self
+            .metas
+            .get(&spec.name)
+            .map_or(0, |m| m.partitions.len() as u32);
+        let retention = self.metas.get(&spec.name).and_then(|m| m.retention);
         if spec.partitions < have {
             return Err(BusError::Conflict(format!(
                 "topic `{}` has {have} partitions; partitions can only be added, not removed (asked for {})",
                 spec.name, spec.partitions
             )));
         }
-        if spec.partitions == have && meta.retention == spec.retention {
+        if spec.partitions == have && retention == spec.retention {
             return Ok(());
         }
-        topics
-            .insert(
-                spec.name.as_str(),
-                (spec.partitions, store::retention_to_ms(spec.retention)),
-            )
-            .map_err(storage("write topic"))?;
-        meta.retention = spec.retention;
-        let added = changes.partitions.entry(spec.name.clone()).or_default();
+        let mut added = Vec::new();
         for p in have..spec.partitions {
-            meta.partitions.push(PartMeta::default());
-            added.insert(p);
+            let log = PartLog::open(store::partition_dir(&self.dir, &spec.name, p))?;
+            added.push(PartShared::new(log));
         }
+        let mut files = self.files.clone();
+        files.insert(
+            spec.name.clone(),
+            TopicFile {
+                partitions: spec.partitions,
+                retention_ms: store::retention_to_ms(spec.retention),
+            },
+        );
+        store::save_topics(&self.dir, &files)?;
+        self.files = files;
+        let meta = self
+            .metas
+            .entry(spec.name.clone())
+            .or_insert_with(|| TopicMeta {
+                partitions: Vec::new(),
+                retention: None,
+            });
+        meta.partitions.extend(added);
+        meta.retention = spec.retention;
+        let mut changes = Changes::default();
         changes.topics.insert(spec.name.clone());
+        self.publish_changes(&changes);
         tracing::info!(topic = %spec.name, partitions = spec.partitions, retention = ?spec.retention, "topic applied");
         Ok(())
     }
 
-    fn write_part(
-        &self,
-        parts: &mut Table<(&str, u32), (u64, u64, i64)>,
-        topic: &str,
-        partition: u32,
-    ) -> Result<(), BusError> {
-        let Some(m) = self
-            .metas
-            .get(topic)
-            .and_then(|t| t.partitions.get(partition as usize))
-        else {
-            return Ok(());
-        };
-        parts
-            .insert((topic, partition), (m.low, m.high, m.last_ts))
-            .map_err(storage("write partition"))?;
-        Ok(())
-    }
-
-    /// Deletes records older than their topic's retention, moving `low` forward.
+    /// Deletes the segments older than their topic's retention, moving `low` forward. Only
+    /// whole segments go, never the one being written (an expired one is closed first).
     fn retention(&mut self) -> Result<(), BusError> {
         let now = now_ms();
-        let mut trims: Vec<(String, u32, u64)> = Vec::new();
-        let txn = self.db.db.begin_write().map_err(storage("begin write"))?;
-        {
-            let mut records = txn.open_table(RECORDS).map_err(storage("open records"))?;
-            for (topic, meta) in &self.metas {
-                let Some(retention) = meta.retention else {
-                    continue;
-                };
-                let cutoff =
-                    now.saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
-                for (p, part) in meta.partitions.iter().enumerate() {
-                    let p = p as u32;
-                    if part.low >= part.high {
+        let mut changes = Changes::default();
+        let mut failed = None;
+        for (topic, meta) in &self.metas {
+            let Some(retention) = meta.retention else {
+                continue;
+            };
+            let cutoff =
+                now.saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
+            for (p, part) in meta.partitions.iter().enumerate() {
+                // An idle partition's last segment expires whole: close it so it can go.
+                if part.log.active().0 > 0 && part.log.last_ts().is_some_and(|t| t < cutoff) {
+                    if let Err(e) = part.log.roll() {
+                        failed = Some(e);
                         continue;
                     }
-                    let mut new_low = part.low;
-                    let limit = part.high.min(part.low.saturating_add(RETENTION_BATCH));
-                    for entry in records
-                        .range((topic.as_str(), p, part.low)..(topic.as_str(), p, limit))
-                        .map_err(storage("scan records"))?
-                    {
-                        let (k, v) = entry.map_err(storage("read record"))?;
-                        if v.value().0 >= cutoff {
-                            break;
-                        }
-                        new_low = k.value().2 + 1;
-                    }
-                    if new_low > part.low {
-                        records
-                            .retain_in(
-                                (topic.as_str(), p, part.low)..(topic.as_str(), p, new_low),
-                                |_, _| false,
-                            )
-                            .map_err(storage("delete expired records"))?;
-                        trims.push((topic.clone(), p, new_low));
-                    }
+                }
+                match part.log.expire(cutoff) {
+                    Ok(Some(_)) => changes.partition(topic, p as u32),
+                    Ok(None) => {}
+                    Err(e) => failed = Some(e),
                 }
             }
         }
-        if trims.is_empty() {
-            // Nothing expired: dropping the transaction writes nothing.
-            return Ok(());
+        if !changes.partitions.is_empty() {
+            self.publish_changes(&changes);
+            tracing::debug!(
+                partitions = changes.partitions.len(),
+                "retention deleted segments"
+            );
         }
-        let mut changes = Changes::default();
-        for (topic, p, low) in &trims {
-            if let Some(part) = self
-                .metas
-                .get_mut(topic)
-                .and_then(|t| t.partitions.get_mut(*p as usize))
-            {
-                part.low = *low;
-            }
-            changes
-                .partitions
-                .entry(topic.clone())
-                .or_default()
-                .insert(*p);
-        }
-        let result = (|| {
-            {
-                let mut parts = txn
-                    .open_table(PARTITIONS)
-                    .map_err(storage("open partitions"))?;
-                for (topic, p, _) in &trims {
-                    self.write_part(&mut parts, topic, *p)?;
-                }
-            }
-            txn.commit().map_err(storage("commit"))
-        })();
-        match result {
-            Ok(()) => {
-                self.publish_changes(&changes);
-                tracing::debug!(partitions = trims.len(), "retention trimmed partitions");
-                Ok(())
-            }
-            Err(e) => {
-                self.reload();
-                Err(e)
-            }
-        }
+        failed.map_or(Ok(()), Err)
     }
 
-    /// Makes a committed transaction visible to readers: topic shapes first, then offsets, then
-    /// a tick per topic to wake its readers.
+    /// Makes a durable batch visible to readers: topic shapes first, then offsets, then a tick
+    /// per topic to wake its readers.
     fn publish_changes(&self, changes: &Changes) {
         let mut topics = self.topics.write().unwrap_or_else(PoisonError::into_inner);
         for name in &changes.topics {
             let Some(meta) = self.metas.get(name) else {
                 continue;
             };
-            let old = topics.get(name);
-            let mut partitions: Vec<Arc<PartShared>> =
-                old.map(|t| t.partitions.clone()).unwrap_or_default();
-            for p in meta.partitions.iter().skip(partitions.len()) {
-                partitions.push(PartShared::new(p.low, p.high));
-            }
-            let tick = old
+            let tick = topics
+                .get(name)
                 .map(|t| t.tick.clone())
                 .unwrap_or_else(|| Arc::new(watch::channel(0).0));
             topics.insert(
                 name.clone(),
                 Arc::new(TopicShared {
-                    partitions,
+                    partitions: meta.partitions.clone(),
                     retention: meta.retention,
                     tick,
                 }),
             );
         }
         for (name, ps) in &changes.partitions {
-            let (Some(meta), Some(shared)) = (self.metas.get(name), topics.get(name)) else {
+            let Some(shared) = topics.get(name) else {
                 continue;
             };
             for &p in ps {
-                if let (Some(m), Some(s)) = (
-                    meta.partitions.get(p as usize),
-                    shared.partitions.get(p as usize),
-                ) {
-                    s.high.store(m.high, std::sync::atomic::Ordering::Release);
-                    s.low.store(m.low, std::sync::atomic::Ordering::Release);
+                if let Some(s) = shared.partitions.get(p as usize) {
+                    s.refresh();
                 }
             }
             shared.tick.send_modify(|v| *v = v.wrapping_add(1));
-        }
-    }
-
-    /// After a failed transaction: the writer's view goes back to what is committed.
-    fn reload(&mut self) {
-        let loaded = self
-            .db
-            .db
-            .begin_read()
-            .map_err(storage("begin read"))
-            .and_then(|t| store::load_topics(&t));
-        match loaded {
-            Ok(metas) => self.metas = metas,
-            Err(e) => tracing::error!(error = %e, "reloading embedded bus metadata failed"),
         }
     }
 }
