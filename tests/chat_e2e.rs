@@ -299,30 +299,48 @@ async fn embedded_chat_end_to_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_postgres_redis_chat_across_two_edges() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let nats = OwnNats::start(dir.path()).await;
-    let db = TestDb::create().await;
-    let mut env = base_env(dir.path());
-    env.push(("NEXUS_BUS__URL", nats.url.clone()));
-    env.push(("NEXUS_STORES__POSTGRES_URL", db.url.clone()));
-    env.push(("NEXUS_STORES__PROVISIONING_KEY", "11".repeat(32)));
-    env.push((
-        "NEXUS_STORES__REDIS_URL",
-        std::env::var("NEXUS_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
-    ));
-    let (ok, out, err) = common::process::run(&["topology", "apply", "--bus", &nats.url], &[]);
-    assert!(ok, "topology apply: {out} {err}");
-    let worker = start_node(
-        dir.path(),
-        "worker",
-        &["worker", "conversation"],
-        env.clone(),
-    )
-    .await;
-    let edge_a = start_node(dir.path(), "edge-a", &["edge"], env.clone()).await;
-    let edge_b = start_node(dir.path(), "edge-b", &["edge"], env).await;
+    let system = TwoEdges::start(dir.path(), Vec::new()).await;
     // The customer on edge A, the agent on edge B.
-    scenario(&edge_a.url, &edge_b.url).await;
-    drop((worker, edge_a, edge_b));
+    scenario(&system.edge_a.url, &system.edge_b.url).await;
+}
+
+/// A conversation worker and two edges on their own NATS JetStream, a fresh PostgreSQL
+/// database and Redis. Fields drop in order: processes first, then the broker and database.
+struct TwoEdges {
+    _worker: Node,
+    edge_a: Node,
+    edge_b: Node,
+    _nats: OwnNats,
+    _db: TestDb,
+}
+
+impl TwoEdges {
+    async fn start(dir: &std::path::Path, extra_env: Vec<(&'static str, String)>) -> TwoEdges {
+        let nats = OwnNats::start(dir).await;
+        let db = TestDb::create().await;
+        let mut env = base_env(dir);
+        env.extend(extra_env);
+        env.push(("NEXUS_BUS__URL", nats.url.clone()));
+        env.push(("NEXUS_STORES__POSTGRES_URL", db.url.clone()));
+        env.push(("NEXUS_STORES__PROVISIONING_KEY", "11".repeat(32)));
+        env.push((
+            "NEXUS_STORES__REDIS_URL",
+            std::env::var("NEXUS_TEST_REDIS_URL")
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+        ));
+        let (ok, out, err) = common::process::run(&["topology", "apply", "--bus", &nats.url], &[]);
+        assert!(ok, "topology apply: {out} {err}");
+        let worker = start_node(dir, "worker", &["worker", "conversation"], env.clone()).await;
+        let edge_a = start_node(dir, "edge-a", &["edge"], env.clone()).await;
+        let edge_b = start_node(dir, "edge-b", &["edge"], env).await;
+        TwoEdges {
+            _worker: worker,
+            edge_a,
+            edge_b,
+            _nats: nats,
+            _db: db,
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1267,28 +1285,6 @@ async fn consultant_joins_replies_leaves_and_completion_frees_both() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_postgres_redis_consult_across_two_edges() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let nats = OwnNats::start(dir.path()).await;
-    let db = TestDb::create().await;
-    let mut env = base_env(dir.path());
-    env.push(consult_timeout_env());
-    env.push(("NEXUS_BUS__URL", nats.url.clone()));
-    env.push(("NEXUS_STORES__POSTGRES_URL", db.url.clone()));
-    env.push(("NEXUS_STORES__PROVISIONING_KEY", "11".repeat(32)));
-    env.push((
-        "NEXUS_STORES__REDIS_URL",
-        std::env::var("NEXUS_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
-    ));
-    let (ok, out, err) = common::process::run(&["topology", "apply", "--bus", &nats.url], &[]);
-    assert!(ok, "topology apply: {out} {err}");
-    let worker = start_node(
-        dir.path(),
-        "worker",
-        &["worker", "conversation"],
-        env.clone(),
-    )
-    .await;
-    let edge_a = start_node(dir.path(), "edge-a", &["edge"], env.clone()).await;
-    let edge_b = start_node(dir.path(), "edge-b", &["edge"], env).await;
-    consult_scenario(&edge_a.url, &edge_b.url).await;
-    drop((worker, edge_a, edge_b));
+    let system = TwoEdges::start(dir.path(), vec![consult_timeout_env()]).await;
+    consult_scenario(&system.edge_a.url, &system.edge_b.url).await;
 }

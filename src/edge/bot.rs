@@ -195,27 +195,15 @@ async fn handoff(
     Ok(StatusCode::ACCEPTED)
 }
 
-#[derive(Debug, Deserialize)]
-struct TranscriptQuery {
-    from: Option<u64>,
-    limit: Option<usize>,
-}
-
 /// The transcript of a conversation given to this bot (also after the handoff).
 async fn transcript(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    query: Result<Query<TranscriptQuery>, QueryRejection>,
+    query: Result<Query<super::chat::TranscriptQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let bot = bot_of(&state, &headers).await?;
     let Query(q) = query?;
     given_to(&state, &bot, &id).await?;
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let (messages, next, ended) =
-        super::chat::read_transcript(&state, &bot.tenant_id, &id, q.from.unwrap_or(1), limit)
-            .await?;
-    Ok(Json(
-        json!({"messages": messages, "next_position": next, "chat_ended": ended}),
-    ))
+    super::chat::transcript_page(&state, &bot.tenant_id, &id, &q).await
 }

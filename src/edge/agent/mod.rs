@@ -573,27 +573,15 @@ async fn download(
     Ok(super::chat::file_response(file))
 }
 
-#[derive(Debug, Deserialize)]
-struct TranscriptQuery {
-    from: Option<u64>,
-    limit: Option<usize>,
-}
-
 /// A transcript the agent holds or was offered; anything else is 404.
 async fn transcript(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    query: Result<Query<TranscriptQuery>, QueryRejection>,
+    query: Result<Query<super::chat::TranscriptQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let agent = agent_of(&state, &headers).await?;
     let Query(q) = query?;
     ensure_mine(&state, &agent, &id).await?;
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let (messages, next, ended) =
-        super::chat::read_transcript(&state, &agent.tenant_id, &id, q.from.unwrap_or(1), limit)
-            .await?;
-    Ok(Json(
-        json!({"messages": messages, "next_position": next, "chat_ended": ended}),
-    ))
+    super::chat::transcript_page(&state, &agent.tenant_id, &id, &q).await
 }

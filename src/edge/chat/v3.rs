@@ -512,6 +512,23 @@ pub struct TranscriptQuery {
     pub limit: Option<usize>,
 }
 
+/// A transcript page as every reader's API answers it (customer, agent, bot).
+pub(crate) async fn transcript_page(
+    state: &AppState,
+    tenant: &str,
+    conversation_id: &str,
+    q: &TranscriptQuery,
+) -> Result<Json<Value>, ApiError> {
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let (messages, next, ended) =
+        read_transcript(state, tenant, conversation_id, q.from.unwrap_or(1), limit).await?;
+    Ok(Json(json!({
+        "messages": messages,
+        "next_position": next,
+        "chat_ended": ended,
+    })))
+}
+
 /// Transcript entries from a position, the next position and whether the chat ended.
 pub(crate) async fn read_transcript(
     state: &AppState,
@@ -550,14 +567,7 @@ pub async fn transcript(
 ) -> Result<Json<Value>, ApiError> {
     let c = session_claims(&state, &headers, &id).await?;
     let Query(q) = query?;
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let (messages, next, ended) =
-        read_transcript(&state, &c.tid, &c.sid, q.from.unwrap_or(1), limit).await?;
-    Ok(Json(json!({
-        "messages": messages,
-        "next_position": next,
-        "chat_ended": ended,
-    })))
+    transcript_page(&state, &c.tid, &c.sid, &q).await
 }
 
 /// Merges user data into the conversation (and removes `removed` keys).

@@ -141,44 +141,24 @@ impl Provisioning {
         tenant_id: &str,
         id: &str,
     ) -> Result<AgentToken, ProvisioningError> {
-        let token = secrets::generate_token(AGENT_TOKEN_PREFIX);
-        let done =
-            sqlx::query("UPDATE agents SET token_hash = $3 WHERE tenant_id = $1 AND id = $2")
-                .bind(tenant_id.to_string())
-                .bind(id.to_string())
-                .bind(token.hash.clone())
-                .execute(&self.pool)
-                .await
-                .map_err(sql::unavailable)?;
-        if done.rows_affected() == 0 {
-            return Err(self.missing(tenant_id, Object::Agent).await);
+        match sql::rotate_token(&self.pool, "agents", tenant_id, id, AGENT_TOKEN_PREFIX).await? {
+            Some(token) => Ok(AgentToken {
+                agent_id: id.to_string(),
+                token,
+            }),
+            None => Err(self.missing(tenant_id, Object::Agent).await),
         }
-        Ok(AgentToken {
-            agent_id: id.to_string(),
-            token: token.raw,
-        })
     }
 
     /// The agent a raw agent token belongs to; the token is never logged.
     pub async fn authenticate_agent(&self, raw_token: &str) -> Result<Agent, AuthError> {
-        if !raw_token.starts_with(AGENT_TOKEN_PREFIX) {
-            return Err(AuthError::Unknown);
-        }
-        let row = sqlx::query(
+        let row = sql::row_by_token(
+            &self.pool,
             "SELECT id, tenant_id, name, skills, capacity, created_at_ms, token_hash FROM agents WHERE token_hash = $1",
+            raw_token,
+            AGENT_TOKEN_PREFIX,
         )
-        .bind(secrets::hash_token(raw_token))
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| AuthError::Unavailable(e.to_string()))?;
-        let Some(row) = row else {
-            return Err(AuthError::Unknown);
-        };
-        let unavailable = |e: ProvisioningError| AuthError::Unavailable(e.to_string());
-        let stored: String = get(&row, "token_hash").map_err(unavailable)?;
-        if !secrets::token_matches(raw_token, &stored) {
-            return Err(AuthError::Unknown);
-        }
-        from_row(&row).map_err(unavailable)
+        .await?;
+        from_row(&row).map_err(|e| AuthError::Unavailable(e.to_string()))
     }
 }

@@ -87,44 +87,25 @@ impl Provisioning {
         tenant_id: &str,
         id: &str,
     ) -> Result<BotToken, ProvisioningError> {
-        let token = secrets::generate_token(BOT_TOKEN_PREFIX);
-        let done = sqlx::query("UPDATE bots SET token_hash = $3 WHERE tenant_id = $1 AND id = $2")
-            .bind(tenant_id.to_string())
-            .bind(id.to_string())
-            .bind(token.hash.clone())
-            .execute(&self.pool)
-            .await
-            .map_err(sql::unavailable)?;
-        if done.rows_affected() == 0 {
-            return Err(self.missing(tenant_id, Object::Bot).await);
+        match sql::rotate_token(&self.pool, "bots", tenant_id, id, BOT_TOKEN_PREFIX).await? {
+            Some(token) => Ok(BotToken {
+                bot_id: id.to_string(),
+                token,
+            }),
+            None => Err(self.missing(tenant_id, Object::Bot).await),
         }
-        Ok(BotToken {
-            bot_id: id.to_string(),
-            token: token.raw,
-        })
     }
 
     /// The bot a raw bot API token belongs to; the token is never logged.
     pub async fn authenticate_bot(&self, raw_token: &str) -> Result<BotEndpoint, AuthError> {
-        if !raw_token.starts_with(BOT_TOKEN_PREFIX) {
-            return Err(AuthError::Unknown);
-        }
-        let row = sqlx::query(
+        let row = sql::row_by_token(
+            &self.pool,
             "SELECT id, tenant_id, name, url, created_at_ms, token_hash FROM bots WHERE token_hash = $1",
+            raw_token,
+            BOT_TOKEN_PREFIX,
         )
-        .bind(secrets::hash_token(raw_token))
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| AuthError::Unavailable(e.to_string()))?;
-        let Some(row) = row else {
-            return Err(AuthError::Unknown);
-        };
-        let unavailable = |e: ProvisioningError| AuthError::Unavailable(e.to_string());
-        let stored: String = get(&row, "token_hash").map_err(unavailable)?;
-        if !secrets::token_matches(raw_token, &stored) {
-            return Err(AuthError::Unknown);
-        }
-        from_row(&row).map_err(unavailable)
+        .await?;
+        from_row(&row).map_err(|e| AuthError::Unavailable(e.to_string()))
     }
 
     pub async fn bot(&self, tenant_id: &str, id: &str) -> Result<BotEndpoint, ProvisioningError> {

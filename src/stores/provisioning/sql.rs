@@ -8,7 +8,7 @@ use sqlx::error::ErrorKind;
 use sqlx::{AnyPool, Row};
 
 use super::models::{encode_cursor, Page, PageRequest};
-use super::ProvisioningError;
+use super::{secrets, AuthError, ProvisioningError};
 
 /// A new time-ordered id, so keyset pages come out in creation order.
 pub(super) fn new_id() -> String {
@@ -111,4 +111,53 @@ pub(super) async fn page<T: Keyed>(
         None
     };
     Ok(Page { items, next })
+}
+
+/// Gives the object `id` of `table` a new bearer token (stored as its hash); the raw token, or
+/// `None` when there is no such object in the tenant.
+pub(super) async fn rotate_token(
+    pool: &AnyPool,
+    table: &'static str,
+    tenant_id: &str,
+    id: &str,
+    prefix: &str,
+) -> Result<Option<String>, ProvisioningError> {
+    let token = secrets::generate_token(prefix);
+    let done = sqlx::query(&format!(
+        "UPDATE {table} SET token_hash = $3 WHERE tenant_id = $1 AND id = $2"
+    ))
+    .bind(tenant_id.to_string())
+    .bind(id.to_string())
+    .bind(token.hash)
+    .execute(pool)
+    .await
+    .map_err(unavailable)?;
+    Ok((done.rows_affected() > 0).then_some(token.raw))
+}
+
+/// The row `select` (which must name `token_hash`, filtered by `token_hash = $1`) finds for a
+/// raw bearer token, compared in constant time; the token is never logged.
+pub(super) async fn row_by_token(
+    pool: &AnyPool,
+    select: &str,
+    raw: &str,
+    prefix: &str,
+) -> Result<AnyRow, AuthError> {
+    if !raw.starts_with(prefix) {
+        return Err(AuthError::Unknown);
+    }
+    let row = sqlx::query(select)
+        .bind(secrets::hash_token(raw))
+        .fetch_optional(pool)
+        .await
+        .map_err(|e| AuthError::Unavailable(e.to_string()))?
+        .ok_or(AuthError::Unknown)?;
+    let stored: String =
+        get(&row, "token_hash").map_err(|e| AuthError::Unavailable(e.to_string()))?;
+    // The lookup was by hash; the constant-time comparison keeps the check itself free of
+    // timing differences whatever the database's index does.
+    if !secrets::token_matches(raw, &stored) {
+        return Err(AuthError::Unknown);
+    }
+    Ok(row)
 }
