@@ -114,12 +114,16 @@ async fn scenario(url: &str, agent_url: &str) {
     assert_eq!(hello["text"], "hello");
     assert_eq!(hello["position"], 3);
 
-    // The agent replies; the customer sees it.
-    ws_send(
-        &mut agent,
-        json!({"op": "reply", "conversation_id": sid, "text": "hi Ann, how can I help?"}),
-    )
-    .await;
+    // The agent replies twice with one client message id (not a UUID): the customer sees one
+    // reply (the v2 view below counts them).
+    for _ in 0..2 {
+        ws_send(
+            &mut agent,
+            json!({"op": "reply", "conversation_id": sid, "text": "hi Ann, how can I help?",
+                "message_id": "reply-1"}),
+        )
+        .await;
+    }
     let reply = ws_until(&mut customer, WAIT, |v| {
         transcript_frame(v, "Message") && v["from"]["kind"] == "agent"
     })

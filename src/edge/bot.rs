@@ -15,9 +15,10 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use uuid::Uuid;
 
-use super::chat::{check_message_id, check_text, check_user_data, json_body, publish_event};
+use super::chat::{
+    bus_message_id, check_message_id, check_text, check_user_data, json_body, publish_event,
+};
 use super::{ApiError, AppState};
 use crate::events::chat::{self as ev, ParticipantKind};
 use crate::events::Event;
@@ -117,18 +118,7 @@ async fn send(
     check_text(&state, &r.text)?;
     check_message_id(r.message_id.as_deref())?;
     held_by(&state, &bot, &id).await?;
-    // Message ids on the bus are UUIDs: another client id maps to a UUID of its own, the same
-    // on every retry (so the transcript still dedups it).
-    let message_id = match r.message_id {
-        None => Uuid::now_v7(),
-        Some(m) => Uuid::parse_str(&m).unwrap_or_else(|_| {
-            Uuid::new_v5(
-                &Uuid::NAMESPACE_OID,
-                format!("{id}/bot/{}/{m}", bot.id).as_bytes(),
-            )
-        }),
-    }
-    .to_string();
+    let message_id = bus_message_id(&id, &format!("bot/{}", bot.id), r.message_id.as_deref());
     let sent = ev::MessageSent {
         message_id: message_id.clone(),
         participant_id: bot.id.clone(),

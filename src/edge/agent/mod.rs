@@ -157,16 +157,10 @@ pub(crate) async fn do_reply(
 ) -> Result<String, ApiError> {
     check_id(id)?;
     super::chat::check_text(state, &text)?;
-    let message_id = match message_id {
-        Some(m) if m.is_empty() || m.len() > 128 => {
-            return Err(ApiError::bad_request(
-                "INVALID_FIELD",
-                "message_id is 1 to 128 characters",
-            ))
-        }
-        Some(m) => m,
-        None => Uuid::now_v7().to_string(),
-    };
+    super::chat::check_message_id(message_id.as_deref())?;
+    // A client id that is not a UUID maps to one of its own, the same on every retry.
+    let message_id =
+        super::chat::bus_message_id(id, &format!("agent/{}", agent.id), message_id.as_deref());
     let body = ev::MessageSent {
         message_id: message_id.clone(),
         participant_id: agent.id.clone(),

@@ -21,8 +21,8 @@ pub use client_key::{Claims, ClientKeys};
 pub use files::sweep as sweep_files;
 pub(crate) use files::{file_response, stored_file};
 pub(crate) use v3::{
-    body_error, check_message_id, check_text, check_user_data, json_body, transcript_page,
-    typing_started, TranscriptQuery,
+    body_error, bus_message_id, check_message_id, check_text, check_user_data, json_body,
+    transcript_page, typing_started, TranscriptQuery,
 };
 
 pub use crate::topology::topics::INBOUND as INBOUND_TOPIC;

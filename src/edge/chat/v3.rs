@@ -345,6 +345,26 @@ pub(crate) fn check_message_id(id: Option<&str>) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The message id on the bus (a UUID) for a sender's optional client id: a new UUID v7 when there
+/// is none, the id itself when it is a UUID, else a UUID v5 of conversation, sender and id, so a
+/// retried send maps to the same message (the transcript dedups on it).
+pub(crate) fn bus_message_id(
+    conversation_id: &str,
+    sender: &str,
+    client_id: Option<&str>,
+) -> String {
+    match client_id {
+        None => Uuid::now_v7(),
+        Some(m) => Uuid::parse_str(m).unwrap_or_else(|_| {
+            Uuid::new_v5(
+                &Uuid::NAMESPACE_OID,
+                format!("{conversation_id}/{sender}/{m}").as_bytes(),
+            )
+        }),
+    }
+    .to_string()
+}
+
 /// Publishes a customer message; returns its message id.
 pub(crate) async fn customer_message(
     state: &AppState,
