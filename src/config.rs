@@ -199,6 +199,8 @@ pub struct HttpClientConfig {
 pub struct StoresConfig {
     /// Secret (may carry a password): Redis URL, "" for the embedded store.
     pub redis_url: String,
+    /// First segment of every Redis key; deployments sharing one Redis need their own.
+    pub redis_namespace: String,
     /// Secret (may carry a password): PostgreSQL URL, "" for SQLite.
     pub postgres_url: String,
     /// Local data directory.
@@ -401,6 +403,18 @@ impl Config {
                 "must start with redis:// or rediss:// (TLS)",
             ));
         }
+        let ns = &self.stores.redis_namespace;
+        if ns.is_empty()
+            || ns.len() > 64
+            || !ns
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(invalid(
+                "stores.redis_namespace",
+                "must be 1 to 64 of A-Z a-z 0-9 - _ .",
+            ));
+        }
         let pg = &self.stores.postgres_url;
         if !(pg.is_empty() || pg.starts_with("postgres://") || pg.starts_with("postgresql://")) {
             return Err(invalid(
@@ -520,6 +534,16 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("stores.provisioning_key"));
+
+        for ns in ["", "a{b}", "with space", &"n".repeat(65)] {
+            let mut c = Config::defaults();
+            c.stores.redis_namespace = ns.to_string();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("stores.redis_namespace"), "{ns:?}: {e}");
+        }
+        let mut c = Config::defaults();
+        c.stores.redis_namespace = "prod-eu.1".into();
+        c.validate().expect("a valid namespace");
 
         let mut c = Config::defaults();
         c.http.listen = "nowhere".into();

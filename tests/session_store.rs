@@ -1062,3 +1062,52 @@ async fn connect_follows_config() {
         store.ping().await.expect("ping");
     }
 }
+
+/// Two deployments on one Redis under different namespaces: neither claims the other's timers
+/// (a worker would fire them on its own bus) nor sees its dedup marks.
+#[tokio::test]
+async fn redis_namespaces_keep_deployments_apart() {
+    if !selected("redis") {
+        return;
+    }
+    let (ns_a, ns_b) = (unique("nsa"), unique("nsb"));
+    let a = RedisStore::connect_in(&redis_url(), &ns_a)
+        .await
+        .expect("connect a");
+    let b = RedisStore::connect_in(&redis_url(), &ns_b)
+        .await
+        .expect("connect b");
+    // The fixed kind the conversation worker uses, as two deployments would.
+    let offer = timer("offer", "tenant-1", "c1");
+    a.schedule(&offer, 100).await.expect("schedule");
+    assert!(
+        b.claim_due("offer", i64::MAX / 2, 100)
+            .await
+            .expect("claim b")
+            .iter()
+            .all(|t| t != &offer),
+        "another namespace's worker claimed the timer"
+    );
+    assert_eq!(
+        a.claim_due("offer", 1_000, 100).await.expect("claim a"),
+        [offer]
+    );
+    let mark = unique("mark");
+    assert!(a.remember(&mark, Duration::from_secs(60)).await.expect("a"));
+    assert!(b.remember(&mark, Duration::from_secs(60)).await.expect("b"));
+    assert!(!a
+        .remember(&mark, Duration::from_secs(60))
+        .await
+        .expect("a again"));
+    let mut raw = ::redis::Client::open(redis_url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("raw connection");
+    for ns in [&ns_a, &ns_b] {
+        let keys: Vec<String> = raw.keys(format!("{ns}:*")).await.expect("keys");
+        if !keys.is_empty() {
+            raw.del::<_, ()>(keys).await.expect("cleanup");
+        }
+    }
+}

@@ -150,6 +150,12 @@ pub fn base_env(dir: &Path) -> Vec<(&'static str, String)> {
             CLIENT_KEY_SECRET.to_string(),
         ),
         ("NEXUS_STORES__DATA_DIR", dir.display().to_string()),
+        // A Redis namespace per test system: test systems running at once on one Redis must not
+        // fire each other's timers.
+        (
+            "NEXUS_STORES__REDIS_NAMESPACE",
+            format!("nxt-{}", uuid::Uuid::new_v4().simple()),
+        ),
         // Long enough that a loaded CI machine never lets an offer lapse by accident; the
         // lapse test sets its own.
         (

@@ -93,6 +93,23 @@ fn sync_now(
     Ok(())
 }
 
+/// How long `open` waits for a store of this process on the same file to let go of it: a
+/// dropped store's background flush may hold the file for the length of one sync.
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
+
+/// Opens the file, waiting out a store of this process that is still closing it.
+fn create_waiting(path: &Path) -> Result<Database, StoreError> {
+    let deadline = Instant::now() + RELEASE_WAIT;
+    loop {
+        match Database::create(path) {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other.map_err(storage("open sessions")),
+        }
+    }
+}
+
 impl Drop for EmbeddedStore {
     /// A clean close persists what is still lagging.
     fn drop(&mut self) {
@@ -129,12 +146,12 @@ const SYNC_EVERY: Duration = Duration::from_millis(100);
 
 impl EmbeddedStore {
     /// Opens (or creates) `<dir>/sessions.redb`. One store per file and process: a second open
-    /// of the same file fails until the first store is dropped.
+    /// of the same file waits up to [`RELEASE_WAIT`] for the first store to be dropped, then fails.
     pub async fn open(dir: &Path) -> Result<Self, StoreError> {
         let dir = dir.to_path_buf();
         let db = tokio::task::spawn_blocking(move || -> Result<Database, StoreError> {
             std::fs::create_dir_all(&dir).map_err(storage("create data dir"))?;
-            let db = Database::create(dir.join(FILE_NAME)).map_err(storage("open sessions"))?;
+            let db = create_waiting(&dir.join(FILE_NAME))?;
             let txn = db.begin_write().map_err(storage("begin write"))?;
             {
                 txn.open_table(CONVERSATIONS)

@@ -30,7 +30,7 @@ pub async fn connect(config: &StoresConfig) -> Result<Arc<dyn SessionStore>, Sto
         Ok(Arc::new(store))
     } else {
         Ok(Arc::new(
-            self::redis::RedisStore::connect(&config.redis_url).await?,
+            self::redis::RedisStore::connect_in(&config.redis_url, &config.redis_namespace).await?,
         ))
     }
 }

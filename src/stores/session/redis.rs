@@ -19,6 +19,9 @@
 //!
 //! Global keys: `nx:timers:<kind>` (sorted set by due time, member the JSON array
 //! `[tenant, id]`) and `nx:seen:<key>` for [`SessionStore::remember`].
+//!
+//! `nx` is the namespace (`stores.redis_namespace`): deployments sharing one Redis set their own,
+//! or one deployment's workers would fire the other's timers on the wrong bus.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -218,11 +221,22 @@ impl Scripts {
 pub struct RedisStore {
     conn: ConnectionManager,
     scripts: Scripts,
+    /// First segment of every key: deployments sharing one Redis keep apart by it, timers too.
+    namespace: String,
 }
 
+/// The namespace of a store connected without one.
+pub const DEFAULT_NAMESPACE: &str = "nx";
+
 impl RedisStore {
-    /// Connects to `redis://` or `rediss://` (TLS through rustls); reconnects by itself.
+    /// Connects to `redis://` or `rediss://` (TLS through rustls) under [`DEFAULT_NAMESPACE`];
+    /// reconnects by itself.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_in(url, DEFAULT_NAMESPACE).await
+    }
+
+    /// [`Self::connect`] with every key under `namespace` (`stores.redis_namespace`).
+    pub async fn connect_in(url: &str, namespace: &str) -> Result<Self, StoreError> {
         crate::tls::install_crypto_provider();
         let client = ::redis::Client::open(url).map_err(unavailable)?;
         let config = ConnectionManagerConfig::new()
@@ -236,11 +250,25 @@ impl RedisStore {
         Ok(Self {
             conn,
             scripts: Scripts::new(),
+            namespace: namespace.to_string(),
         })
     }
 
     fn conn(&self) -> ConnectionManager {
         self.conn.clone()
+    }
+
+    fn prefix(&self, tenant: &str) -> String {
+        tenant_prefix(&self.namespace, tenant)
+    }
+
+    fn key(&self, tenant: &str, kind: &str, id: &str) -> String {
+        format!("{}{kind}:{id}", self.prefix(tenant))
+    }
+
+    /// Timers are global to a deployment (any worker of it may fire them), not to Redis.
+    fn timers_key(&self, kind: &str) -> String {
+        format!("{}:timers:{kind}", self.namespace)
     }
 }
 
@@ -280,17 +308,9 @@ fn escape_tenant(tenant: &str) -> String {
     out
 }
 
-/// `nx:{t:<tenant>}:`: the prefix of every key of a tenant.
-fn prefix(tenant: &str) -> String {
-    format!("nx:{{t:{}}}:", escape_tenant(tenant))
-}
-
-fn key(tenant: &str, kind: &str, id: &str) -> String {
-    format!("{}{kind}:{id}", prefix(tenant))
-}
-
-fn timers_key(kind: &str) -> String {
-    format!("nx:timers:{kind}")
+/// `<namespace>:{t:<tenant>}:`: the prefix of every key of a tenant.
+fn tenant_prefix(namespace: &str, tenant: &str) -> String {
+    format!("{namespace}:{{t:{}}}:", escape_tenant(tenant))
 }
 
 fn timer_member(timer: &Timer) -> Result<String, StoreError> {
@@ -371,7 +391,7 @@ impl SessionStore for RedisStore {
         let written: i64 = self
             .scripts
             .put_conversation
-            .key(key(&c.tenant_id, "conv", &c.conversation_id))
+            .key(self.key(&c.tenant_id, "conv", &c.conversation_id))
             .arg(c.version)
             .arg(json)
             .invoke_async(&mut self.conn())
@@ -387,7 +407,7 @@ impl SessionStore for RedisStore {
     ) -> Result<Option<Conversation>, StoreError> {
         let json: Option<String> = self
             .conn()
-            .get(key(tenant, "conv", conversation_id))
+            .get(self.key(tenant, "conv", conversation_id))
             .await
             .map_err(redis_err)?;
         json.map(|j| serde_json::from_str(&j).map_err(|e| corrupt("conversation", e)))
@@ -402,9 +422,9 @@ impl SessionStore for RedisStore {
     ) -> Result<(), StoreError> {
         self.scripts
             .expire
-            .key(key(tenant, "conv", conversation_id))
-            .key(key(tenant, "tx", conversation_id))
-            .key(key(tenant, "txids", conversation_id))
+            .key(self.key(tenant, "conv", conversation_id))
+            .key(self.key(tenant, "tx", conversation_id))
+            .key(self.key(tenant, "txids", conversation_id))
             .arg(ttl_ms(ttl))
             .invoke_async::<()>(&mut self.conn())
             .await
@@ -426,9 +446,9 @@ impl SessionStore for RedisStore {
         let (position, duplicate): (u64, u8) = self
             .scripts
             .append
-            .key(key(tenant, "tx", conversation_id))
-            .key(key(tenant, "txids", conversation_id))
-            .key(key(tenant, "conv", conversation_id))
+            .key(self.key(tenant, "tx", conversation_id))
+            .key(self.key(tenant, "txids", conversation_id))
+            .key(self.key(tenant, "conv", conversation_id))
             .arg(&entry.event_id)
             .arg(message)
             .arg(json)
@@ -460,7 +480,7 @@ impl SessionStore for RedisStore {
         };
         let items: Vec<String> = self
             .conn()
-            .lrange(key(tenant, "tx", conversation_id), start, stop)
+            .lrange(self.key(tenant, "tx", conversation_id), start, stop)
             .await
             .map_err(redis_err)?;
         let mut out = Vec::with_capacity(items.len());
@@ -496,8 +516,8 @@ impl SessionStore for RedisStore {
         let (score, fields): (String, Vec<(String, String)>) = self
             .scripts
             .set_presence
-            .key(format!("{}agents", prefix(tenant)))
-            .key(key(tenant, "agent", agent_id))
+            .key(format!("{}agents", self.prefix(tenant)))
+            .key(self.key(tenant, "agent", agent_id))
             .arg(agent_id)
             .arg(profile)
             .arg(if ready { "1" } else { "0" })
@@ -516,8 +536,8 @@ impl SessionStore for RedisStore {
     ) -> Result<Option<AgentPresence>, StoreError> {
         let (score, fields): (Option<String>, Vec<(String, String)>) = ::redis::pipe()
             .atomic()
-            .zscore(format!("{}agents", prefix(tenant)), agent_id)
-            .hgetall(key(tenant, "agent", agent_id))
+            .zscore(format!("{}agents", self.prefix(tenant)), agent_id)
+            .hgetall(self.key(tenant, "agent", agent_id))
             .query_async(&mut self.conn())
             .await
             .map_err(redis_err)?;
@@ -533,11 +553,11 @@ impl SessionStore for RedisStore {
     async fn reserve_agent(&self, tenant: &str, r: &Reserve) -> Result<Option<String>, StoreError> {
         let skills = serde_json::to_string(&r.skills).map_err(|e| corrupt("skills", e))?;
         let exclude = serde_json::to_string(&r.exclude).map_err(|e| corrupt("exclude", e))?;
-        let pre = prefix(tenant);
+        let pre = self.prefix(tenant);
         self.scripts
             .reserve
             .key(format!("{pre}agents"))
-            .key(key(tenant, "holder", &r.conversation_id))
+            .key(self.key(tenant, "holder", &r.conversation_id))
             .arg(&pre)
             .arg(&r.conversation_id)
             .arg(&r.media)
@@ -561,10 +581,10 @@ impl SessionStore for RedisStore {
         let released: u8 = self
             .scripts
             .release
-            .key(format!("{}agents", prefix(tenant)))
-            .key(key(tenant, "agent", agent_id))
-            .key(key(tenant, "slots", agent_id))
-            .key(key(tenant, "holder", conversation_id))
+            .key(format!("{}agents", self.prefix(tenant)))
+            .key(self.key(tenant, "agent", agent_id))
+            .key(self.key(tenant, "slots", agent_id))
+            .key(self.key(tenant, "holder", conversation_id))
             .arg(agent_id)
             .arg(conversation_id)
             .arg(now_ms)
@@ -581,7 +601,7 @@ impl SessionStore for RedisStore {
     ) -> Result<Vec<String>, StoreError> {
         let mut ids: Vec<String> = self
             .conn()
-            .hkeys(key(tenant, "slots", agent_id))
+            .hkeys(self.key(tenant, "slots", agent_id))
             .await
             .map_err(redis_err)?;
         ids.sort();
@@ -598,8 +618,8 @@ impl SessionStore for RedisStore {
     ) -> Result<(), StoreError> {
         self.scripts
             .enqueue
-            .key(key(tenant, "queue", queue_id))
-            .key(key(tenant, "qidx", queue_id))
+            .key(self.key(tenant, "queue", queue_id))
+            .key(self.key(tenant, "qidx", queue_id))
             .arg(conversation_id)
             .arg(queue_score(priority))
             .arg(queue_member(at_ms, conversation_id))
@@ -617,8 +637,8 @@ impl SessionStore for RedisStore {
         let removed: u8 = self
             .scripts
             .dequeue
-            .key(key(tenant, "queue", queue_id))
-            .key(key(tenant, "qidx", queue_id))
+            .key(self.key(tenant, "queue", queue_id))
+            .key(self.key(tenant, "qidx", queue_id))
             .arg(conversation_id)
             .invoke_async(&mut self.conn())
             .await
@@ -638,7 +658,7 @@ impl SessionStore for RedisStore {
         let stop = isize::try_from(max - 1).unwrap_or(isize::MAX);
         let members: Vec<String> = self
             .conn()
-            .zrange(key(tenant, "queue", queue_id), 0, stop)
+            .zrange(self.key(tenant, "queue", queue_id), 0, stop)
             .await
             .map_err(redis_err)?;
         members
@@ -649,14 +669,14 @@ impl SessionStore for RedisStore {
 
     async fn schedule(&self, timer: &Timer, due_ms: i64) -> Result<(), StoreError> {
         self.conn()
-            .zadd::<_, _, _, ()>(timers_key(&timer.kind), timer_member(timer)?, due_ms)
+            .zadd::<_, _, _, ()>(self.timers_key(&timer.kind), timer_member(timer)?, due_ms)
             .await
             .map_err(redis_err)
     }
 
     async fn cancel(&self, timer: &Timer) -> Result<(), StoreError> {
         self.conn()
-            .zrem::<_, _, ()>(timers_key(&timer.kind), timer_member(timer)?)
+            .zrem::<_, _, ()>(self.timers_key(&timer.kind), timer_member(timer)?)
             .await
             .map_err(redis_err)
     }
@@ -673,7 +693,7 @@ impl SessionStore for RedisStore {
         let members: Vec<String> = self
             .scripts
             .claim_due
-            .key(timers_key(kind))
+            .key(self.timers_key(kind))
             .arg(now_ms)
             .arg(max)
             .invoke_async(&mut self.conn())
@@ -695,7 +715,7 @@ impl SessionStore for RedisStore {
 
     async fn remember(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
         let set: Value = ::redis::cmd("SET")
-            .arg(format!("nx:seen:{key}"))
+            .arg(format!("{}:seen:{key}", self.namespace))
             .arg(1)
             .arg("NX")
             .arg("PX")
@@ -720,8 +740,10 @@ mod tests {
 
     #[test]
     fn tenants_cannot_forge_each_others_keys() {
-        assert_ne!(key("a}:conv:x", "conv", "y"), key("a", "conv", "x}:conv:y"));
-        assert_eq!(key("t{1}", "conv", "c"), "nx:{t:t%7B1%7D}:conv:c");
+        let key = |tenant: &str, id: &str| format!("{}conv:{id}", tenant_prefix("nx", tenant));
+        assert_ne!(key("a}:conv:x", "y"), key("a", "x}:conv:y"));
+        assert_eq!(key("t{1}", "c"), "nx:{t:t%7B1%7D}:conv:c");
+        assert_ne!(tenant_prefix("nx", "t"), tenant_prefix("nx2", "t"));
     }
 
     #[test]
