@@ -2566,6 +2566,48 @@ async fn expired_client_keys_are_refused_with_their_code() {
     assert_eq!(resp.status().as_u16(), 401);
     let body: Value = resp.json().await.expect("json");
     assert_eq!(code_of(&body), "CLIENT_KEY_EXPIRED", "{body}");
+
+    // A stream opened with a key about to expire ends when it does: the WebSocket with close
+    // code 4001, SSE with a last `error` event.
+    let skew = nexus::edge::chat::client_key::CLOCK_SKEW_S;
+    let ending = key_for(&tenant, &s1, now_s() - 600, Some(now_s() - skew + 3));
+    let url = format!(
+        "{base}/nexus/v3/chat/sessions/{}/stream?api_key={key}&client_key={ending}",
+        s1.id
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .expect("a key still valid opens the stream");
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(frame) = ws.next().await {
+            if let Ok(WsMessage::Close(close)) = frame {
+                return close;
+            }
+        }
+        None
+    })
+    .await
+    .expect("the socket closes when its key expires")
+    .expect("a close frame");
+    assert_eq!(u16::from(closed.code), 4001, "{closed:?}");
+    assert!(closed.reason.contains("CLIENT_KEY_EXPIRED"), "{closed:?}");
+
+    let ending = key_for(&tenant, &s1, now_s() - 600, Some(now_s() - skew + 3));
+    let sse = format!(
+        "{}/nexus/v3/chat/sessions/{}/events?api_key={key}&client_key={ending}",
+        base.replacen("ws://", "http://", 1),
+        s1.id
+    );
+    let resp = reqwest::get(&sse).await.expect("sse");
+    assert_eq!(resp.status().as_u16(), 200);
+    let text = tokio::time::timeout(Duration::from_secs(10), resp.text())
+        .await
+        .expect("the event stream ends when its key expires")
+        .expect("sse body");
+    assert!(
+        text.contains("event: error") && text.contains("CLIENT_KEY_EXPIRED"),
+        "{text}"
+    );
 }
 
 #[tokio::test]

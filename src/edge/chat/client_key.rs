@@ -63,8 +63,13 @@ impl ClientKeys {
     /// Whether a verified key is past its expiry at `now_s` (beyond [`CLOCK_SKEW_S`]). A key
     /// without `exp` lives `ttl` from `iat`.
     pub fn expired(&self, claims: &Claims, now_s: i64) -> bool {
+        now_s > self.valid_until(claims)
+    }
+
+    /// The last second (since the epoch) a verified key is accepted, skew included.
+    pub fn valid_until(&self, claims: &Claims) -> i64 {
         let exp = claims.exp.unwrap_or_else(|| self.expiry(claims.iat));
-        now_s > exp.saturating_add(CLOCK_SKEW_S)
+        exp.saturating_add(CLOCK_SKEW_S)
     }
 
     fn mac(&self) -> HmacSha256 {

@@ -162,10 +162,32 @@ pub async fn websocket(
     Ok(ws.on_upgrade(move |socket| serve_socket(socket, feed)))
 }
 
+/// WebSocket close code when the client key expires on an open socket: renew the key
+/// (`POST …/client-key`) and reconnect from the last position.
+const KEY_EXPIRED_CLOSE: u16 = 4001;
+
+/// When the key of `feed` stops being valid: an open stream ends with its key.
+fn key_deadline(feed: &Resumable) -> tokio::time::Instant {
+    let until = feed.state.client_keys.valid_until(&feed.claims);
+    let left = until
+        .saturating_add(1)
+        .saturating_sub(chrono::Utc::now().timestamp());
+    tokio::time::Instant::now() + Duration::from_secs(u64::try_from(left).unwrap_or(0))
+}
+
 async fn serve_socket(mut socket: WebSocket, mut feed: Resumable) {
     let shutdown = feed.state.shutdown.clone();
+    let expiry = tokio::time::sleep_until(key_deadline(&feed));
+    tokio::pin!(expiry);
     loop {
         tokio::select! {
+            _ = &mut expiry => {
+                let _ = socket.send(WsMessage::Close(Some(axum::extract::ws::CloseFrame {
+                    code: KEY_EXPIRED_CLOSE,
+                    reason: "CLIENT_KEY_EXPIRED: renew the client key and reconnect".into(),
+                }))).await;
+                return;
+            }
             _ = shutdown.cancelled() => {
                 let _ = socket.send(WsMessage::Close(Some(axum::extract::ws::CloseFrame {
                     code: 1012, // service restart: reconnect, resuming from the last position
@@ -212,10 +234,18 @@ pub async fn sse(
 }
 
 fn sse_stream(feed: Resumable) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    futures::stream::unfold(feed, |mut feed| async move {
+    futures::stream::unfold(Some(feed), |feed| async move {
+        let mut feed = feed?;
         let shutdown = feed.state.shutdown.clone();
+        let deadline = key_deadline(&feed);
         let item = tokio::select! {
             _ = shutdown.cancelled() => None,
+            _ = tokio::time::sleep_until(deadline) => {
+                // The last event says why the stream ends; the client renews and reconnects.
+                let gone = serde_json::json!({"type": "error", "code": "CLIENT_KEY_EXPIRED",
+                    "message": "renew the client key and reconnect"});
+                return Some((Ok(SseEvent::default().event("error").data(gone.to_string())), None));
+            }
             item = feed.next() => item,
         };
         let (position, json) = item?;
@@ -223,6 +253,6 @@ fn sse_stream(feed: Resumable) -> impl Stream<Item = Result<SseEvent, Infallible
         if let Some(p) = position {
             event = event.id(p.to_string());
         }
-        Some((Ok(event), feed))
+        Some((Ok(event), Some(feed)))
     })
 }
