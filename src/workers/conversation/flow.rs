@@ -585,44 +585,7 @@ impl ConversationWorker {
             .cancel(&self.timer(OFFER_TIMER, &c))
             .await
             .map_err(store_failed)?;
-        let agent = Party {
-            participant_id: b.participant_id.clone(),
-            nickname: b.nickname.clone(),
-            kind: PartyKind::Agent,
-        };
-        let joined = self
-            .append(
-                &c,
-                e,
-                "joined",
-                entry(e, EntryKind::ParticipantJoined, agent, None),
-            )
-            .await?;
-        self.emit(
-            INTERACTION_TOPIC,
-            e,
-            &c.conversation_id,
-            "joined",
-            &ev::ParticipantJoined {
-                participant_id: b.participant_id.clone(),
-                participant_kind: ParticipantKind::Agent,
-                nickname: b.nickname.clone(),
-                agent_id: Some(b.agent_id.clone()),
-                transcript_position: i64::try_from(joined.position).ok(),
-            },
-        )
-        .await?;
-        let state = json!({"type": "state", "conversation_id": c.conversation_id,
-            "state": "connected", "agent_id": b.agent_id, "nickname": c.customer.nickname});
-        let client = notify::state(false, vec![b.agent_id.clone()], state);
-        self.emit(
-            DELIVERY_TOPIC,
-            e,
-            &c.conversation_id,
-            "client/state",
-            &client,
-        )
-        .await?;
+        self.agent_joins(&c, e, &b, None).await?;
         self.save(&mut c, e).await
     }
 
@@ -1056,6 +1019,55 @@ impl ConversationWorker {
         self.save(&mut c, e).await
     }
 
+    /// An agent who accepted joins: the `ParticipantJoined` entry and event, and `connected` to
+    /// the agent; `role` marks a consultant.
+    async fn agent_joins(
+        &self,
+        c: &Conversation,
+        e: &Event,
+        b: &ev::AgentAccepted,
+        role: Option<&str>,
+    ) -> Step {
+        let agent = Party {
+            participant_id: b.participant_id.clone(),
+            nickname: b.nickname.clone(),
+            kind: PartyKind::Agent,
+        };
+        let mut joined = entry(e, EntryKind::ParticipantJoined, agent, None);
+        if let Some(role) = role {
+            joined.data.insert("role".into(), role.into());
+        }
+        let joined = self.append(c, e, "joined", joined).await?;
+        self.emit(
+            INTERACTION_TOPIC,
+            e,
+            &c.conversation_id,
+            "joined",
+            &ev::ParticipantJoined {
+                participant_id: b.participant_id.clone(),
+                participant_kind: ParticipantKind::Agent,
+                nickname: b.nickname.clone(),
+                agent_id: Some(b.agent_id.clone()),
+                transcript_position: i64::try_from(joined.position).ok(),
+            },
+        )
+        .await?;
+        let mut state = json!({"type": "state", "conversation_id": c.conversation_id,
+            "state": "connected", "agent_id": b.agent_id, "nickname": c.customer.nickname});
+        if let Some(role) = role {
+            state["role"] = json!(role);
+        }
+        let client = notify::state(false, vec![b.agent_id.clone()], state);
+        self.emit(
+            DELIVERY_TOPIC,
+            e,
+            &c.conversation_id,
+            "client/state",
+            &client,
+        )
+        .await
+    }
+
     /// The connected agent invites another agent as consultant: the consultant's slot is taken
     /// now (consulting counts against its capacity) and it gets an offer marked `consult`.
     async fn invite_consultant(
@@ -1155,40 +1167,7 @@ impl ConversationWorker {
         c.routing.consultant_nickname = Some(b.nickname.clone());
         c.routing.consult_invited = None;
         c.routing.consult_offer_id = None;
-        let agent = Party {
-            participant_id: b.participant_id.clone(),
-            nickname: b.nickname.clone(),
-            kind: PartyKind::Agent,
-        };
-        let mut joined = entry(e, EntryKind::ParticipantJoined, agent, None);
-        joined.data.insert("role".into(), "consultant".into());
-        let joined = self.append(&c, e, "joined", joined).await?;
-        self.emit(
-            INTERACTION_TOPIC,
-            e,
-            &c.conversation_id,
-            "joined",
-            &ev::ParticipantJoined {
-                participant_id: b.participant_id.clone(),
-                participant_kind: ParticipantKind::Agent,
-                nickname: b.nickname.clone(),
-                agent_id: Some(b.agent_id.clone()),
-                transcript_position: i64::try_from(joined.position).ok(),
-            },
-        )
-        .await?;
-        let state = json!({"type": "state", "conversation_id": c.conversation_id,
-            "state": "connected", "role": "consultant", "agent_id": b.agent_id,
-            "nickname": c.customer.nickname});
-        let client = notify::state(false, vec![b.agent_id.clone()], state);
-        self.emit(
-            DELIVERY_TOPIC,
-            e,
-            &c.conversation_id,
-            "client/state",
-            &client,
-        )
-        .await?;
+        self.agent_joins(&c, e, &b, Some("consultant")).await?;
         self.save(&mut c, e).await
     }
 
