@@ -206,10 +206,10 @@ fn spawn_role(
         .role(role_name)
         .ok_or_else(|| TopologyError::UnknownRole(role_name.to_string()))?;
     let handler = workers::handler_for(&role.name, config, deps)?;
-    if let Some(worker) = &handler.conversation {
-        let (worker, stop) = (worker.clone(), shutdown.clone());
+    for background in handler.background {
+        let run = background(shutdown.clone());
         tasks.spawn(async move {
-            crate::workers::conversation::timers::run(worker, stop).await;
+            run.await;
             Ok(())
         });
     }

@@ -34,7 +34,27 @@ pub const TIMER_ERRORS_TOTAL: &str = "nexus_conversation_timer_errors_total";
 /// Expired chat files (rows and bytes) the sweeper deleted.
 pub const CHAT_FILES_EXPIRED_TOTAL: &str = "nexus_chat_files_expired_total";
 
+/// Calls to peer systems (UCS, GWS), per `role`, `peer`, `outcome` (ok, failed, timeout, rejected).
+pub const PEER_CALLS_TOTAL: &str = "nexus_peer_calls_total";
+/// Latency of calls to peer systems, per `role`, `peer`.
+pub const PEER_CALL_SECONDS: &str = "nexus_peer_call_duration_seconds";
+/// 1 while a role waits for a failing peer instead of consuming, per `role`, `peer`.
+pub const WORKER_PAUSED: &str = "nexus_worker_paused";
+
 pub(super) fn describe_all() {
+    describe_counter!(
+        PEER_CALLS_TOTAL,
+        "Calls to peer systems (UCS, GWS) by role, peer and outcome."
+    );
+    describe_histogram!(
+        PEER_CALL_SECONDS,
+        Unit::Seconds,
+        "Latency of calls to peer systems by role and peer."
+    );
+    describe_gauge!(
+        WORKER_PAUSED,
+        "1 while a role waits for a failing peer instead of consuming."
+    );
     describe_counter!(
         CHAT_FILES_EXPIRED_TOTAL,
         "Expired chat files (rows and bytes) the sweeper deleted."

@@ -7,12 +7,16 @@
 //! which acks and counts, until their issue lands (see README "Not built yet").
 
 pub mod conversation;
+pub mod peer;
 pub mod pending;
 pub mod tap;
 
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
+use futures::FutureExt;
 use thiserror::Error;
+use tokio_util::sync::CancellationToken;
 
 use crate::bus::consumer::Handler;
 use crate::bus::Bus;
@@ -35,11 +39,22 @@ pub struct Deps {
     pub provisioning: Arc<Provisioning>,
 }
 
-/// A role's handler, and the conversation worker itself when the role is `conversation` (its
-/// timer loop runs beside the consumers).
+/// A loop a role runs beside its consumers (timers, retry schedulers) until the token fires.
+pub type Background = Box<dyn FnOnce(CancellationToken) -> BoxFuture<'static, ()> + Send>;
+
+/// A role's handler and the loops that run beside its consumers.
 pub struct RoleHandler {
     pub handler: Arc<dyn Handler>,
-    pub conversation: Option<Arc<conversation::ConversationWorker>>,
+    pub background: Vec<Background>,
+}
+
+impl RoleHandler {
+    fn plain(handler: Arc<dyn Handler>) -> Self {
+        Self {
+            handler,
+            background: Vec::new(),
+        }
+    }
 }
 
 /// The effect of `role`.
@@ -70,15 +85,15 @@ pub fn handler_for(role: &str, config: &Config, deps: &Deps) -> Result<RoleHandl
                     }
                 })?,
             ));
+            let timers = worker.clone();
             return Ok(RoleHandler {
-                handler: worker.clone(),
-                conversation: Some(worker),
+                handler: worker,
+                background: vec![Box::new(move |stop| {
+                    conversation::timers::run(timers, stop).boxed()
+                })],
             });
         }
         other => Arc::new(pending::Pending::new(other)),
     };
-    Ok(RoleHandler {
-        handler,
-        conversation: None,
-    })
+    Ok(RoleHandler::plain(handler))
 }

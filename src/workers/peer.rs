@@ -1,0 +1,488 @@
+//! A peer system (UCS, GWS) as the integration workers call it: where it is per tenant, one
+//! JSON call with its outcome classified and measured, and a circuit that pauses the role.
+//!
+//! While a peer keeps failing the circuit opens: every lane waits in [`Peer::post_json`]
+//! instead of calling, one caller probes after a growing, jittered pause, and the role's
+//! `nexus_worker_paused` gauge is 1. Waiting lanes fill their queues, the consumer stops taking
+//! records and the group's lag grows where operators see it; the first success resumes all.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::bus::consumer::HandleError;
+use crate::telemetry::metrics as m;
+
+/// Where one peer is, globally or for one tenant.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeerTarget {
+    /// Base URL (`https://ucs.example.com`); "" = not configured.
+    pub url: String,
+    /// Secret: sent as `Authorization: Bearer <credential>`; "" = no header. Redacted when printed.
+    pub credential: String,
+    /// Per-call timeout in ms; 0 = the role's `timeout_ms`.
+    pub timeout_ms: u64,
+}
+
+/// A peer's config: the global target, per-tenant overrides and the pause circuit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeerConfig {
+    /// Base URL for every tenant without an override; "" = only the tenants listed below.
+    pub url: String,
+    /// Secret: `Authorization: Bearer` value for the global target.
+    pub credential: String,
+    /// Per-call timeout in ms.
+    pub timeout_ms: u64,
+    /// Consecutive failed calls (5xx, timeout, refused) that pause the role.
+    pub pause_after_failures: u32,
+    /// First pause before a probe call; doubles per failed probe, with jitter.
+    pub pause_initial_ms: u64,
+    /// Longest pause between probes.
+    pub pause_max_ms: u64,
+    /// Per-tenant targets, by tenant id; they win over the global one.
+    pub tenants: BTreeMap<String, PeerTarget>,
+}
+
+impl Default for PeerConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            credential: String::new(),
+            timeout_ms: 10_000,
+            pause_after_failures: 3,
+            pause_initial_ms: 1_000,
+            pause_max_ms: 30_000,
+            tenants: BTreeMap::new(),
+        }
+    }
+}
+
+impl PeerConfig {
+    /// The target of `tenant`, `None` when the peer is not configured for it.
+    pub fn target(&self, tenant: &str) -> Option<PeerTarget> {
+        let t = match self.tenants.get(tenant) {
+            Some(t) => t.clone(),
+            None => PeerTarget {
+                url: self.url.clone(),
+                credential: self.credential.clone(),
+                timeout_ms: self.timeout_ms,
+            },
+        };
+        if t.url.is_empty() {
+            return None;
+        }
+        Some(PeerTarget {
+            url: t.url.trim_end_matches('/').to_string(),
+            timeout_ms: if t.timeout_ms == 0 {
+                self.timeout_ms
+            } else {
+                t.timeout_ms
+            },
+            ..t
+        })
+    }
+
+    /// Checks every URL; the error names the key.
+    pub fn validate(&self, key: &str) -> Result<(), String> {
+        let check = |k: String, url: &str| -> Result<(), String> {
+            if url.is_empty() {
+                return Ok(());
+            }
+            match reqwest::Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => Ok(()),
+                _ => Err(format!("{k}: `{url}` is not an http(s) URL")),
+            }
+        };
+        check(format!("{key}.url"), &self.url)?;
+        for (tenant, t) in &self.tenants {
+            check(format!("{key}.tenants.{tenant}.url"), &t.url)?;
+        }
+        Ok(())
+    }
+
+    /// Replaces every credential with `with` (for printing the config).
+    pub fn redact(&mut self, with: &str) {
+        if !self.credential.is_empty() {
+            self.credential = with.to_string();
+        }
+        for t in self.tenants.values_mut() {
+            if !t.credential.is_empty() {
+                t.credential = with.to_string();
+            }
+        }
+    }
+}
+
+/// Why a call did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerFailure {
+    /// 5xx, 408, 429, timeout, connection refused: worth another try.
+    #[error("{0}")]
+    Retry(String),
+    /// Any other non-2xx: the peer refuses this request and always will.
+    #[error("{peer} answered {status}: {detail}")]
+    Rejected {
+        peer: &'static str,
+        status: u16,
+        detail: String,
+    },
+}
+
+impl PeerFailure {
+    /// The consumer's view: retry in place, or dead-letter with `reason`.
+    pub fn into_handle_error(self, reason: &'static str) -> HandleError {
+        match self {
+            PeerFailure::Retry(e) => HandleError::Retry(e),
+            rejected => HandleError::Reject {
+                reason,
+                detail: rejected.to_string(),
+            },
+        }
+    }
+}
+
+/// One peer of one role: its client, circuit and metrics.
+pub struct Peer {
+    role: &'static str,
+    name: &'static str,
+    client: reqwest::Client,
+    circuit: Circuit,
+}
+
+impl Peer {
+    pub fn new(
+        role: &'static str,
+        name: &'static str,
+        client: reqwest::Client,
+        config: &PeerConfig,
+    ) -> Self {
+        metrics::gauge!(m::WORKER_PAUSED, "role" => role, "peer" => name).set(0.0);
+        Self {
+            role,
+            name,
+            client,
+            circuit: Circuit::new(role, name, config),
+        }
+    }
+
+    /// Whether the circuit is open (the role is paused on this peer).
+    pub fn paused(&self) -> bool {
+        self.circuit.is_open()
+    }
+
+    /// POSTs `body` to `{target.url}{path}` and returns the answer's JSON (`Null` for an empty
+    /// body). Waits first while the circuit is open.
+    pub async fn post_json(
+        &self,
+        target: &PeerTarget,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, PeerFailure> {
+        let url = format!("{}{path}", target.url);
+        let mut request = self
+            .client
+            .post(&url)
+            .timeout(Duration::from_millis(target.timeout_ms.max(1)))
+            .json(body);
+        if !target.credential.is_empty() {
+            request = request.bearer_auth(&target.credential);
+        }
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        self.send(request, &url).await
+    }
+
+    /// GETs `{target.url}{path}`; 404 is `Ok(None)`.
+    pub async fn get_json(
+        &self,
+        target: &PeerTarget,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Option<serde_json::Value>, PeerFailure> {
+        let url = format!("{}{path}", target.url);
+        let mut request = self
+            .client
+            .get(&url)
+            .timeout(Duration::from_millis(target.timeout_ms.max(1)));
+        if !target.credential.is_empty() {
+            request = request.bearer_auth(&target.credential);
+        }
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        match self.send(request, &url).await {
+            Ok(v) => Ok(Some(v)),
+            Err(PeerFailure::Rejected { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        url: &str,
+    ) -> Result<serde_json::Value, PeerFailure> {
+        self.circuit.admit().await;
+        let started = Instant::now();
+        let result = match request.send().await {
+            Err(e) if e.is_timeout() => {
+                Err(("timeout", PeerFailure::Retry(format!("{url}: timed out"))))
+            }
+            Err(e) => Err(("failed", PeerFailure::Retry(format!("{url}: {e}")))),
+            Ok(response) => {
+                let status = response.status();
+                let text = response.text().await.unwrap_or_default();
+                if status.is_success() {
+                    if text.trim().is_empty() {
+                        Ok(serde_json::Value::Null)
+                    } else {
+                        serde_json::from_str(&text).map_err(|e| {
+                            (
+                                "failed",
+                                PeerFailure::Retry(format!("{url}: answer is not JSON: {e}")),
+                            )
+                        })
+                    }
+                } else if status.is_server_error() || matches!(status.as_u16(), 408 | 429) {
+                    Err((
+                        "failed",
+                        PeerFailure::Retry(format!("{url} answered {status}")),
+                    ))
+                } else {
+                    Err((
+                        "rejected",
+                        PeerFailure::Rejected {
+                            peer: self.name,
+                            status: status.as_u16(),
+                            detail: truncate(&text, 512),
+                        },
+                    ))
+                }
+            }
+        };
+        metrics::histogram!(m::PEER_CALL_SECONDS, "role" => self.role, "peer" => self.name)
+            .record(started.elapsed().as_secs_f64());
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err((outcome, _)) => *outcome,
+        };
+        metrics::counter!(m::PEER_CALLS_TOTAL, "role" => self.role, "peer" => self.name, "outcome" => outcome).increment(1);
+        match result {
+            Ok(v) => {
+                self.circuit.succeeded();
+                Ok(v)
+            }
+            // A refusal is an answer: the peer is up.
+            Err((_, e @ PeerFailure::Rejected { .. })) => {
+                self.circuit.succeeded();
+                Err(e)
+            }
+            Err((_, e)) => {
+                self.circuit.failed();
+                Err(e)
+            }
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    s.char_indices()
+        .take_while(|(i, _)| *i < max)
+        .map(|(_, c)| c)
+        .collect()
+}
+
+/// Closed while calls succeed; open (paused) after `pause_after_failures` failures in a row.
+struct Circuit {
+    role: &'static str,
+    peer: &'static str,
+    threshold: u32,
+    initial: Duration,
+    max: Duration,
+    state: Mutex<CircuitState>,
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct CircuitState {
+    failures: u32,
+    /// While open: when the next probe may go.
+    probe_at: Option<Instant>,
+    probing: bool,
+}
+
+impl Circuit {
+    fn new(role: &'static str, peer: &'static str, c: &PeerConfig) -> Self {
+        Self {
+            role,
+            peer,
+            threshold: c.pause_after_failures.max(1),
+            initial: Duration::from_millis(c.pause_initial_ms.max(1)),
+            max: Duration::from_millis(c.pause_max_ms.max(c.pause_initial_ms).max(1)),
+            state: Mutex::new(CircuitState::default()),
+            changed: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CircuitState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_open(&self) -> bool {
+        self.lock().probe_at.is_some()
+    }
+
+    /// Returns when a call may go: at once while closed; while open, to one prober at a time
+    /// once its pause is over.
+    async fn admit(&self) {
+        loop {
+            let notified = self.changed.notified();
+            let wait = {
+                let mut s = self.lock();
+                match s.probe_at {
+                    None => return,
+                    Some(at) if !s.probing && Instant::now() >= at => {
+                        s.probing = true;
+                        return;
+                    }
+                    Some(at) => at.saturating_duration_since(Instant::now()),
+                }
+            };
+            // A prober's outcome wakes everyone; otherwise re-check when the pause ends.
+            let wait = if wait.is_zero() { self.initial } else { wait };
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    fn succeeded(&self) {
+        let was_open = {
+            let mut s = self.lock();
+            let was_open = s.probe_at.is_some();
+            *s = CircuitState::default();
+            was_open
+        };
+        if was_open {
+            tracing::info!(
+                role = self.role,
+                peer = self.peer,
+                "peer answers again; resuming"
+            );
+            metrics::gauge!(m::WORKER_PAUSED, "role" => self.role, "peer" => self.peer).set(0.0);
+            self.changed.notify_waiters();
+        }
+    }
+
+    fn failed(&self) {
+        let opened = {
+            let mut s = self.lock();
+            s.failures = s.failures.saturating_add(1);
+            s.probing = false;
+            if s.failures < self.threshold {
+                return;
+            }
+            let n = s.failures - self.threshold;
+            let pause = self.initial.saturating_mul(1u32 << n.min(16)).min(self.max);
+            let half = pause / 2;
+            let pause = half + half.mul_f64(rand::rng().random::<f64>());
+            let opened = s.probe_at.is_none();
+            s.probe_at = Some(Instant::now() + pause);
+            opened
+        };
+        if opened {
+            tracing::warn!(
+                role = self.role,
+                peer = self.peer,
+                "peer keeps failing; pausing consumption until a probe succeeds"
+            );
+            metrics::gauge!(m::WORKER_PAUSED, "role" => self.role, "peer" => self.peer).set(1.0);
+        }
+        self.changed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> PeerConfig {
+        PeerConfig {
+            pause_after_failures: 2,
+            pause_initial_ms: 50,
+            pause_max_ms: 200,
+            ..PeerConfig::default()
+        }
+    }
+
+    #[test]
+    fn tenant_targets_win_over_the_global_one() {
+        let mut c = config();
+        assert_eq!(c.target("t1"), None);
+        c.url = "http://ucs/".into();
+        c.tenants.insert(
+            "t2".into(),
+            PeerTarget {
+                url: "http://other".into(),
+                credential: "k".into(),
+                timeout_ms: 0,
+            },
+        );
+        assert_eq!(c.target("t1").map(|t| t.url), Some("http://ucs".into()));
+        let t2 = c.target("t2").expect("t2 has a target");
+        assert_eq!((t2.url.as_str(), t2.timeout_ms), ("http://other", 10_000));
+        c.tenants.insert("t3".into(), PeerTarget::default());
+        assert_eq!(c.target("t3"), None, "an empty override turns the peer off");
+    }
+
+    #[test]
+    fn bad_urls_name_their_key() {
+        let mut c = config();
+        c.tenants.insert(
+            "t".into(),
+            PeerTarget {
+                url: "ftp://x".into(),
+                ..PeerTarget::default()
+            },
+        );
+        let e = c.validate("workers.history.ucs").unwrap_err();
+        assert!(e.contains("workers.history.ucs.tenants.t.url"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn the_circuit_opens_after_failures_and_one_probe_closes_it() {
+        let c = Circuit::new("r", "p", &config());
+        c.admit().await;
+        c.failed();
+        assert!(!c.is_open(), "one failure is below the threshold");
+        c.failed();
+        assert!(c.is_open());
+        // While open, callers wait for the pause; the first gets the probe.
+        let started = Instant::now();
+        c.admit().await;
+        assert!(started.elapsed() >= Duration::from_millis(20));
+        // A second caller waits while the probe is out, and goes once it succeeds.
+        let waiter = async {
+            c.admit().await;
+            Instant::now()
+        };
+        let release = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let at = Instant::now();
+            c.succeeded();
+            at
+        };
+        let (admitted, released) = tokio::join!(waiter, release);
+        assert!(admitted >= released, "admitted before the probe came back");
+        assert!(!c.is_open());
+    }
+}
