@@ -783,6 +783,52 @@ async fn timers_schedule_move_cancel_claim(t: TestStore) {
     );
 }
 
+async fn claimed_timers_come_back_unless_completed(t: TestStore) {
+    let s = &t.store;
+    let kind = unique("offer");
+    let tn = &t.tenant;
+    let lease = nexus::stores::session::TIMER_LEASE_MS;
+    for c in ["lost", "done", "moved"] {
+        s.schedule(&timer(&kind, tn, c), 100)
+            .await
+            .expect("schedule");
+    }
+    assert_eq!(s.claim_due(&kind, 100, 10).await.expect("claim").len(), 3);
+    // "lost": its worker died before acting. "done": acted and completed. "moved": its action
+    // rescheduled it, and completing must not undo that.
+    s.complete_timer(&timer(&kind, tn, "done"), 100)
+        .await
+        .expect("complete");
+    s.schedule(&timer(&kind, tn, "moved"), 100 + lease + 500)
+        .await
+        .expect("move");
+    s.complete_timer(&timer(&kind, tn, "moved"), 100)
+        .await
+        .expect("complete moved");
+    assert!(
+        s.claim_due(&kind, 100 + lease - 1, 10)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "leased timers came back before their lease ended"
+    );
+    assert_eq!(
+        s.claim_due(&kind, 100 + lease, 10).await.expect("claim"),
+        [timer(&kind, tn, "lost")],
+        "a claimed timer that was not completed fires again after the lease"
+    );
+    assert_eq!(
+        s.claim_due(&kind, 100 + lease + 500, 10)
+            .await
+            .expect("claim"),
+        [timer(&kind, tn, "moved")]
+    );
+    // Completing a timer that is gone is harmless.
+    s.complete_timer(&timer(&kind, tn, "done"), 100)
+        .await
+        .expect("complete twice");
+}
+
 async fn concurrent_claimers_get_each_timer_once(t: TestStore) {
     let kind = unique("close");
     for i in 0..100 {
@@ -931,6 +977,7 @@ per_store!(
     dequeue_race_has_one_winner,
     timers_schedule_move_cancel_claim,
     concurrent_claimers_get_each_timer_once,
+    claimed_timers_come_back_unless_completed,
     remember_within_ttl,
     expired_conversation_disappears,
     tenants_are_isolated,

@@ -987,14 +987,19 @@ impl SessionStore for EmbeddedStore {
             let mut index = txn
                 .open_table(TIMER_INDEX)
                 .map_err(storage("open timers"))?;
+            let lease = super::timer_lease_until(now_ms);
             let mut out = Vec::with_capacity(due.len());
             for (at, tenant_id, id) in due {
+                let (k, t, i) = (kind.as_str(), tenant_id.as_str(), id.as_str());
                 timers
-                    .remove((kind.as_str(), at, tenant_id.as_str(), id.as_str()))
+                    .remove((k, at, t, i))
                     .map_err(storage("remove timer"))?;
+                timers
+                    .insert((k, lease, t, i), ())
+                    .map_err(storage("lease timer"))?;
                 index
-                    .remove((kind.as_str(), tenant_id.as_str(), id.as_str()))
-                    .map_err(storage("remove timer"))?;
+                    .insert((k, t, i), lease)
+                    .map_err(storage("lease timer"))?;
                 out.push(Timer {
                     kind: kind.clone(),
                     tenant_id,
@@ -1002,6 +1007,30 @@ impl SessionStore for EmbeddedStore {
                 });
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn complete_timer(&self, timer: &Timer, now_ms: i64) -> Result<(), StoreError> {
+        let timer = timer.clone();
+        let lease = super::timer_lease_until(now_ms);
+        self.write(move |txn| {
+            let (k, t, id) = (timer.kind.as_str(), timer.tenant_id.as_str(), &*timer.id);
+            let mut index = txn
+                .open_table(TIMER_INDEX)
+                .map_err(storage("open timers"))?;
+            let at = index
+                .get((k, t, id))
+                .map_err(storage("read timer"))?
+                .map(|v| v.value());
+            if at == Some(lease) {
+                index.remove((k, t, id)).map_err(storage("remove timer"))?;
+                txn.open_table(TIMERS)
+                    .map_err(storage("open timers"))?
+                    .remove((k, lease, t, id))
+                    .map_err(storage("remove timer"))?;
+            }
+            Ok(())
         })
         .await
     }

@@ -244,6 +244,15 @@ pub struct Timer {
     pub id: String,
 }
 
+/// How long a claimed timer stays away before it is due again: a worker that dies between
+/// claiming a timer and acting on it loses nothing, another fires it after this lease.
+pub const TIMER_LEASE_MS: i64 = 30_000;
+
+/// When a timer claimed at `now_ms` is due again unless completed.
+pub fn timer_lease_until(now_ms: i64) -> i64 {
+    now_ms.saturating_add(TIMER_LEASE_MS)
+}
+
 #[async_trait]
 pub trait SessionStore: Send + Sync + 'static {
     /// Writes the record if the stored one still has `c.version` (0: none stored yet) and
@@ -358,14 +367,19 @@ pub trait SessionStore: Send + Sync + 'static {
 
     async fn cancel(&self, timer: &Timer) -> Result<(), StoreError>;
 
-    /// Removes and returns up to `max` timers of `kind` due at `now_ms`; a timer is returned to
-    /// exactly one caller however many instances poll.
+    /// Returns up to `max` timers of `kind` due at `now_ms` and leases them: each is moved to
+    /// [`timer_lease_until`]`(now_ms)`, so it is returned to exactly one caller however many
+    /// instances poll, and comes back after the lease unless [`Self::complete_timer`] ends it.
     async fn claim_due(
         &self,
         kind: &str,
         now_ms: i64,
         max: usize,
     ) -> Result<Vec<Timer>, StoreError>;
+
+    /// Ends a timer claimed at `now_ms` once its action is done: removed only if it is still at
+    /// its lease (an action or a handler that moved it meanwhile keeps the new due time).
+    async fn complete_timer(&self, timer: &Timer, now_ms: i64) -> Result<(), StoreError>;
 
     /// True the first time `key` is seen within `ttl` (dedup of effects by event id).
     async fn remember(&self, key: &str, ttl: Duration) -> Result<bool, StoreError>;

@@ -177,8 +177,15 @@ return redis.call('ZREM', KEYS[1], m)
 /// KEYS: timers of a kind. ARGV: now ms, max. Returns the members this call removed.
 const CLAIM_DUE: &str = r#"
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
-for _, m in ipairs(due) do redis.call('ZREM', KEYS[1], m) end
+for _, m in ipairs(due) do redis.call('ZADD', KEYS[1], 'XX', ARGV[3], m) end
 return due
+"#;
+
+/// Removes a timer only while it is still at its lease score.
+const COMPLETE_TIMER: &str = r#"
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) == tonumber(ARGV[2]) then redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 0
 "#;
 
 /// What `set_presence` writes whole; `active` and `idle_since_ms` are kept by the scripts.
@@ -199,6 +206,7 @@ struct Scripts {
     enqueue: Script,
     dequeue: Script,
     claim_due: Script,
+    complete_timer: Script,
 }
 
 impl Scripts {
@@ -213,6 +221,7 @@ impl Scripts {
             enqueue: Script::new(ENQUEUE),
             dequeue: Script::new(DEQUEUE),
             claim_due: Script::new(CLAIM_DUE),
+            complete_timer: Script::new(COMPLETE_TIMER),
         }
     }
 }
@@ -696,6 +705,7 @@ impl SessionStore for RedisStore {
             .key(self.timers_key(kind))
             .arg(now_ms)
             .arg(max)
+            .arg(super::timer_lease_until(now_ms))
             .invoke_async(&mut self.conn())
             .await
             .map_err(redis_err)?;
@@ -711,6 +721,17 @@ impl SessionStore for RedisStore {
                 })
             })
             .collect()
+    }
+
+    async fn complete_timer(&self, timer: &Timer, now_ms: i64) -> Result<(), StoreError> {
+        self.scripts
+            .complete_timer
+            .key(self.timers_key(&timer.kind))
+            .arg(timer_member(timer)?)
+            .arg(super::timer_lease_until(now_ms))
+            .invoke_async::<()>(&mut self.conn())
+            .await
+            .map_err(redis_err)
     }
 
     async fn remember(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {

@@ -1,7 +1,8 @@
 //! The conversation role's timer loop: offers and consultant invitations that lapsed become
 //! `AgentRejected` (TIMEOUT), queued conversations are offered again, idle async chats get a notice and then close, each as an event keyed by its conversation so
 //! the conversation's handler applies it in order. Every worker instance runs the loop; a due
-//! timer is claimed by exactly one of them (the store's `claim_due`).
+//! timer is leased to exactly one of them (the store's `claim_due`) and completed after its
+//! action, so a worker dying in between delays the timer by the lease, never loses it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,11 +46,20 @@ pub async fn run(worker: Arc<ConversationWorker>, stop: CancellationToken) {
                     Ok(due) => {
                         for timer in due {
                             metrics::counter!(m::TIMERS_FIRED_TOTAL, "kind" => kind).increment(1);
-                            if let Err(e) = fire(&worker, &timer, now).await {
-                                // Claimed but not acted on: put it back for the next tick.
-                                warn!(error = %e, conversation_id = %timer.id, "timer failed; retried");
-                                metrics::counter!(m::TIMER_ERRORS_TOTAL, "kind" => kind).increment(1);
-                                let _ = worker.store.schedule(&timer, now + 1_000).await;
+                            match fire(&worker, &timer, now).await {
+                                // Done: end the lease (a timer the action moved stays moved).
+                                Ok(()) => {
+                                    if let Err(e) = worker.store.complete_timer(&timer, now).await {
+                                        // It fires again after the lease; actions are idempotent.
+                                        warn!(error = %e, conversation_id = %timer.id, "cannot complete a fired timer");
+                                    }
+                                }
+                                Err(e) => {
+                                    // Not acted on: due again soon rather than after the lease.
+                                    warn!(error = %e, conversation_id = %timer.id, "timer failed; retried");
+                                    metrics::counter!(m::TIMER_ERRORS_TOTAL, "kind" => kind).increment(1);
+                                    let _ = worker.store.schedule(&timer, now + 1_000).await;
+                                }
                             }
                         }
                     }
