@@ -559,6 +559,12 @@ fn keda_off_keeps_fixed_replicas_and_per_role_overrides() {
     for (role, d) in worker_deployments(&objs) {
         let want = if role == "conversation" { 4 } else { 2 };
         assert_eq!(d["spec"]["replicas"], want, "{role}");
+        // One role can run another image tag (consumers roll before producers).
+        let image = d["spec"]["template"]["spec"]["containers"][0]["image"]
+            .as_str()
+            .unwrap();
+        let tag = if role == "history" { "0.2.0" } else { "0.1.0" };
+        assert!(image.ends_with(&format!(":{tag}")), "{role}: {image}");
     }
 }
 

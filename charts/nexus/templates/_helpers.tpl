@@ -37,6 +37,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
+{{/* The image with a component's own tag, if set: (dict "root" $ "tag" TAG). */}}
+{{- define "nexus.componentImage" -}}
+{{- if .tag -}}
+{{- printf "%s:%s" .root.Values.image.repository .tag -}}
+{{- else -}}
+{{- include "nexus.image" .root -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The topology as a dict: values `topology` or the chart's copy of topology/nexus.yaml. */}}
 {{- define "nexus.topologyText" -}}
 {{- default (.Files.Get "files/topology.yaml") .Values.topology -}}
