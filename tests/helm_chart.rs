@@ -379,6 +379,9 @@ fn default_values_deploy_every_worker_role_of_the_topology_apart() {
     }
     let edge = edge_deployment(&objs).expect("edge Deployment");
     assert_eq!(edge["spec"]["replicas"], 2);
+    // The edge keeps serving while its endpoint is removed, then drains on SIGTERM.
+    let c = &edge["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["lifecycle"]["preStop"]["sleep"]["seconds"], 5);
     assert!(of_kind(&objs, "Service")
         .iter()
         .any(|s| name(s) == "t-nexus-edge"));
