@@ -216,7 +216,8 @@ fn spawn_role(
     let mut options = ConsumerOptions::from_config(&config.consumer, config.bus.start_from);
     options.concurrency = role.concurrency.max(1) as usize;
     for topic in &role.topics {
-        let consumer = Consumer::new(deps.bus.clone(), &role.group, topic, options.clone());
+        let consumer = Consumer::new(deps.bus.clone(), &role.group, topic, options.clone())
+            .drain_for(Duration::from_millis(config.consumer.drain_ms));
         let handler = handler.handler.clone();
         let shutdown = shutdown.clone();
         info!(role = %role.name, group = %role.group, topic = %topic, "starting consumer");

@@ -166,6 +166,8 @@ pub struct ConsumerConfig {
     pub retry_max_ms: u64,
     /// Lag measurement interval (ms).
     pub lag_interval_ms: u64,
+    /// On shutdown, how long lanes keep handling events already taken from the bus (ms).
+    pub drain_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

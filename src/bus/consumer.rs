@@ -78,6 +78,10 @@ impl ConsumerOptions {
     }
 }
 
+/// How long lanes keep handling taken records after shutdown unless [`Consumer::drain_for`]
+/// says otherwise (the default of `consumer.drain_ms`).
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(10);
+
 /// One consumer group member on one topic.
 pub struct Consumer {
     bus: Arc<dyn Bus>,
@@ -85,6 +89,7 @@ pub struct Consumer {
     topic: String,
     options: ConsumerOptions,
     transient: bool,
+    drain: Duration,
 }
 
 impl Consumer {
@@ -95,7 +100,16 @@ impl Consumer {
             topic: topic.to_string(),
             options,
             transient: false,
+            drain: DEFAULT_DRAIN,
         }
+    }
+
+    /// On shutdown, lanes keep handling the records already taken from the bus for up to
+    /// `drain`, so the member leaves with everything it took acked (a contiguous committed
+    /// prefix: the next owner redelivers nothing); after it they stop between events.
+    pub fn drain_for(mut self, drain: Duration) -> Self {
+        self.drain = drain;
+        self
     }
 
     /// Marks the group as living only as long as this process (see
@@ -105,8 +119,9 @@ impl Consumer {
         self
     }
 
-    /// Consumes until `shutdown` fires, then finishes the events being handled, acks them and
-    /// leaves the group; events queued but not started are left for redelivery.
+    /// Consumes until `shutdown` fires, then stops taking records, handles and acks the ones
+    /// already taken (for up to the drain time; past it, the events being handled finish and the
+    /// rest are left for redelivery) and leaves the group.
     pub async fn run(
         self,
         handler: Arc<dyn Handler>,
@@ -137,13 +152,25 @@ impl Consumer {
             lag_stop.clone(),
         ));
 
+        // Lanes and retries stop at the end of the drain, not at shutdown: records already taken
+        // are handled and acked, because an unacked one would hold the committed offset back and
+        // every record acked after it in its partition would be delivered again.
+        let stop = CancellationToken::new();
+        let drain_deadline = tokio::spawn({
+            let (shutdown, stop, drain) = (shutdown.clone(), stop.clone(), self.drain);
+            async move {
+                shutdown.cancelled().await;
+                tokio::time::sleep(drain).await;
+                stop.cancel();
+            }
+        });
         let ctx = Arc::new(LaneContext {
             bus: self.bus.clone(),
             group: self.group.clone(),
             topic: self.topic.clone(),
             handler,
             options: self.options.clone(),
-            shutdown: shutdown.clone(),
+            stop: stop.clone(),
             metrics: LaneMetrics::new(&self.topic, &self.group),
         });
         let lanes = self.options.concurrency.max(1);
@@ -194,10 +221,19 @@ impl Consumer {
                 }
             }
         }
-        // Closing the lanes' queues lets each finish its current event; queued ones are dropped
-        // unacked and come back to whoever owns the partition next.
+        // Closing the lanes' queues lets each handle what it holds, until the drain ends; what
+        // is still queued then is dropped unacked and comes back to the partition's next owner.
         drop(senders);
+        let drain_started = Instant::now();
         while tasks.join_next().await.is_some() {}
+        let drained = !stop.is_cancelled();
+        stop.cancel();
+        drain_deadline.abort();
+        info!(
+            drain_ms = drain_started.elapsed().as_millis() as u64,
+            complete = drained,
+            "lanes drained"
+        );
         lag_stop.cancel();
         let _ = lag.await;
         if let Err(e) = sub.close().await {
@@ -214,7 +250,8 @@ struct LaneContext {
     topic: String,
     handler: Arc<dyn Handler>,
     options: ConsumerOptions,
-    shutdown: CancellationToken,
+    /// Fires when the drain after shutdown ends: lanes stop between events, retries give up.
+    stop: CancellationToken,
     metrics: LaneMetrics,
 }
 
@@ -264,8 +301,9 @@ fn backoff(o: &ConsumerOptions, attempt: u32) -> Duration {
 async fn run_lane(ctx: Arc<LaneContext>, mut rx: mpsc::Receiver<Delivery>) {
     loop {
         let delivery = tokio::select! {
-            // Stop between events on shutdown; the current one always finishes below.
-            _ = ctx.shutdown.cancelled() => return,
+            biased;
+            // Stop between events when the drain ends; the current one always finishes below.
+            _ = ctx.stop.cancelled() => return,
             d = rx.recv() => match d { Some(d) => d, None => return },
         };
         process(&ctx, delivery).await;
@@ -352,7 +390,7 @@ async fn handle_with_retry(ctx: &LaneContext, event: &Event, msg: &Message) -> O
         let wait = backoff(&ctx.options, attempt);
         warn!(attempt, error = %failure, retry_in_ms = wait.as_millis() as u64, "handler failed; retrying");
         tokio::select! {
-            _ = ctx.shutdown.cancelled() => return None,
+            _ = ctx.stop.cancelled() => return None,
             _ = tokio::time::sleep(wait) => {}
         }
     }
@@ -395,7 +433,7 @@ async fn dead_letter(
                 let wait = backoff(&ctx.options, attempt);
                 error!(error = %e, dlq = %dlq, "cannot write to the dead-letter topic; retrying (consumption of this key is held)");
                 tokio::select! {
-                    _ = ctx.shutdown.cancelled() => return Err(()),
+                    _ = ctx.stop.cancelled() => return Err(()),
                     _ = tokio::time::sleep(wait) => {}
                 }
             }

@@ -1,0 +1,270 @@
+{{/* Names and labels. */}}
+{{- define "nexus.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "nexus.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else if contains (include "nexus.name" .) .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name (include "nexus.name" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "nexus.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "nexus.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "nexus.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "nexus.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "nexus.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "nexus.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "nexus.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* The image with a component's own tag, if set: (dict "root" $ "tag" TAG). */}}
+{{- define "nexus.componentImage" -}}
+{{- if .tag -}}
+{{- printf "%s:%s" .root.Values.image.repository .tag -}}
+{{- else -}}
+{{- include "nexus.image" .root -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The topology as a dict: values `topology` or the chart's copy of topology/nexus.yaml. */}}
+{{- define "nexus.topologyText" -}}
+{{- default (.Files.Get "files/topology.yaml") .Values.topology -}}
+{{- end -}}
+
+{{/* Worker roles to deploy, as a JSON list of topology role dicts (non-broadcast). */}}
+{{- define "nexus.workerRoles" -}}
+{{- $topo := include "nexus.topologyText" . | fromYaml -}}
+{{- $known := dict -}}
+{{- range $topo.roles }}{{- if not .broadcast }}{{- $_ := set $known .name . }}{{- end }}{{- end -}}
+{{- $out := list -}}
+{{- if .Values.workers.roles -}}
+{{- range .Values.workers.roles -}}
+{{- if not (hasKey $known .) -}}
+{{- fail (printf "workers.roles: `%s` is not a worker role of the topology (have: %s)" . (keys $known | sortAlpha | join ", ")) -}}
+{{- end -}}
+{{- $out = append $out (get $known .) -}}
+{{- end -}}
+{{- else -}}
+{{- range $topo.roles }}{{- if not .broadcast }}{{- $out = append $out . }}{{- end }}{{- end -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/* Partitions per topic, as a JSON dict. */}}
+{{- define "nexus.partitions" -}}
+{{- $topo := include "nexus.topologyText" . | fromYaml -}}
+{{- $out := dict -}}
+{{- range $topo.topics }}{{- $_ := set $out .name (int .partitions) }}{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{- define "nexus.busUrl" -}}
+{{- if eq .Values.bus.kind "kafka" -}}
+{{- printf "%s://%s" (ternary "kafka+ssl" "kafka" .Values.bus.tls) .Values.bus.kafka.brokers -}}
+{{- else if eq .Values.bus.kind "nats" -}}
+{{- printf "%s://%s" (ternary "tls" "nats" .Values.bus.tls) .Values.bus.nats.servers -}}
+{{- else -}}
+{{- fail (printf "bus.kind must be kafka or nats, not `%s` (the embedded bus is for `nexus dev`)" .Values.bus.kind) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The effective config: values `config` with the keys the chart owns set over it. Refuses secret
+keys set inline: they belong in Secrets.
+*/}}
+{{- define "nexus.config" -}}
+{{- $c := deepCopy (.Values.config | default dict) -}}
+{{- $secretKeys := list "bus.kafka.sasl_password" "bus.nats.password" "bus.nats.token" "http.admin_token" "stores.postgres_url" "stores.redis_url" "stores.provisioning_key" "chat.client_key_secret" -}}
+{{- range $secretKeys -}}
+{{- $parts := splitList "." . -}}
+{{- $node := $c -}}
+{{- range $i, $p := $parts -}}
+{{- if kindIs "map" $node -}}
+{{- $node = get $node $p -}}
+{{- else -}}
+{{- $node = "" -}}
+{{- end -}}
+{{- end -}}
+{{- if $node -}}
+{{- fail (printf "config.%s is a secret: reference an existing Secret under `secrets`, never inline in values" .) -}}
+{{- end -}}
+{{- end -}}
+{{- $bus := dict "url" (include "nexus.busUrl" .) -}}
+{{- if .Values.bus.caSecret }}{{- $_ := set $bus "ca_file" "/etc/nexus/bus-ca/ca.crt" }}{{- end -}}
+{{- if .Values.bus.clientCertSecret -}}
+{{- $_ := set $bus "client_cert_file" "/etc/nexus/bus-client/tls.crt" -}}
+{{- $_ := set $bus "client_key_file" "/etc/nexus/bus-client/tls.key" -}}
+{{- end -}}
+{{- $http := dict "listen" "0.0.0.0:8080" -}}
+{{- if .Values.tls.secretName -}}
+{{- $_ := set $http "tls_cert_file" "/etc/nexus/tls/tls.crt" -}}
+{{- $_ := set $http "tls_key_file" "/etc/nexus/tls/tls.key" -}}
+{{- end -}}
+{{- $owned := dict "bus" $bus "http" $http "stores" (dict "data_dir" "/var/lib/nexus") "topology" (dict "file" "/etc/nexus/topology.yaml") -}}
+{{- $c = mergeOverwrite $c $owned -}}
+{{- include "nexus.toml" (dict "table" $c "prefix" "") -}}
+{{- end -}}
+
+{{/*
+A dict as TOML (Helm's toToml writes whole numbers from YAML as floats, which nexus's integer
+keys refuse). Scalars first, then sub-tables, keys sorted.
+*/}}
+{{- define "nexus.toml" -}}
+{{- $t := .table -}}
+{{- $prefix := .prefix -}}
+{{- range $k := keys $t | sortAlpha -}}
+{{- $v := get $t $k -}}
+{{- if not (kindIs "map" $v) }}
+{{ $k }} = {{ include "nexus.tomlValue" $v }}
+{{- end -}}
+{{- end -}}
+{{- range $k := keys $t | sortAlpha -}}
+{{- $v := get $t $k -}}
+{{- if kindIs "map" $v -}}
+{{- $name := ternary $k (printf "%s.%s" $prefix $k) (eq $prefix "") }}
+
+[{{ $name }}]
+{{- include "nexus.toml" (dict "table" $v "prefix" $name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "nexus.tomlValue" -}}
+{{- if kindIs "string" . -}}
+{{- toJson . -}}
+{{- else if kindIs "bool" . -}}
+{{- . -}}
+{{- else if or (kindIs "float64" .) (kindIs "float32" .) -}}
+{{- if eq (float64 (int64 .)) (float64 .) }}{{ int64 . }}{{ else }}{{ . }}{{ end -}}
+{{- else if kindIs "slice" . -}}
+[{{- range $i, $e := . }}{{ if $i }}, {{ end }}{{ include "nexus.tomlValue" $e }}{{ end -}}]
+{{- else if kindIs "invalid" . -}}
+""
+{{- else -}}
+{{- . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* An env var from an existing Secret, if its `name` is set: args (dict "env" NAME "ref" {name,key}). */}}
+{{- define "nexus.secretEnv" -}}
+{{- if .ref.name }}
+- name: {{ .env }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .ref.name }}
+      key: {{ .ref.key }}
+{{- end -}}
+{{- end -}}
+
+{{/* Env every nexus pod gets: config file, bus credentials, stores. */}}
+{{- define "nexus.commonEnv" -}}
+- name: NEXUS_CONFIG
+  value: /etc/nexus/config.toml
+{{- include "nexus.secretEnv" (dict "env" "NEXUS_BUS__KAFKA__SASL_PASSWORD" "ref" .Values.secrets.kafkaSaslPassword) }}
+{{- include "nexus.secretEnv" (dict "env" "NEXUS_BUS__NATS__PASSWORD" "ref" .Values.secrets.natsPassword) }}
+{{- include "nexus.secretEnv" (dict "env" "NEXUS_BUS__NATS__TOKEN" "ref" .Values.secrets.natsToken) }}
+{{- end -}}
+
+{{- define "nexus.storeEnv" -}}
+{{- if not .Values.secrets.postgresUrl.name }}{{ fail "secrets.postgresUrl.name is required: pods share one PostgreSQL" }}{{ end -}}
+{{- if not .Values.secrets.redisUrl.name }}{{ fail "secrets.redisUrl.name is required: pods share one Redis" }}{{ end -}}
+{{- if not .Values.secrets.provisioningKey.name }}{{ fail "secrets.provisioningKey.name is required: pods share one key" }}{{ end -}}
+{{- include "nexus.secretEnv" (dict "env" "NEXUS_STORES__POSTGRES_URL" "ref" .Values.secrets.postgresUrl) }}
+{{- include "nexus.secretEnv" (dict "env" "NEXUS_STORES__REDIS_URL" "ref" .Values.secrets.redisUrl) }}
+{{- include "nexus.secretEnv" (dict "env" "NEXUS_STORES__PROVISIONING_KEY" "ref" .Values.secrets.provisioningKey) }}
+{{- end -}}
+
+{{/* Volumes and mounts every nexus pod gets; arg: (dict "root" $ "configMap" NAME). */}}
+{{- define "nexus.volumes" -}}
+- name: config
+  configMap:
+    name: {{ .configMap }}
+- name: data
+  emptyDir: {}
+{{- with .root.Values.tls.secretName }}
+- name: tls
+  secret:
+    secretName: {{ . }}
+{{- end }}
+{{- with .root.Values.bus.caSecret }}
+- name: bus-ca
+  secret:
+    secretName: {{ . }}
+{{- end }}
+{{- with .root.Values.bus.clientCertSecret }}
+- name: bus-client
+  secret:
+    secretName: {{ . }}
+{{- end }}
+{{- end -}}
+
+{{- define "nexus.volumeMounts" -}}
+- name: config
+  mountPath: /etc/nexus/config.toml
+  subPath: config.toml
+  readOnly: true
+- name: config
+  mountPath: /etc/nexus/topology.yaml
+  subPath: topology.yaml
+  readOnly: true
+- name: data
+  mountPath: /var/lib/nexus
+{{- if .Values.tls.secretName }}
+- name: tls
+  mountPath: /etc/nexus/tls
+  readOnly: true
+{{- end }}
+{{- if .Values.bus.caSecret }}
+- name: bus-ca
+  mountPath: /etc/nexus/bus-ca
+  readOnly: true
+{{- end }}
+{{- if .Values.bus.clientCertSecret }}
+- name: bus-client
+  mountPath: /etc/nexus/bus-client
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* Liveness on /healthz, readiness on /readyz (bus and stores reachable). */}}
+{{- define "nexus.probes" -}}
+{{- $scheme := ternary "HTTPS" "HTTP" (ne .Values.tls.secretName "") -}}
+livenessProbe:
+  httpGet: {path: /healthz, port: http, scheme: {{ $scheme }}}
+  {{- toYaml .Values.probes.liveness | nindent 2 }}
+readinessProbe:
+  httpGet: {path: /readyz, port: http, scheme: {{ $scheme }}}
+  {{- toYaml .Values.probes.readiness | nindent 2 }}
+{{- end -}}
+
+{{/* Fails unless `grace` (s) leaves `needMs` of draining plus 5 s to exit. */}}
+{{- define "nexus.checkGrace" -}}
+{{- $need := add (div (int64 .needMs) 1000) 5 -}}
+{{- if lt (int64 .grace) (int64 $need) -}}
+{{- fail (printf "%s: terminationGracePeriodSeconds %v is too short to drain (%s = %vms; need at least %v)" .what .grace .key .needMs $need) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "nexus.configChecksum" -}}
+{{- include "nexus.config" . | cat (include "nexus.topologyText" .) | sha256sum -}}
+{{- end -}}

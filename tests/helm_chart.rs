@@ -1,0 +1,625 @@
+//! The Helm chart `charts/nexus`: `helm lint --strict`, then `helm template` with each values file
+//! of `charts/nexus/ci/` and checks on the rendered objects (one Deployment per role, the topology
+//! hook Job, no secrets in ConfigMaps, probes, drain time, KEDA per values).
+//!
+//! Helm comes from `scripts/helm.sh` (downloads it into target/tools when missing). Without it the
+//! tests skip with a message, unless NEXUS_TEST_REQUIRE_TOOLS=1 (set by `.ci/run`) makes that a
+//! failure.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Deserialize;
+use serde_yaml::Value;
+
+const RELEASE: &str = "t";
+const WORKER_ROLES: [&str; 5] = ["conversation", "history", "gws", "webhooks", "delivery"];
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn chart() -> PathBuf {
+    root().join("charts/nexus")
+}
+
+/// The helm binary, or None (after saying why) when it cannot be obtained and tools are optional.
+fn helm() -> Option<PathBuf> {
+    let out = Command::new("bash")
+        .arg(root().join("scripts/helm.sh"))
+        .output()
+        .expect("run scripts/helm.sh");
+    if out.status.success() {
+        let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        return Some(PathBuf::from(path));
+    }
+    let why = String::from_utf8_lossy(&out.stderr);
+    if std::env::var("NEXUS_TEST_REQUIRE_TOOLS").as_deref() == Ok("1") {
+        panic!("helm is required (NEXUS_TEST_REQUIRE_TOOLS=1) but scripts/helm.sh failed: {why}");
+    }
+    eprintln!("SKIPPED: helm cannot be obtained (scripts/helm.sh: {why}); chart not tested");
+    None
+}
+
+fn run_helm(helm: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(helm).args(args).output().expect("run helm");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `helm template` with these values files (and extra args); every rendered object.
+fn render(helm: &Path, values: &[&str], extra: &[&str]) -> Vec<Value> {
+    let chart = chart();
+    let mut args = vec![
+        "template",
+        RELEASE,
+        chart.to_str().unwrap(),
+        "--namespace",
+        "chat",
+    ];
+    let files: Vec<String> = values
+        .iter()
+        .map(|v| chart.join("ci").join(v).display().to_string())
+        .collect();
+    for f in &files {
+        args.push("-f");
+        args.push(f);
+    }
+    args.extend_from_slice(extra);
+    let (ok, out, err) = run_helm(helm, &args);
+    assert!(ok, "helm template {values:?} failed: {err}");
+    serde_yaml::Deserializer::from_str(&out)
+        .map(|doc| Value::deserialize(doc).expect("rendered YAML parses"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn kind(o: &Value) -> &str {
+    o["kind"].as_str().unwrap_or("")
+}
+
+fn name(o: &Value) -> &str {
+    o["metadata"]["name"].as_str().unwrap_or("")
+}
+
+fn of_kind<'a>(objs: &'a [Value], k: &str) -> Vec<&'a Value> {
+    objs.iter().filter(|o| kind(o) == k).collect()
+}
+
+fn strs(v: &Value) -> Vec<String> {
+    v.as_sequence()
+        .map(|s| {
+            s.iter()
+                .filter_map(|e| e.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// (role, deployment) for each worker Deployment, from its `worker <role>` args.
+fn worker_deployments(objs: &[Value]) -> Vec<(String, &Value)> {
+    of_kind(objs, "Deployment")
+        .into_iter()
+        .filter_map(|d| {
+            let args = strs(&d["spec"]["template"]["spec"]["containers"][0]["args"]);
+            match args.as_slice() {
+                [w, roles @ ..] if w == "worker" => {
+                    assert_eq!(
+                        roles.len(),
+                        1,
+                        "{}: one role per Deployment, got {roles:?}",
+                        name(d)
+                    );
+                    Some((roles[0].clone(), d))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+fn edge_deployment(objs: &[Value]) -> Option<&Value> {
+    of_kind(objs, "Deployment").into_iter().find(|d| {
+        strs(&d["spec"]["template"]["spec"]["containers"][0]["args"]) == vec!["edge".to_string()]
+    })
+}
+
+/// Checks that hold for every render: probes, drain time, secrets only by reference, configs that
+/// nexus itself accepts.
+fn check_common(objs: &[Value], what: &str) {
+    for d in of_kind(objs, "Deployment") {
+        let spec = &d["spec"]["template"]["spec"];
+        let grace = spec["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+        // Edge drains requests for http.shutdown_grace_ms (20 s), workers finish a handler
+        // (handler_timeout_ms, 30 s): the pod must get longer before SIGKILL.
+        assert!(
+            grace > 30,
+            "{what}/{}: grace {grace}s too short to drain",
+            name(d)
+        );
+        for c in spec["containers"].as_sequence().unwrap() {
+            assert_eq!(
+                c["livenessProbe"]["httpGet"]["path"],
+                "/healthz",
+                "{what}/{}",
+                name(d)
+            );
+            assert_eq!(
+                c["readinessProbe"]["httpGet"]["path"],
+                "/readyz",
+                "{what}/{}",
+                name(d)
+            );
+            check_env(c, &format!("{what}/{}", name(d)));
+        }
+    }
+    for j in of_kind(objs, "Job") {
+        for c in j["spec"]["template"]["spec"]["containers"]
+            .as_sequence()
+            .unwrap()
+        {
+            check_env(c, &format!("{what}/{}", name(j)));
+        }
+    }
+    let maps = of_kind(objs, "ConfigMap");
+    assert!(!maps.is_empty(), "{what}: no ConfigMap");
+    for m in maps {
+        let Some(toml_text) = m["data"]["config.toml"].as_str() else {
+            continue;
+        };
+        let topology = m["data"]["topology.yaml"].as_str().expect("topology.yaml");
+        check_config(toml_text, topology, &format!("{what}/{}", name(m)));
+        nexus::topology::Topology::from_yaml(topology)
+            .unwrap_or_else(|e| panic!("{what}/{}: topology does not load: {e}", name(m)));
+    }
+    let secrets: Vec<&str> = of_kind(objs, "Secret").into_iter().map(name).collect();
+    assert!(
+        secrets.is_empty(),
+        "{what}: the chart must not create Secrets, found {secrets:?}"
+    );
+}
+
+/// Every env var that carries a secret comes from a Secret, never a literal value.
+fn check_env(container: &Value, what: &str) {
+    let Some(env) = container["env"].as_sequence() else {
+        return;
+    };
+    let secret_vars = [
+        "NEXUS_STORES__POSTGRES_URL",
+        "NEXUS_STORES__REDIS_URL",
+        "NEXUS_STORES__PROVISIONING_KEY",
+        "NEXUS_HTTP__ADMIN_TOKEN",
+        "NEXUS_CHAT__CLIENT_KEY_SECRET",
+        "NEXUS_BUS__KAFKA__SASL_PASSWORD",
+        "NEXUS_BUS__NATS__PASSWORD",
+        "NEXUS_BUS__NATS__TOKEN",
+    ];
+    for e in env {
+        let n = e["name"].as_str().unwrap_or("");
+        if secret_vars.contains(&n) {
+            assert!(e.get("value").is_none(), "{what}: {n} is inline");
+            assert!(
+                e["valueFrom"]["secretKeyRef"]["name"].as_str().is_some(),
+                "{what}: {n} must come from a secretKeyRef"
+            );
+        }
+    }
+}
+
+/// The rendered config loads in nexus (real keys, valid values) and holds no secret.
+fn check_config(toml_text: &str, topology: &str, what: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    // Files the pods mount under /etc/nexus/ (topology, TLS material) sit in the temp dir here:
+    // nexus checks they exist.
+    let pod_topology = "\"/etc/nexus/topology.yaml\"";
+    assert!(
+        toml_text.contains(pod_topology),
+        "{what}: topology.file is not the mounted file"
+    );
+    let mut local = toml_text.to_string();
+    for line in toml_text.lines() {
+        let Some((_, value)) = line.split_once(" = \"/etc/nexus/") else {
+            continue;
+        };
+        let rel = value.trim_end_matches('"');
+        let file = dir.path().join(rel);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        let content = if rel == "topology.yaml" { topology } else { "" };
+        std::fs::write(&file, content).unwrap();
+        local = local.replace(&format!("/etc/nexus/{rel}"), &file.display().to_string());
+    }
+    std::fs::write(&path, local).unwrap();
+    let config = nexus::config::Config::load(Some(&path))
+        .unwrap_or_else(|e| panic!("{what}: nexus refuses the chart's config: {e}\n{toml_text}"));
+    for (key, value) in [
+        ("http.admin_token", &config.http.admin_token),
+        ("stores.postgres_url", &config.stores.postgres_url),
+        ("stores.redis_url", &config.stores.redis_url),
+        ("stores.provisioning_key", &config.stores.provisioning_key),
+        ("chat.client_key_secret", &config.chat.client_key_secret),
+        ("bus.kafka.sasl_password", &config.bus.kafka.sasl_password),
+        ("bus.nats.password", &config.bus.nats.password),
+        ("bus.nats.token", &config.bus.nats.token),
+    ] {
+        assert!(value.is_empty(), "{what}: secret {key} is in a ConfigMap");
+    }
+    assert!(
+        !config.bus.url.contains('@'),
+        "{what}: credentials in bus.url"
+    );
+    assert_eq!(config.http.listen, "0.0.0.0:8080", "{what}");
+}
+
+fn hook_job(objs: &[Value]) -> Option<&Value> {
+    of_kind(objs, "Job").into_iter().find(|j| {
+        strs(&j["spec"]["template"]["spec"]["containers"][0]["args"])
+            == vec!["topology".to_string(), "apply".to_string()]
+    })
+}
+
+fn check_hook_job(objs: &[Value], what: &str) {
+    let job = hook_job(objs).unwrap_or_else(|| panic!("{what}: no `topology apply` Job"));
+    let hooks = job["metadata"]["annotations"]["helm.sh/hook"]
+        .as_str()
+        .unwrap_or("");
+    assert!(
+        hooks.contains("pre-install") && hooks.contains("pre-upgrade"),
+        "{what}: hook Job runs on {hooks:?}"
+    );
+    // Hooks run before the release's objects exist: the Job's config must be a hook too.
+    let cm = job["spec"]["template"]["spec"]["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find_map(|v| v["configMap"]["name"].as_str())
+        .expect("hook Job mounts a ConfigMap");
+    let map = of_kind(objs, "ConfigMap")
+        .into_iter()
+        .find(|m| name(m) == cm)
+        .unwrap_or_else(|| panic!("{what}: hook Job's ConfigMap {cm} is not rendered"));
+    let weight = |o: &Value| -> i64 {
+        o["metadata"]["annotations"]["helm.sh/hook-weight"]
+            .as_str()
+            .and_then(|w| w.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        map["metadata"]["annotations"]["helm.sh/hook"]
+            .as_str()
+            .is_some()
+            && weight(map) < weight(job),
+        "{what}: the hook Job's ConfigMap must be a hook created before it"
+    );
+}
+
+fn scaled_objects(objs: &[Value]) -> Vec<&Value> {
+    of_kind(objs, "ScaledObject")
+}
+
+fn trigger_types(so: &Value) -> BTreeSet<String> {
+    so["spec"]["triggers"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|t| t["type"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn roles_of(objs: &[Value]) -> Vec<String> {
+    let mut roles: Vec<String> = worker_deployments(objs)
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect();
+    roles.sort();
+    roles
+}
+
+fn sorted(r: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = r.iter().map(|s| s.to_string()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn chart_lints_strictly_with_every_values_file() {
+    let Some(helm) = helm() else { return };
+    let chart = chart();
+    let (ok, out, err) = run_helm(&helm, &["lint", "--strict", chart.to_str().unwrap()]);
+    assert!(ok, "helm lint --strict: {out}{err}");
+    for entry in std::fs::read_dir(chart.join("ci")).unwrap() {
+        let file = entry.unwrap().path();
+        let (ok, out, err) = run_helm(
+            &helm,
+            &[
+                "lint",
+                "--strict",
+                chart.to_str().unwrap(),
+                "-f",
+                file.to_str().unwrap(),
+            ],
+        );
+        assert!(ok, "helm lint --strict -f {}: {out}{err}", file.display());
+    }
+}
+
+#[test]
+fn default_values_deploy_every_worker_role_of_the_topology_apart() {
+    let Some(helm) = helm() else { return };
+    let objs = render(&helm, &[], &[]);
+    check_common(&objs, "default");
+    check_hook_job(&objs, "default");
+    assert_eq!(
+        roles_of(&objs),
+        sorted(&WORKER_ROLES),
+        "one Deployment per role"
+    );
+    // The roles are those of the topology the binary has built in (non-broadcast).
+    let builtin: Vec<String> = {
+        let mut v: Vec<String> = nexus::topology::Topology::builtin()
+            .roles
+            .iter()
+            .filter(|r| !r.broadcast)
+            .map(|r| r.name.clone())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(roles_of(&objs), builtin);
+    for (role, d) in worker_deployments(&objs) {
+        assert_eq!(d["spec"]["replicas"], 2, "{role}: replicas without KEDA");
+        let pdb = of_kind(&objs, "PodDisruptionBudget")
+            .into_iter()
+            .find(|p| p["spec"]["selector"]["matchLabels"]["nexus.io/role"] == role.as_str());
+        assert!(pdb.is_some(), "{role}: no PodDisruptionBudget");
+    }
+    let edge = edge_deployment(&objs).expect("edge Deployment");
+    assert_eq!(edge["spec"]["replicas"], 2);
+    // The edge keeps serving while its endpoint is removed, then drains on SIGTERM.
+    let c = &edge["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["lifecycle"]["preStop"]["sleep"]["seconds"], 5);
+    assert!(of_kind(&objs, "Service")
+        .iter()
+        .any(|s| name(s) == "t-nexus-edge"));
+    assert!(scaled_objects(&objs).is_empty(), "KEDA is off by default");
+    for k in [
+        "ServiceMonitor",
+        "PrometheusRule",
+        "HorizontalPodAutoscaler",
+        "Ingress",
+    ] {
+        assert!(of_kind(&objs, k).is_empty(), "{k} is off by default");
+    }
+}
+
+#[test]
+fn kafka_values_scale_on_lag_through_prometheus_with_monitoring() {
+    let Some(helm) = helm() else { return };
+    let objs = render(&helm, &["kafka-values.yaml"], &[]);
+    check_common(&objs, "kafka");
+    check_hook_job(&objs, "kafka");
+    assert_eq!(roles_of(&objs), sorted(&WORKER_ROLES));
+    let sos = scaled_objects(&objs);
+    assert_eq!(sos.len(), WORKER_ROLES.len(), "one ScaledObject per role");
+    for so in &sos {
+        assert_eq!(
+            trigger_types(so),
+            BTreeSet::from(["prometheus".to_string()])
+        );
+        let query = so["spec"]["triggers"][0]["metadata"]["query"]
+            .as_str()
+            .unwrap();
+        assert!(
+            query.contains("nexus_consumer_lag{group=\"nexus-"),
+            "{query}"
+        );
+        assert!(query.contains("namespace=\"chat\""), "{query}");
+        let target = so["spec"]["scaleTargetRef"]["name"].as_str().unwrap();
+        assert!(
+            worker_deployments(&objs)
+                .iter()
+                .any(|(_, d)| name(d) == target),
+            "{target} is not a worker Deployment"
+        );
+    }
+    // KEDA owns the replica count.
+    for (role, d) in worker_deployments(&objs) {
+        assert!(
+            d["spec"].get("replicas").is_none(),
+            "{role}: replicas set beside KEDA"
+        );
+    }
+    // TLS: HTTPS probes, kafka+ssl, SASL password from a Secret.
+    let edge = edge_deployment(&objs).unwrap();
+    let c = &edge["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["readinessProbe"]["httpGet"]["scheme"], "HTTPS");
+    assert!(
+        edge["spec"].get("replicas").is_none(),
+        "the HPA owns the edge's replicas"
+    );
+    let cm = of_kind(&objs, "ConfigMap")
+        .into_iter()
+        .find(|m| name(m) == "t-nexus-config")
+        .unwrap();
+    assert!(cm["data"]["config.toml"]
+        .as_str()
+        .unwrap()
+        .contains("kafka+ssl://"));
+    let sasl = c["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "NEXUS_BUS__KAFKA__SASL_PASSWORD")
+        .expect("SASL password env");
+    assert_eq!(sasl["valueFrom"]["secretKeyRef"]["name"], "kafka-user");
+    for k in [
+        "ServiceMonitor",
+        "PrometheusRule",
+        "HorizontalPodAutoscaler",
+        "Ingress",
+    ] {
+        assert_eq!(of_kind(&objs, k).len(), 1, "{k}");
+    }
+    // The PrometheusRule carries files/alerts.yaml as is.
+    let rule = of_kind(&objs, "PrometheusRule")[0];
+    let file: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart().join("files/alerts.yaml")).unwrap())
+            .unwrap();
+    assert_eq!(rule["spec"]["groups"], file["groups"]);
+    assert!(!file["groups"].as_sequence().unwrap().is_empty());
+    // The dashboard ConfigMap carries files/dashboard.json.
+    let dash = of_kind(&objs, "ConfigMap")
+        .into_iter()
+        .find(|m| name(m) == "t-nexus-dashboard")
+        .expect("dashboard ConfigMap");
+    let json: serde_json::Value =
+        serde_json::from_str(dash["data"]["nexus.json"].as_str().unwrap()).unwrap();
+    assert!(json["panels"].as_array().is_some_and(|p| !p.is_empty()));
+}
+
+#[test]
+fn native_scalers_get_one_trigger_per_topic_or_partition_consumer() {
+    let Some(helm) = helm() else { return };
+    let objs = render(&helm, &["kafka-native-keda-values.yaml"], &[]);
+    check_common(&objs, "kafka-native");
+    let topology = nexus::topology::Topology::builtin();
+    for so in scaled_objects(&objs) {
+        let role = so["metadata"]["labels"]["nexus.io/role"].as_str().unwrap();
+        let r = topology.roles.iter().find(|r| r.name == role).unwrap();
+        let triggers = so["spec"]["triggers"].as_sequence().unwrap();
+        let topics: Vec<&str> = triggers
+            .iter()
+            .map(|t| {
+                assert_eq!(t["type"], "kafka");
+                assert_eq!(t["metadata"]["consumerGroup"], r.group.as_str());
+                t["metadata"]["topic"].as_str().unwrap()
+            })
+            .collect();
+        assert_eq!(
+            topics,
+            r.topics.iter().map(String::as_str).collect::<Vec<_>>()
+        );
+    }
+
+    let objs = render(&helm, &["nats-values.yaml"], &[]);
+    check_common(&objs, "nats");
+    check_hook_job(&objs, "nats");
+    let cm = of_kind(&objs, "ConfigMap")
+        .into_iter()
+        .find(|m| name(m) == "t-nexus-config")
+        .unwrap();
+    assert!(cm["data"]["config.toml"]
+        .as_str()
+        .unwrap()
+        .contains("url = \"nats://nats.nats.svc:4222\""));
+    let sos = scaled_objects(&objs);
+    assert_eq!(sos.len(), WORKER_ROLES.len());
+    for so in sos {
+        let role = so["metadata"]["labels"]["nexus.io/role"].as_str().unwrap();
+        let r = topology.roles.iter().find(|r| r.name == role).unwrap();
+        let triggers = so["spec"]["triggers"].as_sequence().unwrap();
+        // nexus keeps one durable consumer per (group, partition) on the topic's stream.
+        let mut expected = BTreeSet::new();
+        for t in &r.topics {
+            let topic = topology.topics.iter().find(|x| &x.name == t).unwrap();
+            for p in 0..topic.partitions {
+                expected.insert((t.replace('.', "_"), format!("{}_{p}", r.group)));
+            }
+        }
+        let got: BTreeSet<(String, String)> = triggers
+            .iter()
+            .map(|t| {
+                assert_eq!(t["type"], "nats-jetstream");
+                (
+                    t["metadata"]["stream"].as_str().unwrap().to_string(),
+                    t["metadata"]["consumer"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(got, expected, "{role}");
+    }
+    // The token comes from its Secret, in the pods and the hook Job.
+    let job = hook_job(&objs).unwrap();
+    assert!(job["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|e| e["name"] == "NEXUS_BUS__NATS__TOKEN"
+            && e["valueFrom"]["secretKeyRef"]["name"] == "nats-auth"));
+}
+
+#[test]
+fn keda_off_keeps_fixed_replicas_and_per_role_overrides() {
+    let Some(helm) = helm() else { return };
+    let objs = render(&helm, &["keda-off-values.yaml"], &[]);
+    check_common(&objs, "keda-off");
+    check_hook_job(&objs, "keda-off");
+    assert!(scaled_objects(&objs).is_empty());
+    for (role, d) in worker_deployments(&objs) {
+        let want = if role == "conversation" { 4 } else { 2 };
+        assert_eq!(d["spec"]["replicas"], want, "{role}");
+        // One role can run another image tag (consumers roll before producers).
+        let image = d["spec"]["template"]["spec"]["containers"][0]["image"]
+            .as_str()
+            .unwrap();
+        let tag = if role == "history" { "0.2.0" } else { "0.1.0" };
+        assert!(image.ends_with(&format!(":{tag}")), "{role}: {image}");
+    }
+}
+
+#[test]
+fn one_role_only_renders_that_role_alone() {
+    let Some(helm) = helm() else { return };
+    let objs = render(&helm, &["one-role-values.yaml"], &[]);
+    check_common(&objs, "one-role");
+    assert_eq!(roles_of(&objs), vec!["history".to_string()]);
+    assert!(edge_deployment(&objs).is_none(), "edge disabled");
+    assert!(hook_job(&objs).is_none(), "hook Job disabled");
+    let sos = scaled_objects(&objs);
+    assert_eq!(sos.len(), 1);
+    assert_eq!(sos[0]["spec"]["scaleTargetRef"]["name"], "t-nexus-history");
+}
+
+#[test]
+fn chart_refuses_inline_secrets_unknown_roles_and_short_grace() {
+    let Some(helm) = helm() else { return };
+    let chart = chart();
+    let c = chart.to_str().unwrap();
+    for (set, expect) in [
+        ("config.http.admin_token=hunter2", "is a secret"),
+        (
+            "config.stores.postgres_url=postgres://u:p@db/x",
+            "is a secret",
+        ),
+        ("config.bus.nats.password=p", "is a secret"),
+        ("workers.roles={nope}", "is not a worker role"),
+        (
+            "edge.terminationGracePeriodSeconds=10",
+            "too short to drain",
+        ),
+        (
+            "workers.defaults.terminationGracePeriodSeconds=20",
+            "too short to drain",
+        ),
+        ("bus.kind=embedded", "bus.kind must be kafka or nats"),
+    ] {
+        let (ok, _, err) = run_helm(&helm, &["template", RELEASE, c, "--set", set]);
+        assert!(!ok, "--set {set} rendered");
+        assert!(err.contains(expect), "--set {set}: {err}");
+    }
+}
+
+#[test]
+fn chart_topology_is_the_repository_topology() {
+    let repo = std::fs::read_to_string(root().join("topology/nexus.yaml")).unwrap();
+    let chart = std::fs::read_to_string(chart().join("files/topology.yaml")).unwrap();
+    assert!(
+        repo == chart,
+        "charts/nexus/files/topology.yaml differs from topology/nexus.yaml: \
+         cp topology/nexus.yaml charts/nexus/files/topology.yaml"
+    );
+}
