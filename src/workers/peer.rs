@@ -511,4 +511,18 @@ mod tests {
         assert!(admitted >= released, "admitted before the probe came back");
         assert!(!c.is_open());
     }
+
+    #[tokio::test]
+    async fn a_prober_dropped_mid_call_hands_the_probe_on() {
+        let c = Circuit::new("r", "p", &config());
+        c.failed();
+        c.failed();
+        assert!(c.admit().await, "the first caller after the pause probes");
+        drop(ProbeGuard {
+            circuit: &c,
+            armed: true,
+        });
+        let next = tokio::time::timeout(Duration::from_secs(2), c.admit()).await;
+        assert_eq!(next.ok(), Some(true), "the next caller gets the probe");
+    }
 }

@@ -29,7 +29,7 @@ fn state(step: Step, closed: bool) -> State {
         started: started(),
         contact_id: None,
         interaction_id: None,
-        closed: closed.then(|| Closed {
+        closed: closed.then_some(Closed {
             reason: CloseReason::AgentCompleted,
             closed_by_participant_id: None,
             closed_at_ms: 1_700_000_060_000,
@@ -168,4 +168,122 @@ fn interaction_events_map_to_entries() {
         serde_json::Map::new(),
     );
     assert!(entry_of(&other).is_none());
+}
+
+/// The effect state on SQLite (`nexus dev`); PostgreSQL runs the same SQL in tests/history_ucs.rs.
+#[tokio::test]
+async fn the_state_store_applies_each_step_once() {
+    use crate::stores::provisioning::secrets::EncryptionKey;
+    use crate::stores::provisioning::Provisioning;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = Provisioning::connect(
+        &dir.path().join("p.db").display().to_string(),
+        &EncryptionKey::generate(),
+    )
+    .await
+    .expect("connect");
+    let s = HistoryStore::new(p.pool().clone());
+    assert!(s
+        .record_start("t", "c", &started(), "e1")
+        .await
+        .expect("start"));
+    assert!(!s
+        .record_start("t", "c", &started(), "e1")
+        .await
+        .expect("again"));
+    assert!(s
+        .add_entry("t", "c", &entry(2, "b", &[]))
+        .await
+        .expect("entry"));
+    assert!(s
+        .add_entry("t", "c", &entry(1, "a", &[]))
+        .await
+        .expect("entry"));
+    assert!(!s
+        .add_entry("t", "c", &entry(1, "a", &[]))
+        .await
+        .expect("redelivered"));
+    let texts: Vec<Option<String>> = s
+        .entries("t", "c")
+        .await
+        .expect("entries")
+        .into_iter()
+        .map(|e| e.text)
+        .collect();
+    assert_eq!(texts, [Some("a".into()), Some("b".into())]);
+
+    let moved = s
+        .advance(
+            "t",
+            "c",
+            Step::Recorded,
+            Step::ContactIdentified,
+            Some("k1"),
+            None,
+            "e1",
+        )
+        .await
+        .expect("advance");
+    assert!(moved);
+    let again = s
+        .advance(
+            "t",
+            "c",
+            Step::Recorded,
+            Step::ContactIdentified,
+            Some("k2"),
+            None,
+            "e1",
+        )
+        .await
+        .expect("advance again");
+    assert!(!again, "a step applies once");
+    let st = s.load("t", "c").await.expect("load").expect("row");
+    assert_eq!(
+        (st.step, st.contact_id.as_deref()),
+        (Step::ContactIdentified, Some("k1"))
+    );
+    assert_eq!(next(&st), Next::InsertInteraction);
+
+    let closed = Closed {
+        reason: CloseReason::CustomerLeft,
+        closed_by_participant_id: None,
+        closed_at_ms: 5,
+    };
+    assert!(s
+        .record_close("t", "c", &closed, "e9")
+        .await
+        .expect("close"));
+    assert!(!s
+        .record_close("t", "c", &closed, "e9")
+        .await
+        .expect("close again"));
+    assert!(!s
+        .record_close("t", "other", &closed, "e9")
+        .await
+        .expect("unknown"));
+    for (from, to) in [
+        (Step::ContactIdentified, Step::InteractionInserted),
+        (Step::InteractionInserted, Step::TranscriptAdded),
+    ] {
+        assert!(s
+            .advance("t", "c", from, to, None, Some("c"), "e9")
+            .await
+            .expect("advance"));
+    }
+    assert!(
+        !s.add_entry("t", "c", &entry(3, "late", &[]))
+            .await
+            .expect("late"),
+        "entries after the transcript are not kept"
+    );
+    assert!(s
+        .attachment_added("t", "c", 0, "e9")
+        .await
+        .expect("attachment"));
+    assert!(!s.attachment_added("t", "c", 0, "e9").await.expect("twice"));
+    let st = s.load("t", "c").await.expect("load").expect("row");
+    assert_eq!(next(&st), Next::AddAttachment(1));
+    s.drop_entries("t", "c").await.expect("drop");
+    assert!(s.entries("t", "c").await.expect("entries").is_empty());
 }
