@@ -124,9 +124,9 @@ fn methods(effects: &[Effect]) -> Vec<&str> {
     effects.iter().map(|e| e.method.as_str()).collect()
 }
 
-/// The conversation's effects at UCS, exactly once each and in order: its contact created (if
-/// `creates_contact`), then interaction, transcript, status.
-fn assert_written_once_in_order(ucs: &FakeUcs, tenant: &str, conv: &str, creates_contact: bool) {
+/// The conversation's effects at UCS, exactly once each and in order: its contact created,
+/// then interaction, `documents` documents (transcript, attachments), status.
+fn assert_written_once_in_order(ucs: &FakeUcs, tenant: &str, conv: &str, documents: usize) {
     let all = ucs.effects();
     let contact = object_id(tenant, conv, "contact");
     let contact_at: Vec<usize> = (0..all.len())
@@ -136,18 +136,15 @@ fn assert_written_once_in_order(ucs: &FakeUcs, tenant: &str, conv: &str, creates
         .iter()
         .position(|e| e.method == "InsertInteraction" && e.id == conv)
         .unwrap_or_else(|| panic!("{conv}: no interaction at UCS"));
-    if creates_contact {
-        assert_eq!(contact_at.len(), 1, "{conv}: one contact created");
-        assert!(
-            contact_at[0] < insert_at,
-            "{conv}: contact before interaction"
-        );
-    }
-    assert_eq!(
-        methods(&ucs.effects_of(conv)),
-        ["InsertInteraction", "AddDocument", "SetInteractionStatus"],
-        "{conv}: effects"
+    assert_eq!(contact_at.len(), 1, "{conv}: one contact created");
+    assert!(
+        contact_at[0] < insert_at,
+        "{conv}: contact before interaction"
     );
+    let mut want = vec!["InsertInteraction"];
+    want.extend(std::iter::repeat_n("AddDocument", documents));
+    want.push("SetInteractionStatus");
+    assert_eq!(methods(&ucs.effects_of(conv)), want, "{conv}: effects");
     let state = ucs.state.lock().unwrap();
     let transcript = &state.documents[&object_id(tenant, conv, "transcript")];
     assert_eq!(transcript["InteractionId"], conv);
@@ -209,6 +206,32 @@ async fn chat_is_written_once_in_order_and_a_4xx_dead_letters_only_its_event() {
         v["type"] == "transcript" && v["text"] == "my invoice is wrong"
     })
     .await;
+    let data = png(2000);
+    let up: Value = http
+        .post(format!("{url}/nexus/v3/chat/sessions/{sid}/files"))
+        .header("x-api-key", &tenant.api_key)
+        .header("x-nexus-client-key", &ck)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )
+        .body(multipart(&[(
+            "file",
+            Some("invoice.png"),
+            Some("image/png"),
+            &data,
+        )]))
+        .send()
+        .await
+        .expect("upload")
+        .json()
+        .await
+        .expect("upload json");
+    let file_id = up["file_id"].as_str().expect("file_id").to_string();
+    ws_until(&mut agent, WAIT, |v| {
+        v["type"] == "transcript" && v["kind"] == "FileUploaded"
+    })
+    .await;
     ws_send(
         &mut agent,
         json!({"op": "reply", "conversation_id": sid, "text": "let me check", "message_id": "r-1"}),
@@ -242,10 +265,22 @@ async fn chat_is_written_once_in_order_and_a_4xx_dead_letters_only_its_event() {
                 ("OMContacts", "IdentifyContact"),
                 ("OMInteractions", "InsertInteraction"),
                 ("OMInteractions", "AddDocument"),
+                ("OMInteractions", "AddDocument"),
                 ("OMInteractions", "SetInteractionStatus"),
             ],
             "each call once, in order"
         );
+        let attachment = &state.calls[3].body["Parameters"];
+        assert_eq!(
+            attachment["Id"],
+            object_id(&tenant.id, &sid, &format!("attachment/{file_id}"))
+        );
+        assert_eq!(attachment["FileName"], "invoice.png");
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(attachment["Content"].as_str().expect("content"))
+            .expect("base64");
+        assert_eq!(bytes, data, "the file's bytes");
         let identify = &state.calls[0].body;
         assert_eq!(identify["Parameters"]["EmailAddress"], "ann@example.com");
         assert_eq!(identify["Parameters"]["FirstName"], "Ann");
@@ -264,10 +299,18 @@ async fn chat_is_written_once_in_order_and_a_4xx_dead_letters_only_its_event() {
             .as_array()
             .expect("messages")
             .iter()
-            .filter(|m| m["Type"] == "Message")
+            .filter(|m| m["Type"] == "Message" && m["Attachments"] == json!([]))
             .filter_map(|m| m["Text"].as_str())
             .collect();
         assert_eq!(texts, ["my invoice is wrong", "let me check"]);
+        assert!(
+            doc["Content"]["Messages"]
+                .as_array()
+                .expect("messages")
+                .iter()
+                .any(|m| m["Attachments"] == json!([file_id])),
+            "the upload is in the transcript: {doc}"
+        );
         let positions: Vec<i64> = doc["Content"]["Messages"]
             .as_array()
             .expect("messages")
@@ -275,11 +318,11 @@ async fn chat_is_written_once_in_order_and_a_4xx_dead_letters_only_its_event() {
             .filter_map(|m| m["Position"].as_i64())
             .collect();
         assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
-        let status = &state.calls[3].body["Parameters"];
+        let status = &state.calls[4].body["Parameters"];
         assert_eq!(status["Status"], "Stopped");
         assert_eq!(status["Reason"], "AGENT_COMPLETED");
     }
-    assert_written_once_in_order(&ucs, &tenant.id, &sid, true);
+    assert_written_once_in_order(&ucs, &tenant.id, &sid, 2);
 
     // 4. UCS refuses one customer's contact (400): that conversation's events are
     // dead-lettered; the next conversation is written.
@@ -301,7 +344,7 @@ async fn chat_is_written_once_in_order_and_a_4xx_dead_letters_only_its_event() {
         async move { done.then_some(()) }
     })
     .await;
-    assert_written_once_in_order(&ucs, &tenant.id, &good, true);
+    assert_written_once_in_order(&ucs, &tenant.id, &good, 1);
     let dead = eventually(WAIT, "ucs_rejected dead letters", || async {
         let m = system.metrics().await;
         metric_sum(
@@ -365,7 +408,7 @@ async fn ucs_outage_pauses_the_role_then_everything_is_written() {
         .await;
     }
     for conv in &convs {
-        assert_written_once_in_order(&ucs, &tenant.id, conv, true);
+        assert_written_once_in_order(&ucs, &tenant.id, conv, 1);
     }
     eventually(WAIT, "resumed", || async {
         let m = system.metrics().await;
@@ -421,7 +464,7 @@ async fn sigkill_mid_load_repeats_no_effect_at_ucs() {
         .await;
     }
     for conv in &convs {
-        assert_written_once_in_order(&ucs, &tenant.id, conv, true);
+        assert_written_once_in_order(&ucs, &tenant.id, conv, 1);
     }
     let contacts = ucs.state.lock().unwrap().contacts.len();
     assert_eq!(contacts, CONVERSATIONS, "one contact per conversation");
