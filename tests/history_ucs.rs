@@ -474,3 +474,57 @@ async fn sigkill_mid_load_repeats_no_effect_at_ucs() {
         ucs.calls()
     );
 }
+
+/// `nexus dev` (embedded bus, SQLite): the same steps through the same SQL; and without UCS
+/// configured every event is acked without a call and counted as skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nexus_dev_writes_on_sqlite_and_skips_without_ucs() {
+    let ucs = FakeUcs::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev = |name: &'static str, ucs_url: String| {
+        let mut env = base_env(dir.path());
+        env.push((
+            "NEXUS_BUS__URL",
+            format!("embedded://{}", dir.path().join(name).join("bus").display()),
+        ));
+        env.push(("NEXUS_WORKERS__HISTORY__UCS__URL", ucs_url));
+        let path = dir.path().to_path_buf();
+        async move { start_node(&path, name, &["dev"], env).await }
+    };
+
+    let node = dev("with-ucs", ucs.url()).await;
+    let tenant = provision_tenant(&Admin::new(&node.url)).await;
+    let conv = chat_and_leave(
+        &node.url,
+        &tenant,
+        json!({"nickname": "D", "phone_number": "+15550100", "text": "hi"}),
+    )
+    .await;
+    eventually(WAIT, "written from nexus dev", || {
+        let done = ucs.stopped(&conv);
+        async move { done.then_some(()) }
+    })
+    .await;
+    assert_written_once_in_order(&ucs, &tenant.id, &conv, 1);
+    drop(node);
+
+    let node = dev("without-ucs", String::new()).await;
+    let tenant = provision_tenant(&Admin::new(&node.url)).await;
+    chat_and_leave(&node.url, &tenant, json!({"nickname": "E", "text": "hi"})).await;
+    let calls = ucs.calls();
+    eventually(WAIT, "events skipped", || {
+        let url = node.url.clone();
+        async move {
+            let m = reqwest::get(format!("{url}/metrics"))
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            let skipped = metric_sum(&m, "nexus_history_events_total", &["skipped"])?;
+            (skipped >= 3.0).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(ucs.calls(), calls, "no call without UCS");
+}

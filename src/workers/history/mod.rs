@@ -247,6 +247,7 @@ impl HistoryWorker {
     }
 
     /// Runs the conversation's remaining steps in order, each a UCS call then its record.
+    #[tracing::instrument(name = "history_advance", skip_all)]
     async fn advance(
         &self,
         target: &PeerTarget,
@@ -384,7 +385,9 @@ impl HistoryWorker {
                 }
             }
             .map_err(store_failed)?;
-            if !moved {
+            if moved {
+                debug!(?step, "UCS step applied");
+            } else {
                 debug!(?step, "another member applied this step first");
             }
         }
