@@ -384,20 +384,33 @@ async fn ucs_outage_pauses_the_role_then_everything_is_written() {
         (paused == Some(1.0) && lag.is_some_and(|l| l > 0.0)).then_some(())
     })
     .await;
-    // While paused only probes reach UCS: a spinning worker (5 lanes retrying every 400 ms)
-    // would make dozens of calls in this time.
+    // While paused only probes reach UCS (one at a time, 300-800 ms apart): a spinning worker
+    // (5 lanes retrying every 400 ms at most) would make about 60 calls in this time.
+    // Half the time UCS answers 503, half it hangs past the 1 s call timeout.
     let at_pause = ucs.calls();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ucs.set_mode(Mode::Hang);
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let during = ucs.calls() - at_pause;
     assert!(
-        during <= 12,
-        "{during} calls to a down UCS in 4 s while paused"
+        during <= 15,
+        "{during} calls to a down UCS in 5 s while paused"
     );
     let m = system.metrics().await;
     assert_eq!(
         metric_sum(&m, "nexus_worker_paused", &["role=\"history\""]),
         Some(1.0)
     );
+    let peer = |outcome: &str| {
+        metric_sum(
+            &m,
+            "nexus_peer_calls_total",
+            &["role=\"history\"", &format!("outcome=\"{outcome}\"")],
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(peer("failed") >= 3.0, "5xx counted as failed");
+    assert!(peer("timeout") >= 1.0, "hangs counted as timeouts");
 
     ucs.set_mode(Mode::Up);
     for conv in &convs {
