@@ -81,6 +81,8 @@ pub struct ChatConfig {
 pub struct WorkersConfig {
     pub tap: crate::workers::tap::TapConfig,
     pub conversation: crate::workers::conversation::ConversationConfig,
+    #[serde(default)]
+    pub history: crate::workers::history::HistoryConfig,
 }
 
 /// The bus: which one and how to talk to it.
@@ -441,6 +443,11 @@ impl Config {
                 format!("file `{}` does not exist", self.topology.file),
             ));
         }
+        self.workers
+            .history
+            .ucs
+            .validate("workers.history.ucs")
+            .map_err(|e| invalid("workers.history.ucs", e))?;
         if tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level).is_err() {
             return Err(invalid(
                 "telemetry.log_level",
@@ -465,6 +472,7 @@ impl Config {
                 *secret = REDACTED.to_string();
             }
         }
+        c.workers.history.ucs.redact(REDACTED);
         c.bus.url = redact_url_password(&c.bus.url);
         c.stores.redis_url = redact_url_password(&c.stores.redis_url);
         c.stores.postgres_url = redact_url_password(&c.stores.postgres_url);

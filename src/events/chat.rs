@@ -344,6 +344,9 @@ pub struct ConversationStarted {
     pub channel_id: Option<String>,
     pub customer_participant_id: String,
     pub customer_nickname: String,
+    /// The contact fields of the request (schema v2; `Default` when read from v1).
+    #[serde(default)]
+    pub contact: Contact,
     pub contact_id: Option<String>,
     pub subject: Option<String>,
     pub user_data: BTreeMap<String, String>,

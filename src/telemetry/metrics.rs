@@ -40,6 +40,11 @@ pub const PEER_CALLS_TOTAL: &str = "nexus_peer_calls_total";
 pub const PEER_CALL_SECONDS: &str = "nexus_peer_call_duration_seconds";
 /// 1 while a role waits for a failing peer instead of consuming, per `role`, `peer`.
 pub const WORKER_PAUSED: &str = "nexus_worker_paused";
+/// Events the history worker handled, per `event` (started, entry, closed) and `outcome`
+/// (applied, duplicate, skipped = tenant without UCS).
+pub const HISTORY_EVENTS_TOTAL: &str = "nexus_history_events_total";
+/// Chat file attachments at close, per `outcome` (added, missing = expired or deleted).
+pub const HISTORY_ATTACHMENTS_TOTAL: &str = "nexus_history_attachments_total";
 
 pub(super) fn describe_all() {
     describe_counter!(
@@ -102,4 +107,12 @@ pub(super) fn describe_all() {
         "HTTP request latency by route template."
     );
     describe_gauge!(BUS_UP, "1 if the bus answered the last readiness check.");
+    describe_counter!(
+        HISTORY_EVENTS_TOTAL,
+        "Events the history worker handled, by event kind and outcome (applied, duplicate, skipped)."
+    );
+    describe_counter!(
+        HISTORY_ATTACHMENTS_TOTAL,
+        "Chat files written to UCS at close, by outcome (added, missing)."
+    );
 }

@@ -1,12 +1,14 @@
 //! Worker roles, one folder each. A role is a consumer group on the topics the topology gives
 //! it; [`handler_for`] maps a role name to its effect.
 //!
-//! Built so far: `conversation` (sessions, transcript, routing to agents) and `tap` (forwards
-//! events to an HTTP endpoint). The integration roles of the topology (history, gws, webhooks,
-//! delivery) have no effects yet: they run the consumer runtime with [`pending::Pending`],
-//! which acks and counts, until their issue lands (see README "Not built yet").
+//! Built so far: `conversation` (sessions, transcript, routing to agents), `history`
+//! (conversations to UCS) and `tap` (forwards events to an HTTP endpoint). The other
+//! integration roles of the topology (gws, webhooks, delivery) have no effects yet: they run
+//! the consumer runtime with [`pending::Pending`], which acks and counts, until their issue
+//! lands (see README "Not built yet").
 
 pub mod conversation;
+pub mod history;
 pub mod peer;
 pub mod pending;
 pub mod tap;
@@ -93,6 +95,14 @@ pub fn handler_for(role: &str, config: &Config, deps: &Deps) -> Result<RoleHandl
                 })],
             });
         }
+        "history" => Arc::new(history::HistoryWorker::new(
+            config.workers.history.clone(),
+            crate::http_client::build(&config.http_client).map_err(|e| WorkerError::Config {
+                role: role.to_string(),
+                message: e.to_string(),
+            })?,
+            deps.provisioning.clone(),
+        )),
         other => Arc::new(pending::Pending::new(other)),
     };
     Ok(RoleHandler::plain(handler))

@@ -230,7 +230,12 @@ impl Peer {
         request: reqwest::RequestBuilder,
         url: &str,
     ) -> Result<serde_json::Value, PeerFailure> {
-        self.circuit.admit().await;
+        let probing = self.circuit.admit().await;
+        // A caller dropped mid-call (handler timeout, shutdown) must not hold the probe forever.
+        let mut probe = ProbeGuard {
+            circuit: &self.circuit,
+            armed: probing,
+        };
         let started = Instant::now();
         let result = match request.send().await {
             Err(e) if e.is_timeout() => {
@@ -275,6 +280,7 @@ impl Peer {
             Err((outcome, _)) => *outcome,
         };
         metrics::counter!(m::PEER_CALLS_TOTAL, "role" => self.role, "peer" => self.name, "outcome" => outcome).increment(1);
+        probe.armed = false;
         match result {
             Ok(v) => {
                 self.circuit.succeeded();
@@ -298,6 +304,20 @@ fn truncate(s: &str, max: usize) -> String {
         .take_while(|(i, _)| *i < max)
         .map(|(_, c)| c)
         .collect()
+}
+
+/// Gives the probe back if the call's future is dropped before its outcome is known.
+struct ProbeGuard<'a> {
+    circuit: &'a Circuit,
+    armed: bool,
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.circuit.abandoned();
+        }
+    }
 }
 
 /// Closed while calls succeed; open (paused) after `pause_after_failures` failures in a row.
@@ -341,17 +361,17 @@ impl Circuit {
     }
 
     /// Returns when a call may go: at once while closed; while open, to one prober at a time
-    /// once its pause is over.
-    async fn admit(&self) {
+    /// once its pause is over. `true` for the prober.
+    async fn admit(&self) -> bool {
         loop {
             let notified = self.changed.notified();
             let wait = {
                 let mut s = self.lock();
                 match s.probe_at {
-                    None => return,
+                    None => return false,
                     Some(at) if !s.probing && Instant::now() >= at => {
                         s.probing = true;
-                        return;
+                        return true;
                     }
                     Some(at) => at.saturating_duration_since(Instant::now()),
                 }
@@ -381,6 +401,12 @@ impl Circuit {
             metrics::gauge!(m::WORKER_PAUSED, "role" => self.role, "peer" => self.peer).set(0.0);
             self.changed.notify_waiters();
         }
+    }
+
+    /// A call ended without an outcome: whoever held the probe lets the next caller have it.
+    fn abandoned(&self) {
+        self.lock().probing = false;
+        self.changed.notify_waiters();
     }
 
     fn failed(&self) {
@@ -484,5 +510,19 @@ mod tests {
         let (admitted, released) = tokio::join!(waiter, release);
         assert!(admitted >= released, "admitted before the probe came back");
         assert!(!c.is_open());
+    }
+
+    #[tokio::test]
+    async fn a_prober_dropped_mid_call_hands_the_probe_on() {
+        let c = Circuit::new("r", "p", &config());
+        c.failed();
+        c.failed();
+        assert!(c.admit().await, "the first caller after the pause probes");
+        drop(ProbeGuard {
+            circuit: &c,
+            armed: true,
+        });
+        let next = tokio::time::timeout(Duration::from_secs(2), c.admit()).await;
+        assert_eq!(next.ok(), Some(true), "the next caller gets the probe");
     }
 }

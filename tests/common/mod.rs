@@ -12,6 +12,7 @@ use nexus::config::{BusConfig, Config};
 pub mod chat;
 pub mod process;
 pub mod sink;
+pub mod ucs;
 
 /// A bus plus whatever must live as long as it (the embedded bus's directory).
 pub struct TestBus {

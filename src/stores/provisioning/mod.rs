@@ -210,6 +210,11 @@ impl Provisioning {
             .with_auth_cache_ttl(Duration::from_millis(stores.auth_cache_ttl_ms)))
     }
 
+    /// The connection pool, for workers that keep their effect state in this database.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
     /// `postgres` or `sqlite`.
     pub fn kind(&self) -> &'static str {
         self.kind

@@ -194,6 +194,7 @@ impl ConversationWorker {
                 channel_id: b.channel_id.clone(),
                 customer_participant_id: b.participant_id.clone(),
                 customer_nickname: b.nickname.clone(),
+                contact: b.contact.clone(),
                 contact_id: None,
                 subject: b.subject.clone(),
                 user_data: b.user_data.clone(),

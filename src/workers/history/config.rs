@@ -1,0 +1,14 @@
+//! Settings of the `history` role (`[workers.history]`): where UCS is, globally or per tenant,
+//! and when the role pauses on it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::workers::peer::PeerConfig;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// UCS: global target, per-tenant overrides and the pause circuit. A tenant without a
+    /// target has its events acked without a call.
+    pub ucs: PeerConfig,
+}

@@ -1,0 +1,440 @@
+//! The `history` role: writes each conversation of `nexus.interaction.v1` to UCS once and in
+//! order — contact and interaction at the start, transcript, attachments and status at the close.
+//!
+//! Per conversation a row in the provisioning database ([`store`]) holds the UCS ids and the
+//! last applied [`Step`]; messages and participant changes are kept by transcript position
+//! until the close. Handling an event records what it says (idempotently: the start and the
+//! close once, entries by position) and then runs the remaining steps in order, each one UCS
+//! call followed by a compare-and-set of the step. A redelivered or replayed event finds its
+//! steps done and makes no call. The consumer keeps one conversation on one lane, so the calls
+//! of a conversation never overlap or reorder.
+//!
+//! **The crash window.** A process can die after UCS applied a call and before the step was
+//! recorded (or before the ack). The event then comes back and the step is called again. Every
+//! call names its object with a deterministic id, so the repeat lands on the object the first
+//! call created instead of making a second one:
+//! - IdentifyContact finds the contact by email/phone; when it must create one it uses
+//!   `Id` = UUIDv5(tenant, conversation, "contact"), which a repeat finds too;
+//! - InsertInteraction has `Id` = the nexus conversation id;
+//! - AddDocument has `Id` = UUIDv5(tenant, conversation, "transcript" | "attachment/<file id>");
+//! - SetInteractionStatus sets the same status and end date again (idempotent by nature).
+//!
+//! UCS failing (5xx, timeout, refused) retries the event in place with backoff and jitter; while
+//! it keeps failing the [`Peer`] circuit pauses the role (lanes wait, lag grows,
+//! `nexus_worker_paused{role="history",peer="ucs"}` = 1). A 4xx dead-letters the event with
+//! reason `ucs_rejected`. Tenants without a UCS target are acked without a call (`skipped`).
+
+pub mod config;
+pub mod store;
+pub mod ucs;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use tracing::{debug, warn};
+
+pub use config::HistoryConfig;
+use store::{Closed, Entry, HistoryStore, Started, State, Step, StoreError};
+use ucs::Ucs;
+
+use crate::bus::consumer::{HandleError, Handler};
+use crate::bus::Message;
+use crate::events::chat::{self as ev, Body};
+use crate::events::Event;
+use crate::stores::provisioning::{Provisioning, ProvisioningError};
+use crate::telemetry::metrics as m;
+use crate::workers::peer::{Peer, PeerFailure, PeerTarget};
+
+/// Dead-letter reason of an event UCS refused (4xx).
+pub const REJECTED: &str = "ucs_rejected";
+/// Dead-letter reason of a 2xx answer that lacks what the next step needs.
+pub const BAD_ANSWER: &str = "ucs_bad_answer";
+/// Dead-letter reason of a close for a conversation whose start this role never recorded.
+pub const NOT_STARTED: &str = "history_not_started";
+
+/// What comes next for a conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    IdentifyContact,
+    InsertInteraction,
+    /// Open at UCS; the rest waits for ConversationClosed.
+    WaitForClose,
+    AddTranscript,
+    /// The attachment at this index (in transcript order), or the step's end past the last.
+    AddAttachment(i64),
+    SetStatus,
+    Nothing,
+}
+
+/// The next step of a conversation in `state`.
+pub fn next(state: &State) -> Next {
+    match state.step {
+        Step::Recorded => Next::IdentifyContact,
+        Step::ContactIdentified => Next::InsertInteraction,
+        Step::InteractionInserted if state.closed.is_some() => Next::AddTranscript,
+        Step::InteractionInserted => Next::WaitForClose,
+        Step::TranscriptAdded => Next::AddAttachment(state.attachments_done),
+        Step::AttachmentsAdded => Next::SetStatus,
+        Step::Done => Next::Nothing,
+    }
+}
+
+/// A transcript entry of an interaction event, if it is one and carries its position.
+pub fn entry_of(event: &Event) -> Option<Result<Entry, ev::BodyError>> {
+    let at_ms = event.envelope.occurred_at_ms;
+    let entry = match event.envelope.event_type.as_str() {
+        ev::MessageReceived::TYPE => event.body_as::<ev::MessageReceived>().map(|b| {
+            b.transcript_position.map(|position| Entry {
+                position,
+                kind: "Message".into(),
+                at_ms,
+                participant_id: b.participant_id,
+                participant_kind: b.participant_kind,
+                nickname: b.nickname,
+                text: b.text,
+                media_ids: b.media_ids,
+            })
+        }),
+        ev::MessageSent::TYPE => event.body_as::<ev::MessageSent>().map(|b| {
+            b.transcript_position.map(|position| Entry {
+                position,
+                kind: "Message".into(),
+                at_ms,
+                participant_id: b.participant_id,
+                participant_kind: b.participant_kind,
+                nickname: Some(b.nickname),
+                text: b.text,
+                media_ids: b.media_ids,
+            })
+        }),
+        ev::ParticipantJoined::TYPE => event.body_as::<ev::ParticipantJoined>().map(|b| {
+            b.transcript_position.map(|position| Entry {
+                position,
+                kind: "ParticipantJoined".into(),
+                at_ms,
+                participant_id: b.participant_id,
+                participant_kind: b.participant_kind,
+                nickname: Some(b.nickname),
+                text: None,
+                media_ids: Vec::new(),
+            })
+        }),
+        ev::ParticipantLeft::TYPE => event.body_as::<ev::ParticipantLeft>().map(|b| {
+            b.transcript_position.map(|position| Entry {
+                position,
+                kind: "ParticipantLeft".into(),
+                at_ms,
+                participant_id: b.participant_id,
+                participant_kind: b.participant_kind,
+                nickname: b.nickname,
+                text: None,
+                media_ids: Vec::new(),
+            })
+        }),
+        _ => return None,
+    };
+    entry.transpose()
+}
+
+fn count(event: &'static str, outcome: &'static str) {
+    metrics::counter!(m::HISTORY_EVENTS_TOTAL, "event" => event, "outcome" => outcome).increment(1);
+}
+
+fn store_failed(e: StoreError) -> HandleError {
+    HandleError::Retry(e.to_string())
+}
+
+fn ucs_failed(e: PeerFailure) -> HandleError {
+    e.into_handle_error(REJECTED)
+}
+
+fn invalid(e: ev::BodyError) -> HandleError {
+    HandleError::Reject {
+        reason: "invalid_body",
+        detail: e.to_string(),
+    }
+}
+
+pub struct HistoryWorker {
+    config: HistoryConfig,
+    ucs: Ucs,
+    store: HistoryStore,
+    files: Arc<Provisioning>,
+}
+
+impl HistoryWorker {
+    pub fn new(config: HistoryConfig, client: reqwest::Client, files: Arc<Provisioning>) -> Self {
+        let peer = Peer::new("history", "ucs", client, &config.ucs);
+        Self {
+            store: HistoryStore::new(files.pool().clone()),
+            ucs: Ucs::new(peer),
+            config,
+            files,
+        }
+    }
+
+    async fn on_event(&self, event: &Event, target: &PeerTarget) -> Result<(), HandleError> {
+        let e = &event.envelope;
+        let (tenant, conv) = (e.tenant_id.as_str(), e.conversation_id.as_str());
+        let event_id = e.event_id.to_string();
+        match e.event_type.as_str() {
+            ev::ConversationStarted::TYPE => {
+                let b: ev::ConversationStarted = event.body_as().map_err(invalid)?;
+                let started = Started {
+                    nickname: b.customer_nickname,
+                    contact: b.contact,
+                    subject: b.subject,
+                    user_data: b.user_data,
+                    started_at_ms: e.occurred_at_ms,
+                };
+                let new = self
+                    .store
+                    .record_start(tenant, conv, &started, &event_id)
+                    .await
+                    .map_err(store_failed)?;
+                count("started", if new { "applied" } else { "duplicate" });
+                self.advance(target, tenant, conv, &event_id).await
+            }
+            ev::ConversationClosed::TYPE => {
+                let b: ev::ConversationClosed = event.body_as().map_err(invalid)?;
+                let closed = Closed {
+                    reason: b.reason,
+                    closed_by_participant_id: b.closed_by_participant_id,
+                    closed_at_ms: e.occurred_at_ms,
+                };
+                let new = self
+                    .store
+                    .record_close(tenant, conv, &closed, &event_id)
+                    .await
+                    .map_err(store_failed)?;
+                if !new
+                    && self
+                        .store
+                        .load(tenant, conv)
+                        .await
+                        .map_err(store_failed)?
+                        .is_none()
+                {
+                    return Err(HandleError::Reject {
+                        reason: NOT_STARTED,
+                        detail: format!("no recorded start for conversation {conv}"),
+                    });
+                }
+                count("closed", if new { "applied" } else { "duplicate" });
+                self.advance(target, tenant, conv, &event_id).await
+            }
+            _ => match entry_of(event) {
+                None => {
+                    count("other", "ignored");
+                    Ok(())
+                }
+                Some(entry) => {
+                    let entry = entry.map_err(invalid)?;
+                    let new = self
+                        .store
+                        .add_entry(tenant, conv, &entry)
+                        .await
+                        .map_err(store_failed)?;
+                    count("entry", if new { "applied" } else { "duplicate" });
+                    Ok(())
+                }
+            },
+        }
+    }
+
+    /// Runs the conversation's remaining steps in order, each a UCS call then its record.
+    #[tracing::instrument(name = "history_advance", skip_all)]
+    async fn advance(
+        &self,
+        target: &PeerTarget,
+        tenant: &str,
+        conv: &str,
+        event_id: &str,
+    ) -> Result<(), HandleError> {
+        loop {
+            let Some(state) = self.store.load(tenant, conv).await.map_err(store_failed)? else {
+                return Ok(());
+            };
+            let step = next(&state);
+            let moved = match step {
+                Next::WaitForClose | Next::Nothing => return Ok(()),
+                Next::IdentifyContact => {
+                    let call = ucs::identify_contact(tenant, conv, &state.started);
+                    let answer = self.ucs.call(target, &call).await.map_err(ucs_failed)?;
+                    let contact =
+                        ucs::contact_id_of(&answer).ok_or_else(|| HandleError::Reject {
+                            reason: BAD_ANSWER,
+                            detail: "IdentifyContact answered without a ContactId".into(),
+                        })?;
+                    self.store
+                        .advance(
+                            tenant,
+                            conv,
+                            Step::Recorded,
+                            Step::ContactIdentified,
+                            Some(&contact),
+                            None,
+                            event_id,
+                        )
+                        .await
+                }
+                Next::InsertInteraction => {
+                    let contact = state.contact_id.clone().unwrap_or_default();
+                    let call = ucs::insert_interaction(tenant, conv, &contact, &state.started);
+                    let answer = self.ucs.call(target, &call).await.map_err(ucs_failed)?;
+                    // UCS keeps the Id it was given; an answer naming another one wins.
+                    let id = answer
+                        .get("Id")
+                        .and_then(Value::as_str)
+                        .filter(|s| !s.is_empty())
+                        .unwrap_or(conv)
+                        .to_string();
+                    self.store
+                        .advance(
+                            tenant,
+                            conv,
+                            Step::ContactIdentified,
+                            Step::InteractionInserted,
+                            None,
+                            Some(&id),
+                            event_id,
+                        )
+                        .await
+                }
+                Next::AddTranscript => {
+                    let entries = self
+                        .store
+                        .entries(tenant, conv)
+                        .await
+                        .map_err(store_failed)?;
+                    let call =
+                        ucs::transcript_document(tenant, conv, interaction(&state, conv), &entries);
+                    self.ucs.call(target, &call).await.map_err(ucs_failed)?;
+                    self.store
+                        .advance(
+                            tenant,
+                            conv,
+                            Step::InteractionInserted,
+                            Step::TranscriptAdded,
+                            None,
+                            None,
+                            event_id,
+                        )
+                        .await
+                }
+                Next::AddAttachment(done) => {
+                    let entries = self
+                        .store
+                        .entries(tenant, conv)
+                        .await
+                        .map_err(store_failed)?;
+                    let files = ucs::attachments(&entries);
+                    match usize::try_from(done).ok().and_then(|i| files.get(i)) {
+                        None => {
+                            self.store
+                                .advance(
+                                    tenant,
+                                    conv,
+                                    Step::TranscriptAdded,
+                                    Step::AttachmentsAdded,
+                                    None,
+                                    None,
+                                    event_id,
+                                )
+                                .await
+                        }
+                        Some(file_id) => {
+                            self.add_attachment(target, tenant, conv, &state, file_id)
+                                .await?;
+                            self.store
+                                .attachment_added(tenant, conv, done, event_id)
+                                .await
+                        }
+                    }
+                }
+                Next::SetStatus => {
+                    let closed = state.closed.as_ref().ok_or_else(|| {
+                        HandleError::Retry("status step without a recorded close".into())
+                    })?;
+                    let call =
+                        ucs::set_interaction_status(tenant, interaction(&state, conv), closed);
+                    self.ucs.call(target, &call).await.map_err(ucs_failed)?;
+                    let moved = self
+                        .store
+                        .advance(
+                            tenant,
+                            conv,
+                            Step::AttachmentsAdded,
+                            Step::Done,
+                            None,
+                            None,
+                            event_id,
+                        )
+                        .await;
+                    if matches!(moved, Ok(true)) {
+                        self.store
+                            .drop_entries(tenant, conv)
+                            .await
+                            .map_err(store_failed)?;
+                    }
+                    moved
+                }
+            }
+            .map_err(store_failed)?;
+            if moved {
+                debug!(?step, "UCS step applied");
+            } else {
+                debug!(?step, "another member applied this step first");
+            }
+        }
+    }
+
+    /// Adds one chat file as a document; a file that expired or is gone is noted, not fatal.
+    async fn add_attachment(
+        &self,
+        target: &PeerTarget,
+        tenant: &str,
+        conv: &str,
+        state: &State,
+        file_id: &str,
+    ) -> Result<(), HandleError> {
+        match self.files.file(tenant, conv, file_id).await {
+            Ok(file) => {
+                let call = ucs::attachment_document(tenant, conv, interaction(state, conv), &file);
+                self.ucs.call(target, &call).await.map_err(ucs_failed)?;
+                metrics::counter!(m::HISTORY_ATTACHMENTS_TOTAL, "outcome" => "added").increment(1);
+                Ok(())
+            }
+            Err(ProvisioningError::NotFound(_) | ProvisioningError::Expired(_)) => {
+                warn!(
+                    file_id,
+                    "attachment expired or deleted before the close; not written to UCS"
+                );
+                metrics::counter!(m::HISTORY_ATTACHMENTS_TOTAL, "outcome" => "missing")
+                    .increment(1);
+                Ok(())
+            }
+            Err(e) => Err(HandleError::Retry(e.to_string())),
+        }
+    }
+}
+
+/// The UCS interaction id (recorded at InsertInteraction; the conversation id by default).
+fn interaction<'a>(state: &'a State, conv: &'a str) -> &'a str {
+    state.interaction_id.as_deref().unwrap_or(conv)
+}
+
+#[async_trait]
+impl Handler for HistoryWorker {
+    async fn handle(&self, event: &Event, _message: &Message) -> Result<(), HandleError> {
+        let Some(target) = self.config.ucs.target(&event.envelope.tenant_id) else {
+            count("any", "skipped");
+            return Ok(());
+        };
+        self.on_event(event, &target).await
+    }
+}

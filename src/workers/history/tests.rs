@@ -1,0 +1,289 @@
+//! Unit tests of the history role: step order and the UCS payload mapping.
+
+use std::collections::BTreeMap;
+
+use serde_json::json;
+
+use super::store::{Closed, Entry, Started, State, Step};
+use super::*;
+use crate::events::chat::{CloseReason, Contact, ParticipantKind};
+
+fn started() -> Started {
+    Started {
+        nickname: "Ann".into(),
+        contact: Contact {
+            first_name: Some("Ann".into()),
+            last_name: Some("Lee".into()),
+            email_address: Some("ann@example.com".into()),
+            phone_number: None,
+        },
+        subject: Some("billing".into()),
+        user_data: BTreeMap::from([("lang".into(), "fr".into())]),
+        started_at_ms: 1_700_000_000_000,
+    }
+}
+
+fn state(step: Step, closed: bool) -> State {
+    State {
+        step,
+        started: started(),
+        contact_id: None,
+        interaction_id: None,
+        closed: closed.then_some(Closed {
+            reason: CloseReason::AgentCompleted,
+            closed_by_participant_id: None,
+            closed_at_ms: 1_700_000_060_000,
+        }),
+        attachments_done: 0,
+    }
+}
+
+fn entry(position: i64, text: &str, media: &[&str]) -> Entry {
+    Entry {
+        position,
+        kind: "Message".into(),
+        at_ms: 1_700_000_000_000 + position,
+        participant_id: "p".into(),
+        participant_kind: ParticipantKind::Customer,
+        nickname: Some("Ann".into()),
+        text: Some(text.into()),
+        media_ids: media.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+#[test]
+fn steps_run_in_order_and_the_close_gates_the_documents() {
+    assert_eq!(next(&state(Step::Recorded, false)), Next::IdentifyContact);
+    assert_eq!(
+        next(&state(Step::ContactIdentified, false)),
+        Next::InsertInteraction
+    );
+    assert_eq!(
+        next(&state(Step::InteractionInserted, false)),
+        Next::WaitForClose
+    );
+    assert_eq!(
+        next(&state(Step::InteractionInserted, true)),
+        Next::AddTranscript
+    );
+    let mut s = state(Step::TranscriptAdded, true);
+    s.attachments_done = 2;
+    assert_eq!(next(&s), Next::AddAttachment(2));
+    assert_eq!(next(&state(Step::AttachmentsAdded, true)), Next::SetStatus);
+    assert_eq!(next(&state(Step::Done, true)), Next::Nothing);
+    for v in 0..=5 {
+        assert_eq!(Step::from_i64(v).map(|s| s as i64), Some(v));
+    }
+    assert_eq!(Step::from_i64(6), None);
+}
+
+#[test]
+fn ids_are_deterministic_per_tenant_and_conversation() {
+    let a = ucs::object_id("t1", "c1", "transcript");
+    assert_eq!(a, ucs::object_id("t1", "c1", "transcript"));
+    assert_ne!(a, ucs::object_id("t2", "c1", "transcript"));
+    assert_ne!(a, ucs::object_id("t1", "c1", "contact"));
+    let c1 = ucs::identify_contact("t1", "c1", &started());
+    assert_eq!(c1, ucs::identify_contact("t1", "c1", &started()));
+}
+
+#[test]
+fn payloads_carry_the_conversation() {
+    let c = ucs::identify_contact("t1", "c1", &started());
+    assert_eq!((c.service, c.method), ("OMContacts", "IdentifyContact"));
+    assert_eq!(c.parameters["EmailAddress"], "ann@example.com");
+    assert_eq!(c.parameters["FirstName"], "Ann");
+    assert_eq!(c.parameters["TenantId"], "t1");
+    assert_eq!(c.user_data, json!({"lang": "fr"}));
+
+    let i = ucs::insert_interaction("t1", "c1", "contact-9", &started());
+    assert_eq!(i.method, "InsertInteraction");
+    assert_eq!(i.parameters["Id"], "c1");
+    assert_eq!(i.parameters["ContactId"], "contact-9");
+    assert_eq!(i.parameters["MediaTypeId"], "chat");
+    assert_eq!(i.parameters["Subject"], "billing");
+    assert_eq!(i.parameters["StartDate"], "2023-11-14T22:13:20.000Z");
+
+    let entries = [
+        entry(1, "hello", &[]),
+        entry(2, "see file", &["f1", "f2"]),
+        entry(3, "again", &["f1"]),
+    ];
+    let d = ucs::transcript_document("t1", "c1", "c1", &entries);
+    assert_eq!(d.method, "AddDocument");
+    assert_eq!(d.parameters["Id"], ucs::object_id("t1", "c1", "transcript"));
+    let texts: Vec<&str> = d.parameters["Content"]["Messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["Text"].as_str())
+        .collect();
+    assert_eq!(texts, ["hello", "see file", "again"]);
+    assert_eq!(ucs::attachments(&entries), ["f1", "f2"]);
+
+    let s = ucs::set_interaction_status(
+        "t1",
+        "c1",
+        state(Step::AttachmentsAdded, true)
+            .closed
+            .as_ref()
+            .expect("closed"),
+    );
+    assert_eq!(s.parameters["Status"], "Stopped");
+    assert_eq!(s.parameters["Reason"], "AGENT_COMPLETED");
+    assert_eq!(s.parameters["InteractionId"], "c1");
+
+    assert_eq!(
+        ucs::contact_id_of(&json!({"ContactId": "x"})),
+        Some("x".into())
+    );
+    assert_eq!(
+        ucs::contact_id_of(&json!({"Result": {"ContactId": "y"}})),
+        Some("y".into())
+    );
+    assert_eq!(ucs::contact_id_of(&json!({"ContactId": ""})), None);
+}
+
+#[test]
+fn interaction_events_map_to_entries() {
+    let body = json!({
+        "message_id": "m1", "participant_id": "a1", "participant_kind": "AGENT",
+        "nickname": "Bob", "agent_id": "a1", "kind": "TEXT", "text": "hi",
+        "media_ids": [], "in_reply_to": null, "transcript_position": 4
+    });
+    let serde_json::Value::Object(body) = body else {
+        unreachable!("object")
+    };
+    let e = Event::new("MessageSent", "t1", "c1", "test", body);
+    let got = entry_of(&e).expect("an entry event").expect("valid");
+    assert_eq!(
+        (got.position, got.text.as_deref(), got.nickname.as_deref()),
+        (4, Some("hi"), Some("Bob"))
+    );
+    let other = Event::new(
+        "ConversationRouted",
+        "t1",
+        "c1",
+        "test",
+        serde_json::Map::new(),
+    );
+    assert!(entry_of(&other).is_none());
+}
+
+/// The effect state on SQLite (`nexus dev`); PostgreSQL runs the same SQL in tests/history_ucs.rs.
+#[tokio::test]
+async fn the_state_store_applies_each_step_once() {
+    use crate::stores::provisioning::secrets::EncryptionKey;
+    use crate::stores::provisioning::Provisioning;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = Provisioning::connect(
+        &dir.path().join("p.db").display().to_string(),
+        &EncryptionKey::generate(),
+    )
+    .await
+    .expect("connect");
+    let s = HistoryStore::new(p.pool().clone());
+    assert!(s
+        .record_start("t", "c", &started(), "e1")
+        .await
+        .expect("start"));
+    assert!(!s
+        .record_start("t", "c", &started(), "e1")
+        .await
+        .expect("again"));
+    assert!(s
+        .add_entry("t", "c", &entry(2, "b", &[]))
+        .await
+        .expect("entry"));
+    assert!(s
+        .add_entry("t", "c", &entry(1, "a", &[]))
+        .await
+        .expect("entry"));
+    assert!(!s
+        .add_entry("t", "c", &entry(1, "a", &[]))
+        .await
+        .expect("redelivered"));
+    let texts: Vec<Option<String>> = s
+        .entries("t", "c")
+        .await
+        .expect("entries")
+        .into_iter()
+        .map(|e| e.text)
+        .collect();
+    assert_eq!(texts, [Some("a".into()), Some("b".into())]);
+
+    let moved = s
+        .advance(
+            "t",
+            "c",
+            Step::Recorded,
+            Step::ContactIdentified,
+            Some("k1"),
+            None,
+            "e1",
+        )
+        .await
+        .expect("advance");
+    assert!(moved);
+    let again = s
+        .advance(
+            "t",
+            "c",
+            Step::Recorded,
+            Step::ContactIdentified,
+            Some("k2"),
+            None,
+            "e1",
+        )
+        .await
+        .expect("advance again");
+    assert!(!again, "a step applies once");
+    let st = s.load("t", "c").await.expect("load").expect("row");
+    assert_eq!(
+        (st.step, st.contact_id.as_deref()),
+        (Step::ContactIdentified, Some("k1"))
+    );
+    assert_eq!(next(&st), Next::InsertInteraction);
+
+    let closed = Closed {
+        reason: CloseReason::CustomerLeft,
+        closed_by_participant_id: None,
+        closed_at_ms: 5,
+    };
+    assert!(s
+        .record_close("t", "c", &closed, "e9")
+        .await
+        .expect("close"));
+    assert!(!s
+        .record_close("t", "c", &closed, "e9")
+        .await
+        .expect("close again"));
+    assert!(!s
+        .record_close("t", "other", &closed, "e9")
+        .await
+        .expect("unknown"));
+    for (from, to) in [
+        (Step::ContactIdentified, Step::InteractionInserted),
+        (Step::InteractionInserted, Step::TranscriptAdded),
+    ] {
+        assert!(s
+            .advance("t", "c", from, to, None, Some("c"), "e9")
+            .await
+            .expect("advance"));
+    }
+    assert!(
+        !s.add_entry("t", "c", &entry(3, "late", &[]))
+            .await
+            .expect("late"),
+        "entries after the transcript are not kept"
+    );
+    assert!(s
+        .attachment_added("t", "c", 0, "e9")
+        .await
+        .expect("attachment"));
+    assert!(!s.attachment_added("t", "c", 0, "e9").await.expect("twice"));
+    let st = s.load("t", "c").await.expect("load").expect("row");
+    assert_eq!(next(&st), Next::AddAttachment(1));
+    s.drop_entries("t", "c").await.expect("drop");
+    assert!(s.entries("t", "c").await.expect("entries").is_empty());
+}

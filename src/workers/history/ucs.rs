@@ -1,0 +1,206 @@
+//! The UCS calls of the history worker (`POST {ucs}/ucs/v1/{Service}/{Method}` with
+//! `{"Parameters": ..., "UserData": ...}`), each built from stored state with a deterministic id.
+//!
+//! The builders are pure so the mapping is unit-tested; [`Ucs::call`] sends through the shared
+//! [`Peer`] (outcome classification, metrics, pause circuit).
+
+use base64::Engine;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::store::{Closed, Entry, Started};
+use crate::events::chat::CloseReason;
+use crate::workers::peer::{Peer, PeerFailure, PeerTarget};
+
+/// Namespace of the UUIDv5 ids nexus gives UCS objects (contacts it creates, documents).
+const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6e65_7875_732d_6869_7374_6f72_792d_7563);
+
+/// A UUIDv5 of the tenant, the conversation and what it names: the same on every retry,
+/// redelivery and replay, so a repeated call names the object the first one created.
+pub fn object_id(tenant: &str, conversation: &str, what: &str) -> String {
+    Uuid::new_v5(
+        &ID_NAMESPACE,
+        format!("{tenant}/{conversation}/{what}").as_bytes(),
+    )
+    .to_string()
+}
+
+/// One UCS request: service, method and the two JSON objects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Call {
+    pub service: &'static str,
+    pub method: &'static str,
+    pub parameters: Value,
+    pub user_data: Value,
+}
+
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn user_data(s: &Started) -> Value {
+    json!(s.user_data)
+}
+
+/// Find or create the customer's contact by email, phone, name. `Id` is the contact UCS
+/// creates when none matches, so a repeat after a crash finds that one instead of a second.
+pub fn identify_contact(tenant: &str, conversation: &str, s: &Started) -> Call {
+    let c = &s.contact;
+    Call {
+        service: "OMContacts",
+        method: "IdentifyContact",
+        parameters: json!({
+            "TenantId": tenant,
+            "MediaType": "chat",
+            "CreateContact": true,
+            "Id": object_id(tenant, conversation, "contact"),
+            "EmailAddress": c.email_address,
+            "PhoneNumber": c.phone_number,
+            "FirstName": c.first_name,
+            "LastName": c.last_name,
+            "Nickname": s.nickname,
+        }),
+        user_data: user_data(s),
+    }
+}
+
+/// The interaction, with the nexus conversation id as its `Id`.
+pub fn insert_interaction(tenant: &str, conversation: &str, contact_id: &str, s: &Started) -> Call {
+    Call {
+        service: "OMInteractions",
+        method: "InsertInteraction",
+        parameters: json!({
+            "Id": conversation,
+            "TenantId": tenant,
+            "ContactId": contact_id,
+            "MediaTypeId": "chat",
+            "TypeId": "Inbound",
+            "Subject": s.subject,
+            "StartDate": rfc3339(s.started_at_ms),
+            "Status": "InProcess",
+        }),
+        user_data: user_data(s),
+    }
+}
+
+/// The transcript as one document; attachments are listed by file id.
+pub fn transcript_document(
+    tenant: &str,
+    conversation: &str,
+    interaction_id: &str,
+    entries: &[Entry],
+) -> Call {
+    let messages: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            json!({
+                "Position": e.position,
+                "Type": e.kind,
+                "Date": rfc3339(e.at_ms),
+                "ParticipantId": e.participant_id,
+                "ParticipantKind": e.participant_kind,
+                "Nickname": e.nickname,
+                "Text": e.text,
+                "Attachments": e.media_ids,
+            })
+        })
+        .collect();
+    Call {
+        service: "OMInteractions",
+        method: "AddDocument",
+        parameters: json!({
+            "InteractionId": interaction_id,
+            "TenantId": tenant,
+            "Id": object_id(tenant, conversation, "transcript"),
+            "Kind": "Transcript",
+            "MimeType": "application/json",
+            "Content": {"Messages": messages},
+        }),
+        user_data: json!({}),
+    }
+}
+
+/// The media ids of the entries, in transcript order, each once.
+pub fn attachments(entries: &[Entry]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for id in entries.iter().flat_map(|e| e.media_ids.iter()) {
+        if !out.contains(id) {
+            out.push(id.clone());
+        }
+    }
+    out
+}
+
+/// One chat file as a document (`data` base64).
+pub fn attachment_document(
+    tenant: &str,
+    conversation: &str,
+    interaction_id: &str,
+    file: &crate::stores::provisioning::ChatFile,
+) -> Call {
+    Call {
+        service: "OMInteractions",
+        method: "AddDocument",
+        parameters: json!({
+            "InteractionId": interaction_id,
+            "TenantId": tenant,
+            "Id": object_id(tenant, conversation, &format!("attachment/{}", file.id)),
+            "Kind": "Attachment",
+            "FileName": file.name,
+            "MimeType": file.content_type,
+            "Size": file.size,
+            "Content": base64::engine::general_purpose::STANDARD.encode(&file.data),
+        }),
+        user_data: json!({}),
+    }
+}
+
+fn reason_code(r: CloseReason) -> Value {
+    serde_json::to_value(r).unwrap_or(Value::Null)
+}
+
+/// Stopped, with the end date and why.
+pub fn set_interaction_status(tenant: &str, interaction_id: &str, closed: &Closed) -> Call {
+    Call {
+        service: "OMInteractions",
+        method: "SetInteractionStatus",
+        parameters: json!({
+            "InteractionId": interaction_id,
+            "TenantId": tenant,
+            "Status": "Stopped",
+            "EndDate": rfc3339(closed.closed_at_ms),
+            "Reason": reason_code(closed.reason),
+            "ClosedBy": closed.closed_by_participant_id,
+        }),
+        user_data: json!({}),
+    }
+}
+
+/// `ContactId` of an IdentifyContact answer (top level or under `Result`).
+pub fn contact_id_of(answer: &Value) -> Option<String> {
+    answer
+        .get("ContactId")
+        .or_else(|| answer.get("Result").and_then(|r| r.get("ContactId")))
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+/// The history role's UCS peer.
+pub struct Ucs {
+    peer: Peer,
+}
+
+impl Ucs {
+    pub fn new(peer: Peer) -> Self {
+        Self { peer }
+    }
+
+    pub async fn call(&self, target: &PeerTarget, call: &Call) -> Result<Value, PeerFailure> {
+        let path = format!("/ucs/v1/{}/{}", call.service, call.method);
+        let body = json!({"Parameters": call.parameters, "UserData": call.user_data});
+        self.peer.post_json(target, &path, &[], &body).await
+    }
+}

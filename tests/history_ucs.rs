@@ -1,0 +1,543 @@
+//! The history worker against a fake UCS (a real HTTP server on loopback), with real processes
+//! (`nexus edge`, `nexus worker conversation`, `nexus worker history`) on NATS JetStream,
+//! PostgreSQL and Redis: a chat is written once and in order; an outage pauses the role and
+//! nothing is lost; a SIGKILL mid-load repeats no effect; a 4xx dead-letters one event only.
+
+mod common;
+
+use std::time::Duration;
+
+use common::chat::*;
+use common::process::metric_sum;
+use common::ucs::{Effect, FakeUcs, Mode};
+use nexus::workers::history::ucs::object_id;
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(30);
+const CREDENTIAL: &str = "ucs-secret-for-tests";
+
+/// NATS, a fresh database, Redis and the three roles; fields drop processes first.
+struct System {
+    history: Node,
+    edge: Node,
+    _conversation: Node,
+    env: Vec<(&'static str, String)>,
+    dir: tempfile::TempDir,
+    _nats: OwnNats,
+    _db: TestDb,
+}
+
+impl System {
+    async fn start(ucs: &FakeUcs) -> System {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let nats = OwnNats::start(dir.path()).await;
+        let db = TestDb::create().await;
+        let mut env = base_env(dir.path());
+        env.extend([
+            ("NEXUS_BUS__URL", nats.url.clone()),
+            ("NEXUS_STORES__POSTGRES_URL", db.url.clone()),
+            ("NEXUS_STORES__PROVISIONING_KEY", "11".repeat(32)),
+            (
+                "NEXUS_STORES__REDIS_URL",
+                std::env::var("NEXUS_TEST_REDIS_URL")
+                    .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+            ),
+            ("NEXUS_BUS__NATS__ACK_WAIT_MS", "1500".into()),
+            ("NEXUS_BUS__NATS__LEASE_TTL_MS", "2500".into()),
+            ("NEXUS_CONSUMER__RETRY_MAX_MS", "400".into()),
+            ("NEXUS_WORKERS__HISTORY__UCS__URL", ucs.url()),
+            ("NEXUS_WORKERS__HISTORY__UCS__CREDENTIAL", CREDENTIAL.into()),
+            ("NEXUS_WORKERS__HISTORY__UCS__TIMEOUT_MS", "1000".into()),
+            (
+                "NEXUS_WORKERS__HISTORY__UCS__PAUSE_AFTER_FAILURES",
+                "3".into(),
+            ),
+            (
+                "NEXUS_WORKERS__HISTORY__UCS__PAUSE_INITIAL_MS",
+                "300".into(),
+            ),
+            ("NEXUS_WORKERS__HISTORY__UCS__PAUSE_MAX_MS", "800".into()),
+        ]);
+        let (ok, out, err) = common::process::run(&["topology", "apply", "--bus", &nats.url], &[]);
+        assert!(ok, "topology apply: {out} {err}");
+        let conversation = start_node(
+            dir.path(),
+            "conversation",
+            &["worker", "conversation"],
+            env.clone(),
+        )
+        .await;
+        let edge = start_node(dir.path(), "edge", &["edge"], env.clone()).await;
+        let history = start_node(dir.path(), "history", &["worker", "history"], env.clone()).await;
+        System {
+            history,
+            edge,
+            _conversation: conversation,
+            env,
+            dir,
+            _nats: nats,
+            _db: db,
+        }
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.history.url))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+}
+
+/// A customer chat: started with `start` (contact fields, first message), then the customer
+/// leaves. Returns the conversation id.
+async fn chat_and_leave(url: &str, tenant: &Tenant, start: Value) -> String {
+    let http = reqwest::Client::new();
+    let started: Value = http
+        .post(format!("{url}/nexus/v3/chat/sessions"))
+        .header("x-api-key", &tenant.api_key)
+        .json(&start)
+        .send()
+        .await
+        .expect("start")
+        .json()
+        .await
+        .expect("start json");
+    let sid = started["session_id"]
+        .as_str()
+        .expect("session id")
+        .to_string();
+    let ck = started["client_key"].as_str().expect("client key");
+    let r = http
+        .post(format!("{url}/nexus/v3/chat/sessions/{sid}/disconnect"))
+        .header("x-api-key", &tenant.api_key)
+        .header("x-nexus-client-key", ck)
+        .send()
+        .await
+        .expect("disconnect");
+    assert_eq!(r.status(), 202);
+    sid
+}
+
+fn methods(effects: &[Effect]) -> Vec<&str> {
+    effects.iter().map(|e| e.method.as_str()).collect()
+}
+
+/// The conversation's effects at UCS, exactly once each and in order: its contact created,
+/// then interaction, `documents` documents (transcript, attachments), status.
+fn assert_written_once_in_order(ucs: &FakeUcs, tenant: &str, conv: &str, documents: usize) {
+    let all = ucs.effects();
+    let contact = object_id(tenant, conv, "contact");
+    let contact_at: Vec<usize> = (0..all.len())
+        .filter(|i| all[*i].method == "IdentifyContact" && all[*i].id == contact)
+        .collect();
+    let insert_at = all
+        .iter()
+        .position(|e| e.method == "InsertInteraction" && e.id == conv)
+        .unwrap_or_else(|| panic!("{conv}: no interaction at UCS"));
+    assert_eq!(contact_at.len(), 1, "{conv}: one contact created");
+    assert!(
+        contact_at[0] < insert_at,
+        "{conv}: contact before interaction"
+    );
+    let mut want = vec!["InsertInteraction"];
+    want.extend(std::iter::repeat("AddDocument").take(documents));
+    want.push("SetInteractionStatus");
+    assert_eq!(methods(&ucs.effects_of(conv)), want, "{conv}: effects");
+    let state = ucs.state.lock().unwrap();
+    let transcript = &state.documents[&object_id(tenant, conv, "transcript")];
+    assert_eq!(transcript["InteractionId"], conv);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_is_written_once_in_order_and_a_4xx_dead_letters_only_its_event() {
+    let ucs = FakeUcs::start().await;
+    let system = System::start(&ucs).await;
+    let url = system.edge.url.clone();
+    let http = reqwest::Client::new();
+    let admin = Admin::new(&url);
+    let tenant = provision_tenant(&admin).await;
+    let (_agent, token) = provision_agent(&admin, &tenant, "alice", 4).await;
+    let mut agent = ws_connect(&format!("{url}/v1/agent/ws?token={token}")).await;
+    ws_until(&mut agent, WAIT, |v| v["type"] == "hello").await;
+    ws_send(&mut agent, json!({"op": "ready", "request_id": "r1"})).await;
+    ws_until(&mut agent, WAIT, |v| v["request_id"] == "r1").await;
+
+    // 1. A chat with contact fields; the agent accepts and replies; the agent completes.
+    let started: Value = http
+        .post(format!("{url}/nexus/v3/chat/sessions"))
+        .header("x-api-key", &tenant.api_key)
+        .json(
+            &json!({"nickname": "Ann", "first_name": "Ann", "last_name": "Lee",
+            "email_address": "ann@example.com", "subject": "billing",
+            "user_data": {"lang": "fr"}}),
+        )
+        .send()
+        .await
+        .expect("start")
+        .json()
+        .await
+        .expect("start json");
+    let sid = started["session_id"].as_str().expect("sid").to_string();
+    let ck = started["client_key"].as_str().expect("ck").to_string();
+    let offer = ws_until(&mut agent, WAIT, |v| v["type"] == "offer").await;
+    ws_send(
+        &mut agent,
+        json!({"op": "accept", "conversation_id": sid, "offer_id": offer["offer_id"]}),
+    )
+    .await;
+    ws_until(&mut agent, WAIT, |v| {
+        v["type"] == "transcript"
+            && v["kind"] == "ParticipantJoined"
+            && v["from"]["kind"] == "agent"
+    })
+    .await;
+    let r = http
+        .post(format!("{url}/nexus/v3/chat/sessions/{sid}/messages"))
+        .header("x-api-key", &tenant.api_key)
+        .header("x-nexus-client-key", &ck)
+        .json(&json!({"text": "my invoice is wrong"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 202);
+    ws_until(&mut agent, WAIT, |v| {
+        v["type"] == "transcript" && v["text"] == "my invoice is wrong"
+    })
+    .await;
+    let data = png(2000);
+    let up: Value = http
+        .post(format!("{url}/nexus/v3/chat/sessions/{sid}/files"))
+        .header("x-api-key", &tenant.api_key)
+        .header("x-nexus-client-key", &ck)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )
+        .body(multipart(&[(
+            "file",
+            Some("invoice.png"),
+            Some("image/png"),
+            &data,
+        )]))
+        .send()
+        .await
+        .expect("upload")
+        .json()
+        .await
+        .expect("upload json");
+    let file_id = up["file_id"].as_str().expect("file_id").to_string();
+    ws_until(&mut agent, WAIT, |v| {
+        v["type"] == "transcript" && v["kind"] == "FileUploaded"
+    })
+    .await;
+    ws_send(
+        &mut agent,
+        json!({"op": "reply", "conversation_id": sid, "text": "let me check", "message_id": "r-1"}),
+    )
+    .await;
+    ws_until(&mut agent, WAIT, |v| {
+        v["type"] == "transcript" && v["text"] == "let me check"
+    })
+    .await;
+    ws_send(
+        &mut agent,
+        json!({"op": "complete", "conversation_id": sid, "disposition": "resolved"}),
+    )
+    .await;
+    eventually(WAIT, "interaction stopped at UCS", || {
+        let done = ucs.stopped(&sid);
+        async move { done.then_some(()) }
+    })
+    .await;
+
+    {
+        let state = ucs.state.lock().unwrap();
+        let calls: Vec<(&str, &str)> = state
+            .calls
+            .iter()
+            .map(|c| (c.service.as_str(), c.method.as_str()))
+            .collect();
+        assert_eq!(
+            calls,
+            [
+                ("OMContacts", "IdentifyContact"),
+                ("OMInteractions", "InsertInteraction"),
+                ("OMInteractions", "AddDocument"),
+                ("OMInteractions", "AddDocument"),
+                ("OMInteractions", "SetInteractionStatus"),
+            ],
+            "each call once, in order"
+        );
+        let attachment = &state.calls[3].body["Parameters"];
+        assert_eq!(
+            attachment["Id"],
+            object_id(&tenant.id, &sid, &format!("attachment/{file_id}"))
+        );
+        assert_eq!(attachment["FileName"], "invoice.png");
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(attachment["Content"].as_str().expect("content"))
+            .expect("base64");
+        assert_eq!(bytes, data, "the file's bytes");
+        let identify = &state.calls[0].body;
+        assert_eq!(identify["Parameters"]["EmailAddress"], "ann@example.com");
+        assert_eq!(identify["Parameters"]["FirstName"], "Ann");
+        assert_eq!(identify["UserData"]["lang"], "fr");
+        assert!(state
+            .calls
+            .iter()
+            .all(|c| c.authorization.as_deref() == Some(&format!("Bearer {CREDENTIAL}"))));
+        let insert = &state.calls[1].body["Parameters"];
+        assert_eq!(insert["Id"], sid.as_str());
+        assert_eq!(insert["Subject"], "billing");
+        assert_eq!(insert["MediaTypeId"], "chat");
+        assert_eq!(insert["TenantId"], tenant.id.as_str());
+        let doc = &state.calls[2].body["Parameters"];
+        let texts: Vec<&str> = doc["Content"]["Messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .filter(|m| m["Type"] == "Message" && m["Attachments"] == json!([]))
+            .filter_map(|m| m["Text"].as_str())
+            .collect();
+        assert_eq!(texts, ["my invoice is wrong", "let me check"]);
+        assert!(
+            doc["Content"]["Messages"]
+                .as_array()
+                .expect("messages")
+                .iter()
+                .any(|m| m["Attachments"] == json!([file_id])),
+            "the upload is in the transcript: {doc}"
+        );
+        let positions: Vec<i64> = doc["Content"]["Messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .filter_map(|m| m["Position"].as_i64())
+            .collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+        let status = &state.calls[4].body["Parameters"];
+        assert_eq!(status["Status"], "Stopped");
+        assert_eq!(status["Reason"], "AGENT_COMPLETED");
+    }
+    assert_written_once_in_order(&ucs, &tenant.id, &sid, 2);
+
+    // 4. UCS refuses one customer's contact (400): that conversation's events are
+    // dead-lettered; the next conversation is written.
+    ucs.state.lock().unwrap().reject_email = Some("mallory@example.com".into());
+    let bad = chat_and_leave(
+        &url,
+        &tenant,
+        json!({"nickname": "M", "email_address": "mallory@example.com", "text": "hi"}),
+    )
+    .await;
+    let good = chat_and_leave(
+        &url,
+        &tenant,
+        json!({"nickname": "Bo", "email_address": "bo@example.com", "text": "hello"}),
+    )
+    .await;
+    eventually(WAIT, "the next conversation written", || {
+        let done = ucs.stopped(&good);
+        async move { done.then_some(()) }
+    })
+    .await;
+    assert_written_once_in_order(&ucs, &tenant.id, &good, 1);
+    let dead = eventually(WAIT, "ucs_rejected dead letters", || async {
+        let m = system.metrics().await;
+        metric_sum(
+            &m,
+            "nexus_events_dead_lettered_total",
+            &["nexus.interaction.v1", "ucs_rejected"],
+        )
+        .filter(|n| *n >= 2.0)
+    })
+    .await;
+    assert_eq!(dead, 2.0, "the start and the close of {bad}");
+    assert!(ucs.effects_of(&bad).is_empty(), "nothing written for {bad}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ucs_outage_pauses_the_role_then_everything_is_written() {
+    let ucs = FakeUcs::start().await;
+    let system = System::start(&ucs).await;
+    let url = system.edge.url.clone();
+    let tenant = provision_tenant(&Admin::new(&url)).await;
+
+    ucs.set_mode(Mode::Down(503));
+    let mut convs = Vec::new();
+    for n in 0..5 {
+        let start = json!({"nickname": format!("c{n}"), "email_address": format!("c{n}@example.com"),
+            "text": format!("message {n}")});
+        convs.push(chat_and_leave(&url, &tenant, start).await);
+    }
+    eventually(WAIT, "history paused with lag", || async {
+        let m = system.metrics().await;
+        let paused = metric_sum(&m, "nexus_worker_paused", &["role=\"history\""]);
+        let lag = metric_sum(
+            &m,
+            "nexus_consumer_lag",
+            &["nexus.interaction.v1", "nexus-history"],
+        );
+        (paused == Some(1.0) && lag.is_some_and(|l| l > 0.0)).then_some(())
+    })
+    .await;
+    // While paused only probes reach UCS (one at a time, 300-800 ms apart): a spinning worker
+    // (5 lanes retrying every 400 ms at most) would make about 60 calls in this time.
+    // Half the time UCS answers 503, half it hangs past the 1 s call timeout.
+    let at_pause = ucs.calls();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ucs.set_mode(Mode::Hang);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = ucs.calls() - at_pause;
+    assert!(
+        during <= 15,
+        "{during} calls to a down UCS in 5 s while paused"
+    );
+    let m = system.metrics().await;
+    assert_eq!(
+        metric_sum(&m, "nexus_worker_paused", &["role=\"history\""]),
+        Some(1.0)
+    );
+    let peer = |outcome: &str| {
+        metric_sum(
+            &m,
+            "nexus_peer_calls_total",
+            &["role=\"history\"", &format!("outcome=\"{outcome}\"")],
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(peer("failed") >= 3.0, "5xx counted as failed");
+    assert!(peer("timeout") >= 1.0, "hangs counted as timeouts");
+
+    ucs.set_mode(Mode::Up);
+    for conv in &convs {
+        eventually(WAIT, "written after the outage", || {
+            let done = ucs.stopped(conv);
+            async move { done.then_some(()) }
+        })
+        .await;
+    }
+    for conv in &convs {
+        assert_written_once_in_order(&ucs, &tenant.id, conv, 1);
+    }
+    eventually(WAIT, "resumed", || async {
+        let m = system.metrics().await;
+        (metric_sum(&m, "nexus_worker_paused", &["role=\"history\""]) == Some(0.0)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_load_repeats_no_effect_at_ucs() {
+    const CONVERSATIONS: usize = 24;
+    let ucs = FakeUcs::start().await;
+    // A UCS under load: the kill lands while calls are in flight.
+    ucs.state.lock().unwrap().delay = Duration::from_millis(40);
+    let mut system = System::start(&ucs).await;
+    let url = system.edge.url.clone();
+    let tenant = provision_tenant(&Admin::new(&url)).await;
+
+    // No email or phone: only the deterministic contact Id keeps a repeated IdentifyContact
+    // from creating a second contact.
+    let starts = (0..CONVERSATIONS).map(|n| {
+        let (url, tenant) = (url.clone(), &tenant);
+        async move {
+            let start = json!({"nickname": format!("n{n}"), "first_name": format!("F{n}"),
+                "last_name": "Doe", "text": format!("question {n}")});
+            chat_and_leave(&url, tenant, start).await
+        }
+    });
+    let convs: Vec<String> = futures::future::join_all(starts).await;
+
+    eventually(WAIT, "some effects before the kill", || {
+        let n = ucs.effects().len();
+        async move { (n >= CONVERSATIONS).then_some(()) }
+    })
+    .await;
+    system.history.nexus.child.kill().expect("SIGKILL");
+    system.history.nexus.child.wait().expect("reap");
+    let at_kill = ucs.effects().len();
+    let dir = system.dir.path().to_path_buf();
+    system.history = start_node(
+        &dir,
+        "history-2",
+        &["worker", "history"],
+        system.env.clone(),
+    )
+    .await;
+
+    for conv in &convs {
+        eventually(WAIT, "written after the restart", || {
+            let done = ucs.stopped(conv);
+            async move { done.then_some(()) }
+        })
+        .await;
+    }
+    for conv in &convs {
+        assert_written_once_in_order(&ucs, &tenant.id, conv, 1);
+    }
+    let contacts = ucs.state.lock().unwrap().contacts.len();
+    assert_eq!(contacts, CONVERSATIONS, "one contact per conversation");
+    eprintln!(
+        "killed at {at_kill} of {} effects; {} calls in all",
+        CONVERSATIONS * 4,
+        ucs.calls()
+    );
+}
+
+/// `nexus dev` (embedded bus, SQLite): the same steps through the same SQL; and without UCS
+/// configured every event is acked without a call and counted as skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nexus_dev_writes_on_sqlite_and_skips_without_ucs() {
+    let ucs = FakeUcs::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev = |name: &'static str, ucs_url: String| {
+        let mut env = base_env(dir.path());
+        env.push((
+            "NEXUS_BUS__URL",
+            format!("embedded://{}", dir.path().join(name).join("bus").display()),
+        ));
+        env.push(("NEXUS_WORKERS__HISTORY__UCS__URL", ucs_url));
+        let path = dir.path().to_path_buf();
+        async move { start_node(&path, name, &["dev"], env).await }
+    };
+
+    let node = dev("with-ucs", ucs.url()).await;
+    let tenant = provision_tenant(&Admin::new(&node.url)).await;
+    let conv = chat_and_leave(
+        &node.url,
+        &tenant,
+        json!({"nickname": "D", "phone_number": "+15550100", "text": "hi"}),
+    )
+    .await;
+    eventually(WAIT, "written from nexus dev", || {
+        let done = ucs.stopped(&conv);
+        async move { done.then_some(()) }
+    })
+    .await;
+    assert_written_once_in_order(&ucs, &tenant.id, &conv, 1);
+    drop(node);
+
+    let node = dev("without-ucs", String::new()).await;
+    let tenant = provision_tenant(&Admin::new(&node.url)).await;
+    chat_and_leave(&node.url, &tenant, json!({"nickname": "E", "text": "hi"})).await;
+    let calls = ucs.calls();
+    eventually(WAIT, "events skipped", || {
+        let url = node.url.clone();
+        async move {
+            let m = reqwest::get(format!("{url}/metrics"))
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            let skipped = metric_sum(&m, "nexus_history_events_total", &["skipped"])?;
+            (skipped >= 3.0).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(ucs.calls(), calls, "no call without UCS");
+}
