@@ -81,6 +81,7 @@ pub struct ChatConfig {
 pub struct WorkersConfig {
     pub tap: crate::workers::tap::TapConfig,
     pub conversation: crate::workers::conversation::ConversationConfig,
+    pub gws: crate::workers::gws::GwsConfig,
 }
 
 /// The bus: which one and how to talk to it.
@@ -439,6 +440,8 @@ impl Config {
                 format!("file `{}` does not exist", self.topology.file),
             ));
         }
+        crate::workers::gws::config::validate(&self.workers.gws)
+            .map_err(|m| invalid(crate::workers::gws::config::KEY, m))?;
         if tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level).is_err() {
             return Err(invalid(
                 "telemetry.log_level",
@@ -463,6 +466,7 @@ impl Config {
                 *secret = REDACTED.to_string();
             }
         }
+        c.workers.gws.redact(REDACTED);
         c.bus.url = redact_url_password(&c.bus.url);
         c.stores.redis_url = redact_url_password(&c.stores.redis_url);
         c.stores.postgres_url = redact_url_password(&c.stores.postgres_url);
@@ -546,6 +550,14 @@ mod tests {
         c.validate().expect("a valid namespace");
 
         let mut c = Config::defaults();
+        c.workers.gws.url = "gws.example.com".into();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("workers.gws.url"));
+
+        let mut c = Config::defaults();
         c.http.listen = "nowhere".into();
         assert!(c
             .validate()
@@ -568,6 +580,15 @@ mod tests {
         c.http.admin_token = "hunter2".into();
         c.stores.redis_url = "rediss://user:s3cret@redis:6380".into();
         c.bus.kafka.sasl_password = "kpass".into();
+        c.workers.gws.credential = "gws-global-secret".into();
+        c.workers.gws.tenants.insert(
+            "t1".into(),
+            crate::workers::peer::PeerTarget {
+                url: "http://gws".into(),
+                credential: "gws-tenant-secret".into(),
+                timeout_ms: 0,
+            },
+        );
         c.stores.provisioning_key =
             "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff".into();
         let out = c.redacted_toml();
@@ -575,7 +596,9 @@ mod tests {
             !out.contains("hunter2")
                 && !out.contains("s3cret")
                 && !out.contains("kpass")
-                && !out.contains("0011223344"),
+                && !out.contains("0011223344")
+                && !out.contains("gws-global-secret")
+                && !out.contains("gws-tenant-secret"),
             "{out}"
         );
         assert!(out.contains("rediss://user:<redacted>@redis:6380"));

@@ -40,8 +40,15 @@ pub const PEER_CALLS_TOTAL: &str = "nexus_peer_calls_total";
 pub const PEER_CALL_SECONDS: &str = "nexus_peer_call_duration_seconds";
 /// 1 while a role waits for a failing peer instead of consuming, per `role`, `peer`.
 pub const WORKER_PAUSED: &str = "nexus_worker_paused";
+/// GWS operations of the gws role by `operation` and `outcome` (applied, reconciled,
+/// duplicate, rejected, skipped).
+pub const GWS_OPERATIONS_TOTAL: &str = "nexus_gws_operations_total";
 
 pub(super) fn describe_all() {
+    describe_counter!(
+        GWS_OPERATIONS_TOTAL,
+        "GWS operations of the gws role by operation and outcome (applied, reconciled, duplicate, rejected, skipped)."
+    );
     describe_counter!(
         PEER_CALLS_TOTAL,
         "Calls to peer systems (UCS, GWS) by role, peer and outcome."

@@ -1,12 +1,13 @@
 //! Worker roles, one folder each. A role is a consumer group on the topics the topology gives
 //! it; [`handler_for`] maps a role name to its effect.
 //!
-//! Built so far: `conversation` (sessions, transcript, routing to agents) and `tap` (forwards
-//! events to an HTTP endpoint). The integration roles of the topology (history, gws, webhooks,
+//! Built so far: `conversation` (sessions, transcript, routing to agents), `gws` (agent actions
+//! → GWS calls, once each) and `tap` (forwards events to an HTTP endpoint). The integration roles of the topology (history, gws, webhooks,
 //! delivery) have no effects yet: they run the consumer runtime with [`pending::Pending`],
 //! which acks and counts, until their issue lands (see README "Not built yet").
 
 pub mod conversation;
+pub mod gws;
 pub mod peer;
 pub mod pending;
 pub mod tap;
@@ -93,6 +94,17 @@ pub fn handler_for(role: &str, config: &Config, deps: &Deps) -> Result<RoleHandl
                 })],
             });
         }
+        "gws" => Arc::new(
+            gws::GwsWorker::new(
+                &config.workers.gws,
+                &config.http_client,
+                deps.provisioning.pool().clone(),
+            )
+            .map_err(|e| WorkerError::Config {
+                role: role.to_string(),
+                message: e.to_string(),
+            })?,
+        ),
         other => Arc::new(pending::Pending::new(other)),
     };
     Ok(RoleHandler::plain(handler))

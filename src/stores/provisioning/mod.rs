@@ -224,6 +224,12 @@ impl Provisioning {
             .map_err(sql::unavailable)
     }
 
+    /// The connection pool, for worker stores that live in the same database (the gws
+    /// worker's effect log); they use the same SQL on PostgreSQL and SQLite.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
     /// Closes the connections (tests drop their database afterwards).
     pub async fn close(&self) {
         self.pool.close().await;

@@ -1,0 +1,234 @@
+//! The `gws` role: agent actions on `nexus.agent.v1` become GWS interaction-management calls
+//! (`POST {gws}/api/v2/me/chats/{conversation id}`), each made once, also across crashes.
+//!
+//! Mapping ([`ops`]): `AgentAccepted` → Accept; `MessageSent` by an agent → SendMessage (text
+//! and nexus's message id); `TransferRequested` (mode transfer, by an agent) → Transfer (target
+//! kind and id); `ConversationCompleted` → Complete (disposition). Other events are acked
+//! untouched; tenants without a GWS target ([`config`]) are acked and counted as `skipped`.
+//!
+//! Exactly once, although GWS calls are not idempotent: the effect log ([`log`]) has a row per
+//! effect (keyed by conversation and an effect key derived from the event: the event id, or the
+//! message id / offer id, so a desktop retry of the same reply is the same effect).
+//! 1. The row is written `pending` (the intent) before any call; a `done` row makes a
+//!    redelivered event a no-op, a `rejected` one dead-letters it again.
+//! 2. Before each call the row's `attempts` is raised (a compare-and-set, so two workers
+//!    handed the same event do not both call), then GWS is called, then the row is set `done`,
+//!    and only then is the event acked.
+//! 3. The crash window is between the call reaching GWS and the `done` write (a SIGKILL, a
+//!    timeout after GWS applied it, a lost answer, a failed write). Whoever handles the event
+//!    next finds `pending` with attempts > 0 and reconciles before calling again: it reads the
+//!    chat (`GET` the same path) and, if the effect shows (the agent is connected, the message
+//!    id is in the transcript, the agent left by transfer, the chat is completed), marks the row
+//!    `done` without calling. A previous call younger than the GWS timeout may still be in
+//!    flight, so reconciliation waits until it is older (retrying in place).
+//! 4. What stays open: GWS applying a request later than the client's timeout after it was
+//!    sent (the read before the repeat does not see it yet), and clocks of worker hosts that
+//!    disagree by more than the timeout. Both need GWS to be slower than `timeout_ms`.
+//!
+//! Order: the consumer runs one conversation on one lane, one event at a time, retrying in
+//! place, so GWS gets a conversation's calls in the order the agent made them; a failing call
+//! holds only its conversation's lane (and, while GWS keeps failing, the [`Peer`] circuit pauses
+//! the whole role: `nexus_worker_paused{role="gws",peer="gws"}` is 1). 5xx and timeouts retry
+//! with backoff; 4xx marks the row `rejected` and dead-letters the event (`gws_rejected`).
+
+pub mod client;
+pub mod config;
+pub mod log;
+pub mod ops;
+
+use async_trait::async_trait;
+use tracing::{debug, info, warn, Instrument};
+
+pub use config::GwsConfig;
+
+use crate::bus::consumer::{HandleError, Handler};
+use crate::bus::Message;
+use crate::config::HttpClientConfig;
+use crate::events::{Envelope, Event};
+use crate::telemetry::metrics as m;
+use crate::workers::peer::{PeerFailure, PeerTarget};
+
+use client::GwsClient;
+use log::{EffectKey, EffectLog, LogError, Status};
+use ops::Operation;
+
+/// Dead-letter reason of an event GWS refused.
+pub const REJECTED: &str = "gws_rejected";
+/// Dead-letter reason of an event whose body or conversation id cannot make a call.
+pub const BAD_EVENT: &str = "gws_bad_event";
+
+#[derive(Debug, thiserror::Error)]
+pub enum GwsError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Client(#[from] crate::http_client::ClientError),
+}
+
+pub struct GwsWorker {
+    config: GwsConfig,
+    client: GwsClient,
+    log: EffectLog,
+}
+
+impl GwsWorker {
+    /// The worker with its effect log in `pool` (the provisioning database).
+    pub fn new(
+        config: &GwsConfig,
+        http: &HttpClientConfig,
+        pool: sqlx::AnyPool,
+    ) -> Result<Self, GwsError> {
+        config::validate(config).map_err(GwsError::Config)?;
+        Ok(Self {
+            config: config.clone(),
+            client: GwsClient::new(crate::http_client::build(http)?, config),
+            log: EffectLog::new(pool),
+        })
+    }
+
+    async fn apply(
+        &self,
+        e: &Envelope,
+        op: &Operation,
+        target: &PeerTarget,
+        path: &str,
+    ) -> Result<(), HandleError> {
+        let key = EffectKey {
+            tenant_id: &e.tenant_id,
+            conversation_id: &e.conversation_id,
+            effect: &op.effect_key,
+        };
+        let entry = self
+            .log
+            .open(key, &e.event_id.to_string(), op.kind.name())
+            .await
+            .map_err(store_failed)?;
+        match entry.status {
+            Status::Done => {
+                emit(op, "duplicate");
+                return Ok(());
+            }
+            // Rejected before, but the dead-letter may not have been written: write it again.
+            Status::Rejected => {
+                return Err(HandleError::Reject {
+                    reason: REJECTED,
+                    detail: entry.detail.unwrap_or_default(),
+                })
+            }
+            Status::Pending => {}
+        }
+        if entry.attempts > 0 {
+            // A previous call may have reached GWS: look before calling again.
+            let age = entry
+                .attempted_at_ms
+                .map(|at| chrono::Utc::now().timestamp_millis() - at)
+                .unwrap_or(i64::MAX);
+            if age < i64::try_from(target.timeout_ms).unwrap_or(i64::MAX) {
+                return Err(HandleError::Retry(format!(
+                    "the previous call ({age} ms ago) may still be in flight"
+                )));
+            }
+            let chat = match self.client.chat(target, path, &op.agent_id).await {
+                Ok(chat) => chat,
+                Err(f) => return Err(self.refused(key, op, f).await),
+            };
+            if ops::applied(op, chat.as_ref()) {
+                self.log
+                    .finish(key, Status::Done, "reconciled")
+                    .await
+                    .map_err(store_failed)?;
+                emit(op, "reconciled");
+                return Ok(());
+            }
+            debug!(
+                attempts = entry.attempts,
+                "the previous call did not take effect; calling again"
+            );
+        }
+        if !self
+            .log
+            .claim(key, entry.attempts)
+            .await
+            .map_err(store_failed)?
+        {
+            return Err(HandleError::Retry(
+                "another worker is calling GWS for this effect".into(),
+            ));
+        }
+        match self.client.operate(target, path, op, e).await {
+            Ok(()) => {
+                emit(op, "applied");
+                // If this write fails, the retry reconciles and finds the effect.
+                self.log
+                    .finish(key, Status::Done, "called")
+                    .await
+                    .map_err(store_failed)
+            }
+            Err(f) => Err(self.refused(key, op, f).await),
+        }
+    }
+
+    /// A failed GWS call: retried in place, or (4xx) settled as rejected and dead-lettered.
+    async fn refused(&self, key: EffectKey<'_>, op: &Operation, f: PeerFailure) -> HandleError {
+        if matches!(f, PeerFailure::Retry(_)) {
+            return f.into_handle_error(REJECTED);
+        }
+        let detail = f.to_string();
+        if let Err(e) = self.log.finish(key, Status::Rejected, &detail).await {
+            return store_failed(e);
+        }
+        emit(op, "rejected");
+        f.into_handle_error(REJECTED)
+    }
+}
+
+fn store_failed(e: LogError) -> HandleError {
+    HandleError::Retry(e.to_string())
+}
+
+/// Counts an operation's outcome, with its log line.
+fn emit(op: &Operation, outcome: &'static str) {
+    match outcome {
+        "rejected" => {
+            warn!(operation = op.kind.name(), agent = %op.agent_id, "GWS refused the call; dead-lettering")
+        }
+        "reconciled" => {
+            info!(operation = op.kind.name(), agent = %op.agent_id, "the previous call had taken effect at GWS; not repeated")
+        }
+        _ => debug!(operation = op.kind.name(), agent = %op.agent_id, outcome, "gws operation"),
+    }
+    metrics::counter!(m::GWS_OPERATIONS_TOTAL, "operation" => op.kind.name(), "outcome" => outcome)
+        .increment(1);
+}
+
+#[async_trait]
+impl Handler for GwsWorker {
+    async fn handle(&self, event: &Event, _message: &Message) -> Result<(), HandleError> {
+        let op = match ops::operation_of(event) {
+            Ok(Some(op)) => op,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                return Err(HandleError::Reject {
+                    reason: BAD_EVENT,
+                    detail: e.to_string(),
+                })
+            }
+        };
+        let e = &event.envelope;
+        let Some(target) = self.config.target(&e.tenant_id) else {
+            emit(&op, "skipped");
+            return Ok(());
+        };
+        let Some(path) = client::chat_path(&e.conversation_id) else {
+            return Err(HandleError::Reject {
+                reason: BAD_EVENT,
+                detail: format!(
+                    "conversation id `{}` is not a GWS chat id",
+                    e.conversation_id
+                ),
+            });
+        };
+        let span = tracing::info_span!("gws", operation = op.kind.name(), agent = %op.agent_id);
+        self.apply(e, &op, &target, &path).instrument(span).await
+    }
+}
