@@ -43,11 +43,17 @@ pub const WORKER_PAUSED: &str = "nexus_worker_paused";
 /// GWS operations of the gws role by `operation` and `outcome` (applied, reconciled,
 /// duplicate, rejected, skipped).
 pub const GWS_OPERATIONS_TOTAL: &str = "nexus_gws_operations_total";
+/// Old rows the gws role pruned from its effect log.
+pub const GWS_EFFECTS_PRUNED_TOTAL: &str = "nexus_gws_effects_pruned_total";
 
 pub(super) fn describe_all() {
     describe_counter!(
         GWS_OPERATIONS_TOTAL,
         "GWS operations of the gws role by operation and outcome (applied, reconciled, duplicate, rejected, skipped)."
+    );
+    describe_counter!(
+        GWS_EFFECTS_PRUNED_TOTAL,
+        "Old rows the gws role pruned from its effect log."
     );
     describe_counter!(
         PEER_CALLS_TOTAL,

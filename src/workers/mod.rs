@@ -94,8 +94,8 @@ pub fn handler_for(role: &str, config: &Config, deps: &Deps) -> Result<RoleHandl
                 })],
             });
         }
-        "gws" => Arc::new(
-            gws::GwsWorker::new(
+        "gws" => {
+            let worker = gws::GwsWorker::new(
                 &config.workers.gws,
                 &config.http_client,
                 deps.provisioning.pool().clone(),
@@ -103,8 +103,13 @@ pub fn handler_for(role: &str, config: &Config, deps: &Deps) -> Result<RoleHandl
             .map_err(|e| WorkerError::Config {
                 role: role.to_string(),
                 message: e.to_string(),
-            })?,
-        ),
+            })?;
+            let pruner = worker.pruner();
+            return Ok(RoleHandler {
+                handler: Arc::new(worker),
+                background: vec![Box::new(pruner)],
+            });
+        }
         other => Arc::new(pending::Pending::new(other)),
     };
     Ok(RoleHandler::plain(handler))

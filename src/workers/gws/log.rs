@@ -155,6 +155,15 @@ impl EffectLog {
         .await?;
         Ok(())
     }
+
+    /// Deletes the rows last touched before `before_ms` (any status); returns how many.
+    pub async fn prune(&self, before_ms: i64) -> Result<u64, LogError> {
+        let done = sqlx::query("DELETE FROM gws_effects WHERE updated_at_ms < $1")
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
 }
 
 #[cfg(test)]

@@ -36,7 +36,11 @@ pub mod config;
 pub mod log;
 pub mod ops;
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 pub use config::GwsConfig;
@@ -56,6 +60,12 @@ use ops::Operation;
 pub const REJECTED: &str = "gws_rejected";
 /// Dead-letter reason of an event whose body or conversation id cannot make a call.
 pub const BAD_EVENT: &str = "gws_bad_event";
+/// How long effect-log rows are kept: longer than `nexus.agent.v1` keeps events (7 days) and
+/// its dead-letter topic (14 days, `nexus replay` copies back), so no event that can still be
+/// delivered outlives its row. Raise it with those retentions.
+pub const EFFECT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How often each gws pod prunes the log (pods may overlap: the delete is idempotent).
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GwsError {
@@ -68,7 +78,7 @@ pub enum GwsError {
 pub struct GwsWorker {
     config: GwsConfig,
     client: GwsClient,
-    log: EffectLog,
+    log: Arc<EffectLog>,
 }
 
 impl GwsWorker {
@@ -82,8 +92,16 @@ impl GwsWorker {
         Ok(Self {
             config: config.clone(),
             client: GwsClient::new(crate::http_client::build(http)?, config),
-            log: EffectLog::new(pool),
+            log: Arc::new(EffectLog::new(pool)),
         })
+    }
+
+    /// The loop that prunes old effect-log rows, to run beside the consumers.
+    pub fn pruner(
+        &self,
+    ) -> impl FnOnce(CancellationToken) -> futures::future::BoxFuture<'static, ()> {
+        let log = self.log.clone();
+        move |stop| Box::pin(prune(log, stop))
     }
 
     async fn apply(
@@ -182,6 +200,34 @@ impl GwsWorker {
     }
 }
 
+/// Deletes effect-log rows older than [`EFFECT_RETENTION`], every [`PRUNE_EVERY`].
+async fn prune(log: Arc<EffectLog>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(PRUNE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let before = chrono::Utc::now().timestamp_millis()
+            - i64::try_from(EFFECT_RETENTION.as_millis()).unwrap_or(i64::MAX);
+        async {
+            match log.prune(before).await {
+                Ok(n) => {
+                    metrics::counter!(m::GWS_EFFECTS_PRUNED_TOTAL).increment(n);
+                    if n > 0 {
+                        info!(deleted = n, "old gws effect-log rows pruned");
+                    }
+                }
+                // Retried on the next tick; old rows only take space meanwhile.
+                Err(e) => warn!(error = %e, "gws effect-log prune failed; retried"),
+            }
+        }
+        .instrument(tracing::info_span!("gws_effect_prune"))
+        .await;
+    }
+}
+
 fn store_failed(e: LogError) -> HandleError {
     HandleError::Retry(e.to_string())
 }
@@ -232,3 +278,6 @@ impl Handler for GwsWorker {
         self.apply(e, &op, &target, &path).instrument(span).await
     }
 }
+
+#[cfg(test)]
+mod tests;
