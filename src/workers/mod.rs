@@ -2,9 +2,9 @@
 //! it; [`handler_for`] maps a role name to its effect.
 //!
 //! Built so far: `conversation` (sessions, transcript, routing to agents), `gws` (agent actions
-//! → GWS calls, once each) and `tap` (forwards events to an HTTP endpoint). The integration roles of the topology (history, gws, webhooks,
-//! delivery) have no effects yet: they run the consumer runtime with [`pending::Pending`],
-//! which acks and counts, until their issue lands (see README "Not built yet").
+//! → GWS calls, once each) and `tap` (forwards events to an HTTP endpoint). Integration roles
+//! without effects yet run the consumer runtime with [`pending::Pending`], which acks and
+//! counts, until their issue lands (see README "Not built yet").
 
 pub mod conversation;
 pub mod gws;
