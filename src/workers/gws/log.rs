@@ -156,6 +156,23 @@ impl EffectLog {
         Ok(())
     }
 
+    /// Makes a rejected effect pending again, for a redelivered event (a replay from the
+    /// dead-letter topic): GWS refused it, so nothing took effect and it may be tried again. The
+    /// refused call answered, so none is in flight (`attempted_at_ms` cleared).
+    pub async fn reopen(&self, key: EffectKey<'_>) -> Result<(), LogError> {
+        sqlx::query(
+            "UPDATE gws_effects SET status = 'pending', attempted_at_ms = NULL, updated_at_ms = $1 \
+             WHERE tenant_id = $2 AND conversation_id = $3 AND effect_key = $4 AND status = 'rejected'",
+        )
+        .bind(now_ms())
+        .bind(key.tenant_id)
+        .bind(key.conversation_id)
+        .bind(key.effect)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Deletes the rows last touched before `before_ms` (any status); returns how many.
     pub async fn prune(&self, before_ms: i64) -> Result<u64, LogError> {
         let done = sqlx::query("DELETE FROM gws_effects WHERE updated_at_ms < $1")

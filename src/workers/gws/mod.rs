@@ -10,7 +10,8 @@
 //! effect (keyed by conversation and an effect key derived from the event: the event id, or the
 //! message id / offer id, so a desktop retry of the same reply is the same effect).
 //! 1. The row is written `pending` (the intent) before any call; a `done` row makes a
-//!    redelivered event a no-op, a `rejected` one dead-letters it again.
+//!    redelivered event a no-op. A `rejected` one (GWS said 4xx: nothing took effect) is tried
+//!    again when its event comes back, e.g. replayed from the dead-letter topic.
 //! 2. Before each call the row's `attempts` is raised (a compare-and-set, so two workers
 //!    handed the same event do not both call), then GWS is called, then the row is set `done`,
 //!    and only then is the event acked.
@@ -116,7 +117,7 @@ impl GwsWorker {
             conversation_id: &e.conversation_id,
             effect: &op.effect_key,
         };
-        let entry = self
+        let mut entry = self
             .log
             .open(key, &e.event_id.to_string(), op.kind.name())
             .await
@@ -126,12 +127,12 @@ impl GwsWorker {
                 emit(op, "duplicate");
                 return Ok(());
             }
-            // Rejected before, but the dead-letter may not have been written: write it again.
+            // Refused before and delivered again (a replay from the dead-letter topic, or a
+            // crash before the dead-letter was written): a 4xx took no effect, so try again; a
+            // GWS that still refuses dead-letters it again.
             Status::Rejected => {
-                return Err(HandleError::Reject {
-                    reason: REJECTED,
-                    detail: entry.detail.unwrap_or_default(),
-                })
+                self.log.reopen(key).await.map_err(store_failed)?;
+                entry.attempted_at_ms = None;
             }
             Status::Pending => {}
         }

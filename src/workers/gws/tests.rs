@@ -1,11 +1,12 @@
 //! The handler on SQLite against a tiny GWS in the test: tenants without GWS are skipped, other
-//! events are ignored, a redelivered event is not called again, a 4xx is rejected for good.
+//! events are ignored, a redelivered event is not called again, a 4xx is dead-lettered and a
+//! replay of it tries again.
 
 use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::post;
+use axum::routing::get;
 use axum::Router;
 
 use super::*;
@@ -14,26 +15,27 @@ use crate::events::chat::{AgentAccepted, AgentState, AgentStateChanged};
 use crate::stores::provisioning::secrets::EncryptionKey;
 use crate::stores::provisioning::Provisioning;
 
-/// A GWS that counts POSTs and answers `status`.
-async fn gws(status: u16) -> (String, Arc<Mutex<u32>>) {
+/// A GWS that counts POSTs and answers `status` (changeable); it knows no chat (GET is 404).
+async fn gws(status: u16) -> (String, Arc<Mutex<u32>>, Arc<Mutex<u16>>) {
     let calls = Arc::new(Mutex::new(0u32));
+    let status = Arc::new(Mutex::new(status));
+    type S = State<(Arc<Mutex<u32>>, Arc<Mutex<u16>>)>;
     let app = Router::new()
         .route(
             "/api/v2/me/chats/{id}",
-            post(
-                |State((calls, status)): State<(Arc<Mutex<u32>>, u16)>| async move {
-                    *calls.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-                    StatusCode::from_u16(status).unwrap_or(StatusCode::OK)
-                },
-            ),
+            get(|| async { StatusCode::NOT_FOUND }).post(|State((calls, status)): S| async move {
+                *calls.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+                let code = *status.lock().unwrap_or_else(|p| p.into_inner());
+                StatusCode::from_u16(code).unwrap_or(StatusCode::OK)
+            }),
         )
-        .with_state((calls.clone(), status));
+        .with_state((calls.clone(), status.clone()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://{addr}"), calls)
+    (format!("http://{addr}"), calls, status)
 }
 
 async fn worker(url: &str, dir: &std::path::Path) -> (GwsWorker, Provisioning) {
@@ -75,7 +77,7 @@ fn accepted() -> Event {
 #[tokio::test]
 async fn tenants_without_gws_and_other_events_make_no_call() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_, calls) = gws(200).await;
+    let (_, calls, _) = gws(200).await;
     let (w, db) = worker("", dir.path()).await;
     w.handle(&accepted(), &message()).await.expect("skipped");
     let ready = AgentStateChanged {
@@ -93,7 +95,7 @@ async fn tenants_without_gws_and_other_events_make_no_call() {
 #[tokio::test]
 async fn a_redelivered_event_is_not_called_again() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (url, calls) = gws(200).await;
+    let (url, calls, _) = gws(200).await;
     let (w, db) = worker(&url, dir.path()).await;
     let e = accepted();
     w.handle(&e, &message()).await.expect("called");
@@ -103,21 +105,19 @@ async fn a_redelivered_event_is_not_called_again() {
 }
 
 #[tokio::test]
-async fn a_refused_call_is_rejected_for_good() {
+async fn a_refused_call_is_dead_lettered_and_a_replay_tries_again() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (url, calls) = gws(403).await;
+    let (url, calls, status) = gws(403).await;
     let (w, db) = worker(&url, dir.path()).await;
     let e = accepted();
-    for _ in 0..2 {
-        match w.handle(&e, &message()).await {
-            Err(HandleError::Reject { reason, .. }) => assert_eq!(reason, REJECTED),
-            other => panic!("expected a rejection, got {other:?}"),
-        }
+    match w.handle(&e, &message()).await {
+        Err(HandleError::Reject { reason, .. }) => assert_eq!(reason, REJECTED),
+        other => panic!("expected a rejection, got {other:?}"),
     }
-    assert_eq!(
-        *calls.lock().unwrap(),
-        1,
-        "a rejected effect is never called again"
-    );
+    // The operator fixes what GWS refused and replays the dead letter.
+    *status.lock().unwrap() = 200;
+    w.handle(&e, &message()).await.expect("replayed");
+    w.handle(&e, &message()).await.expect("duplicate");
+    assert_eq!(*calls.lock().unwrap(), 2, "refused once, applied once");
     db.close().await;
 }
