@@ -250,6 +250,9 @@ fn emit(op: &Operation, outcome: &'static str) {
 
 #[async_trait]
 impl Handler for GwsWorker {
+    // Called on the conversation's lane, one event at a time and retried in place: GWS sees a
+    // conversation's calls in the order the agent made them, and a failing call holds only
+    // that conversation.
     async fn handle(&self, event: &Event, _message: &Message) -> Result<(), HandleError> {
         let op = match ops::operation_of(event) {
             Ok(Some(op)) => op,
