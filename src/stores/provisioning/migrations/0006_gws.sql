@@ -2,8 +2,8 @@
 -- `pending` before the call and `done` or `rejected` after it, so a redelivered event never
 -- repeats a call that took effect (GWS calls are not idempotent). `attempts` counts the calls
 -- made; a `pending` row with attempts > 0 is reconciled against GWS before any new call.
--- Keyed by (tenant_id, conversation_id, effect_key); no foreign key: the log outlives nothing
--- but must not block deleting a tenant either.
+-- Keyed by (tenant_id, conversation_id, effect_key). No foreign key to tenants: a deleted
+-- tenant's rows go with the pruning (30 days after their last change, by updated_at_ms).
 
 CREATE TABLE gws_effects (
     tenant_id TEXT NOT NULL,
