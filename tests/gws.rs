@@ -325,6 +325,11 @@ async fn agent_actions_reach_gws_once_each_in_order() {
     })
     .await;
     assert!(gws.answered(503) >= 3, "calls were retried");
+    assert_eq!(
+        sys.gws_metric("nexus_gws_effects_retrying", &[]).await,
+        1.0,
+        "the outage chat's accept waits for another try"
+    );
     assert!(gws.applied(&outage).is_empty());
     gws.fail_all(None);
     applied_eventually(
@@ -341,7 +346,8 @@ async fn agent_actions_reach_gws_once_each_in_order() {
         let paused = sys
             .gws_metric("nexus_worker_paused", &["role=\"gws\"", "peer=\"gws\""])
             .await;
-        (paused == 0.0).then_some(())
+        let retrying = sys.gws_metric("nexus_gws_effects_retrying", &[]).await;
+        (paused == 0.0 && retrying == 0.0).then_some(())
     })
     .await;
 

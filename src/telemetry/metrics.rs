@@ -43,6 +43,8 @@ pub const WORKER_PAUSED: &str = "nexus_worker_paused";
 /// GWS operations of the gws role by `operation` and `outcome` (applied, reconciled,
 /// duplicate, rejected, skipped).
 pub const GWS_OPERATIONS_TOTAL: &str = "nexus_gws_operations_total";
+/// GWS effects a gws pod is retrying; their conversations wait behind them.
+pub const GWS_EFFECTS_RETRYING: &str = "nexus_gws_effects_retrying";
 /// Old rows the gws role pruned from its effect log.
 pub const GWS_EFFECTS_PRUNED_TOTAL: &str = "nexus_gws_effects_pruned_total";
 
@@ -50,6 +52,10 @@ pub(super) fn describe_all() {
     describe_counter!(
         GWS_OPERATIONS_TOTAL,
         "GWS operations of the gws role by operation and outcome (applied, reconciled, duplicate, rejected, skipped)."
+    );
+    describe_gauge!(
+        GWS_EFFECTS_RETRYING,
+        "GWS effects a gws pod is retrying; their conversations wait behind them."
     );
     describe_counter!(
         GWS_EFFECTS_PRUNED_TOTAL,

@@ -37,7 +37,8 @@ pub mod config;
 pub mod log;
 pub mod ops;
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -80,6 +81,8 @@ pub struct GwsWorker {
     config: GwsConfig,
     client: GwsClient,
     log: Arc<EffectLog>,
+    /// Effects this pod is retrying (conversation and effect key), for the retry-depth gauge.
+    retrying: Mutex<HashSet<String>>,
 }
 
 impl GwsWorker {
@@ -90,10 +93,12 @@ impl GwsWorker {
         pool: sqlx::AnyPool,
     ) -> Result<Self, GwsError> {
         config::validate(config).map_err(GwsError::Config)?;
+        metrics::gauge!(m::GWS_EFFECTS_RETRYING).set(0.0);
         Ok(Self {
             config: config.clone(),
             client: GwsClient::new(crate::http_client::build(http)?, config),
             log: Arc::new(EffectLog::new(pool)),
+            retrying: Mutex::new(HashSet::new()),
         })
     }
 
@@ -184,6 +189,20 @@ impl GwsWorker {
                     .map_err(store_failed)
             }
             Err(f) => Err(self.refused(key, op, f).await),
+        }
+    }
+
+    /// Keeps `nexus_gws_effects_retrying` at the number of effects waiting for another try
+    /// (their conversations wait behind them).
+    fn track_retry(&self, effect: String, retrying: bool) {
+        let mut set = self.retrying.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = if retrying {
+            set.insert(effect)
+        } else {
+            set.remove(&effect)
+        };
+        if changed {
+            metrics::gauge!(m::GWS_EFFECTS_RETRYING).set(set.len() as f64);
         }
     }
 
@@ -279,7 +298,12 @@ impl Handler for GwsWorker {
             });
         };
         let span = tracing::info_span!("gws", operation = op.kind.name(), agent = %op.agent_id);
-        self.apply(e, &op, &target, &path).instrument(span).await
+        let result = self.apply(e, &op, &target, &path).instrument(span).await;
+        self.track_retry(
+            format!("{}/{}/{}", e.tenant_id, e.conversation_id, op.effect_key),
+            matches!(result, Err(HandleError::Retry(_))),
+        );
+        result
     }
 }
 
