@@ -83,6 +83,7 @@ pub struct WorkersConfig {
     pub conversation: crate::workers::conversation::ConversationConfig,
     #[serde(default)]
     pub history: crate::workers::history::HistoryConfig,
+    pub gws: crate::workers::gws::GwsConfig,
 }
 
 /// The bus: which one and how to talk to it.
@@ -448,6 +449,8 @@ impl Config {
             .ucs
             .validate("workers.history.ucs")
             .map_err(|e| invalid("workers.history.ucs", e))?;
+        crate::workers::gws::config::validate(&self.workers.gws)
+            .map_err(|m| invalid(crate::workers::gws::config::KEY, m))?;
         if tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level).is_err() {
             return Err(invalid(
                 "telemetry.log_level",
@@ -473,6 +476,7 @@ impl Config {
             }
         }
         c.workers.history.ucs.redact(REDACTED);
+        c.workers.gws.redact(REDACTED);
         c.bus.url = redact_url_password(&c.bus.url);
         c.stores.redis_url = redact_url_password(&c.stores.redis_url);
         c.stores.postgres_url = redact_url_password(&c.stores.postgres_url);
@@ -556,6 +560,14 @@ mod tests {
         c.validate().expect("a valid namespace");
 
         let mut c = Config::defaults();
+        c.workers.gws.url = "gws.example.com".into();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("workers.gws.url"));
+
+        let mut c = Config::defaults();
         c.http.listen = "nowhere".into();
         assert!(c
             .validate()
@@ -578,6 +590,15 @@ mod tests {
         c.http.admin_token = "hunter2".into();
         c.stores.redis_url = "rediss://user:s3cret@redis:6380".into();
         c.bus.kafka.sasl_password = "kpass".into();
+        c.workers.gws.credential = "gws-global-secret".into();
+        c.workers.gws.tenants.insert(
+            "t1".into(),
+            crate::workers::peer::PeerTarget {
+                url: "http://gws".into(),
+                credential: "gws-tenant-secret".into(),
+                timeout_ms: 0,
+            },
+        );
         c.stores.provisioning_key =
             "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff".into();
         let out = c.redacted_toml();
@@ -585,7 +606,9 @@ mod tests {
             !out.contains("hunter2")
                 && !out.contains("s3cret")
                 && !out.contains("kpass")
-                && !out.contains("0011223344"),
+                && !out.contains("0011223344")
+                && !out.contains("gws-global-secret")
+                && !out.contains("gws-tenant-secret"),
             "{out}"
         );
         assert!(out.contains("rediss://user:<redacted>@redis:6380"));

@@ -45,8 +45,27 @@ pub const WORKER_PAUSED: &str = "nexus_worker_paused";
 pub const HISTORY_EVENTS_TOTAL: &str = "nexus_history_events_total";
 /// Chat file attachments at close, per `outcome` (added, missing = expired or deleted).
 pub const HISTORY_ATTACHMENTS_TOTAL: &str = "nexus_history_attachments_total";
+/// GWS operations of the gws role by `operation` and `outcome` (applied, reconciled,
+/// duplicate, rejected, skipped).
+pub const GWS_OPERATIONS_TOTAL: &str = "nexus_gws_operations_total";
+/// GWS effects a gws pod is retrying; their conversations wait behind them.
+pub const GWS_EFFECTS_RETRYING: &str = "nexus_gws_effects_retrying";
+/// Old rows the gws role pruned from its effect log.
+pub const GWS_EFFECTS_PRUNED_TOTAL: &str = "nexus_gws_effects_pruned_total";
 
 pub(super) fn describe_all() {
+    describe_counter!(
+        GWS_OPERATIONS_TOTAL,
+        "GWS operations of the gws role by operation and outcome (applied, reconciled, duplicate, rejected, skipped)."
+    );
+    describe_gauge!(
+        GWS_EFFECTS_RETRYING,
+        "GWS effects a gws pod is retrying; their conversations wait behind them."
+    );
+    describe_counter!(
+        GWS_EFFECTS_PRUNED_TOTAL,
+        "Old rows the gws role pruned from its effect log."
+    );
     describe_counter!(
         PEER_CALLS_TOTAL,
         "Calls to peer systems (UCS, GWS) by role, peer and outcome."

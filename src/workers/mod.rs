@@ -2,12 +2,13 @@
 //! it; [`handler_for`] maps a role name to its effect.
 //!
 //! Built so far: `conversation` (sessions, transcript, routing to agents), `history`
-//! (conversations to UCS) and `tap` (forwards events to an HTTP endpoint). The other
-//! integration roles of the topology (gws, webhooks, delivery) have no effects yet: they run
-//! the consumer runtime with [`pending::Pending`], which acks and counts, until their issue
-//! lands (see README "Not built yet").
+//! (conversations to UCS), `gws` (agent actions → GWS calls, once each) and `tap` (forwards
+//! events to an HTTP endpoint). Integration roles without effects yet run the consumer runtime
+//! with [`pending::Pending`], which acks and counts, until their issue lands (see README "Not
+//! built yet").
 
 pub mod conversation;
+pub mod gws;
 pub mod history;
 pub mod peer;
 pub mod pending;
@@ -103,6 +104,22 @@ pub fn handler_for(role: &str, config: &Config, deps: &Deps) -> Result<RoleHandl
             })?,
             deps.provisioning.clone(),
         )),
+        "gws" => {
+            let worker = gws::GwsWorker::new(
+                &config.workers.gws,
+                &config.http_client,
+                deps.provisioning.pool().clone(),
+            )
+            .map_err(|e| WorkerError::Config {
+                role: role.to_string(),
+                message: e.to_string(),
+            })?;
+            let pruner = worker.pruner();
+            return Ok(RoleHandler {
+                handler: Arc::new(worker),
+                background: vec![Box::new(pruner)],
+            });
+        }
         other => Arc::new(pending::Pending::new(other)),
     };
     Ok(RoleHandler::plain(handler))

@@ -210,7 +210,8 @@ impl Provisioning {
             .with_auth_cache_ttl(Duration::from_millis(stores.auth_cache_ttl_ms)))
     }
 
-    /// The connection pool, for workers that keep their effect state in this database.
+    /// The connection pool, for workers that keep their effect state in this database (history,
+    /// gws); they use the same SQL on PostgreSQL and SQLite.
     pub fn pool(&self) -> &AnyPool {
         &self.pool
     }

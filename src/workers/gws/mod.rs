@@ -1,0 +1,311 @@
+//! The `gws` role: agent actions on `nexus.agent.v1` become GWS interaction-management calls
+//! (`POST {gws}/api/v2/me/chats/{conversation id}`), each made once, also across crashes.
+//!
+//! Mapping ([`ops`]): `AgentAccepted` → Accept; `MessageSent` by an agent → SendMessage (text
+//! and nexus's message id); `TransferRequested` (mode transfer, by an agent) → Transfer (target
+//! kind and id); `ConversationCompleted` → Complete (disposition). Other events are acked
+//! untouched; tenants without a GWS target ([`config`]) are acked and counted as `skipped`.
+//!
+//! Exactly once, although GWS calls are not idempotent: the effect log ([`log`]) has a row per
+//! effect (keyed by conversation and an effect key derived from the event: the event id, or the
+//! message id / offer id, so a desktop retry of the same reply is the same effect).
+//! 1. The row is written `pending` (the intent) before any call; a `done` row makes a
+//!    redelivered event a no-op. A `rejected` one (GWS said 4xx: nothing took effect) is tried
+//!    again when its event comes back, e.g. replayed from the dead-letter topic.
+//! 2. Before each call the row's `attempts` is raised (a compare-and-set, so two workers
+//!    handed the same event do not both call), then GWS is called, then the row is set `done`,
+//!    and only then is the event acked.
+//! 3. The crash window is between the call reaching GWS and the `done` write (a SIGKILL, a
+//!    timeout after GWS applied it, a lost answer, a failed write). Whoever handles the event
+//!    next finds `pending` with attempts > 0 and reconciles before calling again: it reads the
+//!    chat (`GET` the same path) and, if the effect shows (the agent is connected, the message
+//!    id is in the transcript, the agent left by transfer, the chat is completed), marks the row
+//!    `done` without calling. A previous call younger than the GWS timeout may still be in
+//!    flight, so reconciliation waits until it is older (retrying in place).
+//! 4. What stays open: GWS applying a request later than the client's timeout after it was
+//!    sent (the read before the repeat does not see it yet), and clocks of worker hosts that
+//!    disagree by more than the timeout. Both need GWS to be slower than `timeout_ms`.
+//!
+//! Order: the consumer runs one conversation on one lane, one event at a time, retrying in
+//! place, so GWS gets a conversation's calls in the order the agent made them; a failing call
+//! holds only its conversation's lane (and, while GWS keeps failing, the [`Peer`] circuit pauses
+//! the whole role: `nexus_worker_paused{role="gws",peer="gws"}` is 1). 5xx and timeouts retry
+//! with backoff; 4xx marks the row `rejected` and dead-letters the event (`gws_rejected`).
+
+pub mod client;
+pub mod config;
+pub mod log;
+pub mod ops;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+pub use config::GwsConfig;
+
+use crate::bus::consumer::{HandleError, Handler};
+use crate::bus::Message;
+use crate::config::HttpClientConfig;
+use crate::events::{Envelope, Event};
+use crate::telemetry::metrics as m;
+use crate::workers::peer::{PeerFailure, PeerTarget};
+
+use client::GwsClient;
+use log::{EffectKey, EffectLog, LogError, Status};
+use ops::Operation;
+
+/// Dead-letter reason of an event GWS refused.
+pub const REJECTED: &str = "gws_rejected";
+/// Dead-letter reason of an event whose body or conversation id cannot make a call.
+pub const BAD_EVENT: &str = "gws_bad_event";
+/// How long effect-log rows are kept: longer than `nexus.agent.v1` keeps events (7 days) and
+/// its dead-letter topic (14 days, `nexus replay` copies back), so no event that can still be
+/// delivered outlives its row. Raise it with those retentions.
+pub const EFFECT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How often each gws pod prunes the log (pods may overlap: the delete is idempotent).
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum GwsError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Client(#[from] crate::http_client::ClientError),
+}
+
+pub struct GwsWorker {
+    config: GwsConfig,
+    client: GwsClient,
+    log: Arc<EffectLog>,
+    /// Effects this pod is retrying (conversation and effect key), for the retry-depth gauge.
+    retrying: Mutex<HashSet<String>>,
+}
+
+impl GwsWorker {
+    /// The worker with its effect log in `pool` (the provisioning database).
+    pub fn new(
+        config: &GwsConfig,
+        http: &HttpClientConfig,
+        pool: sqlx::AnyPool,
+    ) -> Result<Self, GwsError> {
+        config::validate(config).map_err(GwsError::Config)?;
+        metrics::gauge!(m::GWS_EFFECTS_RETRYING).set(0.0);
+        Ok(Self {
+            config: config.clone(),
+            client: GwsClient::new(crate::http_client::build(http)?, config),
+            log: Arc::new(EffectLog::new(pool)),
+            retrying: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// The loop that prunes old effect-log rows, to run beside the consumers.
+    pub fn pruner(
+        &self,
+    ) -> impl FnOnce(CancellationToken) -> futures::future::BoxFuture<'static, ()> {
+        let log = self.log.clone();
+        move |stop| Box::pin(prune(log, stop))
+    }
+
+    async fn apply(
+        &self,
+        e: &Envelope,
+        op: &Operation,
+        target: &PeerTarget,
+        path: &str,
+    ) -> Result<(), HandleError> {
+        let key = EffectKey {
+            tenant_id: &e.tenant_id,
+            conversation_id: &e.conversation_id,
+            effect: &op.effect_key,
+        };
+        let mut entry = self
+            .log
+            .open(key, &e.event_id.to_string(), op.kind.name())
+            .await
+            .map_err(store_failed)?;
+        match entry.status {
+            Status::Done => {
+                emit(op, "duplicate");
+                return Ok(());
+            }
+            // Refused before and delivered again (a replay from the dead-letter topic, or a
+            // crash before the dead-letter was written): a 4xx took no effect, so try again; a
+            // GWS that still refuses dead-letters it again.
+            Status::Rejected => {
+                self.log.reopen(key).await.map_err(store_failed)?;
+                entry.attempted_at_ms = None;
+            }
+            Status::Pending => {}
+        }
+        if entry.attempts > 0 {
+            // A previous call may have reached GWS: look before calling again.
+            let age = entry
+                .attempted_at_ms
+                .map(|at| chrono::Utc::now().timestamp_millis() - at)
+                .unwrap_or(i64::MAX);
+            if age < i64::try_from(target.timeout_ms).unwrap_or(i64::MAX) {
+                return Err(HandleError::Retry(format!(
+                    "the previous call ({age} ms ago) may still be in flight"
+                )));
+            }
+            let chat = match self.client.chat(target, path, &op.agent_id).await {
+                Ok(chat) => chat,
+                Err(f) => return Err(self.refused(key, op, f).await),
+            };
+            if ops::applied(op, chat.as_ref()) {
+                self.log
+                    .finish(key, Status::Done, "reconciled")
+                    .await
+                    .map_err(store_failed)?;
+                emit(op, "reconciled");
+                return Ok(());
+            }
+            debug!(
+                attempts = entry.attempts,
+                "the previous call did not take effect; calling again"
+            );
+        }
+        if !self
+            .log
+            .claim(key, entry.attempts)
+            .await
+            .map_err(store_failed)?
+        {
+            return Err(HandleError::Retry(
+                "another worker is calling GWS for this effect".into(),
+            ));
+        }
+        match self.client.operate(target, path, op, e).await {
+            Ok(()) => {
+                emit(op, "applied");
+                // If this write fails, the retry reconciles and finds the effect.
+                self.log
+                    .finish(key, Status::Done, "called")
+                    .await
+                    .map_err(store_failed)
+            }
+            Err(f) => Err(self.refused(key, op, f).await),
+        }
+    }
+
+    /// Keeps `nexus_gws_effects_retrying` at the number of effects waiting for another try
+    /// (their conversations wait behind them).
+    fn track_retry(&self, effect: String, retrying: bool) {
+        let mut set = self.retrying.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = if retrying {
+            set.insert(effect)
+        } else {
+            set.remove(&effect)
+        };
+        if changed {
+            metrics::gauge!(m::GWS_EFFECTS_RETRYING).set(set.len() as f64);
+        }
+    }
+
+    /// A failed GWS call: retried in place, or (4xx) settled as rejected and dead-lettered.
+    async fn refused(&self, key: EffectKey<'_>, op: &Operation, f: PeerFailure) -> HandleError {
+        if matches!(f, PeerFailure::Retry(_)) {
+            return f.into_handle_error(REJECTED);
+        }
+        let detail = f.to_string();
+        if let Err(e) = self.log.finish(key, Status::Rejected, &detail).await {
+            return store_failed(e);
+        }
+        emit(op, "rejected");
+        f.into_handle_error(REJECTED)
+    }
+}
+
+/// Deletes effect-log rows older than [`EFFECT_RETENTION`], every [`PRUNE_EVERY`].
+async fn prune(log: Arc<EffectLog>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(PRUNE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let before = chrono::Utc::now().timestamp_millis()
+            - i64::try_from(EFFECT_RETENTION.as_millis()).unwrap_or(i64::MAX);
+        async {
+            match log.prune(before).await {
+                Ok(n) => {
+                    metrics::counter!(m::GWS_EFFECTS_PRUNED_TOTAL).increment(n);
+                    if n > 0 {
+                        info!(deleted = n, "old gws effect-log rows pruned");
+                    }
+                }
+                // Retried on the next tick; old rows only take space meanwhile.
+                Err(e) => warn!(error = %e, "gws effect-log prune failed; retried"),
+            }
+        }
+        .instrument(tracing::info_span!("gws_effect_prune"))
+        .await;
+    }
+}
+
+fn store_failed(e: LogError) -> HandleError {
+    HandleError::Retry(e.to_string())
+}
+
+/// Counts an operation's outcome, with its log line.
+fn emit(op: &Operation, outcome: &'static str) {
+    match outcome {
+        "rejected" => {
+            warn!(operation = op.kind.name(), agent = %op.agent_id, "GWS refused the call; dead-lettering")
+        }
+        "reconciled" => {
+            info!(operation = op.kind.name(), agent = %op.agent_id, "the previous call had taken effect at GWS; not repeated")
+        }
+        _ => debug!(operation = op.kind.name(), agent = %op.agent_id, outcome, "gws operation"),
+    }
+    metrics::counter!(m::GWS_OPERATIONS_TOTAL, "operation" => op.kind.name(), "outcome" => outcome)
+        .increment(1);
+}
+
+#[async_trait]
+impl Handler for GwsWorker {
+    // Called on the conversation's lane, one event at a time and retried in place: GWS sees a
+    // conversation's calls in the order the agent made them, and a failing call holds only
+    // that conversation.
+    async fn handle(&self, event: &Event, _message: &Message) -> Result<(), HandleError> {
+        let op = match ops::operation_of(event) {
+            Ok(Some(op)) => op,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                return Err(HandleError::Reject {
+                    reason: BAD_EVENT,
+                    detail: e.to_string(),
+                })
+            }
+        };
+        let e = &event.envelope;
+        let Some(target) = self.config.target(&e.tenant_id) else {
+            emit(&op, "skipped");
+            return Ok(());
+        };
+        let Some(path) = client::chat_path(&e.conversation_id) else {
+            return Err(HandleError::Reject {
+                reason: BAD_EVENT,
+                detail: format!(
+                    "conversation id `{}` is not a GWS chat id",
+                    e.conversation_id
+                ),
+            });
+        };
+        let span = tracing::info_span!("gws", operation = op.kind.name(), agent = %op.agent_id);
+        let result = self.apply(e, &op, &target, &path).instrument(span).await;
+        self.track_retry(
+            format!("{}/{}/{}", e.tenant_id, e.conversation_id, op.effect_key),
+            matches!(result, Err(HandleError::Retry(_))),
+        );
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,123 @@
+//! The handler on SQLite against a tiny GWS in the test: tenants without GWS are skipped, other
+//! events are ignored, a redelivered event is not called again, a 4xx is dead-lettered and a
+//! replay of it tries again.
+
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+
+use super::*;
+use crate::bus::Message;
+use crate::events::chat::{AgentAccepted, AgentState, AgentStateChanged};
+use crate::stores::provisioning::secrets::EncryptionKey;
+use crate::stores::provisioning::Provisioning;
+
+/// A GWS that counts POSTs and answers `status` (changeable); it knows no chat (GET is 404).
+async fn gws(status: u16) -> (String, Arc<Mutex<u32>>, Arc<Mutex<u16>>) {
+    let calls = Arc::new(Mutex::new(0u32));
+    let status = Arc::new(Mutex::new(status));
+    type S = State<(Arc<Mutex<u32>>, Arc<Mutex<u16>>)>;
+    let app = Router::new()
+        .route(
+            "/api/v2/me/chats/{id}",
+            get(|| async { StatusCode::NOT_FOUND }).post(|State((calls, status)): S| async move {
+                *calls.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+                let code = *status.lock().unwrap_or_else(|p| p.into_inner());
+                StatusCode::from_u16(code).unwrap_or(StatusCode::OK)
+            }),
+        )
+        .with_state((calls.clone(), status.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), calls, status)
+}
+
+async fn worker(url: &str, dir: &std::path::Path) -> (GwsWorker, Provisioning) {
+    let key = EncryptionKey::parse(&"00".repeat(32)).expect("key");
+    let db = Provisioning::connect(&dir.join("p.db").display().to_string(), &key)
+        .await
+        .expect("sqlite");
+    let config = GwsConfig {
+        url: url.to_string(),
+        ..GwsConfig::default()
+    };
+    let http = crate::config::Config::defaults().http_client;
+    let w = GwsWorker::new(&config, &http, db.pool().clone()).expect("worker");
+    (w, db)
+}
+
+fn message() -> Message {
+    Message {
+        topic: "nexus.agent.v1".into(),
+        partition: 0,
+        offset: 0,
+        timestamp_ms: 0,
+        key: "c1".into(),
+        payload: Default::default(),
+        headers: Default::default(),
+    }
+}
+
+fn accepted() -> Event {
+    let body = AgentAccepted {
+        offer_id: "o1".into(),
+        agent_id: "a1".into(),
+        participant_id: "a1".into(),
+        nickname: "Alice".into(),
+    };
+    Event::typed(&body, "t1", "c1", "edge/agent").expect("typed")
+}
+
+#[tokio::test]
+async fn tenants_without_gws_and_other_events_make_no_call() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, calls, _) = gws(200).await;
+    let (w, db) = worker("", dir.path()).await;
+    w.handle(&accepted(), &message()).await.expect("skipped");
+    let ready = AgentStateChanged {
+        agent_id: "a1".into(),
+        state: AgentState::Ready,
+        reason_code: None,
+        capacity: Default::default(),
+    };
+    let e = Event::typed(&ready, "t1", "a1", "edge/agent").expect("typed");
+    w.handle(&e, &message()).await.expect("ignored");
+    assert_eq!(*calls.lock().unwrap(), 0);
+    db.close().await;
+}
+
+#[tokio::test]
+async fn a_redelivered_event_is_not_called_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (url, calls, _) = gws(200).await;
+    let (w, db) = worker(&url, dir.path()).await;
+    let e = accepted();
+    w.handle(&e, &message()).await.expect("called");
+    w.handle(&e, &message()).await.expect("duplicate");
+    assert_eq!(*calls.lock().unwrap(), 1);
+    db.close().await;
+}
+
+#[tokio::test]
+async fn a_refused_call_is_dead_lettered_and_a_replay_tries_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (url, calls, status) = gws(403).await;
+    let (w, db) = worker(&url, dir.path()).await;
+    let e = accepted();
+    match w.handle(&e, &message()).await {
+        Err(HandleError::Reject { reason, .. }) => assert_eq!(reason, REJECTED),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    // The operator fixes what GWS refused and replays the dead letter.
+    *status.lock().unwrap() = 200;
+    w.handle(&e, &message()).await.expect("replayed");
+    w.handle(&e, &message()).await.expect("duplicate");
+    assert_eq!(*calls.lock().unwrap(), 2, "refused once, applied once");
+    db.close().await;
+}
