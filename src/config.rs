@@ -81,6 +81,7 @@ pub struct ChatConfig {
 pub struct WorkersConfig {
     pub tap: crate::workers::tap::TapConfig,
     pub conversation: crate::workers::conversation::ConversationConfig,
+    pub webhooks: crate::workers::webhooks::WebhooksConfig,
 }
 
 /// The bus: which one and how to talk to it.

@@ -41,7 +41,28 @@ pub const PEER_CALL_SECONDS: &str = "nexus_peer_call_duration_seconds";
 /// 1 while a role waits for a failing peer instead of consuming, per `role`, `peer`.
 pub const WORKER_PAUSED: &str = "nexus_worker_paused";
 
+// ---- webhooks worker (`subscription` is the webhook id for the first
+// `workers.webhooks.metric_subscriptions` subscriptions a process sees, then `other`) ----
+
+/// Webhook delivery attempts, per `subscription`, `outcome` (ok, failed, timeout, aborted, refused).
+pub const WEBHOOK_ATTEMPTS_TOTAL: &str = "nexus_webhook_attempts_total";
+/// Latency of webhook delivery attempts, per `outcome`.
+pub const WEBHOOK_ATTEMPT_SECONDS: &str = "nexus_webhook_attempt_duration_seconds";
+/// Webhook messages queued from interaction events (new ones, not redeliveries).
+pub const WEBHOOK_MESSAGES_QUEUED_TOTAL: &str = "nexus_webhook_messages_queued_total";
+/// Webhook messages waiting for an attempt (first or retry), per `subscription`.
+pub const WEBHOOK_QUEUE_DEPTH: &str = "nexus_webhook_retry_queue_depth";
+/// Age of the oldest waiting webhook message, per `subscription`.
+pub const WEBHOOK_OLDEST_PENDING_SECONDS: &str = "nexus_webhook_oldest_pending_age_seconds";
+/// Webhook messages that exhausted their schedule and went to the dead-letter topic, per `subscription`.
+pub const WEBHOOK_DEAD_LETTERED_TOTAL: &str = "nexus_webhook_dead_lettered_total";
+/// Webhook endpoints disabled after failing for `disable_after`.
+pub const WEBHOOK_ENDPOINTS_DISABLED_TOTAL: &str = "nexus_webhook_endpoints_disabled_total";
+/// Errors of the webhook dispatcher's own work (claims, log writes, publishes), per `stage`.
+pub const WEBHOOK_DISPATCH_ERRORS_TOTAL: &str = "nexus_webhook_dispatch_errors_total";
+
 pub(super) fn describe_all() {
+    describe_webhooks();
     describe_counter!(
         PEER_CALLS_TOTAL,
         "Calls to peer systems (UCS, GWS) by role, peer and outcome."
@@ -102,4 +123,41 @@ pub(super) fn describe_all() {
         "HTTP request latency by route template."
     );
     describe_gauge!(BUS_UP, "1 if the bus answered the last readiness check.");
+}
+
+fn describe_webhooks() {
+    describe_counter!(
+        WEBHOOK_ATTEMPTS_TOTAL,
+        "Webhook delivery attempts by subscription (bounded) and outcome."
+    );
+    describe_histogram!(
+        WEBHOOK_ATTEMPT_SECONDS,
+        Unit::Seconds,
+        "Latency of webhook delivery attempts by outcome."
+    );
+    describe_counter!(
+        WEBHOOK_MESSAGES_QUEUED_TOTAL,
+        "Webhook messages queued from interaction events."
+    );
+    describe_gauge!(
+        WEBHOOK_QUEUE_DEPTH,
+        "Webhook messages waiting for a first attempt or a retry, by subscription (bounded)."
+    );
+    describe_gauge!(
+        WEBHOOK_OLDEST_PENDING_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest waiting webhook message, by subscription (bounded)."
+    );
+    describe_counter!(
+        WEBHOOK_DEAD_LETTERED_TOTAL,
+        "Webhook messages that exhausted their retries (dead-letter topic)."
+    );
+    describe_counter!(
+        WEBHOOK_ENDPOINTS_DISABLED_TOTAL,
+        "Webhook endpoints disabled after failing continuously for disable_after."
+    );
+    describe_counter!(
+        WEBHOOK_DISPATCH_ERRORS_TOTAL,
+        "Errors of the webhook dispatcher's own work by stage."
+    );
 }

@@ -1,15 +1,16 @@
 //! Worker roles, one folder each. A role is a consumer group on the topics the topology gives
 //! it; [`handler_for`] maps a role name to its effect.
 //!
-//! Built so far: `conversation` (sessions, transcript, routing to agents) and `tap` (forwards
-//! events to an HTTP endpoint). The integration roles of the topology (history, gws, webhooks,
-//! delivery) have no effects yet: they run the consumer runtime with [`pending::Pending`],
+//! Built so far: `conversation` (sessions, transcript, routing to agents), `tap` (forwards
+//! events to an HTTP endpoint) and `webhooks` (signed interaction webhooks with retries). The
+//! other integration roles of the topology (history, gws, delivery) have no effects yet: they run the consumer runtime with [`pending::Pending`],
 //! which acks and counts, until their issue lands (see README "Not built yet").
 
 pub mod conversation;
 pub mod peer;
 pub mod pending;
 pub mod tap;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -91,6 +92,18 @@ pub fn handler_for(role: &str, config: &Config, deps: &Deps) -> Result<RoleHandl
                 background: vec![Box::new(move |stop| {
                     conversation::timers::run(timers, stop).boxed()
                 })],
+            });
+        }
+        "webhooks" => {
+            return webhooks::role(
+                &config.workers.webhooks,
+                &config.http_client,
+                deps.bus.clone(),
+                deps.provisioning.clone(),
+            )
+            .map_err(|e| WorkerError::Config {
+                role: role.to_string(),
+                message: e.to_string(),
             });
         }
         other => Arc::new(pending::Pending::new(other)),

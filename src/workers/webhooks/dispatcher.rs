@@ -1,0 +1,632 @@
+//! The delivery engine: a background loop of the role that claims due messages (woken at once
+//! by new ones, else every `poll_interval_ms`), sends each as one signed attempt under global
+//! and per-endpoint limits, logs the attempt and schedules the next, dead-letters exhausted
+//! messages and disables endpoints that keep failing.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::config::WebhooksConfig;
+use super::signing;
+use super::store::{After, AttemptRecord, Claimed, MessageStore};
+use super::target;
+use crate::bus::Bus;
+use crate::events::publish::publish;
+use crate::events::webhook::{
+    WebhookEndpointDisabled, WebhookMessageDead, WEBHOOK_DEAD_TOPIC, WEBHOOK_EVENTS_TOPIC,
+};
+use crate::events::Event;
+use crate::stores::provisioning::{Provisioning, WebhookFormat, WebhookTarget};
+use crate::telemetry::metrics as m;
+
+/// Beyond the attempt timeout, how long a claim holds a message: covers the log write after
+/// the answer, so a live sender never loses its claim; a dead sender's claim lapses this late.
+const LEASE_MARGIN: Duration = Duration::from_secs(5);
+/// Most messages one claim query takes: keeps each query short.
+const MAX_BATCH: usize = 256;
+/// How long a subscription's URL and secrets are reused before reading them again: rotations
+/// and URL changes take effect within this.
+const TARGET_TTL: Duration = Duration::from_secs(1);
+/// Largest answer body read from a receiver (the rest is dropped).
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+/// How long a failed dead-letter publish waits before the next try (the bus is down).
+const DEAD_LETTER_RETRY_MS: i64 = 5000;
+/// The producer name on events this role publishes.
+const PRODUCER: &str = "webhooks";
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Per-subscription metric labels as a bounded set: the first `max` subscriptions a process
+/// sees are labelled by id, every later one shares `other`.
+pub struct Labels {
+    max: usize,
+    known: Mutex<HashSet<String>>,
+}
+
+impl Labels {
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            known: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn of(&self, webhook_id: &str) -> String {
+        let mut known = match self.known.lock() {
+            Ok(k) => k,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if known.contains(webhook_id) {
+            return webhook_id.to_string();
+        }
+        if known.len() < self.max {
+            known.insert(webhook_id.to_string());
+            return webhook_id.to_string();
+        }
+        "other".to_string()
+    }
+}
+
+/// The result of one HTTP attempt.
+struct Sent {
+    record: AttemptRecord,
+    ok: bool,
+    abort: bool,
+}
+
+pub struct Dispatcher {
+    store: MessageStore,
+    provisioning: Arc<Provisioning>,
+    bus: Arc<dyn Bus>,
+    client: reqwest::Client,
+    config: WebhooksConfig,
+    wake: Notify,
+    global: Arc<Semaphore>,
+    in_flight: Mutex<HashMap<String, usize>>,
+    targets: Mutex<HashMap<String, (Instant, Arc<WebhookTarget>)>>,
+    labels: Labels,
+}
+
+impl Dispatcher {
+    pub fn new(
+        store: MessageStore,
+        provisioning: Arc<Provisioning>,
+        bus: Arc<dyn Bus>,
+        client: reqwest::Client,
+        config: WebhooksConfig,
+    ) -> Self {
+        Self {
+            global: Arc::new(Semaphore::new(config.max_in_flight)),
+            labels: Labels::new(config.metric_subscriptions),
+            store,
+            provisioning,
+            bus,
+            client,
+            config,
+            wake: Notify::new(),
+            in_flight: Mutex::new(HashMap::new()),
+            targets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// New messages are due: claim them now rather than at the next poll.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    pub fn labels(&self) -> &Labels {
+        &self.labels
+    }
+
+    /// The dispatch loop, until `stop` fires.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let poll = Duration::from_millis(self.config.poll_interval_ms);
+        async {
+            loop {
+                self.drain().await;
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(poll) => {}
+                }
+            }
+            tracing::info!("webhook dispatcher stopped");
+        }
+        .instrument(tracing::info_span!("webhooks.dispatch"))
+        .await
+    }
+
+    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        match self.in_flight.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Claims and starts due messages while capacity is free.
+    async fn drain(self: &Arc<Self>) {
+        loop {
+            let free = self.global.available_permits();
+            if free == 0 {
+                return;
+            }
+            let saturated: Vec<String> = self
+                .lock_in_flight()
+                .iter()
+                .filter(|(_, n)| **n >= self.config.max_in_flight_per_endpoint)
+                .map(|(id, _)| id.clone())
+                .collect();
+            let now = now_ms();
+            let lease = now
+                + i64::try_from((self.config.timeout() + LEASE_MARGIN).as_millis())
+                    .unwrap_or(i64::MAX / 2);
+            let want = free.min(MAX_BATCH);
+            let batch = match self.store.claim(now, lease, want, &saturated).await {
+                Ok(b) => b,
+                Err(e) => {
+                    metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "claim")
+                        .increment(1);
+                    tracing::warn!(error = %e, "claiming due webhook messages failed; next poll retries");
+                    return;
+                }
+            };
+            let got = batch.len();
+            let mut give_back = Vec::new();
+            for msg in batch {
+                if msg.round_attempts as usize >= self.config.retry_schedule_ms.len() {
+                    // Exhausted earlier, but the dead-letter publish did not complete.
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let attempts = msg.attempts;
+                        let (code, error) = (msg.last_status_code, msg.last_error.clone());
+                        me.dead_letter(&msg, attempts, code, error).await;
+                    });
+                    continue;
+                }
+                let permit = {
+                    let mut in_flight = self.lock_in_flight();
+                    let n = in_flight.entry(msg.webhook_id.clone()).or_insert(0);
+                    if *n >= self.config.max_in_flight_per_endpoint {
+                        None
+                    } else {
+                        match self.global.clone().try_acquire_owned() {
+                            Ok(p) => {
+                                *n += 1;
+                                Some(p)
+                            }
+                            Err(_) => None,
+                        }
+                    }
+                };
+                match permit {
+                    Some(permit) => {
+                        let me = self.clone();
+                        tokio::spawn(async move { me.attempt(msg, permit).await });
+                    }
+                    None => give_back.push(msg.id),
+                }
+            }
+            if !give_back.is_empty() {
+                if let Err(e) = self.store.release(&give_back).await {
+                    metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "release")
+                        .increment(1);
+                    tracing::warn!(error = %e, "releasing webhook messages failed; their lease lapses");
+                }
+                return;
+            }
+            if got < want {
+                return;
+            }
+        }
+    }
+
+    /// The subscription's URL, format and secrets, reused for [`TARGET_TTL`].
+    async fn target(&self, webhook_id: &str) -> Option<Arc<WebhookTarget>> {
+        {
+            let cache = match self.targets.lock() {
+                Ok(c) => c,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            if let Some((at, t)) = cache.get(webhook_id) {
+                if at.elapsed() < TARGET_TTL {
+                    return Some(t.clone());
+                }
+            }
+        }
+        match self.provisioning.webhook_target(webhook_id, now_ms()).await {
+            Ok(Some(t)) => {
+                let t = Arc::new(t);
+                let mut cache = match self.targets.lock() {
+                    Ok(c) => c,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
+                cache.insert(webhook_id.to_string(), (Instant::now(), t.clone()));
+                Some(t)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(webhook_id, error = %e, "reading the webhook subscription failed");
+                None
+            }
+        }
+    }
+
+    /// One attempt of a claimed message, logged, then the next step.
+    async fn attempt(self: Arc<Self>, msg: Claimed, permit: OwnedSemaphorePermit) {
+        let span = tracing::info_span!(
+            "webhooks.attempt",
+            message_id = %msg.id,
+            webhook_id = %msg.webhook_id,
+            tenant = %msg.tenant_id,
+            conversation_id = %msg.conversation_id,
+            status_code = tracing::field::Empty,
+        );
+        async {
+            let sent = self.send(&msg).await;
+            if let Some(code) = sent.record.status_code {
+                tracing::Span::current().record("status_code", code);
+            }
+            let now = now_ms();
+            let after = if sent.ok {
+                After::Delivered
+            } else if sent.abort {
+                After::Aborted
+            } else {
+                match self.config.delay_before(msg.round_attempts as usize + 1) {
+                    Some(d) => After::Retry(now + i64::try_from(d.as_millis()).unwrap_or(0)),
+                    None => After::Exhausted,
+                }
+            };
+            let label = self.labels.of(&msg.webhook_id);
+            metrics::counter!(m::WEBHOOK_ATTEMPTS_TOTAL, "subscription" => label, "outcome" => sent.record.outcome)
+                .increment(1);
+            metrics::histogram!(m::WEBHOOK_ATTEMPT_SECONDS, "outcome" => sent.record.outcome)
+                .record(sent.record.latency_ms as f64 / 1000.0);
+            if let Err(e) = self.store.record(&msg, &sent.record, after, now).await {
+                metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "record")
+                    .increment(1);
+                // The lease lapses and the message is tried again under the same webhook-id.
+                tracing::warn!(error = %e, "logging a webhook attempt failed; the message will be tried again");
+            } else {
+                match after {
+                    After::Delivered => {
+                        if let Err(e) = self.provisioning.webhook_succeeded(&msg.webhook_id).await
+                        {
+                            tracing::warn!(error = %e, "clearing the endpoint's failure clock failed");
+                        }
+                    }
+                    After::Retry(at) => {
+                        tracing::debug!(outcome = sent.record.outcome, next_attempt_at_ms = at, error = ?sent.record.error, "webhook attempt failed; retry scheduled");
+                        self.endpoint_failed(&msg, now).await;
+                    }
+                    After::Aborted => {
+                        tracing::info!("receiver answered abort-message; no more retries");
+                    }
+                    After::Exhausted => {
+                        self.endpoint_failed(&msg, now).await;
+                        self.dead_letter(
+                            &msg,
+                            msg.attempts + 1,
+                            sent.record.status_code,
+                            sent.record.error.clone(),
+                        )
+                        .await;
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+        drop(permit);
+        {
+            let mut in_flight = self.lock_in_flight();
+            if let Some(n) = in_flight.get_mut(&msg.webhook_id) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    in_flight.remove(&msg.webhook_id);
+                }
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// POSTs the message, signed, within the timeout.
+    async fn send(&self, msg: &Claimed) -> Sent {
+        let started_at_ms = now_ms();
+        let fail = |outcome: &'static str, error: String| Sent {
+            record: AttemptRecord {
+                started_at_ms,
+                outcome,
+                status_code: None,
+                latency_ms: 0,
+                error: Some(error),
+            },
+            ok: false,
+            abort: false,
+        };
+        let Some(target) = self.target(&msg.webhook_id).await else {
+            return fail("failed", "the subscription could not be read".into());
+        };
+        let Ok(url) = reqwest::Url::parse(&target.webhook.url) else {
+            return fail("refused", "the subscription URL does not parse".into());
+        };
+        if !self.config.allow_private_targets {
+            if let Some(ip) = target::literal_ip(&url) {
+                if target::is_internal(ip) {
+                    return fail("refused", format!("the target {ip} is in a private range"));
+                }
+            }
+        }
+        let body = msg.body.clone().into_bytes();
+        let mut request = self
+            .client
+            .post(url)
+            .timeout(self.config.timeout())
+            .header(reqwest::header::CONTENT_TYPE, "application/json");
+        match target.webhook.format {
+            WebhookFormat::Genesys => {
+                request = request.header(
+                    "x-hub-signature",
+                    signing::hub_signature(&target.secrets.current, &body),
+                );
+            }
+            WebhookFormat::Standard => {
+                let ts = started_at_ms / 1000;
+                request = request
+                    .header("webhook-id", msg.id.clone())
+                    .header("webhook-timestamp", ts.to_string())
+                    .header(
+                        "webhook-signature",
+                        signing::standard_header(&target.secrets, &msg.id, ts, &body),
+                    );
+            }
+        }
+        let clock = Instant::now();
+        let answer = request.body(body).send().await;
+        let (outcome, status_code, error, ok, abort) = match answer {
+            Ok(r) => {
+                let status = r.status();
+                let abort = r
+                    .headers()
+                    .get("webhook-delivery")
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.eq_ignore_ascii_case("abort-message"));
+                // Read (a bounded part of) the answer so the connection can be reused.
+                let _ = read_bounded(r).await;
+                if status.is_success() {
+                    ("ok", Some(i64::from(status.as_u16())), None, true, false)
+                } else if abort {
+                    (
+                        "aborted",
+                        Some(i64::from(status.as_u16())),
+                        Some(format!("answered {status} with abort-message")),
+                        false,
+                        true,
+                    )
+                } else {
+                    (
+                        "failed",
+                        Some(i64::from(status.as_u16())),
+                        Some(format!("answered {status}")),
+                        false,
+                        false,
+                    )
+                }
+            }
+            Err(e) => {
+                let outcome = if e.is_timeout() { "timeout" } else { "failed" };
+                (
+                    outcome,
+                    None,
+                    Some(e.without_url().to_string()),
+                    false,
+                    false,
+                )
+            }
+        };
+        Sent {
+            record: AttemptRecord {
+                started_at_ms,
+                outcome,
+                status_code,
+                latency_ms: i64::try_from(clock.elapsed().as_millis()).unwrap_or(i64::MAX),
+                error,
+            },
+            ok,
+            abort,
+        }
+    }
+
+    /// Runs the endpoint's failure clock; disables it once the clock passes `disable_after`.
+    async fn endpoint_failed(&self, msg: &Claimed, now: i64) {
+        let since = match self.provisioning.webhook_failed(&msg.webhook_id, now).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "recording the endpoint failure failed");
+                return;
+            }
+        };
+        let limit = i64::try_from(self.config.disable_after_ms).unwrap_or(i64::MAX);
+        if now.saturating_sub(since) < limit {
+            return;
+        }
+        let reason = format!(
+            "every attempt failed for {} s since {since} (disable_after_ms = {limit})",
+            (now - since) / 1000
+        );
+        match self
+            .provisioning
+            .disable_webhook(&msg.webhook_id, &reason)
+            .await
+        {
+            Ok(true) => {
+                metrics::counter!(m::WEBHOOK_ENDPOINTS_DISABLED_TOTAL).increment(1);
+                tracing::warn!(webhook_id = %msg.webhook_id, failing_since_ms = since, "webhook endpoint disabled: it kept failing");
+                let url = self
+                    .target(&msg.webhook_id)
+                    .await
+                    .map(|t| t.webhook.url.clone())
+                    .unwrap_or_default();
+                let body = WebhookEndpointDisabled {
+                    webhook_id: msg.webhook_id.clone(),
+                    url,
+                    failing_since_ms: since,
+                    reason,
+                };
+                self.publish(
+                    &body,
+                    &msg.tenant_id,
+                    &msg.webhook_id,
+                    WEBHOOK_EVENTS_TOPIC,
+                    "disabled",
+                )
+                .await;
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "disabling the webhook endpoint failed"),
+        }
+    }
+
+    /// Publishes the message to the dead-letter topic, then marks it dead. A crash between the
+    /// two publishes it again on the next claim (recovery is idempotent per record).
+    async fn dead_letter(
+        &self,
+        msg: &Claimed,
+        attempts: i64,
+        last_status_code: Option<i64>,
+        last_error: Option<String>,
+    ) {
+        let body = WebhookMessageDead {
+            webhook_id: msg.webhook_id.clone(),
+            message_id: msg.id.clone(),
+            source_event_id: msg.event_id.clone(),
+            event: msg.event.clone(),
+            body: msg.body.clone(),
+            attempts,
+            last_status_code,
+            last_error,
+        };
+        let what = format!("dead/{}/{attempts}", msg.id);
+        if !self
+            .publish(
+                &body,
+                &msg.tenant_id,
+                &msg.conversation_id,
+                WEBHOOK_DEAD_TOPIC,
+                &what,
+            )
+            .await
+        {
+            // Leave it pending and exhausted: a later claim tries the publish again.
+            let _ = self
+                .store
+                .postpone(&msg.id, now_ms() + DEAD_LETTER_RETRY_MS)
+                .await;
+            return;
+        }
+        if let Err(e) = self.store.mark_dead(&msg.id, now_ms()).await {
+            metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "mark_dead")
+                .increment(1);
+            tracing::warn!(error = %e, "marking a dead-lettered webhook message failed");
+            return;
+        }
+        metrics::counter!(m::WEBHOOK_DEAD_LETTERED_TOTAL, "subscription" => self.labels.of(&msg.webhook_id))
+            .increment(1);
+        tracing::warn!(message_id = %msg.id, webhook_id = %msg.webhook_id, attempts, "webhook message dead after its last attempt; sent to the dead-letter topic");
+    }
+
+    /// Publishes one of this role's events; whether the bus took it.
+    async fn publish<B: crate::events::chat::Body>(
+        &self,
+        body: &B,
+        tenant_id: &str,
+        key: &str,
+        topic: &str,
+        what: &str,
+    ) -> bool {
+        let event = match Event::typed(body, tenant_id, key, PRODUCER) {
+            Ok(e) => e.with_derived_id(&Uuid::nil(), &format!("{topic}/{key}/{what}")),
+            Err(e) => {
+                tracing::error!(error = %e, "building a webhooks event failed");
+                return false;
+            }
+        };
+        match publish(self.bus.as_ref(), topic, &event).await {
+            Ok(_) => true,
+            Err(e) => {
+                metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "publish")
+                    .increment(1);
+                tracing::warn!(topic, error = %e, "publishing a webhooks event failed; tried again later");
+                false
+            }
+        }
+    }
+
+    /// Measures queue depth and oldest pending age every `stats_interval_ms`, until `stop`.
+    pub async fn stats(self: Arc<Self>, stop: CancellationToken) {
+        let every = Duration::from_millis(self.config.stats_interval_ms);
+        async {
+            let mut shown: HashSet<String> = HashSet::new();
+            loop {
+                match self.store.pending_stats().await {
+                    Ok(rows) => {
+                        let now = now_ms();
+                        let mut per: HashMap<String, (i64, i64)> = HashMap::new();
+                        for r in rows {
+                            let e = per
+                                .entry(self.labels.of(&r.webhook_id))
+                                .or_insert((0, i64::MAX));
+                            e.0 += r.count;
+                            e.1 = e.1.min(r.oldest_created_at_ms);
+                        }
+                        for gone in shown.iter().filter(|l| !per.contains_key(*l)) {
+                            metrics::gauge!(m::WEBHOOK_QUEUE_DEPTH, "subscription" => gone.clone())
+                                .set(0.0);
+                            metrics::gauge!(m::WEBHOOK_OLDEST_PENDING_SECONDS, "subscription" => gone.clone())
+                                .set(0.0);
+                        }
+                        shown = per.keys().cloned().collect();
+                        for (label, (count, oldest)) in per {
+                            let age = (now - oldest).max(0) as f64 / 1000.0;
+                            metrics::gauge!(m::WEBHOOK_QUEUE_DEPTH, "subscription" => label.clone())
+                                .set(count as f64);
+                            metrics::gauge!(m::WEBHOOK_OLDEST_PENDING_SECONDS, "subscription" => label)
+                                .set(age);
+                        }
+                    }
+                    Err(e) => {
+                        metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "stats")
+                            .increment(1);
+                        tracing::warn!(error = %e, "measuring the webhook queue failed");
+                    }
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(every) => {}
+                }
+            }
+        }
+        .instrument(tracing::info_span!("webhooks.stats"))
+        .await
+    }
+}
+
+/// Reads at most [`MAX_ANSWER_BYTES`] of an answer.
+async fn read_bounded(mut r: reqwest::Response) -> usize {
+    let mut n = 0;
+    while let Ok(Some(chunk)) = r.chunk().await {
+        n += chunk.len();
+        if n >= MAX_ANSWER_BYTES {
+            break;
+        }
+    }
+    n
+}
