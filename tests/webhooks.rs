@@ -956,3 +956,84 @@ async fn sigkill_of_the_webhooks_worker_loses_nothing() {
         assert!(last_started < first_finished, "{conv}: {events:?}");
     }
 }
+
+/// `nexus dev` (embedded bus, SQLite delivery log): a chat's STARTED and FINISHED reach a
+/// standard and a genesys subscriber, signed, the standard one after a 5xx retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_delivers_from_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rx = Receiver::start().await;
+    let mut env = base_env(dir.path());
+    env.push((
+        "NEXUS_WORKERS__WEBHOOKS__ALLOW_PRIVATE_TARGETS",
+        "true".into(),
+    ));
+    env.push((
+        "NEXUS_WORKERS__WEBHOOKS__RETRY_SCHEDULE_MS",
+        "[0, 200, 200]".into(),
+    ));
+    env.push(("NEXUS_WORKERS__WEBHOOKS__POLL_INTERVAL_MS", "100".into()));
+    let node = start_node(dir.path(), "dev", &["dev"], env).await;
+    let admin = Admin::new(&node.url);
+    let tenant = provision_tenant(&admin).await;
+    let std = admin
+        .post(
+            &format!("/tenants/{}/webhooks", tenant.id),
+            json!({"url": rx.url("dev-std"), "format": "standard"}),
+        )
+        .await;
+    let gen = admin
+        .post(
+            &format!("/tenants/{}/webhooks", tenant.id),
+            json!({"url": rx.url("dev-gen"), "format": "genesys"}),
+        )
+        .await;
+    rx.set("dev-std", Mode::FailTimes(500, 1));
+    let http = reqwest::Client::new();
+    let started: Value = http
+        .post(format!("{}/nexus/v3/chat/sessions", node.url))
+        .header("x-api-key", &tenant.api_key)
+        .json(&json!({"nickname": "Dee"}))
+        .send()
+        .await
+        .expect("start chat")
+        .json()
+        .await
+        .expect("start json");
+    let sid = started["session_id"].as_str().expect("session").to_string();
+    let ck = started["client_key"]
+        .as_str()
+        .expect("client key")
+        .to_string();
+    rx.wait_for("dev-gen", 1).await;
+    let r = http
+        .post(format!(
+            "{}/nexus/v3/chat/sessions/{sid}/disconnect",
+            node.url
+        ))
+        .header("x-api-key", &tenant.api_key)
+        .header("x-nexus-client-key", &ck)
+        .send()
+        .await
+        .expect("disconnect");
+    assert_eq!(r.status(), 202);
+    let got = rx.wait_for("dev-std", 3).await;
+    assert_eq!(
+        got.iter().map(Received::event).collect::<Vec<_>>(),
+        ["STARTED", "STARTED", "FINISHED"]
+    );
+    assert_eq!(got[0].id(), got[1].id());
+    let secret = std["secret"].as_str().expect("secret");
+    assert_eq!(
+        verify_standard(&[(secret, &got[1]), (secret, &got[2])]),
+        ["ok", "ok"]
+    );
+    let gen_got = rx.wait_for("dev-gen", 2).await;
+    let gen_secret = gen["secret"].as_str().expect("secret");
+    for r in &gen_got {
+        assert_eq!(
+            r.headers.get("x-hub-signature"),
+            Some(&genesys_signature(gen_secret, &r.body))
+        );
+    }
+}

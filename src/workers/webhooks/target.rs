@@ -151,4 +151,11 @@ mod tests {
         assert!(check_url("http://127.0.0.1:9/x", true).await.is_ok());
         assert!(check_url("https://93.184.216.34/x", false).await.is_ok());
     }
+
+    #[tokio::test]
+    async fn the_send_time_resolver_drops_internal_answers() {
+        let name: Name = "localhost".parse().expect("name");
+        assert!(PublicOnly.resolve(name).await.is_err());
+        assert!(resolver(true).is_none() && resolver(false).is_some());
+    }
 }
