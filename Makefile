@@ -25,7 +25,8 @@ lint:
 ## `nexus dev` and on edge + worker processes over NATS JetStream, Redis and PostgreSQL.
 bench: services
 	eval "$$($(SERVICES) env)" && $(CARGO) bench --bench bus_throughput && $(CARGO) bench --bench chat_load \
-	  && NEXUS_BENCH_BUS=nats://127.0.0.1:14222 $(CARGO) bench --bench chat_load
+	  && NEXUS_BENCH_BUS=nats://127.0.0.1:14222 $(CARGO) bench --bench chat_load \
+	  && $(CARGO) bench --bench webhook_fanout
 
 services:
 	$(SERVICES) start

@@ -274,6 +274,8 @@ impl System {
             std::env::var("NEXUS_TEST_REDIS_URL")
                 .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
         ));
+        // Subscriptions created mid-test apply at once.
+        env.push(("NEXUS_WORKERS__WEBHOOKS__SUBSCRIPTION_CACHE_MS", "0".into()));
         // Test-sized group timeouts: a killed member's records come back in seconds.
         env.push(("NEXUS_BUS__NATS__ACK_WAIT_MS", "1500".into()));
         env.push(("NEXUS_BUS__NATS__LEASE_TTL_MS", "2500".into()));

@@ -98,6 +98,7 @@ pub fn handler_for(role: &str, config: &Config, deps: &Deps) -> Result<RoleHandl
             return webhooks::role(
                 &config.workers.webhooks,
                 &config.http_client,
+                &config.stores,
                 deps.bus.clone(),
                 deps.provisioning.clone(),
             )

@@ -29,6 +29,12 @@ pub struct WebhooksConfig {
     pub stats_interval_ms: u64,
     /// Subscriptions that get their own metric label per process; later ones share `other`.
     pub metric_subscriptions: usize,
+    /// Database connections of the delivery log per process (PostgreSQL; SQLite shares the
+    /// provisioning store's).
+    pub db_connections: u32,
+    /// How long a tenant's subscription list is reused by the handler (ms; 0 = read per
+    /// event): a new or changed subscription applies to events handled this much later.
+    pub subscription_cache_ms: u64,
 }
 
 impl WebhooksConfig {
@@ -52,6 +58,9 @@ impl WebhooksConfig {
             return Err(
                 "timeout_ms, max_in_flight and max_in_flight_per_endpoint must be > 0".into(),
             );
+        }
+        if self.db_connections == 0 {
+            return Err("db_connections must be > 0".into());
         }
         if self.poll_interval_ms == 0 || self.stats_interval_ms == 0 {
             return Err("poll_interval_ms and stats_interval_ms must be > 0".into());

@@ -33,6 +33,9 @@ const MAX_BATCH: usize = 256;
 /// How long a subscription's URL and secrets are reused before reading them again: rotations
 /// and URL changes take effect within this.
 const TARGET_TTL: Duration = Duration::from_secs(1);
+/// How often a healthy endpoint's failure clock is cleared at most (one write, not one per
+/// delivery).
+const CLEAR_EVERY: Duration = Duration::from_secs(1);
 /// Largest answer body read from a receiver (the rest is dropped).
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// How long a failed dead-letter publish waits before the next try (the bus is down).
@@ -92,6 +95,8 @@ pub struct Dispatcher {
     global: Arc<Semaphore>,
     in_flight: Mutex<HashMap<String, usize>>,
     targets: Mutex<HashMap<String, (Instant, Arc<WebhookTarget>)>>,
+    /// When this process last cleared an endpoint's failure clock; a failure forgets it.
+    cleared: Mutex<HashMap<String, Instant>>,
     labels: Labels,
 }
 
@@ -114,6 +119,7 @@ impl Dispatcher {
             wake: Notify::new(),
             in_flight: Mutex::new(HashMap::new()),
             targets: Mutex::new(HashMap::new()),
+            cleared: Mutex::new(HashMap::new()),
         }
     }
 
@@ -297,12 +303,7 @@ impl Dispatcher {
                 tracing::warn!(error = %e, "logging a webhook attempt failed; the message will be tried again");
             } else {
                 match after {
-                    After::Delivered => {
-                        if let Err(e) = self.provisioning.webhook_succeeded(&msg.webhook_id).await
-                        {
-                            tracing::warn!(error = %e, "clearing the endpoint's failure clock failed");
-                        }
-                    }
+                    After::Delivered => self.endpoint_succeeded(&msg.webhook_id).await,
                     After::Retry(at) => {
                         tracing::debug!(outcome = sent.record.outcome, next_attempt_at_ms = at, error = ?sent.record.error, "webhook attempt failed; retry scheduled");
                         self.endpoint_failed(&msg, now).await;
@@ -445,8 +446,34 @@ impl Dispatcher {
         }
     }
 
+    /// Stops the endpoint's failure clock: a write at most every [`CLEAR_EVERY`] per endpoint
+    /// unless this process saw it fail since (another pod's failures are cleared that late).
+    async fn endpoint_succeeded(&self, webhook_id: &str) {
+        {
+            let mut cleared = self.cleared.lock().unwrap_or_else(|p| p.into_inner());
+            if cleared
+                .get(webhook_id)
+                .is_some_and(|at| at.elapsed() < CLEAR_EVERY)
+            {
+                return;
+            }
+            cleared.insert(webhook_id.to_string(), Instant::now());
+        }
+        if let Err(e) = self.provisioning.webhook_succeeded(webhook_id).await {
+            self.cleared
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(webhook_id);
+            tracing::warn!(error = %e, "clearing the endpoint's failure clock failed");
+        }
+    }
+
     /// Runs the endpoint's failure clock; disables it once the clock passes `disable_after`.
     async fn endpoint_failed(&self, msg: &Claimed, now: i64) {
+        self.cleared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&msg.webhook_id);
         let since = match self.provisioning.webhook_failed(&msg.webhook_id, now).await {
             Ok(s) => s,
             Err(e) => {

@@ -14,7 +14,9 @@ pub mod signing;
 pub mod store;
 pub mod target;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::FutureExt;
@@ -25,10 +27,10 @@ use store::{MessageStore, NewMessage};
 
 use crate::bus::consumer::{HandleError, Handler};
 use crate::bus::{Bus, Message};
-use crate::config::HttpClientConfig;
+use crate::config::{HttpClientConfig, StoresConfig};
 use crate::events::chat::{Channel, ConversationStarted};
 use crate::events::Event;
-use crate::stores::provisioning::{Provisioning, WebhookEvent, WebhookMedia};
+use crate::stores::provisioning::{Provisioning, Webhook, WebhookEvent, WebhookMedia};
 use crate::telemetry::metrics as m;
 
 use super::RoleHandler;
@@ -41,10 +43,16 @@ pub enum WebhooksError {
     Client(#[from] crate::http_client::ClientError),
 }
 
+/// How long the delivery log waits for a free connection before a call counts as failed.
+const DB_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Tenants whose subscription lists are cached before stale ones are swept.
+const MAX_CACHED_TENANTS: usize = 10_000;
+
 /// The role's handler and its two loops (dispatch, queue gauges).
 pub fn role(
     config: &WebhooksConfig,
     http: &HttpClientConfig,
+    stores: &StoresConfig,
     bus: Arc<dyn Bus>,
     provisioning: Arc<Provisioning>,
 ) -> Result<RoleHandler, WebhooksError> {
@@ -60,7 +68,18 @@ pub fn role(
     let client = builder
         .build()
         .map_err(|e| WebhooksError::Config(format!("HTTP client: {e}")))?;
-    let store = MessageStore::new(provisioning.pool().clone(), provisioning.kind());
+    // The log has a pool of its own on PostgreSQL: the provisioning pool is sized for short
+    // admin and auth queries, the log writes every attempt.
+    let pool = if provisioning.kind() == "postgres" && !stores.postgres_url.is_empty() {
+        sqlx::any::AnyPoolOptions::new()
+            .max_connections(config.db_connections)
+            .acquire_timeout(DB_ACQUIRE_TIMEOUT)
+            .connect_lazy(&stores.postgres_url)
+            .map_err(|e| WebhooksError::Config(format!("delivery log pool: {e}")))?
+    } else {
+        provisioning.pool().clone()
+    };
+    let store = MessageStore::new(pool, provisioning.kind());
     let dispatcher = Arc::new(Dispatcher::new(
         store.clone(),
         provisioning.clone(),
@@ -72,6 +91,8 @@ pub fn role(
         provisioning,
         store,
         dispatcher: dispatcher.clone(),
+        cache_ttl: Duration::from_millis(config.subscription_cache_ms),
+        cache: Mutex::new(HashMap::new()),
     });
     let stats = dispatcher.clone();
     Ok(RoleHandler {
@@ -83,10 +104,16 @@ pub fn role(
     })
 }
 
+/// A tenant's enabled subscriptions and when they were read.
+type Cached = (Instant, Arc<Vec<Webhook>>);
+
 pub struct Webhooks {
     provisioning: Arc<Provisioning>,
     store: MessageStore,
     dispatcher: Arc<Dispatcher>,
+    cache_ttl: Duration,
+    /// Enabled subscriptions per tenant, reused for `cache_ttl`.
+    cache: Mutex<HashMap<String, Cached>>,
 }
 
 /// Media type and interaction subtype of a channel.
@@ -100,6 +127,34 @@ fn media_of(channel: &Channel) -> (WebhookMedia, &'static str) {
 }
 
 impl Webhooks {
+    /// The tenant's enabled subscriptions, from the cache while fresh.
+    async fn subscriptions(&self, tenant_id: &str) -> Result<Arc<Vec<Webhook>>, HandleError> {
+        if !self.cache_ttl.is_zero() {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, list)) = cache.get(tenant_id) {
+                if at.elapsed() < self.cache_ttl {
+                    return Ok(list.clone());
+                }
+            }
+        }
+        let list = Arc::new(
+            self.provisioning
+                .enabled_webhooks(tenant_id)
+                .await
+                .map_err(|err| HandleError::Retry(err.to_string()))?,
+        );
+        if !self.cache_ttl.is_zero() {
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            // Bounded by the tenants with traffic; stale entries are dropped when it grows.
+            if cache.len() > MAX_CACHED_TENANTS {
+                let ttl = self.cache_ttl;
+                cache.retain(|_, (at, _)| at.elapsed() < ttl);
+            }
+            cache.insert(tenant_id.to_string(), (Instant::now(), list.clone()));
+        }
+        Ok(list)
+    }
+
     /// Media and subtype of the interaction: from the start event, or for the close (which
     /// does not carry the channel) from the STARTED message stored for it.
     async fn media(
@@ -147,11 +202,7 @@ impl Handler for Webhooks {
             "ConversationClosed" => WebhookEvent::Finished,
             _ => return Ok(()),
         };
-        let subscriptions = self
-            .provisioning
-            .enabled_webhooks(&e.tenant_id)
-            .await
-            .map_err(|err| HandleError::Retry(err.to_string()))?;
+        let subscriptions = self.subscriptions(&e.tenant_id).await?;
         if subscriptions.is_empty() {
             return Ok(());
         }
@@ -164,9 +215,10 @@ impl Handler for Webhooks {
             subtype: &subtype,
         });
         let now = chrono::Utc::now().timestamp_millis();
-        let mut queued = 0u64;
-        for w in subscriptions.iter().filter(|w| w.wants(kind, media)) {
-            let message = NewMessage {
+        let messages: Vec<NewMessage> = subscriptions
+            .iter()
+            .filter(|w| w.wants(kind, media))
+            .map(|w| NewMessage {
                 id: payload::message_id(&w.id, &e.event_id),
                 tenant_id: e.tenant_id.clone(),
                 webhook_id: w.id.clone(),
@@ -174,16 +226,13 @@ impl Handler for Webhooks {
                 conversation_id: e.conversation_id.clone(),
                 event: kind,
                 body: body.clone(),
-            };
-            if self
-                .store
-                .insert(&message, now)
-                .await
-                .map_err(|err| HandleError::Retry(err.to_string()))?
-            {
-                queued += 1;
-            }
-        }
+            })
+            .collect();
+        let queued = self
+            .store
+            .insert_all(&messages, now)
+            .await
+            .map_err(|err| HandleError::Retry(err.to_string()))?;
         if queued > 0 {
             metrics::counter!(m::WEBHOOK_MESSAGES_QUEUED_TOTAL).increment(queued);
             self.dispatcher.wake();

@@ -207,6 +207,57 @@ impl MessageStore {
         Ok(done.rows_affected() > 0)
     }
 
+    /// Queues every message unless it exists, in one statement; how many were new.
+    pub async fn insert_all(&self, ms: &[NewMessage], now_ms: i64) -> Result<u64, StoreError> {
+        if ms.is_empty() {
+            return Ok(0);
+        }
+        if ms.len() == 1 {
+            return Ok(u64::from(self.insert(&ms[0], now_ms).await?));
+        }
+        let mut values = Vec::with_capacity(ms.len());
+        for i in 0..ms.len() {
+            let b = i * 8;
+            values.push(format!(
+                "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, 'pending', 0, 0, ${}, ${}, ${})",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6,
+                b + 7,
+                b + 8,
+                ms.len() * 8 + 1,
+                ms.len() * 8 + 2,
+                ms.len() * 8 + 3,
+            ));
+        }
+        let sql = format!(
+            "INSERT INTO webhook_messages (id, tenant_id, webhook_id, event_id, conversation_id, event, seq, body, status, attempts, round_attempts, next_attempt_at_ms, created_at_ms, updated_at_ms) VALUES {} ON CONFLICT (id) DO NOTHING",
+            values.join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for m in ms {
+            q = q
+                .bind(m.id.clone())
+                .bind(m.tenant_id.clone())
+                .bind(m.webhook_id.clone())
+                .bind(m.event_id.clone())
+                .bind(m.conversation_id.clone())
+                .bind(m.event.as_str())
+                .bind(seq(m.event))
+                .bind(m.body.clone());
+        }
+        let done = q
+            .bind(now_ms)
+            .bind(now_ms)
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     /// The stored body of the STARTED message of a conversation, if any (FINISHED reuses its
     /// media type and subtype: the close event does not carry the channel).
     pub async fn started_body(
@@ -269,14 +320,21 @@ impl MessageStore {
         Ok(rows.iter().map(claimed).collect::<Result<_, _>>()?)
     }
 
-    /// Gives claimed messages back without an attempt.
+    /// Gives claimed messages back without an attempt, in one statement.
     pub async fn release(&self, ids: &[String]) -> Result<(), StoreError> {
-        for id in ids {
-            sqlx::query("UPDATE webhook_messages SET lease_until_ms = NULL WHERE id = $1")
-                .bind(id.clone())
-                .execute(&self.pool)
-                .await?;
+        if ids.is_empty() {
+            return Ok(());
         }
+        let marks: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "UPDATE webhook_messages SET lease_until_ms = NULL WHERE id IN ({})",
+            marks.join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for id in ids {
+            q = q.bind(id.clone());
+        }
+        q.execute(&self.pool).await?;
         Ok(())
     }
 
@@ -308,11 +366,36 @@ impl MessageStore {
             // Still pending, due now: the dispatcher dead-letters it (again after a crash).
             After::Exhausted => (status::PENDING, Some(now_ms)),
         };
+        let attempt_id = uuid::Uuid::now_v7().to_string();
+        let attempt_next = next.filter(|_| after != After::Exhausted);
+        if self.postgres {
+            // One round trip: the attempt row and the message move together.
+            sqlx::query(
+                "WITH logged AS (INSERT INTO webhook_attempts (id, message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (message_id, attempt) DO NOTHING) \
+                 UPDATE webhook_messages SET status = $10, attempts = $3, round_attempts = $11, next_attempt_at_ms = $12, lease_until_ms = NULL, last_status_code = $6, last_error = $8, updated_at_ms = $13 WHERE id = $2",
+            )
+            .bind(attempt_id)
+            .bind(m.id.clone())
+            .bind(attempt)
+            .bind(a.started_at_ms)
+            .bind(a.outcome)
+            .bind(a.status_code)
+            .bind(a.latency_ms)
+            .bind(a.error.clone())
+            .bind(attempt_next)
+            .bind(status)
+            .bind(m.round_attempts + 1)
+            .bind(next)
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await?;
+            return Ok(());
+        }
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO webhook_attempts (id, message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (message_id, attempt) DO NOTHING",
         )
-        .bind(uuid::Uuid::now_v7().to_string())
+        .bind(attempt_id)
         .bind(m.id.clone())
         .bind(attempt)
         .bind(a.started_at_ms)
@@ -320,7 +403,7 @@ impl MessageStore {
         .bind(a.status_code)
         .bind(a.latency_ms)
         .bind(a.error.clone())
-        .bind(next.filter(|_| after != After::Exhausted))
+        .bind(attempt_next)
         .execute(&mut *tx)
         .await?;
         sqlx::query(
