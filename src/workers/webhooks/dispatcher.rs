@@ -39,7 +39,7 @@ const CLEAR_EVERY: Duration = Duration::from_secs(1);
 /// Largest answer body read from a receiver (the rest is dropped).
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// How long a failed dead-letter publish waits before the next try (the bus is down).
-const DEAD_LETTER_RETRY_MS: i64 = 5000;
+const DEAD_LETTER_RETRY_MS: i64 = super::store::EXHAUSTED_RECLAIM_MS;
 /// The producer name on events this role publishes.
 const PRODUCER: &str = "webhooks";
 

@@ -16,6 +16,10 @@ pub enum StoreError {
     BadStatus,
 }
 
+/// How long an exhausted message is left to its sender's dead-letter publish before another
+/// claim may take it over.
+pub const EXHAUSTED_RECLAIM_MS: i64 = 5000;
+
 /// Where a message is in its life.
 pub mod status {
     pub const PENDING: &str = "pending";
@@ -363,8 +367,9 @@ impl MessageStore {
             After::Delivered => (status::DELIVERED, None),
             After::Aborted => (status::FAILED, None),
             After::Retry(at) => (status::PENDING, Some(at)),
-            // Still pending, due now: the dispatcher dead-letters it (again after a crash).
-            After::Exhausted => (status::PENDING, Some(now_ms)),
+            // Still pending: the sender dead-letters it now; should that not complete (crash,
+            // bus down), a claim after this delay does it again.
+            After::Exhausted => (status::PENDING, Some(now_ms + EXHAUSTED_RECLAIM_MS)),
         };
         let attempt_id = uuid::Uuid::now_v7().to_string();
         let attempt_next = next.filter(|_| after != After::Exhausted);
