@@ -3,7 +3,7 @@
 //! and per-endpoint limits, logs the attempt and schedules the next, dead-letters exhausted
 //! messages and disables endpoints that keep failing.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,12 @@ use crate::telemetry::metrics as m;
 const LEASE_MARGIN: Duration = Duration::from_secs(5);
 /// Most messages one claim query takes: keeps each query short.
 const MAX_BATCH: usize = 256;
+/// A busy loop claims at most this often when attempts finish (new messages claim at once).
+const CLAIM_EVERY: Duration = Duration::from_millis(10);
+/// An endpoint holds at most this many times its in-flight limit of claimed messages.
+const HELD_FACTOR: usize = 2;
+/// A held message waiting longer than this renews its lease before it is sent.
+const RENEW_AFTER: Duration = Duration::from_secs(1);
 /// How long a subscription's URL and secrets are reused before reading them again: rotations
 /// and URL changes take effect within this.
 const TARGET_TTL: Duration = Duration::from_secs(1);
@@ -78,6 +84,20 @@ impl Labels {
     }
 }
 
+/// A claimed message waiting for a slot of its endpoint.
+struct Held {
+    msg: Claimed,
+    lease_until: i64,
+    claimed_at: Instant,
+}
+
+/// One endpoint's share of the process.
+#[derive(Default)]
+struct Lane {
+    in_flight: usize,
+    held: VecDeque<Held>,
+}
+
 /// The result of one HTTP attempt.
 struct Sent {
     record: AttemptRecord,
@@ -91,9 +111,13 @@ pub struct Dispatcher {
     bus: Arc<dyn Bus>,
     client: reqwest::Client,
     config: WebhooksConfig,
+    /// New messages (handler) wake the loop to claim at once.
     wake: Notify,
+    /// A finished attempt wakes the loop to start the next held message.
+    done: Notify,
     global: Arc<Semaphore>,
-    in_flight: Mutex<HashMap<String, usize>>,
+    /// Per endpoint: attempts in flight and claimed messages waiting for a slot.
+    lanes: Mutex<HashMap<String, Lane>>,
     targets: Mutex<HashMap<String, (Instant, Arc<WebhookTarget>)>>,
     /// When this process last cleared an endpoint's failure clock; a failure forgets it.
     cleared: Mutex<HashMap<String, Instant>>,
@@ -117,7 +141,8 @@ impl Dispatcher {
             client,
             config,
             wake: Notify::new(),
-            in_flight: Mutex::new(HashMap::new()),
+            done: Notify::new(),
+            lanes: Mutex::new(HashMap::new()),
             targets: Mutex::new(HashMap::new()),
             cleared: Mutex::new(HashMap::new()),
         }
@@ -132,16 +157,37 @@ impl Dispatcher {
         &self.labels
     }
 
-    /// The dispatch loop, until `stop` fires.
+    /// The dispatch loop, until `stop` fires. New messages and the poll claim at once; a
+    /// finished attempt starts the next held message of its endpoint and claims at most every
+    /// [`CLAIM_EVERY`], so a busy worker claims in batches, not once per delivery.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let poll = Duration::from_millis(self.config.poll_interval_ms);
         async {
+            let mut last_claim = Instant::now();
+            let mut claim = true;
+            // A finished attempt asked for a claim inside CLAIM_EVERY: claim when it is over.
+            let mut owed = false;
             loop {
-                self.drain().await;
+                self.start_held().await;
+                if claim {
+                    self.claim().await;
+                    last_claim = Instant::now();
+                    owed = false;
+                }
+                let since = last_claim.elapsed();
+                let wait = if owed {
+                    CLAIM_EVERY.saturating_sub(since)
+                } else {
+                    poll.saturating_sub(since)
+                };
                 tokio::select! {
                     _ = stop.cancelled() => break,
-                    _ = self.wake.notified() => {}
-                    _ = tokio::time::sleep(poll) => {}
+                    _ = self.wake.notified() => claim = true,
+                    _ = self.done.notified() => {
+                        claim = last_claim.elapsed() >= CLAIM_EVERY;
+                        owed = owed || !claim;
+                    }
+                    _ = tokio::time::sleep(wait) => claim = true,
                 }
             }
             tracing::info!("webhook dispatcher stopped");
@@ -150,31 +196,43 @@ impl Dispatcher {
         .await
     }
 
-    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
-        match self.in_flight.lock() {
+    fn lock_lanes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lane>> {
+        match self.lanes.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         }
     }
 
-    /// Claims and starts due messages while capacity is free.
-    async fn drain(self: &Arc<Self>) {
+    fn lease_until(&self, now: i64) -> i64 {
+        now + i64::try_from((self.config.timeout() + LEASE_MARGIN).as_millis())
+            .unwrap_or(i64::MAX / 2)
+    }
+
+    /// Claims due messages into the endpoints' held queues, as many as free capacity allows,
+    /// skipping endpoints that already hold a full share.
+    async fn claim(self: &Arc<Self>) {
+        let per = self.config.max_in_flight_per_endpoint;
         loop {
-            let free = self.global.available_permits();
-            if free == 0 {
+            let (held, saturated) = {
+                let lanes = self.lock_lanes();
+                let held: usize = lanes.values().map(|l| l.held.len()).sum();
+                let saturated: Vec<String> = lanes
+                    .iter()
+                    .filter(|(_, l)| l.held.len() >= per)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                (held, saturated)
+            };
+            let want = self
+                .global
+                .available_permits()
+                .saturating_sub(held)
+                .min(MAX_BATCH);
+            if want == 0 {
                 return;
             }
-            let saturated: Vec<String> = self
-                .lock_in_flight()
-                .iter()
-                .filter(|(_, n)| **n >= self.config.max_in_flight_per_endpoint)
-                .map(|(id, _)| id.clone())
-                .collect();
             let now = now_ms();
-            let lease = now
-                + i64::try_from((self.config.timeout() + LEASE_MARGIN).as_millis())
-                    .unwrap_or(i64::MAX / 2);
-            let want = free.min(MAX_BATCH);
+            let lease = self.lease_until(now);
             let batch = match self.store.claim(now, lease, want, &saturated).await {
                 Ok(b) => b,
                 Err(e) => {
@@ -186,38 +244,31 @@ impl Dispatcher {
             };
             let got = batch.len();
             let mut give_back = Vec::new();
-            for msg in batch {
-                if msg.round_attempts as usize >= self.config.retry_schedule_ms.len() {
-                    // Exhausted earlier, but the dead-letter publish did not complete.
-                    let me = self.clone();
-                    tokio::spawn(async move {
-                        let attempts = msg.attempts;
-                        let (code, error) = (msg.last_status_code, msg.last_error.clone());
-                        me.dead_letter(&msg, attempts, code, error).await;
-                    });
-                    continue;
-                }
-                let permit = {
-                    let mut in_flight = self.lock_in_flight();
-                    let n = in_flight.entry(msg.webhook_id.clone()).or_insert(0);
-                    if *n >= self.config.max_in_flight_per_endpoint {
-                        None
-                    } else {
-                        match self.global.clone().try_acquire_owned() {
-                            Ok(p) => {
-                                *n += 1;
-                                Some(p)
-                            }
-                            Err(_) => None,
-                        }
-                    }
-                };
-                match permit {
-                    Some(permit) => {
+            {
+                let mut lanes = self.lock_lanes();
+                for msg in batch {
+                    if msg.round_attempts as usize >= self.config.retry_schedule_ms.len() {
+                        // Exhausted earlier, but the dead-letter publish did not complete.
                         let me = self.clone();
-                        tokio::spawn(async move { me.attempt(msg, permit).await });
+                        tokio::spawn(async move {
+                            let attempts = msg.attempts;
+                            let (code, error) = (msg.last_status_code, msg.last_error.clone());
+                            me.dead_letter(&msg, attempts, code, error).await;
+                        });
+                        continue;
                     }
-                    None => give_back.push(msg.id),
+                    let lane = lanes.entry(msg.webhook_id.clone()).or_default();
+                    // One claim can bring many messages of one endpoint: hold a bounded
+                    // number, give the rest back for later claims (or other pods).
+                    if lane.held.len() >= HELD_FACTOR * per {
+                        give_back.push(msg.id);
+                    } else {
+                        lane.held.push_back(Held {
+                            msg,
+                            lease_until: lease,
+                            claimed_at: Instant::now(),
+                        });
+                    }
                 }
             }
             if !give_back.is_empty() {
@@ -226,11 +277,57 @@ impl Dispatcher {
                         .increment(1);
                     tracing::warn!(error = %e, "releasing webhook messages failed; their lease lapses");
                 }
+            }
+            self.start_held().await;
+            if got < want || !give_back.is_empty() {
                 return;
             }
-            if got < want {
-                return;
+        }
+    }
+
+    /// Starts held messages while their endpoint and the process have room. A message held
+    /// longer than [`RENEW_AFTER`] renews its lease first (and is dropped if it lost it).
+    async fn start_held(self: &Arc<Self>) {
+        let per = self.config.max_in_flight_per_endpoint;
+        let mut starts = Vec::new();
+        {
+            let mut lanes = self.lock_lanes();
+            'lanes: for lane in lanes.values_mut() {
+                while lane.in_flight < per && !lane.held.is_empty() {
+                    let Ok(permit) = self.global.clone().try_acquire_owned() else {
+                        break 'lanes;
+                    };
+                    if let Some(h) = lane.held.pop_front() {
+                        lane.in_flight += 1;
+                        starts.push((h, permit));
+                    }
+                }
             }
+            lanes.retain(|_, l| l.in_flight > 0 || !l.held.is_empty());
+        }
+        for (h, permit) in starts {
+            if h.claimed_at.elapsed() > RENEW_AFTER {
+                let renewed = self
+                    .store
+                    .renew(&h.msg.id, h.lease_until, self.lease_until(now_ms()))
+                    .await;
+                if !matches!(renewed, Ok(true)) {
+                    // Another sender has it (or the log is down): leave it to the lease.
+                    drop(permit);
+                    self.finished(&h.msg.webhook_id);
+                    continue;
+                }
+            }
+            let me = self.clone();
+            tokio::spawn(async move { me.attempt(h.msg, permit).await });
+        }
+    }
+
+    /// An attempt of `webhook_id` ended: its slot is free.
+    fn finished(&self, webhook_id: &str) {
+        let mut lanes = self.lock_lanes();
+        if let Some(lane) = lanes.get_mut(webhook_id) {
+            lane.in_flight = lane.in_flight.saturating_sub(1);
         }
     }
 
@@ -327,16 +424,8 @@ impl Dispatcher {
         .instrument(span)
         .await;
         drop(permit);
-        {
-            let mut in_flight = self.lock_in_flight();
-            if let Some(n) = in_flight.get_mut(&msg.webhook_id) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    in_flight.remove(&msg.webhook_id);
-                }
-            }
-        }
-        self.wake.notify_one();
+        self.finished(&msg.webhook_id);
+        self.done.notify_one();
     }
 
     /// POSTs the message, signed, within the timeout.

@@ -342,6 +342,20 @@ impl MessageStore {
         Ok(())
     }
 
+    /// Extends a claim from `old` to `new`; false when the claim was lost (the lease lapsed
+    /// and another sender took the message, or it is no longer pending).
+    pub async fn renew(&self, id: &str, old: i64, new: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE webhook_messages SET lease_until_ms = $3 WHERE id = $1 AND lease_until_ms = $2 AND status = 'pending'",
+        )
+        .bind(id.to_string())
+        .bind(old)
+        .bind(new)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
     /// Gives a claimed message back, due again at `at_ms` (a dead-letter publish that failed).
     pub async fn postpone(&self, id: &str, at_ms: i64) -> Result<(), StoreError> {
         sqlx::query(
