@@ -374,6 +374,11 @@ impl Dispatcher {
         );
         async {
             let sent = self.send(&msg).await;
+            // The endpoint's slot bounds requests to it, not log writes: free it now so the
+            // next held message goes while this one is logged (the lease still holds it, and
+            // the process-wide permit bounds the writes in flight).
+            self.finished(&msg.webhook_id);
+            self.done.notify_one();
             if let Some(code) = sent.record.status_code {
                 tracing::Span::current().record("status_code", code);
             }
@@ -424,7 +429,6 @@ impl Dispatcher {
         .instrument(span)
         .await;
         drop(permit);
-        self.finished(&msg.webhook_id);
         self.done.notify_one();
     }
 
