@@ -70,16 +70,28 @@ pub fn role(
         .map_err(|e| WebhooksError::Config(format!("HTTP client: {e}")))?;
     // The log has a pool of its own on PostgreSQL: the provisioning pool is sized for short
     // admin and auth queries, the log writes every attempt.
-    let pool = if provisioning.kind() == "postgres" && !stores.postgres_url.is_empty() {
-        sqlx::any::AnyPoolOptions::new()
-            .max_connections(config.db_connections)
-            .acquire_timeout(DB_ACQUIRE_TIMEOUT)
+    let store = if provisioning.kind() == "postgres" && !stores.postgres_url.is_empty() {
+        let options = || {
+            sqlx::any::AnyPoolOptions::new()
+                .max_connections(config.db_connections)
+                .acquire_timeout(DB_ACQUIRE_TIMEOUT)
+        };
+        let durable = options()
             .connect_lazy(&stores.postgres_url)
-            .map_err(|e| WebhooksError::Config(format!("delivery log pool: {e}")))?
+            .map_err(|e| WebhooksError::Config(format!("delivery log pool: {e}")))?;
+        let relaxed = options()
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::Executor::execute(conn, "SET synchronous_commit = off").await?;
+                    Ok(())
+                })
+            })
+            .connect_lazy(&stores.postgres_url)
+            .map_err(|e| WebhooksError::Config(format!("delivery log pool: {e}")))?;
+        MessageStore::new(durable, provisioning.kind()).relaxed(relaxed)
     } else {
-        provisioning.pool().clone()
+        MessageStore::new(provisioning.pool().clone(), provisioning.kind())
     };
-    let store = MessageStore::new(pool, provisioning.kind());
     let dispatcher = Arc::new(Dispatcher::new(
         store.clone(),
         provisioning.clone(),

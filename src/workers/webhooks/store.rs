@@ -173,10 +173,13 @@ fn claimed(row: &AnyRow) -> Result<Claimed, sqlx::Error> {
     })
 }
 
-/// The delivery log over the provisioning pool.
+/// The delivery log over the provisioning database.
 #[derive(Debug, Clone)]
 pub struct MessageStore {
+    /// Writes that gate an ack (message inserts) and the admin API's.
     pool: AnyPool,
+    /// Claims and attempt outcomes: may use asynchronous commit (see [`MessageStore::relaxed`]).
+    relaxed: AnyPool,
     postgres: bool,
 }
 
@@ -184,9 +187,19 @@ impl MessageStore {
     /// `kind` is the provisioning store's (`postgres` or `sqlite`).
     pub fn new(pool: AnyPool, kind: &str) -> Self {
         Self {
+            relaxed: pool.clone(),
             pool,
             postgres: kind == "postgres",
         }
+    }
+
+    /// Claims, leases and attempt outcomes go through `pool`, which may commit
+    /// asynchronously (PostgreSQL `synchronous_commit = off`): a database crash can then lose
+    /// the last moments of outcomes, which only makes those messages go again under the same
+    /// webhook-id. Message inserts stay on the durable pool: they gate the event's ack.
+    pub fn relaxed(mut self, pool: AnyPool) -> Self {
+        self.relaxed = pool;
+        self
     }
 
     /// Queues a message unless one with its id exists (a redelivered or replayed event);
@@ -320,7 +333,7 @@ impl MessageStore {
         for id in exclude {
             q = q.bind(id.clone());
         }
-        let rows = q.fetch_all(&self.pool).await?;
+        let rows = q.fetch_all(&self.relaxed).await?;
         Ok(rows.iter().map(claimed).collect::<Result<_, _>>()?)
     }
 
@@ -338,7 +351,7 @@ impl MessageStore {
         for id in ids {
             q = q.bind(id.clone());
         }
-        q.execute(&self.pool).await?;
+        q.execute(&self.relaxed).await?;
         Ok(())
     }
 
@@ -351,7 +364,7 @@ impl MessageStore {
         .bind(id.to_string())
         .bind(old)
         .bind(new)
-        .execute(&self.pool)
+        .execute(&self.relaxed)
         .await?;
         Ok(done.rows_affected() > 0)
     }
@@ -363,7 +376,7 @@ impl MessageStore {
         )
         .bind(id.to_string())
         .bind(at_ms)
-        .execute(&self.pool)
+        .execute(&self.relaxed)
         .await?;
         Ok(())
     }
@@ -406,11 +419,11 @@ impl MessageStore {
             .bind(m.round_attempts + 1)
             .bind(next)
             .bind(now_ms)
-            .execute(&self.pool)
+            .execute(&self.relaxed)
             .await?;
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.relaxed.begin().await?;
         sqlx::query(
             "INSERT INTO webhook_attempts (id, message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (message_id, attempt) DO NOTHING",
         )
@@ -449,7 +462,7 @@ impl MessageStore {
         )
         .bind(id.to_string())
         .bind(now_ms)
-        .execute(&self.pool)
+        .execute(&self.relaxed)
         .await?;
         Ok(())
     }
