@@ -652,7 +652,7 @@ impl Dispatcher {
                 .await;
             return;
         }
-        if let Err(e) = self.store.mark_dead(&msg.id, now_ms()).await {
+        if let Err(e) = self.store.mark_dead(msg, now_ms()).await {
             metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "mark_dead")
                 .increment(1);
             tracing::warn!(error = %e, "marking a dead-lettered webhook message failed");
@@ -696,6 +696,11 @@ impl Dispatcher {
         async {
             let mut shown: HashSet<String> = HashSet::new();
             loop {
+                match self.store.unblock_all(now_ms()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(released = n, "waiting FINISHED messages released by the sweep"),
+                    Err(e) => tracing::warn!(error = %e, "sweeping waiting webhook messages failed"),
+                }
                 match self.store.pending_stats().await {
                     Ok(rows) => {
                         let now = now_ms();

@@ -48,6 +48,16 @@ pub struct NewMessage {
     pub body: String,
 }
 
+/// A waiting message (NULL due time) whose earlier messages in its conversation are done.
+const WAITING_AND_FREE: &str = "status = 'pending' AND next_attempt_at_ms IS NULL AND NOT EXISTS (SELECT 1 FROM webhook_messages p WHERE p.webhook_id = webhook_messages.webhook_id AND p.conversation_id = webhook_messages.conversation_id AND p.seq < webhook_messages.seq AND p.status = 'pending')";
+
+/// When a new message is first due: STARTED at once; FINISHED waits (NULL) until its
+/// STARTED is no longer pending (order per subscription and conversation), see
+/// [`MessageStore::unblock`].
+fn first_due(event: WebhookEvent, now_ms: i64) -> Option<i64> {
+    (event == WebhookEvent::Started).then_some(now_ms)
+}
+
 fn seq(event: WebhookEvent) -> i64 {
     match event {
         WebhookEvent::Started => 0,
@@ -216,11 +226,15 @@ impl MessageStore {
         .bind(m.event.as_str())
         .bind(seq(m.event))
         .bind(m.body.clone())
-        .bind(now_ms)
+        .bind(first_due(m.event, now_ms))
         .bind(now_ms)
         .bind(now_ms)
         .execute(&self.pool)
         .await?;
+        if m.event != WebhookEvent::Started {
+            self.unblock(&self.pool, &m.tenant_id, &m.conversation_id, now_ms)
+                .await?;
+        }
         Ok(done.rows_affected() > 0)
     }
 
@@ -234,7 +248,7 @@ impl MessageStore {
         }
         let mut values = Vec::with_capacity(ms.len());
         for i in 0..ms.len() {
-            let b = i * 8;
+            let b = i * 9;
             values.push(format!(
                 "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, 'pending', 0, 0, ${}, ${}, ${})",
                 b + 1,
@@ -245,9 +259,9 @@ impl MessageStore {
                 b + 6,
                 b + 7,
                 b + 8,
-                ms.len() * 8 + 1,
-                ms.len() * 8 + 2,
-                ms.len() * 8 + 3,
+                b + 9,
+                ms.len() * 9 + 1,
+                ms.len() * 9 + 2,
             ));
         }
         let sql = format!(
@@ -264,14 +278,49 @@ impl MessageStore {
                 .bind(m.conversation_id.clone())
                 .bind(m.event.as_str())
                 .bind(seq(m.event))
-                .bind(m.body.clone());
+                .bind(m.body.clone())
+                .bind(first_due(m.event, now_ms));
         }
-        let done = q
-            .bind(now_ms)
-            .bind(now_ms)
-            .bind(now_ms)
-            .execute(&self.pool)
-            .await?;
+        let done = q.bind(now_ms).bind(now_ms).execute(&self.pool).await?;
+        // Messages of one event share their conversation.
+        if let Some(m) = ms.iter().find(|m| m.event != WebhookEvent::Started) {
+            self.unblock(&self.pool, &m.tenant_id, &m.conversation_id, now_ms)
+                .await?;
+        }
+        Ok(done.rows_affected())
+    }
+
+    /// Makes due the waiting (FINISHED) messages of a conversation whose earlier message is no
+    /// longer pending. Run after a FINISHED is inserted and after a STARTED leaves `pending`
+    /// (each as its own statement after the other's commit, so one of the two sees the other);
+    /// [`MessageStore::unblock_all`] sweeps up after crashes.
+    async fn unblock(
+        &self,
+        pool: &AnyPool,
+        tenant_id: &str,
+        conversation_id: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(&format!(
+            "UPDATE webhook_messages SET next_attempt_at_ms = $3 WHERE tenant_id = $1 AND conversation_id = $2 AND {WAITING_AND_FREE}"
+        ))
+        .bind(tenant_id.to_string())
+        .bind(conversation_id.to_string())
+        .bind(now_ms)
+        .execute(pool)
+        .await?;
+        Ok(())
+    }
+
+    /// [`MessageStore::unblock`] for every conversation: a sweep after crashes between a
+    /// STARTED's outcome and its release; how many it made due.
+    pub async fn unblock_all(&self, now_ms: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query(&format!(
+            "UPDATE webhook_messages SET next_attempt_at_ms = $1 WHERE {WAITING_AND_FREE}"
+        ))
+        .bind(now_ms)
+        .execute(&self.relaxed)
+        .await?;
         Ok(done.rows_affected())
     }
 
@@ -296,8 +345,9 @@ impl MessageStore {
     }
 
     /// Claims up to `limit` due messages until `lease_until_ms`, skipping subscriptions in
-    /// `exclude` (at their concurrency limit), disabled subscriptions, and FINISHED messages
-    /// whose STARTED is still pending.
+    /// `exclude` (at their concurrency limit) and disabled subscriptions. A FINISHED whose
+    /// STARTED is pending is not due (see [`MessageStore::unblock`]), so the query stays an
+    /// index range scan in due order however long the backlog.
     pub async fn claim(
         &self,
         now_ms: i64,
@@ -317,11 +367,10 @@ impl MessageStore {
         };
         let sql = format!(
             "UPDATE webhook_messages SET lease_until_ms = $1 WHERE id IN (\
-               SELECT m.id FROM webhook_messages m JOIN webhooks w ON w.id = m.webhook_id \
+               SELECT m.id FROM webhook_messages m \
                WHERE m.status = 'pending' AND m.next_attempt_at_ms <= $2 \
-                 AND (m.lease_until_ms IS NULL OR m.lease_until_ms < $3) AND w.enabled = 1 {excluded} \
-                 AND NOT EXISTS (SELECT 1 FROM webhook_messages p WHERE p.webhook_id = m.webhook_id \
-                   AND p.conversation_id = m.conversation_id AND p.seq < m.seq AND p.status = 'pending') \
+                 AND (m.lease_until_ms IS NULL OR m.lease_until_ms < $3) {excluded} \
+                 AND EXISTS (SELECT 1 FROM webhooks w WHERE w.id = m.webhook_id AND w.enabled = 1) \
                ORDER BY m.next_attempt_at_ms LIMIT $4 {lock})  \
              RETURNING id, tenant_id, webhook_id, event_id, conversation_id, event, body, attempts, round_attempts, last_status_code, last_error"
         );
@@ -421,7 +470,7 @@ impl MessageStore {
             .bind(now_ms)
             .execute(&self.relaxed)
             .await?;
-            return Ok(());
+            return self.released(m, status, now_ms).await;
         }
         let mut tx = self.relaxed.begin().await?;
         sqlx::query(
@@ -452,19 +501,28 @@ impl MessageStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.released(m, status, now_ms).await
+    }
+
+    /// After a STARTED left `pending`: its conversation's FINISHED may go.
+    async fn released(&self, m: &Claimed, status: &str, now_ms: i64) -> Result<(), StoreError> {
+        if status != status::PENDING && m.event == WebhookEvent::Started.as_str() {
+            self.unblock(&self.relaxed, &m.tenant_id, &m.conversation_id, now_ms)
+                .await?;
+        }
         Ok(())
     }
 
     /// Marks an exhausted message dead (after its dead-letter record was published).
-    pub async fn mark_dead(&self, id: &str, now_ms: i64) -> Result<(), StoreError> {
+    pub async fn mark_dead(&self, m: &Claimed, now_ms: i64) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE webhook_messages SET status = 'dead', next_attempt_at_ms = NULL, lease_until_ms = NULL, updated_at_ms = $2 WHERE id = $1 AND status = 'pending'",
         )
-        .bind(id.to_string())
+        .bind(m.id.clone())
         .bind(now_ms)
         .execute(&self.relaxed)
         .await?;
-        Ok(())
+        self.released(m, status::DEAD, now_ms).await
     }
 
     /// Messages of a subscription, by id, optionally of one status.

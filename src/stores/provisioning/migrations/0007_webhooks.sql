@@ -50,6 +50,9 @@ CREATE TABLE webhook_messages (
     updated_at_ms BIGINT NOT NULL
 );
 CREATE INDEX webhook_messages_due ON webhook_messages (status, next_attempt_at_ms);
+-- The claim reads pending messages in due order; a FINISHED waiting for its STARTED has a
+-- NULL due time and is not in the range.
+CREATE INDEX webhook_messages_pending ON webhook_messages (next_attempt_at_ms) WHERE status = 'pending';
 CREATE INDEX webhook_messages_by_webhook ON webhook_messages (webhook_id, id);
 CREATE INDEX webhook_messages_by_conversation ON webhook_messages (webhook_id, conversation_id, seq);
 
