@@ -42,6 +42,8 @@ const TARGET_TTL: Duration = Duration::from_secs(1);
 /// How often a healthy endpoint's failure clock is cleared at most (one write, not one per
 /// delivery).
 const CLEAR_EVERY: Duration = Duration::from_secs(1);
+/// Pending messages from which a change of 4× refreshes the log's planner statistics.
+const ANALYZE_MIN: i64 = 1000;
 /// Largest answer body read from a receiver (the rest is dropped).
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// How long a failed dead-letter publish waits before the next try (the bus is down).
@@ -695,6 +697,8 @@ impl Dispatcher {
         let every = Duration::from_millis(self.config.stats_interval_ms);
         async {
             let mut shown: HashSet<String> = HashSet::new();
+            // Pending count when the statistics were last refreshed.
+            let mut analyzed_at: i64 = 0;
             loop {
                 match self.store.unblock_all(now_ms()).await {
                     Ok(0) => {}
@@ -719,6 +723,13 @@ impl Dispatcher {
                                 .set(0.0);
                         }
                         shown = per.keys().cloned().collect();
+                        let total: i64 = per.values().map(|(n, _)| n).sum();
+                        if total >= ANALYZE_MIN && (total > 4 * analyzed_at || 4 * total < analyzed_at) {
+                            match self.store.analyze().await {
+                                Ok(()) => analyzed_at = total,
+                                Err(e) => tracing::warn!(error = %e, "refreshing the log's statistics failed"),
+                            }
+                        }
                         for (label, (count, oldest)) in per {
                             let age = (now - oldest).max(0) as f64 / 1000.0;
                             metrics::gauge!(m::WEBHOOK_QUEUE_DEPTH, "subscription" => label.clone())

@@ -687,6 +687,18 @@ impl MessageStore {
         self.insert(m, now_ms).await
     }
 
+    /// Refreshes the planner's statistics of the log (PostgreSQL): the claim reads pending
+    /// messages in due order through an index only while the planner knows how many there
+    /// are, and autovacuum reacts to a burst only after a minute or more. SQLite: nothing.
+    pub async fn analyze(&self) -> Result<(), StoreError> {
+        if self.postgres {
+            sqlx::query("ANALYZE webhook_messages")
+                .execute(&self.relaxed)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Pending messages per subscription, for the queue gauges.
     pub async fn pending_stats(&self) -> Result<Vec<PendingStats>, StoreError> {
         let rows = sqlx::query(
