@@ -22,10 +22,12 @@ lint:
 
 ## Throughput of the nexus bus against the raw clients, side by side on the same brokers; then
 ## chat load (customer send → agent receive latency over WebSockets, against the bus's own p99), on
-## `nexus dev` and on edge + worker processes over NATS JetStream, Redis and PostgreSQL.
+## `nexus dev` and on edge + worker processes over NATS JetStream, Redis and PostgreSQL; webhook fan-out
+## (events → signed deliveries with the PostgreSQL attempt log, against a plain HTTP client).
 bench: services
 	eval "$$($(SERVICES) env)" && $(CARGO) bench --bench bus_throughput && $(CARGO) bench --bench chat_load \
-	  && NEXUS_BENCH_BUS=nats://127.0.0.1:14222 $(CARGO) bench --bench chat_load
+	  && NEXUS_BENCH_BUS=nats://127.0.0.1:14222 $(CARGO) bench --bench chat_load \
+	  && $(CARGO) bench --bench webhook_fanout
 
 services:
 	$(SERVICES) start

@@ -84,6 +84,7 @@ pub struct WorkersConfig {
     #[serde(default)]
     pub history: crate::workers::history::HistoryConfig,
     pub gws: crate::workers::gws::GwsConfig,
+    pub webhooks: crate::workers::webhooks::WebhooksConfig,
 }
 
 /// The bus: which one and how to talk to it.

@@ -17,6 +17,14 @@ pub enum ClientError {
 }
 
 pub fn build(config: &HttpClientConfig) -> Result<reqwest::Client, ClientError> {
+    builder(config)?
+        .build()
+        .map_err(|e| ClientError::Build(e.to_string()))
+}
+
+/// The configured builder, for callers that add settings of their own (the webhooks worker's
+/// resolver and redirect policy).
+pub fn builder(config: &HttpClientConfig) -> Result<reqwest::ClientBuilder, ClientError> {
     crate::tls::install_crypto_provider();
     let mut builder = reqwest::Client::builder()
         .use_rustls_tls()
@@ -33,7 +41,5 @@ pub fn build(config: &HttpClientConfig) -> Result<reqwest::Client, ClientError> 
             builder = builder.add_root_certificate(cert);
         }
     }
-    builder
-        .build()
-        .map_err(|e| ClientError::Build(e.to_string()))
+    Ok(builder)
 }

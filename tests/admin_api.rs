@@ -1168,7 +1168,19 @@ async fn tenant_isolation_on_every_endpoint(backend: Backend) {
             json!({"channel": "chat", "queue_id": b_queue, "bot_id": b_bot}),
         )
         .await);
+    let b_hook = id(&h
+        .create(
+            &format!("{bp}/webhooks"),
+            json!({"url": "https://93.184.216.34/b", "format": "standard"}),
+        )
+        .await);
     let objects = [
+        (
+            "webhooks",
+            b_hook.clone(),
+            "WEBHOOK_NOT_FOUND",
+            json!({"enabled": false, "url": "https://93.184.216.34/hijack"}),
+        ),
         (
             "api-keys",
             id(&b_key),
@@ -1238,6 +1250,37 @@ async fn tenant_isolation_on_every_endpoint(backend: Backend) {
     assert_eq!(
         (status, code(&v)),
         (StatusCode::NOT_FOUND, "AGENT_NOT_FOUND")
+    );
+    for (method, path) in [
+        (Method::POST, format!("{ap}/webhooks/{b_hook}/secret")),
+        (Method::GET, format!("{ap}/webhooks/{b_hook}/messages")),
+        (
+            Method::GET,
+            format!("{ap}/webhooks/{b_hook}/messages/msg_x"),
+        ),
+        (
+            Method::POST,
+            format!("{ap}/webhooks/{b_hook}/messages/msg_x/resend"),
+        ),
+    ] {
+        let (status, v) = h.call(method.clone(), &path, None).await;
+        assert_eq!(
+            (status, code(&v)),
+            (StatusCode::NOT_FOUND, "WEBHOOK_NOT_FOUND"),
+            "{method} {path}: {v}"
+        );
+        assert!(v.get("secret").is_none());
+    }
+    let (status, v) = h
+        .call(
+            Method::POST,
+            &format!("{ap}/webhooks/{b_hook}/replay"),
+            Some(json!({"since_ms": 0})),
+        )
+        .await;
+    assert_eq!(
+        (status, code(&v)),
+        (StatusCode::NOT_FOUND, "WEBHOOK_NOT_FOUND")
     );
     // Nothing of B changed, and B's secrets still work.
     for ((kind, oid, _, _), was) in objects.iter().zip(&before) {
@@ -1339,6 +1382,199 @@ async fn tenant_isolation_on_every_endpoint(backend: Backend) {
     h.finish().await;
 }
 
+async fn webhook_subscriptions_secrets_and_target_policy(backend: Backend) {
+    let h = harness(backend).await;
+    let t = h.tenant("hooks").await;
+    let base = format!("/v1/admin/tenants/{t}/webhooks");
+    let url = "https://93.184.216.34/hooks";
+
+    // Created with a generated secret, shown once, stored encrypted.
+    let std_hook = h
+        .create(
+            &base,
+            json!({"url": url, "format": "standard", "events": ["FINISHED", "STARTED", "STARTED"]}),
+        )
+        .await;
+    let secret = std_hook["secret"].as_str().expect("secret").to_string();
+    assert!(secret.starts_with("whsec_"), "{secret}");
+    assert_eq!(std_hook["events"], json!(["STARTED", "FINISHED"]));
+    assert_eq!(std_hook["media"], json!(["chat", "email"]));
+    assert_eq!(std_hook["enabled"], true);
+    let hook_id = id(&std_hook);
+    let genesys = h
+        .create(&base, json!({"url": url, "format": "genesys", "media": ["chat"], "secret": "a-given-genesys-secret"}))
+        .await;
+    assert_eq!(genesys["secret"], "a-given-genesys-secret");
+    let (status, got) = h
+        .call(Method::GET, &format!("{base}/{hook_id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(got.get("secret").is_none(), "{got}");
+    let (_, list) = h.call(Method::GET, &format!("{base}?limit=1"), None).await;
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(1));
+    assert!(!list.to_string().contains("whsec_"));
+    let next = list["next"].as_str().expect("a next page").to_string();
+    let (_, rest) = h
+        .call(Method::GET, &format!("{base}?limit=1&after={next}"), None)
+        .await;
+    assert_eq!(rest["items"][0]["id"], genesys["id"]);
+    let stored = h.table_text("webhooks", &["secret"]).await;
+    assert!(!stored.contains(&secret[6..]) && !stored.contains("a-given-genesys"));
+
+    // Rotation: a new secret once; the previous one still signs during the overlap.
+    let (status, rotated) = h
+        .call(Method::POST, &format!("{base}/{hook_id}/secret"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{rotated}");
+    let new_secret = rotated["secret"].as_str().expect("new secret");
+    assert!(new_secret.starts_with("whsec_") && new_secret != secret);
+    let target = h
+        .store()
+        .webhook_target(&hook_id, chrono::Utc::now().timestamp_millis())
+        .await
+        .expect("target")
+        .expect("exists");
+    assert_eq!(target.secrets.current, new_secret);
+    assert_eq!(target.secrets.previous.as_deref(), Some(secret.as_str()));
+    let (status, v) = h
+        .call(
+            Method::POST,
+            &format!("{base}/{hook_id}/secret"),
+            Some(json!({"secret": "whsec_short"})),
+        )
+        .await;
+    assert_eq!(
+        (status, code(&v)),
+        (StatusCode::BAD_REQUEST, "INVALID_FIELD"),
+        "{v}"
+    );
+
+    // Validation.
+    for (body, want) in [
+        (
+            json!({"url": "ftp://x", "format": "standard"}),
+            "INVALID_FIELD",
+        ),
+        (json!({"url": url, "format": "xml"}), "INVALID_BODY"),
+        (
+            json!({"url": url, "format": "standard", "events": []}),
+            "INVALID_FIELD",
+        ),
+        (
+            json!({"url": url, "format": "standard", "events": ["DELETED"]}),
+            "INVALID_BODY",
+        ),
+        (
+            json!({"url": url, "format": "standard", "secret": "not-whsec"}),
+            "INVALID_FIELD",
+        ),
+        (
+            json!({"url": url, "format": "genesys", "secret": "short"}),
+            "INVALID_FIELD",
+        ),
+        (
+            json!({"url": url, "format": "standard", "extra": 1}),
+            "INVALID_BODY",
+        ),
+    ] {
+        let (status, v) = h.call(Method::POST, &base, Some(body.clone())).await;
+        assert_eq!(
+            (status, code(&v)),
+            (StatusCode::BAD_REQUEST, want),
+            "{body}: {v}"
+        );
+    }
+    // Private, loopback and link-local targets are refused (the default policy).
+    for bad in [
+        "http://127.0.0.1:8080/x",
+        "http://10.0.0.5/x",
+        "http://169.254.169.254/latest",
+        "http://[::1]/x",
+        "http://localhost/x",
+    ] {
+        let (status, v) = h
+            .call(
+                Method::POST,
+                &base,
+                Some(json!({"url": bad, "format": "genesys"})),
+            )
+            .await;
+        assert_eq!(
+            (status, code(&v)),
+            (StatusCode::BAD_REQUEST, "WEBHOOK_TARGET_PRIVATE"),
+            "{bad}: {v}"
+        );
+        let (status, v) = h
+            .call(
+                Method::PATCH,
+                &format!("{base}/{hook_id}"),
+                Some(json!({"url": bad})),
+            )
+            .await;
+        assert_eq!(
+            (status, code(&v)),
+            (StatusCode::BAD_REQUEST, "WEBHOOK_TARGET_PRIVATE")
+        );
+    }
+
+    // Change, the (empty) message log, delete.
+    let (status, v) = h
+        .call(
+            Method::PATCH,
+            &format!("{base}/{hook_id}"),
+            Some(json!({"enabled": false, "media": ["email"]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(
+        (v["enabled"].clone(), v["media"].clone()),
+        (json!(false), json!(["email"]))
+    );
+    let (status, v) = h
+        .call(
+            Method::GET,
+            &format!("{base}/{hook_id}/messages?status=pending"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["items"], json!([]));
+    let (status, v) = h
+        .call(
+            Method::GET,
+            &format!("{base}/{hook_id}/messages?status=lost"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, code(&v)),
+        (StatusCode::BAD_REQUEST, "INVALID_FIELD")
+    );
+    let (status, v) = h
+        .call(
+            Method::GET,
+            &format!("{base}/{hook_id}/messages/msg_nope"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, code(&v)),
+        (StatusCode::NOT_FOUND, "WEBHOOK_MESSAGE_NOT_FOUND")
+    );
+    let (status, _) = h
+        .call(Method::DELETE, &format!("{base}/{hook_id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, v) = h
+        .call(Method::GET, &format!("{base}/{hook_id}"), None)
+        .await;
+    assert_eq!(
+        (status, code(&v)),
+        (StatusCode::NOT_FOUND, "WEBHOOK_NOT_FOUND")
+    );
+    h.finish().await;
+}
+
 macro_rules! on_both_backends {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -1358,6 +1594,7 @@ on_both_backends!(
     api_keys_are_shown_once_and_authenticate,
     other_pods_see_key_changes_within_the_cache_ttl,
     bot_credentials_are_encrypted_and_never_returned,
+    webhook_subscriptions_secrets_and_target_policy,
     agent_tokens_authenticate_and_rotate,
     routing_rules_in_priority_order,
     tenant_isolation_on_every_endpoint,

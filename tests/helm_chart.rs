@@ -197,6 +197,8 @@ fn check_env(container: &Value, what: &str) {
         "NEXUS_BUS__KAFKA__SASL_PASSWORD",
         "NEXUS_BUS__NATS__PASSWORD",
         "NEXUS_BUS__NATS__TOKEN",
+        "NEXUS_WORKERS__HISTORY__UCS__CREDENTIAL",
+        "NEXUS_WORKERS__GWS__CREDENTIAL",
     ];
     for e in env {
         let n = e["name"].as_str().unwrap_or("");

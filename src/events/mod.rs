@@ -17,6 +17,7 @@ mod node;
 mod pcf;
 pub mod publish;
 pub mod registry;
+pub mod webhook;
 
 #[cfg(test)]
 mod tests;

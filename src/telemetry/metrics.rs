@@ -53,7 +53,28 @@ pub const GWS_EFFECTS_RETRYING: &str = "nexus_gws_effects_retrying";
 /// Old rows the gws role pruned from its effect log.
 pub const GWS_EFFECTS_PRUNED_TOTAL: &str = "nexus_gws_effects_pruned_total";
 
+// ---- webhooks worker (`subscription` is the webhook id for the first
+// `workers.webhooks.metric_subscriptions` subscriptions a process sees, then `other`) ----
+
+/// Webhook delivery attempts, per `subscription`, `outcome` (ok, failed, timeout, aborted, refused).
+pub const WEBHOOK_ATTEMPTS_TOTAL: &str = "nexus_webhook_attempts_total";
+/// Latency of webhook delivery attempts, per `outcome`.
+pub const WEBHOOK_ATTEMPT_SECONDS: &str = "nexus_webhook_attempt_duration_seconds";
+/// Webhook messages queued from interaction events (new ones, not redeliveries).
+pub const WEBHOOK_MESSAGES_QUEUED_TOTAL: &str = "nexus_webhook_messages_queued_total";
+/// Webhook messages waiting for an attempt (first or retry), per `subscription`.
+pub const WEBHOOK_QUEUE_DEPTH: &str = "nexus_webhook_retry_queue_depth";
+/// Age of the oldest waiting webhook message, per `subscription`.
+pub const WEBHOOK_OLDEST_PENDING_SECONDS: &str = "nexus_webhook_oldest_pending_age_seconds";
+/// Webhook messages that exhausted their schedule and went to the dead-letter topic, per `subscription`.
+pub const WEBHOOK_DEAD_LETTERED_TOTAL: &str = "nexus_webhook_dead_lettered_total";
+/// Webhook endpoints disabled after failing for `disable_after`.
+pub const WEBHOOK_ENDPOINTS_DISABLED_TOTAL: &str = "nexus_webhook_endpoints_disabled_total";
+/// Errors of the webhook dispatcher's own work (claims, log writes, publishes), per `stage`.
+pub const WEBHOOK_DISPATCH_ERRORS_TOTAL: &str = "nexus_webhook_dispatch_errors_total";
+
 pub(super) fn describe_all() {
+    describe_webhooks();
     describe_counter!(
         GWS_OPERATIONS_TOTAL,
         "GWS operations of the gws role by operation and outcome (applied, reconciled, duplicate, rejected, skipped)."
@@ -133,5 +154,42 @@ pub(super) fn describe_all() {
     describe_counter!(
         HISTORY_ATTACHMENTS_TOTAL,
         "Chat files written to UCS at close, by outcome (added, missing)."
+    );
+}
+
+fn describe_webhooks() {
+    describe_counter!(
+        WEBHOOK_ATTEMPTS_TOTAL,
+        "Webhook delivery attempts by subscription (bounded) and outcome."
+    );
+    describe_histogram!(
+        WEBHOOK_ATTEMPT_SECONDS,
+        Unit::Seconds,
+        "Latency of webhook delivery attempts by outcome."
+    );
+    describe_counter!(
+        WEBHOOK_MESSAGES_QUEUED_TOTAL,
+        "Webhook messages queued from interaction events."
+    );
+    describe_gauge!(
+        WEBHOOK_QUEUE_DEPTH,
+        "Webhook messages waiting for a first attempt or a retry, by subscription (bounded)."
+    );
+    describe_gauge!(
+        WEBHOOK_OLDEST_PENDING_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest waiting webhook message, by subscription (bounded)."
+    );
+    describe_counter!(
+        WEBHOOK_DEAD_LETTERED_TOTAL,
+        "Webhook messages that exhausted their retries (dead-letter topic)."
+    );
+    describe_counter!(
+        WEBHOOK_ENDPOINTS_DISABLED_TOTAL,
+        "Webhook endpoints disabled after failing continuously for disable_after."
+    );
+    describe_counter!(
+        WEBHOOK_DISPATCH_ERRORS_TOTAL,
+        "Errors of the webhook dispatcher's own work by stage."
     );
 }

@@ -11,6 +11,10 @@ pub const INTERACTION: &str = "nexus.interaction.v1";
 pub const OUTBOUND: &str = "nexus.outbound.v1";
 /// Client-bound events for sockets, read whole by every edge process.
 pub const DELIVERY: &str = "nexus.delivery.v1";
+/// The webhook dead-letter topic: messages that exhausted their retries.
+pub const WEBHOOKS_DEAD: &str = "nexus.webhooks.dead.v1";
+/// Webhook subscription events (an endpoint disabled).
+pub const WEBHOOKS: &str = "nexus.webhooks.v1";
 
 #[cfg(test)]
 mod tests {
@@ -23,6 +27,8 @@ mod tests {
             super::INTERACTION,
             super::OUTBOUND,
             super::DELIVERY,
+            super::WEBHOOKS_DEAD,
+            super::WEBHOOKS,
         ] {
             assert!(
                 t.topic(name).is_some(),

@@ -2,10 +2,10 @@
 //! it; [`handler_for`] maps a role name to its effect.
 //!
 //! Built so far: `conversation` (sessions, transcript, routing to agents), `history`
-//! (conversations to UCS), `gws` (agent actions → GWS calls, once each) and `tap` (forwards
-//! events to an HTTP endpoint). Integration roles without effects yet run the consumer runtime
-//! with [`pending::Pending`], which acks and counts, until their issue lands (see README "Not
-//! built yet").
+//! (conversations to UCS), `gws` (agent actions → GWS calls, once each), `webhooks` (signed
+//! interaction webhooks with retries) and `tap` (forwards events to an HTTP endpoint). The
+//! `delivery` role has no effects yet: it runs the consumer runtime with [`pending::Pending`],
+//! which acks and counts, until its issue lands (see README "Not built yet").
 
 pub mod conversation;
 pub mod gws;
@@ -13,6 +13,7 @@ pub mod history;
 pub mod peer;
 pub mod pending;
 pub mod tap;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -118,6 +119,19 @@ pub fn handler_for(role: &str, config: &Config, deps: &Deps) -> Result<RoleHandl
             return Ok(RoleHandler {
                 handler: Arc::new(worker),
                 background: vec![Box::new(pruner)],
+            });
+        }
+        "webhooks" => {
+            return webhooks::role(
+                &config.workers.webhooks,
+                &config.http_client,
+                &config.stores,
+                deps.bus.clone(),
+                deps.provisioning.clone(),
+            )
+            .map_err(|e| WorkerError::Config {
+                role: role.to_string(),
+                message: e.to_string(),
             });
         }
         other => Arc::new(pending::Pending::new(other)),

@@ -94,7 +94,7 @@ keys set inline: they belong in Secrets.
 */}}
 {{- define "nexus.config" -}}
 {{- $c := deepCopy (.Values.config | default dict) -}}
-{{- $secretKeys := list "bus.kafka.sasl_password" "bus.nats.password" "bus.nats.token" "http.admin_token" "stores.postgres_url" "stores.redis_url" "stores.provisioning_key" "chat.client_key_secret" -}}
+{{- $secretKeys := list "bus.kafka.sasl_password" "bus.nats.password" "bus.nats.token" "http.admin_token" "stores.postgres_url" "stores.redis_url" "stores.provisioning_key" "chat.client_key_secret" "workers.history.ucs.credential" "workers.gws.credential" -}}
 {{- range $secretKeys -}}
 {{- $parts := splitList "." . -}}
 {{- $node := $c -}}
@@ -183,6 +183,8 @@ keys refuse). Scalars first, then sub-tables, keys sorted.
 {{- include "nexus.secretEnv" (dict "env" "NEXUS_BUS__KAFKA__SASL_PASSWORD" "ref" .Values.secrets.kafkaSaslPassword) }}
 {{- include "nexus.secretEnv" (dict "env" "NEXUS_BUS__NATS__PASSWORD" "ref" .Values.secrets.natsPassword) }}
 {{- include "nexus.secretEnv" (dict "env" "NEXUS_BUS__NATS__TOKEN" "ref" .Values.secrets.natsToken) }}
+{{- include "nexus.secretEnv" (dict "env" "NEXUS_WORKERS__HISTORY__UCS__CREDENTIAL" "ref" .Values.secrets.ucsCredential) }}
+{{- include "nexus.secretEnv" (dict "env" "NEXUS_WORKERS__GWS__CREDENTIAL" "ref" .Values.secrets.gwsCredential) }}
 {{- end -}}
 
 {{- define "nexus.storeEnv" -}}

@@ -1,5 +1,5 @@
 //! `/v1/admin`: the provisioning API. Tenants, and under each tenant its API keys, queues,
-//! agents, routing rules and bot endpoints, behind the admin bearer token.
+//! agents, routing rules, bot endpoints and webhook subscriptions, behind the admin bearer token.
 //!
 //! Every object is addressed under its tenant's path, so another tenant's object is simply not
 //! found (404). Lists are pages keyed by id; writes validate and answer 400/404/409 with a code.
@@ -10,6 +10,7 @@ mod bots;
 mod queues;
 mod routing_rules;
 mod tenants;
+mod webhooks;
 
 use axum::extract::{FromRequest, FromRequestParts, Query, Request, State};
 use axum::http::request::Parts;
@@ -89,6 +90,40 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route(
             &format!("{t}/{{tenant}}/bots/{{id}}/token"),
             post(bots::rotate_token),
+        )
+        .route(
+            &format!("{t}/{{tenant}}/webhooks"),
+            post(webhooks::create).get(webhooks::list),
+        )
+        .route(
+            &format!("{t}/{{tenant}}/webhooks/{{id}}"),
+            get(webhooks::get)
+                .patch(webhooks::update)
+                .delete(webhooks::delete),
+        )
+        .route(
+            &format!("{t}/{{tenant}}/webhooks/{{id}}/secret"),
+            post(webhooks::rotate_secret),
+        )
+        .route(
+            &format!("{t}/{{tenant}}/webhooks/{{id}}/messages"),
+            get(webhooks::list_messages),
+        )
+        .route(
+            &format!("{t}/{{tenant}}/webhooks/{{id}}/messages/{{message}}"),
+            get(webhooks::get_message),
+        )
+        .route(
+            &format!("{t}/{{tenant}}/webhooks/{{id}}/messages/{{message}}/resend"),
+            post(webhooks::resend),
+        )
+        .route(
+            &format!("{t}/{{tenant}}/webhooks/{{id}}/replay"),
+            post(webhooks::replay),
+        )
+        .route(
+            &format!("{t}/{{tenant}}/webhook-dead-letters/recover"),
+            post(webhooks::recover_dead_letters),
         )
         .route_layer(middleware::from_fn_with_state(state, require_admin))
 }

@@ -1,5 +1,5 @@
 //! The provisioning store: tenants and, per tenant, API keys, queues, agents, routing rules,
-//! bot endpoints and the files customers upload into chats ([`files`]), in PostgreSQL
+//! bot endpoints, webhook subscriptions ([`webhooks`]) and the files customers upload into chats ([`files`]), in PostgreSQL
 //! (production) or SQLite (`nexus dev`) through one SQL code path.
 //!
 //! Every object of a tenant is read and written by `(tenant_id, id)`, so one tenant's calls
@@ -19,6 +19,7 @@ mod routing;
 pub mod secrets;
 mod sql;
 mod tenants;
+pub mod webhooks;
 
 use std::fmt;
 use std::path::Path;
@@ -32,6 +33,10 @@ use crate::config::StoresConfig;
 pub use files::{ChatFile, NewChatFile};
 pub use models::*;
 use secrets::{Cipher, EncryptionKey};
+pub use webhooks::{
+    CreatedWebhook, NewWebhook, SecretRotation, SigningSecrets, Webhook, WebhookEvent,
+    WebhookFormat, WebhookMedia, WebhookPatch, WebhookSecret, WebhookTarget,
+};
 
 /// Connections per process: the admin API and the hot-path lookups are short queries.
 const MAX_CONNECTIONS: u32 = 8;
@@ -55,6 +60,8 @@ pub enum Object {
     RoutingRule,
     Bot,
     File,
+    Webhook,
+    WebhookMessage,
 }
 
 impl Object {
@@ -68,6 +75,8 @@ impl Object {
             Object::RoutingRule => "ROUTING_RULE_NOT_FOUND",
             Object::Bot => "BOT_NOT_FOUND",
             Object::File => "FILE_NOT_FOUND",
+            Object::Webhook => "WEBHOOK_NOT_FOUND",
+            Object::WebhookMessage => "WEBHOOK_MESSAGE_NOT_FOUND",
         }
     }
 
@@ -90,6 +99,8 @@ impl fmt::Display for Object {
             Object::RoutingRule => "routing rule",
             Object::Bot => "bot endpoint",
             Object::File => "file",
+            Object::Webhook => "webhook",
+            Object::WebhookMessage => "webhook message",
         })
     }
 }

@@ -1,0 +1,70 @@
+//! Settings of the `webhooks` role (`[workers.webhooks]`): retry schedule, timeouts, limits
+//! and the outbound target policy. The admin API reads the target policy and the overlap too.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// Allow subscription URLs in private, loopback and link-local ranges (tests, labs).
+    pub allow_private_targets: bool,
+    /// Delay before each attempt (ms): the first entry is the first attempt (0 = at once); a
+    /// message fails for good after the last one.
+    pub retry_schedule_ms: Vec<u64>,
+    /// Timeout of one attempt (connect to end of the answer), ms.
+    pub timeout_ms: u64,
+    /// An endpoint whose every attempt failed for this long is disabled (ms).
+    pub disable_after_ms: u64,
+    /// How long the previous secret keeps signing after a rotation (ms).
+    pub secret_overlap_ms: u64,
+    /// Attempts in flight per process, all endpoints together.
+    pub max_in_flight: usize,
+    /// Attempts in flight per endpoint (subscription) per process: a slow endpoint holds only these.
+    pub max_in_flight_per_endpoint: usize,
+    /// How often the dispatcher looks for due retries (new messages wake it at once), ms.
+    pub poll_interval_ms: u64,
+    /// How often queue depth and oldest pending age are measured, ms.
+    pub stats_interval_ms: u64,
+    /// Subscriptions that get their own metric label per process; later ones share `other`.
+    pub metric_subscriptions: usize,
+    /// Database connections of the delivery log per process (PostgreSQL; SQLite shares the
+    /// provisioning store's).
+    pub db_connections: u32,
+    /// How long a tenant's subscription list is reused by the handler (ms; 0 = read per
+    /// event): a new or changed subscription applies to events handled this much later.
+    pub subscription_cache_ms: u64,
+}
+
+impl WebhooksConfig {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    /// The delay before attempt `n` of a round (0-based), or `None` once the schedule is spent.
+    pub fn delay_before(&self, n: usize) -> Option<Duration> {
+        self.retry_schedule_ms
+            .get(n)
+            .map(|ms| Duration::from_millis(*ms))
+    }
+
+    /// Cross-field checks, run when the role starts.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.retry_schedule_ms.is_empty() {
+            return Err("retry_schedule_ms must have at least one entry".into());
+        }
+        if self.timeout_ms == 0 || self.max_in_flight == 0 || self.max_in_flight_per_endpoint == 0 {
+            return Err(
+                "timeout_ms, max_in_flight and max_in_flight_per_endpoint must be > 0".into(),
+            );
+        }
+        if self.db_connections == 0 {
+            return Err("db_connections must be > 0".into());
+        }
+        if self.poll_interval_ms == 0 || self.stats_interval_ms == 0 {
+            return Err("poll_interval_ms and stats_interval_ms must be > 0".into());
+        }
+        Ok(())
+    }
+}

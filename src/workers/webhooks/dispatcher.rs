@@ -1,0 +1,768 @@
+//! The delivery engine: a background loop of the role that claims due messages (woken at once
+//! by new ones, else every `poll_interval_ms`), sends each as one signed attempt under global
+//! and per-endpoint limits, logs the attempt and schedules the next, dead-letters exhausted
+//! messages and disables endpoints that keep failing.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::config::WebhooksConfig;
+use super::signing;
+use super::store::{After, AttemptRecord, Claimed, MessageStore};
+use super::target;
+use crate::bus::Bus;
+use crate::events::publish::publish;
+use crate::events::webhook::{
+    WebhookEndpointDisabled, WebhookMessageDead, WEBHOOK_DEAD_TOPIC, WEBHOOK_EVENTS_TOPIC,
+};
+use crate::events::Event;
+use crate::stores::provisioning::{Provisioning, WebhookFormat, WebhookTarget};
+use crate::telemetry::metrics as m;
+
+/// Beyond the attempt timeout, how long a claim holds a message: covers the log write after
+/// the answer, so a live sender never loses its claim; a dead sender's claim lapses this late.
+const LEASE_MARGIN: Duration = Duration::from_secs(5);
+/// Most messages one claim query takes: keeps each query short.
+const MAX_BATCH: usize = 256;
+/// A busy loop claims at most this often when attempts finish (new messages claim at once).
+const CLAIM_EVERY: Duration = Duration::from_millis(10);
+/// An endpoint holds at most this many times its in-flight limit of claimed messages.
+const HELD_FACTOR: usize = 2;
+/// A held message waiting longer than this renews its lease before it is sent.
+const RENEW_AFTER: Duration = Duration::from_secs(1);
+/// How long a subscription's URL and secrets are reused before reading them again: rotations
+/// and URL changes take effect within this.
+const TARGET_TTL: Duration = Duration::from_secs(1);
+/// How often a healthy endpoint's failure clock is cleared at most (one write, not one per
+/// delivery).
+const CLEAR_EVERY: Duration = Duration::from_secs(1);
+/// Pending messages from which a change of 4× refreshes the log's planner statistics.
+const ANALYZE_MIN: i64 = 1000;
+/// Largest answer body read from a receiver (the rest is dropped).
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+/// How long a failed dead-letter publish waits before the next try (the bus is down).
+const DEAD_LETTER_RETRY_MS: i64 = super::store::EXHAUSTED_RECLAIM_MS;
+/// The producer name on events this role publishes.
+const PRODUCER: &str = "webhooks";
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Per-subscription metric labels as a bounded set: the first `max` subscriptions a process
+/// sees are labelled by id, every later one shares `other`.
+pub struct Labels {
+    max: usize,
+    known: Mutex<HashSet<String>>,
+}
+
+impl Labels {
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            known: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn of(&self, webhook_id: &str) -> String {
+        let mut known = match self.known.lock() {
+            Ok(k) => k,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if known.contains(webhook_id) {
+            return webhook_id.to_string();
+        }
+        if known.len() < self.max {
+            known.insert(webhook_id.to_string());
+            return webhook_id.to_string();
+        }
+        "other".to_string()
+    }
+}
+
+/// A claimed message waiting for a slot of its endpoint.
+struct Held {
+    msg: Claimed,
+    lease_until: i64,
+    claimed_at: Instant,
+}
+
+/// One endpoint's share of the process.
+#[derive(Default)]
+struct Lane {
+    in_flight: usize,
+    held: VecDeque<Held>,
+}
+
+/// The result of one HTTP attempt.
+struct Sent {
+    record: AttemptRecord,
+    ok: bool,
+    abort: bool,
+}
+
+pub struct Dispatcher {
+    store: MessageStore,
+    provisioning: Arc<Provisioning>,
+    bus: Arc<dyn Bus>,
+    client: reqwest::Client,
+    config: WebhooksConfig,
+    /// New messages (handler) wake the loop to claim at once.
+    wake: Notify,
+    /// A finished attempt wakes the loop to start the next held message.
+    done: Notify,
+    global: Arc<Semaphore>,
+    /// Per endpoint: attempts in flight and claimed messages waiting for a slot.
+    lanes: Mutex<HashMap<String, Lane>>,
+    targets: Mutex<HashMap<String, (Instant, Arc<WebhookTarget>)>>,
+    /// When this process last cleared an endpoint's failure clock; a failure forgets it.
+    cleared: Mutex<HashMap<String, Instant>>,
+    labels: Labels,
+}
+
+impl Dispatcher {
+    pub fn new(
+        store: MessageStore,
+        provisioning: Arc<Provisioning>,
+        bus: Arc<dyn Bus>,
+        client: reqwest::Client,
+        config: WebhooksConfig,
+    ) -> Self {
+        Self {
+            global: Arc::new(Semaphore::new(config.max_in_flight)),
+            labels: Labels::new(config.metric_subscriptions),
+            store,
+            provisioning,
+            bus,
+            client,
+            config,
+            wake: Notify::new(),
+            done: Notify::new(),
+            lanes: Mutex::new(HashMap::new()),
+            targets: Mutex::new(HashMap::new()),
+            cleared: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// New messages are due: claim them now rather than at the next poll.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    pub fn labels(&self) -> &Labels {
+        &self.labels
+    }
+
+    /// The dispatch loop, until `stop` fires. New messages and the poll claim at once; a
+    /// finished attempt starts the next held message of its endpoint and claims at most every
+    /// [`CLAIM_EVERY`], so a busy worker claims in batches, not once per delivery.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let poll = Duration::from_millis(self.config.poll_interval_ms);
+        async {
+            let mut last_claim = Instant::now();
+            let mut claim = true;
+            // A finished attempt asked for a claim inside CLAIM_EVERY: claim when it is over.
+            let mut owed = false;
+            loop {
+                self.start_held().await;
+                if claim {
+                    self.claim().await;
+                    last_claim = Instant::now();
+                    owed = false;
+                }
+                let since = last_claim.elapsed();
+                let wait = if owed {
+                    CLAIM_EVERY.saturating_sub(since)
+                } else {
+                    poll.saturating_sub(since)
+                };
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = self.wake.notified() => claim = true,
+                    _ = self.done.notified() => {
+                        claim = last_claim.elapsed() >= CLAIM_EVERY;
+                        owed = owed || !claim;
+                    }
+                    _ = tokio::time::sleep(wait) => claim = true,
+                }
+            }
+            tracing::info!("webhook dispatcher stopped");
+        }
+        .instrument(tracing::info_span!("webhooks.dispatch"))
+        .await
+    }
+
+    fn lock_lanes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lane>> {
+        match self.lanes.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    fn lease_until(&self, now: i64) -> i64 {
+        now + i64::try_from((self.config.timeout() + LEASE_MARGIN).as_millis())
+            .unwrap_or(i64::MAX / 2)
+    }
+
+    /// Claims due messages into the endpoints' held queues, as many as free capacity allows,
+    /// skipping endpoints that already hold a full share.
+    async fn claim(self: &Arc<Self>) {
+        let per = self.config.max_in_flight_per_endpoint;
+        loop {
+            let (held, saturated) = {
+                let lanes = self.lock_lanes();
+                let held: usize = lanes.values().map(|l| l.held.len()).sum();
+                let saturated: Vec<String> = lanes
+                    .iter()
+                    .filter(|(_, l)| l.held.len() >= per)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                (held, saturated)
+            };
+            let want = self
+                .global
+                .available_permits()
+                .saturating_sub(held)
+                .min(MAX_BATCH);
+            if want == 0 {
+                return;
+            }
+            let now = now_ms();
+            let lease = self.lease_until(now);
+            let batch = match self.store.claim(now, lease, want, &saturated).await {
+                Ok(b) => b,
+                Err(e) => {
+                    metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "claim")
+                        .increment(1);
+                    tracing::warn!(error = %e, "claiming due webhook messages failed; next poll retries");
+                    return;
+                }
+            };
+            let got = batch.len();
+            let mut give_back = Vec::new();
+            {
+                let mut lanes = self.lock_lanes();
+                for msg in batch {
+                    if msg.round_attempts as usize >= self.config.retry_schedule_ms.len() {
+                        // Exhausted earlier, but the dead-letter publish did not complete.
+                        let me = self.clone();
+                        tokio::spawn(async move {
+                            let attempts = msg.attempts;
+                            let (code, error) = (msg.last_status_code, msg.last_error.clone());
+                            me.dead_letter(&msg, attempts, code, error).await;
+                        });
+                        continue;
+                    }
+                    let lane = lanes.entry(msg.webhook_id.clone()).or_default();
+                    // One claim can bring many messages of one endpoint: hold a bounded
+                    // number, give the rest back for later claims (or other pods).
+                    if lane.held.len() >= HELD_FACTOR * per {
+                        give_back.push(msg.id);
+                    } else {
+                        lane.held.push_back(Held {
+                            msg,
+                            lease_until: lease,
+                            claimed_at: Instant::now(),
+                        });
+                    }
+                }
+            }
+            if !give_back.is_empty() {
+                if let Err(e) = self.store.release(&give_back).await {
+                    metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "release")
+                        .increment(1);
+                    tracing::warn!(error = %e, "releasing webhook messages failed; their lease lapses");
+                }
+            }
+            self.start_held().await;
+            if got < want || !give_back.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Starts held messages while their endpoint and the process have room. A message held
+    /// longer than [`RENEW_AFTER`] renews its lease first (and is dropped if it lost it).
+    async fn start_held(self: &Arc<Self>) {
+        let per = self.config.max_in_flight_per_endpoint;
+        let mut starts = Vec::new();
+        {
+            let mut lanes = self.lock_lanes();
+            'lanes: for lane in lanes.values_mut() {
+                while lane.in_flight < per && !lane.held.is_empty() {
+                    let Ok(permit) = self.global.clone().try_acquire_owned() else {
+                        break 'lanes;
+                    };
+                    if let Some(h) = lane.held.pop_front() {
+                        lane.in_flight += 1;
+                        starts.push((h, permit));
+                    }
+                }
+            }
+            lanes.retain(|_, l| l.in_flight > 0 || !l.held.is_empty());
+        }
+        for (h, permit) in starts {
+            if h.claimed_at.elapsed() > RENEW_AFTER {
+                let renewed = self
+                    .store
+                    .renew(&h.msg.id, h.lease_until, self.lease_until(now_ms()))
+                    .await;
+                if !matches!(renewed, Ok(true)) {
+                    // Another sender has it (or the log is down): leave it to the lease.
+                    drop(permit);
+                    self.finished(&h.msg.webhook_id);
+                    continue;
+                }
+            }
+            let me = self.clone();
+            tokio::spawn(async move { me.attempt(h.msg, permit).await });
+        }
+    }
+
+    /// An attempt of `webhook_id` ended: its slot is free.
+    fn finished(&self, webhook_id: &str) {
+        let mut lanes = self.lock_lanes();
+        if let Some(lane) = lanes.get_mut(webhook_id) {
+            lane.in_flight = lane.in_flight.saturating_sub(1);
+        }
+    }
+
+    /// The subscription's URL, format and secrets, reused for [`TARGET_TTL`].
+    async fn target(&self, webhook_id: &str) -> Option<Arc<WebhookTarget>> {
+        {
+            let cache = match self.targets.lock() {
+                Ok(c) => c,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            if let Some((at, t)) = cache.get(webhook_id) {
+                if at.elapsed() < TARGET_TTL {
+                    return Some(t.clone());
+                }
+            }
+        }
+        match self.provisioning.webhook_target(webhook_id, now_ms()).await {
+            Ok(Some(t)) => {
+                let t = Arc::new(t);
+                let mut cache = match self.targets.lock() {
+                    Ok(c) => c,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
+                cache.insert(webhook_id.to_string(), (Instant::now(), t.clone()));
+                Some(t)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(webhook_id, error = %e, "reading the webhook subscription failed");
+                None
+            }
+        }
+    }
+
+    /// One attempt of a claimed message, logged, then the next step.
+    async fn attempt(self: Arc<Self>, msg: Claimed, permit: OwnedSemaphorePermit) {
+        let span = tracing::info_span!(
+            "webhooks.attempt",
+            message_id = %msg.id,
+            webhook_id = %msg.webhook_id,
+            tenant = %msg.tenant_id,
+            conversation_id = %msg.conversation_id,
+            status_code = tracing::field::Empty,
+        );
+        async {
+            let sent = self.send(&msg).await;
+            // The endpoint's slot bounds requests to it, not log writes: free it now so the
+            // next held message goes while this one is logged (the lease still holds it, and
+            // the process-wide permit bounds the writes in flight).
+            self.finished(&msg.webhook_id);
+            self.done.notify_one();
+            if let Some(code) = sent.record.status_code {
+                tracing::Span::current().record("status_code", code);
+            }
+            let now = now_ms();
+            let after = if sent.ok {
+                After::Delivered
+            } else if sent.abort {
+                After::Aborted
+            } else {
+                match self.config.delay_before(msg.round_attempts as usize + 1) {
+                    Some(d) => After::Retry(now + i64::try_from(d.as_millis()).unwrap_or(0)),
+                    None => After::Exhausted,
+                }
+            };
+            let label = self.labels.of(&msg.webhook_id);
+            metrics::counter!(m::WEBHOOK_ATTEMPTS_TOTAL, "subscription" => label, "outcome" => sent.record.outcome)
+                .increment(1);
+            metrics::histogram!(m::WEBHOOK_ATTEMPT_SECONDS, "outcome" => sent.record.outcome)
+                .record(sent.record.latency_ms as f64 / 1000.0);
+            if let Err(e) = self.store.record(&msg, &sent.record, after, now).await {
+                metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "record")
+                    .increment(1);
+                // The lease lapses and the message is tried again under the same webhook-id.
+                tracing::warn!(error = %e, "logging a webhook attempt failed; the message will be tried again");
+            } else {
+                match after {
+                    After::Delivered => self.endpoint_succeeded(&msg.webhook_id).await,
+                    After::Retry(at) => {
+                        tracing::debug!(outcome = sent.record.outcome, next_attempt_at_ms = at, error = ?sent.record.error, "webhook attempt failed; retry scheduled");
+                        self.endpoint_failed(&msg, now).await;
+                    }
+                    After::Aborted => {
+                        tracing::info!("receiver answered abort-message; no more retries");
+                    }
+                    After::Exhausted => {
+                        self.endpoint_failed(&msg, now).await;
+                        self.dead_letter(
+                            &msg,
+                            msg.attempts + 1,
+                            sent.record.status_code,
+                            sent.record.error.clone(),
+                        )
+                        .await;
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+        drop(permit);
+        self.done.notify_one();
+    }
+
+    /// POSTs the message, signed, within the timeout.
+    async fn send(&self, msg: &Claimed) -> Sent {
+        let started_at_ms = now_ms();
+        let fail = |outcome: &'static str, error: String| Sent {
+            record: AttemptRecord {
+                started_at_ms,
+                outcome,
+                status_code: None,
+                latency_ms: 0,
+                error: Some(error),
+            },
+            ok: false,
+            abort: false,
+        };
+        let Some(target) = self.target(&msg.webhook_id).await else {
+            return fail("failed", "the subscription could not be read".into());
+        };
+        let Ok(url) = reqwest::Url::parse(&target.webhook.url) else {
+            return fail("refused", "the subscription URL does not parse".into());
+        };
+        if !self.config.allow_private_targets {
+            if let Some(ip) = target::literal_ip(&url) {
+                if target::is_internal(ip) {
+                    return fail("refused", format!("the target {ip} is in a private range"));
+                }
+            }
+        }
+        let body = msg.body.clone().into_bytes();
+        let mut request = self
+            .client
+            .post(url)
+            .timeout(self.config.timeout())
+            .header(reqwest::header::CONTENT_TYPE, "application/json");
+        match target.webhook.format {
+            WebhookFormat::Genesys => {
+                request = request.header(
+                    "x-hub-signature",
+                    signing::hub_signature(&target.secrets.current, &body),
+                );
+            }
+            WebhookFormat::Standard => {
+                let ts = started_at_ms / 1000;
+                request = request
+                    .header("webhook-id", msg.id.clone())
+                    .header("webhook-timestamp", ts.to_string())
+                    .header(
+                        "webhook-signature",
+                        signing::standard_header(&target.secrets, &msg.id, ts, &body),
+                    );
+            }
+        }
+        let clock = Instant::now();
+        let answer = request.body(body).send().await;
+        let (outcome, status_code, error, ok, abort) = match answer {
+            Ok(r) => {
+                let status = r.status();
+                let abort = r
+                    .headers()
+                    .get("webhook-delivery")
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.eq_ignore_ascii_case("abort-message"));
+                // Read (a bounded part of) the answer so the connection can be reused.
+                let _ = read_bounded(r).await;
+                if status.is_success() {
+                    ("ok", Some(i64::from(status.as_u16())), None, true, false)
+                } else if abort {
+                    (
+                        "aborted",
+                        Some(i64::from(status.as_u16())),
+                        Some(format!("answered {status} with abort-message")),
+                        false,
+                        true,
+                    )
+                } else {
+                    (
+                        "failed",
+                        Some(i64::from(status.as_u16())),
+                        Some(format!("answered {status}")),
+                        false,
+                        false,
+                    )
+                }
+            }
+            Err(e) => {
+                let outcome = if e.is_timeout() { "timeout" } else { "failed" };
+                (
+                    outcome,
+                    None,
+                    Some(e.without_url().to_string()),
+                    false,
+                    false,
+                )
+            }
+        };
+        Sent {
+            record: AttemptRecord {
+                started_at_ms,
+                outcome,
+                status_code,
+                latency_ms: i64::try_from(clock.elapsed().as_millis()).unwrap_or(i64::MAX),
+                error,
+            },
+            ok,
+            abort,
+        }
+    }
+
+    /// Stops the endpoint's failure clock: a write at most every [`CLEAR_EVERY`] per endpoint
+    /// unless this process saw it fail since (another pod's failures are cleared that late).
+    async fn endpoint_succeeded(&self, webhook_id: &str) {
+        {
+            let mut cleared = self.cleared.lock().unwrap_or_else(|p| p.into_inner());
+            if cleared
+                .get(webhook_id)
+                .is_some_and(|at| at.elapsed() < CLEAR_EVERY)
+            {
+                return;
+            }
+            cleared.insert(webhook_id.to_string(), Instant::now());
+        }
+        if let Err(e) = self.provisioning.webhook_succeeded(webhook_id).await {
+            self.cleared
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(webhook_id);
+            tracing::warn!(error = %e, "clearing the endpoint's failure clock failed");
+        }
+    }
+
+    /// Runs the endpoint's failure clock; disables it once the clock passes `disable_after`.
+    async fn endpoint_failed(&self, msg: &Claimed, now: i64) {
+        self.cleared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&msg.webhook_id);
+        let since = match self.provisioning.webhook_failed(&msg.webhook_id, now).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "recording the endpoint failure failed");
+                return;
+            }
+        };
+        let limit = i64::try_from(self.config.disable_after_ms).unwrap_or(i64::MAX);
+        if now.saturating_sub(since) < limit {
+            return;
+        }
+        let reason = format!(
+            "every attempt failed for {} s since {since} (disable_after_ms = {limit})",
+            (now - since) / 1000
+        );
+        match self
+            .provisioning
+            .disable_webhook(&msg.webhook_id, &reason)
+            .await
+        {
+            Ok(true) => {
+                metrics::counter!(m::WEBHOOK_ENDPOINTS_DISABLED_TOTAL).increment(1);
+                tracing::warn!(webhook_id = %msg.webhook_id, failing_since_ms = since, "webhook endpoint disabled: it kept failing");
+                let url = self
+                    .target(&msg.webhook_id)
+                    .await
+                    .map(|t| t.webhook.url.clone())
+                    .unwrap_or_default();
+                let body = WebhookEndpointDisabled {
+                    webhook_id: msg.webhook_id.clone(),
+                    url,
+                    failing_since_ms: since,
+                    reason,
+                };
+                self.publish(
+                    &body,
+                    &msg.tenant_id,
+                    &msg.webhook_id,
+                    WEBHOOK_EVENTS_TOPIC,
+                    "disabled",
+                )
+                .await;
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "disabling the webhook endpoint failed"),
+        }
+    }
+
+    /// Publishes the message to the dead-letter topic, then marks it dead. A crash between the
+    /// two publishes it again on the next claim (recovery is idempotent per record).
+    async fn dead_letter(
+        &self,
+        msg: &Claimed,
+        attempts: i64,
+        last_status_code: Option<i64>,
+        last_error: Option<String>,
+    ) {
+        let body = WebhookMessageDead {
+            webhook_id: msg.webhook_id.clone(),
+            message_id: msg.id.clone(),
+            source_event_id: msg.event_id.clone(),
+            event: msg.event.clone(),
+            body: msg.body.clone(),
+            attempts,
+            last_status_code,
+            last_error,
+        };
+        let what = format!("dead/{}/{attempts}", msg.id);
+        if !self
+            .publish(
+                &body,
+                &msg.tenant_id,
+                &msg.conversation_id,
+                WEBHOOK_DEAD_TOPIC,
+                &what,
+            )
+            .await
+        {
+            // Leave it pending and exhausted: a later claim tries the publish again.
+            let _ = self
+                .store
+                .postpone(&msg.id, now_ms() + DEAD_LETTER_RETRY_MS)
+                .await;
+            return;
+        }
+        if let Err(e) = self.store.mark_dead(msg, now_ms()).await {
+            metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "mark_dead")
+                .increment(1);
+            tracing::warn!(error = %e, "marking a dead-lettered webhook message failed");
+            return;
+        }
+        metrics::counter!(m::WEBHOOK_DEAD_LETTERED_TOTAL, "subscription" => self.labels.of(&msg.webhook_id))
+            .increment(1);
+        tracing::warn!(message_id = %msg.id, webhook_id = %msg.webhook_id, attempts, "webhook message dead after its last attempt; sent to the dead-letter topic");
+    }
+
+    /// Publishes one of this role's events; whether the bus took it.
+    async fn publish<B: crate::events::chat::Body>(
+        &self,
+        body: &B,
+        tenant_id: &str,
+        key: &str,
+        topic: &str,
+        what: &str,
+    ) -> bool {
+        let event = match Event::typed(body, tenant_id, key, PRODUCER) {
+            Ok(e) => e.with_derived_id(&Uuid::nil(), &format!("{topic}/{key}/{what}")),
+            Err(e) => {
+                tracing::error!(error = %e, "building a webhooks event failed");
+                return false;
+            }
+        };
+        match publish(self.bus.as_ref(), topic, &event).await {
+            Ok(_) => true,
+            Err(e) => {
+                metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "publish")
+                    .increment(1);
+                tracing::warn!(topic, error = %e, "publishing a webhooks event failed; tried again later");
+                false
+            }
+        }
+    }
+
+    /// Measures queue depth and oldest pending age every `stats_interval_ms`, until `stop`.
+    pub async fn stats(self: Arc<Self>, stop: CancellationToken) {
+        let every = Duration::from_millis(self.config.stats_interval_ms);
+        async {
+            let mut shown: HashSet<String> = HashSet::new();
+            // Pending count when the statistics were last refreshed.
+            let mut analyzed_at: i64 = 0;
+            loop {
+                match self.store.unblock_all(now_ms()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(released = n, "waiting FINISHED messages released by the sweep"),
+                    Err(e) => tracing::warn!(error = %e, "sweeping waiting webhook messages failed"),
+                }
+                match self.store.pending_stats().await {
+                    Ok(rows) => {
+                        let now = now_ms();
+                        let mut per: HashMap<String, (i64, i64)> = HashMap::new();
+                        for r in rows {
+                            let e = per
+                                .entry(self.labels.of(&r.webhook_id))
+                                .or_insert((0, i64::MAX));
+                            e.0 += r.count;
+                            e.1 = e.1.min(r.oldest_created_at_ms);
+                        }
+                        for gone in shown.iter().filter(|l| !per.contains_key(*l)) {
+                            metrics::gauge!(m::WEBHOOK_QUEUE_DEPTH, "subscription" => gone.clone())
+                                .set(0.0);
+                            metrics::gauge!(m::WEBHOOK_OLDEST_PENDING_SECONDS, "subscription" => gone.clone())
+                                .set(0.0);
+                        }
+                        shown = per.keys().cloned().collect();
+                        let total: i64 = per.values().map(|(n, _)| n).sum();
+                        if total >= ANALYZE_MIN && (total > 4 * analyzed_at || 4 * total < analyzed_at) {
+                            match self.store.analyze().await {
+                                Ok(()) => analyzed_at = total,
+                                Err(e) => tracing::warn!(error = %e, "refreshing the log's statistics failed"),
+                            }
+                        }
+                        for (label, (count, oldest)) in per {
+                            let age = (now - oldest).max(0) as f64 / 1000.0;
+                            metrics::gauge!(m::WEBHOOK_QUEUE_DEPTH, "subscription" => label.clone())
+                                .set(count as f64);
+                            metrics::gauge!(m::WEBHOOK_OLDEST_PENDING_SECONDS, "subscription" => label)
+                                .set(age);
+                        }
+                    }
+                    Err(e) => {
+                        metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "stats")
+                            .increment(1);
+                        tracing::warn!(error = %e, "measuring the webhook queue failed");
+                    }
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(every) => {}
+                }
+            }
+        }
+        .instrument(tracing::info_span!("webhooks.stats"))
+        .await
+    }
+}
+
+/// Reads at most [`MAX_ANSWER_BYTES`] of an answer.
+async fn read_bounded(mut r: reqwest::Response) -> usize {
+    let mut n = 0;
+    while let Ok(Some(chunk)) = r.chunk().await {
+        n += chunk.len();
+        if n >= MAX_ANSWER_BYTES {
+            break;
+        }
+    }
+    n
+}

@@ -1,0 +1,254 @@
+//! The `webhooks` role: turns ConversationStarted / ConversationClosed on the interaction topic
+//! into signed STARTED / FINISHED webhook messages, one per matching subscription.
+//!
+//! The handler only writes each message to the delivery log ([`store`]) under a deterministic
+//! id (subscription + event: the Standard Webhooks `webhook-id`), insert-if-absent, and then
+//! the consumer acks: a redelivered or replayed event is a no-op. The [`dispatcher`], a
+//! background loop of the role, sends what is due (the first attempt at once, retries per
+//! `retry_schedule_ms`), so a slow receiver never holds a partition. See `docs-webhooks.md`.
+
+pub mod config;
+pub mod dispatcher;
+pub mod payload;
+pub mod signing;
+pub mod store;
+pub mod target;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::FutureExt;
+
+pub use config::WebhooksConfig;
+use dispatcher::Dispatcher;
+use store::{MessageStore, NewMessage};
+
+use crate::bus::consumer::{HandleError, Handler};
+use crate::bus::{Bus, Message};
+use crate::config::{HttpClientConfig, StoresConfig};
+use crate::events::chat::{Channel, ConversationStarted};
+use crate::events::Event;
+use crate::stores::provisioning::{Provisioning, Webhook, WebhookEvent, WebhookMedia};
+use crate::telemetry::metrics as m;
+
+use super::RoleHandler;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WebhooksError {
+    #[error("[workers.webhooks] {0}")]
+    Config(String),
+    #[error(transparent)]
+    Client(#[from] crate::http_client::ClientError),
+}
+
+/// How long the delivery log waits for a free connection before a call counts as failed.
+const DB_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Tenants whose subscription lists are cached before stale ones are swept.
+const MAX_CACHED_TENANTS: usize = 10_000;
+
+/// The role's handler and its two loops (dispatch, queue gauges).
+pub fn role(
+    config: &WebhooksConfig,
+    http: &HttpClientConfig,
+    stores: &StoresConfig,
+    bus: Arc<dyn Bus>,
+    provisioning: Arc<Provisioning>,
+) -> Result<RoleHandler, WebhooksError> {
+    config.validate().map_err(WebhooksError::Config)?;
+    let mut builder = crate::http_client::builder(http)?
+        // A redirect could lead to an address the target policy refuses; receivers get none.
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(config.timeout())
+        .pool_max_idle_per_host(config.max_in_flight_per_endpoint);
+    if let Some(resolver) = target::resolver(config.allow_private_targets) {
+        builder = builder.dns_resolver(resolver);
+    }
+    let client = builder
+        .build()
+        .map_err(|e| WebhooksError::Config(format!("HTTP client: {e}")))?;
+    // The log has a pool of its own on PostgreSQL: the provisioning pool is sized for short
+    // admin and auth queries, the log writes every attempt.
+    let store = if provisioning.kind() == "postgres" && !stores.postgres_url.is_empty() {
+        let options = || {
+            sqlx::any::AnyPoolOptions::new()
+                .max_connections(config.db_connections)
+                .acquire_timeout(DB_ACQUIRE_TIMEOUT)
+        };
+        let durable = options()
+            .connect_lazy(&stores.postgres_url)
+            .map_err(|e| WebhooksError::Config(format!("delivery log pool: {e}")))?;
+        let relaxed = options()
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::Executor::execute(conn, "SET synchronous_commit = off").await?;
+                    Ok(())
+                })
+            })
+            .connect_lazy(&stores.postgres_url)
+            .map_err(|e| WebhooksError::Config(format!("delivery log pool: {e}")))?;
+        MessageStore::new(durable, provisioning.kind()).relaxed(relaxed)
+    } else {
+        MessageStore::new(provisioning.pool().clone(), provisioning.kind())
+    };
+    let dispatcher = Arc::new(Dispatcher::new(
+        store.clone(),
+        provisioning.clone(),
+        bus,
+        client,
+        config.clone(),
+    ));
+    let handler = Arc::new(Webhooks {
+        provisioning,
+        store,
+        dispatcher: dispatcher.clone(),
+        cache_ttl: Duration::from_millis(config.subscription_cache_ms),
+        cache: Mutex::new(HashMap::new()),
+    });
+    let stats = dispatcher.clone();
+    Ok(RoleHandler {
+        handler,
+        background: vec![
+            Box::new(move |stop| dispatcher.run(stop).boxed()),
+            Box::new(move |stop| stats.stats(stop).boxed()),
+        ],
+    })
+}
+
+/// A tenant's enabled subscriptions and when they were read.
+type Cached = (Instant, Arc<Vec<Webhook>>);
+
+pub struct Webhooks {
+    provisioning: Arc<Provisioning>,
+    store: MessageStore,
+    dispatcher: Arc<Dispatcher>,
+    cache_ttl: Duration,
+    /// Enabled subscriptions per tenant, reused for `cache_ttl`.
+    cache: Mutex<HashMap<String, Cached>>,
+}
+
+/// Media type and interaction subtype of a channel.
+fn media_of(channel: &Channel) -> (WebhookMedia, &'static str) {
+    match channel {
+        Channel::Email => (WebhookMedia::Email, "email"),
+        Channel::Messaging => (WebhookMedia::Chat, "messaging"),
+        Channel::Sms => (WebhookMedia::Chat, "sms"),
+        _ => (WebhookMedia::Chat, "webchat"),
+    }
+}
+
+impl Webhooks {
+    /// The tenant's enabled subscriptions, from the cache while fresh.
+    async fn subscriptions(&self, tenant_id: &str) -> Result<Arc<Vec<Webhook>>, HandleError> {
+        if !self.cache_ttl.is_zero() {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, list)) = cache.get(tenant_id) {
+                if at.elapsed() < self.cache_ttl {
+                    return Ok(list.clone());
+                }
+            }
+        }
+        let list = Arc::new(
+            self.provisioning
+                .enabled_webhooks(tenant_id)
+                .await
+                .map_err(|err| HandleError::Retry(err.to_string()))?,
+        );
+        if !self.cache_ttl.is_zero() {
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            // Bounded by the tenants with traffic; stale entries are dropped when it grows.
+            if cache.len() > MAX_CACHED_TENANTS {
+                let ttl = self.cache_ttl;
+                cache.retain(|_, (at, _)| at.elapsed() < ttl);
+            }
+            cache.insert(tenant_id.to_string(), (Instant::now(), list.clone()));
+        }
+        Ok(list)
+    }
+
+    /// Media and subtype of the interaction: from the start event, or for the close (which
+    /// does not carry the channel) from the STARTED message stored for it.
+    async fn media(
+        &self,
+        event: &Event,
+        kind: WebhookEvent,
+    ) -> Result<(WebhookMedia, String), HandleError> {
+        if kind == WebhookEvent::Started {
+            let started: ConversationStarted =
+                event.body_as().map_err(|e| HandleError::Reject {
+                    reason: "invalid_body",
+                    detail: e.to_string(),
+                })?;
+            let (media, subtype) = media_of(&started.channel);
+            return Ok((media, subtype.to_string()));
+        }
+        let e = &event.envelope;
+        let stored = self
+            .store
+            .started_body(&e.tenant_id, &e.conversation_id)
+            .await
+            .map_err(|err| HandleError::Retry(err.to_string()))?;
+        let parsed = stored
+            .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+            .map(|v| v["data"]["entities"][0]["entity"].clone());
+        let media = match parsed.as_ref().and_then(|v| v["mediaType"].as_str()) {
+            Some("email") => WebhookMedia::Email,
+            _ => WebhookMedia::Chat,
+        };
+        let subtype = parsed
+            .as_ref()
+            .and_then(|v| v["interactionSubtype"].as_str())
+            .unwrap_or("webchat")
+            .to_string();
+        Ok((media, subtype))
+    }
+}
+
+#[async_trait]
+impl Handler for Webhooks {
+    async fn handle(&self, event: &Event, _message: &Message) -> Result<(), HandleError> {
+        let e = &event.envelope;
+        let kind = match e.event_type.as_str() {
+            "ConversationStarted" => WebhookEvent::Started,
+            "ConversationClosed" => WebhookEvent::Finished,
+            _ => return Ok(()),
+        };
+        let subscriptions = self.subscriptions(&e.tenant_id).await?;
+        if subscriptions.is_empty() {
+            return Ok(());
+        }
+        let (media, subtype) = self.media(event, kind).await?;
+        let body = payload::body(&payload::Interaction {
+            event_id: &e.event_id,
+            event: kind,
+            conversation_id: &e.conversation_id,
+            media,
+            subtype: &subtype,
+        });
+        let now = chrono::Utc::now().timestamp_millis();
+        let messages: Vec<NewMessage> = subscriptions
+            .iter()
+            .filter(|w| w.wants(kind, media))
+            .map(|w| NewMessage {
+                id: payload::message_id(&w.id, &e.event_id),
+                tenant_id: e.tenant_id.clone(),
+                webhook_id: w.id.clone(),
+                event_id: e.event_id.to_string(),
+                conversation_id: e.conversation_id.clone(),
+                event: kind,
+                body: body.clone(),
+            })
+            .collect();
+        let queued = self
+            .store
+            .insert_all(&messages, now)
+            .await
+            .map_err(|err| HandleError::Retry(err.to_string()))?;
+        if queued > 0 {
+            metrics::counter!(m::WEBHOOK_MESSAGES_QUEUED_TOTAL).increment(queued);
+            self.dispatcher.wake();
+        }
+        Ok(())
+    }
+}

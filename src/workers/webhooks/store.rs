@@ -1,0 +1,720 @@
+//! The delivery log: webhook messages (one per subscription and event, deterministic id) and
+//! their attempts, in the provisioning database. Due messages are claimed with a lease
+//! (PostgreSQL `FOR UPDATE SKIP LOCKED`), so several worker pods never send one message at once.
+
+use serde::Serialize;
+use sqlx::any::AnyRow;
+use sqlx::{AnyPool, Row};
+
+use crate::stores::provisioning::{encode_cursor, Page, PageRequest, WebhookEvent};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("webhook delivery log unavailable: {0}")]
+    Unavailable(#[from] sqlx::Error),
+    #[error("`status` must be one of pending, delivered, failed, dead")]
+    BadStatus,
+}
+
+/// How long an exhausted message is left to its sender's dead-letter publish before another
+/// claim may take it over.
+pub const EXHAUSTED_RECLAIM_MS: i64 = 5000;
+
+/// Where a message is in its life.
+pub mod status {
+    pub const PENDING: &str = "pending";
+    pub const DELIVERED: &str = "delivered";
+    /// The receiver answered `webhook-delivery: abort-message`.
+    pub const FAILED: &str = "failed";
+    /// Every attempt of the schedule failed.
+    pub const DEAD: &str = "dead";
+
+    pub fn parse(s: &str) -> Option<&'static str> {
+        [PENDING, DELIVERED, FAILED, DEAD]
+            .into_iter()
+            .find(|known| *known == s)
+    }
+}
+
+/// A message to queue.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub id: String,
+    pub tenant_id: String,
+    pub webhook_id: String,
+    pub event_id: String,
+    pub conversation_id: String,
+    pub event: WebhookEvent,
+    pub body: String,
+}
+
+/// A waiting message (NULL due time) whose earlier messages in its conversation are done.
+const WAITING_AND_FREE: &str = "status = 'pending' AND next_attempt_at_ms IS NULL AND NOT EXISTS (SELECT 1 FROM webhook_messages p WHERE p.webhook_id = webhook_messages.webhook_id AND p.conversation_id = webhook_messages.conversation_id AND p.seq < webhook_messages.seq AND p.status = 'pending')";
+
+/// When a new message is first due: STARTED at once; FINISHED waits (NULL) until its
+/// STARTED is no longer pending (order per subscription and conversation), see
+/// [`MessageStore::unblock`].
+fn first_due(event: WebhookEvent, now_ms: i64) -> Option<i64> {
+    (event == WebhookEvent::Started).then_some(now_ms)
+}
+
+fn seq(event: WebhookEvent) -> i64 {
+    match event {
+        WebhookEvent::Started => 0,
+        WebhookEvent::Finished => 1,
+    }
+}
+
+/// A message claimed for one attempt.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: String,
+    pub tenant_id: String,
+    pub webhook_id: String,
+    pub event_id: String,
+    pub conversation_id: String,
+    pub event: String,
+    pub body: String,
+    pub attempts: i64,
+    pub round_attempts: i64,
+    pub last_status_code: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+/// What an attempt leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    Delivered,
+    /// Try again at this time.
+    Retry(i64),
+    /// The receiver asked to stop.
+    Aborted,
+    /// The schedule is spent: dead-letter next.
+    Exhausted,
+}
+
+/// One attempt, as logged.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    pub started_at_ms: i64,
+    pub outcome: &'static str,
+    pub status_code: Option<i64>,
+    pub latency_ms: i64,
+    pub error: Option<String>,
+}
+
+/// A message as the admin API answers it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MessageView {
+    pub id: String,
+    pub webhook_id: String,
+    pub event_id: String,
+    pub conversation_id: String,
+    pub event: String,
+    pub status: String,
+    pub attempts: i64,
+    pub next_attempt_at_ms: Option<i64>,
+    pub last_status_code: Option<i64>,
+    pub last_error: Option<String>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptView {
+    pub attempt: i64,
+    pub started_at_ms: i64,
+    pub outcome: String,
+    pub status_code: Option<i64>,
+    pub latency_ms: i64,
+    pub error: Option<String>,
+    pub next_attempt_at_ms: Option<i64>,
+}
+
+/// One message with its body and every attempt.
+#[derive(Debug, Clone, Serialize)]
+pub struct MessageDetail {
+    #[serde(flatten)]
+    pub message: MessageView,
+    pub body: String,
+    pub attempts_log: Vec<AttemptView>,
+}
+
+/// Pending work of one subscription, for the gauges.
+#[derive(Debug, Clone)]
+pub struct PendingStats {
+    pub webhook_id: String,
+    pub count: i64,
+    pub oldest_created_at_ms: i64,
+}
+
+const VIEW: &str = "SELECT id, webhook_id, event_id, conversation_id, event, status, attempts, next_attempt_at_ms, last_status_code, last_error, created_at_ms, updated_at_ms, body FROM webhook_messages";
+
+fn view(row: &AnyRow) -> Result<MessageView, sqlx::Error> {
+    Ok(MessageView {
+        id: row.try_get("id")?,
+        webhook_id: row.try_get("webhook_id")?,
+        event_id: row.try_get("event_id")?,
+        conversation_id: row.try_get("conversation_id")?,
+        event: row.try_get("event")?,
+        status: row.try_get("status")?,
+        attempts: row.try_get("attempts")?,
+        next_attempt_at_ms: row.try_get("next_attempt_at_ms")?,
+        last_status_code: row.try_get("last_status_code")?,
+        last_error: row.try_get("last_error")?,
+        created_at_ms: row.try_get("created_at_ms")?,
+        updated_at_ms: row.try_get("updated_at_ms")?,
+    })
+}
+
+fn claimed(row: &AnyRow) -> Result<Claimed, sqlx::Error> {
+    Ok(Claimed {
+        id: row.try_get("id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        webhook_id: row.try_get("webhook_id")?,
+        event_id: row.try_get("event_id")?,
+        conversation_id: row.try_get("conversation_id")?,
+        event: row.try_get("event")?,
+        body: row.try_get("body")?,
+        attempts: row.try_get("attempts")?,
+        round_attempts: row.try_get("round_attempts")?,
+        last_status_code: row.try_get("last_status_code")?,
+        last_error: row.try_get("last_error")?,
+    })
+}
+
+/// The delivery log over the provisioning database.
+#[derive(Debug, Clone)]
+pub struct MessageStore {
+    /// Writes that gate an ack (message inserts) and the admin API's.
+    pool: AnyPool,
+    /// Claims and attempt outcomes: may use asynchronous commit (see [`MessageStore::relaxed`]).
+    relaxed: AnyPool,
+    postgres: bool,
+}
+
+impl MessageStore {
+    /// `kind` is the provisioning store's (`postgres` or `sqlite`).
+    pub fn new(pool: AnyPool, kind: &str) -> Self {
+        Self {
+            relaxed: pool.clone(),
+            pool,
+            postgres: kind == "postgres",
+        }
+    }
+
+    /// Claims, leases and attempt outcomes go through `pool`, which may commit
+    /// asynchronously (PostgreSQL `synchronous_commit = off`): a database crash can then lose
+    /// the last moments of outcomes, which only makes those messages go again under the same
+    /// webhook-id. Message inserts stay on the durable pool: they gate the event's ack.
+    pub fn relaxed(mut self, pool: AnyPool) -> Self {
+        self.relaxed = pool;
+        self
+    }
+
+    /// Queues a message unless one with its id exists (a redelivered or replayed event);
+    /// whether it was new.
+    pub async fn insert(&self, m: &NewMessage, now_ms: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO webhook_messages (id, tenant_id, webhook_id, event_id, conversation_id, event, seq, body, status, attempts, round_attempts, next_attempt_at_ms, created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', 0, 0, $9, $10, $11) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(m.id.clone())
+        .bind(m.tenant_id.clone())
+        .bind(m.webhook_id.clone())
+        .bind(m.event_id.clone())
+        .bind(m.conversation_id.clone())
+        .bind(m.event.as_str())
+        .bind(seq(m.event))
+        .bind(m.body.clone())
+        .bind(first_due(m.event, now_ms))
+        .bind(now_ms)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        if m.event != WebhookEvent::Started {
+            self.unblock(&self.pool, &m.tenant_id, &m.conversation_id, now_ms)
+                .await?;
+        }
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Queues every message unless it exists, in one statement; how many were new.
+    pub async fn insert_all(&self, ms: &[NewMessage], now_ms: i64) -> Result<u64, StoreError> {
+        if ms.is_empty() {
+            return Ok(0);
+        }
+        if ms.len() == 1 {
+            return Ok(u64::from(self.insert(&ms[0], now_ms).await?));
+        }
+        let mut values = Vec::with_capacity(ms.len());
+        for i in 0..ms.len() {
+            let b = i * 9;
+            values.push(format!(
+                "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, 'pending', 0, 0, ${}, ${}, ${})",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6,
+                b + 7,
+                b + 8,
+                b + 9,
+                ms.len() * 9 + 1,
+                ms.len() * 9 + 2,
+            ));
+        }
+        let sql = format!(
+            "INSERT INTO webhook_messages (id, tenant_id, webhook_id, event_id, conversation_id, event, seq, body, status, attempts, round_attempts, next_attempt_at_ms, created_at_ms, updated_at_ms) VALUES {} ON CONFLICT (id) DO NOTHING",
+            values.join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for m in ms {
+            q = q
+                .bind(m.id.clone())
+                .bind(m.tenant_id.clone())
+                .bind(m.webhook_id.clone())
+                .bind(m.event_id.clone())
+                .bind(m.conversation_id.clone())
+                .bind(m.event.as_str())
+                .bind(seq(m.event))
+                .bind(m.body.clone())
+                .bind(first_due(m.event, now_ms));
+        }
+        let done = q.bind(now_ms).bind(now_ms).execute(&self.pool).await?;
+        // Messages of one event share their conversation.
+        if let Some(m) = ms.iter().find(|m| m.event != WebhookEvent::Started) {
+            self.unblock(&self.pool, &m.tenant_id, &m.conversation_id, now_ms)
+                .await?;
+        }
+        Ok(done.rows_affected())
+    }
+
+    /// Makes due the waiting (FINISHED) messages of a conversation whose earlier message is no
+    /// longer pending. Run after a FINISHED is inserted and after a STARTED leaves `pending`
+    /// (each as its own statement after the other's commit, so one of the two sees the other);
+    /// [`MessageStore::unblock_all`] sweeps up after crashes.
+    async fn unblock(
+        &self,
+        pool: &AnyPool,
+        tenant_id: &str,
+        conversation_id: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(&format!(
+            "UPDATE webhook_messages SET next_attempt_at_ms = $3 WHERE tenant_id = $1 AND conversation_id = $2 AND {WAITING_AND_FREE}"
+        ))
+        .bind(tenant_id.to_string())
+        .bind(conversation_id.to_string())
+        .bind(now_ms)
+        .execute(pool)
+        .await?;
+        Ok(())
+    }
+
+    /// [`MessageStore::unblock`] for every conversation: a sweep after crashes between a
+    /// STARTED's outcome and its release; how many it made due.
+    pub async fn unblock_all(&self, now_ms: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query(&format!(
+            "UPDATE webhook_messages SET next_attempt_at_ms = $1 WHERE {WAITING_AND_FREE}"
+        ))
+        .bind(now_ms)
+        .execute(&self.relaxed)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// The stored body of the STARTED message of a conversation, if any (FINISHED reuses its
+    /// media type and subtype: the close event does not carry the channel).
+    pub async fn started_body(
+        &self,
+        tenant_id: &str,
+        conversation_id: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query(
+            "SELECT body FROM webhook_messages WHERE tenant_id = $1 AND conversation_id = $2 AND seq = 0 LIMIT 1",
+        )
+        .bind(tenant_id.to_string())
+        .bind(conversation_id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            Some(row) => Some(row.try_get("body")?),
+            None => None,
+        })
+    }
+
+    /// Claims up to `limit` due messages until `lease_until_ms`, skipping subscriptions in
+    /// `exclude` (at their concurrency limit) and disabled subscriptions. A FINISHED whose
+    /// STARTED is pending is not due (see [`MessageStore::unblock`]), so the query stays an
+    /// index range scan in due order however long the backlog.
+    pub async fn claim(
+        &self,
+        now_ms: i64,
+        lease_until_ms: i64,
+        limit: usize,
+        exclude: &[String],
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let mut excluded = String::new();
+        if !exclude.is_empty() {
+            let marks: Vec<String> = (0..exclude.len()).map(|i| format!("${}", i + 5)).collect();
+            excluded = format!("AND m.webhook_id NOT IN ({})", marks.join(", "));
+        }
+        let lock = if self.postgres {
+            "FOR UPDATE OF m SKIP LOCKED"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "UPDATE webhook_messages SET lease_until_ms = $1 WHERE id IN (\
+               SELECT m.id FROM webhook_messages m \
+               WHERE m.status = 'pending' AND m.next_attempt_at_ms <= $2 \
+                 AND (m.lease_until_ms IS NULL OR m.lease_until_ms < $3) {excluded} \
+                 AND EXISTS (SELECT 1 FROM webhooks w WHERE w.id = m.webhook_id AND w.enabled = 1) \
+               ORDER BY m.next_attempt_at_ms LIMIT $4 {lock})  \
+             RETURNING id, tenant_id, webhook_id, event_id, conversation_id, event, body, attempts, round_attempts, last_status_code, last_error"
+        );
+        let mut q = sqlx::query(&sql)
+            .bind(lease_until_ms)
+            .bind(now_ms)
+            .bind(now_ms)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        for id in exclude {
+            q = q.bind(id.clone());
+        }
+        let rows = q.fetch_all(&self.relaxed).await?;
+        Ok(rows.iter().map(claimed).collect::<Result<_, _>>()?)
+    }
+
+    /// Gives claimed messages back without an attempt, in one statement.
+    pub async fn release(&self, ids: &[String]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let marks: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "UPDATE webhook_messages SET lease_until_ms = NULL WHERE id IN ({})",
+            marks.join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for id in ids {
+            q = q.bind(id.clone());
+        }
+        q.execute(&self.relaxed).await?;
+        Ok(())
+    }
+
+    /// Extends a claim from `old` to `new`; false when the claim was lost (the lease lapsed
+    /// and another sender took the message, or it is no longer pending).
+    pub async fn renew(&self, id: &str, old: i64, new: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE webhook_messages SET lease_until_ms = $3 WHERE id = $1 AND lease_until_ms = $2 AND status = 'pending'",
+        )
+        .bind(id.to_string())
+        .bind(old)
+        .bind(new)
+        .execute(&self.relaxed)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Gives a claimed message back, due again at `at_ms` (a dead-letter publish that failed).
+    pub async fn postpone(&self, id: &str, at_ms: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE webhook_messages SET lease_until_ms = NULL, next_attempt_at_ms = $2 WHERE id = $1",
+        )
+        .bind(id.to_string())
+        .bind(at_ms)
+        .execute(&self.relaxed)
+        .await?;
+        Ok(())
+    }
+
+    /// Logs an attempt of a claimed message and moves the message on, in one transaction.
+    pub async fn record(
+        &self,
+        m: &Claimed,
+        a: &AttemptRecord,
+        after: After,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let attempt = m.attempts + 1;
+        let (status, next) = match after {
+            After::Delivered => (status::DELIVERED, None),
+            After::Aborted => (status::FAILED, None),
+            After::Retry(at) => (status::PENDING, Some(at)),
+            // Still pending: the sender dead-letters it now; should that not complete (crash,
+            // bus down), a claim after this delay does it again.
+            After::Exhausted => (status::PENDING, Some(now_ms + EXHAUSTED_RECLAIM_MS)),
+        };
+        let attempt_id = uuid::Uuid::now_v7().to_string();
+        let attempt_next = next.filter(|_| after != After::Exhausted);
+        if self.postgres {
+            // One round trip: the attempt row and the message move together.
+            sqlx::query(
+                "WITH logged AS (INSERT INTO webhook_attempts (id, message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (message_id, attempt) DO NOTHING) \
+                 UPDATE webhook_messages SET status = $10, attempts = $3, round_attempts = $11, next_attempt_at_ms = $12, lease_until_ms = NULL, last_status_code = $6, last_error = $8, updated_at_ms = $13 WHERE id = $2",
+            )
+            .bind(attempt_id)
+            .bind(m.id.clone())
+            .bind(attempt)
+            .bind(a.started_at_ms)
+            .bind(a.outcome)
+            .bind(a.status_code)
+            .bind(a.latency_ms)
+            .bind(a.error.clone())
+            .bind(attempt_next)
+            .bind(status)
+            .bind(m.round_attempts + 1)
+            .bind(next)
+            .bind(now_ms)
+            .execute(&self.relaxed)
+            .await?;
+            return self.released(m, status, now_ms).await;
+        }
+        let mut tx = self.relaxed.begin().await?;
+        sqlx::query(
+            "INSERT INTO webhook_attempts (id, message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (message_id, attempt) DO NOTHING",
+        )
+        .bind(attempt_id)
+        .bind(m.id.clone())
+        .bind(attempt)
+        .bind(a.started_at_ms)
+        .bind(a.outcome)
+        .bind(a.status_code)
+        .bind(a.latency_ms)
+        .bind(a.error.clone())
+        .bind(attempt_next)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE webhook_messages SET status = $2, attempts = $3, round_attempts = $4, next_attempt_at_ms = $5, lease_until_ms = NULL, last_status_code = $6, last_error = $7, updated_at_ms = $8 WHERE id = $1",
+        )
+        .bind(m.id.clone())
+        .bind(status)
+        .bind(attempt)
+        .bind(m.round_attempts + 1)
+        .bind(next)
+        .bind(a.status_code)
+        .bind(a.error.clone())
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.released(m, status, now_ms).await
+    }
+
+    /// After a STARTED left `pending`: its conversation's FINISHED may go.
+    async fn released(&self, m: &Claimed, status: &str, now_ms: i64) -> Result<(), StoreError> {
+        if status != status::PENDING && m.event == WebhookEvent::Started.as_str() {
+            self.unblock(&self.relaxed, &m.tenant_id, &m.conversation_id, now_ms)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Marks an exhausted message dead (after its dead-letter record was published).
+    pub async fn mark_dead(&self, m: &Claimed, now_ms: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE webhook_messages SET status = 'dead', next_attempt_at_ms = NULL, lease_until_ms = NULL, updated_at_ms = $2 WHERE id = $1 AND status = 'pending'",
+        )
+        .bind(m.id.clone())
+        .bind(now_ms)
+        .execute(&self.relaxed)
+        .await?;
+        self.released(m, status::DEAD, now_ms).await
+    }
+
+    /// Messages of a subscription, by id, optionally of one status.
+    pub async fn list(
+        &self,
+        tenant_id: &str,
+        webhook_id: &str,
+        status_filter: Option<&str>,
+        page: &PageRequest,
+    ) -> Result<Page<MessageView>, StoreError> {
+        let status_filter = match status_filter {
+            None | Some("") => None,
+            Some(s) => Some(status::parse(s).ok_or(StoreError::BadStatus)?),
+        };
+        let fetch = i64::from(page.limit) + 1;
+        let after = page.after.clone().unwrap_or_default();
+        let rows = match status_filter {
+            Some(s) => {
+                sqlx::query(&format!(
+                    "{VIEW} WHERE tenant_id = $1 AND webhook_id = $2 AND id > $3 AND status = $4 ORDER BY id LIMIT $5"
+                ))
+                .bind(tenant_id.to_string())
+                .bind(webhook_id.to_string())
+                .bind(after)
+                .bind(s)
+                .bind(fetch)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query(&format!(
+                    "{VIEW} WHERE tenant_id = $1 AND webhook_id = $2 AND id > $3 ORDER BY id LIMIT $4"
+                ))
+                .bind(tenant_id.to_string())
+                .bind(webhook_id.to_string())
+                .bind(after)
+                .bind(fetch)
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        let mut items = rows.iter().map(view).collect::<Result<Vec<_>, _>>()?;
+        let next = if items.len() > page.limit as usize {
+            items.truncate(page.limit as usize);
+            items.last().map(|m| encode_cursor(&m.id))
+        } else {
+            None
+        };
+        Ok(Page { items, next })
+    }
+
+    /// One message of a subscription with its attempts.
+    pub async fn get(
+        &self,
+        tenant_id: &str,
+        webhook_id: &str,
+        id: &str,
+    ) -> Result<Option<MessageDetail>, StoreError> {
+        let row = sqlx::query(&format!(
+            "{VIEW} WHERE tenant_id = $1 AND webhook_id = $2 AND id = $3"
+        ))
+        .bind(tenant_id.to_string())
+        .bind(webhook_id.to_string())
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let message = view(&row)?;
+        let body: String = row.try_get("body")?;
+        let rows = sqlx::query(
+            "SELECT attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms FROM webhook_attempts WHERE message_id = $1 ORDER BY attempt",
+        )
+        .bind(id.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        let attempts_log = rows
+            .iter()
+            .map(|r| {
+                Ok(AttemptView {
+                    attempt: r.try_get("attempt")?,
+                    started_at_ms: r.try_get("started_at_ms")?,
+                    outcome: r.try_get("outcome")?,
+                    status_code: r.try_get("status_code")?,
+                    latency_ms: r.try_get("latency_ms")?,
+                    error: r.try_get("error")?,
+                    next_attempt_at_ms: r.try_get("next_attempt_at_ms")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok(Some(MessageDetail {
+            message,
+            body,
+            attempts_log,
+        }))
+    }
+
+    /// Queues one message again for a fresh round of the schedule (same webhook-id); whether
+    /// it exists.
+    pub async fn resend(
+        &self,
+        tenant_id: &str,
+        webhook_id: &str,
+        id: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE webhook_messages SET status = 'pending', round_attempts = 0, next_attempt_at_ms = $4, updated_at_ms = $5 WHERE tenant_id = $1 AND webhook_id = $2 AND id = $3",
+        )
+        .bind(tenant_id.to_string())
+        .bind(webhook_id.to_string())
+        .bind(id.to_string())
+        .bind(now_ms)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Queues again every failed or dead message of a subscription created at or after
+    /// `since_ms`; how many.
+    pub async fn replay_since(
+        &self,
+        tenant_id: &str,
+        webhook_id: &str,
+        since_ms: i64,
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE webhook_messages SET status = 'pending', round_attempts = 0, next_attempt_at_ms = $4, updated_at_ms = $5 WHERE tenant_id = $1 AND webhook_id = $2 AND created_at_ms >= $3 AND status IN ('failed', 'dead')",
+        )
+        .bind(tenant_id.to_string())
+        .bind(webhook_id.to_string())
+        .bind(since_ms)
+        .bind(now_ms)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Queues again a message a dead-letter record describes: only while the message is still
+    /// dead after exactly `attempts` attempts (so a record applies once), or re-created from
+    /// the record when the log lost it. Whether anything was queued.
+    pub async fn requeue_dead(
+        &self,
+        m: &NewMessage,
+        attempts: i64,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE webhook_messages SET status = 'pending', round_attempts = 0, next_attempt_at_ms = $3, updated_at_ms = $4 WHERE id = $1 AND status = 'dead' AND attempts = $2",
+        )
+        .bind(m.id.clone())
+        .bind(attempts)
+        .bind(now_ms)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() > 0 {
+            return Ok(true);
+        }
+        self.insert(m, now_ms).await
+    }
+
+    /// Refreshes the planner's statistics of the log (PostgreSQL): the claim reads pending
+    /// messages in due order through an index only while the planner knows how many there
+    /// are, and autovacuum reacts to a burst only after a minute or more. SQLite: nothing.
+    pub async fn analyze(&self) -> Result<(), StoreError> {
+        if self.postgres {
+            sqlx::query("ANALYZE webhook_messages")
+                .execute(&self.relaxed)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Pending messages per subscription, for the queue gauges.
+    pub async fn pending_stats(&self) -> Result<Vec<PendingStats>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT webhook_id, COUNT(*) AS n, MIN(created_at_ms) AS oldest FROM webhook_messages WHERE status = 'pending' GROUP BY webhook_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(PendingStats {
+                    webhook_id: r.try_get("webhook_id")?,
+                    count: r.try_get("n")?,
+                    oldest_created_at_ms: r.try_get("oldest")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+}

@@ -1,0 +1,161 @@
+//! Which outbound targets a webhook may have: no private, loopback, link-local or otherwise
+//! internal address unless `allow_private_targets`. Checked when a subscription is written and
+//! again at send time, where a DNS resolver drops such answers (DNS rebinding).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("`{0}` is not an http(s) URL with a host")]
+    BadUrl(String),
+    #[error("the target {0} is in a private, loopback or link-local range")]
+    Private(String),
+}
+
+/// Whether `ip` must not be a webhook target.
+pub fn is_internal(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => internal_v4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => internal_v4(v4),
+            None => internal_v6(v6),
+        },
+    }
+}
+
+fn internal_v4(ip: Ipv4Addr) -> bool {
+    let o = ip.octets();
+    ip.is_private()
+        || ip.is_loopback()
+        || ip.is_link_local()
+        || ip.is_unspecified()
+        || ip.is_broadcast()
+        || ip.is_multicast()
+        // 100.64.0.0/10 carrier-grade NAT, 0.0.0.0/8 "this network", 192.0.0.0/24 protocol
+        // assignments, 198.18.0.0/15 benchmarking: none is a public receiver.
+        || (o[0] == 100 && (o[1] & 0xc0) == 64)
+        || o[0] == 0
+        || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+        || (o[0] == 198 && (o[1] & 0xfe) == 18)
+}
+
+fn internal_v6(ip: Ipv6Addr) -> bool {
+    let s = ip.segments();
+    ip.is_loopback()
+        || ip.is_unspecified()
+        || ip.is_multicast()
+        // fc00::/7 unique local, fe80::/10 link-local.
+        || (s[0] & 0xfe00) == 0xfc00
+        || (s[0] & 0xffc0) == 0xfe80
+}
+
+/// Checks a URL: an IP-literal host directly, a name through DNS (a name that does not
+/// resolve yet is accepted; send time checks again).
+pub async fn check_url(url: &str, allow_private: bool) -> Result<(), TargetError> {
+    let parsed = reqwest::Url::parse(url).map_err(|_| TargetError::BadUrl(url.to_string()))?;
+    if allow_private {
+        return Ok(());
+    }
+    if let Some(ip) = literal_ip(&parsed) {
+        return if is_internal(ip) {
+            Err(TargetError::Private(ip.to_string()))
+        } else {
+            Ok(())
+        };
+    }
+    let host = parsed
+        .host_str()
+        .ok_or_else(|| TargetError::BadUrl(url.to_string()))?;
+    let port = parsed.port_or_known_default().unwrap_or(443);
+    if let Ok(addrs) = tokio::net::lookup_host((host, port)).await {
+        for a in addrs {
+            if is_internal(a.ip()) {
+                return Err(TargetError::Private(format!("{host} ({})", a.ip())));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The host of `url` when it is an IP literal (the resolver is not asked for those).
+pub fn literal_ip(url: &reqwest::Url) -> Option<IpAddr> {
+    let host = url.host_str()?;
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+        .ok()
+}
+
+/// A resolver that answers only public addresses.
+#[derive(Debug, Clone, Default)]
+pub struct PublicOnly;
+
+impl Resolve for PublicOnly {
+    fn resolve(&self, name: Name) -> Resolving {
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|a| !is_internal(a.ip()))
+                .collect();
+            if found.is_empty() {
+                return Err(Box::new(TargetError::Private(host))
+                    as Box<dyn std::error::Error + Send + Sync>);
+            }
+            let addrs: Addrs = Box::new(found.into_iter());
+            Ok(addrs)
+        })
+    }
+}
+
+/// The resolver the worker's client uses, or `None` (system resolver) when private targets
+/// are allowed.
+pub fn resolver(allow_private: bool) -> Option<Arc<PublicOnly>> {
+    (!allow_private).then(|| Arc::new(PublicOnly))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_ranges_are_recognised() {
+        for ip in [
+            "10.1.2.3",
+            "127.0.0.1",
+            "169.254.169.254",
+            "192.168.1.1",
+            "172.16.0.1",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(is_internal(ip.parse().expect("ip")), "{ip}");
+        }
+        for ip in ["93.184.216.34", "8.8.8.8", "2606:4700::1111"] {
+            assert!(!is_internal(ip.parse().expect("ip")), "{ip}");
+        }
+    }
+
+    #[tokio::test]
+    async fn urls_with_internal_literals_or_names_are_refused() {
+        assert!(check_url("http://127.0.0.1:9/x", false).await.is_err());
+        assert!(check_url("http://[::1]/x", false).await.is_err());
+        assert!(check_url("http://localhost/x", false).await.is_err());
+        assert!(check_url("http://127.0.0.1:9/x", true).await.is_ok());
+        assert!(check_url("https://93.184.216.34/x", false).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_send_time_resolver_drops_internal_answers() {
+        let name: Name = "localhost".parse().expect("name");
+        assert!(PublicOnly.resolve(name).await.is_err());
+        assert!(resolver(true).is_none() && resolver(false).is_some());
+    }
+}

@@ -1,0 +1,1042 @@
+//! The webhooks worker end to end with real processes (`nexus edge`, `nexus worker
+//! conversation`, `nexus worker webhooks`) on NATS JetStream + PostgreSQL + Redis, and real
+//! receivers: axum servers on loopback that record every request and fail on command (5xx,
+//! hang, abort header). Standard Webhooks signatures are verified with the reference Python
+//! package `standardwebhooks` (`pip install standardwebhooks`), genesys ones by recomputing.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use common::chat::*;
+use common::process::metric_sum;
+use hmac::{Hmac, Mac};
+use nexus::bus::Bus;
+use nexus::events::chat::{Channel, CloseReason, ConversationClosed, ConversationStarted};
+use nexus::events::publish::publish;
+use nexus::events::Event;
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(20);
+const INTERACTION: &str = "nexus.interaction.v1";
+
+// ---- receivers ---------------------------------------------------------------------------
+
+/// How a receiver path answers.
+#[derive(Clone, Debug)]
+enum Mode {
+    Ok,
+    /// Answer this status `n` times, then 200.
+    FailTimes(u16, u32),
+    /// Always this status.
+    Always(u16),
+    /// 500 with `webhook-delivery: abort-message`.
+    Abort,
+    /// Never answer.
+    Hang,
+    /// 200 after this many milliseconds.
+    Slow(u64),
+}
+
+#[derive(Clone, Debug)]
+struct Received {
+    path: String,
+    headers: BTreeMap<String, String>,
+    body: String,
+    at: Instant,
+}
+
+impl Received {
+    fn id(&self) -> &str {
+        self.headers
+            .get("webhook-id")
+            .map(String::as_str)
+            .unwrap_or("")
+    }
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).expect("json body")
+    }
+    fn event(&self) -> String {
+        self.json()["data"]["entities"][0]["event"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+    fn conversation(&self) -> String {
+        self.json()["data"]["entities"][0]["entity"]["id"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+}
+
+#[derive(Default)]
+struct ReceiverState {
+    modes: HashMap<String, Mode>,
+    /// Every request, at its arrival.
+    got: Vec<Received>,
+    /// webhook-ids of requests answered 2xx (a request cut off by a dying sender is not).
+    answered: Vec<String>,
+}
+
+#[derive(Clone)]
+struct Receiver {
+    base: String,
+    state: Arc<Mutex<ReceiverState>>,
+}
+
+impl Receiver {
+    async fn start() -> Receiver {
+        let state: Arc<Mutex<ReceiverState>> = Arc::default();
+        let app = Router::new()
+            .route("/r/{name}", post(receive))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Receiver {
+            base: format!("http://{addr}"),
+            state,
+        }
+    }
+
+    fn url(&self, name: &str) -> String {
+        format!("{}/r/{name}", self.base)
+    }
+
+    fn set(&self, name: &str, mode: Mode) {
+        self.state
+            .lock()
+            .unwrap()
+            .modes
+            .insert(format!("/r/{name}"), mode);
+    }
+
+    fn got(&self, name: &str) -> Vec<Received> {
+        let path = format!("/r/{name}");
+        self.state
+            .lock()
+            .unwrap()
+            .got
+            .iter()
+            .filter(|r| r.path == path)
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until `name` has received at least `n` requests; returns them.
+    async fn wait_for(&self, name: &str, n: usize) -> Vec<Received> {
+        let this = self.clone();
+        let name = name.to_string();
+        eventually(WAIT, &format!("{n} requests at {name}"), move || {
+            let got = this.got(&name);
+            async move { (got.len() >= n).then_some(got) }
+        })
+        .await
+    }
+}
+
+async fn receive(
+    State(state): State<Arc<Mutex<ReceiverState>>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let path = format!("/r/{name}");
+    let mode = {
+        let mut s = state.lock().unwrap();
+        s.got.push(Received {
+            path: path.clone(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                .collect(),
+            body,
+            at: Instant::now(),
+        });
+        let mode = s.modes.get(&path).cloned().unwrap_or(Mode::Ok);
+        if let Mode::FailTimes(code, n) = mode {
+            let next = if n <= 1 {
+                Mode::Ok
+            } else {
+                Mode::FailTimes(code, n - 1)
+            };
+            s.modes.insert(path, next);
+        }
+        mode
+    };
+    match mode {
+        Mode::Ok => StatusCode::NO_CONTENT.into_response(),
+        Mode::FailTimes(code, _) | Mode::Always(code) => {
+            StatusCode::from_u16(code).expect("status").into_response()
+        }
+        Mode::Abort => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [("webhook-delivery", "abort-message")],
+        )
+            .into_response(),
+        Mode::Slow(ms) => {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            let id = headers
+                .get("webhook-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            state.lock().unwrap().answered.push(id);
+            StatusCode::OK.into_response()
+        }
+        Mode::Hang => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            StatusCode::OK.into_response()
+        }
+    }
+}
+
+// ---- signatures ------------------------------------------------------------------------
+
+/// Verifies each (secret, request) with the Python `standardwebhooks` package.
+fn verify_standard(cases: &[(&str, &Received)]) -> Vec<String> {
+    let input: Vec<Value> = cases
+        .iter()
+        .map(|(secret, r)| json!({"secret": secret, "headers": r.headers, "body": r.body}))
+        .collect();
+    let mut child = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/interop/verify_webhooks.py"
+        ))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 must be installed for the webhook signature test");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(Value::from(input).to_string().as_bytes())
+            .expect("write");
+    }
+    let out = child.wait_with_output().expect("python");
+    assert!(
+        out.status.success(),
+        "verify_webhooks.py failed (is standardwebhooks installed? `pip install standardwebhooks`):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("verifier output")
+}
+
+fn genesys_signature(secret: &str, body: &str) -> String {
+    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes()).expect("key");
+    mac.update(body.as_bytes());
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha1={hex}")
+}
+
+// ---- the system ------------------------------------------------------------------------
+
+struct System {
+    webhooks: Option<Node>,
+    _conversation: Node,
+    edge: Node,
+    env: Vec<(&'static str, String)>,
+    bus: Arc<dyn Bus>,
+    admin: Admin,
+    _nats: OwnNats,
+    _db: TestDb,
+}
+
+impl System {
+    async fn start(dir: &std::path::Path, extra: &[(&'static str, &str)]) -> System {
+        let nats = OwnNats::start(dir).await;
+        let db = TestDb::create().await;
+        let mut env = base_env(dir);
+        env.push(("NEXUS_BUS__URL", nats.url.clone()));
+        env.push(("NEXUS_STORES__POSTGRES_URL", db.url.clone()));
+        env.push(("NEXUS_STORES__PROVISIONING_KEY", "42".repeat(32)));
+        env.push((
+            "NEXUS_STORES__REDIS_URL",
+            std::env::var("NEXUS_TEST_REDIS_URL")
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+        ));
+        // Subscriptions created mid-test apply at once.
+        env.push(("NEXUS_WORKERS__WEBHOOKS__SUBSCRIPTION_CACHE_MS", "0".into()));
+        // Test-sized group timeouts: a killed member's records come back in seconds.
+        env.push(("NEXUS_BUS__NATS__ACK_WAIT_MS", "1500".into()));
+        env.push(("NEXUS_BUS__NATS__LEASE_TTL_MS", "2500".into()));
+        env.push((
+            "NEXUS_WORKERS__WEBHOOKS__ALLOW_PRIVATE_TARGETS",
+            "true".into(),
+        ));
+        env.push((
+            "NEXUS_WORKERS__WEBHOOKS__RETRY_SCHEDULE_MS",
+            "[0, 300, 600]".into(),
+        ));
+        env.push(("NEXUS_WORKERS__WEBHOOKS__TIMEOUT_MS", "1000".into()));
+        env.push(("NEXUS_WORKERS__WEBHOOKS__POLL_INTERVAL_MS", "100".into()));
+        env.push(("NEXUS_WORKERS__WEBHOOKS__STATS_INTERVAL_MS", "200".into()));
+        env.push((
+            "NEXUS_WORKERS__WEBHOOKS__MAX_IN_FLIGHT_PER_ENDPOINT",
+            "4".into(),
+        ));
+        for (k, v) in extra {
+            env.push((k, v.to_string()));
+        }
+        let (ok, out, err) = common::process::run(&["topology", "apply", "--bus", &nats.url], &[]);
+        assert!(ok, "topology apply: {out} {err}");
+        let edge = start_node(dir, "edge", &["edge"], env.clone()).await;
+        let conversation = start_node(
+            dir,
+            "conversation",
+            &["worker", "conversation"],
+            env.clone(),
+        )
+        .await;
+        let webhooks = start_node(dir, "webhooks", &["worker", "webhooks"], env.clone()).await;
+        let mut bus_config = common::bus_config("jetstream", None);
+        bus_config.url = nats.url.clone();
+        let bus = nexus::bus::connect(&bus_config).await.expect("bus");
+        System {
+            admin: Admin::new(&edge.url),
+            webhooks: Some(webhooks),
+            _conversation: conversation,
+            edge,
+            env,
+            bus,
+            _nats: nats,
+            _db: db,
+        }
+    }
+
+    async fn restart_webhooks(&mut self, dir: &std::path::Path, name: &str) {
+        self.webhooks =
+            Some(start_node(dir, name, &["worker", "webhooks"], self.env.clone()).await);
+    }
+
+    async fn tenant(&self) -> Tenant {
+        provision_tenant(&self.admin).await
+    }
+
+    /// Creates a subscription; (id, secret).
+    async fn subscribe(&self, tenant: &str, body: Value) -> (String, String) {
+        let v = self
+            .admin
+            .post(&format!("/tenants/{tenant}/webhooks"), body)
+            .await;
+        (
+            v["id"].as_str().expect("id").to_string(),
+            v["secret"].as_str().expect("secret").to_string(),
+        )
+    }
+
+    async fn admin_call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut r = self
+            .admin
+            .http
+            .request(method, format!("{}/v1/admin{path}", self.edge.url))
+            .bearer_auth(ADMIN);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let r = r.send().await.expect("admin call");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn started(&self, tenant: &str, conversation: &str) -> Event {
+        let e = Event::typed(
+            &ConversationStarted {
+                channel: Channel::WebChat,
+                channel_id: None,
+                customer_participant_id: "p1".into(),
+                customer_nickname: "Ann".into(),
+                contact: Default::default(),
+                contact_id: None,
+                subject: None,
+                user_data: BTreeMap::new(),
+                is_async: false,
+            },
+            tenant,
+            conversation,
+            "test",
+        )
+        .expect("event");
+        self.publish(&e).await;
+        e
+    }
+
+    async fn closed(&self, tenant: &str, conversation: &str) -> Event {
+        let e = Event::typed(
+            &ConversationClosed {
+                reason: CloseReason::CustomerLeft,
+                closed_by_participant_id: None,
+                transcript_length: 2,
+            },
+            tenant,
+            conversation,
+            "test",
+        )
+        .expect("event");
+        self.publish(&e).await;
+        e
+    }
+
+    async fn publish(&self, e: &Event) {
+        publish(self.bus.as_ref(), INTERACTION, e)
+            .await
+            .expect("publish");
+    }
+
+    async fn metrics(&self) -> String {
+        let url = &self.webhooks.as_ref().expect("webhooks worker").url;
+        reqwest::get(format!("{url}/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// Waits until the message log of a subscription shows `message` in `status`.
+    async fn message_in(&self, tenant: &str, hook: &str, message: &str, status: &str) -> Value {
+        eventually(WAIT, &format!("{message} {status}"), || async {
+            let (code, v) = self
+                .admin_call(
+                    reqwest::Method::GET,
+                    &format!("/tenants/{tenant}/webhooks/{hook}/messages/{message}"),
+                    None,
+                )
+                .await;
+            (code == 200 && v["status"] == status).then_some(v)
+        })
+        .await
+    }
+}
+
+// ---- scenarios ---------------------------------------------------------------------------
+
+/// A real chat (edge + conversation worker) starts and ends: STARTED then FINISHED, once each,
+/// in both formats, correctly signed; a redelivered event is a no-op; a rotation signs with
+/// both secrets; resend repeats the same webhook-id.
+async fn both_formats_exactly_once(s: &System, rx: &Receiver) {
+    let tenant = s.tenant().await;
+    let (std_hook, std_secret) = s
+        .subscribe(
+            &tenant.id,
+            json!({"url": rx.url("std"), "format": "standard"}),
+        )
+        .await;
+    let (_gen_hook, gen_secret) = s
+        .subscribe(
+            &tenant.id,
+            json!({"url": rx.url("gen"), "format": "genesys"}),
+        )
+        .await;
+    // Email-only: a chat must not reach it.
+    s.subscribe(
+        &tenant.id,
+        json!({"url": rx.url("email"), "format": "standard", "media": ["email"]}),
+    )
+    .await;
+
+    let http = reqwest::Client::new();
+    let started: Value = http
+        .post(format!("{}/nexus/v3/chat/sessions", s.edge.url))
+        .header("x-api-key", &tenant.api_key)
+        .json(&json!({"nickname": "Ann"}))
+        .send()
+        .await
+        .expect("start chat")
+        .json()
+        .await
+        .expect("start json");
+    let sid = started["session_id"].as_str().expect("session").to_string();
+    let ck = started["client_key"]
+        .as_str()
+        .expect("client key")
+        .to_string();
+    let first = rx.wait_for("std", 1).await;
+    assert_eq!(first[0].event(), "STARTED");
+    let r = http
+        .post(format!(
+            "{}/nexus/v3/chat/sessions/{sid}/disconnect",
+            s.edge.url
+        ))
+        .header("x-api-key", &tenant.api_key)
+        .header("x-nexus-client-key", &ck)
+        .send()
+        .await
+        .expect("disconnect");
+    assert_eq!(r.status(), 202);
+    let std = rx.wait_for("std", 2).await;
+    let gen = rx.wait_for("gen", 2).await;
+    for got in [&std, &gen] {
+        assert_eq!(
+            got.iter().map(Received::event).collect::<Vec<_>>(),
+            ["STARTED", "FINISHED"]
+        );
+        let entity = &got[1].json()["data"]["entities"][0]["entity"];
+        assert_eq!(entity["id"], sid.as_str());
+        assert_eq!(entity["mediaType"], "chat");
+        assert_eq!(entity["interactionSubtype"], "webchat");
+        assert!(entity["selfUri"].as_str().is_some_and(|u| u.contains(&sid)));
+    }
+    // Standard: verified by the reference implementation; distinct, stable ids.
+    let verdicts = verify_standard(&[(&std_secret, &std[0]), (&std_secret, &std[1])]);
+    assert_eq!(verdicts, ["ok", "ok"], "{std:?}");
+    assert!(std[0].id().starts_with("msg_") && std[0].id() != std[1].id());
+    // Genesys: recomputed.
+    for r in &gen {
+        assert_eq!(
+            r.headers.get("x-hub-signature"),
+            Some(&genesys_signature(&gen_secret, &r.body)),
+            "{r:?}"
+        );
+        assert!(!r.headers.contains_key("webhook-id"));
+    }
+
+    // Redelivery: the same events again change nothing; a marker after them (same
+    // conversation, so the same lane) proves they were handled.
+    let conv = format!("c-{}", uuid::Uuid::new_v4().simple());
+    let e1 = s.started(&tenant.id, &conv).await;
+    let e2 = s.closed(&tenant.id, &conv).await;
+    rx.wait_for("std", 4).await;
+    s.publish(&e1).await;
+    s.publish(&e2).await;
+    let marker = s.started(&tenant.id, &conv).await;
+    let std = rx.wait_for("std", 5).await;
+    let ids: Vec<&str> = std.iter().map(Received::id).collect();
+    let distinct: HashSet<&str> = ids.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        ids.len(),
+        "a webhook-id came twice: {ids:?}"
+    );
+    assert_eq!(
+        std.last()
+            .map(Received::json)
+            .map(|v| v["operationId"].clone()),
+        Some(json!(marker.envelope.event_id.to_string()))
+    );
+    assert!(
+        rx.got("email").is_empty(),
+        "the email-only subscription got a chat"
+    );
+
+    // Rotation: both the new and the previous secret verify the next delivery.
+    let (code, rotated) = s
+        .admin_call(
+            reqwest::Method::POST,
+            &format!("/tenants/{}/webhooks/{std_hook}/secret", tenant.id),
+            None,
+        )
+        .await;
+    assert_eq!(code, 200, "{rotated}");
+    let new_secret = rotated["secret"].as_str().expect("secret").to_string();
+    // The worker reads subscriptions again within a second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    s.started(&tenant.id, &format!("c-{}", uuid::Uuid::new_v4().simple()))
+        .await;
+    let std = rx.wait_for("std", 6).await;
+    let last = &std[5];
+    assert_eq!(
+        last.headers["webhook-signature"].split(' ').count(),
+        2,
+        "{last:?}"
+    );
+    let verdicts = verify_standard(&[(&new_secret, last), (&std_secret, last)]);
+    assert_eq!(verdicts, ["ok", "ok"]);
+
+    // Resend: the same message again, same webhook-id, logged as a further attempt.
+    let (code, v) = s
+        .admin_call(
+            reqwest::Method::POST,
+            &format!(
+                "/tenants/{}/webhooks/{std_hook}/messages/{}/resend",
+                tenant.id,
+                std[0].id()
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(code, 202, "{v}");
+    let std = rx.wait_for("std", 7).await;
+    assert_eq!(std[6].id(), std[0].id());
+    assert_eq!(std[6].body, std[0].body);
+    let m = s
+        .message_in(&tenant.id, &std_hook, std[0].id(), "delivered")
+        .await;
+    assert_eq!(m["attempts"], 2, "{m}");
+    // The list filters by status and pages.
+    let (code, page) = s
+        .admin_call(
+            reqwest::Method::GET,
+            &format!(
+                "/tenants/{}/webhooks/{std_hook}/messages?status=delivered&limit=2",
+                tenant.id
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(code, 200);
+    assert_eq!(page["items"].as_array().map(Vec::len), Some(2));
+    assert!(page["next"].is_string());
+}
+
+/// 5xx twice then success, on the scaled schedule (0, 300, 600 ms); the attempt log shows it.
+async fn retries_then_success_and_abort(s: &System, rx: &Receiver) {
+    let tenant = s.tenant().await;
+    let (hook, _) = s
+        .subscribe(
+            &tenant.id,
+            json!({"url": rx.url("flaky"), "format": "standard"}),
+        )
+        .await;
+    rx.set("flaky", Mode::FailTimes(503, 2));
+    s.started(&tenant.id, "flaky-1").await;
+    let got = rx.wait_for("flaky", 3).await;
+    let id = got[0].id().to_string();
+    assert!(
+        got.iter().all(|r| r.id() == id),
+        "one webhook-id for every retry"
+    );
+    let gap1 = got[1].at - got[0].at;
+    let gap2 = got[2].at - got[1].at;
+    assert!(gap1 >= Duration::from_millis(250), "{gap1:?}");
+    assert!(gap2 >= Duration::from_millis(550), "{gap2:?}");
+    let m = s.message_in(&tenant.id, &hook, &id, "delivered").await;
+    let log = m["attempts_log"].as_array().expect("attempts");
+    assert_eq!(
+        log.iter()
+            .map(|a| a["status_code"].clone())
+            .collect::<Vec<_>>(),
+        [json!(503), json!(503), json!(204)]
+    );
+    assert!(log[0]["next_attempt_at_ms"].is_i64() && log[2]["next_attempt_at_ms"].is_null());
+    assert!(log.iter().all(|a| a["latency_ms"].is_i64()));
+
+    // The receiver can stop the retries.
+    let (hook, _) = s
+        .subscribe(
+            &tenant.id,
+            json!({"url": rx.url("abort"), "format": "standard"}),
+        )
+        .await;
+    rx.set("abort", Mode::Abort);
+    s.started(&tenant.id, "abort-1").await;
+    let got = rx.wait_for("abort", 1).await;
+    let m = s.message_in(&tenant.id, &hook, got[0].id(), "failed").await;
+    assert_eq!(m["attempts"], 1, "{m}");
+    assert_eq!(rx.got("abort").len(), 1);
+}
+
+/// After the last attempt a message is dead and on the dead-letter topic; recovery from the
+/// topic queues it again once; replay-since queues failed and dead messages again.
+async fn dead_letters_recovery_and_replay(s: &System, rx: &Receiver) {
+    let tenant = s.tenant().await;
+    let since = chrono::Utc::now().timestamp_millis();
+    let (hook, _) = s
+        .subscribe(
+            &tenant.id,
+            json!({"url": rx.url("dead"), "format": "genesys"}),
+        )
+        .await;
+    rx.set("dead", Mode::Always(500));
+    // FINISHED waits while STARTED is pending, then follows it once STARTED is dead.
+    s.started(&tenant.id, "dead-1").await;
+    s.closed(&tenant.id, "dead-1").await;
+    let got = rx.wait_for("dead", 6).await;
+    assert_eq!(
+        got.iter().map(Received::event).collect::<Vec<_>>(),
+        ["STARTED", "STARTED", "STARTED", "FINISHED", "FINISHED", "FINISHED"]
+    );
+    let (code, page) = s
+        .admin_call(
+            reqwest::Method::GET,
+            &format!("/tenants/{}/webhooks/{hook}/messages", tenant.id),
+            None,
+        )
+        .await;
+    assert_eq!(code, 200);
+    let ids: Vec<String> = page["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|m| m["id"].as_str().expect("id").to_string())
+        .collect();
+    assert_eq!(ids.len(), 2);
+    for id in &ids {
+        s.message_in(&tenant.id, &hook, id, "dead").await;
+    }
+    eventually(WAIT, "dead-letter metric", || async {
+        let m = s.metrics().await;
+        (metric_sum(&m, "nexus_webhook_dead_lettered_total", &[]).unwrap_or(0.0) >= 2.0)
+            .then_some(())
+    })
+    .await;
+
+    // Recovery from the topic: both queued again and delivered; a second run queues nothing.
+    rx.set("dead", Mode::Ok);
+    let recover = format!("/tenants/{}/webhook-dead-letters/recover", tenant.id);
+    let (code, v) = s.admin_call(reqwest::Method::POST, &recover, None).await;
+    assert_eq!((code, v["queued"].clone()), (202, json!(2)), "{v}");
+    rx.wait_for("dead", 8).await;
+    for id in &ids {
+        s.message_in(&tenant.id, &hook, id, "delivered").await;
+    }
+    let (code, v) = s.admin_call(reqwest::Method::POST, &recover, None).await;
+    assert_eq!(
+        (code, v["queued"].clone(), v["read"].clone()),
+        (202, json!(0), json!(2)),
+        "{v}"
+    );
+
+    // Replay-since: dead again, then all failed/dead since `since` go again.
+    let (hook2, _) = s
+        .subscribe(
+            &tenant.id,
+            json!({"url": rx.url("dead2"), "format": "standard"}),
+        )
+        .await;
+    rx.set("dead2", Mode::Always(502));
+    s.started(&tenant.id, "dead-2").await;
+    s.started(&tenant.id, "dead-3").await;
+    let got = rx.wait_for("dead2", 6).await;
+    let ids: HashSet<String> = got.iter().map(|r| r.id().to_string()).collect();
+    for id in &ids {
+        s.message_in(&tenant.id, &hook2, id, "dead").await;
+    }
+    rx.set("dead2", Mode::Ok);
+    let (code, v) = s
+        .admin_call(
+            reqwest::Method::POST,
+            &format!("/tenants/{}/webhooks/{hook2}/replay", tenant.id),
+            Some(json!({"since_ms": since})),
+        )
+        .await;
+    assert_eq!((code, v["queued"].clone()), (202, json!(2)), "{v}");
+    for id in &ids {
+        s.message_in(&tenant.id, &hook2, id, "delivered").await;
+    }
+}
+
+/// One hanging endpoint and one healthy one on the same events: the healthy one's deliveries
+/// stay fast; the hanging one is disabled after `disable_after`, which is an event.
+async fn dead_endpoint_does_not_slow_a_healthy_one(s: &System, rx: &Receiver) {
+    let tenant = s.tenant().await;
+    let (hang_hook, _) = s
+        .subscribe(
+            &tenant.id,
+            json!({"url": rx.url("hang"), "format": "standard"}),
+        )
+        .await;
+    s.subscribe(
+        &tenant.id,
+        json!({"url": rx.url("fast"), "format": "standard"}),
+    )
+    .await;
+    rx.set("hang", Mode::Hang);
+    let mut sent = HashMap::new();
+    for i in 0..20 {
+        let conv = format!("hang-{i}");
+        s.started(&tenant.id, &conv).await;
+        sent.insert(conv, Instant::now());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let fast = rx.wait_for("fast", 20).await;
+    let mut worst = Duration::ZERO;
+    for r in &fast {
+        worst = worst.max(r.at - sent[&r.conversation()]);
+    }
+    assert!(
+        worst < Duration::from_millis(800),
+        "a healthy endpoint waited {worst:?} behind a hanging one"
+    );
+    // The hanging endpoint holds at most its own limit (4) of attempts at once: none of them
+    // ends before the 1 s timeout, so no fifth one starts before.
+    let hang = rx.got("hang");
+    let first = hang.first().expect("the hanging endpoint was called").at;
+    let early = hang
+        .iter()
+        .filter(|r| r.at - first < Duration::from_millis(900))
+        .count();
+    assert!(
+        early <= 4,
+        "{early} attempts at once at the hanging endpoint"
+    );
+
+    // disable_after (2.5 s here): the hanging endpoint is disabled, once, as an event.
+    let hook = eventually(WAIT, "endpoint disabled", || async {
+        let (_, v) = s
+            .admin_call(
+                reqwest::Method::GET,
+                &format!("/tenants/{}/webhooks/{hang_hook}", tenant.id),
+                None,
+            )
+            .await;
+        (v["enabled"] == false).then_some(v)
+    })
+    .await;
+    assert!(hook["disabled_reason"].is_string(), "{hook}");
+    let m = s.metrics().await;
+    assert_eq!(
+        metric_sum(&m, "nexus_webhook_endpoints_disabled_total", &[]),
+        Some(1.0)
+    );
+    assert!(
+        metric_sum(&m, "nexus_webhook_attempts_total", &["outcome=\"timeout\""]).unwrap_or(0.0)
+            >= 1.0
+    );
+    let mut disabled = Vec::new();
+    for p in s
+        .bus
+        .partition_offsets("nexus.webhooks.v1")
+        .await
+        .expect("offsets")
+    {
+        for rec in s
+            .bus
+            .read("nexus.webhooks.v1", p.partition, p.low, 100)
+            .await
+            .expect("read")
+        {
+            let e = nexus::events::decode(&rec.payload).expect("decode");
+            if e.envelope.event_type == "WebhookEndpointDisabled"
+                && e.body["webhook_id"] == hang_hook.as_str()
+            {
+                disabled.push(e);
+            }
+        }
+    }
+    assert_eq!(disabled.len(), 1, "one disable, one event");
+    assert_eq!(disabled[0].envelope.tenant_id, tenant.id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_deliver_retry_dead_letter_and_recover() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rx = Receiver::start().await;
+    let s = System::start(
+        dir.path(),
+        &[("NEXUS_WORKERS__WEBHOOKS__DISABLE_AFTER_MS", "2500")],
+    )
+    .await;
+    both_formats_exactly_once(&s, &rx).await;
+    retries_then_success_and_abort(&s, &rx).await;
+    dead_letters_recovery_and_replay(&s, &rx).await;
+    dead_endpoint_does_not_slow_a_healthy_one(&s, &rx).await;
+    let m = s.metrics().await;
+    assert!(
+        metric_sum(&m, "nexus_webhook_attempts_total", &["outcome=\"ok\""]).unwrap_or(0.0) >= 10.0
+    );
+    assert!(
+        metric_sum(&m, "nexus_webhook_attempt_duration_seconds_count", &[]).unwrap_or(0.0) >= 10.0
+    );
+    assert!(
+        m.contains("nexus_webhook_retry_queue_depth"),
+        "queue depth gauge"
+    );
+    assert!(
+        m.contains("nexus_webhook_oldest_pending_age_seconds"),
+        "oldest age gauge"
+    );
+}
+
+/// SIGKILL of the webhooks worker mid-load, then a restart: every message is delivered,
+/// webhook-ids are the expected ones, STARTED before FINISHED in every conversation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_webhooks_worker_loses_nothing() {
+    const CONVERSATIONS: usize = 60;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rx = Receiver::start().await;
+    let mut s = System::start(dir.path(), &[]).await;
+    let tenant = s.tenant().await;
+    s.subscribe(
+        &tenant.id,
+        json!({"url": rx.url("load"), "format": "standard"}),
+    )
+    .await;
+    // 4 at once, 40 ms each: about 1.2 s of deliveries, so the kill lands mid-load.
+    rx.set("load", Mode::Slow(40));
+    for i in 0..CONVERSATIONS {
+        s.started(&tenant.id, &format!("load-{i}")).await;
+        s.closed(&tenant.id, &format!("load-{i}")).await;
+    }
+    rx.wait_for("load", CONVERSATIONS / 3).await;
+    let mut worker = s.webhooks.take().expect("worker");
+    worker.nexus.child.kill().expect("SIGKILL");
+    let _ = worker.nexus.child.wait();
+    let at_kill = rx.got("load").len();
+    assert!(at_kill < 2 * CONVERSATIONS, "the kill came after the load");
+    s.restart_webhooks(dir.path(), "webhooks-2").await;
+    let this = rx.clone();
+    eventually(
+        Duration::from_secs(40),
+        "every message answered",
+        move || {
+            let answered: HashSet<String> = this
+                .state
+                .lock()
+                .unwrap()
+                .answered
+                .iter()
+                .cloned()
+                .collect();
+            async move { (answered.len() >= 2 * CONVERSATIONS).then_some(()) }
+        },
+    )
+    .await;
+    let got = rx.got("load");
+    let ids: HashSet<&str> = got.iter().map(Received::id).collect();
+    assert_eq!(ids.len(), 2 * CONVERSATIONS, "distinct webhook-ids");
+    let duplicates = got.len() - ids.len();
+    eprintln!("killed after {at_kill} requests; {duplicates} repeated after the restart");
+    assert!(
+        duplicates <= 16,
+        "{duplicates} repeats: more than was in flight at the kill ({at_kill} delivered then)"
+    );
+    // The log agrees: nothing pending, every message delivered.
+    let hooks = s
+        .admin_call(
+            reqwest::Method::GET,
+            &format!("/tenants/{}/webhooks", tenant.id),
+            None,
+        )
+        .await
+        .1;
+    let hook = hooks["items"][0]["id"].as_str().expect("hook").to_string();
+    let delivered = eventually(WAIT, "log shows all delivered", || async {
+        let (_, v) = s
+            .admin_call(
+                reqwest::Method::GET,
+                &format!(
+                    "/tenants/{}/webhooks/{hook}/messages?status=delivered&limit=500",
+                    tenant.id
+                ),
+                None,
+            )
+            .await;
+        let n = v["items"].as_array().map(Vec::len).unwrap_or(0);
+        (n == 2 * CONVERSATIONS).then_some(n)
+    })
+    .await;
+    assert_eq!(delivered, 2 * CONVERSATIONS);
+    // Per conversation: the first FINISHED comes after the last STARTED attempt began.
+    let mut per: HashMap<String, Vec<String>> = HashMap::new();
+    for r in &got {
+        per.entry(r.conversation()).or_default().push(r.event());
+    }
+    assert_eq!(per.len(), CONVERSATIONS);
+    for (conv, events) in per {
+        let first_finished = events
+            .iter()
+            .position(|e| e == "FINISHED")
+            .expect("finished");
+        let last_started = events
+            .iter()
+            .rposition(|e| e == "STARTED")
+            .expect("started");
+        assert!(last_started < first_finished, "{conv}: {events:?}");
+    }
+}
+
+/// `nexus dev` (embedded bus, SQLite delivery log): a chat's STARTED and FINISHED reach a
+/// standard and a genesys subscriber, signed, the standard one after a 5xx retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_delivers_from_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rx = Receiver::start().await;
+    let mut env = base_env(dir.path());
+    env.push((
+        "NEXUS_WORKERS__WEBHOOKS__ALLOW_PRIVATE_TARGETS",
+        "true".into(),
+    ));
+    env.push((
+        "NEXUS_WORKERS__WEBHOOKS__RETRY_SCHEDULE_MS",
+        "[0, 200, 200]".into(),
+    ));
+    env.push(("NEXUS_WORKERS__WEBHOOKS__POLL_INTERVAL_MS", "100".into()));
+    let node = start_node(dir.path(), "dev", &["dev"], env).await;
+    let admin = Admin::new(&node.url);
+    let tenant = provision_tenant(&admin).await;
+    let std = admin
+        .post(
+            &format!("/tenants/{}/webhooks", tenant.id),
+            json!({"url": rx.url("dev-std"), "format": "standard"}),
+        )
+        .await;
+    let gen = admin
+        .post(
+            &format!("/tenants/{}/webhooks", tenant.id),
+            json!({"url": rx.url("dev-gen"), "format": "genesys"}),
+        )
+        .await;
+    rx.set("dev-std", Mode::FailTimes(500, 1));
+    let http = reqwest::Client::new();
+    let started: Value = http
+        .post(format!("{}/nexus/v3/chat/sessions", node.url))
+        .header("x-api-key", &tenant.api_key)
+        .json(&json!({"nickname": "Dee"}))
+        .send()
+        .await
+        .expect("start chat")
+        .json()
+        .await
+        .expect("start json");
+    let sid = started["session_id"].as_str().expect("session").to_string();
+    let ck = started["client_key"]
+        .as_str()
+        .expect("client key")
+        .to_string();
+    rx.wait_for("dev-gen", 1).await;
+    let r = http
+        .post(format!(
+            "{}/nexus/v3/chat/sessions/{sid}/disconnect",
+            node.url
+        ))
+        .header("x-api-key", &tenant.api_key)
+        .header("x-nexus-client-key", &ck)
+        .send()
+        .await
+        .expect("disconnect");
+    assert_eq!(r.status(), 202);
+    let got = rx.wait_for("dev-std", 3).await;
+    assert_eq!(
+        got.iter().map(Received::event).collect::<Vec<_>>(),
+        ["STARTED", "STARTED", "FINISHED"]
+    );
+    assert_eq!(got[0].id(), got[1].id());
+    let secret = std["secret"].as_str().expect("secret");
+    assert_eq!(
+        verify_standard(&[(secret, &got[1]), (secret, &got[2])]),
+        ["ok", "ok"]
+    );
+    let gen_got = rx.wait_for("dev-gen", 2).await;
+    let gen_secret = gen["secret"].as_str().expect("secret");
+    for r in &gen_got {
+        assert_eq!(
+            r.headers.get("x-hub-signature"),
+            Some(&genesys_signature(gen_secret, &r.body))
+        );
+    }
+}
