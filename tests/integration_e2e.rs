@@ -510,14 +510,22 @@ async fn kills_mid_load(s: &mut System, ucs: &FakeUcs, gws: &FakeGws, rx: &Recei
     let gws_total = CHATS * (ROUNDS + 2);
     let before_gws = gws.all_applied().len();
     // Each kill waits for a moment when the peer holds a call it has not answered yet.
-    eventually(
-        WAIT,
-        "UCS effects of the first chats, a call in flight",
-        || {
-            let (calls, effects) = (ucs.calls(), ucs.effects().len());
-            async move { (effects >= 4 + 8 && calls > effects).then_some(()) }
-        },
-    )
+    // History: while a closing chat's transcript or status call is in flight.
+    eventually(WAIT, "a close written at UCS, another in flight", || {
+        let state = ucs.state.lock().unwrap();
+        let closed = state
+            .effects
+            .iter()
+            .filter(|e| e.method == "SetInteractionStatus")
+            .count();
+        let closing = state.calls.len() > state.effects.len()
+            && state
+                .calls
+                .last()
+                .is_some_and(|c| c.method == "AddDocument" || c.method == "SetInteractionStatus");
+        let ready = closed >= 2 && closing;
+        async move { ready.then_some(()) }
+    })
     .await;
     s.kill_and_restart("history").await;
     let at_history = ucs.effects().len();
@@ -538,8 +546,9 @@ async fn kills_mid_load(s: &mut System, ucs: &FakeUcs, gws: &FakeGws, rx: &Recei
         (finished >= 3 && got > answered).then_some(())
     })
     .await;
-    s.kill_and_restart("webhooks").await;
     let at_webhooks = rx.got("load-standard").len() + rx.got("load-genesys").len();
+    let cut_off = at_webhooks - rx.state.lock().unwrap().answered.len();
+    s.kill_and_restart("webhooks").await;
 
     let mut driven: HashMap<String, Driven> = HashMap::new();
     for c in chats {
@@ -565,9 +574,20 @@ async fn kills_mid_load(s: &mut System, ucs: &FakeUcs, gws: &FakeGws, rx: &Recei
         (n >= gws_total).then_some(())
     })
     .await;
+    // A receiver has a message once it answered 2xx to it (a request cut off by a kill is not
+    // delivered).
     for name in ["load-standard", "load-genesys"] {
-        eventually(WAIT, "both webhooks of every chat", || async {
-            let keys: HashSet<String> = rx.got(name).iter().map(delivery_key).collect();
+        eventually(WAIT, "both webhooks of every chat answered", || async {
+            let path = format!("/r/{name}");
+            let keys: HashSet<String> = rx
+                .state
+                .lock()
+                .unwrap()
+                .answered_requests
+                .iter()
+                .filter(|r| r.path == path)
+                .map(delivery_key)
+                .collect();
             (keys.len() >= 2 * CHATS).then_some(())
         })
         .await;
@@ -664,7 +684,7 @@ async fn kills_mid_load(s: &mut System, ucs: &FakeUcs, gws: &FakeGws, rx: &Recei
         .await;
     eprintln!(
         "kills: history at {at_history} UCS effects of {}, gws at {at_gws}/{gws_total} calls, \
-         webhooks at {at_webhooks}/{} deliveries; {repeats} deliveries repeated under the same id; \
+         webhooks at {at_webhooks}/{} deliveries ({cut_off} unanswered); {repeats} deliveries repeated under the same id; \
          {} UCS calls for {} effects; {reconciled} GWS calls reconciled after the restart",
         4 * CHATS + 4,
         4 * CHATS,

@@ -77,6 +77,8 @@ pub struct ReceiverState {
     pub got: Vec<Received>,
     /// webhook-ids of requests answered 2xx (a request cut off by a dying sender is not).
     pub answered: Vec<String>,
+    /// The requests answered 2xx in [`Mode::Slow`], in the order answered.
+    pub answered_requests: Vec<Received>,
 }
 
 #[derive(Clone)]
@@ -145,9 +147,9 @@ async fn receive(
     body: String,
 ) -> Response {
     let path = format!("/r/{name}");
-    let mode = {
+    let (mode, received) = {
         let mut s = state.lock().unwrap();
-        s.got.push(Received {
+        let received = Received {
             path: path.clone(),
             headers: headers
                 .iter()
@@ -155,7 +157,8 @@ async fn receive(
                 .collect(),
             body,
             at: Instant::now(),
-        });
+        };
+        s.got.push(received.clone());
         let mode = s.modes.get(&path).cloned().unwrap_or(Mode::Ok);
         if let Mode::FailTimes(code, n) = mode {
             let next = if n <= 1 {
@@ -165,7 +168,7 @@ async fn receive(
             };
             s.modes.insert(path, next);
         }
-        mode
+        (mode, received)
     };
     match mode {
         Mode::Ok => StatusCode::NO_CONTENT.into_response(),
@@ -184,7 +187,9 @@ async fn receive(
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
                 .to_string();
-            state.lock().unwrap().answered.push(id);
+            let mut s = state.lock().unwrap();
+            s.answered.push(id);
+            s.answered_requests.push(received);
             StatusCode::OK.into_response()
         }
         Mode::Hang => {
