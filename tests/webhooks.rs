@@ -1,24 +1,18 @@
 //! The webhooks worker end to end with real processes (`nexus edge`, `nexus worker
 //! conversation`, `nexus worker webhooks`) on NATS JetStream + PostgreSQL + Redis, and real
-//! receivers: axum servers on loopback that record every request and fail on command (5xx,
+//! receivers (`tests/common/webhooks.rs`) that record every request and fail on command (5xx,
 //! hang, abort header). Standard Webhooks signatures are verified with the reference Python
 //! package `standardwebhooks` (`pip install standardwebhooks`), genesys ones by recomputing.
 
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::Router;
 use common::chat::*;
 use common::process::metric_sum;
-use hmac::{Hmac, Mac};
+use common::webhooks::{genesys_signature, verify_standard, Mode, Received, Receiver};
 use nexus::bus::Bus;
 use nexus::events::chat::{Channel, CloseReason, ConversationClosed, ConversationStarted};
 use nexus::events::publish::publish;
@@ -27,226 +21,6 @@ use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(20);
 const INTERACTION: &str = "nexus.interaction.v1";
-
-// ---- receivers ---------------------------------------------------------------------------
-
-/// How a receiver path answers.
-#[derive(Clone, Debug)]
-enum Mode {
-    Ok,
-    /// Answer this status `n` times, then 200.
-    FailTimes(u16, u32),
-    /// Always this status.
-    Always(u16),
-    /// 500 with `webhook-delivery: abort-message`.
-    Abort,
-    /// Never answer.
-    Hang,
-    /// 200 after this many milliseconds.
-    Slow(u64),
-}
-
-#[derive(Clone, Debug)]
-struct Received {
-    path: String,
-    headers: BTreeMap<String, String>,
-    body: String,
-    at: Instant,
-}
-
-impl Received {
-    fn id(&self) -> &str {
-        self.headers
-            .get("webhook-id")
-            .map(String::as_str)
-            .unwrap_or("")
-    }
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).expect("json body")
-    }
-    fn event(&self) -> String {
-        self.json()["data"]["entities"][0]["event"]
-            .as_str()
-            .unwrap_or("")
-            .to_string()
-    }
-    fn conversation(&self) -> String {
-        self.json()["data"]["entities"][0]["entity"]["id"]
-            .as_str()
-            .unwrap_or("")
-            .to_string()
-    }
-}
-
-#[derive(Default)]
-struct ReceiverState {
-    modes: HashMap<String, Mode>,
-    /// Every request, at its arrival.
-    got: Vec<Received>,
-    /// webhook-ids of requests answered 2xx (a request cut off by a dying sender is not).
-    answered: Vec<String>,
-}
-
-#[derive(Clone)]
-struct Receiver {
-    base: String,
-    state: Arc<Mutex<ReceiverState>>,
-}
-
-impl Receiver {
-    async fn start() -> Receiver {
-        let state: Arc<Mutex<ReceiverState>> = Arc::default();
-        let app = Router::new()
-            .route("/r/{name}", post(receive))
-            .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind receiver");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        Receiver {
-            base: format!("http://{addr}"),
-            state,
-        }
-    }
-
-    fn url(&self, name: &str) -> String {
-        format!("{}/r/{name}", self.base)
-    }
-
-    fn set(&self, name: &str, mode: Mode) {
-        self.state
-            .lock()
-            .unwrap()
-            .modes
-            .insert(format!("/r/{name}"), mode);
-    }
-
-    fn got(&self, name: &str) -> Vec<Received> {
-        let path = format!("/r/{name}");
-        self.state
-            .lock()
-            .unwrap()
-            .got
-            .iter()
-            .filter(|r| r.path == path)
-            .cloned()
-            .collect()
-    }
-
-    /// Waits until `name` has received at least `n` requests; returns them.
-    async fn wait_for(&self, name: &str, n: usize) -> Vec<Received> {
-        let this = self.clone();
-        let name = name.to_string();
-        eventually(WAIT, &format!("{n} requests at {name}"), move || {
-            let got = this.got(&name);
-            async move { (got.len() >= n).then_some(got) }
-        })
-        .await
-    }
-}
-
-async fn receive(
-    State(state): State<Arc<Mutex<ReceiverState>>>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-    body: String,
-) -> Response {
-    let path = format!("/r/{name}");
-    let mode = {
-        let mut s = state.lock().unwrap();
-        s.got.push(Received {
-            path: path.clone(),
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
-                .collect(),
-            body,
-            at: Instant::now(),
-        });
-        let mode = s.modes.get(&path).cloned().unwrap_or(Mode::Ok);
-        if let Mode::FailTimes(code, n) = mode {
-            let next = if n <= 1 {
-                Mode::Ok
-            } else {
-                Mode::FailTimes(code, n - 1)
-            };
-            s.modes.insert(path, next);
-        }
-        mode
-    };
-    match mode {
-        Mode::Ok => StatusCode::NO_CONTENT.into_response(),
-        Mode::FailTimes(code, _) | Mode::Always(code) => {
-            StatusCode::from_u16(code).expect("status").into_response()
-        }
-        Mode::Abort => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [("webhook-delivery", "abort-message")],
-        )
-            .into_response(),
-        Mode::Slow(ms) => {
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-            let id = headers
-                .get("webhook-id")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string();
-            state.lock().unwrap().answered.push(id);
-            StatusCode::OK.into_response()
-        }
-        Mode::Hang => {
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-            StatusCode::OK.into_response()
-        }
-    }
-}
-
-// ---- signatures ------------------------------------------------------------------------
-
-/// Verifies each (secret, request) with the Python `standardwebhooks` package.
-fn verify_standard(cases: &[(&str, &Received)]) -> Vec<String> {
-    let input: Vec<Value> = cases
-        .iter()
-        .map(|(secret, r)| json!({"secret": secret, "headers": r.headers, "body": r.body}))
-        .collect();
-    let mut child = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/interop/verify_webhooks.py"
-        ))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 must be installed for the webhook signature test");
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().expect("stdin");
-        stdin
-            .write_all(Value::from(input).to_string().as_bytes())
-            .expect("write");
-    }
-    let out = child.wait_with_output().expect("python");
-    assert!(
-        out.status.success(),
-        "verify_webhooks.py failed (is standardwebhooks installed? `pip install standardwebhooks`):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("verifier output")
-}
-
-fn genesys_signature(secret: &str, body: &str) -> String {
-    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes()).expect("key");
-    mac.update(body.as_bytes());
-    let hex: String = mac
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("sha1={hex}")
-}
 
 // ---- the system ------------------------------------------------------------------------
 

@@ -60,6 +60,8 @@ pub struct GwsState {
     /// Wait this long after applying before answering.
     pub delay: Duration,
     pub token: String,
+    /// Calls applied and not yet answered (inside the delay).
+    pub in_flight: usize,
 }
 
 #[derive(Clone)]
@@ -138,6 +140,11 @@ impl FakeGws {
             .iter()
             .filter(|r| r.chat == chat && r.method == method && r.operation == operation)
             .count()
+    }
+
+    /// Calls applied whose answer is still being held back.
+    pub fn in_flight(&self) -> usize {
+        self.state.lock().unwrap().in_flight
     }
 
     /// Requests answered with `status`.
@@ -320,10 +327,15 @@ async fn operate(
             applied,
             effect,
         });
-        (status, if applied { wait } else { Duration::ZERO })
+        let wait = if applied { wait } else { Duration::ZERO };
+        if !wait.is_zero() {
+            s.in_flight += 1;
+        }
+        (status, wait)
     };
     if !wait.is_zero() {
         tokio::time::sleep(wait).await;
+        state.lock().unwrap().in_flight -= 1;
     }
     answer(
         status,

@@ -14,6 +14,7 @@ pub mod gws;
 pub mod process;
 pub mod sink;
 pub mod ucs;
+pub mod webhooks;
 
 /// A bus plus whatever must live as long as it (the embedded bus's directory).
 pub struct TestBus {
