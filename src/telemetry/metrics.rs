@@ -50,8 +50,8 @@ pub const HISTORY_ATTACHMENTS_TOTAL: &str = "nexus_history_attachments_total";
 pub const GWS_OPERATIONS_TOTAL: &str = "nexus_gws_operations_total";
 /// GWS effects a gws pod is retrying; their conversations wait behind them.
 pub const GWS_EFFECTS_RETRYING: &str = "nexus_gws_effects_retrying";
-/// Old rows the gws role pruned from its effect log.
-pub const GWS_EFFECTS_PRUNED_TOTAL: &str = "nexus_gws_effects_pruned_total";
+/// Old effect-state rows a role pruned (gws effect log, history's finished conversations), per `role`.
+pub const EFFECT_STATE_PRUNED_TOTAL: &str = "nexus_effect_state_pruned_total";
 
 // ---- webhooks worker (`subscription` is the webhook id for the first
 // `workers.webhooks.metric_subscriptions` subscriptions a process sees, then `other`) ----
@@ -84,8 +84,8 @@ pub(super) fn describe_all() {
         "GWS effects a gws pod is retrying; their conversations wait behind them."
     );
     describe_counter!(
-        GWS_EFFECTS_PRUNED_TOTAL,
-        "Old rows the gws role pruned from its effect log."
+        EFFECT_STATE_PRUNED_TOTAL,
+        "Old effect-state rows a role pruned (gws effect log, history's finished conversations)."
     );
     describe_counter!(
         PEER_CALLS_TOTAL,

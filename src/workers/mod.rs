@@ -12,6 +12,7 @@ pub mod gws;
 pub mod history;
 pub mod peer;
 pub mod pending;
+pub mod prune;
 pub mod tap;
 pub mod webhooks;
 
@@ -97,14 +98,23 @@ pub fn handler_for(role: &str, config: &Config, deps: &Deps) -> Result<RoleHandl
                 })],
             });
         }
-        "history" => Arc::new(history::HistoryWorker::new(
-            config.workers.history.clone(),
-            crate::http_client::build(&config.http_client).map_err(|e| WorkerError::Config {
-                role: role.to_string(),
-                message: e.to_string(),
-            })?,
-            deps.provisioning.clone(),
-        )),
+        "history" => {
+            let worker = history::HistoryWorker::new(
+                config.workers.history.clone(),
+                crate::http_client::build(&config.http_client).map_err(|e| {
+                    WorkerError::Config {
+                        role: role.to_string(),
+                        message: e.to_string(),
+                    }
+                })?,
+                deps.provisioning.clone(),
+            );
+            let pruner = worker.pruner();
+            return Ok(RoleHandler {
+                handler: Arc::new(worker),
+                background: vec![Box::new(pruner)],
+            });
+        }
         "gws" => {
             let worker = gws::GwsWorker::new(
                 &config.workers.gws,

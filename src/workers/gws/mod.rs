@@ -107,7 +107,15 @@ impl GwsWorker {
         &self,
     ) -> impl FnOnce(CancellationToken) -> futures::future::BoxFuture<'static, ()> {
         let log = self.log.clone();
-        move |stop| Box::pin(prune(log, stop))
+        move |stop| {
+            Box::pin(async move {
+                crate::workers::prune::run("gws", PRUNE_EVERY, EFFECT_RETENTION, stop, |before| {
+                    let log = log.clone();
+                    async move { log.prune(before).await }
+                })
+                .await
+            })
+        }
     }
 
     async fn apply(
@@ -217,34 +225,6 @@ impl GwsWorker {
         }
         emit(op, "rejected");
         f.into_handle_error(REJECTED)
-    }
-}
-
-/// Deletes effect-log rows older than [`EFFECT_RETENTION`], every [`PRUNE_EVERY`].
-async fn prune(log: Arc<EffectLog>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(PRUNE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let before = chrono::Utc::now().timestamp_millis()
-            - i64::try_from(EFFECT_RETENTION.as_millis()).unwrap_or(i64::MAX);
-        async {
-            match log.prune(before).await {
-                Ok(n) => {
-                    metrics::counter!(m::GWS_EFFECTS_PRUNED_TOTAL).increment(n);
-                    if n > 0 {
-                        info!(deleted = n, "old gws effect-log rows pruned");
-                    }
-                }
-                // Retried on the next tick; old rows only take space meanwhile.
-                Err(e) => warn!(error = %e, "gws effect-log prune failed; retried"),
-            }
-        }
-        .instrument(tracing::info_span!("gws_effect_prune"))
-        .await;
     }
 }
 

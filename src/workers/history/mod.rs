@@ -159,6 +159,13 @@ fn invalid(e: ev::BodyError) -> HandleError {
     }
 }
 
+/// How long a finished conversation's row is kept: longer than `nexus.interaction.v1` (14 days)
+/// and its dead-letter topic (14 days) keep events, so a replay still finds it done. Raise it
+/// with those retentions.
+pub const DONE_RETENTION: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+/// How often each history pod prunes (pods may overlap: the delete is idempotent).
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
 pub struct HistoryWorker {
     config: HistoryConfig,
     ucs: Ucs,
@@ -174,6 +181,23 @@ impl HistoryWorker {
             ucs: Ucs::new(peer),
             config,
             files,
+        }
+    }
+
+    /// The loop deleting finished conversations older than [`DONE_RETENTION`].
+    pub fn pruner(
+        &self,
+    ) -> impl FnOnce(tokio_util::sync::CancellationToken) -> futures::future::BoxFuture<'static, ()>
+    {
+        let store = self.store.clone();
+        move |stop| {
+            Box::pin(async move {
+                crate::workers::prune::run("history", PRUNE_EVERY, DONE_RETENTION, stop, |before| {
+                    let store = store.clone();
+                    async move { store.prune_done(before).await }
+                })
+                .await
+            })
         }
     }
 

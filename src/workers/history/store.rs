@@ -287,6 +287,18 @@ impl HistoryStore {
         Ok(r.rows_affected() == 1)
     }
 
+    /// Deletes finished conversations (status set at UCS) last changed before `before_ms`;
+    /// answers how many. Their entries were dropped when the transcript was written.
+    pub async fn prune_done(&self, before_ms: i64) -> Result<u64, StoreError> {
+        let done =
+            sqlx::query("DELETE FROM history_conversations WHERE step = $1 AND updated_at_ms < $2")
+                .bind(Step::Done as i64)
+                .bind(before_ms)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected())
+    }
+
     /// Drops the kept entries of a conversation whose transcript is written.
     pub async fn drop_entries(&self, tenant: &str, conversation: &str) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM history_entries WHERE tenant_id = $1 AND conversation_id = $2")

@@ -286,4 +286,31 @@ async fn the_state_store_applies_each_step_once() {
     assert_eq!(next(&st), Next::AddAttachment(1));
     s.drop_entries("t", "c").await.expect("drop");
     assert!(s.entries("t", "c").await.expect("entries").is_empty());
+
+    // Pruning takes only finished conversations older than the cut.
+    assert!(s
+        .record_start("t", "open", &started(), "e2")
+        .await
+        .expect("start open"));
+    for (from, to) in [
+        (Step::TranscriptAdded, Step::AttachmentsAdded),
+        (Step::AttachmentsAdded, Step::Done),
+    ] {
+        assert!(s
+            .advance("t", "c", from, to, None, None, "e9")
+            .await
+            .expect("advance"));
+    }
+    let cut = chrono::Utc::now().timestamp_millis() + 1_000;
+    assert_eq!(
+        s.prune_done(cut - 60_000).await.expect("prune"),
+        0,
+        "too new"
+    );
+    assert_eq!(s.prune_done(cut).await.expect("prune"), 1);
+    assert!(s.load("t", "c").await.expect("load").is_none());
+    assert!(
+        s.load("t", "open").await.expect("load").is_some(),
+        "an open conversation is kept however old"
+    );
 }
