@@ -13,32 +13,6 @@ use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-async fn agent_ready(url: &str, token: &str) -> Ws {
-    let mut agent = ws_connect(&format!("{url}/v1/agent/ws?token={token}")).await;
-    ws_until(&mut agent, WAIT, |v| v["type"] == "hello").await;
-    ws_send(&mut agent, json!({"op": "ready", "request_id": "r1"})).await;
-    let ack = ws_until(&mut agent, WAIT, |v| v["request_id"] == "r1").await;
-    assert_eq!(ack["type"], "ack", "{ack}");
-    let http = reqwest::Client::new();
-    eventually(WAIT, "agent ready", || {
-        let http = http.clone();
-        async move {
-            let me: Value = http
-                .get(format!("{url}/v1/agent/me"))
-                .bearer_auth(token)
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            (me["ready"] == true).then_some(())
-        }
-    })
-    .await;
-    agent
-}
-
 fn transcript_frame(v: &Value, kind: &str) -> bool {
     v["type"] == "transcript" && v["kind"] == kind
 }

@@ -80,31 +80,6 @@ async fn start_chat(http: &reqwest::Client, url: &str, api_key: &str, n: usize) 
     }
 }
 
-async fn ready_agent(url: &str, token: &str) -> Ws {
-    let mut ws = ws_connect(&format!("{url}/v1/agent/ws?token={token}")).await;
-    ws_until(&mut ws, WAIT, |v| v["type"] == "hello").await;
-    ws_send(&mut ws, json!({"op": "ready", "request_id": "ready"})).await;
-    ws_until(&mut ws, WAIT, |v| v["request_id"] == "ready").await;
-    let http = reqwest::Client::new();
-    eventually(WAIT, "agent ready", || {
-        let http = http.clone();
-        async move {
-            let me: Value = http
-                .get(format!("{url}/v1/agent/me"))
-                .bearer_auth(token)
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            (me["ready"] == true).then_some(())
-        }
-    })
-    .await;
-    ws
-}
-
 /// Accepts every offer until `connected` conversations are connected; returns them.
 async fn accept_until(ws: &mut Ws, connected: usize) -> HashSet<String> {
     let mut mine = HashSet::new();
@@ -138,7 +113,7 @@ async fn thousand_messages_arrive_in_send_order_per_conversation() {
     let mut agents = Vec::new();
     for i in 0..5 {
         let (_, token) = provision_agent(&admin, &tenant, &format!("agent {i}"), 10).await;
-        agents.push(ready_agent(&sys.url, &token).await);
+        agents.push(agent_ready(&sys.url, &token).await);
     }
     let customers: Vec<Customer> =
         join_all((0..CHATS).map(|n| start_chat(&http, &sys.url, &tenant.api_key, n))).await;
@@ -222,7 +197,7 @@ async fn capacity_holds_while_offers_race_across_workers() {
     let mut tokens = Vec::new();
     for i in 0..AGENTS {
         let (_, token) = provision_agent(&admin, &tenant, &format!("agent {i}"), CAPACITY).await;
-        agents.push(ready_agent(&sys.url, &token).await);
+        agents.push(agent_ready(&sys.url, &token).await);
         tokens.push(token);
     }
     // Twenty chats at once: two workers race to offer them.

@@ -95,31 +95,6 @@ impl System {
     }
 }
 
-async fn agent_ready(url: &str, token: &str) -> Ws {
-    let mut ws = ws_connect(&format!("{url}/v1/agent/ws?token={token}")).await;
-    ws_until(&mut ws, WAIT, |v| v["type"] == "hello").await;
-    ws_send(&mut ws, json!({"op": "ready", "request_id": "ready"})).await;
-    ws_until(&mut ws, WAIT, |v| v["request_id"] == "ready").await;
-    let http = reqwest::Client::new();
-    eventually(WAIT, "agent ready", || {
-        let http = http.clone();
-        async move {
-            let me: Value = http
-                .get(format!("{url}/v1/agent/me"))
-                .bearer_auth(token)
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            (me["ready"] == true).then_some(())
-        }
-    })
-    .await;
-    ws
-}
-
 async fn start_chat(url: &str, api_key: &str) -> String {
     let started: Value = reqwest::Client::new()
         .post(format!("{url}/nexus/v3/chat/sessions"))

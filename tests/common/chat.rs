@@ -320,6 +320,34 @@ pub async fn provision_agent(
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// An agent's WebSocket, signed in and ready (the worker applied it: `/v1/agent/me` says so).
+pub async fn agent_ready(url: &str, token: &str) -> Ws {
+    const WAIT: Duration = Duration::from_secs(60);
+    let mut agent = ws_connect(&format!("{url}/v1/agent/ws?token={token}")).await;
+    ws_until(&mut agent, WAIT, |v| v["type"] == "hello").await;
+    ws_send(&mut agent, json!({"op": "ready", "request_id": "ready"})).await;
+    let ack = ws_until(&mut agent, WAIT, |v| v["request_id"] == "ready").await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let http = reqwest::Client::new();
+    eventually(WAIT, "agent ready", || {
+        let http = http.clone();
+        async move {
+            let me: Value = http
+                .get(format!("{url}/v1/agent/me"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (me["ready"] == true).then_some(())
+        }
+    })
+    .await;
+    agent
+}
+
 pub async fn ws_connect(url: &str) -> Ws {
     let url = url.replacen("http://", "ws://", 1);
     let (ws, _) = tokio_tungstenite::connect_async(url)
