@@ -49,7 +49,7 @@ pub struct NewMessage {
 }
 
 /// A waiting message (NULL due time) whose earlier messages in its conversation are done.
-const WAITING_AND_FREE: &str = "status = 'pending' AND next_attempt_at_ms IS NULL AND NOT EXISTS (SELECT 1 FROM webhook_messages p WHERE p.webhook_id = webhook_messages.webhook_id AND p.conversation_id = webhook_messages.conversation_id AND p.seq < webhook_messages.seq AND p.status = 'pending')";
+const WAITING_AND_FREE: &str = "status = 'pending' AND next_attempt_at_ms IS NULL AND NOT EXISTS (SELECT 1 FROM webhook_messages p WHERE p.tenant_id = webhook_messages.tenant_id AND p.conversation_id = webhook_messages.conversation_id AND p.webhook_id = webhook_messages.webhook_id AND p.seq < webhook_messages.seq AND p.status = 'pending')";
 
 /// When a new message is first due: STARTED at once; FINISHED waits (NULL) until its
 /// STARTED is no longer pending (order per subscription and conversation), see
