@@ -34,6 +34,11 @@ const MAX_BATCH: usize = 256;
 const CLAIM_EVERY: Duration = Duration::from_millis(10);
 /// An endpoint holds at most this many times its in-flight limit of claimed messages.
 const HELD_FACTOR: usize = 4;
+/// New messages leased at insert an endpoint may hold, as a multiple of its in-flight limit,
+/// and the process, as a multiple of `max_in_flight`: more than a claim takes, since a message
+/// leased at insert costs no claim statement (a burst mostly skips the claim).
+const ADOPT_FACTOR: usize = 16;
+const ADOPT_GLOBAL_FACTOR: usize = 4;
 /// A held message waiting longer than this renews its lease before it is sent.
 const RENEW_AFTER: Duration = Duration::from_secs(1);
 /// How long a subscription's URL and secrets are reused before reading them again: rotations
@@ -177,16 +182,15 @@ impl Dispatcher {
     }
 
     /// Leases for new messages this process sends itself, without a claim: per message, the
-    /// lease when it is due at once and its endpoint and the process have room now (as a
-    /// claim would take it), else `None` (a claim finds it later). The caller writes the
+    /// lease when it is due at once and its endpoint and the process hold fewer than
+    /// [`ADOPT_FACTOR`] / [`ADOPT_GLOBAL_FACTOR`] allow, else `None` (a claim finds it later;
+    /// a held message waiting past [`RENEW_AFTER`] renews its lease before it goes). The caller writes the
     /// leases with the messages, then hands the new ones to [`Dispatcher::adopt`].
     pub fn offer(&self, ms: &[NewMessage]) -> Vec<Option<i64>> {
         let per = self.config.max_in_flight_per_endpoint;
         let lease = self.lease_until(now_ms());
         let lanes = self.lock_lanes();
-        let mut room = self
-            .global
-            .available_permits()
+        let mut room = (ADOPT_GLOBAL_FACTOR * self.config.max_in_flight)
             .saturating_sub(lanes.values().map(|l| l.held.len()).sum());
         let mut taken: HashMap<&str, usize> = HashMap::new();
         ms.iter()
@@ -195,7 +199,7 @@ impl Dispatcher {
                 let mine = taken.entry(m.webhook_id.as_str()).or_default();
                 if m.event != crate::stores::provisioning::WebhookEvent::Started
                     || room == 0
-                    || held + *mine >= HELD_FACTOR * per
+                    || held + *mine >= ADOPT_FACTOR * per
                 {
                     return None;
                 }
