@@ -136,6 +136,8 @@ pub struct Dispatcher {
     wake: Notify,
     /// A finished attempt wakes the loop to start the next held message.
     done: Notify,
+    /// Messages leased at insert wait in the held queues: start them, no claim needed.
+    adopted: Notify,
     global: Arc<Semaphore>,
     /// Per endpoint: attempts in flight and claimed messages waiting for a slot.
     lanes: Mutex<HashMap<String, Lane>>,
@@ -170,6 +172,7 @@ impl Dispatcher {
             config,
             wake: Notify::new(),
             done: Notify::new(),
+            adopted: Notify::new(),
             lanes: Mutex::new(HashMap::new()),
             targets: Mutex::new(HashMap::new()),
             cleared: Mutex::new(HashMap::new()),
@@ -230,8 +233,7 @@ impl Dispatcher {
                     });
             }
         }
-        // The loop starts held messages when a finished attempt or a wake-up arrives.
-        self.done.notify_one();
+        self.adopted.notify_one();
     }
 
     pub fn labels(&self) -> &Labels {
@@ -264,6 +266,8 @@ impl Dispatcher {
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = self.wake.notified() => claim = true,
+                    // Only starts them: a claim here would find nothing new and delay them.
+                    _ = self.adopted.notified() => claim = false,
                     _ = self.done.notified() => {
                         claim = last_claim.elapsed() >= CLAIM_EVERY;
                         owed = owed || !claim;
