@@ -136,8 +136,6 @@ pub struct Dispatcher {
     wake: Notify,
     /// A finished attempt wakes the loop to start the next held message.
     done: Notify,
-    /// Messages leased at insert wait in the held queues: start them, no claim needed.
-    adopted: Notify,
     global: Arc<Semaphore>,
     /// Per endpoint: attempts in flight and claimed messages waiting for a slot.
     lanes: Mutex<HashMap<String, Lane>>,
@@ -172,7 +170,6 @@ impl Dispatcher {
             config,
             wake: Notify::new(),
             done: Notify::new(),
-            adopted: Notify::new(),
             lanes: Mutex::new(HashMap::new()),
             targets: Mutex::new(HashMap::new()),
             cleared: Mutex::new(HashMap::new()),
@@ -215,7 +212,7 @@ impl Dispatcher {
 
     /// Holds new messages this process leased at insert (see [`Dispatcher::offer`]) and
     /// starts them as their endpoints allow.
-    pub fn adopt(&self, ms: Vec<(Claimed, i64)>) {
+    pub async fn adopt(self: &Arc<Self>, ms: Vec<(Claimed, i64)>) {
         if ms.is_empty() {
             return;
         }
@@ -233,7 +230,8 @@ impl Dispatcher {
                     });
             }
         }
-        self.adopted.notify_one();
+        // Started from here: the loop may be waiting on a claim round trip.
+        self.start_held().await;
     }
 
     pub fn labels(&self) -> &Labels {
@@ -266,8 +264,6 @@ impl Dispatcher {
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = self.wake.notified() => claim = true,
-                    // Only starts them: a claim here would find nothing new and delay them.
-                    _ = self.adopted.notified() => claim = false,
                     _ = self.done.notified() => {
                         claim = last_claim.elapsed() >= CLAIM_EVERY;
                         owed = owed || !claim;

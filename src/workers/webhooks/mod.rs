@@ -269,7 +269,7 @@ impl Handler for Webhooks {
                 _ => unleased = true,
             }
         }
-        self.dispatcher.adopt(mine);
+        self.dispatcher.adopt(mine).await;
         if unleased {
             self.dispatcher.wake();
         }
