@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 fn main() {
     // A directory path makes cargo rerun when anything inside it changes.
     println!("cargo:rerun-if-changed=schemas");
+    // `sqlx::migrate!` embeds this folder but does not tell cargo: a new migration must rebuild.
+    println!("cargo:rerun-if-changed=src/stores/provisioning/migrations");
     let root =
         PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
             .join("schemas");

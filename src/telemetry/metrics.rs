@@ -72,6 +72,8 @@ pub const WEBHOOK_DEAD_LETTERED_TOTAL: &str = "nexus_webhook_dead_lettered_total
 pub const WEBHOOK_ENDPOINTS_DISABLED_TOTAL: &str = "nexus_webhook_endpoints_disabled_total";
 /// Errors of the webhook dispatcher's own work (claims, log writes, publishes), per `stage`.
 pub const WEBHOOK_DISPATCH_ERRORS_TOTAL: &str = "nexus_webhook_dispatch_errors_total";
+/// Attempt outcomes written to the delivery log per statement (the log writer's batches).
+pub const WEBHOOK_LOG_BATCH_SIZE: &str = "nexus_webhook_log_batch_size";
 
 pub(super) fn describe_all() {
     describe_webhooks();
@@ -191,5 +193,9 @@ fn describe_webhooks() {
     describe_counter!(
         WEBHOOK_DISPATCH_ERRORS_TOTAL,
         "Errors of the webhook dispatcher's own work by stage."
+    );
+    describe_histogram!(
+        WEBHOOK_LOG_BATCH_SIZE,
+        "Attempt outcomes written to the webhook delivery log per statement."
     );
 }

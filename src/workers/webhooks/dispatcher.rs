@@ -7,14 +7,14 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
 use super::config::WebhooksConfig;
 use super::signing;
-use super::store::{After, AttemptRecord, Claimed, MessageStore};
+use super::store::{After, AttemptRecord, Claimed, MessageStore, NewMessage};
 use super::target;
 use crate::bus::Bus;
 use crate::events::publish::publish;
@@ -33,7 +33,12 @@ const MAX_BATCH: usize = 256;
 /// A busy loop claims at most this often when attempts finish (new messages claim at once).
 const CLAIM_EVERY: Duration = Duration::from_millis(10);
 /// An endpoint holds at most this many times its in-flight limit of claimed messages.
-const HELD_FACTOR: usize = 2;
+const HELD_FACTOR: usize = 4;
+/// New messages leased at insert an endpoint may hold, as a multiple of its in-flight limit,
+/// and the process, as a multiple of `max_in_flight`: more than a claim takes, since a message
+/// leased at insert costs no claim statement (a burst mostly skips the claim).
+const ADOPT_FACTOR: usize = 16;
+const ADOPT_GLOBAL_FACTOR: usize = 4;
 /// A held message waiting longer than this renews its lease before it is sent.
 const RENEW_AFTER: Duration = Duration::from_secs(1);
 /// How long a subscription's URL and secrets are reused before reading them again: rotations
@@ -46,6 +51,12 @@ const CLEAR_EVERY: Duration = Duration::from_secs(1);
 const ANALYZE_MIN: i64 = 1000;
 /// Largest answer body read from a receiver (the rest is dropped).
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
+/// Most attempt outcomes one log statement writes.
+const MAX_LOG_BATCH: usize = 512;
+/// Log statements in flight at once: the next batch gathers while one is written.
+const LOG_WRITERS: usize = 2;
+/// After shutdown, how long the log writer waits for the outcomes of attempts still running.
+const LOG_DRAIN: Duration = Duration::from_millis(500);
 /// How long a failed dead-letter publish waits before the next try (the bus is down).
 const DEAD_LETTER_RETRY_MS: i64 = super::store::EXHAUSTED_RECLAIM_MS;
 /// The producer name on events this role publishes.
@@ -100,6 +111,14 @@ struct Lane {
     held: VecDeque<Held>,
 }
 
+/// A finished attempt waiting for the log writer; `done` answers once it is committed.
+struct Outcome {
+    msg: Claimed,
+    record: AttemptRecord,
+    after: After,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
 /// The result of one HTTP attempt.
 struct Sent {
     record: AttemptRecord,
@@ -124,6 +143,9 @@ pub struct Dispatcher {
     /// When this process last cleared an endpoint's failure clock; a failure forgets it.
     cleared: Mutex<HashMap<String, Instant>>,
     labels: Labels,
+    /// Finished attempts to the log writer, which writes them in batches.
+    outcomes: mpsc::UnboundedSender<Outcome>,
+    outcomes_rx: Mutex<Option<mpsc::UnboundedReceiver<Outcome>>>,
 }
 
 impl Dispatcher {
@@ -134,7 +156,11 @@ impl Dispatcher {
         client: reqwest::Client,
         config: WebhooksConfig,
     ) -> Self {
+        // Unbounded, yet bounded by `max_in_flight`: each waiting outcome holds a permit.
+        let (outcomes, rx) = mpsc::unbounded_channel();
         Self {
+            outcomes,
+            outcomes_rx: Mutex::new(Some(rx)),
             global: Arc::new(Semaphore::new(config.max_in_flight)),
             labels: Labels::new(config.metric_subscriptions),
             store,
@@ -153,6 +179,59 @@ impl Dispatcher {
     /// New messages are due: claim them now rather than at the next poll.
     pub fn wake(&self) {
         self.wake.notify_one();
+    }
+
+    /// Leases for new messages this process sends itself, without a claim: per message, the
+    /// lease when it is due at once and its endpoint and the process hold fewer than
+    /// [`ADOPT_FACTOR`] / [`ADOPT_GLOBAL_FACTOR`] allow, else `None` (a claim finds it later;
+    /// a held message waiting past [`RENEW_AFTER`] renews its lease before it goes). The caller writes the
+    /// leases with the messages, then hands the new ones to [`Dispatcher::adopt`].
+    pub fn offer(&self, ms: &[NewMessage]) -> Vec<Option<i64>> {
+        let per = self.config.max_in_flight_per_endpoint;
+        let lease = self.lease_until(now_ms());
+        let lanes = self.lock_lanes();
+        let mut room = (ADOPT_GLOBAL_FACTOR * self.config.max_in_flight)
+            .saturating_sub(lanes.values().map(|l| l.held.len()).sum());
+        let mut taken: HashMap<&str, usize> = HashMap::new();
+        ms.iter()
+            .map(|m| {
+                let held = lanes.get(&m.webhook_id).map_or(0, |l| l.held.len());
+                let mine = taken.entry(m.webhook_id.as_str()).or_default();
+                if m.event != crate::stores::provisioning::WebhookEvent::Started
+                    || room == 0
+                    || held + *mine >= ADOPT_FACTOR * per
+                {
+                    return None;
+                }
+                room -= 1;
+                *mine += 1;
+                Some(lease)
+            })
+            .collect()
+    }
+
+    /// Holds new messages this process leased at insert (see [`Dispatcher::offer`]) and
+    /// starts them as their endpoints allow.
+    pub async fn adopt(self: &Arc<Self>, ms: Vec<(Claimed, i64)>) {
+        if ms.is_empty() {
+            return;
+        }
+        {
+            let mut lanes = self.lock_lanes();
+            for (msg, lease_until) in ms {
+                lanes
+                    .entry(msg.webhook_id.clone())
+                    .or_default()
+                    .held
+                    .push_back(Held {
+                        msg,
+                        lease_until,
+                        claimed_at: Instant::now(),
+                    });
+            }
+        }
+        // Started from here: the loop may be waiting on a claim round trip.
+        self.start_held().await;
     }
 
     pub fn labels(&self) -> &Labels {
@@ -198,6 +277,83 @@ impl Dispatcher {
         .await
     }
 
+    /// The log writer, until `stop` (then until the attempts still running have logged, at
+    /// most [`LOG_DRAIN`] after the last): writes finished attempts in batches of what
+    /// gathered while the previous statement ran, [`LOG_WRITERS`] statements at a time.
+    pub async fn log_writer(self: Arc<Self>, stop: CancellationToken) {
+        let taken = self
+            .outcomes_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(mut rx) = taken else { return };
+        let writers = Arc::new(Semaphore::new(LOG_WRITERS));
+        async {
+            loop {
+                let Ok(slot) = writers.clone().acquire_owned().await else {
+                    break;
+                };
+                let first = if stop.is_cancelled() {
+                    match tokio::time::timeout(LOG_DRAIN, rx.recv()).await {
+                        Ok(Some(o)) => o,
+                        _ => break,
+                    }
+                } else {
+                    tokio::select! {
+                        _ = stop.cancelled() => continue,
+                        o = rx.recv() => match o { Some(o) => o, None => break },
+                    }
+                };
+                let mut batch = vec![first];
+                while batch.len() < MAX_LOG_BATCH {
+                    match rx.try_recv() {
+                        Ok(o) => batch.push(o),
+                        Err(_) => break,
+                    }
+                }
+                let me = self.clone();
+                tokio::spawn(async move {
+                    me.write_outcomes(batch).await;
+                    drop(slot);
+                });
+            }
+            // Let the last statements finish before the role stops.
+            let _ = writers.acquire_many(LOG_WRITERS as u32).await;
+        }
+        .instrument(tracing::info_span!("webhooks.log_writer"))
+        .await
+    }
+
+    async fn write_outcomes(&self, batch: Vec<Outcome>) {
+        metrics::histogram!(m::WEBHOOK_LOG_BATCH_SIZE).record(batch.len() as f64);
+        let items: Vec<_> = batch.iter().map(|o| (&o.msg, &o.record, o.after)).collect();
+        let result = self
+            .store
+            .record_batch(&items, now_ms())
+            .await
+            .map_err(|e| e.to_string());
+        for o in batch {
+            let _ = o.done.send(result.clone());
+        }
+    }
+
+    /// Logs one finished attempt through the log writer; once committed, Ok.
+    async fn log(&self, msg: &Claimed, record: &AttemptRecord, after: After) -> Result<(), String> {
+        let (done, answer) = oneshot::channel();
+        let outcome = Outcome {
+            msg: msg.clone(),
+            record: record.clone(),
+            after,
+            done,
+        };
+        if self.outcomes.send(outcome).is_err() {
+            return Err("the log writer stopped".into());
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err("the log writer stopped".into()))
+    }
+
     fn lock_lanes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lane>> {
         match self.lanes.lock() {
             Ok(g) => g,
@@ -215,7 +371,7 @@ impl Dispatcher {
     async fn claim(self: &Arc<Self>) {
         let per = self.config.max_in_flight_per_endpoint;
         loop {
-            let (held, saturated) = {
+            let (held, saturated, room) = {
                 let lanes = self.lock_lanes();
                 let held: usize = lanes.values().map(|l| l.held.len()).sum();
                 let saturated: Vec<String> = lanes
@@ -223,12 +379,21 @@ impl Dispatcher {
                     .filter(|(_, l)| l.held.len() >= per)
                     .map(|(id, _)| id.clone())
                     .collect();
-                (held, saturated)
+                // What the busy endpoints can still hold, plus a share for endpoints this
+                // process holds nothing of: a larger claim would be given back in part.
+                let room: usize = lanes
+                    .values()
+                    .filter(|l| l.held.len() < per)
+                    .map(|l| HELD_FACTOR * per - l.held.len())
+                    .sum::<usize>()
+                    + HELD_FACTOR * per;
+                (held, saturated, room)
             };
             let want = self
                 .global
                 .available_permits()
                 .saturating_sub(held)
+                .min(room)
                 .min(MAX_BATCH);
             if want == 0 {
                 return;
@@ -400,7 +565,7 @@ impl Dispatcher {
                 .increment(1);
             metrics::histogram!(m::WEBHOOK_ATTEMPT_SECONDS, "outcome" => sent.record.outcome)
                 .record(sent.record.latency_ms as f64 / 1000.0);
-            if let Err(e) = self.store.record(&msg, &sent.record, after, now).await {
+            if let Err(e) = self.log(&msg, &sent.record, after).await {
                 metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "record")
                     .increment(1);
                 // The lease lapses and the message is tried again under the same webhook-id.

@@ -61,7 +61,9 @@ pub fn role(
         // A redirect could lead to an address the target policy refuses; receivers get none.
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(config.timeout())
-        .pool_max_idle_per_host(config.max_in_flight_per_endpoint);
+        // Several subscriptions often share a host: keep a connection per attempt in flight,
+        // not per endpoint (a smaller pool closes and reopens connections at every burst).
+        .pool_max_idle_per_host(config.max_in_flight);
     if let Some(resolver) = target::resolver(config.allow_private_targets) {
         builder = builder.dns_resolver(resolver);
     }
@@ -107,11 +109,13 @@ pub fn role(
         cache: Mutex::new(HashMap::new()),
     });
     let stats = dispatcher.clone();
+    let writer = dispatcher.clone();
     Ok(RoleHandler {
         handler,
         background: vec![
             Box::new(move |stop| dispatcher.run(stop).boxed()),
             Box::new(move |stop| stats.stats(stop).boxed()),
+            Box::new(move |stop| writer.log_writer(stop).boxed()),
         ],
     })
 }
@@ -240,13 +244,33 @@ impl Handler for Webhooks {
                 body: body.clone(),
             })
             .collect();
-        let queued = self
+        // Messages this process has room for are leased in the insert and sent from here: no
+        // claim query for a first attempt. The rest (and FINISHED) wait for a claim.
+        let leases = self.dispatcher.offer(&messages);
+        let new = self
             .store
-            .insert_all(&messages, now)
+            .queue(&messages, &leases, now)
             .await
             .map_err(|err| HandleError::Retry(err.to_string()))?;
-        if queued > 0 {
-            metrics::counter!(m::WEBHOOK_MESSAGES_QUEUED_TOTAL).increment(queued);
+        if new.is_empty() {
+            return Ok(());
+        }
+        metrics::counter!(m::WEBHOOK_MESSAGES_QUEUED_TOTAL).increment(new.len() as u64);
+        let mut unleased = false;
+        let mut mine = Vec::new();
+        for (msg, lease) in messages.into_iter().zip(leases) {
+            if !new.contains(&msg.id) {
+                continue;
+            }
+            match lease {
+                Some(lease) if msg.event == WebhookEvent::Started => {
+                    mine.push((store::Claimed::first(msg), lease))
+                }
+                _ => unleased = true,
+            }
+        }
+        self.dispatcher.adopt(mine).await;
+        if unleased {
             self.dispatcher.wake();
         }
         Ok(())

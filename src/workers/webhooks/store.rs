@@ -49,7 +49,7 @@ pub struct NewMessage {
 }
 
 /// A waiting message (NULL due time) whose earlier messages in its conversation are done.
-const WAITING_AND_FREE: &str = "status = 'pending' AND next_attempt_at_ms IS NULL AND NOT EXISTS (SELECT 1 FROM webhook_messages p WHERE p.webhook_id = webhook_messages.webhook_id AND p.conversation_id = webhook_messages.conversation_id AND p.seq < webhook_messages.seq AND p.status = 'pending')";
+const WAITING_AND_FREE: &str = "status = 'pending' AND next_attempt_at_ms IS NULL AND NOT EXISTS (SELECT 1 FROM webhook_messages p WHERE p.tenant_id = webhook_messages.tenant_id AND p.conversation_id = webhook_messages.conversation_id AND p.webhook_id = webhook_messages.webhook_id AND p.seq < webhook_messages.seq AND p.status = 'pending')";
 
 /// When a new message is first due: STARTED at once; FINISHED waits (NULL) until its
 /// STARTED is no longer pending (order per subscription and conversation), see
@@ -63,6 +63,20 @@ fn seq(event: WebhookEvent) -> i64 {
         WebhookEvent::Started => 0,
         WebhookEvent::Finished => 1,
     }
+}
+
+/// A message's status and next due time after an attempt, and the next attempt time the
+/// attempt log shows.
+fn outcome_state(after: After, now_ms: i64) -> (&'static str, Option<i64>, Option<i64>) {
+    let (status, next) = match after {
+        After::Delivered => (status::DELIVERED, None),
+        After::Aborted => (status::FAILED, None),
+        After::Retry(at) => (status::PENDING, Some(at)),
+        // Still pending: the sender dead-letters it now; should that not complete (crash,
+        // bus down), a claim after this delay does it again.
+        After::Exhausted => (status::PENDING, Some(now_ms + EXHAUSTED_RECLAIM_MS)),
+    };
+    (status, next, next.filter(|_| after != After::Exhausted))
 }
 
 /// A message claimed for one attempt.
@@ -79,6 +93,25 @@ pub struct Claimed {
     pub round_attempts: i64,
     pub last_status_code: Option<i64>,
     pub last_error: Option<String>,
+}
+
+impl Claimed {
+    /// A new message as its first attempt sees it (leased at insert, not claimed).
+    pub fn first(m: NewMessage) -> Self {
+        Self {
+            id: m.id,
+            tenant_id: m.tenant_id,
+            webhook_id: m.webhook_id,
+            event_id: m.event_id,
+            conversation_id: m.conversation_id,
+            event: m.event.as_str().to_string(),
+            body: m.body,
+            attempts: 0,
+            round_attempts: 0,
+            last_status_code: None,
+            last_error: None,
+        }
+    }
 }
 
 /// What an attempt leads to.
@@ -240,17 +273,27 @@ impl MessageStore {
 
     /// Queues every message unless it exists, in one statement; how many were new.
     pub async fn insert_all(&self, ms: &[NewMessage], now_ms: i64) -> Result<u64, StoreError> {
+        let leases = vec![None; ms.len()];
+        Ok(self.queue(ms, &leases, now_ms).await?.len() as u64)
+    }
+
+    /// Queues every message unless it exists, in one statement, each already leased until
+    /// `leases[i]` when given (the caller sends those itself, without a claim: other senders
+    /// skip them until the lease lapses); the ids that were new (only those are the caller's).
+    pub async fn queue(
+        &self,
+        ms: &[NewMessage],
+        leases: &[Option<i64>],
+        now_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
         if ms.is_empty() {
-            return Ok(0);
-        }
-        if ms.len() == 1 {
-            return Ok(u64::from(self.insert(&ms[0], now_ms).await?));
+            return Ok(Vec::new());
         }
         let mut values = Vec::with_capacity(ms.len());
         for i in 0..ms.len() {
-            let b = i * 9;
+            let b = i * 10;
             values.push(format!(
-                "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, 'pending', 0, 0, ${}, ${}, ${})",
+                "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, 'pending', 0, 0, ${}, ${}, ${}, ${})",
                 b + 1,
                 b + 2,
                 b + 3,
@@ -260,16 +303,20 @@ impl MessageStore {
                 b + 7,
                 b + 8,
                 b + 9,
-                ms.len() * 9 + 1,
-                ms.len() * 9 + 2,
+                b + 10,
+                ms.len() * 10 + 1,
+                ms.len() * 10 + 2,
             ));
         }
         let sql = format!(
-            "INSERT INTO webhook_messages (id, tenant_id, webhook_id, event_id, conversation_id, event, seq, body, status, attempts, round_attempts, next_attempt_at_ms, created_at_ms, updated_at_ms) VALUES {} ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO webhook_messages (id, tenant_id, webhook_id, event_id, conversation_id, event, seq, body, status, attempts, round_attempts, next_attempt_at_ms, lease_until_ms, created_at_ms, updated_at_ms) VALUES {} ON CONFLICT (id) DO NOTHING RETURNING id",
             values.join(", ")
         );
         let mut q = sqlx::query(&sql);
-        for m in ms {
+        for (i, m) in ms.iter().enumerate() {
+            // Only a due message can be leased (a waiting FINISHED goes through the claim).
+            let due = first_due(m.event, now_ms);
+            let lease = due.and(leases.get(i).copied().flatten());
             q = q
                 .bind(m.id.clone())
                 .bind(m.tenant_id.clone())
@@ -279,15 +326,20 @@ impl MessageStore {
                 .bind(m.event.as_str())
                 .bind(seq(m.event))
                 .bind(m.body.clone())
-                .bind(first_due(m.event, now_ms));
+                .bind(due)
+                .bind(lease);
         }
-        let done = q.bind(now_ms).bind(now_ms).execute(&self.pool).await?;
+        let rows = q.bind(now_ms).bind(now_ms).fetch_all(&self.pool).await?;
+        let new = rows
+            .iter()
+            .map(|r| r.try_get::<String, _>("id"))
+            .collect::<Result<Vec<_>, _>>()?;
         // Messages of one event share their conversation.
         if let Some(m) = ms.iter().find(|m| m.event != WebhookEvent::Started) {
             self.unblock(&self.pool, &m.tenant_id, &m.conversation_id, now_ms)
                 .await?;
         }
-        Ok(done.rows_affected())
+        Ok(new)
     }
 
     /// Makes due the waiting (FINISHED) messages of a conversation whose earlier message is no
@@ -439,16 +491,8 @@ impl MessageStore {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         let attempt = m.attempts + 1;
-        let (status, next) = match after {
-            After::Delivered => (status::DELIVERED, None),
-            After::Aborted => (status::FAILED, None),
-            After::Retry(at) => (status::PENDING, Some(at)),
-            // Still pending: the sender dead-letters it now; should that not complete (crash,
-            // bus down), a claim after this delay does it again.
-            After::Exhausted => (status::PENDING, Some(now_ms + EXHAUSTED_RECLAIM_MS)),
-        };
+        let (status, next, attempt_next) = outcome_state(after, now_ms);
         let attempt_id = uuid::Uuid::now_v7().to_string();
-        let attempt_next = next.filter(|_| after != After::Exhausted);
         if self.postgres {
             // One round trip: the attempt row and the message move together.
             sqlx::query(
@@ -502,6 +546,71 @@ impl MessageStore {
         .await?;
         tx.commit().await?;
         self.released(m, status, now_ms).await
+    }
+
+    /// Logs the attempts of many claimed messages and moves each message on: on PostgreSQL
+    /// one statement for the lot (attempt rows and message updates together), then one
+    /// statement releasing the FINISHED messages waiting for the STARTED ones that left
+    /// `pending` (after the first commits, so it or the FINISHED's insert sees the other).
+    /// A failed release is left to the sweep ([`MessageStore::unblock_all`]).
+    pub async fn record_batch(
+        &self,
+        items: &[(&Claimed, &AttemptRecord, After)],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        if !self.postgres {
+            for (m, a, after) in items {
+                self.record(m, a, *after, now_ms).await?;
+            }
+            return Ok(());
+        }
+        let mut rows = Vec::with_capacity(items.len());
+        let mut released = Vec::new();
+        for (m, a, after) in items {
+            let (status, next, attempt_next) = outcome_state(*after, now_ms);
+            rows.push(serde_json::json!({
+                "attempt_id": uuid::Uuid::now_v7().to_string(),
+                "message_id": m.id,
+                "attempt": m.attempts + 1,
+                "started_at_ms": a.started_at_ms,
+                "outcome": a.outcome,
+                "status_code": a.status_code,
+                "latency_ms": a.latency_ms,
+                "error": a.error,
+                "attempt_next": attempt_next,
+                "status": status,
+                "round_attempts": m.round_attempts + 1,
+                "next": next,
+            }));
+            if status != status::PENDING && m.event == WebhookEvent::Started.as_str() {
+                released.push(serde_json::json!({"t": m.tenant_id, "c": m.conversation_id}));
+            }
+        }
+        sqlx::query(
+            "WITH v AS (SELECT * FROM json_to_recordset($1::json) AS x(attempt_id text, message_id text, attempt bigint, started_at_ms bigint, outcome text, status_code bigint, latency_ms bigint, error text, attempt_next bigint, status text, round_attempts bigint, next bigint)), \
+             logged AS (INSERT INTO webhook_attempts (id, message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms) SELECT attempt_id, message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, attempt_next FROM v ON CONFLICT (message_id, attempt) DO NOTHING) \
+             UPDATE webhook_messages SET status = v.status, attempts = v.attempt, round_attempts = v.round_attempts, next_attempt_at_ms = v.next, lease_until_ms = NULL, last_status_code = v.status_code, last_error = v.error, updated_at_ms = $2 FROM v WHERE webhook_messages.id = v.message_id",
+        )
+        .bind(serde_json::Value::Array(rows).to_string())
+        .bind(now_ms)
+        .execute(&self.relaxed)
+        .await?;
+        if !released.is_empty() {
+            let done = sqlx::query(&format!(
+                "UPDATE webhook_messages SET next_attempt_at_ms = $2 WHERE (tenant_id, conversation_id) IN (SELECT t, c FROM json_to_recordset($1::json) AS x(t text, c text)) AND {WAITING_AND_FREE}"
+            ))
+            .bind(serde_json::Value::Array(released).to_string())
+            .bind(now_ms)
+            .execute(&self.relaxed)
+            .await;
+            if let Err(e) = done {
+                tracing::warn!(error = %e, "releasing waiting FINISHED messages failed; the sweep releases them");
+            }
+        }
+        Ok(())
     }
 
     /// After a STARTED left `pending`: its conversation's FINISHED may go.
