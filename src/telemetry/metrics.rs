@@ -50,7 +50,7 @@ pub const HISTORY_ATTACHMENTS_TOTAL: &str = "nexus_history_attachments_total";
 pub const GWS_OPERATIONS_TOTAL: &str = "nexus_gws_operations_total";
 /// GWS effects a gws pod is retrying; their conversations wait behind them.
 pub const GWS_EFFECTS_RETRYING: &str = "nexus_gws_effects_retrying";
-/// Old effect-state rows a role pruned (gws effect log, history's finished conversations), per `role`.
+/// Old effect-state rows a role pruned (gws effect log, history's finished conversations, the webhook log), per `role`.
 pub const EFFECT_STATE_PRUNED_TOTAL: &str = "nexus_effect_state_pruned_total";
 
 // ---- webhooks worker (`subscription` is the webhook id for the first
@@ -87,7 +87,7 @@ pub(super) fn describe_all() {
     );
     describe_counter!(
         EFFECT_STATE_PRUNED_TOTAL,
-        "Old effect-state rows a role pruned (gws effect log, history's finished conversations)."
+        "Old effect-state rows a role pruned (gws effect log, history's finished conversations, the webhook log)."
     );
     describe_counter!(
         PEER_CALLS_TOTAL,

@@ -35,6 +35,10 @@ pub struct WebhooksConfig {
     /// How long a tenant's subscription list is reused by the handler (ms; 0 = read per
     /// event): a new or changed subscription applies to events handled this much later.
     pub subscription_cache_ms: u64,
+    /// How long delivered, aborted and dead messages (with their attempts) stay in the log
+    /// after their last change (ms); every pod prunes hourly. Keep it above the retention of
+    /// `nexus.interaction.v1` and its dead-letter topic, so a replayed event finds its message.
+    pub log_retention_ms: u64,
 }
 
 impl WebhooksConfig {
@@ -51,6 +55,9 @@ impl WebhooksConfig {
 
     /// Cross-field checks, run when the role starts.
     pub fn validate(&self) -> Result<(), String> {
+        if self.log_retention_ms < 24 * 3600 * 1000 {
+            return Err("log_retention_ms must be at least a day (86400000)".into());
+        }
         if self.retry_schedule_ms.is_empty() {
             return Err("retry_schedule_ms must have at least one entry".into());
         }

@@ -49,6 +49,9 @@ const DB_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_CACHED_TENANTS: usize = 10_000;
 
 /// The role's handler and its two loops (dispatch, queue gauges).
+/// How often each webhooks pod prunes the log (pods may overlap: the delete is idempotent).
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
 pub fn role(
     config: &WebhooksConfig,
     http: &HttpClientConfig,
@@ -110,12 +113,21 @@ pub fn role(
     });
     let stats = dispatcher.clone();
     let writer = dispatcher.clone();
+    let log = handler.store.clone();
+    let keep = Duration::from_millis(config.log_retention_ms);
     Ok(RoleHandler {
         handler,
         background: vec![
             Box::new(move |stop| dispatcher.run(stop).boxed()),
             Box::new(move |stop| stats.stats(stop).boxed()),
             Box::new(move |stop| writer.log_writer(stop).boxed()),
+            Box::new(move |stop| {
+                crate::workers::prune::run("webhooks", PRUNE_EVERY, keep, stop, move |before| {
+                    let log = log.clone();
+                    async move { log.prune_finished(before).await }
+                })
+                .boxed()
+            }),
         ],
     })
 }

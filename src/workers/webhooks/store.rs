@@ -796,6 +796,25 @@ impl MessageStore {
         self.insert(m, now_ms).await
     }
 
+    /// Deletes delivered, aborted and dead messages last changed before `before_ms`, with their
+    /// attempts; answers the messages deleted. Pending ones stay however old.
+    pub async fn prune_finished(&self, before_ms: i64) -> Result<u64, StoreError> {
+        const OLD: &str = "status <> 'pending' AND updated_at_ms < $1";
+        // Attempts first (SQLite may run without foreign-key cascades); a crash in between
+        // leaves messages without attempts for the next run.
+        sqlx::query(&format!(
+            "DELETE FROM webhook_attempts WHERE message_id IN (SELECT id FROM webhook_messages WHERE {OLD})"
+        ))
+        .bind(before_ms)
+        .execute(&self.relaxed)
+        .await?;
+        let done = sqlx::query(&format!("DELETE FROM webhook_messages WHERE {OLD}"))
+            .bind(before_ms)
+            .execute(&self.relaxed)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     /// Refreshes the planner's statistics of the log (PostgreSQL): the claim reads pending
     /// messages in due order through an index only while the planner knows how many there
     /// are, and autovacuum reacts to a burst only after a minute or more. SQLite: nothing.
@@ -825,5 +844,83 @@ impl MessageStore {
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()
             .map_err(StoreError::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stores::provisioning::secrets::EncryptionKey;
+    use crate::stores::provisioning::webhooks::{NewWebhook, WebhookFormat};
+    use crate::stores::provisioning::{NewTenant, Provisioning};
+
+    /// The log's retention on SQLite (`nexus dev`): finished messages and their attempts go,
+    /// pending ones stay however old.
+    #[tokio::test]
+    async fn pruning_takes_finished_messages_and_their_attempts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = Provisioning::connect(
+            &dir.path().join("p.db").display().to_string(),
+            &EncryptionKey::generate(),
+        )
+        .await
+        .expect("connect");
+        let tenant = p
+            .create_tenant(NewTenant { name: "t".into() })
+            .await
+            .expect("tenant");
+        let hook = p
+            .create_webhook(
+                &tenant.id,
+                NewWebhook {
+                    url: "https://hooks.example.com/in".into(),
+                    events: None,
+                    media: None,
+                    format: WebhookFormat::Standard,
+                    enabled: None,
+                    secret: None,
+                },
+            )
+            .await
+            .expect("webhook")
+            .webhook;
+        let store = MessageStore::new(p.pool().clone(), p.kind());
+        for (id, conversation) in [("msg_done", "c1"), ("msg_waiting", "c2")] {
+            let m = NewMessage {
+                id: id.into(),
+                tenant_id: tenant.id.clone(),
+                webhook_id: hook.id.clone(),
+                event_id: format!("e-{id}"),
+                conversation_id: conversation.into(),
+                event: WebhookEvent::Started,
+                body: "{}".into(),
+            };
+            assert!(store.insert(&m, 1_000).await.expect("insert"));
+        }
+        sqlx::query("UPDATE webhook_messages SET status = 'delivered', updated_at_ms = 2000 WHERE id = 'msg_done'")
+            .execute(p.pool())
+            .await
+            .expect("deliver");
+        sqlx::query("INSERT INTO webhook_attempts (id, message_id, attempt, started_at_ms, outcome, status_code, latency_ms) VALUES ('a1', 'msg_done', 1, 1500, 'ok', 204, 3)")
+            .execute(p.pool())
+            .await
+            .expect("attempt");
+
+        assert_eq!(
+            store.prune_finished(2_000).await.expect("prune"),
+            0,
+            "not older than the cut"
+        );
+        assert_eq!(store.prune_finished(i64::MAX).await.expect("prune"), 1);
+        let left: Vec<String> = sqlx::query_scalar("SELECT id FROM webhook_messages")
+            .fetch_all(p.pool())
+            .await
+            .expect("messages");
+        assert_eq!(left, ["msg_waiting"], "a pending message stays however old");
+        let attempts: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM webhook_attempts")
+            .fetch_one(p.pool())
+            .await
+            .expect("attempts");
+        assert_eq!(attempts, 0);
     }
 }
