@@ -74,6 +74,8 @@ pub const WEBHOOK_ENDPOINTS_DISABLED_TOTAL: &str = "nexus_webhook_endpoints_disa
 pub const WEBHOOK_DISPATCH_ERRORS_TOTAL: &str = "nexus_webhook_dispatch_errors_total";
 /// Attempt outcomes written to the delivery log per statement (the log writer's batches).
 pub const WEBHOOK_LOG_BATCH_SIZE: &str = "nexus_webhook_log_batch_size";
+/// Message rows per grouped durable insert (concurrent events sharing one commit).
+pub const WEBHOOK_INSERT_BATCH_SIZE: &str = "nexus_webhook_insert_batch_size";
 
 pub(super) fn describe_all() {
     describe_webhooks();
@@ -197,5 +199,9 @@ fn describe_webhooks() {
     describe_histogram!(
         WEBHOOK_LOG_BATCH_SIZE,
         "Attempt outcomes written to the webhook delivery log per statement."
+    );
+    describe_histogram!(
+        WEBHOOK_INSERT_BATCH_SIZE,
+        "Webhook message rows written per grouped durable insert."
     );
 }

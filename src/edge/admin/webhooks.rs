@@ -30,7 +30,9 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::BadStatus => ApiError::bad_request("INVALID_FIELD", e.to_string()),
-            StoreError::Unavailable(_) => ApiError::unavailable(e.to_string()),
+            StoreError::Unavailable(_) | StoreError::Batched(_) => {
+                ApiError::unavailable(e.to_string())
+            }
         }
     }
 }

@@ -2,11 +2,17 @@
 //! their attempts, in the provisioning database. Due messages are claimed with a lease
 //! (PostgreSQL `FOR UPDATE SKIP LOCKED`), so several worker pods never send one message at once.
 
+use std::collections::HashSet;
+use std::sync::{Arc, OnceLock};
+
 use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::{AnyPool, Row};
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use crate::stores::provisioning::{encode_cursor, Page, PageRequest, WebhookEvent};
+use crate::telemetry::metrics as m;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -14,6 +20,21 @@ pub enum StoreError {
     Unavailable(#[from] sqlx::Error),
     #[error("`status` must be one of pending, delivered, failed, dead")]
     BadStatus,
+    /// A grouped message insert failed (the error is shared by the group's events).
+    #[error("webhook delivery log unavailable: {0}")]
+    Batched(String),
+}
+
+/// Most message rows one grouped insert writes (12 parameters a row: far below PostgreSQL's
+/// 65 535), so one statement stays short and a burst still fills several.
+const INSERT_BATCH_ROWS: usize = 512;
+
+/// One event's message rows waiting for the grouped insert, and where its result goes.
+#[derive(Debug)]
+struct Submission {
+    rows: Vec<(NewMessage, Option<i64>)>,
+    now_ms: i64,
+    reply: oneshot::Sender<Result<Vec<String>, String>>,
 }
 
 /// How long an exhausted message is left to its sender's dead-letter publish before another
@@ -224,6 +245,8 @@ pub struct MessageStore {
     /// Claims and attempt outcomes: may use asynchronous commit (see [`MessageStore::relaxed`]).
     relaxed: AnyPool,
     postgres: bool,
+    /// The grouped-insert task (PostgreSQL), started at the first insert.
+    batcher: Arc<OnceLock<mpsc::UnboundedSender<Submission>>>,
 }
 
 impl MessageStore {
@@ -233,6 +256,7 @@ impl MessageStore {
             relaxed: pool.clone(),
             pool,
             postgres: kind == "postgres",
+            batcher: Arc::new(OnceLock::new()),
         }
     }
 
@@ -289,57 +313,57 @@ impl MessageStore {
         if ms.is_empty() {
             return Ok(Vec::new());
         }
-        let mut values = Vec::with_capacity(ms.len());
-        for i in 0..ms.len() {
-            let b = i * 10;
-            values.push(format!(
-                "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, 'pending', 0, 0, ${}, ${}, ${}, ${})",
-                b + 1,
-                b + 2,
-                b + 3,
-                b + 4,
-                b + 5,
-                b + 6,
-                b + 7,
-                b + 8,
-                b + 9,
-                b + 10,
-                ms.len() * 10 + 1,
-                ms.len() * 10 + 2,
-            ));
-        }
-        let sql = format!(
-            "INSERT INTO webhook_messages (id, tenant_id, webhook_id, event_id, conversation_id, event, seq, body, status, attempts, round_attempts, next_attempt_at_ms, lease_until_ms, created_at_ms, updated_at_ms) VALUES {} ON CONFLICT (id) DO NOTHING RETURNING id",
-            values.join(", ")
-        );
-        let mut q = sqlx::query(&sql);
-        for (i, m) in ms.iter().enumerate() {
-            // Only a due message can be leased (a waiting FINISHED goes through the claim).
-            let due = first_due(m.event, now_ms);
-            let lease = due.and(leases.get(i).copied().flatten());
-            q = q
-                .bind(m.id.clone())
-                .bind(m.tenant_id.clone())
-                .bind(m.webhook_id.clone())
-                .bind(m.event_id.clone())
-                .bind(m.conversation_id.clone())
-                .bind(m.event.as_str())
-                .bind(seq(m.event))
-                .bind(m.body.clone())
-                .bind(due)
-                .bind(lease);
-        }
-        let rows = q.bind(now_ms).bind(now_ms).fetch_all(&self.pool).await?;
-        let new = rows
-            .iter()
-            .map(|r| r.try_get::<String, _>("id"))
-            .collect::<Result<Vec<_>, _>>()?;
+        let new = if self.postgres {
+            self.queue_grouped(ms, leases, now_ms).await?
+        } else {
+            let rows: Vec<_> = ms
+                .iter()
+                .enumerate()
+                .map(|(i, m)| (m, leases.get(i).copied().flatten(), now_ms))
+                .collect();
+            insert_rows(&self.pool, &rows).await?
+        };
         // Messages of one event share their conversation.
         if let Some(m) = ms.iter().find(|m| m.event != WebhookEvent::Started) {
             self.unblock(&self.pool, &m.tenant_id, &m.conversation_id, now_ms)
                 .await?;
         }
         Ok(new)
+    }
+
+    /// Hands the rows to the grouped-insert task and waits for the commit that holds them:
+    /// concurrent events share one durable commit (one WAL flush) instead of one each.
+    async fn queue_grouped(
+        &self,
+        ms: &[NewMessage],
+        leases: &[Option<i64>],
+        now_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let tx = self.batcher.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(
+                group_inserts(self.pool.clone(), rx)
+                    .instrument(tracing::info_span!("webhook_insert_batcher")),
+            );
+            tx
+        });
+        let (reply, answer) = oneshot::channel();
+        let rows = ms
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.clone(), leases.get(i).copied().flatten()))
+            .collect();
+        let stopped = || StoreError::Batched("message insert task stopped".into());
+        tx.send(Submission {
+            rows,
+            now_ms,
+            reply,
+        })
+        .map_err(|_| stopped())?;
+        answer
+            .await
+            .map_err(|_| stopped())?
+            .map_err(StoreError::Batched)
     }
 
     /// Makes due the waiting (FINISHED) messages of a conversation whose earlier message is no
@@ -844,6 +868,119 @@ impl MessageStore {
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()
             .map_err(StoreError::from)
+    }
+}
+
+/// Inserts message rows `(message, lease, now)` unless their id exists, in one statement,
+/// each leased until its lease when given and due; the ids that were new.
+async fn insert_rows(
+    pool: &AnyPool,
+    ms: &[(&NewMessage, Option<i64>, i64)],
+) -> Result<Vec<String>, sqlx::Error> {
+    let mut values = Vec::with_capacity(ms.len());
+    for i in 0..ms.len() {
+        let b = i * 12;
+        let p: Vec<String> = (1..=12).map(|k| format!("${}", b + k)).collect();
+        values.push(format!(
+            "({}, {}, {}, {}, {}, {}, {}, {}, 'pending', 0, 0, {}, {}, {}, {})",
+            p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[11]
+        ));
+    }
+    let sql = format!(
+        "INSERT INTO webhook_messages (id, tenant_id, webhook_id, event_id, conversation_id, event, seq, body, status, attempts, round_attempts, next_attempt_at_ms, lease_until_ms, created_at_ms, updated_at_ms) VALUES {} ON CONFLICT (id) DO NOTHING RETURNING id",
+        values.join(", ")
+    );
+    let mut q = sqlx::query(&sql);
+    for (m, lease, now_ms) in ms {
+        // Only a due message can be leased (a waiting FINISHED goes through the claim).
+        let due = first_due(m.event, *now_ms);
+        q = q
+            .bind(m.id.clone())
+            .bind(m.tenant_id.clone())
+            .bind(m.webhook_id.clone())
+            .bind(m.event_id.clone())
+            .bind(m.conversation_id.clone())
+            .bind(m.event.as_str())
+            .bind(seq(m.event))
+            .bind(m.body.clone())
+            .bind(due)
+            .bind(due.and(*lease))
+            .bind(*now_ms)
+            .bind(*now_ms);
+    }
+    let rows = q.fetch_all(pool).await?;
+    rows.iter().map(|r| r.try_get::<String, _>("id")).collect()
+}
+
+/// The grouped-insert loop: takes what arrived while the previous statement ran (up to
+/// [`INSERT_BATCH_ROWS`]), writes it in one durable statement and answers each event after
+/// the commit with the ids that were its own. Ends when every store handle is gone.
+async fn group_inserts(pool: AnyPool, mut rx: mpsc::UnboundedReceiver<Submission>) {
+    let mut held: Option<Submission> = None;
+    loop {
+        let first = match held.take() {
+            Some(s) => s,
+            None => match rx.recv().await {
+                Some(s) => s,
+                None => return,
+            },
+        };
+        let mut rows = first.rows.len();
+        let mut group = vec![first];
+        while rows < INSERT_BATCH_ROWS {
+            match rx.try_recv() {
+                Ok(s) if rows + s.rows.len() <= INSERT_BATCH_ROWS => {
+                    rows += s.rows.len();
+                    group.push(s);
+                }
+                Ok(s) => {
+                    held = Some(s);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        metrics::histogram!(m::WEBHOOK_INSERT_BATCH_SIZE).record(rows as f64);
+        write_group(&pool, group).await;
+    }
+}
+
+async fn write_group(pool: &AnyPool, group: Vec<Submission>) {
+    let rows: Vec<_> = group
+        .iter()
+        .flat_map(|s| s.rows.iter().map(|(m, l)| (m, *l, s.now_ms)))
+        .collect();
+    match insert_rows(pool, &rows).await {
+        Ok(new) => {
+            drop(rows);
+            let mut new: HashSet<String> = new.into_iter().collect();
+            for s in group {
+                // An id two events share (a replay racing its original) is the first one's.
+                let mine = s
+                    .rows
+                    .iter()
+                    .filter(|(m, _)| new.remove(&m.id))
+                    .map(|(m, _)| m.id.clone())
+                    .collect();
+                let _ = s.reply.send(Ok(mine));
+            }
+        }
+        Err(err) if group.len() > 1 => {
+            // One event's rows may be what failed: each goes alone, so the others still commit.
+            tracing::warn!(error = %err, events = group.len(), "grouped webhook message insert failed; inserting one event at a time");
+            drop(rows);
+            for s in group {
+                let rows: Vec<_> = s.rows.iter().map(|(m, l)| (m, *l, s.now_ms)).collect();
+                let result = insert_rows(pool, &rows).await.map_err(|e| e.to_string());
+                let _ = s.reply.send(result);
+            }
+        }
+        Err(err) => {
+            drop(rows);
+            for s in group {
+                let _ = s.reply.send(Err(err.to_string()));
+            }
+        }
     }
 }
 
