@@ -32,18 +32,8 @@ impl System {
         let dir = tempfile::tempdir().expect("tempdir");
         let nats = OwnNats::start(dir.path()).await;
         let db = TestDb::create().await;
-        let mut env = base_env(dir.path());
+        let mut env = shared_services_env(dir.path(), &nats.url, &db.url);
         env.extend([
-            ("NEXUS_BUS__URL", nats.url.clone()),
-            ("NEXUS_STORES__POSTGRES_URL", db.url.clone()),
-            ("NEXUS_STORES__PROVISIONING_KEY", "11".repeat(32)),
-            (
-                "NEXUS_STORES__REDIS_URL",
-                std::env::var("NEXUS_TEST_REDIS_URL")
-                    .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
-            ),
-            ("NEXUS_BUS__NATS__ACK_WAIT_MS", "1500".into()),
-            ("NEXUS_BUS__NATS__LEASE_TTL_MS", "2500".into()),
             ("NEXUS_CONSUMER__RETRY_MAX_MS", "400".into()),
             ("NEXUS_WORKERS__HISTORY__UCS__URL", ucs.url()),
             ("NEXUS_WORKERS__HISTORY__UCS__CREDENTIAL", CREDENTIAL.into()),

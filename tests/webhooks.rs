@@ -39,20 +39,9 @@ impl System {
     async fn start(dir: &std::path::Path, extra: &[(&'static str, &str)]) -> System {
         let nats = OwnNats::start(dir).await;
         let db = TestDb::create().await;
-        let mut env = base_env(dir);
-        env.push(("NEXUS_BUS__URL", nats.url.clone()));
-        env.push(("NEXUS_STORES__POSTGRES_URL", db.url.clone()));
-        env.push(("NEXUS_STORES__PROVISIONING_KEY", "42".repeat(32)));
-        env.push((
-            "NEXUS_STORES__REDIS_URL",
-            std::env::var("NEXUS_TEST_REDIS_URL")
-                .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
-        ));
+        let mut env = shared_services_env(dir, &nats.url, &db.url);
         // Subscriptions created mid-test apply at once.
         env.push(("NEXUS_WORKERS__WEBHOOKS__SUBSCRIPTION_CACHE_MS", "0".into()));
-        // Test-sized group timeouts: a killed member's records come back in seconds.
-        env.push(("NEXUS_BUS__NATS__ACK_WAIT_MS", "1500".into()));
-        env.push(("NEXUS_BUS__NATS__LEASE_TTL_MS", "2500".into()));
         env.push((
             "NEXUS_WORKERS__WEBHOOKS__ALLOW_PRIVATE_TARGETS",
             "true".into(),

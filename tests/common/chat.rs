@@ -175,6 +175,29 @@ pub fn base_env(dir: &Path) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// [`base_env`] for processes on a NATS (test-sized group timeouts: a killed worker's records
+/// come back in seconds), a PostgreSQL database and Redis, as the worker-kill tests run them.
+pub fn shared_services_env(
+    dir: &Path,
+    nats_url: &str,
+    postgres_url: &str,
+) -> Vec<(&'static str, String)> {
+    let mut env = base_env(dir);
+    env.extend([
+        ("NEXUS_BUS__URL", nats_url.to_string()),
+        ("NEXUS_BUS__NATS__ACK_WAIT_MS", "1500".into()),
+        ("NEXUS_BUS__NATS__LEASE_TTL_MS", "2500".into()),
+        ("NEXUS_STORES__POSTGRES_URL", postgres_url.to_string()),
+        ("NEXUS_STORES__PROVISIONING_KEY", "5e".repeat(32)),
+        (
+            "NEXUS_STORES__REDIS_URL",
+            std::env::var("NEXUS_TEST_REDIS_URL")
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+        ),
+    ]);
+    env
+}
+
 /// One running nexus process with its base URL; a failing test prints its log.
 pub struct Node {
     pub nexus: Nexus,
