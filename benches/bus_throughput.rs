@@ -20,6 +20,11 @@ use nexus::config::Config;
 use nexus::events::{encode, Event};
 use tokio_util::sync::CancellationToken;
 
+// The allocator of the `nexus` binary, so the Bus side runs as it does in a pod (both sides
+// of the comparison share it).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const WINDOW: usize = 1000;
 const PARTITIONS: u32 = 4;
 const BODY_BYTES: usize = 300;
