@@ -366,6 +366,73 @@ async fn both_formats_exactly_once(s: &System, rx: &Receiver) {
     assert!(page["next"].is_string());
 }
 
+/// A new message is sent before its row is written (PostgreSQL): a first attempt that ends
+/// within the intake's settle wait goes into the row's insert, a slower one updates the row
+/// written meanwhile. Either way: one request, one logged attempt, `delivered`; the fast
+/// endpoint's outcomes went in with their inserts; a redelivered event sends nothing.
+async fn first_attempts_written_with_their_rows(s: &System, rx: &Receiver) {
+    let tenant = s.tenant().await;
+    let (fast_hook, _) = s
+        .subscribe(
+            &tenant.id,
+            json!({"url": rx.url("fold-fast"), "format": "standard"}),
+        )
+        .await;
+    // Well past the settle wait, well inside the 1 s attempt timeout.
+    rx.set("fold-slow", Mode::Slow(300));
+    let (slow_hook, _) = s
+        .subscribe(
+            &tenant.id,
+            json!({"url": rx.url("fold-slow"), "format": "standard"}),
+        )
+        .await;
+    let settled =
+        |m: &str| metric_sum(m, "nexus_webhook_settled_at_insert_total", &[]).unwrap_or(0.0);
+    let before = settled(&s.metrics().await);
+    // One conversation: one lane, so the marker below comes after the redeliveries.
+    let conv = format!("c-{}", uuid::Uuid::new_v4().simple());
+    let mut events = Vec::new();
+    for _ in 0..5 {
+        events.push(s.started(&tenant.id, &conv).await);
+    }
+    let fast = rx.wait_for("fold-fast", 5).await;
+    let slow = rx.wait_for("fold-slow", 5).await;
+    for (hook, got) in [(&fast_hook, &fast), (&slow_hook, &slow)] {
+        for r in got.iter() {
+            let m = s.message_in(&tenant.id, hook, r.id(), "delivered").await;
+            assert_eq!(m["attempts"], 1, "{m}");
+            let log = m["attempts_log"].as_array().expect("attempts log");
+            assert_eq!(log.len(), 1, "{m}");
+            assert_eq!(log[0]["outcome"], "ok", "{m}");
+            assert_eq!(log[0]["attempt"], 1, "{m}");
+        }
+    }
+    // At least the fast endpoint's five went in with their rows (the slow one's cannot have).
+    let after = settled(&s.metrics().await);
+    assert!(
+        after - before >= 5.0,
+        "settled at insert: {before} → {after}"
+    );
+    // Redelivered: the rows exist, nothing is sent again (a marker proves the lane moved on).
+    for e in &events {
+        s.publish(e).await;
+    }
+    s.started(&tenant.id, &conv).await;
+    let fast = rx.wait_for("fold-fast", 6).await;
+    let slow = rx.wait_for("fold-slow", 6).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (name, got) in [("fold-fast", fast), ("fold-slow", slow)] {
+        assert_eq!(got.len(), 6, "{name}: {got:?}");
+        assert_eq!(
+            rx.got(name).len(),
+            6,
+            "{name} got a redelivered event again"
+        );
+        let ids: HashSet<&str> = got.iter().map(Received::id).collect();
+        assert_eq!(ids.len(), 6, "{name}: a webhook-id came twice");
+    }
+}
+
 /// 5xx twice then success, on the scaled schedule (0, 300, 600 ms); the attempt log shows it.
 async fn retries_then_success_and_abort(s: &System, rx: &Receiver) {
     let tenant = s.tenant().await;
@@ -605,6 +672,7 @@ async fn webhooks_deliver_retry_dead_letter_and_recover() {
     )
     .await;
     both_formats_exactly_once(&s, &rx).await;
+    first_attempts_written_with_their_rows(&s, &rx).await;
     retries_then_success_and_abort(&s, &rx).await;
     dead_letters_recovery_and_replay(&s, &rx).await;
     dead_endpoint_does_not_slow_a_healthy_one(&s, &rx).await;

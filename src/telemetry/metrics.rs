@@ -76,6 +76,8 @@ pub const WEBHOOK_DISPATCH_ERRORS_TOTAL: &str = "nexus_webhook_dispatch_errors_t
 pub const WEBHOOK_LOG_BATCH_SIZE: &str = "nexus_webhook_log_batch_size";
 /// Message rows per grouped durable insert (concurrent events sharing one commit).
 pub const WEBHOOK_INSERT_BATCH_SIZE: &str = "nexus_webhook_insert_batch_size";
+/// First attempts written together with their message's row (sent before the insert).
+pub const WEBHOOK_SETTLED_AT_INSERT_TOTAL: &str = "nexus_webhook_settled_at_insert_total";
 
 pub(super) fn describe_all() {
     describe_webhooks();
@@ -203,5 +205,9 @@ fn describe_webhooks() {
     describe_histogram!(
         WEBHOOK_INSERT_BATCH_SIZE,
         "Webhook message rows written per grouped durable insert."
+    );
+    describe_counter!(
+        WEBHOOK_SETTLED_AT_INSERT_TOTAL,
+        "Webhook first attempts that ended before their message's row was written and went into the same insert."
     );
 }

@@ -531,6 +531,7 @@ impl Dispatcher {
 
     /// One attempt of a claimed message, logged, then the next step.
     async fn attempt(self: Arc<Self>, msg: Claimed, permit: OwnedSemaphorePermit) {
+        let mut permit = Some(permit);
         let span = tracing::info_span!(
             "webhooks.attempt",
             message_id = %msg.id,
@@ -565,7 +566,24 @@ impl Dispatcher {
                 .increment(1);
             metrics::histogram!(m::WEBHOOK_ATTEMPT_SECONDS, "outcome" => sent.record.outcome)
                 .record(sent.record.latency_ms as f64 / 1000.0);
-            if let Err(e) = self.log(&msg, &sent.record, after).await {
+            // Sent before its row was written: the outcome goes into the row if it is not
+            // written yet, else it is logged like any other.
+            let settled = match &msg.first {
+                Some(first) => first.settle(&sent.record, after).await,
+                None => None,
+            };
+            let written = match settled {
+                // The intake writes it (its lanes bound those writes): the slot is free now.
+                Some(answer) => {
+                    drop(permit.take());
+                    self.done.notify_one();
+                    answer
+                        .await
+                        .unwrap_or_else(|_| Err("the message intake stopped".into()))
+                }
+                None => self.log(&msg, &sent.record, after).await,
+            };
+            if let Err(e) = written {
                 metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "record")
                     .increment(1);
                 // The lease lapses and the message is tried again under the same webhook-id.

@@ -1,14 +1,17 @@
 //! The `webhooks` role: turns ConversationStarted / ConversationClosed on the interaction topic
 //! into signed STARTED / FINISHED webhook messages, one per matching subscription.
 //!
-//! The handler only writes each message to the delivery log ([`store`]) under a deterministic
-//! id (subscription + event: the Standard Webhooks `webhook-id`), insert-if-absent, and then
-//! the consumer acks: a redelivered or replayed event is a no-op. The [`dispatcher`], a
-//! background loop of the role, sends what is due (the first attempt at once, retries per
-//! `retry_schedule_ms`), so a slow receiver never holds a partition. See `docs-webhooks.md`.
+//! Each message has a deterministic id (subscription + event: the Standard Webhooks
+//! `webhook-id`) and goes into the delivery log ([`store`]) insert-if-absent before the
+//! consumer acks: a redelivered or replayed event is a no-op. The [`dispatcher`], a background
+//! loop of the role, sends what is due (retries per `retry_schedule_ms`), so a slow receiver
+//! never holds a partition. On PostgreSQL a new STARTED message this process has room for is
+//! sent before its row is written and its first outcome usually goes into that insert
+//! ([`intake`]).
 
 pub mod config;
 pub mod dispatcher;
+pub mod intake;
 pub mod payload;
 pub mod signing;
 pub mod store;
@@ -155,6 +158,41 @@ fn media_of(channel: &Channel) -> (WebhookMedia, &'static str) {
 }
 
 impl Webhooks {
+    /// PostgreSQL: the leased new messages are sent at once and their rows written after (the
+    /// first outcome with them when it comes in time, see [`intake`]); the event is acked only
+    /// once the rows are committed.
+    async fn send_then_write(
+        &self,
+        messages: Vec<NewMessage>,
+        leases: Vec<Option<i64>>,
+        now: i64,
+    ) -> Result<(), HandleError> {
+        let retry = |err: store::StoreError| HandleError::Retry(err.to_string());
+        let admission = self
+            .store
+            .admit(&messages, &leases, now)
+            .await
+            .map_err(retry)?;
+        let mut unleased = false;
+        let mut mine = Vec::new();
+        for ((msg, lease), admitted) in messages.into_iter().zip(leases).zip(&admission.messages) {
+            match (admitted, lease) {
+                (intake::Admitted::Exists, _) => {}
+                (intake::Admitted::New(Some(first)), Some(lease)) => {
+                    mine.push((store::Claimed::first(msg).unwritten(first.clone()), lease))
+                }
+                (intake::Admitted::New(_), _) => unleased = true,
+            }
+        }
+        self.dispatcher.adopt(mine).await;
+        let new = admission.written().await.map_err(retry)?;
+        metrics::counter!(m::WEBHOOK_MESSAGES_QUEUED_TOTAL).increment(new.len() as u64);
+        if unleased {
+            self.dispatcher.wake();
+        }
+        Ok(())
+    }
+
     /// The tenant's enabled subscriptions, from the cache while fresh.
     async fn subscriptions(&self, tenant_id: &str) -> Result<Arc<Vec<Webhook>>, HandleError> {
         if !self.cache_ttl.is_zero() {
@@ -259,6 +297,9 @@ impl Handler for Webhooks {
         // Messages this process has room for are leased in the insert and sent from here: no
         // claim query for a first attempt. The rest (and FINISHED) wait for a claim.
         let leases = self.dispatcher.offer(&messages);
+        if self.store.sends_before_insert() && leases.iter().any(Option::is_some) {
+            return self.send_then_write(messages, leases, now).await;
+        }
         let new = self
             .store
             .queue(&messages, &leases, now)

@@ -2,7 +2,6 @@
 //! their attempts, in the provisioning database. Due messages are claimed with a lease
 //! (PostgreSQL `FOR UPDATE SKIP LOCKED`), so several worker pods never send one message at once.
 
-use std::collections::HashSet;
 use std::sync::{Arc, OnceLock};
 
 use serde::Serialize;
@@ -11,8 +10,8 @@ use sqlx::{AnyPool, Row};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
+use super::intake::{self, Admitted, FirstAttempt, Submission};
 use crate::stores::provisioning::{encode_cursor, Page, PageRequest, WebhookEvent};
-use crate::telemetry::metrics as m;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -25,16 +24,23 @@ pub enum StoreError {
     Batched(String),
 }
 
-/// Most message rows one grouped insert writes (12 parameters a row: far below PostgreSQL's
-/// 65 535), so one statement stays short and a burst still fills several.
-const INSERT_BATCH_ROWS: usize = 512;
+fn intake_stopped() -> StoreError {
+    StoreError::Batched("message insert task stopped".into())
+}
 
-/// One event's message rows waiting for the grouped insert, and where its result goes.
-#[derive(Debug)]
-struct Submission {
-    rows: Vec<(NewMessage, Option<i64>)>,
-    now_ms: i64,
-    reply: oneshot::Sender<Result<Vec<String>, String>>,
+/// Which of an event's messages are new ([`MessageStore::admit`]), and the commit of its rows.
+pub struct Admission {
+    pub messages: Vec<Admitted>,
+    written: std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Vec<String>, StoreError>> + Send>,
+    >,
+}
+
+impl Admission {
+    /// Waits for the commit of the event's rows; the ids that were new.
+    pub async fn written(self) -> Result<Vec<String>, StoreError> {
+        self.written.await
+    }
 }
 
 /// How long an exhausted message is left to its sender's dead-letter publish before another
@@ -75,11 +81,11 @@ const WAITING_AND_FREE: &str = "status = 'pending' AND next_attempt_at_ms IS NUL
 /// When a new message is first due: STARTED at once; FINISHED waits (NULL) until its
 /// STARTED is no longer pending (order per subscription and conversation), see
 /// [`MessageStore::unblock`].
-fn first_due(event: WebhookEvent, now_ms: i64) -> Option<i64> {
+pub(super) fn first_due(event: WebhookEvent, now_ms: i64) -> Option<i64> {
     (event == WebhookEvent::Started).then_some(now_ms)
 }
 
-fn seq(event: WebhookEvent) -> i64 {
+pub(super) fn seq(event: WebhookEvent) -> i64 {
     match event {
         WebhookEvent::Started => 0,
         WebhookEvent::Finished => 1,
@@ -88,7 +94,7 @@ fn seq(event: WebhookEvent) -> i64 {
 
 /// A message's status and next due time after an attempt, and the next attempt time the
 /// attempt log shows.
-fn outcome_state(after: After, now_ms: i64) -> (&'static str, Option<i64>, Option<i64>) {
+pub(super) fn outcome_state(after: After, now_ms: i64) -> (&'static str, Option<i64>, Option<i64>) {
     let (status, next) = match after {
         After::Delivered => (status::DELIVERED, None),
         After::Aborted => (status::FAILED, None),
@@ -114,6 +120,8 @@ pub struct Claimed {
     pub round_attempts: i64,
     pub last_status_code: Option<i64>,
     pub last_error: Option<String>,
+    /// Set while the message was sent before its row was written (see [`intake`]).
+    pub first: Option<Arc<FirstAttempt>>,
 }
 
 impl Claimed {
@@ -131,7 +139,14 @@ impl Claimed {
             round_attempts: 0,
             last_status_code: None,
             last_error: None,
+            first: None,
         }
+    }
+
+    /// The first attempt's outcome goes to the intake while the row is not written.
+    pub fn unwritten(mut self, first: Arc<FirstAttempt>) -> Self {
+        self.first = Some(first);
+        self
     }
 }
 
@@ -234,6 +249,7 @@ fn claimed(row: &AnyRow) -> Result<Claimed, sqlx::Error> {
         round_attempts: row.try_get("round_attempts")?,
         last_status_code: row.try_get("last_status_code")?,
         last_error: row.try_get("last_error")?,
+        first: None,
     })
 }
 
@@ -339,11 +355,51 @@ impl MessageStore {
         leases: &[Option<i64>],
         now_ms: i64,
     ) -> Result<Vec<String>, StoreError> {
+        self.submit(ms, leases, now_ms, None)?.await
+    }
+
+    /// Whether [`MessageStore::admit`] is available (PostgreSQL).
+    pub fn sends_before_insert(&self) -> bool {
+        self.postgres
+    }
+
+    /// Like [`MessageStore::queue`] for a STARTED event whose leased messages are sent before
+    /// their rows are written (PostgreSQL, see [`intake`]): answers first which messages are
+    /// new (those that exist, a redelivered or replayed event's, must not be sent again),
+    /// with a [`FirstAttempt`] for each leased new one; the caller starts those, then awaits
+    /// [`Admission::written`], the commit of the rows.
+    pub async fn admit(
+        &self,
+        ms: &[NewMessage],
+        leases: &[Option<i64>],
+        now_ms: i64,
+    ) -> Result<Admission, StoreError> {
+        let (admitted, answer) = oneshot::channel();
+        let written = self.submit(ms, leases, now_ms, Some(admitted))?;
+        let messages = answer
+            .await
+            .map_err(|_| intake_stopped())?
+            .map_err(StoreError::Batched)?;
+        Ok(Admission {
+            messages,
+            written: Box::pin(written),
+        })
+    }
+
+    /// Sends one event's rows to the intake task (started at the first call).
+    fn submit(
+        &self,
+        ms: &[NewMessage],
+        leases: &[Option<i64>],
+        now_ms: i64,
+        admitted: Option<oneshot::Sender<Result<Vec<Admitted>, String>>>,
+    ) -> Result<impl std::future::Future<Output = Result<Vec<String>, StoreError>>, StoreError>
+    {
         let tx = self.batcher.get_or_init(|| {
             let (tx, rx) = mpsc::unbounded_channel();
             tokio::spawn(
-                group_inserts(self.pool.clone(), rx)
-                    .instrument(tracing::info_span!("webhook_insert_batcher")),
+                intake::run(self.pool.clone(), rx)
+                    .instrument(tracing::info_span!("webhook_intake")),
             );
             tx
         });
@@ -353,17 +409,19 @@ impl MessageStore {
             .enumerate()
             .map(|(i, m)| (m.clone(), leases.get(i).copied().flatten()))
             .collect();
-        let stopped = || StoreError::Batched("message insert task stopped".into());
         tx.send(Submission {
             rows,
             now_ms,
+            admitted,
             reply,
         })
-        .map_err(|_| stopped())?;
-        answer
-            .await
-            .map_err(|_| stopped())?
-            .map_err(StoreError::Batched)
+        .map_err(|_| intake_stopped())?;
+        Ok(async move {
+            answer
+                .await
+                .map_err(|_| intake_stopped())?
+                .map_err(StoreError::Batched)
+        })
     }
 
     /// Makes due the waiting (FINISHED) messages of a conversation whose earlier message is no
@@ -910,78 +968,6 @@ async fn insert_rows(
     }
     let rows = q.fetch_all(pool).await?;
     rows.iter().map(|r| r.try_get::<String, _>("id")).collect()
-}
-
-/// The grouped-insert loop: takes what arrived while the previous statement ran (up to
-/// [`INSERT_BATCH_ROWS`]), writes it in one durable statement and answers each event after
-/// the commit with the ids that were its own. Ends when every store handle is gone.
-async fn group_inserts(pool: AnyPool, mut rx: mpsc::UnboundedReceiver<Submission>) {
-    let mut held: Option<Submission> = None;
-    loop {
-        let first = match held.take() {
-            Some(s) => s,
-            None => match rx.recv().await {
-                Some(s) => s,
-                None => return,
-            },
-        };
-        let mut rows = first.rows.len();
-        let mut group = vec![first];
-        while rows < INSERT_BATCH_ROWS {
-            match rx.try_recv() {
-                Ok(s) if rows + s.rows.len() <= INSERT_BATCH_ROWS => {
-                    rows += s.rows.len();
-                    group.push(s);
-                }
-                Ok(s) => {
-                    held = Some(s);
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        metrics::histogram!(m::WEBHOOK_INSERT_BATCH_SIZE).record(rows as f64);
-        write_group(&pool, group).await;
-    }
-}
-
-async fn write_group(pool: &AnyPool, group: Vec<Submission>) {
-    let rows: Vec<_> = group
-        .iter()
-        .flat_map(|s| s.rows.iter().map(|(m, l)| (m, *l, s.now_ms)))
-        .collect();
-    match insert_rows(pool, &rows).await {
-        Ok(new) => {
-            drop(rows);
-            let mut new: HashSet<String> = new.into_iter().collect();
-            for s in group {
-                // An id two events share (a replay racing its original) is the first one's.
-                let mine = s
-                    .rows
-                    .iter()
-                    .filter(|(m, _)| new.remove(&m.id))
-                    .map(|(m, _)| m.id.clone())
-                    .collect();
-                let _ = s.reply.send(Ok(mine));
-            }
-        }
-        Err(err) if group.len() > 1 => {
-            // One event's rows may be what failed: each goes alone, so the others still commit.
-            tracing::warn!(error = %err, events = group.len(), "grouped webhook message insert failed; inserting one event at a time");
-            drop(rows);
-            for s in group {
-                let rows: Vec<_> = s.rows.iter().map(|(m, l)| (m, *l, s.now_ms)).collect();
-                let result = insert_rows(pool, &rows).await.map_err(|e| e.to_string());
-                let _ = s.reply.send(result);
-            }
-        }
-        Err(err) => {
-            drop(rows);
-            for s in group {
-                let _ = s.reply.send(Err(err.to_string()));
-            }
-        }
-    }
 }
 
 #[cfg(test)]
