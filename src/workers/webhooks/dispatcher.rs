@@ -439,7 +439,7 @@ impl Dispatcher {
                 }
             }
             if !give_back.is_empty() {
-                if let Err(e) = self.store.release(&give_back).await {
+                if let Err(e) = self.store.release(&give_back, now_ms()).await {
                     metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "release")
                         .increment(1);
                     tracing::warn!(error = %e, "releasing webhook messages failed; their lease lapses");

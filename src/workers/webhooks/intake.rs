@@ -264,7 +264,9 @@ async fn admit(pool: &AnyPool, group: Vec<Submission>, notify: &Arc<Notify>) -> 
 /// Which of `ids` the log holds.
 async fn existing(pool: &AnyPool, ids: &[&str]) -> Result<HashSet<String>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT id FROM webhook_messages WHERE id IN (SELECT json_array_elements_text($1::json))",
+        // `= ANY(ARRAY(...))`: a primary-key probe per id whatever the plan cache guesses (an
+        // `IN (SELECT ...)` semi-join turned into a scan of the whole log under a generic plan).
+        "SELECT id FROM webhook_messages WHERE id = ANY(ARRAY(SELECT json_array_elements_text($1::json)))",
     )
     .bind(serde_json::json!(ids).to_string())
     .fetch_all(pool)
@@ -308,7 +310,9 @@ fn prepare(row: &Row, now_ms: i64, written_ms: i64) -> Prepared {
         let due = first_due(m.event, now_ms);
         json["status"] = "pending".into();
         json["attempts"] = 0.into();
-        json["next"] = due.into();
+        // A leased row is next due when its lease lapses: the claim's range scan of due
+        // messages then skips the ones a sender holds.
+        json["next"] = due.and(row.lease).or(due).into();
         json["lease"] = due.and(row.lease).into();
         return Prepared { json, done: None };
     };

@@ -79,23 +79,26 @@ pub fn role(
     // The log has a pool of its own on PostgreSQL: the provisioning pool is sized for short
     // admin and auth queries, the log writes every attempt.
     let store = if provisioning.kind() == "postgres" && !stores.postgres_url.is_empty() {
-        let options = || {
+        // Plans made per execution: the log grows from empty, and a cached generic plan made
+        // while it was small (a scan) would stay a scan as it grows.
+        let options = |session: &'static str| {
             sqlx::any::AnyPoolOptions::new()
                 .max_connections(config.db_connections)
                 .acquire_timeout(DB_ACQUIRE_TIMEOUT)
-        };
-        let durable = options()
-            .connect_lazy(&stores.postgres_url)
-            .map_err(|e| WebhooksError::Config(format!("delivery log pool: {e}")))?;
-        let relaxed = options()
-            .after_connect(|conn, _| {
-                Box::pin(async move {
-                    sqlx::Executor::execute(conn, "SET synchronous_commit = off").await?;
-                    Ok(())
+                .after_connect(move |conn, _| {
+                    Box::pin(async move {
+                        sqlx::Executor::execute(conn, session).await?;
+                        Ok(())
+                    })
                 })
-            })
+        };
+        let durable = options("SET plan_cache_mode = force_custom_plan")
             .connect_lazy(&stores.postgres_url)
             .map_err(|e| WebhooksError::Config(format!("delivery log pool: {e}")))?;
+        let relaxed =
+            options("SET plan_cache_mode = force_custom_plan; SET synchronous_commit = off")
+                .connect_lazy(&stores.postgres_url)
+                .map_err(|e| WebhooksError::Config(format!("delivery log pool: {e}")))?;
         MessageStore::new(durable, provisioning.kind()).relaxed(relaxed)
     } else {
         MessageStore::new(provisioning.pool().clone(), provisioning.kind())

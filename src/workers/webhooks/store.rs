@@ -500,7 +500,7 @@ impl MessageStore {
             ""
         };
         let sql = format!(
-            "UPDATE webhook_messages SET lease_until_ms = $1 WHERE id IN (\
+            "UPDATE webhook_messages SET lease_until_ms = $1, next_attempt_at_ms = $1 WHERE id IN (\
                SELECT m.id FROM webhook_messages m \
                WHERE m.status = 'pending' AND m.next_attempt_at_ms <= $2 \
                  AND (m.lease_until_ms IS NULL OR m.lease_until_ms < $3) {excluded} \
@@ -520,17 +520,17 @@ impl MessageStore {
         Ok(rows.iter().map(claimed).collect::<Result<_, _>>()?)
     }
 
-    /// Gives claimed messages back without an attempt, in one statement.
-    pub async fn release(&self, ids: &[String]) -> Result<(), StoreError> {
+    /// Gives claimed messages back without an attempt, due now, in one statement.
+    pub async fn release(&self, ids: &[String], now_ms: i64) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());
         }
-        let marks: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+        let marks: Vec<String> = (2..=ids.len() + 1).map(|i| format!("${i}")).collect();
         let sql = format!(
-            "UPDATE webhook_messages SET lease_until_ms = NULL WHERE id IN ({})",
+            "UPDATE webhook_messages SET lease_until_ms = NULL, next_attempt_at_ms = $1 WHERE id IN ({})",
             marks.join(", ")
         );
-        let mut q = sqlx::query(&sql);
+        let mut q = sqlx::query(&sql).bind(now_ms);
         for id in ids {
             q = q.bind(id.clone());
         }
@@ -542,7 +542,7 @@ impl MessageStore {
     /// and another sender took the message, or it is no longer pending).
     pub async fn renew(&self, id: &str, old: i64, new: i64) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "UPDATE webhook_messages SET lease_until_ms = $3 WHERE id = $1 AND lease_until_ms = $2 AND status = 'pending'",
+            "UPDATE webhook_messages SET lease_until_ms = $3, next_attempt_at_ms = $3 WHERE id = $1 AND lease_until_ms = $2 AND status = 'pending'",
         )
         .bind(id.to_string())
         .bind(old)
@@ -961,7 +961,7 @@ async fn insert_rows(
             .bind(m.event.as_str())
             .bind(seq(m.event))
             .bind(m.body.clone())
-            .bind(due)
+            .bind(due.and(*lease).or(due))
             .bind(due.and(*lease))
             .bind(*now_ms)
             .bind(*now_ms);
