@@ -288,33 +288,9 @@ impl MessageStore {
     /// Queues a message unless one with its id exists (a redelivered or replayed event);
     /// whether it was new.
     pub async fn insert(&self, m: &NewMessage, now_ms: i64) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "INSERT INTO webhook_messages (id, tenant_id, webhook_id, event_id, conversation_id, event, seq, body, status, attempts, round_attempts, next_attempt_at_ms, created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', 0, 0, $9, $10, $11) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(m.id.clone())
-        .bind(m.tenant_id.clone())
-        .bind(m.webhook_id.clone())
-        .bind(m.event_id.clone())
-        .bind(m.conversation_id.clone())
-        .bind(m.event.as_str())
-        .bind(seq(m.event))
-        .bind(m.body.clone())
-        .bind(first_due(m.event, now_ms))
-        .bind(now_ms)
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await?;
-        if m.event != WebhookEvent::Started {
-            self.unblock(&self.pool, &m.tenant_id, &m.conversation_id, now_ms)
-                .await?;
-        }
-        Ok(done.rows_affected() > 0)
-    }
-
-    /// Queues every message unless it exists, in one statement; how many were new.
-    pub async fn insert_all(&self, ms: &[NewMessage], now_ms: i64) -> Result<u64, StoreError> {
-        let leases = vec![None; ms.len()];
-        Ok(self.queue(ms, &leases, now_ms).await?.len() as u64)
+        Ok(!insert_rows(&self.pool, &[(m, None, now_ms)])
+            .await?
+            .is_empty())
     }
 
     /// Queues every message unless it exists, in one statement, each already leased until
