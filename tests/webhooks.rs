@@ -378,8 +378,8 @@ async fn first_attempts_written_with_their_rows(s: &System, rx: &Receiver) {
             json!({"url": rx.url("fold-fast"), "format": "standard"}),
         )
         .await;
-    // Well past the settle wait, well inside the 1 s attempt timeout.
-    rx.set("fold-slow", Mode::Slow(300));
+    // Well past the 150 ms first-attempt wait, well inside the 1 s attempt timeout.
+    rx.set("fold-slow", Mode::Slow(600));
     let (slow_hook, _) = s
         .subscribe(
             &tenant.id,
@@ -668,7 +668,11 @@ async fn webhooks_deliver_retry_dead_letter_and_recover() {
     let rx = Receiver::start().await;
     let s = System::start(
         dir.path(),
-        &[("NEXUS_WORKERS__WEBHOOKS__DISABLE_AFTER_MS", "2500")],
+        &[
+            ("NEXUS_WORKERS__WEBHOOKS__DISABLE_AFTER_MS", "2500"),
+            // Room for a loaded CI machine: the fast endpoint's attempts end within this.
+            ("NEXUS_WORKERS__WEBHOOKS__FIRST_ATTEMPT_WAIT_MS", "150"),
+        ],
     )
     .await;
     both_formats_exactly_once(&s, &rx).await;

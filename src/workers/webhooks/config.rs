@@ -32,6 +32,9 @@ pub struct WebhooksConfig {
     /// Database connections of the delivery log per process (PostgreSQL; SQLite shares the
     /// provisioning store's).
     pub db_connections: u32,
+    /// How long a group of new messages' insert waits for their first attempts (PostgreSQL,
+    /// ms): an attempt that ends in time is written with its row, one write instead of three.
+    pub first_attempt_wait_ms: u64,
     /// How long a tenant's subscription list is reused by the handler (ms; 0 = read per
     /// event): a new or changed subscription applies to events handled this much later.
     pub subscription_cache_ms: u64,
@@ -44,6 +47,10 @@ pub struct WebhooksConfig {
 impl WebhooksConfig {
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
+    }
+
+    pub fn first_attempt_wait(&self) -> Duration {
+        Duration::from_millis(self.first_attempt_wait_ms)
     }
 
     /// The delay before attempt `n` of a round (0-based), or `None` once the schedule is spent.

@@ -2,7 +2,7 @@
 //! and one durable insert, and a first attempt that ends in time is written with its row.
 //!
 //! A new STARTED message leased at intake is sent before its row is written (the event is not
-//! acked until then). If its first attempt ends within [`SETTLE_WAIT`], the row is inserted in
+//! acked until then). If its first attempt ends within [`FIRST_ATTEMPT_WAIT`] (the default of `first_attempt_wait_ms`), the row is inserted in
 //! its final state together with the attempt: one write instead of an insert, an update and a
 //! release. Otherwise the row goes in pending and leased, and the outcome updates it later.
 //! A crash before the insert leaves the event unacked: it is redelivered and the message sent
@@ -22,9 +22,9 @@ use crate::telemetry::metrics as m;
 /// Most message rows one grouped statement writes, so one statement stays short and a burst
 /// still fills several.
 const BATCH_ROWS: usize = 512;
-/// How long a group's write waits for the first attempts of its messages sent before it.
-/// Loopback and LAN receivers answer within this; a slower one's row is written pending.
-pub const SETTLE_WAIT: Duration = Duration::from_millis(25);
+/// How long a group's write waits by default for the first attempts of its messages sent
+/// before it. Loopback and LAN receivers answer within this; a slower one's row goes in pending.
+pub const FIRST_ATTEMPT_WAIT: Duration = Duration::from_millis(25);
 /// Group writes in flight at once.
 const WRITERS: usize = 2;
 
@@ -158,7 +158,7 @@ struct Admission {
 /// [`BATCH_ROWS`]), checks which messages exist in one statement, answers the events that
 /// send before the insert, then writes the group ([`write`]) while the next one gathers.
 /// Ends when every store handle is gone.
-pub async fn run(pool: AnyPool, mut rx: mpsc::UnboundedReceiver<Submission>) {
+pub async fn run(pool: AnyPool, mut rx: mpsc::UnboundedReceiver<Submission>, wait: Duration) {
     let writers = Arc::new(Semaphore::new(WRITERS));
     let mut held: Option<Submission> = None;
     loop {
@@ -191,7 +191,7 @@ pub async fn run(pool: AnyPool, mut rx: mpsc::UnboundedReceiver<Submission>) {
         }
         let (pool, writers) = (pool.clone(), writers.clone());
         tokio::spawn(async move {
-            settle(&admitted, &notify).await;
+            settle(&admitted, &notify, wait).await;
             let Ok(_slot) = writers.acquire_owned().await else {
                 return;
             };
@@ -274,9 +274,9 @@ async fn existing(pool: &AnyPool, ids: &[&str]) -> Result<HashSet<String>, sqlx:
     rows.iter().map(|r| r.try_get::<String, _>("id")).collect()
 }
 
-/// Waits until every first attempt of the group has its outcome, at most [`SETTLE_WAIT`].
-async fn settle(group: &[Admission], notify: &Notify) {
-    let deadline = Instant::now() + SETTLE_WAIT;
+/// Waits until every first attempt of the group has its outcome, at most `wait`.
+async fn settle(group: &[Admission], notify: &Notify, wait: Duration) {
+    let deadline = Instant::now() + wait;
     let firsts: Vec<&Arc<FirstAttempt>> = group
         .iter()
         .flat_map(|a| a.rows.iter().filter_map(|r| r.first.as_ref()))

@@ -99,7 +99,9 @@ pub fn role(
             options("SET plan_cache_mode = force_custom_plan; SET synchronous_commit = off")
                 .connect_lazy(&stores.postgres_url)
                 .map_err(|e| WebhooksError::Config(format!("delivery log pool: {e}")))?;
-        MessageStore::new(durable, provisioning.kind()).relaxed(relaxed)
+        MessageStore::new(durable, provisioning.kind())
+            .relaxed(relaxed)
+            .first_attempt_wait(config.first_attempt_wait())
     } else {
         MessageStore::new(provisioning.pool().clone(), provisioning.kind())
     };

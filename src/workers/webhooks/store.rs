@@ -3,6 +3,7 @@
 //! (PostgreSQL `FOR UPDATE SKIP LOCKED`), so several worker pods never send one message at once.
 
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use serde::Serialize;
 use sqlx::any::AnyRow;
@@ -263,6 +264,8 @@ pub struct MessageStore {
     postgres: bool,
     /// The grouped-insert task (PostgreSQL), started at the first insert.
     batcher: Arc<OnceLock<mpsc::UnboundedSender<Submission>>>,
+    /// How long a group's write waits for first attempts sent before it.
+    first_attempt_wait: Duration,
 }
 
 impl MessageStore {
@@ -273,7 +276,14 @@ impl MessageStore {
             pool,
             postgres: kind == "postgres",
             batcher: Arc::new(OnceLock::new()),
+            first_attempt_wait: intake::FIRST_ATTEMPT_WAIT,
         }
+    }
+
+    /// How long a group's insert waits for the first attempts sent before it (see [`intake`]).
+    pub fn first_attempt_wait(mut self, wait: Duration) -> Self {
+        self.first_attempt_wait = wait;
+        self
     }
 
     /// Claims, leases and attempt outcomes go through `pool`, which may commit
@@ -374,7 +384,7 @@ impl MessageStore {
         let tx = self.batcher.get_or_init(|| {
             let (tx, rx) = mpsc::unbounded_channel();
             tokio::spawn(
-                intake::run(self.pool.clone(), rx)
+                intake::run(self.pool.clone(), rx, self.first_attempt_wait)
                     .instrument(tracing::info_span!("webhook_intake")),
             );
             tx
