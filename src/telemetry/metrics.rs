@@ -17,6 +17,9 @@ pub const EVENTS_PUBLISHED_TOTAL: &str = "nexus_events_published_total";
 pub const BUS_PUBLISH_ERRORS_TOTAL: &str = "nexus_bus_publish_errors_total";
 /// Publish latency until the broker's ack, per `topic`.
 pub const BUS_PUBLISH_SECONDS: &str = "nexus_bus_publish_seconds";
+/// Connection flushes that made JetStream acks durable on the socket (acks waiting together
+/// share one), per `outcome` (ok, failed).
+pub const BUS_ACK_FLUSHES_TOTAL: &str = "nexus_bus_ack_flushes_total";
 /// Events written to a dead-letter topic, per `topic`, `group`, `reason`.
 pub const EVENTS_DEAD_LETTERED_TOTAL: &str = "nexus_events_dead_lettered_total";
 /// HTTP requests, per `method`, `route` (template), `status`.
@@ -138,6 +141,10 @@ pub(super) fn describe_all() {
         BUS_PUBLISH_SECONDS,
         Unit::Seconds,
         "Publish latency until the broker acknowledged."
+    );
+    describe_counter!(
+        BUS_ACK_FLUSHES_TOTAL,
+        "JetStream connection flushes for acks (acks waiting together share one), by outcome."
     );
     describe_counter!(
         EVENTS_DEAD_LETTERED_TOTAL,

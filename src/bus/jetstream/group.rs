@@ -60,6 +60,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
+use super::flush::Flusher;
 use super::{codec, consumer_error, timestamp_ms, Inner, Timing};
 use crate::bus::{Acker, BusError, Delivery, StartFrom, SubscribeOptions, Subscription};
 
@@ -104,6 +105,7 @@ pub(super) async fn subscribe(
     let g = Arc::new(Group {
         js: bus.js.clone(),
         client: bus.client.clone(),
+        flusher: Flusher::start(bus.client.clone()),
         bus_timing: bus.timing,
         topic: topic.to_string(),
         stream: meta.stream.clone(),
@@ -140,6 +142,8 @@ pub(super) async fn subscribe(
 struct Group {
     js: Context,
     client: async_nats::Client,
+    /// Shared flushes of `client` for acks.
+    flusher: Flusher,
     bus_timing: Timing,
     topic: String,
     stream: String,
@@ -752,6 +756,7 @@ async fn hand_out(
     );
     let acker = JetStreamAcker {
         client: g.client.clone(),
+        flusher: g.flusher.clone(),
         slot: slot.clone(),
         seq,
         reply,
@@ -827,6 +832,7 @@ async fn keep_alive(g: Arc<Group>, stop: CancellationToken) {
 /// which a returned ack can still be lost).
 struct JetStreamAcker {
     client: async_nats::Client,
+    flusher: Flusher,
     slot: Arc<Slot>,
     seq: u64,
     reply: Subject,
@@ -848,7 +854,8 @@ impl Acker for JetStreamAcker {
         // Written to the socket before returning, so an ack that returned survives the process
         // dying right after (only a broken connection can still lose it). Concurrent acks share
         // the connection's flushes, so this costs a hop to the connection task, not a round trip.
-        self.client.flush().await.map_err(|e| {
+        // Concurrent acks share one flush (see `flush`).
+        self.flusher.flush().await.map_err(|e| {
             BusError::Unavailable(format!("flushing ack of sequence {}: {e}", self.seq))
         })
     }

@@ -24,6 +24,7 @@
 //! the previous client's unacked records; the lease protocol does both and runs on 2.10.
 
 mod codec;
+mod flush;
 mod group;
 #[cfg(test)]
 mod tests;

@@ -529,3 +529,52 @@ async fn transient_groups_expire_when_idle_and_worker_groups_do_not() {
         sub.close().await.expect("close");
     }
 }
+
+/// Publishes that waited for a shared flush are on the socket: tearing the runtime down right
+/// after loses none of them (what acks rely on).
+#[tokio::test]
+async fn shared_flushes_cover_every_publish_queued_before_them() {
+    let Some(config) = test_config() else { return };
+    const N: usize = 500;
+    let subject = format!("nexus.test.flush.{}", uuid::Uuid::new_v4().simple());
+    let reader = async_nats::connect(&config.url).await.expect("connect");
+    let mut sub = reader.subscribe(subject.clone()).await.expect("subscribe");
+    reader.flush().await.expect("flush subscription");
+    let (url, subj) = (config.url.clone(), subject.clone());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("rt");
+        rt.block_on(async {
+            let client = async_nats::connect(&url).await.expect("connect");
+            let flusher = super::flush::Flusher::start(client.clone());
+            let sends = (0..N).map(|i| {
+                let (client, flusher, subj) = (client.clone(), flusher.clone(), subj.clone());
+                async move {
+                    client
+                        .publish(subj, i.to_string().into())
+                        .await
+                        .expect("publish");
+                    flusher.flush().await.expect("flush");
+                }
+            });
+            futures::future::join_all(sends).await;
+        });
+        // A crash right after the last flush returned.
+        rt.shutdown_background();
+    })
+    .join()
+    .expect("publisher thread");
+    let mut got = std::collections::HashSet::new();
+    while got.len() < N {
+        match tokio::time::timeout(Duration::from_secs(5), sub.next()).await {
+            Ok(Some(m)) => {
+                got.insert(String::from_utf8_lossy(&m.payload).to_string());
+            }
+            _ => break,
+        }
+    }
+    assert_eq!(got.len(), N, "publishes lost after their flush returned");
+}
