@@ -120,6 +120,8 @@ struct System {
     nats: Option<Child>,
     bus: Arc<dyn Bus>,
     tenant: String,
+    /// The worker's HTTP address (metrics).
+    listen: String,
     database: (String, String),
     _provisioning: Provisioning,
 }
@@ -262,9 +264,22 @@ async fn start(dir: &Path, receiver: &str, subscriptions: usize) -> System {
         nats,
         bus,
         tenant,
+        listen,
         database: (server, name),
         _provisioning: provisioning,
     }
+}
+
+/// The sum of a counter's series on the worker's `/metrics`.
+async fn counter(s: &System, name: &str) -> f64 {
+    let Ok(r) = reqwest::get(format!("http://{}/metrics", s.listen)).await else {
+        return 0.0;
+    };
+    let text = r.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 fn started(tenant: &str, conversation: &str) -> Event {
@@ -410,6 +425,10 @@ async fn main() {
         (last - begin).as_secs_f64(),
         if complete { "" } else { " (INCOMPLETE)" }
     );
+    // How many new messages went in with their first attempt (one write instead of three).
+    let queued = counter(&s, "nexus_webhook_messages_queued_total").await;
+    let settled = counter(&s, "nexus_webhook_settled_at_insert_total").await;
+    println!("  written with their first attempt: {settled:.0} of {queued:.0} messages");
 
     // 2. Latency at a set rate.
     reset(&seen, 0);

@@ -4,6 +4,7 @@ use sqlx::any::AnyRow;
 
 use super::models::{self, NewTenant, Page, PageRequest, Tenant, TenantPatch};
 use super::sql::{self, get, Keyed};
+use super::webhooks::{delete_log, LogOf};
 use super::{Object, Provisioning, ProvisioningError};
 
 const SELECT: &str = "SELECT id, name, created_at_ms FROM tenants";
@@ -80,17 +81,21 @@ impl Provisioning {
         Ok(tenant)
     }
 
-    /// Deletes the tenant with all its keys, queues, agents, rules and bots.
+    /// Deletes the tenant with all its keys, queues, agents, rules, bots, webhook
+    /// subscriptions and their delivery log, in one transaction.
     pub async fn delete_tenant(&self, id: &str) -> Result<(), ProvisioningError> {
+        let mut tx = self.pool.begin().await.map_err(sql::unavailable)?;
         let done = sqlx::query("DELETE FROM tenants WHERE id = $1")
             .bind(id.to_string())
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(sql::unavailable)?;
-        self.auth_cache.clear();
         if done.rows_affected() == 0 {
             return Err(ProvisioningError::NotFound(Object::Tenant));
         }
+        delete_log(&mut tx, LogOf::Tenant, id).await?;
+        tx.commit().await.map_err(sql::unavailable)?;
+        self.auth_cache.clear();
         Ok(())
     }
 }

@@ -457,18 +457,21 @@ impl Provisioning {
         Ok(webhook)
     }
 
-    /// Deletes the subscription and its delivery log.
+    /// Deletes the subscription and its delivery log, in one transaction.
     pub async fn delete_webhook(&self, tenant_id: &str, id: &str) -> Result<(), ProvisioningError> {
+        let mut tx = self.pool.begin().await.map_err(sql::unavailable)?;
         let done = sqlx::query("DELETE FROM webhooks WHERE tenant_id = $1 AND id = $2")
             .bind(tenant_id.to_string())
             .bind(id.to_string())
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(sql::unavailable)?;
         if done.rows_affected() == 0 {
+            drop(tx);
             return Err(self.missing(tenant_id, Object::Webhook).await);
         }
-        Ok(())
+        delete_log(&mut tx, LogOf::Webhook, id).await?;
+        tx.commit().await.map_err(sql::unavailable)
     }
 
     /// A new secret; the current one becomes the previous one and keeps signing for
@@ -576,4 +579,37 @@ mod tests {
         assert!(secret(WebhookFormat::Genesys, Some("short")).is_err());
         assert!(secret(WebhookFormat::Genesys, Some("a-long-enough-secret")).is_ok());
     }
+}
+
+/// Whose delivery log [`delete_log`] deletes.
+#[derive(Clone, Copy)]
+pub(super) enum LogOf {
+    Webhook,
+    Tenant,
+}
+
+/// Deletes the delivery log (messages and attempts) of a subscription or a tenant: the log has
+/// no foreign keys (migration 0009), so deleting its owner does not cascade to it.
+pub(super) async fn delete_log(
+    conn: &mut sqlx::AnyConnection,
+    of: LogOf,
+    id: &str,
+) -> Result<(), ProvisioningError> {
+    let column = match of {
+        LogOf::Webhook => "webhook_id",
+        LogOf::Tenant => "tenant_id",
+    };
+    sqlx::query(&format!(
+        "DELETE FROM webhook_attempts WHERE message_id IN (SELECT id FROM webhook_messages WHERE {column} = $1)"
+    ))
+    .bind(id.to_string())
+    .execute(&mut *conn)
+    .await
+    .map_err(sql::unavailable)?;
+    sqlx::query(&format!("DELETE FROM webhook_messages WHERE {column} = $1"))
+        .bind(id.to_string())
+        .execute(&mut *conn)
+        .await
+        .map_err(sql::unavailable)?;
+    Ok(())
 }

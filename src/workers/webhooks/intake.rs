@@ -323,7 +323,6 @@ fn prepare(row: &Row, now_ms: i64, written_ms: i64) -> Prepared {
     json["next"] = next.into();
     json["code"] = a.status_code.into();
     json["error"] = a.error.clone().into();
-    json["attempt_id"] = uuid::Uuid::now_v7().to_string().into();
     json["a_started"] = a.started_at_ms.into();
     json["a_outcome"] = a.outcome.into();
     json["a_latency"] = a.latency_ms.into();
@@ -418,11 +417,11 @@ fn answer(reply: Reply<Vec<String>>, rows: Vec<Prepared>, result: Result<Vec<Str
 /// attempt and were new, the attempt rows; the ids that were new.
 async fn insert(pool: &AnyPool, rows: &[&serde_json::Value]) -> Result<Vec<String>, String> {
     let found = sqlx::query(
-        "WITH v AS (SELECT * FROM json_to_recordset($1::json) AS x(id text, tenant_id text, webhook_id text, event_id text, conversation_id text, event text, seq bigint, body text, status text, attempts bigint, next bigint, lease bigint, code bigint, error text, created bigint, updated bigint, attempt_id text, a_started bigint, a_outcome text, a_latency bigint, a_next bigint)), \
+        "WITH v AS (SELECT * FROM json_to_recordset($1::json) AS x(id text, tenant_id text, webhook_id text, event_id text, conversation_id text, event text, seq bigint, body text, status text, attempts bigint, next bigint, lease bigint, code bigint, error text, created bigint, updated bigint, a_started bigint, a_outcome text, a_latency bigint, a_next bigint)), \
          ins AS (INSERT INTO webhook_messages (id, tenant_id, webhook_id, event_id, conversation_id, event, seq, body, status, attempts, round_attempts, next_attempt_at_ms, lease_until_ms, last_status_code, last_error, created_at_ms, updated_at_ms) \
                  SELECT id, tenant_id, webhook_id, event_id, conversation_id, event, seq, body, status, attempts, attempts, next, lease, code, error, created, updated FROM v ON CONFLICT (id) DO NOTHING RETURNING id), \
-         logged AS (INSERT INTO webhook_attempts (id, message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms) \
-                 SELECT v.attempt_id, v.id, 1, v.a_started, v.a_outcome, v.code, v.a_latency, v.error, v.a_next FROM v JOIN ins ON ins.id = v.id WHERE v.a_outcome IS NOT NULL) \
+         logged AS (INSERT INTO webhook_attempts (message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms) \
+                 SELECT v.id, 1, v.a_started, v.a_outcome, v.code, v.a_latency, v.error, v.a_next FROM v JOIN ins ON ins.id = v.id WHERE v.a_outcome IS NOT NULL) \
          SELECT id FROM ins",
     )
     .bind(serde_json::json!(rows).to_string())

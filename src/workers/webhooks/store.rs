@@ -560,14 +560,12 @@ impl MessageStore {
     ) -> Result<(), StoreError> {
         let attempt = m.attempts + 1;
         let (status, next, attempt_next) = outcome_state(after, now_ms);
-        let attempt_id = uuid::Uuid::now_v7().to_string();
         if self.postgres {
             // One round trip: the attempt row and the message move together.
             sqlx::query(
-                "WITH logged AS (INSERT INTO webhook_attempts (id, message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (message_id, attempt) DO NOTHING) \
-                 UPDATE webhook_messages SET status = $10, attempts = $3, round_attempts = $11, next_attempt_at_ms = $12, lease_until_ms = NULL, last_status_code = $6, last_error = $8, updated_at_ms = $13 WHERE id = $2",
+                "WITH logged AS (INSERT INTO webhook_attempts (message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (message_id, attempt) DO NOTHING) \
+                 UPDATE webhook_messages SET status = $9, attempts = $2, round_attempts = $10, next_attempt_at_ms = $11, lease_until_ms = NULL, last_status_code = $5, last_error = $7, updated_at_ms = $12 WHERE id = $1",
             )
-            .bind(attempt_id)
             .bind(m.id.clone())
             .bind(attempt)
             .bind(a.started_at_ms)
@@ -586,9 +584,8 @@ impl MessageStore {
         }
         let mut tx = self.relaxed.begin().await?;
         sqlx::query(
-            "INSERT INTO webhook_attempts (id, message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (message_id, attempt) DO NOTHING",
+            "INSERT INTO webhook_attempts (message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (message_id, attempt) DO NOTHING",
         )
-        .bind(attempt_id)
         .bind(m.id.clone())
         .bind(attempt)
         .bind(a.started_at_ms)
@@ -640,7 +637,6 @@ impl MessageStore {
         for (m, a, after) in items {
             let (status, next, attempt_next) = outcome_state(*after, now_ms);
             rows.push(serde_json::json!({
-                "attempt_id": uuid::Uuid::now_v7().to_string(),
                 "message_id": m.id,
                 "attempt": m.attempts + 1,
                 "started_at_ms": a.started_at_ms,
@@ -658,8 +654,8 @@ impl MessageStore {
             }
         }
         sqlx::query(
-            "WITH v AS (SELECT * FROM json_to_recordset($1::json) AS x(attempt_id text, message_id text, attempt bigint, started_at_ms bigint, outcome text, status_code bigint, latency_ms bigint, error text, attempt_next bigint, status text, round_attempts bigint, next bigint)), \
-             logged AS (INSERT INTO webhook_attempts (id, message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms) SELECT attempt_id, message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, attempt_next FROM v ON CONFLICT (message_id, attempt) DO NOTHING) \
+            "WITH v AS (SELECT * FROM json_to_recordset($1::json) AS x(message_id text, attempt bigint, started_at_ms bigint, outcome text, status_code bigint, latency_ms bigint, error text, attempt_next bigint, status text, round_attempts bigint, next bigint)), \
+             logged AS (INSERT INTO webhook_attempts (message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms) SELECT message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, attempt_next FROM v ON CONFLICT (message_id, attempt) DO NOTHING) \
              UPDATE webhook_messages SET status = v.status, attempts = v.attempt, round_attempts = v.round_attempts, next_attempt_at_ms = v.next, lease_until_ms = NULL, last_status_code = v.status_code, last_error = v.error, updated_at_ms = $2 FROM v WHERE webhook_messages.id = v.message_id",
         )
         .bind(serde_json::Value::Array(rows).to_string())
@@ -867,9 +863,11 @@ impl MessageStore {
     /// Deletes delivered, aborted and dead messages last changed before `before_ms`, with their
     /// attempts; answers the messages deleted. Pending ones stay however old.
     pub async fn prune_finished(&self, before_ms: i64) -> Result<u64, StoreError> {
-        const OLD: &str = "status <> 'pending' AND updated_at_ms < $1";
-        // Attempts first (SQLite may run without foreign-key cascades); a crash in between
-        // leaves messages without attempts for the next run.
+        // Finished and old, or of a subscription that is gone: a delete that raced an insert
+        // leaves such messages (the log has no foreign keys, see migration 0009).
+        const OLD: &str = "(status <> 'pending' AND updated_at_ms < $1) \
+            OR NOT EXISTS (SELECT 1 FROM webhooks w WHERE w.id = webhook_messages.webhook_id)";
+        // Attempts first: a crash in between leaves messages without attempts for the next run.
         sqlx::query(&format!(
             "DELETE FROM webhook_attempts WHERE message_id IN (SELECT id FROM webhook_messages WHERE {OLD})"
         ))
@@ -994,11 +992,16 @@ mod tests {
             .expect("webhook")
             .webhook;
         let store = MessageStore::new(p.pool().clone(), p.kind());
-        for (id, conversation) in [("msg_done", "c1"), ("msg_waiting", "c2")] {
+        // `msg_orphan`'s subscription is gone (a delete raced its insert): pruned however new.
+        for (id, conversation, webhook) in [
+            ("msg_done", "c1", hook.id.as_str()),
+            ("msg_waiting", "c2", hook.id.as_str()),
+            ("msg_orphan", "c3", "wh_deleted"),
+        ] {
             let m = NewMessage {
                 id: id.into(),
                 tenant_id: tenant.id.clone(),
-                webhook_id: hook.id.clone(),
+                webhook_id: webhook.into(),
                 event_id: format!("e-{id}"),
                 conversation_id: conversation.into(),
                 event: WebhookEvent::Started,
@@ -1010,15 +1013,15 @@ mod tests {
             .execute(p.pool())
             .await
             .expect("deliver");
-        sqlx::query("INSERT INTO webhook_attempts (id, message_id, attempt, started_at_ms, outcome, status_code, latency_ms) VALUES ('a1', 'msg_done', 1, 1500, 'ok', 204, 3)")
+        sqlx::query("INSERT INTO webhook_attempts (message_id, attempt, started_at_ms, outcome, status_code, latency_ms) VALUES ('msg_done', 1, 1500, 'ok', 204, 3), ('msg_orphan', 1, 1500, 'failed', 500, 3)")
             .execute(p.pool())
             .await
             .expect("attempt");
 
         assert_eq!(
             store.prune_finished(2_000).await.expect("prune"),
-            0,
-            "not older than the cut"
+            1,
+            "only the orphan: the rest is not older than the cut"
         );
         assert_eq!(store.prune_finished(i64::MAX).await.expect("prune"), 1);
         let left: Vec<String> = sqlx::query_scalar("SELECT id FROM webhook_messages")
@@ -1031,5 +1034,71 @@ mod tests {
             .await
             .expect("attempts");
         assert_eq!(attempts, 0);
+
+        // Deleting the subscription deletes its log (no foreign-key cascade does it).
+        store
+            .record(
+                &Claimed::first(NewMessage {
+                    id: "msg_waiting".into(),
+                    tenant_id: tenant.id.clone(),
+                    webhook_id: hook.id.clone(),
+                    event_id: "e-msg_waiting".into(),
+                    conversation_id: "c2".into(),
+                    event: WebhookEvent::Started,
+                    body: "{}".into(),
+                }),
+                &AttemptRecord {
+                    started_at_ms: 2_500,
+                    outcome: "ok",
+                    status_code: Some(204),
+                    latency_ms: 3,
+                    error: None,
+                },
+                After::Delivered,
+                3_000,
+            )
+            .await
+            .expect("log an attempt");
+        p.delete_webhook(&tenant.id, &hook.id)
+            .await
+            .expect("delete webhook");
+        let (messages, attempts): (i64, i64) = (
+            sqlx::query_scalar("SELECT COUNT(*) FROM webhook_messages")
+                .fetch_one(p.pool())
+                .await
+                .expect("messages"),
+            sqlx::query_scalar("SELECT COUNT(*) FROM webhook_attempts")
+                .fetch_one(p.pool())
+                .await
+                .expect("attempts"),
+        );
+        assert_eq!(
+            (messages, attempts),
+            (0, 0),
+            "the subscription's log is gone"
+        );
+
+        // Deleting the tenant deletes its log too.
+        assert!(store
+            .insert(
+                &NewMessage {
+                    id: "msg_tenant".into(),
+                    tenant_id: tenant.id.clone(),
+                    webhook_id: "wh_any".into(),
+                    event_id: "e-tenant".into(),
+                    conversation_id: "c4".into(),
+                    event: WebhookEvent::Started,
+                    body: "{}".into(),
+                },
+                4_000,
+            )
+            .await
+            .expect("insert"));
+        p.delete_tenant(&tenant.id).await.expect("delete tenant");
+        let messages: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM webhook_messages")
+            .fetch_one(p.pool())
+            .await
+            .expect("messages");
+        assert_eq!(messages, 0, "the tenant's log is gone");
     }
 }
