@@ -4,15 +4,14 @@
 //! size to the same receiver with the same concurrency.
 //!
 //! Runs, in order:
-//! 1. throughput: NEXUS_BENCH_EVENTS ConversationStarted events published at once, fanned out
-//!    to NEXUS_BENCH_SUBSCRIPTIONS subscriptions; deliveries/s from the first publish to the
-//!    last delivery;
+//! 1. throughput, three rounds, each side by side with the plain client: NEXUS_BENCH_EVENTS
+//!    ConversationStarted events published at once, fanned out to NEXUS_BENCH_SUBSCRIPTIONS
+//!    subscriptions (deliveries/s from the first publish to the last delivery), then the same
+//!    number of POSTs of same-size bodies from a plain reqwest client at the worker's
+//!    concurrency (subscriptions × max_in_flight_per_endpoint); the ratio is of the medians;
 //! 2. latency: events at NEXUS_BENCH_RATE per second for NEXUS_BENCH_SECONDS; publish →
 //!    receiver p50/p99/max;
-//! 3. the plain client: the same number of POSTs of same-size bodies at the worker's
-//!    concurrency (subscriptions × max_in_flight_per_endpoint); requests/s and p50/p99; the
-//!    ratio nexus / plain;
-//! 4. 1 % injected 5xx (every 100th request answers 503): lost messages (must be 0) and
+//! 3. 1 % injected 5xx (every 100th request answers 503): lost messages (must be 0) and
 //!    repeated deliveries of one webhook-id after a 2xx (duplicates).
 //!
 //! `make bench`, or `cargo bench --bench webhook_fanout` with NATS (NEXUS_BENCH_BUS; else a
@@ -353,6 +352,95 @@ async fn wait_ids(seen: &Shared, want: usize) -> bool {
     }
 }
 
+/// Throughput and plain-client rounds, side by side.
+const ROUNDS: usize = 3;
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// `events` published at once; deliveries/s from the first publish to the last delivery.
+async fn burst(
+    s: &System,
+    seen: &Shared,
+    prefix: &str,
+    events: usize,
+    subscriptions: usize,
+) -> f64 {
+    reset(seen, 0);
+    let begin = Instant::now();
+    publish_events(s, prefix, events, None).await;
+    let complete = wait_ids(seen, events * subscriptions).await;
+    let (last, delivered) = {
+        let s = seen.lock().expect("lock");
+        (
+            s.first_ok.values().max().copied().unwrap_or(begin),
+            s.first_ok.len(),
+        )
+    };
+    let secs = (last - begin).as_secs_f64();
+    assert!(
+        complete,
+        "burst {prefix}: {delivered} of {} delivered",
+        events * subscriptions
+    );
+    delivered as f64 / secs
+}
+
+/// The plain client: `total` POSTs of `body` at `concurrency`; requests/s and latencies (ms).
+async fn plain(
+    seen: &Shared,
+    url: &str,
+    body: &str,
+    total: usize,
+    concurrency: usize,
+) -> (f64, Vec<f64>) {
+    reset(seen, 0);
+    let client = reqwest::Client::new();
+    let counter = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(total)));
+    let begin = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, counter, latencies, body, url) = (
+            client.clone(),
+            counter.clone(),
+            latencies.clone(),
+            body.to_string(),
+            url.to_string(),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = counter.fetch_add(1, Ordering::Relaxed);
+                if i >= total as u64 {
+                    break;
+                }
+                let t = Instant::now();
+                let r = client
+                    .post(&url)
+                    .header("x-request-id", i.to_string())
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await;
+                if r.is_ok() {
+                    latencies
+                        .lock()
+                        .expect("lock")
+                        .push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("plain task");
+    }
+    let rate = total as f64 / begin.elapsed().as_secs_f64();
+    let lat = latencies.lock().expect("lock").clone();
+    (rate, lat)
+}
+
 fn percentiles(v: &mut [f64]) -> (f64, f64, f64) {
     if v.is_empty() {
         return (0.0, 0.0, 0.0);
@@ -405,30 +493,38 @@ async fn main() {
          {PER_ENDPOINT} in flight per endpoint"
     );
 
-    // 1. Throughput.
-    reset(&seen, 0);
-    let begin = Instant::now();
-    publish_events(&s, "tp", events, None).await;
-    let complete = wait_ids(&seen, events * subscriptions).await;
-    let last = seen
-        .lock()
-        .expect("lock")
-        .first_ok
-        .values()
-        .max()
-        .copied()
-        .unwrap_or(begin);
-    let delivered = seen.lock().expect("lock").first_ok.len();
-    let nexus_rate = delivered as f64 / (last - begin).as_secs_f64();
-    println!(
-        "  nexus throughput: {delivered} deliveries in {:.2} s = {nexus_rate:.0} deliveries/s{}",
-        (last - begin).as_secs_f64(),
-        if complete { "" } else { " (INCOMPLETE)" }
-    );
+    // 1. The burst through nexus, then the plain client, ROUNDS times; the
+    // ratio is of the medians, since either side alone moves by ±30 % between runs on a shared VM.
+    let concurrency = subscriptions * PER_ENDPOINT;
+    let body = "x".repeat(body_len);
+    let (mut nexus_rates, mut plain_rates) = (Vec::new(), Vec::new());
+    let mut plain_lat = Vec::new();
+    for round in 0..ROUNDS {
+        let nexus_rate = burst(&s, &seen, &format!("tp{round}"), events, subscriptions).await;
+        let (plain_rate, lat) =
+            plain(&seen, &receiver, &body, events * subscriptions, concurrency).await;
+        println!(
+            "  round {}: nexus {nexus_rate:.0} deliveries/s, plain client {plain_rate:.0} requests/s, ratio {:.3}×",
+            round + 1,
+            nexus_rate / plain_rate
+        );
+        nexus_rates.push(nexus_rate);
+        plain_rates.push(plain_rate);
+        plain_lat = lat;
+    }
     // How many new messages went in with their first attempt (one write instead of three).
     let queued = counter(&s, "nexus_webhook_messages_queued_total").await;
     let settled = counter(&s, "nexus_webhook_settled_at_insert_total").await;
     println!("  written with their first attempt: {settled:.0} of {queued:.0} messages");
+    let (nexus_rate, plain_rate) = (median(&mut nexus_rates), median(&mut plain_rates));
+    let (pp50, pp99, _) = percentiles(&mut plain_lat);
+    println!(
+        "  nexus throughput (median of {ROUNDS}): {nexus_rate:.0} deliveries/s; plain reqwest client (median): {plain_rate:.0} requests/s, last run p50 {pp50:.1} ms, p99 {pp99:.1} ms"
+    );
+    println!(
+        "  ratio nexus / plain: {:.3}× (issue target ≥ 0.16×; svix-server ≈ 0.016×)",
+        nexus_rate / plain_rate
+    );
 
     // 2. Latency at a set rate.
     reset(&seen, 0);
@@ -451,63 +547,7 @@ async fn main() {
         rate * subscriptions as f64
     );
 
-    // 3. The plain client, same receiver, same concurrency, same body size.
-    reset(&seen, 0);
-    let concurrency = subscriptions * PER_ENDPOINT;
-    let client = reqwest::Client::new();
-    let body = "x".repeat(body_len);
-    let total = events * subscriptions;
-    let counter = Arc::new(AtomicU64::new(0));
-    let latencies = Arc::new(Mutex::new(Vec::with_capacity(total)));
-    let begin = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (client, counter, latencies, body, url) = (
-            client.clone(),
-            counter.clone(),
-            latencies.clone(),
-            body.clone(),
-            receiver.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let i = counter.fetch_add(1, Ordering::Relaxed);
-                if i >= total as u64 {
-                    break;
-                }
-                let t = Instant::now();
-                let r = client
-                    .post(&url)
-                    .header("x-request-id", i.to_string())
-                    .header("content-type", "application/json")
-                    .body(body.clone())
-                    .send()
-                    .await;
-                if r.is_ok() {
-                    latencies
-                        .lock()
-                        .expect("lock")
-                        .push(t.elapsed().as_secs_f64() * 1e3);
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("plain task");
-    }
-    let plain_secs = begin.elapsed().as_secs_f64();
-    let plain_rate = total as f64 / plain_secs;
-    let mut plain_lat = latencies.lock().expect("lock").clone();
-    let (pp50, pp99, _) = percentiles(&mut plain_lat);
-    println!(
-        "  plain reqwest client: {total} POSTs in {plain_secs:.2} s = {plain_rate:.0} requests/s, p50 {pp50:.1} ms, p99 {pp99:.1} ms"
-    );
-    println!(
-        "  ratio nexus / plain: {:.3}× (issue target ≥ 0.16×; svix-server ≈ 0.016×)",
-        nexus_rate / plain_rate
-    );
-
-    // 4. 1 % injected 5xx: nothing lost, duplicates counted by webhook-id.
+    // 3. 1 % injected 5xx: nothing lost, duplicates counted by webhook-id.
     reset(&seen, 100);
     let n5 = events;
     publish_events(&s, "fail", n5, None).await;
