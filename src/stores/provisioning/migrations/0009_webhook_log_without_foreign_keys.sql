@@ -3,8 +3,10 @@
 -- a third of the database's CPU under a delivery burst. The code deletes a subscription's log
 -- with it, and the hourly prune removes what a concurrent delete left behind (messages whose
 -- subscription is gone). An attempt is keyed by (message, attempt number) alone: its separate
--- text id was one more index on every delivery and nothing read it. Tables are rebuilt through
--- copies: SQLite cannot drop a constraint. Same SQL for PostgreSQL and SQLite.
+-- text id was one more index on every delivery and nothing read it (the column stays, nullable
+-- and unindexed, so pods of the previous release can still write attempts during a rolling
+-- upgrade). Tables are rebuilt through copies: SQLite cannot drop a constraint. Same SQL for
+-- PostgreSQL and SQLite.
 
 CREATE TABLE webhook_messages_copy AS SELECT * FROM webhook_messages;
 CREATE TABLE webhook_attempts_copy AS SELECT * FROM webhook_attempts;
@@ -53,14 +55,16 @@ CREATE TABLE webhook_attempts (
     latency_ms BIGINT NOT NULL,
     error TEXT,
     next_attempt_at_ms BIGINT,
+    -- Unused since this migration (see above); written only by the previous release's pods.
+    id TEXT,
     PRIMARY KEY (message_id, attempt)
 );
 
 INSERT INTO webhook_messages (id, tenant_id, webhook_id, event_id, conversation_id, event, seq, body, status, attempts, round_attempts, next_attempt_at_ms, lease_until_ms, last_status_code, last_error, created_at_ms, updated_at_ms)
     SELECT id, tenant_id, webhook_id, event_id, conversation_id, event, seq, body, status, attempts, round_attempts, next_attempt_at_ms, lease_until_ms, last_status_code, last_error, created_at_ms, updated_at_ms
     FROM webhook_messages_copy;
-INSERT INTO webhook_attempts (message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms)
-    SELECT message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms
+INSERT INTO webhook_attempts (id, message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms)
+    SELECT id, message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms
     FROM webhook_attempts_copy;
 DROP TABLE webhook_attempts_copy;
 DROP TABLE webhook_messages_copy;
