@@ -17,22 +17,23 @@ type Waiter = oneshot::Sender<Result<(), String>>;
 
 /// A flush task on one NATS connection; it ends when the last handle is dropped.
 #[derive(Clone)]
-pub(super) struct Flusher {
+pub(super) struct Flusher(Arc<Handle>);
+
+/// What the handles share; the task holds only `shared`, so dropping this stops it.
+struct Handle {
     shared: Arc<Shared>,
-    _stop: Arc<StopOnDrop>,
+    stop: CancellationToken,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 struct Shared {
     waiting: Mutex<Vec<Waiter>>,
     wake: Notify,
-}
-
-struct StopOnDrop(CancellationToken);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.cancel();
-    }
 }
 
 impl Flusher {
@@ -47,19 +48,17 @@ impl Flusher {
             run(client, shared.clone(), stop.clone())
                 .instrument(tracing::debug_span!("jetstream_ack_flusher")),
         );
-        Self {
-            shared,
-            _stop: Arc::new(StopOnDrop(stop)),
-        }
+        Self(Arc::new(Handle { shared, stop }))
     }
 
     /// Returns once everything queued on the connection before this call is written to the
     /// socket.
     pub(super) async fn flush(&self) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();
-        lock(&self.shared.waiting).push(tx);
+        let shared = &self.0.shared;
+        lock(&shared.waiting).push(tx);
         // `notify_one` keeps a permit when the task is busy flushing: it runs again after.
-        self.shared.wake.notify_one();
+        shared.wake.notify_one();
         rx.await
             .unwrap_or_else(|_| Err("the connection's flush task stopped".into()))
     }

@@ -16,7 +16,7 @@ use sqlx::{AnyPool, Row as _};
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio::time::Instant;
 
-use super::store::{first_due, outcome_state, seq, After, AttemptRecord, NewMessage};
+use super::store::{first_schedule, outcome_state, seq, After, AttemptRecord, NewMessage};
 use crate::telemetry::metrics as m;
 
 /// Most message rows one grouped statement writes, so one statement stays short and a burst
@@ -307,13 +307,11 @@ fn prepare(row: &Row, now_ms: i64, written_ms: i64) -> Prepared {
         "created": now_ms, "updated": written_ms,
     });
     let Some(s) = settled else {
-        let due = first_due(m.event, now_ms);
+        let (next, lease) = first_schedule(m.event, row.lease, now_ms);
         json["status"] = "pending".into();
         json["attempts"] = 0.into();
-        // A leased row is next due when its lease lapses: the claim's range scan of due
-        // messages then skips the ones a sender holds.
-        json["next"] = due.and(row.lease).or(due).into();
-        json["lease"] = due.and(row.lease).into();
+        json["next"] = next.into();
+        json["lease"] = lease.into();
         return Prepared { json, done: None };
     };
     let (status, next, attempt_next) = outcome_state(s.after, written_ms);

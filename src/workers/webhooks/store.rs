@@ -82,7 +82,7 @@ const WAITING_AND_FREE: &str = "status = 'pending' AND next_attempt_at_ms IS NUL
 /// When a new message is first due: STARTED at once; FINISHED waits (NULL) until its
 /// STARTED is no longer pending (order per subscription and conversation), see
 /// [`MessageStore::unblock`].
-pub(super) fn first_due(event: WebhookEvent, now_ms: i64) -> Option<i64> {
+fn first_due(event: WebhookEvent, now_ms: i64) -> Option<i64> {
     (event == WebhookEvent::Started).then_some(now_ms)
 }
 
@@ -91,6 +91,19 @@ pub(super) fn seq(event: WebhookEvent) -> i64 {
         WebhookEvent::Started => 0,
         WebhookEvent::Finished => 1,
     }
+}
+
+/// A new message's next due time and lease: a due message leased at insert is next due when
+/// its lease lapses, so the claim's range scan of due messages skips the ones a sender holds
+/// (only a due message can be leased: a waiting FINISHED goes through the claim).
+pub(super) fn first_schedule(
+    event: WebhookEvent,
+    lease: Option<i64>,
+    now_ms: i64,
+) -> (Option<i64>, Option<i64>) {
+    let due = first_due(event, now_ms);
+    let lease = due.and(lease);
+    (lease.or(due), lease)
 }
 
 /// A message's status and next due time after an attempt, and the next attempt time the
@@ -298,9 +311,11 @@ impl MessageStore {
     /// Queues a message unless one with its id exists (a redelivered or replayed event);
     /// whether it was new.
     pub async fn insert(&self, m: &NewMessage, now_ms: i64) -> Result<bool, StoreError> {
-        Ok(!insert_rows(&self.pool, &[(m, None, now_ms)])
+        let new = !insert_rows(&self.pool, &[(m, None, now_ms)])
             .await?
-            .is_empty())
+            .is_empty();
+        self.unblock_after_insert(m, now_ms).await?;
+        Ok(new)
     }
 
     /// Queues every message unless it exists, in one statement, each already leased until
@@ -325,12 +340,20 @@ impl MessageStore {
                 .collect();
             insert_rows(&self.pool, &rows).await?
         };
-        // Messages of one event share their conversation.
-        if let Some(m) = ms.iter().find(|m| m.event != WebhookEvent::Started) {
-            self.unblock(&self.pool, &m.tenant_id, &m.conversation_id, now_ms)
-                .await?;
+        // Messages of one event share their event and conversation.
+        if let Some(m) = ms.first() {
+            self.unblock_after_insert(m, now_ms).await?;
         }
         Ok(new)
+    }
+
+    /// After a FINISHED is inserted: due at once if its STARTED is no longer pending.
+    async fn unblock_after_insert(&self, m: &NewMessage, now_ms: i64) -> Result<(), StoreError> {
+        if m.event == WebhookEvent::Started {
+            return Ok(());
+        }
+        self.unblock(&self.pool, &m.tenant_id, &m.conversation_id, now_ms)
+            .await
     }
 
     /// Hands the rows to the grouped-insert task and waits for the commit that holds them:
@@ -934,8 +957,7 @@ async fn insert_rows(
     );
     let mut q = sqlx::query(&sql);
     for (m, lease, now_ms) in ms {
-        // Only a due message can be leased (a waiting FINISHED goes through the claim).
-        let due = first_due(m.event, *now_ms);
+        let (next, lease) = first_schedule(m.event, *lease, *now_ms);
         q = q
             .bind(m.id.clone())
             .bind(m.tenant_id.clone())
@@ -945,8 +967,8 @@ async fn insert_rows(
             .bind(m.event.as_str())
             .bind(seq(m.event))
             .bind(m.body.clone())
-            .bind(due.and(*lease).or(due))
-            .bind(due.and(*lease))
+            .bind(next)
+            .bind(lease)
             .bind(*now_ms)
             .bind(*now_ms);
     }
@@ -960,6 +982,48 @@ mod tests {
     use crate::stores::provisioning::secrets::EncryptionKey;
     use crate::stores::provisioning::webhooks::{NewWebhook, WebhookFormat};
     use crate::stores::provisioning::{NewTenant, Provisioning};
+
+    /// A FINISHED inserted alone (dead-letter recovery that re-creates it) after its STARTED
+    /// was delivered is due at once, not left waiting for a STARTED that will not change.
+    #[tokio::test]
+    async fn a_finished_inserted_after_its_started_is_due() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = Provisioning::connect(
+            &dir.path().join("p.db").display().to_string(),
+            &EncryptionKey::generate(),
+        )
+        .await
+        .expect("connect");
+        let store = MessageStore::new(p.pool().clone(), p.kind());
+        let message = |id: &str, event| NewMessage {
+            id: id.into(),
+            tenant_id: "t".into(),
+            webhook_id: "wh".into(),
+            event_id: format!("e-{id}"),
+            conversation_id: "c".into(),
+            event,
+            body: "{}".into(),
+        };
+        assert!(store
+            .insert(&message("msg_started", WebhookEvent::Started), 1_000)
+            .await
+            .expect("insert started"));
+        sqlx::query("UPDATE webhook_messages SET status = 'delivered' WHERE id = 'msg_started'")
+            .execute(p.pool())
+            .await
+            .expect("deliver");
+        assert!(store
+            .insert(&message("msg_finished", WebhookEvent::Finished), 2_000)
+            .await
+            .expect("insert finished"));
+        let due: Option<i64> = sqlx::query_scalar(
+            "SELECT next_attempt_at_ms FROM webhook_messages WHERE id = 'msg_finished'",
+        )
+        .fetch_one(p.pool())
+        .await
+        .expect("finished");
+        assert_eq!(due, Some(2_000));
+    }
 
     /// The log's retention on SQLite (`nexus dev`): finished messages and their attempts go,
     /// pending ones stay however old.
