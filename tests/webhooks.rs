@@ -465,6 +465,28 @@ async fn retries_then_success_and_abort(s: &System, rx: &Receiver) {
     assert!(log[0]["next_attempt_at_ms"].is_i64() && log[2]["next_attempt_at_ms"].is_null());
     assert!(log.iter().all(|a| a["latency_ms"].is_i64()));
 
+    // A receiver that throttles with Retry-After gets its next attempt no earlier than it
+    // asked (1 s), not after the schedule's 300 ms.
+    let (hook, _) = s
+        .subscribe(
+            &tenant.id,
+            json!({"url": rx.url("throttled"), "format": "standard"}),
+        )
+        .await;
+    rx.set("throttled", Mode::ThrottleOnce(1));
+    s.started(&tenant.id, "throttled-1").await;
+    let got = rx.wait_for("throttled", 2).await;
+    let gap = got[1].at - got[0].at;
+    assert!(gap >= Duration::from_millis(950), "retried after {gap:?}");
+    let m = s
+        .message_in(&tenant.id, &hook, got[0].id(), "delivered")
+        .await;
+    let log = m["attempts_log"].as_array().expect("attempts");
+    assert_eq!(log[0]["status_code"], 429, "{m}");
+    let waited = log[0]["next_attempt_at_ms"].as_i64().expect("next attempt")
+        - log[0]["started_at_ms"].as_i64().expect("started");
+    assert!(waited >= 1000, "next attempt {waited} ms after the 429");
+
     // The receiver can stop the retries.
     let (hook, _) = s
         .subscribe(

@@ -30,6 +30,8 @@ pub enum Mode {
     FailTimes(u16, u32),
     /// Always this status.
     Always(u16),
+    /// 429 with `Retry-After: <seconds>` once, then 200.
+    ThrottleOnce(u64),
     /// 500 with `webhook-delivery: abort-message`.
     Abort,
     /// Never answer.
@@ -167,6 +169,8 @@ async fn receive(
                 Mode::FailTimes(code, n - 1)
             };
             s.modes.insert(path, next);
+        } else if let Mode::ThrottleOnce(_) = mode {
+            s.modes.insert(path, Mode::Ok);
         }
         (mode, received)
     };
@@ -175,6 +179,11 @@ async fn receive(
         Mode::FailTimes(code, _) | Mode::Always(code) => {
             StatusCode::from_u16(code).expect("status").into_response()
         }
+        Mode::ThrottleOnce(seconds) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", seconds.to_string())],
+        )
+            .into_response(),
         Mode::Abort => (
             StatusCode::INTERNAL_SERVER_ERROR,
             [("webhook-delivery", "abort-message")],

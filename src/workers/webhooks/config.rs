@@ -13,6 +13,9 @@ pub struct WebhooksConfig {
     /// Delay before each attempt (ms): the first entry is the first attempt (0 = at once); a
     /// message fails for good after the last one.
     pub retry_schedule_ms: Vec<u64>,
+    /// Longest delay a receiver's `Retry-After` (on 429 or 503) may put before the next
+    /// attempt, ms; a longer one is cut to this.
+    pub retry_after_max_ms: u64,
     /// Timeout of one attempt (connect to end of the answer), ms.
     pub timeout_ms: u64,
     /// An endpoint whose every attempt failed for this long is disabled (ms).
@@ -60,6 +63,17 @@ impl WebhooksConfig {
             .map(|ms| Duration::from_millis(*ms))
     }
 
+    /// The delay before the next attempt of a round after attempt `n - 1` failed: the
+    /// schedule's, or longer when the receiver asked to wait (`Retry-After`, capped at
+    /// `retry_after_max_ms`); `None` once the schedule is spent, whatever the receiver asked.
+    pub fn delay_after_failure(&self, n: usize, retry_after: Option<Duration>) -> Option<Duration> {
+        let scheduled = self.delay_before(n)?;
+        let asked = retry_after
+            .unwrap_or_default()
+            .min(Duration::from_millis(self.retry_after_max_ms));
+        Some(scheduled.max(asked))
+    }
+
     /// Cross-field checks, run when the role starts.
     pub fn validate(&self) -> Result<(), String> {
         if self.log_retention_ms < 24 * 3600 * 1000 {
@@ -80,5 +94,28 @@ impl WebhooksConfig {
             return Err("poll_interval_ms and stats_interval_ms must be > 0".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_lengthens_the_schedule_up_to_its_cap() {
+        let mut c = crate::config::Config::defaults().workers.webhooks;
+        c.retry_schedule_ms = vec![0, 5_000, 60_000];
+        c.retry_after_max_ms = 30_000;
+        let s = Duration::from_secs;
+        assert_eq!(c.delay_after_failure(1, None), Some(s(5)));
+        assert_eq!(c.delay_after_failure(1, Some(s(2))), Some(s(5)));
+        assert_eq!(c.delay_after_failure(1, Some(s(20))), Some(s(20)));
+        assert_eq!(c.delay_after_failure(1, Some(s(600))), Some(s(30)));
+        assert_eq!(c.delay_after_failure(2, Some(s(20))), Some(s(60)));
+        assert_eq!(
+            c.delay_after_failure(3, Some(s(20))),
+            None,
+            "the schedule is spent"
+        );
     }
 }
