@@ -1,8 +1,8 @@
 //! The outbound HTTP client every worker uses: rustls with the system roots plus an optional CA
-//! bundle, and a timeout on every call.
+//! bundle, and a timeout on every call; and what a 429 or 503 asks of its caller (`Retry-After`).
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::config::HttpClientConfig;
 
@@ -42,4 +42,49 @@ pub fn builder(config: &HttpClientConfig) -> Result<reqwest::ClientBuilder, Clie
         }
     }
     Ok(builder)
+}
+
+/// How long a 429 or 503 answer asks the caller to wait (`Retry-After`); `None` for other
+/// statuses and for a missing or unreadable header.
+pub fn retry_after(response: &reqwest::Response) -> Option<Duration> {
+    if !matches!(response.status().as_u16(), 429 | 503) {
+        return None;
+    }
+    let value = response.headers().get(reqwest::header::RETRY_AFTER)?;
+    parse_retry_after(value.to_str().ok()?, SystemTime::now())
+}
+
+/// A `Retry-After` value (RFC 9110 10.2.3): delay-seconds or an HTTP date, as a delay from
+/// `now`; a date in the past is no delay. `None` when it is neither.
+fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_and_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(90))
+        );
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(90));
+        assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-5", now), None);
+    }
 }

@@ -237,6 +237,7 @@ impl Peer {
             armed: probing,
         };
         let started = Instant::now();
+        let mut retry_after = None;
         let result = match request.send().await {
             Err(e) if e.is_timeout() => {
                 Err(("timeout", PeerFailure::Retry(format!("{url}: timed out"))))
@@ -244,6 +245,7 @@ impl Peer {
             Err(e) => Err(("failed", PeerFailure::Retry(format!("{url}: {e}")))),
             Ok(response) => {
                 let status = response.status();
+                retry_after = crate::http_client::retry_after(&response);
                 let text = response.text().await.unwrap_or_default();
                 if status.is_success() {
                     if text.trim().is_empty() {
@@ -292,7 +294,7 @@ impl Peer {
                 Err(e)
             }
             Err((_, e)) => {
-                self.circuit.failed();
+                self.circuit.failed(retry_after);
                 Err(e)
             }
         }
@@ -409,18 +411,26 @@ impl Circuit {
         self.changed.notify_waiters();
     }
 
-    fn failed(&self) {
+    /// A failed call. A peer that asked to wait (`Retry-After` on a 429 or 503) opens the
+    /// circuit at once, for at least that long (up to `pause_max_ms`): it said it is overloaded,
+    /// and every lane calling it again would only add to that.
+    fn failed(&self, retry_after: Option<Duration>) {
         let opened = {
             let mut s = self.lock();
             s.failures = s.failures.saturating_add(1);
             s.probing = false;
-            if s.failures < self.threshold {
+            if s.failures < self.threshold && retry_after.is_none() {
                 return;
             }
-            let n = s.failures - self.threshold;
-            let pause = self.initial.saturating_mul(1u32 << n.min(16)).min(self.max);
-            let half = pause / 2;
-            let pause = half + half.mul_f64(rand::rng().random::<f64>());
+            let pause = match s.failures.checked_sub(self.threshold) {
+                Some(n) => {
+                    let pause = self.initial.saturating_mul(1u32 << n.min(16)).min(self.max);
+                    let half = pause / 2;
+                    half + half.mul_f64(rand::rng().random::<f64>())
+                }
+                None => Duration::ZERO,
+            };
+            let pause = pause.max(retry_after.unwrap_or_default().min(self.max));
             let opened = s.probe_at.is_none();
             s.probe_at = Some(Instant::now() + pause);
             opened
@@ -488,9 +498,9 @@ mod tests {
     async fn the_circuit_opens_after_failures_and_one_probe_closes_it() {
         let c = Circuit::new("r", "p", &config());
         c.admit().await;
-        c.failed();
+        c.failed(None);
         assert!(!c.is_open(), "one failure is below the threshold");
-        c.failed();
+        c.failed(None);
         assert!(c.is_open());
         // While open, callers wait for the pause; the first gets the probe.
         let started = Instant::now();
@@ -513,10 +523,69 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_peer_asking_to_wait_opens_the_circuit_for_that_long() {
+        let c = Circuit::new("r", "p", &config());
+        c.failed(Some(Duration::from_millis(150)));
+        assert!(
+            c.is_open(),
+            "Retry-After pauses below the failure threshold"
+        );
+        let started = Instant::now();
+        assert!(c.admit().await, "the first caller after the wait probes");
+        assert!(started.elapsed() >= Duration::from_millis(140));
+        c.succeeded();
+        // A longer wait is cut to pause_max_ms (200 ms here).
+        c.failed(Some(Duration::from_secs(3600)));
+        let started = Instant::now();
+        let probe = tokio::time::timeout(Duration::from_secs(2), c.admit()).await;
+        assert_eq!(probe.ok(), Some(true), "probed within pause_max_ms");
+        assert!(started.elapsed() >= Duration::from_millis(190));
+    }
+
+    #[tokio::test]
+    async fn a_503_with_retry_after_from_a_real_peer_pauses_the_role_at_once() {
+        use axum::http::StatusCode;
+        let app = axum::Router::new().route(
+            "/busy",
+            axum::routing::post(|| async {
+                (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "1")], "")
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let mut c = config();
+        c.pause_after_failures = 3;
+        c.pause_max_ms = 5_000;
+        let peer = Peer::new("r", "p", reqwest::Client::new(), &c);
+        let target = PeerTarget {
+            url,
+            credential: String::new(),
+            timeout_ms: 2_000,
+        };
+        let first = peer
+            .post_json(&target, "/busy", &[], &serde_json::json!({}))
+            .await;
+        assert!(matches!(first, Err(PeerFailure::Retry(_))), "{first:?}");
+        assert!(peer.paused(), "one 503 with Retry-After pauses");
+        let started = Instant::now();
+        let _ = peer
+            .post_json(&target, "/busy", &[], &serde_json::json!({}))
+            .await;
+        assert!(
+            started.elapsed() >= Duration::from_millis(950),
+            "the next call waited {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
     async fn a_prober_dropped_mid_call_hands_the_probe_on() {
         let c = Circuit::new("r", "p", &config());
-        c.failed();
-        c.failed();
+        c.failed(None);
+        c.failed(None);
         assert!(c.admit().await, "the first caller after the pause probes");
         drop(ProbeGuard {
             circuit: &c,
