@@ -186,15 +186,9 @@ impl Provisioning {
 mod tests {
     use super::*;
     use crate::stores::provisioning::models::NewTenant;
-    use crate::stores::provisioning::secrets::EncryptionKey;
 
     async fn store(dir: &tempfile::TempDir) -> (Provisioning, String) {
-        let p = Provisioning::connect(
-            &dir.path().join("p.db").display().to_string(),
-            &EncryptionKey::generate(),
-        )
-        .await
-        .expect("connect");
+        let p = Provisioning::temporary(dir.path()).await;
         let t = p
             .create_tenant(NewTenant { name: "t".into() })
             .await

@@ -154,6 +154,15 @@ impl fmt::Debug for Provisioning {
 }
 
 impl Provisioning {
+    /// A SQLite store in `dir` with a fresh key, migrated (unit tests).
+    #[cfg(test)]
+    pub(crate) async fn temporary(dir: &std::path::Path) -> Self {
+        let key = EncryptionKey::generate();
+        Self::connect(&dir.join("p.db").display().to_string(), &key)
+            .await
+            .expect("a temporary provisioning store")
+    }
+
     /// Connects to `target` (a `postgres://` URL, a `sqlite:` URL or a SQLite file path, created
     /// if missing) and applies the migrations. `key` encrypts bot credentials.
     pub async fn connect(target: &str, key: &EncryptionKey) -> Result<Self, ProvisioningError> {

@@ -173,15 +173,9 @@ fn interaction_events_map_to_entries() {
 /// The effect state on SQLite (`nexus dev`); PostgreSQL runs the same SQL in tests/history_ucs.rs.
 #[tokio::test]
 async fn the_state_store_applies_each_step_once() {
-    use crate::stores::provisioning::secrets::EncryptionKey;
     use crate::stores::provisioning::Provisioning;
     let dir = tempfile::tempdir().expect("tempdir");
-    let p = Provisioning::connect(
-        &dir.path().join("p.db").display().to_string(),
-        &EncryptionKey::generate(),
-    )
-    .await
-    .expect("connect");
+    let p = Provisioning::temporary(dir.path()).await;
     let s = HistoryStore::new(p.pool().clone());
     assert!(s
         .record_start("t", "c", &started(), "e1")

@@ -979,7 +979,6 @@ async fn insert_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stores::provisioning::secrets::EncryptionKey;
     use crate::stores::provisioning::webhooks::{NewWebhook, WebhookFormat};
     use crate::stores::provisioning::{NewTenant, Provisioning};
 
@@ -988,12 +987,7 @@ mod tests {
     #[tokio::test]
     async fn a_finished_inserted_after_its_started_is_due() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let p = Provisioning::connect(
-            &dir.path().join("p.db").display().to_string(),
-            &EncryptionKey::generate(),
-        )
-        .await
-        .expect("connect");
+        let p = Provisioning::temporary(dir.path()).await;
         let store = MessageStore::new(p.pool().clone(), p.kind());
         let message = |id: &str, event| NewMessage {
             id: id.into(),
@@ -1030,12 +1024,7 @@ mod tests {
     #[tokio::test]
     async fn pruning_takes_finished_messages_and_their_attempts() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let p = Provisioning::connect(
-            &dir.path().join("p.db").display().to_string(),
-            &EncryptionKey::generate(),
-        )
-        .await
-        .expect("connect");
+        let p = Provisioning::temporary(dir.path()).await;
         let tenant = p
             .create_tenant(NewTenant { name: "t".into() })
             .await
