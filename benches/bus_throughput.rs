@@ -336,6 +336,7 @@ fn rate(n: u64, d: Duration) -> f64 {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
+    nexus::memory::disable_transparent_huge_pages();
     let n = events_n();
     let backends =
         std::env::var("NEXUS_BENCH_BACKENDS").unwrap_or_else(|_| "embedded,jetstream,kafka".into());

@@ -13,6 +13,7 @@
 //! - [`stores`]: where state is kept: provisioning (PostgreSQL / SQLite).
 //! - [`workers`]: worker roles, one folder each.
 //! - [`telemetry`]: logging, tracing and Prometheus metrics.
+//! - [`memory`]: process-wide memory settings for the binary's allocator.
 //! - [`config`]: layered configuration (embedded defaults → file → `NEXUS_*` env).
 //! - [`app`]: assembling the roles into `nexus dev`, `nexus edge` and `nexus worker`.
 #![forbid(unsafe_code)]
@@ -23,6 +24,7 @@ pub mod config;
 pub mod edge;
 pub mod events;
 pub mod http_client;
+pub mod memory;
 pub mod replay;
 pub mod stores;
 pub mod telemetry;

@@ -165,6 +165,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let mut config = Config::load(cli.config.as_deref()).context("invalid configuration")?;
     nexus::telemetry::init_tracing(&config.telemetry);
+    nexus::memory::disable_transparent_huge_pages();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         match cli.command {

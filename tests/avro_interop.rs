@@ -47,7 +47,7 @@ fn fastavro_reads_nexus_payloads_and_nexus_reads_fastavro_payloads() {
             .get(t)
             .unwrap_or_else(|| panic!("fastavro did not decode {t}"));
         // fastavro's view: the envelope as a nested record, the body fields beside it.
-        let mut ours = event.body.clone();
+        let mut ours = event.body.clone().into_map();
         let e = &event.envelope;
         ours.insert(
             "envelope".into(),

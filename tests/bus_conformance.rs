@@ -355,6 +355,18 @@ async fn bad_payloads_are_dead_lettered(t: TestBus) {
         .publish(&topic, OutRecord::new("k", unknown))
         .await
         .expect("publish");
+    // A known schema and a sound envelope, but a body field that is not UTF-8: handlers read
+    // bodies lazily, so this must be caught on consume all the same.
+    let mut bad_body = nexus::events::encode(&common::event("k", 999)).expect("encode");
+    let at = bad_body
+        .windows(5)
+        .position(|w| w == b"k:999")
+        .expect("text in payload");
+    bad_body[at + 1..at + 5].copy_from_slice(&[0xff, 0xfe, 0xfd, 0xfc]);
+    t.bus
+        .publish(&topic, OutRecord::new("k", bad_body))
+        .await
+        .expect("publish");
     t.bus
         .publish(&topic, common::event_record("k", 1))
         .await
@@ -386,7 +398,14 @@ async fn bad_payloads_are_dead_lettered(t: TestBus) {
         .iter()
         .filter_map(|m| m.header(headers::DLQ_REASON))
         .collect();
-    assert_eq!(reasons, vec!["not_single_object", "unknown_fingerprint"]);
+    assert_eq!(
+        reasons,
+        vec![
+            "not_single_object",
+            "unknown_fingerprint",
+            "undecodable_body"
+        ]
+    );
     assert_eq!(
         dead[0].payload.as_ref(),
         b"not avro at all",

@@ -313,7 +313,7 @@ async fn run_lane(ctx: Arc<LaneContext>, mut rx: mpsc::Receiver<Delivery>) {
 async fn process(ctx: &LaneContext, delivery: Delivery) {
     let started = Instant::now();
     let msg = &delivery.message;
-    let outcome = match events::decode(&msg.payload) {
+    let outcome = match events::decode_lazy(&msg.payload) {
         Err(e) => {
             let span = info_span!(
                 "dead_letter",

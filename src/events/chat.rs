@@ -61,11 +61,10 @@ impl Event {
                 got: self.envelope.event_type.clone(),
             });
         }
-        serde_json::from_value(Value::Object(self.body.clone())).map_err(|source| {
-            BodyError::Invalid {
-                event_type: B::TYPE,
-                source,
-            }
+        // Straight from the map: no copy of it first.
+        B::deserialize(&*self.body).map_err(|source| BodyError::Invalid {
+            event_type: B::TYPE,
+            source,
         })
     }
 

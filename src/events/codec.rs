@@ -5,13 +5,16 @@
 //! version and see it as the latest (fields added since take their defaults), so producers and
 //! consumers can be upgraded in any order within a topic version.
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use serde_json::{Map, Value};
 use thiserror::Error;
 use uuid::Uuid;
 
-use super::json::{self, Path};
+use super::body::EventBody;
+use super::json::{self, Out, Path};
 use super::node::{Node, Plan, RecordNode, RecordPlan, Step};
 use super::registry::Registry;
 
@@ -41,7 +44,7 @@ pub struct Envelope {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
     pub envelope: Envelope,
-    pub body: Map<String, Value>,
+    pub body: EventBody,
 }
 
 #[derive(Debug, Error)]
@@ -84,6 +87,13 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     Registry::builtin().decode(bytes)
 }
 
+/// [`decode`] for a delivered payload, with the body decoded on first read: the envelope is
+/// read now and the body's bytes are checked now (a payload that would not decode fails here,
+/// with the same error), but its JSON map is built only if a handler reads it.
+pub fn decode_lazy(payload: &Bytes) -> Result<Event, DecodeError> {
+    Registry::builtin().decode_lazy(payload)
+}
+
 /// The fingerprint a payload names, if it is a single-object payload (for logs and DLQ headers).
 pub fn fingerprint_of(bytes: &[u8]) -> Option<u64> {
     let header = bytes.get(..HEADER_LEN)?;
@@ -123,6 +133,29 @@ impl Registry {
 
     /// Decodes a payload with this registry (see [`decode`]).
     pub fn decode(&self, bytes: &[u8]) -> Result<Event, DecodeError> {
+        let (envelope, fields, _) = self.read_payload::<Value>(bytes)?;
+        Ok(Event {
+            envelope,
+            body: fields.into_iter().collect::<Map<_, _>>().into(),
+        })
+    }
+
+    /// Decodes a delivered payload (see [`decode_lazy`]).
+    pub fn decode_lazy(&self, payload: &Bytes) -> Result<Event, DecodeError> {
+        let (envelope, (), plan) = self.read_payload::<()>(payload)?;
+        Ok(Event {
+            envelope,
+            body: EventBody::lazy(payload.clone(), HEADER_LEN, plan.clone()),
+        })
+    }
+
+    /// Reads the envelope and the body fields as `O` (`()` checks them only), and checks what
+    /// every event must satisfy: a known fingerprint, no trailing bytes, an envelope whose type
+    /// is the schema's.
+    fn read_payload<O: Out>(
+        &self,
+        bytes: &[u8],
+    ) -> Result<(Envelope, O::Obj, &Arc<RecordPlan>), DecodeError> {
         let fingerprint = fingerprint_of(bytes).ok_or(DecodeError::NotSingleObject)?;
         let schema = self
             .by_fingerprint(fingerprint)
@@ -131,29 +164,16 @@ impl Registry {
             .to_latest
             .as_ref()
             .map_err(|e| DecodeError::Body(e.clone()))?;
-        let mut body = &bytes[HEADER_LEN..];
-        let (envelope, fields) = match plan {
-            // The registry's event schemas are records: read the envelope straight into its
-            // fields (no intermediate map) and the rest into the body map.
-            Plan::Record(r) => {
-                let read = read_event(r, &mut body).map_err(DecodeError::Body)?;
-                if !body.is_empty() {
-                    return Err(DecodeError::Body(format!("{} trailing bytes", body.len())));
-                }
-                read
-            }
-            _ => {
-                let value = json::read(plan, &mut body).map_err(DecodeError::Body)?;
-                if !body.is_empty() {
-                    return Err(DecodeError::Body(format!("{} trailing bytes", body.len())));
-                }
-                let Value::Object(mut fields) = value else {
-                    return Err(DecodeError::Body("body is not a record".into()));
-                };
-                let envelope = fields.remove("envelope").map(RawEnvelope::from_value);
-                (envelope, fields)
-            }
+        // The registry admits only record schemas, and a record resolves to a record plan.
+        let Plan::Record(plan) = plan else {
+            return Err(DecodeError::Body("the event schema is not a record".into()));
         };
+        let mut body = &bytes[HEADER_LEN..];
+        let (envelope, fields) =
+            read_event::<O>(plan, &mut body, true).map_err(DecodeError::Body)?;
+        if !body.is_empty() {
+            return Err(DecodeError::Body(format!("{} trailing bytes", body.len())));
+        }
         let envelope = match envelope {
             Some(Some(env)) => env.into_envelope().map_err(DecodeError::Body)?,
             _ => return Err(DecodeError::Body("no envelope".into())),
@@ -164,11 +184,14 @@ impl Registry {
                 envelope.event_type, schema.event_type
             )));
         }
-        Ok(Event {
-            envelope,
-            body: fields,
-        })
+        Ok((envelope, fields, plan))
     }
+}
+
+/// The body fields of a record checked by [`Registry::decode_lazy`] (the envelope is skipped).
+pub(crate) fn read_body(plan: &RecordPlan, buf: &mut &[u8]) -> Result<Map<String, Value>, String> {
+    let (_, fields) = read_event::<Value>(plan, buf, false)?;
+    Ok(fields.into_iter().collect())
 }
 
 impl Event {
@@ -190,7 +213,7 @@ impl Event {
                 traceparent: None,
                 producer: producer.into(),
             },
-            body,
+            body: body.into(),
         }
     }
 
@@ -278,7 +301,7 @@ impl Event {
                 traceparent,
                 producer,
             },
-            body,
+            body: body.into(),
         })
     }
 
@@ -388,35 +411,36 @@ fn write_envelope(env: &RecordNode, e: &Envelope, out: &mut Vec<u8>) -> Result<(
 /// `None` = no `envelope` field; `Some(None)` = an `envelope` that is not a record.
 type EnvelopeSlot = Option<Option<RawEnvelope>>;
 
-/// Reads a whole event record: the `envelope` field into a [`RawEnvelope`], every other field
-/// into the body map. Same result as reading the record as a map and removing `envelope`
-/// (a later duplicate name wins), without building the envelope's map.
-fn read_event(
+/// Reads a whole event record: the `envelope` field into a [`RawEnvelope`] (only checked when
+/// `want_envelope` is false), every other field into the body as `O`. Same result as reading
+/// the record as a map and removing `envelope` (a later duplicate name wins), without building
+/// the envelope's map.
+fn read_event<O: Out>(
     r: &RecordPlan,
     buf: &mut &[u8],
-) -> Result<(EnvelopeSlot, Map<String, Value>), String> {
+    want_envelope: bool,
+) -> Result<(EnvelopeSlot, O::Obj), String> {
     let mut envelope = None;
-    let mut fields = Vec::with_capacity(r.steps.len() + r.defaults.len());
+    let mut fields = O::obj(r.steps.len() + r.defaults.len());
     for step in &r.steps {
         match step {
-            Step::Read(name, Plan::Record(env)) if name == "envelope" => {
-                envelope = Some(Some(RawEnvelope::read(env, buf)?));
-            }
-            Step::Read(name, p) if name == "envelope" => {
-                envelope = Some(RawEnvelope::from_value(json::read(p, buf)?));
-            }
-            Step::Read(name, p) => fields.push((name.clone(), json::read(p, buf)?)),
+            Step::Read(name, p) if name == "envelope" => match p {
+                _ if !want_envelope => json::read::<()>(p, buf)?,
+                Plan::Record(env) => envelope = Some(Some(RawEnvelope::read(env, buf)?)),
+                _ => envelope = Some(RawEnvelope::from_value(json::read(p, buf)?)),
+            },
+            Step::Read(name, p) => O::insert(&mut fields, name, json::read(p, buf)?),
             Step::Skip(node) => json::skip(node, buf)?,
         }
     }
     for (name, d) in &r.defaults {
-        if name == "envelope" {
+        if name != "envelope" {
+            O::insert(&mut fields, name, O::default(d));
+        } else if want_envelope {
             envelope = Some(RawEnvelope::from_value(d.clone()));
-        } else {
-            fields.push((name.clone(), d.clone()));
         }
     }
-    Ok((envelope, fields.into_iter().collect()))
+    Ok((envelope, fields))
 }
 
 /// The envelope fields as read, before their types are checked (in [`RawEnvelope::into_envelope`],

@@ -321,41 +321,143 @@ fn json_kind(v: &Value) -> &'static str {
 // ---------------------------------------------------------------------------------------------
 // Reading
 
+/// What a read produces. [`Value`] builds the JSON value; `()` builds nothing: it walks the
+/// same code with the same checks and errors, so bytes that pass it are known to decode (the
+/// lazy event body relies on that) without a single allocation.
+pub(crate) trait Out: Sized {
+    /// An array or object being filled.
+    type Seq;
+    type Obj;
+    fn null() -> Self;
+    fn bool(b: bool) -> Self;
+    fn long(i: i64) -> Self;
+    /// Fails for a non-finite number (JSON has no form for it), in both outputs.
+    fn float(f: f64) -> Result<Self, String>;
+    fn string(s: &str) -> Self;
+    /// `bytes` and `fixed`: base64 text.
+    fn bytes(b: &[u8]) -> Self;
+    /// A default value from the reader schema.
+    fn default(v: &Value) -> Self;
+    fn seq() -> Self::Seq;
+    fn push(seq: &mut Self::Seq, v: Self);
+    fn array(seq: Self::Seq) -> Self;
+    fn obj(capacity: usize) -> Self::Obj;
+    fn insert(obj: &mut Self::Obj, key: &str, v: Self);
+    fn object(obj: Self::Obj) -> Self;
+}
+
+impl Out for Value {
+    type Seq = Vec<Value>;
+    /// Gathered first and built in one go: a sorted bulk build is cheaper than one B-tree
+    /// insert per field; as with inserts, a later duplicate name wins.
+    type Obj = Vec<(String, Value)>;
+    fn null() -> Self {
+        Value::Null
+    }
+    fn bool(b: bool) -> Self {
+        Value::Bool(b)
+    }
+    fn long(i: i64) -> Self {
+        Value::Number(i.into())
+    }
+    fn float(f: f64) -> Result<Self, String> {
+        Number::from_f64(f)
+            .map(Value::Number)
+            .ok_or_else(|| format!("non-finite number {f} has no JSON form"))
+    }
+    fn string(s: &str) -> Self {
+        Value::String(s.to_owned())
+    }
+    fn bytes(b: &[u8]) -> Self {
+        Value::String(base64_encode(b))
+    }
+    fn default(v: &Value) -> Self {
+        v.clone()
+    }
+    fn seq() -> Self::Seq {
+        Vec::new()
+    }
+    fn push(seq: &mut Self::Seq, v: Self) {
+        seq.push(v);
+    }
+    fn array(seq: Self::Seq) -> Self {
+        Value::Array(seq)
+    }
+    fn obj(capacity: usize) -> Self::Obj {
+        Vec::with_capacity(capacity)
+    }
+    fn insert(obj: &mut Self::Obj, key: &str, v: Self) {
+        obj.push((key.to_owned(), v));
+    }
+    fn object(obj: Self::Obj) -> Self {
+        Value::Object(obj.into_iter().collect())
+    }
+}
+
+impl Out for () {
+    type Seq = ();
+    type Obj = ();
+    fn null() -> Self {}
+    fn bool(_: bool) -> Self {}
+    fn long(_: i64) -> Self {}
+    fn float(f: f64) -> Result<Self, String> {
+        finite(f)
+    }
+    fn string(_: &str) -> Self {}
+    fn bytes(_: &[u8]) -> Self {}
+    fn default(_: &Value) -> Self {}
+    fn seq() -> Self::Seq {}
+    fn push(_: &mut Self::Seq, _: Self) {}
+    fn array(_: Self::Seq) -> Self {}
+    fn obj(_: usize) -> Self::Obj {}
+    fn insert(_: &mut Self::Obj, _: &str, _: Self) {}
+    fn object(_: Self::Obj) -> Self {}
+}
+
+/// The rule `Number::from_f64` applies, for the output that builds no number.
+fn finite(f: f64) -> Result<(), String> {
+    if f.is_finite() {
+        Ok(())
+    } else {
+        Err(format!("non-finite number {f} has no JSON form"))
+    }
+}
+
 /// Reads one value written with the plan's writer schema, shaped as its reader schema.
-pub(crate) fn read(plan: &Plan, buf: &mut &[u8]) -> Result<Value, String> {
+pub(crate) fn read<O: Out>(plan: &Plan, buf: &mut &[u8]) -> Result<O, String> {
     Ok(match plan {
         Plan::Same(node) => read_node(node, buf)?,
-        Plan::IntToFloat | Plan::LongToFloat => float(read_long(buf)? as f64)?,
-        Plan::FloatToDouble => float(f64::from(read_f32(buf)?))?,
-        Plan::StringToBytes => Value::String(base64_encode(read_slice(buf)?)),
-        Plan::BytesToString => Value::String(read_string(buf)?),
+        Plan::IntToFloat | Plan::LongToFloat => O::float(read_long(buf)? as f64)?,
+        Plan::FloatToDouble => O::float(f64::from(read_f32(buf)?))?,
+        Plan::StringToBytes => O::bytes(read_slice(buf)?),
+        Plan::BytesToString => O::string(read_str(buf)?),
         Plan::Enum(map) => {
             let i = read_long(buf)?;
             let sym = usize::try_from(i)
                 .ok()
                 .and_then(|i| map.get(i))
                 .ok_or_else(|| format!("enum index {i} out of range"))?;
-            Value::String(
-                sym.clone()
+            O::string(
+                sym.as_deref()
                     .ok_or_else(|| format!("enum symbol #{i} unknown to the reader"))?,
             )
         }
         Plan::Array(items) => {
-            let mut out = Vec::new();
+            let mut out = O::seq();
             read_blocks(buf, |buf| {
-                out.push(read(items, buf)?);
+                O::push(&mut out, read(items, buf)?);
                 Ok(())
             })?;
-            Value::Array(out)
+            O::array(out)
         }
         Plan::Map(values) => {
-            let mut out = Map::new();
+            let mut out = O::obj(0);
             read_blocks(buf, |buf| {
-                let k = read_string(buf)?;
-                out.insert(k, read(values, buf)?);
+                let k = read_str(buf)?;
+                O::insert(&mut out, k, read(values, buf)?);
                 Ok(())
             })?;
-            Value::Object(out)
+            O::object(out)
         }
         Plan::WriterUnion(branches) => {
             let i = read_long(buf)?;
@@ -365,76 +467,74 @@ pub(crate) fn read(plan: &Plan, buf: &mut &[u8]) -> Result<Value, String> {
                 .ok_or_else(|| format!("union index {i} out of range"))?;
             read(branch.as_ref().map_err(Clone::clone)?, buf)?
         }
-        Plan::Record(r) => Value::Object(read_record(r, buf)?),
+        Plan::Record(r) => read_record(r, buf)?,
     })
 }
 
-/// Reads a record into its reader-shaped map. The fields are gathered first and the map is
-/// built in one go (a sorted bulk build is cheaper than one B-tree insert per field); as with
-/// inserts, a later duplicate name would win.
-pub(crate) fn read_record(r: &RecordPlan, buf: &mut &[u8]) -> Result<Map<String, Value>, String> {
-    let mut fields = Vec::with_capacity(r.steps.len() + r.defaults.len());
+/// Reads a record into its reader-shaped object.
+pub(crate) fn read_record<O: Out>(r: &RecordPlan, buf: &mut &[u8]) -> Result<O, String> {
+    let mut fields = O::obj(r.steps.len() + r.defaults.len());
     for step in &r.steps {
         match step {
-            Step::Read(name, p) => fields.push((name.clone(), read(p, buf)?)),
+            Step::Read(name, p) => O::insert(&mut fields, name, read(p, buf)?),
             Step::Skip(node) => skip(node, buf)?,
         }
     }
     for (name, d) in &r.defaults {
-        fields.push((name.clone(), d.clone()));
+        O::insert(&mut fields, name, O::default(d));
     }
-    Ok(fields.into_iter().collect())
+    Ok(O::object(fields))
 }
 
 /// Reads a value with no resolution (writer schema = reader schema).
-pub(crate) fn read_node(node: &Node, buf: &mut &[u8]) -> Result<Value, String> {
+pub(crate) fn read_node<O: Out>(node: &Node, buf: &mut &[u8]) -> Result<O, String> {
     Ok(match node {
-        Node::Null => Value::Null,
+        Node::Null => O::null(),
         Node::Boolean => match take(buf, 1)?[0] {
-            0 => Value::Bool(false),
-            1 => Value::Bool(true),
+            0 => O::bool(false),
+            1 => O::bool(true),
             b => return Err(format!("invalid boolean byte {b}")),
         },
         Node::Int => {
             let i = read_long(buf)?;
             i32::try_from(i).map_err(|_| format!("int out of range: {i}"))?;
-            Value::Number(i.into())
+            O::long(i)
         }
-        Node::Long | Node::TimestampMillis => Value::Number(read_long(buf)?.into()),
-        Node::Float => float(f64::from(read_f32(buf)?))?,
+        Node::Long | Node::TimestampMillis => O::long(read_long(buf)?),
+        Node::Float => O::float(f64::from(read_f32(buf)?))?,
         Node::Double => {
             let b = take(buf, 8)?;
             let mut a = [0u8; 8];
             a.copy_from_slice(b);
-            float(f64::from_le_bytes(a))?
+            O::float(f64::from_le_bytes(a))?
         }
-        Node::String | Node::Uuid => Value::String(read_string(buf)?),
-        Node::Bytes => Value::String(base64_encode(read_slice(buf)?)),
-        Node::Fixed(n) => Value::String(base64_encode(take(buf, *n)?)),
+        Node::String | Node::Uuid => O::string(read_str(buf)?),
+        Node::Bytes => O::bytes(read_slice(buf)?),
+        Node::Fixed(n) => O::bytes(take(buf, *n)?),
         Node::Enum(e) => {
             let i = read_long(buf)?;
             let sym = usize::try_from(i)
                 .ok()
                 .and_then(|i| e.symbols.get(i))
                 .ok_or_else(|| format!("enum index {i} out of range for {}", e.name))?;
-            Value::String(sym.clone())
+            O::string(sym)
         }
         Node::Array(items) => {
-            let mut out = Vec::new();
+            let mut out = O::seq();
             read_blocks(buf, |buf| {
-                out.push(read_node(items, buf)?);
+                O::push(&mut out, read_node(items, buf)?);
                 Ok(())
             })?;
-            Value::Array(out)
+            O::array(out)
         }
         Node::Map(values) => {
-            let mut out = Map::new();
+            let mut out = O::obj(0);
             read_blocks(buf, |buf| {
-                let k = read_string(buf)?;
-                out.insert(k, read_node(values, buf)?);
+                let k = read_str(buf)?;
+                O::insert(&mut out, k, read_node(values, buf)?);
                 Ok(())
             })?;
-            Value::Object(out)
+            O::object(out)
         }
         Node::Union(branches) => {
             let i = read_long(buf)?;
@@ -445,11 +545,11 @@ pub(crate) fn read_node(node: &Node, buf: &mut &[u8]) -> Result<Value, String> {
             read_node(b, buf)?
         }
         Node::Record(r) => {
-            let mut fields = Vec::with_capacity(r.fields.len());
+            let mut fields = O::obj(r.fields.len());
             for f in &r.fields {
-                fields.push((f.name.clone(), read_node(&f.node, buf)?));
+                O::insert(&mut fields, &f.name, read_node(&f.node, buf)?);
             }
-            Value::Object(fields.into_iter().collect())
+            O::object(fields)
         }
     })
 }
@@ -523,12 +623,6 @@ fn read_blocks(
     }
 }
 
-fn float(f: f64) -> Result<Value, String> {
-    Number::from_f64(f)
-        .map(Value::Number)
-        .ok_or_else(|| format!("non-finite number {f} has no JSON form"))
-}
-
 fn take<'a>(buf: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
     if buf.len() < n {
         return Err("unexpected end of input".into());
@@ -565,11 +659,8 @@ fn read_slice<'a>(buf: &mut &'a [u8]) -> Result<&'a [u8], String> {
     take(buf, len)
 }
 
-fn read_string(buf: &mut &[u8]) -> Result<String, String> {
-    let b = read_slice(buf)?;
-    std::str::from_utf8(b)
-        .map(str::to_owned)
-        .map_err(|_| "string is not valid UTF-8".into())
+fn read_str<'a>(buf: &mut &'a [u8]) -> Result<&'a str, String> {
+    std::str::from_utf8(read_slice(buf)?).map_err(|_| "string is not valid UTF-8".into())
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ fn every_event_type_round_trips() {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let small = Event {
-            body: minimal,
+            body: minimal.into(),
             ..event.clone()
         };
         let back = decode(&encode(&small).unwrap()).unwrap();
@@ -192,6 +192,57 @@ fn bad_payloads_are_rejected_with_a_reason() {
     assert!(matches!(decode(&junk), Err(DecodeError::Body(_))));
 }
 
+/// A delivered body is decoded on first read, and `decode_lazy` accepts exactly the payloads
+/// `decode` accepts: every cut and every single-byte change of a payload gets the same answer
+/// from both, so a body that reaches a handler always decodes.
+#[test]
+fn lazy_bodies_decode_on_first_read_and_reject_what_decode_rejects() {
+    let e = message_received();
+    let bytes = encode(&e).unwrap();
+    let lazy = decode_lazy(&bytes::Bytes::from(bytes.clone())).unwrap();
+    assert_eq!(lazy.envelope, e.envelope);
+    assert!(!lazy.body.is_decoded(), "not decoded before it is read");
+    assert_eq!(lazy.body["text"], e.body["text"]);
+    assert!(lazy.body.is_decoded());
+    assert_eq!(lazy, decode(&bytes).unwrap());
+
+    // Writes decode first; `into_map` on an unread body decodes too.
+    let mut written = decode_lazy(&bytes::Bytes::from(bytes.clone())).unwrap();
+    written.body.insert("nickname".into(), json!("Bea"));
+    assert_eq!(written.body["nickname"], "Bea");
+    assert_eq!(written.body["channel"], "MESSAGING");
+    let unread = decode_lazy(&bytes::Bytes::from(bytes.clone())).unwrap();
+    assert_eq!(
+        unread.body.into_map(),
+        decode(&bytes).unwrap().body.into_map()
+    );
+
+    let same = |b: &[u8], what: &str| {
+        let lazy = decode_lazy(&bytes::Bytes::copy_from_slice(b));
+        match (decode(b), lazy) {
+            (Ok(eager), Ok(lazy)) => assert_eq!(lazy, eager, "{what}"),
+            (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "{what}"),
+            (a, b) => panic!("{what}: decode {a:?} but decode_lazy {b:?}"),
+        }
+    };
+    for cut in 0..bytes.len() {
+        same(&bytes[..cut], &format!("cut at {cut}"));
+    }
+    let mut rejected = 0;
+    for i in 0..bytes.len() {
+        for v in [0x00, 0x01, 0x7f, 0x80, 0xfe, 0xff] {
+            let mut b = bytes.clone();
+            b[i] = v;
+            rejected += usize::from(decode(&b).is_err());
+            same(&b, &format!("byte {i} = {v:#x}"));
+        }
+    }
+    assert!(
+        rejected > bytes.len(),
+        "the changes must reach the error paths"
+    );
+}
+
 #[test]
 fn from_json_reads_the_ingest_shape_and_names_bad_fields() {
     let e = Event::from_json(&json!({
@@ -283,6 +334,14 @@ fn a_v2_schema_reads_v1_data() {
     e.body.insert("preview".into(), json!("Hel"));
     let v1_bytes = Registry::builtin().encode(&e).unwrap();
     let back = r.decode(&v1_bytes).unwrap();
+    let lazy = r
+        .decode_lazy(&bytes::Bytes::from(v1_bytes.clone()))
+        .unwrap();
+    assert!(!lazy.body.is_decoded());
+    assert_eq!(
+        lazy, back,
+        "a lazy body resolves to the reader's version too"
+    );
     assert_eq!(back.envelope, e.envelope);
     assert_eq!(back.body["source_device"], Value::Null);
     assert_eq!(back.body["burst"], json!(1));
