@@ -1,7 +1,7 @@
 //! Bus throughput, side by side in one run on the same brokers: produce + consume of N
-//! 300-byte events with the plain client (rdkafka, async-nats, a sequential file; bytes
-//! encoded beforehand) against the nexus `Bus` with Avro encode (timed) and decode and
-//! ack-after-effect through the consumer runtime.
+//! 300-byte keyed events with the plain client (rdkafka, async-nats with the key in a header, a
+//! sequential file; bytes encoded beforehand) against the nexus `Bus` with Avro encode (timed)
+//! and decode and ack-after-effect through the consumer runtime.
 //! Prints events/s for each phase (produce until every ack; consume from the first record to
 //! the last, so the one-off group join is left out) and the ratio nexus/raw. `make bench`.
 //!
@@ -286,11 +286,15 @@ async fn raw_nats(url: &str, n: u64) -> Phases {
     let records: Vec<(String, Vec<u8>)> = (0..n).map(payload).collect();
     let started = Instant::now();
     stream::iter(records.into_iter().enumerate())
-        .map(|(i, (_k, p))| {
+        .map(|(i, (k, p))| {
             let js = js.clone();
             let subject = subjects[i % subjects.len()].clone();
+            // NATS has no record key: a keyed record carries it in a header, as the Kafka
+            // records carry theirs, so both raw sides move the same data.
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("key", k.as_str());
             async move {
-                js.publish(subject, p.into())
+                js.publish_with_headers(subject, headers, p.into())
                     .await
                     .expect("publish")
                     .await
