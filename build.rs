@@ -20,9 +20,14 @@ fn main() {
     let mut out =
         String::from("/// Every file under `schemas/`: (path relative to `schemas/`, contents).\n");
     out.push_str("pub(crate) static SCHEMA_FILES: &[(&str, &str)] = &[\n");
-    for (rel, abs) in &files {
-        writeln!(out, "    ({rel:?}, include_str!({abs:?})),")
-            .expect("writing to a String cannot fail");
+    // Paths relative to the crate being compiled, not this run's absolute ones: a target
+    // directory shared by two checkouts may reuse another checkout's build-script output.
+    for rel in &files {
+        writeln!(
+            out,
+            "    ({rel:?}, include_str!(concat!(env!(\"CARGO_MANIFEST_DIR\"), \"/schemas/\", {rel:?}))),"
+        )
+        .expect("writing to a String cannot fail");
     }
     out.push_str("];\n");
     let dest = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"))
@@ -31,7 +36,7 @@ fn main() {
 }
 
 /// Text files only (schemas, the lock, the README); hidden files such as editor swap files are skipped.
-fn collect(root: &Path, dir: &Path, files: &mut Vec<(String, String)>) {
+fn collect(root: &Path, dir: &Path, files: &mut Vec<String>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -54,7 +59,7 @@ fn collect(root: &Path, dir: &Path, files: &mut Vec<(String, String)>) {
                 .map(|c| c.as_os_str().to_string_lossy().into_owned())
                 .collect::<Vec<_>>()
                 .join("/");
-            files.push((rel, path.to_string_lossy().into_owned()));
+            files.push(rel);
         }
     }
 }
