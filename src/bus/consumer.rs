@@ -313,6 +313,8 @@ async fn run_lane(ctx: Arc<LaneContext>, mut rx: mpsc::Receiver<Delivery>) {
 async fn process(ctx: &LaneContext, delivery: Delivery) {
     let started = Instant::now();
     let msg = &delivery.message;
+    // The envelope is read and the whole body checked now (a bad body is dead-lettered here);
+    // the body's JSON map is built only if the handler reads it.
     let outcome = match events::decode_lazy(&msg.payload) {
         Err(e) => {
             let span = info_span!(
