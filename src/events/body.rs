@@ -14,6 +14,7 @@ use bytes::Bytes;
 use serde::{Serialize, Serializer};
 use serde_json::{Map, Value};
 
+use super::codec::HEADER_LEN;
 use super::node::RecordPlan;
 
 type Fields = Map<String, Value>;
@@ -39,19 +40,16 @@ impl Default for Repr {
 struct Lazy {
     /// The whole single-object payload (a reference-counted view of the delivery's bytes).
     payload: Bytes,
-    /// Where the record starts in `payload` (after marker and fingerprint).
-    start: usize,
     plan: Arc<RecordPlan>,
     map: OnceLock<Fields>,
 }
 
 impl EventBody {
-    /// A body read from `payload[start..]` with `plan` on first use. The caller has checked
-    /// that the bytes decode with that plan.
-    pub(crate) fn lazy(payload: Bytes, start: usize, plan: Arc<RecordPlan>) -> EventBody {
+    /// A body read from the single-object `payload` with `plan` on first use. The caller has
+    /// checked that the bytes decode with that plan.
+    pub(crate) fn lazy(payload: Bytes, plan: Arc<RecordPlan>) -> EventBody {
         EventBody(Repr::Lazy(Box::new(Lazy {
             payload,
-            start,
             plan,
             map: OnceLock::new(),
         })))
@@ -76,7 +74,7 @@ impl EventBody {
 
 impl Lazy {
     fn decode(&self) -> Fields {
-        let mut buf = self.payload.get(self.start..).unwrap_or_default();
+        let mut buf = self.payload.get(HEADER_LEN..).unwrap_or_default();
         match super::codec::read_body(&self.plan, &mut buf) {
             Ok(m) => m,
             // Unreachable by construction: the bytes passed the same reader on consume. An

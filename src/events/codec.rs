@@ -145,7 +145,7 @@ impl Registry {
         let (envelope, (), plan) = self.read_payload::<()>(payload)?;
         Ok(Event {
             envelope,
-            body: EventBody::lazy(payload.clone(), HEADER_LEN, plan.clone()),
+            body: EventBody::lazy(payload.clone(), plan.clone()),
         })
     }
 
