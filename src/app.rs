@@ -226,9 +226,9 @@ fn spawn_role(
     Ok(())
 }
 
-/// The broadcast read of the delivery topic that feeds this process's sockets: a consumer
-/// group of its own (the edge role's group plus a process id) from the tail, so every edge
-/// process sees every client event.
+/// The broadcast read of the delivery topic that feeds this process's sockets: the topic's
+/// tail, no group, so every edge process sees every client event (labelled in metrics with the
+/// edge role's group plus a process id).
 fn spawn_socket_feed(
     tasks: &mut JoinSet<Result<(), AppError>>,
     config: &Config,
@@ -246,7 +246,7 @@ fn spawn_socket_feed(
     let feeder: Arc<dyn crate::bus::consumer::Handler> =
         Arc::new(edge::hub::HubFeeder(state.hub.clone()));
     for topic in &role.topics {
-        let consumer = Consumer::new(state.bus.clone(), &group, topic, options.clone()).transient();
+        let consumer = Consumer::new(state.bus.clone(), &group, topic, options.clone()).broadcast();
         let (feeder, shutdown) = (feeder.clone(), shutdown.clone());
         info!(group = %group, topic = %topic, "starting the socket feed");
         tasks.spawn(async move { Ok(consumer.run(feeder, shutdown).await?) });

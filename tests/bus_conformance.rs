@@ -21,7 +21,6 @@ fn opts() -> SubscribeOptions {
     SubscribeOptions {
         start: StartFrom::Earliest,
         max_in_flight: 256,
-        transient: false,
     }
 }
 
@@ -430,6 +429,149 @@ async fn bad_payloads_are_dead_lettered(t: TestBus) {
     assert!(line.ends_with(" 1"), "{line}");
 }
 
+/// Two tails (broadcast readers) each get every record published after they started, from
+/// every partition, each key in publish order, and nothing published before; no group exists
+/// afterwards.
+async fn tails_get_everything_published_after_they_start(t: TestBus) {
+    let topic = t.fresh_topic(3).await;
+    let keys: Vec<String> = (0..6).map(|i| format!("key-{i}")).collect();
+    for k in &keys {
+        t.bus
+            .publish(&topic, seq_record(k, 999))
+            .await
+            .expect("publish");
+    }
+    let mut a = t.bus.tail(&topic).await.expect("tail a");
+    let mut b = t.bus.tail(&topic).await.expect("tail b");
+    const PER_KEY: u64 = 10;
+    for seq in 0..PER_KEY {
+        for k in &keys {
+            t.bus
+                .publish(&topic, seq_record(k, seq))
+                .await
+                .expect("publish");
+        }
+    }
+    let total = keys.len() * PER_KEY as usize;
+    for (name, sub) in [("a", &mut a), ("b", &mut b)] {
+        let got = take(sub, total, WAIT, true).await;
+        let mut per_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        let mut partitions = HashSet::new();
+        for m in &got {
+            let (k, seq) = parse_seq(m);
+            partitions.insert(m.partition);
+            per_key.entry(k).or_default().push(seq);
+        }
+        for k in &keys {
+            assert_eq!(
+                per_key.get(k),
+                Some(&(0..PER_KEY).collect::<Vec<_>>()),
+                "tail {name}: key {k} complete, in order, nothing from before the tail"
+            );
+        }
+        assert!(
+            partitions.len() > 1,
+            "tail {name} reads every partition: {partitions:?}"
+        );
+        assert!(
+            next_within(sub, Duration::from_millis(500)).await.is_none(),
+            "tail {name}: nothing more"
+        );
+    }
+    a.close().await.expect("close a");
+    b.close().await.expect("close b");
+}
+
+/// A broadcast consumer skips what it cannot decode (no dead-letter topic is written: there is
+/// no group to replay it for), handles the rest and reports its lag back to 0.
+async fn broadcast_consumer_skips_bad_payloads(t: TestBus) {
+    nexus::telemetry::init_metrics();
+    let topic = t.fresh_topic(2).await;
+    let group = format!("edge-{topic}");
+    let handler = Arc::new(Counting {
+        seen: Mutex::default(),
+    });
+    let stop = CancellationToken::new();
+    let consumer = Consumer::new(t.bus.clone(), &group, &topic, consumer_options(2)).broadcast();
+    let task = tokio::spawn(consumer.run(handler.clone(), stop.clone()));
+    // The tail starts when the runtime runs: publish until it has seen a first event.
+    let deadline = Instant::now() + WAIT;
+    while handler.seen.lock().unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the broadcast consumer never started"
+        );
+        t.bus
+            .publish(&topic, common::event_record("warm-up", 0))
+            .await
+            .expect("publish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = handler.seen.lock().unwrap().len();
+    t.bus
+        .publish(&topic, OutRecord::new("k", b"not avro at all".to_vec()))
+        .await
+        .expect("publish");
+    for seq in 1..=5 {
+        t.bus
+            .publish(&topic, common::event_record("k", seq))
+            .await
+            .expect("publish");
+    }
+    let deadline = Instant::now() + WAIT;
+    while handler.seen.lock().unwrap().len() < before + 5 {
+        assert!(
+            Instant::now() < deadline,
+            "events after a bad one are handled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let gauge_sum = || {
+        nexus::telemetry::init_metrics()
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("nexus_consumer_lag{") && l.contains(&group))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .collect::<Vec<f64>>()
+    };
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let lags = gauge_sum();
+        if lags.len() == 2 && lags.iter().all(|l| *l == 0.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "broadcast lag per partition: {lags:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    task.await.expect("join").expect("consumer");
+    let dlq = t
+        .bus
+        .partition_offsets(&dlq_topic(&topic))
+        .await
+        .expect("dlq offsets");
+    assert!(
+        dlq.iter().all(|p| p.high == 0),
+        "nothing dead-lettered: {dlq:?}"
+    );
+    let skipped = nexus::telemetry::init_metrics()
+        .render()
+        .lines()
+        .find(|l| {
+            l.starts_with("nexus_events_consumed_total")
+                && l.contains(&group)
+                && l.contains("outcome=\"skipped\"")
+        })
+        .map(str::to_string);
+    assert!(
+        skipped.as_deref().is_some_and(|l| l.ends_with(" 1")),
+        "one skipped event counted: {skipped:?}"
+    );
+}
+
 /// Replay by offset and by time: positions and counts are right and the group re-reads them.
 async fn replay_by_offset_and_time(t: TestBus) {
     let topic = t.fresh_topic(2).await;
@@ -677,4 +819,6 @@ per_backend!(
     replay_by_offset_and_time,
     lag_figures_are_correct,
     replay_changes_no_end_state,
+    tails_get_everything_published_after_they_start,
+    broadcast_consumer_skips_bad_payloads,
 );

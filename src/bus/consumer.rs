@@ -8,8 +8,13 @@
 //! queue (`max_in_flight / concurrency`) is full, which then holds the intake (bounded memory).
 //! Nothing is ordered across keys. Delivery is at-least-once: handlers must be idempotent by
 //! event id.
+//!
+//! A broadcast consumer ([`Consumer::broadcast`]) reads the topic's tail without a group: same
+//! lanes and metrics, but nothing is committed, and what cannot be decoded or is rejected is
+//! skipped (counted, logged), since there is no group to replay it for.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -88,7 +93,7 @@ pub struct Consumer {
     group: String,
     topic: String,
     options: ConsumerOptions,
-    transient: bool,
+    broadcast: bool,
     drain: Duration,
 }
 
@@ -99,7 +104,7 @@ impl Consumer {
             group: group.to_string(),
             topic: topic.to_string(),
             options,
-            transient: false,
+            broadcast: false,
             drain: DEFAULT_DRAIN,
         }
     }
@@ -112,10 +117,11 @@ impl Consumer {
         self
     }
 
-    /// Marks the group as living only as long as this process (see
-    /// [`SubscribeOptions::transient`]).
-    pub fn transient(mut self) -> Self {
-        self.transient = true;
+    /// Reads the topic's tail ([`Bus::tail`]) instead of joining the group: every process sees
+    /// every record appended while it runs. The group name then only labels metrics and logs;
+    /// lag is what this reader has not taken yet.
+    pub fn broadcast(mut self) -> Self {
+        self.broadcast = true;
         self
     }
 
@@ -139,17 +145,38 @@ impl Consumer {
         let opts = SubscribeOptions {
             start: self.options.start,
             max_in_flight: self.options.max_in_flight,
-            transient: self.transient,
         };
-        let mut sub = self.bus.subscribe(&self.group, &self.topic, opts).await?;
-        info!("joined consumer group");
         let lag_stop = shutdown.child_token();
-        let lag = tokio::spawn(report_lag(
+        // A broadcast reader's positions: the next offset to take, per partition.
+        let taken: Option<Arc<Taken>> = if self.broadcast {
+            Some(Arc::default())
+        } else {
+            None
+        };
+        let mut sub = match &taken {
+            Some(taken) => {
+                let sub = self.bus.tail(&self.topic).await?;
+                // The tail starts at the log end of the call; read just after, a record
+                // published in between counts as taken (lag reads low by it until it comes).
+                for p in self.bus.partition_offsets(&self.topic).await? {
+                    lock(taken).insert(p.partition, p.high);
+                }
+                info!("reading the topic's tail (broadcast)");
+                sub
+            }
+            None => {
+                let sub = self.bus.subscribe(&self.group, &self.topic, opts).await?;
+                info!("joined consumer group");
+                sub
+            }
+        };
+        let lag = tokio::spawn(report_lag_of(
             self.bus.clone(),
             self.group.clone(),
             self.topic.clone(),
             self.options.lag_interval,
             lag_stop.clone(),
+            taken.clone(),
         ));
 
         // Lanes and retries stop at the end of the drain, not at shutdown: records already taken
@@ -172,6 +199,7 @@ impl Consumer {
             options: self.options.clone(),
             stop: stop.clone(),
             metrics: LaneMetrics::new(&self.topic, &self.group),
+            broadcast: self.broadcast,
         });
         let lanes = self.options.concurrency.max(1);
         let depth = (self.options.max_in_flight / lanes).max(1);
@@ -194,6 +222,10 @@ impl Consumer {
                 None => break,
                 Some(Ok(delivery)) => {
                     failures = 0;
+                    if let Some(taken) = &taken {
+                        let m = &delivery.message;
+                        lock(taken).insert(m.partition, m.offset + 1);
+                    }
                     let lane = lane_of(&delivery.message.key, lanes);
                     let sent = tokio::select! {
                         _ = shutdown.cancelled() => break,
@@ -239,7 +271,7 @@ impl Consumer {
         if let Err(e) = sub.close().await {
             warn!(error = %e, "leaving the consumer group failed; unacked events will be redelivered");
         }
-        info!("left consumer group");
+        info!(broadcast = self.broadcast, "left consumer group");
         result
     }
 }
@@ -253,6 +285,16 @@ struct LaneContext {
     /// Fires when the drain after shutdown ends: lanes stop between events, retries give up.
     stop: CancellationToken,
     metrics: LaneMetrics,
+    /// A tail reader: what cannot be handled is skipped, not dead-lettered.
+    broadcast: bool,
+}
+
+/// The next offset a broadcast reader takes, per partition.
+type Taken = Mutex<BTreeMap<u32, u64>>;
+
+/// Locks bookkeeping that stays consistent between statements, poisoned or not.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Metric handles resolved once per consumer: a per-event lookup with cloned label strings
@@ -261,6 +303,7 @@ struct LaneMetrics {
     handle_seconds: metrics::Histogram,
     handled: metrics::Counter,
     dead_lettered: metrics::Counter,
+    skipped: metrics::Counter,
     retried: metrics::Counter,
 }
 
@@ -271,6 +314,7 @@ impl LaneMetrics {
             handle_seconds: metrics::histogram!(m::EVENT_HANDLE_SECONDS, "topic" => topic.to_string(), "group" => group.to_string()),
             handled: consumed("ok"),
             dead_lettered: consumed("dead_lettered"),
+            skipped: consumed("skipped"),
             retried: consumed("retried"),
         }
     }
@@ -322,11 +366,11 @@ async fn process(ctx: &LaneContext, delivery: Delivery) {
                 partition = msg.partition,
                 offset = msg.offset
             );
-            match dead_letter(ctx, msg, e.reason_code(), &e.to_string())
+            match set_aside(ctx, msg, e.reason_code(), &e.to_string())
                 .instrument(span)
                 .await
             {
-                Ok(()) => Outcome::DeadLettered(e.reason_code()),
+                Ok(o) => o,
                 Err(()) => return, // shutting down; left for redelivery
             }
         }
@@ -357,6 +401,7 @@ async fn process(ctx: &LaneContext, delivery: Delivery) {
             metrics::counter!(m::EVENTS_DEAD_LETTERED_TOTAL, "topic" => ctx.topic.clone(), "group" => ctx.group.clone(), "reason" => reason).increment(1);
             ctx.metrics.dead_lettered.increment(1);
         }
+        Outcome::Skipped => ctx.metrics.skipped.increment(1),
     }
     if let Err(e) = delivery.ack().await {
         // The effect is done; a lost ack means a redelivery, which idempotent handlers absorb.
@@ -367,6 +412,8 @@ async fn process(ctx: &LaneContext, delivery: Delivery) {
 enum Outcome {
     Handled,
     DeadLettered(&'static str),
+    /// A broadcast reader's bad or rejected record.
+    Skipped,
 }
 
 /// Runs the handler until it succeeds or rejects; `None` if shutdown interrupted the retries.
@@ -379,11 +426,8 @@ async fn handle_with_retry(ctx: &LaneContext, event: &Event, msg: &Message) -> O
         let failure = match result {
             Ok(Ok(())) => return Some(Outcome::Handled),
             Ok(Err(HandleError::Reject { reason, detail })) => {
-                warn!(reason, detail = %detail, "handler rejected the event; dead-lettering");
-                return match dead_letter(ctx, msg, reason, &detail).await {
-                    Ok(()) => Some(Outcome::DeadLettered(reason)),
-                    Err(()) => None,
-                };
+                warn!(reason, detail = %detail, "handler rejected the event");
+                return set_aside(ctx, msg, reason, &detail).await.ok();
             }
             Ok(Err(HandleError::Retry(e))) => e,
             Err(_) => format!("handler timed out after {:?}", ctx.options.handler_timeout),
@@ -396,6 +440,25 @@ async fn handle_with_retry(ctx: &LaneContext, event: &Event, msg: &Message) -> O
             _ = tokio::time::sleep(wait) => {}
         }
     }
+}
+
+/// Takes a record that cannot be handled out of the way: dead-lettered, or for a broadcast
+/// reader skipped. `Err` only when shutdown interrupts.
+async fn set_aside(
+    ctx: &LaneContext,
+    msg: &Message,
+    reason: &'static str,
+    detail: &str,
+) -> Result<Outcome, ()> {
+    if ctx.broadcast {
+        warn!(
+            reason,
+            detail, "broadcast reader skips the event (no group to replay it for)"
+        );
+        return Ok(Outcome::Skipped);
+    }
+    dead_letter(ctx, msg, reason, detail).await?;
+    Ok(Outcome::DeadLettered(reason))
 }
 
 /// Writes the record to the topic's dead-letter topic, retrying until the bus takes it: an
@@ -455,13 +518,25 @@ fn truncate(s: &str, max: usize) -> String {
 }
 
 /// Measures the group's lag on a timer, also while the consumer is idle or stuck, and exports
-/// `nexus_consumer_lag{topic,partition,group}`.
+/// `nexus_consumer_lag{topic,partition,group}`. A broadcast reader (`taken`) has no group
+/// position: its lag is what lies between what it took and the log end.
 pub async fn report_lag(
     bus: Arc<dyn Bus>,
     group: String,
     topic: String,
     every: Duration,
     stop: CancellationToken,
+) {
+    report_lag_of(bus, group, topic, every, stop, None).await
+}
+
+async fn report_lag_of(
+    bus: Arc<dyn Bus>,
+    group: String,
+    topic: String,
+    every: Duration,
+    stop: CancellationToken,
+    taken: Option<Arc<Taken>>,
 ) {
     let span = info_span!("lag_reporter", topic = %topic, group = %group);
     async {
@@ -472,11 +547,17 @@ pub async fn report_lag(
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            match bus.group_positions(&group, &topic).await {
+            let positions = match &taken {
+                Some(taken) => tail_lag(bus.as_ref(), &topic, taken).await,
+                None => bus.group_positions(&group, &topic).await.map(|ps| {
+                    ps.into_iter().map(|p| (p.partition, p.lag)).collect()
+                }),
+            };
+            match positions {
                 Ok(positions) => {
-                    for p in positions {
-                        metrics::gauge!(m::CONSUMER_LAG, "topic" => topic.clone(), "partition" => p.partition.to_string(), "group" => group.clone())
-                            .set(p.lag as f64);
+                    for (partition, lag) in positions {
+                        metrics::gauge!(m::CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string(), "group" => group.clone())
+                            .set(lag as f64);
                     }
                 }
                 Err(e) => {
@@ -488,6 +569,22 @@ pub async fn report_lag(
     }
     .instrument(span)
     .await
+}
+
+/// A broadcast reader's lag per partition: records between its next offset and the log end.
+async fn tail_lag(bus: &dyn Bus, topic: &str, taken: &Taken) -> Result<Vec<(u32, u64)>, BusError> {
+    let mut out = Vec::new();
+    for p in bus.partition_offsets(topic).await? {
+        let next = lock(taken).get(&p.partition).copied().unwrap_or(p.low);
+        let lag = if next >= p.high {
+            0
+        } else {
+            bus.count_between(topic, p.partition, next.max(p.low), p.high)
+                .await?
+        };
+        out.push((p.partition, lag));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -77,6 +77,10 @@ impl Bus for InstrumentedBus {
         self.inner.subscribe(group, topic, options).await
     }
 
+    async fn tail(&self, topic: &str) -> Result<Box<dyn Subscription>, BusError> {
+        self.inner.tail(topic).await
+    }
+
     async fn topic_info(&self, topic: &str) -> Result<Option<TopicInfo>, BusError> {
         self.inner.topic_info(topic).await
     }

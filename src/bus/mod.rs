@@ -11,6 +11,8 @@
 //!   out of order, the committed position only moves over a contiguous acked prefix. What was
 //!   not acked is delivered again after the member dies or leaves.
 //! - Offsets are per partition, increase with each record and are what replay and lag speak.
+//! - `tail` reads a topic without a group (broadcast): every record appended after the call,
+//!   each partition in offset order, nothing acked or committed.
 
 pub mod consumer;
 pub mod embedded;
@@ -19,6 +21,7 @@ mod instrumented;
 pub mod jetstream;
 pub mod kafka;
 mod partitioner;
+mod tail;
 pub mod url;
 
 use std::sync::Arc;
@@ -134,22 +137,13 @@ pub struct SubscribeOptions {
     pub start: StartFrom,
     /// Records handed out and not yet acked, per subscription (backpressure).
     pub max_in_flight: usize,
-    /// The group lives only as long as this process (a broadcast reader with a group of its
-    /// own): the backend may forget it once nobody uses it (JetStream: its consumers expire after
-    /// [`TRANSIENT_GROUP_IDLE`] without a member; Kafka forgets idle groups by its own offsets
-    /// retention; embedded groups are in-process anyway).
-    pub transient: bool,
 }
-
-/// How long a transient group's state survives without a member.
-pub const TRANSIENT_GROUP_IDLE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 impl Default for SubscribeOptions {
     fn default() -> Self {
         Self {
             start: StartFrom::Earliest,
             max_in_flight: 1024,
-            transient: false,
         }
     }
 }
@@ -222,6 +216,14 @@ pub trait Bus: Send + Sync + 'static {
         topic: &str,
         options: SubscribeOptions,
     ) -> Result<Box<dyn Subscription>, BusError>;
+
+    /// Reads every record appended to `topic` after this call returns, from every partition,
+    /// without a consumer group: acks do nothing and nothing is committed (a broadcast reader
+    /// such as an edge's socket feed, where every process must see everything). Each
+    /// partition's records come in offset order. A reader that lost its connection resumes
+    /// after the last record it handed out, so while the process lives nothing retained is
+    /// skipped or repeated; a new process starts at the log end again.
+    async fn tail(&self, topic: &str) -> Result<Box<dyn Subscription>, BusError>;
 
     /// The topic as the bus has it, or `None` if it does not exist.
     async fn topic_info(&self, topic: &str) -> Result<Option<TopicInfo>, BusError>;

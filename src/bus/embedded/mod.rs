@@ -26,6 +26,7 @@
 mod group;
 mod store;
 mod subscription;
+mod tail;
 #[cfg(test)]
 mod tests;
 mod writer;
@@ -425,6 +426,10 @@ impl Bus for EmbeddedBus {
         let sub =
             subscription::EmbeddedSubscription::join(self.inner.clone(), group, topic, options)?;
         Ok(Box::new(sub))
+    }
+
+    async fn tail(&self, topic: &str) -> Result<Box<dyn Subscription>, BusError> {
+        Ok(Box::new(tail::start(self.inner.clone(), topic)?))
     }
 
     async fn topic_info(&self, topic: &str) -> Result<Option<TopicInfo>, BusError> {

@@ -28,7 +28,6 @@ fn opts(max_in_flight: usize) -> SubscribeOptions {
     SubscribeOptions {
         start: StartFrom::Earliest,
         max_in_flight,
-        transient: false,
     }
 }
 
@@ -243,7 +242,6 @@ async fn consumers_wake_on_append_and_latest_starts_at_the_tail() {
             SubscribeOptions {
                 start: StartFrom::Latest,
                 max_in_flight: 8,
-                transient: false,
             },
         )
         .await

@@ -115,7 +115,6 @@ pub(super) async fn subscribe(
         kv,
         bucket,
         start: options.start,
-        transient: options.transient,
         max_ack_pending: max_in_flight as i64,
         permits: Arc::new(Semaphore::new(max_in_flight)),
         tx,
@@ -153,8 +152,6 @@ struct Group {
     kv: kv::Store,
     bucket: String,
     start: StartFrom,
-    /// A process's own group: its consumers expire once idle (see `SubscribeOptions`).
-    transient: bool,
     max_ack_pending: i64,
     /// In-flight records of the subscription (backpressure): one permit per handed-out record.
     permits: Arc<Semaphore>,
@@ -275,7 +272,7 @@ async fn ensure_consumer(
         StartFrom::Earliest => DeliverPolicy::All,
         StartFrom::Latest => DeliverPolicy::New,
     };
-    let mut config = bus.durable_config(
+    let config = bus.durable_config(
         &g.group,
         &name,
         &subject,
@@ -283,10 +280,6 @@ async fn ensure_consumer(
         deliver,
         g.max_ack_pending,
     );
-    if g.transient {
-        // A process's own group: the server forgets it an hour after the process is gone.
-        config.inactive_threshold = crate::bus::TRANSIENT_GROUP_IDLE;
-    }
     g.js.create_consumer_on_stream(config, &g.stream)
         .await
         .map_err(|e| match e.kind() {

@@ -26,6 +26,7 @@
 mod codec;
 mod flush;
 mod group;
+mod tail;
 #[cfg(test)]
 mod tests;
 
@@ -731,6 +732,10 @@ impl Bus for JetStreamBus {
         options: SubscribeOptions,
     ) -> Result<Box<dyn Subscription>, BusError> {
         group::subscribe(&self.inner, group, topic, options).await
+    }
+
+    async fn tail(&self, topic: &str) -> Result<Box<dyn Subscription>, BusError> {
+        Ok(Box::new(tail::start(&self.inner, topic).await?))
     }
 
     async fn topic_info(&self, topic: &str) -> Result<Option<TopicInfo>, BusError> {

@@ -498,38 +498,6 @@ async fn members_share_partitions_and_a_crashed_members_records_come_back_in_ord
     c.close().await.expect("close c");
 }
 
-/// A transient group's consumers expire once idle; a worker group's never do.
-#[tokio::test]
-async fn transient_groups_expire_when_idle_and_worker_groups_do_not() {
-    let Some(config) = test_config() else { return };
-    let bus = connect(&config).await;
-    let topic = fresh_topic(&bus, 1).await;
-    let stream = stream_name(&topic);
-    for (group, transient) in [("edge-pod-1", true), ("workers", false)] {
-        let options = SubscribeOptions {
-            transient,
-            ..SubscribeOptions::default()
-        };
-        let sub = bus
-            .subscribe(group, &topic, options)
-            .await
-            .expect("subscribe");
-        let name = consumer_name(&group_key(group).expect("key"), 0);
-        let info = bus
-            .consumer_info(&stream, &name)
-            .await
-            .expect("info")
-            .expect("consumer exists");
-        let expected = if transient {
-            crate::bus::TRANSIENT_GROUP_IDLE
-        } else {
-            Duration::ZERO
-        };
-        assert_eq!(info.config.inactive_threshold, expected, "group {group}");
-        sub.close().await.expect("close");
-    }
-}
-
 /// Publishes that waited for a shared flush are on the socket: tearing the runtime down right
 /// after loses none of them (what acks rely on).
 #[tokio::test]

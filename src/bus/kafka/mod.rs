@@ -18,6 +18,7 @@
 
 mod admin;
 mod consumer;
+mod tail;
 #[cfg(test)]
 mod tests;
 
@@ -363,6 +364,10 @@ impl Bus for KafkaBus {
             .or_default()
             .push(handle);
         Ok(Box::new(sub))
+    }
+
+    async fn tail(&self, topic: &str) -> Result<Box<dyn Subscription>, BusError> {
+        Ok(Box::new(tail::start(self, topic).await?))
     }
 
     async fn topic_info(&self, topic: &str) -> Result<Option<TopicInfo>, BusError> {

@@ -231,7 +231,6 @@ async fn max_in_flight_holds_back_records() {
     let opts = SubscribeOptions {
         start: StartFrom::Earliest,
         max_in_flight: 3,
-        transient: false,
     };
     let mut sub = bus.subscribe(&g, &t, opts).await.unwrap();
     let mut held = Vec::new();
