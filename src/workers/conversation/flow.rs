@@ -119,6 +119,19 @@ impl ConversationWorker {
         c: &Conversation,
         source: &Event,
         what: &str,
+        new: NewEntry,
+    ) -> Result<Entry, HandleError> {
+        let stored = self.store_entry(c, source, what, new).await?;
+        self.notify_entry(c, source, what, &stored).await?;
+        Ok(stored)
+    }
+
+    /// The store half of [`Self::append`]: the entry gets its transcript position.
+    async fn store_entry(
+        &self,
+        c: &Conversation,
+        source: &Event,
+        what: &str,
         mut new: NewEntry,
     ) -> Result<Entry, HandleError> {
         new.event_id = crate::events::chat::derived_id(&source.envelope.event_id, what).to_string();
@@ -127,11 +140,21 @@ impl ConversationWorker {
             .append(&c.tenant_id, &c.conversation_id, &new)
             .await
             .map_err(store_failed)?;
-        let stored = Entry {
+        Ok(Entry {
             position: appended.position,
             entry: new,
-        };
-        let client = notify::transcript(&c.conversation_id, &stored, watchers(c));
+        })
+    }
+
+    /// The notify half of [`Self::append`]: the client event for the customer and watchers.
+    async fn notify_entry(
+        &self,
+        c: &Conversation,
+        source: &Event,
+        what: &str,
+        stored: &Entry,
+    ) -> Step {
+        let client = notify::transcript(&c.conversation_id, stored, watchers(c));
         self.emit(
             DELIVERY_TOPIC,
             source,
@@ -139,8 +162,7 @@ impl ConversationWorker {
             &format!("client/{what}"),
             &client,
         )
-        .await?;
-        Ok(stored)
+        .await
     }
 
     pub(super) async fn on_requested(&self, e: &Event, b: ev::ConversationRequested) -> Step {
@@ -679,11 +701,20 @@ impl ConversationWorker {
             } else {
                 format!("{message_id}/{i}")
             });
-            let m = self.append(&c, e, &what, new).await?;
-            first.get_or_insert(m);
+            let m = self.store_entry(&c, e, &what, new).await?;
+            if i == 0 {
+                // The sockets and the interaction stream are separate topics: published at
+                // once, each keeps its own per-conversation order.
+                futures::try_join!(
+                    self.notify_entry(&c, e, &what, &m),
+                    self.emit_customer_message(e, &c, &m, Some(&b)),
+                )?;
+                first = Some(m);
+            } else {
+                self.notify_entry(&c, e, &what, &m).await?;
+            }
         }
         if let Some(m) = first {
-            self.emit_customer_message(e, &c, &m, Some(&b)).await?;
             if c.state == ConversationState::Bot && m.entry.kind == EntryKind::Message {
                 self.bot_turn(&mut c, e, &m).await?;
             }
@@ -758,14 +789,18 @@ impl ConversationWorker {
         };
         let mut new = entry(e, kind, from, b.text.clone());
         new.message_id = Some(b.message_id.clone());
-        let m = self.append(&c, e, "message", new).await?;
+        let m = self.store_entry(&c, e, "message", new).await?;
         let body = ev::MessageSent {
             transcript_position: i64::try_from(m.position).ok(),
             ..b
         };
         let what = format!("message/{}", m.position);
-        self.emit(INTERACTION_TOPIC, e, &c.conversation_id, &what, &body)
-            .await
+        // Separate topics, each ordered per conversation on its own: published at once.
+        futures::try_join!(
+            self.notify_entry(&c, e, "message", &m),
+            self.emit(INTERACTION_TOPIC, e, &c.conversation_id, &what, &body),
+        )?;
+        Ok(())
     }
 
     pub(super) async fn on_typing(&self, e: &Event, b: ev::TypingIndicated) -> Step {
