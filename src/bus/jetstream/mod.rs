@@ -58,7 +58,7 @@ const PARTITIONS_TTL: Duration = Duration::from_secs(30);
 const MIN_LEASE_MARGIN: Duration = Duration::from_millis(200);
 /// Ephemeral consumers used for counting and reading vanish on their own after this if the
 /// delete that follows their use is lost.
-const EPHEMERAL_INACTIVE: Duration = Duration::from_secs(30);
+pub(super) const EPHEMERAL_INACTIVE: Duration = Duration::from_secs(30);
 /// Records fetched per pull request by `read`.
 const READ_BATCH: usize = 256;
 /// Metadata key naming the topic a stream belongs to.

@@ -546,3 +546,91 @@ async fn shared_flushes_cover_every_publish_queued_before_them() {
     }
     assert_eq!(got.len(), N, "publishes lost after their flush returned");
 }
+
+/// Deletes every consumer of a stream (in a fresh topic: only the tail's).
+async fn delete_consumers(bus: &JetStreamBus, stream: &str) -> usize {
+    let s = bus.js.get_stream(stream).await.expect("stream");
+    let names: Vec<String> = s
+        .consumer_names()
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .map(|n| n.expect("consumer name"))
+        .collect();
+    for n in &names {
+        bus.js
+            .delete_consumer_from_stream(n, stream)
+            .await
+            .expect("delete consumer");
+    }
+    names.len()
+}
+
+/// A tail whose consumer disappears (server restart, expiry) goes on where it was: before its
+/// first record it does not start over from the stream's beginning, after it nothing repeats.
+#[tokio::test]
+async fn a_tail_whose_consumer_is_lost_goes_on_where_it_was() {
+    let Some(config) = test_config() else { return };
+    let bus = connect(&config).await;
+    let topic = fresh_topic(&bus, 2).await;
+    let stream = stream_name(&topic);
+    let publish = |seq: u64| {
+        let (bus, topic) = (&bus, &topic);
+        async move {
+            bus.publish(
+                topic,
+                OutRecord::new(format!("k{}", seq % 3), seq.to_string()),
+            )
+            .await
+            .expect("publish");
+        }
+    };
+    for seq in 0..5 {
+        publish(seq).await;
+    }
+    let mut tail = bus.tail(&topic).await.expect("tail");
+    assert_eq!(
+        delete_consumers(&bus, &stream).await,
+        1,
+        "the tail's consumer"
+    );
+    for seq in 5..10 {
+        publish(seq).await;
+    }
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        let d = next(&mut tail, Duration::from_secs(60))
+            .await
+            .expect("a record");
+        got.push(seq_of(&d.message));
+    }
+    got.sort_unstable();
+    assert_eq!(
+        got,
+        (5..10).collect::<Vec<_>>(),
+        "nothing from before the tail"
+    );
+    assert_eq!(
+        delete_consumers(&bus, &stream).await,
+        1,
+        "the recreated consumer"
+    );
+    for seq in 10..15 {
+        publish(seq).await;
+    }
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        let d = next(&mut tail, Duration::from_secs(60))
+            .await
+            .expect("a record");
+        got.push(seq_of(&d.message));
+    }
+    got.sort_unstable();
+    assert_eq!(
+        got,
+        (10..15).collect::<Vec<_>>(),
+        "nothing repeated, nothing skipped"
+    );
+    assert!(next(&mut tail, Duration::from_millis(500)).await.is_none());
+    tail.close().await.expect("close");
+}
