@@ -2,7 +2,7 @@
 CARGO ?= cargo
 SERVICES := bash scripts/services.sh
 
-.PHONY: run build test lint bench services services-stop clean-data
+.PHONY: run build image test lint bench services services-stop clean-data
 
 ## Everything in one process on the embedded bus (http://127.0.0.1:8080).
 run:
@@ -10,6 +10,11 @@ run:
 
 build:
 	$(CARGO) build --all-targets
+
+## The one image every pod runs (needs Docker with BuildKit); IMAGE=repo:tag to name it.
+IMAGE ?= nexus:dev
+image:
+	docker build -f scripts/Dockerfile -t $(IMAGE) .
 
 ## Starts Kafka (Tansu), NATS 2.14, PostgreSQL and Redis as needed, then the whole suite.
 test: services
