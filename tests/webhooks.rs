@@ -433,6 +433,47 @@ async fn first_attempts_written_with_their_rows(s: &System, rx: &Receiver) {
     }
 }
 
+/// A receiver that answers 429 with Retry-After holds its whole endpoint: messages that come
+/// after the 429 (new conversations, not retries) wait out the pause too, then all arrive once.
+async fn throttling_holds_the_endpoint(s: &System, rx: &Receiver) {
+    let tenant = s.tenant().await;
+    s.subscribe(
+        &tenant.id,
+        json!({"url": rx.url("hold"), "format": "standard"}),
+    )
+    .await;
+    rx.set("hold", Mode::ThrottleOnce(2));
+    s.started(&tenant.id, "hold-1").await;
+    let first = rx.wait_for("hold", 1).await;
+    let throttled_at = first[0].at;
+    for conv in ["hold-2", "hold-3", "hold-4"] {
+        s.started(&tenant.id, conv).await;
+    }
+    let got = rx.wait_for("hold", 5).await;
+    let early: Vec<Duration> = got[1..]
+        .iter()
+        .map(|r| r.at - throttled_at)
+        .filter(|gap| *gap < Duration::from_millis(1900))
+        .collect();
+    assert!(
+        early.is_empty(),
+        "sent during the 2 s pause: {early:?} after the 429"
+    );
+    let delivered: HashSet<String> = got[1..].iter().map(Received::conversation).collect();
+    assert_eq!(
+        delivered.len(),
+        4,
+        "every conversation once after the pause: {got:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(rx.got("hold").len(), 5, "nothing sent twice");
+    let m = s.metrics().await;
+    assert!(
+        metric_sum(&m, "nexus_webhook_endpoint_pauses_total", &[]).unwrap_or(0.0) >= 1.0,
+        "the pause is counted"
+    );
+}
+
 /// 5xx twice then success, on the scaled schedule (0, 300, 600 ms); the attempt log shows it.
 async fn retries_then_success_and_abort(s: &System, rx: &Receiver) {
     let tenant = s.tenant().await;
@@ -700,6 +741,7 @@ async fn webhooks_deliver_retry_dead_letter_and_recover() {
     both_formats_exactly_once(&s, &rx).await;
     first_attempts_written_with_their_rows(&s, &rx).await;
     retries_then_success_and_abort(&s, &rx).await;
+    throttling_holds_the_endpoint(&s, &rx).await;
     dead_letters_recovery_and_replay(&s, &rx).await;
     dead_endpoint_does_not_slow_a_healthy_one(&s, &rx).await;
     let m = s.metrics().await;

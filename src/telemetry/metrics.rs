@@ -73,6 +73,8 @@ pub const WEBHOOK_OLDEST_PENDING_SECONDS: &str = "nexus_webhook_oldest_pending_a
 pub const WEBHOOK_DEAD_LETTERED_TOTAL: &str = "nexus_webhook_dead_lettered_total";
 /// Webhook endpoints disabled after failing for `disable_after`.
 pub const WEBHOOK_ENDPOINTS_DISABLED_TOTAL: &str = "nexus_webhook_endpoints_disabled_total";
+/// Pauses of a webhook endpoint its receiver asked for (429/503 with `Retry-After`).
+pub const WEBHOOK_ENDPOINT_PAUSES_TOTAL: &str = "nexus_webhook_endpoint_pauses_total";
 /// Errors of the webhook dispatcher's own work (claims, log writes, publishes), per `stage`.
 pub const WEBHOOK_DISPATCH_ERRORS_TOTAL: &str = "nexus_webhook_dispatch_errors_total";
 /// Attempt outcomes written to the delivery log per statement (the log writer's batches).
@@ -196,6 +198,10 @@ fn describe_webhooks() {
     describe_counter!(
         WEBHOOK_DEAD_LETTERED_TOTAL,
         "Webhook messages that exhausted their retries (dead-letter topic)."
+    );
+    describe_counter!(
+        WEBHOOK_ENDPOINT_PAUSES_TOTAL,
+        "Webhook endpoints held because their receiver answered 429 or 503 with Retry-After."
     );
     describe_counter!(
         WEBHOOK_ENDPOINTS_DISABLED_TOTAL,

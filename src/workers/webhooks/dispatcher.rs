@@ -2,6 +2,11 @@
 //! by new ones, else every `poll_interval_ms`), sends each as one signed attempt under global
 //! and per-endpoint limits, logs the attempt and schedules the next, dead-letters exhausted
 //! messages and disables endpoints that keep failing.
+//!
+//! A receiver that answers 429 or 503 with `Retry-After` holds its endpoint, not only the
+//! message: this process sends it nothing more until then, gives back what it held, and marks
+//! the endpoint paused in the database so no pod claims its messages before the time. (Another
+//! pod's own new messages, sent before they are written, learn it from their own answer.)
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -109,6 +114,14 @@ struct Held {
 struct Lane {
     in_flight: usize,
     held: VecDeque<Held>,
+    /// The receiver asked for a pause (Retry-After) until then: nothing is started.
+    paused_until: Option<Instant>,
+}
+
+impl Lane {
+    fn paused(&self, now: Instant) -> bool {
+        self.paused_until.is_some_and(|t| t > now)
+    }
 }
 
 /// A finished attempt waiting for the log writer; `done` answers once it is committed.
@@ -195,13 +208,16 @@ impl Dispatcher {
         let mut room = (ADOPT_GLOBAL_FACTOR * self.config.max_in_flight)
             .saturating_sub(lanes.values().map(|l| l.held.len()).sum());
         let mut taken: HashMap<&str, usize> = HashMap::new();
+        let now = Instant::now();
         ms.iter()
             .map(|m| {
-                let held = lanes.get(&m.webhook_id).map_or(0, |l| l.held.len());
+                let lane = lanes.get(&m.webhook_id);
+                let held = lane.map_or(0, |l| l.held.len());
                 let mine = taken.entry(m.webhook_id.as_str()).or_default();
                 if m.event != crate::stores::provisioning::WebhookEvent::Started
                     || room == 0
                     || held + *mine >= ADOPT_FACTOR * per
+                    || lane.is_some_and(|l| l.paused(now))
                 {
                     return None;
                 }
@@ -376,9 +392,10 @@ impl Dispatcher {
             let (held, saturated, room) = {
                 let lanes = self.lock_lanes();
                 let held: usize = lanes.values().map(|l| l.held.len()).sum();
+                let now = Instant::now();
                 let saturated: Vec<String> = lanes
                     .iter()
-                    .filter(|(_, l)| l.held.len() >= per)
+                    .filter(|(_, l)| l.held.len() >= per || l.paused(now))
                     .map(|(id, _)| id.clone())
                     .collect();
                 // What the busy endpoints can still hold, plus a share for endpoints this
@@ -461,8 +478,9 @@ impl Dispatcher {
         let mut starts = Vec::new();
         {
             let mut lanes = self.lock_lanes();
+            let now = Instant::now();
             'lanes: for lane in lanes.values_mut() {
-                while lane.in_flight < per && !lane.held.is_empty() {
+                while lane.in_flight < per && !lane.held.is_empty() && !lane.paused(now) {
                     let Ok(permit) = self.global.clone().try_acquire_owned() else {
                         break 'lanes;
                     };
@@ -472,7 +490,7 @@ impl Dispatcher {
                     }
                 }
             }
-            lanes.retain(|_, l| l.in_flight > 0 || !l.held.is_empty());
+            lanes.retain(|_, l| l.in_flight > 0 || !l.held.is_empty() || l.paused(now));
         }
         for (h, permit) in starts {
             if h.claimed_at.elapsed() > RENEW_AFTER {
@@ -489,6 +507,40 @@ impl Dispatcher {
             }
             let me = self.clone();
             tokio::spawn(async move { me.attempt(h.msg, permit).await });
+        }
+    }
+
+    /// The receiver asked for `wait` (capped by `retry_after_max_ms`): the endpoint starts
+    /// nothing until then, what this process held of it is given back due then, and the
+    /// database pause keeps every pod's claims off it.
+    async fn pause(&self, webhook_id: &str, wait: Duration) {
+        let wait = wait.min(Duration::from_millis(self.config.retry_after_max_ms));
+        let until = Instant::now() + wait;
+        let until_ms = now_ms() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+        let given_back: Vec<String> = {
+            let mut lanes = self.lock_lanes();
+            let lane = lanes.entry(webhook_id.to_string()).or_default();
+            if lane.paused_until.is_some_and(|t| t >= until) {
+                return;
+            }
+            lane.paused_until = Some(until);
+            lane.held.drain(..).map(|h| h.msg.id).collect()
+        };
+        metrics::counter!(m::WEBHOOK_ENDPOINT_PAUSES_TOTAL, "subscription" => self.labels.of(webhook_id))
+            .increment(1);
+        tracing::info!(
+            webhook_id,
+            pause_ms = wait.as_millis() as u64,
+            given_back = given_back.len(),
+            "the receiver asked for a pause; endpoint held"
+        );
+        if let Err(e) = self.store.pause_endpoint(webhook_id, until_ms).await {
+            metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "pause").increment(1);
+            tracing::warn!(error = %e, "recording the endpoint's pause failed; other pods may send before it ends");
+        }
+        if let Err(e) = self.store.release(&given_back, until_ms).await {
+            metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "release").increment(1);
+            tracing::warn!(error = %e, "giving back held webhook messages failed; their lease lapses");
         }
     }
 
@@ -544,6 +596,9 @@ impl Dispatcher {
         );
         async {
             let sent = self.send(&msg).await;
+            if let Some(wait) = sent.retry_after.filter(|w| !sent.ok && !w.is_zero()) {
+                self.pause(&msg.webhook_id, wait).await;
+            }
             // The endpoint's slot bounds requests to it, not log writes: free it now so the
             // next held message goes while this one is logged (the lease still holds it, and
             // the process-wide permit bounds the writes in flight).

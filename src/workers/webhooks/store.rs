@@ -513,7 +513,8 @@ impl MessageStore {
                SELECT m.id FROM webhook_messages m \
                WHERE m.status = 'pending' AND m.next_attempt_at_ms <= $2 \
                  AND (m.lease_until_ms IS NULL OR m.lease_until_ms < $3) {excluded} \
-                 AND EXISTS (SELECT 1 FROM webhooks w WHERE w.id = m.webhook_id AND w.enabled = 1) \
+                 AND EXISTS (SELECT 1 FROM webhooks w WHERE w.id = m.webhook_id AND w.enabled = 1 \
+                   AND (w.paused_until_ms IS NULL OR w.paused_until_ms <= $2)) \
                ORDER BY m.next_attempt_at_ms LIMIT $4 {lock})  \
              RETURNING id, tenant_id, webhook_id, event_id, conversation_id, event, body, attempts, round_attempts, last_status_code, last_error"
         );
@@ -529,7 +530,20 @@ impl MessageStore {
         Ok(rows.iter().map(claimed).collect::<Result<_, _>>()?)
     }
 
-    /// Gives claimed messages back without an attempt, due now, in one statement.
+    /// Holds an endpoint until `until_ms` (its receiver's Retry-After): claims skip its
+    /// messages until then, on every pod. A pause only ever grows.
+    pub async fn pause_endpoint(&self, webhook_id: &str, until_ms: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE webhooks SET paused_until_ms = $2 WHERE id = $1 AND (paused_until_ms IS NULL OR paused_until_ms < $2)",
+        )
+        .bind(webhook_id.to_string())
+        .bind(until_ms)
+        .execute(&self.relaxed)
+        .await?;
+        Ok(())
+    }
+
+    /// Gives claimed messages back without an attempt, due at `now_ms`, in one statement.
     pub async fn release(&self, ids: &[String], now_ms: i64) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());
@@ -1017,6 +1031,73 @@ mod tests {
         .await
         .expect("finished");
         assert_eq!(due, Some(2_000));
+    }
+
+    /// A paused endpoint's messages are not claimed (by any pod: the pause is in the database)
+    /// until the pause ends; another endpoint's are; a shorter pause does not shorten it.
+    #[tokio::test]
+    async fn a_paused_endpoint_is_not_claimed_until_the_pause_ends() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = Provisioning::temporary(dir.path()).await;
+        let tenant = p
+            .create_tenant(NewTenant { name: "t".into() })
+            .await
+            .expect("tenant");
+        let mut hooks = Vec::new();
+        for host in ["paused", "open"] {
+            let hook = p
+                .create_webhook(
+                    &tenant.id,
+                    NewWebhook {
+                        url: format!("https://{host}.example.com/in"),
+                        events: None,
+                        media: None,
+                        format: WebhookFormat::Standard,
+                        enabled: None,
+                        secret: None,
+                    },
+                )
+                .await
+                .expect("webhook")
+                .webhook;
+            hooks.push(hook.id);
+        }
+        let store = MessageStore::new(p.pool().clone(), p.kind());
+        for (i, hook) in hooks.iter().enumerate() {
+            let m = NewMessage {
+                id: format!("msg_{i}"),
+                tenant_id: tenant.id.clone(),
+                webhook_id: hook.clone(),
+                event_id: format!("e-{i}"),
+                conversation_id: format!("c{i}"),
+                event: WebhookEvent::Started,
+                body: "{}".into(),
+            };
+            assert!(store.insert(&m, 1_000).await.expect("insert"));
+        }
+        store.pause_endpoint(&hooks[0], 5_000).await.expect("pause");
+        store
+            .pause_endpoint(&hooks[0], 3_000)
+            .await
+            .expect("shorter pause");
+        let claimed = |now: i64| {
+            let store = store.clone();
+            async move {
+                let got = store.claim(now, now + 10, 10, &[]).await.expect("claim");
+                let ids: Vec<String> = got.iter().map(|c| c.id.clone()).collect();
+                store.release(&ids, now).await.expect("release");
+                ids
+            }
+        };
+        assert_eq!(claimed(2_000).await, ["msg_1"], "only the open endpoint");
+        assert_eq!(
+            claimed(4_000).await,
+            ["msg_1"],
+            "the pause is not shortened"
+        );
+        let mut after = claimed(5_000).await;
+        after.sort();
+        assert_eq!(after, ["msg_0", "msg_1"], "both once the pause is over");
     }
 
     /// The log's retention on SQLite (`nexus dev`): finished messages and their attempts go,
