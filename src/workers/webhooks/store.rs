@@ -996,6 +996,25 @@ mod tests {
     use crate::stores::provisioning::webhooks::{NewWebhook, WebhookFormat};
     use crate::stores::provisioning::{NewTenant, Provisioning};
 
+    /// A Standard Webhooks subscription of `tenant` to `url`; its id.
+    async fn standard_webhook(p: &Provisioning, tenant: &str, url: &str) -> String {
+        p.create_webhook(
+            tenant,
+            NewWebhook {
+                url: url.into(),
+                events: None,
+                media: None,
+                format: WebhookFormat::Standard,
+                enabled: None,
+                secret: None,
+            },
+        )
+        .await
+        .expect("webhook")
+        .webhook
+        .id
+    }
+
     /// A FINISHED inserted alone (dead-letter recovery that re-creates it) after its STARTED
     /// was delivered is due at once, not left waiting for a STARTED that will not change.
     #[tokio::test]
@@ -1045,22 +1064,9 @@ mod tests {
             .expect("tenant");
         let mut hooks = Vec::new();
         for host in ["paused", "open"] {
-            let hook = p
-                .create_webhook(
-                    &tenant.id,
-                    NewWebhook {
-                        url: format!("https://{host}.example.com/in"),
-                        events: None,
-                        media: None,
-                        format: WebhookFormat::Standard,
-                        enabled: None,
-                        secret: None,
-                    },
-                )
-                .await
-                .expect("webhook")
-                .webhook;
-            hooks.push(hook.id);
+            hooks.push(
+                standard_webhook(&p, &tenant.id, &format!("https://{host}.example.com/in")).await,
+            );
         }
         let store = MessageStore::new(p.pool().clone(), p.kind());
         for (i, hook) in hooks.iter().enumerate() {
@@ -1110,26 +1116,12 @@ mod tests {
             .create_tenant(NewTenant { name: "t".into() })
             .await
             .expect("tenant");
-        let hook = p
-            .create_webhook(
-                &tenant.id,
-                NewWebhook {
-                    url: "https://hooks.example.com/in".into(),
-                    events: None,
-                    media: None,
-                    format: WebhookFormat::Standard,
-                    enabled: None,
-                    secret: None,
-                },
-            )
-            .await
-            .expect("webhook")
-            .webhook;
+        let hook_id = standard_webhook(&p, &tenant.id, "https://hooks.example.com/in").await;
         let store = MessageStore::new(p.pool().clone(), p.kind());
         // `msg_orphan`'s subscription is gone (a delete raced its insert): pruned however new.
         for (id, conversation, webhook) in [
-            ("msg_done", "c1", hook.id.as_str()),
-            ("msg_waiting", "c2", hook.id.as_str()),
+            ("msg_done", "c1", hook_id.as_str()),
+            ("msg_waiting", "c2", hook_id.as_str()),
             ("msg_orphan", "c3", "wh_deleted"),
         ] {
             let m = NewMessage {
@@ -1175,7 +1167,7 @@ mod tests {
                 &Claimed::first(NewMessage {
                     id: "msg_waiting".into(),
                     tenant_id: tenant.id.clone(),
-                    webhook_id: hook.id.clone(),
+                    webhook_id: hook_id.clone(),
                     event_id: "e-msg_waiting".into(),
                     conversation_id: "c2".into(),
                     event: WebhookEvent::Started,
@@ -1193,7 +1185,7 @@ mod tests {
             )
             .await
             .expect("log an attempt");
-        p.delete_webhook(&tenant.id, &hook.id)
+        p.delete_webhook(&tenant.id, &hook_id)
             .await
             .expect("delete webhook");
         let (messages, attempts): (i64, i64) = (
