@@ -693,6 +693,7 @@ impl ConversationWorker {
             }
             entries.push((format!("file/{i}"), new));
         }
+        let with_bot = c.state == ConversationState::Bot;
         let mut first = None;
         for (i, (what, mut new)) in entries.into_iter().enumerate() {
             // Each entry needs its own message id: appends dedup on it.
@@ -715,9 +716,15 @@ impl ConversationWorker {
             }
         }
         if let Some(m) = first {
-            if c.state == ConversationState::Bot && m.entry.kind == EntryKind::Message {
+            if with_bot && m.entry.kind == EntryKind::Message {
                 self.bot_turn(&mut c, e, &m).await?;
             }
+        }
+        // A text message changes a live chat's record only through a bot turn, so outside one
+        // nothing is saved: a redelivery appends nothing twice (appends dedup by event id) and
+        // republishes the same event ids. Async chats save their last activity (idle timer).
+        if !c.routing.is_async && b.media_ids.is_empty() && !with_bot {
+            return Ok(());
         }
         let files = u32::try_from(b.media_ids.len()).unwrap_or(u32::MAX);
         c.files = c.files.saturating_add(files);
