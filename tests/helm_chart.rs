@@ -183,6 +183,15 @@ fn check_common(objs: &[Value], what: &str) {
     );
 }
 
+/// The literal value of env var `name` in `container`, if set.
+fn env_value(container: &Value, name: &str) -> Option<String> {
+    container["env"]
+        .as_sequence()?
+        .iter()
+        .find(|e| e["name"].as_str() == Some(name))
+        .and_then(|e| e["value"].as_str().map(str::to_string))
+}
+
 /// Every env var that carries a secret comes from a Secret, never a literal value.
 fn check_env(container: &Value, what: &str) {
     let Some(env) = container["env"].as_sequence() else {
@@ -374,6 +383,12 @@ fn default_values_deploy_every_worker_role_of_the_topology_apart() {
     assert_eq!(roles_of(&objs), builtin);
     for (role, d) in worker_deployments(&objs) {
         assert_eq!(d["spec"]["replicas"], 2, "{role}: replicas without KEDA");
+        let c = &d["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(
+            env_value(c, "TOKIO_WORKER_THREADS").as_deref(),
+            Some("2"),
+            "{role}: async threads"
+        );
         let pdb = of_kind(&objs, "PodDisruptionBudget")
             .into_iter()
             .find(|p| p["spec"]["selector"]["matchLabels"]["nexus.io/role"] == role.as_str());
@@ -384,6 +399,7 @@ fn default_values_deploy_every_worker_role_of_the_topology_apart() {
     // The edge keeps serving while its endpoint is removed, then drains on SIGTERM.
     let c = &edge["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(c["lifecycle"]["preStop"]["sleep"]["seconds"], 5);
+    assert_eq!(env_value(c, "TOKIO_WORKER_THREADS").as_deref(), Some("2"));
     assert!(of_kind(&objs, "Service")
         .iter()
         .any(|s| name(s) == "t-nexus-edge"));
@@ -570,6 +586,17 @@ fn keda_off_keeps_fixed_replicas_and_per_role_overrides() {
             .unwrap();
         let tag = if role == "history" { "0.2.0" } else { "0.1.0" };
         assert!(image.ends_with(&format!(":{tag}")), "{role}: {image}");
+        // "auto" leaves the pool to tokio (the CPU limit); a count overrides one role alone.
+        let threads = env_value(
+            &d["spec"]["template"]["spec"]["containers"][0],
+            "TOKIO_WORKER_THREADS",
+        );
+        let want = match role.as_str() {
+            "conversation" => None,
+            "history" => Some("1"),
+            _ => Some("2"),
+        };
+        assert_eq!(threads.as_deref(), want, "{role}: async threads");
     }
 }
 
@@ -608,6 +635,14 @@ fn chart_refuses_inline_secrets_unknown_roles_and_short_grace() {
             "too short to drain",
         ),
         ("bus.kind=embedded", "bus.kind must be kafka or nats"),
+        (
+            "edge.asyncThreads=0",
+            "asyncThreads must be a positive number",
+        ),
+        (
+            "workers.defaults.asyncThreads=many",
+            "asyncThreads must be a positive number",
+        ),
     ] {
         let (ok, _, err) = run_helm(&helm, &["template", RELEASE, c, "--set", set]);
         assert!(!ok, "--set {set} rendered");

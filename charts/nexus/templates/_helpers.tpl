@@ -267,6 +267,18 @@ readinessProbe:
 {{- end -}}
 {{- end -}}
 
+{{- /* TOKIO_WORKER_THREADS from asyncThreads: a positive count, or "auto" for one thread per
+CPU the container may use (tokio reads the cgroup quota; without a CPU limit, every node core). */}}
+{{- define "nexus.asyncThreadsEnv" -}}
+{{- $v := toString .value -}}
+{{- if ne $v "auto" -}}
+{{- if not (regexMatch "^[1-9][0-9]*$" $v) -}}
+{{- fail (printf "%s: asyncThreads must be a positive number or \"auto\", not %q" .what $v) -}}
+{{- end -}}
+- {name: TOKIO_WORKER_THREADS, value: {{ $v | quote }}}
+{{- end -}}
+{{- end -}}
+
 {{- define "nexus.configChecksum" -}}
 {{- include "nexus.config" . | cat (include "nexus.topologyText" .) | sha256sum -}}
 {{- end -}}
