@@ -2661,16 +2661,38 @@ async fn a_session_the_store_no_longer_has_refuses_customer_actions() {
             .await;
         assert_eq!(body["chatEnded"], true, "{body}");
     }
-    // ...while a session started just now whose record the worker has not written yet is
-    // accepted: the start is on its way.
-    let fresh = Session {
+    // ...and so does a session with a young key but neither record nor start mark: the store
+    // lost it (a Redis restart without persistence), so a send would be dropped by the worker.
+    let lost = Session {
         ck: String::new(),
         ..gone.clone()
     };
-    let fresh = Session {
-        ck: key_for(&tenant, &fresh, now, Some(now + 3600)),
-        ..fresh
+    let lost = Session {
+        ck: key_for(&tenant, &lost, now, Some(now + 3600)),
+        ..lost
     };
+    let req = v3_req(
+        "POST",
+        "messages",
+        &lost.id,
+        Some(&key),
+        Some(&lost.ck),
+        V3[0].2,
+    );
+    fx.rejected("v3 send, session lost", req, 410, "SESSION_ENDED")
+        .await;
+    let body = fx
+        .rejected(
+            "v2 send, session lost",
+            v2_req(&lost.id, "send", Some(&key), &v2_form(&lost, "")),
+            410,
+            "SESSION_ENDED",
+        )
+        .await;
+    assert_eq!(body["chatEnded"], true, "{body}");
+    // A session the edge started just now whose record the worker has not written yet is
+    // accepted: the start is on its way (this fixture runs no worker).
+    let fresh = start(&fx.state, &key, "Di").await;
     fx.accepted(
         "a send before the worker applied the start",
         v3_req(

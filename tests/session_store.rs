@@ -865,13 +865,17 @@ async fn remember_within_ttl(t: TestStore) {
     let s = &t.store;
     let key = format!("{}:effect:e1", t.tenant);
     let ttl = Duration::from_millis(400);
+    assert!(!s.seen(&key).await.expect("seen before"));
     assert!(s.remember(&key, ttl).await.expect("first"));
+    assert!(s.seen(&key).await.expect("seen"));
     assert!(!s.remember(&key, ttl).await.expect("second"));
+    assert!(!s.seen(&format!("{key}x")).await.expect("another key seen"));
     assert!(s
         .remember(&format!("{key}x"), ttl)
         .await
         .expect("another key"));
     tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!s.seen(&key).await.expect("seen after ttl"));
     assert!(s.remember(&key, ttl).await.expect("after ttl"));
     assert!(!s.remember(&key, ttl).await.expect("second again"));
 }

@@ -2,6 +2,7 @@
 //! the event, publishes it and answers after the bus ack; nothing is published on bad input.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -198,6 +199,16 @@ pub(crate) async fn open_session(
     let mut event = Event::typed(&body, tenant, &conversation_id, PRODUCER)
         .map_err(|e| ApiError::bad_request("INVALID_FIELD", e.to_string()))?;
     event.envelope.traceparent = traceparent;
+    // Marked before the request is published, so a missing record is either a start not yet
+    // applied (marked) or a session the store lost (not marked): see [`ensure_open`].
+    state
+        .sessions()?
+        .remember(
+            &started_key(tenant, &conversation_id),
+            Duration::from_secs(state.config.workers.conversation.closed_retention_s),
+        )
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
     publish_event(state, INBOUND_TOPIC, &event).await?;
     let iat = event.envelope.occurred_at_ms / 1000;
     Ok(Claims {
@@ -314,14 +325,36 @@ pub(crate) async fn ensure_open(state: &AppState, c: &Claims) -> Result<(), ApiE
             "the chat has ended",
         )),
         Some(_) => Ok(()),
-        None if record_gone(state, c, chrono::Utc::now().timestamp()) => Err(ApiError::new(
-            StatusCode::GONE,
-            SESSION_ENDED,
-            "the chat has ended and is no longer kept",
-        )),
-        // Absent: the worker has not applied the start yet; the client key proves the session.
-        None => Ok(()),
+        None if record_gone(state, c, chrono::Utc::now().timestamp()) => Err(session_ended()),
+        // Absent: the worker has not applied the start yet, or the store lost the session (a
+        // Redis restart without persistence); only the start's mark tells them apart. A lost
+        // session refuses sends rather than accepting messages the worker would drop.
+        None => {
+            let started = state
+                .sessions()?
+                .seen(&started_key(&c.tid, &c.sid))
+                .await
+                .map_err(|e| ApiError::unavailable(e.to_string()))?;
+            if started {
+                Ok(())
+            } else {
+                Err(session_ended())
+            }
+        }
     }
+}
+
+fn session_ended() -> ApiError {
+    ApiError::new(
+        StatusCode::GONE,
+        SESSION_ENDED,
+        "the chat has ended and is no longer kept",
+    )
+}
+
+/// The store key marking a session the edge started (kept `closed_retention_s`).
+fn started_key(tenant: &str, conversation_id: &str) -> String {
+    format!("chat-started:{tenant}:{conversation_id}")
 }
 
 /// Whether a missing record means the session is over rather than not yet started. Only a

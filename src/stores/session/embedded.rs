@@ -1065,6 +1065,19 @@ impl SessionStore for EmbeddedStore {
         .await
     }
 
+    async fn seen(&self, key: &str) -> Result<bool, StoreError> {
+        let key = key.to_string();
+        self.read(move |txn| {
+            let seen = txn.open_table(SEEN).map_err(storage("open seen"))?;
+            let until = seen
+                .get(key.as_str())
+                .map_err(storage("read seen"))?
+                .map(|v| v.value());
+            Ok(until.is_some_and(|at| at > now_ms()))
+        })
+        .await
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.read(|_| Ok(())).await
     }

@@ -384,6 +384,9 @@ pub trait SessionStore: Send + Sync + 'static {
     /// True the first time `key` is seen within `ttl` (dedup of effects by event id).
     async fn remember(&self, key: &str, ttl: Duration) -> Result<bool, StoreError>;
 
+    /// Whether `key` was remembered and its `ttl` has not run out.
+    async fn seen(&self, key: &str) -> Result<bool, StoreError>;
+
     /// Reachable (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
 }

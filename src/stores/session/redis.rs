@@ -747,6 +747,14 @@ impl SessionStore for RedisStore {
         Ok(!matches!(set, Value::Nil))
     }
 
+    async fn seen(&self, key: &str) -> Result<bool, StoreError> {
+        ::redis::cmd("EXISTS")
+            .arg(format!("{}:seen:{key}", self.namespace))
+            .query_async::<bool>(&mut self.conn())
+            .await
+            .map_err(redis_err)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         ::redis::cmd("PING")
             .query_async::<()>(&mut self.conn())
