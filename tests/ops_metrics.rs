@@ -34,6 +34,7 @@ const EVENT_ONLY: &[&str] = &[
     "nexus_webhook_oldest_pending_age_seconds",
     "nexus_webhook_dead_lettered_total",
     "nexus_webhook_endpoints_disabled_total",
+    "nexus_webhook_endpoint_pauses_total",
 ];
 
 fn root() -> PathBuf {
