@@ -357,10 +357,9 @@ fn started_key(tenant: &str, conversation_id: &str) -> String {
     format!("chat-started:{tenant}:{conversation_id}")
 }
 
-/// Whether a missing record means the session is over rather than not yet started. Only a
-/// closed record expires, `closed_retention_s` after the close, so a record missing while its
-/// key is younger than that can only be a start the worker has not applied yet (however far
-/// behind it is); an older key's session may have closed and expired.
+/// Whether a missing record surely means the session is over, without asking the store: only
+/// a closed record expires, `closed_retention_s` after the close, and the start's mark lives
+/// that long from the start, so a key older than that has nothing left to prove its session.
 fn record_gone(state: &AppState, c: &Claims, now_s: i64) -> bool {
     let retention = state.config.workers.conversation.closed_retention_s;
     let retention = i64::try_from(retention).unwrap_or(i64::MAX);
