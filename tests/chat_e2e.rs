@@ -280,6 +280,8 @@ async fn nats_postgres_redis_chat_across_two_edges() {
     let system = TwoEdges::start(dir.path(), Vec::new()).await;
     // The customer on edge A, the agent on edge B.
     scenario(&system.edge_a.url, &system.edge_b.url).await;
+    // The edge marked the start in Redis; the worker dropped the mark once the record existed.
+    assert_eq!(system.start_marks_left().await, Vec::<String>::new());
 }
 
 /// A conversation worker and two edges on their own NATS JetStream, a fresh PostgreSQL
@@ -288,6 +290,8 @@ struct TwoEdges {
     _worker: Node,
     edge_a: Node,
     edge_b: Node,
+    redis_url: String,
+    redis_namespace: String,
     _nats: OwnNats,
     _db: TestDb,
 }
@@ -301,11 +305,14 @@ impl TwoEdges {
         env.push(("NEXUS_BUS__URL", nats.url.clone()));
         env.push(("NEXUS_STORES__POSTGRES_URL", db.url.clone()));
         env.push(("NEXUS_STORES__PROVISIONING_KEY", "11".repeat(32)));
-        env.push((
-            "NEXUS_STORES__REDIS_URL",
-            std::env::var("NEXUS_TEST_REDIS_URL")
-                .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
-        ));
+        let redis_url = std::env::var("NEXUS_TEST_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        env.push(("NEXUS_STORES__REDIS_URL", redis_url.clone()));
+        let redis_namespace = env
+            .iter()
+            .find(|(k, _)| *k == "NEXUS_STORES__REDIS_NAMESPACE")
+            .map(|(_, v)| v.clone())
+            .expect("a Redis namespace per test system");
         let (ok, out, err) = common::process::run(&["topology", "apply", "--bus", &nats.url], &[]);
         assert!(ok, "topology apply: {out} {err}");
         let worker = start_node(dir, "worker", &["worker", "conversation"], env.clone()).await;
@@ -315,9 +322,25 @@ impl TwoEdges {
             _worker: worker,
             edge_a,
             edge_b,
+            redis_url,
+            redis_namespace,
             _nats: nats,
             _db: db,
         }
+    }
+
+    /// The chat start marks still in this system's Redis namespace.
+    async fn start_marks_left(&self) -> Vec<String> {
+        let client = redis::Client::open(self.redis_url.as_str()).expect("redis url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        redis::cmd("KEYS")
+            .arg(format!("{}:seen:chat-started:*", self.redis_namespace))
+            .query_async(&mut conn)
+            .await
+            .expect("KEYS")
     }
 }
 

@@ -874,6 +874,13 @@ async fn remember_within_ttl(t: TestStore) {
         .remember(&format!("{key}x"), ttl)
         .await
         .expect("another key"));
+    // A forgotten key is gone at once and can be remembered again; forgetting twice is fine.
+    let other = format!("{key}y");
+    assert!(s.remember(&other, ttl).await.expect("other"));
+    s.forget(&other).await.expect("forget");
+    assert!(!s.seen(&other).await.expect("seen after forget"));
+    s.forget(&other).await.expect("forget again");
+    assert!(s.remember(&other, ttl).await.expect("remembered again"));
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(!s.seen(&key).await.expect("seen after ttl"));
     assert!(s.remember(&key, ttl).await.expect("after ttl"));

@@ -18,7 +18,7 @@ use super::{chat_tenant, publish_event, session_claims, Claims, INBOUND_TOPIC};
 use crate::edge::{ApiError, AppState};
 use crate::events::chat::{self as ev, Channel, Contact, MessageKind, ParticipantKind};
 use crate::events::Event;
-use crate::stores::session::ConversationState;
+use crate::stores::session::{start_mark, ConversationState};
 use crate::workers::conversation::notify::entry_json;
 
 const PRODUCER: &str = "edge/chat";
@@ -200,11 +200,12 @@ pub(crate) async fn open_session(
         .map_err(|e| ApiError::bad_request("INVALID_FIELD", e.to_string()))?;
     event.envelope.traceparent = traceparent;
     // Marked before the request is published, so a missing record is either a start not yet
-    // applied (marked) or a session the store lost (not marked): see [`ensure_open`].
+    // applied (marked) or a session the store lost (not marked): see [`ensure_open`]. The
+    // worker drops the mark once the record exists; it expires with the retention otherwise.
     state
         .sessions()?
         .remember(
-            &started_key(tenant, &conversation_id),
+            &start_mark(tenant, &conversation_id),
             Duration::from_secs(state.config.workers.conversation.closed_retention_s),
         )
         .await
@@ -332,7 +333,7 @@ pub(crate) async fn ensure_open(state: &AppState, c: &Claims) -> Result<(), ApiE
         None => {
             let started = state
                 .sessions()?
-                .seen(&started_key(&c.tid, &c.sid))
+                .seen(&start_mark(&c.tid, &c.sid))
                 .await
                 .map_err(|e| ApiError::unavailable(e.to_string()))?;
             if started {
@@ -352,14 +353,10 @@ fn session_ended() -> ApiError {
     )
 }
 
-/// The store key marking a session the edge started (kept `closed_retention_s`).
-fn started_key(tenant: &str, conversation_id: &str) -> String {
-    format!("chat-started:{tenant}:{conversation_id}")
-}
-
 /// Whether a missing record surely means the session is over, without asking the store: only
 /// a closed record expires, `closed_retention_s` after the close, and the start's mark lives
-/// that long from the start, so a key older than that has nothing left to prove its session.
+/// at most that long from the start, so a key older than that has nothing left to prove its
+/// session.
 fn record_gone(state: &AppState, c: &Claims, now_s: i64) -> bool {
     let retention = state.config.workers.conversation.closed_retention_s;
     let retention = i64::try_from(retention).unwrap_or(i64::MAX);

@@ -1078,6 +1078,25 @@ impl SessionStore for EmbeddedStore {
         .await
     }
 
+    async fn forget(&self, key: &str) -> Result<(), StoreError> {
+        let key = key.to_string();
+        self.write(move |txn| {
+            let mut seen = txn.open_table(SEEN).map_err(storage("open seen"))?;
+            let at = seen
+                .remove(key.as_str())
+                .map_err(storage("remove seen"))?
+                .map(|v| v.value());
+            if let Some(at) = at {
+                txn.open_table(SEEN_BY_TIME)
+                    .map_err(storage("open seen"))?
+                    .remove((at, key.as_str()))
+                    .map_err(storage("remove seen"))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.read(|_| Ok(())).await
     }

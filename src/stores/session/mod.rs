@@ -253,6 +253,13 @@ pub fn timer_lease_until(now_ms: i64) -> i64 {
     now_ms.saturating_add(TIMER_LEASE_MS)
 }
 
+/// The [`SessionStore::remember`] key marking a chat the edge started. It tells a start the
+/// worker has not applied yet from a session the store lost; the worker drops it once the
+/// record exists, which then speaks for the session.
+pub fn start_mark(tenant: &str, conversation_id: &str) -> String {
+    format!("chat-started:{tenant}:{conversation_id}")
+}
+
 #[async_trait]
 pub trait SessionStore: Send + Sync + 'static {
     /// Writes the record if the stored one still has `c.version` (0: none stored yet) and
@@ -386,6 +393,9 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Whether `key` was remembered and its `ttl` has not run out.
     async fn seen(&self, key: &str) -> Result<bool, StoreError>;
+
+    /// Drops a remembered `key` before its `ttl` (nothing if it is not there).
+    async fn forget(&self, key: &str) -> Result<(), StoreError>;
 
     /// Reachable (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;

@@ -755,6 +755,14 @@ impl SessionStore for RedisStore {
             .map_err(redis_err)
     }
 
+    async fn forget(&self, key: &str) -> Result<(), StoreError> {
+        ::redis::cmd("DEL")
+            .arg(format!("{}:seen:{key}", self.namespace))
+            .query_async::<()>(&mut self.conn())
+            .await
+            .map_err(redis_err)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         ::redis::cmd("PING")
             .query_async::<()>(&mut self.conn())

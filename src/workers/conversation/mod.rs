@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tracing::debug;
+use tracing::{debug, warn};
 
 pub use config::ConversationConfig;
 pub use directory::{AgentProfile, Directory, DirectoryError, Rule};
@@ -36,7 +36,7 @@ use crate::bus::{Bus, Message};
 use crate::events::chat::{self, Body, BodyError};
 use crate::events::publish::{publish, PublishError};
 use crate::events::Event;
-use crate::stores::session::{SessionStore, StoreError};
+use crate::stores::session::{start_mark, SessionStore, StoreError};
 
 /// Topics the role writes.
 pub use crate::topology::topics::{
@@ -100,12 +100,27 @@ impl ConversationWorker {
     }
 }
 
+impl ConversationWorker {
+    /// The record now speaks for the session; the edge's start mark would only take memory
+    /// until it expires, which it also does if this fails.
+    async fn drop_start_mark(&self, e: &Event) {
+        let mark = start_mark(&e.envelope.tenant_id, &e.envelope.conversation_id);
+        if let Err(err) = self.store.forget(&mark).await {
+            warn!(conversation_id = %e.envelope.conversation_id, error = %err, "cannot drop the start mark; it expires");
+        }
+    }
+}
+
 #[async_trait]
 impl Handler for ConversationWorker {
     async fn handle(&self, event: &Event, _message: &Message) -> Result<(), HandleError> {
         let t = event.envelope.event_type.as_str();
         match t {
-            chat::ConversationRequested::TYPE => self.on_requested(event, body(event)?).await,
+            chat::ConversationRequested::TYPE => {
+                self.on_requested(event, body(event)?).await?;
+                self.drop_start_mark(event).await;
+                Ok(())
+            }
             chat::MessageReceived::TYPE => self.on_customer_message(event, body(event)?).await,
             chat::TypingIndicated::TYPE => self.on_typing(event, body(event)?).await,
             chat::ParticipantLeft::TYPE => {
