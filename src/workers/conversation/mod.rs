@@ -98,9 +98,7 @@ impl ConversationWorker {
             .map(|_| ())
             .map_err(publish_failed)
     }
-}
 
-impl ConversationWorker {
     /// The record now speaks for the session; the edge's start mark would only take memory
     /// until it expires, which it also does if this fails.
     async fn drop_start_mark(&self, e: &Event) {
