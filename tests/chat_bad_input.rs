@@ -2664,12 +2664,8 @@ async fn a_session_the_store_no_longer_has_refuses_customer_actions() {
     // ...and so does a session with a young key but neither record nor start mark: the store
     // lost it (a Redis restart without persistence), so a send would be dropped by the worker.
     let lost = Session {
-        ck: String::new(),
+        ck: key_for(&tenant, &gone, now, Some(now + 3600)),
         ..gone.clone()
-    };
-    let lost = Session {
-        ck: key_for(&tenant, &lost, now, Some(now + 3600)),
-        ..lost
     };
     let req = v3_req(
         "POST",
