@@ -361,3 +361,45 @@ async fn offsets_reads_and_seeks() {
     sub.close().await.unwrap();
     bus.health().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_tail_takes_partitions_it_did_not_know_from_their_start() {
+    let Some(bus) = bus().await else { return };
+    let t = topic(&bus, 2).await;
+    let key_on = |p: u32| {
+        (0..)
+            .map(|i| format!("k{i}"))
+            .find(|k| crate::bus::partition_for(k, 2) == p)
+            .expect("a key")
+    };
+    // Tansu has no CreatePartitions: the tail is told the topic had one partition at its start,
+    // so partition 1 stands for a partition added while it runs.
+    let mut tail: Box<dyn Subscription> = Box::new(
+        tail::start_with(&bus, &t, Duration::from_millis(300), Some(1))
+            .await
+            .unwrap(),
+    );
+    // Published before the tail looks again: read all the same, a new partition is read whole.
+    let new = bus
+        .publish(&t, OutRecord::new(key_on(1), "on-the-new-partition"))
+        .await
+        .unwrap();
+    assert_eq!(new.partition, 1);
+    bus.publish(&t, OutRecord::new(key_on(0), "on-the-old-partition"))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let d = next(&mut tail).await;
+        got.push((d.message.partition, d.message.payload.to_vec()));
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            (0, b"on-the-old-partition".to_vec()),
+            (1, b"on-the-new-partition".to_vec())
+        ]
+    );
+    tail.close().await.unwrap();
+}
