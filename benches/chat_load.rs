@@ -14,13 +14,15 @@
 //! database on NEXUS_BENCH_POSTGRES_URL's server; the bus run then uses that broker too.
 //!
 //! CPU is reported per process group as % of one core over the send phase, and per message in µs:
-//! nexus's processes, and beside them the local broker, Redis and PostgreSQL ("peers").
+//! nexus's processes, and beside them the local broker, Redis and PostgreSQL ("peers"); a second
+//! line splits the per-message figure by nexus role and by peer program.
 //!
 //! Env: NEXUS_BENCH_CHATS (default 1000), NEXUS_BENCH_AGENTS (20), NEXUS_BENCH_RATES
 //! (messages/s, default `50,100,200,500,1000,2000,5000`; the ladder stops at the first rate not
 //! held, since a backlog left behind would only spoil the next one), NEXUS_BENCH_SECONDS (per rate, default 10),
 //! NEXUS_BENCH_BIN (the nexus binary; default the one cargo built for this bench).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -75,22 +77,36 @@ fn cpu_time(pid: &str) -> Duration {
 /// Processes on this machine the nexus processes lean on (their CPU is reported beside nexus's).
 const PEERS: &[&str] = &["nats-server", "redis-server", "postgres", "tansu"];
 
-/// CPU time so far of every local broker, Redis and PostgreSQL process.
-fn peers_cpu() -> Duration {
+/// CPU time so far of the local broker, Redis and PostgreSQL, per program (all its processes).
+fn peers_cpu() -> BTreeMap<&'static str, Duration> {
+    let mut by = BTreeMap::new();
     let Ok(procs) = std::fs::read_dir("/proc") else {
-        return Duration::ZERO;
+        return by;
     };
-    procs
-        .filter_map(|p| p.ok())
-        .filter_map(|p| {
+    for p in procs.filter_map(|p| p.ok()) {
+        let Ok(comm) = std::fs::read_to_string(p.path().join("comm")) else {
+            continue;
+        };
+        if let Some(name) = PEERS.iter().find(|name| comm.trim().starts_with(**name)) {
             let pid = p.file_name().to_string_lossy().to_string();
-            let comm = std::fs::read_to_string(p.path().join("comm")).ok()?;
-            PEERS
-                .iter()
-                .any(|name| comm.trim().starts_with(name))
-                .then(|| cpu_time(&pid))
+            *by.entry(*name).or_default() += cpu_time(&pid);
+        }
+    }
+    by
+}
+
+/// CPU seconds per process between two readings (`before` is taken from `after`).
+fn cpu_spent<K: Ord + Clone>(
+    before: &BTreeMap<K, Duration>,
+    after: &BTreeMap<K, Duration>,
+) -> Vec<(K, f64)> {
+    after
+        .iter()
+        .map(|(k, t)| {
+            let was = before.get(k).copied().unwrap_or_default();
+            (k.clone(), t.saturating_sub(was).as_secs_f64())
         })
-        .sum()
+        .collect()
 }
 
 /// Where the system under load runs: `nexus dev` (embedded bus and stores), or, with
@@ -139,6 +155,8 @@ fn psql(url: &str, sql: &str) {
 /// The nexus processes under load; killed (and the bench database dropped) on drop.
 struct Nexus {
     children: Vec<Child>,
+    /// What each child runs (`dev`, `edge`, `worker`), in the order of `children`.
+    roles: Vec<&'static str>,
     url: String,
     /// (server url, database) created for this run.
     database: Option<(String, String)>,
@@ -171,7 +189,7 @@ impl Nexus {
     async fn start(dir: &Path, deployment: &Deployment) -> Nexus {
         let bin = std::env::var("NEXUS_BENCH_BIN")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_nexus").to_string());
-        let spawn = |name: &str, args: &[&str], env: &[(&str, String)]| {
+        let spawn = |name: &'static str, args: &[&str], env: &[(&str, String)]| {
             let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log file");
             Command::new(&bin)
                 .args(args)
@@ -190,6 +208,7 @@ impl Nexus {
         let listen = free_listen();
         let mut nexus = Nexus {
             children: Vec::new(),
+            roles: Vec::new(),
             url: format!("http://{listen}"),
             database: None,
         };
@@ -201,6 +220,7 @@ impl Nexus {
                     &["dev", "--listen", &listen, "--data-dir", &data],
                     &[],
                 ));
+                nexus.roles.push("dev");
             }
             Some(bus) => {
                 let name = format!("nexus_bench_{}", uuid::Uuid::new_v4().simple());
@@ -231,9 +251,11 @@ impl Nexus {
                 nexus
                     .children
                     .push(spawn("worker", &["worker", "conversation"], &worker_env));
+                nexus.roles.push("worker");
                 let mut edge_env = env.to_vec();
                 edge_env.push(("NEXUS_HTTP__LISTEN", listen.clone()));
                 nexus.children.push(spawn("edge", &["edge"], &edge_env));
+                nexus.roles.push("edge");
             }
         }
         let http = reqwest::Client::new();
@@ -254,12 +276,13 @@ impl Nexus {
         }
     }
 
-    /// CPU time of every nexus process so far.
-    fn cpu(&self) -> Duration {
-        self.children
+    /// CPU time so far of each nexus process, by role.
+    fn cpu(&self) -> BTreeMap<&'static str, Duration> {
+        self.roles
             .iter()
-            .map(|c| cpu_time(&c.id().to_string()))
-            .sum()
+            .zip(&self.children)
+            .map(|(role, c)| (*role, cpu_time(&c.id().to_string())))
+            .collect()
     }
 }
 
@@ -414,6 +437,9 @@ struct Run {
     latencies: Vec<u64>,
     /// CPU seconds of (nexus, this process, the local broker + Redis + PostgreSQL) over the run.
     cpu: (f64, f64, f64),
+    /// CPU seconds over the run per nexus role and per peer program.
+    nexus_by_role: Vec<(&'static str, f64)>,
+    peers_by_program: Vec<(&'static str, f64)>,
 }
 
 /// Sends `rate × secs` messages open-loop, chat after chat round robin; `send(k, stamp)`
@@ -463,7 +489,7 @@ async fn chat_run(
     secs: u64,
 ) -> Run {
     let errors_before = seen.errors.load(Ordering::Relaxed);
-    let cpu = (nexus.cpu(), cpu_time("self"), peers_cpu());
+    let before = (nexus.cpu(), cpu_time("self"), peers_cpu());
     let (failed, send_secs, max_lag) = open_loop(rate, secs, seen.base, |k, stamp| {
         let http = clients[k as usize % clients.len()].clone();
         let session = &sessions[k as usize % sessions.len()];
@@ -502,10 +528,13 @@ async fn chat_run(
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let nexus_by_role = cpu_spent(&before.0, &nexus.cpu());
+    let peers_by_program = cpu_spent(&before.2, &peers_cpu());
+    let sum = |by: &[(&str, f64)]| by.iter().map(|(_, s)| s).sum::<f64>();
     let cpu = (
-        (nexus.cpu() - cpu.0).as_secs_f64(),
-        (cpu_time("self") - cpu.1).as_secs_f64(),
-        (peers_cpu().saturating_sub(cpu.2)).as_secs_f64(),
+        sum(&nexus_by_role),
+        (cpu_time("self").saturating_sub(before.1)).as_secs_f64(),
+        sum(&peers_by_program),
     );
     let latencies = std::mem::take(&mut *seen.latencies[step].lock().expect("latencies"));
     let lost = delivered_target.saturating_sub(latencies.len() as u64);
@@ -516,6 +545,8 @@ async fn chat_run(
         max_lag,
         latencies,
         cpu,
+        nexus_by_role,
+        peers_by_program,
     }
 }
 
@@ -641,6 +672,8 @@ async fn bus_run(
         max_lag,
         latencies,
         cpu: (0.0, (cpu_time("self") - cpu).as_secs_f64(), 0.0),
+        nexus_by_role: Vec::new(),
+        peers_by_program: Vec::new(),
     }
 }
 
@@ -803,6 +836,18 @@ async fn main() {
                 chat.cpu.2 / chat.sent.max(1) as f64 * 1e6
             ),
             if ok { "yes" } else { "no" },
+        );
+        let per_msg = |by: &[(&str, f64)]| {
+            by.iter()
+                .map(|(name, s)| format!("{name} {:.0}", s / chat.sent.max(1) as f64 * 1e6))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "{:>7} µs CPU per message: nexus {}; peers {}",
+            "",
+            per_msg(&chat.nexus_by_role),
+            per_msg(&chat.peers_by_program)
         );
         if bus.errors > 0 {
             println!("{:>7} bus run: {} errors", "", bus.errors);
