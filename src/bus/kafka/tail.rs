@@ -22,7 +22,7 @@ const TAIL_GROUP: &str = "nexus-tail";
 /// How long one poll waits, so a closed subscription stops the thread soon.
 const POLL: Duration = Duration::from_millis(100);
 /// How often the reader looks for partitions added to its topic (as group members do on
-/// JetStream; librdkafka's own metadata refresh only serves subscribed groups).
+/// JetStream): a manual assignment never grows by itself, only a group subscription does.
 const PARTITIONS_REFRESH: Duration = Duration::from_secs(30);
 
 pub(super) async fn start(bus: &KafkaBus, topic: &str) -> Result<TailSubscription, BusError> {
