@@ -95,7 +95,7 @@ fn peers_cpu() -> BTreeMap<&'static str, Duration> {
     by
 }
 
-/// CPU seconds per process between two readings (`before` is taken from `after`).
+/// CPU seconds spent per key (process or program) between two readings.
 fn cpu_spent<K: Ord + Clone>(
     before: &BTreeMap<K, Duration>,
     after: &BTreeMap<K, Duration>,
