@@ -18,7 +18,7 @@
 //! - `nx:{t:T}:qidx:<queue>`: hash conversation → its queue member (idempotent enqueue, dequeue).
 //!
 //! Global keys: `nx:timers:<kind>` (sorted set by due time, member the JSON array
-//! `[tenant, id]`) and `nx:seen:<key>` for [`SessionStore::remember`].
+//! `[tenant, id]`) and `nx:seen:<key>` for [`SessionStore::remember`], `seen` and `forget`.
 //!
 //! `nx` is the namespace (`stores.redis_namespace`): deployments sharing one Redis set their own,
 //! or one deployment's workers would fire the other's timers on the wrong bus.
@@ -278,6 +278,11 @@ impl RedisStore {
     /// Timers are global to a deployment (any worker of it may fire them), not to Redis.
     fn timers_key(&self, kind: &str) -> String {
         format!("{}:timers:{kind}", self.namespace)
+    }
+
+    /// A remembered key (effect dedup, start marks): global to the deployment like timers.
+    fn seen_key(&self, key: &str) -> String {
+        format!("{}:seen:{key}", self.namespace)
     }
 }
 
@@ -736,7 +741,7 @@ impl SessionStore for RedisStore {
 
     async fn remember(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
         let set: Value = ::redis::cmd("SET")
-            .arg(format!("{}:seen:{key}", self.namespace))
+            .arg(self.seen_key(key))
             .arg(1)
             .arg("NX")
             .arg("PX")
@@ -749,7 +754,7 @@ impl SessionStore for RedisStore {
 
     async fn seen(&self, key: &str) -> Result<bool, StoreError> {
         ::redis::cmd("EXISTS")
-            .arg(format!("{}:seen:{key}", self.namespace))
+            .arg(self.seen_key(key))
             .query_async::<bool>(&mut self.conn())
             .await
             .map_err(redis_err)
@@ -757,7 +762,7 @@ impl SessionStore for RedisStore {
 
     async fn forget(&self, key: &str) -> Result<(), StoreError> {
         ::redis::cmd("DEL")
-            .arg(format!("{}:seen:{key}", self.namespace))
+            .arg(self.seen_key(key))
             .query_async::<()>(&mut self.conn())
             .await
             .map_err(redis_err)
