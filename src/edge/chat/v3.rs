@@ -314,35 +314,42 @@ pub(crate) const SESSION_ENDED: &str = "SESSION_ENDED";
 /// record is gone (410 `SESSION_ENDED`). The record read is the one this check always made, so
 /// the send path gains no store round trip.
 pub(crate) async fn ensure_open(state: &AppState, c: &Claims) -> Result<(), ApiError> {
-    let record = state
-        .sessions()?
-        .conversation(&c.tid, &c.sid)
-        .await
-        .map_err(|e| ApiError::unavailable(e.to_string()))?;
-    match record {
-        Some(r) if r.state == ConversationState::Closed => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "SESSION_CLOSED",
-            "the chat has ended",
-        )),
-        Some(_) => Ok(()),
-        None if record_gone(state, c, chrono::Utc::now().timestamp()) => Err(session_ended()),
+    let sessions = state.sessions()?;
+    let read = || async {
+        sessions
+            .conversation(&c.tid, &c.sid)
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))
+    };
+    let record = match read().await? {
+        Some(r) => r,
+        None if record_gone(state, c, chrono::Utc::now().timestamp()) => {
+            return Err(session_ended())
+        }
         // Absent: the worker has not applied the start yet, or the store lost the session (a
         // Redis restart without persistence); only the start's mark tells them apart. A lost
         // session refuses sends rather than accepting messages the worker would drop.
         None => {
-            let started = state
-                .sessions()?
+            let started = sessions
                 .seen(&start_mark(&c.tid, &c.sid))
                 .await
                 .map_err(|e| ApiError::unavailable(e.to_string()))?;
             if started {
-                Ok(())
-            } else {
-                Err(session_ended())
+                return Ok(());
             }
+            // The worker saves the record before it drops the mark: a start applied between
+            // the two reads above has its record now.
+            read().await?.ok_or_else(session_ended)?
         }
+    };
+    if record.state == ConversationState::Closed {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "SESSION_CLOSED",
+            "the chat has ended",
+        ));
     }
+    Ok(())
 }
 
 fn session_ended() -> ApiError {
