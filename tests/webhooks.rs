@@ -939,3 +939,119 @@ async fn dev_mode_delivers_from_sqlite() {
         );
     }
 }
+
+// ---- the delivery log on its own ---------------------------------------------------------
+
+mod log {
+    use super::*;
+    use nexus::stores::provisioning::secrets::EncryptionKey;
+    use nexus::stores::provisioning::{Provisioning, WebhookEvent};
+    use nexus::workers::webhooks::intake::Admitted;
+    use nexus::workers::webhooks::store::{
+        After, AttemptRecord, Claimed, MessageStore, NewMessage,
+    };
+
+    async fn store(db: &TestDb) -> (Provisioning, MessageStore) {
+        let prov = Provisioning::connect(&db.url, &EncryptionKey::generate())
+            .await
+            .expect("provisioning on PostgreSQL");
+        let store = MessageStore::new(prov.pool().clone(), prov.kind());
+        (prov, store)
+    }
+
+    fn message() -> NewMessage {
+        let id = uuid::Uuid::new_v4().to_string();
+        NewMessage {
+            id: format!("msg_{id}"),
+            tenant_id: "t1".into(),
+            webhook_id: "wh1".into(),
+            event_id: id.clone(),
+            conversation_id: format!("c-{id}"),
+            event: WebhookEvent::Started,
+            body: "{}".into(),
+        }
+    }
+
+    fn delivered() -> AttemptRecord {
+        AttemptRecord {
+            started_at_ms: 1,
+            outcome: "ok",
+            status_code: Some(204),
+            latency_ms: 3,
+            error: None,
+        }
+    }
+
+    async fn attempts_of(prov: &Provisioning, id: &str) -> i64 {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM webhook_attempts WHERE message_id = $1")
+            .bind(id.to_string())
+            .fetch_one(prov.pool())
+            .await
+            .expect("count")
+    }
+
+    /// An outcome logged for a message whose row was never written (its insert failed) leaves
+    /// no attempt row: such a row made every later insert of the message with its first attempt
+    /// fail on the attempt's key, so the event was retried, and the webhook sent, forever.
+    #[tokio::test]
+    async fn an_outcome_without_its_message_row_is_not_logged() {
+        let db = TestDb::create().await;
+        let (prov, store) = store(&db).await;
+        let m = message();
+        let now = chrono::Utc::now().timestamp_millis();
+        store
+            .record(
+                &Claimed::first(m.clone()),
+                &delivered(),
+                After::Delivered,
+                now,
+            )
+            .await
+            .expect("record");
+        assert_eq!(attempts_of(&prov, &m.id).await, 0, "no orphan attempt row");
+        store
+            .record_batch(
+                &[(&Claimed::first(m.clone()), &delivered(), After::Delivered)],
+                now,
+            )
+            .await
+            .expect("record_batch");
+        assert_eq!(attempts_of(&prov, &m.id).await, 0, "no orphan attempt row");
+    }
+
+    /// A stray attempt row (as an older release could leave) does not fail the message's
+    /// insert with its first attempt.
+    #[tokio::test]
+    async fn a_stray_attempt_row_does_not_fail_the_insert_with_the_first_attempt() {
+        let db = TestDb::create().await;
+        let (prov, store) = store(&db).await;
+        let m = message();
+        sqlx::query("INSERT INTO webhook_attempts (message_id, attempt, started_at_ms, outcome, latency_ms) VALUES ($1, 1, 1, 'ok', 1)")
+            .bind(m.id.clone())
+            .execute(prov.pool())
+            .await
+            .expect("stray row");
+        let now = chrono::Utc::now().timestamp_millis();
+        let admission = store
+            .admit(std::slice::from_ref(&m), &[Some(now + 30_000)], now)
+            .await
+            .expect("admit");
+        let Some(Admitted::New(Some(first))) = admission.messages.first() else {
+            panic!("a new leased message has a first attempt");
+        };
+        let logged = first
+            .settle(&delivered(), After::Delivered)
+            .await
+            .expect("an outcome before the write goes with the row");
+        let new = admission.written().await.expect("the insert commits");
+        assert_eq!(new, vec![m.id.clone()]);
+        assert_eq!(logged.await.expect("answered"), Ok(()));
+        let status: String =
+            sqlx::query_scalar("SELECT status FROM webhook_messages WHERE id = $1")
+                .bind(m.id.clone())
+                .fetch_one(prov.pool())
+                .await
+                .expect("row");
+        assert_eq!(status, "delivered");
+    }
+}

@@ -359,14 +359,12 @@ async fn write(pool: &AnyPool, group: Vec<Admission>) {
         insert(pool, &all).await
     };
     drop(all);
-    // Outcomes that came while the statement ran are logged now (the fallback below only
-    // retries rows that carry their outcome).
-    for f in group
+    // Outcomes that came while the statement ran wait until the fallback below has written
+    // their rows too: an attempt logged before its message row would be an orphan.
+    let firsts: Vec<Arc<FirstAttempt>> = group
         .iter()
-        .flat_map(|a| a.rows.iter().filter_map(|r| r.first.as_ref()))
-    {
-        f.ended();
-    }
+        .flat_map(|a| a.rows.iter().filter_map(|r| r.first.clone()))
+        .collect();
     match result {
         Ok(new) => {
             metrics::counter!(m::WEBHOOK_SETTLED_AT_INSERT_TOTAL).increment(settled as u64);
@@ -401,6 +399,9 @@ async fn write(pool: &AnyPool, group: Vec<Admission>) {
             }
         }
     }
+    for f in firsts {
+        f.ended();
+    }
 }
 
 fn answer(reply: Reply<Vec<String>>, rows: Vec<Prepared>, result: Result<Vec<String>, String>) {
@@ -419,7 +420,7 @@ async fn insert(pool: &AnyPool, rows: &[&serde_json::Value]) -> Result<Vec<Strin
          ins AS (INSERT INTO webhook_messages (id, tenant_id, webhook_id, event_id, conversation_id, event, seq, body, status, attempts, round_attempts, next_attempt_at_ms, lease_until_ms, last_status_code, last_error, created_at_ms, updated_at_ms) \
                  SELECT id, tenant_id, webhook_id, event_id, conversation_id, event, seq, body, status, attempts, attempts, next, lease, code, error, created, updated FROM v ON CONFLICT (id) DO NOTHING RETURNING id), \
          logged AS (INSERT INTO webhook_attempts (message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms) \
-                 SELECT v.id, 1, v.a_started, v.a_outcome, v.code, v.a_latency, v.error, v.a_next FROM v JOIN ins ON ins.id = v.id WHERE v.a_outcome IS NOT NULL) \
+                 SELECT v.id, 1, v.a_started, v.a_outcome, v.code, v.a_latency, v.error, v.a_next FROM v JOIN ins ON ins.id = v.id WHERE v.a_outcome IS NOT NULL ON CONFLICT (message_id, attempt) DO NOTHING) \
          SELECT id FROM ins",
     )
     .bind(serde_json::json!(rows).to_string())

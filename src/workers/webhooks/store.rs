@@ -600,7 +600,7 @@ impl MessageStore {
         if self.postgres {
             // One round trip: the attempt row and the message move together.
             sqlx::query(
-                "WITH logged AS (INSERT INTO webhook_attempts (message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (message_id, attempt) DO NOTHING) \
+                "WITH logged AS (INSERT INTO webhook_attempts (message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms) SELECT $1, $2, $3, $4, $5, $6, $7, $8 WHERE EXISTS (SELECT 1 FROM webhook_messages WHERE id = $1) ON CONFLICT (message_id, attempt) DO NOTHING) \
                  UPDATE webhook_messages SET status = $9, attempts = $2, round_attempts = $10, next_attempt_at_ms = $11, lease_until_ms = NULL, last_status_code = $5, last_error = $7, updated_at_ms = $12 WHERE id = $1",
             )
             .bind(m.id.clone())
@@ -621,7 +621,7 @@ impl MessageStore {
         }
         let mut tx = self.relaxed.begin().await?;
         sqlx::query(
-            "INSERT INTO webhook_attempts (message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (message_id, attempt) DO NOTHING",
+            "INSERT INTO webhook_attempts (message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms) SELECT $1, $2, $3, $4, $5, $6, $7, $8 WHERE EXISTS (SELECT 1 FROM webhook_messages WHERE id = $1) ON CONFLICT (message_id, attempt) DO NOTHING",
         )
         .bind(m.id.clone())
         .bind(attempt)
@@ -692,7 +692,7 @@ impl MessageStore {
         }
         sqlx::query(
             "WITH v AS (SELECT * FROM json_to_recordset($1::json) AS x(message_id text, attempt bigint, started_at_ms bigint, outcome text, status_code bigint, latency_ms bigint, error text, attempt_next bigint, status text, round_attempts bigint, next bigint)), \
-             logged AS (INSERT INTO webhook_attempts (message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms) SELECT message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, attempt_next FROM v ON CONFLICT (message_id, attempt) DO NOTHING) \
+             logged AS (INSERT INTO webhook_attempts (message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms) SELECT message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, attempt_next FROM v JOIN webhook_messages w ON w.id = v.message_id ON CONFLICT (message_id, attempt) DO NOTHING) \
              UPDATE webhook_messages SET status = v.status, attempts = v.attempt, round_attempts = v.round_attempts, next_attempt_at_ms = v.next, lease_until_ms = NULL, last_status_code = v.status_code, last_error = v.error, updated_at_ms = $2 FROM v WHERE webhook_messages.id = v.message_id",
         )
         .bind(serde_json::Value::Array(rows).to_string())
