@@ -1054,4 +1054,73 @@ mod log {
                 .expect("row");
         assert_eq!(status, "delivered");
     }
+
+    async fn due_of(prov: &Provisioning, id: &str) -> Option<i64> {
+        sqlx::query_scalar::<_, Option<i64>>(
+            "SELECT next_attempt_at_ms FROM webhook_messages WHERE id = $1",
+        )
+        .bind(id.to_string())
+        .fetch_one(prov.pool())
+        .await
+        .expect("row")
+    }
+
+    /// Replaying dead messages keeps a conversation's order: its FINISHED waits until its
+    /// STARTED is no longer pending, as when both were new.
+    #[tokio::test]
+    async fn a_replayed_finished_waits_for_its_started() {
+        let db = TestDb::create().await;
+        replayed_finished_waits(store(&db).await).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.db");
+        let prov = Provisioning::connect(&path.to_string_lossy(), &EncryptionKey::generate())
+            .await
+            .expect("provisioning on SQLite");
+        let store = MessageStore::new(prov.pool().clone(), prov.kind());
+        replayed_finished_waits((prov, store)).await;
+    }
+
+    async fn replayed_finished_waits((prov, store): (Provisioning, MessageStore)) {
+        let started = message();
+        let finished = NewMessage {
+            id: format!("{}-finished", started.id),
+            event: WebhookEvent::Finished,
+            ..started.clone()
+        };
+        let now = chrono::Utc::now().timestamp_millis();
+        for m in [&started, &finished] {
+            assert!(store.insert(m, now).await.expect("insert"));
+        }
+        sqlx::query("UPDATE webhook_messages SET status = 'dead', next_attempt_at_ms = NULL")
+            .execute(prov.pool())
+            .await
+            .expect("both dead");
+        let replayed = store
+            .replay_since(&started.tenant_id, &started.webhook_id, 0, now + 1)
+            .await
+            .expect("replay");
+        assert_eq!(replayed, 2);
+        assert_eq!(due_of(&prov, &started.id).await, Some(now + 1));
+        assert_eq!(due_of(&prov, &finished.id).await, None, "waits for STARTED");
+        assert!(store
+            .resend(
+                &finished.tenant_id,
+                &finished.webhook_id,
+                &finished.id,
+                now + 2
+            )
+            .await
+            .expect("resend"));
+        assert_eq!(due_of(&prov, &finished.id).await, None, "still waits");
+        store
+            .record(
+                &Claimed::first(started.clone()),
+                &delivered(),
+                After::Delivered,
+                now + 3,
+            )
+            .await
+            .expect("STARTED delivered");
+        assert_eq!(due_of(&prov, &finished.id).await, Some(now + 3), "released");
+    }
 }

@@ -455,6 +455,26 @@ impl MessageStore {
         Ok(())
     }
 
+    /// [`MessageStore::unblock`] for every conversation of one subscription: after messages
+    /// were queued again, which wait (NULL due time) like new ones while an earlier message of
+    /// their conversation is pending, so a FINISHED never goes beside its STARTED.
+    async fn unblock_webhook(
+        &self,
+        tenant_id: &str,
+        webhook_id: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(&format!(
+            "UPDATE webhook_messages SET next_attempt_at_ms = $3 WHERE tenant_id = $1 AND webhook_id = $2 AND {WAITING_AND_FREE}"
+        ))
+        .bind(tenant_id.to_string())
+        .bind(webhook_id.to_string())
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// [`MessageStore::unblock`] for every conversation: a sweep after crashes between a
     /// STARTED's outcome and its release; how many it made due.
     pub async fn unblock_all(&self, now_ms: i64) -> Result<u64, StoreError> {
@@ -839,7 +859,7 @@ impl MessageStore {
         now_ms: i64,
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "UPDATE webhook_messages SET status = 'pending', round_attempts = 0, next_attempt_at_ms = $4, updated_at_ms = $5 WHERE tenant_id = $1 AND webhook_id = $2 AND id = $3",
+            "UPDATE webhook_messages SET status = 'pending', round_attempts = 0, next_attempt_at_ms = CASE WHEN seq = 0 THEN CAST($4 AS BIGINT) END, updated_at_ms = $5 WHERE tenant_id = $1 AND webhook_id = $2 AND id = $3",
         )
         .bind(tenant_id.to_string())
         .bind(webhook_id.to_string())
@@ -848,6 +868,7 @@ impl MessageStore {
         .bind(now_ms)
         .execute(&self.pool)
         .await?;
+        self.unblock_webhook(tenant_id, webhook_id, now_ms).await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -861,7 +882,7 @@ impl MessageStore {
         now_ms: i64,
     ) -> Result<u64, StoreError> {
         let done = sqlx::query(
-            "UPDATE webhook_messages SET status = 'pending', round_attempts = 0, next_attempt_at_ms = $4, updated_at_ms = $5 WHERE tenant_id = $1 AND webhook_id = $2 AND created_at_ms >= $3 AND status IN ('failed', 'dead')",
+            "UPDATE webhook_messages SET status = 'pending', round_attempts = 0, next_attempt_at_ms = CASE WHEN seq = 0 THEN CAST($4 AS BIGINT) END, updated_at_ms = $5 WHERE tenant_id = $1 AND webhook_id = $2 AND created_at_ms >= $3 AND status IN ('failed', 'dead')",
         )
         .bind(tenant_id.to_string())
         .bind(webhook_id.to_string())
@@ -870,6 +891,7 @@ impl MessageStore {
         .bind(now_ms)
         .execute(&self.pool)
         .await?;
+        self.unblock_webhook(tenant_id, webhook_id, now_ms).await?;
         Ok(done.rows_affected())
     }
 
@@ -883,7 +905,7 @@ impl MessageStore {
         now_ms: i64,
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "UPDATE webhook_messages SET status = 'pending', round_attempts = 0, next_attempt_at_ms = $3, updated_at_ms = $4 WHERE id = $1 AND status = 'dead' AND attempts = $2",
+            "UPDATE webhook_messages SET status = 'pending', round_attempts = 0, next_attempt_at_ms = CASE WHEN seq = 0 THEN CAST($3 AS BIGINT) END, updated_at_ms = $4 WHERE id = $1 AND status = 'dead' AND attempts = $2",
         )
         .bind(m.id.clone())
         .bind(attempts)
@@ -892,6 +914,8 @@ impl MessageStore {
         .execute(&self.pool)
         .await?;
         if done.rows_affected() > 0 {
+            self.unblock(&self.pool, &m.tenant_id, &m.conversation_id, now_ms)
+                .await?;
             return Ok(true);
         }
         self.insert(m, now_ms).await
