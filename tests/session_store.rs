@@ -281,6 +281,15 @@ async fn transcript_positions_and_windows(t: TestStore) {
     assert_eq!(window[1].entry.text.as_deref(), Some("m3"));
     let tail = s.transcript(&t.tenant, "c1", 4, 10).await.expect("tail");
     assert_eq!(tail.iter().map(|e| e.position).collect::<Vec<_>>(), [4, 5]);
+    // No limit: the whole rest (the worker counts a closed chat's entries this way).
+    let unbounded = s
+        .transcript(&t.tenant, "c1", 2, usize::MAX)
+        .await
+        .expect("unbounded");
+    assert_eq!(
+        unbounded.iter().map(|e| e.position).collect::<Vec<_>>(),
+        [2, 3, 4, 5]
+    );
     assert!(s
         .transcript(&t.tenant, "c1", 6, 10)
         .await

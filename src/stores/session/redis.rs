@@ -486,12 +486,11 @@ impl SessionStore for RedisStore {
             return Ok(Vec::new());
         }
         let start = from.max(1) - 1;
-        let (Ok(start), Ok(stop)) = (
-            isize::try_from(start),
-            isize::try_from(start.saturating_add(max as u64) - 1),
-        ) else {
+        let Ok(start) = isize::try_from(start) else {
             return Ok(Vec::new());
         };
+        // A larger window than a list can hold means "to the end".
+        let stop = start.saturating_add(isize::try_from(max).unwrap_or(isize::MAX) - 1);
         let items: Vec<String> = self
             .conn()
             .lrange(self.key(tenant, "tx", conversation_id), start, stop)
