@@ -747,6 +747,22 @@ async fn bot_first_then_handoff_and_fallback_when_down() {
     .await;
     assert!(early.is_err(), "offered while with the bot: {early:?}");
 
+    // A send retried with its message id goes to the bot once: the bot answers once, and its
+    // next reply is to the next message.
+    for _ in 0..2 {
+        let r = http
+            .post(format!("{url}/nexus/v3/chat/sessions/{sid}/messages"))
+            .header("x-api-key", &tenant.api_key)
+            .header("x-nexus-client-key", &ck)
+            .json(&json!({"text": "again?", "message_id": "m-again"}))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 202);
+    }
+    let reply = ws_until(&mut customer, WAIT, from_bot).await;
+    assert_eq!(reply["text"], "Bot: again?");
+
     let r = http
         .post(format!("{url}/nexus/v3/chat/sessions/{sid}/messages"))
         .header("x-api-key", &tenant.api_key)
@@ -757,7 +773,10 @@ async fn bot_first_then_handoff_and_fallback_when_down() {
         .expect("send");
     assert_eq!(r.status(), 202);
     let reply = ws_until(&mut customer, WAIT, from_bot).await;
-    assert_eq!(reply["text"], "Passing you to a human.");
+    assert_eq!(
+        reply["text"], "Passing you to a human.",
+        "the retried send reached the bot twice"
+    );
     let offer = ws_until(&mut agent, WAIT, |v| v["type"] == "offer").await;
     assert_eq!(offer["conversation_id"], sid.as_str());
     assert_eq!(offer["user_data"]["intent"], "billing", "{offer}");

@@ -322,29 +322,44 @@ async fn append_is_idempotent(t: TestStore) {
         .append(&t.tenant, "c1", &message("e1", Some("m1"), "hello"))
         .await
         .expect("append");
-    assert_eq!((again.position, again.duplicate), (1, true));
-    // Another event carrying the same client message id.
+    assert_eq!(
+        (again.position, again.duplicate, again.retried),
+        (1, true, false)
+    );
+    // Another event carrying the same client message id: a retried send.
     let same_message = s
         .append(&t.tenant, "c1", &message("e3", Some("m1"), "hello again"))
         .await
         .expect("append");
-    assert_eq!((same_message.position, same_message.duplicate), (1, true));
+    assert_eq!(
+        (
+            same_message.position,
+            same_message.duplicate,
+            same_message.retried
+        ),
+        (1, true, true)
+    );
     let e2 = s
         .append(&t.tenant, "c1", &message("e2", None, "second"))
         .await
         .expect("append");
-    assert_eq!((e2.position, e2.duplicate), (2, true));
+    assert_eq!((e2.position, e2.duplicate, e2.retried), (2, true, false));
+    // Another sender's message with the same id is its own message.
+    let mut agents = message("e5", Some("m1"), "from the agent");
+    agents.from = party("agent-1", PartyKind::Agent);
+    let agents = s.append(&t.tenant, "c1", &agents).await.expect("append");
+    assert_eq!((agents.position, agents.duplicate), (3, false));
     let next = s
         .append(&t.tenant, "c1", &message("e4", Some("m2"), "third"))
         .await
         .expect("append");
-    assert_eq!((next.position, next.duplicate), (3, false));
+    assert_eq!((next.position, next.duplicate), (4, false));
     let all = s.transcript(&t.tenant, "c1", 1, 100).await.expect("all");
     assert_eq!(
         all.iter()
             .map(|e| e.entry.event_id.as_str())
             .collect::<Vec<_>>(),
-        ["e1", "e2", "e4"]
+        ["e1", "e2", "e5", "e4"]
     );
 }
 

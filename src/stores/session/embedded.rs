@@ -634,8 +634,11 @@ impl SessionStore for EmbeddedStore {
                 .open_table(ENTRY_IDS)
                 .map_err(storage("open entry ids"))?;
             let event_key = format!("e:{}", entry.event_id);
-            let message_key = entry.message_id.as_ref().map(|m| format!("m:{m}"));
-            for k in std::iter::once(&event_key).chain(message_key.as_ref()) {
+            let message_key = super::message_key(&entry);
+            for (i, k) in std::iter::once(&event_key)
+                .chain(message_key.as_ref())
+                .enumerate()
+            {
                 if let Some(p) = ids
                     .get((t, c, k.as_str()))
                     .map_err(storage("read entry id"))?
@@ -643,6 +646,7 @@ impl SessionStore for EmbeddedStore {
                     return Ok(Appended {
                         position: p.value(),
                         duplicate: true,
+                        retried: i == 1,
                     });
                 }
             }
@@ -672,6 +676,7 @@ impl SessionStore for EmbeddedStore {
             Ok(Appended {
                 position,
                 duplicate: false,
+                retried: false,
             })
         })
         .await

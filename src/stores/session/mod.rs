@@ -105,6 +105,18 @@ pub struct Appended {
     pub position: u64,
     /// The event or message id was already in the transcript at `position`.
     pub duplicate: bool,
+    /// Only the message id matched: another event appended this sender's message before (a
+    /// client's retried send), so that event's effects are done or under way.
+    pub retried: bool,
+}
+
+/// The key an entry's message id is remembered under: per sender, so one party's ids (a
+/// customer's are chosen freely) never match another's.
+pub(crate) fn message_key(entry: &NewEntry) -> Option<String> {
+    entry
+        .message_id
+        .as_ref()
+        .map(|m| format!("m:{}/{m}", entry.from.participant_id))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -46,7 +46,7 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 const RECONNECT_RETRIES: usize = 3;
 
 /// KEYS: tx, txids, conv. ARGV: event id, `m:<message id>` or "", the NewEntry JSON.
-/// Returns {position, duplicate 0/1}. New keys inherit the record's TTL once it expires.
+/// Returns {position, 0 new / 1 same event / 2 same message from another event}. New keys inherit the record's TTL once it expires.
 /// Compare-and-set of a conversation record on its `version`; KEEPTTL so a closed
 /// conversation written again keeps expiring. KEYS: conv. ARGV: expected version, JSON.
 const PUT_CONVERSATION: &str = r#"
@@ -63,7 +63,7 @@ local p = redis.call('HGET', KEYS[2], 'e:' .. ARGV[1])
 if p then return {tonumber(p), 1} end
 if ARGV[2] ~= '' then
   p = redis.call('HGET', KEYS[2], ARGV[2])
-  if p then return {tonumber(p), 1} end
+  if p then return {tonumber(p), 2} end
 end
 local pos = redis.call('LLEN', KEYS[1]) + 1
 local n = redis.call('RPUSH', KEYS[1], '{"position":' .. pos .. ',' .. string.sub(ARGV[3], 2))
@@ -452,11 +452,7 @@ impl SessionStore for RedisStore {
         entry: &NewEntry,
     ) -> Result<Appended, StoreError> {
         let json = serde_json::to_string(entry).map_err(|e| corrupt("entry", e))?;
-        let message = entry
-            .message_id
-            .as_ref()
-            .map(|m| format!("m:{m}"))
-            .unwrap_or_default();
+        let message = super::message_key(entry).unwrap_or_default();
         let (position, duplicate): (u64, u8) = self
             .scripts
             .append
@@ -471,7 +467,8 @@ impl SessionStore for RedisStore {
             .map_err(redis_err)?;
         Ok(Appended {
             position,
-            duplicate: duplicate == 1,
+            duplicate: duplicate > 0,
+            retried: duplicate == 2,
         })
     }
 

@@ -132,18 +132,34 @@ impl ConversationWorker {
         c: &Conversation,
         source: &Event,
         what: &str,
-        mut new: NewEntry,
+        new: NewEntry,
     ) -> Result<Entry, HandleError> {
+        Ok(self.store_send(c, source, what, new).await?.0)
+    }
+
+    /// [`Self::store_entry`] for a send carrying its sender's message id; `true` when another
+    /// event appended that message before (a client's retried send, under a new event id):
+    /// that event's effects (pushes, interaction event, bot turn) are its own, and the caller
+    /// repeats none of them. A redelivery of the same event is not such a case: it repeats
+    /// them under the same ids, which is how an effect cut short by a crash is completed.
+    async fn store_send(
+        &self,
+        c: &Conversation,
+        source: &Event,
+        what: &str,
+        mut new: NewEntry,
+    ) -> Result<(Entry, bool), HandleError> {
         new.event_id = crate::events::chat::derived_id(&source.envelope.event_id, what).to_string();
         let appended = self
             .store
             .append(&c.tenant_id, &c.conversation_id, &new)
             .await
             .map_err(store_failed)?;
-        Ok(Entry {
+        let stored = Entry {
             position: appended.position,
             entry: new,
-        })
+        };
+        Ok((stored, appended.retried))
     }
 
     /// The notify half of [`Self::append`]: the client event for the customer and watchers.
@@ -702,7 +718,11 @@ impl ConversationWorker {
             } else {
                 format!("{message_id}/{i}")
             });
-            let m = self.store_entry(&c, e, &what, new).await?;
+            let (m, retried) = self.store_send(&c, e, &what, new).await?;
+            if retried {
+                debug!(conversation_id = %c.conversation_id, message_id = %message_id, "a retried send; applied before");
+                return Ok(());
+            }
             if i == 0 {
                 // The sockets and the interaction stream are separate topics: published at
                 // once, each keeps its own per-conversation order.
@@ -741,10 +761,10 @@ impl ConversationWorker {
         original: Option<&ev::MessageReceived>,
     ) -> Step {
         let body = ev::MessageReceived {
-            message_id: m
-                .entry
-                .message_id
-                .clone()
+            // The edge's id, a UUID as the schema wants; the entry's may be the client's own
+            // (any string), which travels as `client_message_id`.
+            message_id: original
+                .map(|o| o.message_id.clone())
                 .unwrap_or_else(|| m.entry.event_id.clone()),
             client_message_id: original.and_then(|o| o.client_message_id.clone()),
             channel: Channel::WebChat,
@@ -796,7 +816,11 @@ impl ConversationWorker {
         };
         let mut new = entry(e, kind, from, b.text.clone());
         new.message_id = Some(b.message_id.clone());
-        let m = self.store_entry(&c, e, "message", new).await?;
+        let (m, retried) = self.store_send(&c, e, "message", new).await?;
+        if retried {
+            debug!(conversation_id = %c.conversation_id, "a retried send; applied before");
+            return Ok(());
+        }
         let body = ev::MessageSent {
             transcript_position: i64::try_from(m.position).ok(),
             ..b
