@@ -511,6 +511,74 @@ async fn lapsed_and_rejected_offers_go_to_the_next_agent() {
     }
 }
 
+/// An agent offered the same conversation a second time (here by a transfer by name, after
+/// letting the first offer lapse) can let that offer lapse too: it goes on to the next agent
+/// instead of staying offered to the one who never answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_offer_to_one_agent_lapses_like_the_first() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut env = base_env(dir.path());
+    env.push((
+        "NEXUS_WORKERS__CONVERSATION__OFFER_TIMEOUT_MS",
+        "1000".into(),
+    ));
+    let node = start_node(dir.path(), "dev", &["dev"], env).await;
+    let url = node.url.as_str();
+    let admin = Admin::new(url);
+    let tenant = provision_tenant(&admin).await;
+    let mut agents = Vec::new();
+    for name in ["first", "second", "third"] {
+        let (id, token) = provision_agent(&admin, &tenant, name, 1).await;
+        agents.push((id, agent_ready(url, &token).await));
+        // Each later one is less idle: offers go first, second, third.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = reqwest::Client::new()
+        .post(format!("{url}/nexus/v3/chat/sessions"))
+        .header("x-api-key", &tenant.api_key)
+        .json(&json!({"nickname": "Cy"}))
+        .send()
+        .await
+        .expect("start");
+    assert_eq!(r.status(), 201);
+    // First and second let their offers lapse; third accepts.
+    for (_, ws) in agents.iter_mut().take(2) {
+        ws_until(ws, WAIT, |v| v["type"] == "offer").await;
+        let lapsed = ws_until(ws, WAIT, |v| v["type"] == "offer_closed").await;
+        assert_eq!(lapsed["reason"], "TIMEOUT");
+    }
+    let third = &mut agents[2].1;
+    let offer = ws_until(third, WAIT, |v| v["type"] == "offer").await;
+    let sid = offer["conversation_id"].clone();
+    ws_send(
+        third,
+        json!({"op": "accept", "conversation_id": sid, "offer_id": offer["offer_id"]}),
+    )
+    .await;
+    ws_until(third, WAIT, |v| {
+        v["type"] == "state" && v["state"] == "connected"
+    })
+    .await;
+    // Third hands the chat to second by name; second lets it lapse again.
+    let second_id = agents[1].0.clone();
+    let third = &mut agents[2].1;
+    ws_send(
+        third,
+        json!({"op": "transfer", "conversation_id": sid, "agent_id": second_id}),
+    )
+    .await;
+    let second = &mut agents[1].1;
+    let again = ws_until(second, WAIT, |v| v["type"] == "offer").await;
+    assert_eq!(again["conversation_id"], sid);
+    let lapsed = ws_until(second, WAIT, |v| v["type"] == "offer_closed").await;
+    assert_eq!(lapsed["offer_id"], again["offer_id"]);
+    assert_eq!(lapsed["reason"], "TIMEOUT");
+    // The named target did not answer: the conversation's queue takes over, and first (the
+    // only one who has not declined it since the transfer) is offered it.
+    let next = ws_until(&mut agents[0].1, WAIT, |v| v["type"] == "offer").await;
+    assert_eq!(next["conversation_id"], sid);
+}
+
 /// Transfers: to a named agent (only that agent is offered), to another queue, and a refused
 /// transfer to a queue that does not exist; the customer sees who left and joined.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -171,6 +171,10 @@ pub struct Conversation {
 pub struct Routing {
     /// The current offer (to `offered_to`).
     pub offer_id: Option<String>,
+    /// Offers applied so far: numbers the next one, so no two offers of a conversation share
+    /// an id (a lapsed offer's rejection is deduplicated by it), transfers or not.
+    #[serde(default)]
+    pub offers: u32,
     /// The connected agent's display name (shown when they leave).
     #[serde(default)]
     pub agent_nickname: Option<String>,

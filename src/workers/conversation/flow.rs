@@ -38,7 +38,8 @@ pub(crate) fn secs_ms(s: u64) -> i64 {
 }
 
 /// The offer id of the `attempt`-th offer of a conversation to an agent: the same for a
-/// retried dispatch, so a duplicate offer is recognised.
+/// retried dispatch, so a duplicate offer is recognised, and never the id of an earlier offer
+/// (attempts count every offer applied, [`Routing::offers`]).
 pub(crate) fn offer_id(conversation_id: &str, agent_id: &str, attempt: usize) -> String {
     let name = format!("{conversation_id}/offer/{agent_id}/{attempt}");
     Uuid::new_v5(&Uuid::NAMESPACE_OID, name.as_bytes()).to_string()
@@ -406,7 +407,7 @@ impl ConversationWorker {
         else {
             return Ok(false);
         };
-        let attempt = c.declined_by.len() + 1;
+        let attempt = c.routing.offers as usize + 1;
         let offer = ev::AgentOffered {
             offer_id: offer_id(&c.conversation_id, &agent, attempt),
             agent_id: agent.clone(),
@@ -569,6 +570,7 @@ impl ConversationWorker {
         c.state = ConversationState::Offered;
         c.offered_to = Some(b.agent_id.clone());
         c.routing.offer_id = Some(b.offer_id.clone());
+        c.routing.offers = c.routing.offers.saturating_add(1);
         if let Some(queue) = &c.queue_id {
             self.store
                 .dequeue(tenant, queue, &c.conversation_id)
