@@ -22,7 +22,7 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// directory holding the logs.
 struct System {
     _nodes: Vec<Node>,
-    _nats: OwnNats,
+    nats: OwnNats,
     _db: TestDb,
     _dir: tempfile::TempDir,
     url: String,
@@ -51,7 +51,7 @@ async fn system() -> System {
     nodes.push(edge);
     System {
         _dir: dir,
-        _nats: nats,
+        nats,
         _db: db,
         _nodes: nodes,
         url,
@@ -256,4 +256,101 @@ async fn capacity_holds_while_offers_race_across_workers() {
         "the new offer is a waiting chat"
     );
     assert!(customers.iter().any(|c| c.sid == next));
+}
+
+/// A customer leaving while the agent completes (the inbound and the agent topic, handled at
+/// once by two workers): each conversation closes once, with one ConversationClosed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_closes_close_a_conversation_once() {
+    const AGENTS: usize = 3;
+    const CAPACITY: u32 = 4;
+    let _serial = SERIAL.lock().await;
+    let sys = system().await;
+    let admin = Admin::new(&sys.url);
+    let tenant = provision_tenant(&admin).await;
+    let http = reqwest::Client::new();
+    let mut agents = Vec::new();
+    let mut tokens = Vec::new();
+    for i in 0..AGENTS {
+        let (_, token) = provision_agent(&admin, &tenant, &format!("agent {i}"), CAPACITY).await;
+        agents.push(agent_ready(&sys.url, &token).await);
+        tokens.push(token);
+    }
+    let chats = AGENTS * CAPACITY as usize;
+    let customers: Vec<Customer> =
+        join_all((0..chats).map(|n| start_chat(&http, &sys.url, &tenant.api_key, n))).await;
+    let held = join_all(
+        agents
+            .iter_mut()
+            .map(|ws| accept_until(ws, CAPACITY as usize)),
+    )
+    .await;
+    let owner: HashMap<&str, &str> = held
+        .iter()
+        .zip(&tokens)
+        .flat_map(|(mine, token)| mine.iter().map(move |c| (c.as_str(), token.as_str())))
+        .collect();
+    assert_eq!(owner.len(), chats);
+    // Both closes of every chat at once.
+    let closes = customers.iter().map(|c| {
+        let (http, url, key) = (http.clone(), sys.url.clone(), tenant.api_key.clone());
+        let token = owner[c.sid.as_str()].to_string();
+        async move {
+            let leave = http
+                .post(format!("{url}/nexus/v3/chat/sessions/{}/disconnect", c.sid))
+                .header("x-api-key", &key)
+                .header("x-nexus-client-key", &c.key)
+                .send();
+            let complete = http
+                .post(format!("{url}/v1/agent/conversations/{}/complete", c.sid))
+                .bearer_auth(&token)
+                .json(&json!({"disposition": "done"}))
+                .send();
+            let (leave, complete) = futures::join!(leave, complete);
+            (
+                leave.expect("disconnect").status().as_u16(),
+                complete.expect("complete").status().as_u16(),
+            )
+        }
+    });
+    for (leave, complete) in join_all(closes).await {
+        // The later of the two may find the chat closed already (409).
+        assert!(matches!(leave, 202 | 409), "disconnect answered {leave}");
+        assert!(
+            matches!(complete, 202 | 409),
+            "complete answered {complete}"
+        );
+    }
+    let mut config = common::bus_config("jetstream", None);
+    config.url = sys.nats.url.clone();
+    let bus = nexus::bus::connect(&config).await.expect("bus");
+    let count = || async {
+        let mut closed: HashMap<String, usize> = HashMap::new();
+        for p in bus
+            .partition_offsets("nexus.interaction.v1")
+            .await
+            .expect("offsets")
+        {
+            for m in bus
+                .read("nexus.interaction.v1", p.partition, p.low, 100_000)
+                .await
+                .expect("read")
+            {
+                let e = nexus::events::decode(&m.payload).expect("decode");
+                if e.envelope.event_type == "ConversationClosed" {
+                    *closed.entry(e.envelope.conversation_id).or_default() += 1;
+                }
+            }
+        }
+        closed
+    };
+    eventually(WAIT, "every chat closed", || async {
+        (count().await.len() == chats).then_some(())
+    })
+    .await;
+    // Time for a second close, had one been on its way.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let closed = count().await;
+    let twice: Vec<_> = closed.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "closed more than once: {twice:?}");
 }

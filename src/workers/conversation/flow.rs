@@ -81,6 +81,14 @@ fn entry(source: &Event, kind: EntryKind, from: Party, text: Option<String>) -> 
     }
 }
 
+/// Whether `e` is the event that closed `c`: the last one applied to it (nothing is applied to
+/// a closed record after its close).
+fn closed_by(c: &Conversation, e: &Event) -> bool {
+    c.state == ConversationState::Closed
+        && c.routing.applied.last().map(String::as_str)
+            == Some(e.envelope.event_id.to_string().as_str())
+}
+
 /// Agents who see the conversation's transcript: the connected one and its consultant.
 fn watchers(c: &Conversation) -> Vec<String> {
     c.agent_id
@@ -189,6 +197,11 @@ impl ConversationWorker {
                 .was_applied(&e.envelope.event_id.to_string())
             {
                 warn!(conversation_id = %e.envelope.conversation_id, "a second request for an existing conversation; ignored");
+            } else if closed_by(&existing, e) {
+                // Closed at once (no route) and redelivered: the close may not have been told.
+                return self
+                    .announce_close(&existing, e, ev::CloseReason::System, None, Vec::new())
+                    .await;
             }
             return Ok(());
         }
@@ -900,21 +913,22 @@ impl ConversationWorker {
     }
 
     pub(super) async fn on_customer_left(&self, e: &Event, b: ev::ParticipantLeft) -> Step {
-        let Some(mut c) = self.open_conversation(e).await? else {
-            return Ok(());
-        };
-        let left = entry(e, EntryKind::ParticipantLeft, c.customer.clone(), None);
-        self.append(&c, e, "left", left).await?;
         let reason = if b.reason == ev::LeftReason::Timeout {
             ev::CloseReason::IdleTimeout
         } else {
             ev::CloseReason::CustomerLeft
         };
+        let Some(mut c) = self.closing(e, reason, Some(&b.participant_id)).await? else {
+            return Ok(());
+        };
+        let left = entry(e, EntryKind::ParticipantLeft, c.customer.clone(), None);
+        self.append(&c, e, "left", left).await?;
         self.close(&mut c, e, reason, Some(b.participant_id)).await
     }
 
     pub(super) async fn on_completed(&self, e: &Event, b: ev::ConversationCompleted) -> Step {
-        let Some(mut c) = self.open_conversation(e).await? else {
+        let completed = ev::CloseReason::AgentCompleted;
+        let Some(mut c) = self.closing(e, completed, Some(&b.participant_id)).await? else {
             return Ok(());
         };
         if c.routing.consultant.as_deref() == Some(b.agent_id.as_str()) {
@@ -954,13 +968,8 @@ impl ConversationWorker {
         )
         .await?;
         c.user_data.extend(b.user_data.clone());
-        self.close(
-            &mut c,
-            e,
-            ev::CloseReason::AgentCompleted,
-            Some(b.participant_id),
-        )
-        .await
+        self.close(&mut c, e, completed, Some(b.participant_id))
+            .await
     }
 
     /// A connected agent hands the conversation to a queue or a named agent: the agent leaves,
@@ -1404,9 +1413,31 @@ impl ConversationWorker {
                 .await
                 .map_err(store_failed)?;
         }
+        // Saved before it is announced: of two closes racing (a customer leaving while the
+        // agent completes), only the one whose save wins tells anyone, so a conversation has
+        // one ConversationClosed. A close cut short after its save is announced on redelivery
+        // (see `closing`).
+        let reason_text = serde_json::to_value(reason).unwrap_or_default();
+        c.state = ConversationState::Closed;
+        c.closed_reason = reason_text.as_str().map(str::to_string);
+        c.offered_to = None;
+        self.save(c, e).await?;
+        self.announce_close(c, e, reason, by, agents).await
+    }
+
+    /// Tells the interaction stream and the sockets that `c` closed, and lets its record
+    /// expire. Ids derive from `e`: a repeat publishes the same events.
+    async fn announce_close(
+        &self,
+        c: &Conversation,
+        e: &Event,
+        reason: ev::CloseReason,
+        by: Option<String>,
+        agents: Vec<String>,
+    ) -> Step {
         let length = self
             .store
-            .transcript(&tenant, &c.conversation_id, 1, usize::MAX)
+            .transcript(&c.tenant_id, &c.conversation_id, 1, usize::MAX)
             .await
             .map_err(store_failed)?
             .len();
@@ -1434,18 +1465,42 @@ impl ConversationWorker {
             &client,
         )
         .await?;
-        c.state = ConversationState::Closed;
-        c.closed_reason = reason_text.as_str().map(str::to_string);
-        c.offered_to = None;
-        self.save(c, e).await?;
         self.store
             .expire_conversation(
-                &tenant,
+                &c.tenant_id,
                 &c.conversation_id,
                 std::time::Duration::from_secs(self.config.closed_retention_s),
             )
             .await
             .map_err(store_failed)
+    }
+
+    /// The open conversation a closing event applies to, like [`Self::open_conversation`];
+    /// when this same event already closed it (a redelivery after the save), the close is
+    /// announced again instead, in case the first delivery was cut short before that.
+    async fn closing(
+        &self,
+        e: &Event,
+        reason: ev::CloseReason,
+        by: Option<&str>,
+    ) -> Result<Option<Conversation>, HandleError> {
+        let id = e.envelope.event_id.to_string();
+        match self.load(e).await? {
+            Some(c) if closed_by(&c, e) => {
+                let agents = watchers(&c)
+                    .into_iter()
+                    .chain(c.routing.consult_invited.iter().cloned())
+                    .collect();
+                self.announce_close(&c, e, reason, by.map(str::to_string), agents)
+                    .await?;
+                Ok(None)
+            }
+            Some(c) if c.state == ConversationState::Closed || c.routing.was_applied(&id) => {
+                debug!(conversation_id = %c.conversation_id, event_type = %e.envelope.event_type, "conversation closed or event applied; dropped");
+                Ok(None)
+            }
+            other => Ok(other),
+        }
     }
 
     async fn release(&self, tenant: &str, agent: &str, e: &Event) -> Step {
