@@ -140,19 +140,25 @@ fn v2_message(e: &Entry) -> Option<Value> {
     }))
 }
 
+/// Most entries one v2 answer carries.
+const V2_PAGE: usize = 1000;
+
 /// The common answer: messages after `from`, the next position, whether the chat ended.
 async fn answer(state: &AppState, c: &Claims, from: u64, extra: Value) -> Answer {
-    let entries = state
-        .sessions()?
-        .transcript(&c.tid, &c.sid, from, 1000)
-        .await
-        .map_err(|e| ApiError::unavailable(e.to_string()))?;
-    let ended = state
+    // The record first (see v3's `read_transcript`); a poller stops at `chatEnded`, so it is
+    // said only once the page holds the transcript's end.
+    let closed = state
         .sessions()?
         .conversation(&c.tid, &c.sid)
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?
         .is_some_and(|r| r.state == ConversationState::Closed);
+    let entries = state
+        .sessions()?
+        .transcript(&c.tid, &c.sid, from, V2_PAGE)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let ended = closed && entries.len() < V2_PAGE;
     let next = entries.last().map(|e| e.position + 1).unwrap_or(from);
     let mut body = json!({
         "statusCode": 0,

@@ -593,17 +593,19 @@ pub(crate) async fn read_transcript(
     from: u64,
     limit: usize,
 ) -> Result<(Vec<Value>, u64, bool), ApiError> {
-    let entries = state
-        .sessions()?
-        .transcript(tenant, conversation_id, from.max(1), limit)
-        .await
-        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    // The record first: the worker appends a close's last entries before it saves the record
+    // closed, so an answer saying "ended" holds them.
     let ended = state
         .sessions()?
         .conversation(tenant, conversation_id)
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?
         .is_some_and(|c| c.state == ConversationState::Closed);
+    let entries = state
+        .sessions()?
+        .transcript(tenant, conversation_id, from.max(1), limit)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
     let next = entries
         .last()
         .map(|e| e.position + 1)
