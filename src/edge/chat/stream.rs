@@ -67,6 +67,10 @@ pub(crate) struct Resumable {
     /// Last transcript position sent.
     last: u64,
     queue: VecDeque<(Option<u64>, Arc<str>)>,
+    /// The live feed skipped ahead (a gap, or lagged): the store is read before the next live
+    /// push. Kept in the feed rather than in `next`'s stack, because the socket loop drops a
+    /// pending `next` whenever the client sends a frame.
+    behind: bool,
 }
 
 impl Resumable {
@@ -79,6 +83,7 @@ impl Resumable {
             feed,
             last: from.max(1) - 1,
             queue: VecDeque::new(),
+            behind: false,
         }
     }
 
@@ -104,30 +109,36 @@ impl Resumable {
     }
 
     /// The next thing to send: (transcript position if any, JSON text). `None` once the hub
-    /// is gone (shutdown).
+    /// is gone (shutdown) or the store cannot be read. Cancel-safe: dropped while pending,
+    /// it loses nothing (the socket loop does that whenever the client sends a frame).
     pub(crate) async fn next(&mut self) -> Option<(Option<u64>, Arc<str>)> {
         loop {
             if let Some(item) = self.queue.pop_front() {
                 return Some(item);
             }
+            if self.behind {
+                // Each page moves `last` and the queue together, so a catch-up cut short
+                // resumes where it stopped.
+                if self.catch_up().await.is_err() {
+                    return None;
+                }
+                self.behind = false;
+                continue;
+            }
             match self.feed.rx.recv().await {
                 Ok(push) => {
-                    if let Some(item) = self.accept(&push).await {
+                    if let Some(item) = self.accept(&push) {
                         return Some(item);
                     }
                 }
                 // Fell behind the live buffer: the store has everything, read it from there.
-                Err(RecvError::Lagged(_)) => {
-                    if self.catch_up().await.is_err() {
-                        return None;
-                    }
-                }
+                Err(RecvError::Lagged(_)) => self.behind = true,
                 Err(RecvError::Closed) => return None,
             }
         }
     }
 
-    async fn accept(&mut self, push: &Push) -> Option<(Option<u64>, Arc<str>)> {
+    fn accept(&mut self, push: &Push) -> Option<(Option<u64>, Arc<str>)> {
         if push.kind != ClientEventKind::Transcript {
             return Some((None, push.data.clone()));
         }
@@ -136,11 +147,10 @@ impl Resumable {
             return None; // already sent from the backlog or a duplicate delivery
         }
         if position > self.last + 1 {
-            // A gap (a push lost or arriving before an earlier one): the store fills it.
-            if self.catch_up().await.is_err() {
-                return None;
-            }
-            return self.queue.pop_front();
+            // A gap (a push lost or arriving before an earlier one): the store fills it, this
+            // entry included (the worker appends an entry before it pushes it).
+            self.behind = true;
+            return None;
         }
         self.last = position;
         Some((Some(position), push.data.clone()))
