@@ -1575,6 +1575,65 @@ async fn webhook_subscriptions_secrets_and_target_policy(backend: Backend) {
     h.finish().await;
 }
 
+/// Two admins patching different fields of one object at once both keep their change: a key
+/// disabled while someone renames it stays disabled, a webhook likewise.
+async fn concurrent_patches_of_different_fields_both_stay(backend: Backend) {
+    let h = harness(backend).await;
+    let t = h.tenant("acme").await;
+    let keys = format!("/v1/admin/tenants/{t}/api-keys");
+    let key = id(&h
+        .create(&keys, json!({"name": "widget", "permissions": ["chat"]}))
+        .await);
+    let hooks = format!("/v1/admin/tenants/{t}/webhooks");
+    let hook = id(&h
+        .create(
+            &hooks,
+            json!({"url": "https://hooks.example.com/a", "format": "standard"}),
+        )
+        .await);
+    let patch = |path: String, body: Value| {
+        let h = &h;
+        async move {
+            let (status, v, _) = h
+                .send(
+                    Method::PATCH,
+                    &path,
+                    Some(TOKEN),
+                    Some(Body::from(body.to_string())),
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{v}");
+        }
+    };
+    for i in 0..10 {
+        for (object, other) in [
+            (
+                format!("{keys}/{key}"),
+                json!({"name": format!("widget {i}")}),
+            ),
+            (
+                format!("{hooks}/{hook}"),
+                json!({"url": format!("https://hooks.example.com/{i}")}),
+            ),
+        ] {
+            patch(object.clone(), json!({"enabled": true})).await;
+            futures::join!(
+                patch(object.clone(), json!({"enabled": false})),
+                patch(object.clone(), other.clone()),
+            );
+            let (_, now, _) = h.send(Method::GET, &object, Some(TOKEN), None).await;
+            assert_eq!(
+                now["enabled"], false,
+                "round {i}: the disable was undone: {now}"
+            );
+            for (field, value) in other.as_object().expect("object") {
+                assert_eq!(&now[field], value, "round {i}: {now}");
+            }
+        }
+    }
+    h.finish().await;
+}
+
 macro_rules! on_both_backends {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -1598,4 +1657,5 @@ on_both_backends!(
     agent_tokens_authenticate_and_rotate,
     routing_rules_in_priority_order,
     tenant_isolation_on_every_endpoint,
+    concurrent_patches_of_different_fields_both_stay,
 );

@@ -7,7 +7,7 @@ use super::models::{
     self, Agent, AgentPatch, AgentToken, CreatedAgent, NewAgent, Page, PageRequest,
 };
 use super::secrets::{self, AGENT_TOKEN_PREFIX};
-use super::sql::{self, get, get_json, Keyed};
+use super::sql::{self, get, get_json, Keyed, Set};
 use super::{AuthError, Object, Provisioning, ProvisioningError};
 
 const SELECT: &str = "SELECT id, tenant_id, name, skills, capacity, created_at_ms FROM agents";
@@ -98,28 +98,25 @@ impl Provisioning {
         id: &str,
         patch: AgentPatch,
     ) -> Result<Agent, ProvisioningError> {
-        let mut agent = self.agent(tenant_id, id).await?;
-        if let Some(name) = &patch.name {
-            agent.name = models::name("name", name)?;
+        let agent = self.agent(tenant_id, id).await?;
+        let mut sets = Vec::new();
+        let mut name = agent.name;
+        if let Some(new) = &patch.name {
+            name = models::name("name", new)?;
+            sets.push(("name", Set::Text(Some(name.clone()))));
         }
         if let Some(skills) = &patch.skills {
-            agent.skills = models::skills("skills", skills)?;
+            let skills = models::skills("skills", skills)?;
+            sets.push(("skills", Set::Text(Some(sql::to_json(&skills)))));
         }
         if let Some(capacity) = &patch.capacity {
-            agent.capacity = models::capacity(capacity)?;
+            let capacity = models::capacity(capacity)?;
+            sets.push(("capacity", Set::Text(Some(sql::to_json(&capacity)))));
         }
-        sqlx::query(
-            "UPDATE agents SET name = $3, skills = $4, capacity = $5 WHERE tenant_id = $1 AND id = $2",
-        )
-        .bind(agent.tenant_id.clone())
-        .bind(agent.id.clone())
-        .bind(agent.name.clone())
-        .bind(sql::to_json(&agent.skills))
-        .bind(sql::to_json(&agent.capacity))
-        .execute(&self.pool)
-        .await
-        .map_err(|e| sql::write_error(e, duplicate(&agent.name), String::new))?;
-        Ok(agent)
+        sql::patch(&self.pool, "agents", tenant_id, id, sets, &[])
+            .await
+            .map_err(|e| sql::write_error(e, duplicate(&name), String::new))?;
+        self.agent(tenant_id, id).await
     }
 
     pub async fn delete_agent(&self, tenant_id: &str, id: &str) -> Result<(), ProvisioningError> {

@@ -8,7 +8,7 @@ use super::models::{
     self, ApiKey, ApiKeyGrant, ApiKeyPatch, CreatedApiKey, NewApiKey, Page, PageRequest,
 };
 use super::secrets::{self, API_KEY_PREFIX};
-use super::sql::{self, get, get_json, Keyed};
+use super::sql::{self, get, get_json, Keyed, Set};
 use super::{AuthError, Object, Provisioning, ProvisioningError};
 
 const SELECT: &str =
@@ -102,35 +102,27 @@ impl Provisioning {
         id: &str,
         patch: ApiKeyPatch,
     ) -> Result<ApiKey, ProvisioningError> {
-        let mut key = self.api_key(tenant_id, id).await?;
+        self.api_key(tenant_id, id).await?;
+        let mut sets = Vec::new();
         if let Some(name) = &patch.name {
-            key.name = models::name("name", name)?;
+            sets.push(("name", Set::Text(Some(models::name("name", name)?))));
         }
         if let Some(permissions) = &patch.permissions {
-            key.permissions = models::permissions(permissions)?;
+            let permissions = models::permissions(permissions)?;
+            sets.push(("permissions", Set::Text(Some(sql::to_json(&permissions)))));
         }
         if let Some(enabled) = patch.enabled {
-            key.enabled = enabled;
+            sets.push(("enabled", Set::Int(Some(sql::flag(enabled)))));
         }
         if let Some(expires) = patch.expires_at_ms {
-            key.expires_at_ms = models::expiry(expires)?;
+            sets.push(("expires_at_ms", Set::Int(models::expiry(expires)?)));
         }
-        sqlx::query(
-            "UPDATE api_keys SET name = $3, permissions = $4, enabled = $5, expires_at_ms = $6 \
-             WHERE tenant_id = $1 AND id = $2",
-        )
-        .bind(key.tenant_id.clone())
-        .bind(key.id.clone())
-        .bind(key.name.clone())
-        .bind(sql::to_json(&key.permissions))
-        .bind(sql::flag(key.enabled))
-        .bind(key.expires_at_ms)
-        .execute(&self.pool)
-        .await
-        .map_err(sql::unavailable)?;
+        sql::patch(&self.pool, "api_keys", tenant_id, id, sets, &[])
+            .await
+            .map_err(sql::unavailable)?;
         // After the write: a lookup racing the update cannot re-cache the old row.
         self.auth_cache.clear();
-        Ok(key)
+        self.api_key(tenant_id, id).await
     }
 
     pub async fn delete_api_key(&self, tenant_id: &str, id: &str) -> Result<(), ProvisioningError> {

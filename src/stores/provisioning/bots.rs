@@ -6,7 +6,7 @@ use sqlx::any::AnyRow;
 
 use super::models::{self, BotEndpoint, BotPatch, BotToken, CreatedBot, NewBot, Page, PageRequest};
 use super::secrets::{self, BOT_TOKEN_PREFIX};
-use super::sql::{self, get, Keyed};
+use super::sql::{self, get, Keyed, Set};
 use super::{AuthError, Object, Provisioning, ProvisioningError};
 
 const SELECT: &str = "SELECT id, tenant_id, name, url, created_at_ms FROM bots";
@@ -137,44 +137,25 @@ impl Provisioning {
         id: &str,
         patch: BotPatch,
     ) -> Result<BotEndpoint, ProvisioningError> {
-        let mut bot = self.bot(tenant_id, id).await?;
-        if let Some(name) = &patch.name {
-            bot.name = models::name("name", name)?;
+        let bot = self.bot(tenant_id, id).await?;
+        let mut sets = Vec::new();
+        let mut name = bot.name;
+        if let Some(new) = &patch.name {
+            name = models::name("name", new)?;
+            sets.push(("name", Set::Text(Some(name.clone()))));
         }
         if let Some(url) = &patch.url {
-            bot.url = models::url(url)?;
+            sets.push(("url", Set::Text(Some(models::url(url)?))));
         }
-        let conflict = |e| sql::write_error(e, duplicate(&bot.name), referenced);
-        match &patch.credential {
-            Some(credential) => {
-                models::credential(credential)?;
-                let sealed = self
-                    .cipher
-                    .encrypt(credential, &aad(&bot.tenant_id, &bot.id));
-                sqlx::query(
-                    "UPDATE bots SET name = $3, url = $4, credential = $5 WHERE tenant_id = $1 AND id = $2",
-                )
-                .bind(bot.tenant_id.clone())
-                .bind(bot.id.clone())
-                .bind(bot.name.clone())
-                .bind(bot.url.clone())
-                .bind(sealed)
-                .execute(&self.pool)
-                .await
-                .map_err(conflict)?;
-            }
-            None => {
-                sqlx::query("UPDATE bots SET name = $3, url = $4 WHERE tenant_id = $1 AND id = $2")
-                    .bind(bot.tenant_id.clone())
-                    .bind(bot.id.clone())
-                    .bind(bot.name.clone())
-                    .bind(bot.url.clone())
-                    .execute(&self.pool)
-                    .await
-                    .map_err(conflict)?;
-            }
+        if let Some(credential) = &patch.credential {
+            models::credential(credential)?;
+            let sealed = self.cipher.encrypt(credential, &aad(tenant_id, id));
+            sets.push(("credential", Set::Text(Some(sealed))));
         }
-        Ok(bot)
+        sql::patch(&self.pool, "bots", tenant_id, id, sets, &[])
+            .await
+            .map_err(|e| sql::write_error(e, duplicate(&name), referenced))?;
+        self.bot(tenant_id, id).await
     }
 
     /// Deletes the bot; refused (conflict) while a routing rule points at it.

@@ -66,6 +66,49 @@ pub(super) fn flag(value: bool) -> i64 {
     i64::from(value)
 }
 
+/// A new column value for [`patch`].
+pub(super) enum Set {
+    Text(Option<String>),
+    Int(Option<i64>),
+}
+
+/// Writes only the given columns of one tenant's row (`fixed`: constant assignments such as
+/// `"x = NULL"`, never input). Two patches of different fields that race both stay; writing
+/// back a whole row read earlier would let the later one undo the other (re-enable a key
+/// another admin just disabled). No columns: nothing is written.
+pub(super) async fn patch(
+    pool: &AnyPool,
+    table: &str,
+    tenant_id: &str,
+    id: &str,
+    sets: Vec<(&str, Set)>,
+    fixed: &[&str],
+) -> Result<(), sqlx::Error> {
+    if sets.is_empty() && fixed.is_empty() {
+        return Ok(());
+    }
+    let assignments: Vec<String> = sets
+        .iter()
+        .enumerate()
+        .map(|(i, (column, _))| format!("{column} = ${}", i + 3))
+        .chain(fixed.iter().map(|f| f.to_string()))
+        .collect();
+    let text = format!(
+        "UPDATE {table} SET {} WHERE tenant_id = $1 AND id = $2",
+        assignments.join(", ")
+    );
+    let mut query = sqlx::query(&text)
+        .bind(tenant_id.to_string())
+        .bind(id.to_string());
+    for (_, value) in sets {
+        query = match value {
+            Set::Text(v) => query.bind(v),
+            Set::Int(v) => query.bind(v),
+        };
+    }
+    query.execute(pool).await.map(|_| ())
+}
+
 /// Something listed by id.
 pub(super) trait Keyed {
     fn key(&self) -> &str;

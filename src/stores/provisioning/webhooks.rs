@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 
 use super::models::{self, invalid, Page, PageRequest};
-use super::sql::{self, get, get_json, Keyed};
+use super::sql::{self, get, get_json, Keyed, Set};
 use super::{Object, Provisioning, ProvisioningError};
 
 /// Prefix of Standard Webhooks secrets.
@@ -423,38 +423,32 @@ impl Provisioning {
         id: &str,
         patch: WebhookPatch,
     ) -> Result<Webhook, ProvisioningError> {
-        let mut webhook = self.webhook(tenant_id, id).await?;
+        self.webhook(tenant_id, id).await?;
+        let mut sets = Vec::new();
         if let Some(url) = &patch.url {
-            webhook.url = models::url(url)?;
+            sets.push(("url", Set::Text(Some(models::url(url)?))));
         }
         if let Some(events) = &patch.events {
-            webhook.events = filter("events", events)?;
+            let events = filter("events", events)?;
+            sets.push(("events", Set::Text(Some(sql::to_json(&events)))));
         }
         if let Some(media) = &patch.media {
-            webhook.media = filter("media", media)?;
+            let media = filter("media", media)?;
+            sets.push(("media", Set::Text(Some(sql::to_json(&media)))));
         }
-        let reenabled = patch.enabled == Some(true);
         if let Some(enabled) = patch.enabled {
-            webhook.enabled = enabled;
+            sets.push(("enabled", Set::Int(Some(sql::flag(enabled)))));
         }
-        if reenabled {
-            webhook.disabled_reason = None;
-        }
-        sqlx::query(
-            "UPDATE webhooks SET url = $3, events = $4, media = $5, enabled = $6, disabled_reason = $7, failing_since_ms = CASE WHEN $8 = 1 THEN NULL ELSE failing_since_ms END WHERE tenant_id = $1 AND id = $2",
-        )
-        .bind(webhook.tenant_id.clone())
-        .bind(webhook.id.clone())
-        .bind(webhook.url.clone())
-        .bind(sql::to_json(&webhook.events))
-        .bind(sql::to_json(&webhook.media))
-        .bind(sql::flag(webhook.enabled))
-        .bind(webhook.disabled_reason.clone())
-        .bind(sql::flag(reenabled))
-        .execute(&self.pool)
-        .await
-        .map_err(sql::unavailable)?;
-        Ok(webhook)
+        // Enabling clears why it was disabled and the failure clock.
+        let fixed: &[&str] = if patch.enabled == Some(true) {
+            &["disabled_reason = NULL", "failing_since_ms = NULL"]
+        } else {
+            &[]
+        };
+        sql::patch(&self.pool, "webhooks", tenant_id, id, sets, fixed)
+            .await
+            .map_err(sql::unavailable)?;
+        self.webhook(tenant_id, id).await
     }
 
     /// Deletes the subscription and its delivery log, in one transaction.
