@@ -28,6 +28,16 @@ pub(crate) const IDLE_TIMER: &str = "idle";
 /// Async chat: the grace after the notice ran out (the conversation closes).
 pub(crate) const IDLE_CLOSE_TIMER: &str = "idle_close";
 
+/// The earliest a timer armed by a handler may fire, from now: handlers arm timers before they
+/// save the record (so a crash between the two leaves a timer, never a record without one),
+/// and a timer fired before that save would find the old record, act on nothing and be done.
+/// Due times come from event times, which for an event handled late are already past.
+const TIMER_FLOOR_MS: i64 = 1_000;
+
+fn not_before_save(due_ms: i64) -> i64 {
+    due_ms.max(chrono::Utc::now().timestamp_millis() + TIMER_FLOOR_MS)
+}
+
 /// How long an offer waits for its conversation's record before it is dropped.
 const OFFER_WAITS_FOR_CONVERSATION_MS: i64 = 60_000;
 
@@ -353,7 +363,7 @@ impl ConversationWorker {
         }
         let due = c.last_activity_ms + secs_ms(self.config.idle_timeout_s);
         self.store
-            .schedule(&self.timer(IDLE_TIMER, c), due)
+            .schedule(&self.timer(IDLE_TIMER, c), not_before_save(due))
             .await
             .map_err(store_failed)
     }
@@ -388,7 +398,7 @@ impl ConversationWorker {
                         tenant_id: c.tenant_id.clone(),
                         id: c.conversation_id.clone(),
                     },
-                    due,
+                    not_before_save(due),
                 )
                 .await
                 .map_err(store_failed)?;
@@ -591,7 +601,7 @@ impl ConversationWorker {
                 .map_err(store_failed)?;
         }
         self.store
-            .schedule(&self.timer(OFFER_TIMER, &c), b.expires_at)
+            .schedule(&self.timer(OFFER_TIMER, &c), not_before_save(b.expires_at))
             .await
             .map_err(store_failed)?;
         let offer = json!({
@@ -615,7 +625,18 @@ impl ConversationWorker {
             return Ok(());
         };
         if c.routing.was_applied(&e.envelope.event_id.to_string()) {
-            return Ok(());
+            // Saved before it was told (see below): a redelivery tells it again, under the
+            // same ids, while the agent is still there.
+            let role = if c.routing.consultant.as_deref() == Some(b.agent_id.as_str()) {
+                Some("consultant")
+            } else if c.state == ConversationState::Connected
+                && c.agent_id.as_deref() == Some(b.agent_id.as_str())
+            {
+                None
+            } else {
+                return Ok(());
+            };
+            return self.agent_joins(&c, e, &b, role).await;
         }
         if is_consult_offer(&c, &b.agent_id, &b.offer_id) {
             return self.join_consultant(c, e, b).await;
@@ -639,8 +660,10 @@ impl ConversationWorker {
             .cancel(&self.timer(OFFER_TIMER, &c))
             .await
             .map_err(store_failed)?;
-        self.agent_joins(&c, e, &b, None).await?;
-        self.save(&mut c, e).await
+        // Saved before anyone is told: a customer who sees the agent join and writes at once
+        // has that message handled on a record that names the agent, so the agent gets it.
+        self.save(&mut c, e).await?;
+        self.agent_joins(&c, e, &b, None).await
     }
 
     pub(super) async fn on_rejected(&self, e: &Event, b: ev::AgentRejected) -> Step {
@@ -1205,7 +1228,7 @@ impl ConversationWorker {
         let expires_at = e.envelope.occurred_at_ms
             + i64::try_from(self.offer_timeout().as_millis()).unwrap_or(i64::MAX / 4);
         self.store
-            .schedule(&self.timer(CONSULT_TIMER, &c), expires_at)
+            .schedule(&self.timer(CONSULT_TIMER, &c), not_before_save(expires_at))
             .await
             .map_err(store_failed)?;
         let offer = json!({
@@ -1245,8 +1268,9 @@ impl ConversationWorker {
         c.routing.consultant_nickname = Some(b.nickname.clone());
         c.routing.consult_invited = None;
         c.routing.consult_offer_id = None;
-        self.agent_joins(&c, e, &b, Some("consultant")).await?;
-        self.save(&mut c, e).await
+        // Saved first, as in `on_accepted`.
+        self.save(&mut c, e).await?;
+        self.agent_joins(&c, e, &b, Some("consultant")).await
     }
 
     /// An agent leaves a conversation it is consultant of (or declines or withdraws from the
