@@ -418,6 +418,21 @@ async fn async_chat_closes_when_idle_unless_the_customer_returns() {
         .await
         .expect("send");
     assert_eq!(r.status(), 202);
+    // An idle close the timer decided before the message (published behind it) is not applied.
+    let stale_close = json!({
+        "event_type": "ParticipantLeft",
+        "tenant_id": tenant.id,
+        "conversation_id": sid,
+        "body": {"participant_id": "customer", "participant_kind": "CUSTOMER", "reason": "TIMEOUT"}
+    });
+    let r = http
+        .post(format!("{url}/v1/events/nexus.inbound.v1"))
+        .bearer_auth(ADMIN)
+        .json(&stale_close)
+        .send()
+        .await
+        .expect("ingest");
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
     // The first grace passes without a close (the message restarted the clock).
     let early = tokio::time::timeout(Duration::from_millis(2500), async {
         ws_until(&mut customer, WAIT, closed).await

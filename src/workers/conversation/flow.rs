@@ -944,6 +944,17 @@ impl ConversationWorker {
         let Some(mut c) = self.closing(e, reason, Some(&b.participant_id)).await? else {
             return Ok(());
         };
+        if reason == ev::CloseReason::IdleTimeout {
+            // The idle timer read the record before it published this; a message the customer
+            // sent meanwhile is ahead of it on the same topic and has been applied by now.
+            let close_at = c.last_activity_ms
+                + secs_ms(self.config.idle_timeout_s)
+                + secs_ms(self.config.close_grace_s);
+            if e.envelope.occurred_at_ms < close_at {
+                info!(conversation_id = %c.conversation_id, "the customer came back before the idle close; kept open");
+                return Ok(());
+            }
+        }
         let left = entry(e, EntryKind::ParticipantLeft, c.customer.clone(), None);
         self.append(&c, e, "left", left).await?;
         self.close(&mut c, e, reason, Some(b.participant_id)).await
