@@ -594,6 +594,68 @@ async fn a_second_offer_to_one_agent_lapses_like_the_first() {
     assert_eq!(next["conversation_id"], sid);
 }
 
+/// A freed slot goes to the customer who has waited longest, not to one who arrives just
+/// after it frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freed_slot_goes_to_the_longest_waiting_customer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = start_node(dir.path(), "dev", &["dev"], base_env(dir.path())).await;
+    let url = node.url.as_str();
+    let admin = Admin::new(url);
+    let tenant = provision_tenant(&admin).await;
+    let (_, token) = provision_agent(&admin, &tenant, "solo", 1).await;
+    let mut agent = agent_ready(url, &token).await;
+    let http = reqwest::Client::new();
+    let start = |name: &'static str| {
+        let (http, url, key) = (http.clone(), url.to_string(), tenant.api_key.clone());
+        async move {
+            let v: Value = http
+                .post(format!("{url}/nexus/v3/chat/sessions"))
+                .header("x-api-key", &key)
+                .json(&json!({"nickname": name}))
+                .send()
+                .await
+                .expect("start")
+                .json()
+                .await
+                .expect("json");
+            v["session_id"].as_str().expect("sid").to_string()
+        }
+    };
+    let first = start("first").await;
+    let offer = ws_until(&mut agent, WAIT, |v| v["type"] == "offer").await;
+    assert_eq!(offer["conversation_id"], first.as_str());
+    ws_send(
+        &mut agent,
+        json!({"op": "accept", "conversation_id": first, "offer_id": offer["offer_id"]}),
+    )
+    .await;
+    ws_until(&mut agent, WAIT, |v| {
+        v["type"] == "state" && v["state"] == "connected"
+    })
+    .await;
+    // The second waits: the only agent is busy.
+    let waiting = start("waiting").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ws_send(
+        &mut agent,
+        json!({"op": "complete", "conversation_id": first}),
+    )
+    .await;
+    ws_until(&mut agent, WAIT, |v| {
+        v["type"] == "state" && v["state"] == "closed"
+    })
+    .await;
+    // A third arrives as the slot frees: the waiting one is offered it.
+    let late = start("late").await;
+    let offer = ws_until(&mut agent, WAIT, |v| v["type"] == "offer").await;
+    assert_eq!(
+        offer["conversation_id"],
+        waiting.as_str(),
+        "the slot went to the later arrival {late}"
+    );
+}
+
 /// Transfers: to a named agent (only that agent is offered), to another queue, and a refused
 /// transfer to a queue that does not exist; the customer sees who left and joined.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,6 +38,14 @@ fn not_before_save(due_ms: i64) -> i64 {
     due_ms.max(chrono::Utc::now().timestamp_millis() + TIMER_FLOOR_MS)
 }
 
+/// Waiters a dispatch looks at, from the head of the queue.
+const DISPATCH_WALK: usize = 16;
+
+/// Whether a waiter takes any free agent (no skills asked, none excluded).
+fn fits_anyone(c: &Conversation) -> bool {
+    c.routing.skills.is_empty() && c.routing.target_agent.is_none() && c.declined_by.is_empty()
+}
+
 /// How long an offer waits for its conversation's record before it is dropped.
 const OFFER_WAITS_FOR_CONVERSATION_MS: i64 = 60_000;
 
@@ -368,8 +376,8 @@ impl ConversationWorker {
             .map_err(store_failed)
     }
 
-    /// Puts a queued conversation in its queue and offers it to an agent if one is free;
-    /// otherwise a timer tries again later.
+    /// Puts a queued conversation in its queue and offers free agents to the queue's waiters
+    /// ([`Self::dispatch`]); a timer tries again later while it waits.
     async fn wait_in_queue(&self, c: &Conversation, source: &Event) -> Step {
         let Some(queue) = &c.queue_id else {
             return Ok(());
@@ -384,7 +392,7 @@ impl ConversationWorker {
             )
             .await
             .map_err(store_failed)?;
-        self.try_offer(c, source, source.envelope.occurred_at_ms)
+        self.dispatch(c, source, source.envelope.occurred_at_ms)
             .await?;
         // Also after an offer: if it never applies (lost with a crash, or the agent's slot was
         // released meanwhile), the timer offers again while the conversation still waits.
@@ -402,6 +410,55 @@ impl ConversationWorker {
                 )
                 .await
                 .map_err(store_failed)?;
+        }
+        Ok(())
+    }
+
+    /// Offers free agents to the first waiters of `me`'s queue in queue order (priority, then
+    /// age), then to `me` if the walk did not reach it: a freed slot goes to the customer who
+    /// has waited longest and fits, not to whoever happened to ask (a new arrival, a waiter's
+    /// timer). Several dispatches may run at once on several workers; the reservation is
+    /// atomic per slot, and an offer that reaches a waiter already offered is stale and frees
+    /// its slot when applied.
+    pub(crate) async fn dispatch(&self, me: &Conversation, source: &Event, now_ms: i64) -> Step {
+        let Some(queue) = me.queue_id.as_deref() else {
+            return Ok(());
+        };
+        let waiting = self
+            .store
+            .waiting(&me.tenant_id, queue, DISPATCH_WALK)
+            .await
+            .map_err(store_failed)?;
+        let mut reached_me = false;
+        for id in waiting {
+            let loaded;
+            let waiter = if id == me.conversation_id {
+                // Not saved yet for a new arrival: the caller's copy is the one.
+                reached_me = true;
+                me
+            } else {
+                loaded = self
+                    .store
+                    .conversation(&me.tenant_id, &id)
+                    .await
+                    .map_err(store_failed)?;
+                match &loaded {
+                    Some(c)
+                        if c.state == ConversationState::Queued
+                            && c.queue_id.as_deref() == Some(queue) =>
+                    {
+                        c
+                    }
+                    _ => continue,
+                }
+            };
+            if !self.try_offer(waiter, source, now_ms).await? && fits_anyone(waiter) {
+                // Nobody is free even for a waiter that takes any agent: nor for the rest.
+                return Ok(());
+            }
+        }
+        if !reached_me {
+            self.try_offer(me, source, now_ms).await?;
         }
         Ok(())
     }
@@ -442,9 +499,19 @@ impl ConversationWorker {
                 + i64::try_from(self.offer_timeout().as_millis()).unwrap_or(i64::MAX / 4),
             attempt: i32::try_from(attempt).unwrap_or(i32::MAX),
         };
-        let what = format!("offer/{agent}/{attempt}");
-        self.emit(AGENT_TOPIC, source, &c.conversation_id, &what, &offer)
-            .await?;
+        // One source may offer several conversations (a dispatch): the id names this one.
+        let what = format!("offer/{}/{agent}/{attempt}", c.conversation_id);
+        if let Err(e) = self
+            .emit(AGENT_TOPIC, source, &c.conversation_id, &what, &offer)
+            .await
+        {
+            // Nobody will apply (and so free) this reservation; the timer offers again.
+            self.store
+                .release_agent(&c.tenant_id, &agent, CHAT_MEDIA, &c.conversation_id, now_ms)
+                .await
+                .map_err(store_failed)?;
+            return Err(e);
+        }
         debug!(conversation_id = %c.conversation_id, agent = %agent, "offer published");
         Ok(true)
     }
@@ -582,9 +649,11 @@ impl ConversationWorker {
             return Ok(());
         }
         if c.state != ConversationState::Queued {
-            // Stale: the conversation moved on since the agent was reserved for it.
-            let holds = c.agent_id.as_deref() == Some(b.agent_id.as_str())
-                || c.offered_to.as_deref() == Some(b.agent_id.as_str());
+            // Stale: the conversation moved on since the agent was reserved for it. A closed
+            // one holds no slot (its close freed the ones it knew of; releasing is idempotent).
+            let holds = c.state != ConversationState::Closed
+                && (c.agent_id.as_deref() == Some(b.agent_id.as_str())
+                    || c.offered_to.as_deref() == Some(b.agent_id.as_str()));
             if !holds {
                 self.release(tenant, &b.agent_id, e).await?;
             }

@@ -120,7 +120,7 @@ async fn fire(worker: &ConversationWorker, timer: &Timer, now: i64) -> Result<()
                 super::PRODUCER,
                 Default::default(),
             );
-            worker.try_offer(&c, &source, now).await?;
+            worker.dispatch(&c, &source, now).await?;
             // Again later while it still waits (an offer published now may yet fail to apply).
             let due = now + i64::try_from(worker.config.requeue_interval_ms).unwrap_or(1_000);
             worker
