@@ -155,7 +155,10 @@ impl GwsWorker {
                 .attempted_at_ms
                 .map(|at| chrono::Utc::now().timestamp_millis() - at)
                 .unwrap_or(i64::MAX);
-            if age < i64::try_from(target.timeout_ms).unwrap_or(i64::MAX) {
+            // A claimed call may first wait for a paused circuit (up to `pause_max_ms`), then
+            // take up to the timeout: only past both is it surely over.
+            let in_flight = target.timeout_ms.saturating_add(self.config.pause_max_ms);
+            if age < i64::try_from(in_flight).unwrap_or(i64::MAX) {
                 return Err(HandleError::Retry(format!(
                     "the previous call ({age} ms ago) may still be in flight"
                 )));
