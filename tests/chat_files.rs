@@ -305,6 +305,15 @@ async fn an_upload_comes_back_to_the_customer_and_the_agent_only() {
         up["url"],
         format!("/nexus/v3/chat/sessions/{}/files/{id}", fx.s1.id)
     );
+    // The same upload retried (same message id): the same file, stored and published once.
+    let body = multipart(&[
+        ("message_id", None, None, b"m-file-1"),
+        ("file", Some("dir/phötö 1.png"), Some("image/png"), &data),
+    ]);
+    let (status, again) = call(s, upload_req(&fx.a_key, &fx.s1, &fx.s1.ck, body)).await;
+    assert_eq!(status, StatusCode::CREATED, "{again}");
+    assert_eq!(again, up, "a retried upload is answered as the first");
+    assert_eq!(published(s).await, before + 1, "still one MessageReceived");
 
     let (bytes, ct, cd) = download(s, customer_get(&fx.a_key, &fx.s1.id, &fx.s1.ck, &id)).await;
     assert_eq!(bytes, data);

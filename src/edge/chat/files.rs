@@ -276,10 +276,23 @@ pub async fn upload(
     let c = session_claims(&state, &headers, &id).await?;
     let multipart = multipart.map_err(rejection)?;
     ensure_open(&state, &c).await?;
-    ensure_room(&state, &c).await?;
     let upload = read_upload(&state, multipart).await?;
     let max = state.config.chat.max_files_per_session;
+    // A retried upload (same `message_id`) is the same file: stored once, answered again.
+    let id = upload.message_id.as_deref().map(|m| {
+        let name = format!("{}/{}/file/{m}", c.tid, c.sid);
+        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()).to_string()
+    });
+    if let Some(id) = &id {
+        match state.provisioning.file(&c.tid, &c.sid, id).await {
+            Ok(file) => return Ok(uploaded(&c, &file, upload.message_id.unwrap_or_default())),
+            Err(ProvisioningError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    ensure_room(&state, &c).await?;
     let new = NewChatFile {
+        id,
         tenant_id: c.tid.clone(),
         conversation_id: c.sid.clone(),
         name: upload.name,
@@ -287,8 +300,17 @@ pub async fn upload(
         data: upload.data,
         expires_at_ms: Some(expires_at_ms(state.config.chat.file_retention_s, now_ms())),
     };
-    let Some(file) = state.provisioning.put_file(new, max).await? else {
-        return Err(too_many(max));
+    let stable = new.id.clone();
+    let file = match state.provisioning.put_file(new, max).await {
+        Ok(Some(file)) => file,
+        Ok(None) => return Err(too_many(max)),
+        // The same upload, retried at once, stored it first.
+        Err(ProvisioningError::Conflict(_)) if stable.is_some() => {
+            let id = stable.unwrap_or_default();
+            let file = state.provisioning.file(&c.tid, &c.sid, &id).await?;
+            return Ok(uploaded(&c, &file, upload.message_id.unwrap_or_default()));
+        }
+        Err(e) => return Err(e.into()),
     };
     let published = publish_customer_message(
         &state,
@@ -314,7 +336,12 @@ pub async fn upload(
             return Err(e);
         }
     };
-    Ok((
+    Ok(uploaded(&c, &file, message_id))
+}
+
+/// The answer to an upload.
+fn uploaded(c: &Claims, file: &ChatFile, message_id: String) -> (StatusCode, Json<Value>) {
+    (
         StatusCode::CREATED,
         Json(json!({
             "file_id": file.id,
@@ -324,7 +351,7 @@ pub async fn upload(
             "url": format!("/nexus/v3/chat/sessions/{}/files/{}", c.sid, file.id),
             "message_id": message_id,
         })),
-    ))
+    )
 }
 
 pub async fn download(

@@ -15,6 +15,8 @@ const SELECT: &str = "SELECT id, tenant_id, conversation_id, name, content_type,
 /// A file to store; the edge has checked its type and size.
 #[derive(Debug, Clone)]
 pub struct NewChatFile {
+    /// A stable id (a retried upload's, see the chat edge); `None`: a new UUID v7.
+    pub id: Option<String>,
     pub tenant_id: String,
     pub conversation_id: String,
     pub name: String,
@@ -64,7 +66,7 @@ impl Provisioning {
         max_files: usize,
     ) -> Result<Option<ChatFile>, ProvisioningError> {
         let file = ChatFile {
-            id: sql::new_id(),
+            id: new.id.unwrap_or_else(sql::new_id),
             size: i64::try_from(new.data.len()).unwrap_or(i64::MAX),
             tenant_id: new.tenant_id,
             conversation_id: new.conversation_id,
@@ -198,6 +200,7 @@ mod tests {
 
     fn new(tenant: &str, conversation: &str, data: &[u8]) -> NewChatFile {
         NewChatFile {
+            id: None,
             tenant_id: tenant.into(),
             conversation_id: conversation.into(),
             name: "a.png".into(),
@@ -241,6 +244,7 @@ mod tests {
         p.delete_file(&t, "c1", &f.id).await.expect("delete");
         assert_eq!(p.count_files(&t, "c1").await.expect("count"), 1);
         let expired = NewChatFile {
+            id: None,
             expires_at_ms: Some(1),
             ..new(&t, "c3", b"z")
         };
@@ -256,6 +260,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (p, t) = store(&dir).await;
         let expired = |conv: &str| NewChatFile {
+            id: None,
             expires_at_ms: Some(1),
             ..new(&t, conv, b"old")
         };
@@ -266,6 +271,7 @@ mod tests {
             .expect("room");
         assert_eq!(p.count_files(&t, "c1").await.expect("count"), 0);
         let kept = NewChatFile {
+            id: None,
             expires_at_ms: Some(i64::MAX),
             ..new(&t, "c1", b"new")
         };
