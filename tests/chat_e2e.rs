@@ -215,6 +215,12 @@ async fn scenario(url: &str, agent_url: &str) {
         json!({"op": "complete", "conversation_id": sid, "disposition": "resolved"}),
     )
     .await;
+    // The wrap-up code is the contact centre's, not the customer's.
+    let left = ws_until(&mut again, WAIT, |v| {
+        transcript_frame(v, "ParticipantLeft") && v["from"]["kind"] == "agent"
+    })
+    .await;
+    assert!(left["data"].get("disposition").is_none(), "{left}");
     let closed = ws_until(&mut again, WAIT, |v| {
         v["type"] == "state" && v["state"] == "closed"
     })
@@ -741,6 +747,19 @@ async fn transfer_to_an_agent_and_to_a_queue() {
     })
     .await;
     assert_eq!(joined["from"]["nickname"], "carol");
+    // Alice, gone, can no longer type into it; Carol can (shown by her name).
+    for ws in [&mut alice, &mut carol] {
+        ws_send(
+            ws,
+            json!({"op": "typing", "conversation_id": sid, "state": "started"}),
+        )
+        .await;
+    }
+    let typing = ws_until(&mut customer, WAIT, |v| {
+        transcript_frame(v, "TypingStarted")
+    })
+    .await;
+    assert_eq!(typing["from"]["nickname"], "carol", "{typing}");
 
     // To the billing queue: Bob (idle, never declined) is offered; Carol is not offered it back.
     ws_send(

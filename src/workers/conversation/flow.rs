@@ -949,10 +949,29 @@ impl ConversationWorker {
             ev::TypingState::Stopped => EntryKind::TypingStopped,
             _ => EntryKind::TypingStarted,
         };
-        let nickname = if b.participant_kind == ParticipantKind::Customer {
-            c.customer.nickname.clone()
-        } else {
-            b.participant_id.clone()
+        let sender = Some(b.participant_id.as_str());
+        let nickname = match b.participant_kind {
+            // Only the agents in the conversation type into it (as for their messages).
+            ParticipantKind::Agent if c.agent_id.as_deref() == sender => c
+                .routing
+                .agent_nickname
+                .clone()
+                .unwrap_or_else(|| b.participant_id.clone()),
+            ParticipantKind::Agent if c.routing.consultant.as_deref() == sender => c
+                .routing
+                .consultant_nickname
+                .clone()
+                .unwrap_or_else(|| b.participant_id.clone()),
+            ParticipantKind::Bot
+                if c.state == ConversationState::Bot && c.bot_id.as_deref() == sender =>
+            {
+                b.participant_id.clone()
+            }
+            ParticipantKind::Customer | ParticipantKind::Unknown => c.customer.nickname.clone(),
+            _ => {
+                warn!(conversation_id = %c.conversation_id, "typing from a participant not in the conversation; dropped");
+                return Ok(());
+            }
         };
         let from = Party {
             participant_id: b.participant_id.clone(),
@@ -1051,10 +1070,9 @@ impl ConversationWorker {
                 .unwrap_or_else(|| b.agent_id.clone()),
             kind: PartyKind::Agent,
         };
-        let mut left = entry(e, EntryKind::ParticipantLeft, agent, None);
-        if let Some(d) = &b.disposition {
-            left.data.insert("disposition".into(), d.clone());
-        }
+        // The disposition (a wrap-up code) stays off the transcript the customer reads; GWS
+        // gets it from the completion event.
+        let left = entry(e, EntryKind::ParticipantLeft, agent, None);
         let appended = self.append(&c, e, "left", left).await?;
         self.emit(
             INTERACTION_TOPIC,
