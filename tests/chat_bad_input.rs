@@ -2249,6 +2249,27 @@ async fn consult_and_leave_refuse_bad_bodies() {
         fx.rejected(&format!("consult: {what}"), post(path, body), status, code)
             .await;
     }
+    // A note is at most a message long, on a consult as on a transfer or a completion.
+    let long = "x".repeat(MAX_TEXT + 1);
+    let oversized = json!({"agent_id": fx.a.bob.0, "note": long}).to_string();
+    fx.rejected(
+        "consult: oversized note",
+        post(consult.clone(), &oversized),
+        400,
+        "INVALID_FIELD",
+    )
+    .await;
+    let oversized = json!({"agent_id": fx.a.bob.0, "note": long}).to_string();
+    fx.rejected(
+        "transfer: oversized note",
+        post(
+            format!("/v1/agent/conversations/{conv}/transfer"),
+            &oversized,
+        ),
+        400,
+        "INVALID_FIELD",
+    )
+    .await;
     let leave = format!("/v1/agent/conversations/{conv}/leave");
     let r = rq("POST", &leave, &[], None);
     fx.rejected("leave: no token", r, 401, "AUTHENTICATION_REQUIRED")

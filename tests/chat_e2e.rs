@@ -9,7 +9,9 @@ mod common;
 use std::time::Duration;
 
 use common::chat::*;
+use futures::StreamExt;
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -660,6 +662,38 @@ async fn a_freed_slot_goes_to_the_longest_waiting_customer() {
         waiting.as_str(),
         "the slot went to the later arrival {late}"
     );
+}
+
+/// A rotated agent token ends the sockets opened with it, not only its next HTTP call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_agent_token_closes_its_open_socket() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut env = base_env(dir.path());
+    env.push(("NEXUS_STORES__AUTH_CACHE_TTL_MS", "1000".into()));
+    let node = start_node(dir.path(), "dev", &["dev"], env).await;
+    let url = node.url.as_str();
+    let admin = Admin::new(url);
+    let tenant = provision_tenant(&admin).await;
+    let (id, token) = provision_agent(&admin, &tenant, "leaky", 1).await;
+    let mut ws = agent_ready(url, &token).await;
+    admin
+        .post(
+            &format!("/tenants/{}/agents/{id}/token", tenant.id),
+            json!({}),
+        )
+        .await;
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(WsMessage::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .expect("the socket stays open with a revoked token");
+    assert_eq!(closed, Some(4001));
 }
 
 /// Transfers: to a named agent (only that agent is offered), to another queue, and a refused

@@ -56,12 +56,16 @@ pub fn routes() -> Router<AppState> {
 
 /// The agent of a bearer agent token.
 async fn agent_of(state: &AppState, headers: &HeaderMap) -> Result<Agent, ApiError> {
-    let raw = headers
+    super::auth::agent(state, bearer(headers)?).await
+}
+
+/// The agent token of an `Authorization: Bearer` header.
+fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
+    headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| ApiError::unauthorized("send `Authorization: Bearer <agent token>`"))?;
-    super::auth::agent(state, raw).await
+        .ok_or_else(|| ApiError::unauthorized("send `Authorization: Bearer <agent token>`"))
 }
 
 async fn publish(state: &AppState, event: Event) -> Result<(), ApiError> {
@@ -217,13 +221,7 @@ pub(crate) async fn do_complete(
             format!("disposition is 1 to {MAX_DISPOSITION_CHARS} characters"),
         ));
     }
-    let max_note = state.config.chat.max_message_chars;
-    if note.as_ref().is_some_and(|n| n.chars().count() > max_note) {
-        return Err(ApiError::bad_request(
-            "INVALID_FIELD",
-            format!("note is at most {max_note} characters"),
-        ));
-    }
+    check_note(state, note.as_deref())?;
     let body = ev::ConversationCompleted {
         agent_id: agent.id.clone(),
         participant_id: agent.id.clone(),
@@ -234,6 +232,18 @@ pub(crate) async fn do_complete(
     };
     let e = event(&body, agent, id)?;
     publish(state, e).await
+}
+
+/// An agent's note (completion, transfer, consult) is at most a message long.
+fn check_note(state: &AppState, note: Option<&str>) -> Result<(), ApiError> {
+    let max_note = state.config.chat.max_message_chars;
+    if note.is_some_and(|n| n.chars().count() > max_note) {
+        return Err(ApiError::bad_request(
+            "INVALID_FIELD",
+            format!("note is at most {max_note} characters"),
+        ));
+    }
+    Ok(())
 }
 
 /// Hands a connected conversation to a queue or another agent of the tenant.
@@ -257,6 +267,7 @@ pub(crate) async fn do_transfer(
         }
     };
     check_id(&target_id)?;
+    check_note(state, note.as_deref())?;
     let body = ev::TransferRequested {
         agent_id: agent.id.clone(),
         participant_id: agent.id.clone(),
@@ -281,6 +292,7 @@ pub(crate) async fn do_consult(
 ) -> Result<(), ApiError> {
     check_id(id)?;
     check_id(agent_id)?;
+    check_note(state, note.as_deref())?;
     let body = ev::TransferRequested {
         agent_id: agent.id.clone(),
         participant_id: agent.id.clone(),

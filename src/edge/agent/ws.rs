@@ -2,6 +2,8 @@
 //! conversations out; the same operations as the HTTP routes in, as JSON requests with an
 //! optional `request_id` echoed in the answer.
 
+use std::time::Duration;
+
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
@@ -17,7 +19,7 @@ use super::{
     do_typing,
 };
 use crate::edge::{ApiError, AppState};
-use crate::stores::provisioning::Agent;
+use crate::stores::provisioning::{Agent, AuthError};
 
 #[derive(Debug, Deserialize)]
 pub struct WsQuery {
@@ -32,13 +34,19 @@ pub async fn websocket(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = query?;
-    let agent = match q.token {
-        Some(t) => crate::edge::auth::agent(&state, &t).await?,
-        None => super::agent_of(&state, &headers).await?,
+    let token = match q.token {
+        Some(t) => t,
+        None => super::bearer(&headers)?.to_string(),
     };
-    let ws = ws?;
-    Ok(ws.on_upgrade(move |socket| serve(socket, state, agent)))
+    let agent = crate::edge::auth::agent(&state, &token).await?;
+    // A request is a small JSON object: the HTTP body limit bounds it here too.
+    let limit = state.config.http.max_body_bytes;
+    let ws = ws?.max_message_size(limit).max_frame_size(limit);
+    Ok(ws.on_upgrade(move |socket| serve(socket, state, agent, token)))
 }
+
+/// WebSocket close code when the agent's token stops being valid (rotated, agent deleted).
+const TOKEN_REVOKED_CLOSE: u16 = 4001;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -56,9 +64,13 @@ struct Request {
     agent_id: Option<String>,
 }
 
-async fn serve(mut socket: WebSocket, state: AppState, agent: Agent) {
+async fn serve(mut socket: WebSocket, state: AppState, agent: Agent, token: String) {
     let mut feed = state.hub.agent(&agent.tenant_id, &agent.id);
     let shutdown = state.shutdown.clone();
+    // The token is checked again on this period, as cached API keys are: a rotated token or a
+    // deleted agent ends its open sockets too, not only its next HTTP call.
+    let every = Duration::from_millis(state.config.stores.auth_cache_ttl_ms.max(1_000));
+    let mut recheck = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     let hello = json!({"type": "hello", "agent_id": agent.id, "name": agent.name});
     if socket
         .send(WsMessage::Text(hello.to_string().into()))
@@ -75,6 +87,20 @@ async fn serve(mut socket: WebSocket, state: AppState, agent: Agent) {
                     reason: "edge restarting; reconnect".into(),
                 }))).await;
                 return;
+            }
+            _ = recheck.tick() => {
+                match state.provisioning.authenticate_agent(&token).await {
+                    Ok(a) if a.id == agent.id => {}
+                    // The store being down is no reason to drop a working agent.
+                    Err(AuthError::Unavailable(_)) => {}
+                    _ => {
+                        let _ = socket.send(WsMessage::Close(Some(axum::extract::ws::CloseFrame {
+                            code: TOKEN_REVOKED_CLOSE,
+                            reason: "AGENT_TOKEN_REVOKED: sign in again".into(),
+                        }))).await;
+                        return;
+                    }
+                }
             }
             push = feed.rx.recv() => match push {
                 Ok(p) => {
