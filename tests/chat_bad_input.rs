@@ -1154,7 +1154,10 @@ async fn v2_refuses_wrong_keys_and_bad_fields() {
                 )
                 .await;
             assert_eq!(body["statusCode"], 2, "{body}");
-            assert!(body.get("messages").is_none(), "{op}: {what}: {body}");
+            // The v2 shape on every answer, and never any chat's messages on an error.
+            assert_eq!(body["messages"], json!([]), "{op}: {what}: {body}");
+            assert!(body["nextPosition"].is_u64(), "{op}: {what}: {body}");
+            assert!(body["chatEnded"].is_boolean(), "{op}: {what}: {body}");
         }
         let wrong: Vec<(&str, &str, String)> = vec![
             (
@@ -1217,7 +1220,7 @@ async fn v2_refuses_wrong_keys_and_bad_fields() {
                     "INVALID_SECURE_KEY",
                 )
                 .await;
-            assert!(body.get("messages").is_none(), "{op}: {what}: {body}");
+            assert_eq!(body["messages"], json!([]), "{op}: {what}: {body}");
         }
         // A's credentials with B's key on A's chat.
         fx.rejected(

@@ -24,25 +24,39 @@ use crate::stores::session::{ConversationState, Entry, EntryKind, PartyKind};
 /// The chat server alias v2 clients echo back.
 pub const ALIAS: &str = "nexus";
 
-/// A v2 error answer: the v2 body (`statusCode`, `errors`) with the HTTP status of the error.
-pub struct V2Error(ApiError);
+/// A v2 error answer: the v2 body (`statusCode` 2 with `errors`, `chatEnded`, `nextPosition`
+/// and no `messages`) with the HTTP status of the error. Every v2 answer has those fields, so a
+/// poller keeps its position through an error, a store outage included.
+pub struct V2Error {
+    error: ApiError,
+    /// The request's `transcriptPosition` (1 when it had none or it was not read).
+    next_position: u64,
+}
 
 impl From<ApiError> for V2Error {
-    fn from(e: ApiError) -> Self {
-        V2Error(e)
+    fn from(error: ApiError) -> Self {
+        V2Error {
+            error,
+            next_position: 1,
+        }
     }
 }
 
 impl IntoResponse for V2Error {
     fn into_response(self) -> Response {
-        let e = self.0;
-        if e.status.is_server_error() {
-            return e.into_response();
-        }
+        let e = self.error;
+        // What went wrong inside is logged, not told.
+        let advice = if e.status.is_server_error() {
+            "the chat service is unavailable; try again".to_string()
+        } else {
+            e.message
+        };
         let body = json!({
             "statusCode": 2,
             "chatEnded": e.code == "SESSION_CLOSED" || e.code == SESSION_ENDED,
-            "errors": [{"code": e.code, "advice": e.message}],
+            "nextPosition": self.next_position,
+            "messages": [],
+            "errors": [{"code": e.code, "advice": advice}],
         });
         (e.status, Json(body)).into_response()
     }
@@ -144,7 +158,12 @@ fn v2_message(e: &Entry) -> Option<Value> {
 const V2_PAGE: usize = 1000;
 
 /// The common answer: messages after `from`, the next position, whether the chat ended.
-async fn answer(state: &AppState, c: &Claims, from: u64, extra: Value) -> Answer {
+async fn answer(
+    state: &AppState,
+    c: &Claims,
+    from: u64,
+    extra: Value,
+) -> Result<Json<Value>, ApiError> {
     // The record first (see v3's `read_transcript`); a poller stops at `chatEnded`, so it is
     // said only once the page holds the transcript's end.
     let closed = state
@@ -212,7 +231,7 @@ pub async fn start(
         "secureKey": state.client_keys.issue(&claims),
         "alias": ALIAS,
     });
-    answer(&state, &claims, 1, extra).await
+    Ok(answer(&state, &claims, 1, extra).await?)
 }
 
 pub async fn operation(
@@ -223,10 +242,28 @@ pub async fn operation(
 ) -> Answer {
     let tenant = tenant(&state, &headers).await?;
     let form = Form::parse(&body.map_err(ApiError::from)?)?;
-    let claims = session(&state, &form, &tenant, &chat_id)?;
+    let at = form.position().unwrap_or(1);
+    run(&state, &headers, &tenant, &chat_id, &op, form)
+        .await
+        .map_err(|error| V2Error {
+            error,
+            next_position: at,
+        })
+}
+
+/// One operation on a chat, once its form is read.
+async fn run(
+    state: &AppState,
+    headers: &HeaderMap,
+    tenant: &str,
+    chat_id: &str,
+    op: &str,
+    form: Form,
+) -> Result<Json<Value>, ApiError> {
+    let claims = session(state, &form, tenant, chat_id)?;
     let from = form.position()?;
-    let tp = traceparent(&headers);
-    match op.as_str() {
+    let tp = traceparent(headers);
+    match op {
         "send" | "customNotice" => {
             let text = form
                 .get("message")
@@ -237,25 +274,24 @@ pub async fn operation(
             } else {
                 MessageKind::CustomNotice
             };
-            customer_message(&state, &claims, text, kind, None, tp).await?;
+            customer_message(state, &claims, text, kind, None, tp).await?;
         }
         "refresh" => {}
-        "startTyping" => customer_typing(&state, &claims, true, tp).await?,
-        "stopTyping" => customer_typing(&state, &claims, false, tp).await?,
-        "disconnect" => customer_leaves(&state, &claims, tp).await?,
+        "startTyping" => customer_typing(state, &claims, true, tp).await?,
+        "stopTyping" => customer_typing(state, &claims, false, tp).await?,
+        "disconnect" => customer_leaves(state, &claims, tp).await?,
         "updateData" => {
-            customer_user_data(&state, &claims, form.user_data.clone(), Vec::new(), tp).await?;
+            customer_user_data(state, &claims, form.user_data.clone(), Vec::new(), tp).await?;
         }
-        "readReceipt" => customer_read(&state, &claims, from, tp).await?,
+        "readReceipt" => customer_read(state, &claims, from, tp).await?,
         other => {
             return Err(ApiError::not_found(
                 "UNKNOWN_OPERATION",
                 format!("no v2 operation `{other}`"),
-            )
-            .into())
+            ))
         }
     }
-    answer(&state, &claims, from, json!({})).await
+    answer(state, &claims, from, json!({})).await
 }
 
 /// The session of a v2 request: `secureKey` must be this chat's key, `userId` its customer and
