@@ -261,11 +261,9 @@ pub(super) async fn group_positions(
                         Offset::Offset(c) => u64::try_from(c).ok(),
                         _ => None,
                     });
-                // Never committed: everything still kept is ahead of the group.
-                let lag = match c {
-                    Some(c) => o.high.saturating_sub(c),
-                    None => o.high.saturating_sub(o.low),
-                };
+                // Never committed: everything still kept is ahead of the group. Records below
+                // the log start are gone (retention) and are not lag, as on the other backends.
+                let lag = o.high.saturating_sub(c.unwrap_or(o.low).max(o.low));
                 GroupPosition {
                     partition: o.partition,
                     committed: c,
