@@ -408,14 +408,23 @@ async fn rebalance(
     for p in wanted {
         let key = codec::lease_key(&g.group_key, p);
         let sent = Instant::now();
-        match g.kv.create(&key, Bytes::from(g.member.clone())).await {
-            Ok(revision) => {
+        let taken = match g.kv.create(&key, Bytes::from(g.member.clone())).await {
+            Ok(revision) => Some((revision, sent + g.timing().lease_ttl)),
+            // Ours already: a create whose reply was lost. Its age is unknown, so the lease
+            // covers no pull until the next renewal.
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                own_revision(g, &key).await.map(|r| (r, Instant::now()))
+            }
+            Err(e) => {
+                warn!(partition = p, error = %e, "taking partition lease failed");
+                None
+            }
+        };
+        match taken {
+            Some((revision, deadline)) => {
                 let slot = Arc::new(Slot {
                     partition: p,
-                    lease: Mutex::new(Lease {
-                        revision,
-                        deadline: sent + g.timing().lease_ttl,
-                    }),
+                    lease: Mutex::new(Lease { revision, deadline }),
                     draining: AtomicBool::new(false),
                     lost: CancellationToken::new(),
                     wake: Notify::new(),
@@ -429,9 +438,19 @@ async fn rebalance(
                 info!(partition = p, "partition acquired");
                 held.insert(p, Held { slot, task });
             }
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
-            Err(e) => warn!(partition = p, error = %e, "taking partition lease failed"),
+            None => {}
         }
+    }
+}
+
+/// The revision of a lease key whose live value is this member's: a write of ours whose reply
+/// was lost (the server applied it). Nobody else writes our id, so it is still ours.
+async fn own_revision(g: &Group, key: &str) -> Option<u64> {
+    match g.kv.entry(key).await {
+        Ok(Some(e)) if e.operation == kv::Operation::Put && e.value == g.member.as_bytes() => {
+            Some(e.revision)
+        }
+        _ => None,
     }
 }
 
@@ -454,8 +473,15 @@ async fn renew(g: &Group, held: &mut HashMap<u32, Held>) {
                     *lock(&slot.lease) = Lease { revision, deadline: sent + g.timing().lease_ttl };
                 }
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                    warn!(partition = slot.partition, "partition lease lost");
-                    slot.lost.cancel();
+                    match own_revision(g, &key).await {
+                        // An earlier renewal applied without its reply reaching us; the
+                        // deadline stays the old one until the next renewal answers.
+                        Some(revision) => lock(&slot.lease).revision = revision,
+                        None => {
+                            warn!(partition = slot.partition, "partition lease lost");
+                            slot.lost.cancel();
+                        }
+                    }
                 }
                 Err(e) => warn!(partition = slot.partition, error = %e, "renewing partition lease failed"),
             }

@@ -406,6 +406,51 @@ async fn a_slow_handler_is_not_overtaken_by_its_own_redelivery() {
     sub.close().await.expect("close");
 }
 
+/// A lease renewal the server applied but whose reply was lost (simulated: the member's own id
+/// written again behind its back) does not cost the member its partition: it takes the newer
+/// revision as its own and goes on renewing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_whose_reply_was_lost_keeps_the_lease() {
+    let Some(config) = test_config() else { return };
+    let bus = connect(&config).await;
+    let topic = fresh_topic(&bus, 1).await;
+    bus.publish(&topic, OutRecord::new("k", "k:0"))
+        .await
+        .expect("publish");
+    let mut sub = bus
+        .subscribe("g", &topic, SubscribeOptions::default())
+        .await
+        .expect("subscribe");
+    next(&mut sub, WAIT)
+        .await
+        .expect("first")
+        .ack()
+        .await
+        .expect("ack");
+    let kv = bus
+        .js
+        .get_key_value(codec::lease_bucket(&codec::stream_name(&topic)))
+        .await
+        .expect("lease bucket");
+    let key = codec::lease_key(&codec::group_key("g").expect("group key"), 0);
+    let lease = kv.entry(&key).await.expect("read").expect("a lease");
+    let written = kv.put(&key, lease.value.clone()).await.expect("put");
+    // Two renewal periods: a member that kept the lease has renewed past our write.
+    tokio::time::sleep(Duration::from_millis(config.nats.lease_ttl_ms * 3 / 5)).await;
+    let now = kv.entry(&key).await.expect("read").expect("still leased");
+    assert_eq!(now.value, lease.value, "another holder");
+    assert!(
+        now.revision > written,
+        "the member stopped renewing (lease given up): revision {} after our {written}",
+        now.revision
+    );
+    bus.publish(&topic, OutRecord::new("k", "k:1"))
+        .await
+        .expect("publish");
+    assert!(next(&mut sub, WAIT).await.is_some(), "consumption goes on");
+    sub.close().await.expect("close");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_share_partitions_and_a_crashed_members_records_come_back_in_order() {
     let Some(config) = test_config() else { return };
