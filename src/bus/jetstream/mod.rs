@@ -59,6 +59,8 @@ const MIN_LEASE_MARGIN: Duration = Duration::from_millis(200);
 /// Ephemeral consumers used for counting and reading vanish on their own after this if the
 /// delete that follows their use is lost.
 pub(super) const EPHEMERAL_INACTIVE: Duration = Duration::from_secs(30);
+/// Tries of `restart_consumer` to leave the partition's consumer at its new start.
+const RESTART_ATTEMPTS: usize = 3;
 /// Records fetched per pull request by `read`.
 const READ_BATCH: usize = 256;
 /// Metadata key naming the topic a stream belongs to.
@@ -514,15 +516,35 @@ impl Inner {
             Some(info) => info.config.max_ack_pending,
             None => SubscribeOptions::default().max_in_flight as i64,
         };
-        self.delete_consumer(stream, &name).await?;
         let deliver = DeliverPolicy::ByStartSequence { start_sequence };
         let config =
             self.durable_config(group, &name, &subject, partition, deliver, max_ack_pending);
-        self.js
-            .create_consumer_on_stream(config, stream)
-            .await
-            .map_err(|e| consumer_error(&format!("recreating consumer {name}"), &e))?;
-        Ok(())
+        // Between the delete and the create the consumer does not exist, and another member's
+        // `ensure_consumer` (at its start) may create it with the group's start policy, which
+        // would deliver the partition from its beginning again. So the create is checked: a
+        // consumer that is not ours is replaced, a lost answer is asked about.
+        self.delete_consumer(stream, &name).await?;
+        let mut last = None;
+        for _ in 0..RESTART_ATTEMPTS {
+            match self
+                .js
+                .create_consumer_on_stream(config.clone(), stream)
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(e) => last = Some(consumer_error(&format!("recreating consumer {name}"), &e)),
+            }
+            // Failed, or its answer was lost: after our delete, a consumer with our start is
+            // ours; one with another start is someone else's and goes.
+            match self.consumer_info(stream, &name).await? {
+                Some(info) if info.config.deliver_policy == deliver => return Ok(()),
+                Some(_) => self.delete_consumer(stream, &name).await?,
+                None => {}
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            BusError::Unavailable(format!("recreating consumer {name}: gave up"))
+        }))
     }
 
     async fn delete_consumer(&self, stream: &str, name: &str) -> Result<(), BusError> {
