@@ -494,18 +494,42 @@ impl Config {
     }
 }
 
-/// Replaces the password of `scheme://user:password@host` URLs.
+/// Replaces the password of `scheme://user:password@host` URLs, and the value of a query
+/// parameter that carries one (`?password=`, as PostgreSQL and Redis URLs accept).
 fn redact_url_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
     };
-    let Some((userinfo, host)) = rest.rsplit_once('@') else {
-        return url.to_string();
+    let base = match base.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:{REDACTED}@{host}"),
+                None => format!("{scheme}://{REDACTED}@{host}"),
+            },
+            None => base.to_string(),
+        },
+        None => base.to_string(),
     };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:{REDACTED}@{host}"),
-        None => format!("{scheme}://{REDACTED}@{host}"),
-    }
+    let Some(query) = query else {
+        return base;
+    };
+    let params: Vec<String> = query
+        .split('&')
+        .map(|param| match param.split_once('=') {
+            Some((k, v))
+                if !v.is_empty()
+                    && matches!(
+                        k.to_ascii_lowercase().as_str(),
+                        "password" | "pass" | "passwd" | "sslpassword" | "token"
+                    ) =>
+            {
+                format!("{k}={REDACTED}")
+            }
+            _ => param.to_string(),
+        })
+        .collect();
+    format!("{base}?{}", params.join("&"))
 }
 
 #[cfg(test)]
@@ -613,5 +637,14 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("rediss://user:<redacted>@redis:6380"));
+        // A password given as a query parameter.
+        c.stores.postgres_url =
+            "postgres://db/nexus?user=nexus&password=s3cret&sslmode=require".into();
+        let out = c.redacted_toml();
+        assert!(!out.contains("s3cret"), "{out}");
+        assert!(
+            out.contains("postgres://db/nexus?user=nexus&password=<redacted>&sslmode=require"),
+            "{out}"
+        );
     }
 }
