@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::Value;
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -265,8 +266,10 @@ impl Config {
                     .iter()
                     .any(|p| key.to_ascii_lowercase().starts_with(p)))
         });
-        figment = figment.merge(env);
-        Self::from_figment(figment)
+        let vars = env
+            .iter()
+            .map(|(k, v)| (k.as_str().to_ascii_lowercase(), v));
+        Self::from_figment(with_env(figment, vars))
     }
 
     /// The built-in defaults only (tests and tools).
@@ -278,7 +281,7 @@ impl Config {
 
     fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
         let config: Config = figment
-            .extract()
+            .extract_lossy()
             .map_err(|e| ConfigError::Load(e.to_string()))?;
         config.validate()?;
         Ok(config)
@@ -494,6 +497,21 @@ impl Config {
     }
 }
 
+/// Layers `(dotted key, text)` settings over `figment`. A value is kept as the text given unless
+/// it is a list or a table: parsed as figment's own env provider does, a secret of digits would
+/// lose its leading zeros or fail to load as a string (and the load error would print it).
+/// Numbers and booleans are read from the text when extracted (`extract_lossy`).
+fn with_env(mut figment: Figment, vars: impl Iterator<Item = (String, String)>) -> Figment {
+    for (key, raw) in vars {
+        let value = match raw.parse::<Value>() {
+            Ok(v @ (Value::Array(..) | Value::Dict(..))) => v,
+            _ => Value::from(raw),
+        };
+        figment = figment.merge(Serialized::default(&key, value));
+    }
+    figment
+}
+
 /// Replaces the password of `scheme://user:password@host` URLs, and the value of a query
 /// parameter that carries one (`?password=`, as PostgreSQL and Redis URLs accept).
 fn redact_url_password(url: &str) -> String {
@@ -607,6 +625,28 @@ mod tests {
             .merge(Toml::string("[bus]\nurll = \"x\"\n"));
         let e = Config::from_figment(figment).unwrap_err().to_string();
         assert!(e.contains("urll"), "{e}");
+    }
+
+    #[test]
+    fn env_values_are_text_unless_lists() {
+        let vars = [
+            ("http.admin_token", "0123456789"),
+            ("bus.nats.token", "[not-a-list"),
+            ("chat.client_key_secret", "true"),
+            ("consumer.concurrency", "7"),
+            ("workers.webhooks.retry_schedule_ms", "[0, 300, 600]"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let figment = with_env(
+            Figment::from(Toml::string(DEFAULT_CONFIG)),
+            vars.into_iter(),
+        );
+        let c = Config::from_figment(figment).expect("loads");
+        assert_eq!(c.http.admin_token, "0123456789");
+        assert_eq!(c.bus.nats.token, "[not-a-list");
+        assert_eq!(c.chat.client_key_secret, "true");
+        assert_eq!(c.consumer.concurrency, 7);
+        assert_eq!(c.workers.webhooks.retry_schedule_ms, vec![0, 300, 600]);
     }
 
     #[test]

@@ -154,6 +154,21 @@ fn config_check_redacts_secrets_and_names_bad_keys() {
         out.contains("admin_token = \"<redacted>\"") && !out.contains("very-secret"),
         "{out}"
     );
+    // Secrets made of digits or brackets are strings like any other, and are not printed.
+    let (ok, out, err) = run(
+        &["config", "check"],
+        &[
+            ("NEXUS_HTTP__ADMIN_TOKEN", "0123456789".into()),
+            ("NEXUS_BUS__NATS__TOKEN", "true".into()),
+            ("NEXUS_CONSUMER__CONCURRENCY", "3".into()),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        !out.contains("0123456789") && !err.contains("0123456789"),
+        "{out}{err}"
+    );
+    assert!(out.contains("concurrency = 3"), "{out}");
 
     let (ok, _, err) = run(
         &["config", "check"],
