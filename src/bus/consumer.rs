@@ -219,7 +219,14 @@ impl Consumer {
                 next = sub.next() => next,
             };
             match next {
-                None => break,
+                None if shutdown.is_cancelled() => break,
+                None => {
+                    // Not asked to stop: the backend gave up (its read loop died). The process
+                    // must restart rather than run on without this consumer.
+                    error!("the subscription ended; consumer stops");
+                    result = Err(BusError::Closed);
+                    break;
+                }
                 Some(Ok(delivery)) => {
                     failures = 0;
                     if let Some(taken) = &taken {
