@@ -124,12 +124,14 @@ pub async fn copy(
                 break;
             }
             for message in batch {
-                // Append times only grow within a partition, so the first record at or past
-                // `to_time` ends the range.
-                if message.offset >= o.high
-                    || req.to_time.is_some_and(|t| message.timestamp_ms >= t)
-                {
+                if message.offset >= o.high {
                     break 'partition;
+                }
+                // Skipped, not an end: on Kafka a record's time is its producer's clock, so a
+                // later record may carry an earlier time than one past `to_time`.
+                if req.to_time.is_some_and(|t| message.timestamp_ms >= t) {
+                    cursor = message.offset + 1;
+                    continue;
                 }
                 if !dry_run {
                     bus.publish(&req.to_topic, copied_record(&message))
