@@ -625,6 +625,14 @@ fn chart_refuses_inline_secrets_unknown_roles_and_short_grace() {
             "is a secret",
         ),
         ("config.bus.nats.password=p", "is a secret"),
+        (
+            "config.workers.gws.tenants.t1.credential=x",
+            "tenants.t1.credential is a secret",
+        ),
+        (
+            "config.workers.history.ucs.tenants.t2.credential=y",
+            "tenants.t2.credential is a secret",
+        ),
         ("workers.roles={nope}", "is not a worker role"),
         (
             "edge.terminationGracePeriodSeconds=10",

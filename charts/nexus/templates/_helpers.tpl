@@ -109,6 +109,25 @@ keys set inline: they belong in Secrets.
 {{- fail (printf "config.%s is a secret: reference an existing Secret under `secrets`, never inline in values" .) -}}
 {{- end -}}
 {{- end -}}
+{{- range $peer := list "workers.gws" "workers.history.ucs" -}}
+{{- $node := $c -}}
+{{- range $p := splitList "." $peer -}}
+{{- if kindIs "map" $node -}}
+{{- $node = get $node $p -}}
+{{- end -}}
+{{- end -}}
+{{- $tenants := dict -}}
+{{- if kindIs "map" $node -}}
+{{- $tenants = get $node "tenants" -}}
+{{- end -}}
+{{- if kindIs "map" $tenants -}}
+{{- range $tenant, $t := $tenants -}}
+{{- if and (kindIs "map" $t) (get $t "credential") -}}
+{{- fail (printf "config.%s.tenants.%s.credential is a secret: reference an existing Secret under `secrets`, never inline in values" $peer $tenant) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- $bus := dict "url" (include "nexus.busUrl" .) -}}
 {{- if .Values.bus.caSecret }}{{- $_ := set $bus "ca_file" "/etc/nexus/bus-ca/ca.crt" }}{{- end -}}
 {{- if .Values.bus.clientCertSecret -}}
