@@ -420,26 +420,23 @@ async fn rebalance(
                 None
             }
         };
-        match taken {
-            Some((revision, deadline)) => {
-                let slot = Arc::new(Slot {
-                    partition: p,
-                    lease: Mutex::new(Lease { revision, deadline }),
-                    draining: AtomicBool::new(false),
-                    lost: CancellationToken::new(),
-                    wake: Notify::new(),
-                    inflight: Mutex::new(BTreeMap::new()),
-                });
-                lock(&g.slots).insert(p, slot.clone());
-                let span = tracing::info_span!("jetstream_partition", topic = %g.topic, group = %g.group, partition = p);
-                let task = tokio::spawn(
-                    run_partition(bus.clone(), g.clone(), slot.clone()).instrument(span),
-                );
-                info!(partition = p, "partition acquired");
-                held.insert(p, Held { slot, task });
-            }
-            None => {}
-        }
+        let Some((revision, deadline)) = taken else {
+            continue;
+        };
+        let slot = Arc::new(Slot {
+            partition: p,
+            lease: Mutex::new(Lease { revision, deadline }),
+            draining: AtomicBool::new(false),
+            lost: CancellationToken::new(),
+            wake: Notify::new(),
+            inflight: Mutex::new(BTreeMap::new()),
+        });
+        lock(&g.slots).insert(p, slot.clone());
+        let span = tracing::info_span!("jetstream_partition", topic = %g.topic, group = %g.group, partition = p);
+        let task =
+            tokio::spawn(run_partition(bus.clone(), g.clone(), slot.clone()).instrument(span));
+        info!(partition = p, "partition acquired");
+        held.insert(p, Held { slot, task });
     }
 }
 
