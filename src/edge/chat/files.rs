@@ -304,12 +304,14 @@ pub async fn upload(
     let file = match state.provisioning.put_file(new, max).await {
         Ok(Some(file)) => file,
         Ok(None) => return Err(too_many(max)),
-        // The same upload, retried at once, stored it first.
-        Err(ProvisioningError::Conflict(_)) if stable.is_some() => {
-            let id = stable.unwrap_or_default();
-            let file = state.provisioning.file(&c.tid, &c.sid, &id).await?;
-            return Ok(uploaded(&c, &file, upload.message_id.unwrap_or_default()));
-        }
+        Err(ProvisioningError::Conflict(detail)) => match stable {
+            // The same upload, retried at once, stored it first.
+            Some(id) => {
+                let file = state.provisioning.file(&c.tid, &c.sid, &id).await?;
+                return Ok(uploaded(&c, &file, upload.message_id.unwrap_or_default()));
+            }
+            None => return Err(ProvisioningError::Conflict(detail).into()),
+        },
         Err(e) => return Err(e.into()),
     };
     let published = publish_customer_message(

@@ -45,8 +45,6 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Reconnect attempts of the connection manager before an operation fails.
 const RECONNECT_RETRIES: usize = 3;
 
-/// KEYS: tx, txids, conv. ARGV: event id, `m:<message id>` or "", the NewEntry JSON.
-/// Returns {position, 0 new / 1 same event / 2 same message from another event}. New keys inherit the record's TTL once it expires.
 /// Compare-and-set of a conversation record on its `version`; KEEPTTL so a closed
 /// conversation written again keeps expiring. KEYS: conv. ARGV: expected version, JSON.
 const PUT_CONVERSATION: &str = r#"
@@ -58,6 +56,9 @@ redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
 return 1
 "#;
 
+/// KEYS: tx, txids, conv. ARGV: event id, the message key (`message_key`) or "", the NewEntry
+/// JSON. Returns {position, 0 new / 1 same event / 2 same message from another event}. New
+/// keys inherit the record's TTL once it expires.
 const APPEND: &str = r#"
 local p = redis.call('HGET', KEYS[2], 'e:' .. ARGV[1])
 if p then return {tonumber(p), 1} end
