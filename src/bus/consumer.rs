@@ -3,7 +3,9 @@
 //! never succeed. Exports consumed/handle/dead-letter metrics and the group's lag.
 //!
 //! Ordering: a key always maps to the same lane and a lane handles one event at a time, retrying
-//! it in place, so events of one conversation are handled in partition order. Different keys
+//! it in place, so events of one conversation are handled in partition order. A record whose
+//! partition was given away while it waited in a lane (or between its retries) is dropped
+//! unacked: its next owner handles it, so two members never work through one key's backlog. Different keys
 //! run concurrently: a slow conversation stalls only the keys sharing its lane, until its lane's
 //! queue (`max_in_flight / concurrency`) is full, which then holds the intake (bounded memory).
 //! Nothing is ordered across keys. Delivery is at-least-once: handlers must be idempotent by
@@ -312,6 +314,7 @@ struct LaneMetrics {
     dead_lettered: metrics::Counter,
     skipped: metrics::Counter,
     retried: metrics::Counter,
+    revoked: metrics::Counter,
 }
 
 impl LaneMetrics {
@@ -323,6 +326,7 @@ impl LaneMetrics {
             dead_lettered: consumed("dead_lettered"),
             skipped: consumed("skipped"),
             retried: consumed("retried"),
+            revoked: consumed("revoked"),
         }
     }
 }
@@ -364,6 +368,16 @@ async fn run_lane(ctx: Arc<LaneContext>, mut rx: mpsc::Receiver<Delivery>) {
 async fn process(ctx: &LaneContext, delivery: Delivery) {
     let started = Instant::now();
     let msg = &delivery.message;
+    if delivery.revoked() {
+        // Queued here before a rebalance gave its partition away: the next owner has it.
+        debug!(
+            partition = msg.partition,
+            offset = msg.offset,
+            "partition revoked; left to its next owner"
+        );
+        ctx.metrics.revoked.increment(1);
+        return;
+    }
     // The envelope is read and the whole body checked now (a bad body is dead-lettered here);
     // the body's JSON map is built only if the handler reads it.
     let outcome = match events::decode_lazy(&msg.payload) {
@@ -392,7 +406,10 @@ async fn process(ctx: &LaneContext, delivery: Delivery) {
                 partition = msg.partition,
                 offset = msg.offset,
             );
-            match handle_with_retry(ctx, &event, msg).instrument(span).await {
+            match handle_with_retry(ctx, &event, &delivery)
+                .instrument(span)
+                .await
+            {
                 Some(o) => o,
                 None => return,
             }
@@ -423,8 +440,14 @@ enum Outcome {
     Skipped,
 }
 
-/// Runs the handler until it succeeds or rejects; `None` if shutdown interrupted the retries.
-async fn handle_with_retry(ctx: &LaneContext, event: &Event, msg: &Message) -> Option<Outcome> {
+/// Runs the handler until it succeeds or rejects; `None` if shutdown interrupted the retries
+/// or the partition was given away meanwhile (the next owner retries it).
+async fn handle_with_retry(
+    ctx: &LaneContext,
+    event: &Event,
+    delivery: &Delivery,
+) -> Option<Outcome> {
+    let msg = &delivery.message;
     let mut attempt = 0u32;
     loop {
         attempt += 1;
@@ -445,6 +468,10 @@ async fn handle_with_retry(ctx: &LaneContext, event: &Event, msg: &Message) -> O
         tokio::select! {
             _ = ctx.stop.cancelled() => return None,
             _ = tokio::time::sleep(wait) => {}
+        }
+        if delivery.revoked() {
+            ctx.metrics.revoked.increment(1);
+            return None;
         }
     }
 }

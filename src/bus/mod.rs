@@ -183,12 +183,25 @@ impl Delivery {
     pub async fn ack(self) -> Result<(), BusError> {
         self.acker.ack().await
     }
+
+    /// Whether this member no longer owns the record's partition (a rebalance gave it away
+    /// after any hand-over wait): its next owner delivers the record again, so handling it
+    /// here as well would run its effect twice, beside later records of its key. A record
+    /// not yet handled when revoked is dropped unacked.
+    pub fn revoked(&self) -> bool {
+        self.acker.revoked()
+    }
 }
 
-/// Backend side of [`Delivery::ack`].
+/// Backend side of [`Delivery::ack`] and [`Delivery::revoked`].
 #[async_trait]
 pub trait Acker: Send + Sync {
     async fn ack(self: Box<Self>) -> Result<(), BusError>;
+
+    /// See [`Delivery::revoked`]; a tail's records are never revoked.
+    fn revoked(&self) -> bool {
+        false
+    }
 }
 
 /// A consumer group membership yielding deliveries.

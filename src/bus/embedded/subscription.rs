@@ -134,6 +134,7 @@ impl EmbeddedSubscription {
                 let acker = EmbeddedAcker {
                     inner: self.inner.clone(),
                     key: self.key.clone(),
+                    member: self.member,
                     partition: message.partition,
                     offset: message.offset,
                     epoch,
@@ -188,6 +189,7 @@ impl Drop for EmbeddedSubscription {
 struct EmbeddedAcker {
     inner: Arc<Inner>,
     key: Arc<GroupKey>,
+    member: u64,
     partition: u32,
     offset: u64,
     epoch: u64,
@@ -201,5 +203,11 @@ impl Acker for EmbeddedAcker {
     async fn ack(self: Box<Self>) -> Result<(), BusError> {
         self.inner
             .ack(&self.key, self.partition, self.offset, self.epoch)
+    }
+
+    fn revoked(&self) -> bool {
+        !self
+            .inner
+            .owns(&self.key, self.member, self.partition, self.epoch)
     }
 }

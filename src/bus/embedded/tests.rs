@@ -678,3 +678,132 @@ async fn offsets_survive_reopen_and_compaction() {
         .len();
     assert!(after < before, "{after} < {before}");
 }
+
+/// Deliveries a member holds for a partition a rebalance gave away say so; the others do not.
+#[tokio::test]
+async fn held_deliveries_of_a_moved_partition_are_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = open(dir.path());
+    topic(&bus, "t", 2).await;
+    for p in 0..2u32 {
+        let key = (0..)
+            .map(|i| format!("k{i}"))
+            .find(|k| crate::bus::partition_for(k, 2) == p)
+            .unwrap();
+        bus.publish("t", OutRecord::new(key, "x")).await.unwrap();
+    }
+    let mut a = bus.subscribe("g", "t", opts(16)).await.unwrap();
+    let held = [next(&mut a).await, next(&mut a).await];
+    assert!(
+        held.iter().all(|d| !d.revoked()),
+        "both owned by the only member"
+    );
+    let _b = bus.subscribe("g", "t", opts(16)).await.unwrap();
+    let revoked: Vec<u32> = held
+        .iter()
+        .filter(|d| d.revoked())
+        .map(|d| d.message.partition)
+        .collect();
+    assert_eq!(revoked.len(), 1, "one of two partitions moved: {revoked:?}");
+}
+
+/// A consumer's lanes leave records of a partition given away while they were queued to the
+/// next owner instead of handling them too (only the one being handled at that moment is
+/// handled on both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_leaves_queued_records_of_a_moved_partition() {
+    use crate::bus::consumer::{Consumer, ConsumerOptions, HandleError, Handler};
+    use crate::events::{encode, Event};
+    use std::sync::{Arc, Mutex};
+    use tokio_util::sync::CancellationToken;
+
+    struct Gate {
+        open: tokio::sync::Semaphore,
+        handled: Mutex<Vec<(u32, u64)>>,
+    }
+    #[async_trait::async_trait]
+    impl Handler for Gate {
+        async fn handle(&self, _e: &Event, m: &Message) -> Result<(), HandleError> {
+            // The first record holds the lane until the test opens the gate.
+            let _ = self.open.acquire().await;
+            self.handled.lock().unwrap().push((m.partition, m.offset));
+            Ok(())
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let bus: Arc<dyn Bus> = Arc::new(open(dir.path()));
+    bus.apply_topic(&TopicSpec {
+        name: "t".into(),
+        partitions: 2,
+        retention: None,
+    })
+    .await
+    .unwrap();
+    let keys: Vec<String> = (0..2u32)
+        .map(|p| {
+            (0..)
+                .map(|i| format!("k{i}"))
+                .find(|k| crate::bus::partition_for(k, 2) == p)
+                .unwrap()
+        })
+        .collect();
+    for _ in 0..3 {
+        for k in &keys {
+            let body = crate::events::chat::TypingIndicated {
+                participant_id: "p".into(),
+                participant_kind: crate::events::chat::ParticipantKind::Customer,
+                state: crate::events::chat::TypingState::Started,
+                preview: None,
+                transcript_position: None,
+            };
+            let event = Event::typed(&body, "t1", k, "test").unwrap();
+            bus.publish("t", OutRecord::new(k.clone(), encode(&event).unwrap()))
+                .await
+                .unwrap();
+        }
+    }
+    let gate = Arc::new(Gate {
+        open: tokio::sync::Semaphore::new(0),
+        handled: Mutex::new(Vec::new()),
+    });
+    let options = ConsumerOptions {
+        concurrency: 1,
+        max_in_flight: 16,
+        handler_timeout: Duration::from_secs(30),
+        retry_initial: Duration::from_millis(10),
+        retry_max: Duration::from_millis(100),
+        lag_interval: Duration::from_secs(5),
+        start: StartFrom::Earliest,
+    };
+    let stop = CancellationToken::new();
+    let run =
+        tokio::spawn(Consumer::new(bus.clone(), "g", "t", options).run(gate.clone(), stop.clone()));
+    // Everything is queued in the one lane behind the first record.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut b = bus
+        .subscribe("g", "t", SubscribeOptions::default())
+        .await
+        .unwrap();
+    let mut taken_by_b = HashSet::new();
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(500), b.next()).await {
+        taken_by_b.insert((d.message.partition, d.message.offset));
+        d.ack().await.unwrap();
+    }
+    assert_eq!(taken_by_b.len(), 3, "the moved partition's three records");
+    gate.open.add_permits(100);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    let handled = gate.handled.lock().unwrap().clone();
+    let both: Vec<_> = handled.iter().filter(|r| taken_by_b.contains(r)).collect();
+    assert!(
+        both.len() <= 1,
+        "handled by both members: {both:?} (A handled {handled:?})"
+    );
+    assert_eq!(
+        handled.len() - both.len(),
+        3,
+        "A handled its own partition: {handled:?}"
+    );
+}

@@ -178,6 +178,9 @@ struct Slot {
     draining: AtomicBool,
     /// Cancelled when the lease was lost: stop at once, release nothing.
     lost: CancellationToken,
+    /// Set when the partition is given back after its drain: records still queued in the
+    /// consumer's lanes are the next owner's (see `Delivery::revoked`).
+    released: AtomicBool,
     /// Wakes the worker: draining started, or a handed-out record was settled.
     wake: Notify,
     /// Handed-out records not acked yet, by stream sequence.
@@ -428,6 +431,7 @@ async fn rebalance(
             lease: Mutex::new(Lease { revision, deadline }),
             draining: AtomicBool::new(false),
             lost: CancellationToken::new(),
+            released: AtomicBool::new(false),
             wake: Notify::new(),
             inflight: Mutex::new(BTreeMap::new()),
         });
@@ -518,6 +522,7 @@ async fn reap(g: &Group, held: &mut HashMap<u32, Held>) -> Vec<WorkerEnd> {
 /// next owner gets those first and in order; then deletes the lease (revision-checked, so a
 /// lease that was taken over meanwhile stays).
 async fn release(g: &Group, slot: &Slot) {
+    slot.released.store(true, Ordering::Release);
     let left: Vec<(u64, Inflight)> = std::mem::take(&mut *lock(&slot.inflight))
         .into_iter()
         .collect();
@@ -874,6 +879,10 @@ impl Acker for JetStreamAcker {
         self.flusher.flush().await.map_err(|e| {
             BusError::Unavailable(format!("flushing ack of sequence {}: {e}", self.seq))
         })
+    }
+
+    fn revoked(&self) -> bool {
+        self.slot.lost.is_cancelled() || self.slot.released.load(Ordering::Acquire)
     }
 }
 

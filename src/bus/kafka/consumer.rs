@@ -225,6 +225,14 @@ impl Tracker {
         Some(t.epoch)
     }
 
+    /// Whether `partition` is still owned under `epoch` (a revoke in progress still owns it:
+    /// its hand-over wait lets handed-out records finish).
+    fn owns(&self, partition: i32, epoch: u64) -> bool {
+        lock(&self.parts)
+            .get(&partition)
+            .is_some_and(|t| t.epoch == epoch)
+    }
+
     /// Marks a queued record as handed out; false if its ownership ended meanwhile.
     fn hand_out(&self, partition: i32, offset: i64, epoch: u64) -> bool {
         let mut parts = lock(&self.parts);
@@ -482,6 +490,10 @@ impl Acker for KafkaAcker {
         self.tracker
             .settle(self.partition, self.offset, self.epoch, Slot::Acked);
         Ok(())
+    }
+
+    fn revoked(&self) -> bool {
+        !self.tracker.owns(self.partition, self.epoch)
     }
 }
 
