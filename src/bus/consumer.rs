@@ -5,10 +5,10 @@
 //! Ordering: a key always maps to the same lane and a lane handles one event at a time, retrying
 //! it in place, so events of one conversation are handled in partition order. A record whose
 //! partition was given away while it waited in a lane (or between its retries) is dropped
-//! unacked: its next owner handles it, so two members never work through one key's backlog. Different keys
-//! run concurrently: a slow conversation stalls only the keys sharing its lane, until its lane's
-//! queue (`max_in_flight / concurrency`) is full, which then holds the intake (bounded memory).
-//! Nothing is ordered across keys. Delivery is at-least-once: handlers must be idempotent by
+//! unacked: its next owner handles it, so two members never work through one key's backlog.
+//! Different keys run concurrently: a slow conversation stalls only the keys sharing its lane,
+//! until its lane's queue (`max_in_flight / concurrency`) is full, which then holds the intake
+//! (bounded memory). Nothing is ordered across keys. Delivery is at-least-once: handlers must be idempotent by
 //! event id.
 //!
 //! A broadcast consumer ([`Consumer::broadcast`]) reads the topic's tail without a group: same
