@@ -381,18 +381,30 @@ async fn kafka_postgres_redis_chat_end_to_end() {
     drop((worker, edge));
 }
 
+/// A `nexus dev` node in `dir` (the base env plus `extra`) and one provisioned tenant.
+async fn dev(dir: &std::path::Path, extra: &[(&'static str, &str)]) -> (Node, Admin, Tenant) {
+    let mut env = base_env(dir);
+    env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+    let node = start_node(dir, "dev", &["dev"], env).await;
+    let admin = Admin::new(&node.url);
+    let tenant = provision_tenant(&admin).await;
+    (node, admin, tenant)
+}
+
 /// Async chat: an idle customer gets a notice after `idle_timeout`, and the chat closes with
 /// IDLE_TIMEOUT after `close_grace` unless the customer returns (which restarts the clock).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_chat_closes_when_idle_unless_the_customer_returns() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut env = base_env(dir.path());
-    env.push(("NEXUS_WORKERS__CONVERSATION__IDLE_TIMEOUT_S", "2".into()));
-    env.push(("NEXUS_WORKERS__CONVERSATION__CLOSE_GRACE_S", "2".into()));
-    let node = start_node(dir.path(), "dev", &["dev"], env).await;
+    let (node, _admin, tenant) = dev(
+        dir.path(),
+        &[
+            ("NEXUS_WORKERS__CONVERSATION__IDLE_TIMEOUT_S", "2"),
+            ("NEXUS_WORKERS__CONVERSATION__CLOSE_GRACE_S", "2"),
+        ],
+    )
+    .await;
     let url = node.url.as_str();
-    let admin = Admin::new(url);
-    let tenant = provision_tenant(&admin).await;
     let http = reqwest::Client::new();
     let started: Value = http
         .post(format!("{url}/nexus/v3/chat/sessions"))
@@ -459,15 +471,12 @@ async fn async_chat_closes_when_idle_unless_the_customer_returns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lapsed_and_rejected_offers_go_to_the_next_agent() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut env = base_env(dir.path());
-    env.push((
-        "NEXUS_WORKERS__CONVERSATION__OFFER_TIMEOUT_MS",
-        "1500".into(),
-    ));
-    let node = start_node(dir.path(), "dev", &["dev"], env).await;
+    let (node, admin, tenant) = dev(
+        dir.path(),
+        &[("NEXUS_WORKERS__CONVERSATION__OFFER_TIMEOUT_MS", "1500")],
+    )
+    .await;
     let url = node.url.as_str();
-    let admin = Admin::new(url);
-    let tenant = provision_tenant(&admin).await;
     let (_, t1) = provision_agent(&admin, &tenant, "first", 1).await;
     let mut first = agent_ready(url, &t1).await;
     // The second agent becomes ready later, so the first is the longest idle.
@@ -540,15 +549,12 @@ async fn lapsed_and_rejected_offers_go_to_the_next_agent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_offer_to_one_agent_lapses_like_the_first() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut env = base_env(dir.path());
-    env.push((
-        "NEXUS_WORKERS__CONVERSATION__OFFER_TIMEOUT_MS",
-        "1000".into(),
-    ));
-    let node = start_node(dir.path(), "dev", &["dev"], env).await;
+    let (node, admin, tenant) = dev(
+        dir.path(),
+        &[("NEXUS_WORKERS__CONVERSATION__OFFER_TIMEOUT_MS", "1000")],
+    )
+    .await;
     let url = node.url.as_str();
-    let admin = Admin::new(url);
-    let tenant = provision_tenant(&admin).await;
     let mut agents = Vec::new();
     for name in ["first", "second", "third"] {
         let (id, token) = provision_agent(&admin, &tenant, name, 1).await;
@@ -607,28 +613,13 @@ async fn a_second_offer_to_one_agent_lapses_like_the_first() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_freed_slot_goes_to_the_longest_waiting_customer() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let node = start_node(dir.path(), "dev", &["dev"], base_env(dir.path())).await;
+    let (node, admin, tenant) = dev(dir.path(), &[]).await;
     let url = node.url.as_str();
-    let admin = Admin::new(url);
-    let tenant = provision_tenant(&admin).await;
     let (_, token) = provision_agent(&admin, &tenant, "solo", 1).await;
     let mut agent = agent_ready(url, &token).await;
-    let http = reqwest::Client::new();
     let start = |name: &'static str| {
-        let (http, url, key) = (http.clone(), url.to_string(), tenant.api_key.clone());
-        async move {
-            let v: Value = http
-                .post(format!("{url}/nexus/v3/chat/sessions"))
-                .header("x-api-key", &key)
-                .json(&json!({"nickname": name}))
-                .send()
-                .await
-                .expect("start")
-                .json()
-                .await
-                .expect("json");
-            v["session_id"].as_str().expect("sid").to_string()
-        }
+        let key = tenant.api_key.clone();
+        async move { start_session(url, &key, json!({"nickname": name})).await.0 }
     };
     let first = start("first").await;
     let offer = ws_until(&mut agent, WAIT, |v| v["type"] == "offer").await;
@@ -668,12 +659,9 @@ async fn a_freed_slot_goes_to_the_longest_waiting_customer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_agent_token_closes_its_open_socket() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut env = base_env(dir.path());
-    env.push(("NEXUS_STORES__AUTH_CACHE_TTL_MS", "1000".into()));
-    let node = start_node(dir.path(), "dev", &["dev"], env).await;
+    let (node, admin, tenant) =
+        dev(dir.path(), &[("NEXUS_STORES__AUTH_CACHE_TTL_MS", "1000")]).await;
     let url = node.url.as_str();
-    let admin = Admin::new(url);
-    let tenant = provision_tenant(&admin).await;
     let (id, token) = provision_agent(&admin, &tenant, "leaky", 1).await;
     let mut ws = agent_ready(url, &token).await;
     admin
@@ -701,10 +689,8 @@ async fn a_rotated_agent_token_closes_its_open_socket() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfer_to_an_agent_and_to_a_queue() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let node = start_node(dir.path(), "dev", &["dev"], base_env(dir.path())).await;
+    let (node, admin, tenant) = dev(dir.path(), &[]).await;
     let url = node.url.as_str();
-    let admin = Admin::new(url);
-    let tenant = provision_tenant(&admin).await;
     let billing = admin
         .post(
             &format!("/tenants/{}/queues", tenant.id),
@@ -889,10 +875,8 @@ async fn start_bot(credential: &'static str) -> (String, tokio::task::JoinHandle
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bot_first_then_handoff_and_fallback_when_down() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let node = start_node(dir.path(), "dev", &["dev"], base_env(dir.path())).await;
+    let (node, admin, tenant) = dev(dir.path(), &[]).await;
     let url = node.url.as_str();
-    let admin = Admin::new(url);
-    let tenant = provision_tenant(&admin).await;
     let (bot_url, bot_server) = start_bot("bot-secret").await;
     let bot = admin
         .post(
@@ -1002,10 +986,8 @@ async fn bot_first_then_handoff_and_fallback_when_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bot_posts_and_hands_off_through_the_bot_api() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let node = start_node(dir.path(), "dev", &["dev"], base_env(dir.path())).await;
+    let (node, admin, tenant) = dev(dir.path(), &[]).await;
     let url = node.url.as_str();
-    let admin = Admin::new(url);
-    let tenant = provision_tenant(&admin).await;
     let (bot_url, _bot_server) = start_bot("bot-secret").await;
     let bot = admin
         .post(

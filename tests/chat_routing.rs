@@ -80,6 +80,24 @@ async fn start_chat(http: &reqwest::Client, url: &str, api_key: &str, n: usize) 
     }
 }
 
+/// `n` agents of `capacity` chats each, ready on their sockets; (sockets, tokens).
+async fn ready_agents(
+    url: &str,
+    admin: &Admin,
+    tenant: &Tenant,
+    n: usize,
+    capacity: u32,
+) -> (Vec<Ws>, Vec<String>) {
+    let mut agents = Vec::new();
+    let mut tokens = Vec::new();
+    for i in 0..n {
+        let (_, token) = provision_agent(admin, tenant, &format!("agent {i}"), capacity).await;
+        agents.push(agent_ready(url, &token).await);
+        tokens.push(token);
+    }
+    (agents, tokens)
+}
+
 /// Accepts every offer until `connected` conversations are connected; returns them.
 async fn accept_until(ws: &mut Ws, connected: usize) -> HashSet<String> {
     let mut mine = HashSet::new();
@@ -193,13 +211,7 @@ async fn capacity_holds_while_offers_race_across_workers() {
     let admin = Admin::new(&sys.url);
     let tenant = provision_tenant(&admin).await;
     let http = reqwest::Client::new();
-    let mut agents = Vec::new();
-    let mut tokens = Vec::new();
-    for i in 0..AGENTS {
-        let (_, token) = provision_agent(&admin, &tenant, &format!("agent {i}"), CAPACITY).await;
-        agents.push(agent_ready(&sys.url, &token).await);
-        tokens.push(token);
-    }
+    let (mut agents, tokens) = ready_agents(&sys.url, &admin, &tenant, AGENTS, CAPACITY).await;
     // Twenty chats at once: two workers race to offer them.
     let customers: Vec<Customer> =
         join_all((0..CHATS).map(|n| start_chat(&http, &sys.url, &tenant.api_key, n))).await;
@@ -269,13 +281,7 @@ async fn racing_closes_close_a_conversation_once() {
     let admin = Admin::new(&sys.url);
     let tenant = provision_tenant(&admin).await;
     let http = reqwest::Client::new();
-    let mut agents = Vec::new();
-    let mut tokens = Vec::new();
-    for i in 0..AGENTS {
-        let (_, token) = provision_agent(&admin, &tenant, &format!("agent {i}"), CAPACITY).await;
-        agents.push(agent_ready(&sys.url, &token).await);
-        tokens.push(token);
-    }
+    let (mut agents, tokens) = ready_agents(&sys.url, &admin, &tenant, AGENTS, CAPACITY).await;
     let chats = AGENTS * CAPACITY as usize;
     let customers: Vec<Customer> =
         join_all((0..chats).map(|n| start_chat(&http, &sys.url, &tenant.api_key, n))).await;

@@ -85,17 +85,9 @@ impl System {
 }
 
 async fn start_chat(url: &str, api_key: &str) -> String {
-    let started: Value = reqwest::Client::new()
-        .post(format!("{url}/nexus/v3/chat/sessions"))
-        .header("x-api-key", api_key)
-        .json(&json!({"nickname": "Ann"}))
-        .send()
+    start_session(url, api_key, json!({"nickname": "Ann"}))
         .await
-        .expect("start")
-        .json()
-        .await
-        .expect("start json");
-    started["session_id"].as_str().expect("sid").to_string()
+        .0
 }
 
 /// Waits for the offer of `sid` on `ws`, accepts it and waits until connected.

@@ -153,24 +153,6 @@ impl System {
     }
 }
 
-/// A customer starts a chat; (session id, client key).
-async fn start_chat(url: &str, api_key: &str, body: Value) -> (String, String) {
-    let v: Value = reqwest::Client::new()
-        .post(format!("{url}/nexus/v3/chat/sessions"))
-        .header("x-api-key", api_key)
-        .json(&body)
-        .send()
-        .await
-        .expect("start")
-        .json()
-        .await
-        .expect("start json");
-    (
-        v["session_id"].as_str().expect("sid").to_string(),
-        v["client_key"].as_str().expect("client key").to_string(),
-    )
-}
-
 async fn customer_says(url: &str, api_key: &str, sid: &str, ck: &str, text: &str) {
     let r = reqwest::Client::new()
         .post(format!("{url}/nexus/v3/chat/sessions/{sid}/messages"))
@@ -244,7 +226,7 @@ async fn one_chat_start_to_close(
     let (alice, token) = provision_agent(&s.admin, &tenant, "alice", 2).await;
     let mut ws = agent_ready(&url, &token).await;
 
-    let (sid, ck) = start_chat(
+    let (sid, ck) = start_session(
         &url,
         &tenant.api_key,
         json!({"nickname": "Ann", "first_name": "Ann", "last_name": "Lee",
@@ -447,7 +429,7 @@ async fn kills_mid_load(s: &mut System, ucs: &FakeUcs, gws: &FakeGws, rx: &Recei
         let (url, key, held) = (url.clone(), tenant.api_key.clone(), held.clone());
         chats.push(tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(250 * i as u64)).await;
-            let (sid, ck) = start_chat(
+            let (sid, ck) = start_session(
                 &url,
                 &key,
                 json!({"nickname": format!("c{i}"), "first_name": format!("F{i}"), "last_name": "Doe"}),

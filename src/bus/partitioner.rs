@@ -9,6 +9,15 @@ pub fn partition_for(key: &str, partitions: u32) -> u32 {
     (murmur2(key.as_bytes()) & 0x7fff_ffff) % partitions
 }
 
+/// A key that lands in `partition` of `partitions` (for tests that need one per partition).
+#[cfg(test)]
+pub(crate) fn key_in(partition: u32, partitions: u32, tag: &str) -> String {
+    (0..)
+        .map(|i| format!("{tag}-{i}"))
+        .find(|k| partition_for(k, partitions) == partition)
+        .unwrap_or_default()
+}
+
 fn murmur2(data: &[u8]) -> u32 {
     const SEED: u32 = 0x9747_b28c;
     const M: u32 = 0x5bd1_e995;

@@ -343,6 +343,24 @@ pub async fn provision_agent(
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// A customer starts a chat through the v3 API; (session id, client key).
+pub async fn start_session(url: &str, api_key: &str, body: Value) -> (String, String) {
+    let v: Value = reqwest::Client::new()
+        .post(format!("{url}/nexus/v3/chat/sessions"))
+        .header("x-api-key", api_key)
+        .json(&body)
+        .send()
+        .await
+        .expect("start")
+        .json()
+        .await
+        .expect("start json");
+    (
+        v["session_id"].as_str().expect("sid").to_string(),
+        v["client_key"].as_str().expect("client key").to_string(),
+    )
+}
+
 /// An agent's WebSocket, signed in and ready (the worker applied it: `/v1/agent/me` says so).
 pub async fn agent_ready(url: &str, token: &str) -> Ws {
     const WAIT: Duration = Duration::from_secs(60);

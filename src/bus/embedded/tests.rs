@@ -686,10 +686,7 @@ async fn held_deliveries_of_a_moved_partition_are_revoked() {
     let bus = open(dir.path());
     topic(&bus, "t", 2).await;
     for p in 0..2u32 {
-        let key = (0..)
-            .map(|i| format!("k{i}"))
-            .find(|k| crate::bus::partition_for(k, 2) == p)
-            .unwrap();
+        let key = crate::bus::partitioner::key_in(p, 2, "k");
         bus.publish("t", OutRecord::new(key, "x")).await.unwrap();
     }
     let mut a = bus.subscribe("g", "t", opts(16)).await.unwrap();
@@ -741,12 +738,7 @@ async fn a_consumer_leaves_queued_records_of_a_moved_partition() {
     .await
     .unwrap();
     let keys: Vec<String> = (0..2u32)
-        .map(|p| {
-            (0..)
-                .map(|i| format!("k{i}"))
-                .find(|k| crate::bus::partition_for(k, 2) == p)
-                .unwrap()
-        })
+        .map(|p| crate::bus::partitioner::key_in(p, 2, "k"))
         .collect();
     for _ in 0..3 {
         for k in &keys {

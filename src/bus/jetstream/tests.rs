@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::codec::*;
 use super::*;
+use crate::bus::partitioner::key_in;
 use crate::config::Config;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -63,14 +64,6 @@ fn seq_of(m: &Message) -> u64 {
         .next()
         .and_then(|n| n.parse().ok())
         .expect("seq")
-}
-
-/// A key that lands in `partition` of `partitions`.
-fn key_in(partition: u32, partitions: u32, tag: &str) -> String {
-    (0..)
-        .map(|i| format!("{tag}-{i}"))
-        .find(|k| partition_for(k, partitions) == partition)
-        .expect("some key")
 }
 
 #[test]

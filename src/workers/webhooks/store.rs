@@ -76,6 +76,26 @@ pub struct NewMessage {
     pub body: String,
 }
 
+/// Makes due the waiting messages of one tenant whose `column` (a fixed column name, never
+/// input) is `value` and whose earlier messages are done.
+async fn unblock_where(
+    pool: &AnyPool,
+    column: &str,
+    tenant_id: &str,
+    value: &str,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(&format!(
+        "UPDATE webhook_messages SET next_attempt_at_ms = $3 WHERE tenant_id = $1 AND {column} = $2 AND {WAITING_AND_FREE}"
+    ))
+    .bind(tenant_id.to_string())
+    .bind(value.to_string())
+    .bind(now_ms)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// A waiting message (NULL due time) whose earlier messages in its conversation are done.
 const WAITING_AND_FREE: &str = "status = 'pending' AND next_attempt_at_ms IS NULL AND NOT EXISTS (SELECT 1 FROM webhook_messages p WHERE p.tenant_id = webhook_messages.tenant_id AND p.conversation_id = webhook_messages.conversation_id AND p.webhook_id = webhook_messages.webhook_id AND p.seq < webhook_messages.seq AND p.status = 'pending')";
 
@@ -444,15 +464,7 @@ impl MessageStore {
         conversation_id: &str,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query(&format!(
-            "UPDATE webhook_messages SET next_attempt_at_ms = $3 WHERE tenant_id = $1 AND conversation_id = $2 AND {WAITING_AND_FREE}"
-        ))
-        .bind(tenant_id.to_string())
-        .bind(conversation_id.to_string())
-        .bind(now_ms)
-        .execute(pool)
-        .await?;
-        Ok(())
+        unblock_where(pool, "conversation_id", tenant_id, conversation_id, now_ms).await
     }
 
     /// [`MessageStore::unblock`] for every conversation of one subscription: after messages
@@ -464,15 +476,7 @@ impl MessageStore {
         webhook_id: &str,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query(&format!(
-            "UPDATE webhook_messages SET next_attempt_at_ms = $3 WHERE tenant_id = $1 AND webhook_id = $2 AND {WAITING_AND_FREE}"
-        ))
-        .bind(tenant_id.to_string())
-        .bind(webhook_id.to_string())
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        unblock_where(&self.pool, "webhook_id", tenant_id, webhook_id, now_ms).await
     }
 
     /// [`MessageStore::unblock`] for every conversation: a sweep after crashes between a
