@@ -205,7 +205,7 @@ fn spawn_role(
     let role = topology
         .role(role_name)
         .ok_or_else(|| TopologyError::UnknownRole(role_name.to_string()))?;
-    let handler = workers::handler_for(&role.name, config, deps)?;
+    let handler = workers::handler_for(&role.name, &role.group, config, deps)?;
     for background in handler.background {
         let run = background(shutdown.clone());
         tasks.spawn(async move {

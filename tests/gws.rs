@@ -49,6 +49,8 @@ impl System {
             ("NEXUS_WORKERS__GWS__PAUSE_AFTER_FAILURES", "3".into()),
             ("NEXUS_WORKERS__GWS__PAUSE_INITIAL_MS", "200".into()),
             ("NEXUS_WORKERS__GWS__PAUSE_MAX_MS", "800".into()),
+            ("NEXUS_WORKERS__GWS__RETRY_INITIAL_MS", "200".into()),
+            ("NEXUS_WORKERS__GWS__RETRY_MAX_MS", "1000".into()),
         ]);
         let (ok, out, err) = common::process::run(&["topology", "apply", "--bus", &nats.url], &[]);
         assert!(ok, "topology apply: {out} {err}");
@@ -267,12 +269,18 @@ async fn agent_actions_reach_gws_once_each_in_order() {
         1.0
     );
 
-    // 3. GWS answers 503 for a while: retried, the role pauses, then everything goes through
-    // once.
+    // 3. GWS answers 503 for a while: retried from the backlog; failing for three chats (not
+    // one) pauses the role; then everything goes through once.
     gws.fail_all(Some(503));
     let outage = start_chat(&url, &tenant.api_key).await;
     accept(&mut alice_ws, &outage).await;
     let during = reply(&url, &a_token, &outage, "during the outage").await;
+    let mut others = Vec::new();
+    for _ in 0..2 {
+        let other = start_chat(&url, &tenant.api_key).await;
+        accept(&mut alice_ws, &other).await;
+        others.push(other);
+    }
     eventually(WAIT, "the gws role pauses", || async {
         let paused = sys
             .gws_metric("nexus_worker_paused", &["role=\"gws\"", "peer=\"gws\""])
@@ -281,11 +289,17 @@ async fn agent_actions_reach_gws_once_each_in_order() {
     })
     .await;
     assert!(gws.answered(503) >= 3, "calls were retried");
-    assert_eq!(
-        sys.gws_metric("nexus_gws_effects_retrying", &[]).await,
-        1.0,
-        "the outage chat's accept waits for another try"
-    );
+    eventually(
+        WAIT,
+        "the outage chat's accept waits in the backlog",
+        || async {
+            let queued = sys
+                .gws_metric("nexus_backlog_events", &["role=\"gws\""])
+                .await;
+            (queued >= 1.0).then_some(())
+        },
+    )
+    .await;
     assert!(gws.applied(&outage).is_empty());
     gws.fail_all(None);
     applied_eventually(
@@ -298,18 +312,29 @@ async fn agent_actions_reach_gws_once_each_in_order() {
         "after the outage every call goes through once",
     )
     .await;
+    for other in &others {
+        applied_eventually(
+            &gws,
+            other,
+            &[format!("Accept {alice}")],
+            "the other outage chats' accepts go through once",
+        )
+        .await;
+    }
     eventually(WAIT, "the gws role resumes", || async {
         let paused = sys
             .gws_metric("nexus_worker_paused", &["role=\"gws\"", "peer=\"gws\""])
             .await;
-        let retrying = sys.gws_metric("nexus_gws_effects_retrying", &[]).await;
-        (paused == 0.0 && retrying == 0.0).then_some(())
+        let queued = sys
+            .gws_metric("nexus_backlog_events", &["role=\"gws\""])
+            .await;
+        (paused == 0.0 && queued == 0.0).then_some(())
     })
     .await;
 
     // Nothing was applied twice anywhere (the per-chat lists above are exact).
     let all = gws.all_applied();
-    assert_eq!(all.len(), 6 + 4 + 2 + 2, "{all:?}");
+    assert_eq!(all.len(), 6 + 4 + 2 + 2 + 2, "{all:?}");
     drop((alice_ws, bob_ws));
 }
 

@@ -47,6 +47,11 @@ impl System {
                 "300".into(),
             ),
             ("NEXUS_WORKERS__HISTORY__UCS__PAUSE_MAX_MS", "800".into()),
+            (
+                "NEXUS_WORKERS__HISTORY__UCS__RETRY_INITIAL_MS",
+                "200".into(),
+            ),
+            ("NEXUS_WORKERS__HISTORY__UCS__RETRY_MAX_MS", "1000".into()),
         ]);
         let (ok, out, err) = common::process::run(&["topology", "apply", "--bus", &nats.url], &[]);
         assert!(ok, "topology apply: {out} {err}");
@@ -425,6 +430,116 @@ async fn ucs_outage_pauses_the_role_then_everything_is_written() {
     eventually(WAIT, "resumed", || async {
         let m = system.metrics().await;
         (metric_sum(&m, "nexus_worker_paused", &["role=\"history\""]) == Some(0.0)).then_some(())
+    })
+    .await;
+}
+
+/// Publishes an interaction event through the edge's ingest endpoint.
+async fn ingest(url: &str, tenant: &str, conv: &str, event_type: &str, body: Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/events/nexus.interaction.v1"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"event_type": event_type, "tenant_id": tenant,
+            "conversation_id": conv, "body": body}))
+        .send()
+        .await
+        .expect("ingest");
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
+}
+
+/// UCS failing for one contact (503 every time) holds only that conversation: another one on
+/// the same consumer lane is written meanwhile, the failing one's close waits behind its start,
+/// and once UCS takes the contact everything is written once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_ucs_keeps_failing_holds_no_other() {
+    let ucs = FakeUcs::start().await;
+    ucs.state.lock().unwrap().fail_email = Some("stuck@example.com".into());
+    let system = System::start(&ucs).await;
+    let url = system.edge.url.clone();
+    let tenant = provision_tenant(&Admin::new(&url)).await;
+    // Two conversations the history consumer runs on one lane (32 lanes, topology).
+    let stuck = uuid::Uuid::new_v4().to_string();
+    let lane = nexus::bus::consumer::lane_of(&stuck, 32);
+    let other = std::iter::repeat_with(|| uuid::Uuid::new_v4().to_string())
+        .find(|c| nexus::bus::consumer::lane_of(c, 32) == lane)
+        .expect("a key on the same lane");
+    let start = |email: &str| {
+        json!({"customer_participant_id": "customer", "customer_nickname": "Sam",
+            "contact": {"email_address": email}})
+    };
+    let close = json!({"reason": "CUSTOMER_LEFT", "closed_by_participant_id": "customer"});
+    ingest(
+        &url,
+        &tenant.id,
+        &stuck,
+        "ConversationStarted",
+        start("stuck@example.com"),
+    )
+    .await;
+    ingest(
+        &url,
+        &tenant.id,
+        &stuck,
+        "ConversationClosed",
+        close.clone(),
+    )
+    .await;
+    // The other conversation's events reach the lane only after the stuck one failed there.
+    eventually(WAIT, "the stuck contact refused", || {
+        let refused = ucs.calls() > 0;
+        async move { refused.then_some(()) }
+    })
+    .await;
+    ingest(
+        &url,
+        &tenant.id,
+        &other,
+        "ConversationStarted",
+        start("fine@example.com"),
+    )
+    .await;
+    ingest(&url, &tenant.id, &other, "ConversationClosed", close).await;
+
+    eventually(WAIT, "the other conversation written", || {
+        let done = ucs.stopped(&other);
+        async move { done.then_some(()) }
+    })
+    .await;
+    assert_written_once_in_order(&ucs, &tenant.id, &other, 1);
+    assert!(
+        ucs.effects_of(&stuck).is_empty(),
+        "the stuck one got past its contact"
+    );
+    // Its two events wait in the backlog, acked: no lag, the role is not paused.
+    eventually(WAIT, "the stuck conversation backlogged", || async {
+        let m = system.metrics().await;
+        let queued = metric_sum(&m, "nexus_backlog_events", &["role=\"history\""]);
+        let lag = metric_sum(
+            &m,
+            "nexus_consumer_lag",
+            &["nexus.interaction.v1", "nexus-history"],
+        );
+        let paused = metric_sum(&m, "nexus_worker_paused", &["role=\"history\""]);
+        (queued == Some(2.0) && lag == Some(0.0) && paused == Some(0.0)).then_some(())
+    })
+    .await;
+    let m = system.metrics().await;
+    assert!(
+        metric_sum(&m, "nexus_backlog_redriven_total", &["outcome=\"retried\""])
+            .is_some_and(|n| n >= 1.0),
+        "tried again from the backlog"
+    );
+
+    ucs.state.lock().unwrap().fail_email = None;
+    eventually(WAIT, "the stuck conversation written after all", || {
+        let done = ucs.stopped(&stuck);
+        async move { done.then_some(()) }
+    })
+    .await;
+    assert_written_once_in_order(&ucs, &tenant.id, &stuck, 1);
+    eventually(WAIT, "the backlog emptied", || async {
+        let m = system.metrics().await;
+        (metric_sum(&m, "nexus_backlog_events", &["role=\"history\""]) == Some(0.0)).then_some(())
     })
     .await;
 }

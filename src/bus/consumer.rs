@@ -344,10 +344,14 @@ pub fn lane_of(key: &str, lanes: usize) -> usize {
 }
 
 fn backoff(o: &ConsumerOptions, attempt: u32) -> Duration {
-    let exp = o
-        .retry_initial
-        .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
-    let capped = exp.min(o.retry_max);
+    retry_delay(o.retry_initial, o.retry_max, attempt)
+}
+
+/// The wait before try `attempt + 1`: `initial` doubled per failed attempt, capped at `max`,
+/// with jitter on the upper half.
+pub fn retry_delay(initial: Duration, max: Duration, attempt: u32) -> Duration {
+    let exp = initial.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+    let capped = exp.min(max);
     // Full jitter on the upper half keeps retrying members from moving in lockstep.
     let half = capped / 2;
     half + half.mul_f64(rand::rng().random::<f64>())
@@ -503,22 +507,7 @@ async fn dead_letter(
     reason: &str,
     detail: &str,
 ) -> Result<(), ()> {
-    let mut record = OutRecord::new(msg.key.clone(), msg.payload.clone());
-    record.headers = msg.headers.clone();
-    record.headers.extend([
-        (headers::DLQ_REASON.to_string(), reason.to_string()),
-        (headers::DLQ_ERROR.to_string(), truncate(detail, 1024)),
-        (headers::DLQ_SOURCE_TOPIC.to_string(), msg.topic.clone()),
-        (
-            headers::DLQ_SOURCE_PARTITION.to_string(),
-            msg.partition.to_string(),
-        ),
-        (
-            headers::DLQ_SOURCE_OFFSET.to_string(),
-            msg.offset.to_string(),
-        ),
-        (headers::DLQ_GROUP.to_string(), ctx.group.clone()),
-    ]);
+    let record = dead_letter_record(msg, &ctx.group, reason, detail);
     let dlq = dlq_topic(&msg.topic);
     let mut attempt = 0;
     loop {
@@ -538,6 +527,28 @@ async fn dead_letter(
             }
         }
     }
+}
+
+/// `msg` as its dead-letter record: the same key, payload and headers, plus why (`reason`,
+/// `detail`), where it came from and which `group` set it aside.
+pub fn dead_letter_record(msg: &Message, group: &str, reason: &str, detail: &str) -> OutRecord {
+    let mut record = OutRecord::new(msg.key.clone(), msg.payload.clone());
+    record.headers = msg.headers.clone();
+    record.headers.extend([
+        (headers::DLQ_REASON.to_string(), reason.to_string()),
+        (headers::DLQ_ERROR.to_string(), truncate(detail, 1024)),
+        (headers::DLQ_SOURCE_TOPIC.to_string(), msg.topic.clone()),
+        (
+            headers::DLQ_SOURCE_PARTITION.to_string(),
+            msg.partition.to_string(),
+        ),
+        (
+            headers::DLQ_SOURCE_OFFSET.to_string(),
+            msg.offset.to_string(),
+        ),
+        (headers::DLQ_GROUP.to_string(), group.to_string()),
+    ]);
+    record
 }
 
 fn truncate(s: &str, max: usize) -> String {

@@ -51,8 +51,17 @@ pub const HISTORY_ATTACHMENTS_TOTAL: &str = "nexus_history_attachments_total";
 /// GWS operations of the gws role by `operation` and `outcome` (applied, reconciled,
 /// duplicate, rejected, skipped).
 pub const GWS_OPERATIONS_TOTAL: &str = "nexus_gws_operations_total";
-/// GWS effects a gws pod is retrying; their conversations wait behind them.
-pub const GWS_EFFECTS_RETRYING: &str = "nexus_gws_effects_retrying";
+/// Events put in a role's retry backlog, per `role` and `reason` (failed: its call failed;
+/// behind: an earlier event of its conversation was waiting there).
+pub const BACKLOG_QUEUED_TOTAL: &str = "nexus_backlog_queued_total";
+/// Tries of backlogged events, per `role` and `outcome` (applied, retried, dead_lettered).
+pub const BACKLOG_REDRIVEN_TOTAL: &str = "nexus_backlog_redriven_total";
+/// Events waiting in a role's retry backlog, per `role`.
+pub const BACKLOG_EVENTS: &str = "nexus_backlog_events";
+/// Age of the oldest event in a role's retry backlog, per `role`.
+pub const BACKLOG_OLDEST_AGE_SECONDS: &str = "nexus_backlog_oldest_age_seconds";
+/// Backlog store operations that failed, per `role` and `stage` (claim, remove, reschedule, stats).
+pub const BACKLOG_ERRORS_TOTAL: &str = "nexus_backlog_errors_total";
 /// Old effect-state rows a role pruned (gws effect log, history's finished conversations, the webhook log), per `role`.
 pub const EFFECT_STATE_PRUNED_TOTAL: &str = "nexus_effect_state_pruned_total";
 
@@ -90,9 +99,23 @@ pub(super) fn describe_all() {
         GWS_OPERATIONS_TOTAL,
         "GWS operations of the gws role by operation and outcome (applied, reconciled, duplicate, rejected, skipped)."
     );
+    describe_counter!(
+        BACKLOG_QUEUED_TOTAL,
+        "Events put in a role's retry backlog, by role and reason (failed, behind)."
+    );
+    describe_counter!(
+        BACKLOG_REDRIVEN_TOTAL,
+        "Tries of backlogged events, by role and outcome (applied, retried, dead_lettered)."
+    );
+    describe_gauge!(BACKLOG_EVENTS, "Events waiting in a role's retry backlog.");
     describe_gauge!(
-        GWS_EFFECTS_RETRYING,
-        "GWS effects a gws pod is retrying; their conversations wait behind them."
+        BACKLOG_OLDEST_AGE_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest event in a role's retry backlog."
+    );
+    describe_counter!(
+        BACKLOG_ERRORS_TOTAL,
+        "Retry backlog store operations that failed, by role and stage."
     );
     describe_counter!(
         EFFECT_STATE_PRUNED_TOTAL,

@@ -7,6 +7,7 @@
 //! `delivery` role has no effects yet: it runs the consumer runtime with [`pending::Pending`],
 //! which acks and counts, until its issue lands (see README "Not built yet").
 
+pub mod backlog;
 pub mod conversation;
 pub mod gws;
 pub mod history;
@@ -62,8 +63,13 @@ impl RoleHandler {
     }
 }
 
-/// The effect of `role`.
-pub fn handler_for(role: &str, config: &Config, deps: &Deps) -> Result<RoleHandler, WorkerError> {
+/// The effect of `role`, whose consumer group is `group`.
+pub fn handler_for(
+    role: &str,
+    group: &str,
+    config: &Config,
+    deps: &Deps,
+) -> Result<RoleHandler, WorkerError> {
     let handler: Arc<dyn Handler> = match role {
         "tap" => Arc::new(
             tap::Tap::new(&config.workers.tap, &config.http_client).map_err(|e| {
@@ -110,10 +116,16 @@ pub fn handler_for(role: &str, config: &Config, deps: &Deps) -> Result<RoleHandl
                 deps.provisioning.clone(),
             );
             let pruner = worker.pruner();
-            return Ok(RoleHandler {
-                handler: Arc::new(worker),
-                background: vec![Box::new(pruner)],
-            });
+            let mut handler = backlogged(
+                "history",
+                group,
+                Arc::new(worker),
+                &config.workers.history.ucs,
+                config,
+                deps,
+            );
+            handler.background.push(Box::new(pruner));
+            return Ok(handler);
         }
         "gws" => {
             let worker = gws::GwsWorker::new(
@@ -126,10 +138,16 @@ pub fn handler_for(role: &str, config: &Config, deps: &Deps) -> Result<RoleHandl
                 message: e.to_string(),
             })?;
             let pruner = worker.pruner();
-            return Ok(RoleHandler {
-                handler: Arc::new(worker),
-                background: vec![Box::new(pruner)],
-            });
+            let mut handler = backlogged(
+                "gws",
+                group,
+                Arc::new(worker),
+                &config.workers.gws,
+                config,
+                deps,
+            );
+            handler.background.push(Box::new(pruner));
+            return Ok(handler);
         }
         "webhooks" => {
             return webhooks::role(
@@ -147,4 +165,29 @@ pub fn handler_for(role: &str, config: &Config, deps: &Deps) -> Result<RoleHandl
         other => Arc::new(pending::Pending::new(other)),
     };
     Ok(RoleHandler::plain(handler))
+}
+
+/// A peer-calling role's effect behind its retry backlog, with the backlog's scheduler.
+fn backlogged<E: backlog::Effect>(
+    role: &'static str,
+    group: &str,
+    effect: Arc<E>,
+    peer: &peer::PeerConfig,
+    config: &Config,
+    deps: &Deps,
+) -> RoleHandler {
+    let store = backlog::Backlog::new(deps.provisioning.pool().clone(), role);
+    let policy = backlog::RetryPolicy::of(peer);
+    let scheduler = Arc::new(backlog::Scheduler::new(
+        store.clone(),
+        effect.clone(),
+        deps.bus.clone(),
+        group,
+        policy,
+        config.consumer_handler_timeout(),
+    ));
+    RoleHandler {
+        handler: Arc::new(backlog::Backlogged::new(effect, store, policy)),
+        background: vec![Box::new(move |stop| scheduler.run(stop).boxed())],
+    }
 }

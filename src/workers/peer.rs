@@ -5,6 +5,9 @@
 //! instead of calling, one caller probes after a growing, jittered pause, and the role's
 //! `nexus_worker_paused` gauge is 1. Waiting lanes fill their queues, the consumer stops taking
 //! records and the group's lag grows where operators see it; the first success resumes all.
+//! Failures count per subject (the conversation a call is for): it takes failures for
+//! `pause_after_failures` different conversations, with no success between, to open it, so
+//! one conversation the peer keeps refusing with 5xx (retried from the backlog) pauses nobody.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -39,12 +42,22 @@ pub struct PeerConfig {
     pub credential: String,
     /// Per-call timeout in ms.
     pub timeout_ms: u64,
-    /// Consecutive failed calls (5xx, timeout, refused) that pause the role.
+    /// Failed calls (5xx, timeout, refused) for this many different conversations, with no
+    /// success between, pause the role.
     pub pause_after_failures: u32,
     /// First pause before a probe call; doubles per failed probe, with jitter.
     pub pause_initial_ms: u64,
     /// Longest pause between probes.
     pub pause_max_ms: u64,
+    /// First wait before an event whose call failed is tried again from the backlog; doubles
+    /// per failed try (with jitter) up to `retry_max_ms`.
+    pub retry_initial_ms: u64,
+    /// Longest wait between tries of a backlogged event.
+    pub retry_max_ms: u64,
+    /// Failed tries after which a backlogged event is dead-lettered (`retries_exhausted`) and
+    /// its conversation goes on; tries while the peer is down for everyone (the circuit open)
+    /// do not count. 0 = never.
+    pub retry_max_attempts: u32,
     /// Per-tenant targets, by tenant id; they win over the global one.
     pub tenants: BTreeMap<String, PeerTarget>,
 }
@@ -58,6 +71,9 @@ impl Default for PeerConfig {
             pause_after_failures: 3,
             pause_initial_ms: 1_000,
             pause_max_ms: 30_000,
+            retry_initial_ms: 1_000,
+            retry_max_ms: 300_000,
+            retry_max_attempts: 20,
             tenants: BTreeMap::new(),
         }
     }
@@ -99,6 +115,9 @@ impl PeerConfig {
                 _ => Err(format!("{k}: `{url}` is not an http(s) URL")),
             }
         };
+        if self.retry_initial_ms == 0 {
+            return Err(format!("{key}.retry_initial_ms: must be at least 1"));
+        }
         check(format!("{key}.url"), &self.url)?;
         for (tenant, t) in &self.tenants {
             check(format!("{key}.tenants.{tenant}.url"), &t.url)?;
@@ -176,11 +195,13 @@ impl Peer {
         self.circuit.is_open()
     }
 
-    /// POSTs `body` to `{target.url}{path}` and returns the answer's JSON (`Null` for an empty
-    /// body). Waits first while the circuit is open.
+    /// POSTs `body` to `{target.url}{path}` for `subject` (the conversation it is about) and
+    /// returns the answer's JSON (`Null` for an empty body). Waits first while the circuit is
+    /// open.
     pub async fn post_json(
         &self,
         target: &PeerTarget,
+        subject: &str,
         path: &str,
         headers: &[(&str, &str)],
         body: &serde_json::Value,
@@ -197,13 +218,14 @@ impl Peer {
         for (k, v) in headers {
             request = request.header(*k, *v);
         }
-        self.send(request, &url).await
+        self.send(request, subject, &url).await
     }
 
-    /// GETs `{target.url}{path}`; 404 is `Ok(None)`.
+    /// GETs `{target.url}{path}` for `subject`; 404 is `Ok(None)`.
     pub async fn get_json(
         &self,
         target: &PeerTarget,
+        subject: &str,
         path: &str,
         headers: &[(&str, &str)],
     ) -> Result<Option<serde_json::Value>, PeerFailure> {
@@ -218,7 +240,7 @@ impl Peer {
         for (k, v) in headers {
             request = request.header(*k, *v);
         }
-        match self.send(request, &url).await {
+        match self.send(request, subject, &url).await {
             Ok(v) => Ok(Some(v)),
             Err(PeerFailure::Rejected { status: 404, .. }) => Ok(None),
             Err(e) => Err(e),
@@ -228,6 +250,7 @@ impl Peer {
     async fn send(
         &self,
         request: reqwest::RequestBuilder,
+        subject: &str,
         url: &str,
     ) -> Result<serde_json::Value, PeerFailure> {
         let probing = self.circuit.admit().await;
@@ -294,7 +317,7 @@ impl Peer {
                 Err(e)
             }
             Err((_, e)) => {
-                self.circuit.failed(retry_after);
+                self.circuit.failed(subject, retry_after);
                 Err(e)
             }
         }
@@ -322,7 +345,8 @@ impl Drop for ProbeGuard<'_> {
     }
 }
 
-/// Closed while calls succeed; open (paused) after `pause_after_failures` failures in a row.
+/// Closed while calls succeed; open (paused) once calls for `pause_after_failures` different
+/// subjects failed with no success between.
 struct Circuit {
     role: &'static str,
     peer: &'static str,
@@ -335,7 +359,10 @@ struct Circuit {
 
 #[derive(Default)]
 struct CircuitState {
-    failures: u32,
+    /// Subjects whose calls failed since the last success (up to the threshold).
+    failing: Vec<String>,
+    /// Failed probes since the circuit opened: the pause doubles with each.
+    failed_probes: u32,
     /// While open: when the next probe may go.
     probe_at: Option<Instant>,
     probing: bool,
@@ -411,29 +438,38 @@ impl Circuit {
         self.changed.notify_waiters();
     }
 
-    /// A failed call. A peer that asked to wait (`Retry-After` on a 429 or 503) opens the
-    /// circuit at once, for at least that long (up to `pause_max_ms`): it said it is overloaded,
-    /// and every lane calling it again would only add to that.
-    fn failed(&self, retry_after: Option<Duration>) {
+    /// A failed call for `subject`. A peer that asked to wait (`Retry-After` on a 429 or 503)
+    /// opens the circuit at once, for at least that long (up to `pause_max_ms`): it said it is
+    /// overloaded, and every lane calling it again would only add to that.
+    fn failed(&self, subject: &str, retry_after: Option<Duration>) {
         let opened = {
             let mut s = self.lock();
-            s.failures = s.failures.saturating_add(1);
             s.probing = false;
-            if s.failures < self.threshold && retry_after.is_none() {
+            let open = s.probe_at.is_some();
+            if !open && !s.failing.iter().any(|f| f == subject) {
+                s.failing.push(subject.to_string());
+            }
+            let threshold = usize::try_from(self.threshold).unwrap_or(usize::MAX);
+            if !open && s.failing.len() < threshold && retry_after.is_none() {
                 return;
             }
-            let pause = match s.failures.checked_sub(self.threshold) {
-                Some(n) => {
-                    let pause = self.initial.saturating_mul(1u32 << n.min(16)).min(self.max);
-                    let half = pause / 2;
-                    half + half.mul_f64(rand::rng().random::<f64>())
-                }
-                None => Duration::ZERO,
+            let pause = if open {
+                s.failed_probes = s.failed_probes.saturating_add(1);
+                let pause = self
+                    .initial
+                    .saturating_mul(1u32 << s.failed_probes.min(16))
+                    .min(self.max);
+                let half = pause / 2;
+                half + half.mul_f64(rand::rng().random::<f64>())
+            } else if s.failing.len() >= threshold {
+                let half = self.initial.min(self.max) / 2;
+                half + half.mul_f64(rand::rng().random::<f64>())
+            } else {
+                Duration::ZERO
             };
             let pause = pause.max(retry_after.unwrap_or_default().min(self.max));
-            let opened = s.probe_at.is_none();
             s.probe_at = Some(Instant::now() + pause);
-            opened
+            !open
         };
         if opened {
             tracing::warn!(
@@ -498,10 +534,13 @@ mod tests {
     async fn the_circuit_opens_after_failures_and_one_probe_closes_it() {
         let c = Circuit::new("r", "p", &config());
         c.admit().await;
-        c.failed(None);
+        c.failed("chat-1", None);
         assert!(!c.is_open(), "one failure is below the threshold");
-        c.failed(None);
-        assert!(c.is_open());
+        c.failed("chat-1", None);
+        c.failed("chat-1", None);
+        assert!(!c.is_open(), "one conversation failing again pauses nobody");
+        c.failed("chat-2", None);
+        assert!(c.is_open(), "two conversations failing do");
         // While open, callers wait for the pause; the first gets the probe.
         let started = Instant::now();
         c.admit().await;
@@ -525,7 +564,7 @@ mod tests {
     #[tokio::test]
     async fn a_peer_asking_to_wait_opens_the_circuit_for_that_long() {
         let c = Circuit::new("r", "p", &config());
-        c.failed(Some(Duration::from_millis(150)));
+        c.failed("chat-1", Some(Duration::from_millis(150)));
         assert!(
             c.is_open(),
             "Retry-After pauses below the failure threshold"
@@ -535,7 +574,7 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(140));
         c.succeeded();
         // A longer wait is cut to pause_max_ms (200 ms here).
-        c.failed(Some(Duration::from_secs(3600)));
+        c.failed("chat-1", Some(Duration::from_secs(3600)));
         let started = Instant::now();
         let probe = tokio::time::timeout(Duration::from_secs(2), c.admit()).await;
         assert_eq!(probe.ok(), Some(true), "probed within pause_max_ms");
@@ -566,13 +605,13 @@ mod tests {
             timeout_ms: 2_000,
         };
         let first = peer
-            .post_json(&target, "/busy", &[], &serde_json::json!({}))
+            .post_json(&target, "chat-1", "/busy", &[], &serde_json::json!({}))
             .await;
         assert!(matches!(first, Err(PeerFailure::Retry(_))), "{first:?}");
         assert!(peer.paused(), "one 503 with Retry-After pauses");
         let started = Instant::now();
         let _ = peer
-            .post_json(&target, "/busy", &[], &serde_json::json!({}))
+            .post_json(&target, "chat-1", "/busy", &[], &serde_json::json!({}))
             .await;
         assert!(
             started.elapsed() >= Duration::from_millis(950),
@@ -584,8 +623,8 @@ mod tests {
     #[tokio::test]
     async fn a_prober_dropped_mid_call_hands_the_probe_on() {
         let c = Circuit::new("r", "p", &config());
-        c.failed(None);
-        c.failed(None);
+        c.failed("chat-1", None);
+        c.failed("chat-2", None);
         assert!(c.admit().await, "the first caller after the pause probes");
         drop(ProbeGuard {
             circuit: &c,

@@ -57,6 +57,8 @@ pub struct UcsState {
     pub mode: Mode,
     /// IdentifyContact with this email answers 400.
     pub reject_email: Option<String>,
+    /// IdentifyContact with this email answers 503 (UCS failing for one contact).
+    pub fail_email: Option<String>,
     /// Added to every call answered while up (a UCS under load).
     pub delay: Duration,
 }
@@ -169,6 +171,9 @@ async fn call(
             let email = text(p, "EmailAddress");
             if !email.is_empty() && s.reject_email.as_deref() == Some(email.as_str()) {
                 return answer(400, json!({"error": "contact refused"}));
+            }
+            if !email.is_empty() && s.fail_email.as_deref() == Some(email.as_str()) {
+                return answer(503, json!({"error": "contact store unavailable"}));
             }
             let phone = text(p, "PhoneNumber");
             let found = s.contacts.iter().find(|(_, c)| {

@@ -38,6 +38,11 @@ impl GwsClient {
         }
     }
 
+    /// Whether GWS is failing for everyone (the role is paused on it).
+    pub fn paused(&self) -> bool {
+        self.peer.paused()
+    }
+
     /// Makes `op` on the chat `path`.
     pub async fn operate(
         &self,
@@ -55,7 +60,8 @@ impl GwsClient {
             headers.push(("traceparent", tp.as_str()));
         }
         self.peer
-            .post_json(target, path, &headers, &op.body)
+            // The chat path names the conversation: the circuit's subject.
+            .post_json(target, path, path, &headers, &op.body)
             .await
             .map(|_| ())
     }
@@ -69,7 +75,7 @@ impl GwsClient {
     ) -> Result<Option<ChatView>, PeerFailure> {
         let Some(v) = self
             .peer
-            .get_json(target, path, &[(AGENT_HEADER, agent_id)])
+            .get_json(target, path, path, &[(AGENT_HEADER, agent_id)])
             .await?
         else {
             return Ok(None);

@@ -26,19 +26,20 @@
 //!    sent (the read before the repeat does not see it yet), and clocks of worker hosts that
 //!    disagree by more than the timeout. Both need GWS to be slower than `timeout_ms`.
 //!
-//! Order: the consumer runs one conversation on one lane, one event at a time, retrying in
-//! place, so GWS gets a conversation's calls in the order the agent made them; a failing call
-//! holds only its conversation's lane (and, while GWS keeps failing, the [`Peer`] circuit pauses
-//! the whole role: `nexus_worker_paused{role="gws",peer="gws"}` is 1). 5xx and timeouts retry
-//! with backoff; 4xx marks the row `rejected` and dead-letters the event (`gws_rejected`).
+//! Order: a conversation's events run one at a time, in the order the agent acted: on the
+//! consumer's lane, or, once a call failed (5xx, timeout, a previous call possibly in flight),
+//! in the role's [`backlog`](crate::workers::backlog), where the event waits for its next try
+//! and the conversation's later events queue behind it. Other conversations go on; while GWS
+//! keeps failing for everyone the [`Peer`](crate::workers::peer::Peer) circuit pauses the whole
+//! role (`nexus_worker_paused{role="gws",peer="gws"}` is 1). A 4xx marks the row `rejected` and
+//! dead-letters the event (`gws_rejected`).
 
 pub mod client;
 pub mod config;
 pub mod log;
 pub mod ops;
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -47,11 +48,12 @@ use tracing::{debug, info, warn, Instrument};
 
 pub use config::GwsConfig;
 
-use crate::bus::consumer::{HandleError, Handler};
+use crate::bus::consumer::HandleError;
 use crate::bus::Message;
 use crate::config::HttpClientConfig;
 use crate::events::{Envelope, Event};
 use crate::telemetry::metrics as m;
+use crate::workers::backlog::Effect;
 use crate::workers::peer::{PeerFailure, PeerTarget};
 
 use client::GwsClient;
@@ -81,8 +83,6 @@ pub struct GwsWorker {
     config: GwsConfig,
     client: GwsClient,
     log: Arc<EffectLog>,
-    /// Effects this pod is retrying (conversation and effect key), for the retry-depth gauge.
-    retrying: Mutex<HashSet<String>>,
 }
 
 impl GwsWorker {
@@ -93,12 +93,10 @@ impl GwsWorker {
         pool: sqlx::AnyPool,
     ) -> Result<Self, GwsError> {
         config::validate(config).map_err(GwsError::Config)?;
-        metrics::gauge!(m::GWS_EFFECTS_RETRYING).set(0.0);
         Ok(Self {
             config: config.clone(),
             client: GwsClient::new(crate::http_client::build(http)?, config),
             log: Arc::new(EffectLog::new(pool)),
-            retrying: Mutex::new(HashSet::new()),
         })
     }
 
@@ -118,7 +116,7 @@ impl GwsWorker {
         }
     }
 
-    async fn apply(
+    async fn effect(
         &self,
         e: &Envelope,
         op: &Operation,
@@ -203,21 +201,8 @@ impl GwsWorker {
         }
     }
 
-    /// Keeps `nexus_gws_effects_retrying` at the number of effects waiting for another try
-    /// (their conversations wait behind them).
-    fn track_retry(&self, effect: String, retrying: bool) {
-        let mut set = self.retrying.lock().unwrap_or_else(|p| p.into_inner());
-        let changed = if retrying {
-            set.insert(effect)
-        } else {
-            set.remove(&effect)
-        };
-        if changed {
-            metrics::gauge!(m::GWS_EFFECTS_RETRYING).set(set.len() as f64);
-        }
-    }
-
-    /// A failed GWS call: retried in place, or (4xx) settled as rejected and dead-lettered.
+    /// A failed GWS call: tried again (from the backlog), or (4xx) settled as rejected and
+    /// dead-lettered.
     async fn refused(&self, key: EffectKey<'_>, op: &Operation, f: PeerFailure) -> HandleError {
         if matches!(f, PeerFailure::Retry(_)) {
             return f.into_handle_error(REJECTED);
@@ -251,11 +236,15 @@ fn emit(op: &Operation, outcome: &'static str) {
 }
 
 #[async_trait]
-impl Handler for GwsWorker {
-    // Called on the conversation's lane, one event at a time and retried in place: GWS sees a
-    // conversation's calls in the order the agent made them, and a failing call holds only
-    // that conversation.
-    async fn handle(&self, event: &Event, _message: &Message) -> Result<(), HandleError> {
+impl Effect for GwsWorker {
+    fn concerns(&self, event: &Event) -> bool {
+        let e = &event.envelope;
+        ops::may_operate(&e.event_type) && self.config.target(&e.tenant_id).is_some()
+    }
+
+    // Runs one event of a conversation at a time, in the order the agent acted: on the
+    // conversation's consumer lane, or in the backlog behind a failed call (see module docs).
+    async fn apply(&self, event: &Event, _message: &Message) -> Result<(), HandleError> {
         let op = match ops::operation_of(event) {
             Ok(Some(op)) => op,
             Ok(None) => return Ok(()),
@@ -281,12 +270,11 @@ impl Handler for GwsWorker {
             });
         };
         let span = tracing::info_span!("gws", operation = op.kind.name(), agent = %op.agent_id);
-        let result = self.apply(e, &op, &target, &path).instrument(span).await;
-        self.track_retry(
-            format!("{}/{}/{}", e.tenant_id, e.conversation_id, op.effect_key),
-            matches!(result, Err(HandleError::Retry(_))),
-        );
-        result
+        self.effect(e, &op, &target, &path).instrument(span).await
+    }
+
+    fn peer_paused(&self) -> bool {
+        self.client.paused()
     }
 }
 

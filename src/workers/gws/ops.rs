@@ -49,6 +49,17 @@ pub struct Operation {
     pub message_id: Option<String>,
 }
 
+/// Whether events of this type can make a GWS call (before reading the body).
+pub fn may_operate(event_type: &str) -> bool {
+    matches!(
+        event_type,
+        AgentAccepted::TYPE
+            | MessageSent::TYPE
+            | TransferRequested::TYPE
+            | ConversationCompleted::TYPE
+    )
+}
+
 /// The operation `event` asks for; `None` for events GWS is not told about (readiness, offers,
 /// rejections, customer and bot messages, consultations, a bot's handoff).
 pub fn operation_of(event: &Event) -> Result<Option<Operation>, BodyError> {

@@ -1,4 +1,4 @@
-//! The handler on SQLite against a tiny GWS in the test: tenants without GWS are skipped, other
+//! The effect on SQLite against a tiny GWS in the test: tenants without GWS are skipped, other
 //! events are ignored, a redelivered event is not called again, a 4xx is dead-lettered and a
 //! replay of it tries again.
 
@@ -79,7 +79,7 @@ async fn tenants_without_gws_and_other_events_make_no_call() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (_, calls, _) = gws(200).await;
     let (w, db) = worker("", dir.path()).await;
-    w.handle(&accepted(), &message()).await.expect("skipped");
+    w.apply(&accepted(), &message()).await.expect("skipped");
     let ready = AgentStateChanged {
         agent_id: "a1".into(),
         state: AgentState::Ready,
@@ -87,7 +87,7 @@ async fn tenants_without_gws_and_other_events_make_no_call() {
         capacity: Default::default(),
     };
     let e = Event::typed(&ready, "t1", "a1", "edge/agent").expect("typed");
-    w.handle(&e, &message()).await.expect("ignored");
+    w.apply(&e, &message()).await.expect("ignored");
     assert_eq!(*calls.lock().unwrap(), 0);
     db.close().await;
 }
@@ -98,8 +98,8 @@ async fn a_redelivered_event_is_not_called_again() {
     let (url, calls, _) = gws(200).await;
     let (w, db) = worker(&url, dir.path()).await;
     let e = accepted();
-    w.handle(&e, &message()).await.expect("called");
-    w.handle(&e, &message()).await.expect("duplicate");
+    w.apply(&e, &message()).await.expect("called");
+    w.apply(&e, &message()).await.expect("duplicate");
     assert_eq!(*calls.lock().unwrap(), 1);
     db.close().await;
 }
@@ -110,14 +110,14 @@ async fn a_refused_call_is_dead_lettered_and_a_replay_tries_again() {
     let (url, calls, status) = gws(403).await;
     let (w, db) = worker(&url, dir.path()).await;
     let e = accepted();
-    match w.handle(&e, &message()).await {
+    match w.apply(&e, &message()).await {
         Err(HandleError::Reject { reason, .. }) => assert_eq!(reason, REJECTED),
         other => panic!("expected a rejection, got {other:?}"),
     }
     // The operator fixes what GWS refused and replays the dead letter.
     *status.lock().unwrap() = 200;
-    w.handle(&e, &message()).await.expect("replayed");
-    w.handle(&e, &message()).await.expect("duplicate");
+    w.apply(&e, &message()).await.expect("replayed");
+    w.apply(&e, &message()).await.expect("duplicate");
     assert_eq!(*calls.lock().unwrap(), 2, "refused once, applied once");
     db.close().await;
 }

@@ -6,8 +6,8 @@
 //! until the close. Handling an event records what it says (idempotently: the start and the
 //! close once, entries by position) and then runs the remaining steps in order, each one UCS
 //! call followed by a compare-and-set of the step. A redelivered or replayed event finds its
-//! steps done and makes no call. The consumer keeps one conversation on one lane, so the calls
-//! of a conversation never overlap or reorder.
+//! steps done and makes no call. A conversation's events run one at a time (on the consumer's
+//! lane, or in the backlog behind a failed one), so its calls never overlap or reorder.
 //!
 //! **The crash window.** A process can die after UCS applied a call and before the step was
 //! recorded (or before the ack). The event then comes back and the step is called again. Every
@@ -19,10 +19,13 @@
 //! - AddDocument has `Id` = UUIDv5(tenant, conversation, "transcript" | "attachment/<file id>");
 //! - SetInteractionStatus sets the same status and end date again (idempotent by nature).
 //!
-//! UCS failing (5xx, timeout, refused) retries the event in place with backoff and jitter; while
-//! it keeps failing the [`Peer`] circuit pauses the role (lanes wait, lag grows,
-//! `nexus_worker_paused{role="history",peer="ucs"}` = 1). A 4xx dead-letters the event with
-//! reason `ucs_rejected`. Tenants without a UCS target are acked without a call (`skipped`).
+//! UCS failing (5xx, timeout, refused) for one conversation puts its event in the role's
+//! [`backlog`](crate::workers::backlog) and acks it; the conversation's later events queue
+//! behind it and the backlog's scheduler runs them again in order, so other conversations go
+//! on. While UCS keeps failing for everyone the [`Peer`] circuit pauses the role (lanes wait,
+//! lag grows, `nexus_worker_paused{role="history",peer="ucs"}` = 1). A 4xx dead-letters the
+//! event with reason `ucs_rejected`. Tenants without a UCS target are acked without a call
+//! (`skipped`).
 
 pub mod config;
 pub mod store;
@@ -41,12 +44,13 @@ pub use config::HistoryConfig;
 use store::{Closed, Entry, HistoryStore, Started, State, Step, StoreError};
 use ucs::Ucs;
 
-use crate::bus::consumer::{HandleError, Handler};
+use crate::bus::consumer::HandleError;
 use crate::bus::Message;
 use crate::events::chat::{self as ev, Body};
 use crate::events::Event;
 use crate::stores::provisioning::{Provisioning, ProvisioningError};
 use crate::telemetry::metrics as m;
+use crate::workers::backlog::Effect;
 use crate::workers::peer::{Peer, PeerFailure, PeerTarget};
 
 /// Dead-letter reason of an event UCS refused (4xx).
@@ -288,7 +292,11 @@ impl HistoryWorker {
                 Next::WaitForClose | Next::Nothing => return Ok(()),
                 Next::IdentifyContact => {
                     let call = ucs::identify_contact(tenant, conv, &state.started);
-                    let answer = self.ucs.call(target, &call).await.map_err(ucs_failed)?;
+                    let answer = self
+                        .ucs
+                        .call(target, conv, &call)
+                        .await
+                        .map_err(ucs_failed)?;
                     let contact =
                         ucs::contact_id_of(&answer).ok_or_else(|| HandleError::Reject {
                             reason: BAD_ANSWER,
@@ -309,7 +317,11 @@ impl HistoryWorker {
                 Next::InsertInteraction => {
                     let contact = state.contact_id.clone().unwrap_or_default();
                     let call = ucs::insert_interaction(tenant, conv, &contact, &state.started);
-                    let answer = self.ucs.call(target, &call).await.map_err(ucs_failed)?;
+                    let answer = self
+                        .ucs
+                        .call(target, conv, &call)
+                        .await
+                        .map_err(ucs_failed)?;
                     // UCS keeps the Id it was given; an answer naming another one wins.
                     let id = answer
                         .get("Id")
@@ -337,7 +349,10 @@ impl HistoryWorker {
                         .map_err(store_failed)?;
                     let call =
                         ucs::transcript_document(tenant, conv, interaction(&state, conv), &entries);
-                    self.ucs.call(target, &call).await.map_err(ucs_failed)?;
+                    self.ucs
+                        .call(target, conv, &call)
+                        .await
+                        .map_err(ucs_failed)?;
                     self.store
                         .advance(
                             tenant,
@@ -386,7 +401,10 @@ impl HistoryWorker {
                     })?;
                     let call =
                         ucs::set_interaction_status(tenant, interaction(&state, conv), closed);
-                    self.ucs.call(target, &call).await.map_err(ucs_failed)?;
+                    self.ucs
+                        .call(target, conv, &call)
+                        .await
+                        .map_err(ucs_failed)?;
                     let moved = self
                         .store
                         .advance(
@@ -429,7 +447,10 @@ impl HistoryWorker {
         match self.files.file(tenant, conv, file_id).await {
             Ok(file) => {
                 let call = ucs::attachment_document(tenant, conv, interaction(state, conv), &file);
-                self.ucs.call(target, &call).await.map_err(ucs_failed)?;
+                self.ucs
+                    .call(target, conv, &call)
+                    .await
+                    .map_err(ucs_failed)?;
                 metrics::counter!(m::HISTORY_ATTACHMENTS_TOTAL, "outcome" => "added").increment(1);
                 Ok(())
             }
@@ -453,12 +474,29 @@ fn interaction<'a>(state: &'a State, conv: &'a str) -> &'a str {
 }
 
 #[async_trait]
-impl Handler for HistoryWorker {
-    async fn handle(&self, event: &Event, _message: &Message) -> Result<(), HandleError> {
+impl Effect for HistoryWorker {
+    fn concerns(&self, event: &Event) -> bool {
+        let e = &event.envelope;
+        matches!(
+            e.event_type.as_str(),
+            ev::ConversationStarted::TYPE
+                | ev::ConversationClosed::TYPE
+                | ev::MessageReceived::TYPE
+                | ev::MessageSent::TYPE
+                | ev::ParticipantJoined::TYPE
+                | ev::ParticipantLeft::TYPE
+        ) && self.config.ucs.target(&e.tenant_id).is_some()
+    }
+
+    async fn apply(&self, event: &Event, _message: &Message) -> Result<(), HandleError> {
         let Some(target) = self.config.ucs.target(&event.envelope.tenant_id) else {
             count("any", "skipped");
             return Ok(());
         };
         self.on_event(event, &target).await
+    }
+
+    fn peer_paused(&self) -> bool {
+        self.ucs.paused()
     }
 }

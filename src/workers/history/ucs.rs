@@ -198,9 +198,22 @@ impl Ucs {
         Self { peer }
     }
 
-    pub async fn call(&self, target: &PeerTarget, call: &Call) -> Result<Value, PeerFailure> {
+    /// Whether UCS is failing for everyone (the role is paused on it).
+    pub fn paused(&self) -> bool {
+        self.peer.paused()
+    }
+
+    /// Makes `call` for `conversation` (the circuit's subject).
+    pub async fn call(
+        &self,
+        target: &PeerTarget,
+        conversation: &str,
+        call: &Call,
+    ) -> Result<Value, PeerFailure> {
         let path = format!("/ucs/v1/{}/{}", call.service, call.method);
         let body = json!({"Parameters": call.parameters, "UserData": call.user_data});
-        self.peer.post_json(target, &path, &[], &body).await
+        self.peer
+            .post_json(target, conversation, &path, &[], &body)
+            .await
     }
 }

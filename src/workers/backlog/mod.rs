@@ -1,0 +1,154 @@
+//! Retries that never block a partition, for the roles that call a peer (history → UCS,
+//! gws → GWS): a failed call's event is recorded with its next try and acked.
+//!
+//! [`Backlogged`] wraps a role's [`Effect`] as its consumer handler:
+//! - an event whose conversation has events in the backlog is queued behind them ([`store`])
+//!   and acked, without running: **order per conversation is kept** because a conversation's
+//!   events run one at a time, in arrival order, whether on the consumer's lane or here;
+//! - otherwise the effect runs; a retryable failure (`HandleError::Retry`: peer 5xx, timeout)
+//!   puts the event in the backlog as its conversation's head, due after `retry_initial_ms`,
+//!   and acks it. Rejections are dead-lettered by the consumer as before.
+//!
+//! The [`scheduler`] (a background loop of the role, on every pod) claims due heads with a
+//! lease, runs the effect again, and on success moves straight on to the conversation's next
+//! queued event. Failures wait longer each time (up to `retry_max_ms`); after
+//! `retry_max_attempts` counted failures the event is dead-lettered (`retries_exhausted`) and
+//! the conversation goes on, as it would after a 4xx. Across conversations there is no order.
+//!
+//! Effects are idempotent by event (the history steps, the gws effect log), so a head run
+//! twice (a lease that ran out, a crash before the row was removed) repeats no effect.
+//! While the peer is down for everyone the [`crate::workers::peer::Peer`] circuit still pauses
+//! the role; tries made then do not count towards the limit.
+
+pub mod scheduler;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tracing::warn;
+
+pub use scheduler::Scheduler;
+pub use store::{Backlog, BacklogError, Item, Key};
+
+use crate::bus::consumer::{retry_delay, HandleError, Handler};
+use crate::bus::Message;
+use crate::events::Event;
+use crate::telemetry::metrics as m;
+use crate::workers::peer::PeerConfig;
+
+/// Dead-letter reason of an event whose tries ran out.
+pub const EXHAUSTED: &str = "retries_exhausted";
+
+/// A role's effect of one event, as the backlog runs it (first on the consumer's lane, then
+/// from the backlog).
+#[async_trait]
+pub trait Effect: Send + Sync + 'static {
+    /// Whether the role acts on this event at all; others are applied without a backlog check.
+    fn concerns(&self, event: &Event) -> bool;
+    /// The effect. `Retry` puts the event in the backlog; `Reject` dead-letters it.
+    async fn apply(&self, event: &Event, message: &Message) -> Result<(), HandleError>;
+    /// Whether the peer is failing for every conversation (its circuit is open): a failure then
+    /// says nothing about this event and is not counted against it.
+    fn peer_paused(&self) -> bool;
+}
+
+/// When backlogged events are tried again, from `[workers.<role>]` peer settings.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub initial: Duration,
+    pub max: Duration,
+    /// Counted failures before dead-lettering; 0 = never.
+    pub max_attempts: u32,
+}
+
+impl RetryPolicy {
+    pub fn of(c: &PeerConfig) -> Self {
+        Self {
+            initial: Duration::from_millis(c.retry_initial_ms.max(1)),
+            max: Duration::from_millis(c.retry_max_ms.max(c.retry_initial_ms).max(1)),
+            max_attempts: c.retry_max_attempts,
+        }
+    }
+
+    /// The wait after the `attempts`-th counted failure (at least the first delay).
+    pub fn delay_ms(&self, attempts: i64) -> i64 {
+        let attempts = u32::try_from(attempts.max(1)).unwrap_or(u32::MAX);
+        let d = retry_delay(self.initial, self.max, attempts);
+        i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// Whether `attempts` counted failures exhaust the tries.
+    pub fn exhausted(&self, attempts: i64) -> bool {
+        self.max_attempts > 0 && attempts >= i64::from(self.max_attempts)
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// The consumer handler of a backlogged role.
+pub struct Backlogged<E> {
+    effect: Arc<E>,
+    backlog: Backlog,
+    policy: RetryPolicy,
+}
+
+impl<E: Effect> Backlogged<E> {
+    pub fn new(effect: Arc<E>, backlog: Backlog, policy: RetryPolicy) -> Self {
+        Self {
+            effect,
+            backlog,
+            policy,
+        }
+    }
+
+    fn queued(&self, reason: &'static str) {
+        metrics::counter!(m::BACKLOG_QUEUED_TOTAL, "role" => self.backlog.role(), "reason" => reason)
+            .increment(1);
+    }
+}
+
+#[async_trait]
+impl<E: Effect> Handler for Backlogged<E> {
+    async fn handle(&self, event: &Event, message: &Message) -> Result<(), HandleError> {
+        if !self.effect.concerns(event) {
+            return self.effect.apply(event, message).await;
+        }
+        let e = &event.envelope;
+        let event_id = e.event_id.to_string();
+        let key = Key {
+            tenant_id: &e.tenant_id,
+            conversation_id: &e.conversation_id,
+            event_id: &event_id,
+        };
+        let backlog_failed = |e: BacklogError| HandleError::Retry(e.to_string());
+        // An earlier event of this conversation waits in the backlog: this one waits behind it.
+        if self
+            .backlog
+            .queue_behind(key, message, now_ms())
+            .await
+            .map_err(backlog_failed)?
+        {
+            self.queued("behind");
+            return Ok(());
+        }
+        match self.effect.apply(event, message).await {
+            Err(HandleError::Retry(why)) => {
+                let counted = !self.effect.peer_paused();
+                let due = now_ms() + self.policy.delay_ms(1);
+                // The backlog unavailable too (the same database): retry in place instead.
+                self.backlog
+                    .push(key, message, due, &why, i64::from(counted), now_ms())
+                    .await
+                    .map_err(|e| HandleError::Retry(format!("{why} (and the backlog: {e})")))?;
+                self.queued("failed");
+                warn!(error = %why, "effect failed; the event waits in the backlog for another try");
+                Ok(())
+            }
+            other => other,
+        }
+    }
+}

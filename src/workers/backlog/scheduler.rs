@@ -1,0 +1,265 @@
+//! The loop that re-drives a role's backlog: claims due conversation heads under a lease, runs
+//! the effect again and works down each conversation's queue in order (on every pod).
+//!
+//! A pod that dies mid-drive leaves its heads leased until the lease (the handler timeout plus
+//! a margin) ends; then any pod claims them again.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info_span, warn, Instrument};
+
+use super::{now_ms, Backlog, Effect, Item, RetryPolicy, EXHAUSTED};
+use crate::bus::consumer::{dead_letter_record, HandleError};
+use crate::bus::{dlq_topic, Bus};
+use crate::events;
+use crate::telemetry::metrics as m;
+
+/// How often due heads are looked for.
+const POLL: Duration = Duration::from_millis(250);
+/// Conversations driven at once by one pod.
+const MAX_DRIVES: usize = 16;
+/// Added to the handler timeout for the lease, so a drive that times out still owns its head.
+const LEASE_MARGIN: Duration = Duration::from_secs(5);
+/// How often the depth gauges are refreshed.
+const STATS_EVERY: Duration = Duration::from_secs(5);
+/// Wait before trying again when the dead-letter topic did not take an event.
+const DEAD_LETTER_RETRY_MS: i64 = 5_000;
+/// How long running drives may finish their current try after shutdown.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
+pub struct Scheduler<E> {
+    backlog: Backlog,
+    effect: Arc<E>,
+    bus: Arc<dyn Bus>,
+    /// The role's consumer group, named in dead-letter headers.
+    group: String,
+    policy: RetryPolicy,
+    /// Longest run of one try (the consumer's handler timeout).
+    timeout: Duration,
+}
+
+impl<E: Effect> Scheduler<E> {
+    pub fn new(
+        backlog: Backlog,
+        effect: Arc<E>,
+        bus: Arc<dyn Bus>,
+        group: &str,
+        policy: RetryPolicy,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            backlog,
+            effect,
+            bus,
+            group: group.to_string(),
+            policy,
+            timeout,
+        }
+    }
+
+    fn role(&self) -> &'static str {
+        self.backlog.role()
+    }
+
+    fn lease_ms(&self) -> i64 {
+        i64::try_from((self.timeout + LEASE_MARGIN).as_millis()).unwrap_or(i64::MAX)
+    }
+
+    fn count(&self, outcome: &'static str) {
+        metrics::counter!(m::BACKLOG_REDRIVEN_TOTAL, "role" => self.role(), "outcome" => outcome)
+            .increment(1);
+    }
+
+    fn failed(&self, stage: &'static str, e: &dyn std::fmt::Display) {
+        metrics::counter!(m::BACKLOG_ERRORS_TOTAL, "role" => self.role(), "stage" => stage)
+            .increment(1);
+        warn!(role = self.role(), stage, error = %e, "effect backlog store failed; tried again later");
+    }
+
+    /// Claims and drives due heads until `stop`.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let permits = Arc::new(Semaphore::new(MAX_DRIVES));
+        let mut drives = JoinSet::new();
+        let mut tick = tokio::time::interval(POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stats_at: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            while drives.try_join_next().is_some() {}
+            if !stats_at.is_some_and(|at| at.elapsed() < STATS_EVERY) {
+                self.stats().await;
+                stats_at = Some(Instant::now());
+            }
+            let free = permits.available_permits();
+            if free == 0 {
+                continue;
+            }
+            let now = now_ms();
+            let claimed = self
+                .backlog
+                .claim_due(now, now.saturating_add(self.lease_ms()), free)
+                .instrument(info_span!("backlog_claim", role = self.role()))
+                .await;
+            let items = match claimed {
+                Ok(items) => items,
+                Err(e) => {
+                    self.failed("claim", &e);
+                    continue;
+                }
+            };
+            for item in items {
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    break; // cannot happen: no more were claimed than permits were free
+                };
+                let me = self.clone();
+                let stop = stop.clone();
+                drives.spawn(async move {
+                    me.drive(item, stop).await;
+                    drop(permit);
+                });
+            }
+        }
+        // Running tries may finish; what is cut off comes back when its lease ends.
+        let _ = tokio::time::timeout(SHUTDOWN_WAIT, async {
+            while drives.join_next().await.is_some() {}
+        })
+        .await;
+        drives.abort_all();
+    }
+
+    /// Works down one conversation's queue from `item` until it is empty or a try fails.
+    async fn drive(&self, mut item: Item, stop: CancellationToken) {
+        loop {
+            let span = info_span!(
+                "backlog_drive",
+                role = self.role(),
+                tenant = %item.tenant_id,
+                conversation_id = %item.conversation_id,
+                event_id = %item.event_id,
+                attempts = item.attempts,
+            );
+            if !self.try_once(&item).instrument(span).await || stop.is_cancelled() {
+                return;
+            }
+            let now = now_ms();
+            let next = self
+                .backlog
+                .claim_next(
+                    &item.tenant_id,
+                    &item.conversation_id,
+                    now,
+                    now.saturating_add(self.lease_ms()),
+                )
+                .await;
+            item = match next {
+                Ok(Some(next)) => next,
+                Ok(None) => return,
+                // The next head is due: a later claim takes it.
+                Err(e) => return self.failed("claim", &e),
+            };
+        }
+    }
+
+    /// One try of the head; whether it is settled (applied or dead-lettered) and out.
+    async fn try_once(&self, item: &Item) -> bool {
+        let outcome = match events::decode_lazy(&item.message.payload) {
+            Err(e) => Err(HandleError::Reject {
+                reason: e.reason_code(),
+                detail: e.to_string(),
+            }),
+            Ok(event) => {
+                match tokio::time::timeout(self.timeout, self.effect.apply(&event, &item.message))
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(HandleError::Retry(format!(
+                        "timed out after {:?}",
+                        self.timeout
+                    ))),
+                }
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                if let Err(e) = self.backlog.remove(item).await {
+                    // Runs again when the lease ends; the effect is done, so that is a no-op.
+                    self.failed("remove", &e);
+                    return false;
+                }
+                self.count("applied");
+                debug!("backlogged event applied");
+                true
+            }
+            Err(HandleError::Reject { reason, detail }) => {
+                self.dead_letter(item, reason, &detail).await
+            }
+            Err(HandleError::Retry(why)) => {
+                let counted = !self.effect.peer_paused();
+                let attempts = item.attempts + i64::from(counted);
+                if counted && self.policy.exhausted(attempts) {
+                    let detail = format!("{attempts} tries failed; the last: {why}");
+                    return self.dead_letter(item, EXHAUSTED, &detail).await;
+                }
+                let due = now_ms().saturating_add(self.policy.delay_ms(attempts));
+                match self.backlog.reschedule(item, due, &why, counted).await {
+                    Ok(_) => {
+                        self.count("retried");
+                        warn!(error = %why, attempts, counted, "backlogged event failed again");
+                    }
+                    Err(e) => self.failed("reschedule", &e),
+                }
+                false
+            }
+        }
+    }
+
+    /// Sets the head aside on the source topic's dead-letter topic, then takes it out.
+    async fn dead_letter(&self, item: &Item, reason: &'static str, detail: &str) -> bool {
+        let record = dead_letter_record(&item.message, &self.group, reason, detail);
+        let dlq = dlq_topic(&item.message.topic);
+        if let Err(e) = self.bus.publish(&dlq, record).await {
+            let due = now_ms().saturating_add(DEAD_LETTER_RETRY_MS);
+            if let Err(e) = self
+                .backlog
+                .reschedule(item, due, &e.to_string(), false)
+                .await
+            {
+                self.failed("reschedule", &e);
+            }
+            warn!(error = %e, dlq = %dlq, "the dead-letter topic did not take a backlogged event; tried again later");
+            return false;
+        }
+        metrics::counter!(m::EVENTS_DEAD_LETTERED_TOTAL, "topic" => item.message.topic.clone(), "group" => self.group.clone(), "reason" => reason).increment(1);
+        self.count("dead_lettered");
+        warn!(reason, detail, dlq = %dlq, "backlogged event dead-lettered; its conversation goes on");
+        if let Err(e) = self.backlog.remove(item).await {
+            // Published again when the lease ends: the dead-letter topic may hold it twice.
+            self.failed("remove", &e);
+            return false;
+        }
+        true
+    }
+
+    async fn stats(&self) {
+        match self.backlog.depth().await {
+            Ok(d) => {
+                let role = self.role();
+                metrics::gauge!(m::BACKLOG_EVENTS, "role" => role).set(d.events as f64);
+                let age = d
+                    .oldest_created_at_ms
+                    .map(|at| (now_ms() - at).max(0) as f64 / 1000.0)
+                    .unwrap_or(0.0);
+                metrics::gauge!(m::BACKLOG_OLDEST_AGE_SECONDS, "role" => role).set(age);
+            }
+            Err(e) => self.failed("stats", &e),
+        }
+    }
+}

@@ -1,0 +1,429 @@
+//! The retry backlog of the peer-calling roles, on SQLite and on PostgreSQL (a fresh database),
+//! with the embedded bus for dead letters: a failed event is acked into the backlog, its
+//! conversation's later events queue behind it and run in order, other conversations go on,
+//! tries run out into the dead-letter topic, and failures while the peer is down for everyone
+//! do not count.
+//!
+//! The effect here is a recorder that fails on command; the history and gws tests run the same
+//! backlog against real HTTP peers.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use nexus::bus::consumer::{HandleError, Handler};
+use nexus::bus::{headers, Bus, Message, TopicSpec};
+use nexus::events::{encode, Event, Registry};
+use nexus::stores::provisioning::secrets::EncryptionKey;
+use nexus::stores::provisioning::Provisioning;
+use nexus::workers::backlog::{Backlog, Backlogged, Effect, Key, RetryPolicy, Scheduler};
+use tokio_util::sync::CancellationToken;
+
+const TOPIC: &str = "test.backlog.v1";
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Records what it applied, in order; fails the events it is told to (by text).
+#[derive(Default)]
+struct Recorder {
+    applied: Mutex<Vec<(String, String)>>,
+    /// Event text → how many more tries fail (`u32::MAX`: all of them).
+    failing: Mutex<HashMap<String, u32>>,
+    tries: Mutex<HashMap<String, u32>>,
+    paused: AtomicBool,
+}
+
+impl Recorder {
+    fn fail(&self, text: &str, times: u32) {
+        self.failing.lock().unwrap().insert(text.to_string(), times);
+    }
+
+    fn applied_to(&self, conv: &str) -> Vec<String> {
+        let applied = self.applied.lock().unwrap();
+        applied
+            .iter()
+            .filter(|(c, _)| c == conv)
+            .map(|(_, text)| text.clone())
+            .collect()
+    }
+
+    fn tries(&self, event_text: &str) -> u32 {
+        *self.tries.lock().unwrap().get(event_text).unwrap_or(&0)
+    }
+}
+
+#[async_trait]
+impl Effect for Recorder {
+    fn concerns(&self, _event: &Event) -> bool {
+        true
+    }
+
+    async fn apply(&self, event: &Event, _message: &Message) -> Result<(), HandleError> {
+        let conv = event.envelope.conversation_id.clone();
+        let text = event.envelope.producer.clone();
+        *self.tries.lock().unwrap().entry(text.clone()).or_default() += 1;
+        {
+            let mut failing = self.failing.lock().unwrap();
+            if let Some(left) = failing.get_mut(&text) {
+                if *left > 0 {
+                    *left = left.saturating_sub(u32::from(*left != u32::MAX));
+                    return Err(HandleError::Retry(format!("{text} is failing")));
+                }
+            }
+        }
+        self.applied.lock().unwrap().push((conv, text));
+        Ok(())
+    }
+
+    fn peer_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+}
+
+/// An event of `conv`, named by `text` (carried as the producer, which the recorder keeps).
+fn event(conv: &str, text: &str) -> (Event, Message) {
+    let mut e = Registry::builtin()
+        .example("ConversationStarted")
+        .expect("an example event");
+    e.envelope.event_id = uuid::Uuid::now_v7();
+    e.envelope.tenant_id = "t1".into();
+    e.envelope.conversation_id = conv.into();
+    e.envelope.producer = text.into();
+    let payload = encode(&e).expect("encode");
+    let m = Message {
+        topic: TOPIC.into(),
+        partition: 0,
+        offset: 7,
+        timestamp_ms: 0,
+        key: conv.into(),
+        payload: Bytes::from(payload),
+        headers: vec![("traceparent".into(), "00-abc-def-01".into())],
+    };
+    (e, m)
+}
+
+struct Rig {
+    recorder: Arc<Recorder>,
+    handler: Backlogged<Recorder>,
+    backlog: Backlog,
+    bus: Arc<dyn Bus>,
+    stop: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl Rig {
+    /// A rig on `db` ("" = SQLite), with its scheduler running if `scheduling`.
+    async fn start(db: &str, max_attempts: u32, scheduling: bool) -> Rig {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = if db.is_empty() {
+            dir.path().join("p.db").display().to_string()
+        } else {
+            db.to_string()
+        };
+        let key = EncryptionKey::parse(&"00".repeat(32)).expect("key");
+        let provisioning = Provisioning::connect(&target, &key)
+            .await
+            .expect("provisioning");
+        let mut config = nexus::config::Config::defaults().bus;
+        config.url = format!("embedded://{}", dir.path().join("bus").display());
+        let bus = nexus::bus::connect(&config).await.expect("bus");
+        bus.apply_topic(&TopicSpec {
+            name: format!("{TOPIC}.dlq"),
+            partitions: 1,
+            retention: None,
+        })
+        .await
+        .expect("dlq topic");
+        let recorder = Arc::new(Recorder::default());
+        let backlog = Backlog::new(provisioning.pool().clone(), "test");
+        let policy = RetryPolicy {
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(200),
+            max_attempts,
+        };
+        let scheduler = Arc::new(Scheduler::new(
+            backlog.clone(),
+            recorder.clone(),
+            bus.clone(),
+            "test-group",
+            policy,
+            Duration::from_secs(5),
+        ));
+        let stop = CancellationToken::new();
+        if scheduling {
+            tokio::spawn(scheduler.run(stop.clone()));
+        }
+        Rig {
+            handler: Backlogged::new(recorder.clone(), backlog.clone(), policy),
+            recorder,
+            backlog,
+            bus,
+            stop,
+            _dir: dir,
+        }
+    }
+
+    async fn handle(&self, conv: &str, text: &str) -> (Event, Message) {
+        let (e, m) = event(conv, text);
+        self.handler
+            .handle(&e, &m)
+            .await
+            .unwrap_or_else(|err| panic!("{text} was not acked: {err}"));
+        (e, m)
+    }
+
+    async fn queued(&self) -> i64 {
+        self.backlog.depth().await.expect("depth").events
+    }
+
+    async fn dead_letters(&self) -> Vec<Message> {
+        self.bus
+            .read(&format!("{TOPIC}.dlq"), 0, 0, 100)
+            .await
+            .expect("read dlq")
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let until = tokio::time::Instant::now() + WAIT;
+    while !f() {
+        assert!(tokio::time::Instant::now() < until, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn a_failed_event_holds_only_its_conversation(db: &str) {
+    let rig = Rig::start(db, 0, true).await;
+    let r = &rig.recorder;
+    r.fail("x1", 3);
+    // x's first event fails and is acked into the backlog; x's next events queue behind it.
+    rig.handle("x", "x1").await;
+    rig.handle("x", "x2").await;
+    rig.handle("x", "x3").await;
+    // Another conversation goes on at once, on the same handler.
+    rig.handle("y", "y1").await;
+    rig.handle("y", "y2").await;
+    assert_eq!(r.applied_to("y"), ["y1", "y2"]);
+    assert_eq!(r.tries("x2"), 0, "x2 ran while x1 was waiting");
+    // The scheduler tries x1 again until it succeeds, then runs x2 and x3 in order.
+    eventually("x applied from the backlog", || {
+        r.applied_to("x").len() == 3
+    })
+    .await;
+    assert_eq!(r.applied_to("x"), ["x1", "x2", "x3"]);
+    assert_eq!(
+        r.tries("x1"),
+        4,
+        "one try on the lane, three from the backlog"
+    );
+    assert_eq!((r.tries("x2"), r.tries("x3")), (1, 1));
+    let until = tokio::time::Instant::now() + WAIT;
+    while rig.queued().await > 0 {
+        assert!(tokio::time::Instant::now() < until, "backlog not emptied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Emptied, x runs on the lane again.
+    rig.handle("x", "x4").await;
+    assert_eq!(r.applied_to("x").last().map(String::as_str), Some("x4"));
+}
+
+async fn redeliveries_keep_their_place(db: &str) {
+    let rig = Rig::start(db, 0, true).await;
+    let r = &rig.recorder;
+    r.fail("x1", u32::MAX);
+    let (e1, m1) = rig.handle("x", "x1").await;
+    let (e2, m2) = rig.handle("x", "x2").await;
+    // Redelivered (same event ids): acked, nothing run, nothing queued twice.
+    rig.handler.handle(&e2, &m2).await.expect("x2 again");
+    rig.handler.handle(&e1, &m1).await.expect("x1 again");
+    assert_eq!(rig.queued().await, 2);
+    assert_eq!(r.tries("x2"), 0);
+    // Only the head is ever claimed: x2 waits however long x1 fails.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(r.tries("x1") >= 3, "x1 tried {} times", r.tries("x1"));
+    assert_eq!(r.tries("x2"), 0);
+    r.failing.lock().unwrap().clear();
+    eventually("x1 and x2 applied in order", || {
+        r.applied_to("x") == ["x1", "x2"]
+    })
+    .await;
+}
+
+/// Pods claiming at once share the due heads without overlap, and never claim a queued event.
+async fn claims_are_exclusive_and_only_of_heads(db: &str) {
+    // No scheduler: the claims below are the only ones.
+    let rig = Rig::start(db, 0, false).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    for n in 0..20 {
+        let conv = format!("c{n}");
+        let (e, m) = event(&conv, &format!("{conv}-head"));
+        let event_id = e.envelope.event_id.to_string();
+        let key = Key {
+            tenant_id: "t1",
+            conversation_id: &conv,
+            event_id: &event_id,
+        };
+        rig.backlog
+            .push(key, &m, now - 1, "failed", 1, now)
+            .await
+            .expect("push");
+        let (e, m) = event(&conv, &format!("{conv}-queued"));
+        let event_id = e.envelope.event_id.to_string();
+        let key = Key {
+            event_id: &event_id,
+            ..key
+        };
+        assert!(rig.backlog.queue_behind(key, &m, now).await.expect("queue"));
+    }
+    let claims = (0..4).map(|_| rig.backlog.claim_due(now, now + 60_000, 20));
+    let claimed: Vec<_> = futures::future::join_all(claims)
+        .await
+        .into_iter()
+        .flat_map(|c| c.expect("claim"))
+        .collect();
+    let mut convs: Vec<_> = claimed.iter().map(|i| i.conversation_id.clone()).collect();
+    convs.sort();
+    convs.dedup();
+    assert_eq!(claimed.len(), 20, "every head once");
+    assert_eq!(convs.len(), 20, "one item per conversation");
+    for item in &claimed {
+        let back = nexus::events::decode(&item.message.payload).expect("payload");
+        assert!(back.envelope.producer.ends_with("-head"));
+        assert_eq!(item.attempts, 1);
+        assert_eq!(item.message.offset, 7);
+    }
+    // Leased: nothing is due until the lease ends.
+    let again = rig
+        .backlog
+        .claim_due(now, now + 60_000, 20)
+        .await
+        .expect("claim");
+    assert!(again.is_empty());
+    // The next head is claimed only once the first is out.
+    let first = &claimed[0];
+    let blocked = rig
+        .backlog
+        .claim_next(&first.tenant_id, &first.conversation_id, now, now + 60_000)
+        .await
+        .expect("next");
+    assert!(blocked.is_none(), "claimed past a leased head");
+    rig.backlog.remove(first).await.expect("remove");
+    let next = rig
+        .backlog
+        .claim_next(&first.tenant_id, &first.conversation_id, now, now + 60_000)
+        .await
+        .expect("next")
+        .expect("the queued event is the head now");
+    let back = nexus::events::decode(&next.message.payload).expect("payload");
+    assert!(back.envelope.producer.ends_with("-queued"));
+}
+
+async fn tries_run_out_into_the_dead_letter_topic(db: &str) {
+    let rig = Rig::start(db, 3, true).await;
+    let r = &rig.recorder;
+    r.fail("x1", u32::MAX);
+    let (e1, _) = rig.handle("x", "x1").await;
+    rig.handle("x", "x2").await;
+    eventually("x2 runs once x1 is dead-lettered", || {
+        r.applied_to("x") == ["x2"]
+    })
+    .await;
+    assert_eq!(r.tries("x1"), 3, "three counted tries");
+    let dead = rig.dead_letters().await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let d = &dead[0];
+    assert_eq!(d.header(headers::DLQ_REASON), Some("retries_exhausted"));
+    assert_eq!(d.header(headers::DLQ_GROUP), Some("test-group"));
+    assert_eq!(d.header(headers::DLQ_SOURCE_TOPIC), Some(TOPIC));
+    assert_eq!(d.header(headers::DLQ_SOURCE_OFFSET), Some("7"));
+    assert_eq!(d.header("traceparent"), Some("00-abc-def-01"));
+    assert!(
+        d.header(headers::DLQ_ERROR)
+            .is_some_and(|e| e.contains("x1 is failing")),
+        "{:?}",
+        d.headers
+    );
+    let back = nexus::events::decode(&d.payload).expect("the event as delivered");
+    assert_eq!(back.envelope.event_id, e1.envelope.event_id);
+}
+
+async fn failures_while_the_peer_is_down_do_not_count(db: &str) {
+    let rig = Rig::start(db, 2, true).await;
+    let r = &rig.recorder;
+    r.paused.store(true, Ordering::SeqCst);
+    r.fail("x1", 6);
+    rig.handle("x", "x1").await;
+    // Six failures while paused: none counts, so two allowed tries are not used up.
+    eventually("six tries while paused", || r.tries("x1") >= 6).await;
+    r.paused.store(false, Ordering::SeqCst);
+    eventually("applied once the peer is back", || {
+        r.applied_to("x") == ["x1"]
+    })
+    .await;
+    assert!(rig.dead_letters().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_failed_event_holds_only_its_conversation() {
+    a_failed_event_holds_only_its_conversation("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_redeliveries_keep_their_place() {
+    redeliveries_keep_their_place("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_claims_are_exclusive_and_only_of_heads() {
+    claims_are_exclusive_and_only_of_heads("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_claims_are_exclusive_and_only_of_heads() {
+    let db = common::chat::TestDb::create().await;
+    claims_are_exclusive_and_only_of_heads(&db.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_tries_run_out_into_the_dead_letter_topic() {
+    tries_run_out_into_the_dead_letter_topic("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_failures_while_the_peer_is_down_do_not_count() {
+    failures_while_the_peer_is_down_do_not_count("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_failed_event_holds_only_its_conversation() {
+    let db = common::chat::TestDb::create().await;
+    a_failed_event_holds_only_its_conversation(&db.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_redeliveries_keep_their_place() {
+    let db = common::chat::TestDb::create().await;
+    redeliveries_keep_their_place(&db.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_tries_run_out_into_the_dead_letter_topic() {
+    let db = common::chat::TestDb::create().await;
+    tries_run_out_into_the_dead_letter_topic(&db.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_failures_while_the_peer_is_down_do_not_count() {
+    let db = common::chat::TestDb::create().await;
+    failures_while_the_peer_is_down_do_not_count(&db.url).await;
+}
