@@ -1,8 +1,9 @@
 //! The retry backlog of the peer-calling roles, on SQLite and on PostgreSQL (a fresh database),
 //! with the embedded bus for dead letters: a failed event is acked into the backlog, its
 //! conversation's later events queue behind it and run in order, other conversations go on,
-//! tries run out into the dead-letter topic, and failures while the peer is down for everyone
-//! do not count.
+//! tries run out into the dead-letter topic, failures that say nothing about the event do not
+//! count, a `RetryLater` time is kept, two schedulers share one backlog without running an
+//! event twice, and a pod whose lease ran out changes nothing.
 //!
 //! The effect here is a recorder that fails on command; the history and gws tests run the same
 //! backlog against real HTTP peers.
@@ -10,7 +11,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,7 +35,10 @@ struct Recorder {
     /// Event text → how many more tries fail (`u32::MAX`: all of them).
     failing: Mutex<HashMap<String, u32>>,
     tries: Mutex<HashMap<String, u32>>,
+    /// Failures say nothing about the event (as when the peer is down for everyone).
     paused: AtomicBool,
+    /// Failures ask for no try before this time (ms since the epoch).
+    not_before_ms: AtomicI64,
 }
 
 impl Recorder {
@@ -71,16 +75,22 @@ impl Effect for Recorder {
             if let Some(left) = failing.get_mut(&text) {
                 if *left > 0 {
                     *left = left.saturating_sub(u32::from(*left != u32::MAX));
-                    return Err(HandleError::Retry(format!("{text} is failing")));
+                    let reason = format!("{text} is failing");
+                    let not_before_ms = self.not_before_ms.load(Ordering::SeqCst);
+                    let counts = !self.paused.load(Ordering::SeqCst);
+                    if counts && not_before_ms == 0 {
+                        return Err(HandleError::Retry(reason));
+                    }
+                    return Err(HandleError::RetryLater {
+                        reason,
+                        not_before_ms,
+                        counts,
+                    });
                 }
             }
         }
         self.applied.lock().unwrap().push((conv, text));
         Ok(())
-    }
-
-    fn peer_paused(&self) -> bool {
-        self.paused.load(Ordering::SeqCst)
     }
 }
 
@@ -108,6 +118,7 @@ fn event(conv: &str, text: &str) -> (Event, Message) {
 
 struct Rig {
     recorder: Arc<Recorder>,
+    policy: RetryPolicy,
     handler: Backlogged<Recorder>,
     backlog: Backlog,
     bus: Arc<dyn Bus>,
@@ -159,6 +170,7 @@ impl Rig {
         }
         Rig {
             handler: Backlogged::new(recorder.clone(), backlog.clone(), policy),
+            policy,
             recorder,
             backlog,
             bus,
@@ -285,7 +297,7 @@ async fn claims_are_exclusive_and_only_of_heads(db: &str) {
         };
         assert!(rig.backlog.queue_behind(key, &m, now).await.expect("queue"));
     }
-    let claims = (0..4).map(|_| rig.backlog.claim_due(now, now + 60_000, 20));
+    let claims = (0..4).map(|_| rig.backlog.claim_due(now, 60_000, 20));
     let claimed: Vec<_> = futures::future::join_all(claims)
         .await
         .into_iter()
@@ -303,29 +315,119 @@ async fn claims_are_exclusive_and_only_of_heads(db: &str) {
         assert_eq!(item.message.offset, 7);
     }
     // Leased: nothing is due until the lease ends.
-    let again = rig
-        .backlog
-        .claim_due(now, now + 60_000, 20)
-        .await
-        .expect("claim");
+    let again = rig.backlog.claim_due(now, 60_000, 20).await.expect("claim");
     assert!(again.is_empty());
     // The next head is claimed only once the first is out.
     let first = &claimed[0];
     let blocked = rig
         .backlog
-        .claim_next(&first.tenant_id, &first.conversation_id, now, now + 60_000)
+        .claim_next(&first.tenant_id, &first.conversation_id, now, 60_000)
         .await
         .expect("next");
     assert!(blocked.is_none(), "claimed past a leased head");
-    rig.backlog.remove(first).await.expect("remove");
+    assert!(rig.backlog.remove(first).await.expect("remove"));
     let next = rig
         .backlog
-        .claim_next(&first.tenant_id, &first.conversation_id, now, now + 60_000)
+        .claim_next(&first.tenant_id, &first.conversation_id, now, 60_000)
         .await
         .expect("next")
         .expect("the queued event is the head now");
     let back = nexus::events::decode(&next.message.payload).expect("payload");
     assert!(back.envelope.producer.ends_with("-queued"));
+}
+
+/// A pod whose lease ran out (another pod claimed the head since) neither removes nor
+/// reschedules it.
+async fn a_lost_lease_changes_nothing(db: &str) {
+    let rig = Rig::start(db, 0, false).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let (e, m) = event("x", "x1");
+    let event_id = e.envelope.event_id.to_string();
+    let key = Key {
+        tenant_id: "t1",
+        conversation_id: "x",
+        event_id: &event_id,
+    };
+    rig.backlog
+        .push(key, &m, now - 1, "failed", 1, now)
+        .await
+        .expect("push");
+    let mut a = rig.backlog.claim_due(now, 1, 10).await.expect("claim a");
+    assert_eq!(a.len(), 1);
+    let a = a.remove(0);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let later = chrono::Utc::now().timestamp_millis();
+    let b = rig
+        .backlog
+        .claim_due(later, 60_000, 10)
+        .await
+        .expect("claim b");
+    assert_eq!(b.len(), 1, "the lapsed lease is claimable");
+    assert!(
+        !rig.backlog.remove(&a).await.expect("remove"),
+        "a removed b's head"
+    );
+    assert!(
+        !rig.backlog
+            .reschedule(&a, later, "late", true)
+            .await
+            .expect("reschedule"),
+        "a rescheduled b's head"
+    );
+    assert_eq!(rig.queued().await, 1);
+    assert!(rig.backlog.remove(&b[0]).await.expect("remove"));
+    assert_eq!(rig.queued().await, 0);
+}
+
+/// A failure asking for a later time is not tried before it, however short the policy's delay.
+async fn a_retry_later_time_is_kept(db: &str) {
+    let rig = Rig::start(db, 0, true).await;
+    let r = &rig.recorder;
+    let until = chrono::Utc::now().timestamp_millis() + 1_500;
+    r.not_before_ms.store(until, Ordering::SeqCst);
+    r.fail("x1", 1);
+    rig.handle("x", "x1").await;
+    eventually("x1 applied", || r.applied_to("x") == ["x1"]).await;
+    let applied_at = chrono::Utc::now().timestamp_millis();
+    assert!(
+        applied_at >= until,
+        "tried again {} ms early",
+        until - applied_at
+    );
+    assert_eq!(r.tries("x1"), 2);
+}
+
+/// Two pods' schedulers on one backlog: every event once, in order per conversation.
+async fn two_schedulers_share_a_backlog(db: &str) {
+    let rig = Rig::start(db, 0, true).await;
+    let second = Arc::new(Scheduler::new(
+        rig.backlog.clone(),
+        rig.recorder.clone(),
+        rig.bus.clone(),
+        "test-group",
+        rig.policy,
+        Duration::from_secs(5),
+    ));
+    tokio::spawn(second.run(rig.stop.clone()));
+    let r = &rig.recorder;
+    let convs: Vec<String> = (0..12).map(|n| format!("c{n}")).collect();
+    for conv in &convs {
+        r.fail(&format!("{conv}-0"), 2);
+    }
+    for n in 0..5 {
+        for conv in &convs {
+            rig.handle(conv, &format!("{conv}-{n}")).await;
+        }
+    }
+    eventually("every event applied", || {
+        convs.iter().all(|c| r.applied_to(c).len() >= 5)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for conv in &convs {
+        let want: Vec<String> = (0..5).map(|n| format!("{conv}-{n}")).collect();
+        assert_eq!(r.applied_to(conv), want, "{conv}: once each, in order");
+    }
 }
 
 async fn tries_run_out_into_the_dead_letter_topic(db: &str) {
@@ -357,13 +459,14 @@ async fn tries_run_out_into_the_dead_letter_topic(db: &str) {
     assert_eq!(back.envelope.event_id, e1.envelope.event_id);
 }
 
-async fn failures_while_the_peer_is_down_do_not_count(db: &str) {
+async fn failures_that_say_nothing_about_the_event_do_not_count(db: &str) {
     let rig = Rig::start(db, 2, true).await;
     let r = &rig.recorder;
     r.paused.store(true, Ordering::SeqCst);
     r.fail("x1", 6);
     rig.handle("x", "x1").await;
-    // Six failures while paused: none counts, so two allowed tries are not used up.
+    // Six failures that do not count (the peer down for everyone): two allowed tries are not
+    // used up.
     eventually("six tries while paused", || r.tries("x1") >= 6).await;
     r.paused.store(false, Ordering::SeqCst);
     eventually("applied once the peer is back", || {
@@ -379,8 +482,20 @@ async fn sqlite_a_failed_event_holds_only_its_conversation() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_failed_event_holds_only_its_conversation() {
+    let db = common::chat::TestDb::create().await;
+    a_failed_event_holds_only_its_conversation(&db.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_redeliveries_keep_their_place() {
     redeliveries_keep_their_place("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_redeliveries_keep_their_place() {
+    let db = common::chat::TestDb::create().await;
+    redeliveries_keep_their_place(&db.url).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -395,25 +510,19 @@ async fn postgres_claims_are_exclusive_and_only_of_heads() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_lost_lease_changes_nothing() {
+    a_lost_lease_changes_nothing("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_lost_lease_changes_nothing() {
+    let db = common::chat::TestDb::create().await;
+    a_lost_lease_changes_nothing(&db.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_tries_run_out_into_the_dead_letter_topic() {
     tries_run_out_into_the_dead_letter_topic("").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_failures_while_the_peer_is_down_do_not_count() {
-    failures_while_the_peer_is_down_do_not_count("").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_a_failed_event_holds_only_its_conversation() {
-    let db = common::chat::TestDb::create().await;
-    a_failed_event_holds_only_its_conversation(&db.url).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_redeliveries_keep_their_place() {
-    let db = common::chat::TestDb::create().await;
-    redeliveries_keep_their_place(&db.url).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -423,7 +532,34 @@ async fn postgres_tries_run_out_into_the_dead_letter_topic() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_failures_while_the_peer_is_down_do_not_count() {
+async fn sqlite_failures_that_say_nothing_about_the_event_do_not_count() {
+    failures_that_say_nothing_about_the_event_do_not_count("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_failures_that_say_nothing_about_the_event_do_not_count() {
     let db = common::chat::TestDb::create().await;
-    failures_while_the_peer_is_down_do_not_count(&db.url).await;
+    failures_that_say_nothing_about_the_event_do_not_count(&db.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_retry_later_time_is_kept() {
+    a_retry_later_time_is_kept("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_retry_later_time_is_kept() {
+    let db = common::chat::TestDb::create().await;
+    a_retry_later_time_is_kept(&db.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_two_schedulers_share_a_backlog() {
+    two_schedulers_share_a_backlog("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_schedulers_share_a_backlog() {
+    let db = common::chat::TestDb::create().await;
+    two_schedulers_share_a_backlog(&db.url).await;
 }

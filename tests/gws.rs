@@ -288,7 +288,7 @@ async fn agent_actions_reach_gws_once_each_in_order() {
         (paused == 1.0).then_some(())
     })
     .await;
-    assert!(gws.answered(503) >= 3, "calls were retried");
+    assert!(gws.answered(503) >= 3, "each outage chat's call failed");
     eventually(
         WAIT,
         "the outage chat's accept waits in the backlog",

@@ -40,6 +40,16 @@ pub enum HandleError {
     /// Worth another try later (peer down, timeout); the event is retried in place.
     #[error("retry: {0}")]
     Retry(String),
+    /// Worth another try, but no earlier than `not_before_ms` (ms since the epoch; a peer's
+    /// `Retry-After`, a previous call still possibly running). `counts` is false when the
+    /// failure says nothing about this event (its peer was down for everyone), so retry limits
+    /// do not count it.
+    #[error("retry later: {reason}")]
+    RetryLater {
+        reason: String,
+        not_before_ms: i64,
+        counts: bool,
+    },
     /// Can never succeed (peer said 4xx, invalid content); the event goes to the dead-letter
     /// topic with `reason` (a short machine-readable code) and is acked.
     #[error("rejected ({reason}): {detail}")]
@@ -347,6 +357,9 @@ fn backoff(o: &ConsumerOptions, attempt: u32) -> Duration {
     retry_delay(o.retry_initial, o.retry_max, attempt)
 }
 
+/// The longest an in-place retry waits for a `RetryLater` time.
+const LONGEST_IN_PLACE_WAIT: Duration = Duration::from_secs(300);
+
 /// The wait before try `attempt + 1`: `initial` doubled per failed attempt, capped at `max`,
 /// with jitter on the upper half.
 pub fn retry_delay(initial: Duration, max: Duration, attempt: u32) -> Duration {
@@ -457,17 +470,28 @@ async fn handle_with_retry(
         attempt += 1;
         let result =
             tokio::time::timeout(ctx.options.handler_timeout, ctx.handler.handle(event, msg)).await;
-        let failure = match result {
+        let (failure, not_before_ms) = match result {
             Ok(Ok(())) => return Some(Outcome::Handled),
             Ok(Err(HandleError::Reject { reason, detail })) => {
                 warn!(reason, detail = %detail, "handler rejected the event");
                 return set_aside(ctx, msg, reason, &detail).await.ok();
             }
-            Ok(Err(HandleError::Retry(e))) => e,
-            Err(_) => format!("handler timed out after {:?}", ctx.options.handler_timeout),
+            Ok(Err(HandleError::Retry(e))) => (e, 0),
+            Ok(Err(HandleError::RetryLater {
+                reason,
+                not_before_ms,
+                ..
+            })) => (reason, not_before_ms),
+            Err(_) => (
+                format!("handler timed out after {:?}", ctx.options.handler_timeout),
+                0,
+            ),
         };
         ctx.metrics.retried.increment(1);
-        let wait = backoff(&ctx.options, attempt);
+        let until = not_before_ms.saturating_sub(chrono::Utc::now().timestamp_millis());
+        let wait = backoff(&ctx.options, attempt)
+            .max(Duration::from_millis(u64::try_from(until).unwrap_or(0)))
+            .min(LONGEST_IN_PLACE_WAIT);
         warn!(attempt, error = %failure, retry_in_ms = wait.as_millis() as u64, "handler failed; retrying");
         tokio::select! {
             _ = ctx.stop.cancelled() => return None,

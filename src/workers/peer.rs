@@ -1,16 +1,23 @@
 //! A peer system (UCS, GWS) as the integration workers call it: where it is per tenant, one
 //! JSON call with its outcome classified and measured, and a circuit that pauses the role.
 //!
-//! While a peer keeps failing the circuit opens: every lane waits in [`Peer::post_json`]
-//! instead of calling, one caller probes after a growing, jittered pause, and the role's
-//! `nexus_worker_paused` gauge is 1. Waiting lanes fill their queues, the consumer stops taking
-//! records and the group's lag grows where operators see it; the first success resumes all.
-//! Failures count per subject (the conversation a call is for): it takes failures for
-//! `pause_after_failures` different conversations, with no success between, to open it, so
-//! one conversation the peer keeps refusing with 5xx (retried from the backlog) pauses nobody.
+//! Each target (the global URL, a tenant's own) has its own circuit. While a target keeps
+//! failing its circuit opens: every call to it waits in [`Peer::post_json`] instead of calling,
+//! one caller probes after a growing, jittered pause, and the role's `nexus_worker_paused`
+//! gauge is 1. Waiting lanes fill their queues, the consumer stops taking records and the
+//! group's lag grows where operators see it; the first success resumes all. Failures count per
+//! subject (the conversation a call is for): it takes failures for `pause_after_failures`
+//! different conversations, with no success between, to open it, so one conversation the peer
+//! keeps failing (retried from the backlog) pauses nobody.
+//!
+//! A failure says whether it [`counts`](PeerFailure::Retry) against the event's retry limit:
+//! only when the same target answered another call lately and the call was not a probe of a
+//! paused target. A peer that is down for everyone (an outage, a night with one conversation)
+//! makes failures that do not count, so retries never run out because of it.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -54,9 +61,9 @@ pub struct PeerConfig {
     pub retry_initial_ms: u64,
     /// Longest wait between tries of a backlogged event.
     pub retry_max_ms: u64,
-    /// Failed tries after which a backlogged event is dead-lettered (`retries_exhausted`) and
-    /// its conversation goes on; tries while the peer is down for everyone (the circuit open)
-    /// do not count. 0 = never.
+    /// Counted failures after which a backlogged event is dead-lettered (`retries_exhausted`)
+    /// and its conversation goes on; a failure counts only while the target answers other
+    /// calls ([`PeerFailure::Retry`]). 0 = never.
     pub retry_max_attempts: u32,
     /// Per-tenant targets, by tenant id; they win over the global one.
     pub tenants: BTreeMap<String, PeerTarget>,
@@ -141,9 +148,17 @@ impl PeerConfig {
 /// Why a call did not succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerFailure {
-    /// 5xx, 408, 429, timeout, connection refused: worth another try.
-    #[error("{0}")]
-    Retry(String),
+    /// 5xx, 408, 429, timeout, connection refused, an unreadable answer: worth another try.
+    #[error("{detail}")]
+    Retry {
+        detail: String,
+        /// Whether the failure is about this request (the target answered other calls within
+        /// `retry_max_ms` and this call was no probe of a paused target), so retry limits
+        /// count it.
+        counts: bool,
+        /// How long the peer asked to wait (`Retry-After`).
+        wait: Option<Duration>,
+    },
     /// Any other non-2xx: the peer refuses this request and always will.
     #[error("{peer} answered {status}: {detail}")]
     Rejected {
@@ -154,10 +169,35 @@ pub enum PeerFailure {
 }
 
 impl PeerFailure {
-    /// The consumer's view: retry in place, or dead-letter with `reason`.
+    /// A retryable failure that counts.
+    pub fn retry(detail: String) -> Self {
+        PeerFailure::Retry {
+            detail,
+            counts: true,
+            wait: None,
+        }
+    }
+
+    /// The consumer's view: retry (no earlier than the peer asked), or dead-letter with
+    /// `reason`.
     pub fn into_handle_error(self, reason: &'static str) -> HandleError {
         match self {
-            PeerFailure::Retry(e) => HandleError::Retry(e),
+            PeerFailure::Retry {
+                detail,
+                counts: true,
+                wait: None,
+            } => HandleError::Retry(detail),
+            PeerFailure::Retry {
+                detail,
+                counts,
+                wait,
+            } => HandleError::RetryLater {
+                reason: detail,
+                not_before_ms: chrono::Utc::now().timestamp_millis().saturating_add(
+                    i64::try_from(wait.unwrap_or_default().as_millis()).unwrap_or(i64::MAX),
+                ),
+                counts,
+            },
             rejected => HandleError::Reject {
                 reason,
                 detail: rejected.to_string(),
@@ -166,12 +206,18 @@ impl PeerFailure {
     }
 }
 
-/// One peer of one role: its client, circuit and metrics.
+/// One peer of one role: its client, a circuit per target, and metrics.
 pub struct Peer {
     role: &'static str,
     name: &'static str,
     client: reqwest::Client,
-    circuit: Circuit,
+    settings: CircuitSettings,
+    /// By target URL; as many as the config names.
+    circuits: Mutex<BTreeMap<String, Arc<Circuit>>>,
+    /// Targets whose circuit is open (the gauge is 1 while any is).
+    open: Arc<AtomicUsize>,
+    /// A failure counts only if the target answered another call this recently.
+    answered_within: Duration,
 }
 
 impl Peer {
@@ -186,13 +232,36 @@ impl Peer {
             role,
             name,
             client,
-            circuit: Circuit::new(role, name, config),
+            settings: CircuitSettings::of(config),
+            circuits: Mutex::new(BTreeMap::new()),
+            open: Arc::new(AtomicUsize::new(0)),
+            answered_within: Duration::from_millis(config.retry_max_ms.max(1)),
         }
     }
 
-    /// Whether the circuit is open (the role is paused on this peer).
+    /// Whether some target's circuit is open (the role is paused on it).
     pub fn paused(&self) -> bool {
-        self.circuit.is_open()
+        self.open.load(Ordering::SeqCst) > 0
+    }
+
+    fn circuit(&self, target: &PeerTarget) -> Arc<Circuit> {
+        let mut circuits = self.circuits.lock().unwrap_or_else(|p| p.into_inner());
+        circuits
+            .entry(target.url.clone())
+            .or_insert_with(|| {
+                let host = reqwest::Url::parse(&target.url)
+                    .ok()
+                    .and_then(|u| u.host_str().map(str::to_string))
+                    .unwrap_or_default();
+                Arc::new(Circuit::new(
+                    self.role,
+                    self.name,
+                    host,
+                    self.settings,
+                    self.open.clone(),
+                ))
+            })
+            .clone()
     }
 
     /// POSTs `body` to `{target.url}{path}` for `subject` (the conversation it is about) and
@@ -218,7 +287,7 @@ impl Peer {
         for (k, v) in headers {
             request = request.header(*k, *v);
         }
-        self.send(request, subject, &url).await
+        self.send(request, target, subject, &url).await
     }
 
     /// GETs `{target.url}{path}` for `subject`; 404 is `Ok(None)`.
@@ -240,7 +309,7 @@ impl Peer {
         for (k, v) in headers {
             request = request.header(*k, *v);
         }
-        match self.send(request, subject, &url).await {
+        match self.send(request, target, subject, &url).await {
             Ok(v) => Ok(Some(v)),
             Err(PeerFailure::Rejected { status: 404, .. }) => Ok(None),
             Err(e) => Err(e),
@@ -250,22 +319,24 @@ impl Peer {
     async fn send(
         &self,
         request: reqwest::RequestBuilder,
+        target: &PeerTarget,
         subject: &str,
         url: &str,
     ) -> Result<serde_json::Value, PeerFailure> {
-        let probing = self.circuit.admit().await;
+        let circuit = self.circuit(target);
+        let probing = circuit.admit().await;
         // A caller dropped mid-call (handler timeout, shutdown) must not hold the probe forever.
         let mut probe = ProbeGuard {
-            circuit: &self.circuit,
+            circuit: &circuit,
             armed: probing,
         };
         let started = Instant::now();
         let mut retry_after = None;
         let result = match request.send().await {
             Err(e) if e.is_timeout() => {
-                Err(("timeout", PeerFailure::Retry(format!("{url}: timed out"))))
+                Err(("timeout", PeerFailure::retry(format!("{url}: timed out"))))
             }
-            Err(e) => Err(("failed", PeerFailure::Retry(format!("{url}: {e}")))),
+            Err(e) => Err(("failed", PeerFailure::retry(format!("{url}: {e}")))),
             Ok(response) => {
                 let status = response.status();
                 retry_after = crate::http_client::retry_after(&response);
@@ -277,14 +348,14 @@ impl Peer {
                         serde_json::from_str(&text).map_err(|e| {
                             (
                                 "failed",
-                                PeerFailure::Retry(format!("{url}: answer is not JSON: {e}")),
+                                PeerFailure::retry(format!("{url}: answer is not JSON: {e}")),
                             )
                         })
                     }
                 } else if status.is_server_error() || matches!(status.as_u16(), 408 | 429) {
                     Err((
                         "failed",
-                        PeerFailure::Retry(format!("{url} answered {status}")),
+                        PeerFailure::retry(format!("{url} answered {status}")),
                     ))
                 } else {
                     Err((
@@ -308,17 +379,23 @@ impl Peer {
         probe.armed = false;
         match result {
             Ok(v) => {
-                self.circuit.succeeded();
+                circuit.succeeded();
                 Ok(v)
             }
             // A refusal is an answer: the peer is up.
             Err((_, e @ PeerFailure::Rejected { .. })) => {
-                self.circuit.succeeded();
+                circuit.succeeded();
                 Err(e)
             }
-            Err((_, e)) => {
-                self.circuit.failed(subject, retry_after);
-                Err(e)
+            Err((_, PeerFailure::Retry { detail, .. })) => {
+                // Decided before this failure is recorded: it may open the circuit itself.
+                let counts = !probing && circuit.answered_within(self.answered_within);
+                circuit.failed(subject, retry_after);
+                Err(PeerFailure::Retry {
+                    detail,
+                    counts,
+                    wait: retry_after.map(|w| w.min(self.settings.max_wait)),
+                })
             }
         }
     }
@@ -345,14 +422,37 @@ impl Drop for ProbeGuard<'_> {
     }
 }
 
-/// Closed while calls succeed; open (paused) once calls for `pause_after_failures` different
-/// subjects failed with no success between.
+/// The circuit settings of a peer, from its config.
+#[derive(Debug, Clone, Copy)]
+struct CircuitSettings {
+    threshold: usize,
+    initial: Duration,
+    max: Duration,
+    /// Longest `Retry-After` an event is held back for (`retry_max_ms`).
+    max_wait: Duration,
+}
+
+impl CircuitSettings {
+    fn of(c: &PeerConfig) -> Self {
+        Self {
+            threshold: usize::try_from(c.pause_after_failures.max(1)).unwrap_or(usize::MAX),
+            initial: Duration::from_millis(c.pause_initial_ms.max(1)),
+            max: Duration::from_millis(c.pause_max_ms.max(c.pause_initial_ms).max(1)),
+            max_wait: Duration::from_millis(c.retry_max_ms.max(1)),
+        }
+    }
+}
+
+/// One target's circuit: closed while calls succeed; open (paused) once calls for
+/// `pause_after_failures` different subjects failed with no success between.
 struct Circuit {
     role: &'static str,
     peer: &'static str,
-    threshold: u32,
-    initial: Duration,
-    max: Duration,
+    /// The target's host, for logs.
+    host: String,
+    settings: CircuitSettings,
+    /// The peer's count of open targets, shared by its circuits.
+    open: Arc<AtomicUsize>,
     state: Mutex<CircuitState>,
     changed: Notify,
 }
@@ -366,16 +466,23 @@ struct CircuitState {
     /// While open: when the next probe may go.
     probe_at: Option<Instant>,
     probing: bool,
+    last_success: Option<Instant>,
 }
 
 impl Circuit {
-    fn new(role: &'static str, peer: &'static str, c: &PeerConfig) -> Self {
+    fn new(
+        role: &'static str,
+        peer: &'static str,
+        host: String,
+        settings: CircuitSettings,
+        open: Arc<AtomicUsize>,
+    ) -> Self {
         Self {
             role,
             peer,
-            threshold: c.pause_after_failures.max(1),
-            initial: Duration::from_millis(c.pause_initial_ms.max(1)),
-            max: Duration::from_millis(c.pause_max_ms.max(c.pause_initial_ms).max(1)),
+            host,
+            settings,
+            open,
             state: Mutex::new(CircuitState::default()),
             changed: Notify::new(),
         }
@@ -385,8 +492,16 @@ impl Circuit {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    #[cfg(test)]
     fn is_open(&self) -> bool {
         self.lock().probe_at.is_some()
+    }
+
+    /// Whether a call to this target succeeded within `window`.
+    fn answered_within(&self, window: Duration) -> bool {
+        self.lock()
+            .last_success
+            .is_some_and(|at| at.elapsed() <= window)
     }
 
     /// Returns when a call may go: at once while closed; while open, to one prober at a time
@@ -406,7 +521,11 @@ impl Circuit {
                 }
             };
             // A prober's outcome wakes everyone; otherwise re-check when the pause ends.
-            let wait = if wait.is_zero() { self.initial } else { wait };
+            let wait = if wait.is_zero() {
+                self.settings.initial
+            } else {
+                wait
+            };
             tokio::select! {
                 _ = notified => {}
                 _ = tokio::time::sleep(wait) => {}
@@ -418,16 +537,23 @@ impl Circuit {
         let was_open = {
             let mut s = self.lock();
             let was_open = s.probe_at.is_some();
-            *s = CircuitState::default();
+            *s = CircuitState {
+                last_success: Some(Instant::now()),
+                ..CircuitState::default()
+            };
             was_open
         };
         if was_open {
             tracing::info!(
                 role = self.role,
                 peer = self.peer,
+                target = %self.host,
                 "peer answers again; resuming"
             );
-            metrics::gauge!(m::WORKER_PAUSED, "role" => self.role, "peer" => self.peer).set(0.0);
+            if self.open.fetch_sub(1, Ordering::SeqCst) == 1 {
+                metrics::gauge!(m::WORKER_PAUSED, "role" => self.role, "peer" => self.peer)
+                    .set(0.0);
+            }
             self.changed.notify_waiters();
         }
     }
@@ -438,9 +564,9 @@ impl Circuit {
         self.changed.notify_waiters();
     }
 
-    /// A failed call for `subject`. A peer that asked to wait (`Retry-After` on a 429 or 503)
-    /// opens the circuit at once, for at least that long (up to `pause_max_ms`): it said it is
-    /// overloaded, and every lane calling it again would only add to that.
+    /// A failed call for `subject`. Once open, the pause is at least what the peer asked for
+    /// (`Retry-After`, up to `pause_max_ms`). One subject's `Retry-After` alone does not open
+    /// it: that call's event waits as long ([`PeerFailure::Retry`]'s `wait`).
     fn failed(&self, subject: &str, retry_after: Option<Duration>) {
         let opened = {
             let mut s = self.lock();
@@ -449,25 +575,23 @@ impl Circuit {
             if !open && !s.failing.iter().any(|f| f == subject) {
                 s.failing.push(subject.to_string());
             }
-            let threshold = usize::try_from(self.threshold).unwrap_or(usize::MAX);
-            if !open && s.failing.len() < threshold && retry_after.is_none() {
+            if !open && s.failing.len() < self.settings.threshold {
                 return;
             }
-            let pause = if open {
+            let doublings = if open {
                 s.failed_probes = s.failed_probes.saturating_add(1);
-                let pause = self
-                    .initial
-                    .saturating_mul(1u32 << s.failed_probes.min(16))
-                    .min(self.max);
-                let half = pause / 2;
-                half + half.mul_f64(rand::rng().random::<f64>())
-            } else if s.failing.len() >= threshold {
-                let half = self.initial.min(self.max) / 2;
-                half + half.mul_f64(rand::rng().random::<f64>())
+                s.failed_probes
             } else {
-                Duration::ZERO
+                0
             };
-            let pause = pause.max(retry_after.unwrap_or_default().min(self.max));
+            let pause = self
+                .settings
+                .initial
+                .saturating_mul(1u32 << doublings.min(16))
+                .min(self.settings.max);
+            let half = pause / 2;
+            let pause = half + half.mul_f64(rand::rng().random::<f64>());
+            let pause = pause.max(retry_after.unwrap_or_default().min(self.settings.max));
             s.probe_at = Some(Instant::now() + pause);
             !open
         };
@@ -475,9 +599,13 @@ impl Circuit {
             tracing::warn!(
                 role = self.role,
                 peer = self.peer,
-                "peer keeps failing; pausing consumption until a probe succeeds"
+                target = %self.host,
+                "peer keeps failing; pausing calls to it until a probe succeeds"
             );
-            metrics::gauge!(m::WORKER_PAUSED, "role" => self.role, "peer" => self.peer).set(1.0);
+            if self.open.fetch_add(1, Ordering::SeqCst) == 0 {
+                metrics::gauge!(m::WORKER_PAUSED, "role" => self.role, "peer" => self.peer)
+                    .set(1.0);
+            }
         }
         self.changed.notify_waiters();
     }
@@ -530,9 +658,19 @@ mod tests {
         assert!(e.contains("workers.history.ucs.tenants.t.url"), "{e}");
     }
 
+    fn circuit(c: &PeerConfig) -> Circuit {
+        Circuit::new(
+            "r",
+            "p",
+            "peer".into(),
+            CircuitSettings::of(c),
+            Arc::new(AtomicUsize::new(0)),
+        )
+    }
+
     #[tokio::test]
     async fn the_circuit_opens_after_failures_and_one_probe_closes_it() {
-        let c = Circuit::new("r", "p", &config());
+        let c = circuit(&config());
         c.admit().await;
         c.failed("chat-1", None);
         assert!(!c.is_open(), "one failure is below the threshold");
@@ -562,67 +700,132 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_peer_asking_to_wait_opens_the_circuit_for_that_long() {
-        let c = Circuit::new("r", "p", &config());
+    async fn once_open_the_pause_is_at_least_what_the_peer_asked() {
+        let c = circuit(&config());
         c.failed("chat-1", Some(Duration::from_millis(150)));
-        assert!(
-            c.is_open(),
-            "Retry-After pauses below the failure threshold"
-        );
+        assert!(!c.is_open(), "one conversation's Retry-After pauses nobody");
+        c.failed("chat-2", Some(Duration::from_millis(150)));
+        assert!(c.is_open());
         let started = Instant::now();
         assert!(c.admit().await, "the first caller after the wait probes");
         assert!(started.elapsed() >= Duration::from_millis(140));
         c.succeeded();
         // A longer wait is cut to pause_max_ms (200 ms here).
         c.failed("chat-1", Some(Duration::from_secs(3600)));
+        c.failed("chat-2", Some(Duration::from_secs(3600)));
         let started = Instant::now();
         let probe = tokio::time::timeout(Duration::from_secs(2), c.admit()).await;
         assert_eq!(probe.ok(), Some(true), "probed within pause_max_ms");
         assert!(started.elapsed() >= Duration::from_millis(190));
     }
 
-    #[tokio::test]
-    async fn a_503_with_retry_after_from_a_real_peer_pauses_the_role_at_once() {
+    /// A loopback peer: `/ok` answers 200, `/busy` 503 with `Retry-After: 1`.
+    async fn peer_server() -> String {
         use axum::http::StatusCode;
-        let app = axum::Router::new().route(
-            "/busy",
-            axum::routing::post(|| async {
-                (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "1")], "")
-            }),
-        );
+        let app = axum::Router::new()
+            .route("/ok", axum::routing::post(|| async { "{}" }))
+            .route(
+                "/busy",
+                axum::routing::post(|| async {
+                    (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "1")], "")
+                }),
+            );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         tokio::spawn(async move { axum::serve(listener, app).await });
-        let mut c = config();
-        c.pause_after_failures = 3;
-        c.pause_max_ms = 5_000;
-        let peer = Peer::new("r", "p", reqwest::Client::new(), &c);
-        let target = PeerTarget {
-            url,
+        url
+    }
+
+    fn target(url: &str) -> PeerTarget {
+        PeerTarget {
+            url: url.to_string(),
             credential: String::new(),
             timeout_ms: 2_000,
-        };
-        let first = peer
-            .post_json(&target, "chat-1", "/busy", &[], &serde_json::json!({}))
-            .await;
-        assert!(matches!(first, Err(PeerFailure::Retry(_))), "{first:?}");
-        assert!(peer.paused(), "one 503 with Retry-After pauses");
+        }
+    }
+
+    async fn post(
+        peer: &Peer,
+        t: &PeerTarget,
+        subject: &str,
+        path: &str,
+    ) -> Result<(), PeerFailure> {
+        peer.post_json(t, subject, path, &[], &serde_json::json!({}))
+            .await
+            .map(|_| ())
+    }
+
+    #[tokio::test]
+    async fn failures_count_only_while_the_target_answers_others() {
+        let url = peer_server().await;
+        let mut c = config();
+        c.pause_after_failures = 2;
+        c.pause_max_ms = 5_000;
+        let peer = Peer::new("r", "p", reqwest::Client::new(), &c);
+        let t = target(&url);
+        // Nothing answered yet: the peer may be down for everyone, so this does not count.
+        match post(&peer, &t, "chat-1", "/busy").await {
+            Err(PeerFailure::Retry { counts, wait, .. }) => {
+                assert!(!counts, "counted without evidence the peer is up");
+                assert_eq!(wait, Some(Duration::from_secs(1)), "Retry-After passed on");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!peer.paused(), "one conversation's 503 pauses nobody");
+        post(&peer, &t, "chat-2", "/ok").await.expect("ok");
+        match post(&peer, &t, "chat-1", "/busy").await {
+            Err(PeerFailure::Retry { counts, .. }) => {
+                assert!(counts, "the target answered chat-2 just now");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Two conversations failing open it, for at least the Retry-After (1 s).
+        let _ = post(&peer, &t, "chat-3", "/busy").await;
+        assert!(peer.paused());
         let started = Instant::now();
-        let _ = peer
-            .post_json(&target, "chat-1", "/busy", &[], &serde_json::json!({}))
-            .await;
+        match post(&peer, &t, "chat-2", "/busy").await {
+            Err(PeerFailure::Retry { counts, .. }) => {
+                assert!(!counts, "a probe of a paused target does not count")
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(
-            started.elapsed() >= Duration::from_millis(950),
-            "the next call waited {:?}",
+            started.elapsed() >= Duration::from_millis(450),
+            "the probe waited {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn each_target_has_its_own_circuit() {
+        let url = peer_server().await;
+        let mut c = config();
+        c.pause_after_failures = 2;
+        c.pause_initial_ms = 5_000;
+        c.pause_max_ms = 5_000;
+        let peer = Peer::new("r", "p", reqwest::Client::new(), &c);
+        // The same server under two names: two targets, as two tenants' URLs would be.
+        let down = target(&url);
+        let up = target(&url.replace("127.0.0.1", "localhost"));
+        let _ = post(&peer, &down, "chat-1", "/busy").await;
+        let _ = post(&peer, &down, "chat-2", "/busy").await;
+        assert!(peer.paused(), "the failing target is paused");
+        let started = Instant::now();
+        post(&peer, &up, "chat-3", "/ok")
+            .await
+            .expect("the other target answers");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "a call to the other target waited {:?}",
             started.elapsed()
         );
     }
 
     #[tokio::test]
     async fn a_prober_dropped_mid_call_hands_the_probe_on() {
-        let c = Circuit::new("r", "p", &config());
+        let c = circuit(&config());
         c.failed("chat-1", None);
         c.failed("chat-2", None);
         assert!(c.admit().await, "the first caller after the pause probes");

@@ -5,20 +5,20 @@
 //! - an event whose conversation has events in the backlog is queued behind them ([`store`])
 //!   and acked, without running: **order per conversation is kept** because a conversation's
 //!   events run one at a time, in arrival order, whether on the consumer's lane or here;
-//! - otherwise the effect runs; a retryable failure (`HandleError::Retry`: peer 5xx, timeout)
+//! - otherwise the effect runs; a retryable failure (`Retry`, `RetryLater`: peer 5xx, timeout)
 //!   puts the event in the backlog as its conversation's head, due after `retry_initial_ms`,
 //!   and acks it. Rejections are dead-lettered by the consumer as before.
 //!
 //! The [`scheduler`] (a background loop of the role, on every pod) claims due heads with a
-//! lease, runs the effect again, and on success moves straight on to the conversation's next
-//! queued event. Failures wait longer each time (up to `retry_max_ms`); after
-//! `retry_max_attempts` counted failures the event is dead-lettered (`retries_exhausted`) and
-//! the conversation goes on, as it would after a 4xx. Across conversations there is no order.
+//! lease, runs the effect again and on success moves straight on to the conversation's next
+//! queued event. Failures wait longer each time (up to `retry_max_ms`, and no less than a
+//! `RetryLater` asks); after `retry_max_attempts` counted failures the event is dead-lettered
+//! (`retries_exhausted`) and the conversation goes on, as it would after a 4xx. Failures that
+//! say nothing about the event (`RetryLater` with `counts: false`: the peer down for everyone,
+//! a previous call still running) never count. Across conversations there is no order.
 //!
 //! Effects are idempotent by event (the history steps, the gws effect log), so a head run
 //! twice (a lease that ran out, a crash before the row was removed) repeats no effect.
-//! While the peer is down for everyone the [`crate::workers::peer::Peer`] circuit still pauses
-//! the role; tries made then do not count towards the limit.
 
 pub mod scheduler;
 pub mod store;
@@ -47,11 +47,42 @@ pub const EXHAUSTED: &str = "retries_exhausted";
 pub trait Effect: Send + Sync + 'static {
     /// Whether the role acts on this event at all; others are applied without a backlog check.
     fn concerns(&self, event: &Event) -> bool;
-    /// The effect. `Retry` puts the event in the backlog; `Reject` dead-letters it.
+    /// The effect. `Retry` and `RetryLater` put the event in the backlog; `Reject`
+    /// dead-letters it.
     async fn apply(&self, event: &Event, message: &Message) -> Result<(), HandleError>;
-    /// Whether the peer is failing for every conversation (its circuit is open): a failure then
-    /// says nothing about this event and is not counted against it.
-    fn peer_paused(&self) -> bool;
+}
+
+/// A retryable outcome, as the backlog schedules it.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub reason: String,
+    /// No try before this (ms since the epoch; 0 = the policy's delay alone).
+    pub not_before_ms: i64,
+    /// Whether it counts against `retry_max_attempts`.
+    pub counts: bool,
+}
+
+impl Failure {
+    /// The retryable failure in `e`, or `e` itself when it is not one.
+    pub(crate) fn of(e: HandleError) -> Result<Failure, HandleError> {
+        match e {
+            HandleError::Retry(reason) => Ok(Failure {
+                reason,
+                not_before_ms: 0,
+                counts: true,
+            }),
+            HandleError::RetryLater {
+                reason,
+                not_before_ms,
+                counts,
+            } => Ok(Failure {
+                reason,
+                not_before_ms,
+                counts,
+            }),
+            other => Err(other),
+        }
+    }
 }
 
 /// When backlogged events are tried again, from `[workers.<role>]` peer settings.
@@ -82,6 +113,14 @@ impl RetryPolicy {
     /// Whether `attempts` counted failures exhaust the tries.
     pub fn exhausted(&self, attempts: i64) -> bool {
         self.max_attempts > 0 && attempts >= i64::from(self.max_attempts)
+    }
+
+    /// When a try after `attempts` counted failures may go: the policy's delay from now, or
+    /// later if the failure asked for it.
+    pub(crate) fn due_ms(&self, attempts: i64, not_before_ms: i64) -> i64 {
+        now_ms()
+            .saturating_add(self.delay_ms(attempts))
+            .max(not_before_ms)
     }
 }
 
@@ -135,20 +174,32 @@ impl<E: Effect> Handler for Backlogged<E> {
             self.queued("behind");
             return Ok(());
         }
-        match self.effect.apply(event, message).await {
-            Err(HandleError::Retry(why)) => {
-                let counted = !self.effect.peer_paused();
-                let due = now_ms() + self.policy.delay_ms(1);
-                // The backlog unavailable too (the same database): retry in place instead.
-                self.backlog
-                    .push(key, message, due, &why, i64::from(counted), now_ms())
-                    .await
-                    .map_err(|e| HandleError::Retry(format!("{why} (and the backlog: {e})")))?;
-                self.queued("failed");
-                warn!(error = %why, "effect failed; the event waits in the backlog for another try");
-                Ok(())
-            }
-            other => other,
+        let Err(e) = self.effect.apply(event, message).await else {
+            return Ok(());
+        };
+        let failure = Failure::of(e)?;
+        let attempts = i64::from(failure.counts);
+        if failure.counts && self.policy.exhausted(attempts) {
+            return Err(HandleError::Reject {
+                reason: EXHAUSTED,
+                detail: failure.reason,
+            });
         }
+        let due = self.policy.due_ms(attempts, failure.not_before_ms);
+        // The backlog unavailable too (the same database): retry in place instead.
+        if let Err(e) = self
+            .backlog
+            .push(key, message, due, &failure.reason, attempts, now_ms())
+            .await
+        {
+            return Err(HandleError::RetryLater {
+                reason: format!("{} (and the backlog: {e})", failure.reason),
+                not_before_ms: failure.not_before_ms,
+                counts: failure.counts,
+            });
+        }
+        self.queued("failed");
+        warn!(error = %failure.reason, counts = failure.counts, "effect failed; the event waits in the backlog for another try");
+        Ok(())
     }
 }

@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
-use super::{now_ms, Backlog, Effect, Item, RetryPolicy, EXHAUSTED};
+use super::{now_ms, Backlog, Effect, Failure, Item, RetryPolicy, EXHAUSTED};
 use crate::bus::consumer::{dead_letter_record, HandleError};
 use crate::bus::{dlq_topic, Bus};
 use crate::events;
@@ -105,7 +105,7 @@ impl<E: Effect> Scheduler<E> {
             let now = now_ms();
             let claimed = self
                 .backlog
-                .claim_due(now, now.saturating_add(self.lease_ms()), free)
+                .claim_due(now, self.lease_ms(), free)
                 .instrument(info_span!("backlog_claim", role = self.role()))
                 .await;
             let items = match claimed {
@@ -149,14 +149,13 @@ impl<E: Effect> Scheduler<E> {
             if !self.try_once(&item).instrument(span).await || stop.is_cancelled() {
                 return;
             }
-            let now = now_ms();
             let next = self
                 .backlog
                 .claim_next(
                     &item.tenant_id,
                     &item.conversation_id,
-                    now,
-                    now.saturating_add(self.lease_ms()),
+                    now_ms(),
+                    self.lease_ms(),
                 )
                 .await;
             item = match next {
@@ -168,7 +167,8 @@ impl<E: Effect> Scheduler<E> {
         }
     }
 
-    /// One try of the head; whether it is settled (applied or dead-lettered) and out.
+    /// One try of the head; whether it is settled (applied or dead-lettered) and out, and
+    /// this pod still owns the conversation.
     async fn try_once(&self, item: &Item) -> bool {
         let outcome = match events::decode_lazy(&item.message.payload) {
             Err(e) => Err(HandleError::Reject {
@@ -187,35 +187,56 @@ impl<E: Effect> Scheduler<E> {
                 }
             }
         };
-        match outcome {
-            Ok(()) => {
-                if let Err(e) = self.backlog.remove(item).await {
-                    // Runs again when the lease ends; the effect is done, so that is a no-op.
-                    self.failed("remove", &e);
-                    return false;
-                }
-                self.count("applied");
-                debug!("backlogged event applied");
-                true
-            }
+        let Err(e) = outcome else {
+            self.count("applied");
+            debug!("backlogged event applied");
+            return self.remove(item).await;
+        };
+        let failure = match Failure::of(e) {
+            Ok(failure) => failure,
             Err(HandleError::Reject { reason, detail }) => {
-                self.dead_letter(item, reason, &detail).await
+                return self.dead_letter(item, reason, &detail).await
             }
-            Err(HandleError::Retry(why)) => {
-                let counted = !self.effect.peer_paused();
-                let attempts = item.attempts + i64::from(counted);
-                if counted && self.policy.exhausted(attempts) {
-                    let detail = format!("{attempts} tries failed; the last: {why}");
-                    return self.dead_letter(item, EXHAUSTED, &detail).await;
-                }
-                let due = now_ms().saturating_add(self.policy.delay_ms(attempts));
-                match self.backlog.reschedule(item, due, &why, counted).await {
-                    Ok(_) => {
-                        self.count("retried");
-                        warn!(error = %why, attempts, counted, "backlogged event failed again");
-                    }
-                    Err(e) => self.failed("reschedule", &e),
-                }
+            Err(other) => Failure {
+                reason: other.to_string(),
+                not_before_ms: 0,
+                counts: true,
+            },
+        };
+        let attempts = item.attempts + i64::from(failure.counts);
+        if failure.counts && self.policy.exhausted(attempts) {
+            let detail = format!("{attempts} tries failed; the last: {}", failure.reason);
+            return self.dead_letter(item, EXHAUSTED, &detail).await;
+        }
+        let due = self.policy.due_ms(attempts, failure.not_before_ms);
+        match self
+            .backlog
+            .reschedule(item, due, &failure.reason, failure.counts)
+            .await
+        {
+            Ok(true) => {
+                self.count("retried");
+                warn!(error = %failure.reason, attempts, counts = failure.counts, "backlogged event failed again");
+            }
+            Ok(false) => warn!("lease ran out during the try; another pod has the event now"),
+            Err(e) => self.failed("reschedule", &e),
+        }
+        false
+    }
+
+    /// Takes a settled head out; whether this pod still held it.
+    async fn remove(&self, item: &Item) -> bool {
+        match self.backlog.remove(item).await {
+            Ok(true) => true,
+            Ok(false) => {
+                // Another pod claimed it after the lease ran out and runs it again: a repeat
+                // the effect absorbs. The conversation is that pod's now.
+                warn!("lease ran out during the try; another pod has the event now");
+                false
+            }
+            Err(e) => {
+                // Runs again when the lease ends; the effect is done, so that is a no-op.
+                self.failed("remove", &e);
                 false
             }
         }
@@ -240,12 +261,9 @@ impl<E: Effect> Scheduler<E> {
         metrics::counter!(m::EVENTS_DEAD_LETTERED_TOTAL, "topic" => item.message.topic.clone(), "group" => self.group.clone(), "reason" => reason).increment(1);
         self.count("dead_lettered");
         warn!(reason, detail, dlq = %dlq, "backlogged event dead-lettered; its conversation goes on");
-        if let Err(e) = self.backlog.remove(item).await {
-            // Published again when the lease ends: the dead-letter topic may hold it twice.
-            self.failed("remove", &e);
-            return false;
-        }
-        true
+        // Not removed (lease lost, store down): published again later, so the dead-letter
+        // topic may hold it twice.
+        self.remove(item).await
     }
 
     async fn stats(&self) {

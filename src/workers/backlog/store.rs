@@ -2,7 +2,8 @@
 //! text for PostgreSQL and SQLite. Rows are queued per role and conversation in `seq` order.
 //!
 //! Claims are compare-and-sets on `due_at_ms` (the time the claimer read is replaced by its
-//! lease end), so two pods never drive one head at once while the lease runs.
+//! lease end), so two pods never drive one head at once while the lease runs; removing and
+//! rescheduling check the lease too, so a pod whose lease ran out changes nothing.
 
 use base64::Engine;
 use bytes::Bytes;
@@ -172,11 +173,13 @@ impl Backlog {
         Ok(())
     }
 
-    /// Claims up to `limit` conversation heads due at `now_ms` until `lease_until_ms`.
+    /// Claims up to `limit` conversation heads due at `now_ms`, each for `lease_ms` from its
+    /// claim. A row that cannot be read is skipped (and reported); a failure after some claims
+    /// returns those.
     pub async fn claim_due(
         &self,
         now_ms: i64,
-        lease_until_ms: i64,
+        lease_ms: i64,
         limit: usize,
     ) -> Result<Vec<Item>, BacklogError> {
         let rows = sqlx::query(&format!(
@@ -201,20 +204,31 @@ impl Backlog {
                 event_id: &event_id,
             };
             let seen: i64 = row.try_get("due_at_ms")?;
-            if let Some(item) = self.claim(key, seen, lease_until_ms).await? {
-                claimed.push(item);
+            match self.claim(key, seen, lease_ms).await {
+                Ok(Some(item)) => claimed.push(item),
+                Ok(None) => {}
+                Err(e @ BacklogError::Corrupt { .. }) => {
+                    // Left leased: it comes back when the lease ends, and is reported again.
+                    tracing::error!(role = self.role, error = %e, "unreadable backlog row skipped");
+                }
+                Err(e) if claimed.is_empty() => return Err(e),
+                Err(e) => {
+                    tracing::warn!(role = self.role, error = %e, "backlog claim interrupted");
+                    break;
+                }
             }
         }
         Ok(claimed)
     }
 
-    /// Claims the conversation's next head, if it has one and it is due at `now_ms`.
+    /// Claims the conversation's next head for `lease_ms`, if it has one and it is due at
+    /// `now_ms`.
     pub async fn claim_next(
         &self,
         tenant_id: &str,
         conversation_id: &str,
         now_ms: i64,
-        lease_until_ms: i64,
+        lease_ms: i64,
     ) -> Result<Option<Item>, BacklogError> {
         let row = sqlx::query(&format!(
             "SELECT event_id, due_at_ms FROM effect_backlog WHERE {CONVERSATION} \
@@ -236,15 +250,19 @@ impl Backlog {
             conversation_id,
             event_id: &event_id,
         };
-        self.claim(key, seen, lease_until_ms).await
+        self.claim(key, seen, lease_ms).await
     }
 
     async fn claim(
         &self,
         key: Key<'_>,
         seen: i64,
-        lease_until_ms: i64,
+        lease_ms: i64,
     ) -> Result<Option<Item>, BacklogError> {
+        // From now, not from the start of a batch of claims.
+        let lease_until_ms = chrono::Utc::now()
+            .timestamp_millis()
+            .saturating_add(lease_ms);
         let row = sqlx::query(&format!(
             "UPDATE effect_backlog SET due_at_ms = $5 \
              WHERE {CONVERSATION} AND event_id = $4 AND due_at_ms = $6 RETURNING {RETURNED}"
@@ -260,18 +278,21 @@ impl Backlog {
         row.map(|r| item_of(&r)).transpose()
     }
 
-    /// Takes a driven (or dead-lettered) event out.
-    pub async fn remove(&self, item: &Item) -> Result<(), BacklogError> {
-        sqlx::query(&format!(
-            "DELETE FROM effect_backlog WHERE {CONVERSATION} AND event_id = $4"
+    /// Takes a driven (or dead-lettered) event out; `false` if this pod's lease ran out and
+    /// another pod may be driving it now (the caller then leaves the conversation alone).
+    pub async fn remove(&self, item: &Item) -> Result<bool, BacklogError> {
+        let done = sqlx::query(&format!(
+            "DELETE FROM effect_backlog WHERE {CONVERSATION} AND event_id = $4 \
+             AND due_at_ms = $5"
         ))
         .bind(self.role)
         .bind(&item.tenant_id)
         .bind(&item.conversation_id)
         .bind(&item.event_id)
+        .bind(item.lease_until_ms)
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     /// Sets the head's next try (ending this pod's lease), counting the failure if `counted`.

@@ -38,11 +38,6 @@ impl GwsClient {
         }
     }
 
-    /// Whether GWS is failing for everyone (the role is paused on it).
-    pub fn paused(&self) -> bool {
-        self.peer.paused()
-    }
-
     /// Makes `op` on the chat `path`.
     pub async fn operate(
         &self,
@@ -82,7 +77,7 @@ impl GwsClient {
         };
         ChatView::from_json(v)
             .map(Some)
-            .map_err(|e| PeerFailure::Retry(format!("GET {path}: unexpected chat body: {e}")))
+            .map_err(|e| PeerFailure::retry(format!("GET {path}: unexpected chat body: {e}")))
     }
 }
 

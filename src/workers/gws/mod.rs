@@ -156,10 +156,16 @@ impl GwsWorker {
             // A claimed call may first wait for a paused circuit (up to `pause_max_ms`), then
             // take up to the timeout: only past both is it surely over.
             let in_flight = target.timeout_ms.saturating_add(self.config.pause_max_ms);
-            if age < i64::try_from(in_flight).unwrap_or(i64::MAX) {
-                return Err(HandleError::Retry(format!(
-                    "the previous call ({age} ms ago) may still be in flight"
-                )));
+            let in_flight = i64::try_from(in_flight).unwrap_or(i64::MAX);
+            if age < in_flight {
+                // Not a failure of this effect: look again once that call is surely over.
+                return Err(HandleError::RetryLater {
+                    reason: format!("the previous call ({age} ms ago) may still be in flight"),
+                    not_before_ms: chrono::Utc::now()
+                        .timestamp_millis()
+                        .saturating_add(in_flight - age),
+                    counts: false,
+                });
             }
             let chat = match self.client.chat(target, path, &op.agent_id).await {
                 Ok(chat) => chat,
@@ -184,9 +190,11 @@ impl GwsWorker {
             .await
             .map_err(store_failed)?
         {
-            return Err(HandleError::Retry(
-                "another worker is calling GWS for this effect".into(),
-            ));
+            return Err(HandleError::RetryLater {
+                reason: "another worker is calling GWS for this effect".into(),
+                not_before_ms: 0,
+                counts: false,
+            });
         }
         match self.client.operate(target, path, op, e).await {
             Ok(()) => {
@@ -204,7 +212,7 @@ impl GwsWorker {
     /// A failed GWS call: tried again (from the backlog), or (4xx) settled as rejected and
     /// dead-lettered.
     async fn refused(&self, key: EffectKey<'_>, op: &Operation, f: PeerFailure) -> HandleError {
-        if matches!(f, PeerFailure::Retry(_)) {
+        if matches!(f, PeerFailure::Retry { .. }) {
             return f.into_handle_error(REJECTED);
         }
         let detail = f.to_string();
@@ -271,10 +279,6 @@ impl Effect for GwsWorker {
         };
         let span = tracing::info_span!("gws", operation = op.kind.name(), agent = %op.agent_id);
         self.effect(e, &op, &target, &path).instrument(span).await
-    }
-
-    fn peer_paused(&self) -> bool {
-        self.client.paused()
     }
 }
 

@@ -495,8 +495,4 @@ impl Effect for HistoryWorker {
         };
         self.on_event(event, &target).await
     }
-
-    fn peer_paused(&self) -> bool {
-        self.ucs.paused()
-    }
 }

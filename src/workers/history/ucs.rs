@@ -198,11 +198,6 @@ impl Ucs {
         Self { peer }
     }
 
-    /// Whether UCS is failing for everyone (the role is paused on it).
-    pub fn paused(&self) -> bool {
-        self.peer.paused()
-    }
-
     /// Makes `call` for `conversation` (the circuit's subject).
     pub async fn call(
         &self,

@@ -29,4 +29,6 @@ CREATE TABLE effect_backlog (
     PRIMARY KEY (role, tenant_id, conversation_id, event_id)
 );
 CREATE INDEX effect_backlog_due ON effect_backlog (role, due_at_ms);
-CREATE INDEX effect_backlog_order ON effect_backlog (role, tenant_id, conversation_id, seq);
+-- One head per conversation even when two pods queue at once (a rebalance): the insert that
+-- loses fails and is retried.
+CREATE UNIQUE INDEX effect_backlog_order ON effect_backlog (role, tenant_id, conversation_id, seq);
