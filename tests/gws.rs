@@ -46,6 +46,9 @@ impl System {
             ("NEXUS_WORKERS__GWS__URL", gws.url()),
             ("NEXUS_WORKERS__GWS__CREDENTIAL", GWS_TOKEN.into()),
             ("NEXUS_WORKERS__GWS__TIMEOUT_MS", GWS_TIMEOUT_MS.to_string()),
+            // A call that may still be in flight is looked at again after this plus the GWS
+            // timeout.
+            ("NEXUS_CONSUMER__HANDLER_TIMEOUT_MS", "4000".into()),
             ("NEXUS_WORKERS__GWS__PAUSE_AFTER_FAILURES", "3".into()),
             ("NEXUS_WORKERS__GWS__PAUSE_INITIAL_MS", "200".into()),
             ("NEXUS_WORKERS__GWS__PAUSE_MAX_MS", "800".into()),

@@ -57,6 +57,7 @@ impl System {
             ("NEXUS_WORKERS__GWS__URL", gws.url()),
             ("NEXUS_WORKERS__GWS__CREDENTIAL", GWS_TOKEN.into()),
             ("NEXUS_WORKERS__GWS__TIMEOUT_MS", "1000".into()),
+            ("NEXUS_CONSUMER__HANDLER_TIMEOUT_MS", "4000".into()),
             ("NEXUS_WORKERS__WEBHOOKS__SUBSCRIPTION_CACHE_MS", "0".into()),
             (
                 "NEXUS_WORKERS__WEBHOOKS__ALLOW_PRIVATE_TARGETS",

@@ -132,6 +132,7 @@ pub fn handler_for(
                 &config.workers.gws,
                 &config.http_client,
                 deps.provisioning.pool().clone(),
+                config.consumer_handler_timeout(),
             )
             .map_err(|e| WorkerError::Config {
                 role: role.to_string(),

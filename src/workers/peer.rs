@@ -15,8 +15,7 @@
 //! paused target. A peer that is down for everyone (an outage, a night with one conversation)
 //! makes failures that do not count, so retries never run out because of it.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -215,7 +214,7 @@ pub struct Peer {
     /// By target URL; as many as the config names.
     circuits: Mutex<BTreeMap<String, Arc<Circuit>>>,
     /// Targets whose circuit is open (the gauge is 1 while any is).
-    open: Arc<AtomicUsize>,
+    open: Arc<OpenTargets>,
     /// A failure counts only if the target answered another call this recently.
     answered_within: Duration,
 }
@@ -234,14 +233,14 @@ impl Peer {
             client,
             settings: CircuitSettings::of(config),
             circuits: Mutex::new(BTreeMap::new()),
-            open: Arc::new(AtomicUsize::new(0)),
+            open: Arc::new(OpenTargets::new(role, name)),
             answered_within: Duration::from_millis(config.retry_max_ms.max(1)),
         }
     }
 
     /// Whether some target's circuit is open (the role is paused on it).
     pub fn paused(&self) -> bool {
-        self.open.load(Ordering::SeqCst) > 0
+        self.open.any()
     }
 
     fn circuit(&self, target: &PeerTarget) -> Arc<Circuit> {
@@ -287,10 +286,12 @@ impl Peer {
         for (k, v) in headers {
             request = request.header(*k, *v);
         }
-        self.send(request, target, subject, &url).await
+        self.send(request, target, subject, &url, Call::Write).await
     }
 
-    /// GETs `{target.url}{path}` for `subject`; 404 is `Ok(None)`.
+    /// GETs `{target.url}{path}` for `subject`; 404 is `Ok(None)`. A read that succeeds says
+    /// nothing about whether writes would (a peer can serve reads while its writes fail), so it
+    /// neither closes the circuit nor makes later failures count.
     pub async fn get_json(
         &self,
         target: &PeerTarget,
@@ -309,7 +310,7 @@ impl Peer {
         for (k, v) in headers {
             request = request.header(*k, *v);
         }
-        match self.send(request, target, subject, &url).await {
+        match self.send(request, target, subject, &url, Call::Read).await {
             Ok(v) => Ok(Some(v)),
             Err(PeerFailure::Rejected { status: 404, .. }) => Ok(None),
             Err(e) => Err(e),
@@ -322,6 +323,7 @@ impl Peer {
         target: &PeerTarget,
         subject: &str,
         url: &str,
+        call: Call,
     ) -> Result<serde_json::Value, PeerFailure> {
         let circuit = self.circuit(target);
         let probing = circuit.admit().await;
@@ -378,19 +380,20 @@ impl Peer {
         metrics::counter!(m::PEER_CALLS_TOTAL, "role" => self.role, "peer" => self.name, "outcome" => outcome).increment(1);
         probe.armed = false;
         match result {
-            Ok(v) => {
-                circuit.succeeded();
-                Ok(v)
-            }
             // A refusal is an answer: the peer is up.
-            Err((_, e @ PeerFailure::Rejected { .. })) => {
-                circuit.succeeded();
-                Err(e)
+            Ok(_) | Err((_, PeerFailure::Rejected { .. })) => {
+                match call {
+                    Call::Write => circuit.succeeded(),
+                    Call::Read if probing => circuit.abandoned(),
+                    Call::Read => {}
+                }
+                result.map_err(|(_, e)| e)
             }
             Err((_, PeerFailure::Retry { detail, .. })) => {
                 // Decided before this failure is recorded: it may open the circuit itself.
-                let counts = !probing && circuit.answered_within(self.answered_within);
-                circuit.failed(subject, retry_after);
+                let counts =
+                    !probing && circuit.answered_since_last_failure(subject, self.answered_within);
+                circuit.failed(subject, retry_after, probing);
                 Err(PeerFailure::Retry {
                     detail,
                     counts,
@@ -407,6 +410,53 @@ fn truncate(s: &str, max: usize) -> String {
         .map(|(_, c)| c)
         .collect()
 }
+
+/// What a call does at the peer: a read's success is no evidence about writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Read,
+    Write,
+}
+
+/// The number of a peer's targets whose circuit is open, behind `nexus_worker_paused`.
+struct OpenTargets {
+    role: &'static str,
+    peer: &'static str,
+    count: Mutex<usize>,
+}
+
+impl OpenTargets {
+    fn new(role: &'static str, peer: &'static str) -> Self {
+        Self {
+            role,
+            peer,
+            count: Mutex::new(0),
+        }
+    }
+
+    fn any(&self) -> bool {
+        *self.count.lock().unwrap_or_else(|p| p.into_inner()) > 0
+    }
+
+    /// One more (`true`) or one fewer open target; the gauge is set under the same lock, so
+    /// concurrent changes cannot leave it disagreeing with the count.
+    fn change(&self, opened: bool) {
+        let mut n = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        *n = if opened {
+            n.saturating_add(1)
+        } else {
+            n.saturating_sub(1)
+        };
+        let paused = if *n > 0 { 1.0 } else { 0.0 };
+        metrics::gauge!(m::WORKER_PAUSED, "role" => self.role, "peer" => self.peer).set(paused);
+    }
+}
+
+/// A pause longer than this (a huge `pause_max_ms`) is cut to it.
+const LONGEST_PAUSE: Duration = Duration::from_secs(24 * 3600);
+
+/// Subjects whose last failure a circuit remembers, at most.
+const MAX_REMEMBERED_FAILURES: usize = 10_000;
 
 /// Gives the probe back if the call's future is dropped before its outcome is known.
 struct ProbeGuard<'a> {
@@ -452,7 +502,7 @@ struct Circuit {
     host: String,
     settings: CircuitSettings,
     /// The peer's count of open targets, shared by its circuits.
-    open: Arc<AtomicUsize>,
+    open: Arc<OpenTargets>,
     state: Mutex<CircuitState>,
     changed: Notify,
 }
@@ -467,6 +517,9 @@ struct CircuitState {
     probe_at: Option<Instant>,
     probing: bool,
     last_success: Option<Instant>,
+    /// When each subject last failed (bounded), to tell whether the target answered anyone
+    /// since.
+    last_failure: HashMap<String, Instant>,
 }
 
 impl Circuit {
@@ -475,7 +528,7 @@ impl Circuit {
         peer: &'static str,
         host: String,
         settings: CircuitSettings,
-        open: Arc<AtomicUsize>,
+        open: Arc<OpenTargets>,
     ) -> Self {
         Self {
             role,
@@ -497,11 +550,17 @@ impl Circuit {
         self.lock().probe_at.is_some()
     }
 
-    /// Whether a call to this target succeeded within `window`.
-    fn answered_within(&self, window: Duration) -> bool {
-        self.lock()
-            .last_success
-            .is_some_and(|at| at.elapsed() <= window)
+    /// Whether the target answered a call since `subject` last failed (or, for its first
+    /// failure, within `window`): only then is a failure about the subject, not the target.
+    fn answered_since_last_failure(&self, subject: &str, window: Duration) -> bool {
+        let s = self.lock();
+        let Some(success) = s.last_success else {
+            return false;
+        };
+        match s.last_failure.get(subject) {
+            Some(failed) => success > *failed,
+            None => success.elapsed() <= window,
+        }
     }
 
     /// Returns when a call may go: at once while closed; while open, to one prober at a time
@@ -537,10 +596,11 @@ impl Circuit {
         let was_open = {
             let mut s = self.lock();
             let was_open = s.probe_at.is_some();
-            *s = CircuitState {
-                last_success: Some(Instant::now()),
-                ..CircuitState::default()
-            };
+            s.failing.clear();
+            s.failed_probes = 0;
+            s.probe_at = None;
+            s.probing = false;
+            s.last_success = Some(Instant::now());
             was_open
         };
         if was_open {
@@ -550,10 +610,7 @@ impl Circuit {
                 target = %self.host,
                 "peer answers again; resuming"
             );
-            if self.open.fetch_sub(1, Ordering::SeqCst) == 1 {
-                metrics::gauge!(m::WORKER_PAUSED, "role" => self.role, "peer" => self.peer)
-                    .set(0.0);
-            }
+            self.open.change(false);
             self.changed.notify_waiters();
         }
     }
@@ -564,14 +621,25 @@ impl Circuit {
         self.changed.notify_waiters();
     }
 
-    /// A failed call for `subject`. Once open, the pause is at least what the peer asked for
-    /// (`Retry-After`, up to `pause_max_ms`). One subject's `Retry-After` alone does not open
-    /// it: that call's event waits as long ([`PeerFailure::Retry`]'s `wait`).
-    fn failed(&self, subject: &str, retry_after: Option<Duration>) {
+    /// A failed call for `subject` (`probing`: it was the probe of the open circuit). Once
+    /// open, the pause is at least what the peer asked for (`Retry-After`, up to
+    /// `pause_max_ms`). One subject's `Retry-After` alone does not open it: that call's event
+    /// waits as long ([`PeerFailure::Retry`]'s `wait`).
+    fn failed(&self, subject: &str, retry_after: Option<Duration>, probing: bool) {
         let opened = {
             let mut s = self.lock();
-            s.probing = false;
+            let now = Instant::now();
+            if s.last_failure.len() >= MAX_REMEMBERED_FAILURES {
+                s.last_failure.clear();
+            }
+            s.last_failure.insert(subject.to_string(), now);
             let open = s.probe_at.is_some();
+            if open && !probing {
+                // A call admitted before the circuit opened, failing late: the probe and its
+                // pause are not its business.
+                return;
+            }
+            s.probing = false;
             if !open && !s.failing.iter().any(|f| f == subject) {
                 s.failing.push(subject.to_string());
             }
@@ -592,7 +660,7 @@ impl Circuit {
             let half = pause / 2;
             let pause = half + half.mul_f64(rand::rng().random::<f64>());
             let pause = pause.max(retry_after.unwrap_or_default().min(self.settings.max));
-            s.probe_at = Some(Instant::now() + pause);
+            s.probe_at = Some(now.checked_add(pause).unwrap_or(now + LONGEST_PAUSE));
             !open
         };
         if opened {
@@ -602,10 +670,7 @@ impl Circuit {
                 target = %self.host,
                 "peer keeps failing; pausing calls to it until a probe succeeds"
             );
-            if self.open.fetch_add(1, Ordering::SeqCst) == 0 {
-                metrics::gauge!(m::WORKER_PAUSED, "role" => self.role, "peer" => self.peer)
-                    .set(1.0);
-            }
+            self.open.change(true);
         }
         self.changed.notify_waiters();
     }
@@ -664,7 +729,7 @@ mod tests {
             "p",
             "peer".into(),
             CircuitSettings::of(c),
-            Arc::new(AtomicUsize::new(0)),
+            Arc::new(OpenTargets::new("r", "p")),
         )
     }
 
@@ -672,12 +737,12 @@ mod tests {
     async fn the_circuit_opens_after_failures_and_one_probe_closes_it() {
         let c = circuit(&config());
         c.admit().await;
-        c.failed("chat-1", None);
+        c.failed("chat-1", None, false);
         assert!(!c.is_open(), "one failure is below the threshold");
-        c.failed("chat-1", None);
-        c.failed("chat-1", None);
+        c.failed("chat-1", None, false);
+        c.failed("chat-1", None, false);
         assert!(!c.is_open(), "one conversation failing again pauses nobody");
-        c.failed("chat-2", None);
+        c.failed("chat-2", None, false);
         assert!(c.is_open(), "two conversations failing do");
         // While open, callers wait for the pause; the first gets the probe.
         let started = Instant::now();
@@ -702,28 +767,29 @@ mod tests {
     #[tokio::test]
     async fn once_open_the_pause_is_at_least_what_the_peer_asked() {
         let c = circuit(&config());
-        c.failed("chat-1", Some(Duration::from_millis(150)));
+        c.failed("chat-1", Some(Duration::from_millis(150)), false);
         assert!(!c.is_open(), "one conversation's Retry-After pauses nobody");
-        c.failed("chat-2", Some(Duration::from_millis(150)));
+        c.failed("chat-2", Some(Duration::from_millis(150)), false);
         assert!(c.is_open());
         let started = Instant::now();
         assert!(c.admit().await, "the first caller after the wait probes");
         assert!(started.elapsed() >= Duration::from_millis(140));
         c.succeeded();
         // A longer wait is cut to pause_max_ms (200 ms here).
-        c.failed("chat-1", Some(Duration::from_secs(3600)));
-        c.failed("chat-2", Some(Duration::from_secs(3600)));
+        c.failed("chat-1", Some(Duration::from_secs(3600)), false);
+        c.failed("chat-2", Some(Duration::from_secs(3600)), false);
         let started = Instant::now();
         let probe = tokio::time::timeout(Duration::from_secs(2), c.admit()).await;
         assert_eq!(probe.ok(), Some(true), "probed within pause_max_ms");
         assert!(started.elapsed() >= Duration::from_millis(190));
     }
 
-    /// A loopback peer: `/ok` answers 200, `/busy` 503 with `Retry-After: 1`.
+    /// A loopback peer: `/ok` answers 200, `/busy` 503 with `Retry-After: 1`, GET `/read` 200.
     async fn peer_server() -> String {
         use axum::http::StatusCode;
         let app = axum::Router::new()
             .route("/ok", axum::routing::post(|| async { "{}" }))
+            .route("/read", axum::routing::get(|| async { "{}" }))
             .route(
                 "/busy",
                 axum::routing::post(|| async {
@@ -781,6 +847,20 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // Failing again with no answer to anyone since: the target may have gone down.
+        match post(&peer, &t, "chat-1", "/busy").await {
+            Err(PeerFailure::Retry { counts, .. }) => assert!(!counts),
+            other => panic!("{other:?}"),
+        }
+        // A read that succeeds is no evidence that writes would.
+        peer.get_json(&t, "chat-2", "/read", &[])
+            .await
+            .expect("read");
+        match post(&peer, &t, "chat-1", "/busy").await {
+            Err(PeerFailure::Retry { counts, .. }) => assert!(!counts, "a read counted"),
+            other => panic!("{other:?}"),
+        }
+        assert!(!peer.paused(), "still one conversation failing");
         // Two conversations failing open it, for at least the Retry-After (1 s).
         let _ = post(&peer, &t, "chat-3", "/busy").await;
         assert!(peer.paused());
@@ -826,8 +906,8 @@ mod tests {
     #[tokio::test]
     async fn a_prober_dropped_mid_call_hands_the_probe_on() {
         let c = circuit(&config());
-        c.failed("chat-1", None);
-        c.failed("chat-2", None);
+        c.failed("chat-1", None, false);
+        c.failed("chat-2", None, false);
         assert!(c.admit().await, "the first caller after the pause probes");
         drop(ProbeGuard {
             circuit: &c,

@@ -186,17 +186,17 @@ impl<E: Effect> Handler for Backlogged<E> {
             });
         }
         let due = self.policy.due_ms(attempts, failure.not_before_ms);
-        // The backlog unavailable too (the same database): retry in place instead.
+        // The backlog unavailable too (the same database): retry in place instead, with the
+        // consumer's short backoff (the next try may only have to queue the event).
         if let Err(e) = self
             .backlog
             .push(key, message, due, &failure.reason, attempts, now_ms())
             .await
         {
-            return Err(HandleError::RetryLater {
-                reason: format!("{} (and the backlog: {e})", failure.reason),
-                not_before_ms: failure.not_before_ms,
-                counts: failure.counts,
-            });
+            return Err(HandleError::Retry(format!(
+                "{} (and the backlog: {e})",
+                failure.reason
+            )));
         }
         self.queued("failed");
         warn!(error = %failure.reason, counts = failure.counts, "effect failed; the event waits in the backlog for another try");

@@ -180,10 +180,14 @@ impl<E: Effect> Scheduler<E> {
                     .await
                 {
                     Ok(r) => r,
-                    Err(_) => Err(HandleError::Retry(format!(
-                        "timed out after {:?}",
-                        self.timeout
-                    ))),
+                    // The calls have timeouts of their own, which count; a whole try running
+                    // this long waited for a paused peer (or a slow store): not the event's
+                    // failure.
+                    Err(_) => Err(HandleError::RetryLater {
+                        reason: format!("timed out after {:?}", self.timeout),
+                        not_before_ms: 0,
+                        counts: false,
+                    }),
                 }
             }
         };

@@ -83,20 +83,25 @@ pub struct GwsWorker {
     config: GwsConfig,
     client: GwsClient,
     log: Arc<EffectLog>,
+    attempt_timeout: Duration,
 }
 
 impl GwsWorker {
     /// The worker with its effect log in `pool` (the provisioning database).
+    /// `attempt_timeout` bounds one handling of an event (the consumer's handler timeout, which
+    /// the backlog's tries share).
     pub fn new(
         config: &GwsConfig,
         http: &HttpClientConfig,
         pool: sqlx::AnyPool,
+        attempt_timeout: Duration,
     ) -> Result<Self, GwsError> {
         config::validate(config).map_err(GwsError::Config)?;
         Ok(Self {
             config: config.clone(),
             client: GwsClient::new(crate::http_client::build(http)?, config),
             log: Arc::new(EffectLog::new(pool)),
+            attempt_timeout,
         })
     }
 
@@ -151,11 +156,13 @@ impl GwsWorker {
             // A previous call may have reached GWS: look before calling again.
             let age = entry
                 .attempted_at_ms
-                .map(|at| chrono::Utc::now().timestamp_millis() - at)
+                .map(|at| chrono::Utc::now().timestamp_millis().saturating_sub(at))
                 .unwrap_or(i64::MAX);
-            // A claimed call may first wait for a paused circuit (up to `pause_max_ms`), then
-            // take up to the timeout: only past both is it surely over.
-            let in_flight = target.timeout_ms.saturating_add(self.config.pause_max_ms);
+            // A claimed call may first wait for a paused circuit, for as long as its handling
+            // may run (the handler timeout), then take up to the call timeout: only past both
+            // is it surely over.
+            let attempt = u64::try_from(self.attempt_timeout.as_millis()).unwrap_or(u64::MAX);
+            let in_flight = target.timeout_ms.saturating_add(attempt);
             let in_flight = i64::try_from(in_flight).unwrap_or(i64::MAX);
             if age < in_flight {
                 // Not a failure of this effect: look again once that call is surely over.
@@ -163,7 +170,7 @@ impl GwsWorker {
                     reason: format!("the previous call ({age} ms ago) may still be in flight"),
                     not_before_ms: chrono::Utc::now()
                         .timestamp_millis()
-                        .saturating_add(in_flight - age),
+                        .saturating_add(in_flight.saturating_sub(age)),
                     counts: false,
                 });
             }

@@ -3,6 +3,7 @@
 //! replay of it tries again.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -48,7 +49,8 @@ async fn worker(url: &str, dir: &std::path::Path) -> (GwsWorker, Provisioning) {
         ..GwsConfig::default()
     };
     let http = crate::config::Config::defaults().http_client;
-    let w = GwsWorker::new(&config, &http, db.pool().clone()).expect("worker");
+    let w =
+        GwsWorker::new(&config, &http, db.pool().clone(), Duration::from_secs(30)).expect("worker");
     (w, db)
 }
 
