@@ -476,90 +476,36 @@ async fn failures_that_say_nothing_about_the_event_do_not_count(db: &str) {
     assert!(rig.dead_letters().await.is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_a_failed_event_holds_only_its_conversation() {
-    a_failed_event_holds_only_its_conversation("").await;
+/// Each case as two tests: `sqlite_<case>` and `postgres_<case>` (a fresh database).
+macro_rules! on_both_databases {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case("").await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let db = crate::common::chat::TestDb::create().await;
+                    super::$case(&db.url).await;
+                }
+            )*
+        }
+    };
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_a_failed_event_holds_only_its_conversation() {
-    let db = common::chat::TestDb::create().await;
-    a_failed_event_holds_only_its_conversation(&db.url).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_redeliveries_keep_their_place() {
-    redeliveries_keep_their_place("").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_redeliveries_keep_their_place() {
-    let db = common::chat::TestDb::create().await;
-    redeliveries_keep_their_place(&db.url).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_claims_are_exclusive_and_only_of_heads() {
-    claims_are_exclusive_and_only_of_heads("").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_claims_are_exclusive_and_only_of_heads() {
-    let db = common::chat::TestDb::create().await;
-    claims_are_exclusive_and_only_of_heads(&db.url).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_a_lost_lease_changes_nothing() {
-    a_lost_lease_changes_nothing("").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_a_lost_lease_changes_nothing() {
-    let db = common::chat::TestDb::create().await;
-    a_lost_lease_changes_nothing(&db.url).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_tries_run_out_into_the_dead_letter_topic() {
-    tries_run_out_into_the_dead_letter_topic("").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_tries_run_out_into_the_dead_letter_topic() {
-    let db = common::chat::TestDb::create().await;
-    tries_run_out_into_the_dead_letter_topic(&db.url).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_failures_that_say_nothing_about_the_event_do_not_count() {
-    failures_that_say_nothing_about_the_event_do_not_count("").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_failures_that_say_nothing_about_the_event_do_not_count() {
-    let db = common::chat::TestDb::create().await;
-    failures_that_say_nothing_about_the_event_do_not_count(&db.url).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_a_retry_later_time_is_kept() {
-    a_retry_later_time_is_kept("").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_a_retry_later_time_is_kept() {
-    let db = common::chat::TestDb::create().await;
-    a_retry_later_time_is_kept(&db.url).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_two_schedulers_share_a_backlog() {
-    two_schedulers_share_a_backlog("").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_two_schedulers_share_a_backlog() {
-    let db = common::chat::TestDb::create().await;
-    two_schedulers_share_a_backlog(&db.url).await;
-}
+on_both_databases!(
+    a_failed_event_holds_only_its_conversation,
+    redeliveries_keep_their_place,
+    claims_are_exclusive_and_only_of_heads,
+    a_lost_lease_changes_nothing,
+    tries_run_out_into_the_dead_letter_topic,
+    failures_that_say_nothing_about_the_event_do_not_count,
+    a_retry_later_time_is_kept,
+    two_schedulers_share_a_backlog,
+);

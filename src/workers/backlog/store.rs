@@ -109,29 +109,20 @@ impl Backlog {
         message: &Message,
         now_ms: i64,
     ) -> Result<bool, BacklogError> {
-        let r = Record::of(message);
         // `DO UPDATE` rather than `DO NOTHING` so a redelivery of a queued event counts as a
         // row: it is in the backlog and must not jump the queue.
-        let done = sqlx::query(&format!(
+        let sql = format!(
             "INSERT INTO effect_backlog ({COLUMNS}) \
              SELECT $1, $2, $3, MAX(seq) + 1, $4, $5, $6, $7, $8, $9, $10, $11, 0, NULL, $11 \
              FROM effect_backlog WHERE {CONVERSATION} HAVING COUNT(*) > 0 \
              ON CONFLICT (role, tenant_id, conversation_id, event_id) \
              DO UPDATE SET event_id = excluded.event_id"
-        ))
-        .bind(self.role)
-        .bind(key.tenant_id)
-        .bind(key.conversation_id)
-        .bind(key.event_id)
-        .bind(r.topic)
-        .bind(r.partition)
-        .bind(r.offset)
-        .bind(r.key)
-        .bind(r.payload)
-        .bind(r.headers)
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await?;
+        );
+        let done = self
+            .bind_record(sqlx::query(&sql), key, &Record::of(message))
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -147,30 +138,40 @@ impl Backlog {
         attempts: i64,
         now_ms: i64,
     ) -> Result<(), BacklogError> {
-        let r = Record::of(message);
-        sqlx::query(&format!(
+        let sql = format!(
             "INSERT INTO effect_backlog ({COLUMNS}) \
              SELECT $1, $2, $3, COALESCE(MAX(seq), 0) + 1, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14 \
              FROM effect_backlog WHERE {CONVERSATION} \
              ON CONFLICT (role, tenant_id, conversation_id, event_id) DO NOTHING"
-        ))
-        .bind(self.role)
-        .bind(key.tenant_id)
-        .bind(key.conversation_id)
-        .bind(key.event_id)
-        .bind(r.topic)
-        .bind(r.partition)
-        .bind(r.offset)
-        .bind(r.key)
-        .bind(r.payload)
-        .bind(r.headers)
-        .bind(due_at_ms)
-        .bind(attempts)
-        .bind(error)
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await?;
+        );
+        self.bind_record(sqlx::query(&sql), key, &Record::of(message))
+            .bind(due_at_ms)
+            .bind(attempts)
+            .bind(error)
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await?;
         Ok(())
+    }
+
+    /// Binds `$1`–`$10` of an insert: the role, the key and the record.
+    fn bind_record<'q>(
+        &self,
+        query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+        key: Key<'q>,
+        r: &Record,
+    ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+        query
+            .bind(self.role)
+            .bind(key.tenant_id)
+            .bind(key.conversation_id)
+            .bind(key.event_id)
+            .bind(r.topic.clone())
+            .bind(r.partition)
+            .bind(r.offset)
+            .bind(r.key.clone())
+            .bind(r.payload.clone())
+            .bind(r.headers.clone())
     }
 
     /// Claims up to `limit` conversation heads due at `now_ms`, each for `lease_ms` from its
