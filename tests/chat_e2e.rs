@@ -608,6 +608,56 @@ async fn a_second_offer_to_one_agent_lapses_like_the_first() {
     assert_eq!(next["conversation_id"], sid);
 }
 
+/// The agent socket sends each transcript position of a conversation once: a push repeated on
+/// the delivery topic (a redelivery, or the real push of an entry a gap fill already sent) is
+/// dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_socket_sends_a_transcript_position_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, admin, tenant) = dev(dir.path(), &[]).await;
+    let url = node.url.as_str();
+    let (agent_id, token) = provision_agent(&admin, &tenant, "ann", 1).await;
+    let mut agent = agent_ready(url, &token).await;
+    let (sid, ck) = start_session(url, &tenant.api_key, json!({"nickname": "Cy"})).await;
+    let offer = ws_until(&mut agent, WAIT, |v| v["type"] == "offer").await;
+    ws_send(
+        &mut agent,
+        json!({"op": "accept", "conversation_id": sid, "offer_id": offer["offer_id"]}),
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let send = |text: &'static str| {
+        http.post(format!("{url}/nexus/v3/chat/sessions/{sid}/messages"))
+            .header("x-api-key", &tenant.api_key)
+            .header("x-nexus-client-key", &ck)
+            .json(&json!({"text": text}))
+            .send()
+    };
+    assert_eq!(send("one").await.expect("send").status(), 202);
+    let one = ws_until(&mut agent, WAIT, |v| v["text"] == "one").await;
+    // The same position again, as the delivery topic would carry a repeat.
+    let repeat = json!({
+        "event_type": "ClientEvent",
+        "tenant_id": tenant.id,
+        "conversation_id": sid,
+        "body": {"to_customer": false, "to_agents": [agent_id], "kind": "TRANSCRIPT",
+            "position": one["position"],
+            "data": json!({"type": "transcript", "conversation_id": sid,
+                "position": one["position"], "kind": "Message", "text": "repeat"}).to_string()}
+    });
+    let r = http
+        .post(format!("{url}/v1/events/nexus.delivery.v1"))
+        .bearer_auth(ADMIN)
+        .json(&repeat)
+        .send()
+        .await
+        .expect("ingest");
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
+    assert_eq!(send("two").await.expect("send").status(), 202);
+    let next = ws_until(&mut agent, WAIT, |v| v["type"] == "transcript").await;
+    assert_eq!(next["text"], "two", "the repeat reached the agent: {next}");
+}
+
 /// A freed slot goes to the customer who has waited longest, not to one who arrives just
 /// after it frees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,7 @@
 //! the conversation's order (a stale accept gets an `offer_closed` push, a reply to a
 //! conversation the agent does not hold is dropped), so the edge never races the worker.
 
+mod feed;
 mod ws;
 
 use axum::body::Bytes;

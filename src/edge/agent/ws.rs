@@ -14,12 +14,15 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::broadcast::error::RecvError;
 
+use super::feed::{self, Sent, Step};
 use super::{
     do_accept, do_complete, do_consult, do_leave, do_reject, do_reply, do_set_state, do_transfer,
     do_typing,
 };
+use crate::edge::hub::Push;
 use crate::edge::{ApiError, AppState};
 use crate::stores::provisioning::{Agent, AuthError};
+use crate::workers::conversation::notify::entry_json;
 
 #[derive(Debug, Deserialize)]
 pub struct WsQuery {
@@ -66,6 +69,7 @@ struct Request {
 
 async fn serve(mut socket: WebSocket, state: AppState, agent: Agent, token: String) {
     let mut feed = state.hub.agent(&agent.tenant_id, &agent.id);
+    let mut sent = Sent::default();
     let shutdown = state.shutdown.clone();
     // The token is checked again on this period, as cached API keys are: a rotated token or a
     // deleted agent ends its open sockets too, not only its next HTTP call.
@@ -104,7 +108,7 @@ async fn serve(mut socket: WebSocket, state: AppState, agent: Agent, token: Stri
             }
             push = feed.rx.recv() => match push {
                 Ok(p) => {
-                    if socket.send(WsMessage::Text(p.data.as_ref().into())).await.is_err() {
+                    if !forward(&mut socket, &state, &agent, &mut sent, &p).await {
                         return;
                     }
                 }
@@ -129,6 +133,55 @@ async fn serve(mut socket: WebSocket, state: AppState, agent: Agent, token: Stri
             },
         }
     }
+}
+
+/// Sends a push, after the entries of a gap before it and unless it was sent already; `false`
+/// once the socket is gone.
+async fn forward(
+    socket: &mut WebSocket,
+    state: &AppState,
+    agent: &Agent,
+    sent: &mut Sent,
+    push: &Push,
+) -> bool {
+    let text = |v: String| WsMessage::Text(v.into());
+    match sent.step(push) {
+        Step::Skip => return true,
+        Step::Send => {}
+        Step::Fill { from, to } => {
+            let filled = match state.sessions() {
+                Ok(store) => {
+                    feed::fill(
+                        store.as_ref(),
+                        &agent.tenant_id,
+                        &push.conversation_id,
+                        from,
+                        to,
+                    )
+                    .await
+                }
+                Err(_) => Ok(None),
+            };
+            match filled {
+                Ok(Some(entries)) => {
+                    for e in entries {
+                        let json = entry_json(&push.conversation_id, &e).to_string();
+                        if socket.send(text(json)).await.is_err() {
+                            return false;
+                        }
+                    }
+                }
+                // Too large a gap, or the store not answering: the console re-reads.
+                Ok(None) | Err(_) => {
+                    let note = json!({"type": "resync", "conversation_id": push.conversation_id});
+                    if socket.send(text(note.to_string())).await.is_err() {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+    socket.send(text(push.data.to_string())).await.is_ok()
 }
 
 async fn handle(state: &AppState, agent: &Agent, text: &str) -> Value {
