@@ -63,21 +63,10 @@ struct Customer {
     key: String,
 }
 
-async fn start_chat(http: &reqwest::Client, url: &str, api_key: &str, n: usize) -> Customer {
-    let started: Value = http
-        .post(format!("{url}/nexus/v3/chat/sessions"))
-        .header("x-api-key", api_key)
-        .json(&json!({"nickname": format!("customer {n}")}))
-        .send()
-        .await
-        .expect("start")
-        .json()
-        .await
-        .expect("start json");
-    Customer {
-        sid: started["session_id"].as_str().expect("sid").to_string(),
-        key: started["client_key"].as_str().expect("key").to_string(),
-    }
+async fn start_chat(url: &str, api_key: &str, n: usize) -> Customer {
+    let (sid, key) =
+        start_session(url, api_key, json!({"nickname": format!("customer {n}")})).await;
+    Customer { sid, key }
 }
 
 /// `n` agents of `capacity` chats each, ready on their sockets; (sockets, tokens).
@@ -134,7 +123,7 @@ async fn thousand_messages_arrive_in_send_order_per_conversation() {
         agents.push(agent_ready(&sys.url, &token).await);
     }
     let customers: Vec<Customer> =
-        join_all((0..CHATS).map(|n| start_chat(&http, &sys.url, &tenant.api_key, n))).await;
+        join_all((0..CHATS).map(|n| start_chat(&sys.url, &tenant.api_key, n))).await;
     // Every agent takes its share: 50 chats over 5 agents of 10.
     let mut held: Vec<HashSet<String>> = Vec::new();
     let results = join_all(agents.iter_mut().map(|ws| accept_until(ws, CHATS / 5))).await;
@@ -214,7 +203,7 @@ async fn capacity_holds_while_offers_race_across_workers() {
     let (mut agents, tokens) = ready_agents(&sys.url, &admin, &tenant, AGENTS, CAPACITY).await;
     // Twenty chats at once: two workers race to offer them.
     let customers: Vec<Customer> =
-        join_all((0..CHATS).map(|n| start_chat(&http, &sys.url, &tenant.api_key, n))).await;
+        join_all((0..CHATS).map(|n| start_chat(&sys.url, &tenant.api_key, n))).await;
     let held = join_all(
         agents
             .iter_mut()
@@ -284,7 +273,7 @@ async fn racing_closes_close_a_conversation_once() {
     let (mut agents, tokens) = ready_agents(&sys.url, &admin, &tenant, AGENTS, CAPACITY).await;
     let chats = AGENTS * CAPACITY as usize;
     let customers: Vec<Customer> =
-        join_all((0..chats).map(|n| start_chat(&http, &sys.url, &tenant.api_key, n))).await;
+        join_all((0..chats).map(|n| start_chat(&sys.url, &tenant.api_key, n))).await;
     let held = join_all(
         agents
             .iter_mut()

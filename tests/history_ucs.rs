@@ -88,26 +88,11 @@ impl System {
 /// A customer chat: started with `start` (contact fields, first message), then the customer
 /// leaves. Returns the conversation id.
 async fn chat_and_leave(url: &str, tenant: &Tenant, start: Value) -> String {
-    let http = reqwest::Client::new();
-    let started: Value = http
-        .post(format!("{url}/nexus/v3/chat/sessions"))
-        .header("x-api-key", &tenant.api_key)
-        .json(&start)
-        .send()
-        .await
-        .expect("start")
-        .json()
-        .await
-        .expect("start json");
-    let sid = started["session_id"]
-        .as_str()
-        .expect("session id")
-        .to_string();
-    let ck = started["client_key"].as_str().expect("client key");
-    let r = http
+    let (sid, ck) = start_session(url, &tenant.api_key, start).await;
+    let r = reqwest::Client::new()
         .post(format!("{url}/nexus/v3/chat/sessions/{sid}/disconnect"))
         .header("x-api-key", &tenant.api_key)
-        .header("x-nexus-client-key", ck)
+        .header("x-nexus-client-key", &ck)
         .send()
         .await
         .expect("disconnect");
@@ -160,22 +145,14 @@ async fn chat_is_written_once_in_order_and_a_4xx_dead_letters_only_its_event() {
     ws_until(&mut agent, WAIT, |v| v["request_id"] == "r1").await;
 
     // 1. A chat with contact fields; the agent accepts and replies; the agent completes.
-    let started: Value = http
-        .post(format!("{url}/nexus/v3/chat/sessions"))
-        .header("x-api-key", &tenant.api_key)
-        .json(
-            &json!({"nickname": "Ann", "first_name": "Ann", "last_name": "Lee",
+    let (sid, ck) = start_session(
+        &url,
+        &tenant.api_key,
+        json!({"nickname": "Ann", "first_name": "Ann", "last_name": "Lee",
             "email_address": "ann@example.com", "subject": "billing",
             "user_data": {"lang": "fr"}}),
-        )
-        .send()
-        .await
-        .expect("start")
-        .json()
-        .await
-        .expect("start json");
-    let sid = started["session_id"].as_str().expect("sid").to_string();
-    let ck = started["client_key"].as_str().expect("ck").to_string();
+    )
+    .await;
     let offer = ws_until(&mut agent, WAIT, |v| v["type"] == "offer").await;
     ws_send(
         &mut agent,
