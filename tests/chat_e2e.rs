@@ -645,14 +645,32 @@ async fn the_agent_socket_sends_a_transcript_position_once() {
             "data": json!({"type": "transcript", "conversation_id": sid,
                 "position": one["position"], "kind": "Message", "text": "repeat"}).to_string()}
     });
-    let r = http
-        .post(format!("{url}/v1/events/nexus.delivery.v1"))
-        .bearer_auth(ADMIN)
-        .json(&repeat)
-        .send()
-        .await
-        .expect("ingest");
-    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
+    // Then a marker the socket forwards as it is: seeing it proves ingested pushes reach it.
+    let marker = json!({
+        "event_type": "ClientEvent",
+        "tenant_id": tenant.id,
+        "conversation_id": sid,
+        "body": {"to_customer": false, "to_agents": [agent_id], "kind": "STATE",
+            "data": json!({"type": "state", "conversation_id": sid, "state": "marker"}).to_string()}
+    });
+    for body in [&repeat, &marker] {
+        let r = http
+            .post(format!("{url}/v1/events/nexus.delivery.v1"))
+            .bearer_auth(ADMIN)
+            .json(body)
+            .send()
+            .await
+            .expect("ingest");
+        assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
+    }
+    let seen = ws_until(&mut agent, WAIT, |v| {
+        v["state"] == "marker" || v["text"] == "repeat"
+    })
+    .await;
+    assert_eq!(
+        seen["state"], "marker",
+        "the repeat reached the agent: {seen}"
+    );
     assert_eq!(send("two").await.expect("send").status(), 202);
     let next = ws_until(&mut agent, WAIT, |v| v["type"] == "transcript").await;
     assert_eq!(next["text"], "two", "the repeat reached the agent: {next}");

@@ -1,9 +1,11 @@
-//! The agent socket's transcript view: per conversation, the last position it sent. A repeat is
-//! dropped; a gap (an entry pushed before this agent was in the conversation's watcher list,
-//! in a race between the worker's input topics) is filled from the session store first.
+//! The agent socket's transcript view: per conversation, the span of positions it sent. A
+//! repeat is dropped; a gap above the span (an entry pushed before this agent was in the
+//! conversation's watcher list, in a race between the worker's input topics) is filled from the
+//! session store first; a position just below the span (pushes of one conversation from two
+//! worker lanes arriving out of order) is sent and widens it.
 //!
-//! Order per conversation on the socket is then the transcript's. A new offer for a
-//! conversation starts it afresh (the console reads the transcript when it accepts).
+//! A new offer for a conversation, or the agent leaving it, forgets it (the console reads the
+//! transcript when it accepts).
 
 use std::collections::HashMap;
 
@@ -27,38 +29,74 @@ pub enum Step {
     },
 }
 
-/// The positions one socket has sent, by conversation.
+/// The positions one socket has sent, by conversation: every position in `first..=last`.
 #[derive(Debug, Default)]
 pub struct Sent {
-    last: HashMap<String, u64>,
+    spans: HashMap<String, (u64, u64)>,
 }
 
 impl Sent {
     pub fn step(&mut self, push: &Push) -> Step {
         match (push.kind, push.position) {
             (ClientEventKind::Offer, _) => {
-                self.last.remove(&push.conversation_id);
+                self.spans.remove(&push.conversation_id);
                 Step::Send
             }
-            (ClientEventKind::Transcript, Some(position)) => {
-                let step = match self.last.get(&push.conversation_id) {
-                    Some(&last) if position <= last => return Step::Skip,
-                    Some(&last) if position > last + 1 => Step::Fill {
-                        from: last + 1,
-                        to: position - 1,
-                    },
-                    _ => Step::Send,
+            (ClientEventKind::State, _) => {
+                if leaves(push) {
+                    self.spans.remove(&push.conversation_id);
+                }
+                Step::Send
+            }
+            (ClientEventKind::Transcript, Some(p)) => {
+                let Some(span) = self.spans.get_mut(&push.conversation_id) else {
+                    self.spans.insert(push.conversation_id.clone(), (p, p));
+                    return Step::Send;
                 };
-                self.last.insert(push.conversation_id.clone(), position);
-                step
+                let (first, last) = *span;
+                if (first..=last).contains(&p) {
+                    return Step::Skip;
+                }
+                if p < first {
+                    // Below the span: never sent. Only a neighbour widens it, so a position
+                    // between it and the span still counts as not sent.
+                    if p + 1 == first {
+                        span.0 = p;
+                    }
+                    return Step::Send;
+                }
+                span.1 = p;
+                if p > last + 1 {
+                    Step::Fill {
+                        from: last + 1,
+                        to: p - 1,
+                    }
+                } else {
+                    Step::Send
+                }
             }
             _ => Step::Send,
         }
     }
+
+    /// Forgets every conversation (after missed pushes, when the console re-reads).
+    pub fn clear(&mut self) {
+        self.spans.clear();
+    }
+}
+
+/// Whether a state push says this agent is out of the conversation.
+fn leaves(push: &Push) -> bool {
+    serde_json::from_str::<serde_json::Value>(&push.data).is_ok_and(|v| {
+        matches!(
+            v.get("state").and_then(|s| s.as_str()),
+            Some("transferred" | "left" | "closed")
+        )
+    })
 }
 
 /// The entries `from..=to` of a conversation, for a [`Step::Fill`]; `None` when the gap is
-/// larger than [`MAX_FILL`].
+/// larger than [`MAX_FILL`] or the store no longer has all of it.
 pub async fn fill(
     store: &dyn SessionStore,
     tenant: &str,
@@ -73,7 +111,7 @@ pub async fn fill(
     let max = usize::try_from(wanted).unwrap_or(usize::MAX);
     let mut entries = store.transcript(tenant, conversation_id, from, max).await?;
     entries.retain(|e| e.position <= to);
-    Ok(Some(entries))
+    Ok((entries.len() == max).then_some(entries))
 }
 
 #[cfg(test)]
@@ -98,26 +136,31 @@ mod tests {
         push("c1", ClientEventKind::Transcript, Some(n))
     }
 
+    fn state(state: &str) -> Push {
+        let mut p = push("c1", ClientEventKind::State, None);
+        p.data = Arc::from(format!(
+            r#"{{"type":"state","conversation_id":"c1","state":"{state}"}}"#
+        ));
+        p
+    }
+
     #[test]
-    fn repeats_are_dropped_and_gaps_named() {
+    fn repeats_are_dropped_gaps_named_and_late_lower_positions_sent() {
         let mut sent = Sent::default();
-        assert_eq!(
-            sent.step(&entry(3)),
-            Step::Send,
-            "the first sets the baseline"
-        );
+        assert_eq!(sent.step(&entry(3)), Step::Send, "the first sets the span");
         assert_eq!(sent.step(&entry(4)), Step::Send);
         assert_eq!(sent.step(&entry(4)), Step::Skip);
         assert_eq!(sent.step(&entry(7)), Step::Fill { from: 5, to: 6 });
         assert_eq!(sent.step(&entry(6)), Step::Skip, "filled already");
+        // Pushes from two worker lanes out of order: the lower one was never sent.
+        assert_eq!(sent.step(&entry(2)), Step::Send);
+        assert_eq!(sent.step(&entry(2)), Step::Skip, "the span widened to it");
+        assert_eq!(sent.step(&entry(0)), Step::Send, "not a neighbour");
+        assert_eq!(sent.step(&entry(1)), Step::Send, "between it and the span");
         assert_eq!(
             sent.step(&push("c2", ClientEventKind::Transcript, Some(9))),
             Step::Send,
             "conversations are apart"
-        );
-        assert_eq!(
-            sent.step(&push("c1", ClientEventKind::State, None)),
-            Step::Send
         );
         // A new offer starts the conversation afresh.
         assert_eq!(
@@ -125,6 +168,14 @@ mod tests {
             Step::Send
         );
         assert_eq!(sent.step(&entry(12)), Step::Send);
+        assert_eq!(sent.step(&entry(13)), Step::Send);
+        // Being connected keeps it; leaving forgets it, so nothing from meanwhile is filled.
+        assert_eq!(sent.step(&state("connected")), Step::Send);
+        assert_eq!(sent.step(&entry(13)), Step::Skip);
+        assert_eq!(sent.step(&state("transferred")), Step::Send);
+        assert_eq!(sent.step(&entry(40)), Step::Send, "no fill after leaving");
+        sent.clear();
+        assert_eq!(sent.step(&entry(40)), Step::Send, "cleared");
     }
 
     #[tokio::test]
@@ -161,9 +212,16 @@ mod tests {
             .await
             .expect("fill")
             .is_none());
-        assert!(fill(&store, "other", "c1", 3, 5)
-            .await
-            .expect("fill")
-            .is_some_and(|e| e.is_empty()));
+        assert!(
+            fill(&store, "t", "c1", 5, 8).await.expect("fill").is_none(),
+            "the store has only up to 6: a short fill is no fill"
+        );
+        assert!(
+            fill(&store, "other", "c1", 3, 5)
+                .await
+                .expect("fill")
+                .is_none(),
+            "another tenant's conversation is not read"
+        );
     }
 }

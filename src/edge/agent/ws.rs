@@ -113,7 +113,9 @@ async fn serve(mut socket: WebSocket, state: AppState, agent: Agent, token: Stri
                     }
                 }
                 Err(RecvError::Lagged(n)) => {
-                    // The desktop re-reads its conversations (GET /v1/agent/conversations).
+                    // The desktop re-reads its conversations (GET /v1/agent/conversations);
+                    // offers and leaves may be among the missed pushes.
+                    sent.clear();
                     let note = json!({"type": "resync", "missed": n});
                     if socket.send(WsMessage::Text(note.to_string().into())).await.is_err() {
                         return;
