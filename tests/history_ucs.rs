@@ -453,6 +453,12 @@ async fn a_conversation_ucs_keeps_failing_holds_no_other() {
         start("stuck@example.com"),
     )
     .await;
+    // A message: only recorded (no UCS call), so it does not wait in the backlog, and the
+    // transcript written after the outage has it.
+    let message = json!({"message_id": uuid::Uuid::new_v4().to_string(),
+        "participant_id": "customer", "participant_kind": "CUSTOMER", "nickname": "Sam",
+        "text": "still waiting", "transcript_position": 1});
+    ingest(&url, &tenant.id, &stuck, "MessageReceived", message).await;
     ingest(
         &url,
         &tenant.id,
@@ -514,6 +520,15 @@ async fn a_conversation_ucs_keeps_failing_holds_no_other() {
     })
     .await;
     assert_written_once_in_order(&ucs, &tenant.id, &stuck, 1);
+    {
+        let state = ucs.state.lock().unwrap();
+        let transcript = &state.documents[&object_id(&tenant.id, &stuck, "transcript")];
+        let texts: Vec<&str> = transcript["Content"]["Messages"]
+            .as_array()
+            .map(|m| m.iter().filter_map(|e| e["Text"].as_str()).collect())
+            .unwrap_or_default();
+        assert_eq!(texts, ["still waiting"], "{transcript}");
+    }
     eventually(WAIT, "the backlog emptied", || async {
         let m = system.metrics().await;
         (metric_sum(&m, "nexus_backlog_events", &["role=\"history\""]) == Some(0.0)).then_some(())

@@ -45,7 +45,8 @@ pub const EXHAUSTED: &str = "retries_exhausted";
 /// from the backlog).
 #[async_trait]
 pub trait Effect: Send + Sync + 'static {
-    /// Whether the role acts on this event at all; others are applied without a backlog check.
+    /// Whether the event's effect keeps its place in its conversation's order (it calls the
+    /// peer); others are applied at once, without a backlog check.
     fn concerns(&self, event: &Event) -> bool;
     /// The effect. `Retry` and `RetryLater` put the event in the backlog; `Reject`
     /// dead-letters it.

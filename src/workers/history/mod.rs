@@ -6,8 +6,9 @@
 //! until the close. Handling an event records what it says (idempotently: the start and the
 //! close once, entries by position) and then runs the remaining steps in order, each one UCS
 //! call followed by a compare-and-set of the step. A redelivered or replayed event finds its
-//! steps done and makes no call. A conversation's events run one at a time (on the consumer's
-//! lane, or in the backlog behind a failed one), so its calls never overlap or reorder.
+//! steps done and makes no call. A conversation's start and close run one at a time (on the
+//! consumer's lane, or in the backlog behind a failed one), so its calls never overlap or
+//! reorder; entries are recorded at once, by position, whatever waits in the backlog.
 //!
 //! **The crash window.** A process can die after UCS applied a call and before the step was
 //! recorded (or before the ack). The event then comes back and the step is called again. Every
@@ -475,16 +476,14 @@ fn interaction<'a>(state: &'a State, conv: &'a str) -> &'a str {
 
 #[async_trait]
 impl Effect for HistoryWorker {
+    // Only the start and the close call UCS. Entries are only recorded (by position, in any
+    // order), so they need no place in the backlog: recorded at once, they are there when a
+    // backlogged close writes the transcript.
     fn concerns(&self, event: &Event) -> bool {
         let e = &event.envelope;
         matches!(
             e.event_type.as_str(),
-            ev::ConversationStarted::TYPE
-                | ev::ConversationClosed::TYPE
-                | ev::MessageReceived::TYPE
-                | ev::MessageSent::TYPE
-                | ev::ParticipantJoined::TYPE
-                | ev::ParticipantLeft::TYPE
+            ev::ConversationStarted::TYPE | ev::ConversationClosed::TYPE
         ) && self.config.ucs.target(&e.tenant_id).is_some()
     }
 
