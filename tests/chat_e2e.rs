@@ -406,18 +406,12 @@ async fn async_chat_closes_when_idle_unless_the_customer_returns() {
     .await;
     let url = node.url.as_str();
     let http = reqwest::Client::new();
-    let started: Value = http
-        .post(format!("{url}/nexus/v3/chat/sessions"))
-        .header("x-api-key", &tenant.api_key)
-        .json(&json!({"nickname": "Bea", "async": true}))
-        .send()
-        .await
-        .expect("start")
-        .json()
-        .await
-        .expect("json");
-    let sid = started["session_id"].as_str().expect("sid").to_string();
-    let ck = started["client_key"].as_str().expect("key").to_string();
+    let (sid, ck) = start_session(
+        url,
+        &tenant.api_key,
+        json!({"nickname": "Bea", "async": true}),
+    )
+    .await;
     let mut customer = ws_connect(&format!(
         "{url}/nexus/v3/chat/sessions/{sid}/stream?api_key={}&client_key={ck}",
         tenant.api_key
@@ -773,18 +767,7 @@ async fn transfer_to_an_agent_and_to_a_queue() {
     let mut carol = agent_ready(url, &c_token).await;
 
     let http = reqwest::Client::new();
-    let started: Value = http
-        .post(format!("{url}/nexus/v3/chat/sessions"))
-        .header("x-api-key", &tenant.api_key)
-        .json(&json!({"nickname": "Dee"}))
-        .send()
-        .await
-        .expect("start")
-        .json()
-        .await
-        .expect("json");
-    let sid = started["session_id"].as_str().expect("sid").to_string();
-    let ck = started["client_key"].as_str().expect("key").to_string();
+    let (sid, ck) = start_session(url, &tenant.api_key, json!({"nickname": "Dee"})).await;
     let mut customer = ws_connect(&format!(
         "{url}/nexus/v3/chat/sessions/{sid}/stream?api_key={}&client_key={ck}",
         tenant.api_key
@@ -1074,18 +1057,12 @@ async fn bot_posts_and_hands_off_through_the_bot_api() {
     let (_, token) = provision_agent(&admin, &tenant, "alice", 2).await;
     let mut agent = agent_ready(url, &token).await;
     let http = reqwest::Client::new();
-    let started: Value = http
-        .post(format!("{url}/nexus/v3/chat/sessions"))
-        .header("x-api-key", &tenant.api_key)
-        .json(&json!({"nickname": "Eve", "text": "hello"}))
-        .send()
-        .await
-        .expect("start")
-        .json()
-        .await
-        .expect("json");
-    let sid = started["session_id"].as_str().expect("sid").to_string();
-    let ck = started["client_key"].as_str().expect("key").to_string();
+    let (sid, ck) = start_session(
+        url,
+        &tenant.api_key,
+        json!({"nickname": "Eve", "text": "hello"}),
+    )
+    .await;
     let mut customer = ws_connect(&format!(
         "{url}/nexus/v3/chat/sessions/{sid}/stream?api_key={}&client_key={ck}",
         tenant.api_key
@@ -1299,18 +1276,12 @@ async fn consult_scenario(url: &str, other: &str) {
         }
     };
 
-    let started: Value = http
-        .post(format!("{url}/nexus/v3/chat/sessions"))
-        .header("x-api-key", &tenant.api_key)
-        .json(&json!({"nickname": "Fay", "text": "my order is late"}))
-        .send()
-        .await
-        .expect("start")
-        .json()
-        .await
-        .expect("json");
-    let sid = started["session_id"].as_str().expect("sid").to_string();
-    let ck = started["client_key"].as_str().expect("key").to_string();
+    let (sid, ck) = start_session(
+        url,
+        &tenant.api_key,
+        json!({"nickname": "Fay", "text": "my order is late"}),
+    )
+    .await;
     let mut customer = ws_connect(&format!(
         "{url}/nexus/v3/chat/sessions/{sid}/stream?api_key={}&client_key={ck}",
         tenant.api_key

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, Response, StatusCode};
-use common::chat::{multipart, png, BOUNDARY};
+use common::chat::{multipart, png, start_session, BOUNDARY};
 use http_body_util::BodyExt;
 use nexus::config::Config;
 use nexus::edge::{self, AppState};
@@ -676,18 +676,8 @@ async fn files_expire_and_are_swept_on_postgres() {
     let node = start_node(dir.path(), "dev", &["dev"], env).await;
     let tenant = provision_tenant(&Admin::new(&node.url)).await;
     let http = reqwest::Client::new();
-    let started: Value = http
-        .post(format!("{}/nexus/v3/chat/sessions", node.url))
-        .header("x-api-key", &tenant.api_key)
-        .json(&json!({"nickname": "Ann"}))
-        .send()
-        .await
-        .expect("start")
-        .json()
-        .await
-        .expect("start json");
-    let sid = started["session_id"].as_str().expect("session_id");
-    let ck = started["client_key"].as_str().expect("client_key");
+    let (sid, ck) = start_session(&node.url, &tenant.api_key, json!({"nickname": "Ann"})).await;
+    let ck = ck.as_str();
     let session = format!("{}/nexus/v3/chat/sessions/{sid}", node.url);
     let upload = || {
         http.post(format!("{session}/files"))
