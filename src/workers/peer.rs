@@ -110,6 +110,14 @@ impl PeerConfig {
         })
     }
 
+    /// Whether `tenant` has a target ([`Self::target`] without building it).
+    pub fn has_target(&self, tenant: &str) -> bool {
+        match self.tenants.get(tenant) {
+            Some(t) => !t.url.is_empty(),
+            None => !self.url.is_empty(),
+        }
+    }
+
     /// Checks every URL; the error names the key.
     pub fn validate(&self, key: &str) -> Result<(), String> {
         let check = |k: String, url: &str| -> Result<(), String> {
@@ -245,6 +253,9 @@ impl Peer {
 
     fn circuit(&self, target: &PeerTarget) -> Arc<Circuit> {
         let mut circuits = self.circuits.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = circuits.get(&target.url) {
+            return c.clone();
+        }
         circuits
             .entry(target.url.clone())
             .or_insert_with(|| {
@@ -707,6 +718,9 @@ mod tests {
         assert_eq!((t2.url.as_str(), t2.timeout_ms), ("http://other", 10_000));
         c.tenants.insert("t3".into(), PeerTarget::default());
         assert_eq!(c.target("t3"), None, "an empty override turns the peer off");
+        for t in ["t1", "t2", "t3", "t4"] {
+            assert_eq!(c.has_target(t), c.target(t).is_some(), "{t}");
+        }
     }
 
     #[test]

@@ -166,11 +166,18 @@ impl<E: Effect> Handler for Backlogged<E> {
         };
         let backlog_failed = |e: BacklogError| HandleError::Retry(e.to_string());
         // An earlier event of this conversation waits in the backlog: this one waits behind it.
+        // Most conversations have none: the check carries no record. If the backlog empties
+        // between the two, `queue_behind` writes nothing and the event runs here, after it.
         if self
             .backlog
-            .queue_behind(key, message, now_ms())
+            .holds(key.tenant_id, key.conversation_id)
             .await
             .map_err(backlog_failed)?
+            && self
+                .backlog
+                .queue_behind(key, message, now_ms())
+                .await
+                .map_err(backlog_failed)?
         {
             self.queued("behind");
             return Ok(());

@@ -100,6 +100,24 @@ impl Backlog {
         self.role
     }
 
+    /// Whether the conversation has events in the backlog: the cheap check before
+    /// [`Self::queue_behind`], which carries the whole record.
+    pub async fn holds(
+        &self,
+        tenant_id: &str,
+        conversation_id: &str,
+    ) -> Result<bool, BacklogError> {
+        let row = sqlx::query(&format!(
+            "SELECT 1 AS one FROM effect_backlog WHERE {CONVERSATION} LIMIT 1"
+        ))
+        .bind(self.role)
+        .bind(tenant_id)
+        .bind(conversation_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.is_some())
+    }
+
     /// Queues the event behind its conversation's backlog if it has one (or already holds
     /// this event: a redelivery); `false` when the conversation has none, and nothing was
     /// written. Due at once: it only runs once it is the head.

@@ -254,7 +254,7 @@ fn emit(op: &Operation, outcome: &'static str) {
 impl Effect for GwsWorker {
     fn concerns(&self, event: &Event) -> bool {
         let e = &event.envelope;
-        ops::may_operate(&e.event_type) && self.config.target(&e.tenant_id).is_some()
+        ops::may_operate(&e.event_type) && self.config.has_target(&e.tenant_id)
     }
 
     // Runs one event of a conversation at a time, in the order the agent acted: on the

@@ -484,7 +484,7 @@ impl Effect for HistoryWorker {
         matches!(
             e.event_type.as_str(),
             ev::ConversationStarted::TYPE | ev::ConversationClosed::TYPE
-        ) && self.config.ucs.target(&e.tenant_id).is_some()
+        ) && self.config.ucs.has_target(&e.tenant_id)
     }
 
     async fn apply(&self, event: &Event, _message: &Message) -> Result<(), HandleError> {
