@@ -37,6 +37,7 @@ use nexus::config::Config;
 use nexus::events::{encode, Event};
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::sync::CancellationToken;
 
@@ -344,7 +345,10 @@ async fn agent(url: &str, token: &str, http: &reqwest::Client, seen: Arc<Seen>) 
         "{}/v1/agent/ws?token={token}",
         url.replacen("http", "ws", 1)
     );
-    let (ws, _) = tokio_tungstenite::connect_async(ws_url)
+    // A small read buffer, as the edge's sockets have: the codec zero-fills all of it before
+    // every read, and at its 128 KiB default the load generator spends CPU the edge needs.
+    let config = WebSocketConfig::default().read_buffer_size(4 * 1024);
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(ws_url, Some(config), true)
         .await
         .expect("agent websocket");
     let (mut tx, mut rx) = ws.split();

@@ -16,6 +16,7 @@ mod telemetry;
 
 use std::sync::Arc;
 
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
@@ -83,7 +84,22 @@ impl AppState {
     }
 }
 
+/// First read buffer of a socket. The WebSocket codec zero-fills its whole free buffer
+/// before every read attempt, and a socket is read again after every push it sends: at the
+/// codec's 128 KiB default that was a 128 KiB `memset` per push. Client frames are small
+/// requests; the buffer grows for a larger one (up to the body limit).
+const SOCKET_READ_BUFFER: usize = 4 * 1024;
+
 impl AppState {
+    /// A socket upgrade with the edge's limits: frames and messages no larger than the HTTP
+    /// body limit, a small read buffer.
+    pub fn socket(&self, ws: WebSocketUpgrade) -> WebSocketUpgrade {
+        let limit = self.config.http.max_body_bytes;
+        ws.max_message_size(limit)
+            .max_frame_size(limit)
+            .read_buffer_size(SOCKET_READ_BUFFER)
+    }
+
     /// The session store, or 503 in a process that has none.
     pub fn sessions(&self) -> Result<&Arc<dyn SessionStore>, ApiError> {
         self.sessions.as_ref().ok_or_else(|| {

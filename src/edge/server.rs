@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Router;
-use axum_server::tls_rustls::RustlsConfig;
+use axum_server::accept::NoDelayAcceptor;
+use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use axum_server::Handle;
 use tokio_util::sync::CancellationToken;
 
@@ -88,15 +89,20 @@ impl Bound {
         });
         let addr = self.addr.to_string();
         let service = app.into_make_service();
+        // No Nagle: a socket push is a small write with no answer to carry the peer's ACK, so
+        // with Nagle the next push waited for a delayed ACK (up to 40 ms on Linux).
         let result = match self.tls {
             Some(tls) => {
-                axum_server::from_tcp_rustls(self.listener, tls)
+                let acceptor = RustlsAcceptor::new(tls).acceptor(NoDelayAcceptor::new());
+                axum_server::from_tcp(self.listener)
+                    .acceptor(acceptor)
                     .handle(handle)
                     .serve(service)
                     .await
             }
             None => {
                 axum_server::from_tcp(self.listener)
+                    .acceptor(NoDelayAcceptor::new())
                     .handle(handle)
                     .serve(service)
                     .await

@@ -85,7 +85,10 @@ impl Settings {
             .set("client.id", "nexus")
             // Topics are created by `nexus topology apply` with their partitions and retention;
             // a typo must fail as UnknownTopic, not create a one-partition topic.
-            .set("allow.auto.create.topics", "false");
+            .set("allow.auto.create.topics", "false")
+            // Requests are small and pipelined: with Nagle one waits for the ACK of the one
+            // before it.
+            .set("socket.nagle.disable", "true");
         let k = &self.config.kafka;
         let sasl = !k.sasl_mechanism.is_empty();
         let protocol = match (self.tls, sasl) {

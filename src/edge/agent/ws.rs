@@ -43,8 +43,7 @@ pub async fn websocket(
     };
     let agent = crate::edge::auth::agent(&state, &token).await?;
     // A request is a small JSON object: the HTTP body limit bounds it here too.
-    let limit = state.config.http.max_body_bytes;
-    let ws = ws?.max_message_size(limit).max_frame_size(limit);
+    let ws = state.socket(ws?);
     Ok(ws.on_upgrade(move |socket| serve(socket, state, agent, token)))
 }
 

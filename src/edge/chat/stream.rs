@@ -166,7 +166,7 @@ pub async fn websocket(
 ) -> Result<Response, ApiError> {
     let Query(q) = query?;
     let claims = authorize(&state, &headers, &q, &id).await?;
-    let ws = ws?;
+    let ws = state.socket(ws?);
     let mut feed = Resumable::new(state, claims, q.from.unwrap_or(1));
     feed.catch_up().await?;
     Ok(ws.on_upgrade(move |socket| serve_socket(socket, feed)))
