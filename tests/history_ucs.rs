@@ -29,6 +29,11 @@ struct System {
 
 impl System {
     async fn start(ucs: &FakeUcs) -> System {
+        System::start_with(ucs, Vec::new()).await
+    }
+
+    /// The system with `extra` settings on top of the suite's.
+    async fn start_with(ucs: &FakeUcs, extra: Vec<(&'static str, String)>) -> System {
         let dir = tempfile::tempdir().expect("tempdir");
         let nats = OwnNats::start(dir.path()).await;
         let db = TestDb::create().await;
@@ -53,6 +58,7 @@ impl System {
             ),
             ("NEXUS_WORKERS__HISTORY__UCS__RETRY_MAX_MS", "1000".into()),
         ]);
+        env.extend(extra);
         let (ok, out, err) = common::process::run(&["topology", "apply", "--bus", &nats.url], &[]);
         assert!(ok, "topology apply: {out} {err}");
         let conversation = start_node(
@@ -354,16 +360,23 @@ async fn ucs_outage_pauses_the_role_then_everything_is_written() {
             "text": format!("message {n}")});
         convs.push(chat_and_leave(&url, &tenant, start).await);
     }
-    eventually(WAIT, "history paused with lag", || async {
-        let m = system.metrics().await;
-        let paused = metric_sum(&m, "nexus_worker_paused", &["role=\"history\""]);
-        let lag = metric_sum(
-            &m,
-            "nexus_consumer_lag",
-            &["nexus.interaction.v1", "nexus-history"],
-        );
-        (paused == Some(1.0) && lag.is_some_and(|l| l > 0.0)).then_some(())
-    })
+    // Paused: the events wait in the backlog, acked, not as lag on the topic.
+    eventually(
+        WAIT,
+        "history paused, the events in the backlog",
+        || async {
+            let m = system.metrics().await;
+            let paused = metric_sum(&m, "nexus_worker_paused", &["role=\"history\""]);
+            let queued = metric_sum(&m, "nexus_backlog_events", &["role=\"history\""]);
+            let lag = metric_sum(
+                &m,
+                "nexus_consumer_lag",
+                &["nexus.interaction.v1", "nexus-history"],
+            );
+            (paused == Some(1.0) && queued.is_some_and(|q| q >= 5.0) && lag == Some(0.0))
+                .then_some(())
+        },
+    )
     .await;
     // While paused only probes reach UCS (one at a time, 300-800 ms apart): a spinning worker
     // (5 lanes retrying every 400 ms at most) would make about 60 calls in this time.
@@ -392,6 +405,7 @@ async fn ucs_outage_pauses_the_role_then_everything_is_written() {
     };
     assert!(peer("failed") >= 3.0, "5xx counted as failed");
     assert!(peer("timeout") >= 1.0, "hangs counted as timeouts");
+    assert!(peer("paused") >= 1.0, "calls refused unsent while paused");
 
     ucs.set_mode(Mode::Up);
     for conv in &convs {
@@ -409,6 +423,102 @@ async fn ucs_outage_pauses_the_role_then_everything_is_written() {
         (metric_sum(&m, "nexus_worker_paused", &["role=\"history\""]) == Some(0.0)).then_some(())
     })
     .await;
+}
+
+/// A tenant whose own UCS is down holds back no other tenant: once its target is paused, its
+/// events wait in the backlog instead of on their lanes, so another tenant's conversation on the
+/// same consumer lane is written meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_whose_ucs_is_down_holds_no_other_tenant() {
+    let ucs = FakeUcs::start().await;
+    let own = FakeUcs::start().await;
+    own.set_mode(Mode::Down(503));
+    // A long pause: an event that waited on its lane for the probe would hold it past WAIT.
+    let system = System::start_with(
+        &ucs,
+        vec![
+            ("NEXUS_WORKERS__HISTORY__UCS__TENANTS__DOWN__URL", own.url()),
+            (
+                "NEXUS_WORKERS__HISTORY__UCS__TENANTS__DOWN__CREDENTIAL",
+                CREDENTIAL.into(),
+            ),
+            (
+                "NEXUS_WORKERS__HISTORY__UCS__PAUSE_INITIAL_MS",
+                "120000".into(),
+            ),
+            ("NEXUS_WORKERS__HISTORY__UCS__PAUSE_MAX_MS", "120000".into()),
+        ],
+    )
+    .await;
+    let url = system.edge.url.clone();
+    let tenant = provision_tenant(&Admin::new(&url)).await;
+    let start = |email: &str| {
+        json!({"customer_participant_id": "customer", "customer_nickname": "Sam",
+            "contact": {"email_address": email}})
+    };
+    // Three of the failing tenant's conversations fail: its target is paused.
+    for n in 0..3 {
+        let conv = uuid::Uuid::new_v4().to_string();
+        ingest(
+            &url,
+            "down",
+            &conv,
+            "ConversationStarted",
+            start(&format!("d{n}@example.com")),
+        )
+        .await;
+    }
+    eventually(WAIT, "the failing tenant's UCS paused", || async {
+        let m = system.metrics().await;
+        (metric_sum(&m, "nexus_worker_paused", &["role=\"history\""]) == Some(1.0)).then_some(())
+    })
+    .await;
+    let calls = own.calls();
+    // Another of its conversations, then the other tenant's on the same lane (32 lanes).
+    let waiting = uuid::Uuid::new_v4().to_string();
+    let lane = nexus::bus::consumer::lane_of(&waiting, 32);
+    let other = std::iter::repeat_with(|| uuid::Uuid::new_v4().to_string())
+        .find(|c| nexus::bus::consumer::lane_of(c, 32) == lane)
+        .expect("a key on the same lane");
+    ingest(
+        &url,
+        "down",
+        &waiting,
+        "ConversationStarted",
+        start("d3@example.com"),
+    )
+    .await;
+    ingest(
+        &url,
+        &tenant.id,
+        &other,
+        "ConversationStarted",
+        start("fine@example.com"),
+    )
+    .await;
+    let close = json!({"reason": "CUSTOMER_LEFT", "closed_by_participant_id": "customer"});
+    ingest(&url, &tenant.id, &other, "ConversationClosed", close).await;
+
+    eventually(WAIT, "the other tenant's conversation written", || {
+        let done = ucs.stopped(&other);
+        async move { done.then_some(()) }
+    })
+    .await;
+    assert_written_once_in_order(&ucs, &tenant.id, &other, 1);
+    // The paused tenant's four starts wait in the backlog, acked; its UCS was not called again.
+    eventually(WAIT, "the paused tenant's events backlogged", || async {
+        let m = system.metrics().await;
+        let queued = metric_sum(&m, "nexus_backlog_events", &["role=\"history\""]);
+        let lag = metric_sum(
+            &m,
+            "nexus_consumer_lag",
+            &["nexus.interaction.v1", "nexus-history"],
+        );
+        (queued == Some(4.0) && lag == Some(0.0)).then_some(())
+    })
+    .await;
+    assert_eq!(own.calls(), calls, "a paused target was called");
+    assert!(own.effects().is_empty() && ucs.effects_of(&waiting).is_empty());
 }
 
 /// Publishes an interaction event through the edge's ingest endpoint.

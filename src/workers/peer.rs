@@ -1,14 +1,16 @@
 //! A peer system (UCS, GWS) as the integration workers call it: where it is per tenant, one
-//! JSON call with its outcome classified and measured, and a circuit that pauses the role.
+//! JSON call with its outcome classified and measured, and a circuit per target.
 //!
 //! Each target (the global URL, a tenant's own) has its own circuit. While a target keeps
-//! failing its circuit opens: every call to it waits in [`Peer::post_json`] instead of calling,
-//! one caller probes after a growing, jittered pause, and the role's `nexus_worker_paused`
-//! gauge is 1. Waiting lanes fill their queues, the consumer stops taking records and the
-//! group's lag grows where operators see it; the first success resumes all. Failures count per
-//! subject (the conversation a call is for): it takes failures for `pause_after_failures`
-//! different conversations, with no success between, to open it, so one conversation the peer
-//! keeps failing (retried from the backlog) pauses nobody.
+//! failing its circuit opens: calls to it are refused at once, without calling, with a
+//! retryable failure that does not count against the event's retry limit and asks it to wait
+//! until the next probe ([`PeerFailure::Retry`]'s `wait`); one caller probes after a growing,
+//! jittered pause, and the role's `nexus_worker_paused` gauge is 1 while any target is open.
+//! Refused events go to the role's retry backlog and their lanes move on, so one tenant's
+//! failing target holds back no other tenant. Failures count per subject (the conversation a
+//! call is for): it takes failures for `pause_after_failures` different conversations, with no
+//! success between, to open it, so one conversation the peer keeps failing (retried from the
+//! backlog) pauses nobody.
 //!
 //! A failure says whether it [`counts`](PeerFailure::Retry) against the event's retry limit:
 //! only when the same target answered another call lately and the call was not a probe of a
@@ -21,7 +23,6 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
 
 use crate::bus::consumer::HandleError;
 use crate::telemetry::metrics as m;
@@ -337,7 +338,22 @@ impl Peer {
         call: Call,
     ) -> Result<serde_json::Value, PeerFailure> {
         let circuit = self.circuit(target);
-        let probing = circuit.admit().await;
+        let probing = match circuit.admit() {
+            Admission::Call => false,
+            Admission::Probe => true,
+            Admission::Paused(wait) => {
+                metrics::counter!(m::PEER_CALLS_TOTAL, "role" => self.role, "peer" => self.name, "outcome" => "paused").increment(1);
+                return Err(PeerFailure::Retry {
+                    detail: format!(
+                        "{url}: not called, {} is paused after repeated failures (next probe in {} ms)",
+                        self.name,
+                        wait.as_millis()
+                    ),
+                    counts: false,
+                    wait: Some(wait),
+                });
+            }
+        };
         // A caller dropped mid-call (handler timeout, shutdown) must not hold the probe forever.
         let mut probe = ProbeGuard {
             circuit: &circuit,
@@ -420,6 +436,18 @@ fn truncate(s: &str, max: usize) -> String {
         .take_while(|(i, _)| *i < max)
         .map(|(_, c)| c)
         .collect()
+}
+
+/// Whether a call may go to its target now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    /// The circuit is closed.
+    Call,
+    /// The circuit is open and this call is its probe.
+    Probe,
+    /// The circuit is open: no call before this wait is over (the next probe, or while a
+    /// probe is out, the first pause).
+    Paused(Duration),
 }
 
 /// What a call does at the peer: a read's success is no evidence about writes.
@@ -515,7 +543,6 @@ struct Circuit {
     /// The peer's count of open targets, shared by its circuits.
     open: Arc<OpenTargets>,
     state: Mutex<CircuitState>,
-    changed: Notify,
 }
 
 #[derive(Default)]
@@ -548,7 +575,6 @@ impl Circuit {
             settings,
             open,
             state: Mutex::new(CircuitState::default()),
-            changed: Notify::new(),
         }
     }
 
@@ -574,33 +600,23 @@ impl Circuit {
         }
     }
 
-    /// Returns when a call may go: at once while closed; while open, to one prober at a time
-    /// once its pause is over. `true` for the prober.
-    async fn admit(&self) -> bool {
-        loop {
-            let notified = self.changed.notified();
-            let wait = {
-                let mut s = self.lock();
-                match s.probe_at {
-                    None => return false,
-                    Some(at) if !s.probing && Instant::now() >= at => {
-                        s.probing = true;
-                        return true;
-                    }
-                    Some(at) => at.saturating_duration_since(Instant::now()),
-                }
-            };
-            // A prober's outcome wakes everyone; otherwise re-check when the pause ends.
-            let wait = if wait.is_zero() {
-                self.settings.initial
-            } else {
-                wait
-            };
-            tokio::select! {
-                _ = notified => {}
-                _ = tokio::time::sleep(wait) => {}
-            }
+    /// Whether a call may go now: always while closed; while open, one prober at a time once
+    /// the pause is over, and nobody else.
+    fn admit(&self) -> Admission {
+        let mut s = self.lock();
+        let Some(at) = s.probe_at else {
+            return Admission::Call;
+        };
+        let now = Instant::now();
+        if now < at {
+            return Admission::Paused(at - now);
         }
+        if s.probing {
+            // The probe's outcome decides; ask again after the first pause.
+            return Admission::Paused(self.settings.initial);
+        }
+        s.probing = true;
+        Admission::Probe
     }
 
     fn succeeded(&self) {
@@ -622,14 +638,12 @@ impl Circuit {
                 "peer answers again; resuming"
             );
             self.open.change(false);
-            self.changed.notify_waiters();
         }
     }
 
     /// A call ended without an outcome: whoever held the probe lets the next caller have it.
     fn abandoned(&self) {
         self.lock().probing = false;
-        self.changed.notify_waiters();
     }
 
     /// A failed call for `subject` (`probing`: it was the probe of the open circuit). Once
@@ -683,12 +697,13 @@ impl Circuit {
             );
             self.open.change(true);
         }
-        self.changed.notify_waiters();
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
 
     fn config() -> PeerConfig {
@@ -747,10 +762,18 @@ mod tests {
         )
     }
 
+    /// The wait of a refused admission.
+    fn paused(a: Admission) -> Duration {
+        match a {
+            Admission::Paused(wait) => wait,
+            other => panic!("admitted while paused: {other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn the_circuit_opens_after_failures_and_one_probe_closes_it() {
         let c = circuit(&config());
-        c.admit().await;
+        assert_eq!(c.admit(), Admission::Call);
         c.failed("chat-1", None, false);
         assert!(!c.is_open(), "one failure is below the threshold");
         c.failed("chat-1", None, false);
@@ -758,24 +781,20 @@ mod tests {
         assert!(!c.is_open(), "one conversation failing again pauses nobody");
         c.failed("chat-2", None, false);
         assert!(c.is_open(), "two conversations failing do");
-        // While open, callers wait for the pause; the first gets the probe.
-        let started = Instant::now();
-        c.admit().await;
-        assert!(started.elapsed() >= Duration::from_millis(20));
-        // A second caller waits while the probe is out, and goes once it succeeds.
-        let waiter = async {
-            c.admit().await;
-            Instant::now()
-        };
-        let release = async {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let at = Instant::now();
-            c.succeeded();
-            at
-        };
-        let (admitted, released) = tokio::join!(waiter, release);
-        assert!(admitted >= released, "admitted before the probe came back");
+        // While open, calls are refused (not held) until the pause (25-50 ms) is over.
+        let wait = paused(c.admit());
+        assert!(wait <= Duration::from_millis(50), "{wait:?}");
+        tokio::time::sleep(wait).await;
+        assert_eq!(
+            c.admit(),
+            Admission::Probe,
+            "the first caller after it probes"
+        );
+        // Nobody else goes while the probe is out.
+        assert_eq!(paused(c.admit()), Duration::from_millis(50));
+        c.succeeded();
         assert!(!c.is_open());
+        assert_eq!(c.admit(), Admission::Call);
     }
 
     #[tokio::test]
@@ -785,22 +804,27 @@ mod tests {
         assert!(!c.is_open(), "one conversation's Retry-After pauses nobody");
         c.failed("chat-2", Some(Duration::from_millis(150)), false);
         assert!(c.is_open());
-        let started = Instant::now();
-        assert!(c.admit().await, "the first caller after the wait probes");
-        assert!(started.elapsed() >= Duration::from_millis(140));
+        let wait = paused(c.admit());
+        assert!(wait >= Duration::from_millis(140), "{wait:?}");
+        tokio::time::sleep(wait).await;
+        assert_eq!(c.admit(), Admission::Probe);
         c.succeeded();
         // A longer wait is cut to pause_max_ms (200 ms here).
         c.failed("chat-1", Some(Duration::from_secs(3600)), false);
         c.failed("chat-2", Some(Duration::from_secs(3600)), false);
-        let started = Instant::now();
-        let probe = tokio::time::timeout(Duration::from_secs(2), c.admit()).await;
-        assert_eq!(probe.ok(), Some(true), "probed within pause_max_ms");
-        assert!(started.elapsed() >= Duration::from_millis(190));
+        let wait = paused(c.admit());
+        assert!(
+            wait >= Duration::from_millis(150) && wait <= Duration::from_millis(200),
+            "{wait:?}"
+        );
     }
 
-    /// A loopback peer: `/ok` answers 200, `/busy` 503 with `Retry-After: 1`, GET `/read` 200.
-    async fn peer_server() -> String {
+    /// A loopback peer: `/ok` answers 200, `/busy` 503 with `Retry-After: 1`, GET `/read` 200;
+    /// with the number of calls it got.
+    async fn peer_server() -> (String, Arc<AtomicUsize>) {
         use axum::http::StatusCode;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
         let app = axum::Router::new()
             .route("/ok", axum::routing::post(|| async { "{}" }))
             .route("/read", axum::routing::get(|| async { "{}" }))
@@ -809,13 +833,19 @@ mod tests {
                 axum::routing::post(|| async {
                     (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "1")], "")
                 }),
-            );
+            )
+            .layer(axum::middleware::from_fn(
+                move |r: axum::extract::Request, next: axum::middleware::Next| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    next.run(r)
+                },
+            ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         tokio::spawn(async move { axum::serve(listener, app).await });
-        url
+        (url, calls)
     }
 
     fn target(url: &str) -> PeerTarget {
@@ -839,7 +869,7 @@ mod tests {
 
     #[tokio::test]
     async fn failures_count_only_while_the_target_answers_others() {
-        let url = peer_server().await;
+        let (url, calls) = peer_server().await;
         let mut c = config();
         c.pause_after_failures = 2;
         c.pause_max_ms = 5_000;
@@ -878,23 +908,38 @@ mod tests {
         // Two conversations failing open it, for at least the Retry-After (1 s).
         let _ = post(&peer, &t, "chat-3", "/busy").await;
         assert!(peer.paused());
-        let started = Instant::now();
+        // Meanwhile calls are refused at once, without reaching the peer, and do not count.
+        let before = calls.load(Ordering::SeqCst);
+        let wait = match post(&peer, &t, "chat-2", "/busy").await {
+            Err(PeerFailure::Retry {
+                counts,
+                wait: Some(wait),
+                ..
+            }) => {
+                assert!(!counts, "a refused call counted");
+                wait
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            before,
+            "a paused target called"
+        );
+        assert!(wait >= Duration::from_millis(900), "asked to wait {wait:?}");
+        tokio::time::sleep(wait).await;
         match post(&peer, &t, "chat-2", "/busy").await {
             Err(PeerFailure::Retry { counts, .. }) => {
                 assert!(!counts, "a probe of a paused target does not count")
             }
             other => panic!("{other:?}"),
         }
-        assert!(
-            started.elapsed() >= Duration::from_millis(450),
-            "the probe waited {:?}",
-            started.elapsed()
-        );
+        assert_eq!(calls.load(Ordering::SeqCst), before + 1, "one probe went");
     }
 
     #[tokio::test]
     async fn each_target_has_its_own_circuit() {
-        let url = peer_server().await;
+        let (url, _) = peer_server().await;
         let mut c = config();
         c.pause_after_failures = 2;
         c.pause_initial_ms = 5_000;
@@ -907,6 +952,10 @@ mod tests {
         let _ = post(&peer, &down, "chat-2", "/busy").await;
         assert!(peer.paused(), "the failing target is paused");
         let started = Instant::now();
+        match post(&peer, &down, "chat-4", "/ok").await {
+            Err(PeerFailure::Retry { counts: false, .. }) => {}
+            other => panic!("a paused target took a call: {other:?}"),
+        }
         post(&peer, &up, "chat-3", "/ok")
             .await
             .expect("the other target answers");
@@ -922,12 +971,20 @@ mod tests {
         let c = circuit(&config());
         c.failed("chat-1", None, false);
         c.failed("chat-2", None, false);
-        assert!(c.admit().await, "the first caller after the pause probes");
+        tokio::time::sleep(paused(c.admit())).await;
+        assert_eq!(
+            c.admit(),
+            Admission::Probe,
+            "the first caller after the pause"
+        );
         drop(ProbeGuard {
             circuit: &c,
             armed: true,
         });
-        let next = tokio::time::timeout(Duration::from_secs(2), c.admit()).await;
-        assert_eq!(next.ok(), Some(true), "the next caller gets the probe");
+        assert_eq!(
+            c.admit(),
+            Admission::Probe,
+            "the next caller gets the probe"
+        );
     }
 }

@@ -87,11 +87,17 @@ impl<E: Effect> Scheduler<E> {
         let mut tick = tokio::time::interval(POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stats_at: Option<Instant> = None;
+        // A claim that took as many heads as it could leaves more due: the next claim goes as
+        // soon as a drive ends, not at the next tick, so a backlog gathered in an outage
+        // drains at the peer's pace.
+        let mut more = false;
         loop {
+            let eager = more && !drives.is_empty();
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
-                _ = tick.tick() => {}
+                _ = drives.join_next(), if eager => {}
+                _ = tick.tick(), if !eager => {}
             }
             while drives.try_join_next().is_some() {}
             if !stats_at.is_some_and(|at| at.elapsed() < STATS_EVERY) {
@@ -100,6 +106,7 @@ impl<E: Effect> Scheduler<E> {
             }
             let free = permits.available_permits();
             if free == 0 {
+                more = !drives.is_empty();
                 continue;
             }
             let now = now_ms();
@@ -111,10 +118,12 @@ impl<E: Effect> Scheduler<E> {
             let items = match claimed {
                 Ok(items) => items,
                 Err(e) => {
+                    more = false;
                     self.failed("claim", &e);
                     continue;
                 }
             };
+            more = items.len() >= free;
             for item in items {
                 let Ok(permit) = permits.clone().try_acquire_owned() else {
                     break; // cannot happen: no more were claimed than permits were free

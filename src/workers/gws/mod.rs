@@ -29,9 +29,10 @@
 //! Order: a conversation's events run one at a time, in the order the agent acted: on the
 //! consumer's lane, or, once a call failed (5xx, timeout, a previous call possibly in flight),
 //! in the role's [`backlog`](crate::workers::backlog), where the event waits for its next try
-//! and the conversation's later events queue behind it. Other conversations go on; while GWS
-//! keeps failing for everyone the [`Peer`](crate::workers::peer::Peer) circuit pauses the whole
-//! role (`nexus_worker_paused{role="gws",peer="gws"}` is 1). A 4xx marks the row `rejected` and
+//! and the conversation's later events queue behind it. Other conversations go on; while a GWS
+//! target keeps failing for everyone its [`Peer`](crate::workers::peer::Peer) circuit refuses
+//! calls unsent, so its events wait in the backlog too, without holding other tenants
+//! (`nexus_worker_paused{role="gws",peer="gws"}` is 1). A 4xx marks the row `rejected` and
 //! dead-letters the event (`gws_rejected`).
 
 pub mod client;
@@ -158,9 +159,9 @@ impl GwsWorker {
                 .attempted_at_ms
                 .map(|at| chrono::Utc::now().timestamp_millis().saturating_sub(at))
                 .unwrap_or(i64::MAX);
-            // A claimed call may first wait for a paused circuit, for as long as its handling
-            // may run (the handler timeout), then take up to the call timeout: only past both
-            // is it surely over.
+            // A claimed call leaves at once (a paused circuit refuses it unsent) and takes up to
+            // the call timeout; the handler timeout on top covers a handling that stalled
+            // between the claim and the send. Only past both is it surely over.
             let attempt = u64::try_from(self.attempt_timeout.as_millis()).unwrap_or(u64::MAX);
             let in_flight = target.timeout_ms.saturating_add(attempt);
             let in_flight = i64::try_from(in_flight).unwrap_or(i64::MAX);

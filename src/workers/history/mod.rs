@@ -23,8 +23,9 @@
 //! UCS failing (5xx, timeout, refused) for one conversation puts its event in the role's
 //! [`backlog`](crate::workers::backlog) and acks it; the conversation's later events queue
 //! behind it and the backlog's scheduler runs them again in order, so other conversations go
-//! on. While UCS keeps failing for everyone the [`Peer`] circuit pauses the role (lanes wait,
-//! lag grows, `nexus_worker_paused{role="history",peer="ucs"}` = 1). A 4xx dead-letters the
+//! on. While a UCS target keeps failing for everyone its [`Peer`] circuit refuses calls unsent
+//! and their events wait in the backlog as well, so a tenant's failing UCS holds no other
+//! tenant (`nexus_worker_paused{role="history",peer="ucs"}` = 1). A 4xx dead-letters the
 //! event with reason `ucs_rejected`. Tenants without a UCS target are acked without a call
 //! (`skipped`).
 
