@@ -1,7 +1,8 @@
 //! The history worker against a fake UCS (a real HTTP server on loopback), with real processes
 //! (`nexus edge`, `nexus worker conversation`, `nexus worker history`) on NATS JetStream,
-//! PostgreSQL and Redis: a chat is written once and in order; an outage pauses the role and
-//! nothing is lost; a SIGKILL mid-load repeats no effect; a 4xx dead-letters one event only.
+//! PostgreSQL and Redis: a chat is written once and in order; an outage pauses the target and
+//! nothing is lost; a tenant's failing UCS holds no other tenant; a SIGKILL mid-load repeats no
+//! effect; a 4xx dead-letters one event only.
 
 mod common;
 
@@ -349,7 +350,16 @@ async fn chat_is_written_once_in_order_and_a_4xx_dead_letters_only_its_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ucs_outage_pauses_the_role_then_everything_is_written() {
     let ucs = FakeUcs::start().await;
-    let system = System::start(&ucs).await;
+    // Two counted failures would dead-letter an event: calls refused while paused and probes
+    // must not count.
+    let system = System::start_with(
+        &ucs,
+        vec![(
+            "NEXUS_WORKERS__HISTORY__UCS__RETRY_MAX_ATTEMPTS",
+            "2".into(),
+        )],
+    )
+    .await;
     let url = system.edge.url.clone();
     let tenant = provision_tenant(&Admin::new(&url)).await;
 
@@ -433,7 +443,8 @@ async fn a_tenant_whose_ucs_is_down_holds_no_other_tenant() {
     let ucs = FakeUcs::start().await;
     let own = FakeUcs::start().await;
     own.set_mode(Mode::Down(503));
-    // A long pause: an event that waited on its lane for the probe would hold it past WAIT.
+    // A long pause (20-40 s): an event that waited on its lane for the probe would hold the
+    // lane well past the 10 s the other tenant is given below (it takes milliseconds).
     let system = System::start_with(
         &ucs,
         vec![
@@ -444,9 +455,9 @@ async fn a_tenant_whose_ucs_is_down_holds_no_other_tenant() {
             ),
             (
                 "NEXUS_WORKERS__HISTORY__UCS__PAUSE_INITIAL_MS",
-                "120000".into(),
+                "40000".into(),
             ),
-            ("NEXUS_WORKERS__HISTORY__UCS__PAUSE_MAX_MS", "120000".into()),
+            ("NEXUS_WORKERS__HISTORY__UCS__PAUSE_MAX_MS", "40000".into()),
         ],
     )
     .await;
@@ -457,8 +468,10 @@ async fn a_tenant_whose_ucs_is_down_holds_no_other_tenant() {
             "contact": {"email_address": email}})
     };
     // Three of the failing tenant's conversations fail: its target is paused.
+    let mut down = Vec::new();
     for n in 0..3 {
         let conv = uuid::Uuid::new_v4().to_string();
+        down.push(conv.clone());
         ingest(
             &url,
             "down",
@@ -499,10 +512,15 @@ async fn a_tenant_whose_ucs_is_down_holds_no_other_tenant() {
     let close = json!({"reason": "CUSTOMER_LEFT", "closed_by_participant_id": "customer"});
     ingest(&url, &tenant.id, &other, "ConversationClosed", close).await;
 
-    eventually(WAIT, "the other tenant's conversation written", || {
-        let done = ucs.stopped(&other);
-        async move { done.then_some(()) }
-    })
+    down.push(waiting.clone());
+    eventually(
+        Duration::from_secs(10),
+        "the other tenant's conversation written",
+        || {
+            let done = ucs.stopped(&other);
+            async move { done.then_some(()) }
+        },
+    )
     .await;
     assert_written_once_in_order(&ucs, &tenant.id, &other, 1);
     // The paused tenant's four starts wait in the backlog, acked; its UCS was not called again.
@@ -519,6 +537,25 @@ async fn a_tenant_whose_ucs_is_down_holds_no_other_tenant() {
     .await;
     assert_eq!(own.calls(), calls, "a paused target was called");
     assert!(own.effects().is_empty() && ucs.effects_of(&waiting).is_empty());
+
+    // Its UCS back: the next probe (at most 40 s after the pause began) closes the circuit and
+    // every waiting start is written there, once.
+    own.set_mode(Mode::Up);
+    for conv in &down {
+        eventually(
+            Duration::from_secs(60),
+            "the paused tenant's start written",
+            || {
+                let written = methods(&own.effects_of(conv)) == ["InsertInteraction"];
+                async move { written.then_some(()) }
+            },
+        )
+        .await;
+    }
+    assert!(
+        ucs.effects_of(&down[0]).is_empty(),
+        "written at the global UCS"
+    );
 }
 
 /// Publishes an interaction event through the edge's ingest endpoint.

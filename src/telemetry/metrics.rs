@@ -37,7 +37,8 @@ pub const TIMER_ERRORS_TOTAL: &str = "nexus_conversation_timer_errors_total";
 /// Expired chat files (rows and bytes) the sweeper deleted.
 pub const CHAT_FILES_EXPIRED_TOTAL: &str = "nexus_chat_files_expired_total";
 
-/// Calls to peer systems (UCS, GWS), per `role`, `peer`, `outcome` (ok, failed, timeout, rejected).
+/// Calls to peer systems (UCS, GWS), per `role`, `peer`, `outcome` (ok, failed, timeout, rejected,
+/// paused: refused unsent while the target's circuit is open).
 pub const PEER_CALLS_TOTAL: &str = "nexus_peer_calls_total";
 /// Latency of calls to peer systems, per `role`, `peer`.
 pub const PEER_CALL_SECONDS: &str = "nexus_peer_call_duration_seconds";

@@ -275,9 +275,36 @@ impl Peer {
             .clone()
     }
 
+    /// How long a call to `target` would be refused now, unsent; `None` when it would go (as
+    /// the probe, if the circuit is open). For a caller that must not start an attempt it
+    /// cannot make (gws records its calls before making them).
+    pub fn refuses(&self, target: &PeerTarget) -> Option<Duration> {
+        let admission = self.circuit(target).peek();
+        let wait = self.refusal_wait(admission, target)?;
+        self.count_refused();
+        Some(wait)
+    }
+
+    fn count_refused(&self) {
+        metrics::counter!(m::PEER_CALLS_TOTAL, "role" => self.role, "peer" => self.name, "outcome" => "paused").increment(1);
+    }
+
+    /// The wait a refused call is given: until the pause ends, or while the probe is out, its
+    /// call timeout; plus jitter up to the first pause (at most a second), so the refused
+    /// events of one target do not all come back at the same instant.
+    fn refusal_wait(&self, admission: Admission, target: &PeerTarget) -> Option<Duration> {
+        let wait = match admission {
+            Admission::Call | Admission::Probe => return None,
+            Admission::Paused(wait) => wait,
+            Admission::ProbeOut => Duration::from_millis(target.timeout_ms.max(1)),
+        };
+        let spread = self.settings.initial.min(REFUSAL_SPREAD);
+        Some(wait + spread.mul_f64(rand::rng().random::<f64>()))
+    }
+
     /// POSTs `body` to `{target.url}{path}` for `subject` (the conversation it is about) and
-    /// returns the answer's JSON (`Null` for an empty body). Waits first while the circuit is
-    /// open.
+    /// returns the answer's JSON (`Null` for an empty body). While the target's circuit is open
+    /// the call is refused unsent ([`Self::refuses`]), except for the probe.
     pub async fn post_json(
         &self,
         target: &PeerTarget,
@@ -338,11 +365,11 @@ impl Peer {
         call: Call,
     ) -> Result<serde_json::Value, PeerFailure> {
         let circuit = self.circuit(target);
-        let probing = match circuit.admit() {
-            Admission::Call => false,
-            Admission::Probe => true,
-            Admission::Paused(wait) => {
-                metrics::counter!(m::PEER_CALLS_TOTAL, "role" => self.role, "peer" => self.name, "outcome" => "paused").increment(1);
+        let admission = circuit.admit();
+        let probing = match self.refusal_wait(admission, target) {
+            None => admission == Admission::Probe,
+            Some(wait) => {
+                self.count_refused();
                 return Err(PeerFailure::Retry {
                     detail: format!(
                         "{url}: not called, {} is paused after repeated failures (next probe in {} ms)",
@@ -445,9 +472,10 @@ enum Admission {
     Call,
     /// The circuit is open and this call is its probe.
     Probe,
-    /// The circuit is open: no call before this wait is over (the next probe, or while a
-    /// probe is out, the first pause).
+    /// The circuit is open and its pause is not over: no call before this wait is over.
     Paused(Duration),
+    /// The circuit is open and its probe is out: no call until its outcome is known.
+    ProbeOut,
 }
 
 /// What a call does at the peer: a read's success is no evidence about writes.
@@ -493,6 +521,9 @@ impl OpenTargets {
 
 /// A pause longer than this (a huge `pause_max_ms`) is cut to it.
 const LONGEST_PAUSE: Duration = Duration::from_secs(24 * 3600);
+
+/// Longest jitter added to a refused call's wait.
+const REFUSAL_SPREAD: Duration = Duration::from_secs(1);
 
 /// Subjects whose last failure a circuit remembers, at most.
 const MAX_REMEMBERED_FAILURES: usize = 10_000;
@@ -601,22 +632,33 @@ impl Circuit {
     }
 
     /// Whether a call may go now: always while closed; while open, one prober at a time once
-    /// the pause is over, and nobody else.
+    /// the pause is over, and nobody else. The prober takes the probe.
     fn admit(&self) -> Admission {
         let mut s = self.lock();
+        let admission = Self::admission(&s);
+        if admission == Admission::Probe {
+            s.probing = true;
+        }
+        admission
+    }
+
+    /// What [`Self::admit`] would answer, without taking the probe.
+    fn peek(&self) -> Admission {
+        Self::admission(&self.lock())
+    }
+
+    fn admission(s: &CircuitState) -> Admission {
         let Some(at) = s.probe_at else {
             return Admission::Call;
         };
         let now = Instant::now();
         if now < at {
-            return Admission::Paused(at - now);
+            Admission::Paused(at - now)
+        } else if s.probing {
+            Admission::ProbeOut
+        } else {
+            Admission::Probe
         }
-        if s.probing {
-            // The probe's outcome decides; ask again after the first pause.
-            return Admission::Paused(self.settings.initial);
-        }
-        s.probing = true;
-        Admission::Probe
     }
 
     fn succeeded(&self) {
@@ -785,13 +827,14 @@ mod tests {
         let wait = paused(c.admit());
         assert!(wait <= Duration::from_millis(50), "{wait:?}");
         tokio::time::sleep(wait).await;
+        assert_eq!(c.peek(), Admission::Probe, "a look does not take the probe");
         assert_eq!(
             c.admit(),
             Admission::Probe,
             "the first caller after it probes"
         );
         // Nobody else goes while the probe is out.
-        assert_eq!(paused(c.admit()), Duration::from_millis(50));
+        assert_eq!(c.admit(), Admission::ProbeOut);
         c.succeeded();
         assert!(!c.is_open());
         assert_eq!(c.admit(), Admission::Call);

@@ -190,7 +190,7 @@ impl<E: Effect> Scheduler<E> {
                 {
                     Ok(r) => r,
                     // The calls have timeouts of their own, which count; a whole try running
-                    // this long waited for a paused peer (or a slow store): not the event's
+                    // this long waited on something else (a slow store): not the event's
                     // failure.
                     Err(_) => Err(HandleError::RetryLater {
                         reason: format!("timed out after {:?}", self.timeout),

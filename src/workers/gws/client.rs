@@ -38,6 +38,11 @@ impl GwsClient {
         }
     }
 
+    /// How long a call to `target` would be refused unsent (its circuit is open).
+    pub fn refuses(&self, target: &PeerTarget) -> Option<std::time::Duration> {
+        self.peer.refuses(target)
+    }
+
     /// Makes `op` on the chat `path`.
     pub async fn operate(
         &self,

@@ -159,9 +159,10 @@ impl GwsWorker {
                 .attempted_at_ms
                 .map(|at| chrono::Utc::now().timestamp_millis().saturating_sub(at))
                 .unwrap_or(i64::MAX);
-            // A claimed call leaves at once (a paused circuit refuses it unsent) and takes up to
-            // the call timeout; the handler timeout on top covers a handling that stalled
-            // between the claim and the send. Only past both is it surely over.
+            // A claimed call leaves at once and takes up to the call timeout; the handler
+            // timeout on top covers a handling that stalled between the claim and the send (or
+            // a circuit that opened between them: that call was refused unsent). Only past both
+            // is it surely over.
             let attempt = u64::try_from(self.attempt_timeout.as_millis()).unwrap_or(u64::MAX);
             let in_flight = target.timeout_ms.saturating_add(attempt);
             let in_flight = i64::try_from(in_flight).unwrap_or(i64::MAX);
@@ -191,6 +192,16 @@ impl GwsWorker {
                 attempts = entry.attempts,
                 "the previous call did not take effect; calling again"
             );
+        }
+        // A paused target would refuse the call unsent: claiming it first would make the next
+        // try wait for a call that never left, then read the chat for nothing.
+        if let Some(wait) = self.client.refuses(target) {
+            return Err(PeerFailure::Retry {
+                detail: format!("not called: GWS at {} is paused", target.url),
+                counts: false,
+                wait: Some(wait),
+            }
+            .into_handle_error(REJECTED));
         }
         if !self
             .log

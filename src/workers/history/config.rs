@@ -1,5 +1,5 @@
 //! Settings of the `history` role (`[workers.history]`): where UCS is, globally or per tenant,
-//! and when the role pauses on it.
+//! and when a target is paused.
 
 use serde::{Deserialize, Serialize};
 
