@@ -82,6 +82,18 @@ impl System {
         }
     }
 
+    /// The history role's backlog depth and its group's lag on `nexus.interaction.v1`.
+    async fn backlog_and_lag(&self) -> (Option<f64>, Option<f64>) {
+        let m = self.metrics().await;
+        let queued = metric_sum(&m, "nexus_backlog_events", &["role=\"history\""]);
+        let lag = metric_sum(
+            &m,
+            "nexus_consumer_lag",
+            &["nexus.interaction.v1", "nexus-history"],
+        );
+        (queued, lag)
+    }
+
     async fn metrics(&self) -> String {
         reqwest::get(format!("{}/metrics", self.history.url))
             .await
@@ -375,14 +387,9 @@ async fn ucs_outage_pauses_the_role_then_everything_is_written() {
         WAIT,
         "history paused, the events in the backlog",
         || async {
+            let (queued, lag) = system.backlog_and_lag().await;
             let m = system.metrics().await;
             let paused = metric_sum(&m, "nexus_worker_paused", &["role=\"history\""]);
-            let queued = metric_sum(&m, "nexus_backlog_events", &["role=\"history\""]);
-            let lag = metric_sum(
-                &m,
-                "nexus_consumer_lag",
-                &["nexus.interaction.v1", "nexus-history"],
-            );
             (paused == Some(1.0) && queued.is_some_and(|q| q >= 5.0) && lag == Some(0.0))
                 .then_some(())
         },
@@ -463,10 +470,6 @@ async fn a_tenant_whose_ucs_is_down_holds_no_other_tenant() {
     .await;
     let url = system.edge.url.clone();
     let tenant = provision_tenant(&Admin::new(&url)).await;
-    let start = |email: &str| {
-        json!({"customer_participant_id": "customer", "customer_nickname": "Sam",
-            "contact": {"email_address": email}})
-    };
     // Three of the failing tenant's conversations fail: its target is paused.
     let mut down = Vec::new();
     for n in 0..3 {
@@ -477,7 +480,7 @@ async fn a_tenant_whose_ucs_is_down_holds_no_other_tenant() {
             "down",
             &conv,
             "ConversationStarted",
-            start(&format!("d{n}@example.com")),
+            started(&format!("d{n}@example.com")),
         )
         .await;
     }
@@ -487,30 +490,18 @@ async fn a_tenant_whose_ucs_is_down_holds_no_other_tenant() {
     })
     .await;
     let calls = own.calls();
-    // Another of its conversations, then the other tenant's on the same lane (32 lanes).
+    // Another of its conversations, then the other tenant's on the same lane.
     let waiting = uuid::Uuid::new_v4().to_string();
-    let lane = nexus::bus::consumer::lane_of(&waiting, 32);
-    let other = std::iter::repeat_with(|| uuid::Uuid::new_v4().to_string())
-        .find(|c| nexus::bus::consumer::lane_of(c, 32) == lane)
-        .expect("a key on the same lane");
+    let other = on_the_lane_of(&waiting);
     ingest(
         &url,
         "down",
         &waiting,
         "ConversationStarted",
-        start("d3@example.com"),
+        started("d3@example.com"),
     )
     .await;
-    ingest(
-        &url,
-        &tenant.id,
-        &other,
-        "ConversationStarted",
-        start("fine@example.com"),
-    )
-    .await;
-    let close = json!({"reason": "CUSTOMER_LEFT", "closed_by_participant_id": "customer"});
-    ingest(&url, &tenant.id, &other, "ConversationClosed", close).await;
+    start_and_close(&url, &tenant.id, &other, "fine@example.com").await;
 
     down.push(waiting.clone());
     eventually(
@@ -525,13 +516,7 @@ async fn a_tenant_whose_ucs_is_down_holds_no_other_tenant() {
     assert_written_once_in_order(&ucs, &tenant.id, &other, 1);
     // The paused tenant's four starts wait in the backlog, acked; its UCS was not called again.
     eventually(WAIT, "the paused tenant's events backlogged", || async {
-        let m = system.metrics().await;
-        let queued = metric_sum(&m, "nexus_backlog_events", &["role=\"history\""]);
-        let lag = metric_sum(
-            &m,
-            "nexus_consumer_lag",
-            &["nexus.interaction.v1", "nexus-history"],
-        );
+        let (queued, lag) = system.backlog_and_lag().await;
         (queued == Some(4.0) && lag == Some(0.0)).then_some(())
     })
     .await;
@@ -558,6 +543,39 @@ async fn a_tenant_whose_ucs_is_down_holds_no_other_tenant() {
     );
 }
 
+/// A `ConversationStarted` body with the customer's email address.
+fn started(email: &str) -> Value {
+    json!({"customer_participant_id": "customer", "customer_nickname": "Sam",
+        "contact": {"email_address": email}})
+}
+
+/// A `ConversationClosed` body: the customer left.
+fn closed() -> Value {
+    json!({"reason": "CUSTOMER_LEFT", "closed_by_participant_id": "customer"})
+}
+
+/// A new conversation id the history consumer runs on the same lane as `conversation` (32
+/// lanes, topology).
+fn on_the_lane_of(conversation: &str) -> String {
+    let lane = nexus::bus::consumer::lane_of(conversation, 32);
+    std::iter::repeat_with(|| uuid::Uuid::new_v4().to_string())
+        .find(|c| nexus::bus::consumer::lane_of(c, 32) == lane)
+        .expect("a key on the same lane")
+}
+
+/// A whole conversation of `tenant` through ingest: started, then closed.
+async fn start_and_close(url: &str, tenant: &str, conversation: &str, email: &str) {
+    ingest(
+        url,
+        tenant,
+        conversation,
+        "ConversationStarted",
+        started(email),
+    )
+    .await;
+    ingest(url, tenant, conversation, "ConversationClosed", closed()).await;
+}
+
 /// Publishes an interaction event through the edge's ingest endpoint.
 async fn ingest(url: &str, tenant: &str, conv: &str, event_type: &str, body: Value) {
     let r = reqwest::Client::new()
@@ -581,23 +599,15 @@ async fn a_conversation_ucs_keeps_failing_holds_no_other() {
     let system = System::start(&ucs).await;
     let url = system.edge.url.clone();
     let tenant = provision_tenant(&Admin::new(&url)).await;
-    // Two conversations the history consumer runs on one lane (32 lanes, topology).
+    // Two conversations the history consumer runs on one lane.
     let stuck = uuid::Uuid::new_v4().to_string();
-    let lane = nexus::bus::consumer::lane_of(&stuck, 32);
-    let other = std::iter::repeat_with(|| uuid::Uuid::new_v4().to_string())
-        .find(|c| nexus::bus::consumer::lane_of(c, 32) == lane)
-        .expect("a key on the same lane");
-    let start = |email: &str| {
-        json!({"customer_participant_id": "customer", "customer_nickname": "Sam",
-            "contact": {"email_address": email}})
-    };
-    let close = json!({"reason": "CUSTOMER_LEFT", "closed_by_participant_id": "customer"});
+    let other = on_the_lane_of(&stuck);
     ingest(
         &url,
         &tenant.id,
         &stuck,
         "ConversationStarted",
-        start("stuck@example.com"),
+        started("stuck@example.com"),
     )
     .await;
     // A message: only recorded (no UCS call), so it does not wait in the backlog, and the
@@ -606,29 +616,14 @@ async fn a_conversation_ucs_keeps_failing_holds_no_other() {
         "participant_id": "customer", "participant_kind": "CUSTOMER", "nickname": "Sam",
         "text": "still waiting", "transcript_position": 1});
     ingest(&url, &tenant.id, &stuck, "MessageReceived", message).await;
-    ingest(
-        &url,
-        &tenant.id,
-        &stuck,
-        "ConversationClosed",
-        close.clone(),
-    )
-    .await;
+    ingest(&url, &tenant.id, &stuck, "ConversationClosed", closed()).await;
     // The other conversation's events reach the lane only after the stuck one failed there.
     eventually(WAIT, "the stuck contact refused", || {
         let refused = ucs.calls() > 0;
         async move { refused.then_some(()) }
     })
     .await;
-    ingest(
-        &url,
-        &tenant.id,
-        &other,
-        "ConversationStarted",
-        start("fine@example.com"),
-    )
-    .await;
-    ingest(&url, &tenant.id, &other, "ConversationClosed", close).await;
+    start_and_close(&url, &tenant.id, &other, "fine@example.com").await;
 
     eventually(WAIT, "the other conversation written", || {
         let done = ucs.stopped(&other);
@@ -642,13 +637,8 @@ async fn a_conversation_ucs_keeps_failing_holds_no_other() {
     );
     // Its two events wait in the backlog, acked: no lag, the role is not paused.
     eventually(WAIT, "the stuck conversation backlogged", || async {
+        let (queued, lag) = system.backlog_and_lag().await;
         let m = system.metrics().await;
-        let queued = metric_sum(&m, "nexus_backlog_events", &["role=\"history\""]);
-        let lag = metric_sum(
-            &m,
-            "nexus_consumer_lag",
-            &["nexus.interaction.v1", "nexus-history"],
-        );
         let paused = metric_sum(&m, "nexus_worker_paused", &["role=\"history\""]);
         (queued == Some(2.0) && lag == Some(0.0) && paused == Some(0.0)).then_some(())
     })
