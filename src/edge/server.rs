@@ -90,7 +90,7 @@ impl Bound {
         let addr = self.addr.to_string();
         let service = app.into_make_service();
         // No Nagle: a socket push is a small write with no answer to carry the peer's ACK, so
-        // with Nagle the next push waited for a delayed ACK (up to 40 ms on Linux).
+        // with Nagle the next push can wait for a delayed ACK (up to 40 ms on Linux).
         let result = match self.tls {
             Some(tls) => {
                 let acceptor = RustlsAcceptor::new(tls).acceptor(NoDelayAcceptor::new());

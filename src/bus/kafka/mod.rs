@@ -86,7 +86,7 @@ impl Settings {
             // Topics are created by `nexus topology apply` with their partitions and retention;
             // a typo must fail as UnknownTopic, not create a one-partition topic.
             .set("allow.auto.create.topics", "false")
-            // Requests are small and pipelined: with Nagle one waits for the ACK of the one
+            // Requests are small and pipelined: with Nagle one can wait for the ACK of the one
             // before it.
             .set("socket.nagle.disable", "true");
         let k = &self.config.kafka;
