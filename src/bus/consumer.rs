@@ -16,10 +16,12 @@
 //! skipped (counted, logged), since there is no group to replay it for.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures::FutureExt;
 use rand::Rng;
 use thiserror::Error;
 use tokio::sync::mpsc;
@@ -94,6 +96,9 @@ impl ConsumerOptions {
         }
     }
 }
+
+/// Deliveries the intake takes from the subscription at once when they are ready, at most.
+const INTAKE_BATCH: usize = 64;
 
 /// How long lanes keep handling taken records after shutdown unless [`Consumer::drain_for`]
 /// says otherwise (the default of `consumer.drain_ms`).
@@ -194,13 +199,17 @@ impl Consumer {
         // Lanes and retries stop at the end of the drain, not at shutdown: records already taken
         // are handled and acked, because an unacked one would hold the committed offset back and
         // every record acked after it in its partition would be delivered again.
-        let stop = CancellationToken::new();
+        let stop = Arc::new(Halt::default());
+        // Set as soon as shutdown fires: the intake reads it per record without a lock.
+        let shutting_down = Arc::new(AtomicBool::new(false));
         let drain_deadline = tokio::spawn({
             let (shutdown, stop, drain) = (shutdown.clone(), stop.clone(), self.drain);
+            let shutting_down = shutting_down.clone();
             async move {
                 shutdown.cancelled().await;
+                shutting_down.store(true, AtomicOrdering::Release);
                 tokio::time::sleep(drain).await;
-                stop.cancel();
+                stop.fire();
             }
         });
         let ctx = Arc::new(LaneContext {
@@ -225,10 +234,23 @@ impl Consumer {
 
         let mut result = Ok(());
         let mut failures = 0u32;
-        loop {
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                next = sub.next() => next,
+        // Polled only while the intake waits: a token's checks take its lock, which per record
+        // cost more than the record's hop to its lane.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        // What the subscription yielded after a gathered batch (an end or an error), taken next.
+        let mut carry = None;
+        'intake: loop {
+            if shutting_down.load(AtomicOrdering::Acquire) {
+                break;
+            }
+            let next = match carry.take() {
+                Some(next) => next,
+                None => tokio::select! {
+                    biased;
+                    next = sub.next() => next,
+                    _ = &mut cancelled => break,
+                },
             };
             match next {
                 None if shutdown.is_cancelled() => break,
@@ -241,19 +263,48 @@ impl Consumer {
                 }
                 Some(Ok(delivery)) => {
                     failures = 0;
-                    if let Some(taken) = &taken {
-                        let m = &delivery.message;
-                        lock(taken).insert(m.partition, m.offset + 1);
+                    // What else the subscription holds ready, up to a batch, goes to the lanes
+                    // grouped by lane: a lane woken once takes all of its records. The sort is
+                    // stable, so each lane still gets its records in delivery order.
+                    let mut batch = vec![(lane_of(&delivery.message.key, lanes), delivery)];
+                    while batch.len() < INTAKE_BATCH {
+                        match sub.next().now_or_never() {
+                            None => break,
+                            Some(Some(Ok(d))) => batch.push((lane_of(&d.message.key, lanes), d)),
+                            Some(other) => {
+                                carry = Some(other);
+                                break;
+                            }
+                        }
                     }
-                    let lane = lane_of(&delivery.message.key, lanes);
-                    let sent = tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        sent = senders[lane].send(delivery) => sent,
-                    };
-                    if sent.is_err() {
-                        // A lane only ends on shutdown; anything else is a bug worth stopping for.
-                        result = Err(BusError::Closed);
-                        break;
+                    batch.sort_by_key(|(lane, _)| *lane);
+                    for (lane, delivery) in batch {
+                        if let Some(taken) = &taken {
+                            let m = &delivery.message;
+                            let mut taken = lock(taken);
+                            let next = taken.entry(m.partition).or_default();
+                            *next = (*next).max(m.offset + 1);
+                        }
+                        // No shutdown branch here: the batch is in lane order, not offset
+                        // order, so dropping its rest could leave a gap below records handled
+                        // and acked, which would come again after a restart. A full lane makes
+                        // room by the end of the drain at the latest (then it ends and this
+                        // fails).
+                        let sent = match senders[lane].try_send(delivery) {
+                            Ok(()) => Ok(()),
+                            Err(mpsc::error::TrySendError::Full(delivery)) => {
+                                senders[lane].send(delivery).await.map_err(|_| ())
+                            }
+                            Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+                        };
+                        if sent.is_err() {
+                            // A lane only ends at the end of a drain; anything else is a bug
+                            // worth stopping for.
+                            if !stop.is_set() {
+                                result = Err(BusError::Closed);
+                            }
+                            break 'intake;
+                        }
                     }
                 }
                 Some(Err(e)) if e.is_transient() => {
@@ -261,7 +312,7 @@ impl Consumer {
                     let wait = backoff(&self.options, failures);
                     warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "bus receive failed; retrying");
                     tokio::select! {
-                        _ = shutdown.cancelled() => break,
+                        _ = &mut cancelled => break,
                         _ = tokio::time::sleep(wait) => {}
                     }
                 }
@@ -277,8 +328,8 @@ impl Consumer {
         drop(senders);
         let drain_started = Instant::now();
         while tasks.join_next().await.is_some() {}
-        let drained = !stop.is_cancelled();
-        stop.cancel();
+        let drained = !stop.is_set();
+        stop.fire();
         drain_deadline.abort();
         info!(
             drain_ms = drain_started.elapsed().as_millis() as u64,
@@ -302,7 +353,7 @@ struct LaneContext {
     handler: Arc<dyn Handler>,
     options: ConsumerOptions,
     /// Fires when the drain after shutdown ends: lanes stop between events, retries give up.
-    stop: CancellationToken,
+    stop: Arc<Halt>,
     metrics: LaneMetrics,
     /// A tail reader: what cannot be handled is skipped, not dead-lettered.
     broadcast: bool,
@@ -370,14 +421,38 @@ pub fn retry_delay(initial: Duration, max: Duration, attempt: u32) -> Duration {
     half + half.mul_f64(rand::rng().random::<f64>())
 }
 
+/// A token with a lock-free check for the per-event path ([`CancellationToken`] takes a lock
+/// for every check and every poll of `cancelled()`).
+#[derive(Default)]
+struct Halt {
+    set: AtomicBool,
+    token: CancellationToken,
+}
+
+impl Halt {
+    fn fire(&self) {
+        self.set.store(true, AtomicOrdering::Release);
+        self.token.cancel();
+    }
+
+    fn is_set(&self) -> bool {
+        self.set.load(AtomicOrdering::Acquire)
+    }
+
+    /// For the waits between retries.
+    async fn fired(&self) {
+        self.token.cancelled().await
+    }
+}
+
 async fn run_lane(ctx: Arc<LaneContext>, mut rx: mpsc::Receiver<Delivery>) {
-    loop {
-        let delivery = tokio::select! {
-            biased;
-            // Stop between events when the drain ends; the current one always finishes below.
-            _ = ctx.stop.cancelled() => return,
-            d = rx.recv() => match d { Some(d) => d, None => return },
-        };
+    // The intake drops its senders as soon as shutdown fires, so a waiting lane wakes with
+    // `None`; one with a queue stops between events when the drain ends (the current event
+    // always finishes).
+    while let Some(delivery) = rx.recv().await {
+        if ctx.stop.is_set() {
+            return;
+        }
         process(&ctx, delivery).await;
     }
 }
@@ -494,7 +569,7 @@ async fn handle_with_retry(
             .min(LONGEST_IN_PLACE_WAIT);
         warn!(attempt, error = %failure, retry_in_ms = wait.as_millis() as u64, "handler failed; retrying");
         tokio::select! {
-            _ = ctx.stop.cancelled() => return None,
+            _ = ctx.stop.fired() => return None,
             _ = tokio::time::sleep(wait) => {}
         }
         if delivery.revoked() {
@@ -545,7 +620,7 @@ async fn dead_letter(
                 let wait = backoff(&ctx.options, attempt);
                 error!(error = %e, dlq = %dlq, "cannot write to the dead-letter topic; retrying (consumption of this key is held)");
                 tokio::select! {
-                    _ = ctx.stop.cancelled() => return Err(()),
+                    _ = ctx.stop.fired() => return Err(()),
                     _ = tokio::time::sleep(wait) => {}
                 }
             }

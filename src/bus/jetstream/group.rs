@@ -176,12 +176,15 @@ struct Slot {
     lease: Mutex<Lease>,
     /// Set when the partition is to be handed over.
     draining: AtomicBool,
-    /// Cancelled when the lease was lost: stop at once, release nothing.
+    /// Cancelled when the lease was lost: stop at once, release nothing. Set with
+    /// [`Slot::lose`]; checked with [`Slot::is_lost`] (a load, not the token's lock, on the
+    /// per-record path).
     lost: CancellationToken,
+    lost_set: AtomicBool,
     /// Set when the partition is given back after its drain: records still queued in the
     /// consumer's lanes are the next owner's (see `Delivery::revoked`).
     released: AtomicBool,
-    /// Wakes the worker: draining started, or a handed-out record was settled.
+    /// Wakes the worker: draining started, or (while draining) a handed-out record was settled.
     wake: Notify,
     /// Handed-out records not acked yet, by stream sequence.
     inflight: Mutex<BTreeMap<u64, Inflight>>,
@@ -207,14 +210,32 @@ impl Slot {
 
     fn settle(&self, seq: u64) {
         lock(&self.inflight).remove(&seq);
-        self.wake.notify_one();
+        self.settled();
     }
 
     fn abandon(&self, seq: u64) {
         if let Some(entry) = lock(&self.inflight).get_mut(&seq) {
             entry.abandoned = true;
         }
-        self.wake.notify_one();
+        self.settled();
+    }
+
+    /// Only a drain waits for settled records (the fetch loop waits for in-flight permits);
+    /// waking the worker on every ack would cost a wake-up per record. A drain sets `draining`
+    /// before it looks, and a notification with nobody waiting is kept for the next wait.
+    fn settled(&self) {
+        if self.draining.load(Ordering::SeqCst) {
+            self.wake.notify_one();
+        }
+    }
+
+    fn lose(&self) {
+        self.lost_set.store(true, Ordering::SeqCst);
+        self.lost.cancel();
+    }
+
+    fn is_lost(&self) -> bool {
+        self.lost_set.load(Ordering::SeqCst)
     }
 
     /// Nothing handed out is still being worked on.
@@ -431,6 +452,7 @@ async fn rebalance(
             lease: Mutex::new(Lease { revision, deadline }),
             draining: AtomicBool::new(false),
             lost: CancellationToken::new(),
+            lost_set: AtomicBool::new(false),
             released: AtomicBool::new(false),
             wake: Notify::new(),
             inflight: Mutex::new(BTreeMap::new()),
@@ -463,15 +485,22 @@ fn start_drain(slot: &Slot) {
 
 /// Renews every held lease; a lease someone else took (or that expired) is lost at once.
 async fn renew(g: &Group, held: &mut HashMap<u32, Held>) {
-    let renewals = held.values().filter(|h| !h.slot.lost.is_cancelled()).map(|h| {
+    let renewals = held.values().filter(|h| !h.slot.is_lost()).map(|h| {
         let slot = h.slot.clone();
         async move {
             let key = codec::lease_key(&g.group_key, slot.partition);
             let current = slot.lease();
             let sent = Instant::now();
-            match g.kv.update(&key, Bytes::from(g.member.clone()), current.revision).await {
+            match g
+                .kv
+                .update(&key, Bytes::from(g.member.clone()), current.revision)
+                .await
+            {
                 Ok(revision) => {
-                    *lock(&slot.lease) = Lease { revision, deadline: sent + g.timing().lease_ttl };
+                    *lock(&slot.lease) = Lease {
+                        revision,
+                        deadline: sent + g.timing().lease_ttl,
+                    };
                 }
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                     match own_revision(g, &key).await {
@@ -480,11 +509,13 @@ async fn renew(g: &Group, held: &mut HashMap<u32, Held>) {
                         Some(revision) => lock(&slot.lease).revision = revision,
                         None => {
                             warn!(partition = slot.partition, "partition lease lost");
-                            slot.lost.cancel();
+                            slot.lose();
                         }
                     }
                 }
-                Err(e) => warn!(partition = slot.partition, error = %e, "renewing partition lease failed"),
+                Err(e) => {
+                    warn!(partition = slot.partition, error = %e, "renewing partition lease failed")
+                }
             }
         }
     });
@@ -537,7 +568,7 @@ async fn release(g: &Group, slot: &Slot) {
     if let Err(e) = g.client.flush().await {
         debug!(error = %e, "flush before hand-over failed");
     }
-    if slot.lost.is_cancelled() {
+    if slot.is_lost() {
         return;
     }
     let key = codec::lease_key(&g.group_key, slot.partition);
@@ -609,7 +640,7 @@ async fn fetch_loop(bus: &Arc<Inner>, g: &Arc<Group>, slot: &Arc<Slot>) -> Optio
     // Looked up again after a failed pull: the consumer may have been replaced or lost.
     let mut current: Option<Consumer<pull::Config>> = None;
     loop {
-        if slot.lost.is_cancelled() {
+        if slot.is_lost() {
             return Some(WorkerEnd::Lost);
         }
         if slot.draining.load(Ordering::SeqCst) {
@@ -792,7 +823,7 @@ async fn hand_out(
 async fn drain(g: &Group, slot: &Slot) -> WorkerEnd {
     let until = Instant::now() + g.timing().drain_timeout;
     loop {
-        if slot.lost.is_cancelled() {
+        if slot.is_lost() {
             return WorkerEnd::Lost;
         }
         if slot.idle() {
@@ -825,7 +856,7 @@ async fn keep_alive(g: Arc<Group>, stop: CancellationToken) {
         for slot in slots {
             // Past this point a `+WPI` could keep a record unredeliverable after the lease
             // may have expired; the record is then left to redeliver.
-            if slot.lost.is_cancelled() || !timing.can_progress(slot.lease().deadline) {
+            if slot.is_lost() || !timing.can_progress(slot.lease().deadline) {
                 continue;
             }
             let replies: Vec<Subject> = lock(&slot.inflight)
@@ -882,7 +913,7 @@ impl Acker for JetStreamAcker {
     }
 
     fn revoked(&self) -> bool {
-        self.slot.lost.is_cancelled() || self.slot.released.load(Ordering::Acquire)
+        self.slot.is_lost() || self.slot.released.load(Ordering::Acquire)
     }
 }
 

@@ -2,9 +2,10 @@
 //!
 //! A dedicated thread owns the librdkafka consumer and polls it: records, rebalance callbacks and
 //! group events all arrive on that thread, so a revoke can never interleave with handing out a
-//! record. Records go to [`KafkaSubscription::next`] through a channel; acks come back through
-//! [`Tracker`], which keeps per partition the records handed out in this ownership (its epoch)
-//! and the contiguous acked prefix.
+//! record. Records go to [`KafkaSubscription::next`] through a channel, in batches of what one
+//! poll and the records librdkafka already holds bring (one wake-up of the runtime per batch,
+//! not per record); acks come back through [`Tracker`], which keeps per partition the records
+//! handed out in this ownership (its epoch) and the contiguous acked prefix.
 //!
 //! Commits: an ack only records itself in the tracker and returns, without a broker round trip.
 //! The member thread commits the acked prefix in the background, asynchronously, every
@@ -22,7 +23,7 @@
 //! (the runtime works on different keys at once), the committed offset only moves over a prefix
 //! that is entirely acked. Nothing is ordered across partitions.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
@@ -70,6 +71,9 @@ const HOLD_BEFORE_PAUSE: Duration = Duration::from_millis(500);
 
 /// How often a holding member (see [`HOLD_BEFORE_PAUSE`]) looks whether acks freed room.
 const HOLD_CHECK_INTERVAL: Duration = Duration::from_millis(1);
+
+/// Records handed to the runtime in one channel send, at most.
+const HAND_OVER_BATCH: usize = 64;
 
 /// How long leaving waits for a position flush ([`MemberHandle::flush`]) that is committing at
 /// that moment to finish.
@@ -122,6 +126,9 @@ struct PartTrack {
     committed: Option<i64>,
     /// What this member last committed synchronously (known to be on the broker).
     synced: Option<i64>,
+    /// True while this ownership lasts (cleared when the track is dropped): deliveries hold
+    /// it, so `revoked` is a load instead of a lock shared with the member thread.
+    owned: Arc<AtomicBool>,
 }
 
 impl PartTrack {
@@ -133,6 +140,7 @@ impl PartTrack {
             acked_upto: None,
             committed: None,
             synced: None,
+            owned: Arc::new(AtomicBool::new(true)),
         }
     }
 
@@ -170,6 +178,13 @@ impl PartTrack {
 
     fn has_out(&self) -> bool {
         self.pending.values().any(|s| *s == Slot::Out)
+    }
+}
+
+impl Drop for PartTrack {
+    /// However the ownership ends (revoked, replaced by a new assignment, the member left).
+    fn drop(&mut self) {
+        self.owned.store(false, Ordering::Release);
     }
 }
 
@@ -225,26 +240,20 @@ impl Tracker {
         Some(t.epoch)
     }
 
-    /// Whether `partition` is still owned under `epoch` (a revoke in progress still owns it:
-    /// its hand-over wait lets handed-out records finish).
-    fn owns(&self, partition: i32, epoch: u64) -> bool {
-        lock(&self.parts)
-            .get(&partition)
-            .is_some_and(|t| t.epoch == epoch)
-    }
-
-    /// Marks a queued record as handed out; false if its ownership ended meanwhile.
-    fn hand_out(&self, partition: i32, offset: i64, epoch: u64) -> bool {
+    /// Marks a queued record as handed out and returns its ownership's flag (see
+    /// [`PartTrack::owned`]; a revoke in progress still owns the partition: its hand-over wait
+    /// lets handed-out records finish); `None` if the ownership ended meanwhile.
+    fn hand_out(&self, partition: i32, offset: i64, epoch: u64) -> Option<Arc<AtomicBool>> {
         let mut parts = lock(&self.parts);
         match parts.get_mut(&partition) {
             Some(t) if t.epoch == epoch && !t.revoking => match t.pending.get_mut(&offset) {
                 Some(slot) if *slot == Slot::Queued => {
                     *slot = Slot::Out;
-                    true
+                    Some(Arc::clone(&t.owned))
                 }
-                _ => false,
+                _ => None,
             },
-            _ => false,
+            _ => None,
         }
     }
 
@@ -476,6 +485,7 @@ struct KafkaAcker {
     partition: i32,
     offset: i64,
     epoch: u64,
+    owned: Arc<AtomicBool>,
     settled: bool,
 }
 
@@ -493,7 +503,7 @@ impl Acker for KafkaAcker {
     }
 
     fn revoked(&self) -> bool {
-        !self.tracker.owns(self.partition, self.epoch)
+        !self.owned.load(Ordering::Acquire)
     }
 }
 
@@ -560,6 +570,8 @@ impl MemberHandle {
 /// A subscription on Kafka: one group member.
 pub(super) struct KafkaSubscription {
     rx: mpsc::Receiver<Item>,
+    /// The rest of the last batch received, in order.
+    buffer: VecDeque<(Message, u64)>,
     tracker: Arc<Tracker>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -599,7 +611,8 @@ impl KafkaSubscription {
         let consumer = Arc::new(consumer);
         let weak = Arc::downgrade(&consumer);
         let max_in_flight = options.max_in_flight.max(1);
-        // The member never queues more than max_in_flight (+1 fetched while pausing).
+        // The member never queues more than max_in_flight records (+1 batch taken while
+        // pausing), sent in batches.
         let (tx, rx) = mpsc::channel(max_in_flight + 1);
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicBool::new(false));
@@ -626,6 +639,7 @@ impl KafkaSubscription {
         Ok((
             Self {
                 rx,
+                buffer: VecDeque::new(),
                 tracker,
                 stop,
                 thread: Some(thread),
@@ -639,21 +653,29 @@ impl KafkaSubscription {
 impl Subscription for KafkaSubscription {
     async fn next(&mut self) -> Option<Result<Delivery, BusError>> {
         loop {
-            let (message, epoch) = match self.rx.recv().await? {
-                Item::Record(message, epoch) => (message, epoch),
-                Item::Failed(e) => return Some(Err(e)),
+            // Cancel-safe: a batch is moved into the buffer whole before anything is taken.
+            let (message, epoch) = match self.buffer.pop_front() {
+                Some(record) => record,
+                None => match self.rx.recv().await? {
+                    Item::Records(batch) => {
+                        self.buffer.extend(batch);
+                        continue;
+                    }
+                    Item::Failed(e) => return Some(Err(e)),
+                },
             };
             let (partition, offset) = (message.partition as i32, message.offset as i64);
-            if !self.tracker.hand_out(partition, offset, epoch) {
+            let Some(owned) = self.tracker.hand_out(partition, offset, epoch) else {
                 // Its partition was revoked after it was queued: the next owner delivers it.
                 self.tracker.in_flight.fetch_sub(1, Ordering::AcqRel);
                 continue;
-            }
+            };
             let acker = KafkaAcker {
                 tracker: Arc::clone(&self.tracker),
                 partition,
                 offset,
                 epoch,
+                owned,
                 settled: false,
             };
             return Some(Ok(Delivery::new(message, Box::new(acker))));
@@ -735,11 +757,30 @@ impl MemberThread {
                 let due = COMMIT_INTERVAL.saturating_sub(last_commit.elapsed());
                 timeout = timeout.min(due.max(Duration::from_millis(1)));
             }
-            match self.consumer.poll(timeout) {
-                // `hand_over` is false once the subscription is gone.
-                Some(Ok(m)) if !self.hand_over(&m) => break,
-                None | Some(Ok(_)) => {}
-                Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
+            // A record, then whatever librdkafka already holds (up to a batch), handed over
+            // in one send: one wake-up of the runtime per batch instead of per record.
+            let mut batch = Vec::new();
+            let mut next = self.consumer.poll(timeout);
+            let failed = loop {
+                match next {
+                    Some(Ok(m)) => self.take(&m, &mut batch),
+                    None => break None,
+                    Some(Err(e)) => break Some(e),
+                }
+                if batch.len() >= HAND_OVER_BATCH
+                    || self.tracker.in_flight.load(Ordering::Acquire) >= self.max_in_flight
+                {
+                    break None;
+                }
+                next = self.consumer.poll(Duration::ZERO);
+            };
+            // `hand_over` is false once the subscription is gone.
+            if !self.hand_over(batch) {
+                break;
+            }
+            match failed {
+                None => {}
+                Some(KafkaError::MessageConsumptionFatal(code)) => {
                     let e = super::map_code(code, "kafka consumer failed fatally");
                     warn!(error = %e, "consumer stopped");
                     let _ = self.tx.blocking_send(Item::Failed(e));
@@ -747,7 +788,7 @@ impl MemberThread {
                 }
                 // librdkafka retries transport and coordinator errors itself; they are reported
                 // here for visibility only.
-                Some(Err(e)) => warn!(error = %e, "consumer error; librdkafka retries"),
+                Some(e) => warn!(error = %e, "consumer error; librdkafka retries"),
             }
         }
         self.leave();
@@ -778,29 +819,39 @@ impl MemberThread {
         false
     }
 
-    /// Queues one record; false if the subscription is gone.
-    fn hand_over(&self, m: &BorrowedMessage<'_>) -> bool {
+    /// Registers one polled record as queued under its partition's current ownership (a
+    /// rebalance served by a later poll of the same batch leaves it behind, as one served
+    /// while it waits in the channel) and adds it to `batch`.
+    fn take(&self, m: &BorrowedMessage<'_>, batch: &mut Vec<(Message, u64)>) {
         let (partition, offset) = (m.partition(), m.offset());
         let (Ok(p), Ok(o)) = (u32::try_from(partition), u64::try_from(offset)) else {
             warn!(
                 partition,
                 offset, "record with an invalid position; skipped"
             );
-            return true;
+            return;
         };
         let Some(epoch) = self.tracker.queue(partition, offset) else {
             debug!(
                 partition,
                 offset, "record of a partition not owned; skipped"
             );
-            return true;
+            return;
         };
-        let message = to_message(m, p, o);
         self.tracker.in_flight.fetch_add(1, Ordering::AcqRel);
+        batch.push((to_message(m, p, o), epoch));
+    }
+
+    /// Sends taken records to `next`; false if the subscription is gone.
+    fn hand_over(&self, batch: Vec<(Message, u64)>) -> bool {
+        if batch.is_empty() {
+            return true;
+        }
+        let n = batch.len();
         // Records of one partition enter the channel in offset order, so `next` hands them out
         // in offset order.
-        if self.tx.blocking_send(Item::Record(message, epoch)).is_err() {
-            self.tracker.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.tx.blocking_send(Item::Records(batch)).is_err() {
+            self.tracker.in_flight.fetch_sub(n, Ordering::AcqRel);
             return false;
         }
         true
@@ -903,8 +954,8 @@ impl MemberThread {
 
 /// What the member thread hands to `next`.
 enum Item {
-    /// A record and the epoch of its partition's ownership.
-    Record(Message, u64),
+    /// Records, each with the epoch of its partition's ownership, in the order polled.
+    Records(Vec<(Message, u64)>),
     /// The consumer failed for good; the subscription ends after it.
     Failed(BusError),
 }
