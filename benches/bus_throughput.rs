@@ -3,7 +3,8 @@
 //! sequential file; bytes encoded beforehand) against the nexus `Bus` with Avro encode (timed)
 //! and decode and ack-after-effect through the consumer runtime.
 //! Prints events/s for each phase (produce until every ack; consume from the first record to
-//! the last, so the one-off group join is left out) and the ratio nexus/raw. `make bench`.
+//! the last, so the one-off group join is left out) and the ratio nexus/raw. Each side's topics
+//! are deleted after it ran, so both start on a broker holding the same data. `make bench`.
 //!
 //! Env: NEXUS_BENCH_EVENTS (default 100000), NEXUS_BENCH_BACKENDS (default
 //! `embedded,jetstream,kafka`), NEXUS_TEST_KAFKA_BROKERS, NEXUS_TEST_NATS_URL.
@@ -93,8 +94,8 @@ fn cpu_time() -> Duration {
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
-async fn nexus_run(bus: Arc<dyn Bus>, n: u64) -> Phases {
-    let topic = format!("bench{}", uuid::Uuid::new_v4().simple());
+async fn nexus_run(bus: Arc<dyn Bus>, topic: &str, n: u64) -> Phases {
+    let topic = topic.to_string();
     for t in [topic.clone(), format!("{topic}.dlq")] {
         bus.apply_topic(&TopicSpec {
             name: t,
@@ -196,13 +197,12 @@ fn raw_file(n: u64) -> Phases {
     }
 }
 
-async fn raw_kafka(brokers: &str, n: u64) -> Phases {
+async fn raw_kafka(brokers: &str, topic: &str, n: u64) -> Phases {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::consumer::{Consumer as _, StreamConsumer};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     use rdkafka::ClientConfig;
 
-    let topic = format!("rawbench{}", uuid::Uuid::new_v4().simple());
     let admin: AdminClient<_> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
@@ -210,7 +210,7 @@ async fn raw_kafka(brokers: &str, n: u64) -> Phases {
     admin
         .create_topics(
             &[NewTopic::new(
-                &topic,
+                topic,
                 PARTITIONS as i32,
                 TopicReplication::Fixed(1),
             )],
@@ -228,7 +228,6 @@ async fn raw_kafka(brokers: &str, n: u64) -> Phases {
     stream::iter(records.iter().enumerate())
         .map(|(i, (k, p))| {
             let producer = &producer;
-            let topic = &topic;
             async move {
                 let rec = FutureRecord::to(topic)
                     .key(k)
@@ -251,7 +250,7 @@ async fn raw_kafka(brokers: &str, n: u64) -> Phases {
         .set("session.timeout.ms", "6000")
         .create()
         .expect("consumer");
-    consumer.subscribe(&[&topic]).expect("subscribe");
+    consumer.subscribe(&[topic]).expect("subscribe");
     consumer.recv().await.expect("recv");
     let (first, cpu) = (Instant::now(), cpu_time());
     let mut got = 1u64;
@@ -269,15 +268,14 @@ async fn raw_kafka(brokers: &str, n: u64) -> Phases {
     }
 }
 
-async fn raw_nats(url: &str, n: u64) -> Phases {
+async fn raw_nats(url: &str, name: &str, n: u64) -> Phases {
     use async_nats::jetstream::{self, consumer::pull};
     let client = async_nats::connect(url).await.expect("nats");
     let js = jetstream::new(client);
-    let name = format!("rawbench{}", uuid::Uuid::new_v4().simple());
     let subjects: Vec<String> = (0..PARTITIONS).map(|p| format!("{name}.{p}")).collect();
     let stream = js
         .create_stream(jetstream::stream::Config {
-            name: name.clone(),
+            name: name.to_string(),
             subjects: subjects.clone(),
             ..Default::default()
         })
@@ -334,6 +332,36 @@ async fn raw_nats(url: &str, n: u64) -> Phases {
     }
 }
 
+/// Deletes a phase's topics (with the nexus groups' lease buckets), so every phase starts on a
+/// broker holding the same data: Tansu's in-memory storage slows as records pile up, which
+/// would favour whichever side runs first.
+async fn drop_topics(backend: &str, brokers: &str, nats: &str, topics: &[String]) {
+    match backend {
+        "kafka" => {
+            use rdkafka::admin::{AdminClient, AdminOptions};
+            use rdkafka::client::DefaultClientContext;
+            let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", brokers)
+                .create()
+                .expect("admin");
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            admin
+                .delete_topics(&names, &AdminOptions::new())
+                .await
+                .expect("delete topics");
+        }
+        "jetstream" => {
+            let js = async_nats::jetstream::new(async_nats::connect(nats).await.expect("nats"));
+            for t in topics {
+                let stream = t.replace('.', "_");
+                let _ = js.delete_stream(&stream).await;
+                let _ = js.delete_key_value(format!("nexus_leases_{stream}")).await;
+            }
+        }
+        _ => {}
+    }
+}
+
 fn rate(n: u64, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
@@ -366,6 +394,8 @@ async fn main() {
     for backend in backends.split(',').map(str::trim).filter(|b| !b.is_empty()) {
         let mut config = Config::defaults().bus;
         let dir = tempfile::tempdir().expect("tempdir");
+        let id = uuid::Uuid::new_v4().simple();
+        let (raw_topic, topic) = (format!("rawbench{id}"), format!("bench{id}"));
         let raw = match backend {
             "embedded" => {
                 config.url = format!("embedded://{}", dir.path().display());
@@ -374,16 +404,18 @@ async fn main() {
             "kafka" => {
                 config.url = format!("kafka://{kafka}");
                 config.kafka.session_timeout_ms = 6000;
-                raw_kafka(&kafka, n).await
+                raw_kafka(&kafka, &raw_topic, n).await
             }
             "jetstream" => {
                 config.url = nats.clone();
-                raw_nats(&nats, n).await
+                raw_nats(&nats, &raw_topic, n).await
             }
             other => panic!("unknown backend {other}"),
         };
+        drop_topics(backend, &kafka, &nats, &[raw_topic]).await;
         let bus = nexus::bus::connect(&config).await.expect("connect");
-        let ours = nexus_run(bus, n).await;
+        let ours = nexus_run(bus, &topic, n).await;
+        drop_topics(backend, &kafka, &nats, &[format!("{topic}.dlq"), topic]).await;
         let row = |raw: Duration, ours: Duration| {
             let (r, o) = (rate(n, raw), rate(n, ours));
             format!("{r:>10.0} {o:>10.0} {:>6.2}x", o / r)

@@ -105,7 +105,10 @@ pub(super) async fn subscribe(
     let g = Arc::new(Group {
         js: bus.js.clone(),
         client: bus.client.clone(),
-        flusher: Flusher::start(bus.client.clone()),
+        acks: Arc::new(AckPath {
+            client: bus.client.clone(),
+            flusher: Flusher::start(bus.client.clone()),
+        }),
         bus_timing: bus.timing,
         topic: topic.to_string(),
         stream: meta.stream.clone(),
@@ -141,8 +144,7 @@ pub(super) async fn subscribe(
 struct Group {
     js: Context,
     client: async_nats::Client,
-    /// Shared flushes of `client` for acks.
-    flusher: Flusher,
+    acks: Arc<AckPath>,
     bus_timing: Timing,
     topic: String,
     stream: String,
@@ -168,6 +170,14 @@ impl Group {
     fn timing(&self) -> &Timing {
         &self.bus_timing
     }
+}
+
+/// What an ack needs, shared by every delivery: cloning an `async_nats::Client` per record
+/// cost more than the ack's own work.
+struct AckPath {
+    client: async_nats::Client,
+    /// Shared flushes of `client`.
+    flusher: Flusher,
 }
 
 /// A partition this member holds.
@@ -807,8 +817,7 @@ async fn hand_out(
         m.message.payload.clone(),
     );
     let acker = JetStreamAcker {
-        client: g.client.clone(),
-        flusher: g.flusher.clone(),
+        path: g.acks.clone(),
         slot: slot.clone(),
         seq,
         reply,
@@ -883,8 +892,7 @@ async fn keep_alive(g: Arc<Group>, stop: CancellationToken) {
 /// Acks one record with a plain `+ACK` (no confirmation; see the module doc for the window in
 /// which a returned ack can still be lost).
 struct JetStreamAcker {
-    client: async_nats::Client,
-    flusher: Flusher,
+    path: Arc<AckPath>,
     slot: Arc<Slot>,
     seq: u64,
     reply: Subject,
@@ -895,7 +903,8 @@ struct JetStreamAcker {
 #[async_trait]
 impl Acker for JetStreamAcker {
     async fn ack(mut self: Box<Self>) -> Result<(), BusError> {
-        self.client
+        self.path
+            .client
             .publish(self.reply.clone(), Bytes::from_static(b"+ACK"))
             .await
             .map_err(|e| BusError::Unavailable(format!("ack of sequence {}: {e}", self.seq)))?;
@@ -907,7 +916,7 @@ impl Acker for JetStreamAcker {
         // dying right after (only a broken connection can still lose it). Concurrent acks share
         // the connection's flushes, so this costs a hop to the connection task, not a round trip.
         // Concurrent acks share one flush (see `flush`).
-        self.flusher.flush().await.map_err(|e| {
+        self.path.flusher.flush().await.map_err(|e| {
             BusError::Unavailable(format!("flushing ack of sequence {}: {e}", self.seq))
         })
     }
