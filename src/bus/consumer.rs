@@ -21,7 +21,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures::FutureExt;
 use rand::Rng;
 use thiserror::Error;
 use tokio::sync::mpsc;
@@ -238,8 +237,10 @@ impl Consumer {
         // cost more than the record's hop to its lane.
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
-        // What the subscription yielded after a gathered batch (an end or an error), taken next.
+        // An error the subscription yielded after a gathered batch, taken next.
         let mut carry = None;
+        // Records of the batch being gathered, per lane.
+        let mut queued = vec![0usize; lanes];
         'intake: loop {
             if shutting_down.load(AtomicOrdering::Acquire) {
                 break;
@@ -263,46 +264,54 @@ impl Consumer {
                 }
                 Some(Ok(delivery)) => {
                     failures = 0;
-                    // What else the subscription holds ready, up to a batch, goes to the lanes
-                    // grouped by lane: a lane woken once takes all of its records. The sort is
-                    // stable, so each lane still gets its records in delivery order.
-                    let mut batch = vec![(lane_of(&delivery.message.key, lanes), delivery)];
-                    while batch.len() < INTAKE_BATCH {
-                        match sub.next().now_or_never() {
+                    // What else the subscription holds ready goes to the lanes in one go (a
+                    // lane woken once takes all of its records), while each record taken still
+                    // fits its lane's queue: the intake is the only sender, so all but the last
+                    // record go in without waiting. Records go out in delivery order, and only
+                    // the last may wait: at most one taken record waits in the intake, and what
+                    // shutdown leaves unsent is never below a record handled and acked.
+                    let mut batch = Vec::with_capacity(INTAKE_BATCH);
+                    let mut fits = |lane: usize| {
+                        queued[lane] += 1;
+                        queued[lane] <= senders[lane].capacity()
+                    };
+                    let lane = lane_of(&delivery.message.key, lanes);
+                    let mut open = fits(lane);
+                    batch.push((lane, delivery));
+                    while open && batch.len() < INTAKE_BATCH {
+                        match sub.try_next() {
                             None => break,
-                            Some(Some(Ok(d))) => batch.push((lane_of(&d.message.key, lanes), d)),
-                            Some(other) => {
-                                carry = Some(other);
+                            Some(Ok(d)) => {
+                                let lane = lane_of(&d.message.key, lanes);
+                                open = fits(lane);
+                                batch.push((lane, d));
+                            }
+                            Some(Err(e)) => {
+                                carry = Some(Some(Err(e)));
                                 break;
                             }
                         }
                     }
-                    batch.sort_by_key(|(lane, _)| *lane);
+                    for (lane, _) in &batch {
+                        queued[*lane] = 0;
+                    }
                     for (lane, delivery) in batch {
                         if let Some(taken) = &taken {
                             let m = &delivery.message;
-                            let mut taken = lock(taken);
-                            let next = taken.entry(m.partition).or_default();
-                            *next = (*next).max(m.offset + 1);
+                            lock(taken).insert(m.partition, m.offset + 1);
                         }
-                        // No shutdown branch here: the batch is in lane order, not offset
-                        // order, so dropping its rest could leave a gap below records handled
-                        // and acked, which would come again after a restart. A full lane makes
-                        // room by the end of the drain at the latest (then it ends and this
-                        // fails).
                         let sent = match senders[lane].try_send(delivery) {
                             Ok(()) => Ok(()),
-                            Err(mpsc::error::TrySendError::Full(delivery)) => {
-                                senders[lane].send(delivery).await.map_err(|_| ())
-                            }
+                            Err(mpsc::error::TrySendError::Full(delivery)) => tokio::select! {
+                                _ = &mut cancelled => break 'intake,
+                                sent = senders[lane].send(delivery) => sent.map_err(|_| ()),
+                            },
                             Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
                         };
                         if sent.is_err() {
-                            // A lane only ends at the end of a drain; anything else is a bug
-                            // worth stopping for.
-                            if !stop.is_set() {
-                                result = Err(BusError::Closed);
-                            }
+                            // A lane only ends on shutdown; anything else is a bug worth
+                            // stopping for.
+                            result = Err(BusError::Closed);
                             break 'intake;
                         }
                     }
@@ -446,9 +455,9 @@ impl Halt {
 }
 
 async fn run_lane(ctx: Arc<LaneContext>, mut rx: mpsc::Receiver<Delivery>) {
-    // The intake drops its senders as soon as shutdown fires, so a waiting lane wakes with
-    // `None`; one with a queue stops between events when the drain ends (the current event
-    // always finishes).
+    // The intake drops its senders once shutdown fires (after the one send it may be waiting
+    // on), so a waiting lane wakes with `None`; one with a queue stops between events when the
+    // drain ends (the current event always finishes).
     while let Some(delivery) = rx.recv().await {
         if ctx.stop.is_set() {
             return;

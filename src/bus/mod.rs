@@ -209,6 +209,11 @@ pub trait Acker: Send + Sync {
 pub trait Subscription: Send {
     /// The next delivery; `None` once the subscription is closed.
     async fn next(&mut self) -> Option<Result<Delivery, BusError>>;
+    /// A delivery (or error) already at hand, without waiting or starting any I/O; `None` when
+    /// there is none (an end is left to `next`). Lets the runtime take what is ready in one go.
+    fn try_next(&mut self) -> Option<Result<Delivery, BusError>> {
+        None
+    }
     /// Leaves the group cleanly: commits what was acked and hands the partitions over.
     async fn close(self: Box<Self>) -> Result<(), BusError>;
 }

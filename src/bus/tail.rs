@@ -64,6 +64,11 @@ impl Subscription for TailSubscription {
         Some(item.map(|m| Delivery::new(m, Box::new(NoCommit))))
     }
 
+    fn try_next(&mut self) -> Option<Result<Delivery, BusError>> {
+        let item = self.rx.try_recv().ok()?;
+        Some(item.map(|m| Delivery::new(m, Box::new(NoCommit))))
+    }
+
     async fn close(self: Box<Self>) -> Result<(), BusError> {
         // Nothing to commit or hand over: a tail reader has no group.
         self.closed.cancel();

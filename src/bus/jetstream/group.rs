@@ -947,6 +947,10 @@ impl Subscription for JetStreamSubscription {
         self.rx.recv().await
     }
 
+    fn try_next(&mut self) -> Option<Result<Delivery, BusError>> {
+        self.rx.try_recv().ok()
+    }
+
     async fn close(mut self: Box<Self>) -> Result<(), BusError> {
         self.leave.cancel();
         // Undelivered records are dropped, so they count as abandoned and are requeued.

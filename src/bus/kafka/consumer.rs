@@ -1,8 +1,8 @@
 //! One consumer-group member per subscription.
 //!
 //! A dedicated thread owns the librdkafka consumer and polls it: records, rebalance callbacks and
-//! group events all arrive on that thread, so a revoke can never interleave with handing out a
-//! record. Records go to [`KafkaSubscription::next`] through a channel, in batches of what one
+//! group events all arrive on that thread, so a revoke never interleaves with taking a record
+//! (one served between two records of a batch leaves the earlier ones behind by their epoch). Records go to [`KafkaSubscription::next`] through a channel, in batches of what one
 //! poll and the records librdkafka already holds bring (one wake-up of the runtime per batch,
 //! not per record); acks come back through [`Tracker`], which keeps per partition the records
 //! handed out in this ownership (its epoch) and the contiguous acked prefix.
@@ -200,7 +200,8 @@ pub(super) struct Tracker {
     /// revoke removes a partition only under this lock, so no commit of an old ownership can
     /// land after the partition moved to another member.
     commit_lock: Mutex<()>,
-    /// Records handed to the channel and not yet acked or dropped (backpressure).
+    /// Records taken by the member thread (for its next batch, in the channel or handed out)
+    /// and not yet acked or dropped (backpressure).
     in_flight: AtomicUsize,
     /// Records the acked prefixes moved over since the last background commit (a failed
     /// commit adds one so the next tick retries).
@@ -578,6 +579,28 @@ pub(super) struct KafkaSubscription {
 }
 
 impl KafkaSubscription {
+    /// Hands out the first buffered record whose ownership still holds (records of a partition
+    /// revoked after they were queued are dropped: the next owner delivers them).
+    fn take_buffered(&mut self) -> Option<Delivery> {
+        while let Some((message, epoch)) = self.buffer.pop_front() {
+            let (partition, offset) = (message.partition as i32, message.offset as i64);
+            let Some(owned) = self.tracker.hand_out(partition, offset, epoch) else {
+                self.tracker.in_flight.fetch_sub(1, Ordering::AcqRel);
+                continue;
+            };
+            let acker = KafkaAcker {
+                tracker: Arc::clone(&self.tracker),
+                partition,
+                offset,
+                epoch,
+                owned,
+                settled: false,
+            };
+            return Some(Delivery::new(message, Box::new(acker)));
+        }
+        None
+    }
+
     /// Creates the member, subscribes and starts its thread.
     pub(super) fn start(
         settings: &Settings,
@@ -611,8 +634,8 @@ impl KafkaSubscription {
         let consumer = Arc::new(consumer);
         let weak = Arc::downgrade(&consumer);
         let max_in_flight = options.max_in_flight.max(1);
-        // The member never queues more than max_in_flight records (+1 batch taken while
-        // pausing), sent in batches.
+        // The member never queues more than max_in_flight records (+1 taken while pausing),
+        // sent in batches.
         let (tx, rx) = mpsc::channel(max_in_flight + 1);
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicBool::new(false));
@@ -653,32 +676,26 @@ impl KafkaSubscription {
 impl Subscription for KafkaSubscription {
     async fn next(&mut self) -> Option<Result<Delivery, BusError>> {
         loop {
+            if let Some(delivery) = self.take_buffered() {
+                return Some(Ok(delivery));
+            }
             // Cancel-safe: a batch is moved into the buffer whole before anything is taken.
-            let (message, epoch) = match self.buffer.pop_front() {
-                Some(record) => record,
-                None => match self.rx.recv().await? {
-                    Item::Records(batch) => {
-                        self.buffer.extend(batch);
-                        continue;
-                    }
-                    Item::Failed(e) => return Some(Err(e)),
-                },
-            };
-            let (partition, offset) = (message.partition as i32, message.offset as i64);
-            let Some(owned) = self.tracker.hand_out(partition, offset, epoch) else {
-                // Its partition was revoked after it was queued: the next owner delivers it.
-                self.tracker.in_flight.fetch_sub(1, Ordering::AcqRel);
-                continue;
-            };
-            let acker = KafkaAcker {
-                tracker: Arc::clone(&self.tracker),
-                partition,
-                offset,
-                epoch,
-                owned,
-                settled: false,
-            };
-            return Some(Ok(Delivery::new(message, Box::new(acker))));
+            match self.rx.recv().await? {
+                Item::Records(batch) => self.buffer.extend(batch),
+                Item::Failed(e) => return Some(Err(e)),
+            }
+        }
+    }
+
+    fn try_next(&mut self) -> Option<Result<Delivery, BusError>> {
+        loop {
+            if let Some(delivery) = self.take_buffered() {
+                return Some(Ok(delivery));
+            }
+            match self.rx.try_recv().ok()? {
+                Item::Records(batch) => self.buffer.extend(batch),
+                Item::Failed(e) => return Some(Err(e)),
+            }
         }
     }
 
