@@ -455,9 +455,9 @@ impl Halt {
 }
 
 async fn run_lane(ctx: Arc<LaneContext>, mut rx: mpsc::Receiver<Delivery>) {
-    // The intake drops its senders once shutdown fires (after the one send it may be waiting
-    // on), so a waiting lane wakes with `None`; one with a queue stops between events when the
-    // drain ends (the current event always finishes).
+    // The intake drops its senders as soon as shutdown fires, so a waiting lane wakes with
+    // `None`; one with a queue stops between events when the drain ends (the current event
+    // always finishes).
     while let Some(delivery) = rx.recv().await {
         if ctx.stop.is_set() {
             return;
