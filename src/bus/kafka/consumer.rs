@@ -2,10 +2,11 @@
 //!
 //! A dedicated thread owns the librdkafka consumer and polls it: records, rebalance callbacks and
 //! group events all arrive on that thread, so a revoke never interleaves with taking a record
-//! (one served between two records of a batch leaves the earlier ones behind by their epoch). Records go to [`KafkaSubscription::next`] through a channel, in batches of what one
-//! poll and the records librdkafka already holds bring (one wake-up of the runtime per batch,
-//! not per record); acks come back through [`Tracker`], which keeps per partition the records
-//! handed out in this ownership (its epoch) and the contiguous acked prefix.
+//! (one served between two records of a batch leaves the earlier ones behind by their epoch).
+//! Records go to [`KafkaSubscription::next`] through a channel, in batches of what one poll and
+//! the records librdkafka already holds bring (one wake-up of the runtime per batch, not per
+//! record); acks come back through [`Tracker`], which keeps per partition the records handed out
+//! in this ownership (its epoch) and the contiguous acked prefix.
 //!
 //! Commits: an ack only records itself in the tracker and returns, without a broker round trip.
 //! The member thread commits the acked prefix in the background, asynchronously, every
