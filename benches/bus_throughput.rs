@@ -333,8 +333,8 @@ async fn raw_nats(url: &str, name: &str, n: u64) -> Phases {
 }
 
 /// Deletes a phase's topics (with the nexus groups' lease buckets), so every phase starts on a
-/// broker holding the same data: Tansu's in-memory storage slows as records pile up, which
-/// would favour whichever side runs first.
+/// broker holding the same data: Tansu slows as it fills, which would favour whichever side
+/// runs first.
 async fn drop_topics(backend: &str, brokers: &str, nats: &str, topics: &[String]) {
     match backend {
         "kafka" => {

@@ -16,7 +16,6 @@
 //! skipped (counted, logged), since there is no group to replay it for.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -28,6 +27,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
+use super::halt::Halt;
 use super::{
     dlq_topic, headers, Bus, BusError, Delivery, Message, OutRecord, StartFrom, SubscribeOptions,
 };
@@ -200,13 +200,13 @@ impl Consumer {
         // every record acked after it in its partition would be delivered again.
         let stop = Arc::new(Halt::default());
         // Set as soon as shutdown fires: the intake reads it per record without a lock.
-        let shutting_down = Arc::new(AtomicBool::new(false));
+        let shutting_down = Arc::new(Halt::default());
         let drain_deadline = tokio::spawn({
             let (shutdown, stop, drain) = (shutdown.clone(), stop.clone(), self.drain);
             let shutting_down = shutting_down.clone();
             async move {
                 shutdown.cancelled().await;
-                shutting_down.store(true, AtomicOrdering::Release);
+                shutting_down.fire();
                 tokio::time::sleep(drain).await;
                 stop.fire();
             }
@@ -238,15 +238,15 @@ impl Consumer {
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
         // An error the subscription yielded after a gathered batch, taken next.
-        let mut carry = None;
+        let mut carry: Option<BusError> = None;
         // Records of the batch being gathered, per lane.
         let mut queued = vec![0usize; lanes];
         'intake: loop {
-            if shutting_down.load(AtomicOrdering::Acquire) {
+            if shutting_down.is_set() {
                 break;
             }
             let next = match carry.take() {
-                Some(next) => next,
+                Some(e) => Some(Err(e)),
                 None => tokio::select! {
                     biased;
                     next = sub.next() => next,
@@ -287,7 +287,7 @@ impl Consumer {
                                 batch.push((lane, d));
                             }
                             Some(Err(e)) => {
-                                carry = Some(Some(Err(e)));
+                                carry = Some(e);
                                 break;
                             }
                         }
@@ -428,30 +428,6 @@ pub fn retry_delay(initial: Duration, max: Duration, attempt: u32) -> Duration {
     // Full jitter on the upper half keeps retrying members from moving in lockstep.
     let half = capped / 2;
     half + half.mul_f64(rand::rng().random::<f64>())
-}
-
-/// A token with a lock-free check for the per-event path ([`CancellationToken`] takes a lock
-/// for every check and every poll of `cancelled()`).
-#[derive(Default)]
-struct Halt {
-    set: AtomicBool,
-    token: CancellationToken,
-}
-
-impl Halt {
-    fn fire(&self) {
-        self.set.store(true, AtomicOrdering::Release);
-        self.token.cancel();
-    }
-
-    fn is_set(&self) -> bool {
-        self.set.load(AtomicOrdering::Acquire)
-    }
-
-    /// For the waits between retries.
-    async fn fired(&self) {
-        self.token.cancelled().await
-    }
 }
 
 async fn run_lane(ctx: Arc<LaneContext>, mut rx: mpsc::Receiver<Delivery>) {

@@ -17,6 +17,7 @@
 pub mod consumer;
 pub mod embedded;
 pub mod error;
+mod halt;
 mod instrumented;
 pub mod jetstream;
 pub mod kafka;

@@ -62,6 +62,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::flush::Flusher;
 use super::{codec, consumer_error, timestamp_ms, Inner, Timing};
+use crate::bus::halt::Halt;
 use crate::bus::{Acker, BusError, Delivery, StartFrom, SubscribeOptions, Subscription};
 
 /// Records asked for per pull request, at most (bounded further by free in-flight slots, which
@@ -186,11 +187,8 @@ struct Slot {
     lease: Mutex<Lease>,
     /// Set when the partition is to be handed over.
     draining: AtomicBool,
-    /// Cancelled when the lease was lost: stop at once, release nothing. Set with
-    /// [`Slot::lose`]; checked with [`Slot::is_lost`] (a load, not the token's lock, on the
-    /// per-record path).
-    lost: CancellationToken,
-    lost_set: AtomicBool,
+    /// Fired when the lease was lost: stop at once, release nothing (checked per record).
+    lost: Halt,
     /// Set when the partition is given back after its drain: records still queued in the
     /// consumer's lanes are the next owner's (see `Delivery::revoked`).
     released: AtomicBool,
@@ -239,13 +237,8 @@ impl Slot {
         }
     }
 
-    fn lose(&self) {
-        self.lost_set.store(true, Ordering::SeqCst);
-        self.lost.cancel();
-    }
-
     fn is_lost(&self) -> bool {
-        self.lost_set.load(Ordering::SeqCst)
+        self.lost.is_set()
     }
 
     /// Nothing handed out is still being worked on.
@@ -461,8 +454,7 @@ async fn rebalance(
             partition: p,
             lease: Mutex::new(Lease { revision, deadline }),
             draining: AtomicBool::new(false),
-            lost: CancellationToken::new(),
-            lost_set: AtomicBool::new(false),
+            lost: Halt::default(),
             released: AtomicBool::new(false),
             wake: Notify::new(),
             inflight: Mutex::new(BTreeMap::new()),
@@ -519,7 +511,7 @@ async fn renew(g: &Group, held: &mut HashMap<u32, Held>) {
                         Some(revision) => lock(&slot.lease).revision = revision,
                         None => {
                             warn!(partition = slot.partition, "partition lease lost");
-                            slot.lose();
+                            slot.lost.fire();
                         }
                     }
                 }
@@ -682,7 +674,7 @@ async fn fetch_loop(bus: &Arc<Inner>, g: &Arc<Group>, slot: &Arc<Slot>) -> Optio
                 Err(_) => return Some(WorkerEnd::Lost),
             },
             _ = slot.wake.notified() => continue,
-            _ = slot.lost.cancelled() => return Some(WorkerEnd::Lost),
+            _ = slot.lost.fired() => return Some(WorkerEnd::Lost),
         };
         // Whatever else is free, up to a batch, in one go; a small batch waits a little.
         take_free(g, &mut permits);
@@ -697,7 +689,7 @@ async fn fetch_loop(bus: &Arc<Inner>, g: &Arc<Group>, slot: &Arc<Slot>) -> Optio
                         permits.merge(p);
                     }
                 }
-                _ = slot.lost.cancelled() => return Some(WorkerEnd::Lost),
+                _ = slot.lost.fired() => return Some(WorkerEnd::Lost),
             }
             take_free(g, &mut permits);
         }
@@ -763,7 +755,7 @@ async fn pause(slot: &Slot, d: Duration) {
     tokio::select! {
         _ = tokio::time::sleep(d) => {}
         _ = slot.wake.notified() => {}
-        _ = slot.lost.cancelled() => {}
+        _ = slot.lost.fired() => {}
     }
 }
 
@@ -914,8 +906,7 @@ impl Acker for JetStreamAcker {
         self.slot.settle(self.seq);
         // Written to the socket before returning, so an ack that returned survives the process
         // dying right after (only a broken connection can still lose it). Concurrent acks share
-        // the connection's flushes, so this costs a hop to the connection task, not a round trip.
-        // Concurrent acks share one flush (see `flush`).
+        // one flush (see `flush`), so this costs a hop to the connection task, not a round trip.
         self.path.flusher.flush().await.map_err(|e| {
             BusError::Unavailable(format!("flushing ack of sequence {}: {e}", self.seq))
         })
