@@ -322,6 +322,115 @@ async fn slow_handler_does_not_stall_other_keys(t: TestBus) {
     running.stop().await;
 }
 
+/// Holds every event of `slow_key` until the gate opens; records where each event landed.
+struct Gated {
+    slow_key: String,
+    gate: tokio::sync::watch::Receiver<bool>,
+    slow_entered: tokio::sync::Notify,
+    handled: Mutex<Vec<(u32, u64)>>,
+}
+
+#[async_trait]
+impl Handler for Gated {
+    async fn handle(&self, event: &Event, m: &Message) -> Result<(), HandleError> {
+        if event.envelope.conversation_id == self.slow_key {
+            self.slow_entered.notify_one();
+            let mut gate = self.gate.clone();
+            gate.wait_for(|open| *open).await.expect("gate kept");
+        }
+        self.handled.lock().unwrap().push((m.partition, m.offset));
+        Ok(())
+    }
+}
+
+/// Shutdown while a full lane holds up the intake: what the member handled is a prefix of its
+/// partition (the record the intake took but could not queue, and everything after it, are
+/// left whole), so the next member handles exactly the rest, none twice. A runtime that sent a
+/// taken batch out of delivery order, or dropped part of it below a sent record, leaves a gap
+/// that the committed offset cannot pass.
+async fn shutdown_behind_a_full_lane_leaves_a_suffix(t: TestBus) {
+    let topic = t.fresh_topic(1).await;
+    let group = format!("g-{topic}");
+    let lanes = 4;
+    let slow_key = "slow-conversation".to_string();
+    let fast: Vec<String> = (0..200)
+        .map(|i| format!("conv-{i}"))
+        .filter(|k| lane_of(k, lanes) != lane_of(&slow_key, lanes))
+        .take(3)
+        .collect();
+    // slow, fast, slow, fast, ...: the slow lane holds its first record in the handler and
+    // two queued (8 in flight over 4 lanes), so the intake waits with the fourth slow record
+    // (the seventh record) once the fast ones before it are handled.
+    let mut published = Vec::new();
+    for i in 0..24u64 {
+        let key = if i % 2 == 0 {
+            &slow_key
+        } else {
+            &fast[(i as usize / 2) % fast.len()]
+        };
+        let p = t
+            .bus
+            .publish(&topic, common::event_record(key, i))
+            .await
+            .expect("publish");
+        published.push((p.partition, p.offset));
+    }
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let handler = Arc::new(Gated {
+        slow_key: slow_key.clone(),
+        gate,
+        slow_entered: tokio::sync::Notify::new(),
+        handled: Mutex::default(),
+    });
+    let stop = CancellationToken::new();
+    let options = ConsumerOptions {
+        max_in_flight: 8,
+        ..consumer_options(lanes)
+    };
+    let consumer = Consumer::new(t.bus.clone(), &group, &topic, options);
+    let task = tokio::spawn(consumer.run(handler.clone(), stop.clone()));
+    tokio::time::timeout(WAIT, handler.slow_entered.notified())
+        .await
+        .expect("the slow record reaches its handler");
+    let fast_before_wait: Vec<(u32, u64)> = [1, 3, 5].map(|i| published[i]).to_vec();
+    let deadline = Instant::now() + WAIT;
+    while !fast_before_wait
+        .iter()
+        .all(|r| handler.handled.lock().unwrap().contains(r))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "fast records not handled in time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    open.send(true).expect("gate open");
+    task.await.expect("join").expect("consumer");
+    let mut first = handler.handled.lock().unwrap().clone();
+    first.sort();
+    assert_eq!(
+        first,
+        published[..6].to_vec(),
+        "the member must have handled exactly the records before the one its intake held"
+    );
+
+    // The next member resumes at the committed offset: exactly the rest, none again.
+    let (_open, gate) = tokio::sync::watch::channel(true);
+    let second = Arc::new(Gated {
+        slow_key,
+        gate,
+        slow_entered: tokio::sync::Notify::new(),
+        handled: Mutex::default(),
+    });
+    let running = Running::start(&t, &group, &topic, second.clone(), lanes);
+    wait_lag(&t, &group, &topic, 0).await;
+    running.stop().await;
+    let mut rest = second.handled.lock().unwrap().clone();
+    rest.sort();
+    assert_eq!(rest, published[6..].to_vec(), "the rest, each once");
+}
+
 struct Counting {
     seen: Mutex<Vec<String>>,
 }
@@ -815,6 +924,7 @@ per_backend!(
     redelivery_after_member_dies,
     acked_records_are_not_redelivered,
     slow_handler_does_not_stall_other_keys,
+    shutdown_behind_a_full_lane_leaves_a_suffix,
     bad_payloads_are_dead_lettered,
     replay_by_offset_and_time,
     lag_figures_are_correct,

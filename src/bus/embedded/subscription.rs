@@ -102,45 +102,48 @@ impl EmbeddedSubscription {
         Ok(n)
     }
 
+    /// A delivery of the buffered record at the front, holding `permit`; `None` (the permit
+    /// returned) if the buffer is empty. Records of partitions no longer owned are dropped
+    /// on the way: their next owner reads them.
+    fn hand_out(&mut self, permit: OwnedSemaphorePermit) -> Option<Delivery> {
+        while let Some((epoch, message)) = self.buffer.pop_front() {
+            if !self
+                .inner
+                .owns(&self.key, self.member, message.partition, epoch)
+            {
+                continue;
+            }
+            let acker = EmbeddedAcker {
+                inner: self.inner.clone(),
+                key: self.key.clone(),
+                member: self.member,
+                partition: message.partition,
+                offset: message.offset,
+                epoch,
+                _permit: permit,
+            };
+            return Some(Delivery::new(message, Box::new(acker)));
+        }
+        None
+    }
+
     async fn next_delivery(&mut self) -> Option<Result<Delivery, BusError>> {
         loop {
             if self.left || self.inner.closed.is_cancelled() {
                 return None;
             }
             // Cancel-safe: a record leaves the buffer only together with its permit, so a
-            // caller that gives up waiting (select!, timeout) loses nothing.
-            while let Some(&(epoch, ref message)) = self.buffer.front() {
-                if !self
-                    .inner
-                    .owns(&self.key, self.member, message.partition, epoch)
-                {
-                    self.buffer.pop_front();
-                    continue;
-                }
+            // caller that gives up waiting (select!, timeout) loses nothing. The ownership is
+            // checked after the wait, which may have spanned a rebalance.
+            if !self.buffer.is_empty() {
                 let permit = tokio::select! {
                     permit = self.in_flight.clone().acquire_owned() => permit.ok()?,
                     () = self.inner.closed.cancelled() => return None,
                 };
-                let Some((epoch, message)) = self.buffer.pop_front() else {
-                    continue;
-                };
-                // The wait may have spanned a rebalance.
-                if !self
-                    .inner
-                    .owns(&self.key, self.member, message.partition, epoch)
-                {
-                    continue;
+                if let Some(delivery) = self.hand_out(permit) {
+                    return Some(Ok(delivery));
                 }
-                let acker = EmbeddedAcker {
-                    inner: self.inner.clone(),
-                    key: self.key.clone(),
-                    member: self.member,
-                    partition: message.partition,
-                    offset: message.offset,
-                    epoch,
-                    _permit: permit,
-                };
-                return Some(Ok(Delivery::new(message, Box::new(acker))));
+                continue;
             }
             // Mark both signals seen before looking, so a change after the look wakes the wait.
             self.assignment.borrow_and_update();
@@ -165,6 +168,15 @@ impl Subscription for EmbeddedSubscription {
     async fn next(&mut self) -> Option<Result<Delivery, BusError>> {
         let span = self.span.clone();
         self.next_delivery().instrument(span).await
+    }
+
+    /// What the last read brought, while the in-flight limit has room; never reads.
+    fn try_next(&mut self) -> Option<Result<Delivery, BusError>> {
+        if self.left || self.buffer.is_empty() || self.inner.closed.is_cancelled() {
+            return None;
+        }
+        let permit = self.in_flight.clone().try_acquire_owned().ok()?;
+        self.hand_out(permit).map(Ok)
     }
 
     async fn close(mut self: Box<Self>) -> Result<(), BusError> {
