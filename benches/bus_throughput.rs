@@ -200,7 +200,7 @@ fn raw_file(n: u64) -> Phases {
 async fn raw_kafka(brokers: &str, topic: &str, n: u64) -> Phases {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::consumer::{Consumer as _, StreamConsumer};
-    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
     use rdkafka::ClientConfig;
 
     let admin: AdminClient<_> = ClientConfig::new()
@@ -218,15 +218,40 @@ async fn raw_kafka(brokers: &str, topic: &str, n: u64) -> Phases {
         )
         .await
         .expect("create topic");
-    // The guarantees the nexus producer gives (acks from all replicas, idempotent), so the
-    // ratio measures nexus and not what the broker charges for idempotence (Tansu slows with
-    // the producer state it keeps).
+    // The producer settings nexus uses (acks from all replicas, idempotent, 1 ms linger, no
+    // Nagle), so the ratio measures nexus and not a setting: with librdkafka's default 5 ms
+    // linger, or an idempotent producer's few requests in flight held back by Nagle, the raw
+    // side published at a half to a quarter of its speed here.
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("acks", "all")
         .set("enable.idempotence", "true")
+        .set("linger.ms", "1")
+        .set("socket.nagle.disable", "true")
         .create()
         .expect("producer");
+    // As nexus does before its first publish: the producer knows the topic's partitions and
+    // leaders, so no timed send meets an unknown topic (an idempotent producer's retries of
+    // those stall everything it has in flight).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let known = producer
+            .client()
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .is_ok_and(|m| {
+                m.topics().iter().any(|t| {
+                    t.name() == topic
+                        && t.error().is_none()
+                        && t.partitions().len() == PARTITIONS as usize
+                        && t.partitions().iter().all(|p| p.leader() >= 0)
+                })
+            });
+        if known {
+            break;
+        }
+        assert!(Instant::now() < deadline, "topic {topic} not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let records: Vec<(String, Vec<u8>)> = (0..n).map(payload).collect();
     let started = Instant::now();
     stream::iter(records.iter().enumerate())
