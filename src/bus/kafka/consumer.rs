@@ -24,7 +24,7 @@
 //! (the runtime works on different keys at once), the committed offset only moves over a prefix
 //! that is entirely acked. Nothing is ordered across partitions.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
@@ -112,14 +112,56 @@ enum Slot {
     Abandoned,
 }
 
+/// Records of one partition handed out and not yet part of the acked prefix, by offset. A
+/// partition's records are polled in offset order, so they append at the back and the acked
+/// prefix leaves at the front: a ring with a binary search, no allocation per record.
+#[derive(Debug, Default)]
+struct Pending(VecDeque<(i64, Slot)>);
+
+impl Pending {
+    /// Sets the slot of `offset`: appended as a rule; a record polled again after its position
+    /// was reset takes its place in order (or replaces its entry).
+    fn insert(&mut self, offset: i64, slot: Slot) {
+        match self.0.back() {
+            Some(&(last, _)) if last >= offset => {
+                match self.0.binary_search_by_key(&offset, |e| e.0) {
+                    Ok(i) => self.0[i].1 = slot,
+                    Err(i) => self.0.insert(i, (offset, slot)),
+                }
+            }
+            _ => self.0.push_back((offset, slot)),
+        }
+    }
+
+    fn get_mut(&mut self, offset: i64) -> Option<&mut Slot> {
+        let i = self.0.binary_search_by_key(&offset, |e| e.0).ok()?;
+        self.0.get_mut(i).map(|e| &mut e.1)
+    }
+
+    /// Removes the first record if it is acked; its offset.
+    fn pop_acked(&mut self) -> Option<i64> {
+        match self.0.front() {
+            Some(&(offset, Slot::Acked)) => {
+                self.0.pop_front();
+                Some(offset)
+            }
+            _ => None,
+        }
+    }
+
+    fn any(&self, slot: Slot) -> bool {
+        self.0.iter().any(|e| e.1 == slot)
+    }
+}
+
 /// One owned partition during one ownership (epoch).
 #[derive(Debug)]
 struct PartTrack {
     epoch: u64,
     /// Being revoked: no more records of it are handed out.
     revoking: bool,
-    /// Records handed out and not yet part of the acked prefix, by offset.
-    pending: BTreeMap<i64, Slot>,
+    /// Records handed out and not yet part of the acked prefix.
+    pending: Pending,
     /// End (next offset) of the contiguous acked prefix of this ownership.
     acked_upto: Option<i64>,
     /// What this member last committed for the partition (asynchronous commits count when
@@ -137,7 +179,7 @@ impl PartTrack {
         Self {
             epoch,
             revoking: false,
-            pending: BTreeMap::new(),
+            pending: Pending::default(),
             acked_upto: None,
             committed: None,
             synced: None,
@@ -148,11 +190,7 @@ impl PartTrack {
     /// Moves the acked prefix over leading acked records; returns how many it moved over.
     fn advance(&mut self) -> usize {
         let mut moved = 0;
-        while let Some(first) = self.pending.first_entry() {
-            if *first.get() != Slot::Acked {
-                break;
-            }
-            let (offset, _) = first.remove_entry();
+        while let Some(offset) = self.pending.pop_acked() {
             self.acked_upto = Some(offset + 1);
             moved += 1;
         }
@@ -178,7 +216,7 @@ impl PartTrack {
     }
 
     fn has_out(&self) -> bool {
-        self.pending.values().any(|s| *s == Slot::Out)
+        self.pending.any(Slot::Out)
     }
 }
 
@@ -248,7 +286,7 @@ impl Tracker {
     fn hand_out(&self, partition: i32, offset: i64, epoch: u64) -> Option<Arc<AtomicBool>> {
         let mut parts = lock(&self.parts);
         match parts.get_mut(&partition) {
-            Some(t) if t.epoch == epoch && !t.revoking => match t.pending.get_mut(&offset) {
+            Some(t) if t.epoch == epoch && !t.revoking => match t.pending.get_mut(offset) {
                 Some(slot) if *slot == Slot::Queued => {
                     *slot = Slot::Out;
                     Some(Arc::clone(&t.owned))
@@ -266,7 +304,7 @@ impl Tracker {
             let mut parts = lock(&self.parts);
             match parts.get_mut(&partition) {
                 Some(t) if t.epoch == epoch => {
-                    if let Some(s) = t.pending.get_mut(&offset) {
+                    if let Some(s) = t.pending.get_mut(offset) {
                         if *s == Slot::Out {
                             *s = slot;
                         }
@@ -1006,7 +1044,27 @@ pub(super) fn to_message(m: &BorrowedMessage<'_>, partition: u32, offset: u64) -
 
 #[cfg(test)]
 mod tests {
-    use super::{PartTrack, Slot};
+    use super::{PartTrack, Pending, Slot};
+
+    #[test]
+    fn pending_stays_in_offset_order_when_records_come_again() {
+        let mut p = Pending::default();
+        for o in [5, 6, 7] {
+            p.insert(o, Slot::Queued);
+        }
+        // The position was reset below what was polled: earlier records come again.
+        p.insert(3, Slot::Queued);
+        p.insert(6, Slot::Out);
+        let offsets: Vec<i64> = p.0.iter().map(|e| e.0).collect();
+        assert_eq!(offsets, vec![3, 5, 6, 7]);
+        assert_eq!(p.get_mut(6).copied(), Some(Slot::Out));
+        assert_eq!(p.get_mut(4), None);
+        assert_eq!(p.pop_acked(), None, "3 is not acked");
+        *p.get_mut(3).expect("3 is pending") = Slot::Acked;
+        assert_eq!(p.pop_acked(), Some(3));
+        assert_eq!(p.pop_acked(), None);
+        assert!(p.any(Slot::Out));
+    }
 
     #[test]
     fn prefix_moves_only_over_contiguous_acks() {
