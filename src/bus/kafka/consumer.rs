@@ -896,7 +896,7 @@ impl MemberThread {
         let Some(epoch) = self.tracker.queue(partition, offset) else {
             debug!(
                 partition,
-                offset, "record of a partition not owned; skipped"
+                offset, "record of a partition not owned, or already taken; skipped"
             );
             return;
         };
