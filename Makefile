@@ -25,12 +25,12 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-## Throughput of the nexus bus against the raw clients, side by side on the same brokers; then
+## The codec's cost per event (encode, decode); throughput of the nexus bus against the raw clients, side by side on the same brokers; then
 ## chat load (customer send → agent receive latency over WebSockets, against the bus's own p99), on
 ## `nexus dev` and on edge + worker processes over NATS JetStream, Redis and PostgreSQL; webhook fan-out
 ## (events → signed deliveries with the PostgreSQL attempt log, against a plain HTTP client).
 bench: services
-	eval "$$($(SERVICES) env)" && $(CARGO) bench --bench bus_throughput && $(CARGO) bench --bench chat_load \
+	eval "$$($(SERVICES) env)" && $(CARGO) bench --bench codec && $(CARGO) bench --bench bus_throughput && $(CARGO) bench --bench chat_load \
 	  && NEXUS_BENCH_BUS=nats://127.0.0.1:14222 $(CARGO) bench --bench chat_load \
 	  && $(CARGO) bench --bench webhook_fanout
 

@@ -409,17 +409,17 @@ fn write_envelope(env: &RecordNode, e: &Envelope, out: &mut Vec<u8>) -> Result<(
 }
 
 /// `None` = no `envelope` field; `Some(None)` = an `envelope` that is not a record.
-type EnvelopeSlot = Option<Option<RawEnvelope>>;
+type EnvelopeSlot<'a> = Option<Option<RawEnvelope<'a>>>;
 
 /// Reads a whole event record: the `envelope` field into a [`RawEnvelope`] (only checked when
 /// `want_envelope` is false), every other field into the body as `O`. Same result as reading
 /// the record as a map and removing `envelope` (a later duplicate name wins), without building
 /// the envelope's map.
-fn read_event<O: Out>(
+fn read_event<'a, O: Out>(
     r: &RecordPlan,
-    buf: &mut &[u8],
+    buf: &mut &'a [u8],
     want_envelope: bool,
-) -> Result<(EnvelopeSlot, O::Obj), String> {
+) -> Result<(EnvelopeSlot<'a>, O::Obj), String> {
     let mut envelope = None;
     let mut fields = O::obj(r.steps.len() + r.defaults.len());
     for step in &r.steps {
@@ -443,22 +443,67 @@ fn read_event<O: Out>(
     Ok((envelope, fields))
 }
 
+/// An envelope field as read: the common shapes borrowed from the payload (no allocation
+/// until the [`Envelope`] is built), anything else (a reader default, a resolved type) as JSON.
+enum Raw<'a> {
+    Str(&'a str),
+    Long(i64),
+    Null,
+    Json(Value),
+}
+
+impl<'a> Raw<'a> {
+    /// Reads one value with `plan`, borrowing strings; the same checks as [`json::read`].
+    fn read(plan: &Plan, buf: &mut &'a [u8]) -> Result<Raw<'a>, String> {
+        Ok(match plan {
+            Plan::Same(Node::String | Node::Uuid) => Raw::Str(json::read_str(buf)?),
+            Plan::Same(Node::Long | Node::TimestampMillis) => Raw::Long(json::read_long(buf)?),
+            Plan::Same(Node::Null) => Raw::Null,
+            Plan::WriterUnion(branches) => {
+                let i = json::read_long(buf)?;
+                let branch = usize::try_from(i)
+                    .ok()
+                    .and_then(|i| branches.get(i))
+                    .ok_or_else(|| format!("union index {i} out of range"))?;
+                Raw::read(branch.as_ref().map_err(Clone::clone)?, buf)?
+            }
+            _ => Raw::Json(json::read(plan, buf)?),
+        })
+    }
+
+    fn string(self, k: &str) -> Result<String, String> {
+        match self {
+            Raw::Str(s) => Ok(s.to_owned()),
+            Raw::Json(Value::String(s)) => Ok(s),
+            _ => Err(format!("envelope.{k} is not a string")),
+        }
+    }
+
+    fn str(&self) -> Option<&str> {
+        match self {
+            Raw::Str(s) => Some(s),
+            Raw::Json(Value::String(s)) => Some(s),
+            _ => None,
+        }
+    }
+}
+
 /// The envelope fields as read, before their types are checked (in [`RawEnvelope::into_envelope`],
 /// after the whole body has been read, so errors come in the same order as before).
 #[derive(Default)]
-struct RawEnvelope {
-    event_id: Option<Value>,
-    event_type: Option<Value>,
-    tenant_id: Option<Value>,
-    conversation_id: Option<Value>,
-    occurred_at: Option<Value>,
-    traceparent: Option<Value>,
-    producer: Option<Value>,
+struct RawEnvelope<'a> {
+    event_id: Option<Raw<'a>>,
+    event_type: Option<Raw<'a>>,
+    tenant_id: Option<Raw<'a>>,
+    conversation_id: Option<Raw<'a>>,
+    occurred_at: Option<Raw<'a>>,
+    traceparent: Option<Raw<'a>>,
+    producer: Option<Raw<'a>>,
 }
 
-impl RawEnvelope {
+impl<'a> RawEnvelope<'a> {
     /// The slot for a reader envelope field; `None` for fields [`Envelope`] does not carry.
-    fn slot(&mut self, name: &str) -> Option<&mut Option<Value>> {
+    fn slot(&mut self, name: &str) -> Option<&mut Option<Raw<'a>>> {
         Some(match name {
             "event_id" => &mut self.event_id,
             "event_type" => &mut self.event_type,
@@ -471,12 +516,12 @@ impl RawEnvelope {
         })
     }
 
-    fn read(r: &RecordPlan, buf: &mut &[u8]) -> Result<RawEnvelope, String> {
+    fn read(r: &RecordPlan, buf: &mut &'a [u8]) -> Result<RawEnvelope<'a>, String> {
         let mut env = RawEnvelope::default();
         for step in &r.steps {
             match step {
                 Step::Read(name, p) => {
-                    let v = json::read(p, buf)?;
+                    let v = Raw::read(p, buf)?;
                     if let Some(slot) = env.slot(name) {
                         *slot = Some(v);
                     }
@@ -486,46 +531,52 @@ impl RawEnvelope {
         }
         for (name, d) in &r.defaults {
             if let Some(slot) = env.slot(name) {
-                *slot = Some(d.clone());
+                *slot = Some(Raw::Json(d.clone()));
             }
         }
         Ok(env)
     }
 
     /// `None` unless `v` is an object.
-    fn from_value(v: Value) -> Option<RawEnvelope> {
+    fn from_value(v: Value) -> Option<RawEnvelope<'a>> {
         let Value::Object(m) = v else { return None };
         let mut env = RawEnvelope::default();
         for (k, v) in m {
             if let Some(slot) = env.slot(&k) {
-                *slot = Some(v);
+                *slot = Some(Raw::Json(v));
             }
         }
         Some(env)
     }
 
     fn into_envelope(self) -> Result<Envelope, String> {
-        fn string(k: &str, v: Option<Value>) -> Result<String, String> {
-            match v {
-                Some(Value::String(s)) => Ok(s),
-                _ => Err(format!("envelope.{k} is not a string")),
-            }
+        fn string(k: &str, v: Option<Raw<'_>>) -> Result<String, String> {
+            v.ok_or_else(|| format!("envelope.{k} is not a string"))?
+                .string(k)
         }
-        let event_id = string("event_id", self.event_id)?;
+        let event_id = match &self.event_id {
+            Some(v) => v.str(),
+            None => None,
+        };
+        let event_id = event_id.ok_or("envelope.event_id is not a string")?;
+        // Checked in the order the fields were always checked: strings first, then the id.
         let event_type = string("event_type", self.event_type)?;
         let tenant_id = string("tenant_id", self.tenant_id)?;
         let conversation_id = string("conversation_id", self.conversation_id)?;
         let producer = string("producer", self.producer)?;
-        let event_id = Uuid::parse_str(&event_id).map_err(|e| format!("envelope.event_id: {e}"))?;
-        let occurred_at_ms = self
-            .occurred_at
-            .as_ref()
-            .and_then(Value::as_i64)
-            .ok_or("envelope.occurred_at is not a number")?;
+        let event_id = Uuid::parse_str(event_id).map_err(|e| format!("envelope.event_id: {e}"))?;
+        let occurred_at_ms = match self.occurred_at {
+            Some(Raw::Long(i)) => Some(i),
+            Some(Raw::Json(v)) => v.as_i64(),
+            _ => None,
+        }
+        .ok_or("envelope.occurred_at is not a number")?;
         let traceparent = match self.traceparent {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s),
-            Some(_) => return Err("envelope.traceparent is not a string".into()),
+            None | Some(Raw::Null) | Some(Raw::Json(Value::Null)) => None,
+            Some(v) => Some(
+                v.string("traceparent")
+                    .map_err(|_| "envelope.traceparent is not a string".to_string())?,
+            ),
         };
         Ok(Envelope {
             event_id,

@@ -50,8 +50,12 @@ impl Path<'_> {
 // ---------------------------------------------------------------------------------------------
 // Writing
 
+/// Records with at most this many fields match keys to fields on the stack.
+const MATCH_ON_STACK: usize = 32;
+
 /// Writes the fields of `record` (from `skip` on) from a JSON object: a missing field takes its
-/// default, a missing field without default or a key the schema lacks is an error.
+/// default, a missing field without default or a key the schema lacks is an error (reported
+/// after the fields' own errors, in schema order).
 pub(crate) fn write_record_fields(
     record: &RecordNode,
     skip: usize,
@@ -60,24 +64,57 @@ pub(crate) fn write_record_fields(
     out: &mut Vec<u8>,
 ) -> Result<(), EncodeError> {
     let fields = record.fields.get(skip..).unwrap_or_default();
+    if record.fields.len() > MATCH_ON_STACK {
+        return write_looked_up(record, fields, obj, path, out);
+    }
+    let mut values: [Option<&Value>; MATCH_ON_STACK] = [None; MATCH_ON_STACK];
+    let mut unknown = None;
+    // Keys and `by_name` are both in name order, so each key is found by moving forward;
+    // a key out of that order (a map that keeps insertion order) is searched for instead.
+    let mut j = 0;
+    for (k, v) in obj {
+        let name = |i: usize| record.fields[record.by_name[i]].name.as_str();
+        while j < record.by_name.len() && name(j) < k.as_str() {
+            j += 1;
+        }
+        let at = if j < record.by_name.len() && name(j) == k {
+            j += 1;
+            Some(j - 1)
+        } else {
+            record
+                .by_name
+                .binary_search_by(|&i| record.fields[i].name.as_str().cmp(k))
+                .ok()
+        };
+        match at.map(|i| record.by_name[i]).filter(|&i| i >= skip) {
+            Some(i) => values[i] = Some(v),
+            None => {
+                unknown.get_or_insert(k);
+            }
+        }
+    }
+    for (i, field) in fields.iter().enumerate() {
+        write_field(field, values[skip + i], path, out)?;
+    }
+    match unknown {
+        Some(k) => Err(Path::Field(path, k).err(format!("unknown field (not in {})", record.name))),
+        None => Ok(()),
+    }
+}
+
+/// [`write_record_fields`] for records too large to match on the stack: a lookup per field.
+fn write_looked_up(
+    record: &RecordNode,
+    fields: &[FieldNode],
+    obj: &Map<String, Value>,
+    path: &Path<'_>,
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
     let mut seen = 0usize;
     for field in fields {
-        let fpath = Path::Field(path, &field.name);
-        match obj.get(&field.name) {
-            Some(v) => {
-                seen += 1;
-                write_value(&field.node, v, &fpath, out)?;
-            }
-            None => match &field.default {
-                Some((_, bytes)) => out.extend_from_slice(bytes),
-                None => {
-                    return Err(fpath.err(format!(
-                        "missing required field of type {}",
-                        describe(&field.node)
-                    )))
-                }
-            },
-        }
+        let v = obj.get(&field.name);
+        seen += usize::from(v.is_some());
+        write_field(field, v, path, out)?;
     }
     if seen != obj.len() {
         if let Some(k) = obj
@@ -88,6 +125,27 @@ pub(crate) fn write_record_fields(
         }
     }
     Ok(())
+}
+
+/// Writes one field's value, or its default when the object lacks it.
+fn write_field(
+    field: &FieldNode,
+    v: Option<&Value>,
+    path: &Path<'_>,
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
+    let fpath = Path::Field(path, &field.name);
+    match (v, &field.default) {
+        (Some(v), _) => write_value(&field.node, v, &fpath, out),
+        (None, Some((_, bytes))) => {
+            out.extend_from_slice(bytes);
+            Ok(())
+        }
+        (None, None) => Err(fpath.err(format!(
+            "missing required field of type {}",
+            describe(&field.node)
+        ))),
+    }
 }
 
 /// Writes one JSON value as `node`.
@@ -659,7 +717,7 @@ fn read_slice<'a>(buf: &mut &'a [u8]) -> Result<&'a [u8], String> {
     take(buf, len)
 }
 
-fn read_str<'a>(buf: &mut &'a [u8]) -> Result<&'a str, String> {
+pub(crate) fn read_str<'a>(buf: &mut &'a [u8]) -> Result<&'a str, String> {
     std::str::from_utf8(read_slice(buf)?).map_err(|_| "string is not valid UTF-8".into())
 }
 

@@ -47,6 +47,9 @@ pub(crate) struct EnumNode {
 pub(crate) struct RecordNode {
     pub name: String,
     pub fields: Vec<FieldNode>,
+    /// Indices of `fields` in name order: the writer matches a JSON object's keys (a B-tree
+    /// map, so in name order too) to fields in one merged walk instead of a lookup per field.
+    pub by_name: Vec<usize>,
 }
 
 #[derive(Debug)]
@@ -161,9 +164,12 @@ fn compile(schema: &Schema, names: &mut Names) -> Result<Node, String> {
                     default,
                 });
             }
+            let mut by_name: Vec<usize> = (0..fields.len()).collect();
+            by_name.sort_by(|&a, &b| fields[a].name.cmp(&fields[b].name));
             let node = Node::Record(Arc::new(RecordNode {
                 name: r.name.fullname(None),
                 fields,
+                by_name,
             }));
             names.insert(r.name.clone(), Some(node.clone()));
             node

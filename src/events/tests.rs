@@ -133,6 +133,20 @@ fn wrong_types_and_missing_or_unknown_fields_name_the_path() {
     assert_eq!(path, "body.colour");
     assert!(message.contains("unknown field"), "{message}");
 
+    // Keys are matched to fields in one walk in name order: unknown keys before, between and
+    // after the schema's names, and the envelope's own name, are all refused.
+    for key in ["aaa", "client_message_idx", "zzz", "envelope"] {
+        let mut e = message_received();
+        e.body.insert(key.into(), json!("x"));
+        assert_eq!(invalid_path(&e).0, format!("body.{key}"), "{key}");
+    }
+
+    // A field's own error comes before an unknown key's.
+    let mut e = message_received();
+    e.body.insert("aaa".into(), json!("x"));
+    e.body.insert("text".into(), json!(42));
+    assert_eq!(invalid_path(&e).0, "body.text");
+
     let mut e = message_received();
     e.body.insert("channel".into(), json!("CARRIER_PIGEON"));
     assert_eq!(invalid_path(&e).0, "body.channel");

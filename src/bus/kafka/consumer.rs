@@ -188,6 +188,15 @@ impl PartTrack {
         }
     }
 
+    /// Queues `offset` if this is ownership `epoch`, not being revoked, and the record is
+    /// neither below the acked prefix nor pending already (see [`Tracker::queue_all`]).
+    fn admit(&mut self, epoch: u64, offset: i64) -> bool {
+        self.epoch == epoch
+            && !self.revoking
+            && !self.acked_upto.is_some_and(|upto| offset < upto)
+            && self.pending.insert(offset, Slot::Queued)
+    }
+
     /// Moves the acked prefix over leading acked records; returns how many it moved over.
     fn advance(&mut self) -> usize {
         let mut moved = 0;
@@ -234,6 +243,10 @@ pub(super) struct Tracker {
     topic: String,
     group: String,
     parts: Mutex<HashMap<i32, PartTrack>>,
+    /// The epoch of each owned partition that is not being revoked, as the member thread sees
+    /// it: only that thread touches it (its rebalance callbacks and `take`), so a record is
+    /// stamped with the ownership it was polled in without the lock the ackers share.
+    owners: Mutex<HashMap<i32, u64>>,
     /// Signalled whenever a record is acked or abandoned (a revoke waits on it).
     changed: Condvar,
     /// Serialises commits with revokes: a commit only covers partitions still owned, and a
@@ -261,6 +274,7 @@ impl Tracker {
             topic: topic.to_string(),
             group: group.to_string(),
             parts: Mutex::new(HashMap::new()),
+            owners: Mutex::new(HashMap::new()),
             changed: Condvar::new(),
             commit_lock: Mutex::new(()),
             in_flight: AtomicUsize::new(0),
@@ -272,18 +286,29 @@ impl Tracker {
         }
     }
 
-    /// Registers a record about to be queued; `None` if it must not be handed out: its
-    /// partition is not (or no longer) owned, or this ownership already has the record (polled
-    /// again after its position was reset below: a second copy beside one still out could be
-    /// handled concurrently with it, and one below the acked prefix was handled already).
-    fn queue(&self, partition: i32, offset: i64) -> Option<u64> {
+    /// Registers records about to be queued, each under the ownership (epoch) its partition
+    /// had when it was polled, in one lock; drops those that must not be handed out: the
+    /// ownership ended (revoked, or replaced by a new one, whose position librdkafka fetches
+    /// again), or it already has the record (polled again after its position was reset below:
+    /// a second copy beside one still out could be handled concurrently with it, and one below
+    /// the acked prefix was handled already). Counts the rest in flight.
+    fn queue_all(&self, batch: &mut Vec<(Message, u64)>) {
         let mut parts = lock(&self.parts);
-        let t = parts.get_mut(&partition).filter(|t| !t.revoking)?;
-        if t.acked_upto.is_some_and(|upto| offset < upto) || !t.pending.insert(offset, Slot::Queued)
-        {
-            return None;
-        }
-        Some(t.epoch)
+        batch.retain(|(m, epoch)| {
+            let (partition, offset) = (m.partition as i32, m.offset as i64);
+            let admitted = parts
+                .get_mut(&partition)
+                .is_some_and(|t| t.admit(*epoch, offset));
+            if !admitted {
+                debug!(
+                    topic = %self.topic, group = %self.group, partition, offset,
+                    "record of a partition not owned, or already taken; skipped"
+                );
+            }
+            admitted
+        });
+        drop(parts);
+        self.in_flight.fetch_add(batch.len(), Ordering::AcqRel);
     }
 
     /// Marks a queued record as handed out and returns its ownership's flag (see
@@ -393,12 +418,15 @@ impl Tracker {
     fn on_assign(&self, tpl: &TopicPartitionList) {
         let _commits = lock(&self.commit_lock);
         let mut parts = lock(&self.parts);
+        let mut owners = lock(&self.owners);
         for e in tpl.elements_for_topic(&self.topic) {
             // A fresh epoch: acks of an earlier ownership of the same partition are ignored,
             // and the records restart from the committed offset (librdkafka fetches it).
             let epoch = self.next_epoch.fetch_add(1, Ordering::Relaxed);
             parts.insert(e.partition(), PartTrack::new(epoch));
+            owners.insert(e.partition(), epoch);
         }
+        drop(owners);
         info!(
             topic = %self.topic, group = %self.group,
             assigned = ?tpl.elements_for_topic(&self.topic).iter().map(|e| e.partition()).collect::<Vec<_>>(),
@@ -413,6 +441,7 @@ impl Tracker {
             .map(|e| e.partition())
             .collect();
         let lost = consumer.assignment_lost();
+        lock(&self.owners).retain(|p, _| !revoked.contains(p));
         {
             let mut parts = lock(&self.parts);
             for p in &revoked {
@@ -830,12 +859,14 @@ impl MemberThread {
                     Some(Err(e)) => break Some(e),
                 }
                 if batch.len() >= HAND_OVER_BATCH
-                    || self.tracker.in_flight.load(Ordering::Acquire) >= self.max_in_flight
+                    || self.tracker.in_flight.load(Ordering::Acquire) + batch.len()
+                        >= self.max_in_flight
                 {
                     break None;
                 }
                 next = self.consumer.poll(Duration::ZERO);
             };
+            self.tracker.queue_all(&mut batch);
             // `hand_over` is false once the subscription is gone.
             if !self.hand_over(batch) {
                 break;
@@ -881,9 +912,9 @@ impl MemberThread {
         false
     }
 
-    /// Registers one polled record as queued under its partition's current ownership (a
-    /// rebalance served by a later poll of the same batch leaves it behind, as one served
-    /// while it waits in the channel) and adds it to `batch`.
+    /// Adds one polled record to `batch` with the epoch of its partition's ownership as it is
+    /// now (a rebalance served by a later poll of the same batch leaves it behind, as one
+    /// served while it waits in the channel). [`Tracker::queue_all`] registers the batch.
     fn take(&self, m: &BorrowedMessage<'_>, batch: &mut Vec<(Message, u64)>) {
         let (partition, offset) = (m.partition(), m.offset());
         let (Ok(p), Ok(o)) = (u32::try_from(partition), u64::try_from(offset)) else {
@@ -893,14 +924,13 @@ impl MemberThread {
             );
             return;
         };
-        let Some(epoch) = self.tracker.queue(partition, offset) else {
+        let Some(epoch) = lock(&self.tracker.owners).get(&partition).copied() else {
             debug!(
                 partition,
-                offset, "record of a partition not owned, or already taken; skipped"
+                offset, "record of a partition not owned; skipped"
             );
             return;
         };
-        self.tracker.in_flight.fetch_add(1, Ordering::AcqRel);
         batch.push((to_message(m, p, o), epoch));
     }
 
@@ -1085,14 +1115,36 @@ mod tests {
         track.advance();
         assert!(track.pending.insert(11, Slot::Out));
         tracker.parts.lock().unwrap().insert(0, track);
+        let record = |partition: u32, offset: u64, epoch: u64| {
+            let m = crate::bus::Message {
+                topic: "t".into(),
+                partition,
+                offset,
+                timestamp_ms: 0,
+                key: String::new(),
+                payload: bytes::Bytes::new(),
+                headers: Default::default(),
+            };
+            (m, epoch)
+        };
+        let mut batch = vec![
+            record(0, 10, 7), // below the acked prefix: handled
+            record(0, 11, 7), // its first copy is still out
+            record(0, 12, 6), // polled in an earlier ownership
+            record(0, 12, 7),
+            record(0, 12, 7), // the same record twice in one batch
+            record(1, 13, 7), // partition not owned
+        ];
+        tracker.queue_all(&mut batch);
+        let kept: Vec<(u32, u64, u64)> = batch
+            .iter()
+            .map(|(m, e)| (m.partition, m.offset, *e))
+            .collect();
+        assert_eq!(kept, vec![(0, 12, 7)]);
         assert_eq!(
-            tracker.queue(0, 10),
-            None,
-            "below the acked prefix: handled"
+            tracker.in_flight.load(std::sync::atomic::Ordering::Acquire),
+            1
         );
-        assert_eq!(tracker.queue(0, 11), None, "its first copy is still out");
-        assert_eq!(tracker.queue(0, 12), Some(7));
-        assert_eq!(tracker.queue(1, 12), None, "partition not owned");
     }
 
     #[test]

@@ -1,0 +1,113 @@
+//! Codec cost per event, in this process: encode, `decode_lazy` (envelope read, body checked,
+//! what every consumer delivery pays) and a full `decode`, for the 300-byte `MessageReceived`
+//! of `bus_throughput` and for a chat text message as the edge publishes it. No broker.
+//! `cargo bench --bench codec`; `make bench` runs it first.
+//!
+//! Env: NEXUS_BENCH_EVENTS (events per measurement, default 200000), NEXUS_BENCH_ROUNDS (5).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use nexus::events::{decode, decode_lazy, encode, Event};
+
+// The allocator of the `nexus` binary, as in the other benches.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+/// The bus benchmark's event: about 300 bytes encoded.
+fn bus_event(i: usize) -> Event {
+    let key = format!("conv-{}", i % 512);
+    let body = serde_json::json!({
+        "message_id": uuid::Uuid::now_v7().to_string(),
+        "channel": "WEB_CHAT",
+        "participant_id": "customer-1",
+        "participant_kind": "CUSTOMER",
+        "kind": "TEXT",
+        "text": "x".repeat(140),
+    });
+    let serde_json::Value::Object(body) = body else {
+        unreachable!("literal object")
+    };
+    Event::new("MessageReceived", "tenant-bench", &key, "bench", body)
+        .with_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+}
+
+/// A short customer line with the fields the chat edge sets.
+fn chat_event(i: usize) -> Event {
+    let body = serde_json::json!({
+        "message_id": uuid::Uuid::now_v7().to_string(),
+        "channel": "WEB_CHAT",
+        "participant_id": format!("customer-{i}"),
+        "participant_kind": "CUSTOMER",
+        "kind": "TEXT",
+        "text": "Hello, I need help with my order",
+        "client_message_id": format!("m-{i}"),
+    });
+    let serde_json::Value::Object(body) = body else {
+        unreachable!("literal object")
+    };
+    Event::new(
+        "MessageReceived",
+        "tenant-1",
+        uuid::Uuid::now_v7().to_string(),
+        "edge",
+        body,
+    )
+}
+
+/// Best of `rounds` runs of `f` over `n` items, as ns per item.
+fn best(rounds: usize, n: usize, mut f: impl FnMut() -> Duration) -> f64 {
+    (0..rounds)
+        .map(|_| f())
+        .min()
+        .map_or(0.0, |d| d.as_nanos() as f64 / n as f64)
+}
+
+fn measure(name: &str, make: fn(usize) -> Event, n: usize, rounds: usize) {
+    let events: Vec<Event> = (0..n).map(make).collect();
+    let payloads: Vec<Bytes> = events
+        .iter()
+        .map(|e| Bytes::from(encode(e).expect("encode")))
+        .collect();
+    let size = payloads.first().map_or(0, Bytes::len);
+    let enc = best(rounds, n, || {
+        let t = Instant::now();
+        for e in &events {
+            black_box(encode(black_box(e)).expect("encode"));
+        }
+        t.elapsed()
+    });
+    let lazy = best(rounds, n, || {
+        let t = Instant::now();
+        for p in &payloads {
+            black_box(decode_lazy(black_box(p)).expect("decode"));
+        }
+        t.elapsed()
+    });
+    let full = best(rounds, n, || {
+        let t = Instant::now();
+        for p in &payloads {
+            black_box(decode(black_box(p)).expect("decode"));
+        }
+        t.elapsed()
+    });
+    println!(
+        "{name:<16} {size:>4} bytes   encode {enc:>6.0} ns   decode_lazy {lazy:>6.0} ns   decode {full:>6.0} ns"
+    );
+}
+
+fn main() {
+    let n = env_or("NEXUS_BENCH_EVENTS", 200_000);
+    let rounds = env_or("NEXUS_BENCH_ROUNDS", 5).max(1);
+    println!("codec, best of {rounds} rounds of {n} events, ns per event:");
+    measure("bus event", bus_event, n, rounds);
+    measure("chat message", chat_event, n, rounds);
+}
