@@ -125,6 +125,8 @@ pub struct KafkaConfig {
     pub enable_idempotence: bool,
     /// Publish timeout (ms).
     pub message_timeout_ms: u64,
+    /// Records each consumer fetches ahead, at most, in KiB (one consumer per subscribed topic).
+    pub prefetch_kbytes: u32,
     /// SASL mechanism, "" for none.
     pub sasl_mechanism: String,
     pub sasl_username: String,
@@ -312,6 +314,12 @@ impl Config {
             return Err(invalid(
                 "bus.kafka.session_timeout_ms",
                 "must be at least 1000",
+            ));
+        }
+        if !(1..=2_097_151).contains(&self.bus.kafka.prefetch_kbytes) {
+            return Err(invalid(
+                "bus.kafka.prefetch_kbytes",
+                "must be between 1 and 2097151 (KiB)",
             ));
         }
         if self.bus.nats.ack_wait_ms < 100 {
@@ -609,6 +617,13 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("workers.gws.url"));
+
+        for kbytes in [0, 2_097_152] {
+            let mut c = Config::defaults();
+            c.bus.kafka.prefetch_kbytes = kbytes;
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("bus.kafka.prefetch_kbytes"), "{kbytes}: {e}");
+        }
 
         let mut c = Config::defaults();
         c.http.listen = "nowhere".into();

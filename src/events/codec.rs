@@ -449,7 +449,8 @@ enum Raw<'a> {
     Str(&'a str),
     Long(i64),
     Null,
-    Json(Value),
+    /// Boxed: rare, and it would double the size of every field read.
+    Json(Box<Value>),
 }
 
 impl<'a> Raw<'a> {
@@ -467,14 +468,17 @@ impl<'a> Raw<'a> {
                     .ok_or_else(|| format!("union index {i} out of range"))?;
                 Raw::read(branch.as_ref().map_err(Clone::clone)?, buf)?
             }
-            _ => Raw::Json(json::read(plan, buf)?),
+            _ => Raw::Json(Box::new(json::read(plan, buf)?)),
         })
     }
 
     fn string(self, k: &str) -> Result<String, String> {
         match self {
             Raw::Str(s) => Ok(s.to_owned()),
-            Raw::Json(Value::String(s)) => Ok(s),
+            Raw::Json(v) => match *v {
+                Value::String(s) => Ok(s),
+                _ => Err(format!("envelope.{k} is not a string")),
+            },
             _ => Err(format!("envelope.{k} is not a string")),
         }
     }
@@ -482,7 +486,7 @@ impl<'a> Raw<'a> {
     fn str(&self) -> Option<&str> {
         match self {
             Raw::Str(s) => Some(s),
-            Raw::Json(Value::String(s)) => Some(s),
+            Raw::Json(v) => v.as_str(),
             _ => None,
         }
     }
@@ -531,7 +535,7 @@ impl<'a> RawEnvelope<'a> {
         }
         for (name, d) in &r.defaults {
             if let Some(slot) = env.slot(name) {
-                *slot = Some(Raw::Json(d.clone()));
+                *slot = Some(Raw::Json(Box::new(d.clone())));
             }
         }
         Ok(env)
@@ -543,7 +547,7 @@ impl<'a> RawEnvelope<'a> {
         let mut env = RawEnvelope::default();
         for (k, v) in m {
             if let Some(slot) = env.slot(&k) {
-                *slot = Some(Raw::Json(v));
+                *slot = Some(Raw::Json(Box::new(v)));
             }
         }
         Some(env)
@@ -572,7 +576,8 @@ impl<'a> RawEnvelope<'a> {
         }
         .ok_or("envelope.occurred_at is not a number")?;
         let traceparent = match self.traceparent {
-            None | Some(Raw::Null) | Some(Raw::Json(Value::Null)) => None,
+            None | Some(Raw::Null) => None,
+            Some(Raw::Json(v)) if v.is_null() => None,
             Some(v) => Some(
                 v.string("traceparent")
                     .map_err(|_| "envelope.traceparent is not a string".to_string())?,

@@ -254,7 +254,7 @@ impl Inner {
         offset: u64,
         epoch: u64,
     ) -> Result<(), BusError> {
-        if self.closed.is_cancelled() {
+        if self.closed.is_set() {
             return Err(BusError::Closed);
         }
         let mut groups = lock(&self.groups);
@@ -376,7 +376,7 @@ impl Inner {
         t.base = offset;
         t.next_fetch = offset;
         t.done.clear();
-        if self.closed.is_cancelled() {
+        if self.closed.is_set() {
             return Err(BusError::Closed);
         }
         self.queue_commit(&key, partition, offset);

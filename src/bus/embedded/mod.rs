@@ -38,9 +38,9 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::halt::Halt;
 use async_trait::async_trait;
 use tokio::sync::{oneshot, watch};
-use tokio_util::sync::CancellationToken;
 
 use super::*;
 use group::{GroupKey, GroupState};
@@ -175,7 +175,7 @@ pub(super) struct Inner {
     commits: Arc<Mutex<writer::PendingCommits>>,
     topics: Arc<Topics>,
     groups: Mutex<HashMap<GroupKey, GroupState>>,
-    closed: CancellationToken,
+    closed: Halt,
     writer: Mutex<Option<JoinHandle<()>>>,
     next_member: AtomicU64,
 }
@@ -199,7 +199,7 @@ impl Inner {
     }
 
     fn send(&self, cmd: Cmd) -> Result<(), BusError> {
-        if self.closed.is_cancelled() {
+        if self.closed.is_set() {
             return Err(BusError::Closed);
         }
         self.tx.send(cmd).map_err(|_| BusError::Closed)
@@ -222,7 +222,7 @@ impl Inner {
 
     /// Stops the writer after it wrote what was queued and closes the file.
     fn shutdown(&self) {
-        self.closed.cancel();
+        self.closed.fire();
         let _ = self.tx.send(Cmd::Shutdown);
         if let Some(handle) = lock(&self.writer).take() {
             if handle.join().is_err() {
@@ -339,7 +339,7 @@ impl EmbeddedBus {
                 commits,
                 topics,
                 groups: Mutex::new(HashMap::new()),
-                closed: CancellationToken::new(),
+                closed: Halt::default(),
                 writer: Mutex::new(Some(thread)),
                 next_member: AtomicU64::new(1),
             }),

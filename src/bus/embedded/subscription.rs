@@ -129,7 +129,7 @@ impl EmbeddedSubscription {
 
     async fn next_delivery(&mut self) -> Option<Result<Delivery, BusError>> {
         loop {
-            if self.left || self.inner.closed.is_cancelled() {
+            if self.left || self.inner.closed.is_set() {
                 return None;
             }
             // Cancel-safe: a record leaves the buffer only together with its permit, so a
@@ -138,7 +138,7 @@ impl EmbeddedSubscription {
             if !self.buffer.is_empty() {
                 let permit = tokio::select! {
                     permit = self.in_flight.clone().acquire_owned() => permit.ok()?,
-                    () = self.inner.closed.cancelled() => return None,
+                    () = self.inner.closed.fired() => return None,
                 };
                 if let Some(delivery) = self.hand_out(permit) {
                     return Some(Ok(delivery));
@@ -157,7 +157,7 @@ impl EmbeddedSubscription {
             tokio::select! {
                 changed = self.assignment.changed() => changed.ok()?,
                 changed = self.appends.changed() => changed.ok()?,
-                () = self.inner.closed.cancelled() => return None,
+                () = self.inner.closed.fired() => return None,
             }
         }
     }
@@ -172,7 +172,7 @@ impl Subscription for EmbeddedSubscription {
 
     /// What the last read brought, while the in-flight limit has room; never reads.
     fn try_next(&mut self) -> Option<Result<Delivery, BusError>> {
-        if self.left || self.buffer.is_empty() || self.inner.closed.is_cancelled() {
+        if self.left || self.buffer.is_empty() || self.inner.closed.is_set() {
             return None;
         }
         let permit = self.in_flight.clone().try_acquire_owned().ok()?;

@@ -84,7 +84,7 @@ async fn read(
         tokio::select! {
             changed = appends.changed() => if changed.is_err() { return },
             () = feed.closed.cancelled() => return,
-            () = inner.closed.cancelled() => return,
+            () = inner.closed.fired() => return,
         }
     }
 }

@@ -135,7 +135,14 @@ impl Pending {
     }
 
     fn get_mut(&mut self, offset: i64) -> Option<&mut Slot> {
-        let i = self.0.binary_search_by_key(&offset, |e| e.0).ok()?;
+        // A partition's offsets are consecutive as a rule (gaps only after compaction or
+        // transaction markers), so the record is usually at its distance from the front.
+        let first = self.0.front()?.0;
+        let guess = usize::try_from(offset - first).ok()?;
+        let i = match self.0.get(guess) {
+            Some(&(o, _)) if o == offset => guess,
+            _ => self.0.binary_search_by_key(&offset, |e| e.0).ok()?,
+        };
         self.0.get_mut(i).map(|e| &mut e.1)
     }
 

@@ -129,7 +129,11 @@ impl Settings {
             // much (its default, 1 s, left the consumer idle for most of each second with a
             // backlog of 300 000 records: 210k instead of 400k records/s). 10 ms costs a few
             // wake-ups of the fetcher per second while the queue stays full.
-            .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
+            .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS)
+            .set(
+                "queued.max.messages.kbytes",
+                self.config.kafka.prefetch_kbytes.to_string(),
+            );
         if let Some(group) = group {
             c.set("group.id", group);
         }
