@@ -403,3 +403,24 @@ async fn a_tail_takes_partitions_it_did_not_know_from_their_start() {
     );
     tail.close().await.unwrap();
 }
+
+#[test]
+fn consumers_bound_their_prefetch_and_refill_it_soon() {
+    let mut config = Config::defaults().bus;
+    config.kafka.prefetch_kbytes = 4096;
+    let settings = Settings {
+        brokers: "127.0.0.1:1".into(),
+        tls: false,
+        config,
+    };
+    for group in [Some("g"), None] {
+        let c = settings.consumer_config(group);
+        assert_eq!(c.get("queued.max.messages.kbytes"), Some("4096"));
+        // librdkafka's 1 s default left a consumer behind a backlog idle most of each second.
+        assert_eq!(
+            c.get("fetch.queue.backoff.ms"),
+            Some(FETCH_QUEUE_BACKOFF_MS)
+        );
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+    }
+}
