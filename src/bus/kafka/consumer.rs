@@ -251,8 +251,9 @@ pub(super) struct Tracker {
     group: String,
     parts: Mutex<HashMap<i32, PartTrack>>,
     /// The epoch of each owned partition that is not being revoked, as the member thread sees
-    /// it: only that thread touches it (its rebalance callbacks and `take`), so a record is
-    /// stamped with the ownership it was polled in without the lock the ackers share.
+    /// it: only that thread touches it (its rebalance callbacks and `take`; the last revoke may
+    /// run where the consumer is finally dropped), so a record is stamped with the ownership it
+    /// was polled in without the lock the ackers share.
     owners: Mutex<HashMap<i32, u64>>,
     /// Signalled whenever a record is acked or abandoned (a revoke waits on it).
     changed: Condvar,
