@@ -22,6 +22,8 @@ use nexus::config::Config;
 use nexus::events::{encode, Event};
 use tokio_util::sync::CancellationToken;
 
+mod common;
+
 // The allocator of the `nexus` binary, so the Bus side runs as it does in a pod (both sides
 // of the comparison share it).
 #[global_allocator]
@@ -38,27 +40,9 @@ fn events_n() -> u64 {
         .unwrap_or(100_000)
 }
 
-/// A `MessageReceived` whose encoded size is about 300 bytes.
-fn event(i: u64) -> (String, Event) {
-    let key = format!("conv-{}", i % 512);
-    let body = serde_json::json!({
-        "message_id": uuid::Uuid::now_v7().to_string(),
-        "channel": "WEB_CHAT",
-        "participant_id": "customer-1",
-        "participant_kind": "CUSTOMER",
-        "kind": "TEXT",
-        "text": "x".repeat(140),
-    });
-    let serde_json::Value::Object(body) = body else {
-        unreachable!("literal object")
-    };
-    let event = Event::new("MessageReceived", "tenant-bench", &key, "bench", body);
-    (key, event)
-}
-
 /// The raw clients' records: the same events, encoded beforehand.
 fn payload(i: u64) -> (String, Vec<u8>) {
-    let (key, event) = event(i);
+    let (key, event) = common::bus_event(i);
     (key, encode(&event).expect("encode"))
 }
 
@@ -106,7 +90,7 @@ async fn nexus_run(bus: Arc<dyn Bus>, topic: &str, n: u64) -> Phases {
         .expect("topic");
     }
     // Encoding is part of the nexus side's produce time, as in a producer.
-    let records: Vec<(String, Event)> = (0..n).map(event).collect();
+    let records: Vec<(String, Event)> = (0..n).map(common::bus_event).collect();
     let started = Instant::now();
     stream::iter(records)
         .map(|(k, e)| {

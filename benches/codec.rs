@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use nexus::events::{decode, decode_lazy, encode, Event};
 
+mod common;
+
 // The allocator of the `nexus` binary, as in the other benches.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -22,21 +24,10 @@ fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// The bus benchmark's event: about 300 bytes encoded.
+/// The bus benchmark's event with a trace context, as an edge publishes it.
 fn bus_event(i: usize) -> Event {
-    let key = format!("conv-{}", i % 512);
-    let body = serde_json::json!({
-        "message_id": uuid::Uuid::now_v7().to_string(),
-        "channel": "WEB_CHAT",
-        "participant_id": "customer-1",
-        "participant_kind": "CUSTOMER",
-        "kind": "TEXT",
-        "text": "x".repeat(140),
-    });
-    let serde_json::Value::Object(body) = body else {
-        unreachable!("literal object")
-    };
-    Event::new("MessageReceived", "tenant-bench", &key, "bench", body)
+    common::bus_event(i as u64)
+        .1
         .with_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
 }
 
