@@ -38,10 +38,10 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::halt::Halt;
 use async_trait::async_trait;
 use tokio::sync::{oneshot, watch};
 
+use super::halt::Halt;
 use super::*;
 use group::{GroupKey, GroupState};
 use writer::Cmd;
