@@ -377,6 +377,46 @@ fn a_v2_schema_reads_v1_data() {
 }
 
 #[test]
+fn records_with_many_fields_encode_through_lookups() {
+    // More fields than the writer matches on the stack: the lookup path, same rules.
+    let mut v2 = typing_v1();
+    let fields = v2["fields"].as_array_mut().unwrap();
+    for i in 0..40 {
+        fields.push(json!({"name": format!("extra_{i:02}"), "type": ["null", "string"], "default": null, "doc": "Padding."}));
+    }
+    let r = registry_with(&[("events/typing_indicated/v2.avsc", v2.to_string())]).unwrap();
+    let encode_with = |body: &[(&str, Value)]| {
+        let mut e = Registry::builtin().example("TypingIndicated").unwrap();
+        for (k, v) in body {
+            e.body.insert((*k).into(), v.clone());
+        }
+        (r.encode(&e), e)
+    };
+
+    let (bytes, e) = encode_with(&[("extra_05", json!("x"))]);
+    let back = r.decode(&bytes.unwrap()).unwrap();
+    assert_eq!(back.envelope, e.envelope);
+    assert_eq!(back.body["extra_05"], json!("x"));
+    assert_eq!(back.body["extra_39"], Value::Null);
+    assert_eq!(back.body["state"], e.body["state"]);
+
+    let path = |r: Result<Vec<u8>, EncodeError>| match r {
+        Err(EncodeError::Invalid { path, .. }) => path,
+        other => panic!("expected Invalid, got {other:?}"),
+    };
+    assert_eq!(path(encode_with(&[("zzz", json!(1))]).0), "body.zzz");
+    assert_eq!(
+        path(encode_with(&[("envelope", json!(1))]).0),
+        "body.envelope"
+    );
+    assert_eq!(
+        path(encode_with(&[("zzz", json!(1)), ("extra_07", json!(5))]).0),
+        "body.extra_07",
+        "a field's own error comes first"
+    );
+}
+
+#[test]
 fn incompatible_and_edited_versions_fail_the_check() {
     // A new required field without default: v2 cannot read v1.
     let mut v2 = typing_v1();
