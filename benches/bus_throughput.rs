@@ -1,7 +1,8 @@
 //! Bus throughput, side by side in one run on the same brokers: produce + consume of N
 //! 300-byte keyed events with the plain client (rdkafka, async-nats with the key in a header, a
 //! sequential file; bytes encoded beforehand) against the nexus `Bus` with Avro encode (timed)
-//! and decode and ack-after-effect through the consumer runtime.
+//! and decode and ack-after-effect through the consumer runtime. Both sides' records carry the
+//! two headers every nexus publish sets (event type, trace context).
 //! Prints events/s for each phase (produce until every ack; consume from the first record to
 //! the last, so the one-off group join is left out) and the ratio nexus/raw. Each side's topics
 //! are deleted after it ran, so both start on a broker holding the same data. `make bench`.
@@ -17,9 +18,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use futures::{stream, StreamExt};
 use nexus::bus::consumer::{Consumer, ConsumerOptions, HandleError, Handler};
-use nexus::bus::{Bus, Message, OutRecord, StartFrom, TopicSpec};
+use nexus::bus::headers;
+use nexus::bus::{Bus, Message, StartFrom, TopicSpec};
 use nexus::config::Config;
-use nexus::events::{encode, Event};
+use nexus::events::{encode, publish::publish, Event};
 use tokio_util::sync::CancellationToken;
 
 mod common;
@@ -40,10 +42,27 @@ fn events_n() -> u64 {
         .unwrap_or(100_000)
 }
 
-/// The raw clients' records: the same events, encoded beforehand.
-fn payload(i: u64) -> (String, Vec<u8>) {
+/// A raw client's record: the same event, encoded beforehand, with the headers a nexus
+/// publish sets (`nexus::events::publish`).
+struct RawRecord {
+    key: String,
+    headers: [(&'static str, String); 2],
+    payload: Vec<u8>,
+}
+
+fn payload(i: u64) -> RawRecord {
     let (key, event) = common::bus_event(i);
-    (key, encode(&event).expect("encode"))
+    RawRecord {
+        key,
+        headers: [
+            (headers::EVENT_TYPE, event.envelope.event_type.clone()),
+            (
+                headers::TRACEPARENT,
+                event.envelope.traceparent.clone().expect("traceparent"),
+            ),
+        ],
+        payload: encode(&event).expect("encode"),
+    }
 }
 
 struct Count(AtomicU64);
@@ -89,19 +108,15 @@ async fn nexus_run(bus: Arc<dyn Bus>, topic: &str, n: u64) -> Phases {
         .await
         .expect("topic");
     }
-    // Encoding is part of the nexus side's produce time, as in a producer.
-    let records: Vec<(String, Event)> = (0..n).map(common::bus_event).collect();
+    // Encoding is part of the nexus side's produce time, as in a producer: the events go
+    // through the publish every role uses (encode, headers, keyed by conversation).
+    let events: Vec<Event> = (0..n).map(|i| common::bus_event(i).1).collect();
     let started = Instant::now();
-    stream::iter(records)
-        .map(|(k, e)| {
+    stream::iter(events)
+        .map(|e| {
             let bus = bus.clone();
             let topic = topic.clone();
-            async move {
-                let p = encode(&e).expect("encode");
-                bus.publish(&topic, OutRecord::new(k, p))
-                    .await
-                    .expect("publish")
-            }
+            async move { publish(bus.as_ref(), &topic, &e).await.expect("publish") }
         })
         .buffer_unordered(WINDOW)
         .for_each(|_| async {})
@@ -138,20 +153,26 @@ async fn nexus_run(bus: Arc<dyn Bus>, topic: &str, n: u64) -> Phases {
     }
 }
 
-/// Sequential file append (length-prefixed, fsync per 1024 records like the embedded log's
-/// group commit) and read back.
+/// Sequential file append (length-prefixed key, headers and payload, fsync per 1024 records
+/// like the embedded log's group commit) and read back.
 fn raw_file(n: u64) -> Phases {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("raw.log");
-    let records: Vec<(String, Vec<u8>)> = (0..n).map(payload).collect();
+    let records: Vec<RawRecord> = (0..n).map(payload).collect();
     let started = Instant::now();
     let file = std::fs::File::create(&path).expect("create");
     let mut w = BufWriter::new(file);
-    for (i, (k, p)) in records.iter().enumerate() {
-        w.write_all(&(k.len() as u32).to_le_bytes()).expect("write");
-        w.write_all(k.as_bytes()).expect("write");
-        w.write_all(&(p.len() as u32).to_le_bytes()).expect("write");
-        w.write_all(p).expect("write");
+    let field = |w: &mut BufWriter<std::fs::File>, b: &[u8]| {
+        w.write_all(&(b.len() as u32).to_le_bytes()).expect("write");
+        w.write_all(b).expect("write");
+    };
+    for (i, r) in records.iter().enumerate() {
+        field(&mut w, r.key.as_bytes());
+        for (name, value) in &r.headers {
+            field(&mut w, name.as_bytes());
+            field(&mut w, value.as_bytes());
+        }
+        field(&mut w, &r.payload);
         if (i + 1) % 1024 == 0 {
             w.flush().expect("flush");
             w.get_ref().sync_data().expect("fsync");
@@ -165,13 +186,15 @@ fn raw_file(n: u64) -> Phases {
     let mut read = 0u64;
     let mut len = [0u8; 4];
     let mut buf = Vec::new();
+    // A record is six fields: key, two headers (name, value) and payload.
+    let mut fields = 0u64;
     while r.read_exact(&mut len).is_ok() {
         buf.resize(u32::from_le_bytes(len) as usize, 0);
-        r.read_exact(&mut buf).expect("read key");
-        r.read_exact(&mut len).expect("read len");
-        buf.resize(u32::from_le_bytes(len) as usize, 0);
-        r.read_exact(&mut buf).expect("read payload");
-        read += 1;
+        r.read_exact(&mut buf).expect("read field");
+        fields += 1;
+        if fields % 6 == 0 {
+            read += 1;
+        }
     }
     assert_eq!(read, n);
     Phases {
@@ -184,6 +207,7 @@ fn raw_file(n: u64) -> Phases {
 async fn raw_kafka(brokers: &str, topic: &str, n: u64) -> Phases {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::consumer::{Consumer as _, StreamConsumer};
+    use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
     use rdkafka::ClientConfig;
 
@@ -236,15 +260,23 @@ async fn raw_kafka(brokers: &str, topic: &str, n: u64) -> Phases {
         assert!(Instant::now() < deadline, "topic {topic} not ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let records: Vec<(String, Vec<u8>)> = (0..n).map(payload).collect();
+    let records: Vec<RawRecord> = (0..n).map(payload).collect();
     let started = Instant::now();
     stream::iter(records.iter().enumerate())
-        .map(|(i, (k, p))| {
+        .map(|(i, r)| {
             let producer = &producer;
             async move {
+                let mut h = OwnedHeaders::new_with_capacity(r.headers.len());
+                for (key, value) in &r.headers {
+                    h = h.insert(Header {
+                        key,
+                        value: Some(value.as_str()),
+                    });
+                }
                 let rec = FutureRecord::to(topic)
-                    .key(k)
-                    .payload(p)
+                    .key(&r.key)
+                    .payload(&r.payload)
+                    .headers(h)
                     .partition((i as u32 % PARTITIONS) as i32);
                 producer
                     .send(rec, Duration::from_secs(30))
@@ -294,18 +326,21 @@ async fn raw_nats(url: &str, name: &str, n: u64) -> Phases {
         })
         .await
         .expect("stream");
-    let records: Vec<(String, Vec<u8>)> = (0..n).map(payload).collect();
+    let records: Vec<RawRecord> = (0..n).map(payload).collect();
     let started = Instant::now();
     stream::iter(records.into_iter().enumerate())
-        .map(|(i, (k, p))| {
+        .map(|(i, r)| {
             let js = js.clone();
             let subject = subjects[i % subjects.len()].clone();
             // NATS has no record key: a keyed record carries it in a header, as the Kafka
             // records carry theirs, so both raw sides move the same data.
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("key", k.as_str());
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("key", r.key.as_str());
+            for (name, value) in &r.headers {
+                h.insert(*name, value.as_str());
+            }
             async move {
-                js.publish_with_headers(subject, headers, p.into())
+                js.publish_with_headers(subject, h, r.payload.into())
                     .await
                     .expect("publish")
                     .await

@@ -24,11 +24,9 @@ fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// The bus benchmark's event with a trace context, as an edge publishes it.
+/// The bus benchmark's event (with a trace context, as an edge publishes it).
 fn bus_event(i: usize) -> Event {
-    common::bus_event(i as u64)
-        .1
-        .with_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    common::bus_event(i as u64).1
 }
 
 /// A short customer line with the fields the chat edge sets.

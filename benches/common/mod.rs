@@ -3,7 +3,7 @@
 use nexus::events::Event;
 
 /// The bus benchmarks' event: a `MessageReceived` of about 300 bytes encoded, keyed by one of
-/// 512 conversations.
+/// 512 conversations, with a trace context as every event an edge publishes has.
 pub fn bus_event(i: u64) -> (String, Event) {
     let key = format!("conv-{}", i % 512);
     let body = serde_json::json!({
@@ -17,6 +17,7 @@ pub fn bus_event(i: u64) -> (String, Event) {
     let serde_json::Value::Object(body) = body else {
         unreachable!("literal object")
     };
-    let event = Event::new("MessageReceived", "tenant-bench", &key, "bench", body);
+    let event = Event::new("MessageReceived", "tenant-bench", &key, "bench", body)
+        .with_traceparent(format!("00-{:032x}-{:016x}-01", u128::from(i) + 1, i + 1));
     (key, event)
 }

@@ -9,7 +9,8 @@
 //!   compacted on open and when it grows past [`OFFSETS_COMPACT_BYTES`].
 //!
 //! A frame is `len u32 | crc32(len, body) u32 | body`, little endian. A record's body is
-//! `offset u64 | append time ms i64 | key len u32 | key | headers len u32 | headers JSON | payload`.
+//! `offset u64 | append time ms i64 | key len u32 | key | headers len u32 | headers | payload`,
+//! the headers block as [`put_headers`] writes it (logs from before it hold JSON there).
 //! Opening scans every segment into an in-memory index (offset → file position); a torn frame at
 //! the end of the last segment (a crash mid-write) is cut off, anywhere else it is an error.
 
@@ -152,11 +153,64 @@ impl<'a> Cursor<'a> {
     fn u64(&mut self) -> Option<u64> {
         Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
     }
+    /// A `len u32 | UTF-8` string.
+    fn string(&mut self) -> Option<String> {
+        let len = self.u32()? as usize;
+        std::str::from_utf8(self.take(len)?).ok().map(str::to_owned)
+    }
+}
+
+/// First byte of a headers block in the binary form. Blocks written before it are JSON
+/// (`[["name","value"],...]`, never starting with this byte) and are still read as such.
+const BINARY_HEADERS: u8 = 0;
+
+/// Bytes of a record's headers block: nothing without headers, else the marker and
+/// `name len u32 | name | value len u32 | value` per header.
+fn headers_size(headers: &Headers) -> usize {
+    if headers.is_empty() {
+        return 0;
+    }
+    1 + headers
+        .iter()
+        .map(|(n, v)| 8 + n.len() + v.len())
+        .sum::<usize>()
+}
+
+fn put_headers(b: &mut Vec<u8>, headers: &Headers) {
+    if headers.is_empty() {
+        return;
+    }
+    b.push(BINARY_HEADERS);
+    for (n, v) in headers {
+        for s in [n, v] {
+            b.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            b.extend_from_slice(s.as_bytes());
+        }
+    }
+}
+
+/// Reads a headers block of either form.
+fn read_headers(block: &[u8]) -> Result<Headers, String> {
+    match block.split_first() {
+        None => Ok(Headers::new()),
+        Some((&BINARY_HEADERS, rest)) => {
+            let mut c = Cursor(rest);
+            let mut headers = Headers::new();
+            while !c.0.is_empty() {
+                let (Some(n), Some(v)) = (c.string(), c.string()) else {
+                    return Err("a header is cut short or not UTF-8".into());
+                };
+                headers.push((n, v));
+            }
+            Ok(headers)
+        }
+        Some(_) => serde_json::from_slice(block).map_err(|e| e.to_string()),
+    }
 }
 
 /// Bytes of a record's frame, or `None` past the frame limit.
-pub(super) fn record_size(key: &str, headers: &[u8], payload: &[u8]) -> Option<u64> {
-    let body = 24 + key.len() + headers.len() + payload.len();
+pub(super) fn record_size(key: &str, headers: &Headers, payload: &[u8]) -> Option<u64> {
+    let body = 24 + key.len() + headers_size(headers) + payload.len();
     (body <= MAX_FRAME as usize).then_some((HEADER + body) as u64)
 }
 
@@ -166,7 +220,7 @@ pub(super) fn put_record(
     offset: u64,
     ts: i64,
     key: &str,
-    headers: &[u8],
+    headers: &Headers,
     payload: &[u8],
 ) {
     put_frame(buf, |b| {
@@ -174,8 +228,8 @@ pub(super) fn put_record(
         b.extend_from_slice(&ts.to_le_bytes());
         b.extend_from_slice(&(key.len() as u32).to_le_bytes());
         b.extend_from_slice(key.as_bytes());
-        b.extend_from_slice(&(headers.len() as u32).to_le_bytes());
-        b.extend_from_slice(headers);
+        b.extend_from_slice(&(headers_size(headers) as u32).to_le_bytes());
+        put_headers(b, headers);
         b.extend_from_slice(payload);
     });
 }
@@ -561,7 +615,7 @@ fn decode(
     let key_len = c.u32()? as usize;
     let key = std::str::from_utf8(c.take(key_len)?).ok()?.to_string();
     let headers_len = c.u32()? as usize;
-    let headers: Headers = match serde_json::from_slice(c.take(headers_len)?) {
+    let headers = match read_headers(c.take(headers_len)?) {
         Ok(h) => h,
         Err(e) => {
             return Some(Err(BusError::Storage(format!(
@@ -682,5 +736,54 @@ impl OffsetsLog {
 
     pub(super) fn needs_compaction(&self) -> bool {
         self.appended >= OFFSETS_COMPACT_BYTES
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_read_in_both_forms() {
+        let hs: Headers = vec![
+            ("b".into(), "2".into()),
+            ("a".into(), "ünï\nx".into()),
+            ("b".into(), String::new()),
+        ];
+        let mut block = Vec::new();
+        put_headers(&mut block, &hs);
+        assert_eq!(block.len(), headers_size(&hs));
+        assert_eq!(read_headers(&block).unwrap(), hs);
+        assert!(
+            read_headers(&block[..block.len() - 1]).is_err(),
+            "cut short"
+        );
+        // Logs written before the binary form hold JSON there.
+        assert_eq!(read_headers(&serde_json::to_vec(&hs).unwrap()).unwrap(), hs);
+        let mut none = Vec::new();
+        put_headers(&mut none, &Headers::new());
+        assert!(none.is_empty());
+        assert_eq!(read_headers(&none).unwrap(), Headers::new());
+    }
+
+    #[test]
+    fn a_record_written_with_json_headers_still_decodes() {
+        let mut buf = Vec::new();
+        put_frame(&mut buf, |b| {
+            b.extend_from_slice(&7u64.to_le_bytes());
+            b.extend_from_slice(&1_700_000_000_000i64.to_le_bytes());
+            b.extend_from_slice(&1u32.to_le_bytes());
+            b.extend_from_slice(b"k");
+            let json = br#"[["nexus-event-type","MessageReceived"]]"#;
+            b.extend_from_slice(&(json.len() as u32).to_le_bytes());
+            b.extend_from_slice(json);
+            b.extend_from_slice(b"payload");
+        });
+        let m = decode(&Bytes::from(buf), 0, "t", 0)
+            .expect("a whole frame")
+            .expect("a record");
+        assert_eq!((m.offset, m.timestamp_ms), (7, 1_700_000_000_000));
+        assert_eq!((m.key.as_str(), &m.payload[..]), ("k", &b"payload"[..]));
+        assert_eq!(m.header("nexus-event-type"), Some("MessageReceived"));
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 
 use super::store::{self, Append, OffsetsLog, PartLog, TopicFile};
-use super::{lock, now_ms, storage, PartShared, StoreHandle, TopicShared, Topics};
+use super::{lock, now_ms, PartShared, StoreHandle, TopicShared, Topics};
 use crate::bus::{partition_for, BusError, OutRecord, Published, TopicSpec};
 
 /// How often retention runs. Retention is hours or days in practice; a pass only compares the
@@ -447,13 +447,13 @@ impl Writer {
         };
         // Monotonic per partition, so offset_for_time can binary-search.
         let ts = tail.last_ts.max(now_ms());
-        let headers = serde_json::to_vec(&record.headers).map_err(storage("encoding headers"))?;
-        let size = store::record_size(&record.key, &headers, &record.payload).ok_or_else(|| {
-            BusError::Conflict(format!(
-                "a record of {} bytes is past the embedded log's 1 GiB limit",
-                record.payload.len()
-            ))
-        })?;
+        let size =
+            store::record_size(&record.key, &record.headers, &record.payload).ok_or_else(|| {
+                BusError::Conflict(format!(
+                    "a record of {} bytes is past the embedded log's 1 GiB limit",
+                    record.payload.len()
+                ))
+            })?;
         if tail.base_len + tail.append.buf.len() as u64 + size > store::MAX_SEGMENT {
             // Transient: the next batch starts a new segment first.
             return Err(BusError::Unavailable(format!(
@@ -468,7 +468,7 @@ impl Writer {
             offset,
             ts,
             &record.key,
-            &headers,
+            &record.headers,
             &record.payload,
         );
         a.first_ts.get_or_insert(ts);

@@ -109,6 +109,15 @@ pub(super) fn kv_subject(bucket: &str, key: &str) -> String {
 /// itself, and other control characters) are percent-escaped; plain values pass unchanged, so
 /// other tools still read them.
 pub(super) fn escape_value(value: &str) -> String {
+    // Most values (ids, event types, trace contexts) are printable ASCII: copied as they are.
+    let plain = value
+        .bytes()
+        .all(|b| (b' '..=b'~').contains(&b) && b != b'%')
+        && !value.starts_with(' ')
+        && !value.ends_with(' ');
+    if plain {
+        return value.to_owned();
+    }
     let lead = value.len() - value.trim_start().len();
     let trail_from = value.trim_end().len();
     let mut out = String::with_capacity(value.len());
@@ -149,16 +158,31 @@ pub(super) fn unescape_value(value: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The NATS headers of a record: its key, its headers, and their order.
+/// Whether a record's headers come back in publish order from the name-sorted reading that
+/// [`decode_headers`] falls back to, so the order header can be left out: names unique and in
+/// ascending order (as nexus's own `nexus-event-type`, `traceparent` are).
+fn order_implied(headers: &Headers) -> bool {
+    headers.windows(2).all(|w| w[0].0 < w[1].0)
+}
+
+/// NATS's own headers (`Nats-Msg-Id`, ...): the server acts on them (deduplication, expected
+/// sequences), so records may not carry them, and the sorted reading leaves them out.
+fn is_nats_own(name: &str) -> bool {
+    name.as_bytes()
+        .get(..5)
+        .is_some_and(|p| p.eq_ignore_ascii_case(b"nats-"))
+}
+
+/// The NATS headers of a record: its key, its headers, and their order (when the names alone
+/// do not give it, see [`order_implied`]).
 pub(super) fn encode_headers(record: &OutRecord) -> Result<HeaderMap, BusError> {
     let mut map = HeaderMap::new();
     map.insert(KEY_HEADER, HeaderValue::from(escape_value(&record.key)));
     if record.headers.is_empty() {
         return Ok(map);
     }
-    let mut order = String::new();
     for (name, value) in &record.headers {
-        if name == KEY_HEADER || name == ORDER_HEADER {
+        if name == KEY_HEADER || name == ORDER_HEADER || is_nats_own(name) {
             return Err(BusError::Config(format!(
                 "header `{name}` is reserved by the JetStream bus"
             )));
@@ -169,12 +193,17 @@ pub(super) fn encode_headers(record: &OutRecord) -> Result<HeaderMap, BusError> 
             ))
         })?;
         map.append(header, HeaderValue::from(escape_value(value)));
-        if !order.is_empty() {
-            order.push(' ');
-        }
-        order.push_str(name);
     }
-    map.insert(ORDER_HEADER, HeaderValue::from(order));
+    if !order_implied(&record.headers) {
+        let mut order = String::new();
+        for (name, _) in &record.headers {
+            if !order.is_empty() {
+                order.push(' ');
+            }
+            order.push_str(name);
+        }
+        map.insert(ORDER_HEADER, HeaderValue::from(order));
+    }
     Ok(map)
 }
 
@@ -191,26 +220,30 @@ pub(super) fn decode_headers(map: Option<&HeaderMap>) -> (String, Headers) {
     let mut headers = Vec::new();
     match map.get(ORDER_HEADER) {
         Some(order) => {
-            // The n-th occurrence of a name takes that name's n-th value.
-            let mut used: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-            for name in order.as_str().split(' ').filter(|n| !n.is_empty()) {
-                let n = used.entry(name).or_default();
-                if let Some(v) = map.get_all(name).nth(*n) {
+            // The n-th occurrence of a name takes that name's n-th value (a record has a few
+            // headers: counting the earlier ones beats a map).
+            let names: Vec<&str> = order
+                .as_str()
+                .split(' ')
+                .filter(|n| !n.is_empty())
+                .collect();
+            for (i, name) in names.iter().enumerate() {
+                let n = names[..i].iter().filter(|earlier| *earlier == name).count();
+                if let Some(v) = map.get_all(*name).nth(n) {
                     headers.push((name.to_string(), unescape_value(v.as_str())));
                 }
-                *n += 1;
             }
         }
         None => {
-            let mut names: Vec<(String, &Vec<HeaderValue>)> = map
+            let mut names: Vec<(&str, &Vec<HeaderValue>)> = map
                 .iter()
-                .map(|(n, v)| (n.to_string(), v))
-                .filter(|(n, _)| n != KEY_HEADER && !n.to_ascii_lowercase().starts_with("nats-"))
+                .map(|(n, v)| (AsRef::<str>::as_ref(n), v))
+                .filter(|(n, _)| *n != KEY_HEADER && !is_nats_own(n))
                 .collect();
-            names.sort_by(|a, b| a.0.cmp(&b.0));
+            names.sort_by(|a, b| a.0.cmp(b.0));
             for (name, values) in names {
                 for v in values {
-                    headers.push((name.clone(), unescape_value(v.as_str())));
+                    headers.push((name.to_string(), unescape_value(v.as_str())));
                 }
             }
         }

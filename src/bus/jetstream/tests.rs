@@ -111,6 +111,43 @@ fn headers_keep_key_and_order() {
     assert!(encode_headers(&OutRecord::new("k", "x").with_header(KEY_HEADER, "v")).is_err());
 }
 
+/// Names unique and ascending come back in order without the order header; any other set
+/// (descending, repeated) carries it. NATS's own names are refused: the server acts on them.
+#[test]
+fn order_header_only_where_the_names_do_not_give_the_order() {
+    let cases: [&[(&str, &str)]; 6] = [
+        &[
+            ("nexus-event-type", "MessageReceived"),
+            ("traceparent", "00-ab-cd-01"),
+        ],
+        &[("a", " padded ")],
+        &[("traceparent", "t"), ("nexus-event-type", "e")],
+        &[("a", "1"), ("a", "2")],
+        &[("a", "1"), ("B", "2")],
+        &[],
+    ];
+    for (i, hs) in cases.into_iter().enumerate() {
+        let mut record = OutRecord::new("k", "x");
+        for (n, v) in hs {
+            record = record.with_header(*n, *v);
+        }
+        let map = encode_headers(&record).expect("encode");
+        let implied = i < 2 || hs.is_empty();
+        assert_eq!(map.get(ORDER_HEADER).is_none(), implied, "case {i}: {hs:?}");
+        let (key, headers) = decode_headers(Some(&map));
+        assert_eq!(key, "k");
+        let want: Vec<(String, String)> = hs
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(headers, want, "case {i}");
+    }
+    for name in ["Nats-Msg-Id", "nats-expected-stream"] {
+        let record = OutRecord::new("k", "x").with_header(name, "v");
+        assert!(encode_headers(&record).is_err(), "{name}");
+    }
+}
+
 #[test]
 fn names_map_one_to_one() {
     assert_eq!(stream_name("nexus.inbound.v1"), "nexus_inbound_v1");
