@@ -37,7 +37,9 @@ pub use url::BusUrl;
 
 use crate::config::BusConfig;
 
-/// Message headers, in order. Names are lower-case ASCII by convention (`nexus-...`).
+/// Message headers, in order. Names are lower-case ASCII by convention (`nexus-...`), not
+/// empty, and never begin with `nats-` (any case): NATS acts on those, so the JetStream bus
+/// refuses them.
 pub type Headers = Vec<(String, String)>;
 
 /// A record to publish.

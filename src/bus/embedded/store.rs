@@ -758,8 +758,9 @@ mod tests {
             read_headers(&block[..block.len() - 1]).is_err(),
             "cut short"
         );
-        // Logs written before the binary form hold JSON there.
+        // Logs written before the binary form hold JSON there, `[]` for no headers.
         assert_eq!(read_headers(&serde_json::to_vec(&hs).unwrap()).unwrap(), hs);
+        assert_eq!(read_headers(b"[]").unwrap(), Headers::new());
         let mut none = Vec::new();
         put_headers(&mut none, &Headers::new());
         assert!(none.is_empty());

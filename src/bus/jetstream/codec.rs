@@ -12,7 +12,8 @@ use crate::bus::{BusError, Headers, Message, OutRecord};
 /// Header carrying the record key (percent-escaped, see [`escape_value`]).
 pub(super) const KEY_HEADER: &str = "nexus-bus-key";
 /// Header listing the record's header names in publish order, space-separated: NATS keeps
-/// headers in a hash map, and the bus contract keeps them in order.
+/// headers in a hash map, and the bus contract keeps them in order. Sent only where the names
+/// alone do not give that order (see `order_implied`).
 pub(super) const ORDER_HEADER: &str = "nexus-bus-headers";
 
 /// Topic names become subjects and (with `.` → `_`) stream and bucket names, so they are
@@ -187,6 +188,9 @@ pub(super) fn encode_headers(record: &OutRecord) -> Result<HeaderMap, BusError> 
                 "header `{name}` is reserved by the JetStream bus"
             )));
         }
+        if name.is_empty() {
+            return Err(BusError::Config("a header name is empty".into()));
+        }
         let header = HeaderName::from_str(name).map_err(|_| {
             BusError::Config(format!(
                 "header name `{name}` is not valid on NATS (visible ASCII, no `:`)"
@@ -207,8 +211,10 @@ pub(super) fn encode_headers(record: &OutRecord) -> Result<HeaderMap, BusError> 
     Ok(map)
 }
 
-/// The record key and headers back from NATS headers. Without the order header (a record
-/// published by another tool) every header but NATS's own comes back, sorted by name.
+/// The record key and headers back from NATS headers. Without the order header (a record whose
+/// names give the order, or one published by another tool) every header but NATS's own comes
+/// back, sorted by name. NATS's own never come back: a record copied on (dead-lettered,
+/// replayed) could not be published with them.
 pub(super) fn decode_headers(map: Option<&HeaderMap>) -> (String, Headers) {
     let Some(map) = map else {
         return (String::new(), Vec::new());
@@ -225,7 +231,7 @@ pub(super) fn decode_headers(map: Option<&HeaderMap>) -> (String, Headers) {
             let names: Vec<&str> = order
                 .as_str()
                 .split(' ')
-                .filter(|n| !n.is_empty())
+                .filter(|n| !n.is_empty() && !is_nats_own(n))
                 .collect();
             for (i, name) in names.iter().enumerate() {
                 let n = names[..i].iter().filter(|earlier| *earlier == name).count();
