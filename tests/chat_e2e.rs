@@ -619,6 +619,13 @@ async fn the_agent_socket_sends_a_transcript_position_once() {
         json!({"op": "accept", "conversation_id": sid, "offer_id": offer["offer_id"]}),
     )
     .await;
+    // Connected before the customer writes: the inbound and agent topics are not ordered with
+    // each other, and a message handled before the accept is not pushed to the agent (the
+    // console reads the transcript when it accepts).
+    ws_until(&mut agent, WAIT, |v| {
+        v["type"] == "state" && v["state"] == "connected"
+    })
+    .await;
     let http = reqwest::Client::new();
     let send = |text: &'static str| {
         http.post(format!("{url}/nexus/v3/chat/sessions/{sid}/messages"))
