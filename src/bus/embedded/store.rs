@@ -612,8 +612,7 @@ fn decode(
     let start = pos + HEADER;
     let mut c = Cursor(body);
     let (offset, ts) = (c.u64()?, c.u64()? as i64);
-    let key_len = c.u32()? as usize;
-    let key = std::str::from_utf8(c.take(key_len)?).ok()?.to_string();
+    let key = c.string()?;
     let headers_len = c.u32()? as usize;
     let headers = match read_headers(c.take(headers_len)?) {
         Ok(h) => h,
