@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use common::{next_within, take, TestBus};
 use nexus::bus::consumer::{lane_of, Consumer, ConsumerOptions, HandleError, Handler};
-use nexus::bus::{dlq_topic, headers, Message, OutRecord, StartFrom, SubscribeOptions};
+use nexus::bus::{dlq_topic, headers, BusError, Message, OutRecord, StartFrom, SubscribeOptions};
 use nexus::events::Event;
 use tokio_util::sync::CancellationToken;
 
@@ -492,17 +492,7 @@ async fn bad_payloads_are_dead_lettered(t: TestBus) {
         "the valid event is handled once"
     );
 
-    let dlq = dlq_topic(&topic);
-    let offsets = t.bus.partition_offsets(&dlq).await.expect("dlq offsets");
-    let mut dead = Vec::new();
-    for p in offsets {
-        dead.extend(
-            t.bus
-                .read(&dlq, p.partition, p.low, 100)
-                .await
-                .expect("read dlq"),
-        );
-    }
+    let dead = read_all(&t, &dlq_topic(&topic)).await;
     let reasons: Vec<&str> = dead
         .iter()
         .filter_map(|m| m.header(headers::DLQ_REASON))
@@ -537,6 +527,163 @@ async fn bad_payloads_are_dead_lettered(t: TestBus) {
         })
         .unwrap_or_else(|| panic!("dead-letter counter missing:\n{rendered}"));
     assert!(line.ends_with(" 1"), "{line}");
+}
+
+/// Every record a topic holds, partition by partition.
+async fn read_all(t: &TestBus, topic: &str) -> Vec<Message> {
+    let offsets = t.bus.partition_offsets(topic).await.expect("offsets");
+    let mut all = Vec::new();
+    for p in offsets {
+        all.extend(
+            t.bus
+                .read(topic, p.partition, p.low, 100)
+                .await
+                .expect("read"),
+        );
+    }
+    all
+}
+
+/// The text of a test event (`key:seq`).
+fn text_of(event: &Event) -> String {
+    event.to_json()["body"]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Handles events by their text, panicking on one.
+struct PanicsOn {
+    text: &'static str,
+    seen: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl Handler for PanicsOn {
+    async fn handle(&self, event: &Event, _m: &Message) -> Result<(), HandleError> {
+        let text = text_of(event);
+        if text == self.text {
+            panic!("a handler bug met {text}");
+        }
+        self.seen.lock().unwrap().push(text);
+        Ok(())
+    }
+}
+
+/// A handler that panics on an event: the event is dead-lettered (`handler_panicked`, the
+/// panic's message as the error) and the consumer goes on, the same key's later events included.
+async fn a_handler_panic_dead_letters_the_event(t: TestBus) {
+    let topic = t.fresh_topic(1).await;
+    let group = format!("g-{topic}");
+    for seq in 1..=3 {
+        t.bus
+            .publish(&topic, common::event_record("k", seq))
+            .await
+            .expect("publish");
+    }
+    let handler = Arc::new(PanicsOn {
+        text: "k:2",
+        seen: Mutex::default(),
+    });
+    let running = Running::start(&t, &group, &topic, handler.clone(), 2);
+    wait_lag(&t, &group, &topic, 0).await;
+    assert_eq!(*handler.seen.lock().unwrap(), vec!["k:1", "k:3"]);
+    let dead = read_all(&t, &dlq_topic(&topic)).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(
+        dead[0].header(headers::DLQ_REASON),
+        Some("handler_panicked")
+    );
+    assert!(
+        dead[0]
+            .header(headers::DLQ_ERROR)
+            .is_some_and(|e| e.contains("a handler bug met k:2")),
+        "{:?}",
+        dead[0].headers
+    );
+    assert_eq!(dead[0].header(headers::DLQ_SOURCE_OFFSET), Some("1"));
+    running.stop().await;
+}
+
+/// Payloads tried when looking for a bus's size limit; a bus taking this has none that matters.
+const NO_LIMIT: usize = 2 << 20;
+
+/// The largest payload (key `k`, no headers) the bus takes, found by publishing to a scratch
+/// topic; `None` when it takes [`NO_LIMIT`] bytes (the embedded log has no limit).
+async fn largest_payload(t: &TestBus) -> Option<usize> {
+    let scratch = t.fresh_topic(1).await;
+    let fits = |n: usize| {
+        let (bus, scratch) = (t.bus.clone(), scratch.clone());
+        async move {
+            match bus
+                .publish(&scratch, OutRecord::new("k", vec![b'x'; n]))
+                .await
+            {
+                Ok(_) => true,
+                Err(BusError::TooLarge(_)) => false,
+                Err(e) => panic!("publishing {n} bytes: {e}"),
+            }
+        }
+    };
+    if fits(NO_LIMIT).await {
+        return None;
+    }
+    // `lo` fits, `hi` does not.
+    let (mut lo, mut hi) = (1, NO_LIMIT);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid).await {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Some(lo)
+}
+
+/// A record as large as the bus takes, which cannot be decoded: its dead-letter copy, larger
+/// by the headers saying why, goes without its payload (marked with the payload's size; the
+/// source offset says where it is) and the consumer goes on. A bus without a limit keeps the
+/// payload.
+async fn an_oversized_dead_letter_copy_goes_without_its_payload(t: TestBus) {
+    let limit = largest_payload(&t).await;
+    let size = limit.unwrap_or(NO_LIMIT);
+    let topic = t.fresh_topic(1).await;
+    let group = format!("g-{topic}");
+    t.bus
+        .publish(&topic, OutRecord::new("k", vec![b'x'; size]))
+        .await
+        .expect("the largest record the bus takes");
+    t.bus
+        .publish(&topic, common::event_record("k", 1))
+        .await
+        .expect("publish");
+    let handler = Arc::new(Counting {
+        seen: Mutex::default(),
+    });
+    let running = Running::start(&t, &group, &topic, handler.clone(), 2);
+    wait_lag(&t, &group, &topic, 0).await;
+    assert_eq!(handler.seen.lock().unwrap().len(), 1, "the event after it");
+    let dead = read_all(&t, &dlq_topic(&topic)).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead[0].header(headers::DLQ_REASON),
+        Some("not_single_object")
+    );
+    assert_eq!(dead[0].header(headers::DLQ_SOURCE_OFFSET), Some("0"));
+    let omitted = dead[0].header(headers::DLQ_PAYLOAD_OMITTED);
+    if limit.is_some() {
+        assert!(
+            dead[0].payload.is_empty(),
+            "{} bytes",
+            dead[0].payload.len()
+        );
+        assert_eq!(omitted, Some(size.to_string().as_str()));
+    } else {
+        assert_eq!(dead[0].payload.len(), size);
+        assert_eq!(omitted, None);
+    }
+    running.stop().await;
 }
 
 /// Two tails (broadcast readers) each get every record published after they started, from
@@ -932,4 +1079,6 @@ per_backend!(
     replay_changes_no_end_state,
     tails_get_everything_published_after_they_start,
     broadcast_consumer_skips_bad_payloads,
+    a_handler_panic_dead_letters_the_event,
+    an_oversized_dead_letter_copy_goes_without_its_payload,
 );

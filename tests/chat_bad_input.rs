@@ -892,6 +892,10 @@ async fn v3_bodies_are_validated_before_anything_is_published() {
             .await;
     }
 
+    let too_many_removed = json!({
+        "remove": (0..=MAX_USER_DATA).map(|i| format!("k{i}")).collect::<Vec<_>>()
+    })
+    .to_string();
     for (suffix, what, body, status, code) in [
         (
             "user-data",
@@ -904,6 +908,20 @@ async fn v3_bodies_are_validated_before_anything_is_published() {
             "user-data",
             "empty key",
             r#"{"user_data":{"":"v"}}"#,
+            400,
+            "INVALID_USER_DATA",
+        ),
+        (
+            "user-data",
+            "empty key to remove",
+            r#"{"remove":[""]}"#,
+            400,
+            "INVALID_USER_DATA",
+        ),
+        (
+            "user-data",
+            "more keys to remove than entries a chat holds",
+            &too_many_removed,
             400,
             "INVALID_USER_DATA",
         ),
@@ -1280,6 +1298,13 @@ async fn v2_refuses_wrong_keys_and_bad_fields() {
         v2_req(&a1.id, "updateData", Some(&key), &too_much),
         400,
         "INVALID_USER_DATA",
+    )
+    .await;
+    fx.rejected(
+        "v2 readReceipt without the position read",
+        v2_req(&a1.id, "readReceipt", Some(&key), &v2_form(&a1, "")),
+        400,
+        "INVALID_FIELD",
     )
     .await;
     fx.rejected(
@@ -2634,6 +2659,82 @@ async fn expired_client_keys_are_refused_with_their_code() {
     );
 }
 
+/// An open stream ends when the API key it was opened with stops working (here: disabled):
+/// the WebSocket with close code 4003 and the key's error code, SSE with a last `error` event.
+#[tokio::test]
+async fn open_streams_end_when_their_api_key_is_disabled() {
+    let fx = fixture().await;
+    let p = &fx.state.provisioning;
+    let created = p
+        .create_api_key(
+            &fx.a.id,
+            NewApiKey {
+                name: "to-disable".into(),
+                permissions: vec![Permission::Chat],
+                enabled: true,
+                expires_at_ms: None,
+            },
+        )
+        .await
+        .expect("api key");
+    let key = created.key.clone();
+    let s = start(&fx.state, &key, "Ed").await;
+    let base = serve(fx.state.clone()).await;
+    let ws_url = format!(
+        "{base}/nexus/v3/chat/sessions/{}/stream?api_key={key}&client_key={}",
+        s.id, s.ck
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url.as_str())
+        .await
+        .expect("the stream opens");
+    let sse_url = format!(
+        "{}/nexus/v3/chat/sessions/{}/events?api_key={key}&client_key={}",
+        base.replacen("ws://", "http://", 1),
+        s.id,
+        s.ck
+    );
+    let sse = reqwest::get(&sse_url).await.expect("sse");
+    assert_eq!(sse.status().as_u16(), 200);
+    // Both stay open while the key works.
+    let early = tokio::time::timeout(Duration::from_millis(1500), ws.next()).await;
+    assert!(
+        early.is_err(),
+        "the socket closed with a working key: {early:?}"
+    );
+
+    p.update_api_key(
+        &fx.a.id,
+        &created.api_key.id,
+        nexus::stores::provisioning::ApiKeyPatch {
+            enabled: Some(false),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("disable");
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(frame) = ws.next().await {
+            if let Ok(WsMessage::Close(close)) = frame {
+                return close;
+            }
+        }
+        None
+    })
+    .await
+    .expect("the socket closes once its API key is disabled")
+    .expect("a close frame");
+    assert_eq!(u16::from(closed.code), 4003, "{closed:?}");
+    assert!(closed.reason.contains("API_KEY_DISABLED"), "{closed:?}");
+    let text = tokio::time::timeout(Duration::from_secs(10), sse.text())
+        .await
+        .expect("the event stream ends once its API key is disabled")
+        .expect("sse body");
+    assert!(
+        text.contains("event: error") && text.contains("API_KEY_DISABLED"),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn a_session_the_store_no_longer_has_refuses_customer_actions() {
     let mut fx = fixture().await;
@@ -2710,9 +2811,35 @@ async fn a_session_the_store_no_longer_has_refuses_customer_actions() {
         )
         .await;
     assert_eq!(body["chatEnded"], true, "{body}");
+    // Reads of either say the chat ended, so a poller stops rather than polling a chat that
+    // will never move again.
+    for s in [&gone, &lost] {
+        let req = v3_req("GET", "messages", &s.id, Some(&key), Some(&s.ck), None);
+        let (status, body) = call(&fx.state, req).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["chat_ended"], true, "v3 read: {body}");
+        let req = v2_req(&s.id, "refresh", Some(&key), &v2_form(s, ""));
+        let (status, body) = call(&fx.state, req).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["chatEnded"], true, "v2 refresh: {body}");
+    }
     // A session the edge started just now whose record the worker has not written yet is
     // accepted: the start is on its way (this fixture runs no worker).
     let fresh = start(&fx.state, &key, "Di").await;
+    let req = v3_req(
+        "GET",
+        "messages",
+        &fresh.id,
+        Some(&key),
+        Some(&fresh.ck),
+        None,
+    );
+    let (status, body) = call(&fx.state, req).await;
+    assert_eq!(
+        (status.as_u16(), &body["chat_ended"]),
+        (200, &json!(false)),
+        "{body}"
+    );
     fx.accepted(
         "a send before the worker applied the start",
         v3_req(

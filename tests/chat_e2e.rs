@@ -258,6 +258,35 @@ async fn scenario(url: &str, agent_url: &str) {
         .filter(|m| m["text"] == "hello")
         .count();
     assert_eq!(hellos, 1, "a retried send must not be a second message");
+    // An ended chat read in pages says so only on the last: a reader stops at `chat_ended`.
+    let total = after["messages"].as_array().map_or(0, Vec::len);
+    assert!(total > 2, "{after}");
+    let mut from = 1;
+    let mut paged = 0;
+    loop {
+        let page: Value = http
+            .get(format!(
+                "{url}/nexus/v3/chat/sessions/{sid}/messages?from={from}&limit=2"
+            ))
+            .header("x-api-key", &tenant.api_key)
+            .header("x-nexus-client-key", &ck)
+            .send()
+            .await
+            .expect("page")
+            .json()
+            .await
+            .expect("page json");
+        paged += page["messages"].as_array().map_or(0, Vec::len);
+        if page["chat_ended"] == true {
+            break;
+        }
+        assert!(paged <= total, "paged past the end: {page}");
+        from = page["next_position"].as_u64().expect("next_position");
+    }
+    assert_eq!(
+        paged, total,
+        "pages up to `chat_ended` hold the whole transcript"
+    );
     // Sending to an ended chat is refused.
     let r = http
         .post(format!("{url}/nexus/v3/chat/sessions/{sid}/messages"))

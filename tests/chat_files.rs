@@ -15,6 +15,7 @@ use axum::body::Body;
 use axum::http::{Request, Response, StatusCode};
 use common::chat::{multipart, png, start_session, BOUNDARY};
 use http_body_util::BodyExt;
+use nexus::bus::{StartFrom, SubscribeOptions};
 use nexus::config::Config;
 use nexus::edge::{self, AppState};
 use nexus::stores::provisioning::{NewAgent, NewApiKey, NewTenant, Permission, Provisioning};
@@ -224,6 +225,33 @@ async fn published(state: &AppState) -> u64 {
     offsets.iter().map(|p| p.high - p.low).sum()
 }
 
+/// The bodies of every event on the inbound topic, read by a fresh group.
+async fn inbound_bodies(state: &AppState) -> Vec<Value> {
+    let n = published(state).await;
+    let group = format!("read-{}", uuid::Uuid::now_v7());
+    let options = SubscribeOptions {
+        start: StartFrom::Earliest,
+        max_in_flight: 1024,
+    };
+    let mut sub = state
+        .bus
+        .subscribe(&group, INBOUND, options)
+        .await
+        .expect("subscribe");
+    let mut bodies = Vec::new();
+    while (bodies.len() as u64) < n {
+        let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("a record within 10 s")
+            .expect("subscription open")
+            .expect("delivery");
+        let event = nexus::events::decode(&d.message.payload).expect("decode");
+        bodies.push(event.to_json()["body"].clone());
+    }
+    sub.close().await.expect("close");
+    bodies
+}
+
 fn upload_req(api_key: &str, session: &Session, ck: &str, body: Vec<u8>) -> Request<Body> {
     Request::post(format!("/nexus/v3/chat/sessions/{}/files", session.id))
         .header("x-api-key", api_key)
@@ -305,7 +333,9 @@ async fn an_upload_comes_back_to_the_customer_and_the_agent_only() {
         up["url"],
         format!("/nexus/v3/chat/sessions/{}/files/{id}", fx.s1.id)
     );
-    // The same upload retried (same message id): the same file, stored and published once.
+    // The same upload retried (same message id): the same file, stored once. Its message is
+    // published again (the first try may have failed or died before its publish was acked),
+    // with the same client message id and file, which the worker appends once.
     let body = multipart(&[
         ("message_id", None, None, b"m-file-1"),
         ("file", Some("dir/phötö 1.png"), Some("image/png"), &data),
@@ -313,7 +343,15 @@ async fn an_upload_comes_back_to_the_customer_and_the_agent_only() {
     let (status, again) = call(s, upload_req(&fx.a_key, &fx.s1, &fx.s1.ck, body)).await;
     assert_eq!(status, StatusCode::CREATED, "{again}");
     assert_eq!(again, up, "a retried upload is answered as the first");
-    assert_eq!(published(s).await, before + 1, "still one MessageReceived");
+    let sent: Vec<Value> = inbound_bodies(s)
+        .await
+        .into_iter()
+        .filter(|b| b["client_message_id"] == "m-file-1")
+        .collect();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    for b in &sent {
+        assert_eq!(b["media_ids"], json!([id]), "{b}");
+    }
 
     let (bytes, ct, cd) = download(s, customer_get(&fx.a_key, &fx.s1.id, &fx.s1.ck, &id)).await;
     assert_eq!(bytes, data);

@@ -16,10 +16,13 @@
 //! skipped (counted, logged), since there is no group to replay it for.
 
 use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::Bytes;
+use futures::FutureExt;
 use rand::Rng;
 use thiserror::Error;
 use tokio::sync::mpsc;
@@ -201,11 +204,15 @@ impl Consumer {
         let stop = Arc::new(Halt::default());
         // Set as soon as shutdown fires: the intake reads it per record without a lock.
         let shutting_down = Arc::new(Halt::default());
+        // Shutdown, or the intake ending on its own (the subscription failed): either way the
+        // lanes get the drain time and then stop, so a lane retrying a handler against a peer
+        // that is down cannot keep a consumer that will never take a record again alive.
+        let intake_done = shutdown.child_token();
         let drain_deadline = tokio::spawn({
-            let (shutdown, stop, drain) = (shutdown.clone(), stop.clone(), self.drain);
+            let (done, stop, drain) = (intake_done.clone(), stop.clone(), self.drain);
             let shutting_down = shutting_down.clone();
             async move {
-                shutdown.cancelled().await;
+                done.cancelled().await;
                 shutting_down.fire();
                 tokio::time::sleep(drain).await;
                 stop.fire();
@@ -338,6 +345,7 @@ impl Consumer {
         }
         // Closing the lanes' queues lets each handle what it holds, until the drain ends; what
         // is still queued then is dropped unacked and comes back to the partition's next owner.
+        intake_done.cancel();
         drop(senders);
         let drain_started = Instant::now();
         while tasks.join_next().await.is_some() {}
@@ -468,7 +476,7 @@ async fn process(ctx: &LaneContext, delivery: Delivery) {
                 partition = msg.partition,
                 offset = msg.offset
             );
-            match set_aside(ctx, msg, e.reason_code(), &e.to_string())
+            match set_aside(ctx, &delivery, e.reason_code(), &e.to_string())
                 .instrument(span)
                 .await
             {
@@ -532,13 +540,25 @@ async fn handle_with_retry(
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let result =
-            tokio::time::timeout(ctx.options.handler_timeout, ctx.handler.handle(event, msg)).await;
+        // A panic is a bug the event met, which the same event would meet again: it is set
+        // aside like a rejection (replayed once fixed) instead of ending the lane, and with
+        // it the consumer, in a restart loop on the same record.
+        let handled = AssertUnwindSafe(ctx.handler.handle(event, msg)).catch_unwind();
+        let result = tokio::time::timeout(ctx.options.handler_timeout, handled)
+            .await
+            .map(|r| {
+                r.unwrap_or_else(|panic| {
+                    Err(HandleError::Reject {
+                        reason: "handler_panicked",
+                        detail: panic_message(panic.as_ref()),
+                    })
+                })
+            });
         let (failure, not_before_ms) = match result {
             Ok(Ok(())) => return Some(Outcome::Handled),
             Ok(Err(HandleError::Reject { reason, detail })) => {
                 warn!(reason, detail = %detail, "handler rejected the event");
-                return set_aside(ctx, msg, reason, &detail).await.ok();
+                return set_aside(ctx, delivery, reason, &detail).await.ok();
             }
             Ok(Err(HandleError::Retry(e))) => (e, 0),
             Ok(Err(HandleError::RetryLater {
@@ -568,11 +588,20 @@ async fn handle_with_retry(
     }
 }
 
+/// What a panic said, when it said it with a string.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(s), _) => (*s).to_string(),
+        (_, Some(s)) => s.clone(),
+        _ => "a panic without a message".to_string(),
+    }
+}
+
 /// Takes a record that cannot be handled out of the way: dead-lettered, or for a broadcast
-/// reader skipped. `Err` only when shutdown interrupts.
+/// reader skipped. `Err` only when shutdown or a revoke interrupts.
 async fn set_aside(
     ctx: &LaneContext,
-    msg: &Message,
+    delivery: &Delivery,
     reason: &'static str,
     detail: &str,
 ) -> Result<Outcome, ()> {
@@ -583,19 +612,23 @@ async fn set_aside(
         );
         return Ok(Outcome::Skipped);
     }
-    dead_letter(ctx, msg, reason, detail).await?;
+    dead_letter(ctx, delivery, reason, detail).await?;
     Ok(Outcome::DeadLettered(reason))
 }
 
 /// Writes the record to the topic's dead-letter topic, retrying until the bus takes it: an
-/// event is acked only once it is safe somewhere. `Err` only when shutdown interrupts.
+/// event is acked only once it is safe somewhere. A copy the bus refuses as too large goes
+/// without its payload, which stays in the source topic at the offset the headers name (the
+/// failure's headers made it larger than the source record the bus took). `Err` only when
+/// shutdown interrupts or the partition was given away meanwhile (its next owner takes over).
 async fn dead_letter(
     ctx: &LaneContext,
-    msg: &Message,
+    delivery: &Delivery,
     reason: &str,
     detail: &str,
 ) -> Result<(), ()> {
-    let record = dead_letter_record(msg, &ctx.group, reason, detail);
+    let msg = &delivery.message;
+    let mut record = dead_letter_record(msg, &ctx.group, reason, detail);
     let dlq = dlq_topic(&msg.topic);
     let mut attempt = 0;
     loop {
@@ -604,6 +637,11 @@ async fn dead_letter(
             Ok(p) => {
                 warn!(reason, dlq = %dlq, dlq_partition = p.partition, dlq_offset = p.offset, "event dead-lettered");
                 return Ok(());
+            }
+            Err(BusError::TooLarge(e)) if !record.payload.is_empty() => {
+                warn!(error = %e, dlq = %dlq, "the dead-letter copy is too large; written without its payload");
+                record = without_payload(record);
+                continue;
             }
             Err(e) => {
                 let wait = backoff(&ctx.options, attempt);
@@ -614,7 +652,21 @@ async fn dead_letter(
                 }
             }
         }
+        if delivery.revoked() {
+            ctx.metrics.revoked.increment(1);
+            return Err(());
+        }
     }
+}
+
+/// A dead-letter record without its payload, saying how large the payload was.
+fn without_payload(mut record: OutRecord) -> OutRecord {
+    let size = record.payload.len();
+    record.payload = Bytes::new();
+    record
+        .headers
+        .push((headers::DLQ_PAYLOAD_OMITTED.to_string(), size.to_string()));
+    record
 }
 
 /// `msg` as its dead-letter record: the same key, payload and headers, plus why (`reason`,

@@ -28,6 +28,10 @@ pub enum BusError {
     /// The operation is not possible in the current state (e.g. a group with active members).
     #[error("{0}")]
     Conflict(String),
+    /// The record (payload, key and headers) is larger than the broker takes; retrying the same
+    /// record never helps.
+    #[error("record too large: {0}")]
+    TooLarge(String),
 }
 
 impl BusError {

@@ -338,6 +338,9 @@ pub mod headers {
     pub const DLQ_SOURCE_PARTITION: &str = "nexus-dlq-source-partition";
     pub const DLQ_SOURCE_OFFSET: &str = "nexus-dlq-source-offset";
     pub const DLQ_GROUP: &str = "nexus-dlq-group";
+    /// Set (to the payload's size in bytes) on a dead-letter record whose copy with its payload
+    /// was larger than the bus takes: the payload stays in the source topic at the source offset.
+    pub const DLQ_PAYLOAD_OMITTED: &str = "nexus-dlq-payload-omitted";
     /// The event type, set by publishers so tools can filter without decoding.
     pub const EVENT_TYPE: &str = "nexus-event-type";
     /// W3C trace context, copied from the envelope for tools that do not decode Avro.

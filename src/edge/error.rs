@@ -8,6 +8,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::bus::BusError;
+use crate::events::publish::PublishError;
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -35,6 +38,22 @@ impl ApiError {
     }
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", message)
+    }
+    /// A publish that failed: an event that does not encode is the client's (400 `invalid`),
+    /// as is one larger than the bus takes (413); anything else is the bus's (503).
+    pub fn publish_failed(e: PublishError, invalid: &'static str) -> Self {
+        match e {
+            PublishError::Encode(e) => Self::bad_request(invalid, e.to_string()),
+            PublishError::Bus {
+                source: BusError::TooLarge(detail),
+                ..
+            } => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "PAYLOAD_TOO_LARGE",
+                format!("the event is larger than the bus takes ({detail})"),
+            ),
+            e => Self::unavailable(e.to_string()),
+        }
     }
 }
 

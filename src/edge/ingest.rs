@@ -53,10 +53,7 @@ pub async fn ingest(
     }
     let published = match events::publish::publish(state.bus.as_ref(), &topic, &event).await {
         Ok(p) => p,
-        Err(events::publish::PublishError::Encode(e)) => {
-            return Err(ApiError::bad_request("SCHEMA_MISMATCH", e.to_string()))
-        }
-        Err(e) => return Err(ApiError::unavailable(e.to_string())),
+        Err(e) => return Err(ApiError::publish_failed(e, "SCHEMA_MISMATCH")),
     };
     tracing::debug!(event_id = %event.envelope.event_id, topic = %topic, partition = published.partition, offset = published.offset, "event ingested");
     Ok((

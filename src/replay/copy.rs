@@ -5,13 +5,15 @@
 //! payload. Headers are kept except the `nexus-dlq-*` ones, which describe a failure that the
 //! copy leaves behind; `nexus-replayed-from` names the original record. Records are published
 //! one by one in offset order: a batch published concurrently could reorder one key's records.
+//! A dead-letter record written without its payload (`nexus-dlq-payload-omitted`) is not copied:
+//! its event is still in the source topic, where a replay by offset reaches it.
 
 use std::fmt;
 
 use super::{
     format_time, partitions_of, target_offset, ReplayError, ReplayFrom, REPLAYED_FROM_HEADER,
 };
-use crate::bus::{Bus, Message, OutRecord};
+use crate::bus::{headers, Bus, Message, OutRecord};
 
 /// Records read per `Bus::read` call: large enough to amortise the round trip to a remote
 /// broker, small enough that a batch of large payloads stays a few megabytes.
@@ -45,6 +47,8 @@ pub struct PartitionCopy {
     pub copied: u64,
     /// Offset of the last record copied.
     pub last_offset: Option<u64>,
+    /// Dead-letter records without their payload, left out.
+    pub without_payload: u64,
 }
 
 /// What a copy did, per source partition.
@@ -114,6 +118,7 @@ pub async fn copy(
             end: o.high,
             copied: 0,
             last_offset: None,
+            without_payload: 0,
         };
         let mut cursor = start;
         'partition: while cursor < o.high {
@@ -130,6 +135,18 @@ pub async fn copy(
                 // Skipped, not an end: on Kafka a record's time is its producer's clock, so a
                 // later record may carry an earlier time than one past `to_time`.
                 if req.to_time.is_some_and(|t| message.timestamp_ms >= t) {
+                    cursor = message.offset + 1;
+                    continue;
+                }
+                if message.header(headers::DLQ_PAYLOAD_OMITTED).is_some() {
+                    tracing::warn!(
+                        partition = o.partition,
+                        offset = message.offset,
+                        source_topic = message.header(headers::DLQ_SOURCE_TOPIC).unwrap_or(""),
+                        source_offset = message.header(headers::DLQ_SOURCE_OFFSET).unwrap_or(""),
+                        "a dead letter without its payload is not copied; replay its source offset"
+                    );
+                    done.without_payload += 1;
                     cursor = message.offset + 1;
                     continue;
                 }
@@ -200,6 +217,15 @@ impl fmt::Display for CopyReport {
             "",
             self.total_copied()
         )?;
+        let without_payload: u64 = self.partitions.iter().map(|p| p.without_payload).sum();
+        if without_payload > 0 {
+            writeln!(
+                f,
+                "{without_payload} dead letter(s) without their payload (too large for the \
+                 dead-letter topic) are not copied: replay their source topic from the offsets \
+                 in their nexus-dlq-source-* headers (logged)."
+            )?;
+        }
         if self.dry_run {
             write!(f, "Dry run: nothing was published (use --execute to copy).")
         } else {

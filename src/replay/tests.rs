@@ -261,6 +261,11 @@ async fn copy_from_a_dead_letter_topic_keeps_keys_and_payloads_and_drops_dlq_hea
             .with_header("traceparent", "00-abc-def-01");
         bus.publish("src.dlq", record).await.unwrap();
     }
+    // A dead letter the bus took only without its payload: nothing to copy back.
+    let bare = OutRecord::new("conv-big", Vec::new())
+        .with_header("nexus-dlq-reason", "not_single_object")
+        .with_header("nexus-dlq-payload-omitted", "1048000");
+    bus.publish("src.dlq", bare).await.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     let cut = chrono::Utc::now().timestamp_millis();
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -277,6 +282,13 @@ async fn copy_from_a_dead_letter_topic_keeps_keys_and_payloads_and_drops_dlq_hea
     };
     let dry = copy(bus, &req, true).await.unwrap();
     assert_eq!(dry.total_copied(), 6);
+    let without: u64 = dry.partitions.iter().map(|p| p.without_payload).sum();
+    assert_eq!(without, 1);
+    assert!(
+        dry.to_string()
+            .contains("1 dead letter(s) without their payload"),
+        "{dry}"
+    );
     assert!(dry
         .to_string()
         .ends_with("Dry run: nothing was published (use --execute to copy)."));

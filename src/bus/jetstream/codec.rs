@@ -211,6 +211,22 @@ pub(super) fn encode_headers(record: &OutRecord) -> Result<HeaderMap, BusError> 
     Ok(map)
 }
 
+/// The bytes `headers` take in a message as the server counts them against `max_payload`:
+/// `NATS/1.0`, one `name: value` line per value, a blank line.
+pub(super) fn headers_wire_len(headers: &HeaderMap) -> usize {
+    let lines: usize = headers
+        .iter()
+        .map(|(name, values)| {
+            let name: &str = name.as_ref();
+            values
+                .iter()
+                .map(|v| name.len() + 2 + v.as_str().len() + 2)
+                .sum::<usize>()
+        })
+        .sum();
+    "NATS/1.0\r\n".len() + lines + 2
+}
+
 /// The record key and headers back from NATS headers. Without the order header (a record whose
 /// names give the order, or one published by another tool) every header but NATS's own comes
 /// back, sorted by name. NATS's own never come back: a record copied on (dead-lettered,

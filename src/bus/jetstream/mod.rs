@@ -141,6 +141,8 @@ pub struct Inner {
     js: Context,
     timing: Timing,
     replicas: usize,
+    /// The server's `max_payload` (payload and headers of one message), read at connect.
+    max_payload: usize,
     /// topic → (partitions, when read), for publishing.
     partitions: Mutex<HashMap<String, (u32, Instant)>>,
 }
@@ -306,7 +308,8 @@ impl JetStreamBus {
             .connect(server_addrs(url)?)
             .await
             .map_err(|e| connect_error(url, &e))?;
-        check_server_version(&client.server_info().version)?;
+        let info = client.server_info();
+        check_server_version(&info.version)?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(API_TIMEOUT);
         let bus = JetStreamBus {
@@ -315,6 +318,7 @@ impl JetStreamBus {
                 js,
                 timing,
                 replicas: config.nats.replicas.max(1),
+                max_payload: info.max_payload,
                 partitions: Mutex::new(HashMap::new()),
             }),
         };
@@ -720,6 +724,15 @@ impl Bus for JetStreamBus {
         let partitions = self.partition_count(topic).await?;
         let partition = partition_for(&record.key, partitions);
         let headers = codec::encode_headers(&record)?;
+        // The server answers an oversized message by closing the connection, failing every
+        // publish and fetch in flight on it: refused here instead.
+        let size = record.payload.len() + codec::headers_wire_len(&headers);
+        if size > self.max_payload {
+            return Err(BusError::TooLarge(format!(
+                "{topic}: {size} bytes with headers, over the server's max_payload of {}",
+                self.max_payload
+            )));
+        }
         let ack = async {
             self.js
                 .publish_with_headers(codec::subject(topic, partition), headers, record.payload)

@@ -534,6 +534,8 @@ pub(crate) fn map_code(code: RDKafkaErrorCode, context: &str) -> BusError {
         C::MessageTimedOut | C::OperationTimedOut | C::RequestTimedOut | C::TimedOutQueue => {
             BusError::Timeout(msg)
         }
+        // The client's own `message.max.bytes` check and the broker's answer share the code.
+        C::MessageSizeTooLarge => BusError::TooLarge(msg),
         C::InvalidPartitions | C::InvalidReplicationFactor | C::PolicyViolation => {
             BusError::Conflict(msg)
         }

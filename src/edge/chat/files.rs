@@ -278,14 +278,16 @@ pub async fn upload(
     ensure_open(&state, &c).await?;
     let upload = read_upload(&state, multipart).await?;
     let max = state.config.chat.max_files_per_session;
-    // A retried upload (same `message_id`) is the same file: stored once, answered again.
+    // A retried upload (same `message_id`) is the same file: stored once, and published again
+    // (the worker appends a message id once), since the first try may have stored it and then
+    // failed, or died, before its publish was acknowledged.
     let id = upload.message_id.as_deref().map(|m| {
         let name = format!("{}/{}/file/{m}", c.tid, c.sid);
         uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()).to_string()
     });
     if let Some(id) = &id {
         match state.provisioning.file(&c.tid, &c.sid, id).await {
-            Ok(file) => return Ok(uploaded(&c, &file, upload.message_id.unwrap_or_default())),
+            Ok(file) => return publish_upload(&state, &c, &headers, file, upload.message_id).await,
             Err(ProvisioningError::NotFound(_)) => {}
             Err(e) => return Err(e.into()),
         }
@@ -306,39 +308,50 @@ pub async fn upload(
         Ok(None) => return Err(too_many(max)),
         Err(ProvisioningError::Conflict(detail)) => match stable {
             // The same upload, retried at once, stored it first.
-            Some(id) => {
-                let file = state.provisioning.file(&c.tid, &c.sid, &id).await?;
-                return Ok(uploaded(&c, &file, upload.message_id.unwrap_or_default()));
-            }
+            Some(id) => state.provisioning.file(&c.tid, &c.sid, &id).await?,
             None => return Err(ProvisioningError::Conflict(detail).into()),
         },
         Err(e) => return Err(e.into()),
     };
+    publish_upload(&state, &c, &headers, file, upload.message_id).await
+}
+
+/// Publishes the message of a stored upload and answers it. Without a client message id nobody
+/// can retry into the file, so a failed publish gives its place back; with one the file stays
+/// for the retry (a retry racing this one may already have published it).
+async fn publish_upload(
+    state: &AppState,
+    c: &Claims,
+    headers: &HeaderMap,
+    file: ChatFile,
+    message_id: Option<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let retriable = message_id.is_some();
     let published = publish_customer_message(
-        &state,
-        &c,
+        state,
+        c,
         file.name.clone(),
         MessageKind::Text,
-        upload.message_id,
+        message_id,
         vec![file.id.clone()],
-        traceparent(&headers),
+        traceparent(headers),
     )
     .await;
-    let message_id = match published {
-        Ok(m) => m,
+    match published {
+        Ok(message_id) => Ok(uploaded(c, &file, message_id)),
         Err(e) => {
-            // Nobody learns of a file whose message was not published: give its place back.
-            if let Err(d) = state
-                .provisioning
-                .delete_file(&c.tid, &c.sid, &file.id)
-                .await
-            {
-                tracing::warn!(file_id = %file.id, error = %d, "unpublished upload not deleted");
+            if !retriable {
+                if let Err(d) = state
+                    .provisioning
+                    .delete_file(&c.tid, &c.sid, &file.id)
+                    .await
+                {
+                    tracing::warn!(file_id = %file.id, error = %d, "unpublished upload not deleted");
+                }
             }
-            return Err(e);
+            Err(e)
         }
-    };
-    Ok(uploaded(&c, &file, message_id))
+    }
 }
 
 /// The answer to an upload.

@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use super::{ApiError, AppState};
-use crate::events::publish::{publish, PublishError};
+use crate::events::publish::publish;
 use crate::events::Event;
 use crate::stores::provisioning::Permission;
 pub use client_key::{Claims, ClientKeys};
@@ -151,7 +151,6 @@ pub(crate) async fn publish_event(
 ) -> Result<(), ApiError> {
     match publish(state.bus.as_ref(), topic, event).await {
         Ok(_) => Ok(()),
-        Err(PublishError::Encode(e)) => Err(ApiError::bad_request("INVALID_FIELD", e.to_string())),
-        Err(e) => Err(ApiError::unavailable(e.to_string())),
+        Err(e) => Err(ApiError::publish_failed(e, "INVALID_FIELD")),
     }
 }

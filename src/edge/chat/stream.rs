@@ -36,12 +36,13 @@ pub struct StreamQuery {
     pub client_key: Option<String>,
 }
 
+/// The session a stream is for, and the check of the API key it was opened with.
 async fn authorize(
     state: &AppState,
     headers: &HeaderMap,
     q: &StreamQuery,
     id: &str,
-) -> Result<Claims, ApiError> {
+) -> Result<(Claims, KeyCheck), ApiError> {
     let mut h = headers.clone();
     for (name, value) in [
         ("x-api-key", &q.api_key),
@@ -56,7 +57,58 @@ async fn authorize(
         .get("x-nexus-client-key")
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| ApiError::unauthorized("send the session's client key"))?;
-    claims_for(state, raw, &tenant, id)
+    let claims = claims_for(state, raw, &tenant, id)?;
+    let mut api_key = HeaderMap::new();
+    if let Some(v) = h.get("x-api-key") {
+        api_key.insert("x-api-key", v.clone());
+    }
+    Ok((claims, KeyCheck::new(state, api_key, tenant)))
+}
+
+/// WebSocket close code when the API key a stream was opened with stops working (disabled,
+/// expired, deleted, its chat permission taken away).
+const API_KEY_REVOKED_CLOSE: u16 = 4003;
+
+/// The tenant API key a stream was opened with, checked again every `stores.auth_cache_ttl_ms`
+/// (a second at least): an open stream ends with its key, as requests do.
+struct KeyCheck {
+    headers: HeaderMap,
+    tenant: String,
+    every: tokio::time::Interval,
+}
+
+impl KeyCheck {
+    fn new(state: &AppState, headers: HeaderMap, tenant: String) -> Self {
+        let every = Duration::from_millis(state.config.stores.auth_cache_ttl_ms.max(1_000));
+        let mut every = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self {
+            headers,
+            tenant,
+            every,
+        }
+    }
+
+    /// Resolves with the error the key now gets, once it gets one. Cancel-safe (the interval's
+    /// tick is; a lookup cut short is made again at the next tick). The store being down is no
+    /// reason to end a working stream.
+    async fn revoked(&mut self, state: &AppState) -> ApiError {
+        loop {
+            self.every.tick().await;
+            match super::chat_tenant(state, &self.headers).await {
+                Ok(tenant) if tenant == self.tenant => {}
+                Err(e) if e.status.is_server_error() => {}
+                Ok(_) => {
+                    return ApiError::new(
+                        axum::http::StatusCode::FORBIDDEN,
+                        "INVALID_CREDENTIALS",
+                        "the API key now belongs to another tenant",
+                    )
+                }
+                Err(e) => return e,
+            }
+        }
+    }
 }
 
 /// A customer's feed: backlog from the store, then live pushes, without gaps or repeats.
@@ -165,11 +217,11 @@ pub async fn websocket(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = query?;
-    let claims = authorize(&state, &headers, &q, &id).await?;
+    let (claims, check) = authorize(&state, &headers, &q, &id).await?;
     let ws = state.socket(ws?);
     let mut feed = Resumable::new(state, claims, q.from.unwrap_or(1));
     feed.catch_up().await?;
-    Ok(ws.on_upgrade(move |socket| serve_socket(socket, feed)))
+    Ok(ws.on_upgrade(move |socket| serve_socket(socket, feed, check)))
 }
 
 /// WebSocket close code when the client key expires on an open socket: renew the key
@@ -185,12 +237,20 @@ fn key_deadline(feed: &Resumable) -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(u64::try_from(left).unwrap_or(0))
 }
 
-async fn serve_socket(mut socket: WebSocket, mut feed: Resumable) {
+async fn serve_socket(mut socket: WebSocket, mut feed: Resumable, mut check: KeyCheck) {
     let shutdown = feed.state.shutdown.clone();
+    let state = feed.state.clone();
     let expiry = tokio::time::sleep_until(key_deadline(&feed));
     tokio::pin!(expiry);
     loop {
         tokio::select! {
+            e = check.revoked(&state) => {
+                let _ = socket.send(WsMessage::Close(Some(axum::extract::ws::CloseFrame {
+                    code: API_KEY_REVOKED_CLOSE,
+                    reason: format!("{}: {}", e.code, e.message).into(),
+                }))).await;
+                return;
+            }
             _ = &mut expiry => {
                 let _ = socket.send(WsMessage::Close(Some(axum::extract::ws::CloseFrame {
                     code: KEY_EXPIRED_CLOSE,
@@ -227,7 +287,7 @@ pub async fn sse(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let Query(q) = query?;
-    let claims = authorize(&state, &headers, &q, &id).await?;
+    let (claims, check) = authorize(&state, &headers, &q, &id).await?;
     // An EventSource reconnecting sends the id of the last event it got.
     let from = headers
         .get("last-event-id")
@@ -238,18 +298,25 @@ pub async fn sse(
         .unwrap_or(1);
     let mut feed = Resumable::new(state, claims, from);
     feed.catch_up().await?;
-    Ok(Sse::new(sse_stream(feed))
+    Ok(Sse::new(sse_stream(feed, check))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
 }
 
-fn sse_stream(feed: Resumable) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    futures::stream::unfold(Some(feed), |feed| async move {
-        let mut feed = feed?;
-        let shutdown = feed.state.shutdown.clone();
+fn sse_stream(
+    feed: Resumable,
+    check: KeyCheck,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    futures::stream::unfold(Some((feed, check)), |open| async move {
+        let (mut feed, mut check) = open?;
+        let (shutdown, state) = (feed.state.shutdown.clone(), feed.state.clone());
         let deadline = key_deadline(&feed);
         let item = tokio::select! {
             _ = shutdown.cancelled() => None,
+            e = check.revoked(&state) => {
+                let gone = serde_json::json!({"type": "error", "code": e.code, "message": e.message});
+                return Some((Ok(SseEvent::default().event("error").data(gone.to_string())), None));
+            }
             _ = tokio::time::sleep_until(deadline) => {
                 // The last event says why the stream ends; the client renews and reconnects.
                 let gone = serde_json::json!({"type": "error", "code": "CLIENT_KEY_EXPIRED",
@@ -263,6 +330,6 @@ fn sse_stream(feed: Resumable) -> impl Stream<Item = Result<SseEvent, Infallible
         if let Some(p) = position {
             event = event.id(p.to_string());
         }
-        Some((Ok(event), Some(feed)))
+        Some((Ok(event), Some((feed, check))))
     })
 }

@@ -19,7 +19,7 @@ use super::v3::{
 use super::{claims_for, Claims, CLIENT_KEY_EXPIRED};
 use crate::edge::{ApiError, AppState};
 use crate::events::chat::{Contact, MessageKind};
-use crate::stores::session::{ConversationState, Entry, EntryKind, PartyKind};
+use crate::stores::session::{Entry, EntryKind, PartyKind};
 
 /// The chat server alias v2 clients echo back.
 pub const ALIAS: &str = "nexus";
@@ -166,12 +166,7 @@ async fn answer(
 ) -> Result<Json<Value>, ApiError> {
     // The record first (see v3's `read_transcript`); a poller stops at `chatEnded`, so it is
     // said only once the page holds the transcript's end.
-    let closed = state
-        .sessions()?
-        .conversation(&c.tid, &c.sid)
-        .await
-        .map_err(|e| ApiError::unavailable(e.to_string()))?
-        .is_some_and(|r| r.state == ConversationState::Closed);
+    let closed = super::v3::closed_or_gone(state, &c.tid, &c.sid).await?;
     let entries = state
         .sessions()?
         .transcript(&c.tid, &c.sid, from, V2_PAGE)
@@ -179,16 +174,22 @@ async fn answer(
         .map_err(|e| ApiError::unavailable(e.to_string()))?;
     let ended = closed && entries.len() < V2_PAGE;
     let next = entries.last().map(|e| e.position + 1).unwrap_or(from);
+    let messages = entries.iter().filter_map(v2_message).collect();
+    Ok(v2_body(ended, next, messages, extra))
+}
+
+/// A successful v2 answer: `extra`'s fields beside the transcript part.
+fn v2_body(ended: bool, next: u64, messages: Vec<Value>, extra: Value) -> Json<Value> {
     let mut body = json!({
         "statusCode": 0,
         "chatEnded": ended,
         "nextPosition": next,
-        "messages": entries.iter().filter_map(v2_message).collect::<Vec<_>>(),
+        "messages": messages,
     });
     if let (Value::Object(b), Value::Object(x)) = (&mut body, extra) {
         b.extend(x);
     }
-    Ok(Json(body))
+    Json(body)
 }
 
 pub async fn start(
@@ -231,7 +232,7 @@ pub async fn start(
         "secureKey": state.client_keys.issue(&claims),
         "alias": ALIAS,
     });
-    Ok(answer(&state, &claims, 1, extra).await?)
+    Ok(answer_after_write(&state, &claims, 1, extra).await)
 }
 
 pub async fn operation(
@@ -283,7 +284,16 @@ async fn run(
         "updateData" => {
             customer_user_data(state, &claims, form.user_data.clone(), Vec::new(), tp).await?;
         }
-        "readReceipt" => customer_read(state, &claims, from, tp).await?,
+        "readReceipt" => {
+            // The read message's position: without one there is nothing to mark read.
+            if form.get("transcriptPosition").is_none() {
+                return Err(ApiError::bad_request(
+                    "INVALID_FIELD",
+                    "readReceipt needs the transcriptPosition of the message read",
+                ));
+            }
+            customer_read(state, &claims, from, tp).await?
+        }
         other => {
             return Err(ApiError::not_found(
                 "UNKNOWN_OPERATION",
@@ -291,7 +301,23 @@ async fn run(
             ))
         }
     }
-    answer(state, &claims, from, json!({})).await
+    if op == "refresh" {
+        return answer(state, &claims, from, json!({})).await;
+    }
+    Ok(answer_after_write(state, &claims, from, json!({})).await)
+}
+
+/// The answer to an operation that already published: its transcript part read if it can be,
+/// else empty (the next refresh brings it), since an error would make the client retry, and a
+/// v2 retry (no message id) is a second message, or a second chat after `start`.
+async fn answer_after_write(state: &AppState, c: &Claims, from: u64, extra: Value) -> Json<Value> {
+    match answer(state, c, from, extra.clone()).await {
+        Ok(answer) => answer,
+        Err(e) => {
+            tracing::warn!(error = %e.message, "transcript not read after a v2 operation; answered without it");
+            v2_body(false, from, Vec::new(), extra)
+        }
+    }
 }
 
 /// The session of a v2 request: `secureKey` must be this chat's key, `userId` its customer and

@@ -352,6 +352,37 @@ pub(crate) async fn ensure_open(state: &AppState, c: &Claims) -> Result<(), ApiE
     Ok(())
 }
 
+/// Whether a reader should see the chat as ended: its record says closed, or the record is gone
+/// (expired, or lost by the store) and the session is not a start still on its way (see
+/// [`ensure_open`]). A poller must learn this, or it polls a lost chat until its key expires.
+pub(crate) async fn closed_or_gone(
+    state: &AppState,
+    tenant: &str,
+    conversation_id: &str,
+) -> Result<bool, ApiError> {
+    let sessions = state.sessions()?;
+    let read = || async {
+        sessions
+            .conversation(tenant, conversation_id)
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))
+    };
+    if let Some(record) = read().await? {
+        return Ok(record.state == ConversationState::Closed);
+    }
+    let starting = sessions
+        .seen(&start_mark(tenant, conversation_id))
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    if starting {
+        return Ok(false);
+    }
+    // The worker saves the record before it drops the mark.
+    Ok(read()
+        .await?
+        .map_or(true, |r| r.state == ConversationState::Closed))
+}
+
 fn session_ended() -> ApiError {
     ApiError::new(
         StatusCode::GONE,
@@ -594,18 +625,15 @@ pub(crate) async fn read_transcript(
     limit: usize,
 ) -> Result<(Vec<Value>, u64, bool), ApiError> {
     // The record first: the worker appends a close's last entries before it saves the record
-    // closed, so an answer saying "ended" holds them.
-    let ended = state
-        .sessions()?
-        .conversation(tenant, conversation_id)
-        .await
-        .map_err(|e| ApiError::unavailable(e.to_string()))?
-        .is_some_and(|c| c.state == ConversationState::Closed);
+    // closed, so an answer saying "ended" holds them, when it is the last page (a full page
+    // may have more behind it: "ended" tells a reader to stop reading).
+    let closed = closed_or_gone(state, tenant, conversation_id).await?;
     let entries = state
         .sessions()?
         .transcript(tenant, conversation_id, from.max(1), limit)
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let ended = closed && entries.len() < limit;
     let next = entries
         .last()
         .map(|e| e.position + 1)
@@ -637,6 +665,14 @@ pub(crate) async fn customer_user_data(
     traceparent: Option<String>,
 ) -> Result<(), ApiError> {
     check_user_data(state, &user_data)?;
+    // Keys to remove name entries the conversation can hold: as many, as long.
+    let max = state.config.chat.max_user_data_entries;
+    if removed.len() > max || removed.iter().any(|k| k.is_empty() || k.len() > 256) {
+        return Err(ApiError::bad_request(
+            "INVALID_USER_DATA",
+            format!("at most {max} keys to remove, each 1 to 256 bytes"),
+        ));
+    }
     if user_data.is_empty() && removed.is_empty() {
         return Err(ApiError::bad_request(
             "INVALID_USER_DATA",

@@ -177,6 +177,13 @@ fn publish_failed(e: PublishError) -> HandleError {
             reason: "encode_failed",
             detail: e.to_string(),
         },
+        PublishError::Bus {
+            source: crate::bus::BusError::TooLarge(detail),
+            ..
+        } => HandleError::Reject {
+            reason: "too_large",
+            detail,
+        },
         e => HandleError::Retry(e.to_string()),
     }
 }
