@@ -44,6 +44,30 @@ pub fn builder(config: &HttpClientConfig) -> Result<reqwest::ClientBuilder, Clie
     Ok(builder)
 }
 
+/// Why an answer's body could not be read whole.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("the answer is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("reading the answer failed: {0}")]
+    Read(#[from] reqwest::Error),
+}
+
+/// An answer's body, at most `max` bytes: a peer cannot make the caller hold more.
+pub async fn read_capped(
+    mut response: reqwest::Response,
+    max: usize,
+) -> Result<Vec<u8>, BodyError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > max {
+            return Err(BodyError::TooLarge(max));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// How long a 429 or 503 answer asks the caller to wait (`Retry-After`); `None` for other
 /// statuses and for a missing or unreadable header.
 pub fn retry_after(response: &reqwest::Response) -> Option<Duration> {
@@ -86,5 +110,23 @@ mod tests {
         assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
         assert_eq!(parse_retry_after("-5", now), None);
+    }
+
+    #[tokio::test]
+    async fn bodies_are_read_up_to_the_cap() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = axum::Router::new().route("/", axum::routing::get(|| async { "x".repeat(100) }));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = reqwest::Client::new();
+        let get = || client.get(format!("http://{addr}/")).send();
+        let body = read_capped(get().await.expect("get"), 100)
+            .await
+            .expect("body");
+        assert_eq!(body, vec![b'x'; 100]);
+        let over = read_capped(get().await.expect("get"), 99).await;
+        assert!(matches!(over, Err(BodyError::TooLarge(99))), "{over:?}");
     }
 }

@@ -39,7 +39,15 @@ struct Recorder {
     paused: AtomicBool,
     /// Failures ask for no try before this time (ms since the epoch).
     not_before_ms: AtomicI64,
+    /// Event text → how many more tries take [`SLOW`] before they succeed.
+    slow: Mutex<HashMap<String, u32>>,
 }
+
+/// How long a slow try takes: longer than the rig's handler may run before its event goes to
+/// the backlog (two thirds of [`HANDLER_TIMEOUT`]).
+const SLOW: Duration = Duration::from_millis(1500);
+/// The consumer's handler timeout the rig's handler is built for.
+const HANDLER_TIMEOUT: Duration = Duration::from_millis(900);
 
 impl Recorder {
     fn fail(&self, text: &str, times: u32) {
@@ -70,6 +78,16 @@ impl Effect for Recorder {
         let conv = event.envelope.conversation_id.clone();
         let text = event.envelope.producer.clone();
         *self.tries.lock().unwrap().entry(text.clone()).or_default() += 1;
+        let slow = {
+            let mut slow = self.slow.lock().unwrap();
+            slow.get_mut(&text)
+                .filter(|left| **left > 0)
+                .map(|left| *left -= 1)
+                .is_some()
+        };
+        if slow {
+            tokio::time::sleep(SLOW).await;
+        }
         {
             let mut failing = self.failing.lock().unwrap();
             if let Some(left) = failing.get_mut(&text) {
@@ -169,7 +187,7 @@ impl Rig {
             tokio::spawn(scheduler.run(stop.clone()));
         }
         Rig {
-            handler: Backlogged::new(recorder.clone(), backlog.clone(), policy),
+            handler: Backlogged::new(recorder.clone(), backlog.clone(), policy, HANDLER_TIMEOUT),
             policy,
             recorder,
             backlog,
@@ -247,6 +265,30 @@ async fn a_failed_event_holds_only_its_conversation(db: &str) {
     // Emptied, x runs on the lane again.
     rig.handle("x", "x4").await;
     assert_eq!(r.applied_to("x").last().map(String::as_str), Some("x4"));
+}
+
+/// An effect still running at two thirds of the handler timeout (several slow peer calls) goes
+/// to the backlog and is acked, rather than left for the consumer to cut short and retry in
+/// place with its partition held; the scheduler applies it, the conversation's next event
+/// waits behind it.
+async fn a_slow_effect_goes_to_the_backlog(db: &str) {
+    let rig = Rig::start(db, 0, true).await;
+    let r = &rig.recorder;
+    r.slow.lock().unwrap().insert("s1".into(), 1);
+    let started = tokio::time::Instant::now();
+    rig.handle("s", "s1").await;
+    assert!(
+        started.elapsed() < HANDLER_TIMEOUT,
+        "{:?}",
+        started.elapsed()
+    );
+    rig.handle("s", "s2").await;
+    assert_eq!(r.tries("s2"), 0, "s2 waits behind s1");
+    eventually("s applied from the backlog", || {
+        r.applied_to("s").len() == 2
+    })
+    .await;
+    assert_eq!(r.applied_to("s"), ["s1", "s2"]);
 }
 
 async fn redeliveries_keep_their_place(db: &str) {
@@ -508,4 +550,5 @@ on_both_databases!(
     failures_that_say_nothing_about_the_event_do_not_count,
     a_retry_later_time_is_kept,
     two_schedulers_share_a_backlog,
+    a_slow_effect_goes_to_the_backlog,
 );

@@ -321,6 +321,79 @@ async fn nats_postgres_redis_chat_across_two_edges() {
     assert_eq!(system.start_marks_left().await, Vec::<String>::new());
 }
 
+/// A reservation the worker took and never turned into an offer (its handler stopped between
+/// the two) belongs to the conversation all the same: the customer's leaving frees the slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_frees_a_reservation_no_offer_was_made_for() {
+    use nexus::stores::session::redis::RedisStore;
+    use nexus::stores::session::{Reserve, SessionStore};
+    use std::collections::BTreeMap;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let system = TwoEdges::start(dir.path(), Vec::new()).await;
+    let url = system.edge_a.url.clone();
+    let admin = Admin::new(&url);
+    let tenant = provision_tenant(&admin).await;
+    let (sid, ck) = start_session(&url, &tenant.api_key, json!({"nickname": "Flo"})).await;
+    let store = RedisStore::connect_in(&system.redis_url, &system.redis_namespace)
+        .await
+        .expect("redis");
+    // Queued: nobody is ready. The store then has an agent reserved for it, as a worker that
+    // stopped right after its reserve leaves it (the record names no agent).
+    eventually(WAIT, "the conversation is queued", || {
+        let store = &store;
+        let (t, sid) = (tenant.id.clone(), sid.clone());
+        async move { store.conversation(&t, &sid).await.ok().flatten() }
+    })
+    .await;
+    let capacity = BTreeMap::from([("chat".to_string(), 1)]);
+    store
+        .set_presence(&tenant.id, "ghost", false, &[], &capacity, 1)
+        .await
+        .expect("presence");
+    store
+        .set_presence(&tenant.id, "ghost", true, &[], &capacity, 1)
+        .await
+        .expect("presence");
+    let reserve = Reserve {
+        conversation_id: sid.clone(),
+        media: "chat".into(),
+        skills: Vec::new(),
+        exclude: Vec::new(),
+        only: Some("ghost".into()),
+        now_ms: 2,
+    };
+    assert_eq!(
+        store
+            .reserve_agent(&tenant.id, &reserve)
+            .await
+            .expect("reserve")
+            .as_deref(),
+        Some("ghost")
+    );
+    let r = reqwest::Client::new()
+        .post(format!("{url}/nexus/v3/chat/sessions/{sid}/disconnect"))
+        .header("x-api-key", &tenant.api_key)
+        .header("x-nexus-client-key", &ck)
+        .send()
+        .await
+        .expect("disconnect");
+    assert_eq!(r.status(), 202);
+    eventually(WAIT, "the ghost's slot is free again", || {
+        let store = &store;
+        let t = tenant.id.clone();
+        async move {
+            let p = store.presence(&t, "ghost").await.ok().flatten()?;
+            (p.active.get("chat").copied().unwrap_or(0) == 0).then_some(())
+        }
+    })
+    .await;
+    assert!(store
+        .slot_holders(&tenant.id, &sid)
+        .await
+        .expect("holders")
+        .is_empty());
+}
+
 /// A conversation worker and two edges on their own NATS JetStream, a fresh PostgreSQL
 /// database and Redis. Fields drop in order: processes first, then the broker and database.
 struct TwoEdges {

@@ -562,6 +562,19 @@ async fn retried_reserve_takes_no_second_slot(t: TestStore) {
     );
     let p = s.presence(tn, "a2").await.expect("get").expect("some");
     assert_eq!(p.active, chat(1));
+    // Both reservations are the conversation's, whatever its record says: a close frees them.
+    assert_eq!(
+        s.slot_holders(tn, "c1").await.expect("holders"),
+        ["a1", "a2"]
+    );
+    assert!(s.slot_holders(tn, "c2").await.expect("holders").is_empty());
+    for a in ["a1", "a2"] {
+        assert!(s
+            .release_agent(tn, a, "chat", "c1", 50)
+            .await
+            .expect("release"));
+    }
+    assert!(s.slot_holders(tn, "c1").await.expect("holders").is_empty());
 }
 
 async fn release_is_idempotent(t: TestStore) {

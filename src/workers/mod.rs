@@ -188,7 +188,12 @@ fn backlogged<E: backlog::Effect>(
         config.consumer_handler_timeout(),
     ));
     RoleHandler {
-        handler: Arc::new(backlog::Backlogged::new(effect, store, policy)),
+        handler: Arc::new(backlog::Backlogged::new(
+            effect,
+            store,
+            policy,
+            config.consumer_handler_timeout(),
+        )),
         background: vec![Box::new(move |stop| scheduler.run(stop).boxed())],
     }
 }

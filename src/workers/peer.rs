@@ -396,8 +396,15 @@ impl Peer {
             Ok(response) => {
                 let status = response.status();
                 retry_after = crate::http_client::retry_after(&response);
-                let text = response.text().await.unwrap_or_default();
-                if status.is_success() {
+                let body = crate::http_client::read_capped(response, MAX_ANSWER_BYTES).await;
+                let text = match &body {
+                    Ok(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                    Err(_) => String::new(),
+                };
+                if let (true, Err(e)) = (status.is_success(), &body) {
+                    // A 2xx whose body did not arrive whole says nothing yet: try again.
+                    Err(("failed", PeerFailure::retry(format!("{url}: {e}"))))
+                } else if status.is_success() {
                     if text.trim().is_empty() {
                         Ok(serde_json::Value::Null)
                     } else {
@@ -518,6 +525,9 @@ impl OpenTargets {
         metrics::gauge!(m::WORKER_PAUSED, "role" => self.role, "peer" => self.peer).set(paused);
     }
 }
+
+/// The largest answer a peer call reads (UCS and GWS answer small JSON documents).
+const MAX_ANSWER_BYTES: usize = 4 << 20;
 
 /// A pause longer than this (a huge `pause_max_ms`) is cut to it.
 const LONGEST_PAUSE: Duration = Duration::from_secs(24 * 3600);

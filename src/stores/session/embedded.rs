@@ -3,7 +3,9 @@
 //!
 //! redb runs one write transaction at a time, which is what makes reserve, release, dequeue and
 //! claim atomic; writers wait their turn on an async mutex, reads use snapshots. All redb work
-//! runs on tokio's blocking pool. Every write commits durably (fsync) before it returns.
+//! runs on tokio's blocking pool. Writes are made durable (fsync) at most [`SYNC_EVERY`] after
+//! they return, like Redis with `appendfsync everysec`: a crash of the process can lose that
+//! much live state whose bus events were already acked (a restart alone loses nothing).
 //!
 //! Tables (keys lead with the tenant, so a tenant's rows are one range):
 //! - `conversations`: (tenant, conversation) → [`Conversation`] JSON.
@@ -796,6 +798,31 @@ impl SessionStore for EmbeddedStore {
         );
         self.write(move |txn| release_in(txn, &tenant, &agent_id, &conv, now_ms))
             .await
+    }
+
+    async fn slot_holders(
+        &self,
+        tenant: &str,
+        conversation_id: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let (tenant, conv) = (tenant.to_string(), conversation_id.to_string());
+        self.read(move |txn| {
+            let holders = txn.open_table(HOLDERS).map_err(storage("open holders"))?;
+            let mut out = Vec::new();
+            for row in holders
+                .range((tenant.as_str(), conv.as_str(), "")..)
+                .map_err(storage("scan holders"))?
+            {
+                let (k, _) = row.map_err(storage("read holder"))?;
+                let (t, c, agent) = k.value();
+                if t != tenant || c != conv {
+                    break;
+                }
+                out.push(agent.to_string());
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn agent_conversations(

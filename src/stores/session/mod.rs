@@ -352,6 +352,14 @@ pub trait SessionStore: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<bool, StoreError>;
 
+    /// Agents holding a slot for the conversation, including reservations no offer was applied
+    /// for (a handler stopped between the reserve and the offer's publish): a close frees them.
+    async fn slot_holders(
+        &self,
+        tenant: &str,
+        conversation_id: &str,
+    ) -> Result<Vec<String>, StoreError>;
+
     /// Conversations holding a slot of the agent.
     async fn agent_conversations(
         &self,

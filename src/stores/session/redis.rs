@@ -605,6 +605,20 @@ impl SessionStore for RedisStore {
         Ok(released == 1)
     }
 
+    async fn slot_holders(
+        &self,
+        tenant: &str,
+        conversation_id: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut ids: Vec<String> = self
+            .conn()
+            .smembers(self.key(tenant, "holder", conversation_id))
+            .await
+            .map_err(redis_err)?;
+        ids.sort();
+        Ok(ids)
+    }
+
     async fn agent_conversations(
         &self,
         tenant: &str,

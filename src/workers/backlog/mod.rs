@@ -134,14 +134,25 @@ pub struct Backlogged<E> {
     effect: Arc<E>,
     backlog: Backlog,
     policy: RetryPolicy,
+    /// How long an effect may run here before its event goes to the backlog instead.
+    deadline: Duration,
 }
 
 impl<E: Effect> Backlogged<E> {
-    pub fn new(effect: Arc<E>, backlog: Backlog, policy: RetryPolicy) -> Self {
+    /// `handler_timeout` is the consumer's: an effect still running at two thirds of it (peer
+    /// calls one after another, each within its own timeout) goes to the backlog, so the
+    /// consumer never cuts the handling short and retries it in place, holding the partition.
+    pub fn new(
+        effect: Arc<E>,
+        backlog: Backlog,
+        policy: RetryPolicy,
+        handler_timeout: Duration,
+    ) -> Self {
         Self {
             effect,
             backlog,
             policy,
+            deadline: handler_timeout * 2 / 3,
         }
     }
 
@@ -182,7 +193,17 @@ impl<E: Effect> Handler for Backlogged<E> {
             self.queued("behind");
             return Ok(());
         }
-        let Err(e) = self.effect.apply(event, message).await else {
+        let applied = tokio::time::timeout(self.deadline, self.effect.apply(event, message))
+            .await
+            .unwrap_or_else(|_| {
+                // As the scheduler counts a whole try that long: not against the event.
+                Err(HandleError::RetryLater {
+                    reason: format!("still running after {:?}", self.deadline),
+                    not_before_ms: 0,
+                    counts: false,
+                })
+            });
+        let Err(e) = applied else {
             return Ok(());
         };
         let failure = Failure::of(e)?;

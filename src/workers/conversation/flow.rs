@@ -437,11 +437,16 @@ impl ConversationWorker {
                 reached_me = true;
                 me
             } else {
-                loaded = self
-                    .store
-                    .conversation(&me.tenant_id, &id)
-                    .await
-                    .map_err(store_failed)?;
+                loaded = match self.store.conversation(&me.tenant_id, &id).await {
+                    Ok(c) => c,
+                    // Another conversation's unreadable record is no reason to fail this
+                    // event: the walk goes on without it (its own events report it).
+                    Err(crate::stores::session::StoreError::Corrupt(detail)) => {
+                        warn!(conversation_id = %id, detail = %detail, "an unreadable waiter skipped");
+                        continue;
+                    }
+                    Err(e) => return Err(store_failed(e)),
+                };
                 match &loaded {
                     Some(c)
                         if c.state == ConversationState::Queued
@@ -501,17 +506,11 @@ impl ConversationWorker {
         };
         // One source may offer several conversations (a dispatch): the id names this one.
         let what = format!("offer/{}/{agent}/{attempt}", c.conversation_id);
-        if let Err(e) = self
-            .emit(AGENT_TOPIC, source, &c.conversation_id, &what, &offer)
-            .await
-        {
-            // Nobody will apply (and so free) this reservation; the timer offers again.
-            self.store
-                .release_agent(&c.tenant_id, &agent, CHAT_MEDIA, &c.conversation_id, now_ms)
-                .await
-                .map_err(store_failed)?;
-            return Err(e);
-        }
+        // A failed publish keeps the reservation: the retry (or the queued timer) reserves the
+        // same agent again without taking more, and a close frees whatever the conversation
+        // holds. Releasing here could free a slot another delivery reserved and offered.
+        self.emit(AGENT_TOPIC, source, &c.conversation_id, &what, &offer)
+            .await?;
         debug!(conversation_id = %c.conversation_id, agent = %agent, "offer published");
         Ok(true)
     }
@@ -646,6 +645,16 @@ impl ConversationWorker {
         if c.routing.was_applied(&e.envelope.event_id.to_string())
             || c.routing.offer_id.as_deref() == Some(b.offer_id.as_str())
         {
+            return Ok(());
+        }
+        // An offer of an earlier attempt (a duplicate arriving after its agent rejected or let
+        // it lapse) is stale; its slot was freed then, and a close frees anything left.
+        let attempt = u32::try_from(b.attempt).unwrap_or(0);
+        if c.state == ConversationState::Queued
+            && (attempt != c.routing.offers.saturating_add(1)
+                || c.declined_by.iter().any(|a| a == &b.agent_id))
+        {
+            debug!(conversation_id = %c.conversation_id, agent = %b.agent_id, attempt, "stale offer ignored");
             return Ok(());
         }
         if c.state != ConversationState::Queued {
@@ -1512,7 +1521,8 @@ impl ConversationWorker {
         by: Option<String>,
     ) -> Step {
         let tenant = c.tenant_id.clone();
-        let agents: Vec<String> = c
+        // The agents the record names, and any holding a reservation it does not know of.
+        let mut agents: Vec<String> = c
             .agent_id
             .iter()
             .chain(c.offered_to.iter())
@@ -1520,6 +1530,14 @@ impl ConversationWorker {
             .chain(c.routing.consult_invited.iter())
             .cloned()
             .collect();
+        agents.extend(
+            self.store
+                .slot_holders(&tenant, &c.conversation_id)
+                .await
+                .map_err(store_failed)?,
+        );
+        agents.sort();
+        agents.dedup();
         for agent in &agents {
             self.release(&tenant, agent, e).await?;
         }

@@ -71,7 +71,9 @@ pub fn role(
         // not per endpoint (a smaller pool closes and reopens connections at every burst).
         .pool_max_idle_per_host(config.max_in_flight);
     if let Some(resolver) = target::resolver(config.allow_private_targets) {
-        builder = builder.dns_resolver(resolver);
+        // Through a proxy the proxy resolves the name, past this resolver: no proxy while
+        // the target policy is on.
+        builder = builder.dns_resolver(resolver).no_proxy();
     }
     let client = builder
         .build()
