@@ -1055,6 +1055,71 @@ mod log {
         assert_eq!(status, "delivered");
     }
 
+    /// A sender whose lease lapsed while it sent (a slow log write) and whose message another
+    /// sender claimed writes nothing back: no attempt row, no status, no release, so the
+    /// message is neither sent a third time nor set back; the holder's outcome is written.
+    #[tokio::test]
+    async fn a_sender_whose_lease_lapsed_changes_nothing() {
+        let db = TestDb::create().await;
+        lapsed_sender_changes_nothing(store(&db).await).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.db");
+        let prov = Provisioning::connect(&path.to_string_lossy(), &EncryptionKey::generate())
+            .await
+            .expect("provisioning on SQLite");
+        let store = MessageStore::new(prov.pool().clone(), prov.kind());
+        lapsed_sender_changes_nothing((prov, store)).await;
+    }
+
+    async fn lapsed_sender_changes_nothing((prov, store): (Provisioning, MessageStore)) {
+        let m = message();
+        let now = chrono::Utc::now().timestamp_millis();
+        let (old, new) = (now + 30_000, now + 60_000);
+        assert!(store.insert(&m, now).await.expect("insert"));
+        let lease = |until: i64| {
+            sqlx::query("UPDATE webhook_messages SET lease_until_ms = $2 WHERE id = $1")
+                .bind(m.id.clone())
+                .bind(until)
+                .execute(prov.pool())
+        };
+        // Claimed until `old`; another sender took the message over once that lapsed.
+        lease(old).await.expect("claimed");
+        lease(new).await.expect("taken over");
+        let row = || async {
+            sqlx::query_as::<_, (String, Option<i64>)>(
+                "SELECT status, lease_until_ms FROM webhook_messages WHERE id = $1",
+            )
+            .bind(m.id.clone())
+            .fetch_one(prov.pool())
+            .await
+            .expect("row")
+        };
+        let mut late = Claimed::first(m.clone());
+        late.lease_until_ms = old;
+        store
+            .record(&late, &delivered(), After::Delivered, now)
+            .await
+            .expect("record");
+        store
+            .record_batch(&[(&late, &delivered(), After::Retry(now))], now)
+            .await
+            .expect("record_batch");
+        store
+            .release(&[(m.id.clone(), old)], now)
+            .await
+            .expect("release");
+        assert_eq!(row().await, ("pending".to_string(), Some(new)));
+        assert_eq!(attempts_of(&prov, &m.id).await, 0);
+        let mut holder = Claimed::first(m.clone());
+        holder.lease_until_ms = new;
+        store
+            .record(&holder, &delivered(), After::Delivered, now)
+            .await
+            .expect("record");
+        assert_eq!(row().await, ("delivered".to_string(), None));
+        assert_eq!(attempts_of(&prov, &m.id).await, 1);
+    }
+
     async fn due_of(prov: &Provisioning, id: &str) -> Option<i64> {
         sqlx::query_scalar::<_, Option<i64>>(
             "SELECT next_attempt_at_ms FROM webhook_messages WHERE id = $1",
@@ -1112,13 +1177,18 @@ mod log {
             .await
             .expect("resend"));
         assert_eq!(due_of(&prov, &finished.id).await, None, "still waits");
+        // A sender claims the STARTED (as a claim does, its lease on the row) and delivers it.
+        let lease = now + 30_000;
+        sqlx::query("UPDATE webhook_messages SET lease_until_ms = $2 WHERE id = $1")
+            .bind(started.id.clone())
+            .bind(lease)
+            .execute(prov.pool())
+            .await
+            .expect("claimed");
+        let mut claimed = Claimed::first(started.clone());
+        claimed.lease_until_ms = lease;
         store
-            .record(
-                &Claimed::first(started.clone()),
-                &delivered(),
-                After::Delivered,
-                now + 3,
-            )
+            .record(&claimed, &delivered(), After::Delivered, now + 3)
             .await
             .expect("STARTED delivered");
         assert_eq!(due_of(&prov, &finished.id).await, Some(now + 3), "released");

@@ -104,8 +104,8 @@ impl Labels {
 
 /// A claimed message waiting for a slot of its endpoint.
 struct Held {
+    /// Carries the lease it is held under (`lease_until_ms`).
     msg: Claimed,
-    lease_until: i64,
     claimed_at: Instant,
 }
 
@@ -236,14 +236,14 @@ impl Dispatcher {
         }
         {
             let mut lanes = self.lock_lanes();
-            for (msg, lease_until) in ms {
+            for (mut msg, lease_until) in ms {
+                msg.lease_until_ms = lease_until;
                 lanes
                     .entry(msg.webhook_id.clone())
                     .or_default()
                     .held
                     .push_back(Held {
                         msg,
-                        lease_until,
                         claimed_at: Instant::now(),
                     });
             }
@@ -447,11 +447,10 @@ impl Dispatcher {
                     // One claim can bring many messages of one endpoint: hold a bounded
                     // number, give the rest back for later claims (or other pods).
                     if lane.held.len() >= HELD_FACTOR * per {
-                        give_back.push(msg.id);
+                        give_back.push((msg.id, msg.lease_until_ms));
                     } else {
                         lane.held.push_back(Held {
                             msg,
-                            lease_until: lease,
                             claimed_at: Instant::now(),
                         });
                     }
@@ -492,11 +491,12 @@ impl Dispatcher {
             }
             lanes.retain(|_, l| l.in_flight > 0 || !l.held.is_empty() || l.paused(now));
         }
-        for (h, permit) in starts {
+        for (mut h, permit) in starts {
             if h.claimed_at.elapsed() > RENEW_AFTER {
+                let lease = self.lease_until(now_ms());
                 let renewed = self
                     .store
-                    .renew(&h.msg.id, h.lease_until, self.lease_until(now_ms()))
+                    .renew(&h.msg.id, h.msg.lease_until_ms, lease)
                     .await;
                 if !matches!(renewed, Ok(true)) {
                     // Another sender has it (or the log is down): leave it to the lease.
@@ -504,6 +504,7 @@ impl Dispatcher {
                     self.finished(&h.msg.webhook_id);
                     continue;
                 }
+                h.msg.lease_until_ms = lease;
             }
             let me = self.clone();
             tokio::spawn(async move { me.attempt(h.msg, permit).await });
@@ -517,14 +518,17 @@ impl Dispatcher {
         let wait = wait.min(Duration::from_millis(self.config.retry_after_max_ms));
         let until = Instant::now() + wait;
         let until_ms = now_ms() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
-        let given_back: Vec<String> = {
+        let given_back: Vec<(String, i64)> = {
             let mut lanes = self.lock_lanes();
             let lane = lanes.entry(webhook_id.to_string()).or_default();
             if lane.paused_until.is_some_and(|t| t >= until) {
                 return;
             }
             lane.paused_until = Some(until);
-            lane.held.drain(..).map(|h| h.msg.id).collect()
+            lane.held
+                .drain(..)
+                .map(|h| (h.msg.id, h.msg.lease_until_ms))
+                .collect()
         };
         metrics::counter!(m::WEBHOOK_ENDPOINT_PAUSES_TOTAL, "subscription" => self.labels.of(webhook_id))
             .increment(1);
@@ -895,7 +899,7 @@ impl Dispatcher {
             // Leave it pending and exhausted: a later claim tries the publish again.
             let _ = self
                 .store
-                .postpone(&msg.id, now_ms() + DEAD_LETTER_RETRY_MS)
+                .postpone(msg, now_ms() + DEAD_LETTER_RETRY_MS)
                 .await;
             return;
         }

@@ -156,6 +156,10 @@ pub struct Claimed {
     pub last_error: Option<String>,
     /// Set while the message was sent before its row was written (see [`intake`]).
     pub first: Option<Arc<FirstAttempt>>,
+    /// The lease this sender holds the message under: what it writes back about the message
+    /// applies only while the row still carries it (a sender whose lease lapsed and was taken
+    /// over changes nothing).
+    pub lease_until_ms: i64,
 }
 
 impl Claimed {
@@ -174,6 +178,7 @@ impl Claimed {
             last_status_code: None,
             last_error: None,
             first: None,
+            lease_until_ms: 0,
         }
     }
 
@@ -284,7 +289,16 @@ fn claimed(row: &AnyRow) -> Result<Claimed, sqlx::Error> {
         last_status_code: row.try_get("last_status_code")?,
         last_error: row.try_get("last_error")?,
         first: None,
+        lease_until_ms: row
+            .try_get::<Option<i64>, _>("lease_until_ms")?
+            .unwrap_or(0),
     })
+}
+
+/// An attempt's outcome not written: the sender's lease lapsed and another sender holds the
+/// message (it sends under the same webhook-id, so a receiver that dedupes sees one).
+fn lease_lost(m: &Claimed) {
+    tracing::warn!(message_id = %m.id, "webhook attempt not logged: its lease lapsed and another sender holds the message");
 }
 
 /// The delivery log over the provisioning database.
@@ -540,7 +554,7 @@ impl MessageStore {
                  AND EXISTS (SELECT 1 FROM webhooks w WHERE w.id = m.webhook_id AND w.enabled = 1 \
                    AND (w.paused_until_ms IS NULL OR w.paused_until_ms <= $2)) \
                ORDER BY m.next_attempt_at_ms LIMIT $4 {lock})  \
-             RETURNING id, tenant_id, webhook_id, event_id, conversation_id, event, body, attempts, round_attempts, last_status_code, last_error"
+             RETURNING id, tenant_id, webhook_id, event_id, conversation_id, event, body, attempts, round_attempts, last_status_code, last_error, lease_until_ms"
         );
         let mut q = sqlx::query(&sql)
             .bind(lease_until_ms)
@@ -567,19 +581,22 @@ impl MessageStore {
         Ok(())
     }
 
-    /// Gives claimed messages back without an attempt, due at `now_ms`, in one statement.
-    pub async fn release(&self, ids: &[String], now_ms: i64) -> Result<(), StoreError> {
-        if ids.is_empty() {
+    /// Gives claimed messages (id, lease) back without an attempt, due at `now_ms`, in one
+    /// statement; a message whose lease another sender took is left to it.
+    pub async fn release(&self, held: &[(String, i64)], now_ms: i64) -> Result<(), StoreError> {
+        if held.is_empty() {
             return Ok(());
         }
-        let marks: Vec<String> = (2..=ids.len() + 1).map(|i| format!("${i}")).collect();
+        let pairs: Vec<String> = (0..held.len())
+            .map(|i| format!("(id = ${} AND lease_until_ms = ${})", 2 * i + 2, 2 * i + 3))
+            .collect();
         let sql = format!(
-            "UPDATE webhook_messages SET lease_until_ms = NULL, next_attempt_at_ms = $1 WHERE id IN ({})",
-            marks.join(", ")
+            "UPDATE webhook_messages SET lease_until_ms = NULL, next_attempt_at_ms = $1 WHERE {}",
+            pairs.join(" OR ")
         );
         let mut q = sqlx::query(&sql).bind(now_ms);
-        for id in ids {
-            q = q.bind(id.clone());
+        for (id, lease) in held {
+            q = q.bind(id.clone()).bind(*lease);
         }
         q.execute(&self.relaxed).await?;
         Ok(())
@@ -599,13 +616,15 @@ impl MessageStore {
         Ok(done.rows_affected() > 0)
     }
 
-    /// Gives a claimed message back, due again at `at_ms` (a dead-letter publish that failed).
-    pub async fn postpone(&self, id: &str, at_ms: i64) -> Result<(), StoreError> {
+    /// Gives a claimed message back, due again at `at_ms` (a dead-letter publish that failed),
+    /// unless another sender holds it now (its last attempt's log released it: nobody does).
+    pub async fn postpone(&self, m: &Claimed, at_ms: i64) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE webhook_messages SET lease_until_ms = NULL, next_attempt_at_ms = $2 WHERE id = $1",
+            "UPDATE webhook_messages SET lease_until_ms = NULL, next_attempt_at_ms = $2 WHERE id = $1 AND (lease_until_ms IS NULL OR lease_until_ms = $3)",
         )
-        .bind(id.to_string())
+        .bind(m.id.clone())
         .bind(at_ms)
+        .bind(m.lease_until_ms)
         .execute(&self.relaxed)
         .await?;
         Ok(())
@@ -623,9 +642,9 @@ impl MessageStore {
         let (status, next, attempt_next) = outcome_state(after, now_ms);
         if self.postgres {
             // One round trip: the attempt row and the message move together.
-            sqlx::query(
-                "WITH logged AS (INSERT INTO webhook_attempts (message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms) SELECT $1, $2, $3, $4, $5, $6, $7, $8 WHERE EXISTS (SELECT 1 FROM webhook_messages WHERE id = $1) ON CONFLICT (message_id, attempt) DO NOTHING) \
-                 UPDATE webhook_messages SET status = $9, attempts = $2, round_attempts = $10, next_attempt_at_ms = $11, lease_until_ms = NULL, last_status_code = $5, last_error = $7, updated_at_ms = $12 WHERE id = $1",
+            let done = sqlx::query(
+                "WITH logged AS (INSERT INTO webhook_attempts (message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms) SELECT $1, $2, $3, $4, $5, $6, $7, $8 WHERE EXISTS (SELECT 1 FROM webhook_messages WHERE id = $1 AND lease_until_ms = $13) ON CONFLICT (message_id, attempt) DO NOTHING) \
+                 UPDATE webhook_messages SET status = $9, attempts = $2, round_attempts = $10, next_attempt_at_ms = $11, lease_until_ms = NULL, last_status_code = $5, last_error = $7, updated_at_ms = $12 WHERE id = $1 AND lease_until_ms = $13",
             )
             .bind(m.id.clone())
             .bind(attempt)
@@ -639,11 +658,35 @@ impl MessageStore {
             .bind(m.round_attempts + 1)
             .bind(next)
             .bind(now_ms)
+            .bind(m.lease_until_ms)
             .execute(&self.relaxed)
             .await?;
+            if done.rows_affected() == 0 {
+                lease_lost(m);
+                return Ok(());
+            }
             return self.released(m, status, now_ms).await;
         }
         let mut tx = self.relaxed.begin().await?;
+        let moved = sqlx::query(
+            "UPDATE webhook_messages SET status = $2, attempts = $3, round_attempts = $4, next_attempt_at_ms = $5, lease_until_ms = NULL, last_status_code = $6, last_error = $7, updated_at_ms = $8 WHERE id = $1 AND lease_until_ms = $9",
+        )
+        .bind(m.id.clone())
+        .bind(status)
+        .bind(attempt)
+        .bind(m.round_attempts + 1)
+        .bind(next)
+        .bind(a.status_code)
+        .bind(a.error.clone())
+        .bind(now_ms)
+        .bind(m.lease_until_ms)
+        .execute(&mut *tx)
+        .await?;
+        if moved.rows_affected() == 0 {
+            tx.rollback().await?;
+            lease_lost(m);
+            return Ok(());
+        }
         sqlx::query(
             "INSERT INTO webhook_attempts (message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms) SELECT $1, $2, $3, $4, $5, $6, $7, $8 WHERE EXISTS (SELECT 1 FROM webhook_messages WHERE id = $1) ON CONFLICT (message_id, attempt) DO NOTHING",
         )
@@ -655,19 +698,6 @@ impl MessageStore {
         .bind(a.latency_ms)
         .bind(a.error.clone())
         .bind(attempt_next)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE webhook_messages SET status = $2, attempts = $3, round_attempts = $4, next_attempt_at_ms = $5, lease_until_ms = NULL, last_status_code = $6, last_error = $7, updated_at_ms = $8 WHERE id = $1",
-        )
-        .bind(m.id.clone())
-        .bind(status)
-        .bind(attempt)
-        .bind(m.round_attempts + 1)
-        .bind(next)
-        .bind(a.status_code)
-        .bind(a.error.clone())
-        .bind(now_ms)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -709,15 +739,16 @@ impl MessageStore {
                 "status": status,
                 "round_attempts": m.round_attempts + 1,
                 "next": next,
+                "lease": m.lease_until_ms,
             }));
             if status != status::PENDING && m.event == WebhookEvent::Started.as_str() {
                 released.push(serde_json::json!({"t": m.tenant_id, "c": m.conversation_id}));
             }
         }
         sqlx::query(
-            "WITH v AS (SELECT * FROM json_to_recordset($1::json) AS x(message_id text, attempt bigint, started_at_ms bigint, outcome text, status_code bigint, latency_ms bigint, error text, attempt_next bigint, status text, round_attempts bigint, next bigint)), \
-             logged AS (INSERT INTO webhook_attempts (message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms) SELECT message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, attempt_next FROM v JOIN webhook_messages w ON w.id = v.message_id ON CONFLICT (message_id, attempt) DO NOTHING) \
-             UPDATE webhook_messages SET status = v.status, attempts = v.attempt, round_attempts = v.round_attempts, next_attempt_at_ms = v.next, lease_until_ms = NULL, last_status_code = v.status_code, last_error = v.error, updated_at_ms = $2 FROM v WHERE webhook_messages.id = v.message_id",
+            "WITH v AS (SELECT * FROM json_to_recordset($1::json) AS x(message_id text, attempt bigint, started_at_ms bigint, outcome text, status_code bigint, latency_ms bigint, error text, attempt_next bigint, status text, round_attempts bigint, next bigint, lease bigint)), \
+             logged AS (INSERT INTO webhook_attempts (message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, next_attempt_at_ms) SELECT message_id, attempt, started_at_ms, outcome, status_code, latency_ms, error, attempt_next FROM v JOIN webhook_messages w ON w.id = v.message_id AND w.lease_until_ms = v.lease ON CONFLICT (message_id, attempt) DO NOTHING) \
+             UPDATE webhook_messages SET status = v.status, attempts = v.attempt, round_attempts = v.round_attempts, next_attempt_at_ms = v.next, lease_until_ms = NULL, last_status_code = v.status_code, last_error = v.error, updated_at_ms = $2 FROM v WHERE webhook_messages.id = v.message_id AND webhook_messages.lease_until_ms = v.lease",
         )
         .bind(serde_json::Value::Array(rows).to_string())
         .bind(now_ms)
@@ -1118,9 +1149,12 @@ mod tests {
             let store = store.clone();
             async move {
                 let got = store.claim(now, now + 10, 10, &[]).await.expect("claim");
-                let ids: Vec<String> = got.iter().map(|c| c.id.clone()).collect();
-                store.release(&ids, now).await.expect("release");
-                ids
+                let held: Vec<(String, i64)> = got
+                    .iter()
+                    .map(|c| (c.id.clone(), c.lease_until_ms))
+                    .collect();
+                store.release(&held, now).await.expect("release");
+                held.into_iter().map(|(id, _)| id).collect::<Vec<_>>()
             }
         };
         assert_eq!(claimed(2_000).await, ["msg_1"], "only the open endpoint");
