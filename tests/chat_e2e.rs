@@ -394,6 +394,94 @@ async fn a_close_frees_a_reservation_no_offer_was_made_for() {
         .is_empty());
 }
 
+/// A queue entry of a closed conversation (a re-queue that lost its save to the close leaves
+/// one) is removed by the next dispatch that meets it, instead of heading the queue forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatch_removes_queue_entries_of_closed_conversations() {
+    use nexus::stores::session::redis::RedisStore;
+    use nexus::stores::session::{ConversationState, SessionStore};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let system = TwoEdges::start(dir.path(), Vec::new()).await;
+    let url = system.edge_a.url.clone();
+    let admin = Admin::new(&url);
+    let tenant = provision_tenant(&admin).await;
+    let store = RedisStore::connect_in(&system.redis_url, &system.redis_namespace)
+        .await
+        .expect("redis");
+    let (gone, ck) = start_session(&url, &tenant.api_key, json!({"nickname": "Hal"})).await;
+    let r = reqwest::Client::new()
+        .post(format!("{url}/nexus/v3/chat/sessions/{gone}/disconnect"))
+        .header("x-api-key", &tenant.api_key)
+        .header("x-nexus-client-key", &ck)
+        .send()
+        .await
+        .expect("disconnect");
+    assert_eq!(r.status(), 202);
+    eventually(WAIT, "the first chat is closed", || {
+        let (store, t, id) = (&store, tenant.id.clone(), gone.clone());
+        async move {
+            let c = store.conversation(&t, &id).await.ok().flatten()?;
+            (c.state == ConversationState::Closed).then_some(())
+        }
+    })
+    .await;
+    // Its stale entry, at the head of the queue (the highest priority, the oldest).
+    store
+        .enqueue(&tenant.id, &tenant.queue_id, &gone, 1_000, 1)
+        .await
+        .expect("enqueue");
+    // A new customer waits (nobody is ready): its dispatch walks the queue from the head.
+    let (waiting, _) = start_session(&url, &tenant.api_key, json!({"nickname": "Ida"})).await;
+    let queue = eventually(WAIT, "the stale entry is gone", || {
+        let (store, t, q) = (&store, tenant.id.clone(), tenant.queue_id.clone());
+        let gone = gone.clone();
+        async move {
+            let ids = store.waiting(&t, &q, 100).await.ok()?;
+            (!ids.contains(&gone) && !ids.is_empty()).then_some(ids)
+        }
+    })
+    .await;
+    assert_eq!(queue, [waiting]);
+}
+
+/// A ready agent deleted through the admin API takes no more offers: the routing state has it
+/// not ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_agent_is_not_ready_any_more() {
+    use nexus::stores::session::redis::RedisStore;
+    use nexus::stores::session::SessionStore;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let system = TwoEdges::start(dir.path(), Vec::new()).await;
+    let url = system.edge_a.url.clone();
+    let admin = Admin::new(&url);
+    let tenant = provision_tenant(&admin).await;
+    let (agent, token) = provision_agent(&admin, &tenant, "Gil", 2).await;
+    let _ws = agent_ready(&url, &token).await;
+    let store = RedisStore::connect_in(&system.redis_url, &system.redis_namespace)
+        .await
+        .expect("redis");
+    let ready = |want: bool| {
+        let (store, t, a) = (&store, tenant.id.clone(), agent.clone());
+        async move {
+            let p = store.presence(&t, &a).await.ok().flatten()?;
+            (p.ready == want).then_some(())
+        }
+    };
+    eventually(WAIT, "the agent is ready", || ready(true)).await;
+    let r = admin
+        .http
+        .delete(format!(
+            "{url}/v1/admin/tenants/{}/agents/{agent}",
+            tenant.id
+        ))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 204);
+    eventually(WAIT, "the deleted agent is not ready", || ready(false)).await;
+}
+
 /// A conversation worker and two edges on their own NATS JetStream, a fresh PostgreSQL
 /// database and Redis. Fields drop in order: processes first, then the broker and database.
 struct TwoEdges {

@@ -48,6 +48,10 @@ pub async fn delete(
     State(state): State<AppState>,
     Path((tenant, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
+    // Not ready first, so the routing state stops offering chats to the agent (published
+    // before the delete: if the delete then fails, the agent is merely not ready).
+    let agent = state.provisioning.agent(&tenant, &id).await?;
+    crate::edge::agent::do_set_state(&state, &agent, false).await?;
     state.provisioning.delete_agent(&tenant, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

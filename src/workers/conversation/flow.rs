@@ -454,6 +454,16 @@ impl ConversationWorker {
                     {
                         c
                     }
+                    // Closed for good: an entry left by a re-queue that lost its save to the
+                    // close would otherwise stay at the head of the queue forever. (Other
+                    // states may be on their way back into this queue: left alone.)
+                    Some(c) if c.state == ConversationState::Closed => {
+                        self.store
+                            .dequeue(&me.tenant_id, queue, &id)
+                            .await
+                            .map_err(store_failed)?;
+                        continue;
+                    }
                     _ => continue,
                 }
             };
@@ -1489,7 +1499,20 @@ impl ConversationWorker {
             .await
             .map_err(directory_failed)?;
         let Some(profile) = profile else {
-            warn!(agent = %b.agent_id, "state of an unknown agent; ignored");
+            // Deleted (or never provisioned): whatever its last state said, it takes no
+            // offers now, else a deleted agent left ready would be offered chats it never sees.
+            warn!(agent = %b.agent_id, "state of an unknown agent; kept not ready");
+            self.store
+                .set_presence(
+                    tenant,
+                    &b.agent_id,
+                    false,
+                    &[],
+                    &BTreeMap::new(),
+                    e.envelope.occurred_at_ms,
+                )
+                .await
+                .map_err(store_failed)?;
             return Ok(());
         };
         let mut capacity = profile.capacity.clone();

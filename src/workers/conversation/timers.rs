@@ -129,6 +129,17 @@ async fn fire(worker: &ConversationWorker, timer: &Timer, now: i64) -> Result<()
                 .await
                 .map_err(super::store_failed)?;
         }
+        QUEUED_TIMER if c.state == ConversationState::Offered => {
+            // A re-queue (a reject, a lapse) schedules this timer before it saves the record
+            // Queued: fired in between, it must come again rather than end, or the waiter
+            // would be offered only when another dispatch happens to walk to it.
+            let due = now + i64::try_from(worker.config.requeue_interval_ms).unwrap_or(1_000);
+            worker
+                .store
+                .schedule(timer, due)
+                .await
+                .map_err(super::store_failed)?;
+        }
         IDLE_TIMER if c.state != ConversationState::Closed => {
             let idle_at = c.last_activity_ms + secs_ms(worker.config.idle_timeout_s);
             if now < idle_at {
