@@ -2627,17 +2627,7 @@ async fn expired_client_keys_are_refused_with_their_code() {
     let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
         .await
         .expect("a key still valid opens the stream");
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(frame) = ws.next().await {
-            if let Ok(WsMessage::Close(close)) = frame {
-                return close;
-            }
-        }
-        None
-    })
-    .await
-    .expect("the socket closes when its key expires")
-    .expect("a close frame");
+    let closed = close_frame(&mut ws, "the socket closes when its key expires").await;
     assert_eq!(u16::from(closed.code), 4001, "{closed:?}");
     assert!(closed.reason.contains("CLIENT_KEY_EXPIRED"), "{closed:?}");
 
@@ -2657,6 +2647,27 @@ async fn expired_client_keys_are_refused_with_their_code() {
         text.contains("event: error") && text.contains("CLIENT_KEY_EXPIRED"),
         "{text}"
     );
+}
+
+/// The close frame a socket ends with, within 10 s.
+async fn close_frame<S>(
+    ws: &mut S,
+    what: &str,
+) -> tokio_tungstenite::tungstenite::protocol::CloseFrame
+where
+    S: futures::Stream<Item = Result<WsMessage, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(frame) = ws.next().await {
+            if let Ok(WsMessage::Close(close)) = frame {
+                return close;
+            }
+        }
+        None
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}"))
+    .expect("a close frame")
 }
 
 /// An open stream ends when the API key it was opened with stops working (here: disabled):
@@ -2712,17 +2723,7 @@ async fn open_streams_end_when_their_api_key_is_disabled() {
     )
     .await
     .expect("disable");
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(frame) = ws.next().await {
-            if let Ok(WsMessage::Close(close)) = frame {
-                return close;
-            }
-        }
-        None
-    })
-    .await
-    .expect("the socket closes once its API key is disabled")
-    .expect("a close frame");
+    let closed = close_frame(&mut ws, "the socket closes once its API key is disabled").await;
     assert_eq!(u16::from(closed.code), 4003, "{closed:?}");
     assert!(closed.reason.contains("API_KEY_DISABLED"), "{closed:?}");
     let text = tokio::time::timeout(Duration::from_secs(10), sse.text())

@@ -325,18 +325,12 @@ async fn nats_postgres_redis_chat_across_two_edges() {
 /// the two) belongs to the conversation all the same: the customer's leaving frees the slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_close_frees_a_reservation_no_offer_was_made_for() {
-    use nexus::stores::session::redis::RedisStore;
     use nexus::stores::session::{Reserve, SessionStore};
     use std::collections::BTreeMap;
     let dir = tempfile::tempdir().expect("tempdir");
-    let system = TwoEdges::start(dir.path(), Vec::new()).await;
+    let (system, _admin, tenant, store) = TwoEdges::with_tenant(dir.path()).await;
     let url = system.edge_a.url.clone();
-    let admin = Admin::new(&url);
-    let tenant = provision_tenant(&admin).await;
     let (sid, ck) = start_session(&url, &tenant.api_key, json!({"nickname": "Flo"})).await;
-    let store = RedisStore::connect_in(&system.redis_url, &system.redis_namespace)
-        .await
-        .expect("redis");
     // Queued: nobody is ready. The store then has an agent reserved for it, as a worker that
     // stopped right after its reserve leaves it (the record names no agent).
     eventually(WAIT, "the conversation is queued", || {
@@ -370,14 +364,7 @@ async fn a_close_frees_a_reservation_no_offer_was_made_for() {
             .as_deref(),
         Some("ghost")
     );
-    let r = reqwest::Client::new()
-        .post(format!("{url}/nexus/v3/chat/sessions/{sid}/disconnect"))
-        .header("x-api-key", &tenant.api_key)
-        .header("x-nexus-client-key", &ck)
-        .send()
-        .await
-        .expect("disconnect");
-    assert_eq!(r.status(), 202);
+    disconnect(&url, &tenant.api_key, &sid, &ck).await;
     eventually(WAIT, "the ghost's slot is free again", || {
         let store = &store;
         let t = tenant.id.clone();
@@ -398,25 +385,12 @@ async fn a_close_frees_a_reservation_no_offer_was_made_for() {
 /// one) is removed by the next dispatch that meets it, instead of heading the queue forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dispatch_removes_queue_entries_of_closed_conversations() {
-    use nexus::stores::session::redis::RedisStore;
     use nexus::stores::session::{ConversationState, SessionStore};
     let dir = tempfile::tempdir().expect("tempdir");
-    let system = TwoEdges::start(dir.path(), Vec::new()).await;
+    let (system, _admin, tenant, store) = TwoEdges::with_tenant(dir.path()).await;
     let url = system.edge_a.url.clone();
-    let admin = Admin::new(&url);
-    let tenant = provision_tenant(&admin).await;
-    let store = RedisStore::connect_in(&system.redis_url, &system.redis_namespace)
-        .await
-        .expect("redis");
     let (gone, ck) = start_session(&url, &tenant.api_key, json!({"nickname": "Hal"})).await;
-    let r = reqwest::Client::new()
-        .post(format!("{url}/nexus/v3/chat/sessions/{gone}/disconnect"))
-        .header("x-api-key", &tenant.api_key)
-        .header("x-nexus-client-key", &ck)
-        .send()
-        .await
-        .expect("disconnect");
-    assert_eq!(r.status(), 202);
+    disconnect(&url, &tenant.api_key, &gone, &ck).await;
     eventually(WAIT, "the first chat is closed", || {
         let (store, t, id) = (&store, tenant.id.clone(), gone.clone());
         async move {
@@ -448,18 +422,12 @@ async fn a_dispatch_removes_queue_entries_of_closed_conversations() {
 /// not ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_agent_is_not_ready_any_more() {
-    use nexus::stores::session::redis::RedisStore;
     use nexus::stores::session::SessionStore;
     let dir = tempfile::tempdir().expect("tempdir");
-    let system = TwoEdges::start(dir.path(), Vec::new()).await;
+    let (system, admin, tenant, store) = TwoEdges::with_tenant(dir.path()).await;
     let url = system.edge_a.url.clone();
-    let admin = Admin::new(&url);
-    let tenant = provision_tenant(&admin).await;
     let (agent, token) = provision_agent(&admin, &tenant, "Gil", 2).await;
     let _ws = agent_ready(&url, &token).await;
-    let store = RedisStore::connect_in(&system.redis_url, &system.redis_namespace)
-        .await
-        .expect("redis");
     let ready = |want: bool| {
         let (store, t, a) = (&store, tenant.id.clone(), agent.clone());
         async move {
@@ -494,7 +462,41 @@ struct TwoEdges {
     _db: TestDb,
 }
 
+/// The customer leaves through the v3 API.
+async fn disconnect(url: &str, api_key: &str, sid: &str, client_key: &str) {
+    let r = reqwest::Client::new()
+        .post(format!("{url}/nexus/v3/chat/sessions/{sid}/disconnect"))
+        .header("x-api-key", api_key)
+        .header("x-nexus-client-key", client_key)
+        .send()
+        .await
+        .expect("disconnect");
+    assert_eq!(r.status(), 202);
+}
+
 impl TwoEdges {
+    /// A system with a provisioned tenant, and the session store it runs on, for tests that
+    /// look into the routing state.
+    async fn with_tenant(
+        dir: &std::path::Path,
+    ) -> (
+        TwoEdges,
+        Admin,
+        Tenant,
+        nexus::stores::session::redis::RedisStore,
+    ) {
+        let system = TwoEdges::start(dir, Vec::new()).await;
+        let admin = Admin::new(&system.edge_a.url);
+        let tenant = provision_tenant(&admin).await;
+        let store = nexus::stores::session::redis::RedisStore::connect_in(
+            &system.redis_url,
+            &system.redis_namespace,
+        )
+        .await
+        .expect("redis");
+        (system, admin, tenant, store)
+    }
+
     async fn start(dir: &std::path::Path, extra_env: Vec<(&'static str, String)>) -> TwoEdges {
         let nats = OwnNats::start(dir).await;
         let db = TestDb::create().await;

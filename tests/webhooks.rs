@@ -959,6 +959,15 @@ mod log {
         (prov, store)
     }
 
+    async fn sqlite_store(dir: &std::path::Path) -> (Provisioning, MessageStore) {
+        let path = dir.join("log.db");
+        let prov = Provisioning::connect(&path.to_string_lossy(), &EncryptionKey::generate())
+            .await
+            .expect("provisioning on SQLite");
+        let store = MessageStore::new(prov.pool().clone(), prov.kind());
+        (prov, store)
+    }
+
     fn message() -> NewMessage {
         let id = uuid::Uuid::new_v4().to_string();
         NewMessage {
@@ -1063,12 +1072,7 @@ mod log {
         let db = TestDb::create().await;
         lapsed_sender_changes_nothing(store(&db).await).await;
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("log.db");
-        let prov = Provisioning::connect(&path.to_string_lossy(), &EncryptionKey::generate())
-            .await
-            .expect("provisioning on SQLite");
-        let store = MessageStore::new(prov.pool().clone(), prov.kind());
-        lapsed_sender_changes_nothing((prov, store)).await;
+        lapsed_sender_changes_nothing(sqlite_store(dir.path()).await).await;
     }
 
     async fn lapsed_sender_changes_nothing((prov, store): (Provisioning, MessageStore)) {
@@ -1137,12 +1141,7 @@ mod log {
         let db = TestDb::create().await;
         replayed_finished_waits(store(&db).await).await;
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("log.db");
-        let prov = Provisioning::connect(&path.to_string_lossy(), &EncryptionKey::generate())
-            .await
-            .expect("provisioning on SQLite");
-        let store = MessageStore::new(prov.pool().clone(), prov.kind());
-        replayed_finished_waits((prov, store)).await;
+        replayed_finished_waits(sqlite_store(dir.path()).await).await;
     }
 
     async fn replayed_finished_waits((prov, store): (Provisioning, MessageStore)) {
