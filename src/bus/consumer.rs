@@ -481,7 +481,7 @@ async fn process(ctx: &LaneContext, delivery: Delivery) {
                 .await
             {
                 Ok(o) => o,
-                Err(()) => return, // shutting down; left for redelivery
+                Err(()) => return, // shutting down or revoked; left for redelivery
             }
         }
         Ok(event) => {
