@@ -155,6 +155,9 @@ pub struct NatsConfig {
 pub struct EmbeddedConfig {
     /// Publishes per group-commit batch at most.
     pub max_batch: usize,
+    /// Longest a partition moving to another member waits for the old member's deliveries
+    /// of it (ms).
+    pub handover_wait_ms: u64,
 }
 
 /// The consumer runtime shared by every worker.

@@ -1005,19 +1005,32 @@ async fn v3_bodies_are_validated_before_anything_is_published() {
         .await;
     assert_eq!(body["messages"], json!([]));
 
-    // An SSE client resuming from the largest position is served, not a panic.
-    let req = rq(
-        "GET",
-        &format!("/nexus/v3/chat/sessions/{}/events", s.id),
-        &[
-            ("x-api-key", &key),
-            ("x-nexus-client-key", &s.ck),
-            ("last-event-id", "18446744073709551615"),
-        ],
-        None,
-    );
+    // A stream from a position past the transcript's end (here the largest, which must not
+    // overflow) is refused: it would skip the live entries up to it.
+    let sse = |from: &str| {
+        rq(
+            "GET",
+            &format!("/nexus/v3/chat/sessions/{}/events", s.id),
+            &[
+                ("x-api-key", &key),
+                ("x-nexus-client-key", &s.ck),
+                ("last-event-id", from),
+            ],
+            None,
+        )
+    };
+    for from in ["18446744073709551615", "41"] {
+        fx.rejected(
+            &format!("events: resume after {from}"),
+            sse(from),
+            400,
+            "INVALID_POSITION",
+        )
+        .await;
+    }
+    // From the position after the last entry (none yet: the first) is served.
     let resp = edge::app(fx.state.clone())
-        .oneshot(req)
+        .oneshot(sse("0"))
         .await
         .expect("response");
     assert_eq!(resp.status(), StatusCode::OK);

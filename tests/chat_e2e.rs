@@ -328,7 +328,7 @@ async fn a_close_frees_a_reservation_no_offer_was_made_for() {
     use nexus::stores::session::{Reserve, SessionStore};
     use std::collections::BTreeMap;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (system, _admin, tenant, store) = TwoEdges::with_tenant(dir.path()).await;
+    let (system, _admin, tenant, store) = TwoEdges::with_tenant(dir.path(), Vec::new()).await;
     let url = system.edge_a.url.clone();
     let (sid, ck) = start_session(&url, &tenant.api_key, json!({"nickname": "Flo"})).await;
     // Queued: nobody is ready. The store then has an agent reserved for it, as a worker that
@@ -387,7 +387,7 @@ async fn a_close_frees_a_reservation_no_offer_was_made_for() {
 async fn a_dispatch_removes_queue_entries_of_closed_conversations() {
     use nexus::stores::session::{ConversationState, SessionStore};
     let dir = tempfile::tempdir().expect("tempdir");
-    let (system, _admin, tenant, store) = TwoEdges::with_tenant(dir.path()).await;
+    let (system, _admin, tenant, store) = TwoEdges::with_tenant(dir.path(), Vec::new()).await;
     let url = system.edge_a.url.clone();
     let (gone, ck) = start_session(&url, &tenant.api_key, json!({"nickname": "Hal"})).await;
     disconnect(&url, &tenant.api_key, &gone, &ck).await;
@@ -424,7 +424,7 @@ async fn a_dispatch_removes_queue_entries_of_closed_conversations() {
 async fn a_deleted_agent_is_not_ready_any_more() {
     use nexus::stores::session::SessionStore;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (system, admin, tenant, store) = TwoEdges::with_tenant(dir.path()).await;
+    let (system, admin, tenant, store) = TwoEdges::with_tenant(dir.path(), Vec::new()).await;
     let url = system.edge_a.url.clone();
     let (agent, token) = provision_agent(&admin, &tenant, "Gil", 2).await;
     let _ws = agent_ready(&url, &token).await;
@@ -448,6 +448,82 @@ async fn a_deleted_agent_is_not_ready_any_more() {
         .expect("delete");
     assert_eq!(r.status(), 204);
     eventually(WAIT, "the deleted agent is not ready", || ready(false)).await;
+}
+
+/// A live chat whose customer vanished (no request and no open stream for
+/// `abandon_timeout_s`: a closed tab) closes as CUSTOMER_LEFT; a customer holding a stream open
+/// on one edge, or making requests to both, keeps theirs open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_chat_whose_customer_vanished_closes() {
+    use nexus::stores::session::{ConversationState, SessionStore};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let abandon = (
+        "NEXUS_WORKERS__CONVERSATION__ABANDON_TIMEOUT_S",
+        "2".to_string(),
+    );
+    let (system, _admin, tenant, store) = TwoEdges::with_tenant(dir.path(), vec![abandon]).await;
+    let (a, b) = (system.edge_a.url.clone(), system.edge_b.url.clone());
+    let key = tenant.api_key.clone();
+    let (streaming, ck) = start_session(&a, &key, json!({"nickname": "Ann"})).await;
+    let mut ws = ws_connect(&format!(
+        "{b}/nexus/v3/chat/sessions/{streaming}/stream?api_key={key}&client_key={ck}"
+    ))
+    .await;
+    let (polling, polling_ck) = start_session(&a, &key, json!({"nickname": "Pat"})).await;
+    let (gone, _) = start_session(&a, &key, json!({"nickname": "Gus"})).await;
+    // The polling customer reads its transcript every 500 ms, from either edge in turn.
+    let poller = tokio::spawn({
+        let (urls, key, id) = ([a.clone(), b.clone()], key.clone(), polling.clone());
+        async move {
+            let http = reqwest::Client::new();
+            for turn in 0.. {
+                let r = http
+                    .get(format!(
+                        "{}/nexus/v3/chat/sessions/{id}/messages",
+                        urls[turn % 2]
+                    ))
+                    .header("x-api-key", &key)
+                    .header("x-nexus-client-key", &polling_ck)
+                    .send()
+                    .await
+                    .expect("poll");
+                assert_eq!(r.status(), 200);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    });
+    // `None` until the worker has applied the start.
+    let state = |id: &str| {
+        let (store, t, id) = (&store, tenant.id.clone(), id.to_string());
+        async move { store.conversation(&t, &id).await.expect("store") }
+    };
+    let closed = eventually(WAIT, "the vanished customer's chat is closed", || async {
+        let c = state(&gone).await?;
+        (c.state == ConversationState::Closed).then_some(c)
+    })
+    .await;
+    assert_eq!(closed.closed_reason.as_deref(), Some("CUSTOMER_LEFT"));
+    // Twice the timeout later, the two present customers' chats are still open.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for id in [&streaming, &polling] {
+        let c = state(id).await.expect("record");
+        assert_ne!(c.state, ConversationState::Closed, "{id}: {c:?}");
+    }
+    assert!(
+        !poller.is_finished(),
+        "the poller stopped: {:?}",
+        poller.await
+    );
+    poller.abort();
+    // The streaming customer saw no close on its socket.
+    let seen = tokio::time::timeout(Duration::from_millis(300), async {
+        ws_until(&mut ws, WAIT, |v| {
+            v["type"] == "state" && v["state"] == "closed"
+        })
+        .await
+    })
+    .await;
+    assert!(seen.is_err(), "the open stream's chat closed: {seen:?}");
 }
 
 /// A conversation worker and two edges on their own NATS JetStream, a fresh PostgreSQL
@@ -479,13 +555,14 @@ impl TwoEdges {
     /// look into the routing state.
     async fn with_tenant(
         dir: &std::path::Path,
+        extra_env: Vec<(&'static str, String)>,
     ) -> (
         TwoEdges,
         Admin,
         Tenant,
         nexus::stores::session::redis::RedisStore,
     ) {
-        let system = TwoEdges::start(dir, Vec::new()).await;
+        let system = TwoEdges::start(dir, extra_env).await;
         let admin = Admin::new(&system.edge_a.url);
         let tenant = provision_tenant(&admin).await;
         let store = nexus::stores::session::redis::RedisStore::connect_in(

@@ -717,7 +717,10 @@ async fn files_expire_and_are_swept_on_postgres() {
     let (sid, ck) = start_session(&node.url, &tenant.api_key, json!({"nickname": "Ann"})).await;
     let ck = ck.as_str();
     let session = format!("{}/nexus/v3/chat/sessions/{sid}", node.url);
-    let upload = || {
+    let image = png(100);
+    let upload = |message_id: Option<&[u8]>| {
+        let mut parts = vec![("file", Some("a.png"), Some("image/png"), image.as_slice())];
+        parts.extend(message_id.map(|m| ("message_id", None, None, m)));
         http.post(format!("{session}/files"))
             .header("x-api-key", &tenant.api_key)
             .header("x-nexus-client-key", ck)
@@ -725,17 +728,19 @@ async fn files_expire_and_are_swept_on_postgres() {
                 "content-type",
                 format!("multipart/form-data; boundary={BOUNDARY}"),
             )
-            .body(file_part("a.png", "image/png", &png(100)))
+            .body(multipart(&parts))
             .send()
     };
-    let up = upload().await.expect("upload");
+    // With a client message id, the file's id is derived from it (a retry is the same file)
+    // and carries no upload time: its expiry comes from the upload in the transcript.
+    let up = upload(Some(b"m-expiring")).await.expect("upload");
     assert_eq!(up.status(), 201);
     let file_id = up.json::<Value>().await.expect("json")["file_id"]
         .as_str()
         .expect("file_id")
         .to_string();
     let code = |r: Value| r["error"]["code"].as_str().unwrap_or_default().to_string();
-    let full = upload().await.expect("upload");
+    let full = upload(None).await.expect("upload");
     assert_eq!(full.status(), 400);
     assert_eq!(code(full.json().await.expect("json")), "LIMIT_FILE_COUNT");
     let get = || {
@@ -775,7 +780,7 @@ async fn files_expire_and_are_swept_on_postgres() {
     let swept = common::process::metric_sum(&metrics, "nexus_chat_files_expired_total", &[]);
     assert!(swept.is_some_and(|n| n >= 1.0), "{metrics}");
     assert_eq!(
-        upload().await.expect("upload").status(),
+        upload(None).await.expect("upload").status(),
         201,
         "the place is free"
     );

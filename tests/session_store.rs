@@ -924,6 +924,30 @@ async fn remember_within_ttl(t: TestStore) {
     assert!(!s.remember(&key, ttl).await.expect("second again"));
 }
 
+/// `refresh` extends a key from each call (a sign of life), where `remember` keeps the first.
+async fn refresh_extends_a_key(t: TestStore) {
+    let s = &t.store;
+    let key = format!("{}:customer:c1", t.tenant);
+    let ttl = Duration::from_millis(500);
+    s.refresh(&key, ttl).await.expect("refresh");
+    assert!(s.seen(&key).await.expect("seen"));
+    assert!(!s
+        .remember(&key, ttl)
+        .await
+        .expect("remember a refreshed key"));
+    // Refreshed every 300 ms, it outlives its first lifetime...
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.refresh(&key, ttl).await.expect("refresh again");
+    }
+    assert!(s.seen(&key).await.expect("seen after 900 ms"));
+    // ...and lapses a lifetime after the last refresh.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!s.seen(&key).await.expect("seen after the last lifetime"));
+    s.refresh(&key, ttl).await.expect("refresh a lapsed key");
+    assert!(s.seen(&key).await.expect("seen once refreshed"));
+}
+
 async fn expired_conversation_disappears(t: TestStore) {
     let s = &t.store;
     let tn = &t.tenant;
@@ -1027,6 +1051,7 @@ per_store!(
     concurrent_claimers_get_each_timer_once,
     claimed_timers_come_back_unless_completed,
     remember_within_ttl,
+    refresh_extends_a_key,
     expired_conversation_disappears,
     tenants_are_isolated,
 );

@@ -47,6 +47,8 @@ pub struct AppState {
     /// Sockets of this process, fed from the delivery topic.
     pub hub: Arc<hub::Hub>,
     pub client_keys: chat::ClientKeys,
+    /// Customers' signs of life (live chats whose customer vanished are closed).
+    pub presence: Arc<chat::Presence>,
     /// The demo tenant (`nexus dev` only).
     pub demo: Option<Arc<demo::DemoTenant>>,
     /// Fires on shutdown: sockets close with a reconnect hint.
@@ -71,6 +73,9 @@ impl AppState {
         };
         Self {
             client_keys: chat::ClientKeys::new(&secret, config.chat.client_key_ttl_s),
+            presence: Arc::new(chat::Presence::new(
+                config.workers.conversation.abandon_timeout_s,
+            )),
             config,
             bus,
             topology,

@@ -9,8 +9,14 @@
 //! epoch they were read under; anything carrying an older epoch (a member that lost the
 //! partition, or a partition that was seeked) is ignored, so a stale member's late acks cannot
 //! move the new owner's committed offset.
+//!
+//! A partition that moves waits for its old owner's deliveries: the new owner reads it only
+//! once every record handed out under older epochs is acked or dropped (or after
+//! `bus.embedded.handover_wait_ms`), so a record still being handled never finishes after its successor's,
+//! as the brokers' revoke waits do.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
@@ -46,6 +52,42 @@ struct PartTrack {
     next_fetch: u64,
     /// Acked (or expired) ranges `[start, end)` at or past `base`, waiting for the gap.
     done: BTreeMap<u64, u64>,
+    /// Deliveries handed out under `epoch` and not yet acked or dropped.
+    out: u64,
+    /// The same for earlier epochs (epoch → count): the partition is not read until they are
+    /// done or `drain_until` passed.
+    draining: BTreeMap<u64, u64>,
+    drain_until: Option<Instant>,
+}
+
+impl PartTrack {
+    /// Starts `epoch`; what is still out under the old one is waited for, `wait` at most.
+    fn new_epoch(&mut self, epoch: u64, wait: Duration) {
+        if self.out > 0 {
+            self.draining.insert(self.epoch, self.out);
+            self.drain_until = Some(Instant::now() + wait);
+        }
+        self.out = 0;
+        self.epoch = epoch;
+    }
+
+    /// Whether deliveries of earlier epochs still hold the partition back.
+    fn held(&mut self) -> bool {
+        if self
+            .drain_until
+            .is_some_and(|until| Instant::now() >= until)
+        {
+            tracing::warn!(
+                records = self.draining.values().sum::<u64>(),
+                "a moved partition's old deliveries not done in time; read by its new owner"
+            );
+            self.draining.clear();
+        }
+        if self.draining.is_empty() {
+            self.drain_until = None;
+        }
+        !self.draining.is_empty()
+    }
 }
 
 /// A partition a member should read: where, under which epoch.
@@ -191,7 +233,7 @@ impl Inner {
             gs.next_epoch += 1;
             let t = &mut gs.parts[p];
             t.owner = new_owner.map(|(id, _)| id);
-            t.epoch = epoch;
+            t.new_epoch(epoch, self.handover_wait);
             t.done.clear();
             let Some((_, start)) = new_owner else {
                 continue;
@@ -264,7 +306,10 @@ impl Inner {
         else {
             return Ok(());
         };
-        if t.epoch != epoch || t.owner.is_none() {
+        // The old owner's acks while a moved partition waits for them still count: its new
+        // owner has read nothing yet and starts after them.
+        let draining = t.draining.contains_key(&epoch);
+        if !draining && (t.epoch != epoch || t.owner.is_none()) {
             tracing::debug!(group = %key.0, topic = %key.1, partition, offset, "ack of a revoked partition ignored");
             return Ok(());
         }
@@ -272,7 +317,54 @@ impl Inner {
             t.done.insert(offset, offset + 1);
             self.advance(key, partition, t);
         }
+        if draining {
+            t.next_fetch = t.next_fetch.max(t.base);
+        }
         Ok(())
+    }
+
+    /// Hands out a record of `partition` read under `epoch` if `member` still owns it there;
+    /// the delivery counts until [`Self::release`].
+    pub(super) fn hand_out(&self, key: &GroupKey, member: u64, partition: u32, epoch: u64) -> bool {
+        let mut groups = lock(&self.groups);
+        let Some(t) = groups
+            .get_mut(key)
+            .and_then(|gs| gs.parts.get_mut(partition as usize))
+        else {
+            return false;
+        };
+        let owned = t.owner == Some(member) && t.epoch == epoch;
+        if owned {
+            t.out += 1;
+        }
+        owned
+    }
+
+    /// A delivery handed out under `epoch` is done (acked or dropped). The last one of a moved
+    /// partition's old epochs lets its new owner read.
+    pub(super) fn release(&self, key: &GroupKey, partition: u32, epoch: u64) {
+        let mut groups = lock(&self.groups);
+        let Some(gs) = groups.get_mut(key) else {
+            return;
+        };
+        let Some(t) = gs.parts.get_mut(partition as usize) else {
+            return;
+        };
+        if t.epoch == epoch {
+            t.out = t.out.saturating_sub(1);
+            return;
+        }
+        let Some(left) = t.draining.get_mut(&epoch) else {
+            return;
+        };
+        *left = left.saturating_sub(1);
+        if *left == 0 {
+            t.draining.remove(&epoch);
+            if t.draining.is_empty() {
+                t.drain_until = None;
+                gs.changed.send_modify(|g| *g = g.wrapping_add(1));
+            }
+        }
     }
 
     /// Whether `member` still owns `partition` under `epoch`.
@@ -284,15 +376,21 @@ impl Inner {
             .is_some_and(|t| t.owner == Some(member) && t.epoch == epoch)
     }
 
-    /// The member's partitions with records to read. Records that retention removed before
-    /// they were read count as done, so the committed offset can pass them.
-    pub(super) fn plan(&self, key: &GroupKey, member: u64) -> Result<Vec<FetchPlan>, BusError> {
+    /// The member's partitions with records to read, and the earliest time a partition held
+    /// back by a hand-over is read anyway. Records that retention removed before they were
+    /// read count as done, so the committed offset can pass them.
+    pub(super) fn plan(
+        &self,
+        key: &GroupKey,
+        member: u64,
+    ) -> Result<(Vec<FetchPlan>, Option<Instant>), BusError> {
         let shared = self.topic(&key.1)?;
         let mut groups = lock(&self.groups);
         let Some(gs) = groups.get_mut(key) else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         };
         let mut plan = Vec::new();
+        let mut held_until: Option<Instant> = None;
         for (p, t) in gs.parts.iter_mut().enumerate() {
             if t.owner != Some(member) {
                 continue;
@@ -300,6 +398,12 @@ impl Inner {
             let Some(ps) = shared.partitions.get(p) else {
                 continue;
             };
+            if t.held() {
+                if let Some(until) = t.drain_until {
+                    held_until = Some(held_until.map_or(until, |h| h.min(until)));
+                }
+                continue;
+            }
             let (high, low) = (ps.high(), ps.low());
             if t.next_fetch < low {
                 t.done.insert(t.next_fetch, low);
@@ -314,7 +418,7 @@ impl Inner {
                 });
             }
         }
-        Ok(plan)
+        Ok((plan, held_until))
     }
 
     /// Takes the records read for `plan` into the member's tracking; returns those still valid.
@@ -372,7 +476,7 @@ impl Inner {
                 partition,
             })?;
         t.committed = Some(offset);
-        t.epoch = epoch;
+        t.new_epoch(epoch, self.handover_wait);
         t.base = offset;
         t.next_fetch = offset;
         t.done.clear();

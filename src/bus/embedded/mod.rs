@@ -178,6 +178,8 @@ pub(super) struct Inner {
     closed: Halt,
     writer: Mutex<Option<JoinHandle<()>>>,
     next_member: AtomicU64,
+    /// Longest a moved partition waits for its old owner's deliveries (see `group`).
+    handover_wait: Duration,
 }
 
 impl Inner {
@@ -342,6 +344,7 @@ impl EmbeddedBus {
                 closed: Halt::default(),
                 writer: Mutex::new(Some(thread)),
                 next_member: AtomicU64::new(1),
+                handover_wait: Duration::from_millis(config.embedded.handover_wait_ms),
             }),
         })
     }

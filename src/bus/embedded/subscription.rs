@@ -31,6 +31,8 @@ pub(super) struct EmbeddedSubscription {
     buffer: VecDeque<(u64, Message)>,
     /// Rotates which partition a fetch starts with, so one busy partition cannot starve others.
     cursor: usize,
+    /// When a partition held back by a hand-over is read anyway (see `group`).
+    held_until: Option<tokio::time::Instant>,
     left: bool,
     span: tracing::Span,
 }
@@ -55,6 +57,7 @@ impl EmbeddedSubscription {
             batch: max_in_flight.min(READ_BATCH),
             buffer: VecDeque::new(),
             cursor: 0,
+            held_until: None,
             left: false,
             span: tracing::info_span!("embedded_subscription", group, topic, member),
         })
@@ -62,7 +65,8 @@ impl EmbeddedSubscription {
 
     /// Reads the next batch of the member's partitions into the buffer; returns how many.
     async fn fetch(&mut self) -> Result<usize, BusError> {
-        let mut plan = self.inner.plan(&self.key, self.member)?;
+        let (mut plan, held_until) = self.inner.plan(&self.key, self.member)?;
+        self.held_until = held_until.map(tokio::time::Instant::from_std);
         if plan.is_empty() {
             return Ok(0);
         }
@@ -109,7 +113,7 @@ impl EmbeddedSubscription {
         while let Some((epoch, message)) = self.buffer.pop_front() {
             if !self
                 .inner
-                .owns(&self.key, self.member, message.partition, epoch)
+                .hand_out(&self.key, self.member, message.partition, epoch)
             {
                 continue;
             }
@@ -158,6 +162,8 @@ impl EmbeddedSubscription {
                 changed = self.assignment.changed() => changed.ok()?,
                 changed = self.appends.changed() => changed.ok()?,
                 () = self.inner.closed.fired() => return None,
+                // A hand-over whose old deliveries did not finish in time: read anyway.
+                () = sleep_until(self.held_until) => {}
             }
         }
     }
@@ -207,6 +213,21 @@ struct EmbeddedAcker {
     epoch: u64,
     /// Frees the in-flight slot when acked or dropped.
     _permit: OwnedSemaphorePermit,
+}
+
+/// Sleeps until `at`; forever without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Drop for EmbeddedAcker {
+    fn drop(&mut self) {
+        // Acked or dropped: either way no longer being handled (see `group`'s hand-over).
+        self.inner.release(&self.key, self.partition, self.epoch);
+    }
 }
 
 #[async_trait]

@@ -14,6 +14,13 @@ fn open(dir: &Path) -> EmbeddedBus {
     EmbeddedBus::open(dir, &config(64)).expect("open bus")
 }
 
+/// A bus whose moved partitions wait for old deliveries `wait` at most.
+fn open_with_handover(dir: &Path, wait: Duration) -> EmbeddedBus {
+    let mut c = config(64);
+    c.embedded.handover_wait_ms = wait.as_millis() as u64;
+    EmbeddedBus::open(dir, &c).expect("open bus")
+}
+
 async fn topic(bus: &EmbeddedBus, name: &str, partitions: u32) {
     bus.apply_topic(&TopicSpec {
         name: name.into(),
@@ -187,14 +194,22 @@ async fn members_split_partitions_and_a_dead_members_work_moves() {
     assert!(a_parts.is_disjoint(&b_parts));
     drop(b);
     assert_eq!(bus.active_members("g", "t").await.unwrap(), 1);
-    // B's late acks must not count for A's new tracking.
+    // B's handlers end after it left: two finish (their acks count, as A reads B's partitions
+    // only once B's deliveries are done), the rest are dropped and come again to A.
+    let mut acked_late = HashSet::new();
     for d in b_seen.drain(..2) {
+        acked_late.insert((d.message.partition, d.message.offset));
         d.ack().await.unwrap();
     }
+    drop(b_seen);
     let mut redelivered = 0;
-    while redelivered < 40 - a_count {
+    while redelivered < 40 - a_count - 2 {
         let d = next(&mut a).await;
         assert!(b_parts.contains(&d.message.partition));
+        assert!(
+            !acked_late.contains(&(d.message.partition, d.message.offset)),
+            "an acked record came again"
+        );
         redelivered += 1;
         d.ack().await.unwrap();
     }
@@ -704,9 +719,86 @@ async fn held_deliveries_of_a_moved_partition_are_revoked() {
     assert_eq!(revoked.len(), 1, "one of two partitions moved: {revoked:?}");
 }
 
+/// A moved partition is read by its new owner only once the old owner's deliveries of it are
+/// done: an acked one counts (the new owner starts after it), a dropped one comes again.
+#[tokio::test]
+async fn a_moved_partition_waits_for_its_old_deliveries() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = open(dir.path());
+    topic(&bus, "t", 2).await;
+    let publish = |n: usize| {
+        let bus = &bus;
+        async move {
+            for _ in 0..n {
+                for p in 0..2u32 {
+                    let key = crate::bus::partitioner::key_in(p, 2, "k");
+                    bus.publish("t", OutRecord::new(key, "x")).await.unwrap();
+                }
+            }
+        }
+    };
+    // A holds offset 0 of each partition (at most two in flight), then more come.
+    publish(1).await;
+    let mut a = bus.subscribe("g", "t", opts(2)).await.unwrap();
+    let held = [next(&mut a).await, next(&mut a).await];
+    publish(2).await;
+    let mut b = bus.subscribe("g", "t", opts(16)).await.unwrap();
+    let (moved, kept): (Vec<_>, Vec<_>) = held.into_iter().partition(|d| d.revoked());
+    let (moved, kept) = (
+        moved.into_iter().next().expect("one moved"),
+        kept.into_iter().next().expect("one kept"),
+    );
+    let partition = moved.message.partition;
+    assert_eq!(moved.message.offset, 0);
+    // A still handles offset 0 of the moved partition: B reads nothing of it meanwhile.
+    assert!(quiet(&mut b).await, "read before the old owner was done");
+    kept.ack().await.unwrap();
+    assert!(quiet(&mut b).await, "read before the old owner was done");
+    // A finishes it: B starts after it.
+    moved.ack().await.unwrap();
+    let d = next(&mut b).await;
+    assert_eq!((d.message.partition, d.message.offset), (partition, 1));
+    // Once more the other way round: B holds offset 1, drops it when it moves back, and A
+    // gets offset 1 again.
+    drop(b);
+    let d2 = next(&mut a).await;
+    assert!(
+        d2.message.partition != partition || d2.message.offset >= 1,
+        "an acked record came again: {:?}",
+        (d2.message.partition, d2.message.offset)
+    );
+    drop(d);
+    let mut again = vec![(d2.message.partition, d2.message.offset)];
+    d2.ack().await.unwrap();
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(300), a.next()).await {
+        again.push((d.message.partition, d.message.offset));
+        d.ack().await.unwrap();
+    }
+    assert!(again.contains(&(partition, 1)), "{again:?}");
+    assert!(!again.contains(&(partition, 0)), "{again:?}");
+}
+
+/// A hand-over does not wait forever for a delivery that is never done.
+#[tokio::test]
+async fn a_hand_over_reads_anyway_after_its_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = open_with_handover(dir.path(), Duration::from_millis(600));
+    topic(&bus, "t", 1).await;
+    bus.publish("t", OutRecord::new("k", "x")).await.unwrap();
+    bus.publish("t", OutRecord::new("k", "y")).await.unwrap();
+    let mut a = bus.subscribe("g", "t", opts(1)).await.unwrap();
+    let stuck = next(&mut a).await;
+    drop(a); // the member leaves; its handler hangs on
+    let mut b = bus.subscribe("g", "t", opts(16)).await.unwrap();
+    assert!(quiet(&mut b).await);
+    let d = next(&mut b).await;
+    assert_eq!(d.message.offset, 0, "the stuck record comes again");
+    drop(stuck);
+}
+
 /// A consumer's lanes leave records of a partition given away while they were queued to the
-/// next owner instead of handling them too (only the one being handled at that moment is
-/// handled on both).
+/// next owner instead of handling them too, and the next owner starts only once the record
+/// being handled at that moment is done: every record is handled once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_leaves_queued_records_of_a_moved_partition() {
     use crate::bus::consumer::{Consumer, ConsumerOptions, HandleError, Handler};
@@ -777,25 +869,26 @@ async fn a_consumer_leaves_queued_records_of_a_moved_partition() {
         .subscribe("g", "t", SubscribeOptions::default())
         .await
         .unwrap();
+    // The lane still holds records of the moved partition: B waits for them.
+    assert!(quiet(&mut b).await, "B read while A was not done");
+    gate.open.add_permits(100);
     let mut taken_by_b = HashSet::new();
     while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(500), b.next()).await {
         taken_by_b.insert((d.message.partition, d.message.offset));
         d.ack().await.unwrap();
     }
-    assert_eq!(taken_by_b.len(), 3, "the moved partition's three records");
-    gate.open.add_permits(100);
-    tokio::time::sleep(Duration::from_millis(300)).await;
     stop.cancel();
     run.await.unwrap().unwrap();
     let handled = gate.handled.lock().unwrap().clone();
     let both: Vec<_> = handled.iter().filter(|r| taken_by_b.contains(r)).collect();
     assert!(
-        both.len() <= 1,
+        both.is_empty(),
         "handled by both members: {both:?} (A handled {handled:?})"
     );
-    assert_eq!(
-        handled.len() - both.len(),
-        3,
-        "A handled its own partition: {handled:?}"
-    );
+    let mut all: Vec<_> = handled.iter().copied().chain(taken_by_b).collect();
+    all.sort_unstable();
+    let want: Vec<_> = (0..2u32)
+        .flat_map(|p| (0..3u64).map(move |o| (p, o)))
+        .collect();
+    assert_eq!(all, want, "every record handled once (A: {handled:?})");
 }

@@ -30,6 +30,7 @@ use super::{session_claims, Claims};
 use crate::edge::{ApiError, AppState};
 use crate::events::chat::MessageKind;
 use crate::stores::provisioning::{ChatFile, NewChatFile, Object, ProvisioningError};
+use crate::stores::session::EntryKind;
 use crate::telemetry::metrics as m;
 
 /// Room for the multipart framing above `chat.max_file_bytes`: part headers, boundaries and
@@ -390,20 +391,49 @@ fn expires_at_ms(retention_s: u64, now_ms: i64) -> i64 {
 }
 
 /// A file to download (customer or agent): 410 `FILE_EXPIRED` past its expiry, and still after
-/// the sweeper deleted it, since a file id (UUID v7) carries its upload time.
+/// the sweeper deleted it: a file id (UUID v7) carries its upload time; a file stored under a
+/// client's `message_id` (a name-based id) has its upload in the transcript.
 pub(crate) async fn stored_file(
     state: &AppState,
     tenant: &str,
     conversation: &str,
     file_id: &str,
 ) -> Result<ChatFile, ApiError> {
+    let retention_s = state.config.chat.file_retention_s;
     match state.provisioning.file(tenant, conversation, file_id).await {
         Err(ProvisioningError::NotFound(Object::File))
-            if id_expired(file_id, state.config.chat.file_retention_s, now_ms()) =>
+            if id_expired(file_id, retention_s, now_ms())
+                || upload_expired(state, tenant, conversation, file_id).await =>
         {
             Err(ProvisioningError::Expired(Object::File).into())
         }
         found => Ok(found?),
+    }
+}
+
+/// Whether the transcript has the upload of `file_id` and it is past retention (a missing file
+/// whose id carries no time). Read only for a file that is not there, so a page walk is fine.
+async fn upload_expired(state: &AppState, tenant: &str, conversation: &str, file_id: &str) -> bool {
+    const PAGE: usize = 500;
+    let Ok(store) = state.sessions() else {
+        return false;
+    };
+    let mut from = 1;
+    loop {
+        let Ok(entries) = store.transcript(tenant, conversation, from, PAGE).await else {
+            return false;
+        };
+        let upload = entries.iter().find(|e| {
+            e.entry.kind == EntryKind::FileUploaded
+                && e.entry.data.get("file_id").map(String::as_str) == Some(file_id)
+        });
+        if let Some(e) = upload {
+            return expires_at_ms(state.config.chat.file_retention_s, e.entry.at_ms) <= now_ms();
+        }
+        match entries.last() {
+            Some(last) if entries.len() == PAGE => from = last.position + 1,
+            _ => return false,
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod client_key;
 mod files;
+mod presence;
 mod stream;
 mod v2;
 mod v3;
@@ -20,6 +21,7 @@ use crate::stores::provisioning::Permission;
 pub use client_key::{Claims, ClientKeys};
 pub use files::sweep as sweep_files;
 pub(crate) use files::{file_response, stored_file};
+pub use presence::Presence;
 pub(crate) use v3::{
     body_error, bus_message_id, check_message_id, check_text, check_user_data, json_body,
     transcript_page, typing_started, TranscriptQuery,
@@ -94,6 +96,7 @@ pub(crate) async fn chat_tenant(state: &AppState, headers: &HeaderMap) -> Result
 }
 
 /// The session a request may act on: its API key's tenant and a client key for this session.
+/// The request counts as the customer's sign of life.
 pub(crate) async fn session_claims(
     state: &AppState,
     headers: &HeaderMap,
@@ -106,7 +109,9 @@ pub(crate) async fn session_claims(
         .ok_or_else(|| {
             ApiError::unauthorized("send the session's client key in `x-nexus-client-key`")
         })?;
-    claims_for(state, raw, &tenant, session_id)
+    let claims = claims_for(state, raw, &tenant, session_id)?;
+    state.presence.seen(state, &claims);
+    Ok(claims)
 }
 
 /// The code of a client key that was valid for the session but has expired.

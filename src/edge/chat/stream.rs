@@ -58,11 +58,15 @@ async fn authorize(
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| ApiError::unauthorized("send the session's client key"))?;
     let claims = claims_for(state, raw, &tenant, id)?;
+    state.presence.seen(state, &claims);
     let mut api_key = HeaderMap::new();
     if let Some(v) = h.get("x-api-key") {
         api_key.insert("x-api-key", v.clone());
     }
-    Ok((claims, KeyCheck::new(state, api_key, tenant)))
+    Ok((
+        claims.clone(),
+        KeyCheck::new(state, api_key, tenant, claims),
+    ))
 }
 
 /// WebSocket close code when the API key a stream was opened with stops working (disabled,
@@ -70,21 +74,26 @@ async fn authorize(
 const API_KEY_REVOKED_CLOSE: u16 = 4003;
 
 /// The tenant API key a stream was opened with, checked again every `stores.auth_cache_ttl_ms`
-/// (a second at least): an open stream ends with its key, as requests do.
+/// (a second at least): an open stream ends with its key, as requests do. Each check that
+/// passes is also the customer's sign of life (see `presence`), so checks come at least as
+/// often as the sign of life needs.
 struct KeyCheck {
     headers: HeaderMap,
     tenant: String,
+    claims: Claims,
     every: tokio::time::Interval,
 }
 
 impl KeyCheck {
-    fn new(state: &AppState, headers: HeaderMap, tenant: String) -> Self {
+    fn new(state: &AppState, headers: HeaderMap, tenant: String, claims: Claims) -> Self {
         let every = Duration::from_millis(state.config.stores.auth_cache_ttl_ms.max(1_000));
+        let every = state.presence.every().map_or(every, |p| every.min(p));
         let mut every = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Self {
             headers,
             tenant,
+            claims,
             every,
         }
     }
@@ -96,7 +105,7 @@ impl KeyCheck {
         loop {
             self.every.tick().await;
             match super::chat_tenant(state, &self.headers).await {
-                Ok(tenant) if tenant == self.tenant => {}
+                Ok(tenant) if tenant == self.tenant => state.presence.seen(state, &self.claims),
                 Err(e) if e.status.is_server_error() => {}
                 Ok(_) => {
                     return ApiError::new(
@@ -137,6 +146,32 @@ impl Resumable {
             queue: VecDeque::new(),
             behind: false,
         }
+    }
+
+    /// The first read: the backlog from the stream's first position, which must not be past the
+    /// transcript's end. Positions there were never sent, and a stream from one would skip
+    /// the live entries up to it; a client resumes from the position after the last it got.
+    async fn open(&mut self) -> Result<(), ApiError> {
+        let from = self.last + 1;
+        self.catch_up().await?;
+        if from > 1 && self.queue.is_empty() {
+            let previous = self
+                .state
+                .sessions()?
+                .transcript(&self.claims.tid, &self.claims.sid, from - 1, 1)
+                .await
+                .map_err(|e| ApiError::unavailable(e.to_string()))?;
+            if previous.is_empty() {
+                return Err(ApiError::bad_request(
+                    "INVALID_POSITION",
+                    format!(
+                        "position {from} is past the end of the transcript; resume from the \
+                         position after the last one received"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Reads what the store has after `last`.
@@ -220,7 +255,7 @@ pub async fn websocket(
     let (claims, check) = authorize(&state, &headers, &q, &id).await?;
     let ws = state.socket(ws?);
     let mut feed = Resumable::new(state, claims, q.from.unwrap_or(1));
-    feed.catch_up().await?;
+    feed.open().await?;
     Ok(ws.on_upgrade(move |socket| serve_socket(socket, feed, check)))
 }
 
@@ -297,7 +332,7 @@ pub async fn sse(
         .or(q.from)
         .unwrap_or(1);
     let mut feed = Resumable::new(state, claims, from);
-    feed.catch_up().await?;
+    feed.open().await?;
     Ok(Sse::new(sse_stream(feed, check))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())

@@ -262,6 +262,7 @@ async fn run(
     form: Form,
 ) -> Result<Json<Value>, ApiError> {
     let claims = session(state, &form, tenant, chat_id)?;
+    state.presence.seen(state, &claims);
     let from = form.position()?;
     let tp = traceparent(headers);
     match op {

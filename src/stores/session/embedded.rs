@@ -253,6 +253,43 @@ impl EmbeddedStore {
         .map_err(storage("write task"))?
     }
 
+    /// Sets `key` seen until `ttl` from now; with `only_if_absent`, not if it is seen already
+    /// (false then).
+    async fn set_seen(
+        &self,
+        key: &str,
+        ttl: Duration,
+        only_if_absent: bool,
+    ) -> Result<bool, StoreError> {
+        let key = key.to_string();
+        self.write(move |txn| {
+            let now = now_ms();
+            sweep_seen(txn, now)?;
+            let mut seen = txn.open_table(SEEN).map_err(storage("open seen"))?;
+            let old = seen
+                .get(key.as_str())
+                .map_err(storage("read seen"))?
+                .map(|v| v.value());
+            if only_if_absent && old.is_some_and(|at| at > now) {
+                return Ok(false);
+            }
+            let at = now.saturating_add(ttl_ms(ttl).max(1));
+            seen.insert(key.as_str(), at)
+                .map_err(storage("write seen"))?;
+            let mut by_time = txn.open_table(SEEN_BY_TIME).map_err(storage("open seen"))?;
+            if let Some(old) = old {
+                by_time
+                    .remove((old, key.as_str()))
+                    .map_err(storage("remove seen"))?;
+            }
+            by_time
+                .insert((at, key.as_str()), ())
+                .map_err(storage("write seen"))?;
+            Ok(true)
+        })
+        .await
+    }
+
     /// Runs `f` on a read snapshot on the blocking pool.
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
@@ -1068,33 +1105,11 @@ impl SessionStore for EmbeddedStore {
     }
 
     async fn remember(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
-        let key = key.to_string();
-        self.write(move |txn| {
-            let now = now_ms();
-            sweep_seen(txn, now)?;
-            let mut seen = txn.open_table(SEEN).map_err(storage("open seen"))?;
-            let old = seen
-                .get(key.as_str())
-                .map_err(storage("read seen"))?
-                .map(|v| v.value());
-            if old.is_some_and(|at| at > now) {
-                return Ok(false);
-            }
-            let at = now.saturating_add(ttl_ms(ttl).max(1));
-            seen.insert(key.as_str(), at)
-                .map_err(storage("write seen"))?;
-            let mut by_time = txn.open_table(SEEN_BY_TIME).map_err(storage("open seen"))?;
-            if let Some(old) = old {
-                by_time
-                    .remove((old, key.as_str()))
-                    .map_err(storage("remove seen"))?;
-            }
-            by_time
-                .insert((at, key.as_str()), ())
-                .map_err(storage("write seen"))?;
-            Ok(true)
-        })
-        .await
+        self.set_seen(key, ttl, true).await
+    }
+
+    async fn refresh(&self, key: &str, ttl: Duration) -> Result<(), StoreError> {
+        self.set_seen(key, ttl, false).await.map(|_| ())
     }
 
     async fn seen(&self, key: &str) -> Result<bool, StoreError> {

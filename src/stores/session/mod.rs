@@ -276,6 +276,13 @@ pub fn start_mark(tenant: &str, conversation_id: &str) -> String {
     format!("chat-started:{tenant}:{conversation_id}")
 }
 
+/// The [`SessionStore::refresh`] key of a live chat's customer: edges refresh it while the
+/// customer makes requests or holds a stream open; the conversation worker closes the chat once
+/// it lapsed (`workers.conversation.abandon_timeout_s`).
+pub fn customer_mark(tenant: &str, conversation_id: &str) -> String {
+    format!("chat-customer:{tenant}:{conversation_id}")
+}
+
 #[async_trait]
 pub trait SessionStore: Send + Sync + 'static {
     /// Writes the record if the stored one still has `c.version` (0: none stored yet) and
@@ -414,6 +421,10 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// True the first time `key` is seen within `ttl` (dedup of effects by event id).
     async fn remember(&self, key: &str, ttl: Duration) -> Result<bool, StoreError>;
+
+    /// Remembers `key` for `ttl` from now, whether or not it was there (a sign of life that each
+    /// call extends, where [`Self::remember`] keeps the first).
+    async fn refresh(&self, key: &str, ttl: Duration) -> Result<(), StoreError>;
 
     /// Whether `key` was remembered and its `ttl` has not run out.
     async fn seen(&self, key: &str) -> Result<bool, StoreError>;

@@ -763,6 +763,17 @@ impl SessionStore for RedisStore {
         Ok(!matches!(set, Value::Nil))
     }
 
+    async fn refresh(&self, key: &str, ttl: Duration) -> Result<(), StoreError> {
+        ::redis::cmd("SET")
+            .arg(self.seen_key(key))
+            .arg(1)
+            .arg("PX")
+            .arg(ttl_ms(ttl))
+            .query_async::<()>(&mut self.conn())
+            .await
+            .map_err(redis_err)
+    }
+
     async fn seen(&self, key: &str) -> Result<bool, StoreError> {
         ::redis::cmd("EXISTS")
             .arg(self.seen_key(key))

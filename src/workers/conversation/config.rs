@@ -17,6 +17,10 @@ pub struct ConversationConfig {
     pub idle_timeout_s: u64,
     /// ...and is closed (`IDLE_TIMEOUT`) this much later unless the customer returns.
     pub close_grace_s: u64,
+    /// A live (not async) chat whose customer showed no sign of life this long (no request,
+    /// no open stream) is closed as left (`CUSTOMER_LEFT`); 0 keeps such chats until closed.
+    /// Edges refresh the sign of life from the same setting.
+    pub abandon_timeout_s: u64,
     /// How long a bot has to answer one message.
     pub bot_timeout_ms: u64,
     /// A bot that is down (unreachable, timeout, 5xx): `queue` hands the conversation to its
@@ -40,6 +44,7 @@ impl Default for ConversationConfig {
             closed_retention_s: 7 * 86_400,
             idle_timeout_s: 86_400,
             close_grace_s: 3_600,
+            abandon_timeout_s: 600,
             bot_timeout_ms: 5_000,
             bot_fallback: BotFallback::Queue,
         }

@@ -15,8 +15,8 @@ use crate::bus::consumer::HandleError;
 use crate::events::chat::{self as ev, Channel, ClientEventKind, ParticipantKind};
 use crate::events::Event;
 use crate::stores::session::{
-    Conversation, ConversationState, Entry, EntryKind, NewEntry, Party, PartyKind, Reserve,
-    Routing, Timer,
+    customer_mark, Conversation, ConversationState, Entry, EntryKind, NewEntry, Party, PartyKind,
+    Reserve, Routing, Timer,
 };
 
 pub(crate) const OFFER_TIMER: &str = "offer";
@@ -27,6 +27,9 @@ pub(crate) const CONSULT_TIMER: &str = "consult";
 pub(crate) const IDLE_TIMER: &str = "idle";
 /// Async chat: the grace after the notice ran out (the conversation closes).
 pub(crate) const IDLE_CLOSE_TIMER: &str = "idle_close";
+/// Live chat: due `abandon_timeout_s` after the customer's last known activity; while edges
+/// keep the customer's mark fresh it comes again, once the mark lapsed the chat closes.
+pub(crate) const ABANDON_TIMER: &str = "abandon";
 
 /// The earliest a timer armed by a handler may fire, from now: handlers arm timers before they
 /// save the record (so a crash between the two leaves a timer, never a record without one),
@@ -364,14 +367,17 @@ impl ConversationWorker {
         self.save(&mut c, e).await
     }
 
-    /// Async chat: (re)sets the idle timer from the customer's last activity.
+    /// (Re)sets the timer that ends a chat whose customer went away, from the customer's last
+    /// activity: async chats' idle timer, live chats' abandon timer.
     async fn arm_idle(&self, c: &Conversation) -> Step {
-        if !c.routing.is_async {
-            return Ok(());
-        }
-        let due = c.last_activity_ms + secs_ms(self.config.idle_timeout_s);
+        let (kind, timeout) = match (c.routing.is_async, self.config.abandon_timeout_s) {
+            (true, _) => (IDLE_TIMER, self.config.idle_timeout_s),
+            (false, 0) => return Ok(()),
+            (false, abandon) => (ABANDON_TIMER, abandon),
+        };
+        let due = c.last_activity_ms + secs_ms(timeout);
         self.store
-            .schedule(&self.timer(IDLE_TIMER, c), not_before_save(due))
+            .schedule(&self.timer(kind, c), not_before_save(due))
             .await
             .map_err(store_failed)
     }
@@ -1048,6 +1054,10 @@ impl ConversationWorker {
         } else {
             ev::CloseReason::CustomerLeft
         };
+        if b.reason == ev::LeftReason::Disconnected && self.customer_is_back(e).await? {
+            info!(conversation_id = %e.envelope.conversation_id, "the customer came back before the abandoned chat closed; kept open");
+            return Ok(());
+        }
         let Some(mut c) = self.closing(e, reason, Some(&b.participant_id)).await? else {
             return Ok(());
         };
@@ -1065,6 +1075,13 @@ impl ConversationWorker {
         let left = entry(e, EntryKind::ParticipantLeft, c.customer.clone(), None);
         self.append(&c, e, "left", left).await?;
         self.close(&mut c, e, reason, Some(b.participant_id)).await
+    }
+
+    /// Whether the customer of `e`'s live chat showed a sign of life since the abandon timer
+    /// found none (edges refreshed its mark in between).
+    async fn customer_is_back(&self, e: &Event) -> Result<bool, HandleError> {
+        let mark = customer_mark(&e.envelope.tenant_id, &e.envelope.conversation_id);
+        self.store.seen(&mark).await.map_err(store_failed)
     }
 
     pub(super) async fn on_completed(&self, e: &Event, b: ev::ConversationCompleted) -> Step {

@@ -1,5 +1,7 @@
 //! The conversation role's timer loop: offers and consultant invitations that lapsed become
-//! `AgentRejected` (TIMEOUT), queued conversations are offered again, idle async chats get a notice and then close, each as an event keyed by its conversation so
+//! `AgentRejected` (TIMEOUT), queued conversations are offered again, idle async chats get a
+//! notice and then close, live chats whose customer vanished close, each as an event keyed by
+//! its conversation so
 //! the conversation's handler applies it in order. Every worker instance runs the loop; a due
 //! timer is leased to exactly one of them (the store's `claim_due`) and completed after its
 //! action, so a worker dying in between delays the timer by the lease, never loses it.
@@ -11,13 +13,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info_span, warn, Instrument};
 
 use super::flow::{
-    secs_ms, CONSULT_TIMER, IDLE_CLOSE_TIMER, IDLE_TIMER, OFFER_TIMER, QUEUED_TIMER,
+    secs_ms, ABANDON_TIMER, CONSULT_TIMER, IDLE_CLOSE_TIMER, IDLE_TIMER, OFFER_TIMER, QUEUED_TIMER,
 };
 use super::{ConversationWorker, AGENT_TOPIC, INBOUND_TOPIC};
 use crate::bus::consumer::HandleError;
 use crate::events::chat::{self as ev, derived_id};
 use crate::events::Event;
-use crate::stores::session::{ConversationState, Timer};
+use crate::stores::session::{customer_mark, ConversationState, Timer};
 use crate::telemetry::metrics as m;
 
 const CLAIM_BATCH: usize = 100;
@@ -39,6 +41,7 @@ pub async fn run(worker: Arc<ConversationWorker>, stop: CancellationToken) {
             IDLE_TIMER,
             IDLE_CLOSE_TIMER,
             CONSULT_TIMER,
+            ABANDON_TIMER,
         ] {
             let span = info_span!("timers", kind);
             async {
@@ -204,6 +207,49 @@ async fn fire(worker: &ConversationWorker, timer: &Timer, now: i64) -> Result<()
             let event = Event::typed(&body, &c.tenant_id, &c.conversation_id, super::PRODUCER)
                 .map_err(|e| HandleError::Retry(e.to_string()))?
                 .with_derived_id(&seed(&c.conversation_id, c.last_activity_ms), "idle-close");
+            crate::events::publish::publish(worker.bus.as_ref(), INBOUND_TOPIC, &event)
+                .await
+                .map_err(|e| HandleError::Retry(e.to_string()))?;
+        }
+        ABANDON_TIMER if c.state != ConversationState::Closed && !c.routing.is_async => {
+            let timeout = secs_ms(worker.config.abandon_timeout_s);
+            let mark = customer_mark(&c.tenant_id, &c.conversation_id);
+            if timeout == 0
+                || worker
+                    .store
+                    .seen(&mark)
+                    .await
+                    .map_err(super::store_failed)?
+            {
+                if timeout > 0 {
+                    // The mark lives `timeout` from its last refresh: look again within a
+                    // quarter of it, so a chat closes at most 1.25 timeouts after its customer
+                    // was last seen.
+                    let due = now + (timeout / 4).max(1_000);
+                    worker
+                        .store
+                        .schedule(timer, due)
+                        .await
+                        .map_err(super::store_failed)?;
+                }
+                return Ok(());
+            }
+            let body = ev::ParticipantLeft {
+                participant_id: c.customer.participant_id.clone(),
+                participant_kind: ev::ParticipantKind::Customer,
+                nickname: Some(c.customer.nickname.clone()),
+                reason: ev::LeftReason::Disconnected,
+                transcript_position: None,
+            };
+            // A chat is abandoned once (it closes): the id derives from the conversation, so
+            // a timer fired twice closes it once.
+            let source = uuid::Uuid::new_v5(
+                &uuid::Uuid::NAMESPACE_OID,
+                format!("{}/abandoned", c.conversation_id).as_bytes(),
+            );
+            let event = Event::typed(&body, &c.tenant_id, &c.conversation_id, super::PRODUCER)
+                .map_err(|e| HandleError::Retry(e.to_string()))?
+                .with_derived_id(&source, "abandoned");
             crate::events::publish::publish(worker.bus.as_ref(), INBOUND_TOPIC, &event)
                 .await
                 .map_err(|e| HandleError::Retry(e.to_string()))?;

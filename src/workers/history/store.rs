@@ -287,15 +287,30 @@ impl HistoryStore {
         Ok(r.rows_affected() == 1)
     }
 
-    /// Deletes finished conversations (status set at UCS) last changed before `before_ms`;
-    /// answers how many. Their entries were dropped when the transcript was written.
+    /// Deletes finished conversations (status set at UCS) last changed before `before_ms`, and
+    /// closed ones that never finished (their UCS writes were dead-lettered) with the entries
+    /// they kept; answers how many conversations. Open ones stay however old: an async chat can
+    /// stay open for weeks while its customer keeps coming back.
     pub async fn prune_done(&self, before_ms: i64) -> Result<u64, StoreError> {
-        let done =
-            sqlx::query("DELETE FROM history_conversations WHERE step = $1 AND updated_at_ms < $2")
-                .bind(Step::Done as i64)
-                .bind(before_ms)
-                .execute(&self.pool)
-                .await?;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "DELETE FROM history_entries WHERE EXISTS (SELECT 1 FROM history_conversations c \
+             WHERE c.tenant_id = history_entries.tenant_id \
+             AND c.conversation_id = history_entries.conversation_id \
+             AND c.closed_json IS NOT NULL AND c.updated_at_ms < $1)",
+        )
+        .bind(before_ms)
+        .execute(&mut *tx)
+        .await?;
+        let done = sqlx::query(
+            "DELETE FROM history_conversations WHERE (step = $1 OR closed_json IS NOT NULL) \
+             AND updated_at_ms < $2",
+        )
+        .bind(Step::Done as i64)
+        .bind(before_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
         Ok(done.rows_affected())
     }
 

@@ -295,14 +295,29 @@ async fn the_state_store_applies_each_step_once() {
             .await
             .expect("advance"));
     }
+    // Closed, but its UCS writes never finished (dead-lettered): pruned with its entries.
+    assert!(s
+        .record_start("t", "stuck", &started(), "e3")
+        .await
+        .expect("start stuck"));
+    assert!(s
+        .add_entry("t", "stuck", &entry(0, "hi", &[]))
+        .await
+        .expect("stuck entry"));
+    assert!(s
+        .record_close("t", "stuck", &closed, "e4")
+        .await
+        .expect("close stuck"));
     let cut = chrono::Utc::now().timestamp_millis() + 1_000;
     assert_eq!(
         s.prune_done(cut - 60_000).await.expect("prune"),
         0,
         "too new"
     );
-    assert_eq!(s.prune_done(cut).await.expect("prune"), 1);
+    assert_eq!(s.prune_done(cut).await.expect("prune"), 2);
     assert!(s.load("t", "c").await.expect("load").is_none());
+    assert!(s.load("t", "stuck").await.expect("load").is_none());
+    assert!(s.entries("t", "stuck").await.expect("entries").is_empty());
     assert!(
         s.load("t", "open").await.expect("load").is_some(),
         "an open conversation is kept however old"
