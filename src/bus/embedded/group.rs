@@ -12,8 +12,8 @@
 //!
 //! A partition that moves waits for its old owner's deliveries: the new owner reads it only
 //! once every record handed out under older epochs is acked or dropped (or after
-//! `bus.embedded.handover_wait_ms`), so a record still being handled never finishes after its successor's,
-//! as the brokers' revoke waits do.
+//! `bus.embedded.handover_wait_ms`), so a record still being handled never finishes after its
+//! successor's, as the brokers' revoke waits do.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -69,6 +69,28 @@ impl PartTrack {
         }
         self.out = 0;
         self.epoch = epoch;
+    }
+
+    /// A delivery handed out under `epoch` is done; true if that ended a hand-over's wait (the
+    /// new owner may read).
+    fn release(&mut self, epoch: u64) -> bool {
+        if self.epoch == epoch {
+            self.out = self.out.saturating_sub(1);
+            return false;
+        }
+        let Some(left) = self.draining.get_mut(&epoch) else {
+            return false;
+        };
+        *left = left.saturating_sub(1);
+        if *left > 0 {
+            return false;
+        }
+        self.draining.remove(&epoch);
+        if !self.draining.is_empty() {
+            return false;
+        }
+        self.drain_until = None;
+        true
     }
 
     /// Whether deliveries of earlier epochs still hold the partition back.
@@ -300,31 +322,35 @@ impl Inner {
             return Err(BusError::Closed);
         }
         let mut groups = lock(&self.groups);
-        let Some(t) = groups
-            .get_mut(key)
-            .and_then(|gs| gs.parts.get_mut(partition as usize))
-        else {
+        let Some(gs) = groups.get_mut(key) else {
+            return Ok(());
+        };
+        let Some(t) = gs.parts.get_mut(partition as usize) else {
             return Ok(());
         };
         // The old owner's acks while a moved partition waits for them still count: its new
         // owner has read nothing yet and starts after them.
         let draining = t.draining.contains_key(&epoch);
-        if !draining && (t.epoch != epoch || t.owner.is_none()) {
+        if draining || (t.epoch == epoch && t.owner.is_some()) {
+            if offset >= t.base {
+                t.done.insert(offset, offset + 1);
+                self.advance(key, partition, t);
+            }
+            if draining {
+                t.next_fetch = t.next_fetch.max(t.base);
+            }
+        } else {
             tracing::debug!(group = %key.0, topic = %key.1, partition, offset, "ack of a revoked partition ignored");
-            return Ok(());
         }
-        if offset >= t.base {
-            t.done.insert(offset, offset + 1);
-            self.advance(key, partition, t);
-        }
-        if draining {
-            t.next_fetch = t.next_fetch.max(t.base);
+        // The delivery is done (under the same lock, so the new owner starts after its ack).
+        if t.release(epoch) {
+            gs.changed.send_modify(|g| *g = g.wrapping_add(1));
         }
         Ok(())
     }
 
     /// Hands out a record of `partition` read under `epoch` if `member` still owns it there;
-    /// the delivery counts until [`Self::release`].
+    /// the delivery counts until it is acked or [`Self::release`]d.
     pub(super) fn hand_out(&self, key: &GroupKey, member: u64, partition: u32, epoch: u64) -> bool {
         let mut groups = lock(&self.groups);
         let Some(t) = groups
@@ -340,30 +366,18 @@ impl Inner {
         owned
     }
 
-    /// A delivery handed out under `epoch` is done (acked or dropped). The last one of a moved
-    /// partition's old epochs lets its new owner read.
+    /// A delivery handed out under `epoch` is done without an ack (dropped).
     pub(super) fn release(&self, key: &GroupKey, partition: u32, epoch: u64) {
         let mut groups = lock(&self.groups);
         let Some(gs) = groups.get_mut(key) else {
             return;
         };
-        let Some(t) = gs.parts.get_mut(partition as usize) else {
-            return;
-        };
-        if t.epoch == epoch {
-            t.out = t.out.saturating_sub(1);
-            return;
-        }
-        let Some(left) = t.draining.get_mut(&epoch) else {
-            return;
-        };
-        *left = left.saturating_sub(1);
-        if *left == 0 {
-            t.draining.remove(&epoch);
-            if t.draining.is_empty() {
-                t.drain_until = None;
-                gs.changed.send_modify(|g| *g = g.wrapping_add(1));
-            }
+        let released = gs
+            .parts
+            .get_mut(partition as usize)
+            .is_some_and(|t| t.release(epoch));
+        if released {
+            gs.changed.send_modify(|g| *g = g.wrapping_add(1));
         }
     }
 

@@ -124,6 +124,7 @@ impl EmbeddedSubscription {
                 partition: message.partition,
                 offset: message.offset,
                 epoch,
+                acked: false,
                 _permit: permit,
             };
             return Some(Delivery::new(message, Box::new(acker)));
@@ -211,6 +212,8 @@ struct EmbeddedAcker {
     partition: u32,
     offset: u64,
     epoch: u64,
+    /// The ack told the group the delivery is done; otherwise dropping it does.
+    acked: bool,
     /// Frees the in-flight slot when acked or dropped.
     _permit: OwnedSemaphorePermit,
 }
@@ -225,17 +228,23 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 
 impl Drop for EmbeddedAcker {
     fn drop(&mut self) {
-        // Acked or dropped: either way no longer being handled (see `group`'s hand-over).
-        self.inner.release(&self.key, self.partition, self.epoch);
+        // Dropped unacked: no longer being handled either (see `group`'s hand-over).
+        if !self.acked {
+            self.inner.release(&self.key, self.partition, self.epoch);
+        }
     }
 }
 
 #[async_trait]
 impl Acker for EmbeddedAcker {
     /// Returns once the resulting commit (if the prefix moved) is queued to the writer.
-    async fn ack(self: Box<Self>) -> Result<(), BusError> {
-        self.inner
-            .ack(&self.key, self.partition, self.offset, self.epoch)
+    async fn ack(mut self: Box<Self>) -> Result<(), BusError> {
+        let acked = self
+            .inner
+            .ack(&self.key, self.partition, self.offset, self.epoch);
+        // A closed bus tracks nothing more; either way the drop need not release.
+        self.acked = true;
+        acked
     }
 
     fn revoked(&self) -> bool {
