@@ -986,6 +986,8 @@ async fn v3_bodies_are_validated_before_anything_is_published() {
         ("bad from", "from=abc"),
         ("negative limit", "limit=-1"),
         ("huge from", "from=99999999999999999999999"),
+        ("bad wait", "wait_s=soon"),
+        ("negative wait", "wait_s=-1"),
     ] {
         fx.rejected(
             &format!("transcript: {what}"),

@@ -526,6 +526,76 @@ async fn a_live_chat_whose_customer_vanished_closes() {
     assert!(seen.is_err(), "the open stream's chat closed: {seen:?}");
 }
 
+/// A customer without a stream long-polls the transcript on another edge: the poll waits and
+/// answers as soon as an entry past its position is there; with nothing new it answers an empty
+/// page once its wait is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_answers_when_an_entry_arrives() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (system, _admin, tenant, _store) = TwoEdges::with_tenant(dir.path(), Vec::new()).await;
+    let (a, b) = (system.edge_a.url.clone(), system.edge_b.url.clone());
+    let key = tenant.api_key.clone();
+    let (sid, ck) = start_session(&a, &key, json!({"nickname": "Lou"})).await;
+    let http = reqwest::Client::new();
+    let poll = |url: String, q: String| {
+        let (http, key, ck, sid) = (http.clone(), key.clone(), ck.clone(), sid.clone());
+        async move {
+            let r = http
+                .get(format!("{url}/nexus/v3/chat/sessions/{sid}/messages?{q}"))
+                .header("x-api-key", &key)
+                .header("x-nexus-client-key", &ck)
+                .send()
+                .await
+                .expect("poll");
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.expect("json")
+        }
+    };
+    // The customer's join is in the transcript once the worker applied the start.
+    let next = eventually(WAIT, "the join is in the transcript", || {
+        let read = poll(b.clone(), "from=1".into());
+        async move {
+            let page = read.await;
+            let joined = page["messages"].as_array().is_some_and(|m| !m.is_empty());
+            joined.then(|| page["next_position"].as_u64().expect("next_position"))
+        }
+    })
+    .await;
+    // Nothing new: the poll answers an empty page at the end of its wait.
+    let started = std::time::Instant::now();
+    let page = poll(b.clone(), format!("from={next}&wait_s=1")).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "did not wait"
+    );
+    assert_eq!(page["messages"], json!([]));
+    assert_eq!(page["next_position"], next);
+    // A message sent through the other edge ends a long wait.
+    let waiting = tokio::spawn(poll(b.clone(), format!("from={next}&wait_s=30")));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "answered with nothing new");
+    let r = http
+        .post(format!("{a}/nexus/v3/chat/sessions/{sid}/messages"))
+        .header("x-api-key", &key)
+        .header("x-nexus-client-key", &ck)
+        .json(&json!({"text": "anyone there?"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 202);
+    let page = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("the poll answered in time")
+        .expect("poll task");
+    let texts: Vec<&str> = page["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["text"].as_str())
+        .collect();
+    assert_eq!(texts, ["anyone there?"], "{page}");
+}
+
 /// A conversation worker and two edges on their own NATS JetStream, a fresh PostgreSQL
 /// database and Redis. Fields drop in order: processes first, then the broker and database.
 struct TwoEdges {

@@ -1,9 +1,10 @@
 //! Web chat for customers: Chat API v3 (`/nexus/v3/chat/sessions...`, JSON, WebSocket and
-//! SSE streams, multipart file upload). Requests become events on the inbound topic; reads
+//! SSE streams or long polls, multipart file upload). Requests become events on the inbound topic; reads
 //! come from the session store (files: the provisioning database).
 
 pub mod client_key;
 mod files;
+mod poll;
 mod presence;
 mod stream;
 mod v2;
@@ -37,7 +38,7 @@ pub fn routes(max_file_bytes: usize) -> Router<AppState> {
         .route("/nexus/v3/chat/sessions", post(v3::start))
         .route(
             "/nexus/v3/chat/sessions/{id}/messages",
-            post(v3::send).get(v3::transcript),
+            post(v3::send).get(poll::transcript),
         )
         .route("/nexus/v3/chat/sessions/{id}/typing", post(v3::typing))
         .route(

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use serde::de::DeserializeOwned;
@@ -643,17 +643,6 @@ pub(crate) async fn read_transcript(
         .map(|e| entry_json(conversation_id, e))
         .collect();
     Ok((json, next, ended))
-}
-
-pub async fn transcript(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-    query: Result<Query<TranscriptQuery>, QueryRejection>,
-    headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
-    let c = session_claims(&state, &headers, &id).await?;
-    let Query(q) = query?;
-    transcript_page(&state, &c.tid, &c.sid, &q).await
 }
 
 /// Merges user data into the conversation (and removes `removed` keys).
