@@ -806,7 +806,11 @@ async fn lapsed_and_rejected_offers_go_to_the_next_agent() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (node, admin, tenant) = dev(
         dir.path(),
-        &[("NEXUS_WORKERS__CONVERSATION__OFFER_TIMEOUT_MS", "1500")],
+        &[
+            ("NEXUS_WORKERS__CONVERSATION__OFFER_TIMEOUT_MS", "1500"),
+            // The first agent is asked again after its lapse (see the RONA test for the default).
+            ("NEXUS_WORKERS__CONVERSATION__NOT_READY_ON_LAPSE", "false"),
+        ],
     )
     .await;
     let url = node.url.as_str();
@@ -876,6 +880,62 @@ async fn lapsed_and_rejected_offers_go_to_the_next_agent() {
     }
 }
 
+/// An agent who lets an offer lapse is set not ready (`NOT_RESPONDING`), told so on its socket,
+/// and offered nothing more until it says ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_who_lets_an_offer_lapse_is_set_not_ready() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, admin, tenant) = dev(
+        dir.path(),
+        &[("NEXUS_WORKERS__CONVERSATION__OFFER_TIMEOUT_MS", "1000")],
+    )
+    .await;
+    let url = node.url.as_str();
+    let (away_id, away_token) = provision_agent(&admin, &tenant, "away", 1).await;
+    let mut away = agent_ready(url, &away_token).await;
+    let start = |nickname: &'static str| {
+        let key = tenant.api_key.clone();
+        async move {
+            start_session(url, &key, json!({"nickname": nickname}))
+                .await
+                .0
+        }
+    };
+    let first = start("Di").await;
+    let offer = ws_until(&mut away, WAIT, |v| v["type"] == "offer").await;
+    assert_eq!(offer["conversation_id"], first.as_str());
+    let lapsed = ws_until(&mut away, WAIT, |v| v["type"] == "offer_closed").await;
+    assert_eq!(lapsed["reason"], "TIMEOUT");
+    let state = ws_until(&mut away, WAIT, |v| v["type"] == "agent_state").await;
+    assert_eq!(state["state"], "not_ready");
+    assert_eq!(state["reason_code"], "NOT_RESPONDING");
+    let me = reqwest::Client::new()
+        .get(format!("{url}/v1/agent/me"))
+        .bearer_auth(&away_token)
+        .send()
+        .await
+        .expect("me")
+        .json::<Value>()
+        .await
+        .expect("json");
+    assert_eq!(me["id"], away_id.as_str(), "{me}");
+    assert_eq!(me["ready"], false, "{me}");
+    // A second chat waits rather than being offered to the agent who is away.
+    let second = start("Ed").await;
+    let quiet = tokio::time::timeout(Duration::from_millis(2500), async {
+        ws_until(&mut away, WAIT, |v| v["type"] == "offer").await
+    })
+    .await;
+    assert!(quiet.is_err(), "offered while not ready: {quiet:?}");
+    // Back at the desk: ready again, and the waiting chats are offered (the first not again:
+    // this agent declined it by letting it lapse).
+    ws_send(&mut away, json!({"op": "ready"})).await;
+    let back = ws_until(&mut away, WAIT, |v| v["type"] == "agent_state").await;
+    assert_eq!(back["state"], "ready");
+    let offer = ws_until(&mut away, WAIT, |v| v["type"] == "offer").await;
+    assert_eq!(offer["conversation_id"], second.as_str());
+}
+
 /// An agent offered the same conversation a second time (here by a transfer by name, after
 /// letting the first offer lapse) can let that offer lapse too: it goes on to the next agent
 /// instead of staying offered to the one who never answers.
@@ -884,7 +944,11 @@ async fn a_second_offer_to_one_agent_lapses_like_the_first() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (node, admin, tenant) = dev(
         dir.path(),
-        &[("NEXUS_WORKERS__CONVERSATION__OFFER_TIMEOUT_MS", "1000")],
+        &[
+            ("NEXUS_WORKERS__CONVERSATION__OFFER_TIMEOUT_MS", "1000"),
+            // Agents that let an offer lapse stay ready here, to be offered again.
+            ("NEXUS_WORKERS__CONVERSATION__NOT_READY_ON_LAPSE", "false"),
+        ],
     )
     .await;
     let url = node.url.as_str();

@@ -82,6 +82,8 @@ class Flow:
                 }""",
                 polling=200,
             )
+            # The worker tells the console the state it applied.
+            a.wait_for_function("document.getElementById('status').textContent === 'ready'")
 
         def customer_sends():
             b.goto(f"{self.base}/demo/widget")

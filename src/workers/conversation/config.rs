@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 pub struct ConversationConfig {
     /// How long an agent has to accept an offer before it goes to the next agent.
     pub offer_timeout_ms: u64,
+    /// An agent who lets an offer lapse is set not ready (reason `NOT_RESPONDING`) until it
+    /// says ready again, so chats stop waiting on a desk nobody sits at.
+    pub not_ready_on_lapse: bool,
     /// How often a queued conversation is tried again when no agent was free.
     pub requeue_interval_ms: u64,
     /// How often the timer loop looks for due timers.
@@ -39,6 +42,7 @@ impl Default for ConversationConfig {
     fn default() -> Self {
         Self {
             offer_timeout_ms: 30_000,
+            not_ready_on_lapse: true,
             requeue_interval_ms: 2_000,
             timer_interval_ms: 200,
             closed_retention_s: 7 * 86_400,

@@ -44,6 +44,9 @@ fn not_before_save(due_ms: i64) -> i64 {
 /// Waiters a dispatch looks at, from the head of the queue.
 const DISPATCH_WALK: usize = 16;
 
+/// The reason code of the not-ready state an agent is put in when it lets an offer lapse.
+pub(crate) const NOT_RESPONDING: &str = "NOT_RESPONDING";
+
 /// Whether a waiter takes any free agent (no skills asked, none excluded).
 fn fits_anyone(c: &Conversation) -> bool {
     c.routing.skills.is_empty() && c.routing.target_agent.is_none() && c.declined_by.is_empty()
@@ -800,6 +803,18 @@ impl ConversationWorker {
         let client = notify::to_agent(&b.agent_id, ClientEventKind::OfferClosed, closed);
         self.emit(DELIVERY_TOPIC, e, &c.conversation_id, "client", &client)
             .await?;
+        if b.reason == ev::RejectReason::Timeout && self.config.not_ready_on_lapse {
+            // Redirect on no answer: the agent takes no more offers until it says ready. An
+            // agent event, keyed by the agent (ordered with its own ready / not ready).
+            let not_ready = ev::AgentStateChanged {
+                agent_id: b.agent_id.clone(),
+                state: ev::AgentState::NotReady,
+                reason_code: Some(NOT_RESPONDING.into()),
+                capacity: BTreeMap::new(),
+            };
+            self.emit(AGENT_TOPIC, e, &b.agent_id, "not-responding", &not_ready)
+                .await?;
+        }
         self.wait_in_queue(&c, e).await?;
         self.save(&mut c, e).await
     }
@@ -1548,8 +1563,13 @@ impl ConversationWorker {
             )
             .await
             .map_err(store_failed)?;
-        info!(agent = %b.agent_id, ready, "agent state");
-        Ok(())
+        info!(agent = %b.agent_id, ready, reason = ?b.reason_code, "agent state");
+        // The agent's desks learn it too (another tab, or a state the system set).
+        let state = if ready { "ready" } else { "not_ready" };
+        let pushed = json!({"type": "agent_state", "state": state, "reason_code": b.reason_code});
+        let client = notify::to_agent(&b.agent_id, ClientEventKind::State, pushed);
+        self.emit(DELIVERY_TOPIC, e, &b.agent_id, "client", &client)
+            .await
     }
 
     /// Closes: frees the agent, leaves the queue, tells everyone, lets the record expire.
