@@ -1641,9 +1641,61 @@ async fn agent_endpoints_refuse_bad_tokens_and_bodies() {
             "INVALID_BODY",
         ),
         (
-            "state: unknown field".into(),
+            "state: capacity not a map".into(),
             "/v1/agent/state".into(),
             r#"{"state":"ready","capacity":9}"#.into(),
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            "state: unknown field".into(),
+            "/v1/agent/state".into(),
+            r#"{"state":"ready","mood":"fine"}"#.into(),
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            "state: reason code while ready".into(),
+            "/v1/agent/state".into(),
+            r#"{"state":"ready","reason_code":"BREAK"}"#.into(),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "state: reason code with a space".into(),
+            "/v1/agent/state".into(),
+            r#"{"state":"not_ready","reason_code":"coffee break"}"#.into(),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "state: reason code too long".into(),
+            "/v1/agent/state".into(),
+            format!(
+                r#"{{"state":"not_ready","reason_code":"{}"}}"#,
+                "B".repeat(65)
+            ),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "state: capacity above the provisioned one".into(),
+            "/v1/agent/state".into(),
+            r#"{"state":"ready","capacity":{"chat":1000}}"#.into(),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "state: capacity of a media not provisioned".into(),
+            "/v1/agent/state".into(),
+            r#"{"state":"ready","capacity":{"fax":1}}"#.into(),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "state: negative capacity".into(),
+            "/v1/agent/state".into(),
+            r#"{"state":"ready","capacity":{"chat":-1}}"#.into(),
             400,
             "INVALID_BODY",
         ),
@@ -1894,6 +1946,26 @@ async fn agent_endpoints_refuse_bad_tokens_and_bodies() {
     fx.accepted(
         "state",
         post("/v1/agent/state".into(), r#"{"state":"not_ready"}"#),
+        202,
+        (0, 1),
+    )
+    .await;
+    fx.accepted(
+        "state with a reason",
+        post(
+            "/v1/agent/state".into(),
+            r#"{"state":"not_ready","reason_code":"BREAK"}"#,
+        ),
+        202,
+        (0, 1),
+    )
+    .await;
+    fx.accepted(
+        "state with a lower capacity",
+        post(
+            "/v1/agent/state".into(),
+            r#"{"state":"ready","capacity":{"chat":1}}"#,
+        ),
         202,
         (0, 1),
     )

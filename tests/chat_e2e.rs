@@ -906,8 +906,10 @@ async fn an_agent_who_lets_an_offer_lapse_is_set_not_ready() {
     assert_eq!(offer["conversation_id"], first.as_str());
     let lapsed = ws_until(&mut away, WAIT, |v| v["type"] == "offer_closed").await;
     assert_eq!(lapsed["reason"], "TIMEOUT");
-    let state = ws_until(&mut away, WAIT, |v| v["type"] == "agent_state").await;
-    assert_eq!(state["state"], "not_ready");
+    let state = ws_until(&mut away, WAIT, |v| {
+        v["type"] == "agent_state" && v["state"] == "not_ready"
+    })
+    .await;
     assert_eq!(state["reason_code"], "NOT_RESPONDING");
     let me = reqwest::Client::new()
         .get(format!("{url}/v1/agent/me"))
@@ -934,6 +936,49 @@ async fn an_agent_who_lets_an_offer_lapse_is_set_not_ready() {
     assert_eq!(back["state"], "ready");
     let offer = ws_until(&mut away, WAIT, |v| v["type"] == "offer").await;
     assert_eq!(offer["conversation_id"], second.as_str());
+}
+
+/// An agent's state may say why it is not ready and lower its capacity: its desk is told what
+/// was applied, and routing keeps to the lower capacity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_state_carries_a_reason_and_a_lower_capacity() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, admin, tenant) = dev(dir.path(), &[]).await;
+    let url = node.url.as_str();
+    let (_, token) = provision_agent(&admin, &tenant, "Flo", 2).await;
+    let mut desk = agent_ready(url, &token).await;
+    let applied =
+        |want: &'static str| move |v: &Value| v["type"] == "agent_state" && v["state"] == want;
+    ws_send(
+        &mut desk,
+        json!({"op": "not_ready", "reason_code": "BREAK"}),
+    )
+    .await;
+    let away = ws_until(&mut desk, WAIT, applied("not_ready")).await;
+    assert_eq!(away["reason_code"], "BREAK");
+    assert_eq!(away["capacity"], json!({"chat": 2}));
+    ws_send(&mut desk, json!({"op": "ready", "capacity": {"chat": 1}})).await;
+    let back = ws_until(&mut desk, WAIT, applied("ready")).await;
+    assert_eq!(back["capacity"], json!({"chat": 1}));
+    assert_eq!(back["reason_code"], Value::Null);
+    // Two chats: one offered and accepted, the other waits for the one slot.
+    for nickname in ["Gia", "Hal"] {
+        start_session(url, &tenant.api_key, json!({"nickname": nickname})).await;
+    }
+    let offer = ws_until(&mut desk, WAIT, |v| v["type"] == "offer").await;
+    ws_send(
+        &mut desk,
+        json!({"op": "accept", "conversation_id": offer["conversation_id"], "offer_id": offer["offer_id"]}),
+    )
+    .await;
+    let more = tokio::time::timeout(Duration::from_millis(2500), async {
+        ws_until(&mut desk, WAIT, |v| v["type"] == "offer").await
+    })
+    .await;
+    assert!(
+        more.is_err(),
+        "offered above the lowered capacity: {more:?}"
+    );
 }
 
 /// An agent offered the same conversation a second time (here by a transfer by name, after

@@ -51,7 +51,7 @@ pub async fn delete(
     // Not ready first, so the routing state stops offering chats to the agent (published
     // before the delete: if the delete then fails, the agent is merely not ready).
     let agent = state.provisioning.agent(&tenant, &id).await?;
-    crate::edge::agent::do_set_state(&state, &agent, false).await?;
+    crate::edge::agent::do_set_state(&state, &agent, false, None, Default::default()).await?;
     state.provisioning.delete_agent(&tenant, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

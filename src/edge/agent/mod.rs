@@ -10,6 +10,8 @@
 mod feed;
 mod ws;
 
+use std::collections::BTreeMap;
+
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -94,12 +96,17 @@ pub(crate) fn check_id(id: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Readiness: an `AgentStateChanged` keyed by the agent id.
+/// Readiness: an `AgentStateChanged` keyed by the agent id. A not-ready state may say why
+/// (`reason_code`); a state may lower the agent's capacity per media below what it is
+/// provisioned with, until its next state change.
 pub(crate) async fn do_set_state(
     state: &AppState,
     agent: &Agent,
     ready: bool,
+    reason_code: Option<String>,
+    capacity: BTreeMap<String, u32>,
 ) -> Result<(), ApiError> {
+    check_state(agent, ready, reason_code.as_deref(), &capacity)?;
     let body = ev::AgentStateChanged {
         agent_id: agent.id.clone(),
         state: if ready {
@@ -107,11 +114,62 @@ pub(crate) async fn do_set_state(
         } else {
             ev::AgentState::NotReady
         },
-        reason_code: None,
-        capacity: Default::default(),
+        reason_code,
+        capacity: capacity
+            .into_iter()
+            .map(|(media, n)| (media, i32::try_from(n).unwrap_or(i32::MAX)))
+            .collect(),
     };
     let e = event(&body, agent, &agent.id)?;
     publish(state, e).await
+}
+
+/// Longest not-ready reason code.
+const MAX_REASON_CODE: usize = 64;
+
+fn check_state(
+    agent: &Agent,
+    ready: bool,
+    reason_code: Option<&str>,
+    capacity: &BTreeMap<String, u32>,
+) -> Result<(), ApiError> {
+    if let Some(code) = reason_code {
+        if ready {
+            return Err(ApiError::bad_request(
+                "INVALID_FIELD",
+                "`reason_code` goes with `not_ready`",
+            ));
+        }
+        let printable = code
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if code.is_empty() || code.len() > MAX_REASON_CODE || !printable {
+            return Err(ApiError::bad_request(
+                "INVALID_FIELD",
+                format!("`reason_code` is 1 to {MAX_REASON_CODE} of A-Z a-z 0-9 _ - ."),
+            ));
+        }
+    }
+    for (media, n) in capacity {
+        match agent.capacity.get(media) {
+            Some(max) if n <= max => {}
+            Some(max) => {
+                return Err(ApiError::bad_request(
+                    "INVALID_FIELD",
+                    format!(
+                        "`capacity.{media}` is at most {max} (the agent's provisioned capacity)"
+                    ),
+                ))
+            }
+            None => {
+                return Err(ApiError::bad_request(
+                    "INVALID_FIELD",
+                    "`capacity` names a media the agent has no capacity for",
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 pub(crate) async fn do_accept(
@@ -393,6 +451,11 @@ async fn me(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Va
 struct StateRequest {
     /// `ready` or `not_ready`.
     state: String,
+    /// Why not ready (a code of the tenant's choosing, e.g. `BREAK`).
+    reason_code: Option<String>,
+    /// Capacity per media for this state, at most the provisioned one.
+    #[serde(default)]
+    capacity: BTreeMap<String, u32>,
 }
 
 fn parse_ready(s: &str) -> Result<bool, ApiError> {
@@ -413,7 +476,8 @@ async fn set_state(
 ) -> Result<StatusCode, ApiError> {
     let agent = agent_of(&state, &headers).await?;
     let r: StateRequest = super::chat::json_body(body)?;
-    do_set_state(&state, &agent, parse_ready(&r.state)?).await?;
+    let ready = parse_ready(&r.state)?;
+    do_set_state(&state, &agent, ready, r.reason_code, r.capacity).await?;
     Ok(StatusCode::ACCEPTED)
 }
 

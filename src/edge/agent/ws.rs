@@ -2,6 +2,7 @@
 //! conversations out; the same operations as the HTTP routes in, as JSON requests with an
 //! optional `request_id` echoed in the answer.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
@@ -64,6 +65,9 @@ struct Request {
     note: Option<String>,
     queue_id: Option<String>,
     agent_id: Option<String>,
+    reason_code: Option<String>,
+    #[serde(default)]
+    capacity: BTreeMap<String, u32>,
 }
 
 async fn serve(mut socket: WebSocket, state: AppState, agent: Agent, token: String) {
@@ -206,8 +210,11 @@ fn need(v: Option<String>, name: &str) -> Result<String, ApiError> {
 
 async fn run(state: &AppState, agent: &Agent, r: Request) -> Result<Value, ApiError> {
     match r.op.as_str() {
-        "ready" => do_set_state(state, agent, true).await.map(|_| Value::Null),
-        "not_ready" => do_set_state(state, agent, false).await.map(|_| Value::Null),
+        op @ ("ready" | "not_ready") => {
+            do_set_state(state, agent, op == "ready", r.reason_code, r.capacity)
+                .await
+                .map(|_| Value::Null)
+        }
         "accept" => {
             let id = need(r.conversation_id, "conversation_id")?;
             do_accept(state, agent, &id, &need(r.offer_id, "offer_id")?)

@@ -1548,8 +1548,12 @@ impl ConversationWorker {
             return Ok(());
         };
         let mut capacity = profile.capacity.clone();
+        // A state may lower the provisioned capacity, never raise it (edges check it; an event
+        // ingested by other means is held to it here).
         for (media, n) in &b.capacity {
-            capacity.insert(media.clone(), u32::try_from(*n).unwrap_or(0));
+            if let Some(max) = capacity.get_mut(media) {
+                *max = (*max).min(u32::try_from(*n).unwrap_or(0));
+            }
         }
         let ready = b.state == ev::AgentState::Ready;
         self.store
@@ -1566,7 +1570,8 @@ impl ConversationWorker {
         info!(agent = %b.agent_id, ready, reason = ?b.reason_code, "agent state");
         // The agent's desks learn it too (another tab, or a state the system set).
         let state = if ready { "ready" } else { "not_ready" };
-        let pushed = json!({"type": "agent_state", "state": state, "reason_code": b.reason_code});
+        let pushed = json!({"type": "agent_state", "state": state, "reason_code": b.reason_code,
+            "capacity": capacity});
         let client = notify::to_agent(&b.agent_id, ClientEventKind::State, pushed);
         self.emit(DELIVERY_TOPIC, e, &b.agent_id, "client", &client)
             .await
