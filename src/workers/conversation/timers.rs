@@ -222,9 +222,9 @@ async fn fire(worker: &ConversationWorker, timer: &Timer, now: i64) -> Result<()
                     .map_err(super::store_failed)?
             {
                 if timeout > 0 {
-                    // The mark lives `timeout` from its last refresh: look again within a
-                    // quarter of it, so a chat closes at most 1.25 timeouts after its customer
-                    // was last seen.
+                    // The mark lapses a timeout after the customer's last sign of life, a
+                    // quarter more at most (see the edge's `presence`): looking again every
+                    // quarter, a chat closes at most 1.5 timeouts after it.
                     let due = now + (timeout / 4).max(1_000);
                     worker
                         .store
