@@ -880,14 +880,15 @@ async fn lapsed_and_rejected_offers_go_to_the_next_agent() {
     }
 }
 
-/// An agent who lets an offer lapse is set not ready (`NOT_RESPONDING`), told so on its socket,
-/// and offered nothing more until it says ready again.
+/// An agent who lets an offer lapse is set not ready (`NOT_RESPONDING`) before its slot frees,
+/// told so on its socket, and offered nothing more (not even the chat waiting behind the lapsed
+/// one) until it says ready again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_who_lets_an_offer_lapse_is_set_not_ready() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (node, admin, tenant) = dev(
         dir.path(),
-        &[("NEXUS_WORKERS__CONVERSATION__OFFER_TIMEOUT_MS", "1000")],
+        &[("NEXUS_WORKERS__CONVERSATION__OFFER_TIMEOUT_MS", "2000")],
     )
     .await;
     let url = node.url.as_str();
@@ -904,6 +905,8 @@ async fn an_agent_who_lets_an_offer_lapse_is_set_not_ready() {
     let first = start("Di").await;
     let offer = ws_until(&mut away, WAIT, |v| v["type"] == "offer").await;
     assert_eq!(offer["conversation_id"], first.as_str());
+    // A second chat waits behind the offer (the agent's one slot is taken by it).
+    let second = start("Ed").await;
     let lapsed = ws_until(&mut away, WAIT, |v| v["type"] == "offer_closed").await;
     assert_eq!(lapsed["reason"], "TIMEOUT");
     let state = ws_until(&mut away, WAIT, |v| {
@@ -922,14 +925,13 @@ async fn an_agent_who_lets_an_offer_lapse_is_set_not_ready() {
         .expect("json");
     assert_eq!(me["id"], away_id.as_str(), "{me}");
     assert_eq!(me["ready"], false, "{me}");
-    // A second chat waits rather than being offered to the agent who is away.
-    let second = start("Ed").await;
+    // The freed slot does not take the waiting chat while the agent is away.
     let quiet = tokio::time::timeout(Duration::from_millis(2500), async {
         ws_until(&mut away, WAIT, |v| v["type"] == "offer").await
     })
     .await;
     assert!(quiet.is_err(), "offered while not ready: {quiet:?}");
-    // Back at the desk: ready again, and the waiting chats are offered (the first not again:
+    // Back at the desk: ready again, and the waiting chat is offered (the first not again:
     // this agent declined it by letting it lapse).
     ws_send(&mut away, json!({"op": "ready"})).await;
     let back = ws_until(&mut away, WAIT, |v| v["type"] == "agent_state").await;

@@ -7,13 +7,15 @@
 //!
 //! Each assignment of a partition gets a fresh epoch. Deliveries and buffered records carry the
 //! epoch they were read under; anything carrying an older epoch (a member that lost the
-//! partition, or a partition that was seeked) is ignored, so a stale member's late acks cannot
-//! move the new owner's committed offset.
+//! partition, or a partition that was seeked) is ignored once the hand-over below is over, so
+//! a stale member's late acks cannot move the new owner's committed offset.
 //!
 //! A partition that moves waits for its old owner's deliveries: the new owner reads it only
 //! once every record handed out under older epochs is acked or dropped (or after
 //! `bus.embedded.handover_wait_ms`), so a record still being handled never finishes after its
-//! successor's, as the brokers' revoke waits do.
+//! successor's, as the brokers' revoke waits do. The old owner's acks count meanwhile, and
+//! the new owner skips records acked past the committed offset. A seek waits for nothing and
+//! counts no earlier ack.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -61,14 +63,32 @@ struct PartTrack {
 }
 
 impl PartTrack {
-    /// Starts `epoch`; what is still out under the old one is waited for, `wait` at most.
-    fn new_epoch(&mut self, epoch: u64, wait: Duration) {
+    /// Starts `epoch` for a new owner: what is still out under the old one is waited for,
+    /// `wait` at most, and its acks still count.
+    fn hand_over(&mut self, epoch: u64, wait: Duration) {
         if self.out > 0 {
             self.draining.insert(self.epoch, self.out);
             self.drain_until = Some(Instant::now() + wait);
         }
         self.out = 0;
         self.epoch = epoch;
+    }
+
+    /// Starts `epoch` after a seek: nothing earlier is waited for or counts any more.
+    fn reset(&mut self, epoch: u64) {
+        self.draining.clear();
+        self.drain_until = None;
+        self.out = 0;
+        self.epoch = epoch;
+        self.done.clear();
+    }
+
+    /// Whether `offset` was acked (or skipped by retention) already.
+    fn is_done(&self, offset: u64) -> bool {
+        self.done
+            .range(..=offset)
+            .next_back()
+            .is_some_and(|(_, &end)| offset < end)
     }
 
     /// A delivery handed out under `epoch` is done; true if that ended a hand-over's wait (the
@@ -255,8 +275,8 @@ impl Inner {
             gs.next_epoch += 1;
             let t = &mut gs.parts[p];
             t.owner = new_owner.map(|(id, _)| id);
-            t.new_epoch(epoch, self.handover_wait);
-            t.done.clear();
+            // Acks made past the committed offset stay done: the new owner skips them.
+            t.hand_over(epoch, self.handover_wait);
             let Some((_, start)) = new_owner else {
                 continue;
             };
@@ -277,6 +297,7 @@ impl Inner {
             };
             t.base = position;
             t.next_fetch = position;
+            t.done.retain(|_, end| *end > position);
         }
         if moved {
             gs.changed.send_modify(|g| *g = g.wrapping_add(1));
@@ -463,6 +484,9 @@ impl Inner {
             self.advance(key, plan.partition, t);
         }
         t.next_fetch = last.offset + 1;
+        // Records a previous owner acked after the committed offset are not handled again.
+        let mut records = records;
+        records.retain(|m| !t.is_done(m.offset));
         records
     }
 
@@ -490,10 +514,9 @@ impl Inner {
                 partition,
             })?;
         t.committed = Some(offset);
-        t.new_epoch(epoch, self.handover_wait);
+        t.reset(epoch);
         t.base = offset;
         t.next_fetch = offset;
-        t.done.clear();
         if self.closed.is_set() {
             return Err(BusError::Closed);
         }

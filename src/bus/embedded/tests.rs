@@ -778,6 +778,82 @@ async fn a_moved_partition_waits_for_its_old_deliveries() {
     assert!(!again.contains(&(partition, 0)), "{again:?}");
 }
 
+/// Acks the old owner made out of order (past a record still being handled) count across a
+/// hand-over: the new owner does not handle those records again.
+#[tokio::test]
+async fn a_hand_over_keeps_acks_made_past_the_committed_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = open(dir.path());
+    topic(&bus, "t", 1).await;
+    for i in 0..6 {
+        bus.publish("t", OutRecord::new("k", format!("{i}")))
+            .await
+            .unwrap();
+    }
+    let mut a = bus.subscribe("g", "t", opts(4)).await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(next(&mut a).await);
+    }
+    // 1..3 done, 0 still being handled when A leaves.
+    let first = held.remove(0);
+    for d in held {
+        d.ack().await.unwrap();
+    }
+    drop(a);
+    let mut b = bus.subscribe("g", "t", opts(16)).await.unwrap();
+    assert!(quiet(&mut b).await, "read before A was done with offset 0");
+    // A's handler of 0 ends without an ack: 0 comes again, then 4 and 5, not 1..3.
+    drop(first);
+    let mut got = Vec::new();
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(300), b.next()).await {
+        got.push(d.message.offset);
+        d.ack().await.unwrap();
+    }
+    assert_eq!(got, [0, 4, 5]);
+    let lag: u64 = bus
+        .group_positions("g", "t")
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.lag)
+        .sum();
+    assert_eq!(lag, 0);
+}
+
+/// After a seek, acks of records handed out before it do not move the committed offset: the
+/// replay starts where the seek put it.
+#[tokio::test]
+async fn acks_from_before_a_seek_do_not_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = open(dir.path());
+    topic(&bus, "t", 1).await;
+    for i in 0..3 {
+        bus.publish("t", OutRecord::new("k", format!("{i}")))
+            .await
+            .unwrap();
+    }
+    let mut a = bus.subscribe("g", "t", opts(8)).await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(next(&mut a).await);
+    }
+    // A forced replay from 0 while all three are in flight; their acks come after it.
+    bus.seek_group("g", "t", 0, 0).await.unwrap();
+    for d in held {
+        d.ack().await.unwrap();
+    }
+    let positions = bus.group_positions("g", "t").await.unwrap();
+    assert_eq!(
+        positions[0].committed,
+        Some(0),
+        "{:?}",
+        positions[0].committed
+    );
+    let d = next(&mut a).await;
+    assert_eq!(d.message.offset, 0, "the replay starts at the seek");
+}
+
 /// A hand-over does not wait forever for a delivery that is never done.
 #[tokio::test]
 async fn a_hand_over_reads_anyway_after_its_wait() {

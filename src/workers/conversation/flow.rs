@@ -785,6 +785,13 @@ impl ConversationWorker {
             return Ok(());
         }
         info!(conversation_id = %c.conversation_id, agent = %b.agent_id, reason = ?b.reason, "offer declined; next agent");
+        let not_responding =
+            b.reason == ev::RejectReason::Timeout && self.config.not_ready_on_lapse;
+        if not_responding {
+            // Not ready before its slot frees, so no dispatch (this one, or another worker's)
+            // offers the next chat to the desk nobody answers.
+            self.set_not_ready(&c.tenant_id, &b.agent_id, e).await?;
+        }
         self.release(&c.tenant_id, &b.agent_id, e).await?;
         c.state = ConversationState::Queued;
         c.offered_to = None;
@@ -803,9 +810,10 @@ impl ConversationWorker {
         let client = notify::to_agent(&b.agent_id, ClientEventKind::OfferClosed, closed);
         self.emit(DELIVERY_TOPIC, e, &c.conversation_id, "client", &client)
             .await?;
-        if b.reason == ev::RejectReason::Timeout && self.config.not_ready_on_lapse {
-            // Redirect on no answer: the agent takes no more offers until it says ready. An
-            // agent event, keyed by the agent (ordered with its own ready / not ready).
+        if not_responding {
+            // Redirect on no answer: the agent takes no more offers until it says ready. The
+            // agent event (keyed by the agent, ordered with its own ready / not ready) tells
+            // its desks and every other consumer of agent states.
             let not_ready = ev::AgentStateChanged {
                 agent_id: b.agent_id.clone(),
                 state: ev::AgentState::NotReady,
@@ -817,6 +825,30 @@ impl ConversationWorker {
         }
         self.wait_in_queue(&c, e).await?;
         self.save(&mut c, e).await
+    }
+
+    /// Sets a ready agent not ready in the routing state, keeping its skills and capacity.
+    async fn set_not_ready(&self, tenant: &str, agent: &str, e: &Event) -> Step {
+        let presence = self
+            .store
+            .presence(tenant, agent)
+            .await
+            .map_err(store_failed)?;
+        let Some(p) = presence.filter(|p| p.ready) else {
+            return Ok(());
+        };
+        self.store
+            .set_presence(
+                tenant,
+                agent,
+                false,
+                &p.skills,
+                &p.capacity,
+                e.envelope.occurred_at_ms,
+            )
+            .await
+            .map(|_| ())
+            .map_err(store_failed)
     }
 
     pub(super) async fn on_customer_message(&self, e: &Event, b: ev::MessageReceived) -> Step {
@@ -1069,13 +1101,22 @@ impl ConversationWorker {
         } else {
             ev::CloseReason::CustomerLeft
         };
-        if b.reason == ev::LeftReason::Disconnected && self.customer_is_back(e).await? {
-            info!(conversation_id = %e.envelope.conversation_id, "the customer came back before the abandoned chat closed; kept open");
-            return Ok(());
-        }
         let Some(mut c) = self.closing(e, reason, Some(&b.participant_id)).await? else {
             return Ok(());
         };
+        // Checked on a still-open conversation only, so a redelivered close the worker saved
+        // but did not announce is announced (by `closing`) whatever the customer does since.
+        if b.reason == ev::LeftReason::Disconnected && self.customer_is_back(e).await? {
+            info!(conversation_id = %c.conversation_id, "the customer came back before the abandoned chat closed; kept open");
+            // The timer that published this close is done: watch the customer again.
+            let again = chrono::Utc::now().timestamp_millis()
+                + (secs_ms(self.config.abandon_timeout_s) / 4).max(1_000);
+            return self
+                .store
+                .schedule(&self.timer(ABANDON_TIMER, &c), again)
+                .await
+                .map_err(store_failed);
+        }
         if reason == ev::CloseReason::IdleTimeout {
             // The idle timer read the record before it published this; a message the customer
             // sent meanwhile is ahead of it on the same topic and has been applied by now.
@@ -1545,7 +1586,9 @@ impl ConversationWorker {
                 )
                 .await
                 .map_err(store_failed)?;
-            return Ok(());
+            return self
+                .push_agent_state(e, &b.agent_id, false, None, &BTreeMap::new())
+                .await;
         };
         let mut capacity = profile.capacity.clone();
         // A state may lower the provisioned capacity, never raise it (edges check it; an event
@@ -1568,13 +1611,24 @@ impl ConversationWorker {
             .await
             .map_err(store_failed)?;
         info!(agent = %b.agent_id, ready, reason = ?b.reason_code, "agent state");
-        // The agent's desks learn it too (another tab, or a state the system set).
-        let state = if ready { "ready" } else { "not_ready" };
-        let pushed = json!({"type": "agent_state", "state": state, "reason_code": b.reason_code,
-            "capacity": capacity});
-        let client = notify::to_agent(&b.agent_id, ClientEventKind::State, pushed);
-        self.emit(DELIVERY_TOPIC, e, &b.agent_id, "client", &client)
+        self.push_agent_state(e, &b.agent_id, ready, b.reason_code.as_deref(), &capacity)
             .await
+    }
+
+    /// Tells an agent's desks the state applied (another tab's change, or one the system set).
+    async fn push_agent_state(
+        &self,
+        e: &Event,
+        agent: &str,
+        ready: bool,
+        reason_code: Option<&str>,
+        capacity: &BTreeMap<String, u32>,
+    ) -> Step {
+        let state = if ready { "ready" } else { "not_ready" };
+        let pushed = json!({"type": "agent_state", "state": state, "reason_code": reason_code,
+            "capacity": capacity});
+        let client = notify::to_agent(agent, ClientEventKind::State, pushed);
+        self.emit(DELIVERY_TOPIC, e, agent, "client", &client).await
     }
 
     /// Closes: frees the agent, leaves the queue, tells everyone, lets the record expire.
