@@ -1139,7 +1139,7 @@ async fn v2_refuses_wrong_keys_and_bad_fields() {
     let b_key = fx.b.key.clone();
     let (a1, a2, b1) = (fx.a.s1.clone(), fx.a.s2.clone(), fx.b.s1.clone());
     for op in V2_OPS {
-        let ok = v2_form(&a1, "");
+        let ok = v2_form(&a1, "&transcriptPosition=7");
         let api: [(&str, Option<&str>, u16, &str); 6] = [
             ("no apikey", None, 401, "AUTHENTICATION_REQUIRED"),
             (
@@ -1189,7 +1189,8 @@ async fn v2_refuses_wrong_keys_and_bad_fields() {
             assert_eq!(body["statusCode"], 2, "{body}");
             // The v2 shape on every answer, and never any chat's messages on an error.
             assert_eq!(body["messages"], json!([]), "{op}: {what}: {body}");
-            assert!(body["nextPosition"].is_u64(), "{op}: {what}: {body}");
+            // A refused key keeps a poller's place: the request's position comes back.
+            assert_eq!(body["nextPosition"], 7, "{op}: {what}: {body}");
             assert!(body["chatEnded"].is_boolean(), "{op}: {what}: {body}");
         }
         let wrong: Vec<(&str, &str, String)> = vec![

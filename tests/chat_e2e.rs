@@ -730,6 +730,77 @@ async fn dev(dir: &std::path::Path, extra: &[(&'static str, &str)]) -> (Node, Ad
     (node, admin, tenant)
 }
 
+/// A stream opened on a transcript longer than a store page sends all of it in order (the edge
+/// reads it a page at a time), then the live entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_sends_a_long_transcript_page_by_page_then_live() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, _admin, tenant) = dev(dir.path(), &[]).await;
+    let url = node.url.as_str();
+    let (sid, ck) = start_session(url, &tenant.api_key, json!({"nickname": "Pam"})).await;
+    let http = reqwest::Client::new();
+    let send = |text: String| {
+        let (http, key, ck, sid) = (
+            http.clone(),
+            tenant.api_key.clone(),
+            ck.clone(),
+            sid.clone(),
+        );
+        async move {
+            let r = http
+                .post(format!("{url}/nexus/v3/chat/sessions/{sid}/messages"))
+                .header("x-api-key", &key)
+                .header("x-nexus-client-key", &ck)
+                .json(&json!({"text": text}))
+                .send()
+                .await
+                .expect("send");
+            assert_eq!(r.status(), 202);
+        }
+    };
+    const SENT: u64 = 450;
+    for i in 0..SENT {
+        send(format!("m{i}")).await;
+    }
+    // The join and every message are in the transcript.
+    let last = SENT + 1;
+    eventually(WAIT, "the transcript holds every message", || {
+        let http = http.clone();
+        let (key, ck, sid) = (tenant.api_key.clone(), ck.clone(), sid.clone());
+        async move {
+            let page: Value = http
+                .get(format!(
+                    "{url}/nexus/v3/chat/sessions/{sid}/messages?from={last}"
+                ))
+                .header("x-api-key", &key)
+                .header("x-nexus-client-key", &ck)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (!page["messages"].as_array()?.is_empty()).then_some(())
+        }
+    })
+    .await;
+    let mut ws = ws_connect(&format!(
+        "{url}/nexus/v3/chat/sessions/{sid}/stream?api_key={}&client_key={ck}&from=1",
+        tenant.api_key
+    ))
+    .await;
+    let mut positions = Vec::new();
+    while positions.last() != Some(&last) {
+        let v = ws_until(&mut ws, WAIT, |v| v["type"] == "transcript").await;
+        positions.push(v["position"].as_u64().expect("position"));
+    }
+    assert_eq!(positions, (1..=last).collect::<Vec<_>>());
+    send("live".into()).await;
+    let live = ws_until(&mut ws, WAIT, |v| v["type"] == "transcript").await;
+    assert_eq!(live["position"], last + 1);
+    assert_eq!(live["text"], "live");
+}
+
 /// Async chat: an idle customer gets a notice after `idle_timeout`, and the chat closes with
 /// IDLE_TIMEOUT after `close_grace` unless the customer returns (which restarts the clock).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

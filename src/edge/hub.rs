@@ -31,7 +31,10 @@ pub struct Push {
     pub data: Arc<str>,
 }
 
-type Channels = Mutex<HashMap<String, broadcast::Sender<Arc<Push>>>>;
+/// Per key: the channel and how many feeds hold it (counted under the lock, so two feeds
+/// leaving at once cannot both leave the entry behind, as a receiver count read while the
+/// leaving feed's own receiver still lives could).
+type Channels = Mutex<HashMap<String, (broadcast::Sender<Arc<Push>>, usize)>>;
 
 #[derive(Default)]
 pub struct Hub {
@@ -55,8 +58,11 @@ impl Drop for Feed {
             &self.hub.customers
         };
         let mut m = map.lock().unwrap_or_else(PoisonError::into_inner);
-        if m.get(&self.key).is_some_and(|tx| tx.receiver_count() <= 1) {
-            m.remove(&self.key);
+        if let Some((_, feeds)) = m.get_mut(&self.key) {
+            *feeds = feeds.saturating_sub(1);
+            if *feeds == 0 {
+                m.remove(&self.key);
+            }
         }
     }
 }
@@ -83,12 +89,14 @@ impl Hub {
     fn feed(self: &Arc<Self>, tenant: &str, id: &str, agent: bool) -> Feed {
         let k = key(tenant, id);
         let map = if agent { &self.agents } else { &self.customers };
-        let rx = map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(k.clone())
-            .or_insert_with(|| broadcast::channel(SOCKET_BUFFER).0)
-            .subscribe();
+        let rx = {
+            let mut m = map.lock().unwrap_or_else(PoisonError::into_inner);
+            let (tx, feeds) = m
+                .entry(k.clone())
+                .or_insert_with(|| (broadcast::channel(SOCKET_BUFFER).0, 0));
+            *feeds += 1;
+            tx.subscribe()
+        };
         Feed {
             rx,
             hub: self.clone(),
@@ -98,7 +106,7 @@ impl Hub {
     }
 
     fn send(map: &Channels, k: &str, push: &Arc<Push>) {
-        if let Some(tx) = map.lock().unwrap_or_else(PoisonError::into_inner).get(k) {
+        if let Some((tx, _)) = map.lock().unwrap_or_else(PoisonError::into_inner).get(k) {
             // No receiver left is fine: the socket just went away.
             let _ = tx.send(push.clone());
         }

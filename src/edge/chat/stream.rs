@@ -128,8 +128,8 @@ pub(crate) struct Resumable {
     /// Last transcript position sent.
     last: u64,
     queue: VecDeque<(Option<u64>, Arc<str>)>,
-    /// The live feed skipped ahead (a gap, or lagged): the store is read before the next live
-    /// push. Kept in the feed rather than in `next`'s stack, because the socket loop drops a
+    /// The store has more to send first (a full page read, a gap in the live feed, or the feed
+    /// lagged): it is read before the next live push. Kept in the feed rather than in `next`'s stack, because the socket loop drops a
     /// pending `next` whenever the client sends a frame.
     behind: bool,
 }
@@ -174,25 +174,24 @@ impl Resumable {
         Ok(())
     }
 
-    /// Reads what the store has after `last`.
+    /// Reads one page of what the store has after `last`; a full page may have more behind
+    /// it, read once this page is sent (so a stream holds one page at a time, however long the
+    /// transcript).
     async fn catch_up(&mut self) -> Result<(), ApiError> {
-        loop {
-            let entries = self
-                .state
-                .sessions()?
-                .transcript(&self.claims.tid, &self.claims.sid, self.last + 1, PAGE)
-                .await
-                .map_err(|e| ApiError::unavailable(e.to_string()))?;
-            let n = entries.len();
-            for e in entries {
-                self.last = e.position;
-                let json = entry_json(&self.claims.sid, &e).to_string();
-                self.queue.push_back((Some(e.position), Arc::from(json)));
-            }
-            if n < PAGE {
-                return Ok(());
-            }
+        let entries = self
+            .state
+            .sessions()?
+            .transcript(&self.claims.tid, &self.claims.sid, self.last + 1, PAGE)
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        let n = entries.len();
+        for e in entries {
+            self.last = e.position;
+            let json = entry_json(&self.claims.sid, &e).to_string();
+            self.queue.push_back((Some(e.position), Arc::from(json)));
         }
+        self.behind = n == PAGE;
+        Ok(())
     }
 
     /// The next thing to send: (transcript position if any, JSON text). `None` once the hub
@@ -204,12 +203,11 @@ impl Resumable {
                 return Some(item);
             }
             if self.behind {
-                // Each page moves `last` and the queue together, so a catch-up cut short
-                // resumes where it stopped.
+                // A page moves `last` and the queue together, so a catch-up cut short resumes
+                // where it stopped.
                 if self.catch_up().await.is_err() {
                     return None;
                 }
-                self.behind = false;
                 continue;
             }
             match self.feed.rx.recv().await {

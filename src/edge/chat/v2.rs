@@ -241,15 +241,18 @@ pub async fn operation(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Answer {
-    let tenant = tenant(&state, &headers).await?;
+    // The form first (no I/O): every later error answers the request's position, so a poller
+    // keeps its place through an unavailable store or a refused key.
     let form = Form::parse(&body.map_err(ApiError::from)?)?;
     let at = form.position().unwrap_or(1);
+    let with_position = |error| V2Error {
+        error,
+        next_position: at,
+    };
+    let tenant = tenant(&state, &headers).await.map_err(with_position)?;
     run(&state, &headers, &tenant, &chat_id, &op, form)
         .await
-        .map_err(|error| V2Error {
-            error,
-            next_position: at,
-        })
+        .map_err(with_position)
 }
 
 /// One operation on a chat, once its form is read.

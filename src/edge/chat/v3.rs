@@ -403,7 +403,7 @@ fn record_gone(state: &AppState, c: &Claims, now_s: i64) -> bool {
 
 /// A client's message id, when given, is 1 to 128 characters.
 pub(crate) fn check_message_id(id: Option<&str>) -> Result<(), ApiError> {
-    if id.is_some_and(|m| m.is_empty() || m.len() > 128) {
+    if id.is_some_and(|m| m.is_empty() || m.chars().count() > 128) {
         return Err(ApiError::bad_request(
             "INVALID_FIELD",
             "message_id is 1 to 128 characters",

@@ -171,6 +171,10 @@ pub struct Conversation {
 pub struct Routing {
     /// The current offer (to `offered_to`).
     pub offer_id: Option<String>,
+    /// When the current offer lapses (ms since the epoch); an offer timer that fires earlier
+    /// (one armed for an earlier offer) waits for it.
+    #[serde(default)]
+    pub offer_expires_at_ms: Option<i64>,
     /// Offers applied so far: numbers the next one, so no two offers of a conversation share
     /// an id (a lapsed offer's rejection is deduplicated by it), transfers or not.
     #[serde(default)]

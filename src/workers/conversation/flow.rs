@@ -477,8 +477,10 @@ impl ConversationWorker {
                 }
             };
             if !self.try_offer(waiter, source, now_ms).await? && fits_anyone(waiter) {
-                // Nobody is free even for a waiter that takes any agent: nor for the rest.
-                return Ok(());
+                // Nobody is free even for a waiter that takes any agent: nor for the rest. The
+                // conversation this runs for is still tried: it may hold a reservation whose
+                // offer was never published (which only it can turn into one).
+                break;
             }
         }
         if !reached_me {
@@ -687,9 +689,16 @@ impl ConversationWorker {
             }
             return Ok(());
         }
+        // The agent gets the whole timeout from when the offer reaches it: an offer made from
+        // an event that waited in a backlog would otherwise lapse at once (and, with
+        // `not_ready_on_lapse`, set an agent who never had a chance not ready).
+        let now = chrono::Utc::now().timestamp_millis();
+        let timeout = i64::try_from(self.offer_timeout().as_millis()).unwrap_or(i64::MAX / 4);
+        let expires_at = b.expires_at.max(now.saturating_add(timeout));
         c.state = ConversationState::Offered;
         c.offered_to = Some(b.agent_id.clone());
         c.routing.offer_id = Some(b.offer_id.clone());
+        c.routing.offer_expires_at_ms = Some(expires_at);
         c.routing.offers = c.routing.offers.saturating_add(1);
         if let Some(queue) = &c.queue_id {
             self.store
@@ -698,7 +707,7 @@ impl ConversationWorker {
                 .map_err(store_failed)?;
         }
         self.store
-            .schedule(&self.timer(OFFER_TIMER, &c), not_before_save(b.expires_at))
+            .schedule(&self.timer(OFFER_TIMER, &c), not_before_save(expires_at))
             .await
             .map_err(store_failed)?;
         let offer = json!({
@@ -709,7 +718,7 @@ impl ConversationWorker {
             "nickname": c.customer.nickname,
             "subject": c.subject,
             "user_data": c.user_data,
-            "expires_at": b.expires_at,
+            "expires_at": expires_at,
         });
         let client = notify::to_agent(&b.agent_id, ClientEventKind::Offer, offer);
         self.emit(DELIVERY_TOPIC, e, &c.conversation_id, "client", &client)
@@ -1666,7 +1675,13 @@ impl ConversationWorker {
                 .await
                 .map_err(store_failed)?;
         }
-        for kind in [OFFER_TIMER, IDLE_TIMER, IDLE_CLOSE_TIMER, CONSULT_TIMER] {
+        for kind in [
+            OFFER_TIMER,
+            IDLE_TIMER,
+            IDLE_CLOSE_TIMER,
+            CONSULT_TIMER,
+            ABANDON_TIMER,
+        ] {
             self.store
                 .cancel(&self.timer(kind, c))
                 .await
@@ -1781,6 +1796,18 @@ impl ConversationWorker {
         match self.load(e).await? {
             Some(c) if c.state == ConversationState::Closed => {
                 debug!(conversation_id = %c.conversation_id, event_type = %e.envelope.event_type, "conversation closed; event dropped");
+                // A closed conversation holds no agent: a slot taken while it closed (a
+                // consultant invited as the customer left, whose save then met the close) is
+                // given back here, since nothing else would.
+                let holders = self
+                    .store
+                    .slot_holders(&c.tenant_id, &c.conversation_id)
+                    .await
+                    .map_err(store_failed)?;
+                for agent in &holders {
+                    warn!(conversation_id = %c.conversation_id, agent = %agent, "a closed conversation held a slot; released");
+                    self.release(&c.tenant_id, agent, e).await?;
+                }
                 Ok(None)
             }
             Some(c) if c.routing.was_applied(&e.envelope.event_id.to_string()) => Ok(None),

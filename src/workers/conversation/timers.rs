@@ -100,6 +100,19 @@ async fn fire(worker: &ConversationWorker, timer: &Timer, now: i64) -> Result<()
             if kind == OFFER_TIMER && c.state != ConversationState::Offered {
                 return Ok(());
             }
+            if let Some(at) = c
+                .routing
+                .offer_expires_at_ms
+                .filter(|at| kind == OFFER_TIMER && now < *at)
+            {
+                // Armed for an earlier offer (a reject and a new offer came in between): the
+                // current one has its own time.
+                return worker
+                    .store
+                    .schedule(timer, at)
+                    .await
+                    .map_err(super::store_failed);
+            }
             let body = ev::AgentRejected {
                 offer_id: offer.clone(),
                 agent_id: agent.clone(),
