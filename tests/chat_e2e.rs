@@ -1317,6 +1317,16 @@ async fn transfer_to_an_agent_and_to_a_queue() {
     ws_send(&mut alice, json!({"op": "transfer", "conversation_id": sid, "queue_id": "01a21399-0000-7000-8000-000000000000"})).await;
     let failed = ws_until(&mut alice, WAIT, |v| v["type"] == "transfer_failed").await;
     assert_eq!(failed["reason"], "QUEUE_NOT_FOUND");
+    // An agent who is not ready (never signed in): refused, Alice keeps the chat.
+    let (d_id, _) = provision_agent(&admin, &tenant, "dan", 1).await;
+    ws_send(
+        &mut alice,
+        json!({"op": "transfer", "conversation_id": sid, "agent_id": d_id}),
+    )
+    .await;
+    let failed = ws_until(&mut alice, WAIT, |v| v["type"] == "transfer_failed").await;
+    assert_eq!(failed["reason"], "AGENT_NOT_AVAILABLE");
+    assert_eq!(failed["target_id"], d_id.as_str());
 
     // To Carol by name (Bob is idle longer, but only Carol may be offered).
     ws_send(

@@ -1114,7 +1114,9 @@ impl ConversationWorker {
             return Ok(());
         };
         // Checked on a still-open conversation only, so a redelivered close the worker saved
-        // but did not announce is announced (by `closing`) whatever the customer does since.
+        // but did not announce is announced (by `closing`) whatever the customer does since;
+        // and decided once, so a retry (a lost compare-and-set) of a close that already freed
+        // the agent cannot turn back.
         if b.reason == ev::LeftReason::Disconnected && self.customer_is_back(e).await? {
             info!(conversation_id = %c.conversation_id, "the customer came back before the abandoned chat closed; kept open");
             // The timer that published this close is done: watch the customer again.
@@ -1143,10 +1145,22 @@ impl ConversationWorker {
     }
 
     /// Whether the customer of `e`'s live chat showed a sign of life since the abandon timer
-    /// found none (edges refreshed its mark in between).
+    /// found none (edges refreshed its mark in between). Once answered no for `e`, always no.
     async fn customer_is_back(&self, e: &Event) -> Result<bool, HandleError> {
+        let decided = format!("abandoned:{}", e.envelope.event_id);
+        if self.store.seen(&decided).await.map_err(store_failed)? {
+            return Ok(false);
+        }
         let mark = customer_mark(&e.envelope.tenant_id, &e.envelope.conversation_id);
-        self.store.seen(&mark).await.map_err(store_failed)
+        if self.store.seen(&mark).await.map_err(store_failed)? {
+            return Ok(true);
+        }
+        let keep = std::time::Duration::from_secs(self.config.closed_retention_s.max(3_600));
+        self.store
+            .remember(&decided, keep)
+            .await
+            .map_err(store_failed)?;
+        Ok(false)
     }
 
     pub(super) async fn on_completed(&self, e: &Event, b: ev::ConversationCompleted) -> Step {
@@ -1241,17 +1255,28 @@ impl ConversationWorker {
             }
             ev::TargetKind::Agent if b.target_id == b.agent_id => Some("SAME_AGENT"),
             ev::TargetKind::Agent => {
-                if self
+                let known = self
                     .directory
                     .agent(&tenant, &b.target_id)
                     .await
                     .map_err(directory_failed)?
-                    .is_some()
-                {
+                    .is_some();
+                // Only that agent is offered the conversation: one who is not ready (or signed
+                // out) would leave it waiting for nobody, so the agent keeps it instead.
+                let ready = known
+                    && self
+                        .store
+                        .presence(&tenant, &b.target_id)
+                        .await
+                        .map_err(store_failed)?
+                        .is_some_and(|p| p.ready);
+                if !known {
+                    Some("AGENT_NOT_FOUND")
+                } else if !ready {
+                    Some("AGENT_NOT_AVAILABLE")
+                } else {
                     c.routing.target_agent = Some(b.target_id.clone());
                     None
-                } else {
-                    Some("AGENT_NOT_FOUND")
                 }
             }
             _ => Some("UNSUPPORTED_TARGET"),
