@@ -473,21 +473,16 @@ async fn a_live_chat_whose_customer_vanished_closes() {
     let (gone, _) = start_session(&a, &key, json!({"nickname": "Gus"})).await;
     // The polling customer reads its transcript every 500 ms, from either edge in turn.
     let poller = tokio::spawn({
-        let (urls, key, id) = ([a.clone(), b.clone()], key.clone(), polling.clone());
+        let pat = Customer {
+            url: a.clone(),
+            api_key: key.clone(),
+            sid: polling.clone(),
+            ck: polling_ck,
+        };
+        let urls = [a.clone(), b.clone()];
         async move {
-            let http = reqwest::Client::new();
             for turn in 0.. {
-                let r = http
-                    .get(format!(
-                        "{}/nexus/v3/chat/sessions/{id}/messages",
-                        urls[turn % 2]
-                    ))
-                    .header("x-api-key", &key)
-                    .header("x-nexus-client-key", &polling_ck)
-                    .send()
-                    .await
-                    .expect("poll");
-                assert_eq!(r.status(), 200);
+                pat.transcript_at(&urls[turn % 2], "from=1").await;
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
@@ -536,20 +531,15 @@ async fn a_long_poll_answers_when_an_entry_arrives() {
     let (a, b) = (system.edge_a.url.clone(), system.edge_b.url.clone());
     let key = tenant.api_key.clone();
     let (sid, ck) = start_session(&a, &key, json!({"nickname": "Lou"})).await;
-    let http = reqwest::Client::new();
+    let lou = Customer {
+        url: a.clone(),
+        api_key: key,
+        sid,
+        ck,
+    };
     let poll = |url: String, q: String| {
-        let (http, key, ck, sid) = (http.clone(), key.clone(), ck.clone(), sid.clone());
-        async move {
-            let r = http
-                .get(format!("{url}/nexus/v3/chat/sessions/{sid}/messages?{q}"))
-                .header("x-api-key", &key)
-                .header("x-nexus-client-key", &ck)
-                .send()
-                .await
-                .expect("poll");
-            assert_eq!(r.status(), 200);
-            r.json::<Value>().await.expect("json")
-        }
+        let lou = lou.clone();
+        async move { lou.transcript_at(&url, &q).await }
     };
     // The customer's join is in the transcript once the worker applied the start.
     let next = eventually(WAIT, "the join is in the transcript", || {
@@ -574,15 +564,8 @@ async fn a_long_poll_answers_when_an_entry_arrives() {
     let waiting = tokio::spawn(poll(b.clone(), format!("from={next}&wait_s=30")));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!waiting.is_finished(), "answered with nothing new");
-    let r = http
-        .post(format!("{a}/nexus/v3/chat/sessions/{sid}/messages"))
-        .header("x-api-key", &key)
-        .header("x-nexus-client-key", &ck)
-        .json(&json!({"text": "anyone there?"}))
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(r.status(), 202);
+    // (`lou.url` is edge A.)
+    lou.send("anyone there?").await;
     let page = tokio::time::timeout(WAIT, waiting)
         .await
         .expect("the poll answered in time")
@@ -738,50 +721,21 @@ async fn a_stream_sends_a_long_transcript_page_by_page_then_live() {
     let (node, _admin, tenant) = dev(dir.path(), &[]).await;
     let url = node.url.as_str();
     let (sid, ck) = start_session(url, &tenant.api_key, json!({"nickname": "Pam"})).await;
-    let http = reqwest::Client::new();
-    let send = |text: String| {
-        let (http, key, ck, sid) = (
-            http.clone(),
-            tenant.api_key.clone(),
-            ck.clone(),
-            sid.clone(),
-        );
-        async move {
-            let r = http
-                .post(format!("{url}/nexus/v3/chat/sessions/{sid}/messages"))
-                .header("x-api-key", &key)
-                .header("x-nexus-client-key", &ck)
-                .json(&json!({"text": text}))
-                .send()
-                .await
-                .expect("send");
-            assert_eq!(r.status(), 202);
-        }
+    let pam = Customer {
+        url: url.to_string(),
+        api_key: tenant.api_key.clone(),
+        sid: sid.clone(),
+        ck: ck.clone(),
     };
     const SENT: u64 = 450;
     for i in 0..SENT {
-        send(format!("m{i}")).await;
+        pam.send(&format!("m{i}")).await;
     }
     // The join and every message are in the transcript.
     let last = SENT + 1;
-    eventually(WAIT, "the transcript holds every message", || {
-        let http = http.clone();
-        let (key, ck, sid) = (tenant.api_key.clone(), ck.clone(), sid.clone());
-        async move {
-            let page: Value = http
-                .get(format!(
-                    "{url}/nexus/v3/chat/sessions/{sid}/messages?from={last}"
-                ))
-                .header("x-api-key", &key)
-                .header("x-nexus-client-key", &ck)
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            (!page["messages"].as_array()?.is_empty()).then_some(())
-        }
+    eventually(WAIT, "the transcript holds every message", || async {
+        let page = pam.transcript_at(url, &format!("from={last}")).await;
+        (!page["messages"].as_array()?.is_empty()).then_some(())
     })
     .await;
     let mut ws = ws_connect(&format!(
@@ -795,7 +749,7 @@ async fn a_stream_sends_a_long_transcript_page_by_page_then_live() {
         positions.push(v["position"].as_u64().expect("position"));
     }
     assert_eq!(positions, (1..=last).collect::<Vec<_>>());
-    send("live".into()).await;
+    pam.send("live").await;
     let live = ws_until(&mut ws, WAIT, |v| v["type"] == "transcript").await;
     assert_eq!(live["position"], last + 1);
     assert_eq!(live["text"], "live");
@@ -985,15 +939,7 @@ async fn an_agent_who_lets_an_offer_lapse_is_set_not_ready() {
     })
     .await;
     assert_eq!(state["reason_code"], "NOT_RESPONDING");
-    let me = reqwest::Client::new()
-        .get(format!("{url}/v1/agent/me"))
-        .bearer_auth(&away_token)
-        .send()
-        .await
-        .expect("me")
-        .json::<Value>()
-        .await
-        .expect("json");
+    let me = agent_me(url, &away_token).await.expect("me");
     assert_eq!(me["id"], away_id.as_str(), "{me}");
     assert_eq!(me["ready"], false, "{me}");
     // The freed slot does not take the waiting chat while the agent is away.

@@ -361,6 +361,62 @@ pub async fn start_session(url: &str, api_key: &str, body: Value) -> (String, St
     )
 }
 
+/// A customer's v3 session: where and with which keys it is reached.
+#[derive(Clone)]
+pub struct Customer {
+    pub url: String,
+    pub api_key: String,
+    pub sid: String,
+    pub ck: String,
+}
+
+impl Customer {
+    /// Sends a message (202 expected).
+    pub async fn send(&self, text: &str) {
+        let r = reqwest::Client::new()
+            .post(format!(
+                "{}/nexus/v3/chat/sessions/{}/messages",
+                self.url, self.sid
+            ))
+            .header("x-api-key", &self.api_key)
+            .header("x-nexus-client-key", &self.ck)
+            .json(&json!({"text": text}))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 202);
+    }
+
+    /// Reads the transcript with `query` (`from=…&wait_s=…`), through the edge at `url`.
+    pub async fn transcript_at(&self, url: &str, query: &str) -> Value {
+        let r = reqwest::Client::new()
+            .get(format!(
+                "{url}/nexus/v3/chat/sessions/{}/messages?{query}",
+                self.sid
+            ))
+            .header("x-api-key", &self.api_key)
+            .header("x-nexus-client-key", &self.ck)
+            .send()
+            .await
+            .expect("transcript");
+        assert_eq!(r.status(), 200);
+        r.json().await.expect("transcript json")
+    }
+}
+
+/// `GET /v1/agent/me`; `None` if it cannot be read.
+pub async fn agent_me(url: &str, token: &str) -> Option<Value> {
+    reqwest::Client::new()
+        .get(format!("{url}/v1/agent/me"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
 /// An agent's WebSocket, signed in and ready (the worker applied it: `/v1/agent/me` says so).
 pub async fn agent_ready(url: &str, token: &str) -> Ws {
     const WAIT: Duration = Duration::from_secs(60);
@@ -369,21 +425,8 @@ pub async fn agent_ready(url: &str, token: &str) -> Ws {
     ws_send(&mut agent, json!({"op": "ready", "request_id": "ready"})).await;
     let ack = ws_until(&mut agent, WAIT, |v| v["request_id"] == "ready").await;
     assert_eq!(ack["type"], "ack", "{ack}");
-    let http = reqwest::Client::new();
-    eventually(WAIT, "agent ready", || {
-        let http = http.clone();
-        async move {
-            let me: Value = http
-                .get(format!("{url}/v1/agent/me"))
-                .bearer_auth(token)
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            (me["ready"] == true).then_some(())
-        }
+    eventually(WAIT, "agent ready", || async {
+        (agent_me(url, token).await?["ready"] == true).then_some(())
     })
     .await;
     agent

@@ -54,6 +54,26 @@ async fn quiet(sub: &mut Box<dyn Subscription>) -> bool {
         .is_err()
 }
 
+/// Acks every delivery until none comes for `idle`; their (partition, offset) in order.
+async fn drain(sub: &mut Box<dyn Subscription>, idle: Duration) -> Vec<(u32, u64)> {
+    let mut got = Vec::new();
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(idle, sub.next()).await {
+        got.push((d.message.partition, d.message.offset));
+        d.ack().await.unwrap();
+    }
+    got
+}
+
+/// The group's lag over all partitions of topic `t`.
+async fn total_lag(bus: &EmbeddedBus, group: &str) -> u64 {
+    bus.group_positions(group, "t")
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.lag)
+        .sum()
+}
+
 #[tokio::test]
 async fn restart_keeps_records_and_acks() {
     let dir = tempfile::tempdir().unwrap();
@@ -214,14 +234,7 @@ async fn members_split_partitions_and_a_dead_members_work_moves() {
         d.ack().await.unwrap();
     }
     assert!(quiet(&mut a).await);
-    let lag: u64 = bus
-        .group_positions("g", "t")
-        .await
-        .unwrap()
-        .iter()
-        .map(|p| p.lag)
-        .sum();
-    assert_eq!(lag, 0);
+    assert_eq!(total_lag(&bus, "g").await, 0);
 }
 
 #[tokio::test]
@@ -770,10 +783,7 @@ async fn a_moved_partition_waits_for_its_old_deliveries() {
     drop(d);
     let mut again = vec![(d2.message.partition, d2.message.offset)];
     d2.ack().await.unwrap();
-    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(300), a.next()).await {
-        again.push((d.message.partition, d.message.offset));
-        d.ack().await.unwrap();
-    }
+    again.extend(drain(&mut a, Duration::from_millis(300)).await);
     assert!(again.contains(&(partition, 1)), "{again:?}");
     assert!(!again.contains(&(partition, 0)), "{again:?}");
 }
@@ -785,11 +795,7 @@ async fn a_hand_over_keeps_acks_made_past_the_committed_offset() {
     let dir = tempfile::tempdir().unwrap();
     let bus = open(dir.path());
     topic(&bus, "t", 1).await;
-    for i in 0..6 {
-        bus.publish("t", OutRecord::new("k", format!("{i}")))
-            .await
-            .unwrap();
-    }
+    publish_n(&bus, 0, 6).await;
     let mut a = bus.subscribe("g", "t", opts(4)).await.unwrap();
     let mut held = Vec::new();
     for _ in 0..4 {
@@ -805,20 +811,9 @@ async fn a_hand_over_keeps_acks_made_past_the_committed_offset() {
     assert!(quiet(&mut b).await, "read before A was done with offset 0");
     // A's handler of 0 ends without an ack: 0 comes again, then 4 and 5, not 1..3.
     drop(first);
-    let mut got = Vec::new();
-    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(300), b.next()).await {
-        got.push(d.message.offset);
-        d.ack().await.unwrap();
-    }
-    assert_eq!(got, [0, 4, 5]);
-    let lag: u64 = bus
-        .group_positions("g", "t")
-        .await
-        .unwrap()
-        .iter()
-        .map(|p| p.lag)
-        .sum();
-    assert_eq!(lag, 0);
+    let got = drain(&mut b, Duration::from_millis(300)).await;
+    assert_eq!(got, [(0, 0), (0, 4), (0, 5)]);
+    assert_eq!(total_lag(&bus, "g").await, 0);
 }
 
 /// After a seek, acks of records handed out before it do not move the committed offset: the
@@ -828,11 +823,7 @@ async fn acks_from_before_a_seek_do_not_count() {
     let dir = tempfile::tempdir().unwrap();
     let bus = open(dir.path());
     topic(&bus, "t", 1).await;
-    for i in 0..3 {
-        bus.publish("t", OutRecord::new("k", format!("{i}")))
-            .await
-            .unwrap();
-    }
+    publish_n(&bus, 0, 3).await;
     let mut a = bus.subscribe("g", "t", opts(8)).await.unwrap();
     let mut held = Vec::new();
     for _ in 0..3 {
@@ -948,11 +939,10 @@ async fn a_consumer_leaves_queued_records_of_a_moved_partition() {
     // The lane still holds records of the moved partition: B waits for them.
     assert!(quiet(&mut b).await, "B read while A was not done");
     gate.open.add_permits(100);
-    let mut taken_by_b = HashSet::new();
-    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(500), b.next()).await {
-        taken_by_b.insert((d.message.partition, d.message.offset));
-        d.ack().await.unwrap();
-    }
+    let taken_by_b: HashSet<_> = drain(&mut b, Duration::from_millis(500))
+        .await
+        .into_iter()
+        .collect();
     stop.cancel();
     run.await.unwrap().unwrap();
     let handled = gate.handled.lock().unwrap().clone();
