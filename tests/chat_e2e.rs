@@ -713,6 +713,60 @@ async fn dev(dir: &std::path::Path, extra: &[(&'static str, &str)]) -> (Node, Ad
     (node, admin, tenant)
 }
 
+/// A customer stream opened after the chat closed (a reconnect that missed the live `closed`
+/// push) gets the transcript and then the `closed` state, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_opened_after_the_close_gets_the_closed_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, _admin, tenant) = dev(dir.path(), &[]).await;
+    let url = node.url.as_str();
+    let (sid, ck) = start_session(url, &tenant.api_key, json!({"nickname": "Kim"})).await;
+    let customer = Customer {
+        url: url.to_string(),
+        api_key: tenant.api_key.clone(),
+        sid: sid.clone(),
+        ck: ck.clone(),
+    };
+    customer.send("anyone there?").await;
+    disconnect(url, &tenant.api_key, &sid, &ck).await;
+    let stream = |from: u64| {
+        format!(
+            "{url}/nexus/v3/chat/sessions/{sid}/stream?api_key={}&client_key={ck}&from={from}",
+            tenant.api_key
+        )
+    };
+    // The close is applied once the transcript ends with the customer's ParticipantLeft.
+    let end = eventually(WAIT, "the close applied", || async {
+        let t = customer.transcript_at(url, "from=1").await;
+        let entries = t["messages"].as_array().cloned().unwrap_or_default();
+        let last = entries.last()?;
+        (last["kind"] == "ParticipantLeft").then(|| last["position"].as_u64())?
+    })
+    .await;
+    let mut ws = ws_connect(&stream(1)).await;
+    let mut positions = Vec::new();
+    let closed = loop {
+        let v = ws_until(&mut ws, WAIT, |_| true).await;
+        if v["type"] == "state" {
+            break v;
+        }
+        positions.push(v["position"].as_u64().expect("a transcript position"));
+    };
+    assert_eq!(
+        positions,
+        (1..=end).collect::<Vec<_>>(),
+        "entries before the state"
+    );
+    assert_eq!(closed["state"], "closed", "{closed}");
+    assert_eq!(closed["reason"], "CUSTOMER_LEFT", "{closed}");
+    let again = tokio::time::timeout(Duration::from_millis(500), ws.next()).await;
+    assert!(again.is_err(), "more after the close: {again:?}");
+    // Resumed past the last entry: only the state.
+    let mut ws = ws_connect(&stream(end + 1)).await;
+    let first = ws_until(&mut ws, WAIT, |_| true).await;
+    assert_eq!(first["state"], "closed", "{first}");
+}
+
 /// A stream opened on a transcript longer than a store page sends all of it in order (the edge
 /// reads it a page at a time), then the live entries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1353,6 +1407,69 @@ async fn transfer_to_an_agent_and_to_a_queue() {
             .expect("json");
         assert_eq!(me["active"]["chat"].as_u64().unwrap_or(0), held, "{me}");
     }
+}
+
+/// A transfer accepted for a named agent who is busy waits for that agent only; once the agent
+/// goes not ready, the chat falls back to its queue (not to the agent who handed it over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_to_an_agent_who_goes_not_ready_falls_back_to_the_queue() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, admin, tenant) = dev(
+        dir.path(),
+        &[("NEXUS_WORKERS__CONVERSATION__REQUEUE_INTERVAL_MS", "200")],
+    )
+    .await;
+    let url = node.url.as_str();
+    let (_, a_token) = provision_agent(&admin, &tenant, "alice", 1).await;
+    let mut alice = agent_ready(url, &a_token).await;
+    let (b_id, b_token) = provision_agent(&admin, &tenant, "bob", 1).await;
+    let mut bob = agent_ready(url, &b_token).await;
+    let accept = |offer: &Value| json!({"op": "accept", "conversation_id": offer["conversation_id"], "offer_id": offer["offer_id"]});
+    // Alice (idle longest) takes the first chat, Bob the second: both are full.
+    let (first, _) = start_session(url, &tenant.api_key, json!({"nickname": "Ida"})).await;
+    let offer = ws_until(&mut alice, WAIT, |v| v["type"] == "offer").await;
+    assert_eq!(offer["conversation_id"], first.as_str());
+    ws_send(&mut alice, accept(&offer)).await;
+    ws_until(&mut alice, WAIT, |v| {
+        v["type"] == "state" && v["state"] == "connected"
+    })
+    .await;
+    start_session(url, &tenant.api_key, json!({"nickname": "Jo"})).await;
+    let offer = ws_until(&mut bob, WAIT, |v| v["type"] == "offer").await;
+    ws_send(&mut bob, accept(&offer)).await;
+    ws_until(&mut bob, WAIT, |v| {
+        v["type"] == "state" && v["state"] == "connected"
+    })
+    .await;
+    // Carol signs in free; Alice hands the first chat to Bob by name, who is ready but full.
+    let (_, c_token) = provision_agent(&admin, &tenant, "carol", 1).await;
+    let mut carol = agent_ready(url, &c_token).await;
+    ws_send(
+        &mut alice,
+        json!({"op": "transfer", "conversation_id": first, "agent_id": b_id}),
+    )
+    .await;
+    ws_until(&mut alice, WAIT, |v| {
+        v["type"] == "state" && v["state"] == "transferred"
+    })
+    .await;
+    // Only Bob may be offered it while he is ready: Carol, free, is not (several queued timers).
+    let early = tokio::time::timeout(Duration::from_millis(1500), async {
+        ws_until(&mut carol, WAIT, |v| v["type"] == "offer").await
+    })
+    .await;
+    assert!(early.is_err(), "offered past the named agent: {early:?}");
+    // Bob goes not ready: the chat goes to the queue's free agent, Carol.
+    ws_send(&mut bob, json!({"op": "not_ready", "reason_code": "BREAK"})).await;
+    let offer = ws_until(&mut carol, WAIT, |v| v["type"] == "offer").await;
+    assert_eq!(offer["conversation_id"], first.as_str());
+    ws_send(&mut carol, accept(&offer)).await;
+    ws_until(&mut carol, WAIT, |v| {
+        v["type"] == "state" && v["state"] == "connected"
+    })
+    .await;
+    let me = agent_me(url, &c_token).await.expect("me");
+    assert_eq!(me["active"]["chat"].as_u64(), Some(1), "{me}");
 }
 
 /// A bot endpoint on loopback: checks the signature, echoes, hands off on "agent please".

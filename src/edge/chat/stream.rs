@@ -22,7 +22,9 @@ use super::{claims_for, Claims};
 use crate::edge::hub::{Feed, Push};
 use crate::edge::{ApiError, AppState};
 use crate::events::chat::ClientEventKind;
-use crate::workers::conversation::notify::entry_json;
+use crate::stores::session::ConversationState;
+use crate::telemetry::metrics::CHAT_STREAMS_LAGGED_TOTAL;
+use crate::workers::conversation::notify::{closed_json, entry_json};
 
 /// Backlog read per store call.
 const PAGE: usize = 200;
@@ -132,6 +134,13 @@ pub(crate) struct Resumable {
     /// lagged): it is read before the next live push. Kept in the feed rather than in `next`'s stack, because the socket loop drops a
     /// pending `next` whenever the client sends a frame.
     behind: bool,
+    /// Whether the conversation closed is read from its record once the backlog is sent: the
+    /// `closed` state is a live push only, which a stream opened after it, or lagging past it,
+    /// would not get.
+    recheck: bool,
+    /// The `closed` state, sent once the store's entries up to the close are.
+    close_pending: Option<Arc<str>>,
+    closed_sent: bool,
 }
 
 impl Resumable {
@@ -145,6 +154,9 @@ impl Resumable {
             last: from.max(1) - 1,
             queue: VecDeque::new(),
             behind: false,
+            recheck: true,
+            close_pending: None,
+            closed_sent: false,
         }
     }
 
@@ -210,20 +222,60 @@ impl Resumable {
                 }
                 continue;
             }
+            if let Some(closed) = self.close_pending.take() {
+                self.closed_sent = true;
+                return Some((None, closed));
+            }
+            if self.recheck {
+                let closed = self.closed_state().await.ok()?;
+                self.recheck = false;
+                if let Some(closed) = closed.filter(|_| !self.closed_sent) {
+                    // The close's own entries were stored before its record: read them first.
+                    self.close_pending = Some(closed);
+                    self.behind = true;
+                }
+                continue;
+            }
             match self.feed.rx.recv().await {
                 Ok(push) => {
                     if let Some(item) = self.accept(&push) {
                         return Some(item);
                     }
                 }
-                // Fell behind the live buffer: the store has everything, read it from there.
-                Err(RecvError::Lagged(_)) => self.behind = true,
+                // Fell behind the live buffer: the store has every entry; the record says
+                // whether a `closed` push was among those missed.
+                Err(RecvError::Lagged(_)) => {
+                    metrics::counter!(CHAT_STREAMS_LAGGED_TOTAL).increment(1);
+                    self.behind = true;
+                    self.recheck = true;
+                }
                 Err(RecvError::Closed) => return None,
             }
         }
     }
 
+    /// The `closed` state of the conversation if its record says it closed.
+    async fn closed_state(&self) -> Result<Option<Arc<str>>, ApiError> {
+        let record = self
+            .state
+            .sessions()?
+            .conversation(&self.claims.tid, &self.claims.sid)
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        Ok(record
+            .filter(|c| c.state == ConversationState::Closed)
+            .map(|c| closed_json(&self.claims.sid, c.closed_reason.as_deref()))
+            .map(|v| Arc::from(v.to_string())))
+    }
+
     fn accept(&mut self, push: &Push) -> Option<(Option<u64>, Arc<str>)> {
+        if push.kind == ClientEventKind::State && is_closed(&push.data) {
+            // Once: it may have been read from the record already.
+            if std::mem::replace(&mut self.closed_sent, true) {
+                return None;
+            }
+            self.close_pending = None;
+        }
         if push.kind != ClientEventKind::Transcript {
             return Some((None, push.data.clone()));
         }
@@ -240,6 +292,10 @@ impl Resumable {
         self.last = position;
         Some((Some(position), push.data.clone()))
     }
+}
+
+fn is_closed(data: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(data).is_ok_and(|v| v["state"] == "closed")
 }
 
 pub async fn websocket(

@@ -363,11 +363,12 @@ impl ConversationWorker {
                 self.bot_turn(&mut c, e, m).await?;
             }
             self.arm_idle(&c).await?;
-            return self.save(&mut c, e).await;
+            // Queued if the bot handed off at once.
+            return self.save_queued(&mut c, e).await;
         }
         self.wait_in_queue(&c, e).await?;
         self.arm_idle(&c).await?;
-        self.save(&mut c, e).await
+        self.save_queued(&mut c, e).await
     }
 
     /// (Re)sets the timer that ends a chat whose customer went away, from the customer's last
@@ -405,20 +406,26 @@ impl ConversationWorker {
             .await?;
         // Also after an offer: if it never applies (lost with a crash, or the agent's slot was
         // released meanwhile), the timer offers again while the conversation still waits.
-        {
-            let due = source.envelope.occurred_at_ms
-                + i64::try_from(self.config.requeue_interval_ms).unwrap_or(i64::MAX / 4);
-            self.store
-                .schedule(
-                    &Timer {
-                        kind: QUEUED_TIMER.into(),
-                        tenant_id: c.tenant_id.clone(),
-                        id: c.conversation_id.clone(),
-                    },
-                    not_before_save(due),
-                )
-                .await
-                .map_err(store_failed)?;
+        self.arm_queued(c, source).await
+    }
+
+    async fn arm_queued(&self, c: &Conversation, source: &Event) -> Step {
+        let due = source.envelope.occurred_at_ms
+            + i64::try_from(self.config.requeue_interval_ms).unwrap_or(i64::MAX / 4);
+        self.store
+            .schedule(&self.timer(QUEUED_TIMER, c), not_before_save(due))
+            .await
+            .map_err(store_failed)
+    }
+
+    /// Saves a conversation this step put in its queue, then arms its queued timer once more.
+    /// Armed before the save too (a crash between the two must not leave the waiter without
+    /// one), a timer that fired in between found no record or one not Queued yet (a new chat,
+    /// a transfer, a bot's handoff) and ended.
+    async fn save_queued(&self, c: &mut Conversation, e: &Event) -> Step {
+        self.save(c, e).await?;
+        if c.state == ConversationState::Queued {
+            self.arm_queued(c, e).await?;
         }
         Ok(())
     }
@@ -503,7 +510,7 @@ impl ConversationWorker {
             skills: c.routing.skills.clone(),
             exclude: c.declined_by.clone(),
             now_ms,
-            only: c.routing.target_agent.clone(),
+            only: self.named_target(c).await?,
         };
         let Some(agent) = self
             .store
@@ -534,6 +541,25 @@ impl ConversationWorker {
             .await?;
         debug!(conversation_id = %c.conversation_id, agent = %agent, "offer published");
         Ok(true)
+    }
+
+    /// The agent a transfer named, while that agent is ready: one who went not ready (or
+    /// signed out, or was deleted) after the transfer was accepted would leave the chat
+    /// waiting for nobody, so it falls back to the conversation's queue, as on a decline.
+    async fn named_target(&self, c: &Conversation) -> Result<Option<String>, HandleError> {
+        let Some(target) = &c.routing.target_agent else {
+            return Ok(None);
+        };
+        let ready = self
+            .store
+            .presence(&c.tenant_id, target)
+            .await
+            .map_err(store_failed)?
+            .is_some_and(|p| p.ready);
+        if !ready {
+            debug!(conversation_id = %c.conversation_id, agent = %target, "the named agent is not ready; offering the queue");
+        }
+        Ok(ready.then(|| target.clone()))
     }
 
     /// Sends one customer message to the conversation's bot and applies its answer: replies
@@ -700,6 +726,10 @@ impl ConversationWorker {
         c.routing.offer_id = Some(b.offer_id.clone());
         c.routing.offer_expires_at_ms = Some(expires_at);
         c.routing.offers = c.routing.offers.saturating_add(1);
+        if c.routing.target_agent.as_deref() != Some(b.agent_id.as_str()) {
+            // The named agent went not ready and the queue's agent took over.
+            c.routing.target_agent = None;
+        }
         if let Some(queue) = &c.queue_id {
             self.store
                 .dequeue(tenant, queue, &c.conversation_id)
@@ -938,6 +968,11 @@ impl ConversationWorker {
         c.files = c.files.saturating_add(files);
         c.last_activity_ms = c.last_activity_ms.max(e.envelope.occurred_at_ms);
         self.arm_idle(&c).await?;
+        if with_bot {
+            // Queued if the bot handed off (only then: a waiter's messages must not keep
+            // moving its queued timer on).
+            return self.save_queued(&mut c, e).await;
+        }
         self.save(&mut c, e).await
     }
 
@@ -1222,7 +1257,7 @@ impl ConversationWorker {
             }
             self.hand_off(&mut c, e, Some(b.target_id), b.user_data)
                 .await?;
-            return self.save(&mut c, e).await;
+            return self.save_queued(&mut c, e).await;
         }
         if c.state != ConversationState::Connected || c.agent_id.as_deref() != Some(&b.agent_id) {
             warn!(conversation_id = %c.conversation_id, agent = %b.agent_id, "transfer by an agent not connected; ignored");
@@ -1341,7 +1376,7 @@ impl ConversationWorker {
         c.declined_by = vec![b.agent_id.clone()];
         c.user_data.extend(b.user_data.clone());
         self.wait_in_queue(&c, e).await?;
-        self.save(&mut c, e).await
+        self.save_queued(&mut c, e).await
     }
 
     /// An agent who accepted joins: the `ParticipantJoined` entry and event, and `connected` to
@@ -1753,8 +1788,7 @@ impl ConversationWorker {
         )
         .await?;
         let reason_text = serde_json::to_value(reason).unwrap_or_default();
-        let state = json!({"type": "state", "conversation_id": c.conversation_id,
-            "state": "closed", "reason": reason_text});
+        let state = notify::closed_json(&c.conversation_id, reason_text.as_str());
         let client = notify::state(true, agents, state);
         self.emit(
             DELIVERY_TOPIC,

@@ -34,6 +34,11 @@ pub fn party_kind(k: &PartyKind) -> &'static str {
     }
 }
 
+/// The socket JSON of a conversation's close (`reason` as the closed event names it).
+pub fn closed_json(conversation_id: &str, reason: Option<&str>) -> Value {
+    json!({"type": "state", "conversation_id": conversation_id, "state": "closed", "reason": reason})
+}
+
 /// A transcript entry for the customer and the given agents.
 pub fn transcript(conversation_id: &str, e: &Entry, agents: Vec<String>) -> ClientEvent {
     ClientEvent {
