@@ -319,8 +319,9 @@ async fn racing_closes_close_a_conversation_once() {
     let mut config = common::bus_config("jetstream", None);
     config.url = sys.nats.url.clone();
     let bus = nexus::bus::connect(&config).await.expect("bus");
+    // Per conversation: how many closes, and the transcript length the last one reports.
     let count = || async {
-        let mut closed: HashMap<String, usize> = HashMap::new();
+        let mut closed: HashMap<String, (usize, i64)> = HashMap::new();
         for p in bus
             .partition_offsets("nexus.interaction.v1")
             .await
@@ -333,7 +334,10 @@ async fn racing_closes_close_a_conversation_once() {
             {
                 let e = nexus::events::decode(&m.payload).expect("decode");
                 if e.envelope.event_type == "ConversationClosed" {
-                    *closed.entry(e.envelope.conversation_id).or_default() += 1;
+                    let b: nexus::events::chat::ConversationClosed =
+                        e.body_as().expect("closed body");
+                    let seen = closed.entry(e.envelope.conversation_id).or_default();
+                    *seen = (seen.0 + 1, b.transcript_length);
                 }
             }
         }
@@ -346,6 +350,25 @@ async fn racing_closes_close_a_conversation_once() {
     // Time for a second close, had one been on its way.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let closed = count().await;
-    let twice: Vec<_> = closed.iter().filter(|(_, n)| **n > 1).collect();
+    let twice: Vec<_> = closed.iter().filter(|(_, (n, _))| *n > 1).collect();
     assert!(twice.is_empty(), "closed more than once: {twice:?}");
+    // The closed event counts the whole transcript, the close's own entries included.
+    for c in &customers {
+        let t: Value = http
+            .get(format!(
+                "{}/nexus/v3/chat/sessions/{}/messages",
+                sys.url, c.sid
+            ))
+            .header("x-api-key", &tenant.api_key)
+            .header("x-nexus-client-key", &c.key)
+            .send()
+            .await
+            .expect("transcript")
+            .json()
+            .await
+            .expect("transcript json");
+        let entries = t["messages"].as_array().map_or(0, Vec::len);
+        assert!(entries >= 2, "{t}");
+        assert_eq!(closed[&c.sid].1, entries as i64, "{t}");
+    }
 }

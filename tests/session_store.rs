@@ -281,7 +281,9 @@ async fn transcript_positions_and_windows(t: TestStore) {
     assert_eq!(window[1].entry.text.as_deref(), Some("m3"));
     let tail = s.transcript(&t.tenant, "c1", 4, 10).await.expect("tail");
     assert_eq!(tail.iter().map(|e| e.position).collect::<Vec<_>>(), [4, 5]);
-    // No limit: the whole rest (the worker counts a closed chat's entries this way).
+    assert_eq!(s.transcript_len(&t.tenant, "c1").await.expect("len"), 5);
+    assert_eq!(s.transcript_len(&t.tenant, "other").await.expect("len"), 0);
+    // No limit: the whole rest.
     let unbounded = s
         .transcript(&t.tenant, "c1", 2, usize::MAX)
         .await
@@ -979,6 +981,7 @@ async fn expired_conversation_disappears(t: TestStore) {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(s.conversation(tn, "c1").await.expect("get"), None);
     assert!(s.transcript(tn, "c1", 1, 10).await.expect("t").is_empty());
+    assert_eq!(s.transcript_len(tn, "c1").await.expect("len"), 0);
     // Dedup ids went with it: the same event appends anew at position 1.
     let a = s
         .append(tn, "c1", &message("e1", Some("m1"), "hi"))

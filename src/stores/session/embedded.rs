@@ -721,6 +721,26 @@ impl SessionStore for EmbeddedStore {
         .await
     }
 
+    async fn transcript_len(&self, tenant: &str, conversation_id: &str) -> Result<u64, StoreError> {
+        let (tenant, id) = (tenant.to_string(), conversation_id.to_string());
+        self.read(move |txn| {
+            let (t, c) = (tenant.as_str(), id.as_str());
+            let expiry = txn.open_table(EXPIRY).map_err(storage("open expiry"))?;
+            if expired_in(&expiry, t, c, now_ms())? {
+                return Ok(0);
+            }
+            let entries = txn.open_table(ENTRIES).map_err(storage("open entries"))?;
+            let last = entries
+                .range((t, c, 1)..=(t, c, u64::MAX))
+                .map_err(storage("scan entries"))?
+                .next_back()
+                .transpose()
+                .map_err(storage("read entry"))?;
+            Ok(last.map_or(0, |(k, _)| k.value().2))
+        })
+        .await
+    }
+
     async fn transcript(
         &self,
         tenant: &str,

@@ -326,6 +326,9 @@ pub trait SessionStore: Send + Sync + 'static {
         max: usize,
     ) -> Result<Vec<Entry>, StoreError>;
 
+    /// How many entries the transcript holds (its last position), without reading them.
+    async fn transcript_len(&self, tenant: &str, conversation_id: &str) -> Result<u64, StoreError>;
+
     /// Sets readiness, skills and capacity; keeps `active`. Becoming ready (or first seen)
     /// sets `idle_since_ms` to `now_ms`.
     async fn set_presence(

@@ -473,6 +473,13 @@ impl SessionStore for RedisStore {
         })
     }
 
+    async fn transcript_len(&self, tenant: &str, conversation_id: &str) -> Result<u64, StoreError> {
+        self.conn()
+            .llen(self.key(tenant, "tx", conversation_id))
+            .await
+            .map_err(redis_err)
+    }
+
     async fn transcript(
         &self,
         tenant: &str,

@@ -105,6 +105,16 @@ fn entry(source: &Event, kind: EntryKind, from: Party, text: Option<String>) -> 
     }
 }
 
+/// The party whose action closes a conversation, whose `ParticipantLeft` the close appends.
+enum Leaving {
+    Nobody,
+    Customer,
+    Agent {
+        participant_id: String,
+        agent_id: String,
+    },
+}
+
 /// Whether `e` is the event that closed `c`: the last one applied to it (nothing is applied to
 /// a closed record after its close).
 fn closed_by(c: &Conversation, e: &Event) -> bool {
@@ -331,7 +341,9 @@ impl ConversationWorker {
                 )
             };
             self.append(&c, e, "no-route", notice).await?;
-            return self.close(&mut c, e, ev::CloseReason::System, None).await;
+            return self
+                .close(&mut c, e, ev::CloseReason::System, None, &Leaving::Nobody)
+                .await;
         };
         c.queue_id = Some(rule.queue_id.clone());
         c.routing.skills = rule.skills.clone();
@@ -1145,7 +1157,10 @@ impl ConversationWorker {
         } else {
             ev::CloseReason::CustomerLeft
         };
-        let Some(mut c) = self.closing(e, reason, Some(&b.participant_id)).await? else {
+        let Some(mut c) = self
+            .closing(e, reason, Some(&b.participant_id), &Leaving::Customer)
+            .await?
+        else {
             return Ok(());
         };
         // Checked on a still-open conversation only, so a redelivered close the worker saved
@@ -1174,9 +1189,8 @@ impl ConversationWorker {
                 return Ok(());
             }
         }
-        let left = entry(e, EntryKind::ParticipantLeft, c.customer.clone(), None);
-        self.append(&c, e, "left", left).await?;
-        self.close(&mut c, e, reason, Some(b.participant_id)).await
+        let by = Some(b.participant_id);
+        self.close(&mut c, e, reason, by, &Leaving::Customer).await
     }
 
     /// Whether the customer of `e`'s live chat showed a sign of life since the abandon timer
@@ -1200,7 +1214,14 @@ impl ConversationWorker {
 
     pub(super) async fn on_completed(&self, e: &Event, b: ev::ConversationCompleted) -> Step {
         let completed = ev::CloseReason::AgentCompleted;
-        let Some(mut c) = self.closing(e, completed, Some(&b.participant_id)).await? else {
+        let leaving = Leaving::Agent {
+            participant_id: b.participant_id.clone(),
+            agent_id: b.agent_id.clone(),
+        };
+        let Some(mut c) = self
+            .closing(e, completed, Some(&b.participant_id), &leaving)
+            .await?
+        else {
             return Ok(());
         };
         if c.routing.consultant.as_deref() == Some(b.agent_id.as_str()) {
@@ -1211,35 +1232,10 @@ impl ConversationWorker {
             warn!(conversation_id = %c.conversation_id, agent = %b.agent_id, "completion by an agent not connected; ignored");
             return Ok(());
         }
-        let agent = Party {
-            participant_id: b.participant_id.clone(),
-            nickname: c
-                .routing
-                .agent_nickname
-                .clone()
-                .unwrap_or_else(|| b.agent_id.clone()),
-            kind: PartyKind::Agent,
-        };
         // The disposition (a wrap-up code) stays off the transcript the customer reads; GWS
         // gets it from the completion event.
-        let left = entry(e, EntryKind::ParticipantLeft, agent, None);
-        let appended = self.append(&c, e, "left", left).await?;
-        self.emit(
-            INTERACTION_TOPIC,
-            e,
-            &c.conversation_id,
-            "left",
-            &ev::ParticipantLeft {
-                participant_id: b.participant_id.clone(),
-                participant_kind: ParticipantKind::Agent,
-                nickname: None,
-                reason: ev::LeftReason::Left,
-                transcript_position: i64::try_from(appended.position).ok(),
-            },
-        )
-        .await?;
         c.user_data.extend(b.user_data.clone());
-        self.close(&mut c, e, completed, Some(b.participant_id))
+        self.close(&mut c, e, completed, Some(b.participant_id), &leaving)
             .await
     }
 
@@ -1707,6 +1703,7 @@ impl ConversationWorker {
         e: &Event,
         reason: ev::CloseReason,
         by: Option<String>,
+        leaving: &Leaving,
     ) -> Step {
         let tenant = c.tenant_id.clone();
         // The agents the record names, and any holding a reservation it does not know of.
@@ -1747,16 +1744,61 @@ impl ConversationWorker {
                 .await
                 .map_err(store_failed)?;
         }
-        // Saved before it is announced: of two closes racing (a customer leaving while the
-        // agent completes), only the one whose save wins tells anyone, so a conversation has
-        // one ConversationClosed. A close cut short after its save is announced on redelivery
-        // (see `closing`).
+        // Saved before anything is told or appended: of two closes racing (a customer leaving
+        // while the agent completes), only the one whose save wins appends its party's
+        // `ParticipantLeft` and announces, so a conversation has one ConversationClosed and no
+        // entry after it from the close that lost. A close cut short after its save is
+        // completed on redelivery (see `closing`).
         let reason_text = serde_json::to_value(reason).unwrap_or_default();
         c.state = ConversationState::Closed;
         c.closed_reason = reason_text.as_str().map(str::to_string);
         c.offered_to = None;
         self.save(c, e).await?;
+        self.leave(c, e, leaving).await?;
         self.announce_close(c, e, reason, by, agents).await
+    }
+
+    /// The `ParticipantLeft` entry of the party whose action closed `c` (and, for an agent,
+    /// its interaction event). Ids derive from `e`: a repeat appends and publishes nothing new.
+    async fn leave(&self, c: &Conversation, e: &Event, leaving: &Leaving) -> Step {
+        let (party, agent_left) = match leaving {
+            Leaving::Nobody => return Ok(()),
+            Leaving::Customer => (c.customer.clone(), None),
+            Leaving::Agent {
+                participant_id,
+                agent_id,
+            } => {
+                let party = Party {
+                    participant_id: participant_id.clone(),
+                    nickname: c
+                        .routing
+                        .agent_nickname
+                        .clone()
+                        .unwrap_or_else(|| agent_id.clone()),
+                    kind: PartyKind::Agent,
+                };
+                (party, Some(participant_id))
+            }
+        };
+        let left = entry(e, EntryKind::ParticipantLeft, party, None);
+        let appended = self.append(c, e, "left", left).await?;
+        let Some(participant_id) = agent_left else {
+            return Ok(());
+        };
+        self.emit(
+            INTERACTION_TOPIC,
+            e,
+            &c.conversation_id,
+            "left",
+            &ev::ParticipantLeft {
+                participant_id: participant_id.clone(),
+                participant_kind: ParticipantKind::Agent,
+                nickname: None,
+                reason: ev::LeftReason::Left,
+                transcript_position: i64::try_from(appended.position).ok(),
+            },
+        )
+        .await
     }
 
     /// Tells the interaction stream and the sockets that `c` closed, and lets its record
@@ -1771,10 +1813,9 @@ impl ConversationWorker {
     ) -> Step {
         let length = self
             .store
-            .transcript(&c.tenant_id, &c.conversation_id, 1, usize::MAX)
+            .transcript_len(&c.tenant_id, &c.conversation_id)
             .await
-            .map_err(store_failed)?
-            .len();
+            .map_err(store_failed)?;
         self.emit(
             INTERACTION_TOPIC,
             e,
@@ -1816,6 +1857,7 @@ impl ConversationWorker {
         e: &Event,
         reason: ev::CloseReason,
         by: Option<&str>,
+        leaving: &Leaving,
     ) -> Result<Option<Conversation>, HandleError> {
         let id = e.envelope.event_id.to_string();
         match self.load(e).await? {
@@ -1824,6 +1866,7 @@ impl ConversationWorker {
                     .into_iter()
                     .chain(c.routing.consult_invited.iter().cloned())
                     .collect();
+                self.leave(&c, e, leaving).await?;
                 self.announce_close(&c, e, reason, by.map(str::to_string), agents)
                     .await?;
                 Ok(None)
