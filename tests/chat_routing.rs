@@ -336,6 +336,7 @@ async fn racing_closes_close_a_conversation_once() {
                 if e.envelope.event_type == "ConversationClosed" {
                     let b: nexus::events::chat::ConversationClosed =
                         e.body_as().expect("closed body");
+                    assert_eq!(b.channel, Some(nexus::events::chat::Channel::WebChat));
                     let seen = closed.entry(e.envelope.conversation_id).or_default();
                     *seen = (seen.0 + 1, b.transcript_length);
                 }

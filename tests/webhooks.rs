@@ -148,12 +148,14 @@ impl System {
         e
     }
 
-    async fn closed(&self, tenant: &str, conversation: &str) -> Event {
+    /// A close; `channel` `None` as written before the closed event carried it.
+    async fn closed(&self, tenant: &str, conversation: &str, channel: Option<Channel>) -> Event {
         let e = Event::typed(
             &ConversationClosed {
                 reason: CloseReason::CustomerLeft,
                 closed_by_participant_id: None,
                 transcript_length: 2,
+                channel,
             },
             tenant,
             conversation,
@@ -282,7 +284,7 @@ async fn both_formats_exactly_once(s: &System, rx: &Receiver) {
     // conversation, so the same lane) proves they were handled.
     let conv = format!("c-{}", uuid::Uuid::new_v4().simple());
     let e1 = s.started(&tenant.id, &conv).await;
-    let e2 = s.closed(&tenant.id, &conv).await;
+    let e2 = s.closed(&tenant.id, &conv, None).await;
     rx.wait_for("std", 4).await;
     s.publish(&e1).await;
     s.publish(&e2).await;
@@ -364,6 +366,17 @@ async fn both_formats_exactly_once(s: &System, rx: &Receiver) {
     assert_eq!(code, 200);
     assert_eq!(page["items"].as_array().map(Vec::len), Some(2));
     assert!(page["next"].is_string());
+
+    // A close naming its channel needs no STARTED: an email conversation whose start this
+    // worker never saw reaches the email-only subscription as email.
+    let conv = format!("c-{}", uuid::Uuid::new_v4().simple());
+    s.closed(&tenant.id, &conv, Some(Channel::Email)).await;
+    let email = rx.wait_for("email", 1).await;
+    assert_eq!(email[0].event(), "FINISHED");
+    let entity = &email[0].json()["data"]["entities"][0]["entity"];
+    assert_eq!(entity["id"], conv.as_str());
+    assert_eq!(entity["mediaType"], "email");
+    assert_eq!(entity["interactionSubtype"], "email");
 }
 
 /// A new message is sent before its row is written (PostgreSQL): a first attempt that ends
@@ -557,7 +570,7 @@ async fn dead_letters_recovery_and_replay(s: &System, rx: &Receiver) {
     rx.set("dead", Mode::Always(500));
     // FINISHED waits while STARTED is pending, then follows it once STARTED is dead.
     s.started(&tenant.id, "dead-1").await;
-    s.closed(&tenant.id, "dead-1").await;
+    s.closed(&tenant.id, "dead-1", Some(Channel::WebChat)).await;
     let got = rx.wait_for("dead", 6).await;
     assert_eq!(
         got.iter().map(Received::event).collect::<Vec<_>>(),
@@ -779,7 +792,8 @@ async fn sigkill_of_the_webhooks_worker_loses_nothing() {
     rx.set("load", Mode::Slow(40));
     for i in 0..CONVERSATIONS {
         s.started(&tenant.id, &format!("load-{i}")).await;
-        s.closed(&tenant.id, &format!("load-{i}")).await;
+        s.closed(&tenant.id, &format!("load-{i}"), Some(Channel::WebChat))
+            .await;
     }
     rx.wait_for("load", CONVERSATIONS / 3).await;
     let mut worker = s.webhooks.take().expect("worker");

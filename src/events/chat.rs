@@ -390,6 +390,9 @@ pub struct ConversationClosed {
     pub reason: CloseReason,
     pub closed_by_participant_id: Option<String>,
     pub transcript_length: i64,
+    /// The conversation's channel (schema v2; `None` when read from v1).
+    #[serde(default)]
+    pub channel: Option<Channel>,
 }
 body!(ConversationClosed);
 

@@ -1825,6 +1825,7 @@ impl ConversationWorker {
                 reason,
                 closed_by_participant_id: by,
                 transcript_length: i64::try_from(length).unwrap_or(i64::MAX),
+                channel: serde_json::from_value(json!(c.channel)).ok(),
             },
         )
         .await?;

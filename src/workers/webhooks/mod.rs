@@ -31,7 +31,7 @@ use store::{MessageStore, NewMessage};
 use crate::bus::consumer::{HandleError, Handler};
 use crate::bus::{Bus, Message};
 use crate::config::{HttpClientConfig, StoresConfig};
-use crate::events::chat::{Channel, ConversationStarted};
+use crate::events::chat::{BodyError, Channel, ConversationClosed, ConversationStarted};
 use crate::events::Event;
 use crate::stores::provisioning::{Provisioning, Webhook, WebhookEvent, WebhookMedia};
 use crate::telemetry::metrics as m;
@@ -228,20 +228,34 @@ impl Webhooks {
         Ok(list)
     }
 
-    /// Media and subtype of the interaction: from the start event, or for the close (which
-    /// does not carry the channel) from the STARTED message stored for it.
+    /// Media and subtype of the interaction: from the event's channel (the start's; the
+    /// close's since its schema v2), else, for a close written before, from the STARTED
+    /// message stored for it.
     async fn media(
         &self,
         event: &Event,
         kind: WebhookEvent,
     ) -> Result<(WebhookMedia, String), HandleError> {
-        if kind == WebhookEvent::Started {
-            let started: ConversationStarted =
-                event.body_as().map_err(|e| HandleError::Reject {
-                    reason: "invalid_body",
-                    detail: e.to_string(),
-                })?;
-            let (media, subtype) = media_of(&started.channel);
+        let invalid = |e: BodyError| HandleError::Reject {
+            reason: "invalid_body",
+            detail: e.to_string(),
+        };
+        let channel = if kind == WebhookEvent::Started {
+            Some(
+                event
+                    .body_as::<ConversationStarted>()
+                    .map_err(invalid)?
+                    .channel,
+            )
+        } else {
+            event
+                .body_as::<ConversationClosed>()
+                .map_err(invalid)?
+                .channel
+        };
+        // A symbol this version does not know says nothing: the STARTED row may.
+        if let Some(channel) = channel.filter(|c| *c != Channel::Unknown) {
+            let (media, subtype) = media_of(&channel);
             return Ok((media, subtype.to_string()));
         }
         let e = &event.envelope;
