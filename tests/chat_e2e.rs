@@ -767,6 +767,42 @@ async fn a_stream_opened_after_the_close_gets_the_closed_state() {
     assert_eq!(first["state"], "closed", "{first}");
 }
 
+/// A stream on a chat the store no longer keeps (expired after its close) is told it closed
+/// rather than left open on nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_on_an_expired_chat_gets_the_closed_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, _admin, tenant) = dev(
+        dir.path(),
+        &[("NEXUS_WORKERS__CONVERSATION__CLOSED_RETENTION_S", "1")],
+    )
+    .await;
+    let url = node.url.as_str();
+    let (sid, ck) = start_session(url, &tenant.api_key, json!({"nickname": "Lee"})).await;
+    disconnect(url, &tenant.api_key, &sid, &ck).await;
+    // Gone once the transcript reads empty (ended).
+    let customer = Customer {
+        url: url.to_string(),
+        api_key: tenant.api_key.clone(),
+        sid: sid.clone(),
+        ck: ck.clone(),
+    };
+    eventually(WAIT, "the chat expired", || async {
+        let t = customer.transcript_at(url, "from=1").await;
+        let gone = t["chat_ended"] == true && t["messages"].as_array().is_some_and(Vec::is_empty);
+        gone.then_some(())
+    })
+    .await;
+    let mut ws = ws_connect(&format!(
+        "{url}/nexus/v3/chat/sessions/{sid}/stream?api_key={}&client_key={ck}",
+        tenant.api_key
+    ))
+    .await;
+    let first = ws_until(&mut ws, WAIT, |_| true).await;
+    assert_eq!(first["state"], "closed", "{first}");
+    assert_eq!(first["reason"], Value::Null, "{first}");
+}
+
 /// A stream opened on a transcript longer than a store page sends all of it in order (the edge
 /// reads it a page at a time), then the live entries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1289,7 +1325,7 @@ async fn transfer_to_an_agent_and_to_a_queue() {
         .await;
     let (_, a_token) = provision_agent(&admin, &tenant, "alice", 1).await;
     let mut alice = agent_ready(url, &a_token).await;
-    let (_, b_token) = provision_agent(&admin, &tenant, "bob", 1).await;
+    let (b_id, b_token) = provision_agent(&admin, &tenant, "bob", 1).await;
     let mut bob = agent_ready(url, &b_token).await;
     let (c_id, c_token) = provision_agent(&admin, &tenant, "carol", 1).await;
     let mut carol = agent_ready(url, &c_token).await;
@@ -1327,6 +1363,21 @@ async fn transfer_to_an_agent_and_to_a_queue() {
     let failed = ws_until(&mut alice, WAIT, |v| v["type"] == "transfer_failed").await;
     assert_eq!(failed["reason"], "AGENT_NOT_AVAILABLE");
     assert_eq!(failed["target_id"], d_id.as_str());
+    // Ready but taking no chats (capacity 0): refused too; then Bob takes chats again.
+    let capacity = |n: u32| {
+        move |v: &Value| v["type"] == "agent_state" && v["capacity"] == json!({ "chat": n })
+    };
+    ws_send(&mut bob, json!({"op": "ready", "capacity": {"chat": 0}})).await;
+    ws_until(&mut bob, WAIT, capacity(0)).await;
+    ws_send(
+        &mut alice,
+        json!({"op": "transfer", "conversation_id": sid, "agent_id": b_id}),
+    )
+    .await;
+    let failed = ws_until(&mut alice, WAIT, |v| v["type"] == "transfer_failed").await;
+    assert_eq!(failed["reason"], "AGENT_NOT_AVAILABLE");
+    ws_send(&mut bob, json!({"op": "ready", "capacity": {"chat": 1}})).await;
+    ws_until(&mut bob, WAIT, capacity(1)).await;
 
     // To Carol by name (Bob is idle longer, but only Carol may be offered).
     ws_send(

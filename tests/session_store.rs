@@ -966,16 +966,16 @@ async fn expired_conversation_disappears(t: TestStore) {
         .await
         .expect("expire");
     // Still there until the TTL passes; a later write keeps the expiry.
-    let mut closed = conversation(tn, "c1");
-    closed.state = ConversationState::Closed;
-    closed.version = 1;
-    assert!(s.put_conversation(&closed).await.expect("put"));
-    closed.version = 2;
     let a = s
         .append(tn, "c1", &message("e2", None, "bye"))
         .await
         .expect("append");
     assert_eq!(a.position, 2);
+    let mut closed = conversation(tn, "c1");
+    closed.state = ConversationState::Closed;
+    closed.version = 1;
+    assert!(s.put_conversation(&closed).await.expect("put"));
+    closed.version = 2;
     assert_eq!(s.conversation(tn, "c1").await.expect("get"), Some(closed));
     assert_eq!(s.transcript(tn, "c1", 1, 10).await.expect("t").len(), 2);
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -992,6 +992,35 @@ async fn expired_conversation_disappears(t: TestStore) {
         s.conversation(tn, "c2").await.expect("get").is_some(),
         "others stay"
     );
+}
+
+async fn a_closed_conversation_takes_no_more_entries(t: TestStore) {
+    let s = &t.store;
+    let tn = &t.tenant;
+    let mut c = conversation(tn, "c1");
+    assert!(s.put_conversation(&c).await.expect("put"));
+    c.version = 1;
+    s.append(tn, "c1", &message("e1", Some("m1"), "hi"))
+        .await
+        .expect("append");
+    c.state = ConversationState::Closed;
+    assert!(s.put_conversation(&c).await.expect("close"));
+    // A new entry is refused; a repeat of one from before the close still answers its place.
+    let refused = s.append(tn, "c1", &message("e2", None, "late")).await;
+    assert!(
+        matches!(refused, Err(StoreError::Closed(ref id)) if id == "c1"),
+        "{refused:?}"
+    );
+    let again = s
+        .append(tn, "c1", &message("e1", Some("m1"), "hi"))
+        .await
+        .expect("repeat");
+    assert_eq!((again.position, again.duplicate), (1, true));
+    assert_eq!(s.transcript_len(tn, "c1").await.expect("len"), 1);
+    // Another conversation of the tenant is not affected.
+    s.append(tn, "c2", &message("e3", None, "fine"))
+        .await
+        .expect("other conversation");
 }
 
 async fn tenants_are_isolated(t: TestStore) {
@@ -1056,6 +1085,7 @@ per_store!(
     remember_within_ttl,
     refresh_extends_a_key,
     expired_conversation_disappears,
+    a_closed_conversation_takes_no_more_entries,
     tenants_are_isolated,
 );
 

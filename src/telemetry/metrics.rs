@@ -36,7 +36,7 @@ pub const TIMERS_FIRED_TOTAL: &str = "nexus_conversation_timers_fired_total";
 pub const TIMER_ERRORS_TOTAL: &str = "nexus_conversation_timer_errors_total";
 /// Expired chat files (rows and bytes) the sweeper deleted.
 pub const CHAT_FILES_EXPIRED_TOTAL: &str = "nexus_chat_files_expired_total";
-/// Customer streams that fell behind the edge's live buffer and caught up from the store.
+/// Times a customer stream fell behind the edge's live buffer and caught up from the store.
 pub const CHAT_STREAMS_LAGGED_TOTAL: &str = "nexus_chat_streams_lagged_total";
 
 /// Calls to peer systems (UCS, GWS), per `role`, `peer`, `outcome` (ok, failed, timeout, rejected,
@@ -143,7 +143,7 @@ pub(super) fn describe_all() {
     );
     describe_counter!(
         CHAT_STREAMS_LAGGED_TOTAL,
-        "Customer streams that fell behind the edge's live buffer and caught up from the store."
+        "Times a customer stream fell behind the edge's live buffer and caught up from the store."
     );
     describe_counter!(
         TIMERS_FIRED_TOTAL,

@@ -18,6 +18,7 @@ use futures::Stream;
 use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
 
+use super::v3::closed_or_gone;
 use super::{claims_for, Claims};
 use crate::edge::hub::{Feed, Push};
 use crate::edge::{ApiError, AppState};
@@ -254,18 +255,24 @@ impl Resumable {
         }
     }
 
-    /// The `closed` state of the conversation if its record says it closed.
+    /// The `closed` state of the conversation if its record says it closed, or is gone (see
+    /// [`closed_or_gone`]: expired after its close, or lost by the store; no reason then).
     async fn closed_state(&self) -> Result<Option<Arc<str>>, ApiError> {
+        let (tid, sid) = (&self.claims.tid, &self.claims.sid);
         let record = self
             .state
             .sessions()?
-            .conversation(&self.claims.tid, &self.claims.sid)
+            .conversation(tid, sid)
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
-        Ok(record
-            .filter(|c| c.state == ConversationState::Closed)
-            .map(|c| closed_json(&self.claims.sid, c.closed_reason.as_deref()))
-            .map(|v| Arc::from(v.to_string())))
+        let reason = match record {
+            Some(c) if c.state == ConversationState::Closed => c.closed_reason,
+            Some(_) => return Ok(None),
+            None if closed_or_gone(&self.state, tid, sid).await? => None,
+            None => return Ok(None),
+        };
+        let json = closed_json(sid, reason.as_deref()).to_string();
+        Ok(Some(Arc::from(json)))
     }
 
     fn accept(&mut self, push: &Push) -> Option<(Option<u64>, Arc<str>)> {

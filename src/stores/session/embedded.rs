@@ -34,8 +34,8 @@ use redb::{
 };
 
 use super::{
-    AgentPresence, Appended, Conversation, Entry, NewEntry, Reserve, SessionStore, StoreError,
-    Timer,
+    AgentPresence, Appended, Conversation, ConversationState, Entry, NewEntry, Reserve,
+    SessionStore, StoreError, Timer,
 };
 
 /// File name of the store inside the data directory.
@@ -376,6 +376,27 @@ fn purge_conversation(
     Ok(())
 }
 
+/// Whether the conversation's record is saved closed (appends then refuse).
+fn closed_in(txn: &WriteTransaction, tenant: &str, id: &str) -> Result<bool, StoreError> {
+    /// The one field this needs; serde skips the rest of the record.
+    #[derive(serde::Deserialize)]
+    struct State {
+        state: ConversationState,
+    }
+    let table = txn
+        .open_table(CONVERSATIONS)
+        .map_err(storage("open conversations"))?;
+    let Some(v) = table
+        .get((tenant, id))
+        .map_err(storage("read conversation"))?
+    else {
+        return Ok(false);
+    };
+    let record: State =
+        serde_json::from_slice(v.value()).map_err(|e| corrupt("conversation", e))?;
+    Ok(record.state == ConversationState::Closed)
+}
+
 /// Purges the conversation if it expired, then up to [`SWEEP_BATCH`] other expired ones.
 fn purge_expired(
     txn: &WriteTransaction,
@@ -688,6 +709,9 @@ impl SessionStore for EmbeddedStore {
                         retried: i == 1,
                     });
                 }
+            }
+            if closed_in(txn, t, c)? {
+                return Err(StoreError::Closed(c.to_string()));
             }
             let mut len = txn
                 .open_table(TRANSCRIPT_LEN)

@@ -43,6 +43,10 @@ pub enum StoreError {
     /// Stored data this version cannot read (a bug or a foreign writer).
     #[error("session store data is corrupt: {0}")]
     Corrupt(String),
+    /// An append to a conversation whose record was saved closed: nothing is added after a
+    /// close, so a reader that finds the record closed has the whole transcript.
+    #[error("conversation {0} is closed")]
+    Closed(String),
 }
 
 /// Who said or did something in a conversation.
@@ -310,6 +314,8 @@ pub trait SessionStore: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 
     /// Appends at the next position, atomically; idempotent by `event_id` and `message_id`.
+    /// Refused ([`StoreError::Closed`]) once the record is saved closed, after the id checks:
+    /// a repeat of an entry appended before the close still answers its position.
     async fn append(
         &self,
         tenant: &str,

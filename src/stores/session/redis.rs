@@ -32,8 +32,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AgentPresence, Appended, Conversation, Entry, NewEntry, Reserve, SessionStore, StoreError,
-    Timer,
+    AgentPresence, Appended, Conversation, ConversationState, Entry, NewEntry, Reserve,
+    SessionStore, StoreError, Timer,
 };
 
 /// Time to connect; a store that is down fails fast and the caller retries.
@@ -46,19 +46,26 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 const RECONNECT_RETRIES: usize = 3;
 
 /// Compare-and-set of a conversation record on its `version`; KEEPTTL so a closed
-/// conversation written again keeps expiring. KEYS: conv. ARGV: expected version, JSON.
+/// conversation written again keeps expiring. A record saved closed marks the transcript's ids
+/// hash `closed` (appends then refuse). KEYS: conv, txids. ARGV: expected version, JSON, closed
+/// 1/0.
 const PUT_CONVERSATION: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 local v = 0
 if cur then v = tonumber(cjson.decode(cur)['version']) or 0 end
 if v ~= tonumber(ARGV[1]) then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+if ARGV[3] == '1' then
+  redis.call('HSET', KEYS[2], 'closed', 1)
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+end
 return 1
 "#;
 
 /// KEYS: tx, txids, conv. ARGV: event id, the message key (`message_key`) or "", the NewEntry
-/// JSON. Returns {position, 0 new / 1 same event / 2 same message from another event}. New
-/// keys inherit the record's TTL once it expires.
+/// JSON. Returns {position, 0 new / 1 same event / 2 same message from another event / 3
+/// refused: the conversation is closed}. New keys inherit the record's TTL once it expires.
 const APPEND: &str = r#"
 local p = redis.call('HGET', KEYS[2], 'e:' .. ARGV[1])
 if p then return {tonumber(p), 1} end
@@ -66,6 +73,7 @@ if ARGV[2] ~= '' then
   p = redis.call('HGET', KEYS[2], ARGV[2])
   if p then return {tonumber(p), 2} end
 end
+if redis.call('HEXISTS', KEYS[2], 'closed') == 1 then return {0, 3} end
 local pos = redis.call('LLEN', KEYS[1]) + 1
 local n = redis.call('RPUSH', KEYS[1], '{"position":' .. pos .. ',' .. string.sub(ARGV[3], 2))
 redis.call('HSET', KEYS[2], 'e:' .. ARGV[1], n)
@@ -407,8 +415,10 @@ impl SessionStore for RedisStore {
             .scripts
             .put_conversation
             .key(self.key(&c.tenant_id, "conv", &c.conversation_id))
+            .key(self.key(&c.tenant_id, "txids", &c.conversation_id))
             .arg(c.version)
             .arg(json)
+            .arg(u8::from(c.state == ConversationState::Closed))
             .invoke_async(&mut self.conn())
             .await
             .map_err(redis_err)?;
@@ -466,6 +476,9 @@ impl SessionStore for RedisStore {
             .invoke_async(&mut self.conn())
             .await
             .map_err(redis_err)?;
+        if duplicate == 3 {
+            return Err(StoreError::Closed(conversation_id.to_string()));
+        }
         Ok(Appended {
             position,
             duplicate: duplicate > 0,

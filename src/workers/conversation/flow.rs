@@ -231,13 +231,15 @@ impl ConversationWorker {
                 .was_applied(&e.envelope.event_id.to_string())
             {
                 warn!(conversation_id = %e.envelope.conversation_id, "a second request for an existing conversation; ignored");
-            } else if closed_by(&existing, e) {
+                return Ok(());
+            }
+            if closed_by(&existing, e) {
                 // Closed at once (no route) and redelivered: the close may not have been told.
                 return self
                     .announce_close(&existing, e, ev::CloseReason::System, None, Vec::new())
                     .await;
             }
-            return Ok(());
+            return self.rearm_queued(&existing, e).await;
         }
         let at = e.envelope.occurred_at_ms;
         let customer = Party {
@@ -430,6 +432,17 @@ impl ConversationWorker {
             .map_err(store_failed)
     }
 
+    /// A redelivered event that was applied: if it queued the conversation, the timer armed
+    /// after its save may have been cut short (and the one armed before it may have fired
+    /// and ended in between), so it is armed again. Harmless otherwise: the timer offers
+    /// only while the conversation waits.
+    async fn rearm_queued(&self, c: &Conversation, e: &Event) -> Step {
+        if c.state == ConversationState::Queued && c.queue_id.is_some() {
+            self.arm_queued(c, e).await?;
+        }
+        Ok(())
+    }
+
     /// Saves a conversation this step put in its queue, then arms its queued timer once more.
     /// Armed before the save too (a crash between the two must not leave the waiter without
     /// one), a timer that fired in between found no record or one not Queued yet (a new chat,
@@ -516,13 +529,20 @@ impl ConversationWorker {
         source: &Event,
         now_ms: i64,
     ) -> Result<bool, HandleError> {
+        let only = self.named_target(c).await?;
         let reserve = Reserve {
             conversation_id: c.conversation_id.clone(),
             media: CHAT_MEDIA.into(),
-            skills: c.routing.skills.clone(),
+            // A transfer to a named agent goes to that agent whatever the rule's skills: the
+            // agent handing over chose the colleague.
+            skills: if only.is_some() {
+                Vec::new()
+            } else {
+                c.routing.skills.clone()
+            },
             exclude: c.declined_by.clone(),
             now_ms,
-            only: self.named_target(c).await?,
+            only,
         };
         let Some(agent) = self
             .store
@@ -555,23 +575,29 @@ impl ConversationWorker {
         Ok(true)
     }
 
-    /// The agent a transfer named, while that agent is ready: one who went not ready (or
-    /// signed out, or was deleted) after the transfer was accepted would leave the chat
-    /// waiting for nobody, so it falls back to the conversation's queue, as on a decline.
+    /// The agent a transfer named, while that agent takes chats: one who went not ready (or
+    /// signed out, was deleted, or set no chat capacity) after the transfer was accepted
+    /// would leave the chat waiting for nobody, so it falls back to the conversation's queue,
+    /// as on a decline.
     async fn named_target(&self, c: &Conversation) -> Result<Option<String>, HandleError> {
         let Some(target) = &c.routing.target_agent else {
             return Ok(None);
         };
-        let ready = self
-            .store
-            .presence(&c.tenant_id, target)
-            .await
-            .map_err(store_failed)?
-            .is_some_and(|p| p.ready);
+        let ready = self.takes_chats(&c.tenant_id, target).await?;
         if !ready {
             debug!(conversation_id = %c.conversation_id, agent = %target, "the named agent is not ready; offering the queue");
         }
         Ok(ready.then(|| target.clone()))
+    }
+
+    /// Whether the agent is ready with a chat capacity above zero (full or not).
+    async fn takes_chats(&self, tenant: &str, agent: &str) -> Result<bool, HandleError> {
+        Ok(self
+            .store
+            .presence(tenant, agent)
+            .await
+            .map_err(store_failed)?
+            .is_some_and(|p| p.ready && p.capacity.get(CHAT_MEDIA).is_some_and(|n| *n > 0)))
     }
 
     /// Sends one customer message to the conversation's bot and applies its answer: replies
@@ -1157,10 +1183,7 @@ impl ConversationWorker {
         } else {
             ev::CloseReason::CustomerLeft
         };
-        let Some(mut c) = self
-            .closing(e, reason, Some(&b.participant_id), &Leaving::Customer)
-            .await?
-        else {
+        let Some(mut c) = self.closing(e, reason, Some(&b.participant_id)).await? else {
             return Ok(());
         };
         // Checked on a still-open conversation only, so a redelivered close the worker saved
@@ -1218,10 +1241,7 @@ impl ConversationWorker {
             participant_id: b.participant_id.clone(),
             agent_id: b.agent_id.clone(),
         };
-        let Some(mut c) = self
-            .closing(e, completed, Some(&b.participant_id), &leaving)
-            .await?
-        else {
+        let Some(mut c) = self.closing(e, completed, Some(&b.participant_id)).await? else {
             return Ok(());
         };
         if c.routing.consultant.as_deref() == Some(b.agent_id.as_str()) {
@@ -1292,15 +1312,9 @@ impl ConversationWorker {
                     .await
                     .map_err(directory_failed)?
                     .is_some();
-                // Only that agent is offered the conversation: one who is not ready (or signed
-                // out) would leave it waiting for nobody, so the agent keeps it instead.
-                let ready = known
-                    && self
-                        .store
-                        .presence(&tenant, &b.target_id)
-                        .await
-                        .map_err(store_failed)?
-                        .is_some_and(|p| p.ready);
+                // Only that agent is offered the conversation: one who takes no chats (not
+                // ready, signed out) would leave it waiting for nobody, so the agent keeps it.
+                let ready = known && self.takes_chats(&tenant, &b.target_id).await?;
                 if !known {
                     Some("AGENT_NOT_FOUND")
                 } else if !ready {
@@ -1744,17 +1758,18 @@ impl ConversationWorker {
                 .await
                 .map_err(store_failed)?;
         }
-        // Saved before anything is told or appended: of two closes racing (a customer leaving
-        // while the agent completes), only the one whose save wins appends its party's
-        // `ParticipantLeft` and announces, so a conversation has one ConversationClosed and no
-        // entry after it from the close that lost. A close cut short after its save is
-        // completed on redelivery (see `closing`).
+        // The party's entry before the save, so a reader that finds the record closed has
+        // the whole transcript; the store refuses appends once it is saved closed, so of two
+        // closes racing (a customer leaving while the agent completes) the one that lost adds
+        // nothing after the close. Saved before it is announced: only the close whose save
+        // wins tells anyone, so a conversation has one ConversationClosed. A close cut short
+        // after its save is announced on redelivery (see `closing`).
+        self.leave(c, e, leaving).await?;
         let reason_text = serde_json::to_value(reason).unwrap_or_default();
         c.state = ConversationState::Closed;
         c.closed_reason = reason_text.as_str().map(str::to_string);
         c.offered_to = None;
         self.save(c, e).await?;
-        self.leave(c, e, leaving).await?;
         self.announce_close(c, e, reason, by, agents).await
     }
 
@@ -1858,7 +1873,6 @@ impl ConversationWorker {
         e: &Event,
         reason: ev::CloseReason,
         by: Option<&str>,
-        leaving: &Leaving,
     ) -> Result<Option<Conversation>, HandleError> {
         let id = e.envelope.event_id.to_string();
         match self.load(e).await? {
@@ -1867,7 +1881,6 @@ impl ConversationWorker {
                     .into_iter()
                     .chain(c.routing.consult_invited.iter().cloned())
                     .collect();
-                self.leave(&c, e, leaving).await?;
                 self.announce_close(&c, e, reason, by.map(str::to_string), agents)
                     .await?;
                 Ok(None)
@@ -1913,7 +1926,10 @@ impl ConversationWorker {
                 }
                 Ok(None)
             }
-            Some(c) if c.routing.was_applied(&e.envelope.event_id.to_string()) => Ok(None),
+            Some(c) if c.routing.was_applied(&e.envelope.event_id.to_string()) => {
+                self.rearm_queued(&c, e).await?;
+                Ok(None)
+            }
             other => Ok(other),
         }
     }

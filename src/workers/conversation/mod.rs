@@ -160,6 +160,9 @@ fn reject_body(e: BodyError) -> HandleError {
 pub(crate) fn store_failed(e: StoreError) -> HandleError {
     match e {
         StoreError::Unavailable(m) => HandleError::Retry(m),
+        // Closed since this event read the record: applied again, it meets the close (dropped,
+        // or announced again if this event was the close).
+        e @ StoreError::Closed(_) => HandleError::Retry(e.to_string()),
         StoreError::Corrupt(m) => HandleError::Reject {
             reason: "corrupt_session",
             detail: m,
