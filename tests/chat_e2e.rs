@@ -793,14 +793,17 @@ async fn a_stream_on_an_expired_chat_gets_the_closed_state() {
         gone.then_some(())
     })
     .await;
-    let mut ws = ws_connect(&format!(
-        "{url}/nexus/v3/chat/sessions/{sid}/stream?api_key={}&client_key={ck}",
-        tenant.api_key
-    ))
-    .await;
-    let first = ws_until(&mut ws, WAIT, |_| true).await;
-    assert_eq!(first["state"], "closed", "{first}");
-    assert_eq!(first["reason"], Value::Null, "{first}");
+    // From the start, and resumed past what it once had: told it closed either way.
+    for from in [1, 3] {
+        let mut ws = ws_connect(&format!(
+            "{url}/nexus/v3/chat/sessions/{sid}/stream?api_key={}&client_key={ck}&from={from}",
+            tenant.api_key
+        ))
+        .await;
+        let first = ws_until(&mut ws, WAIT, |_| true).await;
+        assert_eq!(first["state"], "closed", "from {from}: {first}");
+        assert_eq!(first["reason"], Value::Null, "from {from}: {first}");
+    }
 }
 
 /// A stream opened on a transcript longer than a store page sends all of it in order (the edge

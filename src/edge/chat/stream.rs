@@ -174,7 +174,10 @@ impl Resumable {
                 .transcript(&self.claims.tid, &self.claims.sid, from - 1, 1)
                 .await
                 .map_err(|e| ApiError::unavailable(e.to_string()))?;
-            if previous.is_empty() {
+            // A chat the store no longer keeps has no transcript to resume in: the stream
+            // tells it closed (see `next`).
+            let gone = || closed_or_gone(&self.state, &self.claims.tid, &self.claims.sid);
+            if previous.is_empty() && !gone().await? {
                 return Err(ApiError::bad_request(
                     "INVALID_POSITION",
                     format!(

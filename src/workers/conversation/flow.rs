@@ -800,12 +800,13 @@ impl ConversationWorker {
         };
         if c.routing.was_applied(&e.envelope.event_id.to_string()) {
             // Saved before it was told (see below): a redelivery tells it again, under the
-            // same ids, while the agent is still there.
-            let role = if c.routing.consultant.as_deref() == Some(b.agent_id.as_str()) {
+            // same ids, while the agent is still there and the chat live (a closed one takes
+            // no entry, the store refuses it, and its desks were told it closed).
+            let role = if c.state != ConversationState::Connected {
+                return Ok(());
+            } else if c.routing.consultant.as_deref() == Some(b.agent_id.as_str()) {
                 Some("consultant")
-            } else if c.state == ConversationState::Connected
-                && c.agent_id.as_deref() == Some(b.agent_id.as_str())
-            {
+            } else if c.agent_id.as_deref() == Some(b.agent_id.as_str()) {
                 None
             } else {
                 return Ok(());
