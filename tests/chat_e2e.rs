@@ -530,13 +530,7 @@ async fn a_long_poll_answers_when_an_entry_arrives() {
     let (system, _admin, tenant, _store) = TwoEdges::with_tenant(dir.path(), Vec::new()).await;
     let (a, b) = (system.edge_a.url.clone(), system.edge_b.url.clone());
     let key = tenant.api_key.clone();
-    let (sid, ck) = start_session(&a, &key, json!({"nickname": "Lou"})).await;
-    let lou = Customer {
-        url: a.clone(),
-        api_key: key,
-        sid,
-        ck,
-    };
+    let lou = Customer::start(&a, &key, "Lou").await;
     let poll = |url: String, q: String| {
         let lou = lou.clone();
         async move { lou.transcript_at(&url, &q).await }
@@ -720,13 +714,8 @@ async fn a_stream_opened_after_the_close_gets_the_closed_state() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (node, _admin, tenant) = dev(dir.path(), &[]).await;
     let url = node.url.as_str();
-    let (sid, ck) = start_session(url, &tenant.api_key, json!({"nickname": "Kim"})).await;
-    let customer = Customer {
-        url: url.to_string(),
-        api_key: tenant.api_key.clone(),
-        sid: sid.clone(),
-        ck: ck.clone(),
-    };
+    let customer = Customer::start(url, &tenant.api_key, "Kim").await;
+    let (sid, ck) = (customer.sid.clone(), customer.ck.clone());
     customer.send("anyone there?").await;
     disconnect(url, &tenant.api_key, &sid, &ck).await;
     let stream = |from: u64| {
@@ -778,15 +767,10 @@ async fn a_stream_on_an_expired_chat_gets_the_closed_state() {
     )
     .await;
     let url = node.url.as_str();
-    let (sid, ck) = start_session(url, &tenant.api_key, json!({"nickname": "Lee"})).await;
+    let customer = Customer::start(url, &tenant.api_key, "Lee").await;
+    let (sid, ck) = (customer.sid.clone(), customer.ck.clone());
     disconnect(url, &tenant.api_key, &sid, &ck).await;
     // Gone once the transcript reads empty (ended).
-    let customer = Customer {
-        url: url.to_string(),
-        api_key: tenant.api_key.clone(),
-        sid: sid.clone(),
-        ck: ck.clone(),
-    };
     eventually(WAIT, "the chat expired", || async {
         let t = customer.transcript_at(url, "from=1").await;
         let gone = t["chat_ended"] == true && t["messages"].as_array().is_some_and(Vec::is_empty);
@@ -813,13 +797,8 @@ async fn a_stream_sends_a_long_transcript_page_by_page_then_live() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (node, _admin, tenant) = dev(dir.path(), &[]).await;
     let url = node.url.as_str();
-    let (sid, ck) = start_session(url, &tenant.api_key, json!({"nickname": "Pam"})).await;
-    let pam = Customer {
-        url: url.to_string(),
-        api_key: tenant.api_key.clone(),
-        sid: sid.clone(),
-        ck: ck.clone(),
-    };
+    let pam = Customer::start(url, &tenant.api_key, "Pam").await;
+    let (sid, ck) = (pam.sid.clone(), pam.ck.clone());
     const SENT: u64 = 450;
     for i in 0..SENT {
         pam.send(&format!("m{i}")).await;

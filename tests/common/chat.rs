@@ -371,6 +371,17 @@ pub struct Customer {
 }
 
 impl Customer {
+    /// Starts a v3 session with `nickname` through the edge at `url`.
+    pub async fn start(url: &str, api_key: &str, nickname: &str) -> Customer {
+        let (sid, ck) = start_session(url, api_key, json!({ "nickname": nickname })).await;
+        Customer {
+            url: url.to_string(),
+            api_key: api_key.to_string(),
+            sid,
+            ck,
+        }
+    }
+
     /// Sends a message (202 expected).
     pub async fn send(&self, text: &str) {
         let r = reqwest::Client::new()
