@@ -176,8 +176,9 @@ impl Resumable {
                 .map_err(|e| ApiError::unavailable(e.to_string()))?;
             // A chat the store no longer keeps has no transcript to resume in: the stream
             // tells it closed (see `next`).
-            let gone = || closed_or_gone(&self.state, &self.claims.tid, &self.claims.sid);
-            if previous.is_empty() && !gone().await? {
+            if previous.is_empty()
+                && !closed_or_gone(&self.state, &self.claims.tid, &self.claims.sid).await?
+            {
                 return Err(ApiError::bad_request(
                     "INVALID_POSITION",
                     format!(

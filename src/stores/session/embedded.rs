@@ -753,14 +753,14 @@ impl SessionStore for EmbeddedStore {
             if expired_in(&expiry, t, c, now_ms())? {
                 return Ok(0);
             }
-            let entries = txn.open_table(ENTRIES).map_err(storage("open entries"))?;
-            let last = entries
-                .range((t, c, 1)..=(t, c, u64::MAX))
-                .map_err(storage("scan entries"))?
-                .next_back()
-                .transpose()
-                .map_err(storage("read entry"))?;
-            Ok(last.map_or(0, |(k, _)| k.value().2))
+            // The length `append` keeps beside the entries.
+            let len = txn
+                .open_table(TRANSCRIPT_LEN)
+                .map_err(storage("open transcripts"))?
+                .get((t, c))
+                .map_err(storage("read transcript length"))?
+                .map_or(0, |v| v.value());
+            Ok(len)
         })
         .await
     }
