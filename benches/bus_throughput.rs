@@ -192,7 +192,7 @@ fn raw_file(n: u64) -> Phases {
         buf.resize(u32::from_le_bytes(len) as usize, 0);
         r.read_exact(&mut buf).expect("read field");
         fields += 1;
-        if fields % 6 == 0 {
+        if fields.is_multiple_of(6) {
             read += 1;
         }
     }

@@ -141,7 +141,7 @@ fn assert_written_once_in_order(ucs: &FakeUcs, tenant: &str, conv: &str, documen
         "{conv}: contact before interaction"
     );
     let mut want = vec!["InsertInteraction"];
-    want.extend(std::iter::repeat("AddDocument").take(documents));
+    want.extend(std::iter::repeat_n("AddDocument", documents));
     want.push("SetInteractionStatus");
     assert_eq!(methods(&ucs.effects_of(conv)), want, "{conv}: effects");
     let state = ucs.state.lock().unwrap();

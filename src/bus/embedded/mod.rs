@@ -1,13 +1,14 @@
-//! Embedded bus: a durable segment log per topic partition with committed offsets per group,
-//! in a directory (`<dir>/log/`, `topics.json`, `offsets.log`). One process; `nexus dev`, tests.
+//! Embedded bus: a durable log per topic partition with committed offsets per group, kept in
+//! a fjall database in a directory (`<dir>/db`). One process; `nexus dev`, tests.
 //!
 //! Design:
-//! - [`store`]: the files (append-only segments named by base offset with an in-memory index,
-//!   the topics file, the offsets log), the frame format and the reads every caller shares.
+//! - [`store`]: the database (records keyed by topic, partition and offset; topics; retention
+//!   marks; group offsets) and the reads every caller shares.
 //! - [`writer`]: the only writer, one OS thread. Publishes, offset commits, topic changes and
-//!   retention go through its channel; it writes up to `bus.embedded.max_batch` publishes per
-//!   batch (group commit: one write and one fdatasync per touched file) and answers each caller
-//!   once its data is durable. Retention deletes whole segments, never the one being written.
+//!   retention go through its channel; it writes up to `bus.embedded.max_batch` publishes and
+//!   the offsets acked meanwhile as one atomic batch (group commit: one journal write and one
+//!   fdatasync) and answers each caller once its data is durable. Retention removes the records
+//!   older than the topic's retention from the front of each partition.
 //! - [`group`]: consumer groups in this process: partition assignment, per-partition delivery
 //!   tracking with an epoch, the contiguous acked prefix that becomes the committed offset.
 //! - [`subscription`]: a member's `next()` loop: reads batches of its partitions, wakes on
@@ -49,12 +50,9 @@ use writer::Cmd;
 /// Held (flock) by the process using the directory.
 const LOCK_FILE: &str = "bus.lock";
 
-/// The redb file of the bus before the segment log; refused rather than silently ignored.
-const OLD_FILE: &str = "bus.redb";
-
-/// A segment is closed and a new one started past this size: small enough that retention,
-/// which deletes whole segments, frees space in steps, large enough to keep files few.
-const SEGMENT_BYTES: u64 = 64 << 20;
+/// Files of the bus formats before this one (one redb file; then a hand-made segment log),
+/// refused rather than silently ignored.
+const OLD_FILES: [&str; 3] = ["bus.redb", "topics.json", "offsets.log"];
 
 /// How long `open` waits for a bus on the same directory that this process is dropping to let
 /// go of the file (its writer finishes its last batch): a test "restart" drops and reopens.
@@ -93,6 +91,7 @@ impl Drop for Registration {
 /// The open directory. Fields drop in order: the lock file is closed (and unlocked) before the
 /// registration goes, so a reopen that sees the path free can lock it.
 pub(super) struct StoreHandle {
+    db: store::Db,
     /// Durable committed offsets, what a group starts from when it forms in this process.
     offsets: Mutex<store::OffsetMap>,
     _lock: std::fs::File,
@@ -250,46 +249,30 @@ impl EmbeddedBus {
         dir: &std::path::Path,
         config: &crate::config::BusConfig,
     ) -> Result<Self, BusError> {
-        Self::open_with(dir, config, SEGMENT_BYTES)
-    }
-
-    /// [`Self::open`] with a segment size (tests roll segments after a few records).
-    fn open_with(
-        dir: &std::path::Path,
-        config: &crate::config::BusConfig,
-        segment_bytes: u64,
-    ) -> Result<Self, BusError> {
         std::fs::create_dir_all(dir).map_err(|e| {
             BusError::Storage(format!("creating bus directory `{}`: {e}", dir.display()))
         })?;
         let path = dir.to_path_buf();
-        if dir.join(OLD_FILE).exists() {
+        if let Some(old) = OLD_FILES.iter().map(|f| dir.join(f)).find(|f| f.exists()) {
             return Err(BusError::Storage(format!(
-                "`{}` is an embedded bus of an older nexus (one redb file); this version keeps a \
-                 segment log and does not migrate it: delete the file (its events are lost) or \
-                 point bus.url at another directory",
-                dir.join(OLD_FILE).display()
+                "`{}` holds an embedded bus of an older nexus (found `{}`); this version keeps \
+                 its log in a fjall database and does not migrate older ones: move the directory \
+                 aside (its events are lost to this version) or point bus.url at another one",
+                dir.display(),
+                old.display()
             )));
         }
         let key = std::fs::canonicalize(dir)
             .map_err(|e| BusError::Storage(format!("resolving `{}`: {e}", dir.display())))?;
         let registration = register(&key, &path)?;
         let lock_file = lock_dir(dir)?;
-        let (offsets, committed) = store::OffsetsLog::open(dir)?;
-        let handle = Arc::new(StoreHandle {
-            offsets: Mutex::new(committed),
-            _lock: lock_file,
-            _registration: registration,
-        });
-        let files = store::load_topics(dir)?;
+        let db = store::Db::open(&dir.join(store::DB_DIR))?;
+        let committed = db.load_offsets()?;
+        let files = db.load_topics()?;
         let mut metas = HashMap::new();
         for (name, file) in &files {
             let partitions = (0..file.partitions)
-                .map(|p| {
-                    Ok(PartShared::new(store::PartLog::open(
-                        store::partition_dir(dir, name, p),
-                    )?))
-                })
+                .map(|p| Ok(PartShared::new(db.partition(file.id, p)?)))
                 .collect::<Result<Vec<_>, BusError>>()?;
             let retention = file.retention_ms.map(Duration::from_millis);
             metas.insert(
@@ -300,6 +283,12 @@ impl EmbeddedBus {
                 },
             );
         }
+        let handle = Arc::new(StoreHandle {
+            db,
+            offsets: Mutex::new(committed),
+            _lock: lock_file,
+            _registration: registration,
+        });
         let topics: HashMap<String, Arc<TopicShared>> = metas
             .iter()
             .map(|(name, meta)| {
@@ -320,12 +309,7 @@ impl EmbeddedBus {
             rx,
             commits.clone(),
             config.embedded.max_batch.max(1),
-            writer::Opened {
-                metas,
-                files,
-                offsets,
-                segment_bytes,
-            },
+            writer::Opened { metas, files },
             path.clone(),
         );
         let thread = std::thread::Builder::new()
@@ -500,8 +484,8 @@ impl Bus for EmbeddedBus {
             .topic(topic)?
             .partition(topic, partition)?
             .clone();
-        let _open = self.inner.store()?;
-        tokio::task::spawn_blocking(move || part.log.offset_for_time(ts_ms, part.high()))
+        let open = self.inner.store()?;
+        tokio::task::spawn_blocking(move || open.db.offset_for_time(&part.log, ts_ms, part.high()))
             .await
             .map_err(storage("offset lookup task"))?
     }
@@ -548,10 +532,11 @@ impl Bus for EmbeddedBus {
             .topic(topic)?
             .partition(topic, partition)?
             .clone();
-        let _open = self.inner.store()?;
+        let open = self.inner.store()?;
         let topic = topic.to_string();
         tokio::task::spawn_blocking(move || {
-            part.log.read(&topic, partition, from, max, part.high())
+            open.db
+                .read(&part.log, &topic, partition, from, max, part.high())
         })
         .await
         .map_err(storage("read task"))?

@@ -72,7 +72,7 @@ impl EmbeddedSubscription {
         }
         self.cursor = (self.cursor + 1) % plan.len();
         plan.rotate_left(self.cursor);
-        let _open = self.inner.store()?;
+        let open = self.inner.store()?;
         let shared = self.inner.topic(&self.key.1)?;
         let topic = self.key.1.clone();
         let budget = self.batch;
@@ -85,9 +85,9 @@ impl EmbeddedSubscription {
                         break;
                     }
                     let part = shared.partition(&topic, p.partition)?;
-                    let records = part
-                        .log
-                        .read(&topic, p.partition, p.from, left, part.high())?;
+                    let records =
+                        open.db
+                            .read(&part.log, &topic, p.partition, p.from, left, part.high())?;
                     left -= records.len();
                     out.push((p, records));
                 }

@@ -50,13 +50,14 @@ async fn read(
             if next[p] >= high {
                 continue;
             }
-            let _open = match inner.store() {
+            let open = match inner.store() {
                 Ok(open) => open,
                 Err(_) => return,
             };
             let (part, name, from) = (part.clone(), topic.clone(), next[p]);
             let records = tokio::task::spawn_blocking(move || {
-                part.log.read(&name, p as u32, from, READ_BATCH, high)
+                open.db
+                    .read(&part.log, &name, p as u32, from, READ_BATCH, high)
             })
             .await
             .map_err(storage("tail read task"))

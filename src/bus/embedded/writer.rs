@@ -1,9 +1,10 @@
 //! The single writer: group commit of publishes, offset commits, topic changes and retention.
 //!
 //! One thread owns all writing. It blocks on its channel, then takes what else is queued, up to
-//! `max_batch` publishes, into one batch: one write and one fdatasync per touched segment and
-//! for the offsets log, run side by side, and it answers every caller after they are durable.
-//! Appends to one partition happen in channel order, which is what makes a key's records ordered.
+//! `max_batch` publishes, into one batch: one atomic fjall write batch with the records and the
+//! committed offsets, one journal write and one fdatasync, and it answers every caller after it
+//! is durable. Appends to one partition happen in channel order, which is what makes a key's
+//! records ordered.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -13,12 +14,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
-use super::store::{self, Append, OffsetsLog, PartLog, TopicFile};
+use super::store::{self, Batch, TopicFile};
 use super::{lock, now_ms, PartShared, StoreHandle, TopicShared, Topics};
 use crate::bus::{partition_for, BusError, OutRecord, Published, TopicSpec};
 
-/// How often retention runs. Retention is hours or days in practice; a pass only compares the
-/// newest append time of each partition's oldest segments, so a second is cheap and fine enough.
+/// How often retention runs. Retention is hours or days in practice; a pass reads each
+/// partition's oldest records until one is young enough, so a second is cheap and fine enough.
 const RETENTION_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Commands besides publishes taken into one batch at most (commits are tiny, but a batch must
@@ -136,12 +137,9 @@ pub(super) struct TopicMeta {
 /// What one batch appends to one partition, before it is durable.
 struct Tail {
     part: Arc<PartShared>,
-    append: Append,
     /// Offset of the next record appended.
     next: u64,
     last_ts: i64,
-    /// Bytes of the segment being written before this batch.
-    base_len: u64,
 }
 
 pub(super) struct Writer {
@@ -150,12 +148,10 @@ pub(super) struct Writer {
     rx: Receiver<Cmd>,
     commits: Arc<Mutex<PendingCommits>>,
     max_batch: usize,
-    segment_bytes: u64,
     /// The writer's view of the topics, ahead of the shared one within a batch.
     metas: HashMap<String, TopicMeta>,
-    /// What `topics.json` holds.
+    /// What the `topics` keyspace holds.
     files: BTreeMap<String, TopicFile>,
-    offsets: OffsetsLog,
     dir: PathBuf,
 }
 
@@ -186,8 +182,6 @@ impl Changes {
 pub(super) struct Opened {
     pub(super) metas: HashMap<String, TopicMeta>,
     pub(super) files: BTreeMap<String, TopicFile>,
-    pub(super) offsets: OffsetsLog,
-    pub(super) segment_bytes: u64,
 }
 
 impl Writer {
@@ -206,10 +200,8 @@ impl Writer {
             rx,
             commits,
             max_batch,
-            segment_bytes: opened.segment_bytes,
             metas: opened.metas,
             files: opened.files,
-            offsets: opened.offsets,
             dir,
         }
     }
@@ -267,6 +259,8 @@ impl Writer {
         let mut retention = Vec::new();
         let mut changes = Changes::default();
         let mut tails: BTreeMap<(String, u32), Tail> = BTreeMap::new();
+        let store = self.store.clone();
+        let mut writes = store.db.batch();
         let started = Instant::now();
         let n = batch.len();
         let mut failure = None;
@@ -281,7 +275,7 @@ impl Writer {
                         pending.push(Pending::Rejected(reply));
                         continue;
                     }
-                    match self.append(&mut tails, &topic, &record) {
+                    match self.append(&mut writes, &mut tails, &topic, &record) {
                         Ok(p) => pending.push(Pending::Published(reply, p)),
                         Err(e @ BusError::Storage(_)) => {
                             failure = Some(e);
@@ -292,7 +286,7 @@ impl Writer {
                         }
                     }
                 }
-                // Topic changes write their own files at once; a failure fails only them.
+                // Topic changes are written at once, on their own; a failure fails only them.
                 Cmd::ApplyTopic { spec, reply } => {
                     let _ = reply.send(self.apply_topic(&spec));
                 }
@@ -308,12 +302,17 @@ impl Writer {
             std::mem::take(&mut pc.offsets)
         };
         if failure.is_none() {
-            failure = self.write_durably(&tails, &commits).err();
+            for ((group, topic), parts) in &commits {
+                for (&p, &o) in parts {
+                    writes.put_offset(group, topic, p, o);
+                }
+            }
+            failure = writes.commit().err();
         }
         match &failure {
             None => {
                 for ((topic, partition), tail) in tails {
-                    tail.part.log.publish(tail.append);
+                    tail.part.log.advance(tail.next, tail.last_ts);
                     changes.partition(&topic, partition);
                 }
                 self.committed(commits);
@@ -325,10 +324,9 @@ impl Writer {
                 );
             }
             Some(e) => {
+                // Readers never see the batch's records (no `high` moved past them) and the
+                // next batch writes the same offsets again.
                 tracing::error!(error = %e, commands = n, "embedded bus write failed; the batch is rejected");
-                for tail in tails.values() {
-                    tail.part.log.unwrite();
-                }
                 // Offsets taken but not written go back, unless a newer one was decided since;
                 // the next decided offset nudges the writer again.
                 let mut pc = lock(&self.commits);
@@ -349,58 +347,7 @@ impl Writer {
         }
     }
 
-    /// Writes every tail and the offsets, each file with one write and one fdatasync, side by
-    /// side (the syncs wait on the disk, not the CPU); any failure cuts every tail back.
-    fn write_durably(
-        &mut self,
-        tails: &BTreeMap<(String, u32), Tail>,
-        commits: &CommitSet,
-    ) -> Result<(), BusError> {
-        let mut offsets = Vec::new();
-        for ((group, topic), parts) in commits {
-            for (&p, &o) in parts {
-                store::put_offset(&mut offsets, group, topic, p, o);
-            }
-        }
-        let log = &mut self.offsets;
-        let jobs = tails.len() + usize::from(!offsets.is_empty());
-        let results: Vec<Result<(), BusError>> = if jobs <= 1 {
-            let mut r: Vec<_> = tails
-                .values()
-                .map(|t| t.part.log.write(&t.append))
-                .collect();
-            if !offsets.is_empty() {
-                r.push(log.append(&offsets));
-            }
-            r
-        } else {
-            std::thread::scope(|s| {
-                let handles: Vec<_> = tails
-                    .values()
-                    .map(|t| s.spawn(|| t.part.log.write(&t.append)))
-                    .collect();
-                let mut r = Vec::with_capacity(jobs);
-                if !offsets.is_empty() {
-                    r.push(log.append(&offsets));
-                }
-                for h in handles {
-                    r.push(h.join().unwrap_or_else(|_| {
-                        Err(BusError::Storage("a segment write panicked".into()))
-                    }));
-                }
-                r
-            })
-        };
-        if let Some(e) = results.into_iter().find_map(Result::err) {
-            for t in tails.values() {
-                t.part.log.unwrite();
-            }
-            return Err(e);
-        }
-        Ok(())
-    }
-
-    /// Records durable offsets for new group members, compacting the log now and then.
+    /// Records durable offsets for new group members.
     fn committed(&mut self, commits: CommitSet) {
         if commits.is_empty() {
             return;
@@ -409,15 +356,11 @@ impl Writer {
         for (key, parts) in commits {
             map.entry(key).or_default().extend(parts);
         }
-        if self.offsets.needs_compaction() {
-            if let Err(e) = self.offsets.compact(&map) {
-                tracing::warn!(error = %e, "compacting the offsets log failed; retrying later");
-            }
-        }
     }
 
     fn append(
         &mut self,
+        writes: &mut Batch<'_>,
         tails: &mut BTreeMap<(String, u32), Tail>,
         topic: &str,
         record: &OutRecord,
@@ -432,13 +375,11 @@ impl Writer {
             let part = meta.partitions.get(partition as usize).ok_or_else(|| {
                 BusError::Storage(format!("topic `{topic}` lacks partition {partition}"))
             })?;
-            self.maybe_roll(&part.log, meta.retention)?;
+            let bounds = part.log.bounds();
             let tail = Tail {
                 part: part.clone(),
-                append: Append::default(),
-                next: part.log.high(),
-                last_ts: part.log.last_ts().unwrap_or(i64::MIN),
-                base_len: part.log.active().0,
+                next: bounds.high,
+                last_ts: bounds.last_ts.unwrap_or(i64::MIN),
             };
             tails.insert(key.clone(), tail);
         }
@@ -447,51 +388,23 @@ impl Writer {
         };
         // Monotonic per partition, so offset_for_time can binary-search.
         let ts = tail.last_ts.max(now_ms());
-        let size =
-            store::record_size(&record.key, &record.headers, &record.payload).ok_or_else(|| {
-                BusError::Conflict(format!(
-                    "a record of {} bytes is past the embedded log's 1 GiB limit",
-                    record.payload.len()
-                ))
-            })?;
-        if tail.base_len + tail.append.buf.len() as u64 + size > store::MAX_SEGMENT {
-            // Transient: the next batch starts a new segment first.
-            return Err(BusError::Unavailable(format!(
-                "segment of `{topic}` partition {partition} is full for this batch"
-            )));
-        }
         let offset = tail.next;
-        let a = &mut tail.append;
-        a.positions.push(a.buf.len() as u32);
-        store::put_record(
-            &mut a.buf,
+        if !writes.put_record(
+            &tail.part.log,
             offset,
             ts,
             &record.key,
             &record.headers,
             &record.payload,
-        );
-        a.first_ts.get_or_insert(ts);
-        a.last_ts = ts;
+        ) {
+            return Err(BusError::Conflict(format!(
+                "a record of {} bytes is past the embedded log's 1 GiB limit",
+                record.payload.len()
+            )));
+        }
         tail.last_ts = ts;
         tail.next += 1;
         Ok(Published { partition, offset })
-    }
-
-    /// Starts a new segment once the active one is full, or older than the topic's retention
-    /// (so that retention, which deletes whole segments, also works on a quiet topic).
-    fn maybe_roll(&self, log: &PartLog, retention: Option<Duration>) -> Result<(), BusError> {
-        let (len, first_ts) = log.active();
-        let aged = match (retention, first_ts) {
-            (Some(r), Some(first)) => {
-                now_ms().saturating_sub(first) >= i64::try_from(r.as_millis()).unwrap_or(i64::MAX)
-            }
-            _ => false,
-        };
-        if len > 0 && (len >= self.segment_bytes || aged) {
-            log.roll()?;
-        }
-        Ok(())
     }
 
     /// Creates or grows a topic, durable and visible to readers when it returns.
@@ -510,21 +423,22 @@ impl Writer {
         if spec.partitions == have && retention == spec.retention {
             return Ok(());
         }
+        // Ids are never reused: a new topic takes one past every topic's.
+        let id = match self.files.get(&spec.name) {
+            Some(f) => f.id,
+            None => self.files.values().map(|f| f.id + 1).max().unwrap_or(0),
+        };
         let mut added = Vec::new();
         for p in have..spec.partitions {
-            let log = PartLog::open(store::partition_dir(&self.dir, &spec.name, p))?;
-            added.push(PartShared::new(log));
+            added.push(PartShared::new(self.store.db.partition(id, p)?));
         }
-        let mut files = self.files.clone();
-        files.insert(
-            spec.name.clone(),
-            TopicFile {
-                partitions: spec.partitions,
-                retention_ms: store::retention_to_ms(spec.retention),
-            },
-        );
-        store::save_topics(&self.dir, &files)?;
-        self.files = files;
+        let file = TopicFile {
+            id,
+            partitions: spec.partitions,
+            retention_ms: store::retention_to_ms(spec.retention),
+        };
+        self.store.db.save_topic(&spec.name, &file)?;
+        self.files.insert(spec.name.clone(), file);
         let meta = self
             .metas
             .entry(spec.name.clone())
@@ -541,8 +455,7 @@ impl Writer {
         Ok(())
     }
 
-    /// Deletes the segments older than their topic's retention, moving `low` forward. Only
-    /// whole segments go, never the one being written (an expired one is closed first).
+    /// Removes the records older than their topic's retention, moving `low` forward.
     fn retention(&mut self) -> Result<(), BusError> {
         let now = now_ms();
         let mut changes = Changes::default();
@@ -554,14 +467,7 @@ impl Writer {
             let cutoff =
                 now.saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
             for (p, part) in meta.partitions.iter().enumerate() {
-                // An idle partition's last segment expires whole: close it so it can go.
-                if part.log.active().0 > 0 && part.log.last_ts().is_some_and(|t| t < cutoff) {
-                    if let Err(e) = part.log.roll() {
-                        failed = Some(e);
-                        continue;
-                    }
-                }
-                match part.log.expire(cutoff) {
+                match self.store.db.expire(&part.log, cutoff) {
                     Ok(Some(_)) => changes.partition(topic, p as u32),
                     Ok(None) => {}
                     Err(e) => failed = Some(e),
@@ -572,7 +478,7 @@ impl Writer {
             self.publish_changes(&changes);
             tracing::debug!(
                 partitions = changes.partitions.len(),
-                "retention deleted segments"
+                "retention removed records"
             );
         }
         failed.map_or(Ok(()), Err)

@@ -415,7 +415,7 @@ pub(super) async fn active_members(
         .iter()
         .filter(|m| {
             m.as_ref()
-                .map_or(true, |topics| topics.iter().any(|t| t == topic))
+                .is_none_or(|topics| topics.iter().any(|t| t == topic))
         })
         .count();
     Ok(listed.max(local))

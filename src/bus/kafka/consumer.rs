@@ -200,7 +200,7 @@ impl PartTrack {
     fn admit(&mut self, epoch: u64, offset: i64) -> bool {
         self.epoch == epoch
             && !self.revoking
-            && !self.acked_upto.is_some_and(|upto| offset < upto)
+            && self.acked_upto.is_none_or(|upto| offset >= upto)
             && self.pending.insert(offset, Slot::Queued)
     }
 
@@ -382,7 +382,7 @@ impl Tracker {
         let sync = matches!(mode, CommitMode::Sync);
         let targets: Vec<(i32, u64, i64)> = lock(&self.parts)
             .iter()
-            .filter(|(p, _)| only.map_or(true, |o| o.contains(p)))
+            .filter(|(p, _)| only.is_none_or(|o| o.contains(p)))
             .filter_map(|(p, t)| {
                 let o = if sync { t.to_sync() } else { t.to_commit() };
                 o.map(|o| (*p, t.epoch, o))
@@ -646,7 +646,7 @@ impl MemberHandle {
 
     /// Still a member (neither closed nor dropped), optionally of `topic`.
     pub(super) fn active(&self, topic: Option<&str>) -> bool {
-        !self.stop.load(Ordering::Acquire) && topic.map_or(true, |t| t == self.topic)
+        !self.stop.load(Ordering::Acquire) && topic.is_none_or(|t| t == self.topic)
     }
 }
 

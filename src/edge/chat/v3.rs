@@ -380,7 +380,7 @@ pub(crate) async fn closed_or_gone(
     // The worker saves the record before it drops the mark.
     Ok(read()
         .await?
-        .map_or(true, |r| r.state == ConversationState::Closed))
+        .is_none_or(|r| r.state == ConversationState::Closed))
 }
 
 fn session_ended() -> ApiError {

@@ -514,7 +514,7 @@ fn reserve_in(
             let fits = p.ready
                 && active < cap
                 && !r.exclude.contains(&p.agent_id)
-                && r.only.as_ref().map_or(true, |o| *o == p.agent_id)
+                && r.only.as_ref().is_none_or(|o| *o == p.agent_id)
                 && r.skills.iter().all(|s| p.skills.contains(s));
             if fits {
                 candidates.push(p);

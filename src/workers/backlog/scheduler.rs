@@ -100,7 +100,7 @@ impl<E: Effect> Scheduler<E> {
                 _ = tick.tick(), if !eager => {}
             }
             while drives.try_join_next().is_some() {}
-            if !stats_at.is_some_and(|at| at.elapsed() < STATS_EVERY) {
+            if stats_at.is_none_or(|at| at.elapsed() >= STATS_EVERY) {
                 self.stats().await;
                 stats_at = Some(Instant::now());
             }
