@@ -34,7 +34,7 @@ mod writer;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -92,6 +92,8 @@ impl Drop for Registration {
 /// registration goes, so a reopen that sees the path free can lock it.
 pub(super) struct StoreHandle {
     db: store::Db,
+    /// The writer's last batch failed (see `health`).
+    failing: AtomicBool,
     /// Durable committed offsets, what a group starts from when it forms in this process.
     offsets: Mutex<store::OffsetMap>,
     _lock: std::fs::File,
@@ -285,6 +287,7 @@ impl EmbeddedBus {
         }
         let handle = Arc::new(StoreHandle {
             db,
+            failing: AtomicBool::new(false),
             offsets: Mutex::new(committed),
             _lock: lock_file,
             _registration: registration,
@@ -543,12 +546,16 @@ impl Bus for EmbeddedBus {
     }
 
     async fn health(&self) -> Result<(), BusError> {
-        self.inner.store()?;
-        if self.inner.writer_alive() {
-            Ok(())
-        } else {
-            Err(BusError::Storage("the embedded bus writer stopped".into()))
+        let store = self.inner.store()?;
+        if !self.inner.writer_alive() {
+            return Err(BusError::Storage("the embedded bus writer stopped".into()));
         }
+        if store.failing.load(Ordering::Relaxed) {
+            return Err(BusError::Storage(
+                "the embedded bus's last write failed (see the error log)".into(),
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -242,27 +242,25 @@ impl Db {
             .map_err(fail("reading a retention mark"))?
             .and_then(|v| u64_value(&v))
             .unwrap_or(0);
-        let all = || self.records.range(record_range(&prefix, 0..u64::MAX));
-        let first = all()
+        // Nothing below the mark is kept; starting there skips retention's tombstones.
+        let first = self
+            .records
+            .range(record_range(&prefix, mark..u64::MAX))
             .next()
             .map(|g| g.key().map_err(fail("reading a partition")))
             .transpose()?;
-        let last = all()
+        let last = self
+            .records
+            .range(record_range(&prefix, 0..u64::MAX))
             .next_back()
             .map(|g| g.into_inner().map_err(fail("reading a partition")))
             .transpose()?;
-        let offset_of = |k: &[u8]| {
-            k.get(8..16)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_be_bytes)
-                .ok_or_else(|| BusError::Storage("a record key is corrupt".into()))
-        };
         let (high, last_ts) = match &last {
-            Some((k, v)) => ((offset_of(k)? + 1).max(mark), value_ts(v)),
+            Some((k, v)) => ((record_offset(k)? + 1).max(mark), value_ts(v)),
             None => (mark, None),
         };
         let low = match &first {
-            Some(k) => offset_of(k)?,
+            Some(k) => record_offset(k)?,
             None => high,
         };
         Ok(PartLog {
@@ -298,6 +296,8 @@ impl Db {
         max: usize,
         high: u64,
     ) -> Result<Vec<Message>, BusError> {
+        // Below `low` are only retention's tombstones: start past them.
+        let from = from.max(log.low());
         if from >= high || max == 0 {
             return Ok(Vec::new());
         }
@@ -308,12 +308,8 @@ impl Db {
             .take(max)
         {
             let (k, v) = kv.into_inner().map_err(fail("reading a partition"))?;
-            let offset = k
-                .get(8..16)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_be_bytes);
-            let m = offset.and_then(|o| decode(v.into(), topic, partition, o));
-            out.push(m.ok_or_else(|| {
+            let offset = record_offset(&k)?;
+            out.push(decode(v.into(), topic, partition, offset).ok_or_else(|| {
                 BusError::Storage(format!(
                     "a record of {topic}/{partition} at or after {from} is corrupt on disk"
                 ))
@@ -356,12 +352,17 @@ impl Db {
         Ok(lo)
     }
 
-    /// Removes a partition's records older than `cutoff` (at most [`EXPIRE_PER_PASS`]) and
-    /// moves its retention mark, durably; returns the new low offset if it moved.
-    pub(super) fn expire(&self, log: &PartLog, cutoff: i64) -> Result<Option<u64>, BusError> {
+    /// Adds to `batch` the removal of a partition's records older than `cutoff` (at most
+    /// [`EXPIRE_PER_PASS`]) and its new retention mark; returns the new low offset, for
+    /// [`PartLog::set_low`] once the batch is written, if it moves.
+    pub(super) fn expire(
+        &self,
+        batch: &mut Batch<'_>,
+        log: &PartLog,
+        cutoff: i64,
+    ) -> Result<Option<u64>, BusError> {
         let Bounds { low, high, .. } = log.bounds();
-        let mut batch = self.batch();
-        let mut next = low;
+        let mut next = None;
         for kv in self
             .records
             .range(record_range(&log.prefix, low..high))
@@ -371,20 +372,17 @@ impl Db {
             if value_ts(&v).is_none_or(|ts| ts >= cutoff) {
                 break;
             }
+            next = Some(record_offset(&k)? + 1);
             // Each key is written once, so a weak tombstone, which vanishes with the value it
             // meets in compaction, is enough.
             batch.inner.remove_weak(&self.records, k);
-            next += 1;
         }
-        if next == low {
-            return Ok(None);
+        if let Some(next) = next {
+            batch
+                .inner
+                .insert(&self.lows, log.prefix, next.to_le_bytes());
         }
-        batch
-            .inner
-            .insert(&self.lows, log.prefix, next.to_le_bytes());
-        batch.commit()?;
-        log.set_low(next);
-        Ok(Some(next))
+        Ok(next)
     }
 }
 
@@ -393,6 +391,14 @@ fn record_key(prefix: &[u8; 8], offset: u64) -> [u8; 16] {
     k[..8].copy_from_slice(prefix);
     k[8..].copy_from_slice(&offset.to_be_bytes());
     k
+}
+
+/// The offset in a record's key.
+fn record_offset(key: &[u8]) -> Result<u64, BusError> {
+    key.get(8..16)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| BusError::Storage("a record key is corrupt".into()))
 }
 
 fn record_range(prefix: &[u8; 8], offsets: Range<u64>) -> Range<[u8; 16]> {
@@ -431,6 +437,10 @@ impl Batch<'_> {
             offset_key(group, topic, partition),
             offset.to_le_bytes(),
         );
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.inner.is_empty()
     }
 
     /// Writes the batch atomically and makes it durable. Readers do not see its records until
@@ -479,7 +489,7 @@ impl PartLog {
         b.last_ts = Some(last_ts);
     }
 
-    fn set_low(&self, low: u64) {
+    pub(super) fn set_low(&self, low: u64) {
         let mut b = self.bounds.lock().unwrap_or_else(PoisonError::into_inner);
         b.low = low;
         if b.high <= low {

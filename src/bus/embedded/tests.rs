@@ -475,6 +475,26 @@ async fn a_directory_held_by_another_process_fails_clearly() {
 }
 
 #[tokio::test]
+async fn a_group_name_past_the_key_limit_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = open(dir.path());
+    topic(&bus, "t", 1).await;
+    let long = "g".repeat(70_000);
+    let err = bus
+        .subscribe(&long, "t", opts(1))
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(&err, BusError::Config(m) if m.contains("too long")),
+        "{err}"
+    );
+    bus.subscribe(&"g".repeat(1_000), "t", opts(1))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
 async fn older_bus_formats_are_refused() {
     // One redb file; then the segment log's topics and offsets files.
     for old in OLD_FILES {

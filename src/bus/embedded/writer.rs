@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -307,7 +308,12 @@ impl Writer {
                     writes.put_offset(group, topic, p, o);
                 }
             }
-            failure = writes.commit().err();
+            if !writes.is_empty() {
+                failure = writes.commit().err();
+                // Readiness follows the last write: fjall refuses every write after an I/O
+                // failure of its journal, so a failing bus stays not ready until restarted.
+                store.failing.store(failure.is_some(), Ordering::Relaxed);
+            }
         }
         match &failure {
             None => {
@@ -324,8 +330,10 @@ impl Writer {
                 );
             }
             Some(e) => {
-                // Readers never see the batch's records (no `high` moved past them) and the
-                // next batch writes the same offsets again.
+                // Readers never see the batch's records (no `high` moved past them). A batch
+                // whose journal write reached the disk but whose sync failed may still come
+                // back on reopen: its publishers were told it failed, so a retry duplicates
+                // it, which at-least-once consumers absorb.
                 tracing::error!(error = %e, commands = n, "embedded bus write failed; the batch is rejected");
                 // Offsets taken but not written go back, unless a newer one was decided since;
                 // the next decided offset nudges the writer again.
@@ -459,7 +467,10 @@ impl Writer {
     fn retention(&mut self) -> Result<(), BusError> {
         let now = now_ms();
         let mut changes = Changes::default();
-        let mut failed = None;
+        // Every partition's removals and marks in one batch: one fdatasync per pass.
+        let store = self.store.clone();
+        let mut batch = store.db.batch();
+        let mut moved = Vec::new();
         for (topic, meta) in &self.metas {
             let Some(retention) = meta.retention else {
                 continue;
@@ -467,21 +478,25 @@ impl Writer {
             let cutoff =
                 now.saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
             for (p, part) in meta.partitions.iter().enumerate() {
-                match self.store.db.expire(&part.log, cutoff) {
-                    Ok(Some(_)) => changes.partition(topic, p as u32),
-                    Ok(None) => {}
-                    Err(e) => failed = Some(e),
+                if let Some(low) = store.db.expire(&mut batch, &part.log, cutoff)? {
+                    moved.push((topic.clone(), p as u32, part.clone(), low));
                 }
             }
         }
-        if !changes.partitions.is_empty() {
-            self.publish_changes(&changes);
-            tracing::debug!(
-                partitions = changes.partitions.len(),
-                "retention removed records"
-            );
+        if moved.is_empty() {
+            return Ok(());
         }
-        failed.map_or(Ok(()), Err)
+        batch.commit()?;
+        for (topic, p, part, low) in moved {
+            part.log.set_low(low);
+            changes.partition(&topic, p);
+        }
+        self.publish_changes(&changes);
+        tracing::debug!(
+            partitions = changes.partitions.len(),
+            "retention removed records"
+        );
+        Ok(())
     }
 
     /// Makes a durable batch visible to readers: topic shapes first, then offsets, then a tick
