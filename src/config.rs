@@ -459,6 +459,21 @@ impl Config {
                 format!("file `{}` does not exist", self.topology.file),
             ));
         }
+        // The history worker prunes an open conversation nobody wrote to for its retention
+        // as one whose close it never got; a chat must close well before that.
+        let conv = &self.workers.conversation;
+        let open_for = conv.idle_timeout_s.saturating_add(conv.close_grace_s);
+        let keep = crate::workers::history::DONE_RETENTION.as_secs();
+        if open_for >= keep {
+            return Err(invalid(
+                "workers.conversation.idle_timeout_s",
+                format!(
+                    "idle_timeout_s + close_grace_s is {open_for} s; it must stay under {keep} s \
+                     (30 days), the age at which the history worker takes a conversation nobody \
+                     wrote to as one whose close it never got"
+                ),
+            ));
+        }
         self.workers
             .history
             .ucs
@@ -627,6 +642,15 @@ mod tests {
             let e = c.validate().unwrap_err().to_string();
             assert!(e.contains("bus.kafka.prefetch_kbytes"), "{kbytes}: {e}");
         }
+
+        // A chat must close before the history worker would take it as abandoned (30 days).
+        let mut c = Config::defaults();
+        c.workers.conversation.idle_timeout_s = 29 * 86_400;
+        c.workers.conversation.close_grace_s = 86_400;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("workers.conversation.idle_timeout_s"), "{e}");
+        c.workers.conversation.close_grace_s = 86_399;
+        c.validate().expect("just under 30 days");
 
         let mut c = Config::defaults();
         c.http.listen = "nowhere".into();

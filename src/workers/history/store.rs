@@ -153,8 +153,9 @@ impl HistoryStore {
     ) -> Result<bool, StoreError> {
         // SQLite needs the WHERE to tell the upsert's ON CONFLICT from a join clause.
         let done = sqlx::query(
-            "INSERT INTO history_entries (tenant_id, conversation_id, position, entry_json) \
-             SELECT $1, $2, $3, $4 WHERE NOT EXISTS (SELECT 1 FROM history_conversations \
+            "INSERT INTO history_entries \
+             (tenant_id, conversation_id, position, entry_json, stored_at_ms) \
+             SELECT $1, $2, $3, $4, $5 WHERE NOT EXISTS (SELECT 1 FROM history_conversations \
              WHERE tenant_id = $1 AND conversation_id = $2 AND step >= 3) \
              ON CONFLICT (tenant_id, conversation_id, position) DO NOTHING",
         )
@@ -162,6 +163,7 @@ impl HistoryStore {
         .bind(conversation.to_string())
         .bind(entry.position)
         .bind(to_json(entry))
+        .bind(now_ms())
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -287,10 +289,12 @@ impl HistoryStore {
         Ok(r.rows_affected() == 1)
     }
 
-    /// Deletes finished conversations (status set at UCS) last changed before `before_ms`, and
-    /// closed ones that never finished (their UCS writes were dead-lettered) with the entries
-    /// they kept; answers how many conversations. Open ones stay however old: an async chat can
-    /// stay open for weeks while its customer keeps coming back.
+    /// Deletes, with the entries they kept, conversations last changed before `before_ms` that
+    /// are finished (status set at UCS), closed but never finished (their UCS writes were
+    /// dead-lettered), or open with no entry kept since either (their close never reached the
+    /// worker: config check keeps a chat's idle timeout and grace under the retention);
+    /// answers how many conversations. A quiet async chat whose customer keeps coming back
+    /// keeps getting entries and stays. Entries whose conversation is gone go too.
     pub async fn prune_done(&self, before_ms: i64) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
@@ -310,8 +314,36 @@ impl HistoryStore {
         .bind(before_ms)
         .execute(&mut *tx)
         .await?;
+        // Entries kept before `stored_at_ms` existed read 0 (unknown) and keep theirs.
+        let abandoned = sqlx::query(
+            "DELETE FROM history_conversations WHERE closed_json IS NULL AND step <> $1 \
+             AND updated_at_ms < $2 AND NOT EXISTS (SELECT 1 FROM history_entries e \
+             WHERE e.tenant_id = history_conversations.tenant_id \
+             AND e.conversation_id = history_conversations.conversation_id \
+             AND (e.stored_at_ms >= $2 OR e.stored_at_ms = 0))",
+        )
+        .bind(Step::Done as i64)
+        .bind(before_ms)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM history_entries WHERE stored_at_ms <> 0 AND stored_at_ms < $1 \
+             AND NOT EXISTS (SELECT 1 FROM history_conversations c \
+             WHERE c.tenant_id = history_entries.tenant_id \
+             AND c.conversation_id = history_entries.conversation_id)",
+        )
+        .bind(before_ms)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
-        Ok(done.rows_affected())
+        if abandoned.rows_affected() > 0 {
+            tracing::warn!(
+                conversations = abandoned.rows_affected(),
+                "pruned open conversations nobody wrote to within the retention: their close \
+                 never reached the history worker, so UCS has no transcript for them"
+            );
+        }
+        Ok(done.rows_affected() + abandoned.rows_affected())
     }
 
     /// Drops the kept entries of a conversation whose transcript is written.

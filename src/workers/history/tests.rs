@@ -281,11 +281,20 @@ async fn the_state_store_applies_each_step_once() {
     s.drop_entries("t", "c").await.expect("drop");
     assert!(s.entries("t", "c").await.expect("entries").is_empty());
 
-    // Pruning takes only finished conversations older than the cut.
+    // Pruning takes only finished conversations older than the cut, and open ones nobody
+    // wrote to since it.
+    for open in ["open", "quiet"] {
+        assert!(s
+            .record_start("t", open, &started(), "e2")
+            .await
+            .expect("start open"));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let quiet_cut = chrono::Utc::now().timestamp_millis();
     assert!(s
-        .record_start("t", "open", &started(), "e2")
+        .add_entry("t", "quiet", &entry(0, "still here", &[]))
         .await
-        .expect("start open"));
+        .expect("quiet entry"));
     for (from, to) in [
         (Step::TranscriptAdded, Step::AttachmentsAdded),
         (Step::AttachmentsAdded, Step::Done),
@@ -314,12 +323,29 @@ async fn the_state_store_applies_each_step_once() {
         0,
         "too new"
     );
-    assert_eq!(s.prune_done(cut).await.expect("prune"), 2);
+    // At the quiet one's cut, "open" (no entry) is abandoned; "quiet" wrote after the cut.
+    assert_eq!(s.prune_done(quiet_cut).await.expect("prune"), 1);
+    assert!(s.load("t", "open").await.expect("load").is_none());
+    assert!(s.load("t", "quiet").await.expect("load").is_some());
+    assert_eq!(s.entries("t", "quiet").await.expect("entries").len(), 1);
+    assert_eq!(s.prune_done(cut).await.expect("prune"), 3);
     assert!(s.load("t", "c").await.expect("load").is_none());
     assert!(s.load("t", "stuck").await.expect("load").is_none());
     assert!(s.entries("t", "stuck").await.expect("entries").is_empty());
-    assert!(
-        s.load("t", "open").await.expect("load").is_some(),
-        "an open conversation is kept however old"
+    assert!(s.load("t", "quiet").await.expect("load").is_none());
+    assert!(s.entries("t", "quiet").await.expect("entries").is_empty());
+    // Entries of a conversation whose start never came (dead-lettered) go once old.
+    assert!(s
+        .add_entry("t", "orphan", &entry(0, "lost", &[]))
+        .await
+        .expect("orphan entry"));
+    assert_eq!(s.prune_done(cut - 60_000).await.expect("prune"), 0);
+    assert_eq!(s.entries("t", "orphan").await.expect("entries").len(), 1);
+    assert_eq!(
+        s.prune_done(chrono::Utc::now().timestamp_millis() + 1_000)
+            .await
+            .expect("prune"),
+        0
     );
+    assert!(s.entries("t", "orphan").await.expect("entries").is_empty());
 }
