@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use common::chat::*;
 use futures::future::join_all;
+use futures::StreamExt;
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -260,7 +262,8 @@ async fn capacity_holds_while_offers_race_across_workers() {
 }
 
 /// A customer leaving while the agent completes (the inbound and the agent topic, handled at
-/// once by two workers): each conversation closes once, with one ConversationClosed.
+/// once by two workers): each conversation closes once, with one ConversationClosed, and
+/// nothing of it follows that close, on the interaction stream or on the agent's socket.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn racing_closes_close_a_conversation_once() {
     const AGENTS: usize = 3;
@@ -319,9 +322,11 @@ async fn racing_closes_close_a_conversation_once() {
     let mut config = common::bus_config("jetstream", None);
     config.url = sys.nats.url.clone();
     let bus = nexus::bus::connect(&config).await.expect("bus");
-    // Per conversation: how many closes, and the transcript length the last one reports.
+    // Per conversation: how many closes, and the transcript length the last one reports; and
+    // the events that came after a close (one partition holds a conversation, in order).
     let count = || async {
         let mut closed: HashMap<String, (usize, i64)> = HashMap::new();
+        let mut after_close: Vec<(String, String)> = Vec::new();
         for p in bus
             .partition_offsets("nexus.interaction.v1")
             .await
@@ -333,6 +338,12 @@ async fn racing_closes_close_a_conversation_once() {
                 .expect("read")
             {
                 let e = nexus::events::decode(&m.payload).expect("decode");
+                if closed.contains_key(&e.envelope.conversation_id) {
+                    after_close.push((
+                        e.envelope.conversation_id.clone(),
+                        e.envelope.event_type.clone(),
+                    ));
+                }
                 if e.envelope.event_type == "ConversationClosed" {
                     let b: nexus::events::chat::ConversationClosed =
                         e.body_as().expect("closed body");
@@ -342,15 +353,46 @@ async fn racing_closes_close_a_conversation_once() {
                 }
             }
         }
-        closed
+        (closed, after_close)
     };
     eventually(WAIT, "every chat closed", || async {
-        (count().await.len() == chats).then_some(())
+        (count().await.0.len() == chats).then_some(())
     })
     .await;
-    // Time for a second close, had one been on its way.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let closed = count().await;
+    // Time for a second close or a late event, had one been on its way; meanwhile, what each
+    // agent's socket got after a conversation's `closed` state.
+    let late_pushes: Vec<Value> = join_all(agents.iter_mut().map(|ws| async move {
+        let mut shut: HashSet<String> = HashSet::new();
+        let mut late = Vec::new();
+        let until = tokio::time::Instant::now() + Duration::from_secs(2);
+        while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(until, ws.next()).await {
+            let WsMessage::Text(t) = frame else { continue };
+            let v: Value = serde_json::from_str(t.as_str()).expect("json frame");
+            let conv = v["conversation_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if v["type"] == "state" && v["state"] == "closed" {
+                shut.insert(conv);
+            } else if v["type"] == "transcript" && shut.contains(&conv) {
+                late.push(v);
+            }
+        }
+        late
+    }))
+    .await
+    .into_iter()
+    .flatten()
+    .collect();
+    assert!(
+        late_pushes.is_empty(),
+        "transcript pushes after the closed state: {late_pushes:?}"
+    );
+    let (closed, after_close) = count().await;
+    assert!(
+        after_close.is_empty(),
+        "events after ConversationClosed: {after_close:?}"
+    );
     let twice: Vec<_> = closed.iter().filter(|(_, (n, _))| *n > 1).collect();
     assert!(twice.is_empty(), "closed more than once: {twice:?}");
     // The closed event counts the whole transcript, the close's own entries included.

@@ -236,7 +236,14 @@ impl ConversationWorker {
             if closed_by(&existing, e) {
                 // Closed at once (no route) and redelivered: the close may not have been told.
                 return self
-                    .announce_close(&existing, e, ev::CloseReason::System, None, Vec::new())
+                    .announce_close(
+                        &existing,
+                        e,
+                        ev::CloseReason::System,
+                        None,
+                        Vec::new(),
+                        None,
+                    )
                     .await;
             }
             return self.rearm_queued(&existing, e).await;
@@ -1763,62 +1770,73 @@ impl ConversationWorker {
         // the whole transcript; the store refuses appends once it is saved closed, so of two
         // closes racing (a customer leaving while the agent completes) the one that lost adds
         // nothing after the close. Saved before it is announced: only the close whose save
-        // wins tells anyone, so a conversation has one ConversationClosed. A close cut short
-        // after its save is announced on redelivery (see `closing`).
-        self.leave(c, e, leaving).await?;
+        // wins tells anyone, its party's leaving included, so a conversation has one
+        // ConversationClosed and nothing of a close follows it. A close cut short after its
+        // save is announced on redelivery (see `closing`).
+        let left = self.leave(c, e, leaving).await?;
         let reason_text = serde_json::to_value(reason).unwrap_or_default();
         c.state = ConversationState::Closed;
         c.closed_reason = reason_text.as_str().map(str::to_string);
         c.offered_to = None;
         self.save(c, e).await?;
-        self.announce_close(c, e, reason, by, agents).await
+        self.announce_close(c, e, reason, by, agents, left).await
     }
 
-    /// The `ParticipantLeft` entry of the party whose action closed `c` (and, for an agent,
-    /// its interaction event). Ids derive from `e`: a repeat appends and publishes nothing new.
-    async fn leave(&self, c: &Conversation, e: &Event, leaving: &Leaving) -> Step {
-        let (party, agent_left) = match leaving {
-            Leaving::Nobody => return Ok(()),
-            Leaving::Customer => (c.customer.clone(), None),
+    /// Stores the `ParticipantLeft` entry of the party whose action closes `c`; told by
+    /// [`Self::announce_close`] once the close won. Its id derives from `e`: a repeat appends
+    /// nothing new.
+    async fn leave(
+        &self,
+        c: &Conversation,
+        e: &Event,
+        leaving: &Leaving,
+    ) -> Result<Option<Entry>, HandleError> {
+        let party = match leaving {
+            Leaving::Nobody => return Ok(None),
+            Leaving::Customer => c.customer.clone(),
             Leaving::Agent {
                 participant_id,
                 agent_id,
-            } => {
-                let party = Party {
-                    participant_id: participant_id.clone(),
-                    nickname: c
-                        .routing
-                        .agent_nickname
-                        .clone()
-                        .unwrap_or_else(|| agent_id.clone()),
-                    kind: PartyKind::Agent,
-                };
-                (party, Some(participant_id))
-            }
+            } => Party {
+                participant_id: participant_id.clone(),
+                nickname: c
+                    .routing
+                    .agent_nickname
+                    .clone()
+                    .unwrap_or_else(|| agent_id.clone()),
+                kind: PartyKind::Agent,
+            },
         };
         let left = entry(e, EntryKind::ParticipantLeft, party, None);
-        let appended = self.append(c, e, "left", left).await?;
-        let Some(participant_id) = agent_left else {
-            return Ok(());
-        };
-        self.emit(
-            INTERACTION_TOPIC,
-            e,
-            &c.conversation_id,
-            "left",
-            &ev::ParticipantLeft {
-                participant_id: participant_id.clone(),
-                participant_kind: ParticipantKind::Agent,
-                nickname: None,
-                reason: ev::LeftReason::Left,
-                transcript_position: i64::try_from(appended.position).ok(),
-            },
-        )
-        .await
+        Ok(Some(self.store_entry(c, e, "left", left).await?))
+    }
+
+    /// The entry [`Self::leave`] stored for `e`, found near the end of the transcript (the
+    /// store takes no entry after the close): for a close announced again on redelivery.
+    async fn stored_leave(
+        &self,
+        c: &Conversation,
+        e: &Event,
+        length: u64,
+    ) -> Result<Option<Entry>, HandleError> {
+        const TAIL: u64 = 32;
+        let id = crate::events::chat::derived_id(&e.envelope.event_id, "left").to_string();
+        let tail = self
+            .store
+            .transcript(
+                &c.tenant_id,
+                &c.conversation_id,
+                length.saturating_sub(TAIL - 1).max(1),
+                TAIL as usize,
+            )
+            .await
+            .map_err(store_failed)?;
+        Ok(tail.into_iter().find(|s| s.entry.event_id == id))
     }
 
     /// Tells the interaction stream and the sockets that `c` closed, and lets its record
-    /// expire. Ids derive from `e`: a repeat publishes the same events.
+    /// expire; `left` is the closing party's entry (`None`: look it up, or there is none).
+    /// Ids derive from `e`: a repeat publishes the same events.
     async fn announce_close(
         &self,
         c: &Conversation,
@@ -1826,12 +1844,49 @@ impl ConversationWorker {
         reason: ev::CloseReason,
         by: Option<String>,
         agents: Vec<String>,
+        left: Option<Entry>,
     ) -> Step {
         let length = self
             .store
             .transcript_len(&c.tenant_id, &c.conversation_id)
             .await
             .map_err(store_failed)?;
+        let left = match left {
+            Some(l) => Some(l),
+            None => self.stored_leave(c, e, length).await?,
+        };
+        if let Some(left) = &left {
+            self.notify_entry(c, e, "left", left).await?;
+            if left.entry.from.kind == PartyKind::Agent {
+                self.emit(
+                    INTERACTION_TOPIC,
+                    e,
+                    &c.conversation_id,
+                    "left",
+                    &ev::ParticipantLeft {
+                        participant_id: left.entry.from.participant_id.clone(),
+                        participant_kind: ParticipantKind::Agent,
+                        nickname: None,
+                        reason: ev::LeftReason::Left,
+                        transcript_position: i64::try_from(left.position).ok(),
+                    },
+                )
+                .await?;
+            }
+        }
+        if length > 0 && left.as_ref().is_none_or(|l| l.position != length) {
+            // The last entry is another's (a racing close that lost stored its party's entry
+            // and tells nothing): pushed so that every socket, finding a gap, reads what it
+            // lacks from the store before `closed`.
+            let last = self
+                .store
+                .transcript(&c.tenant_id, &c.conversation_id, length, 1)
+                .await
+                .map_err(store_failed)?;
+            if let Some(last) = last.first() {
+                self.notify_entry(c, e, "closed/last", last).await?;
+            }
+        }
         self.emit(
             INTERACTION_TOPIC,
             e,
@@ -1882,7 +1937,7 @@ impl ConversationWorker {
                     .into_iter()
                     .chain(c.routing.consult_invited.iter().cloned())
                     .collect();
-                self.announce_close(&c, e, reason, by.map(str::to_string), agents)
+                self.announce_close(&c, e, reason, by.map(str::to_string), agents, None)
                     .await?;
                 Ok(None)
             }
