@@ -5,7 +5,7 @@
 //! worker lanes arriving out of order) is sent and widens it.
 //!
 //! A new offer for a conversation, or the agent leaving it, forgets it (the console reads the
-//! transcript when it accepts).
+//! transcript when it accepts); its close ends it: nothing of it is sent after.
 
 use std::collections::HashMap;
 
@@ -43,8 +43,19 @@ impl Sent {
                 Step::Send
             }
             (ClientEventKind::State, _) => {
-                if leaves(push) {
-                    self.spans.remove(&push.conversation_id);
+                match state_of(push).as_deref() {
+                    Some("transferred" | "left") => {
+                        self.spans.remove(&push.conversation_id);
+                    }
+                    // Nothing of a closed conversation is sent after its `closed` state: its
+                    // transcript is whole by then (the worker pushes its last entry before,
+                    // so a gap was filled), and a push still on its way (an entry appended
+                    // just before the close, published just after it) is a repeat.
+                    Some("closed") => {
+                        self.spans
+                            .insert(push.conversation_id.clone(), (0, u64::MAX));
+                    }
+                    _ => {}
                 }
                 Step::Send
             }
@@ -86,13 +97,10 @@ impl Sent {
 }
 
 /// Whether a state push says this agent is out of the conversation.
-fn leaves(push: &Push) -> bool {
-    serde_json::from_str::<serde_json::Value>(&push.data).is_ok_and(|v| {
-        matches!(
-            v.get("state").and_then(|s| s.as_str()),
-            Some("transferred" | "left" | "closed")
-        )
-    })
+/// The `state` a state push names.
+fn state_of(push: &Push) -> Option<String> {
+    let v = serde_json::from_str::<serde_json::Value>(&push.data).ok()?;
+    v.get("state")?.as_str().map(str::to_string)
 }
 
 /// The entries `from..=to` of a conversation, for a [`Step::Fill`]; `None` when the gap is
@@ -174,6 +182,10 @@ mod tests {
         assert_eq!(sent.step(&entry(13)), Step::Skip);
         assert_eq!(sent.step(&state("transferred")), Step::Send);
         assert_eq!(sent.step(&entry(40)), Step::Send, "no fill after leaving");
+        // Closed: nothing of it after, until a new offer (never, in practice).
+        assert_eq!(sent.step(&state("closed")), Step::Send);
+        assert_eq!(sent.step(&entry(41)), Step::Skip, "after the close");
+        assert_eq!(sent.step(&entry(3)), Step::Skip);
         sent.clear();
         assert_eq!(sent.step(&entry(40)), Step::Send, "cleared");
     }

@@ -1191,7 +1191,10 @@ impl ConversationWorker {
         } else {
             ev::CloseReason::CustomerLeft
         };
-        let Some(mut c) = self.closing(e, reason, Some(&b.participant_id)).await? else {
+        let Some(mut c) = self
+            .closing(e, reason, Some(&b.participant_id), &Leaving::Customer)
+            .await?
+        else {
             return Ok(());
         };
         // Checked on a still-open conversation only, so a redelivered close the worker saved
@@ -1249,7 +1252,10 @@ impl ConversationWorker {
             participant_id: b.participant_id.clone(),
             agent_id: b.agent_id.clone(),
         };
-        let Some(mut c) = self.closing(e, completed, Some(&b.participant_id)).await? else {
+        let Some(mut c) = self
+            .closing(e, completed, Some(&b.participant_id), &leaving)
+            .await?
+        else {
             return Ok(());
         };
         if c.routing.consultant.as_deref() == Some(b.agent_id.as_str()) {
@@ -1610,11 +1616,12 @@ impl ConversationWorker {
             let state = json!({"type": "state", "conversation_id": c.conversation_id,
                 "state": "left", "role": "consultant"});
             let client = notify::state(false, vec![agent.to_string()], state);
+            // Not "client/left": that is the transcript push of the entry above.
             self.emit(
                 DELIVERY_TOPIC,
                 e,
                 &c.conversation_id,
-                "client/left",
+                "client/left-state",
                 &client,
             )
             .await?;
@@ -1811,32 +1818,9 @@ impl ConversationWorker {
         Ok(Some(self.store_entry(c, e, "left", left).await?))
     }
 
-    /// The entry [`Self::leave`] stored for `e`, found near the end of the transcript (the
-    /// store takes no entry after the close): for a close announced again on redelivery.
-    async fn stored_leave(
-        &self,
-        c: &Conversation,
-        e: &Event,
-        length: u64,
-    ) -> Result<Option<Entry>, HandleError> {
-        const TAIL: u64 = 32;
-        let id = crate::events::chat::derived_id(&e.envelope.event_id, "left").to_string();
-        let tail = self
-            .store
-            .transcript(
-                &c.tenant_id,
-                &c.conversation_id,
-                length.saturating_sub(TAIL - 1).max(1),
-                TAIL as usize,
-            )
-            .await
-            .map_err(store_failed)?;
-        Ok(tail.into_iter().find(|s| s.entry.event_id == id))
-    }
-
     /// Tells the interaction stream and the sockets that `c` closed, and lets its record
-    /// expire; `left` is the closing party's entry (`None`: look it up, or there is none).
-    /// Ids derive from `e`: a repeat publishes the same events.
+    /// expire; `left` is the closing party's entry, if any. Ids derive from `e`: a repeat
+    /// publishes the same events.
     async fn announce_close(
         &self,
         c: &Conversation,
@@ -1851,10 +1835,6 @@ impl ConversationWorker {
             .transcript_len(&c.tenant_id, &c.conversation_id)
             .await
             .map_err(store_failed)?;
-        let left = match left {
-            Some(l) => Some(l),
-            None => self.stored_leave(c, e, length).await?,
-        };
         if let Some(left) = &left {
             self.notify_entry(c, e, "left", left).await?;
             if left.entry.from.kind == PartyKind::Agent {
@@ -1929,6 +1909,7 @@ impl ConversationWorker {
         e: &Event,
         reason: ev::CloseReason,
         by: Option<&str>,
+        leaving: &Leaving,
     ) -> Result<Option<Conversation>, HandleError> {
         let id = e.envelope.event_id.to_string();
         match self.load(e).await? {
@@ -1937,7 +1918,10 @@ impl ConversationWorker {
                     .into_iter()
                     .chain(c.routing.consult_invited.iter().cloned())
                     .collect();
-                self.announce_close(&c, e, reason, by.map(str::to_string), agents, None)
+                // Stored before the save: appending it again answers its position (the store
+                // checks an entry's id before it refuses a closed record).
+                let left = self.leave(&c, e, leaving).await?;
+                self.announce_close(&c, e, reason, by.map(str::to_string), agents, left)
                     .await?;
                 Ok(None)
             }

@@ -314,13 +314,18 @@ impl HistoryStore {
         .bind(before_ms)
         .execute(&mut *tx)
         .await?;
-        // Entries kept before `stored_at_ms` existed read 0 (unknown) and keep theirs.
+        // Entries kept before `stored_at_ms` existed read 0 (unknown) and keep theirs. A
+        // conversation with events waiting in the retry backlog (its UCS down for weeks, its
+        // close queued there) is waiting, not abandoned.
         let abandoned = sqlx::query(
             "DELETE FROM history_conversations WHERE closed_json IS NULL AND step <> $1 \
              AND updated_at_ms < $2 AND NOT EXISTS (SELECT 1 FROM history_entries e \
              WHERE e.tenant_id = history_conversations.tenant_id \
              AND e.conversation_id = history_conversations.conversation_id \
-             AND (e.stored_at_ms >= $2 OR e.stored_at_ms = 0))",
+             AND (e.stored_at_ms >= $2 OR e.stored_at_ms = 0)) \
+             AND NOT EXISTS (SELECT 1 FROM effect_backlog b WHERE b.role = 'history' \
+             AND b.tenant_id = history_conversations.tenant_id \
+             AND b.conversation_id = history_conversations.conversation_id)",
         )
         .bind(Step::Done as i64)
         .bind(before_ms)
@@ -330,7 +335,10 @@ impl HistoryStore {
             "DELETE FROM history_entries WHERE stored_at_ms <> 0 AND stored_at_ms < $1 \
              AND NOT EXISTS (SELECT 1 FROM history_conversations c \
              WHERE c.tenant_id = history_entries.tenant_id \
-             AND c.conversation_id = history_entries.conversation_id)",
+             AND c.conversation_id = history_entries.conversation_id) \
+             AND NOT EXISTS (SELECT 1 FROM effect_backlog b WHERE b.role = 'history' \
+             AND b.tenant_id = history_entries.tenant_id \
+             AND b.conversation_id = history_entries.conversation_id)",
         )
         .bind(before_ms)
         .execute(&mut *tx)

@@ -283,12 +283,23 @@ async fn the_state_store_applies_each_step_once() {
 
     // Pruning takes only finished conversations older than the cut, and open ones nobody
     // wrote to since it.
-    for open in ["open", "quiet"] {
+    for open in ["open", "quiet", "waiting"] {
         assert!(s
             .record_start("t", open, &started(), "e2")
             .await
             .expect("start open"));
     }
+    // "waiting" has an event in the retry backlog (its UCS down): waiting, not abandoned.
+    sqlx::query(
+        "INSERT INTO effect_backlog (role, tenant_id, conversation_id, seq, event_id, topic, \
+         source_partition, source_offset, record_key, payload, headers_json, due_at_ms, \
+         attempts, created_at_ms) \
+         VALUES ('history', 't', 'waiting', 1, 'e5', 'nexus.interaction.v1', 0, 0, 'waiting', \
+         '', '[]', 0, 0, 0)",
+    )
+    .execute(p.pool())
+    .await
+    .expect("backlog row");
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let quiet_cut = chrono::Utc::now().timestamp_millis();
     assert!(s
@@ -334,6 +345,7 @@ async fn the_state_store_applies_each_step_once() {
     assert!(s.entries("t", "stuck").await.expect("entries").is_empty());
     assert!(s.load("t", "quiet").await.expect("load").is_none());
     assert!(s.entries("t", "quiet").await.expect("entries").is_empty());
+    assert!(s.load("t", "waiting").await.expect("load").is_some());
     // Entries of a conversation whose start never came (dead-lettered) go once old.
     assert!(s
         .add_entry("t", "orphan", &entry(0, "lost", &[]))
