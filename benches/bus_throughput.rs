@@ -5,7 +5,8 @@
 //! two headers every nexus publish sets (event type, trace context).
 //! Prints events/s for each phase (produce until every ack; consume from the first record to
 //! the last, so the one-off group join is left out) and the ratio nexus/raw. Each side's topics
-//! are deleted after it ran, so both start on a broker holding the same data. `make bench`.
+//! are deleted after it ran, so both start on a broker holding the same data. The embedded log is
+//! also set beside fjall used directly, the store it is built on. `make bench`.
 //!
 //! Env: NEXUS_BENCH_EVENTS (default 100000), NEXUS_BENCH_BACKENDS (default
 //! `embedded,jetstream,kafka`), NEXUS_TEST_KAFKA_BROKERS, NEXUS_TEST_NATS_URL.
@@ -193,6 +194,78 @@ fn raw_file(n: u64) -> Phases {
         r.read_exact(&mut buf).expect("read field");
         fields += 1;
         if fields.is_multiple_of(6) {
+            read += 1;
+        }
+    }
+    assert_eq!(read, n);
+    Phases {
+        produce,
+        consume: started.elapsed(),
+        consume_cpu: cpu_time().saturating_sub(cpu),
+    }
+}
+
+/// The store the embedded log is built on, used directly: records keyed by partition and offset,
+/// 1 024 per fjall batch made durable (the writer's group commit makes one per batch too), then
+/// read back with a range scan per partition, counting fields as [`raw_file`] does. What nexus
+/// adds on top of fjall, beside what fjall adds on top of a file.
+fn raw_fjall(n: u64) -> Phases {
+    use fjall::{Database, KeyspaceCreateOptions, PersistMode};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Database::builder(dir.path())
+        .manual_journal_persist(true)
+        .open()
+        .expect("fjall");
+    let ks = db
+        .keyspace("records", KeyspaceCreateOptions::default)
+        .expect("keyspace");
+    let records: Vec<RawRecord> = (0..n).map(payload).collect();
+    let started = Instant::now();
+    let mut next = [0u64; PARTITIONS as usize];
+    let mut batch = db.batch().durability(Some(PersistMode::SyncData));
+    for (i, r) in records.iter().enumerate() {
+        let p = nexus::bus::partition_for(&r.key, PARTITIONS);
+        let mut key = [0u8; 12];
+        key[..4].copy_from_slice(&p.to_be_bytes());
+        key[4..].copy_from_slice(&next[p as usize].to_be_bytes());
+        next[p as usize] += 1;
+        let mut value = Vec::with_capacity(r.payload.len() + 128);
+        let mut field = |b: &[u8]| {
+            value.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            value.extend_from_slice(b);
+        };
+        field(r.key.as_bytes());
+        for (name, v) in &r.headers {
+            field(name.as_bytes());
+            field(v.as_bytes());
+        }
+        field(&r.payload);
+        batch.insert(&ks, key, value);
+        if (i + 1) % 1024 == 0 {
+            batch.commit().expect("commit");
+            batch = db.batch().durability(Some(PersistMode::SyncData));
+        }
+    }
+    batch.commit().expect("commit");
+    let produce = started.elapsed();
+    let (started, cpu) = (Instant::now(), cpu_time());
+    let mut read = 0u64;
+    // A partition's keys run from its number followed by zeros to the next one's.
+    let bound = |p: u32| {
+        let mut k = [0u8; 12];
+        k[..4].copy_from_slice(&p.to_be_bytes());
+        k
+    };
+    for p in 0..PARTITIONS {
+        for kv in ks.range(bound(p)..bound(p + 1)) {
+            let (_, v) = kv.into_inner().expect("read");
+            let (mut at, mut fields) = (0, 0);
+            while at + 4 <= v.len() {
+                let len = u32::from_le_bytes(v[at..at + 4].try_into().expect("len")) as usize;
+                at += 4 + len;
+                fields += 1;
+            }
+            assert_eq!(fields, 6);
             read += 1;
         }
     }
@@ -444,9 +517,11 @@ async fn main() {
         let dir = tempfile::tempdir().expect("tempdir");
         let id = uuid::Uuid::new_v4().simple();
         let (raw_topic, topic) = (format!("rawbench{id}"), format!("bench{id}"));
+        let mut store = None;
         let raw = match backend {
             "embedded" => {
                 config.url = format!("embedded://{}", dir.path().display());
+                store = Some(raw_fjall(n));
                 raw_file(n)
             }
             "kafka" => {
@@ -474,6 +549,15 @@ async fn main() {
             row(raw.consume, ours.consume),
             row(raw.produce + raw.consume, ours.produce + ours.consume)
         );
+        if let Some(store) = &store {
+            println!(
+                "{:<10} {} | {} | {}",
+                "  vs fjall",
+                row(store.produce, ours.produce),
+                row(store.consume, ours.consume),
+                row(store.produce + store.consume, ours.produce + ours.consume)
+            );
+        }
         let per_event = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
         println!(
             "{:<10} consume CPU (this process, µs/event): raw {:.2}, nexus {:.2}",
