@@ -474,6 +474,14 @@ impl Config {
                 ),
             ));
         }
+        let settle = self.workers.history.transcript_settle_ms;
+        let most = crate::workers::history::config::MAX_TRANSCRIPT_SETTLE_MS;
+        if settle > most {
+            return Err(invalid(
+                "workers.history.transcript_settle_ms",
+                format!("{settle} ms is more than {most} ms (an hour)"),
+            ));
+        }
         self.workers
             .history
             .ucs
@@ -651,6 +659,15 @@ mod tests {
         assert!(e.contains("workers.conversation.idle_timeout_s"), "{e}");
         c.workers.conversation.close_grace_s = 86_399;
         c.validate().expect("just under 30 days");
+
+        // The transcript's settle wait: 10 s by default, an hour at most.
+        let mut c = Config::defaults();
+        assert_eq!(c.workers.history.transcript_settle_ms, 10_000);
+        c.workers.history.transcript_settle_ms = 3_600_001;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("workers.history.transcript_settle_ms"), "{e}");
+        c.workers.history.transcript_settle_ms = 3_600_000;
+        c.validate().expect("an hour");
 
         let mut c = Config::defaults();
         c.http.listen = "nowhere".into();

@@ -2,7 +2,8 @@
 //! (`nexus edge`, `nexus worker conversation`, `nexus worker history`) on NATS JetStream,
 //! PostgreSQL and Redis: a chat is written once and in order; an outage pauses the target and
 //! nothing is lost; a tenant's failing UCS holds no other tenant; a SIGKILL mid-load repeats no
-//! effect; a 4xx dead-letters one event only.
+//! effect; a 4xx dead-letters one event only; an entry that comes just after the close is in
+//! the transcript.
 
 mod common;
 
@@ -58,6 +59,8 @@ impl System {
                 "200".into(),
             ),
             ("NEXUS_WORKERS__HISTORY__UCS__RETRY_MAX_MS", "1000".into()),
+            // Short, so every close here goes through the settle wait and the tests stay quick.
+            ("NEXUS_WORKERS__HISTORY__TRANSCRIPT_SETTLE_MS", "300".into()),
         ]);
         env.extend(extra);
         let (ok, out, err) = common::process::run(&["topology", "apply", "--bus", &nats.url], &[]);
@@ -783,4 +786,112 @@ async fn nexus_dev_writes_on_sqlite_and_skips_without_ucs() {
     })
     .await;
     assert_eq!(ucs.calls(), calls, "no call without UCS");
+}
+
+/// The texts of a conversation's transcript document at UCS, in order.
+fn transcript_texts(ucs: &FakeUcs, tenant: &str, conv: &str) -> Vec<String> {
+    let state = ucs.state.lock().unwrap();
+    let transcript = &state.documents[&object_id(tenant, conv, "transcript")];
+    transcript["Content"]["Messages"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .filter_map(|e| e["Text"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// An agent's reply racing the customer's leaving reaches the interaction stream just after
+/// `ConversationClosed` (the two come from different input topics). The transcript waits
+/// `transcript_settle_ms` after the close, so the reply is in it; an entry later than that is
+/// left out and counted `late`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_just_after_the_close_is_in_the_transcript() {
+    let ucs = FakeUcs::start().await;
+    let settle = Duration::from_millis(2_000);
+    let system = System::start_with(
+        &ucs,
+        vec![(
+            "NEXUS_WORKERS__HISTORY__TRANSCRIPT_SETTLE_MS",
+            settle.as_millis().to_string(),
+        )],
+    )
+    .await;
+    let url = system.edge.url.clone();
+    let tenant = provision_tenant(&Admin::new(&url)).await;
+    let conv = uuid::Uuid::new_v4().to_string();
+    let message = |position: i64, kind: &str, text: &str| {
+        json!({"message_id": uuid::Uuid::new_v4().to_string(), "participant_id": kind,
+            "participant_kind": kind.to_uppercase(), "nickname": kind,
+            "text": text, "transcript_position": position})
+    };
+    ingest(
+        &url,
+        &tenant.id,
+        &conv,
+        "ConversationStarted",
+        started("race@example.com"),
+    )
+    .await;
+    ingest(
+        &url,
+        &tenant.id,
+        &conv,
+        "MessageReceived",
+        message(1, "customer", "bye"),
+    )
+    .await;
+    ingest(&url, &tenant.id, &conv, "ConversationClosed", closed()).await;
+    let closed_at = std::time::Instant::now();
+    // The racing reply, published after the close.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ingest(
+        &url,
+        &tenant.id,
+        &conv,
+        "MessageSent",
+        message(2, "agent", "thanks, goodbye"),
+    )
+    .await;
+    eventually(WAIT, "the conversation written", || {
+        let done = ucs.stopped(&conv);
+        async move { done.then_some(()) }
+    })
+    .await;
+    assert!(
+        closed_at.elapsed() >= settle,
+        "the transcript went before the settle time"
+    );
+    assert_written_once_in_order(&ucs, &tenant.id, &conv, 1);
+    assert_eq!(
+        transcript_texts(&ucs, &tenant.id, &conv),
+        ["bye", "thanks, goodbye"]
+    );
+    // Past the settle time: not written again, counted.
+    ingest(
+        &url,
+        &tenant.id,
+        &conv,
+        "MessageSent",
+        message(3, "agent", "too late"),
+    )
+    .await;
+    eventually(WAIT, "the late entry counted", || async {
+        let m = system.metrics().await;
+        metric_sum(
+            &m,
+            "nexus_history_events_total",
+            &["event=\"entry\"", "outcome=\"late\""],
+        )
+        .filter(|n| *n >= 1.0)
+    })
+    .await;
+    assert_written_once_in_order(&ucs, &tenant.id, &conv, 1);
+    let m = system.metrics().await;
+    assert!(
+        metric_sum(&m, "nexus_backlog_queued_total", &["reason=\"deferred\""])
+            .is_some_and(|n| n >= 1.0),
+        "the close waited in the backlog"
+    );
 }

@@ -54,6 +54,7 @@ impl System {
                 UCS_CREDENTIAL.into(),
             ),
             ("NEXUS_WORKERS__HISTORY__UCS__TIMEOUT_MS", "1000".into()),
+            ("NEXUS_WORKERS__HISTORY__TRANSCRIPT_SETTLE_MS", "500".into()),
             ("NEXUS_WORKERS__GWS__URL", gws.url()),
             ("NEXUS_WORKERS__GWS__CREDENTIAL", GWS_TOKEN.into()),
             ("NEXUS_WORKERS__GWS__TIMEOUT_MS", "1000".into()),

@@ -54,6 +54,11 @@ pub enum HandleError {
         not_before_ms: i64,
         counts: bool,
     },
+    /// Nothing failed, but the effect must not run before `until_ms` (ms since the epoch): a
+    /// role that waits for late events (the history worker settling a transcript). A role in a
+    /// retry backlog parks the event there; elsewhere it waits in place like `RetryLater`.
+    #[error("deferred ({reason})")]
+    Defer { reason: &'static str, until_ms: i64 },
     /// Can never succeed (peer said 4xx, invalid content); the event goes to the dead-letter
     /// topic with `reason` (a short machine-readable code) and is acked.
     #[error("rejected ({reason}): {detail}")]
@@ -566,6 +571,7 @@ async fn handle_with_retry(
                 not_before_ms,
                 ..
             })) => (reason, not_before_ms),
+            Ok(Err(HandleError::Defer { reason, until_ms })) => (reason.to_string(), until_ms),
             Err(_) => (
                 format!("handler timed out after {:?}", ctx.options.handler_timeout),
                 0,

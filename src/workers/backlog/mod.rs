@@ -8,6 +8,8 @@
 //! - otherwise the effect runs; a retryable failure (`Retry`, `RetryLater`: peer 5xx, timeout)
 //!   puts the event in the backlog as its conversation's head, due after `retry_initial_ms`,
 //!   and acks it. Rejections are dead-lettered by the consumer as before.
+//! - an effect that asks to run later with nothing failed ([`HandleError::Defer`]: history's
+//!   close waiting for late entries) waits there the same way, due exactly when it asked.
 //!
 //! The [`scheduler`] (a background loop of the role, on every pod) claims due heads with a
 //! lease, runs the effect again and on success moves straight on to the conversation's next
@@ -27,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tracing::warn;
+use tracing::{debug, warn};
 
 pub use scheduler::Scheduler;
 pub use store::{Backlog, BacklogError, Item, Key};
@@ -61,6 +63,8 @@ pub(crate) struct Failure {
     pub not_before_ms: i64,
     /// Whether it counts against `retry_max_attempts`.
     pub counts: bool,
+    /// Nothing failed: the effect asked to run at `not_before_ms` ([`HandleError::Defer`]).
+    pub deferred: bool,
 }
 
 impl Failure {
@@ -71,6 +75,13 @@ impl Failure {
                 reason,
                 not_before_ms: 0,
                 counts: true,
+                deferred: false,
+            }),
+            HandleError::Defer { reason, until_ms } => Ok(Failure {
+                reason: reason.to_string(),
+                not_before_ms: until_ms,
+                counts: false,
+                deferred: true,
             }),
             HandleError::RetryLater {
                 reason,
@@ -80,6 +91,7 @@ impl Failure {
                 reason,
                 not_before_ms,
                 counts,
+                deferred: false,
             }),
             other => Err(other),
         }
@@ -117,11 +129,14 @@ impl RetryPolicy {
     }
 
     /// When a try after `attempts` counted failures may go: the policy's delay from now, or
-    /// later if the failure asked for it.
-    pub(crate) fn due_ms(&self, attempts: i64, not_before_ms: i64) -> i64 {
+    /// later if the failure asked for it; a deferred effect at the time it asked for.
+    pub(crate) fn due_ms(&self, attempts: i64, failure: &Failure) -> i64 {
+        if failure.deferred {
+            return now_ms().max(failure.not_before_ms);
+        }
         now_ms()
             .saturating_add(self.delay_ms(attempts))
-            .max(not_before_ms)
+            .max(failure.not_before_ms)
     }
 }
 
@@ -214,7 +229,7 @@ impl<E: Effect> Handler for Backlogged<E> {
                 detail: failure.reason,
             });
         }
-        let due = self.policy.due_ms(attempts, failure.not_before_ms);
+        let due = self.policy.due_ms(attempts, &failure);
         // The backlog unavailable too (the same database): retry in place instead, with the
         // consumer's short backoff (the next try may only have to queue the event).
         if let Err(e) = self
@@ -227,8 +242,13 @@ impl<E: Effect> Handler for Backlogged<E> {
                 failure.reason
             )));
         }
-        self.queued("failed");
-        warn!(error = %failure.reason, counts = failure.counts, "effect failed; the event waits in the backlog for another try");
+        if failure.deferred {
+            self.queued("deferred");
+            debug!(reason = %failure.reason, due_ms = due, "effect deferred; the event waits in the backlog");
+        } else {
+            self.queued("failed");
+            warn!(error = %failure.reason, counts = failure.counts, "effect failed; the event waits in the backlog for another try");
+        }
         Ok(())
     }
 }

@@ -214,6 +214,7 @@ impl<E: Effect> Scheduler<E> {
                 reason: other.to_string(),
                 not_before_ms: 0,
                 counts: true,
+                deferred: false,
             },
         };
         let attempts = item.attempts + i64::from(failure.counts);
@@ -221,12 +222,16 @@ impl<E: Effect> Scheduler<E> {
             let detail = format!("{attempts} tries failed; the last: {}", failure.reason);
             return self.dead_letter(item, EXHAUSTED, &detail).await;
         }
-        let due = self.policy.due_ms(attempts, failure.not_before_ms);
+        let due = self.policy.due_ms(attempts, &failure);
         match self
             .backlog
             .reschedule(item, due, &failure.reason, failure.counts)
             .await
         {
+            Ok(true) if failure.deferred => {
+                self.count("deferred");
+                debug!(reason = %failure.reason, due_ms = due, "backlogged event deferred again");
+            }
             Ok(true) => {
                 self.count("retried");
                 warn!(error = %failure.reason, attempts, counts = failure.counts, "backlogged event failed again");

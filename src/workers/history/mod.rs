@@ -28,6 +28,10 @@
 //! tenant (`nexus_worker_paused{role="history",peer="ucs"}` = 1). A 4xx dead-letters the
 //! event with reason `ucs_rejected`. Tenants without a UCS target are acked without a call
 //! (`skipped`).
+//!
+//! A close's transcript waits `transcript_settle_ms` after the close (the event is deferred to
+//! the backlog): an entry published just after `ConversationClosed`, by a handler that raced
+//! the close from the other input topic, is still recorded and written. Later ones are `late`.
 
 pub mod config;
 pub mod store;
@@ -43,7 +47,7 @@ use serde_json::Value;
 use tracing::{debug, warn};
 
 pub use config::HistoryConfig;
-use store::{Closed, Entry, HistoryStore, Started, State, Step, StoreError};
+use store::{Closed, Entry, HistoryStore, Kept, Started, State, Step, StoreError};
 use ucs::Ucs;
 
 use crate::bus::consumer::HandleError;
@@ -52,7 +56,7 @@ use crate::events::chat::{self as ev, Body};
 use crate::events::Event;
 use crate::stores::provisioning::{Provisioning, ProvisioningError};
 use crate::telemetry::metrics as m;
-use crate::workers::backlog::Effect;
+use crate::workers::backlog::{self, Effect};
 use crate::workers::peer::{Peer, PeerFailure, PeerTarget};
 
 /// Dead-letter reason of an event UCS refused (4xx).
@@ -264,12 +268,26 @@ impl HistoryWorker {
                 }
                 Some(entry) => {
                     let entry = entry.map_err(invalid)?;
-                    let new = self
+                    let kept = self
                         .store
                         .add_entry(tenant, conv, &entry)
                         .await
                         .map_err(store_failed)?;
-                    count("entry", if new { "applied" } else { "duplicate" });
+                    count(
+                        "entry",
+                        match kept {
+                            Kept::New => "applied",
+                            Kept::Duplicate => "duplicate",
+                            Kept::Late => {
+                                warn!(
+                                    conversation_id = conv,
+                                    position = entry.position,
+                                    "an entry came after its transcript was written; not in UCS"
+                                );
+                                "late"
+                            }
+                        },
+                    );
                     Ok(())
                 }
             },
@@ -344,6 +362,15 @@ impl HistoryWorker {
                         .await
                 }
                 Next::AddTranscript => {
+                    // Entries the conversation worker published just after the close (a reply
+                    // racing it from the other input topic) come in meanwhile; they need no
+                    // place in the backlog (see `concerns`).
+                    if let Some(until_ms) = self.settling(&state) {
+                        return Err(HandleError::Defer {
+                            reason: "transcript_settling",
+                            until_ms,
+                        });
+                    }
                     let entries = self
                         .store
                         .entries(tenant, conv)
@@ -435,6 +462,14 @@ impl HistoryWorker {
                 debug!(?step, "another member applied this step first");
             }
         }
+    }
+
+    /// When the transcript of a conversation closed in `state` may be written, if not yet.
+    fn settling(&self, state: &State) -> Option<i64> {
+        let closed_at = state.closed.as_ref()?.closed_at_ms;
+        let settle = i64::try_from(self.config.transcript_settle_ms).unwrap_or(i64::MAX);
+        let until = closed_at.saturating_add(settle);
+        (backlog::now_ms() < until).then_some(until)
     }
 
     /// Adds one chat file as a document; a file that expired or is gone is noted, not fatal.

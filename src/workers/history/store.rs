@@ -115,6 +115,16 @@ fn to_json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".into())
 }
 
+/// What became of an entry given to [`HistoryStore::add_entry`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kept {
+    New,
+    /// Kept before (a redelivery).
+    Duplicate,
+    /// The transcript was written without it (it came after the settle time).
+    Late,
+}
+
 impl HistoryStore {
     pub fn new(pool: AnyPool) -> Self {
         Self { pool }
@@ -143,14 +153,13 @@ impl HistoryStore {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Keeps an entry by position unless the transcript is already written; `false` when it
-    /// was there already or came too late.
+    /// Keeps an entry by position unless the transcript is already written.
     pub async fn add_entry(
         &self,
         tenant: &str,
         conversation: &str,
         entry: &Entry,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Kept, StoreError> {
         // SQLite needs the WHERE to tell the upsert's ON CONFLICT from a join clause.
         let done = sqlx::query(
             "INSERT INTO history_entries \
@@ -166,7 +175,23 @@ impl HistoryStore {
         .bind(now_ms())
         .execute(&self.pool)
         .await?;
-        Ok(done.rows_affected() == 1)
+        if done.rows_affected() == 1 {
+            return Ok(Kept::New);
+        }
+        // Not kept: a redelivery, or the transcript went without it (rare, so asked only then).
+        let written: Option<i64> = sqlx::query_scalar(
+            "SELECT step FROM history_conversations WHERE tenant_id = $1 AND conversation_id = $2 \
+             AND step >= 3",
+        )
+        .bind(tenant.to_string())
+        .bind(conversation.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(if written.is_some() {
+            Kept::Late
+        } else {
+            Kept::Duplicate
+        })
     }
 
     /// Records the close once; `false` if it was recorded before or the conversation is unknown.

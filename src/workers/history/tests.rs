@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde_json::json;
 
-use super::store::{Closed, Entry, Started, State, Step};
+use super::store::{Closed, Entry, Kept, Started, State, Step};
 use super::*;
 use crate::events::chat::{CloseReason, Contact, ParticipantKind};
 
@@ -185,18 +185,12 @@ async fn the_state_store_applies_each_step_once() {
         .record_start("t", "c", &started(), "e1")
         .await
         .expect("again"));
-    assert!(s
-        .add_entry("t", "c", &entry(2, "b", &[]))
-        .await
-        .expect("entry"));
-    assert!(s
-        .add_entry("t", "c", &entry(1, "a", &[]))
-        .await
-        .expect("entry"));
-    assert!(!s
-        .add_entry("t", "c", &entry(1, "a", &[]))
-        .await
-        .expect("redelivered"));
+    for (position, text) in [(2, "b"), (1, "a")] {
+        let kept = s.add_entry("t", "c", &entry(position, text, &[])).await;
+        assert_eq!(kept.expect("entry"), Kept::New);
+    }
+    let again = s.add_entry("t", "c", &entry(1, "a", &[])).await;
+    assert_eq!(again.expect("redelivered"), Kept::Duplicate);
     let texts: Vec<Option<String>> = s
         .entries("t", "c")
         .await
@@ -265,10 +259,10 @@ async fn the_state_store_applies_each_step_once() {
             .await
             .expect("advance"));
     }
-    assert!(
-        !s.add_entry("t", "c", &entry(3, "late", &[]))
-            .await
-            .expect("late"),
+    let late = s.add_entry("t", "c", &entry(3, "late", &[])).await;
+    assert_eq!(
+        late.expect("late"),
+        Kept::Late,
         "entries after the transcript are not kept"
     );
     assert!(s
@@ -302,10 +296,12 @@ async fn the_state_store_applies_each_step_once() {
     .expect("backlog row");
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let quiet_cut = chrono::Utc::now().timestamp_millis();
-    assert!(s
-        .add_entry("t", "quiet", &entry(0, "still here", &[]))
-        .await
-        .expect("quiet entry"));
+    assert_eq!(
+        s.add_entry("t", "quiet", &entry(0, "still here", &[]))
+            .await
+            .expect("quiet entry"),
+        Kept::New
+    );
     for (from, to) in [
         (Step::TranscriptAdded, Step::AttachmentsAdded),
         (Step::AttachmentsAdded, Step::Done),
@@ -320,10 +316,12 @@ async fn the_state_store_applies_each_step_once() {
         .record_start("t", "stuck", &started(), "e3")
         .await
         .expect("start stuck"));
-    assert!(s
-        .add_entry("t", "stuck", &entry(0, "hi", &[]))
-        .await
-        .expect("stuck entry"));
+    assert_eq!(
+        s.add_entry("t", "stuck", &entry(0, "hi", &[]))
+            .await
+            .expect("stuck entry"),
+        Kept::New
+    );
     assert!(s
         .record_close("t", "stuck", &closed, "e4")
         .await
@@ -347,10 +345,12 @@ async fn the_state_store_applies_each_step_once() {
     assert!(s.entries("t", "quiet").await.expect("entries").is_empty());
     assert!(s.load("t", "waiting").await.expect("load").is_some());
     // Entries of a conversation whose start never came (dead-lettered) go once old.
-    assert!(s
-        .add_entry("t", "orphan", &entry(0, "lost", &[]))
-        .await
-        .expect("orphan entry"));
+    assert_eq!(
+        s.add_entry("t", "orphan", &entry(0, "lost", &[]))
+            .await
+            .expect("orphan entry"),
+        Kept::New
+    );
     assert_eq!(s.prune_done(cut - 60_000).await.expect("prune"), 0);
     assert_eq!(s.entries("t", "orphan").await.expect("entries").len(), 1);
     assert_eq!(
