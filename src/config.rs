@@ -479,7 +479,7 @@ impl Config {
         if settle > most {
             return Err(invalid(
                 "workers.history.transcript_settle_ms",
-                format!("{settle} ms is more than {most} ms (an hour)"),
+                format!("{settle} ms is more than {most} ms (10 minutes)"),
             ));
         }
         self.workers
@@ -660,14 +660,14 @@ mod tests {
         c.workers.conversation.close_grace_s = 86_399;
         c.validate().expect("just under 30 days");
 
-        // The transcript's settle wait: 10 s by default, an hour at most.
+        // The transcript's settle wait: 10 s by default, 10 minutes at most.
         let mut c = Config::defaults();
         assert_eq!(c.workers.history.transcript_settle_ms, 10_000);
-        c.workers.history.transcript_settle_ms = 3_600_001;
+        c.workers.history.transcript_settle_ms = 600_001;
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("workers.history.transcript_settle_ms"), "{e}");
-        c.workers.history.transcript_settle_ms = 3_600_000;
-        c.validate().expect("an hour");
+        c.workers.history.transcript_settle_ms = 600_000;
+        c.validate().expect("10 minutes");
 
         let mut c = Config::defaults();
         c.http.listen = "nowhere".into();

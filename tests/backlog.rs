@@ -2,7 +2,7 @@
 //! with the embedded bus for dead letters: a failed event is acked into the backlog, its
 //! conversation's later events queue behind it and run in order, other conversations go on,
 //! tries run out into the dead-letter topic, failures that say nothing about the event do not
-//! count, a `RetryLater` time is kept, two schedulers share one backlog without running an
+//! count, a `RetryLater` time is kept, a deferred effect runs when it asked, two schedulers share one backlog without running an
 //! event twice, and a pod whose lease ran out changes nothing.
 //!
 //! The effect here is a recorder that fails on command; the history and gws tests run the same
@@ -41,6 +41,8 @@ struct Recorder {
     not_before_ms: AtomicI64,
     /// Event text → how many more tries take [`SLOW`] before they succeed.
     slow: Mutex<HashMap<String, u32>>,
+    /// Event text → the time (ms since the epoch) before which it asks to be deferred.
+    deferred: Mutex<HashMap<String, i64>>,
 }
 
 /// How long a slow try takes: longer than the rig's handler may run before its event goes to
@@ -87,6 +89,13 @@ impl Effect for Recorder {
         };
         if slow {
             tokio::time::sleep(SLOW).await;
+        }
+        let until_ms = self.deferred.lock().unwrap().get(&text).copied();
+        if let Some(until_ms) = until_ms.filter(|u| chrono::Utc::now().timestamp_millis() < *u) {
+            return Err(HandleError::Defer {
+                reason: "test_deferral",
+                until_ms,
+            });
         }
         {
             let mut failing = self.failing.lock().unwrap();
@@ -439,6 +448,26 @@ async fn a_retry_later_time_is_kept(db: &str) {
     assert_eq!(r.tries("x1"), 2);
 }
 
+/// An effect that asks to run later (nothing failed) waits in the backlog, with its
+/// conversation's next event behind it, and runs when it asked: not before, not counted (one
+/// counted failure would dead-letter it here), tried exactly twice.
+async fn a_deferred_effect_runs_when_it_asked(db: &str) {
+    let rig = Rig::start(db, 1, true).await;
+    let r = &rig.recorder;
+    let until = chrono::Utc::now().timestamp_millis() + 1_500;
+    r.deferred.lock().unwrap().insert("x1".into(), until);
+    rig.handle("x", "x1").await;
+    rig.handle("x", "x2").await;
+    rig.handle("y", "y1").await;
+    eventually("y1 applied meanwhile", || r.applied_to("y") == ["y1"]).await;
+    assert!(r.applied_to("x").is_empty(), "x ran before its time");
+    eventually("x1 then x2 applied", || r.applied_to("x") == ["x1", "x2"]).await;
+    let applied_at = chrono::Utc::now().timestamp_millis();
+    assert!(applied_at >= until, "ran {} ms early", until - applied_at);
+    assert_eq!(r.tries("x1"), 2, "tried at arrival and once when due");
+    assert!(rig.dead_letters().await.is_empty());
+}
+
 /// Two pods' schedulers on one backlog: every event once, in order per conversation.
 async fn two_schedulers_share_a_backlog(db: &str) {
     let rig = Rig::start(db, 0, true).await;
@@ -549,6 +578,7 @@ on_both_databases!(
     tries_run_out_into_the_dead_letter_topic,
     failures_that_say_nothing_about_the_event_do_not_count,
     a_retry_later_time_is_kept,
+    a_deferred_effect_runs_when_it_asked,
     two_schedulers_share_a_backlog,
     a_slow_effect_goes_to_the_backlog,
 );

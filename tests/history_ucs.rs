@@ -42,6 +42,8 @@ impl System {
         let mut env = shared_services_env(dir.path(), &nats.url, &db.url);
         env.extend([
             ("NEXUS_CONSUMER__RETRY_MAX_MS", "400".into()),
+            // A backlog head leased by a killed pod comes back after this + 5 s.
+            ("NEXUS_CONSUMER__HANDLER_TIMEOUT_MS", "4000".into()),
             ("NEXUS_WORKERS__HISTORY__UCS__URL", ucs.url()),
             ("NEXUS_WORKERS__HISTORY__UCS__CREDENTIAL", CREDENTIAL.into()),
             ("NEXUS_WORKERS__HISTORY__UCS__TIMEOUT_MS", "1000".into()),
@@ -747,6 +749,7 @@ async fn nexus_dev_writes_on_sqlite_and_skips_without_ucs() {
             format!("embedded://{}", dir.path().join(name).join("bus").display()),
         ));
         env.push(("NEXUS_WORKERS__HISTORY__UCS__URL", ucs_url));
+        env.push(("NEXUS_WORKERS__HISTORY__TRANSCRIPT_SETTLE_MS", "300".into()));
         let path = dir.path().to_path_buf();
         async move { start_node(&path, name, &["dev"], env).await }
     };
@@ -842,8 +845,9 @@ async fn an_entry_just_after_the_close_is_in_the_transcript() {
         message(1, "customer", "bye"),
     )
     .await;
-    ingest(&url, &tenant.id, &conv, "ConversationClosed", closed()).await;
+    // Before the close is published: the wait counts from when history took it.
     let closed_at = std::time::Instant::now();
+    ingest(&url, &tenant.id, &conv, "ConversationClosed", closed()).await;
     // The racing reply, published after the close.
     tokio::time::sleep(Duration::from_millis(200)).await;
     ingest(

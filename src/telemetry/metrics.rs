@@ -104,11 +104,11 @@ pub(super) fn describe_all() {
     );
     describe_counter!(
         BACKLOG_QUEUED_TOTAL,
-        "Events put in a role's retry backlog, by role and reason (failed, behind)."
+        "Events put in a role's retry backlog, by role and reason (failed, behind, deferred)."
     );
     describe_counter!(
         BACKLOG_REDRIVEN_TOTAL,
-        "Tries of backlogged events, by role and outcome (applied, retried, dead_lettered)."
+        "Tries of backlogged events, by role and outcome (applied, retried, deferred, dead_lettered)."
     );
     describe_gauge!(BACKLOG_EVENTS, "Events waiting in a role's retry backlog.");
     describe_gauge!(
@@ -194,7 +194,7 @@ pub(super) fn describe_all() {
     describe_gauge!(BUS_UP, "1 if the bus answered the last readiness check.");
     describe_counter!(
         HISTORY_EVENTS_TOTAL,
-        "Events the history worker handled, by event kind and outcome (applied, duplicate, skipped)."
+        "Events the history worker handled, by event kind and outcome (applied, duplicate, skipped, ignored, late)."
     );
     describe_counter!(
         HISTORY_ATTACHMENTS_TOTAL,

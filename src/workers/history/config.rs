@@ -20,8 +20,9 @@ pub struct HistoryConfig {
 /// The default of `transcript_settle_ms` (as in the embedded defaults).
 pub const DEFAULT_TRANSCRIPT_SETTLE_MS: u64 = 10_000;
 
-/// The longest settle time `nexus config check` takes (an hour).
-pub const MAX_TRANSCRIPT_SETTLE_MS: u64 = 3_600_000;
+/// The longest settle time `nexus config check` takes (10 minutes): closes wait in the retry
+/// backlog meanwhile, whose age alert fires at 30 minutes.
+pub const MAX_TRANSCRIPT_SETTLE_MS: u64 = 600_000;
 
 impl Default for HistoryConfig {
     fn default() -> Self {

@@ -29,8 +29,8 @@
 //! event with reason `ucs_rejected`. Tenants without a UCS target are acked without a call
 //! (`skipped`).
 //!
-//! A close's transcript waits `transcript_settle_ms` after the close (the event is deferred to
-//! the backlog): an entry published just after `ConversationClosed`, by a handler that raced
+//! A close's transcript waits `transcript_settle_ms` after this role recorded the close (the
+//! event is deferred to the backlog): an entry published just after `ConversationClosed`, by a handler that raced
 //! the close from the other input topic, is still recorded and written. Later ones are `late`.
 
 pub mod config;
@@ -239,26 +239,30 @@ impl HistoryWorker {
                     reason: b.reason,
                     closed_by_participant_id: b.closed_by_participant_id,
                     closed_at_ms: e.occurred_at_ms,
+                    recorded_at_ms: backlog::now_ms(),
+                    event_id: event_id.clone(),
+                    written: Vec::new(),
                 };
                 let new = self
                     .store
                     .record_close(tenant, conv, &closed, &event_id)
                     .await
                     .map_err(store_failed)?;
-                if !new
-                    && self
-                        .store
-                        .load(tenant, conv)
-                        .await
-                        .map_err(store_failed)?
-                        .is_none()
-                {
-                    return Err(HandleError::Reject {
-                        reason: NOT_STARTED,
-                        detail: format!("no recorded start for conversation {conv}"),
-                    });
+                if new {
+                    count("closed", "applied");
+                } else {
+                    let Some(state) = self.store.load(tenant, conv).await.map_err(store_failed)?
+                    else {
+                        return Err(HandleError::Reject {
+                            reason: NOT_STARTED,
+                            detail: format!("no recorded start for conversation {conv}"),
+                        });
+                    };
+                    // This close run again after its settle wait is not a redelivery.
+                    if state.closed.is_none_or(|c| c.event_id != event_id) {
+                        count("closed", "duplicate");
+                    }
                 }
-                count("closed", if new { "applied" } else { "duplicate" });
                 self.advance(target, tenant, conv, &event_id).await
             }
             _ => match entry_of(event) {
@@ -376,13 +380,24 @@ impl HistoryWorker {
                         .entries(tenant, conv)
                         .await
                         .map_err(store_failed)?;
+                    // What the document holds, so that an entry coming after it is told
+                    // apart from a redelivery of one in it.
+                    let mut closed = state.closed.clone().ok_or_else(|| {
+                        HandleError::Retry("transcript step without a recorded close".into())
+                    })?;
+                    closed.written = entries.iter().map(|e| e.position).collect();
+                    self.store
+                        .set_written(tenant, conv, &closed)
+                        .await
+                        .map_err(store_failed)?;
                     let call =
                         ucs::transcript_document(tenant, conv, interaction(&state, conv), &entries);
                     self.ucs
                         .call(target, conv, &call)
                         .await
                         .map_err(ucs_failed)?;
-                    self.store
+                    let moved = self
+                        .store
                         .advance(
                             tenant,
                             conv,
@@ -392,7 +407,11 @@ impl HistoryWorker {
                             None,
                             event_id,
                         )
-                        .await
+                        .await;
+                    if matches!(moved, Ok(true)) {
+                        self.count_unwritten(tenant, conv, &closed.written).await;
+                    }
+                    moved
                 }
                 Next::AddAttachment(done) => {
                     let entries = self
@@ -464,11 +483,40 @@ impl HistoryWorker {
         }
     }
 
+    /// Entries recorded while the document was being written (after its entries were read)
+    /// are not in it: late, as those that come afterwards.
+    async fn count_unwritten(&self, tenant: &str, conv: &str, written: &[i64]) {
+        match self.store.entries(tenant, conv).await {
+            Ok(entries) => {
+                for e in entries.iter().filter(|e| !written.contains(&e.position)) {
+                    count("entry", "late");
+                    warn!(
+                        conversation_id = conv,
+                        position = e.position,
+                        "an entry came as the transcript was written; not in UCS"
+                    );
+                }
+            }
+            Err(e) => {
+                warn!(conversation_id = conv, error = %e, "cannot look for entries the transcript missed")
+            }
+        }
+    }
+
     /// When the transcript of a conversation closed in `state` may be written, if not yet.
+    /// The wait counts from when this role recorded the close (after any lag it had: a reply
+    /// racing the close is right behind it on the lane).
     fn settling(&self, state: &State) -> Option<i64> {
-        let closed_at = state.closed.as_ref()?.closed_at_ms;
+        let closed = state.closed.as_ref()?;
+        if self.config.transcript_settle_ms == 0 {
+            return None;
+        }
+        let from = match closed.recorded_at_ms {
+            0 => closed.closed_at_ms, // recorded before the field existed
+            at => at,
+        };
         let settle = i64::try_from(self.config.transcript_settle_ms).unwrap_or(i64::MAX);
-        let until = closed_at.saturating_add(settle);
+        let until = from.saturating_add(settle);
         (backlog::now_ms() < until).then_some(until)
     }
 

@@ -71,6 +71,18 @@ pub struct Closed {
     pub reason: CloseReason,
     pub closed_by_participant_id: Option<String>,
     pub closed_at_ms: i64,
+    /// When this role recorded the close, on its own clock (0 in rows from before): the
+    /// transcript's settle wait counts from here, so neither the role's lag nor another pod's
+    /// clock shortens it.
+    #[serde(default)]
+    pub recorded_at_ms: i64,
+    /// The close's event id ("" in rows from before): its own deferred run is no duplicate.
+    #[serde(default)]
+    pub event_id: String,
+    /// The positions the transcript document holds, set as it is written (empty before): an
+    /// entry that comes afterwards is late unless it is one of them (a redelivery).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub written: Vec<i64>,
 }
 
 /// One transcript entry kept until the close.
@@ -179,19 +191,52 @@ impl HistoryStore {
             return Ok(Kept::New);
         }
         // Not kept: a redelivery, or the transcript went without it (rare, so asked only then).
-        let written: Option<i64> = sqlx::query_scalar(
-            "SELECT step FROM history_conversations WHERE tenant_id = $1 AND conversation_id = $2 \
-             AND step >= 3",
+        let closed: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT closed_json FROM history_conversations WHERE tenant_id = $1 \
+             AND conversation_id = $2 AND step >= 3",
         )
         .bind(tenant.to_string())
         .bind(conversation.to_string())
         .fetch_optional(&self.pool)
         .await?;
-        Ok(if written.is_some() {
-            Kept::Late
-        } else {
+        let written = match closed.flatten() {
+            Some(json) => {
+                serde_json::from_str::<Closed>(&json)
+                    .map_err(|e| StoreError::Corrupt {
+                        conversation_id: conversation.to_string(),
+                        column: "closed_json",
+                        message: e.to_string(),
+                    })?
+                    .written
+            }
+            None => return Ok(Kept::Duplicate),
+        };
+        // Rows written before the positions were kept tell nothing: not called late.
+        Ok(if written.is_empty() || written.contains(&entry.position) {
             Kept::Duplicate
+        } else {
+            Kept::Late
         })
+    }
+
+    /// Records the positions the transcript document is about to hold, while it is not yet
+    /// written (a retried write records them again).
+    pub async fn set_written(
+        &self,
+        tenant: &str,
+        conversation: &str,
+        closed: &Closed,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE history_conversations SET closed_json = $3 WHERE tenant_id = $1 \
+             AND conversation_id = $2 AND step = 2",
+        )
+        .bind(tenant.to_string())
+        .bind(conversation.to_string())
+        .bind(to_json(closed))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Records the close once; `false` if it was recorded before or the conversation is unknown.

@@ -33,6 +33,9 @@ fn state(step: Step, closed: bool) -> State {
             reason: CloseReason::AgentCompleted,
             closed_by_participant_id: None,
             closed_at_ms: 1_700_000_060_000,
+            recorded_at_ms: 1_700_000_060_001,
+            event_id: "e9".into(),
+            written: Vec::new(),
         }),
         attachments_done: 0,
     }
@@ -237,6 +240,9 @@ async fn the_state_store_applies_each_step_once() {
         reason: CloseReason::CustomerLeft,
         closed_by_participant_id: None,
         closed_at_ms: 5,
+        recorded_at_ms: 6,
+        event_id: "e9".into(),
+        written: Vec::new(),
     };
     assert!(s
         .record_close("t", "c", &closed, "e9")
@@ -254,6 +260,13 @@ async fn the_state_store_applies_each_step_once() {
         (Step::ContactIdentified, Step::InteractionInserted),
         (Step::InteractionInserted, Step::TranscriptAdded),
     ] {
+        if to == Step::TranscriptAdded {
+            let written = Closed {
+                written: vec![1, 2],
+                ..closed.clone()
+            };
+            s.set_written("t", "c", &written).await.expect("written");
+        }
         assert!(s
             .advance("t", "c", from, to, None, Some("c"), "e9")
             .await
@@ -265,6 +278,14 @@ async fn the_state_store_applies_each_step_once() {
         Kept::Late,
         "entries after the transcript are not kept"
     );
+    let again = s.add_entry("t", "c", &entry(2, "b", &[])).await;
+    assert_eq!(
+        again.expect("redelivered"),
+        Kept::Duplicate,
+        "an entry the document holds, delivered again, is not late"
+    );
+    let st = s.load("t", "c").await.expect("load").expect("row");
+    assert_eq!(st.closed.expect("closed").written, [1, 2]);
     assert!(s
         .attachment_added("t", "c", 0, "e9")
         .await
