@@ -30,8 +30,9 @@
 //! (`skipped`).
 //!
 //! A close's transcript waits `transcript_settle_ms` after this role recorded the close (the
-//! event is deferred to the backlog): an entry published just after `ConversationClosed`, by a handler that raced
-//! the close from the other input topic, is still recorded and written. Later ones are `late`.
+//! event is deferred to the backlog): an entry published just after `ConversationClosed`, by
+//! a handler that raced the close from the other input topic, is still recorded and written.
+//! The document's positions are frozen at its first attempt; entries not in it are `late`.
 
 pub mod config;
 pub mod store;
@@ -241,7 +242,6 @@ impl HistoryWorker {
                     closed_at_ms: e.occurred_at_ms,
                     recorded_at_ms: backlog::now_ms(),
                     event_id: event_id.clone(),
-                    written: Vec::new(),
                 };
                 let new = self
                     .store
@@ -258,8 +258,10 @@ impl HistoryWorker {
                             detail: format!("no recorded start for conversation {conv}"),
                         });
                     };
-                    // This close run again after its settle wait is not a redelivery.
-                    if state.closed.is_none_or(|c| c.event_id != event_id) {
+                    // This close run again after its settle wait (its work still to do) is not
+                    // a redelivery.
+                    let own = state.closed.is_some_and(|c| c.event_id == event_id);
+                    if !own || state.step == Step::Done {
                         count("closed", "duplicate");
                     }
                 }
@@ -375,21 +377,33 @@ impl HistoryWorker {
                             until_ms,
                         });
                     }
-                    let entries = self
+                    let mut entries = self
                         .store
                         .entries(tenant, conv)
                         .await
                         .map_err(store_failed)?;
-                    // What the document holds, so that an entry coming after it is told
-                    // apart from a redelivery of one in it.
-                    let mut closed = state.closed.clone().ok_or_else(|| {
-                        HandleError::Retry("transcript step without a recorded close".into())
-                    })?;
-                    closed.written = entries.iter().map(|e| e.position).collect();
-                    self.store
-                        .set_written(tenant, conv, &closed)
-                        .await
-                        .map_err(store_failed)?;
+                    // The document's positions are frozen at its first attempt, so a retry
+                    // (UCS may have kept the first one) sends the same document, and an entry
+                    // coming after it is told apart from a redelivery of one in it.
+                    let written = match &state.written {
+                        Some(written) => {
+                            entries.retain(|e| written.contains(&e.position));
+                            written.clone()
+                        }
+                        None => {
+                            let written: Vec<i64> = entries.iter().map(|e| e.position).collect();
+                            let frozen = self
+                                .store
+                                .set_written(tenant, conv, &written)
+                                .await
+                                .map_err(store_failed)?;
+                            if !frozen {
+                                // Another member's attempt froze them first: load them.
+                                continue;
+                            }
+                            written
+                        }
+                    };
                     let call =
                         ucs::transcript_document(tenant, conv, interaction(&state, conv), &entries);
                     self.ucs
@@ -409,16 +423,20 @@ impl HistoryWorker {
                         )
                         .await;
                     if matches!(moved, Ok(true)) {
-                        self.count_unwritten(tenant, conv, &closed.written).await;
+                        self.count_unwritten(tenant, conv, &written).await;
                     }
                     moved
                 }
                 Next::AddAttachment(done) => {
-                    let entries = self
+                    let mut entries = self
                         .store
                         .entries(tenant, conv)
                         .await
                         .map_err(store_failed)?;
+                    // Only the files of messages the document holds.
+                    if let Some(written) = &state.written {
+                        entries.retain(|e| written.contains(&e.position));
+                    }
                     let files = ucs::attachments(&entries);
                     match usize::try_from(done).ok().and_then(|i| files.get(i)) {
                         None => {

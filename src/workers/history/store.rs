@@ -79,10 +79,6 @@ pub struct Closed {
     /// The close's event id ("" in rows from before): its own deferred run is no duplicate.
     #[serde(default)]
     pub event_id: String,
-    /// The positions the transcript document holds, set as it is written (empty before): an
-    /// entry that comes afterwards is late unless it is one of them (a redelivery).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub written: Vec<i64>,
 }
 
 /// One transcript entry kept until the close.
@@ -110,6 +106,9 @@ pub struct State {
     pub interaction_id: Option<String>,
     pub closed: Option<Closed>,
     pub attachments_done: i64,
+    /// The positions the transcript document holds, frozen at its first attempt (migration
+    /// 0013); `None` before, or for documents written before the migration.
+    pub written: Option<Vec<i64>>,
 }
 
 /// The tables of migration 0005_history.
@@ -191,52 +190,44 @@ impl HistoryStore {
             return Ok(Kept::New);
         }
         // Not kept: a redelivery, or the transcript went without it (rare, so asked only then).
-        let closed: Option<Option<String>> = sqlx::query_scalar(
-            "SELECT closed_json FROM history_conversations WHERE tenant_id = $1 \
+        let written: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT written_json FROM history_conversations WHERE tenant_id = $1 \
              AND conversation_id = $2 AND step >= 3",
         )
         .bind(tenant.to_string())
         .bind(conversation.to_string())
         .fetch_optional(&self.pool)
         .await?;
-        let written = match closed.flatten() {
-            Some(json) => {
-                serde_json::from_str::<Closed>(&json)
-                    .map_err(|e| StoreError::Corrupt {
-                        conversation_id: conversation.to_string(),
-                        column: "closed_json",
-                        message: e.to_string(),
-                    })?
-                    .written
-            }
-            None => return Ok(Kept::Duplicate),
+        // No written positions (a document from before migration 0013) tell nothing.
+        let Some(json) = written.flatten() else {
+            return Ok(Kept::Duplicate);
         };
-        // Rows written before the positions were kept tell nothing: not called late.
-        Ok(if written.is_empty() || written.contains(&entry.position) {
+        let written = positions_of(conversation, &json)?;
+        Ok(if written.contains(&entry.position) {
             Kept::Duplicate
         } else {
             Kept::Late
         })
     }
 
-    /// Records the positions the transcript document is about to hold, while it is not yet
-    /// written (a retried write records them again).
+    /// Freezes the positions the transcript document holds, before its first attempt; `false`
+    /// if they were frozen already (another member's attempt: the caller loads them again).
     pub async fn set_written(
         &self,
         tenant: &str,
         conversation: &str,
-        closed: &Closed,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE history_conversations SET closed_json = $3 WHERE tenant_id = $1 \
-             AND conversation_id = $2 AND step = 2",
+        positions: &[i64],
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE history_conversations SET written_json = $3 WHERE tenant_id = $1 \
+             AND conversation_id = $2 AND step = 2 AND written_json IS NULL",
         )
         .bind(tenant.to_string())
         .bind(conversation.to_string())
-        .bind(to_json(closed))
+        .bind(to_json(&positions))
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     /// Records the close once; `false` if it was recorded before or the conversation is unknown.
@@ -269,7 +260,7 @@ impl HistoryStore {
     ) -> Result<Option<State>, StoreError> {
         let row = sqlx::query(
             "SELECT step, started_json, contact_id, interaction_id, closed_json, \
-             attachments_done FROM history_conversations \
+             attachments_done, written_json FROM history_conversations \
              WHERE tenant_id = $1 AND conversation_id = $2",
         )
         .bind(tenant.to_string())
@@ -455,5 +446,17 @@ fn state_of(conversation: &str, r: &AnyRow) -> Result<State, StoreError> {
             .transpose()
             .map_err(|e| corrupt("closed_json", e.to_string()))?,
         attachments_done: r.try_get("attachments_done")?,
+        written: r
+            .try_get::<Option<String>, _>("written_json")?
+            .map(|w| positions_of(conversation, &w))
+            .transpose()?,
+    })
+}
+
+fn positions_of(conversation: &str, json: &str) -> Result<Vec<i64>, StoreError> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt {
+        conversation_id: conversation.to_string(),
+        column: "written_json",
+        message: e.to_string(),
     })
 }
