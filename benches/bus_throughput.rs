@@ -51,6 +51,22 @@ struct RawRecord {
     payload: Vec<u8>,
 }
 
+impl RawRecord {
+    /// The record as the raw baselines store it: key, header names and values, payload, each
+    /// prefixed with its length.
+    fn write_fields(&self, out: &mut impl Write) {
+        let headers = self.headers.iter();
+        let fields = std::iter::once(self.key.as_bytes())
+            .chain(headers.flat_map(|(name, value)| [name.as_bytes(), value.as_bytes()]))
+            .chain(std::iter::once(self.payload.as_slice()));
+        for b in fields {
+            out.write_all(&(b.len() as u32).to_le_bytes())
+                .expect("write");
+            out.write_all(b).expect("write");
+        }
+    }
+}
+
 fn payload(i: u64) -> RawRecord {
     let (key, event) = common::bus_event(i);
     RawRecord {
@@ -163,17 +179,8 @@ fn raw_file(n: u64) -> Phases {
     let started = Instant::now();
     let file = std::fs::File::create(&path).expect("create");
     let mut w = BufWriter::new(file);
-    let field = |w: &mut BufWriter<std::fs::File>, b: &[u8]| {
-        w.write_all(&(b.len() as u32).to_le_bytes()).expect("write");
-        w.write_all(b).expect("write");
-    };
     for (i, r) in records.iter().enumerate() {
-        field(&mut w, r.key.as_bytes());
-        for (name, value) in &r.headers {
-            field(&mut w, name.as_bytes());
-            field(&mut w, value.as_bytes());
-        }
-        field(&mut w, &r.payload);
+        r.write_fields(&mut w);
         if (i + 1) % 1024 == 0 {
             w.flush().expect("flush");
             w.get_ref().sync_data().expect("fsync");
@@ -230,16 +237,7 @@ fn raw_fjall(n: u64) -> Phases {
         key[4..].copy_from_slice(&next[p as usize].to_be_bytes());
         next[p as usize] += 1;
         let mut value = Vec::with_capacity(r.payload.len() + 128);
-        let mut field = |b: &[u8]| {
-            value.extend_from_slice(&(b.len() as u32).to_le_bytes());
-            value.extend_from_slice(b);
-        };
-        field(r.key.as_bytes());
-        for (name, v) in &r.headers {
-            field(name.as_bytes());
-            field(v.as_bytes());
-        }
-        field(&r.payload);
+        r.write_fields(&mut value);
         batch.insert(&ks, key, value);
         if (i + 1) % 1024 == 0 {
             batch.commit().expect("commit");

@@ -48,7 +48,7 @@ use serde_json::Value;
 use tracing::{debug, warn};
 
 pub use config::HistoryConfig;
-use store::{Closed, Entry, HistoryStore, Kept, Started, State, Step, StoreError};
+use store::{in_document, Closed, Entry, HistoryStore, Kept, Started, State, Step, StoreError};
 use ucs::Ucs;
 
 use crate::bus::consumer::HandleError;
@@ -387,7 +387,7 @@ impl HistoryWorker {
                     // coming after it is told apart from a redelivery of one in it.
                     let written = match &state.written {
                         Some(written) => {
-                            entries.retain(|e| written.contains(&e.position));
+                            entries.retain(|e| in_document(written, e.position));
                             written.clone()
                         }
                         None => {
@@ -435,7 +435,7 @@ impl HistoryWorker {
                         .map_err(store_failed)?;
                     // Only the files of messages the document holds.
                     if let Some(written) = &state.written {
-                        entries.retain(|e| written.contains(&e.position));
+                        entries.retain(|e| in_document(written, e.position));
                     }
                     let files = ucs::attachments(&entries);
                     match usize::try_from(done).ok().and_then(|i| files.get(i)) {
@@ -506,7 +506,7 @@ impl HistoryWorker {
     async fn count_unwritten(&self, tenant: &str, conv: &str, written: &[i64]) {
         match self.store.entries(tenant, conv).await {
             Ok(entries) => {
-                for e in entries.iter().filter(|e| !written.contains(&e.position)) {
+                for e in entries.iter().filter(|e| !in_document(written, e.position)) {
                     count("entry", "late");
                     warn!(
                         conversation_id = conv,

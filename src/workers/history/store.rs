@@ -132,8 +132,15 @@ pub enum Kept {
     New,
     /// Kept before (a redelivery).
     Duplicate,
-    /// The transcript was written without it (it came after the settle time).
+    /// The transcript was written without it (it came while or after the document was
+    /// written).
     Late,
+}
+
+/// Whether the document whose positions are `written` (ascending, as [`HistoryStore::entries`]
+/// reads them) holds the entry at `position`.
+pub fn in_document(written: &[i64], position: i64) -> bool {
+    written.binary_search(&position).is_ok()
 }
 
 impl HistoryStore {
@@ -203,7 +210,7 @@ impl HistoryStore {
             return Ok(Kept::Duplicate);
         };
         let written = positions_of(conversation, &json)?;
-        Ok(if written.contains(&entry.position) {
+        Ok(if in_document(&written, entry.position) {
             Kept::Duplicate
         } else {
             Kept::Late
