@@ -19,7 +19,7 @@ use futures::StreamExt;
 use serde_json::Value;
 
 use common::chat::{provision_agent, provision_tenant, ws_connect, ws_until, Admin, ADMIN};
-use common::process::{free_port, run, Nexus};
+use common::process::{run, Nexus, LISTEN_ANY};
 
 /// How long a drained process may take to exit (the pods' grace is 40–60 s; here nothing is slow).
 const EXIT_WITHIN: Duration = Duration::from_secs(15);
@@ -165,23 +165,18 @@ async fn embedded_dev_drains_on_sigterm_and_resumes_at_the_committed_offset() {
     let dir = tempfile::tempdir().unwrap();
     let topic = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let (sink, sink_url) = SlowSink::start().await;
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
     let data = dir.path().join("data").display().to_string();
-    let listen = format!("127.0.0.1:{port}");
     let mut env = common::chat::base_env(dir.path());
     env.push(("NEXUS_TOPOLOGY__FILE", topology_file(dir.path(), &topic)));
     env.push(("NEXUS_WORKERS__TAP__URL", sink_url));
-    let args = [
-        "dev",
-        "--data-dir",
-        data.as_str(),
-        "--listen",
-        listen.as_str(),
-    ];
+    let args = ["dev", "--data-dir", data.as_str(), "--listen", LISTEN_ANY];
     let http = reqwest::Client::new();
 
     let mut first = Nexus::start(dir.path(), "dev-1", &args, &env);
+    let url = format!(
+        "http://{}",
+        first.wait_listening(Duration::from_secs(60)).await
+    );
     first
         .wait_ready(&http, &format!("{url}/readyz"), Duration::from_secs(60))
         .await;
@@ -341,7 +336,7 @@ async fn jetstream_worker_drains_on_sigterm_and_resumes_at_the_committed_offset(
     let (ok, out, err) = run(&["topology", "apply"], &env);
     assert!(ok, "{out}{err}");
     let with_port = |mut env: Vec<(&'static str, String)>| {
-        env.push(("NEXUS_HTTP__LISTEN", format!("127.0.0.1:{}", free_port())));
+        env.push(("NEXUS_HTTP__LISTEN", LISTEN_ANY.to_string()));
         env
     };
 

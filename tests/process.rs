@@ -6,20 +6,20 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::process::{free_port, metric_sum, run, Nexus};
+use common::process::{metric_sum, run, Nexus, LISTEN_ANY};
 use serde_json::json;
 
 const TOKEN: &str = "dev-admin-token";
 
-fn dev(dir: &std::path::Path, port: u16, extra: &[(&str, String)]) -> Nexus {
+/// Starts `nexus dev` on a port the kernel picks; returns it with the port.
+async fn dev(dir: &std::path::Path, extra: &[(&str, String)]) -> (Nexus, u16) {
     let data = dir.join("data");
-    let listen = format!("127.0.0.1:{port}");
     let mut env = vec![
         ("NEXUS_HTTP__ADMIN_TOKEN", TOKEN.to_string()),
         ("NEXUS_CONSUMER__LAG_INTERVAL_MS", "200".to_string()),
     ];
     env.extend(extra.iter().cloned());
-    Nexus::start(
+    let mut nexus = Nexus::start(
         dir,
         "dev",
         &[
@@ -27,17 +27,22 @@ fn dev(dir: &std::path::Path, port: u16, extra: &[(&str, String)]) -> Nexus {
             "--data-dir",
             data.to_str().expect("utf8"),
             "--listen",
-            &listen,
+            LISTEN_ANY,
         ],
         &env,
-    )
+    );
+    let addr = nexus.wait_listening(Duration::from_secs(60)).await;
+    let port = addr
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .expect("a port in the listening address");
+    (nexus, port)
 }
 
 #[tokio::test]
 async fn dev_consumes_ingested_events_and_lag_returns_to_zero() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let mut nexus = dev(dir.path(), port, &[]);
+    let (mut nexus, port) = dev(dir.path(), &[]).await;
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
     nexus
@@ -108,15 +113,14 @@ async fn https_edge_when_a_certificate_is_configured() {
     let key_path = dir.path().join("key.pem");
     std::fs::write(&cert_path, &cert_pem).expect("write cert");
     std::fs::write(&key_path, cert.key_pair.serialize_pem()).expect("write key");
-    let port = free_port();
-    let mut nexus = dev(
+    let (mut nexus, port) = dev(
         dir.path(),
-        port,
         &[
             ("NEXUS_HTTP__TLS_CERT_FILE", cert_path.display().to_string()),
             ("NEXUS_HTTP__TLS_KEY_FILE", key_path.display().to_string()),
         ],
-    );
+    )
+    .await;
     let client = reqwest::Client::builder()
         .use_rustls_tls()
         .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).expect("pem"))
@@ -245,7 +249,7 @@ fn worker_refuses_to_start_when_topics_are_missing() {
         &["worker", "conversation"],
         &[
             ("NEXUS_BUS__URL", bus),
-            ("NEXUS_HTTP__LISTEN", format!("127.0.0.1:{}", free_port())),
+            ("NEXUS_HTTP__LISTEN", LISTEN_ANY.to_string()),
         ],
     );
     assert!(!ok);

@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::process::{free_port, run, Nexus};
+use common::process::{run, Nexus, LISTEN_ANY};
 use common::sink::Sink;
 
 const EVENTS: u64 = 1500;
@@ -55,7 +55,7 @@ async fn kill_mid_stream(backend: &'static str) {
     );
 
     let with_port = |mut env: Vec<(&'static str, String)>| {
-        env.push(("NEXUS_HTTP__LISTEN", format!("127.0.0.1:{}", free_port())));
+        env.push(("NEXUS_HTTP__LISTEN", LISTEN_ANY.to_string()));
         env
     };
     let mut first = Nexus::start(

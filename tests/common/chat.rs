@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use super::process::{free_port, Nexus};
+use super::process::{free_port, Nexus, LISTEN_ANY};
 
 pub const ADMIN: &str = "admin-token-for-tests";
 pub const CLIENT_KEY_SECRET: &str = "client-key-secret-for-tests";
@@ -30,27 +30,40 @@ impl Drop for OwnNats {
 }
 
 impl OwnNats {
+    /// Starts nats-server on a port it picks itself (`-p -1`) and reads that port from the
+    /// ports file it writes: a port chosen here and bound later by the child could meanwhile
+    /// be taken by another test's server, and the test would talk to that one.
     pub async fn start(dir: &Path) -> OwnNats {
         let bin = std::env::var("NEXUS_TEST_NATS_SERVER")
             .expect("NEXUS_TEST_NATS_SERVER (run through `make test`: scripts/services.sh env)");
-        let port = free_port();
-        let store = dir.join("nats");
-        let child = std::process::Command::new(bin)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(&store)
+        let ports_dir = dir.join("nats-ports");
+        std::fs::create_dir_all(&ports_dir).expect("ports dir");
+        let mut child = std::process::Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"])
+            .arg(dir.join("nats"))
+            .arg("--ports_file_dir")
+            .arg(&ports_dir)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("start nats-server");
+        let ports_file = ports_dir.join(format!("nats-server_{}.ports", child.id()));
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        let url = loop {
+            // The file appears once the server listens; read until it parses whole.
+            let ports: Option<Value> = std::fs::read(&ports_file)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            if let Some(url) = ports.as_ref().and_then(|p| p["nats"][0].as_str()) {
+                break url.to_string();
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("nats-server exited with {status}");
+            }
             assert!(Instant::now() < deadline, "nats-server did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        OwnNats {
-            child,
-            url: format!("nats://127.0.0.1:{port}"),
-        }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        OwnNats { child, url }
     }
 }
 
@@ -68,33 +81,45 @@ impl Drop for OwnKafka {
 }
 
 impl OwnKafka {
+    /// Tansu must be told its port, so the port is picked here and bound by the child a moment
+    /// later; another test may take it in between. Tansu then exits at once, so a child still
+    /// running once the port answers owns it; otherwise it is started again on another port.
     pub async fn start() -> OwnKafka {
         let bin = std::env::var("NEXUS_TEST_TANSU")
             .expect("NEXUS_TEST_TANSU (run through `make test`: scripts/services.sh env)");
-        let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = std::process::Command::new(bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start tansu");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-            assert!(Instant::now() < deadline, "tansu did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        for _ in 0..5 {
+            let port = free_port();
+            let url = format!("tcp://127.0.0.1:{port}");
+            let mut child = std::process::Command::new(&bin)
+                .args([
+                    "broker",
+                    "--listener-url",
+                    &url,
+                    "--advertised-listener-url",
+                    &url,
+                ])
+                .args(["--storage-engine", "memory://tansu/"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("start tansu");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+                assert!(Instant::now() < deadline, "tansu did not start");
+                if child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if child.try_wait().ok().flatten().is_none() {
+                return OwnKafka {
+                    child,
+                    brokers: format!("127.0.0.1:{port}"),
+                };
+            }
         }
-        OwnKafka {
-            child,
-            brokers: format!("127.0.0.1:{port}"),
-        }
+        panic!("tansu exited on five ports in a row");
     }
 }
 
@@ -232,18 +257,19 @@ pub async fn start_node(
     args: &[&str],
     mut env: Vec<(&'static str, String)>,
 ) -> Node {
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    env.push(("NEXUS_HTTP__LISTEN", listen.clone()));
+    env.push(("NEXUS_HTTP__LISTEN", LISTEN_ANY.to_string()));
     let env: Vec<(&str, String)> = env.into_iter().collect();
     // `nexus dev` takes its data dir and address as flags (they win over the env).
     let data = dir.join(name).display().to_string();
     let mut args: Vec<&str> = args.to_vec();
     if args.first() == Some(&"dev") {
-        args.extend(["--data-dir", data.as_str(), "--listen", listen.as_str()]);
+        args.extend(["--data-dir", data.as_str(), "--listen", LISTEN_ANY]);
     }
     let mut nexus = Nexus::start(dir, name, &args, &env);
-    let url = format!("http://127.0.0.1:{port}");
+    let url = format!(
+        "http://{}",
+        nexus.wait_listening(Duration::from_secs(60)).await
+    );
     nexus
         .wait_ready(
             &reqwest::Client::new(),

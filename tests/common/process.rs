@@ -5,11 +5,15 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now. Another process may take it before the caller binds
+/// it: prefer binding port 0 (nexus: [`LISTEN_ANY`] and [`Nexus::wait_listening`]).
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr").port()
 }
+
+/// `http.listen` for a test process: the kernel picks the port when nexus binds it.
+pub const LISTEN_ANY: &str = "127.0.0.1:0";
 
 /// A `nexus` child process; SIGKILLed on drop so no test leaves one running.
 pub struct Nexus {
@@ -51,6 +55,30 @@ impl Nexus {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
+    }
+
+    /// The address the process listens on, from its `listening` log line (started with
+    /// [`LISTEN_ANY`]); panics with the log if it exits first or takes longer than `within`.
+    pub async fn wait_listening(&mut self, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let log = self.log_text();
+            let addr = log
+                .lines()
+                .filter(|l| l.contains(" listening "))
+                .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")));
+            if let Some(addr) = addr {
+                return addr.to_string();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("nexus exited with {status}:\n{log}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nexus not listening in {within:?}:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Waits until `url` answers 200, or panics with the process log.

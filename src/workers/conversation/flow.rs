@@ -16,7 +16,7 @@ use crate::events::chat::{self as ev, Channel, ClientEventKind, ParticipantKind}
 use crate::events::Event;
 use crate::stores::session::{
     customer_mark, Conversation, ConversationState, Entry, EntryKind, NewEntry, Party, PartyKind,
-    Reserve, Routing, Timer,
+    Reserve, Routing, StoreError, Timer,
 };
 
 pub(crate) const OFFER_TIMER: &str = "offer";
@@ -177,7 +177,11 @@ impl ConversationWorker {
         what: &str,
         new: NewEntry,
     ) -> Result<Entry, HandleError> {
-        Ok(self.store_send(c, source, what, new).await?.0)
+        Ok(self
+            .store_send(c, source, what, new)
+            .await
+            .map_err(store_failed)?
+            .0)
     }
 
     /// [`Self::store_entry`] for a send carrying its sender's message id; `true` when another
@@ -191,18 +195,53 @@ impl ConversationWorker {
         source: &Event,
         what: &str,
         mut new: NewEntry,
-    ) -> Result<(Entry, bool), HandleError> {
+    ) -> Result<(Entry, bool), StoreError> {
         new.event_id = crate::events::chat::derived_id(&source.envelope.event_id, what).to_string();
         let appended = self
             .store
             .append(&c.tenant_id, &c.conversation_id, &new)
-            .await
-            .map_err(store_failed)?;
+            .await?;
         let stored = Entry {
             position: appended.position,
             entry: new,
         };
         Ok((stored, appended.retried))
+    }
+
+    /// Stores a sent message's entry (see [`Self::store_send`]) on a conversation from
+    /// [`Self::sending_to`]; `None` when publishing its events is not this event's job: another
+    /// event stored the message before (a client's retried send), or `c` is closed and this
+    /// event stored nothing before the close.
+    ///
+    /// On a closed `c` the store answers only an entry this very event stored before the close
+    /// (ids are checked before a closed record refuses): a send that raced the other party's
+    /// leaving and whose publishes then failed. Its events are published again, so the
+    /// interaction stream (history, webhooks) gets the message the transcript holds, just
+    /// after `ConversationClosed`.
+    async fn send_entry(
+        &self,
+        c: &Conversation,
+        source: &Event,
+        what: &str,
+        new: NewEntry,
+    ) -> Result<Option<Entry>, HandleError> {
+        match self.store_send(c, source, what, new).await {
+            Ok((_, true)) => {
+                debug!(conversation_id = %c.conversation_id, "a retried send; applied before");
+                Ok(None)
+            }
+            Ok((m, false)) => {
+                if c.state == ConversationState::Closed {
+                    info!(conversation_id = %c.conversation_id, position = m.position, "a send stored before the close; publishing its events again");
+                }
+                Ok(Some(m))
+            }
+            Err(StoreError::Closed(_)) if c.state == ConversationState::Closed => {
+                debug!(conversation_id = %c.conversation_id, "conversation closed; send dropped");
+                Ok(None)
+            }
+            Err(err) => Err(store_failed(err)),
+        }
     }
 
     /// The notify half of [`Self::append`]: the client event for the customer and watchers.
@@ -937,9 +976,10 @@ impl ConversationWorker {
     }
 
     pub(super) async fn on_customer_message(&self, e: &Event, b: ev::MessageReceived) -> Step {
-        let Some(mut c) = self.open_conversation(e).await? else {
+        let Some(mut c) = self.sending_to(e).await? else {
             return Ok(());
         };
+        let closed = c.state == ConversationState::Closed;
         let from = Party {
             participant_id: b.participant_id.clone(),
             nickname: b
@@ -982,11 +1022,9 @@ impl ConversationWorker {
             } else {
                 format!("{message_id}/{i}")
             });
-            let (m, retried) = self.store_send(&c, e, &what, new).await?;
-            if retried {
-                debug!(conversation_id = %c.conversation_id, message_id = %message_id, "a retried send; applied before");
+            let Some(m) = self.send_entry(&c, e, &what, new).await? else {
                 return Ok(());
-            }
+            };
             if i == 0 {
                 // The sockets and the interaction stream are separate topics: published at
                 // once, each keeps its own per-conversation order.
@@ -998,6 +1036,10 @@ impl ConversationWorker {
             } else {
                 self.notify_entry(&c, e, &what, &m).await?;
             }
+        }
+        if closed {
+            // Only the events of what was stored before the close were published again.
+            return Ok(());
         }
         if let Some(m) = first {
             if with_bot && m.entry.kind == EntryKind::Message {
@@ -1054,11 +1096,15 @@ impl ConversationWorker {
     }
 
     pub(super) async fn on_agent_message(&self, e: &Event, b: ev::MessageSent) -> Step {
-        let Some(c) = self.open_conversation(e).await? else {
+        let Some(c) = self.sending_to(e).await? else {
             return Ok(());
         };
+        // On a closed conversation the store decides (see `send_entry`): an entry this event
+        // stored passed these checks when it did.
+        let open = c.state != ConversationState::Closed;
         let sender = b.agent_id.as_deref();
-        if b.participant_kind == ParticipantKind::Agent
+        if open
+            && b.participant_kind == ParticipantKind::Agent
             && (sender.is_none()
                 || (c.agent_id.as_deref() != sender && c.routing.consultant.as_deref() != sender))
         {
@@ -1066,7 +1112,8 @@ impl ConversationWorker {
             return Ok(());
         }
         // The bot API: only the bot the conversation is with, and only until it hands off.
-        if b.participant_kind == ParticipantKind::Bot
+        if open
+            && b.participant_kind == ParticipantKind::Bot
             && (c.state != ConversationState::Bot
                 || c.bot_id.as_deref() != Some(b.participant_id.as_str()))
         {
@@ -1085,11 +1132,9 @@ impl ConversationWorker {
         };
         let mut new = entry(e, kind, from, b.text.clone());
         new.message_id = Some(b.message_id.clone());
-        let (m, retried) = self.store_send(&c, e, "message", new).await?;
-        if retried {
-            debug!(conversation_id = %c.conversation_id, "a retried send; applied before");
+        let Some(m) = self.send_entry(&c, e, "message", new).await? else {
             return Ok(());
-        }
+        };
         let body = ev::MessageSent {
             transcript_position: i64::try_from(m.position).ok(),
             ..b
@@ -1949,9 +1994,20 @@ impl ConversationWorker {
 
     /// The conversation if it exists, is not closed and the event was not applied yet.
     async fn open_conversation(&self, e: &Event) -> Result<Option<Conversation>, HandleError> {
-        match self.load(e).await? {
+        match self.sending_to(e).await? {
             Some(c) if c.state == ConversationState::Closed => {
                 debug!(conversation_id = %c.conversation_id, event_type = %e.envelope.event_type, "conversation closed; event dropped");
+                Ok(None)
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// [`Self::open_conversation`] for a send, which also gets a closed conversation: the send
+    /// may have stored its entry before the close (see [`Self::send_entry`]).
+    async fn sending_to(&self, e: &Event) -> Result<Option<Conversation>, HandleError> {
+        match self.load(e).await? {
+            Some(c) if c.state == ConversationState::Closed => {
                 // A closed conversation holds no agent: a slot taken while it closed (a
                 // consultant invited as the customer left, whose save then met the close) is
                 // given back here, since nothing else would.
@@ -1964,7 +2020,7 @@ impl ConversationWorker {
                     warn!(conversation_id = %c.conversation_id, agent = %agent, "a closed conversation held a slot; released");
                     self.release(&c.tenant_id, agent, e).await?;
                 }
-                Ok(None)
+                Ok(Some(c))
             }
             Some(c) if c.routing.was_applied(&e.envelope.event_id.to_string()) => {
                 self.rearm_queued(&c, e).await?;

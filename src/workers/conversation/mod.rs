@@ -22,6 +22,9 @@ mod flow;
 pub mod notify;
 pub mod timers;
 
+#[cfg(test)]
+mod tests;
+
 use std::sync::Arc;
 use std::time::Duration;
 
