@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use super::process::{free_port, Nexus, LISTEN_ANY};
+use super::process::{free_port, listens_on, Nexus, LISTEN_ANY};
 
 pub const ADMIN: &str = "admin-token-for-tests";
 pub const CLIENT_KEY_SECRET: &str = "client-key-secret-for-tests";
@@ -38,7 +38,7 @@ impl OwnNats {
             .expect("NEXUS_TEST_NATS_SERVER (run through `make test`: scripts/services.sh env)");
         let ports_dir = dir.join("nats-ports");
         std::fs::create_dir_all(&ports_dir).expect("ports dir");
-        let mut child = std::process::Command::new(bin)
+        let child = std::process::Command::new(bin)
             .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"])
             .arg(dir.join("nats"))
             .arg("--ports_file_dir")
@@ -47,23 +47,30 @@ impl OwnNats {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("start nats-server");
-        let ports_file = ports_dir.join(format!("nats-server_{}.ports", child.id()));
+        // Killed on drop, also if it never answers.
+        let mut nats = OwnNats {
+            child,
+            url: String::new(),
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
-        let url = loop {
-            // The file appears once the server listens; read until it parses whole.
-            let ports: Option<Value> = std::fs::read(&ports_file)
+        loop {
+            // The one file in the directory, named after the binary and its pid, appears once
+            // the server listens; read until it parses whole.
+            let ports: Option<Value> = std::fs::read_dir(&ports_dir)
                 .ok()
+                .and_then(|mut d| d.find_map(|f| f.ok()))
+                .and_then(|f| std::fs::read(f.path()).ok())
                 .and_then(|b| serde_json::from_slice(&b).ok());
             if let Some(url) = ports.as_ref().and_then(|p| p["nats"][0].as_str()) {
-                break url.to_string();
+                nats.url = url.to_string();
+                return nats;
             }
-            if let Ok(Some(status)) = child.try_wait() {
+            if let Ok(Some(status)) = nats.child.try_wait() {
                 panic!("nats-server exited with {status}");
             }
             assert!(Instant::now() < deadline, "nats-server did not start");
             tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        OwnNats { child, url }
+        }
     }
 }
 
@@ -82,15 +89,16 @@ impl Drop for OwnKafka {
 
 impl OwnKafka {
     /// Tansu must be told its port, so the port is picked here and bound by the child a moment
-    /// later; another test may take it in between. Tansu then exits at once, so a child still
-    /// running once the port answers owns it; otherwise it is started again on another port.
+    /// later; another process may take it in between. So the broker is the test's once the
+    /// child itself holds the listening socket; if it exits (the port was taken), it is
+    /// started again on another port.
     pub async fn start() -> OwnKafka {
         let bin = std::env::var("NEXUS_TEST_TANSU")
             .expect("NEXUS_TEST_TANSU (run through `make test`: scripts/services.sh env)");
         for _ in 0..5 {
             let port = free_port();
             let url = format!("tcp://127.0.0.1:{port}");
-            let mut child = std::process::Command::new(&bin)
+            let child = std::process::Command::new(&bin)
                 .args([
                     "broker",
                     "--listener-url",
@@ -103,20 +111,20 @@ impl OwnKafka {
                 .stderr(std::process::Stdio::null())
                 .spawn()
                 .expect("start tansu");
+            let mut kafka = OwnKafka {
+                child,
+                brokers: format!("127.0.0.1:{port}"),
+            };
             let deadline = Instant::now() + Duration::from_secs(10);
-            while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-                assert!(Instant::now() < deadline, "tansu did not start");
-                if child.try_wait().ok().flatten().is_some() {
+            loop {
+                if listens_on(kafka.child.id(), port) {
+                    return kafka;
+                }
+                if kafka.child.try_wait().ok().flatten().is_some() {
                     break;
                 }
+                assert!(Instant::now() < deadline, "tansu did not start");
                 tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            if child.try_wait().ok().flatten().is_none() {
-                return OwnKafka {
-                    child,
-                    brokers: format!("127.0.0.1:{port}"),
-                };
             }
         }
         panic!("tansu exited on five ports in a row");

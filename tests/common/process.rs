@@ -12,6 +12,33 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("addr").port()
 }
 
+/// Whether process `pid` holds a socket listening on 127.0.0.1:`port` (Linux `/proc`): tells
+/// a child's own listener from another process's on the port it was told to bind.
+pub fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(tcp) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    // Columns: sl, local address (hex ip:port), remote, state (0A: listen), …, inode (10th).
+    let sockets: Vec<String> = tcp
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let local_port = u16::from_str_radix(cols.get(1)?.rsplit(':').next()?, 16).ok()?;
+            (local_port == port && *cols.get(3)? == "0A")
+                .then(|| format!("socket:[{}]", cols.get(9).unwrap_or(&"")))
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    !sockets.is_empty()
+        && fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|target| sockets.iter().any(|s| target.as_os_str() == s.as_str()))
+        })
+}
+
 /// `http.listen` for a test process: the kernel picks the port when nexus binds it.
 pub const LISTEN_ANY: &str = "127.0.0.1:0";
 
@@ -38,7 +65,9 @@ impl Nexus {
         cmd.args(args)
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            // Text logs: tests read them (`wait_listening`); `env` may still override it.
+            .env("NEXUS_TELEMETRY__LOG_FORMAT", "text");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -63,7 +92,9 @@ impl Nexus {
         let deadline = Instant::now() + within;
         loop {
             let log = self.log_text();
-            let addr = log
+            // Whole lines only: the last may be half written.
+            let whole = log.rsplit_once('\n').map_or("", |(whole, _)| whole);
+            let addr = whole
                 .lines()
                 .filter(|l| l.contains(" listening "))
                 .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")));

@@ -15,8 +15,8 @@ use crate::bus::consumer::HandleError;
 use crate::events::chat::{self as ev, Channel, ClientEventKind, ParticipantKind};
 use crate::events::Event;
 use crate::stores::session::{
-    customer_mark, Conversation, ConversationState, Entry, EntryKind, NewEntry, Party, PartyKind,
-    Reserve, Routing, StoreError, Timer,
+    customer_mark, Appended, Conversation, ConversationState, Entry, EntryKind, NewEntry, Party,
+    PartyKind, Reserve, Routing, StoreError, Timer,
 };
 
 pub(crate) const OFFER_TIMER: &str = "offer";
@@ -184,18 +184,15 @@ impl ConversationWorker {
             .0)
     }
 
-    /// [`Self::store_entry`] for a send carrying its sender's message id; `true` when another
-    /// event appended that message before (a client's retried send, under a new event id):
-    /// that event's effects (pushes, interaction event, bot turn) are its own, and the caller
-    /// repeats none of them. A redelivery of the same event is not such a case: it repeats
-    /// them under the same ids, which is how an effect cut short by a crash is completed.
+    /// [`Self::store_entry`] with the store's answer: whether the entry was there before (see
+    /// [`Self::send_entry`]).
     async fn store_send(
         &self,
         c: &Conversation,
         source: &Event,
         what: &str,
         mut new: NewEntry,
-    ) -> Result<(Entry, bool), StoreError> {
+    ) -> Result<(Entry, Appended), StoreError> {
         new.event_id = crate::events::chat::derived_id(&source.envelope.event_id, what).to_string();
         let appended = self
             .store
@@ -205,13 +202,16 @@ impl ConversationWorker {
             position: appended.position,
             entry: new,
         };
-        Ok((stored, appended.retried))
+        Ok((stored, appended))
     }
 
-    /// Stores a sent message's entry (see [`Self::store_send`]) on a conversation from
-    /// [`Self::sending_to`]; `None` when publishing its events is not this event's job: another
-    /// event stored the message before (a client's retried send), or `c` is closed and this
-    /// event stored nothing before the close.
+    /// Stores a sent message's entry on a conversation from [`Self::sending_to`]; `None` when
+    /// publishing its events is not this event's job:
+    /// - another event appended that message before (a client's retried send, under a new
+    ///   event id): that event's effects (pushes, interaction event, bot turn) are its own. A
+    ///   redelivery of the same event is not such a case: it repeats them under the same ids,
+    ///   which is how an effect cut short by a crash is completed;
+    /// - `c` is closed and this event stored nothing before the close.
     ///
     /// On a closed `c` the store answers only an entry this very event stored before the close
     /// (ids are checked before a closed record refuses): a send that raced the other party's
@@ -225,18 +225,24 @@ impl ConversationWorker {
         what: &str,
         new: NewEntry,
     ) -> Result<Option<Entry>, HandleError> {
+        let closed = c.state == ConversationState::Closed;
         match self.store_send(c, source, what, new).await {
-            Ok((_, true)) => {
+            Ok((_, appended)) if appended.retried => {
                 debug!(conversation_id = %c.conversation_id, "a retried send; applied before");
                 Ok(None)
             }
-            Ok((m, false)) => {
-                if c.state == ConversationState::Closed {
+            Ok((m, appended)) if closed && !appended.duplicate => {
+                // Only a Redis record closed before closes marked its ids takes an entry now.
+                warn!(conversation_id = %c.conversation_id, position = m.position, "a send stored after the close (a record closed by an older nexus); not published");
+                Ok(None)
+            }
+            Ok((m, _)) => {
+                if closed {
                     info!(conversation_id = %c.conversation_id, position = m.position, "a send stored before the close; publishing its events again");
                 }
                 Ok(Some(m))
             }
-            Err(StoreError::Closed(_)) if c.state == ConversationState::Closed => {
+            Err(StoreError::Closed(_)) if closed => {
                 debug!(conversation_id = %c.conversation_id, "conversation closed; send dropped");
                 Ok(None)
             }
