@@ -19,7 +19,9 @@ use nexus::edge::{self, AppState};
 use nexus::stores::provisioning::{
     NewAgent, NewApiKey, NewBot, NewQueue, NewTenant, Permission, Provisioning,
 };
-use nexus::stores::session::{Conversation, ConversationState, Party, PartyKind, Routing};
+use nexus::stores::session::{
+    Conversation, ConversationState, EntryKind, NewEntry, Party, PartyKind, Routing,
+};
 use nexus::topology::{self, Topology};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -955,6 +957,13 @@ async fn v3_bodies_are_validated_before_anything_is_published() {
         ),
         ("read-receipt", "no position", "{}", 400, "INVALID_BODY"),
         (
+            "read-receipt",
+            "a position past the transcript's end",
+            r#"{"position":99999}"#,
+            400,
+            "INVALID_POSITION",
+        ),
+        (
             "notices",
             "empty text",
             r#"{"text":""}"#,
@@ -1066,6 +1075,46 @@ async fn a_closed_conversation_refuses_customer_actions() {
         .accepted("v3 transcript of a closed chat", req, 200, (0, 0))
         .await;
     assert_eq!(body["chat_ended"], true);
+    // A v2 chat that ended with entries its client has not read: the agent's last words, the
+    // agent leaving.
+    let c = start(&fx.state, &key, "Lou").await;
+    let s = fx.state.sessions().expect("session store");
+    let mut record = conversation(&fx.a.id, &c.id, ConversationState::Connected, "alice");
+    assert!(s.put_conversation(&record).await.expect("put"));
+    for (i, kind) in [EntryKind::Message, EntryKind::ParticipantLeft]
+        .into_iter()
+        .enumerate()
+    {
+        let entry = NewEntry {
+            event_id: format!("e{i}"),
+            kind,
+            from: Party {
+                participant_id: "agent".into(),
+                nickname: "Alice".into(),
+                kind: PartyKind::Agent,
+            },
+            text: Some("bye".into()),
+            message_id: None,
+            data: BTreeMap::new(),
+            at_ms: 1,
+        };
+        s.append(&fx.a.id, &c.id, &entry).await.expect("append");
+    }
+    record.state = ConversationState::Closed;
+    record.version = 1;
+    assert!(s.put_conversation(&record).await.expect("put closed"));
+    let form = format!("secureKey={}&userId={}&alias=nexus", c.ck, c.pid);
+    let refreshed = fx
+        .accepted(
+            "v2 refresh of a closed chat",
+            v2_req(&c.id, "refresh", Some(&key), &form),
+            200,
+            (0, 0),
+        )
+        .await;
+    assert_eq!(refreshed["chatEnded"], true);
+    let entries = refreshed["messages"].as_array().expect("messages").len();
+    assert!(entries > 0, "{refreshed}");
     for (op, extra) in [
         ("send", "&message=hi"),
         ("customNotice", "&message=hi"),
@@ -1073,7 +1122,12 @@ async fn a_closed_conversation_refuses_customer_actions() {
         ("stopTyping", ""),
         ("disconnect", ""),
     ] {
-        let form = format!("secureKey={}&userId={}&alias=nexus{extra}", c.ck, c.pid);
+        // A client behind the end learns of the entries it lacks with the refusal, since it
+        // stops polling once told `chatEnded`.
+        let form = format!(
+            "secureKey={}&userId={}&alias=nexus&transcriptPosition=1{extra}",
+            c.ck, c.pid
+        );
         let req = v2_req(&c.id, op, Some(&key), &form);
         let body = fx
             .rejected(
@@ -1085,17 +1139,9 @@ async fn a_closed_conversation_refuses_customer_actions() {
             .await;
         assert_eq!(body["chatEnded"], true, "{body}");
         assert_eq!(body["statusCode"], 2, "{body}");
+        assert_eq!(body["messages"], refreshed["messages"], "{body}");
+        assert_eq!(body["nextPosition"], refreshed["nextPosition"], "{body}");
     }
-    let form = format!("secureKey={}&userId={}&alias=nexus", c.ck, c.pid);
-    let body = fx
-        .accepted(
-            "v2 refresh of a closed chat",
-            v2_req(&c.id, "refresh", Some(&key), &form),
-            200,
-            (0, 0),
-        )
-        .await;
-    assert_eq!(body["chatEnded"], true);
     eprintln!("closed: {} cases", fx.cases);
 }
 
@@ -2998,4 +3044,50 @@ async fn an_open_session_renews_its_client_key_and_a_closed_one_does_not() {
         "SESSION_CLOSED",
     )
     .await;
+}
+
+/// An agent's conversation list holds what the records give the agent, not every conversation
+/// holding one of its slots: a reservation whose offer was never applied (a worker stopped
+/// between the two, or the conversation went to another agent) lists nothing.
+#[tokio::test]
+async fn the_agent_list_holds_only_conversations_given_to_the_agent() {
+    let fx = fixture().await;
+    let s = fx.state.sessions().expect("session store");
+    let (alice, token) = (&fx.a.alice.0, &fx.a.alice.1);
+    let capacity = BTreeMap::from([("chat".to_string(), 5)]);
+    s.set_presence(&fx.a.id, alice, true, &[], &capacity, 1)
+        .await
+        .expect("presence");
+    for conversation in [&fx.a.s1.id, &fx.a.s2.id] {
+        let reserve = nexus::stores::session::Reserve {
+            conversation_id: conversation.clone(),
+            media: "chat".into(),
+            skills: Vec::new(),
+            exclude: Vec::new(),
+            only: Some(alice.clone()),
+            now_ms: 2,
+        };
+        let got = s.reserve_agent(&fx.a.id, &reserve).await.expect("reserve");
+        assert_eq!(got.as_ref(), Some(alice));
+    }
+    let auth = format!("Bearer {token}");
+    let (status, body) = call(
+        &fx.state,
+        rq(
+            "GET",
+            "/v1/agent/conversations",
+            &[("authorization", &auth)],
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let listed: Vec<&str> = body["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|i| i["conversation_id"].as_str())
+        .collect();
+    assert_eq!(listed, [fx.a.s1.id.as_str()], "{body}");
+    assert_eq!(body["items"][0]["role"], "owner", "{body}");
 }

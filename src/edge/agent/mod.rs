@@ -28,6 +28,7 @@ use super::{ApiError, AppState};
 use crate::events::chat::{self as ev, ParticipantKind};
 use crate::events::Event;
 use crate::stores::provisioning::Agent;
+use crate::stores::session::Conversation;
 use crate::workers::conversation::AGENT_TOPIC;
 
 const PRODUCER: &str = "edge/agent";
@@ -592,7 +593,9 @@ async fn conversations(
             .conversation(&agent.tenant_id, &id)
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
-        if let Some(c) = c {
+        // A slot is also held by a reservation whose offer is not applied yet (or never
+        // will be): only what the record gives this agent is listed, as `ensure_mine` allows.
+        if let Some(c) = c.filter(|c| is_mine(c, &agent.id)) {
             items.push(json!({
                 "conversation_id": c.conversation_id,
                 "state": c.state,
@@ -607,6 +610,16 @@ async fn conversations(
     Ok(Json(json!({ "items": items })))
 }
 
+/// Whether the record gives the conversation to `agent`: holding it, offered it, or its
+/// consultant (joined or invited).
+fn is_mine(c: &Conversation, agent: &str) -> bool {
+    let me = Some(agent);
+    c.agent_id.as_deref() == me
+        || c.offered_to.as_deref() == me
+        || c.routing.consultant.as_deref() == me
+        || c.routing.consult_invited.as_deref() == me
+}
+
 /// Refuses a conversation the agent neither holds nor was offered (as owner or consultant),
 /// with the same 404 as one that does not exist.
 async fn ensure_mine(state: &AppState, agent: &Agent, id: &str) -> Result<(), ApiError> {
@@ -616,14 +629,7 @@ async fn ensure_mine(state: &AppState, agent: &Agent, id: &str) -> Result<(), Ap
         .conversation(&agent.tenant_id, id)
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?;
-    let me = Some(agent.id.as_str());
-    let mine = c.is_some_and(|c| {
-        c.agent_id.as_deref() == me
-            || c.offered_to.as_deref() == me
-            || c.routing.consultant.as_deref() == me
-            || c.routing.consult_invited.as_deref() == me
-    });
-    if !mine {
+    if !c.is_some_and(|c| is_mine(&c, &agent.id)) {
         return Err(ApiError::not_found(
             "CONVERSATION_NOT_FOUND",
             "no such conversation of yours",

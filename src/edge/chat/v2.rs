@@ -31,6 +31,9 @@ pub struct V2Error {
     error: ApiError,
     /// The request's `transcriptPosition` (1 when it had none or it was not read).
     next_position: u64,
+    /// The transcript part of an answer (`chatEnded`, `nextPosition`, `messages`), when the
+    /// error leaves entries to tell: see [`run`].
+    page: Option<Value>,
 }
 
 impl From<ApiError> for V2Error {
@@ -38,6 +41,7 @@ impl From<ApiError> for V2Error {
         V2Error {
             error,
             next_position: 1,
+            page: None,
         }
     }
 }
@@ -51,13 +55,20 @@ impl IntoResponse for V2Error {
         } else {
             e.message
         };
-        let body = json!({
+        let mut body = json!({
             "statusCode": 2,
             "chatEnded": e.code == "SESSION_CLOSED" || e.code == SESSION_ENDED,
             "nextPosition": self.next_position,
             "messages": [],
-            "errors": [{"code": e.code, "advice": advice}],
         });
+        if let (Value::Object(b), Some(Value::Object(page))) = (&mut body, self.page) {
+            for k in ["chatEnded", "nextPosition", "messages"] {
+                if let Some(v) = page.get(k) {
+                    b.insert(k.to_string(), v.clone());
+                }
+            }
+        }
+        body["errors"] = json!([{"code": e.code, "advice": advice}]);
         (e.status, Json(body)).into_response()
     }
 }
@@ -248,24 +259,34 @@ pub async fn operation(
     let with_position = |error| V2Error {
         error,
         next_position: at,
+        page: None,
     };
     let tenant = tenant(&state, &headers).await.map_err(with_position)?;
-    run(&state, &headers, &tenant, &chat_id, &op, form)
-        .await
-        .map_err(with_position)
+    let claims = session(&state, &form, &tenant, &chat_id).map_err(with_position)?;
+    match run(&state, &headers, &claims, &op, form).await {
+        Ok(answer) => Ok(answer),
+        // Refused because the chat ended: the entries up to its end (the agent's last words,
+        // their leaving) come with it, since a client stops polling once told `chatEnded`.
+        Err(error) if error.code == "SESSION_CLOSED" => {
+            let page = answer(&state, &claims, at, json!({})).await.ok();
+            Err(V2Error {
+                page: page.map(|Json(p)| p),
+                ..with_position(error)
+            })
+        }
+        Err(error) => Err(with_position(error)),
+    }
 }
 
-/// One operation on a chat, once its form is read.
+/// One operation on a chat, once its form and session are read.
 async fn run(
     state: &AppState,
     headers: &HeaderMap,
-    tenant: &str,
-    chat_id: &str,
+    claims: &Claims,
     op: &str,
     form: Form,
 ) -> Result<Json<Value>, ApiError> {
-    let claims = session(state, &form, tenant, chat_id)?;
-    state.presence.seen(state, &claims);
+    state.presence.seen(state, claims);
     let from = form.position()?;
     let tp = traceparent(headers);
     match op {
@@ -279,14 +300,14 @@ async fn run(
             } else {
                 MessageKind::CustomNotice
             };
-            customer_message(state, &claims, text, kind, None, tp).await?;
+            customer_message(state, claims, text, kind, None, tp).await?;
         }
         "refresh" => {}
-        "startTyping" => customer_typing(state, &claims, true, tp).await?,
-        "stopTyping" => customer_typing(state, &claims, false, tp).await?,
-        "disconnect" => customer_leaves(state, &claims, tp).await?,
+        "startTyping" => customer_typing(state, claims, true, tp).await?,
+        "stopTyping" => customer_typing(state, claims, false, tp).await?,
+        "disconnect" => customer_leaves(state, claims, tp).await?,
         "updateData" => {
-            customer_user_data(state, &claims, form.user_data.clone(), Vec::new(), tp).await?;
+            customer_user_data(state, claims, form.user_data.clone(), Vec::new(), tp).await?;
         }
         "readReceipt" => {
             // The read message's position: without one there is nothing to mark read.
@@ -296,7 +317,7 @@ async fn run(
                     "readReceipt needs the transcriptPosition of the message read",
                 ));
             }
-            customer_read(state, &claims, from, tp).await?
+            customer_read(state, claims, from, tp).await?
         }
         other => {
             return Err(ApiError::not_found(
@@ -306,9 +327,9 @@ async fn run(
         }
     }
     if op == "refresh" {
-        return answer(state, &claims, from, json!({})).await;
+        return answer(state, claims, from, json!({})).await;
     }
-    Ok(answer_after_write(state, &claims, from, json!({})).await)
+    Ok(answer_after_write(state, claims, from, json!({})).await)
 }
 
 /// The answer to an operation that already published: its transcript part read if it can be,

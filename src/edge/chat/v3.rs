@@ -692,6 +692,19 @@ pub(crate) async fn customer_read(
             ApiError::bad_request("INVALID_FIELD", "position is a transcript position (>= 1)")
         })?;
     ensure_open(state, c).await?;
+    // A receipt is stored as an entry pointing at the message read: one that is not there
+    // would point at nothing.
+    let length = state
+        .sessions()?
+        .transcript_len(&c.tid, &c.sid)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    if u64::try_from(position).is_ok_and(|p| p > length) {
+        return Err(ApiError::bad_request(
+            "INVALID_POSITION",
+            format!("position {position} is past the end of the transcript ({length})"),
+        ));
+    }
     let body = ev::ReceiptReceived {
         participant_id: c.pid.clone(),
         participant_kind: ParticipantKind::Customer,

@@ -604,6 +604,23 @@ impl ConversationWorker {
         else {
             return Ok(false);
         };
+        // `c` may be an older copy: a close that read the slot holders before this reserve
+        // and saved after it would leave the slot taken for good. Read after the reserve, a
+        // record not closed yet means its close releases the holders again after its save.
+        // (No record: a new conversation this very event is about to save.)
+        let now = self
+            .store
+            .conversation(&c.tenant_id, &c.conversation_id)
+            .await
+            .map_err(store_failed)?;
+        if now.is_some_and(|n| n.state == ConversationState::Closed) {
+            debug!(conversation_id = %c.conversation_id, agent = %agent, "closed while reserving; released");
+            self.store
+                .release_agent(&c.tenant_id, &agent, CHAT_MEDIA, &c.conversation_id, now_ms)
+                .await
+                .map_err(store_failed)?;
+            return Ok(true);
+        }
         let attempt = c.routing.offers as usize + 1;
         let offer = ev::AgentOffered {
             offer_id: offer_id(&c.conversation_id, &agent, attempt),
@@ -787,19 +804,28 @@ impl ConversationWorker {
         // An offer of an earlier attempt (a duplicate arriving after its agent rejected or let
         // it lapse) is stale; its slot was freed then, and a close frees anything left.
         let attempt = u32::try_from(b.attempt).unwrap_or(0);
-        if c.state == ConversationState::Queued
-            && (attempt != c.routing.offers.saturating_add(1)
-                || c.declined_by.iter().any(|a| a == &b.agent_id))
-        {
-            debug!(conversation_id = %c.conversation_id, agent = %b.agent_id, attempt, "stale offer ignored");
-            return Ok(());
+        if c.state == ConversationState::Queued {
+            let declined = c.declined_by.iter().any(|a| a == &b.agent_id);
+            if declined || attempt != c.routing.offers.saturating_add(1) {
+                debug!(conversation_id = %c.conversation_id, agent = %b.agent_id, attempt, "stale offer ignored");
+                if declined {
+                    // Reserved again from an older copy of the record: no offer to an agent
+                    // who declined is ever applied, so nothing else would free the slot. (An
+                    // agent not declined may be reserved for the next offer: kept.)
+                    self.release(tenant, &b.agent_id, e).await?;
+                }
+                return Ok(());
+            }
         }
         if c.state != ConversationState::Queued {
             // Stale: the conversation moved on since the agent was reserved for it. A closed
             // one holds no slot (its close freed the ones it knew of; releasing is idempotent).
+            let me = Some(b.agent_id.as_str());
             let holds = c.state != ConversationState::Closed
-                && (c.agent_id.as_deref() == Some(b.agent_id.as_str())
-                    || c.offered_to.as_deref() == Some(b.agent_id.as_str()));
+                && (c.agent_id.as_deref() == me
+                    || c.offered_to.as_deref() == me
+                    || c.routing.consultant.as_deref() == me
+                    || c.routing.consult_invited.as_deref() == me);
             if !holds {
                 self.release(tenant, &b.agent_id, e).await?;
             }
@@ -1391,6 +1417,20 @@ impl ConversationWorker {
             }
             _ => Some("UNSUPPORTED_TARGET"),
         };
+        // Decided once: a retry (a lost compare-and-set, a crash before the save) of a
+        // transfer that already freed the agent's slot and told everyone cannot turn back
+        // because the target changed since; a named agent who stopped taking chats falls back
+        // to the queue (`named_target`), as after any accepted transfer.
+        let decided = format!("transfer:{}", e.envelope.event_id);
+        let refused = match refused {
+            Some(_) if self.store.seen(&decided).await.map_err(store_failed)? => {
+                if b.target_kind == ev::TargetKind::Agent {
+                    c.routing.target_agent = Some(b.target_id.clone());
+                }
+                None
+            }
+            other => other,
+        };
         if let Some(reason) = refused {
             let failed = json!({"type": "transfer_failed", "conversation_id": c.conversation_id,
                 "target_id": b.target_id, "reason": reason});
@@ -1405,6 +1445,11 @@ impl ConversationWorker {
                 )
                 .await;
         }
+        let keep = std::time::Duration::from_secs(self.config.closed_retention_s.max(3_600));
+        self.store
+            .remember(&decided, keep)
+            .await
+            .map_err(store_failed)?;
         self.release(&tenant, &b.agent_id, e).await?;
         let agent = Party {
             participant_id: b.participant_id.clone(),
@@ -1837,7 +1882,24 @@ impl ConversationWorker {
         c.closed_reason = reason_text.as_str().map(str::to_string);
         c.offered_to = None;
         self.save(c, e).await?;
+        self.release_holders(c, e).await?;
         self.announce_close(c, e, reason, by, agents, left).await
+    }
+
+    /// Gives back every slot still held for the closed `c`: one reserved after the close read
+    /// the holders and before its save (a dispatch holding an older copy of the record; see
+    /// `try_offer`), or taken while it closed. Idempotent.
+    async fn release_holders(&self, c: &Conversation, e: &Event) -> Step {
+        let holders = self
+            .store
+            .slot_holders(&c.tenant_id, &c.conversation_id)
+            .await
+            .map_err(store_failed)?;
+        for agent in &holders {
+            warn!(conversation_id = %c.conversation_id, agent = %agent, "a closed conversation held a slot; released");
+            self.release(&c.tenant_id, agent, e).await?;
+        }
+        Ok(())
     }
 
     /// Stores the `ParticipantLeft` entry of the party whose action closes `c`; told by
@@ -1969,6 +2031,8 @@ impl ConversationWorker {
                     .into_iter()
                     .chain(c.routing.consult_invited.iter().cloned())
                     .collect();
+                // A first delivery cut short after its save may not have released them.
+                self.release_holders(&c, e).await?;
                 // Stored before the save: appending it again answers its position (the store
                 // checks an entry's id before it refuses a closed record).
                 let left = self.leave(&c, e, leaving).await?;
@@ -2016,16 +2080,8 @@ impl ConversationWorker {
             Some(c) if c.state == ConversationState::Closed => {
                 // A closed conversation holds no agent: a slot taken while it closed (a
                 // consultant invited as the customer left, whose save then met the close) is
-                // given back here, since nothing else would.
-                let holders = self
-                    .store
-                    .slot_holders(&c.tenant_id, &c.conversation_id)
-                    .await
-                    .map_err(store_failed)?;
-                for agent in &holders {
-                    warn!(conversation_id = %c.conversation_id, agent = %agent, "a closed conversation held a slot; released");
-                    self.release(&c.tenant_id, agent, e).await?;
-                }
+                // given back here too.
+                self.release_holders(&c, e).await?;
                 Ok(Some(c))
             }
             Some(c) if c.routing.was_applied(&e.envelope.event_id.to_string()) => {

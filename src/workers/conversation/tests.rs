@@ -6,18 +6,19 @@ use std::sync::Arc;
 
 use super::*;
 use crate::events::chat::{Channel, MessageKind, ParticipantKind};
-use crate::stores::provisioning::Provisioning;
+use crate::stores::provisioning::{NewAgent, NewTenant, Provisioning};
 use crate::stores::session::embedded::EmbeddedStore;
-use crate::stores::session::{Conversation, ConversationState, Party, PartyKind, Routing};
+use crate::stores::session::{Conversation, ConversationState, Party, PartyKind, Reserve, Routing};
 use crate::topology::Topology;
 
-const TENANT: &str = "tenant-a";
 const CONVERSATION: &str = "0193a4b2-0000-7000-8000-00000000c0de";
 
 struct Rig {
     worker: ConversationWorker,
     bus: Arc<dyn Bus>,
     store: Arc<dyn SessionStore>,
+    provisioning: Arc<Provisioning>,
+    tenant: String,
     _dir: tempfile::TempDir,
 }
 
@@ -38,11 +39,16 @@ async fn rig() -> Rig {
             .await
             .expect("session store"),
     );
-    let directory = Arc::new(Provisioning::temporary(dir.path()).await);
+    let provisioning = Arc::new(Provisioning::temporary(dir.path()).await);
+    let tenant = provisioning
+        .create_tenant(NewTenant { name: "t".into() })
+        .await
+        .expect("tenant")
+        .id;
     let worker = ConversationWorker::new(
         bus.clone(),
         store.clone(),
-        directory,
+        provisioning.clone(),
         ConversationConfig::default(),
         reqwest::Client::new(),
     );
@@ -50,6 +56,8 @@ async fn rig() -> Rig {
         worker,
         bus,
         store,
+        provisioning,
+        tenant,
         _dir: dir,
     }
 }
@@ -87,16 +95,62 @@ impl Rig {
 
     async fn transcript_len(&self) -> u64 {
         self.store
-            .transcript_len(TENANT, CONVERSATION)
+            .transcript_len(&self.tenant, CONVERSATION)
             .await
             .expect("transcript length")
     }
+
+    fn event<B: crate::events::chat::Body>(&self, body: &B) -> Event {
+        Event::typed(body, &self.tenant, CONVERSATION, "test").expect("event")
+    }
+
+    async fn record(&self) -> Conversation {
+        self.store
+            .conversation(&self.tenant, CONVERSATION)
+            .await
+            .expect("load")
+            .expect("record")
+    }
+
+    /// Makes `agent` ready with one chat slot.
+    async fn ready(&self, agent: &str, ready: bool) {
+        let capacity = BTreeMap::from([(CHAT_MEDIA.to_string(), 1)]);
+        self.store
+            .set_presence(&self.tenant, agent, ready, &[], &capacity, 1)
+            .await
+            .expect("presence");
+    }
+
+    /// Takes `agent`'s slot for the conversation, as a dispatch does.
+    async fn reserve(&self, agent: &str) {
+        let reserve = Reserve {
+            conversation_id: CONVERSATION.into(),
+            media: CHAT_MEDIA.into(),
+            skills: Vec::new(),
+            exclude: Vec::new(),
+            only: Some(agent.into()),
+            now_ms: 2,
+        };
+        let got = self
+            .store
+            .reserve_agent(&self.tenant, &reserve)
+            .await
+            .expect("reserve");
+        assert_eq!(got.as_deref(), Some(agent), "reserved");
+    }
+
+    async fn holders(&self) -> Vec<String> {
+        self.store
+            .slot_holders(&self.tenant, CONVERSATION)
+            .await
+            .expect("slot holders")
+    }
 }
 
-/// A web chat connected to agent `alice`.
-fn connected() -> Conversation {
+/// A web chat of queue `q1` connected to agent `alice`.
+fn connected(tenant: &str) -> Conversation {
     Conversation {
-        tenant_id: TENANT.into(),
+        tenant_id: tenant.into(),
         conversation_id: CONVERSATION.into(),
         channel: "WEB_CHAT".into(),
         state: ConversationState::Connected,
@@ -108,7 +162,7 @@ fn connected() -> Conversation {
         contact: BTreeMap::new(),
         user_data: BTreeMap::new(),
         subject: None,
-        queue_id: None,
+        queue_id: Some("q1".into()),
         bot_id: None,
         agent_id: Some("alice".into()),
         offered_to: None,
@@ -120,10 +174,6 @@ fn connected() -> Conversation {
         routing: Routing::default(),
         version: 0,
     }
-}
-
-fn event<B: crate::events::chat::Body>(body: &B) -> Event {
-    Event::typed(body, TENANT, CONVERSATION, "test").expect("event")
 }
 
 fn reply(text: &str) -> chat::MessageSent {
@@ -190,12 +240,16 @@ fn texts_after_close(events: &[Event]) -> Vec<(String, Option<String>, Option<i6
 #[tokio::test]
 async fn a_send_stored_before_the_close_is_published_on_its_redelivery() {
     let rig = rig().await;
-    assert!(rig.store.put_conversation(&connected()).await.expect("put"));
+    assert!(rig
+        .store
+        .put_conversation(&connected(&rig.tenant))
+        .await
+        .expect("put"));
 
     let agent_reply = reply("one moment");
-    let agent_event = event(&agent_reply);
+    let agent_event = rig.event(&agent_reply);
     let customer = customer_says("thanks, bye");
-    let customer_event = event(&customer);
+    let customer_event = rig.event(&customer);
     let failed = rig
         .worker
         .on_agent_message(&agent_event, agent_reply.clone())
@@ -229,16 +283,10 @@ async fn a_send_stored_before_the_close_is_published_on_its_redelivery() {
         close_conversation: true,
     };
     rig.worker
-        .on_completed(&event(&complete), complete.clone())
+        .on_completed(&rig.event(&complete), complete.clone())
         .await
         .expect("complete");
-    let closed = rig
-        .store
-        .conversation(TENANT, CONVERSATION)
-        .await
-        .expect("load")
-        .expect("record");
-    assert_eq!(closed.state, ConversationState::Closed);
+    assert_eq!(rig.record().await.state, ConversationState::Closed);
     let length = rig.transcript_len().await;
     assert_eq!(length, 3, "the agent's leaving is the last entry");
 
@@ -254,7 +302,7 @@ async fn a_send_stored_before_the_close_is_published_on_its_redelivery() {
     // A send that arrives after the close stored nothing: dropped, not retried.
     let late = reply("are you still there?");
     rig.worker
-        .on_agent_message(&event(&late), late.clone())
+        .on_agent_message(&rig.event(&late), late.clone())
         .await
         .expect("a send after the close is dropped");
     assert_eq!(
@@ -278,5 +326,153 @@ async fn a_send_stored_before_the_close_is_published_on_its_redelivery() {
                 Some(2)
             ),
         ]
+    );
+}
+
+fn offer(agent: &str, attempt: i32) -> chat::AgentOffered {
+    chat::AgentOffered {
+        offer_id: super::flow::offer_id(CONVERSATION, agent, attempt as usize),
+        agent_id: agent.into(),
+        queue_id: Some("q1".into()),
+        channel: Channel::WebChat,
+        channel_id: None,
+        customer_nickname: "Lou".into(),
+        expires_at: 0,
+        attempt,
+    }
+}
+
+/// An offer made from an older copy of the record is stale. It frees the slot it reserved when
+/// its agent had declined (nothing else would, until the close), and keeps the slot when its
+/// agent holds the conversation another way (here as consultant).
+#[tokio::test]
+async fn a_stale_offer_frees_a_declined_agent_and_keeps_a_consultant() {
+    let rig = rig().await;
+    let mut queued = connected(&rig.tenant);
+    queued.state = ConversationState::Queued;
+    queued.agent_id = None;
+    queued.declined_by = vec!["bob".into()];
+    queued.routing.offers = 1;
+    assert!(rig.store.put_conversation(&queued).await.expect("put"));
+    rig.ready("bob", true).await;
+    rig.reserve("bob").await;
+    let stale = offer("bob", 2);
+    rig.worker
+        .on_offered(&rig.event(&stale), stale.clone())
+        .await
+        .expect("stale offer");
+    assert_eq!(
+        rig.holders().await,
+        Vec::<String>::new(),
+        "the declined agent's slot"
+    );
+
+    let mut with_consultant = connected(&rig.tenant);
+    with_consultant.routing.consultant = Some("carol".into());
+    with_consultant.version = rig.record().await.version;
+    assert!(rig
+        .store
+        .put_conversation(&with_consultant)
+        .await
+        .expect("put"));
+    rig.ready("carol", true).await;
+    rig.reserve("carol").await;
+    let stale = offer("carol", 1);
+    rig.worker
+        .on_offered(&rig.event(&stale), stale.clone())
+        .await
+        .expect("stale offer");
+    assert_eq!(
+        rig.holders().await,
+        ["carol"],
+        "the consultant keeps its slot"
+    );
+}
+
+/// A dispatch working from a copy of the record taken before the conversation closed releases
+/// the agent it reserved once it sees the close: no offer, no slot held for good.
+#[tokio::test]
+async fn an_offer_for_a_conversation_closed_meanwhile_frees_its_slot() {
+    let rig = rig().await;
+    let mut queued = connected(&rig.tenant);
+    queued.state = ConversationState::Queued;
+    queued.agent_id = None;
+    let mut closed = queued.clone();
+    closed.state = ConversationState::Closed;
+    assert!(rig.store.put_conversation(&closed).await.expect("put"));
+    rig.ready("bob", true).await;
+    let source = rig.event(&customer_says("hello"));
+    let went_on = rig
+        .worker
+        .try_offer(&queued, &source, 3)
+        .await
+        .expect("try offer");
+    assert!(went_on, "the dispatch goes on to the next waiter");
+    assert_eq!(rig.holders().await, Vec::<String>::new(), "no slot held");
+}
+
+/// A transfer that already freed the agent and told everyone stands when it is applied again
+/// (its save was lost to a concurrent write, or the worker died before it), even though its
+/// named target stopped taking chats in between: the agent must not keep a chat whose slot
+/// was given back.
+#[tokio::test]
+async fn a_transfer_applied_again_is_not_refused_after_the_fact() {
+    let rig = rig().await;
+    let bob = rig
+        .provisioning
+        .create_agent(
+            &rig.tenant,
+            NewAgent {
+                name: "Bob".into(),
+                skills: Vec::new(),
+                capacity: BTreeMap::new(),
+            },
+        )
+        .await
+        .expect("agent")
+        .agent
+        .id;
+    assert!(rig
+        .store
+        .put_conversation(&connected(&rig.tenant))
+        .await
+        .expect("put"));
+    rig.ready("alice", true).await;
+    rig.reserve("alice").await;
+    rig.ready(&bob, true).await;
+    rig.create_interaction_topic().await;
+    let before = rig.record().await;
+    let transfer = chat::TransferRequested {
+        agent_id: "alice".into(),
+        participant_id: "agent-alice".into(),
+        target_kind: chat::TargetKind::Agent,
+        target_id: bob.clone(),
+        mode: chat::TransferMode::Transfer,
+        note: None,
+        user_data: BTreeMap::new(),
+    };
+    let event = rig.event(&transfer);
+    rig.worker
+        .on_transfer(&event, transfer.clone())
+        .await
+        .expect("transfer");
+    assert_eq!(rig.record().await.state, ConversationState::Queued);
+
+    // The save is lost (the record as it was), and Bob stops taking chats.
+    let mut lost = before.clone();
+    lost.version = rig.record().await.version;
+    assert!(rig.store.put_conversation(&lost).await.expect("put"));
+    rig.ready(&bob, false).await;
+    rig.worker
+        .on_transfer(&event, transfer)
+        .await
+        .expect("transfer again");
+    let after = rig.record().await;
+    assert_eq!(after.state, ConversationState::Queued, "{after:?}");
+    assert_eq!(after.agent_id, None);
+    assert_eq!(after.declined_by, ["alice"]);
+    assert!(
+        !rig.holders().await.contains(&"alice".to_string()),
+        "alice's slot was given back"
     );
 }
