@@ -3091,3 +3091,81 @@ async fn the_agent_list_holds_only_conversations_given_to_the_agent() {
     assert_eq!(listed, [fx.a.s1.id.as_str()], "{body}");
     assert_eq!(body["items"][0]["role"], "owner", "{body}");
 }
+
+/// A read receipt names an entry of the transcript: v3 refuses one past the end; v2 clients
+/// send back the `nextPosition` they were given, which marks the last entry read.
+#[tokio::test]
+async fn a_read_receipt_past_the_end_is_refused_on_v3_and_read_all_on_v2() {
+    let mut fx = fixture().await;
+    let key = fx.a.key.clone();
+    let c = start(&fx.state, &key, "Lou").await;
+    let s = fx.state.sessions().expect("session store");
+    let record = conversation(&fx.a.id, &c.id, ConversationState::Connected, "alice");
+    assert!(s.put_conversation(&record).await.expect("put"));
+    for i in 0..2 {
+        let entry = NewEntry {
+            event_id: format!("e{i}"),
+            kind: EntryKind::Message,
+            from: Party {
+                participant_id: "agent".into(),
+                nickname: "Alice".into(),
+                kind: PartyKind::Agent,
+            },
+            text: Some("hi".into()),
+            message_id: None,
+            data: BTreeMap::new(),
+            at_ms: 1,
+        };
+        s.append(&fx.a.id, &c.id, &entry).await.expect("append");
+    }
+    fx.rejected(
+        "v3 receipt one past the end",
+        v3_req(
+            "POST",
+            "read-receipt",
+            &c.id,
+            Some(&key),
+            Some(&c.ck),
+            Some(r#"{"position":3}"#),
+        ),
+        400,
+        "INVALID_POSITION",
+    )
+    .await;
+    let form = format!(
+        "secureKey={}&userId={}&alias=nexus&transcriptPosition=3",
+        c.ck, c.pid
+    );
+    fx.accepted(
+        "v2 receipt of the echoed nextPosition",
+        v2_req(&c.id, "readReceipt", Some(&key), &form),
+        200,
+        (1, 0),
+    )
+    .await;
+    // The receipt names the last entry.
+    let mut positions = Vec::new();
+    for p in fx
+        .state
+        .bus
+        .partition_offsets(INBOUND)
+        .await
+        .expect("offsets")
+    {
+        for m in fx
+            .state
+            .bus
+            .read(INBOUND, p.partition, 0, 1_000)
+            .await
+            .expect("read")
+        {
+            let e = nexus::events::decode(&m.payload).expect("decode");
+            if e.envelope.conversation_id == c.id {
+                if let Ok(r) = e.body_as::<nexus::events::chat::ReceiptReceived>() {
+                    positions.push(r.transcript_position);
+                }
+            }
+        }
+    }
+    assert_eq!(positions, [Some(2)]);
+}

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use super::v3::{
     check_user_data, customer_leaves, customer_message, customer_read, customer_typing,
-    customer_user_data, nickname, open_session, traceparent, NewSession, SESSION_ENDED,
+    customer_user_data, nickname, open_session, traceparent, NewSession, PastEnd, SESSION_ENDED,
 };
 use super::{claims_for, Claims, CLIENT_KEY_EXPIRED};
 use crate::edge::{ApiError, AppState};
@@ -317,7 +317,7 @@ async fn run(
                     "readReceipt needs the transcriptPosition of the message read",
                 ));
             }
-            customer_read(state, claims, from, tp).await?
+            customer_read(state, claims, from, PastEnd::ReadAll, tp).await?
         }
         other => {
             return Err(ApiError::not_found(

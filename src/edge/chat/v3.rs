@@ -679,10 +679,20 @@ pub(crate) async fn customer_user_data(
 }
 
 /// The customer read the transcript up to `position`.
+/// What a read receipt's position past the transcript's end means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PastEnd {
+    /// v3: a 400, since the client names the entry it read.
+    Refuse,
+    /// v2: everything read, since clients send back the `nextPosition` they were given.
+    ReadAll,
+}
+
 pub(crate) async fn customer_read(
     state: &AppState,
     c: &Claims,
     position: u64,
+    past_end: PastEnd,
     traceparent: Option<String>,
 ) -> Result<(), ApiError> {
     let position = i64::try_from(position)
@@ -699,12 +709,18 @@ pub(crate) async fn customer_read(
         .transcript_len(&c.tid, &c.sid)
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?;
-    if u64::try_from(position).is_ok_and(|p| p > length) {
-        return Err(ApiError::bad_request(
-            "INVALID_POSITION",
-            format!("position {position} is past the end of the transcript ({length})"),
-        ));
-    }
+    let position = match u64::try_from(position) {
+        Ok(p) if p > length && past_end == PastEnd::ReadAll && length > 0 => {
+            i64::try_from(length).unwrap_or(position)
+        }
+        Ok(p) if p > length => {
+            return Err(ApiError::bad_request(
+                "INVALID_POSITION",
+                format!("position {position} is past the end of the transcript ({length})"),
+            ))
+        }
+        _ => position,
+    };
     let body = ev::ReceiptReceived {
         participant_id: c.pid.clone(),
         participant_kind: ParticipantKind::Customer,
@@ -752,7 +768,14 @@ pub async fn read_receipt(
 ) -> Result<StatusCode, ApiError> {
     let c = session_claims(&state, &headers, &id).await?;
     let r: ReadRequest = json_body(body)?;
-    customer_read(&state, &c, r.position, traceparent(&headers)).await?;
+    customer_read(
+        &state,
+        &c,
+        r.position,
+        PastEnd::Refuse,
+        traceparent(&headers),
+    )
+    .await?;
     Ok(StatusCode::ACCEPTED)
 }
 

@@ -1424,9 +1424,9 @@ impl ConversationWorker {
         let decided = format!("transfer:{}", e.envelope.event_id);
         let refused = match refused {
             Some(_) if self.store.seen(&decided).await.map_err(store_failed)? => {
-                if b.target_kind == ev::TargetKind::Agent {
-                    c.routing.target_agent = Some(b.target_id.clone());
-                }
+                // A queue deleted since: the conversation waits in its current one.
+                c.routing.target_agent =
+                    (b.target_kind == ev::TargetKind::Agent).then(|| b.target_id.clone());
                 None
             }
             other => other,

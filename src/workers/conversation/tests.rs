@@ -476,3 +476,53 @@ async fn a_transfer_applied_again_is_not_refused_after_the_fact() {
         "alice's slot was given back"
     );
 }
+
+/// A close applied again (its first delivery died after the save) releases a slot reserved
+/// for the conversation after the first delivery read the holders.
+#[tokio::test]
+async fn a_redelivered_close_releases_a_slot_taken_meanwhile() {
+    let rig = rig().await;
+    rig.create_interaction_topic().await;
+    let complete = chat::ConversationCompleted {
+        agent_id: "alice".into(),
+        participant_id: "agent-alice".into(),
+        disposition: None,
+        note: None,
+        user_data: BTreeMap::new(),
+        close_conversation: true,
+    };
+    let event = rig.event(&complete);
+    // The first delivery: the agent's leaving stored, the record saved closed.
+    let mut record = connected(&rig.tenant);
+    assert!(rig.store.put_conversation(&record).await.expect("put"));
+    let left = crate::stores::session::NewEntry {
+        event_id: chat::derived_id(&event.envelope.event_id, "left").to_string(),
+        kind: crate::stores::session::EntryKind::ParticipantLeft,
+        from: Party {
+            participant_id: "agent-alice".into(),
+            nickname: "alice".into(),
+            kind: PartyKind::Agent,
+        },
+        text: None,
+        message_id: None,
+        data: BTreeMap::new(),
+        at_ms: 1,
+    };
+    rig.store
+        .append(&rig.tenant, CONVERSATION, &left)
+        .await
+        .expect("append");
+    record.state = ConversationState::Closed;
+    record.version = 1;
+    record
+        .routing
+        .mark_applied(event.envelope.event_id.to_string());
+    assert!(rig.store.put_conversation(&record).await.expect("put"));
+    rig.ready("bob", true).await;
+    rig.reserve("bob").await;
+    rig.worker
+        .on_completed(&event, complete)
+        .await
+        .expect("redelivered close");
+    assert_eq!(rig.holders().await, Vec::<String>::new());
+}
