@@ -1,13 +1,13 @@
 //! The agent socket's transcript view: per conversation, the span of positions it sent. A
 //! repeat is dropped; a gap above the span (an entry pushed before this agent was in the
 //! conversation's watcher list, in a race between the worker's input topics) is filled from the
-//! session store first; a position just below the span (pushes of one conversation from two
-//! worker lanes arriving out of order) is sent and widens it.
+//! session store first; a position below the span (pushes of one conversation from two worker
+//! lanes arriving out of order) is sent and remembered, a neighbour by widening the span.
 //!
 //! A new offer for a conversation, or the agent leaving it, forgets it (the console reads the
 //! transcript when it accepts); its close ends it: nothing of it is sent after.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use crate::edge::hub::Push;
 use crate::events::chat::ClientEventKind;
@@ -29,10 +29,32 @@ pub enum Step {
     },
 }
 
-/// The positions one socket has sent, by conversation: every position in `first..=last`.
+/// Positions sent below a span (late pushes that are not its neighbour) kept per
+/// conversation; past this, the lowest are forgotten (a redelivery of one is sent again).
+const BELOW_KEPT: usize = 64;
+
+/// The positions one socket has sent, by conversation: every position in `first..=last`, and
+/// those in `below`.
 #[derive(Debug, Default)]
 pub struct Sent {
-    spans: HashMap<String, (u64, u64)>,
+    spans: HashMap<String, Span>,
+}
+
+#[derive(Debug)]
+struct Span {
+    first: u64,
+    last: u64,
+    below: BTreeSet<u64>,
+}
+
+impl Span {
+    fn new(first: u64, last: u64) -> Span {
+        Span {
+            first,
+            last,
+            below: BTreeSet::new(),
+        }
+    }
 }
 
 impl Sent {
@@ -53,7 +75,7 @@ impl Sent {
                     // just before the close, published just after it) is a repeat.
                     Some("closed") => {
                         self.spans
-                            .insert(push.conversation_id.clone(), (0, u64::MAX));
+                            .insert(push.conversation_id.clone(), Span::new(0, u64::MAX));
                     }
                     _ => {}
                 }
@@ -61,22 +83,33 @@ impl Sent {
             }
             (ClientEventKind::Transcript, Some(p)) => {
                 let Some(span) = self.spans.get_mut(&push.conversation_id) else {
-                    self.spans.insert(push.conversation_id.clone(), (p, p));
+                    self.spans
+                        .insert(push.conversation_id.clone(), Span::new(p, p));
                     return Step::Send;
                 };
-                let (first, last) = *span;
-                if (first..=last).contains(&p) {
+                let (first, last) = (span.first, span.last);
+                if (first..=last).contains(&p) || span.below.contains(&p) {
                     return Step::Skip;
                 }
                 if p < first {
-                    // Below the span: never sent. Only a neighbour widens it, so a position
-                    // between it and the span still counts as not sent.
+                    // Below the span: never sent. A neighbour widens it (with the positions
+                    // sent below that now join it); another is remembered apart, so a
+                    // position between it and the span still counts as not sent, and a
+                    // redelivery of it as sent.
                     if p + 1 == first {
-                        span.0 = p;
+                        span.first = p;
+                        while span.first > 0 && span.below.remove(&(span.first - 1)) {
+                            span.first -= 1;
+                        }
+                    } else {
+                        span.below.insert(p);
+                        if span.below.len() > BELOW_KEPT {
+                            span.below.pop_first();
+                        }
                     }
                     return Step::Send;
                 }
-                span.1 = p;
+                span.last = p;
                 if p > last + 1 {
                     Step::Fill {
                         from: last + 1,
@@ -164,7 +197,10 @@ mod tests {
         assert_eq!(sent.step(&entry(2)), Step::Send);
         assert_eq!(sent.step(&entry(2)), Step::Skip, "the span widened to it");
         assert_eq!(sent.step(&entry(0)), Step::Send, "not a neighbour");
+        assert_eq!(sent.step(&entry(0)), Step::Skip, "sent below the span");
         assert_eq!(sent.step(&entry(1)), Step::Send, "between it and the span");
+        assert_eq!(sent.step(&entry(1)), Step::Skip, "the span widened to it");
+        assert_eq!(sent.step(&entry(0)), Step::Skip, "joined the span");
         assert_eq!(
             sent.step(&push("c2", ClientEventKind::Transcript, Some(9))),
             Step::Send,
