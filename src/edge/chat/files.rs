@@ -318,8 +318,11 @@ pub async fn upload(
 }
 
 /// Publishes the message of a stored upload and answers it. Without a client message id nobody
-/// can retry into the file, so a failed publish gives its place back; with one the file stays
-/// for the retry (a retry racing this one may already have published it).
+/// can retry into the file, so a publish refused for certain (4xx: the chat closed, the event
+/// too large) gives its place back; with one the file stays for the retry (a retry racing this
+/// one may already have published it). A bus failure (5xx) may come after the broker stored
+/// the event (a timeout), so the file stays too: the transcript may name it. Its place is
+/// taken until the file's retention ends.
 async fn publish_upload(
     state: &AppState,
     c: &Claims,
@@ -341,7 +344,7 @@ async fn publish_upload(
     match published {
         Ok(message_id) => Ok(uploaded(c, &file, message_id)),
         Err(e) => {
-            if !retriable {
+            if !retriable && !e.status.is_server_error() {
                 if let Err(d) = state
                     .provisioning
                     .delete_file(&c.tid, &c.sid, &file.id)
