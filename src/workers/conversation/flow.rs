@@ -695,17 +695,33 @@ impl ConversationWorker {
         });
         let key = crate::events::chat::derived_id(&e.envelope.event_id, "bot").to_string();
         let timeout = std::time::Duration::from_millis(self.config.bot_timeout_ms);
-        let turn = match super::bot::call(&self.http, &target, &request, &key, timeout).await {
-            Ok(turn) => turn,
-            Err(err) => {
-                metrics::counter!(crate::telemetry::metrics::BOT_CALLS_TOTAL, "outcome" => "failed")
-                    .increment(1);
-                if matches!(err, super::bot::BotError::Down(_))
-                    && self.config.bot_fallback == super::config::BotFallback::Retry
-                {
-                    return Err(HandleError::Retry(err.to_string()));
+        // Decided once: a redelivery of a turn that fell back to the queue (and told the
+        // customer so) falls back again, even if the bot answers now.
+        let fell_back = format!("bot-down:{}", e.envelope.event_id);
+        let call = if self.store.seen(&fell_back).await.map_err(store_failed)? {
+            None
+        } else {
+            Some(super::bot::call(&self.http, &target, &request, &key, timeout).await)
+        };
+        let turn = match call {
+            Some(Ok(turn)) => turn,
+            failed => {
+                if let Some(Err(err)) = &failed {
+                    metrics::counter!(crate::telemetry::metrics::BOT_CALLS_TOTAL, "outcome" => "failed")
+                        .increment(1);
+                    if matches!(err, super::bot::BotError::Down(_))
+                        && self.config.bot_fallback == super::config::BotFallback::Retry
+                    {
+                        return Err(HandleError::Retry(err.to_string()));
+                    }
+                    warn!(conversation_id = %c.conversation_id, error = %err, "bot unavailable; handing off to the queue");
+                    let keep =
+                        std::time::Duration::from_secs(self.config.closed_retention_s.max(3_600));
+                    self.store
+                        .remember(&fell_back, keep)
+                        .await
+                        .map_err(store_failed)?;
                 }
-                warn!(conversation_id = %c.conversation_id, error = %err, "bot unavailable; handing off to the queue");
                 let notice = entry(
                     e,
                     EntryKind::Notice,

@@ -526,3 +526,80 @@ async fn a_redelivered_close_releases_a_slot_taken_meanwhile() {
         .expect("redelivered close");
     assert_eq!(rig.holders().await, Vec::<String>::new());
 }
+
+/// A bot endpoint on loopback: answers one reply while `up`, 503 otherwise.
+async fn bot_server(up: Arc<std::sync::atomic::AtomicBool>) -> String {
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::post(move || {
+            let up = up.load(std::sync::atomic::Ordering::SeqCst);
+            async move {
+                if up {
+                    (
+                        axum::http::StatusCode::OK,
+                        r#"{"replies":[{"text":"hello from the bot"}]}"#,
+                    )
+                } else {
+                    (axum::http::StatusCode::SERVICE_UNAVAILABLE, "")
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+/// A customer message whose bot was down fell back to the queue and told the customer so; its
+/// save was lost and it is applied again with the bot back: it falls back again rather than
+/// leaving the conversation with the bot after "Connecting you to an agent.".
+#[tokio::test]
+async fn a_bot_fallback_is_decided_once() {
+    let rig = rig().await;
+    rig.create_interaction_topic().await;
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let url = bot_server(up.clone()).await;
+    let bot = rig
+        .provisioning
+        .create_bot(
+            &rig.tenant,
+            crate::stores::provisioning::NewBot {
+                name: "Bot".into(),
+                url,
+                credential: "secret".into(),
+            },
+        )
+        .await
+        .expect("bot")
+        .bot
+        .id;
+    let mut with_bot = connected(&rig.tenant);
+    with_bot.state = ConversationState::Bot;
+    with_bot.agent_id = None;
+    with_bot.bot_id = Some(bot);
+    assert!(rig.store.put_conversation(&with_bot).await.expect("put"));
+    let before = rig.record().await;
+    let said = customer_says("I need help");
+    let event = rig.event(&said);
+    rig.worker
+        .on_customer_message(&event, said.clone())
+        .await
+        .expect("message");
+    assert_eq!(rig.record().await.state, ConversationState::Queued);
+    let length = rig.transcript_len().await;
+
+    // The save is lost (the record as it was); the bot is back.
+    let mut lost = before.clone();
+    lost.version = rig.record().await.version;
+    assert!(rig.store.put_conversation(&lost).await.expect("put"));
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
+    rig.worker
+        .on_customer_message(&event, said)
+        .await
+        .expect("message again");
+    assert_eq!(rig.record().await.state, ConversationState::Queued);
+    assert_eq!(rig.transcript_len().await, length, "no bot reply added");
+}
