@@ -201,6 +201,10 @@ pub struct Routing {
     pub consult_offer_id: Option<String>,
     pub skills: Vec<String>,
     pub priority: i64,
+    /// The agent the conversation was offered to when it closed: a redelivered close tells
+    /// it again (its desk holds the offer).
+    #[serde(default)]
+    pub closed_offer_to: Option<String>,
     /// Async chat: kept open while idle, closed after the idle time and grace.
     pub is_async: bool,
     /// Ids of the last events applied to this record (newest last): a redelivered one is

@@ -1896,7 +1896,7 @@ impl ConversationWorker {
         let reason_text = serde_json::to_value(reason).unwrap_or_default();
         c.state = ConversationState::Closed;
         c.closed_reason = reason_text.as_str().map(str::to_string);
-        c.offered_to = None;
+        c.routing.closed_offer_to = c.offered_to.take();
         self.save(c, e).await?;
         self.release_holders(c, e).await?;
         self.announce_close(c, e, reason, by, agents, left).await
@@ -2046,6 +2046,7 @@ impl ConversationWorker {
                 let agents = watchers(&c)
                     .into_iter()
                     .chain(c.routing.consult_invited.iter().cloned())
+                    .chain(c.routing.closed_offer_to.iter().cloned())
                     .collect();
                 // A first delivery cut short after its save may not have released them.
                 self.release_holders(&c, e).await?;

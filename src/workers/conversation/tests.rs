@@ -480,7 +480,7 @@ async fn a_transfer_applied_again_is_not_refused_after_the_fact() {
 /// A close applied again (its first delivery died after the save) releases a slot reserved
 /// for the conversation after the first delivery read the holders.
 #[tokio::test]
-async fn a_redelivered_close_releases_a_slot_taken_meanwhile() {
+async fn a_redelivered_close_frees_a_slot_taken_meanwhile_and_tells_the_offered_agent() {
     let rig = rig().await;
     rig.create_interaction_topic().await;
     let complete = chat::ConversationCompleted {
@@ -514,6 +514,7 @@ async fn a_redelivered_close_releases_a_slot_taken_meanwhile() {
         .expect("append");
     record.state = ConversationState::Closed;
     record.version = 1;
+    record.routing.closed_offer_to = Some("dave".into());
     record
         .routing
         .mark_applied(event.envelope.event_id.to_string());
@@ -525,6 +526,30 @@ async fn a_redelivered_close_releases_a_slot_taken_meanwhile() {
         .await
         .expect("redelivered close");
     assert_eq!(rig.holders().await, Vec::<String>::new());
+    // The agent the chat was offered to when it closed is told too (its desk holds the offer).
+    let mut told = Vec::new();
+    for p in rig
+        .bus
+        .partition_offsets(DELIVERY_TOPIC)
+        .await
+        .expect("offsets")
+    {
+        for m in rig
+            .bus
+            .read(DELIVERY_TOPIC, p.partition, 0, 1_000)
+            .await
+            .expect("read")
+        {
+            let e = crate::events::decode(&m.payload).expect("decode");
+            if let Ok(c) = e.body_as::<chat::ClientEvent>() {
+                if c.data.contains(r#""closed""#) {
+                    told.extend(c.to_agents);
+                }
+            }
+        }
+    }
+    assert!(told.contains(&"dave".to_string()), "{told:?}");
+    assert!(told.contains(&"alice".to_string()), "{told:?}");
 }
 
 /// A bot endpoint on loopback: answers one reply while `up`, 503 otherwise.
