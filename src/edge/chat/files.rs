@@ -318,8 +318,8 @@ pub async fn upload(
 }
 
 /// Publishes the message of a stored upload and answers it. Without a client message id nobody
-/// can retry into the file, so a publish refused for certain (4xx: the chat closed, the event
-/// too large) gives its place back; with one the file stays for the retry (a retry racing this
+/// can retry into the file, so a publish refused for certain (4xx: the event cannot be encoded
+/// or is too large for the bus) gives its place back; with one the file stays for the retry (a retry racing this
 /// one may already have published it). A bus failure (5xx) may come after the broker stored
 /// the event (a timeout), so the file stays too: the transcript may name it. Its place is
 /// taken until the file's retention ends.

@@ -678,7 +678,6 @@ pub(crate) async fn customer_user_data(
     publish_customer(state, c, &body, traceparent).await
 }
 
-/// The customer read the transcript up to `position`.
 /// What a read receipt's position past the transcript's end means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PastEnd {
@@ -688,6 +687,7 @@ pub(crate) enum PastEnd {
     ReadAll,
 }
 
+/// The customer read the transcript up to `position`.
 pub(crate) async fn customer_read(
     state: &AppState,
     c: &Claims,

@@ -1440,9 +1440,19 @@ impl ConversationWorker {
         let decided = format!("transfer:{}", e.envelope.event_id);
         let refused = match refused {
             Some(_) if self.store.seen(&decided).await.map_err(store_failed)? => {
-                // A queue deleted since: the conversation waits in its current one.
                 c.routing.target_agent =
                     (b.target_kind == ev::TargetKind::Agent).then(|| b.target_id.clone());
+                // Refused now for another reason (a consult started meanwhile) the queue is
+                // still the one announced; a queue deleted since keeps the current one.
+                if b.target_kind == ev::TargetKind::Queue
+                    && self
+                        .directory
+                        .queue_exists(&tenant, &b.target_id)
+                        .await
+                        .map_err(directory_failed)?
+                {
+                    c.queue_id = Some(b.target_id.clone());
+                }
                 None
             }
             other => other,
@@ -2043,11 +2053,13 @@ impl ConversationWorker {
         let id = e.envelope.event_id.to_string();
         match self.load(e).await? {
             Some(c) if closed_by(&c, e) => {
-                let agents = watchers(&c)
+                let mut agents: Vec<String> = watchers(&c)
                     .into_iter()
                     .chain(c.routing.consult_invited.iter().cloned())
                     .chain(c.routing.closed_offer_to.iter().cloned())
                     .collect();
+                agents.sort();
+                agents.dedup();
                 // A first delivery cut short after its save may not have released them.
                 self.release_holders(&c, e).await?;
                 // Stored before the save: appending it again answers its position (the store

@@ -480,7 +480,7 @@ async fn a_transfer_applied_again_is_not_refused_after_the_fact() {
 /// A close applied again (its first delivery died after the save) releases a slot reserved
 /// for the conversation after the first delivery read the holders.
 #[tokio::test]
-async fn a_redelivered_close_frees_a_slot_taken_meanwhile_and_tells_the_offered_agent() {
+async fn a_redelivered_close_releases_a_slot_taken_meanwhile() {
     let rig = rig().await;
     rig.create_interaction_topic().await;
     let complete = chat::ConversationCompleted {
@@ -514,7 +514,6 @@ async fn a_redelivered_close_frees_a_slot_taken_meanwhile_and_tells_the_offered_
         .expect("append");
     record.state = ConversationState::Closed;
     record.version = 1;
-    record.routing.closed_offer_to = Some("dave".into());
     record
         .routing
         .mark_applied(event.envelope.event_id.to_string());
@@ -526,30 +525,6 @@ async fn a_redelivered_close_frees_a_slot_taken_meanwhile_and_tells_the_offered_
         .await
         .expect("redelivered close");
     assert_eq!(rig.holders().await, Vec::<String>::new());
-    // The agent the chat was offered to when it closed is told too (its desk holds the offer).
-    let mut told = Vec::new();
-    for p in rig
-        .bus
-        .partition_offsets(DELIVERY_TOPIC)
-        .await
-        .expect("offsets")
-    {
-        for m in rig
-            .bus
-            .read(DELIVERY_TOPIC, p.partition, 0, 1_000)
-            .await
-            .expect("read")
-        {
-            let e = crate::events::decode(&m.payload).expect("decode");
-            if let Ok(c) = e.body_as::<chat::ClientEvent>() {
-                if c.data.contains(r#""closed""#) {
-                    told.extend(c.to_agents);
-                }
-            }
-        }
-    }
-    assert!(told.contains(&"dave".to_string()), "{told:?}");
-    assert!(told.contains(&"alice".to_string()), "{told:?}");
 }
 
 /// A bot endpoint on loopback: answers one reply while `up`, 503 otherwise.
@@ -627,4 +602,65 @@ async fn a_bot_fallback_is_decided_once() {
         .expect("message again");
     assert_eq!(rig.record().await.state, ConversationState::Queued);
     assert_eq!(rig.transcript_len().await, length, "no bot reply added");
+}
+
+/// How many `closed` states the delivery topic holds for `agent`.
+async fn closed_told(rig: &Rig, agent: &str) -> usize {
+    let mut told = 0;
+    for p in rig
+        .bus
+        .partition_offsets(DELIVERY_TOPIC)
+        .await
+        .expect("offsets")
+    {
+        for m in rig
+            .bus
+            .read(DELIVERY_TOPIC, p.partition, 0, 1_000)
+            .await
+            .expect("read")
+        {
+            let e = crate::events::decode(&m.payload).expect("decode");
+            if let Ok(c) = e.body_as::<chat::ClientEvent>() {
+                if c.data.contains(r#""closed""#) && c.to_agents.iter().any(|a| a == agent) {
+                    told += 1;
+                }
+            }
+        }
+    }
+    told
+}
+
+/// The customer leaves while the chat is offered to an agent: the close tells that agent, and
+/// so does its redelivery (the first may have died after its save, before telling anyone),
+/// though the close cleared the offer from the record.
+#[tokio::test]
+async fn a_redelivered_close_tells_the_agent_it_was_offered_to() {
+    let rig = rig().await;
+    rig.create_interaction_topic().await;
+    let mut offered = connected(&rig.tenant);
+    offered.state = ConversationState::Offered;
+    offered.agent_id = None;
+    offered.offered_to = Some("dave".into());
+    assert!(rig.store.put_conversation(&offered).await.expect("put"));
+    let left = chat::ParticipantLeft {
+        participant_id: "customer-1".into(),
+        participant_kind: ParticipantKind::Customer,
+        nickname: None,
+        reason: chat::LeftReason::Left,
+        transcript_position: None,
+    };
+    let event = rig.event(&left);
+    rig.worker
+        .on_customer_left(&event, left.clone())
+        .await
+        .expect("close");
+    let closed = rig.record().await;
+    assert_eq!(closed.state, ConversationState::Closed);
+    assert_eq!(closed.offered_to, None);
+    assert_eq!(closed_told(&rig, "dave").await, 1);
+    rig.worker
+        .on_customer_left(&event, left)
+        .await
+        .expect("redelivered close");
+    assert_eq!(closed_told(&rig, "dave").await, 2, "told again");
 }
