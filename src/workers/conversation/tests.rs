@@ -72,18 +72,14 @@ impl Rig {
         self.bus.apply_topic(&spec).await.expect("topic");
     }
 
-    /// The interaction stream's events, in order (one conversation: one partition).
-    async fn interaction(&self) -> Vec<Event> {
+    /// A topic's events, in order per partition (one conversation: one partition).
+    async fn events(&self, topic: &str) -> Vec<Event> {
         let mut events = Vec::new();
-        let offsets = self
-            .bus
-            .partition_offsets(INTERACTION_TOPIC)
-            .await
-            .expect("offsets");
+        let offsets = self.bus.partition_offsets(topic).await.expect("offsets");
         for p in offsets {
             for m in self
                 .bus
-                .read(INTERACTION_TOPIC, p.partition, 0, 1_000)
+                .read(topic, p.partition, 0, 1_000)
                 .await
                 .expect("read")
             {
@@ -311,7 +307,7 @@ async fn a_send_stored_before_the_close_is_published_on_its_redelivery() {
         "nothing appended after the close"
     );
 
-    let after = texts_after_close(&rig.interaction().await);
+    let after = texts_after_close(&rig.events(INTERACTION_TOPIC).await);
     assert_eq!(
         after,
         vec![
@@ -606,28 +602,12 @@ async fn a_bot_fallback_is_decided_once() {
 
 /// How many `closed` states the delivery topic holds for `agent`.
 async fn closed_told(rig: &Rig, agent: &str) -> usize {
-    let mut told = 0;
-    for p in rig
-        .bus
-        .partition_offsets(DELIVERY_TOPIC)
+    rig.events(DELIVERY_TOPIC)
         .await
-        .expect("offsets")
-    {
-        for m in rig
-            .bus
-            .read(DELIVERY_TOPIC, p.partition, 0, 1_000)
-            .await
-            .expect("read")
-        {
-            let e = crate::events::decode(&m.payload).expect("decode");
-            if let Ok(c) = e.body_as::<chat::ClientEvent>() {
-                if c.data.contains(r#""closed""#) && c.to_agents.iter().any(|a| a == agent) {
-                    told += 1;
-                }
-            }
-        }
-    }
-    told
+        .iter()
+        .filter_map(|e| e.body_as::<chat::ClientEvent>().ok())
+        .filter(|c| c.data.contains(r#""closed""#) && c.to_agents.iter().any(|a| a == agent))
+        .count()
 }
 
 /// The customer leaves while the chat is offered to an agent: the close tells that agent, and
