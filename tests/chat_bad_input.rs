@@ -255,6 +255,32 @@ async fn fixture() -> Fx {
     }
 }
 
+/// A chat of tenant A started through the API, its record Connected to alice as the worker
+/// would write it, and entries of `kinds` from the agent at positions 1, 2, ….
+async fn chat_with_entries(fx: &Fx, key: &str, kinds: &[EntryKind]) -> (Session, Conversation) {
+    let c = start(&fx.state, key, "Lou").await;
+    let s = fx.state.sessions().expect("session store");
+    let record = conversation(&fx.a.id, &c.id, ConversationState::Connected, "alice");
+    assert!(s.put_conversation(&record).await.expect("put"));
+    for (i, kind) in kinds.iter().enumerate() {
+        let entry = NewEntry {
+            event_id: format!("e{i}"),
+            kind: *kind,
+            from: Party {
+                participant_id: "agent".into(),
+                nickname: "Alice".into(),
+                kind: PartyKind::Agent,
+            },
+            text: Some("bye".into()),
+            message_id: None,
+            data: BTreeMap::new(),
+            at_ms: 1,
+        };
+        s.append(&fx.a.id, &c.id, &entry).await.expect("append");
+    }
+    (c, record)
+}
+
 async fn call(state: &AppState, req: Request<Body>) -> (StatusCode, Value) {
     let resp = edge::app(state.clone())
         .oneshot(req)
@@ -1077,29 +1103,9 @@ async fn a_closed_conversation_refuses_customer_actions() {
     assert_eq!(body["chat_ended"], true);
     // A v2 chat that ended with entries its client has not read: the agent's last words, the
     // agent leaving.
-    let c = start(&fx.state, &key, "Lou").await;
+    let (c, mut record) =
+        chat_with_entries(&fx, &key, &[EntryKind::Message, EntryKind::ParticipantLeft]).await;
     let s = fx.state.sessions().expect("session store");
-    let mut record = conversation(&fx.a.id, &c.id, ConversationState::Connected, "alice");
-    assert!(s.put_conversation(&record).await.expect("put"));
-    for (i, kind) in [EntryKind::Message, EntryKind::ParticipantLeft]
-        .into_iter()
-        .enumerate()
-    {
-        let entry = NewEntry {
-            event_id: format!("e{i}"),
-            kind,
-            from: Party {
-                participant_id: "agent".into(),
-                nickname: "Alice".into(),
-                kind: PartyKind::Agent,
-            },
-            text: Some("bye".into()),
-            message_id: None,
-            data: BTreeMap::new(),
-            at_ms: 1,
-        };
-        s.append(&fx.a.id, &c.id, &entry).await.expect("append");
-    }
     record.state = ConversationState::Closed;
     record.version = 1;
     assert!(s.put_conversation(&record).await.expect("put closed"));
@@ -3098,26 +3104,7 @@ async fn the_agent_list_holds_only_conversations_given_to_the_agent() {
 async fn a_read_receipt_past_the_end_is_refused_on_v3_and_read_all_on_v2() {
     let mut fx = fixture().await;
     let key = fx.a.key.clone();
-    let c = start(&fx.state, &key, "Lou").await;
-    let s = fx.state.sessions().expect("session store");
-    let record = conversation(&fx.a.id, &c.id, ConversationState::Connected, "alice");
-    assert!(s.put_conversation(&record).await.expect("put"));
-    for i in 0..2 {
-        let entry = NewEntry {
-            event_id: format!("e{i}"),
-            kind: EntryKind::Message,
-            from: Party {
-                participant_id: "agent".into(),
-                nickname: "Alice".into(),
-                kind: PartyKind::Agent,
-            },
-            text: Some("hi".into()),
-            message_id: None,
-            data: BTreeMap::new(),
-            at_ms: 1,
-        };
-        s.append(&fx.a.id, &c.id, &entry).await.expect("append");
-    }
+    let (c, _) = chat_with_entries(&fx, &key, &[EntryKind::Message, EntryKind::Message]).await;
     fx.rejected(
         "v3 receipt one past the end",
         v3_req(

@@ -698,7 +698,7 @@ impl ConversationWorker {
         // Decided once: a redelivery of a turn that fell back to the queue (and told the
         // customer so) falls back again, even if the bot answers now.
         let fell_back = format!("bot-down:{}", e.envelope.event_id);
-        let call = if self.store.seen(&fell_back).await.map_err(store_failed)? {
+        let call = if self.decided(&fell_back).await? {
             None
         } else {
             Some(super::bot::call(&self.http, &target, &request, &key, timeout).await)
@@ -715,12 +715,7 @@ impl ConversationWorker {
                         return Err(HandleError::Retry(err.to_string()));
                     }
                     warn!(conversation_id = %c.conversation_id, error = %err, "bot unavailable; handing off to the queue");
-                    let keep =
-                        std::time::Duration::from_secs(self.config.closed_retention_s.max(3_600));
-                    self.store
-                        .remember(&fell_back, keep)
-                        .await
-                        .map_err(store_failed)?;
+                    self.decide(&fell_back).await?;
                 }
                 let notice = entry(
                     e,
@@ -1324,18 +1319,14 @@ impl ConversationWorker {
     /// found none (edges refreshed its mark in between). Once answered no for `e`, always no.
     async fn customer_is_back(&self, e: &Event) -> Result<bool, HandleError> {
         let decided = format!("abandoned:{}", e.envelope.event_id);
-        if self.store.seen(&decided).await.map_err(store_failed)? {
+        if self.decided(&decided).await? {
             return Ok(false);
         }
         let mark = customer_mark(&e.envelope.tenant_id, &e.envelope.conversation_id);
         if self.store.seen(&mark).await.map_err(store_failed)? {
             return Ok(true);
         }
-        let keep = std::time::Duration::from_secs(self.config.closed_retention_s.max(3_600));
-        self.store
-            .remember(&decided, keep)
-            .await
-            .map_err(store_failed)?;
+        self.decide(&decided).await?;
         Ok(false)
     }
 
@@ -1439,7 +1430,7 @@ impl ConversationWorker {
         // to the queue (`named_target`), as after any accepted transfer.
         let decided = format!("transfer:{}", e.envelope.event_id);
         let refused = match refused {
-            Some(_) if self.store.seen(&decided).await.map_err(store_failed)? => {
+            Some(_) if self.decided(&decided).await? => {
                 c.routing.target_agent =
                     (b.target_kind == ev::TargetKind::Agent).then(|| b.target_id.clone());
                 // Refused now for another reason (a consult started meanwhile) the queue is
@@ -1471,11 +1462,7 @@ impl ConversationWorker {
                 )
                 .await;
         }
-        let keep = std::time::Duration::from_secs(self.config.closed_retention_s.max(3_600));
-        self.store
-            .remember(&decided, keep)
-            .await
-            .map_err(store_failed)?;
+        self.decide(&decided).await?;
         self.release(&tenant, &b.agent_id, e).await?;
         let agent = Party {
             participant_id: b.participant_id.clone(),
@@ -1910,6 +1897,23 @@ impl ConversationWorker {
         self.save(c, e).await?;
         self.release_holders(c, e).await?;
         self.announce_close(c, e, reason, by, agents, left).await
+    }
+
+    /// Whether a once-only decision `key` (an event's) was taken before: a retry of that event
+    /// must not decide otherwise on a changed world.
+    async fn decided(&self, key: &str) -> Result<bool, HandleError> {
+        self.store.seen(key).await.map_err(store_failed)
+    }
+
+    /// Records the decision `key`, kept as long as a closed conversation (redeliveries and
+    /// retries come well within that).
+    async fn decide(&self, key: &str) -> Step {
+        let keep = std::time::Duration::from_secs(self.config.closed_retention_s.max(3_600));
+        self.store
+            .remember(key, keep)
+            .await
+            .map(|_| ())
+            .map_err(store_failed)
     }
 
     /// Gives back every slot still held for the closed `c`: one reserved after the close read
