@@ -1023,6 +1023,51 @@ async fn a_closed_conversation_takes_no_more_entries(t: TestStore) {
         .expect("other conversation");
 }
 
+async fn a_closed_conversation_reserves_no_agent(t: TestStore) {
+    let s = &t.store;
+    let tn = &t.tenant;
+    s.set_presence(tn, "a1", true, &[], &chat(2), 10)
+        .await
+        .expect("set");
+    // No record yet (a new conversation about to be saved): the reserve goes ahead.
+    assert_eq!(
+        s.reserve_agent(tn, &reserve("c1", &[], &[]))
+            .await
+            .expect("reserve")
+            .as_deref(),
+        Some("a1")
+    );
+    let mut c = conversation(tn, "c1");
+    assert!(s.put_conversation(&c).await.expect("put"));
+    c.version = 1;
+    c.state = ConversationState::Closed;
+    assert!(s.put_conversation(&c).await.expect("close"));
+    // Saved closed: refused, even the retried reserve of the slot it still holds, and nothing
+    // more is taken (the close frees the holder it reads after its save).
+    for r in [reserve("c1", &[], &[]), reserve("c1", &[], &["a1"])] {
+        let refused = s.reserve_agent(tn, &r).await;
+        assert!(
+            matches!(refused, Err(StoreError::Closed(ref id)) if id == "c1"),
+            "{refused:?}"
+        );
+    }
+    let p = s.presence(tn, "a1").await.expect("get").expect("some");
+    assert_eq!(p.active, chat(1));
+    assert_eq!(s.slot_holders(tn, "c1").await.expect("holders"), ["a1"]);
+    assert!(s
+        .release_agent(tn, "a1", "chat", "c1", 50)
+        .await
+        .expect("release"));
+    // Another conversation of the tenant still gets the agent.
+    assert_eq!(
+        s.reserve_agent(tn, &reserve("c2", &[], &[]))
+            .await
+            .expect("reserve")
+            .as_deref(),
+        Some("a1")
+    );
+}
+
 async fn tenants_are_isolated(t: TestStore) {
     let s = &t.store;
     let (a, b) = (t.tenant.clone(), format!("{}-b", t.tenant));
@@ -1086,6 +1131,7 @@ per_store!(
     refresh_extends_a_key,
     expired_conversation_disappears,
     a_closed_conversation_takes_no_more_entries,
+    a_closed_conversation_reserves_no_agent,
     tenants_are_isolated,
 );
 

@@ -483,6 +483,9 @@ fn reserve_in(
     r: &Reserve,
 ) -> Result<Option<String>, StoreError> {
     let conv = r.conversation_id.as_str();
+    if closed_in(txn, tenant, conv)? {
+        return Err(StoreError::Closed(conv.to_string()));
+    }
     let mut holders = txn.open_table(HOLDERS).map_err(storage("open holders"))?;
     for row in holders
         .range((tenant, conv, "")..)

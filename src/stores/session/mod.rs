@@ -43,8 +43,9 @@ pub enum StoreError {
     /// Stored data this version cannot read (a bug or a foreign writer).
     #[error("session store data is corrupt: {0}")]
     Corrupt(String),
-    /// An append to a conversation whose record was saved closed: nothing is added after a
-    /// close, so a reader that finds the record closed has the whole transcript.
+    /// An append to (or an agent reserved for) a conversation whose record was saved closed:
+    /// nothing is added after a close, so a reader that finds the record closed has the whole
+    /// transcript, and a close leaves no agent slot taken.
     #[error("conversation {0} is closed")]
     Closed(String),
 }
@@ -362,7 +363,10 @@ pub trait SessionStore: Send + Sync + 'static {
     /// go round the idle agents) and returns the agent. Concurrent calls from
     /// any number of instances never take an agent over its capacity. If the conversation
     /// already holds a slot with an agent not excluded, returns that agent (a retried reserve
-    /// takes nothing more).
+    /// takes nothing more). Refused ([`StoreError::Closed`]) once the conversation's record is
+    /// saved closed, in the same atomic step: a close frees the holders it reads after its save,
+    /// so no slot is ever left taken for a closed conversation (a reserve for a conversation
+    /// with no record yet, about to be saved, goes ahead).
     async fn reserve_agent(&self, tenant: &str, r: &Reserve) -> Result<Option<String>, StoreError>;
 
     /// Gives the conversation's slot back (offer rejected or timed out, conversation ended);

@@ -111,8 +111,10 @@ end
 return {score, redis.call('HGETALL', KEYS[2])}
 "#;
 
-/// KEYS: agents, holder. ARGV: key prefix, conversation, media, skills JSON, excluded JSON.
-/// Returns the agent id or nil. The agents' own keys (`agent:`, `slots:`) are built from the
+/// KEYS: agents, holder, txids. ARGV: key prefix, conversation, media, skills JSON, excluded
+/// JSON. Returns the agent id or nil; an error `NXCLOSED` once the conversation is saved closed
+/// (its close reads the holders after that save, so a slot taken before is freed by it and none
+/// is taken after). The agents' own keys (`agent:`, `slots:`) are built from the
 /// prefix, so not declared; they share the tenant's hash tag, hence the slot of KEYS. Scans the
 /// tenant's agents in idle order: O(agents of the tenant), stopping at the first that fits.
 const RESERVE: &str = r#"
@@ -120,6 +122,7 @@ local prefix, conv, media = ARGV[1], ARGV[2], ARGV[3]
 local skills = cjson.decode(ARGV[4])
 local excl = {}
 for _, a in ipairs(cjson.decode(ARGV[5])) do excl[a] = true end
+if redis.call('HEXISTS', KEYS[3], 'closed') == 1 then return redis.error_reply('NXCLOSED conversation closed') end
 for _, a in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   if not excl[a] then return a end
 end
@@ -589,6 +592,7 @@ impl SessionStore for RedisStore {
             .reserve
             .key(format!("{pre}agents"))
             .key(self.key(tenant, "holder", &r.conversation_id))
+            .key(self.key(tenant, "txids", &r.conversation_id))
             .arg(&pre)
             .arg(&r.conversation_id)
             .arg(&r.media)
@@ -598,7 +602,10 @@ impl SessionStore for RedisStore {
             .arg(r.only.as_deref().unwrap_or(""))
             .invoke_async(&mut self.conn())
             .await
-            .map_err(redis_err)
+            .map_err(|e| match e.code() {
+                Some("NXCLOSED") => StoreError::Closed(r.conversation_id.clone()),
+                _ => redis_err(e),
+            })
     }
 
     async fn release_agent(

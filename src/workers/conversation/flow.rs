@@ -596,31 +596,17 @@ impl ConversationWorker {
             now_ms,
             only,
         };
-        let Some(agent) = self
-            .store
-            .reserve_agent(&c.tenant_id, &reserve)
-            .await
-            .map_err(store_failed)?
-        else {
-            return Ok(false);
+        // `c` may be an older copy of a record closed meanwhile: the store refuses then, in the
+        // reserve's own atomic step, and a close frees what was reserved before its save.
+        let agent = match self.store.reserve_agent(&c.tenant_id, &reserve).await {
+            Ok(Some(agent)) => agent,
+            Ok(None) => return Ok(false),
+            Err(StoreError::Closed(_)) => {
+                debug!(conversation_id = %c.conversation_id, "closed meanwhile; no offer");
+                return Ok(true);
+            }
+            Err(e) => return Err(store_failed(e)),
         };
-        // `c` may be an older copy: a close that read the slot holders before this reserve
-        // and saved after it would leave the slot taken for good. Read after the reserve, a
-        // record not closed yet means its close releases the holders again after its save.
-        // (No record: a new conversation this very event is about to save.)
-        let now = self
-            .store
-            .conversation(&c.tenant_id, &c.conversation_id)
-            .await
-            .map_err(store_failed)?;
-        if now.is_some_and(|n| n.state == ConversationState::Closed) {
-            debug!(conversation_id = %c.conversation_id, agent = %agent, "closed while reserving; released");
-            self.store
-                .release_agent(&c.tenant_id, &agent, CHAT_MEDIA, &c.conversation_id, now_ms)
-                .await
-                .map_err(store_failed)?;
-            return Ok(true);
-        }
         let attempt = c.routing.offers as usize + 1;
         let offer = ev::AgentOffered {
             offer_id: offer_id(&c.conversation_id, &agent, attempt),

@@ -385,10 +385,10 @@ async fn a_stale_offer_frees_a_declined_agent_and_keeps_a_consultant() {
     );
 }
 
-/// A dispatch working from a copy of the record taken before the conversation closed releases
-/// the agent it reserved once it sees the close: no offer, no slot held for good.
+/// A dispatch working from a copy of the record taken before the conversation closed reserves
+/// nobody (the store refuses a closed conversation): no offer, no slot held for good.
 #[tokio::test]
-async fn an_offer_for_a_conversation_closed_meanwhile_frees_its_slot() {
+async fn an_offer_for_a_conversation_closed_meanwhile_takes_no_slot() {
     let rig = rig().await;
     let mut queued = connected(&rig.tenant);
     queued.state = ConversationState::Queued;
@@ -473,8 +473,8 @@ async fn a_transfer_applied_again_is_not_refused_after_the_fact() {
     );
 }
 
-/// A close applied again (its first delivery died after the save) releases a slot reserved
-/// for the conversation after the first delivery read the holders.
+/// A close applied again (its first delivery died after the save, before its release) releases
+/// a slot reserved for the conversation after the first delivery read the holders.
 #[tokio::test]
 async fn a_redelivered_close_releases_a_slot_taken_meanwhile() {
     let rig = rig().await;
@@ -508,14 +508,16 @@ async fn a_redelivered_close_releases_a_slot_taken_meanwhile() {
         .append(&rig.tenant, CONVERSATION, &left)
         .await
         .expect("append");
+    // A dispatch from an older copy reserves between the close's read of the holders and its
+    // save (after the save, the store refuses).
+    rig.ready("bob", true).await;
+    rig.reserve("bob").await;
     record.state = ConversationState::Closed;
     record.version = 1;
     record
         .routing
         .mark_applied(event.envelope.event_id.to_string());
     assert!(rig.store.put_conversation(&record).await.expect("put"));
-    rig.ready("bob", true).await;
-    rig.reserve("bob").await;
     rig.worker
         .on_completed(&event, complete)
         .await
