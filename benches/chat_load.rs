@@ -20,7 +20,9 @@
 //! Env: NEXUS_BENCH_CHATS (default 1000), NEXUS_BENCH_AGENTS (20), NEXUS_BENCH_RATES
 //! (messages/s, default `50,100,200,500,1000,2000,5000`; the ladder stops at the first rate not
 //! held, since a backlog left behind would only spoil the next one), NEXUS_BENCH_SECONDS (per rate, default 10),
-//! NEXUS_BENCH_BIN (the nexus binary; default the one cargo built for this bench).
+//! NEXUS_BENCH_BIN (the nexus binary; default the one cargo built for this bench),
+//! NEXUS_BENCH_WORKER_THREADS (the nexus processes' async worker threads, `TOKIO_WORKER_THREADS`;
+//! default one per core), NEXUS_BENCH_LOG (their `RUST_LOG`, default `warn`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -194,13 +196,21 @@ impl Nexus {
             let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log file");
             Command::new(&bin)
                 .args(args)
-                .env("RUST_LOG", "warn")
+                .env(
+                    "RUST_LOG",
+                    std::env::var("NEXUS_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+                )
                 .env("NEXUS_HTTP__ADMIN_TOKEN", ADMIN)
                 .env("NEXUS_CHAT__CLIENT_KEY_SECRET", CLIENT_KEY_SECRET)
                 // Setup offers 1 000 chats at once; none may lapse on a loaded machine.
                 .env("NEXUS_WORKERS__CONVERSATION__OFFER_TIMEOUT_MS", "120000")
                 .env("NEXUS_WORKERS__CONVERSATION__REQUEUE_INTERVAL_MS", "300")
                 .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+                .envs(
+                    std::env::var("NEXUS_BENCH_WORKER_THREADS")
+                        .ok()
+                        .map(|n| ("TOKIO_WORKER_THREADS", n)),
+                )
                 .stdout(Stdio::from(log.try_clone().expect("log file")))
                 .stderr(Stdio::from(log))
                 .spawn()
