@@ -736,6 +736,48 @@ async fn dead_endpoint_does_not_slow_a_healthy_one(s: &System, rx: &Receiver) {
     }
     assert_eq!(disabled.len(), 1, "one disable, one event");
     assert_eq!(disabled[0].envelope.tenant_id, tenant.id);
+
+    // Enabled again and still hanging: disabled again, a new event (consumers dedup by id).
+    let hook_path = format!("/tenants/{}/webhooks/{hang_hook}", tenant.id);
+    let (status, v) = s
+        .admin_call(
+            reqwest::Method::PATCH,
+            &hook_path,
+            Some(json!({"enabled": true})),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    for i in 0..10 {
+        s.started(&tenant.id, &format!("hang-again-{i}")).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut ids = eventually(WAIT, "endpoint disabled again", || async {
+        let mut ids = Vec::new();
+        for p in s
+            .bus
+            .partition_offsets("nexus.webhooks.v1")
+            .await
+            .expect("offsets")
+        {
+            for rec in s
+                .bus
+                .read("nexus.webhooks.v1", p.partition, p.low, 100)
+                .await
+                .expect("read")
+            {
+                let e = nexus::events::decode(&rec.payload).expect("decode");
+                if e.envelope.event_type == "WebhookEndpointDisabled"
+                    && e.body["webhook_id"] == hang_hook.as_str()
+                {
+                    ids.push(e.envelope.event_id);
+                }
+            }
+        }
+        (ids.len() >= 2).then_some(ids)
+    })
+    .await;
+    ids.dedup();
+    assert_eq!(ids.len(), 2, "two disables, two event ids: {ids:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -405,15 +405,14 @@ impl Peer {
                     // A 2xx whose body did not arrive whole says nothing yet: try again.
                     Err(("failed", PeerFailure::retry(format!("{url}: {e}"))))
                 } else if status.is_success() {
+                    // Any 2xx is the peer's success: a body that is not JSON (a proxy's `OK`)
+                    // comes back as a string, for the callers that need an answer to refuse.
+                    // Counted as a failure, it would pause the peer for good, every probe
+                    // answered the same way.
                     if text.trim().is_empty() {
                         Ok(serde_json::Value::Null)
                     } else {
-                        serde_json::from_str(&text).map_err(|e| {
-                            (
-                                "failed",
-                                PeerFailure::retry(format!("{url}: answer is not JSON: {e}")),
-                            )
-                        })
+                        Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
                     }
                 } else if status.is_server_error() || matches!(status.as_u16(), 408 | 429) {
                     Err((

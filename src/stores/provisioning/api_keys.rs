@@ -120,7 +120,8 @@ impl Provisioning {
         sql::patch(&self.pool, "api_keys", tenant_id, id, sets, &[])
             .await
             .map_err(sql::unavailable)?;
-        // After the write: a lookup racing the update cannot re-cache the old row.
+        // After the write; a lookup that read the old row before it caches nothing (its
+        // ticket predates this clear).
         self.auth_cache.clear();
         self.api_key(tenant_id, id).await
     }
@@ -149,8 +150,9 @@ impl Provisioning {
         let key = match self.auth_cache.get(&hash) {
             Some(key) => key,
             None => {
+                let ticket = self.auth_cache.ticket();
                 let key = self.lookup_api_key(raw, &hash).await?;
-                self.auth_cache.put(hash, key.clone());
+                self.auth_cache.put(hash, key.clone(), ticket);
                 key
             }
         };

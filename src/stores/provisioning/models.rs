@@ -361,7 +361,7 @@ fn decode_cursor(cursor: &str) -> Result<String, ProvisioningError> {
         .decode(cursor)
         .ok()
         .and_then(|b| String::from_utf8(b).ok())
-        .filter(|id| !id.is_empty() && id.len() <= MAX_IDENT)
+        .filter(|id| !id.is_empty() && id.len() <= MAX_IDENT && !id.chars().any(char::is_control))
         .ok_or_else(|| invalid("after", "is not a cursor this API returned"))
 }
 
@@ -495,6 +495,13 @@ pub(super) fn expiry(value: Option<i64>) -> Result<Option<i64>, ProvisioningErro
 pub(super) fn url(value: &str) -> Result<String, ProvisioningError> {
     if value.len() > MAX_VALUE {
         return Err(invalid("url", format!("at most {MAX_VALUE} bytes")));
+    }
+    // The parser would drop them, and the raw value is what is stored and called.
+    if value.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(invalid(
+            "url",
+            "must not contain spaces or control characters",
+        ));
     }
     let parsed =
         reqwest::Url::parse(value).map_err(|e| invalid("url", format!("`{value}`: {e}")))?;

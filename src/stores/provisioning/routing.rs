@@ -4,7 +4,7 @@
 use sqlx::any::AnyRow;
 
 use super::models::{self, NewRoutingRule, Page, PageRequest, RoutingRule, RoutingRulePatch};
-use super::sql::{self, get, get_json, Keyed};
+use super::sql::{self, get, get_json, Keyed, Set};
 use super::{Object, Provisioning, ProvisioningError};
 
 const SELECT: &str = "SELECT id, tenant_id, channel, attributes, queue_id, required_skills, priority, bot_id, created_at_ms FROM routing_rules";
@@ -76,8 +76,17 @@ impl Provisioning {
     /// The queue and bot must exist in the rule's own tenant: another tenant's id is as
     /// unknown as a missing one.
     async fn check_links(&self, rule: &RoutingRule) -> Result<(), ProvisioningError> {
+        // No id holds a control character; PostgreSQL would refuse a NUL rather than find
+        // nothing, as SQLite does.
+        let unnamable = |id: &str| id.chars().any(char::is_control);
+        if unnamable(&rule.queue_id) {
+            return Err(ProvisioningError::NotFound(Object::Queue));
+        }
         self.queue(&rule.tenant_id, &rule.queue_id).await?;
         if let Some(bot_id) = &rule.bot_id {
+            if unnamable(bot_id) {
+                return Err(ProvisioningError::NotFound(Object::Bot));
+            }
             self.bot(&rule.tenant_id, bot_id).await?;
         }
         Ok(())
@@ -133,41 +142,44 @@ impl Provisioning {
         patch: RoutingRulePatch,
     ) -> Result<RoutingRule, ProvisioningError> {
         let mut rule = self.routing_rule(tenant_id, id).await?;
+        // The rule as patched is validated whole (its links must exist); only the patched
+        // columns are written, so two PATCHes of different fields that race both stay.
+        let mut sets = Vec::new();
         if let Some(channel) = &patch.channel {
             rule.channel = models::ident("channel", channel)?;
+            sets.push(("channel", Set::Text(Some(rule.channel.clone()))));
         }
         if let Some(attributes) = &patch.attributes {
             rule.attributes = models::attributes(attributes)?;
+            sets.push((
+                "attributes",
+                Set::Text(Some(sql::to_json(&rule.attributes))),
+            ));
         }
         if let Some(queue_id) = patch.queue_id {
             rule.queue_id = queue_id;
+            sets.push(("queue_id", Set::Text(Some(rule.queue_id.clone()))));
         }
         if let Some(skills) = &patch.required_skills {
             rule.required_skills = models::skills("required_skills", skills)?;
+            sets.push((
+                "required_skills",
+                Set::Text(Some(sql::to_json(&rule.required_skills))),
+            ));
         }
         if let Some(priority) = patch.priority {
             rule.priority = priority;
+            sets.push(("priority", Set::Int(Some(i64::from(priority)))));
         }
         if let Some(bot_id) = patch.bot_id {
             rule.bot_id = bot_id;
+            sets.push(("bot_id", Set::Text(rule.bot_id.clone())));
         }
         self.check_links(&rule).await?;
-        sqlx::query(
-            "UPDATE routing_rules SET channel = $3, attributes = $4, queue_id = $5, required_skills = $6, priority = $7, bot_id = $8 \
-             WHERE tenant_id = $1 AND id = $2",
-        )
-        .bind(rule.tenant_id.clone())
-        .bind(rule.id.clone())
-        .bind(rule.channel.clone())
-        .bind(sql::to_json(&rule.attributes))
-        .bind(rule.queue_id.clone())
-        .bind(sql::to_json(&rule.required_skills))
-        .bind(i64::from(rule.priority))
-        .bind(rule.bot_id.clone())
-        .execute(&self.pool)
-        .await
-        .map_err(|e| sql::write_error(e, referenced, referenced))?;
-        Ok(rule)
+        sql::patch(&self.pool, "routing_rules", tenant_id, id, sets, &[])
+            .await
+            .map_err(|e| sql::write_error(e, referenced, referenced))?;
+        self.routing_rule(tenant_id, id).await
     }
 
     pub async fn delete_routing_rule(

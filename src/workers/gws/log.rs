@@ -173,12 +173,19 @@ impl EffectLog {
         Ok(())
     }
 
-    /// Deletes the rows last touched before `before_ms` (any status); returns how many.
+    /// Deletes the rows last touched before `before_ms` (any status) of conversations with
+    /// nothing waiting in the retry backlog (a pending row there still tells its retry that an
+    /// earlier call may have reached GWS); returns how many.
     pub async fn prune(&self, before_ms: i64) -> Result<u64, LogError> {
-        let done = sqlx::query("DELETE FROM gws_effects WHERE updated_at_ms < $1")
-            .bind(before_ms)
-            .execute(&self.pool)
-            .await?;
+        let done = sqlx::query(
+            "DELETE FROM gws_effects WHERE updated_at_ms < $1 \
+             AND NOT EXISTS (SELECT 1 FROM effect_backlog b WHERE b.role = 'gws' \
+             AND b.tenant_id = gws_effects.tenant_id \
+             AND b.conversation_id = gws_effects.conversation_id)",
+        )
+        .bind(before_ms)
+        .execute(&self.pool)
+        .await?;
         Ok(done.rows_affected())
     }
 }
@@ -240,6 +247,50 @@ mod tests {
                 .expect("open")
                 .status,
             Status::Pending
+        );
+        db.close().await;
+    }
+
+    /// Old rows go, but not those of a conversation with events waiting in the retry backlog:
+    /// its retry must still see the pending row (an earlier call may have reached GWS).
+    #[tokio::test]
+    async fn prune_keeps_what_the_backlog_still_needs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = EncryptionKey::parse(&"00".repeat(32)).expect("key");
+        let db = Provisioning::connect(&dir.path().join("p.db").display().to_string(), &key)
+            .await
+            .expect("sqlite");
+        let log = EffectLog::new(db.pool().clone());
+        for c in ["c1", "c2"] {
+            let k = EffectKey {
+                tenant_id: "t1",
+                conversation_id: c,
+                effect: "send:m-1",
+            };
+            log.open(k, "e1", "SendMessage").await.expect("open");
+            assert!(log.claim(k, 0).await.expect("claim"));
+        }
+        sqlx::query(
+            "INSERT INTO effect_backlog (role, tenant_id, conversation_id, seq, event_id, topic, \
+             source_partition, source_offset, record_key, payload, headers_json, due_at_ms, \
+             attempts, created_at_ms) \
+             VALUES ('gws', 't1', 'c2', 1, 'e1', 'nexus.agent.v1', 0, 0, 'c2', '', '[]', 0, 0, 0)",
+        )
+        .execute(db.pool())
+        .await
+        .expect("backlog row");
+        let later = now_ms() + 1_000;
+        assert_eq!(log.prune(later).await.expect("prune"), 1, "c1's row only");
+        let kept = EffectKey {
+            tenant_id: "t1",
+            conversation_id: "c2",
+            effect: "send:m-1",
+        };
+        let row = log.open(kept, "e2", "SendMessage").await.expect("open");
+        assert_eq!(
+            (row.status, row.attempts),
+            (Status::Pending, 1),
+            "still attempted"
         );
         db.close().await;
     }

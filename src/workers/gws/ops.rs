@@ -127,8 +127,9 @@ pub fn operation_of(event: &Event) -> Result<Option<Operation>, BodyError> {
             }
             Operation {
                 kind: OpKind::Complete,
-                // An agent completes a conversation once.
-                effect_key: format!("complete:{}", b.agent_id),
+                // Per event: an agent may complete more than once (a consultant leaves the
+                // consultation, is later given the chat and completes it).
+                effect_key: format!("complete:{}", e.event_id),
                 body: Value::Object(body),
                 agent_id: b.agent_id,
                 message_id: None,

@@ -12,11 +12,12 @@ use axum::Router;
 
 use super::*;
 use crate::bus::Message;
-use crate::events::chat::{AgentAccepted, AgentState, AgentStateChanged};
+use crate::events::chat::{AgentAccepted, AgentState, AgentStateChanged, ConversationCompleted};
 use crate::stores::provisioning::secrets::EncryptionKey;
 use crate::stores::provisioning::Provisioning;
 
-/// A GWS that counts POSTs and answers `status` (changeable); it knows no chat (GET is 404).
+/// A GWS that counts POSTs and answers `status` (changeable) with a plain-text body, as a
+/// proxy in front of it may; it knows no chat (GET is 404).
 async fn gws(status: u16) -> (String, Arc<Mutex<u32>>, Arc<Mutex<u16>>) {
     let calls = Arc::new(Mutex::new(0u32));
     let status = Arc::new(Mutex::new(status));
@@ -27,7 +28,7 @@ async fn gws(status: u16) -> (String, Arc<Mutex<u32>>, Arc<Mutex<u16>>) {
             get(|| async { StatusCode::NOT_FOUND }).post(|State((calls, status)): S| async move {
                 *calls.lock().unwrap_or_else(|p| p.into_inner()) += 1;
                 let code = *status.lock().unwrap_or_else(|p| p.into_inner());
-                StatusCode::from_u16(code).unwrap_or(StatusCode::OK)
+                (StatusCode::from_u16(code).unwrap_or(StatusCode::OK), "OK")
             }),
         )
         .with_state((calls.clone(), status.clone()));
@@ -121,5 +122,56 @@ async fn a_refused_call_is_dead_lettered_and_a_replay_tries_again() {
     w.apply(&e, &message()).await.expect("replayed");
     w.apply(&e, &message()).await.expect("duplicate");
     assert_eq!(*calls.lock().unwrap(), 2, "refused once, applied once");
+    db.close().await;
+}
+
+/// A 2xx whose body is not JSON is GWS's success: nothing retried, the peer never paused.
+#[tokio::test]
+async fn a_plain_text_success_is_success() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (url, calls, _) = gws(200).await;
+    let (w, db) = worker(&url, dir.path()).await;
+    for c in ["c1", "c2", "c3", "c4", "c5"] {
+        let body = AgentAccepted {
+            offer_id: format!("o-{c}"),
+            agent_id: "a1".into(),
+            participant_id: "a1".into(),
+            nickname: "Alice".into(),
+        };
+        let e = Event::typed(&body, "t1", c, "edge/agent").expect("typed");
+        w.apply(&e, &message()).await.expect("applied");
+    }
+    assert_eq!(
+        *calls.lock().unwrap(),
+        5,
+        "one call each, none refused by a paused peer"
+    );
+    db.close().await;
+}
+
+/// An agent may complete a conversation more than once (a consultant leaving the consultation,
+/// then, given the chat by a transfer, completing it): each completion is its own call, a
+/// redelivered one is not.
+#[tokio::test]
+async fn each_completion_of_an_agent_is_called_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (url, calls, _) = gws(200).await;
+    let (w, db) = worker(&url, dir.path()).await;
+    let complete = || {
+        let body = ConversationCompleted {
+            agent_id: "a1".into(),
+            participant_id: "a1".into(),
+            disposition: None,
+            note: None,
+            user_data: Default::default(),
+            close_conversation: true,
+        };
+        Event::typed(&body, "t1", "c1", "edge/agent").expect("typed")
+    };
+    let (first, second) = (complete(), complete());
+    w.apply(&first, &message()).await.expect("first");
+    w.apply(&second, &message()).await.expect("second");
+    w.apply(&first, &message()).await.expect("redelivered");
+    assert_eq!(*calls.lock().unwrap(), 2);
     db.close().await;
 }

@@ -362,21 +362,27 @@ impl HistoryStore {
     /// dead-lettered), or open with no entry kept since either (their close never reached the
     /// worker: config check keeps a chat's idle timeout and grace under the retention);
     /// answers how many conversations. A quiet async chat whose customer keeps coming back
-    /// keeps getting entries and stays. Entries whose conversation is gone go too.
+    /// keeps getting entries and stays. Entries whose conversation is gone go too. Nothing of a
+    /// conversation with events waiting in the retry backlog goes (its close may be among them).
     pub async fn prune_done(&self, before_ms: i64) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "DELETE FROM history_entries WHERE EXISTS (SELECT 1 FROM history_conversations c \
              WHERE c.tenant_id = history_entries.tenant_id \
              AND c.conversation_id = history_entries.conversation_id \
-             AND c.closed_json IS NOT NULL AND c.updated_at_ms < $1)",
+             AND c.closed_json IS NOT NULL AND c.updated_at_ms < $1 \
+             AND NOT EXISTS (SELECT 1 FROM effect_backlog b WHERE b.role = 'history' \
+             AND b.tenant_id = c.tenant_id AND b.conversation_id = c.conversation_id))",
         )
         .bind(before_ms)
         .execute(&mut *tx)
         .await?;
         let done = sqlx::query(
             "DELETE FROM history_conversations WHERE (step = $1 OR closed_json IS NOT NULL) \
-             AND updated_at_ms < $2",
+             AND updated_at_ms < $2 \
+             AND NOT EXISTS (SELECT 1 FROM effect_backlog b WHERE b.role = 'history' \
+             AND b.tenant_id = history_conversations.tenant_id \
+             AND b.conversation_id = history_conversations.conversation_id)",
         )
         .bind(Step::Done as i64)
         .bind(before_ms)

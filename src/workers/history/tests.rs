@@ -346,6 +346,32 @@ async fn the_state_store_applies_each_step_once() {
         .record_close("t", "stuck", &closed, "e4")
         .await
         .expect("close stuck"));
+    // Closed, its close waiting in the retry backlog (its UCS down for weeks): kept whole, the
+    // transcript is still to be written.
+    assert!(s
+        .record_start("t", "closing", &started(), "e6")
+        .await
+        .expect("start closing"));
+    assert_eq!(
+        s.add_entry("t", "closing", &entry(0, "bye", &[]))
+            .await
+            .expect("closing entry"),
+        Kept::New
+    );
+    assert!(s
+        .record_close("t", "closing", &closed, "e7")
+        .await
+        .expect("close closing"));
+    sqlx::query(
+        "INSERT INTO effect_backlog (role, tenant_id, conversation_id, seq, event_id, topic, \
+         source_partition, source_offset, record_key, payload, headers_json, due_at_ms, \
+         attempts, created_at_ms) \
+         VALUES ('history', 't', 'closing', 1, 'e7', 'nexus.interaction.v1', 0, 0, 'closing', \
+         '', '[]', 0, 0, 0)",
+    )
+    .execute(p.pool())
+    .await
+    .expect("backlog row");
     let cut = chrono::Utc::now().timestamp_millis() + 1_000;
     assert_eq!(
         s.prune_done(cut - 60_000).await.expect("prune"),
@@ -364,6 +390,8 @@ async fn the_state_store_applies_each_step_once() {
     assert!(s.load("t", "quiet").await.expect("load").is_none());
     assert!(s.entries("t", "quiet").await.expect("entries").is_empty());
     assert!(s.load("t", "waiting").await.expect("load").is_some());
+    assert!(s.load("t", "closing").await.expect("load").is_some());
+    assert_eq!(s.entries("t", "closing").await.expect("entries").len(), 1);
     // Entries of a conversation whose start never came (dead-lettered) go once old.
     assert_eq!(
         s.add_entry("t", "orphan", &entry(0, "lost", &[]))

@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use super::config::WebhooksConfig;
 use super::signing;
-use super::store::{After, AttemptRecord, Claimed, MessageStore, NewMessage};
+use super::store::{After, AttemptRecord, Claimed, Left, MessageStore, NewMessage};
 use super::target;
 use crate::bus::Bus;
 use crate::events::publish::publish;
@@ -437,9 +437,13 @@ impl Dispatcher {
                         // Exhausted earlier, but the dead-letter publish did not complete.
                         let me = self.clone();
                         tokio::spawn(async move {
-                            let attempts = msg.attempts;
+                            let left = Left {
+                                attempts: msg.attempts,
+                                round_attempts: msg.round_attempts,
+                                lease_until_ms: Some(msg.lease_until_ms),
+                            };
                             let (code, error) = (msg.last_status_code, msg.last_error.clone());
-                            me.dead_letter(&msg, attempts, code, error).await;
+                            me.dead_letter(&msg, left, code, error).await;
                         });
                         continue;
                     }
@@ -662,9 +666,14 @@ impl Dispatcher {
                     }
                     After::Exhausted => {
                         self.endpoint_failed(&msg, now).await;
+                        let left = Left {
+                            attempts: msg.attempts + 1,
+                            round_attempts: msg.round_attempts + 1,
+                            lease_until_ms: None,
+                        };
                         self.dead_letter(
                             &msg,
-                            msg.attempts + 1,
+                            left,
                             sent.record.status_code,
                             sent.record.error.clone(),
                         )
@@ -852,12 +861,14 @@ impl Dispatcher {
                     failing_since_ms: since,
                     reason,
                 };
+                // One id per failing streak: pods disabling the same streak agree, a disable
+                // after a re-enable is a new event (not deduplicated away by consumers).
                 self.publish(
                     &body,
                     &msg.tenant_id,
                     &msg.webhook_id,
                     WEBHOOK_EVENTS_TOPIC,
-                    "disabled",
+                    &format!("disabled/{since}"),
                 )
                 .await;
             }
@@ -871,10 +882,26 @@ impl Dispatcher {
     async fn dead_letter(
         &self,
         msg: &Claimed,
-        attempts: i64,
+        left: Left,
         last_status_code: Option<i64>,
         last_error: Option<String>,
     ) {
+        let attempts = left.attempts;
+        match self.store.still_exhausted(msg, &left).await {
+            Ok(true) => {}
+            Ok(false) => {
+                // Another sender took it over (this one's lease lapsed mid-attempt), or an
+                // operator resent it: theirs to settle.
+                tracing::info!(message_id = %msg.id, "exhausted webhook message moved on meanwhile; not dead-lettered");
+                return;
+            }
+            Err(e) => {
+                metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "mark_dead")
+                    .increment(1);
+                tracing::warn!(error = %e, "reading an exhausted webhook message failed; a later claim dead-letters it");
+                return;
+            }
+        }
         let body = WebhookMessageDead {
             webhook_id: msg.webhook_id.clone(),
             message_id: msg.id.clone(),
@@ -903,11 +930,20 @@ impl Dispatcher {
                 .await;
             return;
         }
-        if let Err(e) = self.store.mark_dead(msg, now_ms()).await {
-            metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "mark_dead")
-                .increment(1);
-            tracing::warn!(error = %e, "marking a dead-lettered webhook message failed");
-            return;
+        match self.store.mark_dead(msg, &left, now_ms()).await {
+            Ok(true) => {}
+            Ok(false) => {
+                // Resent (or taken over) between the check and now: the published record
+                // stands for an exhaustion that was real, the message goes on.
+                tracing::info!(message_id = %msg.id, "webhook message moved on while dead-lettered; left as it is");
+                return;
+            }
+            Err(e) => {
+                metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "mark_dead")
+                    .increment(1);
+                tracing::warn!(error = %e, "marking a dead-lettered webhook message failed");
+                return;
+            }
         }
         metrics::counter!(m::WEBHOOK_DEAD_LETTERED_TOTAL, "subscription" => self.labels.of(&msg.webhook_id))
             .increment(1);

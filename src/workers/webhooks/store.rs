@@ -140,6 +140,19 @@ pub(super) fn outcome_state(after: After, now_ms: i64) -> (&'static str, Option<
     (status, next, next.filter(|_| after != After::Exhausted))
 }
 
+/// How a sender left an exhausted message: its attempt counters and lease (none once its
+/// last attempt was logged, the claim's own when it only finishes an earlier dead-lettering).
+#[derive(Debug, Clone, Copy)]
+pub struct Left {
+    pub attempts: i64,
+    pub round_attempts: i64,
+    pub lease_until_ms: Option<i64>,
+}
+
+/// The row is still as [`Left`] says ($2 attempts, $3 round attempts, $4 lease).
+const LEFT_AS_IS: &str = "status = 'pending' AND attempts = $2 AND round_attempts = $3 \
+     AND (lease_until_ms = $4 OR (lease_until_ms IS NULL AND $4 IS NULL))";
+
 /// A message claimed for one attempt.
 #[derive(Debug, Clone)]
 pub struct Claimed {
@@ -778,16 +791,45 @@ impl MessageStore {
         Ok(())
     }
 
-    /// Marks an exhausted message dead (after its dead-letter record was published).
-    pub async fn mark_dead(&self, m: &Claimed, now_ms: i64) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE webhook_messages SET status = 'dead', next_attempt_at_ms = NULL, lease_until_ms = NULL, updated_at_ms = $2 WHERE id = $1 AND status = 'pending'",
-        )
+    /// Whether the exhausted message is still as this sender left it (`left`): pending, no
+    /// attempt or resend since, no other sender's lease. A sender whose lease lapsed mid-attempt
+    /// must not dead-letter a message another sender is delivering or has delivered.
+    pub async fn still_exhausted(&self, m: &Claimed, left: &Left) -> Result<bool, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT 1 AS one FROM webhook_messages WHERE id = $1 AND {LEFT_AS_IS}"
+        ))
         .bind(m.id.clone())
+        .bind(left.attempts)
+        .bind(left.round_attempts)
+        .bind(left.lease_until_ms)
+        .fetch_optional(&self.relaxed)
+        .await?;
+        Ok(row.is_some())
+    }
+
+    /// Marks an exhausted message dead (after its dead-letter record was published), if it is
+    /// still as this sender left it; whether it did.
+    pub async fn mark_dead(
+        &self,
+        m: &Claimed,
+        left: &Left,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(&format!(
+            "UPDATE webhook_messages SET status = 'dead', next_attempt_at_ms = NULL, lease_until_ms = NULL, updated_at_ms = $5 WHERE id = $1 AND {LEFT_AS_IS}"
+        ))
+        .bind(m.id.clone())
+        .bind(left.attempts)
+        .bind(left.round_attempts)
+        .bind(left.lease_until_ms)
         .bind(now_ms)
         .execute(&self.relaxed)
         .await?;
-        self.released(m, status::DEAD, now_ms).await
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        self.released(m, status::DEAD, now_ms).await?;
+        Ok(true)
     }
 
     /// Messages of a subscription, by id, optionally of one status.
@@ -1166,6 +1208,95 @@ mod tests {
         let mut after = claimed(5_000).await;
         after.sort();
         assert_eq!(after, ["msg_0", "msg_1"], "both once the pause is over");
+    }
+
+    /// A sender whose lease lapsed during its last attempt neither logs it nor dead-letters
+    /// the message that another sender now holds and then delivers; a sender that still owns
+    /// its exhausted message does.
+    #[tokio::test]
+    async fn a_late_sender_does_not_dead_letter_a_message_taken_over() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = Provisioning::temporary(dir.path()).await;
+        let tenant = p
+            .create_tenant(NewTenant { name: "t".into() })
+            .await
+            .expect("tenant");
+        let hook = standard_webhook(&p, &tenant.id, "https://hooks.example.com/in").await;
+        let store = MessageStore::new(p.pool().clone(), p.kind());
+        for (i, c) in ["c1", "c2"].iter().enumerate() {
+            let m = NewMessage {
+                id: format!("msg_{i}"),
+                tenant_id: tenant.id.clone(),
+                webhook_id: hook.clone(),
+                event_id: format!("e-{i}"),
+                conversation_id: c.to_string(),
+                event: WebhookEvent::Started,
+                body: "{}".into(),
+            };
+            assert!(store.insert(&m, 1_000).await.expect("insert"));
+        }
+        let attempt = |outcome: &'static str, code: i64| AttemptRecord {
+            started_at_ms: 1_000,
+            outcome,
+            status_code: Some(code),
+            latency_ms: 1,
+            error: None,
+        };
+        let status = |id: &'static str| {
+            let pool = p.pool().clone();
+            async move {
+                sqlx::query_scalar::<_, String>("SELECT status FROM webhook_messages WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(&pool)
+                    .await
+                    .expect("status")
+            }
+        };
+        let mut a = store.claim(1_000, 2_000, 10, &[]).await.expect("claim a");
+        a.sort_by(|x, y| x.id.cmp(&y.id));
+        assert_eq!(a.len(), 2);
+        let left = |m: &Claimed| Left {
+            attempts: m.attempts + 1,
+            round_attempts: m.round_attempts + 1,
+            lease_until_ms: None,
+        };
+        // msg_1: a logs its last attempt within its lease: exhausted, then dead.
+        store
+            .record(&a[1], &attempt("failed", 500), After::Exhausted, 1_500)
+            .await
+            .expect("exhausted");
+        assert!(store
+            .still_exhausted(&a[1], &left(&a[1]))
+            .await
+            .expect("check"));
+        assert!(store
+            .mark_dead(&a[1], &left(&a[1]), 1_600)
+            .await
+            .expect("mark"));
+        assert_eq!(status("msg_1").await, "dead");
+        // msg_0: a's lease lapses mid-attempt and b takes it over.
+        let b = store.claim(3_000, 5_000, 10, &[]).await.expect("claim b");
+        assert_eq!(
+            b.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+            ["msg_0"]
+        );
+        store
+            .record(&a[0], &attempt("failed", 500), After::Exhausted, 3_500)
+            .await
+            .expect("a's late outcome");
+        assert!(!store
+            .still_exhausted(&a[0], &left(&a[0]))
+            .await
+            .expect("check"));
+        assert!(!store
+            .mark_dead(&a[0], &left(&a[0]), 3_600)
+            .await
+            .expect("mark"));
+        store
+            .record(&b[0], &attempt("ok", 204), After::Delivered, 4_000)
+            .await
+            .expect("b's outcome");
+        assert_eq!(status("msg_0").await, "delivered");
     }
 
     /// The log's retention on SQLite (`nexus dev`): finished messages and their attempts go,
