@@ -566,6 +566,9 @@ impl MessageStore {
                  AND (m.lease_until_ms IS NULL OR m.lease_until_ms < $3) {excluded} \
                  AND EXISTS (SELECT 1 FROM webhooks w WHERE w.id = m.webhook_id AND w.enabled = 1 \
                    AND (w.paused_until_ms IS NULL OR w.paused_until_ms <= $2)) \
+                 AND NOT EXISTS (SELECT 1 FROM webhook_messages p WHERE p.tenant_id = m.tenant_id \
+                   AND p.conversation_id = m.conversation_id AND p.webhook_id = m.webhook_id \
+                   AND p.seq < m.seq AND p.status = 'pending') \
                ORDER BY m.next_attempt_at_ms LIMIT $4 {lock})  \
              RETURNING id, tenant_id, webhook_id, event_id, conversation_id, event, body, attempts, round_attempts, last_status_code, last_error, lease_until_ms"
         );
@@ -1208,6 +1211,78 @@ mod tests {
         let mut after = claimed(5_000).await;
         after.sort();
         assert_eq!(after, ["msg_0", "msg_1"], "both once the pause is over");
+    }
+
+    /// A STARTED queued again (replayed, resent, recovered) goes before its conversation's
+    /// FINISHED, even one that was already due when the STARTED came back.
+    #[tokio::test]
+    async fn a_finished_already_due_waits_for_its_started_queued_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = Provisioning::temporary(dir.path()).await;
+        let tenant = p
+            .create_tenant(NewTenant { name: "t".into() })
+            .await
+            .expect("tenant");
+        let hook = standard_webhook(&p, &tenant.id, "https://hooks.example.com/in").await;
+        let store = MessageStore::new(p.pool().clone(), p.kind());
+        for (id, event) in [
+            ("msg_s", WebhookEvent::Started),
+            ("msg_f", WebhookEvent::Finished),
+        ] {
+            let m = NewMessage {
+                id: id.into(),
+                tenant_id: tenant.id.clone(),
+                webhook_id: hook.clone(),
+                event_id: format!("e-{id}"),
+                conversation_id: "c1".into(),
+                event,
+                body: "{}".into(),
+            };
+            assert!(store.insert(&m, 100).await.expect("insert"));
+        }
+        // The STARTED went dead, which released the FINISHED: due, waiting for a retry.
+        sqlx::query("UPDATE webhook_messages SET status = 'dead', next_attempt_at_ms = NULL WHERE id = 'msg_s'")
+            .execute(p.pool())
+            .await
+            .expect("dead");
+        sqlx::query("UPDATE webhook_messages SET next_attempt_at_ms = 500 WHERE id = 'msg_f'")
+            .execute(p.pool())
+            .await
+            .expect("due");
+        assert_eq!(
+            store
+                .replay_since(&tenant.id, &hook, 0, 1_000)
+                .await
+                .expect("replay"),
+            1
+        );
+        let got = store.claim(1_000, 2_000, 10, &[]).await.expect("claim");
+        assert_eq!(
+            got.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+            ["msg_s"],
+            "the FINISHED waits"
+        );
+        store
+            .record(
+                &got[0],
+                &AttemptRecord {
+                    started_at_ms: 1_000,
+                    outcome: "ok",
+                    status_code: Some(204),
+                    latency_ms: 1,
+                    error: None,
+                },
+                After::Delivered,
+                1_100,
+            )
+            .await
+            .expect("delivered");
+        let got = store.claim(1_200, 2_000, 10, &[]).await.expect("claim");
+        assert_eq!(
+            got.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+            ["msg_f"],
+            "then the FINISHED"
+        );
     }
 
     /// A sender whose lease lapsed during its last attempt neither logs it nor dead-letters
