@@ -930,7 +930,8 @@ impl MessageStore {
     }
 
     /// Queues one message again for a fresh round of the schedule (same webhook-id); whether
-    /// it exists.
+    /// it exists. A sender holding it loses its lease: its outcome is not logged over the fresh
+    /// round, nor can it dead-letter the message (the attempt it was making may still arrive).
     pub async fn resend(
         &self,
         tenant_id: &str,
@@ -939,7 +940,7 @@ impl MessageStore {
         now_ms: i64,
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "UPDATE webhook_messages SET status = 'pending', round_attempts = 0, next_attempt_at_ms = CASE WHEN seq = 0 THEN CAST($4 AS BIGINT) END, updated_at_ms = $5 WHERE tenant_id = $1 AND webhook_id = $2 AND id = $3",
+            "UPDATE webhook_messages SET status = 'pending', round_attempts = 0, lease_until_ms = NULL, next_attempt_at_ms = CASE WHEN seq = 0 THEN CAST($4 AS BIGINT) END, updated_at_ms = $5 WHERE tenant_id = $1 AND webhook_id = $2 AND id = $3",
         )
         .bind(tenant_id.to_string())
         .bind(webhook_id.to_string())
@@ -1372,6 +1373,33 @@ mod tests {
             .await
             .expect("b's outcome");
         assert_eq!(status("msg_0").await, "delivered");
+        // msg_0 resent while a sender is on its last attempt: that attempt's outcome neither
+        // ends the fresh round nor dead-letters the message.
+        assert!(store
+            .resend(&tenant.id, &hook, "msg_0", 5_000)
+            .await
+            .expect("resend"));
+        let c = store.claim(5_000, 6_000, 10, &[]).await.expect("claim c");
+        assert_eq!(c.len(), 1);
+        assert!(store
+            .resend(&tenant.id, &hook, "msg_0", 5_100)
+            .await
+            .expect("resend again"));
+        store
+            .record(&c[0], &attempt("failed", 500), After::Exhausted, 5_200)
+            .await
+            .expect("c's outcome");
+        assert!(!store
+            .mark_dead(&c[0], &left(&c[0]), 5_300)
+            .await
+            .expect("mark"));
+        let (st, round): (String, i64) = sqlx::query_as(
+            "SELECT status, round_attempts FROM webhook_messages WHERE id = 'msg_0'",
+        )
+        .fetch_one(p.pool())
+        .await
+        .expect("row");
+        assert_eq!((st.as_str(), round), ("pending", 0), "a fresh round");
     }
 
     /// The log's retention on SQLite (`nexus dev`): finished messages and their attempts go,
