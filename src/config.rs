@@ -489,6 +489,17 @@ impl Config {
             .map_err(|e| invalid("workers.history.ucs", e))?;
         crate::workers::gws::config::validate(&self.workers.gws)
             .map_err(|m| invalid(crate::workers::gws::config::KEY, m))?;
+        // The backlog takes an event over at two thirds of the handler timeout.
+        let lane = self.consumer_handler_timeout() * 2 / 3;
+        self.workers
+            .history
+            .ucs
+            .validate_timeouts("workers.history.ucs", lane)
+            .map_err(|e| invalid("workers.history.ucs.timeout_ms", e))?;
+        self.workers
+            .gws
+            .validate_timeouts(crate::workers::gws::config::KEY, lane)
+            .map_err(|e| invalid("workers.gws.timeout_ms", e))?;
         if tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level).is_err() {
             return Err(invalid(
                 "telemetry.log_level",
@@ -635,6 +646,42 @@ mod tests {
         let mut c = Config::defaults();
         c.stores.redis_namespace = "prod-eu.1".into();
         c.validate().expect("a valid namespace");
+
+        // A peer call that cannot finish before the backlog takes its event over (two thirds
+        // of the 30 s handler timeout), or one with no time at all.
+        for (ucs_ms, tenant_ms, ok) in [
+            (0, 0, false),
+            (20_000, 0, false),
+            (10_000, 25_000, false),
+            (10_000, 19_999, true),
+        ] {
+            let mut c = Config::defaults();
+            c.workers.history.ucs.url = "http://ucs.example.com".into();
+            c.workers.history.ucs.timeout_ms = ucs_ms;
+            c.workers.history.ucs.tenants.insert(
+                "t1".into(),
+                crate::workers::peer::PeerTarget {
+                    url: "http://ucs-t1.example.com".into(),
+                    credential: String::new(),
+                    timeout_ms: tenant_ms,
+                },
+            );
+            match c.validate() {
+                Ok(()) => assert!(ok, "{ucs_ms}/{tenant_ms} passed"),
+                Err(e) => {
+                    assert!(!ok, "{ucs_ms}/{tenant_ms}: {e}");
+                    assert!(e.to_string().contains("workers.history.ucs"), "{e}");
+                }
+            }
+        }
+        let mut c = Config::defaults();
+        c.workers.gws.url = "http://gws.example.com".into();
+        c.workers.gws.timeout_ms = 25_000;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("workers.gws.timeout_ms"));
 
         let mut c = Config::defaults();
         c.workers.gws.url = "gws.example.com".into();

@@ -140,6 +140,35 @@ impl PeerConfig {
         Ok(())
     }
 
+    /// Every configured target's timeout (its own, else the global one) is at least 1 ms and
+    /// under `lane`, the time an event may run on the consumer's lane before it moves to the
+    /// backlog: a call that needs longer would be cut on every try, each cut not counted as a
+    /// failure, and its event would be tried forever.
+    pub fn validate_timeouts(&self, key: &str, lane: Duration) -> Result<(), String> {
+        let lane_ms = u64::try_from(lane.as_millis()).unwrap_or(u64::MAX);
+        let global = (!self.url.is_empty()).then(|| (format!("{key}.timeout_ms"), self.timeout_ms));
+        let tenants = self
+            .tenants
+            .iter()
+            .filter(|(_, t)| !t.url.is_empty())
+            .map(|(id, t)| match t.timeout_ms {
+                0 => (
+                    format!("{key}.timeout_ms (for tenant {id})"),
+                    self.timeout_ms,
+                ),
+                own => (format!("{key}.tenants.{id}.timeout_ms"), own),
+            });
+        for (k, ms) in global.into_iter().chain(tenants) {
+            if ms == 0 || ms >= lane_ms {
+                return Err(format!(
+                    "{k}: {ms} ms; must be at least 1 and under {lane_ms} ms (two thirds of \
+                     consumer.handler_timeout_ms), or a call that takes it could never complete"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Replaces every credential with `with` (for printing the config).
     pub fn redact(&mut self, with: &str) {
         if !self.credential.is_empty() {
