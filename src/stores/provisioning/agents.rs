@@ -62,7 +62,7 @@ impl Provisioning {
         .bind(agent.created_at_ms)
         .execute(&self.pool)
         .await
-        .map_err(|e| sql::write_error(e, duplicate(&agent.name), String::new))?;
+        .map_err(|e| sql::insert_error(e, duplicate(&agent.name)))?;
         Ok(CreatedAgent {
             agent,
             token: token.raw,

@@ -67,7 +67,7 @@ impl Provisioning {
         .bind(api_key.created_at_ms)
         .execute(&self.pool)
         .await
-        .map_err(|e| sql::write_error(e, never_conflicts, never_conflicts))?;
+        .map_err(|e| sql::insert_error(e, never_conflicts))?;
         Ok(CreatedApiKey {
             api_key,
             key: token.raw,

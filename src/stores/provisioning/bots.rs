@@ -74,7 +74,7 @@ impl Provisioning {
         .bind(bot.created_at_ms)
         .execute(&self.pool)
         .await
-        .map_err(|e| sql::write_error(e, duplicate(&bot.name), referenced))?;
+        .map_err(|e| sql::insert_error(e, duplicate(&bot.name)))?;
         Ok(CreatedBot {
             bot,
             token: token.raw,

@@ -52,7 +52,7 @@ impl Provisioning {
         .bind(queue.created_at_ms)
         .execute(&self.pool)
         .await
-        .map_err(|e| sql::write_error(e, duplicate(&queue.name), referenced))?;
+        .map_err(|e| sql::insert_error(e, duplicate(&queue.name)))?;
         Ok(queue)
     }
 

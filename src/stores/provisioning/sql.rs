@@ -40,6 +40,20 @@ pub(super) fn write_error(
     unavailable(e)
 }
 
+/// [`write_error`] for an insert whose only foreign key is its tenant: a violation means the
+/// tenant was deleted between its check and the insert (404, as if the check had seen it).
+pub(super) fn insert_error(
+    e: sqlx::Error,
+    duplicate: impl FnOnce() -> String,
+) -> ProvisioningError {
+    if let sqlx::Error::Database(db) = &e {
+        if db.kind() == ErrorKind::ForeignKeyViolation {
+            return ProvisioningError::NotFound(super::Object::Tenant);
+        }
+    }
+    write_error(e, duplicate, String::new)
+}
+
 pub(super) fn to_json<T: Serialize>(value: &T) -> String {
     // Maps of strings and lists of strings or enums always serialize.
     serde_json::to_string(value).unwrap_or_else(|_| "null".to_string())
@@ -203,4 +217,29 @@ pub(super) async fn row_by_token(
         return Err(AuthError::Unknown);
     }
     Ok(row)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stores::provisioning::{Object, Provisioning};
+
+    /// A queue inserted for a tenant that is gone (deleted between the create's check and its
+    /// insert) is a 404 for the tenant, not a conflict.
+    #[tokio::test]
+    async fn an_insert_for_a_tenant_gone_is_not_found() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = Provisioning::temporary(dir.path()).await;
+        let e = sqlx::query(
+            "INSERT INTO queues (id, tenant_id, name, created_at_ms) VALUES ('q', 'gone', 'n', 0)",
+        )
+        .execute(p.pool())
+        .await
+        .expect_err("no such tenant");
+        let mapped = insert_error(e, || "duplicate".into());
+        assert!(
+            matches!(mapped, ProvisioningError::NotFound(Object::Tenant)),
+            "{mapped:?}"
+        );
+    }
 }

@@ -339,7 +339,7 @@ impl Provisioning {
         .bind(webhook.created_at_ms)
         .execute(&self.pool)
         .await
-        .map_err(|e| sql::write_error(e, no_conflict, no_conflict))?;
+        .map_err(|e| sql::insert_error(e, no_conflict))?;
         Ok(CreatedWebhook { webhook, secret })
     }
 

@@ -580,10 +580,23 @@ impl Dispatcher {
                     Ok(c) => c,
                     Err(poisoned) => poisoned.into_inner(),
                 };
+                // Entries past their TTL go whenever the map reaches a power of two (64 and
+                // up; amortised O(1) per insert), so it does not grow with subscription churn
+                // and old decrypted secrets do not stay in memory.
+                if cache.len() >= 64 && cache.len().is_power_of_two() {
+                    cache.retain(|_, (at, _)| at.elapsed() < TARGET_TTL);
+                }
                 cache.insert(webhook_id.to_string(), (Instant::now(), t.clone()));
                 Some(t)
             }
-            Ok(None) => None,
+            Ok(None) => {
+                // Gone: its secrets leave the cache at once.
+                match self.targets.lock() {
+                    Ok(mut c) => c.remove(webhook_id),
+                    Err(poisoned) => poisoned.into_inner().remove(webhook_id),
+                };
+                None
+            }
             Err(e) => {
                 tracing::warn!(webhook_id, error = %e, "reading the webhook subscription failed");
                 None
