@@ -489,16 +489,17 @@ impl Config {
             .map_err(|e| invalid("workers.history.ucs", e))?;
         crate::workers::gws::config::validate(&self.workers.gws)
             .map_err(|m| invalid(crate::workers::gws::config::KEY, m))?;
-        // The backlog takes an event over at two thirds of the handler timeout.
-        let lane = self.consumer_handler_timeout() * 2 / 3;
+        // A try (from the backlog) runs for the handler timeout at most: a UCS try makes at
+        // least one call, a GWS try may read the chat before it writes (two calls).
+        let try_time = self.consumer_handler_timeout();
         self.workers
             .history
             .ucs
-            .validate_timeouts("workers.history.ucs", lane)
+            .validate_timeouts("workers.history.ucs", try_time)
             .map_err(|e| invalid("workers.history.ucs.timeout_ms", e))?;
         self.workers
             .gws
-            .validate_timeouts(crate::workers::gws::config::KEY, lane)
+            .validate_timeouts(crate::workers::gws::config::KEY, try_time / 2)
             .map_err(|e| invalid("workers.gws.timeout_ms", e))?;
         if tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level).is_err() {
             return Err(invalid(
@@ -647,13 +648,13 @@ mod tests {
         c.stores.redis_namespace = "prod-eu.1".into();
         c.validate().expect("a valid namespace");
 
-        // A peer call that cannot finish before the backlog takes its event over (two thirds
-        // of the 30 s handler timeout), or one with no time at all.
+        // A peer call that cannot finish within a try (the 30 s handler timeout; half of it for
+        // GWS, whose try may read before it writes), or one with no time at all.
         for (ucs_ms, tenant_ms, ok) in [
             (0, 0, false),
-            (20_000, 0, false),
-            (10_000, 25_000, false),
-            (10_000, 19_999, true),
+            (30_000, 0, false),
+            (10_000, 31_000, false),
+            (10_000, 29_999, true),
         ] {
             let mut c = Config::defaults();
             c.workers.history.ucs.url = "http://ucs.example.com".into();
@@ -676,7 +677,7 @@ mod tests {
         }
         let mut c = Config::defaults();
         c.workers.gws.url = "http://gws.example.com".into();
-        c.workers.gws.timeout_ms = 25_000;
+        c.workers.gws.timeout_ms = 15_000;
         assert!(c
             .validate()
             .unwrap_err()

@@ -1734,6 +1734,14 @@ async fn odd_bytes_and_methods_answer_in_the_error_shape(backend: Backend) {
         (StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
         "{v}"
     );
+    // Without the token, neither a wrong method nor an odd path says anything about the API.
+    for (method, path) in [
+        (Method::PUT, "/v1/admin/tenants".to_string()),
+        (Method::GET, "/v1/admin/tenants/%00".to_string()),
+    ] {
+        let (status, v, _) = h.send(method.clone(), &path, None, None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}: {v}");
+    }
     h.finish().await;
 }
 

@@ -141,11 +141,11 @@ impl PeerConfig {
     }
 
     /// Every configured target's timeout (its own, else the global one) is at least 1 ms and
-    /// under `lane`, the time an event may run on the consumer's lane before it moves to the
-    /// backlog: a call that needs longer would be cut on every try, each cut not counted as a
-    /// failure, and its event would be tried forever.
-    pub fn validate_timeouts(&self, key: &str, lane: Duration) -> Result<(), String> {
-        let lane_ms = u64::try_from(lane.as_millis()).unwrap_or(u64::MAX);
+    /// under `most`, what one call may take within a try of the backlog: a call that needs
+    /// longer would be cut on every try, each cut not counted as a failure, and its event would
+    /// be tried forever.
+    pub fn validate_timeouts(&self, key: &str, most: Duration) -> Result<(), String> {
+        let most_ms = u64::try_from(most.as_millis()).unwrap_or(u64::MAX);
         let global = (!self.url.is_empty()).then(|| (format!("{key}.timeout_ms"), self.timeout_ms));
         let tenants = self
             .tenants
@@ -159,10 +159,11 @@ impl PeerConfig {
                 own => (format!("{key}.tenants.{id}.timeout_ms"), own),
             });
         for (k, ms) in global.into_iter().chain(tenants) {
-            if ms == 0 || ms >= lane_ms {
+            if ms == 0 || ms >= most_ms {
                 return Err(format!(
-                    "{k}: {ms} ms; must be at least 1 and under {lane_ms} ms (two thirds of \
-                     consumer.handler_timeout_ms), or a call that takes it could never complete"
+                    "{k}: {ms} ms; must be at least 1 and under {most_ms} ms (what one call may \
+                     take within consumer.handler_timeout_ms), or a call that takes it could \
+                     never complete"
                 ));
             }
         }
@@ -424,6 +425,14 @@ impl Peer {
             Err(e) => Err(("failed", PeerFailure::retry(format!("{url}: {e}")))),
             Ok(response) => {
                 let status = response.status();
+                // A 2xx reached through a redirect, or an HTML page (a gateway's login page
+                // once its session lapsed), is not the peer's answer.
+                let not_the_peer = reqwest::Url::parse(url).ok().as_ref() != Some(response.url())
+                    || response
+                        .headers()
+                        .get(reqwest::header::CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|t| t.trim_start().starts_with("text/html"));
                 retry_after = crate::http_client::retry_after(&response);
                 let body = crate::http_client::read_capped(response, MAX_ANSWER_BYTES).await;
                 let text = match &body {
@@ -437,11 +446,18 @@ impl Peer {
                     // Any 2xx is the peer's success: a body that is not JSON (a proxy's `OK`)
                     // comes back as a string, for the callers that need an answer to refuse.
                     // Counted as a failure, it would pause the peer for good, every probe
-                    // answered the same way.
-                    if text.trim().is_empty() {
-                        Ok(serde_json::Value::Null)
-                    } else {
-                        Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+                    // answered the same way. Unless it is not the peer's (see above): taken
+                    // as success, an effect would be marked done that never reached it.
+                    match serde_json::from_str(&text) {
+                        Ok(v) => Ok(v),
+                        Err(_) if text.trim().is_empty() => Ok(serde_json::Value::Null),
+                        Err(e) if not_the_peer => Err((
+                            "failed",
+                            PeerFailure::retry(format!(
+                                "{url}: a 2xx that is not the peer's answer (redirected, or an HTML page): {e}"
+                            )),
+                        )),
+                        Err(_) => Ok(serde_json::Value::String(text)),
                     }
                 } else if status.is_server_error() || matches!(status.as_u16(), 408 | 429) {
                     Err((
@@ -908,6 +924,17 @@ mod tests {
         let counted = calls.clone();
         let app = axum::Router::new()
             .route("/ok", axum::routing::post(|| async { "{}" }))
+            .route("/plain", axum::routing::post(|| async { "OK" }))
+            .route(
+                "/login",
+                axum::routing::get(|| async {
+                    axum::response::Html("<html><form>sign in</form></html>")
+                }),
+            )
+            .route(
+                "/moved",
+                axum::routing::post(|| async { axum::response::Redirect::temporary("/plain") }),
+            )
             .route("/read", axum::routing::get(|| async { "{}" }))
             .route(
                 "/busy",
@@ -946,6 +973,34 @@ mod tests {
         peer.post_json(t, subject, path, &[], &serde_json::json!({}))
             .await
             .map(|_| ())
+    }
+
+    /// A plain-text 2xx is the peer's success; a 2xx reached through a redirect or an HTML
+    /// page (a gateway's sign-in) is not: the effect is tried again, not marked done.
+    #[tokio::test]
+    async fn only_the_peers_own_2xx_is_success() {
+        let (url, _) = peer_server().await;
+        let peer = Peer::new("r", "p", reqwest::Client::new(), &config());
+        let t = target(&url);
+        let answer = peer
+            .post_json(&t, "chat-1", "/plain", &[], &serde_json::json!({}))
+            .await
+            .expect("plain text is success");
+        assert_eq!(answer, serde_json::json!("OK"));
+        assert!(
+            matches!(
+                post(&peer, &t, "chat-1", "/moved").await,
+                Err(PeerFailure::Retry { .. })
+            ),
+            "a redirected 2xx"
+        );
+        assert!(
+            matches!(
+                peer.get_json(&t, "chat-1", "/login", &[]).await,
+                Err(PeerFailure::Retry { .. })
+            ),
+            "an HTML page"
+        );
     }
 
     #[tokio::test]

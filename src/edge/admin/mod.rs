@@ -125,10 +125,11 @@ pub fn router(state: AppState) -> Router<AppState> {
             &format!("{t}/{{tenant}}/webhook-dead-letters/recover"),
             post(webhooks::recover_dead_letters),
         )
+        // A method a path does not take answers in the error shape too; set before the layers,
+        // so the token check still comes first (no path is confirmed to a caller without it).
+        .method_not_allowed_fallback(method_not_allowed)
         .route_layer(middleware::from_fn(plain_path))
         .route_layer(middleware::from_fn_with_state(state, require_admin))
-        // A method a path does not take answers in the error shape too.
-        .method_not_allowed_fallback(method_not_allowed)
 }
 
 async fn method_not_allowed() -> ApiError {

@@ -49,6 +49,14 @@ const RENEW_AFTER: Duration = Duration::from_secs(1);
 /// How long a subscription's URL and secrets are reused before reading them again: rotations
 /// and URL changes take effect within this.
 const TARGET_TTL: Duration = Duration::from_secs(1);
+/// How often, at most, expired subscriptions leave the cache.
+const TARGET_SWEEP: Duration = Duration::from_secs(10);
+
+/// Subscriptions (with their decrypted secrets) read within [`TARGET_TTL`], by id.
+struct Targets {
+    map: HashMap<String, (Instant, Arc<WebhookTarget>)>,
+    swept: Instant,
+}
 /// How often a healthy endpoint's failure clock is cleared at most (one write, not one per
 /// delivery).
 const CLEAR_EVERY: Duration = Duration::from_secs(1);
@@ -154,7 +162,7 @@ pub struct Dispatcher {
     global: Arc<Semaphore>,
     /// Per endpoint: attempts in flight and claimed messages waiting for a slot.
     lanes: Mutex<HashMap<String, Lane>>,
-    targets: Mutex<HashMap<String, (Instant, Arc<WebhookTarget>)>>,
+    targets: Mutex<Targets>,
     /// When this process last cleared an endpoint's failure clock; a failure forgets it.
     cleared: Mutex<HashMap<String, Instant>>,
     labels: Labels,
@@ -186,7 +194,10 @@ impl Dispatcher {
             wake: Notify::new(),
             done: Notify::new(),
             lanes: Mutex::new(HashMap::new()),
-            targets: Mutex::new(HashMap::new()),
+            targets: Mutex::new(Targets {
+                map: HashMap::new(),
+                swept: Instant::now(),
+            }),
             cleared: Mutex::new(HashMap::new()),
         }
     }
@@ -567,7 +578,7 @@ impl Dispatcher {
                 Ok(c) => c,
                 Err(poisoned) => poisoned.into_inner(),
             };
-            if let Some((at, t)) = cache.get(webhook_id) {
+            if let Some((at, t)) = cache.map.get(webhook_id) {
                 if at.elapsed() < TARGET_TTL {
                     return Some(t.clone());
                 }
@@ -580,20 +591,23 @@ impl Dispatcher {
                     Ok(c) => c,
                     Err(poisoned) => poisoned.into_inner(),
                 };
-                // Entries past their TTL go whenever the map reaches a power of two (64 and
-                // up; amortised O(1) per insert), so it does not grow with subscription churn
-                // and old decrypted secrets do not stay in memory.
-                if cache.len() >= 64 && cache.len().is_power_of_two() {
-                    cache.retain(|_, (at, _)| at.elapsed() < TARGET_TTL);
+                // Entries past their TTL go at most once per TARGET_SWEEP, so the map does
+                // not grow with subscription churn and deleted or rotated subscriptions'
+                // decrypted secrets do not stay in memory.
+                if cache.swept.elapsed() >= TARGET_SWEEP {
+                    cache.map.retain(|_, (at, _)| at.elapsed() < TARGET_TTL);
+                    cache.swept = Instant::now();
                 }
-                cache.insert(webhook_id.to_string(), (Instant::now(), t.clone()));
+                cache
+                    .map
+                    .insert(webhook_id.to_string(), (Instant::now(), t.clone()));
                 Some(t)
             }
             Ok(None) => {
                 // Gone: its secrets leave the cache at once.
                 match self.targets.lock() {
-                    Ok(mut c) => c.remove(webhook_id),
-                    Err(poisoned) => poisoned.into_inner().remove(webhook_id),
+                    Ok(mut c) => c.map.remove(webhook_id),
+                    Err(poisoned) => poisoned.into_inner().map.remove(webhook_id),
                 };
                 None
             }
