@@ -646,6 +646,32 @@ async fn dead_letters_recovery_and_replay(s: &System, rx: &Receiver) {
     }
 }
 
+/// The `WebhookEndpointDisabled` events of one subscription on `nexus.webhooks.v1`, in order.
+async fn disabled_events(s: &System, webhook_id: &str) -> Vec<nexus::events::Event> {
+    let mut found = Vec::new();
+    for p in s
+        .bus
+        .partition_offsets("nexus.webhooks.v1")
+        .await
+        .expect("offsets")
+    {
+        for rec in s
+            .bus
+            .read("nexus.webhooks.v1", p.partition, p.low, 100)
+            .await
+            .expect("read")
+        {
+            let e = nexus::events::decode(&rec.payload).expect("decode");
+            if e.envelope.event_type == "WebhookEndpointDisabled"
+                && e.body["webhook_id"] == webhook_id
+            {
+                found.push(e);
+            }
+        }
+    }
+    found
+}
+
 /// One hanging endpoint and one healthy one on the same events: the healthy one's deliveries
 /// stay fast; the hanging one is disabled after `disable_after`, which is an event.
 async fn dead_endpoint_does_not_slow_a_healthy_one(s: &System, rx: &Receiver) {
@@ -713,27 +739,7 @@ async fn dead_endpoint_does_not_slow_a_healthy_one(s: &System, rx: &Receiver) {
         metric_sum(&m, "nexus_webhook_attempts_total", &["outcome=\"timeout\""]).unwrap_or(0.0)
             >= 1.0
     );
-    let mut disabled = Vec::new();
-    for p in s
-        .bus
-        .partition_offsets("nexus.webhooks.v1")
-        .await
-        .expect("offsets")
-    {
-        for rec in s
-            .bus
-            .read("nexus.webhooks.v1", p.partition, p.low, 100)
-            .await
-            .expect("read")
-        {
-            let e = nexus::events::decode(&rec.payload).expect("decode");
-            if e.envelope.event_type == "WebhookEndpointDisabled"
-                && e.body["webhook_id"] == hang_hook.as_str()
-            {
-                disabled.push(e);
-            }
-        }
-    }
+    let disabled = disabled_events(s, &hang_hook).await;
     assert_eq!(disabled.len(), 1, "one disable, one event");
     assert_eq!(disabled[0].envelope.tenant_id, tenant.id);
 
@@ -752,27 +758,11 @@ async fn dead_endpoint_does_not_slow_a_healthy_one(s: &System, rx: &Receiver) {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let mut ids = eventually(WAIT, "endpoint disabled again", || async {
-        let mut ids = Vec::new();
-        for p in s
-            .bus
-            .partition_offsets("nexus.webhooks.v1")
+        let ids: Vec<_> = disabled_events(s, &hang_hook)
             .await
-            .expect("offsets")
-        {
-            for rec in s
-                .bus
-                .read("nexus.webhooks.v1", p.partition, p.low, 100)
-                .await
-                .expect("read")
-            {
-                let e = nexus::events::decode(&rec.payload).expect("decode");
-                if e.envelope.event_type == "WebhookEndpointDisabled"
-                    && e.body["webhook_id"] == hang_hook.as_str()
-                {
-                    ids.push(e.envelope.event_id);
-                }
-            }
-        }
+            .into_iter()
+            .map(|e| e.envelope.event_id)
+            .collect();
         (ids.len() >= 2).then_some(ids)
     })
     .await;

@@ -196,15 +196,21 @@ mod tests {
     use crate::stores::provisioning::secrets::EncryptionKey;
     use crate::stores::provisioning::Provisioning;
 
-    /// The same SQL on SQLite (`nexus dev`); the integration tests run it on PostgreSQL.
-    #[tokio::test]
-    async fn intent_claim_and_outcome_on_sqlite() {
+    /// An effect log on a fresh SQLite database (the directory lives as long as the first item).
+    async fn sqlite_log() -> (tempfile::TempDir, Provisioning, EffectLog) {
         let dir = tempfile::tempdir().expect("tempdir");
         let key = EncryptionKey::parse(&"00".repeat(32)).expect("key");
         let db = Provisioning::connect(&dir.path().join("p.db").display().to_string(), &key)
             .await
             .expect("sqlite");
         let log = EffectLog::new(db.pool().clone());
+        (dir, db, log)
+    }
+
+    /// The same SQL on SQLite (`nexus dev`); the integration tests run it on PostgreSQL.
+    #[tokio::test]
+    async fn intent_claim_and_outcome_on_sqlite() {
+        let (_dir, db, log) = sqlite_log().await;
         let k = EffectKey {
             tenant_id: "t1",
             conversation_id: "c1",
@@ -255,12 +261,7 @@ mod tests {
     /// its retry must still see the pending row (an earlier call may have reached GWS).
     #[tokio::test]
     async fn prune_keeps_what_the_backlog_still_needs() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let key = EncryptionKey::parse(&"00".repeat(32)).expect("key");
-        let db = Provisioning::connect(&dir.path().join("p.db").display().to_string(), &key)
-            .await
-            .expect("sqlite");
-        let log = EffectLog::new(db.pool().clone());
+        let (_dir, db, log) = sqlite_log().await;
         for c in ["c1", "c2"] {
             let k = EffectKey {
                 tenant_id: "t1",

@@ -1120,6 +1120,26 @@ mod tests {
         .id
     }
 
+    /// A log on a fresh SQLite database with one tenant and one Standard Webhooks subscription
+    /// (the directory lives as long as the first item).
+    async fn one_subscription() -> (
+        tempfile::TempDir,
+        Provisioning,
+        crate::stores::provisioning::Tenant,
+        String,
+        MessageStore,
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = Provisioning::temporary(dir.path()).await;
+        let tenant = p
+            .create_tenant(NewTenant { name: "t".into() })
+            .await
+            .expect("tenant");
+        let hook = standard_webhook(&p, &tenant.id, "https://hooks.example.com/in").await;
+        let store = MessageStore::new(p.pool().clone(), p.kind());
+        (dir, p, tenant, hook, store)
+    }
+
     /// A FINISHED inserted alone (dead-letter recovery that re-creates it) after its STARTED
     /// was delivered is due at once, not left waiting for a STARTED that will not change.
     #[tokio::test]
@@ -1218,14 +1238,7 @@ mod tests {
     /// FINISHED, even one that was already due when the STARTED came back.
     #[tokio::test]
     async fn a_finished_already_due_waits_for_its_started_queued_again() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = Provisioning::temporary(dir.path()).await;
-        let tenant = p
-            .create_tenant(NewTenant { name: "t".into() })
-            .await
-            .expect("tenant");
-        let hook = standard_webhook(&p, &tenant.id, "https://hooks.example.com/in").await;
-        let store = MessageStore::new(p.pool().clone(), p.kind());
+        let (_dir, p, tenant, hook, store) = one_subscription().await;
         for (id, event) in [
             ("msg_s", WebhookEvent::Started),
             ("msg_f", WebhookEvent::Finished),
@@ -1291,14 +1304,7 @@ mod tests {
     /// its exhausted message does.
     #[tokio::test]
     async fn a_late_sender_does_not_dead_letter_a_message_taken_over() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = Provisioning::temporary(dir.path()).await;
-        let tenant = p
-            .create_tenant(NewTenant { name: "t".into() })
-            .await
-            .expect("tenant");
-        let hook = standard_webhook(&p, &tenant.id, "https://hooks.example.com/in").await;
-        let store = MessageStore::new(p.pool().clone(), p.kind());
+        let (_dir, p, tenant, hook, store) = one_subscription().await;
         for (i, c) in ["c1", "c2"].iter().enumerate() {
             let m = NewMessage {
                 id: format!("msg_{i}"),
