@@ -1120,6 +1120,25 @@ mod tests {
         .id
     }
 
+    /// A message of `event` (event id `e-<id>`, body `{}`).
+    fn new_message(
+        tenant: &str,
+        hook: &str,
+        id: &str,
+        conversation: &str,
+        event: WebhookEvent,
+    ) -> NewMessage {
+        NewMessage {
+            id: id.into(),
+            tenant_id: tenant.into(),
+            webhook_id: hook.into(),
+            event_id: format!("e-{id}"),
+            conversation_id: conversation.into(),
+            event,
+            body: "{}".into(),
+        }
+    }
+
     /// A log on a fresh SQLite database with one tenant and one Standard Webhooks subscription
     /// (the directory lives as long as the first item).
     async fn one_subscription() -> (
@@ -1243,15 +1262,7 @@ mod tests {
             ("msg_s", WebhookEvent::Started),
             ("msg_f", WebhookEvent::Finished),
         ] {
-            let m = NewMessage {
-                id: id.into(),
-                tenant_id: tenant.id.clone(),
-                webhook_id: hook.clone(),
-                event_id: format!("e-{id}"),
-                conversation_id: "c1".into(),
-                event,
-                body: "{}".into(),
-            };
+            let m = new_message(&tenant.id, &hook, id, "c1", event);
             assert!(store.insert(&m, 100).await.expect("insert"));
         }
         // The STARTED went dead, which released the FINISHED: due, waiting for a retry.
@@ -1306,15 +1317,13 @@ mod tests {
     async fn a_late_sender_does_not_dead_letter_a_message_taken_over() {
         let (_dir, p, tenant, hook, store) = one_subscription().await;
         for (i, c) in ["c1", "c2"].iter().enumerate() {
-            let m = NewMessage {
-                id: format!("msg_{i}"),
-                tenant_id: tenant.id.clone(),
-                webhook_id: hook.clone(),
-                event_id: format!("e-{i}"),
-                conversation_id: c.to_string(),
-                event: WebhookEvent::Started,
-                body: "{}".into(),
-            };
+            let m = new_message(
+                &tenant.id,
+                &hook,
+                &format!("msg_{i}"),
+                c,
+                WebhookEvent::Started,
+            );
             assert!(store.insert(&m, 1_000).await.expect("insert"));
         }
         let attempt = |outcome: &'static str, code: i64| AttemptRecord {
