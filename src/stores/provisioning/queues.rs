@@ -89,13 +89,17 @@ impl Provisioning {
         if let Some(name) = &patch.name {
             queue.name = models::name("name", name)?;
         }
-        sqlx::query("UPDATE queues SET name = $3 WHERE tenant_id = $1 AND id = $2")
+        let done = sqlx::query("UPDATE queues SET name = $3 WHERE tenant_id = $1 AND id = $2")
             .bind(queue.tenant_id.clone())
             .bind(queue.id.clone())
             .bind(queue.name.clone())
             .execute(&self.pool)
             .await
             .map_err(|e| sql::write_error(e, duplicate(&queue.name), referenced))?;
+        // Deleted since it was read: gone, not renamed.
+        if done.rows_affected() == 0 {
+            return Err(self.missing(tenant_id, Object::Queue).await);
+        }
         Ok(queue)
     }
 

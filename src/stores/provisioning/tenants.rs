@@ -72,12 +72,16 @@ impl Provisioning {
         if let Some(name) = &patch.name {
             tenant.name = models::name("name", name)?;
         }
-        sqlx::query("UPDATE tenants SET name = $2 WHERE id = $1")
+        let done = sqlx::query("UPDATE tenants SET name = $2 WHERE id = $1")
             .bind(tenant.id.clone())
             .bind(tenant.name.clone())
             .execute(&self.pool)
             .await
             .map_err(|e| sql::write_error(e, duplicate(&tenant.name), String::new))?;
+        // Deleted since it was read: gone, not renamed.
+        if done.rows_affected() == 0 {
+            return Err(ProvisioningError::NotFound(Object::Tenant));
+        }
         Ok(tenant)
     }
 
