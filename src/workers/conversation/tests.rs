@@ -270,14 +270,7 @@ async fn a_send_stored_before_the_close_is_published_on_its_redelivery() {
 
     // The broker is back; the agent completes before either send is redelivered.
     rig.create_interaction_topic().await;
-    let complete = chat::ConversationCompleted {
-        agent_id: "alice".into(),
-        participant_id: "agent-alice".into(),
-        disposition: None,
-        note: None,
-        user_data: BTreeMap::new(),
-        close_conversation: true,
-    };
+    let complete = alice_completes();
     rig.worker
         .on_completed(&rig.event(&complete), complete.clone())
         .await
@@ -473,20 +466,25 @@ async fn a_transfer_applied_again_is_not_refused_after_the_fact() {
     );
 }
 
-/// A close applied again (its first delivery died after the save, before its release) releases
-/// a slot reserved for the conversation after the first delivery read the holders.
-#[tokio::test]
-async fn a_redelivered_close_releases_a_slot_taken_meanwhile() {
-    let rig = rig().await;
-    rig.create_interaction_topic().await;
-    let complete = chat::ConversationCompleted {
+/// Alice completes the conversation and closes it.
+fn alice_completes() -> chat::ConversationCompleted {
+    chat::ConversationCompleted {
         agent_id: "alice".into(),
         participant_id: "agent-alice".into(),
         disposition: None,
         note: None,
         user_data: BTreeMap::new(),
         close_conversation: true,
-    };
+    }
+}
+
+/// A close applied again (its first delivery died after the save, before its release) releases
+/// a slot reserved for the conversation after the first delivery read the holders.
+#[tokio::test]
+async fn a_redelivered_close_releases_a_slot_taken_meanwhile() {
+    let rig = rig().await;
+    rig.create_interaction_topic().await;
+    let complete = alice_completes();
     let event = rig.event(&complete);
     // The first delivery: the agent's leaving stored, the record saved closed.
     let mut record = connected(&rig.tenant);

@@ -914,20 +914,10 @@ impl Dispatcher {
         last_error: Option<String>,
     ) {
         let attempts = left.attempts;
-        match self.store.still_exhausted(msg, &left).await {
-            Ok(true) => {}
-            Ok(false) => {
-                // Another sender took it over (this one's lease lapsed mid-attempt), or an
-                // operator resent it: theirs to settle.
-                tracing::info!(message_id = %msg.id, "exhausted webhook message moved on meanwhile; not dead-lettered");
-                return;
-            }
-            Err(e) => {
-                metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "mark_dead")
-                    .increment(1);
-                tracing::warn!(error = %e, "reading an exhausted webhook message failed; a later claim dead-letters it");
-                return;
-            }
+        // Another sender took it over (this one's lease lapsed mid-attempt), or an operator
+        // resent it: theirs to settle. (A failed read: a later claim dead-letters it.)
+        if !still_ours(msg, self.store.still_exhausted(msg, &left).await) {
+            return;
         }
         let body = WebhookMessageDead {
             webhook_id: msg.webhook_id.clone(),
@@ -957,20 +947,10 @@ impl Dispatcher {
                 .await;
             return;
         }
-        match self.store.mark_dead(msg, &left, now_ms()).await {
-            Ok(true) => {}
-            Ok(false) => {
-                // Resent (or taken over) between the check and now: the published record
-                // stands for an exhaustion that was real, the message goes on.
-                tracing::info!(message_id = %msg.id, "webhook message moved on while dead-lettered; left as it is");
-                return;
-            }
-            Err(e) => {
-                metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "mark_dead")
-                    .increment(1);
-                tracing::warn!(error = %e, "marking a dead-lettered webhook message failed");
-                return;
-            }
+        // Resent (or taken over) between the check and now: the published record stands for
+        // an exhaustion that was real, the message goes on.
+        if !still_ours(msg, self.store.mark_dead(msg, &left, now_ms()).await) {
+            return;
         }
         metrics::counter!(m::WEBHOOK_DEAD_LETTERED_TOTAL, "subscription" => self.labels.of(&msg.webhook_id))
             .increment(1);
@@ -1077,4 +1057,23 @@ async fn read_bounded(mut r: reqwest::Response) -> usize {
         }
     }
     n
+}
+
+/// Whether an exhausted message is still as its sender left it, as the store answered; a
+/// message that moved on is logged, a failed store call counted and logged.
+fn still_ours(msg: &Claimed, answer: Result<bool, super::store::StoreError>) -> bool {
+    match answer {
+        Ok(ours) => {
+            if !ours {
+                tracing::info!(message_id = %msg.id, "exhausted webhook message moved on meanwhile; left as it is");
+            }
+            ours
+        }
+        Err(e) => {
+            metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "mark_dead")
+                .increment(1);
+            tracing::warn!(error = %e, "dead-lettering a webhook message failed; a later claim tries again");
+            false
+        }
+    }
 }

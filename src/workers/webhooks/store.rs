@@ -1166,15 +1166,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = Provisioning::temporary(dir.path()).await;
         let store = MessageStore::new(p.pool().clone(), p.kind());
-        let message = |id: &str, event| NewMessage {
-            id: id.into(),
-            tenant_id: "t".into(),
-            webhook_id: "wh".into(),
-            event_id: format!("e-{id}"),
-            conversation_id: "c".into(),
-            event,
-            body: "{}".into(),
-        };
+        let message = |id: &str, event| new_message("t", "wh", id, "c", event);
         assert!(store
             .insert(&message("msg_started", WebhookEvent::Started), 1_000)
             .await
@@ -1214,15 +1206,13 @@ mod tests {
         }
         let store = MessageStore::new(p.pool().clone(), p.kind());
         for (i, hook) in hooks.iter().enumerate() {
-            let m = NewMessage {
-                id: format!("msg_{i}"),
-                tenant_id: tenant.id.clone(),
-                webhook_id: hook.clone(),
-                event_id: format!("e-{i}"),
-                conversation_id: format!("c{i}"),
-                event: WebhookEvent::Started,
-                body: "{}".into(),
-            };
+            let m = new_message(
+                &tenant.id,
+                hook,
+                &format!("msg_{i}"),
+                &format!("c{i}"),
+                WebhookEvent::Started,
+            );
             assert!(store.insert(&m, 1_000).await.expect("insert"));
         }
         store.pause_endpoint(&hooks[0], 5_000).await.expect("pause");
@@ -1435,15 +1425,7 @@ mod tests {
             ("msg_waiting", "c2", hook_id.as_str()),
             ("msg_orphan", "c3", "wh_deleted"),
         ] {
-            let m = NewMessage {
-                id: id.into(),
-                tenant_id: tenant.id.clone(),
-                webhook_id: webhook.into(),
-                event_id: format!("e-{id}"),
-                conversation_id: conversation.into(),
-                event: WebhookEvent::Started,
-                body: "{}".into(),
-            };
+            let m = new_message(&tenant.id, webhook, id, conversation, WebhookEvent::Started);
             assert!(store.insert(&m, 1_000).await.expect("insert"));
         }
         sqlx::query("UPDATE webhook_messages SET status = 'delivered', updated_at_ms = 2000 WHERE id = 'msg_done'")
@@ -1475,15 +1457,13 @@ mod tests {
         // Deleting the subscription deletes its log (no foreign-key cascade does it).
         store
             .record(
-                &Claimed::first(NewMessage {
-                    id: "msg_waiting".into(),
-                    tenant_id: tenant.id.clone(),
-                    webhook_id: hook_id.clone(),
-                    event_id: "e-msg_waiting".into(),
-                    conversation_id: "c2".into(),
-                    event: WebhookEvent::Started,
-                    body: "{}".into(),
-                }),
+                &Claimed::first(new_message(
+                    &tenant.id,
+                    &hook_id,
+                    "msg_waiting",
+                    "c2",
+                    WebhookEvent::Started,
+                )),
                 &AttemptRecord {
                     started_at_ms: 2_500,
                     outcome: "ok",
@@ -1518,15 +1498,13 @@ mod tests {
         // Deleting the tenant deletes its log too.
         assert!(store
             .insert(
-                &NewMessage {
-                    id: "msg_tenant".into(),
-                    tenant_id: tenant.id.clone(),
-                    webhook_id: "wh_any".into(),
-                    event_id: "e-tenant".into(),
-                    conversation_id: "c4".into(),
-                    event: WebhookEvent::Started,
-                    body: "{}".into(),
-                },
+                &new_message(
+                    &tenant.id,
+                    "wh_any",
+                    "msg_tenant",
+                    "c4",
+                    WebhookEvent::Started,
+                ),
                 4_000,
             )
             .await
