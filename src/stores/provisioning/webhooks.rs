@@ -537,13 +537,22 @@ impl Provisioning {
         Ok(())
     }
 
-    /// Disables an enabled endpoint; whether this call did it (so one disable is one event).
-    pub async fn disable_webhook(&self, id: &str, reason: &str) -> Result<bool, ProvisioningError> {
+    /// Disables an enabled endpoint whose failure clock still runs from `failing_since_ms`;
+    /// whether this call did it (so one disable is one event). A failure of the streak before
+    /// a re-enable (an attempt still in flight then) does not disable it again: the re-enable
+    /// reset the clock.
+    pub async fn disable_webhook(
+        &self,
+        id: &str,
+        reason: &str,
+        failing_since_ms: i64,
+    ) -> Result<bool, ProvisioningError> {
         let done = sqlx::query(
-            "UPDATE webhooks SET enabled = 0, disabled_reason = $2 WHERE id = $1 AND enabled = 1",
+            "UPDATE webhooks SET enabled = 0, disabled_reason = $2 WHERE id = $1 AND enabled = 1 AND failing_since_ms = $3",
         )
         .bind(id.to_string())
         .bind(reason.to_string())
+        .bind(failing_since_ms)
         .execute(&self.pool)
         .await
         .map_err(sql::unavailable)?;

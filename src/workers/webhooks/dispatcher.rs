@@ -871,7 +871,7 @@ impl Dispatcher {
         );
         match self
             .provisioning
-            .disable_webhook(&msg.webhook_id, &reason)
+            .disable_webhook(&msg.webhook_id, &reason, since)
             .await
         {
             Ok(true) => {

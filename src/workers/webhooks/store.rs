@@ -1300,6 +1300,38 @@ mod tests {
         );
     }
 
+    /// A failure of the streak before a re-enable (an attempt still in flight when the
+    /// operator enabled the endpoint again) does not disable it again; the new streak's does.
+    #[tokio::test]
+    async fn only_the_current_failing_streak_disables_an_endpoint() {
+        let (_dir, p, tenant, hook, _store) = one_subscription().await;
+        let since = p.webhook_failed(&hook, 1_000).await.expect("failed");
+        assert_eq!(since, 1_000);
+        assert!(p
+            .disable_webhook(&hook, "first streak", since)
+            .await
+            .expect("disable"));
+        let enable = crate::stores::provisioning::webhooks::WebhookPatch {
+            enabled: Some(true),
+            ..Default::default()
+        };
+        p.update_webhook(&tenant.id, &hook, enable)
+            .await
+            .expect("enable again");
+        assert!(
+            !p.disable_webhook(&hook, "stale", since)
+                .await
+                .expect("stale"),
+            "a failure of the old streak"
+        );
+        let again = p.webhook_failed(&hook, 9_000).await.expect("failed");
+        assert_eq!(again, 9_000, "a new streak");
+        assert!(p
+            .disable_webhook(&hook, "second streak", again)
+            .await
+            .expect("disable"));
+    }
+
     /// A sender whose lease lapsed during its last attempt neither logs it nor dead-letters
     /// the message that another sender now holds and then delivers; a sender that still owns
     /// its exhausted message does.
