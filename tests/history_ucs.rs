@@ -440,6 +440,21 @@ async fn ucs_outage_pauses_the_role_then_everything_is_written() {
     for conv in &convs {
         assert_written_once_in_order(&ucs, &tenant.id, conv, 1);
     }
+    // The starts ran again from the backlog: their own retries, not redeliveries.
+    let m = system.metrics().await;
+    let started = |outcome: &str| {
+        metric_sum(
+            &m,
+            "nexus_history_events_total",
+            &["event=\"started\"", &format!("outcome=\"{outcome}\"")],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(
+        (started("applied"), started("duplicate")),
+        (5.0, 0.0),
+        "starts retried from the backlog counted as duplicates"
+    );
     eventually(WAIT, "resumed", || async {
         let m = system.metrics().await;
         (metric_sum(&m, "nexus_worker_paused", &["role=\"history\""]) == Some(0.0)).then_some(())

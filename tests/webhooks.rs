@@ -771,6 +771,62 @@ async fn dead_endpoint_does_not_slow_a_healthy_one(s: &System, rx: &Receiver) {
     assert_eq!(ids.len(), 2, "two disables, two event ids: {ids:?}");
 }
 
+/// A tenant whose endpoints all hang holds only its own share of the process's slots
+/// (`max_in_flight_per_tenant`, 6 of 10 here): another tenant's deliveries stay fast. Its
+/// three hanging endpoints (4 each) would take every slot without that bound.
+async fn a_tenant_cannot_take_every_slot(s: &System, rx: &Receiver) {
+    let (greedy, other) = (s.tenant().await, s.tenant().await);
+    for i in 0..3 {
+        let name = format!("greedy-{i}");
+        rx.set(&name, Mode::Hang);
+        s.subscribe(
+            &greedy.id,
+            json!({"url": rx.url(&name), "format": "standard"}),
+        )
+        .await;
+    }
+    s.subscribe(
+        &other.id,
+        json!({"url": rx.url("other"), "format": "standard"}),
+    )
+    .await;
+    let mut sent = HashMap::new();
+    for i in 0..20 {
+        s.started(&greedy.id, &format!("greedy-{i}")).await;
+        let conv = format!("other-{i}");
+        s.started(&other.id, &conv).await;
+        sent.insert(conv, Instant::now());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let fast = rx.wait_for("other", 20).await;
+    let worst = fast
+        .iter()
+        .map(|r| r.at - sent[&r.conversation()])
+        .max()
+        .unwrap_or_default();
+    assert!(
+        worst < Duration::from_millis(800),
+        "a tenant waited {worst:?} behind another tenant's hanging endpoints"
+    );
+    // No hanging attempt ends before the 1 s timeout: at most the tenant's 6 start before.
+    let hung: Vec<Instant> = (0..3)
+        .flat_map(|i| rx.got(&format!("greedy-{i}")))
+        .map(|r| r.at)
+        .collect();
+    let first = hung
+        .iter()
+        .min()
+        .expect("the hanging endpoints were called");
+    let early = hung
+        .iter()
+        .filter(|at| **at - *first < Duration::from_millis(900))
+        .count();
+    assert!(
+        early <= 6,
+        "{early} attempts at once for one tenant, over its limit of 6"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_deliver_retry_dead_letter_and_recover() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -779,6 +835,8 @@ async fn webhooks_deliver_retry_dead_letter_and_recover() {
         dir.path(),
         &[
             ("NEXUS_WORKERS__WEBHOOKS__DISABLE_AFTER_MS", "2500"),
+            ("NEXUS_WORKERS__WEBHOOKS__MAX_IN_FLIGHT", "10"),
+            ("NEXUS_WORKERS__WEBHOOKS__MAX_IN_FLIGHT_PER_TENANT", "6"),
             // Room for a loaded CI machine: the fast endpoint's attempts end within this.
             ("NEXUS_WORKERS__WEBHOOKS__FIRST_ATTEMPT_WAIT_MS", "150"),
         ],
@@ -790,6 +848,7 @@ async fn webhooks_deliver_retry_dead_letter_and_recover() {
     throttling_holds_the_endpoint(&s, &rx).await;
     dead_letters_recovery_and_replay(&s, &rx).await;
     dead_endpoint_does_not_slow_a_healthy_one(&s, &rx).await;
+    a_tenant_cannot_take_every_slot(&s, &rx).await;
     let m = s.metrics().await;
     assert!(
         metric_sum(&m, "nexus_webhook_attempts_total", &["outcome=\"ok\""]).unwrap_or(0.0) >= 10.0

@@ -94,6 +94,12 @@ pub fn next(state: &State) -> Next {
     }
 }
 
+/// Whether `event_id` is the recorded start's own and its UCS calls are not all done yet: a
+/// retry of its work, not a redelivery.
+pub fn own_start_pending(state: &State, event_id: &str) -> bool {
+    state.started.event_id == event_id && state.step < Step::InteractionInserted
+}
+
 /// A transcript entry of an interaction event, if it is one and carries its position.
 pub fn entry_of(event: &Event) -> Option<Result<Entry, ev::BodyError>> {
     let at_ms = event.envelope.occurred_at_ms;
@@ -225,13 +231,23 @@ impl HistoryWorker {
                     subject: b.subject,
                     user_data: b.user_data,
                     started_at_ms: e.occurred_at_ms,
+                    event_id: event_id.clone(),
                 };
                 let new = self
                     .store
                     .record_start(tenant, conv, &started, &event_id)
                     .await
                     .map_err(store_failed)?;
-                count("started", if new { "applied" } else { "duplicate" });
+                if new {
+                    count("started", "applied");
+                } else {
+                    let state = self.store.load(tenant, conv).await.map_err(store_failed)?;
+                    // This start run again from the backlog (its UCS calls still to do) is not
+                    // a redelivery.
+                    if !state.is_some_and(|s| own_start_pending(&s, &event_id)) {
+                        count("started", "duplicate");
+                    }
+                }
                 self.advance(target, tenant, conv, &event_id).await
             }
             ev::ConversationClosed::TYPE => {

@@ -63,6 +63,9 @@ pub struct Started {
     pub subject: Option<String>,
     pub user_data: BTreeMap<String, String>,
     pub started_at_ms: i64,
+    /// The start's event id ("" in rows from before): its own retry is no duplicate.
+    #[serde(default)]
+    pub event_id: String,
 }
 
 /// What ConversationClosed said.

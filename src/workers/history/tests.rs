@@ -20,6 +20,7 @@ fn started() -> Started {
         subject: Some("billing".into()),
         user_data: BTreeMap::from([("lang".into(), "fr".into())]),
         started_at_ms: 1_700_000_000_000,
+        event_id: "e1".into(),
     }
 }
 
@@ -78,6 +79,29 @@ fn steps_run_in_order_and_the_close_gates_the_documents() {
         assert_eq!(Step::from_i64(v).map(|s| s as i64), Some(v));
     }
     assert_eq!(Step::from_i64(6), None);
+}
+
+/// A start run again while its UCS calls are still to do is its own retry; once they are
+/// done, or under another event id, it is a redelivery.
+#[test]
+fn only_a_pending_start_of_its_own_is_not_a_duplicate() {
+    assert!(own_start_pending(&state(Step::Recorded, false), "e1"));
+    assert!(own_start_pending(
+        &state(Step::ContactIdentified, false),
+        "e1"
+    ));
+    assert!(!own_start_pending(
+        &state(Step::InteractionInserted, false),
+        "e1"
+    ));
+    assert!(!own_start_pending(&state(Step::Done, true), "e1"));
+    assert!(!own_start_pending(&state(Step::Recorded, false), "e2"));
+    let mut before = state(Step::Recorded, false);
+    before.started.event_id = String::new();
+    assert!(
+        !own_start_pending(&before, "e1"),
+        "rows from before carry no id"
+    );
 }
 
 #[test]

@@ -26,6 +26,10 @@ pub struct WebhooksConfig {
     pub max_in_flight: usize,
     /// Attempts in flight per endpoint (subscription) per process: a slow endpoint holds only these.
     pub max_in_flight_per_endpoint: usize,
+    /// Attempts in flight per tenant per process, all its endpoints together: a tenant with
+    /// many slow or dead endpoints holds only these, the rest of `max_in_flight` stays for
+    /// the others.
+    pub max_in_flight_per_tenant: usize,
     /// How often the dispatcher looks for due retries (new messages wake it at once), ms.
     pub poll_interval_ms: u64,
     /// How often queue depth and oldest pending age are measured, ms.
@@ -82,10 +86,12 @@ impl WebhooksConfig {
         if self.retry_schedule_ms.is_empty() {
             return Err("retry_schedule_ms must have at least one entry".into());
         }
-        if self.timeout_ms == 0 || self.max_in_flight == 0 || self.max_in_flight_per_endpoint == 0 {
-            return Err(
-                "timeout_ms, max_in_flight and max_in_flight_per_endpoint must be > 0".into(),
-            );
+        if self.timeout_ms == 0
+            || self.max_in_flight == 0
+            || self.max_in_flight_per_endpoint == 0
+            || self.max_in_flight_per_tenant == 0
+        {
+            return Err("timeout_ms, max_in_flight, max_in_flight_per_endpoint and max_in_flight_per_tenant must be > 0".into());
         }
         if self.db_connections == 0 {
             return Err("db_connections must be > 0".into());

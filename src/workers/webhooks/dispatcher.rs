@@ -120,6 +120,8 @@ struct Held {
 /// One endpoint's share of the process.
 #[derive(Default)]
 struct Lane {
+    /// The endpoint's tenant (set by the first message held).
+    tenant: String,
     in_flight: usize,
     held: VecDeque<Held>,
     /// The receiver asked for a pause (Retry-After) until then: nothing is started.
@@ -129,6 +131,38 @@ struct Lane {
 impl Lane {
     fn paused(&self, now: Instant) -> bool {
         self.paused_until.is_some_and(|t| t > now)
+    }
+
+    fn hold(&mut self, msg: Claimed) {
+        if self.tenant.is_empty() {
+            self.tenant.clone_from(&msg.tenant_id);
+        }
+        self.held.push_back(Held {
+            msg,
+            claimed_at: Instant::now(),
+        });
+    }
+}
+
+/// The endpoints' lanes and, per tenant, its attempts in flight (all its endpoints together).
+#[derive(Default)]
+struct Lanes {
+    endpoints: HashMap<String, Lane>,
+    tenants: HashMap<String, usize>,
+}
+
+impl Lanes {
+    fn tenant_full(&self, tenant: &str, limit: usize) -> bool {
+        self.tenants.get(tenant).is_some_and(|n| *n >= limit)
+    }
+
+    /// Tenants at their in-flight limit: their messages would only wait in this process.
+    fn full_tenants(&self, limit: usize) -> Vec<String> {
+        self.tenants
+            .iter()
+            .filter(|(_, n)| **n >= limit)
+            .map(|(t, _)| t.clone())
+            .collect()
     }
 }
 
@@ -160,8 +194,9 @@ pub struct Dispatcher {
     /// A finished attempt wakes the loop to start the next held message.
     done: Notify,
     global: Arc<Semaphore>,
-    /// Per endpoint: attempts in flight and claimed messages waiting for a slot.
-    lanes: Mutex<HashMap<String, Lane>>,
+    /// Per endpoint: attempts in flight and claimed messages waiting for a slot; per tenant:
+    /// attempts in flight.
+    lanes: Mutex<Lanes>,
     targets: Mutex<Targets>,
     /// When this process last cleared an endpoint's failure clock; a failure forgets it.
     cleared: Mutex<HashMap<String, Instant>>,
@@ -193,7 +228,7 @@ impl Dispatcher {
             config,
             wake: Notify::new(),
             done: Notify::new(),
-            lanes: Mutex::new(HashMap::new()),
+            lanes: Mutex::new(Lanes::default()),
             targets: Mutex::new(Targets {
                 map: HashMap::new(),
                 swept: Instant::now(),
@@ -214,21 +249,23 @@ impl Dispatcher {
     /// leases with the messages, then hands the new ones to [`Dispatcher::adopt`].
     pub fn offer(&self, ms: &[NewMessage]) -> Vec<Option<i64>> {
         let per = self.config.max_in_flight_per_endpoint;
+        let per_tenant = self.config.max_in_flight_per_tenant;
         let lease = self.lease_until(now_ms());
         let lanes = self.lock_lanes();
         let mut room = (ADOPT_GLOBAL_FACTOR * self.config.max_in_flight)
-            .saturating_sub(lanes.values().map(|l| l.held.len()).sum());
+            .saturating_sub(lanes.endpoints.values().map(|l| l.held.len()).sum());
         let mut taken: HashMap<&str, usize> = HashMap::new();
         let now = Instant::now();
         ms.iter()
             .map(|m| {
-                let lane = lanes.get(&m.webhook_id);
+                let lane = lanes.endpoints.get(&m.webhook_id);
                 let held = lane.map_or(0, |l| l.held.len());
                 let mine = taken.entry(m.webhook_id.as_str()).or_default();
                 if m.event != crate::stores::provisioning::WebhookEvent::Started
                     || room == 0
                     || held + *mine >= ADOPT_FACTOR * per
                     || lane.is_some_and(|l| l.paused(now))
+                    || lanes.tenant_full(&m.tenant_id, per_tenant)
                 {
                     return None;
                 }
@@ -250,13 +287,10 @@ impl Dispatcher {
             for (mut msg, lease_until) in ms {
                 msg.lease_until_ms = lease_until;
                 lanes
+                    .endpoints
                     .entry(msg.webhook_id.clone())
                     .or_default()
-                    .held
-                    .push_back(Held {
-                        msg,
-                        claimed_at: Instant::now(),
-                    });
+                    .hold(msg);
             }
         }
         // Started from here: the loop may be waiting on a claim round trip.
@@ -383,7 +417,7 @@ impl Dispatcher {
             .unwrap_or_else(|_| Err("the log writer stopped".into()))
     }
 
-    fn lock_lanes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lane>> {
+    fn lock_lanes(&self) -> std::sync::MutexGuard<'_, Lanes> {
         match self.lanes.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
@@ -396,15 +430,25 @@ impl Dispatcher {
     }
 
     /// Claims due messages into the endpoints' held queues, as many as free capacity allows,
-    /// skipping endpoints that already hold a full share.
+    /// skipping endpoints that already hold a full share and tenants at their limit.
     async fn claim(self: &Arc<Self>) {
         let per = self.config.max_in_flight_per_endpoint;
+        let per_tenant = self.config.max_in_flight_per_tenant;
         loop {
-            let (held, saturated, room) = {
+            let (held, saturated, full, room) = {
                 let lanes = self.lock_lanes();
-                let held: usize = lanes.values().map(|l| l.held.len()).sum();
+                let full = lanes.full_tenants(per_tenant);
+                // What a full tenant holds waits for its own slots, not the process's: it
+                // does not shrink the claim for the others.
+                let held: usize = lanes
+                    .endpoints
+                    .values()
+                    .filter(|l| !full.contains(&l.tenant))
+                    .map(|l| l.held.len())
+                    .sum();
                 let now = Instant::now();
                 let saturated: Vec<String> = lanes
+                    .endpoints
                     .iter()
                     .filter(|(_, l)| l.held.len() >= per || l.paused(now))
                     .map(|(id, _)| id.clone())
@@ -412,12 +456,13 @@ impl Dispatcher {
                 // What the busy endpoints can still hold, plus a share for endpoints this
                 // process holds nothing of: a larger claim would be given back in part.
                 let room: usize = lanes
+                    .endpoints
                     .values()
                     .filter(|l| l.held.len() < per)
                     .map(|l| HELD_FACTOR * per - l.held.len())
                     .sum::<usize>()
                     + HELD_FACTOR * per;
-                (held, saturated, room)
+                (held, saturated, full, room)
             };
             let want = self
                 .global
@@ -430,7 +475,7 @@ impl Dispatcher {
             }
             let now = now_ms();
             let lease = self.lease_until(now);
-            let batch = match self.store.claim(now, lease, want, &saturated).await {
+            let batch = match self.store.claim(now, lease, want, &saturated, &full).await {
                 Ok(b) => b,
                 Err(e) => {
                     metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "claim")
@@ -458,16 +503,13 @@ impl Dispatcher {
                         });
                         continue;
                     }
-                    let lane = lanes.entry(msg.webhook_id.clone()).or_default();
+                    let lane = lanes.endpoints.entry(msg.webhook_id.clone()).or_default();
                     // One claim can bring many messages of one endpoint: hold a bounded
                     // number, give the rest back for later claims (or other pods).
                     if lane.held.len() >= HELD_FACTOR * per {
                         give_back.push((msg.id, msg.lease_until_ms));
                     } else {
-                        lane.held.push_back(Held {
-                            msg,
-                            claimed_at: Instant::now(),
-                        });
+                        lane.hold(msg);
                     }
                 }
             }
@@ -485,26 +527,35 @@ impl Dispatcher {
         }
     }
 
-    /// Starts held messages while their endpoint and the process have room. A message held
-    /// longer than [`RENEW_AFTER`] renews its lease first (and is dropped if it lost it).
+    /// Starts held messages while their endpoint, its tenant and the process have room. A
+    /// message held longer than [`RENEW_AFTER`] renews its lease first (and is dropped if it
+    /// lost it).
     async fn start_held(self: &Arc<Self>) {
         let per = self.config.max_in_flight_per_endpoint;
+        let per_tenant = self.config.max_in_flight_per_tenant;
         let mut starts = Vec::new();
         {
             let mut lanes = self.lock_lanes();
+            let Lanes { endpoints, tenants } = &mut *lanes;
             let now = Instant::now();
-            'lanes: for lane in lanes.values_mut() {
-                while lane.in_flight < per && !lane.held.is_empty() && !lane.paused(now) {
+            'lanes: for lane in endpoints.values_mut() {
+                if lane.held.is_empty() || lane.paused(now) {
+                    continue;
+                }
+                let busy = tenants.entry(lane.tenant.clone()).or_default();
+                while lane.in_flight < per && *busy < per_tenant && !lane.held.is_empty() {
                     let Ok(permit) = self.global.clone().try_acquire_owned() else {
                         break 'lanes;
                     };
                     if let Some(h) = lane.held.pop_front() {
                         lane.in_flight += 1;
+                        *busy += 1;
                         starts.push((h, permit));
                     }
                 }
             }
-            lanes.retain(|_, l| l.in_flight > 0 || !l.held.is_empty() || l.paused(now));
+            endpoints.retain(|_, l| l.in_flight > 0 || !l.held.is_empty() || l.paused(now));
+            tenants.retain(|_, n| *n > 0);
         }
         for (mut h, permit) in starts {
             if h.claimed_at.elapsed() > RENEW_AFTER {
@@ -535,7 +586,7 @@ impl Dispatcher {
         let until_ms = now_ms() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
         let given_back: Vec<(String, i64)> = {
             let mut lanes = self.lock_lanes();
-            let lane = lanes.entry(webhook_id.to_string()).or_default();
+            let lane = lanes.endpoints.entry(webhook_id.to_string()).or_default();
             if lane.paused_until.is_some_and(|t| t >= until) {
                 return;
             }
@@ -563,11 +614,15 @@ impl Dispatcher {
         }
     }
 
-    /// An attempt of `webhook_id` ended: its slot is free.
+    /// An attempt of `webhook_id` ended: its slot, and its tenant's, is free.
     fn finished(&self, webhook_id: &str) {
         let mut lanes = self.lock_lanes();
-        if let Some(lane) = lanes.get_mut(webhook_id) {
+        let Lanes { endpoints, tenants } = &mut *lanes;
+        if let Some(lane) = endpoints.get_mut(webhook_id) {
             lane.in_flight = lane.in_flight.saturating_sub(1);
+            if let Some(n) = tenants.get_mut(&lane.tenant) {
+                *n = n.saturating_sub(1);
+            }
         }
     }
 

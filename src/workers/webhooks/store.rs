@@ -548,11 +548,22 @@ impl MessageStore {
         lease_until_ms: i64,
         limit: usize,
         exclude: &[String],
+        exclude_tenants: &[String],
     ) -> Result<Vec<Claimed>, StoreError> {
+        let marks = |from: usize, n: usize| -> String {
+            let marks: Vec<String> = (from..from + n).map(|i| format!("${i}")).collect();
+            marks.join(", ")
+        };
         let mut excluded = String::new();
         if !exclude.is_empty() {
-            let marks: Vec<String> = (0..exclude.len()).map(|i| format!("${}", i + 5)).collect();
-            excluded = format!("AND m.webhook_id NOT IN ({})", marks.join(", "));
+            excluded = format!("AND m.webhook_id NOT IN ({})", marks(5, exclude.len()));
+        }
+        if !exclude_tenants.is_empty() {
+            let from = 5 + exclude.len();
+            excluded.push_str(&format!(
+                " AND m.tenant_id NOT IN ({})",
+                marks(from, exclude_tenants.len())
+            ));
         }
         let lock = if self.postgres {
             "FOR UPDATE OF m SKIP LOCKED"
@@ -577,7 +588,7 @@ impl MessageStore {
             .bind(now_ms)
             .bind(now_ms)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX));
-        for id in exclude {
+        for id in exclude.iter().chain(exclude_tenants) {
             q = q.bind(id.clone());
         }
         let rows = q.fetch_all(&self.relaxed).await?;
@@ -1097,6 +1108,8 @@ async fn insert_rows(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
     use crate::stores::provisioning::webhooks::{NewWebhook, WebhookFormat};
     use crate::stores::provisioning::{NewTenant, Provisioning};
@@ -1223,7 +1236,10 @@ mod tests {
         let claimed = |now: i64| {
             let store = store.clone();
             async move {
-                let got = store.claim(now, now + 10, 10, &[]).await.expect("claim");
+                let got = store
+                    .claim(now, now + 10, 10, &[], &[])
+                    .await
+                    .expect("claim");
                 let held: Vec<(String, i64)> = got
                     .iter()
                     .map(|c| (c.id.clone(), c.lease_until_ms))
@@ -1245,6 +1261,60 @@ mod tests {
 
     /// A STARTED queued again (replayed, resent, recovered) goes before its conversation's
     /// FINISHED, even one that was already due when the STARTED came back.
+    /// A claim skips the endpoints and tenants it is told to (what this process could not
+    /// start now): their messages stay for later claims or other pods.
+    #[tokio::test]
+    async fn a_claim_skips_excluded_endpoints_and_tenants() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = Provisioning::temporary(dir.path()).await;
+        let store = MessageStore::new(p.pool().clone(), p.kind());
+        let (mut tenants, mut hooks) = (Vec::new(), HashMap::new());
+        for t in ["a", "b"] {
+            let tenant = p
+                .create_tenant(NewTenant { name: t.into() })
+                .await
+                .expect("tenant");
+            for i in 0..2 {
+                let hook =
+                    standard_webhook(&p, &tenant.id, &format!("https://{t}{i}.example.com/in"))
+                        .await;
+                let id = format!("msg_{t}{i}");
+                let m = new_message(&tenant.id, &hook, &id, "c1", WebhookEvent::Started);
+                assert!(store.insert(&m, 1_000).await.expect("insert"));
+                hooks.insert(id, hook);
+            }
+            tenants.push(tenant.id);
+        }
+        let claimed = |hooks: Vec<String>, tenants: Vec<String>| {
+            let store = store.clone();
+            async move {
+                let got = store
+                    .claim(2_000, 2_010, 10, &hooks, &tenants)
+                    .await
+                    .expect("claim");
+                let held: Vec<(String, i64)> = got
+                    .iter()
+                    .map(|c| (c.id.clone(), c.lease_until_ms))
+                    .collect();
+                store.release(&held, 2_000).await.expect("release");
+                let mut ids: Vec<String> = held.into_iter().map(|(id, _)| id).collect();
+                ids.sort();
+                ids
+            }
+        };
+        let a = vec![tenants[0].clone()];
+        assert_eq!(claimed(vec![], a.clone()).await, ["msg_b0", "msg_b1"]);
+        assert_eq!(
+            claimed(vec![hooks["msg_b0"].clone()], a).await,
+            ["msg_b1"],
+            "endpoints and tenants together"
+        );
+        assert_eq!(
+            claimed(vec![hooks["msg_a0"].clone()], vec![]).await,
+            ["msg_a1", "msg_b0", "msg_b1"]
+        );
+    }
+
     #[tokio::test]
     async fn a_finished_already_due_waits_for_its_started_queued_again() {
         let (_dir, p, tenant, hook, store) = one_subscription().await;
@@ -1271,7 +1341,10 @@ mod tests {
                 .expect("replay"),
             1
         );
-        let got = store.claim(1_000, 2_000, 10, &[]).await.expect("claim");
+        let got = store
+            .claim(1_000, 2_000, 10, &[], &[])
+            .await
+            .expect("claim");
         assert_eq!(
             got.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
             ["msg_s"],
@@ -1292,7 +1365,10 @@ mod tests {
             )
             .await
             .expect("delivered");
-        let got = store.claim(1_200, 2_000, 10, &[]).await.expect("claim");
+        let got = store
+            .claim(1_200, 2_000, 10, &[], &[])
+            .await
+            .expect("claim");
         assert_eq!(
             got.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
             ["msg_f"],
@@ -1365,7 +1441,10 @@ mod tests {
                     .expect("status")
             }
         };
-        let mut a = store.claim(1_000, 2_000, 10, &[]).await.expect("claim a");
+        let mut a = store
+            .claim(1_000, 2_000, 10, &[], &[])
+            .await
+            .expect("claim a");
         a.sort_by(|x, y| x.id.cmp(&y.id));
         assert_eq!(a.len(), 2);
         let left = |m: &Claimed| Left {
@@ -1388,7 +1467,10 @@ mod tests {
             .expect("mark"));
         assert_eq!(status("msg_1").await, "dead");
         // msg_0: a's lease lapses mid-attempt and b takes it over.
-        let b = store.claim(3_000, 5_000, 10, &[]).await.expect("claim b");
+        let b = store
+            .claim(3_000, 5_000, 10, &[], &[])
+            .await
+            .expect("claim b");
         assert_eq!(
             b.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
             ["msg_0"]
@@ -1416,7 +1498,10 @@ mod tests {
             .resend(&tenant.id, &hook, "msg_0", 5_000)
             .await
             .expect("resend"));
-        let c = store.claim(5_000, 6_000, 10, &[]).await.expect("claim c");
+        let c = store
+            .claim(5_000, 6_000, 10, &[], &[])
+            .await
+            .expect("claim c");
         assert_eq!(c.len(), 1);
         assert!(store
             .resend(&tenant.id, &hook, "msg_0", 5_100)
