@@ -1233,34 +1233,42 @@ mod tests {
             .pause_endpoint(&hooks[0], 3_000)
             .await
             .expect("shorter pause");
-        let claimed = |now: i64| {
-            let store = store.clone();
-            async move {
-                let got = store
-                    .claim(now, now + 10, 10, &[], &[])
-                    .await
-                    .expect("claim");
-                let held: Vec<(String, i64)> = got
-                    .iter()
-                    .map(|c| (c.id.clone(), c.lease_until_ms))
-                    .collect();
-                store.release(&held, now).await.expect("release");
-                held.into_iter().map(|(id, _)| id).collect::<Vec<_>>()
-            }
-        };
+        let claimed = |now| claim_ids(&store, now, &[], &[]);
         assert_eq!(claimed(2_000).await, ["msg_1"], "only the open endpoint");
         assert_eq!(
             claimed(4_000).await,
             ["msg_1"],
             "the pause is not shortened"
         );
-        let mut after = claimed(5_000).await;
-        after.sort();
-        assert_eq!(after, ["msg_0", "msg_1"], "both once the pause is over");
+        assert_eq!(
+            claimed(5_000).await,
+            ["msg_0", "msg_1"],
+            "both once the pause is over"
+        );
     }
 
-    /// A STARTED queued again (replayed, resent, recovered) goes before its conversation's
-    /// FINISHED, even one that was already due when the STARTED came back.
+    /// Claims what is due at `now` (skipping `hooks` and `tenants`) and gives it back at
+    /// once: the claimed ids, sorted.
+    async fn claim_ids(
+        store: &MessageStore,
+        now: i64,
+        hooks: &[String],
+        tenants: &[String],
+    ) -> Vec<String> {
+        let got = store
+            .claim(now, now + 10, 10, hooks, tenants)
+            .await
+            .expect("claim");
+        let held: Vec<(String, i64)> = got
+            .iter()
+            .map(|c| (c.id.clone(), c.lease_until_ms))
+            .collect();
+        store.release(&held, now).await.expect("release");
+        let mut ids: Vec<String> = held.into_iter().map(|(id, _)| id).collect();
+        ids.sort();
+        ids
+    }
+
     /// A claim skips the endpoints and tenants it is told to (what this process could not
     /// start now): their messages stay for later claims or other pods.
     #[tokio::test]
@@ -1285,36 +1293,21 @@ mod tests {
             }
             tenants.push(tenant.id);
         }
-        let claimed = |hooks: Vec<String>, tenants: Vec<String>| {
-            let store = store.clone();
-            async move {
-                let got = store
-                    .claim(2_000, 2_010, 10, &hooks, &tenants)
-                    .await
-                    .expect("claim");
-                let held: Vec<(String, i64)> = got
-                    .iter()
-                    .map(|c| (c.id.clone(), c.lease_until_ms))
-                    .collect();
-                store.release(&held, 2_000).await.expect("release");
-                let mut ids: Vec<String> = held.into_iter().map(|(id, _)| id).collect();
-                ids.sort();
-                ids
-            }
-        };
-        let a = vec![tenants[0].clone()];
-        assert_eq!(claimed(vec![], a.clone()).await, ["msg_b0", "msg_b1"]);
+        let a = &tenants[..1];
+        assert_eq!(claim_ids(&store, 2_000, &[], a).await, ["msg_b0", "msg_b1"]);
         assert_eq!(
-            claimed(vec![hooks["msg_b0"].clone()], a).await,
+            claim_ids(&store, 2_000, &[hooks["msg_b0"].clone()], a).await,
             ["msg_b1"],
             "endpoints and tenants together"
         );
         assert_eq!(
-            claimed(vec![hooks["msg_a0"].clone()], vec![]).await,
+            claim_ids(&store, 2_000, &[hooks["msg_a0"].clone()], &[]).await,
             ["msg_a1", "msg_b0", "msg_b1"]
         );
     }
 
+    /// A STARTED queued again (replayed, resent, recovered) goes before its conversation's
+    /// FINISHED, even one that was already due when the STARTED came back.
     #[tokio::test]
     async fn a_finished_already_due_waits_for_its_started_queued_again() {
         let (_dir, p, tenant, hook, store) = one_subscription().await;
