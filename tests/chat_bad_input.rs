@@ -630,6 +630,21 @@ async fn v3_session_endpoints_refuse_every_wrong_credential() {
     )
     .await;
 
+    // An id no session can have (not UTF-8, a control character) answers in the error shape,
+    // not the path extractor's plain text.
+    for (method, suffix, body) in V3 {
+        for id in ["%FF", "a%00b"] {
+            let req = v3_req(method, suffix, id, Some(&a_key), Some(&a1.ck), body);
+            fx.rejected(
+                &format!("{method} {suffix}: session id {id}"),
+                req,
+                404,
+                "NOT_FOUND",
+            )
+            .await;
+        }
+    }
+
     // The same keys work: the rejections above were about the keys.
     let req = v3_req("GET", "messages", &a1.id, Some(&a_key), Some(&a1.ck), None);
     fx.accepted("transcript with the right keys", req, 200, (0, 0))
@@ -1009,6 +1024,41 @@ async fn v3_bodies_are_validated_before_anything_is_published() {
             .await;
     }
 
+    // A chat already carrying the most user-data entries: an update may replace or swap
+    // entries, not add one (each request within the limit on its own is not enough).
+    let (full, mut record) = chat_with_entries(&fx, &key, &[]).await;
+    record.user_data = (0..MAX_USER_DATA)
+        .map(|i| (format!("k{i}"), "v".to_string()))
+        .collect();
+    record.version += 1;
+    let store = fx.state.sessions().expect("session store");
+    assert!(store.put_conversation(&record).await.expect("put"));
+    let update = |body: Value| {
+        let body = body.to_string();
+        v3_req(
+            "POST",
+            "user-data",
+            &full.id,
+            Some(&key),
+            Some(&full.ck),
+            Some(&body),
+        )
+    };
+    fx.rejected(
+        "user-data: one entry more than a chat carries",
+        update(json!({"user_data": {"new": "v"}})),
+        400,
+        "INVALID_USER_DATA",
+    )
+    .await;
+    fx.accepted(
+        "user-data: an entry replaced and one swapped",
+        update(json!({"user_data": {"k0": "w", "new": "v"}, "remove": ["k1"]})),
+        202,
+        (1, 0),
+    )
+    .await;
+
     let transcript = |q: &str| {
         rq(
             "GET",
@@ -1190,6 +1240,14 @@ async fn v2_refuses_wrong_keys_and_bad_fields() {
     let key = fx.a.key.clone();
     let b_key = fx.b.key.clone();
     let (a1, a2, b1) = (fx.a.s1.clone(), fx.a.s2.clone(), fx.b.s1.clone());
+    // A chat id no chat can have answers in the v2 shape, not as plain text.
+    for op in V2_OPS {
+        let req = v2_req("%FF", op, Some(&key), &v2_form(&a1, ""));
+        let body = fx
+            .rejected(&format!("{op}: chat id %FF"), req, 404, "NOT_FOUND")
+            .await;
+        assert_eq!(body["statusCode"], 2, "{op}: {body}");
+    }
     for op in V2_OPS {
         let ok = v2_form(&a1, "&transcriptPosition=7");
         let api: [(&str, Option<&str>, u16, &str); 6] = [

@@ -521,6 +521,56 @@ async fn a_live_chat_whose_customer_vanished_closes() {
     assert!(seen.is_err(), "the open stream's chat closed: {seen:?}");
 }
 
+/// The provisioning database unreachable for longer than `abandon_timeout_s`: the stream's
+/// API-key rechecks fail (5xx), the stream stays open (README), and so does its chat: the
+/// customer is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_stream_keeps_its_chat_through_a_provisioning_outage() {
+    use nexus::stores::session::{ConversationState, SessionStore};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env = vec![
+        (
+            "NEXUS_WORKERS__CONVERSATION__ABANDON_TIMEOUT_S",
+            "2".to_string(),
+        ),
+        ("NEXUS_STORES__AUTH_CACHE_TTL_MS", "1000".to_string()),
+    ];
+    let (system, _admin, tenant, store) = TwoEdges::with_tenant(dir.path(), env).await;
+    let (a, b) = (system.edge_a.url.clone(), system.edge_b.url.clone());
+    let key = tenant.api_key.clone();
+    let (sid, ck) = start_session(&a, &key, json!({"nickname": "Ann"})).await;
+    let mut ws = ws_connect(&format!(
+        "{b}/nexus/v3/chat/sessions/{sid}/stream?api_key={key}&client_key={ck}"
+    ))
+    .await;
+    eventually(WAIT, "the worker applied the start", || async {
+        store.conversation(&tenant.id, &sid).await.expect("store")
+    })
+    .await;
+    // Key lookups now fail with a database error.
+    system
+        ._db
+        .exec("ALTER TABLE api_keys RENAME TO api_keys_away");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let c = store
+        .conversation(&tenant.id, &sid)
+        .await
+        .expect("store")
+        .expect("record");
+    system
+        ._db
+        .exec("ALTER TABLE api_keys_away RENAME TO api_keys");
+    assert_ne!(c.state, ConversationState::Closed, "{c:?}");
+    let seen = tokio::time::timeout(Duration::from_millis(300), async {
+        ws_until(&mut ws, WAIT, |v| {
+            v["type"] == "state" && v["state"] == "closed"
+        })
+        .await
+    })
+    .await;
+    assert!(seen.is_err(), "the open stream's chat closed: {seen:?}");
+}
+
 /// A customer without a stream long-polls the transcript on another edge: the poll waits and
 /// answers as soon as an entry past its position is there; with nothing new it answers an empty
 /// page once its wait is over.

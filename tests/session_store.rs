@@ -356,12 +356,23 @@ async fn append_is_idempotent(t: TestStore) {
         .await
         .expect("append");
     assert_eq!((next.position, next.duplicate), (4, false));
+    // An upload the client gave a send's id is its own message; a retried upload is not.
+    let mut upload = message("e6", Some("m1"), "photo.png");
+    upload.kind = EntryKind::FileUploaded;
+    let file = s.append(&t.tenant, "c1", &upload).await.expect("append");
+    assert_eq!((file.position, file.duplicate), (5, false));
+    upload.event_id = "e7".into();
+    let again = s.append(&t.tenant, "c1", &upload).await.expect("append");
+    assert_eq!(
+        (again.position, again.duplicate, again.retried),
+        (5, true, true)
+    );
     let all = s.transcript(&t.tenant, "c1", 1, 100).await.expect("all");
     assert_eq!(
         all.iter()
             .map(|e| e.entry.event_id.as_str())
             .collect::<Vec<_>>(),
-        ["e1", "e2", "e5", "e4"]
+        ["e1", "e2", "e5", "e4", "e6"]
     );
 }
 

@@ -47,7 +47,7 @@ pub async fn ingest(
         event.envelope.traceparent = request_headers
             .get(headers::TRACEPARENT)
             .and_then(|v| v.to_str().ok())
-            .filter(|v| is_traceparent(v))
+            .filter(|v| events::is_traceparent(v))
             .map(str::to_string)
             .or_else(|| Some(new_traceparent()));
     }
@@ -71,19 +71,6 @@ fn body_error_code(status: StatusCode) -> &'static str {
     }
 }
 
-/// `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`, ids not all zero.
-fn is_traceparent(v: &str) -> bool {
-    let parts: Vec<&str> = v.split('-').collect();
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-    parts.len() == 4
-        && hex(parts[0], 2)
-        && hex(parts[1], 32)
-        && hex(parts[2], 16)
-        && hex(parts[3], 2)
-        && parts[1].bytes().any(|b| b != b'0')
-        && parts[2].bytes().any(|b| b != b'0')
-}
-
 /// A new trace context rooted at the edge.
 pub fn new_traceparent() -> String {
     let trace = uuid::Uuid::new_v4().simple().to_string();
@@ -94,6 +81,7 @@ pub fn new_traceparent() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::events::is_traceparent;
 
     #[test]
     fn traceparent_format() {

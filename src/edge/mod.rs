@@ -11,6 +11,7 @@ pub mod error;
 mod health;
 pub mod hub;
 mod ingest;
+pub(crate) mod path;
 pub mod server;
 mod telemetry;
 

@@ -343,8 +343,8 @@ fn required_string(m: &mut Map<String, Value>, key: &str) -> Result<String, Enco
     }
 }
 
-/// `version-traceid-parentid-flags`, lower-case hex, per W3C Trace Context.
-fn is_traceparent(s: &str) -> bool {
+/// `version-traceid-parentid-flags`, lower-case hex, ids not all zero, per W3C Trace Context.
+pub fn is_traceparent(s: &str) -> bool {
     let parts: Vec<&str> = s.split('-').collect();
     let hex = |p: &str, n: usize| {
         p.len() == n && p.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
@@ -356,6 +356,8 @@ fn is_traceparent(s: &str) -> bool {
         && hex(parts[2], 16)
         && hex(parts[3], 2)
         && (parts[0] != "00" || parts.len() == 4)
+        && parts[1].bytes().any(|b| b != b'0')
+        && parts[2].bytes().any(|b| b != b'0')
 }
 
 /// Writes the envelope straight from the struct, guided by the envelope schema (no JSON

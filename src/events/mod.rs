@@ -26,6 +26,7 @@ mod tests;
 
 pub use body::EventBody;
 pub use codec::{
-    decode, decode_lazy, encode, fingerprint_of, DecodeError, EncodeError, Envelope, Event,
+    decode, decode_lazy, encode, fingerprint_of, is_traceparent, DecodeError, EncodeError,
+    Envelope, Event,
 };
 pub use registry::{CheckReport, EventSchema, Registry, SchemaError};

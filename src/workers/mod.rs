@@ -84,18 +84,21 @@ pub fn handler_for(
                 role: role.to_string(),
                 message: "the conversation role needs the session store".into(),
             })?;
-            let worker = Arc::new(conversation::ConversationWorker::new(
-                deps.bus.clone(),
-                sessions,
-                deps.provisioning.clone(),
-                config.workers.conversation.clone(),
-                crate::http_client::build(&config.http_client).map_err(|e| {
-                    WorkerError::Config {
-                        role: role.to_string(),
-                        message: e.to_string(),
-                    }
-                })?,
-            ));
+            let worker = Arc::new(
+                conversation::ConversationWorker::new(
+                    deps.bus.clone(),
+                    sessions,
+                    deps.provisioning.clone(),
+                    config.workers.conversation.clone(),
+                    crate::http_client::build(&config.http_client).map_err(|e| {
+                        WorkerError::Config {
+                            role: role.to_string(),
+                            message: e.to_string(),
+                        }
+                    })?,
+                )
+                .with_user_data_limit(config.chat.max_user_data_entries),
+            );
             let timers = worker.clone();
             return Ok(RoleHandler {
                 handler: worker,

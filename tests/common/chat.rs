@@ -149,6 +149,11 @@ impl TestDb {
         };
         TestDb { url, name }
     }
+
+    /// Runs a statement on this database (to break or mend it under a running system).
+    pub fn exec(&self, sql: &str) {
+        psql(&self.url, sql);
+    }
 }
 
 impl Drop for TestDb {

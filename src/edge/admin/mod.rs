@@ -144,38 +144,13 @@ async fn method_not_allowed() -> ApiError {
 /// (404), on every store alike (PostgreSQL refuses a NUL in text where SQLite would look it
 /// up), and never reaches the path extractor's plain-text rejection.
 async fn plain_path(request: Request, next: Next) -> Result<Response, ApiError> {
-    if !is_plain(request.uri().path()) {
+    if !crate::edge::path::is_plain(request.uri().path()) {
         return Err(ApiError::not_found(
             "NOT_FOUND",
             "no object has such an id (control characters or bytes that are not UTF-8)",
         ));
     }
     Ok(next.run(request).await)
-}
-
-/// Whether the percent-decoded path is UTF-8 without control characters.
-fn is_plain(path: &str) -> bool {
-    let raw = path.as_bytes();
-    let mut bytes = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        let hex = |b: u8| char::from(b).to_digit(16);
-        let decoded = match (raw[i], raw.get(i + 1).copied(), raw.get(i + 2).copied()) {
-            (b'%', Some(h), Some(l)) => hex(h).zip(hex(l)).map(|(h, l)| (h * 16 + l) as u8),
-            _ => None,
-        };
-        match decoded {
-            Some(b) => {
-                bytes.push(b);
-                i += 3;
-            }
-            None => {
-                bytes.push(raw[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(bytes).is_ok_and(|p| !p.chars().any(char::is_control))
 }
 
 async fn require_admin(
@@ -235,23 +210,5 @@ impl From<ProvisioningError> for ApiError {
             }
             ProvisioningError::Unavailable(_) => ApiError::unavailable(e.to_string()),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_plain;
-
-    #[test]
-    fn paths_with_controls_or_bad_utf8_are_not_plain() {
-        assert!(is_plain(
-            "/v1/admin/tenants/0193a4b2-0000-7000-8000-00000000c0de"
-        ));
-        assert!(is_plain("/v1/admin/tenants/caf%C3%A9"));
-        assert!(is_plain("/v1/admin/tenants/100%"));
-        assert!(!is_plain("/v1/admin/tenants/%00"));
-        assert!(!is_plain("/v1/admin/tenants/a%0Ab/queues"));
-        assert!(!is_plain("/v1/admin/tenants/%FF"));
-        assert!(!is_plain("/v1/admin/tenants/%C3"));
     }
 }

@@ -10,8 +10,10 @@ mod stream;
 mod v2;
 mod v3;
 
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::HeaderMap;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 
@@ -34,7 +36,7 @@ pub use crate::topology::topics::INBOUND as INBOUND_TOPIC;
 /// framing, above the edge's general body limit.
 pub fn routes(max_file_bytes: usize) -> Router<AppState> {
     let upload_limit = DefaultBodyLimit::max(max_file_bytes.saturating_add(files::FRAMING_BYTES));
-    Router::new()
+    let v3 = Router::new()
         .route("/nexus/v3/chat/sessions", post(v3::start))
         .route(
             "/nexus/v3/chat/sessions/{id}/messages",
@@ -71,12 +73,40 @@ pub fn routes(max_file_bytes: usize) -> Router<AppState> {
             get(stream::websocket),
         )
         .route("/nexus/v3/chat/sessions/{id}/events", get(stream::sse))
+        .route_layer(middleware::from_fn(v3_plain_path));
+    let v2 = Router::new()
         .route("/genesys/2/chat/{service}", post(v2::start))
         .route("/genesys/2/chat/{service}/", post(v2::start))
         .route(
             "/genesys/2/chat/{service}/{chat_id}/{op}",
             post(v2::operation),
         )
+        .route_layer(middleware::from_fn(v2_plain_path));
+    v3.merge(v2)
+}
+
+/// A path no session can have (see [`crate::edge::path`]) answers 404 in the API's error shape.
+fn not_plain(request: &Request) -> Option<ApiError> {
+    (!crate::edge::path::is_plain(request.uri().path())).then(|| {
+        ApiError::not_found(
+            "NOT_FOUND",
+            "no chat has such an id (control characters or bytes that are not UTF-8)",
+        )
+    })
+}
+
+async fn v3_plain_path(request: Request, next: Next) -> Response {
+    match not_plain(&request) {
+        Some(e) => e.into_response(),
+        None => next.run(request).await,
+    }
+}
+
+async fn v2_plain_path(request: Request, next: Next) -> Response {
+    match not_plain(&request) {
+        Some(e) => v2::V2Error::from(e).into_response(),
+        None => next.run(request).await,
+    }
 }
 
 /// The tenant of a request's `x-api-key`, which must have the chat permission.

@@ -108,8 +108,10 @@ impl KeyCheck {
         loop {
             self.every.tick().await;
             match super::chat_tenant(state, &self.headers).await {
+                // The customer is still there either way: an unreachable store must not let
+                // the abandon timer close a chat whose stream is open.
                 Ok(tenant) if tenant == self.tenant => state.presence.seen(state, &self.claims),
-                Err(e) if e.status.is_server_error() => {}
+                Err(e) if e.status.is_server_error() => state.presence.seen(state, &self.claims),
                 Ok(_) => {
                     return ApiError::new(
                         axum::http::StatusCode::FORBIDDEN,

@@ -1,7 +1,7 @@
 //! Chat API v3 handlers: start, send, typing, transcript, disconnect (files: [`super::files`]). Each validates, builds
 //! the event, publishes it and answers after the bus ack; nothing is published on bad input.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -18,7 +18,7 @@ use super::{chat_tenant, publish_event, session_claims, Claims, INBOUND_TOPIC};
 use crate::edge::{ApiError, AppState};
 use crate::events::chat::{self as ev, Channel, Contact, MessageKind, ParticipantKind};
 use crate::events::Event;
-use crate::stores::session::{start_mark, ConversationState};
+use crate::stores::session::{start_mark, Conversation, ConversationState};
 use crate::workers::conversation::notify::entry_json;
 
 const PRODUCER: &str = "edge/chat";
@@ -221,10 +221,13 @@ pub(crate) async fn open_session(
     })
 }
 
+/// The client's trace context, or a new one when it sent none or a malformed one (which
+/// would otherwise travel on in every event derived from this one).
 pub(crate) fn traceparent(headers: &HeaderMap) -> Option<String> {
     headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
+        .filter(|v| crate::events::is_traceparent(v))
         .map(str::to_string)
         .or_else(|| Some(crate::edge::new_traceparent()))
 }
@@ -313,7 +316,10 @@ pub(crate) const SESSION_ENDED: &str = "SESSION_ENDED";
 /// Refuses actions on a session the worker already closed (409 `SESSION_CLOSED`) or whose
 /// record is gone (410 `SESSION_ENDED`). The record read is the one this check always made, so
 /// the send path gains no store round trip.
-pub(crate) async fn ensure_open(state: &AppState, c: &Claims) -> Result<(), ApiError> {
+pub(crate) async fn ensure_open(
+    state: &AppState,
+    c: &Claims,
+) -> Result<Option<Conversation>, ApiError> {
     let sessions = state.sessions()?;
     let read = || async {
         sessions
@@ -335,7 +341,7 @@ pub(crate) async fn ensure_open(state: &AppState, c: &Claims) -> Result<(), ApiE
                 .await
                 .map_err(|e| ApiError::unavailable(e.to_string()))?;
             if started {
-                return Ok(());
+                return Ok(None);
             }
             // The worker saves the record before it drops the mark: a start applied between
             // the two reads above has its record now.
@@ -349,7 +355,7 @@ pub(crate) async fn ensure_open(state: &AppState, c: &Claims) -> Result<(), ApiE
             "the chat has ended",
         ));
     }
-    Ok(())
+    Ok(Some(record))
 }
 
 /// Whether a reader should see the chat as ended: its record says closed, or the record is gone
@@ -668,7 +674,25 @@ pub(crate) async fn customer_user_data(
             "give user data to set or keys to remove",
         ));
     }
-    ensure_open(state, c).await?;
+    // What the chat would carry: at most `max` entries (checked again by the worker, which
+    // sees updates that race each other).
+    if let Some(record) = ensure_open(state, c).await? {
+        let mut keys: BTreeSet<&String> = record.user_data.keys().collect();
+        keys.extend(user_data.keys());
+        for k in &removed {
+            keys.remove(k);
+        }
+        if keys.len() > max.max(record.user_data.len()) {
+            return Err(ApiError::bad_request(
+                "INVALID_USER_DATA",
+                format!(
+                    "a chat carries at most {max} user-data entries; this one has {} and the update would make {}",
+                    record.user_data.len(),
+                    keys.len()
+                ),
+            ));
+        }
+    }
     let body = ev::UserDataUpdated {
         participant_id: c.pid.clone(),
         participant_kind: ParticipantKind::Customer,
@@ -804,4 +828,27 @@ pub async fn notice(
     )
     .await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "message_id": id }))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_malformed_trace_context_is_replaced_not_passed_on() {
+        let mut headers = HeaderMap::new();
+        let theirs = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        headers.insert("traceparent", theirs.parse().expect("header"));
+        assert_eq!(traceparent(&headers).as_deref(), Some(theirs));
+        for bad in [
+            "garbage",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        ] {
+            headers.insert("traceparent", bad.parse().expect("header"));
+            let ours = traceparent(&headers).expect("a trace context");
+            assert!(crate::events::is_traceparent(&ours), "{bad} → {ours}");
+            assert_ne!(ours, bad);
+        }
+    }
 }

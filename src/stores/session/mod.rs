@@ -116,12 +116,18 @@ pub struct Appended {
 }
 
 /// The key an entry's message id is remembered under: per sender, so one party's ids (a
-/// customer's are chosen freely) never match another's.
+/// customer's are chosen freely) never match another's, and apart for uploads, so a send and
+/// an upload given the same id by a client are two messages, not a retry of one.
 pub(crate) fn message_key(entry: &NewEntry) -> Option<String> {
+    let space = if entry.kind == EntryKind::FileUploaded {
+        "f"
+    } else {
+        "m"
+    };
     entry
         .message_id
         .as_ref()
-        .map(|m| format!("m:{}/{m}", entry.from.participant_id))
+        .map(|m| format!("{space}:{}/{m}", entry.from.participant_id))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

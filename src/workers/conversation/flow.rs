@@ -1244,6 +1244,16 @@ impl ConversationWorker {
         let Some(mut c) = self.open_conversation(e).await? else {
             return Ok(());
         };
+        let mut merged = c.user_data.clone();
+        merged.extend(b.user_data.clone());
+        for k in &b.removed_keys {
+            merged.remove(k);
+        }
+        if merged.len() > self.max_user_data_entries.max(c.user_data.len()) {
+            // Concurrent updates that each passed the edge's check: the record stays bounded.
+            warn!(conversation_id = %c.conversation_id, entries = merged.len(), "a user-data update past the limit; dropped");
+            return Ok(());
+        }
         let from = Party {
             participant_id: b.participant_id.clone(),
             nickname: c.customer.nickname.clone(),
@@ -1252,10 +1262,7 @@ impl ConversationWorker {
         let mut new = entry(e, EntryKind::UserDataUpdated, from, None);
         new.data = b.user_data.clone();
         self.append(&c, e, "user-data", new).await?;
-        c.user_data.extend(b.user_data);
-        for k in &b.removed_keys {
-            c.user_data.remove(k);
-        }
+        c.user_data = merged;
         self.save(&mut c, e).await
     }
 

@@ -59,6 +59,9 @@ pub struct ConversationWorker {
     pub(crate) config: ConversationConfig,
     /// Calls to bot endpoints.
     pub(crate) http: reqwest::Client,
+    /// Most user-data entries a conversation carries (`chat.max_user_data_entries`): the
+    /// edge refuses more, this holds when updates race past its check.
+    pub(crate) max_user_data_entries: usize,
 }
 
 impl ConversationWorker {
@@ -75,7 +78,14 @@ impl ConversationWorker {
             directory,
             config,
             http,
+            max_user_data_entries: crate::config::Config::defaults().chat.max_user_data_entries,
         }
+    }
+
+    /// Sets the most user-data entries a conversation carries.
+    pub fn with_user_data_limit(mut self, max: usize) -> Self {
+        self.max_user_data_entries = max;
+        self
     }
 
     pub(crate) fn offer_timeout(&self) -> Duration {

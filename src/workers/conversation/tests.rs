@@ -644,3 +644,39 @@ async fn a_redelivered_close_tells_the_agent_it_was_offered_to() {
         .expect("redelivered close");
     assert_eq!(closed_told(&rig, "dave").await, 2, "told again");
 }
+
+/// Updates that each passed the edge's check can race past the limit together: the worker
+/// applies none that would make the chat carry more entries than the limit.
+#[tokio::test]
+async fn user_data_stays_within_the_limit_when_updates_race() {
+    let mut rig = rig().await;
+    rig.worker.max_user_data_entries = 2;
+    let mut c = connected(&rig.tenant);
+    c.user_data = BTreeMap::from([("k0".into(), "v".into()), ("k1".into(), "v".into())]);
+    assert!(rig.store.put_conversation(&c).await.expect("put"));
+    let update = |set: &[(&str, &str)], remove: &[&str]| chat::UserDataUpdated {
+        participant_id: "customer-1".into(),
+        participant_kind: ParticipantKind::Customer,
+        user_data: set
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        removed_keys: remove.iter().map(|k| k.to_string()).collect(),
+    };
+    let more = update(&[("new", "v")], &[]);
+    rig.worker
+        .on_user_data(&rig.event(&more), more.clone())
+        .await
+        .expect("dropped, not retried");
+    assert_eq!(rig.record().await.user_data, c.user_data, "nothing merged");
+    assert_eq!(rig.transcript_len().await, 0, "nothing recorded");
+    let swap = update(&[("k0", "w"), ("new", "v")], &["k1"]);
+    rig.worker
+        .on_user_data(&rig.event(&swap), swap.clone())
+        .await
+        .expect("applied");
+    assert_eq!(
+        rig.record().await.user_data,
+        BTreeMap::from([("k0".into(), "w".into()), ("new".into(), "v".into())])
+    );
+}
