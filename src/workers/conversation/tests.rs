@@ -680,3 +680,39 @@ async fn user_data_stays_within_the_limit_when_updates_race() {
         BTreeMap::from([("k0".into(), "w".into()), ("new".into(), "v".into())])
     );
 }
+
+/// A firing timer that moves itself by exactly the claim's lease (`requeue_interval_ms` of
+/// 30 s here) keeps the move: completing the firing must not take it for a timer left on its
+/// lease and remove it.
+#[tokio::test]
+async fn a_timer_moved_by_the_lease_length_keeps_firing() {
+    use crate::stores::session::{Timer, TIMER_LEASE_MS};
+    let mut rig = rig().await;
+    rig.worker.config.requeue_interval_ms = u64::try_from(TIMER_LEASE_MS).expect("lease");
+    let mut c = connected(&rig.tenant);
+    c.state = ConversationState::Queued;
+    c.agent_id = None;
+    assert!(rig.store.put_conversation(&c).await.expect("put"));
+    let timer = Timer {
+        kind: flow::QUEUED_TIMER.into(),
+        tenant_id: rig.tenant.clone(),
+        id: CONVERSATION.into(),
+    };
+    rig.store.schedule(&timer, 1_000).await.expect("schedule");
+    timers::run_once(&rig.worker, 1_000).await;
+    let due = 1_000 + TIMER_LEASE_MS;
+    assert!(
+        rig.store
+            .claim_due(flow::QUEUED_TIMER, due, 10)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "not due before its move"
+    );
+    let again = rig
+        .store
+        .claim_due(flow::QUEUED_TIMER, due + 1, 10)
+        .await
+        .expect("claim");
+    assert_eq!(again, vec![timer], "the queued timer still comes back");
+}

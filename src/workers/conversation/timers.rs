@@ -19,7 +19,7 @@ use super::{ConversationWorker, AGENT_TOPIC, INBOUND_TOPIC};
 use crate::bus::consumer::HandleError;
 use crate::events::chat::{self as ev, derived_id};
 use crate::events::Event;
-use crate::stores::session::{customer_mark, ConversationState, Timer};
+use crate::stores::session::{customer_mark, timer_lease_until, ConversationState, Timer};
 use crate::telemetry::metrics as m;
 
 const CLAIM_BATCH: usize = 100;
@@ -34,22 +34,27 @@ pub async fn run(worker: Arc<ConversationWorker>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let now = chrono::Utc::now().timestamp_millis();
-        for kind in [
-            OFFER_TIMER,
-            QUEUED_TIMER,
-            IDLE_TIMER,
-            IDLE_CLOSE_TIMER,
-            CONSULT_TIMER,
-            ABANDON_TIMER,
-        ] {
-            let span = info_span!("timers", kind);
-            async {
+        run_once(&worker, chrono::Utc::now().timestamp_millis()).await;
+    }
+}
+
+/// Claims and fires every timer due at `now`, kind by kind.
+pub(super) async fn run_once(worker: &ConversationWorker, now: i64) {
+    for kind in [
+        OFFER_TIMER,
+        QUEUED_TIMER,
+        IDLE_TIMER,
+        IDLE_CLOSE_TIMER,
+        CONSULT_TIMER,
+        ABANDON_TIMER,
+    ] {
+        let span = info_span!("timers", kind);
+        async {
                 match worker.store.claim_due(kind, now, CLAIM_BATCH).await {
                     Ok(due) => {
                         for timer in due {
                             metrics::counter!(m::TIMERS_FIRED_TOTAL, "kind" => kind).increment(1);
-                            match fire(&worker, &timer, now).await {
+                            match fire(worker, &timer, now).await {
                                 // Done: end the lease (a timer the action moved stays moved).
                                 Ok(()) => {
                                     if let Err(e) = worker.store.complete_timer(&timer, now).await {
@@ -74,7 +79,16 @@ pub async fn run(worker: Arc<ConversationWorker>, stop: CancellationToken) {
             }
             .instrument(span)
             .await;
-        }
+    }
+}
+
+/// Where a firing timer moves itself to (`due`), never onto the lease its claim at `now` set:
+/// completing the firing removes a timer still at that value, which would lose the move.
+fn moved(now: i64, due: i64) -> i64 {
+    if due == timer_lease_until(now) {
+        due + 1
+    } else {
+        due
     }
 }
 
@@ -109,7 +123,7 @@ async fn fire(worker: &ConversationWorker, timer: &Timer, now: i64) -> Result<()
                 // current one has its own time.
                 return worker
                     .store
-                    .schedule(timer, at)
+                    .schedule(timer, moved(now, at))
                     .await
                     .map_err(super::store_failed);
             }
@@ -141,7 +155,7 @@ async fn fire(worker: &ConversationWorker, timer: &Timer, now: i64) -> Result<()
             let due = now + i64::try_from(worker.config.requeue_interval_ms).unwrap_or(1_000);
             worker
                 .store
-                .schedule(timer, due)
+                .schedule(timer, moved(now, due))
                 .await
                 .map_err(super::store_failed)?;
         }
@@ -152,7 +166,7 @@ async fn fire(worker: &ConversationWorker, timer: &Timer, now: i64) -> Result<()
             let due = now + i64::try_from(worker.config.requeue_interval_ms).unwrap_or(1_000);
             worker
                 .store
-                .schedule(timer, due)
+                .schedule(timer, moved(now, due))
                 .await
                 .map_err(super::store_failed)?;
         }
@@ -162,7 +176,7 @@ async fn fire(worker: &ConversationWorker, timer: &Timer, now: i64) -> Result<()
                 // The customer came back since: wait for the new idle time.
                 return worker
                     .store
-                    .schedule(timer, idle_at)
+                    .schedule(timer, moved(now, idle_at))
                     .await
                     .map_err(super::store_failed);
             }
@@ -241,7 +255,7 @@ async fn fire(worker: &ConversationWorker, timer: &Timer, now: i64) -> Result<()
                     let due = now + (timeout / 4).max(1_000);
                     worker
                         .store
-                        .schedule(timer, due)
+                        .schedule(timer, moved(now, due))
                         .await
                         .map_err(super::store_failed)?;
                 }
