@@ -782,17 +782,28 @@ impl ConversationWorker {
 
     pub(super) async fn on_offered(&self, e: &Event, b: ev::AgentOffered) -> Step {
         let tenant = &e.envelope.tenant_id;
-        let Some(mut c) = self.load(e).await? else {
-            // The agent topic is not ordered with the inbound one: the request that created
-            // the conversation may still be in flight. Wait for it a while, then give up.
+        // The agent topic is not ordered with the inbound one: the request that created the
+        // conversation, or the bot handoff that queued it (it publishes its offer before it
+        // saves the record Queued), may still be in flight. Wait for it a while, then give up.
+        let young = || {
             let age = chrono::Utc::now().timestamp_millis() - e.envelope.occurred_at_ms;
-            if age < OFFER_WAITS_FOR_CONVERSATION_MS {
+            age < OFFER_WAITS_FOR_CONVERSATION_MS
+        };
+        let Some(mut c) = self.load(e).await? else {
+            if young() {
                 return Err(HandleError::Retry(
                     "offer of a conversation not saved yet".into(),
                 ));
             }
             return self.release(tenant, &b.agent_id, e).await;
         };
+        if c.state == ConversationState::Bot && young() {
+            // Taken for stale, its slot would be freed while the handoff's offer (or a
+            // dispatch's, reusing that slot) goes on to apply: an agent over capacity.
+            return Err(HandleError::Retry(
+                "offer of a bot handoff not saved yet".into(),
+            ));
+        }
         if c.routing.was_applied(&e.envelope.event_id.to_string())
             || c.routing.offer_id.as_deref() == Some(b.offer_id.as_str())
         {

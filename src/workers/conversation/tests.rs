@@ -716,3 +716,40 @@ async fn a_timer_moved_by_the_lease_length_keeps_firing() {
         .expect("claim");
     assert_eq!(again, vec![timer], "the queued timer still comes back");
 }
+
+/// A bot handoff publishes its offer before it saves the record Queued: an offer that finds
+/// the record still with the bot waits for that save instead of freeing the agent's slot as
+/// stale, and then applies with the slot held.
+#[tokio::test]
+async fn a_bot_handoffs_offer_waits_for_the_queued_record() {
+    let rig = rig().await;
+    let mut bot = connected(&rig.tenant);
+    bot.state = ConversationState::Bot;
+    bot.agent_id = None;
+    bot.bot_id = Some("bot-1".into());
+    assert!(rig.store.put_conversation(&bot).await.expect("put"));
+    rig.ready("bob", true).await;
+    rig.reserve("bob").await;
+    let first = offer("bob", 1);
+    let event = rig.event(&first);
+    let early = rig.worker.on_offered(&event, first.clone()).await;
+    assert!(
+        matches!(early, Err(HandleError::Retry(_))),
+        "waits for the handoff's save: {early:?}"
+    );
+    assert_eq!(rig.holders().await, ["bob"], "the slot is kept");
+
+    let mut queued = rig.record().await;
+    queued.state = ConversationState::Queued;
+    assert!(rig.store.put_conversation(&queued).await.expect("put"));
+    rig.worker
+        .on_offered(&event, first)
+        .await
+        .expect("the offer applies");
+    let c = rig.record().await;
+    assert_eq!(
+        (c.state, c.offered_to.as_deref()),
+        (ConversationState::Offered, Some("bob"))
+    );
+    assert_eq!(rig.holders().await, ["bob"], "offered with its slot held");
+}
