@@ -41,6 +41,11 @@ fn not_before_save(due_ms: i64) -> i64 {
     due_ms.max(chrono::Utc::now().timestamp_millis() + TIMER_FLOOR_MS)
 }
 
+/// The decision key of a refused transfer or consult request.
+fn refused_key(e: &Event) -> String {
+    format!("transfer-refused:{}", e.envelope.event_id)
+}
+
 /// Waiters a dispatch looks at, from the head of the queue.
 const DISPATCH_WALK: usize = 16;
 
@@ -1381,6 +1386,11 @@ impl ConversationWorker {
             warn!(conversation_id = %c.conversation_id, agent = %b.agent_id, "transfer by an agent not connected; ignored");
             return Ok(());
         }
+        if self.decided(&refused_key(e)).await? {
+            // Refused and told so: a redelivery must not go ahead because the target is
+            // available by now.
+            return Ok(());
+        }
         if matches!(
             b.mode,
             ev::TransferMode::Conference | ev::TransferMode::Consult
@@ -1453,18 +1463,7 @@ impl ConversationWorker {
             other => other,
         };
         if let Some(reason) = refused {
-            let failed = json!({"type": "transfer_failed", "conversation_id": c.conversation_id,
-                "target_id": b.target_id, "reason": reason});
-            let client = notify::state(false, vec![b.agent_id.clone()], failed);
-            return self
-                .emit(
-                    DELIVERY_TOPIC,
-                    e,
-                    &c.conversation_id,
-                    "client/transfer",
-                    &client,
-                )
-                .await;
+            return self.refuse_transfer(&c, e, &b, reason, None).await;
         }
         self.decide(&decided).await?;
         self.release(&tenant, &b.agent_id, e).await?;
@@ -1607,17 +1606,8 @@ impl ConversationWorker {
             (reserved.as_deref() != Some(target.as_str())).then_some("AGENT_NOT_AVAILABLE")
         };
         if let Some(reason) = refused {
-            let failed = json!({"type": "transfer_failed", "conversation_id": c.conversation_id,
-                "target_id": target, "reason": reason, "mode": "consult"});
-            let client = notify::state(false, vec![b.agent_id.clone()], failed);
             return self
-                .emit(
-                    DELIVERY_TOPIC,
-                    e,
-                    &c.conversation_id,
-                    "client/consult",
-                    &client,
-                )
+                .refuse_transfer(&c, e, &b, reason, Some("consult"))
                 .await;
         }
         let offer_id = crate::events::chat::derived_id(&e.envelope.event_id, "consult").to_string();
@@ -1907,6 +1897,32 @@ impl ConversationWorker {
     /// must not decide otherwise on a changed world.
     async fn decided(&self, key: &str) -> Result<bool, HandleError> {
         self.store.seen(key).await.map_err(store_failed)
+    }
+
+    /// Tells the agent its transfer (`mode` None) or consult was refused, then records the
+    /// refusal: a redelivery of the request stays refused (see `on_transfer`). One that comes
+    /// between the push and the record decides again.
+    async fn refuse_transfer(
+        &self,
+        c: &Conversation,
+        e: &Event,
+        b: &ev::TransferRequested,
+        reason: &str,
+        mode: Option<&str>,
+    ) -> Step {
+        let mut failed = json!({"type": "transfer_failed", "conversation_id": c.conversation_id,
+            "target_id": b.target_id, "reason": reason});
+        let what = match mode {
+            Some(mode) => {
+                failed["mode"] = json!(mode);
+                "client/consult"
+            }
+            None => "client/transfer",
+        };
+        let client = notify::state(false, vec![b.agent_id.clone()], failed);
+        self.emit(DELIVERY_TOPIC, e, &c.conversation_id, what, &client)
+            .await?;
+        self.decide(&refused_key(e)).await
     }
 
     /// Records the decision `key`, kept as long as a closed conversation (redeliveries and

@@ -135,6 +135,23 @@ impl Rig {
         assert_eq!(got.as_deref(), Some(agent), "reserved");
     }
 
+    /// Provisions an agent; its id.
+    async fn agent(&self, name: &str) -> String {
+        self.provisioning
+            .create_agent(
+                &self.tenant,
+                NewAgent {
+                    name: name.into(),
+                    skills: Vec::new(),
+                    capacity: BTreeMap::new(),
+                },
+            )
+            .await
+            .expect("agent")
+            .agent
+            .id
+    }
+
     async fn holders(&self) -> Vec<String> {
         self.store
             .slot_holders(&self.tenant, CONVERSATION)
@@ -407,20 +424,7 @@ async fn an_offer_for_a_conversation_closed_meanwhile_takes_no_slot() {
 #[tokio::test]
 async fn a_transfer_applied_again_is_not_refused_after_the_fact() {
     let rig = rig().await;
-    let bob = rig
-        .provisioning
-        .create_agent(
-            &rig.tenant,
-            NewAgent {
-                name: "Bob".into(),
-                skills: Vec::new(),
-                capacity: BTreeMap::new(),
-            },
-        )
-        .await
-        .expect("agent")
-        .agent
-        .id;
+    let bob = rig.agent("Bob").await;
     assert!(rig
         .store
         .put_conversation(&connected(&rig.tenant))
@@ -752,4 +756,53 @@ async fn a_bot_handoffs_offer_waits_for_the_queued_record() {
         (ConversationState::Offered, Some("bob"))
     );
     assert_eq!(rig.holders().await, ["bob"], "offered with its slot held");
+}
+
+/// A transfer (or consult) refused and told so stays refused when its event comes again,
+/// though its target is available by then: the agent's desk was told it failed.
+#[tokio::test]
+async fn a_refused_transfer_stays_refused_when_redelivered() {
+    let rig = rig().await;
+    let bob = rig.agent("Bob").await;
+    assert!(rig
+        .store
+        .put_conversation(&connected(&rig.tenant))
+        .await
+        .expect("put"));
+    rig.ready("alice", true).await;
+    rig.reserve("alice").await;
+    rig.create_interaction_topic().await;
+    for mode in [chat::TransferMode::Transfer, chat::TransferMode::Consult] {
+        rig.ready(&bob, false).await;
+        let transfer = chat::TransferRequested {
+            agent_id: "alice".into(),
+            participant_id: "agent-alice".into(),
+            target_kind: chat::TargetKind::Agent,
+            target_id: bob.clone(),
+            mode,
+            note: None,
+            user_data: BTreeMap::new(),
+        };
+        let event = rig.event(&transfer);
+        rig.worker
+            .on_transfer(&event, transfer.clone())
+            .await
+            .expect("refused");
+        rig.ready(&bob, true).await;
+        rig.worker
+            .on_transfer(&event, transfer)
+            .await
+            .expect("redelivered");
+        let c = rig.record().await;
+        assert_eq!(
+            (
+                c.state,
+                c.agent_id.as_deref(),
+                c.routing.consult_invited.as_deref()
+            ),
+            (ConversationState::Connected, Some("alice"), None),
+            "{mode:?}"
+        );
+        assert_eq!(rig.holders().await, ["alice"], "{mode:?}: bob took no slot");
+    }
 }
