@@ -206,6 +206,10 @@ pub struct Routing {
     pub consult_invited: Option<String>,
     #[serde(default)]
     pub consult_offer_id: Option<String>,
+    /// When the invitation lapses (the consult timer checks it: a timer armed for an earlier
+    /// invitation waits for this one's time).
+    #[serde(default)]
+    pub consult_expires_at_ms: Option<i64>,
     pub skills: Vec<String>,
     pub priority: i64,
     /// The agent the conversation was offered to when it closed: a redelivered close tells

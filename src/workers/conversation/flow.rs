@@ -1611,7 +1611,10 @@ impl ConversationWorker {
                 .await;
         }
         let offer_id = crate::events::chat::derived_id(&e.envelope.event_id, "consult").to_string();
-        let expires_at = e.envelope.occurred_at_ms
+        // The whole timeout from now, as `on_offered` gives an offer: a request handled late
+        // (a backlog, a hand-over) must not invite with a time already past.
+        let now = chrono::Utc::now().timestamp_millis();
+        let expires_at = e.envelope.occurred_at_ms.max(now)
             + i64::try_from(self.offer_timeout().as_millis()).unwrap_or(i64::MAX / 4);
         self.store
             .schedule(&self.timer(CONSULT_TIMER, &c), not_before_save(expires_at))
@@ -1641,6 +1644,7 @@ impl ConversationWorker {
         .await?;
         c.routing.consult_invited = Some(target);
         c.routing.consult_offer_id = Some(offer_id);
+        c.routing.consult_expires_at_ms = Some(expires_at);
         self.save(&mut c, e).await
     }
 
@@ -1654,6 +1658,7 @@ impl ConversationWorker {
         c.routing.consultant_nickname = Some(b.nickname.clone());
         c.routing.consult_invited = None;
         c.routing.consult_offer_id = None;
+        c.routing.consult_expires_at_ms = None;
         // Saved first, as in `on_accepted`.
         self.save(&mut c, e).await?;
         self.agent_joins(&c, e, &b, Some("consultant")).await
@@ -1758,6 +1763,7 @@ impl ConversationWorker {
         c.routing.consultant_nickname = None;
         c.routing.consult_invited = None;
         c.routing.consult_offer_id = None;
+        c.routing.consult_expires_at_ms = None;
         self.save(&mut c, e).await
     }
 

@@ -806,3 +806,69 @@ async fn a_refused_transfer_stays_refused_when_redelivered() {
         assert_eq!(rig.holders().await, ["alice"], "{mode:?}: bob took no slot");
     }
 }
+
+/// A consult request handled late (it waited in a backlog) still gives the consultant the
+/// whole offer timeout from now; a consult timer armed for an earlier invitation does not
+/// time out the current one before its own time.
+#[tokio::test]
+async fn a_late_consult_invitation_gets_its_whole_timeout() {
+    let rig = rig().await;
+    let bob = rig.agent("Bob").await;
+    assert!(rig
+        .store
+        .put_conversation(&connected(&rig.tenant))
+        .await
+        .expect("put"));
+    rig.ready("alice", true).await;
+    rig.reserve("alice").await;
+    rig.ready(&bob, true).await;
+    let consult = chat::TransferRequested {
+        agent_id: "alice".into(),
+        participant_id: "agent-alice".into(),
+        target_kind: chat::TargetKind::Agent,
+        target_id: bob.clone(),
+        mode: chat::TransferMode::Consult,
+        note: None,
+        user_data: BTreeMap::new(),
+    };
+    let mut event = rig.event(&consult);
+    event.envelope.occurred_at_ms -= 60_000;
+    let now = chrono::Utc::now().timestamp_millis();
+    rig.worker
+        .on_transfer(&event, consult)
+        .await
+        .expect("invited");
+    let c = rig.record().await;
+    assert_eq!(c.routing.consult_invited.as_deref(), Some(bob.as_str()));
+    let timeout = i64::try_from(rig.worker.config.offer_timeout_ms).expect("timeout");
+    let at = c.routing.consult_expires_at_ms.expect("expiry");
+    assert!(at >= now + timeout, "expires {} ms from now", at - now);
+    assert!(
+        rig.store
+            .claim_due(flow::CONSULT_TIMER, now + timeout - 1_000, 10)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "the consult timer is not due before the whole timeout"
+    );
+
+    // A timer armed for an earlier invitation fires now: it waits for this one's time.
+    let timer = rig.worker.timer(flow::CONSULT_TIMER, &c);
+    rig.store.schedule(&timer, now).await.expect("schedule");
+    timers::run_once(&rig.worker, now).await;
+    let timed_out = rig
+        .events(AGENT_TOPIC)
+        .await
+        .iter()
+        .filter(|e| e.envelope.event_type == chat::AgentRejected::TYPE)
+        .count();
+    assert_eq!(timed_out, 0, "the current invitation was timed out");
+    assert_eq!(
+        rig.store
+            .claim_due(flow::CONSULT_TIMER, at, 10)
+            .await
+            .expect("claim"),
+        vec![timer],
+        "due again at the invitation's own time"
+    );
+}

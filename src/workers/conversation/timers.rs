@@ -114,13 +114,14 @@ async fn fire(worker: &ConversationWorker, timer: &Timer, now: i64) -> Result<()
             if kind == OFFER_TIMER && c.state != ConversationState::Offered {
                 return Ok(());
             }
-            if let Some(at) = c
-                .routing
-                .offer_expires_at_ms
-                .filter(|at| kind == OFFER_TIMER && now < *at)
-            {
-                // Armed for an earlier offer (a reject and a new offer came in between): the
-                // current one has its own time.
+            let expires_at = if kind == OFFER_TIMER {
+                c.routing.offer_expires_at_ms
+            } else {
+                c.routing.consult_expires_at_ms
+            };
+            if let Some(at) = expires_at.filter(|at| now < *at) {
+                // Armed for an earlier offer or invitation (a reject and a new one came in
+                // between): the current one has its own time.
                 return worker
                     .store
                     .schedule(timer, moved(now, at))
