@@ -825,6 +825,14 @@ async fn a_tenant_cannot_take_every_slot(s: &System, rx: &Receiver) {
         early <= 6,
         "{early} attempts at once for one tenant, over its limit of 6"
     );
+    // Its slots come back as the hung attempts time out: more attempts start (retries and
+    // the messages still waiting), which a count that never went down would stop at 6.
+    let this = rx.clone();
+    eventually(WAIT, "the tenant's next attempts", move || {
+        let n: usize = (0..3).map(|i| this.got(&format!("greedy-{i}")).len()).sum();
+        async move { (n > 6).then_some(()) }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@
 //! - `nx:{t:T}:conv:<id>`: the [`Conversation`] as JSON.
 //! - `nx:{t:T}:tx:<id>`: the transcript, a list of [`Entry`] JSON; position = list index + 1
 //!   (the script writes the position RPUSH will give, so stored entries are self-describing).
-//! - `nx:{t:T}:txids:<id>`: hash `e:<event id>` / `m:<message id>` → position (dedup).
+//! - `nx:{t:T}:txids:<id>`: hash `e:<event id>` / `m:<message id>` (an upload's: `f:`) → position (dedup).
 //! - `nx:{t:T}:agents`: sorted set of agent ids scored by `idle_since_ms` (the reserve order).
 //! - `nx:{t:T}:agent:<id>`: hash: `profile` → JSON `{ready, skills, capacity}` (written whole
 //!   by `set_presence`), `a:<media>` → conversations held for that media.

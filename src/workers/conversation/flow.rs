@@ -59,6 +59,9 @@ fn fits_anyone(c: &Conversation) -> bool {
 
 /// How long an offer waits for its conversation's record before it is dropped.
 const OFFER_WAITS_FOR_CONVERSATION_MS: i64 = 60_000;
+/// How long an offer waits for a bot handoff's save (which follows its publish at once, or
+/// after a retry of the handoff): shorter, since the waiting offer holds its lane.
+const OFFER_WAITS_FOR_HANDOFF_MS: i64 = 15_000;
 
 type Step = Result<(), HandleError>;
 
@@ -790,19 +793,19 @@ impl ConversationWorker {
         // The agent topic is not ordered with the inbound one: the request that created the
         // conversation, or the bot handoff that queued it (it publishes its offer before it
         // saves the record Queued), may still be in flight. Wait for it a while, then give up.
-        let young = || {
+        let young = |wait: i64| {
             let age = chrono::Utc::now().timestamp_millis() - e.envelope.occurred_at_ms;
-            age < OFFER_WAITS_FOR_CONVERSATION_MS
+            age < wait
         };
         let Some(mut c) = self.load(e).await? else {
-            if young() {
+            if young(OFFER_WAITS_FOR_CONVERSATION_MS) {
                 return Err(HandleError::Retry(
                     "offer of a conversation not saved yet".into(),
                 ));
             }
             return self.release(tenant, &b.agent_id, e).await;
         };
-        if c.state == ConversationState::Bot && young() {
+        if c.state == ConversationState::Bot && young(OFFER_WAITS_FOR_HANDOFF_MS) {
             // Taken for stale, its slot would be freed while the handoff's offer (or a
             // dispatch's, reusing that slot) goes on to apply: an agent over capacity.
             return Err(HandleError::Retry(
