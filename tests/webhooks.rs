@@ -799,14 +799,19 @@ async fn a_tenant_cannot_take_every_slot(s: &System, rx: &Receiver) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let fast = rx.wait_for("other", 20).await;
-    let worst = fast
+    let mut waits: Vec<Duration> = fast
         .iter()
         .map(|r| r.at - sent[&r.conversation()])
-        .max()
-        .unwrap_or_default();
+        .collect();
+    waits.sort();
+    let worst = waits.last().copied().unwrap_or_default();
+    // Without the bound it waited 3.9 s (all slots hung for the 1 s timeout, again and
+    // again). With it, what remains is the greedy tenant's events holding consumer lanes
+    // while their first attempts are awaited (`first_attempt_wait_ms`, 150 ms here), which
+    // delays the events behind them: up to 0.8 s seen on a slow VM.
     assert!(
-        worst < Duration::from_millis(800),
-        "a tenant waited {worst:?} behind another tenant's hanging endpoints"
+        worst < Duration::from_millis(1_500),
+        "a tenant waited {worst:?} behind another tenant's hanging endpoints: {waits:?}"
     );
     // No hanging attempt ends before the 1 s timeout: at most the tenant's 6 start before.
     let hung: Vec<Instant> = (0..3)

@@ -144,7 +144,26 @@ impl Lane {
     }
 }
 
-/// The endpoints' lanes and, per tenant, its attempts in flight (all its endpoints together).
+/// One of the process's `max_in_flight` slots, taken by an attempt of `tenant` until it is
+/// logged (its HTTP request and its log write). Counted against the tenant's share too, so a
+/// tenant's attempts waiting for their log writes do not take the others' slots either.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    tenant: String,
+    owner: Arc<Dispatcher>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut lanes = self.owner.lock_lanes();
+        if let Some(n) = lanes.tenants.get_mut(&self.tenant) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+/// The endpoints' lanes and, per tenant, the slots its attempts hold (all its endpoints
+/// together).
 #[derive(Default)]
 struct Lanes {
     endpoints: HashMap<String, Lane>,
@@ -156,7 +175,8 @@ impl Lanes {
         self.tenants.get(tenant).is_some_and(|n| *n >= limit)
     }
 
-    /// Tenants at their in-flight limit: their messages would only wait in this process.
+    /// Tenants whose attempts hold their whole share of slots: their messages would only wait
+    /// in this process.
     fn full_tenants(&self, limit: usize) -> Vec<String> {
         self.tenants
             .iter()
@@ -550,7 +570,12 @@ impl Dispatcher {
                     if let Some(h) = lane.held.pop_front() {
                         lane.in_flight += 1;
                         *busy += 1;
-                        starts.push((h, permit));
+                        let slot = Slot {
+                            _permit: permit,
+                            tenant: lane.tenant.clone(),
+                            owner: self.clone(),
+                        };
+                        starts.push((h, slot));
                     }
                 }
             }
@@ -614,15 +639,12 @@ impl Dispatcher {
         }
     }
 
-    /// An attempt of `webhook_id` ended: its slot, and its tenant's, is free.
+    /// An attempt of `webhook_id` ended: its endpoint's slot is free (the process's and the
+    /// tenant's go with its [`Slot`], once the attempt is logged).
     fn finished(&self, webhook_id: &str) {
         let mut lanes = self.lock_lanes();
-        let Lanes { endpoints, tenants } = &mut *lanes;
-        if let Some(lane) = endpoints.get_mut(webhook_id) {
+        if let Some(lane) = lanes.endpoints.get_mut(webhook_id) {
             lane.in_flight = lane.in_flight.saturating_sub(1);
-            if let Some(n) = tenants.get_mut(&lane.tenant) {
-                *n = n.saturating_sub(1);
-            }
         }
     }
 
@@ -674,7 +696,7 @@ impl Dispatcher {
     }
 
     /// One attempt of a claimed message, logged, then the next step.
-    async fn attempt(self: Arc<Self>, msg: Claimed, permit: OwnedSemaphorePermit) {
+    async fn attempt(self: Arc<Self>, msg: Claimed, permit: Slot) {
         let mut permit = Some(permit);
         let span = tracing::info_span!(
             "webhooks.attempt",
