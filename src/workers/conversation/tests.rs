@@ -135,6 +135,17 @@ impl Rig {
         assert_eq!(got.as_deref(), Some(agent), "reserved");
     }
 
+    /// The conversation connected to alice, who holds its slot.
+    async fn connect_alice(&self) {
+        assert!(self
+            .store
+            .put_conversation(&connected(&self.tenant))
+            .await
+            .expect("put"));
+        self.ready("alice", true).await;
+        self.reserve("alice").await;
+    }
+
     /// Provisions an agent; its id.
     async fn agent(&self, name: &str) -> String {
         self.provisioning
@@ -425,25 +436,11 @@ async fn an_offer_for_a_conversation_closed_meanwhile_takes_no_slot() {
 async fn a_transfer_applied_again_is_not_refused_after_the_fact() {
     let rig = rig().await;
     let bob = rig.agent("Bob").await;
-    assert!(rig
-        .store
-        .put_conversation(&connected(&rig.tenant))
-        .await
-        .expect("put"));
-    rig.ready("alice", true).await;
-    rig.reserve("alice").await;
+    rig.connect_alice().await;
     rig.ready(&bob, true).await;
     rig.create_interaction_topic().await;
     let before = rig.record().await;
-    let transfer = chat::TransferRequested {
-        agent_id: "alice".into(),
-        participant_id: "agent-alice".into(),
-        target_kind: chat::TargetKind::Agent,
-        target_id: bob.clone(),
-        mode: chat::TransferMode::Transfer,
-        note: None,
-        user_data: BTreeMap::new(),
-    };
+    let transfer = alice_transfers(&bob, chat::TransferMode::Transfer);
     let event = rig.event(&transfer);
     rig.worker
         .on_transfer(&event, transfer.clone())
@@ -468,6 +465,19 @@ async fn a_transfer_applied_again_is_not_refused_after_the_fact() {
         !rig.holders().await.contains(&"alice".to_string()),
         "alice's slot was given back"
     );
+}
+
+/// Alice asks to hand the conversation to agent `target` (or to invite it, by `mode`).
+fn alice_transfers(target: &str, mode: chat::TransferMode) -> chat::TransferRequested {
+    chat::TransferRequested {
+        agent_id: "alice".into(),
+        participant_id: "agent-alice".into(),
+        target_kind: chat::TargetKind::Agent,
+        target_id: target.into(),
+        mode,
+        note: None,
+        user_data: BTreeMap::new(),
+    }
 }
 
 /// Alice completes the conversation and closes it.
@@ -764,25 +774,11 @@ async fn a_bot_handoffs_offer_waits_for_the_queued_record() {
 async fn a_refused_transfer_stays_refused_when_redelivered() {
     let rig = rig().await;
     let bob = rig.agent("Bob").await;
-    assert!(rig
-        .store
-        .put_conversation(&connected(&rig.tenant))
-        .await
-        .expect("put"));
-    rig.ready("alice", true).await;
-    rig.reserve("alice").await;
+    rig.connect_alice().await;
     rig.create_interaction_topic().await;
     for mode in [chat::TransferMode::Transfer, chat::TransferMode::Consult] {
         rig.ready(&bob, false).await;
-        let transfer = chat::TransferRequested {
-            agent_id: "alice".into(),
-            participant_id: "agent-alice".into(),
-            target_kind: chat::TargetKind::Agent,
-            target_id: bob.clone(),
-            mode,
-            note: None,
-            user_data: BTreeMap::new(),
-        };
+        let transfer = alice_transfers(&bob, mode);
         let event = rig.event(&transfer);
         rig.worker
             .on_transfer(&event, transfer.clone())
@@ -814,23 +810,9 @@ async fn a_refused_transfer_stays_refused_when_redelivered() {
 async fn a_late_consult_invitation_gets_its_whole_timeout() {
     let rig = rig().await;
     let bob = rig.agent("Bob").await;
-    assert!(rig
-        .store
-        .put_conversation(&connected(&rig.tenant))
-        .await
-        .expect("put"));
-    rig.ready("alice", true).await;
-    rig.reserve("alice").await;
+    rig.connect_alice().await;
     rig.ready(&bob, true).await;
-    let consult = chat::TransferRequested {
-        agent_id: "alice".into(),
-        participant_id: "agent-alice".into(),
-        target_kind: chat::TargetKind::Agent,
-        target_id: bob.clone(),
-        mode: chat::TransferMode::Consult,
-        note: None,
-        user_data: BTreeMap::new(),
-    };
+    let consult = alice_transfers(&bob, chat::TransferMode::Consult);
     let mut event = rig.event(&consult);
     event.envelope.occurred_at_ms -= 60_000;
     let now = chrono::Utc::now().timestamp_millis();
