@@ -215,7 +215,7 @@ pub struct Dispatcher {
     done: Notify,
     global: Arc<Semaphore>,
     /// Per endpoint: attempts in flight and claimed messages waiting for a slot; per tenant:
-    /// attempts in flight.
+    /// the slots its attempts hold.
     lanes: Mutex<Lanes>,
     targets: Mutex<Targets>,
     /// When this process last cleared an endpoint's failure clock; a failure forgets it.
