@@ -144,26 +144,7 @@ impl Lane {
     }
 }
 
-/// One of the process's `max_in_flight` slots, taken by an attempt of `tenant` until it is
-/// logged (its HTTP request and its log write). Counted against the tenant's share too, so a
-/// tenant's attempts waiting for their log writes do not take the others' slots either.
-struct Slot {
-    _permit: OwnedSemaphorePermit,
-    tenant: String,
-    owner: Arc<Dispatcher>,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut lanes = self.owner.lock_lanes();
-        if let Some(n) = lanes.tenants.get_mut(&self.tenant) {
-            *n = n.saturating_sub(1);
-        }
-    }
-}
-
-/// The endpoints' lanes and, per tenant, the slots its attempts hold (all its endpoints
-/// together).
+/// The endpoints' lanes and, per tenant, its attempts in flight (all its endpoints together).
 #[derive(Default)]
 struct Lanes {
     endpoints: HashMap<String, Lane>,
@@ -175,8 +156,7 @@ impl Lanes {
         self.tenants.get(tenant).is_some_and(|n| *n >= limit)
     }
 
-    /// Tenants whose attempts hold their whole share of slots: their messages would only wait
-    /// in this process.
+    /// Tenants at their in-flight limit: their messages would only wait in this process.
     fn full_tenants(&self, limit: usize) -> Vec<String> {
         self.tenants
             .iter()
@@ -215,7 +195,7 @@ pub struct Dispatcher {
     done: Notify,
     global: Arc<Semaphore>,
     /// Per endpoint: attempts in flight and claimed messages waiting for a slot; per tenant:
-    /// the slots its attempts hold.
+    /// attempts in flight.
     lanes: Mutex<Lanes>,
     targets: Mutex<Targets>,
     /// When this process last cleared an endpoint's failure clock; a failure forgets it.
@@ -570,12 +550,7 @@ impl Dispatcher {
                     if let Some(h) = lane.held.pop_front() {
                         lane.in_flight += 1;
                         *busy += 1;
-                        let slot = Slot {
-                            _permit: permit,
-                            tenant: lane.tenant.clone(),
-                            owner: self.clone(),
-                        };
-                        starts.push((h, slot));
+                        starts.push((h, permit));
                     }
                 }
             }
@@ -639,12 +614,15 @@ impl Dispatcher {
         }
     }
 
-    /// An attempt of `webhook_id` ended: its endpoint's slot is free (the process's and the
-    /// tenant's go with its [`Slot`], once the attempt is logged).
+    /// An attempt of `webhook_id` ended: its slot, and its tenant's, is free.
     fn finished(&self, webhook_id: &str) {
         let mut lanes = self.lock_lanes();
-        if let Some(lane) = lanes.endpoints.get_mut(webhook_id) {
+        let Lanes { endpoints, tenants } = &mut *lanes;
+        if let Some(lane) = endpoints.get_mut(webhook_id) {
             lane.in_flight = lane.in_flight.saturating_sub(1);
+            if let Some(n) = tenants.get_mut(&lane.tenant) {
+                *n = n.saturating_sub(1);
+            }
         }
     }
 
@@ -696,7 +674,7 @@ impl Dispatcher {
     }
 
     /// One attempt of a claimed message, logged, then the next step.
-    async fn attempt(self: Arc<Self>, msg: Claimed, permit: Slot) {
+    async fn attempt(self: Arc<Self>, msg: Claimed, permit: OwnedSemaphorePermit) {
         let mut permit = Some(permit);
         let span = tracing::info_span!(
             "webhooks.attempt",
