@@ -1,7 +1,7 @@
 //! Chat API v3 handlers: start, send, typing, transcript, disconnect (files: [`super::files`]). Each validates, builds
 //! the event, publishes it and answers after the bus ack; nothing is published on bad input.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -18,7 +18,7 @@ use super::{chat_tenant, publish_event, session_claims, Claims, INBOUND_TOPIC};
 use crate::edge::{ApiError, AppState};
 use crate::events::chat::{self as ev, Channel, Contact, MessageKind, ParticipantKind};
 use crate::events::Event;
-use crate::stores::session::{start_mark, Conversation, ConversationState};
+use crate::stores::session::{merge_user_data, start_mark, Conversation, ConversationState};
 use crate::workers::conversation::notify::entry_json;
 
 const PRODUCER: &str = "edge/chat";
@@ -677,11 +677,7 @@ pub(crate) async fn customer_user_data(
     // What the chat would carry: at most `max` entries (checked again by the worker, which
     // sees updates that race each other).
     if let Some(record) = ensure_open(state, c).await? {
-        let mut keys: BTreeSet<&String> = record.user_data.keys().collect();
-        keys.extend(user_data.keys());
-        for k in &removed {
-            keys.remove(k);
-        }
+        let keys = merge_user_data(&record.user_data, &user_data, &removed);
         if keys.len() > max.max(record.user_data.len()) {
             return Err(ApiError::bad_request(
                 "INVALID_USER_DATA",

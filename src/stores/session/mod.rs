@@ -302,6 +302,21 @@ pub fn start_mark(tenant: &str, conversation_id: &str) -> String {
 /// The [`SessionStore::refresh`] key of a live chat's customer: edges refresh it while the
 /// customer makes requests or holds a stream open; the conversation worker closes the chat once
 /// it lapsed (`workers.conversation.abandon_timeout_s`).
+/// A conversation's user data after an update: `set` merged in, then `removed` taken out (a
+/// key both set and removed is gone). The edge checks the limit on it, the worker applies it.
+pub fn merge_user_data(
+    current: &BTreeMap<String, String>,
+    set: &BTreeMap<String, String>,
+    removed: &[String],
+) -> BTreeMap<String, String> {
+    let mut merged = current.clone();
+    merged.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+    for k in removed {
+        merged.remove(k);
+    }
+    merged
+}
+
 pub fn customer_mark(tenant: &str, conversation_id: &str) -> String {
     format!("chat-customer:{tenant}:{conversation_id}")
 }

@@ -1263,11 +1263,8 @@ impl ConversationWorker {
         let Some(mut c) = self.open_conversation(e).await? else {
             return Ok(());
         };
-        let mut merged = c.user_data.clone();
-        merged.extend(b.user_data.clone());
-        for k in &b.removed_keys {
-            merged.remove(k);
-        }
+        let merged =
+            crate::stores::session::merge_user_data(&c.user_data, &b.user_data, &b.removed_keys);
         if merged.len() > self.max_user_data_entries.max(c.user_data.len()) {
             // Concurrent updates that each passed the edge's check: the record stays bounded.
             warn!(conversation_id = %c.conversation_id, entries = merged.len(), "a user-data update past the limit; dropped");
