@@ -127,6 +127,8 @@ pub struct KafkaConfig {
     pub message_timeout_ms: u64,
     /// Records each consumer fetches ahead, at most, in KiB (one consumer per subscribed topic).
     pub prefetch_kbytes: u32,
+    /// How long a revoke waits for the acks of records already handed out (ms).
+    pub handover_wait_ms: u64,
     /// SASL mechanism, "" for none.
     pub sasl_mechanism: String,
     pub sasl_username: String,
@@ -264,12 +266,15 @@ impl Config {
         }
         // NEXUS_CONFIG names the file (a CLI flag's env); NEXUS_TEST_*, NEXUS_BENCH_* and
         // NEXUS_SERVICES_* belong to the test tooling. Every other NEXUS_* must be a config key.
+        // Kubernetes' service links of a Service named nexus* (NEXUS_EDGE_SERVICE_HOST,
+        // NEXUS_EDGE_PORT_8080_TCP, ...) are not config either.
         let env = Env::prefixed("NEXUS_").split("__").filter(|key| {
-            let key = key.as_str();
-            !(key.eq_ignore_ascii_case("config")
+            let key = key.as_str().to_ascii_lowercase();
+            !(key == "config"
+                || is_service_link(&key)
                 || ["test_", "bench_", "services_"]
                     .iter()
-                    .any(|p| key.to_ascii_lowercase().starts_with(p)))
+                    .any(|p| key.starts_with(p)))
         });
         let vars = env
             .iter()
@@ -501,6 +506,10 @@ impl Config {
             .gws
             .validate_timeouts(crate::workers::gws::config::KEY, try_time / 2)
             .map_err(|e| invalid("workers.gws.timeout_ms", e))?;
+        self.workers
+            .webhooks
+            .validate()
+            .map_err(|(key, e)| invalid(key, e))?;
         if tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level).is_err() {
             return Err(invalid(
                 "telemetry.log_level",
@@ -527,6 +536,7 @@ impl Config {
         }
         c.workers.history.ucs.redact(REDACTED);
         c.workers.gws.redact(REDACTED);
+        c.workers.tap.url = redact_url_password(&c.workers.tap.url);
         c.bus.url = redact_url_password(&c.bus.url);
         c.stores.redis_url = redact_url_password(&c.stores.redis_url);
         c.stores.postgres_url = redact_url_password(&c.stores.postgres_url);
@@ -558,9 +568,43 @@ fn with_env(mut figment: Figment, vars: impl Iterator<Item = (String, String)>) 
     figment
 }
 
+/// Whether `key` (lower case, the `NEXUS_` prefix taken off) has the shape of a variable
+/// Kubernetes sets for a Service: `<svc>_SERVICE_HOST`, `<svc>_SERVICE_PORT[_<name>]`,
+/// `<svc>_PORT`, `<svc>_PORT_<n>_<proto>[_PROTO|_PORT|_ADDR]`. Config keys never have it:
+/// every top-level key is a table, set with `__`.
+fn is_service_link(key: &str) -> bool {
+    if key.contains('.') || key.contains("__") {
+        return false;
+    }
+    let parts: Vec<&str> = key.split('_').collect();
+    let n = parts.len();
+    // `port` or `service_host` at the end, or `service_port` followed by a port name.
+    if parts.last() == Some(&"port") && (n == 1 || parts[n - 2] != "service") {
+        return true;
+    }
+    if n >= 2 && parts[n - 2..] == ["service", "host"] {
+        return true;
+    }
+    if let Some(i) = parts.windows(2).position(|w| w == ["service", "port"]) {
+        return i + 2 <= n;
+    }
+    // `port_<n>_<proto>` and its `_proto`, `_port`, `_addr` companions.
+    parts.windows(3).enumerate().any(|(i, w)| {
+        w[0] == "port"
+            && !w[1].is_empty()
+            && w[1].bytes().all(|b| b.is_ascii_digit())
+            && matches!(w[2], "tcp" | "udp" | "sctp")
+            && match n - (i + 3) {
+                0 => true,
+                1 => matches!(parts[n - 1], "proto" | "port" | "addr"),
+                _ => false,
+            }
+    })
+}
+
 /// Replaces the password of `scheme://user:password@host` URLs, and the value of a query
 /// parameter that carries one (`?password=`, as PostgreSQL and Redis URLs accept).
-fn redact_url_password(url: &str) -> String {
+pub(crate) fn redact_url_password(url: &str) -> String {
     let (base, query) = match url.split_once('?') {
         Some((base, query)) => (base, Some(query)),
         None => (url, None),
@@ -757,6 +801,36 @@ mod tests {
     }
 
     #[test]
+    fn kubernetes_service_links_are_not_config_keys() {
+        for k in [
+            "port",
+            "service_host",
+            "service_port",
+            "edge_service_host",
+            "edge_service_port",
+            "edge_service_port_http",
+            "edge_port",
+            "edge_port_8080_tcp",
+            "edge_port_8080_tcp_proto",
+            "edge_port_8080_tcp_port",
+            "edge_port_8080_tcp_addr",
+        ] {
+            assert!(is_service_link(k), "{k}");
+        }
+        for k in [
+            "http.listen",
+            "http__port",
+            "bus",
+            "edge",
+            "edge_port_x_tcp",
+            "edge_port_8080_tcp_other",
+            "consumer.concurency",
+        ] {
+            assert!(!is_service_link(k), "{k}");
+        }
+    }
+
+    #[test]
     fn secrets_are_redacted() {
         let mut c = Config::defaults();
         c.http.admin_token = "hunter2".into();
@@ -784,6 +858,14 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("rediss://user:<redacted>@redis:6380"));
+        // Credentials written into peer URLs.
+        c.workers.tap.url = "https://tap:t4psecret@tap.example/in".into();
+        c.workers.history.ucs.url = "https://ucs.example/?token=uc5secret".into();
+        c.workers.gws.tenants.get_mut("t1").expect("t1").url = "http://u:gw5secret@gws".into();
+        let out = c.redacted_toml();
+        for s in ["t4psecret", "uc5secret", "gw5secret"] {
+            assert!(!out.contains(s), "{s}: {out}");
+        }
         // A password given as a query parameter.
         c.stores.postgres_url =
             "postgres://db/nexus?user=nexus&password=s3cret&sslmode=require".into();

@@ -37,12 +37,13 @@ struct Cli {
 enum Command {
     /// Every role in one process on the embedded bus: nothing else to install.
     Dev {
-        /// Where the embedded bus and stores keep their data.
-        #[arg(long, default_value = ".nexus")]
-        data_dir: PathBuf,
-        /// HTTP address.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        listen: String,
+        /// Where the embedded bus and stores keep their data [default: `stores.data_dir`,
+        /// .nexus].
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// HTTP address [default: `http.listen`, 127.0.0.1:8080].
+        #[arg(long)]
+        listen: Option<String>,
     },
     /// The HTTP/WebSocket edge only (bus and stores from config).
     Edge,
@@ -170,9 +171,14 @@ fn main() -> Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Dev { data_dir, listen } => {
-                config.stores.data_dir = data_dir.display().to_string();
-                config.bus.url = format!("embedded://{}", data_dir.join("bus").display());
-                config.http.listen = listen;
+                // The flags win over the config (file and env), which wins over the defaults.
+                if let Some(dir) = data_dir {
+                    config.stores.data_dir = dir.display().to_string();
+                }
+                if let Some(listen) = listen {
+                    config.http.listen = listen;
+                }
+                config.bus.url = format!("embedded://{}", config.data_dir().join("bus").display());
                 config.validate().context("invalid configuration")?;
                 serve(config, Mode::Dev).await
             }

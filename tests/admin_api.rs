@@ -1448,6 +1448,32 @@ async fn webhook_subscriptions_secrets_and_target_policy(backend: Backend) {
         (StatusCode::BAD_REQUEST, "INVALID_FIELD"),
         "{v}"
     );
+    // Its body's errors have the codes and shape of every other body's.
+    let secret_path = format!("{base}/{hook_id}/secret");
+    let too_large = format!(
+        r#"{{"secret":"whsec_{}"}}"#,
+        "a".repeat(nexus::config::Config::defaults().http.max_body_bytes)
+    );
+    for (body, want) in [
+        (
+            r#"{"secret":"#.to_string(),
+            (StatusCode::BAD_REQUEST, "INVALID_JSON"),
+        ),
+        (
+            too_large,
+            (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"),
+        ),
+    ] {
+        let (status, v, text) = h
+            .send(
+                Method::POST,
+                &secret_path,
+                Some(TOKEN),
+                Some(Body::from(body)),
+            )
+            .await;
+        assert_eq!((status, code(&v)), want, "{text}");
+    }
 
     // Validation.
     for (body, want) in [

@@ -45,6 +45,8 @@ struct Recorder {
     /// Event text → times (ms since the epoch, ascending): a try before one of them is
     /// deferred to the first such time.
     deferred: Mutex<HashMap<String, Vec<i64>>>,
+    /// Event texts whose tries after the first panic.
+    panicking: Mutex<std::collections::HashSet<String>>,
 }
 
 /// How long a slow try takes: longer than the rig's handler may run before its event goes to
@@ -81,7 +83,15 @@ impl Effect for Recorder {
     async fn apply(&self, event: &Event, _message: &Message) -> Result<(), HandleError> {
         let conv = event.envelope.conversation_id.clone();
         let text = event.envelope.producer.clone();
-        *self.tries.lock().unwrap().entry(text.clone()).or_default() += 1;
+        let tries = {
+            let mut all = self.tries.lock().unwrap();
+            let n = all.entry(text.clone()).or_default();
+            *n += 1;
+            *n
+        };
+        if tries > 1 && self.panicking.lock().unwrap().contains(&text) {
+            panic!("{text} met a bug");
+        }
         let slow = {
             let mut slow = self.slow.lock().unwrap();
             slow.get_mut(&text)
@@ -547,6 +557,29 @@ async fn tries_run_out_into_the_dead_letter_topic(db: &str) {
     assert_eq!(back.envelope.event_id, e1.envelope.event_id);
 }
 
+/// A panic in a backlogged try is a bug the event would meet on every try: it is
+/// dead-lettered as on the consumer's lanes, and the conversation goes on.
+async fn a_panicking_effect_is_dead_lettered(db: &str) {
+    let rig = Rig::start(db, 5, true).await;
+    let r = &rig.recorder;
+    r.fail("p1", 1);
+    r.panicking.lock().unwrap().insert("p1".into());
+    rig.handle("p", "p1").await;
+    rig.handle("p", "p2").await;
+    eventually("p2 runs once p1 is dead-lettered", || {
+        r.applied_to("p") == ["p2"]
+    })
+    .await;
+    let dead = rig.dead_letters().await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(
+        dead[0].header(headers::DLQ_REASON),
+        Some("handler_panicked")
+    );
+    assert_eq!(rig.queued().await, 0);
+    assert_eq!(r.tries("p1"), 2, "one try in place, one from the backlog");
+}
+
 async fn failures_that_say_nothing_about_the_event_do_not_count(db: &str) {
     let rig = Rig::start(db, 2, true).await;
     let r = &rig.recorder;
@@ -593,6 +626,7 @@ on_both_databases!(
     claims_are_exclusive_and_only_of_heads,
     a_lost_lease_changes_nothing,
     tries_run_out_into_the_dead_letter_topic,
+    a_panicking_effect_is_dead_lettered,
     failures_that_say_nothing_about_the_event_do_not_count,
     a_retry_later_time_is_kept,
     a_deferred_effect_runs_when_it_asked,

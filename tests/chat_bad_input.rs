@@ -1721,6 +1721,26 @@ async fn agent_endpoints_refuse_bad_tokens_and_bodies() {
         .await;
 
     let bearer = format!("Bearer {token}");
+    // An id that is not UTF-8 or holds a control character names nothing: 404 in the API's
+    // shape (not the path extractor's plain text), with a token or without.
+    let files = format!("/v1/agent/conversations/{conv}/files/%FF");
+    for (method, path) in [
+        ("POST", "/v1/agent/conversations/%FF/accept"),
+        ("GET", "/v1/agent/conversations/a%00b/messages"),
+        ("GET", files.as_str()),
+        ("POST", "/v1/bot/conversations/%C3/messages"),
+    ] {
+        for auth in [Some(bearer.as_str()), None] {
+            let mut h: Vec<(&str, &str)> = vec![("content-type", "application/json")];
+            if let Some(a) = auth {
+                h.push(("authorization", a));
+            }
+            let req = rq(method, path, &h, Some(r#"{"offer_id":"x","text":"hi"}"#));
+            fx.rejected(&format!("{method} {path}"), req, 404, "NOT_FOUND")
+                .await;
+        }
+    }
+
     let post = |path: String, body: &str| {
         rq(
             "POST",
@@ -2590,6 +2610,11 @@ async fn websocket_handshakes_and_agent_operations_refuse_bad_input() {
             "INVALID_BODY",
         ),
         (
+            "a request id that is not a string",
+            json!({"op": "ready", "request_id": 7}).to_string(),
+            "INVALID_BODY",
+        ),
+        (
             "unknown op",
             json!({"op": "transfer_all", "request_id": "1"}).to_string(),
             "UNKNOWN_OPERATION",
@@ -2644,10 +2669,16 @@ async fn websocket_handshakes_and_agent_operations_refuse_bad_input() {
     let mut n = 0;
     for (what, text, code) in cases {
         let before = published(&fx.state).await;
+        // Every request that has an id gets it back, also one that does not decode.
+        let id = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v.get("request_id").cloned())
+            .unwrap_or(Value::Null);
         ws.send(WsMessage::Text(text.into())).await.expect("send");
         let answer = next_json(&mut ws).await;
         assert_eq!(answer["type"], "error", "{what}: {answer}");
         assert_eq!(answer["code"], code, "{what}: {answer}");
+        assert_eq!(answer["request_id"], id, "{what}: {answer}");
         assert_eq!(published(&fx.state).await, before, "{what}: published");
         n += 1;
     }

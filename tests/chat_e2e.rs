@@ -427,7 +427,7 @@ async fn a_deleted_agent_is_not_ready_any_more() {
     let (system, admin, tenant, store) = TwoEdges::with_tenant(dir.path(), Vec::new()).await;
     let url = system.edge_a.url.clone();
     let (agent, token) = provision_agent(&admin, &tenant, "Gil", 2).await;
-    let _ws = agent_ready(&url, &token).await;
+    let mut gil = agent_ready(&url, &token).await;
     let ready = |want: bool| {
         let (store, t, a) = (&store, tenant.id.clone(), agent.clone());
         async move {
@@ -436,6 +436,20 @@ async fn a_deleted_agent_is_not_ready_any_more() {
         }
     };
     eventually(WAIT, "the agent is ready", || ready(true)).await;
+    // Gil holds a chat when he is deleted; Hal, ready since, gets it from the queue.
+    let (sid, _) = start_session(&url, &tenant.api_key, json!({"nickname": "Ivy"})).await;
+    let offer = ws_until(&mut gil, WAIT, |v| v["type"] == "offer").await;
+    ws_send(
+        &mut gil,
+        json!({"op": "accept", "conversation_id": sid, "offer_id": offer["offer_id"]}),
+    )
+    .await;
+    ws_until(&mut gil, WAIT, |v| {
+        v["type"] == "state" && v["state"] == "connected"
+    })
+    .await;
+    let (_, hal_token) = provision_agent(&admin, &tenant, "Hal", 2).await;
+    let mut hal = agent_ready(&system.edge_b.url, &hal_token).await;
     let r = admin
         .http
         .delete(format!(
@@ -448,6 +462,8 @@ async fn a_deleted_agent_is_not_ready_any_more() {
         .expect("delete");
     assert_eq!(r.status(), 204);
     eventually(WAIT, "the deleted agent is not ready", || ready(false)).await;
+    let offer = ws_until(&mut hal, WAIT, |v| v["type"] == "offer").await;
+    assert_eq!(offer["conversation_id"], sid.as_str(), "{offer}");
 }
 
 /// A live chat whose customer vanished (no request and no open stream for
@@ -1072,6 +1088,72 @@ async fn an_agent_who_lets_an_offer_lapse_is_set_not_ready() {
     assert_eq!(back["state"], "ready");
     let offer = ws_until(&mut away, WAIT, |v| v["type"] == "offer").await;
     assert_eq!(offer["conversation_id"], second.as_str());
+}
+
+/// A desk that reconnects misses nothing pushed while it had no socket: its `hello` lists the
+/// offer made meanwhile (which would otherwise lapse), and the offer can be accepted from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_agent_socket_is_told_its_pending_offer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, admin, tenant) = dev(dir.path(), &[]).await;
+    let url = node.url.as_str();
+    let (_, token) = provision_agent(&admin, &tenant, "desk", 2).await;
+    let mut first = agent_ready(url, &token).await;
+    first.close(None).await.expect("close");
+    drop(first);
+    let (sid, _) = start_session(url, &tenant.api_key, json!({"nickname": "Flo"})).await;
+    let listed = eventually(WAIT, "the offer applied", || async {
+        let list: Value = reqwest::Client::new()
+            .get(format!("{url}/v1/agent/conversations"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        list["items"]
+            .as_array()?
+            .iter()
+            .find(|i| i["conversation_id"] == sid.as_str() && i["offer_id"].is_string())
+            .cloned()
+    })
+    .await;
+    let mut desk = ws_connect(&format!("{url}/v1/agent/ws?token={token}")).await;
+    let hello = ws_until(&mut desk, WAIT, |v| v["type"] == "hello").await;
+    let item = hello["conversations"]
+        .as_array()
+        .and_then(|items| items.iter().find(|i| i["conversation_id"] == sid.as_str()))
+        .unwrap_or_else(|| panic!("the pending offer is not in {hello}"));
+    assert_eq!(item["offer_id"], listed["offer_id"], "{hello}");
+    assert!(item["expires_at"].as_i64().is_some(), "{hello}");
+    ws_send(
+        &mut desk,
+        json!({"op": "accept", "conversation_id": sid, "offer_id": item["offer_id"]}),
+    )
+    .await;
+    ws_until(&mut desk, WAIT, |v| {
+        v["type"] == "state" && v["state"] == "connected" && v["conversation_id"] == sid.as_str()
+    })
+    .await;
+    // A retried accept of the held chat changes nothing: no `offer_closed` before the reply
+    // sent after it (the worker judges both in the conversation's order).
+    ws_send(
+        &mut desk,
+        json!({"op": "accept", "conversation_id": sid, "offer_id": item["offer_id"]}),
+    )
+    .await;
+    ws_send(
+        &mut desk,
+        json!({"op": "reply", "conversation_id": sid, "text": "after the retry"}),
+    )
+    .await;
+    let seen = ws_until(&mut desk, WAIT, |v| {
+        v["type"] == "offer_closed"
+            || (transcript_frame(v, "Message") && v["text"] == "after the retry")
+    })
+    .await;
+    assert_eq!(seen["type"], "transcript", "{seen}");
 }
 
 /// An agent's state may say why it is not ready and lower its capacity: its desk is told what
@@ -2025,7 +2107,22 @@ async fn consult_scenario(url: &str, other: &str) {
         "TIMEOUT"
     );
     assert_eq!(active(&b_token).await, 0);
+    // Withdrawn (Bob leaves before he answers): Alice is told, as of a decline.
+    invite(&mut alice, &sid, &b_id).await;
+    ws_until(&mut bob, WAIT, |v| v["type"] == "offer").await;
+    ws_send(&mut bob, json!({"op": "leave", "conversation_id": sid})).await;
+    let withdrawn = ws_until(&mut alice, WAIT, failed).await;
+    assert_eq!(
+        (
+            withdrawn["reason"].as_str(),
+            withdrawn["target_id"].as_str()
+        ),
+        (Some("DECLINED"), Some(b_id.as_str()))
+    );
+    assert_eq!(active(&b_token).await, 0);
 
+    // Asked twice (a retried request): one invitation, and the owner is told of no refusal.
+    invite(&mut alice, &sid, &b_id).await;
     invite(&mut alice, &sid, &b_id).await;
     let offer = ws_until(&mut bob, WAIT, |v| v["type"] == "offer").await;
     assert_eq!(offer["consult"], true, "{offer}");
@@ -2043,7 +2140,8 @@ async fn consult_scenario(url: &str, other: &str) {
     let joined =
         |v: &Value| transcript_frame(v, "ParticipantJoined") && v["from"]["nickname"] == "bob";
     ws_until(&mut customer, WAIT, joined).await;
-    ws_until(&mut alice, WAIT, joined).await;
+    let seen = ws_until(&mut alice, WAIT, |v| failed(v) || joined(v)).await;
+    assert!(joined(&seen), "the owner was told of a refusal: {seen}");
     ws_until(&mut bob, WAIT, |v| {
         v["type"] == "state" && v["state"] == "connected"
     })
@@ -2099,7 +2197,8 @@ async fn consult_scenario(url: &str, other: &str) {
         ws_until(&mut alice, WAIT, failed).await["reason"],
         "CONSULT_IN_PROGRESS"
     );
-    invite(&mut alice, &sid, &b_id).await;
+    let (c_id, _) = provision_agent(&admin, &tenant, "cat", 1).await;
+    invite(&mut alice, &sid, &c_id).await;
     assert_eq!(
         ws_until(&mut alice, WAIT, failed).await["reason"],
         "CONSULT_IN_PROGRESS"

@@ -141,6 +141,8 @@ fn check_common(objs: &[Value], what: &str) {
             "{what}/{}: grace {grace}s too short to drain",
             name(d)
         );
+        // Kubernetes' service-link variables of a release named nexus* are NEXUS_*.
+        assert_eq!(spec["enableServiceLinks"], false, "{what}/{}", name(d));
         for c in spec["containers"].as_sequence().unwrap() {
             assert_eq!(
                 c["livenessProbe"]["httpGet"]["path"],
@@ -158,6 +160,12 @@ fn check_common(objs: &[Value], what: &str) {
         }
     }
     for j in of_kind(objs, "Job") {
+        assert_eq!(
+            j["spec"]["template"]["spec"]["enableServiceLinks"],
+            false,
+            "{what}/{}",
+            name(j)
+        );
         for c in j["spec"]["template"]["spec"]["containers"]
             .as_sequence()
             .unwrap()

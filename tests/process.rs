@@ -39,6 +39,25 @@ async fn dev(dir: &std::path::Path, extra: &[(&str, String)]) -> (Nexus, u16) {
     (nexus, port)
 }
 
+/// Without the flags, `nexus dev` takes its address and data dir from the config (env here).
+#[tokio::test]
+async fn dev_without_flags_uses_the_configured_address_and_data_dir() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("from-env");
+    let mut nexus = Nexus::start(
+        dir.path(),
+        "dev",
+        &["dev"],
+        &[
+            ("NEXUS_HTTP__LISTEN", LISTEN_ANY.to_string()),
+            ("NEXUS_STORES__DATA_DIR", data.display().to_string()),
+        ],
+    );
+    let addr = nexus.wait_listening(Duration::from_secs(60)).await;
+    assert!(!addr.ends_with(":8080"), "listening on {addr}");
+    assert!(data.join("bus").is_dir(), "no bus under {}", data.display());
+}
+
 #[tokio::test]
 async fn dev_consumes_ingested_events_and_lag_returns_to_zero() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -180,6 +199,25 @@ fn config_check_redacts_secrets_and_names_bad_keys() {
     );
     assert!(!ok);
     assert!(err.contains("bus.url"), "{err}");
+
+    // What Kubernetes puts in a pod for a Service named nexus-edge is not config.
+    let (ok, _, err) = run(
+        &["config", "check"],
+        &[
+            ("NEXUS_EDGE_SERVICE_HOST", "10.0.0.7".into()),
+            ("NEXUS_EDGE_SERVICE_PORT", "8080".into()),
+            ("NEXUS_EDGE_PORT", "tcp://10.0.0.7:8080".into()),
+            ("NEXUS_EDGE_PORT_8080_TCP_ADDR", "10.0.0.7".into()),
+        ],
+    );
+    assert!(ok, "{err}");
+    // The webhooks role's own rules are checked at load too, naming the key.
+    let (ok, _, err) = run(
+        &["config", "check"],
+        &[("NEXUS_WORKERS__WEBHOOKS__RETRY_SCHEDULE_MS", "[]".into())],
+    );
+    assert!(!ok, "an empty retry schedule must fail");
+    assert!(err.contains("workers.webhooks.retry_schedule_ms"), "{err}");
 
     let (ok, _, err) = run(
         &["config", "check"],

@@ -548,17 +548,8 @@ async fn handle_with_retry(
         // A panic is a bug the event met, which the same event would meet again: it is set
         // aside like a rejection (replayed once fixed) instead of ending the lane, and with
         // it the consumer, in a restart loop on the same record.
-        let handled = AssertUnwindSafe(ctx.handler.handle(event, msg)).catch_unwind();
-        let result = tokio::time::timeout(ctx.options.handler_timeout, handled)
-            .await
-            .map(|r| {
-                r.unwrap_or_else(|panic| {
-                    Err(HandleError::Reject {
-                        reason: "handler_panicked",
-                        detail: panic_message(panic.as_ref()),
-                    })
-                })
-            });
+        let handled = panic_rejected(ctx.handler.handle(event, msg));
+        let result = tokio::time::timeout(ctx.options.handler_timeout, handled).await;
         let (failure, not_before_ms) = match result {
             Ok(Ok(())) => return Some(Outcome::Handled),
             Ok(Err(HandleError::Reject { reason, detail })) => {
@@ -595,6 +586,23 @@ async fn handle_with_retry(
 }
 
 /// What a panic said, when it said it with a string.
+/// Runs an effect, a panic in it becoming a `handler_panicked` rejection: a bug the event met,
+/// which the same event would meet again, is set aside (dead-lettered, replayed once fixed)
+/// instead of ending the task that runs it.
+pub async fn panic_rejected(
+    effect: impl std::future::Future<Output = Result<(), HandleError>>,
+) -> Result<(), HandleError> {
+    AssertUnwindSafe(effect)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            Err(HandleError::Reject {
+                reason: "handler_panicked",
+                detail: panic_message(panic.as_ref()),
+            })
+        })
+}
+
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
         (Some(s), _) => (*s).to_string(),

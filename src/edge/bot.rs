@@ -35,6 +35,7 @@ pub fn routes() -> Router<AppState> {
             post(send).get(transcript),
         )
         .route("/v1/bot/conversations/{id}/handoff", post(handoff))
+        .route_layer(axum::middleware::from_fn(crate::edge::path::require_plain))
 }
 
 /// The bot of a bearer bot token.

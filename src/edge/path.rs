@@ -1,6 +1,31 @@
 //! Request paths that name nothing: once percent-decoded, bytes that are not UTF-8 or control
 //! characters. Checked before the path extractor, whose rejection is plain text.
 
+use axum::extract::Request;
+use axum::middleware::Next;
+use axum::response::Response;
+
+use super::ApiError;
+
+/// 404 `NOT_FOUND` in the API's error shape for a path that is not plain ([`is_plain`]).
+pub fn refused(request: &Request) -> Option<ApiError> {
+    (!is_plain(request.uri().path())).then(|| {
+        ApiError::not_found(
+            "NOT_FOUND",
+            "no object has such an id (control characters or bytes that are not UTF-8)",
+        )
+    })
+}
+
+/// Route layer: a path no object can have answers 404 (on every store alike: PostgreSQL
+/// refuses a NUL in text where SQLite would look it up) before the path extractor runs.
+pub async fn require_plain(request: Request, next: Next) -> Result<Response, ApiError> {
+    match refused(&request) {
+        Some(e) => Err(e),
+        None => Ok(next.run(request).await),
+    }
+}
+
 /// Whether the percent-decoded path is UTF-8 without control characters.
 pub fn is_plain(path: &str) -> bool {
     let raw = path.as_bytes();

@@ -289,12 +289,25 @@ impl Registry {
                     ));
                 }
                 for older in &versions[..j] {
+                    let removed = removed_without_default(&older.schema, &newer.schema);
                     if let Err(e) = SchemaCompatibility::can_read(&older.schema, &newer.schema) {
                         errors.push(SchemaError::Incompatible {
                             event_type: t.to_string(),
                             version: newer.version,
                             previous: older.version,
                             message: e.to_string(),
+                        });
+                    } else if let Some(field) = removed {
+                        // Readable by the new version, but a reader still on the old one
+                        // would find the field missing with nothing to fill it in.
+                        errors.push(SchemaError::Incompatible {
+                            event_type: t.to_string(),
+                            version: newer.version,
+                            previous: older.version,
+                            message: format!(
+                                "field `{field}` is removed but has no default in v{}",
+                                older.version
+                            ),
                         });
                     }
                 }
@@ -641,4 +654,20 @@ fn read_tree(root: &Path, dir: &Path, out: &mut Vec<(String, String)>) -> Result
         }
     }
     Ok(())
+}
+
+/// The first top-level field of `older` that `newer` no longer has and that has no default.
+fn removed_without_default(
+    older: &apache_avro::Schema,
+    newer: &apache_avro::Schema,
+) -> Option<String> {
+    let (apache_avro::Schema::Record(old), apache_avro::Schema::Record(new)) = (older, newer)
+    else {
+        return None;
+    };
+    old.fields
+        .iter()
+        .filter(|f| f.default.is_none())
+        .find(|f| !new.fields.iter().any(|n| n.name == f.name))
+        .map(|f| f.name.clone())
 }

@@ -377,6 +377,26 @@ fn a_v2_schema_reads_v1_data() {
 }
 
 #[test]
+fn removing_a_field_without_a_default_is_incompatible() {
+    // v2 reads v1 data (a reader ignores a writer's extra field), but a reader still on v1
+    // gets v2 data without `participant_id` and nothing to fill it in.
+    let mut v2 = typing_v1();
+    v2["fields"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|f| f["name"] != "participant_id");
+    let r = registry_with(&[("events/typing_indicated/v2.avsc", v2.to_string())]).unwrap();
+    let errors = r.check().unwrap_err();
+    assert!(
+        errors.iter().any(
+            |e| matches!(e, SchemaError::Incompatible { version: 2, previous: 1, message, .. }
+            if message.contains("participant_id"))
+        ),
+        "{errors:?}"
+    );
+}
+
+#[test]
 fn records_with_many_fields_encode_through_lookups() {
     // More fields than the writer matches on the stack: the lookup path, same rules.
     let mut v2 = typing_v1();

@@ -278,18 +278,30 @@ impl Topology {
             .collect()
     }
 
-    /// The topics a role needs on the bus before it starts: the ones it reads and the
-    /// dead-letter topics it writes failures to.
+    /// The topics a role needs on the bus before it starts: the ones it reads, the
+    /// dead-letter topics it writes failures to, and the topics that name it a producer
+    /// (without them every event it handles would fail at its publish).
     pub fn role_topics(&self, role: &str) -> Result<Vec<String>, TopologyError> {
         let role = self
             .role(role)
             .ok_or_else(|| TopologyError::UnknownRole(role.to_owned()))?;
-        Ok(role
+        let read = role
             .topics
             .iter()
             .filter_map(|name| self.topic(name))
-            .flat_map(|t| std::iter::once(t.name.clone()).chain(t.dlq_name()))
-            .collect())
+            .flat_map(|t| std::iter::once(t.name.clone()).chain(t.dlq_name()));
+        let written = self
+            .topics
+            .iter()
+            .filter(|t| t.producers.contains(&role.name))
+            .map(|t| t.name.clone());
+        let mut topics: Vec<String> = Vec::new();
+        for t in read.chain(written) {
+            if !topics.contains(&t) {
+                topics.push(t);
+            }
+        }
+        Ok(topics)
     }
 
     /// The roles that read a topic.
@@ -354,6 +366,16 @@ mod tests {
             t.role("conversation").unwrap().topics,
             ["nexus.inbound.v1", "nexus.agent.v1"]
         );
+        // A role needs the topics it writes too: the conversation worker's publishes.
+        let needs = t.role_topics("conversation").unwrap();
+        for name in [
+            "nexus.inbound.v1",
+            "nexus.inbound.v1.dlq",
+            "nexus.interaction.v1",
+            "nexus.delivery.v1",
+        ] {
+            assert!(needs.iter().any(|n| n == name), "{name} not in {needs:?}");
+        }
         let inbound = t.topic("nexus.inbound.v1").unwrap();
         assert_eq!(inbound.dlq_spec().unwrap().name, "nexus.inbound.v1.dlq");
         assert_eq!(

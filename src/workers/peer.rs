@@ -127,7 +127,10 @@ impl PeerConfig {
             }
             match reqwest::Url::parse(url) {
                 Ok(u) if matches!(u.scheme(), "http" | "https") => Ok(()),
-                _ => Err(format!("{k}: `{url}` is not an http(s) URL")),
+                _ => Err(format!(
+                    "{k}: `{}` is not an http(s) URL",
+                    crate::config::redact_url_password(url)
+                )),
             }
         };
         if self.retry_initial_ms == 0 {
@@ -171,14 +174,17 @@ impl PeerConfig {
     }
 
     /// Replaces every credential with `with` (for printing the config).
+    /// Credentials written into URLs (`user:pass@`, `?token=`) go too.
     pub fn redact(&mut self, with: &str) {
         if !self.credential.is_empty() {
             self.credential = with.to_string();
         }
+        self.url = crate::config::redact_url_password(&self.url);
         for t in self.tenants.values_mut() {
             if !t.credential.is_empty() {
                 t.credential = with.to_string();
             }
+            t.url = crate::config::redact_url_password(&t.url);
         }
     }
 }
@@ -427,7 +433,8 @@ impl Peer {
                 let status = response.status();
                 // A 2xx reached through a redirect, or an HTML page (a gateway's login page
                 // once its session lapsed), is not the peer's answer.
-                let not_the_peer = reqwest::Url::parse(url).ok().as_ref() != Some(response.url())
+                let final_url = response.url().clone();
+                let not_the_peer = reqwest::Url::parse(url).ok().as_ref() != Some(&final_url)
                     || response
                         .headers()
                         .get(reqwest::header::CONTENT_TYPE)
@@ -442,21 +449,24 @@ impl Peer {
                 if let (true, Err(e)) = (status.is_success(), &body) {
                     // A 2xx whose body did not arrive whole says nothing yet: try again.
                     Err(("failed", PeerFailure::retry(format!("{url}: {e}"))))
+                } else if status.is_success() && not_the_peer {
+                    // Whatever its body (empty, `{}`): taken as success, an effect would be
+                    // marked done that never reached the peer (a POST redirected is a GET).
+                    Err((
+                        "failed",
+                        PeerFailure::retry(format!(
+                            "{url}: a 2xx that is not the peer's answer (redirected to {}, or an HTML page)",
+                            crate::config::redact_url_password(final_url.as_str())
+                        )),
+                    ))
                 } else if status.is_success() {
                     // Any 2xx is the peer's success: a body that is not JSON (a proxy's `OK`)
                     // comes back as a string, for the callers that need an answer to refuse.
                     // Counted as a failure, it would pause the peer for good, every probe
-                    // answered the same way. Unless it is not the peer's (see above): taken
-                    // as success, an effect would be marked done that never reached it.
+                    // answered the same way.
                     match serde_json::from_str(&text) {
                         Ok(v) => Ok(v),
                         Err(_) if text.trim().is_empty() => Ok(serde_json::Value::Null),
-                        Err(e) if not_the_peer => Err((
-                            "failed",
-                            PeerFailure::retry(format!(
-                                "{url}: a 2xx that is not the peer's answer (redirected, or an HTML page): {e}"
-                            )),
-                        )),
                         Err(_) => Ok(serde_json::Value::String(text)),
                     }
                 } else if status.is_server_error() || matches!(status.as_u16(), 408 | 429) {
@@ -936,6 +946,16 @@ mod tests {
                 axum::routing::post(|| async { axum::response::Redirect::temporary("/plain") }),
             )
             .route("/read", axum::routing::get(|| async { "{}" }))
+            // A gateway sending a POST elsewhere: the GET it becomes finds an empty or JSON 200.
+            .route(
+                "/see-other-empty",
+                axum::routing::post(|| async { axum::response::Redirect::to("/empty") }),
+            )
+            .route(
+                "/see-other-json",
+                axum::routing::post(|| async { axum::response::Redirect::to("/read") }),
+            )
+            .route("/empty", axum::routing::get(|| async { "" }))
             .route(
                 "/busy",
                 axum::routing::post(|| async {
@@ -994,6 +1014,15 @@ mod tests {
             ),
             "a redirected 2xx"
         );
+        for path in ["/see-other-empty", "/see-other-json"] {
+            assert!(
+                matches!(
+                    post(&peer, &t, "chat-1", path).await,
+                    Err(PeerFailure::Retry { .. })
+                ),
+                "{path}: a 2xx at the end of a redirect, whatever its body"
+            );
+        }
         assert!(
             matches!(
                 peer.get_json(&t, "chat-1", "/login", &[]).await,

@@ -85,10 +85,12 @@ impl PartTrack {
 
     /// Whether `offset` was acked (or skipped by retention) already.
     fn is_done(&self, offset: u64) -> bool {
-        self.done
-            .range(..=offset)
-            .next_back()
-            .is_some_and(|(_, &end)| offset < end)
+        offset < self.base
+            || self
+                .done
+                .range(..=offset)
+                .next_back()
+                .is_some_and(|(_, &end)| offset < end)
     }
 
     /// A delivery handed out under `epoch` is done; true if that ended a hand-over's wait (the
@@ -357,9 +359,9 @@ impl Inner {
                 t.done.insert(offset, offset + 1);
                 self.advance(key, partition, t);
             }
-            if draining {
-                t.next_fetch = t.next_fetch.max(t.base);
-            }
+            // Everything below the committed offset is done: a new owner whose ack joined the
+            // old owner's acks past it reads on after them, not from where it was.
+            t.next_fetch = t.next_fetch.max(t.base);
         } else {
             tracing::debug!(group = %key.0, topic = %key.1, partition, offset, "ack of a revoked partition ignored");
         }

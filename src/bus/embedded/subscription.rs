@@ -70,7 +70,9 @@ impl EmbeddedSubscription {
         })
     }
 
-    /// Reads the next batch of the member's partitions into the buffer; returns how many.
+    /// Reads the next batch of the member's partitions into the buffer; returns how many
+    /// records it read, some of which may have been left out (acked by a previous owner after
+    /// its committed offset): a read of only those still moved the member on.
     async fn fetch(&mut self) -> Result<usize, BusError> {
         let (mut plan, held_until) = self.inner.plan(&self.key, self.member)?;
         self.held_until = held_until.map(tokio::time::Instant::from_std);
@@ -105,9 +107,9 @@ impl EmbeddedSubscription {
         .map_err(storage("read task"))??;
         let mut n = 0;
         for (p, records) in read {
+            n += records.len();
             for m in self.inner.fetched(&self.key, self.member, &p, records) {
                 self.buffer.push_back((p.epoch, m));
-                n += 1;
             }
         }
         Ok(n)

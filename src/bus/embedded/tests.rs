@@ -820,6 +820,13 @@ async fn a_moved_partition_waits_for_its_old_deliveries() {
 /// hand-over: the new owner does not handle those records again.
 #[tokio::test]
 async fn a_hand_over_keeps_acks_made_past_the_committed_offset() {
+    hand_over_past_the_committed_offset(16).await;
+    // Reads of 2: the second read finds only records A acked, and B reads on rather than
+    // waiting for an append that may never come.
+    hand_over_past_the_committed_offset(2).await;
+}
+
+async fn hand_over_past_the_committed_offset(b_in_flight: usize) {
     let dir = tempfile::tempdir().unwrap();
     let bus = open(dir.path());
     topic(&bus, "t", 1).await;
@@ -835,12 +842,25 @@ async fn a_hand_over_keeps_acks_made_past_the_committed_offset() {
         d.ack().await.unwrap();
     }
     drop(a);
-    let mut b = bus.subscribe("g", "t", opts(16)).await.unwrap();
+    let mut b = bus.subscribe("g", "t", opts(b_in_flight)).await.unwrap();
     assert!(quiet(&mut b).await, "read before A was done with offset 0");
-    // A's handler of 0 ends without an ack: 0 comes again, then 4 and 5, not 1..3.
+    // A's handler of 0 ends without an ack: 0 comes again, then 4 and 5, not 1..3; 4 while
+    // B still handles 0 (B reads on past A's acks rather than waiting for an append).
     drop(first);
-    let got = drain(&mut b, Duration::from_millis(300)).await;
-    assert_eq!(got, [(0, 0), (0, 4), (0, 5)]);
+    let zero = next(&mut b).await;
+    let four = next(&mut b).await;
+    let mut got = vec![
+        (zero.message.partition, zero.message.offset),
+        (four.message.partition, four.message.offset),
+    ];
+    zero.ack().await.unwrap();
+    four.ack().await.unwrap();
+    got.extend(drain(&mut b, Duration::from_millis(300)).await);
+    assert_eq!(
+        got,
+        [(0, 0), (0, 4), (0, 5)],
+        "B reading {b_in_flight} at a time"
+    );
     assert_eq!(total_lag(&bus, "g").await, 0);
 }
 

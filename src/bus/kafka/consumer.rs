@@ -45,12 +45,6 @@ use crate::bus::{Acker, BusError, Delivery, Message, StartFrom, SubscribeOptions
 
 type Member = BaseConsumer<MemberContext>;
 
-/// How long a revoke waits for the acks of records already handed out before it commits what
-/// was acked and lets the partition go. Long enough for a normal handler to finish its effect;
-/// short enough not to hold up the group's rebalance. What is still unacked then is redelivered
-/// to the next owner (at-least-once).
-const REVOKE_ACK_WAIT: Duration = Duration::from_secs(10);
-
 /// Poll timeout of the member thread: bounds how late it notices `close` or a dropped
 /// subscription. Rebalance callbacks and records wake it immediately.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -67,7 +61,7 @@ const PAUSED_POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// by its `queued.*` limits, as when polling), so a runtime that catches up within this time
 /// costs no refetch. Rebalance callbacks and records are only served by polling, so this also
 /// bounds how late a rebalance is served while the runtime is full; after it the member pauses
-/// and polls as before, which serves them and lets a revoke go after [`REVOKE_ACK_WAIT`].
+/// and polls as before, which serves them and lets a revoke go (see `Tracker::revoke_wait`).
 const HOLD_BEFORE_PAUSE: Duration = Duration::from_millis(500);
 
 /// How often a holding member (see [`HOLD_BEFORE_PAUSE`]) looks whether acks freed room.
@@ -274,11 +268,17 @@ pub(super) struct Tracker {
     paused: Mutex<HashSet<i32>>,
     /// The last failed commit, reported by `close`.
     commit_error: Mutex<Option<BusError>>,
+    /// How long a revoke waits for the acks of records already handed out before it commits
+    /// what was acked and lets the partition go (`bus.kafka.handover_wait_ms`): as long as a
+    /// handler may run, so the next owner never handles a key this member still handles.
+    /// What is still unacked then is redelivered to the next owner (at-least-once).
+    revoke_wait: Duration,
 }
 
 impl Tracker {
-    fn new(topic: &str, group: &str) -> Self {
+    fn new(topic: &str, group: &str, revoke_wait: Duration) -> Self {
         Self {
+            revoke_wait,
             topic: topic.to_string(),
             group: group.to_string(),
             parts: Mutex::new(HashMap::new()),
@@ -498,7 +498,7 @@ impl Tracker {
 
     /// Waits (bounded) until no handed-out record of `revoked` is unacked.
     fn wait_for_acks(&self, revoked: &HashSet<i32>) {
-        let deadline = Instant::now() + REVOKE_ACK_WAIT;
+        let deadline = Instant::now() + self.revoke_wait;
         let mut parts = lock(&self.parts);
         loop {
             let busy = revoked
@@ -510,7 +510,7 @@ impl Tracker {
             let now = Instant::now();
             if now >= deadline {
                 warn!(
-                    topic = %self.topic, group = %self.group, wait = ?REVOKE_ACK_WAIT,
+                    topic = %self.topic, group = %self.group, wait = ?self.revoke_wait,
                     "records still unacked at revoke; they will be redelivered to the next owner"
                 );
                 return;
@@ -705,7 +705,11 @@ impl KafkaSubscription {
             )
             .set("session.timeout.ms", k.session_timeout_ms.to_string())
             .set("heartbeat.interval.ms", heartbeat.to_string());
-        let tracker = Arc::new(Tracker::new(topic, group));
+        let tracker = Arc::new(Tracker::new(
+            topic,
+            group,
+            Duration::from_millis(k.handover_wait_ms),
+        ));
         let context = MemberContext {
             tracker: Arc::clone(&tracker),
         };
@@ -1117,7 +1121,7 @@ mod tests {
 
     #[test]
     fn a_record_polled_again_is_not_queued_twice() {
-        let tracker = super::Tracker::new("t", "g");
+        let tracker = super::Tracker::new("t", "g", std::time::Duration::from_secs(1));
         let mut track = PartTrack::new(7);
         assert!(track.pending.insert(10, Slot::Acked));
         track.advance();

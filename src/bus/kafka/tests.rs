@@ -29,9 +29,14 @@ fn init_logs() {
 }
 
 async fn bus() -> Option<KafkaBus> {
+    bus_with(|_| {}).await
+}
+
+async fn bus_with(change: impl FnOnce(&mut crate::config::BusConfig)) -> Option<KafkaBus> {
     init_logs();
     let brokers = brokers()?;
     let mut config = Config::defaults().bus;
+    change(&mut config);
     config.url = format!("kafka://{brokers}");
     // Tansu's first group join takes about half the session timeout.
     config.kafka.session_timeout_ms = 6000;
@@ -317,6 +322,85 @@ async fn a_rebalance_hands_over_without_loss_or_double_commit() {
     let offsets = bus.partition_offsets(&t).await.unwrap();
     for (p, o) in positions.iter().zip(&offsets) {
         assert!(p.committed.unwrap_or(0) <= o.high, "{p:?} {o:?}");
+    }
+}
+
+/// A partition moves to a joining member only once the old owner acked what it handed out,
+/// however long its handlers take within `handover_wait_ms`: the two never handle a key at
+/// once, and the new owner gets none of the old owner's records.
+#[tokio::test]
+async fn a_revoke_waits_for_slow_handlers_within_the_handover_wait() {
+    const HANDLER: Duration = Duration::from_secs(20);
+    let Some(bus) = bus_with(|c| c.kafka.handover_wait_ms = 30_000).await else {
+        return;
+    };
+    let t = topic(&bus, 2).await;
+    let g = name("g");
+    for i in 0..40 {
+        bus.publish(&t, OutRecord::new(format!("k{i}"), format!("{i}")))
+            .await
+            .unwrap();
+    }
+    let mut a = bus
+        .subscribe(&g, &t, SubscribeOptions::default())
+        .await
+        .unwrap();
+    // The first record of each partition stays in a slow handler; the rest A takes is acked.
+    let mut handed_out = std::collections::HashSet::new();
+    let mut slow: HashMap<u32, Delivery> = HashMap::new();
+    while slow.len() < 2 {
+        let d = next(&mut a).await;
+        handed_out.insert((d.message.partition, d.message.offset));
+        match slow.entry(d.message.partition) {
+            std::collections::hash_map::Entry::Occupied(_) => d.ack().await.unwrap(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(d);
+            }
+        }
+    }
+    let mut b = bus
+        .subscribe(&g, &t, SubscribeOptions::default())
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(40), b.next()).await {
+            let _ = tx.send((Instant::now(), d.message.partition, d.message.offset));
+            d.ack().await.unwrap();
+        }
+    });
+    tokio::time::sleep(HANDLER).await;
+    let done_at = Instant::now();
+    for d in slow.into_values() {
+        d.ack().await.unwrap();
+    }
+    // More for both partitions, so B surely gets some of the one it took over.
+    for i in 40..80 {
+        bus.publish(&t, OutRecord::new(format!("k{i}"), format!("{i}")))
+            .await
+            .unwrap();
+    }
+    // B's deliveries until it has been quiet for a while after A's handlers ended.
+    let mut got = Vec::new();
+    while let Ok(Some(x)) = tokio::time::timeout(Duration::from_secs(8), rx.recv()).await {
+        got.push(x);
+    }
+    reader.abort();
+    drop(a);
+    assert!(
+        !got.is_empty(),
+        "B got nothing of the partition it took over"
+    );
+    for (at, partition, offset) in &got {
+        assert!(
+            *at >= done_at,
+            "B got ({partition}, {offset}) {:?} before A's handlers ended",
+            done_at - *at
+        );
+        assert!(
+            !handed_out.contains(&(*partition, *offset)),
+            "B got ({partition}, {offset}), which A handled"
+        );
     }
 }
 

@@ -53,6 +53,13 @@ pub async fn delete(
     let agent = state.provisioning.agent(&tenant, &id).await?;
     crate::edge::agent::do_set_state(&state, &agent, false, None, Default::default()).await?;
     state.provisioning.delete_agent(&tenant, &id).await?;
+    // Once more after the delete: the worker, finding no agent, hands its conversations back
+    // to their queues (the first may be applied before the delete commits).
+    if let Err(e) =
+        crate::edge::agent::do_set_state(&state, &agent, false, None, Default::default()).await
+    {
+        tracing::warn!(agent = %id, error = %e.message, "the deleted agent's conversations could not be handed back; they stay with it until they close");
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

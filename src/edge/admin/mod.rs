@@ -128,7 +128,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         // A method a path does not take answers in the error shape too; set before the layers,
         // so the token check still comes first (no path is confirmed to a caller without it).
         .method_not_allowed_fallback(method_not_allowed)
-        .route_layer(middleware::from_fn(plain_path))
+        .route_layer(middleware::from_fn(crate::edge::path::require_plain))
         .route_layer(middleware::from_fn_with_state(state, require_admin))
 }
 
@@ -138,19 +138,6 @@ async fn method_not_allowed() -> ApiError {
         "METHOD_NOT_ALLOWED",
         "this path does not take that method",
     )
-}
-
-/// No id holds a control character or bytes that are not UTF-8: such a path names nothing
-/// (404), on every store alike (PostgreSQL refuses a NUL in text where SQLite would look it
-/// up), and never reaches the path extractor's plain-text rejection.
-async fn plain_path(request: Request, next: Next) -> Result<Response, ApiError> {
-    if !crate::edge::path::is_plain(request.uri().path()) {
-        return Err(ApiError::not_found(
-            "NOT_FOUND",
-            "no object has such an id (control characters or bytes that are not UTF-8)",
-        ));
-    }
-    Ok(next.run(request).await)
 }
 
 async fn require_admin(

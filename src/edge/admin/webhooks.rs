@@ -124,14 +124,15 @@ pub async fn delete(
 pub async fn rotate_secret(
     State(state): State<AppState>,
     Path((tenant, id)): Path<(String, String)>,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<WebhookSecret>, ApiError> {
-    // The body is optional: none (or `{}`) generates the new secret.
+    // The body is optional: none (or `{}`) generates the new secret. Its errors take the shape
+    // and codes of every other body (too large: 413, malformed: INVALID_JSON).
+    let body = body?;
     let rotation: SecretRotation = if body.iter().all(u8::is_ascii_whitespace) {
         SecretRotation::default()
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::bad_request("INVALID_BODY", e.to_string()))?
+        serde_json::from_slice(&body).map_err(|e| crate::edge::chat::body_error(&e))?
     };
     let overlap =
         i64::try_from(state.config.workers.webhooks.secret_overlap_ms).unwrap_or(i64::MAX);

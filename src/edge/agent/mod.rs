@@ -56,6 +56,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/agent/conversations/{id}/consult", post(consult))
         .route("/v1/agent/conversations/{id}/leave", post(leave))
         .route("/v1/agent/ws", get(ws::websocket))
+        .route_layer(axum::middleware::from_fn(crate::edge::path::require_plain))
 }
 
 /// The agent of a bearer agent token.
@@ -87,11 +88,16 @@ fn event<B: ev::Body>(body: &B, agent: &Agent, conversation_id: &str) -> Result<
 }
 
 pub(crate) fn check_id(id: &str) -> Result<(), ApiError> {
+    check_id_of("conversation", id)
+}
+
+/// An id of `what` (a conversation, queue, agent): 1 to 64 of `A-Z a-z 0-9 -`.
+fn check_id_of(what: &str, id: &str) -> Result<(), ApiError> {
     if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
     {
         return Err(ApiError::bad_request(
             "INVALID_FIELD",
-            "not a conversation id",
+            format!("not a {what} id"),
         ));
     }
     Ok(())
@@ -326,7 +332,11 @@ pub(crate) async fn do_transfer(
             ))
         }
     };
-    check_id(&target_id)?;
+    let what = match target_kind {
+        ev::TargetKind::Queue => "queue",
+        _ => "agent",
+    };
+    check_id_of(what, &target_id)?;
     check_note(state, note.as_deref())?;
     let body = ev::TransferRequested {
         agent_id: agent.id.clone(),
@@ -351,7 +361,7 @@ pub(crate) async fn do_consult(
     note: Option<String>,
 ) -> Result<(), ApiError> {
     check_id(id)?;
-    check_id(agent_id)?;
+    check_id_of("agent", agent_id)?;
     check_note(state, note.as_deref())?;
     let body = ev::TransferRequested {
         agent_id: agent.id.clone(),
@@ -581,12 +591,24 @@ async fn conversations(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let agent = agent_of(&state, &headers).await?;
+    Ok(Json(
+        json!({ "items": conversation_items(&state, &agent).await? }),
+    ))
+}
+
+/// The conversations the agent holds, is offered (with the offer's id and expiry) or
+/// consults: the list of `GET /v1/agent/conversations` and of the socket's `hello`.
+pub(super) async fn conversation_items(
+    state: &AppState,
+    agent: &Agent,
+) -> Result<Vec<Value>, ApiError> {
     let ids = state
         .sessions()?
         .agent_conversations(&agent.tenant_id, &agent.id)
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?;
     let mut items = Vec::new();
+    let me = Some(agent.id.as_str());
     for id in ids {
         let c = state
             .sessions()?
@@ -595,19 +617,32 @@ async fn conversations(
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
         // A slot is also held by a reservation whose offer is not applied yet (or never
         // will be): only what the record gives this agent is listed, as `ensure_mine` allows.
-        if let Some(c) = c.filter(|c| is_mine(c, &agent.id)) {
-            items.push(json!({
-                "conversation_id": c.conversation_id,
-                "state": c.state,
-                "nickname": c.customer.nickname,
-                "queue_id": c.queue_id,
-                "offer_id": if c.offered_to.as_deref() == Some(agent.id.as_str()) { c.routing.offer_id.clone() } else if c.routing.consult_invited.as_deref() == Some(agent.id.as_str()) { c.routing.consult_offer_id.clone() } else { None },
-                "role": if c.agent_id.as_deref() == Some(agent.id.as_str()) || c.offered_to.as_deref() == Some(agent.id.as_str()) { "owner" } else { "consultant" },
-                "created_at": c.created_at_ms,
-            }));
-        }
+        let Some(c) = c.filter(|c| is_mine(c, &agent.id)) else {
+            continue;
+        };
+        let (offer_id, expires_at) = if c.offered_to.as_deref() == me {
+            (c.routing.offer_id.clone(), c.routing.offer_expires_at_ms)
+        } else if c.routing.consult_invited.as_deref() == me {
+            (
+                c.routing.consult_offer_id.clone(),
+                c.routing.consult_expires_at_ms,
+            )
+        } else {
+            (None, None)
+        };
+        let owner = c.agent_id.as_deref() == me || c.offered_to.as_deref() == me;
+        items.push(json!({
+            "conversation_id": c.conversation_id,
+            "state": c.state,
+            "nickname": c.customer.nickname,
+            "queue_id": c.queue_id,
+            "offer_id": offer_id,
+            "expires_at": expires_at,
+            "role": if owner { "owner" } else { "consultant" },
+            "created_at": c.created_at_ms,
+        }));
     }
-    Ok(Json(json!({ "items": items })))
+    Ok(items)
 }
 
 /// Whether the record gives the conversation to `agent`: holding it, offered it, or its

@@ -78,13 +78,28 @@ async fn serve(mut socket: WebSocket, state: AppState, agent: Agent, token: Stri
     // deleted agent ends its open sockets too, not only its next HTTP call.
     let every = Duration::from_millis(state.config.stores.auth_cache_ttl_ms.max(1_000));
     let mut recheck = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    let hello = json!({"type": "hello", "agent_id": agent.id, "name": agent.name});
-    if socket
-        .send(WsMessage::Text(hello.to_string().into()))
-        .await
-        .is_err()
-    {
-        return;
+    // What the agent holds and is offered now, read after the feed above was opened: a
+    // reconnecting desk misses nothing pushed while it had no socket (an offer would lapse).
+    // Without the store, the desk is told to re-read.
+    let conversations = super::conversation_items(&state, &agent).await.ok();
+    let hello = json!({
+        "type": "hello",
+        "agent_id": agent.id,
+        "name": agent.name,
+        "conversations": conversations,
+    });
+    let mut greeting = vec![hello];
+    if conversations.is_none() {
+        greeting.push(json!({"type": "resync"}));
+    }
+    for frame in greeting {
+        if socket
+            .send(WsMessage::Text(frame.to_string().into()))
+            .await
+            .is_err()
+        {
+            return;
+        }
     }
     loop {
         tokio::select! {
@@ -194,7 +209,12 @@ async fn handle(state: &AppState, agent: &Agent, text: &str) -> Value {
         Ok(r) => r,
         Err(e) => {
             let e = crate::edge::chat::body_error(&e);
-            return json!({"type": "error", "code": e.code, "message": e.message});
+            // A request that does not decode is still answered with its `request_id`, if it
+            // is a JSON object that has one (whatever its type), so the desk can match it.
+            let id = serde_json::from_str::<Value>(text)
+                .ok()
+                .and_then(|v| v.get("request_id").cloned());
+            return json!({"type": "error", "request_id": id, "code": e.code, "message": e.message});
         }
     };
     let id = request.request_id.clone();

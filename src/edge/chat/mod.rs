@@ -73,7 +73,7 @@ pub fn routes(max_file_bytes: usize) -> Router<AppState> {
             get(stream::websocket),
         )
         .route("/nexus/v3/chat/sessions/{id}/events", get(stream::sse))
-        .route_layer(middleware::from_fn(v3_plain_path));
+        .route_layer(middleware::from_fn(crate::edge::path::require_plain));
     let v2 = Router::new()
         .route("/genesys/2/chat/{service}", post(v2::start))
         .route("/genesys/2/chat/{service}/", post(v2::start))
@@ -85,25 +85,8 @@ pub fn routes(max_file_bytes: usize) -> Router<AppState> {
     v3.merge(v2)
 }
 
-/// A path no session can have (see [`crate::edge::path`]) answers 404 in the API's error shape.
-fn not_plain(request: &Request) -> Option<ApiError> {
-    (!crate::edge::path::is_plain(request.uri().path())).then(|| {
-        ApiError::not_found(
-            "NOT_FOUND",
-            "no chat has such an id (control characters or bytes that are not UTF-8)",
-        )
-    })
-}
-
-async fn v3_plain_path(request: Request, next: Next) -> Response {
-    match not_plain(&request) {
-        Some(e) => e.into_response(),
-        None => next.run(request).await,
-    }
-}
-
 async fn v2_plain_path(request: Request, next: Next) -> Response {
-    match not_plain(&request) {
+    match crate::edge::path::refused(&request) {
         Some(e) => v2::V2Error::from(e).into_response(),
         None => next.run(request).await,
     }

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
 use super::{now_ms, Backlog, Effect, Failure, Item, RetryPolicy, EXHAUSTED};
-use crate::bus::consumer::{dead_letter_record, HandleError};
+use crate::bus::consumer::{dead_letter_record, panic_rejected, HandleError};
 use crate::bus::{dlq_topic, Bus};
 use crate::events;
 use crate::telemetry::metrics as m;
@@ -185,9 +185,8 @@ impl<E: Effect> Scheduler<E> {
                 detail: e.to_string(),
             }),
             Ok(event) => {
-                match tokio::time::timeout(self.timeout, self.effect.apply(&event, &item.message))
-                    .await
-                {
+                let applied = panic_rejected(self.effect.apply(&event, &item.message));
+                match tokio::time::timeout(self.timeout, applied).await {
                     Ok(r) => r,
                     // The calls have timeouts of their own, which count; a whole try running
                     // this long waited on something else (a slow store): not the event's

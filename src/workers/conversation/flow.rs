@@ -62,6 +62,8 @@ const OFFER_WAITS_FOR_CONVERSATION_MS: i64 = 60_000;
 /// How long an offer waits for a bot handoff's save (which follows its publish at once, or
 /// after a retry of the handoff): shorter, since the waiting offer holds its lane.
 const OFFER_WAITS_FOR_HANDOFF_MS: i64 = 15_000;
+/// How soon an offer waiting for one of those saves looks again.
+const WAIT_FOR_SAVE_MS: i64 = 50;
 
 type Step = Result<(), HandleError>;
 
@@ -797,20 +799,24 @@ impl ConversationWorker {
             let age = chrono::Utc::now().timestamp_millis() - e.envelope.occurred_at_ms;
             age < wait
         };
+        // Waiting for another topic's write, which usually lands within milliseconds: tried
+        // again soon, not after the doubling backoff of a failure (up to `retry_max_ms` while
+        // the lane waits), and not counted as the event's failure.
+        let wait_for = |what: &str| HandleError::RetryLater {
+            reason: format!("offer of a {what} not saved yet"),
+            not_before_ms: chrono::Utc::now().timestamp_millis() + WAIT_FOR_SAVE_MS,
+            counts: false,
+        };
         let Some(mut c) = self.load(e).await? else {
             if young(OFFER_WAITS_FOR_CONVERSATION_MS) {
-                return Err(HandleError::Retry(
-                    "offer of a conversation not saved yet".into(),
-                ));
+                return Err(wait_for("conversation"));
             }
             return self.release(tenant, &b.agent_id, e).await;
         };
         if c.state == ConversationState::Bot && young(OFFER_WAITS_FOR_HANDOFF_MS) {
             // Taken for stale, its slot would be freed while the handoff's offer (or a
             // dispatch's, reusing that slot) goes on to apply: an agent over capacity.
-            return Err(HandleError::Retry(
-                "offer of a bot handoff not saved yet".into(),
-            ));
+            return Err(wait_for("bot handoff"));
         }
         if c.routing.was_applied(&e.envelope.event_id.to_string())
             || c.routing.offer_id.as_deref() == Some(b.offer_id.as_str())
@@ -913,6 +919,16 @@ impl ConversationWorker {
         let current = c.state == ConversationState::Offered
             && c.offered_to.as_deref() == Some(b.agent_id.as_str())
             && c.routing.offer_id.as_deref() == Some(b.offer_id.as_str());
+        let me = Some(b.agent_id.as_str());
+        if !current
+            && c.state == ConversationState::Connected
+            && (c.agent_id.as_deref() == me || c.routing.consultant.as_deref() == me)
+        {
+            // The agent is in already: a retried accept (a new event id each time, say after a
+            // lost 202). An `offer_closed` now would tell its desk to drop a chat it holds.
+            debug!(conversation_id = %c.conversation_id, "an accept from an agent already in the conversation; nothing to do");
+            return Ok(());
+        }
         if !current {
             let closed = json!({"type": "offer_closed", "conversation_id": c.conversation_id,
                 "offer_id": b.offer_id, "reason": "not_current"});
@@ -1578,6 +1594,13 @@ impl ConversationWorker {
             Some("UNSUPPORTED_TARGET")
         } else if target == b.agent_id {
             Some("SAME_AGENT")
+        } else if c.routing.consultant.as_deref() == Some(target.as_str())
+            || c.routing.consult_invited.as_deref() == Some(target.as_str())
+        {
+            // A retried request (a new event id each time): that agent is invited or in already,
+            // which is what the owner asked for.
+            debug!(conversation_id = %c.conversation_id, "a consult of the agent already invited or consulting; nothing to do");
+            return Ok(());
         } else if c.routing.consultant.is_some() || c.routing.consult_invited.is_some() {
             Some("CONSULT_IN_PROGRESS")
         } else if self
@@ -1681,7 +1704,7 @@ impl ConversationWorker {
     }
 
     /// Frees the consultant (or the invited one) and tells the owner; `declined` for an
-    /// invitation refused.
+    /// invitation refused or lapsed (`None`: withdrawn, or a consultant's leave).
     async fn drop_consultant(
         &self,
         mut c: Conversation,
@@ -1745,7 +1768,10 @@ impl ConversationWorker {
                 &client,
             )
             .await?;
-            if let (Some(reason), Some(owner)) = (declined, c.agent_id.clone()) {
+            // Withdrawn (the invited agent's `leave`) is a decline to the owner, whose desk
+            // otherwise shows the invitation pending for good.
+            if let Some(owner) = c.agent_id.clone() {
+                let reason = declined.unwrap_or("DECLINED");
                 let failed = json!({"type": "transfer_failed", "conversation_id": c.conversation_id,
                     "target_id": agent, "reason": reason, "mode": "consult"});
                 let client = notify::state(false, vec![owner], failed);
@@ -1789,6 +1815,7 @@ impl ConversationWorker {
                 )
                 .await
                 .map_err(store_failed)?;
+            self.hand_back(e, &b.agent_id).await?;
             return self
                 .push_agent_state(e, &b.agent_id, false, None, &BTreeMap::new())
                 .await;
@@ -1816,6 +1843,62 @@ impl ConversationWorker {
         info!(agent = %b.agent_id, ready, reason = ?b.reason_code, "agent state");
         self.push_agent_state(e, &b.agent_id, ready, b.reason_code.as_deref(), &capacity)
             .await
+    }
+
+    /// What a deleted agent still holds goes back: a conversation it owns to its queue (as if
+    /// the agent transferred it there), a consult of its ends. No desk of its can answer any
+    /// more. Published to the agent topic under ids derived from `e` (a redelivery publishes
+    /// the same events), each judged in its conversation's order like the agent's own request.
+    async fn hand_back(&self, e: &Event, agent: &str) -> Step {
+        let tenant = &e.envelope.tenant_id;
+        let held = self
+            .store
+            .agent_conversations(tenant, agent)
+            .await
+            .map_err(store_failed)?;
+        for id in held {
+            let Some(c) = self
+                .store
+                .conversation(tenant, &id)
+                .await
+                .map_err(store_failed)?
+            else {
+                continue;
+            };
+            if c.state != ConversationState::Connected {
+                // Offered: the offer lapses to the next agent, as any unanswered offer.
+                continue;
+            }
+            let me = Some(agent);
+            if c.agent_id.as_deref() == me {
+                let Some(queue) = c.queue_id.clone() else {
+                    continue;
+                };
+                info!(conversation_id = %id, agent, "the agent was deleted; its conversation goes back to its queue");
+                let back = ev::TransferRequested {
+                    agent_id: agent.to_string(),
+                    participant_id: agent.to_string(),
+                    target_kind: ev::TargetKind::Queue,
+                    target_id: queue,
+                    mode: ev::TransferMode::Transfer,
+                    note: None,
+                    user_data: BTreeMap::new(),
+                };
+                self.emit(AGENT_TOPIC, e, &id, "hand-back", &back).await?;
+            } else if c.routing.consultant.as_deref() == me
+                || c.routing.consult_invited.as_deref() == me
+            {
+                let left = ev::ParticipantLeft {
+                    participant_id: agent.to_string(),
+                    participant_kind: ParticipantKind::Agent,
+                    nickname: None,
+                    reason: ev::LeftReason::Left,
+                    transcript_position: None,
+                };
+                self.emit(AGENT_TOPIC, e, &id, "hand-back", &left).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Tells an agent's desks the state applied (another tab's change, or one the system set).

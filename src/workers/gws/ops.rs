@@ -190,7 +190,7 @@ impl ChatView {
 /// Accept: the agent is a connected participant. SendMessage: the message id is in the
 /// transcript. Transfer: the agent has left the chat (only a transfer or a completion make an
 /// agent leave, and Complete comes later in the conversation's order). Complete: the chat is
-/// completed.
+/// completed, or the agent has left it (a consultant's Complete ends only its own part).
 pub fn applied(op: &Operation, chat: Option<&ChatView>) -> bool {
     let Some(chat) = chat else {
         return false;
@@ -203,7 +203,10 @@ pub fn applied(op: &Operation, chat: Option<&ChatView>) -> bool {
             .iter()
             .any(|m| m.message_id.is_some() && m.message_id == op.message_id),
         OpKind::Transfer => state_is(chat.agent_state(&op.agent_id), "Left"),
-        OpKind::Complete => chat.state.eq_ignore_ascii_case("Completed"),
+        OpKind::Complete => {
+            chat.state.eq_ignore_ascii_case("Completed")
+                || state_is(chat.agent_state(&op.agent_id), "Left")
+        }
     }
 }
 
@@ -396,6 +399,20 @@ mod tests {
         assert!(applied(
             &complete,
             Some(&chat("completed", &[("a2", "Left")], &[]))
+        ));
+        // A consultant's Complete: the chat goes on with its owner.
+        let consultant = op(OpKind::Complete, "a1", None);
+        assert!(applied(
+            &consultant,
+            Some(&chat("Active", &[("a2", "Connected"), ("a1", "Left")], &[]))
+        ));
+        assert!(!applied(
+            &consultant,
+            Some(&chat(
+                "Active",
+                &[("a2", "Connected"), ("a1", "Connected")],
+                &[]
+            ))
         ));
     }
 

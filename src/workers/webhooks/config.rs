@@ -78,28 +78,44 @@ impl WebhooksConfig {
         Some(scheduled.max(asked))
     }
 
-    /// Cross-field checks, run when the role starts.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Cross-field checks, run at config load and when the role starts: the key and what
+    /// is wrong.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let positive = |key: &'static str, v: u64| {
+            if v == 0 {
+                Err((key, "must be > 0".to_string()))
+            } else {
+                Ok(())
+            }
+        };
         if self.log_retention_ms < 24 * 3600 * 1000 {
-            return Err("log_retention_ms must be at least a day (86400000)".into());
+            return Err((
+                "workers.webhooks.log_retention_ms",
+                "must be at least a day (86400000)".into(),
+            ));
         }
         if self.retry_schedule_ms.is_empty() {
-            return Err("retry_schedule_ms must have at least one entry".into());
+            return Err((
+                "workers.webhooks.retry_schedule_ms",
+                "must have at least one entry".into(),
+            ));
         }
-        if self.timeout_ms == 0
-            || self.max_in_flight == 0
-            || self.max_in_flight_per_endpoint == 0
-            || self.max_in_flight_per_tenant == 0
-        {
-            return Err("timeout_ms, max_in_flight, max_in_flight_per_endpoint and max_in_flight_per_tenant must be > 0".into());
-        }
-        if self.db_connections == 0 {
-            return Err("db_connections must be > 0".into());
-        }
-        if self.poll_interval_ms == 0 || self.stats_interval_ms == 0 {
-            return Err("poll_interval_ms and stats_interval_ms must be > 0".into());
-        }
-        Ok(())
+        positive("workers.webhooks.timeout_ms", self.timeout_ms)?;
+        positive("workers.webhooks.max_in_flight", self.max_in_flight as u64)?;
+        positive(
+            "workers.webhooks.max_in_flight_per_endpoint",
+            self.max_in_flight_per_endpoint as u64,
+        )?;
+        positive(
+            "workers.webhooks.max_in_flight_per_tenant",
+            self.max_in_flight_per_tenant as u64,
+        )?;
+        positive(
+            "workers.webhooks.db_connections",
+            self.db_connections as u64,
+        )?;
+        positive("workers.webhooks.poll_interval_ms", self.poll_interval_ms)?;
+        positive("workers.webhooks.stats_interval_ms", self.stats_interval_ms)
     }
 }
 

@@ -62,7 +62,9 @@ pub fn role(
     bus: Arc<dyn Bus>,
     provisioning: Arc<Provisioning>,
 ) -> Result<RoleHandler, WebhooksError> {
-    config.validate().map_err(WebhooksError::Config)?;
+    config
+        .validate()
+        .map_err(|(key, e)| WebhooksError::Config(format!("{key}: {e}")))?;
     let mut builder = crate::http_client::builder(http)?
         // A redirect could lead to an address the target policy refuses; receivers get none.
         .redirect(reqwest::redirect::Policy::none())
