@@ -437,6 +437,25 @@ fn backoff(o: &ConsumerOptions, attempt: u32) -> Duration {
 /// The longest an in-place retry waits for a `RetryLater` time.
 const LONGEST_IN_PLACE_WAIT: Duration = Duration::from_secs(300);
 
+/// How long a lane waits before trying an event again after try `attempt` failed, the handler
+/// having asked for `asked` (zero: no time named); and whether the try counts toward the
+/// backoff. A wait that says nothing about the event (`counts` false: a peer down for
+/// everyone, a write on another topic not landed yet) named its own time: the failure
+/// backoff, which grows with the tries, would only add to it, nor does it grow it.
+fn in_place_wait(
+    o: &ConsumerOptions,
+    attempt: u32,
+    counts: bool,
+    asked: Duration,
+) -> (Duration, bool) {
+    let (wait, counted) = if !counts && !asked.is_zero() {
+        (asked, false)
+    } else {
+        (backoff(o, attempt).max(asked), true)
+    };
+    (wait.min(LONGEST_IN_PLACE_WAIT), counted)
+}
+
 /// The wait before try `attempt + 1`: `initial` doubled per failed attempt, capped at `max`,
 /// with jitter on the upper half.
 pub fn retry_delay(initial: Duration, max: Duration, attempt: u32) -> Duration {
@@ -550,29 +569,34 @@ async fn handle_with_retry(
         // it the consumer, in a restart loop on the same record.
         let handled = panic_rejected(ctx.handler.handle(event, msg));
         let result = tokio::time::timeout(ctx.options.handler_timeout, handled).await;
-        let (failure, not_before_ms) = match result {
+        let (failure, not_before_ms, counts) = match result {
             Ok(Ok(())) => return Some(Outcome::Handled),
             Ok(Err(HandleError::Reject { reason, detail })) => {
                 warn!(reason, detail = %detail, "handler rejected the event");
                 return set_aside(ctx, delivery, reason, &detail).await.ok();
             }
-            Ok(Err(HandleError::Retry(e))) => (e, 0),
+            Ok(Err(HandleError::Retry(e))) => (e, 0, true),
             Ok(Err(HandleError::RetryLater {
                 reason,
                 not_before_ms,
-                ..
-            })) => (reason, not_before_ms),
-            Ok(Err(HandleError::Defer { reason, until_ms })) => (reason.to_string(), until_ms),
+                counts,
+            })) => (reason, not_before_ms, counts),
+            Ok(Err(HandleError::Defer { reason, until_ms })) => {
+                (reason.to_string(), until_ms, false)
+            }
             Err(_) => (
                 format!("handler timed out after {:?}", ctx.options.handler_timeout),
                 0,
+                true,
             ),
         };
         ctx.metrics.retried.increment(1);
         let until = not_before_ms.saturating_sub(chrono::Utc::now().timestamp_millis());
-        let wait = backoff(&ctx.options, attempt)
-            .max(Duration::from_millis(u64::try_from(until).unwrap_or(0)))
-            .min(LONGEST_IN_PLACE_WAIT);
+        let asked = Duration::from_millis(u64::try_from(until).unwrap_or(0));
+        let (wait, counted) = in_place_wait(&ctx.options, attempt, counts, asked);
+        if !counted {
+            attempt -= 1;
+        }
         warn!(attempt, error = %failure, retry_in_ms = wait.as_millis() as u64, "handler failed; retrying");
         tokio::select! {
             _ = ctx.stop.fired() => return None,
@@ -585,7 +609,6 @@ async fn handle_with_retry(
     }
 }
 
-/// What a panic said, when it said it with a string.
 /// Runs an effect, a panic in it becoming a `handler_panicked` rejection: a bug the event met,
 /// which the same event would meet again, is set aside (dead-lettered, replayed once fixed)
 /// instead of ending the task that runs it.
@@ -603,6 +626,7 @@ pub async fn panic_rejected(
         })
 }
 
+/// What a panic said, when it said it with a string.
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
         (Some(s), _) => (*s).to_string(),
@@ -799,6 +823,34 @@ mod tests {
         let used: std::collections::HashSet<usize> =
             (0..200).map(|i| lane_of(&format!("k{i}"), 8)).collect();
         assert_eq!(used.len(), 8);
+    }
+
+    #[test]
+    fn a_wait_for_something_else_takes_the_time_it_names() {
+        let o = ConsumerOptions {
+            concurrency: 1,
+            max_in_flight: 1,
+            handler_timeout: Duration::from_secs(1),
+            retry_initial: Duration::from_millis(100),
+            retry_max: Duration::from_secs(30),
+            lag_interval: Duration::from_secs(1),
+            start: StartFrom::Earliest,
+        };
+        let soon = Duration::from_millis(50);
+        // Late in a series of tries the failure backoff is seconds; a named wait is not.
+        assert_eq!(in_place_wait(&o, 12, false, soon), (soon, false));
+        let (failed, counted) = in_place_wait(&o, 12, true, soon);
+        assert!(failed >= Duration::from_secs(15) && counted, "{failed:?}");
+        // No time named: the backoff, whatever the failure says.
+        let (unnamed, counted) = in_place_wait(&o, 1, false, Duration::ZERO);
+        assert!(
+            unnamed >= Duration::from_millis(50) && counted,
+            "{unnamed:?}"
+        );
+        assert_eq!(
+            in_place_wait(&o, 1, false, Duration::from_secs(3600)).0,
+            LONGEST_IN_PLACE_WAIT
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The schema registry: every version of every event schema in `schemas/`, embedded at compile
-//! time (see `build.rs`), indexed by CRC-64-AVRO fingerprint; plus the checks behind
+//! time (see `scripts/build.rs`), indexed by CRC-64-AVRO fingerprint; plus the checks behind
 //! `nexus schemas check` and the lock behind `nexus schemas lock`.
 //!
 //! Layout of a schema directory (the rules are in `schemas/README.md`):

@@ -189,6 +189,17 @@ impl PeerConfig {
     }
 }
 
+/// Whether the answer came from the URL asked, credentials aside (the client takes `user:pass@`
+/// out of the URL it sends, into the `Authorization` header).
+fn same_place(asked: &str, answered: &reqwest::Url) -> bool {
+    let plain = |mut u: reqwest::Url| {
+        let _ = u.set_username("");
+        let _ = u.set_password(None);
+        u
+    };
+    reqwest::Url::parse(asked).is_ok_and(|u| plain(u) == plain(answered.clone()))
+}
+
 /// Why a call did not succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerFailure {
@@ -400,6 +411,9 @@ impl Peer {
         url: &str,
         call: Call,
     ) -> Result<serde_json::Value, PeerFailure> {
+        let asked = url;
+        // What errors (logged, dead-letter headers) show: no credentials written in the URL.
+        let url = crate::config::redact_url_password(url);
         let circuit = self.circuit(target);
         let admission = circuit.admit();
         let probing = match self.refusal_wait(admission, target) {
@@ -434,7 +448,7 @@ impl Peer {
                 // A 2xx reached through a redirect, or an HTML page (a gateway's login page
                 // once its session lapsed), is not the peer's answer.
                 let final_url = response.url().clone();
-                let not_the_peer = reqwest::Url::parse(url).ok().as_ref() != Some(&final_url)
+                let not_the_peer = !same_place(asked, &final_url)
                     || response
                         .headers()
                         .get(reqwest::header::CONTENT_TYPE)
@@ -1007,6 +1021,17 @@ mod tests {
             .await
             .expect("plain text is success");
         assert_eq!(answer, serde_json::json!("OK"));
+        // Credentials in the URL: the answer is still the peer's, and errors do not show them.
+        let with_credentials = target(&url.replacen("http://", "http://u:p4ss@", 1));
+        post(&peer, &with_credentials, "chat-1", "/ok")
+            .await
+            .expect("a 2xx from the URL asked, credentials aside");
+        match post(&peer, &with_credentials, "chat-1", "/busy").await {
+            Err(PeerFailure::Retry { detail, .. }) => {
+                assert!(!detail.contains("p4ss"), "{detail}")
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(
             matches!(
                 post(&peer, &t, "chat-1", "/moved").await,

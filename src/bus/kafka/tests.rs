@@ -380,10 +380,13 @@ async fn a_revoke_waits_for_slow_handlers_within_the_handover_wait() {
             .await
             .unwrap();
     }
-    // B's deliveries until it has been quiet for a while after A's handlers ended.
+    // B's deliveries: the first may wait for the group's second join round; then until B
+    // has been quiet for a while.
     let mut got = Vec::new();
-    while let Ok(Some(x)) = tokio::time::timeout(Duration::from_secs(8), rx.recv()).await {
+    let mut quiet = Duration::from_secs(40);
+    while let Ok(Some(x)) = tokio::time::timeout(quiet, rx.recv()).await {
         got.push(x);
+        quiet = Duration::from_secs(3);
     }
     reader.abort();
     drop(a);

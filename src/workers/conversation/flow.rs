@@ -1870,10 +1870,30 @@ impl ConversationWorker {
                 continue;
             }
             let me = Some(agent);
+            // One source, several conversations: each one's events get ids of their own.
+            let what = format!("hand-back/{id}");
             if c.agent_id.as_deref() == me {
                 let Some(queue) = c.queue_id.clone() else {
                     continue;
                 };
+                // A consult in progress would refuse the transfer: its consultant leaves
+                // first (the same order on the conversation's partition).
+                let consultant = c
+                    .routing
+                    .consultant
+                    .clone()
+                    .or_else(|| c.routing.consult_invited.clone());
+                if let Some(consultant) = consultant {
+                    let left = ev::ParticipantLeft {
+                        participant_id: consultant,
+                        participant_kind: ParticipantKind::Agent,
+                        nickname: None,
+                        reason: ev::LeftReason::Left,
+                        transcript_position: None,
+                    };
+                    let what = format!("{what}/consultant");
+                    self.emit(AGENT_TOPIC, e, &id, &what, &left).await?;
+                }
                 info!(conversation_id = %id, agent, "the agent was deleted; its conversation goes back to its queue");
                 let back = ev::TransferRequested {
                     agent_id: agent.to_string(),
@@ -1884,7 +1904,7 @@ impl ConversationWorker {
                     note: None,
                     user_data: BTreeMap::new(),
                 };
-                self.emit(AGENT_TOPIC, e, &id, "hand-back", &back).await?;
+                self.emit(AGENT_TOPIC, e, &id, &what, &back).await?;
             } else if c.routing.consultant.as_deref() == me
                 || c.routing.consult_invited.as_deref() == me
             {
@@ -1895,7 +1915,7 @@ impl ConversationWorker {
                     reason: ev::LeftReason::Left,
                     transcript_position: None,
                 };
-                self.emit(AGENT_TOPIC, e, &id, "hand-back", &left).await?;
+                self.emit(AGENT_TOPIC, e, &id, &what, &left).await?;
             }
         }
         Ok(())

@@ -856,3 +856,76 @@ async fn a_late_consult_invitation_gets_its_whole_timeout() {
         "due again at the invitation's own time"
     );
 }
+
+/// A deleted agent's conversations go back to their queues, each under ids of its own, and a
+/// consultant it had invited leaves first (else the transfer would be refused).
+#[tokio::test]
+async fn a_deleted_agents_conversations_are_handed_back() {
+    let rig = rig().await;
+    let other = "0193a4b2-0000-7000-8000-00000000beef";
+    let mut consulted = connected(&rig.tenant);
+    consulted.routing.consult_invited = Some("bob".into());
+    assert!(rig.store.put_conversation(&consulted).await.expect("put"));
+    let mut second = connected(&rig.tenant);
+    second.conversation_id = other.into();
+    assert!(rig.store.put_conversation(&second).await.expect("put"));
+    let capacity = BTreeMap::from([(CHAT_MEDIA.to_string(), 2)]);
+    rig.store
+        .set_presence(&rig.tenant, "alice", true, &[], &capacity, 1)
+        .await
+        .expect("presence");
+    for id in [CONVERSATION, other] {
+        let reserve = Reserve {
+            conversation_id: id.into(),
+            media: CHAT_MEDIA.into(),
+            skills: Vec::new(),
+            exclude: Vec::new(),
+            only: Some("alice".into()),
+            now_ms: 2,
+        };
+        let got = rig.store.reserve_agent(&rig.tenant, &reserve).await;
+        assert_eq!(got.expect("reserve").as_deref(), Some("alice"));
+    }
+    // Alice is not in provisioning: deleted.
+    let state = chat::AgentStateChanged {
+        agent_id: "alice".into(),
+        state: chat::AgentState::NotReady,
+        reason_code: None,
+        capacity: BTreeMap::new(),
+    };
+    let event = Event::typed(&state, &rig.tenant, "alice", "test").expect("event");
+    rig.worker
+        .on_agent_state(&event, state)
+        .await
+        .expect("applied");
+    let published: Vec<Event> = rig
+        .events(AGENT_TOPIC)
+        .await
+        .into_iter()
+        .filter(|e| e.envelope.producer == PRODUCER)
+        .collect();
+    let of = |id: &str| -> Vec<&str> {
+        published
+            .iter()
+            .filter(|e| e.envelope.conversation_id == id)
+            .map(|e| e.envelope.event_type.as_str())
+            .collect()
+    };
+    assert_eq!(
+        of(CONVERSATION),
+        [chat::ParticipantLeft::TYPE, chat::TransferRequested::TYPE]
+    );
+    assert_eq!(of(other), [chat::TransferRequested::TYPE]);
+    let ids: std::collections::HashSet<_> = published.iter().map(|e| e.envelope.event_id).collect();
+    assert_eq!(ids.len(), published.len(), "one id per event");
+    for e in published
+        .iter()
+        .filter(|e| e.envelope.event_type == chat::TransferRequested::TYPE)
+    {
+        let b: chat::TransferRequested = e.body_as().expect("body");
+        assert_eq!(
+            (b.agent_id.as_str(), b.target_kind, b.target_id.as_str()),
+            ("alice", chat::TargetKind::Queue, "q1")
+        );
+    }
+}

@@ -96,8 +96,12 @@ pub fn operation_of(event: &Event) -> Result<Option<Operation>, BodyError> {
         TransferRequested::TYPE => {
             let b: TransferRequested = event.body_as()?;
             // Consultations and conferences are not GWS transfers (not built); a bot's handoff
-            // is not on behalf of an agent.
-            if b.mode != TransferMode::Transfer || e.producer == BOT_PRODUCER {
+            // is not on behalf of an agent, nor is the conversation worker's hand-back of a
+            // deleted agent's conversations (no desk of that agent acts in GWS any more).
+            if b.mode != TransferMode::Transfer
+                || e.producer == BOT_PRODUCER
+                || e.producer == crate::workers::conversation::PRODUCER
+            {
                 return Ok(None);
             }
             let kind = match b.target_kind {
@@ -314,6 +318,11 @@ mod tests {
         let handoff = transfer(TransferMode::Transfer, TargetKind::Queue);
         assert_eq!(
             operation_of(&event(&handoff, "edge/bot")).expect("ok"),
+            None
+        );
+        // A deleted agent's conversation handed back to its queue by the conversation worker.
+        assert_eq!(
+            operation_of(&event(&handoff, crate::workers::conversation::PRODUCER)).expect("ok"),
             None
         );
         let ready = ev::AgentStateChanged {
