@@ -1249,6 +1249,26 @@ async fn redis_corrupt_data_is_reported() {
             .await
             .map(|_| ())
     ));
+    // An unreadable timer among due ones: the others are handed out, the bad one removed
+    // (else the whole batch failed, leased, again after every lease).
+    let kind = format!("bad-{}", t.tenant);
+    let timers = format!("nx:timers:{kind}");
+    let _: () = conn.zadd(&timers, "notjson", 1).await.expect("zadd");
+    let good = Timer {
+        kind: kind.clone(),
+        tenant_id: t.tenant.clone(),
+        id: "x".into(),
+    };
+    t.store.schedule(&good, 2).await.expect("schedule");
+    let due = t.store.claim_due(&kind, 10, 10).await.expect("claim");
+    assert_eq!(due, vec![good]);
+    let left: Vec<String> = conn.zrange(&timers, 0, -1).await.expect("zrange");
+    assert_eq!(
+        left,
+        ["[\"{}\",\"x\"]".replace("{}", &t.tenant)],
+        "{left:?}"
+    );
+    let _: () = conn.del(&timers).await.expect("del");
     cleanup(&t.tenant).await;
 }
 

@@ -196,6 +196,9 @@ struct Slot {
     wake: Notify,
     /// Handed-out records not acked yet, by stream sequence.
     inflight: Mutex<BTreeMap<u64, Inflight>>,
+    /// The previous owner released the partition (the lease key's last operation was its
+    /// delete), after NAKing what it left, which the server redelivers first, in order.
+    after_release: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -434,6 +437,12 @@ async fn rebalance(
         .collect();
     for p in wanted {
         let key = codec::lease_key(&g.group_key, p);
+        // Read before the create (which succeeds over a delete marker): a delete is a clean
+        // release; a key that expired or never was leaves nothing.
+        let after_release = matches!(
+            g.kv.entry(&key).await,
+            Ok(Some(e)) if e.operation == kv::Operation::Delete
+        );
         let sent = Instant::now();
         let taken = match g.kv.create(&key, Bytes::from(g.member.clone())).await {
             Ok(revision) => Some((revision, sent + g.timing().lease_ttl)),
@@ -458,6 +467,7 @@ async fn rebalance(
             released: AtomicBool::new(false),
             wake: Notify::new(),
             inflight: Mutex::new(BTreeMap::new()),
+            after_release,
         });
         lock(&g.slots).insert(p, slot.clone());
         let span = tracing::info_span!("jetstream_partition", topic = %g.topic, group = %g.group, partition = p);
@@ -591,7 +601,12 @@ async fn release(g: &Group, slot: &Slot) {
 /// One partition's fetch loop: pulls while the lease allows, hands records out in order,
 /// drains on hand-over.
 async fn run_partition(bus: Arc<Inner>, g: Arc<Group>, slot: Arc<Slot>) -> WorkerEnd {
-    if let Err(e) = start_at_ack_floor(&bus, &g, slot.partition).await {
+    let restart = if slot.after_release {
+        Ok(())
+    } else {
+        start_at_ack_floor(&bus, &g, slot.partition).await
+    };
+    if let Err(e) = restart {
         warn!(partition = slot.partition, error = %e, "cannot reset the partition to its ack floor");
         g.worker_done.notify_one();
         // Give the lease back so this member (or another) tries again on the next round.
@@ -606,10 +621,12 @@ async fn run_partition(bus: Arc<Inner>, g: Arc<Group>, slot: Arc<Slot>) -> Worke
     end
 }
 
-/// A new owner starts exactly after the ack floor when the previous owner left records
+/// A new owner starts exactly after the ack floor when the previous owner died with records
 /// unacked. Their redelivery would otherwise wait for the server's ack-wait timer, which may
 /// fire after this owner's first pull and let newer records of a key overtake older ones (seen
 /// after a SIGKILL). Records acked above the floor come again: at-least-once, as on Kafka.
+/// Not after a clean release: the records it left were NAKed, so they come first anyway, and
+/// what it acked above the floor must not come again.
 async fn start_at_ack_floor(bus: &Inner, g: &Group, partition: u32) -> Result<(), BusError> {
     let name = codec::consumer_name(&g.group_key, partition);
     let Some(info) = bus.consumer_info(&g.stream, &name).await? else {

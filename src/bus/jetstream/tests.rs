@@ -505,6 +505,50 @@ async fn a_renewal_whose_reply_was_lost_keeps_the_lease() {
     sub.close().await.expect("close");
 }
 
+/// A clean hand-over (the old member closes) gives the next member what was left unacked, and
+/// nothing the old member acked: the restart at the ack floor is for a member that died.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_hand_over_redelivers_only_what_was_not_acked() {
+    let Some(config) = test_config() else { return };
+    let bus = connect(&config).await;
+    let topic = fresh_topic(&bus, 1).await;
+    let group = "clean";
+    for n in 0..10u64 {
+        bus.publish(&topic, OutRecord::new(format!("k{n}"), format!("{n}")))
+            .await
+            .expect("publish");
+    }
+    let mut a = bus
+        .subscribe(group, &topic, SubscribeOptions::default())
+        .await
+        .expect("subscribe a");
+    let mut first = None;
+    for _ in 0..10 {
+        let d = next(&mut a, WAIT).await.expect("a receives");
+        if d.message.offset == 0 {
+            first = Some(d);
+        } else {
+            d.ack().await.expect("ack");
+        }
+    }
+    drop(first.expect("offset 0"));
+    a.close().await.expect("close a");
+    let mut b = bus
+        .subscribe(group, &topic, SubscribeOptions::default())
+        .await
+        .expect("subscribe b");
+    let again = next(&mut b, WAIT).await.expect("the unacked record");
+    assert_eq!(again.message.offset, 0);
+    again.ack().await.expect("ack");
+    let more = next(&mut b, Duration::from_millis(1_500)).await;
+    assert!(
+        more.is_none(),
+        "an acked record came again: {:?}",
+        more.map(|d| d.message.offset)
+    );
+    b.close().await.expect("close b");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_share_partitions_and_a_crashed_members_records_come_back_in_order() {
     let Some(config) = test_config() else { return };

@@ -752,18 +752,26 @@ impl SessionStore for RedisStore {
             .invoke_async(&mut self.conn())
             .await
             .map_err(redis_err)?;
-        members
-            .iter()
-            .map(|m| {
-                let (tenant_id, id): (String, String) =
-                    serde_json::from_str(m).map_err(|e| corrupt("timer member", e))?;
-                Ok(Timer {
+        let mut timers = Vec::with_capacity(members.len());
+        for m in &members {
+            match serde_json::from_str::<(String, String)>(m) {
+                Ok((tenant_id, id)) => timers.push(Timer {
                     kind: kind.to_string(),
                     tenant_id,
                     id,
-                })
-            })
-            .collect()
+                }),
+                // Leased with the rest by the script: failing the batch would hold every good
+                // timer in it for a lease, again and again. The bad one goes.
+                Err(e) => {
+                    tracing::warn!(kind, member = %m, error = %e, "an unreadable timer removed");
+                    self.conn()
+                        .zrem::<_, _, ()>(self.timers_key(kind), m)
+                        .await
+                        .map_err(redis_err)?;
+                }
+            }
+        }
+        Ok(timers)
     }
 
     async fn complete_timer(&self, timer: &Timer, now_ms: i64) -> Result<(), StoreError> {

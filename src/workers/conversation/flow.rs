@@ -79,6 +79,23 @@ pub(crate) fn offer_id(conversation_id: &str, agent_id: &str, attempt: usize) ->
     Uuid::new_v5(&Uuid::NAMESPACE_OID, name.as_bytes()).to_string()
 }
 
+/// Whether the conversation id is a UUID v7 (as the edges make them) minted before `at_ms`;
+/// false for any other id, whose age cannot be told.
+fn created_before(conversation_id: &str, at_ms: i64) -> bool {
+    Uuid::parse_str(conversation_id)
+        .ok()
+        .filter(|u| u.get_version_num() == 7)
+        .and_then(|u| u.get_timestamp())
+        .is_some_and(|t| {
+            let (secs, nanos) = t.to_unix();
+            let ms = i64::try_from(secs)
+                .unwrap_or(i64::MAX / 1_000)
+                .saturating_mul(1_000)
+                .saturating_add(i64::from(nanos / 1_000_000));
+            ms < at_ms
+        })
+}
+
 fn party_kind(k: ParticipantKind) -> PartyKind {
     match k {
         ParticipantKind::Agent => PartyKind::Agent,
@@ -561,6 +578,17 @@ impl ConversationWorker {
                     // close would otherwise stay at the head of the queue forever. (Other
                     // states may be on their way back into this queue: left alone.)
                     Some(c) if c.state == ConversationState::Closed => {
+                        self.store
+                            .dequeue(&me.tenant_id, queue, &id)
+                            .await
+                            .map_err(store_failed)?;
+                        continue;
+                    }
+                    // Such an entry whose closed record expired since: only one created longer
+                    // ago than a closed record is kept can be that (an arrival is queued just
+                    // before its record is saved, and an open record does not expire).
+                    None if created_before(&id, now_ms - self.closed_retention_ms()) => {
+                        info!(conversation_id = %id, "a queue entry of an expired conversation removed");
                         self.store
                             .dequeue(&me.tenant_id, queue, &id)
                             .await
@@ -2032,6 +2060,10 @@ impl ConversationWorker {
         self.emit(DELIVERY_TOPIC, e, &c.conversation_id, what, &client)
             .await?;
         self.decide(&refused_key(e)).await
+    }
+
+    fn closed_retention_ms(&self) -> i64 {
+        secs_ms(self.config.closed_retention_s)
     }
 
     /// Records the decision `key`, kept as long as a closed conversation (redeliveries and

@@ -929,3 +929,43 @@ async fn a_deleted_agents_conversations_are_handed_back() {
         );
     }
 }
+
+/// A queue entry left behind by a re-queue that lost its save to a close stays at the head of
+/// its queue; once its closed record has expired, a dispatch walk removes it. An entry without
+/// a record that may be a new arrival (created recently) is left alone.
+#[tokio::test]
+async fn a_queue_entry_of_an_expired_conversation_is_removed() {
+    let rig = rig().await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let days_ago = |days: u64| {
+        let secs = u64::try_from(now / 1_000).expect("now") - days * 86_400;
+        let ts = uuid::Timestamp::from_unix(uuid::NoContext, secs, 0);
+        uuid::Uuid::new_v7(ts).to_string()
+    };
+    let (leftover, arriving) = (days_ago(8), days_ago(0));
+    for (i, id) in [&leftover, &arriving].into_iter().enumerate() {
+        rig.store
+            .enqueue(&rig.tenant, "q1", id, 0, i64::try_from(i).expect("i"))
+            .await
+            .expect("enqueue");
+    }
+    let mut me = connected(&rig.tenant);
+    me.state = ConversationState::Queued;
+    me.agent_id = None;
+    assert!(rig.store.put_conversation(&me).await.expect("put"));
+    rig.store
+        .enqueue(&rig.tenant, "q1", CONVERSATION, 0, 10)
+        .await
+        .expect("enqueue");
+    let event = rig.event(&customer_says("anyone?"));
+    rig.worker
+        .dispatch(&me, &event, now)
+        .await
+        .expect("dispatch");
+    let waiting = rig
+        .store
+        .waiting(&rig.tenant, "q1", 10)
+        .await
+        .expect("waiting");
+    assert_eq!(waiting, [arriving.clone(), CONVERSATION.to_string()]);
+}
