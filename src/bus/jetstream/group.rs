@@ -260,6 +260,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 enum WorkerEnd {
     /// Handed over cleanly: release the lease.
     Drained,
+    /// Could not go on (its take-over restart failed, or the worker panicked): what it handed
+    /// out is NAKed, but the lease is left to expire, so the next owner sees no clean release
+    /// and restarts at the ack floor itself.
+    Failed,
     /// The lease is gone: release nothing.
     Lost,
     /// The topic cannot be consumed (deleted stream, bad config): end the subscription.
@@ -549,12 +553,13 @@ async fn reap(g: &Group, held: &mut HashMap<u32, Held>) -> Vec<WorkerEnd> {
             Ok(end) => end,
             Err(e) => {
                 warn!(partition = p, error = %e, "partition worker failed");
-                WorkerEnd::Drained
+                WorkerEnd::Failed
             }
         };
         match &end {
             WorkerEnd::Lost => {}
-            WorkerEnd::Drained | WorkerEnd::Fatal(_) => release(g, &h.slot).await,
+            WorkerEnd::Failed => release(g, &h.slot, false).await,
+            WorkerEnd::Drained | WorkerEnd::Fatal(_) => release(g, &h.slot, true).await,
         }
         ends.push(end);
     }
@@ -562,9 +567,10 @@ async fn reap(g: &Group, held: &mut HashMap<u32, Held>) -> Vec<WorkerEnd> {
 }
 
 /// Hands a partition over: NAKs what was handed out and not acked, in sequence order, so the
-/// next owner gets those first and in order; then deletes the lease (revision-checked, so a
-/// lease that was taken over meanwhile stays).
-async fn release(g: &Group, slot: &Slot) {
+/// next owner gets those first and in order; then, when `clean`, deletes the lease
+/// (revision-checked, so a lease that was taken over meanwhile stays). The delete tells the
+/// next owner the release was clean (no restart at the ack floor).
+async fn release(g: &Group, slot: &Slot, clean: bool) {
     slot.released.store(true, Ordering::Release);
     let left: Vec<(u64, Inflight)> = std::mem::take(&mut *lock(&slot.inflight))
         .into_iter()
@@ -580,7 +586,7 @@ async fn release(g: &Group, slot: &Slot) {
     if let Err(e) = g.client.flush().await {
         debug!(error = %e, "flush before hand-over failed");
     }
-    if slot.is_lost() {
+    if slot.is_lost() || !clean {
         return;
     }
     let key = codec::lease_key(&g.group_key, slot.partition);
@@ -609,8 +615,8 @@ async fn run_partition(bus: Arc<Inner>, g: Arc<Group>, slot: Arc<Slot>) -> Worke
     if let Err(e) = restart {
         warn!(partition = slot.partition, error = %e, "cannot reset the partition to its ack floor");
         g.worker_done.notify_one();
-        // Give the lease back so this member (or another) tries again on the next round.
-        return WorkerEnd::Drained;
+        // The lease expires, and whoever takes it next (this member or another) restarts.
+        return WorkerEnd::Failed;
     }
     let end = fetch_loop(&bus, &g, &slot).await;
     let end = match end {

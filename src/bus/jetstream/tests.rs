@@ -509,7 +509,12 @@ async fn a_renewal_whose_reply_was_lost_keeps_the_lease() {
 /// nothing the old member acked: the restart at the ack floor is for a member that died.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_hand_over_redelivers_only_what_was_not_acked() {
-    let Some(config) = test_config() else { return };
+    let Some(mut config) = test_config() else {
+        return;
+    };
+    // The release's mark lives as long as a lease: long enough for the next member to join on
+    // a loaded machine.
+    config.nats.lease_ttl_ms = 15_000;
     let bus = connect(&config).await;
     let topic = fresh_topic(&bus, 1).await;
     let group = "clean";
