@@ -1,11 +1,11 @@
 //! Layered configuration: commented defaults built into the binary (`config.default.toml`) →
 //! a file given with `--config` → `NEXUS_*` environment variables; validated once at start.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Format, Serialized, Toml};
 use figment::value::Value;
 use figment::Figment;
 use serde::{Deserialize, Serialize};
@@ -254,6 +254,21 @@ const REDACTED: &str = "<redacted>";
 impl Config {
     /// Defaults → optional file → `NEXUS_*` env, then validated.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let vars = std::env::vars_os().map(|(name, value)| {
+            (
+                name.to_string_lossy().into_owned(),
+                value.to_string_lossy().into_owned(),
+            )
+        });
+        Self::load_with_env(file, vars)
+    }
+
+    /// [`Config::load`] with the environment given as `(name, value)` pairs, so tests need not
+    /// touch the process environment that other tests read.
+    fn load_with_env(
+        file: Option<&Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
         let mut figment = Figment::from(Toml::string(DEFAULT_CONFIG));
         if let Some(path) = file {
             if !path.exists() {
@@ -264,22 +279,7 @@ impl Config {
             }
             figment = figment.merge(Toml::file(path));
         }
-        // NEXUS_CONFIG names the file (a CLI flag's env); NEXUS_TEST_*, NEXUS_BENCH_* and
-        // NEXUS_SERVICES_* belong to the test tooling. Every other NEXUS_* must be a config key.
-        // Kubernetes' service links of a Service named nexus* (NEXUS_EDGE_SERVICE_HOST,
-        // NEXUS_EDGE_PORT_8080_TCP, ...) are not config either.
-        let env = Env::prefixed("NEXUS_").split("__").filter(|key| {
-            let key = key.as_str().to_ascii_lowercase();
-            !(key == "config"
-                || is_service_link(&key)
-                || ["test_", "bench_", "services_"]
-                    .iter()
-                    .any(|p| key.starts_with(p)))
-        });
-        let vars = env
-            .iter()
-            .map(|(k, v)| (k.as_str().to_ascii_lowercase(), v));
-        Self::from_figment(with_env(figment, vars))
+        Self::from_figment(with_env(figment, env_settings(vars)))
     }
 
     /// The built-in defaults only (tests and tools).
@@ -568,38 +568,116 @@ fn with_env(mut figment: Figment, vars: impl Iterator<Item = (String, String)>) 
     figment
 }
 
-/// Whether `key` (lower case, the `NEXUS_` prefix taken off) has the shape of a variable
-/// Kubernetes sets for a Service: `<svc>_SERVICE_HOST`, `<svc>_SERVICE_PORT[_<name>]`,
-/// `<svc>_PORT`, `<svc>_PORT_<n>_<proto>[_PROTO|_PORT|_ADDR]`. Config keys never have it:
-/// every top-level key is a table, set with `__`.
-fn is_service_link(key: &str) -> bool {
+const ENV_PREFIX: &str = "NEXUS_";
+
+/// The config settings among environment variables, as `(dotted key, text)`: the `NEXUS_*`
+/// ones (prefix in any case), prefix taken off, `__` read as `.`, lower case (figment's
+/// `Env::prefixed("NEXUS_").split("__")`, which reads only the process environment).
+///
+/// NEXUS_CONFIG names the file (a CLI flag's env); NEXUS_TEST_*, NEXUS_BENCH_* and
+/// NEXUS_SERVICES_* belong to the test tooling; Kubernetes sets service links for a Service
+/// named nexus* (NEXUS_EDGE_SERVICE_HOST=10.0.0.7, ...). Every other NEXUS_* must be a config
+/// key, so that a typo is reported as an unknown key rather than silently ignored.
+fn env_settings(
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> impl Iterator<Item = (String, String)> {
+    vars.into_iter().filter_map(|(name, value)| {
+        let name = name.trim();
+        let rest = name
+            .get(..ENV_PREFIX.len())
+            .filter(|p| p.eq_ignore_ascii_case(ENV_PREFIX))
+            .and_then(|_| name.get(ENV_PREFIX.len()..))?;
+        let key = rest.replace("__", ".").trim().to_ascii_lowercase();
+        if key.split('.').any(str::is_empty) {
+            return None;
+        }
+        let tooling = key == "config"
+            || ["test_", "bench_", "services_"]
+                .iter()
+                .any(|p| key.starts_with(p));
+        (!tooling && !is_service_link(&key, &value)).then_some((key, value))
+    })
+}
+
+/// What Kubernetes puts in a service-link variable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkValue {
+    /// The cluster IP, v4 or v6.
+    Ip,
+    /// A port number.
+    Port,
+    /// `<proto>://<ip>:<port>` (IPv6 in brackets).
+    Url,
+    /// `tcp`, `udp` or `sctp`.
+    Proto,
+}
+
+impl LinkValue {
+    fn fits(self, value: &str) -> bool {
+        match self {
+            LinkValue::Ip => value.parse::<IpAddr>().is_ok(),
+            LinkValue::Port => is_port(value),
+            LinkValue::Url => value.split_once("://").is_some_and(|(proto, addr)| {
+                LinkValue::Proto.fits(proto) && addr.parse::<SocketAddr>().is_ok()
+            }),
+            LinkValue::Proto => matches!(value, "tcp" | "udp" | "sctp"),
+        }
+    }
+}
+
+/// A port number as Kubernetes writes it: decimal digits only, 1 to 65535.
+fn is_port(value: &str) -> bool {
+    !value.is_empty()
+        && value.bytes().all(|b| b.is_ascii_digit())
+        && value.parse::<u16>().is_ok_and(|p| p > 0)
+}
+
+/// Whether `key` (lower case, the `NEXUS_` prefix taken off) and `value` are a variable
+/// Kubernetes sets for a Service. Config keys never have the name's shape (every top-level key
+/// is a table, set with `__`), but a typo can: `NEXUS_HTTP_PORT=8080` (for `NEXUS_HTTP__PORT`)
+/// is named like `<svc>_PORT`, so the value must have the shape Kubernetes gives it too.
+fn is_service_link(key: &str, value: &str) -> bool {
+    link_values(key).into_iter().any(|kind| kind.fits(value))
+}
+
+/// The values Kubernetes may give a variable named `key`: `<svc>_SERVICE_HOST` (IP),
+/// `<svc>_SERVICE_PORT[_<name>]` (port), `<svc>_PORT` (URL), `<svc>_PORT_<n>_<proto>` (URL) and
+/// its `_PROTO`, `_PORT`, `_ADDR` companions. A Service name may itself contain `port` or
+/// `service`, so a name can have several readings: all of them are returned.
+fn link_values(key: &str) -> Vec<LinkValue> {
+    let mut kinds = Vec::new();
     if key.contains('.') || key.contains("__") {
-        return false;
+        return kinds;
     }
     let parts: Vec<&str> = key.split('_').collect();
     let n = parts.len();
-    // `port` or `service_host` at the end, or `service_port` followed by a port name.
     if parts.last() == Some(&"port") && (n == 1 || parts[n - 2] != "service") {
-        return true;
+        kinds.push(LinkValue::Url);
     }
     if n >= 2 && parts[n - 2..] == ["service", "host"] {
-        return true;
+        kinds.push(LinkValue::Ip);
     }
-    if let Some(i) = parts.windows(2).position(|w| w == ["service", "port"]) {
-        return i + 2 <= n;
+    if parts.windows(2).any(|w| w == ["service", "port"]) {
+        kinds.push(LinkValue::Port);
     }
-    // `port_<n>_<proto>` and its `_proto`, `_port`, `_addr` companions.
-    parts.windows(3).enumerate().any(|(i, w)| {
-        w[0] == "port"
+    // `port_<n>_<proto>` and its companions.
+    for (i, w) in parts.windows(3).enumerate() {
+        let port_proto = w[0] == "port"
             && !w[1].is_empty()
             && w[1].bytes().all(|b| b.is_ascii_digit())
-            && matches!(w[2], "tcp" | "udp" | "sctp")
-            && match n - (i + 3) {
-                0 => true,
-                1 => matches!(parts[n - 1], "proto" | "port" | "addr"),
-                _ => false,
-            }
-    })
+            && matches!(w[2], "tcp" | "udp" | "sctp");
+        if !port_proto {
+            continue;
+        }
+        match &parts[i + 3..] {
+            [] => kinds.push(LinkValue::Url),
+            ["proto"] => kinds.push(LinkValue::Proto),
+            ["port"] => kinds.push(LinkValue::Port),
+            ["addr"] => kinds.push(LinkValue::Ip),
+            _ => {}
+        }
+    }
+    kinds
 }
 
 /// Replaces the password of `scheme://user:password@host` URLs, and the value of a query
@@ -800,34 +878,88 @@ mod tests {
         assert_eq!(c.workers.webhooks.retry_schedule_ms, vec![0, 300, 600]);
     }
 
+    /// The variables Kubernetes sets for Services `nexus` and `nexus-edge` (cluster IPs
+    /// 10.0.0.7 and fd00::7, ports 8080 `http` and 9090/UDP), without the `NEXUS_` prefix.
+    const SERVICE_LINKS: [(&str, &str); 13] = [
+        ("service_host", "10.0.0.7"),
+        ("service_port", "8080"),
+        ("port", "tcp://10.0.0.7:8080"),
+        ("edge_service_host", "fd00::7"),
+        ("edge_service_port", "8080"),
+        ("edge_service_port_http", "8080"),
+        ("edge_port", "tcp://[fd00::7]:8080"),
+        ("edge_port_8080_tcp", "tcp://[fd00::7]:8080"),
+        ("edge_port_8080_tcp_proto", "tcp"),
+        ("edge_port_8080_tcp_port", "8080"),
+        ("edge_port_8080_tcp_addr", "fd00::7"),
+        ("edge_port_9090_udp", "udp://[fd00::7]:9090"),
+        ("edge_port_9090_udp_proto", "udp"),
+    ];
+
     #[test]
     fn kubernetes_service_links_are_not_config_keys() {
-        for k in [
-            "port",
-            "service_host",
-            "service_port",
-            "edge_service_host",
-            "edge_service_port",
-            "edge_service_port_http",
-            "edge_port",
-            "edge_port_8080_tcp",
-            "edge_port_8080_tcp_proto",
-            "edge_port_8080_tcp_port",
-            "edge_port_8080_tcp_addr",
-        ] {
-            assert!(is_service_link(k), "{k}");
+        for (k, v) in SERVICE_LINKS {
+            assert!(is_service_link(k, v), "{k}={v}");
         }
-        for k in [
-            "http.listen",
-            "http__port",
-            "bus",
-            "edge",
-            "edge_port_x_tcp",
-            "edge_port_8080_tcp_other",
-            "consumer.concurency",
+        // A link's name with a value Kubernetes would not give it: an operator's typo.
+        for (k, v) in [
+            ("port", "8080"),
+            ("http_port", "8080"),
+            ("edge_service_host", "edge.example"),
+            ("edge_service_port", "http"),
+            ("edge_service_port", "0"),
+            ("edge_service_port_http", "+8080"),
+            ("edge_port", "10.0.0.7:8080"),
+            ("edge_port", "http://10.0.0.7:8080"),
+            ("edge_port", "tcp://edge:8080"),
+            ("edge_port_8080_tcp", "tcp://10.0.0.7"),
+            ("edge_port_8080_tcp_proto", "TCP"),
+            ("edge_port_8080_tcp_port", "65536"),
+            ("edge_port_8080_tcp_addr", "10.0.0.256"),
         ] {
-            assert!(!is_service_link(k), "{k}");
+            assert!(!is_service_link(k, v), "{k}={v}");
         }
+        // Not a link's name, whatever the value.
+        for (k, v) in [
+            ("http.listen", "10.0.0.7"),
+            ("http__port", "8080"),
+            ("bus", "tcp://10.0.0.7:8080"),
+            ("edge", "10.0.0.7"),
+            ("edge_port_x_tcp", "tcp://10.0.0.7:8080"),
+            ("edge_port_8080_tcp_other", "tcp"),
+            ("consumer.concurency", "8080"),
+        ] {
+            assert!(!is_service_link(k, v), "{k}={v}");
+        }
+    }
+
+    #[test]
+    fn env_variables_load_and_others_are_left_out() {
+        let vars = SERVICE_LINKS
+            .iter()
+            .map(|(k, v)| (format!("NEXUS_{}", k.to_ascii_uppercase()), v.to_string()))
+            .chain(
+                [
+                    ("NEXUS_HTTP__LISTEN", "0.0.0.0:9000"),
+                    ("nexus_consumer__concurrency", "3"),
+                    ("NEXUS_CONFIG", "/etc/nexus/config.toml"),
+                    ("NEXUS_TEST_BUS", "nats"),
+                    ("NEXUS_SERVICES_PG", "postgres://x"),
+                    ("NEXUS_", "x"),
+                    ("HTTP__LISTEN", "nowhere"),
+                ]
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+            );
+        let c = Config::load_with_env(None, vars).expect("loads");
+        assert_eq!(c.http.listen, "0.0.0.0:9000");
+        assert_eq!(c.consumer.concurrency, 3);
+    }
+
+    #[test]
+    fn a_typo_shaped_like_a_service_link_is_an_unknown_key() {
+        let vars = [("NEXUS_HTTP_PORT".to_string(), "8080".to_string())];
+        let e = Config::load_with_env(None, vars).unwrap_err().to_string();
+        assert!(e.contains("http_port"), "{e}");
     }
 
     #[test]

@@ -17,7 +17,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
 
+use apache_avro::schema::RecordSchema;
 use apache_avro::schema_compatibility::SchemaCompatibility;
+use apache_avro::Schema;
 use serde_json::Value;
 use thiserror::Error;
 
@@ -259,7 +261,8 @@ impl Registry {
 
     /// The rules of `schemas/README.md`: every released version is kept and unchanged (its
     /// fingerprint equals the lock), each version can read the data of every earlier version
-    /// (`SchemaCompatibility::can_read(writer = old, reader = new)`), versions are numbered
+    /// (`SchemaCompatibility::can_read(writer = old, reader = new)`) and a field of the event
+    /// record or of a nested one is removed only if it had a default, versions are numbered
     /// 1..N, record names never change, the envelope comes first, every schema and field has
     /// a `doc`, every enum has a `default`. A version missing from the lock is reported as new.
     pub fn check(&self) -> Result<CheckReport, Vec<SchemaError>> {
@@ -656,18 +659,40 @@ fn read_tree(root: &Path, dir: &Path, out: &mut Vec<(String, String)>) -> Result
     Ok(())
 }
 
-/// The first top-level field of `older` that `newer` no longer has and that has no default.
-fn removed_without_default(
-    older: &apache_avro::Schema,
-    newer: &apache_avro::Schema,
-) -> Option<String> {
-    let (apache_avro::Schema::Record(old), apache_avro::Schema::Record(new)) = (older, newer)
-    else {
-        return None;
-    };
-    old.fields
-        .iter()
-        .filter(|f| f.default.is_none())
-        .find(|f| !new.fields.iter().any(|n| n.name == f.name))
-        .map(|f| f.name.clone())
+/// The first field, as `<Record>.<field>`, that a record of `older` has without a default and
+/// the record of the same full name in `newer` no longer has. The event record comes first, then
+/// nested records in the order `older` defines them: the new writer leaves the field out
+/// wherever the record sits, and a reader still on `older` has nothing to fill it in with.
+fn removed_without_default(older: &Schema, newer: &Schema) -> Option<String> {
+    let mut new_records = Vec::new();
+    records(newer, &mut new_records);
+    let new_by_name: HashMap<String, &RecordSchema> = new_records
+        .into_iter()
+        .map(|r| (r.name.fullname(None), r))
+        .collect();
+    let mut old_records = Vec::new();
+    records(older, &mut old_records);
+    old_records.into_iter().find_map(|old| {
+        let new = new_by_name.get(&old.name.fullname(None))?;
+        old.fields
+            .iter()
+            .filter(|f| f.default.is_none())
+            .find(|f| !new.fields.iter().any(|n| n.name == f.name))
+            .map(|f| format!("{}.{}", old.name.name, f.name))
+    })
+}
+
+/// Every record `schema` defines, outermost first. A named type is defined once; its later
+/// uses are `Schema::Ref`, so the walk ends even for recursive types.
+fn records<'a>(schema: &'a Schema, out: &mut Vec<&'a RecordSchema>) {
+    match schema {
+        Schema::Record(r) => {
+            out.push(r);
+            r.fields.iter().for_each(|f| records(&f.schema, out));
+        }
+        Schema::Union(u) => u.variants().iter().for_each(|v| records(v, out)),
+        Schema::Array(a) => records(&a.items, out),
+        Schema::Map(m) => records(&m.types, out),
+        _ => {}
+    }
 }

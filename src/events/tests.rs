@@ -397,6 +397,57 @@ fn removing_a_field_without_a_default_is_incompatible() {
 }
 
 #[test]
+fn removing_a_nested_field_without_a_default_is_incompatible() {
+    // Wherever record `Item` sits, the v2 writer leaves `sku` out and a reader still on v1 has
+    // nothing to fill it in with; `qty` has a default, so removing it alone is fine.
+    let positions: [fn(Value) -> Value; 4] = [
+        |item| item,
+        |item| json!(["null", item]),
+        |item| json!({"type": "array", "items": item}),
+        |item| json!({"type": "map", "values": item}),
+    ];
+    let sku = json!({"name": "sku", "type": "string", "doc": "Stock-keeping unit."});
+    let qty = json!({"name": "qty", "type": "int", "default": 1, "doc": "Quantity."});
+    for wrap in positions {
+        let schema = |item_fields: Value| {
+            let item =
+                json!({"type": "record", "name": "Item", "doc": "An item.", "fields": item_fields});
+            json!({
+                "type": "record",
+                "name": "NestedProbe",
+                "namespace": "nexus.events",
+                "doc": "Test event.",
+                "fields": [
+                    {"name": "envelope", "type": "nexus.Envelope", "doc": "Common envelope."},
+                    {"name": "item", "type": wrap(item), "doc": "The item."}
+                ]
+            })
+            .to_string()
+        };
+        let incompatible = |v2_fields: Value| {
+            let r = registry_with(&[
+                ("events/nested_probe/v1.avsc", schema(json!([sku, qty]))),
+                ("events/nested_probe/v2.avsc", schema(v2_fields)),
+            ])
+            .unwrap();
+            r.check()
+                .unwrap_err()
+                .into_iter()
+                .filter(|e| matches!(e, SchemaError::Incompatible { event_type, .. } if event_type == "NestedProbe"))
+                .collect::<Vec<_>>()
+        };
+        let position = wrap(json!("Item"));
+        let errors = incompatible(json!([qty]));
+        assert!(
+            matches!(errors.as_slice(), [SchemaError::Incompatible { version: 2, previous: 1, message, .. }]
+                if message.contains("`Item.sku`")),
+            "{position}: {errors:?}"
+        );
+        assert_eq!(incompatible(json!([sku])), vec![], "{position}");
+    }
+}
+
+#[test]
 fn records_with_many_fields_encode_through_lookups() {
     // More fields than the writer matches on the stack: the lookup path, same rules.
     let mut v2 = typing_v1();
