@@ -63,6 +63,22 @@ pub(super) fn lease_bucket(stream: &str) -> String {
     format!("nexus_leases_{stream}")
 }
 
+/// The group-state bucket of a stream (one per topic, shared by every group on it): what must
+/// outlive the members, which the lease bucket's `max_age` would expire.
+pub(super) fn groups_bucket(stream: &str) -> String {
+    format!("nexus_groups_{stream}")
+}
+
+/// The key of a group's restart mark on one partition, in the group-state bucket.
+pub(super) fn restart_key(group_key: &str, partition: u32) -> String {
+    format!("{group_key}.restart.{partition}")
+}
+
+/// The key of a group's join record on a topic, in the group-state bucket.
+pub(super) fn joined_key(group_key: &str) -> String {
+    format!("{group_key}.joined")
+}
+
 /// A group name made safe for KV keys and consumer names: `[A-Za-z0-9_-]` stay, every other
 /// byte becomes `=XX`, so distinct groups never meet.
 pub(super) fn group_key(group: &str) -> Result<String, BusError> {

@@ -23,6 +23,12 @@
 //!   so everything it ever received is redeliverable `safety` before the lease can expire,
 //!   however it dies. Renewals every `(lease_ttl - ack_wait) / 4` keep that true while alive.
 //!
+//! **Where a consumer starts.** The consumers of a group new on a topic start at its start
+//! setting; those of partitions added later start at the partition's beginning (everything in
+//! them came after the group's start; see [`joined_partitions`]); a consumer deleted by a
+//! restart at the ack floor that could not create it again is created at the floor by whoever
+//! needs it next (see `Inner::restart_consumer` for each point where a restart can stop).
+//!
 //! A slow handler is not overtaken by a redelivery to its own member: records handed out and
 //! not acked are kept alive with `+WPI` every `ack_wait / 3` while the lease holds. A record
 //! dropped without ack stays pending (and alive) until the partition is handed over, where it
@@ -54,6 +60,7 @@ use async_nats::Subject;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
@@ -61,7 +68,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use super::flush::Flusher;
-use super::{codec, consumer_error, timestamp_ms, Inner, Timing};
+use super::{codec, consumer_error, timestamp_ms, Inner, Timing, TopicMeta};
 use crate::bus::halt::Halt;
 use crate::bus::{Acker, BusError, Delivery, StartFrom, SubscribeOptions, Subscription};
 
@@ -76,7 +83,8 @@ const BATCH_LINGER: Duration = Duration::from_millis(2);
 /// Pause after a failed pull or consumer lookup before trying again.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 /// The partition count is re-read this often, so partitions added while members run are taken.
-const PARTITIONS_REFRESH: Duration = Duration::from_secs(30);
+/// Tests grow topics under running members and should not wait half a minute for it.
+const PARTITIONS_REFRESH: Duration = Duration::from_secs(if cfg!(test) { 2 } else { 30 });
 
 /// Joins `group` on `topic`; see the module doc.
 pub(super) async fn subscribe(
@@ -101,6 +109,8 @@ pub(super) async fn subscribe(
         })
         .await
         .map_err(|e| BusError::Unavailable(format!("lease bucket {bucket}: {e}")))?;
+    let marks = bus.groups_bucket(&meta.stream, topic).await?;
+    let joined = joined_partitions(bus, &marks, &meta, &group_key).await?;
     let max_in_flight = options.max_in_flight.max(1);
     let (tx, rx) = mpsc::channel(max_in_flight + 8);
     let g = Arc::new(Group {
@@ -118,6 +128,8 @@ pub(super) async fn subscribe(
         member: uuid::Uuid::now_v7().simple().to_string(),
         kv,
         bucket,
+        marks,
+        joined,
         start: options.start,
         max_ack_pending: max_in_flight as i64,
         permits: Arc::new(Semaphore::new(max_in_flight)),
@@ -154,6 +166,10 @@ struct Group {
     member: String,
     kv: kv::Store,
     bucket: String,
+    /// The group-state bucket: restart marks (see `Inner::restart_consumer`).
+    marks: kv::Store,
+    /// Partitions the topic had when the group joined it (see [`joined_partitions`]).
+    joined: u32,
     start: StartFrom,
     max_ack_pending: i64,
     /// In-flight records of the subscription (backpressure): one permit per handed-out record.
@@ -275,8 +291,13 @@ struct Held {
     task: JoinHandle<WorkerEnd>,
 }
 
-/// The durable consumer of the group on a partition: created with the subscription's start
-/// if missing, its ack wait and in-flight bound brought in line with this member's config.
+/// The durable consumer of the group on a partition, its ack wait and in-flight bound brought
+/// in line with this member's config. A missing one is created at, in this order:
+/// - the partition's restart mark, if a restart stopped between deleting the consumer and
+///   creating it again (see `Inner::restart_consumer`): where the group's floor was;
+/// - the partition's beginning, if the partition was added after the group joined the topic
+///   ([`joined_partitions`]): everything in it was published after the group's start;
+/// - the group's start setting otherwise (a group new on the topic).
 async fn ensure_consumer(
     bus: &Inner,
     g: &Group,
@@ -285,45 +306,182 @@ async fn ensure_consumer(
     let name = codec::consumer_name(&g.group_key, partition);
     let subject = codec::subject(&g.topic, partition);
     let what = format!("consumer {}/{name}", g.stream);
-    if let Some(info) = bus.consumer_info(&g.stream, &name).await? {
-        let cfg = &info.config;
-        if cfg.ack_wait == g.timing().ack_wait && cfg.max_ack_pending == g.max_ack_pending {
-            let config = pull::Config::try_from_consumer_config(info.config.clone())
-                .map_err(|e| BusError::Conflict(format!("{what} is not a pull consumer: {e}")))?;
-            return Ok(Consumer::new(config, info, g.js.clone()));
+    let mut failed = None;
+    // Twice: a create that failed because another member created the consumer meanwhile
+    // (with another in-flight bound) finds that one on the second look.
+    for _ in 0..2 {
+        if let Some(info) = bus.consumer_info(&g.stream, &name).await? {
+            return adopt_consumer(g, info, &what).await;
         }
-        let mut config = pull::Config::try_from_consumer_config(info.config.clone())
-            .map_err(|e| BusError::Conflict(format!("{what} is not a pull consumer: {e}")))?;
-        config.ack_wait = g.timing().ack_wait;
-        config.max_ack_pending = g.max_ack_pending;
-        return g
-            .js
-            .update_consumer_on_stream(config, &g.stream)
-            .await
-            .map_err(|e| BusError::Unavailable(format!("updating {what}: {e}")));
-    }
-    let deliver = match g.start {
-        StartFrom::Earliest => DeliverPolicy::All,
-        StartFrom::Latest => DeliverPolicy::New,
-    };
-    let config = bus.durable_config(
-        &g.group,
-        &name,
-        &subject,
-        partition,
-        deliver,
-        g.max_ack_pending,
-    );
-    g.js.create_consumer_on_stream(config, &g.stream)
-        .await
-        .map_err(|e| match e.kind() {
-            ConsumerErrorKind::JetStream(err)
-                if err.error_code() == ErrorCode::STREAM_NOT_FOUND =>
-            {
-                BusError::UnknownTopic(g.topic.clone())
+        let mark = bus
+            .restart_mark(&g.marks, &g.stream, &g.group_key, partition)
+            .await?;
+        let (deliver, why) = match mark {
+            Some((start_sequence, _)) => (
+                DeliverPolicy::ByStartSequence { start_sequence },
+                Some("at the start an interrupted restart recorded"),
+            ),
+            None if partition >= g.joined => (
+                DeliverPolicy::All,
+                Some("from its beginning: the partition was added after the group joined"),
+            ),
+            None => match g.start {
+                StartFrom::Earliest => (DeliverPolicy::All, None),
+                StartFrom::Latest => (DeliverPolicy::New, None),
+            },
+        };
+        let config = bus.durable_config(
+            &g.group,
+            &name,
+            &subject,
+            partition,
+            deliver,
+            g.max_ack_pending,
+        );
+        match g.js.create_consumer_on_stream(config, &g.stream).await {
+            Ok(consumer) => {
+                if let Some(why) = why {
+                    info!(
+                        partition,
+                        joined_with = g.joined,
+                        "partition consumer created {why}"
+                    );
+                }
+                if let Some((_, revision)) = mark {
+                    let key = codec::restart_key(&g.group_key, partition);
+                    bus.clear_restart_mark(&g.marks, &key, revision).await;
+                }
+                return Ok(consumer);
             }
-            _ => consumer_error(&format!("creating {what}"), &e),
+            Err(e) => match e.kind() {
+                ConsumerErrorKind::JetStream(err)
+                    if err.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    return Err(BusError::UnknownTopic(g.topic.clone()));
+                }
+                _ => failed = Some(consumer_error(&format!("creating {what}"), &e)),
+            },
+        }
+    }
+    Err(failed.unwrap_or_else(|| BusError::Unavailable(format!("creating {what}: gave up"))))
+}
+
+/// An existing partition consumer, its ack wait and in-flight bound brought in line with this
+/// member's config.
+async fn adopt_consumer(
+    g: &Group,
+    info: jetstream::consumer::Info,
+    what: &str,
+) -> Result<Consumer<pull::Config>, BusError> {
+    let cfg = &info.config;
+    if cfg.ack_wait == g.timing().ack_wait && cfg.max_ack_pending == g.max_ack_pending {
+        let config = pull::Config::try_from_consumer_config(info.config.clone())
+            .map_err(|e| BusError::Conflict(format!("{what} is not a pull consumer: {e}")))?;
+        return Ok(Consumer::new(config, info, g.js.clone()));
+    }
+    let mut config = pull::Config::try_from_consumer_config(info.config.clone())
+        .map_err(|e| BusError::Conflict(format!("{what} is not a pull consumer: {e}")))?;
+    config.ack_wait = g.timing().ack_wait;
+    config.max_ack_pending = g.max_ack_pending;
+    g.js.update_consumer_on_stream(config, &g.stream)
+        .await
+        .map_err(|e| BusError::Unavailable(format!("updating {what}: {e}")))
+}
+
+/// The value of a group's join record (see [`joined_partitions`]).
+#[derive(Debug, Serialize, Deserialize)]
+struct JoinRecord {
+    /// Partitions of the topic when the group joined it.
+    partitions: u32,
+    /// `TopicMeta::created` of the stream joined: a record of an earlier stream of the same
+    /// name is replaced.
+    stream_created: String,
+}
+
+/// Tries to agree on a join record when members join at once.
+const JOIN_RECORD_ATTEMPTS: usize = 3;
+
+/// How many partitions the topic had when the group first joined it, from the group's join
+/// record in the group-state bucket. A partition at or above that count was added to a topic
+/// the group already consumed, so all it holds was published after the group's start: its
+/// consumer starts at its beginning, also for a group starting at `latest`.
+///
+/// Without a record (the group's first join, or a group that ran before records existed) one
+/// is made: a group without any consumer on the topic is new, and every partition it has now
+/// starts at the start setting; a group with consumers was joined by an older nexus, which
+/// created the consumers of all partitions at the join, so the first partition without one
+/// was added later. The record is only created where there is none (or replaced where it
+/// names an earlier stream), before the first consumer is created: members joining at once
+/// agree on the first one written, and a member that finds a consumer of the group also finds
+/// the record that preceded it.
+pub(super) async fn joined_partitions(
+    bus: &Inner,
+    marks: &kv::Store,
+    meta: &TopicMeta,
+    group_key: &str,
+) -> Result<u32, BusError> {
+    let key = codec::joined_key(group_key);
+    let unavailable = |what: &str, e: &dyn std::fmt::Display| {
+        BusError::Unavailable(format!("{what} join record {key}: {e}"))
+    };
+    for _ in 0..JOIN_RECORD_ATTEMPTS {
+        let entry = marks
+            .entry(&key)
+            .await
+            .map_err(|e| unavailable("reading", &e))?;
+        let live = entry.filter(|e| e.operation == kv::Operation::Put);
+        let record = live
+            .as_ref()
+            .and_then(|e| serde_json::from_slice::<JoinRecord>(&e.value).ok());
+        if let Some(record) = record.filter(|r| r.stream_created == meta.created) {
+            return Ok(record.partitions);
+        }
+        let mut with_consumer = false;
+        let mut first_without = None;
+        for partition in 0..meta.partitions {
+            let name = codec::consumer_name(group_key, partition);
+            if bus.consumer_info(&meta.stream, &name).await?.is_some() {
+                with_consumer = true;
+            } else {
+                first_without.get_or_insert(partition);
+            }
+        }
+        let partitions = if with_consumer {
+            first_without.unwrap_or(meta.partitions)
+        } else {
+            meta.partitions
+        };
+        let value = serde_json::to_vec(&JoinRecord {
+            partitions,
+            stream_created: meta.created.clone(),
         })
+        .map_err(|e| unavailable("encoding", &e))?;
+        let written = match &live {
+            // Stale (an earlier stream) or unreadable: replaced unless someone else did.
+            Some(e) => match marks.update(&key, value.into(), e.revision).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Err(None),
+                Err(e) => Err(Some(unavailable("replacing", &e))),
+            },
+            None => match marks.create(&key, value.into()).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Err(None),
+                Err(e) => Err(Some(unavailable("writing", &e))),
+            },
+        };
+        match written {
+            Ok(()) => {
+                info!(partitions, "group join recorded");
+                return Ok(partitions);
+            }
+            // Another member wrote first: read theirs.
+            Err(None) => continue,
+            Err(Some(e)) => return Err(e),
+        }
+    }
+    Err(BusError::Unavailable(format!(
+        "join record {key} keeps changing"
+    )))
 }
 
 /// The coordinator: heartbeat, lease renewal, fair-share rebalancing, releasing drained
@@ -649,6 +807,7 @@ async fn start_at_ack_floor(bus: &Inner, g: &Group, partition: u32) -> Result<()
         "previous owner left records unacked; restarting at the ack floor"
     );
     bus.restart_consumer(
+        &g.marks,
         &g.stream,
         &g.group,
         &g.group_key,

@@ -18,6 +18,11 @@
 //!   for the server's confirmation, but flushed to the socket), so a returned ack is sent, not
 //!   yet committed; one lost with a broken connection means a redelivery (at-least-once). Members share partitions through leases in a KV
 //!   bucket; `group` explains why per-key order holds across members and the ack window.
+//!   What must outlive every member lives in a second bucket without expiry,
+//!   `nexus_groups_<stream>`: each group's join record (how many partitions the topic had when
+//!   the group joined, so a partition added later is read from its beginning) and the restart
+//!   marks that keep a partition's floor while its consumer is being replaced
+//!   (`Inner::restart_consumer`).
 //!
 //! Why not JetStream's own partitioning (2.11 priority groups with pinned clients): a pinned
 //! client is chosen per pull, not balanced across members, and its handover does not wait for
@@ -36,11 +41,11 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{self, pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::response::Response;
-use async_nats::jetstream::{self, stream, Context, ErrorCode};
+use async_nats::jetstream::{self, kv, stream, Context, ErrorCode};
 use async_nats::{ConnectErrorKind, ServerAddr};
 use async_trait::async_trait;
 use futures::StreamExt;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::*;
@@ -151,6 +156,9 @@ pub struct Inner {
 struct TopicMeta {
     stream: String,
     partitions: u32,
+    /// When the stream was created (the server's text): tells a stream from an earlier one
+    /// of the same name in records that outlive streams (see [`RestartMark`]).
+    created: String,
     config: stream::Config,
     state: StreamState,
 }
@@ -160,6 +168,8 @@ struct TopicMeta {
 struct StreamInfo {
     config: stream::Config,
     state: StreamState,
+    #[serde(default)]
+    created: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -175,6 +185,17 @@ struct DeleteResponse {
     #[serde(default)]
     #[allow(dead_code)]
     success: bool,
+}
+
+/// Where an interrupted restart of a group's partition consumer was to start it: the value of
+/// the partition's restart key in the group-state bucket (see `Inner::restart_consumer`).
+#[derive(Debug, Serialize, Deserialize)]
+struct RestartMark {
+    /// Stream sequence of the first record to deliver.
+    start: u64,
+    /// [`TopicMeta::created`] of the stream the mark is about: sequences of a stream deleted
+    /// and created again under the same name mean nothing for the new one.
+    stream_created: String,
 }
 
 /// A JetStream API call failed either on the way or at the server.
@@ -395,6 +416,7 @@ impl Inner {
         Ok(Some(TopicMeta {
             stream,
             partitions,
+            created: info.created,
             config: info.config,
             state: info.state,
         }))
@@ -505,8 +527,28 @@ impl Inner {
     /// Replaces the group's durable consumer on a partition with one starting at stream
     /// sequence `start_sequence` (a durable consumer's start cannot be changed); its ack floor
     /// then sits just below the start, which is where the next member resumes.
+    ///
+    /// The start is written first as the partition's restart mark in the group-state bucket
+    /// `marks`, and removed once the new consumer exists; whoever finds the consumer missing
+    /// creates it at the mark (`group::ensure_consumer`), never at the group's start setting.
+    /// Only a missing consumer makes anyone read a mark. Wherever the restart stops (the
+    /// process dies, or a step fails for good):
+    /// - before the mark is stored: nothing changed; the next owner restarts at the floor;
+    /// - after the mark, before the delete: the consumer and its floor are still there; the
+    ///   mark is stale but not wrong: it is the floor + 1 of then, and a floor only moves up
+    ///   (every restart writes its own mark first), so were the consumer lost later, starting
+    ///   there delivers records again and skips none;
+    /// - after the delete, before a create took (every try failed): no consumer, the mark
+    ///   says where it starts; the next `ensure_consumer` (this member's retry, the next
+    ///   owner's, a member joining) creates it there, then removes the mark;
+    /// - after the create, before the mark is removed: the consumer exists; the mark equals
+    ///   its start, so it is stale as in the second case.
+    ///
+    /// The removal is revision-checked, so a newer restart's mark stays.
+    #[allow(clippy::too_many_arguments)]
     async fn restart_consumer(
         &self,
+        marks: &kv::Store,
         stream: &str,
         group: &str,
         group_key: &str,
@@ -520,13 +562,28 @@ impl Inner {
             Some(info) => info.config.max_ack_pending,
             None => SubscribeOptions::default().max_in_flight as i64,
         };
+        let Some(stream_created) = self.stream_created(stream).await? else {
+            return Err(BusError::UnknownTopic(topic.to_string()));
+        };
+        let key = codec::restart_key(group_key, partition);
+        let mark = RestartMark {
+            start: start_sequence,
+            stream_created,
+        };
+        let value = serde_json::to_vec(&mark)
+            .map_err(|e| BusError::Unavailable(format!("encoding restart mark {key}: {e}")))?;
+        let revision = marks
+            .put(&key, value.into())
+            .await
+            .map_err(|e| BusError::Unavailable(format!("storing restart mark {key}: {e}")))?;
         let deliver = DeliverPolicy::ByStartSequence { start_sequence };
         let config =
             self.durable_config(group, &name, &subject, partition, deliver, max_ack_pending);
         // Between the delete and the create the consumer does not exist, and another member's
-        // `ensure_consumer` (at its start) may create it with the group's start policy, which
-        // would deliver the partition from its beginning again. So the create is checked: a
-        // consumer that is not ours is replaced, a lost answer is asked about.
+        // `ensure_consumer` (at its start) may create it: at the mark, so with our start,
+        // unless its config differs otherwise or it was created before the mark (an older
+        // nexus). So the create is checked: a consumer that is not ours is replaced, a lost
+        // answer is asked about.
         self.delete_consumer(stream, &name).await?;
         let mut last = None;
         for _ in 0..RESTART_ATTEMPTS {
@@ -535,20 +592,96 @@ impl Inner {
                 .create_consumer_on_stream(config.clone(), stream)
                 .await
             {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    self.clear_restart_mark(marks, &key, revision).await;
+                    return Ok(());
+                }
                 Err(e) => last = Some(consumer_error(&format!("recreating consumer {name}"), &e)),
             }
             // Failed, or its answer was lost: after our delete, a consumer with our start is
             // ours; one with another start is someone else's and goes.
             match self.consumer_info(stream, &name).await? {
-                Some(info) if info.config.deliver_policy == deliver => return Ok(()),
+                Some(info) if info.config.deliver_policy == deliver => {
+                    self.clear_restart_mark(marks, &key, revision).await;
+                    return Ok(());
+                }
                 Some(_) => self.delete_consumer(stream, &name).await?,
                 None => {}
             }
         }
+        // The mark stays: the consumer is created at it by whoever needs it next.
         Err(last.unwrap_or_else(|| {
             BusError::Unavailable(format!("recreating consumer {name}: gave up"))
         }))
+    }
+
+    /// The group-state bucket of a stream (see [`codec::groups_bucket`]): restart marks and
+    /// join records. No `max_age`: they must outlive every member.
+    async fn groups_bucket(&self, stream: &str, topic: &str) -> Result<kv::Store, BusError> {
+        let bucket = codec::groups_bucket(stream);
+        self.js
+            .create_or_update_key_value(kv::Config {
+                bucket: bucket.clone(),
+                description: format!("nexus consumer-group state of topic `{topic}`"),
+                history: 1,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: self.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| BusError::Unavailable(format!("group-state bucket {bucket}: {e}")))
+    }
+
+    /// The creation time of a stream, `None` if there is no such stream.
+    async fn stream_created(&self, stream: &str) -> Result<Option<String>, BusError> {
+        Ok(self
+            .stream_info(stream, None)
+            .await?
+            .map(|info| info.created))
+    }
+
+    /// The start sequence a group's partition consumer was being restarted at, and the mark's
+    /// revision, if a restart left one for this stream (see `restart_consumer`). A mark that
+    /// cannot be read is an error, never "no mark": starting from the group's start setting
+    /// instead could skip records.
+    async fn restart_mark(
+        &self,
+        marks: &kv::Store,
+        stream: &str,
+        group_key: &str,
+        partition: u32,
+    ) -> Result<Option<(u64, u64)>, BusError> {
+        let key = codec::restart_key(group_key, partition);
+        let entry = marks
+            .entry(&key)
+            .await
+            .map_err(|e| BusError::Unavailable(format!("reading restart mark {key}: {e}")))?;
+        let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+            return Ok(None);
+        };
+        let mark = match serde_json::from_slice::<RestartMark>(&entry.value) {
+            Ok(mark) => mark,
+            Err(e) => {
+                tracing::warn!(key, error = %e, "unreadable restart mark ignored");
+                return Ok(None);
+            }
+        };
+        if self.stream_created(stream).await?.as_deref() != Some(mark.stream_created.as_str()) {
+            tracing::debug!(
+                key,
+                "restart mark of an earlier stream of this name ignored"
+            );
+            return Ok(None);
+        }
+        Ok(Some((mark.start, entry.revision)))
+    }
+
+    /// Removes a restart mark once its consumer exists; a mark left behind is stale but
+    /// harmless (see `restart_consumer`).
+    async fn clear_restart_mark(&self, marks: &kv::Store, key: &str, revision: u64) {
+        if let Err(e) = marks.delete_expect_revision(key, Some(revision)).await {
+            tracing::debug!(key, error = %e, "restart mark left in place");
+        }
     }
 
     async fn delete_consumer(&self, stream: &str, name: &str) -> Result<(), BusError> {
@@ -999,8 +1132,21 @@ impl Bus for JetStreamBus {
                 members.len()
             )));
         }
+        let marks = self.groups_bucket(&meta.stream, topic).await?;
+        // Recorded before the group's first consumer exists, as a join would (see
+        // `group::joined_partitions`), so a seek on a group that never ran does not make its
+        // other partitions look added later.
+        group::joined_partitions(&self.inner, &marks, &meta, &gkey).await?;
         self.inner
-            .restart_consumer(&meta.stream, group, &gkey, topic, partition, offset + 1)
+            .restart_consumer(
+                &marks,
+                &meta.stream,
+                group,
+                &gkey,
+                topic,
+                partition,
+                offset + 1,
+            )
             .await?;
         tracing::info!(group, topic, partition, offset, "group offset moved");
         Ok(())
