@@ -88,6 +88,10 @@ async fn harness(backend: Backend) -> Harness {
     config.bus = common::bus_config("embedded", Some(&dir.path().join("bus")));
     config.http.admin_token = TOKEN.into();
     let bus = nexus::bus::connect(&config.bus).await.expect("bus");
+    // Some admin writes publish (an agent's profile, its not-ready state on delete).
+    for spec in nexus::topology::Topology::builtin().topic_specs() {
+        bus.apply_topic(&spec).await.expect("topic");
+    }
     let sessions: Arc<dyn nexus::stores::session::SessionStore> = Arc::new(
         nexus::stores::session::embedded::EmbeddedStore::open(&dir.path().join("sessions"))
             .await

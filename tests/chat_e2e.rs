@@ -1199,6 +1199,45 @@ async fn an_agent_state_carries_a_reason_and_a_lower_capacity() {
     );
 }
 
+/// An admin's change of an agent's capacity applies at once: the desk is told, and a chat
+/// waiting for a slot is offered, without the agent changing its state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_agent_capacity_applies_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, admin, tenant) = dev(dir.path(), &[]).await;
+    let url = node.url.as_str();
+    let (agent_id, token) = provision_agent(&admin, &tenant, "Ivo", 1).await;
+    let mut desk = agent_ready(url, &token).await;
+    let (first, _) = start_session(url, &tenant.api_key, json!({"nickname": "Jo"})).await;
+    let offer = ws_until(&mut desk, WAIT, |v| v["type"] == "offer").await;
+    ws_send(
+        &mut desk,
+        json!({"op": "accept", "conversation_id": first, "offer_id": offer["offer_id"]}),
+    )
+    .await;
+    ws_until(&mut desk, WAIT, |v| {
+        v["type"] == "state" && v["state"] == "connected"
+    })
+    .await;
+    let (waiting, _) = start_session(url, &tenant.api_key, json!({"nickname": "Kim"})).await;
+    let early = tokio::time::timeout(Duration::from_millis(1500), async {
+        ws_until(&mut desk, WAIT, |v| v["type"] == "offer").await
+    })
+    .await;
+    assert!(early.is_err(), "offered above capacity 1: {early:?}");
+    admin
+        .patch(
+            &format!("/tenants/{}/agents/{agent_id}", tenant.id),
+            json!({"capacity": {"chat": 2}}),
+        )
+        .await;
+    let told = ws_until(&mut desk, WAIT, |v| v["type"] == "agent_state").await;
+    assert_eq!(told["capacity"], json!({"chat": 2}));
+    assert_eq!(told["state"], "ready", "readiness unchanged");
+    let offer = ws_until(&mut desk, WAIT, |v| v["type"] == "offer").await;
+    assert_eq!(offer["conversation_id"], waiting.as_str());
+}
+
 /// An agent offered the same conversation a second time (here by a transfer by name, after
 /// letting the first offer lapse) can let that offer lapse too: it goes on to the next agent
 /// instead of staying offered to the one who never answers.

@@ -10,8 +10,8 @@ use ::redis::AsyncCommands;
 use nexus::stores::session::embedded::EmbeddedStore;
 use nexus::stores::session::redis::RedisStore;
 use nexus::stores::session::{
-    Conversation, ConversationState, EntryKind, NewEntry, Party, PartyKind, Reserve, Routing,
-    SessionStore, StoreError, Timer,
+    Conversation, ConversationState, EntryKind, NewEntry, Party, PartyKind, PresenceUpdate,
+    Reserve, Routing, SessionStore, StoreError, Timer,
 };
 
 /// A store under test plus what must live as long as it.
@@ -475,6 +475,32 @@ async fn reserve_for_a_named_agent(t: TestStore) {
     assert_eq!(p.active.get("chat").copied().unwrap_or(0), 0);
 }
 
+/// The caps an agent asked for itself are kept with its presence, apart from the capacity.
+async fn presence_keeps_the_agents_own_limits(t: TestStore) {
+    let s = &t.store;
+    let update = PresenceUpdate {
+        ready: true,
+        skills: skills(&["en"]),
+        capacity: chat(2),
+        limits: chat(2),
+    };
+    let p = s
+        .update_presence(&t.tenant, "a1", &update, 10)
+        .await
+        .expect("set");
+    assert_eq!((p.capacity.clone(), p.limits.clone()), (chat(2), chat(2)));
+    let got = s.presence(&t.tenant, "a1").await.expect("get");
+    assert_eq!(got, Some(p));
+    // A state without caps of its own clears them.
+    let p = s
+        .set_presence(&t.tenant, "a1", true, &skills(&["en"]), &chat(5), 20)
+        .await
+        .expect("set");
+    assert!(p.limits.is_empty(), "{p:?}");
+    let got = s.presence(&t.tenant, "a1").await.expect("get");
+    assert_eq!(got.map(|p| p.limits), Some(BTreeMap::new()));
+}
+
 async fn reserve_picks_longest_idle_that_fits(t: TestStore) {
     let s = &t.store;
     let tn = &t.tenant;
@@ -588,6 +614,42 @@ async fn retried_reserve_takes_no_second_slot(t: TestStore) {
             .expect("release"));
     }
     assert!(s.slot_holders(tn, "c1").await.expect("holders").is_empty());
+}
+
+/// A conversation holding a slot with one agent, reserved again for another named agent (a
+/// transfer to that agent), gets that agent, not the one it holds.
+async fn a_retried_reserve_for_a_named_agent_takes_only_that_agent(t: TestStore) {
+    let s = &t.store;
+    let tn = &t.tenant;
+    for (agent, idle) in [("a1", 10), ("a2", 20)] {
+        s.set_presence(tn, agent, true, &[], &chat(3), idle)
+            .await
+            .expect("set");
+    }
+    let r = reserve("c1", &[], &[]);
+    assert_eq!(
+        s.reserve_agent(tn, &r).await.expect("r").as_deref(),
+        Some("a1")
+    );
+    let only = Reserve {
+        only: Some("a2".into()),
+        ..r
+    };
+    assert_eq!(
+        s.reserve_agent(tn, &only).await.expect("r").as_deref(),
+        Some("a2")
+    );
+    // Retried: the slot a2 took, not another.
+    assert_eq!(
+        s.reserve_agent(tn, &only).await.expect("r").as_deref(),
+        Some("a2")
+    );
+    let p = s.presence(tn, "a2").await.expect("get").expect("some");
+    assert_eq!(p.active, chat(1));
+    assert_eq!(
+        s.slot_holders(tn, "c1").await.expect("holders"),
+        ["a1", "a2"]
+    );
 }
 
 async fn release_is_idempotent(t: TestStore) {
@@ -1005,6 +1067,24 @@ async fn expired_conversation_disappears(t: TestStore) {
     );
 }
 
+/// Expiring a conversation that has nothing stored leaves no expiry behind for a conversation
+/// saved later under that id.
+async fn expiring_a_missing_conversation_does_nothing(t: TestStore) {
+    let s = &t.store;
+    let tn = &t.tenant;
+    s.expire_conversation(tn, "c1", Duration::from_millis(200))
+        .await
+        .expect("expire");
+    s.put_conversation(&conversation(tn, "c1"))
+        .await
+        .expect("put");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        s.conversation(tn, "c1").await.expect("get").is_some(),
+        "saved after the expire call: no expiry"
+    );
+}
+
 async fn a_closed_conversation_takes_no_more_entries(t: TestStore) {
     let s = &t.store;
     let tn = &t.tenant;
@@ -1130,7 +1210,9 @@ per_store!(
     presence_and_idle_since,
     reserve_picks_longest_idle_that_fits,
     reserve_for_a_named_agent,
+    presence_keeps_the_agents_own_limits,
     retried_reserve_takes_no_second_slot,
+    a_retried_reserve_for_a_named_agent_takes_only_that_agent,
     release_is_idempotent,
     racing_reserves_respect_capacity,
     queue_order_and_idempotent_enqueue,
@@ -1141,6 +1223,7 @@ per_store!(
     remember_within_ttl,
     refresh_extends_a_key,
     expired_conversation_disappears,
+    expiring_a_missing_conversation_does_nothing,
     a_closed_conversation_takes_no_more_entries,
     a_closed_conversation_reserves_no_agent,
     tenants_are_isolated,
@@ -1243,6 +1326,10 @@ async fn redis_corrupt_data_is_reported() {
     assert!(is_corrupt(
         t.store.presence(&t.tenant, "a1").await.map(|_| ())
     ));
+    // A save over an unreadable record (its version read inside the script).
+    let mut c1 = conversation(&t.tenant, "c1");
+    c1.version = 1;
+    assert!(is_corrupt(t.store.put_conversation(&c1).await.map(|_| ())));
     assert!(is_corrupt(
         t.store
             .reserve_agent(&t.tenant, &reserve("c9", &[], &[]))

@@ -263,6 +263,15 @@ pub struct AgentStateChanged {
 }
 body!(AgentStateChanged);
 
+/// An admin changed the agent's skills or capacity; keyed like its states.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentProfileChanged {
+    pub agent_id: String,
+    pub skills: Vec<String>,
+    pub capacity: BTreeMap<String, i32>,
+}
+body!(AgentProfileChanged);
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentOffered {
     pub offer_id: String,

@@ -312,9 +312,17 @@ impl Admin {
     }
 
     pub async fn post(&self, path: &str, body: Value) -> Value {
+        self.call(reqwest::Method::POST, path, body).await
+    }
+
+    pub async fn patch(&self, path: &str, body: Value) -> Value {
+        self.call(reqwest::Method::PATCH, path, body).await
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
         let r = self
             .http
-            .post(format!("{}/v1/admin{path}", self.url))
+            .request(method.clone(), format!("{}/v1/admin{path}", self.url))
             .bearer_auth(ADMIN)
             .json(&body)
             .send()
@@ -322,7 +330,7 @@ impl Admin {
             .expect("admin request");
         let status = r.status();
         let text = r.text().await.expect("admin body");
-        assert!(status.is_success(), "POST {path}: {status} {text}");
+        assert!(status.is_success(), "{method} {path}: {status} {text}");
         serde_json::from_str(&text).expect("admin json")
     }
 }

@@ -34,14 +34,19 @@ pub async fn get(
     Ok(Json(state.provisioning.agent(&tenant, &id).await?))
 }
 
+/// A change of skills or capacity is published for the routing state after it is saved; if
+/// that publish fails the answer is the error, and the same PATCH again publishes it.
 pub async fn update(
     State(state): State<AppState>,
     Path((tenant, id)): Path<(String, String)>,
     Body(patch): Body<AgentPatch>,
 ) -> Result<Json<Agent>, ApiError> {
-    Ok(Json(
-        state.provisioning.update_agent(&tenant, &id, patch).await?,
-    ))
+    let profile = patch.skills.is_some() || patch.capacity.is_some();
+    let agent = state.provisioning.update_agent(&tenant, &id, patch).await?;
+    if profile {
+        crate::edge::agent::publish_profile(&state, &agent).await?;
+    }
+    Ok(Json(agent))
 }
 
 pub async fn delete(

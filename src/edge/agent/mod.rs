@@ -131,6 +131,22 @@ pub(crate) async fn do_set_state(
     publish(state, e).await
 }
 
+/// An admin's change of the agent's skills or capacity, keyed like its states: the routing
+/// state applies it at once, under whatever caps the agent's last state asked for.
+pub(crate) async fn publish_profile(state: &AppState, agent: &Agent) -> Result<(), ApiError> {
+    let body = ev::AgentProfileChanged {
+        agent_id: agent.id.clone(),
+        skills: agent.skills.clone(),
+        capacity: agent
+            .capacity
+            .iter()
+            .map(|(media, n)| (media.clone(), i32::try_from(*n).unwrap_or(i32::MAX)))
+            .collect(),
+    };
+    let e = event(&body, agent, &agent.id)?;
+    publish(state, e).await
+}
+
 /// Longest not-ready reason code.
 const MAX_REASON_CODE: usize = 64;
 

@@ -34,8 +34,8 @@ use redb::{
 };
 
 use super::{
-    AgentPresence, Appended, Conversation, ConversationState, Entry, NewEntry, Reserve,
-    SessionStore, StoreError, Timer,
+    AgentPresence, Appended, Conversation, ConversationState, Entry, NewEntry, PresenceUpdate,
+    Reserve, SessionStore, StoreError, Timer,
 };
 
 /// File name of the store inside the data directory.
@@ -496,7 +496,8 @@ fn reserve_in(
         if t != tenant || c != conv {
             break;
         }
-        if !r.exclude.iter().any(|x| x == agent) {
+        // A retried reserve gets the agent it took, if that one still fits what is asked.
+        if !r.exclude.iter().any(|x| x == agent) && r.only.as_ref().is_none_or(|o| o == agent) {
             return Ok(Some(agent.to_string()));
         }
     }
@@ -656,6 +657,24 @@ impl SessionStore for EmbeddedStore {
         self.write(move |txn| {
             let now = now_ms();
             purge_expired(txn, &tenant, &id, now)?;
+            // Nothing to expire (as Redis, whose PEXPIRE of a missing key does nothing): an
+            // expiry kept for a conversation saved later would make it vanish early.
+            let key = (tenant.as_str(), id.as_str());
+            let exists = txn
+                .open_table(CONVERSATIONS)
+                .map_err(storage("open conversations"))?
+                .get(key)
+                .map_err(storage("read conversation"))?
+                .is_some()
+                || txn
+                    .open_table(TRANSCRIPT_LEN)
+                    .map_err(storage("open transcript"))?
+                    .get(key)
+                    .map_err(storage("read transcript"))?
+                    .is_some();
+            if !exists {
+                return Ok(());
+            }
             let at = now.saturating_add(ttl_ms(ttl));
             let old = txn
                 .open_table(EXPIRY)
@@ -806,17 +825,20 @@ impl SessionStore for EmbeddedStore {
         .await
     }
 
-    async fn set_presence(
+    async fn update_presence(
         &self,
         tenant: &str,
         agent_id: &str,
-        ready: bool,
-        skills: &[String],
-        capacity: &BTreeMap<String, u32>,
+        update: &PresenceUpdate,
         now_ms: i64,
     ) -> Result<AgentPresence, StoreError> {
         let (tenant, agent_id) = (tenant.to_string(), agent_id.to_string());
-        let (skills, capacity) = (skills.to_vec(), capacity.clone());
+        let PresenceUpdate {
+            ready,
+            skills,
+            capacity,
+            limits,
+        } = update.clone();
         self.write(move |txn| {
             let old = txn
                 .open_table(AGENTS)
@@ -838,6 +860,7 @@ impl SessionStore for EmbeddedStore {
                 capacity,
                 active,
                 idle_since_ms,
+                limits,
             };
             write_agent(txn, &p)?;
             Ok(p)

@@ -258,6 +258,21 @@ pub struct AgentPresence {
     /// Since when the agent is idle: set when it becomes ready, takes a slot or releases a
     /// conversation; the longest idle ready agent is offered first.
     pub idle_since_ms: i64,
+    /// The caps per media the agent asked for in its last state (empty: none).
+    #[serde(default)]
+    pub limits: BTreeMap<String, u32>,
+}
+
+/// What an agent's state sets in its presence.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PresenceUpdate {
+    pub ready: bool,
+    pub skills: Vec<String>,
+    /// What the agent may hold per media: its provisioned capacity under `limits`.
+    pub capacity: BTreeMap<String, u32>,
+    /// The caps the agent asked for itself, kept so that a changed profile is applied under
+    /// them without waiting for the agent's next state.
+    pub limits: BTreeMap<String, u32>,
 }
 
 /// What to look for when reserving an agent for a conversation.
@@ -365,8 +380,17 @@ pub trait SessionStore: Send + Sync + 'static {
     /// How many entries the transcript holds (its last position), without reading them.
     async fn transcript_len(&self, tenant: &str, conversation_id: &str) -> Result<u64, StoreError>;
 
-    /// Sets readiness, skills and capacity; keeps `active`. Becoming ready (or first seen)
-    /// sets `idle_since_ms` to `now_ms`.
+    /// Sets readiness, skills, capacity and limits; keeps `active`. Becoming ready (or first
+    /// seen) sets `idle_since_ms` to `now_ms`.
+    async fn update_presence(
+        &self,
+        tenant: &str,
+        agent_id: &str,
+        update: &PresenceUpdate,
+        now_ms: i64,
+    ) -> Result<AgentPresence, StoreError>;
+
+    /// [`Self::update_presence`] for an agent that asked for no caps of its own.
     async fn set_presence(
         &self,
         tenant: &str,
@@ -375,7 +399,16 @@ pub trait SessionStore: Send + Sync + 'static {
         skills: &[String],
         capacity: &BTreeMap<String, u32>,
         now_ms: i64,
-    ) -> Result<AgentPresence, StoreError>;
+    ) -> Result<AgentPresence, StoreError> {
+        let update = PresenceUpdate {
+            ready,
+            skills: skills.to_vec(),
+            capacity: capacity.clone(),
+            limits: BTreeMap::new(),
+        };
+        self.update_presence(tenant, agent_id, &update, now_ms)
+            .await
+    }
 
     async fn presence(
         &self,

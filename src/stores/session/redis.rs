@@ -32,8 +32,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AgentPresence, Appended, Conversation, ConversationState, Entry, NewEntry, Reserve,
-    SessionStore, StoreError, Timer,
+    AgentPresence, Appended, Conversation, ConversationState, Entry, NewEntry, PresenceUpdate,
+    Reserve, SessionStore, StoreError, Timer,
 };
 
 /// Time to connect; a store that is down fails fast and the caller retries.
@@ -52,7 +52,11 @@ const RECONNECT_RETRIES: usize = 3;
 const PUT_CONVERSATION: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 local v = 0
-if cur then v = tonumber(cjson.decode(cur)['version']) or 0 end
+if cur then
+  local ok, c = pcall(cjson.decode, cur)
+  if not ok or type(c) ~= 'table' then return redis.error_reply('NXCORRUPT conversation record') end
+  v = tonumber(c['version']) or 0
+end
 if v ~= tonumber(ARGV[1]) then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
 if ARGV[3] == '1' then
@@ -122,11 +126,11 @@ local prefix, conv, media = ARGV[1], ARGV[2], ARGV[3]
 local skills = cjson.decode(ARGV[4])
 local excl = {}
 for _, a in ipairs(cjson.decode(ARGV[5])) do excl[a] = true end
+local only = ARGV[7]
 if redis.call('HEXISTS', KEYS[3], 'closed') == 1 then return redis.error_reply('NXCLOSED conversation closed') end
 for _, a in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  if not excl[a] then return a end
+  if not excl[a] and (only == '' or only == a) then return a end
 end
-local only = ARGV[7]
 for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   if not excl[id] and (only == '' or only == id) then
     local key = prefix .. 'agent:' .. id
@@ -206,6 +210,8 @@ struct Profile {
     ready: bool,
     skills: Vec<String>,
     capacity: BTreeMap<String, u32>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    limits: BTreeMap<String, u32>,
 }
 
 struct Scripts {
@@ -398,6 +404,7 @@ fn parse_presence(
         capacity: profile.capacity,
         active,
         idle_since_ms: idle as i64,
+        limits: profile.limits,
     }))
 }
 
@@ -532,19 +539,19 @@ impl SessionStore for RedisStore {
         Ok(out)
     }
 
-    async fn set_presence(
+    async fn update_presence(
         &self,
         tenant: &str,
         agent_id: &str,
-        ready: bool,
-        skills: &[String],
-        capacity: &BTreeMap<String, u32>,
+        update: &PresenceUpdate,
         now_ms: i64,
     ) -> Result<AgentPresence, StoreError> {
+        let ready = update.ready;
         let profile = serde_json::to_string(&Profile {
             ready,
-            skills: skills.to_vec(),
-            capacity: capacity.clone(),
+            skills: update.skills.clone(),
+            capacity: update.capacity.clone(),
+            limits: update.limits.clone(),
         })
         .map_err(|e| corrupt("agent profile", e))?;
         let (score, fields): (String, Vec<(String, String)>) = self

@@ -16,7 +16,7 @@ use crate::events::chat::{self as ev, Channel, ClientEventKind, ParticipantKind}
 use crate::events::Event;
 use crate::stores::session::{
     customer_mark, Appended, Conversation, ConversationState, Entry, EntryKind, NewEntry, Party,
-    PartyKind, Reserve, Routing, StoreError, Timer,
+    PartyKind, PresenceUpdate, Reserve, Routing, StoreError, Timer,
 };
 
 pub(crate) const OFFER_TIMER: &str = "offer";
@@ -94,6 +94,22 @@ fn created_before(conversation_id: &str, at_ms: i64) -> bool {
                 .saturating_add(i64::from(nanos / 1_000_000));
             ms < at_ms
         })
+}
+
+/// The provisioned capacity per media, each lowered to the agent's own cap where it set one:
+/// a state may lower it, never raise it (edges check that; an event ingested by other means
+/// is held to it here).
+fn under_limits(
+    capacity: &BTreeMap<String, u32>,
+    limits: &BTreeMap<String, u32>,
+) -> BTreeMap<String, u32> {
+    capacity
+        .iter()
+        .map(|(media, max)| {
+            let n = limits.get(media).map_or(*max, |cap| (*cap).min(*max));
+            (media.clone(), n)
+        })
+        .collect()
 }
 
 fn party_kind(k: ParticipantKind) -> PartyKind {
@@ -683,6 +699,16 @@ impl ConversationWorker {
         Ok(ready.then(|| target.clone()))
     }
 
+    /// Whether the agent is still provisioned.
+    async fn agent_exists(&self, tenant: &str, agent: &str) -> Result<bool, HandleError> {
+        let profile = self
+            .directory
+            .agent(tenant, agent)
+            .await
+            .map_err(directory_failed)?;
+        Ok(profile.is_some())
+    }
+
     /// Whether the agent is ready with a chat capacity above zero (full or not).
     async fn takes_chats(&self, tenant: &str, agent: &str) -> Result<bool, HandleError> {
         Ok(self
@@ -941,6 +967,20 @@ impl ConversationWorker {
             };
             return self.agent_joins(&c, e, &b, role).await;
         }
+        let offered = is_consult_offer(&c, &b.agent_id, &b.offer_id)
+            || (c.offered_to.as_deref() == Some(b.agent_id.as_str())
+                && c.routing.offer_id.as_deref() == Some(b.offer_id.as_str()));
+        if offered && !self.agent_exists(&c.tenant_id, &b.agent_id).await? {
+            // Deleted, accepting with a token an edge still had cached: the chat does not go
+            // to a desk nobody will answer again; the offer lapses to the next agent.
+            info!(conversation_id = %c.conversation_id, agent = %b.agent_id, "an accept by a deleted agent; the offer lapses");
+            let closed = json!({"type": "offer_closed", "conversation_id": c.conversation_id,
+                "offer_id": b.offer_id, "reason": "agent_deleted"});
+            let client = notify::to_agent(&b.agent_id, ClientEventKind::OfferClosed, closed);
+            return self
+                .emit(DELIVERY_TOPIC, e, &c.conversation_id, "client", &client)
+                .await;
+        }
         if is_consult_offer(&c, &b.agent_id, &b.offer_id) {
             return self.join_consultant(c, e, b).await;
         }
@@ -1053,15 +1093,14 @@ impl ConversationWorker {
         let Some(p) = presence.filter(|p| p.ready) else {
             return Ok(());
         };
+        let update = PresenceUpdate {
+            ready: false,
+            skills: p.skills,
+            capacity: p.capacity,
+            limits: p.limits,
+        };
         self.store
-            .set_presence(
-                tenant,
-                agent,
-                false,
-                &p.skills,
-                &p.capacity,
-                e.envelope.occurred_at_ms,
-            )
+            .update_presence(tenant, agent, &update, e.envelope.occurred_at_ms)
             .await
             .map(|_| ())
             .map_err(store_failed)
@@ -1848,28 +1887,73 @@ impl ConversationWorker {
                 .push_agent_state(e, &b.agent_id, false, None, &BTreeMap::new())
                 .await;
         };
-        let mut capacity = profile.capacity.clone();
-        // A state may lower the provisioned capacity, never raise it (edges check it; an event
-        // ingested by other means is held to it here).
-        for (media, n) in &b.capacity {
-            if let Some(max) = capacity.get_mut(media) {
-                *max = (*max).min(u32::try_from(*n).unwrap_or(0));
-            }
-        }
-        let ready = b.state == ev::AgentState::Ready;
+        let limits: BTreeMap<String, u32> = b
+            .capacity
+            .iter()
+            .map(|(media, n)| (media.clone(), u32::try_from(*n).unwrap_or(0)))
+            .collect();
+        let update = PresenceUpdate {
+            ready: b.state == ev::AgentState::Ready,
+            capacity: under_limits(&profile.capacity, &limits),
+            skills: profile.skills,
+            limits,
+        };
         self.store
-            .set_presence(
-                tenant,
-                &b.agent_id,
-                ready,
-                &profile.skills,
-                &capacity,
-                e.envelope.occurred_at_ms,
-            )
+            .update_presence(tenant, &b.agent_id, &update, e.envelope.occurred_at_ms)
             .await
             .map_err(store_failed)?;
-        info!(agent = %b.agent_id, ready, reason = ?b.reason_code, "agent state");
-        self.push_agent_state(e, &b.agent_id, ready, b.reason_code.as_deref(), &capacity)
+        info!(agent = %b.agent_id, ready = update.ready, reason = ?b.reason_code, "agent state");
+        self.push_agent_state(
+            e,
+            &b.agent_id,
+            update.ready,
+            b.reason_code.as_deref(),
+            &update.capacity,
+        )
+        .await
+    }
+
+    /// An admin changed the agent's skills or capacity: applied to its presence at once,
+    /// readiness untouched (ordered with the agent's states by the agent key). The profile is
+    /// read now, so of several changes the last one saved wins whatever order they came in.
+    pub(super) async fn on_agent_profile(&self, e: &Event, b: ev::AgentProfileChanged) -> Step {
+        let tenant = &e.envelope.tenant_id;
+        let profile = self
+            .directory
+            .agent(tenant, &b.agent_id)
+            .await
+            .map_err(directory_failed)?;
+        let Some(profile) = profile else {
+            // Deleted since: the delete's own not-ready state takes care of it.
+            return Ok(());
+        };
+        let presence = self
+            .store
+            .presence(tenant, &b.agent_id)
+            .await
+            .map_err(store_failed)?;
+        let Some(p) = presence else {
+            // Never signed in: its first state reads the profile.
+            return Ok(());
+        };
+        let update = PresenceUpdate {
+            ready: p.ready,
+            capacity: under_limits(&profile.capacity, &p.limits),
+            skills: profile.skills,
+            limits: p.limits,
+        };
+        if update.skills == p.skills && update.capacity == p.capacity {
+            return Ok(());
+        }
+        self.store
+            .update_presence(tenant, &b.agent_id, &update, e.envelope.occurred_at_ms)
+            .await
+            .map_err(store_failed)?;
+        info!(agent = %b.agent_id, "agent profile applied");
+        // The desk shows its capacity; a larger one is offered queued chats by the queue's
+        // next dispatch, as after the agent's own ready.
+        let reason = None;
+        self.push_agent_state(e, &b.agent_id, p.ready, reason, &update.capacity)
             .await
     }
 
@@ -1901,7 +1985,7 @@ impl ConversationWorker {
             // One source, several conversations: each one's events get ids of their own.
             let what = format!("hand-back/{id}");
             if c.agent_id.as_deref() == me {
-                let Some(queue) = c.queue_id.clone() else {
+                let Some(queue) = self.hand_back_queue(&c).await? else {
                     continue;
                 };
                 // A consult in progress would refuse the transfer: its consultant leaves
@@ -1947,6 +2031,30 @@ impl ConversationWorker {
             }
         }
         Ok(())
+    }
+
+    /// Where a deleted agent's conversation goes back to: its queue or, if that queue was
+    /// deleted since, the queue its routing rule gives it now (a rule never names a deleted
+    /// queue); with no rule either, its queue, whose transfer is refused (it stays).
+    async fn hand_back_queue(&self, c: &Conversation) -> Result<Option<String>, HandleError> {
+        let tenant = &c.tenant_id;
+        if let Some(queue) = &c.queue_id {
+            let exists = self
+                .directory
+                .queue_exists(tenant, queue)
+                .await
+                .map_err(directory_failed)?;
+            if exists {
+                return Ok(Some(queue.clone()));
+            }
+        }
+        let rules = self
+            .directory
+            .routing_rules(tenant)
+            .await
+            .map_err(directory_failed)?;
+        let routed = directory::route(&rules, &c.channel, &c.user_data).map(|r| r.queue_id.clone());
+        Ok(routed.or_else(|| c.queue_id.clone()))
     }
 
     /// Tells an agent's desks the state applied (another tab's change, or one the system set).

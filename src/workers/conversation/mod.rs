@@ -143,6 +143,7 @@ impl Handler for ConversationWorker {
                 }
             }
             chat::AgentStateChanged::TYPE => self.on_agent_state(event, body(event)?).await,
+            chat::AgentProfileChanged::TYPE => self.on_agent_profile(event, body(event)?).await,
             chat::AgentOffered::TYPE => self.on_offered(event, body(event)?).await,
             chat::AgentAccepted::TYPE => self.on_accepted(event, body(event)?).await,
             chat::AgentRejected::TYPE => self.on_rejected(event, body(event)?).await,

@@ -100,6 +100,16 @@ impl Rig {
         Event::typed(body, &self.tenant, CONVERSATION, "test").expect("event")
     }
 
+    /// The saved record, or `fresh` if there is none yet.
+    async fn record_or(&self, fresh: Conversation) -> Conversation {
+        let saved = self
+            .store
+            .conversation(&self.tenant, CONVERSATION)
+            .await
+            .expect("load");
+        saved.unwrap_or(fresh)
+    }
+
     async fn record(&self) -> Conversation {
         self.store
             .conversation(&self.tenant, CONVERSATION)
@@ -847,9 +857,10 @@ async fn a_late_consult_invitation_gets_its_whole_timeout() {
         .filter(|e| e.envelope.event_type == chat::AgentRejected::TYPE)
         .count();
     assert_eq!(timed_out, 0, "the current invitation was timed out");
+    // At its time, or 1 ms after when that time is the lease the claim set (`timers::moved`).
     assert_eq!(
         rig.store
-            .claim_due(flow::CONSULT_TIMER, at, 10)
+            .claim_due(flow::CONSULT_TIMER, at + 1, 10)
             .await
             .expect("claim"),
         vec![timer],
@@ -968,4 +979,186 @@ async fn a_queue_entry_of_an_expired_conversation_is_removed() {
         .await
         .expect("waiting");
     assert_eq!(waiting, [arriving.clone(), CONVERSATION.to_string()]);
+}
+
+/// A changed profile is applied to a signed-in agent at once, under the cap the agent set
+/// itself, keeping its readiness and idle time; a state without a cap then gives the full
+/// capacity.
+#[tokio::test]
+async fn a_changed_profile_applies_under_the_agents_own_cap() {
+    let rig = rig().await;
+    let chats = |n: u32| BTreeMap::from([(CHAT_MEDIA.to_string(), n)]);
+    let id = rig
+        .provisioning
+        .create_agent(
+            &rig.tenant,
+            NewAgent {
+                name: "Lea".into(),
+                skills: vec!["en".into()],
+                capacity: chats(2),
+            },
+        )
+        .await
+        .expect("agent")
+        .agent
+        .id;
+    let state = |capacity: BTreeMap<String, i32>| chat::AgentStateChanged {
+        agent_id: id.clone(),
+        state: chat::AgentState::Ready,
+        reason_code: None,
+        capacity,
+    };
+    let apply_state = |b: chat::AgentStateChanged| async {
+        let event = Event::typed(&b, &rig.tenant, &id, "test").expect("event");
+        rig.worker.on_agent_state(&event, b).await.expect("state");
+    };
+    let apply_profile = || async {
+        let b = chat::AgentProfileChanged {
+            agent_id: id.clone(),
+            skills: Vec::new(),
+            capacity: BTreeMap::new(),
+        };
+        let event = Event::typed(&b, &rig.tenant, &id, "test").expect("event");
+        rig.worker
+            .on_agent_profile(&event, b)
+            .await
+            .expect("profile");
+    };
+    let presence = || async {
+        rig.store
+            .presence(&rig.tenant, &id)
+            .await
+            .expect("presence")
+            .expect("signed in")
+    };
+    apply_state(state(BTreeMap::from([(CHAT_MEDIA.to_string(), 1)]))).await;
+    let before = presence().await;
+    assert_eq!((before.ready, before.capacity.clone()), (true, chats(1)));
+    let patch = crate::stores::provisioning::AgentPatch {
+        skills: Some(vec!["en".into(), "fr".into()]),
+        capacity: Some(chats(5)),
+        ..Default::default()
+    };
+    rig.provisioning
+        .update_agent(&rig.tenant, &id, patch)
+        .await
+        .expect("patch");
+    apply_profile().await;
+    let p = presence().await;
+    assert_eq!(p.skills, ["en", "fr"]);
+    assert_eq!(p.capacity, chats(1), "the agent's own cap holds");
+    assert_eq!((p.ready, p.idle_since_ms), (true, before.idle_since_ms));
+    apply_state(state(BTreeMap::new())).await;
+    assert_eq!(presence().await.capacity, chats(5));
+    let patch = crate::stores::provisioning::AgentPatch {
+        capacity: Some(chats(3)),
+        ..Default::default()
+    };
+    rig.provisioning
+        .update_agent(&rig.tenant, &id, patch)
+        .await
+        .expect("patch");
+    apply_profile().await;
+    assert_eq!(presence().await.capacity, chats(3));
+}
+
+/// A deleted agent's conversation whose queue was deleted since goes to the queue its routing
+/// rule gives it now.
+#[tokio::test]
+async fn a_deleted_agents_conversation_of_a_deleted_queue_goes_where_its_rule_says() {
+    use crate::stores::provisioning::{NewQueue, NewRoutingRule};
+    let rig = rig().await;
+    let queue = rig
+        .provisioning
+        .create_queue(
+            &rig.tenant,
+            NewQueue {
+                name: "Sales".into(),
+            },
+        )
+        .await
+        .expect("queue")
+        .id;
+    let rule = NewRoutingRule {
+        channel: "WEB_CHAT".into(),
+        attributes: BTreeMap::new(),
+        queue_id: queue.clone(),
+        required_skills: Vec::new(),
+        priority: 0,
+        bot_id: None,
+    };
+    rig.provisioning
+        .create_routing_rule(&rig.tenant, rule)
+        .await
+        .expect("rule");
+    // Its queue `q1` is not provisioned: deleted since.
+    rig.connect_alice().await;
+    let state = chat::AgentStateChanged {
+        agent_id: "alice".into(),
+        state: chat::AgentState::NotReady,
+        reason_code: None,
+        capacity: BTreeMap::new(),
+    };
+    let event = Event::typed(&state, &rig.tenant, "alice", "test").expect("event");
+    rig.worker
+        .on_agent_state(&event, state)
+        .await
+        .expect("applied");
+    let targets: Vec<String> = rig
+        .events(AGENT_TOPIC)
+        .await
+        .iter()
+        .filter(|e| e.envelope.event_type == chat::TransferRequested::TYPE)
+        .map(|e| {
+            let b: chat::TransferRequested = e.body_as().expect("body");
+            b.target_id
+        })
+        .collect();
+    assert_eq!(targets, [queue]);
+}
+
+/// An accept by an agent deleted meanwhile (its token still cached by an edge) does not
+/// connect the chat: the agent is told the offer closed, the offer lapses as any unanswered
+/// one. A provisioned agent's accept of the same offer connects.
+#[tokio::test]
+async fn an_accept_by_a_deleted_agent_does_not_connect() {
+    let rig = rig().await;
+    rig.create_interaction_topic().await;
+    let bob = rig.agent("Bob").await;
+    for (agent, connects) in [("ghost", false), (bob.as_str(), true)] {
+        let mut offered = rig.record_or(connected(&rig.tenant)).await;
+        offered.state = ConversationState::Offered;
+        offered.agent_id = None;
+        offered.offered_to = Some(agent.into());
+        offered.routing.offer_id = Some(format!("offer-{agent}"));
+        assert!(rig.store.put_conversation(&offered).await.expect("put"));
+        let accepted = chat::AgentAccepted {
+            offer_id: format!("offer-{agent}"),
+            agent_id: agent.into(),
+            participant_id: agent.into(),
+            nickname: agent.into(),
+        };
+        let event = rig.event(&accepted);
+        rig.worker
+            .on_accepted(&event, accepted)
+            .await
+            .expect("applied");
+        let c = rig.record().await;
+        let told = rig
+            .events(DELIVERY_TOPIC)
+            .await
+            .iter()
+            .filter_map(|e| e.body_as::<chat::ClientEvent>().ok())
+            .any(|c| c.data.contains("agent_deleted") && c.to_agents.iter().any(|a| a == agent));
+        if connects {
+            assert_eq!(
+                (c.state, c.agent_id.as_deref()),
+                (ConversationState::Connected, Some(agent))
+            );
+            assert!(!told);
+        } else {
+            assert_eq!((c.state, c.agent_id), (ConversationState::Offered, None));
+            assert!(told, "the deleted agent's desk is told the offer closed");
+        }
+    }
 }
