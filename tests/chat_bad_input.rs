@@ -1082,15 +1082,15 @@ async fn v3_bodies_are_validated_before_anything_is_published() {
         )
         .await;
     }
-    let body = fx
-        .accepted(
-            "transcript from the last position",
-            transcript("from=18446744073709551615"),
-            200,
-            (0, 0),
-        )
-        .await;
-    assert_eq!(body["messages"], json!([]));
+    // A page from past the transcript's end (here the largest position, which must not
+    // overflow) is refused, as a stream from there is below.
+    fx.rejected(
+        "transcript from the last position",
+        transcript("from=18446744073709551615"),
+        400,
+        "INVALID_POSITION",
+    )
+    .await;
 
     // A stream from a position past the transcript's end (here the largest, which must not
     // overflow) is refused: it would skip the live entries up to it.
@@ -3244,4 +3244,100 @@ async fn a_read_receipt_past_the_end_is_refused_on_v3_and_read_all_on_v2() {
         }
     }
     assert_eq!(positions, [Some(2)]);
+}
+
+/// Reading a transcript from past its end: v3 (customer, as the agent and bot pages share it)
+/// refuses it as its streams do; v2 answers the position after the last entry, so the next
+/// refresh gets what lies before the position asked for.
+#[tokio::test]
+async fn a_transcript_read_past_the_end_is_refused_on_v3_and_moved_back_on_v2() {
+    let mut fx = fixture().await;
+    let key = fx.a.key.clone();
+    let (c, _) = chat_with_entries(&fx, &key, &[EntryKind::Message, EntryKind::Message]).await;
+    let get = |from: &str| {
+        v3_req(
+            "GET",
+            &format!("messages?from={from}"),
+            &c.id,
+            Some(&key),
+            Some(&c.ck),
+            None,
+        )
+    };
+    for from in ["4", "50", "18446744073709551615"] {
+        fx.rejected(
+            &format!("v3 messages from {from}"),
+            get(from),
+            400,
+            "INVALID_POSITION",
+        )
+        .await;
+    }
+    // The position after the last entry is where a caught-up reader stands.
+    let (status, body) = call(&fx.state, get("3")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (
+            body["messages"].as_array().map(Vec::len),
+            &body["next_position"]
+        ),
+        (Some(0), &json!(3))
+    );
+    let form = format!(
+        "secureKey={}&userId={}&alias=nexus&transcriptPosition=50",
+        c.ck, c.pid
+    );
+    let (status, body) = call(&fx.state, v2_req(&c.id, "refresh", Some(&key), &form)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["nextPosition"], 3, "{body}");
+}
+
+/// A wrong method or a path no route has answers in the API's own error shape: v2's under the
+/// v2 prefix (a v2 client reads `statusCode`), the JSON error elsewhere.
+#[tokio::test]
+async fn wrong_methods_and_paths_answer_in_each_apis_shape() {
+    let mut fx = fixture().await;
+    let (key, s1) = (fx.a.key.clone(), fx.a.s1.clone());
+    let v2 = |method: &str, suffix: &str| {
+        rq(
+            method,
+            &format!("/genesys/2/chat/customer-support/{}/{suffix}", s1.id),
+            &[
+                ("x-api-key", &key),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+            None,
+        )
+    };
+    for (what, req, status, code) in [
+        (
+            "v2 GET of an operation",
+            v2("GET", "send"),
+            405,
+            "METHOD_NOT_ALLOWED",
+        ),
+        (
+            "v2 path with a tail",
+            v2("POST", "send/more"),
+            404,
+            "NOT_FOUND",
+        ),
+    ] {
+        let body = fx.rejected(what, req, status, code).await;
+        assert_eq!(body["statusCode"], 2, "{what}: {body}");
+        assert_eq!(body["chatEnded"], false, "{what}: {body}");
+    }
+    let v3 = rq(
+        "PUT",
+        &format!("/nexus/v3/chat/sessions/{}/messages", s1.id),
+        &[("x-api-key", &key), ("x-nexus-client-key", &s1.ck)],
+        None,
+    );
+    let body = fx
+        .rejected("v3 PUT of messages", v3, 405, "METHOD_NOT_ALLOWED")
+        .await;
+    assert!(body.get("statusCode").is_none(), "{body}");
+    let agent = rq("DELETE", "/v1/agent/me", &[], None);
+    fx.rejected("agent DELETE of me", agent, 405, "METHOD_NOT_ALLOWED")
+        .await;
 }

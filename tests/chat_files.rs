@@ -601,6 +601,18 @@ async fn expired_files_answer_410_free_their_place_and_are_swept() {
     let first = ids[0].clone();
     let (bytes, _, _) = download(s, customer_get(k, &s1.id, &s1.ck, &first)).await;
     assert_eq!(bytes, b"hello");
+    // An upload under a client message id, in the other session: retried after it expired.
+    let s2 = &fx.s2;
+    let named = || {
+        let body = multipart(&[
+            ("message_id", None, None, b"m-late"),
+            ("file", Some("late.txt"), Some("text/plain"), b"late"),
+        ]);
+        upload_req(k, s2, &s2.ck, body)
+    };
+    let (status, body) = call(s, named()).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let named_id = body["file_id"].as_str().expect("file_id").to_string();
     fx.rejected("full", up("more.txt"), 400, "LIMIT_FILE_COUNT")
         .await;
 
@@ -653,6 +665,26 @@ async fn expired_files_answer_410_free_their_place_and_are_swept() {
         StatusCode::CREATED,
         "expired files take no place: {body}"
     );
+    common::chat::eventually(
+        Duration::from_secs(20),
+        "the named upload expires",
+        || async {
+            let (status, _) = call(s, customer_get(k, &s2.id, &s2.ck, &named_id)).await;
+            (status == StatusCode::GONE).then_some(())
+        },
+    )
+    .await;
+    // The retry of an expired, not yet swept upload stores it again (not the download's 410,
+    // which would turn to a new store once the sweeper ran).
+    let (status, body) = call(s, named()).await;
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "retry of an expired upload: {body}"
+    );
+    assert_eq!(body["file_id"], named_id.as_str());
+    let (bytes, _, _) = download(s, customer_get(k, &s2.id, &s2.ck, &named_id)).await;
+    assert_eq!(bytes, b"late");
 
     // The sweeper deletes the rows (and so the bytes); the metric counts them; the ids still
     // answer FILE_EXPIRED rather than FILE_NOT_FOUND.

@@ -501,6 +501,57 @@ async fn presence_keeps_the_agents_own_limits(t: TestStore) {
     assert_eq!(got.map(|p| p.limits), Some(BTreeMap::new()));
 }
 
+/// A changed profile sets skills and capacity (under the agent's own limits) and nothing else:
+/// readiness, idle time and held slots stay.
+async fn a_profile_applies_without_touching_readiness(t: TestStore) {
+    let s = &t.store;
+    let tn = &t.tenant;
+    let none = s
+        .apply_profile(tn, "nobody", &skills(&["en"]), &chat(3))
+        .await
+        .expect("apply");
+    assert_eq!(none, None, "an agent never seen gets no presence");
+    let update = PresenceUpdate {
+        ready: true,
+        skills: skills(&["en"]),
+        capacity: chat(2),
+        limits: chat(2),
+    };
+    s.update_presence(tn, "a1", &update, 10).await.expect("set");
+    s.reserve_agent(tn, &reserve("c1", &[], &[]))
+        .await
+        .expect("reserve");
+    let before = s.presence(tn, "a1").await.expect("get").expect("some");
+    s.set_presence(tn, "a1", false, &before.skills, &before.capacity, 20)
+        .await
+        .expect("not ready");
+    let p = s
+        .apply_profile(tn, "a1", &skills(&["en", "fr"]), &chat(5))
+        .await
+        .expect("apply")
+        .expect("present");
+    assert_eq!(p.skills, skills(&["en", "fr"]));
+    assert_eq!(p.capacity, chat(5), "the not-ready state set no limits");
+    assert!(!p.ready, "stays not ready");
+    assert_eq!(
+        (p.active.clone(), p.idle_since_ms),
+        (chat(1), before.idle_since_ms)
+    );
+    s.update_presence(tn, "a1", &update, 30)
+        .await
+        .expect("ready with a limit");
+    let p = s
+        .apply_profile(tn, "a1", &skills(&["en"]), &chat(5))
+        .await
+        .expect("apply")
+        .expect("present");
+    assert_eq!((p.capacity, p.ready), (chat(2), true), "under the limit");
+    assert_eq!(
+        s.presence(tn, "a1").await.expect("get").map(|p| p.skills),
+        Some(skills(&["en"]))
+    );
+}
+
 async fn reserve_picks_longest_idle_that_fits(t: TestStore) {
     let s = &t.store;
     let tn = &t.tenant;
@@ -1211,6 +1262,7 @@ per_store!(
     reserve_picks_longest_idle_that_fits,
     reserve_for_a_named_agent,
     presence_keeps_the_agents_own_limits,
+    a_profile_applies_without_touching_readiness,
     retried_reserve_takes_no_second_slot,
     a_retried_reserve_for_a_named_agent_takes_only_that_agent,
     release_is_idempotent,
@@ -1330,12 +1382,20 @@ async fn redis_corrupt_data_is_reported() {
     let mut c1 = conversation(&t.tenant, "c1");
     c1.version = 1;
     assert!(is_corrupt(t.store.put_conversation(&c1).await.map(|_| ())));
-    assert!(is_corrupt(
+    // A reserve passes over the unreadable agent to one that fits (one agent's damaged
+    // record must not stop the tenant's routing).
+    t.store
+        .set_presence(&t.tenant, "a2", true, &[], &chat(1), 5)
+        .await
+        .expect("presence");
+    assert_eq!(
         t.store
             .reserve_agent(&t.tenant, &reserve("c9", &[], &[]))
             .await
-            .map(|_| ())
-    ));
+            .expect("reserve")
+            .as_deref(),
+        Some("a2")
+    );
     // An unreadable timer among due ones: the others are handed out, the bad one removed
     // (else the whole batch failed, leased, again after every lease).
     let kind = format!("bad-{}", t.tenant);

@@ -35,6 +35,7 @@ pub fn routes() -> Router<AppState> {
             post(send).get(transcript),
         )
         .route("/v1/bot/conversations/{id}/handoff", post(handoff))
+        .method_not_allowed_fallback(crate::edge::error::method_not_allowed)
         .route_layer(axum::middleware::from_fn(crate::edge::path::require_plain))
 }
 

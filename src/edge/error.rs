@@ -122,6 +122,15 @@ impl From<BytesRejection> for ApiError {
     }
 }
 
+/// A method a path does not take answers in the error shape (axum's own 405 has no body).
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "METHOD_NOT_ALLOWED",
+        "this path does not take that method",
+    )
+}
+
 pub async fn not_found() -> ApiError {
     ApiError::not_found("NOT_FOUND", "no such route")
 }

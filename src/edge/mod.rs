@@ -138,7 +138,7 @@ pub fn app(state: AppState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
         .route("/v1/events/{topic}", post(ingest::ingest))
-        .fallback(error::not_found)
+        .fallback(chat::not_found)
         .layer(axum::middleware::from_fn(telemetry::track))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)

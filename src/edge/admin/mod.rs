@@ -127,17 +127,9 @@ pub fn router(state: AppState) -> Router<AppState> {
         )
         // A method a path does not take answers in the error shape too; set before the layers,
         // so the token check still comes first (no path is confirmed to a caller without it).
-        .method_not_allowed_fallback(method_not_allowed)
+        .method_not_allowed_fallback(crate::edge::error::method_not_allowed)
         .route_layer(middleware::from_fn(crate::edge::path::require_plain))
         .route_layer(middleware::from_fn_with_state(state, require_admin))
-}
-
-async fn method_not_allowed() -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "METHOD_NOT_ALLOWED",
-        "this path does not take that method",
-    )
 }
 
 async fn require_admin(

@@ -56,6 +56,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/agent/conversations/{id}/consult", post(consult))
         .route("/v1/agent/conversations/{id}/leave", post(leave))
         .route("/v1/agent/ws", get(ws::websocket))
+        .method_not_allowed_fallback(crate::edge::error::method_not_allowed)
         .route_layer(axum::middleware::from_fn(crate::edge::path::require_plain))
 }
 

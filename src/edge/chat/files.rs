@@ -268,6 +268,24 @@ async fn ensure_room(state: &AppState, c: &Claims) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The file a twin of this upload (same `message_id`, sent at the same time) stored after
+/// this one looked for it: the session is full with it, and the client's retry must not be
+/// told the upload failed while its file went out.
+async fn stored_by_twin(
+    state: &AppState,
+    c: &Claims,
+    stable: Option<&str>,
+) -> Result<Option<ChatFile>, ApiError> {
+    let Some(id) = stable else {
+        return Ok(None);
+    };
+    match state.provisioning.file(&c.tid, &c.sid, id).await {
+        Ok(file) => Ok(Some(file)),
+        Err(ProvisioningError::NotFound(_) | ProvisioningError::Expired(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 pub async fn upload(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -290,10 +308,21 @@ pub async fn upload(
         match state.provisioning.file(&c.tid, &c.sid, id).await {
             Ok(file) => return publish_upload(&state, &c, &headers, file, upload.message_id).await,
             Err(ProvisioningError::NotFound(_)) => {}
+            // Past retention, not yet swept: the retry stores the file again, as it would
+            // once the sweeper took it (answering a download's 410 to an upload would depend
+            // on the sweep's timing).
+            Err(ProvisioningError::Expired(_)) => {
+                state.provisioning.delete_file(&c.tid, &c.sid, id).await?;
+            }
             Err(e) => return Err(e.into()),
         }
     }
-    ensure_room(&state, &c).await?;
+    if let Err(full) = ensure_room(&state, &c).await {
+        return match stored_by_twin(&state, &c, id.as_deref()).await? {
+            Some(file) => publish_upload(&state, &c, &headers, file, upload.message_id).await,
+            None => Err(full),
+        };
+    }
     let new = NewChatFile {
         id,
         tenant_id: c.tid.clone(),
@@ -306,7 +335,10 @@ pub async fn upload(
     let stable = new.id.clone();
     let file = match state.provisioning.put_file(new, max).await {
         Ok(Some(file)) => file,
-        Ok(None) => return Err(too_many(max)),
+        Ok(None) => match stored_by_twin(&state, &c, stable.as_deref()).await? {
+            Some(file) => file,
+            None => return Err(too_many(max)),
+        },
         Err(ProvisioningError::Conflict(detail)) => match stable {
             // The same upload, retried at once, stored it first.
             Some(id) => state.provisioning.file(&c.tid, &c.sid, &id).await?,
@@ -418,6 +450,14 @@ pub(crate) async fn stored_file(
 /// whose id carries no time). Read only for a file that is not there, so a page walk is fine.
 async fn upload_expired(state: &AppState, tenant: &str, conversation: &str, file_id: &str) -> bool {
     const PAGE: usize = 500;
+    // Only a name-based id (UUID v5, from a `message_id`) can be such an upload: any other id
+    // of a missing file is not walked for (a probe with made-up ids would read the whole
+    // transcript each time).
+    let named =
+        uuid::Uuid::parse_str(file_id).is_ok_and(|u| u.get_version() == Some(uuid::Version::Sha1));
+    if !named {
+        return false;
+    }
     let Ok(store) = state.sessions() else {
         return false;
     };

@@ -73,6 +73,7 @@ pub fn routes(max_file_bytes: usize) -> Router<AppState> {
             get(stream::websocket),
         )
         .route("/nexus/v3/chat/sessions/{id}/events", get(stream::sse))
+        .method_not_allowed_fallback(crate::edge::error::method_not_allowed)
         .route_layer(middleware::from_fn(crate::edge::path::require_plain));
     let v2 = Router::new()
         .route("/genesys/2/chat/{service}", post(v2::start))
@@ -81,8 +82,25 @@ pub fn routes(max_file_bytes: usize) -> Router<AppState> {
             "/genesys/2/chat/{service}/{chat_id}/{op}",
             post(v2::operation),
         )
+        .method_not_allowed_fallback(v2_method_not_allowed)
         .route_layer(middleware::from_fn(v2_plain_path));
     v3.merge(v2)
+}
+
+/// v2 clients read every answer in the v2 shape, a wrong method's too.
+async fn v2_method_not_allowed() -> v2::V2Error {
+    v2::V2Error::from(crate::edge::error::method_not_allowed().await)
+}
+
+/// The edge's answer to a path no route has: in the v2 shape under the v2 API's prefix (a
+/// v2 client reads `statusCode`), in the API's error shape elsewhere.
+pub(crate) async fn not_found(uri: axum::http::Uri) -> Response {
+    let e = crate::edge::error::not_found().await;
+    if uri.path().starts_with("/genesys/2/chat/") {
+        v2::V2Error::from(e).into_response()
+    } else {
+        e.into_response()
+    }
 }
 
 async fn v2_plain_path(request: Request, next: Next) -> Response {

@@ -85,6 +85,9 @@ struct KeyCheck {
     tenant: String,
     claims: Claims,
     every: tokio::time::Interval,
+    /// The lookup under way: kept across calls, so one cut short by a push (the caller's
+    /// `select!`) goes on at the next call instead of waiting a whole period again.
+    lookup: Option<futures::future::BoxFuture<'static, Result<String, ApiError>>>,
 }
 
 impl KeyCheck {
@@ -98,16 +101,28 @@ impl KeyCheck {
             tenant,
             claims,
             every,
+            lookup: None,
         }
     }
 
-    /// Resolves with the error the key now gets, once it gets one. Cancel-safe (the interval's
-    /// tick is; a lookup cut short is made again at the next tick). The store being down is no
+    /// Resolves with the error the key now gets, once it gets one. Cancel-safe: the interval's
+    /// tick is, and a lookup cut short resumes at the next call. The store being down is no
     /// reason to end a working stream.
     async fn revoked(&mut self, state: &AppState) -> ApiError {
         loop {
-            self.every.tick().await;
-            match super::chat_tenant(state, &self.headers).await {
+            let lookup = match &mut self.lookup {
+                Some(lookup) => lookup,
+                None => {
+                    self.every.tick().await;
+                    let (state, headers) = (state.clone(), self.headers.clone());
+                    self.lookup.insert(Box::pin(async move {
+                        super::chat_tenant(&state, &headers).await
+                    }))
+                }
+            };
+            let found = lookup.await;
+            self.lookup = None;
+            match found {
                 // The customer is still there either way: an unreachable store must not let
                 // the abandon timer close a chat whose stream is open.
                 Ok(tenant) if tenant == self.tenant => state.presence.seen(state, &self.claims),

@@ -178,13 +178,25 @@ async fn answer(
     // The record first (see v3's `read_transcript`); a poller stops at `chatEnded`, so it is
     // said only once the page holds the transcript's end.
     let closed = super::v3::closed_or_gone(state, &c.tid, &c.sid).await?;
-    let entries = state
-        .sessions()?
+    let store = state.sessions()?;
+    let entries = store
         .transcript(&c.tid, &c.sid, from, V2_PAGE)
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?;
     let ended = closed && entries.len() < V2_PAGE;
-    let next = entries.last().map(|e| e.position + 1).unwrap_or(from);
+    let next = match entries.last() {
+        Some(last) => last.position + 1,
+        // A position past the end goes back to the end (v2 clients know no position error),
+        // so the next refresh gets the entries up to it instead of skipping them.
+        None if from > 1 => {
+            let len = store
+                .transcript_len(&c.tid, &c.sid)
+                .await
+                .map_err(|e| ApiError::unavailable(e.to_string()))?;
+            from.min(len.saturating_add(1))
+        }
+        None => from,
+    };
     let messages = entries.iter().filter_map(v2_message).collect();
     Ok(v2_body(ended, next, messages, extra))
 }

@@ -634,11 +634,28 @@ pub(crate) async fn read_transcript(
     // closed, so an answer saying "ended" holds them, when it is the last page (a full page
     // may have more behind it: "ended" tells a reader to stop reading).
     let closed = closed_or_gone(state, tenant, conversation_id).await?;
-    let entries = state
-        .sessions()?
+    let store = state.sessions()?;
+    let entries = store
         .transcript(tenant, conversation_id, from.max(1), limit)
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    if entries.is_empty() && from > 1 && !closed {
+        // Past the end, as a stream refuses it: a reader going on from there would never get
+        // the entries up to it (the length only grows, so one read after the page is safe).
+        let len = store
+            .transcript_len(tenant, conversation_id)
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        if from > len.saturating_add(1) {
+            return Err(ApiError::bad_request(
+                "INVALID_POSITION",
+                format!(
+                    "position {from} is past the end of the transcript ({len} entries); read \
+                     from the position after the last one received"
+                ),
+            ));
+        }
+    }
     let ended = closed && entries.len() < limit;
     let next = entries
         .last()

@@ -512,7 +512,10 @@ fn reserve_in(
             if k.value().0 != tenant {
                 break;
             }
-            let p = parse_agent(v.value())?;
+            // An unreadable agent takes no offers; it does not stop the tenant's routing.
+            let Ok(p) = parse_agent(v.value()) else {
+                continue;
+            };
             let cap = p.capacity.get(&r.media).copied().unwrap_or(0);
             let active = p.active.get(&r.media).copied().unwrap_or(0);
             let fits = p.ready
@@ -881,6 +884,34 @@ impl SessionStore for EmbeddedStore {
                 .map_err(storage("read agent"))?
                 .map(|v| parse_agent(v.value()))
                 .transpose()
+        })
+        .await
+    }
+
+    async fn apply_profile(
+        &self,
+        tenant: &str,
+        agent_id: &str,
+        skills: &[String],
+        provisioned: &BTreeMap<String, u32>,
+    ) -> Result<Option<AgentPresence>, StoreError> {
+        let (tenant, agent_id) = (tenant.to_string(), agent_id.to_string());
+        let (skills, provisioned) = (skills.to_vec(), provisioned.clone());
+        self.write(move |txn| {
+            let old = txn
+                .open_table(AGENTS)
+                .map_err(storage("open agents"))?
+                .get((tenant.as_str(), agent_id.as_str()))
+                .map_err(storage("read agent"))?
+                .map(|v| parse_agent(v.value()))
+                .transpose()?;
+            let Some(mut p) = old else {
+                return Ok(None);
+            };
+            p.skills = skills;
+            p.capacity = super::under_limits(&provisioned, &p.limits);
+            write_agent(txn, &p)?;
+            Ok(Some(p))
         })
         .await
     }

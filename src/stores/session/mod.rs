@@ -263,6 +263,22 @@ pub struct AgentPresence {
     pub limits: BTreeMap<String, u32>,
 }
 
+/// The provisioned capacity per media, each lowered to the agent's own cap where it set one:
+/// a state may lower it, never raise it (edges check that; an event ingested by other means
+/// is held to it here).
+pub fn under_limits(
+    provisioned: &BTreeMap<String, u32>,
+    limits: &BTreeMap<String, u32>,
+) -> BTreeMap<String, u32> {
+    provisioned
+        .iter()
+        .map(|(media, max)| {
+            let n = limits.get(media).map_or(*max, |cap| (*cap).min(*max));
+            (media.clone(), n)
+        })
+        .collect()
+}
+
 /// What an agent's state sets in its presence.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PresenceUpdate {
@@ -414,6 +430,18 @@ pub trait SessionStore: Send + Sync + 'static {
         &self,
         tenant: &str,
         agent_id: &str,
+    ) -> Result<Option<AgentPresence>, StoreError>;
+
+    /// Sets a present agent's skills, and its capacity to `provisioned` under the agent's own
+    /// limits ([`under_limits`]), in one atomic step that leaves readiness and idle time as
+    /// they are: a not-ready set meanwhile by another handler stays. `None` (nothing written)
+    /// if the agent has no presence.
+    async fn apply_profile(
+        &self,
+        tenant: &str,
+        agent_id: &str,
+        skills: &[String],
+        provisioned: &BTreeMap<String, u32>,
     ) -> Result<Option<AgentPresence>, StoreError>;
 
     /// Atomically picks the longest idle ready agent with the skills and a free slot for the

@@ -115,6 +115,18 @@ end
 return {score, redis.call('HGETALL', KEYS[2])}
 "#;
 
+/// KEYS: agent. ARGV: the profile JSON read, the new one. Writes only over what was read;
+/// returns 1 if it did.
+const SWAP_PROFILE: &str = r#"
+if redis.call('HGET', KEYS[1], 'profile') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'profile', ARGV[2])
+return 1
+"#;
+
+/// How often [`SessionStore::apply_profile`] reads again after another write came between
+/// its read and its write; each such write is an agent's state change, seconds apart.
+const SWAP_ATTEMPTS: usize = 8;
+
 /// KEYS: agents, holder, txids. ARGV: key prefix, conversation, media, skills JSON, excluded
 /// JSON. Returns the agent id or nil; an error `NXCLOSED` once the conversation is saved closed
 /// (its close reads the holders after that save, so a slot taken before is freed by it and none
@@ -137,8 +149,8 @@ for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
     local h = redis.call('HMGET', key, 'profile', 'a:' .. media)
     if h[1] then
       local ok, p = pcall(cjson.decode, h[1])
-      if not ok or type(p) ~= 'table' then return redis.error_reply('NXCORRUPT agent profile') end
-      if p.ready == true then
+      -- An unreadable agent takes no offers; it does not stop the tenant's routing.
+      if ok and type(p) == 'table' and p.ready == true then
         local has = {}
         for _, s in ipairs(p.skills or {}) do has[s] = true end
         local fits = true
@@ -219,6 +231,7 @@ struct Scripts {
     append: Script,
     expire: Script,
     set_presence: Script,
+    swap_profile: Script,
     reserve: Script,
     release: Script,
     enqueue: Script,
@@ -234,6 +247,7 @@ impl Scripts {
             append: Script::new(APPEND),
             expire: Script::new(EXPIRE),
             set_presence: Script::new(SET_PRESENCE),
+            swap_profile: Script::new(SWAP_PROFILE),
             reserve: Script::new(RESERVE),
             release: Script::new(RELEASE),
             enqueue: Script::new(ENQUEUE),
@@ -589,6 +603,44 @@ impl SessionStore for RedisStore {
                 "agent {agent_id} has a record but no idle time"
             ))),
         }
+    }
+
+    async fn apply_profile(
+        &self,
+        tenant: &str,
+        agent_id: &str,
+        skills: &[String],
+        provisioned: &BTreeMap<String, u32>,
+    ) -> Result<Option<AgentPresence>, StoreError> {
+        let key = self.key(tenant, "agent", agent_id);
+        for _ in 0..SWAP_ATTEMPTS {
+            let read: Option<String> =
+                self.conn().hget(&key, "profile").await.map_err(redis_err)?;
+            let Some(read) = read else {
+                return Ok(None);
+            };
+            let mut profile: Profile =
+                serde_json::from_str(&read).map_err(|e| corrupt("agent profile", e))?;
+            profile.skills = skills.to_vec();
+            profile.capacity = super::under_limits(provisioned, &profile.limits);
+            let written =
+                serde_json::to_string(&profile).map_err(|e| corrupt("agent profile", e))?;
+            let swapped: i64 = self
+                .scripts
+                .swap_profile
+                .key(&key)
+                .arg(read)
+                .arg(written)
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(redis_err)?;
+            if swapped == 1 {
+                return self.presence(tenant, agent_id).await;
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "agent {agent_id}: its presence kept changing"
+        )))
     }
 
     async fn reserve_agent(&self, tenant: &str, r: &Reserve) -> Result<Option<String>, StoreError> {

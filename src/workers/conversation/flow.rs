@@ -14,6 +14,7 @@ use super::{
 use crate::bus::consumer::HandleError;
 use crate::events::chat::{self as ev, Channel, ClientEventKind, ParticipantKind};
 use crate::events::Event;
+use crate::stores::session::under_limits;
 use crate::stores::session::{
     customer_mark, Appended, Conversation, ConversationState, Entry, EntryKind, NewEntry, Party,
     PartyKind, PresenceUpdate, Reserve, Routing, StoreError, Timer,
@@ -94,22 +95,6 @@ fn created_before(conversation_id: &str, at_ms: i64) -> bool {
                 .saturating_add(i64::from(nanos / 1_000_000));
             ms < at_ms
         })
-}
-
-/// The provisioned capacity per media, each lowered to the agent's own cap where it set one:
-/// a state may lower it, never raise it (edges check that; an event ingested by other means
-/// is held to it here).
-fn under_limits(
-    capacity: &BTreeMap<String, u32>,
-    limits: &BTreeMap<String, u32>,
-) -> BTreeMap<String, u32> {
-    capacity
-        .iter()
-        .map(|(media, max)| {
-            let n = limits.get(media).map_or(*max, |cap| (*cap).min(*max));
-            (media.clone(), n)
-        })
-        .collect()
 }
 
 fn party_kind(k: ParticipantKind) -> PartyKind {
@@ -907,6 +892,34 @@ impl ConversationWorker {
             }
             return Ok(());
         }
+        // The offer's slot: normally taken by the reserve the offer was made from. A handler
+        // that gave the offer up as stale (waiting too long for the record) frees it while a
+        // retry of the offer's maker, reusing that reservation, may still publish this offer:
+        // taken again here, or, with the agent full by now, the offer is not applied (the
+        // conversation stays queued; its timer offers it again).
+        let holders = self
+            .store
+            .slot_holders(tenant, &c.conversation_id)
+            .await
+            .map_err(store_failed)?;
+        if !holders.contains(&b.agent_id) {
+            let reserve = Reserve {
+                conversation_id: c.conversation_id.clone(),
+                media: CHAT_MEDIA.into(),
+                skills: Vec::new(),
+                exclude: Vec::new(),
+                only: Some(b.agent_id.clone()),
+                now_ms: e.envelope.occurred_at_ms,
+            };
+            match self.store.reserve_agent(tenant, &reserve).await {
+                Ok(Some(_)) => {}
+                Ok(None) | Err(StoreError::Closed(_)) => {
+                    debug!(conversation_id = %c.conversation_id, agent = %b.agent_id, "the offer's slot is gone and the agent is full; not applied");
+                    return Ok(());
+                }
+                Err(e) => return Err(store_failed(e)),
+            }
+        }
         // The agent gets the whole timeout from when the offer reaches it: an offer made from
         // an event that waited in a backlog would otherwise lapse at once (and, with
         // `not_ready_on_lapse`, set an agent who never had a chance not ready).
@@ -945,7 +958,17 @@ impl ConversationWorker {
         let client = notify::to_agent(&b.agent_id, ClientEventKind::Offer, offer);
         self.emit(DELIVERY_TOPIC, e, &c.conversation_id, "client", &client)
             .await?;
-        self.save(&mut c, e).await
+        self.save(&mut c, e).await?;
+        // A queued conversation has nobody in it: any other agent holding a slot for it was
+        // reserved for an offer never made (a publish that failed, then a transfer named
+        // someone else), and would keep that slot until the conversation closes. A dispatch
+        // that reserves one after the read above makes a stale offer, whose handler frees it.
+        for holder in holders {
+            if holder != b.agent_id {
+                self.release(tenant, &holder, e).await?;
+            }
+        }
+        Ok(())
     }
 
     pub(super) async fn on_accepted(&self, e: &Event, b: ev::AgentAccepted) -> Step {
@@ -1927,33 +1950,24 @@ impl ConversationWorker {
             // Deleted since: the delete's own not-ready state takes care of it.
             return Ok(());
         };
-        let presence = self
+        let applied = self
             .store
-            .presence(tenant, &b.agent_id)
+            .apply_profile(tenant, &b.agent_id, &profile.skills, &profile.capacity)
             .await
             .map_err(store_failed)?;
-        let Some(p) = presence else {
+        let Some(p) = applied else {
             // Never signed in: its first state reads the profile.
             return Ok(());
         };
-        let update = PresenceUpdate {
-            ready: p.ready,
-            capacity: under_limits(&profile.capacity, &p.limits),
-            skills: profile.skills,
-            limits: p.limits,
-        };
-        if update.skills == p.skills && update.capacity == p.capacity {
+        info!(agent = %b.agent_id, "agent profile applied");
+        if !p.ready {
+            // Its desk keeps showing the not-ready reason (which presence does not keep); the
+            // capacity comes with the agent's next ready.
             return Ok(());
         }
-        self.store
-            .update_presence(tenant, &b.agent_id, &update, e.envelope.occurred_at_ms)
-            .await
-            .map_err(store_failed)?;
-        info!(agent = %b.agent_id, "agent profile applied");
-        // The desk shows its capacity; a larger one is offered queued chats by the queue's
-        // next dispatch, as after the agent's own ready.
-        let reason = None;
-        self.push_agent_state(e, &b.agent_id, p.ready, reason, &update.capacity)
+        // A larger capacity is offered queued chats by the queue's next dispatch, as after
+        // the agent's own ready.
+        self.push_agent_state(e, &b.agent_id, true, None, &p.capacity)
             .await
     }
 
@@ -1977,14 +1991,18 @@ impl ConversationWorker {
             else {
                 continue;
             };
-            if c.state != ConversationState::Connected {
-                // Offered: the offer lapses to the next agent, as any unanswered offer.
+            let me = Some(agent);
+            // Offered to it: the offer lapses to the next agent, as any unanswered offer. But
+            // an accept it sent before the delete committed may be applied yet (after this
+            // read): the transfer, ordered after that accept on the conversation's partition,
+            // then takes the chat back; if the chat is not connected to it, it is ignored.
+            let offered = c.state == ConversationState::Offered && c.offered_to.as_deref() == me;
+            if c.state != ConversationState::Connected && !offered {
                 continue;
             }
-            let me = Some(agent);
             // One source, several conversations: each one's events get ids of their own.
             let what = format!("hand-back/{id}");
-            if c.agent_id.as_deref() == me {
+            if c.agent_id.as_deref() == me || offered {
                 let Some(queue) = self.hand_back_queue(&c).await? else {
                     continue;
                 };

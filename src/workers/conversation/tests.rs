@@ -1162,3 +1162,145 @@ async fn an_accept_by_a_deleted_agent_does_not_connect() {
         }
     }
 }
+
+/// Applying an offer frees any other agent's slot the queued conversation holds: one reserved
+/// for an offer never made (here: its publish failed, then a transfer named someone else)
+/// would otherwise stay taken until the conversation closes.
+#[tokio::test]
+async fn an_applied_offer_frees_other_reservations() {
+    let rig = rig().await;
+    let mut queued = connected(&rig.tenant);
+    queued.state = ConversationState::Queued;
+    queued.agent_id = None;
+    assert!(rig.store.put_conversation(&queued).await.expect("put"));
+    rig.ready("xavi", true).await;
+    rig.ready("tara", true).await;
+    rig.reserve("xavi").await;
+    rig.reserve("tara").await;
+    assert_eq!(rig.holders().await, ["tara", "xavi"]);
+    let offer = chat::AgentOffered {
+        offer_id: "offer-tara".into(),
+        agent_id: "tara".into(),
+        queue_id: Some("q1".into()),
+        channel: Channel::WebChat,
+        channel_id: None,
+        customer_nickname: "Lou".into(),
+        expires_at: 0,
+        attempt: 1,
+    };
+    let event = rig.event(&offer);
+    rig.worker.on_offered(&event, offer).await.expect("applied");
+    let c = rig.record().await;
+    assert_eq!(
+        (c.state, c.offered_to.as_deref()),
+        (ConversationState::Offered, Some("tara"))
+    );
+    assert_eq!(rig.holders().await, ["tara"]);
+    let xavi = rig.store.presence(&rig.tenant, "xavi").await.expect("get");
+    assert_eq!(
+        xavi.map(|p| p.active),
+        Some(BTreeMap::new()),
+        "xavi's slot is free"
+    );
+}
+
+/// A deleted agent's chat that is only offered to it is handed back too: an accept it sent
+/// before the delete committed may still be applied, and the transfer, ordered after it,
+/// takes the chat back.
+#[tokio::test]
+async fn a_deleted_agents_offered_chat_is_handed_back() {
+    let rig = rig().await;
+    let mut offered = connected(&rig.tenant);
+    offered.state = ConversationState::Offered;
+    offered.agent_id = None;
+    offered.offered_to = Some("alice".into());
+    offered.routing.offer_id = Some("offer-alice".into());
+    assert!(rig.store.put_conversation(&offered).await.expect("put"));
+    rig.ready("alice", true).await;
+    rig.reserve("alice").await;
+    let state = chat::AgentStateChanged {
+        agent_id: "alice".into(),
+        state: chat::AgentState::NotReady,
+        reason_code: None,
+        capacity: BTreeMap::new(),
+    };
+    let event = Event::typed(&state, &rig.tenant, "alice", "test").expect("event");
+    rig.worker
+        .on_agent_state(&event, state)
+        .await
+        .expect("applied");
+    let back: Vec<chat::TransferRequested> = rig
+        .events(AGENT_TOPIC)
+        .await
+        .iter()
+        .filter(|e| e.envelope.conversation_id == CONVERSATION)
+        .filter_map(|e| e.body_as().ok())
+        .collect();
+    assert_eq!(back.len(), 1, "{back:?}");
+    assert_eq!(
+        (back[0].agent_id.as_str(), back[0].target_id.as_str()),
+        ("alice", "q1")
+    );
+}
+
+/// An offer whose slot was freed (given up as stale while its maker's retry still published
+/// it) takes the slot again when it applies, or is not applied when the agent is full: the
+/// agent is never offered more than its capacity.
+#[tokio::test]
+async fn an_offer_without_its_slot_takes_one_or_is_not_applied() {
+    let rig = rig().await;
+    let mut queued = connected(&rig.tenant);
+    queued.state = ConversationState::Queued;
+    queued.agent_id = None;
+    assert!(rig.store.put_conversation(&queued).await.expect("put"));
+    rig.ready("tara", true).await;
+    // Tara's one slot is another conversation's.
+    let other = Reserve {
+        conversation_id: "0193a4b2-0000-7000-8000-0000000000aa".into(),
+        media: CHAT_MEDIA.into(),
+        skills: Vec::new(),
+        exclude: Vec::new(),
+        only: Some("tara".into()),
+        now_ms: 2,
+    };
+    let got = rig.store.reserve_agent(&rig.tenant, &other).await;
+    assert_eq!(got.expect("reserve").as_deref(), Some("tara"));
+    let offer = |attempt: i32| chat::AgentOffered {
+        offer_id: format!("offer-tara-{attempt}"),
+        agent_id: "tara".into(),
+        queue_id: Some("q1".into()),
+        channel: Channel::WebChat,
+        channel_id: None,
+        customer_nickname: "Lou".into(),
+        expires_at: 0,
+        attempt,
+    };
+    let event = rig.event(&offer(1));
+    rig.worker
+        .on_offered(&event, offer(1))
+        .await
+        .expect("handled");
+    assert_eq!(rig.record().await.state, ConversationState::Queued, "full");
+    assert!(rig.holders().await.is_empty());
+    // Once the other conversation frees it, the same offer takes the slot and applies.
+    rig.store
+        .release_agent(&rig.tenant, "tara", CHAT_MEDIA, &other.conversation_id, 3)
+        .await
+        .expect("release");
+    let event = rig.event(&offer(1));
+    rig.worker
+        .on_offered(&event, offer(1))
+        .await
+        .expect("applied");
+    let c = rig.record().await;
+    assert_eq!(
+        (c.state, c.offered_to.as_deref()),
+        (ConversationState::Offered, Some("tara"))
+    );
+    assert_eq!(rig.holders().await, ["tara"]);
+    let tara = rig.store.presence(&rig.tenant, "tara").await.expect("get");
+    assert_eq!(
+        tara.map(|p| p.active),
+        Some(BTreeMap::from([(CHAT_MEDIA.to_string(), 1)]))
+    );
+}

@@ -143,14 +143,17 @@ async fn fire(worker: &ConversationWorker, timer: &Timer, now: i64) -> Result<()
                 .map_err(|e| HandleError::Retry(e.to_string()))?;
         }
         QUEUED_TIMER if c.state == ConversationState::Queued => {
-            // A synthetic source: the offer it may publish gets an id from the offer itself.
+            // A synthetic source whose id names this wait (the conversation and its offers so
+            // far): a firing again, or a replay, publishes the same offers under the same ids.
+            let wait = format!("queued/{}/{}", c.conversation_id, c.routing.offers);
             let source = Event::new(
                 "Timer",
                 c.tenant_id.clone(),
                 c.conversation_id.clone(),
                 super::PRODUCER,
                 Default::default(),
-            );
+            )
+            .with_derived_id(&uuid::Uuid::NAMESPACE_OID, &wait);
             worker.dispatch(&c, &source, now).await?;
             // Again later while it still waits (an offer published now may yet fail to apply).
             let due = now + i64::try_from(worker.config.requeue_interval_ms).unwrap_or(1_000);
