@@ -10,8 +10,8 @@ use ::redis::AsyncCommands;
 use nexus::stores::session::embedded::EmbeddedStore;
 use nexus::stores::session::redis::RedisStore;
 use nexus::stores::session::{
-    Conversation, ConversationState, EntryKind, NewEntry, Party, PartyKind, PresenceUpdate,
-    Reserve, Routing, SessionStore, StoreError, Timer,
+    Conversation, ConversationState, EntryKind, NewEntry, Party, PartyKind, PresenceChange,
+    PresenceUpdate, Reserve, Routing, SessionStore, StoreError, Timer,
 };
 
 /// A store under test plus what must live as long as it.
@@ -506,8 +506,12 @@ async fn presence_keeps_the_agents_own_limits(t: TestStore) {
 async fn a_profile_applies_without_touching_readiness(t: TestStore) {
     let s = &t.store;
     let tn = &t.tenant;
+    let profile = |skills_: &[&str], n: u32| PresenceChange::Profile {
+        skills: skills(skills_),
+        provisioned: chat(n),
+    };
     let none = s
-        .apply_profile(tn, "nobody", &skills(&["en"]), &chat(3))
+        .change_presence(tn, "nobody", &profile(&["en"], 3))
         .await
         .expect("apply");
     assert_eq!(none, None, "an agent never seen gets no presence");
@@ -526,7 +530,7 @@ async fn a_profile_applies_without_touching_readiness(t: TestStore) {
         .await
         .expect("not ready");
     let p = s
-        .apply_profile(tn, "a1", &skills(&["en", "fr"]), &chat(5))
+        .change_presence(tn, "a1", &profile(&["en", "fr"], 5))
         .await
         .expect("apply")
         .expect("present");
@@ -541,11 +545,21 @@ async fn a_profile_applies_without_touching_readiness(t: TestStore) {
         .await
         .expect("ready with a limit");
     let p = s
-        .apply_profile(tn, "a1", &skills(&["en"]), &chat(5))
+        .change_presence(tn, "a1", &profile(&["en"], 5))
         .await
         .expect("apply")
         .expect("present");
     assert_eq!((p.capacity, p.ready), (chat(2), true), "under the limit");
+    // Not ready changes readiness alone: the profile just applied stays, and so does idle.
+    let p = s
+        .change_presence(tn, "a1", &PresenceChange::NotReady)
+        .await
+        .expect("not ready")
+        .expect("present");
+    assert_eq!(
+        (p.ready, p.capacity.clone(), p.idle_since_ms),
+        (false, chat(2), 30)
+    );
     assert_eq!(
         s.presence(tn, "a1").await.expect("get").map(|p| p.skills),
         Some(skills(&["en"]))
@@ -1396,6 +1410,13 @@ async fn redis_corrupt_data_is_reported() {
             .as_deref(),
         Some("a2")
     );
+    // The agent's next state overwrites the damaged record, which then reads again.
+    t.store
+        .set_presence(&t.tenant, "a1", false, &[], &chat(1), 6)
+        .await
+        .expect("a state repairs the record");
+    let a1 = t.store.presence(&t.tenant, "a1").await.expect("readable");
+    assert_eq!(a1.map(|p| p.ready), Some(false));
     // An unreadable timer among due ones: the others are handed out, the bad one removed
     // (else the whole batch failed, leased, again after every lease).
     let kind = format!("bad-{}", t.tenant);

@@ -659,13 +659,14 @@ impl Inner {
         let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
             return Ok(None);
         };
-        let mark = match serde_json::from_slice::<RestartMark>(&entry.value) {
-            Ok(mark) => mark,
-            Err(e) => {
-                tracing::warn!(key, error = %e, "unreadable restart mark ignored");
-                return Ok(None);
-            }
-        };
+        let mark = serde_json::from_slice::<RestartMark>(&entry.value).map_err(|e| {
+            let bucket = marks.name.as_str();
+            BusError::Unavailable(format!(
+                "unreadable restart mark {key} in bucket {bucket} ({e}): the partition's \
+                 consumer is not created from a guess; delete the key to start it from the \
+                 group's start setting"
+            ))
+        })?;
         if self.stream_created(stream).await?.as_deref() != Some(mark.stream_created.as_str()) {
             tracing::debug!(
                 key,

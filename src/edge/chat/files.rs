@@ -312,7 +312,10 @@ pub async fn upload(
             // once the sweeper took it (answering a download's 410 to an upload would depend
             // on the sweep's timing).
             Err(ProvisioningError::Expired(_)) => {
-                state.provisioning.delete_file(&c.tid, &c.sid, id).await?;
+                state
+                    .provisioning
+                    .delete_expired_file(&c.tid, &c.sid, id, now_ms())
+                    .await?;
             }
             Err(e) => return Err(e.into()),
         }
@@ -339,11 +342,13 @@ pub async fn upload(
             Some(file) => file,
             None => return Err(too_many(max)),
         },
-        Err(ProvisioningError::Conflict(detail)) => match stable {
-            // The same upload, retried at once, stored it first.
-            Some(id) => state.provisioning.file(&c.tid, &c.sid, &id).await?,
-            None => return Err(ProvisioningError::Conflict(detail).into()),
-        },
+        // The same upload, retried at once, stored it first.
+        Err(ProvisioningError::Conflict(detail)) => {
+            match stored_by_twin(&state, &c, stable.as_deref()).await? {
+                Some(file) => file,
+                None => return Err(ProvisioningError::Conflict(detail).into()),
+            }
+        }
         Err(e) => return Err(e.into()),
     };
     publish_upload(&state, &c, &headers, file, upload.message_id).await

@@ -189,10 +189,7 @@ async fn answer(
         // A position past the end goes back to the end (v2 clients know no position error),
         // so the next refresh gets the entries up to it instead of skipping them.
         None if from > 1 => {
-            let len = store
-                .transcript_len(&c.tid, &c.sid)
-                .await
-                .map_err(|e| ApiError::unavailable(e.to_string()))?;
+            let len = super::v3::transcript_len(state, &c.tid, &c.sid).await?;
             from.min(len.saturating_add(1))
         }
         None => from,

@@ -622,6 +622,19 @@ pub(crate) async fn transcript_page(
     })))
 }
 
+/// The transcript's last position (0 for none).
+pub(crate) async fn transcript_len(
+    state: &AppState,
+    tenant: &str,
+    conversation_id: &str,
+) -> Result<u64, ApiError> {
+    state
+        .sessions()?
+        .transcript_len(tenant, conversation_id)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))
+}
+
 /// Transcript entries from a position, the next position and whether the chat ended.
 pub(crate) async fn read_transcript(
     state: &AppState,
@@ -642,10 +655,7 @@ pub(crate) async fn read_transcript(
     if entries.is_empty() && from > 1 && !closed {
         // Past the end, as a stream refuses it: a reader going on from there would never get
         // the entries up to it (the length only grows, so one read after the page is safe).
-        let len = store
-            .transcript_len(tenant, conversation_id)
-            .await
-            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        let len = transcript_len(state, tenant, conversation_id).await?;
         if from > len.saturating_add(1) {
             return Err(ApiError::bad_request(
                 "INVALID_POSITION",
@@ -741,11 +751,7 @@ pub(crate) async fn customer_read(
     ensure_open(state, c).await?;
     // A receipt is stored as an entry pointing at the message read: one that is not there
     // would point at nothing.
-    let length = state
-        .sessions()?
-        .transcript_len(&c.tid, &c.sid)
-        .await
-        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let length = transcript_len(state, &c.tid, &c.sid).await?;
     let position = match u64::try_from(position) {
         Ok(p) if p > length && past_end == PastEnd::ReadAll && length > 0 => {
             i64::try_from(length).unwrap_or(position)

@@ -163,6 +163,29 @@ impl Provisioning {
         Ok(())
     }
 
+    /// Deletes a file only while it is past its expiry at `now_ms` (a row stored again
+    /// meanwhile under the same id stays).
+    pub async fn delete_expired_file(
+        &self,
+        tenant_id: &str,
+        conversation_id: &str,
+        id: &str,
+        now_ms: i64,
+    ) -> Result<(), ProvisioningError> {
+        sqlx::query(
+            "DELETE FROM chat_files WHERE tenant_id = $1 AND conversation_id = $2 AND id = $3 \
+             AND expires_at_ms <= $4",
+        )
+        .bind(tenant_id.to_string())
+        .bind(conversation_id.to_string())
+        .bind(id.to_string())
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(sql::unavailable)?;
+        Ok(())
+    }
+
     /// How many unexpired files the conversation holds (an expired one gives its place back
     /// before the sweeper deletes it).
     pub async fn count_files(

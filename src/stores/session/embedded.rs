@@ -34,8 +34,8 @@ use redb::{
 };
 
 use super::{
-    AgentPresence, Appended, Conversation, ConversationState, Entry, NewEntry, PresenceUpdate,
-    Reserve, SessionStore, StoreError, Timer,
+    AgentPresence, Appended, Conversation, ConversationState, Entry, NewEntry, PresenceChange,
+    PresenceUpdate, Reserve, SessionStore, StoreError, Timer,
 };
 
 /// File name of the store inside the data directory.
@@ -888,15 +888,13 @@ impl SessionStore for EmbeddedStore {
         .await
     }
 
-    async fn apply_profile(
+    async fn change_presence(
         &self,
         tenant: &str,
         agent_id: &str,
-        skills: &[String],
-        provisioned: &BTreeMap<String, u32>,
+        change: &PresenceChange,
     ) -> Result<Option<AgentPresence>, StoreError> {
-        let (tenant, agent_id) = (tenant.to_string(), agent_id.to_string());
-        let (skills, provisioned) = (skills.to_vec(), provisioned.clone());
+        let (tenant, agent_id, change) = (tenant.to_string(), agent_id.to_string(), change.clone());
         self.write(move |txn| {
             let old = txn
                 .open_table(AGENTS)
@@ -908,8 +906,15 @@ impl SessionStore for EmbeddedStore {
             let Some(mut p) = old else {
                 return Ok(None);
             };
-            p.skills = skills;
-            p.capacity = super::under_limits(&provisioned, &p.limits);
+            let mut update = PresenceUpdate {
+                ready: p.ready,
+                skills: p.skills,
+                capacity: p.capacity,
+                limits: p.limits,
+            };
+            change.apply(&mut update);
+            (p.ready, p.skills, p.capacity, p.limits) =
+                (update.ready, update.skills, update.capacity, update.limits);
             write_agent(txn, &p)?;
             Ok(Some(p))
         })

@@ -279,6 +279,34 @@ pub fn under_limits(
         .collect()
 }
 
+/// A change of part of an agent's presence ([`SessionStore::change_presence`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum PresenceChange {
+    /// Not ready, all else kept (the agent let an offer lapse).
+    NotReady,
+    /// A changed profile: these skills, and the provisioned capacity under the agent's own
+    /// limits; readiness kept.
+    Profile {
+        skills: Vec<String>,
+        provisioned: BTreeMap<String, u32>,
+    },
+}
+
+impl PresenceChange {
+    pub fn apply(&self, p: &mut PresenceUpdate) {
+        match self {
+            PresenceChange::NotReady => p.ready = false,
+            PresenceChange::Profile {
+                skills,
+                provisioned,
+            } => {
+                p.skills = skills.clone();
+                p.capacity = under_limits(provisioned, &p.limits);
+            }
+        }
+    }
+}
+
 /// What an agent's state sets in its presence.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PresenceUpdate {
@@ -432,16 +460,14 @@ pub trait SessionStore: Send + Sync + 'static {
         agent_id: &str,
     ) -> Result<Option<AgentPresence>, StoreError>;
 
-    /// Sets a present agent's skills, and its capacity to `provisioned` under the agent's own
-    /// limits ([`under_limits`]), in one atomic step that leaves readiness and idle time as
-    /// they are: a not-ready set meanwhile by another handler stays. `None` (nothing written)
-    /// if the agent has no presence.
-    async fn apply_profile(
+    /// Makes `change` to a present agent in one atomic step that leaves everything else as it
+    /// is (idle time included): a change made meanwhile by another handler, keyed otherwise,
+    /// stays. `None` (nothing written) if the agent has no presence.
+    async fn change_presence(
         &self,
         tenant: &str,
         agent_id: &str,
-        skills: &[String],
-        provisioned: &BTreeMap<String, u32>,
+        change: &PresenceChange,
     ) -> Result<Option<AgentPresence>, StoreError>;
 
     /// Atomically picks the longest idle ready agent with the skills and a free slot for the

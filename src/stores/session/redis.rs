@@ -32,8 +32,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AgentPresence, Appended, Conversation, ConversationState, Entry, NewEntry, PresenceUpdate,
-    Reserve, SessionStore, StoreError, Timer,
+    AgentPresence, Appended, Conversation, ConversationState, Entry, NewEntry, PresenceChange,
+    PresenceUpdate, Reserve, SessionStore, StoreError, Timer,
 };
 
 /// Time to connect; a store that is down fails fast and the caller retries.
@@ -102,9 +102,9 @@ const SET_PRESENCE: &str = r#"
 local old = redis.call('HGET', KEYS[2], 'profile')
 local was_ready = false
 if old then
+  -- An unreadable profile is overwritten: the agent's next state repairs it.
   local ok, p = pcall(cjson.decode, old)
-  if not ok or type(p) ~= 'table' then return redis.error_reply('NXCORRUPT agent profile') end
-  was_ready = p.ready == true
+  was_ready = ok and type(p) == 'table' and p.ready == true
 end
 redis.call('HSET', KEYS[2], 'profile', ARGV[2])
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -123,7 +123,7 @@ redis.call('HSET', KEYS[1], 'profile', ARGV[2])
 return 1
 "#;
 
-/// How often [`SessionStore::apply_profile`] reads again after another write came between
+/// How often [`SessionStore::change_presence`] reads again after another write came between
 /// its read and its write; each such write is an agent's state change, seconds apart.
 const SWAP_ATTEMPTS: usize = 8;
 
@@ -605,12 +605,11 @@ impl SessionStore for RedisStore {
         }
     }
 
-    async fn apply_profile(
+    async fn change_presence(
         &self,
         tenant: &str,
         agent_id: &str,
-        skills: &[String],
-        provisioned: &BTreeMap<String, u32>,
+        change: &PresenceChange,
     ) -> Result<Option<AgentPresence>, StoreError> {
         let key = self.key(tenant, "agent", agent_id);
         for _ in 0..SWAP_ATTEMPTS {
@@ -619,12 +618,22 @@ impl SessionStore for RedisStore {
             let Some(read) = read else {
                 return Ok(None);
             };
-            let mut profile: Profile =
+            let p: Profile =
                 serde_json::from_str(&read).map_err(|e| corrupt("agent profile", e))?;
-            profile.skills = skills.to_vec();
-            profile.capacity = super::under_limits(provisioned, &profile.limits);
-            let written =
-                serde_json::to_string(&profile).map_err(|e| corrupt("agent profile", e))?;
+            let mut update = PresenceUpdate {
+                ready: p.ready,
+                skills: p.skills,
+                capacity: p.capacity,
+                limits: p.limits,
+            };
+            change.apply(&mut update);
+            let written = serde_json::to_string(&Profile {
+                ready: update.ready,
+                skills: update.skills,
+                capacity: update.capacity,
+                limits: update.limits,
+            })
+            .map_err(|e| corrupt("agent profile", e))?;
             let swapped: i64 = self
                 .scripts
                 .swap_profile

@@ -17,7 +17,7 @@ use crate::events::Event;
 use crate::stores::session::under_limits;
 use crate::stores::session::{
     customer_mark, Appended, Conversation, ConversationState, Entry, EntryKind, NewEntry, Party,
-    PartyKind, PresenceUpdate, Reserve, Routing, StoreError, Timer,
+    PartyKind, PresenceChange, PresenceUpdate, Reserve, Routing, StoreError, Timer,
 };
 
 pub(crate) const OFFER_TIMER: &str = "offer";
@@ -955,20 +955,21 @@ impl ConversationWorker {
             "user_data": c.user_data,
             "expires_at": expires_at,
         });
-        let client = notify::to_agent(&b.agent_id, ClientEventKind::Offer, offer);
-        self.emit(DELIVERY_TOPIC, e, &c.conversation_id, "client", &client)
-            .await?;
-        self.save(&mut c, e).await?;
         // A queued conversation has nobody in it: any other agent holding a slot for it was
         // reserved for an offer never made (a publish that failed, then a transfer named
-        // someone else), and would keep that slot until the conversation closes. A dispatch
-        // that reserves one after the read above makes a stale offer, whose handler frees it.
+        // someone else), and would keep that slot until the conversation closes. Freed before
+        // the save, so a redelivery, which stops at the saved offer, has nothing left to free;
+        // a dispatch that reserves one after the read above makes a stale offer, whose handler
+        // frees it.
         for holder in holders {
             if holder != b.agent_id {
                 self.release(tenant, &holder, e).await?;
             }
         }
-        Ok(())
+        let client = notify::to_agent(&b.agent_id, ClientEventKind::Offer, offer);
+        self.emit(DELIVERY_TOPIC, e, &c.conversation_id, "client", &client)
+            .await?;
+        self.save(&mut c, e).await
     }
 
     pub(super) async fn on_accepted(&self, e: &Event, b: ev::AgentAccepted) -> Step {
@@ -990,10 +991,11 @@ impl ConversationWorker {
             };
             return self.agent_joins(&c, e, &b, role).await;
         }
-        let offered = is_consult_offer(&c, &b.agent_id, &b.offer_id)
-            || (c.offered_to.as_deref() == Some(b.agent_id.as_str())
-                && c.routing.offer_id.as_deref() == Some(b.offer_id.as_str()));
-        if offered && !self.agent_exists(&c.tenant_id, &b.agent_id).await? {
+        let consult = is_consult_offer(&c, &b.agent_id, &b.offer_id);
+        let current = c.state == ConversationState::Offered
+            && c.offered_to.as_deref() == Some(b.agent_id.as_str())
+            && c.routing.offer_id.as_deref() == Some(b.offer_id.as_str());
+        if (consult || current) && !self.agent_exists(&c.tenant_id, &b.agent_id).await? {
             // Deleted, accepting with a token an edge still had cached: the chat does not go
             // to a desk nobody will answer again; the offer lapses to the next agent.
             info!(conversation_id = %c.conversation_id, agent = %b.agent_id, "an accept by a deleted agent; the offer lapses");
@@ -1004,12 +1006,9 @@ impl ConversationWorker {
                 .emit(DELIVERY_TOPIC, e, &c.conversation_id, "client", &client)
                 .await;
         }
-        if is_consult_offer(&c, &b.agent_id, &b.offer_id) {
+        if consult {
             return self.join_consultant(c, e, b).await;
         }
-        let current = c.state == ConversationState::Offered
-            && c.offered_to.as_deref() == Some(b.agent_id.as_str())
-            && c.routing.offer_id.as_deref() == Some(b.offer_id.as_str());
         let me = Some(b.agent_id.as_str());
         if !current
             && c.state == ConversationState::Connected
@@ -1069,7 +1068,7 @@ impl ConversationWorker {
         if not_responding {
             // Not ready before its slot frees, so no dispatch (this one, or another worker's)
             // offers the next chat to the desk nobody answers.
-            self.set_not_ready(&c.tenant_id, &b.agent_id, e).await?;
+            self.set_not_ready(&c.tenant_id, &b.agent_id).await?;
         }
         self.release(&c.tenant_id, &b.agent_id, e).await?;
         c.state = ConversationState::Queued;
@@ -1107,23 +1106,11 @@ impl ConversationWorker {
     }
 
     /// Sets a ready agent not ready in the routing state, keeping its skills and capacity.
-    async fn set_not_ready(&self, tenant: &str, agent: &str, e: &Event) -> Step {
-        let presence = self
-            .store
-            .presence(tenant, agent)
-            .await
-            .map_err(store_failed)?;
-        let Some(p) = presence.filter(|p| p.ready) else {
-            return Ok(());
-        };
-        let update = PresenceUpdate {
-            ready: false,
-            skills: p.skills,
-            capacity: p.capacity,
-            limits: p.limits,
-        };
+    async fn set_not_ready(&self, tenant: &str, agent: &str) -> Step {
+        // Only readiness: a profile applied meanwhile (keyed by the agent, not ordered with
+        // this conversation's events) stays.
         self.store
-            .update_presence(tenant, agent, &update, e.envelope.occurred_at_ms)
+            .change_presence(tenant, agent, &PresenceChange::NotReady)
             .await
             .map(|_| ())
             .map_err(store_failed)
@@ -1489,7 +1476,12 @@ impl ConversationWorker {
             return self.save_queued(&mut c, e).await;
         }
         if c.state != ConversationState::Connected || c.agent_id.as_deref() != Some(&b.agent_id) {
-            warn!(conversation_id = %c.conversation_id, agent = %b.agent_id, "transfer by an agent not connected; ignored");
+            if e.envelope.producer == super::PRODUCER {
+                // A deleted agent's hand-back of a chat it was only offered: nothing to do.
+                debug!(conversation_id = %c.conversation_id, agent = %b.agent_id, "hand-back of a chat not connected to the agent; nothing to do");
+            } else {
+                warn!(conversation_id = %c.conversation_id, agent = %b.agent_id, "transfer by an agent not connected; ignored");
+            }
             return Ok(());
         }
         if self.decided(&refused_key(e)).await? {
@@ -1952,7 +1944,14 @@ impl ConversationWorker {
         };
         let applied = self
             .store
-            .apply_profile(tenant, &b.agent_id, &profile.skills, &profile.capacity)
+            .change_presence(
+                tenant,
+                &b.agent_id,
+                &PresenceChange::Profile {
+                    skills: profile.skills,
+                    provisioned: profile.capacity,
+                },
+            )
             .await
             .map_err(store_failed)?;
         let Some(p) = applied else {
@@ -1975,7 +1974,7 @@ impl ConversationWorker {
     /// the agent transferred it there), a consult of its ends. No desk of its can answer any
     /// more. Published to the agent topic under ids derived from `e` (a redelivery publishes
     /// the same events), each judged in its conversation's order like the agent's own request.
-    async fn hand_back(&self, e: &Event, agent: &str) -> Step {
+    pub(super) async fn hand_back(&self, e: &Event, agent: &str) -> Step {
         let tenant = &e.envelope.tenant_id;
         let held = self
             .store

@@ -860,7 +860,7 @@ async fn a_late_consult_invitation_gets_its_whole_timeout() {
     // At its time, or 1 ms after when that time is the lease the claim set (`timers::moved`).
     assert_eq!(
         rig.store
-            .claim_due(flow::CONSULT_TIMER, at + 1, 10)
+            .claim_due(flow::CONSULT_TIMER, timers::moved(now, at), 10)
             .await
             .expect("claim"),
         vec![timer],
@@ -1205,41 +1205,78 @@ async fn an_applied_offer_frees_other_reservations() {
 }
 
 /// A deleted agent's chat that is only offered to it is handed back too: an accept it sent
-/// before the delete committed may still be applied, and the transfer, ordered after it,
-/// takes the chat back.
+/// before the delete committed may be applied after the hand-back read the chat, and the
+/// transfer, ordered after that accept, takes the chat back to its queue.
 #[tokio::test]
 async fn a_deleted_agents_offered_chat_is_handed_back() {
     let rig = rig().await;
+    rig.create_interaction_topic().await;
+    let alice = rig.agent("Alice").await;
+    let queue = rig
+        .provisioning
+        .create_queue(
+            &rig.tenant,
+            crate::stores::provisioning::NewQueue {
+                name: "Sales".into(),
+            },
+        )
+        .await
+        .expect("queue")
+        .id;
     let mut offered = connected(&rig.tenant);
+    offered.queue_id = Some(queue.clone());
     offered.state = ConversationState::Offered;
     offered.agent_id = None;
-    offered.offered_to = Some("alice".into());
+    offered.offered_to = Some(alice.clone());
     offered.routing.offer_id = Some("offer-alice".into());
     assert!(rig.store.put_conversation(&offered).await.expect("put"));
-    rig.ready("alice", true).await;
-    rig.reserve("alice").await;
-    let state = chat::AgentStateChanged {
-        agent_id: "alice".into(),
+    rig.ready(&alice, true).await;
+    rig.reserve(&alice).await;
+    // The hand-back reads the chat offered; the accept, checked while Alice still existed,
+    // is applied after it.
+    let source = rig.event(&chat::AgentStateChanged {
+        agent_id: alice.clone(),
         state: chat::AgentState::NotReady,
         reason_code: None,
         capacity: BTreeMap::new(),
-    };
-    let event = Event::typed(&state, &rig.tenant, "alice", "test").expect("event");
+    });
     rig.worker
-        .on_agent_state(&event, state)
+        .hand_back(&source, &alice)
         .await
-        .expect("applied");
-    let back: Vec<chat::TransferRequested> = rig
+        .expect("handed back");
+    let accepted = chat::AgentAccepted {
+        offer_id: "offer-alice".into(),
+        agent_id: alice.clone(),
+        participant_id: alice.clone(),
+        nickname: "Alice".into(),
+    };
+    let event = rig.event(&accepted);
+    rig.worker
+        .on_accepted(&event, accepted)
+        .await
+        .expect("accepted");
+    assert_eq!(rig.record().await.state, ConversationState::Connected);
+    let back: Vec<Event> = rig
         .events(AGENT_TOPIC)
         .await
-        .iter()
-        .filter(|e| e.envelope.conversation_id == CONVERSATION)
-        .filter_map(|e| e.body_as().ok())
+        .into_iter()
+        .filter(|e| e.envelope.event_type == chat::TransferRequested::TYPE)
         .collect();
-    assert_eq!(back.len(), 1, "{back:?}");
+    assert_eq!(back.len(), 1, "one hand-back");
+    let transfer: chat::TransferRequested = back[0].body_as().expect("body");
     assert_eq!(
-        (back[0].agent_id.as_str(), back[0].target_id.as_str()),
-        ("alice", "q1")
+        (transfer.agent_id.as_str(), transfer.target_id.as_str()),
+        (alice.as_str(), queue.as_str())
+    );
+    rig.worker
+        .on_transfer(&back[0], transfer)
+        .await
+        .expect("transfer applied");
+    let c = rig.record().await;
+    assert_eq!((c.state, c.agent_id), (ConversationState::Queued, None));
+    assert!(
+        !rig.holders().await.contains(&alice),
+        "Alice's slot is free"
     );
 }
 

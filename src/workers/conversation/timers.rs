@@ -84,7 +84,7 @@ pub(super) async fn run_once(worker: &ConversationWorker, now: i64) {
 
 /// Where a firing timer moves itself to (`due`), never onto the lease its claim at `now` set:
 /// completing the firing removes a timer still at that value, which would lose the move.
-fn moved(now: i64, due: i64) -> i64 {
+pub(super) fn moved(now: i64, due: i64) -> i64 {
     if due == timer_lease_until(now) {
         due + 1
     } else {
