@@ -684,14 +684,21 @@ impl ConversationWorker {
         Ok(ready.then(|| target.clone()))
     }
 
-    /// Whether the agent is still provisioned.
-    async fn agent_exists(&self, tenant: &str, agent: &str) -> Result<bool, HandleError> {
-        let profile = self
-            .directory
+    /// The agent's provisioned profile; `None` once it is deleted.
+    async fn profile(
+        &self,
+        tenant: &str,
+        agent: &str,
+    ) -> Result<Option<directory::AgentProfile>, HandleError> {
+        self.directory
             .agent(tenant, agent)
             .await
-            .map_err(directory_failed)?;
-        Ok(profile.is_some())
+            .map_err(directory_failed)
+    }
+
+    /// Whether the agent is still provisioned.
+    async fn agent_exists(&self, tenant: &str, agent: &str) -> Result<bool, HandleError> {
+        Ok(self.profile(tenant, agent).await?.is_some())
     }
 
     /// Whether the agent is ready with a chat capacity above zero (full or not).
@@ -1877,11 +1884,7 @@ impl ConversationWorker {
 
     pub(super) async fn on_agent_state(&self, e: &Event, b: ev::AgentStateChanged) -> Step {
         let tenant = &e.envelope.tenant_id;
-        let profile = self
-            .directory
-            .agent(tenant, &b.agent_id)
-            .await
-            .map_err(directory_failed)?;
+        let profile = self.profile(tenant, &b.agent_id).await?;
         let Some(profile) = profile else {
             // Deleted (or never provisioned): whatever its last state said, it takes no
             // offers now, else a deleted agent left ready would be offered chats it never sees.
@@ -1933,11 +1936,7 @@ impl ConversationWorker {
     /// read now, so of several changes the last one saved wins whatever order they came in.
     pub(super) async fn on_agent_profile(&self, e: &Event, b: ev::AgentProfileChanged) -> Step {
         let tenant = &e.envelope.tenant_id;
-        let profile = self
-            .directory
-            .agent(tenant, &b.agent_id)
-            .await
-            .map_err(directory_failed)?;
+        let profile = self.profile(tenant, &b.agent_id).await?;
         let Some(profile) = profile else {
             // Deleted since: the delete's own not-ready state takes care of it.
             return Ok(());

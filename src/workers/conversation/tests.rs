@@ -127,6 +127,21 @@ impl Rig {
             .expect("presence");
     }
 
+    /// Applies a not-ready state of `agent` (for an agent not provisioned: deleted).
+    async fn not_ready(&self, agent: &str) {
+        let state = chat::AgentStateChanged {
+            agent_id: agent.into(),
+            state: chat::AgentState::NotReady,
+            reason_code: None,
+            capacity: BTreeMap::new(),
+        };
+        let event = Event::typed(&state, &self.tenant, agent, "test").expect("event");
+        self.worker
+            .on_agent_state(&event, state)
+            .await
+            .expect("applied");
+    }
+
     /// Takes `agent`'s slot for the conversation, as a dispatch does.
     async fn reserve(&self, agent: &str) {
         let reserve = Reserve {
@@ -898,17 +913,7 @@ async fn a_deleted_agents_conversations_are_handed_back() {
         assert_eq!(got.expect("reserve").as_deref(), Some("alice"));
     }
     // Alice is not in provisioning: deleted.
-    let state = chat::AgentStateChanged {
-        agent_id: "alice".into(),
-        state: chat::AgentState::NotReady,
-        reason_code: None,
-        capacity: BTreeMap::new(),
-    };
-    let event = Event::typed(&state, &rig.tenant, "alice", "test").expect("event");
-    rig.worker
-        .on_agent_state(&event, state)
-        .await
-        .expect("applied");
+    rig.not_ready("alice").await;
     let published: Vec<Event> = rig
         .events(AGENT_TOPIC)
         .await
@@ -1093,17 +1098,7 @@ async fn a_deleted_agents_conversation_of_a_deleted_queue_goes_where_its_rule_sa
         .expect("rule");
     // Its queue `q1` is not provisioned: deleted since.
     rig.connect_alice().await;
-    let state = chat::AgentStateChanged {
-        agent_id: "alice".into(),
-        state: chat::AgentState::NotReady,
-        reason_code: None,
-        capacity: BTreeMap::new(),
-    };
-    let event = Event::typed(&state, &rig.tenant, "alice", "test").expect("event");
-    rig.worker
-        .on_agent_state(&event, state)
-        .await
-        .expect("applied");
+    rig.not_ready("alice").await;
     let targets: Vec<String> = rig
         .events(AGENT_TOPIC)
         .await
