@@ -468,6 +468,19 @@ fn parse_agent(bytes: &[u8]) -> Result<AgentPresence, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| corrupt("agent presence", e))
 }
 
+/// The agent's presence in `agents`, if it has one.
+fn agent_in<T: ReadableTable<Pair<'static>, &'static [u8]>>(
+    agents: &T,
+    tenant: &str,
+    agent_id: &str,
+) -> Result<Option<AgentPresence>, StoreError> {
+    agents
+        .get((tenant, agent_id))
+        .map_err(storage("read agent"))?
+        .map(|v| parse_agent(v.value()))
+        .transpose()
+}
+
 fn write_agent(txn: &WriteTransaction, p: &AgentPresence) -> Result<(), StoreError> {
     let json = serde_json::to_vec(p).map_err(|e| corrupt("agent presence", e))?;
     txn.open_table(AGENTS)
@@ -568,13 +581,11 @@ fn release_in(
         .map_err(storage("open holders"))?
         .remove((tenant, conversation_id, agent_id))
         .map_err(storage("remove holder"))?;
-    let agent = txn
-        .open_table(AGENTS)
-        .map_err(storage("open agents"))?
-        .get((tenant, agent_id))
-        .map_err(storage("read agent"))?
-        .map(|v| parse_agent(v.value()))
-        .transpose()?;
+    let agent = agent_in(
+        &txn.open_table(AGENTS).map_err(storage("open agents"))?,
+        tenant,
+        agent_id,
+    )?;
     if let Some(mut agent) = agent {
         if let Some(n) = agent.active.get_mut(&media) {
             *n = n.saturating_sub(1);
@@ -843,13 +854,11 @@ impl SessionStore for EmbeddedStore {
             limits,
         } = update.clone();
         self.write(move |txn| {
-            let old = txn
-                .open_table(AGENTS)
-                .map_err(storage("open agents"))?
-                .get((tenant.as_str(), agent_id.as_str()))
-                .map_err(storage("read agent"))?
-                .map(|v| parse_agent(v.value()))
-                .transpose()?;
+            let old = agent_in(
+                &txn.open_table(AGENTS).map_err(storage("open agents"))?,
+                &tenant,
+                &agent_id,
+            )?;
             let (active, idle_since_ms) = match old {
                 Some(old) if old.ready || !ready => (old.active, old.idle_since_ms),
                 Some(old) => (old.active, now_ms),
@@ -878,12 +887,11 @@ impl SessionStore for EmbeddedStore {
     ) -> Result<Option<AgentPresence>, StoreError> {
         let (tenant, agent_id) = (tenant.to_string(), agent_id.to_string());
         self.read(move |txn| {
-            txn.open_table(AGENTS)
-                .map_err(storage("open agents"))?
-                .get((tenant.as_str(), agent_id.as_str()))
-                .map_err(storage("read agent"))?
-                .map(|v| parse_agent(v.value()))
-                .transpose()
+            agent_in(
+                &txn.open_table(AGENTS).map_err(storage("open agents"))?,
+                &tenant,
+                &agent_id,
+            )
         })
         .await
     }
@@ -896,25 +904,15 @@ impl SessionStore for EmbeddedStore {
     ) -> Result<Option<AgentPresence>, StoreError> {
         let (tenant, agent_id, change) = (tenant.to_string(), agent_id.to_string(), change.clone());
         self.write(move |txn| {
-            let old = txn
-                .open_table(AGENTS)
-                .map_err(storage("open agents"))?
-                .get((tenant.as_str(), agent_id.as_str()))
-                .map_err(storage("read agent"))?
-                .map(|v| parse_agent(v.value()))
-                .transpose()?;
+            let old = agent_in(
+                &txn.open_table(AGENTS).map_err(storage("open agents"))?,
+                &tenant,
+                &agent_id,
+            )?;
             let Some(mut p) = old else {
                 return Ok(None);
             };
-            let mut update = PresenceUpdate {
-                ready: p.ready,
-                skills: p.skills,
-                capacity: p.capacity,
-                limits: p.limits,
-            };
-            change.apply(&mut update);
-            (p.ready, p.skills, p.capacity, p.limits) =
-                (update.ready, update.skills, update.capacity, update.limits);
+            p.change(&change);
             write_agent(txn, &p)?;
             Ok(Some(p))
         })

@@ -279,6 +279,21 @@ pub fn under_limits(
         .collect()
 }
 
+impl AgentPresence {
+    /// [`PresenceChange::apply`] to this presence.
+    pub fn change(&mut self, change: &PresenceChange) {
+        let mut part = PresenceUpdate {
+            ready: self.ready,
+            skills: std::mem::take(&mut self.skills),
+            capacity: std::mem::take(&mut self.capacity),
+            limits: std::mem::take(&mut self.limits),
+        };
+        change.apply(&mut part);
+        (self.ready, self.skills, self.capacity, self.limits) =
+            (part.ready, part.skills, part.capacity, part.limits);
+    }
+}
+
 /// A change of part of an agent's presence ([`SessionStore::change_presence`]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum PresenceChange {
@@ -307,8 +322,9 @@ impl PresenceChange {
     }
 }
 
-/// What an agent's state sets in its presence.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// What an agent's state sets in its presence (the part of it a state and a profile decide;
+/// the Redis store keeps it as the agent's `profile` JSON).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PresenceUpdate {
     pub ready: bool,
     pub skills: Vec<String>,
@@ -316,6 +332,7 @@ pub struct PresenceUpdate {
     pub capacity: BTreeMap<String, u32>,
     /// The caps the agent asked for itself, kept so that a changed profile is applied under
     /// them without waiting for the agent's next state.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub limits: BTreeMap<String, u32>,
 }
 

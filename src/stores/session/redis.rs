@@ -8,8 +8,9 @@
 //!   (the script writes the position RPUSH will give, so stored entries are self-describing).
 //! - `nx:{t:T}:txids:<id>`: hash `e:<event id>` / `m:<message id>` (an upload's: `f:`) → position (dedup).
 //! - `nx:{t:T}:agents`: sorted set of agent ids scored by `idle_since_ms` (the reserve order).
-//! - `nx:{t:T}:agent:<id>`: hash: `profile` → JSON `{ready, skills, capacity}` (written whole
-//!   by `set_presence`), `a:<media>` → conversations held for that media.
+//! - `nx:{t:T}:agent:<id>`: hash: `profile` → a [`PresenceUpdate`] as JSON (written whole by
+//!   `update_presence`, swapped whole by `change_presence`), `a:<media>` → conversations held
+//!   for that media.
 //! - `nx:{t:T}:slots:<agent>`: hash conversation → media of the slot it holds.
 //! - `nx:{t:T}:holder:<conversation>`: set of agents whose slot the conversation holds.
 //! - `nx:{t:T}:queue:<queue>`: sorted set, score `-priority` (exact for |priority| ≤ 2^53),
@@ -29,7 +30,6 @@ use std::time::Duration;
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{AsyncCommands, ErrorKind, RedisError, Script, Value};
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 
 use super::{
     AgentPresence, Appended, Conversation, ConversationState, Entry, NewEntry, PresenceChange,
@@ -216,16 +216,6 @@ if score and tonumber(score) == tonumber(ARGV[2]) then redis.call('ZREM', KEYS[1
 return 0
 "#;
 
-/// What `set_presence` writes whole; `active` and `idle_since_ms` are kept by the scripts.
-#[derive(Debug, Serialize, Deserialize)]
-struct Profile {
-    ready: bool,
-    skills: Vec<String>,
-    capacity: BTreeMap<String, u32>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    limits: BTreeMap<String, u32>,
-}
-
 struct Scripts {
     put_conversation: Script,
     append: Script,
@@ -391,7 +381,7 @@ fn parse_presence(
     let mut active = BTreeMap::new();
     for (field, value) in fields {
         if field == "profile" {
-            let p: Profile =
+            let p: PresenceUpdate =
                 serde_json::from_str(&value).map_err(|e| corrupt("agent profile", e))?;
             profile = Some(p);
         } else if let Some(media) = field.strip_prefix("a:") {
@@ -561,13 +551,7 @@ impl SessionStore for RedisStore {
         now_ms: i64,
     ) -> Result<AgentPresence, StoreError> {
         let ready = update.ready;
-        let profile = serde_json::to_string(&Profile {
-            ready,
-            skills: update.skills.clone(),
-            capacity: update.capacity.clone(),
-            limits: update.limits.clone(),
-        })
-        .map_err(|e| corrupt("agent profile", e))?;
+        let profile = serde_json::to_string(update).map_err(|e| corrupt("agent profile", e))?;
         let (score, fields): (String, Vec<(String, String)>) = self
             .scripts
             .set_presence
@@ -618,22 +602,11 @@ impl SessionStore for RedisStore {
             let Some(read) = read else {
                 return Ok(None);
             };
-            let p: Profile =
+            let mut profile: PresenceUpdate =
                 serde_json::from_str(&read).map_err(|e| corrupt("agent profile", e))?;
-            let mut update = PresenceUpdate {
-                ready: p.ready,
-                skills: p.skills,
-                capacity: p.capacity,
-                limits: p.limits,
-            };
-            change.apply(&mut update);
-            let written = serde_json::to_string(&Profile {
-                ready: update.ready,
-                skills: update.skills,
-                capacity: update.capacity,
-                limits: update.limits,
-            })
-            .map_err(|e| corrupt("agent profile", e))?;
+            change.apply(&mut profile);
+            let written =
+                serde_json::to_string(&profile).map_err(|e| corrupt("agent profile", e))?;
             let swapped: i64 = self
                 .scripts
                 .swap_profile
