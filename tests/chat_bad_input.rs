@@ -767,6 +767,24 @@ async fn v3_bodies_are_validated_before_anything_is_published() {
             "INVALID_FIELD",
         ),
         (
+            "request id with a space",
+            json!({"nickname": "Ann", "request_id": "r 1"}).to_string(),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "empty request id",
+            json!({"nickname": "Ann", "request_id": ""}).to_string(),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "request id not a string",
+            json!({"nickname": "Ann", "request_id": 7}).to_string(),
+            400,
+            "INVALID_BODY",
+        ),
+        (
             "async not a bool",
             json!({"nickname": "Ann", "async": "yes"}).to_string(),
             400,

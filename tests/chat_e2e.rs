@@ -27,17 +27,24 @@ async fn scenario(url: &str, agent_url: &str) {
     let (_agent_id, token) = provision_agent(&admin, &tenant, "alice", 2).await;
     let mut agent = agent_ready(agent_url, &token).await;
 
-    // The customer starts a chat.
-    let started: Value = http
-        .post(format!("{url}/nexus/v3/chat/sessions"))
-        .header("x-api-key", &tenant.api_key)
-        .json(&json!({"nickname": "Ann", "email_address": "ann@example.com"}))
-        .send()
-        .await
-        .expect("start")
-        .json()
-        .await
-        .expect("start json");
+    // The customer starts a chat, and its widget retries the start (same request id): one
+    // session, the same keys.
+    let start = || async {
+        let r = http
+            .post(format!("{url}/nexus/v3/chat/sessions"))
+            .header("x-api-key", &tenant.api_key)
+            .json(
+                &json!({"nickname": "Ann", "email_address": "ann@example.com",
+                "request_id": "widget-start-1"}),
+            )
+            .send()
+            .await
+            .expect("start");
+        assert_eq!(r.status(), 201);
+        r.json::<Value>().await.expect("start json")
+    };
+    let (started, retried) = tokio::join!(start(), start());
+    assert_eq!(started, retried, "a retried start is the same session");
     let sid = started["session_id"]
         .as_str()
         .expect("session id")
@@ -62,6 +69,7 @@ async fn scenario(url: &str, agent_url: &str) {
     let offer = ws_until(&mut agent, WAIT, |v| v["type"] == "offer").await;
     assert_eq!(offer["conversation_id"], sid.as_str());
     assert_eq!(offer["nickname"], "Ann");
+    assert_eq!(start().await, started, "a retry after the start applied");
     ws_send(
         &mut agent,
         json!({"op": "accept", "conversation_id": sid, "offer_id": offer["offer_id"]}),
@@ -756,6 +764,67 @@ async fn kafka_postgres_redis_chat_end_to_end() {
     let edge = start_node(dir.path(), "edge", &["edge"], env).await;
     scenario(&edge.url, &edge.url).await;
     drop((worker, edge));
+}
+
+/// Retried starts with one request id are one chat: one offer, the same keys, whether the
+/// retries race the first or come after it applied; another tenant's request id is its own;
+/// a malformed request id is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_start_is_one_chat() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, admin, tenant) = dev(dir.path(), &[]).await;
+    let url = node.url.as_str();
+    let start = |api_key: String, request_id: &'static str| async move {
+        let r = reqwest::Client::new()
+            .post(format!("{url}/nexus/v3/chat/sessions"))
+            .header("x-api-key", api_key)
+            .json(&json!({"nickname": "Ann", "request_id": request_id}))
+            .send()
+            .await
+            .expect("start");
+        (r.status().as_u16(), r.json::<Value>().await.expect("json"))
+    };
+    let racing =
+        futures::future::join_all((0..4).map(|_| start(tenant.api_key.clone(), "r-1"))).await;
+    let (status, first) = racing[0].clone();
+    assert_eq!(status, 201, "{first}");
+    assert!(
+        racing.iter().all(|r| r == &(201, first.clone())),
+        "{racing:?}"
+    );
+    let sid = first["session_id"].as_str().expect("sid").to_string();
+
+    // Queued with no agent; a ready agent with room for two gets one offer, not two.
+    let (_, token) = provision_agent(&admin, &tenant, "alice", 2).await;
+    let mut agent = agent_ready(url, &token).await;
+    let offer = ws_until(&mut agent, WAIT, |v| v["type"] == "offer").await;
+    assert_eq!(offer["conversation_id"], sid.as_str());
+    let second = tokio::time::timeout(
+        Duration::from_secs(1),
+        ws_until(&mut agent, WAIT, |v| v["type"] == "offer"),
+    )
+    .await;
+    assert!(second.is_err(), "a second offer: {second:?}");
+    assert_eq!(
+        start(tenant.api_key.clone(), "r-1").await,
+        (201, first.clone())
+    );
+
+    // Another tenant's start with the same request id is another chat.
+    let other = provision_tenant(&admin).await;
+    let (status, theirs) = start(other.api_key.clone(), "r-1").await;
+    assert_eq!(status, 201, "{theirs}");
+    assert_ne!(theirs["session_id"], first["session_id"]);
+
+    let long: &'static str = "x".repeat(129).leak();
+    for bad in ["", "has space", "é", long] {
+        let (status, body) = start(tenant.api_key.clone(), bad).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("INVALID_FIELD")),
+            "{bad:?}: {body}"
+        );
+    }
 }
 
 /// A `nexus dev` node in `dir` (the base env plus `extra`) and one provisioned tenant.

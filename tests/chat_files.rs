@@ -566,6 +566,49 @@ async fn every_limit_has_its_code_and_publishes_nothing() {
     assert_eq!(status, StatusCode::CREATED, "{body}");
 }
 
+/// Retries of one upload racing each other for the session's last file place: one stores the
+/// file, every other is answered with that file (not `LIMIT_FILE_COUNT`, which the twin's own
+/// place would otherwise cause), and the place is taken once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_retries_of_an_upload_share_the_last_place() {
+    let fx = fixture().await;
+    let (k, s1) = (&fx.a_key, &fx.s1);
+    for i in 0..MAX_FILES - 1 {
+        let body = file_part(&format!("note{i}.txt"), "text/plain", b"hello");
+        let (status, body) = call(&fx.state, upload_req(k, s1, &s1.ck, body)).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let twin = || {
+        let body = multipart(&[
+            ("message_id", None, None, b"m-twin"),
+            (
+                "file",
+                Some("last.txt"),
+                Some("text/plain"),
+                b"the last one",
+            ),
+        ]);
+        call(&fx.state, upload_req(k, s1, &s1.ck, body))
+    };
+    let answers = futures::future::join_all((0..6).map(|_| twin())).await;
+    let (status, first) = answers[0].clone();
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    for (status, body) in &answers {
+        assert_eq!(*status, StatusCode::CREATED, "{body}");
+        assert_eq!(body["file_id"], first["file_id"], "{answers:?}");
+    }
+    fx.rejected(
+        "the places are taken",
+        upload_req(k, s1, &s1.ck, file_part("more.txt", "text/plain", b"hello")),
+        400,
+        "LIMIT_FILE_COUNT",
+    )
+    .await;
+    let id = first["file_id"].as_str().expect("file id");
+    let (bytes, _, _) = download(&fx.state, customer_get(k, &s1.id, &s1.ck, id)).await;
+    assert_eq!(bytes, b"the last one");
+}
+
 /// `nexus_chat_files_expired_total` as the edge's /metrics renders it (0 before the first sweep).
 fn files_expired_metric(state: &AppState) -> u64 {
     let rendered = state.metrics.render();

@@ -1064,6 +1064,44 @@ async fn remember_within_ttl(t: TestStore) {
     assert!(!s.remember(&key, ttl).await.expect("second again"));
 }
 
+/// `claim` keeps the first value for its lifetime, tells every later caller what it is, and
+/// takes a new value once the lifetime ran out.
+async fn claim_keeps_the_first_value(t: TestStore) {
+    let s = &t.store;
+    let key = format!("{}:start:r1", t.tenant);
+    let ttl = Duration::from_millis(500);
+    let racers = (0..8).map(|i| {
+        let (s, key) = (s.clone(), key.clone());
+        tokio::spawn(async move { s.claim(&key, &format!("v{i}"), ttl).await })
+    });
+    let mut winners = Vec::new();
+    let mut told = HashSet::new();
+    for (i, r) in racers.enumerate() {
+        match r.await.expect("join").expect("claim") {
+            None => winners.push(format!("v{i}")),
+            Some(held) => {
+                told.insert(held);
+            }
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one racer stores its value");
+    assert_eq!(
+        told,
+        HashSet::from([winners[0].clone()]),
+        "the others learn it"
+    );
+    // A claim is not a `remember` key, and other keys are free.
+    assert!(!s.seen(&key).await.expect("seen"));
+    let other = format!("{key}x");
+    assert_eq!(s.claim(&other, "w", ttl).await.expect("other"), None);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(s.claim(&key, "late", ttl).await.expect("after ttl"), None);
+    assert_eq!(
+        s.claim(&key, "later", ttl).await.expect("again").as_deref(),
+        Some("late")
+    );
+}
+
 /// `refresh` extends a key from each call (a sign of life), where `remember` keeps the first.
 async fn refresh_extends_a_key(t: TestStore) {
     let s = &t.store;
@@ -1287,6 +1325,7 @@ per_store!(
     concurrent_claimers_get_each_timer_once,
     claimed_timers_come_back_unless_completed,
     remember_within_ttl,
+    claim_keeps_the_first_value,
     refresh_extends_a_key,
     expired_conversation_disappears,
     expiring_a_missing_conversation_does_nothing,

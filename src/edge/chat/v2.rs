@@ -244,6 +244,8 @@ pub async fn start(
         text,
         is_async: false,
         service: Some(service),
+        // The v2 form has no idempotency field; its clients never sent one.
+        request_id: None,
     };
     let claims = open_session(&state, &tenant, session, traceparent(&headers)).await?;
     let extra = json!({

@@ -18,7 +18,9 @@ use super::{chat_tenant, publish_event, session_claims, Claims, INBOUND_TOPIC};
 use crate::edge::{ApiError, AppState};
 use crate::events::chat::{self as ev, Channel, Contact, MessageKind, ParticipantKind};
 use crate::events::Event;
-use crate::stores::session::{merge_user_data, start_mark, Conversation, ConversationState};
+use crate::stores::session::{
+    merge_user_data, start_mark, start_request_key, Conversation, ConversationState,
+};
 use crate::workers::conversation::notify::entry_json;
 
 const PRODUCER: &str = "edge/chat";
@@ -71,6 +73,8 @@ pub struct StartRequest {
     /// Async chat: the session stays open while the customer is away.
     #[serde(default, rename = "async")]
     pub is_async: bool,
+    /// The client's id of this start: a retried start with the same id is not a second chat.
+    pub request_id: Option<String>,
 }
 
 pub(crate) fn check_text(state: &AppState, text: &str) -> Result<(), ApiError> {
@@ -146,6 +150,8 @@ pub(crate) struct NewSession {
     pub text: Option<String>,
     pub is_async: bool,
     pub service: Option<String>,
+    /// The client's id of this start: a retry with the same id gets the same session.
+    pub request_id: Option<String>,
 }
 
 /// Longest contact field or subject (characters): they end up in the record and on every
@@ -174,7 +180,14 @@ fn check_contact(s: &NewSession) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Publishes the conversation request; returns the claims of the new session.
+/// Longest client id of a start request (bytes of printable ASCII).
+const MAX_REQUEST_ID: usize = 128;
+
+/// Publishes the conversation request; returns the claims of the new session. A start with a
+/// client `request_id` is idempotent: a retry within `workers.conversation.closed_retention_s`
+/// (as long as the record lives) gets the first start's session, and publishes the request
+/// again only while that session has no record yet (the first publish may have failed; the
+/// worker ignores a second request for a conversation it has).
 pub(crate) async fn open_session(
     state: &AppState,
     tenant: &str,
@@ -182,13 +195,41 @@ pub(crate) async fn open_session(
     traceparent: Option<String>,
 ) -> Result<Claims, ApiError> {
     check_contact(&s)?;
-    let conversation_id = Uuid::now_v7().to_string();
-    let participant_id = Uuid::now_v7().to_string();
+    let sessions = state.sessions()?;
+    let unavailable = |e: crate::stores::session::StoreError| ApiError::unavailable(e.to_string());
+    let retention = Duration::from_secs(state.config.workers.conversation.closed_retention_s);
+    let mut ids = StartIds {
+        conversation_id: Uuid::now_v7().to_string(),
+        participant_id: Uuid::now_v7().to_string(),
+        at_ms: chrono::Utc::now().timestamp_millis(),
+    };
+    if let Some(request_id) = &s.request_id {
+        check_request_id(request_id)?;
+        let key = start_request_key(tenant, request_id);
+        if let Some(held) = sessions
+            .claim(&key, &ids.to_string(), retention)
+            .await
+            .map_err(unavailable)?
+        {
+            ids = held.parse().map_err(|()| {
+                ApiError::unavailable(format!(
+                    "the stored start of request {request_id} is unreadable"
+                ))
+            })?;
+            let record = sessions
+                .conversation(tenant, &ids.conversation_id)
+                .await
+                .map_err(unavailable)?;
+            if record.is_some() {
+                return Ok(ids.claims(state, tenant));
+            }
+        }
+    }
     let body = ev::ConversationRequested {
         channel: Channel::WebChat,
         channel_id: None,
         service: s.service,
-        participant_id: participant_id.clone(),
+        participant_id: ids.participant_id.clone(),
         nickname: s.nickname,
         contact: s.contact,
         subject: s.subject,
@@ -196,29 +237,78 @@ pub(crate) async fn open_session(
         user_data: s.user_data,
         is_async: s.is_async,
     };
-    let mut event = Event::typed(&body, tenant, &conversation_id, PRODUCER)
+    let mut event = Event::typed(&body, tenant, &ids.conversation_id, PRODUCER)
         .map_err(|e| ApiError::bad_request("INVALID_FIELD", e.to_string()))?;
     event.envelope.traceparent = traceparent;
+    event.envelope.occurred_at_ms = ids.at_ms;
     // Marked before the request is published, so a missing record is either a start not yet
     // applied (marked) or a session the store lost (not marked): see [`ensure_open`]. The
     // worker drops the mark once the record exists; it expires with the retention otherwise.
-    state
-        .sessions()?
-        .remember(
-            &start_mark(tenant, &conversation_id),
-            Duration::from_secs(state.config.workers.conversation.closed_retention_s),
-        )
+    sessions
+        .remember(&start_mark(tenant, &ids.conversation_id), retention)
         .await
-        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        .map_err(unavailable)?;
     publish_event(state, INBOUND_TOPIC, &event).await?;
-    let iat = event.envelope.occurred_at_ms / 1000;
-    Ok(Claims {
-        tid: tenant.to_string(),
-        sid: conversation_id,
-        pid: participant_id,
-        iat,
-        exp: Some(state.client_keys.expiry(iat)),
-    })
+    Ok(ids.claims(state, tenant))
+}
+
+fn check_request_id(id: &str) -> Result<(), ApiError> {
+    if id.is_empty() || id.len() > MAX_REQUEST_ID || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::bad_request(
+            "INVALID_FIELD",
+            format!("request_id is 1 to {MAX_REQUEST_ID} printable ASCII characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// What a start chose, kept under its request id so a retry chooses the same.
+struct StartIds {
+    conversation_id: String,
+    participant_id: String,
+    at_ms: i64,
+}
+
+impl StartIds {
+    /// The session's claims: the same key for every retry of one start.
+    fn claims(self, state: &AppState, tenant: &str) -> Claims {
+        let iat = self.at_ms / 1000;
+        Claims {
+            tid: tenant.to_string(),
+            sid: self.conversation_id,
+            pid: self.participant_id,
+            iat,
+            exp: Some(state.client_keys.expiry(iat)),
+        }
+    }
+}
+
+impl std::fmt::Display for StartIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} {}",
+            self.conversation_id, self.participant_id, self.at_ms
+        )
+    }
+}
+
+impl std::str::FromStr for StartIds {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let mut parts = s.split(' ');
+        let (Some(c), Some(p), Some(at), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(());
+        };
+        Ok(Self {
+            conversation_id: c.to_string(),
+            participant_id: p.to_string(),
+            at_ms: at.parse().map_err(|_| ())?,
+        })
+    }
 }
 
 /// The client's trace context, or a new one when it sent none or a malformed one (which
@@ -262,6 +352,7 @@ pub async fn start(
         text: r.text,
         is_async: r.is_async,
         service: None,
+        request_id: r.request_id,
     };
     let claims = open_session(&state, &tenant, session, traceparent(&headers)).await?;
     let id = claims.sid.clone();

@@ -64,6 +64,14 @@ const TIMERS: TableDefinition<(&str, i64, &str, &str), ()> = TableDefinition::ne
 const TIMER_INDEX: TableDefinition<Triple, i64> = TableDefinition::new("timer_index");
 const SEEN: TableDefinition<&str, i64> = TableDefinition::new("seen");
 const SEEN_BY_TIME: TableDefinition<(i64, &str), ()> = TableDefinition::new("seen_by_time");
+/// Values of [`SessionStore::claim`] keys; their lifetimes live in `seen` under
+/// [`claim_seen_key`], so one sweep ends both.
+const CLAIMS: TableDefinition<&str, &str> = TableDefinition::new("claims");
+
+/// A claim's entry in `seen`: a prefix no `remember` key of nexus starts with.
+fn claim_seen_key(key: &str) -> String {
+    format!("\u{1}claim:{key}")
+}
 
 /// A storage failure with what was being done.
 fn storage<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> StoreError {
@@ -177,6 +185,7 @@ impl EmbeddedStore {
                 txn.open_table(SEEN).map_err(storage("create table"))?;
                 txn.open_table(SEEN_BY_TIME)
                     .map_err(storage("create table"))?;
+                txn.open_table(CLAIMS).map_err(storage("create table"))?;
             }
             txn.commit().map_err(storage("commit"))?;
             Ok(db)
@@ -265,26 +274,10 @@ impl EmbeddedStore {
         self.write(move |txn| {
             let now = now_ms();
             sweep_seen(txn, now)?;
-            let mut seen = txn.open_table(SEEN).map_err(storage("open seen"))?;
-            let old = seen
-                .get(key.as_str())
-                .map_err(storage("read seen"))?
-                .map(|v| v.value());
-            if only_if_absent && old.is_some_and(|at| at > now) {
+            if only_if_absent && seen_until(txn, &key)?.is_some_and(|at| at > now) {
                 return Ok(false);
             }
-            let at = now.saturating_add(ttl_ms(ttl).max(1));
-            seen.insert(key.as_str(), at)
-                .map_err(storage("write seen"))?;
-            let mut by_time = txn.open_table(SEEN_BY_TIME).map_err(storage("open seen"))?;
-            if let Some(old) = old {
-                by_time
-                    .remove((old, key.as_str()))
-                    .map_err(storage("remove seen"))?;
-            }
-            by_time
-                .insert((at, key.as_str()), ())
-                .map_err(storage("write seen"))?;
+            set_seen_in(txn, &key, now.saturating_add(ttl_ms(ttl).max(1)))?;
             Ok(true)
         })
         .await
@@ -433,6 +426,33 @@ fn purge_expired(
     Ok(())
 }
 
+/// When `key` in `seen` runs out, if it is there (live or not yet swept).
+fn seen_until(txn: &WriteTransaction, key: &str) -> Result<Option<i64>, StoreError> {
+    let seen = txn.open_table(SEEN).map_err(storage("open seen"))?;
+    let at = seen
+        .get(key)
+        .map_err(storage("read seen"))?
+        .map(|v| v.value());
+    Ok(at)
+}
+
+/// Sets `key` in `seen` to run out at `at`, moving its entry in the time index.
+fn set_seen_in(txn: &WriteTransaction, key: &str, at: i64) -> Result<(), StoreError> {
+    let old = seen_until(txn, key)?;
+    txn.open_table(SEEN)
+        .map_err(storage("open seen"))?
+        .insert(key, at)
+        .map_err(storage("write seen"))?;
+    let mut by_time = txn.open_table(SEEN_BY_TIME).map_err(storage("open seen"))?;
+    if let Some(old) = old {
+        by_time.remove((old, key)).map_err(storage("remove seen"))?;
+    }
+    by_time
+        .insert((at, key), ())
+        .map_err(storage("write seen"))?;
+    Ok(())
+}
+
 fn sweep_seen(txn: &WriteTransaction, now: i64) -> Result<(), StoreError> {
     let mut by_time = txn.open_table(SEEN_BY_TIME).map_err(storage("open seen"))?;
     let mut seen = txn.open_table(SEEN).map_err(storage("open seen"))?;
@@ -459,6 +479,12 @@ fn sweep_seen(txn: &WriteTransaction, now: i64) -> Result<(), StoreError> {
             .map(|v| v.value());
         if current == Some(at) {
             seen.remove(key.as_str()).map_err(storage("remove seen"))?;
+            if let Some(claim) = key.strip_prefix(&claim_seen_key("")) {
+                txn.open_table(CLAIMS)
+                    .map_err(storage("open claims"))?
+                    .remove(claim)
+                    .map_err(storage("remove claim"))?;
+            }
         }
     }
     Ok(())
@@ -479,6 +505,28 @@ fn agent_in<T: ReadableTable<Pair<'static>, &'static [u8]>>(
         .map_err(storage("read agent"))?
         .map(|v| parse_agent(v.value()))
         .transpose()
+}
+
+/// What the agent holds per media, counted from its slots.
+fn active_from_slots(
+    txn: &WriteTransaction,
+    tenant: &str,
+    agent_id: &str,
+) -> Result<BTreeMap<String, u32>, StoreError> {
+    let slots = txn.open_table(SLOTS).map_err(storage("open slots"))?;
+    let mut active = BTreeMap::new();
+    for row in slots
+        .range((tenant, agent_id, "")..)
+        .map_err(storage("scan slots"))?
+    {
+        let (k, media) = row.map_err(storage("read slot"))?;
+        let (t, a, _) = k.value();
+        if t != tenant || a != agent_id {
+            break;
+        }
+        *active.entry(media.value().to_string()).or_insert(0) += 1;
+    }
+    Ok(active)
 }
 
 fn write_agent(txn: &WriteTransaction, p: &AgentPresence) -> Result<(), StoreError> {
@@ -581,11 +629,15 @@ fn release_in(
         .map_err(storage("open holders"))?
         .remove((tenant, conversation_id, agent_id))
         .map_err(storage("remove holder"))?;
-    let agent = agent_in(
+    // A damaged record loses no slot: its next state recounts them from `slots`.
+    let agent = match agent_in(
         &txn.open_table(AGENTS).map_err(storage("open agents"))?,
         tenant,
         agent_id,
-    )?;
+    ) {
+        Err(StoreError::Corrupt(_)) => None,
+        read => read?,
+    };
     if let Some(mut agent) = agent {
         if let Some(n) = agent.active.get_mut(&media) {
             *n = n.saturating_sub(1);
@@ -858,11 +910,18 @@ impl SessionStore for EmbeddedStore {
                 &txn.open_table(AGENTS).map_err(storage("open agents"))?,
                 &tenant,
                 &agent_id,
-            )?;
+            );
             let (active, idle_since_ms) = match old {
-                Some(old) if old.ready || !ready => (old.active, old.idle_since_ms),
-                Some(old) => (old.active, now_ms),
-                None => (BTreeMap::new(), now_ms),
+                Ok(Some(old)) if old.ready || !ready => (old.active, old.idle_since_ms),
+                Ok(Some(old)) => (old.active, now_ms),
+                Ok(None) => (BTreeMap::new(), now_ms),
+                // An unreadable record is overwritten (the agent's next state repairs it, as
+                // on Redis), its counts taken from the slots it holds.
+                Err(StoreError::Corrupt(e)) => {
+                    tracing::warn!(agent = %agent_id, error = %e, "an unreadable agent record replaced");
+                    (active_from_slots(txn, &tenant, &agent_id)?, now_ms)
+                }
+                Err(e) => return Err(e),
             };
             let p = AgentPresence {
                 tenant_id: tenant,
@@ -1212,6 +1271,33 @@ impl SessionStore for EmbeddedStore {
         self.set_seen(key, ttl, true).await
     }
 
+    async fn claim(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, StoreError> {
+        let (key, value) = (key.to_string(), value.to_string());
+        self.write(move |txn| {
+            let now = now_ms();
+            sweep_seen(txn, now)?;
+            let lifetime = claim_seen_key(&key);
+            let mut claims = txn.open_table(CLAIMS).map_err(storage("open claims"))?;
+            let live = seen_until(txn, &lifetime)?.is_some_and(|at| at > now);
+            if live {
+                if let Some(held) = claims.get(key.as_str()).map_err(storage("read claim"))? {
+                    return Ok(Some(held.value().to_string()));
+                }
+            }
+            claims
+                .insert(key.as_str(), value.as_str())
+                .map_err(storage("write claim"))?;
+            set_seen_in(txn, &lifetime, now.saturating_add(ttl_ms(ttl).max(1)))?;
+            Ok(None)
+        })
+        .await
+    }
+
     async fn refresh(&self, key: &str, ttl: Duration) -> Result<(), StoreError> {
         self.set_seen(key, ttl, false).await.map(|_| ())
     }
@@ -1304,5 +1390,98 @@ mod tests {
             store.reserve_agent("t", &r).await,
             Err(StoreError::Corrupt(_))
         ));
+    }
+
+    /// One agent's damaged record does not stop the tenant's routing: a reserve passes over
+    /// it to an agent that fits. The agent's next state repairs it, counting the slots it
+    /// holds; a release while it is damaged frees its slot all the same.
+    #[tokio::test]
+    async fn a_reserve_passes_over_a_damaged_agent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(dir.path()).await.expect("open");
+        let chat = |n: u32| BTreeMap::from([("chat".to_string(), n)]);
+        let reserve = |conversation: &str, only: Option<&str>| Reserve {
+            conversation_id: conversation.into(),
+            media: "chat".into(),
+            skills: vec![],
+            exclude: vec![],
+            now_ms: 10,
+            only: only.map(str::to_string),
+        };
+        let damage = || {
+            store.write(|txn| {
+                txn.open_table(AGENTS)
+                    .map_err(storage("open"))?
+                    .insert(("t", "a1"), b"{broken".as_slice())
+                    .map_err(storage("insert"))?;
+                Ok(())
+            })
+        };
+        store
+            .set_presence("t", "a1", true, &[], &chat(2), 1)
+            .await
+            .expect("a1");
+        let held = store
+            .reserve_agent("t", &reserve("c0", Some("a1")))
+            .await
+            .expect("reserve");
+        assert_eq!(held.as_deref(), Some("a1"));
+        store
+            .set_presence("t", "a2", true, &[], &chat(1), 5)
+            .await
+            .expect("a2");
+        // The reserve made a1 busy from 10; not ready and ready again, it is the longest idle
+        // (since 3), with room for one more, when it is damaged.
+        store
+            .set_presence("t", "a1", false, &[], &chat(2), 2)
+            .await
+            .expect("a1");
+        store
+            .set_presence("t", "a1", true, &[], &chat(2), 3)
+            .await
+            .expect("a1");
+        damage().await.expect("damage");
+        let got = store
+            .reserve_agent("t", &reserve("c1", None))
+            .await
+            .expect("reserve");
+        assert_eq!(got.as_deref(), Some("a2"));
+
+        store
+            .set_presence("t", "a1", true, &[], &chat(2), 6)
+            .await
+            .expect("repair");
+        let a1 = store
+            .presence("t", "a1")
+            .await
+            .expect("readable")
+            .expect("a1");
+        assert_eq!(a1.active.get("chat"), Some(&1), "c0 counted");
+        let got = store
+            .reserve_agent("t", &reserve("c2", None))
+            .await
+            .expect("reserve");
+        assert_eq!(got.as_deref(), Some("a1"));
+        let got = store
+            .reserve_agent("t", &reserve("c3", None))
+            .await
+            .expect("reserve");
+        assert_eq!(got, None, "a1 is full at two");
+
+        damage().await.expect("damage");
+        assert!(store
+            .release_agent("t", "a1", "chat", "c0", 11)
+            .await
+            .expect("release"));
+        store
+            .set_presence("t", "a1", true, &[], &chat(2), 12)
+            .await
+            .expect("repair");
+        let a1 = store
+            .presence("t", "a1")
+            .await
+            .expect("readable")
+            .expect("a1");
+        assert_eq!(a1.active.get("chat"), Some(&1), "only c2 held");
     }
 }

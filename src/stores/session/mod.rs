@@ -375,9 +375,6 @@ pub fn start_mark(tenant: &str, conversation_id: &str) -> String {
     format!("chat-started:{tenant}:{conversation_id}")
 }
 
-/// The [`SessionStore::refresh`] key of a live chat's customer: edges refresh it while the
-/// customer makes requests or holds a stream open; the conversation worker closes the chat once
-/// it lapsed (`workers.conversation.abandon_timeout_s`).
 /// A conversation's user data after an update: `set` merged in, then `removed` taken out (a
 /// key both set and removed is gone). The edge checks the limit on it, the worker applies it.
 pub fn merge_user_data(
@@ -393,6 +390,15 @@ pub fn merge_user_data(
     merged
 }
 
+/// The [`SessionStore::claim`] key of a start request's client id: a retried start finds the
+/// session the first one chose.
+pub fn start_request_key(tenant: &str, request_id: &str) -> String {
+    format!("chat-start-request:{tenant}:{request_id}")
+}
+
+/// The [`SessionStore::refresh`] key of a live chat's customer: edges refresh it while the
+/// customer makes requests or holds a stream open; the conversation worker closes the chat once
+/// it lapsed (`workers.conversation.abandon_timeout_s`).
 pub fn customer_mark(tenant: &str, conversation_id: &str) -> String {
     format!("chat-customer:{tenant}:{conversation_id}")
 }
@@ -571,6 +577,16 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// True the first time `key` is seen within `ttl` (dedup of effects by event id).
     async fn remember(&self, key: &str, ttl: Duration) -> Result<bool, StoreError>;
+
+    /// Stores `value` under `key` for `ttl` unless a live value is there, and returns that
+    /// value (`None` when this call stored it): the first of racing callers wins, the others
+    /// learn what it chose (an idempotency key).
+    async fn claim(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, StoreError>;
 
     /// Remembers `key` for `ttl` from now, whether or not it was there (a sign of life that each
     /// call extends, where [`Self::remember`] keeps the first).

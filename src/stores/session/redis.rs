@@ -306,6 +306,10 @@ impl RedisStore {
     fn seen_key(&self, key: &str) -> String {
         format!("{}:seen:{key}", self.namespace)
     }
+
+    fn claim_key(&self, key: &str) -> String {
+        format!("{}:claim:{key}", self.namespace)
+    }
 }
 
 fn unavailable(e: RedisError) -> StoreError {
@@ -837,6 +841,25 @@ impl SessionStore for RedisStore {
             .await
             .map_err(redis_err)?;
         Ok(!matches!(set, Value::Nil))
+    }
+
+    async fn claim(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, StoreError> {
+        // NX with GET (Redis 7): one atomic step that either sets or reads the holder.
+        ::redis::cmd("SET")
+            .arg(self.claim_key(key))
+            .arg(value)
+            .arg("NX")
+            .arg("GET")
+            .arg("PX")
+            .arg(ttl_ms(ttl))
+            .query_async::<Option<String>>(&mut self.conn())
+            .await
+            .map_err(redis_err)
     }
 
     async fn refresh(&self, key: &str, ttl: Duration) -> Result<(), StoreError> {

@@ -303,7 +303,8 @@ impl ConversationWorker {
                 .routing
                 .was_applied(&e.envelope.event_id.to_string())
             {
-                warn!(conversation_id = %e.envelope.conversation_id, "a second request for an existing conversation; ignored");
+                // A retried start (same request id) publishes again while it finds no record.
+                info!(conversation_id = %e.envelope.conversation_id, "a second request for an existing conversation; ignored");
                 return Ok(());
             }
             if closed_by(&existing, e) {
@@ -896,6 +897,24 @@ impl ConversationWorker {
                     || c.routing.consult_invited.as_deref() == me);
             if !holds {
                 self.release(tenant, &b.agent_id, e).await?;
+            }
+            if c.state == ConversationState::Closed
+                && attempt == c.routing.offers.saturating_add(1)
+                && c.routing.closed_offer_to.as_deref() != me
+            {
+                // The offer the chat was waiting for when it closed: its push may have
+                // reached the desk before its save lost to the close, which named no offered
+                // agent. Told the close, as the close tells an offered agent.
+                let closed = notify::closed_json(&c.conversation_id, c.closed_reason.as_deref());
+                let client = notify::state(false, vec![b.agent_id.clone()], closed);
+                self.emit(
+                    DELIVERY_TOPIC,
+                    e,
+                    &c.conversation_id,
+                    "client/closed",
+                    &client,
+                )
+                .await?;
             }
             return Ok(());
         }

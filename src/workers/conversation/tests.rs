@@ -453,6 +453,43 @@ async fn an_offer_for_a_conversation_closed_meanwhile_takes_no_slot() {
     assert_eq!(rig.holders().await, Vec::<String>::new(), "no slot held");
 }
 
+/// The offer a queued chat was waiting for loses its save to the customer's leaving (the
+/// close saved a record naming no offered agent), though its push may have reached the desk:
+/// applied again on the closed record, it tells that agent the chat closed. An older attempt's
+/// offer, never the one waited for, tells nobody.
+#[tokio::test]
+async fn an_offer_that_lost_its_save_to_a_close_tells_its_agent() {
+    let rig = rig().await;
+    let mut closed = connected(&rig.tenant);
+    closed.state = ConversationState::Closed;
+    closed.agent_id = None;
+    closed.routing.offers = 1;
+    closed.closed_reason = Some("CUSTOMER_LEFT".into());
+    assert!(rig.store.put_conversation(&closed).await.expect("put"));
+    let older = offer("bob", 1);
+    rig.worker
+        .on_offered(&rig.event(&older), older)
+        .await
+        .expect("older offer");
+    assert_eq!(closed_told(&rig, "bob").await, 0, "an older attempt");
+    let waited_for = offer("erin", 2);
+    rig.worker
+        .on_offered(&rig.event(&waited_for), waited_for)
+        .await
+        .expect("offer after the close");
+    assert_eq!(closed_told(&rig, "erin").await, 1);
+    let told = rig
+        .events(DELIVERY_TOPIC)
+        .await
+        .iter()
+        .filter_map(|e| e.body_as::<chat::ClientEvent>().ok())
+        .find(|c| c.to_agents == ["erin"])
+        .expect("the push");
+    assert!(!told.to_customer, "the customer is not told twice");
+    assert!(told.data.contains("CUSTOMER_LEFT"), "{}", told.data);
+    assert_eq!(rig.holders().await, Vec::<String>::new(), "no slot held");
+}
+
 /// A transfer that already freed the agent and told everyone stands when it is applied again
 /// (its save was lost to a concurrent write, or the worker died before it), even though its
 /// named target stopped taking chats in between: the agent must not keep a chat whose slot
