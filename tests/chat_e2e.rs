@@ -35,7 +35,7 @@ async fn scenario(url: &str, agent_url: &str) {
             .header("x-api-key", &tenant.api_key)
             .json(
                 &json!({"nickname": "Ann", "email_address": "ann@example.com",
-                "request_id": "widget-start-1"}),
+                "request_id": "0193a4b2-7c1e-7000-8000-00000000a11e"}),
             )
             .send()
             .await
@@ -784,8 +784,10 @@ async fn a_retried_start_is_one_chat() {
             .expect("start");
         (r.status().as_u16(), r.json::<Value>().await.expect("json"))
     };
-    let racing =
-        futures::future::join_all((0..4).map(|_| start(tenant.api_key.clone(), "r-1"))).await;
+    let racing = futures::future::join_all(
+        (0..4).map(|_| start(tenant.api_key.clone(), "retry-0123456789abcdef")),
+    )
+    .await;
     let (status, first) = racing[0].clone();
     assert_eq!(status, 201, "{first}");
     assert!(
@@ -806,18 +808,24 @@ async fn a_retried_start_is_one_chat() {
     .await;
     assert!(second.is_err(), "a second offer: {second:?}");
     assert_eq!(
-        start(tenant.api_key.clone(), "r-1").await,
+        start(tenant.api_key.clone(), "retry-0123456789abcdef").await,
         (201, first.clone())
     );
 
     // Another tenant's start with the same request id is another chat.
     let other = provision_tenant(&admin).await;
-    let (status, theirs) = start(other.api_key.clone(), "r-1").await;
+    let (status, theirs) = start(other.api_key.clone(), "retry-0123456789abcdef").await;
     assert_eq!(status, 201, "{theirs}");
     assert_ne!(theirs["session_id"], first["session_id"]);
 
     let long: &'static str = "x".repeat(129).leak();
-    for bad in ["", "has space", "é", long] {
+    for bad in [
+        "",
+        "short-guessable",
+        "has space 0123456789",
+        "é0123456789abcdef",
+        long,
+    ] {
         let (status, body) = start(tenant.api_key.clone(), bad).await;
         assert_eq!(
             (status, body["error"]["code"].as_str()),

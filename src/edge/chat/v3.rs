@@ -180,14 +180,16 @@ fn check_contact(s: &NewSession) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Longest client id of a start request (bytes of printable ASCII).
+/// Client ids of a start request: printable ASCII of this many bytes. The id answers with the
+/// session's client key, so it is a secret, long enough not to be guessed (a UUID is 36).
+const MIN_REQUEST_ID: usize = 16;
 const MAX_REQUEST_ID: usize = 128;
 
 /// Publishes the conversation request; returns the claims of the new session. A start with a
-/// client `request_id` is idempotent: a retry within `workers.conversation.closed_retention_s`
-/// (as long as the record lives) gets the first start's session, and publishes the request
-/// again only while that session has no record yet (the first publish may have failed; the
-/// worker ignores a second request for a conversation it has).
+/// client `request_id` is idempotent: a retry within the client key's lifetime (and the
+/// record's retention) gets the first start's session and key, and publishes the request
+/// again, at its own time, only while that session has no record yet (the first publish may
+/// have failed; the worker applies a conversation's first request only).
 pub(crate) async fn open_session(
     state: &AppState,
     tenant: &str,
@@ -198,6 +200,8 @@ pub(crate) async fn open_session(
     let sessions = state.sessions()?;
     let unavailable = |e: crate::stores::session::StoreError| ApiError::unavailable(e.to_string());
     let retention = Duration::from_secs(state.config.workers.conversation.closed_retention_s);
+    // A retry past the key's lifetime would get a dead key it cannot renew: a new chat then.
+    let claimed_for = retention.min(Duration::from_secs(state.config.chat.client_key_ttl_s));
     let mut ids = StartIds {
         conversation_id: Uuid::now_v7().to_string(),
         participant_id: Uuid::now_v7().to_string(),
@@ -207,7 +211,7 @@ pub(crate) async fn open_session(
         check_request_id(request_id)?;
         let key = start_request_key(tenant, request_id);
         if let Some(held) = sessions
-            .claim(&key, &ids.to_string(), retention)
+            .claim(&key, &ids.to_string(), claimed_for)
             .await
             .map_err(unavailable)?
         {
@@ -240,7 +244,6 @@ pub(crate) async fn open_session(
     let mut event = Event::typed(&body, tenant, &ids.conversation_id, PRODUCER)
         .map_err(|e| ApiError::bad_request("INVALID_FIELD", e.to_string()))?;
     event.envelope.traceparent = traceparent;
-    event.envelope.occurred_at_ms = ids.at_ms;
     // Marked before the request is published, so a missing record is either a start not yet
     // applied (marked) or a session the store lost (not marked): see [`ensure_open`]. The
     // worker drops the mark once the record exists; it expires with the retention otherwise.
@@ -253,10 +256,14 @@ pub(crate) async fn open_session(
 }
 
 fn check_request_id(id: &str) -> Result<(), ApiError> {
-    if id.is_empty() || id.len() > MAX_REQUEST_ID || !id.bytes().all(|b| b.is_ascii_graphic()) {
+    let fits = (MIN_REQUEST_ID..=MAX_REQUEST_ID).contains(&id.len());
+    if !fits || !id.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(ApiError::bad_request(
             "INVALID_FIELD",
-            format!("request_id is 1 to {MAX_REQUEST_ID} printable ASCII characters"),
+            format!(
+                "request_id is {MIN_REQUEST_ID} to {MAX_REQUEST_ID} printable ASCII characters, \
+                 random (a UUID): a retry with it gets the session's key"
+            ),
         ));
     }
     Ok(())

@@ -1392,6 +1392,36 @@ mod tests {
         ));
     }
 
+    /// A claim whose lifetime ran out is swept with its `seen` entry: no row is left behind.
+    #[tokio::test]
+    async fn expired_claims_are_swept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(dir.path()).await.expect("open");
+        let ttl = Duration::from_millis(1);
+        assert_eq!(store.claim("k1", "v1", ttl).await.expect("claim"), None);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // Any write sweeps what ran out.
+        assert_eq!(
+            store
+                .claim("k2", "v2", Duration::from_secs(60))
+                .await
+                .expect("claim"),
+            None
+        );
+        let left = store
+            .read(|txn| {
+                let claims = txn.open_table(CLAIMS).map_err(storage("open"))?;
+                let mut keys = Vec::new();
+                for row in claims.iter().map_err(storage("iter"))? {
+                    keys.push(row.map_err(storage("row"))?.0.value().to_string());
+                }
+                Ok(keys)
+            })
+            .await
+            .expect("read");
+        assert_eq!(left, ["k2"]);
+    }
+
     /// One agent's damaged record does not stop the tenant's routing: a reserve passes over
     /// it to an agent that fits. The agent's next state repairs it, counting the slots it
     /// holds; a release while it is damaged frees its slot all the same.

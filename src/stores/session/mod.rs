@@ -391,9 +391,13 @@ pub fn merge_user_data(
 }
 
 /// The [`SessionStore::claim`] key of a start request's client id: a retried start finds the
-/// session the first one chose.
+/// session the first one chose. The id is a secret (it answers with the session's key), so
+/// the store holds its hash.
 pub fn start_request_key(tenant: &str, request_id: &str) -> String {
-    format!("chat-start-request:{tenant}:{request_id}")
+    use sha2::Digest;
+    let hash = sha2::Sha256::digest(request_id.as_bytes());
+    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    format!("chat-start-request:{tenant}:{hex}")
 }
 
 /// The [`SessionStore::refresh`] key of a live chat's customer: edges refresh it while the

@@ -216,6 +216,15 @@ if score and tonumber(score) == tonumber(ARGV[2]) then redis.call('ZREM', KEYS[1
 return 0
 "#;
 
+/// KEYS: claim. ARGV: value, ttl ms. Returns the value held, or nil when this call set it
+/// (`SET NX GET` in one step, which Redis before 7.0 lacks).
+const CLAIM: &str = r#"
+local held = redis.call('GET', KEYS[1])
+if held then return held end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+"#;
+
 struct Scripts {
     put_conversation: Script,
     append: Script,
@@ -228,6 +237,7 @@ struct Scripts {
     dequeue: Script,
     claim_due: Script,
     complete_timer: Script,
+    claim: Script,
 }
 
 impl Scripts {
@@ -244,6 +254,7 @@ impl Scripts {
             dequeue: Script::new(DEQUEUE),
             claim_due: Script::new(CLAIM_DUE),
             complete_timer: Script::new(COMPLETE_TIMER),
+            claim: Script::new(CLAIM),
         }
     }
 }
@@ -849,15 +860,12 @@ impl SessionStore for RedisStore {
         value: &str,
         ttl: Duration,
     ) -> Result<Option<String>, StoreError> {
-        // NX with GET (Redis 7): one atomic step that either sets or reads the holder.
-        ::redis::cmd("SET")
-            .arg(self.claim_key(key))
+        self.scripts
+            .claim
+            .key(self.claim_key(key))
             .arg(value)
-            .arg("NX")
-            .arg("GET")
-            .arg("PX")
             .arg(ttl_ms(ttl))
-            .query_async::<Option<String>>(&mut self.conn())
+            .invoke_async::<Option<String>>(&mut self.conn())
             .await
             .map_err(redis_err)
     }

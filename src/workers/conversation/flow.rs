@@ -904,17 +904,12 @@ impl ConversationWorker {
             {
                 // The offer the chat was waiting for when it closed: its push may have
                 // reached the desk before its save lost to the close, which named no offered
-                // agent. Told the close, as the close tells an offered agent.
-                let closed = notify::closed_json(&c.conversation_id, c.closed_reason.as_deref());
-                let client = notify::state(false, vec![b.agent_id.clone()], closed);
-                self.emit(
-                    DELIVERY_TOPIC,
-                    e,
-                    &c.conversation_id,
-                    "client/closed",
-                    &client,
-                )
-                .await?;
+                // agent. Withdrawn by its id: a desk that never got it ignores this.
+                let closed = json!({"type": "offer_closed", "conversation_id": c.conversation_id,
+                    "offer_id": b.offer_id, "reason": "closed"});
+                let client = notify::to_agent(&b.agent_id, ClientEventKind::OfferClosed, closed);
+                self.emit(DELIVERY_TOPIC, e, &c.conversation_id, "client", &client)
+                    .await?;
             }
             return Ok(());
         }
