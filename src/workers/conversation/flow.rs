@@ -1454,7 +1454,12 @@ impl ConversationWorker {
     }
 
     pub(super) async fn on_completed(&self, e: &Event, b: ev::ConversationCompleted) -> Step {
-        let completed = ev::CloseReason::AgentCompleted;
+        // Ours: a deleted agent's conversation that no queue takes back (see `hand_back`).
+        let completed = if e.envelope.producer == super::PRODUCER {
+            ev::CloseReason::System
+        } else {
+            ev::CloseReason::AgentCompleted
+        };
         let leaving = Leaving::Agent {
             participant_id: b.participant_id.clone(),
             agent_id: b.agent_id.clone(),
@@ -2016,6 +2021,22 @@ impl ConversationWorker {
             let what = format!("hand-back/{id}");
             if c.agent_id.as_deref() == me || offered {
                 let Some(queue) = self.hand_back_queue(&c).await? else {
+                    if c.agent_id.as_deref() == me {
+                        // No queue to go back to (its own deleted, no rule matching): the
+                        // chat ends rather than wait for an agent who is gone. Completed on
+                        // the agent's behalf, in the conversation's order (a system close).
+                        info!(conversation_id = %id, agent, "the agent was deleted and no queue takes its conversation; closing");
+                        let done = ev::ConversationCompleted {
+                            agent_id: agent.to_string(),
+                            participant_id: agent.to_string(),
+                            disposition: None,
+                            note: None,
+                            user_data: BTreeMap::new(),
+                            close_conversation: true,
+                        };
+                        self.emit(AGENT_TOPIC, e, &id, &what, &done).await?;
+                    }
+                    // Only offered: the offer lapses as any unanswered one.
                     continue;
                 };
                 // A consult in progress would refuse the transfer: its consultant leaves
@@ -2065,7 +2086,7 @@ impl ConversationWorker {
 
     /// Where a deleted agent's conversation goes back to: its queue or, if that queue was
     /// deleted since, the queue its routing rule gives it now (a rule never names a deleted
-    /// queue); with no rule either, its queue, whose transfer is refused (it stays).
+    /// queue); with no rule either, none (the conversation closes).
     async fn hand_back_queue(&self, c: &Conversation) -> Result<Option<String>, HandleError> {
         let tenant = &c.tenant_id;
         if let Some(queue) = &c.queue_id {
@@ -2083,8 +2104,7 @@ impl ConversationWorker {
             .routing_rules(tenant)
             .await
             .map_err(directory_failed)?;
-        let routed = directory::route(&rules, &c.channel, &c.user_data).map(|r| r.queue_id.clone());
-        Ok(routed.or_else(|| c.queue_id.clone()))
+        Ok(directory::route(&rules, &c.channel, &c.user_data).map(|r| r.queue_id.clone()))
     }
 
     /// Tells an agent's desks the state applied (another tab's change, or one the system set).

@@ -926,11 +926,24 @@ async fn a_late_consult_invitation_gets_its_whole_timeout() {
 #[tokio::test]
 async fn a_deleted_agents_conversations_are_handed_back() {
     let rig = rig().await;
+    let queue = rig
+        .provisioning
+        .create_queue(
+            &rig.tenant,
+            crate::stores::provisioning::NewQueue {
+                name: "Support".into(),
+            },
+        )
+        .await
+        .expect("queue")
+        .id;
     let other = "0193a4b2-0000-7000-8000-00000000beef";
     let mut consulted = connected(&rig.tenant);
+    consulted.queue_id = Some(queue.clone());
     consulted.routing.consult_invited = Some("bob".into());
     assert!(rig.store.put_conversation(&consulted).await.expect("put"));
     let mut second = connected(&rig.tenant);
+    second.queue_id = Some(queue.clone());
     second.conversation_id = other.into();
     assert!(rig.store.put_conversation(&second).await.expect("put"));
     let capacity = BTreeMap::from([(CHAT_MEDIA.to_string(), 2)]);
@@ -979,7 +992,7 @@ async fn a_deleted_agents_conversations_are_handed_back() {
         let b: chat::TransferRequested = e.body_as().expect("body");
         assert_eq!(
             (b.agent_id.as_str(), b.target_kind, b.target_id.as_str()),
-            ("alice", chat::TargetKind::Queue, "q1")
+            ("alice", chat::TargetKind::Queue, queue.as_str())
         );
     }
 }
@@ -1148,6 +1161,43 @@ async fn a_deleted_agents_conversation_of_a_deleted_queue_goes_where_its_rule_sa
         })
         .collect();
     assert_eq!(targets, [queue]);
+}
+
+/// A deleted agent's chat that no queue takes back (its queue deleted, no rule matching) ends
+/// rather than wait for the agent who is gone: a completion on the agent's behalf, applied in
+/// the conversation's order, closes it as a system close.
+#[tokio::test]
+async fn a_deleted_agents_chat_with_no_queue_left_closes() {
+    let rig = rig().await;
+    rig.create_interaction_topic().await;
+    // Neither `q1` nor any routing rule is provisioned.
+    rig.connect_alice().await;
+    rig.not_ready("alice").await;
+    let handed: Vec<Event> = rig
+        .events(AGENT_TOPIC)
+        .await
+        .into_iter()
+        .filter(|e| e.envelope.conversation_id == CONVERSATION)
+        .collect();
+    assert_eq!(handed.len(), 1, "{handed:?}");
+    assert_eq!(
+        handed[0].envelope.event_type,
+        chat::ConversationCompleted::TYPE
+    );
+    let done: chat::ConversationCompleted = handed[0].body_as().expect("body");
+    assert_eq!(done.agent_id, "alice");
+    rig.worker
+        .on_completed(&handed[0], done)
+        .await
+        .expect("completed");
+    let closed = rig.record().await;
+    assert_eq!(closed.state, ConversationState::Closed);
+    assert_eq!(closed.closed_reason.as_deref(), Some("SYSTEM"));
+    assert_eq!(
+        rig.holders().await,
+        Vec::<String>::new(),
+        "alice's slot freed"
+    );
 }
 
 /// An accept by an agent deleted meanwhile (its token still cached by an edge) does not
