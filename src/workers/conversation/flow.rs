@@ -908,8 +908,16 @@ impl ConversationWorker {
                 let closed = json!({"type": "offer_closed", "conversation_id": c.conversation_id,
                     "offer_id": b.offer_id, "reason": "closed"});
                 let client = notify::to_agent(&b.agent_id, ClientEventKind::OfferClosed, closed);
-                self.emit(DELIVERY_TOPIC, e, &c.conversation_id, "client", &client)
-                    .await?;
+                // Not "client": the id of the offer's own push, which this event's first
+                // try may have made.
+                self.emit(
+                    DELIVERY_TOPIC,
+                    e,
+                    &c.conversation_id,
+                    "client/offer-closed",
+                    &client,
+                )
+                .await?;
             }
             return Ok(());
         }
@@ -1454,20 +1462,22 @@ impl ConversationWorker {
     }
 
     pub(super) async fn on_completed(&self, e: &Event, b: ev::ConversationCompleted) -> Step {
-        // Ours: a deleted agent's conversation that no queue takes back (see `hand_back`).
-        let completed = if e.envelope.producer == super::PRODUCER {
-            ev::CloseReason::System
+        // Ours: a deleted agent's conversation that no queue takes back (see `hand_back`), a
+        // system close that no participant made.
+        let system = e.envelope.producer == super::PRODUCER;
+        let (completed, by) = if system {
+            (ev::CloseReason::System, None)
         } else {
-            ev::CloseReason::AgentCompleted
+            (
+                ev::CloseReason::AgentCompleted,
+                Some(b.participant_id.as_str()),
+            )
         };
         let leaving = Leaving::Agent {
             participant_id: b.participant_id.clone(),
             agent_id: b.agent_id.clone(),
         };
-        let Some(mut c) = self
-            .closing(e, completed, Some(&b.participant_id), &leaving)
-            .await?
-        else {
+        let Some(mut c) = self.closing(e, completed, by, &leaving).await? else {
             return Ok(());
         };
         if c.routing.consultant.as_deref() == Some(b.agent_id.as_str()) {
@@ -1481,7 +1491,7 @@ impl ConversationWorker {
         // The disposition (a wrap-up code) stays off the transcript the customer reads; GWS
         // gets it from the completion event.
         c.user_data.extend(b.user_data.clone());
-        self.close(&mut c, e, completed, Some(b.participant_id), &leaving)
+        self.close(&mut c, e, completed, by.map(str::to_string), &leaving)
             .await
     }
 

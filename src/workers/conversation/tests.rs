@@ -1198,6 +1198,15 @@ async fn a_deleted_agents_chat_with_no_queue_left_closes() {
         Vec::<String>::new(),
         "alice's slot freed"
     );
+    let closes: Vec<chat::ConversationClosed> = rig
+        .events(INTERACTION_TOPIC)
+        .await
+        .iter()
+        .filter(|e| e.envelope.event_type == chat::ConversationClosed::TYPE)
+        .map(|e| e.body_as().expect("body"))
+        .collect();
+    assert_eq!(closes.len(), 1);
+    assert_eq!(closes[0].closed_by_participant_id, None, "closed by no one");
 }
 
 /// An accept by an agent deleted meanwhile (its token still cached by an edge) does not

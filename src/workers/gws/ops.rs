@@ -122,6 +122,11 @@ pub fn operation_of(event: &Event) -> Result<Option<Operation>, BodyError> {
                 message_id: None,
             }
         }
+        // The conversation worker's close of a deleted agent's chat that no queue takes back:
+        // not the agent's act either.
+        ConversationCompleted::TYPE if e.producer == crate::workers::conversation::PRODUCER => {
+            return Ok(None)
+        }
         ConversationCompleted::TYPE => {
             let b: ConversationCompleted = event.body_as()?;
             let mut body = Map::new();
@@ -302,6 +307,11 @@ mod tests {
             json!({"operationName": "Complete", "disposition": "resolved"})
         );
         assert_eq!(op.agent_id, "a2");
+        // The worker's completion of a deleted agent's chat: no call as that agent.
+        assert_eq!(
+            operation_of(&event(&done, crate::workers::conversation::PRODUCER)).expect("ok"),
+            None
+        );
     }
 
     #[test]
