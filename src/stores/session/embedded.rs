@@ -1470,6 +1470,21 @@ mod tests {
             .set_presence("t", "a1", true, &[], &chat(2), 3)
             .await
             .expect("a1");
+        // The agent's next state repairs the record; what it reads then.
+        let repair = |at: i64| {
+            let store = &store;
+            async move {
+                store
+                    .set_presence("t", "a1", true, &[], &chat(2), at)
+                    .await
+                    .expect("repair");
+                store
+                    .presence("t", "a1")
+                    .await
+                    .expect("readable")
+                    .expect("a1")
+            }
+        };
         damage().await.expect("damage");
         let got = store
             .reserve_agent("t", &reserve("c1", None))
@@ -1477,16 +1492,7 @@ mod tests {
             .expect("reserve");
         assert_eq!(got.as_deref(), Some("a2"));
 
-        store
-            .set_presence("t", "a1", true, &[], &chat(2), 6)
-            .await
-            .expect("repair");
-        let a1 = store
-            .presence("t", "a1")
-            .await
-            .expect("readable")
-            .expect("a1");
-        assert_eq!(a1.active.get("chat"), Some(&1), "c0 counted");
+        assert_eq!(repair(6).await.active.get("chat"), Some(&1), "c0 counted");
         let got = store
             .reserve_agent("t", &reserve("c2", None))
             .await
@@ -1503,15 +1509,10 @@ mod tests {
             .release_agent("t", "a1", "chat", "c0", 11)
             .await
             .expect("release"));
-        store
-            .set_presence("t", "a1", true, &[], &chat(2), 12)
-            .await
-            .expect("repair");
-        let a1 = store
-            .presence("t", "a1")
-            .await
-            .expect("readable")
-            .expect("a1");
-        assert_eq!(a1.active.get("chat"), Some(&1), "only c2 held");
+        assert_eq!(
+            repair(12).await.active.get("chat"),
+            Some(&1),
+            "only c2 held"
+        );
     }
 }
