@@ -215,10 +215,9 @@ pub(crate) async fn open_session(
             .await
             .map_err(unavailable)?
         {
+            // The id itself stays out of the message: it is a secret.
             ids = held.parse().map_err(|()| {
-                ApiError::unavailable(format!(
-                    "the stored start of request {request_id} is unreadable"
-                ))
+                ApiError::unavailable("the stored start of this request_id is unreadable")
             })?;
             let record = sessions
                 .conversation(tenant, &ids.conversation_id)
