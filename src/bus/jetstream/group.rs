@@ -22,6 +22,9 @@
 //!   or a `+WPI` while `now + fetch_expires + ack_wait + safety <= renewal_sent + lease_ttl`,
 //!   so everything it ever received is redeliverable `safety` before the lease can expire,
 //!   however it dies. Renewals every `(lease_ttl - ack_wait) / 4` keep that true while alive.
+//!   A live owner whose renewals go unanswered starts no held record past that deadline and
+//!   gives the partition up (`JetStreamAcker::revoked`), so its lanes do not work on beside
+//!   the next owner.
 //!
 //! **Where a consumer starts.** The consumers of a group new on a topic start at its start
 //! setting; those of partitions added later start at the partition's beginning (everything in
@@ -1095,7 +1098,24 @@ impl Acker for JetStreamAcker {
     }
 
     fn revoked(&self) -> bool {
-        self.slot.is_lost() || self.slot.released.load(Ordering::Acquire)
+        if self.slot.is_lost() || self.slot.released.load(Ordering::Acquire) {
+            return true;
+        }
+        // Renewals unanswered up to the lease's deadline: it may have expired, and its next
+        // owner restarts at the ack floor, so nothing more is handled here. The partition is
+        // given up for good (as a lost lease): going on after records dropped here would
+        // handle later records before them.
+        if Instant::now() >= self.slot.lease().deadline {
+            if !self.slot.is_lost() {
+                warn!(
+                    partition = self.slot.partition,
+                    "partition lease past its deadline without a renewal; given up"
+                );
+            }
+            self.slot.lost.fire();
+            return true;
+        }
+        false
     }
 }
 

@@ -505,6 +505,40 @@ async fn a_renewal_whose_reply_was_lost_keeps_the_lease() {
     sub.close().await.expect("close");
 }
 
+/// A member whose renewals go unanswered (here: its lease bucket is gone, so every renewal
+/// fails) handles nothing it holds once the lease's deadline passed: the lease may have expired
+/// and a next owner restarted at the ack floor. Before the deadline its records are its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_held_past_an_unrenewed_lease_are_revoked() {
+    let Some(config) = test_config() else { return };
+    let bus = connect(&config).await;
+    let topic = fresh_topic(&bus, 1).await;
+    for i in 0..3 {
+        bus.publish(&topic, OutRecord::new("k", format!("k:{i}")))
+            .await
+            .expect("publish");
+    }
+    let mut sub = bus
+        .subscribe("g", &topic, SubscribeOptions::default())
+        .await
+        .expect("subscribe");
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(next(&mut sub, WAIT).await.expect("a record"));
+    }
+    assert!(held.iter().all(|d| !d.revoked()), "held under a live lease");
+    bus.js
+        .delete_key_value(codec::lease_bucket(&codec::stream_name(&topic)))
+        .await
+        .expect("delete the lease bucket");
+    tokio::time::sleep(Duration::from_millis(config.nats.lease_ttl_ms + 500)).await;
+    assert!(
+        held.iter().all(|d| d.revoked()),
+        "records handled past the lease's deadline"
+    );
+    let _ = sub.close().await;
+}
+
 /// A clean hand-over (the old member closes) gives the next member what was left unacked, and
 /// nothing the old member acked: the restart at the ack floor is for a member that died.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
