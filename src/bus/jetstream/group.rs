@@ -674,10 +674,14 @@ async fn renew(g: &Group, held: &mut HashMap<u32, Held>) {
                 .await
             {
                 Ok(revision) => {
-                    *lock(&slot.lease) = Lease {
-                        revision,
-                        deadline: sent + g.timing().lease_ttl,
-                    };
+                    let mut lease = lock(&slot.lease);
+                    // Given up meanwhile (see `JetStreamAcker::revoked`): stays given up.
+                    if !slot.is_lost() {
+                        *lease = Lease {
+                            revision,
+                            deadline: sent + g.timing().lease_ttl,
+                        };
+                    }
                 }
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                     match own_revision(g, &key).await {
@@ -1104,18 +1108,20 @@ impl Acker for JetStreamAcker {
         // Renewals unanswered up to the lease's deadline: it may have expired, and its next
         // owner restarts at the ack floor, so nothing more is handled here. The partition is
         // given up for good (as a lost lease): going on after records dropped here would
-        // handle later records before them.
-        if Instant::now() >= self.slot.lease().deadline {
-            if !self.slot.is_lost() {
-                warn!(
-                    partition = self.slot.partition,
-                    "partition lease past its deadline without a renewal; given up"
-                );
-            }
-            self.slot.lost.fire();
-            return true;
+        // handle later records before them. Fired under the lease's lock, under which a
+        // renewal stores its deadline only while not given up: no lane starts a record after.
+        let lease = lock(&self.slot.lease);
+        if Instant::now() < lease.deadline {
+            return false;
         }
-        false
+        if !self.slot.is_lost() {
+            warn!(
+                partition = self.slot.partition,
+                "partition lease past its deadline without a renewal; given up"
+            );
+        }
+        self.slot.lost.fire();
+        true
     }
 }
 

@@ -507,7 +507,8 @@ async fn a_renewal_whose_reply_was_lost_keeps_the_lease() {
 
 /// A member whose renewals go unanswered (here: its lease bucket is gone, so every renewal
 /// fails) handles nothing it holds once the lease's deadline passed: the lease may have expired
-/// and a next owner restarted at the ack floor. Before the deadline its records are its own.
+/// and a next owner restarted at the ack floor, which gets the dropped records in order.
+/// Before the deadline its records are its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_held_past_an_unrenewed_lease_are_revoked() {
     let Some(config) = test_config() else { return };
@@ -536,7 +537,20 @@ async fn records_held_past_an_unrenewed_lease_are_revoked() {
         held.iter().all(|d| d.revoked()),
         "records handled past the lease's deadline"
     );
+    // Dropped unhandled, they come to the next owner (this one's leases are gone with the
+    // bucket, which the next member's join creates again) first and in order.
+    drop(held);
     let _ = sub.close().await;
+    let mut next_owner = bus
+        .subscribe("g", &topic, SubscribeOptions::default())
+        .await
+        .expect("subscribe again");
+    for i in 0..3 {
+        let d = next(&mut next_owner, WAIT).await.expect("a record again");
+        assert_eq!(d.message.payload.as_ref(), format!("k:{i}").as_bytes());
+        d.ack().await.expect("ack");
+    }
+    next_owner.close().await.expect("close");
 }
 
 /// A clean hand-over (the old member closes) gives the next member what was left unacked, and
