@@ -507,6 +507,27 @@ fn agent_in<T: ReadableTable<Pair<'static>, &'static [u8]>>(
         .transpose()
 }
 
+/// The agent's slots: (conversation, media) of each conversation it holds.
+fn agent_slots<T: ReadableTable<Triple<'static>, &'static str>>(
+    slots: &T,
+    tenant: &str,
+    agent_id: &str,
+) -> Result<Vec<(String, String)>, StoreError> {
+    let mut out = Vec::new();
+    for row in slots
+        .range((tenant, agent_id, "")..)
+        .map_err(storage("scan slots"))?
+    {
+        let (k, media) = row.map_err(storage("read slot"))?;
+        let (t, a, c) = k.value();
+        if t != tenant || a != agent_id {
+            break;
+        }
+        out.push((c.to_string(), media.value().to_string()));
+    }
+    Ok(out)
+}
+
 /// What the agent holds per media, counted from its slots.
 fn active_from_slots(
     txn: &WriteTransaction,
@@ -515,16 +536,8 @@ fn active_from_slots(
 ) -> Result<BTreeMap<String, u32>, StoreError> {
     let slots = txn.open_table(SLOTS).map_err(storage("open slots"))?;
     let mut active = BTreeMap::new();
-    for row in slots
-        .range((tenant, agent_id, "")..)
-        .map_err(storage("scan slots"))?
-    {
-        let (k, media) = row.map_err(storage("read slot"))?;
-        let (t, a, _) = k.value();
-        if t != tenant || a != agent_id {
-            break;
-        }
-        *active.entry(media.value().to_string()).or_insert(0) += 1;
+    for (_, media) in agent_slots(&slots, tenant, agent_id)? {
+        *active.entry(media).or_insert(0) += 1;
     }
     Ok(active)
 }
@@ -1033,19 +1046,8 @@ impl SessionStore for EmbeddedStore {
         let (tenant, agent_id) = (tenant.to_string(), agent_id.to_string());
         self.read(move |txn| {
             let slots = txn.open_table(SLOTS).map_err(storage("open slots"))?;
-            let mut out = Vec::new();
-            for row in slots
-                .range((tenant.as_str(), agent_id.as_str(), "")..)
-                .map_err(storage("scan slots"))?
-            {
-                let (k, _) = row.map_err(storage("read slot"))?;
-                let (t, a, c) = k.value();
-                if t != tenant || a != agent_id {
-                    break;
-                }
-                out.push(c.to_string());
-            }
-            Ok(out)
+            let held = agent_slots(&slots, &tenant, &agent_id)?;
+            Ok(held.into_iter().map(|(c, _)| c).collect())
         })
         .await
     }

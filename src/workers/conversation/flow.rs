@@ -905,9 +905,12 @@ impl ConversationWorker {
                 // The offer the chat was waiting for when it closed: its push may have
                 // reached the desk before its save lost to the close, which named no offered
                 // agent. Withdrawn by its id: a desk that never got it ignores this.
-                let closed = json!({"type": "offer_closed", "conversation_id": c.conversation_id,
-                    "offer_id": b.offer_id, "reason": "closed"});
-                let client = notify::to_agent(&b.agent_id, ClientEventKind::OfferClosed, closed);
+                let client = notify::offer_closed(
+                    &b.agent_id,
+                    &c.conversation_id,
+                    Some(&b.offer_id),
+                    "closed",
+                );
                 // Not "client": the id of the offer's own push, which this event's first
                 // try may have made.
                 self.emit(
@@ -1028,9 +1031,12 @@ impl ConversationWorker {
             // Deleted, accepting with a token an edge still had cached: the chat does not go
             // to a desk nobody will answer again; the offer lapses to the next agent.
             info!(conversation_id = %c.conversation_id, agent = %b.agent_id, "an accept by a deleted agent; the offer lapses");
-            let closed = json!({"type": "offer_closed", "conversation_id": c.conversation_id,
-                "offer_id": b.offer_id, "reason": "agent_deleted"});
-            let client = notify::to_agent(&b.agent_id, ClientEventKind::OfferClosed, closed);
+            let client = notify::offer_closed(
+                &b.agent_id,
+                &c.conversation_id,
+                Some(&b.offer_id),
+                "agent_deleted",
+            );
             return self
                 .emit(DELIVERY_TOPIC, e, &c.conversation_id, "client", &client)
                 .await;
@@ -1049,9 +1055,12 @@ impl ConversationWorker {
             return Ok(());
         }
         if !current {
-            let closed = json!({"type": "offer_closed", "conversation_id": c.conversation_id,
-                "offer_id": b.offer_id, "reason": "not_current"});
-            let client = notify::to_agent(&b.agent_id, ClientEventKind::OfferClosed, closed);
+            let client = notify::offer_closed(
+                &b.agent_id,
+                &c.conversation_id,
+                Some(&b.offer_id),
+                "not_current",
+            );
             return self
                 .emit(DELIVERY_TOPIC, e, &c.conversation_id, "client", &client)
                 .await;
@@ -1112,9 +1121,8 @@ impl ConversationWorker {
             .cancel(&self.timer(OFFER_TIMER, &c))
             .await
             .map_err(store_failed)?;
-        let closed = json!({"type": "offer_closed", "conversation_id": c.conversation_id,
-            "offer_id": b.offer_id, "reason": b.reason});
-        let client = notify::to_agent(&b.agent_id, ClientEventKind::OfferClosed, closed);
+        let client =
+            notify::offer_closed(&b.agent_id, &c.conversation_id, Some(&b.offer_id), b.reason);
         self.emit(DELIVERY_TOPIC, e, &c.conversation_id, "client", &client)
             .await?;
         if not_responding {
@@ -1464,8 +1472,7 @@ impl ConversationWorker {
     pub(super) async fn on_completed(&self, e: &Event, b: ev::ConversationCompleted) -> Step {
         // Ours: a deleted agent's conversation that no queue takes back (see `hand_back`), a
         // system close that no participant made.
-        let system = e.envelope.producer == super::PRODUCER;
-        let (completed, by) = if system {
+        let (completed, by) = if e.envelope.producer == super::PRODUCER {
             (ev::CloseReason::System, None)
         } else {
             (
@@ -1875,9 +1882,12 @@ impl ConversationWorker {
             )
             .await?;
         } else {
-            let closed = json!({"type": "offer_closed", "conversation_id": c.conversation_id,
-                "offer_id": c.routing.consult_offer_id, "reason": declined.unwrap_or("withdrawn")});
-            let client = notify::to_agent(agent, ClientEventKind::OfferClosed, closed);
+            let client = notify::offer_closed(
+                agent,
+                &c.conversation_id,
+                c.routing.consult_offer_id.as_deref(),
+                declined.unwrap_or("withdrawn"),
+            );
             self.emit(
                 DELIVERY_TOPIC,
                 e,

@@ -61,6 +61,18 @@ pub fn to_agent(agent_id: &str, kind: ClientEventKind, data: Value) -> ClientEve
     }
 }
 
+/// An offer (or consult invitation) withdrawn from one agent's desk, by its id.
+pub fn offer_closed(
+    agent_id: &str,
+    conversation_id: &str,
+    offer_id: Option<&str>,
+    reason: impl serde::Serialize,
+) -> ClientEvent {
+    let data = json!({"type": "offer_closed", "conversation_id": conversation_id,
+        "offer_id": offer_id, "reason": reason});
+    to_agent(agent_id, ClientEventKind::OfferClosed, data)
+}
+
 /// A conversation state change (connected, closed) for the customer and agents.
 pub fn state(to_customer: bool, agents: Vec<String>, data: Value) -> ClientEvent {
     ClientEvent {
