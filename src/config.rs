@@ -143,6 +143,8 @@ pub struct NatsConfig {
     pub ack_wait_ms: u64,
     /// Partition lease time (ms); must exceed `ack_wait_ms`.
     pub lease_ttl_ms: u64,
+    /// How often a member re-reads its topic's partition count (ms).
+    pub partitions_refresh_ms: u64,
     /// Stream replicas.
     pub replicas: usize,
     pub user: String,
@@ -339,6 +341,12 @@ impl Config {
                 "must exceed bus.nats.ack_wait_ms so a new owner never overtakes a dead owner's records",
             ));
         }
+        if self.bus.nats.partitions_refresh_ms < 100 {
+            return Err(invalid(
+                "bus.nats.partitions_refresh_ms",
+                "must be at least 100",
+            ));
+        }
         if self.bus.nats.replicas == 0 {
             return Err(invalid("bus.nats.replicas", "must be at least 1"));
         }
@@ -407,6 +415,14 @@ impl Config {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
             }
+        }
+        if self.chat.file_retention_s > self.workers.conversation.closed_retention_s {
+            // A file uploaded just before its chat closed would outlive the transcript that
+            // names it (the bytes sit in the provisioning database, beside tenants and keys).
+            return Err(invalid(
+                "chat.file_retention_s",
+                "must not exceed workers.conversation.closed_retention_s",
+            ));
         }
         if let Some(t) =
             self.chat.file_types.iter().find(
@@ -743,6 +759,22 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("bus.nats.lease_ttl_ms"));
+
+        let mut c = Config::defaults();
+        c.chat.file_retention_s = c.workers.conversation.closed_retention_s + 1;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("chat.file_retention_s"));
+
+        let mut c = Config::defaults();
+        c.bus.nats.partitions_refresh_ms = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("bus.nats.partitions_refresh_ms"));
 
         let mut c = Config::defaults();
         c.stores.provisioning_key = "too-short".into();

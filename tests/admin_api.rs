@@ -1775,6 +1775,51 @@ async fn odd_bytes_and_methods_answer_in_the_error_shape(backend: Backend) {
     h.finish().await;
 }
 
+/// Uploads racing for a conversation's last file places take each place once: on PostgreSQL a
+/// statement counts only what was committed before it began, so without the conversation's lock
+/// every racer saw room.
+async fn racing_uploads_never_pass_the_file_limit(backend: Backend) {
+    const MAX: usize = 3;
+    const RACERS: usize = 24;
+    let h = harness(backend).await;
+    let t = h.tenant("acme").await;
+    let p = h.state.provisioning.clone();
+    let put = |conversation: &'static str, n: usize| {
+        let (p, t) = (p.clone(), t.clone());
+        async move {
+            p.put_file(
+                nexus::stores::provisioning::NewChatFile {
+                    id: None,
+                    tenant_id: t,
+                    conversation_id: conversation.into(),
+                    name: format!("{n}.txt"),
+                    content_type: "text/plain".into(),
+                    data: vec![b'x'; 64 * 1024],
+                    expires_at_ms: None,
+                },
+                MAX,
+            )
+            .await
+            .expect("put")
+        }
+    };
+    // Two conversations at once: one's lock does not hold the other's places.
+    let stored = futures::future::join_all(
+        (0..RACERS).map(|n| put(if n % 2 == 0 { "c1" } else { "c2" }, n)),
+    )
+    .await;
+    for conversation in ["c1", "c2"] {
+        let won = stored
+            .iter()
+            .flatten()
+            .filter(|f| f.conversation_id == conversation)
+            .count();
+        assert_eq!(won, MAX, "{conversation}: uploads answered as stored");
+        assert_eq!(p.count_files(&t, conversation).await.expect("count"), MAX);
+    }
+    h.finish().await;
+}
+
 macro_rules! on_both_backends {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -1799,5 +1844,6 @@ on_both_backends!(
     routing_rules_in_priority_order,
     tenant_isolation_on_every_endpoint,
     concurrent_patches_of_different_fields_both_stay,
+    racing_uploads_never_pass_the_file_limit,
     odd_bytes_and_methods_answer_in_the_error_shape,
 );

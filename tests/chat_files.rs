@@ -609,6 +609,68 @@ async fn racing_retries_of_an_upload_share_the_last_place() {
     assert_eq!(bytes, b"the last one");
 }
 
+/// An upload whose chat closes while its body streams in is refused once the body is in: the
+/// closed transcript would drop its message while the file took a place. The name sent keeps
+/// only what the checked type allows to be shown.
+#[tokio::test]
+async fn a_chat_closed_during_an_upload_refuses_it() {
+    let fx = fixture().await;
+    let k = &fx.a_key;
+    let tenant = fx
+        .state
+        .provisioning
+        .authenticate_api_key(k)
+        .await
+        .expect("key")
+        .tenant_id;
+    let s = start(&fx.state, k).await;
+    let before = published(&fx.state).await;
+    let body = file_part("slow.txt", "text/plain", &[b'a'; MAX_FILE / 2]);
+    let (head, tail) = body.split_at(body.len() / 2);
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Result<bytes::Bytes, std::io::Error>>();
+    tx.unbounded_send(Ok(bytes::Bytes::copy_from_slice(head)))
+        .expect("first half");
+    let mut req = upload_req(k, &s, &s.ck, Vec::new());
+    *req.body_mut() = Body::from_stream(rx);
+    let state = fx.state.clone();
+    let upload = tokio::spawn(async move { call(&state, req).await });
+    // The customer leaves (the worker saves the close) while the rest of the body is on its way.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut closed = record(&tenant, &s.id, ConversationState::Closed, "nobody");
+    closed.agent_id = None;
+    assert!(fx
+        .state
+        .sessions()
+        .expect("sessions")
+        .put_conversation(&closed)
+        .await
+        .expect("put"));
+    // The upload must still be reading (an answer before the whole body would be a failure
+    // of its own, which the assertion below shows).
+    let _ = tx.unbounded_send(Ok(bytes::Bytes::copy_from_slice(tail)));
+    drop(tx);
+    let (status, answer) = upload.await.expect("upload task");
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("SESSION_CLOSED")),
+        "{answer}"
+    );
+    let held = fx
+        .state
+        .provisioning
+        .count_files(&tenant, &s.id)
+        .await
+        .expect("count");
+    assert_eq!(held, 0, "no file kept for a closed chat");
+    assert_eq!(published(&fx.state).await, before, "nothing published");
+
+    // A name is kept as the checked type shows it: no bidi override, the type's extension.
+    let body = file_part("inv\u{202e}txt.hta", "text/plain", b"hello");
+    let (status, up) = call(&fx.state, upload_req(k, &fx.s1, &fx.s1.ck, body)).await;
+    assert_eq!(status, StatusCode::CREATED, "{up}");
+    assert_eq!(up["name"], "invtxt.hta.txt");
+}
+
 /// `nexus_chat_files_expired_total` as the edge's /metrics renders it (0 before the first sweep).
 fn files_expired_metric(state: &AppState) -> u64 {
     let rendered = state.metrics.render();

@@ -85,9 +85,6 @@ const BATCH_MIN: usize = 64;
 const BATCH_LINGER: Duration = Duration::from_millis(2);
 /// Pause after a failed pull or consumer lookup before trying again.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
-/// The partition count is re-read this often, so partitions added while members run are taken.
-/// Tests grow topics under running members and should not wait half a minute for it.
-const PARTITIONS_REFRESH: Duration = Duration::from_secs(if cfg!(test) { 2 } else { 30 });
 
 /// Joins `group` on `topic`; see the module doc.
 pub(super) async fn subscribe(
@@ -520,7 +517,7 @@ async fn coordinate(bus: Arc<Inner>, g: Arc<Group>, mut partitions: u32) -> Resu
                 start_drain(&h.slot);
             }
         } else {
-            if partitions_read.elapsed() >= PARTITIONS_REFRESH {
+            if partitions_read.elapsed() >= g.timing().partitions_refresh {
                 match bus.topic_meta(&g.topic).await {
                     Ok(Some(meta)) => {
                         if meta.partitions > partitions {

@@ -90,6 +90,8 @@ pub(crate) struct Timing {
     progress_every: Duration,
     /// How long a partition being handed over waits for its handed-out records.
     drain_timeout: Duration,
+    /// How often a member re-reads the topic's partition count.
+    partitions_refresh: Duration,
 }
 
 impl Timing {
@@ -112,6 +114,7 @@ impl Timing {
             fetch_expires: quarter.min(Duration::from_secs(1)),
             progress_every: ack_wait / 3,
             drain_timeout: (ack_wait * 2).max(Duration::from_secs(10)),
+            partitions_refresh: Duration::from_millis(c.partitions_refresh_ms),
         })
     }
 

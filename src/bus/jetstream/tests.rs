@@ -22,6 +22,8 @@ fn test_config() -> Option<BusConfig> {
     c.url = url;
     c.nats.ack_wait_ms = 1500;
     c.nats.lease_ttl_ms = 2500;
+    // Tests grow topics under running members and should not wait half a minute for it.
+    c.nats.partitions_refresh_ms = 2000;
     Some(c)
 }
 

@@ -114,9 +114,12 @@ fn mismatch(content_type: &str, data: &[u8]) -> bool {
         && (data.contains(&0) || SIGNATURES.iter().any(|(_, m)| data.starts_with(m)))
 }
 
-/// The name to keep: the last path component of what the client sent, without control
-/// characters, at most [`MAX_NAME_CHARS`]; `file` when nothing is left.
-fn file_name(given: Option<&str>) -> String {
+/// The name to keep: the last path component of what the client sent, without control or
+/// invisible formatting characters (a right-to-left override shows `invtxt.exe` as
+/// `invexe.txt`), at most [`MAX_NAME_CHARS`]; `file` when nothing (or only dots) is left. A name
+/// whose extension does not belong to the checked type gets the type's (`run.hta` sent as
+/// `text/plain` is kept as `run.hta.txt`), so a saved download opens as what was checked.
+fn file_name(given: Option<&str>, content_type: &str) -> String {
     let base = given
         .unwrap_or_default()
         .rsplit(['/', '\\'])
@@ -124,13 +127,47 @@ fn file_name(given: Option<&str>) -> String {
         .unwrap_or_default();
     let name: String = base
         .chars()
-        .filter(|c| !c.is_control())
-        .take(MAX_NAME_CHARS)
+        .filter(|c| !c.is_control() && !invisible(*c))
         .collect();
-    match name.trim() {
-        "" => "file".to_string(),
-        n => n.to_string(),
-    }
+    let name = match name.trim() {
+        n if n.chars().all(|c| c == '.') => "file",
+        n => n,
+    };
+    let Some(&(_, extensions)) = EXTENSIONS.iter().find(|(t, _)| *t == content_type) else {
+        return name.chars().take(MAX_NAME_CHARS).collect();
+    };
+    let own = name
+        .rsplit_once('.')
+        .is_some_and(|(_, ext)| extensions.iter().any(|e| e.eq_ignore_ascii_case(ext)));
+    let suffix = if own {
+        String::new()
+    } else {
+        format!(".{}", extensions[0])
+    };
+    // Cut before the suffix, so a long name keeps the type's extension.
+    let room = MAX_NAME_CHARS - suffix.len();
+    let stem: String = name.chars().take(room).collect();
+    stem + &suffix
+}
+
+/// The extensions of the types nexus knows, the usual one first; a type not listed keeps the
+/// client's name as sent.
+const EXTENSIONS: [(&str, &[&str]); 7] = [
+    ("image/png", &["png"]),
+    ("image/jpeg", &["jpg", "jpeg", "jpe", "jfif"]),
+    ("image/gif", &["gif"]),
+    ("image/webp", &["webp"]),
+    ("application/pdf", &["pdf"]),
+    ("text/plain", &["txt", "text", "log"]),
+    ("text/csv", &["csv"]),
+];
+
+/// Unicode format characters that change how a name is shown without showing themselves:
+/// bidirectional overrides and isolates, zero-width characters, the soft hyphen, the BOM.
+fn invisible(c: char) -> bool {
+    matches!(c,
+        '\u{ad}' | '\u{61c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
 }
 
 /// `attachment` with an ASCII fallback name and the exact name as RFC 5987 `filename*`.
@@ -209,7 +246,7 @@ async fn read_upload(state: &AppState, mut multipart: Multipart) -> Result<Uploa
                         chat.file_types.join(", ")
                     )));
                 }
-                let name = file_name(field.file_name());
+                let name = file_name(field.file_name(), &content_type);
                 let mut data = Vec::new();
                 while let Some(chunk) = field.chunk().await.map_err(|e| read_error(e, max))? {
                     if data.len() + chunk.len() > max {
@@ -296,6 +333,9 @@ pub async fn upload(
     let multipart = multipart.map_err(rejection)?;
     ensure_open(&state, &c).await?;
     let upload = read_upload(&state, multipart).await?;
+    // Again once the body is in: a slow upload can outlast the chat, whose closed transcript
+    // would drop its message while the file took a place.
+    ensure_open(&state, &c).await?;
     let max = state.config.chat.max_files_per_session;
     // A retried upload (same `message_id`) is the same file: stored once, and published again
     // (the worker appends a message id once), since the first try may have stored it and then
@@ -556,12 +596,31 @@ mod tests {
 
     #[test]
     fn names_keep_the_last_component_without_controls() {
-        assert_eq!(file_name(Some("../../etc/passwd")), "passwd");
-        assert_eq!(file_name(Some("C:\\Users\\a\\report.pdf")), "report.pdf");
-        assert_eq!(file_name(Some("a\r\nb.txt")), "ab.txt");
-        assert_eq!(file_name(Some("  ")), "file");
-        assert_eq!(file_name(None), "file");
-        assert_eq!(file_name(Some(&"x".repeat(300))).len(), MAX_NAME_CHARS);
+        let name = |given: Option<&str>| file_name(given, "application/octet-stream");
+        assert_eq!(name(Some("../../etc/passwd")), "passwd");
+        assert_eq!(name(Some("C:\\Users\\a\\report.pdf")), "report.pdf");
+        assert_eq!(name(Some("a\r\nb.txt")), "ab.txt");
+        assert_eq!(name(Some("  ")), "file");
+        assert_eq!(name(Some("..")), "file");
+        assert_eq!(name(None), "file");
+        assert_eq!(name(Some(&"x".repeat(300))).len(), MAX_NAME_CHARS);
+        // A right-to-left override would show `inv\u{202e}txt.exe` as `invexe.txt`.
+        assert_eq!(name(Some("inv\u{202e}txt.exe")), "invtxt.exe");
+        assert_eq!(name(Some("a\u{200b}b\u{feff}.txt")), "ab.txt");
+    }
+
+    #[test]
+    fn names_carry_the_checked_types_extension() {
+        assert_eq!(file_name(Some("notes.TXT"), "text/plain"), "notes.TXT");
+        assert_eq!(file_name(Some("server.log"), "text/plain"), "server.log");
+        assert_eq!(file_name(Some("run.hta"), "text/plain"), "run.hta.txt");
+        assert_eq!(file_name(Some("page.html"), "text/plain"), "page.html.txt");
+        assert_eq!(file_name(Some("photo.jpeg"), "image/jpeg"), "photo.jpeg");
+        assert_eq!(file_name(Some("photo"), "image/png"), "photo.png");
+        assert_eq!(file_name(None, "application/pdf"), "file.pdf");
+        let long = file_name(Some(&format!("{}.exe", "x".repeat(300))), "image/gif");
+        assert_eq!(long.chars().count(), MAX_NAME_CHARS);
+        assert!(long.ends_with("xxx.gif"), "{long}");
     }
 
     #[test]

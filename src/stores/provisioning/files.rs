@@ -57,9 +57,10 @@ fn from_row(row: &AnyRow) -> Result<ChatFile, ProvisioningError> {
 
 impl Provisioning {
     /// Stores a file unless its conversation already holds `max_files`: `None` then. The count
-    /// and the insert are one statement, so two uploads at once on one database connection
-    /// cannot both take the last place (on PostgreSQL, concurrent transactions can still
-    /// overshoot by the number racing; the edge counts first as well).
+    /// and the insert are one statement: SQLite runs one write at a time, and on PostgreSQL
+    /// (where a statement counts only what was committed before it began) the statement runs
+    /// under a transaction lock on the conversation, so uploads racing for the last place take
+    /// it once.
     pub async fn put_file(
         &self,
         new: NewChatFile,
@@ -76,6 +77,16 @@ impl Provisioning {
             created_at_ms: sql::now_ms(),
             expires_at_ms: new.expires_at_ms,
         };
+        let mut tx = self.pool.begin().await.map_err(sql::unavailable)?;
+        if self.kind == "postgres" {
+            // The two-key form: a lock space apart from the one-key locks of migrations.
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))")
+                .bind(file.tenant_id.clone())
+                .bind(file.conversation_id.clone())
+                .execute(&mut *tx)
+                .await
+                .map_err(sql::unavailable)?;
+        }
         let done = sqlx::query(
             "INSERT INTO chat_files (id, tenant_id, conversation_id, name, content_type, size, \
              data, created_at_ms, expires_at_ms) \
@@ -93,9 +104,10 @@ impl Provisioning {
         .bind(file.created_at_ms)
         .bind(file.expires_at_ms)
         .bind(i64::try_from(max_files).unwrap_or(i64::MAX))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(|e| sql::write_error(e, String::new, || "no such tenant".into()))?;
+        tx.commit().await.map_err(sql::unavailable)?;
         Ok((done.rows_affected() == 1).then_some(file))
     }
 
