@@ -109,8 +109,8 @@ struct ReplayArgs {
     /// Topic to replay.
     #[arg(long)]
     topic: String,
-    /// Consumer group to move (not needed with --copy-to).
-    #[arg(long, required_unless_present = "copy_to")]
+    /// Consumer group to move (not with --copy-to, which moves no group).
+    #[arg(long, required_unless_present = "copy_to", conflicts_with = "copy_to")]
     group: Option<String>,
     /// Start at this offset in every selected partition (clamped to what the log keeps).
     #[arg(long)]
@@ -131,7 +131,7 @@ struct ReplayArgs {
     #[arg(long)]
     execute: bool,
     /// Move the group even while it has active members.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "copy_to")]
     force: bool,
     /// Copy the range to this topic instead of moving a group (e.g. a DLQ back to its topic).
     #[arg(long)]

@@ -366,7 +366,7 @@ async fn replay_cli_dry_run_execute_and_copy() {
         .expect("TOTAL line");
     assert_eq!(
         total.split_whitespace().collect::<Vec<_>>(),
-        vec!["TOTAL", "10", "0"],
+        vec!["TOTAL", "10", "10", "0"],
         "{out}"
     );
     assert_eq!(lag(url.clone()).await, 0, "a dry run changes nothing");
@@ -381,6 +381,26 @@ async fn replay_cli_dry_run_execute_and_copy() {
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
 
+    // A copy moves no group: naming one (or --force) is a mistake said, not ignored.
+    for extra in [["--group", "g"], ["--force", "--dry-run"]] {
+        let mut args = vec![
+            "replay",
+            "--bus",
+            &url,
+            "--topic",
+            "orders",
+            "--copy-to",
+            "copy",
+            "--from-offset",
+            "0",
+        ];
+        args.extend(extra);
+        if extra[0] == "--group" {
+            args.push("--dry-run");
+        }
+        let (ok, out, err) = run(&args, &[]);
+        assert!(!ok && err.contains("cannot be used with"), "{out}{err}");
+    }
     let (ok, out, err) = run(
         &[
             "replay",

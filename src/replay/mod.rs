@@ -81,7 +81,7 @@ pub enum ReplayError {
         members: usize,
     },
     #[error(
-        "--to-time only bounds a copy (--to-topic); a moved group consumes to the log end anyway"
+        "--to-time only bounds a copy (--copy-to); a moved group consumes to the log end anyway"
     )]
     ToTimeNeedsCopy,
     #[error("--to-time {to} is not after the start time {from}")]
@@ -136,6 +136,9 @@ pub struct PartitionReplay {
     /// Where the group will be.
     pub target: u64,
     /// Events the group will process from the target to the log end.
+    pub to_process: u64,
+    /// Of those, the events it had already processed (between the target and a current
+    /// position past it): what the replay makes it process again.
     pub reprocess: u64,
     /// Events between the current position and a target ahead of it: never processed.
     pub skip: u64,
@@ -155,6 +158,10 @@ pub struct ReplayPlan {
 }
 
 impl ReplayPlan {
+    pub fn total_to_process(&self) -> u64 {
+        self.partitions.iter().map(|p| p.to_process).sum()
+    }
+
     pub fn total_reprocess(&self) -> u64 {
         self.partitions.iter().map(|p| p.reprocess).sum()
     }
@@ -221,9 +228,17 @@ pub async fn plan(bus: &dyn Bus, req: &ReplayRequest) -> Result<ReplayPlan, Repl
             .find(|p| p.partition == o.partition)
             .and_then(|p| p.committed);
         let target = target_offset(bus, &req.topic, o, req.from).await?;
-        let reprocess = bus
+        let to_process = bus
             .count_between(&req.topic, o.partition, target, o.high)
             .await?;
+        // Processed already: from the target up to where the group is (never past the end).
+        let reprocess = match current.map(|c| c.min(o.high)) {
+            Some(c) if c > target => {
+                bus.count_between(&req.topic, o.partition, target, c)
+                    .await?
+            }
+            _ => 0,
+        };
         // A group that never committed starts at the log start (start_from = earliest) or end;
         // comparing with the log start shows the most it could skip, which is what an
         // operator must weigh before moving it.
@@ -240,6 +255,7 @@ pub async fn plan(bus: &dyn Bus, req: &ReplayRequest) -> Result<ReplayPlan, Repl
             high: o.high,
             current,
             target,
+            to_process,
             reprocess,
             skip,
         });
@@ -284,6 +300,7 @@ pub async fn execute(
         topic = %req.topic,
         group = %req.group,
         from = %req.from,
+        to_process = plan.total_to_process(),
         reprocess = plan.total_reprocess(),
         skip = plan.total_skip(),
         forced = force && members > 0,
@@ -311,23 +328,24 @@ impl fmt::Display for ReplayPlan {
         )?;
         writeln!(
             f,
-            "{:>9}  {:>12}  {:>12}  {:>12}  {:>12}",
-            "PARTITION", "CURRENT", "TARGET", "REPROCESS", "SKIP"
+            "{:>9}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}",
+            "PARTITION", "CURRENT", "TARGET", "TO-PROCESS", "REPROCESS", "SKIP"
         )?;
         for p in &self.partitions {
             let current = p.current.map_or_else(|| "-".to_owned(), |c| c.to_string());
             writeln!(
                 f,
-                "{:>9}  {:>12}  {:>12}  {:>12}  {:>12}",
-                p.partition, current, p.target, p.reprocess, p.skip
+                "{:>9}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}",
+                p.partition, current, p.target, p.to_process, p.reprocess, p.skip
             )?;
         }
         writeln!(
             f,
-            "{:>9}  {:>12}  {:>12}  {:>12}  {:>12}",
+            "{:>9}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}",
             "TOTAL",
             "",
             "",
+            self.total_to_process(),
             self.total_reprocess(),
             self.total_skip()
         )?;
@@ -341,7 +359,8 @@ impl fmt::Display for ReplayPlan {
         if self.executed {
             write!(
                 f,
-                "Group moved; its workers process {} event(s) from the targets.",
+                "Group moved; its workers process {} event(s) from the targets, {} of them again.",
+                self.total_to_process(),
                 self.total_reprocess()
             )
         } else {

@@ -84,7 +84,8 @@ async fn dry_run_counts_per_partition_from_offset_and_time() {
         let n = per_partition(&first, p.partition) + per_partition(&second, p.partition);
         assert_eq!(p.current, Some(p.high), "group consumed everything");
         assert_eq!(p.target, p.low);
-        assert_eq!(p.reprocess, n, "partition {}", p.partition);
+        assert_eq!(p.to_process, n, "partition {}", p.partition);
+        assert_eq!(p.reprocess, n, "all of it processed before");
         assert_eq!(p.skip, 0);
     }
     assert_eq!(plan.total_reprocess(), 42);
@@ -119,7 +120,7 @@ async fn dry_run_counts_per_partition_from_offset_and_time() {
     assert!(plan
         .partitions
         .iter()
-        .all(|p| p.target == p.high && p.reprocess == 0));
+        .all(|p| p.target == p.high && p.to_process == 0 && p.reprocess == 0));
 }
 
 #[tokio::test]
@@ -134,9 +135,10 @@ async fn a_target_ahead_of_the_group_is_reported_as_skipped() {
         .await
         .unwrap();
     let p = plan.partition(0).unwrap();
+    // Events 7-9 were never processed: processed, not reprocessed.
     assert_eq!(
-        (p.current, p.target, p.reprocess, p.skip),
-        (Some(2), 7, 3, 5)
+        (p.current, p.target, p.to_process, p.reprocess, p.skip),
+        (Some(2), 7, 3, 0, 5)
     );
     assert!(
         plan.to_string()
@@ -149,11 +151,39 @@ async fn a_target_ahead_of_the_group_is_reported_as_skipped() {
         .await
         .unwrap();
     let p = plan.partition(0).unwrap();
-    assert_eq!((p.current, p.reprocess, p.skip), (None, 6, 4));
+    assert_eq!(
+        (p.current, p.to_process, p.reprocess, p.skip),
+        (None, 6, 0, 4)
+    );
     let row = plan.to_string().lines().nth(2).unwrap().to_owned();
     assert!(
-        row.split_whitespace().eq(["0", "-", "4", "6", "4"]),
+        row.split_whitespace().eq(["0", "-", "4", "6", "0", "4"]),
         "{row}"
+    );
+}
+
+/// A lagging group moved back processes again only what it had processed: the backlog beyond
+/// its position it would have processed anyway.
+#[tokio::test]
+async fn only_what_the_group_processed_counts_as_reprocessed() {
+    let (bus, _dir) = embedded_bus();
+    let bus = bus.as_ref();
+    topic(bus, "one", 1).await;
+    publish(bus, "one", 0..10).await;
+    consume(bus, "g", "one", 8).await;
+
+    let plan = super::plan(bus, &request("one", "g", ReplayFrom::Offset(2)))
+        .await
+        .unwrap();
+    let p = plan.partition(0).unwrap();
+    assert_eq!(
+        (p.current, p.target, p.to_process, p.reprocess, p.skip),
+        (Some(8), 2, 8, 6, 0)
+    );
+    let total = plan.to_string().lines().nth(3).unwrap().to_owned();
+    assert!(
+        total.split_whitespace().eq(["TOTAL", "8", "6", "0"]),
+        "{total}"
     );
 }
 
@@ -188,7 +218,8 @@ async fn execute_refuses_active_members_unless_forced() {
     // Without members it just works, and the group is where the plan said.
     let moved = execute(bus, &req, false).await.unwrap();
     assert!(moved.executed && !moved.forced);
-    assert_eq!(moved.total_reprocess(), 10);
+    // The forced move already put it at the start: nothing processed since, so nothing again.
+    assert_eq!((moved.total_to_process(), moved.total_reprocess()), (10, 0));
     let positions = bus.group_positions("g", "t").await.unwrap();
     for p in &moved.partitions {
         let pos = positions

@@ -78,6 +78,11 @@ pub fn parse_duration(value: &str) -> Result<Option<Duration>, DurationError> {
     if total_ms == 0 {
         return Err(err("must be more than zero"));
     }
+    // JetStream keeps a stream's age limit in signed nanoseconds (about 292 years); a longer
+    // one would wrap there and never read back as written. Longer means `forever`.
+    if u128::from(total_ms) * 1_000_000 > i64::MAX as u128 {
+        return Err(err("too large (at most about 292 years; write `forever`)"));
+    }
     Ok(Some(Duration::from_millis(total_ms)))
 }
 
@@ -127,6 +132,14 @@ mod tests {
             Some(Duration::from_millis(250))
         );
         assert_eq!(parse_duration("forever").unwrap(), None);
+    }
+
+    #[test]
+    fn refuses_what_a_broker_cannot_keep() {
+        assert!(parse_duration("0h").is_err());
+        assert!(parse_duration("100000d").is_ok());
+        let e = parse_duration("200000d").unwrap_err();
+        assert!(e.message.contains("forever"), "{e}");
     }
 
     #[test]

@@ -287,7 +287,9 @@ pub(super) async fn offset_for_time(
     let name = topic.to_string();
     let (offset, high) = blocking(move || {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&name, partition as i32, Offset::Offset(ts_ms))
+        // Before 1970 is the log start, as on the other backends (librdkafka takes no
+        // negative time).
+        tpl.add_partition_offset(&name, partition as i32, Offset::Offset(ts_ms.max(0)))
             .map_err(map_err)?;
         let found = meta
             .offsets_for_times(tpl, REQUEST_TIMEOUT)
