@@ -672,6 +672,93 @@ async fn disabled_events(s: &System, webhook_id: &str) -> Vec<nexus::events::Eve
     found
 }
 
+/// Standard Webhooks' 410 Gone: the endpoint is disabled at once (an event, the reason
+/// named), its messages are not retried while it is off, and a re-enable delivers them.
+async fn gone_disables_the_endpoint_at_once(s: &System, rx: &Receiver) {
+    let tenant = s.tenant().await;
+    let (hook, _) = s
+        .subscribe(
+            &tenant.id,
+            json!({"url": rx.url("gone"), "format": "standard"}),
+        )
+        .await;
+    rx.set("gone", Mode::Always(410));
+    s.started(&tenant.id, "gone-1").await;
+    let first = rx.wait_for("gone", 1).await;
+    let id = first[0].id().to_string();
+    let path = format!("/tenants/{}/webhooks/{hook}", tenant.id);
+    let v = eventually(WAIT, "endpoint disabled by 410", || async {
+        let (_, v) = s.admin_call(reqwest::Method::GET, &path, None).await;
+        (v["enabled"] == false).then_some(v)
+    })
+    .await;
+    assert!(
+        v["disabled_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("410")),
+        "{v}"
+    );
+    let disabled = disabled_events(s, &hook).await;
+    assert_eq!(disabled.len(), 1, "one disable, one event");
+    // The schedule's next attempt (300 ms) would have come by now: none while disabled.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(rx.got("gone").len(), 1, "no retry to a retired endpoint");
+    s.message_in(&tenant.id, &hook, &id, "pending").await;
+
+    rx.set("gone", Mode::Ok);
+    let (status, v) = s
+        .admin_call(
+            reqwest::Method::PATCH,
+            &path,
+            Some(json!({"enabled": true})),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let got = rx.wait_for("gone", 2).await;
+    assert_eq!(got[1].id(), id, "the same message, under its webhook-id");
+    s.message_in(&tenant.id, &hook, &id, "delivered").await;
+}
+
+/// A subscription turned off while this process holds a backlog of it: what it holds goes
+/// back untried instead of being sent (each start reads the subscription at most a second old).
+async fn a_disabled_endpoint_gets_nothing_more(s: &System, rx: &Receiver) {
+    let tenant = s.tenant().await;
+    let (hook, _) = s
+        .subscribe(
+            &tenant.id,
+            json!({"url": rx.url("off"), "format": "standard"}),
+        )
+        .await;
+    // Every attempt takes the 1 s timeout: 4 at once, the rest held behind them.
+    rx.set("off", Mode::Hang);
+    for i in 0..16 {
+        s.started(&tenant.id, &format!("off-{i}")).await;
+    }
+    rx.wait_for("off", 4).await;
+    let path = format!("/tenants/{}/webhooks/{hook}", tenant.id);
+    let (status, v) = s
+        .admin_call(
+            reqwest::Method::PATCH,
+            &path,
+            Some(json!({"enabled": false})),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let off_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let late: Vec<Duration> = rx
+        .got("off")
+        .iter()
+        .filter(|r| r.at > off_at)
+        .map(|r| r.at - off_at)
+        .filter(|d| *d > Duration::from_millis(1500))
+        .collect();
+    assert!(
+        late.is_empty(),
+        "attempts started {late:?} after the subscription was disabled"
+    );
+}
+
 /// One hanging endpoint and one healthy one on the same events: the healthy one's deliveries
 /// stay fast; the hanging one is disabled after `disable_after`, which is an event.
 async fn dead_endpoint_does_not_slow_a_healthy_one(s: &System, rx: &Receiver) {
@@ -862,6 +949,8 @@ async fn webhooks_deliver_retry_dead_letter_and_recover() {
     dead_letters_recovery_and_replay(&s, &rx).await;
     dead_endpoint_does_not_slow_a_healthy_one(&s, &rx).await;
     a_tenant_cannot_take_every_slot(&s, &rx).await;
+    gone_disables_the_endpoint_at_once(&s, &rx).await;
+    a_disabled_endpoint_gets_nothing_more(&s, &rx).await;
     let m = s.metrics().await;
     assert!(
         metric_sum(&m, "nexus_webhook_attempts_total", &["outcome=\"ok\""]).unwrap_or(0.0) >= 10.0

@@ -442,7 +442,11 @@ impl Peer {
             Err(e) if e.is_timeout() => {
                 Err(("timeout", PeerFailure::retry(format!("{url}: timed out"))))
             }
-            Err(e) => Err(("failed", PeerFailure::retry(format!("{url}: {e}")))),
+            // Without reqwest's copy of the URL, which keeps a query's credentials.
+            Err(e) => Err((
+                "failed",
+                PeerFailure::retry(format!("{url}: {}", e.without_url())),
+            )),
             Ok(response) => {
                 let status = response.status();
                 // A 2xx reached through a redirect, or an HTML page (a gateway's login page
@@ -1029,6 +1033,15 @@ mod tests {
         match post(&peer, &with_credentials, "chat-1", "/busy").await {
             Err(PeerFailure::Retry { detail, .. }) => {
                 assert!(!detail.contains("p4ss"), "{detail}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // Nothing listening: the connection error names no token the URL's query carried
+        // (reqwest's own message repeats the whole URL).
+        let refused = target("http://127.0.0.1:1/base?token=s3cret-t0ken");
+        match post(&peer, &refused, "chat-1", "/ok").await {
+            Err(PeerFailure::Retry { detail, .. }) => {
+                assert!(!detail.contains("s3cret-t0ken"), "{detail}")
             }
             other => panic!("{other:?}"),
         }

@@ -110,7 +110,7 @@ impl Webhook {
 }
 
 /// A subscription as answered at creation: the only time `secret` is shown.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Clone, Serialize)]
 pub struct CreatedWebhook {
     #[serde(flatten)]
     pub webhook: Webhook,
@@ -118,11 +118,31 @@ pub struct CreatedWebhook {
 }
 
 /// A rotated secret, shown once; the previous one signs too until `previous_valid_until_ms`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Clone, Serialize)]
 pub struct WebhookSecret {
     pub webhook_id: String,
     pub secret: String,
     pub previous_valid_until_ms: i64,
+}
+
+// The secrets are shown once, in the answer: never in a log line.
+impl fmt::Debug for CreatedWebhook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CreatedWebhook")
+            .field("webhook", &self.webhook)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+impl fmt::Debug for WebhookSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookSecret")
+            .field("webhook_id", &self.webhook_id)
+            .field("secret", &"<redacted>")
+            .field("previous_valid_until_ms", &self.previous_valid_until_ms)
+            .finish()
+    }
 }
 
 #[derive(Clone, Deserialize)]

@@ -100,6 +100,21 @@ impl WebhooksConfig {
                 "must have at least one entry".into(),
             ));
         }
+        // Delays are added to the clock in ms as i64: a year bounds them far from overflow (and
+        // from any schedule a receiver would still be waiting for).
+        const YEAR_MS: u64 = 365 * 86_400_000;
+        if self.retry_schedule_ms.iter().any(|d| *d > YEAR_MS) {
+            return Err((
+                "workers.webhooks.retry_schedule_ms",
+                format!("each delay must be at most a year ({YEAR_MS} ms)"),
+            ));
+        }
+        if self.retry_after_max_ms > YEAR_MS {
+            return Err((
+                "workers.webhooks.retry_after_max_ms",
+                format!("must be at most a year ({YEAR_MS} ms)"),
+            ));
+        }
         positive("workers.webhooks.timeout_ms", self.timeout_ms)?;
         positive("workers.webhooks.max_in_flight", self.max_in_flight as u64)?;
         positive(
@@ -122,6 +137,22 @@ impl WebhooksConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delays_past_a_year_are_refused() {
+        let mut c = crate::config::Config::defaults().workers.webhooks;
+        c.retry_after_max_ms = u64::MAX;
+        assert_eq!(
+            c.validate().map_err(|e| e.0),
+            Err("workers.webhooks.retry_after_max_ms")
+        );
+        let mut c = crate::config::Config::defaults().workers.webhooks;
+        c.retry_schedule_ms = vec![0, u64::MAX / 2];
+        assert_eq!(
+            c.validate().map_err(|e| e.0),
+            Err("workers.webhooks.retry_schedule_ms")
+        );
+    }
 
     #[test]
     fn retry_after_lengthens_the_schedule_up_to_its_cap() {

@@ -685,6 +685,18 @@ impl Dispatcher {
             status_code = tracing::field::Empty,
         );
         async {
+            // Turned off since it was claimed or adopted (an operator, or a 410 seen by
+            // another attempt): given back untried, with what this process holds of it; claims
+            // skip disabled subscriptions, so it waits for a re-enable. (One whose row is not
+            // written yet is not found by the give-back: its lease lapses instead, and its
+            // group's write goes on without its outcome after the first-attempt wait.)
+            if let Some(t) = self.target(&msg.webhook_id).await {
+                if !t.webhook.enabled {
+                    self.finished(&msg.webhook_id);
+                    self.give_back_disabled(&msg).await;
+                    return;
+                }
+            }
             let sent = self.send(&msg).await;
             if let Some(wait) = sent.retry_after.filter(|w| !sent.ok && !w.is_zero()) {
                 self.pause(&msg.webhook_id, wait).await;
@@ -709,6 +721,9 @@ impl Dispatcher {
                     None => After::Exhausted,
                 }
             };
+            // Standard Webhooks: 410 Gone means the endpoint is retired; it is disabled at once
+            // (the message stays pending for a re-enable, like the rest of its backlog).
+            let gone = !sent.ok && !sent.abort && sent.record.status_code == Some(410);
             let label = self.labels.of(&msg.webhook_id);
             metrics::counter!(m::WEBHOOK_ATTEMPTS_TOTAL, "subscription" => label, "outcome" => sent.record.outcome)
                 .increment(1);
@@ -741,13 +756,13 @@ impl Dispatcher {
                     After::Delivered => self.endpoint_succeeded(&msg.webhook_id).await,
                     After::Retry(at) => {
                         tracing::debug!(outcome = sent.record.outcome, next_attempt_at_ms = at, error = ?sent.record.error, "webhook attempt failed; retry scheduled");
-                        self.endpoint_failed(&msg, now).await;
+                        self.endpoint_failed(&msg, now, gone).await;
                     }
                     After::Aborted => {
                         tracing::info!("receiver answered abort-message; no more retries");
                     }
                     After::Exhausted => {
-                        self.endpoint_failed(&msg, now).await;
+                        self.endpoint_failed(&msg, now, gone).await;
                         let left = Left {
                             attempts: msg.attempts + 1,
                             round_attempts: msg.round_attempts + 1,
@@ -903,8 +918,34 @@ impl Dispatcher {
         }
     }
 
-    /// Runs the endpoint's failure clock; disables it once the clock passes `disable_after`.
-    async fn endpoint_failed(&self, msg: &Claimed, now: i64) {
+    /// A claimed message of a subscription turned off: it and what this process holds of the
+    /// endpoint go back to the log untried, due now (no pod claims them while disabled).
+    async fn give_back_disabled(&self, msg: &Claimed) {
+        let mut given_back: Vec<(String, i64)> = {
+            let mut lanes = self.lock_lanes();
+            match lanes.endpoints.get_mut(&msg.webhook_id) {
+                Some(lane) => lane
+                    .held
+                    .drain(..)
+                    .map(|h| (h.msg.id, h.msg.lease_until_ms))
+                    .collect(),
+                None => Vec::new(),
+            }
+        };
+        given_back.push((msg.id.clone(), msg.lease_until_ms));
+        tracing::info!(
+            given_back = given_back.len(),
+            "the subscription is disabled; its held messages are given back untried"
+        );
+        if let Err(e) = self.store.release(&given_back, now_ms()).await {
+            metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "release").increment(1);
+            tracing::warn!(error = %e, "giving back held webhook messages failed; their lease lapses");
+        }
+    }
+
+    /// Runs the endpoint's failure clock; disables it once the clock passes `disable_after`,
+    /// or at once when the receiver answered 410 Gone (`gone`).
+    async fn endpoint_failed(&self, msg: &Claimed, now: i64, gone: bool) {
         self.cleared
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -917,13 +958,17 @@ impl Dispatcher {
             }
         };
         let limit = i64::try_from(self.config.disable_after_ms).unwrap_or(i64::MAX);
-        if now.saturating_sub(since) < limit {
+        if !gone && now.saturating_sub(since) < limit {
             return;
         }
-        let reason = format!(
-            "every attempt failed for {} s since {since} (disable_after_ms = {limit})",
-            (now - since) / 1000
-        );
+        let reason = if gone {
+            "the receiver answered 410 Gone".to_string()
+        } else {
+            format!(
+                "every attempt failed for {} s since {since} (disable_after_ms = {limit})",
+                (now - since) / 1000
+            )
+        };
         match self
             .provisioning
             .disable_webhook(&msg.webhook_id, &reason, since)
@@ -931,12 +976,19 @@ impl Dispatcher {
         {
             Ok(true) => {
                 metrics::counter!(m::WEBHOOK_ENDPOINTS_DISABLED_TOTAL).increment(1);
-                tracing::warn!(webhook_id = %msg.webhook_id, failing_since_ms = since, "webhook endpoint disabled: it kept failing");
+                tracing::warn!(webhook_id = %msg.webhook_id, failing_since_ms = since, gone, "webhook endpoint disabled");
+                // Credentials a tenant put in its URL stay out of the event.
                 let url = self
                     .target(&msg.webhook_id)
                     .await
-                    .map(|t| t.webhook.url.clone())
+                    .map(|t| crate::config::redact_url_password(&t.webhook.url))
                     .unwrap_or_default();
+                // Read again at the next start: what this process holds of it goes back.
+                self.targets
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .map
+                    .remove(&msg.webhook_id);
                 let body = WebhookEndpointDisabled {
                     webhook_id: msg.webhook_id.clone(),
                     url,

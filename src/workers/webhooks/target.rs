@@ -56,9 +56,14 @@ fn internal_v6(ip: Ipv6Addr) -> bool {
         || (s[0] & 0xfe00) == 0xfc00
         || (s[0] & 0xffc0) == 0xfe80
         // Forms that carry an IPv4 address, which a gateway may turn into that address:
-        // IPv4-compatible ::a.b.c.d, NAT64 64:ff9b::/96, 6to4 2002:AABB:CCDD::/48.
+        // IPv4-compatible ::a.b.c.d, IPv4-translated ::ffff:0:a.b.c.d, NAT64 64:ff9b::/96,
+        // 6to4 2002:AABB:CCDD::/48; the local-use NAT64 prefix 64:ff9b:1::/48 whole (where
+        // the IPv4 address sits depends on the site's prefix length, and nothing public is
+        // in it).
         || (s[..6] == [0; 6] && embedded(s[6], s[7]))
+        || (s[..6] == [0, 0, 0, 0, 0xffff, 0] && embedded(s[6], s[7]))
         || (s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] && embedded(s[6], s[7]))
+        || (s[..3] == [0x64, 0xff9b, 1])
         || (s[0] == 0x2002 && embedded(s[1], s[2]))
 }
 
@@ -148,6 +153,9 @@ mod tests {
             "::10.0.0.1",
             "64:ff9b::a9fe:a9fe",
             "2002:c0a8:0101::1",
+            "64:ff9b:1::a9fe:a9fe",
+            "64:ff9b:1:2::808:808",
+            "::ffff:0:7f00:1",
         ] {
             assert!(is_internal(ip.parse().expect("ip")), "{ip}");
         }
@@ -157,6 +165,7 @@ mod tests {
             "2606:4700::1111",
             "64:ff9b::808:808",
             "2002:5db8:d822::1",
+            "::ffff:0:808:808",
         ] {
             assert!(!is_internal(ip.parse().expect("ip")), "{ip}");
         }
