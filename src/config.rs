@@ -495,6 +495,13 @@ impl Config {
                 ),
             ));
         }
+        // Likewise a live chat its customer left (0 = kept until a party closes it).
+        if conv.abandon_timeout_s >= keep {
+            return Err(invalid(
+                "workers.conversation.abandon_timeout_s",
+                format!("must stay under {keep} s (30 days), as idle_timeout_s + close_grace_s"),
+            ));
+        }
         let settle = self.workers.history.transcript_settle_ms;
         let most = crate::workers::history::config::MAX_TRANSCRIPT_SETTLE_MS;
         if settle > most {
@@ -861,6 +868,9 @@ mod tests {
         assert!(e.contains("workers.conversation.idle_timeout_s"), "{e}");
         c.workers.conversation.close_grace_s = 86_399;
         c.validate().expect("just under 30 days");
+        c.workers.conversation.abandon_timeout_s = u64::MAX;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("workers.conversation.abandon_timeout_s"), "{e}");
 
         // The transcript's settle wait: 10 s by default, 10 minutes at most.
         let mut c = Config::defaults();

@@ -72,7 +72,7 @@ impl Presence {
         // A sign of life skipped by the throttle is at most `every` younger than the last
         // write: the mark outlives that write by the timeout plus `every`, so it never lapses
         // sooner than the timeout after the customer's last sign of life.
-        let ttl = timeout + every;
+        let ttl = timeout.saturating_add(every);
         // A stream calls every `every`: a tenth of slack, so its timer ticking a little early
         // still refreshes.
         let every = every - every / 10;

@@ -354,6 +354,28 @@ fn key_deadline(feed: &Resumable) -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(u64::try_from(left).unwrap_or(0))
 }
 
+/// How long one frame may wait for a client that does not read: past it the socket is dropped
+/// (the client reconnects from its last position), so a stalled reader holds no task, and
+/// every close below is sent or given up within it.
+const SEND_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Sends `message` within [`SEND_TIMEOUT`]; false when the socket is gone or stalled.
+async fn send_within(socket: &mut WebSocket, message: WsMessage) -> bool {
+    matches!(
+        tokio::time::timeout(SEND_TIMEOUT, socket.send(message)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Ends the socket with a close frame saying why (sent within [`SEND_TIMEOUT`], or not at all).
+async fn close(socket: &mut WebSocket, code: u16, reason: String) {
+    let frame = axum::extract::ws::CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    send_within(socket, WsMessage::Close(Some(frame))).await;
+}
+
 async fn serve_socket(mut socket: WebSocket, mut feed: Resumable, mut check: KeyCheck) {
     let shutdown = feed.state.shutdown.clone();
     let state = feed.state.clone();
@@ -362,29 +384,32 @@ async fn serve_socket(mut socket: WebSocket, mut feed: Resumable, mut check: Key
     loop {
         tokio::select! {
             e = check.revoked(&state) => {
-                let _ = socket.send(WsMessage::Close(Some(axum::extract::ws::CloseFrame {
-                    code: API_KEY_REVOKED_CLOSE,
-                    reason: format!("{}: {}", e.code, e.message).into(),
-                }))).await;
+                close(&mut socket, API_KEY_REVOKED_CLOSE, format!("{}: {}", e.code, e.message)).await;
                 return;
             }
             _ = &mut expiry => {
-                let _ = socket.send(WsMessage::Close(Some(axum::extract::ws::CloseFrame {
-                    code: KEY_EXPIRED_CLOSE,
-                    reason: "CLIENT_KEY_EXPIRED: renew the client key and reconnect".into(),
-                }))).await;
+                let reason = "CLIENT_KEY_EXPIRED: renew the client key and reconnect";
+                close(&mut socket, KEY_EXPIRED_CLOSE, reason.into()).await;
                 return;
             }
             _ = shutdown.cancelled() => {
-                let _ = socket.send(WsMessage::Close(Some(axum::extract::ws::CloseFrame {
-                    code: 1012, // service restart: reconnect, resuming from the last position
-                    reason: "edge restarting; reconnect".into(),
-                }))).await;
+                // 1012, service restart: reconnect, resuming from the last position.
+                close(&mut socket, 1012, "edge restarting; reconnect".into()).await;
                 return;
             }
             item = feed.next() => {
-                let Some((_, json)) = item else { return };
-                if socket.send(WsMessage::Text(json.as_ref().into())).await.is_err() {
+                let Some((_, json)) = item else {
+                    // The store could not be read (or the edge is stopping): the client is told
+                    // to come back, not left to guess from a dropped connection.
+                    let (code, reason) = if shutdown.is_cancelled() {
+                        (1012, "edge restarting; reconnect")
+                    } else {
+                        (1013, "UNAVAILABLE: the session store could not be read; reconnect from the last position")
+                    };
+                    close(&mut socket, code, reason.into()).await;
+                    return;
+                };
+                if !send_within(&mut socket, WsMessage::Text(json.as_ref().into())).await {
                     return;
                 }
             }
