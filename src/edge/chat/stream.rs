@@ -84,44 +84,68 @@ struct KeyCheck {
     headers: HeaderMap,
     tenant: String,
     claims: Claims,
+    lookups: Periodic<Result<String, ApiError>>,
+}
+
+/// A lookup started once per period whose run outlives a caller cut short: a stream's loop
+/// drops the pending check at every push or client frame, and a lookup restarted each time
+/// (a period later) would never finish while those come faster than it takes.
+struct Periodic<T> {
     every: tokio::time::Interval,
-    /// The lookup under way: kept across calls, so one cut short by a push (the caller's
-    /// `select!`) goes on at the next call instead of waiting a whole period again.
-    lookup: Option<futures::future::BoxFuture<'static, Result<String, ApiError>>>,
+    /// The run under way, kept across calls.
+    running: Option<futures::future::BoxFuture<'static, T>>,
+}
+
+impl<T> Periodic<T> {
+    fn new(every: Duration) -> Self {
+        let mut every = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self {
+            every,
+            running: None,
+        }
+    }
+
+    /// Waits for the next period, then for `start`'s run to end. Cancel-safe: the tick is,
+    /// and a run cut short goes on at the next call (`start` is then not called).
+    async fn next(&mut self, start: impl FnOnce() -> futures::future::BoxFuture<'static, T>) -> T {
+        let run = match &mut self.running {
+            Some(run) => run,
+            None => {
+                self.every.tick().await;
+                self.running.insert(start())
+            }
+        };
+        let out = run.await;
+        self.running = None;
+        out
+    }
 }
 
 impl KeyCheck {
     fn new(state: &AppState, headers: HeaderMap, tenant: String, claims: Claims) -> Self {
         let every = Duration::from_millis(state.config.stores.auth_cache_ttl_ms.max(1_000));
         let every = state.presence.every().map_or(every, |p| every.min(p));
-        let mut every = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Self {
             headers,
             tenant,
             claims,
-            every,
-            lookup: None,
+            lookups: Periodic::new(every),
         }
     }
 
-    /// Resolves with the error the key now gets, once it gets one. Cancel-safe: the interval's
-    /// tick is, and a lookup cut short resumes at the next call. The store being down is no
-    /// reason to end a working stream.
+    /// Resolves with the error the key now gets, once it gets one. Cancel-safe (see
+    /// [`Periodic`]). The store being down is no reason to end a working stream.
     async fn revoked(&mut self, state: &AppState) -> ApiError {
         loop {
-            let lookup = match &mut self.lookup {
-                Some(lookup) => lookup,
-                None => {
-                    self.every.tick().await;
-                    let (state, headers) = (state.clone(), self.headers.clone());
-                    self.lookup.insert(Box::pin(async move {
-                        super::chat_tenant(&state, &headers).await
-                    }))
-                }
-            };
-            let found = lookup.await;
-            self.lookup = None;
+            let headers = &self.headers;
+            let found = self
+                .lookups
+                .next(|| {
+                    let (state, headers) = (state.clone(), headers.clone());
+                    Box::pin(async move { super::chat_tenant(&state, &headers).await })
+                })
+                .await;
             match found {
                 // The customer is still there either way: an unreachable store must not let
                 // the abandon timer close a chat whose stream is open.
@@ -474,4 +498,41 @@ fn sse_stream(
         }
         Some((Ok(event), Some((feed, check))))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A lookup slower than the pushes that keep cutting its caller short still finishes, and
+    /// is started once: the key check of a busy stream runs (the README's 4003 close).
+    #[tokio::test]
+    async fn a_lookup_cut_short_goes_on_at_the_next_call() {
+        let mut lookups = Periodic::new(Duration::from_millis(50));
+        let started = Arc::new(AtomicUsize::new(0));
+        let begun = tokio::time::Instant::now();
+        let found = loop {
+            let start = || {
+                started.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    "revoked"
+                }) as futures::future::BoxFuture<'static, &'static str>
+            };
+            // A push every 20 ms wakes the stream's loop, which drops the pending check.
+            tokio::select! {
+                found = lookups.next(start) => break found,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+            assert!(
+                begun.elapsed() < Duration::from_secs(5),
+                "the lookup never finished ({} started)",
+                started.load(Ordering::SeqCst)
+            );
+        };
+        assert_eq!(found, "revoked");
+        assert_eq!(started.load(Ordering::SeqCst), 1, "one run, resumed");
+    }
 }
