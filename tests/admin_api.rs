@@ -1439,7 +1439,49 @@ async fn webhook_subscriptions_secrets_and_target_policy(backend: Backend) {
         .expect("target")
         .expect("exists");
     assert_eq!(target.secrets.current, new_secret);
-    assert_eq!(target.secrets.previous.as_deref(), Some(secret.as_str()));
+    assert_eq!(target.secrets.previous, std::slice::from_ref(&secret));
+    // A second rotation within the overlap: the first secret keeps its promised time.
+    let (status, third) = h
+        .call(Method::POST, &format!("{base}/{hook_id}/secret"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{third}");
+    let third_secret = third["secret"].as_str().expect("third secret");
+    let now = chrono::Utc::now().timestamp_millis();
+    let target = h
+        .store()
+        .webhook_target(&hook_id, now)
+        .await
+        .expect("target")
+        .expect("exists");
+    assert_eq!(target.secrets.current, third_secret);
+    assert_eq!(
+        target.secrets.previous,
+        [new_secret.to_string(), secret.clone()],
+        "newest first, the first rotation's still signing"
+    );
+    let first_until = rotated["previous_valid_until_ms"].as_i64().expect("until");
+    let second_until = third["previous_valid_until_ms"].as_i64().expect("until");
+    let at = |ms: i64| {
+        let store = h.store();
+        let hook_id = hook_id.clone();
+        async move {
+            store
+                .webhook_target(&hook_id, ms)
+                .await
+                .expect("target")
+                .expect("exists")
+                .secrets
+                .previous
+        }
+    };
+    assert_eq!(
+        at(first_until).await,
+        [new_secret.to_string()],
+        "the first ends at its time"
+    );
+    assert!(at(second_until).await.is_empty(), "then the second");
+    let stored = h.table_text("webhooks", &["older_secrets"]).await;
+    assert!(!stored.contains(&secret[6..]), "sealed at rest");
     let (status, v) = h
         .call(
             Method::POST,

@@ -201,8 +201,21 @@ impl fmt::Debug for SecretRotation {
 #[derive(Clone)]
 pub struct SigningSecrets {
     pub current: String,
-    pub previous: Option<String>,
+    /// Earlier secrets whose overlap has not ended, newest first.
+    pub previous: Vec<String>,
 }
+
+/// A secret replaced by a rotation, still signing until `until_ms` (`older_secrets`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Retired {
+    /// Sealed like the current secret.
+    secret: String,
+    until_ms: i64,
+}
+
+/// Most retired secrets kept signing at once: rotations in a burst past this drop the one
+/// ending first (each signature is a header entry and an HMAC per delivery).
+const MAX_RETIRED: usize = 8;
 
 impl fmt::Debug for SigningSecrets {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -407,7 +420,7 @@ impl Provisioning {
         now_ms: i64,
     ) -> Result<Option<WebhookTarget>, ProvisioningError> {
         let row = sqlx::query(
-            "SELECT id, tenant_id, url, events, media, format, enabled, disabled_reason, created_at_ms, secret, previous_secret, previous_until_ms FROM webhooks WHERE id = $1",
+            "SELECT id, tenant_id, url, events, media, format, enabled, disabled_reason, created_at_ms, secret, previous_secret, previous_until_ms, older_secrets FROM webhooks WHERE id = $1",
         )
         .bind(id.to_string())
         .fetch_optional(&self.pool)
@@ -422,14 +435,10 @@ impl Provisioning {
                 .map_err(|e| ProvisioningError::Unavailable(e.to_string()))
         };
         let current = open(&get::<String>(&row, "secret")?)?;
-        let previous_until: Option<i64> = get(&row, "previous_until_ms")?;
-        let previous = match (
-            get::<Option<String>>(&row, "previous_secret")?,
-            previous_until,
-        ) {
-            (Some(sealed), Some(until)) if until > now_ms => Some(open(&sealed)?),
-            _ => None,
-        };
+        let previous = retired(&row, now_ms)?
+            .iter()
+            .map(|r| open(&r.secret))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Some(WebhookTarget {
             webhook,
             secrets: SigningSecrets { current, previous },
@@ -488,8 +497,9 @@ impl Provisioning {
         tx.commit().await.map_err(sql::unavailable)
     }
 
-    /// A new secret; the current one becomes the previous one and keeps signing for
-    /// `overlap_ms`.
+    /// A new secret; the current one keeps signing for `overlap_ms`, and so do the ones
+    /// replaced earlier until their own overlap ends (a second rotation within the overlap
+    /// does not cut the first one's short).
     pub async fn rotate_webhook_secret(
         &self,
         tenant_id: &str,
@@ -502,26 +512,48 @@ impl Provisioning {
         let sealed = self
             .cipher
             .encrypt(&secret, &aad(&webhook.tenant_id, &webhook.id));
-        let until = sql::now_ms().saturating_add(overlap_ms);
-        // The stored ciphertext moves as is: its binding is to the row, not to the column.
-        let done = sqlx::query(
-            "UPDATE webhooks SET previous_secret = secret, previous_until_ms = $3, secret = $4 WHERE tenant_id = $1 AND id = $2",
-        )
-        .bind(webhook.tenant_id.clone())
-        .bind(webhook.id.clone())
-        .bind(until)
-        .bind(sealed)
-        .execute(&self.pool)
-        .await
-        .map_err(sql::unavailable)?;
-        if done.rows_affected() == 0 {
-            return Err(self.missing(tenant_id, Object::Webhook).await);
+        // Compare-and-set on the current secret: of rotations racing, each keeps the others'.
+        for _ in 0..5 {
+            let now = sql::now_ms();
+            let until = now.saturating_add(overlap_ms);
+            let row = sqlx::query(
+                "SELECT secret, previous_secret, previous_until_ms, older_secrets FROM webhooks WHERE tenant_id = $1 AND id = $2",
+            )
+            .bind(webhook.tenant_id.clone())
+            .bind(webhook.id.clone())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(sql::unavailable)?;
+            let Some(row) = row else {
+                return Err(self.missing(tenant_id, Object::Webhook).await);
+            };
+            let current: String = get(&row, "secret")?;
+            // The ciphertexts move as they are: their binding is to the row, not the column.
+            let mut older = retired(&row, now)?;
+            older.truncate(MAX_RETIRED - 1);
+            let done = sqlx::query(
+                "UPDATE webhooks SET previous_secret = secret, previous_until_ms = $3, secret = $4, older_secrets = $5 WHERE tenant_id = $1 AND id = $2 AND secret = $6",
+            )
+            .bind(webhook.tenant_id.clone())
+            .bind(webhook.id.clone())
+            .bind(until)
+            .bind(sealed.clone())
+            .bind((!older.is_empty()).then(|| sql::to_json(&older)))
+            .bind(current)
+            .execute(&self.pool)
+            .await
+            .map_err(sql::unavailable)?;
+            if done.rows_affected() == 1 {
+                return Ok(WebhookSecret {
+                    webhook_id: webhook.id,
+                    secret,
+                    previous_valid_until_ms: until,
+                });
+            }
         }
-        Ok(WebhookSecret {
-            webhook_id: webhook.id,
-            secret,
-            previous_valid_until_ms: until,
-        })
+        Err(ProvisioningError::Conflict(
+            "the secret is being rotated by another call; try again".into(),
+        ))
     }
 
     /// Starts the failure clock of an endpoint if not running; its start.
@@ -578,6 +610,26 @@ impl Provisioning {
         .map_err(sql::unavailable)?;
         Ok(done.rows_affected() > 0)
     }
+}
+
+/// The row's replaced secrets still signing at `now_ms` (the last rotation's, then older
+/// ones), newest first.
+fn retired(row: &AnyRow, now_ms: i64) -> Result<Vec<Retired>, ProvisioningError> {
+    let mut all: Vec<Retired> = match get::<Option<String>>(row, "older_secrets")? {
+        Some(text) => serde_json::from_str(&text).map_err(|e| {
+            ProvisioningError::Unavailable(format!("column `older_secrets` holds bad JSON: {e}"))
+        })?,
+        None => Vec::new(),
+    };
+    if let (Some(secret), Some(until_ms)) = (
+        get::<Option<String>>(row, "previous_secret")?,
+        get::<Option<i64>>(row, "previous_until_ms")?,
+    ) {
+        all.push(Retired { secret, until_ms });
+    }
+    all.retain(|r| r.until_ms > now_ms);
+    all.sort_by_key(|r| std::cmp::Reverse(r.until_ms));
+    Ok(all)
 }
 
 #[cfg(test)]

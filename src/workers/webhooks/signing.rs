@@ -37,11 +37,11 @@ pub fn standard_signature(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> 
     format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
 }
 
-/// The `webhook-signature` header: the current secret's signature, then the previous one's
-/// while a rotation's overlap lasts (receivers accept any entry that verifies).
+/// The `webhook-signature` header: the current secret's signature, then the replaced ones'
+/// while their rotation's overlap lasts (receivers accept any entry that verifies).
 pub fn standard_header(secrets: &SigningSecrets, id: &str, timestamp: i64, body: &[u8]) -> String {
     std::iter::once(&secrets.current)
-        .chain(secrets.previous.as_ref())
+        .chain(&secrets.previous)
         .filter_map(|s| secret_key(WebhookFormat::Standard, s))
         .map(|key| standard_signature(&key, id, timestamp, body))
         .collect::<Vec<_>>()
@@ -82,11 +82,11 @@ mod tests {
         let b = format!("whsec_{}", STANDARD.encode([2u8; 24]));
         let one = SigningSecrets {
             current: a.clone(),
-            previous: None,
+            previous: vec![],
         };
         let two = SigningSecrets {
             current: b,
-            previous: Some(a),
+            previous: vec![a],
         };
         let h1 = standard_header(&one, "msg_1", 10, b"{}");
         let h2 = standard_header(&two, "msg_1", 10, b"{}");
