@@ -22,12 +22,15 @@ pub fn build(config: &HttpClientConfig) -> Result<reqwest::Client, ClientError> 
         .map_err(|e| ClientError::Build(e.to_string()))
 }
 
-/// The configured builder, for callers that add settings of their own (the webhooks worker's
-/// resolver and redirect policy).
+/// The configured builder (rustls, timeout, CA bundle, no redirects), for callers that add
+/// settings of their own (the webhooks worker's resolver).
 pub fn builder(config: &HttpClientConfig) -> Result<reqwest::ClientBuilder, ClientError> {
     crate::tls::install_crypto_provider();
+    // No redirects: a peer's body (a transcript, credentials in headers) must not be posted
+    // again to wherever an answer points; a 3xx is the caller's to report.
     let mut builder = reqwest::Client::builder()
         .use_rustls_tls()
+        .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_millis(config.timeout_ms))
         .user_agent(concat!("nexus/", env!("CARGO_PKG_VERSION")));
     if !config.ca_file.is_empty() {

@@ -487,6 +487,15 @@ impl Peer {
                         Err(_) if text.trim().is_empty() => Ok(serde_json::Value::Null),
                         Err(_) => Ok(serde_json::Value::String(text)),
                     }
+                } else if status.is_redirection() {
+                    // Not followed (the body would go elsewhere): a URL to fix, retried until
+                    // it is, the role pausing meanwhile like for a peer that is down.
+                    Err((
+                        "failed",
+                        PeerFailure::retry(format!(
+                            "{url} answered {status}; redirects are not followed: configure the address it points to"
+                        )),
+                    ))
                 } else if status.is_server_error() || matches!(status.as_u16(), 408 | 429) {
                     Err((
                         "failed",
@@ -1051,6 +1060,22 @@ mod tests {
                 Err(PeerFailure::Retry { .. })
             ),
             "a redirected 2xx"
+        );
+        // nexus's own client follows no redirect: the body is posted once, to the URL asked.
+        let (url2, calls2) = peer_server().await;
+        let own = crate::http_client::build(&crate::config::Config::defaults().http_client)
+            .expect("client");
+        let strict = Peer::new("r", "p", own, &config());
+        match post(&strict, &target(&url2), "chat-1", "/moved").await {
+            Err(PeerFailure::Retry { detail, .. }) => {
+                assert!(detail.contains("307"), "{detail}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            calls2.load(Ordering::SeqCst),
+            1,
+            "the redirect was followed"
         );
         for path in ["/see-other-empty", "/see-other-json"] {
             assert!(
