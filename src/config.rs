@@ -300,6 +300,15 @@ impl Config {
     }
 
     /// Cross-field and format rules.
+    /// How long an uploaded file is kept: `chat.file_retention_s`, at most a closed chat's
+    /// transcript (`workers.conversation.closed_retention_s`), so a file uploaded just before
+    /// its chat closed does not outlive the transcript that names it.
+    pub fn file_retention_s(&self) -> u64 {
+        self.chat
+            .file_retention_s
+            .min(self.workers.conversation.closed_retention_s)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         BusUrl::parse(&self.bus.url).map_err(|e| invalid("bus.url", e.to_string()))?;
         match self.bus.kafka.partition_assignment_strategy.as_str() {
@@ -415,14 +424,6 @@ impl Config {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
             }
-        }
-        if self.chat.file_retention_s > self.workers.conversation.closed_retention_s {
-            // A file uploaded just before its chat closed would outlive the transcript that
-            // names it (the bytes sit in the provisioning database, beside tenants and keys).
-            return Err(invalid(
-                "chat.file_retention_s",
-                "must not exceed workers.conversation.closed_retention_s",
-            ));
         }
         if let Some(t) =
             self.chat.file_types.iter().find(
@@ -769,11 +770,11 @@ mod tests {
 
         let mut c = Config::defaults();
         c.chat.file_retention_s = c.workers.conversation.closed_retention_s + 1;
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("chat.file_retention_s"));
+        assert_eq!(
+            c.file_retention_s(),
+            c.workers.conversation.closed_retention_s,
+            "files are kept no longer than the transcript that names them"
+        );
 
         let mut c = Config::defaults();
         c.bus.nats.partitions_refresh_ms = 0;

@@ -373,7 +373,7 @@ pub async fn upload(
         name: upload.name,
         content_type: upload.content_type,
         data: upload.data,
-        expires_at_ms: Some(expires_at_ms(state.config.chat.file_retention_s, now_ms())),
+        expires_at_ms: Some(expires_at_ms(state.config.file_retention_s(), now_ms())),
     };
     let stable = new.id.clone();
     let file = match state.provisioning.put_file(new, max).await {
@@ -479,7 +479,7 @@ pub(crate) async fn stored_file(
     conversation: &str,
     file_id: &str,
 ) -> Result<ChatFile, ApiError> {
-    let retention_s = state.config.chat.file_retention_s;
+    let retention_s = state.config.file_retention_s();
     match state.provisioning.file(tenant, conversation, file_id).await {
         Err(ProvisioningError::NotFound(Object::File))
             if id_expired(file_id, retention_s, now_ms())
@@ -516,7 +516,7 @@ async fn upload_expired(state: &AppState, tenant: &str, conversation: &str, file
                 && e.entry.data.get("file_id").map(String::as_str) == Some(file_id)
         });
         if let Some(e) = upload {
-            return expires_at_ms(state.config.chat.file_retention_s, e.entry.at_ms) <= now_ms();
+            return expires_at_ms(state.config.file_retention_s(), e.entry.at_ms) <= now_ms();
         }
         match entries.last() {
             Some(last) if entries.len() == PAGE => from = last.position + 1,
