@@ -312,8 +312,32 @@ async fn crud_and_pagination(backend: Backend) {
     assert_eq!(listed.iter().cloned().collect::<HashSet<_>>(), queues);
     assert!(p3["next"].is_null());
 
-    // Deleting a tenant deletes what it owns.
+    // Deleting a tenant deletes what it owns, its conversations' worker state too (those
+    // tables have no foreign key to it); another tenant's stays.
     let q = listed[0].clone();
+    let other = created[1].clone();
+    let worker_rows = [
+        "INSERT INTO history_conversations (tenant_id, conversation_id, step, started_json, \
+         last_event_id, updated_at_ms) VALUES ($1, 'c1', 0, '{}', 'e1', 0)",
+        "INSERT INTO history_entries (tenant_id, conversation_id, position, entry_json) \
+         VALUES ($1, 'c1', 1, '{\"text\": \"my card number\"}')",
+        "INSERT INTO gws_effects (tenant_id, conversation_id, effect_key, event_id, operation, \
+         status, attempts, created_at_ms, updated_at_ms) \
+         VALUES ($1, 'c1', 'send:m1', 'e1', 'SendMessage', 'pending', 0, 0, 0)",
+        "INSERT INTO effect_backlog (role, tenant_id, conversation_id, seq, event_id, topic, \
+         source_partition, source_offset, record_key, payload, headers_json, due_at_ms, \
+         attempts, created_at_ms) \
+         VALUES ('history', $1, 'c1', 1, 'e1', 't', 0, 0, 'c1', '', '{}', 0, 0, 0)",
+    ];
+    for tenant in [t.clone(), other.clone()] {
+        for insert in worker_rows {
+            sqlx::query(insert)
+                .bind(tenant.clone())
+                .execute(&h.raw)
+                .await
+                .expect(insert);
+        }
+    }
     let (status, _) = h
         .call(Method::DELETE, &format!("/v1/admin/tenants/{t}"), None)
         .await;
@@ -333,6 +357,28 @@ async fn crud_and_pagination(backend: Backend) {
         .try_get("n")
         .expect("n");
     assert_eq!(left, 0);
+    for table in [
+        "history_conversations",
+        "history_entries",
+        "gws_effects",
+        "effect_backlog",
+    ] {
+        let count = |tenant: String| {
+            let sql = format!("SELECT COUNT(*) AS n FROM {table} WHERE tenant_id = $1");
+            let raw = &h.raw;
+            async move {
+                sqlx::query(&sql)
+                    .bind(tenant)
+                    .fetch_one(raw)
+                    .await
+                    .expect("count")
+                    .try_get::<i64, _>("n")
+                    .expect("n")
+            }
+        };
+        assert_eq!(count(t.clone()).await, 0, "{table} of the deleted tenant");
+        assert_eq!(count(other.clone()).await, 1, "{table} of another tenant");
+    }
     let (_, all) = h.call(Method::GET, "/v1/admin/tenants", None).await;
     assert_eq!(all["items"].as_array().expect("items").len(), 6);
 
@@ -420,6 +466,15 @@ async fn validation_errors(backend: Backend) {
             StatusCode::BAD_REQUEST,
             "INVALID_FIELD",
             "`expires_at_ms`",
+        ),
+        // Seconds where milliseconds are due: a key expired from birth, refused.
+        (
+            Method::POST,
+            format!("{tp}/api-keys"),
+            r#"{"name": "k", "permissions": ["chat"], "expires_at_ms": 1767225600}"#,
+            StatusCode::BAD_REQUEST,
+            "INVALID_FIELD",
+            "looks like seconds",
         ),
         (
             Method::POST,
@@ -747,6 +802,36 @@ async fn admin_token_is_required(backend: Backend) {
     // Nothing happened.
     let (_, all) = h.call(Method::GET, "/v1/admin/tenants", None).await;
     assert_eq!(all["items"].as_array().expect("items").len(), 1);
+    // The scheme is case-insensitive (RFC 9110), the token is not.
+    for (authorization, want) in [
+        (format!("bearer {TOKEN}"), StatusCode::OK),
+        (format!("BEARER  {TOKEN}"), StatusCode::OK),
+        (
+            format!("Bearer {}", TOKEN.to_uppercase()),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (format!("Basic {TOKEN}"), StatusCode::UNAUTHORIZED),
+    ] {
+        let req = Request::get("/v1/admin/tenants")
+            .header("authorization", &authorization)
+            .body(Body::empty())
+            .expect("request");
+        let resp = edge::app(h.state.clone())
+            .oneshot(req)
+            .await
+            .expect("response");
+        assert_eq!(resp.status(), want, "{authorization}");
+    }
+    // An error echoes at most a bounded part of a huge input.
+    let (status, v) = h
+        .call(
+            Method::POST,
+            &format!("/v1/admin/tenants/{t}/agents"),
+            Some(json!({"name": "a", "skills": ["x".repeat(100_000)]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v.to_string().len() < 400, "{} bytes", v.to_string().len());
     let (_, keys) = h
         .call(
             Method::GET,
@@ -761,6 +846,21 @@ async fn admin_token_is_required(backend: Backend) {
 async fn api_keys_are_shown_once_and_authenticate(backend: Backend) {
     let h = harness(backend).await;
     let t = h.tenant("acme").await;
+    // The answers that carry a secret once never print it in a log line.
+    let created = h
+        .store()
+        .create_api_key(
+            &t,
+            serde_json::from_value(json!({"name": "debug", "permissions": ["chat"]}))
+                .expect("new key"),
+        )
+        .await
+        .expect("key");
+    let printed = format!("{created:?}");
+    assert!(
+        !printed.contains(&created.key) && printed.contains("<redacted>"),
+        "{printed}"
+    );
     let base = format!("/v1/admin/tenants/{t}/api-keys");
     let created = h
         .create(
@@ -829,7 +929,8 @@ async fn api_keys_are_shown_once_and_authenticate(backend: Backend) {
         h.store().authenticate_api_key(&raw).await,
         Err(AuthError::Disabled)
     ));
-    patch(json!({"enabled": true, "expires_at_ms": 1_000})).await;
+    let past = chrono::Utc::now().timestamp_millis() - 1_000;
+    patch(json!({"enabled": true, "expires_at_ms": past})).await;
     assert!(matches!(
         h.store().authenticate_api_key(&raw).await,
         Err(AuthError::Expired)

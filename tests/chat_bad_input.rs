@@ -222,7 +222,14 @@ async fn fixture() -> Fx {
     let b = tenant(&state, "tenant-b").await;
     let p = state.provisioning.clone();
     let disabled_key = api_key(&p, &a.id, vec![Permission::Chat], false, None).await;
-    let expired_key = api_key(&p, &a.id, vec![Permission::Chat], true, Some(1)).await;
+    let expired_key = api_key(
+        &p,
+        &a.id,
+        vec![Permission::Chat],
+        true,
+        Some(chrono::Utc::now().timestamp_millis() - 1_000),
+    )
+    .await;
     let no_chat_key = api_key(&p, &a.id, vec![Permission::Messaging], true, None).await;
     let (carol, rotated_token) = agent(&p, &a.id, "carol").await;
     p.rotate_agent_token(&a.id, &carol).await.expect("rotate");

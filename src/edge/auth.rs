@@ -21,10 +21,7 @@ pub fn require_admin(config: &HttpConfig, headers: &HeaderMap) -> Result<(), Api
             "no admin token is configured (http.admin_token)",
         ));
     }
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+    let given = bearer(headers)
         .ok_or_else(|| ApiError::unauthorized("send `Authorization: Bearer <admin token>`"))?;
     // Digests of equal length: the slices' compare would return early on a length mismatch.
     let digest = |v: &[u8]| Sha256::digest(v);
@@ -89,4 +86,14 @@ pub async fn bot(state: &AppState, raw: &str) -> Result<BotEndpoint, ApiError> {
         .authenticate_bot(raw)
         .await
         .map_err(|e| refused(e, "bot token"))
+}
+
+/// The token of an `Authorization: Bearer <token>` header (the scheme in any case, as HTTP
+/// has it).
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim_start();
+    // An empty token is a token, refused as invalid rather than as missing.
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
 }

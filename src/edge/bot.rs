@@ -41,10 +41,7 @@ pub fn routes() -> Router<AppState> {
 
 /// The bot of a bearer bot token.
 async fn bot_of(state: &AppState, headers: &HeaderMap) -> Result<BotEndpoint, ApiError> {
-    let raw = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+    let raw = super::auth::bearer(headers)
         .ok_or_else(|| ApiError::unauthorized("send `Authorization: Bearer <bot token>`"))?;
     super::auth::bot(state, raw).await
 }

@@ -67,10 +67,7 @@ async fn agent_of(state: &AppState, headers: &HeaderMap) -> Result<Agent, ApiErr
 
 /// The agent token of an `Authorization: Bearer` header.
 fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
-    headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+    crate::edge::auth::bearer(headers)
         .ok_or_else(|| ApiError::unauthorized("send `Authorization: Bearer <agent token>`"))
 }
 

@@ -128,7 +128,7 @@ pub struct BotEndpoint {
 }
 
 /// An API key as answered once, at creation: the only time `key` is shown.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Clone, Serialize)]
 pub struct CreatedApiKey {
     #[serde(flatten)]
     pub api_key: ApiKey,
@@ -136,7 +136,7 @@ pub struct CreatedApiKey {
 }
 
 /// An agent as answered at creation, with its token shown once.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Clone, Serialize)]
 pub struct CreatedAgent {
     #[serde(flatten)]
     pub agent: Agent,
@@ -144,7 +144,7 @@ pub struct CreatedAgent {
 }
 
 /// A bot endpoint as answered at creation: the only time its bot API `token` is shown.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Clone, Serialize)]
 pub struct CreatedBot {
     #[serde(flatten)]
     pub bot: BotEndpoint,
@@ -152,18 +152,39 @@ pub struct CreatedBot {
 }
 
 /// A rotated bot API token, shown once.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Clone, Serialize)]
 pub struct BotToken {
     pub bot_id: String,
     pub token: String,
 }
 
 /// A rotated agent token, shown once.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Clone, Serialize)]
 pub struct AgentToken {
     pub agent_id: String,
     pub token: String,
 }
+
+/// `Debug` for an answer that carries a secret shown once: every field but the secret, so a
+/// log line of it cannot leak it.
+macro_rules! debug_without_secret {
+    ($ty:ident { $($field:ident),* } hides $secret:ident) => {
+        impl fmt::Debug for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct(stringify!($ty))
+                    $(.field(stringify!($field), &self.$field))*
+                    .field(stringify!($secret), &"<redacted>")
+                    .finish()
+            }
+        }
+    };
+}
+
+debug_without_secret!(CreatedApiKey { api_key } hides key);
+debug_without_secret!(CreatedAgent { agent } hides token);
+debug_without_secret!(CreatedBot { bot } hides token);
+debug_without_secret!(BotToken { bot_id } hides token);
+debug_without_secret!(AgentToken { agent_id } hides token);
 
 // ---- requests ---------------------------------------------------------------------------
 
@@ -397,7 +418,7 @@ pub(super) fn ident(field: &'static str, value: &str) -> Result<String, Provisio
     if value.is_empty() || value.len() > MAX_IDENT {
         return Err(invalid(
             field,
-            format!("`{value}` must be 1 to {MAX_IDENT} characters"),
+            format!("`{}` must be 1 to {MAX_IDENT} characters", shown(value)),
         ));
     }
     if !value
@@ -406,7 +427,10 @@ pub(super) fn ident(field: &'static str, value: &str) -> Result<String, Provisio
     {
         return Err(invalid(
             field,
-            format!("`{value}` may only contain letters, digits, `.`, `_` and `-`"),
+            format!(
+                "`{}` may only contain letters, digits, `.`, `_` and `-`",
+                shown(value)
+            ),
         ));
     }
     Ok(value.to_string())
@@ -481,13 +505,29 @@ pub(super) fn permissions(values: &[Permission]) -> Result<Vec<Permission>, Prov
     Ok(out)
 }
 
+/// Below this an expiry is taken for seconds sent as milliseconds (it would be before
+/// 2001-09-09): refused rather than answered with a key that is already expired.
+const MIN_EXPIRY_MS: i64 = 1_000_000_000_000;
+
 pub(super) fn expiry(value: Option<i64>) -> Result<Option<i64>, ProvisioningError> {
     match value {
-        Some(ms) if ms <= 0 => Err(invalid(
+        Some(ms) if ms < MIN_EXPIRY_MS => Err(invalid(
             "expires_at_ms",
-            "must be a Unix time in milliseconds",
+            format!(
+                "must be a Unix time in milliseconds ({ms} looks like seconds or is not a time)"
+            ),
         )),
         other => Ok(other),
+    }
+}
+
+/// An input echoed in an error: at most 64 characters of it, so a huge value does not come
+/// back whole.
+fn shown(value: &str) -> String {
+    const MAX: usize = 64;
+    match value.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", &value[..cut]),
+        None => value.to_string(),
     }
 }
 
@@ -503,8 +543,10 @@ pub(super) fn url(value: &str) -> Result<String, ProvisioningError> {
             "must not contain spaces or control characters",
         ));
     }
-    let parsed =
-        reqwest::Url::parse(value).map_err(|e| invalid("url", format!("`{value}`: {e}")))?;
+    let parsed = reqwest::Url::parse(value).map_err(|e| {
+        let value = crate::config::redact_url_password(value);
+        invalid("url", format!("`{}`: {e}", shown(&value)))
+    })?;
     if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
         return Err(invalid(
             "url",

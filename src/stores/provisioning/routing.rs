@@ -54,7 +54,7 @@ impl Provisioning {
             created_at_ms: sql::now_ms(),
         };
         self.check_links(&rule).await?;
-        sqlx::query(
+        let done = sqlx::query(
             "INSERT INTO routing_rules (id, tenant_id, channel, attributes, queue_id, required_skills, priority, bot_id, created_at_ms) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
@@ -68,8 +68,15 @@ impl Provisioning {
         .bind(rule.bot_id.clone())
         .bind(rule.created_at_ms)
         .execute(&self.pool)
-        .await
-        .map_err(|e| sql::write_error(e, referenced, referenced))?;
+        .await;
+        if let Err(e) = done {
+            let e = sql::write_error(e, referenced, referenced);
+            // The tenant itself deleted meanwhile is a 404, as for every other create.
+            if matches!(e, ProvisioningError::Conflict(_)) {
+                self.tenant(tenant_id).await?;
+            }
+            return Err(e);
+        }
         Ok(rule)
     }
 

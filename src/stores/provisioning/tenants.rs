@@ -85,8 +85,9 @@ impl Provisioning {
         Ok(tenant)
     }
 
-    /// Deletes the tenant with all its keys, queues, agents, rules, bots, webhook
-    /// subscriptions and their delivery log, in one transaction.
+    /// Deletes the tenant with all its keys, queues, agents, rules, bots, files, webhook
+    /// subscriptions and their delivery log, and the integration workers' state of its
+    /// conversations (history transcripts, GWS effects, backlogs), in one transaction.
     pub async fn delete_tenant(&self, id: &str) -> Result<(), ProvisioningError> {
         let mut tx = self.pool.begin().await.map_err(sql::unavailable)?;
         let done = sqlx::query("DELETE FROM tenants WHERE id = $1")
@@ -98,6 +99,20 @@ impl Provisioning {
             return Err(ProvisioningError::NotFound(Object::Tenant));
         }
         delete_log(&mut tx, LogOf::Tenant, id).await?;
+        // No foreign key to tenants (a late event of a deleted tenant must still be acked), so
+        // they go here; such an event may write a little again, which their prune removes.
+        for table in [
+            "history_entries",
+            "history_conversations",
+            "gws_effects",
+            "effect_backlog",
+        ] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE tenant_id = $1"))
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(sql::unavailable)?;
+        }
         tx.commit().await.map_err(sql::unavailable)?;
         self.auth_cache.clear();
         Ok(())
