@@ -678,9 +678,10 @@ fn files_expired_metric(state: &AppState) -> u64 {
         as u64
 }
 
-/// Rows of `chat_files` with this id, read from the SQLite file behind the store.
-async fn rows(db: &sqlx::SqlitePool, file_id: &str) -> i64 {
-    sqlx::query_scalar("SELECT COUNT(*) FROM chat_files WHERE id = ?")
+/// Rows of `chat_files` with this id and the bytes they hold, read from the SQLite file
+/// behind the store.
+async fn rows(db: &sqlx::SqlitePool, file_id: &str) -> (i64, i64) {
+    sqlx::query_as("SELECT COUNT(*), COALESCE(SUM(LENGTH(data)), 0) FROM chat_files WHERE id = ?")
         .bind(file_id)
         .fetch_one(db)
         .await
@@ -779,20 +780,14 @@ async fn expired_files_answer_410_free_their_place_and_are_swept() {
         },
     )
     .await;
-    // The retry of an expired, not yet swept upload stores it again (not the download's 410,
-    // which would turn to a new store once the sweeper ran).
-    let (status, body) = call(s, named()).await;
-    assert_eq!(
-        status,
-        StatusCode::CREATED,
-        "retry of an expired upload: {body}"
-    );
-    assert_eq!(body["file_id"], named_id.as_str());
-    let (bytes, _, _) = download(s, customer_get(k, &s2.id, &s2.ck, &named_id)).await;
-    assert_eq!(bytes, b"late");
+    // The retry of an expired upload is refused, swept or not: the transcript names its id
+    // for the first bytes, and new ones must not take their place behind that entry.
+    fx.rejected("retry of an expired upload", named(), 410, "FILE_EXPIRED")
+        .await;
 
-    // The sweeper deletes the rows (and so the bytes); the metric counts them; the ids still
-    // answer FILE_EXPIRED rather than FILE_NOT_FOUND.
+    // The sweeper empties the files (the rows stay while a transcript may name them); the
+    // metric counts them; the ids still answer FILE_EXPIRED rather than FILE_NOT_FOUND, the
+    // named one too (its id carries no time: its row tells).
     let db = sqlx::SqlitePool::connect(&format!(
         "sqlite://{}",
         fx._dir.path().join("provisioning.db").display()
@@ -800,15 +795,17 @@ async fn expired_files_answer_410_free_their_place_and_are_swept() {
     .await
     .expect("sqlite");
     for id in &ids {
-        assert_eq!(rows(&db, id).await, 1, "kept until swept");
+        assert_eq!(rows(&db, id).await, (1, 5), "kept until swept");
     }
     let before = files_expired_metric(s);
     let stop = tokio_util::sync::CancellationToken::new();
     let sweeper = tokio::spawn(edge::chat::sweep_files(s.clone(), stop.clone()));
-    common::chat::eventually(Duration::from_secs(20), "the sweeper deletes", || async {
+    common::chat::eventually(Duration::from_secs(20), "the sweeper empties", || async {
         let mut left = 0;
-        for id in &ids {
-            left += rows(&db, id).await;
+        for id in ids.iter().chain([&named_id]) {
+            let (n, bytes) = rows(&db, id).await;
+            assert_eq!(n, 1, "the row stays");
+            left += bytes;
         }
         (left == 0).then_some(())
     })
@@ -825,6 +822,15 @@ async fn expired_files_answer_410_free_their_place_and_are_swept() {
         "FILE_EXPIRED",
     )
     .await;
+    fx.rejected(
+        "named, swept",
+        customer_get(k, &s2.id, &s2.ck, &named_id),
+        410,
+        "FILE_EXPIRED",
+    )
+    .await;
+    fx.rejected("retry of a swept upload", named(), 410, "FILE_EXPIRED")
+        .await;
     stop.cancel();
     sweeper.await.expect("sweeper stops");
 }
@@ -889,18 +895,20 @@ async fn files_expire_and_are_swept_on_postgres() {
     assert_eq!(get().await.expect("download").status(), 200);
 
     let pg = sqlx::PgPool::connect(&db.url).await.expect("postgres");
-    let rows = || async {
-        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM chat_files WHERE id = $1")
-            .bind(&file_id)
-            .fetch_one(&pg)
-            .await
-            .expect("count")
+    let bytes = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT COALESCE(SUM(LENGTH(data)), 0) FROM chat_files WHERE id = $1",
+        )
+        .bind(&file_id)
+        .fetch_one(&pg)
+        .await
+        .expect("bytes")
     };
-    assert_eq!(rows().await, 1);
+    assert!(bytes().await > 0);
     eventually(
         Duration::from_secs(30),
-        "the sweeper deletes the file",
-        || async { (rows().await == 0).then_some(()) },
+        "the sweeper empties the file",
+        || async { (bytes().await == 0).then_some(()) },
     )
     .await;
     let gone = get().await.expect("download");

@@ -30,7 +30,6 @@ use super::{session_claims, Claims};
 use crate::edge::{ApiError, AppState};
 use crate::events::chat::MessageKind;
 use crate::stores::provisioning::{ChatFile, NewChatFile, Object, ProvisioningError};
-use crate::stores::session::EntryKind;
 use crate::telemetry::metrics as m;
 
 /// Room for the multipart framing above `chat.max_file_bytes`: part headers, boundaries and
@@ -348,14 +347,16 @@ pub async fn upload(
         match state.provisioning.file(&c.tid, &c.sid, id).await {
             Ok(file) => return publish_upload(&state, &c, &headers, file, upload.message_id).await,
             Err(ProvisioningError::NotFound(_)) => {}
-            // Past retention, not yet swept: the retry stores the file again, as it would
-            // once the sweeper took it (answering a download's 410 to an upload would depend
-            // on the sweep's timing).
+            // Past retention (swept or not; the sweeper keeps the row): the transcript names
+            // this id for the first upload's bytes, which are gone. Storing new bytes under it
+            // would put them behind that old entry; the client sends the file again under a
+            // new `message_id`.
             Err(ProvisioningError::Expired(_)) => {
-                state
-                    .provisioning
-                    .delete_expired_file(&c.tid, &c.sid, id, now_ms())
-                    .await?;
+                return Err(ApiError::new(
+                    StatusCode::GONE,
+                    "FILE_EXPIRED",
+                    "this upload's file expired; send it again under a new message_id",
+                ))
             }
             Err(e) => return Err(e.into()),
         }
@@ -471,8 +472,9 @@ fn expires_at_ms(retention_s: u64, now_ms: i64) -> i64 {
 }
 
 /// A file to download (customer or agent): 410 `FILE_EXPIRED` past its expiry, and still after
-/// the sweeper deleted it: a file id (UUID v7) carries its upload time; a file stored under a
-/// client's `message_id` (a name-based id) has its upload in the transcript.
+/// the sweeper emptied it (its row stays while a transcript may name it); an id of no file
+/// that is older than the retention (a UUID v7 carries its time) answers the same, so a probe
+/// through another session learns nothing.
 pub(crate) async fn stored_file(
     state: &AppState,
     tenant: &str,
@@ -482,46 +484,11 @@ pub(crate) async fn stored_file(
     let retention_s = state.config.file_retention_s();
     match state.provisioning.file(tenant, conversation, file_id).await {
         Err(ProvisioningError::NotFound(Object::File))
-            if id_expired(file_id, retention_s, now_ms())
-                || upload_expired(state, tenant, conversation, file_id).await =>
+            if id_expired(file_id, retention_s, now_ms()) =>
         {
             Err(ProvisioningError::Expired(Object::File).into())
         }
         found => Ok(found?),
-    }
-}
-
-/// Whether the transcript has the upload of `file_id` and it is past retention (a missing file
-/// whose id carries no time). Read only for a file that is not there, so a page walk is fine.
-async fn upload_expired(state: &AppState, tenant: &str, conversation: &str, file_id: &str) -> bool {
-    const PAGE: usize = 500;
-    // Only a name-based id (UUID v5, from a `message_id`) can be such an upload: any other id
-    // of a missing file is not walked for (a probe with made-up ids would read the whole
-    // transcript each time).
-    let named =
-        uuid::Uuid::parse_str(file_id).is_ok_and(|u| u.get_version() == Some(uuid::Version::Sha1));
-    if !named {
-        return false;
-    }
-    let Ok(store) = state.sessions() else {
-        return false;
-    };
-    let mut from = 1;
-    loop {
-        let Ok(entries) = store.transcript(tenant, conversation, from, PAGE).await else {
-            return false;
-        };
-        let upload = entries.iter().find(|e| {
-            e.entry.kind == EntryKind::FileUploaded
-                && e.entry.data.get("file_id").map(String::as_str) == Some(file_id)
-        });
-        if let Some(e) = upload {
-            return expires_at_ms(state.config.file_retention_s(), e.entry.at_ms) <= now_ms();
-        }
-        match entries.last() {
-            Some(last) if entries.len() == PAGE => from = last.position + 1,
-            _ => return false,
-        }
     }
 }
 
@@ -565,28 +532,53 @@ pub async fn sweep(state: AppState, stop: CancellationToken) {
 
 async fn sweep_once(state: &AppState) {
     let now = now_ms();
-    let mut deleted = 0;
-    let outcome = loop {
-        match state
-            .provisioning
-            .delete_expired_files(now, SWEEP_BATCH)
-            .await
-        {
+    // A transcript can name a file until `closed_retention_s` after the chat closed, which
+    // is after the file expired: its tombstone is kept that long past the expiry.
+    let keep_ms = i64::try_from(
+        state
+            .config
+            .workers
+            .conversation
+            .closed_retention_s
+            .saturating_mul(1000),
+    )
+    .unwrap_or(i64::MAX);
+    let p = &state.provisioning;
+    let (swept, forgotten) = (
+        in_batches(|| p.sweep_files(now, SWEEP_BATCH)).await,
+        in_batches(|| p.forget_swept_files(now.saturating_sub(keep_ms), SWEEP_BATCH)).await,
+    );
+    metrics::counter!(m::CHAT_FILES_EXPIRED_TOTAL).increment(swept.0);
+    for ((n, outcome), what) in [(swept, "emptied"), (forgotten, "forgotten")] {
+        match outcome {
+            Ok(()) if n > 0 => tracing::info!(files = n, what, "expired chat files swept"),
+            Ok(()) => {}
+            // Retried on the next tick; what is expired stays refused meanwhile.
+            Err(e) => {
+                tracing::warn!(files = n, what, error = %e, "chat file sweep failed; retried")
+            }
+        }
+    }
+}
+
+/// Runs `step` (one statement of up to [`SWEEP_BATCH`] rows) until a batch comes back short;
+/// the rows it took in all, and how it ended.
+async fn in_batches<F, Fut>(mut step: F) -> (u64, Result<(), ProvisioningError>)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, ProvisioningError>>,
+{
+    let mut total = 0;
+    loop {
+        match step().await {
             Ok(n) => {
-                deleted += n;
+                total += n;
                 if n < SWEEP_BATCH as u64 {
-                    break Ok(());
+                    return (total, Ok(()));
                 }
             }
-            Err(e) => break Err(e),
+            Err(e) => return (total, Err(e)),
         }
-    };
-    metrics::counter!(m::CHAT_FILES_EXPIRED_TOTAL).increment(deleted);
-    match outcome {
-        Ok(()) if deleted > 0 => tracing::info!(deleted, "expired chat files deleted"),
-        Ok(()) => {}
-        // Retried on the next tick; what is expired stays refused meanwhile.
-        Err(e) => tracing::warn!(deleted, error = %e, "chat file sweep failed; retried"),
     }
 }
 

@@ -1,8 +1,8 @@
 //! Chat files: the bytes a customer uploads into a conversation. They are kept in this database,
 //! not on an edge's disk, so every edge pod can serve them. A file is read and counted by
 //! `(tenant, conversation, id)` only: no other session, and no other tenant, can reach it.
-//! A file past `expires_at_ms` is refused and not counted; [`Provisioning::delete_expired_files`]
-//! removes it.
+//! A file past `expires_at_ms` is refused and not counted; [`Provisioning::sweep_files`]
+//! empties its bytes and, once no transcript can name it any more, removes its row.
 
 use sqlx::any::AnyRow;
 
@@ -137,18 +137,35 @@ impl Provisioning {
         Ok(file)
     }
 
-    /// Deletes up to `batch` files (rows and bytes) expired at `now_ms`; returns how many this
-    /// call deleted. Idempotent: processes sweeping at once delete each file once between them.
-    pub async fn delete_expired_files(
+    /// Empties the bytes of up to `batch` files expired at `now_ms`, keeping their rows as
+    /// tombstones (an id answers `Expired`, not `NotFound`); returns how many this call
+    /// emptied. Idempotent: processes sweeping at once empty each file once between them.
+    pub async fn sweep_files(&self, now_ms: i64, batch: usize) -> Result<u64, ProvisioningError> {
+        let done = sqlx::query(
+            "UPDATE chat_files SET data = $3, swept = 1 WHERE id IN \
+             (SELECT id FROM chat_files WHERE expires_at_ms <= $1 AND swept = 0 LIMIT $2)",
+        )
+        .bind(now_ms)
+        .bind(i64::try_from(batch).unwrap_or(i64::MAX))
+        .bind(Vec::<u8>::new())
+        .execute(&self.pool)
+        .await
+        .map_err(sql::unavailable)?;
+        Ok(done.rows_affected())
+    }
+
+    /// Deletes up to `batch` tombstones of files that expired before `before_ms` (when no
+    /// transcript names them any more); returns how many.
+    pub async fn forget_swept_files(
         &self,
-        now_ms: i64,
+        before_ms: i64,
         batch: usize,
     ) -> Result<u64, ProvisioningError> {
         let done = sqlx::query(
             "DELETE FROM chat_files WHERE id IN \
-             (SELECT id FROM chat_files WHERE expires_at_ms <= $1 LIMIT $2)",
+             (SELECT id FROM chat_files WHERE swept = 1 AND expires_at_ms <= $1 LIMIT $2)",
         )
-        .bind(now_ms)
+        .bind(before_ms)
         .bind(i64::try_from(batch).unwrap_or(i64::MAX))
         .execute(&self.pool)
         .await
@@ -169,29 +186,6 @@ impl Provisioning {
         .bind(tenant_id.to_string())
         .bind(conversation_id.to_string())
         .bind(id.to_string())
-        .execute(&self.pool)
-        .await
-        .map_err(sql::unavailable)?;
-        Ok(())
-    }
-
-    /// Deletes a file only while it is past its expiry at `now_ms` (a row stored again
-    /// meanwhile under the same id stays).
-    pub async fn delete_expired_file(
-        &self,
-        tenant_id: &str,
-        conversation_id: &str,
-        id: &str,
-        now_ms: i64,
-    ) -> Result<(), ProvisioningError> {
-        sqlx::query(
-            "DELETE FROM chat_files WHERE tenant_id = $1 AND conversation_id = $2 AND id = $3 \
-             AND expires_at_ms <= $4",
-        )
-        .bind(tenant_id.to_string())
-        .bind(conversation_id.to_string())
-        .bind(id.to_string())
-        .bind(now_ms)
         .execute(&self.pool)
         .await
         .map_err(sql::unavailable)?;
@@ -323,12 +317,42 @@ mod tests {
             .await
             .expect("put")
             .expect("room");
-        // Batches of 3: 4 expired files take two calls; then nothing is left to delete.
+        // Batches of 3: 4 expired files take two calls; then nothing is left to empty.
         let now = sql::now_ms();
-        assert_eq!(p.delete_expired_files(now, 3).await.expect("sweep"), 3);
-        assert_eq!(p.delete_expired_files(now, 3).await.expect("sweep"), 1);
-        assert_eq!(p.delete_expired_files(now, 3).await.expect("sweep"), 0);
+        assert_eq!(p.sweep_files(now, 3).await.expect("sweep"), 3);
+        assert_eq!(p.sweep_files(now, 3).await.expect("sweep"), 1);
+        assert_eq!(p.sweep_files(now, 3).await.expect("sweep"), 0);
         assert_eq!(p.file(&t, "c1", &kept.id).await.expect("kept"), kept);
         assert_eq!(p.file(&t, "c5", &forever.id).await.expect("kept"), forever);
+        // A swept file's row stays, without its bytes: its id is still known as expired.
+        let bytes: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(LENGTH(data)), 0) FROM chat_files WHERE swept = 1",
+        )
+        .fetch_one(&p.pool)
+        .await
+        .expect("bytes");
+        assert_eq!(bytes, 0);
+        assert!(matches!(
+            p.file(&t, "c2", &expired_id(&p, &t, "c2").await).await,
+            Err(ProvisioningError::Expired(Object::File))
+        ));
+        // Forgotten once no transcript can name them: expired before the given time.
+        assert_eq!(p.forget_swept_files(0, 10).await.expect("forget"), 0);
+        assert_eq!(p.forget_swept_files(now, 3).await.expect("forget"), 3);
+        assert_eq!(p.forget_swept_files(now, 3).await.expect("forget"), 1);
+        assert_eq!(p.count_files(&t, "c1").await.expect("count"), 1);
+        assert_eq!(p.file(&t, "c1", &kept.id).await.expect("kept"), kept);
+    }
+
+    /// The id of the conversation's one file.
+    async fn expired_id(p: &Provisioning, tenant: &str, conversation: &str) -> String {
+        sqlx::query_scalar(
+            "SELECT id FROM chat_files WHERE tenant_id = $1 AND conversation_id = $2",
+        )
+        .bind(tenant.to_string())
+        .bind(conversation.to_string())
+        .fetch_one(&p.pool)
+        .await
+        .expect("id")
     }
 }
