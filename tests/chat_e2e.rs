@@ -1313,6 +1313,26 @@ async fn a_changed_agent_capacity_applies_at_once() {
     assert_eq!(told["state"], "ready", "readiness unchanged");
     let offer = ws_until(&mut desk, WAIT, |v| v["type"] == "offer").await;
     assert_eq!(offer["conversation_id"], waiting.as_str());
+    // The open socket takes the new profile at its next token check (a second at least): a
+    // ready asking for the new capacity is acked there as over HTTP, not refused as over the
+    // capacity the agent had when it connected; a request in a binary frame is answered too.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let request = json!({"op": "ready", "capacity": {"chat": 2}, "request_id": "cap-2"});
+        let frame = WsMessage::Binary(request.to_string().into_bytes().into());
+        futures::SinkExt::send(&mut desk, frame)
+            .await
+            .expect("send");
+        let answer = ws_until(&mut desk, WAIT, |v| v["request_id"] == "cap-2").await;
+        if answer["type"] == "ack" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still refused: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 /// An agent offered the same conversation a second time (here by a transfer by name, after

@@ -3,8 +3,9 @@
 //!
 //! Every edge process reads the whole topic (its own consumer group, from the tail), so a
 //! customer on one pod and their agent on another both get every event. Order per
-//! conversation is the topic's; a socket that falls behind its buffer is closed and its client
-//! resumes from the transcript (nothing is lost, positions dedup what is repeated).
+//! conversation is the topic's; a socket that falls behind its buffer catches up from the store
+//! (a customer stream re-reads the transcript; an agent desk is sent `resync` and re-reads its
+//! conversations): nothing is lost, positions dedup what is repeated.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};

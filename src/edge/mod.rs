@@ -13,6 +13,7 @@ pub mod hub;
 mod ingest;
 pub(crate) mod path;
 pub mod server;
+mod socket;
 mod telemetry;
 
 use std::sync::Arc;

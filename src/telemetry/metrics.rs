@@ -34,7 +34,7 @@ pub const BOT_CALLS_TOTAL: &str = "nexus_bot_calls_total";
 pub const TIMERS_FIRED_TOTAL: &str = "nexus_conversation_timers_fired_total";
 /// Timer claims or actions that failed, per `kind`.
 pub const TIMER_ERRORS_TOTAL: &str = "nexus_conversation_timer_errors_total";
-/// Expired chat files (rows and bytes) the sweeper deleted.
+/// Expired chat files whose bytes the sweeper emptied.
 pub const CHAT_FILES_EXPIRED_TOTAL: &str = "nexus_chat_files_expired_total";
 /// Times a customer stream fell behind the edge's live buffer and caught up from the store.
 pub const CHAT_STREAMS_LAGGED_TOTAL: &str = "nexus_chat_streams_lagged_total";

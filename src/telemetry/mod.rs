@@ -36,6 +36,9 @@ const SECONDS_BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0,
 ];
 
+/// How often histogram samples are folded into their buckets when nobody reads `/metrics`.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Installs the global Prometheus recorder (once per process) and returns its handle, which
 /// renders `/metrics`. Later calls return the same handle.
 pub fn init_metrics() -> PrometheusHandle {
@@ -50,6 +53,19 @@ pub fn init_metrics() -> PrometheusHandle {
             // Fails only if another recorder is installed (tests); the handle still renders ours.
             let _ = ::metrics::set_global_recorder(recorder);
             metrics::describe_all();
+            // Histogram samples wait in the recorder until a render or an upkeep folds them
+            // into their buckets: a pod nobody scrapes would grow without this. A thread of
+            // its own, so it runs whichever runtime (or none) the process has.
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(UPKEEP_EVERY);
+                    upkeep.run_upkeep();
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "metrics upkeep thread not started; histograms fold only when /metrics is read");
+            }
             handle
         })
         .clone()

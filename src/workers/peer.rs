@@ -267,8 +267,8 @@ pub struct Peer {
     name: &'static str,
     client: reqwest::Client,
     settings: CircuitSettings,
-    /// By target URL; as many as the config names.
-    circuits: Mutex<BTreeMap<String, Arc<Circuit>>>,
+    /// By target (URL, timeout, credential digest); as many as the config names.
+    circuits: Arc<Circuits>,
     /// Targets whose circuit is open (the gauge is 1 while any is).
     open: Arc<OpenTargets>,
     /// A failure counts only if the target answered another call this recently.
@@ -283,29 +283,42 @@ impl Peer {
         config: &PeerConfig,
     ) -> Self {
         metrics::gauge!(m::WORKER_PAUSED, "role" => role, "peer" => name).set(0.0);
+        let circuits = Arc::new(Circuits::default());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(report_paused(Arc::downgrade(&circuits), role, name));
+        }
         Self {
             role,
             name,
             client,
             settings: CircuitSettings::of(config),
-            circuits: Mutex::new(BTreeMap::new()),
+            circuits,
             open: Arc::new(OpenTargets::new(role, name)),
             answered_within: Duration::from_millis(config.retry_max_ms.max(1)),
         }
     }
 
-    /// Whether some target's circuit is open (the role is paused on it).
+    /// Whether some target's circuit refuses calls now (the role is paused on it).
     pub fn paused(&self) -> bool {
-        self.open.any()
+        self.circuits.refusing()
     }
 
     fn circuit(&self, target: &PeerTarget) -> Arc<Circuit> {
-        let mut circuits = self.circuits.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = circuits.get(&target.url) {
+        // A target is its URL with its credential and timeout: tenants sharing one URL with
+        // keys of their own are apart (one key's quota or expiry pauses no other), and the
+        // credential is in the key only as a digest.
+        let key = format!(
+            "{}\u{1f}{}\u{1f}{:x}",
+            target.url,
+            target.timeout_ms,
+            <sha2::Sha256 as sha2::Digest>::digest(target.credential.as_bytes())
+        );
+        let mut circuits = self.circuits.lock();
+        if let Some(c) = circuits.get(&key) {
             return c.clone();
         }
         circuits
-            .entry(target.url.clone())
+            .entry(key)
             .or_insert_with(|| {
                 let host = reqwest::Url::parse(&target.url)
                     .ok()
@@ -589,10 +602,6 @@ impl OpenTargets {
         }
     }
 
-    fn any(&self) -> bool {
-        *self.count.lock().unwrap_or_else(|p| p.into_inner()) > 0
-    }
-
     /// One more (`true`) or one fewer open target; the gauge is set under the same lock, so
     /// concurrent changes cannot leave it disagreeing with the count.
     fn change(&self, opened: bool) {
@@ -604,6 +613,46 @@ impl OpenTargets {
         };
         let paused = if *n > 0 { 1.0 } else { 0.0 };
         metrics::gauge!(m::WORKER_PAUSED, "role" => self.role, "peer" => self.peer).set(paused);
+    }
+}
+
+/// A peer's circuits by target.
+#[derive(Default)]
+struct Circuits(Mutex<BTreeMap<String, Arc<Circuit>>>);
+
+impl Circuits {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Circuit>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a circuit refuses calls now: open and within its pause, or its probe out.
+    fn refusing(&self) -> bool {
+        self.lock().values().any(|c| c.refusing())
+    }
+}
+
+/// How often `nexus_worker_paused` is brought in line with the circuits.
+const PAUSED_REFRESH: Duration = Duration::from_secs(1);
+
+/// Keeps `nexus_worker_paused` true to what the circuits do now. Open and close set it as they
+/// happen; this catches the one change no call makes: a pause that ended with no call coming
+/// for its target (another pod drained that tenant's backlog) refuses nothing, so the role is
+/// not paused on it, though nobody has probed the peer yet; a failed probe counts it again.
+async fn report_paused(
+    circuits: std::sync::Weak<Circuits>,
+    role: &'static str,
+    peer: &'static str,
+) {
+    let mut tick = tokio::time::interval(PAUSED_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // The peer is gone (its role stopped): so is its report.
+        let Some(circuits) = circuits.upgrade() else {
+            return;
+        };
+        let paused = if circuits.refusing() { 1.0 } else { 0.0 };
+        metrics::gauge!(m::WORKER_PAUSED, "role" => role, "peer" => peer).set(paused);
     }
 }
 
@@ -736,6 +785,14 @@ impl Circuit {
     /// What [`Self::admit`] would answer, without taking the probe.
     fn peek(&self) -> Admission {
         Self::admission(&self.lock())
+    }
+
+    /// Whether calls are refused now: within the pause, or while the probe is out.
+    fn refusing(&self) -> bool {
+        matches!(
+            Self::admission(&self.lock()),
+            Admission::Paused(_) | Admission::ProbeOut
+        )
     }
 
     fn admission(s: &CircuitState) -> Admission {
@@ -1165,6 +1222,37 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), before + 1, "one probe went");
     }
 
+    /// `nexus_worker_paused` of a role, as /metrics renders it.
+    fn paused_gauge(role: &str) -> Option<f64> {
+        let rendered = crate::telemetry::init_metrics().render();
+        rendered
+            .lines()
+            .find(|l| l.starts_with(m::WORKER_PAUSED) && l.contains(&format!("role=\"{role}\"")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// A pause that ends with no call coming for its target refuses nothing: the role is not
+    /// reported paused on it for good (another pod may have drained that tenant's backlog).
+    #[tokio::test]
+    async fn a_pause_no_call_comes_for_ends_in_the_gauge() {
+        crate::telemetry::init_metrics();
+        let (url, _) = peer_server().await;
+        let mut c = config();
+        c.pause_after_failures = 2;
+        c.pause_initial_ms = 200;
+        c.pause_max_ms = 200;
+        let peer = Peer::new("pause-report", "p", reqwest::Client::new(), &c);
+        let t = target(&url);
+        let _ = post(&peer, &t, "chat-1", "/busy").await;
+        let _ = post(&peer, &t, "chat-2", "/busy").await;
+        assert!(peer.paused());
+        assert_eq!(paused_gauge("pause-report"), Some(1.0));
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        assert!(!peer.paused(), "the pause is over: a call would go");
+        assert_eq!(paused_gauge("pause-report"), Some(0.0));
+    }
+
     #[tokio::test]
     async fn each_target_has_its_own_circuit() {
         let (url, _) = peer_server().await;
@@ -1176,6 +1264,11 @@ mod tests {
         // The same server under two names: two targets, as two tenants' URLs would be.
         let down = target(&url);
         let up = target(&url.replace("127.0.0.1", "localhost"));
+        // One URL with two tenants' own credentials: two targets too.
+        let shared_up = PeerTarget {
+            credential: "another-tenants-key".into(),
+            ..target(&url)
+        };
         let _ = post(&peer, &down, "chat-1", "/busy").await;
         let _ = post(&peer, &down, "chat-2", "/busy").await;
         assert!(peer.paused(), "the failing target is paused");
@@ -1187,6 +1280,9 @@ mod tests {
         post(&peer, &up, "chat-3", "/ok")
             .await
             .expect("the other target answers");
+        post(&peer, &shared_up, "chat-5", "/ok")
+            .await
+            .expect("the same URL with another credential answers");
         assert!(
             started.elapsed() < Duration::from_secs(2),
             "a call to the other target waited {:?}",

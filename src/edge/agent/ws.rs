@@ -21,6 +21,7 @@ use super::{
     do_typing,
 };
 use crate::edge::hub::Push;
+use crate::edge::socket::{close, send_text};
 use crate::edge::{ApiError, AppState};
 use crate::stores::provisioning::{Agent, AuthError};
 use crate::workers::conversation::notify::entry_json;
@@ -70,7 +71,7 @@ struct Request {
     capacity: BTreeMap<String, u32>,
 }
 
-async fn serve(mut socket: WebSocket, state: AppState, agent: Agent, token: String) {
+async fn serve(mut socket: WebSocket, state: AppState, mut agent: Agent, token: String) {
     let mut feed = state.hub.agent(&agent.tenant_id, &agent.id);
     let mut sent = Sent::default();
     let shutdown = state.shutdown.clone();
@@ -93,33 +94,25 @@ async fn serve(mut socket: WebSocket, state: AppState, agent: Agent, token: Stri
         greeting.push(json!({"type": "resync"}));
     }
     for frame in greeting {
-        if socket
-            .send(WsMessage::Text(frame.to_string().into()))
-            .await
-            .is_err()
-        {
+        if !send_text(&mut socket, frame.to_string()).await {
             return;
         }
     }
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
-                let _ = socket.send(WsMessage::Close(Some(axum::extract::ws::CloseFrame {
-                    code: 1012,
-                    reason: "edge restarting; reconnect".into(),
-                }))).await;
+                close(&mut socket, 1012, "edge restarting; reconnect").await;
                 return;
             }
             _ = recheck.tick() => {
                 match state.provisioning.authenticate_agent(&token).await {
-                    Ok(a) if a.id == agent.id => {}
+                    // The profile as it is now: a capacity or name an admin changed applies to
+                    // this socket's requests from here on, as to HTTP's.
+                    Ok(a) if a.id == agent.id => agent = a,
                     // The store being down is no reason to drop a working agent.
                     Err(AuthError::Unavailable(_)) => {}
                     _ => {
-                        let _ = socket.send(WsMessage::Close(Some(axum::extract::ws::CloseFrame {
-                            code: TOKEN_REVOKED_CLOSE,
-                            reason: "AGENT_TOKEN_REVOKED: sign in again".into(),
-                        }))).await;
+                        close(&mut socket, TOKEN_REVOKED_CLOSE, "AGENT_TOKEN_REVOKED: sign in again").await;
                         return;
                     }
                 }
@@ -135,7 +128,7 @@ async fn serve(mut socket: WebSocket, state: AppState, agent: Agent, token: Stri
                     // offers and leaves may be among the missed pushes.
                     sent.clear();
                     let note = json!({"type": "resync", "missed": n});
-                    if socket.send(WsMessage::Text(note.to_string().into())).await.is_err() {
+                    if !send_text(&mut socket, note.to_string()).await {
                         return;
                     }
                 }
@@ -144,7 +137,15 @@ async fn serve(mut socket: WebSocket, state: AppState, agent: Agent, token: Stri
             incoming = socket.recv() => match incoming {
                 Some(Ok(WsMessage::Text(text))) => {
                     let answer = handle(&state, &agent, text.as_str()).await;
-                    if socket.send(WsMessage::Text(answer.to_string().into())).await.is_err() {
+                    if !send_text(&mut socket, answer.to_string()).await {
+                        return;
+                    }
+                }
+                // A request sent as a binary frame is answered too (UTF-8 JSON, as a text one).
+                Some(Ok(WsMessage::Binary(bytes))) => {
+                    let text = String::from_utf8_lossy(&bytes);
+                    let answer = handle(&state, &agent, &text).await;
+                    if !send_text(&mut socket, answer.to_string()).await {
                         return;
                     }
                 }
@@ -164,7 +165,6 @@ async fn forward(
     sent: &mut Sent,
     push: &Push,
 ) -> bool {
-    let text = |v: String| WsMessage::Text(v.into());
     match sent.step(push) {
         Step::Skip => return true,
         Step::Send => {}
@@ -186,7 +186,7 @@ async fn forward(
                 Ok(Some(entries)) => {
                     for e in entries {
                         let json = entry_json(&push.conversation_id, &e).to_string();
-                        if socket.send(text(json)).await.is_err() {
+                        if !send_text(socket, json).await {
                             return false;
                         }
                     }
@@ -194,14 +194,14 @@ async fn forward(
                 // Too large a gap, or the store not answering: the console re-reads.
                 Ok(None) | Err(_) => {
                     let note = json!({"type": "resync", "conversation_id": push.conversation_id});
-                    if socket.send(text(note.to_string())).await.is_err() {
+                    if !send_text(socket, note.to_string()).await {
                         return false;
                     }
                 }
             }
         }
     }
-    socket.send(text(push.data.to_string())).await.is_ok()
+    send_text(socket, push.data.to_string()).await
 }
 
 async fn handle(state: &AppState, agent: &Agent, text: &str) -> Value {

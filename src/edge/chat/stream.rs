@@ -21,6 +21,7 @@ use tokio::sync::broadcast::error::RecvError;
 use super::v3::closed_or_gone;
 use super::{claims_for, Claims};
 use crate::edge::hub::{Feed, Push};
+use crate::edge::socket::{close, send_text};
 use crate::edge::{ApiError, AppState};
 use crate::events::chat::ClientEventKind;
 use crate::stores::session::ConversationState;
@@ -378,28 +379,6 @@ fn key_deadline(feed: &Resumable) -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(u64::try_from(left).unwrap_or(0))
 }
 
-/// How long one frame may wait for a client that does not read: past it the socket is dropped
-/// (the client reconnects from its last position), so a stalled reader holds no task, and
-/// every close below is sent or given up within it.
-const SEND_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// Sends `message` within [`SEND_TIMEOUT`]; false when the socket is gone or stalled.
-async fn send_within(socket: &mut WebSocket, message: WsMessage) -> bool {
-    matches!(
-        tokio::time::timeout(SEND_TIMEOUT, socket.send(message)).await,
-        Ok(Ok(()))
-    )
-}
-
-/// Ends the socket with a close frame saying why (sent within [`SEND_TIMEOUT`], or not at all).
-async fn close(socket: &mut WebSocket, code: u16, reason: String) {
-    let frame = axum::extract::ws::CloseFrame {
-        code,
-        reason: reason.into(),
-    };
-    send_within(socket, WsMessage::Close(Some(frame))).await;
-}
-
 async fn serve_socket(mut socket: WebSocket, mut feed: Resumable, mut check: KeyCheck) {
     let shutdown = feed.state.shutdown.clone();
     let state = feed.state.clone();
@@ -408,17 +387,17 @@ async fn serve_socket(mut socket: WebSocket, mut feed: Resumable, mut check: Key
     loop {
         tokio::select! {
             e = check.revoked(&state) => {
-                close(&mut socket, API_KEY_REVOKED_CLOSE, format!("{}: {}", e.code, e.message)).await;
+                close(&mut socket, API_KEY_REVOKED_CLOSE, &format!("{}: {}", e.code, e.message)).await;
                 return;
             }
             _ = &mut expiry => {
                 let reason = "CLIENT_KEY_EXPIRED: renew the client key and reconnect";
-                close(&mut socket, KEY_EXPIRED_CLOSE, reason.into()).await;
+                close(&mut socket, KEY_EXPIRED_CLOSE, reason).await;
                 return;
             }
             _ = shutdown.cancelled() => {
                 // 1012, service restart: reconnect, resuming from the last position.
-                close(&mut socket, 1012, "edge restarting; reconnect".into()).await;
+                close(&mut socket, 1012, "edge restarting; reconnect").await;
                 return;
             }
             item = feed.next() => {
@@ -430,10 +409,10 @@ async fn serve_socket(mut socket: WebSocket, mut feed: Resumable, mut check: Key
                     } else {
                         (1013, "UNAVAILABLE: the session store could not be read; reconnect from the last position")
                     };
-                    close(&mut socket, code, reason.into()).await;
+                    close(&mut socket, code, reason).await;
                     return;
                 };
-                if !send_within(&mut socket, WsMessage::Text(json.as_ref().into())).await {
+                if !send_text(&mut socket, json.to_string()).await {
                     return;
                 }
             }
