@@ -1103,7 +1103,12 @@ impl ConversationWorker {
         info!(conversation_id = %c.conversation_id, agent = %b.agent_id, reason = ?b.reason, "offer declined; next agent");
         let not_responding =
             b.reason == ev::RejectReason::Timeout && self.config.not_ready_on_lapse;
-        if not_responding {
+        // Decided once per lapse: a retry of this event (its save lost to another write, or
+        // the worker died after telling the desk) must not set not ready again an agent who,
+        // told of the lapse, said ready meanwhile.
+        let lapse = format!("not-responding:{}", e.envelope.event_id);
+        let set_not_ready = not_responding && !self.decided(&lapse).await?;
+        if set_not_ready {
             // Not ready before its slot frees, so no dispatch (this one, or another worker's)
             // offers the next chat to the desk nobody answers.
             self.set_not_ready(&c.tenant_id, &b.agent_id).await?;
@@ -1125,7 +1130,7 @@ impl ConversationWorker {
             notify::offer_closed(&b.agent_id, &c.conversation_id, Some(&b.offer_id), b.reason);
         self.emit(DELIVERY_TOPIC, e, &c.conversation_id, "client", &client)
             .await?;
-        if not_responding {
+        if set_not_ready {
             // Redirect on no answer: the agent takes no more offers until it says ready. The
             // agent event (keyed by the agent, ordered with its own ready / not ready) tells
             // its desks and every other consumer of agent states.
@@ -1137,6 +1142,8 @@ impl ConversationWorker {
             };
             self.emit(AGENT_TOPIC, e, &b.agent_id, "not-responding", &not_ready)
                 .await?;
+            // Recorded once the desks are told: a retry before this point does it all again.
+            self.decide(&lapse).await?;
         }
         self.wait_in_queue(&c, e).await?;
         self.save(&mut c, e).await
@@ -1201,7 +1208,13 @@ impl ConversationWorker {
                 format!("{message_id}/{i}")
             });
             let Some(m) = self.send_entry(&c, e, &what, new).await? else {
-                return Ok(());
+                if i == 0 {
+                    // The message was applied before (a client's retry): all of it.
+                    return Ok(());
+                }
+                // Only this entry's derived id was taken (a client's own id such as `x/1`):
+                // the message's other files still go in.
+                continue;
             };
             if i == 0 {
                 // The sockets and the interaction stream are separate topics: published at

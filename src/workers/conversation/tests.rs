@@ -1433,3 +1433,47 @@ async fn an_offer_without_its_slot_takes_one_or_is_not_applied() {
         Some(BTreeMap::from([(CHAT_MEDIA.to_string(), 1)]))
     );
 }
+
+/// A message of several files whose derived id for one file (`x/1`) a client took for a message
+/// of its own: that file's entry is the only one refused; the other files still go in.
+#[tokio::test]
+async fn a_derived_file_id_taken_by_a_client_drops_no_other_file() {
+    let rig = rig().await;
+    rig.create_interaction_topic().await;
+    assert!(rig
+        .store
+        .put_conversation(&connected(&rig.tenant))
+        .await
+        .expect("put"));
+    let files = |client_id: &str, ids: &[&str]| chat::MessageReceived {
+        client_message_id: Some(client_id.into()),
+        kind: MessageKind::Text,
+        text: Some("scan.png".into()),
+        media_ids: ids.iter().map(|s| s.to_string()).collect(),
+        ..customer_says("")
+    };
+    let taken = files("x/1", &["f-early"]);
+    rig.worker
+        .on_customer_message(&rig.event(&taken), taken.clone())
+        .await
+        .expect("first upload");
+    let three = files("x", &["f0", "f1", "f2"]);
+    rig.worker
+        .on_customer_message(&rig.event(&three), three.clone())
+        .await
+        .expect("three files");
+    let entries = rig
+        .store
+        .transcript(&rig.tenant, CONVERSATION, 1, 100)
+        .await
+        .expect("transcript");
+    let file_ids: Vec<&str> = entries
+        .iter()
+        .filter_map(|e| e.entry.data.get("file_id").map(String::as_str))
+        .collect();
+    assert_eq!(
+        file_ids,
+        ["f-early", "f0", "f2"],
+        "f1's id was the client's"
+    );
+}
