@@ -176,11 +176,16 @@ impl GwsWorker {
                     counts: false,
                 });
             }
-            let chat = match self.client.chat(target, path, &op.agent_id).await {
-                Ok(chat) => chat,
+            let applied = match self.client.chat(target, path, &op.agent_id).await {
+                Ok(chat) => ops::applied(op, chat.as_ref()),
+                // The read refused (4xx), which says nothing of the call it looks for: for a
+                // transfer or a completion, an agent that may no longer read the chat is out
+                // of it (what those calls do); anything else is called again, and GWS's answer
+                // to that call is the verdict.
+                Err(PeerFailure::Rejected { .. }) => ops::leaves(op),
                 Err(f) => return Err(self.refused(key, op, f).await),
             };
-            if ops::applied(op, chat.as_ref()) {
+            if applied {
                 self.log
                     .finish(key, Status::Done, "reconciled")
                     .await

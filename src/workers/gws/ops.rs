@@ -202,7 +202,8 @@ impl ChatView {
 /// completed, or the agent has left it (a consultant's Complete ends only its own part).
 pub fn applied(op: &Operation, chat: Option<&ChatView>) -> bool {
     let Some(chat) = chat else {
-        return false;
+        // No chat for the agent (404): it is out of it, as a transfer or completion leaves it.
+        return leaves(op);
     };
     let state_is = |s: Option<&str>, want: &str| s.is_some_and(|s| s.eq_ignore_ascii_case(want));
     match op.kind {
@@ -217,6 +218,12 @@ pub fn applied(op: &Operation, chat: Option<&ChatView>) -> bool {
                 || state_is(chat.agent_state(&op.agent_id), "Left")
         }
     }
+}
+
+/// Whether the call takes its agent out of the chat (a transfer away, a completion): once the
+/// agent can no longer read the chat, such a call has nothing left to do.
+pub fn leaves(op: &Operation) -> bool {
+    matches!(op.kind, OpKind::Transfer | OpKind::Complete)
 }
 
 #[cfg(test)]

@@ -175,3 +175,65 @@ async fn each_completion_of_an_agent_is_called_once() {
     assert_eq!(*calls.lock().unwrap(), 2);
     db.close().await;
 }
+
+/// A completion GWS applied but whose answer was lost is reconciled by reading the chat; the
+/// agent, out of it now, is refused that read (403): the completion is done, not dead-lettered
+/// as refused and not called again.
+#[tokio::test]
+async fn a_completion_whose_read_is_refused_is_reconciled_as_done() {
+    let posts = Arc::new(Mutex::new(0u32));
+    let counted = posts.clone();
+    let app = Router::new().route(
+        "/api/v2/me/chats/{id}",
+        get(|| async { StatusCode::FORBIDDEN }).post(move || {
+            let counted = counted.clone();
+            async move {
+                *counted.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+                // Applied, then the answer is lost on the way (a gateway's 503).
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = EncryptionKey::parse(&"00".repeat(32)).expect("key");
+    let db = Provisioning::connect(&dir.path().join("p.db").display().to_string(), &key)
+        .await
+        .expect("sqlite");
+    let config = GwsConfig {
+        url,
+        timeout_ms: 100,
+        ..GwsConfig::default()
+    };
+    let http = crate::config::Config::defaults().http_client;
+    let w = GwsWorker::new(
+        &config,
+        &http,
+        db.pool().clone(),
+        Duration::from_millis(100),
+    )
+    .expect("worker");
+    let body = ConversationCompleted {
+        agent_id: "a1".into(),
+        participant_id: "a1".into(),
+        disposition: None,
+        note: None,
+        user_data: Default::default(),
+        close_conversation: true,
+    };
+    let e = Event::typed(&body, "t1", "c1", "edge/agent").expect("typed");
+    assert!(
+        w.apply(&e, &message()).await.is_err(),
+        "the answer was a 503"
+    );
+    // Past the call's time in flight: the next try reads the chat first.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    w.apply(&e, &message()).await.expect("reconciled");
+    assert_eq!(*posts.lock().unwrap(), 1, "not called again");
+    w.apply(&e, &message()).await.expect("done");
+    db.close().await;
+}
