@@ -143,6 +143,15 @@ fn check_common(objs: &[Value], what: &str) {
         );
         // Kubernetes' service-link variables of a release named nexus* are NEXUS_*.
         assert_eq!(spec["enableServiceLinks"], false, "{what}/{}", name(d));
+        // Non-root under the runtime's syscall filter (Pod Security "restricted").
+        let pod = &spec["securityContext"];
+        assert_eq!(pod["runAsNonRoot"], true, "{what}/{}", name(d));
+        assert_eq!(
+            pod["seccompProfile"]["type"],
+            "RuntimeDefault",
+            "{what}/{}",
+            name(d)
+        );
         for c in spec["containers"].as_sequence().unwrap() {
             assert_eq!(
                 c["livenessProbe"]["httpGet"]["path"],
