@@ -180,6 +180,8 @@ macro_rules! debug_without_secret {
     };
 }
 
+pub(super) use debug_without_secret;
+
 debug_without_secret!(CreatedApiKey { api_key } hides key);
 debug_without_secret!(CreatedAgent { agent } hides token);
 debug_without_secret!(CreatedBot { bot } hides token);

@@ -126,24 +126,8 @@ pub struct WebhookSecret {
 }
 
 // The secrets are shown once, in the answer: never in a log line.
-impl fmt::Debug for CreatedWebhook {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CreatedWebhook")
-            .field("webhook", &self.webhook)
-            .field("secret", &"<redacted>")
-            .finish()
-    }
-}
-
-impl fmt::Debug for WebhookSecret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("WebhookSecret")
-            .field("webhook_id", &self.webhook_id)
-            .field("secret", &"<redacted>")
-            .field("previous_valid_until_ms", &self.previous_valid_until_ms)
-            .finish()
-    }
-}
+super::models::debug_without_secret!(CreatedWebhook { webhook } hides secret);
+super::models::debug_without_secret!(WebhookSecret { webhook_id, previous_valid_until_ms } hides secret);
 
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

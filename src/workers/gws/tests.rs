@@ -67,6 +67,19 @@ fn message() -> Message {
     }
 }
 
+/// Agent a1 completes conversation c1 (a new event each call).
+fn completion() -> Event {
+    let body = ConversationCompleted {
+        agent_id: "a1".into(),
+        participant_id: "a1".into(),
+        disposition: None,
+        note: None,
+        user_data: Default::default(),
+        close_conversation: true,
+    };
+    Event::typed(&body, "t1", "c1", "edge/agent").expect("typed")
+}
+
 fn accepted() -> Event {
     let body = AgentAccepted {
         offer_id: "o1".into(),
@@ -157,17 +170,7 @@ async fn each_completion_of_an_agent_is_called_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (url, calls, _) = gws(200).await;
     let (w, db) = worker(&url, dir.path()).await;
-    let complete = || {
-        let body = ConversationCompleted {
-            agent_id: "a1".into(),
-            participant_id: "a1".into(),
-            disposition: None,
-            note: None,
-            user_data: Default::default(),
-            close_conversation: true,
-        };
-        Event::typed(&body, "t1", "c1", "edge/agent").expect("typed")
-    };
+    let complete = completion;
     let (first, second) = (complete(), complete());
     w.apply(&first, &message()).await.expect("first");
     w.apply(&second, &message()).await.expect("second");
@@ -217,15 +220,7 @@ async fn a_completion_whose_read_is_refused_is_reconciled_as_done() {
         Duration::from_millis(100),
     )
     .expect("worker");
-    let body = ConversationCompleted {
-        agent_id: "a1".into(),
-        participant_id: "a1".into(),
-        disposition: None,
-        note: None,
-        user_data: Default::default(),
-        close_conversation: true,
-    };
-    let e = Event::typed(&body, "t1", "c1", "edge/agent").expect("typed");
+    let e = completion();
     assert!(
         w.apply(&e, &message()).await.is_err(),
         "the answer was a 503"
