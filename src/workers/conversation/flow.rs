@@ -1519,7 +1519,7 @@ impl ConversationWorker {
     /// the conversation waits again and is offered (to that agent only, for a named one).
     pub(super) async fn on_transfer(&self, e: &Event, b: ev::TransferRequested) -> Step {
         let Some(mut c) = self.open_conversation(e).await? else {
-            return Ok(());
+            return self.withdraw_consult(e, &b).await;
         };
         if c.state == ConversationState::Bot {
             // A handoff through the bot API: the requester is the bot.
@@ -1713,6 +1713,31 @@ impl ConversationWorker {
             e,
             &c.conversation_id,
             "client/state",
+            &client,
+        )
+        .await
+    }
+
+    /// A consult request met a closed (or gone) conversation. Its first try may have pushed the
+    /// invitation and then lost its save to the close, which, reading the holders before,
+    /// named no invitee: the invitation is withdrawn by its id (a desk that never got it
+    /// ignores this).
+    async fn withdraw_consult(&self, e: &Event, b: &ev::TransferRequested) -> Step {
+        let consult = matches!(
+            b.mode,
+            ev::TransferMode::Conference | ev::TransferMode::Consult
+        );
+        if !consult || b.target_kind != ev::TargetKind::Agent {
+            return Ok(());
+        }
+        let offer_id = crate::events::chat::derived_id(&e.envelope.event_id, "consult").to_string();
+        let conversation = &e.envelope.conversation_id;
+        let client = notify::offer_closed(&b.target_id, conversation, Some(&offer_id), "closed");
+        self.emit(
+            DELIVERY_TOPIC,
+            e,
+            conversation,
+            "client/consult-closed",
             &client,
         )
         .await

@@ -1477,3 +1477,30 @@ async fn a_derived_file_id_taken_by_a_client_drops_no_other_file() {
         "f1's id was the client's"
     );
 }
+
+/// A consult request that meets a closed conversation withdraws its invitation by id: its
+/// first try may have pushed it and lost its save to the close, which did not name the invitee.
+#[tokio::test]
+async fn a_consult_request_on_a_closed_chat_withdraws_its_invitation() {
+    let rig = rig().await;
+    rig.create_interaction_topic().await;
+    let mut closed = connected(&rig.tenant);
+    closed.state = ConversationState::Closed;
+    assert!(rig.store.put_conversation(&closed).await.expect("put"));
+    let consult = alice_transfers("bob", chat::TransferMode::Consult);
+    let e = rig.event(&consult);
+    rig.worker
+        .on_transfer(&e, consult.clone())
+        .await
+        .expect("applied");
+    let offer_id = crate::events::chat::derived_id(&e.envelope.event_id, "consult").to_string();
+    let withdrawn: Vec<chat::ClientEvent> = rig
+        .events(DELIVERY_TOPIC)
+        .await
+        .iter()
+        .filter_map(|e| e.body_as::<chat::ClientEvent>().ok())
+        .filter(|c| c.data.contains("offer_closed") && c.data.contains(&offer_id))
+        .collect();
+    assert_eq!(withdrawn.len(), 1, "{withdrawn:?}");
+    assert_eq!(withdrawn[0].to_agents, ["bob"]);
+}
