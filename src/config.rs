@@ -70,9 +70,9 @@ pub struct ChatConfig {
     /// Lifetime of a client key (s); an older key is `CLIENT_KEY_EXPIRED`.
     pub client_key_ttl_s: u64,
     /// How long an uploaded file is kept (s); then downloads are `FILE_EXPIRED` and the sweeper
-    /// deletes it.
+    /// empties it.
     pub file_retention_s: u64,
-    /// How often each edge pod deletes expired files (ms).
+    /// How often each edge pod empties expired files (ms).
     pub file_sweep_interval_ms: u64,
 }
 
@@ -299,7 +299,6 @@ impl Config {
         Ok(config)
     }
 
-    /// Cross-field and format rules.
     /// How long an uploaded file is kept: `chat.file_retention_s`, at most a closed chat's
     /// transcript (`workers.conversation.closed_retention_s`), so a file uploaded just before
     /// its chat closed does not outlive the transcript that names it.
@@ -309,6 +308,7 @@ impl Config {
             .min(self.workers.conversation.closed_retention_s)
     }
 
+    /// Cross-field and format rules.
     pub fn validate(&self) -> Result<(), ConfigError> {
         BusUrl::parse(&self.bus.url).map_err(|e| invalid("bus.url", e.to_string()))?;
         match self.bus.kafka.partition_assignment_strategy.as_str() {
@@ -414,6 +414,10 @@ impl Config {
             return Err(invalid("chat.max_file_bytes", "must be at least 1"));
         }
         for (key, value) in [
+            (
+                "workers.conversation.closed_retention_s",
+                self.workers.conversation.closed_retention_s,
+            ),
             ("chat.client_key_ttl_s", self.chat.client_key_ttl_s),
             ("chat.file_retention_s", self.chat.file_retention_s),
             (

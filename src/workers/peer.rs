@@ -284,8 +284,15 @@ impl Peer {
     ) -> Self {
         metrics::gauge!(m::WORKER_PAUSED, "role" => role, "peer" => name).set(0.0);
         let circuits = Arc::new(Circuits::default());
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(report_paused(Arc::downgrade(&circuits), role, name));
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(report_paused(Arc::downgrade(&circuits), role, name));
+            }
+            Err(_) => tracing::warn!(
+                role,
+                peer = name,
+                "no async runtime: nexus_worker_paused follows opens and closes only"
+            ),
         }
         Self {
             role,

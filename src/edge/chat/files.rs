@@ -9,7 +9,7 @@
 //! a `FileUploaded` transcript entry.
 //!
 //! A file expires `chat.file_retention_s` after upload: downloads answer 410 `FILE_EXPIRED`,
-//! it no longer counts against the limit, and [`sweep`] deletes it.
+//! it no longer counts against the limit, and [`sweep`] empties it (its row stays a while).
 
 use std::time::Duration;
 
@@ -165,8 +165,9 @@ const EXTENSIONS: [(&str, &[&str]); 7] = [
 /// bidirectional overrides and isolates, zero-width characters, the soft hyphen, the BOM.
 fn invisible(c: char) -> bool {
     matches!(c,
-        '\u{ad}' | '\u{61c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
-        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+        '\u{ad}' | '\u{61c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{3164}' | '\u{fe00}'..='\u{fe0f}'
+        | '\u{feff}' | '\u{e0000}'..='\u{e007f}')
 }
 
 /// `attachment` with an ASCII fallback name and the exact name as RFC 5987 `filename*`.
@@ -509,12 +510,13 @@ fn id_expired(file_id: &str, retention_s: u64, now_ms: i64) -> bool {
     expires_at_ms(retention_s, uploaded_ms) <= now_ms
 }
 
-/// Files deleted per statement: bounds each delete's locks and work; a sweep repeats until a
-/// batch comes back short.
+/// Files emptied or forgotten per statement: bounds each statement's locks and work; a sweep
+/// repeats until a batch comes back short.
 const SWEEP_BATCH: usize = 500;
 
-/// Deletes expired files every `chat.file_sweep_interval_ms` until `stop`. Every edge pod runs
-/// it; the deletes are idempotent, so pods sweeping at once delete each file once.
+/// Empties expired files (and forgets old tombstones) every `chat.file_sweep_interval_ms`
+/// until `stop`. Every edge pod runs it; the statements are idempotent, so pods sweeping at once
+/// empty each file once.
 pub async fn sweep(state: AppState, stop: CancellationToken) {
     let every = Duration::from_millis(state.config.chat.file_sweep_interval_ms);
     let mut tick = tokio::time::interval(every);
@@ -532,17 +534,17 @@ pub async fn sweep(state: AppState, stop: CancellationToken) {
 
 async fn sweep_once(state: &AppState) {
     let now = now_ms();
-    // A transcript can name a file until `closed_retention_s` after the chat closed, which
-    // is after the file expired: its tombstone is kept that long past the expiry.
-    let keep_ms = i64::try_from(
-        state
-            .config
-            .workers
-            .conversation
-            .closed_retention_s
-            .saturating_mul(1000),
-    )
-    .unwrap_or(i64::MAX);
+    // A transcript names a file until `closed_retention_s` after its chat closed, which comes
+    // after the file expired: a live chat closes within 30 days of its last activity (async:
+    // idle + grace, kept under that), so its tombstone is kept that much past the expiry. (A
+    // chat its customer keeps active longer than that outlives it: see README.)
+    let keep_s = state
+        .config
+        .workers
+        .conversation
+        .closed_retention_s
+        .saturating_add(crate::workers::history::DONE_RETENTION.as_secs());
+    let keep_ms = i64::try_from(keep_s.saturating_mul(1000)).unwrap_or(i64::MAX);
     let p = &state.provisioning;
     let (swept, forgotten) = (
         in_batches(|| p.sweep_files(now, SWEEP_BATCH)).await,

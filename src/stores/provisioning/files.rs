@@ -111,7 +111,8 @@ impl Provisioning {
         Ok((done.rows_affected() == 1).then_some(file))
     }
 
-    /// A file of the conversation; `Expired(File)` once past its expiry (until it is swept).
+    /// A file of the conversation; `Expired(File)` once past its expiry (also as a tombstone,
+    /// its bytes swept).
     pub async fn file(
         &self,
         tenant_id: &str,
@@ -142,7 +143,9 @@ impl Provisioning {
     /// emptied. Idempotent: processes sweeping at once empty each file once between them.
     pub async fn sweep_files(&self, now_ms: i64, batch: usize) -> Result<u64, ProvisioningError> {
         let done = sqlx::query(
-            "UPDATE chat_files SET data = $3, swept = 1 WHERE id IN \
+            // `swept = 0` again outside: a row another sweeper emptied between this one's
+            // select and its update is not counted twice (PostgreSQL re-checks the outer WHERE).
+            "UPDATE chat_files SET data = $3, swept = 1 WHERE swept = 0 AND id IN \
              (SELECT id FROM chat_files WHERE expires_at_ms <= $1 AND swept = 0 LIMIT $2)",
         )
         .bind(now_ms)
@@ -193,7 +196,7 @@ impl Provisioning {
     }
 
     /// How many unexpired files the conversation holds (an expired one gives its place back
-    /// before the sweeper deletes it).
+    /// before the sweeper empties it).
     pub async fn count_files(
         &self,
         tenant_id: &str,

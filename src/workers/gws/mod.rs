@@ -139,6 +139,7 @@ impl GwsWorker {
             .open(key, &e.event_id.to_string(), op.kind.name())
             .await
             .map_err(store_failed)?;
+        let mut reopened = false;
         match entry.status {
             Status::Done => {
                 emit(op, "duplicate");
@@ -150,6 +151,7 @@ impl GwsWorker {
             Status::Rejected => {
                 self.log.reopen(key).await.map_err(store_failed)?;
                 entry.attempted_at_ms = None;
+                reopened = true;
             }
             Status::Pending => {}
         }
@@ -178,11 +180,13 @@ impl GwsWorker {
             }
             let applied = match self.client.chat(target, path, &op.agent_id).await {
                 Ok(chat) => ops::applied(op, chat.as_ref()),
-                // The read refused (4xx), which says nothing of the call it looks for: for a
-                // transfer or a completion, an agent that may no longer read the chat is out
-                // of it (what those calls do); anything else is called again, and GWS's answer
-                // to that call is the verdict.
-                Err(PeerFailure::Rejected { .. }) => ops::leaves(op),
+                // The read forbidden (403) to the agent after a transfer or completion whose
+                // answer was lost: the agent is out of the chat, which is what those calls do.
+                // Not after a refusal being replayed (that call took no effect), nor for any
+                // other 4xx (a credential or address to fix): the call goes again, and GWS's
+                // answer to it is the verdict.
+                Err(PeerFailure::Rejected { status: 403, .. }) if !reopened => ops::leaves(op),
+                Err(PeerFailure::Rejected { .. }) => false,
                 Err(f) => return Err(self.refused(key, op, f).await),
             };
             if applied {

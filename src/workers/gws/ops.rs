@@ -202,8 +202,7 @@ impl ChatView {
 /// completed, or the agent has left it (a consultant's Complete ends only its own part).
 pub fn applied(op: &Operation, chat: Option<&ChatView>) -> bool {
     let Some(chat) = chat else {
-        // No chat for the agent (404): it is out of it, as a transfer or completion leaves it.
-        return leaves(op);
+        return false;
     };
     let state_is = |s: Option<&str>, want: &str| s.is_some_and(|s| s.eq_ignore_ascii_case(want));
     match op.kind {
