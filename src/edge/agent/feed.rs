@@ -33,6 +33,10 @@ pub enum Step {
 /// conversation; past this, the lowest are forgotten (a redelivery of one is sent again).
 const BELOW_KEPT: usize = 64;
 
+/// Closed conversations one socket keeps their end mark for; past this, the marks go (a push
+/// of one arriving that much later would be sent, a repeat the console shows once more).
+const CLOSED_KEPT: usize = 1024;
+
 /// The positions one socket has sent, by conversation: every position in `first..=last`, and
 /// those in `below`.
 #[derive(Debug, Default)]
@@ -76,6 +80,14 @@ impl Sent {
                     Some("closed") => {
                         self.spans
                             .insert(push.conversation_id.clone(), Span::new(0, u64::MAX));
+                        // A desk open a whole shift sees a conversation close after another:
+                        // their marks are dropped in bulk, not kept for the socket's life.
+                        if self.spans.len() > CLOSED_KEPT {
+                            let this = push.conversation_id.as_str();
+                            self.spans.retain(|id, s| {
+                                id == this || !(s.first == 0 && s.last == u64::MAX)
+                            });
+                        }
                     }
                     _ => {}
                 }
@@ -183,6 +195,29 @@ mod tests {
             r#"{{"type":"state","conversation_id":"c1","state":"{state}"}}"#
         ));
         p
+    }
+
+    #[test]
+    fn a_long_shift_of_closed_conversations_is_not_kept_whole() {
+        let mut sent = Sent::default();
+        for n in 0..10_000 {
+            let conv = format!("c{n}");
+            let mut closed = push(&conv, ClientEventKind::State, None);
+            closed.data = Arc::from(format!(
+                r#"{{"type":"state","conversation_id":"{conv}","state":"closed"}}"#
+            ));
+            assert_eq!(
+                sent.step(&push(&conv, ClientEventKind::Transcript, Some(1))),
+                Step::Send
+            );
+            assert_eq!(sent.step(&closed), Step::Send);
+            // Right after its close, a late push of it is still a repeat.
+            assert_eq!(
+                sent.step(&push(&conv, ClientEventKind::Transcript, Some(2))),
+                Step::Skip
+            );
+        }
+        assert!(sent.spans.len() <= CLOSED_KEPT + 1, "{}", sent.spans.len());
     }
 
     #[test]
