@@ -1504,3 +1504,57 @@ async fn a_consult_request_on_a_closed_chat_withdraws_its_invitation() {
     assert_eq!(withdrawn.len(), 1, "{withdrawn:?}");
     assert_eq!(withdrawn[0].to_agents, ["bob"]);
 }
+
+/// An offer let lapse sets its agent not ready once: applied again (its save lost to another
+/// write), it must not set not ready an agent who, told of the lapse, said ready meanwhile.
+#[tokio::test]
+async fn a_lapse_applied_again_keeps_the_agents_ready() {
+    let rig = rig().await;
+    rig.create_interaction_topic().await;
+    let offered_alice = offer("alice", 1);
+    let mut offered = connected(&rig.tenant);
+    offered.state = ConversationState::Offered;
+    offered.agent_id = None;
+    offered.offered_to = Some("alice".into());
+    offered.routing.offer_id = Some(offered_alice.offer_id.clone());
+    offered.routing.offers = 1;
+    assert!(rig.store.put_conversation(&offered).await.expect("put"));
+    rig.ready("alice", true).await;
+    rig.reserve("alice").await;
+    let lapse = chat::AgentRejected {
+        offer_id: offered_alice.offer_id.clone(),
+        agent_id: "alice".into(),
+        reason: chat::RejectReason::Timeout,
+    };
+    let e = rig.event(&lapse);
+    rig.worker
+        .on_rejected(&e, lapse.clone())
+        .await
+        .expect("lapse");
+    let ready = |rig: &Rig| {
+        let store = rig.store.clone();
+        let tenant = rig.tenant.clone();
+        async move {
+            store
+                .presence(&tenant, "alice")
+                .await
+                .expect("presence")
+                .expect("alice")
+                .ready
+        }
+    };
+    assert!(!ready(&rig).await, "not ready after the lapse");
+    // Its save lost (the record as it was before), and alice, told, says ready again.
+    let now = rig.record_or(offered.clone()).await;
+    let lost = Conversation {
+        version: now.version,
+        ..offered
+    };
+    assert!(rig.store.put_conversation(&lost).await.expect("put back"));
+    rig.ready("alice", true).await;
+    rig.worker
+        .on_rejected(&e, lapse)
+        .await
+        .expect("lapse applied again");
+    assert!(ready(&rig).await, "the agent's ready stands");
+}
