@@ -381,12 +381,11 @@ async fn replay_cli_dry_run_execute_and_copy() {
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    // A copy moves no group: naming one (or --force) is a mistake said, not ignored.
-    for extra in [["--group", "g"], ["--force", "--dry-run"]] {
+    let copy = |mode: &[&str]| {
         let mut args = vec![
             "replay",
             "--bus",
-            &url,
+            url.as_str(),
             "--topic",
             "orders",
             "--copy-to",
@@ -394,28 +393,18 @@ async fn replay_cli_dry_run_execute_and_copy() {
             "--from-offset",
             "0",
         ];
-        args.extend(extra);
-        if extra[0] == "--group" {
-            args.push("--dry-run");
-        }
-        let (ok, out, err) = run(&args, &[]);
+        args.extend_from_slice(mode);
+        run(&args, &[])
+    };
+    // A copy moves no group: naming one (or --force) is a mistake said, not ignored.
+    for mode in [
+        &["--group", "g", "--dry-run"][..],
+        &["--force", "--dry-run"],
+    ] {
+        let (ok, out, err) = copy(mode);
         assert!(!ok && err.contains("cannot be used with"), "{out}{err}");
     }
-    let (ok, out, err) = run(
-        &[
-            "replay",
-            "--bus",
-            &url,
-            "--topic",
-            "orders",
-            "--copy-to",
-            "copy",
-            "--from-offset",
-            "0",
-            "--execute",
-        ],
-        &[],
-    );
+    let (ok, out, err) = copy(&["--execute"]);
     assert!(ok, "{out}{err}");
     let mut config = nexus::config::Config::defaults().bus;
     config.url = url.clone();

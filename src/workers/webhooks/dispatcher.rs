@@ -695,14 +695,13 @@ impl Dispatcher {
             // skip disabled subscriptions, so it waits for a re-enable. (One whose row is not
             // written yet is not found by the give-back: its lease lapses instead, and its
             // group's write goes on without its outcome after the first-attempt wait.)
-            if let Some(t) = self.target(&msg.webhook_id).await {
-                if !t.webhook.enabled {
-                    self.finished(&msg.webhook_id);
-                    self.give_back_disabled(&msg).await;
-                    return;
-                }
+            let target = self.target(&msg.webhook_id).await;
+            if target.as_ref().is_some_and(|t| !t.webhook.enabled) {
+                self.finished(&msg.webhook_id);
+                self.give_back_disabled(&msg).await;
+                return;
             }
-            let sent = self.send(&msg).await;
+            let sent = self.send(&msg, target).await;
             if let Some(wait) = sent.retry_after.filter(|w| !sent.ok && !w.is_zero()) {
                 self.pause(&msg.webhook_id, wait).await;
             }
@@ -791,7 +790,7 @@ impl Dispatcher {
     }
 
     /// POSTs the message, signed, within the timeout.
-    async fn send(&self, msg: &Claimed) -> Sent {
+    async fn send(&self, msg: &Claimed, target: Option<Arc<WebhookTarget>>) -> Sent {
         let started_at_ms = now_ms();
         let fail = |outcome: &'static str, error: String| Sent {
             record: AttemptRecord {
@@ -805,7 +804,7 @@ impl Dispatcher {
             abort: false,
             retry_after: None,
         };
-        let Some(target) = self.target(&msg.webhook_id).await else {
+        let Some(target) = target else {
             return fail("failed", "the subscription could not be read".into());
         };
         let Ok(url) = reqwest::Url::parse(&target.webhook.url) else {
