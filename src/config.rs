@@ -382,6 +382,59 @@ impl Config {
                 "need 0 < retry_initial_ms <= retry_max_ms",
             ));
         }
+        if self.consumer.handler_timeout_ms < 100 {
+            return Err(invalid(
+                "consumer.handler_timeout_ms",
+                "must be at least 100",
+            ));
+        }
+        // A member giving a partition up waits this long for its handlers; a shorter wait
+        // lets a slow handler's key be handled by two members at once.
+        for (key, wait) in [
+            (
+                "bus.kafka.handover_wait_ms",
+                self.bus.kafka.handover_wait_ms,
+            ),
+            (
+                "bus.embedded.handover_wait_ms",
+                self.bus.embedded.handover_wait_ms,
+            ),
+        ] {
+            if wait < self.consumer.handler_timeout_ms {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{wait} ms is less than consumer.handler_timeout_ms ({} ms): a handler \
+                         still running when its partition moves could run beside its successor",
+                        self.consumer.handler_timeout_ms
+                    ),
+                ));
+            }
+        }
+        if self.bus.kafka.message_timeout_ms == 0 {
+            // librdkafka reads 0 as "never": a publish would wait forever for a broker.
+            return Err(invalid(
+                "bus.kafka.message_timeout_ms",
+                "must be at least 1",
+            ));
+        }
+        let conv = &self.workers.conversation;
+        if conv.offer_timeout_ms < 100 {
+            return Err(invalid(
+                "workers.conversation.offer_timeout_ms",
+                "must be at least 100",
+            ));
+        }
+        if conv.bot_timeout_ms == 0 || conv.bot_timeout_ms >= self.consumer.handler_timeout_ms {
+            return Err(invalid(
+                "workers.conversation.bot_timeout_ms",
+                format!(
+                    "must be at least 1 and under consumer.handler_timeout_ms ({} ms), or the \
+                     handler times out first and bot_fallback never applies",
+                    self.consumer.handler_timeout_ms
+                ),
+            ));
+        }
         if self.consumer.lag_interval_ms == 0 {
             return Err(invalid("consumer.lag_interval_ms", "must be at least 1"));
         }
@@ -538,6 +591,10 @@ impl Config {
             .webhooks
             .validate()
             .map_err(|(key, e)| invalid(key, e))?;
+        self.workers
+            .tap
+            .endpoint()
+            .map_err(|e| invalid("workers.tap.url", e.to_string()))?;
         if tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level).is_err() {
             return Err(invalid(
                 "telemetry.log_level",
@@ -763,6 +820,36 @@ mod tests {
         c.bus.url = "carrier-pigeon://x:1".into();
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("bus.url"), "{e}");
+
+        // Values that load and then misbehave: refused, naming the key.
+        type Set = fn(&mut Config);
+        let cases: [(&str, Set); 6] = [
+            ("consumer.handler_timeout_ms", |c| {
+                c.consumer.handler_timeout_ms = 0
+            }),
+            ("bus.kafka.handover_wait_ms", |c| {
+                c.bus.kafka.handover_wait_ms = 1000
+            }),
+            ("bus.embedded.handover_wait_ms", |c| {
+                c.consumer.handler_timeout_ms = 60_000;
+                c.bus.kafka.handover_wait_ms = 60_000;
+            }),
+            ("bus.kafka.message_timeout_ms", |c| {
+                c.bus.kafka.message_timeout_ms = 0
+            }),
+            ("workers.conversation.bot_timeout_ms", |c| {
+                c.workers.conversation.bot_timeout_ms = c.consumer.handler_timeout_ms
+            }),
+            ("workers.tap.url", |c| {
+                c.workers.tap.url = "ftp://u:s3cret@x/in".into()
+            }),
+        ];
+        for (key, set) in cases {
+            let mut c = Config::defaults();
+            set(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(key) && !e.contains("s3cret"), "{key}: {e}");
+        }
 
         let mut c = Config::defaults();
         c.bus.nats.lease_ttl_ms = c.bus.nats.ack_wait_ms;

@@ -71,6 +71,24 @@ pub async fn read_capped(
     Ok(body)
 }
 
+/// A URL as errors, logs and events show it: without user info and with every query value masked
+/// (a receiver's key often rides there: `code=`, `sig=`, `api_key=`, …).
+pub fn shown_url(url: &str) -> String {
+    let Ok(mut u) = reqwest::Url::parse(url) else {
+        return crate::config::redact_url_password(url);
+    };
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    let masked: Vec<String> = u
+        .query_pairs()
+        .map(|(k, _)| format!("{k}=redacted"))
+        .collect();
+    if !masked.is_empty() {
+        u.set_query(Some(&masked.join("&")));
+    }
+    u.to_string()
+}
+
 /// How long a 429 or 503 answer asks the caller to wait (`Retry-After`); `None` for other
 /// statuses and for a missing or unreadable header.
 pub fn retry_after(response: &reqwest::Response) -> Option<Duration> {
@@ -131,5 +149,17 @@ mod tests {
         assert_eq!(body, vec![b'x'; 100]);
         let over = read_capped(get().await.expect("get"), 99).await;
         assert!(matches!(over, Err(BodyError::TooLarge(99))), "{over:?}");
+    }
+
+    #[test]
+    fn event_urls_show_no_credentials() {
+        assert_eq!(
+            super::shown_url("https://u:p4ss@hooks.example.com/in?code=s3cret&tenant=a"),
+            "https://hooks.example.com/in?code=redacted&tenant=redacted"
+        );
+        assert_eq!(
+            super::shown_url("https://hooks.example.com/in"),
+            "https://hooks.example.com/in"
+        );
     }
 }

@@ -14,23 +14,25 @@ pub enum BusUrl {
 
 impl BusUrl {
     pub fn parse(url: &str) -> Result<Self, BusError> {
+        // Errors quote the URL without the password a NATS URL may carry (`nats://u:p@h:p`).
+        let shown = crate::config::redact_url_password(url);
         let (scheme, rest) = url
             .split_once("://")
-            .ok_or_else(|| BusError::Config(format!("`{url}` is not a URL (scheme://...)")))?;
+            .ok_or_else(|| BusError::Config(format!("`{shown}` is not a URL (scheme://...)")))?;
         if rest.is_empty() {
-            return Err(BusError::Config(format!("`{url}` names no address")));
+            return Err(BusError::Config(format!("`{shown}` names no address")));
         }
         match scheme {
             "embedded" => Ok(BusUrl::Embedded { dir: PathBuf::from(rest) }),
             "kafka" | "kafka+ssl" => {
                 for broker in rest.split(',') {
-                    check_host_port(broker, url)?;
+                    check_host_port(broker, &shown)?;
                 }
                 Ok(BusUrl::Kafka { brokers: rest.to_string(), tls: scheme == "kafka+ssl" })
             }
             "nats" | "tls" => {
                 for server in rest.split(',') {
-                    check_host_port(server.rsplit('@').next().unwrap_or(server), url)?;
+                    check_host_port(server.rsplit('@').next().unwrap_or(server), &shown)?;
                 }
                 Ok(BusUrl::Nats { url: url.to_string(), tls: scheme == "tls" })
             }
@@ -92,5 +94,9 @@ mod tests {
         assert!(BusUrl::parse("kafka://nohost").is_err());
         assert!(BusUrl::parse("redis://x:1").is_err());
         assert!(BusUrl::parse("embedded://").is_err());
+        let e = BusUrl::parse("nats://u:s3cret@nats")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nats") && !e.contains("s3cret"), "{e}");
     }
 }

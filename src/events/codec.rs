@@ -2,8 +2,9 @@
 //! (8 bytes, little-endian), then the Avro binary body. Decoding resolves to the latest version.
 //!
 //! Writers always use the latest version of the event type; readers accept any registered
-//! version and see it as the latest (fields added since take their defaults), so producers and
-//! consumers can be upgraded in any order within a topic version.
+//! version and see it as the latest (fields added since take their defaults). The registry is
+//! compiled in, so a reader built before a version existed dead-letters it as an unknown
+//! fingerprint: roll out readers before writers (charts/operations.md, "With a schema change").
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -217,9 +218,11 @@ impl Event {
         }
     }
 
-    /// Sets the W3C traceparent.
+    /// Sets the W3C traceparent; a value that is not one is dropped (W3C: ignore an invalid
+    /// traceparent), since it travels on into HTTP headers of peer calls.
     pub fn with_traceparent(mut self, traceparent: impl Into<String>) -> Event {
-        self.envelope.traceparent = Some(traceparent.into());
+        let traceparent = traceparent.into();
+        self.envelope.traceparent = is_traceparent(&traceparent).then_some(traceparent);
         self
     }
 
@@ -580,10 +583,13 @@ impl<'a> RawEnvelope<'a> {
         let traceparent = match self.traceparent {
             None | Some(Raw::Null) => None,
             Some(Raw::Json(v)) if v.is_null() => None,
+            // Another producer's invalid value is ignored (W3C), not carried into the
+            // `traceparent` header of a peer call, where a control character fails the call.
             Some(v) => Some(
                 v.string("traceparent")
                     .map_err(|_| "envelope.traceparent is not a string".to_string())?,
-            ),
+            )
+            .filter(|t| is_traceparent(t)),
         };
         Ok(Envelope {
             event_id,

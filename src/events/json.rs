@@ -185,6 +185,10 @@ pub(crate) fn write_value(
         }
         (Node::Float, Value::Number(n)) => {
             let f = n.as_f64().ok_or_else(|| path.err("expected float"))?;
+            // `as` would turn 1e39 into infinity, which no reader accepts back.
+            if f.abs() > f64::from(f32::MAX) {
+                return Err(path.err("number out of the float range"));
+            }
             out.extend_from_slice(&(f as f32).to_le_bytes());
         }
         (Node::Double, Value::Number(n)) => {
@@ -265,7 +269,7 @@ fn write_union(
         .enumerate()
         .filter(|(_, b)| !matches!(b, Node::Null));
     // The common `["null", T]`: write directly so a nested error keeps its own path.
-    if branches.len() <= 2 {
+    if branches.len() == 2 && branches.iter().any(|b| matches!(b, Node::Null)) {
         if let Some((i, b)) = candidates.next() {
             write_long(i as i64, out);
             return write_value(b, v, path, out);

@@ -21,6 +21,7 @@ use apache_avro::schema::RecordSchema;
 use apache_avro::schema_compatibility::SchemaCompatibility;
 use apache_avro::Schema;
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use super::node::{Node, Plan, RecordNode};
@@ -46,6 +47,9 @@ pub struct EventSchema {
     pub json: serde_json::Value,
     /// The Parsing Canonical Form the fingerprint is computed from.
     pub canonical_form: String,
+    /// Digest of everything in the schema but its docs ([`content_digest`]): the canonical form
+    /// leaves out defaults, logical types and aliases, which change what readers see too.
+    pub content: u64,
     /// The file it came from, relative to the schema directory.
     pub file: String,
     /// Compiled form used by the codec.
@@ -79,6 +83,22 @@ pub enum SchemaError {
         locked: u64,
         actual: u64,
     },
+    #[error(
+        "{event_type} v{version} was changed after release: a default, logical type, alias or \
+         other attribute differs from the locked content {locked:016x} (now {actual:016x}); \
+         never edit a released version, add v{} instead",
+        version + 1
+    )]
+    ContentMismatch {
+        event_type: String,
+        version: u32,
+        locked: u64,
+        actual: u64,
+    },
+    #[error(
+        "{event_type} v{version} has no content digest in {LOCK_FILE}, run `nexus schemas lock`"
+    )]
+    LockOutdated { event_type: String, version: u32 },
     #[error("{event_type} v{version} is in {LOCK_FILE} but its schema file is gone; released versions must be kept")]
     MissingVersion { event_type: String, version: u32 },
     #[error("{path}: {message}")]
@@ -114,8 +134,9 @@ pub struct Registry {
     pub(crate) schemas: Vec<EventSchema>,
     by_fingerprint: HashMap<u64, usize>,
     latest: HashMap<String, usize>,
-    /// Entries of the lock file: (type, version) → fingerprint.
-    lock: HashMap<(String, u32), u64>,
+    /// Entries of the lock file: (type, version) → fingerprint and content digest (absent in
+    /// lines written before the digest existed).
+    lock: HashMap<(String, u32), (u64, Option<u64>)>,
     /// Problems that do not stop the registry from working but fail `check`.
     lint: Vec<SchemaError>,
 }
@@ -336,7 +357,7 @@ impl Registry {
                         event_type: s.event_type.clone(),
                         version: s.version,
                     }),
-                    Some(&locked) if locked != s.fingerprint => {
+                    Some(&(locked, _)) if locked != s.fingerprint => {
                         errors.push(SchemaError::LockMismatch {
                             event_type: s.event_type.clone(),
                             version: s.version,
@@ -344,6 +365,18 @@ impl Registry {
                             actual: s.fingerprint,
                         })
                     }
+                    Some(&(_, Some(locked))) if locked != s.content => {
+                        errors.push(SchemaError::ContentMismatch {
+                            event_type: s.event_type.clone(),
+                            version: s.version,
+                            locked,
+                            actual: s.content,
+                        })
+                    }
+                    Some((_, None)) => errors.push(SchemaError::LockOutdated {
+                        event_type: s.event_type.clone(),
+                        version: s.version,
+                    }),
                     Some(_) => {}
                 }
             }
@@ -373,17 +406,19 @@ impl Registry {
     }
 
     /// The lock file for the versions present: one line per version, `<Name> <version>
-    /// <fingerprint as 16 hex digits>` (the CRC-64-AVRO value; the wire carries it little-endian).
+    /// <fingerprint> <content>`, each 16 hex digits: the CRC-64-AVRO value (the wire carries it
+    /// little-endian) and the [`content_digest`].
     pub fn lock_file(&self) -> String {
         let mut out = String::from(
             "# Released event schema versions and their CRC-64-AVRO fingerprints (Parsing Canonical\n\
              # Form of the wire schema, envelope inlined). Written by `nexus schemas lock`; checked by\n\
-             # `nexus schemas check`. A line never changes once released: see README.md.\n",
+             # `nexus schemas check`. A line never changes once released: see README.md. The last\n\
+             # column digests everything in the schema but its docs (defaults, logical types, aliases).\n",
         );
         for s in &self.schemas {
             out.push_str(&format!(
-                "{} {} {:016x}\n",
-                s.event_type, s.version, s.fingerprint
+                "{} {} {:016x} {:016x}\n",
+                s.event_type, s.version, s.fingerprint, s.content
             ));
         }
         out
@@ -405,7 +440,12 @@ impl Registry {
         if let Err(errors) = registry.check() {
             let blocking: Vec<SchemaError> = errors
                 .into_iter()
-                .filter(|e| !matches!(e, SchemaError::NotLocked { .. }))
+                .filter(|e| {
+                    !matches!(
+                        e,
+                        SchemaError::NotLocked { .. } | SchemaError::LockOutdated { .. }
+                    )
+                })
                 .collect();
             if !blocking.is_empty() {
                 return Err(blocking);
@@ -524,6 +564,7 @@ fn load_event(
     let schema = apache_avro::Schema::parse(&composed).map_err(|e| invalid(path, e.to_string()))?;
     let canonical_form = pcf::canonical_form(&composed).map_err(|e| invalid(path, e))?;
     let fingerprint = pcf::crc64_avro(canonical_form.as_bytes());
+    let content = content_digest(&composed);
     let node = match Node::compile(&schema).map_err(|e| invalid(path, e))? {
         Node::Record(r) => r,
         _ => return Err(invalid(path, "not a record")),
@@ -536,14 +577,20 @@ fn load_event(
         schema,
         json: composed,
         canonical_form,
+        content,
         file: path.to_owned(),
         node,
         to_latest: Err("not resolved yet".into()),
     })
 }
 
-/// Every record, enum and fixed and every field carries a `doc`; every enum has a `default`
-/// (so a reader survives symbols added later).
+/// Why `aliases` are refused: Avro readers would map a renamed field's old data through them,
+/// nexus's reader plan matches by name and would fill the default in instead.
+const NO_ALIASES: &str = "`aliases` are not supported (nexus reads fields and types by name): \
+                          add a new field with a default instead of renaming";
+
+/// Every record, enum and fixed and every field carries a `doc` and no `aliases`; every enum has
+/// a `default` (so a reader survives symbols added later).
 fn lint_docs(file: &str, v: &Value, lint: &mut Vec<SchemaError>) {
     match v {
         Value::Array(items) => items.iter().for_each(|i| lint_docs(file, i, lint)),
@@ -553,6 +600,9 @@ fn lint_docs(file: &str, v: &Value, lint: &mut Vec<SchemaError>) {
                 let name = m.get("name").and_then(Value::as_str).unwrap_or("?");
                 if !m.contains_key("doc") {
                     lint.push(invalid(file, format!("{name} has no `doc`")));
+                }
+                if m.contains_key("aliases") {
+                    lint.push(invalid(file, format!("{name}: {NO_ALIASES}")));
                 }
                 if ty == Some("enum") && !m.contains_key("default") {
                     lint.push(invalid(
@@ -565,6 +615,10 @@ fn lint_docs(file: &str, v: &Value, lint: &mut Vec<SchemaError>) {
                         if f.get("doc").is_none() {
                             let fname = f.get("name").and_then(Value::as_str).unwrap_or("?");
                             lint.push(invalid(file, format!("field {name}.{fname} has no `doc`")));
+                        }
+                        if f.get("aliases").is_some() {
+                            let fname = f.get("name").and_then(Value::as_str).unwrap_or("?");
+                            lint.push(invalid(file, format!("field {name}.{fname}: {NO_ALIASES}")));
                         }
                         if let Some(t) = f.get("type") {
                             lint_docs(file, t, lint);
@@ -585,7 +639,50 @@ fn lint_docs(file: &str, v: &Value, lint: &mut Vec<SchemaError>) {
     }
 }
 
-fn parse_lock(text: &str, lint: &mut Vec<SchemaError>) -> HashMap<(String, u32), u64> {
+/// The first 8 bytes of SHA-256 over the schema's JSON without `doc` attributes, object keys
+/// sorted: a released version's docs may be corrected, nothing else in it.
+pub fn content_digest(schema: &Value) -> u64 {
+    fn write(v: &Value, out: &mut String) {
+        match v {
+            Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().filter(|k| *k != "doc").collect();
+                keys.sort();
+                out.push('{');
+                for (i, k) in keys.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&Value::String(k.clone()).to_string());
+                    out.push(':');
+                    write(&m[k], out);
+                }
+                out.push('}');
+            }
+            Value::Array(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    write(item, out);
+                }
+                out.push(']');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    let mut text = String::new();
+    write(schema, &mut text);
+    let digest = Sha256::digest(text.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
+}
+
+fn parse_lock(
+    text: &str,
+    lint: &mut Vec<SchemaError>,
+) -> HashMap<(String, u32), (u64, Option<u64>)> {
     let mut out = HashMap::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -593,13 +690,16 @@ fn parse_lock(text: &str, lint: &mut Vec<SchemaError>) -> HashMap<(String, u32),
             continue;
         }
         let parts: Vec<&str> = line.split_whitespace().collect();
+        let version = |v: &str| v.trim_start_matches('v').parse::<u32>().ok();
+        let hex = |h: &str| u64::from_str_radix(h, 16).ok();
         let parsed = match parts.as_slice() {
-            [t, v, fp] => v
-                .trim_start_matches('v')
-                .parse::<u32>()
-                .ok()
-                .zip(u64::from_str_radix(fp, 16).ok())
-                .map(|(v, fp)| ((t.to_string(), v), fp)),
+            [t, v, fp] => version(v)
+                .zip(hex(fp))
+                .map(|(v, fp)| ((t.to_string(), v), (fp, None))),
+            [t, v, fp, content] => version(v)
+                .zip(hex(fp))
+                .zip(hex(content))
+                .map(|((v, fp), c)| ((t.to_string(), v), (fp, Some(c)))),
             _ => None,
         };
         match parsed {
@@ -613,7 +713,10 @@ fn parse_lock(text: &str, lint: &mut Vec<SchemaError>) -> HashMap<(String, u32),
             }
             None => lint.push(invalid(
                 LOCK_FILE,
-                format!("line {}: expected `<Name> <version> <hex>`", n + 1),
+                format!(
+                    "line {}: expected `<Name> <version> <fingerprint> <content>`",
+                    n + 1
+                ),
             )),
         }
     }

@@ -640,3 +640,237 @@ fn check_dir_and_write_lock_work_on_disk() {
         .iter()
         .any(|(t, v, _)| t == "TypingIndicated" && *v == 2));
 }
+
+/// A released version's defaults, logical types and aliases are not in the canonical form the
+/// fingerprint covers; the lock's content digest catches an edit of them, and docs stay editable.
+#[test]
+fn editing_what_the_fingerprint_does_not_cover_fails_the_check() {
+    let edited = |edit: &dyn Fn(&mut Value)| {
+        let mut v1 = typing_v1();
+        edit(&mut v1);
+        let files: Vec<(&str, String)> = Registry::builtin_files()
+            .iter()
+            .map(|(p, t)| {
+                let text = if *p == "events/typing_indicated/v1.avsc" {
+                    v1.to_string()
+                } else {
+                    t.to_string()
+                };
+                (*p, text)
+            })
+            .collect();
+        Registry::from_sources(files.iter().map(|(p, t)| (*p, t.as_str())))
+            .unwrap()
+            .check()
+    };
+    let field = |v: &mut Value, name: &str| -> Value {
+        v["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    // A default given to a field after release would let a later version drop it.
+    let errors = edited(&|v| {
+        let f = field(v, "participant_id");
+        for x in v["fields"].as_array_mut().unwrap() {
+            if x["name"] == f["name"] {
+                x["default"] = json!("");
+            }
+        }
+    })
+    .unwrap_err();
+    assert!(
+        matches!(
+            &errors[..],
+            [SchemaError::ContentMismatch { version: 1, event_type, .. }] if event_type == "TypingIndicated"
+        ),
+        "{errors:?}"
+    );
+    assert!(errors[0].to_string().contains("add v2"), "{errors:?}");
+    // A doc is corrected freely.
+    edited(&|v| v["doc"] = json!("Corrected wording.")).unwrap();
+
+    // The envelope's logical type: every version's content changes, no fingerprint does.
+    let files: Vec<(&str, String)> = Registry::builtin_files()
+        .iter()
+        .map(|(p, t)| {
+            let text = if *p == "envelope.avsc" {
+                t.replace("timestamp-millis", "timestamp-micros")
+            } else {
+                t.to_string()
+            };
+            assert!(
+                *p != "envelope.avsc" || text != *t,
+                "the envelope has a timestamp-millis"
+            );
+            (*p, text)
+        })
+        .collect();
+    let errors = Registry::from_sources(files.iter().map(|(p, t)| (*p, t.as_str())))
+        .unwrap()
+        .check()
+        .unwrap_err();
+    assert!(
+        !errors.is_empty()
+            && errors
+                .iter()
+                .all(|e| matches!(e, SchemaError::ContentMismatch { .. })),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn a_lock_line_without_content_is_refreshed_by_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    for (path, text) in Registry::builtin_files() {
+        let p = dir.path().join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        let text = if *path == "fingerprints.lock" {
+            // The three-column lines of a lock written before the content digest.
+            text.lines()
+                .map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+                    [t, v, fp, _] => format!("{t} {v} {fp}\n"),
+                    _ => format!("{l}\n"),
+                })
+                .collect()
+        } else {
+            text.to_string()
+        };
+        std::fs::write(p, text).unwrap();
+    }
+    let errors = Registry::check_dir(dir.path()).unwrap_err();
+    assert!(
+        errors
+            .iter()
+            .all(|e| matches!(e, SchemaError::LockOutdated { .. })),
+        "{errors:?}"
+    );
+    Registry::write_lock(dir.path()).unwrap();
+    Registry::check_dir(dir.path()).unwrap();
+}
+
+/// A rename through `aliases` would read old data as the default in nexus (fields match by
+/// name), while other Avro readers map it: refused.
+#[test]
+fn aliases_are_refused() {
+    let mut v2 = typing_v1();
+    for f in v2["fields"].as_array_mut().unwrap() {
+        if f["name"] == "preview" {
+            f["name"] = json!("preview_text");
+            f["aliases"] = json!(["preview"]);
+        }
+    }
+    let errors: Vec<String> = registry_with(&[("events/typing_indicated/v2.avsc", v2.to_string())])
+        .unwrap()
+        .check()
+        .unwrap_err()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("TypingIndicated.preview_text") && e.contains("aliases")),
+        "{errors:?}"
+    );
+}
+
+/// An invalid traceparent (another producer's, or one built in process) is dropped: it would
+/// otherwise go into the `traceparent` header of a peer call and fail it on every retry.
+#[test]
+fn invalid_traceparents_are_dropped() {
+    let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let e = message_received().with_traceparent(valid);
+    assert_eq!(e.envelope.traceparent.as_deref(), Some(valid));
+    let e = message_received().with_traceparent("00-abc\n-01");
+    assert_eq!(e.envelope.traceparent, None);
+
+    // Bytes of another producer: written with a control character in the field.
+    let mut e = message_received();
+    e.envelope.traceparent = Some("x\ny".into());
+    let bytes = encode(&e).unwrap();
+    assert_eq!(decode(&bytes).unwrap().envelope.traceparent, None);
+    let lazy = Registry::builtin()
+        .decode_lazy(&bytes::Bytes::from(bytes))
+        .unwrap();
+    assert_eq!(lazy.envelope.traceparent, None);
+}
+
+fn varint(n: i64) -> Vec<u8> {
+    let mut z = ((n << 1) ^ (n >> 63)) as u64;
+    let mut out = Vec::new();
+    loop {
+        let b = (z & 0x7f) as u8;
+        z >>= 7;
+        if z == 0 {
+            out.push(b);
+            return out;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+/// Hostile counts and lengths after a valid header are refused without allocating for them.
+#[test]
+fn hostile_counts_and_lengths_are_refused() {
+    let mut v2 = typing_v1();
+    let fields = v2["fields"].as_array_mut().unwrap();
+    fields.push(json!({"name": "tags", "type": {"type": "array", "items": "string"}, "default": [], "doc": "d"}));
+    let r = registry_with(&[("events/typing_indicated/v2.avsc", v2.to_string())]).unwrap();
+    let mut e = r.example("TypingIndicated").unwrap();
+    e.body.insert("tags".into(), json!([]));
+    let bytes = r.encode(&e).unwrap();
+    assert_eq!(bytes.last(), Some(&0), "an empty array ends the body");
+    let with_tail = |tail: &[u8]| {
+        let mut b = bytes[..bytes.len() - 1].to_vec();
+        b.extend_from_slice(tail);
+        b
+    };
+    let huge_count = with_tail(&varint(1 << 62));
+    let min_count = with_tail(&varint(i64::MIN));
+    let mut huge_string = varint(1);
+    huge_string.extend(varint(1 << 40));
+    let huge_string = with_tail(&huge_string);
+    for (what, b) in [
+        ("count 2^62", huge_count),
+        ("count i64::MIN", min_count),
+        ("string of 2^40 bytes", huge_string),
+    ] {
+        assert!(matches!(r.decode(&b), Err(DecodeError::Body(_))), "{what}");
+        assert!(
+            matches!(
+                r.decode_lazy(&bytes::Bytes::from(b)),
+                Err(DecodeError::Body(_))
+            ),
+            "{what}"
+        );
+    }
+}
+
+/// A float beyond f32 is refused at the edge (it would be written as infinity, which readers
+/// refuse); a two-branch union without null takes the branch that accepts the value.
+#[test]
+fn json_floats_in_range_and_unions_by_branch() {
+    let mut v2 = typing_v1();
+    let fields = v2["fields"].as_array_mut().unwrap();
+    fields.push(json!({"name": "ratio", "type": "float", "default": 0.0, "doc": "d"}));
+    fields.push(json!({"name": "ref", "type": ["string", "long"], "default": "", "doc": "d"}));
+    let r = registry_with(&[("events/typing_indicated/v2.avsc", v2.to_string())]).unwrap();
+    let mut e = r.example("TypingIndicated").unwrap();
+    e.body.insert("ratio".into(), json!(1e39));
+    e.body.insert("ref".into(), json!("a"));
+    assert!(
+        matches!(r.encode(&e), Err(EncodeError::Invalid { ref path, .. }) if path.contains("ratio")),
+        "{:?}",
+        r.encode(&e)
+    );
+    e.body.insert("ratio".into(), json!(0.5));
+    for value in [json!("a"), json!(5)] {
+        e.body.insert("ref".into(), value.clone());
+        let back = r.decode(&r.encode(&e).unwrap()).unwrap();
+        assert_eq!(back.body["ref"], value);
+    }
+}

@@ -97,7 +97,7 @@ pub fn handler_for(
                         }
                     })?,
                 )
-                .with_user_data_limit(config.chat.max_user_data_entries),
+                .with_chat_limits(&config.chat),
             );
             let timers = worker.clone();
             return Ok(RoleHandler {

@@ -75,6 +75,54 @@ pub fn signature(credential: &str, body: &[u8]) -> String {
     format!("sha256={hex}")
 }
 
+/// Largest bot answer read; more is refused (the conversation falls back to its queue).
+const MAX_ANSWER_BYTES: usize = 256 * 1024;
+/// Most replies one answer may carry.
+pub const MAX_REPLIES: usize = 20;
+
+/// What a bot's answer may hold: the limits the bot API and customers have at the edge.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// `chat.max_message_chars`.
+    pub max_chars: usize,
+    /// `chat.max_user_data_entries`.
+    pub max_user_data_entries: usize,
+}
+
+impl BotTurn {
+    /// Refuses an answer the bot API would refuse: an empty or too long reply, too many
+    /// replies, a handoff with too much user data. Applied whole or not at all, so a handoff
+    /// is never lost behind a reply that cannot be written.
+    fn check(&self, limits: Limits) -> Result<(), BotError> {
+        if self.replies.len() > MAX_REPLIES {
+            return Err(BotError::Refused(format!(
+                "bot answer: {} replies, at most {MAX_REPLIES}",
+                self.replies.len()
+            )));
+        }
+        for (i, r) in self.replies.iter().enumerate() {
+            if r.text.trim().is_empty() || r.text.chars().count() > limits.max_chars {
+                return Err(BotError::Refused(format!(
+                    "bot answer: replies[{i}] is empty or longer than {} characters",
+                    limits.max_chars
+                )));
+            }
+        }
+        if let Some(h) = &self.handoff {
+            let bad = h.user_data.len() > limits.max_user_data_entries
+                || h.user_data.keys().any(|k| k.is_empty() || k.len() > 256)
+                || h.user_data.values().any(|v| v.len() > 4096);
+            if bad {
+                return Err(BotError::Refused(format!(
+                    "bot answer: handoff user_data holds more than {} entries, or keys over 256 or values over 4096 bytes",
+                    limits.max_user_data_entries
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One bot turn: POSTs `body` and reads the answer.
 pub async fn call(
     http: &reqwest::Client,
@@ -82,6 +130,7 @@ pub async fn call(
     body: &Value,
     idempotency_key: &str,
     timeout: Duration,
+    limits: Limits,
 ) -> Result<BotTurn, BotError> {
     let bytes = serde_json::to_vec(body).map_err(|e| BotError::Refused(e.to_string()))?;
     let response = http
@@ -93,7 +142,11 @@ pub async fn call(
         .body(bytes)
         .send()
         .await
-        .map_err(|e| BotError::Down(format!("POST {}: {e}", bot.url)))?;
+        .map_err(|e| {
+            // Neither the URL's credentials nor reqwest's copy of it in the error.
+            let url = crate::http_client::shown_url(&bot.url);
+            BotError::Down(format!("POST {url}: {}", e.without_url()))
+        })?;
     let status = response.status();
     if status.is_server_error() || status.as_u16() == 429 {
         return Err(BotError::Down(format!("bot answered {status}")));
@@ -101,19 +154,56 @@ pub async fn call(
     if !status.is_success() {
         return Err(BotError::Refused(format!("bot answered {status}")));
     }
-    let text = response
-        .bytes()
-        .await
-        .map_err(|e| BotError::Down(e.to_string()))?;
+    let text = match crate::http_client::read_capped(response, MAX_ANSWER_BYTES).await {
+        Ok(text) => text,
+        Err(crate::http_client::BodyError::TooLarge(max)) => {
+            return Err(BotError::Refused(format!(
+                "bot answer larger than {max} bytes"
+            )))
+        }
+        Err(crate::http_client::BodyError::Read(e)) => {
+            return Err(BotError::Down(format!(
+                "reading the answer: {}",
+                e.without_url()
+            )))
+        }
+    };
     if text.is_empty() {
         return Ok(BotTurn::default());
     }
-    serde_json::from_slice(&text).map_err(|e| BotError::Refused(format!("bot answer: {e}")))
+    let turn: BotTurn =
+        serde_json::from_slice(&text).map_err(|e| BotError::Refused(format!("bot answer: {e}")))?;
+    turn.check(limits)?;
+    Ok(turn)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_past_the_limits_are_refused() {
+        let limits = Limits {
+            max_chars: 10,
+            max_user_data_entries: 2,
+        };
+        let turn = |v: Value| serde_json::from_value::<BotTurn>(v).expect("turn");
+        let ok = turn(serde_json::json!({"replies": [{"text": "0123456789"}],
+            "handoff": {"user_data": {"a": "1", "b": "2"}}}));
+        assert!(ok.check(limits).is_ok());
+        for bad in [
+            serde_json::json!({"replies": [{"text": "01234567890"}]}),
+            serde_json::json!({"replies": [{"text": "  "}]}),
+            serde_json::json!({"replies": vec![serde_json::json!({"text": "x"}); MAX_REPLIES + 1]}),
+            serde_json::json!({"handoff": {"user_data": {"a": "1", "b": "2", "c": "3"}}}),
+            serde_json::json!({"handoff": {"user_data": {"": "1"}}}),
+        ] {
+            assert!(
+                matches!(turn(bad.clone()).check(limits), Err(BotError::Refused(_))),
+                "{bad}"
+            );
+        }
+    }
 
     #[test]
     fn signature_is_hmac_sha256_hex() {

@@ -744,7 +744,11 @@ impl ConversationWorker {
         let call = if self.decided(&fell_back).await? {
             None
         } else {
-            Some(super::bot::call(&self.http, &target, &request, &key, timeout).await)
+            let limits = super::bot::Limits {
+                max_chars: self.max_message_chars,
+                max_user_data_entries: self.max_user_data_entries,
+            };
+            Some(super::bot::call(&self.http, &target, &request, &key, timeout, limits).await)
         };
         let turn = match call {
             Some(Ok(turn)) => turn,

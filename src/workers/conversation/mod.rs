@@ -62,6 +62,8 @@ pub struct ConversationWorker {
     /// Most user-data entries a conversation carries (`chat.max_user_data_entries`): the
     /// edge refuses more, this holds when updates race past its check.
     pub(crate) max_user_data_entries: usize,
+    /// Longest text a bot reply may carry (`chat.max_message_chars`), as the bot API.
+    pub(crate) max_message_chars: usize,
 }
 
 impl ConversationWorker {
@@ -79,12 +81,15 @@ impl ConversationWorker {
             config,
             http,
             max_user_data_entries: crate::config::Config::defaults().chat.max_user_data_entries,
+            max_message_chars: crate::config::Config::defaults().chat.max_message_chars,
         }
     }
 
-    /// Sets the most user-data entries a conversation carries.
-    pub fn with_user_data_limit(mut self, max: usize) -> Self {
-        self.max_user_data_entries = max;
+    /// Sets the chat limits (`chat.max_user_data_entries`, `chat.max_message_chars`) that
+    /// hold where the edge's checks cannot: racing updates, bot answers.
+    pub fn with_chat_limits(mut self, chat: &crate::config::ChatConfig) -> Self {
+        self.max_user_data_entries = chat.max_user_data_entries;
+        self.max_message_chars = chat.max_message_chars;
         self
     }
 

@@ -677,6 +677,72 @@ async fn a_bot_fallback_is_decided_once() {
     assert_eq!(rig.transcript_len().await, length, "no bot reply added");
 }
 
+/// A bot answer past the chat limits (a reply longer than `chat.max_message_chars`, with a
+/// handoff) is refused whole: the conversation falls back to its queue, and no part of the
+/// answer is written (before, the reply was appended, its event refused as too large, and the
+/// handoff in the same answer lost with it).
+#[tokio::test]
+async fn a_bot_answer_past_the_limits_falls_back_to_the_queue() {
+    let mut rig = rig().await;
+    rig.worker.max_message_chars = 20;
+    rig.create_interaction_topic().await;
+    let answer = serde_json::json!({"replies": [{"text": "x".repeat(21)}],
+        "handoff": {"user_data": {"topic": "billing"}}})
+    .to_string();
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::post(move || {
+            let answer = answer.clone();
+            async move { answer }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let bot = rig
+        .provisioning
+        .create_bot(
+            &rig.tenant,
+            crate::stores::provisioning::NewBot {
+                name: "Bot".into(),
+                url,
+                credential: "secret".into(),
+            },
+        )
+        .await
+        .expect("bot")
+        .bot
+        .id;
+    let mut with_bot = connected(&rig.tenant);
+    with_bot.state = ConversationState::Bot;
+    with_bot.agent_id = None;
+    with_bot.bot_id = Some(bot);
+    assert!(rig.store.put_conversation(&with_bot).await.expect("put"));
+    let length = rig.transcript_len().await;
+    let said = customer_says("I need help");
+    rig.worker
+        .on_customer_message(&rig.event(&said), said)
+        .await
+        .expect("message");
+    let record = rig.record().await;
+    assert_eq!(record.state, ConversationState::Queued);
+    assert!(
+        !record.user_data.contains_key("topic"),
+        "no part of the answer applied"
+    );
+    let texts: Vec<String> = rig
+        .store
+        .transcript(&rig.tenant, CONVERSATION, length + 1, 100)
+        .await
+        .expect("transcript")
+        .into_iter()
+        .filter_map(|e| e.entry.text)
+        .collect();
+    assert_eq!(texts, ["I need help", "Connecting you to an agent."]);
+}
+
 /// How many `closed` states the delivery topic holds for `agent`.
 async fn closed_told(rig: &Rig, agent: &str) -> usize {
     rig.events(DELIVERY_TOPIC)

@@ -982,7 +982,7 @@ impl Dispatcher {
                 let url = self
                     .target(&msg.webhook_id)
                     .await
-                    .map(|t| shown_url(&t.webhook.url))
+                    .map(|t| crate::http_client::shown_url(&t.webhook.url))
                     .unwrap_or_default();
                 // Read again at the next start: what this process holds of it goes back.
                 self.targets
@@ -1169,24 +1169,6 @@ async fn read_bounded(mut r: reqwest::Response) -> usize {
 
 /// Whether an exhausted message is still as its sender left it, as the store answered; a
 /// message that moved on is logged, a failed store call counted and logged.
-/// A subscription URL as events show it: without user info and with every query value masked
-/// (a receiver's key often rides there: `code=`, `sig=`, `api_key=`, …).
-fn shown_url(url: &str) -> String {
-    let Ok(mut u) = reqwest::Url::parse(url) else {
-        return crate::config::redact_url_password(url);
-    };
-    let _ = u.set_username("");
-    let _ = u.set_password(None);
-    let masked: Vec<String> = u
-        .query_pairs()
-        .map(|(k, _)| format!("{k}=redacted"))
-        .collect();
-    if !masked.is_empty() {
-        u.set_query(Some(&masked.join("&")));
-    }
-    u.to_string()
-}
-
 fn still_ours(msg: &Claimed, answer: Result<bool, super::store::StoreError>) -> bool {
     match answer {
         Ok(ours) => {
@@ -1201,22 +1183,5 @@ fn still_ours(msg: &Claimed, answer: Result<bool, super::store::StoreError>) -> 
             tracing::warn!(error = %e, "dead-lettering a webhook message failed; a later claim tries again");
             false
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::shown_url;
-
-    #[test]
-    fn event_urls_show_no_credentials() {
-        assert_eq!(
-            shown_url("https://u:p4ss@hooks.example.com/in?code=s3cret&tenant=a"),
-            "https://hooks.example.com/in?code=redacted&tenant=redacted"
-        );
-        assert_eq!(
-            shown_url("https://hooks.example.com/in"),
-            "https://hooks.example.com/in"
-        );
     }
 }
