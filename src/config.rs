@@ -411,6 +411,20 @@ impl Config {
                 ));
             }
         }
+        // JetStream's hand-over waits 2 × ack_wait (at least 10 s) for the handlers of a
+        // partition moving away, then NAKs what is still running.
+        let nats_drain = self.bus.nats.ack_wait_ms.saturating_mul(2).max(10_000);
+        let on_nats = self.bus.url.starts_with("nats://") || self.bus.url.starts_with("tls://");
+        if on_nats && self.consumer.handler_timeout_ms > nats_drain {
+            return Err(invalid(
+                "consumer.handler_timeout_ms",
+                format!(
+                    "{} ms is more than JetStream's hand-over wait ({nats_drain} ms, twice \
+                     bus.nats.ack_wait_ms): raise bus.nats.ack_wait_ms to at least half of it",
+                    self.consumer.handler_timeout_ms
+                ),
+            ));
+        }
         if self.bus.kafka.message_timeout_ms == 0 {
             // librdkafka reads 0 as "never": a publish would wait forever for a broker.
             return Err(invalid(
@@ -823,7 +837,7 @@ mod tests {
 
         // Values that load and then misbehave: refused, naming the key.
         type Set = fn(&mut Config);
-        let cases: [(&str, Set); 6] = [
+        let cases: [(&str, Set); 7] = [
             ("consumer.handler_timeout_ms", |c| {
                 c.consumer.handler_timeout_ms = 0
             }),
@@ -842,6 +856,12 @@ mod tests {
             }),
             ("workers.tap.url", |c| {
                 c.workers.tap.url = "ftp://u:s3cret@x/in".into()
+            }),
+            ("consumer.handler_timeout_ms", |c| {
+                c.bus.url = "nats://127.0.0.1:4222".into();
+                c.consumer.handler_timeout_ms = 61_000;
+                c.bus.kafka.handover_wait_ms = 61_000;
+                c.bus.embedded.handover_wait_ms = 61_000;
             }),
         ];
         for (key, set) in cases {

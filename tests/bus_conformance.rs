@@ -609,7 +609,7 @@ async fn a_handler_panic_dead_letters_the_event(t: TestBus) {
 const NO_LIMIT: usize = 2 << 20;
 
 /// The largest payload (key `k`, no headers) the bus takes, found by publishing to a scratch
-/// topic; `None` when it takes [`NO_LIMIT`] bytes (the embedded log has no limit).
+/// topic; `None` when it takes [`NO_LIMIT`] bytes (the embedded log takes up to 1 GiB).
 async fn largest_payload(t: &TestBus) -> Option<usize> {
     let scratch = t.fresh_topic(1).await;
     let fits = |n: usize| {

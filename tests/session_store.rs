@@ -1158,6 +1158,13 @@ async fn expired_conversation_disappears(t: TestStore) {
     assert_eq!(s.conversation(tn, "c1").await.expect("get"), None);
     assert!(s.transcript(tn, "c1", 1, 10).await.expect("t").is_empty());
     assert_eq!(s.transcript_len(tn, "c1").await.expect("len"), 0);
+    // Gone for reserves too: the expired close refuses nothing (the embedded store read the
+    // expired record's state before).
+    let reserved = s.reserve_agent(tn, &reserve("c1", &[], &[])).await;
+    assert!(
+        !matches!(reserved, Err(StoreError::Closed(_))),
+        "{reserved:?}"
+    );
     // Dedup ids went with it: the same event appends anew at position 1.
     let a = s
         .append(tn, "c1", &message("e1", Some("m1"), "hi"))

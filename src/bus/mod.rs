@@ -79,7 +79,9 @@ pub struct Message {
     pub topic: String,
     pub partition: u32,
     pub offset: u64,
-    /// Broker append time, milliseconds since the epoch.
+    /// Record time, milliseconds since the epoch: the append time on JetStream and the
+    /// embedded log, the producer's clock (CreateTime) on Kafka, so replays by time there are
+    /// as good as the edges' clocks.
     pub timestamp_ms: i64,
     pub key: String,
     pub payload: Bytes,

@@ -501,6 +501,7 @@ impl Inner {
         partition: u32,
         offset: u64,
     ) -> Result<oneshot::Receiver<Result<(), BusError>>, BusError> {
+        super::store::check_offset_key(group, topic)?;
         let shared = self.topic(topic)?;
         shared.partition(topic, partition)?;
         let key: GroupKey = (group.to_string(), topic.to_string());

@@ -136,6 +136,21 @@ fn decode(value: Bytes, topic: &str, partition: u32, offset: u64) -> Option<Mess
     })
 }
 
+/// Refuses a group whose committed-offset key would pass fjall's 64 KiB key limit (an
+/// `assert!` in the writer thread, which would take the bus down at the first commit).
+pub(super) fn check_offset_key(group: &str, topic: &str) -> Result<(), BusError> {
+    let len = 8 + group.len() + topic.len();
+    if len > usize::from(u16::MAX) {
+        return Err(BusError::Config(format!(
+            "consumer group name of {} bytes is too long for the embedded bus (group and topic \
+             names together at most {} bytes)",
+            group.len(),
+            u16::MAX - 8
+        )));
+    }
+    Ok(())
+}
+
 /// `group len u16 | group | topic len u16 | topic | partition u32`.
 fn offset_key(group: &str, topic: &str, partition: u32) -> Vec<u8> {
     let mut k = Vec::with_capacity(8 + group.len() + topic.len());

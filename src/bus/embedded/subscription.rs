@@ -44,13 +44,7 @@ impl EmbeddedSubscription {
         topic: &str,
         options: SubscribeOptions,
     ) -> Result<Self, BusError> {
-        // Committed offsets are keyed by the name with a 16-bit length.
-        if u16::try_from(group.len()).is_err() {
-            return Err(BusError::Config(format!(
-                "consumer group name of {} bytes is too long for the embedded bus (64 KiB at most)",
-                group.len()
-            )));
-        }
+        super::store::check_offset_key(group, topic)?;
         let appends = inner.topic(topic)?.tick.subscribe();
         let (member, assignment) = inner.join(group, topic, options.start)?;
         let max_in_flight = options.max_in_flight.max(1);

@@ -492,6 +492,30 @@ async fn a_group_name_past_the_key_limit_is_refused() {
     bus.subscribe(&"g".repeat(1_000), "t", opts(1))
         .await
         .unwrap();
+    // Under 64 KiB itself, past it with the topic and lengths: refused at join, not left to
+    // fjall's assert in the writer thread at the first commit (which closed the bus).
+    let near = "g".repeat(65_530);
+    let err = bus
+        .subscribe(&near, "t", opts(1))
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(&err, BusError::Config(m) if m.contains("too long")),
+        "{err}"
+    );
+    let err = bus
+        .seek_group(&near, "t", 0, 0)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(&err, BusError::Config(m) if m.contains("too long")),
+        "{err}"
+    );
+    bus.publish("t", OutRecord::new("k", "still up"))
+        .await
+        .expect("the bus still takes publishes");
 }
 
 #[tokio::test]

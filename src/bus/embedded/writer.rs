@@ -405,7 +405,8 @@ impl Writer {
             &record.headers,
             &record.payload,
         ) {
-            return Err(BusError::Conflict(format!(
+            // TooLarge, as the brokers': a dead letter goes out without its payload.
+            return Err(BusError::TooLarge(format!(
                 "a record of {} bytes is past the embedded log's 1 GiB limit",
                 record.payload.len()
             )));

@@ -243,6 +243,13 @@ pub(super) fn headers_wire_len(headers: &HeaderMap) -> usize {
     "NATS/1.0\r\n".len() + lines + 2
 }
 
+/// Names no record's headers come back with: this codec's own and NATS's. Another tool's
+/// record that lists them would otherwise be refused when copied on (a dead letter that can
+/// never be written holds its key's lane).
+fn is_reserved(name: &str) -> bool {
+    name == KEY_HEADER || name == ORDER_HEADER || is_nats_own(name)
+}
+
 /// The record key and headers back from NATS headers. Without the order header (a record whose
 /// names give the order, or one published by another tool) every header but NATS's own comes
 /// back, sorted by name. NATS's own never come back: a record copied on (dead-lettered,
@@ -263,7 +270,7 @@ pub(super) fn decode_headers(map: Option<&HeaderMap>) -> (String, Headers) {
             let names: Vec<&str> = order
                 .as_str()
                 .split(' ')
-                .filter(|n| !n.is_empty() && !is_nats_own(n))
+                .filter(|n| !n.is_empty() && !is_reserved(n))
                 .collect();
             for (i, name) in names.iter().enumerate() {
                 let n = names[..i].iter().filter(|earlier| *earlier == name).count();
@@ -276,7 +283,7 @@ pub(super) fn decode_headers(map: Option<&HeaderMap>) -> (String, Headers) {
             let mut names: Vec<(&str, &Vec<HeaderValue>)> = map
                 .iter()
                 .map(|(n, v)| (AsRef::<str>::as_ref(n), v))
-                .filter(|(n, _)| *n != KEY_HEADER && !is_nats_own(n))
+                .filter(|(n, _)| !is_reserved(n))
                 .collect();
             names.sort_by(|a, b| a.0.cmp(b.0));
             for (name, values) in names {

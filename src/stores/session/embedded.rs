@@ -557,6 +557,8 @@ fn reserve_in(
     r: &Reserve,
 ) -> Result<Option<String>, StoreError> {
     let conv = r.conversation_id.as_str();
+    // An expired record reads as absent here too, as it does everywhere else.
+    purge_expired(txn, tenant, conv, now_ms())?;
     if closed_in(txn, tenant, conv)? {
         return Err(StoreError::Closed(conv.to_string()));
     }

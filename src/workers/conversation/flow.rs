@@ -323,6 +323,14 @@ impl ConversationWorker {
             return self.rearm_queued(&existing, e).await;
         }
         let at = e.envelope.occurred_at_ms;
+        let now = chrono::Utc::now().timestamp_millis();
+        if at < now.saturating_sub(self.closed_retention_ms()) {
+            // No record, and any this start made would have expired by now: a replay reaching
+            // back past the retention, for a customer long gone. Starting it again would offer
+            // an agent a chat nobody is in (the dedup ids went with the record).
+            info!(conversation_id = %e.envelope.conversation_id, "a start older than closed_retention_s with no record; ignored");
+            return Ok(());
+        }
         let customer = Party {
             participant_id: b.participant_id.clone(),
             nickname: b.nickname.clone(),

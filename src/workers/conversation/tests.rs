@@ -743,6 +743,54 @@ async fn a_bot_answer_past_the_limits_falls_back_to_the_queue() {
     assert_eq!(texts, ["I need help", "Connecting you to an agent."]);
 }
 
+/// A start replayed after its conversation's record expired (a replay reaching back past
+/// `closed_retention_s`) starts nothing: no record, no transcript, no offer.
+#[tokio::test]
+async fn a_start_older_than_the_retention_is_not_started_again() {
+    let rig = rig().await;
+    rig.create_interaction_topic().await;
+    let start = chat::ConversationRequested {
+        channel: Channel::WebChat,
+        channel_id: None,
+        service: None,
+        participant_id: "customer-1".into(),
+        nickname: "Ann".into(),
+        contact: Default::default(),
+        subject: None,
+        first_message: Some("hello".into()),
+        user_data: Default::default(),
+        is_async: false,
+    };
+    let mut old = rig.event(&start);
+    let retention_ms = i64::try_from(rig.worker.config.closed_retention_s * 1000).expect("ms");
+    old.envelope.occurred_at_ms = chrono::Utc::now().timestamp_millis() - retention_ms - 60_000;
+    rig.worker
+        .on_requested(&old, start.clone())
+        .await
+        .expect("old start");
+    assert!(rig
+        .store
+        .conversation(&rig.tenant, CONVERSATION)
+        .await
+        .expect("read")
+        .is_none());
+    assert_eq!(rig.transcript_len().await, 0);
+    assert!(rig.events(INTERACTION_TOPIC).await.is_empty());
+    assert!(rig.events(DELIVERY_TOPIC).await.is_empty());
+
+    // A recent one starts.
+    rig.worker
+        .on_requested(&rig.event(&start), start)
+        .await
+        .expect("start");
+    assert!(rig
+        .store
+        .conversation(&rig.tenant, CONVERSATION)
+        .await
+        .expect("read")
+        .is_some());
+}
+
 /// How many `closed` states the delivery topic holds for `agent`.
 async fn closed_told(rig: &Rig, agent: &str) -> usize {
     rig.events(DELIVERY_TOPIC)
