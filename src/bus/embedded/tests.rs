@@ -504,11 +504,7 @@ async fn a_group_name_past_the_key_limit_is_refused() {
         matches!(&err, BusError::Config(m) if m.contains("too long")),
         "{err}"
     );
-    let err = bus
-        .seek_group(&near, "t", 0, 0)
-        .await
-        .err()
-        .expect("refused");
+    let err = bus.seek_group(&near, "t", 0, 0).await.expect_err("refused");
     assert!(
         matches!(&err, BusError::Config(m) if m.contains("too long")),
         "{err}"
