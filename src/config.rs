@@ -411,20 +411,6 @@ impl Config {
                 ));
             }
         }
-        // JetStream's hand-over waits 2 × ack_wait (at least 10 s) for the handlers of a
-        // partition moving away, then NAKs what is still running.
-        let nats_drain = self.bus.nats.ack_wait_ms.saturating_mul(2).max(10_000);
-        let on_nats = self.bus.url.starts_with("nats://") || self.bus.url.starts_with("tls://");
-        if on_nats && self.consumer.handler_timeout_ms > nats_drain {
-            return Err(invalid(
-                "consumer.handler_timeout_ms",
-                format!(
-                    "{} ms is more than JetStream's hand-over wait ({nats_drain} ms, twice \
-                     bus.nats.ack_wait_ms): raise bus.nats.ack_wait_ms to at least half of it",
-                    self.consumer.handler_timeout_ms
-                ),
-            ));
-        }
         if self.bus.kafka.message_timeout_ms == 0 {
             // librdkafka reads 0 as "never": a publish would wait forever for a broker.
             return Err(invalid(
@@ -439,14 +425,10 @@ impl Config {
                 "must be at least 100",
             ));
         }
-        if conv.bot_timeout_ms == 0 || conv.bot_timeout_ms >= self.consumer.handler_timeout_ms {
+        if conv.bot_timeout_ms == 0 {
             return Err(invalid(
                 "workers.conversation.bot_timeout_ms",
-                format!(
-                    "must be at least 1 and under consumer.handler_timeout_ms ({} ms), or the \
-                     handler times out first and bot_fallback never applies",
-                    self.consumer.handler_timeout_ms
-                ),
+                "must be at least 1",
             ));
         }
         if self.consumer.lag_interval_ms == 0 {
@@ -646,6 +628,18 @@ impl Config {
         Duration::from_millis(self.consumer.handler_timeout_ms)
     }
 
+    /// The conversation role's settings, its bot call bounded to half the handler timeout: a
+    /// bot call the handler timeout cut short would be retried, never taken as the bot down
+    /// (`bot_fallback` would not apply).
+    pub fn conversation(&self) -> crate::workers::conversation::ConversationConfig {
+        let mut c = self.workers.conversation.clone();
+        c.bot_timeout_ms = c
+            .bot_timeout_ms
+            .min(self.consumer.handler_timeout_ms / 2)
+            .max(1);
+        c
+    }
+
     /// The data directory for embedded stores.
     pub fn data_dir(&self) -> PathBuf {
         PathBuf::from(&self.stores.data_dir)
@@ -837,7 +831,7 @@ mod tests {
 
         // Values that load and then misbehave: refused, naming the key.
         type Set = fn(&mut Config);
-        let cases: [(&str, Set); 7] = [
+        let cases: [(&str, Set); 6] = [
             ("consumer.handler_timeout_ms", |c| {
                 c.consumer.handler_timeout_ms = 0
             }),
@@ -852,16 +846,10 @@ mod tests {
                 c.bus.kafka.message_timeout_ms = 0
             }),
             ("workers.conversation.bot_timeout_ms", |c| {
-                c.workers.conversation.bot_timeout_ms = c.consumer.handler_timeout_ms
+                c.workers.conversation.bot_timeout_ms = 0
             }),
             ("workers.tap.url", |c| {
                 c.workers.tap.url = "ftp://u:s3cret@x/in".into()
-            }),
-            ("consumer.handler_timeout_ms", |c| {
-                c.bus.url = "nats://127.0.0.1:4222".into();
-                c.consumer.handler_timeout_ms = 61_000;
-                c.bus.kafka.handover_wait_ms = 61_000;
-                c.bus.embedded.handover_wait_ms = 61_000;
             }),
         ];
         for (key, set) in cases {

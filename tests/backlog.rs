@@ -174,6 +174,24 @@ struct Rig {
 impl Rig {
     /// A rig on `db` ("" = SQLite), with its scheduler running if `scheduling`.
     async fn start(db: &str, max_attempts: u32, scheduling: bool) -> Rig {
+        let rig = Rig::start_without_dlq(db, max_attempts, scheduling).await;
+        rig.create_dlq().await;
+        rig
+    }
+
+    async fn create_dlq(&self) {
+        self.bus
+            .apply_topic(&TopicSpec {
+                name: format!("{TOPIC}.dlq"),
+                partitions: 1,
+                retention: None,
+            })
+            .await
+            .expect("dlq topic");
+    }
+
+    /// A rig whose dead-letter topic is missing until [`Rig::create_dlq`].
+    async fn start_without_dlq(db: &str, max_attempts: u32, scheduling: bool) -> Rig {
         let dir = tempfile::tempdir().expect("tempdir");
         let target = if db.is_empty() {
             dir.path().join("p.db").display().to_string()
@@ -187,13 +205,6 @@ impl Rig {
         let mut config = nexus::config::Config::defaults().bus;
         config.url = format!("embedded://{}", dir.path().join("bus").display());
         let bus = nexus::bus::connect(&config).await.expect("bus");
-        bus.apply_topic(&TopicSpec {
-            name: format!("{TOPIC}.dlq"),
-            partitions: 1,
-            retention: None,
-        })
-        .await
-        .expect("dlq topic");
         let recorder = Arc::new(Recorder::default());
         let backlog = Backlog::new(provisioning.pool().clone(), "test");
         let policy = RetryPolicy {
@@ -557,6 +568,39 @@ async fn tries_run_out_into_the_dead_letter_topic(db: &str) {
     assert_eq!(back.envelope.event_id, e1.envelope.event_id);
 }
 
+/// A dead letter the dead-letter topic does not take yet is published again later, without
+/// running the effect again: the refused call (a GWS call GWS refused) is not made every few
+/// seconds while the topic is down (before, each retry of the publish re-ran the effect).
+async fn a_failed_dead_letter_publish_does_not_run_the_effect_again(db: &str) {
+    let rig = Rig::start_without_dlq(db, 2, true).await;
+    let r = &rig.recorder;
+    r.fail("d1", u32::MAX);
+    rig.handle("d", "d1").await;
+    rig.handle("d", "d2").await;
+    eventually("both tries of d1", || r.tries("d1") >= 2).await;
+    // The publish fails (no topic) and is tried again 5 s later; the topic is there by then.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    rig.create_dlq().await;
+    eventually("d2 runs once d1 is dead-lettered", || {
+        r.applied_to("d") == ["d2"]
+    })
+    .await;
+    assert_eq!(r.tries("d1"), 2, "the effect ran only for its two tries");
+    let dead = rig.dead_letters().await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(
+        dead[0].header(headers::DLQ_REASON),
+        Some("retries_exhausted")
+    );
+    assert!(
+        dead[0]
+            .header(headers::DLQ_ERROR)
+            .is_some_and(|e| e.contains("d1 is failing")),
+        "{:?}",
+        dead[0].headers
+    );
+}
+
 /// A panic in a backlogged try is a bug the event would meet on every try: it is
 /// dead-lettered as on the consumer's lanes, and the conversation goes on.
 async fn a_panicking_effect_is_dead_lettered(db: &str) {
@@ -632,6 +676,7 @@ on_both_databases!(
     a_lost_lease_changes_nothing,
     tries_run_out_into_the_dead_letter_topic,
     a_panicking_effect_is_dead_lettered,
+    a_failed_dead_letter_publish_does_not_run_the_effect_again,
     failures_that_say_nothing_about_the_event_do_not_count,
     a_retry_later_time_is_kept,
     a_deferred_effect_runs_when_it_asked,

@@ -32,7 +32,8 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use super::halt::Halt;
 use super::{
-    dlq_topic, headers, Bus, BusError, Delivery, Message, OutRecord, StartFrom, SubscribeOptions,
+    dlq_topic, headers, Bus, BusError, Delivery, Message, OutRecord, Published, StartFrom,
+    SubscribeOptions,
 };
 use crate::config::{ConsumerConfig, StartFromConfig};
 use crate::events::{self, Event};
@@ -437,6 +438,9 @@ fn backoff(o: &ConsumerOptions, attempt: u32) -> Duration {
 /// The longest an in-place retry waits for a `RetryLater` time.
 const LONGEST_IN_PLACE_WAIT: Duration = Duration::from_secs(300);
 
+/// How often a record waiting to retry looks whether its partition is being given away.
+const REVOKE_POLL: Duration = Duration::from_millis(250);
+
 /// How long a lane waits before trying an event again after try `attempt` failed, the handler
 /// having asked for `asked` (zero: no time named); and whether the try counts toward the
 /// backoff. A wait that says nothing about the event (`counts` false: a peer down for
@@ -481,8 +485,9 @@ async fn run_lane(ctx: Arc<LaneContext>, mut rx: mpsc::Receiver<Delivery>) {
 async fn process(ctx: &LaneContext, delivery: Delivery) {
     let started = Instant::now();
     let msg = &delivery.message;
-    if delivery.revoked() {
-        // Queued here before a rebalance gave its partition away: the next owner has it.
+    if delivery.revoking() {
+        // Queued here before a rebalance gave its partition away (or while it does): the
+        // next owner has it.
         debug!(
             partition = msg.partition,
             offset = msg.offset,
@@ -598,13 +603,23 @@ async fn handle_with_retry(
             attempt -= 1;
         }
         warn!(attempt, error = %failure, retry_in_ms = wait.as_millis() as u64, "handler failed; retrying");
-        tokio::select! {
-            _ = ctx.stop.fired() => return None,
-            _ = tokio::time::sleep(wait) => {}
-        }
-        if delivery.revoked() {
-            ctx.metrics.revoked.increment(1);
-            return None;
+        // Looked at while waiting, not only after: a partition given away meanwhile is left
+        // to its next owner now, not after a wait of up to minutes (that a revoke would wait
+        // for, the record being under way).
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            if delivery.revoking() {
+                ctx.metrics.revoked.increment(1);
+                return None;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= until {
+                break;
+            }
+            tokio::select! {
+                _ = ctx.stop.fired() => return None,
+                _ = tokio::time::sleep((until - now).min(REVOKE_POLL)) => {}
+            }
         }
     }
 }
@@ -666,20 +681,15 @@ async fn dead_letter(
     detail: &str,
 ) -> Result<(), ()> {
     let msg = &delivery.message;
-    let mut record = dead_letter_record(msg, &ctx.group, reason, detail);
+    let record = dead_letter_record(msg, &ctx.group, reason, detail);
     let dlq = dlq_topic(&msg.topic);
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match ctx.bus.publish(&dlq, record.clone()).await {
+        match publish_dead_letter(ctx.bus.as_ref(), &dlq, record.clone()).await {
             Ok(p) => {
                 warn!(reason, dlq = %dlq, dlq_partition = p.partition, dlq_offset = p.offset, "event dead-lettered");
                 return Ok(());
-            }
-            Err(BusError::TooLarge(e)) if !record.payload.is_empty() => {
-                warn!(error = %e, dlq = %dlq, "the dead-letter copy is too large; written without its payload");
-                record = without_payload(record);
-                continue;
             }
             Err(e) => {
                 let wait = backoff(&ctx.options, attempt);
@@ -694,6 +704,22 @@ async fn dead_letter(
             ctx.metrics.revoked.increment(1);
             return Err(());
         }
+    }
+}
+
+/// Publishes a dead-letter record; one the broker refuses as too large (the source record
+/// fitted, the failure's headers did not) goes again without its payload.
+pub async fn publish_dead_letter(
+    bus: &dyn Bus,
+    dlq: &str,
+    record: OutRecord,
+) -> Result<Published, BusError> {
+    match bus.publish(dlq, record.clone()).await {
+        Err(BusError::TooLarge(e)) if !record.payload.is_empty() => {
+            warn!(error = %e, dlq = %dlq, "the dead-letter copy is too large; written without its payload");
+            bus.publish(dlq, without_payload(record)).await
+        }
+        other => other,
     }
 }
 

@@ -196,6 +196,14 @@ impl Delivery {
     pub fn revoked(&self) -> bool {
         self.acker.revoked()
     }
+
+    /// Whether the record's partition is being given away, or was ([`Delivery::revoked`]):
+    /// a record not started yet, or waiting between tries, is then dropped unacked, so the
+    /// hand-over (which waits for records under way) need not wait for it. Kafka tells it from
+    /// the start of a revoke; the other backends when the partition moved.
+    pub fn revoking(&self) -> bool {
+        self.acker.revoking()
+    }
 }
 
 /// Backend side of [`Delivery::ack`] and [`Delivery::revoked`].
@@ -206,6 +214,11 @@ pub trait Acker: Send + Sync {
     /// See [`Delivery::revoked`]; a tail's records are never revoked.
     fn revoked(&self) -> bool {
         false
+    }
+
+    /// See [`Delivery::revoking`].
+    fn revoking(&self) -> bool {
+        self.revoked()
     }
 }
 

@@ -89,7 +89,7 @@ pub fn handler_for(
                     deps.bus.clone(),
                     sessions,
                     deps.provisioning.clone(),
-                    config.workers.conversation.clone(),
+                    config.conversation(),
                     crate::http_client::build(&config.http_client).map_err(|e| {
                         WorkerError::Config {
                             role: role.to_string(),

@@ -1026,3 +1026,88 @@ async fn a_consumer_leaves_queued_records_of_a_moved_partition() {
         .collect();
     assert_eq!(all, want, "every record handled once (A: {handled:?})");
 }
+
+/// A record waiting minutes to retry (a peer asked for later) is left to the next owner as soon
+/// as its partition moves, instead of at the end of its wait: the new member reads it within
+/// moments, not after the hand-over wait (the test's 20 s), and the old member tries it no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_waiting_to_retry_is_left_when_its_partition_moves() {
+    use crate::bus::consumer::{Consumer, ConsumerOptions, HandleError, Handler};
+    use crate::events::{encode, Event};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio_util::sync::CancellationToken;
+
+    struct Later(AtomicUsize);
+    #[async_trait::async_trait]
+    impl Handler for Later {
+        async fn handle(&self, _e: &Event, _m: &Message) -> Result<(), HandleError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Err(HandleError::RetryLater {
+                reason: "the peer asked for a minute".into(),
+                not_before_ms: chrono::Utc::now().timestamp_millis() + 60_000,
+                counts: false,
+            })
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let bus: Arc<dyn Bus> = Arc::new(open_with_handover(dir.path(), Duration::from_secs(20)));
+    bus.apply_topic(&TopicSpec {
+        name: "t".into(),
+        partitions: 2,
+        retention: None,
+    })
+    .await
+    .unwrap();
+    for p in 0..2u32 {
+        let k = crate::bus::partitioner::key_in(p, 2, "k");
+        let body = crate::events::chat::TypingIndicated {
+            participant_id: "p".into(),
+            participant_kind: crate::events::chat::ParticipantKind::Customer,
+            state: crate::events::chat::TypingState::Started,
+            preview: None,
+            transcript_position: None,
+        };
+        let event = Event::typed(&body, "t1", &k, "test").unwrap();
+        bus.publish("t", OutRecord::new(k, encode(&event).unwrap()))
+            .await
+            .unwrap();
+    }
+    let handler = Arc::new(Later(AtomicUsize::new(0)));
+    let options = ConsumerOptions {
+        concurrency: 2,
+        max_in_flight: 16,
+        handler_timeout: Duration::from_secs(30),
+        retry_initial: Duration::from_millis(10),
+        retry_max: Duration::from_millis(100),
+        lag_interval: Duration::from_secs(5),
+        start: StartFrom::Earliest,
+    };
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(
+        Consumer::new(bus.clone(), "g", "t", options).run(handler.clone(), stop.clone()),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while handler.0.load(Ordering::SeqCst) < 2 {
+        assert!(std::time::Instant::now() < deadline, "both records tried");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut b = bus
+        .subscribe("g", "t", SubscribeOptions::default())
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(3), b.next())
+        .await
+        .expect("the moved partition's waiting record comes to the new member at once")
+        .expect("open")
+        .expect("delivery");
+    assert_eq!(got.message.offset, 0);
+    assert_eq!(
+        handler.0.load(Ordering::SeqCst),
+        2,
+        "nothing is tried again while the minute runs"
+    );
+    stop.cancel();
+    run.await.unwrap().unwrap();
+}

@@ -174,6 +174,9 @@ struct PartTrack {
     /// True while this ownership lasts (cleared when the track is dropped): deliveries hold
     /// it, so `revoked` is a load instead of a lock shared with the member thread.
     owned: Arc<AtomicBool>,
+    /// Set with `revoking`, for deliveries: one not started yet, or waiting to retry, is
+    /// dropped at once instead of holding the revoke for the whole hand-over wait.
+    moving: Arc<AtomicBool>,
 }
 
 impl PartTrack {
@@ -186,6 +189,7 @@ impl PartTrack {
             committed: None,
             synced: None,
             owned: Arc::new(AtomicBool::new(true)),
+            moving: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -322,13 +326,16 @@ impl Tracker {
     /// Marks a queued record as handed out and returns its ownership's flag (see
     /// [`PartTrack::owned`]; a revoke in progress still owns the partition: its hand-over wait
     /// lets handed-out records finish); `None` if the ownership ended meanwhile.
-    fn hand_out(&self, partition: i32, offset: i64, epoch: u64) -> Option<Arc<AtomicBool>> {
+    fn hand_out(&self, partition: i32, offset: i64, epoch: u64) -> Option<Ownership> {
         let mut parts = lock(&self.parts);
         match parts.get_mut(&partition) {
             Some(t) if t.epoch == epoch && !t.revoking => match t.pending.get_mut(offset) {
                 Some(slot) if *slot == Slot::Queued => {
                     *slot = Slot::Out;
-                    Some(Arc::clone(&t.owned))
+                    Some(Ownership {
+                        owned: Arc::clone(&t.owned),
+                        moving: Arc::clone(&t.moving),
+                    })
                 }
                 _ => None,
             },
@@ -455,6 +462,7 @@ impl Tracker {
             for p in &revoked {
                 if let Some(t) = parts.get_mut(p) {
                     t.revoking = true;
+                    t.moving.store(true, Ordering::Release);
                 }
             }
         }
@@ -563,12 +571,18 @@ impl ConsumerContext for MemberContext {
 }
 
 /// Backend side of a delivery's ack.
+/// A delivery's view of its partition's ownership.
+struct Ownership {
+    owned: Arc<AtomicBool>,
+    moving: Arc<AtomicBool>,
+}
+
 struct KafkaAcker {
     tracker: Arc<Tracker>,
     partition: i32,
     offset: i64,
     epoch: u64,
-    owned: Arc<AtomicBool>,
+    ownership: Ownership,
     settled: bool,
 }
 
@@ -586,7 +600,12 @@ impl Acker for KafkaAcker {
     }
 
     fn revoked(&self) -> bool {
-        !self.owned.load(Ordering::Acquire)
+        !self.ownership.owned.load(Ordering::Acquire)
+    }
+
+    /// From the start of a revoke: it waits for the records under way, not for these.
+    fn revoking(&self) -> bool {
+        self.ownership.moving.load(Ordering::Acquire) || self.revoked()
     }
 }
 
@@ -666,7 +685,7 @@ impl KafkaSubscription {
     fn take_buffered(&mut self) -> Option<Delivery> {
         while let Some((message, epoch)) = self.buffer.pop_front() {
             let (partition, offset) = (message.partition as i32, message.offset as i64);
-            let Some(owned) = self.tracker.hand_out(partition, offset, epoch) else {
+            let Some(ownership) = self.tracker.hand_out(partition, offset, epoch) else {
                 self.tracker.in_flight.fetch_sub(1, Ordering::AcqRel);
                 continue;
             };
@@ -675,7 +694,7 @@ impl KafkaSubscription {
                 partition,
                 offset,
                 epoch,
-                owned,
+                ownership,
                 settled: false,
             };
             return Some(Delivery::new(message, Box::new(acker)));

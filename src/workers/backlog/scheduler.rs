@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
 use super::{now_ms, Backlog, Effect, Failure, Item, RetryPolicy, EXHAUSTED};
-use crate::bus::consumer::{dead_letter_record, panic_rejected, HandleError};
+use crate::bus::consumer::{dead_letter_record, panic_rejected, publish_dead_letter, HandleError};
 use crate::bus::{dlq_topic, Bus};
 use crate::events;
 use crate::telemetry::metrics as m;
@@ -179,6 +179,9 @@ impl<E: Effect> Scheduler<E> {
     /// One try of the head; whether it is settled (applied or dead-lettered) and out, and
     /// this pod still owns the conversation.
     async fn try_once(&self, item: &Item) -> bool {
+        if let Some((reason, detail)) = item.pending_dead_letter() {
+            return self.dead_letter(item, reason, detail).await;
+        }
         let outcome = match events::decode_lazy(&item.message.payload) {
             Err(e) => Err(HandleError::Reject {
                 reason: e.reason_code(),
@@ -259,23 +262,22 @@ impl<E: Effect> Scheduler<E> {
         }
     }
 
-    /// Sets the head aside on the source topic's dead-letter topic, then takes it out.
-    async fn dead_letter(&self, item: &Item, reason: &'static str, detail: &str) -> bool {
+    /// Sets the head aside on the source topic's dead-letter topic, then takes it out. A
+    /// publish that fails is tried again later, the item marked settled so that only the
+    /// publish is (see [`Item::pending_dead_letter`]).
+    async fn dead_letter(&self, item: &Item, reason: &str, detail: &str) -> bool {
         let record = dead_letter_record(&item.message, &self.group, reason, detail);
         let dlq = dlq_topic(&item.message.topic);
-        if let Err(e) = self.bus.publish(&dlq, record).await {
+        if let Err(e) = publish_dead_letter(self.bus.as_ref(), &dlq, record).await {
             let due = now_ms().saturating_add(DEAD_LETTER_RETRY_MS);
-            if let Err(e) = self
-                .backlog
-                .reschedule(item, due, &e.to_string(), false)
-                .await
-            {
+            let pending = Item::pending_dead_letter_error(reason, detail);
+            if let Err(e) = self.backlog.reschedule(item, due, &pending, false).await {
                 self.failed("reschedule", &e);
             }
-            warn!(error = %e, dlq = %dlq, "the dead-letter topic did not take a backlogged event; tried again later");
+            warn!(error = %e, dlq = %dlq, "the dead-letter topic did not take a backlogged event; its publish is tried again later");
             return false;
         }
-        metrics::counter!(m::EVENTS_DEAD_LETTERED_TOTAL, "topic" => item.message.topic.clone(), "group" => self.group.clone(), "reason" => reason).increment(1);
+        metrics::counter!(m::EVENTS_DEAD_LETTERED_TOTAL, "topic" => item.message.topic.clone(), "group" => self.group.clone(), "reason" => reason.to_string()).increment(1);
         self.count("dead_lettered");
         warn!(reason, detail, dlq = %dlq, "backlogged event dead-lettered; its conversation goes on");
         // Not removed (lease lost, store down): published again later, so the dead-letter

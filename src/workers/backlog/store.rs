@@ -34,6 +34,30 @@ pub struct Item {
     pub attempts: i64,
     /// This pod's lease end while it drives the item (the value its claim wrote).
     pub lease_until_ms: i64,
+    /// The last try's error as stored (see [`Item::pending_dead_letter`]).
+    pub last_error: Option<String>,
+}
+
+/// How `last_error` marks an item already settled as a dead letter whose publish failed:
+/// `dead-letter pending [<reason>] <detail>`.
+const PENDING_DEAD_LETTER: &str = "dead-letter pending [";
+
+impl Item {
+    /// The error to store for an item settled as a dead letter (`reason`, `detail`) that the
+    /// dead-letter topic did not take yet.
+    pub fn pending_dead_letter_error(reason: &str, detail: &str) -> String {
+        format!("{PENDING_DEAD_LETTER}{reason}] {detail}")
+    }
+
+    /// `(reason, detail)` when the item was settled as a dead letter and only its publish is
+    /// left: the effect is not run again (a refused GWS call is not made again every few
+    /// seconds while the dead-letter topic is down).
+    pub fn pending_dead_letter(&self) -> Option<(&str, &str)> {
+        self.last_error
+            .as_deref()?
+            .strip_prefix(PENDING_DEAD_LETTER)?
+            .split_once("] ")
+    }
 }
 
 /// What identifies a queued event.
@@ -54,7 +78,7 @@ pub struct Depth {
 const COLUMNS: &str = "role, tenant_id, conversation_id, seq, event_id, topic, source_partition, \
     source_offset, record_key, payload, headers_json, due_at_ms, attempts, last_error, created_at_ms";
 const RETURNED: &str = "tenant_id, conversation_id, event_id, topic, source_partition, \
-    source_offset, record_key, payload, headers_json, attempts, due_at_ms, created_at_ms";
+    source_offset, record_key, payload, headers_json, attempts, due_at_ms, created_at_ms, last_error";
 const CONVERSATION: &str = "role = $1 AND tenant_id = $2 AND conversation_id = $3";
 /// The head of its conversation: no earlier row in the same queue.
 const HEAD: &str = "NOT EXISTS (SELECT 1 FROM effect_backlog p WHERE p.role = b.role \
@@ -384,6 +408,7 @@ fn item_of(row: &AnyRow) -> Result<Item, BacklogError> {
         },
         attempts: row.try_get("attempts")?,
         lease_until_ms: row.try_get("due_at_ms")?,
+        last_error: row.try_get("last_error")?,
         event_id,
     })
 }
