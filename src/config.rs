@@ -444,17 +444,28 @@ impl Config {
                 "set both tls_cert_file and tls_key_file, or neither",
             ));
         }
-        for (key, path) in [
-            ("http.tls_cert_file", &self.http.tls_cert_file),
-            ("http.tls_key_file", &self.http.tls_key_file),
-            ("http_client.ca_file", &self.http_client.ca_file),
-            ("bus.ca_file", &self.bus.ca_file),
-            ("bus.client_cert_file", &self.bus.client_cert_file),
-            ("bus.client_key_file", &self.bus.client_key_file),
+        // Read now: a wrong file is refused naming its key, not when a listener or client
+        // first uses it (after consumers started).
+        for (key, path, is_key) in [
+            ("http.tls_cert_file", &self.http.tls_cert_file, false),
+            ("http.tls_key_file", &self.http.tls_key_file, true),
+            ("http_client.ca_file", &self.http_client.ca_file, false),
+            ("bus.ca_file", &self.bus.ca_file, false),
+            ("bus.client_cert_file", &self.bus.client_cert_file, false),
+            ("bus.client_key_file", &self.bus.client_key_file, true),
         ] {
-            if !path.is_empty() && !Path::new(path).is_file() {
+            if path.is_empty() {
+                continue;
+            }
+            if !Path::new(path).is_file() {
                 return Err(invalid(key, format!("file `{path}` does not exist")));
             }
+            let read = if is_key {
+                crate::tls::check_key(Path::new(path))
+            } else {
+                crate::tls::read_pem(Path::new(path)).map(|_| ())
+            };
+            read.map_err(|e| invalid(key, e.to_string()))?;
         }
         if self.http.max_body_bytes == 0 {
             return Err(invalid("http.max_body_bytes", "must be at least 1"));
@@ -830,6 +841,39 @@ mod tests {
         assert!(e.contains("bus.url"), "{e}");
 
         // Values that load and then misbehave: refused, naming the key.
+        // A file that is not what its key wants: refused at load, naming the key.
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p.display().to_string()
+        };
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let cert = write("cert.pem", &made.cert.pem());
+        let key = write("key.pem", &made.key_pair.serialize_pem());
+        let junk = write("junk.pem", "hello");
+        let mut c = Config::defaults();
+        (c.http.tls_cert_file, c.http.tls_key_file) = (cert.clone(), key.clone());
+        c.validate().expect("a certificate and its key");
+        for (want, cert_file, key_file) in [
+            ("http.tls_cert_file", &junk, &key),
+            ("http.tls_cert_file", &key, &key),
+            ("http.tls_key_file", &cert, &cert),
+            ("http.tls_key_file", &cert, &junk),
+        ] {
+            let mut c = Config::defaults();
+            (c.http.tls_cert_file, c.http.tls_key_file) = (cert_file.clone(), key_file.clone());
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        let mut c = Config::defaults();
+        c.bus.ca_file = junk.clone();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("bus.ca_file"));
+
         type Set = fn(&mut Config);
         let cases: [(&str, Set); 6] = [
             ("consumer.handler_timeout_ms", |c| {

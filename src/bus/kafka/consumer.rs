@@ -449,6 +449,27 @@ impl Tracker {
         );
     }
 
+    /// Ends, as lost, the ownership of every partition not in `assigned`.
+    fn keep_only(&self, assigned: &TopicPartitionList) {
+        let kept: HashSet<i32> = assigned
+            .elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        let _commits = lock(&self.commit_lock);
+        lock(&self.owners).retain(|p, _| kept.contains(p));
+        let mut parts = lock(&self.parts);
+        let lost: Vec<i32> = parts
+            .keys()
+            .filter(|p| !kept.contains(p))
+            .copied()
+            .collect();
+        if !lost.is_empty() {
+            warn!(topic = %self.topic, group = %self.group, partitions = ?lost, "partitions unassigned by a rebalance error; taken as lost, not committing");
+            parts.retain(|p, _| kept.contains(p));
+        }
+    }
+
     fn on_revoke(&self, consumer: &Member, tpl: &TopicPartitionList) {
         let revoked: HashSet<i32> = tpl
             .elements_for_topic(&self.topic)
@@ -568,15 +589,30 @@ impl ConsumerContext for MemberContext {
             }
         }
     }
+
+    /// After a failed rebalance librdkafka has unassigned partitions it names to nobody here:
+    /// the ones no longer assigned end as lost (nothing committed, their records left to the
+    /// next owner), or their acks would commit over the next owner's position.
+    fn post_rebalance(&self, consumer: &Member, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Error(_) = rebalance {
+            match consumer.assignment() {
+                Ok(tpl) => self.tracker.keep_only(&tpl),
+                Err(e) => {
+                    warn!(topic = %self.tracker.topic, group = %self.tracker.group, error = %e, "assignment unknown after a rebalance error; every partition taken as lost");
+                    self.tracker.keep_only(&TopicPartitionList::new());
+                }
+            }
+        }
+    }
 }
 
-/// Backend side of a delivery's ack.
 /// A delivery's view of its partition's ownership.
 struct Ownership {
     owned: Arc<AtomicBool>,
     moving: Arc<AtomicBool>,
 }
 
+/// Backend side of a delivery's ack.
 struct KafkaAcker {
     tracker: Arc<Tracker>,
     partition: i32,
@@ -1175,6 +1211,41 @@ mod tests {
         assert_eq!(
             tracker.in_flight.load(std::sync::atomic::Ordering::Acquire),
             1
+        );
+    }
+
+    /// Partitions a rebalance error unassigned end as lost: their deliveries read revoked and
+    /// nothing of them is committed any more; the ones still assigned stay.
+    #[test]
+    fn a_rebalance_error_ends_the_partitions_it_unassigned() {
+        use rdkafka::TopicPartitionList;
+        use std::sync::atomic::Ordering;
+        use std::sync::Arc;
+        let tracker = super::Tracker::new("t", "g", std::time::Duration::from_secs(1));
+        let mut owned = Vec::new();
+        for p in 0..2 {
+            let mut track = PartTrack::new(p as u64);
+            assert!(track.pending.insert(5, Slot::Acked));
+            owned.push(Arc::clone(&track.owned));
+            tracker.parts.lock().unwrap().insert(p, track);
+            tracker.owners.lock().unwrap().insert(p, p as u64);
+        }
+        let mut still = TopicPartitionList::new();
+        still.add_partition("t", 1);
+        tracker.keep_only(&still);
+        assert!(!owned[0].load(Ordering::Acquire), "partition 0 lost");
+        assert!(owned[1].load(Ordering::Acquire), "partition 1 kept");
+        let parts = tracker.parts.lock().unwrap();
+        assert_eq!(parts.keys().copied().collect::<Vec<_>>(), vec![1]);
+        assert_eq!(
+            tracker
+                .owners
+                .lock()
+                .unwrap()
+                .keys()
+                .copied()
+                .collect::<Vec<_>>(),
+            vec![1]
         );
     }
 

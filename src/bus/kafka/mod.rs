@@ -33,7 +33,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use super::*;
 use crate::config::BusConfig;
@@ -91,7 +91,10 @@ impl Settings {
             .set("allow.auto.create.topics", "false")
             // Requests are small and pipelined: with Nagle one can wait for the ACK of the one
             // before it.
-            .set("socket.nagle.disable", "true");
+            .set("socket.nagle.disable", "true")
+            // Partitions added by `topology apply` are seen within this (librdkafka's default
+            // is 5 minutes), like JetStream's `partitions_refresh_ms`.
+            .set("topic.metadata.refresh.interval.ms", "30000");
         let k = &self.config.kafka;
         let sasl = !k.sasl_mechanism.is_empty();
         let protocol = match (self.tls, sasl) {
@@ -203,12 +206,15 @@ impl KafkaBus {
         lock(&self.partitions).remove(topic);
     }
 
-    /// Partitions of `topic` from fresh metadata; `None` if the topic does not exist.
+    /// Partitions of `topic` from fresh metadata; `None` if the topic does not exist. Asked
+    /// through the producer's client: the answer updates that client's view too, so a key
+    /// placed on a partition just added is one the producer knows (it refuses a partition past
+    /// its own count, and on its own looks again only every metadata refresh interval).
     async fn fetch_partition_count(&self, topic: &str) -> Result<Option<u32>, BusError> {
-        let meta = Arc::clone(&self.meta);
+        let producer = self.producer.clone();
         let name = topic.to_string();
         blocking(move || {
-            let md = meta
+            let md = producer
                 .client()
                 .fetch_metadata(Some(&name), REQUEST_TIMEOUT)
                 .map_err(map_err)?;
