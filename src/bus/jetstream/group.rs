@@ -827,6 +827,11 @@ async fn fetch_loop(bus: &Arc<Inner>, g: &Arc<Group>, slot: &Arc<Slot>) -> Optio
     let timing = *g.timing();
     // Looked up again after a failed pull: the consumer may have been replaced or lost.
     let mut current: Option<Consumer<pull::Config>> = None;
+    // The consumer sequence of the last delivery read: the server numbers every delivery of
+    // the consumer, and this member is its only puller, so a jump means deliveries made to it
+    // never arrived (a reconnect mid-batch). The server counts those as delivered and sends
+    // them again only after the ack wait, behind later records of their keys.
+    let mut delivered: Option<u64> = None;
     loop {
         if slot.is_lost() {
             return Some(WorkerEnd::Lost);
@@ -837,7 +842,10 @@ async fn fetch_loop(bus: &Arc<Inner>, g: &Arc<Group>, slot: &Arc<Slot>) -> Optio
         let consumer = match current.take() {
             Some(c) => c,
             None => match ensure_consumer(bus, g, slot.partition).await {
-                Ok(c) => c,
+                Ok(c) => {
+                    delivered = Some(c.cached_info().delivered.consumer_sequence);
+                    c
+                }
                 Err(BusError::UnknownTopic(t)) => {
                     return Some(WorkerEnd::Fatal(BusError::UnknownTopic(t)))
                 }
@@ -899,11 +907,25 @@ async fn fetch_loop(bus: &Arc<Inner>, g: &Arc<Group>, slot: &Arc<Slot>) -> Optio
             }
         };
         let mut stale = false;
+        let mut gap = false;
         // A pull request is always read to its end: records it brings after an early stop
         // would sit unacked until ack wait and could overtake records the next owner gets.
         while let Some(item) = batch.next().await {
             match item {
+                Ok(_) if gap => {}
                 Ok(m) => {
+                    let seq = m.info().map(|i| i.consumer_sequence).ok();
+                    if let (Some(seq), Some(last)) = (seq, delivered) {
+                        if seq != last + 1 {
+                            warn!(
+                                partition = slot.partition, expected = last + 1, got = seq,
+                                "deliveries lost in transit; restarting the partition at its ack floor"
+                            );
+                            gap = true;
+                            continue;
+                        }
+                    }
+                    delivered = seq;
                     let permit = permits.split(1);
                     hand_out(g, slot, m, permit).await;
                 }
@@ -916,6 +938,16 @@ async fn fetch_loop(bus: &Arc<Inner>, g: &Arc<Group>, slot: &Arc<Slot>) -> Optio
                     pause(slot, RETRY_PAUSE).await;
                 }
             }
+        }
+        if gap {
+            // From the floor, the lost records come first again, in order; records under way
+            // here are recognised when they come again (see `hand_out`).
+            drop(permits);
+            if let Err(e) = start_at_ack_floor(bus, g, slot.partition).await {
+                warn!(partition = slot.partition, error = %e, "cannot reset the partition to its ack floor");
+                return Some(WorkerEnd::Failed);
+            }
+            stale = true;
         }
         if stale {
             current = None;

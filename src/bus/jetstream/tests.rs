@@ -479,6 +479,88 @@ async fn a_slow_handler_is_not_overtaken_by_its_own_redelivery() {
     sub.close().await.expect("close");
 }
 
+/// Deliveries made to a member that never reached it (simulated: another client pulls two
+/// records from the member's consumer and drops them) are noticed by the gap in the consumer
+/// sequence: the member restarts the partition at its ack floor, so the lost records come
+/// first, in order, instead of after the ack wait behind a later record of their key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_lost_in_transit_come_again_in_order() {
+    let Some(config) = test_config() else { return };
+    let bus = connect(&config).await;
+    let topic = fresh_topic(&bus, 1).await;
+    let stream = stream_name(&topic);
+    let options = SubscribeOptions {
+        max_in_flight: 2,
+        ..SubscribeOptions::default()
+    };
+    let mut sub = bus
+        .subscribe("gap", &topic, options)
+        .await
+        .expect("subscribe");
+    for n in 0..2 {
+        bus.publish(&topic, OutRecord::new("k", format!("k:{n}")))
+            .await
+            .expect("publish");
+    }
+    // The member holds both: no permit left, so it pulls nothing more meanwhile.
+    let held = [
+        next(&mut sub, WAIT).await.expect("k:0"),
+        next(&mut sub, WAIT).await.expect("k:1"),
+    ];
+    assert_eq!(seq_of(&held[1].message), 1);
+    // Its last pull request has expired (a second at most); the other client may take more
+    // than the member's in-flight bound.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let name = consumer_name(&group_key("gap").expect("group key"), 0);
+    let info = bus
+        .consumer_info(&stream, &name)
+        .await
+        .expect("info")
+        .expect("the member's consumer");
+    use async_nats::jetstream::consumer::FromConsumer;
+    let mut wider = pull::Config::try_from_consumer_config(info.config).expect("pull");
+    wider.max_ack_pending = 100;
+    bus.js
+        .update_consumer_on_stream(wider, &stream)
+        .await
+        .expect("widen");
+    for n in 2..5 {
+        bus.publish(&topic, OutRecord::new("k", format!("k:{n}")))
+            .await
+            .expect("publish");
+    }
+    let thief: jetstream::consumer::PullConsumer = bus
+        .js
+        .get_consumer_from_stream(&name, &stream)
+        .await
+        .expect("consumer");
+    let mut stolen = thief
+        .fetch()
+        .max_messages(2)
+        .messages()
+        .await
+        .expect("fetch");
+    let mut lost = Vec::new();
+    while let Some(m) = stolen.next().await {
+        lost.push(String::from_utf8_lossy(&m.expect("message").payload).to_string());
+    }
+    assert_eq!(lost, ["k:2", "k:3"], "taken from the member and dropped");
+    for d in held {
+        d.ack().await.expect("ack");
+    }
+    // Well inside the ack wait's redelivery of k:2 and k:3 (1.5 s), they come first.
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let d = next(&mut sub, Duration::from_millis(1200))
+            .await
+            .unwrap_or_else(|| panic!("only {got:?} came"));
+        got.push(seq_of(&d.message));
+        d.ack().await.expect("ack");
+    }
+    assert_eq!(got, [2, 3, 4]);
+    sub.close().await.expect("close");
+}
+
 /// A lease renewal the server applied but whose reply was lost (simulated: the member's own id
 /// written again behind its back) does not cost the member its partition: it takes the newer
 /// revision as its own and goes on renewing.
