@@ -556,6 +556,59 @@ impl Tracker {
 /// librdkafka callbacks of one member; they run on the member thread inside `poll`.
 pub(super) struct MemberContext {
     tracker: Arc<Tracker>,
+    /// The group starts at the log end (`bus.start_from = latest`).
+    start_latest: bool,
+}
+
+impl MemberContext {
+    /// Commits the log end for assigned partitions the group never committed on, before
+    /// their first record, when the group starts at `latest`. librdkafka resolves `latest` at
+    /// the first fetch and keeps it nowhere until the first ack: a member restarting before
+    /// that would start at the new end, skipping what was published meanwhile, and lag would
+    /// count the whole log. (The embedded log commits its end at join the same way.)
+    fn place_at_end(&self, consumer: &Member, tpl: &TopicPartitionList) {
+        let t = &self.tracker;
+        let mut asked = TopicPartitionList::new();
+        for e in tpl.elements_for_topic(&t.topic) {
+            asked.add_partition(&t.topic, e.partition());
+        }
+        let committed = match consumer.committed_offsets(asked, super::REQUEST_TIMEOUT) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(topic = %t.topic, group = %t.group, error = %e, "committed offsets unknown at assign; a new partition starts where librdkafka resolves latest");
+                return;
+            }
+        };
+        let mut place = TopicPartitionList::new();
+        for e in committed.elements_for_topic(&t.topic) {
+            if e.offset() != Offset::Invalid {
+                continue;
+            }
+            match consumer.fetch_watermarks(&t.topic, e.partition(), super::REQUEST_TIMEOUT) {
+                Ok((_, high)) => {
+                    if let Err(err) =
+                        place.add_partition_offset(&t.topic, e.partition(), Offset::Offset(high))
+                    {
+                        warn!(topic = %t.topic, error = %err, "cannot place a partition at its end");
+                    }
+                }
+                Err(err) => {
+                    warn!(topic = %t.topic, partition = e.partition(), error = %err, "log end unknown at assign")
+                }
+            }
+        }
+        if place.count() == 0 {
+            return;
+        }
+        match consumer.commit(&place, CommitMode::Sync) {
+            Ok(()) => {
+                info!(topic = %t.topic, group = %t.group, partitions = place.count(), "group placed at the log end")
+            }
+            Err(e) => {
+                warn!(topic = %t.topic, group = %t.group, error = %e, "placing the group at the log end failed")
+            }
+        }
+    }
 }
 
 impl ClientContext for MemberContext {}
@@ -582,7 +635,12 @@ impl ConsumerContext for MemberContext {
     // another member can be given it.
     fn pre_rebalance(&self, consumer: &Member, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Assign(tpl) => self.tracker.on_assign(tpl),
+            Rebalance::Assign(tpl) => {
+                if self.start_latest {
+                    self.place_at_end(consumer, tpl);
+                }
+                self.tracker.on_assign(tpl)
+            }
             Rebalance::Revoke(tpl) => self.tracker.on_revoke(consumer, tpl),
             Rebalance::Error(e) => {
                 warn!(topic = %self.tracker.topic, group = %self.tracker.group, error = %e, "rebalance error")
@@ -767,6 +825,7 @@ impl KafkaSubscription {
         ));
         let context = MemberContext {
             tracker: Arc::clone(&tracker),
+            start_latest: options.start == StartFrom::Latest,
         };
         let consumer: Member = cc
             .create_with_context(context)

@@ -2,7 +2,7 @@
 //! `NEXUS_TEST_KAFKA_BROKERS` (default 127.0.0.1:19092, started by `scripts/services.sh`).
 //! Without the variable and without a broker on the default address the broker tests skip.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::*;
 use crate::config::Config;
@@ -221,6 +221,56 @@ async fn a_dead_member_leaves_unacked_records_to_the_next() {
     again.ack().await.unwrap();
     sub.close().await.unwrap();
     assert_eq!(committed(&bus, &g, &t, 0).await, Some(2));
+}
+
+/// A group starting at `latest` is placed at the log end when it is given a partition, not
+/// at its first ack: a member that leaves before acking anything, and the records published
+/// before the next one joins, are not skipped (before, the next member resolved `latest`
+/// again, past them), and lag counts from there, not the whole log.
+#[tokio::test]
+async fn a_latest_group_is_placed_at_the_end_when_assigned() {
+    let Some(bus) = bus().await else { return };
+    let t = topic(&bus, 1).await;
+    let g = name("g");
+    for i in 0..3 {
+        bus.publish(&t, OutRecord::new("k", format!("old{i}")))
+            .await
+            .unwrap();
+    }
+    let latest = SubscribeOptions {
+        start: StartFrom::Latest,
+        ..SubscribeOptions::default()
+    };
+    let sub = bus.subscribe(&g, &t, latest.clone()).await.unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    while committed(&bus, &g, &t, 0).await.is_none() {
+        assert!(Instant::now() < until, "the group was placed when assigned");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(committed(&bus, &g, &t, 0).await, Some(3));
+    let lag: u64 = bus
+        .group_positions(&g, &t)
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.lag)
+        .sum();
+    assert_eq!(lag, 0, "nothing behind a group that starts at the end");
+    sub.close().await.unwrap();
+    for i in 0..2 {
+        bus.publish(&t, OutRecord::new("k", format!("new{i}")))
+            .await
+            .unwrap();
+    }
+    let mut sub = bus.subscribe(&g, &t, latest).await.unwrap();
+    let d = next(&mut sub).await;
+    assert_eq!(
+        d.message.payload.as_ref(),
+        b"new0",
+        "the first record after the end"
+    );
+    d.ack().await.unwrap();
+    sub.close().await.unwrap();
 }
 
 #[tokio::test]
