@@ -111,7 +111,11 @@ pub struct TopicSpec {
 pub struct TopicInfo {
     pub name: String,
     pub partitions: u32,
+    /// `None` keeps records forever; meaningless when `retention_known` is false.
     pub retention: Option<Duration>,
+    /// False when the broker would not describe the topic's config (a Kafka broker without
+    /// DescribeConfigs, or an ACL refusing it): retention is then not compared or changed.
+    pub retention_known: bool,
 }
 
 /// The offsets of one partition: `low` is the first offset still kept, `high` the next offset

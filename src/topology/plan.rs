@@ -98,7 +98,8 @@ pub fn diff(spec: &TopicSpec, current: Option<&TopicInfo>) -> Change {
     // Compared in milliseconds: backends store retention as ms (Kafka) or ns (JetStream), and
     // a sub-millisecond difference is rounding, not a change to apply forever.
     let ms = |d: Option<Duration>| d.map(|d| d.as_millis());
-    let retention = (ms(current.retention) != ms(spec.retention))
+    // Unknown (the broker would not say) is neither compared nor changed: plan says so.
+    let retention = (current.retention_known && ms(current.retention) != ms(spec.retention))
         .then_some((current.retention, spec.retention));
     if partitions.is_none() && retention.is_none() {
         Change::Unchanged
@@ -193,6 +194,15 @@ impl fmt::Display for TopicPlan {
                 "+ create {name} ({})",
                 describe(self.spec.partitions, self.spec.retention)
             ),
+            Change::Unchanged if self.current.as_ref().is_some_and(|c| !c.retention_known) => {
+                write!(
+                    f,
+                    "  unchanged {name} ({} partitions; retention unknown: the broker cannot \
+                     describe its config, check it is {})",
+                    self.spec.partitions,
+                    format_duration(self.spec.retention)
+                )
+            }
             Change::Unchanged => write!(
                 f,
                 "  unchanged {name} ({})",
@@ -281,6 +291,7 @@ mod tests {
             name: "t".into(),
             partitions,
             retention: secs.map(Duration::from_secs),
+            retention_known: true,
         };
         assert_eq!(diff(&spec, None), Change::Create);
         assert_eq!(diff(&spec, Some(&info(4, Some(60)))), Change::Unchanged);
@@ -302,6 +313,17 @@ mod tests {
         let mut close = info(4, Some(60));
         close.retention = Some(Duration::from_nanos(60_000_000_400));
         assert_eq!(diff(&spec, Some(&close)), Change::Unchanged);
+        // A retention the broker would not describe is not taken for "forever".
+        let mut unknown = info(4, None);
+        unknown.retention_known = false;
+        assert_eq!(diff(&spec, Some(&unknown)), Change::Unchanged);
+        let line = TopicPlan {
+            spec: spec.clone(),
+            current: Some(unknown),
+            change: Change::Unchanged,
+        }
+        .to_string();
+        assert!(line.contains("retention unknown"), "{line}");
     }
 
     #[tokio::test]

@@ -428,6 +428,7 @@ impl Bus for EmbeddedBus {
                 name: topic.to_string(),
                 partitions: t.partitions.len() as u32,
                 retention: t.retention,
+                retention_known: true,
             })),
             Err(BusError::UnknownTopic(_)) => Ok(None),
             Err(e) => Err(e),

@@ -915,6 +915,7 @@ impl Bus for JetStreamBus {
             name: topic.to_string(),
             partitions: meta.partitions,
             retention: (!meta.config.max_age.is_zero()).then_some(meta.config.max_age),
+            retention_known: true,
         }))
     }
 

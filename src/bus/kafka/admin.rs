@@ -88,16 +88,13 @@ pub(super) async fn topic_info(bus: &KafkaBus, topic: &str) -> Result<Option<Top
     let Some(partitions) = bus.fetch_partition_count(topic).await? else {
         return Ok(None);
     };
-    // A broker that cannot describe configs gives no retention: reported as None (unknown),
-    // which `apply_topic` treats as "set it".
-    let retention = describe_topic(bus, topic)
-        .await?
-        .as_ref()
-        .and_then(parse_retention);
+    // A broker that cannot describe configs gives no retention: unknown, not "forever".
+    let configs = describe_topic(bus, topic).await?;
     Ok(Some(TopicInfo {
         name: topic.to_string(),
         partitions,
-        retention,
+        retention: configs.as_ref().and_then(parse_retention),
+        retention_known: configs.is_some(),
     }))
 }
 
@@ -157,17 +154,19 @@ pub(super) async fn apply_topic(bus: &KafkaBus, spec: &TopicSpec) -> Result<(), 
         info!(topic = %spec.name, from = current, to = spec.partitions, "partitions added");
         wait_for_partitions(bus, &spec.name, spec.partitions).await?;
     }
-    let configs = describe_topic(bus, &spec.name).await?;
-    let known = configs.as_ref().map(parse_retention);
-    if known != Some(spec.retention) {
+    let Some(configs) = describe_topic(bus, &spec.name).await? else {
+        // AlterConfigs replaces the whole dynamic config: sent without the entries it could
+        // not read, it would wipe what an operator set (min.insync.replicas, ...).
+        warn!(topic = %spec.name, "the broker cannot describe this topic's config; its retention is left as it is (set it by hand)");
+        return Ok(());
+    };
+    if parse_retention(&configs) != spec.retention {
         // AlterConfigs (rdkafka has no incremental variant) replaces the topic's whole dynamic
         // config, so the dynamic entries an operator set are sent along unchanged.
         let mut alter = AlterConfig::new(ResourceSpecifier::Topic(&spec.name));
-        if let Some(configs) = &configs {
-            for (name, (value, source)) in configs {
-                if *source == ConfigSource::DynamicTopic && name != RETENTION_MS {
-                    alter = alter.set(name, value);
-                }
+        for (name, (value, source)) in &configs {
+            if *source == ConfigSource::DynamicTopic && name != RETENTION_MS {
+                alter = alter.set(name, value);
             }
         }
         alter = alter.set(RETENTION_MS, &retention);
