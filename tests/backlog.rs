@@ -166,6 +166,7 @@ struct Rig {
     policy: RetryPolicy,
     handler: Backlogged<Recorder>,
     backlog: Backlog,
+    pool: sqlx::AnyPool,
     bus: Arc<dyn Bus>,
     stop: CancellationToken,
     _dir: tempfile::TempDir,
@@ -229,6 +230,7 @@ impl Rig {
             policy,
             recorder,
             backlog,
+            pool: provisioning.pool().clone(),
             bus,
             stop,
             _dir: dir,
@@ -568,6 +570,46 @@ async fn tries_run_out_into_the_dead_letter_topic(db: &str) {
     assert_eq!(back.envelope.event_id, e1.envelope.event_id);
 }
 
+/// A row that cannot be read (its payload edited by hand) no longer holds its conversation
+/// forever: it is dead-lettered as stored, naming the column, and the next event runs.
+async fn an_unreadable_row_is_dead_lettered_and_its_conversation_goes_on(db: &str) {
+    let rig = Rig::start(db, 5, true).await;
+    let r = &rig.recorder;
+    // u1 waits in the backlog for a minute; u2 queues behind it.
+    let later = chrono::Utc::now().timestamp_millis() + 60_000;
+    r.not_before_ms.store(later, Ordering::SeqCst);
+    r.fail("u1", 1);
+    let (e1, _) = rig.handle("u", "u1").await;
+    rig.handle("u", "u2").await;
+    let changed = sqlx::query(
+        "UPDATE effect_backlog SET payload = '!!not base64', due_at_ms = 0 WHERE event_id = $1",
+    )
+    .bind(e1.envelope.event_id.to_string())
+    .execute(&rig.pool)
+    .await
+    .expect("corrupt the row");
+    assert_eq!(changed.rows_affected(), 1);
+    eventually("u2 runs once u1's row is set aside", || {
+        r.applied_to("u") == ["u2"]
+    })
+    .await;
+    let dead = rig.dead_letters().await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(
+        dead[0].header(headers::DLQ_REASON),
+        Some("backlog_row_unreadable")
+    );
+    assert!(
+        dead[0]
+            .header(headers::DLQ_ERROR)
+            .is_some_and(|e| e.contains("payload")),
+        "{:?}",
+        dead[0].headers
+    );
+    assert_eq!(dead[0].payload.as_ref(), b"!!not base64", "the record as stored");
+    assert_eq!(r.tries("u1"), 1, "the unreadable row is not tried");
+}
+
 /// A dead letter the dead-letter topic does not take yet is published again later, without
 /// running the effect again: the refused call (a GWS call GWS refused) is not made every few
 /// seconds while the topic is down (before, each retry of the publish re-ran the effect).
@@ -677,6 +719,7 @@ on_both_databases!(
     tries_run_out_into_the_dead_letter_topic,
     a_panicking_effect_is_dead_lettered,
     a_failed_dead_letter_publish_does_not_run_the_effect_again,
+    an_unreadable_row_is_dead_lettered_and_its_conversation_goes_on,
     failures_that_say_nothing_about_the_event_do_not_count,
     a_retry_later_time_is_kept,
     a_deferred_effect_runs_when_it_asked,

@@ -28,6 +28,9 @@ const LEASE_MARGIN: Duration = Duration::from_secs(5);
 const STATS_EVERY: Duration = Duration::from_secs(5);
 /// Wait before trying again when the dead-letter topic did not take an event.
 const DEAD_LETTER_RETRY_MS: i64 = 5_000;
+
+/// Dead-letter reason of a backlog row that could not be read.
+const UNREADABLE: &str = "backlog_row_unreadable";
 /// How long running drives may finish their current try after shutdown.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
@@ -181,6 +184,12 @@ impl<E: Effect> Scheduler<E> {
     async fn try_once(&self, item: &Item) -> bool {
         if let Some((reason, detail)) = item.pending_dead_letter() {
             return self.dead_letter(item, reason, detail).await;
+        }
+        if let Some(column) = item.unreadable {
+            metrics::counter!(m::BACKLOG_ERRORS_TOTAL, "role" => self.role(), "stage" => "unreadable")
+                .increment(1);
+            let detail = format!("the backlog row's `{column}` could not be read; the record is as stored");
+            return self.dead_letter(item, UNREADABLE, &detail).await;
         }
         let outcome = match events::decode_lazy(&item.message.payload) {
             Err(e) => Err(HandleError::Reject {

@@ -16,11 +16,6 @@ use crate::bus::{Headers, Message};
 pub enum BacklogError {
     #[error("effect backlog unavailable: {0}")]
     Database(#[from] sqlx::Error),
-    #[error("effect backlog row of event {event_id}: bad `{column}`")]
-    Corrupt {
-        event_id: String,
-        column: &'static str,
-    },
 }
 
 /// A queued event: its conversation, the record as delivered and its retry state.
@@ -36,6 +31,9 @@ pub struct Item {
     pub lease_until_ms: i64,
     /// The last try's error as stored (see [`Item::pending_dead_letter`]).
     pub last_error: Option<String>,
+    /// A column of the row that could not be read (the rest of the record as well as it
+    /// could be): the item is dead-lettered as it is instead of holding its conversation.
+    pub unreadable: Option<&'static str>,
 }
 
 /// How `last_error` marks an item already settled as a dead letter whose publish failed:
@@ -250,10 +248,6 @@ impl Backlog {
             match self.claim(key, seen, lease_ms).await {
                 Ok(Some(item)) => claimed.push(item),
                 Ok(None) => {}
-                Err(e @ BacklogError::Corrupt { .. }) => {
-                    // Left leased: it comes back when the lease ends, and is reported again.
-                    tracing::error!(role = self.role, error = %e, "unreadable backlog row skipped");
-                }
                 Err(e) if claimed.is_empty() => return Err(e),
                 Err(e) => {
                     tracing::warn!(role = self.role, error = %e, "backlog claim interrupted");
@@ -380,27 +374,46 @@ impl Backlog {
     }
 }
 
+/// The item of a claimed row. A column whose value cannot be read (nexus wrote none such;
+/// an edit by hand, a bug) is named in `unreadable`, and the record kept as well as it can be
+/// (the payload's stored text, no headers, position 0), for its dead letter.
 fn item_of(row: &AnyRow) -> Result<Item, BacklogError> {
     let event_id: String = row.try_get("event_id")?;
-    let corrupt = |column| BacklogError::Corrupt {
-        event_id: event_id.clone(),
-        column,
+    let mut unreadable = None;
+    let mut bad = |column| {
+        unreadable.get_or_insert(column);
     };
     let payload: String = row.try_get("payload")?;
-    let payload = base64::engine::general_purpose::STANDARD
-        .decode(payload)
-        .map_err(|_| corrupt("payload"))?;
+    let payload = match base64::engine::general_purpose::STANDARD.decode(&payload) {
+        Ok(p) => p,
+        Err(_) => {
+            bad("payload");
+            payload.into_bytes()
+        }
+    };
     let headers: String = row.try_get("headers_json")?;
-    let headers: Headers = serde_json::from_str(&headers).map_err(|_| corrupt("headers_json"))?;
+    let headers: Headers = serde_json::from_str(&headers).unwrap_or_else(|_| {
+        bad("headers_json");
+        Headers::new()
+    });
     let partition: i64 = row.try_get("source_partition")?;
+    let partition = u32::try_from(partition).unwrap_or_else(|_| {
+        bad("source_partition");
+        0
+    });
     let offset: i64 = row.try_get("source_offset")?;
+    let offset = u64::try_from(offset).unwrap_or_else(|_| {
+        bad("source_offset");
+        0
+    });
     Ok(Item {
         tenant_id: row.try_get("tenant_id")?,
         conversation_id: row.try_get("conversation_id")?,
+        unreadable,
         message: Message {
             topic: row.try_get("topic")?,
-            partition: u32::try_from(partition).map_err(|_| corrupt("source_partition"))?,
-            offset: u64::try_from(offset).map_err(|_| corrupt("source_offset"))?,
+            partition,
+            offset,
             timestamp_ms: row.try_get("created_at_ms")?,
             key: row.try_get("record_key")?,
             payload: Bytes::from(payload),
