@@ -606,7 +606,11 @@ async fn an_unreadable_row_is_dead_lettered_and_its_conversation_goes_on(db: &st
         "{:?}",
         dead[0].headers
     );
-    assert_eq!(dead[0].payload.as_ref(), b"!!not base64", "the record as stored");
+    assert_eq!(
+        dead[0].payload.as_ref(),
+        b"!!not base64",
+        "the record as stored"
+    );
     assert_eq!(r.tries("u1"), 1, "the unreadable row is not tried");
 }
 

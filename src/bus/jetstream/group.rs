@@ -493,15 +493,25 @@ async fn coordinate(bus: Arc<Inner>, g: Arc<Group>, mut partitions: u32) -> Resu
     let keeper = tokio::spawn(keep_alive(g.clone(), keeper_stop.clone()).instrument(keeper_span));
     let member_key = codec::member_key(&g.group_key, &g.member);
     let mut held: HashMap<u32, Held> = HashMap::new();
+    // Partitions whose worker failed, left alone until their lease expired: taking one back at
+    // once (the lease still reads as ours) would retry a failing restart in a tight loop.
+    let mut resting: HashMap<u32, Instant> = HashMap::new();
     let mut fatal: Option<BusError> = None;
     let mut partitions_read = Instant::now();
     loop {
-        for end in reap(&g, &mut held).await {
-            if let WorkerEnd::Fatal(e) = end {
-                warn!(error = %e, "partition cannot be consumed; leaving the group");
-                fatal.get_or_insert(e);
+        for (p, end) in reap(&g, &mut held).await {
+            match end {
+                WorkerEnd::Fatal(e) => {
+                    warn!(error = %e, "partition cannot be consumed; leaving the group");
+                    fatal.get_or_insert(e);
+                }
+                WorkerEnd::Failed => {
+                    resting.insert(p, Instant::now() + timing.lease_ttl);
+                }
+                WorkerEnd::Drained | WorkerEnd::Lost => {}
             }
         }
+        resting.retain(|_, until| *until > Instant::now());
         let leaving = g.leave.is_cancelled() || fatal.is_some();
         if leaving && held.is_empty() {
             break;
@@ -537,7 +547,7 @@ async fn coordinate(bus: Arc<Inner>, g: Arc<Group>, mut partitions: u32) -> Resu
                     Err(e) => warn!(error = %e, "re-reading the partition count failed"),
                 }
             }
-            rebalance(&bus, &g, &mut held, partitions).await;
+            rebalance(&bus, &g, &mut held, partitions, &resting).await;
         }
         let pause = tokio::time::sleep(timing.renew_every);
         tokio::select! {
@@ -573,6 +583,7 @@ async fn rebalance(
     g: &Arc<Group>,
     held: &mut HashMap<u32, Held>,
     partitions: u32,
+    resting: &HashMap<u32, Instant>,
 ) {
     let mut members = match bus.members(&g.stream, &g.group_key).await {
         Ok(m) => m,
@@ -595,7 +606,7 @@ async fn rebalance(
         }
     }
     let wanted: Vec<u32> = (0..partitions)
-        .filter(|p| mine(*p) && !held.contains_key(p))
+        .filter(|p| mine(*p) && !held.contains_key(p) && !resting.contains_key(p))
         .collect();
     for p in wanted {
         let key = codec::lease_key(&g.group_key, p);
@@ -701,7 +712,7 @@ async fn renew(g: &Group, held: &mut HashMap<u32, Held>) {
 }
 
 /// Collects finished partition workers, handing drained partitions over.
-async fn reap(g: &Group, held: &mut HashMap<u32, Held>) -> Vec<WorkerEnd> {
+async fn reap(g: &Group, held: &mut HashMap<u32, Held>) -> Vec<(u32, WorkerEnd)> {
     let finished: Vec<u32> = held
         .iter()
         .filter(|(_, h)| h.task.is_finished())
@@ -723,7 +734,7 @@ async fn reap(g: &Group, held: &mut HashMap<u32, Held>) -> Vec<WorkerEnd> {
             WorkerEnd::Failed => release(g, &h.slot, false).await,
             WorkerEnd::Drained | WorkerEnd::Fatal(_) => release(g, &h.slot, true).await,
         }
-        ends.push(end);
+        ends.push((p, end));
     }
     ends
 }

@@ -188,7 +188,8 @@ impl<E: Effect> Scheduler<E> {
         if let Some(column) = item.unreadable {
             metrics::counter!(m::BACKLOG_ERRORS_TOTAL, "role" => self.role(), "stage" => "unreadable")
                 .increment(1);
-            let detail = format!("the backlog row's `{column}` could not be read; the record is as stored");
+            let detail =
+                format!("the backlog row's `{column}` could not be read; the record is as stored");
             return self.dead_letter(item, UNREADABLE, &detail).await;
         }
         let outcome = match events::decode_lazy(&item.message.payload) {
