@@ -96,13 +96,30 @@ pub(super) async fn subscribe(
     let meta = bus.require_topic(topic).await?;
     let group_key = codec::group_key(group)?;
     let bucket = codec::lease_bucket(&meta.stream);
+    // Leases live as long as the bucket's max age, while each member times its own from its
+    // config: the bucket is only ever raised, so no member counts on a lease outliving it (a
+    // member whose config says less gives its leases up early, which is safe). Lowering
+    // `bus.nats.lease_ttl_ms` therefore takes effect once the bucket is deleted (it holds
+    // nothing but leases) with every member stopped.
+    let existing = match bus.js.get_key_value(&bucket).await {
+        Ok(store) => store.status().await.ok().map(|s| s.max_age()),
+        Err(_) => None,
+    };
+    let max_age = existing.map_or(bus.timing.lease_ttl, |e| e.max(bus.timing.lease_ttl));
+    if existing.is_some_and(|e| e > bus.timing.lease_ttl) {
+        warn!(
+            bucket = %bucket, bucket_ms = max_age.as_millis() as u64,
+            config_ms = bus.timing.lease_ttl.as_millis() as u64,
+            "the lease bucket keeps leases longer than bus.nats.lease_ttl_ms; kept (a member may still count on it)"
+        );
+    }
     let kv = bus
         .js
         .create_or_update_key_value(kv::Config {
             bucket: bucket.clone(),
             description: format!("nexus partition leases of topic `{topic}`"),
             history: 1,
-            max_age: bus.timing.lease_ttl,
+            max_age,
             storage: jetstream::stream::StorageType::File,
             num_replicas: bus.replicas,
             ..Default::default()

@@ -1184,3 +1184,45 @@ async fn partitions_added_under_a_group_are_read_from_their_beginning() {
     fresh.close().await.expect("close fresh");
     b.close().await.expect("close b");
 }
+
+/// Members whose configs differ (a rolling change of `bus.nats.lease_ttl_ms`) never shorten
+/// the lease bucket's max age under a member that counts on the longer one: the bucket only
+/// grows, so no lease expires before its holder's own deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_bucket_is_never_shortened_under_a_member() {
+    let Some(config) = test_config() else { return };
+    let mut longer = config.clone();
+    longer.nats.lease_ttl_ms = 5000;
+    let a = connect(&longer).await;
+    let b = connect(&config).await;
+    let topic = fresh_topic(&a, 1).await;
+    let bucket = lease_bucket(&stream_name(&topic));
+    let max_age = |bus: &JetStreamBus| {
+        let (js, bucket) = (bus.js.clone(), bucket.clone());
+        async move {
+            js.get_key_value(&bucket)
+                .await
+                .expect("bucket")
+                .status()
+                .await
+                .expect("status")
+                .max_age()
+        }
+    };
+    let sub_a = a
+        .subscribe("ttl", &topic, SubscribeOptions::default())
+        .await
+        .expect("a");
+    assert_eq!(max_age(&a).await, Duration::from_millis(5000));
+    let sub_b = b
+        .subscribe("ttl", &topic, SubscribeOptions::default())
+        .await
+        .expect("b");
+    assert_eq!(
+        max_age(&b).await,
+        Duration::from_millis(5000),
+        "a member with a shorter lease keeps the longer bucket"
+    );
+    sub_b.close().await.expect("close b");
+    sub_a.close().await.expect("close a");
+}
