@@ -65,15 +65,29 @@ pub async fn run(
 ) -> Result<(), AppError> {
     // First: metric handles resolved before the recorder exists would count nowhere.
     let metrics = crate::telemetry::init_metrics();
-    let topology = Arc::new(load_topology(&config)?);
-    let bus = bus::connect(&config.bus).await?;
-    let provisioning = Arc::new(Provisioning::from_config(&config.stores).await?);
     // Live sessions serve the chat APIs and the conversation role; other worker pods have none
     // (the embedded store is one process's file, so they must not open it).
     let needs_sessions = match &mode {
         Mode::Dev | Mode::Edge => true,
         Mode::Worker(roles) => roles.iter().any(|r| r == "conversation"),
     };
+    let on_broker = !config.bus.url.starts_with("embedded://");
+    if needs_sessions
+        && on_broker
+        && config.stores.redis_url.is_empty()
+        && !matches!(mode, Mode::Dev)
+    {
+        // Each pod would open a session store of its own: an edge would never see the
+        // sessions its conversation worker keeps.
+        return Err(AppError::Roles(
+            "stores.redis_url is not set: edges and conversation workers on a broker bus share \
+             live sessions through Redis (the embedded session store is one process's file)"
+                .into(),
+        ));
+    }
+    let topology = Arc::new(load_topology(&config)?);
+    let bus = bus::connect(&config.bus).await?;
+    let provisioning = Arc::new(Provisioning::from_config(&config.stores).await?);
     let sessions = if needs_sessions {
         Some(crate::stores::session::connect(&config.stores).await?)
     } else {

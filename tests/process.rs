@@ -225,6 +225,23 @@ fn config_check_redacts_secrets_and_names_bad_keys() {
     );
     assert!(!ok, "an unknown key must fail");
     assert!(err.contains("concurency"), "{err}");
+
+    // An edge or conversation worker on a broker bus without Redis would keep sessions no
+    // other pod sees: refused before anything starts. Other roles need no session store.
+    for args in [&["edge"][..], &["worker", "conversation"][..]] {
+        let (ok, _, err) = run(args, &[("NEXUS_BUS__URL", "nats://127.0.0.1:1".into())]);
+        assert!(!ok, "{args:?} started without Redis");
+        assert!(err.contains("stores.redis_url"), "{args:?}: {err}");
+    }
+    let (ok, _, err) = run(
+        &["worker", "tap"],
+        &[
+            ("NEXUS_BUS__URL", "nats://127.0.0.1:1".into()),
+            ("NEXUS_WORKERS__TAP__URL", "http://127.0.0.1:9/".into()),
+        ],
+    );
+    assert!(!ok, "no broker there");
+    assert!(!err.contains("stores.redis_url"), "{err}");
 }
 
 #[test]
