@@ -20,8 +20,9 @@
 //!
 //! Durability: `publish` and `seek_group` return after their batch is durable (fdatasync).
 //! An ack returns once its commit is queued to the writer (written within one batch, a few
-//! milliseconds); `Subscription::close` and dropping the bus wait until every queued commit is
-//! durable. A crash may therefore redeliver the last few milliseconds of acked records, which
+//! milliseconds); `Subscription::close` and dropping the bus wait until every commit queued
+//! before them is durable (an ack racing the drop may return `Ok` unwritten). A crash, or such
+//! a race, may therefore redeliver the last few milliseconds of acked records, which
 //! at-least-once consumers tolerate.
 
 mod group;

@@ -384,7 +384,15 @@ impl Db {
             .take(EXPIRE_PER_PASS)
         {
             let (k, v) = kv.into_inner().map_err(fail("reading a partition"))?;
-            if value_ts(&v).is_none_or(|ts| ts >= cutoff) {
+            let Some(ts) = value_ts(&v) else {
+                // Not passed silently: retention would stop here for good, the disk filling.
+                return Err(BusError::Storage(format!(
+                    "record {} of a partition has no append time (corrupt on disk); retention \
+                     cannot pass it",
+                    record_offset(&k)?
+                )));
+            };
+            if ts >= cutoff {
                 break;
             }
             next = Some(record_offset(&k)? + 1);

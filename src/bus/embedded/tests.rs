@@ -618,6 +618,78 @@ async fn a_killed_process_keeps_every_acked_record() {
     assert_records(&bus.read("t", 0, high, 10).await.unwrap(), high, high + 2);
 }
 
+/// Env var naming the directory the child of [`a_killed_consumer_keeps_its_acks`] works in.
+const ACK_CHILD_DIR: &str = "NEXUS_EMBEDDED_ACK_CHILD_DIR";
+
+/// The child's half: handles records until killed; after each ack, a publish (whose batch
+/// carries the commits queued before it) makes the ack durable, then it says so.
+async fn ack_child(dir: &str) {
+    let bus = open(Path::new(dir));
+    topic(&bus, "t", 1).await;
+    topic(&bus, "sync", 1).await;
+    let mut sub = bus.subscribe("g", "t", opts(16)).await.unwrap();
+    for i in 0.. {
+        publish_n(&bus, i, i + 1).await;
+        let d = next(&mut sub).await;
+        assert_eq!(d.message.offset, i);
+        d.ack().await.unwrap();
+        bus.publish("sync", OutRecord::new("k", "x")).await.unwrap();
+        println!("acked {i}");
+    }
+}
+
+/// The group's committed offsets survive a SIGKILL: a reopened bus has every ack made
+/// durable before the kill, so the group goes on after them (only acks of the last batch
+/// may come again).
+#[tokio::test]
+async fn a_killed_consumer_keeps_its_acks() {
+    if let Ok(dir) = std::env::var(ACK_CHILD_DIR) {
+        return ack_child(&dir).await;
+    }
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "bus::embedded::tests::a_killed_consumer_keeps_its_acks",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(ACK_CHILD_DIR, dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut acked = None;
+    while acked.is_none_or(|n| n < 200) {
+        let line = lines
+            .next()
+            .expect("the child ends before it is killed")
+            .unwrap();
+        if let Some(n) = line.strip_prefix("acked ") {
+            acked = Some(n.parse::<u64>().unwrap());
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let last = acked.unwrap();
+    let bus = open(dir.path());
+    let p = bus.group_positions("g", "t").await.unwrap()[0];
+    let committed = p.committed.expect("the group's position survived");
+    assert!(
+        committed > last && committed <= p.high,
+        "acked up to {last} durably, committed {committed}, log end {}",
+        p.high
+    );
+    // The group goes on from there.
+    let mut sub = bus.subscribe("g", "t", opts(16)).await.unwrap();
+    if committed < p.high {
+        assert_eq!(next(&mut sub).await.message.offset, committed);
+    } else {
+        assert!(quiet(&mut sub).await);
+    }
+}
+
 #[tokio::test]
 async fn reads_cross_flushed_tables_and_a_reopen() {
     let dir = tempfile::tempdir().unwrap();

@@ -487,7 +487,12 @@ impl Writer {
         if moved.is_empty() {
             return Ok(());
         }
-        batch.commit()?;
+        if let Err(e) = batch.commit() {
+            // As for a failed write batch: fjall refuses every write after a journal failure,
+            // so readiness reports it until the process restarts.
+            store.failing.store(true, Ordering::Relaxed);
+            return Err(e);
+        }
         for (topic, p, part, low) in moved {
             part.log.set_low(low);
             changes.partition(&topic, p);
