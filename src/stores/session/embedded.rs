@@ -11,7 +11,8 @@
 //! - `conversations`: (tenant, conversation) → [`Conversation`] JSON.
 //! - `expiry`: (tenant, conversation) → expiry ms, and `expiry_by_time` (ms, tenant,
 //!   conversation) for the sweep. An expired conversation (record, transcript, dedup ids) reads
-//!   as absent and is purged by the next write that touches it or by the sweep each write runs.
+//!   as absent and is purged by the next write that touches it (a put, an expire, an append,
+//!   a reserve) or by the sweep those writes run.
 //! - `entries`: (tenant, conversation, position) → [`Entry`] JSON; `transcript_len`:
 //!   (tenant, conversation) → last position; `entry_ids`: (tenant, conversation,
 //!   `e:<event id>` | `m:<message id>`) → position.

@@ -5,7 +5,8 @@
 //! while it handles that conversation's events. Its events arrive on two topics (inbound and
 //! agent), each ordered per conversation but not with each other, so the record is written by
 //! compare-and-set on its version; transcript appends are atomic and idempotent. Agent capacity, queues and timers are shared by every worker
-//! instance and change only through the atomic operations below (Redis: one Lua script each).
+//! instance and change only through the atomic operations below (Redis: one Lua script each,
+//! but `change_presence`: a read, then a compare-and-set retried a few times).
 //! Edges only read (transcript, conversation) to serve reads and resume streams.
 
 pub mod embedded;

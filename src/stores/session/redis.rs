@@ -6,7 +6,8 @@
 //! - `nx:{t:T}:conv:<id>`: the [`Conversation`] as JSON.
 //! - `nx:{t:T}:tx:<id>`: the transcript, a list of [`Entry`] JSON; position = list index + 1
 //!   (the script writes the position RPUSH will give, so stored entries are self-describing).
-//! - `nx:{t:T}:txids:<id>`: hash `e:<event id>` / `m:<message id>` (an upload's: `f:`) → position (dedup).
+//! - `nx:{t:T}:txids:<id>`: hash `e:<event id>` / `m:<participant>/<message id>` (an upload's:
+//!   `f:`) → position (dedup), and `closed` once the record was saved closed (appends refuse).
 //! - `nx:{t:T}:agents`: sorted set of agent ids scored by `idle_since_ms` (the reserve order).
 //! - `nx:{t:T}:agent:<id>`: hash: `profile` → a [`PresenceUpdate`] as JSON (written whole by
 //!   `update_presence`, swapped whole by `change_presence`), `a:<media>` → conversations held
