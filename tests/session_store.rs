@@ -475,6 +475,39 @@ async fn reserve_for_a_named_agent(t: TestStore) {
     assert_eq!(p.active.get("chat").copied().unwrap_or(0), 0);
 }
 
+/// A retried reserve for a conversation already holding slots of several agents (stale
+/// reservations) gives back the same one on both stores: the lowest agent id.
+async fn a_retried_reserve_over_several_holders_is_the_same_on_both_stores(t: TestStore) {
+    let s = &t.store;
+    let tn = &t.tenant;
+    for agent in ["a2", "a1", "a3"] {
+        s.set_presence(tn, agent, true, &[], &chat(2), 10)
+            .await
+            .expect("set");
+    }
+    for agent in ["a3", "a2"] {
+        let named = Reserve {
+            only: Some(agent.into()),
+            ..reserve("c1", &[], &[])
+        };
+        assert_eq!(
+            s.reserve_agent(tn, &named).await.expect("r").as_deref(),
+            Some(agent)
+        );
+    }
+    let again = s
+        .reserve_agent(tn, &reserve("c1", &[], &[]))
+        .await
+        .expect("r");
+    assert_eq!(
+        again.as_deref(),
+        Some("a2"),
+        "the lowest holder, not a new slot"
+    );
+    let a1 = s.presence(tn, "a1").await.expect("get").expect("some");
+    assert_eq!(a1.active.get("chat").copied().unwrap_or(0), 0);
+}
+
 /// The caps an agent asked for itself are kept with its presence, apart from the capacity.
 async fn presence_keeps_the_agents_own_limits(t: TestStore) {
     let s = &t.store;
@@ -1324,6 +1357,7 @@ per_store!(
     a_profile_applies_without_touching_readiness,
     retried_reserve_takes_no_second_slot,
     a_retried_reserve_for_a_named_agent_takes_only_that_agent,
+    a_retried_reserve_over_several_holders_is_the_same_on_both_stores,
     release_is_idempotent,
     racing_reserves_respect_capacity,
     queue_order_and_idempotent_enqueue,

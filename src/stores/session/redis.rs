@@ -141,7 +141,10 @@ local excl = {}
 for _, a in ipairs(cjson.decode(ARGV[5])) do excl[a] = true end
 local only = ARGV[7]
 if redis.call('HEXISTS', KEYS[3], 'closed') == 1 then return redis.error_reply('NXCLOSED conversation closed') end
-for _, a in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+-- A retry finds the slot it took; of several (stale ones), the lowest id, as the embedded store.
+local held = redis.call('SMEMBERS', KEYS[2])
+table.sort(held)
+for _, a in ipairs(held) do
   if not excl[a] and (only == '' or only == a) then return a end
 end
 for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
