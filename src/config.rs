@@ -389,17 +389,22 @@ impl Config {
             ));
         }
         // A member giving a partition up waits this long for its handlers; a shorter wait
-        // lets a slow handler's key be handled by two members at once.
-        for (key, wait) in [
-            (
+        // lets a slow handler's key be handled by two members at once. Only the bus in use
+        // (JetStream's wait follows its ack wait: README, `bus.nats.ack_wait_ms`).
+        let handover = if self.bus.url.starts_with("kafka") {
+            Some((
                 "bus.kafka.handover_wait_ms",
                 self.bus.kafka.handover_wait_ms,
-            ),
-            (
+            ))
+        } else if self.bus.url.starts_with("embedded://") {
+            Some((
                 "bus.embedded.handover_wait_ms",
                 self.bus.embedded.handover_wait_ms,
-            ),
-        ] {
+            ))
+        } else {
+            None
+        };
+        if let Some((key, wait)) = handover {
             if wait < self.consumer.handler_timeout_ms {
                 return Err(invalid(
                     key,
@@ -833,6 +838,18 @@ mod tests {
         assert!(c.bus.url.starts_with("embedded://"));
     }
 
+    /// The conversation role's bot calls wait at most half the handler timeout, so a slow bot
+    /// is a bot down (its fallback applies), not a handler timeout retried in place.
+    #[test]
+    fn bot_calls_end_before_the_handler_timeout() {
+        let mut c = Config::defaults();
+        c.workers.conversation.bot_timeout_ms = 5_000;
+        c.consumer.handler_timeout_ms = 4_000;
+        assert_eq!(c.conversation().bot_timeout_ms, 2_000);
+        c.consumer.handler_timeout_ms = 30_000;
+        assert_eq!(c.conversation().bot_timeout_ms, 5_000);
+    }
+
     #[test]
     fn invalid_values_name_the_key() {
         let mut c = Config::defaults();
@@ -880,11 +897,11 @@ mod tests {
                 c.consumer.handler_timeout_ms = 0
             }),
             ("bus.kafka.handover_wait_ms", |c| {
-                c.bus.kafka.handover_wait_ms = 1000
+                c.bus.url = "kafka://127.0.0.1:9092".into();
+                c.bus.kafka.handover_wait_ms = 1000;
             }),
             ("bus.embedded.handover_wait_ms", |c| {
                 c.consumer.handler_timeout_ms = 60_000;
-                c.bus.kafka.handover_wait_ms = 60_000;
             }),
             ("bus.kafka.message_timeout_ms", |c| {
                 c.bus.kafka.message_timeout_ms = 0

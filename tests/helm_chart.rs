@@ -243,13 +243,16 @@ fn check_config(toml_text: &str, topology: &str, what: &str) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.toml");
     // Files the pods mount under /etc/nexus/ (topology, TLS material) sit in the temp dir here:
-    // nexus checks they exist.
+    // nexus reads them at load.
     let pod_topology = "\"/etc/nexus/topology.yaml\"";
     assert!(
         toml_text.contains(pod_topology),
         "{what}: topology.file is not the mounted file"
     );
     let mut local = toml_text.to_string();
+    // TLS material as the Secrets would hold it: nexus reads it at load.
+    let made = rcgen::generate_simple_self_signed(vec!["nexus".to_string()]).unwrap();
+    let (cert, key) = (made.cert.pem(), made.key_pair.serialize_pem());
     for line in toml_text.lines() {
         let Some((_, value)) = line.split_once(" = \"/etc/nexus/") else {
             continue;
@@ -257,7 +260,12 @@ fn check_config(toml_text: &str, topology: &str, what: &str) {
         let rel = value.trim_end_matches('"');
         let file = dir.path().join(rel);
         std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-        let content = if rel == "topology.yaml" { topology } else { "" };
+        let content = match rel {
+            "topology.yaml" => topology,
+            _ if rel.ends_with(".key") => key.as_str(),
+            _ if rel.ends_with(".crt") || rel.ends_with(".pem") => cert.as_str(),
+            _ => panic!("{what}: a mounted file nexus reads that this test does not know: {rel}"),
+        };
         std::fs::write(&file, content).unwrap();
         local = local.replace(&format!("/etc/nexus/{rel}"), &file.display().to_string());
     }

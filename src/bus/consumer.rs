@@ -700,7 +700,7 @@ async fn dead_letter(
                 }
             }
         }
-        if delivery.revoked() {
+        if delivery.revoking() {
             ctx.metrics.revoked.increment(1);
             return Err(());
         }

@@ -347,7 +347,16 @@ fn required_string(m: &mut Map<String, Value>, key: &str) -> Result<String, Enco
 }
 
 /// `version-traceid-parentid-flags`, lower-case hex, ids not all zero, per W3C Trace Context.
+/// A later version's extra fields are taken only as lower-case hex too: the value goes into
+/// HTTP headers of peer calls, where a control character would fail every call.
 pub fn is_traceparent(s: &str) -> bool {
+    if s.len() > 512
+        || !s
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f' | b'-'))
+    {
+        return false;
+    }
     let parts: Vec<&str> = s.split('-').collect();
     let hex = |p: &str, n: usize| {
         p.len() == n && p.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))

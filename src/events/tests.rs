@@ -787,6 +787,21 @@ fn invalid_traceparents_are_dropped() {
     assert_eq!(e.envelope.traceparent.as_deref(), Some(valid));
     let e = message_received().with_traceparent("00-abc\n-01");
     assert_eq!(e.envelope.traceparent, None);
+    // A later version may carry more fields, but no control character in them.
+    let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-\nX";
+    assert_eq!(
+        message_received()
+            .with_traceparent(later)
+            .envelope
+            .traceparent,
+        None
+    );
+    let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-ab";
+    assert!(message_received()
+        .with_traceparent(later)
+        .envelope
+        .traceparent
+        .is_some());
 
     // Bytes of another producer: written with a control character in the field.
     let mut e = message_received();

@@ -15,6 +15,9 @@ pub const EVENT_HANDLE_SECONDS: &str = "nexus_event_handle_seconds";
 pub const EVENTS_PUBLISHED_TOTAL: &str = "nexus_events_published_total";
 /// Publishes the bus refused or did not acknowledge, per `topic`.
 pub const BUS_PUBLISH_ERRORS_TOTAL: &str = "nexus_bus_publish_errors_total";
+/// Embedded-log retention passes that could not trim a partition (a corrupt record), per
+/// `topic`.
+pub const BUS_RETENTION_ERRORS_TOTAL: &str = "nexus_bus_retention_errors_total";
 /// Publish latency until the broker's ack, per `topic`.
 pub const BUS_PUBLISH_SECONDS: &str = "nexus_bus_publish_seconds";
 /// Connection flushes that made JetStream acks durable on the socket (acks waiting together
@@ -169,6 +172,10 @@ pub(super) fn describe_all() {
     );
     describe_counter!(EVENTS_PUBLISHED_TOTAL, "Records acknowledged by the bus.");
     describe_counter!(BUS_PUBLISH_ERRORS_TOTAL, "Publishes that failed.");
+    describe_counter!(
+        BUS_RETENTION_ERRORS_TOTAL,
+        "Embedded-log retention passes that could not trim a partition (a corrupt record)."
+    );
     describe_histogram!(
         BUS_PUBLISH_SECONDS,
         Unit::Seconds,

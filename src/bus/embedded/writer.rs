@@ -479,8 +479,15 @@ impl Writer {
             let cutoff =
                 now.saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
             for (p, part) in meta.partitions.iter().enumerate() {
-                if let Some(low) = store.db.expire(&mut batch, &part.log, cutoff)? {
-                    moved.push((topic.clone(), p as u32, part.clone(), low));
+                match store.db.expire(&mut batch, &part.log, cutoff) {
+                    Ok(Some(low)) => moved.push((topic.clone(), p as u32, part.clone(), low)),
+                    Ok(None) => {}
+                    // One partition that cannot be trimmed stops only itself.
+                    Err(e) => {
+                        metrics::counter!(crate::telemetry::metrics::BUS_RETENTION_ERRORS_TOTAL, "topic" => topic.clone())
+                            .increment(1);
+                        tracing::warn!(topic = %topic, partition = p, error = %e, "retention cannot trim this partition");
+                    }
                 }
             }
         }

@@ -5,8 +5,9 @@
 //! it holds the partition's **lease**, a key `<group>.p.<partition>` in the topic's KV bucket
 //! `nexus_leases_<stream>`: taken with `create` (fails while another member holds it), renewed
 //! with `update(revision)` (fails once someone else took it), released with a revision-checked
-//! delete. The bucket's `max_age` is `lease_ttl`, so a dead member's leases and heartbeats
-//! (`<group>.m.<member>`) vanish by themselves. Every member reads the live heartbeats, sorts
+//! delete. The bucket's `max_age` is the longest `lease_ttl` any member asked for (it is only
+//! raised; each member times its leases by its own, never longer), so a dead member's leases
+//! and heartbeats (`<group>.m.<member>`) vanish by themselves. Every member reads the live heartbeats, sorts
 //! them and takes the partitions `p` with `p % members == its index` (fair share); a member
 //! holding a partition it should not drains it first: it stops pulling, waits until what it
 //! handed out is acked (or `drain_timeout`), NAKs what is left, then deletes the lease.
@@ -101,10 +102,12 @@ pub(super) async fn subscribe(
     // member whose config says less gives its leases up early, which is safe). Lowering
     // `bus.nats.lease_ttl_ms` therefore takes effect once the bucket is deleted (it holds
     // nothing but leases) with every member stopped.
-    let existing = match bus.js.get_key_value(&bucket).await {
-        Ok(store) => store.status().await.ok().map(|s| s.max_age()),
-        Err(_) => None,
-    };
+    // Only a bucket that is not there is created with this member's value; an error is not
+    // taken for "none" (that would lower it).
+    let existing = bus
+        .stream_info(&format!("KV_{bucket}"), None)
+        .await?
+        .map(|info| info.config.max_age);
     let max_age = existing.map_or(bus.timing.lease_ttl, |e| e.max(bus.timing.lease_ttl));
     if existing.is_some_and(|e| e > bus.timing.lease_ttl) {
         warn!(
@@ -510,8 +513,9 @@ async fn coordinate(bus: Arc<Inner>, g: Arc<Group>, mut partitions: u32) -> Resu
     let keeper = tokio::spawn(keep_alive(g.clone(), keeper_stop.clone()).instrument(keeper_span));
     let member_key = codec::member_key(&g.group_key, &g.member);
     let mut held: HashMap<u32, Held> = HashMap::new();
-    // Partitions whose worker failed, left alone until their lease expired: taking one back at
-    // once (the lease still reads as ours) would retry a failing restart in a tight loop.
+    // Partitions whose worker failed, left alone for a lease time (another member may take
+    // them once the lease expires; this one takes them back after, through its own lease if it
+    // still stands): taking one back at once would retry a failing restart in a tight loop.
     let mut resting: HashMap<u32, Instant> = HashMap::new();
     let mut fatal: Option<BusError> = None;
     let mut partitions_read = Instant::now();
@@ -968,9 +972,21 @@ async fn fetch_loop(bus: &Arc<Inner>, g: &Arc<Group>, slot: &Arc<Slot>) -> Optio
             }
         }
         if gap {
-            // From the floor, the lost records come first again, in order; records under way
-            // here are recognised when they come again (see `hand_out`).
+            // From the floor, the lost records come first again, in order. The records under
+            // way here are let finish first: acked ones above the floor come again too, and
+            // handed out behind a later record of their key still running, they would be
+            // handled after it.
             drop(permits);
+            let until = Instant::now() + timing.drain_timeout;
+            while !lock(&slot.inflight).values().all(|e| e.abandoned)
+                && Instant::now() < until
+                && !slot.is_lost()
+            {
+                pause(slot, Duration::from_millis(50)).await;
+            }
+            if slot.is_lost() {
+                return Some(WorkerEnd::Lost);
+            }
             if let Err(e) = start_at_ack_floor(bus, g, slot.partition).await {
                 warn!(partition = slot.partition, error = %e, "cannot reset the partition to its ack floor");
                 return Some(WorkerEnd::Failed);

@@ -323,9 +323,10 @@ impl Tracker {
         self.in_flight.fetch_add(batch.len(), Ordering::AcqRel);
     }
 
-    /// Marks a queued record as handed out and returns its ownership's flag (see
-    /// [`PartTrack::owned`]; a revoke in progress still owns the partition: its hand-over wait
-    /// lets handed-out records finish); `None` if the ownership ended meanwhile.
+    /// Marks a queued record as handed out and returns its ownership's flags (see
+    /// [`PartTrack::owned`] and [`PartTrack::moving`]: a revoke in progress still owns the
+    /// partition and waits for handed-out records under way; those not started yet, or
+    /// waiting to retry, are dropped by the consumer); `None` if the ownership ended meanwhile.
     fn hand_out(&self, partition: i32, offset: i64, epoch: u64) -> Option<Ownership> {
         let mut parts = lock(&self.parts);
         match parts.get_mut(&partition) {
@@ -449,8 +450,26 @@ impl Tracker {
         );
     }
 
-    /// Ends, as lost, the ownership of every partition not in `assigned`.
-    fn keep_only(&self, assigned: &TopicPartitionList) {
+    /// Resumes partitions paused for backpressure before they go: librdkafka keeps the
+    /// application pause flag, and a later re-assignment must not start paused.
+    fn resume_leaving(&self, consumer: &Member, leaving: impl Iterator<Item = i32>) {
+        let to_resume: Vec<i32> = {
+            let mut paused = lock(&self.paused);
+            leaving.filter(|p| paused.remove(p)).collect()
+        };
+        if !to_resume.is_empty() {
+            let mut r = TopicPartitionList::new();
+            for p in to_resume {
+                r.add_partition(&self.topic, p);
+            }
+            if let Err(e) = consumer.resume(&r) {
+                warn!(topic = %self.topic, group = %self.group, error = %e, "cannot resume revoked partitions");
+            }
+        }
+    }
+
+    /// Ends, as lost, the ownership of every partition not in `assigned`; returns them.
+    fn keep_only(&self, assigned: &TopicPartitionList) -> Vec<i32> {
         let kept: HashSet<i32> = assigned
             .elements_for_topic(&self.topic)
             .iter()
@@ -468,6 +487,7 @@ impl Tracker {
             warn!(topic = %self.topic, group = %self.group, partitions = ?lost, "partitions unassigned by a rebalance error; taken as lost, not committing");
             parts.retain(|p, _| kept.contains(p));
         }
+        lost
     }
 
     fn on_revoke(&self, consumer: &Member, tpl: &TopicPartitionList) {
@@ -487,25 +507,7 @@ impl Tracker {
                 }
             }
         }
-        // Partitions paused for backpressure are resumed before they go: librdkafka keeps the
-        // application pause flag, and a later re-assignment must not start paused.
-        let to_resume: Vec<i32> = {
-            let mut paused = lock(&self.paused);
-            revoked
-                .iter()
-                .copied()
-                .filter(|p| paused.remove(p))
-                .collect()
-        };
-        if !to_resume.is_empty() {
-            let mut r = TopicPartitionList::new();
-            for p in to_resume {
-                r.add_partition(&self.topic, p);
-            }
-            if let Err(e) = consumer.resume(&r) {
-                warn!(topic = %self.topic, group = %self.group, error = %e, "cannot resume revoked partitions");
-            }
-        }
+        self.resume_leaving(consumer, revoked.iter().copied());
         if lost {
             // The group already gave them to others: a commit now could move the new owner's
             // position, so nothing is committed; the unacked rest is redelivered there.
@@ -565,7 +567,10 @@ impl MemberContext {
     /// their first record, when the group starts at `latest`. librdkafka resolves `latest` at
     /// the first fetch and keeps it nowhere until the first ack: a member restarting before
     /// that would start at the new end, skipping what was published meanwhile, and lag would
-    /// count the whole log. (The embedded log commits its end at join the same way.)
+    /// count the whole log. (The embedded log commits its end at join the same way.) A
+    /// partition added to the topic later starts at its end too, when this member is given
+    /// it; JetStream reads such a partition from its beginning. Telling "added later" from "a
+    /// new group's" here would race members joining together, which would read whole logs.
     fn place_at_end(&self, consumer: &Member, tpl: &TopicPartitionList) {
         let t = &self.tracker;
         let mut asked = TopicPartitionList::new();
@@ -653,13 +658,14 @@ impl ConsumerContext for MemberContext {
     /// next owner), or their acks would commit over the next owner's position.
     fn post_rebalance(&self, consumer: &Member, rebalance: &Rebalance<'_>) {
         if let Rebalance::Error(_) = rebalance {
-            match consumer.assignment() {
+            let lost = match consumer.assignment() {
                 Ok(tpl) => self.tracker.keep_only(&tpl),
                 Err(e) => {
                     warn!(topic = %self.tracker.topic, group = %self.tracker.group, error = %e, "assignment unknown after a rebalance error; every partition taken as lost");
-                    self.tracker.keep_only(&TopicPartitionList::new());
+                    self.tracker.keep_only(&TopicPartitionList::new())
                 }
-            }
+            };
+            self.tracker.resume_leaving(consumer, lost.into_iter());
         }
     }
 }
@@ -1291,7 +1297,7 @@ mod tests {
         }
         let mut still = TopicPartitionList::new();
         still.add_partition("t", 1);
-        tracker.keep_only(&still);
+        assert_eq!(tracker.keep_only(&still), vec![0]);
         assert!(!owned[0].load(Ordering::Acquire), "partition 0 lost");
         assert!(owned[1].load(Ordering::Acquire), "partition 1 kept");
         let parts = tracker.parts.lock().unwrap();
