@@ -36,6 +36,44 @@ pub enum AppError {
     Roles(String),
 }
 
+/// Pods on a broker bus share their state through servers: a pod left on the embedded stores
+/// would keep state of its own (sessions an edge never sees, API keys another edge does not
+/// know, an effect log another pod repeats calls past, client keys another edge refuses).
+/// Refused before anything starts, naming the key. `nexus dev` is one process; the tap role
+/// keeps no state.
+fn check_shared_state(config: &Config, mode: &Mode, needs_sessions: bool) -> Result<(), AppError> {
+    if matches!(mode, Mode::Dev) || config.bus.url.starts_with("embedded://") {
+        return Ok(());
+    }
+    let needs_database = match mode {
+        Mode::Dev => false,
+        Mode::Edge => true,
+        Mode::Worker(roles) => roles.iter().any(|r| r != "tap"),
+    };
+    let missing = [
+        (
+            needs_sessions && config.stores.redis_url.is_empty(),
+            "stores.redis_url is not set: edges and conversation workers on a broker bus share \
+             live sessions through Redis (the embedded session store is one process's file)",
+        ),
+        (
+            needs_database && config.stores.postgres_url.is_empty(),
+            "stores.postgres_url is not set: pods on a broker bus share provisioning, effect logs \
+             and retry backlogs through PostgreSQL (the SQLite file is one pod's)",
+        ),
+        (
+            matches!(mode, Mode::Edge) && config.chat.client_key_secret.is_empty(),
+            "chat.client_key_secret is not set: every edge must sign and check client keys with \
+             the same secret (a random one per process refuses other edges' keys, and its own \
+             after a restart)",
+        ),
+    ];
+    match missing.iter().find(|(missing, _)| *missing) {
+        Some((_, message)) => Err(AppError::Roles((*message).to_string())),
+        None => Ok(()),
+    }
+}
+
 /// What a process runs.
 #[derive(Debug, Clone)]
 pub enum Mode {
@@ -71,20 +109,7 @@ pub async fn run(
         Mode::Dev | Mode::Edge => true,
         Mode::Worker(roles) => roles.iter().any(|r| r == "conversation"),
     };
-    let on_broker = !config.bus.url.starts_with("embedded://");
-    if needs_sessions
-        && on_broker
-        && config.stores.redis_url.is_empty()
-        && !matches!(mode, Mode::Dev)
-    {
-        // Each pod would open a session store of its own: an edge would never see the
-        // sessions its conversation worker keeps.
-        return Err(AppError::Roles(
-            "stores.redis_url is not set: edges and conversation workers on a broker bus share \
-             live sessions through Redis (the embedded session store is one process's file)"
-                .into(),
-        ));
-    }
+    check_shared_state(&config, &mode, needs_sessions)?;
     let topology = Arc::new(load_topology(&config)?);
     let bus = bus::connect(&config.bus).await?;
     let provisioning = Arc::new(Provisioning::from_config(&config.stores).await?);

@@ -226,13 +226,48 @@ fn config_check_redacts_secrets_and_names_bad_keys() {
     assert!(!ok, "an unknown key must fail");
     assert!(err.contains("concurency"), "{err}");
 
-    // An edge or conversation worker on a broker bus without Redis would keep sessions no
-    // other pod sees: refused before anything starts. Other roles need no session store.
-    for args in [&["edge"][..], &["worker", "conversation"][..]] {
-        let (ok, _, err) = run(args, &[("NEXUS_BUS__URL", "nats://127.0.0.1:1".into())]);
-        assert!(!ok, "{args:?} started without Redis");
-        assert!(err.contains("stores.redis_url"), "{args:?}: {err}");
+    // Pods on a broker bus that would keep state of their own (sessions, provisioning, the
+    // client-key secret) are refused before anything starts, naming the key.
+    let broker = ("NEXUS_BUS__URL", "nats://127.0.0.1:1".to_string());
+    let redis = ("NEXUS_STORES__REDIS_URL", "redis://127.0.0.1:1".to_string());
+    let postgres = (
+        "NEXUS_STORES__POSTGRES_URL",
+        "postgres://127.0.0.1:1/x".to_string(),
+    );
+    let key = ("NEXUS_STORES__PROVISIONING_KEY", "5e".repeat(32));
+    let secret = ("NEXUS_CHAT__CLIENT_KEY_SECRET", "s".to_string());
+    let cases: [(&[&str], Vec<(&str, String)>, &str); 5] = [
+        (&["edge"], vec![broker.clone()], "stores.redis_url"),
+        (
+            &["worker", "conversation"],
+            vec![broker.clone()],
+            "stores.redis_url",
+        ),
+        (
+            &["edge"],
+            vec![broker.clone(), redis.clone()],
+            "stores.postgres_url",
+        ),
+        (
+            &["worker", "gws"],
+            vec![broker.clone()],
+            "stores.postgres_url",
+        ),
+        (
+            &["edge"],
+            vec![broker.clone(), redis.clone(), postgres.clone(), key.clone()],
+            "chat.client_key_secret",
+        ),
+    ];
+    for (args, env, want) in cases {
+        let (ok, _, err) = run(args, &env);
+        assert!(!ok, "{args:?} started");
+        assert!(err.contains(want), "{args:?}: {err}");
     }
+    // With all of them set it goes on, as far as the (absent) broker.
+    let (ok, _, err) = run(&["edge"], &[broker, redis, postgres, key, secret]);
+    assert!(!ok);
+    assert!(!err.contains("is not set"), "{err}");
     let (ok, _, err) = run(
         &["worker", "tap"],
         &[
