@@ -236,7 +236,8 @@ fn config_check_redacts_secrets_and_names_bad_keys() {
     );
     let key = ("NEXUS_STORES__PROVISIONING_KEY", "5e".repeat(32));
     let secret = ("NEXUS_CHAT__CLIENT_KEY_SECRET", "s".to_string());
-    let cases: [(&[&str], Vec<(&str, String)>, &str); 5] = [
+    type Env<'a> = Vec<(&'a str, String)>;
+    let cases: [(&[&str], Env, &str); 5] = [
         (&["edge"], vec![broker.clone()], "stores.redis_url"),
         (
             &["worker", "conversation"],
