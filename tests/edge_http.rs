@@ -197,6 +197,13 @@ async fn bad_input_gets_a_clear_4xx_and_publishes_nothing() {
             StatusCode::UNAUTHORIZED,
             "INVALID_TOKEN",
         ),
+        // The token is checked before the path is parsed: no axum plain-text 400 for a
+        // caller without one.
+        (
+            post("/v1/events/%FF", None, valid_event().to_string()),
+            StatusCode::UNAUTHORIZED,
+            "AUTHENTICATION_REQUIRED",
+        ),
         (
             post(
                 "/v1/events/no.such.topic",

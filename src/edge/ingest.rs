@@ -6,20 +6,33 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::Json;
+use axum::routing::post;
+use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::{ApiError, AppState};
 use crate::bus::headers;
 use crate::events::{self, Event};
 
-pub async fn ingest(
+/// The route, behind the admin token and the plain-path check like `/v1/admin` (no path is
+/// parsed, and no answer shape given away, before the token is checked).
+pub fn routes(state: AppState) -> Router<AppState> {
+    Router::new()
+        .route("/v1/events/{topic}", post(ingest))
+        .method_not_allowed_fallback(super::error::method_not_allowed)
+        .route_layer(axum::middleware::from_fn(super::path::require_plain))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state,
+            super::admin::require_admin,
+        ))
+}
+
+async fn ingest(
     State(state): State<AppState>,
     Path(topic): Path<String>,
     request_headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    super::auth::require_admin(&state.config.http, &request_headers)?;
     let declared = state.topology.topic(&topic).ok_or_else(|| {
         ApiError::not_found(
             "UNKNOWN_TOPIC",

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -131,6 +131,7 @@ pub fn app(state: AppState) -> Router {
     let limit = state.config.http.max_body_bytes;
     Router::new()
         .merge(admin::router(state.clone()))
+        .merge(ingest::routes(state.clone()))
         .merge(chat::routes(state.config.chat.max_file_bytes))
         .merge(agent::routes())
         .merge(bot::routes())
@@ -138,7 +139,6 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
-        .route("/v1/events/{topic}", post(ingest::ingest))
         .fallback(chat::not_found)
         .layer(axum::middleware::from_fn(telemetry::track))
         .layer(DefaultBodyLimit::max(limit))

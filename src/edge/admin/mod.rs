@@ -132,7 +132,9 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route_layer(middleware::from_fn_with_state(state, require_admin))
 }
 
-async fn require_admin(
+/// Middleware: the admin token first, before any extractor reads the request (the ingest
+/// route uses it too).
+pub(crate) async fn require_admin(
     State(state): State<AppState>,
     request: Request,
     next: Next,
