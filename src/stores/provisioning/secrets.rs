@@ -107,22 +107,36 @@ impl EncryptionKey {
     }
 
     /// The key in `path`, created (random, mode 0600) on first use: the `nexus dev` default.
+    /// Written whole to a temporary file, then linked into place (which fails if a key is
+    /// there): a crash or a second process starting at once never leaves a partial key. An
+    /// empty file (a crash of a version that wrote in place) held no key anything was
+    /// encrypted with, and is replaced.
     pub fn load_or_create(path: &Path) -> std::io::Result<Self> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        match options.open(path) {
-            Ok(mut file) => {
-                let key = Self::generate();
-                let hex: String = key.0.iter().map(|b| format!("{b:02x}")).collect();
-                file.write_all(hex.as_bytes())?;
-                file.sync_all()?;
-                Ok(key)
-            }
+        let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
+        let key = Self::generate();
+        {
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut file = options.open(&tmp)?;
+            let hex: String = key.0.iter().map(|b| format!("{b:02x}")).collect();
+            file.write_all(hex.as_bytes())?;
+            file.sync_all()?;
+        }
+        let mut linked = std::fs::hard_link(&tmp, path);
+        if matches!(&linked, Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists)
+            && std::fs::metadata(path)?.len() == 0
+        {
+            std::fs::remove_file(path)?;
+            linked = std::fs::hard_link(&tmp, path);
+        }
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => Ok(key),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 let text = std::fs::read_to_string(path)?;
                 Self::parse(&text).map_err(|e| {
@@ -266,5 +280,36 @@ mod tests {
             let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+        // Nothing but the key is left beside it.
+        let names: Vec<_> = std::fs::read_dir(path.parent().expect("dir"))
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, ["provisioning.key"]);
+    }
+
+    /// An empty key file (an older version crashed between creating and writing it) held no
+    /// key: it is replaced, where every start failed before.
+    #[test]
+    fn an_empty_key_file_is_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("provisioning.key");
+        std::fs::write(&path, "").expect("empty");
+        let key = EncryptionKey::load_or_create(&path).expect("replaced");
+        assert_eq!(EncryptionKey::load_or_create(&path).expect("reuse").0, key.0);
+    }
+
+    /// Processes starting together end up with one key.
+    #[test]
+    fn racing_creators_agree() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("provisioning.key");
+        let keys: Vec<[u8; 32]> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| EncryptionKey::load_or_create(&path).expect("key").0))
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("join")).collect()
+        });
+        assert!(keys.iter().all(|k| *k == keys[0]));
     }
 }
