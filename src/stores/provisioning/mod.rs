@@ -264,3 +264,41 @@ impl Provisioning {
         }
     }
 }
+
+#[cfg(test)]
+mod migration_lock {
+    use sha2::{Digest, Sha256};
+
+    /// Every migration file matches its line in `migrations.lock`, and every line its file: a
+    /// database that applied a migration refuses to start once the file changes (sqlx checks
+    /// it), so a released one is never edited; a new one gets a line.
+    #[test]
+    fn released_migrations_are_never_edited() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/stores/provisioning");
+        let lock = std::fs::read_to_string(root.join("migrations.lock")).expect("lock");
+        let mut locked: Vec<(String, String)> = lock
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .filter_map(|l| l.split_once(' '))
+            .map(|(f, h)| (f.to_string(), h.trim().to_string()))
+            .collect();
+        locked.sort();
+        let mut found: Vec<(String, String)> = std::fs::read_dir(root.join("migrations"))
+            .expect("migrations")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+            .map(|p| {
+                let digest = Sha256::digest(std::fs::read(&p).expect("read"));
+                let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+                let name = p.file_name().expect("name").to_string_lossy().into_owned();
+                (name, hex)
+            })
+            .collect();
+        found.sort();
+        assert_eq!(
+            found, locked,
+            "a migration changed, vanished or is new: add a new migration instead of editing one; \
+             a new file gets its line in migrations.lock (`sha256sum`, first 16 hex digits)"
+        );
+    }
+}

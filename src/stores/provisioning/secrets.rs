@@ -296,7 +296,10 @@ mod tests {
         let path = dir.path().join("provisioning.key");
         std::fs::write(&path, "").expect("empty");
         let key = EncryptionKey::load_or_create(&path).expect("replaced");
-        assert_eq!(EncryptionKey::load_or_create(&path).expect("reuse").0, key.0);
+        assert_eq!(
+            EncryptionKey::load_or_create(&path).expect("reuse").0,
+            key.0
+        );
     }
 
     /// Processes starting together end up with one key.
@@ -308,7 +311,10 @@ mod tests {
             let handles: Vec<_> = (0..8)
                 .map(|_| s.spawn(|| EncryptionKey::load_or_create(&path).expect("key").0))
                 .collect();
-            handles.into_iter().map(|h| h.join().expect("join")).collect()
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("join"))
+                .collect()
         });
         assert!(keys.iter().all(|k| *k == keys[0]));
     }
