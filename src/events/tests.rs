@@ -750,6 +750,24 @@ fn a_lock_line_without_content_is_refreshed_by_lock() {
     );
     Registry::write_lock(dir.path()).unwrap();
     Registry::check_dir(dir.path()).unwrap();
+
+    // Once the lock has digests, a line cut back to three columns (to slip an edit of its
+    // schema through) is refused, not re-locked.
+    let lock = dir.path().join("fingerprints.lock");
+    let text = std::fs::read_to_string(&lock).unwrap();
+    let cut: String = text
+        .lines()
+        .map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+            ["TypingIndicated", v, fp, _] => format!("TypingIndicated {v} {fp}\n"),
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    std::fs::write(&lock, cut).unwrap();
+    let errors = Registry::write_lock(dir.path()).unwrap_err();
+    assert!(
+        matches!(&errors[..], [SchemaError::LockOutdated { event_type, .. }] if event_type == "TypingIndicated"),
+        "{errors:?}"
+    );
 }
 
 /// A rename through `aliases` would read old data as the default in nexus (fields match by

@@ -125,20 +125,8 @@ pub(crate) fn check_user_data(
     state: &AppState,
     data: &BTreeMap<String, String>,
 ) -> Result<(), ApiError> {
-    let max = state.config.chat.max_user_data_entries;
-    if data.len() > max {
-        return Err(ApiError::bad_request(
-            "INVALID_USER_DATA",
-            format!("at most {max} user-data entries"),
-        ));
-    }
-    if data.keys().any(|k| k.is_empty() || k.len() > 256) || data.values().any(|v| v.len() > 4096) {
-        return Err(ApiError::bad_request(
-            "INVALID_USER_DATA",
-            "user-data keys are 1 to 256 bytes, values at most 4096",
-        ));
-    }
-    Ok(())
+    crate::stores::session::check_user_data(data, state.config.chat.max_user_data_entries)
+        .map_err(|e| ApiError::bad_request("INVALID_USER_DATA", e))
 }
 
 /// What starting a session needs, shared by v3 and the legacy v2 API.

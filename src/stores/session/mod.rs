@@ -378,6 +378,19 @@ pub fn start_mark(tenant: &str, conversation_id: &str) -> String {
 
 /// A conversation's user data after an update: `set` merged in, then `removed` taken out (a
 /// key both set and removed is gone). The edge checks the limit on it, the worker applies it.
+/// What user data may hold, whoever writes it (the chat APIs, the bot API, a bot's answer):
+/// at most `max_entries` entries, keys of 1 to 256 bytes, values of at most 4096; the reason
+/// when not.
+pub fn check_user_data(data: &BTreeMap<String, String>, max_entries: usize) -> Result<(), String> {
+    if data.len() > max_entries {
+        return Err(format!("at most {max_entries} user-data entries"));
+    }
+    if data.keys().any(|k| k.is_empty() || k.len() > 256) || data.values().any(|v| v.len() > 4096) {
+        return Err("user-data keys are 1 to 256 bytes, values at most 4096".into());
+    }
+    Ok(())
+}
+
 pub fn merge_user_data(
     current: &BTreeMap<String, String>,
     set: &BTreeMap<String, String>,

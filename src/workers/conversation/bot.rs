@@ -109,15 +109,8 @@ impl BotTurn {
             }
         }
         if let Some(h) = &self.handoff {
-            let bad = h.user_data.len() > limits.max_user_data_entries
-                || h.user_data.keys().any(|k| k.is_empty() || k.len() > 256)
-                || h.user_data.values().any(|v| v.len() > 4096);
-            if bad {
-                return Err(BotError::Refused(format!(
-                    "bot answer: handoff user_data holds more than {} entries, or keys over 256 or values over 4096 bytes",
-                    limits.max_user_data_entries
-                )));
-            }
+            crate::stores::session::check_user_data(&h.user_data, limits.max_user_data_entries)
+                .map_err(|e| BotError::Refused(format!("bot answer: handoff: {e}")))?;
         }
         Ok(())
     }
@@ -181,12 +174,55 @@ pub async fn call(
 mod tests {
     use super::*;
 
-    #[test]
-    fn answers_past_the_limits_are_refused() {
-        let limits = Limits {
+    fn limits() -> Limits {
+        Limits {
             max_chars: 10,
             max_user_data_entries: 2,
-        };
+        }
+    }
+
+    fn target(url: String) -> BotTarget {
+        BotTarget {
+            name: "bot".into(),
+            url,
+            credential: "c".into(),
+        }
+    }
+
+    /// An answer past 256 KiB is refused (the conversation falls back to its queue) without
+    /// being read whole; an unreachable bot's error names no credential of its URL.
+    #[tokio::test]
+    async fn large_answers_are_refused_and_errors_hide_credentials() {
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::post(|| async { "x".repeat(MAX_ANSWER_BYTES + 1) }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let http = reqwest::Client::new();
+        let body = serde_json::json!({});
+        let timeout = Duration::from_secs(5);
+        let answer = call(&http, &target(url), &body, "k", timeout, limits()).await;
+        assert!(
+            matches!(&answer, Err(BotError::Refused(m)) if m.contains("larger than")),
+            "{answer:?}"
+        );
+        let down = "http://u:s3cret@127.0.0.1:9/?token=t0ken".to_string();
+        let answer = call(&http, &target(down), &body, "k", timeout, limits()).await;
+        match answer {
+            Err(BotError::Down(m)) => {
+                assert!(!m.contains("s3cret") && !m.contains("t0ken"), "{m}")
+            }
+            other => panic!("expected the bot down, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn answers_past_the_limits_are_refused() {
+        let limits = limits();
         let turn = |v: Value| serde_json::from_value::<BotTurn>(v).expect("turn");
         let ok = turn(serde_json::json!({"replies": [{"text": "0123456789"}],
             "handoff": {"user_data": {"a": "1", "b": "2"}}}));

@@ -843,7 +843,13 @@ impl ConversationWorker {
                 warn!(conversation_id = %c.conversation_id, queue = %q, "bot handoff to an unknown queue; using the rule's");
             }
         }
-        c.user_data.extend(context);
+        let merged = crate::stores::session::merge_user_data(&c.user_data, &context, &[]);
+        if merged.len() > self.max_user_data_entries.max(c.user_data.len()) {
+            // The record stays bounded, as for the customer's updates; the handoff goes on.
+            warn!(conversation_id = %c.conversation_id, entries = merged.len(), "a bot's handoff context would take the user data past its limit; not added");
+        } else {
+            c.user_data = merged;
+        }
         c.state = ConversationState::Queued;
         info!(conversation_id = %c.conversation_id, queue = ?c.queue_id, "bot handed off");
         self.wait_in_queue(c, e).await

@@ -687,8 +687,38 @@ async fn a_bot_answer_past_the_limits_falls_back_to_the_queue() {
     rig.worker.max_message_chars = 20;
     rig.create_interaction_topic().await;
     let answer = serde_json::json!({"replies": [{"text": "x".repeat(21)}],
-        "handoff": {"user_data": {"topic": "billing"}}})
-    .to_string();
+        "handoff": {"user_data": {"topic": "billing"}}});
+    with_a_bot_answering(&rig, answer, BTreeMap::new()).await;
+    let length = rig.transcript_len().await;
+    let said = customer_says("I need help");
+    rig.worker
+        .on_customer_message(&rig.event(&said), said)
+        .await
+        .expect("message");
+    let record = rig.record().await;
+    assert_eq!(record.state, ConversationState::Queued);
+    assert!(
+        !record.user_data.contains_key("topic"),
+        "no part of the answer applied"
+    );
+    let texts: Vec<String> = rig
+        .store
+        .transcript(&rig.tenant, CONVERSATION, length + 1, 100)
+        .await
+        .expect("transcript")
+        .into_iter()
+        .filter_map(|e| e.entry.text)
+        .collect();
+    assert_eq!(texts, ["I need help", "Connecting you to an agent."]);
+}
+
+/// Puts the rig's conversation with a bot that answers every turn with `answer`.
+async fn with_a_bot_answering(
+    rig: &Rig,
+    answer: serde_json::Value,
+    user_data: BTreeMap<String, String>,
+) {
+    let answer = answer.to_string();
     let app = axum::Router::new().route(
         "/",
         axum::routing::post(move || {
@@ -719,28 +749,29 @@ async fn a_bot_answer_past_the_limits_falls_back_to_the_queue() {
     with_bot.state = ConversationState::Bot;
     with_bot.agent_id = None;
     with_bot.bot_id = Some(bot);
+    with_bot.user_data = user_data;
     assert!(rig.store.put_conversation(&with_bot).await.expect("put"));
-    let length = rig.transcript_len().await;
-    let said = customer_says("I need help");
+}
+
+/// A handoff whose context would take the conversation's user data past its limit hands off
+/// without it: the record stays bounded, as for a customer's updates (before, the context was
+/// added whatever the total).
+#[tokio::test]
+async fn a_handoff_context_past_the_user_data_limit_is_not_added() {
+    let mut rig = rig().await;
+    rig.worker.max_user_data_entries = 2;
+    rig.create_interaction_topic().await;
+    let answer = serde_json::json!({"handoff": {"user_data": {"b": "2", "c": "3"}}});
+    let before = BTreeMap::from([("a".to_string(), "1".to_string())]);
+    with_a_bot_answering(&rig, answer, before.clone()).await;
+    let said = customer_says("help");
     rig.worker
         .on_customer_message(&rig.event(&said), said)
         .await
         .expect("message");
     let record = rig.record().await;
     assert_eq!(record.state, ConversationState::Queued);
-    assert!(
-        !record.user_data.contains_key("topic"),
-        "no part of the answer applied"
-    );
-    let texts: Vec<String> = rig
-        .store
-        .transcript(&rig.tenant, CONVERSATION, length + 1, 100)
-        .await
-        .expect("transcript")
-        .into_iter()
-        .filter_map(|e| e.entry.text)
-        .collect();
-    assert_eq!(texts, ["I need help", "Connecting you to an agent."]);
+    assert_eq!(record.user_data, before);
 }
 
 /// A start replayed after its conversation's record expired (a replay reaching back past
