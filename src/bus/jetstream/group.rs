@@ -87,6 +87,42 @@ const BATCH_LINGER: Duration = Duration::from_millis(2);
 /// Pause after a failed pull or consumer lookup before trying again.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 
+/// The topic's lease bucket, created or raised to this member's lease time. Only a bucket
+/// that is not there is created with this member's value; an error is not taken for "none"
+/// (that would lower it).
+async fn keep_lease_bucket(bus: &Inner, bucket: &str, topic: &str) -> Result<kv::Store, BusError> {
+    let existing = bus
+        .stream_info(&format!("KV_{bucket}"), None)
+        .await?
+        .map(|info| info.config.max_age);
+    let own = bus.timing.lease_ttl;
+    if let Some(e) = existing.filter(|e| *e >= own) {
+        if e > own {
+            debug!(
+                bucket, bucket_ms = e.as_millis() as u64, config_ms = own.as_millis() as u64,
+                "the lease bucket keeps leases longer than bus.nats.lease_ttl_ms; kept (a member may count on it)"
+            );
+        }
+        return bus
+            .js
+            .get_key_value(bucket)
+            .await
+            .map_err(|e| BusError::Unavailable(format!("lease bucket {bucket}: {e}")));
+    }
+    bus.js
+        .create_or_update_key_value(kv::Config {
+            bucket: bucket.to_string(),
+            description: format!("nexus partition leases of topic `{topic}`"),
+            history: 1,
+            max_age: own,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: bus.replicas,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| BusError::Unavailable(format!("lease bucket {bucket}: {e}")))
+}
+
 /// Joins `group` on `topic`; see the module doc.
 pub(super) async fn subscribe(
     bus: &Arc<Inner>,
@@ -102,33 +138,9 @@ pub(super) async fn subscribe(
     // member whose config says less gives its leases up early, which is safe). Lowering
     // `bus.nats.lease_ttl_ms` therefore takes effect once the bucket is deleted (it holds
     // nothing but leases) with every member stopped.
-    // Only a bucket that is not there is created with this member's value; an error is not
-    // taken for "none" (that would lower it).
-    let existing = bus
-        .stream_info(&format!("KV_{bucket}"), None)
-        .await?
-        .map(|info| info.config.max_age);
-    let max_age = existing.map_or(bus.timing.lease_ttl, |e| e.max(bus.timing.lease_ttl));
-    if existing.is_some_and(|e| e > bus.timing.lease_ttl) {
-        warn!(
-            bucket = %bucket, bucket_ms = max_age.as_millis() as u64,
-            config_ms = bus.timing.lease_ttl.as_millis() as u64,
-            "the lease bucket keeps leases longer than bus.nats.lease_ttl_ms; kept (a member may still count on it)"
-        );
-    }
-    let kv = bus
-        .js
-        .create_or_update_key_value(kv::Config {
-            bucket: bucket.clone(),
-            description: format!("nexus partition leases of topic `{topic}`"),
-            history: 1,
-            max_age,
-            storage: jetstream::stream::StorageType::File,
-            num_replicas: bus.replicas,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| BusError::Unavailable(format!("lease bucket {bucket}: {e}")))?;
+    // Two members writing at once (read, then write) can still leave the shorter value: each
+    // member looks again with every partition-count refresh (`keep_lease_bucket`).
+    let kv = keep_lease_bucket(bus, &bucket, topic).await?;
     let marks = bus.groups_bucket(&meta.stream, topic).await?;
     let joined = joined_partitions(bus, &marks, &meta, &group_key).await?;
     let max_in_flight = options.max_in_flight.max(1);
@@ -560,6 +572,9 @@ async fn coordinate(bus: Arc<Inner>, g: Arc<Group>, mut partitions: u32) -> Resu
                         }
                         partitions = partitions.max(meta.partitions);
                         partitions_read = Instant::now();
+                        if let Err(e) = keep_lease_bucket(&bus, &g.bucket, &g.topic).await {
+                            warn!(error = %e, "checking the lease bucket's max age failed");
+                        }
                     }
                     Ok(None) => {
                         fatal.get_or_insert(BusError::UnknownTopic(g.topic.clone()));
