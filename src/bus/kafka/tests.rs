@@ -561,3 +561,88 @@ fn consumers_bound_their_prefetch_and_refill_it_soon() {
         assert_eq!(c.get("enable.auto.commit"), Some("false"));
     }
 }
+
+/// A record waiting to retry (a peer asked for a minute) does not hold a revoke for the whole
+/// hand-over wait: the revoke marks its partitions as moving at once, the waiting record is
+/// left to the next owner, and the joining member reads it within seconds, not after 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_waiting_to_retry_does_not_hold_a_revoke() {
+    use crate::bus::consumer::{Consumer, ConsumerOptions, HandleError, Handler};
+    use crate::events::{encode, Event};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio_util::sync::CancellationToken;
+
+    struct Later(AtomicUsize);
+    #[async_trait::async_trait]
+    impl Handler for Later {
+        async fn handle(&self, _e: &Event, _m: &Message) -> Result<(), HandleError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Err(HandleError::RetryLater {
+                reason: "the peer asked for a minute".into(),
+                not_before_ms: chrono::Utc::now().timestamp_millis() + 60_000,
+                counts: false,
+            })
+        }
+    }
+
+    let Some(kafka) = bus_with(|c| c.kafka.handover_wait_ms = 30_000).await else {
+        return;
+    };
+    let t = topic(&kafka, 2).await;
+    let g = name("g");
+    let bus: Arc<dyn Bus> = Arc::new(kafka);
+    for p in 0..2u32 {
+        let k = crate::bus::partitioner::key_in(p, 2, "k");
+        let body = crate::events::chat::TypingIndicated {
+            participant_id: "p".into(),
+            participant_kind: crate::events::chat::ParticipantKind::Customer,
+            state: crate::events::chat::TypingState::Started,
+            preview: None,
+            transcript_position: None,
+        };
+        let event = Event::typed(&body, "t1", &k, "test").unwrap();
+        bus.publish(&t, OutRecord::new(k, encode(&event).unwrap()))
+            .await
+            .unwrap();
+    }
+    let handler = Arc::new(Later(AtomicUsize::new(0)));
+    let options = ConsumerOptions {
+        concurrency: 2,
+        max_in_flight: 16,
+        handler_timeout: Duration::from_secs(30),
+        retry_initial: Duration::from_millis(10),
+        retry_max: Duration::from_millis(100),
+        lag_interval: Duration::from_secs(5),
+        start: StartFrom::Earliest,
+    };
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(
+        Consumer::new(bus.clone(), &g, &t, options).run(handler.clone(), stop.clone()),
+    );
+    let until = Instant::now() + Duration::from_secs(30);
+    while handler.0.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < until, "both records tried");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let joined = Instant::now();
+    let mut b = bus
+        .subscribe(&g, &t, SubscribeOptions::default())
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(20), b.next())
+        .await
+        .expect("the moved partition's waiting record reaches the new member before the 30 s hand-over wait")
+        .expect("open")
+        .expect("delivery");
+    assert_eq!(got.message.offset, 0, "the record A was waiting to retry");
+    assert!(
+        joined.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        joined.elapsed()
+    );
+    drop(got);
+    drop(b);
+    stop.cancel();
+    run.await.unwrap().unwrap();
+}
