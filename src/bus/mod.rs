@@ -23,6 +23,8 @@ pub mod jetstream;
 pub mod kafka;
 mod partitioner;
 mod tail;
+#[cfg(test)]
+pub(crate) mod test_support;
 pub mod url;
 
 use std::sync::Arc;

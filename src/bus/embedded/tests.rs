@@ -560,6 +560,37 @@ fn assert_records(got: &[Message], from: u64, to: u64) {
     assert_eq!(got, want);
 }
 
+/// Runs this test binary again as a child running only `test`, told `dir` through `var`,
+/// reads its `acked N` lines until N reaches `at_least`, then SIGKILLs it; the last N.
+fn run_child_until_acked(test: &str, var: &str, dir: &Path, at_least: u64) -> u64 {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            &format!("bus::embedded::tests::{test}"),
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(var, dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut acked = None;
+    while acked.is_none_or(|n| n < at_least) {
+        let line = lines
+            .next()
+            .expect("the child ends before it is killed")
+            .unwrap();
+        if let Some(n) = line.strip_prefix("acked ") {
+            acked = Some(n.parse::<u64>().unwrap());
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    acked.unwrap()
+}
+
 /// Env var naming the directory the child of [`a_killed_process_keeps_every_acked_record`]
 /// publishes into.
 const CRASH_CHILD_DIR: &str = "NEXUS_EMBEDDED_CRASH_CHILD_DIR";
@@ -579,35 +610,14 @@ async fn a_killed_process_keeps_every_acked_record() {
     if let Ok(dir) = std::env::var(CRASH_CHILD_DIR) {
         return crash_child(&dir).await;
     }
-    use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
-    // This test binary again, running only this test, as the child.
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "bus::embedded::tests::a_killed_process_keeps_every_acked_record",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CRASH_CHILD_DIR, dir.path())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut acked = None;
-    while acked.is_none_or(|n| n < 300) {
-        let line = lines
-            .next()
-            .expect("the child ends before it is killed")
-            .unwrap();
-        if let Some(n) = line.strip_prefix("acked ") {
-            acked = Some(n.parse::<u64>().unwrap());
-        }
-    }
     // SIGKILL mid-stream: no destructor runs, nothing is flushed on the way out.
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let last = acked.unwrap();
+    let last = run_child_until_acked(
+        "a_killed_process_keeps_every_acked_record",
+        CRASH_CHILD_DIR,
+        dir.path(),
+        300,
+    );
     let bus = open(dir.path());
     let high = bus.partition_offsets("t").await.unwrap()[0].high;
     assert!(high > last, "acked up to {last}, kept below {high}");
@@ -646,33 +656,13 @@ async fn a_killed_consumer_keeps_its_acks() {
     if let Ok(dir) = std::env::var(ACK_CHILD_DIR) {
         return ack_child(&dir).await;
     }
-    use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "bus::embedded::tests::a_killed_consumer_keeps_its_acks",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(ACK_CHILD_DIR, dir.path())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut acked = None;
-    while acked.is_none_or(|n| n < 200) {
-        let line = lines
-            .next()
-            .expect("the child ends before it is killed")
-            .unwrap();
-        if let Some(n) = line.strip_prefix("acked ") {
-            acked = Some(n.parse::<u64>().unwrap());
-        }
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let last = acked.unwrap();
+    let last = run_child_until_acked(
+        "a_killed_consumer_keeps_its_acks",
+        ACK_CHILD_DIR,
+        dir.path(),
+        200,
+    );
     let bus = open(dir.path());
     let p = bus.group_positions("g", "t").await.unwrap()[0];
     let committed = p.committed.expect("the group's position survived");
@@ -1008,8 +998,8 @@ async fn a_hand_over_reads_anyway_after_its_wait() {
 /// being handled at that moment is done: every record is handled once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_leaves_queued_records_of_a_moved_partition() {
-    use crate::bus::consumer::{Consumer, ConsumerOptions, HandleError, Handler};
-    use crate::events::{encode, Event};
+    use crate::bus::consumer::{Consumer, HandleError, Handler};
+    use crate::events::Event;
     use std::sync::{Arc, Mutex};
     use tokio_util::sync::CancellationToken;
 
@@ -1036,20 +1026,9 @@ async fn a_consumer_leaves_queued_records_of_a_moved_partition() {
     })
     .await
     .unwrap();
-    let keys: Vec<String> = (0..2u32)
-        .map(|p| crate::bus::partitioner::key_in(p, 2, "k"))
-        .collect();
     for _ in 0..3 {
-        for k in &keys {
-            let body = crate::events::chat::TypingIndicated {
-                participant_id: "p".into(),
-                participant_kind: crate::events::chat::ParticipantKind::Customer,
-                state: crate::events::chat::TypingState::Started,
-                preview: None,
-                transcript_position: None,
-            };
-            let event = Event::typed(&body, "t1", k, "test").unwrap();
-            bus.publish("t", OutRecord::new(k.clone(), encode(&event).unwrap()))
+        for p in 0..2u32 {
+            bus.publish("t", crate::bus::test_support::event_on(p, 2))
                 .await
                 .unwrap();
         }
@@ -1058,15 +1037,7 @@ async fn a_consumer_leaves_queued_records_of_a_moved_partition() {
         open: tokio::sync::Semaphore::new(0),
         handled: Mutex::new(Vec::new()),
     });
-    let options = ConsumerOptions {
-        concurrency: 1,
-        max_in_flight: 16,
-        handler_timeout: Duration::from_secs(30),
-        retry_initial: Duration::from_millis(10),
-        retry_max: Duration::from_millis(100),
-        lag_interval: Duration::from_secs(5),
-        start: StartFrom::Earliest,
-    };
+    let options = crate::bus::test_support::options(1);
     let stop = CancellationToken::new();
     let run =
         tokio::spawn(Consumer::new(bus.clone(), "g", "t", options).run(gate.clone(), stop.clone()));
@@ -1104,24 +1075,10 @@ async fn a_consumer_leaves_queued_records_of_a_moved_partition() {
 /// moments, not after the hand-over wait (the test's 20 s), and the old member tries it no more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_waiting_to_retry_is_left_when_its_partition_moves() {
-    use crate::bus::consumer::{Consumer, ConsumerOptions, HandleError, Handler};
-    use crate::events::{encode, Event};
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use crate::bus::consumer::Consumer;
+    use crate::bus::test_support::{event_on, options, Later};
     use std::sync::Arc;
     use tokio_util::sync::CancellationToken;
-
-    struct Later(AtomicUsize);
-    #[async_trait::async_trait]
-    impl Handler for Later {
-        async fn handle(&self, _e: &Event, _m: &Message) -> Result<(), HandleError> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            Err(HandleError::RetryLater {
-                reason: "the peer asked for a minute".into(),
-                not_before_ms: chrono::Utc::now().timestamp_millis() + 60_000,
-                counts: false,
-            })
-        }
-    }
 
     let dir = tempfile::tempdir().unwrap();
     let bus: Arc<dyn Bus> = Arc::new(open_with_handover(dir.path(), Duration::from_secs(20)));
@@ -1133,35 +1090,16 @@ async fn a_record_waiting_to_retry_is_left_when_its_partition_moves() {
     .await
     .unwrap();
     for p in 0..2u32 {
-        let k = crate::bus::partitioner::key_in(p, 2, "k");
-        let body = crate::events::chat::TypingIndicated {
-            participant_id: "p".into(),
-            participant_kind: crate::events::chat::ParticipantKind::Customer,
-            state: crate::events::chat::TypingState::Started,
-            preview: None,
-            transcript_position: None,
-        };
-        let event = Event::typed(&body, "t1", &k, "test").unwrap();
-        bus.publish("t", OutRecord::new(k, encode(&event).unwrap()))
-            .await
-            .unwrap();
+        bus.publish("t", event_on(p, 2)).await.unwrap();
     }
-    let handler = Arc::new(Later(AtomicUsize::new(0)));
-    let options = ConsumerOptions {
-        concurrency: 2,
-        max_in_flight: 16,
-        handler_timeout: Duration::from_secs(30),
-        retry_initial: Duration::from_millis(10),
-        retry_max: Duration::from_millis(100),
-        lag_interval: Duration::from_secs(5),
-        start: StartFrom::Earliest,
-    };
+    let handler = Arc::new(Later::default());
+    let options = options(2);
     let stop = CancellationToken::new();
     let run = tokio::spawn(
         Consumer::new(bus.clone(), "g", "t", options).run(handler.clone(), stop.clone()),
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while handler.0.load(Ordering::SeqCst) < 2 {
+    while handler.tries() < 2 {
         assert!(std::time::Instant::now() < deadline, "both records tried");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -1176,7 +1114,7 @@ async fn a_record_waiting_to_retry_is_left_when_its_partition_moves() {
         .expect("delivery");
     assert_eq!(got.message.offset, 0);
     assert_eq!(
-        handler.0.load(Ordering::SeqCst),
+        handler.tries(),
         2,
         "nothing is tried again while the minute runs"
     );

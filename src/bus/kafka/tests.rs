@@ -567,24 +567,10 @@ fn consumers_bound_their_prefetch_and_refill_it_soon() {
 /// left to the next owner, and the joining member reads it within seconds, not after 30 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_waiting_to_retry_does_not_hold_a_revoke() {
-    use crate::bus::consumer::{Consumer, ConsumerOptions, HandleError, Handler};
-    use crate::events::{encode, Event};
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use crate::bus::consumer::Consumer;
+    use crate::bus::test_support::{event_on, options, Later};
     use std::sync::Arc;
     use tokio_util::sync::CancellationToken;
-
-    struct Later(AtomicUsize);
-    #[async_trait::async_trait]
-    impl Handler for Later {
-        async fn handle(&self, _e: &Event, _m: &Message) -> Result<(), HandleError> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            Err(HandleError::RetryLater {
-                reason: "the peer asked for a minute".into(),
-                not_before_ms: chrono::Utc::now().timestamp_millis() + 60_000,
-                counts: false,
-            })
-        }
-    }
 
     let Some(kafka) = bus_with(|c| c.kafka.handover_wait_ms = 30_000).await else {
         return;
@@ -593,35 +579,16 @@ async fn a_record_waiting_to_retry_does_not_hold_a_revoke() {
     let g = name("g");
     let bus: Arc<dyn Bus> = Arc::new(kafka);
     for p in 0..2u32 {
-        let k = crate::bus::partitioner::key_in(p, 2, "k");
-        let body = crate::events::chat::TypingIndicated {
-            participant_id: "p".into(),
-            participant_kind: crate::events::chat::ParticipantKind::Customer,
-            state: crate::events::chat::TypingState::Started,
-            preview: None,
-            transcript_position: None,
-        };
-        let event = Event::typed(&body, "t1", &k, "test").unwrap();
-        bus.publish(&t, OutRecord::new(k, encode(&event).unwrap()))
-            .await
-            .unwrap();
+        bus.publish(&t, event_on(p, 2)).await.unwrap();
     }
-    let handler = Arc::new(Later(AtomicUsize::new(0)));
-    let options = ConsumerOptions {
-        concurrency: 2,
-        max_in_flight: 16,
-        handler_timeout: Duration::from_secs(30),
-        retry_initial: Duration::from_millis(10),
-        retry_max: Duration::from_millis(100),
-        lag_interval: Duration::from_secs(5),
-        start: StartFrom::Earliest,
-    };
+    let handler = Arc::new(Later::default());
+    let options = options(2);
     let stop = CancellationToken::new();
     let run = tokio::spawn(
         Consumer::new(bus.clone(), &g, &t, options).run(handler.clone(), stop.clone()),
     );
     let until = Instant::now() + Duration::from_secs(30);
-    while handler.0.load(Ordering::SeqCst) < 2 {
+    while handler.tries() < 2 {
         assert!(Instant::now() < until, "both records tried");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

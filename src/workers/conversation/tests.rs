@@ -618,12 +618,7 @@ async fn bot_server(up: Arc<std::sync::atomic::AtomicBool>) -> String {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}/", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    url
+    serve(app).await
 }
 
 /// A customer message whose bot was down fell back to the queue and told the customer so; its
@@ -635,25 +630,7 @@ async fn a_bot_fallback_is_decided_once() {
     rig.create_interaction_topic().await;
     let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let url = bot_server(up.clone()).await;
-    let bot = rig
-        .provisioning
-        .create_bot(
-            &rig.tenant,
-            crate::stores::provisioning::NewBot {
-                name: "Bot".into(),
-                url,
-                credential: "secret".into(),
-            },
-        )
-        .await
-        .expect("bot")
-        .bot
-        .id;
-    let mut with_bot = connected(&rig.tenant);
-    with_bot.state = ConversationState::Bot;
-    with_bot.agent_id = None;
-    with_bot.bot_id = Some(bot);
-    assert!(rig.store.put_conversation(&with_bot).await.expect("put"));
+    with_bot_at(&rig, url, BTreeMap::new()).await;
     let before = rig.record().await;
     let said = customer_says("I need help");
     let event = rig.event(&said);
@@ -726,11 +703,21 @@ async fn with_a_bot_answering(
             async move { answer }
         }),
     );
+    with_bot_at(rig, serve(app).await, user_data).await;
+}
+
+/// Serves `app` on loopback; its URL.
+async fn serve(app: axum::Router) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let url = format!("http://{}/", listener.local_addr().expect("addr"));
     tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+/// Puts the rig's conversation with a bot endpoint at `url`, holding `user_data`.
+async fn with_bot_at(rig: &Rig, url: String, user_data: BTreeMap<String, String>) {
     let bot = rig
         .provisioning
         .create_bot(
