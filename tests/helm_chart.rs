@@ -669,6 +669,10 @@ fn chart_refuses_inline_secrets_unknown_roles_and_short_grace() {
         ),
         ("bus.kind=embedded", "bus.kind must be kafka or nats"),
         (
+            "secrets.clientKeySecret.name=",
+            "secrets.clientKeySecret.name is required",
+        ),
+        (
             "edge.asyncThreads=0",
             "asyncThreads must be a positive number",
         ),

@@ -96,7 +96,9 @@ pub enum SchemaError {
         actual: u64,
     },
     #[error(
-        "{event_type} v{version} has no content digest in {LOCK_FILE}, run `nexus schemas lock`"
+        "{event_type} v{version} has no content digest in {LOCK_FILE}: run `nexus schemas lock` \
+         if the whole lock predates digests, else restore the line's digest (a released line never \
+         changes)"
     )]
     LockOutdated { event_type: String, version: u32 },
     #[error("{event_type} v{version} is in {LOCK_FILE} but its schema file is gone; released versions must be kept")]

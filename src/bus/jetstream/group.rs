@@ -90,15 +90,20 @@ const RETRY_PAUSE: Duration = Duration::from_millis(500);
 /// The topic's lease bucket, created or raised to this member's lease time. Only a bucket
 /// that is not there is created with this member's value; an error is not taken for "none"
 /// (that would lower it).
-async fn keep_lease_bucket(bus: &Inner, bucket: &str, topic: &str) -> Result<kv::Store, BusError> {
+async fn keep_lease_bucket(
+    bus: &Inner,
+    bucket: &str,
+    topic: &str,
+    joining: bool,
+) -> Result<kv::Store, BusError> {
     let existing = bus
         .stream_info(&format!("KV_{bucket}"), None)
         .await?
         .map(|info| info.config.max_age);
     let own = bus.timing.lease_ttl;
     if let Some(e) = existing.filter(|e| *e >= own) {
-        if e > own {
-            debug!(
+        if e > own && joining {
+            warn!(
                 bucket, bucket_ms = e.as_millis() as u64, config_ms = own.as_millis() as u64,
                 "the lease bucket keeps leases longer than bus.nats.lease_ttl_ms; kept (a member may count on it)"
             );
@@ -140,7 +145,7 @@ pub(super) async fn subscribe(
     // nothing but leases) with every member stopped.
     // Two members writing at once (read, then write) can still leave the shorter value: each
     // member looks again with every partition-count refresh (`keep_lease_bucket`).
-    let kv = keep_lease_bucket(bus, &bucket, topic).await?;
+    let kv = keep_lease_bucket(bus, &bucket, topic, true).await?;
     let marks = bus.groups_bucket(&meta.stream, topic).await?;
     let joined = joined_partitions(bus, &marks, &meta, &group_key).await?;
     let max_in_flight = options.max_in_flight.max(1);
@@ -572,7 +577,7 @@ async fn coordinate(bus: Arc<Inner>, g: Arc<Group>, mut partitions: u32) -> Resu
                         }
                         partitions = partitions.max(meta.partitions);
                         partitions_read = Instant::now();
-                        if let Err(e) = keep_lease_bucket(&bus, &g.bucket, &g.topic).await {
+                        if let Err(e) = keep_lease_bucket(&bus, &g.bucket, &g.topic, false).await {
                             warn!(error = %e, "checking the lease bucket's max age failed");
                         }
                     }

@@ -1223,6 +1223,21 @@ async fn the_lease_bucket_is_never_shortened_under_a_member() {
         Duration::from_millis(5000),
         "a member with a shorter lease keeps the longer bucket"
     );
+    // Lowered behind the members' backs (as a racing join could): raised back at the next
+    // partition-count refresh (2 s in these tests).
+    b.js.create_or_update_key_value(async_nats::jetstream::kv::Config {
+        bucket: bucket.clone(),
+        history: 1,
+        max_age: Duration::from_millis(2500),
+        ..Default::default()
+    })
+    .await
+    .expect("lower");
+    let until = Instant::now() + Duration::from_secs(10);
+    while max_age(&a).await < Duration::from_millis(5000) {
+        assert!(Instant::now() < until, "the bucket was raised back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     sub_b.close().await.expect("close b");
     sub_a.close().await.expect("close a");
 }

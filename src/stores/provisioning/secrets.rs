@@ -112,6 +112,13 @@ impl EncryptionKey {
     /// empty file (a crash of a version that wrote in place) held no key anything was
     /// encrypted with, and is replaced.
     pub fn load_or_create(path: &Path) -> std::io::Result<Self> {
+        // The usual case: the key is there (nothing written, a read-only directory is fine).
+        match std::fs::read_to_string(path) {
+            Ok(text) if !text.is_empty() => return Self::read(path, &text),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -138,16 +145,19 @@ impl EncryptionKey {
         match linked {
             Ok(()) => Ok(key),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let text = std::fs::read_to_string(path)?;
-                Self::parse(&text).map_err(|e| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("key file {}: {e}", path.display()),
-                    )
-                })
+                Self::read(path, &std::fs::read_to_string(path)?)
             }
             Err(e) => Err(e),
         }
+    }
+
+    fn read(path: &Path, text: &str) -> std::io::Result<Self> {
+        Self::parse(text).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("key file {}: {e}", path.display()),
+            )
+        })
     }
 }
 

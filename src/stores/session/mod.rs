@@ -376,8 +376,6 @@ pub fn start_mark(tenant: &str, conversation_id: &str) -> String {
     format!("chat-started:{tenant}:{conversation_id}")
 }
 
-/// A conversation's user data after an update: `set` merged in, then `removed` taken out (a
-/// key both set and removed is gone). The edge checks the limit on it, the worker applies it.
 /// What user data may hold, whoever writes it (the chat APIs, the bot API, a bot's answer):
 /// at most `max_entries` entries, keys of 1 to 256 bytes, values of at most 4096; the reason
 /// when not.
@@ -391,6 +389,8 @@ pub fn check_user_data(data: &BTreeMap<String, String>, max_entries: usize) -> R
     Ok(())
 }
 
+/// A conversation's user data after an update: `set` merged in, then `removed` taken out (a
+/// key both set and removed is gone). The edge checks the limit on it, the worker applies it.
 pub fn merge_user_data(
     current: &BTreeMap<String, String>,
     set: &BTreeMap<String, String>,
