@@ -966,8 +966,20 @@ async fn fetch_loop(bus: &Arc<Inner>, g: &Arc<Group>, slot: &Arc<Slot>) -> Optio
             match item {
                 Ok(_) if gap => {}
                 Ok(m) => {
-                    let seq = m.info().map(|i| i.consumer_sequence).ok();
-                    if let (Some(seq), Some(last)) = (seq, delivered) {
+                    // Read once per record: the reply subject is parsed for it.
+                    let info = match m.info() {
+                        Ok(i) => Delivered {
+                            consumer_seq: i.consumer_sequence,
+                            stream_seq: i.stream_sequence,
+                            ts: timestamp_ms(i.published.unix_timestamp_nanos()),
+                        },
+                        Err(e) => {
+                            warn!(error = %e, "record without JetStream metadata left for redelivery");
+                            continue;
+                        }
+                    };
+                    let seq = info.consumer_seq;
+                    if let Some(last) = delivered {
                         if seq != last + 1 {
                             warn!(
                                 partition = slot.partition, expected = last + 1, got = seq,
@@ -977,9 +989,9 @@ async fn fetch_loop(bus: &Arc<Inner>, g: &Arc<Group>, slot: &Arc<Slot>) -> Optio
                             continue;
                         }
                     }
-                    delivered = seq;
+                    delivered = Some(seq);
                     let permit = permits.split(1);
-                    hand_out(g, slot, m, permit).await;
+                    hand_out(g, slot, m, info, permit).await;
                 }
                 Err(e) => {
                     // Status replies (e.g. 409 while the consumer is being replaced) end the
@@ -1042,22 +1054,21 @@ async fn pause(slot: &Slot, d: Duration) {
 }
 
 /// Registers a record as handed out and passes it to the subscription.
+/// What a delivery's metadata says, read once.
+struct Delivered {
+    consumer_seq: u64,
+    stream_seq: u64,
+    ts: i64,
+}
+
 async fn hand_out(
     g: &Arc<Group>,
     slot: &Arc<Slot>,
     m: jetstream::Message,
+    info: Delivered,
     permit: Option<OwnedSemaphorePermit>,
 ) {
-    let (seq, ts) = match m.info() {
-        Ok(info) => (
-            info.stream_sequence,
-            timestamp_ms(info.published.unix_timestamp_nanos()),
-        ),
-        Err(e) => {
-            warn!(error = %e, "record without JetStream metadata left for redelivery");
-            return;
-        }
-    };
+    let (seq, ts) = (info.stream_seq, info.ts);
     let Some(reply) = m.message.reply.clone() else {
         warn!(seq, "record without ack subject left for redelivery");
         return;

@@ -160,8 +160,6 @@ impl Pending {
 #[derive(Debug)]
 struct PartTrack {
     epoch: u64,
-    /// Being revoked: no more records of it are handed out.
-    revoking: bool,
     /// Records handed out and not yet part of the acked prefix.
     pending: Pending,
     /// End (next offset) of the contiguous acked prefix of this ownership.
@@ -174,16 +172,20 @@ struct PartTrack {
     /// True while this ownership lasts (cleared when the track is dropped): deliveries hold
     /// it, so `revoked` is a load instead of a lock shared with the member thread.
     owned: Arc<AtomicBool>,
-    /// Set with `revoking`, for deliveries: one not started yet, or waiting to retry, is
-    /// dropped at once instead of holding the revoke for the whole hand-over wait.
+    /// Being revoked: no more records of it are handed out, and deliveries (which hold it)
+    /// not started yet, or waiting to retry, are dropped at once instead of holding the revoke
+    /// for the whole hand-over wait. Set under the parts lock.
     moving: Arc<AtomicBool>,
 }
 
 impl PartTrack {
+    fn revoking(&self) -> bool {
+        self.moving.load(Ordering::Acquire)
+    }
+
     fn new(epoch: u64) -> Self {
         Self {
             epoch,
-            revoking: false,
             pending: Pending::default(),
             acked_upto: None,
             committed: None,
@@ -197,7 +199,7 @@ impl PartTrack {
     /// neither below the acked prefix nor pending already (see [`Tracker::queue_all`]).
     fn admit(&mut self, epoch: u64, offset: i64) -> bool {
         self.epoch == epoch
-            && !self.revoking
+            && !self.revoking()
             && self.acked_upto.is_none_or(|upto| offset >= upto)
             && self.pending.insert(offset, Slot::Queued)
     }
@@ -330,7 +332,7 @@ impl Tracker {
     fn hand_out(&self, partition: i32, offset: i64, epoch: u64) -> Option<Ownership> {
         let mut parts = lock(&self.parts);
         match parts.get_mut(&partition) {
-            Some(t) if t.epoch == epoch && !t.revoking => match t.pending.get_mut(offset) {
+            Some(t) if t.epoch == epoch && !t.revoking() => match t.pending.get_mut(offset) {
                 Some(slot) if *slot == Slot::Queued => {
                     *slot = Slot::Out;
                     Some(Ownership {
@@ -356,7 +358,7 @@ impl Tracker {
                             *s = slot;
                         }
                     }
-                    (t.advance(), t.revoking)
+                    (t.advance(), t.revoking())
                 }
                 _ => {
                     debug!(
@@ -502,7 +504,6 @@ impl Tracker {
             let mut parts = lock(&self.parts);
             for p in &revoked {
                 if let Some(t) = parts.get_mut(p) {
-                    t.revoking = true;
                     t.moving.store(true, Ordering::Release);
                 }
             }
