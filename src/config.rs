@@ -436,6 +436,12 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if conv.bot_retry_max_s == 0 {
+            return Err(invalid(
+                "workers.conversation.bot_retry_max_s",
+                "must be at least 1",
+            ));
+        }
         if self.consumer.lag_interval_ms == 0 {
             return Err(invalid("consumer.lag_interval_ms", "must be at least 1"));
         }
@@ -892,7 +898,7 @@ mod tests {
             .contains("bus.ca_file"));
 
         type Set = fn(&mut Config);
-        let cases: [(&str, Set); 6] = [
+        let cases: [(&str, Set); 7] = [
             ("consumer.handler_timeout_ms", |c| {
                 c.consumer.handler_timeout_ms = 0
             }),
@@ -908,6 +914,9 @@ mod tests {
             }),
             ("workers.conversation.bot_timeout_ms", |c| {
                 c.workers.conversation.bot_timeout_ms = 0
+            }),
+            ("workers.conversation.bot_retry_max_s", |c| {
+                c.workers.conversation.bot_retry_max_s = 0
             }),
             ("workers.tap.url", |c| {
                 c.workers.tap.url = "ftp://u:s3cret@x/in".into()

@@ -1771,25 +1771,32 @@ async fn a_transfer_to_an_agent_who_goes_not_ready_falls_back_to_the_queue() {
 /// A bot endpoint on loopback: checks the signature, echoes, hands off on "agent please".
 async fn start_bot(credential: &'static str) -> (String, tokio::task::JoinHandle<()>) {
     use axum::http::{HeaderMap, StatusCode};
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
     use hmac::{Hmac, Mac};
     async fn turn(
         axum::extract::State(credential): axum::extract::State<&'static str>,
         headers: HeaderMap,
         body: axum::body::Bytes,
     ) -> (StatusCode, axum::Json<Value>) {
+        // Standard Webhooks: HMAC-SHA256 of "{id}.{timestamp}.{body}" under the credential,
+        // the timestamp within five minutes of now (a replayed call is refused).
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        let (id, timestamp) = (header("webhook-id"), header("webhook-timestamp"));
+        let fresh = timestamp
+            .parse::<i64>()
+            .is_ok_and(|t| (chrono::Utc::now().timestamp() - t).abs() < 300);
         let mut mac = Hmac::<sha2::Sha256>::new_from_slice(credential.as_bytes()).expect("key");
+        mac.update(format!("{id}.{timestamp}.").as_bytes());
         mac.update(&body);
-        let expected: String = mac
-            .finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        let given = headers
-            .get("x-nexus-signature")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if given != format!("sha256={expected}") {
+        let expected = format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()));
+        if !fresh || id != header("idempotency-key") || header("webhook-signature") != expected {
             return (StatusCode::UNAUTHORIZED, axum::Json(json!({})));
         }
         let request: Value = serde_json::from_slice(&body).expect("json");

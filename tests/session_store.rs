@@ -68,6 +68,25 @@ async fn test_store(backend: &'static str) -> TestStore {
 }
 
 impl TestStore {
+    /// A store of the same backend that keeps entries without a record `ttl` (a fresh
+    /// directory for redb, which opens a file once), with what must live as long as it.
+    async fn with_orphan_ttl(
+        &self,
+        ttl: Duration,
+    ) -> (Arc<dyn SessionStore>, Option<tempfile::TempDir>) {
+        match self.backend {
+            "redis" => {
+                let store = RedisStore::connect(&redis_url()).await.expect("connect");
+                (Arc::new(store.with_orphan_ttl(ttl)), None)
+            }
+            _ => {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let store = EmbeddedStore::open(dir.path()).await.expect("open");
+                (Arc::new(store.with_orphan_ttl(ttl)), Some(dir))
+            }
+        }
+    }
+
     /// Another instance on the same data, as a second worker would have: a new Redis
     /// connection; for redb (one open per file) the same store.
     async fn another(&self) -> Arc<dyn SessionStore> {
@@ -1228,6 +1247,45 @@ async fn expiring_a_missing_conversation_does_nothing(t: TestStore) {
     );
 }
 
+/// Entries appended for a conversation whose record is never saved (a start dead-lettered
+/// between its first appends and its save) expire; once the record is saved they stay.
+async fn entries_without_a_record_expire_unless_it_is_saved(t: TestStore) {
+    let (s, _dir) = t.with_orphan_ttl(Duration::from_millis(400)).await;
+    let tn = &t.tenant;
+    for id in ["orphan", "saved"] {
+        s.append(tn, id, &message("e1", Some("m1"), "hi"))
+            .await
+            .expect("append");
+    }
+    s.append(tn, "orphan", &message("e2", None, "again"))
+        .await
+        .expect("append");
+    assert!(s
+        .put_conversation(&conversation(tn, "saved"))
+        .await
+        .expect("put"));
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert!(s
+        .transcript(tn, "orphan", 1, 10)
+        .await
+        .expect("t")
+        .is_empty());
+    assert_eq!(s.transcript_len(tn, "orphan").await.expect("len"), 0);
+    // Its dedup ids went with it: the same event appends anew at position 1.
+    let a = s
+        .append(tn, "orphan", &message("e1", Some("m1"), "hi"))
+        .await
+        .expect("append");
+    assert_eq!((a.position, a.duplicate), (1, false));
+    assert_eq!(s.transcript(tn, "saved", 1, 10).await.expect("t").len(), 1);
+    let a = s
+        .append(tn, "saved", &message("e1", Some("m1"), "hi"))
+        .await
+        .expect("append");
+    assert!(a.duplicate, "the saved conversation's ids stay");
+    assert!(s.conversation(tn, "saved").await.expect("get").is_some());
+}
+
 async fn a_closed_conversation_takes_no_more_entries(t: TestStore) {
     let s = &t.store;
     let tn = &t.tenant;
@@ -1370,6 +1428,7 @@ per_store!(
     refresh_extends_a_key,
     expired_conversation_disappears,
     expiring_a_missing_conversation_does_nothing,
+    entries_without_a_record_expire_unless_it_is_saved,
     a_closed_conversation_takes_no_more_entries,
     a_closed_conversation_reserves_no_agent,
     tenants_are_isolated,

@@ -272,6 +272,16 @@ pub struct AgentProfileChanged {
 }
 body!(AgentProfileChanged);
 
+/// A bot turn that failed with the bot down is due again (`bot_fallback = "retry"`); the
+/// conversation worker's timer publishes it, keyed by the conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BotTurnDue {
+    pub bot_id: String,
+    pub position: i64,
+    pub attempt: i32,
+}
+body!(BotTurnDue);
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentOffered {
     pub offer_id: String,

@@ -12,7 +12,8 @@
 //! - `expiry`: (tenant, conversation) → expiry ms, and `expiry_by_time` (ms, tenant,
 //!   conversation) for the sweep. An expired conversation (record, transcript, dedup ids) reads
 //!   as absent and is purged by the next write that touches it (a put, an expire, an append,
-//!   a reserve) or by the sweep those writes run.
+//!   a reserve) or by the sweep those writes run. A transcript without a record expires
+//!   [`super::ORPHAN_ENTRIES_TTL`] after its first entry unless the record is saved.
 //! - `entries`: (tenant, conversation, position) → [`Entry`] JSON; `transcript_len`:
 //!   (tenant, conversation) → last position; `entry_ids`: (tenant, conversation,
 //!   `e:<event id>` | `m:<message id>`) → position.
@@ -147,6 +148,8 @@ pub struct EmbeddedStore {
     /// Commits since the last one made durable (see [`SYNC_EVERY`]).
     dirty: Arc<AtomicBool>,
     last_sync: Arc<std::sync::Mutex<Instant>>,
+    /// See [`super::ORPHAN_ENTRIES_TTL`].
+    orphan_ttl: Duration,
 }
 
 /// How far durability may lag: commits are made without fsync, and one in this interval (or
@@ -198,9 +201,17 @@ impl EmbeddedStore {
             writer: Arc::new(tokio::sync::Mutex::new(())),
             dirty: Arc::new(AtomicBool::new(false)),
             last_sync: Arc::new(std::sync::Mutex::new(Instant::now())),
+            orphan_ttl: super::ORPHAN_ENTRIES_TTL,
         };
         store.spawn_flusher();
         Ok(store)
+    }
+
+    /// Keeps entries of a conversation without a record `ttl` instead of
+    /// [`super::ORPHAN_ENTRIES_TTL`] (tests).
+    pub fn with_orphan_ttl(mut self, ttl: Duration) -> Self {
+        self.orphan_ttl = ttl;
+        self
     }
 
     /// Makes lagging commits durable within [`SYNC_EVERY`] when no later write does; ends
@@ -313,8 +324,8 @@ fn expired_in<T: ReadableTable<Pair<'static>, i64>>(
         .is_some_and(|at| at.value() <= now))
 }
 
-/// Deletes everything of one conversation: record, transcript, dedup ids, expiry.
-fn purge_conversation(
+/// Removes the conversation's expiry, if it has one.
+fn clear_expiry(
     txn: &WriteTransaction,
     tenant: &str,
     conversation: &str,
@@ -330,6 +341,35 @@ fn purge_conversation(
             .remove((at, tenant, conversation))
             .map_err(storage("remove expiry"))?;
     }
+    Ok(())
+}
+
+/// Sets (or moves) the conversation's expiry to `at`.
+fn set_expiry(
+    txn: &WriteTransaction,
+    tenant: &str,
+    conversation: &str,
+    at: i64,
+) -> Result<(), StoreError> {
+    clear_expiry(txn, tenant, conversation)?;
+    txn.open_table(EXPIRY)
+        .map_err(storage("open expiry"))?
+        .insert((tenant, conversation), at)
+        .map_err(storage("write expiry"))?;
+    txn.open_table(EXPIRY_BY_TIME)
+        .map_err(storage("open expiry"))?
+        .insert((at, tenant, conversation), ())
+        .map_err(storage("write expiry"))?;
+    Ok(())
+}
+
+/// Deletes everything of one conversation: record, transcript, dedup ids, expiry.
+fn purge_conversation(
+    txn: &WriteTransaction,
+    tenant: &str,
+    conversation: &str,
+) -> Result<(), StoreError> {
+    clear_expiry(txn, tenant, conversation)?;
     txn.open_table(CONVERSATIONS)
         .map_err(storage("open conversations"))?
         .remove((tenant, conversation))
@@ -677,6 +717,7 @@ impl SessionStore for EmbeddedStore {
         };
         let json = serde_json::to_vec(&stored).map_err(|e| corrupt("conversation", e))?;
         let (tenant, id) = (c.tenant_id.clone(), c.conversation_id.clone());
+        let closed = c.state == ConversationState::Closed;
         self.write(move |txn| {
             // A replaced record keeps its expiry (as Redis `SET KEEPTTL`); an expired one is
             // gone first, so the new record starts without one.
@@ -688,19 +729,24 @@ impl SessionStore for EmbeddedStore {
                 .get((tenant.as_str(), id.as_str()))
                 .map_err(storage("read conversation"))?
             {
-                Some(v) => {
+                Some(v) => Some(
                     serde_json::from_slice::<Conversation>(v.value())
                         .map_err(|e| corrupt("conversation", e))?
-                        .version
-                }
-                None => 0,
+                        .version,
+                ),
+                None => None,
             };
-            if current != expected {
+            if current.unwrap_or(0) != expected {
                 return Ok(false);
             }
+            let new = current.is_none();
             table
                 .insert((tenant.as_str(), id.as_str()), json.as_slice())
                 .map_err(storage("write conversation"))?;
+            if new && !closed {
+                // The transcript's expiry while it had no record (`append`) ends with it.
+                clear_expiry(txn, &tenant, &id)?;
+            }
             Ok(true)
         })
         .await
@@ -757,25 +803,7 @@ impl SessionStore for EmbeddedStore {
             if !exists {
                 return Ok(());
             }
-            let at = now.saturating_add(ttl_ms(ttl));
-            let old = txn
-                .open_table(EXPIRY)
-                .map_err(storage("open expiry"))?
-                .insert((tenant.as_str(), id.as_str()), at)
-                .map_err(storage("write expiry"))?
-                .map(|v| v.value());
-            let mut by_time = txn
-                .open_table(EXPIRY_BY_TIME)
-                .map_err(storage("open expiry"))?;
-            if let Some(old) = old {
-                by_time
-                    .remove((old, tenant.as_str(), id.as_str()))
-                    .map_err(storage("remove expiry"))?;
-            }
-            by_time
-                .insert((at, tenant.as_str(), id.as_str()), ())
-                .map_err(storage("write expiry"))?;
-            Ok(())
+            set_expiry(txn, &tenant, &id, now.saturating_add(ttl_ms(ttl)))
         })
         .await
     }
@@ -791,6 +819,7 @@ impl SessionStore for EmbeddedStore {
             conversation_id.to_string(),
             entry.clone(),
         );
+        let orphan_ttl = self.orphan_ttl;
         self.write(move |txn| {
             purge_expired(txn, &tenant, &id, now_ms())?;
             let (t, c) = (tenant.as_str(), id.as_str());
@@ -839,6 +868,23 @@ impl SessionStore for EmbeddedStore {
             if let Some(k) = &message_key {
                 ids.insert((t, c, k.as_str()), position)
                     .map_err(storage("write entry id"))?;
+            }
+            drop((ids, len));
+            let recorded = txn
+                .open_table(CONVERSATIONS)
+                .map_err(storage("open conversations"))?
+                .get((t, c))
+                .map_err(storage("read conversation"))?
+                .is_some();
+            let expiring = txn
+                .open_table(EXPIRY)
+                .map_err(storage("open expiry"))?
+                .get((t, c))
+                .map_err(storage("read expiry"))?
+                .is_some();
+            if !recorded && !expiring {
+                // No record (yet): kept no longer than an orphan (see `put_conversation`).
+                set_expiry(txn, t, c, now_ms().saturating_add(ttl_ms(orphan_ttl)))?;
             }
             Ok(Appended {
                 position,

@@ -219,6 +219,10 @@ pub struct Routing {
     pub closed_offer_to: Option<String>,
     /// Async chat: kept open while idle, closed after the idle time and grace.
     pub is_async: bool,
+    /// A bot turn waiting for its bot to come back (`bot_fallback = "retry"`); the customer
+    /// messages from it on are not answered yet.
+    #[serde(default)]
+    pub bot_pending: Option<BotPending>,
     /// Ids of the last events applied to this record (newest last): a redelivered one is
     /// skipped.
     pub applied: Vec<String>,
@@ -243,6 +247,22 @@ impl Routing {
             self.applied.drain(..extra);
         }
     }
+}
+
+/// How long transcript entries of a conversation whose record was never saved are kept (a
+/// start appends its first entries before it saves the record; one dead-lettered in between
+/// leaves them behind). Far longer than a start's retries; the record's save drops it.
+pub const ORPHAN_ENTRIES_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
+
+/// A bot-first conversation's turn that failed with the bot down, tried again by a timer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BotPending {
+    /// Transcript position of the first customer message the bot has not answered.
+    pub position: u64,
+    /// Tries of that message so far.
+    pub attempt: u32,
+    /// When its tries started (the conversation goes to its queue `bot_retry_max_s` later).
+    pub since_ms: i64,
 }
 
 /// An agent's live presence; the durable agent (name, skills, capacity) is in provisioning.

@@ -48,7 +48,8 @@ const RECONNECT_RETRIES: usize = 3;
 
 /// Compare-and-set of a conversation record on its `version`; KEEPTTL so a closed
 /// conversation written again keeps expiring. A record saved closed marks the transcript's ids
-/// hash `closed` (appends then refuse). KEYS: conv, txids. ARGV: expected version, JSON, closed
+/// hash `closed` (appends then refuse). A new live record ends the expiry its transcript got
+/// while it had none (`APPEND`). KEYS: conv, txids, tx. ARGV: expected version, JSON, closed
 /// 1/0.
 const PUT_CONVERSATION: &str = r#"
 local cur = redis.call('GET', KEYS[1])
@@ -60,6 +61,10 @@ if cur then
 end
 if v ~= tonumber(ARGV[1]) then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+if not cur and ARGV[3] ~= '1' then
+  redis.call('PERSIST', KEYS[2])
+  redis.call('PERSIST', KEYS[3])
+end
 if ARGV[3] == '1' then
   redis.call('HSET', KEYS[2], 'closed', 1)
   local ttl = redis.call('PTTL', KEYS[1])
@@ -69,8 +74,9 @@ return 1
 "#;
 
 /// KEYS: tx, txids, conv. ARGV: event id, the message key (`message_key`) or "", the NewEntry
-/// JSON. Returns {position, 0 new / 1 same event / 2 same message from another event / 3
-/// refused: the conversation is closed}. New keys inherit the record's TTL once it expires.
+/// JSON, the orphan TTL ms. Returns {position, 0 new / 1 same event / 2 same message from
+/// another event / 3 refused: the conversation is closed}. New keys inherit the record's TTL
+/// once it expires, and get the orphan TTL while there is no record (see `PUT_CONVERSATION`).
 const APPEND: &str = r#"
 local p = redis.call('HGET', KEYS[2], 'e:' .. ARGV[1])
 if p then return {tonumber(p), 1} end
@@ -87,6 +93,9 @@ local ttl = redis.call('PTTL', KEYS[3])
 if ttl > 0 then
   redis.call('PEXPIRE', KEYS[1], ttl)
   redis.call('PEXPIRE', KEYS[2], ttl)
+elseif ttl == -2 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
 return {n, 0}
 "#;
@@ -269,6 +278,8 @@ pub struct RedisStore {
     scripts: Scripts,
     /// First segment of every key: deployments sharing one Redis keep apart by it, timers too.
     namespace: String,
+    /// See [`super::ORPHAN_ENTRIES_TTL`].
+    orphan_ttl: Duration,
 }
 
 /// The namespace of a store connected without one.
@@ -297,7 +308,15 @@ impl RedisStore {
             conn,
             scripts: Scripts::new(),
             namespace: namespace.to_string(),
+            orphan_ttl: super::ORPHAN_ENTRIES_TTL,
         })
+    }
+
+    /// Keeps entries of a conversation without a record `ttl` instead of
+    /// [`super::ORPHAN_ENTRIES_TTL`] (tests).
+    pub fn with_orphan_ttl(mut self, ttl: Duration) -> Self {
+        self.orphan_ttl = ttl;
+        self
     }
 
     fn conn(&self) -> ConnectionManager {
@@ -449,6 +468,7 @@ impl SessionStore for RedisStore {
             .put_conversation
             .key(self.key(&c.tenant_id, "conv", &c.conversation_id))
             .key(self.key(&c.tenant_id, "txids", &c.conversation_id))
+            .key(self.key(&c.tenant_id, "tx", &c.conversation_id))
             .arg(c.version)
             .arg(json)
             .arg(u8::from(c.state == ConversationState::Closed))
@@ -506,6 +526,7 @@ impl SessionStore for RedisStore {
             .arg(&entry.event_id)
             .arg(message)
             .arg(json)
+            .arg(ttl_ms(self.orphan_ttl))
             .invoke_async(&mut self.conn())
             .await
             .map_err(redis_err)?;

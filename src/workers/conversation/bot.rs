@@ -1,11 +1,15 @@
 //! Bot-first conversations: each customer message is POSTed to the tenant's bot endpoint,
-//! signed with HMAC-SHA256 of the body under the bot's credential; the bot answers with
-//! replies and, when it is done, a handoff to a queue with context.
+//! signed under the bot's credential; the bot answers with replies and, when it is done, a
+//! handoff to a queue with context.
 //!
 //! Request: `{"event": "message", "tenant_id", "conversation_id", "customer": {"participant_id",
 //! "nickname"}, "user_data", "message": {"position", "message_id", "text"}}`, headers
-//! `x-nexus-signature: sha256=<hex>` and `idempotency-key` (stable across redeliveries, so a bot
-//! that dedups on it answers a message once). Answer (2xx): `{"replies": [{"text"}],
+//! `idempotency-key` (stable across redeliveries, so a bot that dedups on it answers a message
+//! once), Standard Webhooks `webhook-id` (the same key), `webhook-timestamp` and
+//! `webhook-signature` (`v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`, the key being
+//! the credential's bytes: a bot that checks the timestamp refuses a captured call replayed
+//! later), and `x-nexus-signature: sha256=<hex HMAC-SHA256 of the body>` (earlier versions'
+//! signature, kept for bots that check it; it does not cover the time). Answer (2xx): `{"replies": [{"text"}],
 //! "handoff": {"queue_id"?, "user_data"?}}`, both optional; the bot may also post or hand off later
 //! through the bot API (`edge::bot`).
 
@@ -16,6 +20,8 @@ use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use serde_json::Value;
 use sha2::Sha256;
+
+use crate::workers::webhooks::signing::standard_signature;
 
 /// Where a bot is and how calls to it are signed.
 #[derive(Clone)]
@@ -126,12 +132,24 @@ pub async fn call(
     limits: Limits,
 ) -> Result<BotTurn, BotError> {
     let bytes = serde_json::to_vec(body).map_err(|e| BotError::Refused(e.to_string()))?;
+    let timestamp = chrono::Utc::now().timestamp();
     let response = http
         .post(&bot.url)
         .timeout(timeout)
         .header("content-type", "application/json")
         .header("x-nexus-signature", signature(&bot.credential, &bytes))
         .header("idempotency-key", idempotency_key)
+        .header("webhook-id", idempotency_key)
+        .header("webhook-timestamp", timestamp.to_string())
+        .header(
+            "webhook-signature",
+            standard_signature(
+                bot.credential.as_bytes(),
+                idempotency_key,
+                timestamp,
+                &bytes,
+            ),
+        )
         .body(bytes)
         .send()
         .await

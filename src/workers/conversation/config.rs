@@ -27,8 +27,12 @@ pub struct ConversationConfig {
     /// How long a bot has to answer one message.
     pub bot_timeout_ms: u64,
     /// A bot that is down (unreachable, timeout, 5xx): `queue` hands the conversation to its
-    /// rule's queue at once; `retry` retries the message in place (the conversation waits).
+    /// rule's queue at once; `retry` tries the message again later (a timer, backing off from
+    /// 1 s to 30 s) while the conversation waits with the bot, other conversations going on.
     pub bot_fallback: BotFallback,
+    /// With `retry`: how long one message is retried before the conversation goes to its
+    /// queue after all.
+    pub bot_retry_max_s: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +55,7 @@ impl Default for ConversationConfig {
             abandon_timeout_s: 600,
             bot_timeout_ms: 5_000,
             bot_fallback: BotFallback::Queue,
+            bot_retry_max_s: 300,
         }
     }
 }

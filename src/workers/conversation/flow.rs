@@ -16,8 +16,9 @@ use crate::events::chat::{self as ev, Channel, ClientEventKind, ParticipantKind}
 use crate::events::Event;
 use crate::stores::session::under_limits;
 use crate::stores::session::{
-    customer_mark, Appended, Conversation, ConversationState, Entry, EntryKind, NewEntry, Party,
-    PartyKind, PresenceChange, PresenceUpdate, Reserve, Routing, StoreError, Timer,
+    customer_mark, Appended, BotPending, Conversation, ConversationState, Entry, EntryKind,
+    NewEntry, Party, PartyKind, PresenceChange, PresenceUpdate, Reserve, Routing, StoreError,
+    Timer,
 };
 
 pub(crate) const OFFER_TIMER: &str = "offer";
@@ -31,6 +32,11 @@ pub(crate) const IDLE_CLOSE_TIMER: &str = "idle_close";
 /// Live chat: due `abandon_timeout_s` after the customer's last known activity; while edges
 /// keep the customer's mark fresh it comes again, once the mark lapsed the chat closes.
 pub(crate) const ABANDON_TIMER: &str = "abandon";
+/// A bot turn that failed with the bot down (`bot_fallback = "retry"`) is due again.
+pub(crate) const BOT_TIMER: &str = "bot";
+/// The first wait before a down bot's turn is tried again; it doubles up to [`BOT_RETRY_MAX`].
+const BOT_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+const BOT_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The earliest a timer armed by a handler may fire, from now: handlers arm timers before they
 /// save the record (so a crash between the two leaves a timer, never a record without one),
@@ -149,6 +155,24 @@ fn closed_by(c: &Conversation, e: &Event) -> bool {
     c.state == ConversationState::Closed
         && c.routing.applied.last().map(String::as_str)
             == Some(e.envelope.event_id.to_string().as_str())
+}
+
+/// The event a retried bot turn acts as, named by the customer message's entry: every try of
+/// that message derives the same ids (the bot's idempotency key, its replies), in `due`'s trace.
+fn bot_turn_source(due: &Event, m: &Entry) -> Event {
+    let mut source = Event::new(
+        "BotTurn",
+        due.envelope.tenant_id.clone(),
+        due.envelope.conversation_id.clone(),
+        super::PRODUCER,
+        Default::default(),
+    )
+    .with_derived_id(
+        &Uuid::NAMESPACE_OID,
+        &format!("bot-turn/{}/{}", m.entry.event_id, m.position),
+    );
+    source.envelope.traceparent = due.envelope.traceparent.clone();
+    source
 }
 
 /// Agents who see the conversation's transcript: the connected one and its consultant.
@@ -722,7 +746,8 @@ impl ConversationWorker {
 
     /// Sends one customer message to the conversation's bot and applies its answer: replies
     /// into the transcript, a handoff to a queue. A bot that is down hands the conversation to
-    /// its queue (or, with `bot_fallback = "retry"`, retries the message in place).
+    /// its queue, or, with `bot_fallback = "retry"`, leaves the message pending in the record
+    /// and arms the bot timer ([`Self::on_bot_turn_due`] tries it again); the caller saves.
     async fn bot_turn(&self, c: &mut Conversation, e: &Event, m: &Entry) -> Step {
         let Some(bot_id) = c.bot_id.clone() else {
             return Ok(());
@@ -766,9 +791,11 @@ impl ConversationWorker {
                         .increment(1);
                     if matches!(err, super::bot::BotError::Down(_))
                         && self.config.bot_fallback == super::config::BotFallback::Retry
+                        && self.bot_pending(c, m, &err.to_string()).await?
                     {
-                        return Err(HandleError::Retry(err.to_string()));
+                        return Ok(());
                     }
+                    c.routing.bot_pending = None;
                     warn!(conversation_id = %c.conversation_id, error = %err, "bot unavailable; handing off to the queue");
                     self.decide(&fell_back).await?;
                 }
@@ -784,6 +811,9 @@ impl ConversationWorker {
         };
         metrics::counter!(crate::telemetry::metrics::BOT_CALLS_TOTAL, "outcome" => "ok")
             .increment(1);
+        if c.routing.bot_pending.as_ref().map(|p| p.position) == Some(m.position) {
+            c.routing.bot_pending = None;
+        }
         let bot = Party {
             participant_id: bot_id.clone(),
             nickname: target.name.clone(),
@@ -822,6 +852,123 @@ impl ConversationWorker {
         }
     }
 
+    /// Keeps the customer message `m`, which the down bot did not answer, pending in `c` and
+    /// arms the bot timer for its next try; false once its tries have lasted
+    /// `bot_retry_max_s` (the conversation goes to its queue).
+    async fn bot_pending(
+        &self,
+        c: &mut Conversation,
+        m: &Entry,
+        error: &str,
+    ) -> Result<bool, HandleError> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let pending = match &mut c.routing.bot_pending {
+            Some(p) if p.position == m.position => p,
+            slot => slot.insert(BotPending {
+                position: m.position,
+                attempt: 0,
+                since_ms: now,
+            }),
+        };
+        pending.attempt = pending.attempt.saturating_add(1);
+        if now - pending.since_ms >= secs_ms(self.config.bot_retry_max_s) {
+            return Ok(false);
+        }
+        let wait =
+            crate::bus::consumer::retry_delay(BOT_RETRY_FIRST, BOT_RETRY_MAX, pending.attempt);
+        let due = now + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 4);
+        warn!(conversation_id = %c.conversation_id, error, attempt = pending.attempt, retry_in_ms = due - now, "bot unavailable; its turn is tried again later");
+        self.store
+            .schedule(&self.timer(BOT_TIMER, c), not_before_save(due))
+            .await
+            .map_err(store_failed)?;
+        Ok(true)
+    }
+
+    /// A down bot's turn is due again ([`Self::bot_pending`]): the pending customer message goes
+    /// to the bot; once answered, the next customer message that came meanwhile (if any) is
+    /// pending in turn, due at once, so the bot gets them one at a time in transcript order.
+    /// A turn due for another message or try (a timer fired twice, a turn applied since) is
+    /// stale and ignored.
+    pub(super) async fn on_bot_turn_due(&self, e: &Event, b: ev::BotTurnDue) -> Step {
+        let Some(mut c) = self.load(e).await? else {
+            return Ok(());
+        };
+        let due = c.routing.bot_pending.clone();
+        let current = due.as_ref().is_some_and(|p| {
+            i64::try_from(p.position).ok() == Some(b.position)
+                && i64::from(p.attempt) == i64::from(b.attempt)
+        });
+        if c.routing.was_applied(&e.envelope.event_id.to_string())
+            || c.state != ConversationState::Bot
+            || c.bot_id.as_deref() != Some(b.bot_id.as_str())
+            || !current
+        {
+            debug!(conversation_id = %c.conversation_id, position = b.position, attempt = b.attempt, "stale bot turn ignored");
+            return Ok(());
+        }
+        let Some(pending) = due else {
+            return Ok(());
+        };
+        let message = self
+            .store
+            .transcript(&c.tenant_id, &c.conversation_id, pending.position, 1)
+            .await
+            .map_err(store_failed)?
+            .into_iter()
+            .find(|m| m.position == pending.position);
+        match message {
+            Some(m) => {
+                // The message's own entry id names the turn: every try of it calls the bot
+                // with one idempotency key and writes its replies under the same ids.
+                let source = bot_turn_source(e, &m);
+                self.bot_turn(&mut c, &source, &m).await?;
+            }
+            // Gone (the store dropped the transcript): nothing left to answer.
+            None => c.routing.bot_pending = None,
+        }
+        if c.state == ConversationState::Bot && c.routing.bot_pending.is_none() {
+            if let Some(next) = self.next_customer_message(&c, pending.position).await? {
+                c.routing.bot_pending = Some(BotPending {
+                    position: next,
+                    attempt: 0,
+                    since_ms: chrono::Utc::now().timestamp_millis(),
+                });
+                self.store
+                    .schedule(&self.timer(BOT_TIMER, &c), not_before_save(0))
+                    .await
+                    .map_err(store_failed)?;
+            }
+        }
+        self.save_queued(&mut c, e).await
+    }
+
+    /// The position of the first customer message after `after`, if any.
+    async fn next_customer_message(
+        &self,
+        c: &Conversation,
+        after: u64,
+    ) -> Result<Option<u64>, HandleError> {
+        const PAGE: usize = 100;
+        let mut from = after.saturating_add(1);
+        loop {
+            let page = self
+                .store
+                .transcript(&c.tenant_id, &c.conversation_id, from, PAGE)
+                .await
+                .map_err(store_failed)?;
+            if let Some(m) = page.iter().find(|m| {
+                m.entry.kind == EntryKind::Message && m.entry.from.kind == PartyKind::Customer
+            }) {
+                return Ok(Some(m.position));
+            }
+            match page.last() {
+                Some(last) if page.len() == PAGE => from = last.position.saturating_add(1),
+                _ => return Ok(None),
+            }
+        }
+    }
+
     /// From the bot to a queue (the one given, if it exists, else the rule's), with the bot's
     /// context added to the user data.
     async fn hand_off(
@@ -851,6 +998,7 @@ impl ConversationWorker {
             c.user_data = merged;
         }
         c.state = ConversationState::Queued;
+        c.routing.bot_pending = None;
         info!(conversation_id = %c.conversation_id, queue = ?c.queue_id, "bot handed off");
         self.wait_in_queue(c, e).await
     }
@@ -1251,7 +1399,8 @@ impl ConversationWorker {
             return Ok(());
         }
         if let Some(m) = first {
-            if with_bot && m.entry.kind == EntryKind::Message {
+            // With a turn pending (the bot down), this message waits its turn behind it.
+            if with_bot && m.entry.kind == EntryKind::Message && c.routing.bot_pending.is_none() {
                 self.bot_turn(&mut c, e, &m).await?;
             }
         }

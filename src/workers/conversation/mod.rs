@@ -157,6 +157,7 @@ impl Handler for ConversationWorker {
             chat::TransferRequested::TYPE => self.on_transfer(event, body(event)?).await,
             chat::ReceiptReceived::TYPE => self.on_receipt(event, body(event)?).await,
             chat::UserDataUpdated::TYPE => self.on_user_data(event, body(event)?).await,
+            chat::BotTurnDue::TYPE => self.on_bot_turn_due(event, body(event)?).await,
             other => {
                 debug!(event_type = other, "not a conversation event; skipped");
                 Ok(())

@@ -689,6 +689,167 @@ async fn a_bot_answer_past_the_limits_falls_back_to_the_queue() {
     assert_eq!(texts, ["I need help", "Connecting you to an agent."]);
 }
 
+/// A bot endpoint on loopback that notes the text of every message it is sent and answers
+/// `reply to <text>` while `up`, 503 otherwise.
+async fn noting_bot(
+    up: Arc<std::sync::atomic::AtomicBool>,
+) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let noted = seen.clone();
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::post(move |body: axum::Json<serde_json::Value>| {
+            let text = body["message"]["text"].as_str().unwrap_or("").to_string();
+            noted.lock().expect("lock").push(text.clone());
+            let up = up.load(std::sync::atomic::Ordering::SeqCst);
+            async move {
+                if up {
+                    let answer =
+                        serde_json::json!({"replies": [{"text": format!("reply to {text}")}]});
+                    (axum::http::StatusCode::OK, answer.to_string())
+                } else {
+                    (axum::http::StatusCode::SERVICE_UNAVAILABLE, String::new())
+                }
+            }
+        }),
+    );
+    (serve(app).await, seen)
+}
+
+/// Fires the due bot timers as at `now` and applies the turns they published; how many.
+async fn bot_turns_due(
+    rig: &Rig,
+    now: i64,
+    applied: &mut std::collections::HashSet<String>,
+) -> usize {
+    timers::run_once(&rig.worker, now).await;
+    let mut n = 0;
+    for event in rig.events(AGENT_TOPIC).await {
+        if event.envelope.event_type != chat::BotTurnDue::TYPE
+            || !applied.insert(event.envelope.event_id.to_string())
+        {
+            continue;
+        }
+        let due: chat::BotTurnDue = event.body_as().expect("body");
+        // Twice, as a redelivery would: the second changes nothing.
+        for _ in 0..2 {
+            rig.worker
+                .on_bot_turn_due(&event, due.clone())
+                .await
+                .expect("bot turn");
+        }
+        n += 1;
+    }
+    n
+}
+
+/// The texts of the transcript from `from` on.
+async fn texts_from(rig: &Rig, from: u64) -> Vec<String> {
+    rig.store
+        .transcript(&rig.tenant, CONVERSATION, from, 100)
+        .await
+        .expect("transcript")
+        .into_iter()
+        .filter_map(|e| e.entry.text)
+        .collect()
+}
+
+/// `bot_fallback = "retry"` with the bot down: the customer's message is handled (not retried
+/// on the consumer's lane, which would hold every conversation sharing it) and stays pending
+/// in the record; a later message waits behind it without a call. When the bot is back, the
+/// timer's turns send both, one at a time in order, each once.
+#[tokio::test]
+async fn a_down_bots_turns_wait_in_the_record_and_follow_in_order() {
+    let mut rig = rig().await;
+    rig.worker.config.bot_fallback = super::config::BotFallback::Retry;
+    rig.create_interaction_topic().await;
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (url, seen) = noting_bot(up.clone()).await;
+    with_bot_at(&rig, url, BTreeMap::new()).await;
+    let start = rig.transcript_len().await + 1;
+    for text in ["one", "two"] {
+        let said = customer_says(text);
+        rig.worker
+            .on_customer_message(&rig.event(&said), said)
+            .await
+            .expect("handled, not retried in place");
+    }
+    let record = rig.record().await;
+    assert_eq!(record.state, ConversationState::Bot);
+    let pending = record.routing.bot_pending.expect("a turn pending");
+    assert_eq!((pending.position, pending.attempt), (start, 1));
+    assert_eq!(*seen.lock().expect("lock"), ["one"], "two waits behind one");
+
+    // Still down: tried again, pending on, no reply.
+    let mut applied = std::collections::HashSet::new();
+    let later = chrono::Utc::now().timestamp_millis() + 60_000;
+    assert_eq!(bot_turns_due(&rig, later, &mut applied).await, 1);
+    let pending = rig.record().await.routing.bot_pending.expect("pending");
+    assert_eq!((pending.position, pending.attempt), (start, 2));
+
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(bot_turns_due(&rig, later + 60_000, &mut applied).await, 1);
+    let pending = rig.record().await.routing.bot_pending.expect("two pending");
+    assert_eq!((pending.position, pending.attempt), (start + 1, 0));
+    assert_eq!(bot_turns_due(&rig, later + 120_000, &mut applied).await, 1);
+    let record = rig.record().await;
+    assert_eq!(record.routing.bot_pending, None);
+    assert_eq!(record.state, ConversationState::Bot);
+    assert_eq!(
+        *seen.lock().expect("lock"),
+        ["one", "one", "one", "two"],
+        "each answered once, in order"
+    );
+    assert_eq!(
+        texts_from(&rig, start).await,
+        ["one", "two", "reply to one", "reply to two"]
+    );
+    assert_eq!(bot_turns_due(&rig, later + 180_000, &mut applied).await, 0);
+
+    // Answered: the next message goes to the bot at once.
+    let said = customer_says("three");
+    rig.worker
+        .on_customer_message(&rig.event(&said), said)
+        .await
+        .expect("message");
+    assert_eq!(
+        seen.lock().expect("lock").last().map(String::as_str),
+        Some("three")
+    );
+}
+
+/// A down bot's message retried for `bot_retry_max_s` goes to the conversation's queue after
+/// all, with the notice a `queue` fallback gives.
+#[tokio::test]
+async fn a_bot_down_past_its_retry_time_hands_off_to_the_queue() {
+    let mut rig = rig().await;
+    rig.worker.config.bot_fallback = super::config::BotFallback::Retry;
+    rig.worker.config.bot_retry_max_s = 1;
+    rig.create_interaction_topic().await;
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (url, seen) = noting_bot(up).await;
+    with_bot_at(&rig, url, BTreeMap::new()).await;
+    let start = rig.transcript_len().await + 1;
+    let said = customer_says("help");
+    rig.worker
+        .on_customer_message(&rig.event(&said), said)
+        .await
+        .expect("message");
+    assert_eq!(rig.record().await.state, ConversationState::Bot);
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let mut applied = std::collections::HashSet::new();
+    let later = chrono::Utc::now().timestamp_millis() + 60_000;
+    assert_eq!(bot_turns_due(&rig, later, &mut applied).await, 1);
+    let record = rig.record().await;
+    assert_eq!(record.state, ConversationState::Queued);
+    assert_eq!(record.routing.bot_pending, None);
+    assert_eq!(seen.lock().expect("lock").len(), 2);
+    assert_eq!(
+        texts_from(&rig, start).await,
+        ["help", "Connecting you to an agent."]
+    );
+}
+
 /// Puts the rig's conversation with a bot that answers every turn with `answer`.
 async fn with_a_bot_answering(
     rig: &Rig,

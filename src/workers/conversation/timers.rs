@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info_span, warn, Instrument};
 
 use super::flow::{
-    secs_ms, ABANDON_TIMER, CONSULT_TIMER, IDLE_CLOSE_TIMER, IDLE_TIMER, OFFER_TIMER, QUEUED_TIMER,
+    secs_ms, ABANDON_TIMER, BOT_TIMER, CONSULT_TIMER, IDLE_CLOSE_TIMER, IDLE_TIMER, OFFER_TIMER,
+    QUEUED_TIMER,
 };
 use super::{ConversationWorker, AGENT_TOPIC, INBOUND_TOPIC};
 use crate::bus::consumer::HandleError;
@@ -23,6 +24,8 @@ use crate::stores::session::{customer_mark, timer_lease_until, ConversationState
 use crate::telemetry::metrics as m;
 
 const CLAIM_BATCH: usize = 100;
+/// A published bot turn's timer comes back this late (the handler moves it sooner).
+const BOT_TURN_AGAIN_MS: i64 = 60_000;
 
 /// Runs until `stop`.
 pub async fn run(worker: Arc<ConversationWorker>, stop: CancellationToken) {
@@ -47,6 +50,7 @@ pub(super) async fn run_once(worker: &ConversationWorker, now: i64) {
         IDLE_CLOSE_TIMER,
         CONSULT_TIMER,
         ABANDON_TIMER,
+        BOT_TIMER,
     ] {
         let span = info_span!("timers", kind);
         async {
@@ -173,6 +177,36 @@ async fn fire(worker: &ConversationWorker, timer: &Timer, now: i64) -> Result<()
                 .schedule(timer, moved(now, due))
                 .await
                 .map_err(super::store_failed)?;
+        }
+        BOT_TIMER if c.state == ConversationState::Bot => {
+            let (Some(bot), Some(pending)) = (&c.bot_id, &c.routing.bot_pending) else {
+                return Ok(());
+            };
+            let body = ev::BotTurnDue {
+                bot_id: bot.clone(),
+                position: i64::try_from(pending.position).unwrap_or(i64::MAX),
+                attempt: i32::try_from(pending.attempt).unwrap_or(i32::MAX),
+            };
+            // Again later unless the turn's handler moves it first (a try that failed, the
+            // next message): a turn that was never applied (dead-lettered by a pod older
+            // than the event) is published again. Moved before publishing, so the handler's
+            // own schedule comes after this one.
+            worker
+                .store
+                .schedule(timer, moved(now, now + BOT_TURN_AGAIN_MS))
+                .await
+                .map_err(super::store_failed)?;
+            // The id names the message and the try: a timer fired twice publishes one turn.
+            let what = format!(
+                "{}/bot-turn/{}/{}",
+                c.conversation_id, pending.position, pending.attempt
+            );
+            let event = Event::typed(&body, &c.tenant_id, &c.conversation_id, super::PRODUCER)
+                .map_err(|e| HandleError::Retry(e.to_string()))?
+                .with_derived_id(&uuid::Uuid::NAMESPACE_OID, &what);
+            crate::events::publish::publish(worker.bus.as_ref(), AGENT_TOPIC, &event)
+                .await
+                .map_err(|e| HandleError::Retry(e.to_string()))?;
         }
         IDLE_TIMER if c.state != ConversationState::Closed => {
             let idle_at = c.last_activity_ms + secs_ms(worker.config.idle_timeout_s);
