@@ -1935,6 +1935,96 @@ async fn bot_first_then_handoff_and_fallback_when_down() {
     assert_eq!(offer["queue_id"], tenant.queue_id.as_str());
 }
 
+/// `bot_fallback = "retry"` on `nexus dev`: with the bot down the chat stays with it (no
+/// notice, no offer); the worker's timer tries the turn again, and once the bot is up the
+/// customer gets its answers to the first message and to the one sent meanwhile, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_bot_is_retried_and_answers_in_order() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, admin, tenant) = dev(
+        dir.path(),
+        &[("NEXUS_WORKERS__CONVERSATION__BOT_FALLBACK", "retry")],
+    )
+    .await;
+    let url = node.url.as_str();
+    let up = Arc::new(AtomicBool::new(false));
+    let flag = up.clone();
+    let app = axum::Router::new().route(
+        "/bot",
+        axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+            let up = flag.load(Ordering::SeqCst);
+            async move {
+                if !up {
+                    return (
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        axum::Json(json!({})),
+                    );
+                }
+                let text = body["message"]["text"].as_str().unwrap_or("").to_string();
+                let answer = json!({"replies": [{"text": format!("Bot: {text}")}]});
+                (axum::http::StatusCode::OK, axum::Json(answer))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let bot_url = format!("http://{}/bot", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let bot = admin
+        .post(
+            &format!("/tenants/{}/bots", tenant.id),
+            json!({"name": "Botty", "url": bot_url, "credential": "bot-secret"}),
+        )
+        .await;
+    admin
+        .post(
+            &format!("/tenants/{}/routing-rules", tenant.id),
+            json!({"channel": "WEB_CHAT", "queue_id": tenant.queue_id, "priority": 10, "bot_id": bot["id"]}),
+        )
+        .await;
+    let (_, token) = provision_agent(&admin, &tenant, "alice", 2).await;
+    let mut agent = agent_ready(url, &token).await;
+    let customer = Customer::start(url, &tenant.api_key, "Eve").await;
+    let mut stream = ws_connect(&format!(
+        "{url}/nexus/v3/chat/sessions/{}/stream?api_key={}&client_key={}",
+        customer.sid, tenant.api_key, customer.ck
+    ))
+    .await;
+    customer.send("first").await;
+    customer.send("second").await;
+    ws_until(&mut stream, WAIT, |v| v["text"] == "second").await;
+    // Down: no answer, no fallback notice, nobody offered the chat.
+    let early = tokio::time::timeout(Duration::from_secs(3), async {
+        ws_until(&mut stream, WAIT, |v| {
+            v["from"]["kind"] == "bot" || v["kind"] == "Notice"
+        })
+        .await
+    })
+    .await;
+    assert!(
+        early.is_err(),
+        "answered or fell back while down: {early:?}"
+    );
+    let offered = tokio::time::timeout(Duration::from_millis(200), async {
+        ws_until(&mut agent, WAIT, |v| v["type"] == "offer").await
+    })
+    .await;
+    assert!(offered.is_err(), "offered while with the bot: {offered:?}");
+
+    up.store(true, Ordering::SeqCst);
+    let from_bot = |v: &Value| v["type"] == "transcript" && v["from"]["kind"] == "bot";
+    let one = ws_until(&mut stream, Duration::from_secs(60), from_bot).await;
+    let two = ws_until(&mut stream, WAIT, from_bot).await;
+    assert_eq!(
+        (one["text"].as_str(), two["text"].as_str()),
+        (Some("Bot: first"), Some("Bot: second"))
+    );
+    assert!(one["position"].as_u64() < two["position"].as_u64());
+}
+
 /// The bot API: a bot-first conversation's bot posts later (not in a turn's answer), a retried
 /// post with the same `message_id` is one message, the bot hands off with context, and after
 /// the handoff the bot can no longer post.
