@@ -266,6 +266,10 @@ impl Inner {
             counts[next] += 1;
             *w = Some(next);
         }
+        // A partition without a commit in a group that has begun was added to the topic since:
+        // a `latest` group reads it from its start (at its end, what was published to it
+        // before this rebalance would be skipped), as on JetStream and Kafka.
+        let begun = gs.parts.iter().any(|t| t.committed.is_some());
         let mut moved = false;
         for (p, w) in want.into_iter().enumerate() {
             let new_owner = w.map(|i| (gs.members[i].id, gs.members[i].start));
@@ -288,6 +292,7 @@ impl Inner {
             let position = match (t.committed, start) {
                 (Some(c), _) => c,
                 (None, StartFrom::Earliest) => ps.low(),
+                (None, StartFrom::Latest) if begun => ps.low(),
                 (None, StartFrom::Latest) => {
                     // Remember the tail now: a member dying before its first ack must not make
                     // the next one skip what was published in between.

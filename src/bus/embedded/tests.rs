@@ -281,6 +281,44 @@ async fn consumers_wake_on_append_and_latest_starts_at_the_tail() {
     assert_eq!(next(&mut sub).await.message.payload, "new");
 }
 
+/// A `latest` group reads a partition added to the topic after it began from the partition's
+/// start, as JetStream does (before, it started at the end, skipping what was published to it
+/// before a member got it).
+#[tokio::test]
+async fn a_latest_group_reads_a_partition_added_since_from_its_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = open(dir.path());
+    topic(&bus, "t", 1).await;
+    let latest = SubscribeOptions {
+        start: StartFrom::Latest,
+        max_in_flight: 8,
+    };
+    bus.publish("t", OutRecord::new("old", "old"))
+        .await
+        .unwrap();
+    let mut sub = bus.subscribe("g", "t", latest.clone()).await.unwrap();
+    assert!(quiet(&mut sub).await, "a new group starts at the end");
+    sub.close().await.unwrap();
+    topic(&bus, "t", 2).await;
+    let key_on_1 = (0..)
+        .map(|i| format!("k{i}"))
+        .find(|k| crate::bus::partition_for(k, 2) == 1)
+        .expect("a key");
+    let added = bus
+        .publish("t", OutRecord::new(key_on_1, "added"))
+        .await
+        .unwrap();
+    assert_eq!(added.partition, 1);
+    let mut sub = bus.subscribe("g", "t", latest).await.unwrap();
+    let d = next(&mut sub).await;
+    assert_eq!(
+        (d.message.partition, d.message.payload.as_ref()),
+        (1, b"added".as_slice())
+    );
+    d.ack().await.unwrap();
+    assert!(quiet(&mut sub).await, "partition 0 stays at the end");
+}
+
 #[tokio::test]
 async fn offset_for_time_finds_the_first_record_at_or_after() {
     let dir = tempfile::tempdir().unwrap();

@@ -564,19 +564,48 @@ pub(super) struct MemberContext {
 }
 
 impl MemberContext {
-    /// Commits the log end for assigned partitions the group never committed on, before
-    /// their first record, when the group starts at `latest`. librdkafka resolves `latest` at
-    /// the first fetch and keeps it nowhere until the first ack: a member restarting before
-    /// that would start at the new end, skipping what was published meanwhile, and lag would
-    /// count the whole log. (The embedded log commits its end at join the same way.) A
-    /// partition added to the topic later starts at its end too, when this member is given
-    /// it; JetStream reads such a partition from its beginning. Telling "added later" from "a
-    /// new group's" here would race members joining together, which would read whole logs.
-    fn place_at_end(&self, consumer: &Member, tpl: &TopicPartitionList) {
+    /// Places partitions the group never committed on, before their first record, when the
+    /// group starts at `latest`. librdkafka resolves `latest` at the first fetch and keeps it
+    /// nowhere until the first ack: a member restarting before that would start at the new
+    /// end, skipping what was published meanwhile, and lag would count the whole log. (The
+    /// embedded log commits its end at join the same way.)
+    ///
+    /// A new group (no commit on any partition of the topic) commits the log end of **every**
+    /// partition, its own and the others': a partition that has no commit once the group has
+    /// begun was added to the topic since, and starts at its beginning, as on JetStream (at
+    /// its end, what was published to it before a member got it would be skipped). Members of
+    /// a new group joining together each place the whole topic; the later commit of a
+    /// partition another member already reads from moves its position on only by what was
+    /// published between the two commits, which matters only if that member dies before its
+    /// first ack.
+    fn place_new_partitions(&self, consumer: &Member, tpl: &TopicPartitionList) {
         let t = &self.tracker;
+        let assigned: Vec<i32> = tpl
+            .elements_for_topic(&t.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        if assigned.is_empty() {
+            return;
+        }
+        let known = match consumer.fetch_metadata(Some(&t.topic), super::REQUEST_TIMEOUT) {
+            Ok(m) => m
+                .topics()
+                .iter()
+                .find(|x| x.name() == t.topic)
+                .map_or(0, |x| x.partitions().len()),
+            Err(e) => {
+                warn!(topic = %t.topic, group = %t.group, error = %e, "partitions unknown at assign; a new partition starts where librdkafka resolves latest");
+                return;
+            }
+        };
         let mut asked = TopicPartitionList::new();
-        for e in tpl.elements_for_topic(&t.topic) {
-            asked.add_partition(&t.topic, e.partition());
+        let every = (0..i32::try_from(known).unwrap_or(i32::MAX)).chain(assigned.iter().copied());
+        let mut seen = std::collections::BTreeSet::new();
+        for p in every {
+            if seen.insert(p) {
+                asked.add_partition(&t.topic, p);
+            }
         }
         let committed = match consumer.committed_offsets(asked, super::REQUEST_TIMEOUT) {
             Ok(c) => c,
@@ -585,33 +614,40 @@ impl MemberContext {
                 return;
             }
         };
+        let uncommitted: Vec<i32> = committed
+            .elements_for_topic(&t.topic)
+            .iter()
+            .filter(|e| e.offset() == Offset::Invalid)
+            .map(|e| e.partition())
+            .collect();
+        let new_group = uncommitted.len() == committed.count();
         let mut place = TopicPartitionList::new();
-        for e in committed.elements_for_topic(&t.topic) {
-            if e.offset() != Offset::Invalid {
-                continue;
+        for p in uncommitted {
+            if !new_group && !assigned.contains(&p) {
+                continue; // its owner places it
             }
-            match consumer.fetch_watermarks(&t.topic, e.partition(), super::REQUEST_TIMEOUT) {
-                Ok((_, high)) => {
-                    if let Err(err) =
-                        place.add_partition_offset(&t.topic, e.partition(), Offset::Offset(high))
-                    {
-                        warn!(topic = %t.topic, error = %err, "cannot place a partition at its end");
+            match consumer.fetch_watermarks(&t.topic, p, super::REQUEST_TIMEOUT) {
+                Ok((low, high)) => {
+                    let at = if new_group { high } else { low };
+                    if let Err(err) = place.add_partition_offset(&t.topic, p, Offset::Offset(at)) {
+                        warn!(topic = %t.topic, error = %err, "cannot place a partition");
                     }
                 }
                 Err(err) => {
-                    warn!(topic = %t.topic, partition = e.partition(), error = %err, "log end unknown at assign")
+                    warn!(topic = %t.topic, partition = p, error = %err, "log end unknown at assign")
                 }
             }
         }
         if place.count() == 0 {
             return;
         }
+        let (count, at) = (place.count(), if new_group { "end" } else { "start" });
         match consumer.commit(&place, CommitMode::Sync) {
             Ok(()) => {
-                info!(topic = %t.topic, group = %t.group, partitions = place.count(), "group placed at the log end")
+                info!(topic = %t.topic, group = %t.group, partitions = count, at, "new partitions placed")
             }
             Err(e) => {
-                warn!(topic = %t.topic, group = %t.group, error = %e, "placing the group at the log end failed")
+                warn!(topic = %t.topic, group = %t.group, error = %e, "placing new partitions failed")
             }
         }
     }
@@ -643,7 +679,7 @@ impl ConsumerContext for MemberContext {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 if self.start_latest {
-                    self.place_at_end(consumer, tpl);
+                    self.place_new_partitions(consumer, tpl);
                 }
                 self.tracker.on_assign(tpl)
             }

@@ -273,6 +273,63 @@ async fn a_latest_group_is_placed_at_the_end_when_assigned() {
     sub.close().await.unwrap();
 }
 
+/// A `latest` group that has begun (a commit on some partition) reads a partition it never
+/// committed on (one added to the topic since) from its start, as JetStream does: what was
+/// published to it before a member got it is not skipped. A new group places every partition
+/// of the topic at its end, its own and the others'. (Tansu cannot add partitions: a commit
+/// on partition 0 alone stands for a group that began before partition 1 existed.)
+#[tokio::test]
+async fn a_latest_group_reads_a_partition_added_since_it_began_from_its_start() {
+    let Some(bus) = bus().await else { return };
+    let t = topic(&bus, 2).await;
+    let key_on = |p: u32| {
+        (0..)
+            .map(|i| format!("k{i}"))
+            .find(|k| crate::bus::partition_for(k, 2) == p)
+            .expect("a key")
+    };
+    for p in [0, 1] {
+        bus.publish(&t, OutRecord::new(key_on(p), format!("before-{p}")))
+            .await
+            .unwrap();
+    }
+    let latest = SubscribeOptions {
+        start: StartFrom::Latest,
+        ..SubscribeOptions::default()
+    };
+
+    // A new group: both partitions at their end.
+    let fresh = name("g");
+    let sub = bus.subscribe(&fresh, &t, latest.clone()).await.unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    while committed(&bus, &fresh, &t, 1).await.is_none() {
+        assert!(Instant::now() < until, "the group was placed when assigned");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(committed(&bus, &fresh, &t, 0).await, Some(1));
+    assert_eq!(committed(&bus, &fresh, &t, 1).await, Some(1));
+    sub.close().await.unwrap();
+
+    // A group that began with partition 0 only.
+    let g = name("g");
+    bus.seek_group(&g, &t, 0, 1).await.unwrap();
+    let mut sub = bus.subscribe(&g, &t, latest).await.unwrap();
+    let d = next(&mut sub).await;
+    assert_eq!(
+        (d.message.partition, d.message.payload.as_ref()),
+        (1, b"before-1".as_slice()),
+        "the partition added since is read from its start"
+    );
+    d.ack().await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), sub.next())
+            .await
+            .is_err(),
+        "partition 0 stays where the group was"
+    );
+    sub.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn max_in_flight_holds_back_records() {
     let Some(bus) = bus().await else { return };
