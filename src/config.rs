@@ -390,27 +390,38 @@ impl Config {
         }
         // A member giving a partition up waits this long for its handlers; a shorter wait
         // lets a slow handler's key be handled by two members at once. Only the bus in use
-        // (JetStream's wait follows its ack wait: README, `bus.nats.ack_wait_ms`).
+        // (JetStream's wait is twice its ack wait, at least 10 s).
         let handover = if self.bus.url.starts_with("kafka") {
             Some((
                 "bus.kafka.handover_wait_ms",
                 self.bus.kafka.handover_wait_ms,
+                "",
             ))
         } else if self.bus.url.starts_with("embedded://") {
             Some((
                 "bus.embedded.handover_wait_ms",
                 self.bus.embedded.handover_wait_ms,
+                "",
+            ))
+        } else if self.bus.url.starts_with("nats") {
+            // JetStream's hand-over wait follows the ack wait (`bus::jetstream::Timing`).
+            let wait = self.bus.nats.ack_wait_ms.saturating_mul(2).max(10_000);
+            Some((
+                "bus.nats.ack_wait_ms",
+                wait,
+                "the hand-over wait, twice this and at least 10 s: ",
             ))
         } else {
             None
         };
-        if let Some((key, wait)) = handover {
+        if let Some((key, wait, what)) = handover {
             if wait < self.consumer.handler_timeout_ms {
                 return Err(invalid(
                     key,
                     format!(
-                        "{wait} ms is less than consumer.handler_timeout_ms ({} ms): a handler \
-                         still running when its partition moves could run beside its successor",
+                        "{what}{wait} ms is less than consumer.handler_timeout_ms ({} ms): a \
+                         handler still running when its partition moves could run beside its \
+                         successor",
                         self.consumer.handler_timeout_ms
                     ),
                 ));
@@ -898,7 +909,7 @@ mod tests {
             .contains("bus.ca_file"));
 
         type Set = fn(&mut Config);
-        let cases: [(&str, Set); 7] = [
+        let cases: [(&str, Set); 8] = [
             ("consumer.handler_timeout_ms", |c| {
                 c.consumer.handler_timeout_ms = 0
             }),
@@ -908,6 +919,10 @@ mod tests {
             }),
             ("bus.embedded.handover_wait_ms", |c| {
                 c.consumer.handler_timeout_ms = 60_000;
+            }),
+            ("bus.nats.ack_wait_ms", |c| {
+                c.bus.url = "nats://127.0.0.1:4222".into();
+                c.consumer.handler_timeout_ms = 61_000;
             }),
             ("bus.kafka.message_timeout_ms", |c| {
                 c.bus.kafka.message_timeout_ms = 0

@@ -332,6 +332,8 @@ async fn jetstream_worker_drains_on_sigterm_and_resumes_at_the_committed_offset(
         ("NEXUS_TOPOLOGY__FILE", topology_file(dir.path(), &topic)),
         ("NEXUS_WORKERS__TAP__URL", sink_url),
         ("NEXUS_CONSUMER__LAG_INTERVAL_MS", "500".to_string()),
+        // Within JetStream's hand-over wait (twice the ack wait, at least 10 s).
+        ("NEXUS_CONSUMER__HANDLER_TIMEOUT_MS", "10000".to_string()),
     ];
     let (ok, out, err) = run(&["topology", "apply"], &env);
     assert!(ok, "{out}{err}");

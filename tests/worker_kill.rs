@@ -45,6 +45,8 @@ async fn kill_mid_stream(backend: &'static str) {
         ),
         ("NEXUS_TOPOLOGY__FILE", topology.display().to_string()),
         ("NEXUS_WORKERS__TAP__URL", sink.url()),
+        // Within JetStream's hand-over wait (twice the ack wait, at least 10 s).
+        ("NEXUS_CONSUMER__HANDLER_TIMEOUT_MS", "10000".to_string()),
     ];
     let (ok, out, err) = run(&["topology", "apply"], &env);
     assert!(ok, "{out}{err}");

@@ -225,6 +225,8 @@ pub fn shared_services_env(
         ("NEXUS_BUS__URL", nats_url.to_string()),
         ("NEXUS_BUS__NATS__ACK_WAIT_MS", "1500".into()),
         ("NEXUS_BUS__NATS__LEASE_TTL_MS", "2500".into()),
+        // Within JetStream's hand-over wait (twice the ack wait, at least 10 s).
+        ("NEXUS_CONSUMER__HANDLER_TIMEOUT_MS", "10000".into()),
         ("NEXUS_STORES__POSTGRES_URL", postgres_url.to_string()),
         ("NEXUS_STORES__PROVISIONING_KEY", "5e".repeat(32)),
         (
