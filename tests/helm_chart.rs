@@ -445,6 +445,34 @@ fn kafka_values_scale_on_lag_through_prometheus_with_monitoring() {
     let objs = render(&helm, &["kafka-values.yaml"], &[]);
     check_common(&objs, "kafka");
     check_hook_job(&objs, "kafka");
+    // A peer's credential reaches only the pods of the role that calls it.
+    let env_names = |d: &Value| -> Vec<String> {
+        d["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_sequence()
+            .map(|env| {
+                env.iter()
+                    .filter_map(|e| e["name"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let peers = [
+        ("history", "NEXUS_WORKERS__HISTORY__UCS__CREDENTIAL"),
+        ("gws", "NEXUS_WORKERS__GWS__CREDENTIAL"),
+    ];
+    let mut pods: Vec<(String, &Value)> = worker_deployments(&objs);
+    pods.push(("edge".into(), edge_deployment(&objs).expect("edge")));
+    pods.push(("hook".into(), hook_job(&objs).expect("hook job")));
+    for (role, d) in pods {
+        let names = env_names(d);
+        for (owner, var) in peers {
+            assert_eq!(
+                names.iter().any(|n| n == var),
+                role == owner,
+                "{role}: {var} in {names:?}"
+            );
+        }
+    }
     assert_eq!(roles_of(&objs), sorted(&WORKER_ROLES));
     let sos = scaled_objects(&objs);
     assert_eq!(sos.len(), WORKER_ROLES.len(), "one ScaledObject per role");

@@ -202,8 +202,15 @@ keys refuse). Scalars first, then sub-tables, keys sorted.
 {{- include "nexus.secretEnv" (dict "env" "NEXUS_BUS__KAFKA__SASL_PASSWORD" "ref" .Values.secrets.kafkaSaslPassword) }}
 {{- include "nexus.secretEnv" (dict "env" "NEXUS_BUS__NATS__PASSWORD" "ref" .Values.secrets.natsPassword) }}
 {{- include "nexus.secretEnv" (dict "env" "NEXUS_BUS__NATS__TOKEN" "ref" .Values.secrets.natsToken) }}
-{{- include "nexus.secretEnv" (dict "env" "NEXUS_WORKERS__HISTORY__UCS__CREDENTIAL" "ref" .Values.secrets.ucsCredential) }}
-{{- include "nexus.secretEnv" (dict "env" "NEXUS_WORKERS__GWS__CREDENTIAL" "ref" .Values.secrets.gwsCredential) }}
+{{- end -}}
+
+{{/* A peer's credential, only in the pods of the role that calls it (history → UCS, gws → GWS): args (dict "root" $ "role" name). */}}
+{{- define "nexus.peerEnv" -}}
+{{- if eq .role "history" }}
+{{- include "nexus.secretEnv" (dict "env" "NEXUS_WORKERS__HISTORY__UCS__CREDENTIAL" "ref" .root.Values.secrets.ucsCredential) }}
+{{- else if eq .role "gws" }}
+{{- include "nexus.secretEnv" (dict "env" "NEXUS_WORKERS__GWS__CREDENTIAL" "ref" .root.Values.secrets.gwsCredential) }}
+{{- end -}}
 {{- end -}}
 
 {{- define "nexus.storeEnv" -}}

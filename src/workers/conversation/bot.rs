@@ -81,6 +81,46 @@ pub fn signature(credential: &str, body: &[u8]) -> String {
     format!("sha256={hex}")
 }
 
+/// Bots this pod saw down lately, per (tenant, bot): a call within the window after a
+/// failure is not made (it fails as the last one did), so a bot that times out costs one
+/// handler a window per pod instead of one per conversation waiting on it.
+#[derive(Debug)]
+pub struct DownBots {
+    window: Duration,
+    seen:
+        std::sync::Mutex<std::collections::HashMap<(String, String), (std::time::Instant, String)>>,
+}
+
+impl DownBots {
+    pub fn new(window: Duration) -> Self {
+        Self {
+            window,
+            seen: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// The failure a call now would repeat, while the bot's window lasts.
+    pub fn recently(&self, bot: &(String, String)) -> Option<BotError> {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.get(bot)
+            .filter(|(at, _)| at.elapsed() < self.window)
+            .map(|(_, why)| BotError::Down(format!("{why} (seen down, not called again yet)")))
+    }
+
+    /// Notes a call's outcome: a bot down opens its window, an answer (even a refusal) closes it.
+    pub fn note(&self, bot: &(String, String), outcome: &Result<BotTurn, BotError>) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        match outcome {
+            Err(BotError::Down(why)) => {
+                seen.insert(bot.clone(), (std::time::Instant::now(), why.clone()));
+            }
+            _ => {
+                seen.remove(bot);
+            }
+        }
+    }
+}
+
 /// Largest bot answer read; more is refused (the conversation falls back to its queue).
 const MAX_ANSWER_BYTES: usize = 256 * 1024;
 /// Most replies one answer may carry.

@@ -748,10 +748,16 @@ impl ConversationWorker {
     /// into the transcript, a handoff to a queue. A bot that is down hands the conversation to
     /// its queue, or, with `bot_fallback = "retry"`, leaves the message pending in the record
     /// and arms the bot timer ([`Self::on_bot_turn_due`] tries it again); the caller saves.
+    ///
+    /// Every try of one message, first or retried, from whichever event, acts as the same
+    /// source ([`bot_turn_source`]): one idempotency key for the bot, one set of reply ids, so
+    /// a turn repeated (a redelivered message whose retry already ran) adds nothing twice.
     async fn bot_turn(&self, c: &mut Conversation, e: &Event, m: &Entry) -> Step {
         let Some(bot_id) = c.bot_id.clone() else {
             return Ok(());
         };
+        let source = bot_turn_source(e, m);
+        let e = &source;
         let target = self
             .directory
             .bot(&c.tenant_id, &bot_id)
@@ -781,7 +787,17 @@ impl ConversationWorker {
                 max_chars: self.max_message_chars,
                 max_user_data_entries: self.max_user_data_entries,
             };
-            Some(super::bot::call(&self.http, &target, &request, &key, timeout, limits).await)
+            let down = (c.tenant_id.clone(), bot_id.clone());
+            if let Some(err) = self.bots_down.recently(&down) {
+                // Seen down a moment ago (by this pod): not called again until the window
+                // ends, so a bot that times out holds one lane per pod, not one per chat.
+                Some(Err(err))
+            } else {
+                let answer =
+                    super::bot::call(&self.http, &target, &request, &key, timeout, limits).await;
+                self.bots_down.note(&down, &answer);
+                Some(answer)
+            }
         };
         let turn = match call {
             Some(Ok(turn)) => turn,
@@ -918,12 +934,7 @@ impl ConversationWorker {
             .into_iter()
             .find(|m| m.position == pending.position);
         match message {
-            Some(m) => {
-                // The message's own entry id names the turn: every try of it calls the bot
-                // with one idempotency key and writes its replies under the same ids.
-                let source = bot_turn_source(e, &m);
-                self.bot_turn(&mut c, &source, &m).await?;
-            }
+            Some(m) => self.bot_turn(&mut c, e, &m).await?,
             // Gone (the store dropped the transcript): nothing left to answer.
             None => c.routing.bot_pending = None,
         }

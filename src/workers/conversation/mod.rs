@@ -64,6 +64,8 @@ pub struct ConversationWorker {
     pub(crate) max_user_data_entries: usize,
     /// Longest text a bot reply may carry (`chat.max_message_chars`), as the bot API.
     pub(crate) max_message_chars: usize,
+    /// Bots seen down lately: not called again until their window ends.
+    pub(crate) bots_down: bot::DownBots,
 }
 
 impl ConversationWorker {
@@ -78,10 +80,15 @@ impl ConversationWorker {
             bus,
             store,
             directory,
-            config,
             http,
             max_user_data_entries: crate::config::Config::defaults().chat.max_user_data_entries,
             max_message_chars: crate::config::Config::defaults().chat.max_message_chars,
+            // Twice a call's timeout, at least 5 s: one call in flight per pod at most.
+            bots_down: bot::DownBots::new(
+                Duration::from_millis(config.bot_timeout_ms.saturating_mul(2))
+                    .max(Duration::from_secs(5)),
+            ),
+            config,
         }
     }
 

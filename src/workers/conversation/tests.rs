@@ -762,6 +762,8 @@ async fn texts_from(rig: &Rig, from: u64) -> Vec<String> {
 async fn a_down_bots_turns_wait_in_the_record_and_follow_in_order() {
     let mut rig = rig().await;
     rig.worker.config.bot_fallback = super::config::BotFallback::Retry;
+    // Every try calls the bot (the window after a failure is tested on its own).
+    rig.worker.bots_down = bot::DownBots::new(std::time::Duration::ZERO);
     rig.create_interaction_topic().await;
     let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (url, seen) = noting_bot(up.clone()).await;
@@ -818,11 +820,60 @@ async fn a_down_bots_turns_wait_in_the_record_and_follow_in_order() {
     );
 }
 
+/// A bot seen down is not called again until its window ends: a retry within it fails as the
+/// last call did (one handler per pod waits on a bot that times out, not one per chat), and a
+/// redelivered message whose turn already ran calls the bot with the same idempotency key.
+#[tokio::test]
+async fn a_bot_seen_down_is_not_called_again_within_its_window() {
+    let mut rig = rig().await;
+    rig.worker.config.bot_fallback = super::config::BotFallback::Retry;
+    rig.create_interaction_topic().await;
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (url, seen) = noting_bot(up.clone()).await;
+    with_bot_at(&rig, url, BTreeMap::new()).await;
+    let said = customer_says("one");
+    let first = rig.event(&said);
+    rig.worker
+        .on_customer_message(&first, said.clone())
+        .await
+        .expect("message");
+    let mut applied = std::collections::HashSet::new();
+    let later = chrono::Utc::now().timestamp_millis() + 60_000;
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(bot_turns_due(&rig, later, &mut applied).await, 1);
+    assert_eq!(
+        seen.lock().expect("lock").len(),
+        1,
+        "not called within the window"
+    );
+    let pending = rig.record().await.routing.bot_pending.expect("pending");
+    assert_eq!(pending.attempt, 2);
+
+    // The window ends: the next turn calls and is answered.
+    rig.worker.bots_down = bot::DownBots::new(std::time::Duration::ZERO);
+    assert_eq!(bot_turns_due(&rig, later + 60_000, &mut applied).await, 1);
+    assert_eq!(rig.record().await.routing.bot_pending, None);
+    let start = rig.transcript_len().await;
+    // The customer's message redelivered (its first handling's save lost): its turn is the
+    // one already answered, under the same ids, so nothing is added.
+    let mut lost = rig.record().await;
+    lost.routing
+        .applied
+        .retain(|id| *id != first.envelope.event_id.to_string());
+    assert!(rig.store.put_conversation(&lost).await.expect("put"));
+    rig.worker
+        .on_customer_message(&first, said)
+        .await
+        .expect("redelivered");
+    assert_eq!(rig.transcript_len().await, start, "no second answer");
+}
+
 /// A down bot's message retried for `bot_retry_max_s` goes to the conversation's queue after
 /// all, with the notice a `queue` fallback gives.
 #[tokio::test]
 async fn a_bot_down_past_its_retry_time_hands_off_to_the_queue() {
     let mut rig = rig().await;
+    rig.worker.bots_down = bot::DownBots::new(std::time::Duration::ZERO);
     rig.worker.config.bot_fallback = super::config::BotFallback::Retry;
     rig.worker.config.bot_retry_max_s = 1;
     rig.create_interaction_topic().await;
