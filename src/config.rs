@@ -199,6 +199,9 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
     /// Drain time on shutdown (ms).
     pub shutdown_grace_ms: u64,
+    /// How often WebSocket clients are pinged (ms); one silent for three of these is dropped.
+    /// 0 = no pings.
+    pub ws_ping_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -451,6 +454,12 @@ impl Config {
             return Err(invalid(
                 "workers.conversation.bot_retry_max_s",
                 "must be at least 1",
+            ));
+        }
+        if (1..100).contains(&self.http.ws_ping_interval_ms) {
+            return Err(invalid(
+                "http.ws_ping_interval_ms",
+                "must be 0 (no pings) or at least 100",
             ));
         }
         if self.consumer.lag_interval_ms == 0 {

@@ -845,6 +845,72 @@ async fn dev(dir: &std::path::Path, extra: &[(&'static str, &str)]) -> (Node, Ad
     (node, admin, tenant)
 }
 
+/// WebSocket clients are pinged (`http.ws_ping_interval_ms`): one that answers nothing for three
+/// intervals (a connection lost without a close) is dropped with 1001, customer stream and
+/// agent desk alike, while one that reads (and so answers the pings) stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_that_answers_no_ping_is_dropped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, admin, tenant) =
+        dev(dir.path(), &[("NEXUS_HTTP__WS_PING_INTERVAL_MS", "200")]).await;
+    let url = node.url.as_str();
+    let customer = Customer::start(url, &tenant.api_key, "Kim").await;
+    let stream = format!(
+        "/nexus/v3/chat/sessions/{}/stream?api_key={}&client_key={}",
+        customer.sid, tenant.api_key, customer.ck
+    );
+    let (_, token) = provision_agent(&admin, &tenant, "alice", 2).await;
+    let desk = format!("/v1/agent/ws?token={token}");
+    let host = url.trim_start_matches("http://");
+    for path in [stream, desk] {
+        let mut reading = ws_connect(&format!("{url}{path}")).await;
+        // A client that never reads, on a raw connection: it answers no ping.
+        let mut quiet = tokio::net::TcpStream::connect(host).await.expect("connect");
+        let handshake = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        quiet
+            .write_all(handshake.as_bytes())
+            .await
+            .expect("handshake");
+        // Reading answers the pings (tungstenite sends the pong of each ping it reads).
+        let closed = tokio::time::timeout(Duration::from_millis(1_500), async {
+            while let Some(frame) = reading.next().await {
+                if let Ok(WsMessage::Close(f)) = frame {
+                    return f;
+                }
+            }
+            None
+        })
+        .await;
+        assert!(
+            closed.is_err(),
+            "{path}: a client that answers was dropped: {closed:?}"
+        );
+        let mut bytes = Vec::new();
+        tokio::time::timeout(WAIT, quiet.read_to_end(&mut bytes))
+            .await
+            .expect("the silent client is dropped")
+            .expect("read");
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(text.starts_with("HTTP/1.1 101"), "{path}: {text}");
+        // Server frames are unmasked: a ping is 0x89, the close 0x88 with code 1001 (0x03e9).
+        let reason = b"no answer to pings";
+        let mut close = vec![0x88, 2 + reason.len() as u8, 0x03, 0xe9];
+        close.extend_from_slice(reason);
+        assert!(
+            bytes.windows(close.len()).any(|w| w == close.as_slice()),
+            "{path}: no 1001 close in {text:?}"
+        );
+        assert!(
+            bytes.windows(2).filter(|w| *w == [0x89, 0x00]).count() >= 2,
+            "{path}: pinged before the close: {text:?}"
+        );
+    }
+}
+
 /// A customer stream opened after the chat closed (a reconnect that missed the live `closed`
 /// push) gets the transcript and then the `closed` state, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,6 @@
 //! Writes to the edge's WebSockets (customer streams, agent desks) with a bound on how long a
-//! client that does not read can hold its socket's task.
+//! client that does not read can hold its socket's task, and pings that find clients gone
+//! without a close.
 
 use std::time::Duration;
 
@@ -30,4 +31,57 @@ pub(crate) async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
         reason: reason.to_string().into(),
     };
     send(socket, Message::Close(Some(frame))).await;
+}
+
+/// Pings a client and notices when it stopped answering: a connection lost without a close (a
+/// laptop asleep, a phone out of coverage) is otherwise found only when TCP gives up.
+pub(crate) struct Liveness {
+    tick: Option<tokio::time::Interval>,
+    heard: tokio::time::Instant,
+    silent_for: Duration,
+}
+
+impl Liveness {
+    /// Pings every `every` (`http.ws_ping_interval_ms`; zero: never).
+    pub(crate) fn new(every: Duration) -> Self {
+        let tick = (!every.is_zero()).then(|| {
+            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
+        Self {
+            tick,
+            heard: tokio::time::Instant::now(),
+            silent_for: every.saturating_mul(3),
+        }
+    }
+
+    /// The client sent something (any frame, a pong included).
+    pub(crate) fn heard(&mut self) {
+        self.heard = tokio::time::Instant::now();
+    }
+
+    /// Resolves at each ping time: true to ping, false once the client has been silent for
+    /// three intervals. Cancel-safe; never resolves without pings.
+    pub(crate) async fn due(&mut self) -> bool {
+        match &mut self.tick {
+            Some(t) => {
+                t.tick().await;
+                self.heard.elapsed() < self.silent_for
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// One ping time on `socket`: a ping, or the close of a silent client; false once the
+    /// socket is done.
+    pub(crate) async fn ping(socket: &mut WebSocket, alive: bool) -> bool {
+        if alive {
+            send(socket, Message::Ping(Default::default())).await
+        } else {
+            metrics::counter!(crate::telemetry::metrics::WS_SILENT_CLOSED_TOTAL).increment(1);
+            close(socket, 1001, "no answer to pings").await;
+            false
+        }
+    }
 }

@@ -33,6 +33,8 @@ pub const HTTP_REQUEST_SECONDS: &str = "nexus_http_request_duration_seconds";
 pub const BUS_UP: &str = "nexus_bus_up";
 /// Calls to bot endpoints, per `outcome` (ok, failed).
 pub const BOT_CALLS_TOTAL: &str = "nexus_bot_calls_total";
+/// WebSockets dropped because the client answered no ping for three intervals.
+pub const WS_SILENT_CLOSED_TOTAL: &str = "nexus_ws_silent_closed_total";
 /// Conversation timers that fired (offer timeouts, queue retries), per `kind`.
 pub const TIMERS_FIRED_TOTAL: &str = "nexus_conversation_timers_fired_total";
 /// Timer claims or actions that failed, per `kind`.

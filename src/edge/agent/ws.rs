@@ -21,7 +21,7 @@ use super::{
     do_typing,
 };
 use crate::edge::hub::Push;
-use crate::edge::socket::{close, send_text};
+use crate::edge::socket::{close, send_text, Liveness};
 use crate::edge::{ApiError, AppState};
 use crate::stores::provisioning::{Agent, AuthError};
 use crate::workers::conversation::notify::entry_json;
@@ -98,11 +98,17 @@ async fn serve(mut socket: WebSocket, state: AppState, mut agent: Agent, token: 
             return;
         }
     }
+    let mut live = Liveness::new(Duration::from_millis(state.config.http.ws_ping_interval_ms));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
                 close(&mut socket, 1012, "edge restarting; reconnect").await;
                 return;
+            }
+            alive = live.due() => {
+                if !Liveness::ping(&mut socket, alive).await {
+                    return;
+                }
             }
             _ = recheck.tick() => {
                 match state.provisioning.authenticate_agent(&token).await {
@@ -134,7 +140,11 @@ async fn serve(mut socket: WebSocket, state: AppState, mut agent: Agent, token: 
                 }
                 Err(RecvError::Closed) => return,
             },
-            incoming = socket.recv() => match incoming {
+            incoming = socket.recv() => {
+                if matches!(incoming, Some(Ok(_))) {
+                    live.heard();
+                }
+                match incoming {
                 Some(Ok(WsMessage::Text(text))) => {
                     let answer = handle(&state, &agent, text.as_str()).await;
                     if !send_text(&mut socket, answer.to_string()).await {
@@ -151,7 +161,8 @@ async fn serve(mut socket: WebSocket, state: AppState, mut agent: Agent, token: 
                 }
                 Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => return,
                 Some(Ok(_)) => {}
-            },
+                }
+            }
         }
     }
 }

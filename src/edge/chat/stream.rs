@@ -21,7 +21,7 @@ use tokio::sync::broadcast::error::RecvError;
 use super::v3::closed_or_gone;
 use super::{claims_for, Claims};
 use crate::edge::hub::{Feed, Push};
-use crate::edge::socket::{close, send_text};
+use crate::edge::socket::{close, send_text, Liveness};
 use crate::edge::{ApiError, AppState};
 use crate::events::chat::ClientEventKind;
 use crate::stores::session::ConversationState;
@@ -384,8 +384,14 @@ async fn serve_socket(mut socket: WebSocket, mut feed: Resumable, mut check: Key
     let state = feed.state.clone();
     let expiry = tokio::time::sleep_until(key_deadline(&feed));
     tokio::pin!(expiry);
+    let mut live = Liveness::new(Duration::from_millis(state.config.http.ws_ping_interval_ms));
     loop {
         tokio::select! {
+            alive = live.due() => {
+                if !Liveness::ping(&mut socket, alive).await {
+                    return;
+                }
+            }
             e = check.revoked(&state) => {
                 close(&mut socket, API_KEY_REVOKED_CLOSE, &format!("{}: {}", e.code, e.message)).await;
                 return;
@@ -418,8 +424,9 @@ async fn serve_socket(mut socket: WebSocket, mut feed: Resumable, mut check: Key
             }
             incoming = socket.recv() => match incoming {
                 Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => return,
-                // Customers act through the HTTP API; pings are answered by axum.
-                Some(Ok(_)) => {}
+                // Customers act through the HTTP API; pings are answered by axum, pongs and
+                // anything else only say the client is there.
+                Some(Ok(_)) => live.heard(),
             },
         }
     }
