@@ -67,6 +67,9 @@ pub struct ChatConfig {
     pub max_file_bytes: usize,
     /// Most files one session may upload; more is `LIMIT_FILE_COUNT`.
     pub max_files_per_session: usize,
+    /// Uploads one edge process reads at once (each held in memory until stored); more wait
+    /// a little, then get 503 `UPLOADS_BUSY`.
+    pub max_uploads_in_flight: usize,
     /// Lifetime of a client key (s); an older key is `CLIENT_KEY_EXPIRED`.
     pub client_key_ttl_s: u64,
     /// How long an uploaded file is kept (s); then downloads are `FILE_EXPIRED` and the sweeper
@@ -500,6 +503,9 @@ impl Config {
         }
         if self.http.max_body_bytes == 0 {
             return Err(invalid("http.max_body_bytes", "must be at least 1"));
+        }
+        if self.chat.max_uploads_in_flight == 0 {
+            return Err(invalid("chat.max_uploads_in_flight", "must be at least 1"));
         }
         if self.chat.max_file_bytes == 0 {
             return Err(invalid("chat.max_file_bytes", "must be at least 1"));

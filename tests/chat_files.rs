@@ -671,6 +671,40 @@ async fn a_chat_closed_during_an_upload_refuses_it() {
     assert_eq!(up["name"], "invtxt.hta.txt");
 }
 
+/// Uploads held in memory at once are bounded (`chat.max_uploads_in_flight`): with one place
+/// and a slow upload in it, another upload waits, then gets 503 `UPLOADS_BUSY`; once the slow
+/// one is stored, uploads go through again.
+#[tokio::test]
+async fn uploads_in_flight_are_bounded() {
+    let fx = fixture_with(|c| c.chat.max_uploads_in_flight = 1).await;
+    let k = &fx.a_key;
+    let s = start(&fx.state, k).await;
+    let body = file_part("slow.txt", "text/plain", b"slow upload");
+    let (head, tail) = body.split_at(body.len() / 2);
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Result<bytes::Bytes, std::io::Error>>();
+    tx.unbounded_send(Ok(bytes::Bytes::copy_from_slice(head)))
+        .expect("first half");
+    let mut req = upload_req(k, &s, &s.ck, Vec::new());
+    *req.body_mut() = Body::from_stream(rx);
+    let state = fx.state.clone();
+    let slow = tokio::spawn(async move { call(&state, req).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let other = file_part("b.txt", "text/plain", b"another");
+    let (status, answer) = call(&fx.state, upload_req(k, &fx.s1, &fx.s1.ck, other.clone())).await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("UPLOADS_BUSY")),
+        "{answer}"
+    );
+    tx.unbounded_send(Ok(bytes::Bytes::copy_from_slice(tail)))
+        .expect("second half");
+    drop(tx);
+    let (status, answer) = slow.await.expect("slow upload");
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    let (status, answer) = call(&fx.state, upload_req(k, &fx.s1, &fx.s1.ck, other)).await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+}
+
 /// `nexus_chat_files_expired_total` as the edge's /metrics renders it (0 before the first sweep).
 fn files_expired_metric(state: &AppState) -> u64 {
     let rendered = state.metrics.render();

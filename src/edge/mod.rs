@@ -55,6 +55,9 @@ pub struct AppState {
     pub demo: Option<Arc<demo::DemoTenant>>,
     /// Fires on shutdown: sockets close with a reconnect hint.
     pub shutdown: CancellationToken,
+    /// Uploads this process reads at once (`chat.max_uploads_in_flight`): each holds up to
+    /// `chat.max_file_bytes` in memory until it is stored.
+    pub uploads: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -73,6 +76,9 @@ impl AppState {
         } else {
             config.chat.client_key_secret.as_bytes().to_vec()
         };
+        let uploads = Arc::new(tokio::sync::Semaphore::new(
+            config.chat.max_uploads_in_flight.max(1),
+        ));
         Self {
             client_keys: chat::ClientKeys::new(&secret, config.chat.client_key_ttl_s),
             presence: Arc::new(chat::Presence::new(
@@ -87,6 +93,7 @@ impl AppState {
             hub: hub::Hub::new(),
             demo: None,
             shutdown: CancellationToken::new(),
+            uploads,
         }
     }
 }

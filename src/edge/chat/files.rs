@@ -37,6 +37,12 @@ use crate::telemetry::metrics as m;
 /// without letting a body grow much past the file limit.
 pub(super) const FRAMING_BYTES: usize = 64 * 1024;
 
+/// How long an upload waits for a place among `chat.max_uploads_in_flight`.
+const UPLOAD_PERMIT_WAIT: Duration = Duration::from_secs(5);
+/// Longest an upload's body may take to arrive (10 MiB at about 1 Mbit/s takes 80 s): a
+/// client sending slowly holds a place, and its bytes, no longer.
+const UPLOAD_READ_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Longest file name kept (characters); longer names are cut.
 const MAX_NAME_CHARS: usize = 255;
 
@@ -332,7 +338,30 @@ pub async fn upload(
     let c = session_claims(&state, &headers, &id).await?;
     let multipart = multipart.map_err(rejection)?;
     ensure_open(&state, &c).await?;
-    let upload = read_upload(&state, multipart).await?;
+    // Held until the file is stored: its bytes are in memory until then.
+    let _permit = tokio::time::timeout(UPLOAD_PERMIT_WAIT, state.uploads.clone().acquire_owned())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UPLOADS_BUSY",
+                "too many uploads at once; retry shortly",
+            )
+        })?;
+    let upload = tokio::time::timeout(UPLOAD_READ_TIMEOUT, read_upload(&state, multipart))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "UPLOAD_TIMEOUT",
+                format!(
+                    "the upload took longer than {} s",
+                    UPLOAD_READ_TIMEOUT.as_secs()
+                ),
+            )
+        })??;
     // Again once the body is in: a slow upload can outlast the chat, whose closed transcript
     // would drop its message while the file took a place.
     ensure_open(&state, &c).await?;

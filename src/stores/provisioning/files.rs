@@ -60,13 +60,14 @@ impl Provisioning {
     /// and the insert are one statement: SQLite runs one write at a time, and on PostgreSQL
     /// (where a statement counts only what was committed before it began) the statement runs
     /// under a transaction lock on the conversation, so uploads racing for the last place take
-    /// it once.
+    /// it once. The file answered carries no bytes (`data` empty; `size` says how many were
+    /// stored).
     pub async fn put_file(
         &self,
         new: NewChatFile,
         max_files: usize,
     ) -> Result<Option<ChatFile>, ProvisioningError> {
-        let file = ChatFile {
+        let mut file = ChatFile {
             id: new.id.unwrap_or_else(sql::new_id),
             size: i64::try_from(new.data.len()).unwrap_or(i64::MAX),
             tenant_id: new.tenant_id,
@@ -100,7 +101,8 @@ impl Provisioning {
         .bind(file.name.clone())
         .bind(file.content_type.clone())
         .bind(file.size)
-        .bind(file.data.clone())
+        // Moved, not copied: an upload's bytes are in memory once.
+        .bind(std::mem::take(&mut file.data))
         .bind(file.created_at_ms)
         .bind(file.expires_at_ms)
         .bind(i64::try_from(max_files).unwrap_or(i64::MAX))
@@ -253,8 +255,14 @@ mod tests {
             .expect("put")
             .expect("room");
         let got = p.file(&t, "c1", &f.id).await.expect("file");
-        assert_eq!(got, f);
-        assert_eq!(got.data, bytes);
+        assert!(f.data.is_empty(), "the answer carries no bytes");
+        assert_eq!(
+            got,
+            ChatFile {
+                data: bytes.to_vec(),
+                ..f.clone()
+            }
+        );
         assert_eq!(got.size, 6);
         for (tenant, conv) in [(t.as_str(), "c2"), ("other", "c1")] {
             assert!(matches!(
@@ -325,8 +333,18 @@ mod tests {
         assert_eq!(p.sweep_files(now, 3).await.expect("sweep"), 3);
         assert_eq!(p.sweep_files(now, 3).await.expect("sweep"), 1);
         assert_eq!(p.sweep_files(now, 3).await.expect("sweep"), 0);
-        assert_eq!(p.file(&t, "c1", &kept.id).await.expect("kept"), kept);
-        assert_eq!(p.file(&t, "c5", &forever.id).await.expect("kept"), forever);
+        let with = |f: &ChatFile, data: &[u8]| ChatFile {
+            data: data.to_vec(),
+            ..f.clone()
+        };
+        assert_eq!(
+            p.file(&t, "c1", &kept.id).await.expect("kept"),
+            with(&kept, b"new")
+        );
+        assert_eq!(
+            p.file(&t, "c5", &forever.id).await.expect("kept"),
+            with(&forever, b"x")
+        );
         // A swept file's row stays, without its bytes: its id is still known as expired.
         let bytes: i64 = sqlx::query_scalar(
             "SELECT COALESCE(SUM(LENGTH(data)), 0) FROM chat_files WHERE swept = 1",
@@ -344,7 +362,10 @@ mod tests {
         assert_eq!(p.forget_swept_files(now, 3).await.expect("forget"), 3);
         assert_eq!(p.forget_swept_files(now, 3).await.expect("forget"), 1);
         assert_eq!(p.count_files(&t, "c1").await.expect("count"), 1);
-        assert_eq!(p.file(&t, "c1", &kept.id).await.expect("kept"), kept);
+        assert_eq!(
+            p.file(&t, "c1", &kept.id).await.expect("kept"),
+            with(&kept, b"new")
+        );
     }
 
     /// The id of the conversation's one file.
