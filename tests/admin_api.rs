@@ -519,6 +519,14 @@ async fn validation_errors(backend: Backend) {
         (
             Method::POST,
             format!("{tp}/bots"),
+            r#"{"name": "b", "url": "http://169.254.169.254/latest", "credential": "c"}"#,
+            StatusCode::BAD_REQUEST,
+            "BOT_TARGET_PRIVATE",
+            "`url`",
+        ),
+        (
+            Method::POST,
+            format!("{tp}/bots"),
             r#"{"name": "b", "url": "https://bot.example", "credential": ""}"#,
             StatusCode::BAD_REQUEST,
             "INVALID_FIELD",
@@ -1043,6 +1051,19 @@ async fn bot_credentials_are_encrypted_and_never_returned(backend: Backend) {
             )),
         )
         .await;
+    // An internal address is refused on PATCH too.
+    let (status, _, refused) = h
+        .send(
+            Method::PATCH,
+            &format!("{base}/{bot}"),
+            Some(TOKEN),
+            Some(Body::from(
+                json!({"url": "http://10.0.0.5:8500/v1/kv"}).to_string(),
+            )),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert!(refused.contains("BOT_TARGET_PRIVATE"), "{refused}");
     for text in [&created_text, &got, &list, &patched] {
         assert!(
             !text.contains(BOT_SECRET) && !text.contains("\"credential\""),

@@ -1834,6 +1834,9 @@ async fn a_transfer_to_an_agent_who_goes_not_ready_falls_back_to_the_queue() {
     assert_eq!(me["active"]["chat"].as_u64(), Some(1), "{me}");
 }
 
+/// Bots on loopback, as these tests run them (refused otherwise: an internal address).
+const PRIVATE_BOTS: (&str, &str) = ("NEXUS_WORKERS__CONVERSATION__ALLOW_PRIVATE_BOTS", "true");
+
 /// A bot endpoint on loopback: checks the signature, echoes, hands off on "agent please".
 async fn start_bot(credential: &'static str) -> (String, tokio::task::JoinHandle<()>) {
     use axum::http::{HeaderMap, StatusCode};
@@ -1896,7 +1899,7 @@ async fn start_bot(credential: &'static str) -> (String, tokio::task::JoinHandle
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bot_first_then_handoff_and_fallback_when_down() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (node, admin, tenant) = dev(dir.path(), &[]).await;
+    let (node, admin, tenant) = dev(dir.path(), &[PRIVATE_BOTS]).await;
     let url = node.url.as_str();
     let (bot_url, bot_server) = start_bot("bot-secret").await;
     let bot = admin
@@ -2011,7 +2014,10 @@ async fn a_down_bot_is_retried_and_answers_in_order() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (node, admin, tenant) = dev(
         dir.path(),
-        &[("NEXUS_WORKERS__CONVERSATION__BOT_FALLBACK", "retry")],
+        &[
+            ("NEXUS_WORKERS__CONVERSATION__BOT_FALLBACK", "retry"),
+            PRIVATE_BOTS,
+        ],
     )
     .await;
     let url = node.url.as_str();
@@ -2097,7 +2103,7 @@ async fn a_down_bot_is_retried_and_answers_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bot_posts_and_hands_off_through_the_bot_api() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (node, admin, tenant) = dev(dir.path(), &[]).await;
+    let (node, admin, tenant) = dev(dir.path(), &[PRIVATE_BOTS]).await;
     let url = node.url.as_str();
     let (bot_url, _bot_server) = start_bot("bot-secret").await;
     let bot = admin

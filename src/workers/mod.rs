@@ -90,11 +90,13 @@ pub fn handler_for(
                     sessions,
                     deps.provisioning.clone(),
                     config.conversation(),
-                    crate::http_client::build(&config.http_client).map_err(|e| {
-                        WorkerError::Config {
-                            role: role.to_string(),
-                            message: e.to_string(),
-                        }
+                    conversation::bot::client(
+                        &config.http_client,
+                        config.workers.conversation.allow_private_bots,
+                    )
+                    .map_err(|e| WorkerError::Config {
+                        role: role.to_string(),
+                        message: e.to_string(),
                     })?,
                 )
                 .with_chat_limits(&config.chat),

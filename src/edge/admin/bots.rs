@@ -9,12 +9,33 @@ use axum::Json;
 use super::{Body, Listing};
 use crate::edge::{ApiError, AppState};
 use crate::stores::provisioning::{BotEndpoint, BotPatch, BotToken, CreatedBot, NewBot, Page};
+use crate::workers::webhooks::target::{self, TargetError};
+
+/// Refuses a bot URL in a private, loopback or link-local range (the conversation worker
+/// posts transcripts to it from inside the cluster) unless
+/// `workers.conversation.allow_private_bots`. A URL that does not parse is left to the
+/// store's field check (400 `INVALID_FIELD`).
+async fn check_target(state: &AppState, url: &str) -> Result<(), ApiError> {
+    if reqwest::Url::parse(url).is_err() {
+        return Ok(());
+    }
+    let allow = state.config.workers.conversation.allow_private_bots;
+    target::check_url(url, allow).await.map_err(|e| match e {
+        TargetError::BadUrl(_) => ApiError::bad_request("INVALID_FIELD", e.to_string()),
+        TargetError::Private(_) => ApiError::bad_request(
+            "BOT_TARGET_PRIVATE",
+            format!("`url`: {e} (workers.conversation.allow_private_bots allows it)"),
+        ),
+    })
+}
 
 pub async fn create(
     State(state): State<AppState>,
     Path(tenant): Path<String>,
     Body(new): Body<NewBot>,
 ) -> Result<(StatusCode, Json<CreatedBot>), ApiError> {
+    state.provisioning.tenant(&tenant).await?;
+    check_target(&state, &new.url).await?;
     let created = state.provisioning.create_bot(&tenant, new).await?;
     Ok((StatusCode::CREATED, Json(created)))
 }
@@ -40,6 +61,10 @@ pub async fn update(
     Path((tenant, id)): Path<(String, String)>,
     Body(patch): Body<BotPatch>,
 ) -> Result<Json<BotEndpoint>, ApiError> {
+    if let Some(url) = &patch.url {
+        state.provisioning.bot(&tenant, &id).await?;
+        check_target(&state, url).await?;
+    }
     Ok(Json(
         state.provisioning.update_bot(&tenant, &id, patch).await?,
     ))

@@ -22,6 +22,7 @@ use serde_json::Value;
 use sha2::Sha256;
 
 use crate::workers::webhooks::signing::standard_signature;
+use crate::workers::webhooks::target;
 
 /// Where a bot is and how calls to it are signed.
 #[derive(Clone)]
@@ -126,13 +127,16 @@ const MAX_ANSWER_BYTES: usize = 256 * 1024;
 /// Most replies one answer may carry.
 pub const MAX_REPLIES: usize = 20;
 
-/// What a bot's answer may hold: the limits the bot API and customers have at the edge.
+/// Where a bot may be, and what its answer may hold: the limits the bot API and customers
+/// have at the edge.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// `chat.max_message_chars`.
     pub max_chars: usize,
     /// `chat.max_user_data_entries`.
     pub max_user_data_entries: usize,
+    /// Bots at internal addresses are refused (`allow_private_bots` off).
+    pub private_refused: bool,
 }
 
 impl BotTurn {
@@ -162,6 +166,23 @@ impl BotTurn {
     }
 }
 
+/// The client bot calls go through: no redirects (a 3xx is a refusal) and, unless private
+/// targets are allowed, a resolver that answers only public addresses, without a proxy
+/// (which would resolve past it), as for webhooks.
+pub fn client(
+    http: &crate::config::HttpClientConfig,
+    allow_private: bool,
+) -> Result<reqwest::Client, crate::http_client::ClientError> {
+    let mut builder =
+        crate::http_client::builder(http)?.redirect(reqwest::redirect::Policy::none());
+    if let Some(resolver) = target::resolver(allow_private) {
+        builder = builder.dns_resolver(resolver).no_proxy();
+    }
+    builder
+        .build()
+        .map_err(|e| crate::http_client::ClientError::Build(e.to_string()))
+}
+
 /// One bot turn: POSTs `body` and reads the answer.
 pub async fn call(
     http: &reqwest::Client,
@@ -171,6 +192,17 @@ pub async fn call(
     timeout: Duration,
     limits: Limits,
 ) -> Result<BotTurn, BotError> {
+    if let Some(ip) = reqwest::Url::parse(&bot.url)
+        .ok()
+        .as_ref()
+        .and_then(target::literal_ip)
+        .filter(|ip| limits.private_refused && target::is_internal(*ip))
+    {
+        // The resolver is not asked for an address written in the URL.
+        return Err(BotError::Refused(format!(
+            "the bot's address {ip} is in a private, loopback or link-local range"
+        )));
+    }
     let bytes = serde_json::to_vec(body).map_err(|e| BotError::Refused(e.to_string()))?;
     let timestamp = chrono::Utc::now().timestamp();
     let response = http
@@ -236,6 +268,7 @@ mod tests {
         Limits {
             max_chars: 10,
             max_user_data_entries: 2,
+            private_refused: false,
         }
     }
 
@@ -276,6 +309,55 @@ mod tests {
             }
             other => panic!("expected the bot down, got {other:?}"),
         }
+    }
+
+    /// With private targets refused, a bot at an internal address is not called: an address
+    /// written in the URL at call time (the resolver is not asked for it), a name through the
+    /// client's resolver; both are refusals (the conversation goes to its queue).
+    #[tokio::test]
+    async fn bots_at_internal_addresses_are_not_called() {
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = calls.clone();
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::post(move || {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async { "{}" }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let refused = Limits {
+            private_refused: true,
+            ..limits()
+        };
+        let http = client(&crate::config::Config::defaults().http_client, false).expect("client");
+        let body = serde_json::json!({});
+        let timeout = Duration::from_secs(5);
+        for url in [
+            format!("http://127.0.0.1:{port}/"),
+            format!("http://localhost:{port}/"),
+        ] {
+            let answer = call(&http, &target(url.clone()), &body, "k", timeout, refused).await;
+            assert!(
+                matches!(&answer, Err(BotError::Refused(_)) | Err(BotError::Down(_))),
+                "{url}: {answer:?}"
+            );
+        }
+        assert_eq!(
+            calls.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "never called"
+        );
+        // Allowed: the same bot answers.
+        let open = client(&crate::config::Config::defaults().http_client, true).expect("client");
+        let url = format!("http://localhost:{port}/");
+        let answer = call(&open, &target(url), &body, "k", timeout, limits()).await;
+        assert!(answer.is_ok(), "{answer:?}");
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub struct ConversationConfig {
     /// With `retry`: how long one message is retried before the conversation goes to its
     /// queue after all.
     pub bot_retry_max_s: u64,
+    /// Allow bot URLs in private, loopback and link-local ranges (refused otherwise when a
+    /// bot is written and at call time, DNS answers included).
+    pub allow_private_bots: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +59,7 @@ impl Default for ConversationConfig {
             bot_timeout_ms: 5_000,
             bot_fallback: BotFallback::Queue,
             bot_retry_max_s: 300,
+            allow_private_bots: false,
         }
     }
 }

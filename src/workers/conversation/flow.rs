@@ -786,6 +786,7 @@ impl ConversationWorker {
             let limits = super::bot::Limits {
                 max_chars: self.max_message_chars,
                 max_user_data_entries: self.max_user_data_entries,
+                private_refused: !self.config.allow_private_bots,
             };
             let down = (c.tenant_id.clone(), bot_id.clone());
             if let Some(err) = self.bots_down.recently(&down) {

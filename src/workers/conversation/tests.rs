@@ -49,7 +49,11 @@ async fn rig() -> Rig {
         bus.clone(),
         store.clone(),
         provisioning.clone(),
-        ConversationConfig::default(),
+        ConversationConfig {
+            // Bots on loopback.
+            allow_private_bots: true,
+            ..ConversationConfig::default()
+        },
         reqwest::Client::new(),
     );
     Rig {
