@@ -212,12 +212,27 @@ async fn scenario(url: &str, agent_url: &str) {
     assert_eq!(r.status(), 202);
     let read = ws_until(&mut agent, WAIT, |v| transcript_frame(v, "ReadReceipt")).await;
     assert_eq!(read["data"]["position"], "4");
-    let r = session_post("notices", json!({"text": "page: /pricing"}))
+    // Posted twice with its id (a retry after a lost answer): one notice.
+    for _ in 0..2 {
+        let r = session_post(
+            "notices",
+            json!({"text": "page: /pricing", "message_id": "n-1"}),
+        )
+        .await
+        .expect("notice");
+        assert_eq!(r.status(), 202);
+    }
+    let notice = ws_until(&mut agent, WAIT, |v| transcript_frame(v, "CustomNotice")).await;
+    assert_eq!(notice["text"], "page: /pricing");
+    let r = session_post("notices", json!({"text": "page: /checkout"}))
         .await
         .expect("notice");
     assert_eq!(r.status(), 202);
-    let notice = ws_until(&mut agent, WAIT, |v| transcript_frame(v, "CustomNotice")).await;
-    assert_eq!(notice["text"], "page: /pricing");
+    let next = ws_until(&mut agent, WAIT, |v| transcript_frame(v, "CustomNotice")).await;
+    assert_eq!(
+        next["text"], "page: /checkout",
+        "the retried notice came twice"
+    );
 
     // The agent completes; the customer sees the end.
     ws_send(

@@ -57,11 +57,34 @@ impl ApiError {
     }
 }
 
+/// What a client is told of a server error: a fixed text, the cause logged instead (hosts,
+/// user names, broker errors are not for clients).
+pub const SERVER_ERROR_TEXT: &str = "the service could not complete the request; retry later";
+
+impl ApiError {
+    /// Logs a server error's cause, which its answer does not tell.
+    pub fn log_if_server_error(&self) {
+        if self.status.is_server_error() {
+            tracing::warn!(code = self.code, error = %self.message, status = self.status.as_u16(), "request failed");
+        }
+    }
+
+    /// The message a client may see: its own for a client error; for a server error
+    /// [`SERVER_ERROR_TEXT`], the cause logged here.
+    pub fn shown_message(&self) -> String {
+        self.log_if_server_error();
+        if self.status.is_server_error() {
+            SERVER_ERROR_TEXT.to_string()
+        } else {
+            self.message.clone()
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
-            tracing::warn!(code = self.code, error = %self.message, status = self.status.as_u16(), "request failed");
-            let body = json!({"error": {"code": self.code, "message": "the service could not complete the request; retry later"}});
+            let body = json!({"error": {"code": self.code, "message": self.shown_message()}});
             return (self.status, Json(body)).into_response();
         }
         (

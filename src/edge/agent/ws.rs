@@ -231,7 +231,10 @@ async fn handle(state: &AppState, agent: &Agent, text: &str) -> Value {
     let id = request.request_id.clone();
     match run(state, agent, request).await {
         Ok(extra) => json!({"type": "ack", "request_id": id, "result": extra}),
-        Err(e) => json!({"type": "error", "request_id": id, "code": e.code, "message": e.message}),
+        // As over HTTP: a server error's cause is logged, not told.
+        Err(e) => {
+            json!({"type": "error", "request_id": id, "code": e.code, "message": e.shown_message()})
+        }
     }
 }
 

@@ -51,6 +51,7 @@ impl IntoResponse for V2Error {
         let e = self.error;
         // What went wrong inside is logged, not told.
         let advice = if e.status.is_server_error() {
+            e.log_if_server_error();
             "the chat service is unavailable; try again".to_string()
         } else {
             e.message

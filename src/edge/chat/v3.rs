@@ -911,6 +911,8 @@ pub async fn read_receipt(
 #[serde(deny_unknown_fields)]
 pub struct NoticeRequest {
     pub text: String,
+    /// The client's id of the notice: a retried post with the same id is not a second one.
+    pub message_id: Option<String>,
 }
 
 /// A custom notice from the widget (shown to the agent as a notice, not a message).
@@ -927,7 +929,7 @@ pub async fn notice(
         &c,
         r.text,
         MessageKind::CustomNotice,
-        None,
+        r.message_id,
         traceparent(&headers),
     )
     .await?;
