@@ -126,6 +126,12 @@ impl PeerConfig {
                 return Ok(());
             }
             match reqwest::Url::parse(url) {
+                // Paths are appended to the URL: a query or fragment would take them in.
+                Ok(u) if u.query().is_some() || u.fragment().is_some() => Err(format!(
+                    "{k}: `{}` has a query or fragment; the peer's paths are appended to the \
+                     URL, so give the base URL only (credentials go in `credential`)",
+                    crate::config::redact_url_password(url)
+                )),
                 Ok(u) if matches!(u.scheme(), "http" | "https") => Ok(()),
                 _ => Err(format!(
                     "{k}: `{}` is not an http(s) URL",
@@ -947,6 +953,18 @@ mod tests {
         );
         let e = c.validate("workers.history.ucs").unwrap_err();
         assert!(e.contains("workers.history.ucs.tenants.t.url"), "{e}");
+        // A query would swallow the paths appended to the URL; its token is not shown.
+        for url in ["https://ucs.example?token=s3cret", "https://ucs.example/#x"] {
+            let mut c = config();
+            c.url = url.into();
+            let e = c.validate("workers.history.ucs").unwrap_err();
+            assert!(
+                e.contains("workers.history.ucs.url")
+                    && e.contains("query")
+                    && !e.contains("s3cret"),
+                "{e}"
+            );
+        }
     }
 
     fn circuit(c: &PeerConfig) -> Circuit {

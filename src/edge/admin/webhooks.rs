@@ -273,14 +273,13 @@ pub async fn recover_dead_letters(
                     continue;
                 };
                 out.read += 1;
-                // A record of a subscription deleted since has nothing to go to.
-                if state
-                    .provisioning
-                    .webhook(&tenant, &dead.webhook_id)
-                    .await
-                    .is_err()
-                {
-                    continue;
+                // A record of a subscription deleted since has nothing to go to; a database
+                // that does not answer fails the call (a skipped record would not be retried:
+                // a second run is expected to queue nothing).
+                match state.provisioning.webhook(&tenant, &dead.webhook_id).await {
+                    Ok(_) => {}
+                    Err(ProvisioningError::NotFound(_)) => continue,
+                    Err(e) => return Err(e.into()),
                 }
                 let kind = match dead.event.as_str() {
                     "FINISHED" => WebhookEvent::Finished,

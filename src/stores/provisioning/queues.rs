@@ -86,9 +86,12 @@ impl Provisioning {
         patch: QueuePatch,
     ) -> Result<Queue, ProvisioningError> {
         let mut queue = self.queue(tenant_id, id).await?;
-        if let Some(name) = &patch.name {
-            queue.name = models::name("name", name)?;
-        }
+        // Only a name to change is written: writing back the one read would undo a rename
+        // made since by another request.
+        let Some(name) = &patch.name else {
+            return Ok(queue);
+        };
+        queue.name = models::name("name", name)?;
         let done = sqlx::query("UPDATE queues SET name = $3 WHERE tenant_id = $1 AND id = $2")
             .bind(queue.tenant_id.clone())
             .bind(queue.id.clone())

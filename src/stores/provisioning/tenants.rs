@@ -69,9 +69,12 @@ impl Provisioning {
         patch: TenantPatch,
     ) -> Result<Tenant, ProvisioningError> {
         let mut tenant = self.tenant(id).await?;
-        if let Some(name) = &patch.name {
-            tenant.name = models::name("name", name)?;
-        }
+        // Only a name to change is written: writing back the one read would undo a rename
+        // made since by another request.
+        let Some(name) = &patch.name else {
+            return Ok(tenant);
+        };
+        tenant.name = models::name("name", name)?;
         let done = sqlx::query("UPDATE tenants SET name = $2 WHERE id = $1")
             .bind(tenant.id.clone())
             .bind(tenant.name.clone())

@@ -206,7 +206,10 @@ impl GwsWorker {
         // try wait for a call that never left, then read the chat for nothing.
         if let Some(wait) = self.client.refuses(target) {
             return Err(PeerFailure::Retry {
-                detail: format!("not called: GWS at {} is paused", target.url),
+                detail: format!(
+                    "not called: GWS at {} is paused",
+                    crate::config::redact_url_password(&target.url)
+                ),
                 counts: false,
                 wait: Some(wait),
             }
