@@ -33,6 +33,7 @@ struct System {
     admin: Admin,
     _nats: OwnNats,
     _db: TestDb,
+    db_url: String,
 }
 
 impl System {
@@ -82,6 +83,7 @@ impl System {
             env,
             bus,
             _nats: nats,
+            db_url: db.url.clone(),
             _db: db,
         }
     }
@@ -759,6 +761,63 @@ async fn a_disabled_endpoint_gets_nothing_more(s: &System, rx: &Receiver) {
     );
 }
 
+/// A subscription the worker cannot read (here: a secret that no longer decrypts) charges no
+/// attempt after the first and does not kill the message: it waits, and is delivered once the
+/// subscription reads again (before, every try counted, and the message was dead within a
+/// second).
+async fn an_unreadable_subscription_charges_no_attempt(s: &System, rx: &Receiver) {
+    let tenant = s.tenant().await;
+    let (hook, _) = s
+        .subscribe(
+            &tenant.id,
+            json!({"url": rx.url("unread"), "format": "standard"}),
+        )
+        .await;
+    let db = sqlx::PgPool::connect(&s.db_url).await.expect("database");
+    let secret: String = sqlx::query_scalar("SELECT secret FROM webhooks WHERE id = $1")
+        .bind(&hook)
+        .fetch_one(&db)
+        .await
+        .expect("secret");
+    sqlx::query("UPDATE webhooks SET secret = 'AAAA' WHERE id = $1")
+        .bind(&hook)
+        .execute(&db)
+        .await
+        .expect("garble");
+    s.started(&tenant.id, "unread-1").await;
+    // The schedule's three attempts would all have run by now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (status, attempts): (String, i64) =
+        sqlx::query_as("SELECT status, attempts FROM webhook_messages WHERE webhook_id = $1")
+            .bind(&hook)
+            .fetch_one(&db)
+            .await
+            .expect("message");
+    assert_eq!(status, "pending");
+    assert!(attempts <= 1, "{attempts} attempts charged");
+    assert!(rx.got("unread").is_empty());
+    sqlx::query("UPDATE webhooks SET secret = $2 WHERE id = $1")
+        .bind(&hook)
+        .bind(&secret)
+        .execute(&db)
+        .await
+        .expect("restore");
+    let got = rx.wait_for("unread", 1).await;
+    s.message_in(&tenant.id, &hook, got[0].id(), "delivered")
+        .await;
+    let m = s.metrics().await;
+    assert!(
+        metric_sum(
+            &m,
+            "nexus_webhook_dispatch_errors_total",
+            &["stage=\"target\""]
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "counted"
+    );
+}
+
 /// One hanging endpoint and one healthy one on the same events: the healthy one's deliveries
 /// stay fast; the hanging one is disabled after `disable_after`, which is an event.
 async fn dead_endpoint_does_not_slow_a_healthy_one(s: &System, rx: &Receiver) {
@@ -951,6 +1010,7 @@ async fn webhooks_deliver_retry_dead_letter_and_recover() {
     a_tenant_cannot_take_every_slot(&s, &rx).await;
     gone_disables_the_endpoint_at_once(&s, &rx).await;
     a_disabled_endpoint_gets_nothing_more(&s, &rx).await;
+    an_unreadable_subscription_charges_no_attempt(&s, &rx).await;
     let m = s.metrics().await;
     assert!(
         metric_sum(&m, "nexus_webhook_attempts_total", &["outcome=\"ok\""]).unwrap_or(0.0) >= 10.0

@@ -51,6 +51,8 @@ const RENEW_AFTER: Duration = Duration::from_secs(1);
 const TARGET_TTL: Duration = Duration::from_secs(1);
 /// How often, at most, expired subscriptions leave the cache.
 const TARGET_SWEEP: Duration = Duration::from_secs(10);
+/// A message whose subscription could not be read is tried again this much later, uncharged.
+const TARGET_UNREADABLE_WAIT_MS: i64 = 5_000;
 
 /// Subscriptions (with their decrypted secrets) read within [`TARGET_TTL`], by id.
 struct Targets {
@@ -631,8 +633,10 @@ impl Dispatcher {
         }
     }
 
-    /// The subscription's URL, format and secrets, reused for [`TARGET_TTL`].
-    async fn target(&self, webhook_id: &str) -> Option<Arc<WebhookTarget>> {
+    /// The subscription's URL, format and secrets, reused for [`TARGET_TTL`]; `None` when it
+    /// is gone, an error when it could not be read (the database, a secret that does not
+    /// decrypt).
+    async fn target(&self, webhook_id: &str) -> Result<Option<Arc<WebhookTarget>>, String> {
         {
             let cache = match self.targets.lock() {
                 Ok(c) => c,
@@ -640,7 +644,7 @@ impl Dispatcher {
             };
             if let Some((at, t)) = cache.map.get(webhook_id) {
                 if at.elapsed() < TARGET_TTL {
-                    return Some(t.clone());
+                    return Ok(Some(t.clone()));
                 }
             }
         }
@@ -661,7 +665,7 @@ impl Dispatcher {
                 cache
                     .map
                     .insert(webhook_id.to_string(), (Instant::now(), t.clone()));
-                Some(t)
+                Ok(Some(t))
             }
             Ok(None) => {
                 // Gone: its secrets leave the cache at once.
@@ -669,11 +673,11 @@ impl Dispatcher {
                     Ok(mut c) => c.map.remove(webhook_id),
                     Err(poisoned) => poisoned.into_inner().map.remove(webhook_id),
                 };
-                None
+                Ok(None)
             }
             Err(e) => {
                 tracing::warn!(webhook_id, error = %e, "reading the webhook subscription failed");
-                None
+                Err(e.to_string())
             }
         }
     }
@@ -695,7 +699,22 @@ impl Dispatcher {
             // skip disabled subscriptions, so it waits for a re-enable. (One whose row is not
             // written yet is not found by the give-back: its lease lapses instead, and its
             // group's write goes on without its outcome after the first-attempt wait.)
-            let target = self.target(&msg.webhook_id).await;
+            let target = match self.target(&msg.webhook_id).await {
+                Ok(t) => t,
+                // Nothing was sent: no attempt is charged, and the endpoint's failure clock
+                // does not run for this worker's trouble. (A first attempt whose row is not
+                // written yet goes on as failed: it has every retry left.)
+                Err(_) if msg.first.is_none() => {
+                    metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "target")
+                        .increment(1);
+                    self.finished(&msg.webhook_id);
+                    if let Err(e) = self.store.postpone(&msg, now_ms() + TARGET_UNREADABLE_WAIT_MS).await {
+                        tracing::warn!(error = %e, "giving back a message whose subscription could not be read failed; its lease lapses");
+                    }
+                    return;
+                }
+                Err(_) => None,
+            };
             if target.as_ref().is_some_and(|t| !t.webhook.enabled) {
                 self.finished(&msg.webhook_id);
                 self.give_back_disabled(&msg).await;
@@ -982,6 +1001,8 @@ impl Dispatcher {
                 let url = self
                     .target(&msg.webhook_id)
                     .await
+                    .ok()
+                    .flatten()
                     .map(|t| crate::http_client::shown_url(&t.webhook.url))
                     .unwrap_or_default();
                 // Read again at the next start: what this process holds of it goes back.
