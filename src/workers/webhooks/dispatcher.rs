@@ -51,6 +51,8 @@ const RENEW_AFTER: Duration = Duration::from_secs(1);
 const TARGET_TTL: Duration = Duration::from_secs(1);
 /// How often, at most, expired subscriptions leave the cache.
 const TARGET_SWEEP: Duration = Duration::from_secs(10);
+/// Dead-letter publishes of exhausted messages run at once per process (see `dead_letters`).
+const DEAD_LETTERS_IN_FLIGHT: usize = 4;
 /// A message whose subscription could not be read is tried again this much later, uncharged.
 const TARGET_UNREADABLE_WAIT_MS: i64 = 5_000;
 
@@ -196,6 +198,10 @@ pub struct Dispatcher {
     /// A finished attempt wakes the loop to start the next held message.
     done: Notify,
     global: Arc<Semaphore>,
+    /// Dead-letter publishes of messages found exhausted at claim (a publish that failed
+    /// before): few at once, the rest given back, so a bus that refuses them does not turn
+    /// each claim into a task per message.
+    dead_letters: Arc<Semaphore>,
     /// Per endpoint: attempts in flight and claimed messages waiting for a slot; per tenant:
     /// attempts in flight.
     lanes: Mutex<Lanes>,
@@ -222,6 +228,7 @@ impl Dispatcher {
             outcomes,
             outcomes_rx: Mutex::new(Some(rx)),
             global: Arc::new(Semaphore::new(config.max_in_flight)),
+            dead_letters: Arc::new(Semaphore::new(DEAD_LETTERS_IN_FLIGHT)),
             labels: Labels::new(config.metric_subscriptions),
             store,
             provisioning,
@@ -493,8 +500,13 @@ impl Dispatcher {
                 for msg in batch {
                     if msg.round_attempts as usize >= self.config.retry_schedule_ms.len() {
                         // Exhausted earlier, but the dead-letter publish did not complete.
+                        let Ok(permit) = self.dead_letters.clone().try_acquire_owned() else {
+                            give_back.push((msg.id, msg.lease_until_ms));
+                            continue;
+                        };
                         let me = self.clone();
                         tokio::spawn(async move {
+                            let _permit = permit;
                             let left = Left {
                                 attempts: msg.attempts,
                                 round_attempts: msg.round_attempts,
