@@ -276,6 +276,28 @@ impl<E: Effect> Scheduler<E> {
     /// publish that fails is tried again later, the item marked settled so that only the
     /// publish is (see [`Item::pending_dead_letter`]).
     async fn dead_letter(&self, item: &Item, reason: &str, detail: &str) -> bool {
+        if item.pending_dead_letter().is_none() {
+            // Marked settled before the publish, keeping the lease: if the row is not removed
+            // after it (the store down, a crash), the next try only publishes again instead
+            // of running the effect a second time (a refused GWS call made again).
+            let marked = Item::pending_dead_letter_error(reason, detail);
+            match self
+                .backlog
+                .reschedule(item, item.lease_until_ms, &marked, false)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    warn!("lease ran out before the dead letter; another pod has the event now");
+                    return false;
+                }
+                Err(e) => {
+                    // Nothing published: the head runs again when the lease ends.
+                    self.failed("reschedule", &e);
+                    return false;
+                }
+            }
+        }
         let record = dead_letter_record(&item.message, &self.group, reason, detail);
         let dlq = dlq_topic(&item.message.topic);
         if let Err(e) = publish_dead_letter(self.bus.as_ref(), &dlq, record).await {
