@@ -418,6 +418,63 @@ async fn claims_are_exclusive_and_only_of_heads(db: &str) {
     assert!(back.envelope.producer.ends_with("-queued"));
 }
 
+/// An event queued behind a head is not due (the claim query does not walk it) until it is
+/// the head; one whose head went without promoting it (removed by a transaction that did not
+/// see it queued) is made due by the periodic promotion.
+async fn queued_events_are_due_only_as_heads(db: &str) {
+    let rig = Rig::start(db, 0, false).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let (head, m) = event("c1", "c1-head");
+    let head_id = head.envelope.event_id.to_string();
+    let key = Key {
+        tenant_id: "t1",
+        conversation_id: "c1",
+        event_id: &head_id,
+    };
+    rig.backlog
+        .push(key, &m, now - 1, "failed", 1, now)
+        .await
+        .expect("push");
+    let (queued, m) = event("c1", "c1-queued");
+    let queued_id = queued.envelope.event_id.to_string();
+    let key = Key {
+        event_id: &queued_id,
+        ..key
+    };
+    assert!(rig.backlog.queue_behind(key, &m, now).await.expect("queue"));
+    let due: Vec<String> = sqlx::query_scalar(
+        "SELECT event_id FROM effect_backlog WHERE role = 'test' AND due_at_ms <= $1",
+    )
+    .bind(i64::MAX - 1)
+    .fetch_all(&rig.pool)
+    .await
+    .expect("due rows");
+    assert_eq!(due, [head_id.clone()], "only the head is due");
+    // The head goes behind the store's back: the queued event is the head, not due yet.
+    sqlx::query("DELETE FROM effect_backlog WHERE event_id = $1")
+        .bind(&head_id)
+        .execute(&rig.pool)
+        .await
+        .expect("delete");
+    assert!(rig
+        .backlog
+        .claim_due(now + 60_000, 60_000, 10)
+        .await
+        .expect("claim")
+        .is_empty());
+    assert_eq!(
+        rig.backlog.promote_queued_heads().await.expect("promote"),
+        1
+    );
+    let claimed = rig
+        .backlog
+        .claim_due(now + 60_000, 60_000, 10)
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].event_id, queued_id);
+}
+
 /// A pod whose lease ran out (another pod claimed the head since) neither removes nor
 /// reschedules it.
 async fn a_lost_lease_changes_nothing(db: &str) {
@@ -719,6 +776,7 @@ on_both_databases!(
     a_failed_event_holds_only_its_conversation,
     redeliveries_keep_their_place,
     claims_are_exclusive_and_only_of_heads,
+    queued_events_are_due_only_as_heads,
     a_lost_lease_changes_nothing,
     tries_run_out_into_the_dead_letter_topic,
     a_panicking_effect_is_dead_lettered,

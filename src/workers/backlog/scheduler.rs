@@ -318,6 +318,11 @@ impl<E: Effect> Scheduler<E> {
     }
 
     async fn stats(&self) {
+        match self.backlog.promote_queued_heads().await {
+            Ok(0) => {}
+            Ok(n) => debug!(role = self.role(), heads = n, "queued heads made due"),
+            Err(e) => self.failed("promote", &e),
+        }
         match self.backlog.depth().await {
             Ok(d) => {
                 let role = self.role();

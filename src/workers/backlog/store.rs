@@ -78,6 +78,10 @@ const COLUMNS: &str = "role, tenant_id, conversation_id, seq, event_id, topic, s
 const RETURNED: &str = "tenant_id, conversation_id, event_id, topic, source_partition, \
     source_offset, record_key, payload, headers_json, attempts, due_at_ms, created_at_ms, last_error";
 const CONVERSATION: &str = "role = $1 AND tenant_id = $2 AND conversation_id = $3";
+/// `due_at_ms` of an event queued behind its conversation's head: due only once it is the
+/// head ([`Backlog::remove`] makes it due then, as of its arrival), so the scheduler's claim query, which walks
+/// due rows, never walks the queued ones (a long outage queues tens of thousands).
+const QUEUED_MS: i64 = i64::MAX;
 /// The head of its conversation: no earlier row in the same queue.
 const HEAD: &str = "NOT EXISTS (SELECT 1 FROM effect_backlog p WHERE p.role = b.role \
     AND p.tenant_id = b.tenant_id AND p.conversation_id = b.conversation_id AND p.seq < b.seq)";
@@ -142,7 +146,7 @@ impl Backlog {
 
     /// Queues the event behind its conversation's backlog if it has one (or already holds
     /// this event: a redelivery); `false` when the conversation has none, and nothing was
-    /// written. Due at once: it only runs once it is the head.
+    /// written. Not due until it is the head (see [`QUEUED_MS`]).
     pub async fn queue_behind(
         &self,
         key: Key<'_>,
@@ -153,7 +157,7 @@ impl Backlog {
         // row: it is in the backlog and must not jump the queue.
         let sql = format!(
             "INSERT INTO effect_backlog ({COLUMNS}) \
-             SELECT $1, $2, $3, MAX(seq) + 1, $4, $5, $6, $7, $8, $9, $10, $11, 0, NULL, $11 \
+             SELECT $1, $2, $3, MAX(seq) + 1, $4, $5, $6, $7, $8, $9, $10, {QUEUED_MS}, 0, NULL, $11 \
              FROM effect_backlog WHERE {CONVERSATION} HAVING COUNT(*) > 0 \
              ON CONFLICT (role, tenant_id, conversation_id, event_id) \
              DO UPDATE SET event_id = excluded.event_id"
@@ -317,7 +321,10 @@ impl Backlog {
 
     /// Takes a driven (or dead-lettered) event out; `false` if this pod's lease ran out and
     /// another pod may be driving it now (the caller then leaves the conversation alone).
+    ///
+    /// The conversation's next queued event becomes due in the same transaction.
     pub async fn remove(&self, item: &Item) -> Result<bool, BacklogError> {
+        let mut tx = self.pool.begin().await?;
         let done = sqlx::query(&format!(
             "DELETE FROM effect_backlog WHERE {CONVERSATION} AND event_id = $4 \
              AND due_at_ms = $5"
@@ -327,9 +334,23 @@ impl Backlog {
         .bind(&item.conversation_id)
         .bind(&item.event_id)
         .bind(item.lease_until_ms)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(done.rows_affected() == 1)
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
+        sqlx::query(&format!(
+            "UPDATE effect_backlog SET due_at_ms = created_at_ms WHERE {CONVERSATION} \
+             AND due_at_ms = {QUEUED_MS} \
+             AND seq = (SELECT MIN(seq) FROM effect_backlog WHERE {CONVERSATION})"
+        ))
+        .bind(self.role)
+        .bind(&item.tenant_id)
+        .bind(&item.conversation_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Sets the head's next try (ending this pod's lease), counting the failure if `counted`.
@@ -356,6 +377,24 @@ impl Backlog {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Makes due every queued event that is its conversation's head: one queued while its head
+    /// was being removed by another transaction (PostgreSQL), which the removal's promotion
+    /// did not see. Walks the queued rows, so it runs seldom (with the depth gauges).
+    pub async fn promote_queued_heads(&self) -> Result<u64, BacklogError> {
+        let done = sqlx::query(&format!(
+            "UPDATE effect_backlog SET due_at_ms = created_at_ms WHERE role = $1 \
+             AND due_at_ms = {QUEUED_MS} \
+             AND NOT EXISTS (SELECT 1 FROM effect_backlog p WHERE p.role = effect_backlog.role \
+             AND p.tenant_id = effect_backlog.tenant_id \
+             AND p.conversation_id = effect_backlog.conversation_id \
+             AND p.seq < effect_backlog.seq)"
+        ))
+        .bind(self.role)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     /// The role's queued events and the oldest one's creation time.
