@@ -449,7 +449,7 @@ async fn queued_events_are_due_only_as_heads(db: &str) {
     .fetch_all(&rig.pool)
     .await
     .expect("due rows");
-    assert_eq!(due, [head_id.clone()], "only the head is due");
+    assert_eq!(due, std::slice::from_ref(&head_id), "only the head is due");
     // The head goes behind the store's back: the queued event is the head, not due yet.
     sqlx::query("DELETE FROM effect_backlog WHERE event_id = $1")
         .bind(&head_id)
