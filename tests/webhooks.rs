@@ -674,6 +674,46 @@ async fn disabled_events(s: &System, webhook_id: &str) -> Vec<nexus::events::Eve
     found
 }
 
+/// A disable whose event the bus never took (its publish failed, or the pod died between the
+/// two) is announced by the worker's periodic pass, once, and its mark cleared.
+async fn a_disable_owing_its_event_is_announced(s: &System, rx: &Receiver) {
+    let tenant = s.tenant().await;
+    let (hook, _) = s
+        .subscribe(
+            &tenant.id,
+            json!({"url": rx.url("owed"), "format": "standard"}),
+        )
+        .await;
+    let db = sqlx::PgPool::connect(&s.db_url).await.expect("database");
+    sqlx::query(
+        "UPDATE webhooks SET enabled = 0, failing_since_ms = 123, disabled_reason = 'down', \
+         disable_event_pending = 1 WHERE id = $1",
+    )
+    .bind(&hook)
+    .execute(&db)
+    .await
+    .expect("disable without its event");
+    let events = eventually(WAIT, "the owed disable event", || async {
+        let found = disabled_events(s, &hook).await;
+        (!found.is_empty()).then_some(found)
+    })
+    .await;
+    assert_eq!(events[0].body["failing_since_ms"], 123);
+    assert_eq!(events[0].body["reason"], "down");
+    let pending: i64 = eventually(WAIT, "the mark cleared", || async {
+        let p: i64 = sqlx::query_scalar("SELECT disable_event_pending FROM webhooks WHERE id = $1")
+            .bind(&hook)
+            .fetch_one(&db)
+            .await
+            .ok()?;
+        (p == 0).then_some(p)
+    })
+    .await;
+    assert_eq!(pending, 0);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(disabled_events(s, &hook).await.len(), 1, "announced once");
+}
+
 /// Standard Webhooks' 410 Gone: the endpoint is disabled at once (an event, the reason
 /// named), its messages are not retried while it is off, and a re-enable delivers them.
 async fn gone_disables_the_endpoint_at_once(s: &System, rx: &Receiver) {
@@ -1011,6 +1051,7 @@ async fn webhooks_deliver_retry_dead_letter_and_recover() {
     gone_disables_the_endpoint_at_once(&s, &rx).await;
     a_disabled_endpoint_gets_nothing_more(&s, &rx).await;
     an_unreadable_subscription_charges_no_attempt(&s, &rx).await;
+    a_disable_owing_its_event_is_announced(&s, &rx).await;
     let m = s.metrics().await;
     assert!(
         metric_sum(&m, "nexus_webhook_attempts_total", &["outcome=\"ok\""]).unwrap_or(0.0) >= 10.0

@@ -34,8 +34,8 @@ pub use files::{ChatFile, NewChatFile};
 pub use models::*;
 use secrets::{Cipher, EncryptionKey};
 pub use webhooks::{
-    CreatedWebhook, NewWebhook, SecretRotation, SigningSecrets, Webhook, WebhookEvent,
-    WebhookFormat, WebhookMedia, WebhookPatch, WebhookSecret, WebhookTarget,
+    CreatedWebhook, NewWebhook, PendingDisable, SecretRotation, SigningSecrets, Webhook,
+    WebhookEvent, WebhookFormat, WebhookMedia, WebhookPatch, WebhookSecret, WebhookTarget,
 };
 
 /// Connections per process: the admin API and the hot-path lookups are short queries.

@@ -584,7 +584,8 @@ impl Provisioning {
         failing_since_ms: i64,
     ) -> Result<bool, ProvisioningError> {
         let done = sqlx::query(
-            "UPDATE webhooks SET enabled = 0, disabled_reason = $2 WHERE id = $1 AND enabled = 1 AND failing_since_ms = $3",
+            "UPDATE webhooks SET enabled = 0, disabled_reason = $2, disable_event_pending = 1 \
+             WHERE id = $1 AND enabled = 1 AND failing_since_ms = $3",
         )
         .bind(id.to_string())
         .bind(reason.to_string())
@@ -593,6 +594,62 @@ impl Provisioning {
         .await
         .map_err(sql::unavailable)?;
         Ok(done.rows_affected() > 0)
+    }
+}
+
+/// A subscription the worker disabled whose `WebhookEndpointDisabled` the bus has not taken.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingDisable {
+    pub webhook_id: String,
+    pub tenant_id: String,
+    pub url: String,
+    pub failing_since_ms: i64,
+    pub reason: String,
+}
+
+impl Provisioning {
+    /// Disables still owing their event (see migration 0016), at most `limit`.
+    pub async fn pending_disable_events(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<PendingDisable>, ProvisioningError> {
+        let rows = sqlx::query(
+            "SELECT id, tenant_id, url, failing_since_ms, disabled_reason FROM webhooks \
+             WHERE disable_event_pending = 1 AND enabled = 0 AND failing_since_ms IS NOT NULL \
+             ORDER BY id LIMIT $1",
+        )
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(sql::unavailable)?;
+        rows.iter()
+            .map(|row| {
+                Ok(PendingDisable {
+                    webhook_id: get(row, "id")?,
+                    tenant_id: get(row, "tenant_id")?,
+                    url: get(row, "url")?,
+                    failing_since_ms: get(row, "failing_since_ms")?,
+                    reason: get::<Option<String>>(row, "disabled_reason")?.unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+
+    /// The bus took the disable's event (of the streak that began at `failing_since_ms`).
+    pub async fn disable_event_published(
+        &self,
+        id: &str,
+        failing_since_ms: i64,
+    ) -> Result<(), ProvisioningError> {
+        sqlx::query(
+            "UPDATE webhooks SET disable_event_pending = 0 WHERE id = $1 AND failing_since_ms = $2",
+        )
+        .bind(id.to_string())
+        .bind(failing_since_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(sql::unavailable)?;
+        Ok(())
     }
 }
 

@@ -27,7 +27,7 @@ use crate::events::webhook::{
     WebhookEndpointDisabled, WebhookMessageDead, WEBHOOK_DEAD_TOPIC, WEBHOOK_EVENTS_TOPIC,
 };
 use crate::events::Event;
-use crate::stores::provisioning::{Provisioning, WebhookFormat, WebhookTarget};
+use crate::stores::provisioning::{PendingDisable, Provisioning, WebhookFormat, WebhookTarget};
 use crate::telemetry::metrics as m;
 
 /// Beyond the attempt timeout, how long a claim holds a message: covers the log write after
@@ -1023,21 +1023,13 @@ impl Dispatcher {
                     .unwrap_or_else(|p| p.into_inner())
                     .map
                     .remove(&msg.webhook_id);
-                let body = WebhookEndpointDisabled {
+                self.announce_disabled(PendingDisable {
                     webhook_id: msg.webhook_id.clone(),
+                    tenant_id: msg.tenant_id.clone(),
                     url,
                     failing_since_ms: since,
                     reason,
-                };
-                // One id per failing streak: pods disabling the same streak agree, a disable
-                // after a re-enable is a new event (not deduplicated away by consumers).
-                self.publish(
-                    &body,
-                    &msg.tenant_id,
-                    &msg.webhook_id,
-                    WEBHOOK_EVENTS_TOPIC,
-                    &format!("disabled/{since}"),
-                )
+                })
                 .await;
             }
             Ok(false) => {}
@@ -1125,6 +1117,55 @@ impl Dispatcher {
         }
     }
 
+    /// Publishes a disable's `WebhookEndpointDisabled`, then clears its pending mark; one the
+    /// bus did not take stays marked for [`Self::republish_disables`]. `url` is as shown
+    /// (no credentials).
+    async fn announce_disabled(&self, d: PendingDisable) {
+        let body = WebhookEndpointDisabled {
+            webhook_id: d.webhook_id.clone(),
+            url: d.url,
+            failing_since_ms: d.failing_since_ms,
+            reason: d.reason,
+        };
+        // One id per failing streak: pods disabling the same streak agree, a disable after a
+        // re-enable is a new event (not deduplicated away by consumers).
+        let what = format!("disabled/{}", d.failing_since_ms);
+        if !self
+            .publish(
+                &body,
+                &d.tenant_id,
+                &d.webhook_id,
+                WEBHOOK_EVENTS_TOPIC,
+                &what,
+            )
+            .await
+        {
+            return;
+        }
+        if let Err(e) = self
+            .provisioning
+            .disable_event_published(&d.webhook_id, d.failing_since_ms)
+            .await
+        {
+            // Published again by the next pass: the same event id.
+            tracing::warn!(error = %e, "clearing a disable's pending event failed");
+        }
+    }
+
+    /// Publishes the events of disables still owing them (a publish that failed, a pod that
+    /// died between the disable and its publish).
+    async fn republish_disables(&self) {
+        match self.provisioning.pending_disable_events(16).await {
+            Ok(pending) => {
+                for mut d in pending {
+                    d.url = crate::http_client::shown_url(&d.url);
+                    self.announce_disabled(d).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading disables owing their event failed"),
+        }
+    }
+
     /// Measures queue depth and oldest pending age every `stats_interval_ms`, until `stop`.
     pub async fn stats(self: Arc<Self>, stop: CancellationToken) {
         let every = Duration::from_millis(self.config.stats_interval_ms);
@@ -1133,6 +1174,7 @@ impl Dispatcher {
             // Pending count when the statistics were last refreshed.
             let mut analyzed_at: i64 = 0;
             loop {
+                self.republish_disables().await;
                 match self.store.unblock_all(now_ms()).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(released = n, "waiting FINISHED messages released by the sweep"),
