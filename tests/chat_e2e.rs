@@ -487,6 +487,24 @@ async fn a_deleted_agent_is_not_ready_any_more() {
     eventually(WAIT, "the deleted agent is not ready", || ready(false)).await;
     let offer = ws_until(&mut hal, WAIT, |v| v["type"] == "offer").await;
     assert_eq!(offer["conversation_id"], sid.as_str(), "{offer}");
+    // A repeated DELETE (after a 503 AGENT_HANDBACK_PENDING) publishes the hand-back again:
+    // the routing state knows the agent. An id it never knew, or another tenant's path, is
+    // still 404.
+    let delete = |tenant: String, agent: String| {
+        let (http, url) = (admin.http.clone(), url.clone());
+        async move {
+            http.delete(format!("{url}/v1/admin/tenants/{tenant}/agents/{agent}"))
+                .bearer_auth(ADMIN)
+                .send()
+                .await
+                .expect("delete")
+                .status()
+        }
+    };
+    assert_eq!(delete(tenant.id.clone(), agent.clone()).await, 204);
+    assert_eq!(delete(tenant.id.clone(), "no-such-agent".into()).await, 404);
+    let other = provision_tenant(&admin).await;
+    assert_eq!(delete(other.id.clone(), agent.clone()).await, 404);
 }
 
 /// A live chat whose customer vanished (no request and no open stream for

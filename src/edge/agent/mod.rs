@@ -129,6 +129,24 @@ pub(crate) async fn do_set_state(
     publish(state, e).await
 }
 
+/// A not-ready state of an agent that provisioning no longer has: the worker, finding no
+/// agent, sets it not ready and hands its conversations back to their queues.
+pub(crate) async fn publish_deleted(
+    state: &AppState,
+    tenant_id: &str,
+    agent_id: &str,
+) -> Result<(), ApiError> {
+    let body = ev::AgentStateChanged {
+        agent_id: agent_id.to_string(),
+        state: ev::AgentState::NotReady,
+        reason_code: None,
+        capacity: BTreeMap::new(),
+    };
+    let e = Event::typed(&body, tenant_id, agent_id, PRODUCER)
+        .map_err(|e| ApiError::bad_request("INVALID_FIELD", e.to_string()))?;
+    publish(state, e).await
+}
+
 /// An admin's change of the agent's skills or capacity, keyed like its states: the routing
 /// state applies it at once, under whatever caps the agent's last state asked for.
 pub(crate) async fn publish_profile(state: &AppState, agent: &Agent) -> Result<(), ApiError> {
