@@ -61,8 +61,27 @@ impl Span {
     }
 }
 
+impl Span {
+    /// The mark of a closed conversation: every position counts as sent.
+    fn is_closed(&self) -> bool {
+        self.first == 0 && self.last == u64::MAX
+    }
+}
+
 impl Sent {
     pub fn step(&mut self, push: &Push) -> Step {
+        // After its `closed` nothing of a conversation is sent (a redelivered close's second
+        // `closed` included), unless a new offer opens it again.
+        if !matches!(
+            push.kind,
+            ClientEventKind::Offer | ClientEventKind::OfferClosed
+        ) && self
+            .spans
+            .get(&push.conversation_id)
+            .is_some_and(Span::is_closed)
+        {
+            return Step::Skip;
+        }
         match (push.kind, push.position) {
             (ClientEventKind::Offer, _) => {
                 self.spans.remove(&push.conversation_id);
@@ -84,9 +103,7 @@ impl Sent {
                         // their marks are dropped in bulk, not kept for the socket's life.
                         if self.spans.len() > CLOSED_KEPT {
                             let this = push.conversation_id.as_str();
-                            self.spans.retain(|id, s| {
-                                id == this || !(s.first == 0 && s.last == u64::MAX)
-                            });
+                            self.spans.retain(|id, s| id == this || !s.is_closed());
                         }
                     }
                     _ => {}
@@ -135,9 +152,10 @@ impl Sent {
         }
     }
 
-    /// Forgets every conversation (after missed pushes, when the console re-reads).
+    /// Forgets every open conversation (after missed pushes, when the console re-reads); the
+    /// closed ones stay closed.
     pub fn clear(&mut self) {
-        self.spans.clear();
+        self.spans.retain(|_, s| s.is_closed());
     }
 }
 
@@ -195,6 +213,32 @@ mod tests {
             r#"{{"type":"state","conversation_id":"c1","state":"{state}"}}"#
         ));
         p
+    }
+
+    /// After `closed`, nothing of the conversation is sent: not a redelivered close's second
+    /// `closed`, not a late entry after a resync (which forgets only open conversations); a new
+    /// offer opens it again.
+    #[test]
+    fn a_closed_conversation_stays_closed_until_offered_again() {
+        let mut sent = Sent::default();
+        assert_eq!(sent.step(&entry(1)), Step::Send);
+        assert_eq!(sent.step(&state("closed")), Step::Send);
+        assert_eq!(
+            sent.step(&state("closed")),
+            Step::Skip,
+            "a redelivered close"
+        );
+        sent.clear();
+        assert_eq!(sent.step(&entry(2)), Step::Skip, "closed across a resync");
+        assert_eq!(
+            sent.step(&push("c1", ClientEventKind::OfferClosed, None)),
+            Step::Send
+        );
+        assert_eq!(
+            sent.step(&push("c1", ClientEventKind::Offer, None)),
+            Step::Send
+        );
+        assert_eq!(sent.step(&entry(3)), Step::Send, "offered again");
     }
 
     #[test]
@@ -258,7 +302,12 @@ mod tests {
         assert_eq!(sent.step(&entry(41)), Step::Skip, "after the close");
         assert_eq!(sent.step(&entry(3)), Step::Skip);
         sent.clear();
-        assert_eq!(sent.step(&entry(40)), Step::Send, "cleared");
+        assert_eq!(sent.step(&entry(40)), Step::Skip, "a close outlasts a resync");
+        assert_eq!(
+            sent.step(&push("c2", ClientEventKind::Transcript, Some(9))),
+            Step::Send,
+            "open conversations are forgotten"
+        );
     }
 
     #[tokio::test]
