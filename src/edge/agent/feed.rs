@@ -302,7 +302,11 @@ mod tests {
         assert_eq!(sent.step(&entry(41)), Step::Skip, "after the close");
         assert_eq!(sent.step(&entry(3)), Step::Skip);
         sent.clear();
-        assert_eq!(sent.step(&entry(40)), Step::Skip, "a close outlasts a resync");
+        assert_eq!(
+            sent.step(&entry(40)),
+            Step::Skip,
+            "a close outlasts a resync"
+        );
         assert_eq!(
             sent.step(&push("c2", ClientEventKind::Transcript, Some(9))),
             Step::Send,

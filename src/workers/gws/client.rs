@@ -1,6 +1,7 @@
 //! GWS calls on behalf of an agent, through the role's [`Peer`] (circuit, metrics, outcome
 //! classification): `POST /api/v2/me/chats/{id}` with an operation, `GET` of the same path to
-//! reconcile.
+//! reconcile, and `GET /api/v2/me` (the agent's own user) to tell a chat the agent left from a
+//! credential GWS no longer takes.
 //!
 //! The agent is named by the `X-Agent-Id` header (the nexus agent id); the tenant's GWS
 //! credential goes as `Authorization: Bearer`. `X-Nexus-Event-Id` carries the event that asked
@@ -83,6 +84,27 @@ impl GwsClient {
         ChatView::from_json(v)
             .map(Some)
             .map_err(|e| PeerFailure::retry(format!("GET {path}: unexpected chat body: {e}")))
+    }
+}
+
+impl GwsClient {
+    /// Whether GWS answers `agent_id`'s own user (`GET /api/v2/me`): the credential and the
+    /// agent are good, whatever a chat read said.
+    pub async fn knows_agent(
+        &self,
+        target: &PeerTarget,
+        agent_id: &str,
+    ) -> Result<bool, PeerFailure> {
+        let path = "/api/v2/me";
+        match self
+            .peer
+            .get_json(target, path, path, &[(AGENT_HEADER, agent_id)])
+            .await
+        {
+            Ok(found) => Ok(found.is_some()),
+            Err(PeerFailure::Rejected { .. }) => Ok(false),
+            Err(f) => Err(f),
+        }
     }
 }
 

@@ -181,11 +181,25 @@ impl GwsWorker {
             let applied = match self.client.chat(target, path, &op.agent_id).await {
                 Ok(chat) => ops::applied(op, chat.as_ref()),
                 // The read forbidden (403) to the agent after a transfer or completion whose
-                // answer was lost: the agent is out of the chat, which is what those calls do.
-                // Not after a refusal being replayed (that call took no effect), nor for any
-                // other 4xx (a credential or address to fix): the call goes again, and GWS's
-                // answer to it is the verdict.
-                Err(PeerFailure::Rejected { status: 403, .. }) if !reopened => ops::leaves(op),
+                // answer was lost: the agent is out of the chat, which is what those calls do,
+                // if GWS still answers the agent's own user (else the credential is what GWS
+                // refuses: nothing is taken for done, and the try counts, so a credential
+                // never fixed ends in the dead-letter topic). Not after a refusal being
+                // replayed (that call took no effect), nor for any other 4xx (a credential or
+                // address to fix): the call goes again, and GWS's answer to it is the verdict.
+                Err(PeerFailure::Rejected { status: 403, .. }) if !reopened => {
+                    match self.client.knows_agent(target, &op.agent_id).await {
+                        Ok(true) => ops::leaves(op),
+                        Ok(false) => {
+                            return Err(HandleError::Retry(format!(
+                                "GWS refuses the chat and the agent's own user (GET /api/v2/me): \
+                                 a credential to fix; {} not taken for done",
+                                op.kind.name()
+                            )))
+                        }
+                        Err(f) => return Err(self.refused(key, op, f).await),
+                    }
+                }
                 Err(PeerFailure::Rejected { .. }) => false,
                 Err(f) => return Err(self.refused(key, op, f).await),
             };

@@ -184,19 +184,35 @@ async fn each_completion_of_an_agent_is_called_once() {
 /// as refused and not called again.
 #[tokio::test]
 async fn a_completion_whose_read_is_refused_is_reconciled_as_done() {
+    completion_with_a_refused_read(StatusCode::OK).await;
+}
+
+/// The same, but GWS refuses the agent's own user too (`GET /api/v2/me`): the credential is
+/// what it refuses, so the completion is not taken for done (before, any 403 to the read was).
+#[tokio::test]
+async fn a_refused_read_with_a_refused_credential_is_not_taken_for_done() {
+    completion_with_a_refused_read(StatusCode::FORBIDDEN).await;
+}
+
+async fn completion_with_a_refused_read(me: StatusCode) {
     let posts = Arc::new(Mutex::new(0u32));
     let counted = posts.clone();
-    let app = Router::new().route(
-        "/api/v2/me/chats/{id}",
-        get(|| async { StatusCode::FORBIDDEN }).post(move || {
-            let counted = counted.clone();
-            async move {
-                *counted.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-                // Applied, then the answer is lost on the way (a gateway's 503).
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-        }),
-    );
+    let app = Router::new()
+        .route(
+            "/api/v2/me",
+            get(move || async move { (me, r#"{"id": "a1"}"#) }),
+        )
+        .route(
+            "/api/v2/me/chats/{id}",
+            get(|| async { StatusCode::FORBIDDEN }).post(move || {
+                let counted = counted.clone();
+                async move {
+                    *counted.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+                    // Applied, then the answer is lost on the way (a gateway's 503).
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+            }),
+        );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -227,8 +243,17 @@ async fn a_completion_whose_read_is_refused_is_reconciled_as_done() {
     );
     // Past the call's time in flight: the next try reads the chat first.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    w.apply(&e, &message()).await.expect("reconciled");
-    assert_eq!(*posts.lock().unwrap(), 1, "not called again");
-    w.apply(&e, &message()).await.expect("done");
+    if me.is_success() {
+        w.apply(&e, &message()).await.expect("reconciled");
+        assert_eq!(*posts.lock().unwrap(), 1, "not called again");
+        w.apply(&e, &message()).await.expect("done");
+    } else {
+        let again = w.apply(&e, &message()).await;
+        assert!(
+            matches!(&again, Err(HandleError::Retry(m)) if m.contains("credential")),
+            "{again:?}"
+        );
+        assert!(w.apply(&e, &message()).await.is_err(), "still not done");
+    }
     db.close().await;
 }
