@@ -153,6 +153,9 @@ impl Lane {
 struct Lanes {
     endpoints: HashMap<String, Lane>,
     tenants: HashMap<String, usize>,
+    /// Where the next [`Dispatcher::start_held`] begins among the lanes with held work, so
+    /// freed slots go round the endpoints instead of to the same first ones.
+    turn: usize,
 }
 
 impl Lanes {
@@ -550,44 +553,72 @@ impl Dispatcher {
         let mut starts = Vec::new();
         {
             let mut lanes = self.lock_lanes();
-            let Lanes { endpoints, tenants } = &mut *lanes;
+            let Lanes {
+                endpoints,
+                tenants,
+                turn,
+            } = &mut *lanes;
             let now = Instant::now();
-            'lanes: for lane in endpoints.values_mut() {
-                if lane.held.is_empty() || lane.paused(now) {
-                    continue;
-                }
-                let busy = tenants.entry(lane.tenant.clone()).or_default();
-                while lane.in_flight < per && *busy < per_tenant && !lane.held.is_empty() {
+            // One start per lane per round, the rounds beginning at a lane that moves on each
+            // call: a slot that frees goes round the endpoints with held work.
+            let mut ids: Vec<String> = endpoints
+                .iter()
+                .filter(|(_, l)| !l.held.is_empty() && !l.paused(now))
+                .map(|(id, _)| id.clone())
+                .collect();
+            if !ids.is_empty() {
+                ids.sort_unstable();
+                let first = *turn % ids.len();
+                ids.rotate_left(first);
+                *turn = turn.wrapping_add(1);
+            }
+            'rounds: loop {
+                let mut started = false;
+                for id in &ids {
+                    let Some(lane) = endpoints.get_mut(id) else {
+                        continue;
+                    };
+                    let busy = tenants.entry(lane.tenant.clone()).or_default();
+                    if lane.held.is_empty() || lane.in_flight >= per || *busy >= per_tenant {
+                        continue;
+                    }
                     let Ok(permit) = self.global.clone().try_acquire_owned() else {
-                        break 'lanes;
+                        break 'rounds;
                     };
                     if let Some(h) = lane.held.pop_front() {
                         lane.in_flight += 1;
                         *busy += 1;
                         starts.push((h, permit));
+                        started = true;
                     }
+                }
+                if !started {
+                    break;
                 }
             }
             endpoints.retain(|_, l| l.in_flight > 0 || !l.held.is_empty() || l.paused(now));
             tenants.retain(|_, n| *n > 0);
         }
         for (mut h, permit) in starts {
-            if h.claimed_at.elapsed() > RENEW_AFTER {
-                let lease = self.lease_until(now_ms());
-                let renewed = self
-                    .store
-                    .renew(&h.msg.id, h.msg.lease_until_ms, lease)
-                    .await;
-                if !matches!(renewed, Ok(true)) {
-                    // Another sender has it (or the log is down): leave it to the lease.
-                    drop(permit);
-                    self.finished(&h.msg.webhook_id);
-                    continue;
-                }
-                h.msg.lease_until_ms = lease;
-            }
             let me = self.clone();
-            tokio::spawn(async move { me.attempt(h.msg, permit).await });
+            // The lease renewal of a message held a while runs in its own task: waiting on
+            // the database here would hold back the other starts (and the consumer lane that
+            // called this through `adopt`).
+            tokio::spawn(async move {
+                if h.claimed_at.elapsed() > RENEW_AFTER {
+                    let lease = me.lease_until(now_ms());
+                    let renewed = me.store.renew(&h.msg.id, h.msg.lease_until_ms, lease).await;
+                    if !matches!(renewed, Ok(true)) {
+                        // Another sender has it (or the log is down): leave it to the lease.
+                        drop(permit);
+                        me.finished(&h.msg.webhook_id);
+                        me.done.notify_one();
+                        return;
+                    }
+                    h.msg.lease_until_ms = lease;
+                }
+                me.attempt(h.msg, permit).await
+            });
         }
     }
 
@@ -636,7 +667,9 @@ impl Dispatcher {
     /// An attempt of `webhook_id` ended: its slot, and its tenant's, is free.
     fn finished(&self, webhook_id: &str) {
         let mut lanes = self.lock_lanes();
-        let Lanes { endpoints, tenants } = &mut *lanes;
+        let Lanes {
+            endpoints, tenants, ..
+        } = &mut *lanes;
         if let Some(lane) = endpoints.get_mut(webhook_id) {
             lane.in_flight = lane.in_flight.saturating_sub(1);
             if let Some(n) = tenants.get_mut(&lane.tenant) {
