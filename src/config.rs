@@ -397,19 +397,22 @@ impl Config {
         // A member giving a partition up waits this long for its handlers; a shorter wait
         // lets a slow handler's key be handled by two members at once. Only the bus in use
         // (JetStream's wait is twice its ack wait, at least 10 s).
-        let handover = if self.bus.url.starts_with("kafka") {
+        let kind = crate::bus::url::BusUrl::parse(&self.bus.url)
+            .map(|u| u.kind())
+            .unwrap_or("");
+        let handover = if kind == "kafka" {
             Some((
                 "bus.kafka.handover_wait_ms",
                 self.bus.kafka.handover_wait_ms,
                 "",
             ))
-        } else if self.bus.url.starts_with("embedded://") {
+        } else if kind == "embedded" {
             Some((
                 "bus.embedded.handover_wait_ms",
                 self.bus.embedded.handover_wait_ms,
                 "",
             ))
-        } else if self.bus.url.starts_with("nats") {
+        } else if kind == "jetstream" {
             // JetStream's hand-over wait follows the ack wait (`bus::jetstream::Timing`).
             let wait = self.bus.nats.ack_wait_ms.saturating_mul(2).max(10_000);
             Some((
@@ -924,7 +927,7 @@ mod tests {
             .contains("bus.ca_file"));
 
         type Set = fn(&mut Config);
-        let cases: [(&str, Set); 8] = [
+        let cases: [(&str, Set); 9] = [
             ("consumer.handler_timeout_ms", |c| {
                 c.consumer.handler_timeout_ms = 0
             }),
@@ -937,6 +940,10 @@ mod tests {
             }),
             ("bus.nats.ack_wait_ms", |c| {
                 c.bus.url = "nats://127.0.0.1:4222".into();
+                c.consumer.handler_timeout_ms = 61_000;
+            }),
+            ("bus.nats.ack_wait_ms", |c| {
+                c.bus.url = "tls://127.0.0.1:4222".into();
                 c.consumer.handler_timeout_ms = 61_000;
             }),
             ("bus.kafka.message_timeout_ms", |c| {

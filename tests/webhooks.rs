@@ -835,6 +835,13 @@ async fn an_unreadable_subscription_charges_no_attempt(s: &System, rx: &Receiver
             .expect("message");
     assert_eq!(status, "pending");
     assert!(attempts <= 1, "{attempts} attempts charged");
+    let since: Option<i64> =
+        sqlx::query_scalar("SELECT failing_since_ms FROM webhooks WHERE id = $1")
+            .bind(&hook)
+            .fetch_one(&db)
+            .await
+            .expect("clock");
+    assert_eq!(since, None, "the endpoint's failure clock did not run");
     assert!(rx.got("unread").is_empty());
     sqlx::query("UPDATE webhooks SET secret = $2 WHERE id = $1")
         .bind(&hook)

@@ -588,17 +588,42 @@ impl MemberContext {
         if assigned.is_empty() {
             return;
         }
-        let known = match consumer.fetch_metadata(Some(&t.topic), super::REQUEST_TIMEOUT) {
-            Ok(m) => m
-                .topics()
-                .iter()
-                .find(|x| x.name() == t.topic)
-                .map_or(0, |x| x.partitions().len()),
-            Err(e) => {
-                warn!(topic = %t.topic, group = %t.group, error = %e, "partitions unknown at assign; a new partition starts where librdkafka resolves latest");
-                return;
+        // Tried again on a failure: a new group's partition left without a commit would be
+        // taken for one added later at the next rebalance, and read from its start.
+        let mut failure = String::new();
+        for wait_ms in PLACE_RETRY_MS {
+            std::thread::sleep(Duration::from_millis(wait_ms));
+            match self.try_place(consumer, &assigned) {
+                Ok(None) => return,
+                Ok(Some((count, at))) => {
+                    info!(topic = %t.topic, group = %t.group, partitions = count, at, "new partitions placed");
+                    return;
+                }
+                Err(e) => failure = e,
             }
-        };
+        }
+        tracing::error!(
+            topic = %t.topic, group = %t.group, error = %failure,
+            "placing new partitions failed; they start where librdkafka resolves latest, and a \
+             new group's partition left without a commit is read from its start at the next \
+             rebalance"
+        );
+    }
+
+    /// One placement: how many partitions were committed where (`None`: none needed).
+    fn try_place(
+        &self,
+        consumer: &Member,
+        assigned: &[i32],
+    ) -> Result<Option<(usize, &'static str)>, String> {
+        let t = &self.tracker;
+        let known = consumer
+            .fetch_metadata(Some(&t.topic), super::REQUEST_TIMEOUT)
+            .map_err(|e| format!("partitions unknown: {e}"))?
+            .topics()
+            .iter()
+            .find(|x| x.name() == t.topic)
+            .map_or(0, |x| x.partitions().len());
         let mut asked = TopicPartitionList::new();
         let every = (0..i32::try_from(known).unwrap_or(i32::MAX)).chain(assigned.iter().copied());
         let mut seen = std::collections::BTreeSet::new();
@@ -607,13 +632,9 @@ impl MemberContext {
                 asked.add_partition(&t.topic, p);
             }
         }
-        let committed = match consumer.committed_offsets(asked, super::REQUEST_TIMEOUT) {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(topic = %t.topic, group = %t.group, error = %e, "committed offsets unknown at assign; a new partition starts where librdkafka resolves latest");
-                return;
-            }
-        };
+        let committed = consumer
+            .committed_offsets(asked, super::REQUEST_TIMEOUT)
+            .map_err(|e| format!("committed offsets unknown: {e}"))?;
         let uncommitted: Vec<i32> = committed
             .elements_for_topic(&t.topic)
             .iter()
@@ -626,32 +647,29 @@ impl MemberContext {
             if !new_group && !assigned.contains(&p) {
                 continue; // its owner places it
             }
-            match consumer.fetch_watermarks(&t.topic, p, super::REQUEST_TIMEOUT) {
-                Ok((low, high)) => {
-                    let at = if new_group { high } else { low };
-                    if let Err(err) = place.add_partition_offset(&t.topic, p, Offset::Offset(at)) {
-                        warn!(topic = %t.topic, error = %err, "cannot place a partition");
-                    }
-                }
-                Err(err) => {
-                    warn!(topic = %t.topic, partition = p, error = %err, "log end unknown at assign")
-                }
-            }
+            let (low, high) = consumer
+                .fetch_watermarks(&t.topic, p, super::REQUEST_TIMEOUT)
+                .map_err(|e| format!("partition {p}'s offsets unknown: {e}"))?;
+            let at = if new_group { high } else { low };
+            place
+                .add_partition_offset(&t.topic, p, Offset::Offset(at))
+                .map_err(|e| format!("cannot place partition {p}: {e}"))?;
         }
         if place.count() == 0 {
-            return;
+            return Ok(None);
         }
-        let (count, at) = (place.count(), if new_group { "end" } else { "start" });
-        match consumer.commit(&place, CommitMode::Sync) {
-            Ok(()) => {
-                info!(topic = %t.topic, group = %t.group, partitions = count, at, "new partitions placed")
-            }
-            Err(e) => {
-                warn!(topic = %t.topic, group = %t.group, error = %e, "placing new partitions failed")
-            }
-        }
+        consumer
+            .commit(&place, CommitMode::Sync)
+            .map_err(|e| format!("commit: {e}"))?;
+        Ok(Some((
+            place.count(),
+            if new_group { "end" } else { "start" },
+        )))
     }
 }
+
+/// Waits before each try of a placement (the first at once).
+const PLACE_RETRY_MS: [u64; 3] = [0, 200, 1_000];
 
 impl ClientContext for MemberContext {}
 

@@ -21,7 +21,7 @@ use tokio::sync::broadcast::error::RecvError;
 use super::v3::closed_or_gone;
 use super::{claims_for, Claims};
 use crate::edge::hub::{Feed, Push};
-use crate::edge::socket::{close, send_text, Liveness};
+use crate::edge::socket::{close, send_text, Liveness, SEND_TIMEOUT};
 use crate::edge::{ApiError, AppState};
 use crate::events::chat::ClientEventKind;
 use crate::stores::session::ConversationState;
@@ -455,7 +455,31 @@ pub async fn sse(
         .into_response())
 }
 
+/// The SSE body: the events made by a task of their own, handed over one at a time. A client
+/// that stops reading (hyper then stops polling the body) holds the task no longer than
+/// [`SEND_TIMEOUT`], as a stalled WebSocket: the task ends, and with it the stream's hub
+/// subscription, queue and key checks (the connection ends when hyper next polls the body).
 fn sse_stream(
+    feed: Resumable,
+    check: KeyCheck,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let mut events = std::pin::pin!(sse_events(feed, check));
+        while let Some(event) = futures::StreamExt::next(&mut events).await {
+            if tx.send_timeout(event, SEND_TIMEOUT).await.is_err() {
+                // Gone, or not reading.
+                return;
+            }
+        }
+    });
+    futures::stream::unfold(rx, |mut rx| async move {
+        let event = rx.recv().await?;
+        Some((event, rx))
+    })
+}
+
+fn sse_events(
     feed: Resumable,
     check: KeyCheck,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {

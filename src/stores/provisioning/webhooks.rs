@@ -452,9 +452,14 @@ impl Provisioning {
         if let Some(enabled) = patch.enabled {
             sets.push(("enabled", Set::Int(Some(sql::flag(enabled)))));
         }
-        // Enabling clears why it was disabled and the failure clock.
+        // Enabling clears why it was disabled, the failure clock and an event still owed for
+        // the disable (it would describe a disable that no longer holds).
         let fixed: &[&str] = if patch.enabled == Some(true) {
-            &["disabled_reason = NULL", "failing_since_ms = NULL"]
+            &[
+                "disabled_reason = NULL",
+                "failing_since_ms = NULL",
+                "disable_event_pending = 0",
+            ]
         } else {
             &[]
         };

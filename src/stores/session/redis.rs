@@ -93,7 +93,8 @@ local ttl = redis.call('PTTL', KEYS[3])
 if ttl > 0 then
   redis.call('PEXPIRE', KEYS[1], ttl)
   redis.call('PEXPIRE', KEYS[2], ttl)
-elseif ttl == -2 then
+elseif ttl == -2 and redis.call('PTTL', KEYS[1]) == -1 then
+  -- From the first entry: later ones do not move it.
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end

@@ -228,7 +228,20 @@ pub async fn call(
         .map_err(|e| {
             // Neither the URL's credentials nor reqwest's copy of it in the error.
             let url = crate::http_client::shown_url(&bot.url);
-            BotError::Down(format!("POST {url}: {}", e.without_url()))
+            // A name the resolver would only answer with internal addresses is a refusal
+            // (the bot cannot be called there), not a bot down to wait for.
+            let private =
+                std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {
+                    e.source()
+                })
+                .any(|e| e.downcast_ref::<target::TargetError>().is_some());
+            if private {
+                BotError::Refused(format!(
+                    "POST {url}: the bot's name resolves to internal addresses only"
+                ))
+            } else {
+                BotError::Down(format!("POST {url}: {}", e.without_url()))
+            }
         })?;
     let status = response.status();
     if status.is_server_error() || status.as_u16() == 429 {
@@ -343,7 +356,7 @@ mod tests {
         ] {
             let answer = call(&http, &target(url.clone()), &body, "k", timeout, refused).await;
             assert!(
-                matches!(&answer, Err(BotError::Refused(_)) | Err(BotError::Down(_))),
+                matches!(&answer, Err(BotError::Refused(_))),
                 "{url}: {answer:?}"
             );
         }

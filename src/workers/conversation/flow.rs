@@ -789,9 +789,11 @@ impl ConversationWorker {
                 private_refused: !self.config.allow_private_bots,
             };
             let down = (c.tenant_id.clone(), bot_id.clone());
-            if let Some(err) = self.bots_down.recently(&down) {
-                // Seen down a moment ago (by this pod): not called again until the window
-                // ends, so a bot that times out holds one lane per pod, not one per chat.
+            let retrying = self.config.bot_fallback == super::config::BotFallback::Retry;
+            if let Some(err) = self.bots_down.recently(&down).filter(|_| retrying) {
+                // With `retry`, seen down a moment ago (by this pod): not called again until
+                // the window ends, so a bot that times out holds few lanes, not one per chat
+                // waiting on it. (With `queue`, every chat tries the bot once.)
                 Some(Err(err))
             } else {
                 let answer =

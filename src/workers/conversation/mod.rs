@@ -83,7 +83,8 @@ impl ConversationWorker {
             http,
             max_user_data_entries: crate::config::Config::defaults().chat.max_user_data_entries,
             max_message_chars: crate::config::Config::defaults().chat.max_message_chars,
-            // Twice a call's timeout, at least 5 s: one call in flight per pod at most.
+            // Twice a call's timeout, at least 5 s: a bot down is called again about once a
+            // window per pod (calls that began before the failure was noted still run).
             bots_down: bot::DownBots::new(
                 Duration::from_millis(config.bot_timeout_ms.saturating_mul(2))
                     .max(Duration::from_secs(5)),

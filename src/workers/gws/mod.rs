@@ -187,9 +187,9 @@ impl GwsWorker {
                 // never fixed ends in the dead-letter topic). Not after a refusal being
                 // replayed (that call took no effect), nor for any other 4xx (a credential or
                 // address to fix): the call goes again, and GWS's answer to it is the verdict.
-                Err(PeerFailure::Rejected { status: 403, .. }) if !reopened => {
+                Err(PeerFailure::Rejected { status: 403, .. }) if !reopened && ops::leaves(op) => {
                     match self.client.knows_agent(target, &op.agent_id).await {
-                        Ok(true) => ops::leaves(op),
+                        Ok(true) => true,
                         Ok(false) => {
                             return Err(HandleError::Retry(format!(
                                 "GWS refuses the chat and the agent's own user (GET /api/v2/me): \

@@ -744,11 +744,13 @@ impl Dispatcher {
             // skip disabled subscriptions, so it waits for a re-enable. (One whose row is not
             // written yet is not found by the give-back: its lease lapses instead, and its
             // group's write goes on without its outcome after the first-attempt wait.)
+            let mut unreadable = false;
             let target = match self.target(&msg.webhook_id).await {
                 Ok(t) => t,
                 // Nothing was sent: no attempt is charged, and the endpoint's failure clock
                 // does not run for this worker's trouble. (A first attempt whose row is not
-                // written yet goes on as failed: it has every retry left.)
+                // written yet goes on as failed, the endpoint's clock untouched: it has every
+                // retry left.)
                 Err(_) if msg.first.is_none() => {
                     metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "target")
                         .increment(1);
@@ -758,7 +760,10 @@ impl Dispatcher {
                     }
                     return;
                 }
-                Err(_) => None,
+                Err(_) => {
+                    unreadable = true;
+                    None
+                }
             };
             if target.as_ref().is_some_and(|t| !t.webhook.enabled) {
                 self.finished(&msg.webhook_id);
@@ -824,13 +829,17 @@ impl Dispatcher {
                     After::Delivered => self.endpoint_succeeded(&msg.webhook_id).await,
                     After::Retry(at) => {
                         tracing::debug!(outcome = sent.record.outcome, next_attempt_at_ms = at, error = ?sent.record.error, "webhook attempt failed; retry scheduled");
-                        self.endpoint_failed(&msg, now, gone).await;
+                        if !unreadable {
+                            self.endpoint_failed(&msg, now, gone).await;
+                        }
                     }
                     After::Aborted => {
                         tracing::info!("receiver answered abort-message; no more retries");
                     }
                     After::Exhausted => {
-                        self.endpoint_failed(&msg, now, gone).await;
+                        if !unreadable {
+                            self.endpoint_failed(&msg, now, gone).await;
+                        }
                         let left = Left {
                             attempts: msg.attempts + 1,
                             round_attempts: msg.round_attempts + 1,
