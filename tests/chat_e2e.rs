@@ -1867,6 +1867,24 @@ async fn a_transfer_to_an_agent_who_goes_not_ready_falls_back_to_the_queue() {
     assert_eq!(me["active"]["chat"].as_u64(), Some(1), "{me}");
 }
 
+/// Provisions a bot "Botty" at `bot_url` (credential `bot-secret`) and a routing rule giving
+/// web chats to it first; the bot as created (with its API token).
+async fn bot_first_rule(admin: &Admin, tenant: &Tenant, bot_url: &str) -> Value {
+    let bot = admin
+        .post(
+            &format!("/tenants/{}/bots", tenant.id),
+            json!({"name": "Botty", "url": bot_url, "credential": "bot-secret"}),
+        )
+        .await;
+    admin
+        .post(
+            &format!("/tenants/{}/routing-rules", tenant.id),
+            json!({"channel": "WEB_CHAT", "queue_id": tenant.queue_id, "priority": 10, "bot_id": bot["id"]}),
+        )
+        .await;
+    bot
+}
+
 /// Bots on loopback, as these tests run them (refused otherwise: an internal address).
 const PRIVATE_BOTS: (&str, &str) = ("NEXUS_WORKERS__CONVERSATION__ALLOW_PRIVATE_BOTS", "true");
 
@@ -1935,18 +1953,7 @@ async fn bot_first_then_handoff_and_fallback_when_down() {
     let (node, admin, tenant) = dev(dir.path(), &[PRIVATE_BOTS]).await;
     let url = node.url.as_str();
     let (bot_url, bot_server) = start_bot("bot-secret").await;
-    let bot = admin
-        .post(
-            &format!("/tenants/{}/bots", tenant.id),
-            json!({"name": "Botty", "url": bot_url, "credential": "bot-secret"}),
-        )
-        .await;
-    admin
-        .post(
-            &format!("/tenants/{}/routing-rules", tenant.id),
-            json!({"channel": "WEB_CHAT", "queue_id": tenant.queue_id, "priority": 10, "bot_id": bot["id"]}),
-        )
-        .await;
+    bot_first_rule(&admin, &tenant, &bot_url).await;
     let (_, token) = provision_agent(&admin, &tenant, "alice", 2).await;
     let mut agent = agent_ready(url, &token).await;
     let http = reqwest::Client::new();
@@ -2078,18 +2085,7 @@ async fn a_down_bot_is_retried_and_answers_in_order() {
         .expect("bind");
     let bot_url = format!("http://{}/bot", listener.local_addr().expect("addr"));
     tokio::spawn(async move { axum::serve(listener, app).await });
-    let bot = admin
-        .post(
-            &format!("/tenants/{}/bots", tenant.id),
-            json!({"name": "Botty", "url": bot_url, "credential": "bot-secret"}),
-        )
-        .await;
-    admin
-        .post(
-            &format!("/tenants/{}/routing-rules", tenant.id),
-            json!({"channel": "WEB_CHAT", "queue_id": tenant.queue_id, "priority": 10, "bot_id": bot["id"]}),
-        )
-        .await;
+    bot_first_rule(&admin, &tenant, &bot_url).await;
     let (_, token) = provision_agent(&admin, &tenant, "alice", 2).await;
     let mut agent = agent_ready(url, &token).await;
     let customer = Customer::start(url, &tenant.api_key, "Eve").await;
@@ -2139,20 +2135,9 @@ async fn bot_posts_and_hands_off_through_the_bot_api() {
     let (node, admin, tenant) = dev(dir.path(), &[PRIVATE_BOTS]).await;
     let url = node.url.as_str();
     let (bot_url, _bot_server) = start_bot("bot-secret").await;
-    let bot = admin
-        .post(
-            &format!("/tenants/{}/bots", tenant.id),
-            json!({"name": "Botty", "url": bot_url, "credential": "bot-secret"}),
-        )
-        .await;
+    let bot = bot_first_rule(&admin, &tenant, &bot_url).await;
     let bot_token = bot["token"].as_str().expect("bot token").to_string();
     assert!(bot_token.starts_with("nxb_"), "{bot}");
-    admin
-        .post(
-            &format!("/tenants/{}/routing-rules", tenant.id),
-            json!({"channel": "WEB_CHAT", "queue_id": tenant.queue_id, "priority": 10, "bot_id": bot["id"]}),
-        )
-        .await;
     let (_, token) = provision_agent(&admin, &tenant, "alice", 2).await;
     let mut agent = agent_ready(url, &token).await;
     let http = reqwest::Client::new();

@@ -282,12 +282,7 @@ async fn a_latest_group_is_placed_at_the_end_when_assigned() {
 async fn a_latest_group_reads_a_partition_added_since_it_began_from_its_start() {
     let Some(bus) = bus().await else { return };
     let t = topic(&bus, 2).await;
-    let key_on = |p: u32| {
-        (0..)
-            .map(|i| format!("k{i}"))
-            .find(|k| crate::bus::partition_for(k, 2) == p)
-            .expect("a key")
-    };
+    let key_on = |p: u32| crate::bus::partitioner::key_in(p, 2, "k");
     for p in [0, 1] {
         bus.publish(&t, OutRecord::new(key_on(p), format!("before-{p}")))
             .await
@@ -560,12 +555,7 @@ async fn offsets_reads_and_seeks() {
 async fn a_tail_takes_partitions_it_did_not_know_from_their_start() {
     let Some(bus) = bus().await else { return };
     let t = topic(&bus, 2).await;
-    let key_on = |p: u32| {
-        (0..)
-            .map(|i| format!("k{i}"))
-            .find(|k| crate::bus::partition_for(k, 2) == p)
-            .expect("a key")
-    };
+    let key_on = |p: u32| crate::bus::partitioner::key_in(p, 2, "k");
     // Tansu has no CreatePartitions: the tail is told the topic had one partition at its start,
     // so partition 1 stands for a partition added while it runs.
     let mut tail: Box<dyn Subscription> = Box::new(
