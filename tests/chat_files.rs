@@ -264,6 +264,30 @@ fn upload_req(api_key: &str, session: &Session, ck: &str, body: Vec<u8>) -> Requ
         .expect("request")
 }
 
+/// An upload of `body` whose first half is sent now; the task answering it, and what sends
+/// the rest.
+fn slow_upload(
+    state: &AppState,
+    api_key: &str,
+    s: &Session,
+    body: Vec<u8>,
+) -> (tokio::task::JoinHandle<(StatusCode, Value)>, impl FnOnce()) {
+    let (head, tail) = body.split_at(body.len() / 2);
+    let tail = bytes::Bytes::copy_from_slice(tail);
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Result<bytes::Bytes, std::io::Error>>();
+    tx.unbounded_send(Ok(bytes::Bytes::copy_from_slice(head)))
+        .expect("first half");
+    let mut req = upload_req(api_key, s, &s.ck, Vec::new());
+    *req.body_mut() = Body::from_stream(rx);
+    let state = state.clone();
+    let task = tokio::spawn(async move { call(&state, req).await });
+    // The upload may have answered already (a refusal before the whole body): then nobody reads.
+    let rest = move || {
+        let _ = tx.unbounded_send(Ok(tail));
+    };
+    (task, rest)
+}
+
 fn file_part<'a>(name: &'a str, content_type: &'a str, data: &'a [u8]) -> Vec<u8> {
     multipart(&[("file", Some(name), Some(content_type), data)])
 }
@@ -626,14 +650,7 @@ async fn a_chat_closed_during_an_upload_refuses_it() {
     let s = start(&fx.state, k).await;
     let before = published(&fx.state).await;
     let body = file_part("slow.txt", "text/plain", &[b'a'; MAX_FILE / 2]);
-    let (head, tail) = body.split_at(body.len() / 2);
-    let (tx, rx) = futures::channel::mpsc::unbounded::<Result<bytes::Bytes, std::io::Error>>();
-    tx.unbounded_send(Ok(bytes::Bytes::copy_from_slice(head)))
-        .expect("first half");
-    let mut req = upload_req(k, &s, &s.ck, Vec::new());
-    *req.body_mut() = Body::from_stream(rx);
-    let state = fx.state.clone();
-    let upload = tokio::spawn(async move { call(&state, req).await });
+    let (upload, rest) = slow_upload(&fx.state, k, &s, body);
     // The customer leaves (the worker saves the close) while the rest of the body is on its way.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut closed = record(&tenant, &s.id, ConversationState::Closed, "nobody");
@@ -647,8 +664,7 @@ async fn a_chat_closed_during_an_upload_refuses_it() {
         .expect("put"));
     // The upload must still be reading (an answer before the whole body would be a failure
     // of its own, which the assertion below shows).
-    let _ = tx.unbounded_send(Ok(bytes::Bytes::copy_from_slice(tail)));
-    drop(tx);
+    rest();
     let (status, answer) = upload.await.expect("upload task");
     assert_eq!(
         (status, answer["error"]["code"].as_str()),
@@ -680,14 +696,7 @@ async fn uploads_in_flight_are_bounded() {
     let k = &fx.a_key;
     let s = start(&fx.state, k).await;
     let body = file_part("slow.txt", "text/plain", b"slow upload");
-    let (head, tail) = body.split_at(body.len() / 2);
-    let (tx, rx) = futures::channel::mpsc::unbounded::<Result<bytes::Bytes, std::io::Error>>();
-    tx.unbounded_send(Ok(bytes::Bytes::copy_from_slice(head)))
-        .expect("first half");
-    let mut req = upload_req(k, &s, &s.ck, Vec::new());
-    *req.body_mut() = Body::from_stream(rx);
-    let state = fx.state.clone();
-    let slow = tokio::spawn(async move { call(&state, req).await });
+    let (slow, rest) = slow_upload(&fx.state, k, &s, body);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let other = file_part("b.txt", "text/plain", b"another");
     let (status, answer) = call(&fx.state, upload_req(k, &fx.s1, &fx.s1.ck, other.clone())).await;
@@ -696,9 +705,7 @@ async fn uploads_in_flight_are_bounded() {
         (StatusCode::SERVICE_UNAVAILABLE, Some("UPLOADS_BUSY")),
         "{answer}"
     );
-    tx.unbounded_send(Ok(bytes::Bytes::copy_from_slice(tail)))
-        .expect("second half");
-    drop(tx);
+    rest();
     let (status, answer) = slow.await.expect("slow upload");
     assert_eq!(status, StatusCode::CREATED, "{answer}");
     let (status, answer) = call(&fx.state, upload_req(k, &fx.s1, &fx.s1.ck, other)).await;
