@@ -8,7 +8,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::bus::consumer::{Consumer, ConsumerOptions};
 use crate::bus::{self, BusError};
@@ -207,6 +207,7 @@ pub async fn run(
     info!(addr = %bound.addr, tls = bound.is_tls(), "listening");
     let grace = Duration::from_millis(config.http.shutdown_grace_ms);
     let http_shutdown = shutdown.clone();
+    let sockets = state.sockets.clone();
     let router = match mode {
         Mode::Dev | Mode::Edge => edge::app(state),
         Mode::Worker(_) => edge::ops_app(state),
@@ -228,6 +229,11 @@ pub async fn run(
             }
             shutdown.cancel();
         }
+    }
+    // Upgraded sockets run past the HTTP server: their close frames (1012) go before exit.
+    let left = sockets.wait_closed(grace).await;
+    if left > 0 {
+        warn!(sockets = left, "WebSockets still open at exit");
     }
     info!("stopped");
     result

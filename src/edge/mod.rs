@@ -58,6 +58,8 @@ pub struct AppState {
     /// Uploads this process reads at once (`chat.max_uploads_in_flight`): each holds up to
     /// `chat.max_file_bytes` in memory until it is stored.
     pub uploads: Arc<tokio::sync::Semaphore>,
+    /// WebSocket tasks still running (shutdown waits for their close frames).
+    pub sockets: socket::OpenSockets,
 }
 
 impl AppState {
@@ -94,6 +96,7 @@ impl AppState {
             demo: None,
             shutdown: CancellationToken::new(),
             uploads,
+            sockets: socket::OpenSockets::default(),
         }
     }
 }

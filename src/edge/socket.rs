@@ -85,3 +85,67 @@ impl Liveness {
         }
     }
 }
+
+/// The WebSocket tasks of this process still running: axum runs each upgraded socket in a task
+/// of its own, past the HTTP server's graceful shutdown, so the process waits for them to
+/// send their close (1012) before it exits.
+#[derive(Clone, Default)]
+pub struct OpenSockets {
+    open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    closed: std::sync::Arc<tokio::sync::Notify>,
+}
+
+/// Held by a running socket task; its drop counts the socket closed.
+pub(crate) struct SocketGuard(OpenSockets);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.closed.notify_waiters();
+    }
+}
+
+impl OpenSockets {
+    /// Counts a socket open until the guard drops.
+    pub(crate) fn enter(&self) -> SocketGuard {
+        self.open.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        SocketGuard(self.clone())
+    }
+
+    pub fn count(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Waits until every socket closed, at most `within`; how many were left.
+    pub async fn wait_closed(&self, within: Duration) -> usize {
+        let until = tokio::time::Instant::now() + within;
+        loop {
+            let closed = self.closed.notified();
+            if self.count() == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(until, closed).await.is_err() {
+                return self.count();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn shutdown_waits_for_open_sockets_within_its_grace() {
+        let sockets = OpenSockets::default();
+        let (a, b) = (sockets.enter(), sockets.enter());
+        assert_eq!(sockets.count(), 2);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop((a, b));
+        });
+        assert_eq!(sockets.wait_closed(Duration::from_secs(5)).await, 0);
+        let _stuck = sockets.enter();
+        assert_eq!(sockets.wait_closed(Duration::from_millis(50)).await, 1);
+    }
+}

@@ -46,7 +46,11 @@ pub async fn websocket(
     let agent = crate::edge::auth::agent(&state, &token).await?;
     // A request is a small JSON object: the HTTP body limit bounds it here too.
     let ws = state.socket(ws?);
-    Ok(ws.on_upgrade(move |socket| serve(socket, state, agent, token)))
+    let open = state.sockets.enter();
+    Ok(ws.on_upgrade(move |socket| async move {
+        let _open = open;
+        serve(socket, state, agent, token).await
+    }))
 }
 
 /// WebSocket close code when the agent's token stops being valid (rotated, agent deleted).

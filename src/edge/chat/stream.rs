@@ -363,7 +363,11 @@ pub async fn websocket(
     let ws = state.socket(ws?);
     let mut feed = Resumable::new(state, claims, q.from.unwrap_or(1));
     feed.open().await?;
-    Ok(ws.on_upgrade(move |socket| serve_socket(socket, feed, check)))
+    let open = feed.state.sockets.enter();
+    Ok(ws.on_upgrade(move |socket| async move {
+        let _open = open;
+        serve_socket(socket, feed, check).await
+    }))
 }
 
 /// WebSocket close code when the client key expires on an open socket: renew the key
