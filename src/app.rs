@@ -208,6 +208,15 @@ pub async fn run(
     let grace = Duration::from_millis(config.http.shutdown_grace_ms);
     let http_shutdown = shutdown.clone();
     let sockets = state.sockets.clone();
+    // When shutdown began: sockets get what is left of the grace, not a second one.
+    let stopping = Arc::new(std::sync::OnceLock::new());
+    {
+        let (stopping, shutdown) = (stopping.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            let _ = stopping.set(tokio::time::Instant::now());
+        });
+    }
     let router = match mode {
         Mode::Dev | Mode::Edge => edge::app(state),
         Mode::Worker(_) => edge::ops_app(state),
@@ -231,7 +240,10 @@ pub async fn run(
         }
     }
     // Upgraded sockets run past the HTTP server: their close frames (1012) go before exit.
-    let left = sockets.wait_closed(grace).await;
+    let since = stopping
+        .get()
+        .map_or(Duration::ZERO, |at: &tokio::time::Instant| at.elapsed());
+    let left = sockets.wait_closed(grace.saturating_sub(since)).await;
     if left > 0 {
         warn!(sockets = left, "WebSockets still open at exit");
     }

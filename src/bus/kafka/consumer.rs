@@ -588,18 +588,38 @@ impl MemberContext {
         if assigned.is_empty() {
             return;
         }
-        // Tried again on a failure: a new group's partition left without a commit would be
-        // taken for one added later at the next rebalance, and read from its start.
+        // Tried again on a failure, within a deadline (the member thread fetches and commits
+        // nothing meanwhile): a new group's partition left without a commit would be taken for
+        // one added later at the next rebalance, and read from its start. The plan (new group
+        // or not, and where each partition goes) is made once: a commit that failed part way
+        // must not make a retry take the group for an old one.
+        let deadline = std::time::Instant::now() + PLACE_DEADLINE;
         let mut failure = String::new();
+        let mut plan = None;
         for wait_ms in PLACE_RETRY_MS {
             std::thread::sleep(Duration::from_millis(wait_ms));
-            match self.try_place(consumer, &assigned) {
-                Ok(None) => return,
-                Ok(Some((count, at))) => {
-                    info!(topic = %t.topic, group = %t.group, partitions = count, at, "new partitions placed");
+            if std::time::Instant::now() >= deadline {
+                break;
+            }
+            if plan.is_none() {
+                match self.plan_placement(consumer, &assigned) {
+                    Ok(p) => plan = Some(p),
+                    Err(e) => {
+                        failure = e;
+                        continue;
+                    }
+                }
+            }
+            let Some((place, at)) = &plan else { continue };
+            if place.count() == 0 {
+                return;
+            }
+            match consumer.commit(place, CommitMode::Sync) {
+                Ok(()) => {
+                    info!(topic = %t.topic, group = %t.group, partitions = place.count(), at, "new partitions placed");
                     return;
                 }
-                Err(e) => failure = e,
+                Err(e) => failure = format!("commit: {e}"),
             }
         }
         tracing::error!(
@@ -610,12 +630,13 @@ impl MemberContext {
         );
     }
 
-    /// One placement: how many partitions were committed where (`None`: none needed).
-    fn try_place(
+    /// Where the partitions the group never committed on go: the log end of every partition
+    /// for a new group, the start of this member's for one that has begun.
+    fn plan_placement(
         &self,
         consumer: &Member,
         assigned: &[i32],
-    ) -> Result<Option<(usize, &'static str)>, String> {
+    ) -> Result<(TopicPartitionList, &'static str), String> {
         let t = &self.tracker;
         let known = consumer
             .fetch_metadata(Some(&t.topic), super::REQUEST_TIMEOUT)
@@ -655,21 +676,14 @@ impl MemberContext {
                 .add_partition_offset(&t.topic, p, Offset::Offset(at))
                 .map_err(|e| format!("cannot place partition {p}: {e}"))?;
         }
-        if place.count() == 0 {
-            return Ok(None);
-        }
-        consumer
-            .commit(&place, CommitMode::Sync)
-            .map_err(|e| format!("commit: {e}"))?;
-        Ok(Some((
-            place.count(),
-            if new_group { "end" } else { "start" },
-        )))
+        Ok((place, if new_group { "end" } else { "start" }))
     }
 }
 
 /// Waits before each try of a placement (the first at once).
 const PLACE_RETRY_MS: [u64; 3] = [0, 200, 1_000];
+/// The longest a placement is tried.
+const PLACE_DEADLINE: Duration = Duration::from_secs(15);
 
 impl ClientContext for MemberContext {}
 

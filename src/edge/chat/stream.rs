@@ -470,7 +470,15 @@ fn sse_stream(
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tokio::spawn(async move {
         let mut events = std::pin::pin!(sse_events(feed, check));
-        while let Some(event) = futures::StreamExt::next(&mut events).await {
+        loop {
+            // The client gone (hyper dropped the body) ends the task at once, not at its next
+            // event: its key checks would keep the customer's sign of life fresh meanwhile.
+            let event = tokio::select! {
+                biased;
+                _ = tx.closed() => return,
+                event = futures::StreamExt::next(&mut events) => event,
+            };
+            let Some(event) = event else { return };
             if tx.send_timeout(event, SEND_TIMEOUT).await.is_err() {
                 // Gone, or not reading.
                 return;
