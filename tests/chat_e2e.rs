@@ -571,6 +571,54 @@ async fn a_live_chat_whose_customer_vanished_closes() {
     assert_no_close(&mut ws).await;
 }
 
+/// An SSE stream counts as the customer's sign of life only while it is open: a customer whose
+/// stream was read for a while and then dropped (the tab closed) has its chat closed as
+/// CUSTOMER_LEFT after the abandon timeout (the stream's task, running its key checks, once
+/// outlived the connection until its next event).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_sse_stream_stops_counting_as_the_customer() {
+    use nexus::stores::session::{ConversationState, SessionStore};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let abandon = (
+        "NEXUS_WORKERS__CONVERSATION__ABANDON_TIMEOUT_S",
+        "2".to_string(),
+    );
+    let (system, _admin, tenant, store) = TwoEdges::with_tenant(dir.path(), vec![abandon]).await;
+    let a = system.edge_a.url.clone();
+    let key = tenant.api_key.clone();
+    let (sid, ck) = start_session(&a, &key, json!({"nickname": "Sam"})).await;
+    let response = reqwest::Client::new()
+        .get(format!(
+            "{a}/nexus/v3/chat/sessions/{sid}/events?api_key={key}&client_key={ck}"
+        ))
+        .send()
+        .await
+        .expect("sse");
+    assert_eq!(response.status(), 200);
+    let mut body = response;
+    // Read for longer than the abandon timeout: the open stream keeps the chat.
+    let read = tokio::time::timeout(Duration::from_secs(4), async {
+        while body.chunk().await.expect("chunk").is_some() {}
+    })
+    .await;
+    assert!(read.is_err(), "the stream ended early");
+    let state = || {
+        let (store, t, id) = (&store, tenant.id.clone(), sid.clone());
+        async move { store.conversation(&t, &id).await.expect("store") }
+    };
+    assert_ne!(
+        state().await.expect("record").state,
+        ConversationState::Closed
+    );
+    drop(body);
+    let closed = eventually(WAIT, "the chat of the dropped stream is closed", || async {
+        let c = state().await?;
+        (c.state == ConversationState::Closed).then_some(c)
+    })
+    .await;
+    assert_eq!(closed.closed_reason.as_deref(), Some("CUSTOMER_LEFT"));
+}
+
 /// The stream shows no `closed` state within a moment.
 async fn assert_no_close(ws: &mut Ws) {
     let seen = tokio::time::timeout(Duration::from_millis(300), async {

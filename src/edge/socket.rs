@@ -100,7 +100,9 @@ pub(crate) struct SocketGuard(OpenSockets);
 
 impl Drop for SocketGuard {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         self.0.closed.notify_waiters();
     }
 }
