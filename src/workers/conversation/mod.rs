@@ -3,8 +3,10 @@
 //! client-bound events the edges push to sockets.
 //!
 //! Ordering and idempotency: the role consumes the inbound and agent topics, both keyed by
-//! conversation id, so one conversation's events are handled one at a time in order (agent
-//! readiness is keyed by agent id and touches only that agent's presence). Only this role writes
+//! conversation id, so one conversation's events of one topic are handled one at a time in
+//! order; its events of the two topics run on separate lanes and may meet, which the record's
+//! compare-and-set save settles (agent readiness is keyed by agent id and touches only that
+//! agent's presence). Only this role writes
 //! a conversation's record and transcript. Each handler does idempotent steps — transcript
 //! appends dedup by event id, agent reservations are idempotent per conversation, derived
 //! events get ids derived from their source — and saves the record last with the event's id in
