@@ -1043,6 +1043,13 @@ async fn v3_bodies_are_validated_before_anything_is_published() {
             400,
             "INVALID_BODY",
         ),
+        (
+            "notices",
+            "an empty message_id",
+            r#"{"text":"x","message_id":""}"#,
+            400,
+            "INVALID_FIELD",
+        ),
     ] {
         let req = v3_req("POST", suffix, &s.id, Some(&key), Some(&s.ck), Some(body));
         fx.rejected(&format!("{suffix}: {what}"), req, status, code)

@@ -682,14 +682,7 @@ async fn a_bot_answer_past_the_limits_falls_back_to_the_queue() {
         !record.user_data.contains_key("topic"),
         "no part of the answer applied"
     );
-    let texts: Vec<String> = rig
-        .store
-        .transcript(&rig.tenant, CONVERSATION, length + 1, 100)
-        .await
-        .expect("transcript")
-        .into_iter()
-        .filter_map(|e| e.entry.text)
-        .collect();
+    let texts = texts_from(&rig, length + 1).await;
     assert_eq!(texts, ["I need help", "Connecting you to an agent."]);
 }
 
