@@ -450,6 +450,13 @@ impl Config {
                 "must be at least 100",
             ));
         }
+        if conv.requeue_interval_ms < 100 {
+            // Every queued chat would be offered again on every timer tick.
+            return Err(invalid(
+                "workers.conversation.requeue_interval_ms",
+                "must be at least 100",
+            ));
+        }
         if conv.bot_timeout_ms == 0 {
             return Err(invalid(
                 "workers.conversation.bot_timeout_ms",
@@ -549,6 +556,11 @@ impl Config {
                 "must start with redis:// or rediss:// (TLS)",
             ));
         }
+        if !redis.is_empty() {
+            // Parsed only (no connection): a malformed URL is named here, not at first use.
+            redis::Client::open(redis.as_str())
+                .map_err(|e| invalid("stores.redis_url", format!("not a valid URL: {e}")))?;
+        }
         let ns = &self.stores.redis_namespace;
         if ns.is_empty()
             || ns.len() > 64
@@ -567,6 +579,10 @@ impl Config {
                 "stores.postgres_url",
                 "must start with postgres:// or postgresql:// (TLS: ?sslmode=require)",
             ));
+        }
+        if !pg.is_empty() {
+            <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(pg)
+                .map_err(|e| invalid("stores.postgres_url", format!("not a valid URL: {e}")))?;
         }
         if !self.stores.provisioning_key.is_empty() {
             crate::stores::provisioning::secrets::EncryptionKey::parse(
@@ -668,7 +684,8 @@ impl Config {
         }
         c.workers.history.ucs.redact(REDACTED);
         c.workers.gws.redact(REDACTED);
-        c.workers.tap.url = redact_url_password(&c.workers.tap.url);
+        // An HTTP receiver's key often rides in its query (`api_key=`, `code=`): every value goes.
+        c.workers.tap.url = crate::http_client::shown_url(&c.workers.tap.url);
         c.bus.url = redact_url_password(&c.bus.url);
         c.stores.redis_url = redact_url_password(&c.stores.redis_url);
         c.stores.postgres_url = redact_url_password(&c.stores.postgres_url);
@@ -827,19 +844,27 @@ fn link_values(key: &str) -> Vec<LinkValue> {
 /// Replaces the password of `scheme://user:password@host` URLs, and the value of a query
 /// parameter that carries one (`?password=`, as PostgreSQL and Redis URLs accept).
 pub(crate) fn redact_url_password(url: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
+    // The user info first: a password may hold an unencoded `?` (or `#`), which would otherwise
+    // be taken for the start of the query. It ends at the last `@` before the path.
+    let url = match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let authority = rest.split('/').next().unwrap_or(rest);
+            match authority.rsplit_once('@') {
+                Some((userinfo, _)) => {
+                    let after = &rest[userinfo.len()..];
+                    match userinfo.split_once(':') {
+                        Some((user, _)) => format!("{scheme}://{user}:{REDACTED}{after}"),
+                        None => format!("{scheme}://{REDACTED}{after}"),
+                    }
+                }
+                None => url.to_string(),
+            }
+        }
+        None => url.to_string(),
     };
-    let base = match base.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((userinfo, host)) => match userinfo.split_once(':') {
-                Some((user, _)) => format!("{scheme}://{user}:{REDACTED}@{host}"),
-                None => format!("{scheme}://{REDACTED}@{host}"),
-            },
-            None => base.to_string(),
-        },
-        None => base.to_string(),
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base.to_string(), Some(query)),
+        None => (url.clone(), None),
     };
     let Some(query) = query else {
         return base;
@@ -927,7 +952,16 @@ mod tests {
             .contains("bus.ca_file"));
 
         type Set = fn(&mut Config);
-        let cases: [(&str, Set); 9] = [
+        let cases: [(&str, Set); 12] = [
+            ("workers.conversation.requeue_interval_ms", |c| {
+                c.workers.conversation.requeue_interval_ms = 0
+            }),
+            ("stores.redis_url", |c| {
+                c.stores.redis_url = "redis://:s3cret@bad host:6379".into()
+            }),
+            ("stores.postgres_url", |c| {
+                c.stores.postgres_url = "postgres://u:s3cret@db:notaport/n".into()
+            }),
             ("consumer.handler_timeout_ms", |c| {
                 c.consumer.handler_timeout_ms = 0
             }),
@@ -1247,6 +1281,35 @@ mod tests {
         for s in ["t4psecret", "uc5secret", "gw5secret"] {
             assert!(!out.contains(s), "{s}: {out}");
         }
+        // Keys in any query parameter of an HTTP receiver's URL.
+        c.workers.tap.url = "https://tap.example/in?api_key=t4pkey&code=t4pcode".into();
+        c.workers.history.ucs.url = "https://ucs.example/?apikey=uc5key".into();
+        let out = c.redacted_toml();
+        for s in ["t4pkey", "t4pcode", "uc5key"] {
+            assert!(!out.contains(s), "{s}: {out}");
+        }
+        assert!(
+            out.contains("https://tap.example/in?api_key=redacted&code=redacted"),
+            "{out}"
+        );
+        // A password holding an unencoded `?` or `@` is not taken for a query or a host.
+        for (url, secret) in [
+            ("redis://:pa?ss@redis:6379/0", "pa?ss"),
+            ("redis://u:p@ss@redis:6379", "p@ss"),
+            ("nats://u:se?cret@nats:4222", "se?cret"),
+        ] {
+            let shown = redact_url_password(url);
+            assert!(!shown.contains(secret), "{url} -> {shown}");
+        }
+        assert_eq!(
+            redact_url_password("redis://:pa?ss@redis:6379/0?password=x"),
+            "redis://:<redacted>@redis:6379/0?password=<redacted>"
+        );
+        assert_eq!(
+            redact_url_password("postgres://db/n?user=a@b"),
+            "postgres://db/n?user=a@b",
+            "an `@` after the path is not user info"
+        );
         // A password given as a query parameter.
         c.stores.postgres_url =
             "postgres://db/nexus?user=nexus&password=s3cret&sslmode=require".into();

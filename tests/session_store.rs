@@ -1250,7 +1250,8 @@ async fn expiring_a_missing_conversation_does_nothing(t: TestStore) {
 /// Entries appended for a conversation whose record is never saved (a start dead-lettered
 /// between its first appends and its save) expire; once the record is saved they stay.
 async fn entries_without_a_record_expire_unless_it_is_saved(t: TestStore) {
-    let (s, _dir) = t.with_orphan_ttl(Duration::from_millis(400)).await;
+    // Long enough that the appends and the save below finish inside it on a loaded machine.
+    let (s, _dir) = t.with_orphan_ttl(Duration::from_millis(1500)).await;
     let tn = &t.tenant;
     for id in ["orphan", "saved"] {
         s.append(tn, id, &message("e1", Some("m1"), "hi"))
@@ -1264,7 +1265,7 @@ async fn entries_without_a_record_expire_unless_it_is_saved(t: TestStore) {
         .put_conversation(&conversation(tn, "saved"))
         .await
         .expect("put"));
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(s
         .transcript(tn, "orphan", 1, 10)
         .await

@@ -124,7 +124,13 @@ pub async fn copy(
         'partition: while cursor < o.high {
             let batch = bus
                 .read(&req.from_topic, o.partition, cursor, READ_BATCH)
-                .await?;
+                .await
+                .map_err(|source| ReplayError::CopyInterrupted {
+                    partition: o.partition,
+                    copied: done.copied,
+                    next_offset: cursor,
+                    source,
+                })?;
             if batch.is_empty() {
                 break;
             }

@@ -130,12 +130,12 @@ impl PeerConfig {
                 Ok(u) if u.query().is_some() || u.fragment().is_some() => Err(format!(
                     "{k}: `{}` has a query or fragment; the peer's paths are appended to the \
                      URL, so give the base URL only (credentials go in `credential`)",
-                    crate::config::redact_url_password(url)
+                    crate::http_client::shown_url(url)
                 )),
                 Ok(u) if matches!(u.scheme(), "http" | "https") => Ok(()),
                 _ => Err(format!(
                     "{k}: `{}` is not an http(s) URL",
-                    crate::config::redact_url_password(url)
+                    crate::http_client::shown_url(url)
                 )),
             }
         };
@@ -180,17 +180,17 @@ impl PeerConfig {
     }
 
     /// Replaces every credential with `with` (for printing the config).
-    /// Credentials written into URLs (`user:pass@`, `?token=`) go too.
+    /// Credentials written into URLs go too: the user info and every query value.
     pub fn redact(&mut self, with: &str) {
         if !self.credential.is_empty() {
             self.credential = with.to_string();
         }
-        self.url = crate::config::redact_url_password(&self.url);
+        self.url = crate::http_client::shown_url(&self.url);
         for t in self.tenants.values_mut() {
             if !t.credential.is_empty() {
                 t.credential = with.to_string();
             }
-            t.url = crate::config::redact_url_password(&t.url);
+            t.url = crate::http_client::shown_url(&t.url);
         }
     }
 }

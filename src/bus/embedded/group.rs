@@ -315,9 +315,18 @@ impl Inner {
     /// The latest offset of a partition replaces any not yet written.
     fn queue_commit(&self, key: &GroupKey, partition: u32, offset: u64) {
         let mut pending = lock(&self.commits);
-        if pending.record(key, partition, offset) && self.send(Cmd::Commits).is_err() {
-            pending.unnudge();
-            tracing::debug!(group = %key.0, topic = %key.1, partition, offset, "bus closed; commit not queued");
+        if pending.record(key, partition, offset) {
+            match self.send(Cmd::Commits) {
+                Ok(()) => {}
+                Err(BusError::Closed) => {
+                    pending.unnudge();
+                    tracing::debug!(group = %key.0, topic = %key.1, partition, offset, "bus closed; commit not queued");
+                }
+                Err(e) => {
+                    pending.unnudge();
+                    tracing::error!(group = %key.0, topic = %key.1, partition, offset, error = %e, "commit not queued: what was acked since is delivered again after a restart");
+                }
+            }
         }
     }
 

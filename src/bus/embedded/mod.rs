@@ -206,7 +206,14 @@ impl Inner {
         if self.closed.is_set() {
             return Err(BusError::Closed);
         }
-        self.tx.send(cmd).map_err(|_| BusError::Closed)
+        // The writer gone while the bus is open died (health says so too): not a shutdown.
+        self.tx.send(cmd).map_err(|_| {
+            if self.closed.is_set() {
+                BusError::Closed
+            } else {
+                BusError::Storage("the embedded bus writer stopped".into())
+            }
+        })
     }
 
     /// Sends a command and waits for the writer's answer (after its commit).

@@ -663,7 +663,13 @@ async fn rebalance(
             // Ours already: a create whose reply was lost. Its age is unknown, so the lease
             // covers no pull until the next renewal.
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                own_revision(g, &key).await.map(|r| (r, Instant::now()))
+                match own_revision(g, &key).await {
+                    Ok(r) => r.map(|r| (r, Instant::now())),
+                    Err(e) => {
+                        warn!(partition = p, error = %e, "reading partition lease failed");
+                        None
+                    }
+                }
             }
             Err(e) => {
                 warn!(partition = p, error = %e, "taking partition lease failed");
@@ -694,13 +700,14 @@ async fn rebalance(
 
 /// The revision of a lease key whose live value is this member's: a write of ours whose reply
 /// was lost (the server applied it). Nobody else writes our id, so it is still ours.
-async fn own_revision(g: &Group, key: &str) -> Option<u64> {
-    match g.kv.entry(key).await {
-        Ok(Some(e)) if e.operation == kv::Operation::Put && e.value == g.member.as_bytes() => {
+/// `Err` when the key could not be read: that tells nothing about who holds it.
+async fn own_revision(g: &Group, key: &str) -> Result<Option<u64>, kv::EntryError> {
+    Ok(match g.kv.entry(key).await? {
+        Some(e) if e.operation == kv::Operation::Put && e.value == g.member.as_bytes() => {
             Some(e.revision)
         }
         _ => None,
-    }
+    })
 }
 
 fn start_drain(slot: &Slot) {
@@ -736,11 +743,17 @@ async fn renew(g: &Group, held: &mut HashMap<u32, Held>) {
                     match own_revision(g, &key).await {
                         // An earlier renewal applied without its reply reaching us; the
                         // deadline stays the old one until the next renewal answers.
-                        Some(revision) => lock(&slot.lease).revision = revision,
-                        None => {
+                        Ok(Some(revision)) => lock(&slot.lease).revision = revision,
+                        Ok(None) => {
                             warn!(partition = slot.partition, "partition lease lost");
                             slot.lost.fire();
                         }
+                        // Unknown: kept, and tried again at the next renewal. The lease's
+                        // deadline (see `JetStreamAcker::revoked`) still bounds how long.
+                        Err(e) => warn!(
+                            partition = slot.partition, error = %e,
+                            "reading partition lease after a conflicting renewal failed"
+                        ),
                     }
                 }
                 Err(e) => {
@@ -1226,6 +1239,13 @@ impl Acker for JetStreamAcker {
         }
         self.slot.lost.fire();
         true
+    }
+
+    fn revoking(&self) -> bool {
+        // From the start of a drain: a record not started yet, or waiting between tries, is
+        // dropped and NAKed back at the release, so the hand-over (and the next owner) does
+        // not wait the drain timeout for it.
+        self.slot.draining.load(Ordering::SeqCst) || self.revoked()
     }
 }
 

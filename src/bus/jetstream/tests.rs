@@ -548,10 +548,12 @@ async fn deliveries_lost_in_transit_come_again_in_order() {
     for d in held {
         d.ack().await.expect("ack");
     }
-    // Well inside the ack wait's redelivery of k:2 and k:3 (1.5 s), they come first.
+    // The lost records come first. Without the restart, k:4 would come at once and k:2 and
+    // k:3 only after the ack wait; the order tells the two apart, so no time bound is asserted
+    // (a loaded machine may take longer than the ack wait to restart the partition).
     let mut got = Vec::new();
     while got.len() < 3 {
-        let d = next(&mut sub, Duration::from_millis(1200))
+        let d = next(&mut sub, WAIT)
             .await
             .unwrap_or_else(|| panic!("only {got:?} came"));
         got.push(seq_of(&d.message));
@@ -701,6 +703,60 @@ async fn a_clean_hand_over_redelivers_only_what_was_not_acked() {
         more.map(|d| d.message.offset)
     );
     b.close().await.expect("close b");
+}
+
+/// A record of a partition being handed over reads as revoking from the start of the drain,
+/// not only once the partition is gone: one not started yet, or waiting between tries, is
+/// then dropped and NAKed back, and the hand-over does not wait the drain timeout for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_a_draining_partition_are_revoking_before_they_are_revoked() {
+    let Some(config) = test_config() else { return };
+    let bus = connect(&config).await;
+    let topic = fresh_topic(&bus, 2).await;
+    let group = "draining";
+    for p in 0..2 {
+        bus.publish(&topic, OutRecord::new(key_in(p, 2, "d"), format!("{p}")))
+            .await
+            .expect("publish");
+    }
+    let mut a = bus
+        .subscribe(group, &topic, SubscribeOptions::default())
+        .await
+        .expect("subscribe a");
+    let mut held = vec![
+        next(&mut a, WAIT).await.expect("a receives"),
+        next(&mut a, WAIT).await.expect("a receives"),
+    ];
+    assert!(held.iter().all(|d| !d.revoking()));
+    let mut b = bus
+        .subscribe(group, &topic, SubscribeOptions::default())
+        .await
+        .expect("subscribe b");
+    // One partition goes to b: a drains it, its record held here (the drain timeout is 10 s).
+    let until = Instant::now() + WAIT;
+    let given = loop {
+        if let Some(i) = held.iter().position(|d| d.revoking()) {
+            break i;
+        }
+        assert!(Instant::now() < until, "no partition handed over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let d = held.swap_remove(given);
+    assert!(
+        !d.revoked(),
+        "revoking only once the partition was released"
+    );
+    let partition = d.message.partition;
+    drop(d);
+    let again = next(&mut b, WAIT).await.expect("b gets the dropped record");
+    assert_eq!(again.message.partition, partition);
+    again.ack().await.expect("ack");
+    for d in held {
+        assert!(!d.revoking(), "a's other partition stays a's");
+        d.ack().await.expect("ack");
+    }
+    b.close().await.expect("close b");
+    a.close().await.expect("close a");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1253,18 +1253,30 @@ enum Item {
     Failed(BusError),
 }
 
-pub(super) fn to_message(m: &BorrowedMessage<'_>, partition: u32, offset: u64) -> Message {
-    let headers = m
-        .headers()
-        .map(|hs| {
-            hs.iter()
-                .map(|h| {
+/// A record's headers. rdkafka panics on a header name that is not UTF-8, which any producer
+/// can write: such a header is left out (it is none of nexus's own), not the reader's thread.
+fn read_headers(hs: &rdkafka::message::BorrowedHeaders) -> Vec<(String, String)> {
+    (0..hs.count())
+        .filter_map(|i| {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hs.try_get(i))) {
+                Ok(h) => h.map(|h| {
                     let value = h.value.map(String::from_utf8_lossy).unwrap_or_default();
                     (h.key.to_string(), value.into_owned())
-                })
-                .collect()
+                }),
+                Err(_) => {
+                    warn!(
+                        index = i,
+                        "a record header whose name is not UTF-8 is left out"
+                    );
+                    None
+                }
+            }
         })
-        .unwrap_or_default();
+        .collect()
+}
+
+pub(super) fn to_message(m: &BorrowedMessage<'_>, partition: u32, offset: u64) -> Message {
+    let headers = m.headers().map(read_headers).unwrap_or_default();
     Message {
         topic: m.topic().to_string(),
         partition,

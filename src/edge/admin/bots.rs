@@ -8,8 +8,8 @@ use axum::Json;
 
 use super::{Body, Listing};
 use crate::edge::{ApiError, AppState};
+use crate::http_client::target::{self, TargetError};
 use crate::stores::provisioning::{BotEndpoint, BotPatch, BotToken, CreatedBot, NewBot, Page};
-use crate::workers::webhooks::target::{self, TargetError};
 
 /// Refuses a bot URL in a private, loopback or link-local range (the conversation worker
 /// posts transcripts to it from inside the cluster) unless

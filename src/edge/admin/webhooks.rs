@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::Body;
 use crate::edge::{ApiError, AppState};
 use crate::events::webhook::{WebhookMessageDead, WEBHOOK_DEAD_TOPIC};
+use crate::http_client::target::{self, TargetError};
 use crate::stores::provisioning::{
     CreatedWebhook, NewWebhook, Object, Page, PageRequest, ProvisioningError, SecretRotation,
     Webhook, WebhookEvent, WebhookPatch, WebhookSecret,
@@ -21,7 +22,6 @@ use crate::stores::provisioning::{
 use crate::workers::webhooks::store::{
     MessageDetail, MessageStore, MessageView, NewMessage, StoreError,
 };
-use crate::workers::webhooks::target::{self, TargetError};
 
 /// Records read from the dead-letter topic per bus call.
 const DLQ_READ_BATCH: usize = 500;

@@ -21,8 +21,8 @@ use serde::Deserialize;
 use serde_json::Value;
 use sha2::Sha256;
 
+use crate::http_client::target;
 use crate::workers::webhooks::signing::standard_signature;
-use crate::workers::webhooks::target;
 
 /// Where a bot is and how calls to it are signed.
 #[derive(Clone)]

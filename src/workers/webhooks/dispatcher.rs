@@ -20,13 +20,13 @@ use uuid::Uuid;
 use super::config::WebhooksConfig;
 use super::signing;
 use super::store::{After, AttemptRecord, Claimed, Left, MessageStore, NewMessage};
-use super::target;
 use crate::bus::Bus;
 use crate::events::publish::publish;
 use crate::events::webhook::{
     WebhookEndpointDisabled, WebhookMessageDead, WEBHOOK_DEAD_TOPIC, WEBHOOK_EVENTS_TOPIC,
 };
 use crate::events::Event;
+use crate::http_client::target;
 use crate::stores::provisioning::{PendingDisable, Provisioning, WebhookFormat, WebhookTarget};
 use crate::telemetry::metrics as m;
 
@@ -161,6 +161,63 @@ struct Lanes {
 impl Lanes {
     fn tenant_full(&self, tenant: &str, limit: usize) -> bool {
         self.tenants.get(tenant).is_some_and(|n| *n >= limit)
+    }
+
+    /// Takes the held messages to start now, each with the slot `permit` gives (none left ends
+    /// it): one per lane per round, within the per-endpoint and per-tenant limits, the rounds
+    /// beginning at a lane that moves on each call, so a slot that frees goes round the
+    /// endpoints with held work instead of to the same first ones.
+    fn take_starts<P>(
+        &mut self,
+        now: Instant,
+        per: usize,
+        per_tenant: usize,
+        mut permit: impl FnMut() -> Option<P>,
+    ) -> Vec<(Held, P)> {
+        let Lanes {
+            endpoints,
+            tenants,
+            turn,
+        } = self;
+        let mut ids: Vec<String> = endpoints
+            .iter()
+            .filter(|(_, l)| !l.held.is_empty() && !l.paused(now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        if !ids.is_empty() {
+            ids.sort_unstable();
+            let first = *turn % ids.len();
+            ids.rotate_left(first);
+            *turn = turn.wrapping_add(1);
+        }
+        let mut starts = Vec::new();
+        'rounds: loop {
+            let mut started = false;
+            for id in &ids {
+                let Some(lane) = endpoints.get_mut(id) else {
+                    continue;
+                };
+                let busy = tenants.entry(lane.tenant.clone()).or_default();
+                if lane.held.is_empty() || lane.in_flight >= per || *busy >= per_tenant {
+                    continue;
+                }
+                let Some(p) = permit() else {
+                    break 'rounds;
+                };
+                if let Some(h) = lane.held.pop_front() {
+                    lane.in_flight += 1;
+                    *busy += 1;
+                    starts.push((h, p));
+                    started = true;
+                }
+            }
+            if !started {
+                break;
+            }
+        }
+        endpoints.retain(|_, l| l.in_flight > 0 || !l.held.is_empty() || l.paused(now));
+        tenants.retain(|_, n| *n > 0);
+        starts
     }
 
     /// Tenants at their in-flight limit: their messages would only wait in this process.
@@ -550,55 +607,11 @@ impl Dispatcher {
     async fn start_held(self: &Arc<Self>) {
         let per = self.config.max_in_flight_per_endpoint;
         let per_tenant = self.config.max_in_flight_per_tenant;
-        let mut starts = Vec::new();
-        {
-            let mut lanes = self.lock_lanes();
-            let Lanes {
-                endpoints,
-                tenants,
-                turn,
-            } = &mut *lanes;
-            let now = Instant::now();
-            // One start per lane per round, the rounds beginning at a lane that moves on each
-            // call: a slot that frees goes round the endpoints with held work.
-            let mut ids: Vec<String> = endpoints
-                .iter()
-                .filter(|(_, l)| !l.held.is_empty() && !l.paused(now))
-                .map(|(id, _)| id.clone())
-                .collect();
-            if !ids.is_empty() {
-                ids.sort_unstable();
-                let first = *turn % ids.len();
-                ids.rotate_left(first);
-                *turn = turn.wrapping_add(1);
-            }
-            'rounds: loop {
-                let mut started = false;
-                for id in &ids {
-                    let Some(lane) = endpoints.get_mut(id) else {
-                        continue;
-                    };
-                    let busy = tenants.entry(lane.tenant.clone()).or_default();
-                    if lane.held.is_empty() || lane.in_flight >= per || *busy >= per_tenant {
-                        continue;
-                    }
-                    let Ok(permit) = self.global.clone().try_acquire_owned() else {
-                        break 'rounds;
-                    };
-                    if let Some(h) = lane.held.pop_front() {
-                        lane.in_flight += 1;
-                        *busy += 1;
-                        starts.push((h, permit));
-                        started = true;
-                    }
-                }
-                if !started {
-                    break;
-                }
-            }
-            endpoints.retain(|_, l| l.in_flight > 0 || !l.held.is_empty() || l.paused(now));
-            tenants.retain(|_, n| *n > 0);
-        }
+        let starts = self
+            .lock_lanes()
+            .take_starts(Instant::now(), per, per_tenant, || {
+                self.global.clone().try_acquire_owned().ok()
+            });
         for (mut h, permit) in starts {
             let me = self.clone();
             // The lease renewal of a message held a while runs in its own task: waiting on
@@ -1300,5 +1313,101 @@ fn still_ours(msg: &Claimed, answer: Result<bool, super::store::StoreError>) -> 
             tracing::warn!(error = %e, "dead-lettering a webhook message failed; a later claim tries again");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claimed(tenant: &str, webhook: &str, n: usize) -> Claimed {
+        Claimed {
+            id: format!("{webhook}-{n}"),
+            tenant_id: tenant.into(),
+            webhook_id: webhook.into(),
+            event_id: format!("e{n}"),
+            conversation_id: "c".into(),
+            event: "message.received".into(),
+            body: "{}".into(),
+            attempts: 0,
+            round_attempts: 0,
+            last_status_code: None,
+            last_error: None,
+            first: None,
+            lease_until_ms: 0,
+        }
+    }
+
+    fn lanes(spec: &[(&str, &str, usize)]) -> Lanes {
+        let mut lanes = Lanes::default();
+        for (tenant, webhook, held) in spec {
+            let lane = lanes.endpoints.entry((*webhook).into()).or_default();
+            for n in 0..*held {
+                lane.hold(claimed(tenant, webhook, n));
+            }
+        }
+        lanes
+    }
+
+    /// Starts `budget` at most (the process's free slots) and names what started.
+    fn take(lanes: &mut Lanes, budget: usize, per: usize, per_tenant: usize) -> Vec<String> {
+        let mut left = budget;
+        let starts = lanes.take_starts(Instant::now(), per, per_tenant, || {
+            left.checked_sub(1).map(|l| left = l)
+        });
+        starts.into_iter().map(|(h, ())| h.msg.id).collect()
+    }
+
+    fn finish(lanes: &mut Lanes, tenant: &str, webhook: &str) {
+        if let Some(l) = lanes.endpoints.get_mut(webhook) {
+            l.in_flight -= 1;
+        }
+        if let Some(n) = lanes.tenants.get_mut(tenant) {
+            *n -= 1;
+        }
+    }
+
+    #[test]
+    fn freed_slots_go_round_the_endpoints() {
+        let mut l = lanes(&[("t", "a", 3), ("t", "b", 3), ("t", "c", 3)]);
+        // One slot freeing at a time: each goes to the next endpoint, not always to "a".
+        let mut order = Vec::new();
+        for _ in 0..6 {
+            let started = take(&mut l, 1, 10, 100);
+            assert_eq!(started.len(), 1);
+            let webhook = started[0].split('-').next().unwrap_or_default().to_string();
+            finish(&mut l, "t", &webhook);
+            order.push(started[0].clone());
+        }
+        assert_eq!(order, ["a-0", "b-0", "c-0", "a-1", "b-1", "c-1"]);
+        // Several slots at once: one per endpoint per round, each endpoint's own in order.
+        let mut l = lanes(&[("t", "a", 3), ("t", "b", 1), ("t", "c", 3)]);
+        assert_eq!(
+            take(&mut l, 5, 10, 100),
+            ["a-0", "b-0", "c-0", "a-1", "c-1"]
+        );
+    }
+
+    #[test]
+    fn starts_keep_the_endpoint_and_tenant_limits_and_skip_paused_endpoints() {
+        let mut l = lanes(&[("t1", "a", 3), ("t1", "b", 3), ("t2", "c", 3)]);
+        // Two per endpoint, three per tenant: t1 gets three over a and b, t2 two on c.
+        let mut started = take(&mut l, 100, 2, 3);
+        started.sort();
+        assert_eq!(started, ["a-0", "a-1", "b-0", "c-0", "c-1"]);
+        assert_eq!(l.tenants.get("t1"), Some(&3));
+        assert!(take(&mut l, 100, 2, 3).is_empty(), "every limit is reached");
+        finish(&mut l, "t1", "a");
+        assert_eq!(take(&mut l, 100, 2, 3), ["a-2"]);
+        // A paused endpoint starts nothing until its pause ends.
+        let mut l = lanes(&[("t", "a", 1), ("t", "b", 1)]);
+        if let Some(a) = l.endpoints.get_mut("a") {
+            a.paused_until = Some(Instant::now() + Duration::from_secs(60));
+        }
+        assert_eq!(take(&mut l, 100, 10, 100), ["b-0"]);
+        finish(&mut l, "t", "b");
+        assert!(take(&mut l, 100, 10, 100).is_empty());
+        assert!(l.endpoints.contains_key("a"), "a paused lane is kept");
+        assert!(!l.endpoints.contains_key("b"), "an idle lane is dropped");
     }
 }

@@ -15,7 +15,6 @@ pub mod intake;
 pub mod payload;
 pub mod signing;
 pub mod store;
-pub mod target;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,6 +32,7 @@ use crate::bus::{Bus, Message};
 use crate::config::{HttpClientConfig, StoresConfig};
 use crate::events::chat::{BodyError, Channel, ConversationClosed, ConversationStarted};
 use crate::events::Event;
+use crate::http_client::target;
 use crate::stores::provisioning::{Provisioning, Webhook, WebhookEvent, WebhookMedia};
 use crate::telemetry::metrics as m;
 

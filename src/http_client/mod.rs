@@ -1,6 +1,8 @@
 //! The outbound HTTP client every worker uses: rustls with the system roots plus an optional CA
 //! bundle, and a timeout on every call; and what a 429 or 503 asks of its caller (`Retry-After`).
 
+pub mod target;
+
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 

@@ -1,6 +1,7 @@
-//! Which outbound targets a webhook may have: no private, loopback, link-local or otherwise
-//! internal address unless `allow_private_targets`. Checked when a subscription is written and
-//! again at send time, where a DNS resolver drops such answers (DNS rebinding).
+//! Which addresses customer-set targets (webhook endpoints, bot URLs) may have: no private,
+//! loopback, link-local or otherwise internal one unless allowed by config. Checked when the
+//! target is written and again at send time, where a DNS resolver drops such answers (DNS
+//! rebinding).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -15,7 +16,7 @@ pub enum TargetError {
     Private(String),
 }
 
-/// Whether `ip` must not be a webhook target.
+/// Whether `ip` must not be a customer-set target.
 pub fn is_internal(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => internal_v4(v4),
