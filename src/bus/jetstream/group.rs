@@ -249,6 +249,9 @@ struct Slot {
     wake: Notify,
     /// Handed-out records not acked yet, by stream sequence.
     inflight: Mutex<BTreeMap<u64, Inflight>>,
+    /// The partition's consumer (its creation time, ns) and the last consumer sequence this
+    /// member read from it: a release checks that the server delivered nothing more.
+    read_upto: Mutex<Option<(i128, u64)>>,
     /// The previous owner released the partition (the lease key's last operation was its
     /// delete), after NAKing what it left, which the server redelivers first, in order.
     after_release: bool,
@@ -537,7 +540,7 @@ async fn coordinate(bus: Arc<Inner>, g: Arc<Group>, mut partitions: u32) -> Resu
     let mut fatal: Option<BusError> = None;
     let mut partitions_read = Instant::now();
     loop {
-        for (p, end) in reap(&g, &mut held).await {
+        for (p, end) in reap(&bus, &g, &mut held).await {
             match end {
                 WorkerEnd::Fatal(e) => {
                     warn!(error = %e, "partition cannot be consumed; leaving the group");
@@ -687,6 +690,7 @@ async fn rebalance(
             released: AtomicBool::new(false),
             wake: Notify::new(),
             inflight: Mutex::new(BTreeMap::new()),
+            read_upto: Mutex::new(None),
             after_release,
         });
         lock(&g.slots).insert(p, slot.clone());
@@ -766,7 +770,7 @@ async fn renew(g: &Group, held: &mut HashMap<u32, Held>) {
 }
 
 /// Collects finished partition workers, handing drained partitions over.
-async fn reap(g: &Group, held: &mut HashMap<u32, Held>) -> Vec<(u32, WorkerEnd)> {
+async fn reap(bus: &Inner, g: &Group, held: &mut HashMap<u32, Held>) -> Vec<(u32, WorkerEnd)> {
     let finished: Vec<u32> = held
         .iter()
         .filter(|(_, h)| h.task.is_finished())
@@ -785,8 +789,8 @@ async fn reap(g: &Group, held: &mut HashMap<u32, Held>) -> Vec<(u32, WorkerEnd)>
         };
         match &end {
             WorkerEnd::Lost => {}
-            WorkerEnd::Failed => release(g, &h.slot, false).await,
-            WorkerEnd::Drained | WorkerEnd::Fatal(_) => release(g, &h.slot, true).await,
+            WorkerEnd::Failed => release(bus, g, &h.slot, false).await,
+            WorkerEnd::Drained | WorkerEnd::Fatal(_) => release(bus, g, &h.slot, true).await,
         }
         ends.push((p, end));
     }
@@ -797,24 +801,43 @@ async fn reap(g: &Group, held: &mut HashMap<u32, Held>) -> Vec<(u32, WorkerEnd)>
 /// next owner gets those first and in order; then, when `clean`, deletes the lease
 /// (revision-checked, so a lease that was taken over meanwhile stays). The delete tells the
 /// next owner the release was clean (no restart at the ack floor).
-async fn release(g: &Group, slot: &Slot, clean: bool) {
+async fn release(bus: &Inner, g: &Group, slot: &Slot, clean: bool) {
     slot.released.store(true, Ordering::Release);
     let left: Vec<(u64, Inflight)> = std::mem::take(&mut *lock(&slot.inflight))
         .into_iter()
         .collect();
+    // Confirmed (few records, hand-overs only): a NAK lost on a reconnect would leave its
+    // record to come back after the ack wait, behind later records of its key.
+    let mut naked = true;
     for (_, entry) in &left {
-        let acker = jetstream::message::Acker::new(g.js.clone(), Some(entry.reply.clone()));
-        if let Err(e) = acker.ack_with(AckKind::Nak(None)).await {
-            debug!(partition = slot.partition, error = %e, "NAK failed; the record is redelivered after ack wait");
+        let nak = Bytes::from(AckKind::Nak(None));
+        if let Err(e) = g.client.request(entry.reply.clone(), nak).await {
+            debug!(partition = slot.partition, error = %e, "NAK unconfirmed");
+            naked = false;
         }
     }
-    // Acks are published without confirmation: push them (and the NAKs) out before the lease
-    // goes, so the next owner finds them applied.
+    // Acks are published without confirmation: push them out before the lease goes, so the
+    // next owner finds them applied.
     if let Err(e) = g.client.flush().await {
         debug!(error = %e, "flush before hand-over failed");
     }
     if slot.is_lost() || !clean {
         return;
+    }
+    if !(naked && handed_over_as_seen(bus, g, slot, left.len()).await) {
+        // The server's view is not what this member settled (a delivery, an ack or a NAK lost
+        // on a reconnect): the partition restarts at its ack floor before the lease goes, so
+        // the next owner gets every unacked record first, in order.
+        warn!(
+            partition = slot.partition,
+            "the partition's consumer differs from what this member settled; restarting it at \
+             its ack floor before the hand-over"
+        );
+        if let Err(e) = start_at_ack_floor(bus, g, slot.partition).await {
+            // The lease expires instead, and its next owner restarts at the floor.
+            warn!(partition = slot.partition, error = %e, "cannot reset the partition to its ack floor; lease left to expire");
+            return;
+        }
     }
     let key = codec::lease_key(&g.group_key, slot.partition);
     match g
@@ -829,6 +852,38 @@ async fn release(g: &Group, slot: &Slot, clean: bool) {
         ),
         Err(e) => debug!(partition = slot.partition, error = %e, "lease left to expire"),
     }
+}
+
+/// Whether the partition's consumer holds what this member left pending: it delivered nothing
+/// past the last record read, and every record is acked but the `left` NAKed ones (pending
+/// until redelivered). The server applies acks asynchronously: a short lag is waited out.
+async fn handed_over_as_seen(bus: &Inner, g: &Group, slot: &Slot, left: usize) -> bool {
+    let Some((created, upto)) = *lock(&slot.read_upto) else {
+        return true;
+    };
+    let name = codec::consumer_name(&g.group_key, slot.partition);
+    for wait_ms in [0, 20, 50, 100, 200] {
+        tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+        match bus.consumer_info(&g.stream, &name).await {
+            Ok(Some(info)) => {
+                if info.created.unix_timestamp_nanos() != created
+                    || info.delivered.consumer_sequence != upto
+                {
+                    return false;
+                }
+                if info.num_ack_pending == left {
+                    return true;
+                }
+            }
+            // Gone with its topic: nothing to restart.
+            Ok(None) => return true,
+            Err(e) => {
+                debug!(partition = slot.partition, error = %e, "consumer info at hand-over");
+                return false;
+            }
+        }
+    }
+    false
 }
 
 /// One partition's fetch loop: pulls while the lease allows, hands records out in order,
@@ -897,6 +952,9 @@ async fn fetch_loop(bus: &Arc<Inner>, g: &Arc<Group>, slot: &Arc<Slot>) -> Optio
     // never arrived (a reconnect mid-batch). The server counts those as delivered and sends
     // them again only after the ack wait, behind later records of their keys.
     let mut delivered: Option<u64> = None;
+    // When the consumer `delivered` counts for was created: looked up again (after a failed
+    // pull), the same consumer must not have delivered past it.
+    let mut created = None;
     loop {
         if slot.is_lost() {
             return Some(WorkerEnd::Lost);
@@ -908,7 +966,25 @@ async fn fetch_loop(bus: &Arc<Inner>, g: &Arc<Group>, slot: &Arc<Slot>) -> Optio
             Some(c) => c,
             None => match ensure_consumer(bus, g, slot.partition).await {
                 Ok(c) => {
-                    delivered = Some(c.cached_info().delivered.consumer_sequence);
+                    let info = c.cached_info();
+                    let server = info.delivered.consumer_sequence;
+                    if created == Some(info.created) && delivered.is_some_and(|d| server > d) {
+                        // Deliveries the same consumer made after the last one read, lost
+                        // with the request that failed: the gap check would not see them.
+                        warn!(
+                            partition = slot.partition,
+                            read = delivered,
+                            delivered = server,
+                            "deliveries lost in transit; restarting the partition at its ack floor"
+                        );
+                        if let Err(end) = restart_after_gap(bus, g, slot).await {
+                            return Some(end);
+                        }
+                        (created, delivered) = (None, None);
+                        continue;
+                    }
+                    (created, delivered) = (Some(info.created), Some(server));
+                    *lock(&slot.read_upto) = Some((info.created.unix_timestamp_nanos(), server));
                     c
                 }
                 Err(BusError::UnknownTopic(t)) => {
@@ -1003,6 +1079,9 @@ async fn fetch_loop(bus: &Arc<Inner>, g: &Arc<Group>, slot: &Arc<Slot>) -> Optio
                         }
                     }
                     delivered = Some(seq);
+                    if let Some((_, upto)) = lock(&slot.read_upto).as_mut() {
+                        *upto = seq;
+                    }
                     let permit = permits.split(1);
                     hand_out(g, slot, m, info, permit).await;
                 }
@@ -1017,24 +1096,9 @@ async fn fetch_loop(bus: &Arc<Inner>, g: &Arc<Group>, slot: &Arc<Slot>) -> Optio
             }
         }
         if gap {
-            // From the floor, the lost records come first again, in order. The records under
-            // way here are let finish first: acked ones above the floor come again too, and
-            // handed out behind a later record of their key still running, they would be
-            // handled after it.
             drop(permits);
-            let until = Instant::now() + timing.drain_timeout;
-            while !lock(&slot.inflight).values().all(|e| e.abandoned)
-                && Instant::now() < until
-                && !slot.is_lost()
-            {
-                pause(slot, Duration::from_millis(50)).await;
-            }
-            if slot.is_lost() {
-                return Some(WorkerEnd::Lost);
-            }
-            if let Err(e) = start_at_ack_floor(bus, g, slot.partition).await {
-                warn!(partition = slot.partition, error = %e, "cannot reset the partition to its ack floor");
-                return Some(WorkerEnd::Failed);
+            if let Err(end) = restart_after_gap(bus, g, slot).await {
+                return Some(end);
             }
             stale = true;
         }
@@ -1042,6 +1106,32 @@ async fn fetch_loop(bus: &Arc<Inner>, g: &Arc<Group>, slot: &Arc<Slot>) -> Optio
             current = None;
         }
     }
+}
+
+/// Deliveries made to this member never reached it: the partition restarts at its ack floor,
+/// so the lost records come first again, in order. The records under way are let finish
+/// first: acked ones above the floor come again too, and handed out behind a later record of
+/// their key still running, they would be handled after it.
+async fn restart_after_gap(
+    bus: &Arc<Inner>,
+    g: &Arc<Group>,
+    slot: &Arc<Slot>,
+) -> Result<(), WorkerEnd> {
+    let until = Instant::now() + g.timing().drain_timeout;
+    while !lock(&slot.inflight).values().all(|e| e.abandoned)
+        && Instant::now() < until
+        && !slot.is_lost()
+    {
+        pause(slot, Duration::from_millis(50)).await;
+    }
+    if slot.is_lost() {
+        return Err(WorkerEnd::Lost);
+    }
+    if let Err(e) = start_at_ack_floor(bus, g, slot.partition).await {
+        warn!(partition = slot.partition, error = %e, "cannot reset the partition to its ack floor");
+        return Err(WorkerEnd::Failed);
+    }
+    Ok(())
 }
 
 /// Adds free in-flight slots to `permits`, up to a batch.

@@ -563,6 +563,102 @@ async fn deliveries_lost_in_transit_come_again_in_order() {
     sub.close().await.expect("close");
 }
 
+/// A member handing its partition over while the server delivered more than reached it
+/// (simulated as above: another client takes two records from its consumer) does not release
+/// it as clean: it restarts the partition at its ack floor first, so the next owner gets the
+/// lost records first, in order, instead of the later record first and them after the ack
+/// wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_over_after_lost_deliveries_restarts_at_the_ack_floor() {
+    let Some(mut config) = test_config() else {
+        return;
+    };
+    // An ack wait far beyond the hand-over: redelivered by it, the lost records could not be
+    // told from records restarted at the floor.
+    config.nats.ack_wait_ms = 20_000;
+    config.nats.lease_ttl_ms = 30_000;
+    let bus = connect(&config).await;
+    let topic = fresh_topic(&bus, 1).await;
+    let stream = stream_name(&topic);
+    let options = SubscribeOptions {
+        max_in_flight: 2,
+        ..SubscribeOptions::default()
+    };
+    let mut a = bus
+        .subscribe("lost", &topic, options)
+        .await
+        .expect("subscribe a");
+    for n in 0..2 {
+        bus.publish(&topic, OutRecord::new("k", format!("k:{n}")))
+            .await
+            .expect("publish");
+    }
+    let held = [
+        next(&mut a, WAIT).await.expect("k:0"),
+        next(&mut a, WAIT).await.expect("k:1"),
+    ];
+    // Its last pull request expires (a second at most) before the theft.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let name = consumer_name(&group_key("lost").expect("group key"), 0);
+    let info = bus
+        .consumer_info(&stream, &name)
+        .await
+        .expect("info")
+        .expect("the member's consumer");
+    use async_nats::jetstream::consumer::FromConsumer;
+    let mut wider = pull::Config::try_from_consumer_config(info.config).expect("pull");
+    wider.max_ack_pending = 100;
+    bus.js
+        .update_consumer_on_stream(wider, &stream)
+        .await
+        .expect("widen");
+    for n in 2..5 {
+        bus.publish(&topic, OutRecord::new("k", format!("k:{n}")))
+            .await
+            .expect("publish");
+    }
+    let thief: jetstream::consumer::PullConsumer = bus
+        .js
+        .get_consumer_from_stream(&name, &stream)
+        .await
+        .expect("consumer");
+    let mut stolen = thief
+        .fetch()
+        .max_messages(2)
+        .messages()
+        .await
+        .expect("fetch");
+    let mut lost = 0;
+    while let Some(m) = stolen.next().await {
+        m.expect("message");
+        lost += 1;
+    }
+    assert_eq!(lost, 2);
+    // The leave drains first (no more pulls), then waits for the held records.
+    let leaving = tokio::spawn(async move { a.close().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for d in held {
+        d.ack().await.expect("ack");
+    }
+    leaving.await.expect("join").expect("close a");
+    // With a wider in-flight bound than a's (the consumer takes it): k:4 is not held back by
+    // the two records pending at the thief.
+    let mut b = bus
+        .subscribe("lost", &topic, SubscribeOptions::default())
+        .await
+        .expect("subscribe b");
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let d = next(&mut b, WAIT)
+            .await
+            .unwrap_or_else(|| panic!("only {got:?} came"));
+        got.push(seq_of(&d.message));
+        d.ack().await.expect("ack");
+    }
+    assert_eq!(got, [2, 3, 4], "the lost records first, in order");
+    b.close().await.expect("close b");
+}
+
 /// A lease renewal the server applied but whose reply was lost (simulated: the member's own id
 /// written again behind its back) does not cost the member its partition: it takes the newer
 /// revision as its own and goes on renewing.
