@@ -571,7 +571,8 @@ pub(crate) fn read_node<O: Out>(node: &Node, buf: &mut &[u8]) -> Result<O, Strin
             a.copy_from_slice(b);
             O::float(f64::from_le_bytes(a))?
         }
-        Node::String | Node::Uuid => O::string(read_str(buf)?),
+        Node::String => O::string(read_str(buf)?),
+        Node::Uuid => O::string(&read_uuid(buf)?),
         Node::Bytes => O::bytes(read_slice(buf)?),
         Node::Fixed(n) => O::bytes(take(buf, *n)?),
         Node::Enum(e) => {
@@ -724,6 +725,15 @@ fn read_slice<'a>(buf: &mut &'a [u8]) -> Result<&'a [u8], String> {
 
 pub(crate) fn read_str<'a>(buf: &mut &'a [u8]) -> Result<&'a str, String> {
     std::str::from_utf8(read_slice(buf)?).map_err(|_| "string is not valid UTF-8".into())
+}
+
+/// A `uuid` string: RFC 4122 text (what other Avro readers refuse is refused here too), given
+/// back as nexus writes it, lowercase and hyphenated, so ids compare equal whoever wrote them.
+fn read_uuid(buf: &mut &[u8]) -> Result<String, String> {
+    let s = read_str(buf)?;
+    let u = uuid::Uuid::parse_str(s).map_err(|e| format!("not a UUID: {e}"))?;
+    let mut out = uuid::Uuid::encode_buffer();
+    Ok(u.hyphenated().encode_lower(&mut out).to_string())
 }
 
 // ---------------------------------------------------------------------------------------------

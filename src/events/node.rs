@@ -255,11 +255,12 @@ impl Plan {
             | (N::String, N::String)
             | (N::Uuid, N::Uuid)
             | (N::Uuid, N::String)
-            | (N::String, N::Uuid)
             | (N::TimestampMillis, N::TimestampMillis)
             | (N::TimestampMillis, N::Long)
             | (N::Long, N::TimestampMillis)
             | (N::Int, N::Long) => Plan::Same(writer.clone()),
+            // The same bytes, read as the reader's uuid: checked as one.
+            (N::String, N::Uuid) => Plan::Same(N::Uuid),
             (N::Int, N::Float | N::Double) => Plan::IntToFloat,
             (N::Long | N::TimestampMillis, N::Float | N::Double) => Plan::LongToFloat,
             (N::Float, N::Double) => Plan::FloatToDouble,

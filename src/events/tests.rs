@@ -257,6 +257,35 @@ fn lazy_bodies_decode_on_first_read_and_reject_what_decode_rejects() {
     );
 }
 
+/// A `uuid` field another writer put in upper case reads as nexus writes it (lower case, so
+/// ids compare equal); one that is no UUID at all is refused, as other Avro readers refuse it.
+#[test]
+fn uuid_fields_are_checked_and_read_in_canonical_form() {
+    let e = message_received();
+    let bytes = encode(&e).unwrap();
+    let id = b"0190f5e2-7c1a-7d3e-9a41-5b8c2d9e0f12";
+    let at = bytes
+        .windows(id.len())
+        .position(|w| w == id)
+        .expect("the message id in the payload");
+    let with = |text: &[u8; 36]| {
+        let mut b = bytes.clone();
+        b[at..at + 36].copy_from_slice(text);
+        b
+    };
+    let upper = with(b"0190F5E2-7C1A-7D3E-9A41-5B8C2D9E0F12");
+    let read = decode(&upper).unwrap();
+    assert_eq!(read.body["message_id"], e.body["message_id"]);
+    let lazy = decode_lazy(&bytes::Bytes::from(upper)).unwrap();
+    assert_eq!(lazy.body["message_id"], e.body["message_id"]);
+    let junk = with(b"not-a-uuid-at-all-but-36-chars-long!");
+    let err = decode(&junk).unwrap_err().to_string();
+    assert!(err.contains("message_id") || err.contains("UUID"), "{err}");
+    assert!(decode_lazy(&bytes::Bytes::from(junk))
+        .map(|l| l.body.into_map())
+        .is_err());
+}
+
 #[test]
 fn from_json_reads_the_ingest_shape_and_names_bad_fields() {
     let e = Event::from_json(&json!({
