@@ -520,7 +520,10 @@ impl Tracker {
             let _commits = lock(&self.commit_lock);
             if let Err(e) = self.commit_acked(consumer, Some(&revoked), CommitMode::Sync) {
                 warn!(topic = %self.topic, group = %self.group, error = %e, "commit on revoke failed; the next owner redelivers from the last commit");
-                *lock(&self.commit_error) = Some(e);
+                // `close` reports the leave's own commit; an earlier rebalance's is logged only.
+                if self.leaving.load(Ordering::Acquire) {
+                    *lock(&self.commit_error) = Some(e);
+                }
             }
         }
         let _commits = lock(&self.commit_lock);
