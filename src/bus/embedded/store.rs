@@ -369,7 +369,10 @@ impl Db {
 
     /// Adds to `batch` the removal of a partition's records older than `cutoff` (at most
     /// [`EXPIRE_PER_PASS`]) and its new retention mark; returns the new low offset, for
-    /// [`PartLog::set_low`] once the batch is written, if it moves.
+    /// [`PartLog::set_low`] once the batch is written, if it moves. Append times rise with the
+    /// offset (one writer stamps them in order), so the cut is found by a binary search and
+    /// the records before it are removed by key, unread: a pass after a long downtime costs a
+    /// few reads, not one per record.
     pub(super) fn expire(
         &self,
         batch: &mut Batch<'_>,
@@ -377,35 +380,23 @@ impl Db {
         cutoff: i64,
     ) -> Result<Option<u64>, BusError> {
         let Bounds { low, high, .. } = log.bounds();
-        let mut next = None;
-        for kv in self
-            .records
-            .range(record_range(&log.prefix, low..high))
-            .take(EXPIRE_PER_PASS)
-        {
-            let (k, v) = kv.into_inner().map_err(fail("reading a partition"))?;
-            let Some(ts) = value_ts(&v) else {
-                // Not passed silently: retention would stop here for good, the disk filling.
-                return Err(BusError::Storage(format!(
-                    "record {} of a partition has no append time (corrupt on disk); retention \
-                     cannot pass it",
-                    record_offset(&k)?
-                )));
-            };
-            if ts >= cutoff {
-                break;
-            }
-            next = Some(record_offset(&k)? + 1);
+        let cut = self
+            .offset_for_time(log, cutoff, high)?
+            .min(low.saturating_add(EXPIRE_PER_PASS as u64));
+        if cut <= low {
+            return Ok(None);
+        }
+        for offset in low..cut {
             // Each key is written once, so a weak tombstone, which vanishes with the value it
             // meets in compaction, is enough.
-            batch.inner.remove_weak(&self.records, k);
-        }
-        if let Some(next) = next {
             batch
                 .inner
-                .insert(&self.lows, log.prefix, next.to_le_bytes());
+                .remove_weak(&self.records, record_key(&log.prefix, offset));
         }
-        Ok(next)
+        batch
+            .inner
+            .insert(&self.lows, log.prefix, cut.to_le_bytes());
+        Ok(Some(cut))
     }
 }
 
