@@ -842,32 +842,36 @@ fn link_values(key: &str) -> Vec<LinkValue> {
 }
 
 /// Replaces the password of `scheme://user:password@host` URLs, and the value of a query
-/// parameter that carries one (`?password=`, as PostgreSQL and Redis URLs accept).
+/// parameter that carries one (`?password=`, as PostgreSQL and Redis URLs accept). Where the
+/// user info ends is ambiguous in a URL written unencoded (a password may hold `?`, `/` or `@`,
+/// a query `@`), so every reading is redacted: the query as if the first `?` began it, both
+/// before and after the user info goes. It errs on the side of hiding too much.
 pub(crate) fn redact_url_password(url: &str) -> String {
-    // The user info first: a password may hold an unencoded `?` (or `#`), which would otherwise
-    // be taken for the start of the query. It ends at the last `@` before the path.
-    let url = match url.split_once("://") {
-        Some((scheme, rest)) => {
-            let authority = rest.split('/').next().unwrap_or(rest);
-            match authority.rsplit_once('@') {
-                Some((userinfo, _)) => {
-                    let after = &rest[userinfo.len()..];
-                    match userinfo.split_once(':') {
-                        Some((user, _)) => format!("{scheme}://{user}:{REDACTED}{after}"),
-                        None => format!("{scheme}://{REDACTED}{after}"),
-                    }
-                }
-                None => url.to_string(),
-            }
-        }
-        None => url.to_string(),
+    redact_query_password(&redact_userinfo(&redact_query_password(url)))
+}
+
+/// The user info ends at the last `@` before the path or the query, whichever starts later.
+fn redact_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
     };
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base.to_string(), Some(query)),
-        None => (url.clone(), None),
+    let end = |c: char| rest.find(c).unwrap_or(rest.len());
+    let scope = &rest[..end('/').max(end('?'))];
+    let Some((userinfo, _)) = scope.rsplit_once('@') else {
+        return url.to_string();
     };
-    let Some(query) = query else {
-        return base;
+    let after = &rest[userinfo.len()..];
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:{REDACTED}{after}"),
+        None => format!("{scheme}://{REDACTED}{after}"),
+    }
+}
+
+/// Masks the values of the query parameters that carry a password, the query taken to start
+/// at the first `?`.
+fn redact_query_password(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.to_string();
     };
     let params: Vec<String> = query
         .split('&')
@@ -1297,6 +1301,8 @@ mod tests {
             ("redis://:pa?ss@redis:6379/0", "pa?ss"),
             ("redis://u:p@ss@redis:6379", "p@ss"),
             ("nats://u:se?cret@nats:4222", "se?cret"),
+            ("https://u:pa/ss@ucs.example/", "pa/ss"),
+            ("postgres://db?user=a@b&password=s3cret", "s3cret"),
         ] {
             let shown = redact_url_password(url);
             assert!(!shown.contains(secret), "{url} -> {shown}");

@@ -206,7 +206,8 @@ impl Delivery {
     /// Whether the record's partition is being given away, or was ([`Delivery::revoked`]):
     /// a record not started yet, or waiting between tries, is then dropped unacked, so the
     /// hand-over (which waits for records under way) need not wait for it. Kafka tells it from
-    /// the start of a revoke; the other backends when the partition moved.
+    /// the start of a revoke, JetStream from the start of a drain, the embedded log when the
+    /// partition moved.
     pub fn revoking(&self) -> bool {
         self.acker.revoking()
     }

@@ -468,7 +468,8 @@ enum Raw<'a> {
 }
 
 impl<'a> Raw<'a> {
-    /// Reads one value with `plan`, borrowing strings; the same checks as [`json::read`].
+    /// Reads one value with `plan`, borrowing strings; the same checks as [`json::read`], but
+    /// for a uuid's text, checked where it is parsed (`event_id`, the envelope's only one).
     fn read(plan: &Plan, buf: &mut &'a [u8]) -> Result<Raw<'a>, String> {
         Ok(match plan {
             Plan::Same(Node::String | Node::Uuid) => Raw::Str(json::read_str(buf)?),

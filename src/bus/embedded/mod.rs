@@ -206,14 +206,16 @@ impl Inner {
         if self.closed.is_set() {
             return Err(BusError::Closed);
         }
-        // The writer gone while the bus is open died (health says so too): not a shutdown.
-        self.tx.send(cmd).map_err(|_| {
-            if self.closed.is_set() {
-                BusError::Closed
-            } else {
-                BusError::Storage("the embedded bus writer stopped".into())
-            }
-        })
+        self.tx.send(cmd).map_err(|_| self.writer_gone())
+    }
+
+    /// The writer gone while the bus is open died (health says so too): not a shutdown.
+    fn writer_gone(&self) -> BusError {
+        if self.closed.is_set() {
+            BusError::Closed
+        } else {
+            BusError::Storage("the embedded bus writer stopped".into())
+        }
     }
 
     /// Sends a command and waits for the writer's answer (after its commit).
@@ -223,7 +225,7 @@ impl Inner {
     ) -> Result<T, BusError> {
         let (reply, answer) = oneshot::channel();
         self.send(cmd(reply))?;
-        answer.await.map_err(|_| BusError::Closed)?
+        answer.await.map_err(|_| self.writer_gone())?
     }
 
     /// Waits until every command queued before it is durable.

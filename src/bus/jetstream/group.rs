@@ -806,22 +806,14 @@ async fn release(bus: &Inner, g: &Group, slot: &Slot, clean: bool) {
     let left: Vec<(u64, Inflight)> = std::mem::take(&mut *lock(&slot.inflight))
         .into_iter()
         .collect();
-    // Confirmed (few records, hand-overs only): a NAK lost on a reconnect would leave its
-    // record to come back after the ack wait, behind later records of its key.
-    let mut naked = true;
-    for (_, entry) in &left {
-        let nak = Bytes::from(AckKind::Nak(None));
-        if let Err(e) = g.client.request(entry.reply.clone(), nak).await {
-            debug!(partition = slot.partition, error = %e, "NAK unconfirmed");
-            naked = false;
-        }
-    }
-    // Acks are published without confirmation: push them out before the lease goes, so the
-    // next owner finds them applied.
-    if let Err(e) = g.client.flush().await {
-        debug!(error = %e, "flush before hand-over failed");
-    }
-    if slot.is_lost() || !clean {
+    // Confirmed: a NAK lost on a reconnect would leave its record to come back after the ack
+    // wait, behind later records of its key. The flush in it also pushes out the acks (sent
+    // without confirmation) before the lease goes, so the next owner finds them applied.
+    let naked = nak_in_order(g, &left).await;
+    // Only while the lease surely holds: past its deadline another member may own the
+    // partition's consumer already, and a restart here would delete it under that member.
+    let fresh = Instant::now() + g.timing().safety <= slot.lease().deadline;
+    if slot.is_lost() || !clean || !fresh {
         return;
     }
     if !(naked && handed_over_as_seen(bus, g, slot, left.len()).await) {
@@ -851,6 +843,38 @@ async fn release(bus: &Inner, g: &Group, slot: &Slot, clean: bool) {
             "partition released"
         ),
         Err(e) => debug!(partition = slot.partition, error = %e, "lease left to expire"),
+    }
+}
+
+/// How long a release waits for the server to confirm its NAKs.
+const NAK_CONFIRM_WAIT: Duration = Duration::from_secs(5);
+
+/// NAKs what was left, in sequence order (the server redelivers in the order it takes NAKs),
+/// pipelined on one reply inbox; whether the server confirmed every one within
+/// [`NAK_CONFIRM_WAIT`].
+async fn nak_in_order(g: &Group, left: &[(u64, Inflight)]) -> bool {
+    let confirmed = async {
+        let inbox = g.client.new_inbox();
+        let mut replies = g.client.subscribe(inbox.clone()).await.ok()?;
+        for (_, entry) in left {
+            let nak = Bytes::from(AckKind::Nak(None));
+            g.client
+                .publish_with_reply(entry.reply.clone(), inbox.clone(), nak)
+                .await
+                .ok()?;
+        }
+        g.client.flush().await.ok()?;
+        for _ in left {
+            replies.next().await?;
+        }
+        Some(())
+    };
+    match tokio::time::timeout(NAK_CONFIRM_WAIT, confirmed).await {
+        Ok(Some(())) => true,
+        _ => {
+            debug!(records = left.len(), "NAKs at hand-over unconfirmed");
+            false
+        }
     }
 }
 
@@ -1334,8 +1358,10 @@ impl Acker for JetStreamAcker {
     fn revoking(&self) -> bool {
         // From the start of a drain: a record not started yet, or waiting between tries, is
         // dropped and NAKed back at the release, so the hand-over (and the next owner) does
-        // not wait the drain timeout for it.
-        self.slot.draining.load(Ordering::SeqCst) || self.revoked()
+        // not wait the drain timeout for it. `revoked` first: it gives up a lease past its
+        // deadline, which a draining partition must notice too.
+        let revoked = self.revoked();
+        revoked || self.slot.draining.load(Ordering::SeqCst)
     }
 }
 

@@ -479,39 +479,14 @@ async fn a_slow_handler_is_not_overtaken_by_its_own_redelivery() {
     sub.close().await.expect("close");
 }
 
-/// Deliveries made to a member that never reached it (simulated: another client pulls two
-/// records from the member's consumer and drops them) are noticed by the gap in the consumer
-/// sequence: the member restarts the partition at its ack floor, so the lost records come
-/// first, in order, instead of after the ack wait behind a later record of their key.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deliveries_lost_in_transit_come_again_in_order() {
-    let Some(config) = test_config() else { return };
-    let bus = connect(&config).await;
-    let topic = fresh_topic(&bus, 1).await;
-    let stream = stream_name(&topic);
-    let options = SubscribeOptions {
-        max_in_flight: 2,
-        ..SubscribeOptions::default()
-    };
-    let mut sub = bus
-        .subscribe("gap", &topic, options)
-        .await
-        .expect("subscribe");
-    for n in 0..2 {
-        bus.publish(&topic, OutRecord::new("k", format!("k:{n}")))
-            .await
-            .expect("publish");
-    }
-    // The member holds both: no permit left, so it pulls nothing more meanwhile.
-    let held = [
-        next(&mut sub, WAIT).await.expect("k:0"),
-        next(&mut sub, WAIT).await.expect("k:1"),
-    ];
-    assert_eq!(seq_of(&held[1].message), 1);
-    // Its last pull request has expired (a second at most); the other client may take more
-    // than the member's in-flight bound.
+/// Deliveries lost in transit to the member of `group` that holds k:0 and k:1 (its whole
+/// in-flight bound, so it pulls nothing meanwhile), simulated: once its last pull request has
+/// expired (a second at most), another client pulls k:2 and k:3 from its consumer (widened
+/// past the member's bound) and drops them. k:4 is published behind them.
+async fn lose_two_in_transit(bus: &JetStreamBus, topic: &str, group: &str) {
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let name = consumer_name(&group_key("gap").expect("group key"), 0);
+    let stream = stream_name(topic);
+    let name = consumer_name(&group_key(group).expect("group key"), 0);
     let info = bus
         .consumer_info(&stream, &name)
         .await
@@ -525,7 +500,7 @@ async fn deliveries_lost_in_transit_come_again_in_order() {
         .await
         .expect("widen");
     for n in 2..5 {
-        bus.publish(&topic, OutRecord::new("k", format!("k:{n}")))
+        bus.publish(topic, OutRecord::new("k", format!("k:{n}")))
             .await
             .expect("publish");
     }
@@ -545,21 +520,57 @@ async fn deliveries_lost_in_transit_come_again_in_order() {
         lost.push(String::from_utf8_lossy(&m.expect("message").payload).to_string());
     }
     assert_eq!(lost, ["k:2", "k:3"], "taken from the member and dropped");
+}
+
+/// The sequence numbers of the next `n` records, each acked.
+async fn acked_seqs(sub: &mut Box<dyn Subscription>, n: usize) -> Vec<u64> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let d = next(sub, WAIT)
+            .await
+            .unwrap_or_else(|| panic!("only {got:?} came"));
+        got.push(seq_of(&d.message));
+        d.ack().await.expect("ack");
+    }
+    got
+}
+
+/// Deliveries made to a member that never reached it (simulated: another client pulls two
+/// records from the member's consumer and drops them) are noticed by the gap in the consumer
+/// sequence: the member restarts the partition at its ack floor, so the lost records come
+/// first, in order, instead of after the ack wait behind a later record of their key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_lost_in_transit_come_again_in_order() {
+    let Some(config) = test_config() else { return };
+    let bus = connect(&config).await;
+    let topic = fresh_topic(&bus, 1).await;
+    let options = SubscribeOptions {
+        max_in_flight: 2,
+        ..SubscribeOptions::default()
+    };
+    let mut sub = bus
+        .subscribe("gap", &topic, options)
+        .await
+        .expect("subscribe");
+    for n in 0..2 {
+        bus.publish(&topic, OutRecord::new("k", format!("k:{n}")))
+            .await
+            .expect("publish");
+    }
+    // The member holds both: no permit left, so it pulls nothing more meanwhile.
+    let held = [
+        next(&mut sub, WAIT).await.expect("k:0"),
+        next(&mut sub, WAIT).await.expect("k:1"),
+    ];
+    assert_eq!(seq_of(&held[1].message), 1);
+    lose_two_in_transit(&bus, &topic, "gap").await;
     for d in held {
         d.ack().await.expect("ack");
     }
     // The lost records come first. Without the restart, k:4 would come at once and k:2 and
     // k:3 only after the ack wait; the order tells the two apart, so no time bound is asserted
     // (a loaded machine may take longer than the ack wait to restart the partition).
-    let mut got = Vec::new();
-    while got.len() < 3 {
-        let d = next(&mut sub, WAIT)
-            .await
-            .unwrap_or_else(|| panic!("only {got:?} came"));
-        got.push(seq_of(&d.message));
-        d.ack().await.expect("ack");
-    }
-    assert_eq!(got, [2, 3, 4]);
+    assert_eq!(acked_seqs(&mut sub, 3).await, [2, 3, 4]);
     sub.close().await.expect("close");
 }
 
@@ -579,7 +590,6 @@ async fn a_hand_over_after_lost_deliveries_restarts_at_the_ack_floor() {
     config.nats.lease_ttl_ms = 30_000;
     let bus = connect(&config).await;
     let topic = fresh_topic(&bus, 1).await;
-    let stream = stream_name(&topic);
     let options = SubscribeOptions {
         max_in_flight: 2,
         ..SubscribeOptions::default()
@@ -597,43 +607,7 @@ async fn a_hand_over_after_lost_deliveries_restarts_at_the_ack_floor() {
         next(&mut a, WAIT).await.expect("k:0"),
         next(&mut a, WAIT).await.expect("k:1"),
     ];
-    // Its last pull request expires (a second at most) before the theft.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let name = consumer_name(&group_key("lost").expect("group key"), 0);
-    let info = bus
-        .consumer_info(&stream, &name)
-        .await
-        .expect("info")
-        .expect("the member's consumer");
-    use async_nats::jetstream::consumer::FromConsumer;
-    let mut wider = pull::Config::try_from_consumer_config(info.config).expect("pull");
-    wider.max_ack_pending = 100;
-    bus.js
-        .update_consumer_on_stream(wider, &stream)
-        .await
-        .expect("widen");
-    for n in 2..5 {
-        bus.publish(&topic, OutRecord::new("k", format!("k:{n}")))
-            .await
-            .expect("publish");
-    }
-    let thief: jetstream::consumer::PullConsumer = bus
-        .js
-        .get_consumer_from_stream(&name, &stream)
-        .await
-        .expect("consumer");
-    let mut stolen = thief
-        .fetch()
-        .max_messages(2)
-        .messages()
-        .await
-        .expect("fetch");
-    let mut lost = 0;
-    while let Some(m) = stolen.next().await {
-        m.expect("message");
-        lost += 1;
-    }
-    assert_eq!(lost, 2);
+    lose_two_in_transit(&bus, &topic, "lost").await;
     // The leave drains first (no more pulls), then waits for the held records.
     let leaving = tokio::spawn(async move { a.close().await });
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -647,15 +621,11 @@ async fn a_hand_over_after_lost_deliveries_restarts_at_the_ack_floor() {
         .subscribe("lost", &topic, SubscribeOptions::default())
         .await
         .expect("subscribe b");
-    let mut got = Vec::new();
-    while got.len() < 3 {
-        let d = next(&mut b, WAIT)
-            .await
-            .unwrap_or_else(|| panic!("only {got:?} came"));
-        got.push(seq_of(&d.message));
-        d.ack().await.expect("ack");
-    }
-    assert_eq!(got, [2, 3, 4], "the lost records first, in order");
+    assert_eq!(
+        acked_seqs(&mut b, 3).await,
+        [2, 3, 4],
+        "the lost records first, in order"
+    );
     b.close().await.expect("close b");
 }
 
