@@ -25,6 +25,7 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 
 const INBOUND: &str = "nexus.inbound.v1";
+const AGENT: &str = "nexus.agent.v1";
 /// Below the file limit, so the upload route must lift it.
 const MAX_BODY: usize = 256;
 const MAX_FILE: usize = 1024;
@@ -220,14 +221,24 @@ async fn fixture_with(tweak: impl FnOnce(&mut Config)) -> Fx {
     }
 }
 
+/// Events published by customers and agents (the inbound and agent topics).
 async fn published(state: &AppState) -> u64 {
-    let offsets = state.bus.partition_offsets(INBOUND).await.expect("offsets");
+    published_on(state, INBOUND).await + published_on(state, AGENT).await
+}
+
+async fn published_on(state: &AppState, topic: &str) -> u64 {
+    let offsets = state.bus.partition_offsets(topic).await.expect("offsets");
     offsets.iter().map(|p| p.high - p.low).sum()
 }
 
 /// The bodies of every event on the inbound topic, read by a fresh group.
 async fn inbound_bodies(state: &AppState) -> Vec<Value> {
-    let n = published(state).await;
+    bodies_on(state, INBOUND).await
+}
+
+/// The bodies of every event on `topic`, read by a fresh group.
+async fn bodies_on(state: &AppState, topic: &str) -> Vec<Value> {
+    let n = published_on(state, topic).await;
     let group = format!("read-{}", uuid::Uuid::now_v7());
     let options = SubscribeOptions {
         start: StartFrom::Earliest,
@@ -235,7 +246,7 @@ async fn inbound_bodies(state: &AppState) -> Vec<Value> {
     };
     let mut sub = state
         .bus
-        .subscribe(&group, INBOUND, options)
+        .subscribe(&group, topic, options)
         .await
         .expect("subscribe");
     let mut bodies = Vec::new();
@@ -297,6 +308,17 @@ fn customer_get(api_key: &str, session: &str, ck: &str, file_id: &str) -> Reques
         .header("x-api-key", api_key)
         .header("x-nexus-client-key", ck)
         .body(Body::empty())
+        .expect("request")
+}
+
+fn agent_upload(token: &str, session: &str, body: Vec<u8>) -> Request<Body> {
+    Request::post(format!("/v1/agent/conversations/{session}/files"))
+        .header("authorization", format!("Bearer {token}"))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )
+        .body(Body::from(body))
         .expect("request")
 }
 
@@ -447,6 +469,118 @@ async fn an_upload_comes_back_to_the_customer_and_the_agent_only() {
         ),
         403,
         "INVALID_CLIENT_KEY",
+    )
+    .await;
+}
+
+/// The agent holding a chat sends a file: checked and stored as a customer's upload, published
+/// as the agent's message, downloaded by the customer; a retry is the same file and message.
+/// The chat's file limit counts both sides' files; nobody else may send one into the chat.
+#[tokio::test]
+async fn an_agent_file_reaches_the_customer_and_nobody_else_may_send_one() {
+    let fx = fixture().await;
+    let s = &fx.state;
+    // Refused before anything is stored or published.
+    let png_part = |name: &str| file_part(name, "image/png", &png(10)).to_vec();
+    for (what, req, status, code) in [
+        (
+            "a type not allowed",
+            agent_upload(
+                &fx.alice,
+                &fx.s1.id,
+                file_part("x.exe", "application/x-msdownload", b"MZ"),
+            ),
+            400,
+            "INVALID_FILE_TYPE",
+        ),
+        (
+            "too large",
+            agent_upload(
+                &fx.alice,
+                &fx.s1.id,
+                file_part("big.png", "image/png", &png(MAX_FILE + 1)),
+            ),
+            413,
+            "LIMIT_FILE_SIZE",
+        ),
+        (
+            "bob does not hold s1",
+            agent_upload(&fx.bob, &fx.s1.id, png_part("a.png")),
+            404,
+            "CONVERSATION_NOT_FOUND",
+        ),
+        (
+            "a closed chat",
+            agent_upload(&fx.alice, &fx.closed.id, png_part("a.png")),
+            409,
+            "CONVERSATION_CLOSED",
+        ),
+        (
+            "alice's id holds B's session, but in tenant B",
+            agent_upload(&fx.alice, &fx.b1.id, png_part("a.png")),
+            404,
+            "CONVERSATION_NOT_FOUND",
+        ),
+        (
+            "no token",
+            Request::post(format!("/v1/agent/conversations/{}/files", fx.s1.id))
+                .body(Body::from(png_part("a.png")))
+                .expect("request"),
+            401,
+            "AUTHENTICATION_REQUIRED",
+        ),
+    ] {
+        fx.rejected(what, req, status, code).await;
+    }
+
+    let data = png(MAX_FILE);
+    let body = multipart(&[
+        ("message_id", None, None, b"m-1"),
+        ("file", Some("plan.png"), Some("image/png"), &data),
+    ]);
+    let before = published_on(s, AGENT).await;
+    let (status, up) = call(s, agent_upload(&fx.alice, &fx.s1.id, body.clone())).await;
+    assert_eq!(status, StatusCode::CREATED, "{up}");
+    let id = up["file_id"].as_str().expect("file_id").to_string();
+    assert_eq!(up["name"], "plan.png");
+    assert_eq!(
+        up["url"],
+        format!("/v1/agent/conversations/{}/files/{id}", fx.s1.id)
+    );
+    let (status, again) = call(s, agent_upload(&fx.alice, &fx.s1.id, body)).await;
+    assert_eq!(status, StatusCode::CREATED, "{again}");
+    assert_eq!(again, up, "a retried upload is answered as the first");
+    assert_eq!(published_on(s, AGENT).await, before + 2);
+    let sent: Vec<Value> = bodies_on(s, AGENT)
+        .await
+        .into_iter()
+        .filter(|b| b["media_ids"] == json!([id]))
+        .collect();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    for b in &sent {
+        assert_eq!(b["participant_kind"], "AGENT", "{b}");
+        assert_eq!(b["text"], "plan.png", "{b}");
+        assert_eq!(b["message_id"], up["message_id"], "{b}");
+    }
+    let (bytes, ct, _) = download(s, customer_get(&fx.a_key, &fx.s1.id, &fx.s1.ck, &id)).await;
+    assert_eq!((bytes, ct.as_str()), (data.clone(), "image/png"));
+    let (bytes, _, _) = download(s, agent_get(&fx.alice, &fx.s1.id, &id)).await;
+    assert_eq!(bytes, data);
+
+    // The customer's upload under the same client id is another file; then the chat is full
+    // (two files), for the agent as for the customer.
+    let body = multipart(&[
+        ("message_id", None, None, b"m-1"),
+        ("file", Some("mine.png"), Some("image/png"), &png(20)),
+    ]);
+    let (status, theirs) = call(s, upload_req(&fx.a_key, &fx.s1, &fx.s1.ck, body)).await;
+    assert_eq!(status, StatusCode::CREATED, "{theirs}");
+    assert_ne!(theirs["file_id"], up["file_id"]);
+    fx.rejected(
+        "the chat's files are taken",
+        agent_upload(&fx.alice, &fx.s1.id, png_part("third.png")),
+        400,
+        "LIMIT_FILE_COUNT",
     )
     .await;
 }

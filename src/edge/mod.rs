@@ -143,7 +143,7 @@ pub fn app(state: AppState) -> Router {
         .merge(admin::router(state.clone()))
         .merge(ingest::routes(state.clone()))
         .merge(chat::routes(state.config.chat.max_file_bytes))
-        .merge(agent::routes())
+        .merge(agent::routes(state.config.chat.max_file_bytes))
         .merge(bot::routes())
         .merge(demo::routes())
         .route("/healthz", get(health::healthz))

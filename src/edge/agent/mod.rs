@@ -1,6 +1,6 @@
-//! The agent desktop API (`/v1/agent...`, agent token): readiness, offers, replies, typing,
-//! completion, transfer, consultants (invite, leave), own conversations, their transcripts and
-//! files, and the agent WebSocket (`ws`), whose operations are the same functions as the HTTP
+//! The agent desktop API (`/v1/agent...`, agent token): readiness, offers, replies, file
+//! messages, typing, completion, transfer, consultants (invite, leave), own conversations, their
+//! transcripts and files, and the agent WebSocket (`ws`), whose operations are the same functions as the HTTP
 //! routes.
 //!
 //! The edge publishes what the agent does and answers 202; the conversation worker judges it in
@@ -8,6 +8,7 @@
 //! conversation the agent does not hold is dropped), so the edge never races the worker.
 
 mod feed;
+mod files;
 mod ws;
 
 use std::collections::BTreeMap;
@@ -35,7 +36,9 @@ const PRODUCER: &str = "edge/agent";
 /// Longest disposition code (characters): a code from the tenant's list, not free text.
 const MAX_DISPOSITION_CHARS: usize = 128;
 
-pub fn routes() -> Router<AppState> {
+/// The agent routes; the upload route takes bodies up to `max_file_bytes` plus multipart
+/// framing, as the customer's.
+pub fn routes(max_file_bytes: usize) -> Router<AppState> {
     Router::new()
         .route("/v1/agent/me", get(me))
         .route("/v1/agent/state", post(set_state))
@@ -50,6 +53,10 @@ pub fn routes() -> Router<AppState> {
         .route(
             "/v1/agent/conversations/{id}/files/{file_id}",
             get(download),
+        )
+        .route(
+            "/v1/agent/conversations/{id}/files",
+            post(files::upload).layer(super::chat::upload_limit(max_file_bytes)),
         )
         .route("/v1/agent/conversations/{id}/complete", post(complete))
         .route("/v1/agent/conversations/{id}/transfer", post(transfer))
@@ -260,9 +267,27 @@ pub(crate) async fn do_reply(
     check_id(id)?;
     super::chat::check_text(state, &text)?;
     super::chat::check_message_id(message_id.as_deref())?;
-    // A client id that is not a UUID maps to one of its own, the same on every retry.
-    let message_id =
-        super::chat::bus_message_id(id, &format!("agent/{}", agent.id), message_id.as_deref());
+    send_message(state, agent, id, text, message_id, Vec::new()).await
+}
+
+/// Publishes the agent's message (a reply, or the files it uploaded: their name as the text);
+/// answers its message id. A client id that is not a UUID maps to one of its own, the same on
+/// every retry; replies' ids and files' are apart (one client id given to both is two
+/// messages).
+async fn send_message(
+    state: &AppState,
+    agent: &Agent,
+    id: &str,
+    text: String,
+    message_id: Option<String>,
+    media_ids: Vec<String>,
+) -> Result<String, ApiError> {
+    let sender = if media_ids.is_empty() {
+        format!("agent/{}", agent.id)
+    } else {
+        format!("agent/{}/file", agent.id)
+    };
+    let message_id = super::chat::bus_message_id(id, &sender, message_id.as_deref());
     let body = ev::MessageSent {
         message_id: message_id.clone(),
         participant_id: agent.id.clone(),
@@ -271,7 +296,7 @@ pub(crate) async fn do_reply(
         agent_id: Some(agent.id.clone()),
         kind: ev::MessageKind::Text,
         text: Some(text),
-        media_ids: Vec::new(),
+        media_ids,
         in_reply_to: None,
         transcript_position: None,
     };

@@ -22,11 +22,12 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::{info_span, Instrument};
 
+use super::session_claims;
 use super::v3::{check_message_id, ensure_open, publish_customer_message, traceparent};
-use super::{session_claims, Claims};
 use crate::edge::{ApiError, AppState};
 use crate::events::chat::MessageKind;
 use crate::stores::provisioning::{ChatFile, NewChatFile, Object, ProvisioningError};
@@ -76,7 +77,7 @@ fn too_many(max: usize) -> ApiError {
 }
 
 /// A body that is not multipart/form-data (or has no boundary).
-fn rejection(r: MultipartRejection) -> ApiError {
+pub(crate) fn rejection(r: MultipartRejection) -> ApiError {
     ApiError::bad_request(
         "INVALID_BODY",
         format!(
@@ -220,11 +221,11 @@ pub(crate) fn file_response(f: ChatFile) -> Response {
 }
 
 /// What the multipart body carried.
-struct Upload {
+pub(crate) struct Upload {
     name: String,
     content_type: String,
     data: Vec<u8>,
-    message_id: Option<String>,
+    pub message_id: Option<String>,
 }
 
 /// Reads the parts: exactly one `file` (checked for type and size while it streams in) and an
@@ -302,10 +303,10 @@ async fn read_upload(state: &AppState, mut multipart: Multipart) -> Result<Uploa
     })
 }
 
-/// Refuses an upload when the session already holds its files.
-async fn ensure_room(state: &AppState, c: &Claims) -> Result<(), ApiError> {
+/// Refuses an upload when the conversation already holds its files.
+async fn ensure_room(state: &AppState, tenant: &str, conversation: &str) -> Result<(), ApiError> {
     let max = state.config.chat.max_files_per_session;
-    if state.provisioning.count_files(&c.tid, &c.sid).await? >= max {
+    if state.provisioning.count_files(tenant, conversation).await? >= max {
         return Err(too_many(max));
     }
     Ok(())
@@ -316,17 +317,25 @@ async fn ensure_room(state: &AppState, c: &Claims) -> Result<(), ApiError> {
 /// told the upload failed while its file went out.
 async fn stored_by_twin(
     state: &AppState,
-    c: &Claims,
+    tenant: &str,
+    conversation: &str,
     stable: Option<&str>,
 ) -> Result<Option<ChatFile>, ApiError> {
     let Some(id) = stable else {
         return Ok(None);
     };
-    match state.provisioning.file(&c.tid, &c.sid, id).await {
+    match state.provisioning.file(tenant, conversation, id).await {
         Ok(file) => Ok(Some(file)),
         Err(ProvisioningError::NotFound(_) | ProvisioningError::Expired(_)) => Ok(None),
         Err(e) => Err(e.into()),
     }
+}
+
+/// The id a file uploaded under a client's `message_id` keeps on every retry; `sender` names
+/// whose ids they are (a customer's and an agent's may be equal).
+pub(crate) fn stable_file_id(tenant: &str, conversation: &str, sender: &str, m: &str) -> String {
+    let name = format!("{tenant}/{conversation}/{sender}file/{m}");
+    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()).to_string()
 }
 
 pub async fn upload(
@@ -338,8 +347,46 @@ pub async fn upload(
     let c = session_claims(&state, &headers, &id).await?;
     let multipart = multipart.map_err(rejection)?;
     ensure_open(&state, &c).await?;
-    // Held until the file is stored: its bytes are in memory until then.
-    let _permit = tokio::time::timeout(UPLOAD_PERMIT_WAIT, state.uploads.clone().acquire_owned())
+    let (_permit, upload) = receive(&state, multipart).await?;
+    // Again once the body is in: a slow upload can outlast the chat, whose closed transcript
+    // would drop its message while the file took a place.
+    ensure_open(&state, &c).await?;
+    let stable = upload
+        .message_id
+        .as_deref()
+        .map(|m| stable_file_id(&c.tid, &c.sid, "", m));
+    let message_id = upload.message_id.clone();
+    let file = store(&state, &c.tid, &c.sid, stable, upload).await?;
+    let published = publish_customer_message(
+        &state,
+        &c,
+        file.name.clone(),
+        MessageKind::Text,
+        message_id.clone(),
+        vec![file.id.clone()],
+        traceparent(&headers),
+    );
+    let url = format!("/nexus/v3/chat/sessions/{}/files/{}", c.sid, file.id);
+    let message_id = published_or_released(
+        &state,
+        &c.tid,
+        &c.sid,
+        &file,
+        message_id.is_some(),
+        published,
+    )
+    .await?;
+    Ok(uploaded(&file, url, message_id))
+}
+
+/// Takes a place among the uploads in flight (503 `UPLOADS_BUSY` after a wait), then reads the
+/// body within its time (408 `UPLOAD_TIMEOUT`). The place is held until the file is stored:
+/// its bytes are in memory until then.
+pub(crate) async fn receive(
+    state: &AppState,
+    multipart: Multipart,
+) -> Result<(OwnedSemaphorePermit, Upload), ApiError> {
+    let permit = tokio::time::timeout(UPLOAD_PERMIT_WAIT, state.uploads.clone().acquire_owned())
         .await
         .ok()
         .and_then(Result::ok)
@@ -350,7 +397,7 @@ pub async fn upload(
                 "too many uploads at once; retry shortly",
             )
         })?;
-    let upload = tokio::time::timeout(UPLOAD_READ_TIMEOUT, read_upload(&state, multipart))
+    let upload = tokio::time::timeout(UPLOAD_READ_TIMEOUT, read_upload(state, multipart))
         .await
         .map_err(|_| {
             ApiError::new(
@@ -362,20 +409,24 @@ pub async fn upload(
                 ),
             )
         })??;
-    // Again once the body is in: a slow upload can outlast the chat, whose closed transcript
-    // would drop its message while the file took a place.
-    ensure_open(&state, &c).await?;
+    Ok((permit, upload))
+}
+
+/// Stores an upload into the conversation's files, or finds it stored: a retried upload (same
+/// `message_id`, so the same `stable` id) is the same file, stored once, and its message is
+/// published again (the worker appends a message id once), since the first try may have stored
+/// it and then failed, or died, before its publish was acknowledged.
+pub(crate) async fn store(
+    state: &AppState,
+    tenant: &str,
+    conversation: &str,
+    stable: Option<String>,
+    upload: Upload,
+) -> Result<ChatFile, ApiError> {
     let max = state.config.chat.max_files_per_session;
-    // A retried upload (same `message_id`) is the same file: stored once, and published again
-    // (the worker appends a message id once), since the first try may have stored it and then
-    // failed, or died, before its publish was acknowledged.
-    let id = upload.message_id.as_deref().map(|m| {
-        let name = format!("{}/{}/file/{m}", c.tid, c.sid);
-        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()).to_string()
-    });
-    if let Some(id) = &id {
-        match state.provisioning.file(&c.tid, &c.sid, id).await {
-            Ok(file) => return publish_upload(&state, &c, &headers, file, upload.message_id).await,
+    if let Some(id) = &stable {
+        match state.provisioning.file(tenant, conversation, id).await {
+            Ok(file) => return Ok(file),
             Err(ProvisioningError::NotFound(_)) => {}
             // Past retention (swept or not; the sweeper keeps the row): the transcript names
             // this id for the first upload's bytes, which are gone. Storing new bytes under it
@@ -391,83 +442,74 @@ pub async fn upload(
             Err(e) => return Err(e.into()),
         }
     }
-    if let Err(full) = ensure_room(&state, &c).await {
-        return match stored_by_twin(&state, &c, id.as_deref()).await? {
-            Some(file) => publish_upload(&state, &c, &headers, file, upload.message_id).await,
+    if let Err(full) = ensure_room(state, tenant, conversation).await {
+        return match stored_by_twin(state, tenant, conversation, stable.as_deref()).await? {
+            Some(file) => Ok(file),
             None => Err(full),
         };
     }
     let new = NewChatFile {
-        id,
-        tenant_id: c.tid.clone(),
-        conversation_id: c.sid.clone(),
+        id: stable.clone(),
+        tenant_id: tenant.to_string(),
+        conversation_id: conversation.to_string(),
         name: upload.name,
         content_type: upload.content_type,
         data: upload.data,
         expires_at_ms: Some(expires_at_ms(state.config.file_retention_s(), now_ms())),
     };
-    let stable = new.id.clone();
-    let file = match state.provisioning.put_file(new, max).await {
-        Ok(Some(file)) => file,
-        Ok(None) => match stored_by_twin(&state, &c, stable.as_deref()).await? {
-            Some(file) => file,
-            None => return Err(too_many(max)),
+    match state.provisioning.put_file(new, max).await {
+        Ok(Some(file)) => Ok(file),
+        Ok(None) => match stored_by_twin(state, tenant, conversation, stable.as_deref()).await? {
+            Some(file) => Ok(file),
+            None => Err(too_many(max)),
         },
         // The same upload, retried at once, stored it first.
         Err(ProvisioningError::Conflict(detail)) => {
-            match stored_by_twin(&state, &c, stable.as_deref()).await? {
-                Some(file) => file,
-                None => return Err(ProvisioningError::Conflict(detail).into()),
+            match stored_by_twin(state, tenant, conversation, stable.as_deref()).await? {
+                Some(file) => Ok(file),
+                None => Err(ProvisioningError::Conflict(detail).into()),
             }
         }
-        Err(e) => return Err(e.into()),
-    };
-    publish_upload(&state, &c, &headers, file, upload.message_id).await
-}
-
-/// Publishes the message of a stored upload and answers it. Without a client message id nobody
-/// can retry into the file, so a publish refused for certain (4xx: the event cannot be encoded
-/// or is too large for the bus) gives its place back; with one the file stays for the retry (a retry racing this
-/// one may already have published it). A bus failure (5xx) may come after the broker stored
-/// the event (a timeout), so the file stays too: the transcript may name it. Its place is
-/// taken until the file's retention ends.
-async fn publish_upload(
-    state: &AppState,
-    c: &Claims,
-    headers: &HeaderMap,
-    file: ChatFile,
-    message_id: Option<String>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let retriable = message_id.is_some();
-    let published = publish_customer_message(
-        state,
-        c,
-        file.name.clone(),
-        MessageKind::Text,
-        message_id,
-        vec![file.id.clone()],
-        traceparent(headers),
-    )
-    .await;
-    match published {
-        Ok(message_id) => Ok(uploaded(c, &file, message_id)),
-        Err(e) => {
-            if !retriable && !e.status.is_server_error() {
-                if let Err(d) = state
-                    .provisioning
-                    .delete_file(&c.tid, &c.sid, &file.id)
-                    .await
-                {
-                    tracing::warn!(file_id = %file.id, error = %d, "unpublished upload not deleted");
-                }
-            }
-            Err(e)
-        }
+        Err(e) => Err(e.into()),
     }
 }
 
-/// The answer to an upload.
-fn uploaded(c: &Claims, file: &ChatFile, message_id: String) -> (StatusCode, Json<Value>) {
+/// Awaits the publish of a stored upload's message. Without a client message id (`retriable`)
+/// nobody can retry into the file, so a publish refused for certain (4xx: the event cannot be
+/// encoded or is too large for the bus) gives its place back; with one the file stays for the
+/// retry (a retry racing this one may already have published it). A bus failure (5xx) may come
+/// after the broker stored the event (a timeout), so the file stays too: the transcript may
+/// name it. Its place is taken until the file's retention ends.
+pub(crate) async fn published_or_released(
+    state: &AppState,
+    tenant: &str,
+    conversation: &str,
+    file: &ChatFile,
+    retriable: bool,
+    publish: impl std::future::Future<Output = Result<String, ApiError>>,
+) -> Result<String, ApiError> {
+    let e = match publish.await {
+        Ok(message_id) => return Ok(message_id),
+        Err(e) => e,
+    };
+    if !retriable && !e.status.is_server_error() {
+        if let Err(d) = state
+            .provisioning
+            .delete_file(tenant, conversation, &file.id)
+            .await
+        {
+            tracing::warn!(file_id = %file.id, error = %d, "unpublished upload not deleted");
+        }
+    }
+    Err(e)
+}
+
+/// The answer to an upload; `url` is where its uploader downloads it.
+pub(crate) fn uploaded(
+    file: &ChatFile,
+    url: String,
+    message_id: String,
+) -> (StatusCode, Json<Value>) {
     (
         StatusCode::CREATED,
         Json(json!({
@@ -475,7 +517,7 @@ fn uploaded(c: &Claims, file: &ChatFile, message_id: String) -> (StatusCode, Jso
             "name": file.name,
             "content_type": file.content_type,
             "size": file.size,
-            "url": format!("/nexus/v3/chat/sessions/{}/files/{}", c.sid, file.id),
+            "url": url,
             "message_id": message_id,
         })),
     )

@@ -23,7 +23,10 @@ use crate::events::Event;
 use crate::stores::provisioning::Permission;
 pub use client_key::{Claims, ClientKeys};
 pub use files::sweep as sweep_files;
-pub(crate) use files::{file_response, stored_file};
+pub(crate) use files::{
+    file_response, published_or_released, receive as receive_upload, rejection as upload_rejection,
+    stable_file_id, store as store_upload, stored_file, uploaded,
+};
 pub use presence::Presence;
 pub(crate) use v3::{
     body_error, bus_message_id, check_message_id, check_text, check_user_data, json_body,
@@ -32,10 +35,16 @@ pub(crate) use v3::{
 
 pub use crate::topology::topics::INBOUND as INBOUND_TOPIC;
 
+/// The body limit of an upload route: `max_file_bytes` plus multipart framing, above the
+/// edge's general body limit.
+pub(crate) fn upload_limit(max_file_bytes: usize) -> DefaultBodyLimit {
+    DefaultBodyLimit::max(max_file_bytes.saturating_add(files::FRAMING_BYTES))
+}
+
 /// The chat routes; the upload route takes bodies up to `max_file_bytes` plus multipart
 /// framing, above the edge's general body limit.
 pub fn routes(max_file_bytes: usize) -> Router<AppState> {
-    let upload_limit = DefaultBodyLimit::max(max_file_bytes.saturating_add(files::FRAMING_BYTES));
+    let upload_limit = upload_limit(max_file_bytes);
     let v3 = Router::new()
         .route("/nexus/v3/chat/sessions", post(v3::start))
         .route(

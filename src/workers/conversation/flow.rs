@@ -139,6 +139,35 @@ fn entry(source: &Event, kind: EntryKind, from: Party, text: Option<String>) -> 
     }
 }
 
+/// A message's transcript entries: the message itself, or for a file message (customer upload
+/// or agent file) one `FileUploaded` entry per file, its text the file name.
+fn message_entries(
+    e: &Event,
+    kind: EntryKind,
+    from: &Party,
+    text: Option<&String>,
+    media_ids: &[String],
+) -> Vec<(String, NewEntry)> {
+    if media_ids.is_empty() {
+        return vec![(
+            "message".into(),
+            entry(e, kind, from.clone(), text.cloned()),
+        )];
+    }
+    media_ids
+        .iter()
+        .enumerate()
+        .map(|(i, file_id)| {
+            let mut new = entry(e, EntryKind::FileUploaded, from.clone(), text.cloned());
+            new.data.insert("file_id".into(), file_id.clone());
+            if let Some(name) = text {
+                new.data.insert("name".into(), name.clone());
+            }
+            (format!("file/{i}"), new)
+        })
+        .collect()
+}
+
 /// The party whose action closes a conversation, whose `ParticipantLeft` the close appends.
 enum Leaving {
     Nobody,
@@ -1362,40 +1391,13 @@ impl ConversationWorker {
             .client_message_id
             .clone()
             .unwrap_or_else(|| b.message_id.clone());
-        // A file upload is one `FileUploaded` entry per file (the text is the file name).
-        let mut entries = Vec::new();
-        if b.media_ids.is_empty() {
-            entries.push((
-                "message".to_string(),
-                entry(e, kind, from.clone(), b.text.clone()),
-            ));
-        }
-        for (i, file_id) in b.media_ids.iter().enumerate() {
-            let mut new = entry(e, EntryKind::FileUploaded, from.clone(), b.text.clone());
-            new.data.insert("file_id".into(), file_id.clone());
-            if let Some(name) = &b.text {
-                new.data.insert("name".into(), name.clone());
-            }
-            entries.push((format!("file/{i}"), new));
-        }
+        let entries = message_entries(e, kind, &from, b.text.as_ref(), &b.media_ids);
         let with_bot = c.state == ConversationState::Bot;
+        let Some(appended) = self.append_message(&c, e, entries, &message_id).await? else {
+            return Ok(());
+        };
         let mut first = None;
-        for (i, (what, mut new)) in entries.into_iter().enumerate() {
-            // Each entry needs its own message id: appends dedup on it.
-            new.message_id = Some(if i == 0 {
-                message_id.clone()
-            } else {
-                format!("{message_id}/{i}")
-            });
-            let Some(m) = self.send_entry(&c, e, &what, new).await? else {
-                if i == 0 {
-                    // The message was applied before (a client's retry): all of it.
-                    return Ok(());
-                }
-                // Only this entry's derived id was taken (a client's own id such as `x/1`):
-                // the message's other files still go in.
-                continue;
-            };
+        for (i, (what, m)) in appended.into_iter().enumerate() {
             if i == 0 {
                 // The sockets and the interaction stream are separate topics: published at
                 // once, each keeps its own per-conversation order.
@@ -1502,22 +1504,55 @@ impl ConversationWorker {
             ev::MessageKind::CustomNotice => EntryKind::CustomNotice,
             _ => EntryKind::Message,
         };
-        let mut new = entry(e, kind, from, b.text.clone());
-        new.message_id = Some(b.message_id.clone());
-        let Some(m) = self.send_entry(&c, e, "message", new).await? else {
+        let entries = message_entries(e, kind, &from, b.text.as_ref(), &b.media_ids);
+        let Some(appended) = self.append_message(&c, e, entries, &b.message_id).await? else {
+            return Ok(());
+        };
+        let mut appended = appended.into_iter();
+        let Some((what, m)) = appended.next() else {
             return Ok(());
         };
         let body = ev::MessageSent {
             transcript_position: i64::try_from(m.position).ok(),
             ..b
         };
-        let what = format!("message/{}", m.position);
+        let emitted = format!("message/{}", m.position);
         // Separate topics, each ordered per conversation on its own: published at once.
         futures::try_join!(
-            self.notify_entry(&c, e, "message", &m),
-            self.emit(INTERACTION_TOPIC, e, &c.conversation_id, &what, &body),
+            self.notify_entry(&c, e, &what, &m),
+            self.emit(INTERACTION_TOPIC, e, &c.conversation_id, &emitted, &body),
         )?;
+        for (what, m) in appended {
+            self.notify_entry(&c, e, &what, &m).await?;
+        }
         Ok(())
+    }
+
+    /// Appends a message's entries, each under its own message id (appends dedup on it): the
+    /// message's, then `{id}/1`, `{id}/2`… `None` when its first entry was there already (a
+    /// retry): all of it was applied before. A later entry whose derived id was taken (a
+    /// client's own id such as `x/1`) is left out; the message's other files still go in.
+    async fn append_message(
+        &self,
+        c: &Conversation,
+        e: &Event,
+        entries: Vec<(String, NewEntry)>,
+        message_id: &str,
+    ) -> Result<Option<Vec<(String, Entry)>>, HandleError> {
+        let mut appended = Vec::with_capacity(entries.len());
+        for (i, (what, mut new)) in entries.into_iter().enumerate() {
+            new.message_id = Some(if i == 0 {
+                message_id.to_string()
+            } else {
+                format!("{message_id}/{i}")
+            });
+            match self.send_entry(c, e, &what, new).await? {
+                Some(m) => appended.push((what, m)),
+                None if i == 0 => return Ok(None),
+                None => {}
+            }
+        }
+        Ok(Some(appended))
     }
 
     pub(super) async fn on_typing(&self, e: &Event, b: ev::TypingIndicated) -> Step {

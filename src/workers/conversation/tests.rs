@@ -8,7 +8,9 @@ use super::*;
 use crate::events::chat::{Channel, MessageKind, ParticipantKind};
 use crate::stores::provisioning::{NewAgent, NewTenant, Provisioning};
 use crate::stores::session::embedded::EmbeddedStore;
-use crate::stores::session::{Conversation, ConversationState, Party, PartyKind, Reserve, Routing};
+use crate::stores::session::{
+    Conversation, ConversationState, EntryKind, Party, PartyKind, Reserve, Routing,
+};
 use crate::topology::Topology;
 
 const CONVERSATION: &str = "0193a4b2-0000-7000-8000-00000000c0de";
@@ -1816,6 +1818,85 @@ async fn a_derived_file_id_taken_by_a_client_drops_no_other_file() {
         file_ids,
         ["f-early", "f0", "f2"],
         "f1's id was the client's"
+    );
+}
+
+/// An agent's file message is one `FileUploaded` entry per file, from the agent, its text and
+/// `name` the file name; applied again (a redelivery), it adds nothing; the interaction stream
+/// gets the message once, with its files and its place.
+#[tokio::test]
+async fn an_agent_file_message_is_a_file_entry_from_the_agent() {
+    let rig = rig().await;
+    rig.create_interaction_topic().await;
+    assert!(rig
+        .store
+        .put_conversation(&connected(&rig.tenant))
+        .await
+        .expect("put"));
+    let sent = chat::MessageSent {
+        text: Some("invoice.pdf".into()),
+        media_ids: vec!["f-invoice".into(), "f-terms".into()],
+        ..reply("")
+    };
+    let e = rig.event(&sent);
+    for _ in 0..2 {
+        rig.worker
+            .on_agent_message(&e, sent.clone())
+            .await
+            .expect("applied");
+    }
+    let entries = rig
+        .store
+        .transcript(&rig.tenant, CONVERSATION, 1, 100)
+        .await
+        .expect("transcript");
+    let files: Vec<_> = entries
+        .iter()
+        .filter(|e| e.entry.kind == EntryKind::FileUploaded)
+        .map(|e| {
+            (
+                e.entry.from.participant_id.as_str(),
+                e.entry.from.kind.clone(),
+                e.entry.text.as_deref(),
+                e.entry.data.get("file_id").map(String::as_str),
+                e.entry.data.get("name").map(String::as_str),
+            )
+        })
+        .collect();
+    assert_eq!(
+        files,
+        [
+            (
+                "agent-alice",
+                PartyKind::Agent,
+                Some("invoice.pdf"),
+                Some("f-invoice"),
+                Some("invoice.pdf")
+            ),
+            (
+                "agent-alice",
+                PartyKind::Agent,
+                Some("invoice.pdf"),
+                Some("f-terms"),
+                Some("invoice.pdf")
+            ),
+        ]
+    );
+    assert_eq!(entries.len(), 2, "nothing else: {entries:?}");
+    // A redelivery publishes again under the same event id (consumers dedup on it).
+    let mut ids = std::collections::BTreeSet::new();
+    let emitted: Vec<chat::MessageSent> = rig
+        .events(INTERACTION_TOPIC)
+        .await
+        .iter()
+        .filter(|e| ids.insert(e.envelope.event_id))
+        .filter_map(|e| e.body_as::<chat::MessageSent>().ok())
+        .collect();
+    assert_eq!(emitted.len(), 1, "{emitted:?}");
+    assert_eq!(emitted[0].media_ids, ["f-invoice", "f-terms"]);
+    assert_eq!(
+        emitted[0].transcript_position,
+        i64::try_from(entries[0].position).ok()
     );
 }
 
