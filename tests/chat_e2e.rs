@@ -192,6 +192,47 @@ async fn scenario(url: &str, agent_url: &str) {
     assert_eq!(got.headers()["content-type"], "image/png");
     assert_eq!(got.bytes().await.expect("bytes").as_ref(), data.as_slice());
 
+    // The agent sends a file (through its own edge); the customer sees it from the agent and
+    // downloads it.
+    let sent = png(2000);
+    let up: Value = http
+        .post(format!("{agent_url}/v1/agent/conversations/{sid}/files"))
+        .bearer_auth(&token)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )
+        .body(multipart(&[(
+            "file",
+            Some("plan.png"),
+            Some("image/png"),
+            &sent,
+        )]))
+        .send()
+        .await
+        .expect("agent upload")
+        .json()
+        .await
+        .expect("agent upload json");
+    let agent_file = up["file_id"].as_str().expect("file_id").to_string();
+    let shown = ws_until(&mut again, WAIT, |v| {
+        transcript_frame(v, "FileUploaded") && v["from"]["kind"] == "agent"
+    })
+    .await;
+    assert_eq!(shown["data"]["file_id"], agent_file.as_str());
+    assert_eq!(shown["text"], "plan.png");
+    let got = http
+        .get(format!(
+            "{url}/nexus/v3/chat/sessions/{sid}/files/{agent_file}"
+        ))
+        .header("x-api-key", &tenant.api_key)
+        .header("x-nexus-client-key", &ck)
+        .send()
+        .await
+        .expect("customer download");
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.bytes().await.expect("bytes").as_ref(), sent.as_slice());
+
     // User data, a read receipt and a custom notice reach the agent as transcript entries.
     let session_post = |path: &str, body: Value| {
         http.post(format!("{url}/nexus/v3/chat/sessions/{sid}/{path}"))
