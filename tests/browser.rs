@@ -18,16 +18,18 @@ use common::chat::{base_env, start_node};
 fn chromium() -> String {
     std::env::var("NEXUS_TEST_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into())
 }
-/// The screenshots the script takes: three moments, both pages each.
-const SHOTS: [&str; 6] = [
+/// The screenshots the script takes: four moments, both pages each.
+const SHOTS: [&str; 8] = [
     "1-customer-waiting-agent.png",
     "1-customer-waiting-widget.png",
     "2-reply-agent.png",
     "2-reply-widget.png",
-    "3-ended-agent.png",
-    "3-ended-widget.png",
+    "3-files-agent.png",
+    "3-files-widget.png",
+    "4-ended-agent.png",
+    "4-ended-widget.png",
 ];
-/// Seven steps of at most 15 s each in the script, plus browser start; a hung browser must
+/// Eight steps of at most 15 s each in the script, plus browser start; a hung browser must
 /// still end the test.
 const SCRIPT_LIMIT: Duration = Duration::from_secs(180);
 

@@ -4,7 +4,8 @@
     python3 tests/browser/demo.py BASE_URL ARTEFACT_DIR
 
 The agent console (page A) goes ready; the widget (page B) starts a chat and sends; A accepts
-the offer, sees the message and replies; B sees the reply; A completes; B sees the end.
+the offer, sees the message and replies; B sees the reply; B sends a file that A downloads, A
+sends one that B downloads (bytes compared); A completes; B sees the end.
 Screenshots of both pages at each key moment go to ARTEFACT_DIR. Any step that does not happen
 within STEP_MS exits non-zero naming the step, with screenshots and page logs of the failure.
 """
@@ -18,6 +19,8 @@ CHROMIUM = os.environ.get("NEXUS_TEST_CHROMIUM", "/usr/bin/chromium")
 STEP_MS = 15_000
 CUSTOMER_TEXT = "hello from the browser"
 AGENT_TEXT = "hi, this is the agent speaking"
+CUSTOMER_FILE = b"order 1234: two chairs\n"
+AGENT_FILE = b"assembly plan: step 1, unpack\n"
 ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -108,6 +111,29 @@ class Flow:
         def customer_sees_reply():
             widget_log.get_by_text(AGENT_TEXT).wait_for()
 
+        def files_both_ways():
+            # The customer sends a file; the agent sees it and downloads the bytes.
+            b.set_input_files("#file", files=[
+                {"name": "receipt.txt", "mimeType": "text/plain", "buffer": CUSTOMER_FILE}])
+            widget_log.get_by_text("receipt.txt").wait_for()
+            link = agent_log.get_by_text("receipt.txt")
+            link.wait_for()
+            with a.expect_download() as got:
+                link.click()
+            saved = got.value.path()
+            if open(saved, "rb").read() != CUSTOMER_FILE:
+                raise PlaywrightError("the agent downloaded other bytes than the customer sent")
+            # The agent sends one back; the customer sees it and downloads it.
+            a.set_input_files("#file", files=[
+                {"name": "plan.txt", "mimeType": "text/plain", "buffer": AGENT_FILE}])
+            agent_log.get_by_text("plan.txt").wait_for()
+            link = widget_log.get_by_text("plan.txt")
+            link.wait_for()
+            with b.expect_download() as got:
+                link.click()
+            if open(got.value.path(), "rb").read() != AGENT_FILE:
+                raise PlaywrightError("the customer downloaded other bytes than the agent sent")
+
         def agent_completes():
             a.click("#completeBtn")
             agent_log.get_by_text("Conversation ended.").wait_for()
@@ -123,9 +149,11 @@ class Flow:
         self.step("agent replies", agent_replies)
         self.step("customer sees the reply", customer_sees_reply)
         self.shoot("2-reply")
+        self.step("files go both ways and download", files_both_ways)
+        self.shoot("3-files")
         self.step("agent completes", agent_completes)
         self.step("customer sees the end", customer_sees_end)
-        self.shoot("3-ended")
+        self.shoot("4-ended")
 
     def report_failure(self, error):
         print(f"demo.py: FAILED at step '{self.step_name}': {error}", file=sys.stderr)
