@@ -1760,6 +1760,7 @@ async fn agent_endpoints_refuse_bad_tokens_and_bodies() {
         ("POST", "/v1/agent/conversations/%FF/accept"),
         ("GET", "/v1/agent/conversations/a%00b/messages"),
         ("GET", files.as_str()),
+        ("POST", "/v1/agent/conversations/%FF/files"),
         ("POST", "/v1/bot/conversations/%C3/messages"),
     ] {
         for auth in [Some(bearer.as_str()), None] {
@@ -1973,6 +1974,13 @@ async fn agent_endpoints_refuse_bad_tokens_and_bodies() {
             r#"{"disposition":""}"#.into(),
             400,
             "INVALID_FIELD",
+        ),
+        (
+            "files: not multipart".into(),
+            c("files"),
+            r#"{"text":"hi"}"#.into(),
+            400,
+            "INVALID_BODY",
         ),
     ];
     for op in ["accept", "reject"] {

@@ -48,6 +48,10 @@ struct Fx {
     b1: Session,
     alice: String,
     bob: String,
+    /// Tenant A's id, and its agents' ids.
+    a_id: String,
+    alice_id: String,
+    bob_id: String,
 }
 
 fn record(tenant: &str, id: &str, state: ConversationState, agent: &str) -> Conversation {
@@ -218,6 +222,9 @@ async fn fixture_with(tweak: impl FnOnce(&mut Config)) -> Fx {
         b1,
         alice,
         bob,
+        a_id: a,
+        alice_id,
+        bob_id,
     }
 }
 
@@ -371,6 +378,13 @@ async fn an_upload_comes_back_to_the_customer_and_the_agent_only() {
     assert_eq!(status, StatusCode::CREATED, "{up}");
     assert_eq!(published(s).await, before + 1, "one MessageReceived");
     let id = up["file_id"].as_str().expect("file_id").to_string();
+    // The id a `message_id` gives is kept across versions: a retry after an upgrade must find
+    // the first try's file.
+    let stable = format!("{}/{}/file/m-file-1", fx.a_id, fx.s1.id);
+    assert_eq!(
+        id,
+        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, stable.as_bytes()).to_string()
+    );
     assert_eq!(up["name"], "phötö 1.png");
     assert_eq!(up["content_type"], "image/png");
     assert_eq!(up["size"], MAX_FILE);
@@ -510,6 +524,16 @@ async fn an_agent_file_reaches_the_customer_and_nobody_else_may_send_one() {
             "CONVERSATION_NOT_FOUND",
         ),
         (
+            "bob does not hold s1: refused before the body is read",
+            agent_upload(
+                &fx.bob,
+                &fx.s1.id,
+                file_part("big.png", "image/png", &png(MAX_FILE + 1)),
+            ),
+            404,
+            "CONVERSATION_NOT_FOUND",
+        ),
+        (
             "a closed chat",
             agent_upload(&fx.alice, &fx.closed.id, png_part("a.png")),
             409,
@@ -583,6 +607,53 @@ async fn an_agent_file_reaches_the_customer_and_nobody_else_may_send_one() {
         "LIMIT_FILE_COUNT",
     )
     .await;
+
+    // s2 is bob's. Alice may send into it as its joined consultant only: not while invited,
+    // nor while offered it.
+    let store = s.sessions().expect("sessions");
+    let set = |change: fn(&mut Conversation, &str)| {
+        let (store, tenant, s2, alice) = (store.clone(), &fx.a_id, &fx.s2.id, &fx.alice_id);
+        async move {
+            let mut c = store
+                .conversation(tenant, s2)
+                .await
+                .expect("read")
+                .expect("s2");
+            c.routing = Routing::default();
+            c.offered_to = None;
+            change(&mut c, alice);
+            assert!(store.put_conversation(&c).await.expect("put"), "saved");
+        }
+    };
+    set(|c, alice| c.routing.consult_invited = Some(alice.into())).await;
+    fx.rejected(
+        "an invited consultant",
+        agent_upload(&fx.alice, &fx.s2.id, png_part("a.png")),
+        404,
+        "CONVERSATION_NOT_FOUND",
+    )
+    .await;
+    set(|c, alice| c.offered_to = Some(alice.into())).await;
+    fx.rejected(
+        "an offered agent",
+        agent_upload(&fx.alice, &fx.s2.id, png_part("a.png")),
+        404,
+        "CONVERSATION_NOT_FOUND",
+    )
+    .await;
+    set(|c, alice| c.routing.consultant = Some(alice.into())).await;
+    let (status, joined) = call(s, agent_upload(&fx.alice, &fx.s2.id, png_part("c.png"))).await;
+    assert_eq!(status, StatusCode::CREATED, "a joined consultant: {joined}");
+    assert_eq!(
+        fx.bob_id,
+        store
+            .conversation(&fx.a_id, &fx.s2.id)
+            .await
+            .expect("read")
+            .and_then(|c| c.agent_id)
+            .expect("owner"),
+        "bob still holds s2"
+    );
 }
 
 #[tokio::test]

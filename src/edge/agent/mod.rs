@@ -272,8 +272,8 @@ pub(crate) async fn do_reply(
 
 /// Publishes the agent's message (a reply, or the files it uploaded: their name as the text);
 /// answers its message id. A client id that is not a UUID maps to one of its own, the same on
-/// every retry; replies' ids and files' are apart (one client id given to both is two
-/// messages).
+/// every retry, apart for replies and files; a UUID is the message's id as given. The
+/// transcript keeps replies' and files' ids apart either way.
 async fn send_message(
     state: &AppState,
     agent: &Agent,

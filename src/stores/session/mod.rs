@@ -165,6 +165,7 @@ pub struct Conversation {
     pub offered_to: Option<String>,
     /// Agents that rejected or let the offer time out, not offered again.
     pub declined_by: Vec<String>,
+    /// Files the customer uploaded (the file store counts both sides' for the limit).
     pub files: u32,
     pub created_at_ms: i64,
     /// The customer's last action (async chat closes idle conversations).

@@ -1883,7 +1883,25 @@ async fn an_agent_file_message_is_a_file_entry_from_the_agent() {
         ]
     );
     assert_eq!(entries.len(), 2, "nothing else: {entries:?}");
-    // A redelivery publishes again under the same event id (consumers dedup on it).
+    // A client's retry (a new event, the same message id) adds nothing either.
+    rig.worker
+        .on_agent_message(&rig.event(&sent), sent.clone())
+        .await
+        .expect("retry");
+    let len = rig.store.transcript_len(&rig.tenant, CONVERSATION).await;
+    assert_eq!(len.expect("len"), 2);
+    // The sockets are told of each file once (a redelivery publishes again under the same
+    // event id, which consumers dedup on).
+    let mut pushes = std::collections::BTreeSet::new();
+    let pushed = rig
+        .events(DELIVERY_TOPIC)
+        .await
+        .iter()
+        .filter(|e| pushes.insert(e.envelope.event_id))
+        .filter_map(|e| e.body_as::<chat::ClientEvent>().ok())
+        .filter(|c| c.data.contains("FileUploaded"))
+        .count();
+    assert_eq!(pushed, 2);
     let mut ids = std::collections::BTreeSet::new();
     let emitted: Vec<chat::MessageSent> = rig
         .events(INTERACTION_TOPIC)

@@ -61,7 +61,8 @@ pub fn may_operate(event_type: &str) -> bool {
 }
 
 /// The operation `event` asks for; `None` for events GWS is not told about (readiness, offers,
-/// rejections, customer and bot messages, consultations, a bot's handoff).
+/// rejections, customer and bot messages, an agent's file message, consultations, a bot's
+/// handoff).
 pub fn operation_of(event: &Event) -> Result<Option<Operation>, BodyError> {
     let e = &event.envelope;
     let op = match e.event_type.as_str() {
@@ -77,7 +78,9 @@ pub fn operation_of(event: &Event) -> Result<Option<Operation>, BodyError> {
         }
         MessageSent::TYPE => {
             let b: MessageSent = event.body_as()?;
-            if b.participant_kind != ParticipantKind::Agent {
+            // A file message is not text the agent typed: `SendMessage` would show its file
+            // name as one, and the interface has no file operation.
+            if b.participant_kind != ParticipantKind::Agent || !b.media_ids.is_empty() {
                 return Ok(None);
             }
             let agent_id = b.agent_id.unwrap_or(b.participant_id);
@@ -326,6 +329,16 @@ mod tests {
             let e = event(&sent(kind), "edge/bot");
             assert_eq!(operation_of(&e).expect("ok"), None, "{kind:?}");
         }
+        let file = MessageSent {
+            text: Some("plan.png".into()),
+            media_ids: vec!["f1".into()],
+            ..sent(ParticipantKind::Agent)
+        };
+        assert_eq!(
+            operation_of(&event(&file, "edge/agent")).expect("ok"),
+            None,
+            "an agent's file message"
+        );
         let consult = transfer(TransferMode::Conference, TargetKind::Agent);
         assert_eq!(
             operation_of(&event(&consult, "edge/agent")).expect("ok"),
