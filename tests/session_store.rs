@@ -1,5 +1,7 @@
 //! The session store conformance suite: the same cases against Redis (`NEXUS_TEST_REDIS_URL`,
-//! default `redis://127.0.0.1:6379`) and the embedded redb store. `NEXUS_TEST_STORE=<backend>`
+//! default `redis://127.0.0.1:6379`), a Redis Cluster (`NEXUS_TEST_REDIS_CLUSTER_URL`, some of
+//! its nodes comma-separated, as `scripts/services.sh` starts it; without it the cluster cases
+//! skip, unless `NEXUS_TEST_REQUIRE_TOOLS=1`) and the embedded redb store. `NEXUS_TEST_STORE=<backend>`
 //! runs one backend only. Each case works under a fresh random tenant, so cases share a server.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -27,6 +29,28 @@ fn redis_url() -> String {
     std::env::var("NEXUS_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// The cluster's nodes, `None` (the case skips) when none is given outside CI.
+fn cluster_nodes() -> Option<String> {
+    match std::env::var("NEXUS_TEST_REDIS_CLUSTER_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("NEXUS_TEST_REQUIRE_TOOLS").as_deref() == Ok("1") => {
+            panic!("NEXUS_TEST_REDIS_CLUSTER_URL is required (NEXUS_TEST_REQUIRE_TOOLS=1): scripts/services.sh start")
+        }
+        _ => {
+            eprintln!("NEXUS_TEST_REDIS_CLUSTER_URL unset: the Redis Cluster case is not run");
+            None
+        }
+    }
+}
+
+async fn connect_cluster() -> RedisStore {
+    let url = cluster_nodes().expect("cluster nodes");
+    let nodes: Vec<&str> = url.split(',').collect();
+    RedisStore::connect_cluster_in(&nodes, nexus::stores::session::redis::DEFAULT_NAMESPACE)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to the Redis Cluster at {url}: {e}"))
+}
+
 fn selected(backend: &str) -> bool {
     match std::env::var("NEXUS_TEST_STORE") {
         Ok(only) if !only.is_empty() && only != backend => {
@@ -50,6 +74,7 @@ async fn test_store(backend: &'static str) -> TestStore {
                 .unwrap_or_else(|e| panic!("cannot connect to Redis at {url}: {e}"));
             (Arc::new(store), None)
         }
+        "redis-cluster" => (Arc::new(connect_cluster().await), None),
         "embedded" => {
             let dir = tempfile::tempdir().expect("tempdir");
             let store = EmbeddedStore::open(dir.path())
@@ -79,6 +104,7 @@ impl TestStore {
                 let store = RedisStore::connect(&redis_url()).await.expect("connect");
                 (Arc::new(store.with_orphan_ttl(ttl)), None)
             }
+            "redis-cluster" => (Arc::new(connect_cluster().await.with_orphan_ttl(ttl)), None),
             _ => {
                 let dir = tempfile::tempdir().expect("tempdir");
                 let store = EmbeddedStore::open(dir.path()).await.expect("open");
@@ -92,6 +118,7 @@ impl TestStore {
     async fn another(&self) -> Arc<dyn SessionStore> {
         match self.backend {
             "redis" => Arc::new(RedisStore::connect(&redis_url()).await.expect("connect")),
+            "redis-cluster" => Arc::new(connect_cluster().await),
             _ => self.store.clone(),
         }
     }
@@ -133,6 +160,8 @@ async fn cleanup(tenant: &str) {
 macro_rules! per_store {
     ($($case:ident),* $(,)?) => {
         mod redis { $( #[tokio::test(flavor = "multi_thread", worker_threads = 4)] async fn $case() { if super::selected("redis") { let t = super::test_store("redis").await; let tenant = t.tenant.clone(); super::$case(t).await; super::cleanup(&tenant).await } } )* }
+        // Cases leave their keys on the cluster (its nodes keep nothing on disk).
+        mod redis_cluster { $( #[tokio::test(flavor = "multi_thread", worker_threads = 4)] async fn $case() { if super::selected("redis-cluster") && super::cluster_nodes().is_some() { super::$case(super::test_store("redis-cluster").await).await } } )* }
         mod embedded { $( #[tokio::test(flavor = "multi_thread", worker_threads = 4)] async fn $case() { if super::selected("embedded") { super::$case(super::test_store("embedded").await).await } } )* }
     };
 }
@@ -1598,6 +1627,24 @@ async fn connect_follows_config() {
             .await
             .expect("redis");
         store.ping().await.expect("ping");
+    }
+    if let Some(nodes) = cluster_nodes().filter(|_| selected("redis-cluster")) {
+        config.redis_url = nodes;
+        config.redis_cluster = true;
+        let store = nexus::stores::session::connect(&config)
+            .await
+            .expect("redis cluster");
+        store.ping().await.expect("ping");
+        let tenant = unique("tenant");
+        assert!(store
+            .put_conversation(&conversation(&tenant, "c1"))
+            .await
+            .expect("put"));
+        assert!(store
+            .conversation(&tenant, "c1")
+            .await
+            .expect("get")
+            .is_some());
     }
 }
 

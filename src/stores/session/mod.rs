@@ -23,17 +23,19 @@ use thiserror::Error;
 
 use crate::config::StoresConfig;
 
-/// The session store the config names: Redis when `stores.redis_url` is set, else the
-/// embedded store in `<stores.data_dir>/sessions.redb`.
+/// The session store the config names: Redis when `stores.redis_url` is set (a Redis Cluster
+/// through the nodes it lists with `stores.redis_cluster`), else the embedded store in
+/// `<stores.data_dir>/sessions.redb`.
 pub async fn connect(config: &StoresConfig) -> Result<Arc<dyn SessionStore>, StoreError> {
-    if config.redis_url.is_empty() {
-        let store = embedded::EmbeddedStore::open(Path::new(&config.data_dir)).await?;
-        Ok(Arc::new(store))
+    let (url, namespace) = (&config.redis_url, &config.redis_namespace);
+    Ok(if url.is_empty() {
+        Arc::new(embedded::EmbeddedStore::open(Path::new(&config.data_dir)).await?)
+    } else if config.redis_cluster {
+        let nodes = crate::config::redis_nodes(url);
+        Arc::new(self::redis::RedisStore::connect_cluster_in(&nodes, namespace).await?)
     } else {
-        Ok(Arc::new(
-            self::redis::RedisStore::connect_in(&config.redis_url, &config.redis_namespace).await?,
-        ))
-    }
+        Arc::new(self::redis::RedisStore::connect_in(url, namespace).await?)
+    })
 }
 
 #[derive(Debug, Error)]

@@ -20,7 +20,9 @@
 //! - `nx:{t:T}:qidx:<queue>`: hash conversation → its queue member (idempotent enqueue, dequeue).
 //!
 //! Global keys: `nx:timers:<kind>` (sorted set by due time, member the JSON array
-//! `[tenant, id]`) and `nx:seen:<key>` for [`SessionStore::remember`], `seen` and `forget`.
+//! `[tenant, id]`) and `nx:seen:<key>` for [`SessionStore::remember`], `seen` and `forget`;
+//! each command or script on them touches that one key. So the store runs on one server or on
+//! a Redis Cluster (`stores.redis_cluster`), unchanged.
 //!
 //! `nx` is the namespace (`stores.redis_namespace`): deployments sharing one Redis set their own,
 //! or one deployment's workers would fire the other's timers on the wrong bus.
@@ -28,8 +30,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use ::redis::{AsyncCommands, ErrorKind, RedisError, Script, Value};
+use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use ::redis::cluster::ClusterClientBuilder;
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::{AsyncCommands, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Script, Value};
 use async_trait::async_trait;
 
 use super::{
@@ -273,9 +277,45 @@ impl Scripts {
     }
 }
 
-/// A [`SessionStore`] on one Redis server (or one cluster slot per tenant).
+/// A connection to one server, or to a cluster (which routes each command by its key's slot).
+/// Both reconnect by themselves.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// A [`SessionStore`] on one Redis server or a Redis Cluster (one slot per tenant).
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Conn,
     scripts: Scripts,
     /// First segment of every key: deployments sharing one Redis keep apart by it, timers too.
     namespace: String,
@@ -305,12 +345,30 @@ impl RedisStore {
             .get_connection_manager_with_config(config)
             .await
             .map_err(unavailable)?;
-        Ok(Self {
+        Ok(Self::with(Conn::Single(conn), namespace))
+    }
+
+    /// Connects to a Redis Cluster through its `nodes` (`redis://` or `rediss://` URLs of some
+    /// of its nodes; the rest are discovered), every key under `namespace`.
+    pub async fn connect_cluster_in(nodes: &[&str], namespace: &str) -> Result<Self, StoreError> {
+        crate::tls::install_crypto_provider();
+        let client = ClusterClientBuilder::new(nodes.to_vec())
+            .connection_timeout(CONNECT_TIMEOUT)
+            .response_timeout(RESPONSE_TIMEOUT)
+            .retries(u32::try_from(RECONNECT_RETRIES).unwrap_or(u32::MAX))
+            .build()
+            .map_err(unavailable)?;
+        let conn = client.get_async_connection().await.map_err(unavailable)?;
+        Ok(Self::with(Conn::Cluster(conn), namespace))
+    }
+
+    fn with(conn: Conn, namespace: &str) -> Self {
+        Self {
             conn,
             scripts: Scripts::new(),
             namespace: namespace.to_string(),
             orphan_ttl: super::ORPHAN_ENTRIES_TTL,
-        })
+        }
     }
 
     /// Keeps entries of a conversation without a record `ttl` instead of
@@ -320,7 +378,7 @@ impl RedisStore {
         self
     }
 
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> Conn {
         self.conn.clone()
     }
 
