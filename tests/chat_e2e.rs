@@ -385,6 +385,31 @@ async fn nats_postgres_redis_chat_across_two_edges() {
     assert_eq!(system.start_marks_left().await, Vec::<String>::new());
 }
 
+/// The same chat with the session store on a Redis Cluster (`NEXUS_TEST_REDIS_CLUSTER_URL`, as
+/// `scripts/services.sh` starts it; skipped without it, unless `NEXUS_TEST_REQUIRE_TOOLS=1`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_postgres_redis_cluster_chat_across_two_edges() {
+    let nodes = match std::env::var("NEXUS_TEST_REDIS_CLUSTER_URL") {
+        Ok(nodes) if !nodes.is_empty() => nodes,
+        _ => {
+            assert_ne!(
+                std::env::var("NEXUS_TEST_REQUIRE_TOOLS").as_deref(),
+                Ok("1"),
+                "NEXUS_TEST_REDIS_CLUSTER_URL is required: scripts/services.sh start"
+            );
+            eprintln!("NEXUS_TEST_REDIS_CLUSTER_URL unset: not run");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env = vec![
+        ("NEXUS_STORES__REDIS_URL", nodes),
+        ("NEXUS_STORES__REDIS_CLUSTER", "true".to_string()),
+    ];
+    let system = TwoEdges::start(dir.path(), env).await;
+    scenario(&system.edge_a.url, &system.edge_b.url).await;
+}
+
 /// A reservation the worker took and never turned into an offer (its handler stopped between
 /// the two) belongs to the conversation all the same: the customer's leaving frees the slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -820,9 +845,20 @@ impl TwoEdges {
         env.push(("NEXUS_BUS__URL", nats.url.clone()));
         env.push(("NEXUS_STORES__POSTGRES_URL", db.url.clone()));
         env.push(("NEXUS_STORES__PROVISIONING_KEY", "11".repeat(32)));
-        let redis_url = std::env::var("NEXUS_TEST_REDIS_URL")
-            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        env.push(("NEXUS_STORES__REDIS_URL", redis_url.clone()));
+        // The test's own (a cluster's nodes), else the test Redis.
+        let given = env
+            .iter()
+            .find(|(k, _)| *k == "NEXUS_STORES__REDIS_URL")
+            .map(|(_, v)| v.clone());
+        let redis_url = match given {
+            Some(url) => url,
+            None => {
+                let url = std::env::var("NEXUS_TEST_REDIS_URL")
+                    .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+                env.push(("NEXUS_STORES__REDIS_URL", url.clone()));
+                url
+            }
+        };
         let redis_namespace = env
             .iter()
             .find(|(k, _)| *k == "NEXUS_STORES__REDIS_NAMESPACE")
