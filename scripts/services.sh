@@ -119,31 +119,44 @@ start_redis() {
     wait_port redis 6379 "" /var/log/redis/ci.log
 }
 
+# True when every node answers and sees a healthy cluster of all the nodes.
+cluster_ok() {
+    local port info
+    for port in "${CLUSTER_PORTS[@]}"; do
+        info="$(redis-cli -p "$port" cluster info 2>/dev/null | tr -d '\r')" || return 1
+        grep -qx 'cluster_state:ok' <<<"$info" || return 1
+        grep -qx "cluster_known_nodes:${#CLUSTER_PORTS[@]}" <<<"$info" || return 1
+    done
+}
+
 start_redis_cluster() {
     command -v redis-server >/dev/null || die "redis-server is missing"
     command -v redis-cli >/dev/null || die "redis-cli is missing"
+    if cluster_ok; then
+        log "the Redis Cluster already answers on 127.0.0.1:${CLUSTER_PORTS[0]}-${CLUSTER_PORTS[-1]}; reusing it"
+        return 0
+    fi
+    # Anything else (a node gone, a cluster half formed) starts over: the nodes keep nothing.
     local port dir nodes=()
     for port in "${CLUSTER_PORTS[@]}"; do
-        dir="$STATE/redis-cluster-$port"
-        if ! port_open "$port"; then
-            # A node config of an earlier run would name a cluster that is gone.
-            rm -rf "$dir"
+        stop_one "redis-cluster-$port"
+        if port_open "$port"; then
+            die "127.0.0.1:$port is taken by a process this script did not start; stop it"
         fi
+        dir="$STATE/redis-cluster-$port"
+        rm -rf "$dir"
         mkdir -p "$dir"
         start_daemon "redis-cluster-$port" "$port" redis-server --port "$port" --bind 127.0.0.1 \
             --cluster-enabled yes --cluster-config-file "$dir/nodes.conf" --dir "$dir" \
             --save "" --appendonly no
         nodes+=("127.0.0.1:$port")
     done
-    if redis-cli -p "${CLUSTER_PORTS[0]}" cluster info 2>/dev/null | grep -q 'cluster_state:ok'; then
-        return 0
-    fi
     redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes \
         >>"$STATE/redis-cluster.log" 2>&1 || die "cannot form the Redis Cluster; see $STATE/redis-cluster.log"
     local i
     for ((i = 0; i < WAIT_SECS * 10; i++)); do
-        if redis-cli -p "${CLUSTER_PORTS[0]}" cluster info | grep -q 'cluster_state:ok'; then
-            log "the Redis Cluster is up on 127.0.0.1:${CLUSTER_PORTS[0]}-${CLUSTER_PORTS[2]}"
+        if cluster_ok; then
+            log "the Redis Cluster is up on 127.0.0.1:${CLUSTER_PORTS[0]}-${CLUSTER_PORTS[-1]}"
             return 0
         fi
         sleep 0.1

@@ -577,6 +577,9 @@ impl Config {
             redis::Client::open(node)
                 .map_err(|e| invalid("stores.redis_url", format!("not a valid URL: {e}")))?;
         }
+        if self.stores.redis_cluster {
+            check_cluster_nodes(&redis_nodes(redis)).map_err(|m| invalid("stores.redis_url", m))?;
+        }
         let ns = &self.stores.redis_namespace;
         if ns.is_empty()
             || ns.len() > 64
@@ -703,11 +706,15 @@ impl Config {
         // An HTTP receiver's key often rides in its query (`api_key=`, `code=`): every value goes.
         c.workers.tap.url = crate::http_client::shown_url(&c.workers.tap.url);
         c.bus.url = redact_url_password(&c.bus.url);
-        // Each node of a cluster's list.
-        c.stores.redis_url = (c.stores.redis_url.split(','))
-            .map(redact_url_password)
-            .collect::<Vec<_>>()
-            .join(",");
+        // Each node of a cluster's list (a single URL's password may hold a comma).
+        c.stores.redis_url = if c.stores.redis_cluster {
+            (c.stores.redis_url.split(','))
+                .map(redact_url_password)
+                .collect::<Vec<_>>()
+                .join(",")
+        } else {
+            redact_url_password(&c.stores.redis_url)
+        };
         c.stores.postgres_url = redact_url_password(&c.stores.postgres_url);
         toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}"))
     }
@@ -861,6 +868,37 @@ fn link_values(key: &str) -> Vec<LinkValue> {
     kinds
 }
 
+/// The cluster client takes TLS, user and password from the first node for every node, and
+/// uses database 0: nodes that differ would be reached otherwise than written.
+fn check_cluster_nodes(nodes: &[&str]) -> Result<(), String> {
+    let mut first = None;
+    for node in nodes {
+        let u = reqwest::Url::parse(node).map_err(|e| format!("not a valid URL: {e}"))?;
+        if !matches!(u.path(), "" | "/" | "/0") {
+            return Err(
+                "a cluster has database 0 only: give no database in its nodes' URLs".into(),
+            );
+        }
+        let how = (
+            u.scheme().to_string(),
+            u.username().to_string(),
+            u.password().map(str::to_string),
+        );
+        match &first {
+            None => first = Some(how),
+            Some(f) if *f != how => {
+                return Err(
+                    "every node of a cluster needs the same scheme (redis:// or rediss://), user \
+                     and password"
+                        .into(),
+                )
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
 /// The node URLs of a Redis Cluster's `stores.redis_url`: comma-separated, blanks ignored.
 pub(crate) fn redis_nodes(url: &str) -> Vec<&str> {
     url.split(',')
@@ -986,9 +1024,17 @@ mod tests {
         type Set = fn(&mut Config);
         let mut c = Config::defaults();
         c.stores.redis_cluster = true;
-        c.stores.redis_url = "redis://r1:7000, rediss://:pw@r2:7000".into();
+        c.stores.redis_url = "rediss://:pw@r1:7000, rediss://:pw@r2:7000/0".into();
         c.validate().expect("a cluster's nodes");
-        let cases: [(&str, Set); 14] = [
+        let cases: [(&str, Set); 16] = [
+            ("stores.redis_url", |c| {
+                c.stores.redis_cluster = true;
+                c.stores.redis_url = "redis://r1:7000,rediss://:s3cret@r2:7000".into()
+            }),
+            ("stores.redis_url", |c| {
+                c.stores.redis_cluster = true;
+                c.stores.redis_url = "redis://:s3cret@r1:7000/2".into()
+            }),
             ("stores.redis_url", |c| {
                 c.stores.redis_cluster = true;
                 c.stores.redis_url = "redis://r1:7000,http://:s3cret@r2".into()
@@ -1294,6 +1340,10 @@ mod tests {
         let mut c = Config::defaults();
         c.http.admin_token = "hunter2".into();
         c.stores.redis_url = "rediss://user:s3cret@redis:6380".into();
+        // A single node's password may hold a comma.
+        let mut single = c.clone();
+        single.stores.redis_url = "redis://:pa,ss@h:6379".into();
+        assert!(!single.redacted_toml().contains("pa,ss"));
         let mut cluster = c.clone();
         cluster.stores.redis_cluster = true;
         cluster.stores.redis_url = "redis://:n0de1@r1:7000, redis://:n0de2@r2:7000".into();

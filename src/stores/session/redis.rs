@@ -49,6 +49,9 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Reconnect attempts of the connection manager before an operation fails.
 const RECONNECT_RETRIES: usize = 3;
+/// Retries of a cluster request: waits drawn from 250 ms up to a bound doubling to 2.5 s, up
+/// to about 16 s in all.
+const CLUSTER_RETRIES: u32 = 12;
 
 /// Compare-and-set of a conversation record on its `version`; KEEPTTL so a closed
 /// conversation written again keeps expiring. A record saved closed marks the transcript's ids
@@ -178,9 +181,14 @@ for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
         local cap = tonumber((p.capacity or {})[media] or 0) or 0
         local active = tonumber(h[2] or 0) or 0
         if fits and active < cap then
+          local slots = prefix .. 'slots:' .. id
+          -- Read before any write: the agent's keys are not in KEYS (any agent may be chosen), so
+          -- on a cluster whose slot is being moved an access to them can fail; it fails here,
+          -- before the script changed anything (Lua does not roll back).
+          redis.call('HLEN', slots)
           redis.call('HINCRBY', key, 'a:' .. media, 1)
           redis.call('ZADD', KEYS[1], ARGV[6], id)
-          redis.call('HSET', prefix .. 'slots:' .. id, conv, media)
+          redis.call('HSET', slots, conv, media)
           redis.call('SADD', KEYS[2], id)
           return id
         end
@@ -355,7 +363,11 @@ impl RedisStore {
         let client = ClusterClientBuilder::new(nodes.to_vec())
             .connection_timeout(CONNECT_TIMEOUT)
             .response_timeout(RESPONSE_TIMEOUT)
-            .retries(u32::try_from(RECONNECT_RETRIES).unwrap_or(u32::MAX))
+            // A failover takes the cluster's node timeout (15 s by default): retried (MOVED,
+            // ASK, CLUSTERDOWN, TRYAGAIN, a lost connection) for about as long.
+            .retries(CLUSTER_RETRIES)
+            .min_retry_wait(250)
+            .max_retry_wait(2_500)
             .build()
             .map_err(unavailable)?;
         let conn = client.get_async_connection().await.map_err(unavailable)?;
@@ -982,7 +994,10 @@ impl SessionStore for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        ::redis::cmd("PING")
+        // A read routed by its key: on a cluster, PING would go to every master and fail with
+        // any one of them, taking every pod out of service for one shard.
+        ::redis::cmd("EXISTS")
+            .arg(format!("{}:ping", self.namespace))
             .query_async::<()>(&mut self.conn())
             .await
             .map_err(redis_err)
