@@ -479,6 +479,34 @@ async fn a_slow_handler_is_not_overtaken_by_its_own_redelivery() {
     sub.close().await.expect("close");
 }
 
+/// A member of `group` with an in-flight bound of two, holding k:0 and k:1 (published here):
+/// no permit left, so it pulls nothing more meanwhile.
+async fn member_holding_two(
+    bus: &JetStreamBus,
+    topic: &str,
+    group: &str,
+) -> (Box<dyn Subscription>, [Delivery; 2]) {
+    let options = SubscribeOptions {
+        max_in_flight: 2,
+        ..SubscribeOptions::default()
+    };
+    let mut sub = bus
+        .subscribe(group, topic, options)
+        .await
+        .expect("subscribe");
+    for n in 0..2 {
+        bus.publish(topic, OutRecord::new("k", format!("k:{n}")))
+            .await
+            .expect("publish");
+    }
+    let held = [
+        next(&mut sub, WAIT).await.expect("k:0"),
+        next(&mut sub, WAIT).await.expect("k:1"),
+    ];
+    assert_eq!(seq_of(&held[1].message), 1);
+    (sub, held)
+}
+
 /// Deliveries lost in transit to the member of `group` that holds k:0 and k:1 (its whole
 /// in-flight bound, so it pulls nothing meanwhile), simulated: once its last pull request has
 /// expired (a second at most), another client pulls k:2 and k:3 from its consumer (widened
@@ -544,25 +572,7 @@ async fn deliveries_lost_in_transit_come_again_in_order() {
     let Some(config) = test_config() else { return };
     let bus = connect(&config).await;
     let topic = fresh_topic(&bus, 1).await;
-    let options = SubscribeOptions {
-        max_in_flight: 2,
-        ..SubscribeOptions::default()
-    };
-    let mut sub = bus
-        .subscribe("gap", &topic, options)
-        .await
-        .expect("subscribe");
-    for n in 0..2 {
-        bus.publish(&topic, OutRecord::new("k", format!("k:{n}")))
-            .await
-            .expect("publish");
-    }
-    // The member holds both: no permit left, so it pulls nothing more meanwhile.
-    let held = [
-        next(&mut sub, WAIT).await.expect("k:0"),
-        next(&mut sub, WAIT).await.expect("k:1"),
-    ];
-    assert_eq!(seq_of(&held[1].message), 1);
+    let (mut sub, held) = member_holding_two(&bus, &topic, "gap").await;
     lose_two_in_transit(&bus, &topic, "gap").await;
     for d in held {
         d.ack().await.expect("ack");
@@ -590,23 +600,7 @@ async fn a_hand_over_after_lost_deliveries_restarts_at_the_ack_floor() {
     config.nats.lease_ttl_ms = 30_000;
     let bus = connect(&config).await;
     let topic = fresh_topic(&bus, 1).await;
-    let options = SubscribeOptions {
-        max_in_flight: 2,
-        ..SubscribeOptions::default()
-    };
-    let mut a = bus
-        .subscribe("lost", &topic, options)
-        .await
-        .expect("subscribe a");
-    for n in 0..2 {
-        bus.publish(&topic, OutRecord::new("k", format!("k:{n}")))
-            .await
-            .expect("publish");
-    }
-    let held = [
-        next(&mut a, WAIT).await.expect("k:0"),
-        next(&mut a, WAIT).await.expect("k:1"),
-    ];
+    let (a, held) = member_holding_two(&bus, &topic, "lost").await;
     lose_two_in_transit(&bus, &topic, "lost").await;
     // The leave drains first (no more pulls), then waits for the held records.
     let leaving = tokio::spawn(async move { a.close().await });

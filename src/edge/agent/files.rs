@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use serde_json::Value;
 
-use super::{agent_of, check_id, send_message};
+use super::{agent_of, conversation_of, send_message};
 use crate::edge::chat;
 use crate::edge::{ApiError, AppState};
 use crate::stores::provisioning::Agent;
@@ -56,12 +56,7 @@ pub(super) async fn upload(
 /// `CONVERSATION_CLOSED` once it closed. Checked before the file is stored: the worker would
 /// drop the message of anyone else, and the file would take one of the chat's places.
 async fn ensure_holding(state: &AppState, agent: &Agent, id: &str) -> Result<(), ApiError> {
-    check_id(id)?;
-    let c = state
-        .sessions()?
-        .conversation(&agent.tenant_id, id)
-        .await
-        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let c = conversation_of(state, agent, id).await?;
     let me = Some(agent.id.as_str());
     let Some(c) =
         c.filter(|c| c.agent_id.as_deref() == me || c.routing.consultant.as_deref() == me)

@@ -712,15 +712,24 @@ fn is_mine(c: &Conversation, agent: &str) -> bool {
         || c.routing.consult_invited.as_deref() == me
 }
 
-/// Refuses a conversation the agent neither holds nor was offered (as owner or consultant),
-/// with the same 404 as one that does not exist.
-async fn ensure_mine(state: &AppState, agent: &Agent, id: &str) -> Result<(), ApiError> {
+/// The conversation `id` of the agent's tenant, as the session store has it.
+async fn conversation_of(
+    state: &AppState,
+    agent: &Agent,
+    id: &str,
+) -> Result<Option<Conversation>, ApiError> {
     check_id(id)?;
-    let c = state
+    state
         .sessions()?
         .conversation(&agent.tenant_id, id)
         .await
-        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        .map_err(|e| ApiError::unavailable(e.to_string()))
+}
+
+/// Refuses a conversation the agent neither holds nor was offered (as owner or consultant),
+/// with the same 404 as one that does not exist.
+async fn ensure_mine(state: &AppState, agent: &Agent, id: &str) -> Result<(), ApiError> {
+    let c = conversation_of(state, agent, id).await?;
     if !c.is_some_and(|c| is_mine(&c, &agent.id)) {
         return Err(ApiError::not_found(
             "CONVERSATION_NOT_FOUND",
