@@ -111,28 +111,22 @@ class Flow:
         def customer_sees_reply():
             widget_log.get_by_text(AGENT_TEXT).wait_for()
 
+        def send_file(sender, sender_log, receiver, receiver_log, name, data, who):
+            # Sent through the page's file input; shown on both sides; downloaded on the other.
+            sender.set_input_files("#file", files=[
+                {"name": name, "mimeType": "text/plain", "buffer": data}])
+            sender_log.get_by_text(name).wait_for()
+            link = receiver_log.get_by_text(name)
+            link.wait_for()
+            with receiver.expect_download() as got:
+                link.click()
+            with open(got.value.path(), "rb") as f:
+                if f.read() != data:
+                    raise PlaywrightError(f"{who}: the download differs from what was sent")
+
         def files_both_ways():
-            # The customer sends a file; the agent sees it and downloads the bytes.
-            b.set_input_files("#file", files=[
-                {"name": "receipt.txt", "mimeType": "text/plain", "buffer": CUSTOMER_FILE}])
-            widget_log.get_by_text("receipt.txt").wait_for()
-            link = agent_log.get_by_text("receipt.txt")
-            link.wait_for()
-            with a.expect_download() as got:
-                link.click()
-            saved = got.value.path()
-            if open(saved, "rb").read() != CUSTOMER_FILE:
-                raise PlaywrightError("the agent downloaded other bytes than the customer sent")
-            # The agent sends one back; the customer sees it and downloads it.
-            a.set_input_files("#file", files=[
-                {"name": "plan.txt", "mimeType": "text/plain", "buffer": AGENT_FILE}])
-            agent_log.get_by_text("plan.txt").wait_for()
-            link = widget_log.get_by_text("plan.txt")
-            link.wait_for()
-            with b.expect_download() as got:
-                link.click()
-            if open(got.value.path(), "rb").read() != AGENT_FILE:
-                raise PlaywrightError("the customer downloaded other bytes than the agent sent")
+            send_file(b, widget_log, a, agent_log, "receipt.txt", CUSTOMER_FILE, "customer to agent")
+            send_file(a, agent_log, b, widget_log, "plan.txt", AGENT_FILE, "agent to customer")
 
         def agent_completes():
             a.click("#completeBtn")
