@@ -729,11 +729,17 @@ pub(crate) fn read_str<'a>(buf: &mut &'a [u8]) -> Result<&'a str, String> {
 
 /// A `uuid` string: RFC 4122 text (what other Avro readers refuse is refused here too), given
 /// back as nexus writes it, lowercase and hyphenated, so ids compare equal whoever wrote them.
-fn read_uuid(buf: &mut &[u8]) -> Result<String, String> {
+/// Borrowed when already canonical (what nexus writes): decoding allocates nothing for it.
+fn read_uuid<'a>(buf: &mut &'a [u8]) -> Result<std::borrow::Cow<'a, str>, String> {
     let s = read_str(buf)?;
     let u = uuid::Uuid::parse_str(s).map_err(|e| format!("not a UUID: {e}"))?;
     let mut out = uuid::Uuid::encode_buffer();
-    Ok(u.hyphenated().encode_lower(&mut out).to_string())
+    let canonical = u.hyphenated().encode_lower(&mut out);
+    Ok(if canonical == s {
+        std::borrow::Cow::Borrowed(s)
+    } else {
+        std::borrow::Cow::Owned(canonical.to_string())
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1321,21 +1321,15 @@ mod tests {
     use super::*;
 
     fn claimed(tenant: &str, webhook: &str, n: usize) -> Claimed {
-        Claimed {
+        Claimed::first(NewMessage {
             id: format!("{webhook}-{n}"),
             tenant_id: tenant.into(),
             webhook_id: webhook.into(),
             event_id: format!("e{n}"),
             conversation_id: "c".into(),
-            event: "message.received".into(),
+            event: crate::stores::provisioning::WebhookEvent::Started,
             body: "{}".into(),
-            attempts: 0,
-            round_attempts: 0,
-            last_status_code: None,
-            last_error: None,
-            first: None,
-            lease_until_ms: 0,
-        }
+        })
     }
 
     fn lanes(spec: &[(&str, &str, usize)]) -> Lanes {
