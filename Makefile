@@ -18,7 +18,7 @@ image:
 
 ## Starts Kafka (Tansu), NATS 2.14, PostgreSQL and Redis as needed, then the whole suite.
 test: services
-	eval "$$($(SERVICES) env)" && $(CARGO) test --lib --bins --tests -- --test-threads=6
+	eval "$$($(SERVICES) env)" && $(CARGO) test --lib --bins --tests --no-fail-fast -- --test-threads=6
 
 ## fmt + clippy, warnings are errors.
 lint:

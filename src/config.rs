@@ -225,6 +225,11 @@ pub struct StoresConfig {
     pub redis_cluster: bool,
     /// First segment of every Redis key; deployments sharing one Redis need their own.
     pub redis_namespace: String,
+    /// Replicas that must have each session-store write before it counts as done (Redis
+    /// `WAIT`); 0 = the master's acknowledgement alone.
+    pub redis_min_replicas: u32,
+    /// How long a write waits for those replicas before it fails, to be retried (ms).
+    pub redis_replica_wait_ms: u64,
     /// Secret (may carry a password): PostgreSQL URL, "" for SQLite.
     pub postgres_url: String,
     /// Local data directory.
@@ -592,6 +597,22 @@ impl Config {
                 "must be 1 to 64 of A-Z a-z 0-9 - _ .",
             ));
         }
+        if self.stores.redis_min_replicas > 0 {
+            if redis.is_empty() {
+                return Err(invalid(
+                    "stores.redis_min_replicas",
+                    "needs stores.redis_url (the embedded store has no replicas)",
+                ));
+            }
+            // Below the store's 5 s response timeout, so a slow replica fails the wait, not
+            // the connection.
+            if !(1..=MAX_REPLICA_WAIT_MS).contains(&self.stores.redis_replica_wait_ms) {
+                return Err(invalid(
+                    "stores.redis_replica_wait_ms",
+                    format!("must be 1 to {MAX_REPLICA_WAIT_MS}"),
+                ));
+            }
+        }
         let pg = &self.stores.postgres_url;
         if !(pg.is_empty() || pg.starts_with("postgres://") || pg.starts_with("postgresql://")) {
             return Err(invalid(
@@ -899,6 +920,9 @@ fn check_cluster_nodes(nodes: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
+/// The longest `stores.redis_replica_wait_ms`.
+const MAX_REPLICA_WAIT_MS: u64 = 4_000;
+
 /// The node URLs of a Redis Cluster's `stores.redis_url`: comma-separated, blanks ignored.
 pub(crate) fn redis_nodes(url: &str) -> Vec<&str> {
     url.split(',')
@@ -1139,6 +1163,21 @@ mod tests {
         let mut c = Config::defaults();
         c.stores.redis_namespace = "prod-eu.1".into();
         c.validate().expect("a valid namespace");
+
+        // A replica wait needs Redis and a wait the store's response timeout leaves room for.
+        let mut c = Config::defaults();
+        c.stores.redis_min_replicas = 1;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("stores.redis_min_replicas"), "{e}");
+        c.stores.redis_url = "redis://127.0.0.1:6379".into();
+        c.validate().expect("one replica, the default wait");
+        for ms in [0, MAX_REPLICA_WAIT_MS + 1] {
+            c.stores.redis_replica_wait_ms = ms;
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("stores.redis_replica_wait_ms"), "{ms}: {e}");
+        }
+        c.stores.redis_min_replicas = 0;
+        c.validate().expect("no wait: its timeout is not used");
 
         // A peer call that cannot finish within a try (the 30 s handler timeout; half of it for
         // GWS, whose try may read before it writes), or one with no time at all.

@@ -1648,6 +1648,48 @@ async fn connect_follows_config() {
     }
 }
 
+/// `stores.redis_min_replicas` on a server with no replica: the write is made but never
+/// acknowledged (the caller retries, and the operator sees the setting named); with no wait
+/// the same server acknowledges it.
+#[tokio::test]
+async fn redis_replica_wait_with_no_replica_acknowledges_nothing() {
+    if !selected("redis") {
+        return;
+    }
+    let mut config = nexus::config::Config::defaults().stores;
+    config.redis_url = redis_url();
+    config.redis_min_replicas = 1;
+    config.redis_replica_wait_ms = 100;
+    let waiting = nexus::stores::session::connect(&config)
+        .await
+        .expect("redis");
+    config.redis_min_replicas = 0;
+    let plain = nexus::stores::session::connect(&config)
+        .await
+        .expect("redis");
+    let tenant = unique("tenant");
+    match waiting
+        .append(&tenant, "c1", &message("e1", None, "hi"))
+        .await
+    {
+        Err(StoreError::Unavailable(detail)) => {
+            assert!(detail.contains("stores.redis_min_replicas"), "{detail}")
+        }
+        other => panic!("acknowledged with no replica: {other:?}"),
+    }
+    match waiting.put_conversation(&conversation(&tenant, "c1")).await {
+        Err(StoreError::Unavailable(_)) => {}
+        other => panic!("acknowledged with no replica: {other:?}"),
+    }
+    let again = plain
+        .append(&tenant, "c1", &message("e1", None, "hi"))
+        .await
+        .expect("no wait");
+    assert!(again.duplicate, "the unacknowledged write was made");
+    assert_eq!(again.position, 1);
+    cleanup(&tenant).await;
+}
+
 /// Two deployments on one Redis under different namespaces: neither claims the other's timers
 /// (a worker would fire them on its own bus) nor sees its dedup marks.
 #[tokio::test]

@@ -311,9 +311,10 @@ impl Peer {
         }
     }
 
-    /// Whether some target's circuit refuses calls now (the role is paused on it).
+    /// Whether the role is paused on some target: its circuit refuses calls now, or its pause
+    /// ended so lately that the refused callers have not come back to probe yet.
     pub fn paused(&self) -> bool {
-        self.circuits.refusing()
+        self.circuits.paused()
     }
 
     fn circuit(&self, target: &PeerTarget) -> Arc<Circuit> {
@@ -638,9 +639,10 @@ impl Circuits {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether a circuit refuses calls now: open and within its pause, or its probe out.
-    fn refusing(&self) -> bool {
-        self.lock().values().any(|c| c.refusing())
+    /// Whether some circuit holds its role paused ([`Circuit::paused`]).
+    fn paused(&self) -> bool {
+        let now = Instant::now();
+        self.lock().values().any(|c| c.paused(now))
     }
 }
 
@@ -648,9 +650,10 @@ impl Circuits {
 const PAUSED_REFRESH: Duration = Duration::from_secs(1);
 
 /// Keeps `nexus_worker_paused` true to what the circuits do now. Open and close set it as they
-/// happen; this catches the one change no call makes: a pause that ended with no call coming
-/// for its target (another pod drained that tenant's backlog) refuses nothing, so the role is
-/// not paused on it, though nobody has probed the peer yet; a failed probe counts it again.
+/// happen; this catches the one change no call makes: a pause that ended [`PROBE_GRACE`] ago
+/// with no call coming for its target (another pod drained that tenant's backlog) refuses
+/// nothing, so the role is not paused on it, though nobody has probed the peer yet; a failed
+/// probe counts it again.
 async fn report_paused(
     circuits: std::sync::Weak<Circuits>,
     role: &'static str,
@@ -664,7 +667,7 @@ async fn report_paused(
         let Some(circuits) = circuits.upgrade() else {
             return;
         };
-        let paused = if circuits.refusing() { 1.0 } else { 0.0 };
+        let paused = if circuits.paused() { 1.0 } else { 0.0 };
         metrics::gauge!(m::WORKER_PAUSED, "role" => role, "peer" => peer).set(paused);
     }
 }
@@ -677,6 +680,12 @@ const LONGEST_PAUSE: Duration = Duration::from_secs(24 * 3600);
 
 /// Longest jitter added to a refused call's wait.
 const REFUSAL_SPREAD: Duration = Duration::from_secs(1);
+
+/// How long after its pause ends an open circuit still counts as pausing its role with no
+/// probe out: the callers it refused come back at the pause's end plus up to
+/// [`REFUSAL_SPREAD`], and the backlog polls every 250 ms. Without it the gauge would drop to 0
+/// between every two probes of a peer that is down.
+const PROBE_GRACE: Duration = Duration::from_secs(5);
 
 /// Subjects whose last failure a circuit remembers, at most.
 const MAX_REMEMBERED_FAILURES: usize = 10_000;
@@ -800,12 +809,12 @@ impl Circuit {
         Self::admission(&self.lock())
     }
 
-    /// Whether calls are refused now: within the pause, or while the probe is out.
-    fn refusing(&self) -> bool {
-        matches!(
-            Self::admission(&self.lock()),
-            Admission::Paused(_) | Admission::ProbeOut
-        )
+    /// Whether the circuit holds its role paused at `now`: open, and its probe out or its pause
+    /// over less than [`PROBE_GRACE`] ago.
+    fn paused(&self, now: Instant) -> bool {
+        let s = self.lock();
+        s.probe_at
+            .is_some_and(|at| s.probing || now < at.checked_add(PROBE_GRACE).unwrap_or(at))
     }
 
     fn admission(s: &CircuitState) -> Admission {
@@ -1258,7 +1267,8 @@ mod tests {
     }
 
     /// A pause that ends with no call coming for its target refuses nothing: the role is not
-    /// reported paused on it for good (another pod may have drained that tenant's backlog).
+    /// reported paused on it for good (another pod may have drained that tenant's backlog),
+    /// but neither between two probes of a peer that is down.
     #[tokio::test]
     async fn a_pause_no_call_comes_for_ends_in_the_gauge() {
         crate::telemetry::init_metrics();
@@ -1274,7 +1284,15 @@ mod tests {
         assert!(peer.paused());
         assert_eq!(paused_gauge("pause-report"), Some(1.0));
         tokio::time::sleep(Duration::from_millis(1_500)).await;
-        assert!(!peer.paused(), "the pause is over: a call would go");
+        assert_eq!(
+            peer.circuit(&t).peek(),
+            Admission::Probe,
+            "the pause is over"
+        );
+        assert!(peer.paused(), "no probe yet: still paused, not flickering");
+        assert_eq!(paused_gauge("pause-report"), Some(1.0));
+        tokio::time::sleep(PROBE_GRACE).await;
+        assert!(!peer.paused(), "no caller came back to probe");
         assert_eq!(paused_gauge("pause-report"), Some(0.0));
     }
 

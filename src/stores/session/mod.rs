@@ -11,6 +11,7 @@
 
 pub mod embedded;
 pub mod redis;
+mod replicas;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -28,17 +29,25 @@ use crate::config::StoresConfig;
 /// `<stores.data_dir>/sessions.redb`.
 pub async fn connect(config: &StoresConfig) -> Result<Arc<dyn SessionStore>, StoreError> {
     let (url, namespace) = (&config.redis_url, &config.redis_namespace);
-    Ok(if url.is_empty() {
-        Arc::new(embedded::EmbeddedStore::open(Path::new(&config.data_dir)).await?)
-    } else if config.redis_cluster {
+    if url.is_empty() {
+        return Ok(Arc::new(
+            embedded::EmbeddedStore::open(Path::new(&config.data_dir)).await?,
+        ));
+    }
+    let store = if config.redis_cluster {
         let nodes = crate::config::redis_nodes(url);
-        Arc::new(self::redis::RedisStore::connect_cluster_in(&nodes, namespace).await?)
+        self::redis::RedisStore::connect_cluster_in(&nodes, namespace).await?
     } else {
-        Arc::new(self::redis::RedisStore::connect_in(url, namespace).await?)
-    })
+        self::redis::RedisStore::connect_in(url, namespace).await?
+    };
+    let wait = self::redis::ReplicaWait {
+        replicas: config.redis_min_replicas,
+        timeout: Duration::from_millis(config.redis_replica_wait_ms),
+    };
+    Ok(Arc::new(store.with_replica_wait(Some(wait))))
 }
 
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, Error)]
 pub enum StoreError {
     /// The store cannot be reached or failed; worth a retry.
     #[error("session store unavailable: {0}")]

@@ -26,6 +26,12 @@
 //!
 //! `nx` is the namespace (`stores.redis_namespace`): deployments sharing one Redis set their own,
 //! or one deployment's workers would fire the other's timers on the wrong bus.
+//!
+//! Replication. Redis acknowledges a write before its replicas have it, so a master that dies
+//! takes its last writes with it, and its replica, promoted, hands their transcript positions
+//! out again. With `stores.redis_min_replicas` set, every write waits (`WAIT`) until that many
+//! replicas of its master have it, and fails (to be retried by its caller, idempotently)
+//! otherwise: an acknowledged write then survives the loss of its master.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -33,9 +39,11 @@ use std::time::Duration;
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::ClusterClientBuilder;
 use ::redis::cluster_async::ClusterConnection;
+use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use ::redis::{AsyncCommands, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Script, Value};
 use async_trait::async_trait;
 
+use super::replicas::ReplicaBarrier;
 use super::{
     AgentPresence, Appended, Conversation, ConversationState, Entry, NewEntry, PresenceChange,
     PresenceUpdate, Reserve, SessionStore, StoreError, Timer,
@@ -321,10 +329,22 @@ impl ConnectionLike for Conn {
     }
 }
 
+/// How many replicas must have a write before it returns, and how long to wait for them
+/// (`stores.redis_min_replicas`, `stores.redis_replica_wait_ms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaWait {
+    pub replicas: u32,
+    pub timeout: Duration,
+}
+
 /// A [`SessionStore`] on one Redis server or a Redis Cluster (one slot per tenant).
 pub struct RedisStore {
     conn: Conn,
     scripts: Scripts,
+    /// `None`: a write returns once its master has it.
+    replica_wait: Option<ReplicaWait>,
+    /// Shares one `WAIT` among the writes finished before it went.
+    barrier: ReplicaBarrier,
     /// First segment of every key: deployments sharing one Redis keep apart by it, timers too.
     namespace: String,
     /// See [`super::ORPHAN_ENTRIES_TTL`].
@@ -378,6 +398,8 @@ impl RedisStore {
         Self {
             conn,
             scripts: Scripts::new(),
+            replica_wait: None,
+            barrier: ReplicaBarrier::default(),
             namespace: namespace.to_string(),
             orphan_ttl: super::ORPHAN_ENTRIES_TTL,
         }
@@ -390,8 +412,65 @@ impl RedisStore {
         self
     }
 
+    /// Makes every write wait for `wait.replicas` replicas of its master (see the module docs).
+    pub fn with_replica_wait(mut self, wait: Option<ReplicaWait>) -> Self {
+        self.replica_wait = wait.filter(|w| w.replicas > 0);
+        self
+    }
+
     fn conn(&self) -> Conn {
         self.conn.clone()
+    }
+
+    /// `written` once the replicas asked for have the writes made so far through the
+    /// connection to `key`'s master (one connection per server, shared by every caller, so
+    /// this may wait for others' writes too); an error, to be retried, if they do not within
+    /// the wait. The write itself stands either way: every write here is idempotent.
+    ///
+    /// Not covered: a connection lost and made again between a write and its wait (the new
+    /// connection has written nothing, so its `WAIT` answers at once).
+    async fn replicated<T>(&self, key: &str, written: T) -> Result<T, StoreError> {
+        let Some(wait) = self.replica_wait else {
+            return Ok(written);
+        };
+        let slot = match self.conn {
+            Conn::Single(_) => 0,
+            Conn::Cluster(_) => key_slot(key),
+        };
+        self.barrier
+            .wait(slot, || self.send_wait(slot, wait))
+            .await?;
+        Ok(written)
+    }
+
+    /// One `WAIT` through the connection to the master of `slot` (any, on a single server).
+    async fn send_wait(&self, slot: u16, wait: ReplicaWait) -> Result<(), StoreError> {
+        let timeout_ms = u64::try_from(wait.timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let mut cmd = ::redis::cmd("WAIT");
+        cmd.arg(wait.replicas).arg(timeout_ms);
+        let acked: i64 = match self.conn() {
+            Conn::Single(mut c) => cmd.query_async(&mut c).await,
+            Conn::Cluster(mut c) => {
+                // WAIT names no key: sent to the master of the key's slot, the connection its
+                // write went through.
+                let route = Route::new(slot, SlotAddr::Master);
+                let to = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                c.route_command(&cmd, to)
+                    .await
+                    .and_then(|v| ::redis::from_redis_value(&v))
+            }
+        }
+        .map_err(redis_err)?;
+        if acked < i64::from(wait.replicas) {
+            return Err(StoreError::Unavailable(format!(
+                "a write reached {acked} of the {} replicas asked for within {timeout_ms} ms \
+                 (stores.redis_min_replicas)",
+                wait.replicas
+            )));
+        }
+        Ok(())
     }
 
     fn prefix(&self, tenant: &str) -> String {
@@ -454,6 +533,18 @@ fn escape_tenant(tenant: &str) -> String {
 }
 
 /// `<namespace>:{t:<tenant>}:`: the prefix of every key of a tenant.
+/// The Redis Cluster slot of `key`: CRC16 of its hash tag (the text between its first `{` and
+/// the next `}`, if not empty) or else of the whole key, modulo 16384.
+fn key_slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let tagged = key.find('{').and_then(|open| {
+        let rest = &bytes[open + 1..];
+        let close = rest.iter().position(|b| *b == b'}')?;
+        (close > 0).then(|| &rest[..close])
+    });
+    crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(bytes)) % 16_384
+}
+
 fn tenant_prefix(namespace: &str, tenant: &str) -> String {
     format!("{namespace}:{{t:{}}}:", escape_tenant(tenant))
 }
@@ -534,10 +625,11 @@ impl SessionStore for RedisStore {
             ..c.clone()
         };
         let json = serde_json::to_string(&stored).map_err(|e| corrupt("conversation", e))?;
+        let conv = self.key(&c.tenant_id, "conv", &c.conversation_id);
         let written: i64 = self
             .scripts
             .put_conversation
-            .key(self.key(&c.tenant_id, "conv", &c.conversation_id))
+            .key(&conv)
             .key(self.key(&c.tenant_id, "txids", &c.conversation_id))
             .key(self.key(&c.tenant_id, "tx", &c.conversation_id))
             .arg(c.version)
@@ -546,7 +638,7 @@ impl SessionStore for RedisStore {
             .invoke_async(&mut self.conn())
             .await
             .map_err(redis_err)?;
-        Ok(written == 1)
+        self.replicated(&conv, written == 1).await
     }
 
     async fn conversation(
@@ -569,15 +661,17 @@ impl SessionStore for RedisStore {
         conversation_id: &str,
         ttl: Duration,
     ) -> Result<(), StoreError> {
+        let conv = self.key(tenant, "conv", conversation_id);
         self.scripts
             .expire
-            .key(self.key(tenant, "conv", conversation_id))
+            .key(&conv)
             .key(self.key(tenant, "tx", conversation_id))
             .key(self.key(tenant, "txids", conversation_id))
             .arg(ttl_ms(ttl))
             .invoke_async::<()>(&mut self.conn())
             .await
-            .map_err(redis_err)
+            .map_err(redis_err)?;
+        self.replicated(&conv, ()).await
     }
 
     async fn append(
@@ -588,10 +682,11 @@ impl SessionStore for RedisStore {
     ) -> Result<Appended, StoreError> {
         let json = serde_json::to_string(entry).map_err(|e| corrupt("entry", e))?;
         let message = super::message_key(entry).unwrap_or_default();
+        let tx = self.key(tenant, "tx", conversation_id);
         let (position, duplicate): (u64, u8) = self
             .scripts
             .append
-            .key(self.key(tenant, "tx", conversation_id))
+            .key(&tx)
             .key(self.key(tenant, "txids", conversation_id))
             .key(self.key(tenant, "conv", conversation_id))
             .arg(&entry.event_id)
@@ -604,11 +699,13 @@ impl SessionStore for RedisStore {
         if duplicate == 3 {
             return Err(StoreError::Closed(conversation_id.to_string()));
         }
-        Ok(Appended {
+        // A duplicate waits too: the first try's write may be the one not yet replicated.
+        let appended = Appended {
             position,
             duplicate: duplicate > 0,
             retried: duplicate == 2,
-        })
+        };
+        self.replicated(&tx, appended).await
     }
 
     async fn transcript_len(&self, tenant: &str, conversation_id: &str) -> Result<u64, StoreError> {
@@ -663,10 +760,11 @@ impl SessionStore for RedisStore {
     ) -> Result<AgentPresence, StoreError> {
         let ready = update.ready;
         let profile = serde_json::to_string(update).map_err(|e| corrupt("agent profile", e))?;
+        let agents = format!("{}agents", self.prefix(tenant));
         let (score, fields): (String, Vec<(String, String)>) = self
             .scripts
             .set_presence
-            .key(format!("{}agents", self.prefix(tenant)))
+            .key(&agents)
             .key(self.key(tenant, "agent", agent_id))
             .arg(agent_id)
             .arg(profile)
@@ -675,6 +773,7 @@ impl SessionStore for RedisStore {
             .invoke_async(&mut self.conn())
             .await
             .map_err(redis_err)?;
+        self.replicated(&agents, ()).await?;
         parse_presence(tenant, agent_id, &score, fields)?
             .ok_or_else(|| StoreError::Corrupt(format!("agent {agent_id} lost its profile")))
     }
@@ -728,6 +827,7 @@ impl SessionStore for RedisStore {
                 .await
                 .map_err(redis_err)?;
             if swapped == 1 {
+                self.replicated(&key, ()).await?;
                 return self.presence(tenant, agent_id).await;
             }
         }
@@ -740,9 +840,11 @@ impl SessionStore for RedisStore {
         let skills = serde_json::to_string(&r.skills).map_err(|e| corrupt("skills", e))?;
         let exclude = serde_json::to_string(&r.exclude).map_err(|e| corrupt("exclude", e))?;
         let pre = self.prefix(tenant);
-        self.scripts
+        let agents = format!("{pre}agents");
+        let reserved: Option<String> = self
+            .scripts
             .reserve
-            .key(format!("{pre}agents"))
+            .key(&agents)
             .key(self.key(tenant, "holder", &r.conversation_id))
             .key(self.key(tenant, "txids", &r.conversation_id))
             .arg(&pre)
@@ -757,7 +859,8 @@ impl SessionStore for RedisStore {
             .map_err(|e| match e.code() {
                 Some("NXCLOSED") => StoreError::Closed(r.conversation_id.clone()),
                 _ => redis_err(e),
-            })
+            })?;
+        self.replicated(&agents, reserved).await
     }
 
     async fn release_agent(
@@ -768,10 +871,11 @@ impl SessionStore for RedisStore {
         conversation_id: &str,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
+        let agents = format!("{}agents", self.prefix(tenant));
         let released: u8 = self
             .scripts
             .release
-            .key(format!("{}agents", self.prefix(tenant)))
+            .key(&agents)
             .key(self.key(tenant, "agent", agent_id))
             .key(self.key(tenant, "slots", agent_id))
             .key(self.key(tenant, "holder", conversation_id))
@@ -781,7 +885,7 @@ impl SessionStore for RedisStore {
             .invoke_async(&mut self.conn())
             .await
             .map_err(redis_err)?;
-        Ok(released == 1)
+        self.replicated(&agents, released == 1).await
     }
 
     async fn slot_holders(
@@ -820,16 +924,18 @@ impl SessionStore for RedisStore {
         priority: i64,
         at_ms: i64,
     ) -> Result<(), StoreError> {
+        let queue = self.key(tenant, "queue", queue_id);
         self.scripts
             .enqueue
-            .key(self.key(tenant, "queue", queue_id))
+            .key(&queue)
             .key(self.key(tenant, "qidx", queue_id))
             .arg(conversation_id)
             .arg(queue_score(priority))
             .arg(queue_member(at_ms, conversation_id))
             .invoke_async::<()>(&mut self.conn())
             .await
-            .map_err(redis_err)
+            .map_err(redis_err)?;
+        self.replicated(&queue, ()).await
     }
 
     async fn dequeue(
@@ -838,16 +944,17 @@ impl SessionStore for RedisStore {
         queue_id: &str,
         conversation_id: &str,
     ) -> Result<bool, StoreError> {
+        let queue = self.key(tenant, "queue", queue_id);
         let removed: u8 = self
             .scripts
             .dequeue
-            .key(self.key(tenant, "queue", queue_id))
+            .key(&queue)
             .key(self.key(tenant, "qidx", queue_id))
             .arg(conversation_id)
             .invoke_async(&mut self.conn())
             .await
             .map_err(redis_err)?;
-        Ok(removed == 1)
+        self.replicated(&queue, removed == 1).await
     }
 
     async fn waiting(
@@ -872,17 +979,21 @@ impl SessionStore for RedisStore {
     }
 
     async fn schedule(&self, timer: &Timer, due_ms: i64) -> Result<(), StoreError> {
+        let timers = self.timers_key(&timer.kind);
         self.conn()
-            .zadd::<_, _, _, ()>(self.timers_key(&timer.kind), timer_member(timer)?, due_ms)
+            .zadd::<_, _, _, ()>(&timers, timer_member(timer)?, due_ms)
             .await
-            .map_err(redis_err)
+            .map_err(redis_err)?;
+        self.replicated(&timers, ()).await
     }
 
     async fn cancel(&self, timer: &Timer) -> Result<(), StoreError> {
+        let timers = self.timers_key(&timer.kind);
         self.conn()
-            .zrem::<_, _, ()>(self.timers_key(&timer.kind), timer_member(timer)?)
+            .zrem::<_, _, ()>(&timers, timer_member(timer)?)
             .await
-            .map_err(redis_err)
+            .map_err(redis_err)?;
+        self.replicated(&timers, ()).await
     }
 
     async fn claim_due(
@@ -894,6 +1005,8 @@ impl SessionStore for RedisStore {
         if max == 0 {
             return Ok(Vec::new());
         }
+        // No replica wait: a lease lost with its master only makes its timers due again, and
+        // firing a timer twice is harmless (each checks the record it is for).
         let members: Vec<String> = self
             .scripts
             .claim_due
@@ -927,19 +1040,22 @@ impl SessionStore for RedisStore {
     }
 
     async fn complete_timer(&self, timer: &Timer, now_ms: i64) -> Result<(), StoreError> {
+        let timers = self.timers_key(&timer.kind);
         self.scripts
             .complete_timer
-            .key(self.timers_key(&timer.kind))
+            .key(&timers)
             .arg(timer_member(timer)?)
             .arg(super::timer_lease_until(now_ms))
             .invoke_async::<()>(&mut self.conn())
             .await
-            .map_err(redis_err)
+            .map_err(redis_err)?;
+        self.replicated(&timers, ()).await
     }
 
     async fn remember(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let seen = self.seen_key(key);
         let set: Value = ::redis::cmd("SET")
-            .arg(self.seen_key(key))
+            .arg(&seen)
             .arg(1)
             .arg("NX")
             .arg("PX")
@@ -947,7 +1063,7 @@ impl SessionStore for RedisStore {
             .query_async(&mut self.conn())
             .await
             .map_err(redis_err)?;
-        Ok(!matches!(set, Value::Nil))
+        self.replicated(&seen, !matches!(set, Value::Nil)).await
     }
 
     async fn claim(
@@ -956,25 +1072,30 @@ impl SessionStore for RedisStore {
         value: &str,
         ttl: Duration,
     ) -> Result<Option<String>, StoreError> {
-        self.scripts
+        let claim = self.claim_key(key);
+        let held = self
+            .scripts
             .claim
-            .key(self.claim_key(key))
+            .key(&claim)
             .arg(value)
             .arg(ttl_ms(ttl))
             .invoke_async::<Option<String>>(&mut self.conn())
             .await
-            .map_err(redis_err)
+            .map_err(redis_err)?;
+        self.replicated(&claim, held).await
     }
 
     async fn refresh(&self, key: &str, ttl: Duration) -> Result<(), StoreError> {
+        let seen = self.seen_key(key);
         ::redis::cmd("SET")
-            .arg(self.seen_key(key))
+            .arg(&seen)
             .arg(1)
             .arg("PX")
             .arg(ttl_ms(ttl))
             .query_async::<()>(&mut self.conn())
             .await
-            .map_err(redis_err)
+            .map_err(redis_err)?;
+        self.replicated(&seen, ()).await
     }
 
     async fn seen(&self, key: &str) -> Result<bool, StoreError> {
@@ -986,11 +1107,13 @@ impl SessionStore for RedisStore {
     }
 
     async fn forget(&self, key: &str) -> Result<(), StoreError> {
+        let seen = self.seen_key(key);
         ::redis::cmd("DEL")
-            .arg(self.seen_key(key))
+            .arg(&seen)
             .query_async::<()>(&mut self.conn())
             .await
-            .map_err(redis_err)
+            .map_err(redis_err)?;
+        self.replicated(&seen, ()).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -1014,6 +1137,29 @@ mod tests {
         assert_ne!(key("a}:conv:x", "y"), key("a", "x}:conv:y"));
         assert_eq!(key("t{1}", "c"), "nx:{t:t%7B1%7D}:conv:c");
         assert_ne!(tenant_prefix("nx", "t"), tenant_prefix("nx2", "t"));
+    }
+
+    /// Slots as Redis's `CLUSTER KEYSLOT` gives them (its documentation's examples).
+    #[test]
+    fn key_slots_follow_the_cluster_spec() {
+        assert_eq!(key_slot("123456789"), 0x31C3);
+        assert_eq!(key_slot("somekey"), 11_058);
+        assert_eq!(key_slot("foo{hash_tag}"), 2_515);
+        assert_eq!(key_slot("bar{hash_tag}"), 2_515);
+        // An empty tag is no tag; only the first `{` opens one.
+        assert_eq!(key_slot("foo{}{bar}"), key_slot_of_bytes(b"foo{}{bar}"));
+        assert_eq!(key_slot("foo{{bar}}zap"), key_slot_of_bytes(b"{bar"));
+        let conv = format!("{}conv:c", tenant_prefix("nx", "t1"));
+        let tx = format!("{}tx:c", tenant_prefix("nx", "t1"));
+        assert_eq!(
+            key_slot(&conv),
+            key_slot(&tx),
+            "a tenant's keys share a slot"
+        );
+    }
+
+    fn key_slot_of_bytes(b: &[u8]) -> u16 {
+        crc16::State::<crc16::XMODEM>::calculate(b) % 16_384
     }
 
     #[test]

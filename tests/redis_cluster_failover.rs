@@ -1,0 +1,541 @@
+//! The session store on a Redis Cluster whose masters change under load: a cluster of its own
+//! (three masters, one replica each, from the preinstalled `redis-server`), writers appending
+//! to transcripts while the replicas take over, by hand (`CLUSTER FAILOVER`) and after a crash;
+//! and `stores.redis_min_replicas`, which acknowledges no write its replica does not have.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nexus::stores::session::redis::{RedisStore, ReplicaWait};
+use nexus::stores::session::StoreError;
+use nexus::stores::session::{EntryKind, NewEntry, Party, PartyKind, SessionStore};
+use tokio::process::{Child, Command};
+
+/// Nodes of the test cluster: three masters, three replicas.
+const NODES: usize = 6;
+/// How long a node may not answer before the cluster fails it over (Redis's default is 15 s).
+const NODE_TIMEOUT_MS: u64 = 1_000;
+/// Writers, each appending to a conversation of its own tenant (so of its own slot).
+const WRITERS: usize = 12;
+/// Entries per writer.
+const ENTRIES: usize = 120;
+/// Longest a writer keeps retrying one entry: far beyond a failover (about 2 node timeouts).
+const RETRY_FOR: Duration = Duration::from_secs(90);
+
+/// A port `p` free with `p + 10000` (the node's cluster bus) free too.
+fn node_port() -> u16 {
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// `redis-server` and `redis-cli`, or `None` (the test skips) outside CI without them.
+fn redis_tools() -> Option<()> {
+    let found = |tool: &str| {
+        std::process::Command::new(tool)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if found("redis-server") && found("redis-cli") {
+        return Some(());
+    }
+    if std::env::var("NEXUS_TEST_REQUIRE_TOOLS").as_deref() == Ok("1") {
+        panic!("redis-server and redis-cli are required (NEXUS_TEST_REQUIRE_TOOLS=1)");
+    }
+    eprintln!("redis-server or redis-cli missing: the failover cases are not run");
+    None
+}
+
+/// A cluster of its own; its nodes die with it.
+struct Cluster {
+    ports: Vec<u16>,
+    nodes: Vec<Option<Child>>,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ports: Vec<u16> = (0..NODES).map(|_| node_port()).collect();
+        let nodes = ports
+            .iter()
+            .map(|port| Some(spawn_node(dir.path(), *port)))
+            .collect();
+        let cluster = Self {
+            ports,
+            nodes,
+            dir,
+        };
+        for port in &cluster.ports {
+            wait_for(&format!("node {port} up"), || async move {
+                ping(*port).await.then_some(())
+            })
+            .await;
+        }
+        let addrs: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .await
+            .expect("redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "cannot form the cluster: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        wait_for("the cluster formed, every replica in sync", || {
+            let c = &cluster;
+            async move { c.healthy().await.then_some(()) }
+        })
+        .await;
+        cluster
+    }
+
+    /// The URL of a live node, to start from.
+    fn url(&self) -> String {
+        let live = self
+            .ports
+            .iter()
+            .zip(&self.nodes)
+            .find_map(|(port, node)| node.as_ref().map(|_| *port))
+            .expect("a live node");
+        format!("redis://127.0.0.1:{live}")
+    }
+
+    /// Every live node sees the cluster ok, and each master has a replica whose link is up.
+    async fn healthy(&self) -> bool {
+        let mut masters = 0;
+        let mut linked = 0;
+        for (i, port) in self.ports.iter().enumerate() {
+            if self.nodes[i].is_none() {
+                continue;
+            }
+            let Some(info) = command(*port, &["CLUSTER", "INFO"]).await else {
+                return false;
+            };
+            if !info.contains("cluster_state:ok") {
+                return false;
+            }
+            match role(*port).await.as_deref() {
+                Some("master") => masters += 1,
+                Some("slave") => {
+                    let replication = command(*port, &["INFO", "replication"])
+                        .await
+                        .unwrap_or_default();
+                    if replication.contains("master_link_status:up") {
+                        linked += 1;
+                    }
+                }
+                _ => return false,
+            }
+        }
+        masters == 3 && linked == self.nodes.iter().flatten().count() - 3
+    }
+
+    /// The ports of the live nodes in `wanted` role (`master` or `slave`).
+    async fn in_role(&self, wanted: &str) -> Vec<u16> {
+        let mut found = Vec::new();
+        for (i, port) in self.ports.iter().enumerate() {
+            if self.nodes[i].is_some() && role(*port).await.as_deref() == Some(wanted) {
+                found.push(*port);
+            }
+        }
+        found
+    }
+
+    /// SIGKILL of the node on `port`.
+    async fn kill(&mut self, port: u16) {
+        let i = self.ports.iter().position(|p| *p == port).expect("a node");
+        if let Some(mut child) = self.nodes[i].take() {
+            child.kill().await.expect("kill");
+        }
+    }
+
+    /// The node on `port` started again on its data (its node id kept), as a restarted pod.
+    fn restart(&mut self, port: u16) {
+        let i = self.ports.iter().position(|p| *p == port).expect("a node");
+        assert!(self.nodes[i].is_none(), "{port} is running");
+        self.nodes[i] = Some(spawn_node(self.dir.path(), port));
+    }
+}
+
+fn spawn_node(dir: &Path, port: u16) -> Child {
+    let node_dir = dir.join(port.to_string());
+    std::fs::create_dir_all(&node_dir).expect("node dir");
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args([
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+        ])
+        .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
+        .arg("--dir")
+        .arg(&node_dir)
+        .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+        .args(["--enable-debug-command", "local"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn redis-server")
+}
+
+/// One command to one node (not through the cluster), its answer as text.
+async fn command(port: u16, args: &[&str]) -> Option<String> {
+    let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+    let mut conn = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let mut cmd = ::redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    let value: ::redis::Value =
+        tokio::time::timeout(Duration::from_secs(2), cmd.query_async(&mut conn))
+            .await
+            .ok()?
+            .ok()?;
+    Some(text_of(&value))
+}
+
+fn text_of(v: &::redis::Value) -> String {
+    match v {
+        ::redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        ::redis::Value::SimpleString(s) => s.clone(),
+        ::redis::Value::VerbatimString { text, .. } => text.clone(),
+        ::redis::Value::Array(items) => items.iter().map(text_of).collect::<Vec<_>>().join("\n"),
+        ::redis::Value::Int(n) => n.to_string(),
+        ::redis::Value::Okay => "OK".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+async fn ping(port: u16) -> bool {
+    command(port, &["PING"]).await.as_deref() == Some("PONG")
+}
+
+/// `master` or `slave`, as the node says.
+async fn role(port: u16) -> Option<String> {
+    command(port, &["ROLE"])
+        .await
+        .and_then(|r| r.lines().next().map(str::to_string))
+}
+
+async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn entry(writer: usize, n: usize) -> NewEntry {
+    NewEntry {
+        event_id: format!("w{writer}-e{n}"),
+        kind: EntryKind::Message,
+        from: Party {
+            participant_id: format!("customer-{writer}"),
+            nickname: "c".into(),
+            kind: PartyKind::Customer,
+        },
+        text: Some(format!("message {n}")),
+        message_id: None,
+        data: BTreeMap::new(),
+        at_ms: 1_700_000_000_000,
+    }
+}
+
+/// What the writers saw: failed tries (retried) per writer.
+struct Written {
+    failures: usize,
+}
+
+/// `WRITERS` tasks, each appending `ENTRIES` entries in order to a conversation of its own
+/// tenant, retrying a failed append as the worker would on redelivery (same event id).
+fn start_writers(
+    store: Arc<RedisStore>,
+    tenants: Vec<String>,
+) -> Vec<tokio::task::JoinHandle<Written>> {
+    tenants
+        .into_iter()
+        .enumerate()
+        .map(|(w, tenant)| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut failures = 0;
+                for n in 0..ENTRIES {
+                    let started = Instant::now();
+                    loop {
+                        match store.append(&tenant, "chat", &entry(w, n)).await {
+                            Ok(_) => break,
+                            Err(e) => {
+                                failures += 1;
+                                assert!(
+                                    started.elapsed() < RETRY_FOR,
+                                    "writer {w} entry {n} still failing: {e}"
+                                );
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                        }
+                    }
+                    // Spread the writes over the failovers.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Written { failures }
+            })
+        })
+        .collect()
+}
+
+/// The event ids of a writer's transcript in position order, checking positions have no gap.
+async fn transcript_of(store: &RedisStore, tenant: &str) -> Vec<String> {
+    let all = store
+        .transcript(tenant, "chat", 1, 10 * ENTRIES)
+        .await
+        .expect("read the transcript");
+    for (i, e) in all.iter().enumerate() {
+        assert_eq!(
+            e.position,
+            i as u64 + 1,
+            "positions without a gap in {tenant}"
+        );
+    }
+    all.into_iter().map(|e| e.entry.event_id).collect()
+}
+
+fn tenants() -> Vec<String> {
+    (0..WRITERS)
+        .map(|_| format!("tenant-{}", uuid::Uuid::new_v4().simple()))
+        .collect()
+}
+
+async fn connect(cluster: &Cluster, wait: Option<ReplicaWait>) -> Arc<RedisStore> {
+    let url = cluster.url();
+    Arc::new(
+        RedisStore::connect_cluster_in(&[url.as_str()], "nx")
+            .await
+            .expect("connect to the test cluster")
+            .with_replica_wait(wait),
+    )
+}
+
+/// One replica per write, as `stores.redis_min_replicas = 1` asks.
+fn one_replica(timeout_ms: u64) -> Option<ReplicaWait> {
+    Some(ReplicaWait {
+        replicas: 1,
+        timeout: Duration::from_millis(timeout_ms),
+    })
+}
+
+/// The master holding `tenant`'s slot once it has keys there, and that slot.
+async fn master_of(cluster: &Cluster, tenant: &str) -> (u16, String) {
+    let slot = command(
+        cluster.ports[0],
+        &["CLUSTER", "KEYSLOT", &format!("{{t:{tenant}}}")],
+    )
+    .await
+    .expect("the tenant's slot");
+    let master = wait_for("the tenant's keys on a master", || {
+        let slot = slot.clone();
+        async move {
+            for port in cluster.in_role("master").await {
+                let keys = command(port, &["CLUSTER", "COUNTKEYSINSLOT", &slot]).await;
+                if keys.is_some_and(|k| k != "0") {
+                    return Some(port);
+                }
+            }
+            None
+        }
+    })
+    .await;
+    (master, slot)
+}
+
+/// The replica of the master on `master`.
+async fn replica_of(cluster: &Cluster, master: u16) -> u16 {
+    for port in cluster.in_role("slave").await {
+        let info = command(port, &["INFO", "replication"])
+            .await
+            .unwrap_or_default();
+        if info.contains(&format!("master_port:{master}")) {
+            return port;
+        }
+    }
+    panic!("no replica of {master}")
+}
+
+/// Every replica takes over from its master by hand, one after another, while the writers
+/// append: no write fails for good, and every transcript holds each entry once, in order (a
+/// manual failover loses nothing: the replica catches up before it takes the slots).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn manual_failovers_under_load_lose_and_repeat_nothing() {
+    if redis_tools().is_none() {
+        return;
+    }
+    let cluster = Cluster::start().await;
+    let store = connect(&cluster, None).await;
+    let tenants = tenants();
+    let writers = start_writers(store.clone(), tenants.clone());
+
+    let replicas = cluster.in_role("slave").await;
+    assert_eq!(replicas.len(), 3);
+    for replica in replicas {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let answer = command(replica, &["CLUSTER", "FAILOVER"]).await;
+        assert_eq!(
+            answer.as_deref(),
+            Some("OK"),
+            "CLUSTER FAILOVER on {replica}"
+        );
+        wait_for(&format!("{replica} promoted"), || async move {
+            (role(replica).await.as_deref() == Some("master")).then_some(())
+        })
+        .await;
+    }
+    let mut failures = 0;
+    for w in writers {
+        failures += w.await.expect("writer").failures;
+    }
+    let masters = cluster.in_role("master").await;
+    assert_eq!(masters.len(), 3, "three masters after the failovers");
+
+    for (w, tenant) in tenants.iter().enumerate() {
+        let expected: Vec<String> = (0..ENTRIES).map(|n| format!("w{w}-e{n}")).collect();
+        assert_eq!(
+            transcript_of(&store, tenant).await,
+            expected,
+            "writer {w}'s transcript after three failovers ({failures} failed tries retried)"
+        );
+    }
+}
+
+/// A master SIGKILLed mid-load, writes waiting for a replica: its replica takes its slots
+/// after the node timeout; the shard's writes are refused until it has a replica again (the
+/// dead node, restarted, rejoins as one), then the writers' retries get through, and every
+/// transcript holds each entry once, in order, none lost with the master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crashed_master_is_replaced_and_no_acknowledged_write_is_lost() {
+    if redis_tools().is_none() {
+        return;
+    }
+    let mut cluster = Cluster::start().await;
+    let store = connect(&cluster, one_replica(1_000)).await;
+    let tenants = tenants();
+    let writers = start_writers(store.clone(), tenants.clone());
+
+    // The victim is the master holding the first writer's conversation, once it has some.
+    let (victim, _) = master_of(&cluster, &tenants[0]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    cluster.kill(victim).await;
+    wait_for("a replica promoted in the dead master's place", || {
+        let c = &cluster;
+        async move { (c.in_role("master").await.len() == 3).then_some(()) }
+    })
+    .await;
+    cluster.restart(victim);
+    wait_for("the dead master back as a replica", || {
+        let c = &cluster;
+        async move { c.healthy().await.then_some(()) }
+    })
+    .await;
+
+    let mut failures = 0;
+    for w in writers {
+        failures += w.await.expect("writer").failures;
+    }
+    for (w, tenant) in tenants.iter().enumerate() {
+        let expected: Vec<String> = (0..ENTRIES).map(|n| format!("w{w}-e{n}")).collect();
+        assert_eq!(
+            transcript_of(&store, tenant).await,
+            expected,
+            "writer {w}'s transcript after its master's crash ({failures} failed tries retried)"
+        );
+    }
+    // The store works on the new masters, through a fresh connection too.
+    let fresh = connect(&cluster, one_replica(1_000)).await;
+    let probe = format!("tenant-{}", uuid::Uuid::new_v4().simple());
+    fresh
+        .append(&probe, "chat", &entry(0, 0))
+        .await
+        .expect("an append after the failover");
+}
+
+/// With a replica wait, a write its master has but its replica does not (the replica stalled)
+/// is not acknowledged: the append fails, to be retried, and its retry, once the replica is
+/// back, is the same entry at the same place. Without the wait it would be acknowledged at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_no_replica_has_is_not_acknowledged() {
+    if redis_tools().is_none() {
+        return;
+    }
+    let cluster = Cluster::start().await;
+    let waiting = connect(&cluster, one_replica(300)).await;
+    let plain = connect(&cluster, None).await;
+    let tenant = format!("tenant-{}", uuid::Uuid::new_v4().simple());
+    let first = waiting
+        .append(&tenant, "chat", &entry(0, 0))
+        .await
+        .expect("an append its replica takes");
+    let (master, _) = master_of(&cluster, &tenant).await;
+    let replica = replica_of(&cluster, master).await;
+
+    // The replica stalls for 3 s (it reads nothing meanwhile).
+    let sleeper = tokio::spawn(async move { command(replica, &["DEBUG", "SLEEP", "3"]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    match waiting.append(&tenant, "chat", &entry(0, 1)).await {
+        Err(StoreError::Unavailable(detail)) => assert!(
+            detail.contains("stores.redis_min_replicas"),
+            "the failure names the setting: {detail}"
+        ),
+        other => panic!("a write no replica has was acknowledged: {other:?}"),
+    }
+    let unwaited = plain
+        .append(&tenant, "chat", &entry(0, 2))
+        .await
+        .expect("without the wait the master's word is enough");
+    sleeper.await.expect("sleeper");
+
+    let retried = wait_for("the retry acknowledged once the replica is back", || {
+        let waiting = waiting.clone();
+        let tenant = tenant.clone();
+        async move { waiting.append(&tenant, "chat", &entry(0, 1)).await.ok() }
+    })
+    .await;
+    assert!(retried.duplicate, "the retry is the first try's entry");
+    assert_eq!(retried.position, first.position + 1);
+    assert_eq!(unwaited.position, first.position + 2);
+    assert_eq!(
+        transcript_of(&plain, &tenant).await,
+        ["w0-e0", "w0-e1", "w0-e2"]
+    );
+}
