@@ -18,20 +18,30 @@ use common::chat::{base_env, start_node};
 fn chromium() -> String {
     std::env::var("NEXUS_TEST_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into())
 }
-/// The screenshots the script takes: four moments, both pages each.
-const SHOTS: [&str; 8] = [
+/// The screenshots the script takes: six moments, the three pages each.
+const SHOTS: [&str; 18] = [
     "1-customer-waiting-agent.png",
     "1-customer-waiting-widget.png",
+    "1-customer-waiting-second-agent.png",
     "2-reply-agent.png",
     "2-reply-widget.png",
+    "2-reply-second-agent.png",
     "3-files-agent.png",
     "3-files-widget.png",
-    "4-ended-agent.png",
-    "4-ended-widget.png",
+    "3-files-second-agent.png",
+    "4-consult-agent.png",
+    "4-consult-widget.png",
+    "4-consult-second-agent.png",
+    "5-transferred-agent.png",
+    "5-transferred-widget.png",
+    "5-transferred-second-agent.png",
+    "6-ended-agent.png",
+    "6-ended-widget.png",
+    "6-ended-second-agent.png",
 ];
-/// Eight steps of at most 15 s each in the script, plus browser start; a hung browser must
-/// still end the test.
-const SCRIPT_LIMIT: Duration = Duration::from_secs(180);
+/// Thirteen steps of at most 15 s each in the script, plus browser start; a hung browser
+/// must still end the test.
+const SCRIPT_LIMIT: Duration = Duration::from_secs(300);
 
 /// `<target>/browser-artefacts`, kept after the run (CI can upload it).
 fn artefact_dir() -> PathBuf {

@@ -71,11 +71,7 @@ impl Cluster {
             .iter()
             .map(|port| Some(spawn_node(dir.path(), *port)))
             .collect();
-        let cluster = Self {
-            ports,
-            nodes,
-            dir,
-        };
+        let cluster = Self { ports, nodes, dir };
         for port in &cluster.ports {
             wait_for(&format!("node {port} up"), || async move {
                 ping(*port).await.then_some(())

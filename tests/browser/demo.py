@@ -5,7 +5,9 @@
 
 The agent console (page A) goes ready; the widget (page B) starts a chat and sends; A accepts
 the offer, sees the message and replies; B sees the reply; B sends a file that A downloads, A
-sends one that B downloads (bytes compared); A completes; B sees the end.
+sends one that B downloads (bytes compared). A second agent's console (page C, `?agent=1`) goes
+ready; A invites C to consult, C accepts, sees what was said, writes (B sees it) and leaves; A
+transfers the chat to C, C accepts and replies (B sees it) and completes; B sees the end.
 Screenshots of both pages at each key moment go to ARTEFACT_DIR. Any step that does not happen
 within STEP_MS exits non-zero naming the step, with screenshots and page logs of the failure.
 """
@@ -19,6 +21,8 @@ CHROMIUM = os.environ.get("NEXUS_TEST_CHROMIUM", "/usr/bin/chromium")
 STEP_MS = 15_000
 CUSTOMER_TEXT = "hello from the browser"
 AGENT_TEXT = "hi, this is the agent speaking"
+CONSULTANT_TEXT = "a colleague here, consulting"
+SECOND_TEXT = "second agent here, I take it from now"
 CUSTOMER_FILE = b"order 1234: two chairs\n"
 AGENT_FILE = b"assembly plan: step 1, unpack\n"
 ARGS = [
@@ -46,18 +50,19 @@ except ImportError:
 
 
 class Flow:
-    def __init__(self, base, out, agent, widget):
+    def __init__(self, base, out, agent, widget, second):
         self.base, self.out = base.rstrip("/"), out
-        self.agent, self.widget = agent, widget
-        self.logs = {"agent": [], "widget": []}
-        for name, page in (("agent", agent), ("widget", widget)):
+        self.agent, self.widget, self.second = agent, widget, second
+        self.pages = (("agent", agent), ("widget", widget), ("second-agent", second))
+        self.logs = {name: [] for name, _ in self.pages}
+        for name, page in self.pages:
             page.set_default_timeout(STEP_MS)
             page.on("console", lambda m, n=name: self.logs[n].append(f"console.{m.type}: {m.text}"))
             page.on("pageerror", lambda e, n=name: self.logs[n].append(f"pageerror: {e}"))
         self.step_name = "start"
 
     def shoot(self, moment):
-        for name, page in (("agent", self.agent), ("widget", self.widget)):
+        for name, page in self.pages:
             page.screenshot(path=os.path.join(self.out, f"{moment}-{name}.png"), full_page=True)
 
     def step(self, name, fn):
@@ -67,26 +72,33 @@ class Flow:
         print(f"ok  {name} ({time.monotonic() - started:.1f}s)", flush=True)
 
     def run(self):
-        a, b = self.agent, self.widget
-        agent_log, widget_log = a.locator("#log"), b.locator("#log")
+        a, b, c = self.agent, self.widget, self.second
+        agent_log, widget_log, second_log = a.locator("#log"), b.locator("#log"), c.locator("#log")
 
-        def agent_ready():
-            a.goto(f"{self.base}/demo/agent")
+        def ready(page, path):
+            page.goto(f"{self.base}{path}")
             # The socket is open once the hello named the agent.
-            a.wait_for_function("document.getElementById('who').textContent.length > 0")
-            a.click("#ready")
-            # The ack only says the request was published; wait until the worker applied it.
-            a.wait_for_function(
+            page.wait_for_function("document.getElementById('who').textContent.length > 0")
+            page.click("#ready")
+            # The ack only says the request was published; wait until the worker applied it
+            # (`token`: the page's own agent token).
+            page.wait_for_function(
                 """async () => {
-                    const cfg = await (await fetch('/demo/config.json')).json();
                     const me = await (await fetch('/v1/agent/me',
-                        { headers: { authorization: 'Bearer ' + cfg.agent_token } })).json();
+                        { headers: { authorization: 'Bearer ' + token } })).json();
                     return me.ready === true;
                 }""",
                 polling=200,
             )
             # The worker tells the console the state it applied.
-            a.wait_for_function("document.getElementById('status').textContent === 'ready'")
+            page.wait_for_function("document.getElementById('status').textContent === 'ready'")
+
+        def agent_ready():
+            ready(a, "/demo/agent")
+
+        def second_ready():
+            ready(c, "/demo/agent?agent=1")
+            c.wait_for_function("document.getElementById('who').textContent === 'Second Agent'")
 
         def customer_sends():
             b.goto(f"{self.base}/demo/widget")
@@ -128,9 +140,37 @@ class Flow:
             send_file(b, widget_log, a, agent_log, "receipt.txt", CUSTOMER_FILE, "customer to agent")
             send_file(a, agent_log, b, widget_log, "plan.txt", AGENT_FILE, "agent to customer")
 
+        def consult():
+            a.select_option("#target", label="Agent: Second Agent")
+            a.click("#consultBtn")
+            c.get_by_text("invites you to consult").wait_for()
+            c.locator(".offer .accept").first.click()
+            # The consultant reads what was said before it joined.
+            second_log.get_by_text(CUSTOMER_TEXT).wait_for()
+            c.wait_for_selector("#leaveBtn", state="visible")
+            c.fill("#text", CONSULTANT_TEXT)
+            c.click("#sendBtn")
+            widget_log.get_by_text(CONSULTANT_TEXT).wait_for()
+            agent_log.get_by_text(CONSULTANT_TEXT).wait_for()
+
+        def consultant_leaves():
+            c.click("#leaveBtn")
+            second_log.get_by_text("You left the conversation.").wait_for()
+
+        def transfer():
+            a.select_option("#target", label="Agent: Second Agent")
+            a.click("#transferBtn")
+            agent_log.get_by_text("Transferred.").wait_for()
+            c.get_by_text("wants to chat").wait_for()
+            c.locator(".offer .accept").first.click()
+            c.wait_for_selector("#completeBtn", state="visible")
+            c.fill("#text", SECOND_TEXT)
+            c.click("#sendBtn")
+            widget_log.get_by_text(SECOND_TEXT).wait_for()
+
         def agent_completes():
-            a.click("#completeBtn")
-            agent_log.get_by_text("Conversation ended.").wait_for()
+            c.click("#completeBtn")
+            second_log.get_by_text("Conversation ended.").wait_for()
 
         def customer_sees_end():
             widget_log.get_by_text("The chat has ended.").wait_for()
@@ -145,9 +185,15 @@ class Flow:
         self.shoot("2-reply")
         self.step("files go both ways and download", files_both_ways)
         self.shoot("3-files")
-        self.step("agent completes", agent_completes)
+        self.step("a second agent opens the console and goes ready", second_ready)
+        self.step("the agent invites it to consult; it joins and writes", consult)
+        self.shoot("4-consult")
+        self.step("the consultant leaves", consultant_leaves)
+        self.step("the agent transfers the chat to it; it accepts and replies", transfer)
+        self.shoot("5-transferred")
+        self.step("the second agent completes", agent_completes)
         self.step("customer sees the end", customer_sees_end)
-        self.shoot("4-ended")
+        self.shoot("6-ended")
 
     def report_failure(self, error):
         print(f"demo.py: FAILED at step '{self.step_name}': {error}", file=sys.stderr)
@@ -175,7 +221,8 @@ def main():
             viewport = {"width": 1000, "height": 700}
             agent = browser.new_context(viewport=viewport).new_page()
             widget = browser.new_context(viewport=viewport).new_page()
-            flow = Flow(base, out, agent, widget)
+            second = browser.new_context(viewport=viewport).new_page()
+            flow = Flow(base, out, agent, widget, second)
             try:
                 flow.run()
             except PlaywrightError as e:

@@ -25,7 +25,19 @@ const AGENT: &str = include_str!("agent.html");
 pub struct DemoTenant {
     pub tenant_id: String,
     pub api_key: String,
-    pub agent_token: String,
+    /// Two agents, so the console can transfer and consult; the first is signed in by default.
+    #[serde(default)]
+    pub agents: Vec<DemoAgent>,
+    /// The queue web chats are routed to (a transfer target).
+    #[serde(default)]
+    pub queue_id: String,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+pub struct DemoAgent {
+    pub id: String,
+    pub name: String,
+    pub token: String,
 }
 
 impl std::fmt::Debug for DemoTenant {
@@ -53,14 +65,24 @@ async fn config(State(state): State<AppState>) -> Result<Response, ApiError> {
         Json(serde_json::json!({
             "tenant_id": demo.tenant_id,
             "api_key": demo.api_key,
-            "agent_token": demo.agent_token,
+            "agents": demo.agents.iter().map(|a| serde_json::json!({
+                "id": a.id, "name": a.name, "token": a.token,
+            })).collect::<Vec<_>>(),
+            "queue": {"id": demo.queue_id, "name": DEMO_QUEUE},
         })),
     )
         .into_response())
 }
 
+/// The demo queue's name.
+const DEMO_QUEUE: &str = "support";
+
+/// The demo's agents, three chats each.
+const DEMO_AGENTS: [&str; 2] = ["Demo Agent", "Second Agent"];
+
 /// The demo tenant of `nexus dev`: read from `<data_dir>/demo.json`, or provisioned (tenant,
-/// chat API key, queue, a web-chat rule to it, one agent of three chats) and written there.
+/// chat API key, queue, a web-chat rule to it, two agents of three chats) and written there.
+/// A file of an older version (one agent) is replaced by a new tenant.
 pub async fn ensure(
     provisioning: &Provisioning,
     data_dir: &Path,
@@ -69,6 +91,7 @@ pub async fn ensure(
     if let Some(demo) = std::fs::read(&file)
         .ok()
         .and_then(|b| serde_json::from_slice::<DemoTenant>(&b).ok())
+        .filter(|d| d.agents.len() == DEMO_AGENTS.len() && !d.queue_id.is_empty())
     {
         if provisioning
             .authenticate_api_key(&demo.api_key)
@@ -99,7 +122,7 @@ pub async fn ensure(
         .create_queue(
             &tenant.id,
             NewQueue {
-                name: "support".into(),
+                name: DEMO_QUEUE.into(),
             },
         )
         .await?;
@@ -109,27 +132,36 @@ pub async fn ensure(
             NewRoutingRule {
                 channel: "WEB_CHAT".into(),
                 attributes: Default::default(),
-                queue_id: queue.id,
+                queue_id: queue.id.clone(),
                 required_skills: Vec::new(),
                 priority: 0,
                 bot_id: None,
             },
         )
         .await?;
-    let agent = provisioning
-        .create_agent(
-            &tenant.id,
-            NewAgent {
-                name: "Demo Agent".into(),
-                skills: Vec::new(),
-                capacity: [("chat".to_string(), 3)].into(),
-            },
-        )
-        .await?;
+    let mut agents = Vec::new();
+    for name in DEMO_AGENTS {
+        let agent = provisioning
+            .create_agent(
+                &tenant.id,
+                NewAgent {
+                    name: name.into(),
+                    skills: Vec::new(),
+                    capacity: [("chat".to_string(), 3)].into(),
+                },
+            )
+            .await?;
+        agents.push(DemoAgent {
+            id: agent.agent.id,
+            name: name.into(),
+            token: agent.token,
+        });
+    }
     let demo = DemoTenant {
         tenant_id: tenant.id,
         api_key: key.key,
-        agent_token: agent.token,
+        agents,
+        queue_id: queue.id,
     };
     write_private(&file, &serde_json::to_vec_pretty(&demo).unwrap_or_default());
     info!(tenant = %demo.tenant_id, "demo tenant provisioned: open /demo/widget and /demo/agent");

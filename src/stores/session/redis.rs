@@ -532,7 +532,6 @@ fn escape_tenant(tenant: &str) -> String {
     out
 }
 
-/// `<namespace>:{t:<tenant>}:`: the prefix of every key of a tenant.
 /// The Redis Cluster slot of `key`: CRC16 of its hash tag (the text between its first `{` and
 /// the next `}`, if not empty) or else of the whole key, modulo 16384.
 fn key_slot(key: &str) -> u16 {
@@ -545,6 +544,7 @@ fn key_slot(key: &str) -> u16 {
     crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(bytes)) % 16_384
 }
 
+/// `<namespace>:{t:<tenant>}:`: the prefix of every key of a tenant.
 fn tenant_prefix(namespace: &str, tenant: &str) -> String {
     format!("{namespace}:{{t:{}}}:", escape_tenant(tenant))
 }
