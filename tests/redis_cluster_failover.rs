@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,24 +18,33 @@ use tokio::process::{Child, Command};
 
 /// Nodes of the test cluster: three masters, three replicas.
 const NODES: usize = 6;
-/// How long a node may not answer before the cluster fails it over (Redis's default is 15 s).
-const NODE_TIMEOUT_MS: u64 = 1_000;
+/// How long a node may not answer before the cluster fails it over (Redis's default is 15 s);
+/// long enough that a loaded machine fails nothing over unasked.
+const NODE_TIMEOUT_MS: u64 = 2_000;
 /// Writers, each appending to a conversation of its own tenant (so of its own slot).
 const WRITERS: usize = 12;
-/// Entries per writer.
-const ENTRIES: usize = 120;
+/// Entries per writer at least: they go on until the cluster's changes are over.
+const ENTRIES: usize = 50;
 /// Longest a writer keeps retrying one entry: far beyond a failover (about 2 node timeouts).
 const RETRY_FOR: Duration = Duration::from_secs(90);
 
-/// A port `p` free with `p + 10000` (the node's cluster bus) free too.
-fn node_port() -> u16 {
-    loop {
+/// Ports `p` free with `p + 10000` (each node's cluster bus) free too, all distinct.
+fn node_ports(n: usize) -> Vec<u16> {
+    let mut ports: Vec<u16> = Vec::new();
+    while ports.len() < n {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = l.local_addr().expect("addr").port();
-        if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
-            return port;
+        let taken = |p: u16| {
+            ports
+                .iter()
+                .any(|q| *q == p || *q + 10_000 == p || p + 10_000 == *q)
+        };
+        if port < 55_000 && !taken(port) && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+        {
+            ports.push(port);
         }
     }
+    ports
 }
 
 /// `redis-server` and `redis-cli`, or `None` (the test skips) outside CI without them.
@@ -66,7 +76,7 @@ struct Cluster {
 impl Cluster {
     async fn start() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let ports: Vec<u16> = (0..NODES).map(|_| node_port()).collect();
+        let ports = node_ports(NODES);
         let nodes = ports
             .iter()
             .map(|port| Some(spawn_node(dir.path(), *port)))
@@ -271,25 +281,29 @@ fn entry(writer: usize, n: usize) -> NewEntry {
     }
 }
 
-/// What the writers saw: failed tries (retried) per writer.
+/// What a writer did: entries appended (0 to `appended - 1`), failed tries (retried).
 struct Written {
+    appended: usize,
     failures: usize,
 }
 
-/// `WRITERS` tasks, each appending `ENTRIES` entries in order to a conversation of its own
-/// tenant, retrying a failed append as the worker would on redelivery (same event id).
+/// `WRITERS` tasks, each appending entries in order to a conversation of its own tenant until
+/// `stop` is set (and at least `ENTRIES`), retrying a failed append as the worker would on
+/// redelivery (same event id).
 fn start_writers(
     store: Arc<RedisStore>,
     tenants: Vec<String>,
+    stop: Arc<AtomicBool>,
 ) -> Vec<tokio::task::JoinHandle<Written>> {
     tenants
         .into_iter()
         .enumerate()
         .map(|(w, tenant)| {
-            let store = store.clone();
+            let (store, stop) = (store.clone(), stop.clone());
             tokio::spawn(async move {
                 let mut failures = 0;
-                for n in 0..ENTRIES {
+                let mut n = 0;
+                while n < ENTRIES || !stop.load(Ordering::SeqCst) {
                     let started = Instant::now();
                     loop {
                         match store.append(&tenant, "chat", &entry(w, n)).await {
@@ -304,10 +318,14 @@ fn start_writers(
                             }
                         }
                     }
+                    n += 1;
                     // Spread the writes over the failovers.
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                Written { failures }
+                Written {
+                    appended: n,
+                    failures,
+                }
             })
         })
         .collect()
@@ -316,7 +334,7 @@ fn start_writers(
 /// The event ids of a writer's transcript in position order, checking positions have no gap.
 async fn transcript_of(store: &RedisStore, tenant: &str) -> Vec<String> {
     let all = store
-        .transcript(tenant, "chat", 1, 10 * ENTRIES)
+        .transcript(tenant, "chat", 1, 100_000)
         .await
         .expect("read the transcript");
     for (i, e) in all.iter().enumerate() {
@@ -341,7 +359,9 @@ async fn connect(cluster: &Cluster, wait: Option<ReplicaWait>) -> Arc<RedisStore
         RedisStore::connect_cluster_in(&[url.as_str()], "nx")
             .await
             .expect("connect to the test cluster")
-            .with_replica_wait(wait),
+            .with_replica_wait(wait)
+            .await
+            .expect("the writers' connection"),
     )
 }
 
@@ -401,7 +421,8 @@ async fn manual_failovers_under_load_lose_and_repeat_nothing() {
     let cluster = Cluster::start().await;
     let store = connect(&cluster, None).await;
     let tenants = tenants();
-    let writers = start_writers(store.clone(), tenants.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = start_writers(store.clone(), tenants.clone(), stop.clone());
 
     let replicas = cluster.in_role("slave").await;
     assert_eq!(replicas.len(), 3);
@@ -418,15 +439,21 @@ async fn manual_failovers_under_load_lose_and_repeat_nothing() {
         })
         .await;
     }
+    // The writers go on a little past the last change, then stop.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
     let mut failures = 0;
+    let mut appended = Vec::new();
     for w in writers {
-        failures += w.await.expect("writer").failures;
+        let written = w.await.expect("writer");
+        failures += written.failures;
+        appended.push(written.appended);
     }
     let masters = cluster.in_role("master").await;
     assert_eq!(masters.len(), 3, "three masters after the failovers");
 
     for (w, tenant) in tenants.iter().enumerate() {
-        let expected: Vec<String> = (0..ENTRIES).map(|n| format!("w{w}-e{n}")).collect();
+        let expected: Vec<String> = (0..appended[w]).map(|n| format!("w{w}-e{n}")).collect();
         assert_eq!(
             transcript_of(&store, tenant).await,
             expected,
@@ -447,7 +474,8 @@ async fn a_crashed_master_is_replaced_and_no_acknowledged_write_is_lost() {
     let mut cluster = Cluster::start().await;
     let store = connect(&cluster, one_replica(1_000)).await;
     let tenants = tenants();
-    let writers = start_writers(store.clone(), tenants.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = start_writers(store.clone(), tenants.clone(), stop.clone());
 
     // The victim is the master holding the first writer's conversation, once it has some.
     let (victim, _) = master_of(&cluster, &tenants[0]).await;
@@ -465,12 +493,18 @@ async fn a_crashed_master_is_replaced_and_no_acknowledged_write_is_lost() {
     })
     .await;
 
+    // The writers go on a little past the last change, then stop.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
     let mut failures = 0;
+    let mut appended = Vec::new();
     for w in writers {
-        failures += w.await.expect("writer").failures;
+        let written = w.await.expect("writer");
+        failures += written.failures;
+        appended.push(written.appended);
     }
     for (w, tenant) in tenants.iter().enumerate() {
-        let expected: Vec<String> = (0..ENTRIES).map(|n| format!("w{w}-e{n}")).collect();
+        let expected: Vec<String> = (0..appended[w]).map(|n| format!("w{w}-e{n}")).collect();
         assert_eq!(
             transcript_of(&store, tenant).await,
             expected,
@@ -498,10 +532,13 @@ async fn a_write_no_replica_has_is_not_acknowledged() {
     let waiting = connect(&cluster, one_replica(300)).await;
     let plain = connect(&cluster, None).await;
     let tenant = format!("tenant-{}", uuid::Uuid::new_v4().simple());
-    let first = waiting
-        .append(&tenant, "chat", &entry(0, 0))
-        .await
-        .expect("an append its replica takes");
+    // A replica just synced may take a moment to answer its first WAIT: retried, as a
+    // worker's redelivery would.
+    let first = wait_for("an append its replica takes", || {
+        let (waiting, tenant) = (waiting.clone(), tenant.clone());
+        async move { waiting.append(&tenant, "chat", &entry(0, 0)).await.ok() }
+    })
+    .await;
     let (master, _) = master_of(&cluster, &tenant).await;
     let replica = replica_of(&cluster, master).await;
 

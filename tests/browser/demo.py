@@ -163,7 +163,8 @@ class Flow:
             agent_log.get_by_text("Transferred.").wait_for()
             c.get_by_text("wants to chat").wait_for()
             c.locator(".offer .accept").first.click()
-            c.wait_for_selector("#completeBtn", state="visible")
+            # Open again on C's side: the holder's buttons, enabled.
+            c.wait_for_selector("#completeBtn:not([disabled])", state="visible")
             c.fill("#text", SECOND_TEXT)
             c.click("#sendBtn")
             widget_log.get_by_text(SECOND_TEXT).wait_for()

@@ -11,7 +11,6 @@
 
 pub mod embedded;
 pub mod redis;
-mod replicas;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -44,10 +43,10 @@ pub async fn connect(config: &StoresConfig) -> Result<Arc<dyn SessionStore>, Sto
         replicas: config.redis_min_replicas,
         timeout: Duration::from_millis(config.redis_replica_wait_ms),
     };
-    Ok(Arc::new(store.with_replica_wait(Some(wait))))
+    Ok(Arc::new(store.with_replica_wait(Some(wait)).await?))
 }
 
-#[derive(Debug, Clone, Error)]
+#[derive(Debug, Error)]
 pub enum StoreError {
     /// The store cannot be reached or failed; worth a retry.
     #[error("session store unavailable: {0}")]

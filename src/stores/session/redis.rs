@@ -29,9 +29,13 @@
 //!
 //! Replication. Redis acknowledges a write before its replicas have it, so a master that dies
 //! takes its last writes with it, and its replica, promoted, hands their transcript positions
-//! out again. With `stores.redis_min_replicas` set, every write waits (`WAIT`) until that many
-//! replicas of its master have it, and fails (to be retried by its caller, idempotently)
-//! otherwise: an acknowledged write then survives the loss of its master.
+//! out again. With `stores.redis_min_replicas` set, writes go through a connection of their
+//! own, each followed by `WAIT` in one pipeline: it answers once that many replicas have the
+//! write, and the write fails (its caller retries it, idempotently) if they do not within the
+//! wait. Write and `WAIT` go together, to whichever master takes the key (a redirect or a
+//! reconnect sends both again), so a `WAIT` never vouches for a write made on another
+//! connection. `WAIT` holds its connection, so a process's writes to one master wait for
+//! replicas one after another; reads keep their own connection.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -39,11 +43,11 @@ use std::time::Duration;
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::ClusterClientBuilder;
 use ::redis::cluster_async::ClusterConnection;
-use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-use ::redis::{AsyncCommands, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Script, Value};
+use ::redis::{
+    AsyncCommands, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, Script, Value,
+};
 use async_trait::async_trait;
 
-use super::replicas::ReplicaBarrier;
 use super::{
     AgentPresence, Appended, Conversation, ConversationState, Entry, NewEntry, PresenceChange,
     PresenceUpdate, Reserve, SessionStore, StoreError, Timer,
@@ -337,14 +341,97 @@ pub struct ReplicaWait {
     pub timeout: Duration,
 }
 
+/// The connection writes go through: with a replica wait, each command is sent with a `WAIT`
+/// behind it in one pipeline (see the module docs).
+#[derive(Clone)]
+struct Writer {
+    conn: Conn,
+    wait: Option<ReplicaWait>,
+}
+
+impl Writer {
+    async fn write_and_wait(&mut self, cmd: &Cmd, wait: ReplicaWait) -> RedisResult<Value> {
+        let timeout_ms = u64::try_from(wait.timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let mut pipe = Pipeline::with_capacity(2);
+        pipe.add_command(cmd.clone());
+        pipe.cmd("WAIT").arg(wait.replicas).arg(timeout_ms);
+        let mut answers = self.conn.req_packed_commands(&pipe, 0, 2).await?;
+        let (Some(acked), Some(written)) = (answers.pop(), answers.pop()) else {
+            return Err(RedisError::from((
+                ErrorKind::ResponseError,
+                "a write with its WAIT got fewer than two answers",
+            )));
+        };
+        // The write's own error (NOSCRIPT, a script's refusal) first, as without the wait.
+        let written = written.extract_error()?;
+        let acked: i64 = ::redis::from_redis_value(&acked)?;
+        if acked < i64::from(wait.replicas) {
+            return Err(RedisError::from((
+                ErrorKind::ResponseError,
+                "write not replicated",
+                format!(
+                    "it reached {acked} of the {} replicas asked for within {timeout_ms} ms \
+                     (stores.redis_min_replicas)",
+                    wait.replicas
+                ),
+            )));
+        }
+        Ok(written)
+    }
+}
+
+impl ConnectionLike for Writer {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self.wait {
+            // `SCRIPT LOAD` (a script's first use on a node) writes no data, and alone the
+            // cluster client sends it to every master.
+            Some(wait) if !is_script_load(cmd) => Box::pin(self.write_and_wait(cmd, wait)),
+            _ => self.conn.req_packed_command(cmd),
+        }
+    }
+
+    /// Writes here are single commands; a pipeline would go unwaited, so none is taken.
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        if self.wait.is_none() {
+            return self.conn.req_packed_commands(cmd, offset, count);
+        }
+        Box::pin(async {
+            Err(RedisError::from((
+                ErrorKind::ClientError,
+                "a pipeline through the replica-waiting writer",
+            )))
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.conn.get_db()
+    }
+}
+
+fn is_script_load(cmd: &Cmd) -> bool {
+    matches!(cmd.args_iter().next(), Some(::redis::Arg::Simple(name)) if name.eq_ignore_ascii_case(b"SCRIPT"))
+}
+
+/// What a store connects to, to open its writers' connection.
+#[derive(Clone)]
+enum Target {
+    Single(String),
+    Cluster(Vec<String>),
+}
+
 /// A [`SessionStore`] on one Redis server or a Redis Cluster (one slot per tenant).
 pub struct RedisStore {
     conn: Conn,
+    writer: Writer,
+    target: Target,
     scripts: Scripts,
-    /// `None`: a write returns once its master has it.
-    replica_wait: Option<ReplicaWait>,
-    /// Shares one `WAIT` among the writes finished before it went.
-    barrier: ReplicaBarrier,
     /// First segment of every key: deployments sharing one Redis keep apart by it, timers too.
     namespace: String,
     /// See [`super::ORPHAN_ENTRIES_TTL`].
@@ -363,43 +450,45 @@ impl RedisStore {
 
     /// [`Self::connect`] with every key under `namespace` (`stores.redis_namespace`).
     pub async fn connect_in(url: &str, namespace: &str) -> Result<Self, StoreError> {
-        crate::tls::install_crypto_provider();
-        let client = ::redis::Client::open(url).map_err(unavailable)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(CONNECT_TIMEOUT)
-            .set_response_timeout(RESPONSE_TIMEOUT)
-            .set_number_of_retries(RECONNECT_RETRIES);
-        let conn = client
-            .get_connection_manager_with_config(config)
-            .await
-            .map_err(unavailable)?;
-        Ok(Self::with(Conn::Single(conn), namespace))
+        let target = Target::Single(url.to_string());
+        Ok(Self::with(open(&target).await?, target, namespace))
     }
 
     /// Connects to a Redis Cluster through its `nodes` (`redis://` or `rediss://` URLs of some
     /// of its nodes; the rest are discovered), every key under `namespace`.
     pub async fn connect_cluster_in(nodes: &[&str], namespace: &str) -> Result<Self, StoreError> {
-        crate::tls::install_crypto_provider();
-        let client = ClusterClientBuilder::new(nodes.to_vec())
-            .connection_timeout(CONNECT_TIMEOUT)
-            .response_timeout(RESPONSE_TIMEOUT)
-            // A failover takes the cluster's node timeout (15 s by default): retried (MOVED,
-            // ASK, CLUSTERDOWN, TRYAGAIN, a lost connection) for about as long.
-            .retries(CLUSTER_RETRIES)
-            .min_retry_wait(250)
-            .max_retry_wait(2_500)
-            .build()
-            .map_err(unavailable)?;
-        let conn = client.get_async_connection().await.map_err(unavailable)?;
-        Ok(Self::with(Conn::Cluster(conn), namespace))
+        let target = Target::Cluster(nodes.iter().map(|n| n.to_string()).collect());
+        Ok(Self::with(open(&target).await?, target, namespace))
     }
 
-    fn with(conn: Conn, namespace: &str) -> Self {
+    /// Makes every write wait for `wait.replicas` replicas of its master, through a connection
+    /// of its own (see the module docs); `None` or 0 replicas: writes share the reads'.
+    pub async fn with_replica_wait(
+        mut self,
+        wait: Option<ReplicaWait>,
+    ) -> Result<Self, StoreError> {
+        self.writer = match wait.filter(|w| w.replicas > 0) {
+            Some(wait) => Writer {
+                conn: open(&self.target).await?,
+                wait: Some(wait),
+            },
+            None => Writer {
+                conn: self.conn.clone(),
+                wait: None,
+            },
+        };
+        Ok(self)
+    }
+
+    fn with(conn: Conn, target: Target, namespace: &str) -> Self {
         Self {
+            writer: Writer {
+                conn: conn.clone(),
+                wait: None,
+            },
             conn,
+            target,
             scripts: Scripts::new(),
-            replica_wait: None,
-            barrier: ReplicaBarrier::default(),
             namespace: namespace.to_string(),
             orphan_ttl: super::ORPHAN_ENTRIES_TTL,
         }
@@ -412,65 +501,13 @@ impl RedisStore {
         self
     }
 
-    /// Makes every write wait for `wait.replicas` replicas of its master (see the module docs).
-    pub fn with_replica_wait(mut self, wait: Option<ReplicaWait>) -> Self {
-        self.replica_wait = wait.filter(|w| w.replicas > 0);
-        self
-    }
-
     fn conn(&self) -> Conn {
         self.conn.clone()
     }
 
-    /// `written` once the replicas asked for have the writes made so far through the
-    /// connection to `key`'s master (one connection per server, shared by every caller, so
-    /// this may wait for others' writes too); an error, to be retried, if they do not within
-    /// the wait. The write itself stands either way: every write here is idempotent.
-    ///
-    /// Not covered: a connection lost and made again between a write and its wait (the new
-    /// connection has written nothing, so its `WAIT` answers at once).
-    async fn replicated<T>(&self, key: &str, written: T) -> Result<T, StoreError> {
-        let Some(wait) = self.replica_wait else {
-            return Ok(written);
-        };
-        let slot = match self.conn {
-            Conn::Single(_) => 0,
-            Conn::Cluster(_) => key_slot(key),
-        };
-        self.barrier
-            .wait(slot, || self.send_wait(slot, wait))
-            .await?;
-        Ok(written)
-    }
-
-    /// One `WAIT` through the connection to the master of `slot` (any, on a single server).
-    async fn send_wait(&self, slot: u16, wait: ReplicaWait) -> Result<(), StoreError> {
-        let timeout_ms = u64::try_from(wait.timeout.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        let mut cmd = ::redis::cmd("WAIT");
-        cmd.arg(wait.replicas).arg(timeout_ms);
-        let acked: i64 = match self.conn() {
-            Conn::Single(mut c) => cmd.query_async(&mut c).await,
-            Conn::Cluster(mut c) => {
-                // WAIT names no key: sent to the master of the key's slot, the connection its
-                // write went through.
-                let route = Route::new(slot, SlotAddr::Master);
-                let to = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
-                c.route_command(&cmd, to)
-                    .await
-                    .and_then(|v| ::redis::from_redis_value(&v))
-            }
-        }
-        .map_err(redis_err)?;
-        if acked < i64::from(wait.replicas) {
-            return Err(StoreError::Unavailable(format!(
-                "a write reached {acked} of the {} replicas asked for within {timeout_ms} ms \
-                 (stores.redis_min_replicas)",
-                wait.replicas
-            )));
-        }
-        Ok(())
+    /// Where writes go ([`Writer`]).
+    fn writer(&self) -> Writer {
+        self.writer.clone()
     }
 
     fn prefix(&self, tenant: &str) -> String {
@@ -493,6 +530,39 @@ impl RedisStore {
 
     fn claim_key(&self, key: &str) -> String {
         format!("{}:claim:{key}", self.namespace)
+    }
+}
+
+/// A connection to `target`, reconnecting by itself.
+async fn open(target: &Target) -> Result<Conn, StoreError> {
+    crate::tls::install_crypto_provider();
+    match target {
+        Target::Single(url) => {
+            let client = ::redis::Client::open(url.as_str()).map_err(unavailable)?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(CONNECT_TIMEOUT)
+                .set_response_timeout(RESPONSE_TIMEOUT)
+                .set_number_of_retries(RECONNECT_RETRIES);
+            let conn = client
+                .get_connection_manager_with_config(config)
+                .await
+                .map_err(unavailable)?;
+            Ok(Conn::Single(conn))
+        }
+        Target::Cluster(nodes) => {
+            let client = ClusterClientBuilder::new(nodes.clone())
+                .connection_timeout(CONNECT_TIMEOUT)
+                .response_timeout(RESPONSE_TIMEOUT)
+                // A failover takes the cluster's node timeout (15 s by default): retried
+                // (MOVED, ASK, CLUSTERDOWN, TRYAGAIN, a lost connection) for about as long.
+                .retries(CLUSTER_RETRIES)
+                .min_retry_wait(250)
+                .max_retry_wait(2_500)
+                .build()
+                .map_err(unavailable)?;
+            let conn = client.get_async_connection().await.map_err(unavailable)?;
+            Ok(Conn::Cluster(conn))
+        }
     }
 }
 
@@ -530,18 +600,6 @@ fn escape_tenant(tenant: &str) -> String {
         }
     }
     out
-}
-
-/// The Redis Cluster slot of `key`: CRC16 of its hash tag (the text between its first `{` and
-/// the next `}`, if not empty) or else of the whole key, modulo 16384.
-fn key_slot(key: &str) -> u16 {
-    let bytes = key.as_bytes();
-    let tagged = key.find('{').and_then(|open| {
-        let rest = &bytes[open + 1..];
-        let close = rest.iter().position(|b| *b == b'}')?;
-        (close > 0).then(|| &rest[..close])
-    });
-    crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(bytes)) % 16_384
 }
 
 /// `<namespace>:{t:<tenant>}:`: the prefix of every key of a tenant.
@@ -625,20 +683,19 @@ impl SessionStore for RedisStore {
             ..c.clone()
         };
         let json = serde_json::to_string(&stored).map_err(|e| corrupt("conversation", e))?;
-        let conv = self.key(&c.tenant_id, "conv", &c.conversation_id);
         let written: i64 = self
             .scripts
             .put_conversation
-            .key(&conv)
+            .key(self.key(&c.tenant_id, "conv", &c.conversation_id))
             .key(self.key(&c.tenant_id, "txids", &c.conversation_id))
             .key(self.key(&c.tenant_id, "tx", &c.conversation_id))
             .arg(c.version)
             .arg(json)
             .arg(u8::from(c.state == ConversationState::Closed))
-            .invoke_async(&mut self.conn())
+            .invoke_async(&mut self.writer())
             .await
             .map_err(redis_err)?;
-        self.replicated(&conv, written == 1).await
+        Ok(written == 1)
     }
 
     async fn conversation(
@@ -661,17 +718,15 @@ impl SessionStore for RedisStore {
         conversation_id: &str,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let conv = self.key(tenant, "conv", conversation_id);
         self.scripts
             .expire
-            .key(&conv)
+            .key(self.key(tenant, "conv", conversation_id))
             .key(self.key(tenant, "tx", conversation_id))
             .key(self.key(tenant, "txids", conversation_id))
             .arg(ttl_ms(ttl))
-            .invoke_async::<()>(&mut self.conn())
+            .invoke_async::<()>(&mut self.writer())
             .await
-            .map_err(redis_err)?;
-        self.replicated(&conv, ()).await
+            .map_err(redis_err)
     }
 
     async fn append(
@@ -682,30 +737,27 @@ impl SessionStore for RedisStore {
     ) -> Result<Appended, StoreError> {
         let json = serde_json::to_string(entry).map_err(|e| corrupt("entry", e))?;
         let message = super::message_key(entry).unwrap_or_default();
-        let tx = self.key(tenant, "tx", conversation_id);
         let (position, duplicate): (u64, u8) = self
             .scripts
             .append
-            .key(&tx)
+            .key(self.key(tenant, "tx", conversation_id))
             .key(self.key(tenant, "txids", conversation_id))
             .key(self.key(tenant, "conv", conversation_id))
             .arg(&entry.event_id)
             .arg(message)
             .arg(json)
             .arg(ttl_ms(self.orphan_ttl))
-            .invoke_async(&mut self.conn())
+            .invoke_async(&mut self.writer())
             .await
             .map_err(redis_err)?;
         if duplicate == 3 {
             return Err(StoreError::Closed(conversation_id.to_string()));
         }
-        // A duplicate waits too: the first try's write may be the one not yet replicated.
-        let appended = Appended {
+        Ok(Appended {
             position,
             duplicate: duplicate > 0,
             retried: duplicate == 2,
-        };
-        self.replicated(&tx, appended).await
+        })
     }
 
     async fn transcript_len(&self, tenant: &str, conversation_id: &str) -> Result<u64, StoreError> {
@@ -760,20 +812,18 @@ impl SessionStore for RedisStore {
     ) -> Result<AgentPresence, StoreError> {
         let ready = update.ready;
         let profile = serde_json::to_string(update).map_err(|e| corrupt("agent profile", e))?;
-        let agents = format!("{}agents", self.prefix(tenant));
         let (score, fields): (String, Vec<(String, String)>) = self
             .scripts
             .set_presence
-            .key(&agents)
+            .key(format!("{}agents", self.prefix(tenant)))
             .key(self.key(tenant, "agent", agent_id))
             .arg(agent_id)
             .arg(profile)
             .arg(if ready { "1" } else { "0" })
             .arg(now_ms)
-            .invoke_async(&mut self.conn())
+            .invoke_async(&mut self.writer())
             .await
             .map_err(redis_err)?;
-        self.replicated(&agents, ()).await?;
         parse_presence(tenant, agent_id, &score, fields)?
             .ok_or_else(|| StoreError::Corrupt(format!("agent {agent_id} lost its profile")))
     }
@@ -823,11 +873,10 @@ impl SessionStore for RedisStore {
                 .key(&key)
                 .arg(read)
                 .arg(written)
-                .invoke_async(&mut self.conn())
+                .invoke_async(&mut self.writer())
                 .await
                 .map_err(redis_err)?;
             if swapped == 1 {
-                self.replicated(&key, ()).await?;
                 return self.presence(tenant, agent_id).await;
             }
         }
@@ -840,11 +889,9 @@ impl SessionStore for RedisStore {
         let skills = serde_json::to_string(&r.skills).map_err(|e| corrupt("skills", e))?;
         let exclude = serde_json::to_string(&r.exclude).map_err(|e| corrupt("exclude", e))?;
         let pre = self.prefix(tenant);
-        let agents = format!("{pre}agents");
-        let reserved: Option<String> = self
-            .scripts
+        self.scripts
             .reserve
-            .key(&agents)
+            .key(format!("{pre}agents"))
             .key(self.key(tenant, "holder", &r.conversation_id))
             .key(self.key(tenant, "txids", &r.conversation_id))
             .arg(&pre)
@@ -854,13 +901,12 @@ impl SessionStore for RedisStore {
             .arg(exclude)
             .arg(r.now_ms)
             .arg(r.only.as_deref().unwrap_or(""))
-            .invoke_async(&mut self.conn())
+            .invoke_async(&mut self.writer())
             .await
             .map_err(|e| match e.code() {
                 Some("NXCLOSED") => StoreError::Closed(r.conversation_id.clone()),
                 _ => redis_err(e),
-            })?;
-        self.replicated(&agents, reserved).await
+            })
     }
 
     async fn release_agent(
@@ -871,21 +917,20 @@ impl SessionStore for RedisStore {
         conversation_id: &str,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
-        let agents = format!("{}agents", self.prefix(tenant));
         let released: u8 = self
             .scripts
             .release
-            .key(&agents)
+            .key(format!("{}agents", self.prefix(tenant)))
             .key(self.key(tenant, "agent", agent_id))
             .key(self.key(tenant, "slots", agent_id))
             .key(self.key(tenant, "holder", conversation_id))
             .arg(agent_id)
             .arg(conversation_id)
             .arg(now_ms)
-            .invoke_async(&mut self.conn())
+            .invoke_async(&mut self.writer())
             .await
             .map_err(redis_err)?;
-        self.replicated(&agents, released == 1).await
+        Ok(released == 1)
     }
 
     async fn slot_holders(
@@ -924,18 +969,16 @@ impl SessionStore for RedisStore {
         priority: i64,
         at_ms: i64,
     ) -> Result<(), StoreError> {
-        let queue = self.key(tenant, "queue", queue_id);
         self.scripts
             .enqueue
-            .key(&queue)
+            .key(self.key(tenant, "queue", queue_id))
             .key(self.key(tenant, "qidx", queue_id))
             .arg(conversation_id)
             .arg(queue_score(priority))
             .arg(queue_member(at_ms, conversation_id))
-            .invoke_async::<()>(&mut self.conn())
+            .invoke_async::<()>(&mut self.writer())
             .await
-            .map_err(redis_err)?;
-        self.replicated(&queue, ()).await
+            .map_err(redis_err)
     }
 
     async fn dequeue(
@@ -944,17 +987,16 @@ impl SessionStore for RedisStore {
         queue_id: &str,
         conversation_id: &str,
     ) -> Result<bool, StoreError> {
-        let queue = self.key(tenant, "queue", queue_id);
         let removed: u8 = self
             .scripts
             .dequeue
-            .key(&queue)
+            .key(self.key(tenant, "queue", queue_id))
             .key(self.key(tenant, "qidx", queue_id))
             .arg(conversation_id)
-            .invoke_async(&mut self.conn())
+            .invoke_async(&mut self.writer())
             .await
             .map_err(redis_err)?;
-        self.replicated(&queue, removed == 1).await
+        Ok(removed == 1)
     }
 
     async fn waiting(
@@ -979,21 +1021,17 @@ impl SessionStore for RedisStore {
     }
 
     async fn schedule(&self, timer: &Timer, due_ms: i64) -> Result<(), StoreError> {
-        let timers = self.timers_key(&timer.kind);
-        self.conn()
-            .zadd::<_, _, _, ()>(&timers, timer_member(timer)?, due_ms)
+        self.writer()
+            .zadd::<_, _, _, ()>(self.timers_key(&timer.kind), timer_member(timer)?, due_ms)
             .await
-            .map_err(redis_err)?;
-        self.replicated(&timers, ()).await
+            .map_err(redis_err)
     }
 
     async fn cancel(&self, timer: &Timer) -> Result<(), StoreError> {
-        let timers = self.timers_key(&timer.kind);
-        self.conn()
-            .zrem::<_, _, ()>(&timers, timer_member(timer)?)
+        self.writer()
+            .zrem::<_, _, ()>(self.timers_key(&timer.kind), timer_member(timer)?)
             .await
-            .map_err(redis_err)?;
-        self.replicated(&timers, ()).await
+            .map_err(redis_err)
     }
 
     async fn claim_due(
@@ -1005,8 +1043,8 @@ impl SessionStore for RedisStore {
         if max == 0 {
             return Ok(Vec::new());
         }
-        // No replica wait: a lease lost with its master only makes its timers due again, and
-        // firing a timer twice is harmless (each checks the record it is for).
+        // Not through the writer: a lease lost with its master only makes its timers due
+        // again, and a timer fired twice is harmless (each checks the record it is for).
         let members: Vec<String> = self
             .scripts
             .claim_due
@@ -1040,30 +1078,27 @@ impl SessionStore for RedisStore {
     }
 
     async fn complete_timer(&self, timer: &Timer, now_ms: i64) -> Result<(), StoreError> {
-        let timers = self.timers_key(&timer.kind);
         self.scripts
             .complete_timer
-            .key(&timers)
+            .key(self.timers_key(&timer.kind))
             .arg(timer_member(timer)?)
             .arg(super::timer_lease_until(now_ms))
-            .invoke_async::<()>(&mut self.conn())
+            .invoke_async::<()>(&mut self.writer())
             .await
-            .map_err(redis_err)?;
-        self.replicated(&timers, ()).await
+            .map_err(redis_err)
     }
 
     async fn remember(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
-        let seen = self.seen_key(key);
         let set: Value = ::redis::cmd("SET")
-            .arg(&seen)
+            .arg(self.seen_key(key))
             .arg(1)
             .arg("NX")
             .arg("PX")
             .arg(ttl_ms(ttl))
-            .query_async(&mut self.conn())
+            .query_async(&mut self.writer())
             .await
             .map_err(redis_err)?;
-        self.replicated(&seen, !matches!(set, Value::Nil)).await
+        Ok(!matches!(set, Value::Nil))
     }
 
     async fn claim(
@@ -1072,30 +1107,25 @@ impl SessionStore for RedisStore {
         value: &str,
         ttl: Duration,
     ) -> Result<Option<String>, StoreError> {
-        let claim = self.claim_key(key);
-        let held = self
-            .scripts
+        self.scripts
             .claim
-            .key(&claim)
+            .key(self.claim_key(key))
             .arg(value)
             .arg(ttl_ms(ttl))
-            .invoke_async::<Option<String>>(&mut self.conn())
+            .invoke_async::<Option<String>>(&mut self.writer())
             .await
-            .map_err(redis_err)?;
-        self.replicated(&claim, held).await
+            .map_err(redis_err)
     }
 
     async fn refresh(&self, key: &str, ttl: Duration) -> Result<(), StoreError> {
-        let seen = self.seen_key(key);
         ::redis::cmd("SET")
-            .arg(&seen)
+            .arg(self.seen_key(key))
             .arg(1)
             .arg("PX")
             .arg(ttl_ms(ttl))
-            .query_async::<()>(&mut self.conn())
+            .query_async::<()>(&mut self.writer())
             .await
-            .map_err(redis_err)?;
-        self.replicated(&seen, ()).await
+            .map_err(redis_err)
     }
 
     async fn seen(&self, key: &str) -> Result<bool, StoreError> {
@@ -1107,13 +1137,11 @@ impl SessionStore for RedisStore {
     }
 
     async fn forget(&self, key: &str) -> Result<(), StoreError> {
-        let seen = self.seen_key(key);
         ::redis::cmd("DEL")
-            .arg(&seen)
-            .query_async::<()>(&mut self.conn())
+            .arg(self.seen_key(key))
+            .query_async::<()>(&mut self.writer())
             .await
-            .map_err(redis_err)?;
-        self.replicated(&seen, ()).await
+            .map_err(redis_err)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -1137,29 +1165,6 @@ mod tests {
         assert_ne!(key("a}:conv:x", "y"), key("a", "x}:conv:y"));
         assert_eq!(key("t{1}", "c"), "nx:{t:t%7B1%7D}:conv:c");
         assert_ne!(tenant_prefix("nx", "t"), tenant_prefix("nx2", "t"));
-    }
-
-    /// Slots as Redis's `CLUSTER KEYSLOT` gives them (its documentation's examples).
-    #[test]
-    fn key_slots_follow_the_cluster_spec() {
-        assert_eq!(key_slot("123456789"), 0x31C3);
-        assert_eq!(key_slot("somekey"), 11_058);
-        assert_eq!(key_slot("foo{hash_tag}"), 2_515);
-        assert_eq!(key_slot("bar{hash_tag}"), 2_515);
-        // An empty tag is no tag; only the first `{` opens one.
-        assert_eq!(key_slot("foo{}{bar}"), key_slot_of_bytes(b"foo{}{bar}"));
-        assert_eq!(key_slot("foo{{bar}}zap"), key_slot_of_bytes(b"{bar"));
-        let conv = format!("{}conv:c", tenant_prefix("nx", "t1"));
-        let tx = format!("{}tx:c", tenant_prefix("nx", "t1"));
-        assert_eq!(
-            key_slot(&conv),
-            key_slot(&tx),
-            "a tenant's keys share a slot"
-        );
-    }
-
-    fn key_slot_of_bytes(b: &[u8]) -> u16 {
-        crc16::State::<crc16::XMODEM>::calculate(b) % 16_384
     }
 
     #[test]
