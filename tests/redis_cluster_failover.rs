@@ -331,6 +331,24 @@ fn start_writers(
         .collect()
 }
 
+/// Lets the writers go on a little past the last change, then stops them: what each appended,
+/// and the failed tries of all.
+async fn stop_writers(
+    stop: &AtomicBool,
+    writers: Vec<tokio::task::JoinHandle<Written>>,
+) -> (Vec<usize>, usize) {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut failures = 0;
+    let mut appended = Vec::new();
+    for w in writers {
+        let written = w.await.expect("writer");
+        failures += written.failures;
+        appended.push(written.appended);
+    }
+    (appended, failures)
+}
+
 /// The event ids of a writer's transcript in position order, checking positions have no gap.
 async fn transcript_of(store: &RedisStore, tenant: &str) -> Vec<String> {
     let all = store
@@ -439,16 +457,7 @@ async fn manual_failovers_under_load_lose_and_repeat_nothing() {
         })
         .await;
     }
-    // The writers go on a little past the last change, then stop.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::SeqCst);
-    let mut failures = 0;
-    let mut appended = Vec::new();
-    for w in writers {
-        let written = w.await.expect("writer");
-        failures += written.failures;
-        appended.push(written.appended);
-    }
+    let (appended, failures) = stop_writers(&stop, writers).await;
     let masters = cluster.in_role("master").await;
     assert_eq!(masters.len(), 3, "three masters after the failovers");
 
@@ -493,16 +502,7 @@ async fn a_crashed_master_is_replaced_and_no_acknowledged_write_is_lost() {
     })
     .await;
 
-    // The writers go on a little past the last change, then stop.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::SeqCst);
-    let mut failures = 0;
-    let mut appended = Vec::new();
-    for w in writers {
-        let written = w.await.expect("writer");
-        failures += written.failures;
-        appended.push(written.appended);
-    }
+    let (appended, failures) = stop_writers(&stop, writers).await;
     for (w, tenant) in tenants.iter().enumerate() {
         let expected: Vec<String> = (0..appended[w]).map(|n| format!("w{w}-e{n}")).collect();
         assert_eq!(
