@@ -1,7 +1,10 @@
 //! The session store on a Redis Cluster whose masters change under load: a cluster of its own
 //! (three masters, one replica each, from the preinstalled `redis-server`), writers appending
-//! to transcripts while the replicas take over, by hand (`CLUSTER FAILOVER`) and after a crash;
-//! and `stores.redis_min_replicas`, which acknowledges no write its replica does not have.
+//! to transcripts while the replicas take over, by hand (`CLUSTER FAILOVER`) and after a crash,
+//! and while their slots move to other masters (`CLUSTER SETSLOT`, `MIGRATE` key by key, the
+//! writes meeting the half-moved slot: TRYAGAIN, ASK); a reserve in a slot being moved, which
+//! writes nothing on a node lacking the chosen agent's keys; and `stores.redis_min_replicas`,
+//! which acknowledges no write its replica does not have.
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -13,7 +16,10 @@ use std::time::{Duration, Instant};
 
 use nexus::stores::session::redis::{RedisStore, ReplicaWait};
 use nexus::stores::session::StoreError;
-use nexus::stores::session::{EntryKind, NewEntry, Party, PartyKind, SessionStore};
+use nexus::stores::session::{
+    Conversation, ConversationState, EntryKind, NewEntry, Party, PartyKind, PresenceUpdate,
+    Reserve, Routing, SessionStore,
+};
 use tokio::process::{Child, Command};
 
 /// Nodes of the test cluster: three masters, three replicas.
@@ -207,14 +213,20 @@ fn spawn_node(dir: &Path, port: u16) -> Child {
 
 /// One command to one node (not through the cluster), its answer as text.
 async fn command(port: u16, args: &[&str]) -> Option<String> {
-    let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+    try_command(port, args).await.ok()
+}
+
+/// [`command`], saying why it failed.
+async fn try_command(port: u16, args: &[&str]) -> Result<String, String> {
+    let client =
+        ::redis::Client::open(format!("redis://127.0.0.1:{port}")).map_err(|e| e.to_string())?;
     let mut conn = tokio::time::timeout(
         Duration::from_secs(2),
         client.get_multiplexed_async_connection(),
     )
     .await
-    .ok()?
-    .ok()?;
+    .map_err(|_| format!("no connection to {port} within 2 s"))?
+    .map_err(|e| e.to_string())?;
     let mut cmd = ::redis::cmd(args[0]);
     for a in &args[1..] {
         cmd.arg(*a);
@@ -222,9 +234,9 @@ async fn command(port: u16, args: &[&str]) -> Option<String> {
     let value: ::redis::Value =
         tokio::time::timeout(Duration::from_secs(2), cmd.query_async(&mut conn))
             .await
-            .ok()?
-            .ok()?;
-    Some(text_of(&value))
+            .map_err(|_| format!("no answer from {port} within 2 s"))?
+            .map_err(|e| e.to_string())?;
+    Ok(text_of(&value))
 }
 
 fn text_of(v: &::redis::Value) -> String {
@@ -289,9 +301,9 @@ struct Written {
 
 /// `WRITERS` tasks, each appending entries in order to a conversation of its own tenant until
 /// `stop` is set (and at least `ENTRIES`), retrying a failed append as the worker would on
-/// redelivery (same event id).
+/// redelivery (same event id). Writer `w` writes through `stores[w % stores.len()]`.
 fn start_writers(
-    store: Arc<RedisStore>,
+    stores: &[Arc<RedisStore>],
     tenants: Vec<String>,
     stop: Arc<AtomicBool>,
 ) -> Vec<tokio::task::JoinHandle<Written>> {
@@ -299,7 +311,7 @@ fn start_writers(
         .into_iter()
         .enumerate()
         .map(|(w, tenant)| {
-            let (store, stop) = (store.clone(), stop.clone());
+            let (store, stop) = (stores[w % stores.len()].clone(), stop.clone());
             tokio::spawn(async move {
                 let mut failures = 0;
                 let mut n = 0;
@@ -391,11 +403,18 @@ fn one_replica(timeout_ms: u64) -> Option<ReplicaWait> {
     })
 }
 
+/// The key of `tenant`'s transcript of the writers' conversation, as the store names it
+/// (`nx:{t:<tenant>}:tx:<conversation>`, see `stores::session::redis`): every key of the
+/// tenant has its hash tag, so its slot is the tenant's.
+fn transcript_key(tenant: &str) -> String {
+    format!("nx:{{t:{tenant}}}:tx:chat")
+}
+
 /// The master holding `tenant`'s slot once it has keys there, and that slot.
 async fn master_of(cluster: &Cluster, tenant: &str) -> (u16, String) {
     let slot = command(
         cluster.ports[0],
-        &["CLUSTER", "KEYSLOT", &format!("{{t:{tenant}}}")],
+        &["CLUSTER", "KEYSLOT", &transcript_key(tenant)],
     )
     .await
     .expect("the tenant's slot");
@@ -440,7 +459,7 @@ async fn manual_failovers_under_load_lose_and_repeat_nothing() {
     let store = connect(&cluster, None).await;
     let tenants = tenants();
     let stop = Arc::new(AtomicBool::new(false));
-    let writers = start_writers(store.clone(), tenants.clone(), stop.clone());
+    let writers = start_writers(std::slice::from_ref(&store), tenants.clone(), stop.clone());
 
     let replicas = cluster.in_role("slave").await;
     assert_eq!(replicas.len(), 3);
@@ -484,7 +503,7 @@ async fn a_crashed_master_is_replaced_and_no_acknowledged_write_is_lost() {
     let store = connect(&cluster, one_replica(1_000)).await;
     let tenants = tenants();
     let stop = Arc::new(AtomicBool::new(false));
-    let writers = start_writers(store.clone(), tenants.clone(), stop.clone());
+    let writers = start_writers(std::slice::from_ref(&store), tenants.clone(), stop.clone());
 
     // The victim is the master holding the first writer's conversation, once it has some.
     let (victim, _) = master_of(&cluster, &tenants[0]).await;
@@ -570,5 +589,317 @@ async fn a_write_no_replica_has_is_not_acknowledged() {
     assert_eq!(
         transcript_of(&plain, &tenant).await,
         ["w0-e0", "w0-e1", "w0-e2"]
+    );
+}
+
+/// The node id of the node on `port`.
+async fn node_id(port: u16) -> String {
+    command(port, &["CLUSTER", "MYID"])
+        .await
+        .expect("CLUSTER MYID")
+}
+
+/// ASK and TRYAGAIN answers the node on `port` gave so far (`INFO errorstats`): requests
+/// that met a slot being moved.
+async fn redirections(port: u16) -> u64 {
+    let stats = command(port, &["INFO", "errorstats"])
+        .await
+        .unwrap_or_default();
+    stats
+        .lines()
+        .filter_map(|line| {
+            let (name, count) = line.split_once(":count=")?;
+            let counted = matches!(name, "errorstat_ASK" | "errorstat_TRYAGAIN");
+            counted.then(|| count.trim().parse::<u64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// The first step of moving `slot` from the master on `from` to the one on `to`: the target
+/// importing it, then the source migrating it (the order `redis-cli --cluster reshard` uses).
+async fn open_slot(slot: &str, from: u16, to: u16) {
+    let (from_id, to_id) = (node_id(from).await, node_id(to).await);
+    let importing = command(to, &["CLUSTER", "SETSLOT", slot, "IMPORTING", &from_id]).await;
+    assert_eq!(importing.as_deref(), Some("OK"), "{to} importing {slot}");
+    let migrating = command(from, &["CLUSTER", "SETSLOT", slot, "MIGRATING", &to_id]).await;
+    assert_eq!(migrating.as_deref(), Some("OK"), "{from} migrating {slot}");
+}
+
+/// One key of a slot being moved, from the node on `from` to the node on `to`.
+async fn migrate(from: u16, to: u16, key: &str) {
+    let to_port = to.to_string();
+    let args = [
+        "MIGRATE",
+        "127.0.0.1",
+        &to_port,
+        "",
+        "0",
+        "5000",
+        "KEYS",
+        key,
+    ];
+    let answer = try_command(from, &args).await;
+    assert_eq!(answer.as_deref(), Ok("OK"), "MIGRATE of {key} to {to}");
+}
+
+/// The last step: the slot is the target's, on the target, the source, then the other masters.
+async fn close_slot(cluster: &Cluster, slot: &str, from: u16, to: u16) {
+    let to_id = node_id(to).await;
+    let mut order = vec![to, from];
+    order.extend(
+        cluster
+            .in_role("master")
+            .await
+            .into_iter()
+            .filter(|p| *p != to && *p != from),
+    );
+    for port in order {
+        let answer = command(port, &["CLUSTER", "SETSLOT", slot, "NODE", &to_id]).await;
+        assert_eq!(
+            answer.as_deref(),
+            Some("OK"),
+            "{slot} given to {to} on {port}"
+        );
+    }
+}
+
+/// Moves `slot` from the master on `from` to the one on `to`, one key at a time. After each
+/// key the slot stays half-moved until a request met it (an ASK or TRYAGAIN answered by either
+/// node; only this slot is moving), so the writers run into every state of the move: keys on
+/// both nodes (a script on several of them: TRYAGAIN), then on the target alone (ASK).
+async fn move_slot(cluster: &Cluster, slot: &str, from: u16, to: u16) {
+    open_slot(slot, from, to).await;
+    loop {
+        let key = command(from, &["CLUSTER", "GETKEYSINSLOT", slot, "1"])
+            .await
+            .expect("CLUSTER GETKEYSINSLOT");
+        if key.is_empty() {
+            break;
+        }
+        let before = redirections(from).await + redirections(to).await;
+        migrate(from, to, &key).await;
+        wait_for(&format!("a request meeting slot {slot} half-moved"), || async move {
+            (redirections(from).await + redirections(to).await > before).then_some(())
+        })
+        .await;
+    }
+    close_slot(cluster, slot, from, to).await;
+}
+
+/// A conversation record, so that the writer's appends (a script on the record, the transcript
+/// and its ids) find all their keys on one node or another, not some on none.
+fn record(tenant: &str) -> Conversation {
+    Conversation {
+        tenant_id: tenant.into(),
+        conversation_id: "chat".into(),
+        channel: "WEB_CHAT".into(),
+        state: ConversationState::Connected,
+        customer: Party {
+            participant_id: "customer".into(),
+            nickname: "c".into(),
+            kind: PartyKind::Customer,
+        },
+        contact: BTreeMap::new(),
+        user_data: BTreeMap::new(),
+        subject: None,
+        queue_id: None,
+        bot_id: None,
+        agent_id: None,
+        offered_to: None,
+        declined_by: Vec::new(),
+        files: 0,
+        created_at_ms: 1_700_000_000_000,
+        last_activity_ms: 1_700_000_000_000,
+        closed_reason: None,
+        routing: Routing::default(),
+        version: 0,
+    }
+}
+
+/// Every writer's slot moves to another master while the writers append, key by key, each
+/// state of the move held until a write met it (TRYAGAIN while the keys are split, ASK once
+/// they are all on the target); then two of them move back. Half the writers write through a
+/// replica-waiting connection (a script and its `WAIT` in one pipeline), half of the
+/// conversations have a record (an append touches three keys, else two and a missing one). No
+/// write fails for good, and every transcript holds each entry once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slots_migrated_under_load_lose_and_repeat_nothing() {
+    if redis_tools().is_none() {
+        return;
+    }
+    let cluster = Cluster::start().await;
+    let plain = connect(&cluster, None).await;
+    let waiting = connect(&cluster, one_replica(1_000)).await;
+    let tenants = tenants();
+    for tenant in tenants.iter().step_by(2) {
+        let written = plain
+            .put_conversation(&record(tenant))
+            .await
+            .expect("a record");
+        assert!(written, "the record of {tenant} is new");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = start_writers(
+        &[plain.clone(), waiting.clone()],
+        tenants.clone(),
+        stop.clone(),
+    );
+
+    // Each writer's slot and its master, once it has keys; a slot two tenants share moves once.
+    let mut owners: BTreeMap<String, u16> = BTreeMap::new();
+    let mut slots_of = Vec::new();
+    for tenant in &tenants {
+        let (master, slot) = master_of(&cluster, tenant).await;
+        owners.insert(slot.clone(), master);
+        slots_of.push(slot);
+    }
+    let mut masters = cluster.in_role("master").await;
+    masters.sort_unstable();
+    assert_eq!(masters.len(), 3);
+    let next = |port: u16| {
+        let i = masters.iter().position(|m| *m == port).expect("a master");
+        masters[(i + 1) % masters.len()]
+    };
+    for (slot, from) in &owners {
+        move_slot(&cluster, slot, *from, next(*from)).await;
+    }
+    // Back again: the first two writers' slots (one conversation with a record, one without).
+    let mut back = slots_of[..2].to_vec();
+    back.dedup();
+    for slot in &back {
+        let from = next(owners[slot]);
+        move_slot(&cluster, slot, from, owners[slot]).await;
+    }
+
+    let (appended, failures) = stop_writers(&stop, writers).await;
+    for (w, tenant) in tenants.iter().enumerate() {
+        let expected: Vec<String> = (0..appended[w]).map(|n| format!("w{w}-e{n}")).collect();
+        assert_eq!(
+            transcript_of(&plain, tenant).await,
+            expected,
+            "writer {w}'s transcript after its slot moved ({failures} failed tries retried)"
+        );
+    }
+    // Each writer's keys are on the master its slot was moved to last.
+    for (w, tenant) in tenants.iter().enumerate() {
+        let (master, slot) = master_of(&cluster, tenant).await;
+        let expected = if back.contains(&slot) {
+            owners[&slot]
+        } else {
+            next(owners[&slot])
+        };
+        assert_eq!(master, expected, "writer {w}'s keys after the moves");
+    }
+}
+
+/// A reserve that runs on the node importing the tenant's slot (every key it declares has
+/// arrived) while the chosen agent's slots hash is still on the source: it writes nothing
+/// there (a write would make a second hash, and the move would then stop on it, BUSYKEY); it
+/// is answered TRYAGAIN, retried by the client, and takes the agent once the move is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reserve_in_a_slot_being_moved_writes_no_key_left_behind() {
+    if redis_tools().is_none() {
+        return;
+    }
+    let cluster = Cluster::start().await;
+    let store = connect(&cluster, None).await;
+    let tenant = format!("tenant-{}", uuid::Uuid::new_v4().simple());
+    let profile = PresenceUpdate {
+        ready: true,
+        skills: Vec::new(),
+        capacity: BTreeMap::from([("chat".to_string(), 2)]),
+        limits: BTreeMap::new(),
+    };
+    let reserve = |conversation: &str, only: Option<&str>, exclude: &[&str]| Reserve {
+        conversation_id: conversation.into(),
+        media: "chat".into(),
+        skills: Vec::new(),
+        exclude: exclude.iter().map(|a| a.to_string()).collect(),
+        only: only.map(str::to_string),
+        now_ms: 1_700_000_000_000,
+    };
+    for agent in ["a", "b"] {
+        store
+            .update_presence(&tenant, agent, &profile, 1_700_000_000_000)
+            .await
+            .expect("presence");
+    }
+    // c1 holds a slot of a (a transfer from a is a reserve excluding a, with c1's holder set);
+    // b holds c2, so b has a slots hash.
+    for (conversation, agent) in [("c1", "a"), ("c2", "b")] {
+        let got = store
+            .reserve_agent(&tenant, &reserve(conversation, Some(agent), &[]))
+            .await
+            .expect("reserve");
+        assert_eq!(got.as_deref(), Some(agent));
+    }
+    store
+        .append(&tenant, "c1", &entry(0, 0))
+        .await
+        .expect("an entry of c1");
+
+    // Every key of the slot moves but b's slots hash.
+    let (from, slot) = master_of(&cluster, &tenant).await;
+    let to = *cluster
+        .in_role("master")
+        .await
+        .iter()
+        .find(|p| **p != from)
+        .expect("another master");
+    let left = format!("nx:{{t:{tenant}}}:slots:b");
+    open_slot(&slot, from, to).await;
+    let keys = command(from, &["CLUSTER", "GETKEYSINSLOT", &slot, "100"])
+        .await
+        .expect("the slot's keys");
+    for key in keys.lines().filter(|k| *k != left) {
+        migrate(from, to, key).await;
+    }
+
+    // The transfer's reserve: redirected (ASK) to the target, which has all it declares.
+    let before = redirections(to).await;
+    let transfer = tokio::spawn({
+        let (store, tenant) = (store.clone(), tenant.clone());
+        let r = reserve("c1", None, &["a"]);
+        async move { store.reserve_agent(&tenant, &r).await }
+    });
+    wait_for("the reserve run on the target, or refused there", || {
+        let transfer = &transfer;
+        async move { (transfer.is_finished() || redirections(to).await > before).then_some(()) }
+    })
+    .await;
+    if transfer.is_finished() {
+        let early = transfer.await.expect("reserve task");
+        panic!("the reserve answered while b's slots hash was still on the source: {early:?}");
+    }
+    // b's slots hash moves: the target made none of its own meanwhile.
+    migrate(from, to, &left).await;
+    close_slot(&cluster, &slot, from, to).await;
+
+    let got = transfer
+        .await
+        .expect("reserve task")
+        .expect("the reserve, retried");
+    assert_eq!(got.as_deref(), Some("b"), "the transfer takes b");
+    assert_eq!(
+        store
+            .agent_conversations(&tenant, "b")
+            .await
+            .expect("b's conversations"),
+        ["c1", "c2"],
+        "b's slots hash holds both conversations"
+    );
+    let b = store
+        .presence(&tenant, "b")
+        .await
+        .expect("b's presence")
+        .expect("b");
+    assert_eq!(
+        b.active.get("chat"),
+        Some(&2),
+        "b's count matches its slots"
+    );
+    assert_eq!(
+        store.slot_holders(&tenant, "c1").await.expect("holders"),
+        ["a", "b"]
     );
 }

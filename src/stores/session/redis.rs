@@ -163,6 +163,8 @@ const SWAP_ATTEMPTS: usize = 8;
 /// is taken after). The agents' own keys (`agent:`, `slots:`) are built from the
 /// prefix, so not declared; they share the tenant's hash tag, hence the slot of KEYS. Scans the
 /// tenant's agents in idle order: O(agents of the tenant), stopping at the first that fits.
+/// While a Redis Cluster moves the slot, a chosen agent whose keys are not both on the node
+/// running it gets `TRYAGAIN` (retried by the cluster client) before anything is written.
 const RESERVE: &str = r#"
 local prefix, conv, media = ARGV[1], ARGV[2], ARGV[3]
 local skills = cjson.decode(ARGV[4])
@@ -194,10 +196,18 @@ for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
         local active = tonumber(h[2] or 0) or 0
         if fits and active < cap then
           local slots = prefix .. 'slots:' .. id
-          -- Read before any write: the agent's keys are not in KEYS (any agent may be chosen), so
-          -- on a cluster whose slot is being moved an access to them can fail; it fails here,
-          -- before the script changed anything (Lua does not roll back).
-          redis.call('HLEN', slots)
+          -- The agent's keys are not in KEYS (any agent may be chosen), so Redis Cluster checks
+          -- them only as they are used. While the slot moves between nodes, the source fails an
+          -- access to a key already gone, but the target (running this after an ASK) reads a
+          -- key not moved yet as missing, and a write would make a second one there (the move
+          -- then stops on it, BUSYKEY). A read of both keys in one command is refused by either
+          -- node unless both are there (a missing key in a moving slot, so also while the agent
+          -- has no slots hash): refused before any write (Lua does not roll back), and answered
+          -- TRYAGAIN, as Redis answers a multi-key command in that state, so the client retries.
+          local here = redis.pcall('EXISTS', key, slots)
+          if type(here) == 'table' and here.err then
+            return redis.error_reply('TRYAGAIN agent ' .. id .. ' in a slot being moved')
+          end
           redis.call('HINCRBY', key, 'a:' .. media, 1)
           redis.call('ZADD', KEYS[1], ARGV[6], id)
           redis.call('HSET', slots, conv, media)
