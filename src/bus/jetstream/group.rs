@@ -952,7 +952,7 @@ async fn start_at_ack_floor(bus: &Inner, g: &Group, partition: u32) -> Result<()
         partition,
         pending = info.num_ack_pending,
         start,
-        "previous owner left records unacked; restarting at the ack floor"
+        "records left unacked (a previous owner, or deliveries lost); restarting at the ack floor"
     );
     bus.restart_consumer(
         &g.marks,
@@ -1073,11 +1073,13 @@ async fn fetch_loop(bus: &Arc<Inner>, g: &Arc<Group>, slot: &Arc<Slot>) -> Optio
         };
         let mut stale = false;
         let mut gap = false;
-        // A pull request is always read to its end: records it brings after an early stop
-        // would sit unacked until ack wait and could overtake records the next owner gets.
+        // A pull request is read to its end: records it brings after an early stop would sit
+        // unacked until ack wait and could overtake records the next owner gets. Except after
+        // a gap: the partition then restarts at its ack floor on a new consumer, which makes the
+        // old one's deliveries moot, and a request the server filled would only end at the
+        // client's own timeout (fetch expiry + 5 s), the lost record waiting for it.
         while let Some(item) = batch.next().await {
             match item {
-                Ok(_) if gap => {}
                 Ok(m) => {
                     // Read once per record: the reply subject is parsed for it.
                     let info = match m.info() {
@@ -1099,7 +1101,7 @@ async fn fetch_loop(bus: &Arc<Inner>, g: &Arc<Group>, slot: &Arc<Slot>) -> Optio
                                 "deliveries lost in transit; restarting the partition at its ack floor"
                             );
                             gap = true;
-                            continue;
+                            break;
                         }
                     }
                     delivered = Some(seq);
@@ -1120,6 +1122,8 @@ async fn fetch_loop(bus: &Arc<Inner>, g: &Arc<Group>, slot: &Arc<Slot>) -> Optio
             }
         }
         if gap {
+            // The request's subscription ends here: what the server still sends it is moot.
+            drop(batch);
             drop(permits);
             if let Err(end) = restart_after_gap(bus, g, slot).await {
                 return Some(end);

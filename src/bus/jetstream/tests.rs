@@ -623,6 +623,364 @@ async fn a_hand_over_after_lost_deliveries_restarts_at_the_ack_floor() {
     b.close().await.expect("close b");
 }
 
+/// What a [`LossyLink`] does to the deliveries of one consumer.
+#[derive(Default)]
+struct LossPlan {
+    /// Reply-subject prefix of the deliveries concerned (`$JS.ACK.<stream>.<consumer>.`);
+    /// `None`: everything passes.
+    target: Option<String>,
+    /// Deliveries let through before any is lost.
+    pass: usize,
+    /// Deliveries lost after those.
+    lose: usize,
+    /// A status written to the inbox of the last lost delivery right after it: how its pull
+    /// request ends for the member.
+    status: Option<&'static str>,
+    /// Payloads of the deliveries lost so far.
+    lost: Vec<String>,
+}
+
+/// A message the server sent (`MSG` or `HMSG`).
+struct ServerMsg<'a> {
+    subject: &'a str,
+    sid: &'a str,
+    reply: Option<&'a str>,
+    payload: &'a [u8],
+}
+
+impl LossPlan {
+    /// `None` to pass the message on; else what the member gets instead (maybe nothing).
+    fn lose(&mut self, m: &ServerMsg) -> Option<Vec<u8>> {
+        let concerned = match (&self.target, m.reply) {
+            (Some(t), Some(r)) => r.starts_with(t.as_str()),
+            _ => false,
+        };
+        if !concerned || self.lose == 0 {
+            return None;
+        }
+        if self.pass > 0 {
+            self.pass -= 1;
+            return None;
+        }
+        self.lose -= 1;
+        self.lost
+            .push(String::from_utf8_lossy(m.payload).into_owned());
+        let status = self.status.filter(|_| self.lose == 0).map(|s| {
+            let head = format!("NATS/1.0 {s}\r\n\r\n");
+            let n = head.len();
+            format!("HMSG {} {} {n} {n}\r\n{head}\r\n", m.subject, m.sid).into_bytes()
+        });
+        Some(status.unwrap_or_default())
+    }
+}
+
+/// The length of the first whole protocol operation the server sent in `buf`, with the message
+/// if it is one; `None` while incomplete.
+fn server_op(buf: &[u8]) -> Option<(usize, Option<ServerMsg<'_>>)> {
+    let eol = buf.windows(2).position(|w| w == b"\r\n")?;
+    let line = std::str::from_utf8(&buf[..eol]).expect("protocol line");
+    let args: Vec<&str> = line.split_ascii_whitespace().collect();
+    // MSG <subject> <sid> [reply] <size>, HMSG <subject> <sid> [reply] <header size> <size>
+    let fixed = match args.first().map(|op| op.to_ascii_uppercase()).as_deref() {
+        Some("MSG") => 4,
+        Some("HMSG") => 5,
+        _ => return Some((eol + 2, None)),
+    };
+    let size: usize = args[args.len() - 1].parse().expect("message size");
+    let end = eol + 2 + size + 2;
+    if buf.len() < end {
+        return None;
+    }
+    let header_size: usize = match fixed {
+        5 => args[args.len() - 2].parse().expect("header size"),
+        _ => 0,
+    };
+    Some((
+        end,
+        Some(ServerMsg {
+            subject: args[1],
+            sid: args[2],
+            reply: (args.len() > fixed).then(|| args[3]),
+            payload: &buf[eol + 2 + header_size..eol + 2 + size],
+        }),
+    ))
+}
+
+/// A loopback TCP proxy between a member's NATS connection and the server that loses chosen
+/// deliveries on the way (see [`LossPlan`]): the server counts them delivered, the member never
+/// reads them, the connection stays up. Stops when dropped.
+struct LossyLink {
+    url: String,
+    plan: Arc<Mutex<LossPlan>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LossyLink {
+    /// A link to the server of `url`; `None` (test not run) unless it is plain `nats://`: the
+    /// link reads the protocol.
+    async fn start(url: &str) -> Option<Self> {
+        let Some(server) = url.strip_prefix("nats://").map(str::to_string) else {
+            eprintln!("{url}: the lossy link needs a plain nats:// server; test not run");
+            return None;
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the link");
+        let url = format!("nats://{}", listener.local_addr().expect("link address"));
+        let plan = Arc::new(Mutex::new(LossPlan::default()));
+        let shared = plan.clone();
+        let task = tokio::spawn(async move {
+            // Dropped with the accept loop: the relays end with the link.
+            let mut relays = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                if let Ok(upstream) = tokio::net::TcpStream::connect(&server).await {
+                    relays.spawn(relay(client, upstream, shared.clone()));
+                }
+            }
+        });
+        Some(LossyLink { url, plan, task })
+    }
+
+    /// From now on: lets `pass` deliveries whose reply subject starts with `target` through,
+    /// loses the next `lose`, and writes `status` to the pull request's inbox in place of the
+    /// last one lost.
+    fn arm(&self, target: String, pass: usize, lose: usize, status: Option<&'static str>) {
+        *plan_of(&self.plan) = LossPlan {
+            target: Some(target),
+            pass,
+            lose,
+            status,
+            lost: Vec::new(),
+        };
+    }
+
+    /// The payloads lost, once `n` were (or after [`WAIT`]).
+    async fn lost(&self, n: usize) -> Vec<String> {
+        let until = Instant::now() + WAIT;
+        loop {
+            let lost = plan_of(&self.plan).lost.clone();
+            if lost.len() >= n || Instant::now() > until {
+                return lost;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for LossyLink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn plan_of(plan: &Mutex<LossPlan>) -> std::sync::MutexGuard<'_, LossPlan> {
+    plan.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Copies one connection both ways, the server's messages through the plan, until either side
+/// closes.
+async fn relay(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    plan: Arc<Mutex<LossPlan>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client_rx, mut client_tx) = client.into_split();
+    let (mut server_rx, mut server_tx) = server.into_split();
+    let upstream = tokio::io::copy(&mut client_rx, &mut server_tx);
+    let downstream = async {
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            match server_rx.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            let mut out = Vec::new();
+            let mut taken = 0;
+            while let Some((len, msg)) = server_op(&buf[taken..]) {
+                match msg.and_then(|m| plan_of(&plan).lose(&m)) {
+                    Some(instead) => out.extend(instead),
+                    None => out.extend_from_slice(&buf[taken..taken + len]),
+                }
+                taken += len;
+            }
+            buf.drain(..taken);
+            if client_tx.write_all(&out).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = upstream => {}
+        _ = downstream => {}
+    }
+}
+
+/// A topic of one partition, a direct connection (the test's) and a member's connection
+/// through a [`LossyLink`], with an ack wait far beyond the test's waits: only a restart at
+/// the ack floor brings a lost record back within them. `None` when the test is not run.
+async fn lossy_setup() -> Option<(JetStreamBus, LossyLink, JetStreamBus, String)> {
+    let mut config = test_config()?;
+    config.nats.ack_wait_ms = 60_000;
+    config.nats.lease_ttl_ms = 90_000;
+    let bus = connect(&config).await;
+    let link = LossyLink::start(&config.url).await?;
+    let member = connect(&BusConfig {
+        url: link.url.clone(),
+        ..config
+    })
+    .await;
+    let topic = fresh_topic(&bus, 1).await;
+    Some((bus, link, member, topic))
+}
+
+/// Publishes record `n` of keys `a` (even) and `b` (odd), its payload `<key>:<n>`.
+async fn publish_ab(bus: &JetStreamBus, topic: &str, n: u64) {
+    let key = if n.is_multiple_of(2) { "a" } else { "b" };
+    bus.publish(topic, OutRecord::new(key, format!("{key}:{n}")))
+        .await
+        .expect("publish");
+}
+
+/// The reply-subject prefix of the deliveries of `group`'s consumer on partition 0.
+fn deliveries_of(topic: &str, group: &str) -> String {
+    let name = consumer_name(&group_key(group).expect("group key"), 0);
+    format!("$JS.ACK.{}.{name}.", stream_name(topic))
+}
+
+/// Takes the records from `sub` and acks them until `last` came: they must be the partition's
+/// records in order from at most `lost` on (a restart at the ack floor starts there, or before
+/// it when the server had not applied the last acks yet: acked records above the floor may
+/// come again, at-least-once), so every record is handled and none of a key before an earlier
+/// one of it. Then nothing more comes.
+async fn handled_from_the_floor(sub: &mut Box<dyn Subscription>, lost: u64, last: u64) {
+    let mut got = Vec::new();
+    while got.last() != Some(&last) {
+        let d = next(sub, WAIT).await.unwrap_or_else(|| {
+            panic!("only {got:?} came: without a restart the lost record waits for the ack wait")
+        });
+        got.push(seq_of(&d.message));
+        d.ack().await.expect("ack");
+    }
+    assert!(got[0] <= lost, "the lost record {lost} never came: {got:?}");
+    assert_eq!(got, (got[0]..=last).collect::<Vec<_>>(), "in order, once");
+    let more = next(sub, Duration::from_secs(1)).await;
+    assert!(
+        more.is_none(),
+        "delivered again: {:?}",
+        more.map(|d| seq_of(&d.message))
+    );
+}
+
+/// Deliveries lost with a pull request that then failed (in a cluster: the consumer's leader
+/// changes, deliveries the old one made never arrive, and the pending request ends with
+/// `409 Leadership Change`): the member looks the consumer up again, sees that it delivered
+/// past the last record read, and restarts the partition at its ack floor once what it handed
+/// out is done. So the lost record comes at once and before the later records of its key,
+/// not after the ack wait behind them. A link between member and server loses the delivery and
+/// answers the request with that status in its place (a single server sends it on no event a
+/// test can cause; a broken connection ends a pull request without error, and the next one
+/// shows the gap, as in `deliveries_lost_in_transit_come_again_in_order`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_lost_with_a_failed_pull_come_again_in_order() {
+    let Some((bus, link, member, topic)) = lossy_setup().await else {
+        return;
+    };
+    let options = SubscribeOptions {
+        max_in_flight: 2,
+        ..SubscribeOptions::default()
+    };
+    let mut sub = member
+        .subscribe("relookup", &topic, options)
+        .await
+        .expect("subscribe");
+    for n in 0..2 {
+        publish_ab(&bus, &topic, n).await;
+    }
+    let a0 = next(&mut sub, WAIT).await.expect("a:0");
+    let b1 = next(&mut sub, WAIT).await.expect("b:1");
+    assert_eq!([seq_of(&a0.message), seq_of(&b1.message)], [0, 1]);
+    // Both slots taken: no pull request is out while the next records are published.
+    let (stream, name) = (
+        stream_name(&topic),
+        consumer_name(&group_key("relookup").expect("group key"), 0),
+    );
+    let before = bus.consumer_info(&stream, &name).await.expect("info");
+    let before = before.expect("the group's consumer");
+    link.arm(
+        deliveries_of(&topic, "relookup"),
+        0,
+        1,
+        Some("409 Leadership Change"),
+    );
+    for n in 2..6 {
+        publish_ab(&bus, &topic, n).await;
+    }
+    // One slot frees: the member asks for one record, a:2, which the link loses.
+    b1.ack().await.expect("ack b:1");
+    assert_eq!(link.lost(1).await, ["a:2"]);
+    // Nothing while a:0 is handled: the restart waits for it (a restart before its ack would
+    // bring b:1 again at once, and a:2, its key's next, beside it).
+    let early = next(&mut sub, Duration::from_secs(2)).await;
+    assert!(
+        early.is_none(),
+        "handed out while a:0 was handled and a:2 lost: {:?}",
+        early.map(|d| seq_of(&d.message))
+    );
+    a0.ack().await.expect("ack a:0");
+    handled_from_the_floor(&mut sub, 2, 5).await;
+    let after = bus.consumer_info(&stream, &name).await.expect("info");
+    let after = after.expect("the group's consumer");
+    assert_ne!(after.created, before.created, "restarted at the ack floor");
+    assert_eq!(
+        (after.num_ack_pending, after.delivered.stream_sequence),
+        (0, 6)
+    );
+    sub.close().await.expect("close");
+}
+
+/// A delivery lost inside a pull request that goes on (the link drops it and passes the next
+/// ones; `deliveries_lost_in_transit_come_again_in_order` loses records between two requests):
+/// the records after the gap in that request are not handed out, since they would overtake the
+/// lost one; once what was handed out is done the partition restarts at its ack floor, and the
+/// lost record comes first again, then those after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_lost_inside_a_pull_request_comes_again_before_the_rest_of_it() {
+    let Some((bus, link, member, topic)) = lossy_setup().await else {
+        return;
+    };
+    let options = SubscribeOptions {
+        max_in_flight: 4,
+        ..SubscribeOptions::default()
+    };
+    let mut sub = member
+        .subscribe("gap", &topic, options)
+        .await
+        .expect("subscribe");
+    publish_ab(&bus, &topic, 0).await;
+    let a0 = next(&mut sub, WAIT).await.expect("a:0");
+    // Three slots free: one pull request takes b:1, a:2 and b:3 (published in a row while it is
+    // out; should it expire in between, the gap shows in the next one, to the same effect).
+    link.arm(deliveries_of(&topic, "gap"), 1, 1, None);
+    for n in 1..4 {
+        publish_ab(&bus, &topic, n).await;
+    }
+    let b1 = next(&mut sub, WAIT).await.expect("b:1");
+    assert_eq!(seq_of(&b1.message), 1);
+    assert_eq!(link.lost(1).await, ["a:2"]);
+    let early = next(&mut sub, Duration::from_secs(2)).await;
+    assert!(
+        early.is_none(),
+        "handed out past the lost a:2: {:?}",
+        early.map(|d| seq_of(&d.message))
+    );
+    b1.ack().await.expect("ack b:1");
+    a0.ack().await.expect("ack a:0");
+    handled_from_the_floor(&mut sub, 2, 3).await;
+    sub.close().await.expect("close");
+}
+
 /// A lease renewal the server applied but whose reply was lost (simulated: the member's own id
 /// written again behind its back) does not cost the member its partition: it takes the newer
 /// revision as its own and goes on renewing.
