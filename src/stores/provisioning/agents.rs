@@ -71,16 +71,8 @@ impl Provisioning {
 
     /// The tenant's agent `id`.
     pub async fn agent(&self, tenant_id: &str, id: &str) -> Result<Agent, ProvisioningError> {
-        let row = sqlx::query(&format!("{SELECT} WHERE tenant_id = $1 AND id = $2"))
-            .bind(tenant_id.to_string())
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
+        self.one(SELECT, tenant_id, id, Object::Agent, from_row)
             .await
-            .map_err(sql::unavailable)?;
-        match row {
-            Some(row) => from_row(&row),
-            None => Err(self.missing(tenant_id, Object::Agent).await),
-        }
     }
 
     pub async fn list_agents(
@@ -120,16 +112,8 @@ impl Provisioning {
     }
 
     pub async fn delete_agent(&self, tenant_id: &str, id: &str) -> Result<(), ProvisioningError> {
-        let done = sqlx::query("DELETE FROM agents WHERE tenant_id = $1 AND id = $2")
-            .bind(tenant_id.to_string())
-            .bind(id.to_string())
-            .execute(&self.pool)
+        self.delete_one("agents", tenant_id, id, Object::Agent, sql::unavailable)
             .await
-            .map_err(sql::unavailable)?;
-        if done.rows_affected() == 0 {
-            return Err(self.missing(tenant_id, Object::Agent).await);
-        }
-        Ok(())
     }
 
     /// Replaces the agent's token; the old one stops working at once.

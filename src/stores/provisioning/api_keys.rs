@@ -75,16 +75,8 @@ impl Provisioning {
     }
 
     pub async fn api_key(&self, tenant_id: &str, id: &str) -> Result<ApiKey, ProvisioningError> {
-        let row = sqlx::query(&format!("{SELECT} WHERE tenant_id = $1 AND id = $2"))
-            .bind(tenant_id.to_string())
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
+        self.one(SELECT, tenant_id, id, Object::ApiKey, from_row)
             .await
-            .map_err(sql::unavailable)?;
-        match row {
-            Some(row) => from_row(&row),
-            None => Err(self.missing(tenant_id, Object::ApiKey).await),
-        }
     }
 
     pub async fn list_api_keys(
@@ -127,17 +119,11 @@ impl Provisioning {
     }
 
     pub async fn delete_api_key(&self, tenant_id: &str, id: &str) -> Result<(), ProvisioningError> {
-        let done = sqlx::query("DELETE FROM api_keys WHERE tenant_id = $1 AND id = $2")
-            .bind(tenant_id.to_string())
-            .bind(id.to_string())
-            .execute(&self.pool)
-            .await
-            .map_err(sql::unavailable)?;
+        let done = self
+            .delete_one("api_keys", tenant_id, id, Object::ApiKey, sql::unavailable)
+            .await;
         self.auth_cache.clear();
-        if done.rows_affected() == 0 {
-            return Err(self.missing(tenant_id, Object::ApiKey).await);
-        }
-        Ok(())
+        done
     }
 
     /// The grant of a raw API key (`x-api-key`): `Unknown`, `Disabled` or `Expired` otherwise,

@@ -109,16 +109,7 @@ impl Provisioning {
     }
 
     pub async fn bot(&self, tenant_id: &str, id: &str) -> Result<BotEndpoint, ProvisioningError> {
-        let row = sqlx::query(&format!("{SELECT} WHERE tenant_id = $1 AND id = $2"))
-            .bind(tenant_id.to_string())
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(sql::unavailable)?;
-        match row {
-            Some(row) => from_row(&row),
-            None => Err(self.missing(tenant_id, Object::Bot).await),
-        }
+        self.one(SELECT, tenant_id, id, Object::Bot, from_row).await
     }
 
     pub async fn list_bots(
@@ -160,16 +151,10 @@ impl Provisioning {
 
     /// Deletes the bot; refused (conflict) while a routing rule points at it.
     pub async fn delete_bot(&self, tenant_id: &str, id: &str) -> Result<(), ProvisioningError> {
-        let done = sqlx::query("DELETE FROM bots WHERE tenant_id = $1 AND id = $2")
-            .bind(tenant_id.to_string())
-            .bind(id.to_string())
-            .execute(&self.pool)
-            .await
-            .map_err(|e| sql::write_error(e, String::new, referenced))?;
-        if done.rows_affected() == 0 {
-            return Err(self.missing(tenant_id, Object::Bot).await);
-        }
-        Ok(())
+        self.delete_one("bots", tenant_id, id, Object::Bot, |e| {
+            sql::write_error(e, String::new, referenced)
+        })
+        .await
     }
 
     /// The bot endpoint and its decrypted credential, for the worker that calls the bot only.

@@ -255,6 +255,51 @@ impl Provisioning {
         self.pool.close().await;
     }
 
+    /// The tenant's object `id`, read by `select` (`SELECT ... FROM table`) and `map`.
+    async fn one<T>(
+        &self,
+        select: &str,
+        tenant_id: &str,
+        id: &str,
+        object: Object,
+        map: impl Fn(&sqlx::any::AnyRow) -> Result<T, ProvisioningError>,
+    ) -> Result<T, ProvisioningError> {
+        let row = sqlx::query(&format!("{select} WHERE tenant_id = $1 AND id = $2"))
+            .bind(tenant_id.to_string())
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(sql::unavailable)?;
+        match row {
+            Some(row) => map(&row),
+            None => Err(self.missing(tenant_id, object).await),
+        }
+    }
+
+    /// Deletes the tenant's object `id` from `table`; `failed` maps a refused delete (e.g. a
+    /// conflict with a row pointing at it).
+    async fn delete_one(
+        &self,
+        table: &str,
+        tenant_id: &str,
+        id: &str,
+        object: Object,
+        failed: impl FnOnce(sqlx::Error) -> ProvisioningError,
+    ) -> Result<(), ProvisioningError> {
+        let done = sqlx::query(&format!(
+            "DELETE FROM {table} WHERE tenant_id = $1 AND id = $2"
+        ))
+        .bind(tenant_id.to_string())
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(failed)?;
+        if done.rows_affected() == 0 {
+            return Err(self.missing(tenant_id, object).await);
+        }
+        Ok(())
+    }
+
     /// `NotFound(object)`, or `NotFound(Tenant)` when the tenant itself is missing, so callers
     /// learn which part of the path is wrong.
     async fn missing(&self, tenant_id: &str, object: Object) -> ProvisioningError {

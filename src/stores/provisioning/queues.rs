@@ -58,16 +58,8 @@ impl Provisioning {
 
     /// The tenant's queue `id`.
     pub async fn queue(&self, tenant_id: &str, id: &str) -> Result<Queue, ProvisioningError> {
-        let row = sqlx::query(&format!("{SELECT} WHERE tenant_id = $1 AND id = $2"))
-            .bind(tenant_id.to_string())
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
+        self.one(SELECT, tenant_id, id, Object::Queue, from_row)
             .await
-            .map_err(sql::unavailable)?;
-        match row {
-            Some(row) => from_row(&row),
-            None => Err(self.missing(tenant_id, Object::Queue).await),
-        }
     }
 
     pub async fn list_queues(
@@ -108,15 +100,9 @@ impl Provisioning {
 
     /// Deletes the queue; refused (conflict) while a routing rule points at it.
     pub async fn delete_queue(&self, tenant_id: &str, id: &str) -> Result<(), ProvisioningError> {
-        let done = sqlx::query("DELETE FROM queues WHERE tenant_id = $1 AND id = $2")
-            .bind(tenant_id.to_string())
-            .bind(id.to_string())
-            .execute(&self.pool)
-            .await
-            .map_err(|e| sql::write_error(e, String::new, referenced))?;
-        if done.rows_affected() == 0 {
-            return Err(self.missing(tenant_id, Object::Queue).await);
-        }
-        Ok(())
+        self.delete_one("queues", tenant_id, id, Object::Queue, |e| {
+            sql::write_error(e, String::new, referenced)
+        })
+        .await
     }
 }

@@ -104,16 +104,8 @@ impl Provisioning {
         tenant_id: &str,
         id: &str,
     ) -> Result<RoutingRule, ProvisioningError> {
-        let row = sqlx::query(&format!("{SELECT} WHERE tenant_id = $1 AND id = $2"))
-            .bind(tenant_id.to_string())
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
+        self.one(SELECT, tenant_id, id, Object::RoutingRule, from_row)
             .await
-            .map_err(sql::unavailable)?;
-        match row {
-            Some(row) => from_row(&row),
-            None => Err(self.missing(tenant_id, Object::RoutingRule).await),
-        }
     }
 
     /// Admin listing, by id.
@@ -194,15 +186,13 @@ impl Provisioning {
         tenant_id: &str,
         id: &str,
     ) -> Result<(), ProvisioningError> {
-        let done = sqlx::query("DELETE FROM routing_rules WHERE tenant_id = $1 AND id = $2")
-            .bind(tenant_id.to_string())
-            .bind(id.to_string())
-            .execute(&self.pool)
-            .await
-            .map_err(sql::unavailable)?;
-        if done.rows_affected() == 0 {
-            return Err(self.missing(tenant_id, Object::RoutingRule).await);
-        }
-        Ok(())
+        self.delete_one(
+            "routing_rules",
+            tenant_id,
+            id,
+            Object::RoutingRule,
+            sql::unavailable,
+        )
+        .await
     }
 }

@@ -361,16 +361,8 @@ impl Provisioning {
     }
 
     pub async fn webhook(&self, tenant_id: &str, id: &str) -> Result<Webhook, ProvisioningError> {
-        let row = sqlx::query(&format!("{SELECT} WHERE tenant_id = $1 AND id = $2"))
-            .bind(tenant_id.to_string())
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
+        self.one(SELECT, tenant_id, id, Object::Webhook, from_row)
             .await
-            .map_err(sql::unavailable)?;
-        match row {
-            Some(row) => from_row(&row),
-            None => Err(self.missing(tenant_id, Object::Webhook).await),
-        }
     }
 
     pub async fn list_webhooks(
