@@ -1,10 +1,11 @@
 //! The retry backlog of the peer-calling roles, on SQLite and on PostgreSQL (a fresh database),
 //! with the embedded bus for dead letters: a failed event is acked into the backlog, its
 //! conversation's later events queue behind it and run in order, other conversations go on,
-//! tries run out into the dead-letter topic, failures that say nothing about the event do not
-//! count, a `RetryLater` time is kept, a deferred effect runs when it asked, two schedulers
-//! share one backlog without running an event twice, and a pod whose lease ran out changes
-//! nothing.
+//! tries run out into the dead-letter topic (a dead letter whose row the database will not
+//! remove is published again, never applied again), failures that say nothing about the event
+//! do not count, a `RetryLater` time is kept, a deferred effect runs when it asked, two
+//! schedulers share one backlog without running an event twice, and a pod whose lease ran out
+//! changes nothing.
 //!
 //! The effect here is a recorder that fails on command; the history and gws tests run the same
 //! backlog against real HTTP peers.
@@ -704,6 +705,123 @@ async fn a_failed_dead_letter_publish_does_not_run_the_effect_again(db: &str) {
     );
 }
 
+/// A dead letter whose row removal fails after the publish (the store refuses the delete): the
+/// row stays marked settled, so each claim after its lease only publishes the dead letter
+/// again (the same event, so the dead-letter topic may hold it more than once) and never runs
+/// the effect again; once the store takes the removal the row goes and the conversation's next
+/// events run, in order.
+async fn a_dead_letter_whose_removal_fails_is_not_applied_again(db: &str) {
+    // The rig's scheduler is not started: this one's shorter try timeout makes the lease (the
+    // time before a claim takes the head again) 6 s instead of 10 s.
+    let rig = Rig::start(db, 2, false).await;
+    tokio::spawn(
+        Arc::new(Scheduler::new(
+            rig.backlog.clone(),
+            rig.recorder.clone(),
+            rig.bus.clone(),
+            "test-group",
+            rig.policy,
+            Duration::from_secs(1),
+        ))
+        .run(rig.stop.clone()),
+    );
+    let r = &rig.recorder;
+    let (refuse, allow): (&[&str], &[&str]) = if db.is_empty() {
+        (
+            &[
+                "CREATE TRIGGER refuse_removal BEFORE DELETE ON effect_backlog \
+               BEGIN SELECT RAISE(ABORT, 'removal refused by the test'); END",
+            ],
+            &["DROP TRIGGER refuse_removal"],
+        )
+    } else {
+        (
+            &[
+                "CREATE FUNCTION refuse_removal() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN RAISE EXCEPTION 'removal refused by the test'; END $$",
+                "CREATE TRIGGER refuse_removal BEFORE DELETE ON effect_backlog \
+                 FOR EACH ROW EXECUTE FUNCTION refuse_removal()",
+            ],
+            &[
+                "DROP TRIGGER refuse_removal ON effect_backlog",
+                "DROP FUNCTION refuse_removal()",
+            ],
+        )
+    };
+    for sql in refuse {
+        sqlx::query(sql).execute(&rig.pool).await.expect(sql);
+    }
+    r.fail("d1", u32::MAX);
+    let (e1, _) = rig.handle("d", "d1").await;
+    rig.handle("d", "d2").await;
+    let d1_id = e1.envelope.event_id.to_string();
+    // d1's row's `last_error`; `None` once the row is gone.
+    let last_error = || {
+        let (pool, id) = (rig.pool.clone(), d1_id.clone());
+        async move {
+            sqlx::query_scalar::<_, Option<String>>(
+                "SELECT last_error FROM effect_backlog WHERE event_id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&pool)
+            .await
+            .expect("d1's row")
+        }
+    };
+    // The second try runs out: published, then the removal is refused.
+    let until = tokio::time::Instant::now() + WAIT;
+    while rig.dead_letters().await.is_empty() {
+        assert!(tokio::time::Instant::now() < until, "no dead letter");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(r.tries("d1"), 2);
+    assert_eq!(r.tries("d2"), 0);
+    // The next claim (after the lease) finds the row the refused removal left: it publishes
+    // again, is refused again, and does not run the effect; d2 waits.
+    let until = tokio::time::Instant::now() + WAIT;
+    while rig.dead_letters().await.len() < 2 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "d1 not published again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(r.tries("d1"), 2, "d1's effect ran again");
+    assert_eq!(r.tries("d2"), 0, "d2 ran while d1's row was there");
+    let stored = last_error().await.flatten().unwrap_or_default();
+    assert!(
+        stored.starts_with("dead-letter pending [retries_exhausted]"),
+        "d1's row: {stored:?}"
+    );
+    // The store takes removals again: the next claim publishes once more and removes the row;
+    // d2 runs.
+    for sql in allow {
+        sqlx::query(sql).execute(&rig.pool).await.expect(sql);
+    }
+    eventually("d2 runs once d1's row is removed", || {
+        r.applied_to("d") == ["d2"]
+    })
+    .await;
+    assert!(last_error().await.is_none(), "d1's row is still there");
+    assert_eq!(r.tries("d1"), 2, "d1's effect ran again");
+    let until = tokio::time::Instant::now() + WAIT;
+    while rig.queued().await > 0 {
+        assert!(tokio::time::Instant::now() < until, "backlog not emptied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let dead = rig.dead_letters().await;
+    assert!(dead.len() >= 2, "{dead:?}");
+    for d in &dead {
+        assert_eq!(d.header(headers::DLQ_REASON), Some("retries_exhausted"));
+        let back = nexus::events::decode(&d.payload).expect("the event as delivered");
+        assert_eq!(back.envelope.event_id, e1.envelope.event_id, "one event");
+    }
+    // Emptied, the conversation runs on the lane again.
+    rig.handle("d", "d3").await;
+    assert_eq!(r.applied_to("d"), ["d2", "d3"]);
+    assert_eq!(r.tries("d1"), 2);
+}
+
 /// A panic in a backlogged try is a bug the event would meet on every try: it is
 /// dead-lettered as on the consumer's lanes, and the conversation goes on.
 async fn a_panicking_effect_is_dead_lettered(db: &str) {
@@ -781,6 +899,7 @@ on_both_databases!(
     tries_run_out_into_the_dead_letter_topic,
     a_panicking_effect_is_dead_lettered,
     a_failed_dead_letter_publish_does_not_run_the_effect_again,
+    a_dead_letter_whose_removal_fails_is_not_applied_again,
     an_unreadable_row_is_dead_lettered_and_its_conversation_goes_on,
     failures_that_say_nothing_about_the_event_do_not_count,
     a_retry_later_time_is_kept,

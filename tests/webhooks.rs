@@ -31,7 +31,7 @@ struct System {
     env: Vec<(&'static str, String)>,
     bus: Arc<dyn Bus>,
     admin: Admin,
-    _nats: OwnNats,
+    nats: OwnNats,
     _db: TestDb,
     db_url: String,
 }
@@ -82,7 +82,7 @@ impl System {
             edge,
             env,
             bus,
-            _nats: nats,
+            nats,
             db_url: db.url.clone(),
             _db: db,
         }
@@ -1173,6 +1173,198 @@ async fn sigkill_of_the_webhooks_worker_loses_nothing() {
             .expect("started");
         assert!(last_started < first_finished, "{conv}: {events:?}");
     }
+}
+
+const DEAD_TOPIC: &str = nexus::events::webhook::WEBHOOK_DEAD_TOPIC;
+
+/// The records on the webhook dead-letter topic, decoded, in order.
+async fn dead_records(s: &System) -> Vec<nexus::events::Event> {
+    let mut found = Vec::new();
+    for p in s.bus.partition_offsets(DEAD_TOPIC).await.expect("offsets") {
+        for rec in s
+            .bus
+            .read(DEAD_TOPIC, p.partition, p.low, 1000)
+            .await
+            .expect("read")
+        {
+            found.push(nexus::events::decode(&rec.payload).expect("decode"));
+        }
+    }
+    found
+}
+
+/// Messages found exhausted at a claim (their last attempt logged, their dead-letter publish
+/// failed) are published by at most `DEAD_LETTERS_IN_FLIGHT` (4) tasks at once per process; the
+/// others are given back and taken by later claims, none marked dead before the topic took it,
+/// and once the topic takes them each is dead-lettered once.
+///
+/// The dead-letter stream is set to store records without acknowledging them, so every publish
+/// stays in flight for the bus's 5 s acknowledgement timeout and then fails: a record stored and
+/// not yet counted as a failed publish is a publish under way. Then the stream is deleted and
+/// made again by `nexus topology apply`: empty, and acknowledging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_messages_are_dead_lettered_a_few_at_a_time() {
+    /// `DEAD_LETTERS_IN_FLIGHT` in `src/workers/webhooks/dispatcher.rs`.
+    const BOUND: usize = 4;
+    /// More than twice the bound: at least three rounds of claims.
+    const N: usize = 9;
+    /// The dead-letter topic's JetStream stream.
+    const STREAM: &str = "nexus_webhooks_dead_v1";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rx = Receiver::start().await;
+    let s = System::start(dir.path(), &[]).await;
+    let tenant = s.tenant().await;
+    let (hook, _) = s
+        .subscribe(
+            &tenant.id,
+            json!({"url": rx.url("spent"), "format": "standard"}),
+        )
+        .await;
+    rx.set("spent", Mode::Always(500));
+    let js = async_nats::jetstream::new(async_nats::connect(&s.nats.url).await.expect("nats"));
+    let mut config = js
+        .get_stream(STREAM)
+        .await
+        .expect("the dead-letter stream")
+        .info()
+        .await
+        .expect("stream info")
+        .config
+        .clone();
+    config.no_ack = true;
+    js.update_stream(&config)
+        .await
+        .expect("stream without acks");
+    let db = sqlx::PgPool::connect(&s.db_url).await.expect("database");
+    let publish_failures = |m: &str| {
+        metric_sum(
+            m,
+            "nexus_webhook_dispatch_errors_total",
+            &["stage=\"publish\""],
+        )
+        .unwrap_or(0.0) as usize
+    };
+
+    // One STARTED per conversation: nine messages, three failed attempts each.
+    for i in 0..N {
+        s.started(&tenant.id, &format!("spent-{i}")).await;
+    }
+    rx.wait_for("spent", 3 * N).await;
+    // Each sender's own publish after the last attempt times out.
+    eventually(
+        Duration::from_secs(30),
+        "every sender's publish failed",
+        || async { (publish_failures(&s.metrics().await) >= N).then_some(()) },
+    )
+    .await;
+    // From here every publish comes from a claim that found the message exhausted (a sender's
+    // publish still waiting at the end of its 5 s can meet a claim's for a moment: see README,
+    // so the bound is watched only once they are over). Watch two rounds of them: what was
+    // stored (read first) less what failed (read after) is at most the publishes under way,
+    // which never exceed the bound.
+    let mut most = 0;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let stored = dead_records(&s).await.len();
+        let failed = publish_failures(&s.metrics().await);
+        let under_way = stored.saturating_sub(failed);
+        assert!(
+            under_way <= BOUND,
+            "{under_way} dead-letter publishes under way ({stored} stored, {failed} failed)"
+        );
+        most = most.max(under_way);
+        if failed >= N + 2 * BOUND {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "claims did not publish again: {failed} failed publishes"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        most, BOUND,
+        "the claims never had the bound's publishes under way"
+    );
+    let dead: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM webhook_messages WHERE webhook_id = $1 AND status <> 'pending'",
+    )
+    .bind(&hook)
+    .fetch_one(&db)
+    .await
+    .expect("count");
+    assert_eq!(
+        dead, 0,
+        "a message was settled before the topic took its record"
+    );
+    let spent: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM webhook_messages WHERE webhook_id = $1 AND round_attempts = 3",
+    )
+    .bind(&hook)
+    .fetch_one(&db)
+    .await
+    .expect("count");
+    assert_eq!(spent, N as i64);
+
+    // A dead-letter topic that takes records again (empty, so what it holds below is only
+    // what it acknowledged): every message dead, each on the topic once.
+    js.delete_stream(STREAM).await.expect("delete the stream");
+    let (ok, out, err) = common::process::run(&["topology", "apply", "--bus", &s.nats.url], &[]);
+    assert!(ok, "topology apply: {out} {err}");
+    eventually(Duration::from_secs(30), "every message dead", || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM webhook_messages WHERE webhook_id = $1 AND status = 'dead'",
+        )
+        .bind(&hook)
+        .fetch_one(&db)
+        .await
+        .ok()?;
+        (n == N as i64).then_some(())
+    })
+    .await;
+    eventually(WAIT, "the dead-letter metric", || async {
+        let m = s.metrics().await;
+        (metric_sum(&m, "nexus_webhook_dead_lettered_total", &[]).unwrap_or(0.0) >= N as f64)
+            .then_some(())
+    })
+    .await;
+    // A few more claims' time: nothing more is published.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let records = dead_records(&s).await;
+    let ids: Vec<String> =
+        sqlx::query_scalar("SELECT id FROM webhook_messages WHERE webhook_id = $1")
+            .bind(&hook)
+            .fetch_all(&db)
+            .await
+            .expect("ids");
+    let mut per: HashMap<String, usize> = HashMap::new();
+    for r in &records {
+        assert_eq!(r.envelope.event_type, "WebhookMessageDead");
+        assert_eq!(r.body["webhook_id"], hook.as_str());
+        assert_eq!(r.body["attempts"], 3, "{:?}", r.body);
+        assert_eq!(r.body["last_status_code"], 500, "{:?}", r.body);
+        let id = r.body["message_id"]
+            .as_str()
+            .expect("message id")
+            .to_string();
+        *per.entry(id).or_default() += 1;
+    }
+    assert_eq!(records.len(), N, "{per:?}");
+    for id in &ids {
+        assert_eq!(per.get(id), Some(&1), "{id}: {per:?}");
+    }
+    let events: HashSet<_> = records.iter().map(|r| r.envelope.event_id).collect();
+    assert_eq!(events.len(), N);
+    let m = s.metrics().await;
+    assert_eq!(
+        metric_sum(&m, "nexus_webhook_dead_lettered_total", &[]),
+        Some(N as f64)
+    );
+    assert_eq!(
+        rx.got("spent").len(),
+        3 * N,
+        "a dead message was sent again"
+    );
 }
 
 /// `nexus dev` (embedded bus, SQLite delivery log): a chat's STARTED and FINISHED reach a
