@@ -23,6 +23,11 @@
 //! Order: each partition's records are handed out in offset order; acks may come in any order
 //! (the runtime works on different keys at once), the committed offset only moves over a prefix
 //! that is entirely acked. Nothing is ordered across partitions.
+//!
+//! Offsets that are no records (transaction markers, which librdkafka consumes without handing
+//! them out; aborted records a read_committed fetch leaves out) are committed past from the
+//! consumer's position once every record taken is acked (`PartTrack::commit_point`): a log
+//! that ends with a marker, as a transactional producer's does, leaves the group's lag at 0.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -154,6 +159,10 @@ impl Pending {
     fn any(&self, slot: Slot) -> bool {
         self.0.iter().any(|e| e.1 == slot)
     }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// One owned partition during one ownership (epoch).
@@ -164,6 +173,13 @@ struct PartTrack {
     pending: Pending,
     /// End (next offset) of the contiguous acked prefix of this ownership.
     acked_upto: Option<i64>,
+    /// The consumer's position (next offset to fetch) read after a poll that left nothing more
+    /// to take, and after the last record of the partition was admitted (admitting a record
+    /// clears it): every offset below it is a record this ownership already holds or no record
+    /// at all: a transaction marker (librdkafka consumes those without handing them out and
+    /// moves the position past them), an aborted record a read_committed fetch leaves out, a
+    /// compacted gap. See [`PartTrack::commit_point`].
+    polled_to: Option<i64>,
     /// What this member last committed for the partition (asynchronous commits count when
     /// requested; a failed one resets this to `synced`).
     committed: Option<i64>,
@@ -188,6 +204,7 @@ impl PartTrack {
             epoch,
             pending: Pending::default(),
             acked_upto: None,
+            polled_to: None,
             committed: None,
             synced: None,
             owned: Arc::new(AtomicBool::new(true)),
@@ -214,15 +231,36 @@ impl PartTrack {
         moved
     }
 
-    /// The offset to commit, if the acked prefix moved past what was committed.
+    /// How far a commit may go: the end of the acked prefix, or the consumer's position past
+    /// it once every record admitted in this ownership is acked. Offsets between the last
+    /// record and the position are no records (a transaction marker above all: a foreign
+    /// transactional producer ends each transaction with one, so the log usually ends with
+    /// one); committing only the acked prefix would leave the group below a trailing marker,
+    /// its lag at 1 for good.
+    ///
+    /// Only after a record of this ownership was acked: the position is then read after a
+    /// record librdkafka handed out in this ownership (admitting one clears `polled_to`), so it
+    /// cannot be one left from an earlier assignment of the partition. A partition whose
+    /// ownership got no record at all (only markers and aborted records since the commit) keeps
+    /// its commit, and so its lag, until a record comes.
+    fn commit_point(&self) -> Option<i64> {
+        match (self.acked_upto, self.polled_to) {
+            (Some(acked), Some(polled)) if polled > acked && self.pending.is_empty() => {
+                Some(polled)
+            }
+            (acked, _) => acked,
+        }
+    }
+
+    /// The offset to commit, if the committable range moved past what was committed.
     fn to_commit(&self) -> Option<i64> {
-        Self::past(self.acked_upto, self.committed)
+        Self::past(self.commit_point(), self.committed)
     }
 
     /// The offset to commit synchronously: also what asynchronous commits may still have in
     /// flight, so a synchronous commit leaves the whole acked prefix on the broker.
     fn to_sync(&self) -> Option<i64> {
-        Self::past(self.acked_upto, self.synced)
+        Self::past(self.commit_point(), self.synced)
     }
 
     fn past(acked: Option<i64>, done: Option<i64>) -> Option<i64> {
@@ -310,9 +348,14 @@ impl Tracker {
         let mut parts = lock(&self.parts);
         batch.retain(|(m, epoch)| {
             let (partition, offset) = (m.partition as i32, m.offset as i64);
-            let admitted = parts
-                .get_mut(&partition)
-                .is_some_and(|t| t.admit(*epoch, offset));
+            let admitted = parts.get_mut(&partition).is_some_and(|t| {
+                let admitted = t.admit(*epoch, offset);
+                if admitted {
+                    // A position read before this record is no bound for it.
+                    t.polled_to = None;
+                }
+                admitted
+            });
             if !admitted {
                 debug!(
                     topic = %self.topic, group = %self.group, partition, offset,
@@ -323,6 +366,35 @@ impl Tracker {
         });
         drop(parts);
         self.in_flight.fetch_add(batch.len(), Ordering::AcqRel);
+    }
+
+    /// Takes the consumer's positions of its owned partitions (see [`PartTrack::polled_to`]).
+    /// Called by the member thread after a poll that left nothing more to take and after the
+    /// records it took were admitted, so a position is never ahead of a record still in the
+    /// member thread's hands. A position that lets a commit go further (past a trailing
+    /// transaction marker) counts as uncommitted, so the background commit takes it without
+    /// waiting for another ack.
+    fn note_positions(&self, positions: &TopicPartitionList) {
+        let mut moved = false;
+        let mut parts = lock(&self.parts);
+        for e in positions.elements_for_topic(&self.topic) {
+            let Offset::Offset(position) = e.offset() else {
+                continue; // not fetched yet in this assignment
+            };
+            let Some(t) = parts.get_mut(&e.partition()) else {
+                continue;
+            };
+            if t.revoking() || t.polled_to == Some(position) {
+                continue;
+            }
+            let before = t.to_commit();
+            t.polled_to = Some(position);
+            moved |= t.to_commit() != before;
+        }
+        drop(parts);
+        if moved {
+            self.uncommitted.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     /// Marks a queued record as handed out and returns its ownership's flags (see
@@ -1056,10 +1128,16 @@ impl MemberThread {
             // in one send: one wake-up of the runtime per batch instead of per record.
             let mut batch = Vec::new();
             let mut next = self.consumer.poll(timeout);
+            // Whether the poll left nothing more to take: the position is then past every
+            // record taken and every marker consumed behind them.
+            let mut drained = false;
             let failed = loop {
                 match next {
                     Some(Ok(m)) => self.take(&m, &mut batch),
-                    None => break None,
+                    None => {
+                        drained = true;
+                        break None;
+                    }
                     Some(Err(e)) => break Some(e),
                 }
                 if batch.len() >= HAND_OVER_BATCH
@@ -1071,6 +1149,15 @@ impl MemberThread {
                 next = self.consumer.poll(Duration::ZERO);
             };
             self.tracker.queue_all(&mut batch);
+            // After the records polled are admitted (see `Tracker::note_positions`). Only when
+            // drained: a busy partition's prefix passes its markers with the records behind
+            // them, and the position costs a lookup per partition.
+            if drained {
+                match self.consumer.position() {
+                    Ok(positions) => self.tracker.note_positions(&positions),
+                    Err(e) => debug!(error = %e, "consumer positions unknown"),
+                }
+            }
             // `hand_over` is false once the subscription is gone.
             if !self.hand_over(batch) {
                 break;
@@ -1396,6 +1483,82 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![1]
         );
+    }
+
+    /// A transactional producer's log ends with a commit marker: the commit goes past it to
+    /// the consumer's position once every record taken is acked, and never past a record
+    /// still pending or taken after the position was read.
+    #[test]
+    fn a_commit_goes_past_markers_only_when_every_record_taken_is_acked() {
+        use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+        use std::sync::atomic::Ordering;
+        let tracker = super::Tracker::new("t", "g", std::time::Duration::from_secs(1));
+        let positions = |at: i64| {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset("t", 0, Offset::Offset(at))
+                .expect("partition");
+            tpl
+        };
+        let mut track = PartTrack::new(1);
+        // Records 7 and 8, then a marker at 9 (the position is 10).
+        for o in [7, 8] {
+            assert!(track.pending.insert(o, Slot::Out));
+        }
+        tracker.parts.lock().unwrap().insert(0, track);
+        tracker.note_positions(&positions(10));
+        let settle = |o: i64| {
+            let mut parts = tracker.parts.lock().unwrap();
+            let t = parts.get_mut(&0).expect("owned");
+            *t.pending.get_mut(o).expect("pending") = Slot::Acked;
+            t.advance();
+            t.to_commit()
+        };
+        assert_eq!(settle(8), None, "7 is still out");
+        assert_eq!(settle(7), Some(10), "both acked: past the marker");
+        // Nothing acked in this ownership yet: the position alone moves nothing.
+        let mut fresh = PartTrack::new(2);
+        fresh.polled_to = Some(10);
+        assert_eq!(fresh.to_commit(), None);
+        // A record admitted after the position was read clears it.
+        let mut t = PartTrack::new(3);
+        assert!(t.pending.insert(3, Slot::Acked));
+        t.advance();
+        t.polled_to = Some(6);
+        assert_eq!(t.to_commit(), Some(6));
+        tracker.parts.lock().unwrap().insert(0, t);
+        let m = crate::bus::Message {
+            topic: "t".into(),
+            partition: 0,
+            offset: 8,
+            timestamp_ms: 0,
+            key: String::new(),
+            payload: bytes::Bytes::new(),
+            headers: Default::default(),
+        };
+        tracker.uncommitted.store(0, Ordering::Release);
+        tracker.queue_all(&mut vec![(m, 3)]);
+        let parts = tracker.parts.lock().unwrap();
+        let t = parts.get(&0).expect("owned");
+        assert_eq!(t.polled_to, None);
+        assert_eq!(t.to_commit(), Some(4), "only the acked prefix");
+        drop(parts);
+        // A position further than the commit counts as uncommitted, so it is committed.
+        tracker.note_positions(&positions(8));
+        assert_eq!(
+            tracker.uncommitted.load(Ordering::Acquire),
+            0,
+            "8 is pending"
+        );
+        {
+            let mut parts = tracker.parts.lock().unwrap();
+            let t = parts.get_mut(&0).expect("owned");
+            *t.pending.get_mut(8).expect("pending") = Slot::Acked;
+            t.advance();
+            t.committed = Some(9);
+        }
+        tracker.note_positions(&positions(10));
+        assert_eq!(tracker.uncommitted.load(Ordering::Acquire), 1);
+        assert_eq!(tracker.parts.lock().unwrap()[&0].to_commit(), Some(10));
     }
 
     #[test]
