@@ -223,6 +223,8 @@ pub struct StoresConfig {
     pub redis_url: String,
     /// `redis_url` lists nodes of a Redis Cluster (comma-separated).
     pub redis_cluster: bool,
+    /// PEM CA bundle trusted for `rediss://` instead of the system roots; "" = system roots.
+    pub redis_ca_file: String,
     /// First segment of every Redis key; deployments sharing one Redis need their own.
     pub redis_namespace: String,
     /// Replicas that must have each session-store write before it counts as done (Redis
@@ -504,6 +506,7 @@ impl Config {
             ("bus.ca_file", &self.bus.ca_file, false),
             ("bus.client_cert_file", &self.bus.client_cert_file, false),
             ("bus.client_key_file", &self.bus.client_key_file, true),
+            ("stores.redis_ca_file", &self.stores.redis_ca_file, false),
         ] {
             if path.is_empty() {
                 continue;
@@ -568,6 +571,14 @@ impl Config {
             return Err(invalid(
                 "stores.redis_url",
                 "stores.redis_cluster needs the URL of at least one node",
+            ));
+        }
+        if !self.stores.redis_ca_file.is_empty()
+            && (nodes.is_empty() || !nodes.iter().all(|n| n.starts_with("rediss://")))
+        {
+            return Err(invalid(
+                "stores.redis_ca_file",
+                "is for TLS only: stores.redis_url must be rediss:// (every node of a cluster)",
             ));
         }
         for node in nodes {
@@ -1040,6 +1051,16 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("bus.ca_file"));
+        let mut c = Config::defaults();
+        c.stores.redis_url = "rediss://r1:6380".into();
+        c.stores.redis_ca_file = cert.clone();
+        c.validate().expect("a CA bundle for rediss://");
+        for (url, ca) in [("rediss://r1:6380", &junk), ("redis://r1:6379", &cert), ("", &cert)] {
+            let mut c = Config::defaults();
+            (c.stores.redis_url, c.stores.redis_ca_file) = (url.into(), ca.clone());
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("stores.redis_ca_file"), "{url}: {e}");
+        }
 
         type Set = fn(&mut Config);
         let mut c = Config::defaults();

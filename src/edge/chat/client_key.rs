@@ -35,7 +35,8 @@ pub struct Claims {
 
 #[derive(Clone)]
 pub struct ClientKeys {
-    secret: Vec<u8>,
+    /// The HMAC keyed with the secret once (its inner and outer pads hashed), cloned per key.
+    keyed: HmacSha256,
     /// Lifetime of a key, seconds.
     ttl_s: i64,
 }
@@ -49,8 +50,13 @@ impl std::fmt::Debug for ClientKeys {
 impl ClientKeys {
     /// Keys signed with `secret` that live `ttl_s` seconds.
     pub fn new(secret: &[u8], ttl_s: u64) -> Self {
+        // HMAC takes keys of any length.
+        let keyed = match HmacSha256::new_from_slice(secret) {
+            Ok(m) => m,
+            Err(_) => unreachable!("HMAC accepts every key length"),
+        };
         Self {
-            secret: secret.to_vec(),
+            keyed,
             ttl_s: i64::try_from(ttl_s).unwrap_or(i64::MAX),
         }
     }
@@ -73,11 +79,7 @@ impl ClientKeys {
     }
 
     fn mac(&self) -> HmacSha256 {
-        // HMAC takes keys of any length.
-        match HmacSha256::new_from_slice(&self.secret) {
-            Ok(m) => m,
-            Err(_) => unreachable!("HMAC accepts every key length"),
-        }
+        self.keyed.clone()
     }
 
     pub fn issue(&self, claims: &Claims) -> String {

@@ -33,11 +33,19 @@ pub async fn connect(config: &StoresConfig) -> Result<Arc<dyn SessionStore>, Sto
             embedded::EmbeddedStore::open(Path::new(&config.data_dir)).await?,
         ));
     }
+    let ca = if config.redis_ca_file.is_empty() {
+        None
+    } else {
+        Some(
+            crate::tls::read_pem(Path::new(&config.redis_ca_file))
+                .map_err(|e| StoreError::Unavailable(format!("stores.redis_ca_file: {e}")))?,
+        )
+    };
     let store = if config.redis_cluster {
         let nodes = crate::config::redis_nodes(url);
-        self::redis::RedisStore::connect_cluster_in(&nodes, namespace).await?
+        self::redis::RedisStore::connect_cluster_with_ca(&nodes, namespace, ca).await?
     } else {
-        self::redis::RedisStore::connect_in(url, namespace).await?
+        self::redis::RedisStore::connect_with_ca(url, namespace, ca).await?
     };
     let wait = self::redis::ReplicaWait {
         replicas: config.redis_min_replicas,

@@ -431,7 +431,15 @@ fn is_script_load(cmd: &Cmd) -> bool {
 
 /// What a store connects to, to open its writers' connection.
 #[derive(Clone)]
-enum Target {
+struct Target {
+    nodes: Nodes,
+    /// PEM CA bundle trusted for `rediss://` instead of the system roots
+    /// (`stores.redis_ca_file`).
+    ca: Option<Vec<u8>>,
+}
+
+#[derive(Clone)]
+enum Nodes {
     Single(String),
     Cluster(Vec<String>),
 }
@@ -460,14 +468,40 @@ impl RedisStore {
 
     /// [`Self::connect`] with every key under `namespace` (`stores.redis_namespace`).
     pub async fn connect_in(url: &str, namespace: &str) -> Result<Self, StoreError> {
-        let target = Target::Single(url.to_string());
+        Self::connect_with_ca(url, namespace, None).await
+    }
+
+    /// [`Self::connect_in`] trusting the CA certificates of the PEM bundle `ca` (read from
+    /// `stores.redis_ca_file`) instead of the system roots; `rediss://` only.
+    pub async fn connect_with_ca(
+        url: &str,
+        namespace: &str,
+        ca: Option<Vec<u8>>,
+    ) -> Result<Self, StoreError> {
+        let target = Target {
+            nodes: Nodes::Single(url.to_string()),
+            ca,
+        };
         Ok(Self::with(open(&target).await?, target, namespace))
     }
 
     /// Connects to a Redis Cluster through its `nodes` (`redis://` or `rediss://` URLs of some
     /// of its nodes; the rest are discovered), every key under `namespace`.
     pub async fn connect_cluster_in(nodes: &[&str], namespace: &str) -> Result<Self, StoreError> {
-        let target = Target::Cluster(nodes.iter().map(|n| n.to_string()).collect());
+        Self::connect_cluster_with_ca(nodes, namespace, None).await
+    }
+
+    /// [`Self::connect_cluster_in`] trusting the CA certificates of the PEM bundle `ca`
+    /// instead of the system roots; `rediss://` nodes only.
+    pub async fn connect_cluster_with_ca(
+        nodes: &[&str],
+        namespace: &str,
+        ca: Option<Vec<u8>>,
+    ) -> Result<Self, StoreError> {
+        let target = Target {
+            nodes: Nodes::Cluster(nodes.iter().map(|n| n.to_string()).collect()),
+            ca,
+        };
         Ok(Self::with(open(&target).await?, target, namespace))
     }
 
@@ -546,9 +580,17 @@ impl RedisStore {
 /// A connection to `target`, reconnecting by itself.
 async fn open(target: &Target) -> Result<Conn, StoreError> {
     crate::tls::install_crypto_provider();
-    match target {
-        Target::Single(url) => {
-            let client = ::redis::Client::open(url.as_str()).map_err(unavailable)?;
+    let certs = |ca: &Vec<u8>| ::redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(ca.clone()),
+    };
+    match &target.nodes {
+        Nodes::Single(url) => {
+            let client = match &target.ca {
+                Some(ca) => ::redis::Client::build_with_tls(url.as_str(), certs(ca)),
+                None => ::redis::Client::open(url.as_str()),
+            }
+            .map_err(unavailable)?;
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(CONNECT_TIMEOUT)
                 .set_response_timeout(RESPONSE_TIMEOUT)
@@ -559,8 +601,12 @@ async fn open(target: &Target) -> Result<Conn, StoreError> {
                 .map_err(unavailable)?;
             Ok(Conn::Single(conn))
         }
-        Target::Cluster(nodes) => {
-            let client = ClusterClientBuilder::new(nodes.clone())
+        Nodes::Cluster(nodes) => {
+            let mut builder = ClusterClientBuilder::new(nodes.clone());
+            if let Some(ca) = &target.ca {
+                builder = builder.certs(certs(ca));
+            }
+            let client = builder
                 .connection_timeout(CONNECT_TIMEOUT)
                 .response_timeout(RESPONSE_TIMEOUT)
                 // A failover takes the cluster's node timeout (15 s by default): retried
