@@ -99,7 +99,7 @@ pub struct BusConfig {
     pub url: String,
     /// Where a group without a committed offset starts.
     pub start_from: StartFromConfig,
-    /// Extra CA bundle for the bus's TLS.
+    /// PEM CA bundle the bus's TLS trusts instead of the system roots ("" = the system roots).
     pub ca_file: String,
     /// Client certificate for mutual TLS.
     pub client_cert_file: String,
