@@ -1055,7 +1055,11 @@ mod tests {
         c.stores.redis_url = "rediss://r1:6380".into();
         c.stores.redis_ca_file = cert.clone();
         c.validate().expect("a CA bundle for rediss://");
-        for (url, ca) in [("rediss://r1:6380", &junk), ("redis://r1:6379", &cert), ("", &cert)] {
+        for (url, ca) in [
+            ("rediss://r1:6380", &junk),
+            ("redis://r1:6379", &cert),
+            ("", &cert),
+        ] {
             let mut c = Config::defaults();
             (c.stores.redis_url, c.stores.redis_ca_file) = (url.into(), ca.clone());
             let e = c.validate().unwrap_err().to_string();

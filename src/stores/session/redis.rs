@@ -61,6 +61,12 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Reconnect attempts of the connection manager before an operation fails.
 const RECONNECT_RETRIES: usize = 3;
+/// Longest wait between those attempts (ms). redis-rs 0.32 grows its wait from 1 s by the
+/// `factor` it documents as a unit (redis-rs/redis-rs#1556): its default of 100 makes the second
+/// wait a minute, so a store that is down or refuses the handshake (a certificate not trusted)
+/// would hold connect and every operation two minutes. Capped, attempts are 1–2 s apart
+/// (jitter included) and an unreachable store fails within seconds, as [`CONNECT_TIMEOUT`] means.
+const RECONNECT_MAX_DELAY_MS: u64 = 1_000;
 /// Retries of a cluster request: waits drawn from 250 ms up to a bound doubling to 2.5 s, up
 /// to about 16 s in all.
 const CLUSTER_RETRIES: u32 = 12;
@@ -594,7 +600,9 @@ async fn open(target: &Target) -> Result<Conn, StoreError> {
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(CONNECT_TIMEOUT)
                 .set_response_timeout(RESPONSE_TIMEOUT)
-                .set_number_of_retries(RECONNECT_RETRIES);
+                .set_number_of_retries(RECONNECT_RETRIES)
+                .set_factor(2)
+                .set_max_delay(RECONNECT_MAX_DELAY_MS);
             let conn = client
                 .get_connection_manager_with_config(config)
                 .await
