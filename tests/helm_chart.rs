@@ -445,6 +445,38 @@ fn kafka_values_scale_on_lag_through_prometheus_with_monitoring() {
     let objs = render(&helm, &["kafka-values.yaml"], &[]);
     check_common(&objs, "kafka");
     check_hook_job(&objs, "kafka");
+    // `redisCaSecret`: every pod mounts it where its config's stores.redis_ca_file points (the
+    // config itself is loaded by nexus in `check_common`).
+    for d in of_kind(&objs, "Deployment") {
+        let spec = &d["spec"]["template"]["spec"];
+        let volumes = spec["volumes"].as_sequence().expect("volumes");
+        assert!(
+            volumes
+                .iter()
+                .any(|v| v["name"] == "redis-ca" && v["secret"]["secretName"] == "redis-ca"),
+            "{}: no redis-ca volume",
+            name(d)
+        );
+        let mounts = spec["containers"][0]["volumeMounts"]
+            .as_sequence()
+            .expect("mounts");
+        assert!(
+            mounts
+                .iter()
+                .any(|m| m["name"] == "redis-ca" && m["mountPath"] == "/etc/nexus/redis-ca"),
+            "{}: redis-ca not mounted",
+            name(d)
+        );
+    }
+    for m in of_kind(&objs, "ConfigMap") {
+        if let Some(toml_text) = m["data"]["config.toml"].as_str() {
+            assert!(
+                toml_text.contains("redis_ca_file = \"/etc/nexus/redis-ca/ca.crt\""),
+                "{}: stores.redis_ca_file not the mounted file",
+                name(m)
+            );
+        }
+    }
     // A peer's credential reaches only the pods of the role that calls it.
     let env_names = |d: &Value| -> Vec<String> {
         d["spec"]["template"]["spec"]["containers"][0]["env"]

@@ -139,7 +139,9 @@ keys set inline: they belong in Secrets.
 {{- $_ := set $http "tls_cert_file" "/etc/nexus/tls/tls.crt" -}}
 {{- $_ := set $http "tls_key_file" "/etc/nexus/tls/tls.key" -}}
 {{- end -}}
-{{- $owned := dict "bus" $bus "http" $http "stores" (dict "data_dir" "/var/lib/nexus") "topology" (dict "file" "/etc/nexus/topology.yaml") -}}
+{{- $stores := dict "data_dir" "/var/lib/nexus" -}}
+{{- if .Values.redisCaSecret }}{{- $_ := set $stores "redis_ca_file" "/etc/nexus/redis-ca/ca.crt" }}{{- end -}}
+{{- $owned := dict "bus" $bus "http" $http "stores" $stores "topology" (dict "file" "/etc/nexus/topology.yaml") -}}
 {{- $c = mergeOverwrite $c $owned -}}
 {{- include "nexus.toml" (dict "table" $c "prefix" "") -}}
 {{- end -}}
@@ -244,6 +246,11 @@ keys refuse). Scalars first, then sub-tables, keys sorted.
   secret:
     secretName: {{ . }}
 {{- end }}
+{{- with .root.Values.redisCaSecret }}
+- name: redis-ca
+  secret:
+    secretName: {{ . }}
+{{- end }}
 {{- end -}}
 
 {{- define "nexus.volumeMounts" -}}
@@ -270,6 +277,11 @@ keys refuse). Scalars first, then sub-tables, keys sorted.
 {{- if .Values.bus.clientCertSecret }}
 - name: bus-client
   mountPath: /etc/nexus/bus-client
+  readOnly: true
+{{- end }}
+{{- if .Values.redisCaSecret }}
+- name: redis-ca
+  mountPath: /etc/nexus/redis-ca
   readOnly: true
 {{- end }}
 {{- end -}}
