@@ -187,7 +187,13 @@ end
 for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   if not excl[id] and (only == '' or only == id) then
     local key = prefix .. 'agent:' .. id
-    local h = redis.call('HMGET', key, 'profile', 'a:' .. media)
+    -- On the source of a slot move an agent's hash already moved is refused (not a TRYAGAIN,
+    -- so the client would not retry): answered TRYAGAIN here, nothing written yet. On the
+    -- target one not moved yet reads as missing: that agent is passed over.
+    local h = redis.pcall('HMGET', key, 'profile', 'a:' .. media)
+    if h.err then
+      return redis.error_reply('TRYAGAIN agent ' .. id .. ' in a slot being moved')
+    end
     if h[1] then
       local ok, p = pcall(cjson.decode, h[1])
       -- An unreadable agent takes no offers; it does not stop the tenant's routing.
