@@ -573,16 +573,7 @@ impl Config {
                 "stores.redis_cluster needs the URL of at least one node",
             ));
         }
-        // Without Redis the setting is unused (one config serves every pod, some with no Redis).
-        if !self.stores.redis_ca_file.is_empty()
-            && !nodes.iter().all(|n| n.starts_with("rediss://"))
-        {
-            return Err(invalid(
-                "stores.redis_ca_file",
-                "is for TLS only: stores.redis_url must be rediss:// (every node of a cluster)",
-            ));
-        }
-        for node in nodes {
+        for node in &nodes {
             if !(node.starts_with("redis://") || node.starts_with("rediss://")) {
                 return Err(invalid(
                     "stores.redis_url",
@@ -591,11 +582,20 @@ impl Config {
                 ));
             }
             // Parsed only (no connection): a malformed URL is named here, not at first use.
-            redis::Client::open(node)
+            redis::Client::open(*node)
                 .map_err(|e| invalid("stores.redis_url", format!("not a valid URL: {e}")))?;
         }
         if self.stores.redis_cluster {
             check_cluster_nodes(&redis_nodes(redis)).map_err(|m| invalid("stores.redis_url", m))?;
+        }
+        // Without Redis the setting is unused (one config serves every pod, some with no Redis).
+        if !self.stores.redis_ca_file.is_empty()
+            && !nodes.iter().all(|n| n.starts_with("rediss://"))
+        {
+            return Err(invalid(
+                "stores.redis_ca_file",
+                "is for TLS only: stores.redis_url must be rediss:// (every node of a cluster)",
+            ));
         }
         let ns = &self.stores.redis_namespace;
         if ns.is_empty()

@@ -98,11 +98,22 @@ fn path_str(p: &Path) -> String {
     p.to_str().expect("utf8 path").to_string()
 }
 
-/// A child process killed on drop.
+/// A child process stopped on drop: SIGTERM first (PostgreSQL's postmaster then stops its
+/// backends and frees its shared memory), SIGKILL if it is still there after 5 s.
 struct Server(Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

@@ -1151,7 +1151,8 @@ impl MemberThread {
             self.tracker.queue_all(&mut batch);
             // After the records polled are admitted (see `Tracker::note_positions`). Only when
             // drained: a busy partition's prefix passes its markers with the records behind
-            // them, and the position costs a lookup per partition.
+            // them, and the position costs a call to librdkafka's main thread (its assignment)
+            // and a lookup per partition: every 100 ms while idle.
             if drained {
                 match self.consumer.position() {
                     Ok(positions) => self.tracker.note_positions(&positions),

@@ -64,8 +64,9 @@ const RECONNECT_RETRIES: usize = 3;
 /// Longest wait between those attempts (ms). redis-rs 0.32 grows its wait from 1 s by the
 /// `factor` it documents as a unit (redis-rs/redis-rs#1556): its default of 100 makes the second
 /// wait a minute, so a store that is down or refuses the handshake (a certificate not trusted)
-/// would hold connect and every operation two minutes. Capped, attempts are 1–2 s apart
-/// (jitter included) and an unreachable store fails within seconds, as [`CONNECT_TIMEOUT`] means.
+/// would hold connect and every operation two to four minutes. Capped, attempts are 1–2 s apart
+/// (jitter included): a store that refuses fails in seconds, one that drops packets after the
+/// attempts' [`CONNECT_TIMEOUT`]s plus those waits (about half a minute).
 const RECONNECT_MAX_DELAY_MS: u64 = 1_000;
 /// Retries of a cluster request: waits drawn from 250 ms up to a bound doubling to 2.5 s, up
 /// to about 16 s in all.
