@@ -102,6 +102,24 @@ fn path_str(p: &Path) -> String {
 /// backends and frees its shared memory), SIGKILL if it is still there after 5 s.
 struct Server(Child);
 
+impl Server {
+    /// Whether it listens on `port` within [`START`]; false if it exited first (the port was
+    /// taken meanwhile: the caller tries another).
+    async fn listening(&mut self, port: u16, what: &str) -> bool {
+        let deadline = Instant::now() + START;
+        loop {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return false;
+            }
+            if common::process::listens_on(self.0.id(), port) {
+                return true;
+            }
+            assert!(Instant::now() < deadline, "{what} did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = Command::new("kill")
@@ -323,16 +341,8 @@ async fn tls_redis(dir: &Path, pki: &Pki) -> Option<(Server, u16)> {
                 .spawn()
                 .expect("start redis-server"),
         );
-        let deadline = Instant::now() + START;
-        loop {
-            if let Ok(Some(_)) = server.0.try_wait() {
-                break;
-            }
-            if common::process::listens_on(server.0.id(), port) {
-                return Some((server, port));
-            }
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if server.listening(port, "redis-server").await {
+            return Some((server, port));
         }
     }
     panic!("redis-server with TLS did not start in five tries");
@@ -503,16 +513,8 @@ async fn tls_postgres(dir: &Path, pki: &Pki) -> Option<(Server, u16)> {
                 .spawn()
                 .expect("start postgres"),
         );
-        let deadline = Instant::now() + START;
-        loop {
-            if let Ok(Some(_)) = server.0.try_wait() {
-                break;
-            }
-            if common::process::listens_on(server.0.id(), port) {
-                return Some((server, port));
-            }
-            assert!(Instant::now() < deadline, "postgres did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if server.listening(port, "postgres").await {
+            return Some((server, port));
         }
     }
     panic!("postgres did not start in five tries");
