@@ -18,8 +18,8 @@ use common::chat::{base_env, start_node};
 fn chromium() -> String {
     std::env::var("NEXUS_TEST_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into())
 }
-/// The screenshots the script takes: six moments, the three pages each.
-const SHOTS: [&str; 18] = [
+/// The screenshots the script takes: seven moments, the three pages each.
+const SHOTS: [&str; 21] = [
     "1-customer-waiting-agent.png",
     "1-customer-waiting-widget.png",
     "1-customer-waiting-second-agent.png",
@@ -32,14 +32,17 @@ const SHOTS: [&str; 18] = [
     "4-consult-agent.png",
     "4-consult-widget.png",
     "4-consult-second-agent.png",
-    "5-transferred-agent.png",
-    "5-transferred-widget.png",
-    "5-transferred-second-agent.png",
-    "6-ended-agent.png",
-    "6-ended-widget.png",
-    "6-ended-second-agent.png",
+    "5-private-consult-agent.png",
+    "5-private-consult-widget.png",
+    "5-private-consult-second-agent.png",
+    "6-transferred-agent.png",
+    "6-transferred-widget.png",
+    "6-transferred-second-agent.png",
+    "7-ended-agent.png",
+    "7-ended-widget.png",
+    "7-ended-second-agent.png",
 ];
-/// Thirteen steps of at most 15 s each in the script, plus browser start; a hung browser
+/// Fourteen steps of at most 15 s each in the script, plus browser start; a hung browser
 /// must still end the test.
 const SCRIPT_LIMIT: Duration = Duration::from_secs(300);
 

@@ -2518,6 +2518,27 @@ async fn consult_and_leave_refuse_bad_bodies() {
         ),
         ("malformed", consult.clone(), "{", 400, "INVALID_JSON"),
         (
+            "unknown visibility",
+            consult.clone(),
+            r#"{"agent_id":"x","visibility":"customer"}"#,
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "visibility not a string",
+            consult.clone(),
+            r#"{"agent_id":"x","visibility":true}"#,
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            "reply: unknown visibility",
+            format!("/v1/agent/conversations/{conv}/messages"),
+            r#"{"text":"x","visibility":"ALL"}"#,
+            400,
+            "INVALID_FIELD",
+        ),
+        (
             "bad conversation id",
             "/v1/agent/conversations/a.b/consult".into(),
             r#"{"agent_id":"x"}"#,

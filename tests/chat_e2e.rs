@@ -2753,3 +2753,384 @@ async fn nats_postgres_redis_consult_across_two_edges() {
     let system = TwoEdges::start(dir.path(), vec![consult_timeout_env()]).await;
     consult_scenario(&system.edge_a.url, &system.edge_b.url).await;
 }
+
+/// Every JSON text frame up to and including the first matching `pred`, within `within`.
+async fn ws_frames_until(
+    ws: &mut Ws,
+    within: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let frame = tokio::time::timeout(left, ws.next())
+            .await
+            .expect("timed out waiting for a websocket message")
+            .expect("websocket closed")
+            .expect("websocket error");
+        if let WsMessage::Text(t) = frame {
+            let v: Value = serde_json::from_str(t.as_str()).expect("json frame");
+            let done = pred(&v);
+            seen.push(v);
+            if done {
+                return seen;
+            }
+        }
+    }
+}
+
+/// Whether a socket frame is marked for agents only.
+fn agents_only(v: &Value) -> bool {
+    v["data"]["visibility"] == "agents"
+}
+
+/// A private consult and internal notes: the owner's note and everything the private
+/// consultant does (joining, typing, writing, leaving) reach the agents, marked, and never the
+/// customer: not live, not on a reconnect, not in a v3 or v2 transcript read, whose positions
+/// go past them. The consultant sends no files; the owner's public replies reach the customer
+/// as usual. `other` is the consultant's edge.
+async fn private_consult_scenario(url: &str, other: &str) {
+    let admin = Admin::new(url);
+    let tenant = provision_tenant(&admin).await;
+    let (_, a_token) = provision_agent(&admin, &tenant, "alice", 1).await;
+    let mut alice = agent_ready(url, &a_token).await;
+    let (b_id, b_token) = provision_agent(&admin, &tenant, "bob", 1).await;
+    let mut bob = agent_ready(other, &b_token).await;
+    let http = reqwest::Client::new();
+    let (sid, ck) = start_session(
+        url,
+        &tenant.api_key,
+        json!({"nickname": "Gus", "text": "where is my refund"}),
+    )
+    .await;
+    let stream = format!(
+        "{url}/nexus/v3/chat/sessions/{sid}/stream?api_key={}&client_key={ck}",
+        tenant.api_key
+    );
+    let mut customer = ws_connect(&stream).await;
+    let offer = ws_until(&mut alice, WAIT, |v| v["type"] == "offer").await;
+    ws_send(
+        &mut alice,
+        json!({"op": "accept", "conversation_id": sid, "offer_id": offer["offer_id"]}),
+    )
+    .await;
+    ws_until(&mut alice, WAIT, |v| {
+        v["type"] == "state" && v["state"] == "connected"
+    })
+    .await;
+
+    // An internal note over HTTP; a bad visibility is refused.
+    let reply = |token: &str, base: &str, body: Value| {
+        let (http, url, token) = (
+            http.clone(),
+            format!("{base}/v1/agent/conversations/{sid}/messages"),
+            token.to_string(),
+        );
+        async move {
+            http.post(url)
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .expect("reply")
+        }
+    };
+    let r = reply(&a_token, url, json!({"text": "x", "visibility": "secret"})).await;
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "INVALID_FIELD", "{body}");
+    let r = reply(
+        &a_token,
+        url,
+        json!({"text": "note: VIP customer", "visibility": "agents"}),
+    )
+    .await;
+    assert_eq!(r.status(), 202);
+    let note = ws_until(&mut alice, WAIT, |v| {
+        transcript_frame(v, "Message") && v["text"] == "note: VIP customer"
+    })
+    .await;
+    assert!(agents_only(&note), "{note}");
+
+    // Bob is invited privately and joins.
+    ws_send(
+        &mut alice,
+        json!({"op": "consult", "conversation_id": sid, "agent_id": b_id,
+            "visibility": "agents", "request_id": "p"}),
+    )
+    .await;
+    let ack = ws_until(&mut alice, WAIT, |v| v["request_id"] == "p").await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let offer = ws_until(&mut bob, WAIT, |v| v["type"] == "offer").await;
+    assert_eq!(
+        (offer["consult"].clone(), offer["visibility"].clone()),
+        (json!(true), json!("agents")),
+        "{offer}"
+    );
+    ws_send(
+        &mut bob,
+        json!({"op": "accept", "conversation_id": sid, "offer_id": offer["offer_id"]}),
+    )
+    .await;
+    ws_until(&mut bob, WAIT, |v| {
+        v["type"] == "state" && v["state"] == "connected"
+    })
+    .await;
+    let joined = ws_until(&mut alice, WAIT, |v| {
+        transcript_frame(v, "ParticipantJoined") && v["from"]["nickname"] == "bob"
+    })
+    .await;
+    assert!(agents_only(&joined), "{joined}");
+    let listed: Value = http
+        .get(format!("{other}/v1/agent/conversations"))
+        .bearer_auth(&b_token)
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        listed["items"][0]["consult_visibility"], "agents",
+        "{listed}"
+    );
+
+    // Bob types and writes without saying `agents`: agents only all the same. He reads the
+    // whole transcript, the note included.
+    ws_send(
+        &mut bob,
+        json!({"op": "typing", "conversation_id": sid, "state": "started"}),
+    )
+    .await;
+    ws_send(
+        &mut bob,
+        json!({"op": "reply", "conversation_id": sid, "text": "refund went out friday"}),
+    )
+    .await;
+    let hint = ws_until(&mut alice, WAIT, |v| {
+        transcript_frame(v, "Message") && v["text"] == "refund went out friday"
+    })
+    .await;
+    assert!(agents_only(&hint), "{hint}");
+    let typing = ws_until(&mut bob, WAIT, |v| transcript_frame(v, "TypingStarted")).await;
+    assert!(agents_only(&typing), "{typing}");
+    let read: Value = http
+        .get(format!("{other}/v1/agent/conversations/{sid}/messages"))
+        .bearer_auth(&b_token)
+        .send()
+        .await
+        .expect("transcript")
+        .json()
+        .await
+        .expect("json");
+    let texts: Vec<&str> = read["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["text"].as_str())
+        .collect();
+    assert!(texts.contains(&"note: VIP customer"), "{read}");
+    // No files from a private consultant: they would reach the customer.
+    let data = png(500);
+    let r = http
+        .post(format!("{other}/v1/agent/conversations/{sid}/files"))
+        .bearer_auth(&b_token)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )
+        .body(multipart(&[(
+            "file",
+            Some("x.png"),
+            Some("image/png"),
+            &data,
+        )]))
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(r.status(), 409);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "PRIVATE_CONSULT", "{body}");
+
+    // Alice answers the customer, Bob leaves, Alice answers again.
+    let r = reply(&a_token, url, json!({"text": "your refund is on its way"})).await;
+    assert_eq!(r.status(), 202);
+    let r = http
+        .post(format!("{other}/v1/agent/conversations/{sid}/leave"))
+        .bearer_auth(&b_token)
+        .send()
+        .await
+        .expect("leave");
+    assert_eq!(r.status(), 202);
+    let left = ws_until(&mut alice, WAIT, |v| transcript_frame(v, "ParticipantLeft")).await;
+    assert!(agents_only(&left), "{left}");
+    let r = reply(&a_token, url, json!({"text": "anything else?"})).await;
+    assert_eq!(r.status(), 202);
+    let last = ws_until(&mut alice, WAIT, |v| {
+        transcript_frame(v, "Message") && v["text"] == "anything else?"
+    })
+    .await;
+    let end = last["position"].as_u64().expect("position");
+
+    // What the customer got live: the public entries only, in order.
+    let frames = ws_frames_until(&mut customer, WAIT, |v| v["text"] == "anything else?").await;
+    let shown: Vec<(u64, String, String)> = frames
+        .iter()
+        .filter(|v| v["type"] == "transcript")
+        .map(|v| {
+            (
+                v["position"].as_u64().unwrap_or(0),
+                v["kind"].as_str().unwrap_or("").to_string(),
+                v["from"]["nickname"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        frames
+            .iter()
+            .all(|v| !agents_only(v) && v["from"]["nickname"] != "bob"),
+        "{frames:?}"
+    );
+    let texts = |frames: &[Value]| -> Vec<String> {
+        frames
+            .iter()
+            .filter(|v| v["kind"] == "Message")
+            .filter_map(|v| v["text"].as_str().map(str::to_string))
+            .collect()
+    };
+    assert_eq!(
+        texts(&frames),
+        [
+            "where is my refund",
+            "your refund is on its way",
+            "anything else?"
+        ],
+        "{shown:?}"
+    );
+
+    // A reconnect from the start, and one from a position inside the private part.
+    drop(customer);
+    let mut again = ws_connect(&stream).await;
+    let replayed = ws_frames_until(&mut again, WAIT, |v| v["text"] == "anything else?").await;
+    assert!(
+        replayed
+            .iter()
+            .all(|v| !agents_only(v) && v["from"]["nickname"] != "bob"),
+        "{replayed:?}"
+    );
+    assert_eq!(
+        texts(&replayed),
+        [
+            "where is my refund",
+            "your refund is on its way",
+            "anything else?"
+        ]
+    );
+    let note_at = note["position"].as_u64().expect("position");
+    let mut resumed = ws_connect(&format!("{stream}&from={note_at}")).await;
+    let first = ws_until(&mut resumed, WAIT, |v| v["type"] == "transcript").await;
+    assert_eq!(first["text"], "your refund is on its way", "{first}");
+
+    // Transcript reads: v3 and v2 leave the private entries out and go past them.
+    let v3: Value = http
+        .get(format!(
+            "{url}/nexus/v3/chat/sessions/{sid}/messages?from={note_at}"
+        ))
+        .header("x-api-key", &tenant.api_key)
+        .header("x-nexus-client-key", &ck)
+        .send()
+        .await
+        .expect("v3 read")
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        v3["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .all(|v| !agents_only(v) && v["from"]["nickname"] != "bob"),
+        "{v3}"
+    );
+    assert_eq!(
+        texts(v3["messages"].as_array().expect("messages")),
+        ["your refund is on its way", "anything else?"]
+    );
+    assert_eq!(v3["next_position"], end + 1, "{v3}");
+    // Bob's slot went back with his leave; Alice keeps hers.
+    let me: Value = http
+        .get(format!("{url}/v1/agent/me"))
+        .bearer_auth(&a_token)
+        .send()
+        .await
+        .expect("me")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(me["active"]["chat"], 1, "{me}");
+    let pid = frames
+        .iter()
+        .find(|v| v["from"]["kind"] == "customer")
+        .and_then(|v| v["from"]["participant_id"].as_str())
+        .expect("customer participant id")
+        .to_string();
+    let v2: Value = http
+        .post(format!("{url}/genesys/2/chat/default/{sid}/refresh"))
+        .header("apikey", &tenant.api_key)
+        .form(&[
+            ("secureKey", ck.as_str()),
+            ("userId", pid.as_str()),
+            ("alias", "nexus"),
+            ("transcriptPosition", "1"),
+        ])
+        .send()
+        .await
+        .expect("v2 refresh")
+        .json()
+        .await
+        .expect("v2 json");
+    assert_eq!(v2["statusCode"], 0, "{v2}");
+    let v2_texts: Vec<&str> = v2["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["text"].as_str())
+        .collect();
+    assert_eq!(
+        v2_texts,
+        [
+            "where is my refund",
+            "your refund is on its way",
+            "anything else?"
+        ],
+        "{v2}"
+    );
+    assert!(
+        v2["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .all(|m| m["from"]["nickname"] != "bob"),
+        "{v2}"
+    );
+    assert_eq!(v2["nextPosition"], end + 1, "{v2}");
+}
+
+/// Private consult on `nexus dev`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_consult_and_internal_notes_never_reach_the_customer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut env = base_env(dir.path());
+    env.push(consult_timeout_env());
+    let node = start_node(dir.path(), "dev", &["dev"], env).await;
+    private_consult_scenario(&node.url, &node.url).await;
+}
+
+/// Private consult on NATS JetStream + PostgreSQL + Redis, the consultant on a second edge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_postgres_redis_private_consult_across_two_edges() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let system = TwoEdges::start(dir.path(), vec![consult_timeout_env()]).await;
+    private_consult_scenario(&system.edge_a.url, &system.edge_b.url).await;
+}

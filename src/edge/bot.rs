@@ -129,6 +129,7 @@ async fn send(
         media_ids: Vec::new(),
         in_reply_to: None,
         transcript_position: None,
+        visibility: ev::Visibility::All,
     };
     publish(&state, &bot, &id, &sent).await?;
     Ok((
@@ -194,5 +195,6 @@ async fn transcript(
     let bot = bot_of(&state, &headers).await?;
     let Query(q) = query?;
     given_to(&state, &bot, &id).await?;
-    super::chat::transcript_page(&state, &bot.tenant_id, &id, &q).await
+    let reader = super::chat::Reader::Customer;
+    super::chat::transcript_page(&state, &bot.tenant_id, &id, &q, reader).await
 }

@@ -157,6 +157,10 @@ symbols!(TransferMode {
     Consult,
     Conference
 });
+symbols!(
+    /// Who sees a message: `Unknown` (a symbol added later) counts as `Agents`.
+    Visibility { All, Agents }
+);
 symbols!(ClientEventKind {
     Transcript,
     Offer,
@@ -241,8 +245,22 @@ pub struct MessageSent {
     pub media_ids: Vec<String>,
     pub in_reply_to: Option<String>,
     pub transcript_position: Option<i64>,
+    /// Schema v2; `All` when read from v1 (or absent from a JSON body).
+    #[serde(default = "visible_to_all")]
+    pub visibility: Visibility,
 }
 body!(MessageSent);
+
+fn visible_to_all() -> Visibility {
+    Visibility::All
+}
+
+impl Visibility {
+    /// Whether only agents may see it (a symbol this version does not know included).
+    pub fn agents_only(self) -> bool {
+        self != Visibility::All
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TypingIndicated {

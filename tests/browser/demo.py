@@ -7,7 +7,8 @@ The agent console (page A) goes ready; the widget (page B) starts a chat and sen
 the offer, sees the message and replies; B sees the reply; B sends a file that A downloads, A
 sends one that B downloads (bytes compared). A second agent's console (page C, `?agent=1`) goes
 ready; A invites C to consult, C accepts, sees what was said, writes (B sees it) and leaves; A
-transfers the chat to C, C accepts and replies (B sees it) and completes; B sees the end.
+writes a note for agents only and invites C in private, C writes and leaves, A answers B: B sees
+that answer and neither the note nor anything of C's private part; A transfers the chat to C, C accepts and replies (B sees it) and completes; B sees the end.
 Screenshots of both pages at each key moment go to ARTEFACT_DIR. Any step that does not happen
 within STEP_MS exits non-zero naming the step, with screenshots and page logs of the failure.
 """
@@ -23,6 +24,9 @@ CUSTOMER_TEXT = "hello from the browser"
 AGENT_TEXT = "hi, this is the agent speaking"
 CONSULTANT_TEXT = "a colleague here, consulting"
 SECOND_TEXT = "second agent here, I take it from now"
+NOTE_TEXT = "note for agents: a returning customer"
+PRIVATE_TEXT = "privately: offer the voucher"
+AFTER_PRIVATE_TEXT = "thanks for waiting, here is a voucher"
 CUSTOMER_FILE = b"order 1234: two chairs\n"
 AGENT_FILE = b"assembly plan: step 1, unpack\n"
 ARGS = [
@@ -157,6 +161,30 @@ class Flow:
             c.click("#leaveBtn")
             second_log.get_by_text("You left the conversation.").wait_for()
 
+        def private_consult():
+            a.check("#internal")
+            a.fill("#text", NOTE_TEXT)
+            a.click("#sendBtn")
+            a.uncheck("#internal")
+            agent_log.locator(".internal").get_by_text(NOTE_TEXT).wait_for()
+            a.select_option("#target", label="Agent: Second Agent")
+            a.click("#privateBtn")
+            c.get_by_text("invites you to consult").wait_for()
+            c.locator(".offer .accept").first.click()
+            second_log.get_by_text(NOTE_TEXT).wait_for()
+            c.fill("#text", PRIVATE_TEXT)
+            c.click("#sendBtn")
+            agent_log.locator(".internal").get_by_text(PRIVATE_TEXT).wait_for()
+            c.click("#leaveBtn")
+            second_log.get_by_text("You left the conversation.").wait_for()
+            a.fill("#text", AFTER_PRIVATE_TEXT)
+            a.click("#sendBtn")
+            # Entries arrive in order: once the answer is shown, the private ones would be too.
+            widget_log.get_by_text(AFTER_PRIVATE_TEXT).wait_for()
+            for private in (NOTE_TEXT, PRIVATE_TEXT):
+                if widget_log.get_by_text(private).count() != 0:
+                    raise PlaywrightError(f"the customer sees a private entry: {private!r}")
+
         def transfer():
             a.select_option("#target", label="Agent: Second Agent")
             a.click("#transferBtn")
@@ -190,11 +218,13 @@ class Flow:
         self.step("the agent invites it to consult; it joins and writes", consult)
         self.shoot("4-consult")
         self.step("the consultant leaves", consultant_leaves)
+        self.step("a note and a private consult stay off the customer's page", private_consult)
+        self.shoot("5-private-consult")
         self.step("the agent transfers the chat to it; it accepts and replies", transfer)
-        self.shoot("5-transferred")
+        self.shoot("6-transferred")
         self.step("the second agent completes", agent_completes)
         self.step("customer sees the end", customer_sees_end)
-        self.shoot("6-ended")
+        self.shoot("7-ended")
 
     def report_failure(self, error):
         print(f"demo.py: FAILED at step '{self.step_name}': {error}", file=sys.stderr)

@@ -43,6 +43,7 @@ pub(super) async fn upload(
         file.name.clone(),
         client_id.clone(),
         vec![file.id.clone()],
+        crate::events::chat::Visibility::All,
     );
     let retriable = client_id.is_some();
     let message_id =
@@ -71,6 +72,14 @@ async fn ensure_holding(state: &AppState, agent: &Agent, id: &str) -> Result<(),
             StatusCode::CONFLICT,
             "CONVERSATION_CLOSED",
             "the conversation is closed",
+        ));
+    }
+    // A file reaches the customer (its download is theirs too): not from a private consult.
+    if c.routing.consult_private && c.routing.consultant.as_deref() == me {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "PRIVATE_CONSULT",
+            "a consultant in a private consult sends no files: they would reach the customer",
         ));
     }
     Ok(())

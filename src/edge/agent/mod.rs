@@ -257,17 +257,33 @@ fn offer_uuid(offer_id: &str) -> Result<String, ApiError> {
         .map_err(|_| ApiError::bad_request("INVALID_FIELD", "offer_id is not a UUID"))
 }
 
+/// `visibility`: `all` (the default) or `agents` (an internal note: the conversation's agents
+/// only, never the customer).
 pub(crate) async fn do_reply(
     state: &AppState,
     agent: &Agent,
     id: &str,
     text: String,
     message_id: Option<String>,
+    visibility: Option<&str>,
 ) -> Result<String, ApiError> {
     check_id(id)?;
     super::chat::check_text(state, &text)?;
     super::chat::check_message_id(message_id.as_deref())?;
-    send_message(state, agent, id, text, message_id, Vec::new()).await
+    let visibility = parse_visibility(visibility)?;
+    send_message(state, agent, id, text, message_id, Vec::new(), visibility).await
+}
+
+/// The `visibility` field of a reply or consult: `all` when absent.
+fn parse_visibility(v: Option<&str>) -> Result<ev::Visibility, ApiError> {
+    match v {
+        None | Some("all") => Ok(ev::Visibility::All),
+        Some("agents") => Ok(ev::Visibility::Agents),
+        Some(_) => Err(ApiError::bad_request(
+            "INVALID_FIELD",
+            "`visibility` must be `all` or `agents`",
+        )),
+    }
 }
 
 /// Publishes the agent's message (a reply, or the files it uploaded: their name as the text);
@@ -281,6 +297,7 @@ async fn send_message(
     text: String,
     message_id: Option<String>,
     media_ids: Vec<String>,
+    visibility: ev::Visibility,
 ) -> Result<String, ApiError> {
     let sender = if media_ids.is_empty() {
         format!("agent/{}", agent.id)
@@ -299,6 +316,7 @@ async fn send_message(
         media_ids,
         in_reply_to: None,
         transcript_position: None,
+        visibility,
     };
     let e = event(&body, agent, id)?;
     publish(state, e).await?;
@@ -408,24 +426,31 @@ pub(crate) async fn do_transfer(
     publish(state, e).await
 }
 
-/// Invites another agent of the tenant into a conversation the agent holds, as a consultant in
-/// conference (the customer sees what the consultant writes).
+/// Invites another agent of the tenant into a conversation the agent holds, as a consultant:
+/// in conference (`visibility` `all`, the default: the customer sees what the consultant
+/// writes) or in private (`agents`: the consultant's messages, typing, joining and leaving
+/// reach the conversation's agents only).
 pub(crate) async fn do_consult(
     state: &AppState,
     agent: &Agent,
     id: &str,
     agent_id: &str,
     note: Option<String>,
+    visibility: Option<&str>,
 ) -> Result<(), ApiError> {
     check_id(id)?;
     check_id_of("agent", agent_id)?;
     check_note(state, note.as_deref())?;
+    let mode = match parse_visibility(visibility)? {
+        ev::Visibility::All => ev::TransferMode::Conference,
+        _ => ev::TransferMode::Consult,
+    };
     let body = ev::TransferRequested {
         agent_id: agent.id.clone(),
         participant_id: agent.id.clone(),
         target_kind: ev::TargetKind::Agent,
         target_id: agent_id.to_string(),
-        mode: ev::TransferMode::Conference,
+        mode,
         note,
         user_data: Default::default(),
     };
@@ -452,6 +477,7 @@ pub(crate) async fn do_leave(state: &AppState, agent: &Agent, id: &str) -> Resul
 struct ConsultRequest {
     agent_id: String,
     note: Option<String>,
+    visibility: Option<String>,
 }
 
 async fn consult(
@@ -462,7 +488,15 @@ async fn consult(
 ) -> Result<StatusCode, ApiError> {
     let agent = agent_of(&state, &headers).await?;
     let r: ConsultRequest = super::chat::json_body(body)?;
-    do_consult(&state, &agent, &id, &r.agent_id, r.note).await?;
+    do_consult(
+        &state,
+        &agent,
+        &id,
+        &r.agent_id,
+        r.note,
+        r.visibility.as_deref(),
+    )
+    .await?;
     Ok(StatusCode::ACCEPTED)
 }
 
@@ -584,6 +618,7 @@ async fn reject(
 struct ReplyRequest {
     text: String,
     message_id: Option<String>,
+    visibility: Option<String>,
 }
 
 async fn reply(
@@ -594,7 +629,15 @@ async fn reply(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let agent = agent_of(&state, &headers).await?;
     let r: ReplyRequest = super::chat::json_body(body)?;
-    let message_id = do_reply(&state, &agent, &id, r.text, r.message_id).await?;
+    let message_id = do_reply(
+        &state,
+        &agent,
+        &id,
+        r.text,
+        r.message_id,
+        r.visibility.as_deref(),
+    )
+    .await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({ "message_id": message_id })),
@@ -688,6 +731,12 @@ pub(super) async fn conversation_items(
             (None, None)
         };
         let owner = c.agent_id.as_deref() == me || c.offered_to.as_deref() == me;
+        let consulting = c.routing.consultant.is_some() || c.routing.consult_invited.is_some();
+        let consult_visibility = consulting.then_some(if c.routing.consult_private {
+            "agents"
+        } else {
+            "all"
+        });
         items.push(json!({
             "conversation_id": c.conversation_id,
             "state": c.state,
@@ -696,6 +745,7 @@ pub(super) async fn conversation_items(
             "offer_id": offer_id,
             "expires_at": expires_at,
             "role": if owner { "owner" } else { "consultant" },
+            "consult_visibility": consult_visibility,
             "created_at": c.created_at_ms,
         }));
     }
@@ -761,5 +811,6 @@ async fn transcript(
     let agent = agent_of(&state, &headers).await?;
     let Query(q) = query?;
     ensure_mine(&state, &agent, &id).await?;
-    super::chat::transcript_page(&state, &agent.tenant_id, &id, &q).await
+    let reader = super::chat::Reader::Agent;
+    super::chat::transcript_page(&state, &agent.tenant_id, &id, &q, reader).await
 }

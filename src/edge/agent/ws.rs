@@ -73,6 +73,7 @@ struct Request {
     reason_code: Option<String>,
     #[serde(default)]
     capacity: BTreeMap<String, u32>,
+    visibility: Option<String>,
 }
 
 async fn serve(mut socket: WebSocket, state: AppState, mut agent: Agent, token: String) {
@@ -267,7 +268,9 @@ async fn run(state: &AppState, agent: &Agent, r: Request) -> Result<Value, ApiEr
         }
         "reply" => {
             let id = need(r.conversation_id, "conversation_id")?;
-            let m = do_reply(state, agent, &id, need(r.text, "text")?, r.message_id).await?;
+            let text = need(r.text, "text")?;
+            let visibility = r.visibility.as_deref();
+            let m = do_reply(state, agent, &id, text, r.message_id, visibility).await?;
             Ok(json!({"message_id": m}))
         }
         "typing" => {
@@ -291,7 +294,8 @@ async fn run(state: &AppState, agent: &Agent, r: Request) -> Result<Value, ApiEr
         }
         "consult" => {
             let id = need(r.conversation_id, "conversation_id")?;
-            do_consult(state, agent, &id, &need(r.agent_id, "agent_id")?, r.note)
+            let target = need(r.agent_id, "agent_id")?;
+            do_consult(state, agent, &id, &target, r.note, r.visibility.as_deref())
                 .await
                 .map(|_| Value::Null)
         }

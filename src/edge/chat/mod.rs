@@ -30,7 +30,7 @@ pub(crate) use files::{
 pub use presence::Presence;
 pub(crate) use v3::{
     body_error, bus_message_id, check_message_id, check_text, check_user_data, json_body,
-    transcript_page, typing_started, TranscriptQuery,
+    transcript_page, typing_started, Reader, TranscriptQuery,
 };
 
 pub use crate::topology::topics::INBOUND as INBOUND_TOPIC;

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::broadcast::error::RecvError;
 
-use super::{session_claims, transcript_page, TranscriptQuery};
+use super::{session_claims, transcript_page, Reader, TranscriptQuery};
 use crate::edge::{ApiError, AppState};
 use crate::events::chat::ClientEventKind;
 
@@ -43,11 +43,11 @@ pub async fn transcript(
     };
     let wait = Duration::from_secs(q.wait_s.unwrap_or(0).min(MAX_WAIT_S));
     if wait.is_zero() {
-        return transcript_page(&state, &c.tid, &c.sid, &page).await;
+        return transcript_page(&state, &c.tid, &c.sid, &page, Reader::Customer).await;
     }
     // Subscribe before reading, so an entry appended after the read wakes the wait.
     let mut feed = state.hub.customer(&c.tid, &c.sid);
-    let first = transcript_page(&state, &c.tid, &c.sid, &page).await?;
+    let first = transcript_page(&state, &c.tid, &c.sid, &page, Reader::Customer).await?;
     let has_news = |p: &Json<Value>| {
         p.0["chat_ended"] == true || p.0["messages"].as_array().is_some_and(|m| !m.is_empty())
     };
@@ -72,5 +72,5 @@ pub async fn transcript(
             },
         }
     }
-    transcript_page(&state, &c.tid, &c.sid, &page).await
+    transcript_page(&state, &c.tid, &c.sid, &page, Reader::Customer).await
 }

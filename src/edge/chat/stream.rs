@@ -245,7 +245,11 @@ impl Resumable {
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
         let n = entries.len();
         for e in entries {
+            // Skipped, not sent: an entry for agents only (a private consult).
             self.last = e.position;
+            if e.entry.agents_only() {
+                continue;
+            }
             let json = entry_json(&self.claims.sid, &e).to_string();
             self.queue.push_back((Some(e.position), Arc::from(json)));
         }

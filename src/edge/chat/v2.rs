@@ -147,7 +147,11 @@ fn v2_type(kind: EntryKind) -> Option<&'static str> {
     })
 }
 
+/// An entry in the v2 view: v2 clients are customers, who never see an agents-only entry.
 fn v2_message(e: &Entry) -> Option<Value> {
+    if e.entry.agents_only() {
+        return None;
+    }
     let from_type = match e.entry.from.kind {
         PartyKind::Customer => "Client",
         PartyKind::Agent => "Agent",

@@ -19,7 +19,7 @@ use crate::edge::{ApiError, AppState};
 use crate::events::chat::{self as ev, Channel, Contact, MessageKind, ParticipantKind};
 use crate::events::Event;
 use crate::stores::session::{
-    merge_user_data, start_mark, start_request_key, Conversation, ConversationState,
+    merge_user_data, start_mark, start_request_key, Conversation, ConversationState, Entry,
 };
 use crate::workers::conversation::notify::entry_json;
 
@@ -690,16 +690,32 @@ pub struct TranscriptQuery {
     pub limit: Option<usize>,
 }
 
+/// Who reads a transcript: agents see every entry; customers and bots not those for agents
+/// only (whose positions they skip: `next_position` goes past them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reader {
+    Agent,
+    Customer,
+}
+
+impl Reader {
+    pub(crate) fn sees(self, e: &Entry) -> bool {
+        self == Reader::Agent || !e.entry.agents_only()
+    }
+}
+
 /// A transcript page as every reader's API answers it (customer, agent, bot).
 pub(crate) async fn transcript_page(
     state: &AppState,
     tenant: &str,
     conversation_id: &str,
     q: &TranscriptQuery,
+    reader: Reader,
 ) -> Result<Json<Value>, ApiError> {
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let from = q.from.unwrap_or(1);
     let (messages, next, ended) =
-        read_transcript(state, tenant, conversation_id, q.from.unwrap_or(1), limit).await?;
+        read_transcript(state, tenant, conversation_id, from, limit, reader).await?;
     Ok(Json(json!({
         "messages": messages,
         "next_position": next,
@@ -727,6 +743,7 @@ pub(crate) async fn read_transcript(
     conversation_id: &str,
     from: u64,
     limit: usize,
+    reader: Reader,
 ) -> Result<(Vec<Value>, u64, bool), ApiError> {
     // The record first: the worker appends a close's last entries before it saves the record
     // closed, so an answer saying "ended" holds them, when it is the last page (a full page
@@ -758,6 +775,7 @@ pub(crate) async fn read_transcript(
         .unwrap_or(from.max(1));
     let json = entries
         .iter()
+        .filter(|e| reader.sees(e))
         .map(|e| entry_json(conversation_id, e))
         .collect();
     Ok((json, next, ended))

@@ -116,6 +116,23 @@ pub struct NewEntry {
     pub at_ms: i64,
 }
 
+/// The `data` key marking an entry for agents only, and its value.
+pub const VISIBILITY_KEY: &str = "visibility";
+pub const AGENTS_ONLY: &str = "agents";
+
+impl NewEntry {
+    /// Whether only agents see the entry (an internal note, a private consult): customers'
+    /// and bots' reads and pushes leave it out (its position stays taken).
+    pub fn agents_only(&self) -> bool {
+        self.data.get(VISIBILITY_KEY).map(String::as_str) == Some(AGENTS_ONLY)
+    }
+
+    /// Marks the entry for agents only.
+    pub fn set_agents_only(&mut self) {
+        self.data.insert(VISIBILITY_KEY.into(), AGENTS_ONLY.into());
+    }
+}
+
 /// A transcript entry; positions start at 1 and have no gaps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
@@ -230,6 +247,10 @@ pub struct Routing {
     /// invitation waits for this one's time).
     #[serde(default)]
     pub consult_expires_at_ms: Option<i64>,
+    /// The consult (invited or joined) is private: what the consultant writes, and its joining
+    /// and leaving, reach agents only.
+    #[serde(default)]
+    pub consult_private: bool,
     pub skills: Vec<String>,
     pub priority: i64,
     /// The agent the conversation was offered to when it closed: a redelivered close tells

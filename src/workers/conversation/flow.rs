@@ -18,7 +18,7 @@ use crate::stores::session::under_limits;
 use crate::stores::session::{
     customer_mark, Appended, BotPending, Conversation, ConversationState, Entry, EntryKind,
     NewEntry, Party, PartyKind, PresenceChange, PresenceUpdate, Reserve, Routing, StoreError,
-    Timer,
+    Timer, AGENTS_ONLY,
 };
 
 pub(crate) const OFFER_TIMER: &str = "offer";
@@ -202,6 +202,11 @@ fn bot_turn_source(due: &Event, m: &Entry) -> Event {
     );
     source.envelope.traceparent = due.envelope.traceparent.clone();
     source
+}
+
+/// Whether `sender` is the joined consultant of a private consult.
+fn private_consultant(c: &Conversation, sender: Option<&str>) -> bool {
+    c.routing.consult_private && sender.is_some() && c.routing.consultant.as_deref() == sender
 }
 
 /// Agents who see the conversation's transcript: the connected one and its consultant.
@@ -884,6 +889,7 @@ impl ConversationWorker {
                 media_ids: Vec::new(),
                 in_reply_to: m.entry.message_id.clone(),
                 transcript_position: i64::try_from(r.position).ok(),
+                visibility: ev::Visibility::All,
             };
             self.emit(
                 INTERACTION_TOPIC,
@@ -1504,7 +1510,20 @@ impl ConversationWorker {
             ev::MessageKind::CustomNotice => EntryKind::CustomNotice,
             _ => EntryKind::Message,
         };
-        let entries = message_entries(e, kind, &from, b.text.as_ref(), &b.media_ids);
+        // A private consultant writes to agents only, whatever its request said.
+        let agents_only = b.visibility.agents_only()
+            || (b.participant_kind == ParticipantKind::Agent && private_consultant(&c, sender));
+        if agents_only && !b.media_ids.is_empty() {
+            // A file is downloadable by the customer (the edge refuses such uploads).
+            warn!(conversation_id = %c.conversation_id, "a file for agents only; dropped");
+            return Ok(());
+        }
+        let mut entries = message_entries(e, kind, &from, b.text.as_ref(), &b.media_ids);
+        if agents_only {
+            for (_, new) in &mut entries {
+                new.set_agents_only();
+            }
+        }
         let Some(appended) = self.append_message(&c, e, entries, &b.message_id).await? else {
             return Ok(());
         };
@@ -1514,6 +1533,11 @@ impl ConversationWorker {
         };
         let body = ev::MessageSent {
             transcript_position: i64::try_from(m.position).ok(),
+            visibility: if agents_only {
+                ev::Visibility::Agents
+            } else {
+                ev::Visibility::All
+            },
             ..b
         };
         let emitted = format!("message/{}", m.position);
@@ -1592,9 +1616,11 @@ impl ConversationWorker {
             nickname,
             kind: party_kind(b.participant_kind),
         };
-        self.append(&c, e, "typing", entry(e, kind, from, None))
-            .await
-            .map(|_| ())
+        let mut new = entry(e, kind, from, None);
+        if b.participant_kind == ParticipantKind::Agent && private_consultant(&c, sender) {
+            new.set_agents_only();
+        }
+        self.append(&c, e, "typing", new).await.map(|_| ())
     }
 
     /// A read receipt: an entry with the position read, for the agent to see.
@@ -1902,6 +1928,9 @@ impl ConversationWorker {
         let mut joined = entry(e, EntryKind::ParticipantJoined, agent, None);
         if let Some(role) = role {
             joined.data.insert("role".into(), role.into());
+            if c.routing.consult_private {
+                joined.set_agents_only();
+            }
         }
         let joined = self.append(c, e, "joined", joined).await?;
         self.emit(
@@ -2022,9 +2051,11 @@ impl ConversationWorker {
             .schedule(&self.timer(CONSULT_TIMER, &c), not_before_save(expires_at))
             .await
             .map_err(store_failed)?;
+        let private = b.mode == ev::TransferMode::Consult;
         let offer = json!({
             "type": "offer",
             "consult": true,
+            "visibility": if private { AGENTS_ONLY } else { "all" },
             "conversation_id": c.conversation_id,
             "offer_id": offer_id,
             "invited_by": b.agent_id,
@@ -2047,6 +2078,7 @@ impl ConversationWorker {
         c.routing.consult_invited = Some(target);
         c.routing.consult_offer_id = Some(offer_id);
         c.routing.consult_expires_at_ms = Some(expires_at);
+        c.routing.consult_private = private;
         self.save(&mut c, e).await
     }
 
@@ -2108,6 +2140,9 @@ impl ConversationWorker {
             };
             let mut left = entry(e, EntryKind::ParticipantLeft, party, None);
             left.data.insert("role".into(), "consultant".into());
+            if c.routing.consult_private {
+                left.set_agents_only();
+            }
             let appended = self.append(&c, e, "left", left).await?;
             self.emit(
                 INTERACTION_TOPIC,
@@ -2172,6 +2207,7 @@ impl ConversationWorker {
         c.routing.consult_invited = None;
         c.routing.consult_offer_id = None;
         c.routing.consult_expires_at_ms = None;
+        c.routing.consult_private = false;
         self.save(&mut c, e).await
     }
 

@@ -39,10 +39,10 @@ pub fn closed_json(conversation_id: &str, reason: Option<&str>) -> Value {
     json!({"type": "state", "conversation_id": conversation_id, "state": "closed", "reason": reason})
 }
 
-/// A transcript entry for the customer and the given agents.
+/// A transcript entry for the customer (unless it is for agents only) and the given agents.
 pub fn transcript(conversation_id: &str, e: &Entry, agents: Vec<String>) -> ClientEvent {
     ClientEvent {
-        to_customer: true,
+        to_customer: !e.entry.agents_only(),
         to_agents: agents,
         kind: ClientEventKind::Transcript,
         position: i64::try_from(e.position).ok(),

@@ -243,6 +243,7 @@ fn reply(text: &str) -> chat::MessageSent {
         media_ids: Vec::new(),
         in_reply_to: None,
         transcript_position: None,
+        visibility: chat::Visibility::All,
     }
 }
 

@@ -237,6 +237,7 @@ async fn fire(worker: &ConversationWorker, timer: &Timer, now: i64) -> Result<()
                 media_ids: Vec::new(),
                 in_reply_to: None,
                 transcript_position: None,
+                visibility: ev::Visibility::All,
             };
             // Ids derive from the idle period, so a timer fired twice notifies once.
             let event = Event::typed(&body, &c.tenant_id, &c.conversation_id, super::PRODUCER)

@@ -79,8 +79,12 @@ pub fn operation_of(event: &Event) -> Result<Option<Operation>, BodyError> {
         MessageSent::TYPE => {
             let b: MessageSent = event.body_as()?;
             // A file message is not text the agent typed: `SendMessage` would show its file
-            // name as one, and the interface has no file operation.
-            if b.participant_kind != ParticipantKind::Agent || !b.media_ids.is_empty() {
+            // name as one, and the interface has no file operation. A message for agents only
+            // has no place there either: GWS's chat would show it to the customer.
+            if b.participant_kind != ParticipantKind::Agent
+                || !b.media_ids.is_empty()
+                || b.visibility.agents_only()
+            {
                 return Ok(None);
             }
             let agent_id = b.agent_id.unwrap_or(b.participant_id);
@@ -250,6 +254,7 @@ mod tests {
             media_ids: Vec::new(),
             in_reply_to: None,
             transcript_position: None,
+            visibility: crate::events::chat::Visibility::All,
         }
     }
 
@@ -288,6 +293,14 @@ mod tests {
             json!({"operationName": "SendMessage", "text": "hello", "messageId": "m-1"})
         );
         assert_eq!(op.effect_key, "send:m-1");
+        // An internal note is not sent to GWS, whose chat would show it to the customer.
+        let note = MessageSent {
+            visibility: ev::Visibility::Agents,
+            ..sent(ParticipantKind::Agent)
+        };
+        assert!(operation_of(&event(&note, "edge/agent"))
+            .expect("ok")
+            .is_none());
 
         let e = event(
             &transfer(TransferMode::Transfer, TargetKind::Agent),

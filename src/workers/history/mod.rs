@@ -114,6 +114,7 @@ pub fn entry_of(event: &Event) -> Option<Result<Entry, ev::BodyError>> {
                 nickname: b.nickname,
                 text: b.text,
                 media_ids: b.media_ids,
+                agents_only: false,
             })
         }),
         ev::MessageSent::TYPE => event.body_as::<ev::MessageSent>().map(|b| {
@@ -126,6 +127,7 @@ pub fn entry_of(event: &Event) -> Option<Result<Entry, ev::BodyError>> {
                 nickname: Some(b.nickname),
                 text: b.text,
                 media_ids: b.media_ids,
+                agents_only: b.visibility.agents_only(),
             })
         }),
         ev::ParticipantJoined::TYPE => event.body_as::<ev::ParticipantJoined>().map(|b| {
@@ -138,6 +140,7 @@ pub fn entry_of(event: &Event) -> Option<Result<Entry, ev::BodyError>> {
                 nickname: Some(b.nickname),
                 text: None,
                 media_ids: Vec::new(),
+                agents_only: false,
             })
         }),
         ev::ParticipantLeft::TYPE => event.body_as::<ev::ParticipantLeft>().map(|b| {
@@ -150,6 +153,7 @@ pub fn entry_of(event: &Event) -> Option<Result<Entry, ev::BodyError>> {
                 nickname: b.nickname,
                 text: None,
                 media_ids: Vec::new(),
+                agents_only: false,
             })
         }),
         _ => return None,

@@ -98,6 +98,9 @@ pub struct Entry {
     pub text: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub media_ids: Vec<String>,
+    /// A message for agents only (an internal note, a private consult).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub agents_only: bool,
 }
 
 /// A conversation's row.

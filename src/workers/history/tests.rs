@@ -52,6 +52,7 @@ fn entry(position: i64, text: &str, media: &[&str]) -> Entry {
         nickname: Some("Ann".into()),
         text: Some(text.into()),
         media_ids: media.iter().map(|s| s.to_string()).collect(),
+        agents_only: false,
     }
 }
 
@@ -181,11 +182,23 @@ fn interaction_events_map_to_entries() {
     let serde_json::Value::Object(body) = body else {
         unreachable!("object")
     };
-    let e = Event::new("MessageSent", "t1", "c1", "test", body);
+    let e = Event::new("MessageSent", "t1", "c1", "test", body.clone());
     let got = entry_of(&e).expect("an entry event").expect("valid");
     assert_eq!(
         (got.position, got.text.as_deref(), got.nickname.as_deref()),
         (4, Some("hi"), Some("Bob"))
+    );
+    assert!(!got.agents_only, "a v1-shaped body is visible to all");
+    let mut internal = body.clone();
+    internal.insert("visibility".into(), json!("AGENTS"));
+    let e = Event::new("MessageSent", "t1", "c1", "test", internal);
+    let got = entry_of(&e).expect("an entry event").expect("valid");
+    assert!(got.agents_only);
+    let d = ucs::transcript_document("t1", "c1", "c1", &[got]);
+    assert_eq!(
+        d.parameters["Content"]["Messages"][0]["Visibility"], "Agents",
+        "{}",
+        d.parameters
     );
     let other = Event::new(
         "ConversationRouted",

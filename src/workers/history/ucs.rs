@@ -104,6 +104,9 @@ pub fn transcript_document(
                 "Nickname": e.nickname,
                 "Text": e.text,
                 "Attachments": e.media_ids,
+                // `Agents`: an internal note or a private consult's message, never shown to
+                // the customer.
+                "Visibility": if e.agents_only { "Agents" } else { "All" },
             })
         })
         .collect();
