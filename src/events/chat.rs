@@ -409,6 +409,9 @@ pub struct ParticipantJoined {
     pub nickname: String,
     pub agent_id: Option<String>,
     pub transcript_position: Option<i64>,
+    /// Schema v2; `All` when read from v1 (or absent from a JSON body).
+    #[serde(default = "visible_to_all")]
+    pub visibility: Visibility,
 }
 body!(ParticipantJoined);
 
@@ -419,6 +422,9 @@ pub struct ParticipantLeft {
     pub nickname: Option<String>,
     pub reason: LeftReason,
     pub transcript_position: Option<i64>,
+    /// Schema v2; `All` when read from v1 (or absent from a JSON body).
+    #[serde(default = "visible_to_all")]
+    pub visibility: Visibility,
 }
 body!(ParticipantLeft);
 

@@ -467,6 +467,7 @@ pub(crate) async fn do_leave(state: &AppState, agent: &Agent, id: &str) -> Resul
         nickname: Some(agent.name.clone()),
         reason: ev::LeftReason::Left,
         transcript_position: None,
+        visibility: ev::Visibility::All,
     };
     let e = event(&body, agent, id)?;
     publish(state, e).await

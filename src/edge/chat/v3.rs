@@ -669,6 +669,7 @@ pub(crate) async fn customer_leaves(
         nickname: None,
         reason: ev::LeftReason::Left,
         transcript_position: None,
+        visibility: ev::Visibility::All,
     };
     publish_customer(state, c, &body, traceparent).await
 }

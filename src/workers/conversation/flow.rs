@@ -204,6 +204,15 @@ fn bot_turn_source(due: &Event, m: &Entry) -> Event {
     source
 }
 
+/// Who the events of a stored entry say see it.
+fn visibility_of(e: &Entry) -> ev::Visibility {
+    if e.entry.agents_only() {
+        ev::Visibility::Agents
+    } else {
+        ev::Visibility::All
+    }
+}
+
 /// Whether `sender` is the joined consultant of a private consult.
 fn private_consultant(c: &Conversation, sender: Option<&str>) -> bool {
     c.routing.consult_private && sender.is_some() && c.routing.consultant.as_deref() == sender
@@ -456,6 +465,7 @@ impl ConversationWorker {
                 nickname: customer.nickname.clone(),
                 agent_id: None,
                 transcript_position: i64::try_from(joined.position).ok(),
+                visibility: ev::Visibility::All,
             },
         )
         .await?;
@@ -1533,11 +1543,7 @@ impl ConversationWorker {
         };
         let body = ev::MessageSent {
             transcript_position: i64::try_from(m.position).ok(),
-            visibility: if agents_only {
-                ev::Visibility::Agents
-            } else {
-                ev::Visibility::All
-            },
+            visibility: visibility_of(&m),
             ..b
         };
         let emitted = format!("message/{}", m.position);
@@ -1886,6 +1892,7 @@ impl ConversationWorker {
                 nickname: c.routing.agent_nickname.clone(),
                 reason: ev::LeftReason::Transferred,
                 transcript_position: i64::try_from(appended.position).ok(),
+                visibility: ev::Visibility::All,
             },
         )
         .await?;
@@ -1944,6 +1951,7 @@ impl ConversationWorker {
                 nickname: b.nickname.clone(),
                 agent_id: Some(b.agent_id.clone()),
                 transcript_position: i64::try_from(joined.position).ok(),
+                visibility: visibility_of(&joined),
             },
         )
         .await?;
@@ -2155,6 +2163,7 @@ impl ConversationWorker {
                     nickname: c.routing.consultant_nickname.clone(),
                     reason: ev::LeftReason::Left,
                     transcript_position: i64::try_from(appended.position).ok(),
+                    visibility: visibility_of(&appended),
                 },
             )
             .await?;
@@ -2363,6 +2372,7 @@ impl ConversationWorker {
                         nickname: None,
                         reason: ev::LeftReason::Left,
                         transcript_position: None,
+                        visibility: ev::Visibility::All,
                     };
                     let what = format!("{what}/consultant");
                     self.emit(AGENT_TOPIC, e, &id, &what, &left).await?;
@@ -2387,6 +2397,7 @@ impl ConversationWorker {
                     nickname: None,
                     reason: ev::LeftReason::Left,
                     transcript_position: None,
+                    visibility: ev::Visibility::All,
                 };
                 self.emit(AGENT_TOPIC, e, &id, &what, &left).await?;
             }
@@ -2621,6 +2632,7 @@ impl ConversationWorker {
                         nickname: None,
                         reason: ev::LeftReason::Left,
                         transcript_position: i64::try_from(left.position).ok(),
+                        visibility: ev::Visibility::All,
                     },
                 )
                 .await?;

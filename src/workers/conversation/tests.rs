@@ -1049,6 +1049,7 @@ async fn a_redelivered_close_tells_the_agent_it_was_offered_to() {
         nickname: None,
         reason: chat::LeftReason::Left,
         transcript_position: None,
+        visibility: chat::Visibility::All,
     };
     let event = rig.event(&left);
     rig.worker

@@ -269,6 +269,7 @@ async fn fire(worker: &ConversationWorker, timer: &Timer, now: i64) -> Result<()
                 nickname: Some(c.customer.nickname.clone()),
                 reason: ev::LeftReason::Timeout,
                 transcript_position: None,
+                visibility: ev::Visibility::All,
             };
             let event = Event::typed(&body, &c.tenant_id, &c.conversation_id, super::PRODUCER)
                 .map_err(|e| HandleError::Retry(e.to_string()))?
@@ -306,6 +307,7 @@ async fn fire(worker: &ConversationWorker, timer: &Timer, now: i64) -> Result<()
                 nickname: Some(c.customer.nickname.clone()),
                 reason: ev::LeftReason::Disconnected,
                 transcript_position: None,
+                visibility: ev::Visibility::All,
             };
             // A chat is abandoned once (it closes): the id derives from the conversation, so
             // a timer fired twice closes it once.

@@ -140,7 +140,7 @@ pub fn entry_of(event: &Event) -> Option<Result<Entry, ev::BodyError>> {
                 nickname: Some(b.nickname),
                 text: None,
                 media_ids: Vec::new(),
-                agents_only: false,
+                agents_only: b.visibility.agents_only(),
             })
         }),
         ev::ParticipantLeft::TYPE => event.body_as::<ev::ParticipantLeft>().map(|b| {
@@ -153,7 +153,7 @@ pub fn entry_of(event: &Event) -> Option<Result<Entry, ev::BodyError>> {
                 nickname: b.nickname,
                 text: None,
                 media_ids: Vec::new(),
-                agents_only: false,
+                agents_only: b.visibility.agents_only(),
             })
         }),
         _ => return None,

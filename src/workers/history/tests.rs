@@ -200,6 +200,19 @@ fn interaction_events_map_to_entries() {
         "{}",
         d.parameters
     );
+    let joined = json!({
+        "participant_id": "a2", "participant_kind": "AGENT", "nickname": "Cy",
+        "agent_id": "a2", "transcript_position": 5, "visibility": "AGENTS"
+    });
+    let serde_json::Value::Object(joined) = joined else {
+        unreachable!("object")
+    };
+    let e = Event::new("ParticipantJoined", "t1", "c1", "test", joined);
+    let got = entry_of(&e).expect("an entry event").expect("valid");
+    assert_eq!(
+        (got.kind.as_str(), got.agents_only),
+        ("ParticipantJoined", true)
+    );
     let other = Event::new(
         "ConversationRouted",
         "t1",
