@@ -2632,7 +2632,7 @@ impl ConversationWorker {
                         nickname: None,
                         reason: ev::LeftReason::Left,
                         transcript_position: i64::try_from(left.position).ok(),
-                        visibility: ev::Visibility::All,
+                        visibility: visibility_of(left),
                     },
                 )
                 .await?;
