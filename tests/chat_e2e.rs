@@ -2457,45 +2457,94 @@ fn consult_timeout_env() -> (&'static str, String) {
     )
 }
 
+/// A chat that Alice (ready on `url`) accepted, with Bob ready on `other` and the customer's
+/// socket open: where both consult scenarios start.
+struct Consulting {
+    tenant: Tenant,
+    a_token: String,
+    alice: Ws,
+    b_id: String,
+    b_token: String,
+    bob: Ws,
+    sid: String,
+    ck: String,
+    customer: Ws,
+    /// The customer's stream URL.
+    stream: String,
+    http: reqwest::Client,
+}
+
+impl Consulting {
+    async fn start(url: &str, other: &str, session: Value) -> Consulting {
+        let admin = Admin::new(url);
+        let tenant = provision_tenant(&admin).await;
+        let (_, a_token) = provision_agent(&admin, &tenant, "alice", 1).await;
+        let mut alice = agent_ready(url, &a_token).await;
+        let (b_id, b_token) = provision_agent(&admin, &tenant, "bob", 1).await;
+        let bob = agent_ready(other, &b_token).await;
+        let (sid, ck) = start_session(url, &tenant.api_key, session).await;
+        let stream = format!(
+            "{url}/nexus/v3/chat/sessions/{sid}/stream?api_key={}&client_key={ck}",
+            tenant.api_key
+        );
+        let customer = ws_connect(&stream).await;
+        // Alice (ready first, longest idle) takes it.
+        let offer = ws_until(&mut alice, WAIT, |v| v["type"] == "offer").await;
+        ws_send(
+            &mut alice,
+            json!({"op": "accept", "conversation_id": sid, "offer_id": offer["offer_id"]}),
+        )
+        .await;
+        ws_until(&mut alice, WAIT, |v| {
+            v["type"] == "state" && v["state"] == "connected"
+        })
+        .await;
+        Consulting {
+            tenant,
+            a_token,
+            alice,
+            b_id,
+            b_token,
+            bob,
+            sid,
+            ck,
+            customer,
+            stream,
+            http: reqwest::Client::new(),
+        }
+    }
+}
+
 /// Consult / conference: the owner invites a second agent, who joins (capacity counted), reads
 /// the transcript, sees the customer's messages, replies to the customer and leaves without
 /// ending the chat; invited again, the owner's completion ends it for both and frees both.
 /// The consultant (Bob) works through `other`, which may be another edge than `url`.
 async fn consult_scenario(url: &str, other: &str) {
-    let admin = Admin::new(url);
-    let tenant = provision_tenant(&admin).await;
-    let (_, a_token) = provision_agent(&admin, &tenant, "alice", 1).await;
-    let mut alice = agent_ready(url, &a_token).await;
-    let (b_id, b_token) = provision_agent(&admin, &tenant, "bob", 1).await;
-    let mut bob = agent_ready(other, &b_token).await;
-    let http = reqwest::Client::new();
-    let active = |token: &str| {
-        let (http, url, token) = (http.clone(), url.to_string(), token.to_string());
-        async move {
-            let me: Value = http
-                .get(format!("{url}/v1/agent/me"))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .expect("me")
-                .json()
-                .await
-                .expect("json");
-            me["active"]["chat"].as_u64().unwrap_or(0)
-        }
-    };
-
-    let (sid, ck) = start_session(
+    let Consulting {
+        tenant,
+        a_token,
+        mut alice,
+        b_id,
+        b_token,
+        mut bob,
+        sid,
+        ck,
+        mut customer,
+        http,
+        ..
+    } = Consulting::start(
         url,
-        &tenant.api_key,
+        other,
         json!({"nickname": "Fay", "text": "my order is late"}),
     )
     .await;
-    let mut customer = ws_connect(&format!(
-        "{url}/nexus/v3/chat/sessions/{sid}/stream?api_key={}&client_key={ck}",
-        tenant.api_key
-    ))
-    .await;
+    let active = |token: &str| {
+        let (http, url, token) = (http.clone(), url.to_string(), token.to_string());
+        async move {
+            let me = get_as(&http, format!("{url}/v1/agent/me"), &token).await;
+            me["active"]["chat"].as_u64().unwrap_or(0)
+        }
+    };
     let send = |text: &'static str| {
         let (http, url, sid, ck, key) = (
             http.clone(),
@@ -2516,17 +2565,6 @@ async fn consult_scenario(url: &str, other: &str) {
             assert_eq!(r.status(), 202);
         }
     };
-    // Alice (ready first, longest idle) takes it.
-    let offer = ws_until(&mut alice, WAIT, |v| v["type"] == "offer").await;
-    ws_send(
-        &mut alice,
-        json!({"op": "accept", "conversation_id": sid, "offer_id": offer["offer_id"]}),
-    )
-    .await;
-    ws_until(&mut alice, WAIT, |v| {
-        v["type"] == "state" && v["state"] == "connected"
-    })
-    .await;
 
     // Declined, then left to lapse: Alice is told, Bob's slot is back each time.
     let failed = |v: &Value| v["type"] == "transfer_failed";
@@ -2595,22 +2633,14 @@ async fn consult_scenario(url: &str, other: &str) {
     })
     .await;
     // Bob reads what was said before he joined.
-    let transcript: Value = http
-        .get(format!("{other}/v1/agent/conversations/{sid}/messages"))
-        .bearer_auth(&b_token)
-        .send()
-        .await
-        .expect("transcript")
-        .json()
-        .await
-        .expect("json");
-    let texts: Vec<&str> = transcript["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .filter_map(|m| m["text"].as_str())
-        .collect();
-    assert!(texts.contains(&"my order is late"), "{transcript}");
+    let transcript = get_as(
+        &http,
+        format!("{other}/v1/agent/conversations/{sid}/messages"),
+        &b_token,
+    )
+    .await;
+    let said = texts(transcript["messages"].as_array().expect("messages"));
+    assert!(said.contains(&"my order is late"), "{transcript}");
 
     // Both agents see the customer; the customer sees Bob's reply.
     send("it was due monday").await;
@@ -2645,7 +2675,7 @@ async fn consult_scenario(url: &str, other: &str) {
         ws_until(&mut alice, WAIT, failed).await["reason"],
         "CONSULT_IN_PROGRESS"
     );
-    let (c_id, _) = provision_agent(&admin, &tenant, "cat", 1).await;
+    let (c_id, _) = provision_agent(&Admin::new(url), &tenant, "cat", 1).await;
     invite(&mut alice, &sid, &c_id).await;
     assert_eq!(
         ws_until(&mut alice, WAIT, failed).await["reason"],
@@ -2736,48 +2766,42 @@ async fn consult_scenario(url: &str, other: &str) {
     assert_eq!(active(&b_token).await, 0);
 }
 
-/// Consult on `nexus dev`: embedded bus, SQLite, redb.
+/// Consult in conference, then in private, on `nexus dev`: embedded bus, SQLite, embedded
+/// session store (each scenario its own tenant).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn consultant_joins_replies_leaves_and_completion_frees_both() {
+async fn consults_in_conference_and_in_private() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut env = base_env(dir.path());
     env.push(consult_timeout_env());
     let node = start_node(dir.path(), "dev", &["dev"], env).await;
     consult_scenario(&node.url, &node.url).await;
+    private_consult_scenario(&node.url, &node.url).await;
 }
 
-/// Consult on NATS JetStream + PostgreSQL + Redis, the consultant on a second edge.
+/// The same on NATS JetStream + PostgreSQL + Redis, the consultant on a second edge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_postgres_redis_consult_across_two_edges() {
+async fn nats_postgres_redis_consults_across_two_edges() {
     let dir = tempfile::tempdir().expect("tempdir");
     let system = TwoEdges::start(dir.path(), vec![consult_timeout_env()]).await;
     consult_scenario(&system.edge_a.url, &system.edge_b.url).await;
+    private_consult_scenario(&system.edge_a.url, &system.edge_b.url).await;
 }
 
-/// Every JSON text frame up to and including the first matching `pred`, within `within`.
-async fn ws_frames_until(
-    ws: &mut Ws,
-    within: Duration,
-    pred: impl Fn(&Value) -> bool,
-) -> Vec<Value> {
-    let deadline = tokio::time::Instant::now() + within;
-    let mut seen = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let frame = tokio::time::timeout(left, ws.next())
-            .await
-            .expect("timed out waiting for a websocket message")
-            .expect("websocket closed")
-            .expect("websocket error");
-        if let WsMessage::Text(t) = frame {
-            let v: Value = serde_json::from_str(t.as_str()).expect("json frame");
-            let done = pred(&v);
-            seen.push(v);
-            if done {
-                return seen;
-            }
-        }
-    }
+/// The texts of transcript entries (frames, or a page's `messages`), in order.
+fn texts(entries: &[Value]) -> Vec<&str> {
+    entries.iter().filter_map(|v| v["text"].as_str()).collect()
+}
+
+/// `GET` with an agent's token, as JSON.
+async fn get_as(http: &reqwest::Client, url: String, token: &str) -> Value {
+    http.get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json")
 }
 
 /// Whether a socket frame is marked for agents only.
@@ -2791,33 +2815,23 @@ fn agents_only(v: &Value) -> bool {
 /// go past them. The consultant sends no files; the owner's public replies reach the customer
 /// as usual. `other` is the consultant's edge.
 async fn private_consult_scenario(url: &str, other: &str) {
-    let admin = Admin::new(url);
-    let tenant = provision_tenant(&admin).await;
-    let (_, a_token) = provision_agent(&admin, &tenant, "alice", 1).await;
-    let mut alice = agent_ready(url, &a_token).await;
-    let (b_id, b_token) = provision_agent(&admin, &tenant, "bob", 1).await;
-    let mut bob = agent_ready(other, &b_token).await;
-    let http = reqwest::Client::new();
-    let (sid, ck) = start_session(
+    let Consulting {
+        tenant,
+        a_token,
+        mut alice,
+        b_id,
+        b_token,
+        mut bob,
+        sid,
+        ck,
+        mut customer,
+        stream,
+        http,
+    } = Consulting::start(
         url,
-        &tenant.api_key,
+        other,
         json!({"nickname": "Gus", "text": "where is my refund"}),
     )
-    .await;
-    let stream = format!(
-        "{url}/nexus/v3/chat/sessions/{sid}/stream?api_key={}&client_key={ck}",
-        tenant.api_key
-    );
-    let mut customer = ws_connect(&stream).await;
-    let offer = ws_until(&mut alice, WAIT, |v| v["type"] == "offer").await;
-    ws_send(
-        &mut alice,
-        json!({"op": "accept", "conversation_id": sid, "offer_id": offer["offer_id"]}),
-    )
-    .await;
-    ws_until(&mut alice, WAIT, |v| {
-        v["type"] == "state" && v["state"] == "connected"
-    })
     .await;
 
     // An internal note over HTTP; a bad visibility is refused.
@@ -2882,15 +2896,7 @@ async fn private_consult_scenario(url: &str, other: &str) {
     })
     .await;
     assert!(agents_only(&joined), "{joined}");
-    let listed: Value = http
-        .get(format!("{other}/v1/agent/conversations"))
-        .bearer_auth(&b_token)
-        .send()
-        .await
-        .expect("list")
-        .json()
-        .await
-        .expect("json");
+    let listed = get_as(&http, format!("{other}/v1/agent/conversations"), &b_token).await;
     assert_eq!(
         listed["items"][0]["consult_visibility"], "agents",
         "{listed}"
@@ -2915,22 +2921,14 @@ async fn private_consult_scenario(url: &str, other: &str) {
     assert!(agents_only(&hint), "{hint}");
     let typing = ws_until(&mut bob, WAIT, |v| transcript_frame(v, "TypingStarted")).await;
     assert!(agents_only(&typing), "{typing}");
-    let read: Value = http
-        .get(format!("{other}/v1/agent/conversations/{sid}/messages"))
-        .bearer_auth(&b_token)
-        .send()
-        .await
-        .expect("transcript")
-        .json()
-        .await
-        .expect("json");
-    let texts: Vec<&str> = read["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .filter_map(|m| m["text"].as_str())
-        .collect();
-    assert!(texts.contains(&"note: VIP customer"), "{read}");
+    let read = get_as(
+        &http,
+        format!("{other}/v1/agent/conversations/{sid}/messages"),
+        &b_token,
+    )
+    .await;
+    let said = texts(read["messages"].as_array().expect("messages"));
+    assert!(said.contains(&"note: VIP customer"), "{read}");
     // No files from a private consultant: they would reach the customer.
     let data = png(500);
     let r = http
@@ -2992,13 +2990,6 @@ async fn private_consult_scenario(url: &str, other: &str) {
             .all(|v| !agents_only(v) && v["from"]["nickname"] != "bob"),
         "{frames:?}"
     );
-    let texts = |frames: &[Value]| -> Vec<String> {
-        frames
-            .iter()
-            .filter(|v| v["kind"] == "Message")
-            .filter_map(|v| v["text"].as_str().map(str::to_string))
-            .collect()
-    };
     assert_eq!(
         texts(&frames),
         [
@@ -3059,15 +3050,7 @@ async fn private_consult_scenario(url: &str, other: &str) {
     );
     assert_eq!(v3["next_position"], end + 1, "{v3}");
     // Bob's slot went back with his leave; Alice keeps hers.
-    let me: Value = http
-        .get(format!("{url}/v1/agent/me"))
-        .bearer_auth(&a_token)
-        .send()
-        .await
-        .expect("me")
-        .json()
-        .await
-        .expect("json");
+    let me = get_as(&http, format!("{url}/v1/agent/me"), &a_token).await;
     assert_eq!(me["active"]["chat"], 1, "{me}");
     let pid = frames
         .iter()
@@ -3091,14 +3074,8 @@ async fn private_consult_scenario(url: &str, other: &str) {
         .await
         .expect("v2 json");
     assert_eq!(v2["statusCode"], 0, "{v2}");
-    let v2_texts: Vec<&str> = v2["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .filter_map(|m| m["text"].as_str())
-        .collect();
     assert_eq!(
-        v2_texts,
+        texts(v2["messages"].as_array().expect("messages")),
         [
             "where is my refund",
             "your refund is on its way",
@@ -3115,22 +3092,4 @@ async fn private_consult_scenario(url: &str, other: &str) {
         "{v2}"
     );
     assert_eq!(v2["nextPosition"], end + 1, "{v2}");
-}
-
-/// Private consult on `nexus dev`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_private_consult_and_internal_notes_never_reach_the_customer() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut env = base_env(dir.path());
-    env.push(consult_timeout_env());
-    let node = start_node(dir.path(), "dev", &["dev"], env).await;
-    private_consult_scenario(&node.url, &node.url).await;
-}
-
-/// Private consult on NATS JetStream + PostgreSQL + Redis, the consultant on a second edge.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_postgres_redis_private_consult_across_two_edges() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let system = TwoEdges::start(dir.path(), vec![consult_timeout_env()]).await;
-    private_consult_scenario(&system.edge_a.url, &system.edge_b.url).await;
 }

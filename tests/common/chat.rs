@@ -502,7 +502,18 @@ pub async fn ws_connect(url: &str) -> Ws {
 
 /// The next JSON text frame matching `pred`, within `within`; others are skipped.
 pub async fn ws_until(ws: &mut Ws, within: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    let mut frames = ws_frames_until(ws, within, pred).await;
+    frames.pop().expect("the matching frame")
+}
+
+/// Every JSON text frame up to and including the first matching `pred`, within `within`.
+pub async fn ws_frames_until(
+    ws: &mut Ws,
+    within: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Vec<Value> {
     let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let frame = tokio::time::timeout(left, ws.next())
@@ -512,8 +523,10 @@ pub async fn ws_until(ws: &mut Ws, within: Duration, pred: impl Fn(&Value) -> bo
             .expect("websocket error");
         if let WsMessage::Text(t) = frame {
             let v: Value = serde_json::from_str(t.as_str()).expect("json frame");
-            if pred(&v) {
-                return v;
+            let done = pred(&v);
+            seen.push(v);
+            if done {
+                return seen;
             }
         }
     }
