@@ -164,6 +164,16 @@ async fn nats_port(server: &mut Server, dir: &Path) -> u16 {
 /// A nats-server of the test's own with JetStream, serving TLS only, on a port it picks;
 /// `verify`: it also demands a client certificate signed by the CA.
 async fn tls_nats(dir: &Path, pki: &Pki, verify: bool) -> Option<(Server, u16)> {
+    tls_nats_on(dir, pki, verify, None).await
+}
+
+/// [`tls_nats`] on `port` when given (a server taking over another's port).
+async fn tls_nats_on(
+    dir: &Path,
+    pki: &Pki,
+    verify: bool,
+    port: Option<u16>,
+) -> Option<(Server, u16)> {
     let Ok(bin) = std::env::var("NEXUS_TEST_NATS_SERVER") else {
         missing("NEXUS_TEST_NATS_SERVER unset (eval \"$(bash scripts/services.sh env)\")");
         return None;
@@ -176,10 +186,11 @@ async fn tls_nats(dir: &Path, pki: &Pki, verify: bool) -> Option<(Server, u16)> 
     std::fs::write(
         &conf,
         format!(
-            "listen: \"127.0.0.1:-1\"\n\
+            "listen: \"127.0.0.1:{}\"\n\
              ports_file_dir: {}\n\
              jetstream {{ store_dir: {} }}\n\
              tls {{\n  cert_file: {}\n  key_file: {}\n  ca_file: {}\n  verify: {verify}\n  timeout: 5\n}}\n",
+            port.map_or("-1".to_string(), |p| p.to_string()),
             q(&ports_dir),
             q(&dir.join("nats-store")),
             q(&pki.server_cert),
@@ -238,18 +249,24 @@ fn nats_config(port: u16, ca: &str) -> nexus::config::BusConfig {
     c
 }
 
-/// Connecting must fail, promptly and with an error naming the TLS handshake.
-async fn refused(config: &nexus::config::BusConfig, why: &str) {
+/// Connecting must fail, promptly and with a TLS error naming the certificate problem and
+/// each of `names` (the setting to change), not reading as an outage.
+async fn refused(config: &nexus::config::BusConfig, why: &str, names: &[&str]) {
     let started = Instant::now();
     let e = match bus::connect(config).await {
         Ok(_) => panic!("{why}: connected to {} anyway", config.url),
-        Err(e) => e.to_string(),
+        Err(e) => e,
     };
     eprintln!("{why}: refused: {e}");
     assert!(
-        e.contains("certificate") || e.contains("Certificate"),
-        "{why}: an unclear error: {e}"
+        matches!(e, bus::BusError::Tls(_)),
+        "{why}: not a TLS error: {e:?}"
     );
+    let e = e.to_string();
+    assert!(!e.contains("unavailable"), "{why}: reads as an outage: {e}");
+    for name in names {
+        assert!(e.contains(name), "{why}: `{name}` not named: {e}");
+    }
     assert!(
         started.elapsed() < Duration::from_secs(20),
         "{why}: took {:?}",
@@ -266,12 +283,59 @@ async fn jetstream_over_tls_with_the_bus_ca_file() {
     };
     round_trip(&nats_config(port, &path_str(&pki.ca))).await;
     // The system roots do not know the test's CA, nor does another CA vouch for its server.
-    refused(&nats_config(port, ""), "no bus.ca_file").await;
+    let unknown_issuer = "certificate verification failed: unknown issuer";
     refused(
-        &nats_config(port, &path_str(&pki.other_ca)),
-        "bus.ca_file of another CA",
+        &nats_config(port, ""),
+        "no bus.ca_file",
+        &[unknown_issuer, "bus.ca_file is not set"],
     )
     .await;
+    let other_ca = path_str(&pki.other_ca);
+    refused(
+        &nats_config(port, &other_ca),
+        "bus.ca_file of another CA",
+        &[unknown_issuer, &format!("bus.ca_file ({other_ca})")],
+    )
+    .await;
+}
+
+/// A connected bus whose server comes back with a certificate of another CA (renewed by the
+/// wrong CA): the client cannot reconnect, and its health check (what `/readyz` logs) names the
+/// certificate problem and `bus.ca_file`, not only "not connected".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_health_names_a_server_certificate_it_cannot_trust() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path());
+    let Some((server, port)) = tls_nats(dir.path(), &pki, false).await else {
+        return;
+    };
+    let config = nats_config(port, &path_str(&pki.ca));
+    let bus = bus::connect(&config).await.expect("connect over TLS");
+    bus.health().await.expect("healthy over TLS");
+    drop(server);
+    let other_dir = dir.path().join("renewed");
+    std::fs::create_dir_all(&other_dir).expect("dir");
+    let renewed = Pki::new(&other_dir);
+    let Some((_server, _)) = tls_nats_on(&other_dir, &renewed, false, Some(port)).await else {
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let e = loop {
+        match bus.health().await {
+            Err(e @ bus::BusError::Tls(_)) => break e.to_string(),
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "health never named the certificate: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    eprintln!("health: {e}");
+    // The new CA has the old one's name: webpki finds it an issuer whose signature fails.
+    assert!(e.contains("certificate verification failed"), "{e}");
+    assert!(e.contains("bus.ca_file ("), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,6 +352,10 @@ async fn jetstream_over_mutual_tls_with_a_client_certificate() {
     refused(
         &nats_config(port, &path_str(&pki.ca)),
         "no client certificate",
+        &[
+            "requires a client certificate",
+            "bus.client_cert_file and bus.client_key_file",
+        ],
     )
     .await;
 }

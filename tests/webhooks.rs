@@ -1262,9 +1262,9 @@ async fn exhausted_messages_are_dead_lettered_a_few_at_a_time() {
     // could still wait when the count is reached. Each started within moments of its last
     // attempt and fails 5 s later, so 8 s after the last attempt all of them are over.
     tokio::time::sleep_until((last_attempt + Duration::from_secs(8)).into()).await;
-    // From here every publish comes from a claim that found the message exhausted (a sender's
-    // publish still waiting at the end of its 5 s can meet a claim's for a moment: see README,
-    // so the bound is watched only once they are over). Watch two rounds of them: what was
+    // From here every publish comes from a claim that found the message exhausted (the
+    // senders' own publishes are not under the claims' bound, so it is watched only once they
+    // are over). Watch two rounds of them: what was
     // stored (read first) less what failed (read after) is at most the publishes under way,
     // which never exceed the bound.
     let mut most = 0;
@@ -1704,5 +1704,352 @@ mod log {
             .await
             .expect("STARTED delivered");
         assert_eq!(due_of(&prov, &finished.id).await, Some(now + 3), "released");
+    }
+}
+
+// ---- dead letters on a slow bus ----------------------------------------------------------
+
+mod dead_letter_hold {
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use nexus::bus::{
+        BusError, GroupPosition, Message, OutRecord, PartitionOffsets, Published, SubscribeOptions,
+        Subscription, TopicInfo, TopicSpec,
+    };
+    use nexus::events::webhook::WEBHOOK_DEAD_TOPIC;
+    use nexus::stores::provisioning::secrets::EncryptionKey;
+    use nexus::stores::provisioning::{
+        NewTenant, NewWebhook, Provisioning, WebhookEvent, WebhookFormat,
+    };
+    use nexus::workers::webhooks::dispatcher::Dispatcher;
+    use nexus::workers::webhooks::store::{
+        After, AttemptRecord, Left, MessageStore, NewMessage, EXHAUSTED_RECLAIM_MS,
+    };
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+
+    /// A bus whose publishes take `delay` before the broker's acknowledgement, recording each
+    /// record's topic; it does nothing else.
+    struct SlowBus {
+        delay: Duration,
+        published: Mutex<Vec<String>>,
+    }
+
+    impl SlowBus {
+        fn on(&self, topic: &str) -> usize {
+            let published = self.published.lock().expect("lock");
+            published.iter().filter(|t| *t == topic).count()
+        }
+    }
+
+    fn unused() -> BusError {
+        BusError::Unavailable("not used by this test".into())
+    }
+
+    #[async_trait]
+    impl Bus for SlowBus {
+        fn kind(&self) -> &'static str {
+            "slow"
+        }
+
+        async fn publish(&self, topic: &str, _record: OutRecord) -> Result<Published, BusError> {
+            let offset = {
+                let mut published = self.published.lock().expect("lock");
+                published.push(topic.to_string());
+                published.len() as u64
+            };
+            tokio::time::sleep(self.delay).await;
+            Ok(Published {
+                partition: 0,
+                offset,
+            })
+        }
+
+        async fn subscribe(
+            &self,
+            _group: &str,
+            _topic: &str,
+            _options: SubscribeOptions,
+        ) -> Result<Box<dyn Subscription>, BusError> {
+            Err(unused())
+        }
+
+        async fn tail(&self, _topic: &str) -> Result<Box<dyn Subscription>, BusError> {
+            Err(unused())
+        }
+
+        async fn topic_info(&self, _topic: &str) -> Result<Option<TopicInfo>, BusError> {
+            Err(unused())
+        }
+
+        async fn apply_topic(&self, _spec: &TopicSpec) -> Result<(), BusError> {
+            Err(unused())
+        }
+
+        async fn partition_offsets(&self, _topic: &str) -> Result<Vec<PartitionOffsets>, BusError> {
+            Err(unused())
+        }
+
+        async fn group_positions(
+            &self,
+            _group: &str,
+            _topic: &str,
+        ) -> Result<Vec<GroupPosition>, BusError> {
+            Err(unused())
+        }
+
+        async fn offset_for_time(
+            &self,
+            _topic: &str,
+            _partition: u32,
+            _ts_ms: i64,
+        ) -> Result<u64, BusError> {
+            Err(unused())
+        }
+
+        async fn seek_group(
+            &self,
+            _group: &str,
+            _topic: &str,
+            _partition: u32,
+            _offset: u64,
+        ) -> Result<(), BusError> {
+            Err(unused())
+        }
+
+        async fn active_members(&self, _group: &str, _topic: &str) -> Result<usize, BusError> {
+            Err(unused())
+        }
+
+        async fn read(
+            &self,
+            _topic: &str,
+            _partition: u32,
+            _from: u64,
+            _max: usize,
+        ) -> Result<Vec<Message>, BusError> {
+            Err(unused())
+        }
+
+        async fn health(&self) -> Result<(), BusError> {
+            Ok(())
+        }
+    }
+
+    /// A tenant with one Standard Webhooks subscription to `url`: (tenant id, webhook id).
+    async fn subscription(prov: &Provisioning, url: &str) -> (String, String) {
+        let tenant = prov
+            .create_tenant(NewTenant { name: "t".into() })
+            .await
+            .expect("tenant");
+        let hook = prov
+            .create_webhook(
+                &tenant.id,
+                NewWebhook {
+                    url: url.into(),
+                    events: None,
+                    media: None,
+                    format: WebhookFormat::Standard,
+                    enabled: None,
+                    secret: None,
+                },
+            )
+            .await
+            .expect("webhook")
+            .webhook
+            .id;
+        (tenant.id, hook)
+    }
+
+    fn started(tenant: &str, hook: &str) -> NewMessage {
+        let id = uuid::Uuid::new_v4();
+        NewMessage {
+            id: format!("msg_{}", id.simple()),
+            tenant_id: tenant.into(),
+            webhook_id: hook.into(),
+            event_id: id.to_string(),
+            conversation_id: format!("c-{id}"),
+            event: WebhookEvent::Started,
+            body: "{}".into(),
+        }
+    }
+
+    async fn status_of(prov: &Provisioning, id: &str) -> String {
+        sqlx::query_scalar::<_, String>("SELECT status FROM webhook_messages WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_one(prov.pool())
+            .await
+            .expect("status")
+    }
+
+    /// An exhausted message whose dead-letter publish waits longer than the reclaim delay
+    /// (7 s against 5 s: a bus slow to acknowledge) is published once, though two dispatchers
+    /// poll the log all along: its sender holds it while the publish waits. (Before, the claim
+    /// after 5 s found it exhausted and published it a second time beside the first.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_dead_letter_publish_is_not_repeated_by_another_claim() {
+        const DELAY: Duration = Duration::from_secs(7);
+        assert!(DELAY.as_millis() as i64 > EXHAUSTED_RECLAIM_MS);
+        let db = TestDb::create().await;
+        let prov = Arc::new(
+            Provisioning::connect(&db.url, &EncryptionKey::generate())
+                .await
+                .expect("provisioning on PostgreSQL"),
+        );
+        let store = MessageStore::new(prov.pool().clone(), prov.kind());
+        let rx = Receiver::start().await;
+        rx.set("slow-bus", Mode::Always(500));
+        let (tenant, hook) = subscription(&prov, &rx.url("slow-bus")).await;
+        let bus = Arc::new(SlowBus {
+            delay: DELAY,
+            published: Mutex::new(Vec::new()),
+        });
+        let mut config = nexus::config::Config::defaults().workers.webhooks;
+        config.allow_private_targets = true;
+        config.retry_schedule_ms = vec![0];
+        config.timeout_ms = 1000;
+        config.poll_interval_ms = 100;
+        let http = nexus::config::Config::defaults().http_client;
+        let stop = CancellationToken::new();
+        let mut dispatchers = Vec::new();
+        for _ in 0..2 {
+            let client = nexus::http_client::builder(&http)
+                .expect("client")
+                .build()
+                .expect("client");
+            let d = Arc::new(Dispatcher::new(
+                store.clone(),
+                prov.clone(),
+                bus.clone(),
+                client,
+                config.clone(),
+            ));
+            tokio::spawn(d.clone().run(stop.clone()));
+            tokio::spawn(d.clone().log_writer(stop.clone()));
+            dispatchers.push(d);
+        }
+        let m = started(&tenant, &hook);
+        let now = chrono::Utc::now().timestamp_millis();
+        assert!(store.insert(&m, now).await.expect("insert"));
+        for d in &dispatchers {
+            d.wake();
+        }
+        rx.wait_for("slow-bus", 1).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while status_of(&prov, &m.id).await != "dead" {
+            assert!(
+                Instant::now() < deadline,
+                "not dead after 30 s, {} dead-letter publishes",
+                bus.on(WEBHOOK_DEAD_TOPIC)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Two more reclaim delays of polling: nothing else is published.
+        tokio::time::sleep(Duration::from_millis(2 * EXHAUSTED_RECLAIM_MS as u64)).await;
+        stop.cancel();
+        assert_eq!(bus.on(WEBHOOK_DEAD_TOPIC), 1, "dead-letter publishes");
+        assert_eq!(rx.got("slow-bus").len(), 1, "attempts");
+        assert_eq!(status_of(&prov, &m.id).await, "dead");
+    }
+
+    /// The hold keeps claims off an exhausted message only while its publisher renews it: one
+    /// that died (no renewal) leaves the message to the claim after the hold, which
+    /// dead-letters it (at least once), and the dead publisher's late mark changes nothing.
+    #[tokio::test]
+    async fn a_dead_publishers_hold_lapses_for_a_claim() {
+        let db = TestDb::create().await;
+        let prov = Provisioning::connect(&db.url, &EncryptionKey::generate())
+            .await
+            .expect("provisioning on PostgreSQL");
+        hold_lapses(prov).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.db");
+        let prov = Provisioning::connect(&path.to_string_lossy(), &EncryptionKey::generate())
+            .await
+            .expect("provisioning on SQLite");
+        hold_lapses(prov).await;
+    }
+
+    async fn hold_lapses(prov: Provisioning) {
+        let store = MessageStore::new(prov.pool().clone(), prov.kind());
+        let (tenant, hook) = subscription(&prov, "https://hooks.example.com/in").await;
+        let m = started(&tenant, &hook);
+        let t = chrono::Utc::now().timestamp_millis();
+        assert!(store.insert(&m, t).await.expect("insert"));
+        let claimed = store
+            .claim(t, t + 1_000, 10, &[], &[])
+            .await
+            .expect("claim");
+        assert_eq!(claimed.len(), 1);
+        let sender = &claimed[0];
+        let failed = AttemptRecord {
+            started_at_ms: t,
+            outcome: "failed",
+            status_code: Some(500),
+            latency_ms: 1,
+            error: None,
+        };
+        store
+            .record(sender, &failed, After::Exhausted, t)
+            .await
+            .expect("last attempt");
+        let left = Left {
+            attempts: 1,
+            round_attempts: 1,
+            lease_until_ms: None,
+        };
+        let claim_at = |at: i64| store.claim(at, at + 1_000, 10, &[], &[]);
+        // Held for the publish, then renewed: no claim past the reclaim delay, nor past the
+        // first hold.
+        assert!(store
+            .hold_exhausted(sender, &left, t + 10_000)
+            .await
+            .expect("hold"));
+        assert!(!store
+            .hold_exhausted(sender, &left, t + 10_000)
+            .await
+            .expect("held once"));
+        assert!(claim_at(t + EXHAUSTED_RECLAIM_MS + 1)
+            .await
+            .expect("claim")
+            .is_empty());
+        assert!(store
+            .renew(&m.id, t + 10_000, t + 20_000)
+            .await
+            .expect("renew"));
+        assert!(claim_at(t + 15_000).await.expect("claim").is_empty());
+        // The publisher dies: the hold lapses and a claim takes the exhausted message over.
+        let taken = claim_at(t + 20_001).await.expect("claim");
+        assert_eq!(taken.len(), 1);
+        let other = &taken[0];
+        assert_eq!(other.round_attempts, 1, "exhausted");
+        let others = Left {
+            lease_until_ms: Some(other.lease_until_ms),
+            ..left
+        };
+        assert!(store
+            .hold_exhausted(other, &others, t + 31_000)
+            .await
+            .expect("the claim's hold"));
+        let dead_publisher = Left {
+            lease_until_ms: Some(t + 20_000),
+            ..left
+        };
+        assert!(!store
+            .mark_dead(sender, &dead_publisher, t + 30_000)
+            .await
+            .expect("late mark"));
+        assert_eq!(status_of(&prov, &m.id).await, "pending");
+        let held = Left {
+            lease_until_ms: Some(t + 31_000),
+            ..left
+        };
+        assert!(store
+            .mark_dead(other, &held, t + 30_500)
+            .await
+            .expect("mark"));
+        assert_eq!(status_of(&prov, &m.id).await, "dead");
     }
 }

@@ -16,6 +16,11 @@ pub enum BusError {
     /// The broker could not be reached or refused the request; retrying may help.
     #[error("bus unavailable: {0}")]
     Unavailable(String),
+    /// The TLS handshake with the broker failed: its certificate is not trusted (`bus.ca_file`),
+    /// or it refused ours (`bus.client_cert_file`). The text says which and what to set;
+    /// retrying does not help until the certificates or the settings change.
+    #[error("bus TLS handshake failed: {0}")]
+    Tls(String),
     /// The broker did not answer in time; retrying may help.
     #[error("bus operation timed out: {0}")]
     Timeout(String),

@@ -24,11 +24,20 @@ async fn check<E: std::fmt::Display>(
     what: &'static str,
     probe: impl std::future::Future<Output = Result<(), E>>,
 ) -> Result<(), &'static str> {
+    check_as(what, probe, |_| "unavailable").await
+}
+
+/// [`check`] whose failure answers `word(error)`, one of a fixed set of words.
+async fn check_as<E: std::fmt::Display>(
+    what: &'static str,
+    probe: impl std::future::Future<Output = Result<(), E>>,
+    word: impl Fn(&E) -> &'static str,
+) -> Result<(), &'static str> {
     match tokio::time::timeout(READY_TIMEOUT, probe).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => {
             tracing::warn!(check = what, error = %e, "not ready");
-            Err("unavailable")
+            Err(word(&e))
         }
         Err(_) => {
             tracing::warn!(check = what, "not ready: timed out");
@@ -38,7 +47,13 @@ async fn check<E: std::fmt::Display>(
 }
 
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let bus = check("bus", state.bus.health()).await;
+    // A certificate the bus's TLS refused is not an outage: the answer says so (the log
+    // line names the certificate problem and the `bus.*` setting).
+    let bus = check_as("bus", state.bus.health(), |e| match e {
+        crate::bus::BusError::Tls(_) => "tls handshake failed",
+        _ => "unavailable",
+    })
+    .await;
     let provisioning = check("provisioning", state.provisioning.health()).await;
     let sessions = match &state.sessions {
         None => Ok(()),

@@ -34,6 +34,7 @@ mod group;
 mod tail;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -55,6 +56,9 @@ use crate::config::{BusConfig, NatsConfig};
 const API_TIMEOUT: Duration = Duration::from_secs(5);
 /// Timeout of the initial connection; connecting is part of start-up, which should fail fast.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a health check's own connection attempt (which finds why the client is not
+/// connected) may take: inside the 2 s a readiness probe gives the whole check.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 /// How long a publisher trusts its cached partition count. Another process may add partitions
 /// (`nexus topology apply`); Kafka producers refresh metadata on a similar scale.
 const PARTITIONS_TTL: Duration = Duration::from_secs(30);
@@ -153,6 +157,42 @@ pub struct Inner {
     max_payload: usize,
     /// topic → (partitions, when read), for publishing.
     partitions: Mutex<HashMap<String, (u32, Instant)>>,
+    /// How the client connected, for [`Inner::why_not_connected`].
+    dial: Dial,
+}
+
+/// The server list and settings a connection is made with.
+struct Dial {
+    url: String,
+    tls: bool,
+    config: BusConfig,
+}
+
+impl Dial {
+    fn options(&self) -> async_nats::ConnectOptions {
+        let config = &self.config;
+        let mut options = async_nats::ConnectOptions::new()
+            .name("nexus")
+            .connection_timeout(CONNECT_TIMEOUT)
+            .require_tls(self.tls);
+        if !config.ca_file.is_empty() {
+            options = options.add_root_certificates(config.ca_file.clone().into());
+        }
+        if !config.client_cert_file.is_empty() {
+            options = options.add_client_certificate(
+                config.client_cert_file.clone().into(),
+                config.client_key_file.clone().into(),
+            );
+        }
+        if !config.nats.user.is_empty() {
+            options =
+                options.user_and_password(config.nats.user.clone(), config.nats.password.clone());
+        }
+        if !config.nats.token.is_empty() {
+            options = options.token(config.nats.token.clone());
+        }
+        options
+    }
 }
 
 /// What the stream of a topic looks like.
@@ -260,7 +300,12 @@ fn batch_error(what: &str, e: &pull::BatchError) -> BusError {
     BusError::Unavailable(format!("{what}: {e}"))
 }
 
-fn connect_error(url: &str, e: &async_nats::ConnectError) -> BusError {
+/// A failed connection attempt. A handshake the TLS layer refused is [`BusError::Tls`] naming
+/// the certificate problem and the `bus.*` setting to change (async-nats files it under `Io`).
+fn connect_error(url: &str, e: &async_nats::ConnectError, config: &BusConfig) -> BusError {
+    if let Some(tls) = tls::rustls_error(e) {
+        return BusError::Tls(format!("NATS at {url}: {}", tls::explain(tls, config)));
+    }
     match e.kind() {
         ConnectErrorKind::ServerParse
         | ConnectErrorKind::Tls
@@ -308,30 +353,16 @@ impl JetStreamBus {
     /// is recent enough and has JetStream.
     pub async fn connect(url: &str, tls: bool, config: &BusConfig) -> Result<Self, BusError> {
         let timing = Timing::from_config(&config.nats)?;
-        let mut options = async_nats::ConnectOptions::new()
-            .name("nexus")
-            .connection_timeout(CONNECT_TIMEOUT)
-            .require_tls(tls);
-        if !config.ca_file.is_empty() {
-            options = options.add_root_certificates(config.ca_file.clone().into());
-        }
-        if !config.client_cert_file.is_empty() {
-            options = options.add_client_certificate(
-                config.client_cert_file.clone().into(),
-                config.client_key_file.clone().into(),
-            );
-        }
-        if !config.nats.user.is_empty() {
-            options =
-                options.user_and_password(config.nats.user.clone(), config.nats.password.clone());
-        }
-        if !config.nats.token.is_empty() {
-            options = options.token(config.nats.token.clone());
-        }
-        let client = options
+        let dial = Dial {
+            url: url.to_string(),
+            tls,
+            config: config.clone(),
+        };
+        let client = dial
+            .options()
             .connect(server_addrs(url)?)
             .await
-            .map_err(|e| connect_error(url, &e))?;
+            .map_err(|e| connect_error(url, &e, config))?;
         let info = client.server_info();
         check_server_version(&info.version)?;
         let mut js = jetstream::new(client.clone());
@@ -344,6 +375,7 @@ impl JetStreamBus {
                 replicas: config.nats.replicas.max(1),
                 max_payload: info.max_payload,
                 partitions: Mutex::new(HashMap::new()),
+                dial,
             }),
         };
         bus.health().await?;
@@ -352,6 +384,36 @@ impl JetStreamBus {
 }
 
 impl Inner {
+    /// Why the client is not connected, as a connection attempt of its own finds it: the
+    /// client's reconnect attempts report only an error's kind (`IO error`), which hides a
+    /// server certificate the TLS layer refused (a certificate renewed by another CA, or
+    /// expired) behind what reads as an outage.
+    async fn why_not_connected(&self) -> BusError {
+        let not_connected =
+            |detail: String| BusError::Unavailable(format!("not connected to NATS{detail}"));
+        let addrs = match server_addrs(&self.dial.url) {
+            Ok(a) => a,
+            Err(e) => return e,
+        };
+        let attempt = tokio::time::timeout(
+            PROBE_TIMEOUT,
+            self.dial
+                .options()
+                .connection_timeout(PROBE_TIMEOUT)
+                .connect(addrs),
+        )
+        .await;
+        match attempt {
+            // The server takes connections again: the client's reconnect is under way.
+            Ok(Ok(_probe)) => not_connected(String::new()),
+            Ok(Err(e)) => match connect_error(&self.dial.url, &e, &self.dial.config) {
+                tls @ BusError::Tls(_) => tls,
+                _ => not_connected(format!(" (a new connection: {e})")),
+            },
+            Err(_) => not_connected(" (a new connection timed out too)".into()),
+        }
+    }
+
     /// One JetStream API request (`$JS.API.<subject>`), its error kept typed.
     async fn api<T: serde::de::DeserializeOwned>(
         &self,
@@ -1229,7 +1291,7 @@ impl Bus for JetStreamBus {
 
     async fn health(&self) -> Result<(), BusError> {
         if self.client.connection_state() != async_nats::connection::State::Connected {
-            return Err(BusError::Unavailable("not connected to NATS".into()));
+            return Err(self.why_not_connected().await);
         }
         self.js.query_account().await.map_err(|e| {
             use jetstream::context::AccountErrorKind as K;

@@ -76,6 +76,14 @@ const LOG_WRITERS: usize = 2;
 const LOG_DRAIN: Duration = Duration::from_millis(500);
 /// How long a failed dead-letter publish waits before the next try (the bus is down).
 const DEAD_LETTER_RETRY_MS: i64 = super::store::EXHAUSTED_RECLAIM_MS;
+/// How long a dead-letter publish holds its message past its last renewal: no claim takes the
+/// message (for a second publish of the same record) before, and one whose publisher died is
+/// taken over this late at most. However long the bus takes to acknowledge, the hold is
+/// renewed every [`DEAD_LETTER_RENEW`] while the publish waits.
+const DEAD_LETTER_HOLD_MS: i64 = 10_000;
+/// Renewal period of a dead-letter hold: under a third of it, so a renewal that waits its 5 s
+/// for a pool connection (`DB_ACQUIRE_TIMEOUT`) still lands before the hold lapses.
+const DEAD_LETTER_RENEW: Duration = Duration::from_secs(3);
 /// The producer name on events this role publishes.
 const PRODUCER: &str = "webhooks";
 
@@ -1092,8 +1100,10 @@ impl Dispatcher {
         }
     }
 
-    /// Publishes the message to the dead-letter topic, then marks it dead. A crash between the
-    /// two publishes it again on the next claim (recovery is idempotent per record).
+    /// Publishes the message to the dead-letter topic, then marks it dead. The message is held
+    /// (and the hold renewed) while the publish waits, so no claim publishes it beside this
+    /// one; a crash before it is marked dead leaves it to the claim after the hold, which
+    /// publishes it again (recovery is idempotent per record).
     async fn dead_letter(
         &self,
         msg: &Claimed,
@@ -1103,8 +1113,9 @@ impl Dispatcher {
     ) {
         let attempts = left.attempts;
         // Another sender took it over (this one's lease lapsed mid-attempt), or an operator
-        // resent it: theirs to settle. (A failed read: a later claim dead-letters it.)
-        if !still_ours(msg, self.store.still_exhausted(msg, &left).await) {
+        // resent it: theirs to settle. (A failed write: a later claim dead-letters it.)
+        let mut held = now_ms() + DEAD_LETTER_HOLD_MS;
+        if !still_ours(msg, self.store.hold_exhausted(msg, &left, held).await) {
             return;
         }
         let body = WebhookMessageDead {
@@ -1118,31 +1129,87 @@ impl Dispatcher {
             last_error,
         };
         let what = format!("dead/{}/{attempts}", msg.id);
-        if !self
-            .publish(
-                &body,
-                &msg.tenant_id,
-                &msg.conversation_id,
-                WEBHOOK_DEAD_TOPIC,
-                &what,
-            )
-            .await
-        {
+        let publish = self.publish(
+            &body,
+            &msg.tenant_id,
+            &msg.conversation_id,
+            WEBHOOK_DEAD_TOPIC,
+            &what,
+        );
+        let published = self.renewing_hold(msg, &mut held, publish).await;
+        if !published {
             // Leave it pending and exhausted: a later claim tries the publish again.
-            let _ = self
+            if let Err(e) = self
                 .store
-                .postpone(msg, now_ms() + DEAD_LETTER_RETRY_MS)
-                .await;
+                .release(&[(msg.id.clone(), held)], now_ms() + DEAD_LETTER_RETRY_MS)
+                .await
+            {
+                tracing::warn!(message_id = %msg.id, error = %e, "could not give back a webhook message after its dead-letter publish failed; its hold lapses");
+            }
             return;
         }
-        // Resent (or taken over) between the check and now: the published record stands for
-        // an exhaustion that was real, the message goes on.
-        if !still_ours(msg, self.store.mark_dead(msg, &left, now_ms()).await) {
+        // Resent (or its hold lost) since: the published record stands for an exhaustion that
+        // was real, the message goes on.
+        let held = Left {
+            lease_until_ms: Some(held),
+            ..left
+        };
+        if !still_ours(msg, self.store.mark_dead(msg, &held, now_ms()).await) {
             return;
         }
         metrics::counter!(m::WEBHOOK_DEAD_LETTERED_TOTAL, "subscription" => self.labels.of(&msg.webhook_id))
             .increment(1);
         tracing::warn!(message_id = %msg.id, webhook_id = %msg.webhook_id, attempts, "webhook message dead after its last attempt; sent to the dead-letter topic");
+    }
+
+    /// Waits for `publish` (a dead-letter publish of `msg`), renewing the message's hold
+    /// (`held`, updated) every [`DEAD_LETTER_RENEW`] meanwhile. A renewal is never cut short
+    /// by the publish ending, so `held` is always what the row carries. A hold found lost (an
+    /// operator resent the message) is not renewed again: marking it dead then finds it
+    /// moved on.
+    async fn renewing_hold(
+        &self,
+        msg: &Claimed,
+        held: &mut i64,
+        publish: impl std::future::Future<Output = bool>,
+    ) -> bool {
+        tokio::pin!(publish);
+        let mut renew = true;
+        loop {
+            tokio::select! {
+                published = &mut publish => return published,
+                () = tokio::time::sleep(DEAD_LETTER_RENEW), if renew => {}
+            }
+            let next = now_ms() + DEAD_LETTER_HOLD_MS;
+            let renewal = self.store.renew(&msg.id, *held, next);
+            tokio::pin!(renewal);
+            let mut ended = None;
+            let renewed = tokio::select! {
+                r = &mut renewal => r,
+                published = &mut publish => {
+                    ended = Some(published);
+                    renewal.await
+                }
+            };
+            match renewed {
+                Ok(true) => *held = next,
+                Ok(false) => {
+                    tracing::info!(message_id = %msg.id, "exhausted webhook message moved on during its dead-letter publish");
+                    renew = false;
+                }
+                // Tried again at the next period, in time while the hold lasts. (A renewal that
+                // failed yet was written leaves the row's hold unknown here: marking dead then
+                // finds it moved, and the claim after the hold publishes again: at least once.)
+                Err(e) => {
+                    metrics::counter!(m::WEBHOOK_DISPATCH_ERRORS_TOTAL, "stage" => "mark_dead")
+                        .increment(1);
+                    tracing::warn!(message_id = %msg.id, error = %e, "renewing a webhook message's dead-letter hold failed");
+                }
+            }
+            if let Some(published) = ended {
+                return published;
+            }
+        }
     }
 
     /// Publishes one of this role's events; whether the bus took it.

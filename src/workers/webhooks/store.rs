@@ -44,8 +44,9 @@ impl Admission {
     }
 }
 
-/// How long an exhausted message is left to its sender's dead-letter publish before another
-/// claim may take it over.
+/// How long an exhausted message is left to its sender before another claim may take it over:
+/// the sender holds it for its dead-letter publish at once ([`MessageStore::hold_exhausted`],
+/// renewed while the publish waits), so this only covers a sender that died first.
 pub const EXHAUSTED_RECLAIM_MS: i64 = 5000;
 
 /// Where a message is in its life.
@@ -643,8 +644,8 @@ impl MessageStore {
         Ok(done.rows_affected() > 0)
     }
 
-    /// Gives a claimed message back, due again at `at_ms` (a dead-letter publish that failed),
-    /// unless another sender holds it now (its last attempt's log released it: nobody does).
+    /// Gives a claimed message back, due again at `at_ms` (its subscription could not be read),
+    /// unless another sender holds it now.
     pub async fn postpone(&self, m: &Claimed, at_ms: i64) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE webhook_messages SET lease_until_ms = NULL, next_attempt_at_ms = $2 WHERE id = $1 AND (lease_until_ms IS NULL OR lease_until_ms = $3)",
@@ -805,20 +806,29 @@ impl MessageStore {
         Ok(())
     }
 
-    /// Whether the exhausted message is still as this sender left it (`left`): pending, no
-    /// attempt or resend since, no other sender's lease. A sender whose lease lapsed mid-attempt
-    /// must not dead-letter a message another sender is delivering or has delivered.
-    pub async fn still_exhausted(&self, m: &Claimed, left: &Left) -> Result<bool, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT 1 AS one FROM webhook_messages WHERE id = $1 AND {LEFT_AS_IS}"
+    /// Holds the exhausted message until `until_ms` for this sender's dead-letter publish, if it
+    /// is still as the sender left it (`left`): pending, no attempt or resend since, no other
+    /// sender's lease; whether it did. A sender whose lease lapsed mid-attempt must not
+    /// dead-letter a message another sender is delivering or has delivered, and while the hold
+    /// lasts no claim takes the message for a publish of its own (extend it with
+    /// [`MessageStore::renew`]; a publisher that died leaves it to the claim after the hold).
+    pub async fn hold_exhausted(
+        &self,
+        m: &Claimed,
+        left: &Left,
+        until_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(&format!(
+            "UPDATE webhook_messages SET lease_until_ms = $5, next_attempt_at_ms = $5 WHERE id = $1 AND {LEFT_AS_IS}"
         ))
         .bind(m.id.clone())
         .bind(left.attempts)
         .bind(left.round_attempts)
         .bind(left.lease_until_ms)
-        .fetch_optional(&self.relaxed)
+        .bind(until_ms)
+        .execute(&self.relaxed)
         .await?;
-        Ok(row.is_some())
+        Ok(done.rows_affected() > 0)
     }
 
     /// Marks an exhausted message dead (after its dead-letter record was published), if it is
@@ -1451,13 +1461,18 @@ mod tests {
             .await
             .expect("exhausted");
         assert!(store
-            .still_exhausted(&a[1], &left(&a[1]))
+            .hold_exhausted(&a[1], &left(&a[1]), 9_000)
             .await
-            .expect("check"));
-        assert!(store
+            .expect("hold"));
+        assert!(!store
             .mark_dead(&a[1], &left(&a[1]), 1_600)
             .await
-            .expect("mark"));
+            .expect("mark without the hold"));
+        let held = Left {
+            lease_until_ms: Some(9_000),
+            ..left(&a[1])
+        };
+        assert!(store.mark_dead(&a[1], &held, 1_600).await.expect("mark"));
         assert_eq!(status("msg_1").await, "dead");
         // msg_0: a's lease lapses mid-attempt and b takes it over.
         let b = store
@@ -1473,9 +1488,9 @@ mod tests {
             .await
             .expect("a's late outcome");
         assert!(!store
-            .still_exhausted(&a[0], &left(&a[0]))
+            .hold_exhausted(&a[0], &left(&a[0]), 9_000)
             .await
-            .expect("check"));
+            .expect("hold"));
         assert!(!store
             .mark_dead(&a[0], &left(&a[0]), 3_600)
             .await
