@@ -3,8 +3,9 @@
 //! to transcripts while the replicas take over, by hand (`CLUSTER FAILOVER`) and after a crash,
 //! and while their slots move to other masters (`CLUSTER SETSLOT`, `MIGRATE` key by key, the
 //! writes meeting the half-moved slot: TRYAGAIN, ASK); a reserve in a slot being moved, which
-//! writes nothing on a node lacking the chosen agent's keys; and `stores.redis_min_replicas`,
-//! which acknowledges no write its replica does not have.
+//! writes nothing on a node lacking the chosen agent's keys; every other multi-key operation
+//! (and a timer claim, a `seen` refresh) in each state of a move of its keys; and
+//! `stores.redis_min_replicas`, which acknowledges no write its replica does not have.
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -15,10 +16,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nexus::stores::session::redis::{RedisStore, ReplicaWait};
-use nexus::stores::session::StoreError;
+use nexus::stores::session::{timer_lease_until, StoreError};
 use nexus::stores::session::{
-    Conversation, ConversationState, EntryKind, NewEntry, Party, PartyKind, PresenceUpdate,
-    Reserve, Routing, SessionStore,
+    Conversation, ConversationState, EntryKind, NewEntry, Party, PartyKind, PresenceChange,
+    PresenceUpdate, Reserve, Routing, SessionStore, Timer,
 };
 use tokio::process::{Child, Command};
 
@@ -412,12 +413,14 @@ fn transcript_key(tenant: &str) -> String {
 
 /// The master holding `tenant`'s slot once it has keys there, and that slot.
 async fn master_of(cluster: &Cluster, tenant: &str) -> (u16, String) {
-    let slot = command(
-        cluster.ports[0],
-        &["CLUSTER", "KEYSLOT", &transcript_key(tenant)],
-    )
-    .await
-    .expect("the tenant's slot");
+    master_of_key(cluster, &transcript_key(tenant)).await
+}
+
+/// The master holding the slot of `key` once that slot has keys, and the slot.
+async fn master_of_key(cluster: &Cluster, key: &str) -> (u16, String) {
+    let slot = command(cluster.ports[0], &["CLUSTER", "KEYSLOT", key])
+        .await
+        .expect("the key's slot");
     let master = wait_for("the tenant's keys on a master", || {
         let slot = slot.clone();
         async move {
@@ -902,4 +905,544 @@ async fn a_reserve_in_a_slot_being_moved_writes_no_key_left_behind() {
         store.slot_holders(&tenant, "c1").await.expect("holders"),
         ["a", "b"]
     );
+}
+
+/// A time the operations below run at; `LATER` is a second one, after it.
+const NOW: i64 = 1_700_000_000_000;
+const LATER: i64 = NOW + 60_000;
+
+/// A store operation run in a slot being moved, with the state it starts from, the keys it
+/// reads and writes (those the setup made, moved one by one) and the state it must leave.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    /// `release_agent` (RELEASE): agent `a` holds `c1` and `c2`; `c1` is released.
+    Release,
+    /// `enqueue` (ENQUEUE): `c1` joins queue `q` behind `c0`.
+    Enqueue,
+    /// `dequeue` (DEQUEUE): `c0` leaves queue `q`, `c1` stays.
+    Dequeue,
+    /// `update_presence` (SET_PRESENCE): agent `a`, not ready, becomes ready.
+    SetPresence,
+    /// `change_presence` (a read of the profile, then SWAP_PROFILE, which answers the
+    /// presence): agent `a`, ready, is made not ready.
+    SwapProfile,
+    /// `put_conversation` (PUT_CONVERSATION) of a record saved closed over version 1.
+    PutConversation,
+    /// `put_conversation` of the first record of a conversation that has entries (no `conv`
+    /// key yet: the transcript's keys lose the orphan TTL).
+    PutNewConversation,
+    /// `expire_conversation` (EXPIRE) of a record with a transcript.
+    Expire,
+    /// `claim_due` (CLAIM_DUE) of a due timer, in a timers key (a global key: the tenant
+    /// names its kind, so each run has a slot of its own).
+    ClaimDue,
+    /// `refresh` of a remembered key (`seen`, global too), to a longer TTL.
+    Refresh,
+}
+
+/// The timer of [`Op::ClaimDue`].
+fn due_timer(tenant: &str) -> Timer {
+    Timer {
+        kind: tenant.into(),
+        tenant_id: tenant.into(),
+        id: "c1".into(),
+    }
+}
+
+fn agent_profile(ready: bool) -> PresenceUpdate {
+    PresenceUpdate {
+        ready,
+        skills: Vec::new(),
+        capacity: BTreeMap::from([("chat".to_string(), 2)]),
+        limits: BTreeMap::new(),
+    }
+}
+
+fn reserve_of(conversation: &str, agent: &str) -> Reserve {
+    Reserve {
+        conversation_id: conversation.into(),
+        media: "chat".into(),
+        skills: Vec::new(),
+        exclude: Vec::new(),
+        only: Some(agent.into()),
+        now_ms: NOW,
+    }
+}
+
+impl Op {
+    /// The keys the operation touches, in the order they are moved (the store's names).
+    fn keys(self, tenant: &str) -> Vec<String> {
+        let key = |kind: &str| format!("nx:{{t:{tenant}}}:{kind}");
+        let names: &[&str] = match self {
+            Op::Release => &["agents", "agent:a", "slots:a", "holder:c1"],
+            Op::Enqueue | Op::Dequeue => &["queue:q", "qidx:q"],
+            Op::SetPresence => &["agents", "agent:a"],
+            Op::SwapProfile => &["agent:a", "agents"],
+            Op::PutConversation | Op::Expire => &["conv:chat", "txids:chat", "tx:chat"],
+            Op::PutNewConversation => &["txids:chat", "tx:chat"],
+            Op::ClaimDue => return vec![format!("nx:timers:{tenant}")],
+            Op::Refresh => return vec![format!("nx:seen:{tenant}")],
+        };
+        names.iter().map(|n| key(n)).collect()
+    }
+
+    /// Whether every key the operation's script declares exists before it (else Redis
+    /// refuses the script, TRYAGAIN, the whole move long).
+    fn keys_exist(self) -> bool {
+        !matches!(self, Op::PutNewConversation)
+    }
+
+    /// Makes the state the operation starts from (every key of [`Op::keys`]).
+    async fn setup(self, store: &RedisStore, tenant: &str) {
+        match self {
+            Op::Release => {
+                store
+                    .update_presence(tenant, "a", &agent_profile(true), NOW)
+                    .await
+                    .expect("presence");
+                for c in ["c1", "c2"] {
+                    let got = store
+                        .reserve_agent(tenant, &reserve_of(c, "a"))
+                        .await
+                        .expect("reserve");
+                    assert_eq!(got.as_deref(), Some("a"), "{c} takes a");
+                }
+            }
+            Op::Enqueue => store
+                .enqueue(tenant, "q", "c0", 0, NOW)
+                .await
+                .expect("enqueue"),
+            Op::Dequeue => {
+                for (i, c) in ["c0", "c1"].into_iter().enumerate() {
+                    store
+                        .enqueue(tenant, "q", c, 0, NOW + i as i64)
+                        .await
+                        .expect("enqueue");
+                }
+            }
+            Op::SetPresence => {
+                store
+                    .update_presence(tenant, "a", &agent_profile(false), NOW)
+                    .await
+                    .expect("presence");
+            }
+            Op::SwapProfile => {
+                store
+                    .update_presence(tenant, "a", &agent_profile(true), NOW)
+                    .await
+                    .expect("presence");
+            }
+            Op::PutConversation | Op::Expire => {
+                let written = store
+                    .put_conversation(&record(tenant))
+                    .await
+                    .expect("a record");
+                assert!(written, "the record is new");
+                store
+                    .append(tenant, "chat", &entry(0, 0))
+                    .await
+                    .expect("an entry");
+            }
+            Op::PutNewConversation => {
+                store
+                    .append(tenant, "chat", &entry(0, 0))
+                    .await
+                    .expect("an entry");
+            }
+            Op::ClaimDue => store
+                .schedule(&due_timer(tenant), NOW)
+                .await
+                .expect("schedule"),
+            Op::Refresh => {
+                let new = store
+                    .remember(tenant, Duration::from_secs(60))
+                    .await
+                    .expect("remember");
+                assert!(new, "remembered");
+            }
+        }
+    }
+
+    /// Runs the operation once (the cluster client retrying TRYAGAIN and following ASK): what
+    /// it answered, as text.
+    async fn run(self, store: &RedisStore, tenant: &str) -> Result<String, StoreError> {
+        Ok(match self {
+            Op::Release => store
+                .release_agent(tenant, "a", "chat", "c1", LATER)
+                .await?
+                .to_string(),
+            Op::Enqueue => {
+                store.enqueue(tenant, "q", "c1", 0, LATER).await?;
+                "enqueued".into()
+            }
+            Op::Dequeue => store.dequeue(tenant, "q", "c0").await?.to_string(),
+            Op::SetPresence => {
+                let p = store
+                    .update_presence(tenant, "a", &agent_profile(true), LATER)
+                    .await?;
+                format!("ready {} since {}", p.ready, p.idle_since_ms)
+            }
+            Op::SwapProfile => {
+                let p = store
+                    .change_presence(tenant, "a", &PresenceChange::NotReady)
+                    .await?
+                    .map(|p| format!("ready {} since {}", p.ready, p.idle_since_ms));
+                format!("{p:?}")
+            }
+            Op::PutConversation => {
+                let closed = Conversation {
+                    state: ConversationState::Closed,
+                    version: 1,
+                    ..record(tenant)
+                };
+                store.put_conversation(&closed).await?.to_string()
+            }
+            Op::PutNewConversation => store.put_conversation(&record(tenant)).await?.to_string(),
+            Op::Expire => {
+                store
+                    .expire_conversation(tenant, "chat", Duration::from_secs(3_600))
+                    .await?;
+                "expiring".into()
+            }
+            Op::ClaimDue => {
+                let due = store.claim_due(tenant, LATER, 10).await?;
+                format!("{:?}", due.iter().map(|t| &t.id).collect::<Vec<_>>())
+            }
+            Op::Refresh => {
+                store.refresh(tenant, Duration::from_secs(3_600)).await?;
+                "refreshed".into()
+            }
+        })
+    }
+
+    /// What [`Op::run`] answers when the operation took effect once.
+    fn answer(self) -> String {
+        match self {
+            Op::Release | Op::Dequeue | Op::PutConversation | Op::PutNewConversation => {
+                "true".into()
+            }
+            Op::Enqueue => "enqueued".into(),
+            Op::SetPresence => format!("ready true since {LATER}"),
+            Op::SwapProfile => format!("Some(\"ready false since {NOW}\")"),
+            Op::Expire => "expiring".into(),
+            Op::ClaimDue => "[\"c1\"]".into(),
+            Op::Refresh => "refreshed".into(),
+        }
+    }
+
+    /// The state after the move is that of the operation run once; `owner` is the master the
+    /// slot ended on.
+    async fn check(self, store: &RedisStore, tenant: &str, owner: u16, state: &str) {
+        match self {
+            Op::Release => {
+                let a = store.presence(tenant, "a").await.expect("read").expect("a");
+                assert_eq!(a.active.get("chat"), Some(&1), "{state}: a's count");
+                assert_eq!(a.idle_since_ms, LATER, "{state}: a idle since the release");
+                let held = store.agent_conversations(tenant, "a").await.expect("read");
+                assert_eq!(held, ["c2"], "{state}: a's slots");
+                let holders = store.slot_holders(tenant, "c1").await.expect("read");
+                assert!(holders.is_empty(), "{state}: c1 holds no slot: {holders:?}");
+            }
+            Op::Enqueue => {
+                let waiting = store.waiting(tenant, "q", 10).await.expect("read");
+                assert_eq!(waiting, ["c0", "c1"], "{state}: the queue");
+                store
+                    .enqueue(tenant, "q", "c1", 9, NOW)
+                    .await
+                    .expect("again");
+                let waiting = store.waiting(tenant, "q", 10).await.expect("read");
+                assert_eq!(waiting, ["c0", "c1"], "{state}: the index has c1");
+            }
+            Op::Dequeue => {
+                let waiting = store.waiting(tenant, "q", 10).await.expect("read");
+                assert_eq!(waiting, ["c1"], "{state}: the queue");
+                let again = store.dequeue(tenant, "q", "c0").await.expect("again");
+                assert!(!again, "{state}: c0 left the index too");
+            }
+            Op::SetPresence | Op::SwapProfile => {
+                let a = store.presence(tenant, "a").await.expect("read").expect("a");
+                let ready = matches!(self, Op::SetPresence);
+                let since = if ready { LATER } else { NOW };
+                assert_eq!(
+                    (a.ready, a.idle_since_ms),
+                    (ready, since),
+                    "{state}: a's presence"
+                );
+            }
+            Op::PutConversation => {
+                let c = store.conversation(tenant, "chat").await.expect("read");
+                let c = c.expect("the record");
+                assert_eq!(
+                    (c.version, c.state),
+                    (2, ConversationState::Closed),
+                    "{state}: the record"
+                );
+                let refused = store.append(tenant, "chat", &entry(0, 1)).await;
+                assert!(
+                    matches!(refused, Err(StoreError::Closed(_))),
+                    "{state}: the transcript is marked closed: {refused:?}"
+                );
+            }
+            Op::PutNewConversation => {
+                let c = store.conversation(tenant, "chat").await.expect("read");
+                assert_eq!(c.map(|c| c.version), Some(1), "{state}: the record");
+                for key in &self.keys(tenant) {
+                    let ttl = command(owner, &["PTTL", key]).await;
+                    assert_eq!(ttl.as_deref(), Some("-1"), "{state}: {key} kept for good");
+                }
+            }
+            Op::Expire => {
+                for key in &Op::Expire.keys(tenant) {
+                    let ttl: i64 = command(owner, &["PTTL", key])
+                        .await
+                        .and_then(|t| t.parse().ok())
+                        .expect("PTTL");
+                    assert!(ttl > 0, "{state}: {key} expiring ({ttl})");
+                }
+            }
+            Op::ClaimDue => {
+                let again = store.claim_due(tenant, LATER, 10).await.expect("claim");
+                assert!(again.is_empty(), "{state}: leased once: {again:?}");
+                let lapsed = timer_lease_until(LATER);
+                let due = store.claim_due(tenant, lapsed, 10).await.expect("claim");
+                assert_eq!(
+                    due,
+                    [due_timer(tenant)],
+                    "{state}: due again once the lease ends"
+                );
+            }
+            Op::Refresh => {
+                assert!(store.seen(tenant).await.expect("seen"), "{state}: seen");
+                let key = &self.keys(tenant)[0];
+                let ttl: i64 = command(owner, &["PTTL", key])
+                    .await
+                    .and_then(|t| t.parse().ok())
+                    .expect("PTTL");
+                assert!(ttl > 60_000, "{state}: {key} kept for the new TTL ({ttl})");
+            }
+        }
+        let entries = store.transcript(tenant, "chat", 1, 10).await.expect("read");
+        assert!(entries.len() <= 1, "{state}: the transcript");
+    }
+}
+
+/// How many errors named `name` (`TRYAGAIN`, `ASK`) the node on `port` answered so far.
+async fn errors_answered(port: u16, name: &str) -> u64 {
+    let stats = command(port, &["INFO", "errorstats"])
+        .await
+        .unwrap_or_default();
+    let prefix = format!("errorstat_{name}:count=");
+    stats
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(&prefix)?
+                .split(',')
+                .next()?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// The keys of `slot` the node on `port` holds: each one's `DUMP` and whether it expires.
+async fn slot_contents(port: u16, slot: &str) -> BTreeMap<String, (Vec<u8>, bool)> {
+    let keys = command(port, &["CLUSTER", "GETKEYSINSLOT", slot, "1000"])
+        .await
+        .expect("CLUSTER GETKEYSINSLOT");
+    let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("a connection");
+    let mut contents = BTreeMap::new();
+    for key in keys.lines() {
+        // ASKING: the node importing the slot answers for its keys only after it.
+        let (dump, ttl): (Vec<u8>, i64) = ::redis::pipe()
+            .cmd("ASKING")
+            .ignore()
+            .cmd("DUMP")
+            .arg(key)
+            .cmd("ASKING")
+            .ignore()
+            .cmd("PTTL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .expect("DUMP");
+        contents.insert(key.to_string(), (dump, ttl > 0));
+    }
+    contents
+}
+
+/// The states of a move an operation on `n` keys is run in, as the indexes of its keys moved
+/// before it: none, each alone, all but each, all (the slot still the source's: ASK).
+fn move_states(n: usize) -> Vec<Vec<usize>> {
+    let mut states = vec![Vec::new()];
+    for i in 0..n {
+        for moved in [vec![i], (0..n).filter(|j| *j != i).collect()] {
+            if !moved.is_empty() && moved.len() < n && !states.contains(&moved) {
+                states.push(moved);
+            }
+        }
+    }
+    states.push((0..n).collect());
+    states
+}
+
+/// Runs `op` in each state of [`move_states`], a tenant (a slot) of its own each time: the
+/// slot opened, some of the operation's keys moved to the importing master, the operation
+/// started. It either answers at once, only where Redis can run it whole (nothing moved, or
+/// everything moved: an ASK to the target), or it is refused (TRYAGAIN, retried by the
+/// client) with nothing written on either node. Then the rest of the slot moves (MIGRATE
+/// refuses a key the target made meanwhile: BUSYKEY), the slot is the target's, and the
+/// operation answers and leaves the state of one run.
+async fn run_in_a_moving_slot(op: Op) {
+    if redis_tools().is_none() {
+        return;
+    }
+    let cluster = Cluster::start().await;
+    let store = connect(&cluster, None).await;
+    let masters = cluster.in_role("master").await;
+    let n = op.keys("t").len();
+    for moved in move_states(n) {
+        let tenant = format!("tenant-{}", uuid::Uuid::new_v4().simple());
+        op.setup(&store, &tenant).await;
+        let keys = op.keys(&tenant);
+        let (from, slot) = master_of_key(&cluster, &keys[0]).await;
+        let to = *masters
+            .iter()
+            .find(|p| **p != from)
+            .expect("another master");
+        let names: Vec<&str> = moved
+            .iter()
+            .map(|i| {
+                keys[*i]
+                    .rsplit_once("}:")
+                    .map_or(keys[*i].as_str(), |(_, k)| k)
+            })
+            .collect();
+        let state = format!("{op:?} with {names:?} moved of {n} keys");
+        open_slot(&slot, from, to).await;
+        for i in &moved {
+            migrate(from, to, &keys[*i]).await;
+        }
+        let (source, target) = (
+            slot_contents(from, &slot).await,
+            slot_contents(to, &slot).await,
+        );
+        let refused =
+            errors_answered(from, "TRYAGAIN").await + errors_answered(to, "TRYAGAIN").await;
+        let asked = errors_answered(from, "ASK").await;
+        let task = tokio::spawn({
+            let (store, tenant) = (store.clone(), tenant.clone());
+            async move { op.run(&store, &tenant).await }
+        });
+        wait_for(&format!("{state}: an answer or a TRYAGAIN"), || {
+            let task = &task;
+            async move {
+                let tried =
+                    errors_answered(from, "TRYAGAIN").await + errors_answered(to, "TRYAGAIN").await;
+                (task.is_finished() || tried > refused).then_some(())
+            }
+        })
+        .await;
+        // Redis runs a script only on a node holding every key it declares.
+        let whole = op.keys_exist() && (moved.is_empty() || moved.len() == n);
+        if task.is_finished() {
+            assert!(
+                whole,
+                "{state}: answered while its keys were not all on one node: {:?}",
+                task.await
+            );
+            if !moved.is_empty() {
+                assert!(
+                    errors_answered(from, "ASK").await > asked,
+                    "{state}: run on the target after an ASK"
+                );
+            }
+        } else {
+            assert!(!whole, "{state}: refused with all its keys on one node");
+            assert!(
+                slot_contents(from, &slot).await == source,
+                "{state}: refused, and nothing written on the source"
+            );
+            assert!(
+                slot_contents(to, &slot).await == target,
+                "{state}: refused, and nothing written on the target"
+            );
+        }
+        // The rest of the slot: a key the target made meanwhile would stop it (BUSYKEY).
+        loop {
+            let left = command(from, &["CLUSTER", "GETKEYSINSLOT", &slot, "100"])
+                .await
+                .expect("CLUSTER GETKEYSINSLOT");
+            if left.is_empty() {
+                break;
+            }
+            for key in left.lines() {
+                migrate(from, to, key).await;
+            }
+        }
+        close_slot(&cluster, &slot, from, to).await;
+        let answer = tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .unwrap_or_else(|_| panic!("{state}: no answer within 20 s"))
+            .expect("the operation's task");
+        match answer {
+            Ok(answer) => assert_eq!(answer, op.answer(), "{state}: the answer"),
+            Err(e) => panic!("{state}: failed for good: {e}"),
+        }
+        op.check(&store, &tenant, to, &state).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_release_in_a_slot_being_moved_takes_effect_once() {
+    run_in_a_moving_slot(Op::Release).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_enqueue_in_a_slot_being_moved_takes_effect_once() {
+    run_in_a_moving_slot(Op::Enqueue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dequeue_in_a_slot_being_moved_takes_effect_once() {
+    run_in_a_moving_slot(Op::Dequeue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_presence_update_in_a_slot_being_moved_takes_effect_once() {
+    run_in_a_moving_slot(Op::SetPresence).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_presence_change_in_a_slot_being_moved_takes_effect_once() {
+    run_in_a_moving_slot(Op::SwapProfile).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_record_saved_in_a_slot_being_moved_takes_effect_once() {
+    run_in_a_moving_slot(Op::PutConversation).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_first_record_saved_in_a_slot_being_moved_takes_effect_once() {
+    run_in_a_moving_slot(Op::PutNewConversation).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expiry_in_a_slot_being_moved_takes_effect_once() {
+    run_in_a_moving_slot(Op::Expire).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_timer_claimed_in_a_slot_being_moved_is_leased_once() {
+    run_in_a_moving_slot(Op::ClaimDue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_seen_mark_refreshed_in_a_slot_being_moved_takes_effect_once() {
+    run_in_a_moving_slot(Op::Refresh).await;
 }

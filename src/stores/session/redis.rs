@@ -152,12 +152,16 @@ end
 return {score, redis.call('HGETALL', KEYS[2])}
 "#;
 
-/// KEYS: agent. ARGV: the profile JSON read, the new one. Writes only over what was read;
-/// returns 1 if it did.
+/// KEYS: agent, agents. ARGV: the profile JSON read, the new one, agent id. Writes only over
+/// what was read; returns nil if it did not, else {idle score or nil, HGETALL agent}.
+/// The presence is read here, with `agents` declared for it, not by a read after the swap:
+/// while a Redis Cluster moves the slot, a swap whose two keys the move has split is refused
+/// by Redis (TRYAGAIN, retried by the client) before it writes; that read met TRYAGAIN with
+/// the swap already made (failing it if the move outlasted the retries). One round trip less.
 const SWAP_PROFILE: &str = r#"
-if redis.call('HGET', KEYS[1], 'profile') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'profile') ~= ARGV[1] then return false end
 redis.call('HSET', KEYS[1], 'profile', ARGV[2])
-return 1
+return {redis.call('ZSCORE', KEYS[2], ARGV[3]) or false, redis.call('HGETALL', KEYS[1])}
 "#;
 
 /// How often [`SessionStore::change_presence`] reads again after another write came between
@@ -699,6 +703,22 @@ fn queue_member_conversation(member: &str) -> Result<String, StoreError> {
         .ok_or_else(|| StoreError::Corrupt(format!("queue member `{member}`")))
 }
 
+/// The presence read from the idle score (if the agent has one) and the agent hash's fields.
+fn read_presence(
+    tenant: &str,
+    agent_id: &str,
+    score: Option<String>,
+    fields: Vec<(String, String)>,
+) -> Result<Option<AgentPresence>, StoreError> {
+    match score {
+        Some(score) => parse_presence(tenant, agent_id, &score, fields),
+        None if fields.is_empty() => Ok(None),
+        None => Err(StoreError::Corrupt(format!(
+            "agent {agent_id} has a record but no idle time"
+        ))),
+    }
+}
+
 /// Builds the presence from the idle score and the agent hash's fields.
 fn parse_presence(
     tenant: &str,
@@ -911,13 +931,7 @@ impl SessionStore for RedisStore {
             .query_async(&mut self.conn())
             .await
             .map_err(redis_err)?;
-        match score {
-            Some(score) => parse_presence(tenant, agent_id, &score, fields),
-            None if fields.is_empty() => Ok(None),
-            None => Err(StoreError::Corrupt(format!(
-                "agent {agent_id} has a record but no idle time"
-            ))),
-        }
+        read_presence(tenant, agent_id, score, fields)
     }
 
     async fn change_presence(
@@ -938,17 +952,19 @@ impl SessionStore for RedisStore {
             change.apply(&mut profile);
             let written =
                 serde_json::to_string(&profile).map_err(|e| corrupt("agent profile", e))?;
-            let swapped: i64 = self
+            let swapped: Option<(Option<String>, Vec<(String, String)>)> = self
                 .scripts
                 .swap_profile
                 .key(&key)
+                .key(format!("{}agents", self.prefix(tenant)))
                 .arg(read)
                 .arg(written)
+                .arg(agent_id)
                 .invoke_async(&mut self.writer())
                 .await
                 .map_err(redis_err)?;
-            if swapped == 1 {
-                return self.presence(tenant, agent_id).await;
+            if let Some((score, fields)) = swapped {
+                return read_presence(tenant, agent_id, score, fields);
             }
         }
         Err(StoreError::Unavailable(format!(
