@@ -60,6 +60,40 @@ fn best(rounds: usize, n: usize, mut f: impl FnMut() -> Duration) -> f64 {
         .map_or(0.0, |d| d.as_nanos() as f64 / n as f64)
 }
 
+/// One pass of each measured phase over all the events, never inlined, so that callgrind counts
+/// a phase alone: `valgrind --tool=callgrind --toggle-collect='codec::decode_lazy_all'
+/// --dump-before='codec::measure' target/release/deps/codec-*` with `NEXUS_BENCH_EVENTS=2000
+/// NEXUS_BENCH_ROUNDS=1` gives instructions per event of `decode_lazy` plus dropping the event,
+/// one dump per event kind (the count is the same on every run of the same binary).
+#[inline(never)]
+fn encode_all(events: &[Event]) {
+    for e in events {
+        black_box(encode(black_box(e)).expect("encode"));
+    }
+}
+
+#[inline(never)]
+fn decode_lazy_all(payloads: &[Bytes]) {
+    for p in payloads {
+        black_box(decode_lazy(black_box(p)).expect("decode"));
+    }
+}
+
+#[inline(never)]
+fn decode_all(payloads: &[Bytes]) {
+    for p in payloads {
+        black_box(decode(black_box(p)).expect("decode"));
+    }
+}
+
+/// Time of one call of `f`.
+fn timed(f: impl FnOnce()) -> Duration {
+    let t = Instant::now();
+    f();
+    t.elapsed()
+}
+
+#[inline(never)]
 fn measure(name: &str, make: fn(usize) -> Event, n: usize, rounds: usize) {
     let events: Vec<Event> = (0..n).map(make).collect();
     let payloads: Vec<Bytes> = events
@@ -67,27 +101,9 @@ fn measure(name: &str, make: fn(usize) -> Event, n: usize, rounds: usize) {
         .map(|e| Bytes::from(encode(e).expect("encode")))
         .collect();
     let size = payloads.first().map_or(0, Bytes::len);
-    let enc = best(rounds, n, || {
-        let t = Instant::now();
-        for e in &events {
-            black_box(encode(black_box(e)).expect("encode"));
-        }
-        t.elapsed()
-    });
-    let lazy = best(rounds, n, || {
-        let t = Instant::now();
-        for p in &payloads {
-            black_box(decode_lazy(black_box(p)).expect("decode"));
-        }
-        t.elapsed()
-    });
-    let full = best(rounds, n, || {
-        let t = Instant::now();
-        for p in &payloads {
-            black_box(decode(black_box(p)).expect("decode"));
-        }
-        t.elapsed()
-    });
+    let enc = best(rounds, n, || timed(|| encode_all(&events)));
+    let lazy = best(rounds, n, || timed(|| decode_lazy_all(&payloads)));
+    let full = best(rounds, n, || timed(|| decode_all(&payloads)));
     println!(
         "{name:<16} {size:>4} bytes   encode {enc:>6.0} ns   decode_lazy {lazy:>6.0} ns   decode {full:>6.0} ns"
     );

@@ -109,7 +109,9 @@ pub fn fingerprint_of(bytes: &[u8]) -> Option<u64> {
 impl Registry {
     /// Encodes an event with this registry (see [`encode`]).
     pub fn encode(&self, event: &Event) -> Result<Vec<u8>, EncodeError> {
-        let mut out = Vec::with_capacity(256);
+        // Most events fit (a chat line with its envelope and trace context is 220-360 bytes):
+        // one allocation, no copy while growing.
+        let mut out = Vec::with_capacity(512);
         self.encode_into(event, &mut out)?;
         Ok(out)
     }
@@ -349,27 +351,43 @@ fn required_string(m: &mut Map<String, Value>, key: &str) -> Result<String, Enco
 /// `version-traceid-parentid-flags`, lower-case hex, ids not all zero, per W3C Trace Context.
 /// A later version's extra fields are taken only as lower-case hex too: the value goes into
 /// HTTP headers of peer calls, where a control character would fail every call.
+///
+/// Checked on every consumed event, so by position (the parts have fixed lengths) rather than
+/// by splitting.
 pub fn is_traceparent(s: &str) -> bool {
-    if s.len() > 512
-        || !s
-            .bytes()
-            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f' | b'-'))
-    {
+    let b = s.as_bytes();
+    if b.len() < 55 || b.len() > 512 {
         return false;
     }
-    let parts: Vec<&str> = s.split('-').collect();
-    let hex = |p: &str, n: usize| {
-        p.len() == n && p.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    // A fold, not `all`: without an early exit the compiler checks many bytes at a time.
+    let hex = |part: &[u8]| {
+        part.iter()
+            .fold(true, |ok, c| ok & matches!(c, b'0'..=b'9' | b'a'..=b'f'))
     };
-    parts.len() >= 4
-        && hex(parts[0], 2)
-        && parts[0] != "ff"
-        && hex(parts[1], 32)
-        && hex(parts[2], 16)
-        && hex(parts[3], 2)
-        && (parts[0] != "00" || parts.len() == 4)
-        && parts[1].bytes().any(|b| b != b'0')
-        && parts[2].bytes().any(|b| b != b'0')
+    let nonzero = |part: &[u8]| part.iter().any(|&c| c != b'0');
+    let (version, trace_id, parent_id, flags) = (&b[..2], &b[3..35], &b[36..52], &b[53..55]);
+    let more_fields = match &b[55..] {
+        [] => true,
+        // Only a later version has more, each after a hyphen.
+        [b'-', rest @ ..] => {
+            version != b"00"
+                && rest
+                    .iter()
+                    .all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f' | b'-'))
+        }
+        _ => false,
+    };
+    b[2] == b'-'
+        && b[35] == b'-'
+        && b[52] == b'-'
+        && hex(version)
+        && version != b"ff"
+        && hex(trace_id)
+        && hex(parent_id)
+        && hex(flags)
+        && nonzero(trace_id)
+        && nonzero(parent_id)
+        && more_fields
 }
 
 /// Writes the envelope straight from the struct, guided by the envelope schema (no JSON
@@ -461,6 +479,8 @@ fn read_event<'a, O: Out>(
 /// until the [`Envelope`] is built), anything else (a reader default, a resolved type) as JSON.
 enum Raw<'a> {
     Str(&'a str),
+    /// A `uuid` field's text that parses (what nexus writes), parsed once.
+    Uuid(Uuid),
     Long(i64),
     Null,
     /// Boxed: rare, and it would double the size of every field read.
@@ -469,10 +489,18 @@ enum Raw<'a> {
 
 impl<'a> Raw<'a> {
     /// Reads one value with `plan`, borrowing strings; the same checks as [`json::read`], but
-    /// for a uuid's text, checked where it is parsed (`event_id`, the envelope's only one).
+    /// for a uuid's text that does not parse, which fails where it is parsed (`event_id`, the
+    /// envelope's only one), after the other fields' checks.
     fn read(plan: &Plan, buf: &mut &'a [u8]) -> Result<Raw<'a>, String> {
         Ok(match plan {
-            Plan::Same(Node::String | Node::Uuid) => Raw::Str(json::read_str(buf)?),
+            Plan::Same(Node::String) => Raw::Str(json::read_str(buf)?),
+            Plan::Same(Node::Uuid) => {
+                let mut text = *buf;
+                match json::read_uuid(buf) {
+                    Ok(u) => Raw::Uuid(u),
+                    Err(_) => Raw::Str(json::read_str(&mut text)?),
+                }
+            }
             Plan::Same(Node::Long | Node::TimestampMillis) => Raw::Long(json::read_long(buf)?),
             Plan::Same(Node::Null) => Raw::Null,
             Plan::WriterUnion(branches) => {
@@ -490,6 +518,7 @@ impl<'a> Raw<'a> {
     fn string(self, k: &str) -> Result<String, String> {
         match self {
             Raw::Str(s) => Ok(s.to_owned()),
+            Raw::Uuid(u) => Ok(u.hyphenated().to_string()),
             Raw::Json(v) => match *v {
                 Value::String(s) => Ok(s),
                 _ => Err(format!("envelope.{k} is not a string")),
@@ -573,17 +602,21 @@ impl<'a> RawEnvelope<'a> {
             v.ok_or_else(|| format!("envelope.{k} is not a string"))?
                 .string(k)
         }
+        // Parsed already (`Ok`) when the text of a uuid field parsed; else the text (`Err`).
         let event_id = match &self.event_id {
-            Some(v) => v.str(),
-            None => None,
+            Some(Raw::Uuid(u)) => Ok(*u),
+            Some(v) => Err(v.str().ok_or("envelope.event_id is not a string")?),
+            None => return Err("envelope.event_id is not a string".into()),
         };
-        let event_id = event_id.ok_or("envelope.event_id is not a string")?;
         // Checked in the order the fields were always checked: strings first, then the id.
         let event_type = string("event_type", self.event_type)?;
         let tenant_id = string("tenant_id", self.tenant_id)?;
         let conversation_id = string("conversation_id", self.conversation_id)?;
         let producer = string("producer", self.producer)?;
-        let event_id = Uuid::parse_str(event_id).map_err(|e| format!("envelope.event_id: {e}"))?;
+        let event_id = match event_id {
+            Ok(u) => u,
+            Err(text) => Uuid::parse_str(text).map_err(|e| format!("envelope.event_id: {e}"))?,
+        };
         let occurred_at_ms = match self.occurred_at {
             Some(Raw::Long(i)) => Some(i),
             Some(Raw::Json(v)) => v.as_i64(),

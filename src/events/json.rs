@@ -8,6 +8,8 @@
 //! (an RFC 3339 string is accepted on input). Writing fails with the path of the offending field;
 //! reading fails with a message only (the bytes, not the caller, are at fault).
 
+use std::cmp::Ordering;
+
 use serde_json::{Map, Number, Value};
 
 use super::codec::EncodeError;
@@ -75,18 +77,25 @@ pub(crate) fn write_record_fields(
     let name = |i: usize| record.fields[record.by_name[i]].name.as_str();
     let mut j = 0;
     for (k, v) in obj {
-        while j < record.by_name.len() && name(j) < k.as_str() {
-            j += 1;
+        // One comparison per field passed (names are compared often: each is a `memcmp`).
+        let mut at = None;
+        while j < record.by_name.len() {
+            match name(j).cmp(k) {
+                Ordering::Less => j += 1,
+                Ordering::Equal => {
+                    at = Some(j);
+                    j += 1;
+                    break;
+                }
+                Ordering::Greater => break,
+            }
         }
-        let at = if j < record.by_name.len() && name(j) == k {
-            j += 1;
-            Some(j - 1)
-        } else {
+        let at = at.or_else(|| {
             record
                 .by_name
                 .binary_search_by(|&i| record.fields[i].name.as_str().cmp(k))
                 .ok()
-        };
+        });
         match at.map(|i| record.by_name[i]).filter(|&i| i >= skip) {
             Some(i) => values[i] = Some(v),
             None => {
@@ -199,8 +208,14 @@ pub(crate) fn write_value(
         (Node::Uuid, Value::String(s)) => {
             let u =
                 uuid::Uuid::parse_str(s).map_err(|e| path.err(format!("expected a UUID: {e}")))?;
-            let mut buf = uuid::Uuid::encode_buffer();
-            write_bytes(u.hyphenated().encode_lower(&mut buf).as_bytes(), out);
+            // 36 characters that parse are the hyphenated form: written as they are unless
+            // upper case (what nexus itself writes is not).
+            if s.len() == 36 && !s.bytes().any(|b| b.is_ascii_uppercase()) {
+                write_bytes(s.as_bytes(), out);
+            } else {
+                let mut buf = uuid::Uuid::encode_buffer();
+                write_bytes(u.hyphenated().encode_lower(&mut buf).as_bytes(), out);
+            }
         }
         (Node::Bytes, Value::String(s)) => {
             let b = base64_decode(s).ok_or_else(|| path.err("expected base64 text"))?;
@@ -397,6 +412,9 @@ pub(crate) trait Out: Sized {
     /// Fails for a non-finite number (JSON has no form for it), in both outputs.
     fn float(f: f64) -> Result<Self, String>;
     fn string(s: &str) -> Self;
+    /// A `uuid` string, given back as nexus writes it, lowercase and hyphenated, so ids compare
+    /// equal whoever wrote them.
+    fn uuid(u: uuid::Uuid) -> Self;
     /// `bytes` and `fixed`: base64 text.
     fn bytes(b: &[u8]) -> Self;
     /// A default value from the reader schema.
@@ -430,6 +448,10 @@ impl Out for Value {
     }
     fn string(s: &str) -> Self {
         Value::String(s.to_owned())
+    }
+    fn uuid(u: uuid::Uuid) -> Self {
+        let mut buf = uuid::Uuid::encode_buffer();
+        Value::String(u.hyphenated().encode_lower(&mut buf).to_owned())
     }
     fn bytes(b: &[u8]) -> Self {
         Value::String(base64_encode(b))
@@ -467,6 +489,7 @@ impl Out for () {
         finite(f)
     }
     fn string(_: &str) -> Self {}
+    fn uuid(_: uuid::Uuid) -> Self {}
     fn bytes(_: &[u8]) -> Self {}
     fn default(_: &Value) -> Self {}
     fn seq() -> Self::Seq {}
@@ -572,7 +595,7 @@ pub(crate) fn read_node<O: Out>(node: &Node, buf: &mut &[u8]) -> Result<O, Strin
             O::float(f64::from_le_bytes(a))?
         }
         Node::String => O::string(read_str(buf)?),
-        Node::Uuid => O::string(&read_uuid(buf)?),
+        Node::Uuid => O::uuid(read_uuid(buf)?),
         Node::Bytes => O::bytes(read_slice(buf)?),
         Node::Fixed(n) => O::bytes(take(buf, *n)?),
         Node::Enum(e) => {
@@ -696,7 +719,24 @@ fn take<'a>(buf: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
     Ok(head)
 }
 
+/// Called for every length, number, union branch and enum symbol: its one-byte case is inlined
+/// where it is called (a few instructions), the rest is a call.
+#[inline]
 pub(crate) fn read_long(buf: &mut &[u8]) -> Result<i64, String> {
+    let z = match buf.split_first() {
+        // One byte: small numbers, and most lengths, union branches and enum symbols.
+        Some((&b, rest)) if b < 0x80 => {
+            *buf = rest;
+            u64::from(b)
+        }
+        _ => read_varint(buf)?,
+    };
+    Ok((z >> 1) as i64 ^ -((z & 1) as i64))
+}
+
+/// A varint of any length, before zig-zag decoding.
+#[inline(never)]
+fn read_varint(buf: &mut &[u8]) -> Result<u64, String> {
     let mut z: u64 = 0;
     for shift in (0..70).step_by(7) {
         let (&b, rest) = buf.split_first().ok_or("unexpected end of input")?;
@@ -706,7 +746,7 @@ pub(crate) fn read_long(buf: &mut &[u8]) -> Result<i64, String> {
         }
         z |= u64::from(b & 0x7f) << shift;
         if b & 0x80 == 0 {
-            return Ok((z >> 1) as i64 ^ -((z & 1) as i64));
+            return Ok(z);
         }
     }
     Err("varint longer than 10 bytes".into())
@@ -727,18 +767,14 @@ pub(crate) fn read_str<'a>(buf: &mut &'a [u8]) -> Result<&'a str, String> {
     std::str::from_utf8(read_slice(buf)?).map_err(|_| "string is not valid UTF-8".into())
 }
 
-/// A `uuid` string: RFC 4122 text (what other Avro readers refuse is refused here too), given
-/// back as nexus writes it, lowercase and hyphenated, so ids compare equal whoever wrote them.
-/// Borrowed when already canonical (what nexus writes): decoding allocates nothing for it.
-fn read_uuid<'a>(buf: &mut &'a [u8]) -> Result<std::borrow::Cow<'a, str>, String> {
-    let s = read_str(buf)?;
-    let u = uuid::Uuid::parse_str(s).map_err(|e| format!("not a UUID: {e}"))?;
-    let mut out = uuid::Uuid::encode_buffer();
-    let canonical = u.hyphenated().encode_lower(&mut out);
-    Ok(if canonical == s {
-        std::borrow::Cow::Borrowed(s)
-    } else {
-        std::borrow::Cow::Owned(canonical.to_string())
+/// A `uuid` string: RFC 4122 text (what other Avro readers refuse is refused here too).
+pub(crate) fn read_uuid(buf: &mut &[u8]) -> Result<uuid::Uuid, String> {
+    let text = read_slice(buf)?;
+    // Text that parses is ASCII, so valid UTF-8: no separate check. What does not parse fails
+    // as it did with that check first.
+    uuid::Uuid::try_parse_ascii(text).or_else(|_| {
+        let s = std::str::from_utf8(text).map_err(|_| "string is not valid UTF-8")?;
+        uuid::Uuid::parse_str(s).map_err(|e| format!("not a UUID: {e}"))
     })
 }
 
