@@ -2778,13 +2778,42 @@ async fn consults_in_conference_and_in_private() {
     private_consult_scenario(&node.url, &node.url).await;
 }
 
-/// The same on NATS JetStream + PostgreSQL + Redis, the consultant on a second edge.
+/// The same on NATS JetStream + PostgreSQL + Redis, the consultant on a second edge. Also what
+/// the GWS worker reads: the private consultant's reply, sent without a visibility, is on
+/// `nexus.agent.v1` as the edge published it, marked for agents only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_postgres_redis_consults_across_two_edges() {
     let dir = tempfile::tempdir().expect("tempdir");
     let system = TwoEdges::start(dir.path(), vec![consult_timeout_env()]).await;
     consult_scenario(&system.edge_a.url, &system.edge_b.url).await;
     private_consult_scenario(&system.edge_a.url, &system.edge_b.url).await;
+    let mut config = nexus::config::Config::defaults().bus;
+    config.url = system._nats.url.clone();
+    let bus = nexus::bus::connect(&config).await.expect("bus");
+    let mut seen = Vec::new();
+    for partition in 0..16 {
+        for m in bus
+            .read("nexus.agent.v1", partition, 0, 10_000)
+            .await
+            .expect("read nexus.agent.v1")
+        {
+            let e = nexus::events::decode(&m.payload).expect("decode");
+            if e.envelope.event_type == "MessageSent" {
+                seen.push((e.body["text"].clone(), e.body["visibility"].clone()));
+            }
+        }
+    }
+    for (text, visibility) in [
+        ("refund went out friday", "AGENTS"),
+        ("note: VIP customer", "AGENTS"),
+        ("your refund is on its way", "ALL"),
+        ("I can reship it", "ALL"),
+    ] {
+        assert!(
+            seen.contains(&(json!(text), json!(visibility))),
+            "{text} published as {visibility}: {seen:?}"
+        );
+    }
 }
 
 /// The texts of transcript entries (frames, or a page's `messages`), in order.

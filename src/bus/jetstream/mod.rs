@@ -57,7 +57,8 @@ const API_TIMEOUT: Duration = Duration::from_secs(5);
 /// Timeout of the initial connection; connecting is part of start-up, which should fail fast.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a health check's own connection attempt (which finds why the client is not
-/// connected) may take: inside the 2 s a readiness probe gives the whole check.
+/// connected) may take: inside the 2 s `/readyz` gives the bus check (the other checks run
+/// after it, so a disconnected bus adds up to this to the answer).
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 /// How long a publisher trusts its cached partition count. Another process may add partitions
 /// (`nexus topology apply`); Kafka producers refresh metadata on a similar scale.

@@ -270,8 +270,23 @@ pub(crate) async fn do_reply(
     check_id(id)?;
     super::chat::check_text(state, &text)?;
     super::chat::check_message_id(message_id.as_deref())?;
-    let visibility = parse_visibility(visibility)?;
+    let mut visibility = parse_visibility(visibility)?;
+    if visibility == ev::Visibility::All && private_consultant(state, agent, id).await? {
+        // The worker would make it agents only anyway, but the GWS worker reads this request
+        // as published: marked here, GWS is not sent it (its chat would show it).
+        visibility = ev::Visibility::Agents;
+    }
     send_message(state, agent, id, text, message_id, Vec::new(), visibility).await
+}
+
+/// Whether the agent is invited to, or in, the conversation as a private consultant. A store
+/// that cannot be read fails the request (503): a reply is not sent unmarked on a guess.
+async fn private_consultant(state: &AppState, agent: &Agent, id: &str) -> Result<bool, ApiError> {
+    let me = Some(agent.id.as_str());
+    Ok(conversation_of(state, agent, id).await?.is_some_and(|c| {
+        c.routing.consult_private
+            && (c.routing.consultant.as_deref() == me || c.routing.consult_invited.as_deref() == me)
+    }))
 }
 
 /// The `visibility` field of a reply or consult: `all` when absent.

@@ -48,13 +48,19 @@ pub async fn transcript(
     // Subscribe before reading, so an entry appended after the read wakes the wait.
     let mut feed = state.hub.customer(&c.tid, &c.sid);
     let first = transcript_page(&state, &c.tid, &c.sid, &page, Reader::Customer).await?;
+    // A page that only went past entries for agents only is news too: its `next_position`
+    // moved (the next page may be stored already, and no push will come for it).
+    let from = q.from.unwrap_or(1).max(1);
     let has_news = |p: &Json<Value>| {
-        p.0["chat_ended"] == true || p.0["messages"].as_array().is_some_and(|m| !m.is_empty())
+        p.0["chat_ended"] == true
+            || p.0["messages"].as_array().is_some_and(|m| !m.is_empty())
+            || p.0["next_position"]
+                .as_u64()
+                .is_some_and(|next| next > from)
     };
     if has_news(&first) {
         return Ok(first);
     }
-    let from = q.from.unwrap_or(1).max(1);
     let deadline = tokio::time::sleep(wait);
     tokio::pin!(deadline);
     loop {
