@@ -1,9 +1,10 @@
 //! Single-object encoding of events: `C3 01`, the writer schema's CRC-64-AVRO fingerprint
 //! (8 bytes, little-endian), then the Avro binary body. Decoding resolves to the latest version.
 //!
-//! Writers always use the latest version of the event type; readers accept any registered
-//! version and see it as the latest (fields added since take their defaults). The registry is
-//! compiled in, so a reader built before a version existed dead-letters it as an unknown
+//! Writers use the oldest version that carries the event's body (every field added since holds
+//! its default; else the latest); readers accept any registered version and see it as the
+//! latest (fields added since take their defaults). The registry is compiled in, so a reader
+//! built before a version existed dead-letters an event that needs it as an unknown
 //! fingerprint: roll out readers before writers (charts/operations.md, "With a schema change").
 
 use std::sync::Arc;
@@ -119,8 +120,8 @@ impl Registry {
     /// Appends the encoded event to `out` (reuse one buffer on hot paths). On error `out` may
     /// hold a partial payload after its original length.
     pub fn encode_into(&self, event: &Event, out: &mut Vec<u8>) -> Result<(), EncodeError> {
-        let schema = self
-            .latest(&event.envelope.event_type)
+        let (schema, left_out) = self
+            .writer_for(&event.envelope.event_type, &event.body)
             .ok_or_else(|| EncodeError::UnknownEventType(event.envelope.event_type.clone()))?;
         out.extend_from_slice(&MARKER);
         out.extend_from_slice(&schema.fingerprint.to_le_bytes());
@@ -131,6 +132,16 @@ impl Registry {
             _ => return Err(invalid("envelope", "schema has no envelope")),
         };
         write_envelope(env, &event.envelope, out)?;
+        if left_out.iter().any(|(k, _)| event.body.contains_key(k)) {
+            // Those fields hold their defaults (see `writer_for`): the older schema has none.
+            let body: Map<String, Value> = event
+                .body
+                .iter()
+                .filter(|(k, _)| !left_out.iter().any(|(l, _)| l == *k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            return json::write_record_fields(record, 1, &body, &Path::Root("body"), out);
+        }
         json::write_record_fields(record, 1, &event.body, &Path::Root("body"), out)
     }
 

@@ -137,6 +137,9 @@ pub struct Registry {
     pub(crate) schemas: Vec<EventSchema>,
     by_fingerprint: Lookup<u64>,
     latest: Lookup<String>,
+    /// Per type, the earlier versions a writer may use instead of the latest, oldest first.
+    earlier: Lookup<String>,
+    downgrades: Vec<Vec<Downgrade>>,
     /// Entries of the lock file: (type, version) → fingerprint and content digest (absent in
     /// lines written before the digest existed).
     lock: HashMap<(String, u32), (u64, Option<u64>)>,
@@ -235,10 +238,24 @@ impl Registry {
             schemas[i].to_latest =
                 Plan::build(&Node::Record(Arc::clone(&schemas[i].node)), &reader);
         }
+        let mut earlier = Lookup::default();
+        let mut downgrades = Vec::new();
+        for (event_type, &last) in latest.iter() {
+            let found: Vec<Downgrade> = (0..last)
+                .filter(|&i| &schemas[i].event_type == event_type)
+                .filter_map(|i| Downgrade::between(i, &schemas[i], &schemas[last]))
+                .collect();
+            if !found.is_empty() {
+                earlier.insert(event_type.clone(), downgrades.len());
+                downgrades.push(found);
+            }
+        }
         Ok(Registry {
             schemas,
             by_fingerprint,
             latest,
+            earlier,
+            downgrades,
             lock,
             lint,
         })
@@ -257,9 +274,34 @@ impl Registry {
         &self.schemas
     }
 
-    /// The latest version of an event type (what writers use).
+    /// The latest version of an event type (what readers see).
     pub fn latest(&self, event_type: &str) -> Option<&EventSchema> {
         self.latest.get(event_type).map(|&i| &self.schemas[i])
+    }
+
+    /// The version a writer uses for `body`, and the body fields that version leaves out: the
+    /// oldest version whose readers see this body as it is, i.e. every field added since holds
+    /// the default such a reader fills in (else the latest). A pod that knows only that
+    /// version then reads what a newer pod writes, as long as it uses nothing new: what makes
+    /// a rolling upgrade of a role that reads its own events safe.
+    pub fn writer_for(
+        &self,
+        event_type: &str,
+        body: &serde_json::Map<String, Value>,
+    ) -> Option<(&EventSchema, &[(String, Value)])> {
+        let latest = self.latest(event_type)?;
+        let Some(&at) = self.earlier.get(event_type) else {
+            return Some((latest, &[]));
+        };
+        let found = self.downgrades[at].iter().find(|d| {
+            d.added
+                .iter()
+                .all(|(k, default)| body.get(k).is_none_or(|v| v == default))
+        });
+        Some(match found {
+            Some(d) => (&self.schemas[d.index], d.added.as_slice()),
+            None => (latest, &[]),
+        })
     }
 
     /// One version of an event type.
@@ -464,6 +506,57 @@ impl Registry {
             }]
         })?;
         Ok(path)
+    }
+}
+
+/// An earlier version of a type that writes a body like the latest does when the fields added
+/// since hold their defaults: its fields are the latest's minus those, of the same types.
+pub(crate) struct Downgrade {
+    index: usize,
+    /// The body fields added since, with their defaults.
+    added: Vec<(String, Value)>,
+}
+
+impl Downgrade {
+    fn between(index: usize, old: &EventSchema, latest: &EventSchema) -> Option<Downgrade> {
+        let fields = |s: &EventSchema| -> Option<Vec<(String, Value)>> {
+            s.json
+                .get("fields")?
+                .as_array()?
+                .iter()
+                .map(|f| Some((f.get("name")?.as_str()?.to_owned(), f.clone())))
+                .collect()
+        };
+        let (old_fields, new_fields) = (fields(old)?, fields(latest)?);
+        // Every old field is in the latest with the same type (docs aside).
+        let same = old_fields.iter().all(|(name, f)| {
+            new_fields
+                .iter()
+                .any(|(n, g)| n == name && without_docs(&f["type"]) == without_docs(&g["type"]))
+        });
+        if !same {
+            return None;
+        }
+        let added = new_fields
+            .iter()
+            .filter(|(n, _)| !old_fields.iter().any(|(o, _)| o == n))
+            .map(|(n, f)| Some((n.clone(), f.get("default")?.clone())))
+            .collect::<Option<Vec<_>>>()?;
+        Some(Downgrade { index, added })
+    }
+}
+
+/// A schema's JSON without its `doc` attributes (corrected freely between versions).
+fn without_docs(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(k, _)| k.as_str() != "doc")
+                .map(|(k, v)| (k.clone(), without_docs(v)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(without_docs).collect()),
+        other => other.clone(),
     }
 }
 

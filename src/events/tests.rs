@@ -58,10 +58,9 @@ fn every_event_type_round_trips() {
         let event = r.example(t).unwrap();
         let bytes = encode(&event).unwrap_or_else(|e| panic!("{t}: {e}"));
         assert_eq!(bytes[..2], codec::MARKER);
-        assert_eq!(
-            fingerprint_of(&bytes),
-            Some(r.latest(t).unwrap().fingerprint)
-        );
+        // The version a writer picks for this body (the oldest that carries it).
+        let (writer, _) = r.writer_for(t, &event.body).unwrap();
+        assert_eq!(fingerprint_of(&bytes), Some(writer.fingerprint));
         let back = decode(&bytes).unwrap_or_else(|e| panic!("{t}: {e}"));
         assert_eq!(back, event, "{t}");
         // Minimal bodies (only required fields) round-trip too, with defaults filled in.
@@ -880,7 +879,8 @@ fn varint(n: i64) -> Vec<u8> {
 fn hostile_counts_and_lengths_are_refused() {
     let mut v2 = typing_v1();
     let fields = v2["fields"].as_array_mut().unwrap();
-    fields.push(json!({"name": "tags", "type": {"type": "array", "items": "string"}, "default": [], "doc": "d"}));
+    // Its default is not the empty array the event carries: written with v2.
+    fields.push(json!({"name": "tags", "type": {"type": "array", "items": "string"}, "default": ["d"], "doc": "d"}));
     let r = registry_with(&[("events/typing_indicated/v2.avsc", v2.to_string())]).unwrap();
     let mut e = r.example("TypingIndicated").unwrap();
     e.body.insert("tags".into(), json!([]));
@@ -935,4 +935,42 @@ fn json_floats_in_range_and_unions_by_branch() {
         let back = r.decode(&r.encode(&e).unwrap()).unwrap();
         assert_eq!(back.body["ref"], value);
     }
+}
+
+/// Writers use the oldest version that carries the body: a `MessageSent` visible to all is
+/// written as v1, which a pod knowing only v1 reads; one for agents only needs v2. Both read as
+/// the latest version with the visibility they had.
+#[test]
+fn writers_use_the_oldest_version_that_carries_the_body() {
+    let r = Registry::builtin();
+    let v1 = r.get("MessageSent", 1).unwrap().fingerprint;
+    let v2 = r.get("MessageSent", 2).unwrap().fingerprint;
+    let mut e = r.example("MessageSent").unwrap();
+    e.body.insert("visibility".into(), json!("ALL"));
+    let all = r.encode(&e).unwrap();
+    assert_eq!(fingerprint_of(&all), Some(v1));
+    e.body.insert("visibility".into(), json!("AGENTS"));
+    let agents = r.encode(&e).unwrap();
+    assert_eq!(fingerprint_of(&agents), Some(v2));
+    assert_eq!(r.decode(&all).unwrap().body["visibility"], "ALL");
+    assert_eq!(r.decode(&agents).unwrap().body["visibility"], "AGENTS");
+    // No visibility at all (a v1-shaped body) is the default too.
+    e.body.remove("visibility");
+    assert_eq!(fingerprint_of(&r.encode(&e).unwrap()), Some(v1));
+
+    // A pod that knows only v1 (its registry built without v2) reads the first, and
+    // dead-letters the second as an unknown fingerprint.
+    let old = Registry::from_sources(
+        Registry::builtin_files()
+            .iter()
+            .filter(|(p, _)| *p != "events/message_sent/v2.avsc")
+            .map(|(p, t)| (*p, *t)),
+    )
+    .unwrap();
+    assert_eq!(old.latest("MessageSent").unwrap().version, 1);
+    assert_eq!(old.decode(&all).unwrap().body["text"], e.body["text"]);
+    assert!(matches!(
+        old.decode(&agents),
+        Err(DecodeError::UnknownFingerprint(_))
+    ));
 }
