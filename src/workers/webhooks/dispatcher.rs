@@ -81,9 +81,19 @@ const DEAD_LETTER_RETRY_MS: i64 = super::store::EXHAUSTED_RECLAIM_MS;
 /// taken over this late at most. However long the bus takes to acknowledge, the hold is
 /// renewed every [`DEAD_LETTER_RENEW`] while the publish waits.
 const DEAD_LETTER_HOLD_MS: i64 = 10_000;
-/// Renewal period of a dead-letter hold: under a third of it, so a renewal that waits its 5 s
-/// for a pool connection (`DB_ACQUIRE_TIMEOUT`) still lands before the hold lapses.
+/// Renewal period of a dead-letter hold, counted from when the hold last ran until (not from
+/// when the write answered): under a third of it, so a renewal that waits its 5 s for a pool
+/// connection (`DB_ACQUIRE_TIMEOUT`) still lands before the hold lapses.
 const DEAD_LETTER_RENEW: Duration = Duration::from_secs(3);
+/// How long until a hold running until `held_ms` is due for renewal: [`DEAD_LETTER_RENEW`]
+/// after it was taken or last renewed, however long that write itself waited; a renewal that
+/// failed (past due) is tried again after a short pause, not in a busy loop.
+fn renew_in(held_ms: i64) -> Duration {
+    let period = i64::try_from(DEAD_LETTER_RENEW.as_millis()).unwrap_or(i64::MAX);
+    let due = held_ms - DEAD_LETTER_HOLD_MS + period;
+    Duration::from_millis(u64::try_from(due - now_ms()).unwrap_or(0).max(100))
+}
+
 /// The producer name on events this role publishes.
 const PRODUCER: &str = "webhooks";
 
@@ -1178,7 +1188,7 @@ impl Dispatcher {
         loop {
             tokio::select! {
                 published = &mut publish => return published,
-                () = tokio::time::sleep(DEAD_LETTER_RENEW), if renew => {}
+                () = tokio::time::sleep(renew_in(*held)), if renew => {}
             }
             let next = now_ms() + DEAD_LETTER_HOLD_MS;
             let renewal = self.store.renew(&msg.id, *held, next);
