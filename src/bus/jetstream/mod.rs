@@ -60,6 +60,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// connected) may take: inside the 2 s `/readyz` gives the bus check (the other checks run
 /// after it, so a disconnected bus adds up to this to the answer).
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How long a probe's finding stands for later health checks.
+const PROBE_REUSE: Duration = Duration::from_secs(10);
 /// How long a publisher trusts its cached partition count. Another process may add partitions
 /// (`nexus topology apply`); Kafka producers refresh metadata on a similar scale.
 const PARTITIONS_TTL: Duration = Duration::from_secs(30);
@@ -160,6 +162,17 @@ pub struct Inner {
     partitions: Mutex<HashMap<String, (u32, Instant)>>,
     /// How the client connected, for [`Inner::why_not_connected`].
     dial: Dial,
+    /// The last answer of [`Inner::why_not_connected`] and when it was found: reused for
+    /// [`PROBE_REUSE`], and one probe at a time, so readiness checks during an outage do not
+    /// each open a connection to a recovering server.
+    last_probe: tokio::sync::Mutex<Option<(Instant, Probed)>>,
+}
+
+/// What a probe connection found: a TLS refusal or another failure, worded.
+#[derive(Clone)]
+enum Probed {
+    Tls(String),
+    Unavailable(String),
 }
 
 /// The server list and settings a connection is made with.
@@ -377,6 +390,7 @@ impl JetStreamBus {
                 max_payload: info.max_payload,
                 partitions: Mutex::new(HashMap::new()),
                 dial,
+                last_probe: tokio::sync::Mutex::new(None),
             }),
         };
         bus.health().await?;
@@ -390,11 +404,28 @@ impl Inner {
     /// server certificate the TLS layer refused (a certificate renewed by another CA, or
     /// expired) behind what reads as an outage.
     async fn why_not_connected(&self) -> BusError {
+        let mut last = self.last_probe.lock().await;
+        let probed = match &*last {
+            Some((at, probed)) if at.elapsed() < PROBE_REUSE => probed.clone(),
+            _ => {
+                let probed = self.probe().await;
+                *last = Some((Instant::now(), probed.clone()));
+                probed
+            }
+        };
+        match probed {
+            Probed::Tls(m) => BusError::Tls(m),
+            Probed::Unavailable(m) => BusError::Unavailable(m),
+        }
+    }
+
+    /// One connection attempt of its own, and what it found.
+    async fn probe(&self) -> Probed {
         let not_connected =
-            |detail: String| BusError::Unavailable(format!("not connected to NATS{detail}"));
+            |detail: String| Probed::Unavailable(format!("not connected to NATS{detail}"));
         let addrs = match server_addrs(&self.dial.url) {
             Ok(a) => a,
-            Err(e) => return e,
+            Err(e) => return Probed::Unavailable(e.to_string()),
         };
         let attempt = tokio::time::timeout(
             PROBE_TIMEOUT,
@@ -408,7 +439,7 @@ impl Inner {
             // The server takes connections again: the client's reconnect is under way.
             Ok(Ok(_probe)) => not_connected(String::new()),
             Ok(Err(e)) => match connect_error(&self.dial.url, &e, &self.dial.config) {
-                tls @ BusError::Tls(_) => tls,
+                BusError::Tls(m) => Probed::Tls(m),
                 _ => not_connected(format!(" (a new connection: {e})")),
             },
             Err(_) => not_connected(" (a new connection timed out too)".into()),
