@@ -3054,36 +3054,34 @@ async fn private_consult_scenario(url: &str, other: &str) {
 
     // A long poll from the note, one entry a page: the page goes past the note, so it answers
     // at once (no push will come for what is stored already) instead of waiting 30 s.
-    let poll = http
-        .get(format!(
-            "{url}/nexus/v3/chat/sessions/{sid}/messages?from={note_at}&limit=1&wait_s=30"
-        ))
-        .header("x-api-key", &tenant.api_key)
-        .header("x-nexus-client-key", &ck)
-        .send();
-    let page: Value = tokio::time::timeout(Duration::from_secs(10), poll)
-        .await
-        .expect("the long poll answered without waiting out wait_s")
-        .expect("long poll")
-        .json()
-        .await
-        .expect("json");
+    let read = |query: String| {
+        let url = format!("{url}/nexus/v3/chat/sessions/{sid}/messages?{query}");
+        let request = http
+            .get(url)
+            .header("x-api-key", &tenant.api_key)
+            .header("x-nexus-client-key", &ck);
+        async move {
+            let page: Value = request
+                .send()
+                .await
+                .expect("v3 read")
+                .json()
+                .await
+                .expect("json");
+            page
+        }
+    };
+    let page = tokio::time::timeout(
+        Duration::from_secs(10),
+        read(format!("from={note_at}&limit=1&wait_s=30")),
+    )
+    .await
+    .expect("the long poll answered without waiting out wait_s");
     assert_eq!(page["messages"], json!([]), "{page}");
     assert_eq!(page["next_position"], note_at + 1, "{page}");
 
     // Transcript reads: v3 and v2 leave the private entries out and go past them.
-    let v3: Value = http
-        .get(format!(
-            "{url}/nexus/v3/chat/sessions/{sid}/messages?from={note_at}"
-        ))
-        .header("x-api-key", &tenant.api_key)
-        .header("x-nexus-client-key", &ck)
-        .send()
-        .await
-        .expect("v3 read")
-        .json()
-        .await
-        .expect("json");
+    let v3 = read(format!("from={note_at}")).await;
     assert!(
         v3["messages"]
             .as_array()
