@@ -528,15 +528,7 @@ async fn a_deleted_agent_is_not_ready_any_more() {
     // Gil holds a chat when he is deleted; Hal, ready since, gets it from the queue.
     let (sid, _) = start_session(&url, &tenant.api_key, json!({"nickname": "Ivy"})).await;
     let offer = ws_until(&mut gil, WAIT, |v| v["type"] == "offer").await;
-    ws_send(
-        &mut gil,
-        json!({"op": "accept", "conversation_id": sid, "offer_id": offer["offer_id"]}),
-    )
-    .await;
-    ws_until(&mut gil, WAIT, |v| {
-        v["type"] == "state" && v["state"] == "connected"
-    })
-    .await;
+    accept_offer(&mut gil, &sid, &offer).await;
     let (_, hal_token) = provision_agent(&admin, &tenant, "Hal", 2).await;
     let mut hal = agent_ready(&system.edge_b.url, &hal_token).await;
     let r = admin
@@ -1808,15 +1800,7 @@ async fn transfer_to_an_agent_and_to_a_queue() {
     .await;
     // Alice is the longest idle: she gets it and accepts.
     let offer = ws_until(&mut alice, WAIT, |v| v["type"] == "offer").await;
-    ws_send(
-        &mut alice,
-        json!({"op": "accept", "conversation_id": sid, "offer_id": offer["offer_id"]}),
-    )
-    .await;
-    ws_until(&mut alice, WAIT, |v| {
-        v["type"] == "state" && v["state"] == "connected"
-    })
-    .await;
+    accept_offer(&mut alice, &sid, &offer).await;
 
     // A queue that does not exist: refused, Alice keeps the chat.
     ws_send(&mut alice, json!({"op": "transfer", "conversation_id": sid, "queue_id": "01a21399-0000-7000-8000-000000000000"})).await;
@@ -2490,15 +2474,7 @@ impl Consulting {
         let customer = ws_connect(&stream).await;
         // Alice (ready first, longest idle) takes it.
         let offer = ws_until(&mut alice, WAIT, |v| v["type"] == "offer").await;
-        ws_send(
-            &mut alice,
-            json!({"op": "accept", "conversation_id": sid, "offer_id": offer["offer_id"]}),
-        )
-        .await;
-        ws_until(&mut alice, WAIT, |v| {
-            v["type"] == "state" && v["state"] == "connected"
-        })
-        .await;
+        accept_offer(&mut alice, &sid, &offer).await;
         Consulting {
             tenant,
             a_token,
@@ -2718,15 +2694,7 @@ async fn consult_scenario(url: &str, other: &str) {
     // Invited again: a consultant's `complete` ends its part only.
     invite(&mut alice, &sid, &b_id).await;
     let offer = ws_until(&mut bob, WAIT, |v| v["type"] == "offer").await;
-    ws_send(
-        &mut bob,
-        json!({"op": "accept", "conversation_id": sid, "offer_id": offer["offer_id"]}),
-    )
-    .await;
-    ws_until(&mut bob, WAIT, |v| {
-        v["type"] == "state" && v["state"] == "connected"
-    })
-    .await;
+    accept_offer(&mut bob, &sid, &offer).await;
     ws_send(&mut bob, json!({"op": "complete", "conversation_id": sid})).await;
     ws_until(&mut bob, WAIT, |v| {
         v["type"] == "state" && v["state"] == "left"
@@ -2743,15 +2711,7 @@ async fn consult_scenario(url: &str, other: &str) {
     // Invited again and joined, then Alice completes: closed for both, both slots free.
     invite(&mut alice, &sid, &b_id).await;
     let offer = ws_until(&mut bob, WAIT, |v| v["type"] == "offer").await;
-    ws_send(
-        &mut bob,
-        json!({"op": "accept", "conversation_id": sid, "offer_id": offer["offer_id"]}),
-    )
-    .await;
-    ws_until(&mut bob, WAIT, |v| {
-        v["type"] == "state" && v["state"] == "connected"
-    })
-    .await;
+    accept_offer(&mut bob, &sid, &offer).await;
     assert_eq!(active(&b_token).await, 1);
     ws_send(
         &mut alice,
@@ -2911,15 +2871,7 @@ async fn private_consult_scenario(url: &str, other: &str) {
         (json!(true), json!("agents")),
         "{offer}"
     );
-    ws_send(
-        &mut bob,
-        json!({"op": "accept", "conversation_id": sid, "offer_id": offer["offer_id"]}),
-    )
-    .await;
-    ws_until(&mut bob, WAIT, |v| {
-        v["type"] == "state" && v["state"] == "connected"
-    })
-    .await;
+    accept_offer(&mut bob, &sid, &offer).await;
     let joined = ws_until(&mut alice, WAIT, |v| {
         transcript_frame(v, "ParticipantJoined") && v["from"]["nickname"] == "bob"
     })

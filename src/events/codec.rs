@@ -132,17 +132,9 @@ impl Registry {
             _ => return Err(invalid("envelope", "schema has no envelope")),
         };
         write_envelope(env, &event.envelope, out)?;
-        if left_out.iter().any(|(k, _)| event.body.contains_key(k)) {
-            // Those fields hold their defaults (see `writer_for`): the older schema has none.
-            let body: Map<String, Value> = event
-                .body
-                .iter()
-                .filter(|(k, _)| !left_out.iter().any(|(l, _)| l == *k))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            return json::write_record_fields(record, 1, &body, &Path::Root("body"), out);
-        }
-        json::write_record_fields(record, 1, &event.body, &Path::Root("body"), out)
+        // Keys of the fields `left_out` hold their defaults (see `writer_for`): not written.
+        let body = &Path::Root("body");
+        json::write_record_fields(record, 1, &event.body, body, out, left_out)
     }
 
     /// Decodes a payload with this registry (see [`decode`]).

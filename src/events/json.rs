@@ -57,17 +57,19 @@ const MATCH_ON_STACK: usize = 32;
 
 /// Writes the fields of `record` (from `skip` on) from a JSON object: a missing field takes its
 /// default, a missing field without default or a key the schema lacks is an error (reported
-/// after the fields' own errors, in schema order).
+/// after the fields' own errors, in schema order), but for keys in `ignore` (fields of a later
+/// version holding their defaults, when an earlier one is written: see `Registry::writer_for`).
 pub(crate) fn write_record_fields(
     record: &RecordNode,
     skip: usize,
     obj: &Map<String, Value>,
     path: &Path<'_>,
     out: &mut Vec<u8>,
+    ignore: &[(String, Value)],
 ) -> Result<(), EncodeError> {
     let fields = record.fields.get(skip..).unwrap_or_default();
     if record.fields.len() > MATCH_ON_STACK {
-        return write_looked_up(record, fields, obj, path, out);
+        return write_looked_up(record, fields, obj, path, out, ignore);
     }
     let mut values: [Option<&Value>; MATCH_ON_STACK] = [None; MATCH_ON_STACK];
     let mut unknown = None;
@@ -98,6 +100,7 @@ pub(crate) fn write_record_fields(
         });
         match at.map(|i| record.by_name[i]).filter(|&i| i >= skip) {
             Some(i) => values[i] = Some(v),
+            None if ignored(ignore, k) => {}
             None => {
                 unknown.get_or_insert(k);
             }
@@ -119,6 +122,7 @@ fn write_looked_up(
     obj: &Map<String, Value>,
     path: &Path<'_>,
     out: &mut Vec<u8>,
+    ignore: &[(String, Value)],
 ) -> Result<(), EncodeError> {
     let mut seen = 0usize;
     for field in fields {
@@ -129,12 +133,16 @@ fn write_looked_up(
     if seen != obj.len() {
         if let Some(k) = obj
             .keys()
-            .find(|k| !fields.iter().any(|f: &FieldNode| &f.name == *k))
+            .find(|k| !fields.iter().any(|f: &FieldNode| &f.name == *k) && !ignored(ignore, k))
         {
             return Err(Path::Field(path, k).err(format!("unknown field (not in {})", record.name)));
         }
     }
     Ok(())
+}
+
+fn ignored(ignore: &[(String, Value)], key: &str) -> bool {
+    ignore.iter().any(|(k, _)| k == key)
 }
 
 /// Writes one field's value, or its default when the object lacks it.
@@ -256,7 +264,7 @@ pub(crate) fn write_value(
             }
             out.push(0);
         }
-        (Node::Record(r), Value::Object(m)) => write_record_fields(r, 0, m, path, out)?,
+        (Node::Record(r), Value::Object(m)) => write_record_fields(r, 0, m, path, out, &[])?,
         (Node::Union(branches), v) => write_union(branches, v, path, out)?,
         (node, v) => {
             return Err(path.err(format!("expected {}, got {}", describe(node), json_kind(v))))

@@ -532,6 +532,19 @@ pub async fn ws_frames_until(
     }
 }
 
+/// Accepts `offer` of conversation `sid` on the agent's socket and waits until it is connected.
+pub async fn accept_offer(ws: &mut Ws, sid: &str, offer: &Value) {
+    ws_send(
+        ws,
+        serde_json::json!({"op": "accept", "conversation_id": sid, "offer_id": offer["offer_id"]}),
+    )
+    .await;
+    ws_until(ws, Duration::from_secs(20), |v| {
+        v["type"] == "state" && v["state"] == "connected"
+    })
+    .await;
+}
+
 pub async fn ws_send(ws: &mut Ws, v: Value) {
     ws.send(WsMessage::Text(v.to_string().into()))
         .await
