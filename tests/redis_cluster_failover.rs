@@ -35,8 +35,17 @@ const ENTRIES: usize = 50;
 /// Longest a writer keeps retrying one entry: far beyond a failover (about 2 node timeouts).
 const RETRY_FOR: Duration = Duration::from_secs(90);
 
-/// Ports `p` free with `p + 10000` (each node's cluster bus) free too, all distinct.
+/// Every port this process handed to a node: the tests run side by side, and the system can
+/// give two of them the same free port before either node binds it (a node then joins the
+/// other test's cluster).
+static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
+/// Ports `p` free with `p + 10000` (each node's cluster bus) free too, all distinct, none
+/// handed out before in this process.
 fn node_ports(n: usize) -> Vec<u16> {
+    let mut handed = HANDED_OUT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut ports: Vec<u16> = Vec::new();
     while ports.len() < n {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -44,6 +53,7 @@ fn node_ports(n: usize) -> Vec<u16> {
         let taken = |p: u16| {
             ports
                 .iter()
+                .chain(handed.iter())
                 .any(|q| *q == p || *q + 10_000 == p || p + 10_000 == *q)
         };
         if port < 55_000 && !taken(port) && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
@@ -51,6 +61,7 @@ fn node_ports(n: usize) -> Vec<u16> {
             ports.push(port);
         }
     }
+    handed.extend(&ports);
     ports
 }
 
