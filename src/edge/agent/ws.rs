@@ -9,7 +9,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -21,7 +21,7 @@ use super::{
     do_typing,
 };
 use crate::edge::hub::Push;
-use crate::edge::socket::{close, send_text, Liveness};
+use crate::edge::socket::{close, send_text, Liveness, SEND_TIMEOUT};
 use crate::edge::{ApiError, AppState};
 use crate::stores::provisioning::{Agent, AuthError};
 use crate::workers::conversation::notify::entry_json;
@@ -44,8 +44,18 @@ pub async fn websocket(
         None => super::bearer(&headers)?.to_string(),
     };
     let agent = crate::edge::auth::agent(&state, &token).await?;
-    // A request is a small JSON object: the HTTP body limit bounds it here too.
-    let ws = state.socket(ws?);
+    // A request is a small JSON object: the HTTP body limit bounds it here too. The socket
+    // reads frames up to `READ_LIMIT_FACTOR` times that, so one above the limit is answered
+    // (`PAYLOAD_TOO_LARGE`, as HTTP's 413) rather than ending the socket with a reset.
+    let read_limit = state
+        .config
+        .http
+        .max_body_bytes
+        .saturating_mul(READ_LIMIT_FACTOR);
+    let ws = state
+        .socket(ws?)
+        .max_message_size(read_limit)
+        .max_frame_size(read_limit);
     let open = state.sockets.enter();
     Ok(ws.on_upgrade(move |socket| async move {
         let _open = open;
@@ -55,6 +65,10 @@ pub async fn websocket(
 
 /// WebSocket close code when the agent's token stops being valid (rotated, agent deleted).
 const TOKEN_REVOKED_CLOSE: u16 = 4001;
+
+/// How many times `http.max_body_bytes` the socket reads of one frame: a frame up to this is
+/// refused with an error frame; past it the socket cannot read it and ends.
+const READ_LIMIT_FACTOR: usize = 4;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,9 +85,53 @@ struct Request {
     queue_id: Option<String>,
     agent_id: Option<String>,
     reason_code: Option<String>,
-    #[serde(default)]
-    capacity: BTreeMap<String, u32>,
+    capacity: Option<BTreeMap<String, u32>>,
     visibility: Option<String>,
+}
+
+impl Request {
+    /// The first field given that the op's HTTP request has no place for: HTTP refuses it
+    /// (`deny_unknown_fields`), so the socket does too rather than drop it unread (a
+    /// `text` on a typing, a `visibility` on a transfer). `None` for an unknown op, which
+    /// `run` refuses.
+    fn foreign_field(&self) -> Option<&'static str> {
+        let allowed = fields_of(&self.op)?;
+        let given = [
+            ("conversation_id", self.conversation_id.is_some()),
+            ("offer_id", self.offer_id.is_some()),
+            ("text", self.text.is_some()),
+            ("message_id", self.message_id.is_some()),
+            ("state", self.state.is_some()),
+            ("disposition", self.disposition.is_some()),
+            ("note", self.note.is_some()),
+            ("queue_id", self.queue_id.is_some()),
+            ("agent_id", self.agent_id.is_some()),
+            ("reason_code", self.reason_code.is_some()),
+            ("capacity", self.capacity.is_some()),
+            ("visibility", self.visibility.is_some()),
+        ];
+        given
+            .into_iter()
+            .find(|(name, set)| *set && !allowed.contains(name))
+            .map(|(name, _)| name)
+    }
+}
+
+/// The fields of each op besides `op` and `request_id`: those of its HTTP request, plus the
+/// conversation the HTTP path names.
+fn fields_of(op: &str) -> Option<&'static [&'static str]> {
+    Some(match op {
+        // `reason_code` with `ready` is refused as over HTTP (INVALID_FIELD).
+        "ready" | "not_ready" => &["reason_code", "capacity"],
+        "accept" | "reject" => &["conversation_id", "offer_id"],
+        "reply" => &["conversation_id", "text", "message_id", "visibility"],
+        "typing" => &["conversation_id", "state"],
+        "complete" => &["conversation_id", "disposition", "note"],
+        "transfer" => &["conversation_id", "queue_id", "agent_id", "note"],
+        "consult" => &["conversation_id", "agent_id", "note", "visibility"],
+        "leave" => &["conversation_id"],
+        _ => return None,
+    })
 }
 
 async fn serve(mut socket: WebSocket, state: AppState, mut agent: Agent, token: String) {
@@ -151,20 +209,24 @@ async fn serve(mut socket: WebSocket, state: AppState, mut agent: Agent, token: 
                 }
                 match incoming {
                 Some(Ok(WsMessage::Text(text))) => {
-                    let answer = handle(&state, &agent, text.as_str()).await;
+                    let answer = handle(&state, &agent, text.as_bytes()).await;
                     if !send_text(&mut socket, answer.to_string()).await {
                         return;
                     }
                 }
-                // A request sent as a binary frame is answered too (UTF-8 JSON, as a text one).
+                // A request sent as a binary frame is answered too (UTF-8 JSON, as a text one;
+                // bytes that are not UTF-8 are refused as an HTTP body's are).
                 Some(Ok(WsMessage::Binary(bytes))) => {
-                    let text = String::from_utf8_lossy(&bytes);
-                    let answer = handle(&state, &agent, &text).await;
+                    let answer = handle(&state, &agent, &bytes).await;
                     if !send_text(&mut socket, answer.to_string()).await {
                         return;
                     }
                 }
-                Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(WsMessage::Close(_))) => {
+                    finish_close(&mut socket).await;
+                    return;
+                }
+                None | Some(Err(_)) => return,
                 Some(Ok(_)) => {}
                 }
             }
@@ -220,17 +282,18 @@ async fn forward(
     send_text(socket, push.data.to_string()).await
 }
 
-async fn handle(state: &AppState, agent: &Agent, text: &str) -> Value {
-    let request: Request = match serde_json::from_str(text) {
+/// Sends the close reply tungstenite queued on the desk's close: dropped unsent, the desk
+/// sees the connection reset instead of a closing handshake (a browser: 1006, not clean).
+async fn finish_close(socket: &mut WebSocket) {
+    use futures::SinkExt;
+    let _ = tokio::time::timeout(SEND_TIMEOUT, socket.flush()).await;
+}
+
+async fn handle(state: &AppState, agent: &Agent, frame: &[u8]) -> Value {
+    let request = match parse(frame, state.config.http.max_body_bytes) {
         Ok(r) => r,
-        Err(e) => {
-            let e = crate::edge::chat::body_error(&e);
-            // A request that does not decode is still answered with its `request_id`, if it
-            // is a JSON object that has one (whatever its type), so the desk can match it.
-            let id = serde_json::from_str::<Value>(text)
-                .ok()
-                .and_then(|v| v.get("request_id").cloned());
-            return json!({"type": "error", "request_id": id, "code": e.code, "message": e.message});
+        Err((id, e)) => {
+            return json!({"type": "error", "request_id": id, "code": e.code, "message": e.message})
         }
     };
     let id = request.request_id.clone();
@@ -243,6 +306,36 @@ async fn handle(state: &AppState, agent: &Agent, text: &str) -> Value {
     }
 }
 
+/// The request of a frame; a refusal carries the frame's `request_id`, if it is a JSON object
+/// that has one (whatever its type), so the desk can match it.
+fn parse(frame: &[u8], max_bytes: usize) -> Result<Request, (Option<Value>, ApiError)> {
+    let request_id = || {
+        serde_json::from_slice::<Value>(frame)
+            .ok()
+            .and_then(|v| v.get("request_id").cloned())
+    };
+    if frame.len() > max_bytes {
+        // Not parsed: reading its id would cost what the limit is there to bound.
+        let e = ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+            format!("a request is at most {max_bytes} bytes (http.max_body_bytes)"),
+        );
+        return Err((None, e));
+    }
+    // Bytes, not text: a binary frame that is not UTF-8 is refused as an HTTP body is.
+    let request: Request = serde_json::from_slice(frame)
+        .map_err(|e| (request_id(), crate::edge::chat::body_error(&e)))?;
+    if let Some(field) = request.foreign_field() {
+        let e = ApiError::bad_request(
+            "INVALID_BODY",
+            format!("body: unknown field `{field}` for op `{}`", request.op),
+        );
+        return Err((request.request_id.map(Value::String), e));
+    }
+    Ok(request)
+}
+
 fn need(v: Option<String>, name: &str) -> Result<String, ApiError> {
     v.ok_or_else(|| ApiError::bad_request("INVALID_FIELD", format!("`{name}` is required")))
 }
@@ -250,7 +343,8 @@ fn need(v: Option<String>, name: &str) -> Result<String, ApiError> {
 async fn run(state: &AppState, agent: &Agent, r: Request) -> Result<Value, ApiError> {
     match r.op.as_str() {
         op @ ("ready" | "not_ready") => {
-            do_set_state(state, agent, op == "ready", r.reason_code, r.capacity)
+            let capacity = r.capacity.unwrap_or_default();
+            do_set_state(state, agent, op == "ready", r.reason_code, capacity)
                 .await
                 .map(|_| Value::Null)
         }
