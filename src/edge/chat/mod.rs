@@ -91,6 +91,12 @@ pub fn routes(max_file_bytes: usize) -> Router<AppState> {
             "/genesys/2/chat/{service}/{chat_id}/{op}",
             post(v2::operation),
         )
+        // A widget configured with the service URL's accepted trailing slash appends
+        // `/{chatId}/{op}` to it: its chat must go on past the start.
+        .route(
+            "/genesys/2/chat/{service}//{chat_id}/{op}",
+            post(v2::operation),
+        )
         .method_not_allowed_fallback(v2_method_not_allowed)
         .route_layer(middleware::from_fn(v2_plain_path));
     v3.merge(v2)

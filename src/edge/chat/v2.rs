@@ -24,9 +24,9 @@ use crate::stores::session::{Entry, EntryKind, PartyKind};
 /// The chat server alias v2 clients echo back.
 pub const ALIAS: &str = "nexus";
 
-/// A v2 error answer: the v2 body (`statusCode` 2 with `errors`, `chatEnded`, `nextPosition`
-/// and no `messages`) with the HTTP status of the error. Every v2 answer has those fields, so a
-/// poller keeps its position through an error, a store outage included.
+/// A v2 error answer: the v2 body (`statusCode` 2, or 1 for a 5xx, with `errors`, `chatEnded`,
+/// `nextPosition` and no `messages`) with the HTTP status of the error. Every v2 answer has
+/// those fields, so a poller keeps its position through an error, a store outage included.
 pub struct V2Error {
     error: ApiError,
     /// The request's `transcriptPosition` (1 when it had none or it was not read).
@@ -57,7 +57,7 @@ impl IntoResponse for V2Error {
             e.message
         };
         let mut body = json!({
-            "statusCode": 2,
+            "statusCode": error_status_code(e.status),
             "chatEnded": e.code == "SESSION_CLOSED" || e.code == SESSION_ENDED,
             "nextPosition": self.next_position,
             "messages": [],
@@ -71,6 +71,22 @@ impl IntoResponse for V2Error {
         }
         body["errors"] = json!([{"code": e.code, "advice": advice}]);
         (e.status, Json(body)).into_response()
+    }
+}
+
+/// `statusCode` of a v2 error answer that the client should retry: the service failed, not
+/// the request (Genesys: "the request was unsuccessful; retry").
+const STATUS_RETRY: u8 = 1;
+/// `statusCode` of an unrecoverable v2 error: v2 clients end the chat session on it.
+const STATUS_FAILED: u8 = 2;
+
+/// The `statusCode` of an error answer. A widget ends the chat on 2, so a passing outage (a
+/// 5xx: store or bus unreachable) is 1, which it retries, keeping its chat and position.
+fn error_status_code(status: StatusCode) -> u8 {
+    if status.is_server_error() {
+        STATUS_RETRY
+    } else {
+        STATUS_FAILED
     }
 }
 
@@ -333,7 +349,7 @@ async fn run(
                     "readReceipt needs the transcriptPosition of the message read",
                 ));
             }
-            customer_read(state, claims, from, PastEnd::ReadAll, tp).await?
+            customer_read(state, claims, receipt_position(from), PastEnd::ReadAll, tp).await?
         }
         other => {
             return Err(ApiError::not_found(
@@ -346,6 +362,16 @@ async fn run(
         return answer(state, claims, from, json!({})).await;
     }
     Ok(answer_after_write(state, claims, from, json!({})).await)
+}
+
+/// The largest position a transcript can have (the store counts in `i64`).
+const MAX_POSITION: u64 = i64::MAX as u64;
+
+/// The position a v2 read receipt names. Any position past the transcript's end marks its last
+/// entry read (clients echo `nextPosition`), so one past what a transcript can hold is no
+/// different: it is not a malformed field.
+fn receipt_position(position: u64) -> u64 {
+    position.min(MAX_POSITION)
 }
 
 /// The answer to an operation that already published: its transcript part read if it can be,
