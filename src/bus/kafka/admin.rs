@@ -12,7 +12,7 @@ use rdkafka::admin::{
     TopicReplication,
 };
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tracing::{info, warn};
 
@@ -34,6 +34,22 @@ fn admin_options() -> AdminOptions {
         .request_timeout(Some(REQUEST_TIMEOUT))
         .operation_timeout(Some(REQUEST_TIMEOUT))
 }
+
+/// Maps the error of an admin request about `topic`, naming the topic and the Kafka operation:
+/// a broker without the API (Tansu 0.6: no CreatePartitions, no AlterConfigs) refuses the whole
+/// request, and [`map_err`] alone would only say "admin operation".
+fn admin_err<'a>(topic: &'a str, operation: &'a str) -> impl FnOnce(KafkaError) -> BusError + 'a {
+    move |e| match e {
+        KafkaError::AdminOp(code) => map_code(code, &admin_context(topic, operation)),
+        other => map_err(other).into(),
+    }
+}
+
+fn admin_context(topic: &str, operation: &str) -> String {
+    format!("{operation} on topic `{topic}`")
+}
+
+const CREATE_TOPIC: &str = "create topic (CreateTopics)";
 
 /// Retention as Kafka writes it: milliseconds, -1 for forever.
 fn retention_ms(retention: Option<Duration>) -> String {
@@ -118,7 +134,7 @@ pub(super) async fn apply_topic(bus: &KafkaBus, spec: &TopicSpec) -> Result<(), 
                 .admin
                 .create_topics(&[new], &admin_options())
                 .await
-                .map_err(map_err)?;
+                .map_err(admin_err(&spec.name, CREATE_TOPIC))?;
             match results.into_iter().next() {
                 Some(Ok(_)) | None => {
                     info!(topic = %spec.name, partitions, retention = %retention, "topic created");
@@ -131,7 +147,9 @@ pub(super) async fn apply_topic(bus: &KafkaBus, spec: &TopicSpec) -> Result<(), 
                         .await?
                         .ok_or_else(|| BusError::UnknownTopic(spec.name.clone()))?
                 }
-                Some(Err((_, code))) => return Err(map_code(code, "create topic")),
+                Some(Err((_, code))) => {
+                    return Err(map_code(code, &admin_context(&spec.name, CREATE_TOPIC)))
+                }
             }
         }
     };
@@ -143,13 +161,14 @@ pub(super) async fn apply_topic(bus: &KafkaBus, spec: &TopicSpec) -> Result<(), 
     }
     if spec.partitions > current {
         let grow = NewPartitions::new(&spec.name, spec.partitions as usize);
+        const OPERATION: &str = "add partitions (CreatePartitions)";
         let results = bus
             .admin
             .create_partitions(&[grow], &admin_options())
             .await
-            .map_err(map_err)?;
+            .map_err(admin_err(&spec.name, OPERATION))?;
         if let Some(Err((_, code))) = results.into_iter().next() {
-            return Err(map_code(code, "add partitions"));
+            return Err(map_code(code, &admin_context(&spec.name, OPERATION)));
         }
         info!(topic = %spec.name, from = current, to = spec.partitions, "partitions added");
         wait_for_partitions(bus, &spec.name, spec.partitions).await?;
@@ -170,13 +189,14 @@ pub(super) async fn apply_topic(bus: &KafkaBus, spec: &TopicSpec) -> Result<(), 
             }
         }
         alter = alter.set(RETENTION_MS, &retention);
+        const OPERATION: &str = "set retention (AlterConfigs)";
         let results = bus
             .admin
             .alter_configs([&alter], &admin_options())
             .await
-            .map_err(map_err)?;
+            .map_err(admin_err(&spec.name, OPERATION))?;
         if let Some(Err((_, code))) = results.into_iter().next() {
-            return Err(map_code(code, "set retention"));
+            return Err(map_code(code, &admin_context(&spec.name, OPERATION)));
         }
         info!(topic = %spec.name, retention = %retention, "retention set");
     }
