@@ -1766,6 +1766,7 @@ impl ConversationWorker {
     /// A connected agent hands the conversation to a queue or a named agent: the agent leaves,
     /// the conversation waits again and is offered (to that agent only, for a named one).
     pub(super) async fn on_transfer(&self, e: &Event, b: ev::TransferRequested) -> Step {
+        // None: closed, gone, or this request applied before (see `withdraw_consult`).
         let Some(mut c) = self.open_conversation(e).await? else {
             return self.withdraw_consult(e, &b).await;
         };
@@ -1974,13 +1975,23 @@ impl ConversationWorker {
     /// A consult request met a closed (or gone) conversation. Its first try may have pushed the
     /// invitation and then lost its save to the close, which, reading the holders before,
     /// named no invitee: the invitation is withdrawn by its id (a desk that never got it
-    /// ignores this).
+    /// ignores this). A request that finds the conversation open was applied before (a
+    /// redelivery): its invitation stands, or was answered since, and is left alone.
     async fn withdraw_consult(&self, e: &Event, b: &ev::TransferRequested) -> Step {
         let consult = matches!(
             b.mode,
             ev::TransferMode::Conference | ev::TransferMode::Consult
         );
         if !consult || b.target_kind != ev::TargetKind::Agent {
+            return Ok(());
+        }
+        // Closed after this read: the close tells the invitee it named (`closed`).
+        let open = self
+            .load(e)
+            .await?
+            .is_some_and(|c| c.state != ConversationState::Closed);
+        if open {
+            debug!(conversation_id = %e.envelope.conversation_id, "a consult request applied before; skipped");
             return Ok(());
         }
         let offer_id = crate::events::chat::derived_id(&e.envelope.event_id, "consult").to_string();

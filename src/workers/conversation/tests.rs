@@ -2000,3 +2000,54 @@ async fn a_lapse_applied_again_keeps_the_agents_ready() {
         .expect("lapse applied again");
     assert!(ready(&rig).await, "the agent's ready stands");
 }
+
+/// The `offer_closed` pushes to `agent` on the delivery topic.
+async fn offers_closed_to(rig: &Rig, agent: &str) -> Vec<serde_json::Value> {
+    rig.events(DELIVERY_TOPIC)
+        .await
+        .iter()
+        .filter_map(|e| e.body_as::<chat::ClientEvent>().ok())
+        .filter(|c| c.kind == chat::ClientEventKind::OfferClosed && c.to_agents == [agent])
+        .filter_map(|c| serde_json::from_str(&c.data).ok())
+        .collect()
+}
+
+/// A consult request redelivered after it was applied (at-least-once: the ack was lost) is
+/// skipped: it must not withdraw from the consultant's desk the invitation it made, which the
+/// record still holds open (the consultant could no longer accept it).
+#[tokio::test]
+async fn a_redelivered_consult_request_keeps_its_invitation() {
+    let rig = rig().await;
+    rig.create_interaction_topic().await;
+    let bob = rig.agent("Bob").await;
+    rig.connect_alice().await;
+    rig.ready(&bob, true).await;
+    let consult = alice_transfers(&bob, chat::TransferMode::Conference);
+    let e = rig.event(&consult);
+    rig.worker
+        .on_transfer(&e, consult.clone())
+        .await
+        .expect("invited");
+    let invited = rig.record().await;
+    assert_eq!(
+        invited.routing.consult_invited.as_deref(),
+        Some(bob.as_str())
+    );
+    rig.worker
+        .on_transfer(&e, consult)
+        .await
+        .expect("redelivered");
+    assert_eq!(
+        offers_closed_to(&rig, &bob).await,
+        Vec::<serde_json::Value>::new(),
+        "the live invitation was withdrawn from the consultant's desk"
+    );
+    let c = rig.record().await;
+    assert_eq!(c.routing.consult_invited.as_deref(), Some(bob.as_str()));
+    assert_eq!(c.version, invited.version, "nothing applied twice");
+    assert_eq!(
+        rig.holders().await.len(),
+        2,
+        "alice and bob hold their slots"
+    );
+}
