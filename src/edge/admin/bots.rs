@@ -8,25 +8,20 @@ use axum::Json;
 
 use super::{Body, Listing};
 use crate::edge::{ApiError, AppState};
-use crate::http_client::target::{self, TargetError};
 use crate::stores::provisioning::{BotEndpoint, BotPatch, BotToken, CreatedBot, NewBot, Page};
 
-/// Refuses a bot URL in a private, loopback or link-local range (the conversation worker
-/// posts transcripts to it from inside the cluster) unless
-/// `workers.conversation.allow_private_bots`. A URL that does not parse is left to the
-/// store's field check (400 `INVALID_FIELD`).
+/// Refuses a bot URL the store would refuse, or in a private, loopback or link-local range
+/// (the conversation worker posts transcripts to it from inside the cluster) unless
+/// `workers.conversation.allow_private_bots`.
 async fn check_target(state: &AppState, url: &str) -> Result<(), ApiError> {
-    if reqwest::Url::parse(url).is_err() {
-        return Ok(());
-    }
     let allow = state.config.workers.conversation.allow_private_bots;
-    target::check_url(url, allow).await.map_err(|e| match e {
-        TargetError::BadUrl(_) => ApiError::bad_request("INVALID_FIELD", e.to_string()),
-        TargetError::Private(_) => ApiError::bad_request(
-            "BOT_TARGET_PRIVATE",
-            format!("`url`: {e} (workers.conversation.allow_private_bots allows it)"),
-        ),
-    })
+    super::check_target(
+        url,
+        allow,
+        "BOT_TARGET_PRIVATE",
+        " (workers.conversation.allow_private_bots allows it)",
+    )
+    .await
 }
 
 pub async fn create(

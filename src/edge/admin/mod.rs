@@ -144,10 +144,107 @@ pub(crate) async fn require_admin(
 }
 
 /// A JSON body whose rejections (malformed JSON, unknown or missing fields) answer as
-/// [`ApiError`]s.
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// [`ApiError`]s, their message [`clipped`]: serde quotes the refused field name or value whole.
 pub struct Body<T>(pub T);
+
+impl<T, S> FromRequest<S> for Body<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        match axum::Json::<T>::from_request(request, state).await {
+            Ok(axum::Json(value)) => Ok(Self(value)),
+            Err(rejection) => {
+                let mut e = ApiError::from(rejection);
+                e.message = clipped(&e.message);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Most characters of a refused value an error message quotes (README, "Errors").
+const MAX_QUOTED: usize = 64;
+/// Longest error message: a backstop for values spread over many short words.
+const MAX_MESSAGE: usize = 1024;
+
+/// `message` with every quoted part (between backticks or double quotes) and every other run
+/// of non-blank characters (a JSON path naming a map key) cut after [`MAX_QUOTED`] characters.
+pub(crate) fn clipped(message: &str) -> String {
+    let mut out = String::new();
+    // The quote being read, if any, and how many characters of the current part were seen.
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    let mut part = 0usize;
+    let mut written = 0usize;
+    for c in message.chars() {
+        if written >= MAX_MESSAGE {
+            out.push('…');
+            return out;
+        }
+        let ends = match quote {
+            Some(q) => c == q && !escaped,
+            None => c.is_whitespace() || c == '`' || c == '"',
+        };
+        escaped = quote == Some('"') && c == '\\' && !escaped;
+        if ends {
+            if part > MAX_QUOTED {
+                out.push('…');
+            }
+            part = 0;
+            quote = match quote {
+                Some(_) => None,
+                None if c == '`' || c == '"' => Some(c),
+                None => None,
+            };
+            out.push(c);
+            written += 1;
+            continue;
+        }
+        part += 1;
+        if part <= MAX_QUOTED {
+            out.push(c);
+            written += 1;
+        }
+    }
+    if part > MAX_QUOTED {
+        out.push('…');
+    }
+    out
+}
+
+/// Checks the `url` field as the store will, then its target (resolving its host) unless
+/// `allow_private`: a value the store refuses answers the store's `INVALID_FIELD`, whose
+/// message quotes at most 64 characters of it, rather than the target check's, which quotes
+/// the URL whole. A private target answers `private` (the code), `hint` appended.
+async fn check_target(
+    url: &str,
+    allow_private: bool,
+    private: &'static str,
+    hint: &str,
+) -> Result<(), ApiError> {
+    use crate::http_client::target::{self, TargetError};
+    crate::stores::provisioning::validate_url(url)?;
+    target::check_url(url, allow_private)
+        .await
+        .map_err(|e| match e {
+            TargetError::BadUrl(_) => ApiError::bad_request(
+                "INVALID_FIELD",
+                "`url` must be an http:// or https:// URL with a host",
+            ),
+            // The host is at most the field's length: quoted clipped too.
+            TargetError::Private(target) => ApiError::bad_request(
+                private,
+                format!(
+                    "`url`: the target {} is in a private, loopback or link-local range{hint}",
+                    clipped(&target)
+                ),
+            ),
+        })
+}
 
 /// `?limit=&after=` of a list.
 #[derive(Debug, Deserialize)]
@@ -191,5 +288,31 @@ impl From<ProvisioningError> for ApiError {
             }
             ProvisioningError::Unavailable(_) => ApiError::unavailable(e.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clipped;
+
+    #[test]
+    fn clipped_cuts_every_quoted_part_and_long_word_after_64_characters() {
+        let long = "A".repeat(300);
+        for message in [
+            format!("unknown field `{long}`, expected `name`"),
+            format!("invalid type: string \"{long}\", expected a boolean"),
+            format!("invalid type: string \"x\\\"{long}\", expected a boolean"),
+            format!("capacity.{long}: invalid value: integer `-1`, expected u32"),
+            format!("unterminated `{long}"),
+        ] {
+            let out = clipped(&message);
+            assert!(!out.contains(&"A".repeat(65)), "{out}");
+            assert!(out.contains(&"A".repeat(50)), "{out}");
+            assert!(out.contains('…'), "{out}");
+        }
+        let short = "unknown field `colour`, expected `name`";
+        assert_eq!(clipped(short), short);
+        let spread = "A ".repeat(5000);
+        assert!(clipped(&spread).chars().count() <= 1025);
     }
 }

@@ -14,7 +14,6 @@ use serde::{Deserialize, Serialize};
 use super::Body;
 use crate::edge::{ApiError, AppState};
 use crate::events::webhook::{WebhookMessageDead, WEBHOOK_DEAD_TOPIC};
-use crate::http_client::target::{self, TargetError};
 use crate::stores::provisioning::{
     CreatedWebhook, NewWebhook, Object, Page, PageRequest, ProvisioningError, SecretRotation,
     Webhook, WebhookEvent, WebhookPatch, WebhookSecret,
@@ -37,17 +36,6 @@ impl From<StoreError> for ApiError {
     }
 }
 
-impl From<TargetError> for ApiError {
-    fn from(e: TargetError) -> Self {
-        match e {
-            TargetError::BadUrl(_) => ApiError::bad_request("INVALID_FIELD", e.to_string()),
-            TargetError::Private(_) => {
-                ApiError::bad_request("WEBHOOK_TARGET_PRIVATE", format!("`url`: {e}"))
-            }
-        }
-    }
-}
-
 fn store(state: &AppState) -> MessageStore {
     MessageStore::new(state.provisioning.pool().clone(), state.provisioning.kind())
 }
@@ -56,9 +44,11 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// Refuses a URL the store would refuse, or in an internal range unless
+/// `workers.webhooks.allow_private_targets`.
 async fn check_target(state: &AppState, url: &str) -> Result<(), ApiError> {
     let allow = state.config.workers.webhooks.allow_private_targets;
-    Ok(target::check_url(url, allow).await?)
+    super::check_target(url, allow, "WEBHOOK_TARGET_PRIVATE", "").await
 }
 
 pub async fn create(
@@ -66,11 +56,8 @@ pub async fn create(
     Path(tenant): Path<String>,
     Body(new): Body<NewWebhook>,
 ) -> Result<(StatusCode, Json<CreatedWebhook>), ApiError> {
-    // Field validation first, so a malformed URL answers INVALID_FIELD.
     state.provisioning.tenant(&tenant).await?;
-    if reqwest::Url::parse(&new.url).is_ok() {
-        check_target(&state, &new.url).await?;
-    }
+    check_target(&state, &new.url).await?;
     let created = state.provisioning.create_webhook(&tenant, new).await?;
     Ok((StatusCode::CREATED, Json(created)))
 }
@@ -100,9 +87,7 @@ pub async fn update(
 ) -> Result<Json<Webhook>, ApiError> {
     state.provisioning.webhook(&tenant, &id).await?;
     if let Some(url) = &patch.url {
-        if reqwest::Url::parse(url).is_ok() {
-            check_target(&state, url).await?;
-        }
+        check_target(&state, url).await?;
     }
     Ok(Json(
         state

@@ -29,8 +29,14 @@ fn from_row(row: &AnyRow) -> Result<Agent, ProvisioningError> {
     })
 }
 
+/// A name is quoted as errors quote values: at most 64 characters of it.
 fn duplicate(name: &str) -> impl FnOnce() -> String + '_ {
-    move || format!("an agent named `{name}` already exists in this tenant")
+    move || {
+        format!(
+            "an agent named `{}` already exists in this tenant",
+            models::shown(name)
+        )
+    }
 }
 
 impl Provisioning {
@@ -81,7 +87,15 @@ impl Provisioning {
         page: &PageRequest,
     ) -> Result<Page<Agent>, ProvisioningError> {
         self.tenant(tenant_id).await?;
-        sql::page(&self.pool, SELECT, Some(tenant_id), page, from_row).await
+        sql::page(
+            &self.pool,
+            "agents",
+            SELECT,
+            Some(tenant_id),
+            page,
+            from_row,
+        )
+        .await
     }
 
     pub async fn update_agent(

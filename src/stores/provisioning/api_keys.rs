@@ -85,7 +85,15 @@ impl Provisioning {
         page: &PageRequest,
     ) -> Result<Page<ApiKey>, ProvisioningError> {
         self.tenant(tenant_id).await?;
-        sql::page(&self.pool, SELECT, Some(tenant_id), page, from_row).await
+        sql::page(
+            &self.pool,
+            "api_keys",
+            SELECT,
+            Some(tenant_id),
+            page,
+            from_row,
+        )
+        .await
     }
 
     pub async fn update_api_key(

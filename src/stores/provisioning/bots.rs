@@ -34,8 +34,14 @@ fn aad(tenant_id: &str, bot_id: &str) -> String {
     format!("nexus/bot/{tenant_id}/{bot_id}")
 }
 
+/// A name is quoted as errors quote values: at most 64 characters of it.
 fn duplicate(name: &str) -> impl FnOnce() -> String + '_ {
-    move || format!("a bot named `{name}` already exists in this tenant")
+    move || {
+        format!(
+            "a bot named `{}` already exists in this tenant",
+            models::shown(name)
+        )
+    }
 }
 
 fn referenced() -> String {
@@ -118,7 +124,7 @@ impl Provisioning {
         page: &PageRequest,
     ) -> Result<Page<BotEndpoint>, ProvisioningError> {
         self.tenant(tenant_id).await?;
-        sql::page(&self.pool, SELECT, Some(tenant_id), page, from_row).await
+        sql::page(&self.pool, "bots", SELECT, Some(tenant_id), page, from_row).await
     }
 
     /// Changes name, URL or credential (a new credential replaces the old one).

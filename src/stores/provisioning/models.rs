@@ -379,13 +379,42 @@ pub fn encode_cursor(id: &str) -> String {
     URL_SAFE_NO_PAD.encode(id.as_bytes())
 }
 
+/// Separates a cursor's list from its id (no id or list name holds a space).
+const SCOPE_SEPARATOR: char = ' ';
+
+/// The cursor after `id` in the list `scope` (its kind and, under a tenant, the tenant): a
+/// cursor is a position in one list only, so one handed to another list or tenant is refused
+/// rather than read as a position there, which would skip that list's items silently.
+pub(super) fn scoped_cursor(scope: &str, id: &str) -> String {
+    encode_cursor(&format!("{scope}{SCOPE_SEPARATOR}{id}"))
+}
+
+/// Longest decoded cursor: a list name, a tenant id and an id.
+const MAX_CURSOR: usize = 256;
+
 fn decode_cursor(cursor: &str) -> Result<String, ProvisioningError> {
     URL_SAFE_NO_PAD
         .decode(cursor)
         .ok()
         .and_then(|b| String::from_utf8(b).ok())
-        .filter(|id| !id.is_empty() && id.len() <= MAX_IDENT && !id.chars().any(char::is_control))
+        .filter(|id| !id.is_empty() && id.len() <= MAX_CURSOR && !id.chars().any(char::is_control))
         .ok_or_else(|| invalid("after", "is not a cursor this API returned"))
+}
+
+impl PageRequest {
+    /// The id the page of list `scope` starts after: `None` for the first page; the cursor must
+    /// be one that list returned ([`scoped_cursor`]).
+    pub(super) fn after_in(&self, scope: &str) -> Result<Option<&str>, ProvisioningError> {
+        let Some(cursor) = &self.after else {
+            return Ok(None);
+        };
+        cursor
+            .strip_prefix(scope)
+            .and_then(|rest| rest.strip_prefix(SCOPE_SEPARATOR))
+            .filter(|id| !id.is_empty())
+            .map(Some)
+            .ok_or_else(|| invalid("after", "is not a cursor of this list"))
+    }
 }
 
 // ---- validation -------------------------------------------------------------------------
@@ -525,7 +554,7 @@ pub(super) fn expiry(value: Option<i64>) -> Result<Option<i64>, ProvisioningErro
 
 /// An input echoed in an error: at most 64 characters of it, so a huge value does not come
 /// back whole.
-fn shown(value: &str) -> String {
+pub(super) fn shown(value: &str) -> String {
     const MAX: usize = 64;
     match value.char_indices().nth(MAX) {
         Some((cut, _)) => format!("{}…", &value[..cut]),
@@ -558,6 +587,12 @@ pub(super) fn url(value: &str) -> Result<String, ProvisioningError> {
     Ok(value.to_string())
 }
 
+/// Checks a URL as the store will (`INVALID_FIELD`, naming the field), for a caller that must
+/// judge its target afterwards: only a URL that passes is worth resolving.
+pub fn validate_url(value: &str) -> Result<(), ProvisioningError> {
+    url(value).map(|_| ())
+}
+
 pub(super) fn credential(value: &str) -> Result<(), ProvisioningError> {
     if value.is_empty() {
         return Err(invalid("credential", "must not be empty"));
@@ -587,6 +622,29 @@ mod tests {
             PageRequest::new(None, Some("!!")),
             Err(ProvisioningError::Invalid { field: "after", .. })
         ));
+    }
+
+    #[test]
+    fn a_cursor_belongs_to_its_list() {
+        let cursor = scoped_cursor("queues/t1", "0193a4b2-0000-7000-8000-000000000001");
+        let p = PageRequest::new(None, Some(&cursor)).expect("cursor");
+        assert_eq!(
+            p.after_in("queues/t1").expect("its list"),
+            Some("0193a4b2-0000-7000-8000-000000000001")
+        );
+        for other in ["queues/t2", "queues/t", "agents/t1", "tenants"] {
+            assert!(
+                matches!(
+                    p.after_in(other),
+                    Err(ProvisioningError::Invalid { field: "after", .. })
+                ),
+                "{other}"
+            );
+        }
+        assert_eq!(
+            PageRequest::default().after_in("tenants").expect("first"),
+            None
+        );
     }
 
     #[test]

@@ -23,8 +23,14 @@ fn from_row(row: &AnyRow) -> Result<Queue, ProvisioningError> {
     })
 }
 
+/// A name is quoted as errors quote values: at most 64 characters of it.
 fn duplicate(name: &str) -> impl FnOnce() -> String + '_ {
-    move || format!("a queue named `{name}` already exists in this tenant")
+    move || {
+        format!(
+            "a queue named `{}` already exists in this tenant",
+            models::shown(name)
+        )
+    }
 }
 
 fn referenced() -> String {
@@ -68,7 +74,15 @@ impl Provisioning {
         page: &PageRequest,
     ) -> Result<Page<Queue>, ProvisioningError> {
         self.tenant(tenant_id).await?;
-        sql::page(&self.pool, SELECT, Some(tenant_id), page, from_row).await
+        sql::page(
+            &self.pool,
+            "queues",
+            SELECT,
+            Some(tenant_id),
+            page,
+            from_row,
+        )
+        .await
     }
 
     pub async fn update_queue(

@@ -115,7 +115,15 @@ impl Provisioning {
         page: &PageRequest,
     ) -> Result<Page<RoutingRule>, ProvisioningError> {
         self.tenant(tenant_id).await?;
-        sql::page(&self.pool, SELECT, Some(tenant_id), page, from_row).await
+        sql::page(
+            &self.pool,
+            "routing_rules",
+            SELECT,
+            Some(tenant_id),
+            page,
+            from_row,
+        )
+        .await
     }
 
     /// Every rule of the tenant in evaluation order: highest priority first, then oldest first.

@@ -7,7 +7,7 @@ use sqlx::any::AnyRow;
 use sqlx::error::ErrorKind;
 use sqlx::{AnyPool, Row};
 
-use super::models::{encode_cursor, Page, PageRequest};
+use super::models::{scoped_cursor, Page, PageRequest};
 use super::{secrets, AuthError, ProvisioningError};
 
 /// A new time-ordered id, so keyset pages come out in creation order.
@@ -129,15 +129,21 @@ pub(super) trait Keyed {
 }
 
 /// One page of `select` (`SELECT ... FROM table`), by id after the cursor, within `tenant_id`
-/// when given.
+/// when given. `list` names the list (its table): with the tenant it scopes the cursors, so a
+/// cursor of another list or tenant is refused instead of starting this page somewhere else.
 pub(super) async fn page<T: Keyed>(
     pool: &AnyPool,
+    list: &str,
     select: &str,
     tenant_id: Option<&str>,
     request: &PageRequest,
     map: impl Fn(&AnyRow) -> Result<T, ProvisioningError>,
 ) -> Result<Page<T>, ProvisioningError> {
-    let after = request.after.clone().unwrap_or_default();
+    let scope = match tenant_id {
+        Some(tenant) => format!("{list}/{tenant}"),
+        None => list.to_string(),
+    };
+    let after = request.after_in(&scope)?.unwrap_or_default().to_string();
     // One more than asked tells whether a next page exists.
     let fetch = i64::from(request.limit) + 1;
     let rows = match tenant_id {
@@ -163,7 +169,7 @@ pub(super) async fn page<T: Keyed>(
     let mut items = rows.iter().map(map).collect::<Result<Vec<T>, _>>()?;
     let next = if items.len() > request.limit as usize {
         items.truncate(request.limit as usize);
-        items.last().map(|last| encode_cursor(last.key()))
+        items.last().map(|last| scoped_cursor(&scope, last.key()))
     } else {
         None
     };

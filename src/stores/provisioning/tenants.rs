@@ -23,8 +23,9 @@ fn from_row(row: &AnyRow) -> Result<Tenant, ProvisioningError> {
     })
 }
 
+/// A name is quoted as errors quote values: at most 64 characters of it.
 fn duplicate(name: &str) -> impl FnOnce() -> String + '_ {
-    move || format!("a tenant named `{name}` already exists")
+    move || format!("a tenant named `{}` already exists", models::shown(name))
 }
 
 impl Provisioning {
@@ -60,7 +61,7 @@ impl Provisioning {
         &self,
         page: &PageRequest,
     ) -> Result<Page<Tenant>, ProvisioningError> {
-        sql::page(&self.pool, SELECT, None, page, from_row).await
+        sql::page(&self.pool, "tenants", SELECT, None, page, from_row).await
     }
 
     pub async fn update_tenant(

@@ -371,7 +371,15 @@ impl Provisioning {
         page: &PageRequest,
     ) -> Result<Page<Webhook>, ProvisioningError> {
         self.tenant(tenant_id).await?;
-        sql::page(&self.pool, SELECT, Some(tenant_id), page, from_row).await
+        sql::page(
+            &self.pool,
+            "webhooks",
+            SELECT,
+            Some(tenant_id),
+            page,
+            from_row,
+        )
+        .await
     }
 
     /// The enabled subscriptions of a tenant (the worker's fan-out).
