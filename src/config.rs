@@ -205,6 +205,8 @@ pub struct HttpConfig {
     /// How often WebSocket clients are pinged (ms); one silent for three of these is dropped.
     /// 0 = no pings.
     pub ws_ping_interval_ms: u64,
+    /// Origins whose pages may call the customer and agent APIs (CORS); `*` alone = any.
+    pub cors_allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -524,6 +526,8 @@ impl Config {
         if self.http.max_body_bytes == 0 {
             return Err(invalid("http.max_body_bytes", "must be at least 1"));
         }
+        cors_origins(&self.http.cors_allowed_origins)
+            .map_err(|e| invalid("http.cors_allowed_origins", e))?;
         if self.chat.max_uploads_in_flight == 0 {
             return Err(invalid("chat.max_uploads_in_flight", "must be at least 1"));
         }
@@ -928,6 +932,56 @@ fn check_cluster_nodes(nodes: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
+/// Which other origins' pages may call the customer and agent APIs (`http.cors_allowed_origins`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CorsOrigins {
+    /// Only the edge's own pages (no CORS headers).
+    None,
+    /// Any page (`*`).
+    Any,
+    /// These origins, as browsers send them in `Origin` (lower-case scheme and host, no
+    /// default port, no trailing slash).
+    List(Vec<String>),
+}
+
+/// `http.cors_allowed_origins` checked and written as browsers send origins, so an entry with
+/// a trailing slash, capitals or a default port still matches; a path, query or user is refused
+/// (an origin has none, so such an entry would never match).
+pub fn cors_origins(entries: &[String]) -> Result<CorsOrigins, String> {
+    if entries.is_empty() {
+        return Ok(CorsOrigins::None);
+    }
+    if entries.iter().any(|e| e == "*") {
+        return if entries.len() == 1 {
+            Ok(CorsOrigins::Any)
+        } else {
+            Err("`*` allows every origin: give it alone".into())
+        };
+    }
+    let mut origins = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let shown: String = entry.chars().take(64).collect();
+        let url = reqwest::Url::parse(entry)
+            .map_err(|e| format!("`{shown}` is not an origin (scheme://host[:port]): {e}"))?;
+        let bare = matches!(url.path(), "" | "/")
+            && url.query().is_none()
+            && url.fragment().is_none()
+            && url.username().is_empty()
+            && url.password().is_none();
+        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() || !bare {
+            return Err(format!(
+                "`{shown}` is not an origin: write scheme://host[:port] (http or https), \
+                 without path, query or user"
+            ));
+        }
+        let origin = url.origin().ascii_serialization();
+        if !origins.contains(&origin) {
+            origins.push(origin);
+        }
+    }
+    Ok(CorsOrigins::List(origins))
+}
+
 /// The longest `stores.redis_replica_wait_ms`.
 const MAX_REPLICA_WAIT_MS: u64 = 4_000;
 
@@ -1010,6 +1064,54 @@ mod tests {
         assert_eq!(c.conversation().bot_timeout_ms, 2_000);
         c.consumer.handler_timeout_ms = 30_000;
         assert_eq!(c.conversation().bot_timeout_ms, 5_000);
+    }
+
+    #[test]
+    fn cors_origins_are_written_as_browsers_send_them() {
+        let list = |v: &[&str]| cors_origins(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(list(&[]), Ok(CorsOrigins::None));
+        assert_eq!(list(&["*"]), Ok(CorsOrigins::Any));
+        assert_eq!(
+            list(&[
+                "https://Shop.Example.com/",
+                "https://shop.example.com:443",
+                "http://localhost:3000"
+            ]),
+            Ok(CorsOrigins::List(vec![
+                "https://shop.example.com".into(),
+                "http://localhost:3000".into()
+            ]))
+        );
+        for bad in [
+            &["*", "https://a.example"][..],
+            &["https://a.example/widget"],
+            &["https://a.example?x=1"],
+            &["https://user@a.example"],
+            &["ftp://a.example"],
+            &["a.example"],
+            &["null"],
+        ] {
+            assert!(list(bad).is_err(), "{bad:?} must be refused");
+        }
+        // From the environment, as a list; refused naming the key.
+        let env = |v: &str| {
+            Config::load_with_env(
+                None,
+                [(
+                    "NEXUS_HTTP__CORS_ALLOWED_ORIGINS".to_string(),
+                    v.to_string(),
+                )],
+            )
+        };
+        let c = env(r#"["https://a.example", "https://b.example"]"#).expect("a list from env");
+        assert_eq!(
+            c.http.cors_allowed_origins,
+            ["https://a.example", "https://b.example"]
+        );
+        let e = env(r#"["https://a.example/path"]"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("http.cors_allowed_origins"), "{e}");
     }
 
     #[test]

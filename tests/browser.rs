@@ -2,7 +2,8 @@
 //! drives `/demo/agent` and `/demo/widget` in headless Debian Chromium through Playwright's
 //! driver (customer starts and sends, agent accepts and replies, customer sees the reply, agent
 //! completes, customer sees the end) and screenshots both pages into
-//! `target/browser-artefacts/`. Requires `/usr/bin/chromium` (or `NEXUS_TEST_CHROMIUM`) and
+//! `target/browser-artefacts/`. A second test calls the chat API from a page of another origin
+//! (`tests/browser/cors.py`), allowed by `http.cors_allowed_origins`. Requires `/usr/bin/chromium` (or `NEXUS_TEST_CHROMIUM`) and
 //! the Python module `playwright` (CI installs both): a missing one fails the test rather than
 //! skipping it.
 
@@ -122,6 +123,50 @@ async fn demo_pages_chat_end_to_end_in_chromium() {
             .len();
         assert!(len > 0, "screenshot {} is empty", path.display());
     }
+}
+
+/// A widget on the company's own site calls nexus from another origin: allowed by
+/// `http.cors_allowed_origins`, refused by the browser for an origin not listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_of_an_allowed_origin_chats_across_origins_in_chromium() {
+    require_tools();
+    let dir = tempfile::tempdir().expect("temp dir");
+    // The page's port, chosen before nexus starts so its origin can be allowed.
+    let page_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut env = base_env(dir.path());
+    env.push((
+        "NEXUS_HTTP__CORS_ALLOWED_ORIGINS",
+        format!(r#"["http://127.0.0.1:{page_port}"]"#),
+    ));
+    let node = start_node(dir.path(), "dev", &["dev"], env).await;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/cors.py");
+    let child = tokio::process::Command::new("python3")
+        .arg(&script)
+        .arg(&node.url)
+        .arg(page_port.to_string())
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 must be installed for the browser test");
+    let output = tokio::time::timeout(SCRIPT_LIMIT, child.wait_with_output())
+        .await
+        .expect("cors.py finishes")
+        .expect("wait for cors.py");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    println!("{stdout}");
+    assert!(
+        output.status.success(),
+        "cors.py failed ({}):\n{stdout}\n{stderr}\nnexus log (last lines):\n{}",
+        output.status,
+        tail(&node.nexus.log_text(), 40)
+    );
 }
 
 fn tail(text: &str, n: usize) -> String {

@@ -18,10 +18,15 @@ use tower::ServiceExt;
 const TOKEN: &str = "test-admin-token";
 
 async fn state() -> (AppState, tempfile::TempDir) {
+    state_with(|_| {}).await
+}
+
+async fn state_with(tweak: impl FnOnce(&mut Config)) -> (AppState, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = Config::defaults();
     config.bus = common::bus_config("embedded", Some(dir.path()));
     config.http.admin_token = TOKEN.into();
+    tweak(&mut config);
     let bus = nexus::bus::connect(&config.bus).await.expect("bus");
     let topology = Topology::builtin();
     topology::apply(bus.as_ref(), &topology)
@@ -324,4 +329,140 @@ async fn health_and_readiness() {
         (status, body["error"]["code"].as_str()),
         (StatusCode::NOT_FOUND, Some("NOT_FOUND"))
     );
+}
+
+/// A browser's preflight for a cross-origin call of `method` to `path` from `origin`.
+fn preflight(path: &str, origin: &str, method: &str, headers: &str) -> Request<Body> {
+    Request::options(path)
+        .header("origin", origin)
+        .header("access-control-request-method", method)
+        .header("access-control-request-headers", headers)
+        .body(Body::empty())
+        .expect("request")
+}
+
+/// The answer's CORS headers: allowed origin, methods, headers, max age.
+async fn cors_of(state: &AppState, req: Request<Body>) -> (StatusCode, [Option<String>; 4]) {
+    let resp = edge::app(state.clone())
+        .oneshot(req)
+        .await
+        .expect("response");
+    let h = |name: &str| {
+        resp.headers()
+            .get(name)
+            .map(|v| v.to_str().expect("ascii").to_ascii_lowercase())
+    };
+    let found = [
+        h("access-control-allow-origin"),
+        h("access-control-allow-methods"),
+        h("access-control-allow-headers"),
+        h("access-control-max-age"),
+    ];
+    (resp.status(), found)
+}
+
+const SHOP: &str = "https://shop.example";
+
+#[tokio::test]
+async fn pages_of_allowed_origins_reach_the_customer_and_agent_apis_only() {
+    // Default: no other origin; the answers carry no CORS headers.
+    let (closed, _d1) = state().await;
+    let (_, [origin, ..]) = cors_of(
+        &closed,
+        preflight(
+            "/nexus/v3/chat/sessions",
+            SHOP,
+            "POST",
+            "x-api-key,content-type",
+        ),
+    )
+    .await;
+    assert_eq!(origin, None, "no origin is allowed by default");
+
+    // Written as an operator might: capitals, a trailing slash.
+    let (open, _d2) = state_with(|c| {
+        c.http.cors_allowed_origins = vec!["https://Shop.example/".into()];
+    })
+    .await;
+    for (path, method, headers) in [
+        ("/nexus/v3/chat/sessions", "POST", "x-api-key,content-type"),
+        (
+            "/nexus/v3/chat/sessions/s1/messages",
+            "GET",
+            "x-api-key,x-nexus-client-key",
+        ),
+        ("/nexus/v3/chat/sessions/s1/events", "GET", "last-event-id"),
+        ("/genesys/2/chat/svc", "POST", "apikey,content-type"),
+        ("/genesys/2/chat/svc/c1/send", "POST", "apikey"),
+        ("/v1/agent/state", "POST", "authorization,content-type"),
+        ("/v1/agent/conversations", "GET", "authorization"),
+    ] {
+        let (status, [origin, methods, allowed, max_age]) =
+            cors_of(&open, preflight(path, SHOP, method, headers)).await;
+        assert!(status.is_success(), "{path}: preflight answered {status}");
+        assert_eq!(origin.as_deref(), Some(SHOP), "{path}");
+        assert!(
+            methods
+                .unwrap_or_default()
+                .contains(&method.to_ascii_lowercase()),
+            "{path}"
+        );
+        let allowed = allowed.unwrap_or_default();
+        for h in headers.split(',') {
+            assert!(
+                allowed.contains(h),
+                "{path}: `{h}` not allowed in `{allowed}`"
+            );
+        }
+        assert_eq!(max_age.as_deref(), Some("600"), "{path}");
+    }
+
+    // The call itself, refused or not, carries the origin so the page can read the answer.
+    let (status, [origin, ..]) = cors_of(
+        &open,
+        Request::post("/nexus/v3/chat/sessions")
+            .header("origin", SHOP)
+            .header("content-type", "application/json")
+            .body(Body::from(r#"{"nickname":"Ann"}"#))
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "no API key");
+    assert_eq!(origin.as_deref(), Some(SHOP));
+
+    // Another origin, and the server-to-server APIs, get nothing.
+    let (_, [origin, ..]) = cors_of(
+        &open,
+        preflight(
+            "/nexus/v3/chat/sessions",
+            "https://evil.example",
+            "POST",
+            "x-api-key",
+        ),
+    )
+    .await;
+    assert_eq!(origin, None, "an origin not listed");
+    for (path, headers) in [
+        ("/v1/admin/tenants", "authorization,content-type"),
+        ("/v1/events/nexus.inbound.v1", "authorization,content-type"),
+    ] {
+        let (_, [origin, ..]) = cors_of(&open, preflight(path, SHOP, "POST", headers)).await;
+        assert_eq!(origin, None, "{path} must stay closed to pages");
+        let (_, [origin, ..]) = cors_of(&open, post(path, Some(TOKEN), "{}")).await;
+        assert_eq!(origin, None, "{path}");
+    }
+
+    // `*`: any page.
+    let (any, _d3) = state_with(|c| c.http.cors_allowed_origins = vec!["*".into()]).await;
+    let (_, [origin, ..]) = cors_of(
+        &any,
+        preflight(
+            "/nexus/v3/chat/sessions",
+            "https://anyone.example",
+            "POST",
+            "x-api-key",
+        ),
+    )
+    .await;
+    assert_eq!(origin.as_deref(), Some("*"));
 }

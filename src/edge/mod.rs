@@ -6,6 +6,7 @@ mod agent;
 mod auth;
 mod bot;
 pub mod chat;
+mod cors;
 pub mod demo;
 pub mod error;
 mod health;
@@ -136,14 +137,24 @@ pub fn ops_app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The routes browsers call: the customer chat APIs and the agent API, open to the pages of
+/// `http.cors_allowed_origins`.
+fn browser_routes(state: &AppState) -> Router<AppState> {
+    let max_file_bytes = state.config.chat.max_file_bytes;
+    let routes = chat::routes(max_file_bytes).merge(agent::routes(max_file_bytes));
+    match cors::layer(&state.config.http) {
+        Some(cors) => routes.layer(cors),
+        None => routes,
+    }
+}
+
 /// The edge's routes; tests call it with `oneshot`.
 pub fn app(state: AppState) -> Router {
     let limit = state.config.http.max_body_bytes;
     Router::new()
         .merge(admin::router(state.clone()))
         .merge(ingest::routes(state.clone()))
-        .merge(chat::routes(state.config.chat.max_file_bytes))
-        .merge(agent::routes(state.config.chat.max_file_bytes))
+        .merge(browser_routes(&state))
         .merge(bot::routes())
         .merge(demo::routes())
         .route("/healthz", get(health::healthz))
