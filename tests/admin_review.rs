@@ -420,6 +420,71 @@ async fn a_cursor_of_another_list_or_tenant_is_refused(backend: Backend) {
     h.finish().await;
 }
 
+/// A URL carrying a user or password would keep a secret where reads answer it whole (bots'
+/// and webhooks' `url` is returned by every GET): refused, without echoing the password.
+async fn a_url_with_a_password_is_refused(backend: Backend) {
+    let h = harness(backend).await;
+    let t = id(&h.create("/v1/admin/tenants", json!({"name": "t"})).await);
+    let tp = format!("/v1/admin/tenants/{t}");
+    let bot = h
+        .create(
+            &format!("{tp}/bots"),
+            json!({"name": "b", "url": "https://93.184.216.34/b", "credential": "c"}),
+        )
+        .await;
+    let hook = h
+        .create(
+            &format!("{tp}/webhooks"),
+            json!({"url": "https://93.184.216.34/h", "format": "standard"}),
+        )
+        .await;
+    for url in [
+        "https://ops:s3cret-pass@93.184.216.34/b",
+        "https://ops@93.184.216.34/b",
+    ] {
+        for (method, path, body) in [
+            (
+                Method::POST,
+                format!("{tp}/bots"),
+                json!({"name": "b2", "url": url, "credential": "c"}),
+            ),
+            (
+                Method::PATCH,
+                format!("{tp}/bots/{}", id(&bot)),
+                json!({"url": url}),
+            ),
+            (
+                Method::POST,
+                format!("{tp}/webhooks"),
+                json!({"url": url, "format": "standard"}),
+            ),
+            (
+                Method::PATCH,
+                format!("{tp}/webhooks/{}", id(&hook)),
+                json!({"url": url}),
+            ),
+        ] {
+            let (status, v) = h.call(method, &path, Some(body)).await;
+            assert_eq!(
+                (status, code(&v)),
+                (StatusCode::BAD_REQUEST, "INVALID_FIELD"),
+                "{path} with {url}: {v}"
+            );
+            assert!(!v.to_string().contains("s3cret"), "{path}: {v}");
+        }
+    }
+    // Nothing was changed: the stored URLs are the ones created.
+    let (_, b) = h
+        .call(Method::GET, &format!("{tp}/bots/{}", id(&bot)), None)
+        .await;
+    assert_eq!(b["url"], "https://93.184.216.34/b");
+    let (_, w) = h
+        .call(Method::GET, &format!("{tp}/webhooks/{}", id(&hook)), None)
+        .await;
+    assert_eq!(w["url"], "https://93.184.216.34/h");
+    h.finish().await;
+}
+
 macro_rules! on_both_backends {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -434,4 +499,5 @@ macro_rules! on_both_backends {
 on_both_backends!(
     error_messages_quote_at_most_64_characters,
     a_cursor_of_another_list_or_tenant_is_refused,
+    a_url_with_a_password_is_refused,
 );

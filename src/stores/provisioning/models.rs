@@ -584,6 +584,14 @@ pub(super) fn url(value: &str) -> Result<String, ProvisioningError> {
             "must be an http:// or https:// URL with a host",
         ));
     }
+    // Every read answers the URL whole and logs may show it: a secret has no place in it (a
+    // bot's goes in `credential`, encrypted; a webhook is signed with its own secret).
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(invalid(
+            "url",
+            "must not carry a user or password (a bot's secret goes in `credential`)",
+        ));
+    }
     Ok(value.to_string())
 }
 
