@@ -213,7 +213,7 @@ async fn both_formats_exactly_once(s: &System, rx: &Receiver) {
             json!({"url": rx.url("std"), "format": "standard"}),
         )
         .await;
-    let (_gen_hook, gen_secret) = s
+    let (gen_hook, gen_secret) = s
         .subscribe(
             &tenant.id,
             json!({"url": rx.url("gen"), "format": "genesys"}),
@@ -367,7 +367,36 @@ async fn both_formats_exactly_once(s: &System, rx: &Receiver) {
         .await;
     assert_eq!(code, 200);
     assert_eq!(page["items"].as_array().map(Vec::len), Some(2));
-    assert!(page["next"].is_string());
+    let next = page["next"].as_str().expect("a next page");
+    let (code, more) = s
+        .admin_call(
+            reqwest::Method::GET,
+            &format!(
+                "/tenants/{}/webhooks/{std_hook}/messages?status=delivered&after={next}",
+                tenant.id
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(code, 200, "{more}");
+    assert!(
+        !more["items"].as_array().expect("items").is_empty(),
+        "{more}"
+    );
+    // A cursor is a position in its own subscription's list: another's refuses it rather than
+    // skipping its messages before that id.
+    let (code, refused) = s
+        .admin_call(
+            reqwest::Method::GET,
+            &format!(
+                "/tenants/{}/webhooks/{gen_hook}/messages?after={next}",
+                tenant.id
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(code, 400, "{refused}");
+    assert_eq!(refused["error"]["code"], "INVALID_FIELD", "{refused}");
 
     // A close naming its channel needs no STARTED: an email conversation whose start this
     // worker never saw reaches the email-only subscription as email.

@@ -28,7 +28,9 @@ const DLQ_READ_BATCH: usize = 500;
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::BadStatus => ApiError::bad_request("INVALID_FIELD", e.to_string()),
+            StoreError::BadStatus | StoreError::BadCursor => {
+                ApiError::bad_request("INVALID_FIELD", e.to_string())
+            }
             StoreError::Unavailable(_) | StoreError::Batched(_) => {
                 ApiError::unavailable(e.to_string())
             }

@@ -385,7 +385,7 @@ const SCOPE_SEPARATOR: char = ' ';
 /// The cursor after `id` in the list `scope` (its kind and, under a tenant, the tenant): a
 /// cursor is a position in one list only, so one handed to another list or tenant is refused
 /// rather than read as a position there, which would skip that list's items silently.
-pub(super) fn scoped_cursor(scope: &str, id: &str) -> String {
+pub fn scoped_cursor(scope: &str, id: &str) -> String {
     encode_cursor(&format!("{scope}{SCOPE_SEPARATOR}{id}"))
 }
 
@@ -404,7 +404,7 @@ fn decode_cursor(cursor: &str) -> Result<String, ProvisioningError> {
 impl PageRequest {
     /// The id the page of list `scope` starts after: `None` for the first page; the cursor must
     /// be one that list returned ([`scoped_cursor`]).
-    pub(super) fn after_in(&self, scope: &str) -> Result<Option<&str>, ProvisioningError> {
+    pub fn after_in(&self, scope: &str) -> Result<Option<&str>, ProvisioningError> {
         let Some(cursor) = &self.after else {
             return Ok(None);
         };

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use super::intake::{self, Admitted, FirstAttempt, Submission};
-use crate::stores::provisioning::{encode_cursor, Page, PageRequest, WebhookEvent};
+use crate::stores::provisioning::{scoped_cursor, Page, PageRequest, WebhookEvent};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -20,6 +20,9 @@ pub enum StoreError {
     Unavailable(#[from] sqlx::Error),
     #[error("`status` must be one of pending, delivered, failed, dead")]
     BadStatus,
+    /// A page cursor of another list (another subscription's, another tenant's).
+    #[error("`after` is not a cursor of this list")]
+    BadCursor,
     /// A grouped message insert failed (the error is shared by the group's events).
     #[error("webhook delivery log unavailable: {0}")]
     Batched(String),
@@ -869,7 +872,14 @@ impl MessageStore {
             Some(s) => Some(status::parse(s).ok_or(StoreError::BadStatus)?),
         };
         let fetch = i64::from(page.limit) + 1;
-        let after = page.after.clone().unwrap_or_default();
+        // A cursor is a position in one subscription's list: one of another list would be read
+        // as a position here and skip messages silently.
+        let scope = format!("webhook-messages/{tenant_id}/{webhook_id}");
+        let after = page
+            .after_in(&scope)
+            .map_err(|_| StoreError::BadCursor)?
+            .unwrap_or_default()
+            .to_string();
         let rows = match status_filter {
             Some(s) => {
                 sqlx::query(&format!(
@@ -898,7 +908,7 @@ impl MessageStore {
         let mut items = rows.iter().map(view).collect::<Result<Vec<_>, _>>()?;
         let next = if items.len() > page.limit as usize {
             items.truncate(page.limit as usize);
-            items.last().map(|m| encode_cursor(&m.id))
+            items.last().map(|m| scoped_cursor(&scope, &m.id))
         } else {
             None
         };
