@@ -366,3 +366,35 @@ async fn a_close_from_the_desk_gets_the_closing_handshake() {
         "the close is answered: {reply:?}"
     );
 }
+
+/// A frame the socket cannot read ends it with the close code that says why (RFC 6455), as on
+/// the customer's stream: a text frame that is not UTF-8 → 1007, a control frame over 125
+/// bytes → 1002. The desk was reset without a close.
+#[tokio::test]
+async fn an_unreadable_frame_is_closed_with_its_code() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    let fx = fixture(5000).await;
+    for (frame, want) in [
+        (
+            Frame::message(vec![b'h', 0xff, b'i'], OpCode::Data(Data::Text), true),
+            1007u16,
+        ),
+        (Frame::ping(vec![1u8; 200]), 1002),
+    ] {
+        let mut ws = connect(&fx, &fx.alice.1).await;
+        ws.send(WsMessage::Frame(frame)).await.expect("send");
+        let code = loop {
+            match tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .expect("an answer in time")
+            {
+                // The greeting and pushes sent before the frame was read.
+                Some(Ok(WsMessage::Text(_))) => continue,
+                Some(Ok(WsMessage::Close(Some(f)))) => break u16::from(f.code),
+                other => panic!("a close frame with a code, got {other:?}"),
+            }
+        };
+        assert_eq!(code, want);
+    }
+}

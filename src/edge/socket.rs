@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 
 /// How long one frame may wait for a client that does not read: past it the socket is dropped
 /// (the client reconnects and resumes), so a stalled reader holds no task, and every close is
@@ -28,10 +28,93 @@ pub(crate) async fn send_text(socket: &mut WebSocket, text: String) -> bool {
 pub(crate) async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
     let frame = CloseFrame {
         code,
-        reason: reason.to_string().into(),
+        reason: close_reason(reason).to_string().into(),
     };
     send(socket, Message::Close(Some(frame))).await;
 }
+
+/// The most of a close reason a close frame carries (RFC 6455: a control frame's payload is at
+/// most 125 bytes, two of them the code).
+const MAX_CLOSE_REASON: usize = 123;
+
+/// `reason` cut to [`MAX_CLOSE_REASON`] bytes on a character boundary: a longer one is sent
+/// as is by tungstenite, and the client refuses the whole frame (code included) as a protocol
+/// error.
+fn close_reason(reason: &str) -> &str {
+    let mut end = reason.len().min(MAX_CLOSE_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
+
+/// How long a close the server starts waits for the client's close in answer.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
+/// Ends the socket as [`close`] does, then completes the closing handshake: what the client
+/// still sends is read (and dropped) until its close answers ours, for at most
+/// [`CLOSE_LINGER`]. A socket dropped at once leaves the client's frames in flight (a pong, a
+/// heartbeat) to a closed connection, which answers them with a reset: the client then
+/// loses the close frame, and its code, unless it had read it already.
+pub(crate) async fn close_cleanly(socket: &mut WebSocket, code: u16, reason: &str) {
+    close(socket, code, reason).await;
+    let answered = async { while let Some(Ok(_)) = socket.recv().await {} };
+    let _ = tokio::time::timeout(CLOSE_LINGER, answered).await;
+}
+
+/// Sends the close reply tungstenite queued when the client's close was read: dropped unsent,
+/// the client sees the connection reset instead of a closing handshake (a browser: 1006, not
+/// clean).
+pub(crate) async fn finish_close(socket: &mut WebSocket) {
+    use futures::SinkExt;
+    let _ = tokio::time::timeout(SEND_TIMEOUT, socket.flush()).await;
+}
+
+/// How many times `http.max_body_bytes` a socket reads of one frame: a frame the client may
+/// send (a browser sends any size) up to this is read and answered as the socket's protocol
+/// says; past it the frame cannot be read and the socket ends (close 1009).
+const READ_LIMIT_FACTOR: usize = 4;
+
+/// `ws` reading frames up to [`READ_LIMIT_FACTOR`] × `max_body_bytes`.
+pub(crate) fn read_up_to_limit(ws: WebSocketUpgrade, max_body_bytes: usize) -> WebSocketUpgrade {
+    let limit = max_body_bytes.saturating_mul(READ_LIMIT_FACTOR);
+    ws.max_message_size(limit).max_frame_size(limit)
+}
+
+/// Why a frame the client sent could not be read, as a close code and reason (RFC 6455
+/// 7.4.1); `None` when the connection itself failed (nothing can be sent on it then).
+pub(crate) fn refusal(e: &axum::Error) -> Option<(u16, &'static str)> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<std::io::Error>() {
+            return None;
+        }
+        cause = c.source();
+    }
+    refusal_of(&e.to_string())
+}
+
+/// The refusal of a read error by its text: the error is tungstenite's, of the version axum
+/// uses, which this crate cannot name. A text not known here is no refusal (the socket just
+/// ends, as before).
+fn refusal_of(error: &str) -> Option<(u16, &'static str)> {
+    const KNOWN: [(&str, u16, &str); 3] = [
+        ("Space limit exceeded", 1009, "frame too large"),
+        (
+            "UTF-8 encoding error",
+            1007,
+            "a text frame that is not UTF-8",
+        ),
+        ("WebSocket protocol error", 1002, "protocol error"),
+    ];
+    KNOWN
+        .iter()
+        .find(|(prefix, _, _)| error.starts_with(prefix))
+        .map(|&(_, code, reason)| (code, reason))
+}
+
+/// The reason of the 1001 close of a client silent for three ping intervals.
+const SILENT_REASON: &str = "no answer to pings";
 
 /// Pings a client and notices when it stopped answering: a connection lost without a close (a
 /// laptop asleep, a phone out of coverage) is otherwise found only when TCP gives up.
@@ -73,16 +156,15 @@ impl Liveness {
         }
     }
 
-    /// One ping time on `socket`: a ping, or the close of a silent client; false once the
-    /// socket is done.
+    /// One ping time on `socket`: a ping, or the close of a silent client, waiting for its
+    /// answer (see [`close_cleanly`]); false once the socket is done.
     pub(crate) async fn ping(socket: &mut WebSocket, alive: bool) -> bool {
         if alive {
-            send(socket, Message::Ping(Default::default())).await
-        } else {
-            metrics::counter!(crate::telemetry::metrics::WS_SILENT_CLOSED_TOTAL).increment(1);
-            close(socket, 1001, "no answer to pings").await;
-            false
+            return send(socket, Message::Ping(Default::default())).await;
         }
+        metrics::counter!(crate::telemetry::metrics::WS_SILENT_CLOSED_TOTAL).increment(1);
+        close_cleanly(socket, 1001, SILENT_REASON).await;
+        false
     }
 }
 
@@ -136,6 +218,35 @@ impl OpenSockets {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_close_reason_fits_a_close_frame() {
+        assert_eq!(close_reason("short"), "short");
+        let long = "é".repeat(100);
+        let cut = close_reason(&long);
+        assert!(
+            cut.len() <= MAX_CLOSE_REASON && long.starts_with(cut),
+            "{cut}"
+        );
+        assert_eq!(cut.len(), 122);
+    }
+
+    #[test]
+    fn read_errors_map_to_their_close_codes() {
+        let code = |text: &str| refusal_of(text).map(|(c, _)| c);
+        assert_eq!(
+            code("Space limit exceeded: Message too long: 9 > 8"),
+            Some(1009)
+        );
+        assert_eq!(code("UTF-8 encoding error: invalid utf-8"), Some(1007));
+        assert_eq!(
+            code("WebSocket protocol error: Reserved bits are non-zero"),
+            Some(1002)
+        );
+        assert_eq!(code("Connection closed normally"), None);
+        let io = axum::Error::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert_eq!(refusal(&io), None);
+    }
 
     #[tokio::test]
     async fn shutdown_waits_for_open_sockets_within_its_grace() {

@@ -21,7 +21,9 @@ use super::{
     do_typing,
 };
 use crate::edge::hub::Push;
-use crate::edge::socket::{close, send_text, Liveness, SEND_TIMEOUT};
+use crate::edge::socket::{
+    close_cleanly, finish_close, read_up_to_limit, refusal, send_text, Liveness,
+};
 use crate::edge::{ApiError, AppState};
 use crate::stores::provisioning::{Agent, AuthError};
 use crate::workers::conversation::notify::entry_json;
@@ -45,17 +47,9 @@ pub async fn websocket(
     };
     let agent = crate::edge::auth::agent(&state, &token).await?;
     // A request is a small JSON object: the HTTP body limit bounds it here too. The socket
-    // reads frames up to `READ_LIMIT_FACTOR` times that, so one above the limit is answered
+    // reads larger frames (up to its read limit), so one above the body limit is answered
     // (`PAYLOAD_TOO_LARGE`, as HTTP's 413) rather than ending the socket with a reset.
-    let read_limit = state
-        .config
-        .http
-        .max_body_bytes
-        .saturating_mul(READ_LIMIT_FACTOR);
-    let ws = state
-        .socket(ws?)
-        .max_message_size(read_limit)
-        .max_frame_size(read_limit);
+    let ws = read_up_to_limit(state.socket(ws?), state.config.http.max_body_bytes);
     let open = state.sockets.enter();
     Ok(ws.on_upgrade(move |socket| async move {
         let _open = open;
@@ -65,10 +59,6 @@ pub async fn websocket(
 
 /// WebSocket close code when the agent's token stops being valid (rotated, agent deleted).
 const TOKEN_REVOKED_CLOSE: u16 = 4001;
-
-/// How many times `http.max_body_bytes` the socket reads of one frame: a frame up to this is
-/// refused with an error frame; past it the socket cannot read it and ends.
-const READ_LIMIT_FACTOR: usize = 4;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -165,7 +155,7 @@ async fn serve(mut socket: WebSocket, state: AppState, mut agent: Agent, token: 
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
-                close(&mut socket, 1012, "edge restarting; reconnect").await;
+                close_cleanly(&mut socket, 1012, "edge restarting; reconnect").await;
                 return;
             }
             alive = live.due() => {
@@ -181,7 +171,7 @@ async fn serve(mut socket: WebSocket, state: AppState, mut agent: Agent, token: 
                     // The store being down is no reason to drop a working agent.
                     Err(AuthError::Unavailable(_)) => {}
                     _ => {
-                        close(&mut socket, TOKEN_REVOKED_CLOSE, "AGENT_TOKEN_REVOKED: sign in again").await;
+                        close_cleanly(&mut socket, TOKEN_REVOKED_CLOSE, "AGENT_TOKEN_REVOKED: sign in again").await;
                         return;
                     }
                 }
@@ -226,7 +216,15 @@ async fn serve(mut socket: WebSocket, state: AppState, mut agent: Agent, token: 
                     finish_close(&mut socket).await;
                     return;
                 }
-                None | Some(Err(_)) => return,
+                // A frame that could not be read (past the read limit, a text frame that is
+                // not UTF-8, a protocol violation) is refused with its close code.
+                Some(Err(e)) => {
+                    if let Some((code, reason)) = refusal(&e) {
+                        close_cleanly(&mut socket, code, reason).await;
+                    }
+                    return;
+                }
+                None => return,
                 Some(Ok(_)) => {}
                 }
             }
@@ -280,13 +278,6 @@ async fn forward(
         }
     }
     send_text(socket, push.data.to_string()).await
-}
-
-/// Sends the close reply tungstenite queued on the desk's close: dropped unsent, the desk
-/// sees the connection reset instead of a closing handshake (a browser: 1006, not clean).
-async fn finish_close(socket: &mut WebSocket) {
-    use futures::SinkExt;
-    let _ = tokio::time::timeout(SEND_TIMEOUT, socket.flush()).await;
 }
 
 async fn handle(state: &AppState, agent: &Agent, frame: &[u8]) -> Value {

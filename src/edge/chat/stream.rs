@@ -21,7 +21,9 @@ use tokio::sync::broadcast::error::RecvError;
 use super::v3::closed_or_gone;
 use super::{claims_for, Claims};
 use crate::edge::hub::{Feed, Push};
-use crate::edge::socket::{close, send_text, Liveness, SEND_TIMEOUT};
+use crate::edge::socket::{
+    close_cleanly, finish_close, read_up_to_limit, refusal, send_text, Liveness, SEND_TIMEOUT,
+};
 use crate::edge::{ApiError, AppState};
 use crate::events::chat::ClientEventKind;
 use crate::stores::session::ConversationState;
@@ -364,7 +366,11 @@ pub async fn websocket(
 ) -> Result<Response, ApiError> {
     let Query(q) = query?;
     let (claims, check) = authorize(&state, &headers, &q, &id).await?;
-    let ws = state.socket(ws?);
+    // Customers act over HTTP: a frame they send is no request, yet any size may come (a
+    // browser sends what its page gives it). It is read up to the agent socket's limit and
+    // dropped, rather than ending the stream unanswered.
+    let limit = state.config.http.max_body_bytes;
+    let ws = read_up_to_limit(state.socket(ws?), limit);
     let mut feed = Resumable::new(state, claims, q.from.unwrap_or(1));
     feed.open().await?;
     let open = feed.state.sockets.enter();
@@ -401,17 +407,17 @@ async fn serve_socket(mut socket: WebSocket, mut feed: Resumable, mut check: Key
                 }
             }
             e = check.revoked(&state) => {
-                close(&mut socket, API_KEY_REVOKED_CLOSE, &format!("{}: {}", e.code, e.message)).await;
+                close_cleanly(&mut socket, API_KEY_REVOKED_CLOSE, &format!("{}: {}", e.code, e.message)).await;
                 return;
             }
             _ = &mut expiry => {
                 let reason = "CLIENT_KEY_EXPIRED: renew the client key and reconnect";
-                close(&mut socket, KEY_EXPIRED_CLOSE, reason).await;
+                close_cleanly(&mut socket, KEY_EXPIRED_CLOSE, reason).await;
                 return;
             }
             _ = shutdown.cancelled() => {
                 // 1012, service restart: reconnect, resuming from the last position.
-                close(&mut socket, 1012, "edge restarting; reconnect").await;
+                close_cleanly(&mut socket, 1012, "edge restarting; reconnect").await;
                 return;
             }
             item = feed.next() => {
@@ -423,7 +429,7 @@ async fn serve_socket(mut socket: WebSocket, mut feed: Resumable, mut check: Key
                     } else {
                         (1013, "UNAVAILABLE: the session store could not be read; reconnect from the last position")
                     };
-                    close(&mut socket, code, reason).await;
+                    close_cleanly(&mut socket, code, reason).await;
                     return;
                 };
                 if !send_text(&mut socket, json.to_string()).await {
@@ -431,9 +437,21 @@ async fn serve_socket(mut socket: WebSocket, mut feed: Resumable, mut check: Key
                 }
             }
             incoming = socket.recv() => match incoming {
-                Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(WsMessage::Close(_))) => {
+                    finish_close(&mut socket).await;
+                    return;
+                }
+                // A frame that could not be read (past the read limit, a text frame that is
+                // not UTF-8, a protocol violation) is refused with its close code.
+                Some(Err(e)) => {
+                    if let Some((code, reason)) = refusal(&e) {
+                        close_cleanly(&mut socket, code, reason).await;
+                    }
+                    return;
+                }
+                None => return,
                 // Customers act through the HTTP API; pings are answered by axum, pongs and
-                // anything else only say the client is there.
+                // data frames (an application heartbeat) only say the client is there.
                 Some(Ok(_)) => live.heard(),
             },
         }
