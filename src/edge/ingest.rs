@@ -1,6 +1,7 @@
 //! `POST /v1/events/{topic}`: a JSON event for tools and tests. It is validated against the
 //! topic's schema, published as Avro, and answered 202 with the event id after the bus ack.
-//! Nothing is published when anything is wrong.
+//! Nothing is published when anything is wrong, including an `occurred_at` no clock gives
+//! (before 2000, or more than a day ahead: `OCCURRED_AT_OUT_OF_RANGE`).
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -13,6 +14,7 @@ use serde_json::{json, Value};
 use super::{ApiError, AppState};
 use crate::bus::headers;
 use crate::events::{self, Event};
+use crate::workers::conversation::event_time;
 
 /// The route, behind the admin token and the plain-path check like `/v1/admin` (no path is
 /// parsed, and no answer shape given away, before the token is checked).
@@ -56,6 +58,7 @@ async fn ingest(
             ),
         ));
     }
+    check_occurred_at(&event)?;
     if event.envelope.traceparent.is_none() {
         event.envelope.traceparent = request_headers
             .get(headers::TRACEPARENT)
@@ -73,6 +76,16 @@ async fn ingest(
         StatusCode::ACCEPTED,
         Json(json!({"event_id": event.envelope.event_id.to_string()})),
     ))
+}
+
+/// Refuses a time the conversation role would dead-letter (`bad_time`), by the same rule
+/// ([`event_time::check`]): a tool's typo (seconds for milliseconds, a sign) is told to its
+/// caller now instead of turning up in a dead-letter topic. Only here: events from the edges'
+/// own APIs carry their clock's time.
+fn check_occurred_at(event: &Event) -> Result<(), ApiError> {
+    let now = chrono::Utc::now().timestamp_millis();
+    event_time::check(event.envelope.occurred_at_ms, now)
+        .map_err(|e| ApiError::bad_request("OCCURRED_AT_OUT_OF_RANGE", e.to_string()))
 }
 
 /// The machine-readable code of a body that could not be read.

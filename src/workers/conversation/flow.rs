@@ -7,6 +7,7 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
+use super::event_time::{self, believable};
 use super::{
     directory, directory_failed, notify, store_failed, ConversationWorker, AGENT_TOPIC, CHAT_MEDIA,
     DELIVERY_TOPIC, INTERACTION_TOPIC,
@@ -76,6 +77,31 @@ type Step = Result<(), HandleError>;
 
 pub(crate) fn secs_ms(s: u64) -> i64 {
     i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX / 4)
+}
+
+/// When an async chat idle since `last_activity_ms` closes: saturating, since a record may hold
+/// any time and a wrapped sum would close a chat whose customer is still there.
+pub(crate) fn idle_close_at(last_activity_ms: i64, idle_timeout_s: u64, grace_s: u64) -> i64 {
+    last_activity_ms
+        .saturating_add(secs_ms(idle_timeout_s))
+        .saturating_add(secs_ms(grace_s))
+}
+
+/// The last activity of a chat whose customer acted at `at_ms`: the later of that and the
+/// record's, each without a wrong clock's lead beyond the skew. Kept, that lead would put the
+/// idle close off until its date; and a record saved before event times were checked may hold
+/// any time, which this mends at the customer's next message.
+fn latest_activity(last_ms: i64, at_ms: i64, now_ms: i64) -> i64 {
+    believable(last_ms, now_ms).max(believable(at_ms, now_ms))
+}
+
+/// When an offer applied at `now_ms` lapses: the whole `timeout` from now, or the offer's own
+/// `expires_at` if later (its maker's clock ahead by a little), but never more than the skew
+/// allowance later: a forged or wrong `expires_at` would hold the chat offered to an agent who
+/// never answers, in practice for good.
+fn offer_expiry(expires_at: i64, now_ms: i64, timeout_ms: i64) -> i64 {
+    let full = now_ms.saturating_add(timeout_ms);
+    believable(expires_at, full).max(full)
 }
 
 /// The offer id of the `attempt`-th offer of a conversation to an agent: the same for a
@@ -420,7 +446,8 @@ impl ConversationWorker {
             declined_by: Vec::new(),
             files: 0,
             created_at_ms: at,
-            last_activity_ms: at,
+            // The idle and abandon timers count from it: a wrong clock's lead is not kept.
+            last_activity_ms: believable(at, now),
             closed_reason: None,
             routing: Routing {
                 is_async: b.is_async,
@@ -550,7 +577,9 @@ impl ConversationWorker {
             (false, 0) => return Ok(()),
             (false, abandon) => (ABANDON_TIMER, abandon),
         };
-        let due = c.last_activity_ms + secs_ms(timeout);
+        // Saturating: a record may hold any time (saved before times were checked), and a
+        // wrapped sum would be due at once, closing a live chat as abandoned or idle.
+        let due = c.last_activity_ms.saturating_add(secs_ms(timeout));
         self.store
             .schedule(&self.timer(kind, c), not_before_save(due))
             .await
@@ -581,8 +610,11 @@ impl ConversationWorker {
     }
 
     async fn arm_queued(&self, c: &Conversation, source: &Event) -> Step {
-        let due = source.envelope.occurred_at_ms
-            + i64::try_from(self.config.requeue_interval_ms).unwrap_or(i64::MAX / 4);
+        // A source dated ahead (a wrong clock) must not put the waiter's next try off until
+        // its date; the sum saturates rather than wrap into a time long past.
+        let now = chrono::Utc::now().timestamp_millis();
+        let due = believable(source.envelope.occurred_at_ms, now)
+            .saturating_add(i64::try_from(self.config.requeue_interval_ms).unwrap_or(i64::MAX / 4));
         self.store
             .schedule(&self.timer(QUEUED_TIMER, c), not_before_save(due))
             .await
@@ -665,7 +697,11 @@ impl ConversationWorker {
                     // Such an entry whose closed record expired since: only one created longer
                     // ago than a closed record is kept can be that (an arrival is queued just
                     // before its record is saved, and an open record does not expire).
-                    None if created_before(&id, now_ms - self.closed_retention_ms()) => {
+                    None if created_before(
+                        &id,
+                        now_ms.saturating_sub(self.closed_retention_ms()),
+                    ) =>
+                    {
                         info!(conversation_id = %id, "a queue entry of an expired conversation removed");
                         self.store
                             .dequeue(&me.tenant_id, queue, &id)
@@ -731,8 +767,11 @@ impl ConversationWorker {
             channel: Channel::WebChat,
             channel_id: None,
             customer_nickname: c.customer.nickname.clone(),
-            expires_at: now_ms
-                + i64::try_from(self.offer_timeout().as_millis()).unwrap_or(i64::MAX / 4),
+            // `now_ms` may be an event's time: saturating, an absurd one cannot wrap into an
+            // offer that expired long ago (`on_offered` bounds it from above).
+            expires_at: now_ms.saturating_add(
+                i64::try_from(self.offer_timeout().as_millis()).unwrap_or(i64::MAX / 4),
+            ),
             attempt: i32::try_from(attempt).unwrap_or(i32::MAX),
         };
         // One source may offer several conversations (a dispatch): the id names this one.
@@ -935,13 +974,13 @@ impl ConversationWorker {
             }),
         };
         pending.attempt = pending.attempt.saturating_add(1);
-        if now - pending.since_ms >= secs_ms(self.config.bot_retry_max_s) {
+        if now.saturating_sub(pending.since_ms) >= secs_ms(self.config.bot_retry_max_s) {
             return Ok(false);
         }
         let wait =
             crate::bus::consumer::retry_delay(BOT_RETRY_FIRST, BOT_RETRY_MAX, pending.attempt);
-        let due = now + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 4);
-        warn!(conversation_id = %c.conversation_id, error, attempt = pending.attempt, retry_in_ms = due - now, "bot unavailable; its turn is tried again later");
+        let due = now.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 4));
+        warn!(conversation_id = %c.conversation_id, error, attempt = pending.attempt, retry_in_ms = due.saturating_sub(now), "bot unavailable; its turn is tried again later");
         self.store
             .schedule(&self.timer(BOT_TIMER, c), not_before_save(due))
             .await
@@ -1067,9 +1106,13 @@ impl ConversationWorker {
         // The agent topic is not ordered with the inbound one: the request that created the
         // conversation, or the bot handoff that queued it (it publishes its offer before it
         // saves the record Queued), may still be in flight. Wait for it a while, then give up.
+        // An offer dated further ahead than clocks disagree has no age to wait on: waited
+        // for, it would hold the conversation's lane until its date (a retry that does not
+        // count as a failure never dead-letters it); given up at once, its slot is freed and
+        // the waiter's queued timer offers again.
         let young = |wait: i64| {
-            let age = chrono::Utc::now().timestamp_millis() - e.envelope.occurred_at_ms;
-            age < wait
+            let now = chrono::Utc::now().timestamp_millis();
+            event_time::age(e.envelope.occurred_at_ms, now).is_some_and(|age| age < wait)
         };
         // Waiting for another topic's write, which usually lands within milliseconds: tried
         // again soon, not after the doubling backoff of a failure (up to `retry_max_ms` while
@@ -1182,7 +1225,7 @@ impl ConversationWorker {
         // `not_ready_on_lapse`, set an agent who never had a chance not ready).
         let now = chrono::Utc::now().timestamp_millis();
         let timeout = i64::try_from(self.offer_timeout().as_millis()).unwrap_or(i64::MAX / 4);
-        let expires_at = b.expires_at.max(now.saturating_add(timeout));
+        let expires_at = offer_expiry(b.expires_at, now, timeout);
         c.state = ConversationState::Offered;
         c.offered_to = Some(b.agent_id.clone());
         c.routing.offer_id = Some(b.offer_id.clone());
@@ -1444,7 +1487,8 @@ impl ConversationWorker {
         }
         let files = u32::try_from(b.media_ids.len()).unwrap_or(u32::MAX);
         c.files = c.files.saturating_add(files);
-        c.last_activity_ms = c.last_activity_ms.max(e.envelope.occurred_at_ms);
+        let now = chrono::Utc::now().timestamp_millis();
+        c.last_activity_ms = latest_activity(c.last_activity_ms, e.envelope.occurred_at_ms, now);
         self.arm_idle(&c).await?;
         if with_bot {
             // Queued if the bot handed off (only then: a waiter's messages must not keep
@@ -1703,9 +1747,11 @@ impl ConversationWorker {
         if reason == ev::CloseReason::IdleTimeout {
             // The idle timer read the record before it published this; a message the customer
             // sent meanwhile is ahead of it on the same topic and has been applied by now.
-            let close_at = c.last_activity_ms
-                + secs_ms(self.config.idle_timeout_s)
-                + secs_ms(self.config.close_grace_s);
+            let close_at = idle_close_at(
+                c.last_activity_ms,
+                self.config.idle_timeout_s,
+                self.config.close_grace_s,
+            );
             if e.envelope.occurred_at_ms < close_at {
                 info!(conversation_id = %c.conversation_id, "the customer came back before the idle close; kept open");
                 return Ok(());
@@ -2064,8 +2110,13 @@ impl ConversationWorker {
         // The whole timeout from now, as `on_offered` gives an offer: a request handled late
         // (a backlog, a hand-over) must not invite with a time already past.
         let now = chrono::Utc::now().timestamp_millis();
-        let expires_at = e.envelope.occurred_at_ms.max(now)
-            + i64::try_from(self.offer_timeout().as_millis()).unwrap_or(i64::MAX / 4);
+        // A request dated ahead counts only as far ahead as clocks disagree: a wrong clock
+        // must not keep the invitation (and the consultant's slot) open until its date.
+        let expires_at = believable(e.envelope.occurred_at_ms, now)
+            .max(now)
+            .saturating_add(
+                i64::try_from(self.offer_timeout().as_millis()).unwrap_or(i64::MAX / 4),
+            );
         self.store
             .schedule(&self.timer(CONSULT_TIMER, &c), not_before_save(expires_at))
             .await

@@ -20,6 +20,7 @@
 pub mod bot;
 pub mod config;
 pub mod directory;
+pub mod event_time;
 mod flow;
 pub mod notify;
 pub mod timers;
@@ -176,8 +177,22 @@ impl Handler for ConversationWorker {
     }
 }
 
+/// The body of an event the role applies, once its time is one the role takes: every handled
+/// event passes here first, so nothing is derived from a time no clock gives.
 fn body<B: Body>(event: &Event) -> Result<B, HandleError> {
+    taken_time(event)?;
     event.body_as::<B>().map_err(reject_body)
+}
+
+/// An `occurred_at` outside [`event_time::check`]'s range is dead-lettered as `bad_time`: the
+/// due times, waits and transcript times derived from it would be wrong (or overflow), and
+/// retrying cannot mend it.
+fn taken_time(event: &Event) -> Result<(), HandleError> {
+    let now = chrono::Utc::now().timestamp_millis();
+    event_time::check(event.envelope.occurred_at_ms, now).map_err(|e| HandleError::Reject {
+        reason: "bad_time",
+        detail: e.to_string(),
+    })
 }
 
 fn reject_body(e: BodyError) -> HandleError {

@@ -2051,3 +2051,272 @@ async fn a_redelivered_consult_request_keeps_its_invitation() {
         "alice and bob hold their slots"
     );
 }
+
+// Event times no clock gives. Each case is asserted by its outcome, as a release build (which
+// wraps on overflow instead of panicking) would meet it: run as the consumer runs a handler
+// (`panic_rejected`), a debug build's overflow panic shows up as `handler_panicked`.
+
+/// `e` as the consumer hands it to the handler.
+fn delivered(e: &Event) -> Message {
+    Message {
+        topic: AGENT_TOPIC.into(),
+        partition: 0,
+        offset: 0,
+        timestamp_ms: e.envelope.occurred_at_ms,
+        key: e.envelope.conversation_id.clone(),
+        payload: Default::default(),
+        headers: Vec::new(),
+    }
+}
+
+/// Handles `e` as the consumer does: a panic becomes a `handler_panicked` rejection.
+async fn consumed(rig: &Rig, e: &Event) -> Result<(), HandleError> {
+    crate::bus::consumer::panic_rejected(rig.worker.handle(e, &delivered(e))).await
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn rejected_as(result: &Result<(), HandleError>) -> Option<&'static str> {
+    match result {
+        Err(HandleError::Reject { reason, .. }) => Some(reason),
+        _ => None,
+    }
+}
+
+/// An async chat connected to alice.
+fn async_chat(tenant: &str) -> Conversation {
+    let mut c = connected(tenant);
+    c.routing.is_async = true;
+    c
+}
+
+/// Times before 2000 or more than a day ahead are dead-lettered as `bad_time` by every handler
+/// they reach, before anything is derived from them: not waited on (an offer with no record
+/// would retry, uncounted, until its date), not ignored as old, not turned into an overflow.
+#[tokio::test]
+async fn events_dated_where_no_clock_is_are_dead_lettered_as_bad_time() {
+    let rig = rig().await;
+    rig.create_interaction_topic().await;
+    let absurd = [
+        i64::MIN,
+        -1,
+        0,
+        event_time::EARLIEST_MS - 1,
+        now_ms() + 2 * event_time::MAX_AHEAD_MS,
+        i64::MAX,
+    ];
+    // An offer whose conversation has no record yet; its agent's slot is held.
+    rig.ready("bob", true).await;
+    rig.reserve("bob").await;
+    for at in absurd {
+        let mut e = rig.event(&offer("bob", 1));
+        e.envelope.occurred_at_ms = at;
+        let result = consumed(&rig, &e).await;
+        assert_eq!(
+            rejected_as(&result),
+            Some("bad_time"),
+            "offer at {at}: {result:?}"
+        );
+    }
+    assert_eq!(
+        rig.holders().await,
+        ["bob"],
+        "nothing was decided on the slot"
+    );
+
+    // A customer's message to an async chat: its time would become the idle timer's base.
+    assert!(rig
+        .store
+        .put_conversation(&async_chat(&rig.tenant))
+        .await
+        .expect("put"));
+    let stored = rig.record().await;
+    for at in absurd {
+        let mut e = rig.event(&customer_says("hi"));
+        e.envelope.occurred_at_ms = at;
+        let result = consumed(&rig, &e).await;
+        assert_eq!(
+            rejected_as(&result),
+            Some("bad_time"),
+            "message at {at}: {result:?}"
+        );
+    }
+    let c = rig.record().await;
+    assert_eq!(
+        (c.last_activity_ms, c.version),
+        (stored.last_activity_ms, stored.version),
+        "the record is untouched"
+    );
+    assert_eq!(rig.transcript_len().await, 0, "nothing appended");
+}
+
+/// An offer dated an hour ahead (a clock set wrong, within the day the range allows) has no
+/// age to wait on: with no record it is given up at once (its slot freed, as for an offer
+/// that waited its time), not retried uncounted until its date while it holds the lane.
+#[tokio::test]
+async fn an_offer_dated_ahead_is_given_up_not_waited_for() {
+    let rig = rig().await;
+    rig.ready("bob", true).await;
+    rig.reserve("bob").await;
+    let mut e = rig.event(&offer("bob", 1));
+    e.envelope.occurred_at_ms = now_ms() + 3_600_000;
+    let result = consumed(&rig, &e).await;
+    assert!(result.is_ok(), "given up: {result:?}");
+    assert!(rig.holders().await.is_empty(), "its slot is freed");
+
+    // Within the skew clocks may have it is still waited for, as any young offer.
+    rig.reserve("bob").await;
+    let mut e = rig.event(&offer("bob", 1));
+    e.envelope.occurred_at_ms = now_ms() + 5_000;
+    let result = consumed(&rig, &e).await;
+    assert!(
+        matches!(result, Err(HandleError::RetryLater { counts: false, .. })),
+        "waits for the record: {result:?}"
+    );
+    assert_eq!(rig.holders().await, ["bob"]);
+}
+
+/// An offer whose body names an expiry at the end of time lapses after the offer timeout (and
+/// the skew allowance at most), not never: the chat is not held offered to an agent who does
+/// not answer.
+#[tokio::test]
+async fn an_offers_forged_expiry_does_not_hold_the_chat() {
+    let rig = rig().await;
+    rig.create_interaction_topic().await;
+    let mut queued = connected(&rig.tenant);
+    queued.state = ConversationState::Queued;
+    queued.agent_id = None;
+    assert!(rig.store.put_conversation(&queued).await.expect("put"));
+    rig.ready("bob", true).await;
+    rig.reserve("bob").await;
+    let mut forged = offer("bob", 1);
+    forged.expires_at = i64::MAX;
+    let before = now_ms();
+    let result = consumed(&rig, &rig.event(&forged)).await;
+    assert!(result.is_ok(), "applied: {result:?}");
+    let after = now_ms();
+    let c = rig.record().await;
+    assert_eq!(c.state, ConversationState::Offered);
+    let timeout = i64::try_from(rig.worker.config.offer_timeout_ms).expect("timeout");
+    let at = c.routing.offer_expires_at_ms.expect("expiry");
+    assert!(
+        (before + timeout..=after + timeout + event_time::CLOCK_SKEW_MS).contains(&at),
+        "expires {} ms from now",
+        at.saturating_sub(after)
+    );
+    let due = rig
+        .store
+        .claim_due(
+            flow::OFFER_TIMER,
+            after + timeout + event_time::CLOCK_SKEW_MS,
+            10,
+        )
+        .await
+        .expect("claim");
+    assert_eq!(due.len(), 1, "the offer timer comes at that time");
+}
+
+/// A consult request dated an hour ahead invites for the offer timeout from now (and the skew
+/// allowance at most), not until an hour after its date.
+#[tokio::test]
+async fn a_consult_request_dated_ahead_invites_for_the_timeout_from_now() {
+    let rig = rig().await;
+    let bob = rig.agent("Bob").await;
+    rig.connect_alice().await;
+    rig.ready(&bob, true).await;
+    rig.create_interaction_topic().await;
+    let mut e = rig.event(&alice_transfers(&bob, chat::TransferMode::Consult));
+    e.envelope.occurred_at_ms = now_ms() + 3_600_000;
+    let result = consumed(&rig, &e).await;
+    assert!(result.is_ok(), "invited: {result:?}");
+    let after = now_ms();
+    let c = rig.record().await;
+    assert_eq!(c.routing.consult_invited.as_deref(), Some(bob.as_str()));
+    let timeout = i64::try_from(rig.worker.config.offer_timeout_ms).expect("timeout");
+    let at = c.routing.consult_expires_at_ms.expect("expiry");
+    assert!(
+        at <= after + timeout + event_time::CLOCK_SKEW_MS,
+        "expires {} ms from now",
+        at.saturating_sub(after)
+    );
+}
+
+/// A record holding a last activity at the end of time (saved before event times were
+/// checked): its idle timer neither wraps into "idle long ago" (a notice, then the chat closed
+/// while its customer is there) nor panics; the customer's next message mends the time, and
+/// the idle timer counts from it.
+#[tokio::test]
+async fn a_stored_time_at_the_end_of_time_neither_wraps_nor_sticks() {
+    let rig = rig().await;
+    rig.create_interaction_topic().await;
+    let mut c = async_chat(&rig.tenant);
+    c.last_activity_ms = i64::MAX - 1_000;
+    assert!(rig.store.put_conversation(&c).await.expect("put"));
+    let c = rig.record().await;
+
+    let now = now_ms();
+    let idle = rig.worker.timer(flow::IDLE_TIMER, &c);
+    rig.store.schedule(&idle, now).await.expect("schedule");
+    timers::run_once(&rig.worker, now).await;
+    let notices = rig
+        .events(AGENT_TOPIC)
+        .await
+        .iter()
+        .filter(|e| e.envelope.event_type == chat::MessageSent::TYPE)
+        .count();
+    assert_eq!(notices, 0, "no idle notice for a chat not idle");
+    let year = 365 * 86_400_000;
+    assert!(
+        rig.store
+            .claim_due(flow::IDLE_CLOSE_TIMER, now + year, 10)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "no idle close armed"
+    );
+    assert_eq!(rig.record().await.state, ConversationState::Connected);
+
+    // The customer writes: the activity is theirs now (the stored time kept no further ahead
+    // than clocks disagree), the idle timer a timeout from it.
+    let before = now_ms();
+    let result = consumed(&rig, &rig.event(&customer_says("still here"))).await;
+    assert!(result.is_ok(), "applied: {result:?}");
+    let after = now_ms();
+    let c = rig.record().await;
+    let skew = event_time::CLOCK_SKEW_MS;
+    assert!(
+        (before..=after + skew).contains(&c.last_activity_ms),
+        "last activity {} ms from now",
+        c.last_activity_ms.saturating_sub(after)
+    );
+    let timeout = flow::secs_ms(rig.worker.config.idle_timeout_s);
+    assert!(
+        rig.store
+            .claim_due(flow::IDLE_TIMER, before + timeout - 1_000, 10)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "the idle timer is not due before the idle timeout"
+    );
+    assert_eq!(
+        rig.store
+            .claim_due(flow::IDLE_TIMER, after + skew + timeout, 10)
+            .await
+            .expect("claim"),
+        vec![idle],
+        "due an idle timeout after the message (and the skew at most)"
+    );
+}
+
+/// A timer moved onto its lease at the end of time goes to the other side of it, without an
+/// overflow (which would wrap it into a time long past).
+#[test]
+fn a_move_onto_a_saturated_lease_does_not_wrap() {
+    use crate::stores::session::timer_lease_until;
+    let lease = timer_lease_until(i64::MAX);
+    let moved = timers::moved(i64::MAX, lease);
+    assert_ne!(moved, lease);
+    assert!(moved > 0, "not wrapped: {moved}");
+}

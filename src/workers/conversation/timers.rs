@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info_span, warn, Instrument};
 
 use super::flow::{
-    secs_ms, ABANDON_TIMER, BOT_TIMER, CONSULT_TIMER, IDLE_CLOSE_TIMER, IDLE_TIMER, OFFER_TIMER,
-    QUEUED_TIMER,
+    idle_close_at, secs_ms, ABANDON_TIMER, BOT_TIMER, CONSULT_TIMER, IDLE_CLOSE_TIMER, IDLE_TIMER,
+    OFFER_TIMER, QUEUED_TIMER,
 };
 use super::{ConversationWorker, AGENT_TOPIC, INBOUND_TOPIC};
 use crate::bus::consumer::HandleError;
@@ -70,7 +70,7 @@ pub(super) async fn run_once(worker: &ConversationWorker, now: i64) {
                                     // Not acted on: due again soon rather than after the lease.
                                     warn!(error = %e, conversation_id = %timer.id, "timer failed; retried");
                                     metrics::counter!(m::TIMER_ERRORS_TOTAL, "kind" => kind).increment(1);
-                                    let _ = worker.store.schedule(&timer, now + 1_000).await;
+                                    let _ = worker.store.schedule(&timer, now.saturating_add(1_000)).await;
                                 }
                             }
                         }
@@ -90,7 +90,8 @@ pub(super) async fn run_once(worker: &ConversationWorker, now: i64) {
 /// completing the firing removes a timer still at that value, which would lose the move.
 pub(super) fn moved(now: i64, due: i64) -> i64 {
     if due == timer_lease_until(now) {
-        due + 1
+        // At the end of time (a lease saturated), the other side of it.
+        due.checked_add(1).unwrap_or(due - 1)
     } else {
         due
     }
@@ -160,7 +161,8 @@ async fn fire(worker: &ConversationWorker, timer: &Timer, now: i64) -> Result<()
             .with_derived_id(&uuid::Uuid::NAMESPACE_OID, &wait);
             worker.dispatch(&c, &source, now).await?;
             // Again later while it still waits (an offer published now may yet fail to apply).
-            let due = now + i64::try_from(worker.config.requeue_interval_ms).unwrap_or(1_000);
+            let due = now
+                .saturating_add(i64::try_from(worker.config.requeue_interval_ms).unwrap_or(1_000));
             worker
                 .store
                 .schedule(timer, moved(now, due))
@@ -171,7 +173,8 @@ async fn fire(worker: &ConversationWorker, timer: &Timer, now: i64) -> Result<()
             // A re-queue (a reject, a lapse) schedules this timer before it saves the record
             // Queued: fired in between, it must come again rather than end, or the waiter
             // would be offered only when another dispatch happens to walk to it.
-            let due = now + i64::try_from(worker.config.requeue_interval_ms).unwrap_or(1_000);
+            let due = now
+                .saturating_add(i64::try_from(worker.config.requeue_interval_ms).unwrap_or(1_000));
             worker
                 .store
                 .schedule(timer, moved(now, due))
@@ -193,7 +196,7 @@ async fn fire(worker: &ConversationWorker, timer: &Timer, now: i64) -> Result<()
             // own schedule comes after this one.
             worker
                 .store
-                .schedule(timer, moved(now, now + BOT_TURN_AGAIN_MS))
+                .schedule(timer, moved(now, now.saturating_add(BOT_TURN_AGAIN_MS)))
                 .await
                 .map_err(super::store_failed)?;
             // The id names the message and the try: a timer fired twice publishes one turn.
@@ -209,7 +212,12 @@ async fn fire(worker: &ConversationWorker, timer: &Timer, now: i64) -> Result<()
                 .map_err(|e| HandleError::Retry(e.to_string()))?;
         }
         IDLE_TIMER if c.state != ConversationState::Closed => {
-            let idle_at = c.last_activity_ms + secs_ms(worker.config.idle_timeout_s);
+            // Saturating: the record's last activity came from event times (or from a record
+            // saved before they were checked); a wrapped sum would be long past, and the chat
+            // noticed and closed as idle while its customer is there.
+            let idle_at = c
+                .last_activity_ms
+                .saturating_add(secs_ms(worker.config.idle_timeout_s));
             if now < idle_at {
                 // The customer came back since: wait for the new idle time.
                 return worker
@@ -252,14 +260,16 @@ async fn fire(worker: &ConversationWorker, timer: &Timer, now: i64) -> Result<()
             };
             worker
                 .store
-                .schedule(&close, idle_at + secs_ms(grace))
+                .schedule(&close, idle_at.saturating_add(secs_ms(grace)))
                 .await
                 .map_err(super::store_failed)?;
         }
         IDLE_CLOSE_TIMER if c.state != ConversationState::Closed => {
-            let close_at = c.last_activity_ms
-                + secs_ms(worker.config.idle_timeout_s)
-                + secs_ms(worker.config.close_grace_s);
+            let close_at = idle_close_at(
+                c.last_activity_ms,
+                worker.config.idle_timeout_s,
+                worker.config.close_grace_s,
+            );
             if now < close_at {
                 return Ok(()); // the customer came back; their activity re-armed the idle timer
             }
@@ -292,7 +302,7 @@ async fn fire(worker: &ConversationWorker, timer: &Timer, now: i64) -> Result<()
                     // The mark lapses a timeout after the customer's last sign of life, a
                     // quarter more at most (see the edge's `presence`): looking again every
                     // quarter, a chat closes at most 1.5 timeouts after it.
-                    let due = now + (timeout / 4).max(1_000);
+                    let due = now.saturating_add((timeout / 4).max(1_000));
                     worker
                         .store
                         .schedule(timer, moved(now, due))
