@@ -13,7 +13,7 @@ use common::chat::{OwnNats, TestDb};
 use http_body_util::BodyExt;
 use nexus::config::Config;
 use nexus::edge::{self, AppState};
-use nexus::events::chat::{MessageReceived, ReceiptReceived};
+use nexus::events::chat::{ConversationRequested, MessageReceived, ReceiptReceived};
 use nexus::stores::provisioning::{NewApiKey, NewTenant, Permission, Provisioning};
 use nexus::stores::session::redis::RedisStore;
 use nexus::stores::session::{EntryKind, NewEntry, Party, PartyKind};
@@ -349,4 +349,105 @@ async fn a_read_receipt_beyond_any_position_marks_the_last_entry_read() {
         assert_eq!(body["statusCode"], 0, "{far}: {body}");
     }
     assert_eq!(fx.receipts(&chat).await, [Some(2), Some(2)]);
+}
+
+/// A multipart form body of `fields` (GMS takes `multipart/form-data` as well as urlencoded: a
+/// browser widget posting `FormData` sends it); `file` adds a file part.
+fn multipart(fields: &[(&str, &str)], file: bool) -> (String, String) {
+    let boundary = "----nexusformboundary7MA4YWxk";
+    let mut body = String::new();
+    for (name, value) in fields {
+        body.push_str(&format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+        ));
+    }
+    if file {
+        body.push_str(&format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.txt\"\r\nContent-Type: text/plain\r\n\r\nhello\r\n"
+        ));
+    }
+    body.push_str(&format!("--{boundary}--\r\n"));
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// A widget posting `FormData` (multipart) starts a chat with its fields and user data, and
+/// sends; a file part is refused (v2 has no file operation) and publishes nothing. It was read
+/// as a urlencoded form: 400 `INVALID_NICKNAME` for a start that named one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multipart_form_is_read_as_its_fields() {
+    let fx = fixture().await;
+    let (content_type, body) = multipart(
+        &[
+            ("nickname", "Ann Smith"),
+            ("emailAddress", "ann@example.com"),
+            ("subject", "an order & a question"),
+            ("userData[order]", "42"),
+            ("text", "hello, with a + and a %20"),
+        ],
+        false,
+    );
+    let (status, started) = fx
+        .post_as("/genesys/2/chat/svc", &content_type, &body)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{started}");
+    assert_eq!(started["statusCode"], 0, "{started}");
+    let chat = Chat {
+        id: started["chatId"].as_str().expect("chatId").into(),
+        user_id: started["userId"].as_str().expect("userId").into(),
+        secure_key: started["secureKey"].as_str().expect("secureKey").into(),
+    };
+    let published = fx.published(&chat).await;
+    let request = published
+        .iter()
+        .find_map(|e| e.body_as::<ConversationRequested>().ok())
+        .expect("the start is published");
+    assert_eq!(request.nickname, "Ann Smith");
+    assert_eq!(
+        request.contact.email_address.as_deref(),
+        Some("ann@example.com")
+    );
+    assert_eq!(request.subject.as_deref(), Some("an order & a question"));
+    assert_eq!(
+        request.user_data.get("order").map(String::as_str),
+        Some("42")
+    );
+    assert_eq!(
+        request.first_message.as_deref(),
+        Some("hello, with a + and a %20")
+    );
+
+    let (content_type, body) = multipart(
+        &[
+            ("secureKey", &chat.secure_key),
+            ("userId", &chat.user_id),
+            ("alias", "nexus"),
+            ("message", "sent as FormData"),
+            ("transcriptPosition", "1"),
+        ],
+        false,
+    );
+    let at = format!("/genesys/2/chat/svc/{}/send", chat.id);
+    let (status, sent) = fx.post_as(&at, &content_type, &body).await;
+    assert_eq!(
+        (status, &sent["statusCode"]),
+        (StatusCode::OK, &json!(0)),
+        "{sent}"
+    );
+    assert_eq!(fx.sent(&chat).await, ["sent as FormData"]);
+
+    // A file part: refused, nothing more published.
+    let before = fx.published(&chat).await.len();
+    let (content_type, body) = multipart(
+        &[
+            ("secureKey", &chat.secure_key),
+            ("userId", &chat.user_id),
+            ("alias", "nexus"),
+            ("message", "with a file"),
+        ],
+        true,
+    );
+    let (status, refused) = fx.post_as(&at, &content_type, &body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert_eq!(refused["errors"][0]["code"], "INVALID_BODY", "{refused}");
+    assert_eq!(fx.published(&chat).await.len(), before);
 }

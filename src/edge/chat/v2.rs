@@ -1,6 +1,7 @@
 //! Legacy Chat API v2 (`/genesys/2/chat/{service}...`) for widgets and scripts in the field:
-//! form-encoded POSTs, `apikey` header, `secureKey`/`userId`/`alias` per request, transcript
-//! polling with `refresh`. It is a view of the same conversation events as v3.
+//! form POSTs (urlencoded or `multipart/form-data`), `apikey` header, `secureKey`/`userId`/
+//! `alias` per request, transcript polling with `refresh`. It is a view of the same
+//! conversation events as v3.
 
 use std::collections::BTreeMap;
 
@@ -92,6 +93,58 @@ fn error_status_code(status: StatusCode) -> u8 {
 
 type Answer = Result<Json<Value>, V2Error>;
 
+/// The boundary of a `multipart/form-data` body; `None` for any other content type.
+fn multipart_boundary(headers: &HeaderMap) -> Option<String> {
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)?
+        .to_str()
+        .ok()?;
+    let essence = content_type.split(';').next()?.trim();
+    if !essence.eq_ignore_ascii_case("multipart/form-data") {
+        return None;
+    }
+    // A multipart body without a boundary cannot be read: taken as urlencoded, it fails there.
+    multer::parse_boundary(content_type).ok()
+}
+
+/// The fields of a multipart form, in order. v2 has no file operation: a file part is refused
+/// rather than dropped (its sender would think it was taken).
+async fn multipart_pairs(body: Bytes, boundary: String) -> Result<Vec<(String, String)>, ApiError> {
+    let bad = |message: String| ApiError::bad_request("INVALID_BODY", message);
+    let stream = futures::stream::once(async move { Ok::<Bytes, std::io::Error>(body) });
+    let mut parts = multer::Multipart::new(stream, boundary);
+    let mut pairs = Vec::new();
+    while let Some(part) = parts
+        .next_field()
+        .await
+        .map_err(|e| bad(format!("not a multipart form: {e}")))?
+    {
+        let Some(name) = part.name().map(str::to_string) else {
+            return Err(bad("a form part without a name".into()));
+        };
+        if part.file_name().is_some() {
+            return Err(bad(format!(
+                "`{}` is a file: Chat API v2 takes no files",
+                shown(&name)
+            )));
+        }
+        let bytes = part
+            .bytes()
+            .await
+            .map_err(|e| bad(format!("`{}`: {e}", shown(&name))))?;
+        // Strict, as a urlencoded value is: a replacement character would be stored as text.
+        let value = String::from_utf8(bytes.to_vec())
+            .map_err(|_| bad(format!("`{}` is not UTF-8 text", shown(&name))))?;
+        pairs.push((name, value));
+    }
+    Ok(pairs)
+}
+
+/// A client's field name in a message, cut to 64 characters.
+fn shown(name: &str) -> String {
+    name.chars().take(64).collect()
+}
+
 /// Form fields in order; `userData[key]` pairs gathered apart.
 struct Form {
     fields: BTreeMap<String, String>,
@@ -99,10 +152,20 @@ struct Form {
 }
 
 impl Form {
-    fn parse(body: &Bytes) -> Result<Form, ApiError> {
-        let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body).map_err(|e| {
-            ApiError::bad_request("INVALID_BODY", format!("not a urlencoded form: {e}"))
-        })?;
+    /// The form of a request: `multipart/form-data` (a browser's `FormData`, which GMS takes
+    /// too) by its parts, anything else as urlencoded (scripts in the field send that under
+    /// other content types, or none).
+    async fn read(headers: &HeaderMap, body: Bytes) -> Result<Form, ApiError> {
+        let pairs = match multipart_boundary(headers) {
+            Some(boundary) => multipart_pairs(body, boundary).await?,
+            None => serde_urlencoded::from_bytes(&body).map_err(|e| {
+                ApiError::bad_request("INVALID_BODY", format!("not a urlencoded form: {e}"))
+            })?,
+        };
+        Ok(Form::of(pairs))
+    }
+
+    fn of(pairs: Vec<(String, String)>) -> Form {
         let mut form = Form {
             fields: BTreeMap::new(),
             user_data: BTreeMap::new(),
@@ -120,7 +183,7 @@ impl Form {
                 }
             }
         }
-        Ok(form)
+        form
     }
 
     fn get(&self, k: &str) -> Option<&str> {
@@ -240,7 +303,7 @@ pub async fn start(
     body: Result<Bytes, BytesRejection>,
 ) -> Answer {
     let tenant = tenant(&state, &headers).await?;
-    let form = Form::parse(&body.map_err(ApiError::from)?)?;
+    let form = Form::read(&headers, body.map_err(ApiError::from)?).await?;
     let nick = nickname(
         &state,
         form.get("nickname"),
@@ -286,7 +349,7 @@ pub async fn operation(
 ) -> Answer {
     // The form first (no I/O): every later error answers the request's position, so a poller
     // keeps its place through an unavailable store or a refused key.
-    let form = Form::parse(&body.map_err(ApiError::from)?)?;
+    let form = Form::read(&headers, body.map_err(ApiError::from)?).await?;
     let at = form.position().unwrap_or(1);
     let with_position = |error| V2Error {
         error,
