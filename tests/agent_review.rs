@@ -5,14 +5,12 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use nexus::config::Config;
 use nexus::edge::{self, AppState};
 use nexus::stores::provisioning::{NewAgent, NewTenant, Provisioning};
-use nexus::topology::{self, Topology};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -34,35 +32,10 @@ struct Fx {
 async fn fixture(auth_recheck_ms: u64) -> Fx {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = Config::defaults();
-    config.bus = common::bus_config("embedded", Some(dir.path()));
     config.chat.max_message_chars = MAX_TEXT;
     config.http.max_body_bytes = MAX_BODY;
     config.stores.auth_cache_ttl_ms = auth_recheck_ms;
-    let bus = nexus::bus::connect(&config.bus).await.expect("bus");
-    let topology = Topology::builtin();
-    topology::apply(bus.as_ref(), &topology)
-        .await
-        .expect("apply");
-    let key = nexus::stores::provisioning::secrets::EncryptionKey::generate();
-    let provisioning = Provisioning::connect(
-        &dir.path().join("provisioning.db").display().to_string(),
-        &key,
-    )
-    .await
-    .expect("provisioning");
-    let sessions: Arc<dyn nexus::stores::session::SessionStore> = Arc::new(
-        nexus::stores::session::embedded::EmbeddedStore::open(&dir.path().join("sessions"))
-            .await
-            .expect("session store"),
-    );
-    let state = AppState::new(
-        Arc::new(config),
-        bus,
-        Arc::new(topology),
-        nexus::telemetry::init_metrics(),
-        Arc::new(provisioning),
-        sessions,
-    );
+    let state = common::edge::embedded_state(config, dir.path()).await;
     let tenant = state
         .provisioning
         .create_tenant(NewTenant {

@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -22,7 +21,6 @@ use nexus::stores::provisioning::{
 use nexus::stores::session::{
     Conversation, ConversationState, EntryKind, NewEntry, Party, PartyKind, Routing,
 };
-use nexus::topology::{self, Topology};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tower::ServiceExt;
@@ -186,38 +184,13 @@ async fn tenant(state: &AppState, name: &str) -> TenantFx {
 async fn fixture() -> Fx {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = Config::defaults();
-    config.bus = common::bus_config("embedded", Some(dir.path()));
     config.chat.max_message_chars = MAX_TEXT;
     config.chat.max_nickname_chars = MAX_NICK;
     config.chat.max_user_data_entries = MAX_USER_DATA;
     config.http.max_body_bytes = MAX_BODY;
     config.chat.client_key_secret = String::from_utf8_lossy(SECRET).into_owned();
     config.chat.client_key_ttl_s = KEY_TTL_S;
-    let bus = nexus::bus::connect(&config.bus).await.expect("bus");
-    let topology = Topology::builtin();
-    topology::apply(bus.as_ref(), &topology)
-        .await
-        .expect("apply");
-    let key = nexus::stores::provisioning::secrets::EncryptionKey::generate();
-    let provisioning = Provisioning::connect(
-        &dir.path().join("provisioning.db").display().to_string(),
-        &key,
-    )
-    .await
-    .expect("provisioning");
-    let sessions: Arc<dyn nexus::stores::session::SessionStore> = Arc::new(
-        nexus::stores::session::embedded::EmbeddedStore::open(&dir.path().join("sessions"))
-            .await
-            .expect("session store"),
-    );
-    let state = AppState::new(
-        Arc::new(config),
-        bus,
-        Arc::new(topology),
-        nexus::telemetry::init_metrics(),
-        Arc::new(provisioning),
-        sessions,
-    );
+    let state = common::edge::embedded_state(config, dir.path()).await;
     let a = tenant(&state, "tenant-a").await;
     let b = tenant(&state, "tenant-b").await;
     let p = state.provisioning.clone();

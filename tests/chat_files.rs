@@ -8,7 +8,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -20,7 +19,6 @@ use nexus::config::Config;
 use nexus::edge::{self, AppState};
 use nexus::stores::provisioning::{NewAgent, NewApiKey, NewTenant, Permission, Provisioning};
 use nexus::stores::session::{Conversation, ConversationState, Party, PartyKind, Routing};
-use nexus::topology::{self, Topology};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -157,35 +155,11 @@ async fn fixture() -> Fx {
 async fn fixture_with(tweak: impl FnOnce(&mut Config)) -> Fx {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = Config::defaults();
-    config.bus = common::bus_config("embedded", Some(dir.path()));
     config.http.max_body_bytes = MAX_BODY;
     config.chat.max_file_bytes = MAX_FILE;
     config.chat.max_files_per_session = MAX_FILES;
     tweak(&mut config);
-    let bus = nexus::bus::connect(&config.bus).await.expect("bus");
-    let topology = Topology::builtin();
-    topology::apply(bus.as_ref(), &topology)
-        .await
-        .expect("apply");
-    let provisioning = Provisioning::connect(
-        &dir.path().join("provisioning.db").display().to_string(),
-        &nexus::stores::provisioning::secrets::EncryptionKey::generate(),
-    )
-    .await
-    .expect("provisioning");
-    let sessions: Arc<dyn nexus::stores::session::SessionStore> = Arc::new(
-        nexus::stores::session::embedded::EmbeddedStore::open(&dir.path().join("sessions"))
-            .await
-            .expect("session store"),
-    );
-    let state = AppState::new(
-        Arc::new(config),
-        bus,
-        Arc::new(topology),
-        nexus::telemetry::init_metrics(),
-        Arc::new(provisioning),
-        sessions,
-    );
+    let state = common::edge::embedded_state(config, dir.path()).await;
     let p = state.provisioning.clone();
     let (a, a_key) = tenant_with_key(&p, "tenant-a").await;
     let (b, b_key) = tenant_with_key(&p, "tenant-b").await;

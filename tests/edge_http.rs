@@ -11,7 +11,6 @@ use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use nexus::config::Config;
 use nexus::edge::{self, AppState};
-use nexus::topology::{self, Topology};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -24,34 +23,9 @@ async fn state() -> (AppState, tempfile::TempDir) {
 async fn state_with(tweak: impl FnOnce(&mut Config)) -> (AppState, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = Config::defaults();
-    config.bus = common::bus_config("embedded", Some(dir.path()));
     config.http.admin_token = TOKEN.into();
     tweak(&mut config);
-    let bus = nexus::bus::connect(&config.bus).await.expect("bus");
-    let topology = Topology::builtin();
-    topology::apply(bus.as_ref(), &topology)
-        .await
-        .expect("apply");
-    let key = nexus::stores::provisioning::secrets::EncryptionKey::generate();
-    let provisioning = nexus::stores::provisioning::Provisioning::connect(
-        &dir.path().join("provisioning.db").display().to_string(),
-        &key,
-    )
-    .await
-    .expect("provisioning");
-    let sessions: Arc<dyn nexus::stores::session::SessionStore> = Arc::new(
-        nexus::stores::session::embedded::EmbeddedStore::open(&dir.path().join("sessions"))
-            .await
-            .expect("session store"),
-    );
-    let state = AppState::new(
-        Arc::new(config),
-        bus,
-        Arc::new(topology),
-        nexus::telemetry::init_metrics(),
-        Arc::new(provisioning),
-        sessions,
-    );
+    let state = common::edge::embedded_state(config, dir.path()).await;
     (state, dir)
 }
 

@@ -10,6 +10,7 @@ use nexus::bus::{self, Bus, Delivery, Subscription, TopicSpec};
 use nexus::config::{BusConfig, Config};
 
 pub mod chat;
+pub mod edge;
 pub mod gws;
 pub mod process;
 pub mod sink;
