@@ -1984,6 +1984,284 @@ async fn racing_uploads_never_pass_the_file_limit(backend: Backend) {
     h.finish().await;
 }
 
+/// The error's message, which must quote at most 64 characters of any value it refuses
+/// (README, "Errors"): no run of 65 `A`s (or `y`s), and a bounded length.
+fn assert_quotes_little(what: &str, v: &Value) {
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(!message.is_empty(), "{what}: an error message: {v}");
+    for c in ['A', 'y'] {
+        assert!(
+            !message.contains(&c.to_string().repeat(65)),
+            "{what}: the message quotes more than 64 characters: {message}"
+        );
+    }
+    assert!(message.chars().count() < 600, "{what}: {message}");
+}
+
+/// Every refusal of a long value (a duplicate name, a URL that is not http(s), a field name,
+/// variant or value serde refuses, a map key in a JSON path) quotes at most 64 characters of it.
+async fn error_messages_quote_at_most_64_characters(backend: Backend) {
+    let h = harness(backend).await;
+    let long_name = "y".repeat(200);
+    let t = id(&h
+        .create("/v1/admin/tenants", json!({"name": long_name}))
+        .await);
+    let tp = format!("/v1/admin/tenants/{t}");
+    let big = "A".repeat(3000);
+    // Duplicate names: 409 naming the name.
+    for (path, body) in [
+        ("/v1/admin/tenants".to_string(), json!({"name": long_name})),
+        (format!("{tp}/queues"), json!({"name": long_name})),
+        (format!("{tp}/agents"), json!({"name": long_name})),
+        (
+            format!("{tp}/bots"),
+            json!({"name": long_name, "url": "https://93.184.216.34/b", "credential": "c"}),
+        ),
+    ] {
+        if path != "/v1/admin/tenants" {
+            h.create(&path, body.clone()).await;
+        }
+        let (status, v) = h.call(Method::POST, &path, Some(body)).await;
+        assert_eq!(
+            (status, code(&v)),
+            (StatusCode::CONFLICT, "CONFLICT"),
+            "{path}: {v}"
+        );
+        assert_quotes_little(&format!("duplicate at {path}"), &v);
+    }
+    let rename = h
+        .create(&format!("{tp}/queues"), json!({"name": "short"}))
+        .await;
+    let (status, v) = h
+        .call(
+            Method::PATCH,
+            &format!("{tp}/queues/{}", id(&rename)),
+            Some(json!({"name": long_name})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    assert_quotes_little("rename to a duplicate", &v);
+    // Values the target check saw before the field check: URLs without a host.
+    let hook = h
+        .create(
+            &format!("{tp}/webhooks"),
+            json!({"url": "https://93.184.216.34/h", "format": "standard"}),
+        )
+        .await;
+    let bot = h
+        .create(
+            &format!("{tp}/bots"),
+            json!({"name": "b", "url": "https://93.184.216.34/b", "credential": "c"}),
+        )
+        .await;
+    for url in [format!("data:,{big}"), format!("unix:/{big}")] {
+        for (method, path, body) in [
+            (
+                Method::POST,
+                format!("{tp}/bots"),
+                json!({"name": "b2", "url": url, "credential": "c"}),
+            ),
+            (
+                Method::PATCH,
+                format!("{tp}/bots/{}", id(&bot)),
+                json!({"url": url}),
+            ),
+            (
+                Method::POST,
+                format!("{tp}/webhooks"),
+                json!({"url": url, "format": "standard"}),
+            ),
+            (
+                Method::PATCH,
+                format!("{tp}/webhooks/{}", id(&hook)),
+                json!({"url": url}),
+            ),
+        ] {
+            let (status, v) = h.call(method.clone(), &path, Some(body)).await;
+            assert_eq!(
+                (status, code(&v)),
+                (StatusCode::BAD_REQUEST, "INVALID_FIELD"),
+                "{method} {path}: {v}"
+            );
+            assert_quotes_little(&format!("{method} {path} url"), &v);
+        }
+    }
+    // serde's messages: an unknown field, an unknown variant, a value of the wrong type, a
+    // map key in the path of a refused value.
+    for (path, body) in [
+        (
+            format!("{tp}/api-keys"),
+            json!({"name": "k", "permissions": ["chat"], big.clone(): 1}),
+        ),
+        (
+            format!("{tp}/api-keys"),
+            json!({"name": "k", "permissions": [big.clone()]}),
+        ),
+        (
+            format!("{tp}/api-keys"),
+            json!({"name": "k", "permissions": ["chat"], "enabled": big.clone()}),
+        ),
+        (
+            format!("{tp}/agents"),
+            json!({"name": "a", "capacity": {big.clone(): -1}}),
+        ),
+        (
+            format!("{tp}/webhooks"),
+            json!({"url": "https://93.184.216.34/h", "format": format!("x\"{big}")}),
+        ),
+    ] {
+        let (status, v) = h.call(Method::POST, &path, Some(body)).await;
+        assert_eq!(
+            (status, code(&v)),
+            (StatusCode::BAD_REQUEST, "INVALID_BODY"),
+            "{path}: {v}"
+        );
+        assert_quotes_little(&format!("serde at {path}"), &v);
+    }
+    h.finish().await;
+}
+
+/// Reads every page of `path` (which has no query) with `limit`; the ids in order.
+async fn every_page(h: &Harness, path: &str, limit: usize) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut url = format!("{path}?limit={limit}");
+    loop {
+        let (status, page) = h.call(Method::GET, &url, None).await;
+        assert_eq!(status, StatusCode::OK, "{url}: {page}");
+        seen.extend(page["items"].as_array().expect("items").iter().map(id));
+        match page["next"].as_str() {
+            Some(next) => url = format!("{path}?limit={limit}&after={next}"),
+            None => return seen,
+        }
+    }
+}
+
+/// A cursor is a position in the list that returned it: handed to another tenant's list or to
+/// another kind of list it is refused (400 `INVALID_FIELD` naming `after`), not read as a
+/// position there, which skipped items silently (every item of the list older than the
+/// foreign cursor's id).
+async fn a_cursor_of_another_list_or_tenant_is_refused(backend: Backend) {
+    let h = harness(backend).await;
+    let a = h.tenant("tenant-a").await;
+    let b = h.tenant("tenant-b").await;
+    let ap = format!("/v1/admin/tenants/{a}");
+    let bp = format!("/v1/admin/tenants/{b}");
+    let mut a_queues = Vec::new();
+    for i in 0..3 {
+        a_queues.push(id(&h
+            .create(&format!("{ap}/queues"), json!({"name": format!("a{i}")}))
+            .await));
+    }
+    for i in 0..3 {
+        h.create(&format!("{bp}/queues"), json!({"name": format!("b{i}")}))
+            .await;
+        h.create(
+            &format!("{ap}/agents"),
+            json!({"name": format!("agent{i}")}),
+        )
+        .await;
+    }
+    let cursor_of = |path: String| {
+        let h = &h;
+        async move {
+            let (status, page) = h.call(Method::GET, &format!("{path}?limit=1"), None).await;
+            assert_eq!(status, StatusCode::OK, "{path}: {page}");
+            page["next"].as_str().expect("a next page").to_string()
+        }
+    };
+    let foreign = [
+        ("tenant B's queues", cursor_of(format!("{bp}/queues")).await),
+        ("tenant A's agents", cursor_of(format!("{ap}/agents")).await),
+        (
+            "the tenants",
+            cursor_of("/v1/admin/tenants".to_string()).await,
+        ),
+    ];
+    for (whose, cursor) in foreign {
+        let (status, v) = h
+            .call(Method::GET, &format!("{ap}/queues?after={cursor}"), None)
+            .await;
+        assert_eq!(
+            (status, code(&v)),
+            (StatusCode::BAD_REQUEST, "INVALID_FIELD"),
+            "a cursor of {whose} in tenant A's queues: {v}"
+        );
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("`after`"), "{message}");
+    }
+    // The list's own cursors page it whole, in creation order, on every list.
+    assert_eq!(every_page(&h, &format!("{ap}/queues"), 1).await, a_queues);
+    assert_eq!(every_page(&h, &format!("{ap}/agents"), 2).await.len(), 3);
+    assert_eq!(every_page(&h, &format!("{bp}/queues"), 2).await.len(), 3);
+    assert_eq!(every_page(&h, "/v1/admin/tenants", 1).await, vec![a, b]);
+    h.finish().await;
+}
+
+/// A URL carrying a user or password would keep a secret where reads answer it whole (bots'
+/// and webhooks' `url` is returned by every GET): refused, without echoing the password.
+async fn a_url_with_a_password_is_refused(backend: Backend) {
+    let h = harness(backend).await;
+    let t = id(&h.create("/v1/admin/tenants", json!({"name": "t"})).await);
+    let tp = format!("/v1/admin/tenants/{t}");
+    let bot = h
+        .create(
+            &format!("{tp}/bots"),
+            json!({"name": "b", "url": "https://93.184.216.34/b", "credential": "c"}),
+        )
+        .await;
+    let hook = h
+        .create(
+            &format!("{tp}/webhooks"),
+            json!({"url": "https://93.184.216.34/h", "format": "standard"}),
+        )
+        .await;
+    for url in [
+        "https://ops:s3cret-pass@93.184.216.34/b",
+        "https://ops@93.184.216.34/b",
+    ] {
+        for (method, path, body) in [
+            (
+                Method::POST,
+                format!("{tp}/bots"),
+                json!({"name": "b2", "url": url, "credential": "c"}),
+            ),
+            (
+                Method::PATCH,
+                format!("{tp}/bots/{}", id(&bot)),
+                json!({"url": url}),
+            ),
+            (
+                Method::POST,
+                format!("{tp}/webhooks"),
+                json!({"url": url, "format": "standard"}),
+            ),
+            (
+                Method::PATCH,
+                format!("{tp}/webhooks/{}", id(&hook)),
+                json!({"url": url}),
+            ),
+        ] {
+            let (status, v) = h.call(method, &path, Some(body)).await;
+            assert_eq!(
+                (status, code(&v)),
+                (StatusCode::BAD_REQUEST, "INVALID_FIELD"),
+                "{path} with {url}: {v}"
+            );
+            assert!(!v.to_string().contains("s3cret"), "{path}: {v}");
+        }
+    }
+    // Nothing was changed: the stored URLs are the ones created.
+    let (_, b) = h
+        .call(Method::GET, &format!("{tp}/bots/{}", id(&bot)), None)
+        .await;
+    assert_eq!(b["url"], "https://93.184.216.34/b");
+    let (_, w) = h
+        .call(Method::GET, &format!("{tp}/webhooks/{}", id(&hook)), None)
+        .await;
+    assert_eq!(w["url"], "https://93.184.216.34/h");
+    h.finish().await;
+}
+
 macro_rules! on_both_backends {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -2010,4 +2288,7 @@ on_both_backends!(
     concurrent_patches_of_different_fields_both_stay,
     racing_uploads_never_pass_the_file_limit,
     odd_bytes_and_methods_answer_in_the_error_shape,
+    error_messages_quote_at_most_64_characters,
+    a_cursor_of_another_list_or_tenant_is_refused,
+    a_url_with_a_password_is_refused,
 );
