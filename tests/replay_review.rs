@@ -1,15 +1,25 @@
 //! Replay and topology edge cases on every backend (embedded always; NATS JetStream and Kafka
 //! with the servers `scripts/services.sh` starts): dry-run counts at the edges of a log (an
 //! empty partition, times before the first and after the last record, offsets out of range),
-//! copies that keep every record, key and header, and `topology apply` run twice.
+//! copies that keep every record, key and header, and `topology apply` run twice. Copies merge
+//! the partitions by record time (a key's records in two partitions of a grown topic stay in
+//! order), say how to resume when interrupted, and do not take a read that comes back empty
+//! before the log end for the end.
 
 mod common;
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use common::{take, TestBus};
-use nexus::bus::{partition_for, Bus, Message, OutRecord, StartFrom, SubscribeOptions};
-use nexus::replay::{self, CopyRequest, ReplayFrom, ReplayRequest};
+use nexus::bus::{
+    partition_for, Bus, BusError, GroupPosition, Message, OutRecord, PartitionOffsets, Published,
+    StartFrom, SubscribeOptions, Subscription, TopicInfo, TopicSpec,
+};
+use nexus::replay::{self, CopyRequest, ReplayError, ReplayFrom, ReplayRequest, Resume};
 use nexus::topology::{self, Topology};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -361,7 +371,517 @@ async fn copy_spans_several_reads(t: TestBus) {
     assert_eq!(payloads(&copied), payloads(&original));
 }
 
+fn copy_request(source: &str, dest: &str) -> CopyRequest {
+    CopyRequest {
+        from_topic: source.into(),
+        to_topic: dest.into(),
+        from: ReplayFrom::Offset(0),
+        to_time: None,
+        partition: None,
+    }
+}
+
+fn text(m: &Message) -> String {
+    String::from_utf8_lossy(&m.payload).into_owned()
+}
+
+/// The records of `key` in `topic`, in offset order (a key is in one partition of the
+/// destination).
+async fn payloads_of(bus: &dyn Bus, topic: &str, key: &str) -> Vec<String> {
+    read_all(bus, topic)
+        .await
+        .iter()
+        .filter(|m| m.key == key)
+        .map(text)
+        .collect()
+}
+
+/// A Kafka producer writing to a partition chosen by hand, with the record time given: what a
+/// grown topic looks like where the broker cannot grow one (Tansu 0.6 has no CreatePartitions),
+/// and the producers' clocks a Kafka record time is.
+fn kafka_producer(t: &TestBus) -> rdkafka::producer::FutureProducer {
+    let brokers = t.config.url.trim_start_matches("kafka://");
+    rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("kafka producer")
+}
+
+async fn kafka_send(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    partition: u32,
+    key: &str,
+    payload: &str,
+    time_ms: i64,
+) {
+    let record = rdkafka::producer::FutureRecord::to(topic)
+        .partition(partition as i32)
+        .key(key)
+        .payload(payload)
+        .timestamp(time_ms);
+    producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| e)
+        .expect("kafka send");
+}
+
+/// The reported defect: key published "0", "1", the topic grown from 3 to 5 partitions, "2",
+/// "3" published, and the key's new partition numbered lower than its old one. The copy gives
+/// the destination the key's records in publish order.
+async fn copy_keeps_a_keys_order_across_a_grown_topic(t: TestBus) {
+    let source = t.fresh_topic(3).await;
+    let dest = t.fresh_topic(5).await;
+    let key = (0..)
+        .map(|i| format!("conv-{i}"))
+        .find(|k| partition_for(k, 5) < partition_for(k, 3))
+        .unwrap_or_default();
+    let (old, new) = (partition_for(&key, 3), partition_for(&key, 5));
+    let other = key_in(old, 3, "other");
+    for n in ["0", "1"] {
+        let at = t
+            .bus
+            .publish(&source, OutRecord::new(key.clone(), n))
+            .await
+            .expect("publish");
+        assert_eq!(at.partition, old);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let grown = TopicSpec {
+        name: source.clone(),
+        partitions: 5,
+        retention: None,
+    };
+    match t.bus.apply_topic(&grown).await {
+        Ok(()) => {
+            for n in ["2", "3"] {
+                let at = t
+                    .bus
+                    .publish(&source, OutRecord::new(key.clone(), n))
+                    .await
+                    .expect("publish");
+                assert_eq!(at.partition, new, "{}", t.backend);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        Err(e) if t.backend == "kafka" && e.to_string().contains("CreatePartitions") => {
+            let producer = kafka_producer(&t);
+            let now = chrono::Utc::now().timestamp_millis();
+            kafka_send(&producer, &source, new, &key, "2", now).await;
+            kafka_send(&producer, &source, new, &key, "3", now + 1).await;
+        }
+        Err(e) => panic!("{}: growing {source}: {e}", t.backend),
+    }
+    // Another key after them in the old partition: the merge must not wait on it.
+    t.bus
+        .publish(&source, OutRecord::new(other.clone(), "x"))
+        .await
+        .expect("publish");
+
+    let done = replay::copy(t.bus.as_ref(), &copy_request(&source, &dest), false)
+        .await
+        .expect("copy");
+    assert_eq!(done.total_copied(), 5, "{}: {done}", t.backend);
+    assert_eq!(
+        payloads_of(t.bus.as_ref(), &dest, &key).await,
+        ["0", "1", "2", "3"],
+        "{}: key {key}, old partition {old}, new {new}",
+        t.backend
+    );
+    assert_eq!(payloads_of(t.bus.as_ref(), &dest, &other).await, ["x"]);
+}
+
+/// Records published one after the other across three partitions reach a one-partition
+/// destination in publish order, across several reads per partition.
+async fn copy_merges_partitions_by_record_time(t: TestBus) {
+    let source = t.fresh_topic(3).await;
+    let dest = t.fresh_topic(1).await;
+    let keys: Vec<String> = (0..3).map(|p| key_in(p, 3, "m")).collect();
+    let mut published = Vec::new();
+    for n in 0..12 {
+        // Partitions in an order that is not theirs: 2, 0, 1, 1, 2, 0, ...
+        let key = &keys[[2, 0, 1, 1][n % 4]];
+        let payload = format!("{n}");
+        t.bus
+            .publish(&source, OutRecord::new(key.clone(), payload.clone()))
+            .await
+            .expect("publish");
+        published.push(payload);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let done = replay::copy(t.bus.as_ref(), &copy_request(&source, &dest), false)
+        .await
+        .expect("copy");
+    assert_eq!(done.total_copied(), 12, "{done}");
+    assert!(done
+        .partitions
+        .iter()
+        .all(|p| p.finished && p.next_offset == p.end));
+    let copied: Vec<String> = read_all(t.bus.as_ref(), &dest)
+        .await
+        .iter()
+        .map(text)
+        .collect();
+    assert_eq!(copied, published, "{}", t.backend);
+}
+
+/// Kafka record times are the producers' clocks and may go backwards within a partition: the
+/// copy still takes a partition's records in offset order, and merges by the partitions' next
+/// records only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_copy_keeps_a_partitions_order_when_its_times_go_back() {
+    if !common::selected("kafka") {
+        return;
+    }
+    let t = common::test_bus("kafka").await;
+    let source = t.fresh_topic(2).await;
+    let dest = t.fresh_topic(1).await;
+    let producer = kafka_producer(&t);
+    let base = chrono::Utc::now().timestamp_millis() - 60_000;
+    kafka_send(&producer, &source, 0, "a", "a1", base + 10).await;
+    kafka_send(&producer, &source, 0, "a", "a2", base).await;
+    kafka_send(&producer, &source, 1, "b", "b1", base + 5).await;
+    let done = replay::copy(t.bus.as_ref(), &copy_request(&source, &dest), false)
+        .await
+        .expect("copy");
+    assert_eq!(done.total_copied(), 3, "{done}");
+    let copied: Vec<String> = read_all(t.bus.as_ref(), &dest)
+        .await
+        .iter()
+        .map(text)
+        .collect();
+    // Partition by partition gives a1 a2 b1; sorting every record by time gives a2 b1 a1.
+    assert_eq!(copied, ["b1", "a1", "a2"]);
+}
+
+/// A real bus with faults the services cannot be made to show on demand: the n-th publish to
+/// one topic fails, or reads of one topic come back empty (as a JetStream fetch can while
+/// records are pending). Everything else is the real bus.
+struct Faulty {
+    inner: Arc<dyn Bus>,
+    topic: String,
+    /// The publish (1-based, to `topic`) that fails; 0 = none.
+    fail_publish: usize,
+    published: AtomicUsize,
+    /// Reads of `topic` still to answer empty; with `always_empty`, every read of that
+    /// partition is.
+    empty_reads: AtomicUsize,
+    always_empty: Option<u32>,
+}
+
+impl Faulty {
+    fn new(inner: Arc<dyn Bus>, topic: &str) -> Self {
+        Faulty {
+            inner,
+            topic: topic.to_owned(),
+            fail_publish: 0,
+            published: AtomicUsize::new(0),
+            empty_reads: AtomicUsize::new(0),
+            always_empty: None,
+        }
+    }
+}
+
+#[async_trait]
+impl Bus for Faulty {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    async fn publish(&self, topic: &str, record: OutRecord) -> Result<Published, BusError> {
+        if topic == self.topic
+            && self.published.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_publish
+        {
+            return Err(BusError::Unavailable("injected publish failure".into()));
+        }
+        self.inner.publish(topic, record).await
+    }
+    async fn subscribe(
+        &self,
+        group: &str,
+        topic: &str,
+        options: SubscribeOptions,
+    ) -> Result<Box<dyn Subscription>, BusError> {
+        self.inner.subscribe(group, topic, options).await
+    }
+    async fn tail(&self, topic: &str) -> Result<Box<dyn Subscription>, BusError> {
+        self.inner.tail(topic).await
+    }
+    async fn topic_info(&self, topic: &str) -> Result<Option<TopicInfo>, BusError> {
+        self.inner.topic_info(topic).await
+    }
+    async fn apply_topic(&self, spec: &TopicSpec) -> Result<(), BusError> {
+        self.inner.apply_topic(spec).await
+    }
+    async fn partition_offsets(&self, topic: &str) -> Result<Vec<PartitionOffsets>, BusError> {
+        self.inner.partition_offsets(topic).await
+    }
+    async fn group_positions(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> Result<Vec<GroupPosition>, BusError> {
+        self.inner.group_positions(group, topic).await
+    }
+    async fn offset_for_time(
+        &self,
+        topic: &str,
+        partition: u32,
+        ts_ms: i64,
+    ) -> Result<u64, BusError> {
+        self.inner.offset_for_time(topic, partition, ts_ms).await
+    }
+    async fn count_between(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        to: u64,
+    ) -> Result<u64, BusError> {
+        self.inner.count_between(topic, partition, from, to).await
+    }
+    async fn seek_group(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<(), BusError> {
+        self.inner.seek_group(group, topic, partition, offset).await
+    }
+    async fn active_members(&self, group: &str, topic: &str) -> Result<usize, BusError> {
+        self.inner.active_members(group, topic).await
+    }
+    async fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<Message>, BusError> {
+        if topic == self.topic {
+            if self.always_empty == Some(partition) {
+                return Ok(Vec::new());
+            }
+            let left = self.empty_reads.load(Ordering::SeqCst);
+            if left > 0 {
+                self.empty_reads.store(left - 1, Ordering::SeqCst);
+                return Ok(Vec::new());
+            }
+        }
+        self.inner.read(topic, partition, from, max).await
+    }
+    async fn health(&self) -> Result<(), BusError> {
+        self.inner.health().await
+    }
+}
+
+/// A copy interrupted part-way names every partition's next offset not yet copied, the ones
+/// not started included, and following its resume instruction yields every record, each key's
+/// in order; what comes twice is only what the instruction says may.
+async fn an_interrupted_copy_says_how_to_resume_without_loss(t: TestBus) {
+    let source = t.fresh_topic(3).await;
+    let dest = t.fresh_topic(2).await;
+    let keys: Vec<String> = (0..3).map(|p| key_in(p, 3, "r")).collect();
+    for n in 0..15 {
+        let key = &keys[[1, 2, 0][n % 3]];
+        t.bus
+            .publish(&source, OutRecord::new(key.clone(), format!("{key}:{n}")))
+            .await
+            .expect("publish");
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let faulty = Faulty {
+        fail_publish: 6,
+        ..Faulty::new(t.bus.clone(), &dest)
+    };
+    let req = copy_request(&source, &dest);
+    let err = replay::copy(&faulty, &req, false)
+        .await
+        .expect_err("the 6th publish fails");
+    let ReplayError::CopyInterrupted { progress, .. } = &err else {
+        panic!("{}: {err}", t.backend);
+    };
+    assert_eq!(progress.total_copied(), 5, "{err}");
+    assert_eq!(progress.partitions.len(), 3, "{err}");
+    let message = err.to_string();
+    for p in &progress.partitions {
+        assert!(
+            p.start <= p.next_offset && p.next_offset <= p.end,
+            "{message}"
+        );
+        assert!(
+            message.contains(&format!("partition {}: {} copied", p.partition, p.copied)),
+            "{message}"
+        );
+    }
+    let Resume::Time(at) = progress.resume else {
+        panic!("{}: several partitions are left: {message}", t.backend);
+    };
+    assert!(message.contains(&replay::format_time(at)), "{message}");
+    assert!(message.contains("--from-time"), "{message}");
+
+    let resumed = CopyRequest {
+        from: ReplayFrom::Time(at),
+        ..req
+    };
+    replay::copy(t.bus.as_ref(), &resumed, false)
+        .await
+        .expect("resume");
+
+    let original = read_all(t.bus.as_ref(), &source).await;
+    let copies = read_all(t.bus.as_ref(), &dest).await;
+    let origin = |m: &Message| {
+        m.header(replay::REPLAYED_FROM_HEADER)
+            .unwrap_or("")
+            .to_owned()
+    };
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for m in &copies {
+        *seen.entry(origin(m)).or_default() += 1;
+    }
+    for m in &original {
+        let id = format!("{}/{}/{}", m.topic, m.partition, m.offset);
+        let times = seen.get(&id).copied().unwrap_or(0);
+        assert!(times >= 1, "{}: {id} was lost", t.backend);
+        // Copied twice only if the resume took it again: at or after the resume time.
+        assert!(
+            times == 1 || m.timestamp_ms >= at,
+            "{}: {id} copied {times} times, before the resume time",
+            t.backend
+        );
+    }
+    for key in &keys {
+        let mut first_seen = Vec::new();
+        for m in copies.iter().filter(|m| &m.key == key) {
+            let p = text(m);
+            if !first_seen.contains(&p) {
+                first_seen.push(p);
+            }
+        }
+        let want: Vec<String> = original
+            .iter()
+            .filter(|m| &m.key == key)
+            .map(text)
+            .collect();
+        assert_eq!(first_seen, want, "{}: {key}", t.backend);
+    }
+
+    // One partition left: resumed by offset, every record exactly once.
+    let dest = t.fresh_topic(1).await;
+    let one = CopyRequest {
+        partition: Some(1),
+        ..copy_request(&source, &dest)
+    };
+    let faulty = Faulty {
+        fail_publish: 3,
+        ..Faulty::new(t.bus.clone(), &dest)
+    };
+    let err = replay::copy(&faulty, &one, false)
+        .await
+        .expect_err("the 3rd publish fails");
+    let ReplayError::CopyInterrupted { progress, .. } = &err else {
+        panic!("{}: {err}", t.backend);
+    };
+    let Resume::Offset { partition, offset } = progress.resume else {
+        panic!("{}: one partition is left: {err}", t.backend);
+    };
+    assert_eq!(partition, 1, "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("--from-offset {offset} --partition 1")),
+        "{err}"
+    );
+    let resumed = CopyRequest {
+        from: ReplayFrom::Offset(offset),
+        ..one
+    };
+    replay::copy(t.bus.as_ref(), &resumed, false)
+        .await
+        .expect("resume");
+    let copied: Vec<String> = read_all(t.bus.as_ref(), &dest)
+        .await
+        .iter()
+        .map(text)
+        .collect();
+    let want: Vec<String> = original
+        .iter()
+        .filter(|m| m.partition == 1)
+        .map(text)
+        .collect();
+    assert_eq!(copied, want, "{}", t.backend);
+}
+
+/// A read that comes back empty before the recorded log end, while the bus still counts
+/// records there, is read again rather than taken for the end.
+async fn an_empty_read_before_the_end_is_read_again(t: TestBus) {
+    let source = t.fresh_topic(2).await;
+    let dest = t.fresh_topic(2).await;
+    for n in 0..8 {
+        t.bus
+            .publish(&source, OutRecord::new(format!("k{n}"), format!("{n}")))
+            .await
+            .expect("publish");
+    }
+    let faulty = Faulty::new(t.bus.clone(), &source);
+    faulty.empty_reads.store(2, Ordering::SeqCst);
+    let done = replay::copy(&faulty, &copy_request(&source, &dest), false)
+        .await
+        .expect("copy");
+    assert_eq!(done.total_copied(), 8, "{}: {done}", t.backend);
+    assert_eq!(read_all(t.bus.as_ref(), &dest).await.len(), 8);
+}
+
+/// Reads that stay empty before the recorded end while the bus counts records there fail the
+/// copy, naming the partition, rather than report it complete. Not on Kafka: its read returns
+/// nothing only once it reached the log end (the offsets left are transaction markers, which
+/// its offset-span count counts), so there an empty read is the end.
+async fn reads_that_stay_empty_before_the_end_fail_the_copy(t: TestBus) {
+    if t.backend == "kafka" {
+        return;
+    }
+    let source = t.fresh_topic(2).await;
+    let dest = t.fresh_topic(2).await;
+    let (k0, k1) = (key_in(0, 2, "e"), key_in(1, 2, "e"));
+    for n in 0..3 {
+        for key in [&k0, &k1] {
+            t.bus
+                .publish(&source, OutRecord::new(key.clone(), format!("{n}")))
+                .await
+                .expect("publish");
+        }
+    }
+    let faulty = Faulty {
+        always_empty: Some(1),
+        ..Faulty::new(t.bus.clone(), &source)
+    };
+    let err = replay::copy(&faulty, &copy_request(&source, &dest), false)
+        .await
+        .expect_err("partition 1 cannot be read");
+    let ReplayError::CopyInterrupted {
+        progress,
+        source:
+            replay::CopyStop::Unreadable {
+                partition,
+                remaining,
+                ..
+            },
+    } = &err
+    else {
+        panic!("{}: {err}", t.backend);
+    };
+    assert_eq!((*partition, *remaining), (1, 3), "{err}");
+    assert_eq!(progress.total_copied(), 0, "{err}");
+    assert_eq!(progress.resume, Resume::Again, "{err}");
+}
+
 per_backend!(
+    copy_keeps_a_keys_order_across_a_grown_topic,
+    copy_merges_partitions_by_record_time,
+    an_interrupted_copy_says_how_to_resume_without_loss,
+    an_empty_read_before_the_end_is_read_again,
+    reads_that_stay_empty_before_the_end_fail_the_copy,
     copy_spans_several_reads,
     dry_run_counts_at_the_edges_of_the_log,
     copy_keeps_every_record_key_and_header,

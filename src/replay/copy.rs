@@ -1,23 +1,53 @@
 //! Copy mode: re-publish a range of one topic to another, e.g. a dead-letter topic back to its
 //! source once the cause is fixed, or a `.v1` topic into its `.v2` successor.
 //!
-//! Each record keeps its key (so it lands in its key's partition and stays in order) and
+//! Each record keeps its key (so it lands in its key's partition of the destination) and
 //! payload. Headers are kept except the `nexus-dlq-*` ones, which describe a failure that the
-//! copy leaves behind; `nexus-replayed-from` names the original record. Records are published
-//! one by one in offset order: a batch published concurrently could reorder one key's records.
-//! A dead-letter record written without its payload (`nexus-dlq-payload-omitted`) is not copied:
-//! its event is still in the source topic, where a replay by offset reaches it.
+//! copy leaves behind; `nexus-replayed-from` names the original record. A dead-letter record
+//! written without its payload (`nexus-dlq-payload-omitted`) is not copied: its event is still
+//! in the source topic, where a replay by offset reaches it.
+//!
+//! **Order.** Records are published one by one (a batch published concurrently could reorder
+//! one key's records), and the selected partitions are merged by record time: each partition is
+//! read in order, in batches, and the next record published is the earliest of the partitions'
+//! next records (ties: the lower partition first). A key's records are not always in one
+//! partition: after `topology apply` grew the topic, its older records are in its old partition
+//! and its newer ones in its new partition, which may have the lower number; copying partition
+//! after partition would publish the newer ones first. Only the partitions' next records are
+//! compared, so a partition's own order is never changed, even where its times go backwards.
+//! Record time is the append time on JetStream and the embedded log, rising within a partition,
+//! so a key's records come out in the order they were appended. On Kafka it is the producer's
+//! clock (CreateTime): records of one key written by two producers whose clocks disagree by
+//! more than the time between the writes are copied in the clocks' order, and a record whose
+//! time is ahead holds the rest of its partition back until the other partitions caught up.
+//!
+//! **Interruption.** A copy that fails part-way ([`ReplayError::CopyInterrupted`]) names per
+//! partition the next offset not yet copied (everything before it was copied or deliberately
+//! left out, nothing at or after it) and how to resume: see [`Resume`].
 
+use std::collections::VecDeque;
 use std::fmt;
+use std::time::Duration;
+
+use thiserror::Error;
 
 use super::{
     format_time, partitions_of, target_offset, ReplayError, ReplayFrom, REPLAYED_FROM_HEADER,
 };
-use crate::bus::{headers, Bus, Message, OutRecord};
+use crate::bus::{headers, Bus, BusError, Message, OutRecord, PartitionOffsets};
 
 /// Records read per `Bus::read` call: large enough to amortise the round trip to a remote
-/// broker, small enough that a batch of large payloads stays a few megabytes.
+/// broker, small enough that a batch of large payloads stays a few megabytes. A copy holds at
+/// most one batch per selected partition.
 pub const READ_BATCH: usize = 256;
+
+/// Reads again after a read came back empty although the bus counts records left before the
+/// recorded log end, and the pauses before them (see [`read_batch`]).
+const EMPTY_READ_RETRIES: [Duration; 3] = [
+    Duration::from_millis(50),
+    Duration::from_millis(200),
+    Duration::from_millis(800),
+];
 
 /// Prefix of the headers a dead-letter record carries about its failure.
 const DLQ_HEADER_PREFIX: &str = "nexus-dlq-";
@@ -49,6 +79,11 @@ pub struct PartitionCopy {
     pub last_offset: Option<u64>,
     /// Dead-letter records without their payload, left out.
     pub without_payload: u64,
+    /// The next offset not yet copied: every record of `[start, next_offset)` was copied (or
+    /// left out on purpose), none at or after it. `end` once the partition is done.
+    pub next_offset: u64,
+    /// Whether every record of the range was taken.
+    pub finished: bool,
 }
 
 /// What a copy did, per source partition.
@@ -63,6 +98,59 @@ pub struct CopyReport {
 }
 
 impl CopyReport {
+    pub fn total_copied(&self) -> u64 {
+        self.partitions.iter().map(|p| p.copied).sum()
+    }
+}
+
+/// Why a copy stopped part-way.
+#[derive(Debug, Error)]
+pub enum CopyStop {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// Reads kept answering nothing where the bus still counts records, so stopping there
+    /// would have reported a copy as complete that is not.
+    #[error(
+        "partition {partition}: no record could be read from offset {offset} after {reads} \
+         read(s), although the bus counts {remaining} record(s) before the log end {end} \
+         recorded at the start"
+    )]
+    Unreadable {
+        partition: u32,
+        offset: u64,
+        end: u64,
+        remaining: u64,
+        reads: usize,
+    },
+}
+
+/// How to resume an interrupted copy so that nothing is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// Nothing was copied: run the same command again.
+    Again,
+    /// One partition is left: `--from-offset offset --partition partition` copies exactly
+    /// what is left.
+    Offset { partition: u32, offset: u64 },
+    /// Several partitions are left: `--from-time` this time (ms) keeps them merged. Each
+    /// partition starts at its first record at or after it, which is at or before its next
+    /// record not yet copied (that record's time, or its predecessor's, is the bound taken),
+    /// so nothing is lost; records of that time or later already copied are copied again.
+    Time(i64),
+}
+
+/// Where an interrupted copy stood; the `Display` is the operator's instruction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyProgress {
+    pub from_topic: String,
+    pub to_topic: String,
+    pub to_time: Option<i64>,
+    pub dry_run: bool,
+    pub partitions: Vec<PartitionCopy>,
+    pub resume: Resume,
+}
+
+impl CopyProgress {
     pub fn total_copied(&self) -> u64 {
         self.partitions.iter().map(|p| p.copied).sum()
     }
@@ -87,92 +175,104 @@ pub fn copied_record(message: &Message) -> OutRecord {
     }
 }
 
+/// One source partition under way: its progress and the records read but not yet taken.
+struct Source {
+    done: PartitionCopy,
+    /// Read, not yet copied or left out; the front is the partition's next record.
+    buffer: VecDeque<Message>,
+    /// A read reached the recorded end (or the bus has nothing more): nothing left to read.
+    read_all: bool,
+    /// Time of the last record taken (copied or left out), a bound for the next one's.
+    last_time: Option<i64>,
+}
+
+impl Source {
+    fn new(o: &PartitionOffsets, start: u64) -> Self {
+        Source {
+            done: PartitionCopy {
+                partition: o.partition,
+                start,
+                end: o.high,
+                copied: 0,
+                last_offset: None,
+                without_payload: 0,
+                next_offset: start,
+                finished: start >= o.high,
+            },
+            buffer: VecDeque::new(),
+            read_all: start >= o.high,
+            last_time: None,
+        }
+    }
+
+    fn needs_read(&self) -> bool {
+        self.buffer.is_empty() && !self.read_all
+    }
+
+    fn head_time(&self) -> Option<i64> {
+        self.buffer.front().map(|m| m.timestamp_ms)
+    }
+
+    /// Takes a batch in, keeping only records before the recorded end.
+    fn fill(&mut self, batch: Vec<Message>) {
+        if batch.is_empty() {
+            self.read_all = true;
+        }
+        for message in batch {
+            if message.offset >= self.done.end {
+                self.read_all = true;
+                break;
+            }
+            self.buffer.push_back(message);
+        }
+        self.settle();
+    }
+
+    /// Marks the partition finished once nothing is left to take.
+    fn settle(&mut self) {
+        if self.buffer.is_empty() && (self.read_all || self.done.next_offset >= self.done.end) {
+            self.read_all = true;
+            self.done.finished = true;
+            self.done.next_offset = self.done.end;
+        }
+    }
+
+    /// The front record has been copied or left out.
+    fn advance(&mut self) {
+        if let Some(m) = self.buffer.pop_front() {
+            self.done.next_offset = m.offset + 1;
+            self.last_time = Some(m.timestamp_ms);
+        }
+        match self.buffer.front() {
+            // Offsets between (markers, expired records) hold nothing to copy.
+            Some(next) => self.done.next_offset = next.offset,
+            None => self.settle(),
+        }
+    }
+}
+
 /// Copies `[from, to_time)` of the source partitions to the destination topic (or, with
-/// `dry_run`, counts what would be copied). Both topics must exist.
+/// `dry_run`, counts what would be copied), merged by record time (see the module doc). Both
+/// topics must exist.
 pub async fn copy(
     bus: &dyn Bus,
     req: &CopyRequest,
     dry_run: bool,
 ) -> Result<CopyReport, ReplayError> {
-    if req.from_topic == req.to_topic {
-        return Err(ReplayError::SameTopic(req.from_topic.clone()));
-    }
-    if let (ReplayFrom::Time(from), Some(to)) = (req.from, req.to_time) {
-        if to <= from {
-            return Err(ReplayError::EmptyTimeRange {
-                from: format_time(from),
-                to: format_time(to),
-            });
-        }
-    }
+    check(req)?;
     let offsets = partitions_of(bus, &req.from_topic, req.partition).await?;
     if bus.topic_info(&req.to_topic).await?.is_none() {
         return Err(ReplayError::UnknownTopic(req.to_topic.clone()));
     }
-    let mut partitions = Vec::with_capacity(offsets.len());
+    let mut sources = Vec::with_capacity(offsets.len());
     for o in &offsets {
         let start = target_offset(bus, &req.from_topic, o, req.from).await?;
-        let mut done = PartitionCopy {
-            partition: o.partition,
-            start,
-            end: o.high,
-            copied: 0,
-            last_offset: None,
-            without_payload: 0,
-        };
-        let mut cursor = start;
-        'partition: while cursor < o.high {
-            let batch = bus
-                .read(&req.from_topic, o.partition, cursor, READ_BATCH)
-                .await
-                .map_err(|source| ReplayError::CopyInterrupted {
-                    partition: o.partition,
-                    copied: done.copied,
-                    next_offset: cursor,
-                    source,
-                })?;
-            if batch.is_empty() {
-                break;
-            }
-            for message in batch {
-                if message.offset >= o.high {
-                    break 'partition;
-                }
-                // Skipped, not an end: on Kafka a record's time is its producer's clock, so a
-                // later record may carry an earlier time than one past `to_time`.
-                if req.to_time.is_some_and(|t| message.timestamp_ms >= t) {
-                    cursor = message.offset + 1;
-                    continue;
-                }
-                if message.header(headers::DLQ_PAYLOAD_OMITTED).is_some() {
-                    tracing::warn!(
-                        partition = o.partition,
-                        offset = message.offset,
-                        source_topic = message.header(headers::DLQ_SOURCE_TOPIC).unwrap_or(""),
-                        source_offset = message.header(headers::DLQ_SOURCE_OFFSET).unwrap_or(""),
-                        "a dead letter without its payload is not copied; replay its source offset"
-                    );
-                    done.without_payload += 1;
-                    cursor = message.offset + 1;
-                    continue;
-                }
-                if !dry_run {
-                    bus.publish(&req.to_topic, copied_record(&message))
-                        .await
-                        .map_err(|source| ReplayError::CopyInterrupted {
-                            partition: o.partition,
-                            copied: done.copied,
-                            next_offset: message.offset,
-                            source,
-                        })?;
-                }
-                done.copied += 1;
-                done.last_offset = Some(message.offset);
-                cursor = message.offset + 1;
-            }
-        }
-        partitions.push(done);
+        sources.push(Source::new(o, start));
     }
+    merge(bus, req, &mut sources, dry_run)
+        .await
+        .map_err(|source| interrupted(req, &sources, dry_run, source))?;
+    let partitions: Vec<PartitionCopy> = sources.iter().map(|s| s.done).collect();
     if !dry_run {
         tracing::warn!(
             from_topic = %req.from_topic,
@@ -191,6 +291,247 @@ pub async fn copy(
     })
 }
 
+fn check(req: &CopyRequest) -> Result<(), ReplayError> {
+    if req.from_topic == req.to_topic {
+        return Err(ReplayError::SameTopic(req.from_topic.clone()));
+    }
+    if let (ReplayFrom::Time(from), Some(to)) = (req.from, req.to_time) {
+        if to <= from {
+            return Err(ReplayError::EmptyTimeRange {
+                from: format_time(from),
+                to: format_time(to),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Takes the earliest next record of the partitions until every one is done. Before each
+/// pick every partition that is not done holds its next record, so the pick is right.
+async fn merge(
+    bus: &dyn Bus,
+    req: &CopyRequest,
+    sources: &mut [Source],
+    dry_run: bool,
+) -> Result<(), CopyStop> {
+    loop {
+        for source in sources.iter_mut().filter(|s| s.needs_read()) {
+            let batch = read_batch(bus, &req.from_topic, &source.done).await?;
+            source.fill(batch);
+        }
+        let Some(next) = earliest(sources) else {
+            return Ok(());
+        };
+        take(bus, req, &mut sources[next], dry_run).await?;
+    }
+}
+
+/// The partition whose next record is the earliest (the lower partition on a tie).
+fn earliest(sources: &[Source]) -> Option<usize> {
+    sources
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| s.head_time().map(|t| ((t, s.done.partition), i)))
+        .min()
+        .map(|(_, i)| i)
+}
+
+/// Copies (or leaves out) a partition's next record.
+async fn take(
+    bus: &dyn Bus,
+    req: &CopyRequest,
+    source: &mut Source,
+    dry_run: bool,
+) -> Result<(), CopyStop> {
+    let Some(message) = source.buffer.front() else {
+        return Ok(());
+    };
+    // Left out, not an end: on Kafka a record's time is its producer's clock, so a later
+    // record may carry an earlier time than one past `to_time`.
+    if req.to_time.is_some_and(|t| message.timestamp_ms >= t) {
+        source.advance();
+        return Ok(());
+    }
+    if message.header(headers::DLQ_PAYLOAD_OMITTED).is_some() {
+        tracing::warn!(
+            partition = message.partition,
+            offset = message.offset,
+            source_topic = message.header(headers::DLQ_SOURCE_TOPIC).unwrap_or(""),
+            source_offset = message.header(headers::DLQ_SOURCE_OFFSET).unwrap_or(""),
+            "a dead letter without its payload is not copied; replay its source offset"
+        );
+        source.done.without_payload += 1;
+        source.advance();
+        return Ok(());
+    }
+    if !dry_run {
+        bus.publish(&req.to_topic, copied_record(message)).await?;
+    }
+    source.done.copied += 1;
+    source.done.last_offset = Some(message.offset);
+    source.advance();
+    Ok(())
+}
+
+/// The partition's next batch from its next offset. An empty answer before the recorded end
+/// is taken as the end only when it is one:
+/// - the bus counts no record left there (retention removed them while copying: the embedded
+///   log and JetStream count records exactly), or
+/// - on Kafka, after reading again: its read polls until its position reaches the high
+///   watermark and returns nothing only then, the offsets left being transaction markers,
+///   which its `count_between` (an offset span) counts.
+///
+/// A JetStream gap in the sequence is no such case (the read's subject filter skips to the
+/// partition's next record), but its fetch can come back without a record while records are
+/// pending; the embedded log answers nothing only past its retention mark. So elsewhere the
+/// read is tried again and, still empty, fails with [`CopyStop::Unreadable`] rather than
+/// report a complete copy.
+async fn read_batch(
+    bus: &dyn Bus,
+    topic: &str,
+    at: &PartitionCopy,
+) -> Result<Vec<Message>, CopyStop> {
+    let (partition, from) = (at.partition, at.next_offset);
+    let batch = bus.read(topic, partition, from, READ_BATCH).await?;
+    if !batch.is_empty() {
+        return Ok(batch);
+    }
+    let remaining = bus.count_between(topic, partition, from, at.end).await?;
+    if remaining == 0 {
+        return Ok(batch);
+    }
+    for pause in EMPTY_READ_RETRIES {
+        tokio::time::sleep(pause).await;
+        let batch = bus.read(topic, partition, from, READ_BATCH).await?;
+        if !batch.is_empty() {
+            tracing::info!(topic, partition, from, "a read came back empty; read again");
+            return Ok(batch);
+        }
+    }
+    if bus.kind() == "kafka" {
+        return Ok(Vec::new());
+    }
+    Err(CopyStop::Unreadable {
+        partition,
+        offset: from,
+        end: at.end,
+        remaining,
+        reads: EMPTY_READ_RETRIES.len() + 1,
+    })
+}
+
+/// The error of a copy stopped by `source`, with where each partition stands.
+fn interrupted(
+    req: &CopyRequest,
+    sources: &[Source],
+    dry_run: bool,
+    source: CopyStop,
+) -> ReplayError {
+    let progress = CopyProgress {
+        from_topic: req.from_topic.clone(),
+        to_topic: req.to_topic.clone(),
+        to_time: req.to_time,
+        dry_run,
+        partitions: sources.iter().map(|s| s.done).collect(),
+        resume: resume(sources),
+    };
+    tracing::error!(
+        from_topic = %req.from_topic,
+        to_topic = %req.to_topic,
+        copied = progress.total_copied(),
+        error = %source,
+        "copy interrupted"
+    );
+    ReplayError::CopyInterrupted {
+        progress: Box::new(progress),
+        source,
+    }
+}
+
+/// How to go on from where the sources stand (see [`Resume`]).
+fn resume(sources: &[Source]) -> Resume {
+    // `next_offset` moves at the end of an empty range too; a taken record sets `last_time`.
+    if sources.iter().all(|s| s.last_time.is_none()) {
+        return Resume::Again;
+    }
+    let left: Vec<&Source> = sources.iter().filter(|s| !s.done.finished).collect();
+    if let [only] = left.as_slice() {
+        return Resume::Offset {
+            partition: only.done.partition,
+            offset: only.done.next_offset,
+        };
+    }
+    // Per partition left: its next record's time if read, else its last taken record's, which
+    // is at or before its next offset. Every partition had a batch before the first record was
+    // taken, so one without either has taken nothing: then only running it all again is safe.
+    let bounds: Option<Vec<i64>> = left.iter().map(|s| s.head_time().or(s.last_time)).collect();
+    match bounds.and_then(|b| b.into_iter().min()) {
+        Some(t) => Resume::Time(t),
+        None => Resume::Again,
+    }
+}
+
+impl fmt::Display for CopyProgress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verb = if self.dry_run { "counted" } else { "copied" };
+        writeln!(
+            f,
+            "{} → {}: {} record(s) {verb}; per partition (everything before the next offset was \
+             {verb} or left out, nothing at or after it):",
+            self.from_topic,
+            self.to_topic,
+            self.total_copied()
+        )?;
+        for p in &self.partitions {
+            let state = if p.finished {
+                "done".to_owned()
+            } else if p.next_offset == p.start {
+                format!("not started, next offset {}", p.next_offset)
+            } else {
+                format!("next offset not yet {verb} {}", p.next_offset)
+            };
+            writeln!(
+                f,
+                "  partition {}: {} {verb}, {state} (range {}..{})",
+                p.partition, p.copied, p.start, p.end
+            )?;
+        }
+        let to_time = self
+            .to_time
+            .map(|t| format!(" --to-time {}", format_time(t)))
+            .unwrap_or_default();
+        let command = format!(
+            "nexus replay --topic {} --copy-to {}",
+            self.from_topic, self.to_topic
+        );
+        if self.dry_run {
+            return write!(f, "Dry run: nothing was published; run it again.");
+        }
+        match self.resume {
+            Resume::Again => write!(f, "Nothing was {verb}: run the same command again."),
+            Resume::Offset { partition, offset } => write!(
+                f,
+                "Only partition {partition} is left; resume exactly with (same --bus): \
+                 {command} --from-offset {offset} --partition {partition}{to_time} --execute"
+            ),
+            Resume::Time(t) => write!(
+                f,
+                "Resume, keeping the partitions merged, with (same --bus): {command} \
+                 --from-time {}{to_time} --execute\nEach partition then starts at its first \
+                 record at or after that time, which is at or before its next offset above, so \
+                 nothing is lost. Copied again are the records at or after that time before \
+                 those offsets: on JetStream and the embedded log (append times) only those of \
+                 that millisecond, on Kafka (producer clocks) possibly more, and any record \
+                 before the first run's start at or after that time. Consumers are idempotent \
+                 by event id, so the duplicates change nothing. Records appended to {} since \
+                 the first run started are copied too.",
+                format_time(t),
+                self.from_topic
+            ),
+        }
+    }
+}
+
 impl fmt::Display for CopyReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let verb = if self.dry_run { "Would copy" } else { "Copied" };
@@ -202,7 +543,7 @@ impl fmt::Display for CopyReport {
         if let Some(t) = self.to_time {
             write!(f, " to {}", format_time(t))?;
         }
-        writeln!(f)?;
+        writeln!(f, ", partitions merged by record time")?;
         writeln!(
             f,
             "{:>9}  {:>12}  {:>12}  {:>12}",

@@ -4,7 +4,9 @@
 //! Modelled on `kafka-consumer-groups --reset-offsets`: [`plan`] is the dry run and shows per
 //! partition the committed offset, the target and how many events will be processed again
 //! (or skipped, when the target is ahead — the operator must see that); [`execute`] moves the
-//! group, refusing while it has active members unless forced. [`copy()`] re-publishes a range.
+//! group, refusing while it has active members unless forced. [`copy()`] re-publishes a range,
+//! the partitions merged by record time so that a key's records stay in order even where a
+//! grown topic holds them in two partitions (see [`copy`](mod@copy)).
 //!
 //! Every consumer is idempotent per effect, so replaying changes no end state; it only costs
 //! the work of processing again.
@@ -22,7 +24,9 @@ use std::fmt;
 
 use thiserror::Error;
 
-pub use copy::{copied_record, copy, CopyReport, CopyRequest, PartitionCopy};
+pub use copy::{
+    copied_record, copy, CopyProgress, CopyReport, CopyRequest, CopyStop, PartitionCopy, Resume,
+};
 
 use crate::bus::{Bus, BusError, PartitionOffsets};
 
@@ -90,17 +94,12 @@ pub enum ReplayError {
     InvalidTime { value: String, message: String },
     #[error("copy source and destination are both `{0}`")]
     SameTopic(String),
-    /// A copy failed part-way; what was copied stays copied. Resume with
-    /// `--from-offset {next_offset} --partition {partition}` (and the other partitions).
-    #[error(
-        "copy interrupted on partition {partition} after {copied} record(s); resume from offset \
-         {next_offset}: {source}"
-    )]
+    /// A copy failed part-way; what was copied stays copied. `progress` names per partition
+    /// the next offset not yet copied and how to resume (its `Display` says it to the operator).
+    #[error("copy interrupted: {source}\n{progress}")]
     CopyInterrupted {
-        partition: u32,
-        copied: u64,
-        next_offset: u64,
-        source: BusError,
+        progress: Box<CopyProgress>,
+        source: CopyStop,
     },
     #[error(transparent)]
     Bus(#[from] BusError),
