@@ -49,6 +49,17 @@ pub struct Operation {
     pub message_id: Option<String>,
 }
 
+/// Why an event cannot make its GWS call, whatever GWS would say: dead-lettered at once.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error(transparent)]
+    Body(#[from] BodyError),
+    /// The agent id travels as the `X-Agent-Id` header: one with a control character (which
+    /// a foreign producer may publish) cannot be sent, on any try.
+    #[error("the agent id cannot be sent as the {header} header (it holds a control character)", header = super::client::AGENT_HEADER)]
+    AgentId,
+}
+
 /// Whether events of this type can make a GWS call (before reading the body).
 pub fn may_operate(event_type: &str) -> bool {
     matches!(
@@ -63,7 +74,7 @@ pub fn may_operate(event_type: &str) -> bool {
 /// The operation `event` asks for; `None` for events GWS is not told about (readiness, offers,
 /// rejections, customer and bot messages, an agent's file message, consultations, a bot's
 /// handoff).
-pub fn operation_of(event: &Event) -> Result<Option<Operation>, BodyError> {
+pub fn operation_of(event: &Event) -> Result<Option<Operation>, OpError> {
     let e = &event.envelope;
     let op = match e.event_type.as_str() {
         AgentAccepted::TYPE => {
@@ -153,6 +164,11 @@ pub fn operation_of(event: &Event) -> Result<Option<Operation>, BodyError> {
         }
         _ => return Ok(None),
     };
+    // Checked before the effect is logged: a request that cannot be built is no failure of
+    // GWS, so it must neither be retried nor count against the target's circuit.
+    if reqwest::header::HeaderValue::from_str(&op.agent_id).is_err() {
+        return Err(OpError::AgentId);
+    }
     Ok(Some(op))
 }
 

@@ -257,3 +257,44 @@ async fn completion_with_a_refused_read(me: StatusCode) {
     }
     db.close().await;
 }
+
+/// An agent id that cannot travel as the `X-Agent-Id` header (a control character, as a
+/// foreign producer may publish through ingest) is a bad event: dead-lettered at once, with no
+/// call and no effect-log row. Before, the request could not be built, which was taken for
+/// GWS failing: retried from the backlog (forever while nothing else answered, since such a
+/// failure does not count) and counted against the target's circuit.
+#[tokio::test]
+async fn an_agent_id_that_cannot_be_a_header_is_a_bad_event() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (url, calls, _) = gws(200).await;
+    let (w, db) = worker(&url, dir.path()).await;
+    for agent in ["a1\n", "a1\r\nX-Injected: 1", "a\u{7f}1"] {
+        let body = AgentAccepted {
+            offer_id: "o1".into(),
+            agent_id: agent.into(),
+            participant_id: agent.into(),
+            nickname: "Alice".into(),
+        };
+        let e = Event::typed(&body, "t1", "c1", "edge/agent").expect("typed");
+        match w.apply(&e, &message()).await {
+            Err(HandleError::Reject { reason, detail }) => {
+                assert_eq!(reason, BAD_EVENT, "{detail}");
+                assert!(!detail.contains(agent), "{detail}");
+            }
+            other => panic!("{agent:?}: expected a bad event, got {other:?}"),
+        }
+    }
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM gws_effects")
+        .fetch_one(db.pool())
+        .await
+        .expect("count");
+    assert_eq!(
+        rows, 0,
+        "no effect logged for a call that can never be made"
+    );
+    assert_eq!(*calls.lock().unwrap(), 0);
+    // A printable id (any visible character) still goes.
+    w.apply(&accepted(), &message()).await.expect("called");
+    assert_eq!(*calls.lock().unwrap(), 1);
+    db.close().await;
+}
