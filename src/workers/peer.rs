@@ -484,7 +484,7 @@ impl Peer {
                         .headers()
                         .get(reqwest::header::CONTENT_TYPE)
                         .and_then(|v| v.to_str().ok())
-                        .is_some_and(|t| t.trim_start().starts_with("text/html"));
+                        .is_some_and(is_html);
                 retry_after = crate::http_client::retry_after(&response);
                 let body = crate::http_client::read_capped(response, MAX_ANSWER_BYTES).await;
                 let text = match &body {
@@ -912,6 +912,14 @@ impl Circuit {
     }
 }
 
+/// Whether a Content-Type is an HTML page (media types are case-insensitive: `Text/HTML` too).
+fn is_html(content_type: &str) -> bool {
+    content_type
+        .split(';')
+        .next()
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("text/html"))
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1060,6 +1068,15 @@ mod tests {
                 }),
             )
             .route(
+                "/login-caps",
+                axum::routing::get(|| async {
+                    (
+                        [("content-type", "Text/HTML; charset=UTF-8")],
+                        "<html><form>sign in</form></html>",
+                    )
+                }),
+            )
+            .route(
                 "/moved",
                 axum::routing::post(|| async { axum::response::Redirect::temporary("/plain") }),
             )
@@ -1177,13 +1194,15 @@ mod tests {
                 "{path}: a 2xx at the end of a redirect, whatever its body"
             );
         }
-        assert!(
-            matches!(
-                peer.get_json(&t, "chat-1", "/login", &[]).await,
-                Err(PeerFailure::Retry { .. })
-            ),
-            "an HTML page"
-        );
+        for path in ["/login", "/login-caps"] {
+            assert!(
+                matches!(
+                    peer.get_json(&t, "chat-1", path, &[]).await,
+                    Err(PeerFailure::Retry { .. })
+                ),
+                "{path}: an HTML page, its media type in any case"
+            );
+        }
     }
 
     #[tokio::test]
