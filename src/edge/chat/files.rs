@@ -106,6 +106,18 @@ fn essence(content_type: &str) -> String {
         .to_ascii_lowercase()
 }
 
+/// The type a part declares, without parameters, read from its `Content-Type` as sent. Not
+/// the multipart parser's: it drops the whole type when a parameter does not parse (`; x`, a
+/// quoted non-ASCII value), and an allowed type would then be refused as ``.
+fn declared_type(headers: &HeaderMap) -> String {
+    let raw = headers
+        .get(CONTENT_TYPE)
+        .map(HeaderValue::as_bytes)
+        .unwrap_or_default();
+    let head = raw.split(|b| *b == b';').next().unwrap_or_default();
+    essence(&String::from_utf8_lossy(head))
+}
+
 /// Whether the bytes visibly contradict the declared type.
 fn mismatch(content_type: &str, data: &[u8]) -> bool {
     let declared: Vec<&[u8]> = SIGNATURES
@@ -142,17 +154,16 @@ fn file_name(given: Option<&str>, content_type: &str) -> String {
     let Some(&(_, extensions)) = EXTENSIONS.iter().find(|(t, _)| *t == content_type) else {
         return name.chars().take(MAX_NAME_CHARS).collect();
     };
-    let own = name
-        .rsplit_once('.')
-        .is_some_and(|(_, ext)| extensions.iter().any(|e| e.eq_ignore_ascii_case(ext)));
-    let suffix = if own {
-        String::new()
-    } else {
-        format!(".{}", extensions[0])
+    let (stem, suffix) = match name.rsplit_once('.') {
+        Some((stem, ext)) if extensions.iter().any(|e| e.eq_ignore_ascii_case(ext)) => {
+            (stem, format!(".{ext}"))
+        }
+        _ => (name, format!(".{}", extensions[0])),
     };
-    // Cut before the suffix, so a long name keeps the type's extension.
-    let room = MAX_NAME_CHARS - suffix.len();
-    let stem: String = name.chars().take(room).collect();
+    // Cut the stem, not the whole name: a long name keeps the type's extension, its own
+    // included (cut whole, `x…x.png` would lose it and be saved as no type at all).
+    let room = MAX_NAME_CHARS - suffix.chars().count();
+    let stem: String = stem.chars().take(room).collect();
     stem + &suffix
 }
 
@@ -169,12 +180,17 @@ const EXTENSIONS: [(&str, &[&str]); 7] = [
 ];
 
 /// Unicode format characters that change how a name is shown without showing themselves:
-/// bidirectional overrides and isolates, zero-width characters, the soft hyphen, the BOM.
+/// bidirectional overrides and isolates, zero-width characters, the soft hyphen, the BOM, the
+/// deprecated shaping controls, interlinear annotations, shorthand and musical format
+/// controls; and the characters drawn as blank space (the Hangul fillers, the combining
+/// grapheme joiner, the Khmer inherent vowels).
 fn invisible(c: char) -> bool {
     matches!(c,
-        '\u{ad}' | '\u{61c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
-        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{3164}' | '\u{fe00}'..='\u{fe0f}'
-        | '\u{feff}' | '\u{e0000}'..='\u{e007f}')
+        '\u{ad}' | '\u{34f}' | '\u{61c}' | '\u{115f}' | '\u{1160}' | '\u{17b4}' | '\u{17b5}'
+        | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206f}' | '\u{3164}' | '\u{fe00}'..='\u{fe0f}'
+        | '\u{feff}' | '\u{ffa0}' | '\u{fff9}'..='\u{fffb}' | '\u{1bca0}'..='\u{1bca3}'
+        | '\u{1d173}'..='\u{1d17a}' | '\u{e0000}'..='\u{e007f}')
 }
 
 /// `attachment` with an ASCII fallback name and the exact name as RFC 5987 `filename*`.
@@ -242,7 +258,7 @@ async fn read_upload(state: &AppState, mut multipart: Multipart) -> Result<Uploa
     {
         match field.name() {
             Some("file") if file.is_none() => {
-                let content_type = essence(field.content_type().unwrap_or_default());
+                let content_type = declared_type(field.headers());
                 if !chat
                     .file_types
                     .iter()
@@ -686,6 +702,11 @@ mod tests {
         let long = file_name(Some(&format!("{}.exe", "x".repeat(300))), "image/gif");
         assert_eq!(long.chars().count(), MAX_NAME_CHARS);
         assert!(long.ends_with("xxx.gif"), "{long}");
+        // A long name with the type's own extension keeps it (as sent).
+        let own = file_name(Some(&format!("{}.JPEG", "é".repeat(300))), "image/jpeg");
+        assert_eq!(own.chars().count(), MAX_NAME_CHARS);
+        assert!(own.ends_with("ééé.JPEG"), "{own}");
+        assert_eq!(file_name(Some(".png"), "image/png"), ".png");
     }
 
     #[test]
@@ -699,6 +720,15 @@ mod tests {
         assert!(mismatch("text/plain", b"a\0b"));
         assert!(!mismatch("application/zip", b"PK"));
         assert_eq!(essence("Image/PNG; charset=x"), "image/png");
+        let declared = |raw: &[u8]| {
+            let mut h = HeaderMap::new();
+            h.insert(CONTENT_TYPE, HeaderValue::from_bytes(raw).expect("header"));
+            declared_type(&h)
+        };
+        assert_eq!(declared(b"Text/Plain; x"), "text/plain");
+        assert_eq!(declared(b"text/plain; name=\"\xc3\xa9.txt\""), "text/plain");
+        assert_eq!(declared(b"image/png;;"), "image/png");
+        assert_eq!(declared_type(&HeaderMap::new()), "");
     }
 
     #[test]

@@ -846,28 +846,30 @@ pub(crate) async fn customer_read(
     past_end: PastEnd,
     traceparent: Option<String>,
 ) -> Result<(), ApiError> {
-    let position = i64::try_from(position)
-        .ok()
-        .filter(|p| *p >= 1)
-        .ok_or_else(|| {
-            ApiError::bad_request("INVALID_FIELD", "position is a transcript position (>= 1)")
-        })?;
+    if position == 0 {
+        return Err(ApiError::bad_request(
+            "INVALID_FIELD",
+            "position is a transcript position (>= 1)",
+        ));
+    }
     ensure_open(state, c).await?;
     // A receipt is stored as an entry pointing at the message read: one that is not there
-    // would point at nothing.
+    // would point at nothing. Compared as sent: a position too large for the event is past
+    // the end like any other.
     let length = transcript_len(state, &c.tid, &c.sid).await?;
-    let position = match u64::try_from(position) {
-        Ok(p) if p > length && past_end == PastEnd::ReadAll && length > 0 => {
-            i64::try_from(length).unwrap_or(position)
-        }
-        Ok(p) if p > length => {
+    let read = match position {
+        p if p > length && past_end == PastEnd::ReadAll && length > 0 => length,
+        p if p > length => {
             return Err(ApiError::bad_request(
                 "INVALID_POSITION",
                 format!("position {position} is past the end of the transcript ({length})"),
             ))
         }
-        _ => position,
+        p => p,
     };
+    // At most the transcript's length, which the store keeps far below `i64::MAX`.
+    let position = i64::try_from(read)
+        .map_err(|_| ApiError::unavailable(format!("transcript length {length} out of range")))?;
     let body = ev::ReceiptReceived {
         participant_id: c.pid.clone(),
         participant_kind: ParticipantKind::Customer,
