@@ -166,6 +166,7 @@ async fn handoff(
         state.provisioning.queue(&bot.tenant_id, q).await?;
     }
     let c = held_by(&state, &bot, &id).await?;
+    check_merged_user_data(&state, &c, &r.user_data)?;
     let Some(queue_id) = r.queue_id.or(c.queue_id) else {
         return Err(ApiError::bad_request(
             "INVALID_FIELD",
@@ -183,6 +184,30 @@ async fn handoff(
     };
     publish(&state, &bot, &id, &transfer).await?;
     Ok(StatusCode::ACCEPTED)
+}
+
+/// Refuses a handoff whose context would take the chat past `chat.max_user_data_entries`:
+/// the worker keeps the record bounded by leaving such a context out, so accepting it here
+/// would answer 202 for a context the agent never gets. As for the customer's updates, the
+/// worker checks again (updates racing this one).
+fn check_merged_user_data(
+    state: &AppState,
+    c: &Conversation,
+    context: &BTreeMap<String, String>,
+) -> Result<(), ApiError> {
+    let max = state.config.chat.max_user_data_entries;
+    let merged = crate::stores::session::merge_user_data(&c.user_data, context, &[]);
+    if merged.len() > max.max(c.user_data.len()) {
+        return Err(ApiError::bad_request(
+            "INVALID_USER_DATA",
+            format!(
+                "a chat carries at most {max} user-data entries; this one has {} and the handoff would make {}",
+                c.user_data.len(),
+                merged.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The transcript of a conversation given to this bot (also after the handoff).

@@ -212,6 +212,12 @@ fn closed_by(c: &Conversation, e: &Event) -> bool {
             == Some(e.envelope.event_id.to_string().as_str())
 }
 
+/// Whether `id` has the shape of an object id (1 to 64 of `A-Z a-z 0-9 -`), as the bot API
+/// checks a handoff's `queue_id`.
+fn plain_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
 /// The event a retried bot turn acts as, named by the customer message's entry: every try of
 /// that message derives the same ids (the bot's idempotency key, its replies), in `due`'s trace.
 fn bot_turn_source(due: &Event, m: &Entry) -> Event {
@@ -913,6 +919,13 @@ impl ConversationWorker {
         };
         metrics::counter!(crate::telemetry::metrics::BOT_CALLS_TOTAL, "outcome" => "ok")
             .increment(1);
+        if !self.still_with_bot(c, &bot_id).await? {
+            // Applied again on the fresh record, where the message no longer goes to the bot.
+            return Err(HandleError::Retry(format!(
+                "conversation {} left the bot while it answered; applying again",
+                c.conversation_id
+            )));
+        }
         if c.routing.bot_pending.as_ref().map(|p| p.position) == Some(m.position) {
             c.routing.bot_pending = None;
         }
@@ -953,6 +966,23 @@ impl ConversationWorker {
             Some(h) => self.hand_off(c, e, h.queue_id, h.user_data).await,
             None => Ok(()),
         }
+    }
+
+    /// Whether the saved record is still with `bot_id`. A customer message's turn runs on the
+    /// inbound lane while a handoff through the bot API (or a close) applies on the agent
+    /// lane: a bot that hands off while its turn's call is out (before answering it) must not
+    /// have that answer written after the handoff, for the customer and the agent to see. The
+    /// caller's save would notice the change, but only after the replies went out. No record
+    /// (a start not saved yet) is with nobody else.
+    async fn still_with_bot(&self, c: &Conversation, bot_id: &str) -> Result<bool, HandleError> {
+        let fresh = self
+            .store
+            .conversation(&c.tenant_id, &c.conversation_id)
+            .await
+            .map_err(store_failed)?;
+        Ok(fresh.is_none_or(|f| {
+            f.state == ConversationState::Bot && f.bot_id.as_deref() == Some(bot_id)
+        }))
     }
 
     /// Keeps the customer message `m`, which the down bot did not answer, pending in `c` and
@@ -1077,11 +1107,14 @@ impl ConversationWorker {
         context: BTreeMap<String, String>,
     ) -> Step {
         if let Some(q) = queue {
-            if self
-                .directory
-                .queue_exists(&c.tenant_id, &q)
-                .await
-                .map_err(directory_failed)?
+            // A bot's answer names any string: one no queue can have (a NUL, which PostgreSQL
+            // refuses in a query, failing the lookup on every retry) is unknown without asking.
+            if plain_id(&q)
+                && self
+                    .directory
+                    .queue_exists(&c.tenant_id, &q)
+                    .await
+                    .map_err(directory_failed)?
             {
                 c.queue_id = Some(q);
             } else {
