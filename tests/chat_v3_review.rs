@@ -5,34 +5,23 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use common::chat::{multipart, png, OwnNats, TestDb, BOUNDARY};
+use common::chat::{multipart, png, BOUNDARY};
 use http_body_util::BodyExt;
 use nexus::config::Config;
-use nexus::edge::{self, AppState};
-use nexus::stores::provisioning::{NewApiKey, NewTenant, Permission, Provisioning};
-use nexus::stores::session::redis::RedisStore;
+use nexus::edge;
 use nexus::stores::session::{
     Conversation, ConversationState, EntryKind, NewEntry, Party, PartyKind, Routing,
 };
-use nexus::topology::{self, Topology};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
 const INBOUND: &str = "nexus.inbound.v1";
 
-/// An edge in this process with a tenant's API key; the services live as long as it.
-struct Fx {
-    state: AppState,
-    api_key: String,
-    tenant: String,
-    _nats: OwnNats,
-    _db: TestDb,
-    _dir: tempfile::TempDir,
-}
+/// An edge in this process with its tenant's API key; the services live as long as it.
+type Fx = common::edge::BrokerEdge;
 
 /// A v3 session: its id and client key.
 struct Session {
@@ -52,68 +41,7 @@ async fn fixture() -> Fx {
 }
 
 async fn fixture_with(tweak: impl FnOnce(&mut Config)) -> Fx {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let nats = OwnNats::start(dir.path()).await;
-    let db = TestDb::create().await;
-    let mut config = Config::defaults();
-    config.bus.url = nats.url.clone();
-    config.chat.client_key_secret = "client-key-secret-of-chat-v3-review".into();
-    tweak(&mut config);
-    let bus = nexus::bus::connect(&config.bus).await.expect("bus");
-    let topology = Topology::builtin();
-    topology::apply(bus.as_ref(), &topology)
-        .await
-        .expect("topology");
-    let key = nexus::stores::provisioning::secrets::EncryptionKey::generate();
-    let provisioning = Provisioning::connect(&db.url, &key)
-        .await
-        .expect("provisioning");
-    let redis_url =
-        std::env::var("NEXUS_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let namespace = format!("nxv3r-{}", uuid::Uuid::new_v4().simple());
-    let sessions: Arc<dyn nexus::stores::session::SessionStore> = Arc::new(
-        RedisStore::connect_in(&redis_url, &namespace)
-            .await
-            .expect("redis"),
-    );
-    let state = AppState::new(
-        Arc::new(config),
-        bus,
-        Arc::new(topology),
-        nexus::telemetry::init_metrics(),
-        Arc::new(provisioning),
-        sessions,
-    );
-    let tenant = state
-        .provisioning
-        .create_tenant(NewTenant {
-            name: "v3-review".into(),
-        })
-        .await
-        .expect("tenant")
-        .id;
-    let api_key = state
-        .provisioning
-        .create_api_key(
-            &tenant,
-            NewApiKey {
-                name: "widget".into(),
-                permissions: vec![Permission::Chat],
-                enabled: true,
-                expires_at_ms: None,
-            },
-        )
-        .await
-        .expect("api key")
-        .key;
-    Fx {
-        state,
-        api_key,
-        tenant,
-        _nats: nats,
-        _db: db,
-        _dir: dir,
-    }
+    common::edge::broker_edge("v3-review", tweak).await
 }
 
 /// The record the conversation worker would have saved for a started chat.

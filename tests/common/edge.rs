@@ -41,3 +41,83 @@ pub async fn embedded_state(mut config: Config, dir: &Path) -> AppState {
         sessions,
     )
 }
+
+/// An edge in the test process on the production shape: a NATS JetStream server of its own, a
+/// fresh PostgreSQL database for provisioning and Redis (a namespace of its own) for sessions,
+/// with one tenant and its chat API key. The services live as long as it.
+pub struct BrokerEdge {
+    pub state: AppState,
+    pub api_key: String,
+    pub tenant: String,
+    pub redis_url: String,
+    pub namespace: String,
+    pub nats: super::chat::OwnNats,
+    pub db: super::chat::TestDb,
+    pub dir: tempfile::TempDir,
+}
+
+/// A [`BrokerEdge`] for tenant `name`; `tweak` adjusts the config first (its bus is set here).
+pub async fn broker_edge(name: &str, tweak: impl FnOnce(&mut Config)) -> BrokerEdge {
+    use nexus::stores::provisioning::{NewApiKey, NewTenant, Permission};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = super::chat::OwnNats::start(dir.path()).await;
+    let db = super::chat::TestDb::create().await;
+    let mut config = Config::defaults();
+    config.chat.client_key_secret = format!("client-key-secret-of-{name}");
+    tweak(&mut config);
+    config.bus.url = nats.url.clone();
+    let bus = nexus::bus::connect(&config.bus).await.expect("bus");
+    let topology = Topology::builtin();
+    topology::apply(bus.as_ref(), &topology)
+        .await
+        .expect("topology");
+    let provisioning = Provisioning::connect(&db.url, &EncryptionKey::generate())
+        .await
+        .expect("provisioning");
+    let redis_url =
+        std::env::var("NEXUS_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let namespace = format!("nx{name}-{}", uuid::Uuid::new_v4().simple());
+    let sessions: Arc<dyn SessionStore> = Arc::new(
+        nexus::stores::session::redis::RedisStore::connect_in(&redis_url, &namespace)
+            .await
+            .expect("redis"),
+    );
+    let state = AppState::new(
+        Arc::new(config),
+        bus,
+        Arc::new(topology),
+        nexus::telemetry::init_metrics(),
+        Arc::new(provisioning),
+        sessions,
+    );
+    let tenant = state
+        .provisioning
+        .create_tenant(NewTenant { name: name.into() })
+        .await
+        .expect("tenant")
+        .id;
+    let api_key = state
+        .provisioning
+        .create_api_key(
+            &tenant,
+            NewApiKey {
+                name: "widget".into(),
+                permissions: vec![Permission::Chat],
+                enabled: true,
+                expires_at_ms: None,
+            },
+        )
+        .await
+        .expect("api key")
+        .key;
+    BrokerEdge {
+        state,
+        api_key,
+        tenant,
+        redis_url,
+        namespace,
+        nats,
+        db,
+        dir,
+    }
+}
