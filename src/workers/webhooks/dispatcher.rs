@@ -238,6 +238,18 @@ impl Lanes {
         starts
     }
 
+    /// Held messages that can start now and so will take process slots: per endpoint, no more
+    /// than its free slots. What a busy or paused endpoint, or a full tenant, holds waits for
+    /// its own slots, not the process's: counting it would shrink the claim for everyone
+    /// else (a hanging endpoint holding 16× its limit of new messages stopped every claim).
+    fn startable(&self, now: Instant, per: usize, full_tenants: &[String]) -> usize {
+        self.endpoints
+            .values()
+            .filter(|l| !l.paused(now) && !full_tenants.contains(&l.tenant))
+            .map(|l| l.held.len().min(per.saturating_sub(l.in_flight)))
+            .sum()
+    }
+
     /// Tenants at their in-flight limit: their messages would only wait in this process.
     fn full_tenants(&self, limit: usize) -> Vec<String> {
         self.tenants
@@ -525,15 +537,8 @@ impl Dispatcher {
             let (held, saturated, full, room) = {
                 let lanes = self.lock_lanes();
                 let full = lanes.full_tenants(per_tenant);
-                // What a full tenant holds waits for its own slots, not the process's: it
-                // does not shrink the claim for the others.
-                let held: usize = lanes
-                    .endpoints
-                    .values()
-                    .filter(|l| !full.contains(&l.tenant))
-                    .map(|l| l.held.len())
-                    .sum();
                 let now = Instant::now();
+                let held = lanes.startable(now, per, &full);
                 let saturated: Vec<String> = lanes
                     .endpoints
                     .iter()
@@ -1457,6 +1462,29 @@ mod tests {
             take(&mut l, 5, 10, 100),
             ["a-0", "b-0", "c-0", "a-1", "c-1"]
         );
+    }
+
+    #[test]
+    fn only_held_messages_that_can_start_shrink_the_claim() {
+        // "a" is at its limit of 2 with 30 held (a hanging endpoint's burst), "b" has one free
+        // slot and 3 held, "c" is paused, "d"'s tenant is full.
+        let mut l = lanes(&[
+            ("t1", "a", 30),
+            ("t2", "b", 3),
+            ("t3", "c", 5),
+            ("t4", "d", 4),
+        ]);
+        if let Some(a) = l.endpoints.get_mut("a") {
+            a.in_flight = 2;
+        }
+        if let Some(b) = l.endpoints.get_mut("b") {
+            b.in_flight = 1;
+        }
+        if let Some(c) = l.endpoints.get_mut("c") {
+            c.paused_until = Some(Instant::now() + Duration::from_secs(60));
+        }
+        let full = ["t4".to_string()];
+        assert_eq!(l.startable(Instant::now(), 2, &full), 1);
     }
 
     #[test]
