@@ -290,13 +290,10 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut figment = Figment::from(Toml::string(DEFAULT_CONFIG));
         if let Some(path) = file {
-            if !path.exists() {
-                return Err(ConfigError::Load(format!(
-                    "file {} does not exist",
-                    path.display()
-                )));
-            }
-            figment = figment.merge(Toml::file(path));
+            check_file(path)?;
+            // `file_exact`: `Toml::file` reads a path that is no file (a directory) as an empty
+            // file, and looks for a relative one in every parent directory.
+            figment = figment.merge(Toml::file_exact(path));
         }
         Self::from_figment(with_env(figment, env_settings(vars)))
     }
@@ -309,9 +306,7 @@ impl Config {
     }
 
     fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
-        let config: Config = figment
-            .extract_lossy()
-            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        let config: Config = figment.extract_lossy().map_err(load_error)?;
         config.validate()?;
         Ok(config)
     }
@@ -327,7 +322,7 @@ impl Config {
 
     /// Cross-field and format rules.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        BusUrl::parse(&self.bus.url).map_err(|e| invalid("bus.url", e.to_string()))?;
+        check_bus_url(&self.bus.url)?;
         match self.bus.kafka.partition_assignment_strategy.as_str() {
             "cooperative-sticky" | "range" | "roundrobin" => {}
             other => {
@@ -738,16 +733,10 @@ impl Config {
         c.workers.gws.redact(REDACTED);
         // An HTTP receiver's key often rides in its query (`api_key=`, `code=`): every value goes.
         c.workers.tap.url = crate::http_client::shown_url(&c.workers.tap.url);
-        c.bus.url = redact_url_password(&c.bus.url);
-        // Each node of a cluster's list (a single URL's password may hold a comma).
-        c.stores.redis_url = if c.stores.redis_cluster {
-            (c.stores.redis_url.split(','))
-                .map(redact_url_password)
-                .collect::<Vec<_>>()
-                .join(",")
-        } else {
-            redact_url_password(&c.stores.redis_url)
-        };
+        // Lists of servers, each with its own user info: NATS
+        // (`nats://u:p@a:4222,nats://u:q@b:4222`) and the nodes of a Redis Cluster.
+        c.bus.url = redact_url_list(&c.bus.url);
+        c.stores.redis_url = redact_url_list(&c.stores.redis_url);
         c.stores.postgres_url = redact_url_password(&c.stores.postgres_url);
         toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}"))
     }
@@ -787,6 +776,84 @@ fn with_env(mut figment: Figment, vars: impl Iterator<Item = (String, String)>) 
         figment = figment.merge(Serialized::default(&key, value));
     }
     figment
+}
+
+/// The `--config` file is readable TOML. A syntax error is reported by line and column only:
+/// the TOML parser's own message quotes the line, which may hold a secret (`admin_token = abc`,
+/// the quotes forgotten).
+fn check_file(path: &Path) -> Result<(), ConfigError> {
+    let shown = path.display();
+    if !path.is_file() {
+        let why = if path.exists() {
+            "is not a file"
+        } else {
+            "does not exist"
+        };
+        return Err(ConfigError::Load(format!("file {shown} {why}")));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::Load(format!("cannot read file {shown}: {e}")))?;
+    let Err(e) = text.parse::<toml::Table>() else {
+        return Ok(());
+    };
+    let at = e.span().map_or(0, |span| span.start).min(text.len());
+    let before = text.get(..at).unwrap_or_default();
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    Err(ConfigError::Load(format!(
+        "file {shown}: TOML syntax error at line {line}, column {column}: {}",
+        e.message().trim()
+    )))
+}
+
+/// Keys whose values are secrets (the last segment of the key, or its suffix `_url`: URLs may
+/// carry credentials), so a load error names them without quoting the value.
+fn is_secret_key(path: &[String]) -> bool {
+    let last = path.last().map_or("", String::as_str);
+    matches!(
+        last,
+        "sasl_password"
+            | "password"
+            | "token"
+            | "admin_token"
+            | "client_key_secret"
+            | "provisioning_key"
+            | "credential"
+            | "url"
+    ) || last.ends_with("_url")
+}
+
+/// A figment error as the key at fault (without figment's `default.` profile) and what is
+/// wrong, the value left out for a secret's key (figment quotes it: `found signed int
+/// `123456789``).
+fn load_error(errors: figment::Error) -> ConfigError {
+    use figment::error::Kind;
+    let messages: Vec<String> = errors
+        .into_iter()
+        .map(|e| {
+            let what = match &e.kind {
+                Kind::InvalidType(_, expected) if is_secret_key(&e.path) => {
+                    format!("invalid type: expected {expected}")
+                }
+                Kind::InvalidValue(_, expected) if is_secret_key(&e.path) => {
+                    format!("invalid value: expected {expected}")
+                }
+                kind => kind.to_string(),
+            };
+            // Only a file is worth naming: the other sources are the built-in defaults and env.
+            let file = (e.metadata.as_ref())
+                .and_then(|m| m.source.as_ref())
+                .and_then(figment::Source::file_path)
+                .map(|p| format!(" (in {})", p.display()))
+                .unwrap_or_default();
+            if e.path.is_empty() {
+                format!("{what}{file}")
+            } else {
+                format!("key `{}`: {what}{file}", e.path.join("."))
+            }
+        })
+        .collect();
+    ConfigError::Load(messages.join("; "))
 }
 
 const ENV_PREFIX: &str = "NEXUS_";
@@ -991,6 +1058,44 @@ pub(crate) fn redis_nodes(url: &str) -> Vec<&str> {
         .map(str::trim)
         .filter(|n| !n.is_empty())
         .collect()
+}
+
+/// `bus.url` parses. The bus's message quotes the part at fault as written, so a password
+/// beside it (after a comma in a NATS password, a Kafka broker written `user:pass@host`) would
+/// be printed: the message is made from the URL with its passwords redacted.
+fn check_bus_url(url: &str) -> Result<(), ConfigError> {
+    if BusUrl::parse(url).is_ok() {
+        return Ok(());
+    }
+    let shown = redact_url_list(url);
+    let message = match BusUrl::parse(&shown) {
+        Err(e) => e.to_string(),
+        Ok(_) => format!("`{shown}` is not a valid bus URL"),
+    };
+    Err(invalid("bus.url", message))
+}
+
+/// [`redact_url_password`] over a comma-separated list of servers, each of which may carry
+/// its own user info (`nats://u:p@a:4222,nats://u:q@b:4222`, `kafka://a:9092,u:p@b:9092`,
+/// Redis Cluster nodes). The whole is redacted first, so a single URL whose password holds a
+/// comma is hidden whole, then each server.
+pub(crate) fn redact_url_list(url: &str) -> String {
+    let whole = redact_url_password(url);
+    let scheme = whole.split_once("://").map_or("", |(s, _)| s);
+    let servers: Vec<String> = whole
+        .split(',')
+        .enumerate()
+        .map(|(i, server)| {
+            if i == 0 || server.contains("://") {
+                return redact_url_password(server);
+            }
+            // A bare `user:pass@host:port` after the first: redacted as a URL of the list's scheme.
+            let prefix = format!("{scheme}://");
+            let shown = redact_url_password(&format!("{prefix}{server}"));
+            shown.strip_prefix(&prefix).unwrap_or(&shown).to_string()
+        })
+        .collect();
+    servers.join(",")
 }
 
 /// Replaces the password of `scheme://user:password@host` URLs, and the value of a query
@@ -1492,6 +1597,102 @@ mod tests {
         let vars = [("NEXUS_HTTP_PORT".to_string(), "8080".to_string())];
         let e = Config::load_with_env(None, vars).unwrap_err().to_string();
         assert!(e.contains("http_port"), "{e}");
+    }
+
+    /// A `--config` path that is a directory was read as an empty file: the defaults ran, and
+    /// `nexus config check` said "config ok".
+    #[test]
+    fn a_config_path_that_is_no_file_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = Config::load_with_env(Some(dir.path()), Vec::new())
+            .expect_err("a directory is no config file")
+            .to_string();
+        assert!(e.contains("is not a file"), "{e}");
+        let missing = dir.path().join("missing.toml");
+        let e = Config::load_with_env(Some(&missing), Vec::new())
+            .expect_err("no such file")
+            .to_string();
+        assert!(e.contains("does not exist"), "{e}");
+    }
+
+    /// Load errors name the key but never quote a secret's value (a token of digits written
+    /// without quotes, a syntax error on a secret's line).
+    #[test]
+    fn load_errors_do_not_quote_secrets() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (text, key) in [
+            (
+                "[http]\nadmin_token = 4242424242\n",
+                Some("http.admin_token"),
+            ),
+            (
+                "[workers.gws.tenants.t1]\ncredential = 4242424242\n",
+                Some("workers.gws.tenants.t1.credential"),
+            ),
+            (
+                "[stores]\nredis_url = [\"redis://:4242424242@r:6379\"]\n",
+                Some("stores.redis_url"),
+            ),
+            ("[http]\nadmin_token = 4242424242abc\n", None),
+            ("[bus.kafka]\nsasl_password = \"4242424242\n", None),
+        ] {
+            let path = dir.path().join("nexus.toml");
+            std::fs::write(&path, text).expect("write");
+            let e = Config::load_with_env(Some(&path), Vec::new())
+                .expect_err(text)
+                .to_string();
+            assert!(!e.contains("4242424242"), "{text}: {e}");
+            match key {
+                Some(key) => assert!(e.contains(&format!("`{key}`")), "{text}: {e}"),
+                None => assert!(e.contains("line 2"), "{text}: {e}"),
+            }
+        }
+        // A non-secret value is still quoted, with its key.
+        let vars = [(
+            "NEXUS_CONSUMER__CONCURRENCY".to_string(),
+            "lots".to_string(),
+        )];
+        let e = Config::load_with_env(None, vars).unwrap_err().to_string();
+        assert!(
+            e.contains("`consumer.concurrency`") && e.contains("lots"),
+            "{e}"
+        );
+    }
+
+    /// Every server of a list carries its own user info: each one's password is hidden, by
+    /// `config check` and in the error of a URL that does not parse.
+    #[test]
+    fn secrets_in_server_lists_are_redacted() {
+        let mut c = Config::defaults();
+        c.bus.url = "nats://u:f1rst@n1:4222,nats://v:s3cond@n2:4222".into();
+        c.validate().expect("two NATS servers");
+        let out = c.redacted_toml();
+        assert!(!out.contains("f1rst") && !out.contains("s3cond"), "{out}");
+        c.stores.redis_cluster = true;
+        for (nodes, secrets) in [
+            // Not a list: one password with a comma.
+            ("redis://:pa,ss@r1:7000", &["pa,ss", "\"redis://:pa"][..]),
+            // A database in the first node's URL ends its user info early.
+            (
+                "redis://:f1rst@r1:7000/0,redis://:s3cond@r2:7000",
+                &["f1rst", "s3cond"],
+            ),
+        ] {
+            c.stores.redis_url = nodes.into();
+            let out = c.redacted_toml();
+            assert!(secrets.iter().all(|s| !out.contains(s)), "{nodes}: {out}");
+        }
+        for url in [
+            "kafka://k1:9092,u:s3cond@k2",
+            "nats://u:f1rst,s3cond@n1:4222",
+            "nats://u:f1rst@n1:4222,nats://v:s3cond@n2",
+        ] {
+            let mut c = Config::defaults();
+            c.bus.url = url.into();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("bus.url"), "{url}: {e}");
+            assert!(!e.contains("f1rst") && !e.contains("s3cond"), "{url}: {e}");
+        }
     }
 
     #[test]
