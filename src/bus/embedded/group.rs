@@ -52,7 +52,8 @@ struct PartTrack {
     base: u64,
     /// The next offset to read for the current owner.
     next_fetch: u64,
-    /// Acked (or expired) ranges `[start, end)` at or past `base`, waiting for the gap.
+    /// Acked (or expired) ranges `[start, end)` at or past `base`, waiting for the gap; kept
+    /// merged (see [`Self::mark_done`]), so one entry per run between unacked records.
     done: BTreeMap<u64, u64>,
     /// Deliveries handed out under `epoch` and not yet acked or dropped.
     out: u64,
@@ -81,6 +82,30 @@ impl PartTrack {
         self.out = 0;
         self.epoch = epoch;
         self.done.clear();
+    }
+
+    /// Marks `[start, end)` done, merged with every range it overlaps or touches. A record
+    /// that stays unacked (a handler retrying in place against a peer that is down) holds
+    /// `base` back while the acks past it go on: merged, they cost an entry per gap (at most
+    /// one per record in flight), not one per ack, however long the gap lasts.
+    fn mark_done(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let (mut start, mut end) = (start, end);
+        // A range starting before `start` that reaches it takes the new one in.
+        if let Some((&s, &e)) = self.done.range(..start).next_back() {
+            if e >= start {
+                start = s;
+                end = end.max(e);
+            }
+        }
+        // Ranges starting inside `[start, end]` (that one included) are absorbed.
+        while let Some((&s, &e)) = self.done.range(start..=end).next() {
+            self.done.remove(&s);
+            end = end.max(e);
+        }
+        self.done.insert(start, end);
     }
 
     /// Whether `offset` was acked (or skipped by retention) already.
@@ -370,7 +395,7 @@ impl Inner {
         let draining = t.draining.contains_key(&epoch);
         if draining || (t.epoch == epoch && t.owner.is_some()) {
             if offset >= t.base {
-                t.done.insert(offset, offset + 1);
+                t.mark_done(offset, offset + 1);
                 self.advance(key, partition, t);
             }
             // Everything below the committed offset is done: a new owner whose ack joined the
@@ -457,7 +482,8 @@ impl Inner {
             }
             let (high, low) = (ps.high(), ps.low());
             if t.next_fetch < low {
-                t.done.insert(t.next_fetch, low);
+                let from = t.next_fetch;
+                t.mark_done(from, low);
                 t.next_fetch = low;
                 self.advance(key, p as u32, t);
             }
@@ -496,7 +522,7 @@ impl Inner {
         };
         if first.offset > plan.from {
             // Dense offsets: a hole at the start was trimmed by retention meanwhile.
-            t.done.insert(plan.from, first.offset);
+            t.mark_done(plan.from, first.offset);
             self.advance(key, plan.partition, t);
         }
         t.next_fetch = last.offset + 1;
@@ -573,6 +599,15 @@ impl Inner {
                 }
             })
             .collect())
+    }
+
+    /// How many runs of acks past the committed offset a partition's tracking holds (tests).
+    #[cfg(test)]
+    pub(super) fn done_runs(&self, key: &GroupKey, partition: u32) -> usize {
+        lock(&self.groups)
+            .get(key)
+            .and_then(|gs| gs.parts.get(partition as usize))
+            .map_or(0, |t| t.done.len())
     }
 
     pub(super) fn active_members(&self, group: &str, topic: &str) -> usize {

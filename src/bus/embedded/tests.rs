@@ -1156,3 +1156,44 @@ async fn a_record_waiting_to_retry_is_left_when_its_partition_moves() {
     stop.cancel();
     run.await.unwrap().unwrap();
 }
+
+/// Acks past a record that stays unacked (a handler retrying in place against a peer that is
+/// down) are kept as runs, not one entry each: the tracking of a busy partition stays small
+/// however long the gap lasts, and the committed offset still jumps over all of them at once.
+#[tokio::test]
+async fn acks_past_a_gap_are_kept_as_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = Arc::new(open(dir.path()));
+    topic(&bus, "t", 1).await;
+    let n = 600u64;
+    let publishes: Vec<_> = (0..n)
+        .map(|i| {
+            let bus = bus.clone();
+            tokio::spawn(async move {
+                bus.publish("t", OutRecord::new("k", format!("m{i}")))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    for p in publishes {
+        p.await.unwrap();
+    }
+    let mut sub = bus.subscribe("g", "t", opts(8)).await.unwrap();
+    let stuck = next(&mut sub).await;
+    assert_eq!(stuck.message.offset, 0);
+    for i in 1..n {
+        let d = next(&mut sub).await;
+        assert_eq!(d.message.offset, i);
+        d.ack().await.unwrap();
+    }
+    let key = ("g".to_string(), "t".to_string());
+    assert_eq!(bus.inner.done_runs(&key, 0), 1, "acks 1..{n} past offset 0");
+    assert_eq!(total_lag(&bus, "g").await, n);
+    stuck.ack().await.unwrap();
+    assert_eq!(bus.inner.done_runs(&key, 0), 0);
+    assert_eq!(
+        bus.group_positions("g", "t").await.unwrap()[0].committed,
+        Some(n)
+    );
+}
