@@ -52,13 +52,18 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let bus = check_as("bus", state.bus.health(), |e| match e {
         crate::bus::BusError::Tls(_) => "tls handshake failed",
         _ => "unavailable",
-    })
-    .await;
-    let provisioning = check("provisioning", state.provisioning.health()).await;
-    let sessions = match &state.sessions {
-        None => Ok(()),
-        Some(store) => check("sessions", store.ping()).await,
+    });
+    let provisioning = check("provisioning", state.provisioning.health());
+    let sessions = async {
+        match &state.sessions {
+            None => Ok(()),
+            Some(store) => check("sessions", store.ping()).await,
+        }
     };
+    // Together, not one after the other: each check may take READY_TIMEOUT, and in turn two
+    // hanging stores took longer than the chart's probe timeout (3 s), so the kubelet dropped
+    // the request before `nexus_bus_up` was set.
+    let (bus, provisioning, sessions) = tokio::join!(bus, provisioning, sessions);
     metrics::gauge!(m::BUS_UP).set(if bus.is_ok() { 1.0 } else { 0.0 });
     if bus.is_ok() && provisioning.is_ok() && sessions.is_ok() {
         return (

@@ -101,6 +101,13 @@ pub const WEBHOOK_INSERT_BATCH_SIZE: &str = "nexus_webhook_insert_batch_size";
 /// First attempts written together with their message's row (sent before the insert).
 pub const WEBHOOK_SETTLED_AT_INSERT_TOTAL: &str = "nexus_webhook_settled_at_insert_total";
 
+/// Exports at 0 the unlabelled counters an alert takes `increase()` of. A counter appears
+/// only once touched, so its first event would show as a series born at 1, with no increase:
+/// the alert would never fire for a process's first (often only) occurrence.
+pub(super) fn register_alerting_counters() {
+    metrics::counter!(WEBHOOK_ENDPOINTS_DISABLED_TOTAL).increment(0);
+}
+
 pub(super) fn describe_all() {
     describe_webhooks();
     describe_counter!(

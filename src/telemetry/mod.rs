@@ -53,6 +53,7 @@ pub fn init_metrics() -> PrometheusHandle {
             // Fails only if another recorder is installed (tests); the handle still renders ours.
             let _ = ::metrics::set_global_recorder(recorder);
             metrics::describe_all();
+            metrics::register_alerting_counters();
             // Histogram samples wait in the recorder until a render or an upkeep folds them
             // into their buckets: a pod nobody scrapes would grow without this. A thread of
             // its own, so it runs whichever runtime (or none) the process has.
