@@ -712,12 +712,11 @@ impl SessionStore for EmbeddedStore {
     async fn put_conversation(&self, c: &Conversation) -> Result<bool, StoreError> {
         let expected = c.version;
         let stored = Conversation {
-            version: expected + 1,
+            version: super::next_version(c)?,
             ..c.clone()
         };
         let json = serde_json::to_vec(&stored).map_err(|e| corrupt("conversation", e))?;
         let (tenant, id) = (c.tenant_id.clone(), c.conversation_id.clone());
-        let closed = c.state == ConversationState::Closed;
         self.write(move |txn| {
             // A replaced record keeps its expiry (as Redis `SET KEEPTTL`); an expired one is
             // gone first, so the new record starts without one.
@@ -743,8 +742,9 @@ impl SessionStore for EmbeddedStore {
             table
                 .insert((tenant.as_str(), id.as_str()), json.as_slice())
                 .map_err(storage("write conversation"))?;
-            if new && !closed {
-                // The transcript's expiry while it had no record (`append`) ends with it.
+            if new {
+                // The transcript's expiry while it had no record (`append`) ends with it, a
+                // closed record's too: that one expires when the close expires it.
                 clear_expiry(txn, &tenant, &id)?;
             }
             Ok(true)
@@ -1441,6 +1441,44 @@ mod tests {
             store.reserve_agent("t", &r).await,
             Err(StoreError::Corrupt(_))
         ));
+    }
+
+    /// A stored record whose version is at the limit is reported by the save that would go
+    /// past it, not an overflow (a panic in debug builds).
+    #[tokio::test]
+    async fn a_version_at_its_limit_is_corrupt_not_a_panic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(EmbeddedStore::open(dir.path()).await.expect("open"));
+        let record = serde_json::json!({
+            "tenant_id": "t", "conversation_id": "c", "channel": "WEB_CHAT", "state": "queued",
+            "customer": {"participant_id": "p", "nickname": "P", "kind": "customer"},
+            "contact": {}, "user_data": {}, "subject": null, "queue_id": null, "bot_id": null,
+            "agent_id": null, "offered_to": null, "declined_by": [], "files": 0,
+            "created_at_ms": 1, "last_activity_ms": 1, "closed_reason": null,
+            "routing": {"skills": [], "priority": 0, "is_async": false, "applied": []},
+            "version": u64::MAX,
+        });
+        let bytes = serde_json::to_vec(&record).expect("json");
+        store
+            .write(move |txn| {
+                txn.open_table(CONVERSATIONS)
+                    .map_err(storage("open"))?
+                    .insert(("t", "c"), bytes.as_slice())
+                    .map_err(storage("insert"))?;
+                Ok(())
+            })
+            .await
+            .expect("write");
+        let read = store
+            .conversation("t", "c")
+            .await
+            .expect("get")
+            .expect("some");
+        assert_eq!(read.version, u64::MAX);
+        let saved = tokio::spawn(async move { store.put_conversation(&read).await })
+            .await
+            .expect("put_conversation panicked");
+        assert!(matches!(saved, Err(StoreError::Corrupt(_))), "{saved:?}");
     }
 
     /// A claim whose lifetime ran out is swept with its `seen` entry: no row is left behind.

@@ -214,6 +214,18 @@ pub struct Conversation {
     pub version: u64,
 }
 
+/// The version [`SessionStore::put_conversation`] stores `c` with. `c.version` comes from the
+/// stored record, so one at the limit is a damaged record: reported, not an overflow (a panic
+/// in debug builds, a wrap to 0 that would pass a compare-and-set against a fresh record).
+pub(crate) fn next_version(c: &Conversation) -> Result<u64, StoreError> {
+    c.version.checked_add(1).ok_or_else(|| {
+        StoreError::Corrupt(format!(
+            "conversation {}: version {} has no successor",
+            c.conversation_id, c.version
+        ))
+    })
+}
+
 /// Routing details and idempotency bookkeeping of a conversation.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Routing {

@@ -74,9 +74,10 @@ const CLUSTER_RETRIES: u32 = 12;
 
 /// Compare-and-set of a conversation record on its `version`; KEEPTTL so a closed
 /// conversation written again keeps expiring. A record saved closed marks the transcript's ids
-/// hash `closed` (appends then refuse). A new live record ends the expiry its transcript got
-/// while it had none (`APPEND`). KEYS: conv, txids, tx. ARGV: expected version, JSON, closed
-/// 1/0.
+/// hash `closed` (appends then refuse). A new record, closed or not, ends the expiry its
+/// transcript got while it had none (`APPEND`): kept, a record saved closed first would lose its
+/// entries and its closed mark (then taking entries again) seven days on, while it stays.
+/// KEYS: conv, txids, tx. ARGV: expected version, JSON, closed 1/0.
 const PUT_CONVERSATION: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 local v = 0
@@ -87,7 +88,7 @@ if cur then
 end
 if v ~= tonumber(ARGV[1]) then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
-if not cur and ARGV[3] ~= '1' then
+if not cur then
   redis.call('PERSIST', KEYS[2])
   redis.call('PERSIST', KEYS[3])
 end
@@ -201,17 +202,25 @@ for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
     end
     if h[1] then
       local ok, p = pcall(cjson.decode, h[1])
-      -- An unreadable agent takes no offers; it does not stop the tenant's routing.
-      if ok and type(p) == 'table' and p.ready == true then
+      -- An unreadable agent takes no offers; it does not stop the tenant's routing. Nor does
+      -- one whose skills or capacity are not a list and a map (JSON null, a number): `ipairs`
+      -- or an index on them raises, failing the whole reserve for every conversation.
+      if ok and type(p) == 'table' and p.ready == true and type(p.skills) == 'table'
+        and type(p.capacity) == 'table' then
         local has = {}
-        for _, s in ipairs(p.skills or {}) do has[s] = true end
+        for _, s in ipairs(p.skills) do has[s] = true end
         local fits = true
         for _, s in ipairs(skills) do
           if not has[s] then fits = false break end
         end
-        local cap = tonumber((p.capacity or {})[media] or 0) or 0
-        local active = tonumber(h[2] or 0) or 0
-        if fits and active < cap then
+        local cap = tonumber(p.capacity[media] or 0) or 0
+        -- A count HINCRBY cannot add to (not an integer) would raise below, after the reserve
+        -- chose this agent: passed over as unreadable, its release counts it again.
+        local active = 0
+        if h[2] then
+          active = string.match(h[2], '^%-?%d+$') and #h[2] <= 18 and tonumber(h[2]) or nil
+        end
+        if fits and active and active < cap then
           local slots = prefix .. 'slots:' .. id
           -- The agent's keys are not in KEYS (any agent may be chosen), so Redis Cluster checks
           -- them only as they are used. While the slot moves between nodes, the source fails an
@@ -239,14 +248,27 @@ return false
 "#;
 
 /// KEYS: agents, agent, slots, holder. ARGV: agent id, conversation, now ms. Returns 1/0.
-/// The count decremented is that of the media recorded at reserve.
+/// The count decremented is that of the media recorded at reserve. A count that is no integer
+/// (damaged) is counted again from the agent's slots, as the embedded store does: HINCRBY
+/// would raise after the slot was already freed (Lua does not roll back), leaving the count
+/// unreadable for good.
 const RELEASE: &str = r#"
 local m = redis.call('HGET', KEYS[3], ARGV[2])
 if not m then return 0 end
 redis.call('HDEL', KEYS[3], ARGV[2])
 redis.call('SREM', KEYS[4], ARGV[1])
-local n = redis.call('HINCRBY', KEYS[2], 'a:' .. m, -1)
-if n < 0 then redis.call('HSET', KEYS[2], 'a:' .. m, 0) end
+local field = 'a:' .. m
+local cur = redis.call('HGET', KEYS[2], field)
+if cur and not (string.match(cur, '^%-?%d+$') and #cur <= 18) then
+  local n = 0
+  for _, media in ipairs(redis.call('HVALS', KEYS[3])) do
+    if media == m then n = n + 1 end
+  end
+  redis.call('HSET', KEYS[2], field, n)
+else
+  local n = redis.call('HINCRBY', KEYS[2], field, -1)
+  if n < 0 then redis.call('HSET', KEYS[2], field, 0) end
+end
 redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
 return 1
 "#;
@@ -770,7 +792,7 @@ fn ttl_ms(ttl: Duration) -> u64 {
 impl SessionStore for RedisStore {
     async fn put_conversation(&self, c: &Conversation) -> Result<bool, StoreError> {
         let stored = Conversation {
-            version: c.version + 1,
+            version: super::next_version(c)?,
             ..c.clone()
         };
         let json = serde_json::to_string(&stored).map_err(|e| corrupt("conversation", e))?;
