@@ -1403,6 +1403,58 @@ async fn exhausted_messages_are_dead_lettered_a_few_at_a_time() {
 
 /// `nexus dev` (embedded bus, SQLite delivery log): a chat's STARTED and FINISHED reach a
 /// standard and a genesys subscriber, signed, the standard one after a 5xx retry.
+/// One hanging endpoint with a burst of new messages leased to this process (up to 16× its
+/// in-flight limit wait in its lane) must not stop the claims of every other endpoint: a
+/// healthy endpoint of another tenant gets its FINISHED (which always goes through a claim)
+/// at once, not after the hanging endpoint's backlog has timed out attempt by attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_endpoints_backlog_does_not_stop_other_endpoints_claims() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rx = Receiver::start().await;
+    let s = System::start(
+        dir.path(),
+        &[
+            ("NEXUS_WORKERS__WEBHOOKS__TIMEOUT_MS", "3000"),
+            ("NEXUS_WORKERS__WEBHOOKS__MAX_IN_FLIGHT", "10"),
+            ("NEXUS_WORKERS__WEBHOOKS__MAX_IN_FLIGHT_PER_ENDPOINT", "2"),
+        ],
+    )
+    .await;
+    let (greedy, other) = (
+        provision_tenant(&s.admin).await,
+        provision_tenant(&s.admin).await,
+    );
+    rx.set("hang", Mode::Hang);
+    s.subscribe(
+        &greedy.id,
+        json!({"url": rx.url("hang"), "format": "standard"}),
+    )
+    .await;
+    s.subscribe(
+        &other.id,
+        json!({"url": rx.url("fast"), "format": "standard"}),
+    )
+    .await;
+    // 30 new messages for the hanging endpoint: 2 in flight, the rest held in its lane.
+    for i in 0..30 {
+        s.started(&greedy.id, &format!("hang-{i}")).await;
+    }
+    rx.wait_for("hang", 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Another tenant's conversation starts and ends.
+    let published = Instant::now();
+    s.started(&other.id, "other-0").await;
+    s.closed(&other.id, "other-0", Some(Channel::WebChat)).await;
+    let got = rx.wait_for("fast", 2).await;
+    let events: Vec<String> = got.iter().map(|r| r.event()).collect();
+    assert_eq!(events, ["STARTED", "FINISHED"]);
+    let waited = got[1].at - published;
+    assert!(
+        waited < Duration::from_millis(2_500),
+        "the FINISHED of a healthy endpoint waited {waited:?} behind another tenant's hanging endpoint"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_mode_delivers_from_sqlite() {
     let dir = tempfile::tempdir().expect("tempdir");
