@@ -35,6 +35,8 @@ pub const BUS_UP: &str = "nexus_bus_up";
 pub const BOT_CALLS_TOTAL: &str = "nexus_bot_calls_total";
 /// WebSockets dropped because the client answered no ping for three intervals.
 pub const WS_SILENT_CLOSED_TOTAL: &str = "nexus_ws_silent_closed_total";
+/// Fields of another op an agent WebSocket request carried, ignored (label: the field).
+pub const AGENT_WS_FIELDS_IGNORED_TOTAL: &str = "nexus_agent_ws_fields_ignored_total";
 /// Conversation timers that fired (offer timeouts, queue retries), per `kind`.
 pub const TIMERS_FIRED_TOTAL: &str = "nexus_conversation_timers_fired_total";
 /// Timer claims or actions that failed, per `kind`.

@@ -26,6 +26,7 @@ use crate::edge::socket::{
 };
 use crate::edge::{ApiError, AppState};
 use crate::stores::provisioning::{Agent, AuthError};
+use crate::telemetry::metrics as m;
 use crate::workers::conversation::notify::entry_json;
 
 #[derive(Debug, Deserialize)]
@@ -80,12 +81,12 @@ struct Request {
 }
 
 impl Request {
-    /// The first field given that the op's HTTP request has no place for: HTTP refuses it
-    /// (`deny_unknown_fields`), so the socket does too rather than drop it unread (a
-    /// `text` on a typing, a `visibility` on a transfer). `None` for an unknown op, which
-    /// `run` refuses.
-    fn foreign_field(&self) -> Option<&'static str> {
-        let allowed = fields_of(&self.op)?;
+    /// The fields given that the op's HTTP request has no place for (HTTP refuses them with
+    /// `deny_unknown_fields`). Empty for an unknown op, which `run` refuses.
+    fn foreign_fields(&self) -> Vec<&'static str> {
+        let Some(allowed) = fields_of(&self.op) else {
+            return Vec::new();
+        };
         let given = [
             ("conversation_id", self.conversation_id.is_some()),
             ("offer_id", self.offer_id.is_some()),
@@ -102,8 +103,9 @@ impl Request {
         ];
         given
             .into_iter()
-            .find(|(name, set)| *set && !allowed.contains(name))
+            .filter(|(name, set)| *set && !allowed.contains(name))
             .map(|(name, _)| name)
+            .collect()
     }
 }
 
@@ -317,12 +319,19 @@ fn parse(frame: &[u8], max_bytes: usize) -> Result<Request, (Option<Value>, ApiE
     // Bytes, not text: a binary frame that is not UTF-8 is refused as an HTTP body is.
     let request: Request = serde_json::from_slice(frame)
         .map_err(|e| (request_id(), crate::edge::chat::body_error(&e)))?;
-    if let Some(field) = request.foreign_field() {
-        let e = ApiError::bad_request(
-            "INVALID_BODY",
-            format!("body: unknown field `{field}` for op `{}`", request.op),
-        );
-        return Err((request.request_id.map(Value::String), e));
+    for field in request.foreign_fields() {
+        // A visibility the op has no place for would change what the desk meant (a private
+        // transfer that is not): refused, as over HTTP. Any other field of another op is
+        // ignored, as sockets have always done (desks send one envelope for every op), and
+        // counted, so an operator sees which desks would break if HTTP's rule applied here.
+        if field == "visibility" {
+            let e = ApiError::bad_request(
+                "INVALID_BODY",
+                format!("body: unknown field `{field}` for op `{}`", request.op),
+            );
+            return Err((request.request_id.map(Value::String), e));
+        }
+        metrics::counter!(m::AGENT_WS_FIELDS_IGNORED_TOTAL, "field" => field).increment(1);
     }
     Ok(request)
 }
