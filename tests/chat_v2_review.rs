@@ -374,3 +374,21 @@ async fn a_multipart_form_is_read_as_its_fields() {
     assert_eq!(refused["errors"][0]["code"], "INVALID_BODY", "{refused}");
     assert_eq!(fx.published(&chat).await.len(), before);
 }
+
+/// A failed publish may have landed (a broker timeout): a `send` is answered `statusCode` 1 all
+/// the same (a retried message shows twice at worst, the chat goes on), but a `start` is 2: its
+/// retry would open a second chat beside one that may exist, left waiting for an agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_that_may_have_landed_ends_a_start_but_not_a_send() {
+    let mut fx = fixture().await;
+    let chat = fx.start("nickname=Ann").await;
+    fx.nats.kill();
+    let (status, sent) = fx
+        .op(&chat, "send", "&message=hello&transcriptPosition=1")
+        .await;
+    assert!(status.is_server_error(), "{status}: {sent}");
+    assert_eq!(sent["statusCode"], 1, "send: {sent}");
+    let (status, started) = fx.post("/genesys/2/chat/svc", "nickname=Bob").await;
+    assert!(status.is_server_error(), "{status}: {started}");
+    assert_eq!(started["statusCode"], 2, "start: {started}");
+}

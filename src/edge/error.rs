@@ -17,6 +17,9 @@ pub struct ApiError {
     /// Machine-readable, SCREAMING_SNAKE_CASE (e.g. `UNKNOWN_TOPIC`).
     pub code: &'static str,
     pub message: String,
+    /// A publish failed in a way that does not tell whether the broker stored the event (a
+    /// timeout, a connection lost while it waited): a retry may make a second one.
+    pub may_have_published: bool,
 }
 
 impl ApiError {
@@ -25,6 +28,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            may_have_published: false,
         }
     }
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -52,7 +56,10 @@ impl ApiError {
                 "PAYLOAD_TOO_LARGE",
                 format!("the event is larger than the bus takes ({detail})"),
             ),
-            e => Self::unavailable(e.to_string()),
+            e => Self {
+                may_have_published: true,
+                ..Self::unavailable(e.to_string())
+            },
         }
     }
 }

@@ -30,6 +30,12 @@ impl Drop for OwnNats {
 }
 
 impl OwnNats {
+    /// Kills the server now (a broker outage).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Starts nats-server on a port it picks itself (`-p -1`) and reads that port from the
     /// ports file it writes: a port chosen here and bound later by the child could meanwhile
     /// be taken by another test's server, and the test would talk to that one.

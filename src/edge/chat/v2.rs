@@ -30,6 +30,8 @@ pub const ALIAS: &str = "nexus";
 /// those fields, so a poller keeps its position through an error, a store outage included.
 pub struct V2Error {
     error: ApiError,
+    /// The error answers a start: see [`error_status_code`].
+    start: bool,
     /// The request's `transcriptPosition` (1 when it had none or it was not read).
     next_position: u64,
     /// The transcript part of an answer (`chatEnded`, `nextPosition`, `messages`), when the
@@ -41,6 +43,7 @@ impl From<ApiError> for V2Error {
     fn from(error: ApiError) -> Self {
         V2Error {
             error,
+            start: false,
             next_position: 1,
             page: None,
         }
@@ -50,6 +53,7 @@ impl From<ApiError> for V2Error {
 impl IntoResponse for V2Error {
     fn into_response(self) -> Response {
         let e = self.error;
+        let status_code = error_status_code(&e, self.start);
         // What went wrong inside is logged, not told.
         let advice = if e.status.is_server_error() {
             e.log_if_server_error();
@@ -58,7 +62,7 @@ impl IntoResponse for V2Error {
             e.message
         };
         let mut body = json!({
-            "statusCode": error_status_code(e.status),
+            "statusCode": status_code,
             "chatEnded": e.code == "SESSION_CLOSED" || e.code == SESSION_ENDED,
             "nextPosition": self.next_position,
             "messages": [],
@@ -82,9 +86,12 @@ const STATUS_RETRY: u8 = 1;
 const STATUS_FAILED: u8 = 2;
 
 /// The `statusCode` of an error answer. A widget ends the chat on 2, so a passing outage (a
-/// 5xx: store or bus unreachable) is 1, which it retries, keeping its chat and position.
-fn error_status_code(status: StatusCode) -> u8 {
-    if status.is_server_error() {
+/// 5xx: store or bus unreachable) is 1, which it retries, keeping its chat and position; a
+/// retried send whose first publish may have landed shows the message twice, the lesser harm.
+/// Except a start whose publish may have landed: its retry would open a second chat beside the
+/// first, which would wait for an agent with nobody in it.
+fn error_status_code(e: &ApiError, start: bool) -> u8 {
+    if e.status.is_server_error() && !(start && e.may_have_published) {
         STATUS_RETRY
     } else {
         STATUS_FAILED
@@ -302,6 +309,20 @@ pub async fn start(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Answer {
+    open_chat(state, service, headers, body)
+        .await
+        .map_err(|error| V2Error {
+            start: true,
+            ..V2Error::from(error)
+        })
+}
+
+async fn open_chat(
+    state: AppState,
+    service: String,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
     let tenant = tenant(&state, &headers).await?;
     let form = Form::read(&headers, body.map_err(ApiError::from)?).await?;
     let nick = nickname(
@@ -353,6 +374,7 @@ pub async fn operation(
     let at = form.position().unwrap_or(1);
     let with_position = |error| V2Error {
         error,
+        start: false,
         next_position: at,
         page: None,
     };
