@@ -433,7 +433,7 @@ fn interrupted(
         to_time: req.to_time,
         dry_run,
         partitions: sources.iter().map(|s| s.done).collect(),
-        resume: resume(sources),
+        resume: resume(sources, req.to_time),
     };
     tracing::error!(
         from_topic = %req.from_topic,
@@ -449,7 +449,7 @@ fn interrupted(
 }
 
 /// How to go on from where the sources stand (see [`Resume`]).
-fn resume(sources: &[Source]) -> Resume {
+fn resume(sources: &[Source], to_time: Option<i64>) -> Resume {
     // `next_offset` moves at the end of an empty range too; a taken record sets `last_time`.
     if sources.iter().all(|s| s.last_time.is_none()) {
         return Resume::Again;
@@ -466,7 +466,14 @@ fn resume(sources: &[Source]) -> Resume {
     // taken, so one without either has taken nothing: then only running it all again is safe.
     let bounds: Option<Vec<i64>> = left.iter().map(|s| s.head_time().or(s.last_time)).collect();
     match bounds.and_then(|b| b.into_iter().min()) {
-        Some(t) => Resume::Time(t),
+        // Partitions stopped in their tails past `--to-time` (left out, read to find the end):
+        // a resume from there would be an empty range, which the command refuses. An earlier
+        // time is always safe (each partition starts earlier: more copied again, nothing
+        // skipped), and the range's last millisecond is the latest one that is not empty.
+        Some(t) => match to_time {
+            Some(end) if t >= end => Resume::Time(end.saturating_sub(1)),
+            _ => Resume::Time(t),
+        },
         None => Resume::Again,
     }
 }
@@ -584,5 +591,48 @@ impl fmt::Display for CopyReport {
                 self.to_topic
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A partition left with `last` taken and `head` read next (times in ms).
+    fn left(partition: u32, last: Option<i64>, head: Option<i64>) -> Source {
+        let offsets = PartitionOffsets {
+            partition,
+            low: 0,
+            high: 100,
+        };
+        let mut s = Source::new(&offsets, 0);
+        s.last_time = last;
+        if let Some(t) = head {
+            s.buffer.push_back(Message {
+                topic: "t".into(),
+                partition,
+                offset: 10,
+                timestamp_ms: t,
+                key: "k".into(),
+                payload: Default::default(),
+                headers: Vec::new(),
+            });
+        }
+        s
+    }
+
+    #[test]
+    fn a_resume_time_is_the_earliest_next_record_and_never_an_empty_range() {
+        let sources = [left(0, Some(100), Some(150)), left(1, Some(120), None)];
+        assert_eq!(resume(&sources, None), Resume::Time(120));
+        assert_eq!(resume(&sources, Some(1_000)), Resume::Time(120));
+        // Both partitions stopped in their tails past `--to-time` 140: resuming from 150 would
+        // be `--from-time 150 --to-time 140`, which the command refuses.
+        let tails = [left(0, Some(145), Some(150)), left(1, Some(160), None)];
+        assert_eq!(resume(&tails, Some(140)), Resume::Time(139));
+        assert_eq!(
+            resume(&[left(0, None, None), left(1, None, None)], Some(140)),
+            Resume::Again
+        );
     }
 }
