@@ -1,5 +1,6 @@
-//! An edge in the test process: embedded bus with the built-in topology, SQLite provisioning
-//! and the embedded session store, all under one directory. The in-process API tests share it.
+//! Edges in the test process for the in-process API tests: on the embedded bus, SQLite and the
+//! embedded session store ([`embedded_state`]), or on the production shape, a NATS JetStream of
+//! its own, a fresh PostgreSQL database and a Redis namespace ([`broker_edge`]).
 
 use std::path::Path;
 use std::sync::Arc;
