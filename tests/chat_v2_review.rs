@@ -274,6 +274,32 @@ async fn a_read_receipt_beyond_any_position_marks_the_last_entry_read() {
     assert_eq!(fx.receipts(&chat).await, [Some(2), Some(2)]);
 }
 
+/// A read receipt before the transcript has any entry (a client echoing `nextPosition` 1 right
+/// after start, before the worker applied it) is answered `statusCode` 0 and publishes nothing:
+/// there is nothing to mark read. It was 400 `INVALID_POSITION`, `statusCode` 2: the widget
+/// ended its chat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_receipt_before_any_entry_is_no_error() {
+    let fx = fixture().await;
+    let chat = fx.start("nickname=Ann").await;
+    let (status, body) = fx.op(&chat, "readReceipt", "&transcriptPosition=1").await;
+    assert_eq!(
+        (status, &body["statusCode"]),
+        (StatusCode::OK, &json!(0)),
+        "{body}"
+    );
+    assert!(fx.receipts(&chat).await.is_empty());
+    fx.append(&chat, EntryKind::Message, PartyKind::Agent, "hi")
+        .await;
+    let (status, body) = fx.op(&chat, "readReceipt", "&transcriptPosition=2").await;
+    assert_eq!(
+        (status, &body["statusCode"]),
+        (StatusCode::OK, &json!(0)),
+        "{body}"
+    );
+    assert_eq!(fx.receipts(&chat).await, [Some(1)]);
+}
+
 /// A multipart form body of `fields` (GMS takes `multipart/form-data` as well as urlencoded: a
 /// browser widget posting `FormData` sends it); `file` adds a file part.
 fn multipart(fields: &[(&str, &str)], file: bool) -> (String, String) {

@@ -859,6 +859,10 @@ pub(crate) async fn customer_read(
     let length = transcript_len(state, &c.tid, &c.sid).await?;
     let read = match position {
         p if p > length && past_end == PastEnd::ReadAll && length > 0 => length,
+        // Everything read of nothing yet: no entry to point at, and nothing wrong (a v2 client
+        // echoes the `nextPosition` 1 of a chat the worker has not applied yet); a refusal
+        // would end its chat.
+        p if p > length && past_end == PastEnd::ReadAll => return Ok(()),
         p if p > length => {
             return Err(ApiError::bad_request(
                 "INVALID_POSITION",
