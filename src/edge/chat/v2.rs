@@ -20,6 +20,7 @@ use super::v3::{
 use super::{claims_for, Claims, CLIENT_KEY_EXPIRED};
 use crate::edge::{ApiError, AppState};
 use crate::events::chat::{Contact, MessageKind};
+use crate::stores::provisioning::shown;
 use crate::stores::session::{Entry, EntryKind, PartyKind};
 
 /// The chat server alias v2 clients echo back.
@@ -100,18 +101,11 @@ fn error_status_code(e: &ApiError, start: bool) -> u8 {
 
 type Answer = Result<Json<Value>, V2Error>;
 
-/// The boundary of a `multipart/form-data` body; `None` for any other content type.
+/// The boundary of a `multipart/form-data` body; `None` for any other content type (multer
+/// reads the type too), and for one without a boundary, which then fails as urlencoded.
 fn multipart_boundary(headers: &HeaderMap) -> Option<String> {
-    let content_type = headers
-        .get(axum::http::header::CONTENT_TYPE)?
-        .to_str()
-        .ok()?;
-    let essence = content_type.split(';').next()?.trim();
-    if !essence.eq_ignore_ascii_case("multipart/form-data") {
-        return None;
-    }
-    // A multipart body without a boundary cannot be read: taken as urlencoded, it fails there.
-    multer::parse_boundary(content_type).ok()
+    let content_type = headers.get(axum::http::header::CONTENT_TYPE)?;
+    multer::parse_boundary(content_type.to_str().ok()?).ok()
 }
 
 /// The fields of a multipart form, in order. v2 has no file operation: a file part is refused
@@ -145,11 +139,6 @@ async fn multipart_pairs(body: Bytes, boundary: String) -> Result<Vec<(String, S
         pairs.push((name, value));
     }
     Ok(pairs)
-}
-
-/// A client's field name in a message, cut to 64 characters.
-fn shown(name: &str) -> String {
-    name.chars().take(64).collect()
 }
 
 /// Form fields in order; `userData[key]` pairs gathered apart.

@@ -566,7 +566,7 @@ pub(super) fn expiry(value: Option<i64>) -> Result<Option<i64>, ProvisioningErro
 
 /// An input echoed in an error: at most 64 characters of it, so a huge value does not come
 /// back whole.
-pub(super) fn shown(value: &str) -> String {
+pub fn shown(value: &str) -> String {
     const MAX: usize = 64;
     match value.char_indices().nth(MAX) {
         Some((cut, _)) => format!("{}…", &value[..cut]),
