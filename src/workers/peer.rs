@@ -139,12 +139,27 @@ impl PeerConfig {
                 )),
             }
         };
+        // A credential a header cannot carry would fail every call before it is sent: a config
+        // error, not a peer that is down. The message never shows the credential.
+        let credential = |k: String, c: &str| -> Result<(), String> {
+            if c.is_empty()
+                || reqwest::header::HeaderValue::from_str(&format!("Bearer {c}")).is_ok()
+            {
+                return Ok(());
+            }
+            Err(format!(
+                "{k}: holds a character an HTTP header cannot carry (a control character or \
+                 line break); it is sent as `Authorization: Bearer <credential>`"
+            ))
+        };
         if self.retry_initial_ms == 0 {
             return Err(format!("{key}.retry_initial_ms: must be at least 1"));
         }
         check(format!("{key}.url"), &self.url)?;
+        credential(format!("{key}.credential"), &self.credential)?;
         for (tenant, t) in &self.tenants {
             check(format!("{key}.tenants.{tenant}.url"), &t.url)?;
+            credential(format!("{key}.tenants.{tenant}.credential"), &t.credential)?;
         }
         Ok(())
     }
@@ -956,6 +971,31 @@ mod tests {
         for t in ["t1", "t2", "t3", "t4"] {
             assert_eq!(c.has_target(t), c.target(t).is_some(), "{t}");
         }
+    }
+
+    #[test]
+    fn a_credential_no_header_can_carry_is_a_config_error() {
+        let mut c = config();
+        c.url = "http://ucs".into();
+        c.credential = "ok-token".into();
+        assert_eq!(c.validate("workers.history.ucs"), Ok(()));
+        c.credential = "s3cret\nX-Injected: 1".into();
+        let e = c.validate("workers.history.ucs").unwrap_err();
+        assert!(
+            e.contains("workers.history.ucs.credential") && !e.contains("s3cret"),
+            "{e}"
+        );
+        let mut c = config();
+        c.tenants.insert(
+            "t".into(),
+            PeerTarget {
+                url: "http://other".into(),
+                credential: "bell\u{7}".into(),
+                timeout_ms: 0,
+            },
+        );
+        let e = c.validate("workers.gws").unwrap_err();
+        assert!(e.contains("workers.gws.tenants.t.credential"), "{e}");
     }
 
     #[test]
