@@ -290,8 +290,9 @@ pub struct AgentProfileChanged {
 }
 body!(AgentProfileChanged);
 
-/// A bot turn that failed with the bot down is due again (`bot_fallback = "retry"`); the
-/// conversation worker's timer publishes it, keyed by the conversation.
+/// A bot turn that failed with the bot down (`bot_fallback = "retry"`) or throttled (a 429,
+/// either mode) is due again; the conversation worker's timer publishes it, keyed by the
+/// conversation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BotTurnDue {
     pub bot_id: String,

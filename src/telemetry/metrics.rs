@@ -31,7 +31,7 @@ pub const HTTP_REQUESTS_TOTAL: &str = "nexus_http_requests_total";
 pub const HTTP_REQUEST_SECONDS: &str = "nexus_http_request_duration_seconds";
 /// 1 while the bus answers, 0 otherwise (readiness probe result).
 pub const BUS_UP: &str = "nexus_bus_up";
-/// Calls to bot endpoints, per `outcome` (ok, failed).
+/// Calls to bot endpoints, per `outcome` (ok, failed, throttled: a 429).
 pub const BOT_CALLS_TOTAL: &str = "nexus_bot_calls_total";
 /// WebSockets dropped because the client answered no ping for three intervals.
 pub const WS_SILENT_CLOSED_TOTAL: &str = "nexus_ws_silent_closed_total";

@@ -68,6 +68,13 @@ pub enum BotError {
     /// A 4xx or an answer that is not the protocol: the bot refuses this conversation.
     #[error("bot refused: {0}")]
     Refused(String),
+    /// A 429: the bot is up but asks to be called less, after `retry_after` if it said when
+    /// (`Retry-After`, seconds or an HTTP date).
+    #[error("bot throttled: {reason}")]
+    Throttled {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
 }
 
 /// `sha256=<hex HMAC-SHA256 of body>` under `credential`.
@@ -108,7 +115,8 @@ impl DownBots {
             .map(|(_, why)| BotError::Down(format!("{why} (seen down, not called again yet)")))
     }
 
-    /// Notes a call's outcome: a bot down opens its window, an answer (even a refusal) closes it.
+    /// Notes a call's outcome: a bot down opens its window, an answer (even a refusal or a
+    /// 429, which says the bot is up) closes it.
     pub fn note(&self, bot: &(String, String), outcome: &Result<BotTurn, BotError>) {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         match outcome {
@@ -244,7 +252,17 @@ pub async fn call(
             }
         })?;
     let status = response.status();
-    if status.is_server_error() || status.as_u16() == 429 {
+    if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+        let retry_after = crate::http_client::retry_after(&response);
+        return Err(BotError::Throttled {
+            reason: match retry_after {
+                Some(wait) => format!("bot answered {status}, Retry-After {}s", wait.as_secs()),
+                None => format!("bot answered {status}"),
+            },
+            retry_after,
+        });
+    }
+    if status.is_server_error() {
         return Err(BotError::Down(format!("bot answered {status}")));
     }
     if !status.is_success() {

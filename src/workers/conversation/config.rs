@@ -29,9 +29,12 @@ pub struct ConversationConfig {
     /// A bot that is down (unreachable, timeout, 5xx): `queue` hands the conversation to its
     /// rule's queue at once; `retry` tries the message again later (a timer, backing off from
     /// 1 s to 30 s) while the conversation waits with the bot, other conversations going on.
+    /// A 429 is not a bot down: in either mode the message is tried again after its
+    /// `Retry-After` (1 s to 5 min; the backoff without one).
     pub bot_fallback: BotFallback,
     /// With `retry`: how long one message is retried before the conversation goes to its
-    /// queue after all.
+    /// queue after all, the last try being at this time. With `queue`, a bot answering 429 is
+    /// waited for this long, at most 30 s.
     pub bot_retry_max_s: u64,
     /// Allow bot URLs in private, loopback and link-local ranges (refused otherwise when a
     /// bot is written and at call time, DNS answers included).

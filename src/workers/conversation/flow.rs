@@ -33,11 +33,43 @@ pub(crate) const IDLE_CLOSE_TIMER: &str = "idle_close";
 /// Live chat: due `abandon_timeout_s` after the customer's last known activity; while edges
 /// keep the customer's mark fresh it comes again, once the mark lapsed the chat closes.
 pub(crate) const ABANDON_TIMER: &str = "abandon";
-/// A bot turn that failed with the bot down (`bot_fallback = "retry"`) is due again.
+/// A bot turn that failed with the bot down (`bot_fallback = "retry"`) or throttled (a 429)
+/// is due again.
 pub(crate) const BOT_TIMER: &str = "bot";
 /// The first wait before a down bot's turn is tried again; it doubles up to [`BOT_RETRY_MAX`].
 const BOT_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
 const BOT_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+/// Longest a throttled bot's `Retry-After` is waited for at once: it is the bot's estimate
+/// while a customer waits, and a date far ahead (a clock off) must not park the turn for hours
+/// when `bot_retry_max_s` is long. The turn's deadline caps it too.
+const BOT_RETRY_AFTER_MAX: std::time::Duration = std::time::Duration::from_secs(300);
+/// With `bot_fallback = "queue"`, how long (at most `bot_retry_max_s`) a bot answering 429 is
+/// waited for before its conversation goes to the queue. A 429 is load shedding by a bot that
+/// is up, typically for seconds: sending every chat that meets it to agents at once would
+/// flood the queues at the peak that caused it, so the turn waits as asked; but `queue` says
+/// the customer should not wait on a failing bot for long, so only this long.
+const BOT_THROTTLED_QUEUE_MAX_S: u64 = 30;
+
+/// When a pending bot turn is tried next (ms since the epoch): after the backoff, or after
+/// what a throttling bot asked for (`asked`, 1 s to [`BOT_RETRY_AFTER_MAX`]), but never after
+/// `deadline_ms`: the last try is at the deadline and the hand-over to the queue follows it,
+/// not up to a backoff later. `None` once the deadline has come.
+fn next_bot_try(
+    now_ms: i64,
+    deadline_ms: i64,
+    attempt: u32,
+    asked: Option<std::time::Duration>,
+) -> Option<i64> {
+    if now_ms >= deadline_ms {
+        return None;
+    }
+    let wait = match asked {
+        Some(asked) => asked.clamp(BOT_RETRY_FIRST, BOT_RETRY_AFTER_MAX),
+        None => crate::bus::consumer::retry_delay(BOT_RETRY_FIRST, BOT_RETRY_MAX, attempt),
+    };
+    let wait_ms = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+    Some(now_ms.saturating_add(wait_ms).min(deadline_ms))
+}
 
 /// The earliest a timer armed by a handler may fire, from now: handlers arm timers before they
 /// save the record (so a crash between the two leaves a timer, never a record without one),
@@ -836,7 +868,9 @@ impl ConversationWorker {
     /// Sends one customer message to the conversation's bot and applies its answer: replies
     /// into the transcript, a handoff to a queue. A bot that is down hands the conversation to
     /// its queue, or, with `bot_fallback = "retry"`, leaves the message pending in the record
-    /// and arms the bot timer ([`Self::on_bot_turn_due`] tries it again); the caller saves.
+    /// and arms the bot timer ([`Self::on_bot_turn_due`] tries it again); a bot answering 429
+    /// has its turn pending so in either mode, for as long as it asks (within the turn's
+    /// deadline). The caller saves.
     ///
     /// Every try of one message, first or retried, from whichever event, acts as the same
     /// source ([`bot_turn_source`]): one idempotency key for the bot, one set of reply ids, so
@@ -895,13 +929,37 @@ impl ConversationWorker {
             Some(Ok(turn)) => turn,
             failed => {
                 if let Some(Err(err)) = &failed {
-                    metrics::counter!(crate::telemetry::metrics::BOT_CALLS_TOTAL, "outcome" => "failed")
+                    let retrying = self.config.bot_fallback == super::config::BotFallback::Retry;
+                    // How long the turn may be tried again for, and the wait the bot asked.
+                    let again = match err {
+                        // Up but shedding load: waited for in either mode (see
+                        // BOT_THROTTLED_QUEUE_MAX_S), and not a bot down.
+                        super::bot::BotError::Throttled { retry_after, .. } => {
+                            let budget_s = if retrying {
+                                self.config.bot_retry_max_s
+                            } else {
+                                self.config.bot_retry_max_s.min(BOT_THROTTLED_QUEUE_MAX_S)
+                            };
+                            Some((budget_s, *retry_after))
+                        }
+                        super::bot::BotError::Down(_) if retrying => {
+                            Some((self.config.bot_retry_max_s, None))
+                        }
+                        _ => None,
+                    };
+                    let outcome = match err {
+                        super::bot::BotError::Throttled { .. } => "throttled",
+                        _ => "failed",
+                    };
+                    metrics::counter!(crate::telemetry::metrics::BOT_CALLS_TOTAL, "outcome" => outcome)
                         .increment(1);
-                    if matches!(err, super::bot::BotError::Down(_))
-                        && self.config.bot_fallback == super::config::BotFallback::Retry
-                        && self.bot_pending(c, m, &err.to_string()).await?
-                    {
-                        return Ok(());
+                    if let Some((budget_s, asked)) = again {
+                        if self
+                            .bot_pending(c, m, &err.to_string(), budget_s, asked)
+                            .await?
+                        {
+                            return Ok(());
+                        }
                     }
                     c.routing.bot_pending = None;
                     warn!(conversation_id = %c.conversation_id, error = %err, "bot unavailable; handing off to the queue");
@@ -985,14 +1043,17 @@ impl ConversationWorker {
         }))
     }
 
-    /// Keeps the customer message `m`, which the down bot did not answer, pending in `c` and
-    /// arms the bot timer for its next try; false once its tries have lasted
-    /// `bot_retry_max_s` (the conversation goes to its queue).
+    /// Keeps the customer message `m`, which the bot did not answer (down, or throttled:
+    /// `asked` is its `Retry-After`), pending in `c` and arms the bot timer for its next try,
+    /// at the latest `budget_s` after its first failed try; false once that has come (the
+    /// conversation goes to its queue).
     async fn bot_pending(
         &self,
         c: &mut Conversation,
         m: &Entry,
         error: &str,
+        budget_s: u64,
+        asked: Option<std::time::Duration>,
     ) -> Result<bool, HandleError> {
         let now = chrono::Utc::now().timestamp_millis();
         let pending = match &mut c.routing.bot_pending {
@@ -1004,13 +1065,11 @@ impl ConversationWorker {
             }),
         };
         pending.attempt = pending.attempt.saturating_add(1);
-        if now.saturating_sub(pending.since_ms) >= secs_ms(self.config.bot_retry_max_s) {
+        let deadline = pending.since_ms.saturating_add(secs_ms(budget_s));
+        let Some(due) = next_bot_try(now, deadline, pending.attempt, asked) else {
             return Ok(false);
-        }
-        let wait =
-            crate::bus::consumer::retry_delay(BOT_RETRY_FIRST, BOT_RETRY_MAX, pending.attempt);
-        let due = now.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 4));
-        warn!(conversation_id = %c.conversation_id, error, attempt = pending.attempt, retry_in_ms = due.saturating_sub(now), "bot unavailable; its turn is tried again later");
+        };
+        warn!(conversation_id = %c.conversation_id, error, attempt = pending.attempt, retry_in_ms = due.saturating_sub(now), "bot did not answer; its turn is tried again later");
         self.store
             .schedule(&self.timer(BOT_TIMER, c), not_before_save(due))
             .await

@@ -9,7 +9,7 @@ use crate::events::chat::{Channel, MessageKind, ParticipantKind};
 use crate::stores::provisioning::{NewAgent, NewTenant, Provisioning};
 use crate::stores::session::embedded::EmbeddedStore;
 use crate::stores::session::{
-    Conversation, ConversationState, EntryKind, Party, PartyKind, Reserve, Routing,
+    BotPending, Conversation, ConversationState, EntryKind, Party, PartyKind, Reserve, Routing,
 };
 use crate::topology::Topology;
 
@@ -898,6 +898,235 @@ async fn a_bot_down_past_its_retry_time_hands_off_to_the_queue() {
     assert_eq!(
         texts_from(&rig, start).await,
         ["help", "Connecting you to an agent."]
+    );
+}
+
+/// A bot endpoint on loopback answering its calls with `answers` in turn, the last one from
+/// then on: a status with its `Retry-After`, and for a 200 `reply to <text>`. How many calls
+/// it had.
+async fn scripted_bot(
+    answers: Vec<(u16, Option<String>)>,
+) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    let answers = Arc::new(answers);
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::post(move |body: axum::Json<serde_json::Value>| {
+            let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let (status, retry_after) = answers
+                .get(n)
+                .or(answers.last())
+                .cloned()
+                .unwrap_or((200, None));
+            let text = body["message"]["text"].as_str().unwrap_or("").to_string();
+            async move {
+                let mut response = axum::http::Response::builder().status(status);
+                if let Some(wait) = retry_after {
+                    response = response.header("retry-after", wait);
+                }
+                let body = if status == 200 {
+                    serde_json::json!({"replies": [{"text": format!("reply to {text}")}]})
+                        .to_string()
+                } else {
+                    String::new()
+                };
+                response
+                    .body(axum::body::Body::from(body))
+                    .expect("response")
+            }
+        }),
+    );
+    (serve(app).await, calls)
+}
+
+/// `nexus_bot_calls_total{outcome}` as /metrics renders it.
+fn bot_calls(outcome: &str) -> f64 {
+    crate::telemetry::init_metrics()
+        .render()
+        .lines()
+        .find(|l| {
+            l.starts_with(crate::telemetry::metrics::BOT_CALLS_TOTAL)
+                && l.contains(&format!("outcome=\"{outcome}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Moves the pending turn's first try `by_ms` earlier (and sets its try count), as if it had
+/// been tried that long already; the turn as saved.
+async fn pending_since(rig: &Rig, by_ms: i64, attempt: Option<u32>) -> BotPending {
+    let mut record = rig.record().await;
+    let pending = record.routing.bot_pending.as_mut().expect("a turn pending");
+    pending.since_ms -= by_ms;
+    if let Some(attempt) = attempt {
+        pending.attempt = attempt;
+    }
+    let pending = pending.clone();
+    assert!(rig.store.put_conversation(&record).await.expect("put"));
+    pending
+}
+
+/// The try due next after a down bot's backoff is at its deadline at the latest: the last try
+/// is at `bot_retry_max_s`, and it hands the conversation to its queue then (before, the next
+/// try came a whole backoff later, up to 30 s past the deadline).
+#[tokio::test]
+async fn a_down_bots_last_try_is_at_its_deadline() {
+    let mut rig = rig().await;
+    rig.worker.bots_down = bot::DownBots::new(std::time::Duration::ZERO);
+    rig.worker.config.bot_fallback = super::config::BotFallback::Retry;
+    rig.create_interaction_topic().await;
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (url, seen) = noting_bot(up).await;
+    with_bot_at(&rig, url, BTreeMap::new()).await;
+    let start = rig.transcript_len().await + 1;
+    let said = customer_says("help");
+    rig.worker
+        .on_customer_message(&rig.event(&said), said)
+        .await
+        .expect("message");
+    // Tried for 288 s, 5 tries: the next backoff (15 to 30 s) ends past the deadline, 12 s away.
+    let pending = pending_since(&rig, 288_000, Some(5)).await;
+    let deadline = pending.since_ms + 300_000;
+    let mut applied = std::collections::HashSet::new();
+    assert_eq!(bot_turns_due(&rig, now_ms() + 2_000, &mut applied).await, 1);
+    assert_eq!(rig.record().await.state, ConversationState::Bot);
+    assert_eq!(bot_turns_due(&rig, deadline - 1, &mut applied).await, 0);
+
+    // At the deadline (the record's clock moved past it, as the timer's is then): tried a last
+    // time, and handed to the queue.
+    pending_since(&rig, 20_000, None).await;
+    assert_eq!(bot_turns_due(&rig, deadline, &mut applied).await, 1);
+    let record = rig.record().await;
+    assert_eq!(record.state, ConversationState::Queued);
+    assert_eq!(record.routing.bot_pending, None);
+    assert_eq!(seen.lock().expect("lock").len(), 3);
+    assert_eq!(
+        texts_from(&rig, start).await,
+        ["help", "Connecting you to an agent."]
+    );
+}
+
+/// With `retry`, a bot answering 429 is up, asking for fewer calls: its turn waits what
+/// `Retry-After` asks (seconds or an HTTP date), at most until the turn's deadline, and the
+/// bot is not taken for down (this pod calls it again at once for other turns). Counted as
+/// `outcome="throttled"`, not as failed.
+#[tokio::test]
+async fn a_throttled_bot_is_waited_for_as_it_asks() {
+    let mut rig = rig().await;
+    rig.worker.config.bot_fallback = super::config::BotFallback::Retry;
+    rig.create_interaction_topic().await;
+    let far = httpdate::fmt_http_date(
+        std::time::SystemTime::now() + std::time::Duration::from_secs(3_600),
+    );
+    let (url, calls) =
+        scripted_bot(vec![(429, Some("7".into())), (429, Some(far)), (200, None)]).await;
+    with_bot_at(&rig, url, BTreeMap::new()).await;
+    let start = rig.transcript_len().await + 1;
+    let throttled = bot_calls("throttled");
+    let said = customer_says("help");
+    let before = now_ms();
+    rig.worker
+        .on_customer_message(&rig.event(&said), said)
+        .await
+        .expect("message");
+    let after = now_ms();
+    let record = rig.record().await;
+    assert_eq!(record.state, ConversationState::Bot);
+    let pending = record.routing.bot_pending.expect("a turn pending");
+    assert_eq!(pending.attempt, 1);
+    assert_eq!(
+        texts_from(&rig, start).await,
+        ["help"],
+        "no fallback notice"
+    );
+    let bot = (rig.tenant.clone(), record.bot_id.clone().expect("bot"));
+    assert!(
+        rig.worker.bots_down.recently(&bot).is_none(),
+        "not seen down"
+    );
+
+    // Retry-After: 7 (seconds).
+    let mut applied = std::collections::HashSet::new();
+    assert_eq!(bot_turns_due(&rig, before + 6_000, &mut applied).await, 0);
+    assert_eq!(bot_turns_due(&rig, after + 7_000, &mut applied).await, 1);
+    // An HTTP date an hour ahead: capped at the turn's deadline.
+    let deadline = pending.since_ms + 300_000;
+    assert_eq!(
+        rig.record().await.routing.bot_pending.map(|p| p.attempt),
+        Some(2)
+    );
+    assert_eq!(bot_turns_due(&rig, deadline - 1, &mut applied).await, 0);
+    assert_eq!(bot_turns_due(&rig, deadline, &mut applied).await, 1);
+    let record = rig.record().await;
+    assert_eq!(record.state, ConversationState::Bot);
+    assert_eq!(record.routing.bot_pending, None);
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_eq!(texts_from(&rig, start).await, ["help", "reply to help"]);
+    // Other tests may count too, never less.
+    assert!(bot_calls("throttled") >= throttled + 2.0);
+}
+
+/// With `queue`, a 429 does not send the conversation to its queue at once (a bot shedding
+/// load would flood the agents): the turn waits what the bot asks, for up to 30 s from its
+/// first try, then goes to the queue as from a bot down.
+#[tokio::test]
+async fn a_throttled_bot_keeps_its_conversation_for_a_while_with_queue_fallback() {
+    let rig = rig().await;
+    assert_eq!(
+        rig.worker.config.bot_fallback,
+        super::config::BotFallback::Queue
+    );
+    rig.create_interaction_topic().await;
+    let (url, calls) = scripted_bot(vec![
+        (429, Some("2".into())),
+        (200, None),
+        (429, Some("3600".into())),
+    ])
+    .await;
+    with_bot_at(&rig, url, BTreeMap::new()).await;
+    let start = rig.transcript_len().await + 1;
+    let said = customer_says("help");
+    rig.worker
+        .on_customer_message(&rig.event(&said), said)
+        .await
+        .expect("message");
+    let after = now_ms();
+    assert_eq!(rig.record().await.state, ConversationState::Bot);
+    assert_eq!(
+        texts_from(&rig, start).await,
+        ["help"],
+        "no fallback notice"
+    );
+    let mut applied = std::collections::HashSet::new();
+    assert_eq!(bot_turns_due(&rig, after + 2_000, &mut applied).await, 1);
+    assert_eq!(rig.record().await.routing.bot_pending, None);
+    assert_eq!(texts_from(&rig, start).await, ["help", "reply to help"]);
+
+    // Still throttled 30 s on: the last try is then, and the conversation goes to the queue.
+    let said = customer_says("more");
+    rig.worker
+        .on_customer_message(&rig.event(&said), said)
+        .await
+        .expect("message");
+    let pending = rig.record().await.routing.bot_pending.expect("pending");
+    let deadline = pending.since_ms + 30_000;
+    assert_eq!(bot_turns_due(&rig, deadline - 1, &mut applied).await, 0);
+    pending_since(&rig, 31_000, None).await;
+    assert_eq!(bot_turns_due(&rig, deadline, &mut applied).await, 1);
+    let record = rig.record().await;
+    assert_eq!(record.state, ConversationState::Queued);
+    assert_eq!(record.routing.bot_pending, None);
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 4);
+    assert_eq!(
+        texts_from(&rig, start).await,
+        [
+            "help",
+            "reply to help",
+            "more",
+            "Connecting you to an agent."
+        ]
     );
 }
 
