@@ -300,6 +300,41 @@ async fn a_read_receipt_before_any_entry_is_no_error() {
     assert_eq!(fx.receipts(&chat).await, [Some(1)]);
 }
 
+/// v2 positions are 1-based (refresh's `transcriptPosition` 0 reads from the start), so a read
+/// receipt at position 0 names no message: nothing is read yet. It is answered `statusCode` 0
+/// with the transcript from its start and marks nothing; it was taken as 1, marking the first
+/// entry read though the customer had read none. (v3 refuses position 0 with 400 INVALID_FIELD;
+/// a v2 refusal is statusCode 2, which ends the widget's chat.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_receipt_at_position_zero_marks_nothing() {
+    let fx = fixture().await;
+    let chat = fx.start("nickname=Ann").await;
+    for text in ["one", "two"] {
+        fx.append(&chat, EntryKind::Message, PartyKind::Agent, text)
+            .await;
+    }
+    let (status, body) = fx.op(&chat, "readReceipt", "&transcriptPosition=0").await;
+    assert_eq!(
+        (status, &body["statusCode"]),
+        (StatusCode::OK, &json!(0)),
+        "{body}"
+    );
+    let texts: Vec<&Value> = body["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| &m["text"])
+        .collect();
+    assert_eq!(texts, [&json!("one"), &json!("two")], "{body}");
+    assert_eq!(body["nextPosition"], 3, "{body}");
+    assert!(fx.receipts(&chat).await.is_empty(), "nothing marked read");
+
+    // The first message read is position 1, as before.
+    let (status, body) = fx.op(&chat, "readReceipt", "&transcriptPosition=1").await;
+    assert_eq!((status, &body["statusCode"]), (StatusCode::OK, &json!(0)));
+    assert_eq!(fx.receipts(&chat).await, [Some(1)]);
+}
+
 /// A multipart form body of `fields` (GMS takes `multipart/form-data` as well as urlencoded: a
 /// browser widget posting `FormData` sends it); `file` adds a file part.
 fn multipart(fields: &[(&str, &str)], file: bool) -> (String, String) {

@@ -15,7 +15,8 @@ use serde_json::{json, Value};
 
 use super::v3::{
     check_user_data, customer_leaves, customer_message, customer_read, customer_typing,
-    customer_user_data, nickname, open_session, traceparent, NewSession, PastEnd, SESSION_ENDED,
+    customer_user_data, ensure_open, nickname, open_session, traceparent, NewSession, PastEnd,
+    SESSION_ENDED,
 };
 use super::{claims_for, Claims, CLIENT_KEY_EXPIRED};
 use crate::edge::{ApiError, AppState};
@@ -189,13 +190,20 @@ impl Form {
             .filter(|v| !v.is_empty())
     }
 
+    /// The position to answer from: refresh semantics, where 0 (or none) is the start.
     fn position(&self) -> Result<u64, ApiError> {
-        match self.get("transcriptPosition") {
-            None => Ok(1),
-            Some(p) => p.parse::<u64>().map(|p| p.max(1)).map_err(|_| {
-                ApiError::bad_request("INVALID_FIELD", "transcriptPosition is a number")
-            }),
-        }
+        Ok(self.given_position()?.unwrap_or(1).max(1))
+    }
+
+    /// `transcriptPosition` as sent, 0 included: a read receipt tells 0 apart from 1.
+    fn given_position(&self) -> Result<Option<u64>, ApiError> {
+        self.get("transcriptPosition")
+            .map(|p| {
+                p.parse::<u64>().map_err(|_| {
+                    ApiError::bad_request("INVALID_FIELD", "transcriptPosition is a number")
+                })
+            })
+            .transpose()
     }
 }
 
@@ -415,16 +423,25 @@ async fn run(
         "updateData" => {
             customer_user_data(state, claims, form.user_data.clone(), Vec::new(), tp).await?;
         }
-        "readReceipt" => {
+        "readReceipt" => match form.given_position()? {
             // The read message's position: without one there is nothing to mark read.
-            if form.get("transcriptPosition").is_none() {
+            None => {
                 return Err(ApiError::bad_request(
                     "INVALID_FIELD",
                     "readReceipt needs the transcriptPosition of the message read",
-                ));
+                ))
             }
-            customer_read(state, claims, receipt_position(from), PastEnd::ReadAll, tp).await?
-        }
+            // Positions are 1-based, so 0 names no entry: nothing read yet. Marked nothing,
+            // as a receipt before any entry is; v3 refuses it (its client names an entry),
+            // but a v2 refusal (statusCode 2) would end the widget's chat. A closed chat is
+            // still told, as for any receipt.
+            Some(0) => {
+                ensure_open(state, claims).await?;
+            }
+            Some(read) => {
+                customer_read(state, claims, receipt_position(read), PastEnd::ReadAll, tp).await?
+            }
+        },
         other => {
             return Err(ApiError::not_found(
                 "UNKNOWN_OPERATION",

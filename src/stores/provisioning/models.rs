@@ -122,6 +122,8 @@ pub struct BotEndpoint {
     pub id: String,
     pub tenant_id: String,
     pub name: String,
+    /// Whole, as the worker calls it; answered as [`shown_endpoint_url`] shows it.
+    #[serde(serialize_with = "serialize_endpoint_url")]
     pub url: String,
     pub has_credential: bool,
     pub created_at_ms: i64,
@@ -596,8 +598,9 @@ pub(super) fn url(value: &str) -> Result<String, ProvisioningError> {
             "must be an http:// or https:// URL with a host",
         ));
     }
-    // Every read answers the URL whole and logs may show it: a secret has no place in it (a
-    // bot's goes in `credential`, encrypted; a webhook is signed with its own secret).
+    // Logs may show the URL and answers mask its user info (`shown_endpoint_url`): a secret
+    // has no place in it (a bot's goes in `credential`, encrypted; a webhook is signed with
+    // its own secret).
     if !parsed.username().is_empty() || parsed.password().is_some() {
         return Err(invalid(
             "url",
@@ -605,6 +608,41 @@ pub(super) fn url(value: &str) -> Result<String, ProvisioningError> {
         ));
     }
     Ok(value.to_string())
+}
+
+/// What a user or password of a stored endpoint URL is answered as.
+const MASKED_USERINFO: &str = "***";
+
+/// A stored bot or webhook URL as answers show it: a user or password masked. Writes refuse
+/// them (see [`url`]), but rows written before 2026-12-05 may hold one. Those rows keep their
+/// URL as stored, since the worker's calls still send it (as Basic auth); only what is
+/// answered hides it. A lone user is masked too: it may be the secret (`https://token@host`).
+pub fn shown_endpoint_url(value: &str) -> std::borrow::Cow<'_, str> {
+    let Ok(mut parsed) = reqwest::Url::parse(value) else {
+        // Every stored URL parsed when it was written; one that no longer does is masked
+        // in every way it could be read.
+        return crate::config::redact_url_password(value).into();
+    };
+    let masked = if parsed.password().is_some() {
+        parsed.set_password(Some(MASKED_USERINFO))
+    } else if !parsed.username().is_empty() {
+        parsed.set_username(MASKED_USERINFO)
+    } else {
+        // Answered as written, not as the parser would normalize it.
+        return value.into();
+    };
+    match masked {
+        Ok(()) => parsed.to_string().into(),
+        Err(()) => crate::config::redact_url_password(value).into(),
+    }
+}
+
+/// Serde's view of [`shown_endpoint_url`]: every serialized bot or webhook hides user info.
+pub(super) fn serialize_endpoint_url<S: serde::Serializer>(
+    value: &str,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&shown_endpoint_url(value))
 }
 
 /// Checks a URL as the store will (`INVALID_FIELD`, naming the field), for a caller that must
@@ -733,5 +771,38 @@ mod tests {
             credential: "hunter2".into(),
         };
         assert!(!format!("{bot:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn stored_endpoint_urls_are_answered_without_user_info() {
+        for (stored, shown) in [
+            (
+                "https://ops:s3cret@example.com/b?x=1",
+                "https://ops:***@example.com/b?x=1",
+            ),
+            ("https://tok3n@example.com/b", "https://***@example.com/b"),
+            (
+                "https://:s3cret@example.com/b",
+                "https://:***@example.com/b",
+            ),
+            (
+                "https://ops:s3%40cret@example.com/b",
+                "https://ops:***@example.com/b",
+            ),
+            // Without user info: as written, not normalized.
+            ("https://EXAMPLE.com", "https://EXAMPLE.com"),
+        ] {
+            assert_eq!(shown_endpoint_url(stored), shown, "{stored}");
+        }
+        let bot = BotEndpoint {
+            id: "b".into(),
+            tenant_id: "t".into(),
+            name: "n".into(),
+            url: "https://ops:s3cret@example.com/b".into(),
+            has_credential: true,
+            created_at_ms: 0,
+        };
+        let answered = serde_json::to_value(&bot).expect("json");
+        assert_eq!(answered["url"], "https://ops:***@example.com/b");
     }
 }

@@ -93,6 +93,8 @@ impl WebhookFormat {
 pub struct Webhook {
     pub id: String,
     pub tenant_id: String,
+    /// Whole, as the worker calls it; answered as [`models::shown_endpoint_url`] shows it.
+    #[serde(serialize_with = "models::serialize_endpoint_url")]
     pub url: String,
     pub events: Vec<WebhookEvent>,
     pub media: Vec<WebhookMedia>,
