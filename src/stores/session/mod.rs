@@ -630,7 +630,9 @@ pub trait SessionStore: Send + Sync + 'static {
         at_ms: i64,
     ) -> Result<(), StoreError>;
 
-    /// Takes it out; false if it was not there. One caller wins when several race.
+    /// Takes it out; false if it was not there. One caller wins when several race. The answer
+    /// only informs: a retry after a lost answer (the take landed) is answered false, so no
+    /// caller may skip an effect on it.
     async fn dequeue(
         &self,
         tenant: &str,
@@ -665,7 +667,9 @@ pub trait SessionStore: Send + Sync + 'static {
     /// its lease (an action or a handler that moved it meanwhile keeps the new due time).
     async fn complete_timer(&self, timer: &Timer, now_ms: i64) -> Result<(), StoreError>;
 
-    /// True the first time `key` is seen within `ttl` (dedup of effects by event id).
+    /// True the first time `key` is seen within `ttl`. Callers record a decision or an effect
+    /// already made (mark after effect), so a retry after a lost answer, answered false, skips
+    /// nothing: it finds the decision made and follows it.
     async fn remember(&self, key: &str, ttl: Duration) -> Result<bool, StoreError>;
 
     /// Stores `value` under `key` for `ttl` unless a live value is there, and returns that
