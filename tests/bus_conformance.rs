@@ -5,13 +5,17 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use common::{next_within, take, TestBus};
 use nexus::bus::consumer::{lane_of, Consumer, ConsumerOptions, HandleError, Handler};
-use nexus::bus::{dlq_topic, headers, BusError, Message, OutRecord, StartFrom, SubscribeOptions};
+use nexus::bus::{
+    dlq_topic, headers, partition_for, Bus, BusError, Message, OutRecord, StartFrom,
+    SubscribeOptions,
+};
 use nexus::events::Event;
 use tokio_util::sync::CancellationToken;
 
@@ -1037,6 +1041,351 @@ async fn replay_changes_no_end_state(t: TestBus) {
     );
 }
 
+/// A key that lands in `partition` of a topic of `partitions`.
+fn key_in(partition: u32, partitions: u32, tag: &str) -> String {
+    (0..)
+        .map(|i| format!("{tag}-{i}"))
+        .find(|k| partition_for(k, partitions) == partition)
+        .unwrap_or_default()
+}
+
+/// Deletes records of a topic by offset where the backend can (JetStream; Kafka and the
+/// embedded log only drop a log's start, by retention), and returns the offsets deleted.
+async fn delete_records(t: &TestBus, topic: &str, offsets: &[u64]) -> Vec<u64> {
+    if t.backend != "jetstream" {
+        return Vec::new();
+    }
+    let client = async_nats::connect(t.config.url.as_str())
+        .await
+        .expect("connect to NATS");
+    // `fresh_topic` names have no `.`, so the stream has the topic's name.
+    let stream = async_nats::jetstream::new(client)
+        .get_stream(topic)
+        .await
+        .expect("the topic's stream");
+    for offset in offsets {
+        // Offsets are stream sequences minus one.
+        stream.delete_message(offset + 1).await.expect("delete");
+    }
+    offsets.to_vec()
+}
+
+/// A ranged read over a partition whose offsets have gaps (on JetStream the partitions share
+/// one sequence, and deleted records leave holes, at the start of the range too): from any
+/// offset, a read returns the next records in order, as many as asked for unless the log end
+/// comes first (a read from an offset without a record starts at the next record); reads that
+/// go on from the last record + 1 take each record once; `count_between` counts what is read;
+/// a read from the log end is empty.
+async fn a_range_read_crosses_gaps(t: TestBus) {
+    let topic = t.fresh_topic(2).await;
+    let (k0, k1) = (key_in(0, 2, "g"), key_in(1, 2, "g"));
+    let mut mine = Vec::new();
+    for n in 0..12u64 {
+        let at = t
+            .bus
+            .publish(&topic, seq_record(&k0, n))
+            .await
+            .expect("publish");
+        mine.push(at.offset);
+        // Partition 1's records between partition 0's: apart by 0, 1 or 2 sequences.
+        for _ in 0..n % 3 {
+            t.bus
+                .publish(&topic, seq_record(&k1, n))
+                .await
+                .expect("publish");
+        }
+    }
+    let deleted = delete_records(&t, &topic, &[mine[0], mine[1], mine[5], mine[6]]).await;
+    let kept: Vec<u64> = mine
+        .iter()
+        .copied()
+        .filter(|o| !deleted.contains(o))
+        .collect();
+    let offsets = t.bus.partition_offsets(&topic).await.expect("offsets");
+    let high = offsets[0].high;
+    let offsets_of = |ms: &[Message]| ms.iter().map(|m| m.offset).collect::<Vec<_>>();
+
+    let all = t.bus.read(&topic, 0, 0, 100).await.expect("read all");
+    assert_eq!(offsets_of(&all), kept, "{}", t.backend);
+    assert_eq!(
+        t.bus
+            .count_between(&topic, 0, 0, high)
+            .await
+            .expect("count"),
+        kept.len() as u64
+    );
+    for from in 0..=high {
+        let want: Vec<u64> = kept
+            .iter()
+            .copied()
+            .filter(|o| *o >= from)
+            .take(2)
+            .collect();
+        let read = t.bus.read(&topic, 0, from, 2).await.expect("read");
+        assert_eq!(offsets_of(&read), want, "{}: from {from}", t.backend);
+    }
+    // Reads of 3 from the last record read + 1: 3 each until the last.
+    let (mut at, mut taken) = (0, Vec::new());
+    loop {
+        let batch = t.bus.read(&topic, 0, at, 3).await.expect("read");
+        let Some(last) = batch.last() else { break };
+        assert_eq!(
+            batch.len(),
+            3.min(kept.len() - taken.len()),
+            "{}",
+            t.backend
+        );
+        at = last.offset + 1;
+        taken.extend(offsets_of(&batch));
+    }
+    assert_eq!(taken, kept, "{}", t.backend);
+    assert!(t
+        .bus
+        .read(&topic, 0, high, 10)
+        .await
+        .expect("read at the end")
+        .is_empty());
+}
+
+/// A read whose first fetch from the broker comes back empty while records are pending gets
+/// them all the same, and fetches that keep coming back empty are `ReadIncomplete` naming what
+/// was pending, not an empty answer that would read as the end. On JetStream a proxy answers
+/// the read's pull requests with `404 No Messages` itself (the server's answer when it has
+/// nothing to give; it never sees them, so no record is taken or lost). Kafka and the embedded
+/// log have no such fetch to intercept (librdkafka's first poll commonly comes back empty: the
+/// read polls until its position reaches the log end), so there the read is only checked whole.
+async fn a_read_whose_first_fetch_comes_back_empty(t: TestBus) {
+    let topic = t.fresh_topic(1).await;
+    for n in 0..5 {
+        t.bus
+            .publish(&topic, seq_record("k", n))
+            .await
+            .expect("publish");
+    }
+    let proxy = match t.backend {
+        "jetstream" => EmptyFetches::start(&t.config.url, &topic).await,
+        _ => None,
+    };
+    let reader: Arc<dyn Bus> = match &proxy {
+        Some(proxy) => nexus::bus::connect(&nexus::config::BusConfig {
+            url: proxy.url.clone(),
+            ..t.config.clone()
+        })
+        .await
+        .expect("connect through the proxy"),
+        None => t.bus.clone(),
+    };
+    if let Some(proxy) = &proxy {
+        proxy.answer_empty(1);
+    }
+    let read = reader.read(&topic, 0, 0, 5).await.expect("read");
+    assert_eq!(
+        read.iter().map(|m| parse_seq(m).1).collect::<Vec<_>>(),
+        [0, 1, 2, 3, 4],
+        "{}",
+        t.backend
+    );
+    let Some(proxy) = proxy else { return };
+    assert_eq!(proxy.answered(), 1, "the first fetch came back empty");
+
+    proxy.answer_empty(usize::MAX);
+    let err = reader
+        .read(&topic, 0, read[1].offset, 5)
+        .await
+        .expect_err("nothing can be fetched");
+    let BusError::ReadIncomplete {
+        partition,
+        offset,
+        pending,
+        ..
+    } = &err
+    else {
+        panic!("{err}");
+    };
+    assert_eq!(
+        (*partition, *offset, *pending),
+        (0, read[1].offset, 4),
+        "{err}"
+    );
+}
+
+/// A loopback proxy in front of a NATS server that answers pull requests for one stream's
+/// consumers itself, with `404 No Messages`, while armed ([`EmptyFetches::answer_empty`]);
+/// everything else passes. Stops when dropped.
+struct EmptyFetches {
+    url: String,
+    /// Pull requests still to answer empty.
+    left: Arc<AtomicUsize>,
+    /// Pull requests answered empty so far.
+    answered: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EmptyFetches {
+    /// `None` (with a note) unless `url` is one plain `nats://` server: the proxy reads the
+    /// protocol.
+    async fn start(url: &str, topic: &str) -> Option<Self> {
+        let Some(server) = url.strip_prefix("nats://").filter(|s| !s.contains(',')) else {
+            eprintln!("{url}: the empty-fetch proxy needs one plain nats:// server; not run");
+            return None;
+        };
+        let server = server.to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let url = format!("nats://{}", listener.local_addr().expect("proxy address"));
+        // `fresh_topic` names have no `.`, so the stream has the topic's name.
+        let pulls = format!("$JS.API.CONSUMER.MSG.NEXT.{topic}.");
+        let (left, answered) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let counters = (left.clone(), answered.clone());
+        let task = tokio::spawn(async move {
+            // Dropped with the accept loop: the relays end with the proxy.
+            let mut relays = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                if let Ok(upstream) = tokio::net::TcpStream::connect(&server).await {
+                    let (pulls, counters) = (pulls.clone(), counters.clone());
+                    relays.spawn(empty_fetch_relay(client, upstream, pulls, counters));
+                }
+            }
+        });
+        Some(EmptyFetches {
+            url,
+            left,
+            answered,
+            task,
+        })
+    }
+
+    /// Answers the next `n` pull requests empty.
+    fn answer_empty(&self, n: usize) {
+        self.left.store(n, Ordering::SeqCst);
+    }
+
+    fn answered(&self) -> usize {
+        self.answered.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for EmptyFetches {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The length of the first whole protocol operation in `buf` and its words; `None` while
+/// incomplete. `MSG`, `HMSG`, `PUB` and `HPUB` carry a payload whose size is their last word.
+fn nats_op(buf: &[u8]) -> Option<(usize, Vec<String>)> {
+    let eol = buf.windows(2).position(|w| w == b"\r\n")?;
+    let words: Vec<String> = String::from_utf8_lossy(&buf[..eol])
+        .split_ascii_whitespace()
+        .map(str::to_string)
+        .collect();
+    let op = words
+        .first()
+        .map(|w| w.to_ascii_uppercase())
+        .unwrap_or_default();
+    let mut len = eol + 2;
+    if ["MSG", "HMSG", "PUB", "HPUB"].contains(&op.as_str()) {
+        let size: usize = words.last().and_then(|w| w.parse().ok()).expect("size");
+        len += size + 2;
+    }
+    (buf.len() >= len).then_some((len, words))
+}
+
+/// Relays one connection; pull requests for the stream's consumers, while some are left to
+/// answer, are answered on the client's inbox subscription instead of passed on. Each
+/// direction writes whole operations only, so an answer never lands inside a server message.
+async fn empty_fetch_relay(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    pulls: String,
+    (left, answered): (Arc<AtomicUsize>, Arc<AtomicUsize>),
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client_rx, client_tx) = client.into_split();
+    let (mut server_rx, mut server_tx) = server.into_split();
+    let client_tx = Arc::new(tokio::sync::Mutex::new(client_tx));
+    let to_client = client_tx.clone();
+    let upstream = async move {
+        let (mut buf, mut chunk) = (Vec::new(), vec![0u8; 64 * 1024]);
+        let mut sids: HashMap<String, String> = HashMap::new();
+        loop {
+            match client_rx.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            let mut out = Vec::new();
+            while let Some((len, words)) = nats_op(&buf) {
+                let op = words.first().map(|w| w.to_ascii_uppercase());
+                if let (Some("SUB"), [_, subject, .., sid]) = (op.as_deref(), words.as_slice()) {
+                    sids.insert(subject.clone(), sid.clone());
+                }
+                // PUB <subject> <reply> <size>: a pull request, answered on the reply's
+                // subscription.
+                let answer_to = match (op.as_deref(), words.as_slice()) {
+                    (Some("PUB"), [_, subject, reply, _]) if subject.starts_with(&pulls) => {
+                        sids.get(reply).map(|sid| (reply.clone(), sid.clone()))
+                    }
+                    _ => None,
+                };
+                let take = answer_to.filter(|_| {
+                    left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok()
+                });
+                match take {
+                    Some((reply, sid)) => {
+                        let head = "NATS/1.0 404 No Messages\r\n\r\n";
+                        let n = head.len();
+                        let answer = format!("HMSG {reply} {sid} {n} {n}\r\n{head}\r\n");
+                        answered.fetch_add(1, Ordering::SeqCst);
+                        if to_client
+                            .lock()
+                            .await
+                            .write_all(answer.as_bytes())
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    None => out.extend_from_slice(&buf[..len]),
+                }
+                buf.drain(..len);
+            }
+            if server_tx.write_all(&out).await.is_err() {
+                return;
+            }
+        }
+    };
+    let downstream = async move {
+        let (mut buf, mut chunk) = (Vec::new(), vec![0u8; 64 * 1024]);
+        loop {
+            match server_rx.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            let mut whole = 0;
+            while let Some((len, _)) = nats_op(&buf[whole..]) {
+                whole += len;
+            }
+            if client_tx
+                .lock()
+                .await
+                .write_all(&buf[..whole])
+                .await
+                .is_err()
+            {
+                return;
+            }
+            buf.drain(..whole);
+        }
+    };
+    tokio::select! {
+        _ = upstream => {}
+        _ = downstream => {}
+    }
+}
+
 /// Joins the group, acks `n` records, and leaves cleanly (everything acked committed).
 async fn consume_and_leave(t: &TestBus, group: &str, topic: &str, n: usize) {
     let mut sub = t
@@ -1081,4 +1430,6 @@ per_backend!(
     broadcast_consumer_skips_bad_payloads,
     a_handler_panic_dead_letters_the_event,
     an_oversized_dead_letter_copy_goes_without_its_payload,
+    a_range_read_crosses_gaps,
+    a_read_whose_first_fetch_comes_back_empty,
 );

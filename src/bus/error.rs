@@ -37,11 +37,32 @@ pub enum BusError {
     /// record never helps.
     #[error("record too large: {0}")]
     TooLarge(String),
+    /// A ranged read ([`Bus::read`](super::Bus::read)) stopped short of what it was asked for
+    /// while the broker still had records pending before the log end: returning what was read
+    /// would look like the end of the partition. Retrying may help.
+    #[error(
+        "reading {topic} partition {partition}: {pending} record(s) pending at or after offset \
+         {offset} could not be fetched ({detail})"
+    )]
+    ReadIncomplete {
+        topic: String,
+        partition: u32,
+        /// The first offset not read.
+        offset: u64,
+        /// What the broker counted as left from `offset` to its log end (on Kafka an offset
+        /// span, transaction markers included).
+        pending: u64,
+        /// How many tries or how long, and the last thing seen.
+        detail: String,
+    },
 }
 
 impl BusError {
     /// Whether trying again later may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, BusError::Unavailable(_) | BusError::Timeout(_))
+        matches!(
+            self,
+            BusError::Unavailable(_) | BusError::Timeout(_) | BusError::ReadIncomplete { .. }
+        )
     }
 }

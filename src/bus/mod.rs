@@ -316,7 +316,24 @@ pub trait Bus: Send + Sync + 'static {
     /// How many members are subscribed in the group right now.
     async fn active_members(&self, group: &str, topic: &str) -> Result<usize, BusError>;
 
-    /// Reads up to `max` records of a partition from `from` on (for copying and tools).
+    /// Reads a range of a partition (for copying and tools): its records at or after offset
+    /// `from`, in offset order, up to `max` of them, up to the partition's log end as it was when
+    /// the call began (records appended during the call may come too, never in place of older
+    /// ones). Every backend keeps this contract, and callers rely on it alone:
+    ///
+    /// - **Offsets have gaps.** JetStream offsets are stream sequences shared by the partitions,
+    ///   with holes where records were deleted, purged or expired; Kafka has transaction markers;
+    ///   retention moves every log's start. A read from an offset without a record starts at the
+    ///   next record. Go on from the last record's offset + 1, never from `from + len`, and count
+    ///   with [`Bus::count_between`], never by subtracting offsets.
+    /// - **Short means the end.** The answer holds `max` records, or fewer only because no more
+    ///   were left before that log end; an empty answer means there are none at or after `from`.
+    ///   A fetch from the broker that comes back empty or short while records are pending is the
+    ///   backend's to repeat, not the caller's; records that retention or a delete removed
+    ///   meanwhile are not waited for.
+    /// - **Otherwise an error.** Records still pending that cannot be fetched within the
+    ///   backend's bound are [`BusError::ReadIncomplete`] (saying how many were pending from
+    ///   where), never a short answer that would read as the end.
     async fn read(
         &self,
         topic: &str,

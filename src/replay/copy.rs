@@ -21,15 +21,18 @@
 //! more than the time between the writes are copied in the clocks' order, and a record whose
 //! time is ahead holds the rest of its partition back until the other partitions caught up.
 //!
+//! **Reads.** A partition is read with [`Bus::read`] from its next offset not yet copied, and
+//! the copy relies on that method's contract alone, the same on every backend: offsets have
+//! gaps (the next read starts after the last record read), an answer shorter than asked for
+//! ends at the log end, and records the bus has but cannot fetch are an error
+//! ([`BusError::ReadIncomplete`]), never a short answer.
+//!
 //! **Interruption.** A copy that fails part-way ([`ReplayError::CopyInterrupted`]) names per
 //! partition the next offset not yet copied (everything before it was copied or deliberately
 //! left out, nothing at or after it) and how to resume: see [`Resume`].
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::time::Duration;
-
-use thiserror::Error;
 
 use super::{
     format_time, partitions_of, target_offset, ReplayError, ReplayFrom, REPLAYED_FROM_HEADER,
@@ -40,14 +43,6 @@ use crate::bus::{headers, Bus, BusError, Message, OutRecord, PartitionOffsets};
 /// broker, small enough that a batch of large payloads stays a few megabytes. A copy holds at
 /// most one batch per selected partition.
 pub const READ_BATCH: usize = 256;
-
-/// Reads again after a read came back empty although the bus counts records left before the
-/// recorded log end, and the pauses before them (see [`read_batch`]).
-const EMPTY_READ_RETRIES: [Duration; 3] = [
-    Duration::from_millis(50),
-    Duration::from_millis(200),
-    Duration::from_millis(800),
-];
 
 /// Prefix of the headers a dead-letter record carries about its failure.
 const DLQ_HEADER_PREFIX: &str = "nexus-dlq-";
@@ -101,27 +96,6 @@ impl CopyReport {
     pub fn total_copied(&self) -> u64 {
         self.partitions.iter().map(|p| p.copied).sum()
     }
-}
-
-/// Why a copy stopped part-way.
-#[derive(Debug, Error)]
-pub enum CopyStop {
-    #[error(transparent)]
-    Bus(#[from] BusError),
-    /// Reads kept answering nothing where the bus still counts records, so stopping there
-    /// would have reported a copy as complete that is not.
-    #[error(
-        "partition {partition}: no record could be read from offset {offset} after {reads} \
-         read(s), although the bus counts {remaining} record(s) before the log end {end} \
-         recorded at the start"
-    )]
-    Unreadable {
-        partition: u32,
-        offset: u64,
-        end: u64,
-        remaining: u64,
-        reads: usize,
-    },
 }
 
 /// How to resume an interrupted copy so that nothing is lost.
@@ -180,7 +154,8 @@ struct Source {
     done: PartitionCopy,
     /// Read, not yet copied or left out; the front is the partition's next record.
     buffer: VecDeque<Message>,
-    /// A read reached the recorded end (or the bus has nothing more): nothing left to read.
+    /// A read reached the recorded end, or came back short (the bus had nothing more, see
+    /// [`Bus::read`]): nothing left to read.
     read_all: bool,
     /// Time of the last record taken (copied or left out), a bound for the next one's.
     last_time: Option<i64>,
@@ -213,9 +188,11 @@ impl Source {
         self.buffer.front().map(|m| m.timestamp_ms)
     }
 
-    /// Takes a batch in, keeping only records before the recorded end.
+    /// Takes a batch in, keeping only records before the recorded end. By the contract of
+    /// [`Bus::read`] a batch shorter than asked for ends at the log end, which is at or past
+    /// the recorded one, so nothing is left to read after it.
     fn fill(&mut self, batch: Vec<Message>) {
-        if batch.is_empty() {
+        if batch.len() < READ_BATCH {
             self.read_all = true;
         }
         for message in batch {
@@ -313,10 +290,13 @@ async fn merge(
     req: &CopyRequest,
     sources: &mut [Source],
     dry_run: bool,
-) -> Result<(), CopyStop> {
+) -> Result<(), BusError> {
     loop {
         for source in sources.iter_mut().filter(|s| s.needs_read()) {
-            let batch = read_batch(bus, &req.from_topic, &source.done).await?;
+            let (partition, from) = (source.done.partition, source.done.next_offset);
+            let batch = bus
+                .read(&req.from_topic, partition, from, READ_BATCH)
+                .await?;
             source.fill(batch);
         }
         let Some(next) = earliest(sources) else {
@@ -342,7 +322,7 @@ async fn take(
     req: &CopyRequest,
     source: &mut Source,
     dry_run: bool,
-) -> Result<(), CopyStop> {
+) -> Result<(), BusError> {
     let Some(message) = source.buffer.front() else {
         return Ok(());
     };
@@ -373,59 +353,12 @@ async fn take(
     Ok(())
 }
 
-/// The partition's next batch from its next offset. An empty answer before the recorded end
-/// is taken as the end only when it is one:
-/// - the bus counts no record left there (retention removed them while copying: the embedded
-///   log and JetStream count records exactly), or
-/// - on Kafka, after reading again: its read polls until its position reaches the high
-///   watermark and returns nothing only then, the offsets left being transaction markers,
-///   which its `count_between` (an offset span) counts.
-///
-/// A JetStream gap in the sequence is no such case (the read's subject filter skips to the
-/// partition's next record), but its fetch can come back without a record while records are
-/// pending; the embedded log answers nothing only past its retention mark. So elsewhere the
-/// read is tried again and, still empty, fails with [`CopyStop::Unreadable`] rather than
-/// report a complete copy.
-async fn read_batch(
-    bus: &dyn Bus,
-    topic: &str,
-    at: &PartitionCopy,
-) -> Result<Vec<Message>, CopyStop> {
-    let (partition, from) = (at.partition, at.next_offset);
-    let batch = bus.read(topic, partition, from, READ_BATCH).await?;
-    if !batch.is_empty() {
-        return Ok(batch);
-    }
-    let remaining = bus.count_between(topic, partition, from, at.end).await?;
-    if remaining == 0 {
-        return Ok(batch);
-    }
-    for pause in EMPTY_READ_RETRIES {
-        tokio::time::sleep(pause).await;
-        let batch = bus.read(topic, partition, from, READ_BATCH).await?;
-        if !batch.is_empty() {
-            tracing::info!(topic, partition, from, "a read came back empty; read again");
-            return Ok(batch);
-        }
-    }
-    if bus.kind() == "kafka" {
-        return Ok(Vec::new());
-    }
-    Err(CopyStop::Unreadable {
-        partition,
-        offset: from,
-        end: at.end,
-        remaining,
-        reads: EMPTY_READ_RETRIES.len() + 1,
-    })
-}
-
 /// The error of a copy stopped by `source`, with where each partition stands.
 fn interrupted(
     req: &CopyRequest,
     sources: &[Source],
     dry_run: bool,
-    source: CopyStop,
+    source: BusError,
 ) -> ReplayError {
     let progress = CopyProgress {
         from_topic: req.from_topic.clone(),

@@ -24,9 +24,7 @@ use std::fmt;
 
 use thiserror::Error;
 
-pub use copy::{
-    copied_record, copy, CopyProgress, CopyReport, CopyRequest, CopyStop, PartitionCopy, Resume,
-};
+pub use copy::{copied_record, copy, CopyProgress, CopyReport, CopyRequest, PartitionCopy, Resume};
 
 use crate::bus::{Bus, BusError, PartitionOffsets};
 
@@ -96,10 +94,12 @@ pub enum ReplayError {
     SameTopic(String),
     /// A copy failed part-way; what was copied stays copied. `progress` names per partition
     /// the next offset not yet copied and how to resume (its `Display` says it to the operator).
+    /// A read that could not get records the bus still had is
+    /// [`BusError::ReadIncomplete`]: a copy never takes a short read for the end.
     #[error("copy interrupted: {source}\n{progress}")]
     CopyInterrupted {
         progress: Box<CopyProgress>,
-        source: CopyStop,
+        source: BusError,
     },
     #[error(transparent)]
     Bus(#[from] BusError),

@@ -75,6 +75,18 @@ pub(super) const EPHEMERAL_INACTIVE: Duration = Duration::from_secs(30);
 const RESTART_ATTEMPTS: usize = 3;
 /// Records fetched per pull request by `read`.
 const READ_BATCH: usize = 256;
+/// Longest one fetch of `read` may take to answer; it answers at once unless the answer was
+/// lost (then the read goes on with a new consumer).
+const READ_FETCH_TIMEOUT: Duration = API_TIMEOUT;
+/// Pauses of `read` between consumers that got none of the records pending (a fetch can come
+/// back empty while some are): a few short tries, about 2 s in all, before
+/// [`BusError::ReadIncomplete`], since a copy waits on each read.
+const READ_RETRY_PAUSES: [Duration; 4] = [
+    Duration::from_millis(25),
+    Duration::from_millis(100),
+    Duration::from_millis(400),
+    Duration::from_millis(1500),
+];
 /// Metadata key naming the topic a stream belongs to.
 const TOPIC_METADATA: &str = "nexus.topic";
 /// Oldest supported server: consumer create/update actions and stream metadata are 2.10.
@@ -907,6 +919,185 @@ impl Inner {
     }
 }
 
+/// A ranged read under way (see [`Inner::read_range`]).
+struct RangeRead<'a> {
+    topic: &'a str,
+    partition: u32,
+    /// The first stream sequence not read yet.
+    next_seq: u64,
+    /// The stream's last sequence when the read began: the log end the read goes to.
+    end_seq: u64,
+    max: usize,
+    out: Vec<Message>,
+}
+
+impl RangeRead<'_> {
+    fn wants_more(&self) -> bool {
+        self.out.len() < self.max && self.next_seq <= self.end_seq
+    }
+
+    /// Takes one delivery; `false` once it is past the log end the read goes to.
+    fn take(&mut self, seq: u64, ts: i64, m: &async_nats::Message) -> bool {
+        if seq > self.end_seq {
+            return false;
+        }
+        // A delivery behind the read cannot come from a consumer started at `next_seq`; were
+        // it to, taking it would put the answer out of order.
+        if seq >= self.next_seq {
+            self.out.push(codec::message(
+                self.topic,
+                self.partition,
+                seq,
+                ts,
+                m.headers.as_ref(),
+                m.payload.clone(),
+            ));
+            self.next_seq = seq + 1;
+        }
+        true
+    }
+}
+
+/// How one consumer's part of a ranged read ended.
+enum RoundEnd {
+    /// Nothing is left to read: `max` records, the log end, or nothing pending any more.
+    Done,
+    /// Its fetches stopped giving records while some were pending (the text says how); a new
+    /// consumer from the next sequence not read goes on.
+    Stalled(String),
+}
+
+impl Inner {
+    /// Reads `range` (see [`Bus::read`] for the contract): ephemeral consumers from the next
+    /// sequence not read, fetching until the range is read. A fetch can come back empty while
+    /// records are pending, and a delivery can be lost on the way (the consumer, acking
+    /// nothing, counts it delivered and goes on), so either ends the consumer and a new one
+    /// starts where the read stands; its pending count also says whether records were removed
+    /// meanwhile. Gaps in the sequence are the subject filter's to skip: the read counts the
+    /// records it gets and never assumes a sequence holds one.
+    async fn read_range(&self, stream: &str, range: &mut RangeRead<'_>) -> Result<(), BusError> {
+        let subject = codec::subject(range.topic, range.partition);
+        let mut pauses = READ_RETRY_PAUSES.iter();
+        while range.wants_more() {
+            let deliver = DeliverPolicy::ByStartSequence {
+                start_sequence: range.next_seq,
+            };
+            let consumer = self.ephemeral(stream, &subject, deliver).await?;
+            let pending = consumer.cached_info().num_pending;
+            let before = (range.out.len(), range.next_seq);
+            let end = if pending == 0 {
+                RoundEnd::Done
+            } else {
+                read_round(&consumer, range, pending).await
+            };
+            self.drop_ephemeral(stream, &consumer).await;
+            let RoundEnd::Stalled(why) = end else {
+                return Ok(());
+            };
+            if (range.out.len(), range.next_seq) != before {
+                pauses = READ_RETRY_PAUSES.iter();
+                continue;
+            }
+            let Some(pause) = pauses.next() else {
+                return Err(BusError::ReadIncomplete {
+                    topic: range.topic.to_string(),
+                    partition: range.partition,
+                    offset: range.next_seq.saturating_sub(1),
+                    pending,
+                    detail: format!(
+                        "{} consumers in a row got none of them; the last: {why}",
+                        READ_RETRY_PAUSES.len() + 1
+                    ),
+                });
+            };
+            tracing::debug!(
+                topic = range.topic,
+                partition = range.partition,
+                pending,
+                reason = %why,
+                "a ranged read got nothing while records are pending; reading again"
+            );
+            tokio::time::sleep(*pause).await;
+        }
+        Ok(())
+    }
+}
+
+/// Fetches from one consumer into `range` until the range is read or the consumer stalls.
+/// `pending` is what the consumer counted when it was created.
+async fn read_round(
+    consumer: &consumer::Consumer<pull::Config>,
+    range: &mut RangeRead<'_>,
+    pending: u64,
+) -> RoundEnd {
+    // Consumer sequence of the last delivery: they come numbered 1, 2, … with no redelivery
+    // (nothing is acked), so a skipped number is a delivery lost on the way.
+    let mut delivered = 0u64;
+    loop {
+        let left = usize::try_from(pending.saturating_sub(delivered)).unwrap_or(usize::MAX);
+        if !range.wants_more() || left == 0 {
+            return RoundEnd::Done;
+        }
+        let want = (range.max - range.out.len()).min(READ_BATCH).min(left);
+        let before = delivered;
+        // A fetch answers at once (no-wait), but one whose answer was lost would wait forever.
+        let fetched = tokio::time::timeout(
+            READ_FETCH_TIMEOUT,
+            fetch_into(consumer, range, want, &mut delivered),
+        )
+        .await;
+        match fetched {
+            Ok(Ok(true)) => return RoundEnd::Done,
+            Ok(Ok(false)) if delivered == before => {
+                return RoundEnd::Stalled("a fetch came back empty".into())
+            }
+            Ok(Ok(false)) => {}
+            Ok(Err(why)) => return RoundEnd::Stalled(why),
+            Err(_) => {
+                return RoundEnd::Stalled(format!(
+                    "a fetch did not end within {READ_FETCH_TIMEOUT:?}"
+                ))
+            }
+        }
+    }
+}
+
+/// One fetch of up to `want` records into `range`, each taken as it comes; `true` once
+/// nothing is left to read. A delivery that shows an earlier one was lost ends the fetch
+/// (`Err`): taking it would skip the lost record.
+async fn fetch_into(
+    consumer: &consumer::Consumer<pull::Config>,
+    range: &mut RangeRead<'_>,
+    want: usize,
+    delivered: &mut u64,
+) -> Result<bool, String> {
+    let what = format!("reading {}/{}", range.topic, range.partition);
+    let mut batch = consumer
+        .fetch()
+        .max_messages(want)
+        .messages()
+        .await
+        .map_err(|e| format!("{what}: {e}"))?;
+    while let Some(item) = batch.next().await {
+        let m = item.map_err(|e| format!("{what}: {e}"))?;
+        let info = m
+            .info()
+            .map_err(|e| format!("{what}: a delivery without JetStream metadata ({e})"))?;
+        if info.consumer_sequence != *delivered + 1 {
+            return Err(format!(
+                "{what}: delivery {} came after {delivered}, the ones between were lost",
+                info.consumer_sequence
+            ));
+        }
+        *delivered = info.consumer_sequence;
+        let ts = timestamp_ms(info.published.unix_timestamp_nanos());
+        if !range.take(info.stream_sequence, ts, &m.message) || info.pending == 0 {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// The server refuses a duplicate window longer than `max_age`; nexus sets no message ids, so
 /// the window only needs to be valid.
 fn duplicate_window(max_age: Duration) -> Duration {
@@ -1266,59 +1457,17 @@ impl Bus for JetStreamBus {
     ) -> Result<Vec<Message>, BusError> {
         let meta = self.require_topic(topic).await?;
         check_partition(&meta, topic, partition)?;
-        if max == 0 {
-            return Ok(Vec::new());
-        }
-        let subject = codec::subject(topic, partition);
-        let deliver = DeliverPolicy::ByStartSequence {
-            start_sequence: from.saturating_add(1),
+        let mut range = RangeRead {
+            topic,
+            partition,
+            // Offsets are sequences minus one.
+            next_seq: from.saturating_add(1),
+            end_seq: meta.state.last_seq,
+            max,
+            out: Vec::new(),
         };
-        let consumer = self.ephemeral(&meta.stream, &subject, deliver).await?;
-        let mut out = Vec::new();
-        let mut left = (consumer.cached_info().num_pending as usize).min(max);
-        let what = format!("reading {topic}/{partition}");
-        let result = async {
-            while left > 0 {
-                let mut batch = consumer
-                    .fetch()
-                    .max_messages(left.min(READ_BATCH))
-                    .messages()
-                    .await
-                    .map_err(|e| batch_error(&what, &e))?;
-                let before = out.len();
-                while let Some(item) = batch.next().await {
-                    let m = item.map_err(|e| BusError::Unavailable(format!("{what}: {e}")))?;
-                    let Ok(info) = m.info() else {
-                        tracing::warn!(
-                            topic,
-                            partition,
-                            "record without JetStream metadata skipped"
-                        );
-                        continue;
-                    };
-                    let seq = info.stream_sequence;
-                    let ts = timestamp_ms(info.published.unix_timestamp_nanos());
-                    out.push(codec::message(
-                        topic,
-                        partition,
-                        seq,
-                        ts,
-                        m.message.headers.as_ref(),
-                        m.message.payload.clone(),
-                    ));
-                }
-                let got = out.len() - before;
-                if got == 0 {
-                    break;
-                }
-                left = left.saturating_sub(got);
-            }
-            Ok::<_, BusError>(())
-        }
-        .await;
-        self.drop_ephemeral(&meta.stream, &consumer).await;
-        result?;
-        Ok(out)
+        self.inner.read_range(&meta.stream, &mut range).await?;
+        Ok(range.out)
     }
 
     async fn health(&self) -> Result<(), BusError> {

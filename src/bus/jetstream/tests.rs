@@ -636,6 +636,8 @@ struct LossPlan {
     /// A status written to the inbox of the last lost delivery right after it: how its pull
     /// request ends for the member.
     status: Option<&'static str>,
+    /// Write `status` after every lost delivery, not only the last.
+    status_each: bool,
     /// Payloads of the deliveries lost so far.
     lost: Vec<String>,
 }
@@ -665,11 +667,14 @@ impl LossPlan {
         self.lose -= 1;
         self.lost
             .push(String::from_utf8_lossy(m.payload).into_owned());
-        let status = self.status.filter(|_| self.lose == 0).map(|s| {
-            let head = format!("NATS/1.0 {s}\r\n\r\n");
-            let n = head.len();
-            format!("HMSG {} {} {n} {n}\r\n{head}\r\n", m.subject, m.sid).into_bytes()
-        });
+        let status = self
+            .status
+            .filter(|_| self.lose == 0 || self.status_each)
+            .map(|s| {
+                let head = format!("NATS/1.0 {s}\r\n\r\n");
+                let n = head.len();
+                format!("HMSG {} {} {n} {n}\r\n{head}\r\n", m.subject, m.sid).into_bytes()
+            });
         Some(status.unwrap_or_default())
     }
 }
@@ -750,6 +755,20 @@ impl LossyLink {
             pass,
             lose,
             status,
+            status_each: false,
+            lost: Vec::new(),
+        };
+    }
+
+    /// From now on: loses every delivery whose reply subject starts with `target`, each
+    /// followed by `status` in its pull request's inbox.
+    fn arm_every(&self, target: String, status: &'static str) {
+        *plan_of(&self.plan) = LossPlan {
+            target: Some(target),
+            pass: 0,
+            lose: usize::MAX,
+            status: Some(status),
+            status_each: true,
             lost: Vec::new(),
         };
     }
@@ -979,6 +998,89 @@ async fn a_delivery_lost_inside_a_pull_request_comes_again_before_the_rest_of_it
     a0.ack().await.expect("ack a:0");
     handled_from_the_floor(&mut sub, 2, 3).await;
     sub.close().await.expect("close");
+}
+
+/// The reply-subject prefix of every delivery from the topic's stream: a ranged read's
+/// ephemeral consumers have names of the server's choosing.
+fn deliveries_on(topic: &str) -> String {
+    format!("$JS.ACK.{}.", stream_name(topic))
+}
+
+/// A ranged read whose first fetch comes back empty while records are pending (the link loses
+/// the first delivery and ends the pull with `404 No Messages` in its place, so the read's
+/// consumer has also moved past that record) reads on from a new consumer at the next record
+/// not read: every record, in order, none skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_whose_first_fetch_comes_back_empty_reads_on() {
+    let Some((bus, link, reader, topic)) = lossy_setup().await else {
+        return;
+    };
+    for n in 0..6 {
+        publish_ab(&bus, &topic, n).await;
+    }
+    link.arm(deliveries_on(&topic), 0, 1, Some("404 No Messages"));
+    let read = tokio::time::timeout(WAIT, reader.read(&topic, 0, 0, 100))
+        .await
+        .expect("the read ends")
+        .expect("read");
+    assert_eq!(link.lost(1).await, ["a:0"]);
+    assert_eq!(
+        read.iter().map(seq_of).collect::<Vec<_>>(),
+        (0..6).collect::<Vec<_>>()
+    );
+}
+
+/// A delivery lost inside a fetch (the server counts it delivered, the read never gets it):
+/// the read sees the gap in the consumer's delivery numbers, stops taking that fetch's records
+/// there, and reads on from the lost record, so it neither skips it nor waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_lost_inside_a_read_is_fetched_again() {
+    let Some((bus, link, reader, topic)) = lossy_setup().await else {
+        return;
+    };
+    for n in 0..6 {
+        publish_ab(&bus, &topic, n).await;
+    }
+    link.arm(deliveries_on(&topic), 2, 1, None);
+    let read = tokio::time::timeout(WAIT, reader.read(&topic, 0, 0, 100))
+        .await
+        .expect("the read ends")
+        .expect("read");
+    assert_eq!(link.lost(1).await, ["a:2"]);
+    assert_eq!(
+        read.iter().map(seq_of).collect::<Vec<_>>(),
+        (0..6).collect::<Vec<_>>()
+    );
+}
+
+/// Fetches that keep coming back empty while records are pending end the read with
+/// `ReadIncomplete`, naming the partition, where the read stood and what was pending, rather
+/// than an empty answer that would read as the end of the partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_that_keeps_getting_nothing_fails_saying_what_is_pending() {
+    let Some((bus, link, reader, topic)) = lossy_setup().await else {
+        return;
+    };
+    for n in 0..4 {
+        publish_ab(&bus, &topic, n).await;
+    }
+    let second = bus.read(&topic, 0, 0, 2).await.expect("read")[1].offset;
+    link.arm_every(deliveries_on(&topic), "404 No Messages");
+    let err = tokio::time::timeout(WAIT, reader.read(&topic, 0, second, 100))
+        .await
+        .expect("the read ends")
+        .expect_err("nothing can be fetched");
+    let BusError::ReadIncomplete {
+        partition,
+        offset,
+        pending,
+        ..
+    } = &err
+    else {
+        panic!("{err}");
+    };
+    assert_eq!((*partition, *offset, *pending), (0, second, 3), "{err}");
+    assert!(err.is_transient(), "{err}");
 }
 
 /// A lease renewal the server applied but whose reply was lost (simulated: the member's own id

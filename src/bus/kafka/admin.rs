@@ -490,19 +490,26 @@ pub(super) async fn read(
         tpl.add_partition_offset(&topic, partition as i32, Offset::Offset(start as i64))
             .map_err(map_err)?;
         reader.assign(&tpl).map_err(map_err)?;
-        let deadline = Instant::now() + REQUEST_TIMEOUT;
-        let mut out = Vec::with_capacity(max.min(1024));
+        // Measured from the last record: a long read that keeps getting records goes on; one
+        // that stalls fails rather than hand out a short answer, which would read as the end.
+        let mut deadline = Instant::now() + REQUEST_TIMEOUT;
+        let mut out: Vec<Message> = Vec::with_capacity(max.min(1024));
         // Records of one partition arrive in offset order; stop at the high watermark read
         // above, so a busy partition does not keep the read going.
         while out.len() < max {
             if Instant::now() >= deadline {
-                // What was read is given: the caller goes on after its last record.
-                if !out.is_empty() {
-                    break;
-                }
-                return Err(BusError::Timeout(format!(
-                    "reading {topic}[{partition}] from {start}: got no record before the deadline"
-                )));
+                let offset = out.last().map_or(start, |m| m.offset + 1);
+                return Err(BusError::ReadIncomplete {
+                    topic: topic.clone(),
+                    partition,
+                    offset,
+                    pending: high.saturating_sub(offset),
+                    detail: format!(
+                        "no record for {REQUEST_TIMEOUT:?} before the high watermark {high}, \
+                         {} read before",
+                        out.len()
+                    ),
+                });
             }
             match reader.poll(Duration::from_millis(100)) {
                 // The offsets below the high watermark need not all be records (a transaction
@@ -528,6 +535,7 @@ pub(super) async fn read(
                         continue;
                     }
                     out.push(to_message(&m, partition, offset));
+                    deadline = Instant::now() + REQUEST_TIMEOUT;
                     if offset + 1 >= high {
                         break;
                     }
