@@ -3,9 +3,12 @@
 //! driver (customer starts and sends, agent accepts and replies, customer sees the reply, agent
 //! completes, customer sees the end) and screenshots both pages into
 //! `target/browser-artefacts/`. A second test calls the chat API from a page of another origin
-//! (`tests/browser/cors.py`), allowed by `http.cors_allowed_origins`. Requires `/usr/bin/chromium` (or `NEXUS_TEST_CHROMIUM`) and
-//! the Python module `playwright` (CI installs both): a missing one fails the test rather than
-//! skipping it.
+//! (`tests/browser/cors.py`), allowed by `http.cors_allowed_origins`. The other tests each run
+//! one case of `tests/browser/cases.py` against a `nexus dev` of their own: a page in a situation
+//! a contact centre meets (behind a path prefix, a network drop, a customer leaving while the
+//! offer rings, a refusal, a long transcript, a double click, an expiring client key). Requires
+//! `/usr/bin/chromium` (or `NEXUS_TEST_CHROMIUM`) and the Python module `playwright` (CI
+//! installs both): a missing one fails the test rather than skipping it.
 
 mod common;
 
@@ -77,6 +80,10 @@ fn require_tools() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_pages_chat_end_to_end_in_chromium() {
     require_tools();
+    let _turn = BROWSERS
+        .acquire()
+        .await
+        .expect("the semaphore is never closed");
     let dir = tempfile::tempdir().expect("temp dir");
     let node = start_node(dir.path(), "dev", &["dev"], base_env(dir.path())).await;
 
@@ -130,6 +137,10 @@ async fn demo_pages_chat_end_to_end_in_chromium() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_of_an_allowed_origin_chats_across_origins_in_chromium() {
     require_tools();
+    let _turn = BROWSERS
+        .acquire()
+        .await
+        .expect("the semaphore is never closed");
     let dir = tempfile::tempdir().expect("temp dir");
     // The page's port, chosen before nexus starts so its origin can be allowed.
     let page_port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -167,6 +178,133 @@ async fn a_page_of_an_allowed_origin_chats_across_origins_in_chromium() {
         output.status,
         tail(&node.nexus.log_text(), 40)
     );
+}
+
+/// Browsers at once: each case runs a nexus and a Chromium, and a 2-core CI machine running
+/// them all together would stretch steps past their limit.
+static BROWSERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+/// Runs one case of `tests/browser/cases.py` against a `nexus dev` of its own, with `env`
+/// added to the test defaults.
+async fn case(name: &str, env: &[(&'static str, &str)]) {
+    require_tools();
+    let _turn = BROWSERS
+        .acquire()
+        .await
+        .expect("the semaphore is never closed");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut all = base_env(dir.path());
+    all.extend(env.iter().map(|(k, v)| (*k, v.to_string())));
+    let node = start_node(dir.path(), "dev", &["dev"], all).await;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/cases.py");
+    let child = tokio::process::Command::new("python3")
+        .arg(&script)
+        .arg(&node.url)
+        .arg(name)
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 must be installed for the browser test");
+    let output = tokio::time::timeout(SCRIPT_LIMIT, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "cases.py {name} did not finish in {SCRIPT_LIMIT:?}; nexus log (last lines):\n{}",
+                tail(&node.nexus.log_text(), 40)
+            )
+        })
+        .expect("wait for cases.py");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    println!("{stdout}");
+    assert!(
+        output.status.success(),
+        "cases.py {name} failed ({}):\n{stdout}\n{stderr}\nnexus log (last lines):\n{}",
+        output.status,
+        tail(&node.nexus.log_text(), 40)
+    );
+}
+
+/// Behind a reverse proxy that serves nexus under `/support/`, both pages load their config,
+/// call the APIs, open their sockets and download files under that prefix; a nickname of
+/// markup is shown as text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_pages_work_behind_a_path_prefix() {
+    case("path_prefix", &[]).await;
+}
+
+/// A customer leaving while the offer rings takes the offer off the console, which lists no
+/// chat for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_drops_an_offer_whose_customer_left() {
+    case("offer_withdrawn", &[]).await;
+}
+
+/// After a network drop the console shows what changed meanwhile: its chat ended, an offer
+/// still pending (and withdrawn later), the agent's state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_resyncs_after_its_socket_drops() {
+    case("agent_reconnect_resyncs", &[]).await;
+}
+
+/// A reply typed while the console's socket is down stays in the box and is sent once back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_keeps_a_reply_typed_offline() {
+    case("agent_reply_while_down", &[]).await;
+}
+
+/// The widget's network drops: a failed send keeps its text and goes once when back; the
+/// stream resumes from its position, the agent's reply meanwhile shown once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn widget_resumes_and_resends_after_a_drop() {
+    case("widget_send_while_down", &[]).await;
+}
+
+/// A double click on Start is one chat with one socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn widget_double_click_on_start_opens_one_socket() {
+    case("start_double_click", &[]).await;
+}
+
+/// `transfer_failed` (the second agent is not ready) is shown with its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_shows_a_refused_transfer_and_consult() {
+    case("transfer_refused", &[]).await;
+}
+
+/// A transcript longer than one page (100 entries) is read whole on accept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_reads_a_long_transcript_whole() {
+    case("long_transcript", &[]).await;
+}
+
+/// The widget's "is typing" goes when the chat ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn widget_clears_typing_when_the_chat_ends() {
+    case("typing_cleared", &[]).await;
+}
+
+/// A chat outlives its client key: the widget renews the key (here of 1 s, taken until 60 s
+/// later) and reconnects its stream with the new one when the old ends it (4001).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn widget_renews_its_client_key() {
+    case("key_renewal", &[("NEXUS_CHAT__CLIENT_KEY_TTL_S", "1")]).await;
+}
+
+/// Refusals show their code (`MESSAGE_TOO_LONG`, `FILE_EXPIRED`) and keep what was typed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_pages_show_refusals_and_keep_the_text() {
+    case(
+        "refusals_shown",
+        &[
+            ("NEXUS_CHAT__MAX_MESSAGE_CHARS", "20"),
+            ("NEXUS_CHAT__FILE_RETENTION_S", "1"),
+        ],
+    )
+    .await;
 }
 
 fn tail(text: &str, n: usize) -> String {
