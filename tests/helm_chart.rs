@@ -1,6 +1,7 @@
 //! The Helm chart `charts/nexus`: `helm lint --strict`, then `helm template` with each values file
 //! of `charts/nexus/ci/` and checks on the rendered objects (one Deployment per role, the topology
-//! hook Job, no secrets in ConfigMaps, probes, drain time, KEDA per values).
+//! hook Job, no secrets in ConfigMaps or literal env, startup/liveness/readiness probes, drain time,
+//! pod settings on every pod the hook Job included, configs nexus loads, KEDA per values).
 //!
 //! Helm comes from `scripts/helm.sh` (downloads it into target/tools when missing). Without it the
 //! tests skip with a message, unless NEXUS_TEST_REQUIRE_TOOLS=1 (set by `.ci/run`) makes that a
@@ -152,7 +153,26 @@ fn check_common(objs: &[Value], what: &str) {
             "{what}/{}",
             name(d)
         );
+        // nexus never calls the Kubernetes API: no token in its pods, whatever the account.
+        assert_eq!(
+            spec["automountServiceAccountToken"],
+            false,
+            "{what}/{}",
+            name(d)
+        );
         for c in spec["containers"].as_sequence().unwrap() {
+            // A pod listens only after its migrations (minutes on a large table, or behind
+            // another pod's lock): liveness alone killed it after ~25 s, rolling the migration
+            // back each time. The startup probe waits minutes, then liveness takes over.
+            let startup = &c["startupProbe"];
+            assert_eq!(startup["httpGet"]["path"], "/healthz", "{what}/{}", name(d));
+            let window = startup["periodSeconds"].as_u64().unwrap_or(10)
+                * startup["failureThreshold"].as_u64().unwrap_or(3);
+            assert!(
+                window >= 300,
+                "{what}/{}: startup probe gives {window}s to start",
+                name(d)
+            );
             assert_eq!(
                 c["livenessProbe"]["httpGet"]["path"],
                 "/healthz",
@@ -171,6 +191,12 @@ fn check_common(objs: &[Value], what: &str) {
     for j in of_kind(objs, "Job") {
         assert_eq!(
             j["spec"]["template"]["spec"]["enableServiceLinks"],
+            false,
+            "{what}/{}",
+            name(j)
+        );
+        assert_eq!(
+            j["spec"]["template"]["spec"]["automountServiceAccountToken"],
             false,
             "{what}/{}",
             name(j)
@@ -239,7 +265,7 @@ fn check_env(container: &Value, what: &str) {
 }
 
 /// The rendered config loads in nexus (real keys, valid values) and holds no secret.
-fn check_config(toml_text: &str, topology: &str, what: &str) {
+fn check_config(toml_text: &str, topology: &str, what: &str) -> nexus::config::Config {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.toml");
     // Files the pods mount under /etc/nexus/ (topology, TLS material) sit in the temp dir here:
@@ -289,6 +315,7 @@ fn check_config(toml_text: &str, topology: &str, what: &str) {
         "{what}: credentials in bus.url"
     );
     assert_eq!(config.http.listen, "0.0.0.0:8080", "{what}");
+    config
 }
 
 fn hook_job(objs: &[Value]) -> Option<&Value> {
@@ -732,6 +759,21 @@ fn chart_refuses_inline_secrets_unknown_roles_and_short_grace() {
             "secrets.clientKeySecret.name=",
             "secrets.clientKeySecret.name is required",
         ),
+        // A secret as a literal env value is as inline as under `config`.
+        (
+            "edge.env[0].name=NEXUS_STORES__POSTGRES_URL,edge.env[0].value=postgres://u:p@db/x",
+            "NEXUS_STORES__POSTGRES_URL is a secret",
+        ),
+        (
+            "workers.overrides.gws.env[0].name=NEXUS_WORKERS__GWS__TENANTS__acme__CREDENTIAL,\
+             workers.overrides.gws.env[0].value=abc",
+            "NEXUS_WORKERS__GWS__TENANTS__acme__CREDENTIAL is a secret",
+        ),
+        (
+            "workers.defaults.env[0].name=NEXUS_BUS__KAFKA__SASL_PASSWORD,\
+             workers.defaults.env[0].value=p",
+            "NEXUS_BUS__KAFKA__SASL_PASSWORD is a secret",
+        ),
         (
             "edge.asyncThreads=0",
             "asyncThreads must be a positive number",
@@ -756,4 +798,144 @@ fn chart_topology_is_the_repository_topology() {
         "charts/nexus/files/topology.yaml differs from topology/nexus.yaml: \
          cp topology/nexus.yaml charts/nexus/files/topology.yaml"
     );
+}
+
+/// The pod template of a Deployment or Job.
+fn pod_template(o: &Value) -> &Value {
+    &o["spec"]["template"]
+}
+
+/// Every pod the release runs: the Deployments and the hook Job.
+fn pods(objs: &[Value]) -> Vec<&Value> {
+    let mut v = of_kind(objs, "Deployment");
+    v.extend(of_kind(objs, "Job"));
+    v
+}
+
+#[test]
+fn pod_labels_annotations_and_scheduling_reach_every_pod_the_hook_job_too() {
+    let Some(helm) = helm() else { return };
+    // E.g. a NetworkPolicy letting labelled pods reach the bus, no mesh sidecar (a Job with one
+    // never completes), dedicated tainted nodes: the hook Job needs them as much as the pods.
+    let objs = render(
+        &helm,
+        &[],
+        &[
+            "--set-json",
+            r#"podLabels={"team":"chat"}"#,
+            "--set-json",
+            r#"podAnnotations={"sidecar.istio.io/inject":"false"}"#,
+            "--set-json",
+            r#"nodeSelector={"pool":"nexus"}"#,
+            "--set-json",
+            r#"tolerations=[{"key":"dedicated","operator":"Equal","value":"nexus","effect":"NoSchedule"}]"#,
+            "--set-json",
+            r#"affinity={"nodeAffinity":{"requiredDuringSchedulingIgnoredDuringExecution":{"nodeSelectorTerms":[{"matchExpressions":[{"key":"zone","operator":"In","values":["a"]}]}]}}}"#,
+            "--set-json",
+            r#"serviceAccount={"create":false,"name":"nexus-sa"}"#,
+        ],
+    );
+    check_common(&objs, "pod settings");
+    let all = pods(&objs);
+    assert!(hook_job(&objs).is_some() && all.len() == WORKER_ROLES.len() + 2);
+    for o in all {
+        let t = pod_template(o);
+        let what = name(o);
+        assert_eq!(t["metadata"]["labels"]["team"], "chat", "{what}");
+        assert_eq!(
+            t["metadata"]["annotations"]["sidecar.istio.io/inject"], "false",
+            "{what}"
+        );
+        let spec = &t["spec"];
+        assert_eq!(spec["nodeSelector"]["pool"], "nexus", "{what}");
+        assert_eq!(spec["tolerations"][0]["key"], "dedicated", "{what}");
+        assert!(spec["affinity"]["nodeAffinity"].is_mapping(), "{what}");
+        // An account the chart does not create exists before the pre-install hook runs.
+        assert_eq!(spec["serviceAccountName"], "nexus-sa", "{what}");
+    }
+    // The chart's own account is created with the release, after the pre-install hook.
+    let objs = render(&helm, &[], &[]);
+    let job = hook_job(&objs).unwrap();
+    assert!(
+        pod_template(job)["spec"]
+            .get("serviceAccountName")
+            .is_none(),
+        "the hook Job cannot use a ServiceAccount created after it"
+    );
+}
+
+#[test]
+fn tenant_ids_with_dots_render_as_one_toml_key() {
+    let Some(helm) = helm() else { return };
+    // Tenant ids may hold `.` (provisioning identifiers: a-z A-Z 0-9 . _ -); a bare TOML key
+    // `tenants.acme.eu` is a table `acme` with a key `eu`, which nexus refuses at load.
+    let objs = render(
+        &helm,
+        &[],
+        &[
+            "--set-json",
+            r#"config.workers={"gws":{"url":"https://gws.example.com","tenants":{"acme.eu":{"url":"https://gws-eu.example.com","timeout_ms":5000}}},"history":{"ucs":{"tenants":{"acme.eu":{"url":""}}}}}"#,
+        ],
+    );
+    check_common(&objs, "tenant ids");
+    let cm = of_kind(&objs, "ConfigMap")
+        .into_iter()
+        .find(|m| name(m) == "t-nexus-config")
+        .unwrap();
+    let config = check_config(
+        cm["data"]["config.toml"].as_str().unwrap(),
+        cm["data"]["topology.yaml"].as_str().unwrap(),
+        "tenant ids",
+    );
+    let gws = config
+        .workers
+        .gws
+        .tenants
+        .get("acme.eu")
+        .expect("gws tenant acme.eu");
+    assert!(
+        gws.url.starts_with("https://gws-eu.example.com"),
+        "{}",
+        gws.url
+    );
+    assert!(config.workers.history.ucs.tenants.contains_key("acme.eu"));
+}
+
+#[test]
+fn http_client_ca_secret_is_mounted_where_the_config_points() {
+    let Some(helm) = helm() else { return };
+    // UCS, GWS, webhook receivers or bots behind a private CA: http_client.ca_file must name a
+    // file every pod has (nexus reads it at load), which only a mounted Secret gives.
+    let objs = render(&helm, &[], &["--set", "httpClientCaSecret=corp-ca"]);
+    check_common(&objs, "http client CA");
+    for o in pods(&objs) {
+        let spec = &pod_template(o)["spec"];
+        assert!(
+            spec["volumes"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .any(|v| v["secret"]["secretName"] == "corp-ca"),
+            "{}: no corp-ca volume",
+            name(o)
+        );
+        assert!(
+            spec["containers"][0]["volumeMounts"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .any(|m| m["mountPath"] == "/etc/nexus/http-ca"),
+            "{}: corp-ca not mounted",
+            name(o)
+        );
+    }
+    for m in of_kind(&objs, "ConfigMap") {
+        if let Some(toml_text) = m["data"]["config.toml"].as_str() {
+            assert!(
+                toml_text.contains("ca_file = \"/etc/nexus/http-ca/ca.crt\""),
+                "{}: http_client.ca_file is not the mounted file",
+                name(m)
+            );
+        }
+    }
 }

@@ -142,6 +142,7 @@ keys set inline: they belong in Secrets.
 {{- $stores := dict "data_dir" "/var/lib/nexus" -}}
 {{- if .Values.redisCaSecret }}{{- $_ := set $stores "redis_ca_file" "/etc/nexus/redis-ca/ca.crt" }}{{- end -}}
 {{- $owned := dict "bus" $bus "http" $http "stores" $stores "topology" (dict "file" "/etc/nexus/topology.yaml") -}}
+{{- if .Values.httpClientCaSecret }}{{- $_ := set $owned "http_client" (dict "ca_file" "/etc/nexus/http-ca/ca.crt") }}{{- end -}}
 {{- $c = mergeOverwrite $c $owned -}}
 {{- include "nexus.toml" (dict "table" $c "prefix" "") -}}
 {{- end -}}
@@ -156,18 +157,24 @@ keys refuse). Scalars first, then sub-tables, keys sorted.
 {{- range $k := keys $t | sortAlpha -}}
 {{- $v := get $t $k -}}
 {{- if not (kindIs "map" $v) }}
-{{ $k }} = {{ include "nexus.tomlValue" $v }}
+{{ include "nexus.tomlKey" $k }} = {{ include "nexus.tomlValue" $v }}
 {{- end -}}
 {{- end -}}
 {{- range $k := keys $t | sortAlpha -}}
 {{- $v := get $t $k -}}
 {{- if kindIs "map" $v -}}
-{{- $name := ternary $k (printf "%s.%s" $prefix $k) (eq $prefix "") }}
+{{- $key := include "nexus.tomlKey" $k -}}
+{{- $name := ternary $key (printf "%s.%s" $prefix $key) (eq $prefix "") }}
 
 [{{ $name }}]
 {{- include "nexus.toml" (dict "table" $v "prefix" $name) -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+
+{{/* A TOML key: bare when it can be, quoted otherwise (a tenant id such as `acme.eu`). */}}
+{{- define "nexus.tomlKey" -}}
+{{- if regexMatch "^[A-Za-z0-9_-]+$" . }}{{ . }}{{ else }}{{ toJson . }}{{ end -}}
 {{- end -}}
 
 {{- define "nexus.tomlValue" -}}
@@ -194,6 +201,19 @@ keys refuse). Scalars first, then sub-tables, keys sorted.
     secretKeyRef:
       name: {{ .ref.name }}
       key: {{ .ref.key }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Extra env (edge.env, workers.*.env) with a secret config key (a password, token, credential,
+store URL or key, per-tenant ones too) as a literal `value`: refused like the same key under
+`config`. Args: (dict "what" WHERE "env" LIST).
+*/}}
+{{- define "nexus.checkEnv" -}}
+{{- range .env -}}
+{{- if and (kindIs "map" .) (get . "value") (regexMatch "^NEXUS_.*__(SASL_PASSWORD|PASSWORD|TOKEN|ADMIN_TOKEN|CREDENTIAL|POSTGRES_URL|REDIS_URL|PROVISIONING_KEY|CLIENT_KEY_SECRET)$" (upper (toString (get . "name")))) -}}
+{{- fail (printf "%s: %s is a secret: take it from a Secret (valueFrom.secretKeyRef), never a literal value in values" $.what (get . "name")) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
@@ -251,6 +271,11 @@ keys refuse). Scalars first, then sub-tables, keys sorted.
   secret:
     secretName: {{ . }}
 {{- end }}
+{{- with .root.Values.httpClientCaSecret }}
+- name: http-ca
+  secret:
+    secretName: {{ . }}
+{{- end }}
 {{- end -}}
 
 {{- define "nexus.volumeMounts" -}}
@@ -284,11 +309,37 @@ keys refuse). Scalars first, then sub-tables, keys sorted.
   mountPath: /etc/nexus/redis-ca
   readOnly: true
 {{- end }}
+{{- if .Values.httpClientCaSecret }}
+- name: http-ca
+  mountPath: /etc/nexus/http-ca
+  readOnly: true
+{{- end }}
 {{- end -}}
 
-{{/* Liveness on /healthz, readiness on /readyz (bus and stores reachable). */}}
+{{/* Where every nexus pod may run, the hook Job's included. */}}
+{{- define "nexus.scheduling" -}}
+{{- with .Values.nodeSelector }}
+nodeSelector: {{ toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations: {{ toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.affinity }}
+affinity: {{ toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/*
+Startup and liveness on /healthz, readiness on /readyz (bus and stores reachable). A pod listens
+only once it joined the bus and stores and applied the database migrations (minutes for a large
+one, or behind another pod's migration lock): the startup probe gives it that time, then liveness
+takes over.
+*/}}
 {{- define "nexus.probes" -}}
 {{- $scheme := ternary "HTTPS" "HTTP" (ne .Values.tls.secretName "") -}}
+startupProbe:
+  httpGet: {path: /healthz, port: http, scheme: {{ $scheme }}}
+  {{- toYaml .Values.probes.startup | nindent 2 }}
 livenessProbe:
   httpGet: {path: /healthz, port: http, scheme: {{ $scheme }}}
   {{- toYaml .Values.probes.liveness | nindent 2 }}
