@@ -28,7 +28,7 @@ use crate::bus::consumer::HandleError;
 use crate::telemetry::metrics as m;
 
 /// Where one peer is, globally or for one tenant.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PeerTarget {
     /// Base URL (`https://ucs.example.com`); "" = not configured.
@@ -40,7 +40,7 @@ pub struct PeerTarget {
 }
 
 /// A peer's config: the global target, per-tenant overrides and the pause circuit.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PeerConfig {
     /// Base URL for every tenant without an override; "" = only the tenants listed below.
@@ -83,6 +83,43 @@ impl Default for PeerConfig {
             retry_max_attempts: 20,
             tenants: BTreeMap::new(),
         }
+    }
+}
+
+/// What `Debug` shows of a credential: whether there is one, never its value (a `?target` in
+/// a log line or a test's failure message must not print it).
+fn shown_credential(credential: &str) -> &'static str {
+    if credential.is_empty() {
+        ""
+    } else {
+        "<redacted>"
+    }
+}
+
+impl std::fmt::Debug for PeerTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerTarget")
+            .field("url", &crate::http_client::shown_url(&self.url))
+            .field("credential", &shown_credential(&self.credential))
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for PeerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerConfig")
+            .field("url", &crate::http_client::shown_url(&self.url))
+            .field("credential", &shown_credential(&self.credential))
+            .field("timeout_ms", &self.timeout_ms)
+            .field("pause_after_failures", &self.pause_after_failures)
+            .field("pause_initial_ms", &self.pause_initial_ms)
+            .field("pause_max_ms", &self.pause_max_ms)
+            .field("retry_initial_ms", &self.retry_initial_ms)
+            .field("retry_max_ms", &self.retry_max_ms)
+            .field("retry_max_attempts", &self.retry_max_attempts)
+            .field("tenants", &self.tenants)
+            .finish()
     }
 }
 
@@ -240,6 +277,8 @@ pub enum PeerFailure {
     Rejected {
         peer: &'static str,
         status: u16,
+        /// The answer's body as errors may quote it: without the target's secrets, control
+        /// characters escaped, at most 512 bytes.
         detail: String,
     },
 }
@@ -549,7 +588,7 @@ impl Peer {
                         PeerFailure::Rejected {
                             peer: self.name,
                             status: status.as_u16(),
-                            detail: truncate(&text, 512),
+                            detail: answer_text(&text, target),
                         },
                     ))
                 }
@@ -593,6 +632,75 @@ fn truncate(s: &str, max: usize) -> String {
         .take_while(|(i, _)| *i < max)
         .map(|(_, c)| c)
         .collect()
+}
+
+/// The most of a refusal's body an error quotes.
+const MAX_QUOTED_ANSWER: usize = 512;
+
+/// A refusal's body as errors quote it (logs, dead-letter headers, the backlog's `last_error`):
+/// the target's secrets taken out (a peer or gateway may echo the request's `Authorization`),
+/// control characters escaped (PostgreSQL refuses a NUL, so a backlogged event could never be
+/// marked dead-lettered; a line break would forge log lines), at most [`MAX_QUOTED_ANSWER`]
+/// bytes of it.
+fn answer_text(text: &str, target: &PeerTarget) -> String {
+    let mut shown = text.to_string();
+    for secret in secrets_of(target) {
+        shown = shown.replace(&secret, "<redacted>");
+    }
+    let mut escaped = String::with_capacity(shown.len());
+    for c in shown.chars() {
+        if c.is_control() {
+            escaped.push_str(&format!("\\u{{{:04x}}}", u32::from(c)));
+        } else {
+            escaped.push(c);
+        }
+    }
+    truncate(&escaped, MAX_QUOTED_ANSWER)
+}
+
+/// What of `target` must never be shown: its credential and a password written in its URL,
+/// as written and as sent (percent-decoded, and the `Basic` base64 of `user:password`).
+fn secrets_of(target: &PeerTarget) -> Vec<String> {
+    use base64::Engine;
+    let mut secrets = vec![target.credential.clone()];
+    if let Ok(u) = reqwest::Url::parse(&target.url) {
+        if let Some(password) = u.password() {
+            let decoded = percent_decoded(password);
+            let basic = format!("{}:{decoded}", percent_decoded(u.username()));
+            secrets.push(base64::engine::general_purpose::STANDARD.encode(basic));
+            secrets.extend([password.to_string(), decoded]);
+        }
+    }
+    secrets.retain(|s| !s.is_empty());
+    // Longest first: a secret that holds another is taken out whole.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    secrets
+}
+
+/// `%XX` sequences decoded (as the client does for the user info it sends); bytes that do not
+/// make UTF-8 are replaced.
+fn percent_decoded(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Whether a call may go to its target now.
@@ -971,6 +1079,63 @@ mod tests {
         for t in ["t1", "t2", "t3", "t4"] {
             assert_eq!(c.has_target(t), c.target(t).is_some(), "{t}");
         }
+    }
+
+    /// A refusal's body is quoted without the target's secrets (as configured and as sent) and
+    /// with its control characters escaped, whatever the peer echoed.
+    #[test]
+    fn a_refusal_quotes_no_secret_and_no_control_character() {
+        use base64::Engine;
+        let target = PeerTarget {
+            url: "https://svc:p%40ss-w0rd@ucs.example.com".into(),
+            credential: "tok-3141".into(),
+            timeout_ms: 1_000,
+        };
+        let basic = base64::engine::general_purpose::STANDARD.encode("svc:p@ss-w0rd");
+        let body = format!(
+            "denied\0 for Bearer tok-3141\r\nX-Forged: 1 basic {basic} raw p%40ss-w0rd decoded p@ss-w0rd"
+        );
+        let shown = answer_text(&body, &target);
+        for secret in ["tok-3141", basic.as_str(), "p%40ss-w0rd", "p@ss-w0rd"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert!(
+            shown.starts_with("denied\\u{0000} for Bearer <redacted>\\u{000d}\\u{000a}X-Forged"),
+            "{shown}"
+        );
+        // Cut at a character boundary, after the secrets are out (none is left half shown).
+        let long = format!("{}tok-3141", "é".repeat(400));
+        let shown = answer_text(&long, &target);
+        assert!(shown.len() <= MAX_QUOTED_ANSWER + 4, "{}", shown.len());
+        assert!(!shown.contains("tok-"), "{shown}");
+        let no_secrets = PeerTarget::default();
+        assert_eq!(answer_text("plain", &no_secrets), "plain");
+    }
+
+    /// `Debug` (a `?config` in a log line, a failed assertion) shows no credential, neither
+    /// configured nor written in a URL.
+    #[test]
+    fn debug_shows_no_secret() {
+        let mut c = config();
+        c.url = "https://svc:url-pass-1@ucs.example.com".into();
+        c.credential = "global-secret-2".into();
+        c.tenants.insert(
+            "t".into(),
+            PeerTarget {
+                url: "https://ucs.example.com".into(),
+                credential: "tenant-secret-3".into(),
+                timeout_ms: 0,
+            },
+        );
+        let shown = format!("{c:?} {:?}", c.target("t"));
+        for secret in ["url-pass-1", "global-secret-2", "tenant-secret-3"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(
+            shown.contains("<redacted>") && shown.contains("ucs.example.com"),
+            "{shown}"
+        );
     }
 
     #[test]

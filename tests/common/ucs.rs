@@ -61,6 +61,30 @@ pub struct UcsState {
     pub fail_email: Option<String>,
     /// Added to every call answered while up (a UCS under load).
     pub delay: Duration,
+    /// Calls of a method (`AddDocument`…) answered with this instead, while up.
+    pub refusals: HashMap<String, Refusal>,
+    /// Calls being answered now, by method (`AddDocument/<Kind>` for documents).
+    pub in_flight: HashMap<String, usize>,
+    /// The most calls answered at once, by the same key.
+    pub most_in_flight: HashMap<String, usize>,
+}
+
+/// What [`UcsState::in_flight`] counts a call under.
+fn flight_key(method: &str, body: &Value) -> String {
+    match body["Parameters"]["Kind"].as_str() {
+        Some(kind) => format!("{method}/{kind}"),
+        None => method.to_string(),
+    }
+}
+
+/// A canned answer to every call of one method: any status and body bytes.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub status: u16,
+    pub content_type: String,
+    pub body: Vec<u8>,
+    /// The request's `Authorization` value is appended to the body (a gateway echoing it).
+    pub echo_authorization: bool,
 }
 
 #[derive(Clone)]
@@ -142,6 +166,58 @@ async fn call(
     Path((service, method)): Path<(String, String)>,
     headers: HeaderMap,
     Json(body): Json<Value>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let refusal = {
+        let s = state.lock().unwrap();
+        (s.mode == Mode::Up)
+            .then(|| s.refusals.get(&method).cloned())
+            .flatten()
+    };
+    let Some(r) = refusal else {
+        let key = flight_key(&method, &body);
+        {
+            let mut s = state.lock().unwrap();
+            let now = s.in_flight.entry(key.clone()).or_default();
+            *now += 1;
+            let now = *now;
+            let most = s.most_in_flight.entry(key.clone()).or_default();
+            *most = (*most).max(now);
+        }
+        let answer = apply(state.clone(), service, method, headers, body).await;
+        if let Some(n) = state.lock().unwrap().in_flight.get_mut(&key) {
+            *n -= 1;
+        }
+        return answer.into_response();
+    };
+    let authorization = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    state.lock().unwrap().calls.push(Call {
+        service,
+        method,
+        body,
+        authorization: authorization.clone(),
+    });
+    let mut answer = r.body.clone();
+    if r.echo_authorization {
+        answer.extend_from_slice(authorization.unwrap_or_default().as_bytes());
+    }
+    (
+        StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_REQUEST),
+        [("content-type", r.content_type)],
+        answer,
+    )
+        .into_response()
+}
+
+async fn apply(
+    state: Arc<Mutex<UcsState>>,
+    service: String,
+    method: String,
+    headers: HeaderMap,
+    body: Value,
 ) -> (StatusCode, Json<Value>) {
     let (mode, delay) = {
         let mut s = state.lock().unwrap();

@@ -26,8 +26,10 @@
 //! on. While a UCS target keeps failing for everyone its [`Peer`] circuit refuses calls unsent
 //! and their events wait in the backlog as well, so a tenant's failing UCS holds no other
 //! tenant (`nexus_worker_paused{role="history",peer="ucs"}` = 1). A 4xx dead-letters the
-//! event with reason `ucs_rejected`. Tenants without a UCS target are acked without a call
-//! (`skipped`).
+//! event with reason `ucs_rejected`, the detail naming the call. An event whose tenant or
+//! conversation id the state store cannot key (a control character, over [`MAX_ID_BYTES`]) is
+//! dead-lettered at once as `history_bad_event`. Tenants without a UCS target are acked without
+//! a call (`skipped`). At most [`ATTACHMENTS_AT_ONCE`] chat files go to UCS at once per process.
 //!
 //! A close's transcript waits `transcript_settle_ms` after this role recorded the close (the
 //! event is deferred to the backlog): an entry published just after `ConversationClosed`, by
@@ -66,6 +68,36 @@ pub const REJECTED: &str = "ucs_rejected";
 pub const BAD_ANSWER: &str = "ucs_bad_answer";
 /// Dead-letter reason of a close for a conversation whose start this role never recorded.
 pub const NOT_STARTED: &str = "history_not_started";
+/// Dead-letter reason of an event whose tenant or conversation id the state store cannot key.
+pub const BAD_EVENT: &str = "history_bad_event";
+
+/// The longest tenant or conversation id this role keeps state for (nexus's are 36-byte
+/// UUIDs). PostgreSQL refuses a btree key over ~2.7 kB, and the backlog's key holds both ids.
+pub const MAX_ID_BYTES: usize = 512;
+
+/// Why the event's ids cannot key this role's state, if they cannot: a NUL (PostgreSQL text
+/// refuses it) or any control character, or an id too long for an index. Such an event fails
+/// the same way on every try; retried in place, it would hold its consumer lane for good.
+pub fn unkeyable(event: &Event) -> Option<String> {
+    let e = &event.envelope;
+    [
+        ("tenant", &e.tenant_id),
+        ("conversation", &e.conversation_id),
+    ]
+    .into_iter()
+    .find_map(|(what, id)| {
+        if id.len() > MAX_ID_BYTES {
+            Some(format!(
+                "{what} id of {} bytes; at most {MAX_ID_BYTES}",
+                id.len()
+            ))
+        } else if id.chars().any(char::is_control) {
+            Some(format!("{what} id holds a control character"))
+        } else {
+            None
+        }
+    })
+}
 
 /// What comes next for a conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,8 +201,16 @@ fn store_failed(e: StoreError) -> HandleError {
     HandleError::Retry(e.to_string())
 }
 
-fn ucs_failed(e: PeerFailure) -> HandleError {
-    e.into_handle_error(REJECTED)
+/// A failed call (`name`: `Service/Method`) as the consumer takes it; a refusal names the call
+/// (a dead letter's `ucs answered 400` alone does not tell the contact from the transcript).
+fn ucs_failed(name: String) -> impl FnOnce(PeerFailure) -> HandleError {
+    move |e| match e {
+        PeerFailure::Rejected { .. } => HandleError::Reject {
+            reason: REJECTED,
+            detail: format!("{name}: {e}"),
+        },
+        retry => retry.into_handle_error(REJECTED),
+    }
 }
 
 fn invalid(e: ev::BodyError) -> HandleError {
@@ -187,11 +227,19 @@ pub const DONE_RETENTION: std::time::Duration = std::time::Duration::from_secs(3
 /// How often each history pod prunes (pods may overlap: the delete is idempotent).
 const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
+/// Chat files one history process sends to UCS at once. While one goes, its bytes and request
+/// body are in memory, about three times its size (up to 10 MB at `chat.max_file_bytes`'
+/// default): unbounded, the backlog's 16 drives and the consumer's lanes draining closes after a
+/// UCS outage would hold over a gigabyte, and the pod (512 MiB in the chart) would be killed at
+/// each restart. Four hold at most ~120 MB; attachments are a small part of the calls.
+pub const ATTACHMENTS_AT_ONCE: usize = 4;
+
 pub struct HistoryWorker {
     config: HistoryConfig,
     ucs: Ucs,
     store: HistoryStore,
     files: Arc<Provisioning>,
+    attachments: tokio::sync::Semaphore,
 }
 
 impl HistoryWorker {
@@ -202,6 +250,7 @@ impl HistoryWorker {
             ucs: Ucs::new(peer),
             config,
             files,
+            attachments: tokio::sync::Semaphore::new(ATTACHMENTS_AT_ONCE),
         }
     }
 
@@ -338,11 +387,8 @@ impl HistoryWorker {
                 Next::WaitForClose | Next::Nothing => return Ok(()),
                 Next::IdentifyContact => {
                     let call = ucs::identify_contact(tenant, conv, &state.started);
-                    let answer = self
-                        .ucs
-                        .call(target, conv, &call)
-                        .await
-                        .map_err(ucs_failed)?;
+                    let failed = ucs_failed(call.name());
+                    let answer = self.ucs.call(target, conv, call).await.map_err(failed)?;
                     let contact =
                         ucs::contact_id_of(&answer).ok_or_else(|| HandleError::Reject {
                             reason: BAD_ANSWER,
@@ -363,11 +409,8 @@ impl HistoryWorker {
                 Next::InsertInteraction => {
                     let contact = state.contact_id.clone().unwrap_or_default();
                     let call = ucs::insert_interaction(tenant, conv, &contact, &state.started);
-                    let answer = self
-                        .ucs
-                        .call(target, conv, &call)
-                        .await
-                        .map_err(ucs_failed)?;
+                    let failed = ucs_failed(call.name());
+                    let answer = self.ucs.call(target, conv, call).await.map_err(failed)?;
                     // UCS keeps the Id it was given; an answer naming another one wins.
                     let id = answer
                         .get("Id")
@@ -426,10 +469,8 @@ impl HistoryWorker {
                     };
                     let call =
                         ucs::transcript_document(tenant, conv, interaction(&state, conv), &entries);
-                    self.ucs
-                        .call(target, conv, &call)
-                        .await
-                        .map_err(ucs_failed)?;
+                    let failed = ucs_failed(call.name());
+                    self.ucs.call(target, conv, call).await.map_err(failed)?;
                     let moved = self
                         .store
                         .advance(
@@ -487,10 +528,8 @@ impl HistoryWorker {
                     })?;
                     let call =
                         ucs::set_interaction_status(tenant, interaction(&state, conv), closed);
-                    self.ucs
-                        .call(target, conv, &call)
-                        .await
-                        .map_err(ucs_failed)?;
+                    let failed = ucs_failed(call.name());
+                    self.ucs.call(target, conv, call).await.map_err(failed)?;
                     let moved = self
                         .store
                         .advance(
@@ -567,13 +606,18 @@ impl HistoryWorker {
         state: &State,
         file_id: &str,
     ) -> Result<(), HandleError> {
+        // Held from the load to the answer: the file's bytes and its request body are in
+        // memory meanwhile (see ATTACHMENTS_AT_ONCE).
+        let _slot = self
+            .attachments
+            .acquire()
+            .await
+            .map_err(|_| HandleError::Retry("attachment slots closed".into()))?;
         match self.files.file(tenant, conv, file_id).await {
             Ok(file) => {
-                let call = ucs::attachment_document(tenant, conv, interaction(state, conv), &file);
-                self.ucs
-                    .call(target, conv, &call)
-                    .await
-                    .map_err(ucs_failed)?;
+                let call = ucs::attachment_document(tenant, conv, interaction(state, conv), file);
+                let failed = ucs_failed(call.name());
+                self.ucs.call(target, conv, call).await.map_err(failed)?;
                 metrics::counter!(m::HISTORY_ATTACHMENTS_TOTAL, "outcome" => "added").increment(1);
                 Ok(())
             }
@@ -600,13 +644,15 @@ fn interaction<'a>(state: &'a State, conv: &'a str) -> &'a str {
 impl Effect for HistoryWorker {
     // Only the start and the close call UCS. Entries are only recorded (by position, in any
     // order), so they need no place in the backlog: recorded at once, they are there when a
-    // backlogged close writes the transcript.
+    // backlogged close writes the transcript. Nor does an event whose ids the store cannot key:
+    // the backlog's look-up would fail on it, for good, before `apply` could dead-letter it.
     fn concerns(&self, event: &Event) -> bool {
         let e = &event.envelope;
         matches!(
             e.event_type.as_str(),
             ev::ConversationStarted::TYPE | ev::ConversationClosed::TYPE
         ) && self.config.ucs.has_target(&e.tenant_id)
+            && unkeyable(event).is_none()
     }
 
     async fn apply(&self, event: &Event, _message: &Message) -> Result<(), HandleError> {
@@ -614,6 +660,12 @@ impl Effect for HistoryWorker {
             count("any", "skipped");
             return Ok(());
         };
+        if let Some(why) = unkeyable(event) {
+            return Err(HandleError::Reject {
+                reason: BAD_EVENT,
+                detail: why,
+            });
+        }
         self.on_event(event, &target).await
     }
 }

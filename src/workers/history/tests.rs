@@ -459,3 +459,47 @@ async fn the_state_store_applies_each_step_once() {
     );
     assert!(s.entries("t", "orphan").await.expect("entries").is_empty());
 }
+
+/// Ids PostgreSQL cannot key (a NUL, too long for an index) or that hold a control character
+/// are told before any store call; nexus's own (UUIDs) pass.
+#[test]
+fn ids_the_store_cannot_key_are_told() {
+    let event = |tenant: &str, conv: &str| {
+        Event::new(
+            "ConversationStarted",
+            tenant,
+            conv,
+            "test",
+            serde_json::Map::new(),
+        )
+    };
+    let uuid = "0193a4b2-0000-7000-8000-000000000001";
+    assert_eq!(unkeyable(&event(uuid, uuid)), None);
+    assert_eq!(unkeyable(&event(uuid, &"c".repeat(MAX_ID_BYTES))), None);
+    let long = unkeyable(&event(uuid, &"c".repeat(MAX_ID_BYTES + 1)));
+    assert!(long.is_some_and(|w| w.starts_with("conversation id of 513 bytes")));
+    let nul = unkeyable(&event("t\u{0}1", uuid));
+    assert!(nul.is_some_and(|w| w.starts_with("tenant id holds a control")));
+    assert!(unkeyable(&event(uuid, "line\nbreak")).is_some());
+}
+
+/// A refusal names the UCS call it refused; a retryable failure is unchanged.
+#[test]
+fn a_refusal_names_its_call() {
+    let call = ucs::identify_contact("t1", "c1", &started());
+    match ucs_failed(call.name())(PeerFailure::Rejected {
+        peer: "ucs",
+        status: 400,
+        detail: "no".into(),
+    }) {
+        HandleError::Reject { reason, detail } => {
+            assert_eq!(reason, REJECTED);
+            assert_eq!(detail, "OMContacts/IdentifyContact: ucs answered 400: no");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        ucs_failed(call.name())(PeerFailure::retry("down".into())),
+        HandleError::Retry(_)
+    ));
+}

@@ -34,6 +34,13 @@ pub struct Call {
     pub user_data: Value,
 }
 
+impl Call {
+    /// `Service/Method`, as errors name the call.
+    pub fn name(&self) -> String {
+        format!("{}/{}", self.service, self.method)
+    }
+}
+
 fn rfc3339(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .unwrap_or_default()
@@ -136,26 +143,32 @@ pub fn attachments(entries: &[Entry]) -> Vec<String> {
     out
 }
 
-/// One chat file as a document (`data` base64).
+/// One chat file as a document (`data` base64). Takes the file: its bytes are dropped once
+/// encoded, and the encoding is moved into the call, not copied (a file may be 10 MB).
 pub fn attachment_document(
     tenant: &str,
     conversation: &str,
     interaction_id: &str,
-    file: &crate::stores::provisioning::ChatFile,
+    file: crate::stores::provisioning::ChatFile,
 ) -> Call {
+    let content = base64::engine::general_purpose::STANDARD.encode(&file.data);
+    drop(file.data);
+    let mut parameters = json!({
+        "InteractionId": interaction_id,
+        "TenantId": tenant,
+        "Id": object_id(tenant, conversation, &format!("attachment/{}", file.id)),
+        "Kind": "Attachment",
+        "FileName": file.name,
+        "MimeType": file.content_type,
+        "Size": file.size,
+    });
+    if let Value::Object(p) = &mut parameters {
+        p.insert("Content".into(), Value::String(content));
+    }
     Call {
         service: "OMInteractions",
         method: "AddDocument",
-        parameters: json!({
-            "InteractionId": interaction_id,
-            "TenantId": tenant,
-            "Id": object_id(tenant, conversation, &format!("attachment/{}", file.id)),
-            "Kind": "Attachment",
-            "FileName": file.name,
-            "MimeType": file.content_type,
-            "Size": file.size,
-            "Content": base64::engine::general_purpose::STANDARD.encode(&file.data),
-        }),
+        parameters,
         user_data: json!({}),
     }
 }
@@ -201,17 +214,20 @@ impl Ucs {
         Self { peer }
     }
 
-    /// Makes `call` for `conversation` (the circuit's subject).
+    /// Makes `call` for `conversation` (the circuit's subject). Takes the call: its objects
+    /// are moved into the body, not copied (a transcript or a file may be megabytes).
     pub async fn call(
         &self,
         target: &PeerTarget,
         conversation: &str,
-        call: &Call,
+        call: Call,
     ) -> Result<Value, PeerFailure> {
         let path = format!("/ucs/v1/{}/{}", call.service, call.method);
-        let body = json!({"Parameters": call.parameters, "UserData": call.user_data});
+        let mut body = serde_json::Map::with_capacity(2);
+        body.insert("Parameters".into(), call.parameters);
+        body.insert("UserData".into(), call.user_data);
         self.peer
-            .post_json(target, conversation, &path, &[], &body)
+            .post_json(target, conversation, &path, &[], &Value::Object(body))
             .await
     }
 }
