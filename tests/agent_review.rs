@@ -4,22 +4,20 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
+use common::chat::Ws;
+use common::fixtures::{agent, create_tenant};
+use common::inproc::serve;
 use futures::{SinkExt, StreamExt};
 use nexus::config::Config;
-use nexus::edge::{self, AppState};
-use nexus::stores::provisioning::{NewAgent, NewTenant, Provisioning};
+use nexus::edge::AppState;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 const AGENT_TOPIC: &str = "nexus.agent.v1";
 const MAX_TEXT: usize = 20;
 const MAX_BODY: usize = 4096;
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 struct Fx {
     state: AppState,
@@ -36,14 +34,7 @@ async fn fixture(auth_recheck_ms: u64) -> Fx {
     config.http.max_body_bytes = MAX_BODY;
     config.stores.auth_cache_ttl_ms = auth_recheck_ms;
     let state = common::edge::embedded_state(config, dir.path()).await;
-    let tenant = state
-        .provisioning
-        .create_tenant(NewTenant {
-            name: "tenant-a".into(),
-        })
-        .await
-        .expect("tenant")
-        .id;
+    let tenant = create_tenant(&state.provisioning, "tenant-a").await;
     let alice = agent(&state.provisioning, &tenant, "alice").await;
     let base = serve(state.clone()).await;
     Fx {
@@ -54,40 +45,9 @@ async fn fixture(auth_recheck_ms: u64) -> Fx {
     }
 }
 
-async fn agent(p: &Provisioning, tenant: &str, name: &str) -> (String, String) {
-    let a = p
-        .create_agent(
-            tenant,
-            NewAgent {
-                name: name.into(),
-                skills: vec![],
-                capacity: BTreeMap::from([("chat".into(), 2)]),
-            },
-        )
-        .await
-        .expect("agent");
-    (a.agent.id, a.token)
-}
-
-async fn serve(state: AppState) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, edge::app(state)).await;
-    });
-    format!("127.0.0.1:{}", addr.port())
-}
-
 /// Records on the agent topic.
 async fn published(state: &AppState) -> u64 {
-    let offsets = state
-        .bus
-        .partition_offsets(AGENT_TOPIC)
-        .await
-        .expect("offsets");
-    offsets.iter().map(|p| p.high - p.low).sum()
+    common::inproc::published(state, AGENT_TOPIC).await
 }
 
 async fn connect(fx: &Fx, token: &str) -> Ws {
@@ -106,12 +66,11 @@ async fn connect(fx: &Fx, token: &str) -> Ws {
 /// The next frame that is not a ping or pong (a close included), within 10 s.
 async fn next_frame(ws: &mut Ws) -> WsMessage {
     loop {
-        let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        let frame = common::ws::next_frame(ws)
             .await
-            .expect("a frame in time")
             .expect("open")
             .expect("frame");
-        if !matches!(frame, WsMessage::Ping(_) | WsMessage::Pong(_)) {
+        if !matches!(frame, WsMessage::Pong(_)) {
             return frame;
         }
     }

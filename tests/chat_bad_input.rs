@@ -10,20 +10,20 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
+use common::chat::Ws;
+use common::fixtures::{agent, api_key, assigned, start, tenant_with_key, Session};
+use common::inproc::call;
+use common::ws::close_frame;
 use futures::{SinkExt, StreamExt};
-use http_body_util::BodyExt;
 use nexus::config::Config;
 use nexus::edge::chat::{Claims, ClientKeys};
-use nexus::edge::{self, AppState};
-use nexus::stores::provisioning::{
-    NewAgent, NewApiKey, NewBot, NewQueue, NewTenant, Permission, Provisioning,
-};
+use nexus::edge::AppState;
+use nexus::stores::provisioning::{NewApiKey, NewBot, NewQueue, Permission, Provisioning};
 use nexus::stores::session::{
-    Conversation, ConversationState, EntryKind, NewEntry, Party, PartyKind, Routing,
+    Conversation, ConversationState, EntryKind, NewEntry, Party, PartyKind,
 };
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tower::ServiceExt;
 
 const INBOUND: &str = "nexus.inbound.v1";
 const AGENT: &str = "nexus.agent.v1";
@@ -42,14 +42,6 @@ const WS_HEADERS: [(&str, &str); 4] = [
     ("sec-websocket-version", "13"),
     ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
 ];
-
-/// A started chat session.
-#[derive(Clone)]
-struct Session {
-    id: String,
-    pid: String,
-    ck: String,
-}
 
 struct TenantFx {
     id: String,
@@ -76,93 +68,9 @@ struct Fx {
     cases: usize,
 }
 
-fn conversation(tenant: &str, id: &str, state: ConversationState, agent: &str) -> Conversation {
-    Conversation {
-        tenant_id: tenant.into(),
-        conversation_id: id.into(),
-        channel: "WEB_CHAT".into(),
-        state,
-        customer: Party {
-            participant_id: "customer".into(),
-            nickname: "Ann".into(),
-            kind: PartyKind::Customer,
-        },
-        contact: BTreeMap::new(),
-        user_data: BTreeMap::new(),
-        subject: None,
-        queue_id: None,
-        bot_id: None,
-        agent_id: Some(agent.into()),
-        offered_to: None,
-        declined_by: vec![],
-        files: 0,
-        created_at_ms: 1_700_000_000_000,
-        last_activity_ms: 1_700_000_000_000,
-        closed_reason: None,
-        routing: Routing::default(),
-        version: 0,
-    }
-}
-
-async fn api_key(
-    p: &Provisioning,
-    tenant: &str,
-    perms: Vec<Permission>,
-    enabled: bool,
-    expires: Option<i64>,
-) -> String {
-    p.create_api_key(
-        tenant,
-        NewApiKey {
-            name: format!("k{}", uuid::Uuid::new_v4().simple()),
-            permissions: perms,
-            enabled,
-            expires_at_ms: expires,
-        },
-    )
-    .await
-    .expect("api key")
-    .key
-}
-
-async fn agent(p: &Provisioning, tenant: &str, name: &str) -> (String, String) {
-    let a = p
-        .create_agent(
-            tenant,
-            NewAgent {
-                name: name.into(),
-                skills: vec![],
-                capacity: BTreeMap::from([("chat".into(), 2)]),
-            },
-        )
-        .await
-        .expect("agent");
-    (a.agent.id, a.token)
-}
-
-async fn start(state: &AppState, key: &str, nickname: &str) -> Session {
-    let req = Request::post("/nexus/v3/chat/sessions")
-        .header("x-api-key", key)
-        .header("content-type", "application/json")
-        .body(Body::from(json!({ "nickname": nickname }).to_string()))
-        .expect("request");
-    let (status, body) = call(state, req).await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    Session {
-        id: body["session_id"].as_str().expect("id").into(),
-        pid: body["participant_id"].as_str().expect("pid").into(),
-        ck: body["client_key"].as_str().expect("ck").into(),
-    }
-}
-
 async fn tenant(state: &AppState, name: &str) -> TenantFx {
     let p = &state.provisioning;
-    let id = p
-        .create_tenant(NewTenant { name: name.into() })
-        .await
-        .expect("tenant")
-        .id;
-    let key = api_key(p, &id, vec![Permission::Chat], true, None).await;
+    let (id, key) = tenant_with_key(p, name).await;
     let (s1, s2, closed) = (
         start(state, &key, "Ann").await,
         start(state, &key, "Bo").await,
@@ -213,11 +121,11 @@ async fn fixture() -> Fx {
     // closed one; B's s1 held by an agent whose id is alice's (ids are per tenant).
     let s = state.sessions().expect("session store");
     for c in [
-        conversation(&a.id, &a.s1.id, ConversationState::Connected, &a.alice.0),
-        conversation(&a.id, &a.s2.id, ConversationState::Connected, &a.bob.0),
-        conversation(&a.id, &a.closed.id, ConversationState::Closed, &a.alice.0),
-        conversation(&b.id, &b.s1.id, ConversationState::Connected, &a.alice.0),
-        conversation(&b.id, &b.closed.id, ConversationState::Closed, &b.alice.0),
+        assigned(&a.id, &a.s1.id, ConversationState::Connected, &a.alice.0),
+        assigned(&a.id, &a.s2.id, ConversationState::Connected, &a.bob.0),
+        assigned(&a.id, &a.closed.id, ConversationState::Closed, &a.alice.0),
+        assigned(&b.id, &b.s1.id, ConversationState::Connected, &a.alice.0),
+        assigned(&b.id, &b.closed.id, ConversationState::Closed, &b.alice.0),
     ] {
         assert!(s.put_conversation(&c).await.expect("put"));
     }
@@ -240,7 +148,7 @@ async fn fixture() -> Fx {
 async fn chat_with_entries(fx: &Fx, key: &str, kinds: &[EntryKind]) -> (Session, Conversation) {
     let c = start(&fx.state, key, "Lou").await;
     let s = fx.state.sessions().expect("session store");
-    let record = conversation(&fx.a.id, &c.id, ConversationState::Connected, "alice");
+    let record = assigned(&fx.a.id, &c.id, ConversationState::Connected, "alice");
     assert!(s.put_conversation(&record).await.expect("put"));
     for (i, kind) in kinds.iter().enumerate() {
         let entry = NewEntry {
@@ -261,27 +169,10 @@ async fn chat_with_entries(fx: &Fx, key: &str, kinds: &[EntryKind]) -> (Session,
     (c, record)
 }
 
-async fn call(state: &AppState, req: Request<Body>) -> (StatusCode, Value) {
-    let resp = edge::app(state.clone())
-        .oneshot(req)
-        .await
-        .expect("response");
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
-}
-
 /// Records on the inbound and agent topics.
 async fn published(state: &AppState) -> (u64, u64) {
-    let mut n = [0; 2];
-    for (i, topic) in [INBOUND, AGENT].iter().enumerate() {
-        let offsets = state.bus.partition_offsets(topic).await.expect("offsets");
-        n[i] = offsets.iter().map(|p| p.high - p.low).sum();
-    }
-    (n[0], n[1])
+    let on = |topic| common::inproc::published(state, topic);
+    (on(INBOUND).await, on(AGENT).await)
 }
 
 /// The machine-readable code of a v3/agent (`error.code`) or v2 (`errors[0].code`) answer.
@@ -1121,10 +1012,7 @@ async fn v3_bodies_are_validated_before_anything_is_published() {
         .await;
     }
     // From the position after the last entry (none yet: the first) is served.
-    let resp = edge::app(fx.state.clone())
-        .oneshot(sse("0"))
-        .await
-        .expect("response");
+    let resp = common::inproc::send(&fx.state, sse("0")).await;
     assert_eq!(resp.status(), StatusCode::OK);
     eprintln!("v3 bodies: {} cases", fx.cases);
 }
@@ -2192,7 +2080,7 @@ async fn bot_api_refuses_wrong_tokens_conversations_and_bodies() {
     let (with_bot, handed_off, closed, no_queue, b_conv) = (id(), id(), id(), id(), id());
     let record =
         |tenant: &str, cid: &str, state: ConversationState, bot: &str, queue: Option<&str>| {
-            let mut c = conversation(tenant, cid, state, "nobody");
+            let mut c = assigned(tenant, cid, state, "nobody");
             c.agent_id = None;
             c.bot_id = Some(bot.into());
             c.queue_id = queue.map(str::to_string);
@@ -2563,18 +2451,8 @@ async fn consult_and_leave_refuse_bad_bodies() {
 // ---- WebSockets over a real socket -----------------------------------------------------
 
 async fn serve(state: AppState) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, edge::app(state)).await;
-    });
-    format!("ws://{addr}")
+    format!("ws://{}", common::inproc::serve(state).await)
 }
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn next_json(ws: &mut Ws) -> Value {
     loop {
@@ -2910,27 +2788,6 @@ async fn expired_client_keys_are_refused_with_their_code() {
         text.contains("event: error") && text.contains("CLIENT_KEY_EXPIRED"),
         "{text}"
     );
-}
-
-/// The close frame a socket ends with, within 10 s.
-async fn close_frame<S>(
-    ws: &mut S,
-    what: &str,
-) -> tokio_tungstenite::tungstenite::protocol::CloseFrame
-where
-    S: futures::Stream<Item = Result<WsMessage, tokio_tungstenite::tungstenite::Error>> + Unpin,
-{
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(frame) = ws.next().await {
-            if let Ok(WsMessage::Close(close)) = frame {
-                return close;
-            }
-        }
-        None
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{what}"))
-    .expect("a close frame")
 }
 
 /// An open stream ends when the API key it was opened with stops working (here: disabled):

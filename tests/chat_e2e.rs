@@ -159,16 +159,8 @@ async fn scenario(url: &str, agent_url: &str) {
         .post(format!("{url}/nexus/v3/chat/sessions/{sid}/files"))
         .header("x-api-key", &tenant.api_key)
         .header("x-nexus-client-key", &ck)
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={BOUNDARY}"),
-        )
-        .body(multipart(&[(
-            "file",
-            Some("screenshot.png"),
-            Some("image/png"),
-            &data,
-        )]))
+        .header("content-type", multipart_type())
+        .body(file_part("screenshot.png", "image/png", &data))
         .send()
         .await
         .expect("upload")
@@ -198,16 +190,8 @@ async fn scenario(url: &str, agent_url: &str) {
     let up: Value = http
         .post(format!("{agent_url}/v1/agent/conversations/{sid}/files"))
         .bearer_auth(&token)
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={BOUNDARY}"),
-        )
-        .body(multipart(&[(
-            "file",
-            Some("plan.png"),
-            Some("image/png"),
-            &sent,
-        )]))
+        .header("content-type", multipart_type())
+        .body(file_part("plan.png", "image/png", &sent))
         .send()
         .await
         .expect("agent upload")
@@ -1026,15 +1010,7 @@ async fn a_websocket_that_answers_no_ping_is_dropped() {
             .await
             .expect("handshake");
         // Reading answers the pings (tungstenite sends the pong of each ping it reads).
-        let closed = tokio::time::timeout(Duration::from_millis(1_500), async {
-            while let Some(frame) = reading.next().await {
-                if let Ok(WsMessage::Close(f)) = frame {
-                    return f;
-                }
-            }
-            None
-        })
-        .await;
+        let closed = common::ws::close_within(&mut reading, Duration::from_millis(1_500)).await;
         assert!(
             closed.is_err(),
             "{path}: a client that answers was dropped: {closed:?}"
@@ -1757,18 +1733,10 @@ async fn a_rotated_agent_token_closes_its_open_socket() {
             json!({}),
         )
         .await;
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match ws.next().await {
-                Some(Ok(WsMessage::Close(frame))) => return frame.map(|f| u16::from(f.code)),
-                Some(Ok(_)) => continue,
-                _ => return None,
-            }
-        }
-    })
-    .await
-    .expect("the socket stays open with a revoked token");
-    assert_eq!(closed, Some(4001));
+    let closed = common::ws::close_within(&mut ws, Duration::from_secs(10))
+        .await
+        .expect("the socket stays open with a revoked token");
+    assert_eq!(closed.map(|f| u16::from(f.code)), Some(4001));
 }
 
 /// Transfers: to a named agent (only that agent is offered), to another queue, and a refused
@@ -2915,16 +2883,8 @@ async fn private_consult_scenario(url: &str, other: &str) {
     let r = http
         .post(format!("{other}/v1/agent/conversations/{sid}/files"))
         .bearer_auth(&b_token)
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={BOUNDARY}"),
-        )
-        .body(multipart(&[(
-            "file",
-            Some("x.png"),
-            Some("image/png"),
-            &data,
-        )]))
+        .header("content-type", multipart_type())
+        .body(file_part("x.png", "image/png", &data))
         .send()
         .await
         .expect("upload");

@@ -7,20 +7,19 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{Request, Response, StatusCode};
-use common::chat::{multipart, png, start_session, BOUNDARY};
+use axum::http::{Request, StatusCode};
+use common::chat::{file_part, multipart, multipart_type, png, start_session};
+use common::fixtures::{agent, assigned, start, tenant_with_key, Session};
+use common::inproc::{call, published as published_on, send};
 use http_body_util::BodyExt;
 use nexus::bus::{StartFrom, SubscribeOptions};
 use nexus::config::Config;
 use nexus::edge::{self, AppState};
-use nexus::stores::provisioning::{NewAgent, NewApiKey, NewTenant, Permission, Provisioning};
-use nexus::stores::session::{Conversation, ConversationState, Party, PartyKind, Routing};
+use nexus::stores::session::{Conversation, ConversationState, Routing};
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
 const INBOUND: &str = "nexus.inbound.v1";
 const AGENT: &str = "nexus.agent.v1";
@@ -28,11 +27,6 @@ const AGENT: &str = "nexus.agent.v1";
 const MAX_BODY: usize = 256;
 const MAX_FILE: usize = 1024;
 const MAX_FILES: usize = 2;
-
-struct Session {
-    id: String,
-    ck: String,
-}
 
 struct Fx {
     state: AppState,
@@ -52,101 +46,6 @@ struct Fx {
     bob_id: String,
 }
 
-fn record(tenant: &str, id: &str, state: ConversationState, agent: &str) -> Conversation {
-    Conversation {
-        tenant_id: tenant.into(),
-        conversation_id: id.into(),
-        channel: "WEB_CHAT".into(),
-        state,
-        customer: Party {
-            participant_id: "customer".into(),
-            nickname: "Ann".into(),
-            kind: PartyKind::Customer,
-        },
-        contact: BTreeMap::new(),
-        user_data: BTreeMap::new(),
-        subject: None,
-        queue_id: None,
-        bot_id: None,
-        agent_id: Some(agent.into()),
-        offered_to: None,
-        declined_by: vec![],
-        files: 0,
-        created_at_ms: 1_700_000_000_000,
-        last_activity_ms: 1_700_000_000_000,
-        closed_reason: None,
-        routing: Routing::default(),
-        version: 0,
-    }
-}
-
-async fn send(state: &AppState, req: Request<Body>) -> Response<Body> {
-    edge::app(state.clone())
-        .oneshot(req)
-        .await
-        .expect("response")
-}
-
-async fn call(state: &AppState, req: Request<Body>) -> (StatusCode, Value) {
-    let resp = send(state, req).await;
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
-}
-
-async fn start(state: &AppState, key: &str) -> Session {
-    let req = Request::post("/nexus/v3/chat/sessions")
-        .header("x-api-key", key)
-        .body(Body::from(json!({"nickname": "Ann"}).to_string()))
-        .expect("request");
-    let (status, body) = call(state, req).await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    Session {
-        id: body["session_id"].as_str().expect("id").into(),
-        ck: body["client_key"].as_str().expect("ck").into(),
-    }
-}
-
-async fn tenant_with_key(p: &Provisioning, name: &str) -> (String, String) {
-    let id = p
-        .create_tenant(NewTenant { name: name.into() })
-        .await
-        .expect("tenant")
-        .id;
-    let key = p
-        .create_api_key(
-            &id,
-            NewApiKey {
-                name: "chat".into(),
-                permissions: vec![Permission::Chat],
-                enabled: true,
-                expires_at_ms: None,
-            },
-        )
-        .await
-        .expect("key")
-        .key;
-    (id, key)
-}
-
-async fn agent(p: &Provisioning, tenant: &str, name: &str) -> (String, String) {
-    let a = p
-        .create_agent(
-            tenant,
-            NewAgent {
-                name: name.into(),
-                skills: vec![],
-                capacity: BTreeMap::from([("chat".into(), 2)]),
-            },
-        )
-        .await
-        .expect("agent");
-    (a.agent.id, a.token)
-}
-
 async fn fixture() -> Fx {
     fixture_with(|_| {}).await
 }
@@ -164,19 +63,19 @@ async fn fixture_with(tweak: impl FnOnce(&mut Config)) -> Fx {
     let (a, a_key) = tenant_with_key(&p, "tenant-a").await;
     let (b, b_key) = tenant_with_key(&p, "tenant-b").await;
     let (s1, s2, closed, b1) = (
-        start(&state, &a_key).await,
-        start(&state, &a_key).await,
-        start(&state, &a_key).await,
-        start(&state, &b_key).await,
+        start(&state, &a_key, "Ann").await,
+        start(&state, &a_key, "Ann").await,
+        start(&state, &a_key, "Ann").await,
+        start(&state, &b_key, "Ann").await,
     );
     let (alice_id, alice) = agent(&p, &a, "alice").await;
     let (bob_id, bob) = agent(&p, &a, "bob").await;
     for c in [
-        record(&a, &s1.id, ConversationState::Connected, &alice_id),
-        record(&a, &s2.id, ConversationState::Connected, &bob_id),
-        record(&a, &closed.id, ConversationState::Closed, &alice_id),
+        assigned(&a, &s1.id, ConversationState::Connected, &alice_id),
+        assigned(&a, &s2.id, ConversationState::Connected, &bob_id),
+        assigned(&a, &closed.id, ConversationState::Closed, &alice_id),
         // B's session held by an agent id equal to alice's: ids are per tenant.
-        record(&b, &b1.id, ConversationState::Connected, &alice_id),
+        assigned(&b, &b1.id, ConversationState::Connected, &alice_id),
     ] {
         assert!(state
             .sessions()
@@ -205,11 +104,6 @@ async fn fixture_with(tweak: impl FnOnce(&mut Config)) -> Fx {
 /// Events published by customers and agents (the inbound and agent topics).
 async fn published(state: &AppState) -> u64 {
     published_on(state, INBOUND).await + published_on(state, AGENT).await
-}
-
-async fn published_on(state: &AppState, topic: &str) -> u64 {
-    let offsets = state.bus.partition_offsets(topic).await.expect("offsets");
-    offsets.iter().map(|p| p.high - p.low).sum()
 }
 
 /// The bodies of every event on the inbound topic, read by a fresh group.
@@ -248,10 +142,7 @@ fn upload_req(api_key: &str, session: &Session, ck: &str, body: Vec<u8>) -> Requ
     Request::post(format!("/nexus/v3/chat/sessions/{}/files", session.id))
         .header("x-api-key", api_key)
         .header("x-nexus-client-key", ck)
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={BOUNDARY}"),
-        )
+        .header("content-type", multipart_type())
         .body(Body::from(body))
         .expect("request")
 }
@@ -280,10 +171,6 @@ fn slow_upload(
     (task, rest)
 }
 
-fn file_part<'a>(name: &'a str, content_type: &'a str, data: &'a [u8]) -> Vec<u8> {
-    multipart(&[("file", Some(name), Some(content_type), data)])
-}
-
 fn customer_get(api_key: &str, session: &str, ck: &str, file_id: &str) -> Request<Body> {
     Request::get(format!("/nexus/v3/chat/sessions/{session}/files/{file_id}"))
         .header("x-api-key", api_key)
@@ -295,10 +182,7 @@ fn customer_get(api_key: &str, session: &str, ck: &str, file_id: &str) -> Reques
 fn agent_upload(token: &str, session: &str, body: Vec<u8>) -> Request<Body> {
     Request::post(format!("/v1/agent/conversations/{session}/files"))
         .header("authorization", format!("Bearer {token}"))
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={BOUNDARY}"),
-        )
+        .header("content-type", multipart_type())
         .body(Body::from(body))
         .expect("request")
 }
@@ -826,13 +710,13 @@ async fn a_chat_closed_during_an_upload_refuses_it() {
         .await
         .expect("key")
         .tenant_id;
-    let s = start(&fx.state, k).await;
+    let s = start(&fx.state, k, "Ann").await;
     let before = published(&fx.state).await;
     let body = file_part("slow.txt", "text/plain", &[b'a'; MAX_FILE / 2]);
     let (upload, rest) = slow_upload(&fx.state, k, &s, body);
     // The customer leaves (the worker saves the close) while the rest of the body is on its way.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut closed = record(&tenant, &s.id, ConversationState::Closed, "nobody");
+    let mut closed = assigned(&tenant, &s.id, ConversationState::Closed, "nobody");
     closed.agent_id = None;
     assert!(fx
         .state
@@ -873,7 +757,7 @@ async fn a_chat_closed_during_an_upload_refuses_it() {
 async fn uploads_in_flight_are_bounded() {
     let fx = fixture_with(|c| c.chat.max_uploads_in_flight = 1).await;
     let k = &fx.a_key;
-    let s = start(&fx.state, k).await;
+    let s = start(&fx.state, k, "Ann").await;
     let body = file_part("slow.txt", "text/plain", b"slow upload");
     let (slow, rest) = slow_upload(&fx.state, k, &s, body);
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1087,10 +971,7 @@ async fn files_expire_and_are_swept_on_postgres() {
         http.post(format!("{session}/files"))
             .header("x-api-key", &tenant.api_key)
             .header("x-nexus-client-key", ck)
-            .header(
-                "content-type",
-                format!("multipart/form-data; boundary={BOUNDARY}"),
-            )
+            .header("content-type", multipart_type())
             .body(multipart(&parts))
             .send()
     };

@@ -8,26 +8,17 @@ use std::collections::BTreeMap;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use common::chat::{multipart, png, BOUNDARY};
+use common::chat::{multipart, multipart_type, png, BOUNDARY};
+use common::fixtures::{conversation, start, Session};
 use http_body_util::BodyExt;
 use nexus::config::Config;
-use nexus::edge;
-use nexus::stores::session::{
-    Conversation, ConversationState, EntryKind, NewEntry, Party, PartyKind, Routing,
-};
+use nexus::stores::session::{ConversationState, EntryKind, NewEntry, Party, PartyKind};
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
 const INBOUND: &str = "nexus.inbound.v1";
 
 /// An edge in this process with its tenant's API key; the services live as long as it.
 type Fx = common::edge::BrokerEdge;
-
-/// A v3 session: its id and client key.
-struct Session {
-    id: String,
-    ck: String,
-}
 
 /// An answer: status, headers and body (JSON, or the text when it is not JSON).
 struct Answer {
@@ -44,41 +35,9 @@ async fn fixture_with(tweak: impl FnOnce(&mut Config)) -> Fx {
     common::edge::broker_edge("v3-review", tweak).await
 }
 
-/// The record the conversation worker would have saved for a started chat.
-fn record(tenant: &str, id: &str, state: ConversationState) -> Conversation {
-    Conversation {
-        tenant_id: tenant.into(),
-        conversation_id: id.into(),
-        channel: "WEB_CHAT".into(),
-        state,
-        customer: Party {
-            participant_id: "customer".into(),
-            nickname: "Ann".into(),
-            kind: PartyKind::Customer,
-        },
-        contact: BTreeMap::new(),
-        user_data: BTreeMap::new(),
-        subject: None,
-        queue_id: None,
-        bot_id: None,
-        agent_id: None,
-        offered_to: None,
-        declined_by: vec![],
-        files: 0,
-        created_at_ms: 1_700_000_000_000,
-        last_activity_ms: 1_700_000_000_000,
-        closed_reason: None,
-        routing: Routing::default(),
-        version: 0,
-    }
-}
-
 impl Fx {
     async fn call(&self, req: Request<Body>) -> Answer {
-        let resp = edge::app(self.state.clone())
-            .oneshot(req)
-            .await
-            .expect("response");
+        let resp = common::inproc::send(&self.state, req).await;
         let status = resp.status();
         let headers = resp.headers().clone();
         let bytes = resp.into_body().collect().await.expect("body").to_bytes();
@@ -128,10 +87,7 @@ impl Fx {
                 &format!("/nexus/v3/chat/sessions/{}/files", s.id),
                 s,
             )
-            .header(
-                "content-type",
-                format!("multipart/form-data; boundary={BOUNDARY}"),
-            )
+            .header("content-type", multipart_type())
             .body(Body::from(body))
             .expect("request");
         self.call(req).await
@@ -139,18 +95,8 @@ impl Fx {
 
     /// Starts a chat and saves the record the worker would (open, connected).
     async fn open_chat(&self) -> Session {
-        let req = Request::post("/nexus/v3/chat/sessions")
-            .header("x-api-key", &self.api_key)
-            .header("content-type", "application/json")
-            .body(Body::from(json!({"nickname": "Ann"}).to_string()))
-            .expect("request");
-        let a = self.call(req).await;
-        assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
-        let s = Session {
-            id: a.body["session_id"].as_str().expect("id").into(),
-            ck: a.body["client_key"].as_str().expect("ck").into(),
-        };
-        let c = record(&self.tenant, &s.id, ConversationState::Connected);
+        let s = start(&self.state, &self.api_key, "Ann").await;
+        let c = conversation(&self.tenant, &s.id, ConversationState::Connected);
         assert!(self
             .state
             .sessions()
@@ -209,13 +155,7 @@ impl Fx {
 
     /// How many events the inbound topic holds.
     async fn published(&self) -> u64 {
-        let offsets = self
-            .state
-            .bus
-            .partition_offsets(INBOUND)
-            .await
-            .expect("offsets");
-        offsets.iter().map(|p| p.high - p.low).sum()
+        common::inproc::published(&self.state, INBOUND).await
     }
 }
 

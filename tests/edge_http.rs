@@ -8,26 +8,11 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use http_body_util::BodyExt;
-use nexus::config::Config;
+use common::ingest::{admin_state, admin_state_with, valid_event, TOKEN};
+use common::inproc::{call, published, send};
 use nexus::edge::{self, AppState};
-use serde_json::{json, Value};
+use serde_json::json;
 use tower::ServiceExt;
-
-const TOKEN: &str = "test-admin-token";
-
-async fn state() -> (AppState, tempfile::TempDir) {
-    state_with(|_| {}).await
-}
-
-async fn state_with(tweak: impl FnOnce(&mut Config)) -> (AppState, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = Config::defaults();
-    config.http.admin_token = TOKEN.into();
-    tweak(&mut config);
-    let state = common::edge::embedded_state(config, dir.path()).await;
-    (state, dir)
-}
 
 fn post(path: &str, token: Option<&str>, body: impl Into<Body>) -> Request<Body> {
     let mut r = Request::post(path).header("content-type", "application/json");
@@ -37,43 +22,9 @@ fn post(path: &str, token: Option<&str>, body: impl Into<Body>) -> Request<Body>
     r.body(body.into()).expect("request")
 }
 
-async fn call(state: &AppState, req: Request<Body>) -> (StatusCode, Value) {
-    let resp = edge::app(state.clone())
-        .oneshot(req)
-        .await
-        .expect("response");
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
-}
-
-fn valid_event() -> Value {
-    json!({
-        "event_type": "MessageReceived",
-        "tenant_id": "tenant-a",
-        "conversation_id": "0193a4b2-0000-7000-8000-000000000001",
-        "body": {
-            "message_id": "0193a4b2-0000-7000-8000-0000000000aa",
-            "channel": "WEB_CHAT",
-            "participant_id": "customer-1",
-            "participant_kind": "CUSTOMER",
-            "kind": "TEXT",
-            "text": "hello"
-        }
-    })
-}
-
-async fn published(state: &AppState, topic: &str) -> u64 {
-    let offsets = state.bus.partition_offsets(topic).await.expect("offsets");
-    offsets.iter().map(|p| p.high - p.low).sum()
-}
-
 #[tokio::test]
 async fn a_valid_event_is_published_and_answered_with_its_id() {
-    let (state, _dir) = state().await;
+    let (state, _dir) = admin_state().await;
     let (status, body) = call(
         &state,
         post(
@@ -116,7 +67,7 @@ async fn a_valid_event_is_published_and_answered_with_its_id() {
 
 #[tokio::test]
 async fn the_callers_trace_context_travels_in_the_envelope() {
-    let (state, _dir) = state().await;
+    let (state, _dir) = admin_state().await;
     let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let req = Request::post("/v1/events/nexus.inbound.v1")
         .header("authorization", format!("Bearer {TOKEN}"))
@@ -149,7 +100,7 @@ async fn the_callers_trace_context_travels_in_the_envelope() {
 
 #[tokio::test]
 async fn bad_input_gets_a_clear_4xx_and_publishes_nothing() {
-    let (state, _dir) = state().await;
+    let (state, _dir) = admin_state().await;
     let topic = "/v1/events/nexus.inbound.v1";
     let mut wrong_type = valid_event();
     wrong_type["body"]["text"] = json!(42);
@@ -248,7 +199,7 @@ async fn bad_input_gets_a_clear_4xx_and_publishes_nothing() {
 
 #[tokio::test]
 async fn an_oversized_body_is_refused_with_a_code() {
-    let (state, _dir) = state().await;
+    let (state, _dir) = admin_state().await;
     let limit = state.config.http.max_body_bytes;
     let mut big = valid_event();
     big["body"]["text"] = json!("x".repeat(limit + 1));
@@ -264,7 +215,7 @@ async fn an_oversized_body_is_refused_with_a_code() {
 
 #[tokio::test]
 async fn ingest_is_off_without_an_admin_token() {
-    let (mut state, _dir) = state().await;
+    let (mut state, _dir) = admin_state().await;
     let mut config = (*state.config).clone();
     config.http.admin_token = String::new();
     state.config = Arc::new(config);
@@ -283,7 +234,7 @@ async fn ingest_is_off_without_an_admin_token() {
 
 #[tokio::test]
 async fn health_and_readiness() {
-    let (state, _dir) = state().await;
+    let (state, _dir) = admin_state().await;
     let resp = edge::app(state.clone())
         .oneshot(Request::get("/healthz").body(Body::empty()).expect("req"))
         .await
@@ -317,10 +268,7 @@ fn preflight(path: &str, origin: &str, method: &str, headers: &str) -> Request<B
 
 /// The answer's CORS headers: allowed origin, methods, headers, max age.
 async fn cors_of(state: &AppState, req: Request<Body>) -> (StatusCode, [Option<String>; 4]) {
-    let resp = edge::app(state.clone())
-        .oneshot(req)
-        .await
-        .expect("response");
+    let resp = send(state, req).await;
     let h = |name: &str| {
         resp.headers()
             .get(name)
@@ -340,7 +288,7 @@ const SHOP: &str = "https://shop.example";
 #[tokio::test]
 async fn pages_of_allowed_origins_reach_the_customer_and_agent_apis_only() {
     // Default: no other origin; the answers carry no CORS headers.
-    let (closed, _d1) = state().await;
+    let (closed, _d1) = admin_state().await;
     let (_, [origin, ..]) = cors_of(
         &closed,
         preflight(
@@ -354,7 +302,7 @@ async fn pages_of_allowed_origins_reach_the_customer_and_agent_apis_only() {
     assert_eq!(origin, None, "no origin is allowed by default");
 
     // Written as an operator might: capitals, a trailing slash.
-    let (open, _d2) = state_with(|c| {
+    let (open, _d2) = admin_state_with(|c| {
         c.http.cors_allowed_origins = vec!["https://Shop.example/".into()];
     })
     .await;
@@ -427,7 +375,7 @@ async fn pages_of_allowed_origins_reach_the_customer_and_agent_apis_only() {
     }
 
     // `*`: any page.
-    let (any, _d3) = state_with(|c| c.http.cors_allowed_origins = vec!["*".into()]).await;
+    let (any, _d3) = admin_state_with(|c| c.http.cors_allowed_origins = vec!["*".into()]).await;
     let (_, [origin, ..]) = cors_of(
         &any,
         preflight(

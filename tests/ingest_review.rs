@@ -8,23 +8,13 @@ mod common;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use http_body_util::BodyExt;
-use nexus::config::Config;
-use nexus::edge::{self, AppState};
+use common::ingest::{admin_state, valid_event, TOKEN};
+use common::inproc::call;
+use nexus::edge::AppState;
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
-const TOKEN: &str = "test-admin-token";
 const TOPIC: &str = "nexus.inbound.v1";
 const DAY_MS: i64 = 86_400_000;
-
-async fn state() -> (AppState, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = Config::defaults();
-    config.http.admin_token = TOKEN.into();
-    let state = common::edge::embedded_state(config, dir.path()).await;
-    (state, dir)
-}
 
 /// Posts `event` to the ingest endpoint of the inbound topic.
 async fn ingest(state: &AppState, event: &Value) -> (StatusCode, Value) {
@@ -33,33 +23,12 @@ async fn ingest(state: &AppState, event: &Value) -> (StatusCode, Value) {
         .header("authorization", format!("Bearer {TOKEN}"))
         .body(Body::from(event.to_string()))
         .expect("request");
-    let resp = edge::app(state.clone())
-        .oneshot(req)
-        .await
-        .expect("response");
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
+    call(state, req).await
 }
 
 /// A customer message dated `occurred_at` (left out when `None`).
 fn message_at(occurred_at: Option<Value>) -> Value {
-    let mut event = json!({
-        "event_type": "MessageReceived",
-        "tenant_id": "tenant-a",
-        "conversation_id": "0193a4b2-0000-7000-8000-000000000001",
-        "body": {
-            "message_id": "0193a4b2-0000-7000-8000-0000000000aa",
-            "channel": "WEB_CHAT",
-            "participant_id": "customer-1",
-            "participant_kind": "CUSTOMER",
-            "kind": "TEXT",
-            "text": "hello"
-        }
-    });
+    let mut event = valid_event();
     if let Some(at) = occurred_at {
         event["occurred_at"] = at;
     }
@@ -67,8 +36,7 @@ fn message_at(occurred_at: Option<Value>) -> Value {
 }
 
 async fn published(state: &AppState) -> u64 {
-    let offsets = state.bus.partition_offsets(TOPIC).await.expect("offsets");
-    offsets.iter().map(|p| p.high - p.low).sum()
+    common::inproc::published(state, TOPIC).await
 }
 
 fn now_ms() -> i64 {
@@ -77,7 +45,7 @@ fn now_ms() -> i64 {
 
 #[tokio::test]
 async fn an_occurred_at_no_clock_gives_is_refused_and_not_published() {
-    let (state, _dir) = state().await;
+    let (state, _dir) = admin_state().await;
     let refused = [
         json!(0),
         json!(-1),
@@ -105,7 +73,7 @@ async fn an_occurred_at_no_clock_gives_is_refused_and_not_published() {
 
 #[tokio::test]
 async fn an_occurred_at_in_the_range_or_none_is_published() {
-    let (state, _dir) = state().await;
+    let (state, _dir) = admin_state().await;
     let taken = [
         None,
         Some(json!(946_684_800_000i64)),

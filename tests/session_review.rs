@@ -3,6 +3,8 @@
 //! (`NEXUS_TEST_REDIS_CLUSTER_URL`, skipped without it) and the embedded store; each case under
 //! a random tenant of its own.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,8 +13,8 @@ use ::redis::AsyncCommands;
 use nexus::stores::session::embedded::EmbeddedStore;
 use nexus::stores::session::redis::RedisStore;
 use nexus::stores::session::{
-    Conversation, ConversationState, EntryKind, NewEntry, Party, PartyKind, Reserve, Routing,
-    SessionStore, StoreError,
+    Conversation, ConversationState, EntryKind, NewEntry, Party, PartyKind, Reserve, SessionStore,
+    StoreError,
 };
 
 fn redis_url() -> String {
@@ -66,28 +68,11 @@ fn party(id: &str) -> Party {
     }
 }
 
+/// A queued web chat of `tenant` whose customer is `customer-1`.
 fn conversation(tenant: &str, id: &str) -> Conversation {
-    Conversation {
-        tenant_id: tenant.into(),
-        conversation_id: id.into(),
-        channel: "WEB_CHAT".into(),
-        state: ConversationState::Queued,
-        customer: party("customer-1"),
-        contact: BTreeMap::new(),
-        user_data: BTreeMap::new(),
-        subject: None,
-        queue_id: None,
-        bot_id: None,
-        agent_id: None,
-        offered_to: None,
-        declined_by: vec![],
-        files: 0,
-        created_at_ms: 1_700_000_000_000,
-        last_activity_ms: 1_700_000_000_000,
-        closed_reason: None,
-        routing: Routing::default(),
-        version: 0,
-    }
+    let mut c = common::fixtures::conversation(tenant, id, ConversationState::Queued);
+    c.customer = party("customer-1");
+    c
 }
 
 fn message(event_id: &str) -> NewEntry {

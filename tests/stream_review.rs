@@ -6,19 +6,19 @@ mod common;
 
 use std::time::Duration;
 
+use common::chat::{start_session, Ws};
+use common::fixtures::tenant_with_key;
+use common::inproc::serve;
+use common::ws::{close_code, next_frame};
 use futures::{SinkExt, StreamExt};
 use nexus::config::Config;
-use nexus::edge::{self, AppState};
-use nexus::stores::provisioning::{NewApiKey, NewTenant, Permission};
-use serde_json::{json, Value};
+use nexus::edge::AppState;
+use serde_json::json;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 const MAX_BODY: usize = 4096;
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 struct Fx {
     state: AppState,
@@ -35,43 +35,14 @@ async fn fixture(ping_ms: u64) -> Fx {
     config.http.ws_ping_interval_ms = ping_ms;
     config.chat.client_key_secret = "client-key-secret-of-stream-review".into();
     let state = common::edge::embedded_state(config, dir.path()).await;
-    let tenant = state
-        .provisioning
-        .create_tenant(NewTenant {
-            name: "tenant-a".into(),
-        })
-        .await
-        .expect("tenant")
-        .id;
-    let api_key = state
-        .provisioning
-        .create_api_key(
-            &tenant,
-            NewApiKey {
-                name: "web".into(),
-                permissions: vec![Permission::Chat],
-                enabled: true,
-                expires_at_ms: None,
-            },
-        )
-        .await
-        .expect("api key")
-        .key;
+    let (_, api_key) = tenant_with_key(&state.provisioning, "tenant-a").await;
     let base = serve(state.clone()).await;
-    let started: Value = reqwest::Client::new()
-        .post(format!("http://{base}/nexus/v3/chat/sessions"))
-        .header("x-api-key", &api_key)
-        .json(&json!({"nickname": "Ann"}))
-        .send()
-        .await
-        .expect("start")
-        .json()
-        .await
-        .expect("start answer");
-    let (sid, ck) = (
-        started["session_id"].as_str().expect("session_id"),
-        started["client_key"].as_str().expect("client_key"),
-    );
+    let (sid, ck) = start_session(
+        &format!("http://{base}"),
+        &api_key,
+        json!({"nickname": "Ann"}),
+    )
+    .await;
     let stream = format!(
         "ws://{base}/nexus/v3/chat/sessions/{sid}/stream?api_key={api_key}&client_key={ck}"
     );
@@ -82,45 +53,11 @@ async fn fixture(ping_ms: u64) -> Fx {
     }
 }
 
-async fn serve(state: AppState) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, edge::app(state)).await;
-    });
-    format!("127.0.0.1:{}", addr.port())
-}
-
 async fn connect(fx: &Fx) -> Ws {
     let (ws, _) = tokio_tungstenite::connect_async(&fx.stream)
         .await
         .expect("customer ws");
     ws
-}
-
-/// The next frame that is not the server's ping, within 10 s: `None` when the connection
-/// ended, `Some(Err)` when it ended without a close (a reset).
-async fn next_frame(
-    ws: &mut Ws,
-) -> Option<Result<WsMessage, tokio_tungstenite::tungstenite::Error>> {
-    loop {
-        let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("a frame in time");
-        if !matches!(frame, Some(Ok(WsMessage::Ping(_)))) {
-            return frame;
-        }
-    }
-}
-
-/// The code of the close frame the server sent next (panics on anything else).
-async fn close_code(ws: &mut Ws) -> u16 {
-    match next_frame(ws).await {
-        Some(Ok(WsMessage::Close(Some(frame)))) => u16::from(frame.code),
-        other => panic!("a close frame with a code, got {other:?}"),
-    }
 }
 
 /// The stream still reads and answers: a ping gets its pong.

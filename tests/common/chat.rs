@@ -600,6 +600,16 @@ pub fn multipart(parts: &[Part]) -> Vec<u8> {
     body
 }
 
+/// The `Content-Type` of a [`multipart`] body.
+pub fn multipart_type() -> String {
+    format!("multipart/form-data; boundary={BOUNDARY}")
+}
+
+/// A [`multipart`] body of one `file` part named `name`, of `content_type`, holding `data`.
+pub fn file_part(name: &str, content_type: &str, data: &[u8]) -> Vec<u8> {
+    multipart(&[("file", Some(name), Some(content_type), data)])
+}
+
 /// A PNG-looking file of `len` bytes (the signature, then filler).
 pub fn png(len: usize) -> Vec<u8> {
     let mut data = b"\x89PNG\r\n\x1a\n".to_vec();

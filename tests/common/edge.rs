@@ -59,7 +59,6 @@ pub struct BrokerEdge {
 
 /// A [`BrokerEdge`] for tenant `name`; `tweak` adjusts the config first (its bus is set here).
 pub async fn broker_edge(name: &str, tweak: impl FnOnce(&mut Config)) -> BrokerEdge {
-    use nexus::stores::provisioning::{NewApiKey, NewTenant, Permission};
     let dir = tempfile::tempdir().expect("tempdir");
     let nats = super::chat::OwnNats::start(dir.path()).await;
     let db = super::chat::TestDb::create().await;
@@ -91,26 +90,7 @@ pub async fn broker_edge(name: &str, tweak: impl FnOnce(&mut Config)) -> BrokerE
         Arc::new(provisioning),
         sessions,
     );
-    let tenant = state
-        .provisioning
-        .create_tenant(NewTenant { name: name.into() })
-        .await
-        .expect("tenant")
-        .id;
-    let api_key = state
-        .provisioning
-        .create_api_key(
-            &tenant,
-            NewApiKey {
-                name: "widget".into(),
-                permissions: vec![Permission::Chat],
-                enabled: true,
-                expires_at_ms: None,
-            },
-        )
-        .await
-        .expect("api key")
-        .key;
+    let (tenant, api_key) = super::fixtures::tenant_with_key(&state.provisioning, name).await;
     BrokerEdge {
         state,
         api_key,

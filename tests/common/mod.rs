@@ -11,11 +11,15 @@ use nexus::config::{BusConfig, Config};
 
 pub mod chat;
 pub mod edge;
+pub mod fixtures;
 pub mod gws;
+pub mod ingest;
+pub mod inproc;
 pub mod process;
 pub mod sink;
 pub mod ucs;
 pub mod webhooks;
+pub mod ws;
 
 /// A bus plus whatever must live as long as it (the embedded bus's directory).
 pub struct TestBus {
