@@ -1,7 +1,9 @@
 //! The Helm chart `charts/nexus`: `helm lint --strict`, then `helm template` with each values file
 //! of `charts/nexus/ci/` and checks on the rendered objects (one Deployment per role, the topology
 //! hook Job, no secrets in ConfigMaps or literal env, startup/liveness/readiness probes, drain time,
-//! pod settings on every pod the hook Job included, configs nexus loads, KEDA per values).
+//! pod settings on every pod the hook Job included, configs nexus loads, KEDA per values, requests
+//! within limits, PDBs that let a drain go, names within 63 characters, the listen address, the
+//! hook Job's image).
 //!
 //! Helm comes from `scripts/helm.sh` (downloads it into target/tools when missing). Without it the
 //! tests skip with a message, unless NEXUS_TEST_REQUIRE_TOOLS=1 (set by `.ci/run`) makes that a
@@ -54,10 +56,15 @@ fn run_helm(helm: &Path, args: &[&str]) -> (bool, String, String) {
 
 /// `helm template` with these values files (and extra args); every rendered object.
 fn render(helm: &Path, values: &[&str], extra: &[&str]) -> Vec<Value> {
+    render_release(helm, RELEASE, values, extra)
+}
+
+/// `render` under another release name.
+fn render_release(helm: &Path, release: &str, values: &[&str], extra: &[&str]) -> Vec<Value> {
     let chart = chart();
     let mut args = vec![
         "template",
-        RELEASE,
+        release,
         chart.to_str().unwrap(),
         "--namespace",
         "chat",
@@ -186,6 +193,7 @@ fn check_common(objs: &[Value], what: &str) {
                 name(d)
             );
             check_env(c, &format!("{what}/{}", name(d)));
+            check_resources(c, &format!("{what}/{}", name(d)));
         }
     }
     for j in of_kind(objs, "Job") {
@@ -206,6 +214,7 @@ fn check_common(objs: &[Value], what: &str) {
             .unwrap()
         {
             check_env(c, &format!("{what}/{}", name(j)));
+            check_resources(c, &format!("{what}/{}", name(j)));
         }
     }
     let maps = of_kind(objs, "ConfigMap");
@@ -264,6 +273,49 @@ fn check_env(container: &Value, what: &str) {
     }
 }
 
+/// A Kubernetes quantity (`250m`, `2`, `1.5Gi`, `512M`) as a number of its unit.
+fn quantity(q: &Value) -> f64 {
+    let text = match q {
+        Value::Number(n) => n.to_string(),
+        _ => q.as_str().expect("a quantity").to_string(),
+    };
+    let at = text
+        .find(|c: char| c.is_ascii_alphabetic())
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(at);
+    let scale = match suffix {
+        "" => 1.0,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => panic!("quantity {text}: suffix unknown to this test"),
+    };
+    number.parse::<f64>().expect("quantity number") * scale
+}
+
+/// No request above its limit: the API server refuses such a pod.
+fn check_resources(container: &Value, what: &str) {
+    let r = &container["resources"];
+    let Some(requests) = r["requests"].as_mapping() else {
+        return;
+    };
+    for (k, req) in requests {
+        let limit = &r["limits"][k];
+        if !limit.is_null() {
+            assert!(
+                quantity(req) <= quantity(limit),
+                "{what}: request {k:?} {req:?} above limit {limit:?}"
+            );
+        }
+    }
+}
+
 /// The rendered config loads in nexus (real keys, valid values) and holds no secret.
 fn check_config(toml_text: &str, topology: &str, what: &str) -> nexus::config::Config {
     let dir = tempfile::tempdir().unwrap();
@@ -314,7 +366,9 @@ fn check_config(toml_text: &str, topology: &str, what: &str) -> nexus::config::C
         !config.bus.url.contains('@'),
         "{what}: credentials in bus.url"
     );
-    assert_eq!(config.http.listen, "0.0.0.0:8080", "{what}");
+    // The pods' ports, probes and Services are on 8080.
+    let listen: std::net::SocketAddr = config.http.listen.parse().expect("http.listen");
+    assert_eq!(listen.port(), 8080, "{what}: http.listen {listen}");
     config
 }
 
@@ -938,4 +992,362 @@ fn http_client_ca_secret_is_mounted_where_the_config_points() {
             );
         }
     }
+}
+
+/// `helm template` with `args` fails, saying `expect`.
+fn assert_refused(helm: &Path, args: &[&str], expect: &str) {
+    let chart = chart();
+    let mut all = vec!["template", RELEASE, chart.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let (ok, _, err) = run_helm(helm, &all);
+    assert!(!ok, "{args:?} rendered");
+    assert!(err.contains(expect), "{args:?}: {err}");
+}
+
+/// The container of the Deployment of `component` (`edge` or a worker role).
+fn container_of<'a>(objs: &'a [Value], component: &str) -> &'a Value {
+    let d = if component == "edge" {
+        edge_deployment(objs).expect("edge Deployment")
+    } else {
+        worker_deployments(objs)
+            .into_iter()
+            .find(|(r, _)| r == component)
+            .unwrap_or_else(|| panic!("no {component} Deployment"))
+            .1
+    };
+    &d["spec"]["template"]["spec"]["containers"][0]
+}
+
+#[test]
+fn resources_given_replace_the_defaults_whole_and_a_request_above_its_limit_is_refused() {
+    let Some(helm) = helm() else { return };
+    // Raising only a request: merged with the default 512Mi limit, the API server refused the
+    // Deployment (request > limit). Given resources replace the defaults whole.
+    let objs = render(
+        &helm,
+        &[],
+        &[
+            "--set",
+            "edge.resources.requests.memory=1Gi",
+            "--set-json",
+            r#"workers.overrides.history.resources={"requests":{"memory":"1Gi"}}"#,
+            "--set-json",
+            r#"workers.defaults.resources={"requests":{"cpu":"500m","memory":"1Gi"},"limits":{"memory":"2Gi"}}"#,
+            "--set-json",
+            r#"workers.overrides.gws.resources={"requests":{"cpu":"2"},"limits":{"cpu":"2"}}"#,
+        ],
+    );
+    check_common(&objs, "resources");
+    let res = |c: &str| container_of(&objs, c)["resources"].clone();
+    let yaml = |s: &str| serde_yaml::from_str::<Value>(s).unwrap();
+    assert_eq!(res("edge"), yaml("requests: {memory: 1Gi}"));
+    assert_eq!(res("history"), yaml("requests: {memory: 1Gi}"));
+    assert_eq!(
+        res("gws"),
+        yaml("{requests: {cpu: '2'}, limits: {cpu: '2'}}")
+    );
+    assert_eq!(
+        res("delivery"),
+        yaml("{requests: {cpu: 500m, memory: 1Gi}, limits: {memory: 2Gi}}")
+    );
+    // Not given: the chart's default.
+    let objs = render(&helm, &[], &[]);
+    assert_eq!(
+        container_of(&objs, "edge")["resources"],
+        yaml("{requests: {cpu: 250m, memory: 256Mi}, limits: {memory: 512Mi}}")
+    );
+    for (set, expect) in [
+        (
+            r#"edge.resources={"requests":{"memory":"1Gi"},"limits":{"memory":"512Mi"}}"#,
+            "edge: resources.requests.memory 1Gi exceeds resources.limits.memory 512Mi",
+        ),
+        (
+            r#"workers.overrides.history.resources={"requests":{"cpu":"1.5"},"limits":{"cpu":"1200m"}}"#,
+            "worker history: resources.requests.cpu 1.5 exceeds resources.limits.cpu 1200m",
+        ),
+        (
+            r#"workers.defaults.resources={"requests":{"memory":"1Gi"},"limits":{"memory":"1G"}}"#,
+            "resources.requests.memory 1Gi exceeds resources.limits.memory 1G",
+        ),
+        (
+            r#"topologyJob.resources={"limits":{"memory":"32Mi"}}"#,
+            "topologyJob: resources.requests.memory 64Mi exceeds resources.limits.memory 32Mi",
+        ),
+    ] {
+        assert_refused(&helm, &["--set-json", set], expect);
+    }
+}
+
+/// Whether `pdb` lets a drain evict a pod of a Deployment running `replicas` pods.
+fn pdb_lets_a_pod_go(pdb: &Value, replicas: u64) -> bool {
+    let spec = &pdb["spec"];
+    if let Some(min) = spec["minAvailable"].as_u64() {
+        return min < replicas;
+    }
+    match &spec["maxUnavailable"] {
+        Value::Number(n) => n.as_u64().is_some_and(|n| n >= 1),
+        // A percentage rounds up to a whole pod.
+        Value::String(p) => p
+            .strip_suffix('%')
+            .and_then(|p| p.parse::<u64>().ok())
+            .is_some_and(|p| p > 0),
+        _ => false,
+    }
+}
+
+#[test]
+fn pod_disruption_budgets_never_block_draining_a_single_replica() {
+    let Some(helm) = helm() else { return };
+    // minAvailable: 1 over one edge pod refused every eviction: node drains hung forever.
+    for extra in [
+        &[
+            "--set",
+            "edge.replicas=1",
+            "--set",
+            "workers.defaults.replicas=1",
+        ][..],
+        &[
+            "--set-json",
+            r#"edge.hpa={"enabled":true,"minReplicas":1,"maxReplicas":3}"#,
+            "--set",
+            "keda.enabled=true,keda.minReplicaCount=1",
+        ][..],
+        &[
+            "--set",
+            "edge.replicas=1",
+            "--set-string",
+            "workers.defaults.pdb.maxUnavailable=50%",
+        ][..],
+    ] {
+        let objs = render(&helm, &[], extra);
+        check_common(&objs, "one replica");
+        let pdbs = of_kind(&objs, "PodDisruptionBudget");
+        assert_eq!(pdbs.len(), WORKER_ROLES.len() + 1, "{extra:?}");
+        for pdb in pdbs {
+            assert!(
+                pdb_lets_a_pod_go(pdb, 1),
+                "{extra:?}: {} blocks draining one replica: {:?}",
+                name(pdb),
+                pdb["spec"]
+            );
+        }
+    }
+    for (set, expect) in [
+        (
+            "edge.pdb.minAvailable=1",
+            "edge: pdb.minAvailable would block",
+        ),
+        (
+            "edge.pdb.maxUnavailable=0",
+            "edge: pdb.maxUnavailable must be at least 1",
+        ),
+        (
+            "workers.overrides.gws.pdb.maxUnavailable=0%",
+            "worker gws: pdb.maxUnavailable must be at least 1",
+        ),
+    ] {
+        assert_refused(&helm, &["--set", set], expect);
+    }
+}
+
+/// The nexus config of the release's ConfigMap, loaded by nexus.
+fn release_config(objs: &[Value], what: &str) -> nexus::config::Config {
+    let cm = of_kind(objs, "ConfigMap")
+        .into_iter()
+        .find(|m| name(m) == "t-nexus-config")
+        .expect("config ConfigMap");
+    check_config(
+        cm["data"]["config.toml"].as_str().unwrap(),
+        cm["data"]["topology.yaml"].as_str().unwrap(),
+        what,
+    )
+}
+
+#[test]
+fn listen_address_takes_ipv6_for_ipv6_only_clusters() {
+    let Some(helm) = helm() else { return };
+    let objs = render(&helm, &[], &[]);
+    assert_eq!(release_config(&objs, "default").http.listen, "0.0.0.0:8080");
+    // On an IPv6-only cluster the pod has no IPv4 address: 0.0.0.0 serves nothing.
+    for address in ["::", "[::]"] {
+        let objs = render(&helm, &[], &["--set", &format!("listenAddress={address}")]);
+        check_common(&objs, "ipv6");
+        let config = release_config(&objs, "ipv6");
+        assert_eq!(config.http.listen, "[::]:8080", "listenAddress={address}");
+        for m in of_kind(&objs, "ConfigMap") {
+            if let Some(toml_text) = m["data"]["config.toml"].as_str() {
+                assert!(
+                    toml_text.contains("listen = \"[::]:8080\""),
+                    "{}: the hook's config too",
+                    name(m)
+                );
+            }
+        }
+    }
+    // What the chart owns (probes, ports and Services follow it) is not set around it.
+    assert_refused(
+        &helm,
+        &["--set", "config.http.listen=[::]:9000"],
+        "config.http.listen is set by the chart: use listenAddress",
+    );
+    assert_refused(
+        &helm,
+        &[
+            "--set-json",
+            r#"edge.env=[{"name":"NEXUS_HTTP__LISTEN","value":"[::]:9000"}]"#,
+        ],
+        "NEXUS_HTTP__LISTEN is set by the chart",
+    );
+}
+
+#[test]
+fn long_release_names_keep_every_name_within_63_characters_and_apart() {
+    let Some(helm) = helm() else { return };
+    // Helm takes release names of up to 53 characters; fullnameOverride up to 63.
+    let release = format!("nexus-{}", "a".repeat(47));
+    let long = "b".repeat(60);
+    let full = "c".repeat(63);
+    let everything = [
+        "--set",
+        "metrics.serviceMonitor.enabled=true,metrics.dashboard.enabled=true,keda.enabled=true",
+        "--set",
+        "edge.hpa.enabled=true,edge.ingress.enabled=true",
+    ];
+    for (rel, extra) in [
+        (release.as_str(), vec![]),
+        (
+            "t",
+            vec!["--set".to_string(), format!("fullnameOverride={long}")],
+        ),
+        (
+            "t",
+            vec!["--set".to_string(), format!("fullnameOverride={full}")],
+        ),
+        (
+            "t",
+            vec!["--set".to_string(), format!("nameOverride={long}")],
+        ),
+    ] {
+        let mut args: Vec<&str> = everything.to_vec();
+        args.extend(extra.iter().map(String::as_str));
+        let objs = render_release(&helm, rel, &[], &args);
+        let what = format!("{rel} {extra:?}");
+        check_common(&objs, &what);
+        let mut seen = BTreeSet::new();
+        for o in &objs {
+            let n = name(o);
+            assert!(
+                !n.is_empty() && n.len() <= 63,
+                "{what}: {} {n} ({} chars)",
+                kind(o),
+                n.len()
+            );
+            assert!(!n.ends_with('-'), "{what}: {n}");
+            assert!(
+                seen.insert((kind(o), n)),
+                "{what}: two {} named {n}",
+                kind(o)
+            );
+        }
+        // References name what is rendered.
+        let has = |k: &str, n: &str| seen.contains(&(k, n));
+        for so in scaled_objects(&objs) {
+            let target = so["spec"]["scaleTargetRef"]["name"].as_str().unwrap();
+            assert!(has("Deployment", target), "{what}: ScaledObject → {target}");
+        }
+        for hpa in of_kind(&objs, "HorizontalPodAutoscaler") {
+            let target = hpa["spec"]["scaleTargetRef"]["name"].as_str().unwrap();
+            assert!(has("Deployment", target), "{what}: HPA → {target}");
+        }
+        let ingress = of_kind(&objs, "Ingress")[0];
+        let backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"]
+            .as_str()
+            .unwrap();
+        assert!(has("Service", backend), "{what}: Ingress → {backend}");
+        for o in pods(&objs) {
+            for v in pod_template(o)["spec"]["volumes"].as_sequence().unwrap() {
+                if let Some(cm) = v["configMap"]["name"].as_str() {
+                    assert!(has("ConfigMap", cm), "{what}: {} mounts {cm}", name(o));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn hook_job_runs_the_workers_image() {
+    let Some(helm) = helm() else { return };
+    let job_image = |extra: &[&str]| -> String {
+        let objs = render(&helm, &[], extra);
+        let job = hook_job(&objs).expect("hook Job");
+        pod_template(job)["spec"]["containers"][0]["image"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(job_image(&[]), "ghcr.io/nexus-hub/nexus:0.1.0");
+    // A staged upgrade (charts/operations.md): new workers, old edge and image.tag. The Job
+    // creates the topics the new workers need and reads the config they run with: their image.
+    assert_eq!(
+        job_image(&[
+            "--set",
+            "image.tag=0.1.0,workers.defaults.imageTag=0.2.0,edge.imageTag=0.1.0"
+        ]),
+        "ghcr.io/nexus-hub/nexus:0.2.0"
+    );
+    assert_eq!(
+        job_image(&[
+            "--set",
+            "workers.defaults.imageTag=0.2.0,topologyJob.imageTag=0.3.0"
+        ]),
+        "ghcr.io/nexus-hub/nexus:0.3.0"
+    );
+    assert_eq!(
+        job_image(&["--set", "image.tag=0.4.0"]),
+        "ghcr.io/nexus-hub/nexus:0.4.0"
+    );
+}
+
+#[test]
+fn grace_checks_see_drain_times_set_in_env() {
+    let Some(helm) = helm() else { return };
+    // Env overrides the config: a longer drain set there outlasted the checked grace (SIGKILL
+    // mid-drain).
+    for (set, expect) in [
+        (
+            r#"workers.defaults.env=[{"name":"NEXUS_CONSUMER__DRAIN_MS","value":"60000"}]"#,
+            "worker conversation: terminationGracePeriodSeconds 60 is too short to drain",
+        ),
+        (
+            r#"workers.overrides.history.env=[{"name":"nexus_consumer__handler_timeout_ms","value":"50000"}]"#,
+            "worker history: terminationGracePeriodSeconds 60 is too short to drain",
+        ),
+        (
+            r#"edge.env=[{"name":"NEXUS_HTTP__SHUTDOWN_GRACE_MS","value":"60000"}]"#,
+            "edge: terminationGracePeriodSeconds 40 is too short to drain",
+        ),
+        // A value the chart cannot read is refused rather than assumed.
+        (
+            r#"edge.env=[{"name":"NEXUS_HTTP__SHUTDOWN_GRACE_MS","valueFrom":{"configMapKeyRef":{"name":"x","key":"y"}}}]"#,
+            "edge: env NEXUS_HTTP__SHUTDOWN_GRACE_MS must be a literal number of ms",
+        ),
+    ] {
+        assert_refused(&helm, &["--set-json", set], expect);
+    }
+    // With the grace raised to match, it renders, and the pods get the variable.
+    let objs = render(
+        &helm,
+        &[],
+        &[
+            "--set-json",
+            r#"workers.defaults.env=[{"name":"NEXUS_CONSUMER__DRAIN_MS","value":"60000"}]"#,
+            "--set",
+            "workers.defaults.terminationGracePeriodSeconds=95",
+        ],
+    );
+    check_common(&objs, "drain in env");
+    assert_eq!(
+        env_value(container_of(&objs, "gws"), "NEXUS_CONSUMER__DRAIN_MS").as_deref(),
+        Some("60000")
+    );
 }

@@ -13,6 +13,16 @@
 {{- end -}}
 {{- end -}}
 
+{{/*
+`<fullname>-<suffix>` in at most 63 characters: the full name is cut, never the suffix, so two
+components never share a name. Args: (dict "root" $ "suffix" S).
+*/}}
+{{- define "nexus.componentName" -}}
+{{- $room := int (sub 62 (len .suffix)) -}}
+{{- if lt $room 1 }}{{ fail (printf "`%s` is too long for a Kubernetes name suffix" .suffix) }}{{ end -}}
+{{- printf "%s-%s" (include "nexus.fullname" .root | trunc $room | trimSuffix "-") .suffix -}}
+{{- end -}}
+
 {{- define "nexus.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "nexus.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -134,7 +144,10 @@ keys set inline: they belong in Secrets.
 {{- $_ := set $bus "client_cert_file" "/etc/nexus/bus-client/tls.crt" -}}
 {{- $_ := set $bus "client_key_file" "/etc/nexus/bus-client/tls.key" -}}
 {{- end -}}
-{{- $http := dict "listen" "0.0.0.0:8080" -}}
+{{- if dig "http" "listen" "" $c }}{{ fail "config.http.listen is set by the chart: use listenAddress (the port stays 8080)" }}{{ end -}}
+{{- $host := .Values.listenAddress | default "0.0.0.0" | toString -}}
+{{- if and (contains ":" $host) (not (hasPrefix "[" $host)) }}{{ $host = printf "[%s]" $host }}{{ end -}}
+{{- $http := dict "listen" (printf "%s:8080" $host) -}}
 {{- if .Values.tls.secretName -}}
 {{- $_ := set $http "tls_cert_file" "/etc/nexus/tls/tls.crt" -}}
 {{- $_ := set $http "tls_key_file" "/etc/nexus/tls/tls.key" -}}
@@ -213,6 +226,9 @@ store URL or key, per-tenant ones too) as a literal `value`: refused like the sa
 {{- range .env -}}
 {{- if and (kindIs "map" .) (get . "value") (regexMatch "^NEXUS_.*__(SASL_PASSWORD|PASSWORD|TOKEN|ADMIN_TOKEN|CREDENTIAL|POSTGRES_URL|REDIS_URL|PROVISIONING_KEY|CLIENT_KEY_SECRET)$" (upper (toString (get . "name")))) -}}
 {{- fail (printf "%s: %s is a secret: take it from a Secret (valueFrom.secretKeyRef), never a literal value in values" $.what (get . "name")) -}}
+{{- end -}}
+{{- if and (kindIs "map" .) (eq (upper (toString (get . "name"))) "NEXUS_HTTP__LISTEN") -}}
+{{- fail (printf "%s: NEXUS_HTTP__LISTEN is set by the chart (probes and ports follow it): use listenAddress" $.what) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
@@ -348,6 +364,42 @@ readinessProbe:
   {{- toYaml .Values.probes.readiness | nindent 2 }}
 {{- end -}}
 
+{{/*
+The ms value of config key `key` (e.g. consumer.drain_ms) a pod runs with: its env override
+(NEXUS_CONSUMER__DRAIN_MS, any case) if set, else `config`, else `default`. An override from a
+Secret or ConfigMap cannot be checked: refused. Args: (dict "root" $ "what" W "env" LIST "key" K "default" D).
+*/}}
+{{- define "nexus.effectiveMs" -}}
+{{- $parts := splitList "." .key -}}
+{{- $v := dig (index $parts 0) (index $parts 1) .default (.root.Values.config | default dict) -}}
+{{- $var := printf "NEXUS_%s" (.key | replace "." "__" | upper) -}}
+{{- range .env -}}
+{{- if and (kindIs "map" .) (eq (upper (toString (get . "name"))) $var) -}}
+{{- if not (regexMatch "^[0-9]+$" (toString (get . "value"))) -}}
+{{- fail (printf "%s: env %s must be a literal number of ms: the chart checks terminationGracePeriodSeconds against it" $.what (get . "name")) -}}
+{{- end -}}
+{{- $v = get . "value" -}}
+{{- end -}}
+{{- end -}}
+{{- int64 $v -}}
+{{- end -}}
+
+{{/*
+A PodDisruptionBudget's budget that never blocks a node drain: maxUnavailable (a count or a
+percentage, which Kubernetes rounds up to a pod) lets a pod go even when only one runs. 0 and
+minAvailable (which blocks every drain while the pods are no more than it) are refused.
+Args: (dict "what" W "pdb" P).
+*/}}
+{{- define "nexus.pdbBudget" -}}
+{{- if .pdb.minAvailable -}}
+{{- fail (printf "%s: pdb.minAvailable would block every node drain while the pods are no more than it: use pdb.maxUnavailable" .what) -}}
+{{- end -}}
+{{- if not (regexMatch "^([1-9][0-9]*|[0-9]*[1-9][0-9]*%)$" (toString .pdb.maxUnavailable)) -}}
+{{- fail (printf "%s: pdb.maxUnavailable must be at least 1 or 1%% (0 blocks every node drain), not %v" .what .pdb.maxUnavailable) -}}
+{{- end -}}
+maxUnavailable: {{ .pdb.maxUnavailable }}
+{{- end -}}
+
 {{/* Fails unless `grace` (s) leaves `needMs` of draining plus 5 s to exit. */}}
 {{- define "nexus.checkGrace" -}}
 {{- $need := add (div (int64 .needMs) 1000) 5 -}}
@@ -366,6 +418,39 @@ CPU the container may use (tokio reads the cgroup quota; without a CPU limit, ev
 {{- end -}}
 - {name: TOKIO_WORKER_THREADS, value: {{ $v | quote }}}
 {{- end -}}
+{{- end -}}
+
+{{/*
+A Kubernetes quantity (250m, 2, 1.5Gi, 512M) in thousandths of its unit, or "" for a form this
+does not read (the API server still validates it).
+*/}}
+{{- define "nexus.milliQuantity" -}}
+{{- $q := toString . -}}
+{{- $re := "^([0-9]+\\.?[0-9]*|\\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$" -}}
+{{- if regexMatch $re $q -}}
+{{- $scale := dict "" 1000 "m" 1 "k" 1e6 "M" 1e9 "G" 1e12 "T" 1e15 "P" 1e18 "E" 1e21 "Ki" 1024000 "Mi" 1048576000 "Gi" 1073741824000 "Ti" 1099511627776000 "Pi" 1125899906842624000 "Ei" 1152921504606846976000.0 -}}
+{{- mulf (regexReplaceAll $re $q "${1}") (get $scale (regexReplaceAll $re $q "${2}")) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+A container's `resources`, as given (never merged with defaults), or when empty the chart's
+default (requests 250m CPU, 256Mi; limit 512Mi). Refused when a request exceeds its limit (the
+API server would refuse the pod). Args: (dict "what" W "resources" R).
+*/}}
+{{- define "nexus.resources" -}}
+{{- $r := .resources | default (dict "requests" (dict "cpu" "250m" "memory" "256Mi") "limits" (dict "memory" "512Mi")) -}}
+{{- $limits := get $r "limits" | default dict -}}
+{{- range $k, $req := get $r "requests" | default dict -}}
+{{- if hasKey $limits $k -}}
+{{- $a := include "nexus.milliQuantity" $req -}}
+{{- $b := include "nexus.milliQuantity" (get $limits $k) -}}
+{{- if and $a $b (gt (float64 $a) (float64 $b)) -}}
+{{- fail (printf "%s: resources.requests.%s %v exceeds resources.limits.%s %v: the API server would refuse the pod" $.what $k $req $k (get $limits $k)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml $r -}}
 {{- end -}}
 
 {{- define "nexus.configChecksum" -}}
