@@ -6,7 +6,8 @@
 //! (`tests/browser/cors.py`), allowed by `http.cors_allowed_origins`. The other tests each run
 //! one case of `tests/browser/cases.py` against a `nexus dev` of their own: a page in a situation
 //! a contact centre meets (behind a path prefix, a network drop, a customer leaving while the
-//! offer rings, a refusal, a long transcript, a double click, an expiring client key). Requires
+//! offer rings, a refusal, a long transcript, a double click, an expiring client key, a reload,
+//! a key or token revoked under an open socket, several chats at once, typing). Requires
 //! `/usr/bin/chromium` (or `NEXUS_TEST_CHROMIUM`) and the Python module `playwright` (CI
 //! installs both): a missing one fails the test rather than skipping it.
 
@@ -16,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::chat::{base_env, start_node};
+use common::chat::{base_env, start_node, ADMIN};
 
 /// Debian's browser; `NEXUS_TEST_CHROMIUM` names another (demo.py reads the same variable).
 fn chromium() -> String {
@@ -201,6 +202,7 @@ async fn case(name: &str, env: &[(&'static str, &str)]) {
         .arg(&script)
         .arg(&node.url)
         .arg(name)
+        .env("NEXUS_TEST_ADMIN_TOKEN", ADMIN)
         .kill_on_drop(true)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -305,6 +307,63 @@ async fn demo_pages_show_refusals_and_keep_the_text() {
         ],
     )
     .await;
+}
+
+/// A reload, or leaving the page and coming back in the same tab, resumes the chat from the
+/// session the widget keeps (sessionStorage): the transcript again, what came meanwhile once, the
+/// chat going on both ways; a kept session whose key is refused is dropped for the start form.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn widget_resumes_its_chat_after_a_reload() {
+    case("widget_reload_resumes", &[]).await;
+}
+
+/// After a chat ends the widget offers "Start a new chat" (a new session, no reload); a
+/// reload after the end shows the start form.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn widget_starts_a_new_chat_after_one_ended() {
+    case("widget_new_chat", &[]).await;
+}
+
+/// The site's API key disabled under an open stream (close code 4003): the widget says the
+/// chat can't continue and stops reconnecting (key checks every second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn widget_stops_when_its_api_key_is_disabled() {
+    case(
+        "widget_api_key_disabled",
+        &[("NEXUS_STORES__AUTH_CACHE_TTL_MS", "1000")],
+    )
+    .await;
+}
+
+/// The agent's token rotated under an open console (close code 4001), or refused at the
+/// handshake: the console says to sign in again and stops reconnecting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_signs_out_when_its_token_is_rotated() {
+    case(
+        "agent_token_rotated",
+        &[("NEXUS_STORES__AUTH_CACHE_TTL_MS", "1000")],
+    )
+    .await;
+}
+
+/// Each chat of the console keeps its own draft across switches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_keeps_a_draft_per_chat() {
+    case("agent_drafts", &[]).await;
+}
+
+/// An offer counts down its seconds; at 0 by the page's clock it stays until the server
+/// closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_counts_an_offer_down() {
+    case("offer_countdown", &[]).await;
+}
+
+/// The console sends typing (one start per burst, a stop after a pause) and shows the
+/// customer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_sends_and_shows_typing() {
+    case("typing_both_ways", &[]).await;
 }
 
 fn tail(text: &str, n: usize) -> String {

@@ -7,17 +7,22 @@ Where demo.py walks the happy path, each case here puts a page in a situation a 
 meets: served behind a path prefix, a network drop (a proxy in front of nexus that cuts every
 connection and refuses new ones until restored), a customer leaving while an offer rings, a
 refused transfer or message, an expired file, a long transcript, a double click, a client key
-outlived, typing left behind. A page that needs it reaches nexus through a `Proxy` of its own,
-so one page's network can drop while the other's stays up. The Rust test of each case
-(tests/browser.rs) starts nexus with the config the case names. Exits non-zero naming the step
-that failed, with the pages' console logs.
+outlived, typing left behind, a reload, a new chat after one ended, an API key disabled or an
+agent token rotated under an open socket, drafts of several chats, an offer's countdown, typing
+both ways. A page that needs it reaches nexus through a `Proxy` of its own, so one page's
+network can drop while the other's stays up. The Rust test of each case (tests/browser.rs)
+starts nexus with the config the case names, and gives the admin token as
+NEXUS_TEST_ADMIN_TOKEN. Exits non-zero naming the step that failed, with the pages' console
+logs.
 """
 
+import json
 import os
 import socket
 import sys
 import threading
 import time
+import urllib.request
 
 CHROMIUM = os.environ.get("NEXUS_TEST_CHROMIUM", "/usr/bin/chromium")
 STEP_MS = 15_000
@@ -168,6 +173,21 @@ def count(locator, expected, what):
         raise PlaywrightError(f"{what}: {n} shown, {expected} expected")
 
 
+def sockets_of(page):
+    """The URLs of the WebSockets `page` opens from now on (a list that grows)."""
+    opened = []
+    page.on("websocket", lambda ws: opened.append(ws.url))
+    return opened
+
+
+def no_new_sockets(page, opened, what):
+    """`page` opens no WebSocket for 2.5 s (a page retrying every second would)."""
+    before = len(opened)
+    page.wait_for_timeout(2500)
+    if len(opened) != before:
+        raise PlaywrightError(f"{what}: {len(opened) - before} sockets opened again")
+
+
 class Cases:
     def __init__(self, base, browser):
         self.base, self.browser = base.rstrip("/"), browser
@@ -180,6 +200,19 @@ class Cases:
         page.on("console", lambda m: self.logs.append(f"{name} console.{m.type}: {m.text}"))
         page.on("pageerror", lambda e: self.logs.append(f"{name} pageerror: {e}"))
         return page
+
+    def admin(self, method, path, body=None):
+        """A call to the provisioning API of the demo tenant (`path` under it)."""
+        with urllib.request.urlopen(f"{self.base}/demo/config.json", timeout=10) as r:
+            tenant = json.load(r)["tenant_id"]
+        req = urllib.request.Request(
+            f"{self.base}/v1/admin/tenants/{tenant}{path}", method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"authorization": f"Bearer {os.environ['NEXUS_TEST_ADMIN_TOKEN']}",
+                     "content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            data = r.read()
+        return json.loads(data) if data else None
 
     def step(self, name, fn):
         self.step_name = name
@@ -503,6 +536,260 @@ class Cases:
             a.locator("#log").get_by_text("old.txt").click()
             wait_contains(a, "#status", "FILE_EXPIRED")
         self.step("an expired file's download says FILE_EXPIRED", expired_download)
+
+    def widget_reload_resumes(self):
+        """A reload (or leaving the page and coming back in the same tab) resumes the chat: the
+        transcript is back, what came meanwhile is shown once, and both sides go on."""
+        a, b = self.page("agent"), self.page("widget")
+        widget = f"{self.base}/demo/widget"
+        self.step("agent ready", lambda: agent_ready(a, f"{self.base}/demo/agent"))
+        self.step("customer starts", lambda: customer_starts(b, widget, "Cust", "hi"))
+
+        def replies():
+            accept(a)
+            a.fill("#text", "before the reload")
+            a.press("#text", "Enter")
+            b.locator("#log").get_by_text("before the reload").wait_for()
+        self.step("the agent accepts and replies", replies)
+
+        def reload():
+            b.reload()
+            wait_text(b, "#status", "connected")
+            b.locator("#log").get_by_text("before the reload").wait_for()
+            b.wait_for_selector("#start", state="hidden")
+            b.wait_for_timeout(500)
+            count(b.locator("#log").get_by_text("hi", exact=True), 1, "the first message")
+            count(b.locator("#log").get_by_text("before the reload"), 1, "the reply")
+        self.step("a reload shows the chat again, once", reload)
+
+        def away_and_back():
+            b.goto("about:blank")
+            a.fill("#text", "while you were away")
+            a.press("#text", "Enter")
+            a.locator("#log").get_by_text("while you were away").wait_for()
+            b.goto(widget)
+            wait_text(b, "#status", "connected")
+            b.locator("#log").get_by_text("while you were away").wait_for()
+            b.fill("#text", "back again")
+            b.press("#text", "Enter")
+            a.locator("#log").get_by_text("back again").wait_for()
+            a.fill("#text", "welcome back")
+            a.press("#text", "Enter")
+            b.locator("#log").get_by_text("welcome back").wait_for()
+            b.wait_for_timeout(500)
+            for text in ("before the reload", "while you were away", "back again", "welcome back"):
+                count(b.locator("#log").get_by_text(text), 1, text)
+        self.step("away and back: what came meanwhile once, and the chat goes on", away_and_back)
+
+        def refused_key_dropped():
+            # A key the edge no longer takes (here one that was never valid: 403).
+            b.evaluate("""() => {
+                for (const k of Object.keys(sessionStorage)) {
+                    const s = JSON.parse(sessionStorage.getItem(k));
+                    sessionStorage.setItem(k, JSON.stringify({ ...s, client_key: 'not-a-key' }));
+                }
+            }""")
+            b.reload()
+            b.locator("#log").get_by_text("Your previous chat is over").wait_for()
+            b.wait_for_selector("#start", state="visible")
+            b.wait_for_selector("#send", state="hidden")
+            if b.evaluate("sessionStorage.length") != 0:
+                raise PlaywrightError("the refused session is still kept")
+        self.step("a kept session whose key is refused is dropped: the start form", refused_key_dropped)
+
+    def widget_new_chat(self):
+        """After a chat ends the widget offers a new one, without a reload; an ended chat is
+        not resumed by a reload."""
+        a, b = self.page("agent"), self.page("widget")
+        self.step("agent ready", lambda: agent_ready(a, f"{self.base}/demo/agent"))
+        self.step("customer starts",
+                  lambda: customer_starts(b, f"{self.base}/demo/widget", "First", "first chat"))
+        first = []
+
+        def ends():
+            first.append(b.evaluate("session.session_id"))
+            b.click("#endBtn")
+            b.locator("#log").get_by_text("The chat has ended.").wait_for()
+            b.wait_for_selector("#againBtn", state="visible")
+        self.step("the customer ends: a new chat is offered", ends)
+
+        def second():
+            b.click("#againBtn")
+            b.wait_for_selector("#start", state="visible")
+            count(b.locator("#log").get_by_text("first chat"), 0, "the first chat's messages")
+            b.fill("#nickname", "Again")
+            b.click("#startBtn")
+            wait_text(b, "#status", "connected")
+            b.fill("#text", "second chat")
+            b.press("#text", "Enter")
+            a.locator(".offer").get_by_text("Again").wait_for()
+            accept(a)
+            a.locator("#log").get_by_text("second chat").wait_for()
+            if b.evaluate("session.session_id") == first[0]:
+                raise PlaywrightError("the new chat is the old session")
+        self.step("a new chat starts and reaches the agent", second)
+
+        def ended_not_resumed():
+            a.click("#completeBtn")
+            b.locator("#log").get_by_text("The chat has ended.").wait_for()
+            b.reload()
+            wait_text(b, "#status", "ready")
+            b.wait_for_selector("#start", state="visible")
+            count(b.locator("#log .entry"), 0, "entries after the reload")
+        self.step("a reload after the end shows the start form", ended_not_resumed)
+
+    def widget_api_key_disabled(self):
+        """The site's API key is disabled under an open stream (4003): the widget says the chat
+        can't continue and stops reconnecting (run with stores.auth_cache_ttl_ms = 1000)."""
+        b = self.page("widget")
+        opened = sockets_of(b)
+        self.step("customer starts", lambda: customer_starts(b, f"{self.base}/demo/widget", "Cust", "hi"))
+
+        def disabled():
+            for key in self.admin("GET", "/api-keys")["items"]:
+                self.admin("PATCH", f"/api-keys/{key['id']}", {"enabled": False})
+            b.locator("#log").get_by_text("The chat can't continue").wait_for()
+            wait_contains(b, "#log", "API_KEY_DISABLED")
+            b.wait_for_selector("#send", state="hidden")
+            no_new_sockets(b, opened, "after 4003")
+        self.step("the key is disabled: the chat can't continue, no reconnects", disabled)
+
+    def agent_token_rotated(self):
+        """The agent's token is rotated under an open console (4001): it says to sign in again
+        and stops reconnecting; loaded again with the old token, it says so at once (run with
+        stores.auth_cache_ttl_ms = 1000)."""
+        a = self.page("agent")
+        opened = sockets_of(a)
+        self.step("agent ready", lambda: agent_ready(a, f"{self.base}/demo/agent"))
+
+        def rotated():
+            agent = a.evaluate("me.id")
+            self.admin("POST", f"/agents/{agent}/token")
+            wait_contains(a, "#status", "sign in again")
+            wait_contains(a, "#status", "AGENT_TOKEN_REVOKED")
+            a.wait_for_selector("#ready[disabled]", state="attached")
+            no_new_sockets(a, opened, "after 4001")
+        self.step("the token is rotated: sign in again, no reconnects", rotated)
+
+        def old_token():
+            before = len(opened)
+            a.reload()
+            wait_contains(a, "#status", "sign in again")
+            if len(opened) != before + 1:
+                raise PlaywrightError(f"{len(opened) - before} sockets tried, 1 expected")
+            no_new_sockets(a, opened, "with a refused token")
+        self.step("loaded with the old token: sign in again, no reconnects", old_token)
+
+    def agent_drafts(self):
+        """Each chat keeps its own draft in the console: switching chats swaps the reply box."""
+        a, b, b2 = self.page("agent"), self.page("widget"), self.page("widget2")
+        self.step("agent ready", lambda: agent_ready(a, f"{self.base}/demo/agent"))
+
+        def two_chats():
+            customer_starts(b, f"{self.base}/demo/widget", "First", "hi from first")
+            a.locator(".offer").get_by_text("First").wait_for()
+            accept(a)
+            customer_starts(b2, f"{self.base}/demo/widget", "Second", "hi from second")
+            a.locator(".offer").get_by_text("Second").wait_for()
+            a.locator(".offer .accept").first.click()
+            a.locator("#log").get_by_text("hi from second").wait_for()
+        self.step("the agent holds two chats", two_chats)
+
+        def show(name, draft):
+            a.locator("#convs .conv").get_by_text(name).click()
+            a.locator("#log").get_by_text(f"hi from {name.lower()}").wait_for()
+            if a.input_value("#text") != draft:
+                raise PlaywrightError(f"{name}'s box holds {a.input_value('#text')!r}, not {draft!r}")
+
+        def drafts():
+            show("First", "")
+            a.fill("#text", "draft for first")
+            show("Second", "")
+            a.fill("#text", "draft for second")
+            show("First", "draft for first")
+            show("Second", "draft for second")
+            a.press("#text", "Enter")
+            b2.locator("#log").get_by_text("draft for second").wait_for()
+            show("First", "draft for first")
+            a.press("#text", "Enter")
+            b.locator("#log").get_by_text("draft for first").wait_for()
+            count(b.locator("#log").get_by_text("draft for second"), 0, "the other chat's reply")
+        self.step("each chat keeps its own draft", drafts)
+
+    def offer_countdown(self):
+        """An offer shows the seconds it has left; at 0 by the page's clock (here one a minute
+        fast) it stays until the server closes it, and can still be accepted."""
+        a, fast, b = self.page("agent"), self.page("agent-fast-clock"), self.page("widget")
+        fast.add_init_script("(() => { const now = Date.now; Date.now = () => now() + 60000; })()")
+
+        def both_ready():
+            agent_ready(a, f"{self.base}/demo/agent")
+            agent_ready(fast, f"{self.base}/demo/agent")
+        self.step("the agent's two consoles are ready", both_ready)
+        self.step("customer starts", lambda: customer_starts(b, f"{self.base}/demo/widget", "Cust", "hi"))
+
+        def left(page):
+            text = page.locator(".offer .left").first.text_content()
+            if not text.endswith(" s left"):
+                raise PlaywrightError(f"no countdown: {text!r}")
+            return int(text.split()[0])
+
+        def counts_down():
+            a.locator(".offer").get_by_text("Cust").wait_for()
+            first = left(a)
+            if not 10 <= first <= 20:
+                raise PlaywrightError(f"{first} s left of a 20 s offer")
+            # A second later, or a little more on a busy machine.
+            a.wait_for_function("n => parseInt(document.querySelector('.offer .left').textContent) < n",
+                                arg=first, timeout=5000)
+        self.step("the offer counts down its seconds", counts_down)
+
+        def kept_at_zero():
+            fast.locator(".offer").get_by_text("Cust").wait_for()
+            wait_contains(fast, ".offer .left", "expiring")
+            fast.wait_for_timeout(1000)
+            count(fast.locator(".offer"), 1, "offers past their time by the page's clock")
+            accept(fast)
+            fast.locator("#log").get_by_text("hi").wait_for()
+        self.step("at 0 by the page's clock it stays, and the accept goes through", kept_at_zero)
+
+    def typing_both_ways(self):
+        """The console tells the customer when the agent types (one `started` per burst, a
+        `stopped` after a pause) and shows the customer typing."""
+        a, b = self.page("agent"), self.page("widget")
+        sent = []
+        a.on("websocket", lambda ws: ws.on("framesent", lambda f: sent.append(f)))
+        self.step("agent ready", lambda: agent_ready(a, f"{self.base}/demo/agent"))
+        self.step("customer starts", lambda: customer_starts(b, f"{self.base}/demo/widget", "Cust", "hi"))
+        self.step("agent accepts", lambda: accept(a))
+
+        def typing_ops(state):
+            return [f for f in sent if '"op":"typing"' in f and f'"state":"{state}"' in f]
+
+        def agent_types():
+            a.locator("#text").press_sequentially("an answer being written", delay=30)
+            wait_contains(b, "#typing", "Demo Agent is typing")
+            wait_text(b, "#typing", "")
+            count(a.locator("#typing").get_by_text("Demo Agent"), 0, "the agent's own typing")
+            # One burst: one of each (a keystroke held up 2 s by a busy machine may make two).
+            started, stopped = len(typing_ops("started")), len(typing_ops("stopped"))
+            if not 1 <= started <= 2 or stopped != started:
+                raise PlaywrightError(f"typing ops sent: {[f for f in sent if 'typing' in f]}")
+        self.step("the agent types: the customer sees it, one started and one stopped", agent_types)
+
+        def reply_ends_it():
+            a.locator("#text").press_sequentially(" now", delay=30)
+            wait_contains(b, "#typing", "Demo Agent is typing")
+            a.press("#text", "Enter")
+            b.locator("#log").get_by_text("an answer being written now").wait_for()
+            wait_text(b, "#typing", "")
+        self.step("the agent's reply ends its typing", reply_ends_it)
+
+        def customer_types():
+            b.locator("#text").press_sequentially("a question", delay=30)
+            wait_contains(a, "#typing", "Cust is typing")
+            wait_text(a, "#typing", "")
+        self.step("the customer types: the console shows it, then not", customer_types)
 
 
 def main():
