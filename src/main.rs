@@ -82,10 +82,23 @@ struct BusArg {
     topology: Option<PathBuf>,
 }
 
+#[derive(Args)]
+struct PlanArgs {
+    #[command(flatten)]
+    bus: BusArg,
+    /// Exit 2 when apply would create or update a topic, 0 when the bus matches (as
+    /// `terraform plan -detailed-exitcode`). Errors and conflicts exit 1 either way.
+    #[arg(long)]
+    detailed_exitcode: bool,
+}
+
+/// Exit code of `topology plan --detailed-exitcode` when apply has something to do.
+const PLAN_HAS_CHANGES: i32 = 2;
+
 #[derive(Subcommand)]
 enum TopologyCommand {
-    /// Prints what `apply` would change.
-    Plan(BusArg),
+    /// Prints what `apply` would change; exits 1 when a topic conflicts (apply would refuse).
+    Plan(PlanArgs),
     /// Creates or updates topics; running it twice changes nothing the second time.
     Apply(BusArg),
     /// Writes the AsyncAPI 3.0 document of topics, event schemas and roles.
@@ -223,14 +236,29 @@ fn with_bus(
 
 async fn run_topology(config: Config, command: TopologyCommand) -> Result<()> {
     match command {
-        TopologyCommand::Plan(args) => {
+        TopologyCommand::Plan(PlanArgs {
+            bus: args,
+            detailed_exitcode,
+        }) => {
             let config = with_bus(config, &args.bus, &args.topology)?;
             let topology = app::load_topology(&config)?;
             let bus = nexus::bus::connect(&config.bus)
                 .await
                 .context("cannot connect to the bus")?;
             let plan = topology::plan(bus.as_ref(), &topology).await?;
-            print!("{plan}");
+            println!("{plan}");
+            // A plan that apply would refuse is a failure for a script, not a success.
+            if plan.conflicts() > 0 {
+                bail!(
+                    "{} topic(s) in conflict: apply would refuse (see the `!` lines)",
+                    plan.conflicts()
+                );
+            }
+            if detailed_exitcode && plan.has_changes() {
+                use std::io::Write;
+                std::io::stdout().flush().context("cannot write the plan")?;
+                std::process::exit(PLAN_HAS_CHANGES);
+            }
             Ok(())
         }
         TopologyCommand::Apply(args) => {
@@ -240,7 +268,7 @@ async fn run_topology(config: Config, command: TopologyCommand) -> Result<()> {
                 .await
                 .context("cannot connect to the bus")?;
             let plan = topology::apply(bus.as_ref(), &topology).await?;
-            print!("{plan}");
+            println!("{plan}");
             Ok(())
         }
         TopologyCommand::Asyncapi {

@@ -25,7 +25,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use super::node::{Node, Plan, RecordNode};
+use super::node::{Node, Plan, RecordNode, Step};
 use super::pcf;
 
 include!(concat!(env!("OUT_DIR"), "/schema_files.rs"));
@@ -327,7 +327,8 @@ impl Registry {
 
     /// The rules of `schemas/README.md`: every released version is kept and unchanged (its
     /// fingerprint equals the lock), each version can read the data of every earlier version
-    /// (`SchemaCompatibility::can_read(writer = old, reader = new)`) and a field of the event
+    /// (`SchemaCompatibility::can_read(writer = old, reader = new)`, less the bytes → string
+    /// and string → uuid reads nexus's reader refuses for some values) and a field of the event
     /// record or of a nested one is removed only if it had a default, versions are numbered
     /// 1..N, record names never change, the envelope comes first, every schema and field has
     /// a `doc`, every enum has a `default`. A version missing from the lock is reported as new.
@@ -359,12 +360,22 @@ impl Registry {
                 }
                 for older in &versions[..j] {
                     let removed = removed_without_default(&older.schema, &newer.schema);
+                    let old_node = Node::Record(Arc::clone(&older.node));
+                    let new_node = Node::Record(Arc::clone(&newer.node));
                     if let Err(e) = SchemaCompatibility::can_read(&older.schema, &newer.schema) {
                         errors.push(SchemaError::Incompatible {
                             event_type: t.to_string(),
                             version: newer.version,
                             previous: older.version,
-                            message: e.to_string(),
+                            message: compatibility_message(&e, &old_node, &new_node),
+                        });
+                    } else if let Some(message) = unsafe_read(&old_node, &new_node) {
+                        // Avro resolves it, nexus's reader refuses part of the old data.
+                        errors.push(SchemaError::Incompatible {
+                            event_type: t.to_string(),
+                            version: newer.version,
+                            previous: older.version,
+                            message,
                         });
                     } else if let Some(field) = removed {
                         // Readable by the new version, but a reader still on the old one
@@ -891,17 +902,29 @@ fn read_tree(root: &Path, dir: &Path, out: &mut Vec<(String, String)>) -> Result
 /// the record of the same full name in `newer` no longer has. The event record comes first, then
 /// nested records in the order `older` defines them: the new writer leaves the field out
 /// wherever the record sits, and a reader still on `older` has nothing to fill it in with.
+/// A record whose namespace changed is the same record to Avro (resolution matches unqualified
+/// names), so it is matched by its unqualified name when that names one record of `newer`.
 fn removed_without_default(older: &Schema, newer: &Schema) -> Option<String> {
     let mut new_records = Vec::new();
     records(newer, &mut new_records);
     let new_by_name: HashMap<String, &RecordSchema> = new_records
-        .into_iter()
-        .map(|r| (r.name.fullname(None), r))
+        .iter()
+        .map(|r| (r.name.fullname(None), *r))
         .collect();
+    let by_short_name = |name: &str| {
+        let mut same = new_records.iter().filter(|r| r.name.name == name);
+        match (same.next(), same.next()) {
+            (Some(r), None) => Some(*r),
+            _ => None,
+        }
+    };
     let mut old_records = Vec::new();
     records(older, &mut old_records);
     old_records.into_iter().find_map(|old| {
-        let new = new_by_name.get(&old.name.fullname(None))?;
+        let new = new_by_name
+            .get(&old.name.fullname(None))
+            .copied()
+            .or_else(|| by_short_name(&old.name.name))?;
         old.fields
             .iter()
             .filter(|f| f.default.is_none())
@@ -922,5 +945,135 @@ fn records<'a>(schema: &'a Schema, out: &mut Vec<&'a RecordSchema>) {
         Schema::Array(a) => records(&a.items, out),
         Schema::Map(m) => records(&m.types, out),
         _ => {}
+    }
+}
+
+/// Where a reader of the new version, given old data, may fail although Avro's resolution
+/// rules allow the pair: a `string` read as a `uuid` (old text need not be a UUID) and `bytes`
+/// read as a `string` (old bytes need not be UTF-8). nexus's reader refuses such a value, so
+/// every old event holding one would be dead-lettered once readers move to the new version.
+fn unsafe_read(writer: &Node, reader: &Node) -> Option<String> {
+    find_in_pair(writer, reader, "", &|w, r, at| match (w, r) {
+        (Node::String, Node::Uuid) => Some(format!(
+            "{at} was a string and is now a `uuid`: old values that are not UUIDs would not \
+             decode (add a new field instead)"
+        )),
+        (Node::Bytes, Node::String) => Some(format!(
+            "{at} was bytes and is now a string: old values that are not UTF-8 would not \
+             decode (only string → bytes is allowed)"
+        )),
+        _ => None,
+    })
+}
+
+/// The enum symbols a writer has and the reader lost, named with the field.
+fn lost_symbols(writer: &Node, reader: &Node) -> Option<String> {
+    find_in_pair(writer, reader, "", &|w, r, at| match (w, r) {
+        (Node::Enum(w), Node::Enum(r)) => {
+            let lost: Vec<&str> = w
+                .symbols
+                .iter()
+                .filter(|s| !r.symbols.contains(s))
+                .map(String::as_str)
+                .collect();
+            (!lost.is_empty()).then(|| {
+                format!(
+                    "{at}: enum {} lost the symbols {} (removed or renamed), which old data may \
+                     hold; symbols are only ever added",
+                    r.name,
+                    lost.join(", ")
+                )
+            })
+        }
+        _ => None,
+    })
+}
+
+/// The first answer of `leaf` for a (writer, reader) pair of nodes met while walking the two
+/// schemas as [`Plan::build`] resolves them: each writer union branch, the reader union branch
+/// resolution picks (the first of the writer's kind, else the first that resolves), record
+/// fields matched by name, array items, map values. `leaf` gets "field `a.b`" (or "the
+/// record") to name the place.
+fn find_in_pair(
+    writer: &Node,
+    reader: &Node,
+    path: &str,
+    leaf: &dyn Fn(&Node, &Node, &str) -> Option<String>,
+) -> Option<String> {
+    use Node as N;
+    match (writer, reader) {
+        (N::Union(branches), _) => branches
+            .iter()
+            .find_map(|w| find_in_pair(w, reader, path, leaf)),
+        (_, N::Union(branches)) => {
+            let same_kind = branches
+                .iter()
+                .find(|r| std::mem::discriminant(*r) == std::mem::discriminant(writer));
+            let chosen = same_kind
+                .into_iter()
+                .chain(branches.iter())
+                .find(|r| Plan::build(writer, r).is_ok())?;
+            find_in_pair(writer, chosen, path, leaf)
+        }
+        (N::Array(w), N::Array(r)) | (N::Map(w), N::Map(r)) => find_in_pair(w, r, path, leaf),
+        (N::Record(w), N::Record(r)) => w.fields.iter().find_map(|wf| {
+            let rf = r.fields.iter().find(|rf| rf.name == wf.name)?;
+            let path = if path.is_empty() {
+                wf.name.clone()
+            } else {
+                format!("{path}.{}", wf.name)
+            };
+            find_in_pair(&wf.node, &rf.node, &path, leaf)
+        }),
+        _ => {
+            let at = if path.is_empty() {
+                "the record".to_owned()
+            } else {
+                format!("field `{path}`")
+            };
+            leaf(writer, reader, &at)
+        }
+    }
+}
+
+/// Why `newer` cannot read `older`'s data, naming the field: the enum symbols it lost, else
+/// nexus's own resolution error when it has one ("field `contact`: field `age`: string cannot be read as long"), else
+/// apache-avro's error with its causes, whose first line alone names only the outermost field.
+fn compatibility_message(error: &dyn std::error::Error, older: &Node, newer: &Node) -> String {
+    if let Some(message) = lost_symbols(older, newer) {
+        return message;
+    }
+    match Plan::build(older, newer) {
+        Err(message) => return message,
+        Ok(plan) => {
+            if let Some(message) = unreadable_branch(&plan) {
+                return message;
+            }
+        }
+    }
+    let mut message = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        message.push_str(": ");
+        message.push_str(&e.to_string());
+        cause = e.source();
+    }
+    message
+}
+
+/// The first writer union branch a plan cannot read (a plan holds those as errors, to fail only
+/// on data that takes the branch), with the field path.
+fn unreadable_branch(plan: &Plan) -> Option<String> {
+    match plan {
+        Plan::WriterUnion(branches) => branches.iter().find_map(|b| match b {
+            Err(e) => Some(e.clone()),
+            Ok(p) => unreadable_branch(p),
+        }),
+        Plan::Array(p) | Plan::Map(p) => unreadable_branch(p),
+        Plan::Record(r) => r.steps.iter().find_map(|step| match step {
+            Step::Read(field, p) => unreadable_branch(p).map(|e| format!("field `{field}`: {e}")),
+            Step::Skip(_) => None,
+        }),
+        _ => None,
     }
 }

@@ -220,7 +220,8 @@ fn operations(topology: &Topology) -> Value {
                     ("bindings", group_binding(role)),
                 ]),
             );
-            if let Some(dlq) = topic.dlq_name() {
+            // A broadcast reader skips what it cannot handle; only group members dead-letter.
+            if let Some(dlq) = topic.dlq_name().filter(|_| !role.broadcast) {
                 ops.insert(
                     s(format!("{}.deadLetter.{}", role.name, topic.name)),
                     map([
@@ -513,6 +514,21 @@ mod tests {
             doc["operations"]["r.deadLetter.t.a"]["action"].as_str(),
             Some("send")
         );
+    }
+
+    #[test]
+    fn a_broadcast_role_is_not_documented_as_dead_lettering() {
+        let yaml = format!(
+            "{}  - name: b\n    group: g-b\n    broadcast: true\n    topics: [t.a]\n    concurrency: 1\n",
+            crate::topology::test_support::TEST_YAML
+        );
+        let doc = parsed(&Topology::from_yaml_with(&yaml, None).unwrap());
+        assert_eq!(
+            doc["operations"]["b.receive.t.a"]["action"].as_str(),
+            Some("receive")
+        );
+        assert!(doc["operations"]["b.deadLetter.t.a"].is_null());
+        assert!(doc["operations"]["r.deadLetter.t.a"].is_mapping());
     }
 
     #[test]

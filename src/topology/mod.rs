@@ -35,8 +35,15 @@ pub enum TopologyError {
         source: std::io::Error,
     },
     /// YAML syntax, an unknown field, a wrong type or a bad duration (serde names the place).
+    /// The YAML error is part of the message, not a `source`, so it is printed once.
     #[error("topology: {0}")]
-    Parse(#[source] serde_yaml::Error),
+    Parse(serde_yaml::Error),
+    /// Any other error of a topology read from a file, with the file's path in front.
+    #[error("{}: {error}", path.display())]
+    InFile {
+        path: PathBuf,
+        error: Box<TopologyError>,
+    },
     #[error("topic `{0}` is declared twice (a `.dlq` topic counts as declared by `dlq: true`)")]
     DuplicateTopic(String),
     #[error("topic `{topic}`: {message}")]
@@ -66,8 +73,37 @@ pub enum TopologyError {
     /// After applying, the bus still differs (a backend that ignored part of the spec).
     #[error("applied, but the bus still differs for: {}", topics.join(", "))]
     NotConverged { topics: Vec<String> },
+    /// Applying one topic failed; the topics before it were applied.
+    #[error(
+        "applying topic `{topic}` failed: {error}{}",
+        if applied.is_empty() {
+            "; nothing was changed before it".to_owned()
+        } else {
+            format!(
+                "; applied before it: {} (run `nexus topology plan` to see what is left)",
+                applied.join(", ")
+            )
+        }
+    )]
+    ApplyFailed {
+        topic: String,
+        /// The topics created or updated before the failure, in order.
+        applied: Vec<String>,
+        error: BusError,
+    },
     #[error(transparent)]
     Bus(#[from] BusError),
+}
+
+impl TopologyError {
+    /// The error itself, without the file it was found in ([`TopologyError::InFile`]): what
+    /// callers match on.
+    pub fn kind(&self) -> &TopologyError {
+        match self {
+            TopologyError::InFile { error, .. } => error.kind(),
+            other => other,
+        }
+    }
 }
 
 /// Checks that every topic exists on the bus; the error lists all missing ones at once.
@@ -116,10 +152,11 @@ topics:
   - name: t.b
     partitions: 2
     retention: 24h
+    producers: [r]
 roles:
   - name: r
     group: g-r
-    topics: [t.a, t.b]
+    topics: [t.a]
     concurrency: 4
 "#;
 

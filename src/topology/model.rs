@@ -21,6 +21,9 @@ pub const DEFAULT_DLQ_RETENTION: Duration = Duration::from_secs(14 * 86_400);
 /// Kafka's limit on topic names; the other backends map names to what they accept.
 const MAX_TOPIC_NAME: usize = 249;
 
+/// What [`dlq_topic`] appends to a topic's name.
+const DLQ_SUFFIX: &str = ".dlq";
+
 /// Retention of a topic: a humane duration in YAML (`7d`), `None` is `forever`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -152,7 +155,11 @@ impl Topology {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_yaml(&text)
+        // An operator with several topology files must see which one is wrong.
+        Self::from_yaml(&text).map_err(|error| TopologyError::InFile {
+            path: path.to_owned(),
+            error: Box::new(error),
+        })
     }
 
     /// Parses and validates a topology, checking event types against the built-in registry
@@ -172,12 +179,17 @@ impl Topology {
         Ok(topology)
     }
 
-    /// Checks the rules serde cannot: unique names, partitions ≥ 1, roles reading declared
-    /// topics, known event types.
+    /// Checks the rules serde cannot: unique names (also once `.` and `_` are alike, as
+    /// JetStream stream names and Kafka make them), partitions ≥ 1, `.dlq` names left to
+    /// dead-letter topics, roles reading declared topics that have a dead-letter topic, known
+    /// event types.
     pub fn validate(&self, registry: Option<&Registry>) -> Result<(), TopologyError> {
         // Every name a topic occupies on the bus, DLQs included, so `x.dlq` declared by hand
         // next to `x` with `dlq: true` is caught as the clash it is.
         let mut names = HashSet::new();
+        // The same names with `.` as `_`: JetStream's stream of `a.b` is `a_b`, the stream of
+        // topic `a_b` too, and Kafka refuses a topic that differs from another only so.
+        let mut streams: BTreeMap<String, String> = BTreeMap::new();
         for topic in &self.topics {
             check_topic_name(&topic.name)?;
             if topic.partitions == 0 {
@@ -192,10 +204,42 @@ impl Topology {
                     message: "`dlq_retention` is set but `dlq` is false".into(),
                 });
             }
+            // Checked here, not at apply, where Kafka would refuse it after the topic itself
+            // was created.
+            if topic.dlq && dlq_topic(&topic.name).len() > MAX_TOPIC_NAME {
+                return Err(TopologyError::InvalidTopic {
+                    topic: topic.name.clone(),
+                    message: format!(
+                        "with `dlq: true` the name has at most {} characters, so that its \
+                         dead-letter topic `<name>{DLQ_SUFFIX}` has at most {MAX_TOPIC_NAME}",
+                        MAX_TOPIC_NAME - DLQ_SUFFIX.len()
+                    ),
+                });
+            }
             for name in std::iter::once(topic.name.clone()).chain(topic.dlq_name()) {
                 if !names.insert(name.clone()) {
                     return Err(TopologyError::DuplicateTopic(name));
                 }
+                if let Some(other) = streams.insert(name.replace('.', "_"), name.clone()) {
+                    return Err(TopologyError::InvalidTopic {
+                        topic: name,
+                        message: format!(
+                            "collides with topic `{other}`: names that differ only in `.` and \
+                             `_` are one JetStream stream, and Kafka refuses the second"
+                        ),
+                    });
+                }
+            }
+            // A dead-letter topic is declared by `dlq: true` on its source, never by hand: a
+            // `.dlq` topic of its own would get a `.dlq.dlq`, or be a DLQ nothing writes to.
+            if let Some(source) = topic.name.strip_suffix(DLQ_SUFFIX) {
+                return Err(TopologyError::InvalidTopic {
+                    topic: topic.name.clone(),
+                    message: format!(
+                        "names ending in `{DLQ_SUFFIX}` are dead-letter topics; declare \
+                         `dlq: true` on `{source}` instead"
+                    ),
+                });
             }
             let mut events = HashSet::new();
             for event in &topic.events {
@@ -218,6 +262,7 @@ impl Topology {
 
         let mut roles = HashSet::new();
         let mut groups: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut broadcast: Option<&str> = None;
         for role in &self.roles {
             let invalid = |message: String| TopologyError::InvalidRole {
                 role: role.name.clone(),
@@ -248,12 +293,46 @@ impl Topology {
             if role.topics.is_empty() {
                 return Err(invalid("consumes no topic".into()));
             }
-            for topic in &role.topics {
-                if self.topic(topic).is_none() {
+            // The edge runs the first broadcast role only: a second would be ignored.
+            if role.broadcast {
+                if let Some(first) = broadcast.replace(&role.name) {
+                    return Err(invalid(format!(
+                        "only one role can be broadcast, and `{first}` is already (the edge \
+                         reads the topics of one broadcast role; list them all there)"
+                    )));
+                }
+            }
+            let mut seen = HashSet::new();
+            for name in &role.topics {
+                if !seen.insert(name) {
+                    return Err(invalid(format!("lists topic `{name}` twice")));
+                }
+                let Some(topic) = self.topic(name) else {
+                    if let Some(source) = name
+                        .strip_suffix(DLQ_SUFFIX)
+                        .and_then(|s| self.topic(s))
+                        .filter(|t| t.dlq)
+                    {
+                        return Err(invalid(format!(
+                            "`{name}` is the dead-letter topic of `{}`; a role does not \
+                             consume dead letters (`nexus replay --copy-to` moves them back)",
+                            source.name
+                        )));
+                    }
                     return Err(TopologyError::UnknownTopicInRole {
                         role: role.name.clone(),
-                        topic: topic.clone(),
+                        topic: name.clone(),
                     });
+                };
+                // A group member dead-letters what it cannot handle to `<topic>.dlq` and
+                // retries that until the bus takes it: without the DLQ the key is held for
+                // good. A broadcast reader skips instead.
+                if !topic.dlq && !role.broadcast {
+                    return Err(invalid(format!(
+                        "consumes topic `{name}`, which has no dead-letter topic: an event the \
+                         role cannot handle would hold its key for good; set `dlq: true` on \
+                         `{name}`"
+                    )));
                 }
             }
         }
@@ -415,7 +494,7 @@ mod tests {
             "{e}"
         );
 
-        let unknown = TEST_YAML.replace("topics: [t.a, t.b]", "topics: [t.a, t.c]");
+        let unknown = TEST_YAML.replace("topics: [t.a]", "topics: [t.a, t.c]");
         let e = parse(&unknown).unwrap_err();
         assert!(
             matches!(&e, TopologyError::UnknownTopicInRole { role, topic } if role == "r" && topic == "t.c"),
@@ -448,6 +527,112 @@ mod tests {
             "{TEST_YAML}  - name: r\n    group: g2\n    topics: [t.a]\n    concurrency: 1\n"
         );
         assert!(matches!(parse(&dup_role), Err(TopologyError::DuplicateRole(r)) if r == "r"));
+    }
+
+    /// Mistakes an operator makes in a topology file: each is refused with the topic or role
+    /// at fault, before anything reaches a bus.
+    #[test]
+    fn operator_mistakes_are_refused_naming_the_place() {
+        let role_error = |yaml: &str| match parse(yaml) {
+            Err(TopologyError::InvalidRole { role, message }) => (role, message),
+            other => panic!("expected an invalid role, got {other:?}"),
+        };
+        let topic_error = |yaml: &str| match parse(yaml) {
+            Err(TopologyError::InvalidTopic { topic, message }) => (topic, message),
+            other => panic!("expected an invalid topic, got {other:?}"),
+        };
+
+        // A group member dead-letters to `<topic>.dlq`; without it a bad event holds its key.
+        let no_dlq = TEST_YAML.replace("topics: [t.a]", "topics: [t.a, t.b]");
+        let (role, message) = role_error(&no_dlq);
+        assert_eq!(role, "r");
+        assert!(
+            message.contains("`t.b`") && message.contains("dlq: true"),
+            "{message}"
+        );
+        // A broadcast reader skips what it cannot handle: no DLQ needed.
+        let broadcast = format!("{no_dlq}    broadcast: true\n");
+        parse(&broadcast).unwrap();
+        // ...but the edge reads one broadcast role only.
+        let two = format!(
+            "{broadcast}  - name: r2\n    group: g-r2\n    broadcast: true\n    topics: [t.b]\n    concurrency: 1\n"
+        );
+        let (role, message) = role_error(&two);
+        assert_eq!(role, "r2");
+        assert!(message.contains("`r`"), "{message}");
+
+        // A DLQ of a DLQ, and a dead-letter topic declared by hand.
+        let dlq_of_dlq = TEST_YAML.replace("name: t.b", "name: t.b.dlq\n    dlq: true");
+        let (topic, message) = topic_error(&dlq_of_dlq);
+        assert_eq!(topic, "t.b.dlq");
+        assert!(message.contains("`dlq: true` on `t.b`"), "{message}");
+        let by_hand = TEST_YAML.replace("name: t.b", "name: t.c.dlq");
+        assert_eq!(topic_error(&by_hand).0, "t.c.dlq");
+
+        // A role reading a dead-letter topic: declared (by `dlq: true`), but not for roles.
+        let reads_dlq = TEST_YAML.replace("topics: [t.a]", "topics: [t.a.dlq]");
+        let (_, message) = role_error(&reads_dlq);
+        assert!(message.contains("dead-letter topic of `t.a`"), "{message}");
+
+        // Names that are one stream on JetStream (and that Kafka refuses side by side),
+        // dead-letter topics included.
+        let (topic, message) = topic_error(&TEST_YAML.replace("name: t.b", "name: t_a"));
+        assert_eq!(topic, "t_a");
+        assert!(message.contains("`t.a`"), "{message}");
+        let (topic, message) = topic_error(&TEST_YAML.replace("name: t.b", "name: t.a_dlq"));
+        assert_eq!(topic, "t.a_dlq");
+        assert!(message.contains("`t.a.dlq`"), "{message}");
+
+        // The dead-letter topic's name must fit Kafka's limit too.
+        let long = "x".repeat(246);
+        let (topic, message) =
+            topic_error(&TEST_YAML.replace("name: t.a", &format!("name: {long}")));
+        assert_eq!(topic, long);
+        assert!(message.contains("at most 245 characters"), "{message}");
+        let fits = "x".repeat(245);
+        parse(
+            &TEST_YAML
+                .replace("name: t.a", &format!("name: {fits}"))
+                .replace("[t.a]", &format!("[{fits}]")),
+        )
+        .unwrap();
+
+        // A topic listed twice by one role would be two members of one group in one pod.
+        let twice = TEST_YAML.replace("topics: [t.a]", "topics: [t.a, t.a]");
+        assert!(role_error(&twice).1.contains("`t.a` twice"));
+    }
+
+    #[test]
+    fn a_file_error_names_the_file_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("prod-topology.yaml");
+        let yaml = TEST_YAML.replace("[A]", "[MessageReceived]");
+        std::fs::write(&path, yaml.replace("partitions: 2", "partitions: 0")).unwrap();
+        let e = Topology::load(&path).unwrap_err();
+        assert!(
+            matches!(e.kind(), TopologyError::InvalidTopic { topic, .. } if topic == "t.b"),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        assert!(
+            text.starts_with(&format!("{}: topic `t.b`", path.display())),
+            "{text}"
+        );
+
+        // A YAML error is said once: in the message, not again as its source.
+        std::fs::write(
+            &path,
+            yaml.replace("retention: 24h", "retention: 24h\n    colour: red"),
+        )
+        .unwrap();
+        let e = Topology::load(&path).unwrap_err();
+        assert!(matches!(e.kind(), TopologyError::Parse(_)), "{e:?}");
+        assert!(
+            e.to_string()
+                .contains("prod-topology.yaml: topology: topics[1]: unknown field `colour`"),
+            "{e}"
+        );
+        assert!(std::error::Error::source(e.kind()).is_none());
     }
 
     #[test]

@@ -26,9 +26,12 @@ pub enum Change {
     /// The topic is as declared.
     Unchanged,
     /// The bus has more partitions than declared; partitions cannot shrink, apply refuses.
+    /// `retention` is `Some((bus, declared))` when it differs too, so fixing the partitions
+    /// does not hide a second change.
     Conflict {
         bus_partitions: u32,
         declared_partitions: u32,
+        retention: Option<(Option<Duration>, Option<Duration>)>,
     },
 }
 
@@ -76,6 +79,11 @@ impl Plan {
         self.unchanged() == self.topics.len()
     }
 
+    /// Whether applying would create or update a topic (conflicts aside).
+    pub fn has_changes(&self) -> bool {
+        self.creates() + self.updates() > 0
+    }
+
     /// The line of a topic, by name.
     pub fn topic(&self, name: &str) -> Option<&TopicPlan> {
         self.topics.iter().find(|t| t.spec.name == name)
@@ -87,20 +95,21 @@ pub fn diff(spec: &TopicSpec, current: Option<&TopicInfo>) -> Change {
     let Some(current) = current else {
         return Change::Create;
     };
-    if current.partitions > spec.partitions {
-        return Change::Conflict {
-            bus_partitions: current.partitions,
-            declared_partitions: spec.partitions,
-        };
-    }
-    let partitions =
-        (current.partitions < spec.partitions).then_some((current.partitions, spec.partitions));
     // Compared in milliseconds: backends store retention as ms (Kafka) or ns (JetStream), and
     // a sub-millisecond difference is rounding, not a change to apply forever.
     let ms = |d: Option<Duration>| d.map(|d| d.as_millis());
     // Unknown (the broker would not say) is neither compared nor changed: plan says so.
     let retention = (current.retention_known && ms(current.retention) != ms(spec.retention))
         .then_some((current.retention, spec.retention));
+    if current.partitions > spec.partitions {
+        return Change::Conflict {
+            bus_partitions: current.partitions,
+            declared_partitions: spec.partitions,
+            retention,
+        };
+    }
+    let partitions =
+        (current.partitions < spec.partitions).then_some((current.partitions, spec.partitions));
     if partitions.is_none() && retention.is_none() {
         Change::Unchanged
     } else {
@@ -143,6 +152,7 @@ pub async fn apply(bus: &dyn Bus, topology: &Topology) -> Result<Plan, TopologyE
             Change::Conflict {
                 bus_partitions,
                 declared_partitions,
+                ..
             } => Some(format!(
                 "{} has {bus_partitions} partitions on the bus, {declared_partitions} declared",
                 t.spec.name
@@ -153,10 +163,20 @@ pub async fn apply(bus: &dyn Bus, topology: &Topology) -> Result<Plan, TopologyE
     if !conflicts.is_empty() {
         return Err(TopologyError::Conflicts { conflicts });
     }
+    let mut applied = Vec::new();
     for t in &planned.topics {
         if matches!(t.change, Change::Create | Change::Update { .. }) {
             tracing::info!(topic = %t.spec.name, change = ?t.change, "applying topic");
-            bus.apply_topic(&t.spec).await?;
+            // Say what was done before a failure: the output is printed only at the end, and
+            // the operator must know the bus is now half way.
+            bus.apply_topic(&t.spec)
+                .await
+                .map_err(|error| TopologyError::ApplyFailed {
+                    topic: t.spec.name.clone(),
+                    applied: applied.clone(),
+                    error,
+                })?;
+            applied.push(t.spec.name.clone());
         }
     }
     let after = plan(bus, topology).await?;
@@ -232,11 +252,23 @@ impl fmt::Display for TopicPlan {
             Change::Conflict {
                 bus_partitions,
                 declared_partitions,
-            } => write!(
-                f,
-                "! conflict {name}: {bus_partitions} partitions on the bus, \
-                 {declared_partitions} declared; partitions cannot shrink (apply refuses)"
-            ),
+                retention,
+            } => {
+                write!(
+                    f,
+                    "! conflict {name}: {bus_partitions} partitions on the bus, \
+                     {declared_partitions} declared; partitions cannot shrink (apply refuses)"
+                )?;
+                if let Some((from, to)) = retention {
+                    write!(
+                        f,
+                        "; retention {} → {} once resolved",
+                        format_duration(*from),
+                        format_duration(*to)
+                    )?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -264,6 +296,9 @@ impl fmt::Display for Plan {
                 self.unchanged()
             )?;
             match self.conflicts() {
+                0 if self.is_noop() => {
+                    write!(f, ". No changes: the bus matches the topology.")
+                }
                 0 => write!(f, "."),
                 n => write!(f, ", {n} in conflict (apply refuses until resolved)."),
             }
@@ -306,8 +341,29 @@ mod tests {
             diff(&spec, Some(&info(8, Some(60)))),
             Change::Conflict {
                 bus_partitions: 8,
-                declared_partitions: 4
+                declared_partitions: 4,
+                retention: None,
             }
+        );
+        // A conflict does not hide a retention change on the same topic.
+        let both = diff(&spec, Some(&info(8, Some(30))));
+        assert_eq!(
+            both,
+            Change::Conflict {
+                bus_partitions: 8,
+                declared_partitions: 4,
+                retention: Some((Some(Duration::from_secs(30)), Some(Duration::from_secs(60)))),
+            }
+        );
+        let line = TopicPlan {
+            spec: spec.clone(),
+            current: Some(info(8, Some(30))),
+            change: both,
+        }
+        .to_string();
+        assert!(
+            line.ends_with("; retention 30s → 1m once resolved"),
+            "{line}"
         );
         // Sub-millisecond differences are backend rounding.
         let mut close = info(4, Some(60));
@@ -361,7 +417,16 @@ mod tests {
         let second = apply(bus.as_ref(), &t).await.unwrap();
         assert!(second.is_noop(), "{second}");
         assert_eq!(second.unchanged(), 3);
-        assert!(plan(bus.as_ref(), &t).await.unwrap().is_noop());
+        let again = plan(bus.as_ref(), &t).await.unwrap();
+        assert!(again.is_noop() && !again.has_changes());
+        // A script (or a person) reading the plan sees plainly that there is nothing to do.
+        assert!(
+            again.to_string().ends_with(
+                "Plan: 0 to create, 0 to update, 3 unchanged. No changes: the bus matches the \
+                 topology."
+            ),
+            "{again}"
+        );
     }
 
     #[tokio::test]
@@ -434,7 +499,8 @@ mod tests {
             p.topic("t.a").unwrap().change,
             Change::Conflict {
                 bus_partitions: 3,
-                declared_partitions: 1
+                declared_partitions: 1,
+                retention: None,
             }
         );
         assert!(p
