@@ -363,12 +363,32 @@ fn lock_dir(dir: &Path) -> Result<std::fs::File, BusError> {
         .open(&path)
         .map_err(|e| BusError::Storage(format!("opening `{}`: {e}", path.display())))?;
     match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(file),
-        Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(BusError::Storage(format!(
-            "`{}` is locked: another nexus process (for example `nexus dev`) holds the \
-             embedded bus; stop it or point bus.url at another directory",
-            dir.display()
-        ))),
+        Ok(()) => {
+            // Names the holder to a process refused below; the lock does not depend on it.
+            use std::os::unix::fs::FileExt;
+            let pid = format!("{}\n", std::process::id());
+            if let Err(e) = file
+                .set_len(0)
+                .and_then(|()| file.write_all_at(pid.as_bytes(), 0))
+            {
+                tracing::debug!(path = %path.display(), error = %e, "could not record the pid in the lock file");
+            }
+            Ok(file)
+        }
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+            let holder = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+                .map_or_else(String::new, |pid| format!(" (pid {pid})"));
+            // `nexus dev` sets bus.url from its data directory: the flag is what it heeds.
+            Err(BusError::Storage(format!(
+                "`{}` is in use by another nexus process{holder}, such as `nexus dev`, which holds \
+                 the embedded bus while it runs: stop it first (a replay or topology command \
+                 too), or give this process a directory of its own (`nexus dev --data-dir`, \
+                 or bus.url)",
+                dir.display()
+            )))
+        }
         Err(e) => Err(BusError::Storage(format!(
             "locking `{}`: {e}",
             path.display()
@@ -446,6 +466,7 @@ impl Bus for EmbeddedBus {
     }
 
     async fn apply_topic(&self, spec: &TopicSpec) -> Result<(), BusError> {
+        store::check_topic_name(&spec.name)?;
         if spec.partitions == 0 {
             return Err(BusError::Config(format!(
                 "topic `{}` needs at least one partition",
@@ -549,8 +570,14 @@ impl Bus for EmbeddedBus {
         let open = self.inner.store()?;
         let topic = topic.to_string();
         tokio::task::spawn_blocking(move || {
-            open.db
-                .read(&part.log, &topic, partition, from, max, part.high())
+            open.db.read(
+                &part.log,
+                &topic,
+                partition,
+                from,
+                store::ReadMax::records(max),
+                part.high(),
+            )
         })
         .await
         .map_err(storage("read task"))?

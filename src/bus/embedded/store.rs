@@ -27,6 +27,10 @@ use crate::bus::{BusError, Headers, Message};
 
 /// The fjall database inside the bus directory.
 pub(super) const DB_DIR: &str = "db";
+/// fjall's format marker in its directory, written last (and synced) when it creates one.
+const VERSION_MARKER: &str = "version";
+/// fjall's folder of keyspaces; it holds the metadata keyspace once a creation succeeded.
+const KEYSPACES_DIR: &str = "keyspaces";
 /// A record longer than this is refused (records are bounded far below it by the edges).
 const MAX_RECORD: usize = 1 << 30;
 /// Records one retention pass removes from a partition at most, so a pass over a large backlog
@@ -39,6 +43,22 @@ pub(super) type OffsetMap = HashMap<(String, String), BTreeMap<u32, u64>>;
 /// A storage failure with what was being done.
 fn fail<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> BusError {
     move |e| BusError::Storage(format!("{what}: {e}"))
+}
+
+/// A failed write, saying what to do: fjall takes no write after an I/O failure (its own
+/// "poisoned" state), whichever write met it, so only a restart brings the bus back.
+fn write_failed(e: fjall::Error) -> BusError {
+    let cause = match e {
+        // The failure was a background flush's or an earlier write's; fjall logged it.
+        fjall::Error::Poisoned => {
+            "an earlier write or flush failed (see the error logged before this one)".to_string()
+        }
+        e => e.to_string(),
+    };
+    BusError::Storage(format!(
+        "writing to the bus database: {cause}; it takes no more writes: free disk space or fix \
+         the data directory, then restart nexus"
+    ))
 }
 
 /// One topic as kept in the `topics` keyspace.
@@ -151,6 +171,23 @@ pub(super) fn check_offset_key(group: &str, topic: &str) -> Result<(), BusError>
     Ok(())
 }
 
+/// Refuses a topic name fjall cannot take as a key (empty, or past its 64 KiB key limit, less
+/// what a committed offset's key adds): its `assert!`s would end the writer thread, and with
+/// it the bus, when the topic is saved.
+pub(super) fn check_topic_name(topic: &str) -> Result<(), BusError> {
+    if topic.is_empty() {
+        return Err(BusError::Config("a topic name cannot be empty".into()));
+    }
+    let max = usize::from(u16::MAX) - 8;
+    if topic.len() > max {
+        return Err(BusError::Config(format!(
+            "topic name of {} bytes is too long for the embedded bus (at most {max} bytes)",
+            topic.len()
+        )));
+    }
+    Ok(())
+}
+
 /// `group len u16 | group | topic len u16 | topic | partition u32`.
 fn offset_key(group: &str, topic: &str, partition: u32) -> Vec<u8> {
     let mut k = Vec::with_capacity(8 + group.len() + topic.len());
@@ -192,6 +229,54 @@ pub(super) struct Db {
 impl Db {
     /// Opens (or creates) the database in `dir`, replaying its journal after a crash.
     pub(super) fn open(dir: &Path) -> Result<Self, BusError> {
+        if never_created(dir) {
+            // Left by a nexus that created the database in place and was stopped doing it;
+            // nothing was ever written to it (see [`never_created`]).
+            tracing::warn!(path = %dir.display(), "removing a bus database whose creation was interrupted (it holds no events)");
+            std::fs::remove_dir_all(dir).map_err(|e| {
+                BusError::Storage(format!("removing the unfinished `{}`: {e}", dir.display()))
+            })?;
+        }
+        if !dir.exists() {
+            Self::create(dir)?;
+        }
+        Self::open_at(dir)
+    }
+
+    /// Creates the database beside `dir` and renames it into place once fjall has written it
+    /// whole, with its keyspaces. fjall creates in place: a creation cut short (a full disk, a
+    /// kill during the first start) leaves files it will neither open (an empty version
+    /// marker) nor create again (`File exists`), so the directory stayed unusable for good.
+    fn create(dir: &Path) -> Result<(), BusError> {
+        let staging = dir.with_extension("new");
+        // A leftover is an earlier creation that was cut short: never renamed, never used.
+        match std::fs::remove_dir_all(&staging) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(BusError::Storage(format!(
+                    "removing the unfinished `{}`: {e}",
+                    staging.display()
+                )))
+            }
+        }
+        // Closed (its threads joined) before the rename, so nothing writes under the old name.
+        drop(Self::open_at(&staging)?);
+        std::fs::rename(&staging, dir).map_err(|e| {
+            BusError::Storage(format!(
+                "renaming `{}` to `{}`: {e}",
+                staging.display(),
+                dir.display()
+            ))
+        })?;
+        // The rename is durable only once the directory holding both names is.
+        let parent = dir.parent().unwrap_or(Path::new("."));
+        std::fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| BusError::Storage(format!("syncing `{}`: {e}", parent.display())))
+    }
+
+    fn open_at(dir: &Path) -> Result<Self, BusError> {
         let db = Database::builder(dir)
             // Every batch is made durable by the writer (one fdatasync per batch), not by fjall.
             .manual_journal_persist(true)
@@ -300,35 +385,40 @@ impl Db {
         }
     }
 
-    /// Up to `max` records of a partition from `from` on, below `high` (what readers may see).
-    /// Records retention removed are skipped: the first one returned may be past `from`.
+    /// Up to `max` of a partition's records from `from` on, below `high` (what readers may
+    /// see). Records retention removed are skipped: the first one returned may be past `from`.
     pub(super) fn read(
         &self,
         log: &PartLog,
         topic: &str,
         partition: u32,
         from: u64,
-        max: usize,
+        max: ReadMax,
         high: u64,
     ) -> Result<Vec<Message>, BusError> {
         // Below `low` are only retention's tombstones: start past them.
         let from = from.max(log.low());
-        if from >= high || max == 0 {
+        if from >= high || max.records == 0 || max.bytes == 0 {
             return Ok(Vec::new());
         }
-        let mut out = Vec::with_capacity(max.min((high - from) as usize));
+        let mut out = Vec::with_capacity(max.records.min((high - from) as usize));
+        let mut bytes = 0usize;
         for kv in self
             .records
             .range(record_range(&log.prefix, from..high))
-            .take(max)
+            .take(max.records)
         {
             let (k, v) = kv.into_inner().map_err(fail("reading a partition"))?;
             let offset = record_offset(&k)?;
+            bytes = bytes.saturating_add(v.len());
             out.push(decode(v.into(), topic, partition, offset).ok_or_else(|| {
                 BusError::Storage(format!(
                     "a record of {topic}/{partition} at or after {from} is corrupt on disk"
                 ))
             })?);
+            if bytes >= max.bytes {
+                break;
+            }
         }
         Ok(out)
     }
@@ -400,6 +490,19 @@ impl Db {
     }
 }
 
+/// Whether `dir` is what an interrupted in-place creation by fjall leaves: a directory whose
+/// version marker is missing or empty and which has not one keyspace. fjall writes the marker
+/// and its metadata keyspace before an open returns, and nexus writes only after, so such a
+/// directory never held an event.
+fn never_created(dir: &Path) -> bool {
+    let marker_empty = std::fs::metadata(dir.join(VERSION_MARKER)).map_or(true, |m| m.len() == 0);
+    let no_keyspace = match std::fs::read_dir(dir.join(KEYSPACES_DIR)) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    };
+    dir.is_dir() && marker_empty && no_keyspace
+}
+
 fn record_key(prefix: &[u8; 8], offset: u64) -> [u8; 16] {
     let mut k = [0; 16];
     k[..8].copy_from_slice(prefix);
@@ -417,6 +520,24 @@ fn record_offset(key: &[u8]) -> Result<u64, BusError> {
 
 fn record_range(prefix: &[u8; 8], offsets: Range<u64>) -> Range<[u8; 16]> {
     record_key(prefix, offsets.start)..record_key(prefix, offsets.end)
+}
+
+/// How much one [`Db::read`] takes at most: `records`, and the record whose value brings the
+/// read to `bytes` is its last (one record is read whatever its size).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ReadMax {
+    pub(super) records: usize,
+    pub(super) bytes: usize,
+}
+
+impl ReadMax {
+    /// `n` records, whatever their size.
+    pub(super) fn records(n: usize) -> Self {
+        Self {
+            records: n,
+            bytes: usize::MAX,
+        }
+    }
 }
 
 /// Writes gathered for one atomic, durable commit (journal write + fdatasync).
@@ -460,9 +581,7 @@ impl Batch<'_> {
     /// Writes the batch atomically and makes it durable. Readers do not see its records until
     /// the writer moves the partitions' `high` past them.
     pub(super) fn commit(self) -> Result<(), BusError> {
-        self.inner
-            .commit()
-            .map_err(fail("writing to the bus database"))
+        self.inner.commit().map_err(write_failed)
     }
 }
 

@@ -9,12 +9,19 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use super::group::{FetchPlan, GroupKey};
+use super::store::ReadMax;
 use super::{storage, Inner};
 use crate::bus::{Acker, BusError, Delivery, Message, SubscribeOptions, Subscription};
 
 /// Records read per fetch at most. Large enough that a busy member reads in few transactions,
 /// small enough that a rebalance throws little read-ahead away.
 const READ_BATCH: usize = 256;
+
+/// Bytes read per fetch at most (the record that passes it is the last; one record at least),
+/// as Kafka's prefetch (`bus.kafka.prefetch_kbytes`, 8 MiB) bounds what a member holds ahead of
+/// its handlers. Without it a fetch read [`READ_BATCH`] records whatever their size: a backlog
+/// of large records (the log takes up to 1 GiB each) was read whole to hand out one.
+const READ_BYTES: usize = 8 << 20;
 
 pub(super) struct EmbeddedSubscription {
     inner: Arc<Inner>,
@@ -64,6 +71,12 @@ impl EmbeddedSubscription {
         })
     }
 
+    /// Records read ahead and not handed out yet (tests).
+    #[cfg(test)]
+    pub(super) fn buffered(&self) -> usize {
+        self.buffer.len()
+    }
+
     /// Reads the next batch of the member's partitions into the buffer; returns how many
     /// records it read, some of which may have been left out (acked by a previous owner after
     /// its committed offset): a read of only those still moved the member on.
@@ -81,17 +94,22 @@ impl EmbeddedSubscription {
         let budget = self.batch;
         let read = tokio::task::spawn_blocking(
             move || -> Result<Vec<(FetchPlan, Vec<Message>)>, BusError> {
-                let mut left = budget;
+                let mut left = ReadMax {
+                    records: budget,
+                    bytes: READ_BYTES,
+                };
                 let mut out = Vec::with_capacity(plan.len());
                 for p in plan {
-                    if left == 0 {
+                    if left.records == 0 || left.bytes == 0 {
                         break;
                     }
                     let part = shared.partition(&topic, p.partition)?;
                     let records =
                         open.db
                             .read(&part.log, &topic, p.partition, p.from, left, part.high())?;
-                    left -= records.len();
+                    left.records -= records.len();
+                    let bytes: usize = records.iter().map(|m| m.payload.len()).sum();
+                    left.bytes = left.bytes.saturating_sub(bytes);
                     out.push((p, records));
                 }
                 Ok(out)

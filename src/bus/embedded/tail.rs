@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tracing::Instrument;
 
+use super::store::ReadMax;
 use super::{storage, Inner};
 use crate::bus::tail::{TailFeed, TailSubscription};
 use crate::bus::BusError;
@@ -56,8 +57,14 @@ async fn read(
             };
             let (part, name, from) = (part.clone(), topic.clone(), next[p]);
             let records = tokio::task::spawn_blocking(move || {
-                open.db
-                    .read(&part.log, &name, p as u32, from, READ_BATCH, high)
+                open.db.read(
+                    &part.log,
+                    &name,
+                    p as u32,
+                    from,
+                    ReadMax::records(READ_BATCH),
+                    high,
+                )
             })
             .await
             .map_err(storage("tail read task"))

@@ -126,7 +126,11 @@ impl Pending {
 
 /// Every caller of a failed batch gets the same storage failure.
 fn copy_err(e: &BusError) -> BusError {
-    BusError::Storage(e.to_string())
+    match e {
+        // Its text as is: `to_string` would prefix "embedded log: " a second time.
+        BusError::Storage(m) => BusError::Storage(m.clone()),
+        e => BusError::Storage(e.to_string()),
+    }
 }
 
 /// A topic as the writer sees it.
