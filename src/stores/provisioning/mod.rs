@@ -153,6 +153,25 @@ impl fmt::Debug for Provisioning {
     }
 }
 
+/// The `sqlite:` URL of the file at `path`, created if missing. The path is made absolute and
+/// percent-encoded: written bare, a relative path's first component is read as a host (a space
+/// is "an invalid domain character") and a `?` or `#` ends the path (`--data-dir "my data"`).
+fn sqlite_url(path: &Path) -> Result<String, ProvisioningError> {
+    use std::fmt::Write as _;
+    let path = std::path::absolute(path)
+        .map_err(|e| ProvisioningError::Unavailable(format!("{}: {e}", path.display())))?;
+    let mut url = String::from("sqlite://");
+    for &b in path.as_os_str().as_encoded_bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            url.push(char::from(b));
+        } else {
+            let _ = write!(url, "%{b:02X}");
+        }
+    }
+    url.push_str("?mode=rwc");
+    Ok(url)
+}
+
 impl Provisioning {
     /// A SQLite store in `dir` with a fresh key, migrated (unit tests).
     #[cfg(test)]
@@ -178,7 +197,7 @@ impl Provisioning {
                         ProvisioningError::Unavailable(format!("{}: {e}", dir.display()))
                     })?;
                 }
-                (format!("sqlite://{target}?mode=rwc"), "sqlite")
+                (sqlite_url(Path::new(target))?, "sqlite")
             };
         let pool = AnyPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
@@ -345,5 +364,30 @@ mod migration_lock {
             "a migration changed, vanished or is new: add a new migration instead of editing one; \
              a new file gets its line in migrations.lock (`sha256sum`, first 16 hex digits)"
         );
+    }
+}
+
+#[cfg(test)]
+mod sqlite_paths {
+    use super::*;
+
+    /// `nexus dev --data-dir "my data"` (relative, with a space) and paths holding URL
+    /// characters open the file named, not another or none.
+    #[tokio::test]
+    async fn a_sqlite_path_with_url_characters_opens_that_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let odd = dir.path().join("a b?c#d%20e").join("p.db");
+        let relative = format!("target/provisioning test {}/p.db", uuid::Uuid::new_v4());
+        for path in [odd.display().to_string(), relative.clone()] {
+            let key = EncryptionKey::generate();
+            let store = Provisioning::connect(&path, &key)
+                .await
+                .unwrap_or_else(|e| panic!("{path}: {e}"));
+            drop(store);
+            assert!(Path::new(&path).is_file(), "{path} was not created");
+        }
+        if let Some(parent) = Path::new(&relative).parent() {
+            let _ = std::fs::remove_dir_all(parent);
+        }
     }
 }
