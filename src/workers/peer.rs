@@ -16,6 +16,14 @@
 //! only when the same target answered another call lately and the call was not a probe of a
 //! paused target. A peer that is down for everyone (an outage, a night with one conversation)
 //! makes failures that do not count, so retries never run out because of it.
+//!
+//! A target that refuses nexus itself, not the request, is taken for down too (outcome
+//! `misconfigured`): 401 and 407 (the credential), 403 (a credential without the right, or
+//! lapsed), and, for a peer with an identity check ([`Peer::with_identity_check`]: GWS's own
+//! user), a 403 or a write's 404 only when the identity is refused as well (a rotated key, a
+//! wrong base path; else the refusal is the request's: the agent out of the chat, a chat GWS
+//! does not know). Their events wait in the backlog while the target is paused and go once it
+//! takes nexus again (a fixed credential or URL), instead of each being dead-lettered.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -333,6 +341,9 @@ pub struct Peer {
     open: Arc<OpenTargets>,
     /// A failure counts only if the target answered another call this recently.
     answered_within: Duration,
+    /// A path that any caller nexus may act for can read (GWS: `/api/v2/me`), asked after a 403
+    /// or a write's 404 to tell a refusal of nexus from one of the request.
+    identity: Option<&'static str>,
 }
 
 impl Peer {
@@ -362,7 +373,19 @@ impl Peer {
             circuits,
             open: Arc::new(OpenTargets::new(role, name)),
             answered_within: Duration::from_millis(config.retry_max_ms.max(1)),
+            identity: None,
         }
+    }
+
+    /// A peer whose 403s (to any call) and 404s (to writes) may be the request's own: the
+    /// target's answer to a GET of `path` (with the call's credential and headers) tells.
+    /// A 2xx there: the refusal is the request's (dead-lettered); 401, 403, 404 or 407 there
+    /// too: the target refuses nexus (a credential or base path to fix), taken for down;
+    /// anything else: a retryable failure, as the question went unanswered. Without one, a 403
+    /// is the target's refusal of nexus and a 404 the request's.
+    pub fn with_identity_check(mut self, path: &'static str) -> Self {
+        self.identity = Some(path);
+        self
     }
 
     /// Whether the role is paused on some target: its circuit refuses calls now, or its pause
@@ -453,7 +476,8 @@ impl Peer {
         for (k, v) in headers {
             request = request.header(*k, *v);
         }
-        self.send(request, target, subject, &url, Call::Write).await
+        self.send(request, target, subject, &url, headers, Call::Write)
+            .await
     }
 
     /// GETs `{target.url}{path}` for `subject`; 404 is `Ok(None)`. A read that succeeds says
@@ -477,7 +501,10 @@ impl Peer {
         for (k, v) in headers {
             request = request.header(*k, *v);
         }
-        match self.send(request, target, subject, &url, Call::Read).await {
+        match self
+            .send(request, target, subject, &url, headers, Call::Read)
+            .await
+        {
             Ok(v) => Ok(Some(v)),
             Err(PeerFailure::Rejected { status: 404, .. }) => Ok(None),
             Err(e) => Err(e),
@@ -490,6 +517,7 @@ impl Peer {
         target: &PeerTarget,
         subject: &str,
         url: &str,
+        headers: &[(&str, &str)],
         call: Call,
     ) -> Result<serde_json::Value, PeerFailure> {
         let asked = url;
@@ -583,14 +611,35 @@ impl Peer {
                         PeerFailure::retry(format!("{url} answered {status}")),
                     ))
                 } else {
-                    Err((
-                        "rejected",
-                        PeerFailure::Rejected {
-                            peer: self.name,
-                            status: status.as_u16(),
-                            detail: answer_text(&text, target),
-                        },
-                    ))
+                    let quoted = answer_text(&text, target);
+                    match self.refusal(status.as_u16(), call, target, headers).await {
+                        Refusal::Request => Err((
+                            "rejected",
+                            PeerFailure::Rejected {
+                                peer: self.name,
+                                status: status.as_u16(),
+                                detail: quoted,
+                            },
+                        )),
+                        // Taken for down, like a 5xx: the circuit counts it, the event waits.
+                        Refusal::Caller(also) => Err((
+                            "misconfigured",
+                            PeerFailure::retry(format!(
+                                "{url} answered {status}{also}: {} refuses nexus itself, not the \
+                                 request (its credential or base URL to fix){}",
+                                self.name,
+                                if quoted.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!(": {quoted}")
+                                }
+                            )),
+                        )),
+                        Refusal::Unknown(why) => Err((
+                            "failed",
+                            PeerFailure::retry(format!("{url} answered {status}; {why}")),
+                        )),
+                    }
                 }
             }
         };
@@ -623,6 +672,81 @@ impl Peer {
                     wait: retry_after.map(|w| w.min(self.settings.max_wait)),
                 })
             }
+        }
+    }
+}
+
+/// Whose a 4xx refusal is.
+enum Refusal {
+    /// The request's: dead-lettered.
+    Request,
+    /// nexus's (its credential, its base URL), with what the identity check said.
+    Caller(String),
+    /// Unknown: the identity check got no answer.
+    Unknown(String),
+}
+
+impl Peer {
+    /// Whose refusal `status` is (a 4xx other than 408 and 429) of a `call` to `target` made
+    /// with `headers` (see [`Self::with_identity_check`]).
+    async fn refusal(
+        &self,
+        status: u16,
+        call: Call,
+        target: &PeerTarget,
+        headers: &[(&str, &str)],
+    ) -> Refusal {
+        match (status, self.identity) {
+            (401 | 407, _) | (403, None) => Refusal::Caller(String::new()),
+            (403, Some(path)) => self.identity_refusal(path, target, headers).await,
+            (404, Some(path)) if call == Call::Write => {
+                self.identity_refusal(path, target, headers).await
+            }
+            _ => Refusal::Request,
+        }
+    }
+
+    /// Asks `path` whether `target` still takes nexus's credential and address.
+    async fn identity_refusal(
+        &self,
+        path: &str,
+        target: &PeerTarget,
+        headers: &[(&str, &str)],
+    ) -> Refusal {
+        let asked = format!("{}{path}", target.url);
+        let mut request = self
+            .client
+            .get(&asked)
+            .timeout(Duration::from_millis(target.timeout_ms.max(1)));
+        if !target.credential.is_empty() {
+            request = request.bearer_auth(&target.credential);
+        }
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                return Refusal::Unknown(format!(
+                    "GET {path}, to tell whether it refuses nexus itself, failed: {}",
+                    e.without_url()
+                ))
+            }
+        };
+        let status = response.status();
+        let html = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(is_html);
+        if status.is_success() && !html && same_place(&asked, response.url()) {
+            Refusal::Request
+        } else if matches!(status.as_u16(), 401 | 403 | 404 | 407) {
+            Refusal::Caller(format!(", and GET {path} {status}"))
+        } else {
+            Refusal::Unknown(format!(
+                "GET {path}, to tell whether it refuses nexus itself, answered {status}"
+            ))
         }
     }
 }
@@ -1286,6 +1410,19 @@ mod tests {
                 axum::routing::post(|| async { axum::response::Redirect::temporary("/plain") }),
             )
             .route("/read", axum::routing::get(|| async { "{}" }))
+            .route(
+                "/unauthorized",
+                axum::routing::post(|| async { (StatusCode::UNAUTHORIZED, "no such key") }),
+            )
+            .route(
+                "/forbidden",
+                axum::routing::post(|| async { StatusCode::FORBIDDEN })
+                    .get(|| async { StatusCode::FORBIDDEN }),
+            )
+            .route(
+                "/conflict",
+                axum::routing::post(|| async { StatusCode::CONFLICT }),
+            )
             // A gateway sending a POST elsewhere: the GET it becomes finds an empty or JSON 200.
             .route(
                 "/see-other-empty",
@@ -1478,6 +1615,120 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(calls.load(Ordering::SeqCst), before + 1, "one probe went");
+    }
+
+    /// A target that refuses nexus itself (401, 407; a 403 without an identity check to tell
+    /// otherwise) is taken for down, outcome `misconfigured`: a retryable failure that opens
+    /// the circuit like a 5xx and does not count while the target answers nobody. Other 4xx
+    /// (404, 409) are the request's. Before, a 401 was a refusal of the event (dead-lettered)
+    /// and counted as the peer being up.
+    #[tokio::test]
+    async fn a_target_refusing_nexus_itself_is_down() {
+        crate::telemetry::init_metrics();
+        let (url, _) = peer_server().await;
+        let mut c = config();
+        c.pause_after_failures = 2;
+        c.pause_initial_ms = 5_000;
+        c.pause_max_ms = 5_000;
+        let peer = Peer::new("refusing", "p", reqwest::Client::new(), &c);
+        let t = target(&url);
+        let other = Peer::new("r", "p", reqwest::Client::new(), &c);
+        for path in ["/nowhere", "/conflict"] {
+            assert!(
+                matches!(
+                    post(&other, &t, "chat-0", path).await,
+                    Err(PeerFailure::Rejected { .. })
+                ),
+                "{path}: the request's refusal"
+            );
+        }
+        match post(&peer, &t, "chat-1", "/unauthorized").await {
+            Err(PeerFailure::Retry { detail, .. }) => {
+                assert!(
+                    detail.contains("401") && detail.contains("no such key"),
+                    "{detail}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!peer.paused(), "one conversation pauses nobody");
+        match post(&peer, &t, "chat-2", "/forbidden").await {
+            Err(PeerFailure::Retry { counts, .. }) => {
+                assert!(
+                    !counts,
+                    "nothing answered since: the target may refuse everyone"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            peer.paused(),
+            "refused for two conversations: taken for down"
+        );
+        let rendered = crate::telemetry::init_metrics().render();
+        let misconfigured = rendered
+            .lines()
+            .find(|l| {
+                l.starts_with(m::PEER_CALLS_TOTAL)
+                    && l.contains("role=\"refusing\"")
+                    && l.contains("outcome=\"misconfigured\"")
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok());
+        assert_eq!(misconfigured, Some(2.0), "{rendered}");
+    }
+
+    /// With an identity check (GWS's own user), a 403, or a write's 404, is the request's when
+    /// the identity is answered, and nexus's when it is refused too; a read's 404 is no
+    /// refusal at all.
+    #[tokio::test]
+    async fn an_identity_check_tells_whose_refusal_it_is() {
+        let (url, _) = peer_server().await;
+        let t = target(&url);
+        let answered =
+            Peer::new("r", "p", reqwest::Client::new(), &config()).with_identity_check("/read");
+        for path in ["/forbidden", "/nowhere"] {
+            assert!(
+                matches!(
+                    post(&answered, &t, "chat-1", path).await,
+                    Err(PeerFailure::Rejected { .. })
+                ),
+                "{path}, the identity answered: the request's refusal"
+            );
+        }
+        assert!(matches!(
+            answered.get_json(&t, "chat-1", "/forbidden", &[]).await,
+            Err(PeerFailure::Rejected { status: 403, .. })
+        ));
+        let refused =
+            Peer::new("r", "p", reqwest::Client::new(), &config()).with_identity_check("/nowhere");
+        for path in ["/forbidden", "/nowhere"] {
+            match post(&refused, &t, "chat-1", path).await {
+                Err(PeerFailure::Retry { detail, .. }) => {
+                    assert!(detail.contains("GET /nowhere 404"), "{detail}")
+                }
+                other => panic!("{path}, the identity refused: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            refused.get_json(&t, "chat-1", "/forbidden", &[]).await,
+            Err(PeerFailure::Retry { .. })
+        ));
+        assert!(
+            matches!(
+                refused.get_json(&t, "chat-1", "/nowhere", &[]).await,
+                Ok(None)
+            ),
+            "a read's 404 is an answer"
+        );
+        // The identity answering neither way (a 405 here, or a 5xx, a timeout): a retryable
+        // failure, nobody's refusal yet.
+        let unknown =
+            Peer::new("r", "p", reqwest::Client::new(), &config()).with_identity_check("/busy");
+        assert!(matches!(
+            post(&unknown, &t, "chat-1", "/forbidden").await,
+            Err(PeerFailure::Retry { .. })
+        ));
     }
 
     /// `nexus_worker_paused` of a role, as /metrics renders it.

@@ -62,6 +62,8 @@ pub struct GwsState {
     pub token: String,
     /// Calls applied and not yet answered (inside the delay).
     pub in_flight: usize,
+    /// Reads of the agent's own user (`GET /api/v2/me`), by status answered.
+    pub me_answered: Vec<u16>,
 }
 
 #[derive(Clone)]
@@ -77,6 +79,7 @@ impl FakeGws {
             ..GwsState::default()
         }));
         let app = Router::new()
+            .route("/api/v2/me", get(me))
             .route("/api/v2/me/chats/{id}", get(read).post(operate))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -93,6 +96,18 @@ impl FakeGws {
 
     pub fn fail_all(&self, status: Option<u16>) {
         self.state.lock().unwrap().fail_all = status;
+    }
+
+    /// Makes GWS take only `token` as the credential from now on (a rotated key: every call
+    /// with another is answered 401).
+    pub fn set_token(&self, token: &str) {
+        self.state.lock().unwrap().token = token.to_string();
+    }
+
+    /// Reads of the agent's own user answered with `status`.
+    pub fn me_answered(&self, status: u16) -> usize {
+        let s = self.state.lock().unwrap();
+        s.me_answered.iter().filter(|&&st| st == status).count()
     }
 
     pub fn rule(&self, chat: &str, operation: &str, action: Action) {
@@ -218,6 +233,28 @@ async fn read(
             "participants": chat.participants.iter().map(|(a, st)| json!({"agentId": a, "state": st})).collect::<Vec<_>>(),
             "messages": chat.messages.iter().map(|(m, a, t)| json!({"messageId": m, "agentId": a, "text": t})).collect::<Vec<_>>(),
         }}),
+    )
+}
+
+/// `GET /api/v2/me`: the agent's own user, for any agent id, to a caller with the credential;
+/// `fail_all` answers it too (not recorded among the chat requests).
+async fn me(
+    State(state): State<Arc<Mutex<GwsState>>>,
+    headers: HeaderMap,
+) -> (StatusCode, Json<Value>) {
+    let mut s = state.lock().unwrap();
+    let status = if !bearer_ok(&s, &headers) {
+        401
+    } else {
+        s.fail_all.unwrap_or(200)
+    };
+    s.me_answered.push(status);
+    if status != 200 {
+        return answer(status, json!({"status": {"code": status}}));
+    }
+    answer(
+        200,
+        json!({"status": {"code": 0}, "data": {"id": agent_of(&headers)}}),
     )
 }
 

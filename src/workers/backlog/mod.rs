@@ -21,6 +21,11 @@
 //!
 //! Effects are idempotent by event (the history steps, the gws effect log), so a head run
 //! twice (a lease that ran out, a crash before the row was removed) repeats no effect.
+//!
+//! An event whose tenant or conversation id no store can key ([`unkeyable`]: a control
+//! character, over [`MAX_ID_BYTES`]) is dead-lettered at once with the role's
+//! [`Effect::bad_event_reason`], before the backlog is looked at: the look-up would fail on it
+//! on every try, and the consumer retrying it in place would hold its lane for good.
 
 pub mod scheduler;
 pub mod store;
@@ -42,6 +47,38 @@ use crate::workers::peer::PeerConfig;
 
 /// Dead-letter reason of an event whose tries ran out.
 pub const EXHAUSTED: &str = "retries_exhausted";
+/// Dead-letter reason of an event whose ids cannot key the backlog, for a role that names none
+/// of its own ([`Effect::bad_event_reason`]).
+pub const UNKEYABLE: &str = "unkeyable_event";
+
+/// The longest tenant or conversation id a backlogged role keeps state for (nexus's are
+/// 36-byte UUIDs). PostgreSQL refuses a btree key over ~2.7 kB, and the backlog's key (like
+/// the roles' own state) holds both ids.
+pub const MAX_ID_BYTES: usize = 512;
+
+/// Why the event's ids cannot key a backlogged role's state, if they cannot: a NUL (PostgreSQL
+/// text refuses it) or any control character, or an id too long for an index. Such an event
+/// fails the same way on every try; retried in place, it would hold its consumer lane for good.
+pub fn unkeyable(event: &Event) -> Option<String> {
+    let e = &event.envelope;
+    [
+        ("tenant", &e.tenant_id),
+        ("conversation", &e.conversation_id),
+    ]
+    .into_iter()
+    .find_map(|(what, id)| {
+        if id.len() > MAX_ID_BYTES {
+            Some(format!(
+                "{what} id of {} bytes; at most {MAX_ID_BYTES}",
+                id.len()
+            ))
+        } else if id.chars().any(char::is_control) {
+            Some(format!("{what} id holds a control character"))
+        } else {
+            None
+        }
+    })
+}
 
 /// A role's effect of one event, as the backlog runs it (first on the consumer's lane, then
 /// from the backlog).
@@ -53,6 +90,11 @@ pub trait Effect: Send + Sync + 'static {
     /// The effect. `Retry` and `RetryLater` put the event in the backlog; `Reject`
     /// dead-letters it.
     async fn apply(&self, event: &Event, message: &Message) -> Result<(), HandleError>;
+    /// The dead-letter reason of an event it concerns whose ids cannot key the backlog
+    /// ([`unkeyable`]): the role's own bad-event reason (`gws_bad_event`, `history_bad_event`).
+    fn bad_event_reason(&self) -> &'static str {
+        UNKEYABLE
+    }
 }
 
 /// A retryable outcome, as the backlog schedules it.
@@ -182,6 +224,14 @@ impl<E: Effect> Handler for Backlogged<E> {
     async fn handle(&self, event: &Event, message: &Message) -> Result<(), HandleError> {
         if !self.effect.concerns(event) {
             return self.effect.apply(event, message).await;
+        }
+        // Checked before the backlog is: its look-up (and any store of the role) would refuse
+        // these ids on every try, holding the lane for good.
+        if let Some(why) = unkeyable(event) {
+            return Err(HandleError::Reject {
+                reason: self.effect.bad_event_reason(),
+                detail: why,
+            });
         }
         let e = &event.envelope;
         let event_id = e.event_id.to_string();

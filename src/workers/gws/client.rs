@@ -1,7 +1,9 @@
 //! GWS calls on behalf of an agent, through the role's [`Peer`] (circuit, metrics, outcome
-//! classification): `POST /api/v2/me/chats/{id}` with an operation, `GET` of the same path to
-//! reconcile, and `GET /api/v2/me` (the agent's own user) to tell a chat the agent left from a
-//! credential GWS no longer takes.
+//! classification): `POST /api/v2/me/chats/{id}` with an operation and `GET` of the same path
+//! to reconcile. After a 403 (or a POST's 404) the peer asks `GET /api/v2/me` (the agent's own
+//! user, [`IDENTITY`]) whether GWS refuses the request (the agent out of the chat, a chat it
+//! does not know) or nexus itself (a rotated credential, a wrong base URL): the first is the
+//! event's refusal, the second a target that is down until it is fixed.
 //!
 //! The agent is named by the `X-Agent-Id` header (the nexus agent id); the tenant's GWS
 //! credential goes as `Authorization: Bearer`. `X-Nexus-Event-Id` carries the event that asked
@@ -16,6 +18,8 @@ use crate::workers::peer::{Peer, PeerFailure, PeerTarget};
 pub const AGENT_HEADER: &str = "x-agent-id";
 /// The nexus event id of the call.
 pub const EVENT_HEADER: &str = "x-nexus-event-id";
+/// The agent's own user: what GWS answers any caller whose credential and base URL it takes.
+pub const IDENTITY: &str = "/api/v2/me";
 
 pub struct GwsClient {
     peer: Peer,
@@ -35,7 +39,7 @@ pub fn chat_path(conversation_id: &str) -> Option<String> {
 impl GwsClient {
     pub fn new(http: reqwest::Client, config: &GwsConfig) -> Self {
         Self {
-            peer: Peer::new("gws", "gws", http, config),
+            peer: Peer::new("gws", "gws", http, config).with_identity_check(IDENTITY),
         }
     }
 
@@ -84,27 +88,6 @@ impl GwsClient {
         ChatView::from_json(v)
             .map(Some)
             .map_err(|e| PeerFailure::retry(format!("GET {path}: unexpected chat body: {e}")))
-    }
-}
-
-impl GwsClient {
-    /// Whether GWS answers `agent_id`'s own user (`GET /api/v2/me`): the credential and the
-    /// agent are good, whatever a chat read said.
-    pub async fn knows_agent(
-        &self,
-        target: &PeerTarget,
-        agent_id: &str,
-    ) -> Result<bool, PeerFailure> {
-        let path = "/api/v2/me";
-        match self
-            .peer
-            .get_json(target, path, path, &[(AGENT_HEADER, agent_id)])
-            .await
-        {
-            Ok(found) => Ok(found.is_some()),
-            Err(PeerFailure::Rejected { .. }) => Ok(false),
-            Err(f) => Err(f),
-        }
     }
 }
 

@@ -33,7 +33,10 @@
 //! target keeps failing for everyone its [`Peer`](crate::workers::peer::Peer) circuit refuses
 //! calls unsent, so its events wait in the backlog too, without holding other tenants
 //! (`nexus_worker_paused{role="gws",peer="gws"}` is 1). A 4xx marks the row `rejected` and
-//! dead-letters the event (`gws_rejected`).
+//! dead-letters the event (`gws_rejected`), unless GWS refuses nexus itself rather than the
+//! event (401, 407; a 403, or a POST's 404, when GWS refuses the agent's own user too: a
+//! rotated credential, a wrong base URL): then GWS is taken for down, as for a 5xx, and the
+//! events wait in the backlog until it takes nexus again.
 
 pub mod client;
 pub mod config;
@@ -181,24 +184,14 @@ impl GwsWorker {
             let applied = match self.client.chat(target, path, &op.agent_id).await {
                 Ok(chat) => ops::applied(op, chat.as_ref()),
                 // The read forbidden (403) to the agent after a transfer or completion whose
-                // answer was lost: the agent is out of the chat, which is what those calls do,
-                // if GWS still answers the agent's own user (else the credential is what GWS
-                // refuses: nothing is taken for done, and the try counts, so a credential
-                // never fixed ends in the dead-letter topic). Not after a refusal being
-                // replayed (that call took no effect), nor for any other 4xx (a credential or
-                // address to fix): the call goes again, and GWS's answer to it is the verdict.
+                // answer was lost: the agent is out of the chat, which is what those calls do.
+                // The peer asked GWS for the agent's own user first: had GWS refused that too,
+                // the credential (or base URL) is what it refuses, and this comes as a
+                // retryable failure, the target taken for down, nothing taken for done. Not
+                // after a refusal being replayed (that call took no effect), nor for any other
+                // 4xx: the call goes again, and GWS's answer to it is the verdict.
                 Err(PeerFailure::Rejected { status: 403, .. }) if !reopened && ops::leaves(op) => {
-                    match self.client.knows_agent(target, &op.agent_id).await {
-                        Ok(true) => true,
-                        Ok(false) => {
-                            return Err(HandleError::Retry(format!(
-                                "GWS refuses the chat and the agent's own user (GET /api/v2/me): \
-                                 a credential to fix; {} not taken for done",
-                                op.kind.name()
-                            )))
-                        }
-                        Err(f) => return Err(self.refused(key, op, f).await),
-                    }
+                    true
                 }
                 Err(PeerFailure::Rejected { .. }) => false,
                 Err(f) => return Err(self.refused(key, op, f).await),
@@ -293,6 +286,12 @@ impl Effect for GwsWorker {
     fn concerns(&self, event: &Event) -> bool {
         let e = &event.envelope;
         ops::may_operate(&e.event_type) && self.config.has_target(&e.tenant_id)
+    }
+
+    // A tenant or conversation id the backlog (and the effect log) cannot key: dead-lettered
+    // by the backlog at once, before it looks.
+    fn bad_event_reason(&self) -> &'static str {
+        BAD_EVENT
     }
 
     // Runs one event of a conversation at a time, in the order the agent acted: on the

@@ -9,6 +9,7 @@ use crate::events::chat::{
     TargetKind, TransferMode, TransferRequested,
 };
 use crate::events::Event;
+use crate::workers::backlog::MAX_ID_BYTES;
 
 /// Producer of the bot API's events: a bot's handoff is not an agent action.
 const BOT_PRODUCER: &str = "edge/bot";
@@ -58,6 +59,11 @@ pub enum OpError {
     /// a foreign producer may publish) cannot be sent, on any try.
     #[error("the agent id cannot be sent as the {header} header (it holds a control character)", header = super::client::AGENT_HEADER)]
     AgentId,
+    /// The effect log keys the effect by ids from the body (message, offer, agent): one over
+    /// [`MAX_ID_BYTES`] or with a control character (a NUL PostgreSQL refuses) cannot be
+    /// logged, on any try.
+    #[error("the {kind} effect's key ({len} bytes, from ids in the body) cannot key the effect log: a control character or over {MAX_ID_BYTES} bytes")]
+    EffectKey { kind: &'static str, len: usize },
 }
 
 /// Whether events of this type can make a GWS call (before reading the body).
@@ -168,6 +174,12 @@ pub fn operation_of(event: &Event) -> Result<Option<Operation>, OpError> {
     // GWS, so it must neither be retried nor count against the target's circuit.
     if reqwest::header::HeaderValue::from_str(&op.agent_id).is_err() {
         return Err(OpError::AgentId);
+    }
+    if op.effect_key.len() > MAX_ID_BYTES || op.effect_key.chars().any(char::is_control) {
+        return Err(OpError::EffectKey {
+            kind: op.kind.name(),
+            len: op.effect_key.len(),
+        });
     }
     Ok(Some(op))
 }
@@ -284,6 +296,39 @@ mod tests {
             note: None,
             user_data: BTreeMap::new(),
         }
+    }
+
+    /// Ids from the body that the effect log's key holds (a message id, an offer id) with a
+    /// NUL or too long for an index make no operation: PostgreSQL would refuse the row on every
+    /// try. The longest that fits still goes.
+    #[test]
+    fn an_effect_key_the_log_cannot_hold_is_refused() {
+        let longest = "m".repeat(MAX_ID_BYTES - "send:".len());
+        for (id, ok) in [
+            ("m\u{0}1".to_string(), false),
+            ("m\t1".to_string(), false),
+            (format!("{longest}m"), false),
+            (longest, true),
+        ] {
+            let mut b = sent(ParticipantKind::Agent);
+            b.message_id = id.clone();
+            let got = operation_of(&event(&b, "edge/agent"));
+            match (ok, got) {
+                (true, Ok(Some(op))) => assert_eq!(op.effect_key, format!("send:{id}")),
+                (false, Err(OpError::EffectKey { kind, .. })) => assert_eq!(kind, "SendMessage"),
+                (_, other) => panic!("{} bytes: {other:?}", id.len()),
+            }
+        }
+        let accept = AgentAccepted {
+            offer_id: "o\u{0}".into(),
+            agent_id: "a1".into(),
+            participant_id: "a1".into(),
+            nickname: "Alice".into(),
+        };
+        assert!(matches!(
+            operation_of(&event(&accept, "edge/agent")),
+            Err(OpError::EffectKey { .. })
+        ));
     }
 
     #[test]

@@ -17,12 +17,21 @@ use crate::stores::provisioning::secrets::EncryptionKey;
 use crate::stores::provisioning::Provisioning;
 
 /// A GWS that counts POSTs and answers `status` (changeable) with a plain-text body, as a
-/// proxy in front of it may; it knows no chat (GET is 404).
+/// proxy in front of it may; it knows no chat (GET is 404) and answers the agent's own user.
 async fn gws(status: u16) -> (String, Arc<Mutex<u32>>, Arc<Mutex<u16>>) {
+    gws_with_me(status, StatusCode::OK).await
+}
+
+/// [`gws`], its agent's own user (`GET /api/v2/me`) answered with `me`.
+async fn gws_with_me(status: u16, me: StatusCode) -> (String, Arc<Mutex<u32>>, Arc<Mutex<u16>>) {
     let calls = Arc::new(Mutex::new(0u32));
     let status = Arc::new(Mutex::new(status));
     type S = State<(Arc<Mutex<u32>>, Arc<Mutex<u16>>)>;
     let app = Router::new()
+        .route(
+            "/api/v2/me",
+            get(move || async move { (me, r#"{"id": "a1"}"#) }),
+        )
         .route(
             "/api/v2/me/chats/{id}",
             get(|| async { StatusCode::NOT_FOUND }).post(|State((calls, status)): S| async move {
@@ -138,6 +147,55 @@ async fn a_refused_call_is_dead_lettered_and_a_replay_tries_again() {
     db.close().await;
 }
 
+/// GWS refusing nexus itself (a rotated credential: 401; a 403 or a POST's 404 that the agent's
+/// own user gets too) is GWS down, not a refusal of the event: retried (the event waits in the
+/// backlog), the effect still pending, nothing dead-lettered. A 403 or 404 while GWS answers
+/// the agent's own user, or another 4xx, is the event's refusal: dead-lettered at once.
+/// Before, every 4xx dead-lettered its event, so a rotated key dead-lettered them all.
+#[tokio::test]
+async fn a_refusal_of_nexus_itself_is_retried_and_of_the_event_dead_lettered() {
+    let cases = [
+        (401, StatusCode::OK, false),
+        (407, StatusCode::OK, false),
+        (403, StatusCode::FORBIDDEN, false),
+        (403, StatusCode::UNAUTHORIZED, false),
+        (404, StatusCode::NOT_FOUND, false),
+        (403, StatusCode::OK, true),
+        (404, StatusCode::OK, true),
+        (409, StatusCode::FORBIDDEN, true),
+    ];
+    for (post, me, rejected) in cases {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (url, calls, _) = gws_with_me(post, me).await;
+        let (w, db) = worker(&url, dir.path()).await;
+        let got = w.apply(&accepted(), &message()).await;
+        let status: String = sqlx::query_scalar("SELECT status FROM gws_effects")
+            .fetch_one(db.pool())
+            .await
+            .expect("the effect's row");
+        if rejected {
+            assert!(
+                matches!(&got, Err(HandleError::Reject { reason, .. }) if *reason == REJECTED),
+                "{post} with {me} to the agent's user: {got:?}"
+            );
+            assert_eq!(status, "rejected", "{post}/{me}");
+        } else {
+            match &got {
+                Err(HandleError::Retry(reason)) | Err(HandleError::RetryLater { reason, .. }) => {
+                    assert!(
+                        reason.contains(&post.to_string()) && reason.contains("credential"),
+                        "{post}/{me}: {reason}"
+                    )
+                }
+                other => panic!("{post} with {me} to the agent's user: {other:?}"),
+            }
+            assert_eq!(status, "pending", "{post}/{me}");
+        }
+        assert_eq!(*calls.lock().unwrap(), 1, "{post}/{me}");
+        db.close().await;
+    }
+}
+
 /// A 2xx whose body is not JSON is GWS's success: nothing retried, the peer never paused.
 #[tokio::test]
 async fn a_plain_text_success_is_success() {
@@ -248,9 +306,11 @@ async fn completion_with_a_refused_read(me: StatusCode) {
         assert_eq!(*posts.lock().unwrap(), 1, "not called again");
         w.apply(&e, &message()).await.expect("done");
     } else {
+        // GWS taken for down (it refuses nexus's credential): retried, not counted against
+        // the event while GWS answers nobody.
         let again = w.apply(&e, &message()).await;
         assert!(
-            matches!(&again, Err(HandleError::Retry(m)) if m.contains("credential")),
+            matches!(&again, Err(HandleError::RetryLater { reason, counts: false, .. }) if reason.contains("credential")),
             "{again:?}"
         );
         assert!(w.apply(&e, &message()).await.is_err(), "still not done");

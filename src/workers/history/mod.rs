@@ -25,7 +25,8 @@
 //! behind it and the backlog's scheduler runs them again in order, so other conversations go
 //! on. While a UCS target keeps failing for everyone its [`Peer`] circuit refuses calls unsent
 //! and their events wait in the backlog as well, so a tenant's failing UCS holds no other
-//! tenant (`nexus_worker_paused{role="history",peer="ucs"}` = 1). A 4xx dead-letters the
+//! tenant (`nexus_worker_paused{role="history",peer="ucs"}` = 1); so does a 401, 403 or 407,
+//! UCS refusing nexus's credential rather than the event. Another 4xx dead-letters the
 //! event with reason `ucs_rejected`, the detail naming the call. An event whose tenant or
 //! conversation id the state store cannot key (a control character, over [`MAX_ID_BYTES`]) is
 //! dead-lettered at once as `history_bad_event`. Tenants without a UCS target are acked without
@@ -71,33 +72,9 @@ pub const NOT_STARTED: &str = "history_not_started";
 /// Dead-letter reason of an event whose tenant or conversation id the state store cannot key.
 pub const BAD_EVENT: &str = "history_bad_event";
 
-/// The longest tenant or conversation id this role keeps state for (nexus's are 36-byte
-/// UUIDs). PostgreSQL refuses a btree key over ~2.7 kB, and the backlog's key holds both ids.
-pub const MAX_ID_BYTES: usize = 512;
-
-/// Why the event's ids cannot key this role's state, if they cannot: a NUL (PostgreSQL text
-/// refuses it) or any control character, or an id too long for an index. Such an event fails
-/// the same way on every try; retried in place, it would hold its consumer lane for good.
-pub fn unkeyable(event: &Event) -> Option<String> {
-    let e = &event.envelope;
-    [
-        ("tenant", &e.tenant_id),
-        ("conversation", &e.conversation_id),
-    ]
-    .into_iter()
-    .find_map(|(what, id)| {
-        if id.len() > MAX_ID_BYTES {
-            Some(format!(
-                "{what} id of {} bytes; at most {MAX_ID_BYTES}",
-                id.len()
-            ))
-        } else if id.chars().any(char::is_control) {
-            Some(format!("{what} id holds a control character"))
-        } else {
-            None
-        }
-    })
-}
+/// Ids this role's state (and the backlog) cannot key: the backlog's check, which also covers
+/// the entries this role records without the backlog.
+pub use crate::workers::backlog::{unkeyable, MAX_ID_BYTES};
 
 /// What comes next for a conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -644,15 +621,19 @@ fn interaction<'a>(state: &'a State, conv: &'a str) -> &'a str {
 impl Effect for HistoryWorker {
     // Only the start and the close call UCS. Entries are only recorded (by position, in any
     // order), so they need no place in the backlog: recorded at once, they are there when a
-    // backlogged close writes the transcript. Nor does an event whose ids the store cannot key:
-    // the backlog's look-up would fail on it, for good, before `apply` could dead-letter it.
+    // backlogged close writes the transcript. (An event whose ids no store can key is
+    // dead-lettered by the backlog, as `bad_event_reason`, before it looks; `apply` does the
+    // same for entries.)
     fn concerns(&self, event: &Event) -> bool {
         let e = &event.envelope;
         matches!(
             e.event_type.as_str(),
             ev::ConversationStarted::TYPE | ev::ConversationClosed::TYPE
         ) && self.config.ucs.has_target(&e.tenant_id)
-            && unkeyable(event).is_none()
+    }
+
+    fn bad_event_reason(&self) -> &'static str {
+        BAD_EVENT
     }
 
     async fn apply(&self, event: &Event, _message: &Message) -> Result<(), HandleError> {

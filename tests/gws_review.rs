@@ -1,0 +1,456 @@
+//! Review cases of the gws worker against a fake GWS on loopback (a real HTTP server started
+//! here), with real processes (`nexus edge` for ingest, `nexus worker gws`) on NATS JetStream
+//! and PostgreSQL:
+//! - an event whose ids no store can key (a NUL, an id too long for an index) is dead-lettered
+//!   at once as `gws_bad_event` instead of holding its consumer lane (or its conversation) for
+//!   good;
+//! - GWS refusing nexus itself (a rotated credential: 401; 403 or 404 for everything, GWS's own
+//!   user included) is GWS down, not a refusal of each event: the role pauses, the events wait
+//!   in the backlog, nothing is dead-lettered, and everything goes once GWS takes nexus again.
+//!   A 403 for one event while GWS answers the agent's own user is still that event's refusal.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::chat::*;
+use common::gws::{Action, FakeGws};
+use common::process::metric_sum;
+use nexus::bus::{dlq_topic, headers, Bus, Message};
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(30);
+const TOPIC: &str = "nexus.agent.v1";
+const GWS_TOKEN: &str = "gws-credential-for-review";
+/// The gws role's consumer lanes (topology: concurrency 16).
+const LANES: usize = 16;
+
+/// Each test starts two processes and a NATS server: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// NATS, a fresh database, the edge (for ingest) and the gws role.
+struct System {
+    gws_worker: Node,
+    edge: Node,
+    bus: Arc<dyn Bus>,
+    _nats: OwnNats,
+    _db: TestDb,
+    _dir: tempfile::TempDir,
+}
+
+impl System {
+    async fn start(gws: &FakeGws) -> System {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let nats = OwnNats::start(dir.path()).await;
+        let db = TestDb::create().await;
+        let mut env = shared_services_env(dir.path(), &nats.url, &db.url);
+        env.extend([
+            ("NEXUS_CONSUMER__RETRY_MAX_MS", "400".into()),
+            ("NEXUS_CONSUMER__HANDLER_TIMEOUT_MS", "4000".into()),
+            ("NEXUS_WORKERS__GWS__URL", gws.url()),
+            ("NEXUS_WORKERS__GWS__CREDENTIAL", GWS_TOKEN.into()),
+            ("NEXUS_WORKERS__GWS__TIMEOUT_MS", "1000".into()),
+            ("NEXUS_WORKERS__GWS__PAUSE_AFTER_FAILURES", "3".into()),
+            ("NEXUS_WORKERS__GWS__PAUSE_INITIAL_MS", "200".into()),
+            ("NEXUS_WORKERS__GWS__PAUSE_MAX_MS", "800".into()),
+            ("NEXUS_WORKERS__GWS__RETRY_INITIAL_MS", "200".into()),
+            ("NEXUS_WORKERS__GWS__RETRY_MAX_MS", "1000".into()),
+        ]);
+        let (ok, out, err) = common::process::run(&["topology", "apply", "--bus", &nats.url], &[]);
+        assert!(ok, "topology apply: {out} {err}");
+        let edge = start_node(dir.path(), "edge", &["edge"], env.clone()).await;
+        let gws_worker = start_node(dir.path(), "gws", &["worker", "gws"], env).await;
+        let mut bus_config = nexus::config::Config::defaults().bus;
+        bus_config.url = nats.url.clone();
+        let bus = nexus::bus::connect(&bus_config).await.expect("bus");
+        System {
+            gws_worker,
+            edge,
+            bus,
+            _nats: nats,
+            _db: db,
+            _dir: dir,
+        }
+    }
+
+    async fn metric(&self, metric: &str, needles: &[&str]) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.gws_worker.url))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        metric_sum(&text, metric, needles).unwrap_or(0.0)
+    }
+
+    /// Events the role dead-lettered with `reason` ("" for any).
+    async fn dead_lettered(&self, reason: &str) -> f64 {
+        let reason = format!("reason=\"{reason}");
+        self.metric(
+            "nexus_events_dead_lettered_total",
+            &["group=\"nexus-gws\"", &reason],
+        )
+        .await
+    }
+
+    async fn paused(&self) -> f64 {
+        self.metric("nexus_worker_paused", &["role=\"gws\"", "peer=\"gws\""])
+            .await
+    }
+
+    async fn backlog(&self) -> f64 {
+        self.metric("nexus_backlog_events", &["role=\"gws\""]).await
+    }
+
+    /// Every record of the agent topic's dead-letter topic.
+    async fn dead_letters(&self) -> Vec<Message> {
+        let dlq = dlq_topic(TOPIC);
+        let mut all = Vec::new();
+        for p in self.bus.partition_offsets(&dlq).await.expect("offsets") {
+            let mut from = p.low;
+            loop {
+                let got = self
+                    .bus
+                    .read(&dlq, p.partition, from, 100)
+                    .await
+                    .expect("read");
+                let Some(last) = got.last() else { break };
+                from = last.offset + 1;
+                all.extend(got);
+            }
+        }
+        all
+    }
+
+    /// Publishes an agent event through the edge's ingest endpoint.
+    async fn ingest(&self, tenant: &str, conv: &str, event_type: &str, body: Value) {
+        let r = reqwest::Client::new()
+            .post(format!("{}/v1/events/{TOPIC}", self.edge.url))
+            .bearer_auth(ADMIN)
+            .json(&json!({"event_type": event_type, "tenant_id": tenant,
+                "conversation_id": conv, "producer": "edge/agent", "body": body}))
+            .send()
+            .await
+            .expect("ingest");
+        assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
+    }
+
+    /// Agent `agent` accepts `conv`, sends the replies `messages` and completes it.
+    async fn whole_chat(&self, tenant: &str, conv: &str, agent: &str, messages: &[String]) {
+        self.ingest(tenant, conv, "AgentAccepted", accepted(agent))
+            .await;
+        for m in messages {
+            self.ingest(tenant, conv, "MessageSent", sent(agent, m))
+                .await;
+        }
+        self.ingest(tenant, conv, "ConversationCompleted", completed(agent))
+            .await;
+    }
+}
+
+fn accepted(agent: &str) -> Value {
+    json!({"offer_id": uuid::Uuid::new_v4().to_string(), "agent_id": agent,
+        "participant_id": agent, "nickname": "Alice"})
+}
+
+fn sent(agent: &str, message_id: &str) -> Value {
+    json!({"message_id": message_id, "participant_id": agent, "participant_kind": "AGENT",
+        "nickname": "Alice", "agent_id": agent, "kind": "TEXT", "text": "hello",
+        "media_ids": [], "in_reply_to": null, "transcript_position": null})
+}
+
+fn completed(agent: &str) -> Value {
+    json!({"agent_id": agent, "participant_id": agent, "disposition": null, "note": null,
+        "user_data": {}, "close_conversation": true})
+}
+
+/// What the fake GWS applies for [`System::whole_chat`].
+fn whole_chat_effects(agent: &str, messages: &[String]) -> Vec<String> {
+    let mut want = vec![format!("Accept {agent}")];
+    want.extend(messages.iter().map(|m| format!("SendMessage {agent} {m}")));
+    want.push(format!("Complete {agent} -"));
+    want
+}
+
+fn header<'a>(m: &'a Message, name: &str) -> Option<&'a str> {
+    m.headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// A new conversation id the gws consumer runs on the same lane as `key`.
+fn on_the_lane_of(key: &str) -> String {
+    let lane = nexus::bus::consumer::lane_of(key, LANES);
+    std::iter::repeat_with(|| uuid::Uuid::new_v4().to_string())
+        .find(|c| nexus::bus::consumer::lane_of(c, LANES) == lane)
+        .expect("a key on the same lane")
+}
+
+/// Random text of `bytes` bytes (PostgreSQL cannot compress it under its index limit).
+fn random_id(bytes: usize) -> String {
+    std::iter::repeat_with(|| uuid::Uuid::new_v4().simple().to_string())
+        .flat_map(|u| u.chars().collect::<Vec<_>>())
+        .take(bytes)
+        .collect()
+}
+
+async fn applied_eventually(gws: &FakeGws, conv: &str, want: &[String], what: &str) {
+    eventually(WAIT, what, || async {
+        (gws.applied(conv).len() >= want.len()).then_some(())
+    })
+    .await;
+    assert_eq!(gws.applied(conv), want, "{what}");
+}
+
+/// An agent event whose tenant or conversation id holds a NUL (PostgreSQL text refuses it, so
+/// the backlog's look-up failed before the worker's own checks ran) or whose tenant id is too
+/// long for an index key (the effect log's and the backlog's inserts failed) was retried in
+/// place for good: every conversation behind it on its consumer lane waited, and the lag grew.
+/// An accept whose agent id (part of the effect's key) is too long for the effect log's index
+/// failed its conversation for 20 tries before it was dead-lettered as `retries_exhausted`, the
+/// conversation's later events waiting behind it. Each is now
+/// dead-lettered at once as `gws_bad_event`, with no GWS call; the conversations behind them go
+/// on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_whose_ids_no_store_can_key_holds_no_gws_lane() {
+    let _serial = SERIAL.lock().await;
+    let gws = FakeGws::start(GWS_TOKEN).await;
+    let system = System::start(&gws).await;
+    let good = uuid::Uuid::new_v4().to_string();
+    // (tenant, conversation): the event's ids.
+    let bad_ids = [
+        ("t\u{0}1".to_string(), good.clone()),
+        ("t1".to_string(), "nul\u{0}conversation".to_string()),
+        (random_id(4000), uuid::Uuid::new_v4().to_string()),
+    ];
+    let mut behind = Vec::new();
+    for (tenant, conv) in &bad_ids {
+        system
+            .ingest(tenant, conv, "AgentAccepted", accepted("a1"))
+            .await;
+        // A conversation on the same lane, right behind it.
+        let next = on_the_lane_of(conv);
+        system
+            .ingest("t1", &next, "AgentAccepted", accepted("a1"))
+            .await;
+        behind.push(next);
+    }
+    // An accept whose agent id (in the effect's key) is too long for the effect log's index;
+    // the conversation's next events wait behind it.
+    let conv = uuid::Uuid::new_v4().to_string();
+    let after = uuid::Uuid::new_v4().to_string();
+    system
+        .ingest("t1", &conv, "AgentAccepted", accepted(&random_id(4000)))
+        .await;
+    system
+        .ingest("t1", &conv, "AgentAccepted", accepted("a1"))
+        .await;
+    system
+        .ingest("t1", &conv, "MessageSent", sent("a1", &after))
+        .await;
+    let replies = [(conv, after)];
+    for conv in &behind {
+        applied_eventually(
+            &gws,
+            conv,
+            &["Accept a1".to_string()],
+            "the conversation behind a bad event is handled",
+        )
+        .await;
+    }
+    for (conv, after) in &replies {
+        applied_eventually(
+            &gws,
+            conv,
+            &["Accept a1".to_string(), format!("SendMessage a1 {after}")],
+            "the conversation's events behind a bad one go",
+        )
+        .await;
+    }
+    eventually(WAIT, "the bad events dead-lettered", || async {
+        (system.dead_lettered("gws_bad_event").await >= 4.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        system.dead_lettered("").await,
+        4.0,
+        "each bad event dead-lettered once, as a bad event"
+    );
+    let dead = system.dead_letters().await;
+    assert_eq!(dead.len(), 4, "{dead:?}");
+    for m in &dead {
+        assert_eq!(header(m, headers::DLQ_REASON), Some("gws_bad_event"));
+        let error = header(m, headers::DLQ_ERROR).unwrap_or_default();
+        assert!(
+            !error.chars().any(char::is_control),
+            "a control character in a dead-letter header: {error:?}"
+        );
+    }
+    // None of them reached GWS: the accepts behind them and the good replies, no more.
+    let calls = gws.all_applied().len();
+    assert_eq!(
+        calls,
+        behind.len() + 2 * replies.len(),
+        "GWS was called for a bad event"
+    );
+    assert_eq!(system.backlog().await, 0.0, "nothing waits in the backlog");
+}
+
+/// GWS stops taking nexus's credential (rotated at GWS, not yet in nexus's config): every call
+/// is answered 401. Before, each event was dead-lettered as `gws_rejected` (to be replayed by
+/// hand) and the circuit took the 401s for GWS being up. Now GWS is taken for down: the role
+/// pauses (`nexus_worker_paused` 1, calls counted `misconfigured`), the events wait in the
+/// backlog, nothing is dead-lettered, and once GWS takes the credential again every event goes
+/// through once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_credential_pauses_gws_until_it_is_taken_again() {
+    let _serial = SERIAL.lock().await;
+    let gws = FakeGws::start(GWS_TOKEN).await;
+    let system = System::start(&gws).await;
+    // GWS has answered nexus before the rotation.
+    let before = uuid::Uuid::new_v4().to_string();
+    system.whole_chat("t1", &before, "a0", &[]).await;
+    applied_eventually(
+        &gws,
+        &before,
+        &whole_chat_effects("a0", &[]),
+        "before the rotation",
+    )
+    .await;
+
+    gws.set_token("the-rotated-credential");
+    let chats = refused_outage(&system, &gws, "the rotated credential", 401).await;
+
+    gws.set_token(GWS_TOKEN);
+    recovered(&system, &gws, &chats).await;
+}
+
+/// GWS answering 403 for everything (a credential without the right any more), then 404 for
+/// everything (a wrong base path), its agent's own user included: each is GWS down too, and
+/// nothing is dead-lettered. A 403 to one event while GWS answers the agent's own user is that
+/// event's refusal: dead-lettered at once (`gws_rejected`), its conversation going on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_refusing_everything_pauses_gws_and_one_refused_event_is_dead_lettered() {
+    let _serial = SERIAL.lock().await;
+    let gws = FakeGws::start(GWS_TOKEN).await;
+    let system = System::start(&gws).await;
+    for status in [403, 404] {
+        gws.fail_all(Some(status));
+        let chats = refused_outage(&system, &gws, &format!("{status} to all"), status).await;
+        assert!(
+            gws.me_answered(status) >= 3,
+            "GWS's own user was asked whose refusal it was"
+        );
+        gws.fail_all(None);
+        recovered(&system, &gws, &chats).await;
+    }
+
+    let conv = uuid::Uuid::new_v4().to_string();
+    gws.rule(&conv, "SendMessage", Action::Status(403));
+    let (refused, after) = (
+        uuid::Uuid::new_v4().to_string(),
+        uuid::Uuid::new_v4().to_string(),
+    );
+    system
+        .ingest("t1", &conv, "AgentAccepted", accepted("a1"))
+        .await;
+    system
+        .ingest("t1", &conv, "MessageSent", sent("a1", &refused))
+        .await;
+    system
+        .ingest("t1", &conv, "MessageSent", sent("a1", &after))
+        .await;
+    applied_eventually(
+        &gws,
+        &conv,
+        &["Accept a1".to_string(), format!("SendMessage a1 {after}")],
+        "the refused reply is set aside and the next one goes",
+    )
+    .await;
+    eventually(WAIT, "the one refused event dead-lettered", || async {
+        (system.dead_lettered("gws_rejected").await == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(system.dead_lettered("").await, 1.0);
+    assert_eq!(
+        system.paused().await,
+        0.0,
+        "one event's refusal pauses nobody"
+    );
+}
+
+/// Conversations whose events GWS refuses with `status` while it refuses nexus itself: the
+/// role pauses, counts the calls `misconfigured`, keeps the events in the backlog and
+/// dead-letters nothing. Returns the conversations with their message ids.
+async fn refused_outage(
+    system: &System,
+    gws: &FakeGws,
+    what: &str,
+    status: u16,
+) -> Vec<(String, Vec<String>)> {
+    let before = system
+        .metric("nexus_peer_calls_total", &["outcome=\"misconfigured\""])
+        .await;
+    let mut chats = Vec::new();
+    for _ in 0..4 {
+        let conv = uuid::Uuid::new_v4().to_string();
+        let messages: Vec<String> = (0..2).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+        system.whole_chat("t1", &conv, "a1", &messages).await;
+        chats.push((conv, messages));
+    }
+    eventually(WAIT, &format!("{what}: the gws role pauses"), || async {
+        (system.paused().await == 1.0).then_some(())
+    })
+    .await;
+    eventually(WAIT, &format!("{what}: the events wait"), || async {
+        (system.backlog().await >= 16.0).then_some(())
+    })
+    .await;
+    let misconfigured = system
+        .metric("nexus_peer_calls_total", &["outcome=\"misconfigured\""])
+        .await;
+    assert!(
+        misconfigured - before >= 3.0,
+        "{what}: {misconfigured} calls counted misconfigured (before: {before})"
+    );
+    // A few probes more: still nothing set aside.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(system.dead_lettered("").await, 0.0, "{what}: dead-lettered");
+    assert_eq!(system.paused().await, 1.0, "{what}: resumed while refused");
+    for (conv, _) in &chats {
+        assert!(
+            gws.applied(conv).is_empty(),
+            "{what}: applied while refused"
+        );
+    }
+    assert!(
+        gws.answered(status) >= 3,
+        "{what}: GWS was asked and said {status}"
+    );
+    chats
+}
+
+/// Once GWS takes nexus again: every event of `chats` goes through once, in order; the backlog
+/// empties, the role resumes, nothing was dead-lettered.
+async fn recovered(system: &System, gws: &FakeGws, chats: &[(String, Vec<String>)]) {
+    for (conv, messages) in chats {
+        applied_eventually(
+            gws,
+            conv,
+            &whole_chat_effects("a1", messages),
+            "every event once, in order, after the fix",
+        )
+        .await;
+    }
+    eventually(WAIT, "the backlog drained", || async {
+        (system.backlog().await == 0.0).then_some(())
+    })
+    .await;
+    eventually(WAIT, "the gws role resumes", || async {
+        (system.paused().await == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(system.dead_lettered("").await, 0.0, "dead-lettered");
+}
