@@ -311,30 +311,59 @@ fn spawn_socket_feed(
     Ok(())
 }
 
-/// Cancels `token` on SIGTERM or Ctrl-C.
+/// Exit status of a process that a second signal stopped without draining: 128 + the signal's
+/// number, as a shell reports a process the signal killed.
+const EXIT_SIGINT: i32 = 130;
+#[cfg(unix)]
+const EXIT_SIGTERM: i32 = 143;
+
+/// Cancels `token` on SIGTERM or Ctrl-C (SIGINT): the process drains. A second SIGTERM or SIGINT
+/// while it drains exits at once, skipping the drain: someone pressing Ctrl-C again wants the
+/// process gone, not a wait of `consumer.drain_ms` + `consumer.handler_timeout_ms` that looks
+/// like a hang. Nothing acknowledged is lost by it: a publish is answered only once its record is
+/// durable, and the events not yet acked are redelivered to the group's next consumer
+/// (at-least-once; effects are idempotent), as after a crash.
 pub fn cancel_on_signal(token: CancellationToken) {
     tokio::spawn(async move {
         #[cfg(unix)]
         {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        error!(error = %e, "cannot listen for SIGTERM");
-                        let _ = tokio::signal::ctrl_c().await;
-                        token.cancel();
-                        return;
-                    }
-                };
+            use tokio::signal::unix::{signal, SignalKind};
+            let (mut term, mut int) = match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                (Ok(term), Ok(int)) => (term, int),
+                (Err(e), _) | (_, Err(e)) => {
+                    error!(error = %e, "cannot listen for SIGTERM and SIGINT");
+                    let _ = tokio::signal::ctrl_c().await;
+                    token.cancel();
+                    return;
+                }
+            };
             tokio::select! {
-                _ = term.recv() => info!("SIGTERM: draining"),
-                _ = tokio::signal::ctrl_c() => info!("interrupt: draining"),
+                _ = term.recv() => info!("SIGTERM: draining (a second SIGTERM or Ctrl-C exits at once)"),
+                _ = int.recv() => info!("interrupt: draining (press Ctrl-C again to exit at once)"),
             }
+            token.cancel();
+            let (signal, code) = tokio::select! {
+                _ = term.recv() => ("SIGTERM", EXIT_SIGTERM),
+                _ = int.recv() => ("SIGINT", EXIT_SIGINT),
+            };
+            warn!(
+                signal,
+                "second signal: exiting now, skipping the drain (published events are durable; \
+                 events not yet acked are redelivered to the next consumer)"
+            );
+            std::process::exit(code);
         }
         #[cfg(not(unix))]
         {
             let _ = tokio::signal::ctrl_c().await;
+            info!("interrupt: draining (press Ctrl-C again to exit at once)");
+            token.cancel();
+            let _ = tokio::signal::ctrl_c().await;
+            warn!("second interrupt: exiting now, skipping the drain");
+            std::process::exit(EXIT_SIGINT);
         }
-        token.cancel();
     });
 }

@@ -242,10 +242,29 @@ async fn run_topology(config: Config, command: TopologyCommand) -> Result<()> {
         }) => {
             let config = with_bus(config, &args.bus, &args.topology)?;
             let topology = app::load_topology(&config)?;
-            let bus = nexus::bus::connect(&config.bus)
-                .await
-                .context("cannot connect to the bus")?;
-            let plan = topology::plan(bus.as_ref(), &topology).await?;
+            // A plan only reads: an embedded directory without a bus is not created (a typo
+            // would leave an empty bus behind). It is planned as the empty bus apply would
+            // create, with a warning naming the directory, so plan-then-apply still works.
+            let plan = match replay::connect_existing(&config.bus).await {
+                Ok(bus) => topology::plan(bus.as_ref(), &topology).await?,
+                Err(e @ replay::ReplayError::NoEmbeddedBus(_)) => {
+                    eprintln!("warning: {e}");
+                    eprintln!("warning: planned against an empty bus: apply would create it");
+                    topology::Plan {
+                        topics: topology
+                            .topic_specs()
+                            .into_iter()
+                            .map(|spec| topology::TopicPlan {
+                                spec,
+                                current: None,
+                                change: topology::Change::Create,
+                            })
+                            .collect(),
+                        applied: false,
+                    }
+                }
+                Err(e) => return Err(e).context("cannot connect to the bus"),
+            };
             println!("{plan}");
             // A plan that apply would refuse is a failure for a script, not a success.
             if plan.conflicts() > 0 {
@@ -308,7 +327,7 @@ async fn run_replay(config: Config, args: ReplayArgs) -> Result<()> {
         .as_deref()
         .map(|t| parse_time("--to-time", t))
         .transpose()?;
-    let bus = nexus::bus::connect(&config.bus)
+    let bus = replay::connect_existing(&config.bus)
         .await
         .context("cannot connect to the bus")?;
     if let Some(dest) = &args.copy_to {

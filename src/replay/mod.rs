@@ -101,8 +101,33 @@ pub enum ReplayError {
         progress: Box<CopyProgress>,
         source: BusError,
     },
+    /// An `embedded://DIR` bus URL naming a directory without a bus: reading or moving
+    /// offsets there would create an empty bus and report every topic missing.
+    #[error(
+        "`{0}` holds no embedded bus (no `db` in it); nothing was created there. Check the \
+         directory: `nexus dev --data-dir X` keeps its bus in `X/bus`, so pass \
+         `--bus embedded://X/bus` or set bus.url (NEXUS_BUS__URL) to it. Only \
+         `nexus topology apply` and `nexus dev` create a bus"
+    )]
+    NoEmbeddedBus(String),
     #[error(transparent)]
     Bus(#[from] BusError),
+}
+
+/// Connects to the bus of `config` for a command that only reads it or moves offsets on it
+/// (`nexus replay`; `nexus topology plan`, which plans an absent bus as an empty one): an
+/// `embedded://DIR` whose directory holds no bus is refused with
+/// [`ReplayError::NoEmbeddedBus`] instead of being created empty.
+pub async fn connect_existing(
+    config: &crate::config::BusConfig,
+) -> Result<std::sync::Arc<dyn Bus>, ReplayError> {
+    if let crate::bus::url::BusUrl::Embedded { dir } = crate::bus::url::BusUrl::parse(&config.url)?
+    {
+        if !crate::bus::embedded::holds_bus(&dir) {
+            return Err(ReplayError::NoEmbeddedBus(dir.display().to_string()));
+        }
+    }
+    Ok(crate::bus::connect(config).await?)
 }
 
 /// Parses an RFC 3339 time (`--from-time`, `--to-time`) to milliseconds since the epoch.

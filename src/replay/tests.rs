@@ -411,3 +411,27 @@ fn copied_record_replaces_an_earlier_replay_header() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_directory_without_an_embedded_bus_is_refused_and_not_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("typo").join("bus");
+    let mut config = crate::config::Config::defaults().bus;
+    config.url = format!("embedded://{}", missing.display());
+    let e = connect_existing(&config).await.err().expect("refused");
+    assert!(matches!(&e, ReplayError::NoEmbeddedBus(d) if d == &missing.display().to_string()));
+    let text = e.to_string();
+    assert!(
+        text.contains("--data-dir") && text.contains("bus.url"),
+        "{text}"
+    );
+    assert!(!missing.exists(), "created {}", missing.display());
+
+    // An empty directory is no bus either; one that holds a bus opens.
+    std::fs::create_dir_all(&missing).unwrap();
+    assert!(connect_existing(&config).await.is_err());
+    drop(crate::bus::embedded::EmbeddedBus::open(&missing, &config).unwrap());
+    connect_existing(&config)
+        .await
+        .expect("an existing bus opens");
+}

@@ -21,6 +21,14 @@ pub const DEFAULT_DLQ_RETENTION: Duration = Duration::from_secs(14 * 86_400);
 /// Kafka's limit on topic names; the other backends map names to what they accept.
 const MAX_TOPIC_NAME: usize = 249;
 
+/// Most partitions a topic may declare. Kafka's practical limits are in the thousands per
+/// broker (each partition is files, a replica fetcher and leader election work; Confluent
+/// advises at most about 4 000 per broker and 200 000 per cluster), and every backend here
+/// builds per-partition state at start (a log and watch per partition on the embedded bus, a
+/// consumer and lease per partition on JetStream): a typo such as `partitions: 4000000000`
+/// must be refused at load, not make `nexus dev` hang building partitions.
+pub const MAX_PARTITIONS: u32 = 10_000;
+
 /// What [`dlq_topic`] appends to a topic's name.
 const DLQ_SUFFIX: &str = ".dlq";
 
@@ -196,6 +204,17 @@ impl Topology {
                 return Err(TopologyError::InvalidTopic {
                     topic: topic.name.clone(),
                     message: "partitions must be at least 1".into(),
+                });
+            }
+            if topic.partitions > MAX_PARTITIONS {
+                return Err(TopologyError::InvalidTopic {
+                    topic: topic.name.clone(),
+                    message: format!(
+                        "partitions {} is more than the {MAX_PARTITIONS} a topic may have \
+                         (Kafka brokers carry a few thousand partitions each; a topic needs \
+                         only as many as consumers should share its load)",
+                        topic.partitions
+                    ),
                 });
             }
             if !topic.dlq && topic.dlq_retention.is_some() {
@@ -600,6 +619,33 @@ mod tests {
         // A topic listed twice by one role would be two members of one group in one pod.
         let twice = TEST_YAML.replace("topics: [t.a]", "topics: [t.a, t.a]");
         assert!(role_error(&twice).1.contains("`t.a` twice"));
+    }
+
+    #[test]
+    fn partitions_are_capped_and_the_error_names_file_and_topic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.yaml");
+        let yaml = TEST_YAML.replace("[A]", "[MessageReceived]");
+        let at_cap = yaml.replace("partitions: 2", &format!("partitions: {MAX_PARTITIONS}"));
+        std::fs::write(&path, &at_cap).unwrap();
+        assert!(Topology::load(&path).is_ok());
+        std::fs::write(
+            &path,
+            yaml.replace("partitions: 2", "partitions: 4000000000"),
+        )
+        .unwrap();
+        let e = Topology::load(&path).unwrap_err();
+        assert!(
+            matches!(e.kind(), TopologyError::InvalidTopic { topic, .. } if topic == "t.b"),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        assert!(
+            text.starts_with(&format!("{}: topic `t.b`", path.display()))
+                && text.contains("4000000000")
+                && text.contains("10000"),
+            "{text}"
+        );
     }
 
     #[test]

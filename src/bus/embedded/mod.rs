@@ -249,6 +249,15 @@ impl Inner {
     }
 }
 
+/// Whether `dir` holds an embedded bus: its database, or the files of an older format (which
+/// [`EmbeddedBus::open`] refuses with its own message). [`EmbeddedBus::open`] creates a bus
+/// where there is none; commands that only read a bus or move offsets on it (`nexus replay`,
+/// `nexus topology plan`) ask this first, so a mistyped directory is not silently made an
+/// empty bus whose topics "do not exist".
+pub fn holds_bus(dir: &Path) -> bool {
+    dir.join(store::DB_DIR).is_dir() || OLD_FILES.iter().any(|f| dir.join(f).exists())
+}
+
 /// The embedded bus. Dropping it stops the writer (after it wrote what was queued), ends
 /// every subscription and closes the file, as a process exit would.
 pub struct EmbeddedBus {
