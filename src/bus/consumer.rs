@@ -606,20 +606,8 @@ async fn handle_with_retry(
         // Looked at while waiting, not only after: a partition given away meanwhile is left
         // to its next owner now, not after a wait of up to minutes (that a revoke would wait
         // for, the record being under way).
-        let until = tokio::time::Instant::now() + wait;
-        loop {
-            if delivery.revoking() {
-                ctx.metrics.revoked.increment(1);
-                return None;
-            }
-            let now = tokio::time::Instant::now();
-            if now >= until {
-                break;
-            }
-            tokio::select! {
-                _ = ctx.stop.fired() => return None,
-                _ = tokio::time::sleep((until - now).min(REVOKE_POLL)) => {}
-            }
+        if !wait_unless_revoked(ctx, delivery, wait).await {
+            return None;
         }
     }
 }
@@ -694,15 +682,33 @@ async fn dead_letter(
             Err(e) => {
                 let wait = backoff(&ctx.options, attempt);
                 error!(error = %e, dlq = %dlq, "cannot write to the dead-letter topic; retrying (consumption of this key is held)");
-                tokio::select! {
-                    _ = ctx.stop.fired() => return Err(()),
-                    _ = tokio::time::sleep(wait) => {}
+                // Like a handler's retry wait: a partition given away meanwhile is left to its
+                // next owner now, not after a back-off of up to `retry_max`, which the hand-over
+                // would wait for (the record being under way).
+                if !wait_unless_revoked(ctx, delivery, wait).await {
+                    return Err(());
                 }
             }
         }
+    }
+}
+
+/// Waits `wait` before a record's next try, looking meanwhile whether its partition is being
+/// given away (counted as revoked) or the drain ended: `false` then, and the record is left.
+async fn wait_unless_revoked(ctx: &LaneContext, delivery: &Delivery, wait: Duration) -> bool {
+    let until = tokio::time::Instant::now() + wait;
+    loop {
         if delivery.revoking() {
             ctx.metrics.revoked.increment(1);
-            return Err(());
+            return false;
+        }
+        let now = tokio::time::Instant::now();
+        if now >= until {
+            return true;
+        }
+        tokio::select! {
+            _ = ctx.stop.fired() => return false,
+            _ = tokio::time::sleep((until - now).min(REVOKE_POLL)) => {}
         }
     }
 }
