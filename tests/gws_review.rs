@@ -4,10 +4,10 @@
 //! - an event whose ids no store can key (a NUL, an id too long for an index) is dead-lettered
 //!   at once as `gws_bad_event` instead of holding its consumer lane (or its conversation) for
 //!   good;
-//! - GWS refusing nexus itself (a rotated credential: 401; 403 or 404 for everything, GWS's own
-//!   user included) is GWS down, not a refusal of each event: the role pauses, the events wait
-//!   in the backlog, nothing is dead-lettered, and everything goes once GWS takes nexus again.
-//!   A 403 for one event while GWS answers the agent's own user is still that event's refusal.
+//! - GWS refusing nexus itself (a rotated credential: 401) is GWS down, not a refusal of each
+//!   event: the role pauses, the events wait in the backlog, nothing is dead-lettered, and
+//!   everything goes once GWS takes nexus again. A 403 or 404 for an agent GWS refuses (its own
+//!   user refused with a 403 or 404 too), or for one event, is still that event's refusal.
 
 mod common;
 
@@ -327,25 +327,54 @@ async fn a_rotated_credential_pauses_gws_until_it_is_taken_again() {
     recovered(&system, &gws, &chats).await;
 }
 
-/// GWS answering 403 for everything (a credential without the right any more), then 404 for
-/// everything (a wrong base path), its agent's own user included: each is GWS down too, and
-/// nothing is dead-lettered. A 403 to one event while GWS answers the agent's own user is that
-/// event's refusal: dead-lettered at once (`gws_rejected`), its conversation going on.
+/// A 403 or 404 whose agent's own user GWS refuses with a 403 or 404 too is that agent's
+/// refusal (an agent GWS no longer knows), not GWS refusing nexus: the check carries the
+/// agent's id, so pausing GWS for every tenant over one agent would be wrong. Such events are
+/// dead-lettered (`gws_rejected`), nothing paused, nothing counted `misconfigured`. A 403 to one
+/// event while GWS answers the agent's own user is that event's refusal too: dead-lettered at
+/// once, its conversation going on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_target_refusing_everything_pauses_gws_and_one_refused_event_is_dead_lettered() {
+async fn an_agent_or_event_refused_is_dead_lettered_and_pauses_nobody() {
     let _serial = SERIAL.lock().await;
     let gws = FakeGws::start(GWS_TOKEN).await;
     let system = System::start(&gws).await;
-    for status in [403, 404] {
+    let misconfigured = || async {
+        system
+            .metric("nexus_peer_calls_total", &["outcome=\"misconfigured\""])
+            .await
+    };
+    let before = misconfigured().await;
+    for (i, status) in [403u16, 404].into_iter().enumerate() {
         gws.fail_all(Some(status));
-        let chats = refused_outage(&system, &gws, &format!("{status} to all"), status).await;
+        let conv = uuid::Uuid::new_v4().to_string();
+        system
+            .ingest("t1", &conv, "AgentAccepted", accepted("a1"))
+            .await;
+        let want = (i + 1) as f64;
+        eventually(
+            WAIT,
+            &format!("{status}: the refused accept dead-lettered"),
+            || async { (system.dead_lettered("gws_rejected").await >= want).then_some(()) },
+        )
+        .await;
         assert!(
-            gws.me_answered(status) >= 3,
-            "GWS's own user was asked whose refusal it was"
+            gws.me_answered(status) >= 1,
+            "{status}: GWS's own user was asked whose refusal it was"
         );
         gws.fail_all(None);
-        recovered(&system, &gws, &chats).await;
+        assert!(gws.applied(&conv).is_empty(), "{status}: applied");
     }
+    assert_eq!(system.dead_lettered("gws_rejected").await, 2.0);
+    assert_eq!(
+        system.paused().await,
+        0.0,
+        "one agent refused pauses nobody"
+    );
+    assert_eq!(
+        misconfigured().await,
+        before,
+        "nothing taken for nexus refused"
+    );
 
     let conv = uuid::Uuid::new_v4().to_string();
     gws.rule(&conv, "SendMessage", Action::Status(403));
@@ -370,10 +399,10 @@ async fn a_target_refusing_everything_pauses_gws_and_one_refused_event_is_dead_l
     )
     .await;
     eventually(WAIT, "the one refused event dead-lettered", || async {
-        (system.dead_lettered("gws_rejected").await == 1.0).then_some(())
+        (system.dead_lettered("gws_rejected").await == 3.0).then_some(())
     })
     .await;
-    assert_eq!(system.dead_lettered("").await, 1.0);
+    assert_eq!(system.dead_lettered("").await, 3.0);
     assert_eq!(
         system.paused().await,
         0.0,

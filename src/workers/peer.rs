@@ -696,11 +696,15 @@ impl Peer {
         target: &PeerTarget,
         headers: &[(&str, &str)],
     ) -> Refusal {
+        // Only an authentication refusal (401, 407) is surely nexus's. A 403 may be one
+        // request's (a policy refusal of one document, an agent GWS no longer knows): taken
+        // for nexus's only when the identity check is refused as an authentication too, or,
+        // for a read, at all (a read is never dead-lettered for it; see gws's reconciliation).
         match (status, self.identity) {
-            (401 | 407, _) | (403, None) => Refusal::Caller(String::new()),
-            (403, Some(path)) => self.identity_refusal(path, target, headers).await,
+            (401 | 407, _) => Refusal::Caller(String::new()),
+            (403, Some(path)) => self.identity_refusal(path, call, target, headers).await,
             (404, Some(path)) if call == Call::Write => {
-                self.identity_refusal(path, target, headers).await
+                self.identity_refusal(path, call, target, headers).await
             }
             _ => Refusal::Request,
         }
@@ -710,6 +714,7 @@ impl Peer {
     async fn identity_refusal(
         &self,
         path: &str,
+        call: Call,
         target: &PeerTarget,
         headers: &[(&str, &str)],
     ) -> Refusal {
@@ -741,8 +746,14 @@ impl Peer {
             .is_some_and(is_html);
         if status.is_success() && !html && same_place(&asked, response.url()) {
             Refusal::Request
-        } else if matches!(status.as_u16(), 401 | 403 | 404 | 407) {
+        } else if matches!(status.as_u16(), 401 | 407)
+            || (call == Call::Read && matches!(status.as_u16(), 403 | 404))
+        {
             Refusal::Caller(format!(", and GET {path} {status}"))
+        } else if matches!(status.as_u16(), 403 | 404) {
+            // The check carries the call's headers (GWS's `X-Agent-Id`): refused so, it is that
+            // agent GWS refuses, not nexus; one agent must not pause the target for everyone.
+            Refusal::Request
         } else {
             Refusal::Unknown(format!(
                 "GET {path}, to tell whether it refuses nexus itself, answered {status}"
@@ -1412,7 +1423,8 @@ mod tests {
             .route("/read", axum::routing::get(|| async { "{}" }))
             .route(
                 "/unauthorized",
-                axum::routing::post(|| async { (StatusCode::UNAUTHORIZED, "no such key") }),
+                axum::routing::post(|| async { (StatusCode::UNAUTHORIZED, "no such key") })
+                    .get(|| async { (StatusCode::UNAUTHORIZED, "no such key") }),
             )
             .route(
                 "/forbidden",
@@ -1617,11 +1629,11 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), before + 1, "one probe went");
     }
 
-    /// A target that refuses nexus itself (401, 407; a 403 without an identity check to tell
-    /// otherwise) is taken for down, outcome `misconfigured`: a retryable failure that opens
-    /// the circuit like a 5xx and does not count while the target answers nobody. Other 4xx
-    /// (404, 409) are the request's. Before, a 401 was a refusal of the event (dead-lettered)
-    /// and counted as the peer being up.
+    /// A target that refuses nexus itself (401, 407) is taken for down, outcome
+    /// `misconfigured`: a retryable failure that opens the circuit like a 5xx and does not
+    /// count while the target answers nobody. Other 4xx (403 without an identity check to tell
+    /// otherwise, 404, 409) are the request's. Before, a 401 was a refusal of the event
+    /// (dead-lettered) and counted as the peer being up.
     #[tokio::test]
     async fn a_target_refusing_nexus_itself_is_down() {
         crate::telemetry::init_metrics();
@@ -1633,7 +1645,7 @@ mod tests {
         let peer = Peer::new("refusing", "p", reqwest::Client::new(), &c);
         let t = target(&url);
         let other = Peer::new("r", "p", reqwest::Client::new(), &c);
-        for path in ["/nowhere", "/conflict"] {
+        for path in ["/nowhere", "/conflict", "/forbidden"] {
             assert!(
                 matches!(
                     post(&other, &t, "chat-0", path).await,
@@ -1652,7 +1664,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(!peer.paused(), "one conversation pauses nobody");
-        match post(&peer, &t, "chat-2", "/forbidden").await {
+        match post(&peer, &t, "chat-2", "/unauthorized").await {
             Err(PeerFailure::Retry { counts, .. }) => {
                 assert!(
                     !counts,
@@ -1679,8 +1691,10 @@ mod tests {
     }
 
     /// With an identity check (GWS's own user), a 403, or a write's 404, is the request's when
-    /// the identity is answered, and nexus's when it is refused too; a read's 404 is no
-    /// refusal at all.
+    /// the identity is answered or refused with a 403 or 404 (the check carries the call's
+    /// agent: it is that agent refused, not nexus), and nexus's when the identity is refused as
+    /// an authentication (401, 407); a read's 403 is nexus's when the identity is refused at
+    /// all; a read's 404 is no refusal at all.
     #[tokio::test]
     async fn an_identity_check_tells_whose_refusal_it_is() {
         let (url, _) = peer_server().await;
@@ -1700,15 +1714,26 @@ mod tests {
             answered.get_json(&t, "chat-1", "/forbidden", &[]).await,
             Err(PeerFailure::Rejected { status: 403, .. })
         ));
+        let unauthenticated = Peer::new("r", "p", reqwest::Client::new(), &config())
+            .with_identity_check("/unauthorized");
+        for path in ["/forbidden", "/nowhere"] {
+            match post(&unauthenticated, &t, "chat-1", path).await {
+                Err(PeerFailure::Retry { detail, .. }) => {
+                    assert!(detail.contains("GET /unauthorized 401"), "{detail}")
+                }
+                other => panic!("{path}, the identity unauthenticated: {other:?}"),
+            }
+        }
         let refused =
             Peer::new("r", "p", reqwest::Client::new(), &config()).with_identity_check("/nowhere");
         for path in ["/forbidden", "/nowhere"] {
-            match post(&refused, &t, "chat-1", path).await {
-                Err(PeerFailure::Retry { detail, .. }) => {
-                    assert!(detail.contains("GET /nowhere 404"), "{detail}")
-                }
-                other => panic!("{path}, the identity refused: {other:?}"),
-            }
+            assert!(
+                matches!(
+                    post(&refused, &t, "chat-1", path).await,
+                    Err(PeerFailure::Rejected { .. })
+                ),
+                "{path}, the agent's identity refused: that agent's request refused"
+            );
         }
         assert!(matches!(
             refused.get_json(&t, "chat-1", "/forbidden", &[]).await,

@@ -34,9 +34,10 @@
 //! calls unsent, so its events wait in the backlog too, without holding other tenants
 //! (`nexus_worker_paused{role="gws",peer="gws"}` is 1). A 4xx marks the row `rejected` and
 //! dead-letters the event (`gws_rejected`), unless GWS refuses nexus itself rather than the
-//! event (401, 407; a 403, or a POST's 404, when GWS refuses the agent's own user too: a
-//! rotated credential, a wrong base URL): then GWS is taken for down, as for a 5xx, and the
-//! events wait in the backlog until it takes nexus again.
+//! event (401, 407; a 403, or a POST's 404, whose agent's own user GWS answers 401 or 407: a
+//! rotated credential): then GWS is taken for down, as for a 5xx, and the events wait in the
+//! backlog until it takes nexus again. A 403 or 404 for the agent's own user too is that
+//! agent's refusal (GWS no longer knows it), not nexus's: one agent pauses nobody.
 
 pub mod client;
 pub mod config;

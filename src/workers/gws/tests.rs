@@ -147,19 +147,22 @@ async fn a_refused_call_is_dead_lettered_and_a_replay_tries_again() {
     db.close().await;
 }
 
-/// GWS refusing nexus itself (a rotated credential: 401; a 403 or a POST's 404 that the agent's
-/// own user gets too) is GWS down, not a refusal of the event: retried (the event waits in the
-/// backlog), the effect still pending, nothing dead-lettered. A 403 or 404 while GWS answers
-/// the agent's own user, or another 4xx, is the event's refusal: dead-lettered at once.
-/// Before, every 4xx dead-lettered its event, so a rotated key dead-lettered them all.
+/// GWS refusing nexus itself (a rotated credential: 401, 407; a 403 or a POST's 404 whose
+/// agent's own user gets a 401 too) is GWS down, not a refusal of the event: retried (the event
+/// waits in the backlog), the effect still pending, nothing dead-lettered. A 403 or 404 while
+/// GWS answers the agent's own user, or refuses it with a 403 or 404 (that agent unknown to GWS
+/// now: pausing GWS for everyone over one agent would be wrong), or another 4xx, is the event's
+/// refusal: dead-lettered at once. Before, every 4xx dead-lettered its event, so a rotated key
+/// dead-lettered them all.
 #[tokio::test]
 async fn a_refusal_of_nexus_itself_is_retried_and_of_the_event_dead_lettered() {
     let cases = [
         (401, StatusCode::OK, false),
         (407, StatusCode::OK, false),
-        (403, StatusCode::FORBIDDEN, false),
+        (403, StatusCode::FORBIDDEN, true),
         (403, StatusCode::UNAUTHORIZED, false),
-        (404, StatusCode::NOT_FOUND, false),
+        (404, StatusCode::NOT_FOUND, true),
+        (404, StatusCode::UNAUTHORIZED, false),
         (403, StatusCode::OK, true),
         (404, StatusCode::OK, true),
         (409, StatusCode::FORBIDDEN, true),
