@@ -271,6 +271,13 @@ async fn widget_double_click_on_start_opens_one_socket() {
     case("start_double_click", &[]).await;
 }
 
+/// The same text sent twice quickly, the first still unacknowledged, is two messages: in the
+/// widget (its sends held) and in the console; only a failed send keeps its id when sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_text_sent_twice_quickly_is_two_messages() {
+    case("same_text_twice", &[]).await;
+}
+
 /// `transfer_failed` (the second agent is not ready) is shown with its reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_shows_a_refused_transfer_and_consult() {

@@ -394,6 +394,51 @@ class Cases:
                 raise PlaywrightError(f"{len(starts)} starts, {len(sockets)} sockets: {sockets}")
         self.step("a double click on Start opens one socket", double_click)
 
+    def same_text_twice(self):
+        """The same text sent twice quickly, the first still out, is two messages: the widget's
+        "ok" twice (its sends held, as by a network's latency) reaches the console twice, and
+        the agent's "ok" twice (the second sent before the first's ack) reaches the widget twice."""
+        a, b = self.page("agent"), self.page("widget")
+        self.step("agent ready", lambda: agent_ready(a, f"{self.base}/demo/agent"))
+        self.step("customer starts", lambda: customer_starts(b, f"{self.base}/demo/widget", "Cust", "hi"))
+        self.step("agent accepts", lambda: accept(a))
+
+        # A network's latency: each send is held (not answered) until both are out, so the
+        # second comes while the first is still in flight.
+        sends = []
+
+        def hold(route):
+            sends.append(route)
+        b.route("**/messages", hold)
+
+        def customer_twice():
+            for n in (1, 2):
+                b.fill("#text", "ok from the customer")
+                b.press("#text", "Enter")
+                b.wait_for_function("document.getElementById('text').value === ''")
+                deadline = time.time() + 5
+                while len(sends) < n and time.time() < deadline:
+                    b.wait_for_timeout(50)
+            for route in sends:
+                route.continue_()
+            b.unroute("**/messages")
+            a.locator("#log").get_by_text("ok from the customer").nth(1).wait_for()
+            a.wait_for_timeout(500)
+            count(a.locator("#log").get_by_text("ok from the customer"), 2, "the customer's ok")
+            if len(sends) != 2:
+                raise PlaywrightError(f"{len(sends)} sends, 2 expected")
+        self.step("the customer sends the same text twice quickly: shown twice", customer_twice)
+
+        def agent_twice():
+            # Both sent in one turn of the page's loop: the first's ack cannot come between.
+            a.evaluate("""() => { for (let i = 0; i < 2; i++) {
+                document.getElementById('text').value = 'ok from the agent';
+                document.getElementById('reply').requestSubmit(); } }""")
+            b.locator("#log").get_by_text("ok from the agent").nth(1).wait_for()
+            b.wait_for_timeout(500)
+            count(b.locator("#log").get_by_text("ok from the agent"), 2, "the agent's ok")
+        self.step("the agent sends the same reply twice quickly: shown twice", agent_twice)
+
     def transfer_refused(self):
         """A transfer or consult the worker refuses is shown, with its reason."""
         a, b = self.page("agent"), self.page("widget")
