@@ -105,22 +105,7 @@ impl System {
 
     /// Every record of the agent topic's dead-letter topic.
     async fn dead_letters(&self) -> Vec<Message> {
-        let dlq = dlq_topic(TOPIC);
-        let mut all = Vec::new();
-        for p in self.bus.partition_offsets(&dlq).await.expect("offsets") {
-            let mut from = p.low;
-            loop {
-                let got = self
-                    .bus
-                    .read(&dlq, p.partition, from, 100)
-                    .await
-                    .expect("read");
-                let Some(last) = got.last() else { break };
-                from = last.offset + 1;
-                all.extend(got);
-            }
-        }
-        all
+        common::read_topic(self.bus.as_ref(), &dlq_topic(TOPIC)).await
     }
 
     /// Publishes an agent event through the edge's ingest endpoint.
@@ -171,13 +156,6 @@ fn whole_chat_effects(agent: &str, messages: &[String]) -> Vec<String> {
     want.extend(messages.iter().map(|m| format!("SendMessage {agent} {m}")));
     want.push(format!("Complete {agent} -"));
     want
-}
-
-fn header<'a>(m: &'a Message, name: &str) -> Option<&'a str> {
-    m.headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
 }
 
 /// A new conversation id the gws consumer runs on the same lane as `key`.
@@ -281,8 +259,8 @@ async fn an_event_whose_ids_no_store_can_key_holds_no_gws_lane() {
     let dead = system.dead_letters().await;
     assert_eq!(dead.len(), 4, "{dead:?}");
     for m in &dead {
-        assert_eq!(header(m, headers::DLQ_REASON), Some("gws_bad_event"));
-        let error = header(m, headers::DLQ_ERROR).unwrap_or_default();
+        assert_eq!(m.header(headers::DLQ_REASON), Some("gws_bad_event"));
+        let error = m.header(headers::DLQ_ERROR).unwrap_or_default();
         assert!(
             !error.chars().any(char::is_control),
             "a control character in a dead-letter header: {error:?}"

@@ -96,30 +96,8 @@ impl System {
 
     /// Every record of the interaction topic's dead-letter topic.
     async fn dead_letters(&self) -> Vec<Message> {
-        let dlq = dlq_topic(TOPIC);
-        let mut all = Vec::new();
-        for p in self.bus.partition_offsets(&dlq).await.expect("offsets") {
-            let mut from = p.low;
-            loop {
-                let got = self
-                    .bus
-                    .read(&dlq, p.partition, from, 100)
-                    .await
-                    .expect("read");
-                let Some(last) = got.last() else { break };
-                from = last.offset + 1;
-                all.extend(got);
-            }
-        }
-        all
+        common::read_topic(self.bus.as_ref(), &dlq_topic(TOPIC)).await
     }
-}
-
-fn header<'a>(m: &'a Message, name: &str) -> Option<&'a str> {
-    m.headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
 }
 
 /// The conversation a dead letter is of (its record key).
@@ -267,8 +245,8 @@ async fn a_refusal_with_nul_bytes_or_the_credential_in_its_body_is_dead_lettered
         let letters = dead_letter_of(&dead, c);
         assert_eq!(letters.len(), 1, "{c}: {letters:?}");
         let m = letters[0];
-        assert_eq!(header(m, headers::DLQ_REASON), Some("ucs_rejected"));
-        let error = header(m, headers::DLQ_ERROR).expect("error header");
+        assert_eq!(m.header(headers::DLQ_REASON), Some("ucs_rejected"));
+        let error = m.header(headers::DLQ_ERROR).expect("error header");
         assert!(error.contains(call), "the detail names the call: {error}");
         assert!(error.contains("400"), "{error}");
         assert!(
@@ -346,7 +324,7 @@ async fn an_event_whose_ids_the_store_cannot_key_holds_no_lane() {
         let letters = dead_letter_of(&dead, conv);
         assert_eq!(letters.len(), 1, "one dead letter of each bad event");
         assert_eq!(
-            header(letters[0], headers::DLQ_REASON),
+            letters[0].header(headers::DLQ_REASON),
             Some("history_bad_event")
         );
     }

@@ -130,6 +130,21 @@ impl TestBus {
     }
 }
 
+/// Every record of `topic` still kept, partition by partition, each in offset order.
+pub async fn read_topic(bus: &dyn Bus, topic: &str) -> Vec<bus::Message> {
+    let mut all = Vec::new();
+    for p in bus.partition_offsets(topic).await.expect("offsets") {
+        let mut from = p.low;
+        loop {
+            let got = bus.read(topic, p.partition, from, 100).await.expect("read");
+            let Some(last) = got.last() else { break };
+            from = last.offset + 1;
+            all.extend(got);
+        }
+    }
+    all
+}
+
 /// The next delivery within `within`, or `None`.
 pub async fn next_within(sub: &mut Box<dyn Subscription>, within: Duration) -> Option<Delivery> {
     match tokio::time::timeout(within, sub.next()).await {
