@@ -952,8 +952,15 @@ fn records<'a>(schema: &'a Schema, out: &mut Vec<&'a RecordSchema>) {
 /// rules allow the pair: a `string` read as a `uuid` (old text need not be a UUID) and `bytes`
 /// read as a `string` (old bytes need not be UTF-8). nexus's reader refuses such a value, so
 /// every old event holding one would be dead-lettered once readers move to the new version.
+/// Also a `long` read as a `timestamp-millis`: it decodes, but an old number (a count, a
+/// duration) would be taken for an instant. Dropping a logical type is safe (the value keeps
+/// its meaning, read as its plain type), so only adding one is refused.
 fn unsafe_read(writer: &Node, reader: &Node) -> Option<String> {
     find_in_pair(writer, reader, "", &|w, r, at| match (w, r) {
+        (Node::Long, Node::TimestampMillis) => Some(format!(
+            "{at} was a long and is now a `timestamp-millis`: old numbers were not instants \
+             (add a new field instead)"
+        )),
         (Node::String, Node::Uuid) => Some(format!(
             "{at} was a string and is now a `uuid`: old values that are not UUIDs would not \
              decode (add a new field instead)"

@@ -974,3 +974,47 @@ fn writers_use_the_oldest_version_that_carries_the_body() {
         Err(DecodeError::UnknownFingerprint(_))
     ));
 }
+
+/// A `long` that gains `timestamp-millis` decodes, but its old values (here a count) would be
+/// read as instants: refused, naming the field. Dropping the logical type again is allowed.
+#[test]
+fn the_check_refuses_a_long_turned_timestamp() {
+    let with_burst = |version: u32, ty: Value| {
+        let mut v = typing_v1();
+        v["fields"].as_array_mut().unwrap().push(
+            json!({"name": "burst", "type": ty, "default": 1, "doc": "Keystroke burst count."}),
+        );
+        (
+            format!("events/typing_indicated/v{version}.avsc"),
+            v.to_string(),
+        )
+    };
+    let millis = json!({"type": "long", "logicalType": "timestamp-millis"});
+    let files = |a: Value, b: Value| {
+        let (p2, t2) = with_burst(2, a);
+        let (p3, t3) = with_burst(3, b);
+        let owned = [(p2, t2), (p3, t3)];
+        let extra: Vec<(&str, String)> =
+            owned.iter().map(|(p, t)| (p.as_str(), t.clone())).collect();
+        registry_with(&extra).unwrap().check()
+    };
+    let errors: Vec<String> = files(json!("long"), millis.clone())
+        .unwrap_err()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        errors.iter().any(|e| e.contains(
+            "TypingIndicated v3 cannot read v2: field `burst` was a long and is now a `timestamp-millis`"
+        )),
+        "{errors:?}"
+    );
+    let dropped: Vec<String> = match files(millis, json!("long")) {
+        Ok(_) => Vec::new(),
+        Err(errors) => errors.iter().map(ToString::to_string).collect(),
+    };
+    assert!(
+        !dropped.iter().any(|e| e.contains("burst")),
+        "dropping the logical type is allowed: {dropped:?}"
+    );
+}
