@@ -3,7 +3,8 @@
 //! hook Job, no secrets in ConfigMaps or literal env, startup/liveness/readiness probes, drain time,
 //! pod settings on every pod the hook Job included, configs nexus loads, KEDA per values, requests
 //! within limits, PDBs that let a drain go, names within 63 characters, the listen address, the
-//! hook Job's image).
+//! hook Job's image, hook objects deleted once the hooks succeed, values.schema.json refusing
+//! misspelt keys and wrong types while taking every documented value).
 //!
 //! Helm comes from `scripts/helm.sh` (downloads it into target/tools when missing). Without it the
 //! tests skip with a message, unless NEXUS_TEST_REQUIRE_TOOLS=1 (set by `.ci/run`) makes that a
@@ -1350,4 +1351,209 @@ fn grace_checks_see_drain_times_set_in_env() {
         env_value(container_of(&objs, "gws"), "NEXUS_CONSUMER__DRAIN_MS").as_deref(),
         Some("60000")
     );
+}
+
+/// Whether helm's output names the value at `path` (helm 3.19+ and 4 write `'/edge/replicas'`,
+/// older helm `edge.replicas`).
+fn names_value(out: &str, path: &[&str]) -> bool {
+    out.contains(&format!("'/{}'", path.join("/"))) || out.contains(&path.join("."))
+}
+
+#[test]
+fn values_schema_refuses_typos_and_wrong_types_and_takes_every_documented_value() {
+    let Some(helm) = helm() else { return };
+    let chart = chart();
+    let c = chart.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |file: &str, yaml: &str| -> String {
+        let path = dir.path().join(file);
+        std::fs::write(&path, yaml).unwrap();
+        path.display().to_string()
+    };
+    // Without a schema a misspelt key was ignored (the default silently stayed) and a wrong type
+    // rendered into a manifest the API server refused at install. values.schema.json refuses
+    // both at template and lint time, naming the key.
+    for (yaml, unknown) in [
+        ("replicaCont: 3\n", "replicaCont"),
+        ("nodeSelektor: {pool: nexus}\n", "nodeSelektor"),
+        ("edge:\n  replicaCont: 3\n", "replicaCont"),
+        (
+            "workers:\n  overrides:\n    history:\n      replica: 3\n",
+            "replica",
+        ),
+        ("edge:\n  pdb:\n    maxUnavaliable: 1\n", "maxUnavaliable"),
+    ] {
+        let file = write("typo.yaml", yaml);
+        for args in [
+            &["template", RELEASE, c, "-f", &file][..],
+            &["lint", "--strict", c, "-f", &file][..],
+        ] {
+            let (ok, out, err) = run_helm(&helm, args);
+            let all = format!("{out}{err}");
+            assert!(!ok, "{} took {yaml:?}", args[0]);
+            assert!(
+                all.contains("don't meet the specifications of the schema")
+                    && all.contains(unknown)
+                    && all.contains("not allowed"),
+                "{} {yaml:?}: {all}",
+                args[0]
+            );
+        }
+    }
+    for (yaml, path) in [
+        ("edge:\n  replicas: two\n", &["edge", "replicas"][..]),
+        (
+            "edge:\n  service:\n    port: 70000\n",
+            &["edge", "service", "port"],
+        ),
+        (
+            "edge:\n  service:\n    port: 0\n",
+            &["edge", "service", "port"],
+        ),
+        (
+            "edge:\n  service:\n    type: Loadbalancer\n",
+            &["edge", "service", "type"],
+        ),
+        (
+            "workers:\n  defaults:\n    replicas: -1\n",
+            &["workers", "defaults", "replicas"],
+        ),
+        (
+            "workers:\n  overrides:\n    gws:\n      terminationGracePeriodSeconds: 90s\n",
+            &[
+                "workers",
+                "overrides",
+                "gws",
+                "terminationGracePeriodSeconds",
+            ],
+        ),
+        (
+            "metrics:\n  serviceMonitor:\n    interval: 15 seconds\n",
+            &["metrics", "serviceMonitor", "interval"],
+        ),
+        ("podLabels:\n  tier: 1\n", &["podLabels", "tier"]),
+        ("bus:\n  tls: \"yes\"\n", &["bus", "tls"]),
+        (
+            "image:\n  pullPolicy: IfNotPresnt\n",
+            &["image", "pullPolicy"],
+        ),
+    ] {
+        let file = write("type.yaml", yaml);
+        for args in [
+            &["template", RELEASE, c, "-f", &file][..],
+            &["lint", "--strict", c, "-f", &file][..],
+        ] {
+            let (ok, out, err) = run_helm(&helm, args);
+            let all = format!("{out}{err}");
+            assert!(!ok, "{} took {yaml:?}", args[0]);
+            assert!(
+                all.contains("don't meet the specifications of the schema")
+                    && names_value(&all, path),
+                "{} {yaml:?}: no schema error naming {path:?}: {all}",
+                args[0]
+            );
+        }
+    }
+    // What values.yaml, README and charts/operations.md show still renders and lints.
+    let documented = write(
+        "documented.yaml",
+        r#"
+listenAddress: "::"
+tls: {secretName: nexus-tls}
+probes:
+  startup: {failureThreshold: 240}
+edge:
+  asyncThreads: auto
+  preStopSleepSeconds: 0
+  pdb: {enabled: true, maxUnavailable: "50%"}
+  ingress:
+    enabled: true
+    tls: [{secretName: nexus-ingress-tls, hosts: [nexus.example.com]}]
+workers:
+  roles: []
+  overrides:
+    conversation:
+      replicas: 4
+      resources: {requests: {cpu: "1", memory: 512Mi}}
+      asyncThreads: auto
+metrics:
+  serviceMonitor:
+    enabled: true
+    tlsConfig: {ca: {secret: {name: nexus-ca, key: ca.crt}}, serverName: nexus}
+"#,
+    );
+    let (ok, out, err) = run_helm(&helm, &["lint", "--strict", c, "-f", &documented]);
+    assert!(ok, "helm lint --strict -f documented values: {out}{err}");
+    check_common(&render(&helm, &[&documented], &[]), "documented values");
+    // charts/operations.md: a staged upgrade, and dropping a minAvailable that --reuse-values
+    // carried over from an older chart.
+    let old = write("old.yaml", "edge:\n  pdb:\n    minAvailable: 1\n");
+    for extra in [
+        &[
+            "--set",
+            "workers.defaults.imageTag=NEW",
+            "--set",
+            "edge.imageTag=OLD",
+        ][..],
+        &[
+            "--set",
+            "image.tag=NEW",
+            "--set",
+            "workers.defaults.imageTag=",
+            "--set",
+            "edge.imageTag=",
+            "--set",
+            "workers.overrides.conversation.imageTag=",
+        ],
+    ] {
+        render(&helm, &[], extra);
+    }
+    render(&helm, &[&old], &["--set", "edge.pdb.minAvailable=null"]);
+}
+
+#[test]
+fn hook_objects_are_deleted_once_the_hooks_succeed() {
+    let Some(helm) = helm() else { return };
+    // The hook ConfigMap had before-hook-creation only: hook objects are no part of the release,
+    // so `helm uninstall` left it behind. Every hook object now goes when the hooks succeed;
+    // helm deletes those only after the last hook of the event (the Job) completed, so the
+    // ConfigMap, created first, is there for each of the Job's pods.
+    for values in [&[][..], &["kafka-values.yaml"], &["nats-values.yaml"]] {
+        let objs = render(&helm, values, &[]);
+        check_hook_job(&objs, "hook cleanup");
+        let hooks: Vec<&Value> = objs
+            .iter()
+            .filter(|o| o["metadata"]["annotations"]["helm.sh/hook"].is_string())
+            .collect();
+        let hook_kinds: BTreeSet<&str> = hooks.iter().map(|o| kind(o)).collect();
+        assert_eq!(
+            hook_kinds,
+            BTreeSet::from(["ConfigMap", "Job"]),
+            "{values:?}"
+        );
+        for o in hooks {
+            let policies: BTreeSet<&str> = o["metadata"]["annotations"]
+                ["helm.sh/hook-delete-policy"]
+                .as_str()
+                .unwrap_or("")
+                .split(',')
+                .map(str::trim)
+                .collect();
+            assert!(
+                policies.contains("hook-succeeded") && policies.contains("before-hook-creation"),
+                "{values:?}: {} {} is left after success or blocks the next run: {policies:?}",
+                kind(o),
+                name(o)
+            );
+            // A failed Job stays for `kubectl logs` (charts/operations.md, "Deploy").
+            if kind(o) == "Job" {
+                assert!(!policies.contains("hook-failed"), "{values:?}: {}", name(o));
+            }
+            assert!(
+                o["metadata"]["annotations"]["helm.sh/resource-policy"].is_null(),
+                "{values:?}: {} kept",
+                name(o)
+            );
+        }
+    }
 }
