@@ -260,6 +260,7 @@ async fn run_topology(config: Config, command: TopologyCommand) -> Result<()> {
                                 change: topology::Change::Create,
                             })
                             .collect(),
+                        undeclared: Ok(Vec::new()),
                         applied: false,
                     }
                 }
@@ -273,6 +274,9 @@ async fn run_topology(config: Config, command: TopologyCommand) -> Result<()> {
                     plan.conflicts()
                 );
             }
+            // Topics on the bus the file does not declare are listed but are no change:
+            // apply cannot act on them (it never deletes a topic), so a script waiting for
+            // "nothing to apply" must not wait on them.
             if detailed_exitcode && plan.has_changes() {
                 use std::io::Write;
                 std::io::stdout().flush().context("cannot write the plan")?;

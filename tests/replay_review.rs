@@ -616,6 +616,9 @@ impl Bus for Faulty {
     async fn topic_info(&self, topic: &str) -> Result<Option<TopicInfo>, BusError> {
         self.inner.topic_info(topic).await
     }
+    async fn list_topics(&self) -> Result<Vec<String>, BusError> {
+        self.inner.list_topics().await
+    }
     async fn apply_topic(&self, spec: &TopicSpec) -> Result<(), BusError> {
         self.inner.apply_topic(spec).await
     }

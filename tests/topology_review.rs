@@ -1,7 +1,8 @@
 //! `nexus topology plan|apply` and `nexus schemas check` as an operator uses them: what they
 //! print, their exit codes, and what they refuse. The topology commands run against the real
 //! brokers (NATS JetStream and a Kafka-protocol broker; addresses from `scripts/services.sh
-//! env`, loopback defaults), each test on topics of its own; `NEXUS_TEST_BUS` picks one backend.
+//! env`, loopback defaults), some on the embedded log too, each test on topics of its own;
+//! `NEXUS_TEST_BUS` picks one backend.
 
 use std::path::Path;
 use std::process::Command;
@@ -265,6 +266,407 @@ fn topology_file_errors_name_the_file_and_the_place() {
         err.contains("topic `t.b.dlq`: names ending in `.dlq` are dead-letter topics"),
         "{err}"
     );
+}
+
+/// One topic, no roles.
+fn one_topic(name: &str, partitions: u32, retention: &str) -> String {
+    format!("topics:\n  - name: {name}\n    partitions: {partitions}\n    retention: {retention}\n")
+}
+
+/// [`brokers`] and the embedded log in `dir`.
+fn buses(dir: &Path) -> Vec<(&'static str, String)> {
+    let only = std::env::var("NEXUS_TEST_BUS").unwrap_or_default();
+    let mut all = brokers();
+    if only.is_empty() || only == "embedded" {
+        all.push((
+            "embedded",
+            format!("embedded://{}", dir.join("bus").display()),
+        ));
+    }
+    all
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}
+
+/// JetStream at the bus URL, to make streams by hand as an operator would.
+async fn jetstream(bus: &str) -> async_nats::jetstream::Context {
+    let client = async_nats::connect(bus)
+        .await
+        .unwrap_or_else(|e| panic!("NATS at {bus}: {e}"));
+    async_nats::jetstream::new(client)
+}
+
+/// A Kafka topic made by hand (not by nexus) with `configs`.
+async fn kafka_topic(bus: &str, name: &str, partitions: i32, configs: &[(&str, &str)]) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let brokers = bus.strip_prefix("kafka://").expect("kafka:// URL");
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin client");
+    let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(-1));
+    for (key, value) in configs {
+        topic = topic.set(key, value);
+    }
+    let created = admin
+        .create_topics(&[topic], &AdminOptions::new())
+        .await
+        .expect("create topic");
+    assert!(matches!(created.as_slice(), [Ok(_)]), "{name}: {created:?}");
+    // The broker creates it after answering; the CLI must see it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let meta: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("metadata client");
+    use rdkafka::consumer::Consumer;
+    while meta
+        .fetch_metadata(Some(name), std::time::Duration::from_secs(5))
+        .map_or(true, |md| {
+            md.topics()
+                .iter()
+                .all(|t| t.name() != name || t.partitions().is_empty())
+        })
+    {
+        assert!(std::time::Instant::now() < deadline, "{name} not created");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Topics the bus has and the file does not declare (leftovers of an older topology, one made
+/// by hand under a mistyped name) are listed in a section of their own; they are no change for
+/// `--detailed-exitcode`, and apply leaves them alone. On JetStream only streams nexus's
+/// naming could have made are topics (not another application's stream); on Kafka the
+/// broker's `__` topics are left out.
+#[test]
+fn plan_lists_topics_the_file_does_not_declare_and_apply_leaves_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (backend, bus) in buses(dir.path()) {
+        let p = prefix("ud");
+        let full = write(dir.path(), &format!("{p}.yaml"), &topology(&p, 2, "24h"));
+        let (code, out, err) = nexus(&["topology", "apply", "--bus", &bus, "--topology", &full]);
+        assert_eq!(code, 0, "{backend}: {out}{err}");
+        // The same without topic b (nor its role, which reads only a).
+        let without_b = topology(&p, 2, "24h");
+        let without_b = without_b
+            .split_once(&format!("  - name: {p}.b\n"))
+            .map(|(head, tail)| format!("{head}{}", &tail[tail.find("roles:").expect("roles")..]))
+            .expect("topic b");
+        let only_a = write(dir.path(), &format!("{p}-a.yaml"), &without_b);
+
+        // Made by hand: a topic under a mistyped name, and (where the backend has them)
+        // things that are not topics.
+        let typo = format!("{p}.typo");
+        match backend {
+            "jetstream" => block_on(async {
+                let js = jetstream(&bus).await;
+                js.create_stream(async_nats::jetstream::stream::Config {
+                    name: format!("{p}_typo"),
+                    subjects: vec![format!("{typo}.0")],
+                    ..Default::default()
+                })
+                .await
+                .expect("typo stream");
+                // Another application's stream: not named after its subjects' topic.
+                js.create_stream(async_nats::jetstream::stream::Config {
+                    name: format!("{p}_foreign"),
+                    subjects: vec![format!("{p}.elsewhere.>")],
+                    ..Default::default()
+                })
+                .await
+                .expect("foreign stream");
+            }),
+            "kafka" => block_on(async {
+                kafka_topic(&bus, &typo, 1, &[]).await;
+                kafka_topic(&bus, &format!("__{p}"), 1, &[]).await;
+            }),
+            _ => {
+                let typo = write(
+                    dir.path(),
+                    &format!("{p}-typo.yaml"),
+                    &one_topic(&typo, 1, "1d"),
+                );
+                let (code, out, err) =
+                    nexus(&["topology", "apply", "--bus", &bus, "--topology", &typo]);
+                assert_eq!(code, 0, "{backend}: {out}{err}");
+            }
+        }
+
+        let (code, out, err) = nexus(&[
+            "topology",
+            "plan",
+            "--detailed-exitcode",
+            "--bus",
+            &bus,
+            "--topology",
+            &only_a,
+        ]);
+        assert_eq!(
+            code, 0,
+            "{backend}: undeclared topics are not changes\n{out}{err}"
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        let section = lines
+            .iter()
+            .position(|l| l.starts_with("On the bus, not in the topology file ("))
+            .unwrap_or_else(|| panic!("{backend}: no section of undeclared topics\n{out}"));
+        assert!(
+            lines[section].ends_with("apply leaves them alone):"),
+            "{backend}: {out}"
+        );
+        let listed: Vec<&str> = lines[section + 1..]
+            .iter()
+            .take_while(|l| !l.is_empty())
+            .map(|l| {
+                l.strip_prefix("? ")
+                    .unwrap_or_else(|| panic!("{backend}: {l}"))
+            })
+            .collect();
+        for name in [format!("{p}.b"), typo.clone()] {
+            assert!(listed.contains(&name.as_str()), "{backend}: {name}\n{out}");
+        }
+        for name in [
+            format!("{p}.a"),
+            format!("{p}.a.dlq"),
+            format!("{p}.elsewhere"),
+            format!("{p}_foreign"),
+            format!("__{p}"),
+        ] {
+            assert!(!listed.contains(&name.as_str()), "{backend}: {name}\n{out}");
+        }
+        assert!(
+            out.trim_end()
+                .ends_with("No changes: the bus matches the topology."),
+            "{backend}: {out}"
+        );
+
+        let (code, out, err) = nexus(&["topology", "apply", "--bus", &bus, "--topology", &only_a]);
+        assert_eq!(code, 0, "{backend}: {out}{err}");
+        assert!(
+            out.contains("apply left them alone):")
+                && out.contains(&format!("\n? {p}.b\n"))
+                && out
+                    .trim_end()
+                    .ends_with("Applied: 0 created, 0 updated, 2 unchanged."),
+            "{backend}: {out}"
+        );
+        // Nothing was deleted: the full file still matches.
+        let (code, out, err) = nexus(&[
+            "topology",
+            "plan",
+            "--detailed-exitcode",
+            "--bus",
+            &bus,
+            "--topology",
+            &full,
+        ]);
+        assert_eq!(code, 0, "{backend}: {out}{err}");
+        assert!(!out.contains(&format!("? {p}.b")), "{backend}: {out}");
+    }
+}
+
+/// A stream made by hand whose settings nexus cannot rely on: a work-queue retention policy
+/// (records deleted once consumed) and memory storage cannot be changed in place, so plan
+/// reports a conflict and apply refuses; a discard policy and limits that refuse or drop
+/// records early are updates apply makes. Before, both planned as unchanged.
+#[test]
+fn plan_reports_jetstream_stream_settings_nexus_relies_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (backend, bus) in brokers() {
+        if backend != "jetstream" {
+            continue;
+        }
+        use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType};
+        let p = prefix("js");
+        let (wq, lim) = (format!("{p}.wq"), format!("{p}.lim"));
+        block_on(async {
+            let js = jetstream(&bus).await;
+            js.create_stream(Config {
+                name: format!("{p}_wq"),
+                subjects: vec![format!("{wq}.0")],
+                retention: RetentionPolicy::WorkQueue,
+                storage: StorageType::Memory,
+                ..Default::default()
+            })
+            .await
+            .expect("work-queue stream");
+            js.create_stream(Config {
+                name: format!("{p}_lim"),
+                subjects: vec![format!("{lim}.0")],
+                discard: DiscardPolicy::New,
+                max_message_size: 1024,
+                max_messages: 10,
+                max_bytes: 1 << 20,
+                max_messages_per_subject: 5,
+                ..Default::default()
+            })
+            .await
+            .expect("limited stream");
+        });
+        let plan = |file: &str| {
+            nexus(&[
+                "topology",
+                "plan",
+                "--detailed-exitcode",
+                "--bus",
+                &bus,
+                "--topology",
+                file,
+            ])
+        };
+
+        let wq_file = write(
+            dir.path(),
+            &format!("{p}-wq.yaml"),
+            &one_topic(&wq, 1, "forever"),
+        );
+        let (code, out, err) = plan(&wq_file);
+        assert_eq!(code, 1, "{backend}: a conflict fails the plan\n{out}{err}");
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("! conflict {wq}: ")))
+            .unwrap_or_else(|| panic!("{backend}: no conflict line\n{out}"));
+        assert!(
+            line.contains("retention policy workqueue on the bus, nexus needs limits (records are deleted once consumed")
+                && line.contains("storage memory on the bus, nexus needs file (records are lost when the server restarts)")
+                && line.contains("change it by hand"),
+            "{backend}: {line}"
+        );
+        assert!(
+            err.contains("1 topic(s) in conflict: apply would refuse"),
+            "{backend}: {err}"
+        );
+        let (code, out, err) = nexus(&["topology", "apply", "--bus", &bus, "--topology", &wq_file]);
+        assert_eq!(code, 1, "{backend}: {out}{err}");
+        assert!(
+            err.contains("apply refused, nothing changed")
+                && err.contains(&format!(
+                    "{wq} has retention policy workqueue on the bus, nexus needs limits (change it by hand)"
+                )),
+            "{backend}: {err}"
+        );
+
+        let lim_file = write(
+            dir.path(),
+            &format!("{p}-lim.yaml"),
+            &one_topic(&lim, 1, "forever"),
+        );
+        let (code, out, err) = plan(&lim_file);
+        assert_eq!(code, 2, "{backend}: apply has work\n{out}{err}");
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("~ update {lim}: ")))
+            .unwrap_or_else(|| panic!("{backend}: no update line\n{out}"));
+        for part in [
+            "discard policy new → old (a full stream refuses publishes)",
+            "max message size 1024 → unlimited",
+            "max messages 10 → unlimited",
+            "max bytes 1048576 → unlimited",
+            "max messages per subject 5 → unlimited",
+        ] {
+            assert!(line.contains(part), "{backend}: {part}\n{line}");
+        }
+        let (code, out, err) =
+            nexus(&["topology", "apply", "--bus", &bus, "--topology", &lim_file]);
+        assert_eq!(code, 0, "{backend}: {out}{err}");
+        assert!(
+            out.trim_end()
+                .ends_with("Applied: 0 created, 1 updated, 0 unchanged."),
+            "{backend}: {out}"
+        );
+        let (code, out, err) = plan(&lim_file);
+        assert_eq!(code, 0, "{backend}: apply converged\n{out}{err}");
+        let config = block_on(async {
+            let js = jetstream(&bus).await;
+            js.get_stream(format!("{p}_lim"))
+                .await
+                .expect("stream")
+                .info()
+                .await
+                .expect("stream info")
+                .config
+                .clone()
+        });
+        assert_eq!(config.discard, DiscardPolicy::Old, "{backend}");
+        assert!(
+            config.max_message_size <= 0
+                && config.max_messages <= 0
+                && config.max_bytes <= 0
+                && config.max_messages_per_subject <= 0,
+            "{backend}: {config:?}"
+        );
+    }
+}
+
+/// A Kafka topic made by hand with `cleanup.policy=compact` (compaction keeps only each key's
+/// last record, so a conversation's earlier events go) and a `retention.bytes` limit: plan
+/// shows both as updates for apply, which sets them back, or (a broker without AlterConfigs,
+/// Tansu 0.6) fails naming the operation. Before, the topic planned as unchanged.
+#[test]
+fn plan_reports_a_compacted_kafka_topic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (backend, bus) in brokers() {
+        if backend != "kafka" {
+            continue;
+        }
+        let topic = format!("{}.c", prefix("kc"));
+        block_on(kafka_topic(
+            &bus,
+            &topic,
+            1,
+            &[
+                ("cleanup.policy", "compact"),
+                ("retention.ms", "604800000"),
+                ("retention.bytes", "1048576"),
+            ],
+        ));
+        let file = write(
+            dir.path(),
+            &format!("{topic}.yaml"),
+            &one_topic(&topic, 1, "7d"),
+        );
+        let plan = || {
+            nexus(&[
+                "topology",
+                "plan",
+                "--detailed-exitcode",
+                "--bus",
+                &bus,
+                "--topology",
+                &file,
+            ])
+        };
+        let (code, out, err) = plan();
+        assert_eq!(code, 2, "{backend}: apply has work\n{out}{err}");
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("~ update {topic}: ")))
+            .unwrap_or_else(|| panic!("{backend}: no update line\n{out}"));
+        assert!(
+            line.contains(
+                "cleanup.policy compact → delete (compaction keeps only each key's last record"
+            ) && line.contains("retention.bytes 1048576 → unlimited"),
+            "{backend}: {line}"
+        );
+        let (code, out, err) = nexus(&["topology", "apply", "--bus", &bus, "--topology", &file]);
+        if code == 0 {
+            let (code, out, err) = plan();
+            assert_eq!(code, 0, "{backend}: apply converged\n{out}{err}");
+        } else {
+            assert!(
+                err.contains(&format!("applying topic `{topic}` failed"))
+                    && err.contains("AlterConfigs"),
+                "{backend}: {out}{err}"
+            );
+        }
+    }
 }
 
 // ---- schemas check ----

@@ -1865,6 +1865,10 @@ mod dead_letter_hold {
             Err(unused())
         }
 
+        async fn list_topics(&self) -> Result<Vec<String>, BusError> {
+            Err(unused())
+        }
+
         async fn apply_topic(&self, _spec: &TopicSpec) -> Result<(), BusError> {
             Err(unused())
         }

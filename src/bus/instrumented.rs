@@ -85,6 +85,10 @@ impl Bus for InstrumentedBus {
         self.inner.topic_info(topic).await
     }
 
+    async fn list_topics(&self) -> Result<Vec<String>, BusError> {
+        self.inner.list_topics().await
+    }
+
     async fn apply_topic(&self, spec: &TopicSpec) -> Result<(), BusError> {
         self.inner.apply_topic(spec).await
     }

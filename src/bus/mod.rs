@@ -118,6 +118,36 @@ pub struct TopicInfo {
     /// False when the broker would not describe the topic's config (a Kafka broker without
     /// DescribeConfigs, or an ACL refusing it): retention is then not compared or changed.
     pub retention_known: bool,
+    /// The other settings of the topic that nexus relies on, as the backend reads them. One the
+    /// broker does not describe is left out: not compared, rather than taken for a default.
+    pub settings: Vec<TopicSetting>,
+}
+
+/// A setting of a topic on the bus, besides partitions and retention, that nexus relies on:
+/// named and valued the backend's way (a JetStream stream's retention policy, a Kafka topic's
+/// `cleanup.policy`), with the value nexus creates topics with. `topology plan` reports one
+/// that differs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSetting {
+    /// The backend's name of the setting.
+    pub name: &'static str,
+    /// Its value on the bus.
+    pub value: String,
+    /// The value nexus creates the topic with and relies on.
+    pub required: &'static str,
+    /// Whether [`Bus::apply_topic`] sets it to `required` on an existing topic. When false the
+    /// backend cannot change it in place (or not safely), so the operator must: `topology plan`
+    /// reports a conflict and `apply` refuses.
+    pub in_place: bool,
+    /// What goes wrong while it differs, for the operator reading the plan.
+    pub why: &'static str,
+}
+
+impl TopicSetting {
+    /// Whether the bus has what nexus needs.
+    pub fn is_required(&self) -> bool {
+        self.value == self.required
+    }
 }
 
 /// The offsets of one partition: `low` is the first offset still kept, `high` the next offset
@@ -270,6 +300,12 @@ pub trait Bus: Send + Sync + 'static {
 
     /// The topic as the bus has it, or `None` if it does not exist.
     async fn topic_info(&self, topic: &str) -> Result<Option<TopicInfo>, BusError>;
+
+    /// The names of the bus's topics, sorted: what `topology plan` compares with the declared
+    /// ones to show leftovers. The broker's own topics (Kafka's `__consumer_offsets`) are left
+    /// out, and on JetStream every stream that is not a topic's by nexus's naming (key-value
+    /// buckets, other applications' streams).
+    async fn list_topics(&self) -> Result<Vec<String>, BusError>;
 
     /// Creates the topic, or updates what can be updated (retention, more partitions).
     async fn apply_topic(&self, spec: &TopicSpec) -> Result<(), BusError>;

@@ -22,7 +22,7 @@ use thiserror::Error;
 
 pub use duration::{format_duration, parse_duration, DurationError};
 pub use model::{Retention, Role, Topic, Topology, BUILTIN_YAML, DEFAULT_DLQ_RETENTION};
-pub use plan::{apply, plan, Change, Plan, TopicPlan};
+pub use plan::{apply, plan, Change, Plan, TopicPlan, Updates};
 
 use crate::bus::{Bus, BusError};
 
@@ -64,11 +64,9 @@ pub enum TopologyError {
         topics.join(", ")
     )]
     MissingTopics { topics: Vec<String> },
-    /// `apply` refuses to run while any topic conflicts; nothing was changed.
-    #[error(
-        "apply refused, nothing changed: {} (partitions cannot shrink; declare at least what the bus has)",
-        conflicts.join("; ")
-    )]
+    /// `apply` refuses to run while any topic conflicts; nothing was changed. Each conflict
+    /// says what to do about it.
+    #[error("apply refused, nothing changed: {}", conflicts.join("; "))]
     Conflicts { conflicts: Vec<String> },
     /// After applying, the bus still differs (a backend that ignored part of the spec).
     #[error("applied, but the bus still differs for: {}", topics.join(", "))]

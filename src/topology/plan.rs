@@ -4,34 +4,54 @@
 //! conflicts (so a half-applied topology never results from a mistake in the YAML), applies
 //! creates and updates, then plans again to confirm nothing is left to do. A second apply is a
 //! no-op because every step compares before it writes.
+//!
+//! Besides partitions and retention a topic is compared on the backend settings nexus relies
+//! on ([`TopicSetting`]: a JetStream stream's retention policy, a Kafka topic's
+//! `cleanup.policy`, ...); the backend says which of them it can change in place. A plan also
+//! lists the topics the bus has and the topology does not declare, which apply leaves alone.
 
 use std::fmt;
 use std::time::Duration;
 
 use super::duration::format_duration;
 use super::{Topology, TopologyError};
-use crate::bus::{Bus, TopicInfo, TopicSpec};
+use crate::bus::{Bus, TopicInfo, TopicSetting, TopicSpec};
+
+/// What apply changes in place on an existing topic. A field is `Some((bus, declared))`, or
+/// the setting is listed, when it changes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Updates {
+    pub partitions: Option<(u32, u32)>,
+    pub retention: Option<(Option<Duration>, Option<Duration>)>,
+    /// Settings the backend sets back to what nexus needs.
+    pub settings: Vec<TopicSetting>,
+}
+
+impl Updates {
+    pub fn is_empty(&self) -> bool {
+        self.partitions.is_none() && self.retention.is_none() && self.settings.is_empty()
+    }
+}
 
 /// What applying would do to one topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// The topic does not exist.
     Create,
-    /// The topic exists and differs in what can be changed in place. A field is `Some((bus,
-    /// declared))` when it changes.
-    Update {
-        partitions: Option<(u32, u32)>,
-        retention: Option<(Option<Duration>, Option<Duration>)>,
-    },
+    /// The topic exists and differs in what can be changed in place.
+    Update(Updates),
     /// The topic is as declared.
     Unchanged,
-    /// The bus has more partitions than declared; partitions cannot shrink, apply refuses.
-    /// `retention` is `Some((bus, declared))` when it differs too, so fixing the partitions
-    /// does not hide a second change.
+    /// The topic differs in what apply cannot change, so apply refuses: more partitions on the
+    /// bus than declared (partitions cannot shrink), or a setting the backend cannot change in
+    /// place. What apply would change as well is in `then`, so resolving the conflict does not
+    /// hide a second change.
     Conflict {
-        bus_partitions: u32,
-        declared_partitions: u32,
-        retention: Option<(Option<Duration>, Option<Duration>)>,
+        /// `Some((bus, declared))` when the bus has more partitions than declared.
+        partitions: Option<(u32, u32)>,
+        /// Settings the operator must change by hand.
+        settings: Vec<TopicSetting>,
+        then: Updates,
     },
 }
 
@@ -45,10 +65,15 @@ pub struct TopicPlan {
     pub change: Change,
 }
 
-/// The plan for every declared topic (dead-letter topics included), in topology order.
+/// The plan for every declared topic (dead-letter topics included), in topology order, and
+/// the topics on the bus the topology does not declare.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub topics: Vec<TopicPlan>,
+    /// Topics on the bus that the topology does not declare, sorted (leftovers of an older
+    /// topology, a name mistyped when made by hand): shown, never changed. `Err` says why the
+    /// bus would not list them; the plan of the declared topics stands without them.
+    pub undeclared: Result<Vec<String>, String>,
     /// Whether this plan was applied (changes the summary line's wording).
     pub applied: bool,
 }
@@ -75,6 +100,11 @@ impl Plan {
     }
 
     /// Nothing to create, update or refuse: the bus matches the topology.
+    ///
+    /// Undeclared topics do not count, here or in [`Plan::has_changes`]: apply never acts on
+    /// them (deleting one would lose its records, and it may be on purpose: the previous
+    /// version of a topic still being drained, another application's), so a plan that lists
+    /// them still has nothing to do, and a second apply stays a no-op.
     pub fn is_noop(&self) -> bool {
         self.unchanged() == self.topics.len()
     }
@@ -101,22 +131,30 @@ pub fn diff(spec: &TopicSpec, current: Option<&TopicInfo>) -> Change {
     // Unknown (the broker would not say) is neither compared nor changed: plan says so.
     let retention = (current.retention_known && ms(current.retention) != ms(spec.retention))
         .then_some((current.retention, spec.retention));
-    if current.partitions > spec.partitions {
-        return Change::Conflict {
-            bus_partitions: current.partitions,
-            declared_partitions: spec.partitions,
-            retention,
-        };
-    }
-    let partitions =
-        (current.partitions < spec.partitions).then_some((current.partitions, spec.partitions));
-    if partitions.is_none() && retention.is_none() {
+    let (in_place, by_hand): (Vec<TopicSetting>, Vec<TopicSetting>) = current
+        .settings
+        .iter()
+        .filter(|s| !s.is_required())
+        .cloned()
+        .partition(|s| s.in_place);
+    let updates = Updates {
+        partitions: (current.partitions < spec.partitions)
+            .then_some((current.partitions, spec.partitions)),
+        retention,
+        settings: in_place,
+    };
+    let shrink =
+        (current.partitions > spec.partitions).then_some((current.partitions, spec.partitions));
+    if shrink.is_some() || !by_hand.is_empty() {
+        Change::Conflict {
+            partitions: shrink,
+            settings: by_hand,
+            then: updates,
+        }
+    } else if updates.is_empty() {
         Change::Unchanged
     } else {
-        Change::Update {
-            partitions,
-            retention,
-        }
+        Change::Update(updates)
     }
 }
 
@@ -132,8 +170,18 @@ pub async fn plan(bus: &dyn Bus, topology: &Topology) -> Result<Plan, TopologyEr
             change,
         });
     }
+    // A bus that describes topics but will not list them (a permission for one and not the
+    // other) still gets the plan of what apply acts on; the listing only informs.
+    let undeclared = match bus.list_topics().await {
+        Ok(names) => Ok(names
+            .into_iter()
+            .filter(|name| !topics.iter().any(|t| t.spec.name == *name))
+            .collect()),
+        Err(e) => Err(e.to_string()),
+    };
     Ok(Plan {
         topics,
+        undeclared,
         applied: false,
     })
 }
@@ -148,16 +196,29 @@ pub async fn apply(bus: &dyn Bus, topology: &Topology) -> Result<Plan, TopologyE
     let conflicts: Vec<String> = planned
         .topics
         .iter()
-        .filter_map(|t| match t.change {
-            Change::Conflict {
-                bus_partitions,
-                declared_partitions,
+        .flat_map(|t| {
+            let name = &t.spec.name;
+            let Change::Conflict {
+                partitions,
+                settings,
                 ..
-            } => Some(format!(
-                "{} has {bus_partitions} partitions on the bus, {declared_partitions} declared",
-                t.spec.name
-            )),
-            _ => None,
+            } = &t.change
+            else {
+                return Vec::new();
+            };
+            let partitions = partitions.map(|(bus, declared)| {
+                format!(
+                    "{name} has {bus} partitions on the bus, {declared} declared (partitions \
+                     cannot shrink; declare at least what the bus has)"
+                )
+            });
+            let settings = settings.iter().map(|s| {
+                format!(
+                    "{name} has {} {} on the bus, nexus needs {} (change it by hand)",
+                    s.name, s.value, s.required
+                )
+            });
+            partitions.into_iter().chain(settings).collect()
         })
         .collect();
     if !conflicts.is_empty() {
@@ -165,7 +226,7 @@ pub async fn apply(bus: &dyn Bus, topology: &Topology) -> Result<Plan, TopologyE
     }
     let mut applied = Vec::new();
     for t in &planned.topics {
-        if matches!(t.change, Change::Create | Change::Update { .. }) {
+        if matches!(t.change, Change::Create | Change::Update(_)) {
             tracing::info!(topic = %t.spec.name, change = ?t.change, "applying topic");
             // Say what was done before a failure: the output is printed only at the end, and
             // the operator must know the bus is now half way.
@@ -205,6 +266,33 @@ fn describe(partitions: u32, retention: Option<Duration>) -> String {
     )
 }
 
+impl fmt::Display for Updates {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        if let Some((from, to)) = self.retention {
+            parts.push(format!(
+                "retention {} → {}",
+                format_duration(from),
+                format_duration(to)
+            ));
+        }
+        if let Some((from, to)) = self.partitions {
+            // The operator must know before saying yes: keys hash to new partitions.
+            parts.push(format!(
+                "partitions {from} → {to} (keys move to other partitions: order is broken for \
+                 conversations in flight)"
+            ));
+        }
+        for s in &self.settings {
+            parts.push(format!(
+                "{} {} → {} ({})",
+                s.name, s.value, s.required, s.why
+            ));
+        }
+        f.write_str(&parts.join(", "))
+    }
+}
+
 impl fmt::Display for TopicPlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let name = &self.spec.name;
@@ -228,44 +316,29 @@ impl fmt::Display for TopicPlan {
                 "  unchanged {name} ({})",
                 describe(self.spec.partitions, self.spec.retention)
             ),
-            Change::Update {
+            Change::Update(updates) => write!(f, "~ update {name}: {updates}"),
+            Change::Conflict {
                 partitions,
-                retention,
+                settings,
+                then,
             } => {
                 let mut parts = Vec::new();
-                if let Some((from, to)) = retention {
+                if let Some((bus, declared)) = partitions {
                     parts.push(format!(
-                        "retention {} → {}",
-                        format_duration(*from),
-                        format_duration(*to)
+                        "{bus} partitions on the bus, {declared} declared; partitions cannot \
+                         shrink"
                     ));
                 }
-                if let Some((from, to)) = partitions {
-                    // The operator must know before saying yes: keys hash to new partitions.
+                for s in settings {
                     parts.push(format!(
-                        "partitions {from} → {to} (keys move to other partitions: order is \
-                         broken for conversations in flight)"
+                        "{} {} on the bus, nexus needs {} ({}); the backend cannot change it \
+                         in place, change it by hand",
+                        s.name, s.value, s.required, s.why
                     ));
                 }
-                write!(f, "~ update {name}: {}", parts.join(", "))
-            }
-            Change::Conflict {
-                bus_partitions,
-                declared_partitions,
-                retention,
-            } => {
-                write!(
-                    f,
-                    "! conflict {name}: {bus_partitions} partitions on the bus, \
-                     {declared_partitions} declared; partitions cannot shrink (apply refuses)"
-                )?;
-                if let Some((from, to)) = retention {
-                    write!(
-                        f,
-                        "; retention {} → {} once resolved",
-                        format_duration(*from),
-                        format_duration(*to)
-                    )?;
+                write!(f, "! conflict {name}: {} (apply refuses)", parts.join("; "))?;
+                if !then.is_empty() {
+                    write!(f, "; {then} once resolved")?;
                 }
                 Ok(())
             }
@@ -277,6 +350,26 @@ impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for t in &self.topics {
             writeln!(f, "{t}")?;
+        }
+        let left = if self.applied { "left" } else { "leaves" };
+        match &self.undeclared {
+            Ok(names) if names.is_empty() => {}
+            Ok(names) => {
+                writeln!(
+                    f,
+                    "\nOn the bus, not in the topology file ({} topic(s); apply {left} them \
+                     alone):",
+                    names.len()
+                )?;
+                for name in names {
+                    writeln!(f, "? {name}")?;
+                }
+            }
+            Err(e) => writeln!(
+                f,
+                "\nTopics on the bus that the topology file does not declare are not shown: \
+                 the bus would not list them ({e})."
+            )?,
         }
         writeln!(f)?;
         if self.applied {
@@ -327,22 +420,24 @@ mod tests {
             partitions,
             retention: secs.map(Duration::from_secs),
             retention_known: true,
+            settings: Vec::new(),
         };
         assert_eq!(diff(&spec, None), Change::Create);
         assert_eq!(diff(&spec, Some(&info(4, Some(60)))), Change::Unchanged);
         assert_eq!(
             diff(&spec, Some(&info(2, None))),
-            Change::Update {
+            Change::Update(Updates {
                 partitions: Some((2, 4)),
-                retention: Some((None, Some(Duration::from_secs(60))))
-            }
+                retention: Some((None, Some(Duration::from_secs(60)))),
+                settings: Vec::new(),
+            })
         );
         assert_eq!(
             diff(&spec, Some(&info(8, Some(60)))),
             Change::Conflict {
-                bus_partitions: 8,
-                declared_partitions: 4,
-                retention: None,
+                partitions: Some((8, 4)),
+                settings: Vec::new(),
+                then: Updates::default(),
             }
         );
         // A conflict does not hide a retention change on the same topic.
@@ -350,9 +445,12 @@ mod tests {
         assert_eq!(
             both,
             Change::Conflict {
-                bus_partitions: 8,
-                declared_partitions: 4,
-                retention: Some((Some(Duration::from_secs(30)), Some(Duration::from_secs(60)))),
+                partitions: Some((8, 4)),
+                settings: Vec::new(),
+                then: Updates {
+                    retention: Some((Some(Duration::from_secs(30)), Some(Duration::from_secs(60)))),
+                    ..Updates::default()
+                },
             }
         );
         let line = TopicPlan {
@@ -460,13 +558,14 @@ mod tests {
         let b = p.topic("t.b").unwrap();
         assert_eq!(
             b.change,
-            Change::Update {
+            Change::Update(Updates {
                 partitions: Some((2, 5)),
                 retention: Some((
                     Some(Duration::from_secs(86_400)),
                     Some(Duration::from_secs(3 * 86_400))
                 )),
-            }
+                settings: Vec::new(),
+            })
         );
         let line = b.to_string();
         assert!(
@@ -498,9 +597,9 @@ mod tests {
         assert_eq!(
             p.topic("t.a").unwrap().change,
             Change::Conflict {
-                bus_partitions: 3,
-                declared_partitions: 1,
-                retention: None,
+                partitions: Some((3, 1)),
+                settings: Vec::new(),
+                then: Updates::default(),
             }
         );
         assert!(p
@@ -520,5 +619,109 @@ mod tests {
         // Refused as a whole: the retention change of t.b was not applied either.
         let info = bus.topic_info("t.b").await.unwrap().unwrap();
         assert_eq!(info.retention, Some(Duration::from_secs(86_400)));
+    }
+
+    /// A setting the backend can set back is an update; one it cannot is a conflict that also
+    /// says what apply would change once it is resolved.
+    #[test]
+    fn settings_are_updates_or_conflicts_as_the_backend_says() {
+        let spec = TopicSpec {
+            name: "t".into(),
+            partitions: 2,
+            retention: None,
+        };
+        let setting = |name, value: &str, required, in_place| TopicSetting {
+            name,
+            value: value.into(),
+            required,
+            in_place,
+            why: "it matters",
+        };
+        let mut info = TopicInfo {
+            name: "t".into(),
+            partitions: 2,
+            retention: None,
+            retention_known: true,
+            settings: vec![
+                setting("policy", "limits", "limits", false),
+                setting("discard", "old", "old", true),
+            ],
+        };
+        assert_eq!(diff(&spec, Some(&info)), Change::Unchanged);
+
+        info.settings[1].value = "new".into();
+        let update = diff(&spec, Some(&info));
+        assert_eq!(
+            update,
+            Change::Update(Updates {
+                settings: vec![info.settings[1].clone()],
+                ..Updates::default()
+            })
+        );
+        let line = TopicPlan {
+            spec: spec.clone(),
+            current: Some(info.clone()),
+            change: update,
+        }
+        .to_string();
+        assert_eq!(line, "~ update t: discard new → old (it matters)");
+
+        info.settings[0].value = "workqueue".into();
+        info.partitions = 1;
+        let conflict = diff(&spec, Some(&info));
+        assert_eq!(
+            conflict,
+            Change::Conflict {
+                partitions: None,
+                settings: vec![info.settings[0].clone()],
+                then: Updates {
+                    partitions: Some((1, 2)),
+                    settings: vec![info.settings[1].clone()],
+                    ..Updates::default()
+                },
+            }
+        );
+        let line = TopicPlan {
+            spec,
+            current: Some(info),
+            change: conflict,
+        }
+        .to_string();
+        assert!(
+            line.starts_with(
+                "! conflict t: policy workqueue on the bus, nexus needs limits (it matters); \
+                 the backend cannot change it in place, change it by hand (apply refuses); \
+                 partitions 1 → 2"
+            ) && line.ends_with("discard new → old (it matters) once resolved"),
+            "{line}"
+        );
+    }
+
+    /// Topics the bus has and the file does not declare are listed apart, and are no change.
+    #[tokio::test]
+    async fn undeclared_topics_are_listed_and_left_alone() {
+        let (bus, _dir) = embedded_bus();
+        apply(bus.as_ref(), &topology(TEST_YAML)).await.unwrap();
+        bus.apply_topic(&TopicSpec {
+            name: "t.old".into(),
+            partitions: 1,
+            retention: None,
+        })
+        .await
+        .unwrap();
+        let p = plan(bus.as_ref(), &topology(TEST_YAML)).await.unwrap();
+        assert_eq!(p.undeclared, Ok(vec!["t.old".to_owned()]));
+        assert!(p.is_noop() && !p.has_changes(), "{p}");
+        let text = p.to_string();
+        assert!(
+            text.contains(
+                "\nOn the bus, not in the topology file (1 topic(s); apply leaves them \
+                 alone):\n? t.old\n\nPlan: 0 to create"
+            ),
+            "{text}"
+        );
+        let applied = apply(bus.as_ref(), &topology(TEST_YAML)).await.unwrap();
+        assert!(applied.to_string().contains("apply left them alone"));
+        assert!(bus.topic_info("t.old").await.unwrap().is_some());
     }
 }

@@ -468,10 +468,25 @@ impl Bus for EmbeddedBus {
                 partitions: t.partitions.len() as u32,
                 retention: t.retention,
                 retention_known: true,
+                // A topic here has nothing but partitions and retention.
+                settings: Vec::new(),
             })),
             Err(BusError::UnknownTopic(_)) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    async fn list_topics(&self) -> Result<Vec<String>, BusError> {
+        let mut names: Vec<String> = self
+            .inner
+            .topics
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect();
+        names.sort_unstable();
+        Ok(names)
     }
 
     async fn apply_topic(&self, spec: &TopicSpec) -> Result<(), BusError> {

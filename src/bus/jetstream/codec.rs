@@ -41,6 +41,31 @@ pub(super) fn stream_name(topic: &str) -> String {
     topic.replace('.', "_")
 }
 
+/// The topic a stream belongs to if nexus's naming could have made it: the topic its
+/// `nexus.topic` metadata names (`metadata_topic`; streams nexus created), else the one its
+/// subjects name when each is `<topic>.<token>` of one topic (a stream made by hand for a
+/// topic, wildcard subjects included); either way only if the stream's name is that topic's
+/// [`stream_name`]. Any other stream (a key-value bucket's `KV_…`, another application's) is
+/// not a topic.
+pub(super) fn topic_of_stream(
+    stream: &str,
+    subjects: &[String],
+    metadata_topic: Option<&str>,
+) -> Option<String> {
+    let topic = match metadata_topic {
+        Some(topic) => topic,
+        None => {
+            let mut topics = subjects.iter().map(|s| s.rsplit_once('.').map(|(t, _)| t));
+            let first = topics.next()??;
+            if !topics.all(|t| t == Some(first)) {
+                return None;
+            }
+            first
+        }
+    };
+    (validate_topic(topic).is_ok() && stream_name(topic) == stream).then(|| topic.to_owned())
+}
+
 /// The subject of one partition: `<topic>.<partition>`.
 pub(super) fn subject(topic: &str, partition: u32) -> String {
     format!("{topic}.{partition}")

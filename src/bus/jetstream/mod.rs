@@ -1109,6 +1109,135 @@ fn duplicate_window(max_age: Duration) -> Duration {
     }
 }
 
+/// A stream setting nexus relies on besides subjects (partitions) and `max_age` (retention):
+/// what [`Inner::stream_config`] creates and `topology plan` compares.
+struct StreamSetting {
+    name: &'static str,
+    read: fn(&stream::Config) -> String,
+    required: &'static str,
+    /// Sets it to `required` in a stream update; `None` when the server refuses to change it
+    /// on an existing stream, so the operator must (by making the stream again).
+    set: Option<fn(&mut stream::Config)>,
+    why: &'static str,
+}
+
+/// A limit as the server reports it: zero or below is none.
+fn limit(value: i64) -> String {
+    if value <= 0 {
+        UNLIMITED.to_owned()
+    } else {
+        value.to_string()
+    }
+}
+
+const UNLIMITED: &str = "unlimited";
+
+/// The stream settings nexus relies on. Retention policy and storage cannot be changed in
+/// place (the server refuses retention to or from work-queue and any storage change, and
+/// records an interest stream already dropped are gone anyway), so a stream that differs is a
+/// conflict for the operator. Discard policy and the limits are set back by `apply`: an update
+/// that deletes nothing and only stops the stream from refusing or dropping records early.
+const STREAM_SETTINGS: [StreamSetting; 7] = [
+    StreamSetting {
+        name: "retention policy",
+        read: |c| {
+            match c.retention {
+                stream::RetentionPolicy::Limits => "limits",
+                stream::RetentionPolicy::Interest => "interest",
+                stream::RetentionPolicy::WorkQueue => "workqueue",
+            }
+            .to_owned()
+        },
+        required: "limits",
+        set: None,
+        why: "records are deleted once consumed: other groups, replay and dead-letter copies \
+              lose them",
+    },
+    StreamSetting {
+        name: "storage",
+        read: |c| {
+            match c.storage {
+                stream::StorageType::File => "file",
+                stream::StorageType::Memory => "memory",
+            }
+            .to_owned()
+        },
+        required: "file",
+        set: None,
+        why: "records are lost when the server restarts",
+    },
+    StreamSetting {
+        name: "discard policy",
+        read: |c| {
+            match c.discard {
+                stream::DiscardPolicy::Old => "old",
+                stream::DiscardPolicy::New => "new",
+            }
+            .to_owned()
+        },
+        required: "old",
+        set: Some(|c| c.discard = stream::DiscardPolicy::Old),
+        why: "a full stream refuses publishes",
+    },
+    StreamSetting {
+        name: "max message size",
+        read: |c| limit(i64::from(c.max_message_size)),
+        required: UNLIMITED,
+        // Zero is left out of the request: the server's default, no limit.
+        set: Some(|c| c.max_message_size = 0),
+        why: "the stream refuses events the server would take",
+    },
+    StreamSetting {
+        name: "max messages",
+        read: |c| limit(c.max_messages),
+        required: UNLIMITED,
+        set: Some(|c| c.max_messages = -1),
+        why: "records are deleted before the topic's retention",
+    },
+    StreamSetting {
+        name: "max bytes",
+        read: |c| limit(c.max_bytes),
+        required: UNLIMITED,
+        set: Some(|c| c.max_bytes = -1),
+        why: "records are deleted before the topic's retention",
+    },
+    StreamSetting {
+        name: "max messages per subject",
+        read: |c| limit(c.max_messages_per_subject),
+        required: UNLIMITED,
+        set: Some(|c| c.max_messages_per_subject = -1),
+        why: "a partition's records are deleted before the topic's retention",
+    },
+];
+
+/// The stream's [`STREAM_SETTINGS`] as `topic_info` reports them.
+fn stream_settings(config: &stream::Config) -> Vec<TopicSetting> {
+    STREAM_SETTINGS
+        .iter()
+        .map(|s| TopicSetting {
+            name: s.name,
+            value: (s.read)(config),
+            required: s.required,
+            in_place: s.set.is_some(),
+            why: s.why,
+        })
+        .collect()
+}
+
+/// Sets the [`STREAM_SETTINGS`] an update may change to what nexus needs; whether any changed.
+fn set_stream_settings(config: &mut stream::Config) -> bool {
+    let mut changed = false;
+    for s in &STREAM_SETTINGS {
+        if let Some(set) = s.set {
+            if (s.read)(config) != s.required {
+                set(config);
+                changed = true;
+            }
+        }
+    }
+    changed
+}
+
 fn publish_error(topic: &str, e: &jetstream::context::PublishError) -> BusError {
     use jetstream::context::PublishErrorKind as K;
     match e.kind() {
@@ -1201,7 +1330,59 @@ impl Bus for JetStreamBus {
             partitions: meta.partitions,
             retention: (!meta.config.max_age.is_zero()).then_some(meta.config.max_age),
             retention_known: true,
+            settings: stream_settings(&meta.config),
         }))
+    }
+
+    /// Only streams nexus's naming could have made (see [`codec::topic_of_stream`]): an
+    /// account is often shared, and its key-value buckets (nexus's own lease and group-state
+    /// buckets among them) and other applications' streams are not topics nexus could read or
+    /// would create; listed too, they would bury the leftovers an operator looks for.
+    async fn list_topics(&self) -> Result<Vec<String>, BusError> {
+        #[derive(Deserialize)]
+        struct Page {
+            #[serde(default)]
+            total: usize,
+            #[serde(default)]
+            streams: Vec<Listed>,
+        }
+        #[derive(Deserialize)]
+        struct Listed {
+            config: ListedConfig,
+        }
+        #[derive(Deserialize)]
+        struct ListedConfig {
+            name: String,
+            #[serde(default)]
+            subjects: Vec<String>,
+            #[serde(default)]
+            metadata: HashMap<String, String>,
+        }
+        let mut topics = Vec::new();
+        let mut offset = 0;
+        loop {
+            let page = self
+                .api::<Page>("STREAM.LIST".into(), &json!({ "offset": offset }))
+                .await
+                .map_err(|e| e.into_bus("listing streams"))?;
+            // An empty page ends the listing even if `total` says more: streams deleted
+            // meanwhile must not make it ask forever.
+            if page.streams.is_empty() {
+                break;
+            }
+            offset += page.streams.len();
+            topics.extend(page.streams.into_iter().filter_map(|s| {
+                let c = s.config;
+                let named = c.metadata.get(TOPIC_METADATA).map(String::as_str);
+                codec::topic_of_stream(&c.name, &c.subjects, named)
+            }));
+            if offset >= page.total {
+                break;
+            }
+        }
+        topics.sort_unstable();
+        topics.dedup();
+        Ok(topics)
     }
 
     async fn apply_topic(&self, spec: &TopicSpec) -> Result<(), BusError> {
@@ -1237,10 +1418,16 @@ impl Bus for JetStreamBus {
                 )));
             }
             let max_age = spec.retention.unwrap_or_default();
-            if spec.partitions == meta.partitions && meta.config.max_age == max_age {
+            let mut config = meta.config.clone();
+            // What cannot change in place (retention policy, storage) is left for the
+            // operator: `topology plan` reports it and `topology apply` refuses.
+            let settings_changed = set_stream_settings(&mut config);
+            if spec.partitions == meta.partitions
+                && meta.config.max_age == max_age
+                && !settings_changed
+            {
                 return Ok(());
             }
-            let mut config = meta.config.clone();
             config.subjects = (0..spec.partitions)
                 .map(|p| codec::subject(&spec.name, p))
                 .collect();

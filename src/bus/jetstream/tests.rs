@@ -208,6 +208,39 @@ fn names_map_one_to_one() {
     }
 }
 
+/// Which streams `list_topics` takes for topics: the ones nexus's naming could have made.
+#[test]
+fn streams_are_topics_only_by_nexus_naming() {
+    let subjects = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    // Created by nexus: the metadata names the topic.
+    assert_eq!(
+        topic_of_stream("a_b", &subjects(&["a.b.0"]), Some("a.b")).as_deref(),
+        Some("a.b")
+    );
+    // Made by hand for a topic, partitions or a wildcard.
+    assert_eq!(
+        topic_of_stream("a_b", &subjects(&["a.b.0", "a.b.1"]), None).as_deref(),
+        Some("a.b")
+    );
+    assert_eq!(
+        topic_of_stream("a_b", &subjects(&["a.b.>"]), None).as_deref(),
+        Some("a.b")
+    );
+    // Not a topic's stream: a key-value bucket, a name nexus would not give the subjects'
+    // topic, subjects of two topics, none at all (a mirror).
+    assert_eq!(topic_of_stream("KV_x", &subjects(&["$KV.x.>"]), None), None);
+    assert_eq!(topic_of_stream("orders", &subjects(&["a.b.0"]), None), None);
+    assert_eq!(
+        topic_of_stream("a_b", &subjects(&["a.b.0", "a.c.0"]), None),
+        None
+    );
+    assert_eq!(topic_of_stream("a_b", &[], None), None);
+    assert_eq!(
+        topic_of_stream("a_b", &subjects(&["a.b.0"]), Some("c.d")),
+        None
+    );
+}
+
 #[test]
 fn timing_keeps_fetch_and_progress_inside_the_lease() {
     let mut c = Config::defaults().bus.nats;

@@ -18,9 +18,64 @@ use tracing::{info, warn};
 
 use super::consumer::to_message;
 use super::{bad_data, blocking, map_code, map_err, KafkaBus, REQUEST_TIMEOUT};
-use crate::bus::{BusError, GroupPosition, Message, PartitionOffsets, TopicInfo, TopicSpec};
+use crate::bus::{
+    BusError, GroupPosition, Message, PartitionOffsets, TopicInfo, TopicSetting, TopicSpec,
+};
 
 const RETENTION_MS: &str = "retention.ms";
+
+/// A topic config nexus relies on besides partitions and `retention.ms`: what `topology plan`
+/// compares and `apply` sets. Both kinds are dynamic topic configs, so AlterConfigs changes them
+/// in place like retention; that deletes nothing and stops the topic deleting records early.
+struct TopicConfig {
+    name: &'static str,
+    /// The broker's value as the plan shows it.
+    read: fn(&str) -> String,
+    /// What `read` gives for the value nexus needs.
+    required: &'static str,
+    /// The value `apply` writes.
+    write: &'static str,
+    why: &'static str,
+}
+
+const TOPIC_CONFIGS: [TopicConfig; 2] = [
+    TopicConfig {
+        name: "cleanup.policy",
+        read: |v| v.trim().to_owned(),
+        required: "delete",
+        write: "delete",
+        why: "compaction keeps only each key's last record: a conversation's earlier events \
+              are deleted before the topic's retention",
+    },
+    TopicConfig {
+        name: "retention.bytes",
+        read: |v| match v.trim().parse::<i64>() {
+            Ok(n) if n < 0 => "unlimited".to_owned(),
+            _ => v.trim().to_owned(),
+        },
+        required: "unlimited",
+        write: "-1",
+        why: "records are deleted before the topic's retention",
+    },
+];
+
+/// The [`TOPIC_CONFIGS`] the broker describes; one it leaves out (Tansu 0.6 describes only
+/// what the topic was created with) is not compared.
+fn topic_settings(configs: &HashMap<String, (String, ConfigSource)>) -> Vec<TopicSetting> {
+    TOPIC_CONFIGS
+        .iter()
+        .filter_map(|c| {
+            let (value, _) = configs.get(c.name)?;
+            Some(TopicSetting {
+                name: c.name,
+                value: (c.read)(value),
+                required: c.required,
+                in_place: true,
+                why: c.why,
+            })
+        })
+        .collect()
+}
 
 /// Group id of replay readers (required by librdkafka's `assign`; never joined or committed).
 const READER_GROUP: &str = "nexus-reader";
@@ -111,7 +166,37 @@ pub(super) async fn topic_info(bus: &KafkaBus, topic: &str) -> Result<Option<Top
         partitions,
         retention: configs.as_ref().and_then(parse_retention),
         retention_known: configs.is_some(),
+        settings: configs.as_ref().map(topic_settings).unwrap_or_default(),
     }))
+}
+
+/// Every topic but the broker's internal ones (`__consumer_offsets`, `__transaction_state`:
+/// Kafka reserves the `__` prefix for them).
+pub(super) async fn list_topics(bus: &KafkaBus) -> Result<Vec<String>, BusError> {
+    let meta = Arc::clone(&bus.meta);
+    blocking(move || {
+        let md = meta
+            .fetch_metadata(None, REQUEST_TIMEOUT)
+            .map_err(map_err)?;
+        let mut names: Vec<String> = md
+            .topics()
+            .iter()
+            .filter(|t| !t.name().starts_with("__"))
+            // A topic deleted while the metadata was gathered is answered with this error.
+            .filter(|t| {
+                !t.error().is_some_and(|e| {
+                    matches!(
+                        RDKafkaErrorCode::from(e),
+                        RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic
+                    )
+                })
+            })
+            .map(|t| t.name().to_owned())
+            .collect();
+        names.sort_unstable();
+        Ok(names)
+    })
+    .await
 }
 
 pub(super) async fn apply_topic(bus: &KafkaBus, spec: &TopicSpec) -> Result<(), BusError> {
@@ -179,17 +264,31 @@ pub(super) async fn apply_topic(bus: &KafkaBus, spec: &TopicSpec) -> Result<(), 
         warn!(topic = %spec.name, "the broker cannot describe this topic's config; its retention is left as it is (set it by hand)");
         return Ok(());
     };
-    if parse_retention(&configs) != spec.retention {
+    let stale: Vec<&TopicConfig> = TOPIC_CONFIGS
+        .iter()
+        .filter(|c| {
+            configs
+                .get(c.name)
+                .is_some_and(|(value, _)| (c.read)(value) != c.required)
+        })
+        .collect();
+    if parse_retention(&configs) != spec.retention || !stale.is_empty() {
         // AlterConfigs (rdkafka has no incremental variant) replaces the topic's whole dynamic
         // config, so the dynamic entries an operator set are sent along unchanged.
         let mut alter = AlterConfig::new(ResourceSpecifier::Topic(&spec.name));
         for (name, (value, source)) in &configs {
-            if *source == ConfigSource::DynamicTopic && name != RETENTION_MS {
+            if *source == ConfigSource::DynamicTopic
+                && name != RETENTION_MS
+                && !stale.iter().any(|c| c.name == name)
+            {
                 alter = alter.set(name, value);
             }
         }
         alter = alter.set(RETENTION_MS, &retention);
-        const OPERATION: &str = "set retention (AlterConfigs)";
+        for c in &stale {
+            alter = alter.set(c.name, c.write);
+        }
+        const OPERATION: &str = "set retention and settings (AlterConfigs)";
         let results = bus
             .admin
             .alter_configs([&alter], &admin_options())
@@ -198,7 +297,8 @@ pub(super) async fn apply_topic(bus: &KafkaBus, spec: &TopicSpec) -> Result<(), 
         if let Some(Err((_, code))) = results.into_iter().next() {
             return Err(map_code(code, &admin_context(&spec.name, OPERATION)));
         }
-        info!(topic = %spec.name, retention = %retention, "retention set");
+        let settings: Vec<&str> = stale.iter().map(|c| c.name).collect();
+        info!(topic = %spec.name, retention = %retention, ?settings, "retention and settings set");
     }
     Ok(())
 }

@@ -396,6 +396,10 @@ impl Bus for KafkaBus {
         admin::topic_info(self, topic).await
     }
 
+    async fn list_topics(&self) -> Result<Vec<String>, BusError> {
+        admin::list_topics(self).await
+    }
+
     async fn apply_topic(&self, spec: &TopicSpec) -> Result<(), BusError> {
         let r = admin::apply_topic(self, spec).await;
         self.forget_partitions(&spec.name);
