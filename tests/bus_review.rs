@@ -9,106 +9,31 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use common::faulty::{Faults, FaultyBus};
 use common::{next_within, TestBus};
 use nexus::bus::consumer::{lane_of, Consumer, ConsumerOptions, HandleError, Handler};
 use nexus::bus::{
-    dlq_topic, partition_for, Bus, BusError, GroupPosition, Message, OutRecord, PartitionOffsets,
-    Published, StartFrom, SubscribeOptions, Subscription, TopicInfo, TopicSpec,
+    dlq_topic, partition_for, BusError, Message, OutRecord, StartFrom, SubscribeOptions,
 };
 use nexus::events::Event;
 use tokio_util::sync::CancellationToken;
 
-/// A bus whose dead-letter topic of `topic` refuses every write, counting the attempts.
+/// Refuses every write to the dead-letter topic `dlq`, counting the attempts.
 struct DlqDown {
-    inner: Arc<dyn Bus>,
     dlq: String,
     attempts: AtomicUsize,
 }
 
 #[async_trait]
-impl Bus for DlqDown {
-    fn kind(&self) -> &'static str {
-        self.inner.kind()
-    }
-    async fn publish(&self, topic: &str, record: OutRecord) -> Result<Published, BusError> {
+impl Faults for DlqDown {
+    async fn publish(&self, topic: &str) -> Result<(), BusError> {
         if topic == self.dlq {
             self.attempts.fetch_add(1, Ordering::SeqCst);
             return Err(BusError::Unavailable(
                 "injected: dead-letter topic down".into(),
             ));
         }
-        self.inner.publish(topic, record).await
-    }
-    async fn subscribe(
-        &self,
-        group: &str,
-        topic: &str,
-        options: SubscribeOptions,
-    ) -> Result<Box<dyn Subscription>, BusError> {
-        self.inner.subscribe(group, topic, options).await
-    }
-    async fn tail(&self, topic: &str) -> Result<Box<dyn Subscription>, BusError> {
-        self.inner.tail(topic).await
-    }
-    async fn topic_info(&self, topic: &str) -> Result<Option<TopicInfo>, BusError> {
-        self.inner.topic_info(topic).await
-    }
-    async fn list_topics(&self) -> Result<Vec<String>, BusError> {
-        self.inner.list_topics().await
-    }
-    async fn apply_topic(&self, spec: &TopicSpec) -> Result<(), BusError> {
-        self.inner.apply_topic(spec).await
-    }
-    async fn partition_offsets(&self, topic: &str) -> Result<Vec<PartitionOffsets>, BusError> {
-        self.inner.partition_offsets(topic).await
-    }
-    async fn group_positions(
-        &self,
-        group: &str,
-        topic: &str,
-    ) -> Result<Vec<GroupPosition>, BusError> {
-        self.inner.group_positions(group, topic).await
-    }
-    async fn offset_for_time(
-        &self,
-        topic: &str,
-        partition: u32,
-        ts_ms: i64,
-    ) -> Result<u64, BusError> {
-        self.inner.offset_for_time(topic, partition, ts_ms).await
-    }
-    async fn count_between(
-        &self,
-        topic: &str,
-        partition: u32,
-        from: u64,
-        to: u64,
-    ) -> Result<u64, BusError> {
-        self.inner.count_between(topic, partition, from, to).await
-    }
-    async fn seek_group(
-        &self,
-        group: &str,
-        topic: &str,
-        partition: u32,
-        offset: u64,
-    ) -> Result<(), BusError> {
-        self.inner.seek_group(group, topic, partition, offset).await
-    }
-    async fn active_members(&self, group: &str, topic: &str) -> Result<usize, BusError> {
-        self.inner.active_members(group, topic).await
-    }
-    async fn read(
-        &self,
-        topic: &str,
-        partition: u32,
-        from: u64,
-        max: usize,
-    ) -> Result<Vec<Message>, BusError> {
-        self.inner.read(topic, partition, from, max).await
-    }
-    async fn health(&self) -> Result<(), BusError> {
-        self.inner.health().await
+        Ok(())
     }
 }
 
@@ -154,11 +79,13 @@ async fn a_dead_letter_retry_leaves_a_revoked_partition_at_once() {
     let partitions = 4;
     let topic = t.fresh_topic(partitions).await;
     let group = format!("g-{topic}");
-    let down = Arc::new(DlqDown {
-        inner: t.bus.clone(),
-        dlq: dlq_topic(&topic),
-        attempts: AtomicUsize::new(0),
-    });
+    let down = Arc::new(FaultyBus::new(
+        t.bus.clone(),
+        DlqDown {
+            dlq: dlq_topic(&topic),
+            attempts: AtomicUsize::new(0),
+        },
+    ));
     let lanes = 16;
     let keys = keys_on_distinct_lanes(partitions, lanes);
     for k in &keys {
@@ -184,7 +111,7 @@ async fn a_dead_letter_retry_leaves_a_revoked_partition_at_once() {
 
     // Every record's lane has tried the dead-letter topic once and waits to try again.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while down.attempts.load(Ordering::SeqCst) < keys.len() {
+    while down.faults.attempts.load(Ordering::SeqCst) < keys.len() {
         assert!(Instant::now() < deadline, "dead-letter writes not tried");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

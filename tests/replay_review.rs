@@ -11,14 +11,14 @@ mod common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use common::faulty::{Faults, FaultyBus};
 use common::{take, TestBus};
 use nexus::bus::{
-    partition_for, Bus, BusError, GroupPosition, Message, OutRecord, PartitionOffsets, Published,
-    StartFrom, SubscribeOptions, Subscription, TopicInfo, TopicSpec,
+    partition_for, Bus, BusError, Message, OutRecord, PartitionOffsets, StartFrom,
+    SubscribeOptions, TopicSpec,
 };
 use nexus::replay::{self, CopyRequest, ReplayError, ReplayFrom, ReplayRequest, Resume};
 use nexus::topology::{self, Topology};
@@ -557,13 +557,11 @@ async fn kafka_copy_keeps_a_partitions_order_when_its_times_go_back() {
     assert_eq!(copied, ["b1", "a1", "a2"]);
 }
 
-/// A real bus with faults the services cannot be made to show on demand: the n-th publish to
-/// one topic fails, every read of one partition of it fails as a read that cannot get the
-/// records pending does (`ReadIncomplete`), or its log ends lie past the partitions' last
-/// records (as on Kafka where transaction markers come last). It counts the reads of the
-/// topic. Everything else is the real bus.
+/// Faults the services cannot be made to show on demand, on one topic of a real bus: the
+/// n-th publish to it fails, every read of one partition of it fails as a read that cannot get
+/// the records pending does (`ReadIncomplete`), or its log ends lie past the partitions' last
+/// records (as on Kafka where transaction markers come last). It counts the reads of the topic.
 struct Faulty {
-    inner: Arc<dyn Bus>,
     topic: String,
     /// The publish (1-based, to `topic`) that fails; 0 = none.
     fail_publish: usize,
@@ -576,9 +574,8 @@ struct Faulty {
 }
 
 impl Faulty {
-    fn new(inner: Arc<dyn Bus>, topic: &str) -> Self {
+    fn new(topic: &str) -> Self {
         Faulty {
-            inner,
             topic: topic.to_owned(),
             fail_publish: 0,
             published: AtomicUsize::new(0),
@@ -590,90 +587,16 @@ impl Faulty {
 }
 
 #[async_trait]
-impl Bus for Faulty {
-    fn kind(&self) -> &'static str {
-        self.inner.kind()
-    }
-    async fn publish(&self, topic: &str, record: OutRecord) -> Result<Published, BusError> {
+impl Faults for Faulty {
+    async fn publish(&self, topic: &str) -> Result<(), BusError> {
         if topic == self.topic
             && self.published.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_publish
         {
             return Err(BusError::Unavailable("injected publish failure".into()));
         }
-        self.inner.publish(topic, record).await
+        Ok(())
     }
-    async fn subscribe(
-        &self,
-        group: &str,
-        topic: &str,
-        options: SubscribeOptions,
-    ) -> Result<Box<dyn Subscription>, BusError> {
-        self.inner.subscribe(group, topic, options).await
-    }
-    async fn tail(&self, topic: &str) -> Result<Box<dyn Subscription>, BusError> {
-        self.inner.tail(topic).await
-    }
-    async fn topic_info(&self, topic: &str) -> Result<Option<TopicInfo>, BusError> {
-        self.inner.topic_info(topic).await
-    }
-    async fn list_topics(&self) -> Result<Vec<String>, BusError> {
-        self.inner.list_topics().await
-    }
-    async fn apply_topic(&self, spec: &TopicSpec) -> Result<(), BusError> {
-        self.inner.apply_topic(spec).await
-    }
-    async fn partition_offsets(&self, topic: &str) -> Result<Vec<PartitionOffsets>, BusError> {
-        let mut offsets = self.inner.partition_offsets(topic).await?;
-        if topic == self.topic {
-            for o in &mut offsets {
-                o.high += self.markers_last;
-            }
-        }
-        Ok(offsets)
-    }
-    async fn group_positions(
-        &self,
-        group: &str,
-        topic: &str,
-    ) -> Result<Vec<GroupPosition>, BusError> {
-        self.inner.group_positions(group, topic).await
-    }
-    async fn offset_for_time(
-        &self,
-        topic: &str,
-        partition: u32,
-        ts_ms: i64,
-    ) -> Result<u64, BusError> {
-        self.inner.offset_for_time(topic, partition, ts_ms).await
-    }
-    async fn count_between(
-        &self,
-        topic: &str,
-        partition: u32,
-        from: u64,
-        to: u64,
-    ) -> Result<u64, BusError> {
-        self.inner.count_between(topic, partition, from, to).await
-    }
-    async fn seek_group(
-        &self,
-        group: &str,
-        topic: &str,
-        partition: u32,
-        offset: u64,
-    ) -> Result<(), BusError> {
-        self.inner.seek_group(group, topic, partition, offset).await
-    }
-    async fn active_members(&self, group: &str, topic: &str) -> Result<usize, BusError> {
-        self.inner.active_members(group, topic).await
-    }
-    async fn read(
-        &self,
-        topic: &str,
-        partition: u32,
-        from: u64,
-        max: usize,
-    ) -> Result<Vec<Message>, BusError> {
+    fn read(&self, topic: &str, partition: u32, from: u64) -> Result<(), BusError> {
         if topic == self.topic {
             self.reads.fetch_add(1, Ordering::SeqCst);
             if self.failing_reads == Some(partition) {
@@ -686,10 +609,14 @@ impl Bus for Faulty {
                 });
             }
         }
-        self.inner.read(topic, partition, from, max).await
+        Ok(())
     }
-    async fn health(&self) -> Result<(), BusError> {
-        self.inner.health().await
+    fn offsets(&self, topic: &str, offsets: &mut [PartitionOffsets]) {
+        if topic == self.topic {
+            for o in offsets {
+                o.high += self.markers_last;
+            }
+        }
     }
 }
 
@@ -708,10 +635,13 @@ async fn an_interrupted_copy_says_how_to_resume_without_loss(t: TestBus) {
             .expect("publish");
         tokio::time::sleep(Duration::from_millis(3)).await;
     }
-    let faulty = Faulty {
-        fail_publish: 6,
-        ..Faulty::new(t.bus.clone(), &dest)
-    };
+    let faulty = FaultyBus::new(
+        t.bus.clone(),
+        Faulty {
+            fail_publish: 6,
+            ..Faulty::new(&dest)
+        },
+    );
     let req = copy_request(&source, &dest);
     let err = replay::copy(&faulty, &req, false)
         .await
@@ -790,10 +720,13 @@ async fn an_interrupted_copy_says_how_to_resume_without_loss(t: TestBus) {
         partition: Some(1),
         ..copy_request(&source, &dest)
     };
-    let faulty = Faulty {
-        fail_publish: 3,
-        ..Faulty::new(t.bus.clone(), &dest)
-    };
+    let faulty = FaultyBus::new(
+        t.bus.clone(),
+        Faulty {
+            fail_publish: 3,
+            ..Faulty::new(&dest)
+        },
+    );
     let err = replay::copy(&faulty, &one, false)
         .await
         .expect_err("the 3rd publish fails");
@@ -846,17 +779,20 @@ async fn a_short_read_ends_a_partition(t: TestBus) {
                 .expect("publish");
         }
     }
-    let faulty = Faulty {
-        markers_last: 3,
-        ..Faulty::new(t.bus.clone(), &source)
-    };
+    let faulty = FaultyBus::new(
+        t.bus.clone(),
+        Faulty {
+            markers_last: 3,
+            ..Faulty::new(&source)
+        },
+    );
     let done = replay::copy(&faulty, &copy_request(&source, &dest), false)
         .await
         .expect("copy");
     assert_eq!(done.total_copied(), 8, "{}: {done}", t.backend);
     assert!(done.partitions.iter().all(|p| p.finished), "{done}");
     assert_eq!(
-        faulty.reads.load(Ordering::SeqCst),
+        faulty.faults.reads.load(Ordering::SeqCst),
         2,
         "{}: one read per partition",
         t.backend
@@ -879,10 +815,13 @@ async fn a_read_that_cannot_get_pending_records_interrupts_the_copy(t: TestBus) 
                 .expect("publish");
         }
     }
-    let faulty = Faulty {
-        failing_reads: Some(1),
-        ..Faulty::new(t.bus.clone(), &source)
-    };
+    let faulty = FaultyBus::new(
+        t.bus.clone(),
+        Faulty {
+            failing_reads: Some(1),
+            ..Faulty::new(&source)
+        },
+    );
     let err = replay::copy(&faulty, &copy_request(&source, &dest), false)
         .await
         .expect_err("partition 1 cannot be read");

@@ -1794,10 +1794,8 @@ mod dead_letter_hold {
     use std::sync::Mutex;
 
     use async_trait::async_trait;
-    use nexus::bus::{
-        BusError, GroupPosition, Message, OutRecord, PartitionOffsets, Published, SubscribeOptions,
-        Subscription, TopicInfo, TopicSpec,
-    };
+    use common::faulty::{Faults, FaultyBus};
+    use nexus::bus::{BusError, TopicSpec};
     use nexus::events::webhook::WEBHOOK_DEAD_TOPIC;
     use nexus::stores::provisioning::secrets::EncryptionKey;
     use nexus::stores::provisioning::{
@@ -1811,114 +1809,25 @@ mod dead_letter_hold {
 
     use super::*;
 
-    /// A bus whose publishes take `delay` before the broker's acknowledgement, recording each
-    /// record's topic; it does nothing else.
-    struct SlowBus {
+    /// Publishes that take `delay` before they reach the bus (and its acknowledgement),
+    /// recording each one's topic.
+    struct SlowPublish {
         delay: Duration,
         published: Mutex<Vec<String>>,
     }
 
-    impl SlowBus {
+    impl SlowPublish {
         fn on(&self, topic: &str) -> usize {
             let published = self.published.lock().expect("lock");
             published.iter().filter(|t| *t == topic).count()
         }
     }
 
-    fn unused() -> BusError {
-        BusError::Unavailable("not used by this test".into())
-    }
-
     #[async_trait]
-    impl Bus for SlowBus {
-        fn kind(&self) -> &'static str {
-            "slow"
-        }
-
-        async fn publish(&self, topic: &str, _record: OutRecord) -> Result<Published, BusError> {
-            let offset = {
-                let mut published = self.published.lock().expect("lock");
-                published.push(topic.to_string());
-                published.len() as u64
-            };
+    impl Faults for SlowPublish {
+        async fn publish(&self, topic: &str) -> Result<(), BusError> {
+            self.published.lock().expect("lock").push(topic.to_string());
             tokio::time::sleep(self.delay).await;
-            Ok(Published {
-                partition: 0,
-                offset,
-            })
-        }
-
-        async fn subscribe(
-            &self,
-            _group: &str,
-            _topic: &str,
-            _options: SubscribeOptions,
-        ) -> Result<Box<dyn Subscription>, BusError> {
-            Err(unused())
-        }
-
-        async fn tail(&self, _topic: &str) -> Result<Box<dyn Subscription>, BusError> {
-            Err(unused())
-        }
-
-        async fn topic_info(&self, _topic: &str) -> Result<Option<TopicInfo>, BusError> {
-            Err(unused())
-        }
-
-        async fn list_topics(&self) -> Result<Vec<String>, BusError> {
-            Err(unused())
-        }
-
-        async fn apply_topic(&self, _spec: &TopicSpec) -> Result<(), BusError> {
-            Err(unused())
-        }
-
-        async fn partition_offsets(&self, _topic: &str) -> Result<Vec<PartitionOffsets>, BusError> {
-            Err(unused())
-        }
-
-        async fn group_positions(
-            &self,
-            _group: &str,
-            _topic: &str,
-        ) -> Result<Vec<GroupPosition>, BusError> {
-            Err(unused())
-        }
-
-        async fn offset_for_time(
-            &self,
-            _topic: &str,
-            _partition: u32,
-            _ts_ms: i64,
-        ) -> Result<u64, BusError> {
-            Err(unused())
-        }
-
-        async fn seek_group(
-            &self,
-            _group: &str,
-            _topic: &str,
-            _partition: u32,
-            _offset: u64,
-        ) -> Result<(), BusError> {
-            Err(unused())
-        }
-
-        async fn active_members(&self, _group: &str, _topic: &str) -> Result<usize, BusError> {
-            Err(unused())
-        }
-
-        async fn read(
-            &self,
-            _topic: &str,
-            _partition: u32,
-            _from: u64,
-            _max: usize,
-        ) -> Result<Vec<Message>, BusError> {
-            Err(unused())
-        }
-
-        async fn health(&self) -> Result<(), BusError> {
             Ok(())
         }
     }
@@ -1987,10 +1896,23 @@ mod dead_letter_hold {
         let rx = Receiver::start().await;
         rx.set("slow-bus", Mode::Always(500));
         let (tenant, hook) = subscription(&prov, &rx.url("slow-bus")).await;
-        let bus = Arc::new(SlowBus {
-            delay: DELAY,
-            published: Mutex::new(Vec::new()),
-        });
+        let embedded = common::test_bus("embedded").await;
+        embedded
+            .bus
+            .apply_topic(&TopicSpec {
+                name: WEBHOOK_DEAD_TOPIC.into(),
+                partitions: 1,
+                retention: None,
+            })
+            .await
+            .expect("dead-letter topic");
+        let bus = Arc::new(FaultyBus::new(
+            embedded.bus.clone(),
+            SlowPublish {
+                delay: DELAY,
+                published: Mutex::new(Vec::new()),
+            },
+        ));
         let mut config = nexus::config::Config::defaults().workers.webhooks;
         config.allow_private_targets = true;
         config.retry_schedule_ms = vec![0];
@@ -2027,14 +1949,18 @@ mod dead_letter_hold {
             assert!(
                 Instant::now() < deadline,
                 "not dead after 30 s, {} dead-letter publishes",
-                bus.on(WEBHOOK_DEAD_TOPIC)
+                bus.faults.on(WEBHOOK_DEAD_TOPIC)
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         // Two more reclaim delays of polling: nothing else is published.
         tokio::time::sleep(Duration::from_millis(2 * EXHAUSTED_RECLAIM_MS as u64)).await;
         stop.cancel();
-        assert_eq!(bus.on(WEBHOOK_DEAD_TOPIC), 1, "dead-letter publishes");
+        assert_eq!(
+            bus.faults.on(WEBHOOK_DEAD_TOPIC),
+            1,
+            "dead-letter publishes"
+        );
         assert_eq!(rx.got("slow-bus").len(), 1, "attempts");
         assert_eq!(status_of(&prov, &m.id).await, "dead");
     }

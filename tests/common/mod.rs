@@ -11,6 +11,7 @@ use nexus::config::{BusConfig, Config};
 
 pub mod chat;
 pub mod edge;
+pub mod faulty;
 pub mod fixtures;
 pub mod gws;
 pub mod ingest;
