@@ -685,17 +685,23 @@ impl Config {
             .map_err(|e| invalid("workers.history.ucs", e))?;
         crate::workers::gws::config::validate(&self.workers.gws)
             .map_err(|m| invalid(crate::workers::gws::config::KEY, m))?;
+        // Only GWS makes an identity check: UCS would ignore the key.
+        if self.workers.history.ucs.identity_timeout_ms.is_some() {
+            return Err(invalid(
+                "workers.history.ucs.identity_timeout_ms",
+                "UCS makes no identity check; the key is workers.gws's",
+            ));
+        }
         // A try (from the backlog) runs for the handler timeout at most: a UCS try makes at
-        // least one call, a GWS try may read the chat before it writes (two calls).
+        // least one call; a GWS try, up to two calls and two identity checks
+        // (`gws::config::validate_try`).
         let try_time = self.consumer_handler_timeout();
         self.workers
             .history
             .ucs
             .validate_timeouts("workers.history.ucs", try_time)
             .map_err(|e| invalid("workers.history.ucs.timeout_ms", e))?;
-        self.workers
-            .gws
-            .validate_timeouts(crate::workers::gws::config::KEY, try_time / 2)
+        crate::workers::gws::config::validate_try(&self.workers.gws, try_time)
             .map_err(|e| invalid("workers.gws.timeout_ms", e))?;
         self.workers
             .webhooks
@@ -1404,8 +1410,9 @@ mod tests {
         c.stores.redis_min_replicas = 0;
         c.validate().expect("no wait: its timeout is not used");
 
-        // A peer call that cannot finish within a try (the 30 s handler timeout; half of it for
-        // GWS, whose try may read before it writes), or one with no time at all.
+        // A peer call that cannot finish within a try (the 30 s handler timeout; for GWS, all
+        // the calls of a try: see `gws_timeouts_leave_room_for_every_call_of_a_try`), or one
+        // with no time at all.
         for (ucs_ms, tenant_ms, ok) in [
             (0, 0, false),
             (30_000, 0, false),
@@ -1590,6 +1597,48 @@ mod tests {
         let c = Config::load_with_env(None, vars).expect("loads");
         assert_eq!(c.http.listen, "0.0.0.0:9000");
         assert_eq!(c.consumer.concurrency, 3);
+    }
+
+    /// A GWS try may make two calls and two identity checks (`GET /api/v2/me`) one after
+    /// another: all of them must fit in the handler timeout, or a try that takes them is cut
+    /// short (not counted) on every try. Before, only two calls were counted: `timeout_ms`
+    /// under half the handler timeout passed.
+    #[test]
+    fn gws_timeouts_leave_room_for_every_call_of_a_try() {
+        let load = |timeout: &str, identity: Option<&str>| {
+            let mut vars = vec![
+                ("NEXUS_WORKERS__GWS__URL", "http://gws.example.com"),
+                ("NEXUS_CONSUMER__HANDLER_TIMEOUT_MS", "30000"),
+                ("NEXUS_WORKERS__GWS__TIMEOUT_MS", timeout),
+            ];
+            if let Some(identity) = identity {
+                vars.push(("NEXUS_WORKERS__GWS__IDENTITY_TIMEOUT_MS", identity));
+            }
+            Config::load_with_env(
+                None,
+                vars.into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string())),
+            )
+        };
+        // 2 × (12 s + the default 2 s check) fits in 30 s; 2 × (13 s + 2 s) does not, though
+        // 13 s is under half of it.
+        load("12000", None).expect("fits");
+        let e = load("13000", None).unwrap_err().to_string();
+        assert!(
+            e.contains("workers.gws.timeout_ms") && e.contains("workers.gws.identity_timeout_ms"),
+            "{e}"
+        );
+        // A shorter check leaves the calls more: 2 × (14.5 s + 0.4 s).
+        load("14500", Some("400")).expect("fits");
+        let e = load("1000", Some("0")).unwrap_err().to_string();
+        assert!(e.contains("workers.gws.identity_timeout_ms"), "{e}");
+        // UCS makes no identity check: the key is not taken there.
+        let vars = [(
+            "NEXUS_WORKERS__HISTORY__UCS__IDENTITY_TIMEOUT_MS".to_string(),
+            "500".to_string(),
+        )];
+        let e = Config::load_with_env(None, vars).unwrap_err().to_string();
+        assert!(e.contains("workers.history.ucs.identity_timeout_ms"), "{e}");
     }
 
     #[test]

@@ -46,6 +46,8 @@ impl System {
             ("NEXUS_WORKERS__GWS__URL", gws.url()),
             ("NEXUS_WORKERS__GWS__CREDENTIAL", GWS_TOKEN.into()),
             ("NEXUS_WORKERS__GWS__TIMEOUT_MS", GWS_TIMEOUT_MS.to_string()),
+            // A try's two calls and two identity checks fit in the handler timeout.
+            ("NEXUS_WORKERS__GWS__IDENTITY_TIMEOUT_MS", "500".into()),
             // A call that may still be in flight is looked at again after this plus the GWS
             // timeout.
             ("NEXUS_CONSUMER__HANDLER_TIMEOUT_MS", "4000".into()),

@@ -7,7 +7,10 @@
 //! - GWS refusing nexus itself (a rotated credential: 401) is GWS down, not a refusal of each
 //!   event: the role pauses, the events wait in the backlog, nothing is dead-lettered, and
 //!   everything goes once GWS takes nexus again. A 403 or 404 for an agent GWS refuses (its own
-//!   user refused with a 403 or 404 too), or for one event, is still that event's refusal.
+//!   user refused with a 403 or 404 too), or for one event, is still that event's refusal;
+//! - a slow GWS whose `/api/v2/me` hangs: every try ends within the handler timeout (the
+//!   identity check has its own short timeout), so its failures count and the event is set
+//!   aside after `retry_max_attempts` instead of being cut short, uncounted, for good.
 
 mod common;
 
@@ -41,6 +44,11 @@ struct System {
 
 impl System {
     async fn start(gws: &FakeGws) -> System {
+        Self::start_with(gws, Vec::new()).await
+    }
+
+    /// [`System::start`] with `overrides` after the usual settings (the later wins).
+    async fn start_with(gws: &FakeGws, overrides: Vec<(&'static str, String)>) -> System {
         let dir = tempfile::tempdir().expect("tempdir");
         let nats = OwnNats::start(dir.path()).await;
         let db = TestDb::create().await;
@@ -51,12 +59,15 @@ impl System {
             ("NEXUS_WORKERS__GWS__URL", gws.url()),
             ("NEXUS_WORKERS__GWS__CREDENTIAL", GWS_TOKEN.into()),
             ("NEXUS_WORKERS__GWS__TIMEOUT_MS", "1000".into()),
+            // A try's two calls and two identity checks fit in the handler timeout.
+            ("NEXUS_WORKERS__GWS__IDENTITY_TIMEOUT_MS", "500".into()),
             ("NEXUS_WORKERS__GWS__PAUSE_AFTER_FAILURES", "3".into()),
             ("NEXUS_WORKERS__GWS__PAUSE_INITIAL_MS", "200".into()),
             ("NEXUS_WORKERS__GWS__PAUSE_MAX_MS", "800".into()),
             ("NEXUS_WORKERS__GWS__RETRY_INITIAL_MS", "200".into()),
             ("NEXUS_WORKERS__GWS__RETRY_MAX_MS", "1000".into()),
         ]);
+        env.extend(overrides);
         let (ok, out, err) = common::process::run(&["topology", "apply", "--bus", &nats.url], &[]);
         assert!(ok, "topology apply: {out} {err}");
         let edge = start_node(dir.path(), "edge", &["edge"], env.clone()).await;
@@ -386,6 +397,93 @@ async fn an_agent_or_event_refused_is_dead_lettered_and_pauses_nobody() {
         0.0,
         "one event's refusal pauses nobody"
     );
+}
+
+/// GWS slow on one conversation (each read and POST answered after 1.3 s of a 1.6 s timeout)
+/// refuses its accept with a 403, and its `/api/v2/me`, asked whose refusal that is, hangs;
+/// other conversations' calls go through. A retried try reads the chat, POSTs and asks
+/// `/api/v2/me`: 1.3 + 1.3 s plus the check. With the check under the call's timeout (1.6 s),
+/// the try took 4.2 s and the 4 s handler timeout cut it; a cut try does not count, so the
+/// event was tried for good (and its conversation held behind it), though the config check
+/// (the timeout under half the handler timeout) passed. Now the check has its own timeout
+/// (300 ms here) and the config check counts every call of a try: each try ends with the
+/// check's timeout, a failure that counts (GWS answers the others meanwhile), and after
+/// `retry_max_attempts` (2) the event is dead-lettered as `retries_exhausted`: GWS refused it
+/// and never said whether it was nexus it refused, so it is neither `gws_rejected` (the
+/// agent's refusal) nor GWS taken for down (a refusal of nexus).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_identity_check_ends_within_the_try() {
+    let _serial = SERIAL.lock().await;
+    let gws = FakeGws::start(GWS_TOKEN).await;
+    let system = System::start_with(
+        &gws,
+        vec![
+            ("NEXUS_CONSUMER__HANDLER_TIMEOUT_MS", "4000".into()),
+            ("NEXUS_WORKERS__GWS__TIMEOUT_MS", "1600".into()),
+            ("NEXUS_WORKERS__GWS__IDENTITY_TIMEOUT_MS", "300".into()),
+            ("NEXUS_WORKERS__GWS__RETRY_MAX_ATTEMPTS", "2".into()),
+        ],
+    )
+    .await;
+    gws.delay_me(Duration::from_secs(60));
+    let slow = uuid::Uuid::new_v4().to_string();
+    gws.slow_chat(&slow, Duration::from_millis(1300));
+    gws.refuse_chat(&slow, 403);
+    // GWS answers other conversations, before and all along: a failure of the slow one counts.
+    let other = || async {
+        let conv = uuid::Uuid::new_v4().to_string();
+        system
+            .ingest("t1", &conv, "AgentAccepted", accepted("a2"))
+            .await;
+        conv
+    };
+    let first = other().await;
+    applied_eventually(&gws, &first, &["Accept a2".to_string()], "GWS answers").await;
+    system
+        .ingest("t1", &slow, "AgentAccepted", accepted("a1"))
+        .await;
+    let started = std::time::Instant::now();
+    while system
+        .dead_lettered(nexus::workers::backlog::EXHAUSTED)
+        .await
+        < 1.0
+    {
+        assert!(
+            started.elapsed() < WAIT,
+            "the refused accept was never set aside: {} calls, {} identity checks asked",
+            gws.received(&slow, "POST", "Accept"),
+            gws.me_asked()
+        );
+        other().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let log = system.gws_worker.nexus.log_text();
+    for cut in ["still running after", "timed out after"] {
+        assert!(
+            !log.contains(cut),
+            "a try was cut by the handler timeout (`{cut}` in the worker's log)"
+        );
+    }
+    assert_eq!(
+        system.dead_lettered("").await,
+        1.0,
+        "only the refused accept"
+    );
+    let dead = system.dead_letters().await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].key, slow);
+    assert_eq!(
+        dead[0].header(headers::DLQ_REASON),
+        Some(nexus::workers::backlog::EXHAUSTED)
+    );
+    let error = dead[0].header(headers::DLQ_ERROR).unwrap_or_default();
+    assert!(error.contains("/api/v2/me"), "{error}");
+    assert_eq!(
+        gws.received(&slow, "POST", "Accept"),
+        2,
+        "each of the two tries made its call"
+    );
+    assert!(gws.applied(&slow).is_empty());
 }
 
 /// Conversations whose events GWS refuses with `status` while it refuses nexus itself: the

@@ -2,7 +2,8 @@
 //! with real processes (`nexus edge`, `nexus worker history`) on NATS JetStream and PostgreSQL:
 //! a refusal whose body carries a NUL or the request's credential is dead-lettered once, clean
 //! and naming the call; an event whose ids the state store cannot key is dead-lettered instead
-//! of holding its consumer lane.
+//! of holding its consumer lane; a UCS answering 404 to everything (a wrong base path) is paused,
+//! not a dead letter per event, while one event's 404 is still dead-lettered.
 
 mod common;
 
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use common::chat::*;
 use common::process::metric_sum;
-use common::ucs::{FakeUcs, Refusal};
+use common::ucs::{FakeUcs, Mode, Refusal};
 use nexus::bus::{dlq_topic, headers, Bus, Message};
 use serde_json::{json, Value};
 
@@ -437,4 +438,232 @@ async fn chat_files_go_to_ucs_a_few_at_a_time() {
         assert_eq!(&bytes, data, "{conv}: the file's bytes");
         assert_eq!(sent[0].body["Parameters"]["Size"], data.len());
     }
+}
+
+/// Quick probes, so a UCS that answers again is found within the test's wait.
+fn quick_probes() -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "NEXUS_WORKERS__HISTORY__UCS__PAUSE_INITIAL_MS",
+            "300".into(),
+        ),
+        ("NEXUS_WORKERS__HISTORY__UCS__PAUSE_MAX_MS", "800".into()),
+    ]
+}
+
+impl System {
+    async fn metric(&self, name: &str, needles: &[&str]) -> f64 {
+        metric_sum(&self.metrics().await, name, needles).unwrap_or(0.0)
+    }
+
+    async fn misconfigured(&self) -> f64 {
+        self.metric(
+            "nexus_peer_calls_total",
+            &["role=\"history\"", "outcome=\"misconfigured\""],
+        )
+        .await
+    }
+
+    async fn paused(&self) -> f64 {
+        self.metric("nexus_worker_paused", &["role=\"history\""])
+            .await
+    }
+
+    /// Dead letters of the interaction topic, every reason.
+    async fn all_dead_lettered(&self) -> f64 {
+        self.metric("nexus_events_dead_lettered_total", &[TOPIC])
+            .await
+    }
+}
+
+/// IdentifyContact calls UCS got for the contact `email`.
+fn identify_calls(ucs: &FakeUcs, email: &str) -> usize {
+    let s = ucs.state.lock().unwrap();
+    s.calls
+        .iter()
+        .filter(|c| c.method == "IdentifyContact" && c.body["Parameters"]["EmailAddress"] == email)
+        .count()
+}
+
+/// UCS configured at a wrong base path (or behind a proxy with no such route) answers 404 to
+/// every call. Before, each 404 was taken for UCS refusing the event: every start and close was
+/// dead-lettered as `ucs_rejected`, the whole history stream set aside by a one-character
+/// config mistake. Now the target is taken for misconfigured, as for a 401: the role pauses,
+/// the calls are counted `misconfigured`, the events wait in the backlog, nothing is
+/// dead-lettered, and once the right UCS answers every conversation is written once, in order.
+/// Both 404s are met: a start's IdentifyContact (find or create: UCS has no 404 for it) and the
+/// transcript of a conversation UCS had opened before (a call that can miss its interaction,
+/// told by asking the conversation's IdentifyContact again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ucs_answering_404_to_everything_pauses_and_dead_letters_nothing() {
+    let ucs = FakeUcs::start().await;
+    let system = System::start(&ucs, quick_probes()).await;
+    let url = system.edge.url.clone();
+    // Opened at UCS while it answered.
+    let open = uuid::Uuid::new_v4().to_string();
+    ingest(
+        &url,
+        "t1",
+        &open,
+        "ConversationStarted",
+        started("open@example.com"),
+    )
+    .await;
+    ingest(&url, "t1", &open, "MessageReceived", message(1, "hello")).await;
+    eventually(WAIT, "the first conversation opened at UCS", || {
+        let opened = ucs
+            .effects_of(&open)
+            .iter()
+            .any(|e| e.method == "InsertInteraction");
+        async move { opened.then_some(()) }
+    })
+    .await;
+
+    ucs.set_mode(Mode::Down(404));
+    ingest(&url, "t1", &open, "ConversationClosed", closed()).await;
+    let mut convs = vec![open.clone()];
+    for n in 0..3 {
+        let conv = uuid::Uuid::new_v4().to_string();
+        ingest(
+            &url,
+            "t1",
+            &conv,
+            "ConversationStarted",
+            started(&format!("c{n}@example.com")),
+        )
+        .await;
+        ingest(&url, "t1", &conv, "MessageReceived", message(1, "hi")).await;
+        ingest(&url, "t1", &conv, "ConversationClosed", closed()).await;
+        convs.push(conv);
+    }
+    // The first close's transcript, three starts and the closes queued behind them.
+    eventually(
+        WAIT,
+        "history paused, the events in the backlog",
+        || async {
+            (system.paused().await == 1.0 && system.backlog().await == Some(7.0)).then_some(())
+        },
+    )
+    .await;
+    eventually(
+        WAIT,
+        "the first transcript refused with a 404 and told",
+        || async {
+            let asked = {
+                let s = ucs.state.lock().unwrap();
+                s.calls.iter().any(|c| {
+                    c.method == "AddDocument"
+                        && c.body["Parameters"]["InteractionId"] == open.as_str()
+                })
+            };
+            (asked && identify_calls(&ucs, "open@example.com") >= 2).then_some(())
+        },
+    )
+    .await;
+    let misconfigured = system.misconfigured().await;
+    assert!(
+        misconfigured >= 4.0,
+        "{misconfigured} calls counted misconfigured"
+    );
+    // A few probes more: still nothing set aside.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(system.all_dead_lettered().await, 0.0, "dead-lettered");
+    assert!(system.dead_letters().await.is_empty(), "a dead letter");
+    assert_eq!(system.paused().await, 1.0, "resumed while 404");
+
+    // The right UCS answers (the path fixed): everything is written once, in order.
+    ucs.set_mode(Mode::Up);
+    for conv in &convs {
+        eventually(WAIT, "the conversation written", || {
+            let done = ucs.stopped(conv);
+            async move { done.then_some(()) }
+        })
+        .await;
+        let methods: Vec<String> = ucs.effects_of(conv).into_iter().map(|e| e.method).collect();
+        assert_eq!(
+            methods,
+            ["InsertInteraction", "AddDocument", "SetInteractionStatus"],
+            "{conv}: once, in order"
+        );
+    }
+    let contacts = ucs
+        .effects()
+        .iter()
+        .filter(|e| e.method == "IdentifyContact")
+        .count();
+    assert_eq!(contacts, convs.len(), "one contact per conversation");
+    eventually(WAIT, "the backlog drained, history resumed", || async {
+        (system.backlog().await == Some(0.0) && system.paused().await == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(system.all_dead_lettered().await, 0.0, "dead-lettered");
+}
+
+/// One event's 404 (UCS does not know the interaction its transcript names, while it answers
+/// the conversation's IdentifyContact) is still that event's refusal: dead-lettered once as
+/// `ucs_rejected`, naming the call, nothing paused or counted `misconfigured`. UCS is asked
+/// whose 404 it is first (the conversation's IdentifyContact again), which the test sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_events_404_is_dead_lettered_while_ucs_answers_its_contact() {
+    let ucs = FakeUcs::start().await;
+    ucs.state.lock().unwrap().refusals.insert(
+        "AddDocument".into(),
+        Refusal {
+            status: 404,
+            content_type: "application/json".into(),
+            body: br#"{"error": "unknown InteractionId"}"#.to_vec(),
+            echo_authorization: false,
+        },
+    );
+    let system = System::start(&ucs, quick_probes()).await;
+    let url = system.edge.url.clone();
+    let conv = uuid::Uuid::new_v4().to_string();
+    ingest(
+        &url,
+        "t1",
+        &conv,
+        "ConversationStarted",
+        started("gone@example.com"),
+    )
+    .await;
+    ingest(&url, "t1", &conv, "MessageReceived", message(1, "hello")).await;
+    ingest(&url, "t1", &conv, "ConversationClosed", closed()).await;
+    eventually(WAIT, "the refused transcript dead-lettered", || async {
+        (system.dead_lettered("ucs_rejected").await >= 1.0).then_some(())
+    })
+    .await;
+    let dead = system.dead_letters().await;
+    let letters = dead_letter_of(&dead, &conv);
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let error = letters[0].header(headers::DLQ_ERROR).unwrap_or_default();
+    assert!(
+        error.contains("OMInteractions/AddDocument") && error.contains("404"),
+        "{error}"
+    );
+    assert_eq!(
+        identify_calls(&ucs, "gone@example.com"),
+        2,
+        "the start's IdentifyContact, then once more to tell whose 404 it was"
+    );
+    assert_eq!(system.misconfigured().await, 0.0, "taken for misconfigured");
+    assert_eq!(system.paused().await, 0.0, "one event's 404 paused UCS");
+
+    // UCS goes on for the others.
+    ucs.state.lock().unwrap().refusals.clear();
+    let next = uuid::Uuid::new_v4().to_string();
+    ingest(
+        &url,
+        "t1",
+        &next,
+        "ConversationStarted",
+        started("next@example.com"),
+    )
+    .await;
+    ingest(&url, "t1", &next, "ConversationClosed", closed()).await;
+    eventually(WAIT, "the next conversation written", || {
+        let done = ucs.stopped(&next);
+        async move { done.then_some(()) }
+    })
+    .await;
+    assert_eq!(system.all_dead_lettered().await, 1.0);
 }

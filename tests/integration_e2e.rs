@@ -58,6 +58,8 @@ impl System {
             ("NEXUS_WORKERS__GWS__URL", gws.url()),
             ("NEXUS_WORKERS__GWS__CREDENTIAL", GWS_TOKEN.into()),
             ("NEXUS_WORKERS__GWS__TIMEOUT_MS", "1000".into()),
+            // A try's two calls and two identity checks fit in the handler timeout.
+            ("NEXUS_WORKERS__GWS__IDENTITY_TIMEOUT_MS", "500".into()),
             ("NEXUS_CONSUMER__HANDLER_TIMEOUT_MS", "4000".into()),
             ("NEXUS_WORKERS__WEBHOOKS__SUBSCRIPTION_CACHE_MS", "0".into()),
             (

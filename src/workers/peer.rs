@@ -18,12 +18,15 @@
 //! makes failures that do not count, so retries never run out because of it.
 //!
 //! A target that refuses nexus itself, not the request, is taken for down too (outcome
-//! `misconfigured`): 401 and 407 (the credential), 403 (a credential without the right, or
-//! lapsed), and, for a peer with an identity check ([`Peer::with_identity_check`]: GWS's own
-//! user), a 403 or a write's 404 only when the identity is refused as well (a rotated key, a
+//! `misconfigured`): 401 and 407 (the credential), and, for a peer with an identity check
+//! ([`Peer::with_identity_check`]: GWS's own user), a 403 or a write's 404 only when the
+//! identity is refused as well (a rotated key, a
 //! wrong base path; else the refusal is the request's: the agent out of the chat, a chat GWS
 //! does not know). Their events wait in the backlog while the target is paused and go once it
 //! takes nexus again (a fixed credential or URL), instead of each being dead-lettered.
+//! A peer with no such check (UCS) has its caller say what a write's 404 means
+//! ([`NotFound`]): a wrong base path answers 404 to everything, and taken for each request's
+//! refusal it would dead-letter every event.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -47,6 +50,20 @@ pub struct PeerTarget {
     pub timeout_ms: u64,
 }
 
+/// The identity check's timeout unless configured (ms): the check is a small read that a
+/// peer which is up answers at once, and it comes on top of the call it follows, within the
+/// same try; a few seconds leave a slow peer room without making that try much longer.
+pub const DEFAULT_IDENTITY_TIMEOUT_MS: u64 = 2_000;
+
+/// How long the identity check after a call with `timeout_ms` may take: `configured` (else
+/// [`DEFAULT_IDENTITY_TIMEOUT_MS`]), never longer than the call itself may.
+fn identity_timeout_ms(configured: Option<u64>, timeout_ms: u64) -> u64 {
+    configured
+        .unwrap_or(DEFAULT_IDENTITY_TIMEOUT_MS)
+        .min(timeout_ms)
+        .max(1)
+}
+
 /// A peer's config: the global target, per-tenant overrides and the pause circuit.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -57,6 +74,12 @@ pub struct PeerConfig {
     pub credential: String,
     /// Per-call timeout in ms.
     pub timeout_ms: u64,
+    /// Timeout in ms of the identity check of a peer that makes one
+    /// ([`Peer::with_identity_check`]: GWS's `GET /api/v2/me` after a 403 or a write's 404),
+    /// never more than the target's own timeout; unset = [`DEFAULT_IDENTITY_TIMEOUT_MS`]. A
+    /// peer without such a check (UCS) has no use for it (its config refuses it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity_timeout_ms: Option<u64>,
     /// Failed calls (5xx, timeout, refused) for this many different conversations, with no
     /// success between, pause the role.
     pub pause_after_failures: u32,
@@ -83,6 +106,7 @@ impl Default for PeerConfig {
             url: String::new(),
             credential: String::new(),
             timeout_ms: 10_000,
+            identity_timeout_ms: None,
             pause_after_failures: 3,
             pause_initial_ms: 1_000,
             pause_max_ms: 30_000,
@@ -120,6 +144,7 @@ impl std::fmt::Debug for PeerConfig {
             .field("url", &crate::http_client::shown_url(&self.url))
             .field("credential", &shown_credential(&self.credential))
             .field("timeout_ms", &self.timeout_ms)
+            .field("identity_timeout_ms", &self.identity_timeout_ms)
             .field("pause_after_failures", &self.pause_after_failures)
             .field("pause_initial_ms", &self.pause_initial_ms)
             .field("pause_max_ms", &self.pause_max_ms)
@@ -215,6 +240,21 @@ impl PeerConfig {
     /// be tried forever.
     pub fn validate_timeouts(&self, key: &str, most: Duration) -> Result<(), String> {
         let most_ms = u64::try_from(most.as_millis()).unwrap_or(u64::MAX);
+        for (k, ms) in self.call_timeouts(key) {
+            if ms == 0 || ms >= most_ms {
+                return Err(format!(
+                    "{k}: {ms} ms; must be at least 1 and under {most_ms} ms (what one call may \
+                     take within consumer.handler_timeout_ms), or a call that takes it could \
+                     never complete"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The call timeout of every configured target (its own, else the global one), with the
+    /// key a startup error names for it (under `key`, the peer's table).
+    pub fn call_timeouts(&self, key: &str) -> Vec<(String, u64)> {
         let global = (!self.url.is_empty()).then(|| (format!("{key}.timeout_ms"), self.timeout_ms));
         let tenants = self
             .tenants
@@ -227,16 +267,13 @@ impl PeerConfig {
                 ),
                 own => (format!("{key}.tenants.{id}.timeout_ms"), own),
             });
-        for (k, ms) in global.into_iter().chain(tenants) {
-            if ms == 0 || ms >= most_ms {
-                return Err(format!(
-                    "{k}: {ms} ms; must be at least 1 and under {most_ms} ms (what one call may \
-                     take within consumer.handler_timeout_ms), or a call that takes it could \
-                     never complete"
-                ));
-            }
-        }
-        Ok(())
+        global.into_iter().chain(tenants).collect()
+    }
+
+    /// How long the identity check after a call of `timeout_ms` may take (see
+    /// [`Self::identity_timeout_ms`]).
+    pub fn identity_timeout_for(&self, timeout_ms: u64) -> u64 {
+        identity_timeout_ms(self.identity_timeout_ms, timeout_ms)
     }
 
     /// Replaces every credential with `with` (for printing the config).
@@ -279,6 +316,12 @@ pub enum PeerFailure {
         counts: bool,
         /// How long the peer asked to wait (`Retry-After`).
         wait: Option<Duration>,
+        /// Whether the call surely took no effect at the peer: it was refused unsent (a paused
+        /// target) or answered with a 4xx (the target refusing nexus itself, 408, 429, a
+        /// refusal nobody could yet tell whose). `false` when that is unknown: a timeout or a
+        /// connection lost after sending, a 5xx (a gateway's 502 or 504 may stand for a call
+        /// the peer still runs), a 2xx that is not the peer's answer.
+        not_applied: bool,
     },
     /// Any other non-2xx: the peer refuses this request and always will.
     #[error("{peer} answered {status}: {detail}")]
@@ -292,12 +335,22 @@ pub enum PeerFailure {
 }
 
 impl PeerFailure {
-    /// A retryable failure that counts.
+    /// A retryable failure that counts, whose call may have taken effect.
     pub fn retry(detail: String) -> Self {
         PeerFailure::Retry {
             detail,
             counts: true,
             wait: None,
+            not_applied: false,
+        }
+    }
+
+    /// Whether the failed call surely took no effect (see [`PeerFailure::Retry`]); a
+    /// rejection is a refusal, so none did.
+    pub fn not_applied(&self) -> bool {
+        match self {
+            PeerFailure::Retry { not_applied, .. } => *not_applied,
+            PeerFailure::Rejected { .. } => true,
         }
     }
 
@@ -309,11 +362,13 @@ impl PeerFailure {
                 detail,
                 counts: true,
                 wait: None,
+                ..
             } => HandleError::Retry(detail),
             PeerFailure::Retry {
                 detail,
                 counts,
                 wait,
+                ..
             } => HandleError::RetryLater {
                 reason: detail,
                 not_before_ms: chrono::Utc::now().timestamp_millis().saturating_add(
@@ -344,6 +399,8 @@ pub struct Peer {
     /// A path that any caller nexus may act for can read (GWS: `/api/v2/me`), asked after a 403
     /// or a write's 404 to tell a refusal of nexus from one of the request.
     identity: Option<&'static str>,
+    /// `identity_timeout_ms` as configured (see [`identity_timeout_ms`]).
+    identity_timeout_ms: Option<u64>,
 }
 
 impl Peer {
@@ -374,6 +431,7 @@ impl Peer {
             open: Arc::new(OpenTargets::new(role, name)),
             answered_within: Duration::from_millis(config.retry_max_ms.max(1)),
             identity: None,
+            identity_timeout_ms: config.identity_timeout_ms,
         }
     }
 
@@ -464,6 +522,21 @@ impl Peer {
         headers: &[(&str, &str)],
         body: &serde_json::Value,
     ) -> Result<serde_json::Value, PeerFailure> {
+        self.post_json_with(target, subject, path, headers, body, NotFound::Request)
+            .await
+    }
+
+    /// [`Self::post_json`], the caller telling what a 404 to this call means (for a peer
+    /// without an identity check; see [`NotFound`]).
+    pub async fn post_json_with(
+        &self,
+        target: &PeerTarget,
+        subject: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &serde_json::Value,
+        not_found: NotFound<'_>,
+    ) -> Result<serde_json::Value, PeerFailure> {
         let url = format!("{}{path}", target.url);
         let mut request = self
             .client
@@ -476,8 +549,16 @@ impl Peer {
         for (k, v) in headers {
             request = request.header(*k, *v);
         }
-        self.send(request, target, subject, &url, headers, Call::Write)
-            .await
+        self.send(
+            request,
+            target,
+            subject,
+            &url,
+            headers,
+            Call::Write,
+            not_found,
+        )
+        .await
     }
 
     /// GETs `{target.url}{path}` for `subject`; 404 is `Ok(None)`. A read that succeeds says
@@ -502,7 +583,15 @@ impl Peer {
             request = request.header(*k, *v);
         }
         match self
-            .send(request, target, subject, &url, headers, Call::Read)
+            .send(
+                request,
+                target,
+                subject,
+                &url,
+                headers,
+                Call::Read,
+                NotFound::Request,
+            )
             .await
         {
             Ok(v) => Ok(Some(v)),
@@ -511,6 +600,8 @@ impl Peer {
         }
     }
 
+    // `not_found` goes with `call` (a write's 404 only): one more argument than clippy likes.
+    #[allow(clippy::too_many_arguments)]
     async fn send(
         &self,
         request: reqwest::RequestBuilder,
@@ -519,6 +610,7 @@ impl Peer {
         url: &str,
         headers: &[(&str, &str)],
         call: Call,
+        not_found: NotFound<'_>,
     ) -> Result<serde_json::Value, PeerFailure> {
         let asked = url;
         // What errors (logged, dead-letter headers) show: no credentials written in the URL.
@@ -537,6 +629,7 @@ impl Peer {
                     ),
                     counts: false,
                     wait: Some(wait),
+                    not_applied: true,
                 });
             }
         };
@@ -547,6 +640,9 @@ impl Peer {
         };
         let started = Instant::now();
         let mut retry_after = None;
+        // A 4xx is the peer (or a proxy before it) declining the request: nothing took effect,
+        // whatever the refusal is taken for.
+        let mut refused = false;
         let result = match request.send().await {
             Err(e) if e.is_timeout() => {
                 Err(("timeout", PeerFailure::retry(format!("{url}: timed out"))))
@@ -558,6 +654,7 @@ impl Peer {
             )),
             Ok(response) => {
                 let status = response.status();
+                refused = status.is_client_error();
                 // A 2xx reached through a redirect, or an HTML page (a gateway's login page
                 // once its session lapsed), is not the peer's answer.
                 let final_url = response.url().clone();
@@ -612,7 +709,10 @@ impl Peer {
                     ))
                 } else {
                     let quoted = answer_text(&text, target);
-                    match self.refusal(status.as_u16(), call, target, headers).await {
+                    match self
+                        .refusal(status.as_u16(), call, target, headers, not_found)
+                        .await
+                    {
                         Refusal::Request => Err((
                             "rejected",
                             PeerFailure::Rejected {
@@ -670,10 +770,32 @@ impl Peer {
                     detail,
                     counts,
                     wait: retry_after.map(|w| w.min(self.settings.max_wait)),
+                    not_applied: refused,
                 })
             }
         }
     }
+}
+
+/// What a write's 404 means at a peer without an identity check: only the caller knows
+/// whether its call can be answered 404 for the request's own sake (UCS: see
+/// `workers::history::ucs`). A wrong base path, or a proxy with no such route, answers 404 to
+/// everything; taken for the request's, it would dead-letter every event.
+#[derive(Debug, Clone, Copy)]
+pub enum NotFound<'a> {
+    /// Something the request names is unknown: the request's refusal (dead-lettered).
+    Request,
+    /// The call has no 404 at the right address: the target refuses nexus's URL (a base path
+    /// to fix), taken for down (`misconfigured`).
+    Address,
+    /// Tell by POSTing `body` to `path`, a call with no 404 at the right address. A 404 (or a
+    /// 401, 407) there too is the address's; the peer answering it otherwise (2xx, another
+    /// 4xx) shows the address right, and the first 404 was the request's; no answer: a
+    /// retryable failure, nobody's refusal yet.
+    Ask {
+        path: &'a str,
+        body: &'a serde_json::Value,
+    },
 }
 
 /// Whose a 4xx refusal is.
@@ -688,13 +810,15 @@ enum Refusal {
 
 impl Peer {
     /// Whose refusal `status` is (a 4xx other than 408 and 429) of a `call` to `target` made
-    /// with `headers` (see [`Self::with_identity_check`]).
+    /// with `headers` (see [`Self::with_identity_check`]; without one, a write's 404 is as
+    /// `not_found` says).
     async fn refusal(
         &self,
         status: u16,
         call: Call,
         target: &PeerTarget,
         headers: &[(&str, &str)],
+        not_found: NotFound<'_>,
     ) -> Refusal {
         // Only an authentication refusal (401, 407) is surely nexus's. A 403 may be one
         // request's (a policy refusal of one document, an agent GWS no longer knows): taken
@@ -706,7 +830,67 @@ impl Peer {
             (404, Some(path)) if call == Call::Write => {
                 self.identity_refusal(path, call, target, headers).await
             }
+            (404, None) if call == Call::Write => match not_found {
+                NotFound::Request => Refusal::Request,
+                NotFound::Address => Refusal::Caller(String::new()),
+                NotFound::Ask { path, body } => {
+                    self.address_refusal(path, body, target, headers).await
+                }
+            },
             _ => Refusal::Request,
+        }
+    }
+
+    /// Asks `path` (a call with no 404 at the right address, see [`NotFound::Ask`]) whether a
+    /// 404 `target` gave is its address's: not the peer there, or no such route.
+    async fn address_refusal(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        target: &PeerTarget,
+        headers: &[(&str, &str)],
+    ) -> Refusal {
+        let asked = format!("{}{path}", target.url);
+        let mut request = self
+            .client
+            .post(&asked)
+            .timeout(Duration::from_millis(target.timeout_ms.max(1)))
+            .json(body);
+        if !target.credential.is_empty() {
+            request = request.bearer_auth(&target.credential);
+        }
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                return Refusal::Unknown(format!(
+                    "POST {path}, to tell whether the address is wrong, failed: {}",
+                    e.without_url()
+                ))
+            }
+        };
+        let status = response.status();
+        let html = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(is_html);
+        let peers_answer = !html && same_place(&asked, response.url());
+        if matches!(status.as_u16(), 401 | 404 | 407) {
+            Refusal::Caller(format!(", and POST {path} {status}"))
+        } else if peers_answer
+            && (status.is_success()
+                || (status.is_client_error() && !matches!(status.as_u16(), 408 | 429)))
+        {
+            // The peer took the call or refused it for its own reasons: the address is its,
+            // so the 404 was the request's.
+            Refusal::Request
+        } else {
+            Refusal::Unknown(format!(
+                "POST {path}, to tell whether the address is wrong, answered {status}"
+            ))
         }
     }
 
@@ -719,10 +903,13 @@ impl Peer {
         headers: &[(&str, &str)],
     ) -> Refusal {
         let asked = format!("{}{path}", target.url);
+        // A timeout of its own, shorter than the call's: the check comes on top of the call it
+        // follows, within one try (see `workers::gws::config::validate_try`).
+        let timeout = identity_timeout_ms(self.identity_timeout_ms, target.timeout_ms);
         let mut request = self
             .client
             .get(&asked)
-            .timeout(Duration::from_millis(target.timeout_ms.max(1)));
+            .timeout(Duration::from_millis(timeout));
         if !target.credential.is_empty() {
             request = request.bearer_auth(&target.credential);
         }

@@ -2,7 +2,8 @@
 //! every call it accepts (it is NOT idempotent: a repeated call acts twice, which is what the
 //! tests look for), records every request, and fails on command: a status for every request,
 //! a one-shot status or "apply, then hang past the client's timeout" for one chat's operation,
-//! and an optional delay after applying (to widen the crash window).
+//! a status for every POST to one chat, an optional delay after applying (to widen the crash
+//! window), and slowness: before one chat's requests, or of `GET /api/v2/me`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -64,6 +65,15 @@ pub struct GwsState {
     pub in_flight: usize,
     /// Reads of the agent's own user (`GET /api/v2/me`), by status answered.
     pub me_answered: Vec<u16>,
+    /// Reads of the agent's own user asked, answered or not.
+    pub me_asked: usize,
+    /// Reads of the agent's own user answer only after this long (a GWS whose `/api/v2/me`
+    /// hangs).
+    pub me_delay: Duration,
+    /// Requests asked, then answered only after this long, by chat (a GWS slow on that chat).
+    pub slow_chats: HashMap<String, Duration>,
+    /// Every POST to these chats answered with this status, without applying.
+    pub refused_chats: HashMap<String, u16>,
 }
 
 #[derive(Clone)]
@@ -122,6 +132,34 @@ impl FakeGws {
         self.state.lock().unwrap().delay = delay;
     }
 
+    /// Makes `GET /api/v2/me` answer only after `delay` (recorded when answered).
+    pub fn delay_me(&self, delay: Duration) {
+        self.state.lock().unwrap().me_delay = delay;
+    }
+
+    /// Makes every request for `chat` (reads and POSTs) wait `delay` before it is handled.
+    pub fn slow_chat(&self, chat: &str, delay: Duration) {
+        self.state
+            .lock()
+            .unwrap()
+            .slow_chats
+            .insert(chat.to_string(), delay);
+    }
+
+    /// Answers every POST to `chat` with `status`, applying nothing.
+    pub fn refuse_chat(&self, chat: &str, status: u16) {
+        self.state
+            .lock()
+            .unwrap()
+            .refused_chats
+            .insert(chat.to_string(), status);
+    }
+
+    /// Reads of the agent's own user asked so far (answered or not yet).
+    pub fn me_asked(&self) -> usize {
+        self.state.lock().unwrap().me_asked
+    }
+
     /// The effects applied to `chat`, in order (a repeated call appears twice).
     pub fn applied(&self, chat: &str) -> Vec<String> {
         self.state
@@ -174,6 +212,14 @@ impl FakeGws {
     }
 }
 
+/// Waits as long as `chat` is slow ([`FakeGws::slow_chat`]).
+async fn slow(state: &Mutex<GwsState>, chat: &str) {
+    let delay = state.lock().unwrap().slow_chats.get(chat).copied();
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
+}
+
 fn bearer_ok(s: &GwsState, headers: &HeaderMap) -> bool {
     headers
         .get("authorization")
@@ -202,6 +248,7 @@ async fn read(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> (StatusCode, Json<Value>) {
+    slow(&state, &id).await;
     let mut s = state.lock().unwrap();
     let status = if !bearer_ok(&s, &headers) {
         401
@@ -242,6 +289,14 @@ async fn me(
     State(state): State<Arc<Mutex<GwsState>>>,
     headers: HeaderMap,
 ) -> (StatusCode, Json<Value>) {
+    let delay = {
+        let mut s = state.lock().unwrap();
+        s.me_asked += 1;
+        s.me_delay
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let mut s = state.lock().unwrap();
     let status = if !bearer_ok(&s, &headers) {
         401
@@ -325,6 +380,7 @@ async fn operate(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> (StatusCode, Json<Value>) {
+    slow(&state, &id).await;
     let agent = agent_of(&headers);
     let operation = body["operationName"].as_str().unwrap_or("").to_string();
     let (status, wait) = {
@@ -340,6 +396,8 @@ async fn operate(
         } else if agent.is_empty() {
             Err(400)
         } else if let Some(code) = s.fail_all {
+            Err(code)
+        } else if let Some(&code) = s.refused_chats.get(&id) {
             Err(code)
         } else {
             match rule {

@@ -134,6 +134,25 @@ impl EffectLog {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Marks the call of `attempt` (the attempts count its claim set) as over without effect
+    /// (GWS refused it, or it was never sent): `attempted_at_ms` is cleared, so the next try
+    /// does not wait for it to leave the in-flight window. A no-op if another claim came since.
+    pub async fn release(&self, key: EffectKey<'_>, attempt: i64) -> Result<(), LogError> {
+        sqlx::query(
+            "UPDATE gws_effects SET attempted_at_ms = NULL, updated_at_ms = $1 \
+             WHERE tenant_id = $2 AND conversation_id = $3 AND effect_key = $4 \
+             AND status = 'pending' AND attempts = $5",
+        )
+        .bind(now_ms())
+        .bind(key.tenant_id)
+        .bind(key.conversation_id)
+        .bind(key.effect)
+        .bind(attempt)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Settles a pending effect as `done` or `rejected`.
     pub async fn finish(
         &self,
@@ -253,6 +272,36 @@ mod tests {
                 .expect("open")
                 .status,
             Status::Pending
+        );
+        db.close().await;
+    }
+
+    /// A refused call's claim is released (no call in flight) only while it is the latest:
+    /// another worker's newer claim keeps its time.
+    #[tokio::test]
+    async fn a_release_clears_only_its_own_claim() {
+        let (_dir, db, log) = sqlite_log().await;
+        let k = EffectKey {
+            tenant_id: "t1",
+            conversation_id: "c1",
+            effect: "accept:a1:o1",
+        };
+        log.open(k, "e1", "Accept").await.expect("open");
+        assert!(log.claim(k, 0).await.expect("claim"));
+        log.release(k, 1).await.expect("release");
+        let released = log.open(k, "e1", "Accept").await.expect("open");
+        assert_eq!(
+            (released.attempts, released.attempted_at_ms),
+            (1, None),
+            "the attempt still counts, its time is gone"
+        );
+        assert!(log.claim(k, 1).await.expect("claim"));
+        log.release(k, 1).await.expect("a stale release");
+        let claimed = log.open(k, "e1", "Accept").await.expect("open");
+        assert_eq!(claimed.attempts, 2);
+        assert!(
+            claimed.attempted_at_ms.is_some(),
+            "a newer claim was released"
         );
         db.close().await;
     }

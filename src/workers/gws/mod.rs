@@ -21,7 +21,11 @@
 //!    chat (`GET` the same path) and, if the effect shows (the agent is connected, the message
 //!    id is in the transcript, the agent left by transfer, the chat is completed), marks the row
 //!    `done` without calling. A previous call younger than the GWS timeout may still be in
-//!    flight, so reconciliation waits until it is older (retrying in place).
+//!    flight, so reconciliation waits until it is older (from the backlog). A call whose
+//!    outcome is known to be nothing is not waited for: one GWS refused (any 4xx, GWS refusing
+//!    nexus itself included) or one never sent (a paused target) has its claim released
+//!    ([`EffectLog::release`]), and the next try reads the chat at once (for the calls before
+//!    it). A timeout, a connection lost after sending or a 5xx leave the outcome unknown.
 //! 4. What stays open: GWS applying a request later than the client's timeout after it was
 //!    sent (the read before the repeat does not see it yet), and clocks of worker hosts that
 //!    disagree by more than the timeout. Both need GWS to be slower than `timeout_ms`.
@@ -166,9 +170,9 @@ impl GwsWorker {
                 .map(|at| chrono::Utc::now().timestamp_millis().saturating_sub(at))
                 .unwrap_or(i64::MAX);
             // A claimed call leaves at once and takes up to the call timeout; the handler
-            // timeout on top covers a handling that stalled between the claim and the send (or
-            // a circuit that opened between them: that call was refused unsent). Only past both
-            // is it surely over.
+            // timeout on top covers a handling that stalled between the claim and the send.
+            // Only past both is it surely over. (A call refused or never sent was released:
+            // no time, no wait.)
             let attempt = u64::try_from(self.attempt_timeout.as_millis()).unwrap_or(u64::MAX);
             let in_flight = target.timeout_ms.saturating_add(attempt);
             let in_flight = i64::try_from(in_flight).unwrap_or(i64::MAX);
@@ -195,7 +199,8 @@ impl GwsWorker {
                     true
                 }
                 Err(PeerFailure::Rejected { .. }) => false,
-                Err(f) => return Err(self.refused(key, op, f).await),
+                // No call of this try to release: the one before is older than its window.
+                Err(f) => return Err(self.refused(key, op, f, None).await),
             };
             if applied {
                 self.log
@@ -220,6 +225,7 @@ impl GwsWorker {
                 ),
                 counts: false,
                 wait: Some(wait),
+                not_applied: true,
             }
             .into_handle_error(REJECTED));
         }
@@ -235,6 +241,7 @@ impl GwsWorker {
                 counts: false,
             });
         }
+        let claimed = entry.attempts.saturating_add(1);
         match self.client.operate(target, path, op, e).await {
             Ok(()) => {
                 emit(op, "applied");
@@ -244,14 +251,29 @@ impl GwsWorker {
                     .await
                     .map_err(store_failed)
             }
-            Err(f) => Err(self.refused(key, op, f).await),
+            Err(f) => Err(self.refused(key, op, f, Some(claimed)).await),
         }
     }
 
     /// A failed GWS call: tried again (from the backlog), or (4xx) settled as rejected and
-    /// dead-lettered.
-    async fn refused(&self, key: EffectKey<'_>, op: &Operation, f: PeerFailure) -> HandleError {
+    /// dead-lettered. `claimed`: the attempt this try claimed for it, if it made the call.
+    async fn refused(
+        &self,
+        key: EffectKey<'_>,
+        op: &Operation,
+        f: PeerFailure,
+        claimed: Option<i64>,
+    ) -> HandleError {
         if matches!(f, PeerFailure::Retry { .. }) {
+            if let (Some(attempt), true) = (claimed, f.not_applied()) {
+                // Refused (GWS refusing nexus itself, a 429, a refusal nobody could yet tell
+                // whose) or never sent: no call is in flight, so the next try need not wait
+                // for one; it still reads the chat first, for the calls before this one.
+                // Not released (the store down): it waits, as for a call that may be running.
+                if let Err(e) = self.log.release(key, attempt).await {
+                    warn!(error = %e, "the refused GWS call could not be released; the next try waits as if it were in flight");
+                }
+            }
             return f.into_handle_error(REJECTED);
         }
         let detail = f.to_string();

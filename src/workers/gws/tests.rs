@@ -361,3 +361,159 @@ async fn an_agent_id_that_cannot_be_a_header_is_a_bad_event() {
     assert_eq!(*calls.lock().unwrap(), 1);
     db.close().await;
 }
+
+/// What a [`recording_gws`] refuses: the POST's status and the agent's own user's, while set.
+type Refusing = Arc<Mutex<Option<(u16, u16)>>>;
+
+/// A GWS that records each request (`POST 401`, `GET /me 200`, `GET chat 404`), refuses as
+/// [`Refusing`] says (its chat read answered as its POST while that is 401 or 407: the
+/// credential refused everywhere) and otherwise takes every call; it knows no chat.
+async fn recording_gws() -> (String, Arc<Mutex<Vec<String>>>, Refusing) {
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let refusing: Refusing = Arc::new(Mutex::new(None));
+    type S = State<(Arc<Mutex<Vec<String>>>, Refusing)>;
+    fn record(seen: &Mutex<Vec<String>>, what: &str, status: u16) -> StatusCode {
+        seen.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(format!("{what} {status}"));
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+    let app = Router::new()
+        .route(
+            "/api/v2/me",
+            get(|State((seen, refusing)): S| async move {
+                let me = refusing
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .map_or(200, |r| r.1);
+                (record(&seen, "GET /me", me), r#"{"id": "a1"}"#)
+            }),
+        )
+        .route(
+            "/api/v2/me/chats/{id}",
+            get(|State((seen, refusing)): S| async move {
+                let read = match *refusing.lock().unwrap_or_else(|p| p.into_inner()) {
+                    Some((post @ (401 | 407), _)) => post,
+                    _ => 404,
+                };
+                record(&seen, "GET chat", read)
+            })
+            .post(|State((seen, refusing)): S| async move {
+                let post = refusing
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .map_or(200, |r| r.0);
+                (record(&seen, "POST", post), "{}")
+            }),
+        )
+        .with_state((seen.clone(), refusing.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), seen, refusing)
+}
+
+/// A worker whose in-flight window is ten minutes (the 10 s GWS timeout plus a handler
+/// timeout of that length): a try that waits for the previous call never comes in a test.
+async fn patient_worker(url: &str, dir: &std::path::Path) -> (GwsWorker, Provisioning) {
+    let key = EncryptionKey::parse(&"00".repeat(32)).expect("key");
+    let db = Provisioning::connect(&dir.join("p.db").display().to_string(), &key)
+        .await
+        .expect("sqlite");
+    let config = GwsConfig {
+        url: url.to_string(),
+        ..GwsConfig::default()
+    };
+    let http = crate::config::Config::defaults().http_client;
+    let w = GwsWorker::new(&config, &http, db.pool().clone(), Duration::from_secs(600))
+        .expect("worker");
+    (w, db)
+}
+
+/// GWS refusing nexus itself (401, 407; a 403 or a POST's 404 whose agent's own user is
+/// answered 401) proves the call took no effect: once the credential is taken again, the next
+/// try reads the chat and calls at once. Before, it waited the whole in-flight window (here ten
+/// minutes: the try was refused "may still be in flight") for a call GWS had refused.
+#[tokio::test]
+async fn a_call_gws_refused_as_misconfigured_is_not_waited_for() {
+    for (post, me) in [(401, 200), (407, 200), (403, 401), (404, 401)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (url, seen, refusing) = recording_gws().await;
+        let (w, db) = patient_worker(&url, dir.path()).await;
+        *refusing.lock().unwrap() = Some((post, me));
+        let e = accepted();
+        match w.apply(&e, &message()).await {
+            Err(HandleError::Retry(reason)) | Err(HandleError::RetryLater { reason, .. }) => {
+                assert!(reason.contains("credential"), "{post}/{me}: {reason}")
+            }
+            other => panic!("{post}/{me}: expected GWS taken for down, got {other:?}"),
+        }
+        // The credential is taken again.
+        *refusing.lock().unwrap() = None;
+        w.apply(&e, &message())
+            .await
+            .unwrap_or_else(|e| panic!("{post}/{me}: the next try did not call: {e:?}"));
+        let mut want = vec![format!("POST {post}")];
+        if me != 200 {
+            want.push(format!("GET /me {me}"));
+        }
+        // The chat read first (an earlier call, had there been one, may have taken effect),
+        // then the call.
+        want.extend(["GET chat 404".to_string(), "POST 200".to_string()]);
+        assert_eq!(*seen.lock().unwrap(), want, "{post}/{me}");
+        let status: String = sqlx::query_scalar("SELECT status FROM gws_effects")
+            .fetch_one(db.pool())
+            .await
+            .expect("the effect's row");
+        assert_eq!(status, "done", "{post}/{me}");
+        db.close().await;
+    }
+}
+
+/// A call whose outcome is unknown (it timed out: GWS may be applying it) is still waited for:
+/// the next try makes no request before the in-flight window is over.
+#[tokio::test]
+async fn a_call_that_timed_out_is_still_waited_for() {
+    let app = Router::new().route(
+        "/api/v2/me/chats/{id}",
+        get(|| async { StatusCode::NOT_FOUND }).post(|| async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            StatusCode::OK
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = EncryptionKey::parse(&"00".repeat(32)).expect("key");
+    let db = Provisioning::connect(&dir.path().join("p.db").display().to_string(), &key)
+        .await
+        .expect("sqlite");
+    let config = GwsConfig {
+        url,
+        timeout_ms: 100,
+        ..GwsConfig::default()
+    };
+    let http = crate::config::Config::defaults().http_client;
+    let w = GwsWorker::new(&config, &http, db.pool().clone(), Duration::from_secs(600))
+        .expect("worker");
+    let e = accepted();
+    match w.apply(&e, &message()).await {
+        Err(HandleError::Retry(reason)) | Err(HandleError::RetryLater { reason, .. }) => {
+            assert!(reason.contains("timed out"), "{reason}")
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    match w.apply(&e, &message()).await {
+        Err(HandleError::RetryLater { reason, counts, .. }) => {
+            assert!(reason.contains("may still be in flight"), "{reason}");
+            assert!(!counts, "waiting is no failure of the event");
+        }
+        other => panic!("expected a wait for the call in flight, got {other:?}"),
+    }
+    db.close().await;
+}

@@ -25,9 +25,11 @@
 //! behind it and the backlog's scheduler runs them again in order, so other conversations go
 //! on. While a UCS target keeps failing for everyone its [`Peer`] circuit refuses calls unsent
 //! and their events wait in the backlog as well, so a tenant's failing UCS holds no other
-//! tenant (`nexus_worker_paused{role="history",peer="ucs"}` = 1); so does a 401, 403 or 407,
-//! UCS refusing nexus's credential rather than the event. Another 4xx dead-letters the
-//! event with reason `ucs_rejected`, the detail naming the call. An event whose tenant or
+//! tenant (`nexus_worker_paused{role="history",peer="ucs"}` = 1); so does a 401 or 407, UCS
+//! refusing nexus's credential rather than the event, and a 404 that is the address's (a wrong
+//! base path, a proxy with no such route: IdentifyContact answered 404, see [`ucs`]) rather than
+//! an object the event names unknown. Another 4xx dead-letters the event with reason
+//! `ucs_rejected`, the detail naming the call. An event whose tenant or
 //! conversation id the state store cannot key (a control character, over [`MAX_ID_BYTES`]) is
 //! dead-lettered at once as `history_bad_event`. Tenants without a UCS target are acked without
 //! a call (`skipped`). At most [`ATTACHMENTS_AT_ONCE`] chat files go to UCS at once per process.
@@ -364,8 +366,9 @@ impl HistoryWorker {
                 Next::WaitForClose | Next::Nothing => return Ok(()),
                 Next::IdentifyContact => {
                     let call = ucs::identify_contact(tenant, conv, &state.started);
-                    let failed = ucs_failed(call.name());
-                    let answer = self.ucs.call(target, conv, call).await.map_err(failed)?;
+                    let answer = self
+                        .call_ucs(target, tenant, conv, &state.started, call)
+                        .await?;
                     let contact =
                         ucs::contact_id_of(&answer).ok_or_else(|| HandleError::Reject {
                             reason: BAD_ANSWER,
@@ -386,8 +389,9 @@ impl HistoryWorker {
                 Next::InsertInteraction => {
                     let contact = state.contact_id.clone().unwrap_or_default();
                     let call = ucs::insert_interaction(tenant, conv, &contact, &state.started);
-                    let failed = ucs_failed(call.name());
-                    let answer = self.ucs.call(target, conv, call).await.map_err(failed)?;
+                    let answer = self
+                        .call_ucs(target, tenant, conv, &state.started, call)
+                        .await?;
                     // UCS keeps the Id it was given; an answer naming another one wins.
                     let id = answer
                         .get("Id")
@@ -446,8 +450,8 @@ impl HistoryWorker {
                     };
                     let call =
                         ucs::transcript_document(tenant, conv, interaction(&state, conv), &entries);
-                    let failed = ucs_failed(call.name());
-                    self.ucs.call(target, conv, call).await.map_err(failed)?;
+                    self.call_ucs(target, tenant, conv, &state.started, call)
+                        .await?;
                     let moved = self
                         .store
                         .advance(
@@ -505,8 +509,8 @@ impl HistoryWorker {
                     })?;
                     let call =
                         ucs::set_interaction_status(tenant, interaction(&state, conv), closed);
-                    let failed = ucs_failed(call.name());
-                    self.ucs.call(target, conv, call).await.map_err(failed)?;
+                    self.call_ucs(target, tenant, conv, &state.started, call)
+                        .await?;
                     let moved = self
                         .store
                         .advance(
@@ -535,6 +539,24 @@ impl HistoryWorker {
                 debug!(?step, "another member applied this step first");
             }
         }
+    }
+
+    /// Makes `call` for the conversation started as `started`, a refusal naming the call. The
+    /// conversation's IdentifyContact goes along to tell a 404's meaning (see [`ucs`]).
+    async fn call_ucs(
+        &self,
+        target: &PeerTarget,
+        tenant: &str,
+        conv: &str,
+        started: &Started,
+        call: ucs::Call,
+    ) -> Result<Value, HandleError> {
+        let failed = ucs_failed(call.name());
+        let contact = ucs::identify_contact(tenant, conv, started);
+        self.ucs
+            .call(target, conv, call, &contact)
+            .await
+            .map_err(failed)
     }
 
     /// Entries recorded while the document was being written (after its entries were read)
@@ -593,8 +615,8 @@ impl HistoryWorker {
         match self.files.file(tenant, conv, file_id).await {
             Ok(file) => {
                 let call = ucs::attachment_document(tenant, conv, interaction(state, conv), file);
-                let failed = ucs_failed(call.name());
-                self.ucs.call(target, conv, call).await.map_err(failed)?;
+                self.call_ucs(target, tenant, conv, &state.started, call)
+                    .await?;
                 metrics::counter!(m::HISTORY_ATTACHMENTS_TOTAL, "outcome" => "added").increment(1);
                 Ok(())
             }

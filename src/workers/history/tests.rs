@@ -503,3 +503,168 @@ fn a_refusal_names_its_call() {
         HandleError::Retry(_)
     ));
 }
+
+/// By method: the status the loopback UCS answers, and the calls it got.
+type Methods = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (u16, usize)>>>;
+
+/// A UCS on loopback: `POST /ucs/v1/{Service}/{Method}` answers the status set for the method
+/// (200 with a ContactId by default) and counts the calls by method; any other path is axum's
+/// 404, as a wrong base path meets.
+async fn ucs_server() -> (String, Methods) {
+    use axum::extract::{Path, State};
+    use axum::http::StatusCode;
+    async fn answer(
+        State(methods): State<Methods>,
+        Path((_, method)): Path<(String, String)>,
+    ) -> (StatusCode, axum::Json<serde_json::Value>) {
+        let status = {
+            let mut m = methods.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = m.entry(method).or_insert((200, 0));
+            entry.1 += 1;
+            entry.0
+        };
+        let body = match status {
+            200 => json!({"ContactId": "contact-1", "Id": "c1"}),
+            404 => json!({"error": "unknown InteractionId"}),
+            _ => json!({"error": "refused"}),
+        };
+        (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            axum::Json(body),
+        )
+    }
+    let methods: Methods = Default::default();
+    let app = axum::Router::new()
+        .route("/ucs/v1/{service}/{method}", axum::routing::post(answer))
+        .with_state(methods.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), methods)
+}
+
+/// `nexus_peer_calls_total` of a role with `outcome`, as /metrics renders it.
+fn peer_calls(role: &str, outcome: &str) -> f64 {
+    crate::telemetry::init_metrics()
+        .render()
+        .lines()
+        .filter(|l| {
+            l.starts_with(m::PEER_CALLS_TOTAL)
+                && l.contains(&format!("role=\"{role}\""))
+                && l.contains(&format!("outcome=\"{outcome}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A 404 from UCS is told apart: IdentifyContact's (find or create: nothing to miss) and
+/// another call's whose IdentifyContact, asked again, gets a 404 too are the address's (a
+/// wrong base path, or something else than UCS answering): a retryable failure counted
+/// `misconfigured`, the target taken for down, nothing dead-lettered. A 404 while UCS answers
+/// the conversation's IdentifyContact (or refuses it for its own reasons) is the event's: an
+/// object it names unknown, rejected as before. IdentifyContact failing tells nothing: retried.
+/// Before, every 404 was the event's, and a wrong path dead-lettered every event.
+#[tokio::test]
+async fn a_404_is_the_events_only_where_ucs_answers_its_identify_contact() {
+    use crate::workers::peer::{Peer, PeerConfig, PeerTarget};
+    crate::telemetry::init_metrics();
+    const ROLE: &str = "history-404-test";
+    let (url, methods) = ucs_server().await;
+    let ucs = || {
+        ucs::Ucs::new(Peer::new(
+            ROLE,
+            "ucs",
+            reqwest::Client::new(),
+            &PeerConfig::default(),
+        ))
+    };
+    let at = |url: String| PeerTarget {
+        url,
+        credential: "k".into(),
+        timeout_ms: 2_000,
+    };
+    let contact = ucs::identify_contact("t1", "c1", &started());
+    let transcript = || ucs::transcript_document("t1", "c1", "c1", &[entry(1, "hi", &[])]);
+    let set = |method: &str, status: u16| {
+        methods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(method.to_string())
+            .or_insert((200, 0))
+            .0 = status;
+    };
+    let asked = |method: &str| {
+        methods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(method)
+            .map_or(0, |m| m.1)
+    };
+    let misconfigured = || peer_calls(ROLE, "misconfigured");
+
+    // A wrong base path: axum's own 404 to every path.
+    let wrong = at(format!("{url}/ucs-typo"));
+    let before = misconfigured();
+    for call in [contact.clone(), transcript()] {
+        let name = call.name();
+        match ucs().call(&wrong, "c1", call, &contact).await {
+            Err(PeerFailure::Retry { detail, .. }) => {
+                assert!(detail.contains("refuses nexus itself"), "{name}: {detail}")
+            }
+            other => panic!("{name} at a wrong path: {other:?}"),
+        }
+    }
+    assert_eq!(misconfigured() - before, 2.0, "both counted misconfigured");
+
+    // UCS's own route answering 404 to every call (another service behind the path).
+    let right = at(url.clone());
+    set("IdentifyContact", 404);
+    set("AddDocument", 404);
+    match ucs().call(&right, "c1", transcript(), &contact).await {
+        Err(PeerFailure::Retry { detail, .. }) => assert!(
+            detail.contains("and POST /ucs/v1/OMContacts/IdentifyContact 404"),
+            "{detail}"
+        ),
+        other => panic!("404 to everything: {other:?}"),
+    }
+    assert_eq!(misconfigured() - before, 3.0);
+
+    // One interaction UCS does not know: the event's refusal, after asking.
+    for (identify, what) in [(200, "answered"), (400, "refused for its own reasons")] {
+        set("IdentifyContact", identify);
+        let identified = asked("IdentifyContact");
+        match ucs().call(&right, "c1", transcript(), &contact).await {
+            Err(PeerFailure::Rejected { status: 404, .. }) => {}
+            other => panic!("IdentifyContact {what}: {other:?}"),
+        }
+        assert_eq!(
+            asked("IdentifyContact"),
+            identified + 1,
+            "IdentifyContact {what}: asked once whose 404 it was"
+        );
+    }
+    // A SetInteractionStatus's 404 is told the same way.
+    set("IdentifyContact", 200);
+    set("SetInteractionStatus", 404);
+    let closed = state(Step::AttachmentsAdded, true).closed.expect("closed");
+    assert!(matches!(
+        ucs()
+            .call(
+                &right,
+                "c1",
+                ucs::set_interaction_status("t1", "c1", &closed),
+                &contact
+            )
+            .await,
+        Err(PeerFailure::Rejected { status: 404, .. })
+    ));
+    // IdentifyContact failing: nobody's refusal yet, retried, not taken for misconfigured.
+    set("IdentifyContact", 503);
+    assert!(matches!(
+        ucs().call(&right, "c1", transcript(), &contact).await,
+        Err(PeerFailure::Retry { .. })
+    ));
+    assert_eq!(misconfigured() - before, 3.0);
+}

@@ -3,6 +3,17 @@
 //!
 //! The builders are pure so the mapping is unit-tested; [`Ucs::call`] sends through the shared
 //! [`Peer`] (outcome classification, metrics, pause circuit).
+//!
+//! **A 404.** UCS answers 404 for an object a call names that it does not know (an
+//! interaction, a contact): that event's refusal. A wrong base path, or a proxy with no such
+//! route, answers 404 to every call: nexus's address to fix. UCS has no identity endpoint to
+//! ask (GWS's `/api/v2/me`), and no error body of its own to tell by (a proxy's or a
+//! framework's default 404 is JSON too). What the protocol gives is IdentifyContact, which
+//! finds or creates (`CreateContact`): at UCS's address it has no 404. So its own 404 is the
+//! address's, and another call's 404 is told by sending the conversation's IdentifyContact
+//! again, a repeat every conversation already makes safely (the crash window, in [`super`]): a
+//! 404 there too is the address's; UCS taking it, or refusing it otherwise, makes the first 404
+//! the event's; no answer, a retry.
 
 use base64::Engine;
 use serde_json::{json, Value};
@@ -10,7 +21,7 @@ use uuid::Uuid;
 
 use super::store::{Closed, Entry, Started};
 use crate::events::chat::CloseReason;
-use crate::workers::peer::{Peer, PeerFailure, PeerTarget};
+use crate::workers::peer::{NotFound, Peer, PeerFailure, PeerTarget};
 
 /// Namespace of the UUIDv5 ids nexus gives UCS objects (contacts it creates, documents).
 const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6e65_7875_732d_6869_7374_6f72_792d_7563);
@@ -39,6 +50,28 @@ impl Call {
     pub fn name(&self) -> String {
         format!("{}/{}", self.service, self.method)
     }
+
+    /// The path it is POSTed to.
+    fn path(&self) -> String {
+        format!("/ucs/v1/{}/{}", self.service, self.method)
+    }
+
+    /// Whether UCS can answer it 404 for a reason of the request's: only IdentifyContact
+    /// cannot, as it creates what it does not find.
+    fn may_miss(&self) -> bool {
+        (self.service, self.method) != (CONTACTS, IDENTIFY_CONTACT)
+    }
+}
+
+const CONTACTS: &str = "OMContacts";
+const IDENTIFY_CONTACT: &str = "IdentifyContact";
+
+/// The request body of a call.
+fn body(parameters: Value, user_data: Value) -> Value {
+    let mut body = serde_json::Map::with_capacity(2);
+    body.insert("Parameters".into(), parameters);
+    body.insert("UserData".into(), user_data);
+    Value::Object(body)
 }
 
 fn rfc3339(ms: i64) -> String {
@@ -56,8 +89,8 @@ fn user_data(s: &Started) -> Value {
 pub fn identify_contact(tenant: &str, conversation: &str, s: &Started) -> Call {
     let c = &s.contact;
     Call {
-        service: "OMContacts",
-        method: "IdentifyContact",
+        service: CONTACTS,
+        method: IDENTIFY_CONTACT,
         parameters: json!({
             "TenantId": tenant,
             "MediaType": "chat",
@@ -214,20 +247,32 @@ impl Ucs {
         Self { peer }
     }
 
-    /// Makes `call` for `conversation` (the circuit's subject). Takes the call: its objects
-    /// are moved into the body, not copied (a transcript or a file may be megabytes).
+    /// Makes `call` for `conversation` (the circuit's subject); `contact` is the
+    /// conversation's IdentifyContact, asked again if `call` is answered 404 (see the module
+    /// doc). Takes the call: its objects are moved into the body, not copied (a transcript or
+    /// a file may be megabytes).
     pub async fn call(
         &self,
         target: &PeerTarget,
         conversation: &str,
         call: Call,
+        contact: &Call,
     ) -> Result<Value, PeerFailure> {
-        let path = format!("/ucs/v1/{}/{}", call.service, call.method);
-        let mut body = serde_json::Map::with_capacity(2);
-        body.insert("Parameters".into(), call.parameters);
-        body.insert("UserData".into(), call.user_data);
+        let path = call.path();
+        let (check_path, check_body);
+        let not_found = if call.may_miss() {
+            check_path = contact.path();
+            check_body = body(contact.parameters.clone(), contact.user_data.clone());
+            NotFound::Ask {
+                path: &check_path,
+                body: &check_body,
+            }
+        } else {
+            NotFound::Address
+        };
+        let body = body(call.parameters, call.user_data);
         self.peer
-            .post_json(target, conversation, &path, &[], &Value::Object(body))
+            .post_json_with(target, conversation, &path, &[], &body, not_found)
             .await
     }
 }
