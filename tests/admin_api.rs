@@ -2,7 +2,7 @@
 //! `oneshot`, every case on SQLite (a temp file) and on PostgreSQL (a fresh database per test;
 //! `NEXUS_TEST_POSTGRES_URL` overrides `postgres://postgres@127.0.0.1:5432/test`).
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;

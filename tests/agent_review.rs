@@ -2,7 +2,7 @@
 //! session store, SQLite provisioning): what the socket answers to frames it cannot take, and
 //! that it behaves as the HTTP routes do.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

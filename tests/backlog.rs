@@ -10,8 +10,6 @@
 //! The effect here is a recorder that fails on command; the history and gws tests run the same
 //! backlog against real HTTP peers.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};

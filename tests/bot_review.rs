@@ -2,7 +2,7 @@
 //! bot endpoint on loopback, the edge's bot API in process and the conversation worker applying
 //! what the edge published (the embedded bus carries the events between them).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -11,7 +11,7 @@
 //! `/usr/bin/chromium` (or `NEXUS_TEST_CHROMIUM`) and the Python module `playwright` (CI
 //! installs both): a missing one fails the test rather than skipping it.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

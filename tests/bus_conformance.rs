@@ -2,7 +2,7 @@
 //! JetStream and Kafka with the servers `scripts/services.sh` starts). `NEXUS_TEST_BUS=<backend>`
 //! runs one backend only.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,7 +1,7 @@
 //! Review cases for the consumer runtime's at-least-once and per-key order guarantees around
 //! retries, dead letters and hand-overs.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -3,7 +3,7 @@
 //! machine-readable code and publishes nothing on the inbound or agent topic. Tenant A's keys
 //! never reach tenant B's sessions or transcripts; a bot only its own conversations.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! nothing. Runs on the embedded bus + SQLite + embedded store (`nexus dev`) and on NATS
 //! JetStream + PostgreSQL + Redis.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

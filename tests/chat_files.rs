@@ -5,7 +5,7 @@
 //! 410 FILE_EXPIRED, their place freed, the sweeper deletes them (here on SQLite, and in a real
 //! `nexus dev` process on PostgreSQL).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! test's own), PostgreSQL and Redis: per-conversation order end to end, and agent capacity
 //! never exceeded while offers race across worker instances.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! real services: a NATS JetStream of the test's own, a fresh PostgreSQL database for
 //! provisioning and Redis (a namespace per test) for sessions.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 
@@ -87,7 +87,7 @@ impl Fx {
     }
 
     /// Appends an entry from `kind` of party to the chat's transcript, as the worker would.
-    async fn append(&self, chat: &Chat, kind: EntryKind, from: PartyKind, text: &str) {
+    async fn append_as(&self, chat: &Chat, kind: EntryKind, from: PartyKind, text: &str) {
         let store = self.state.sessions().expect("session store");
         let entry = NewEntry {
             event_id: uuid::Uuid::new_v4().to_string(),
@@ -109,7 +109,7 @@ impl Fx {
     }
 
     /// The events published on the inbound topic for `chat`, decoded.
-    async fn published(&self, chat: &Chat) -> Vec<nexus::events::Event> {
+    async fn published_events(&self, chat: &Chat) -> Vec<nexus::events::Event> {
         let bus = &self.state.bus;
         let mut out = Vec::new();
         for p in bus.partition_offsets(INBOUND).await.expect("offsets") {
@@ -151,7 +151,7 @@ impl Fx {
 
     /// The transcript positions of the read receipts published for `chat`.
     async fn receipts(&self, chat: &Chat) -> Vec<Option<i64>> {
-        self.published(chat)
+        self.published_events(chat)
             .await
             .iter()
             .filter_map(|e| e.body_as::<ReceiptReceived>().ok())
@@ -161,7 +161,7 @@ impl Fx {
 
     /// The texts of the customer messages published for `chat`.
     async fn sent(&self, chat: &Chat) -> Vec<String> {
-        self.published(chat)
+        self.published_events(chat)
             .await
             .iter()
             .filter_map(|e| e.body_as::<MessageReceived>().ok())
@@ -178,7 +178,7 @@ impl Fx {
 async fn a_store_outage_answers_retry_not_the_end_of_the_chat() {
     let fx = fixture().await;
     let chat = fx.start("nickname=Ann").await;
-    fx.append(&chat, EntryKind::Message, PartyKind::Agent, "hello")
+    fx.append_as(&chat, EntryKind::Message, PartyKind::Agent, "hello")
         .await;
     let (status, body) = fx.op(&chat, "refresh", "&transcriptPosition=1").await;
     assert_eq!((status, &body["statusCode"]), (StatusCode::OK, &json!(0)));
@@ -236,7 +236,7 @@ async fn a_service_url_with_a_trailing_slash_serves_the_whole_chat() {
     assert_eq!(body["statusCode"], 0, "send: {body}");
     assert_eq!(fx.sent(&chat).await, ["hello"]);
 
-    fx.append(&chat, EntryKind::Message, PartyKind::Agent, "hi Ann")
+    fx.append_as(&chat, EntryKind::Message, PartyKind::Agent, "hi Ann")
         .await;
     let (status, body) = fx
         .post(&at("refresh"), &chat.form("&transcriptPosition=1"))
@@ -261,7 +261,7 @@ async fn a_read_receipt_beyond_any_position_marks_the_last_entry_read() {
     let fx = fixture().await;
     let chat = fx.start("nickname=Ann").await;
     for text in ["one", "two"] {
-        fx.append(&chat, EntryKind::Message, PartyKind::Agent, text)
+        fx.append_as(&chat, EntryKind::Message, PartyKind::Agent, text)
             .await;
     }
     for far in ["9223372036854775808", "18446744073709551615"] {
@@ -289,7 +289,7 @@ async fn a_read_receipt_before_any_entry_is_no_error() {
         "{body}"
     );
     assert!(fx.receipts(&chat).await.is_empty());
-    fx.append(&chat, EntryKind::Message, PartyKind::Agent, "hi")
+    fx.append_as(&chat, EntryKind::Message, PartyKind::Agent, "hi")
         .await;
     let (status, body) = fx.op(&chat, "readReceipt", "&transcriptPosition=2").await;
     assert_eq!(
@@ -310,7 +310,7 @@ async fn a_read_receipt_at_position_zero_marks_nothing() {
     let fx = fixture().await;
     let chat = fx.start("nickname=Ann").await;
     for text in ["one", "two"] {
-        fx.append(&chat, EntryKind::Message, PartyKind::Agent, text)
+        fx.append_as(&chat, EntryKind::Message, PartyKind::Agent, text)
             .await;
     }
     let (status, body) = fx.op(&chat, "readReceipt", "&transcriptPosition=0").await;
@@ -380,7 +380,7 @@ async fn a_multipart_form_is_read_as_its_fields() {
         user_id: started["userId"].as_str().expect("userId").into(),
         secure_key: started["secureKey"].as_str().expect("secureKey").into(),
     };
-    let published = fx.published(&chat).await;
+    let published = fx.published_events(&chat).await;
     let request = published
         .iter()
         .find_map(|e| e.body_as::<ConversationRequested>().ok())
@@ -420,7 +420,7 @@ async fn a_multipart_form_is_read_as_its_fields() {
     assert_eq!(fx.sent(&chat).await, ["sent as FormData"]);
 
     // A file part: refused, nothing more published.
-    let before = fx.published(&chat).await.len();
+    let before = fx.published_events(&chat).await.len();
     let (content_type, body) = multipart(
         &[
             ("secureKey", &chat.secure_key),
@@ -433,7 +433,7 @@ async fn a_multipart_form_is_read_as_its_fields() {
     let (status, refused) = fx.post_as(&at, &content_type, &body).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
     assert_eq!(refused["errors"][0]["code"], "INVALID_BODY", "{refused}");
-    assert_eq!(fx.published(&chat).await.len(), before);
+    assert_eq!(fx.published_events(&chat).await.len(), before);
 }
 
 /// A failed publish may have landed (a broker timeout): a `send` is answered `statusCode` 1 all

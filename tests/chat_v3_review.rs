@@ -2,7 +2,7 @@
 //! a fresh PostgreSQL database for provisioning (and files) and Redis (a namespace per test)
 //! for sessions.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

@@ -3,7 +3,7 @@
 //! missing), a topology with an absurd partition count is refused at start (instead of hanging),
 //! and a second Ctrl-C during a drain exits at once.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -4,7 +4,7 @@
 //! none twice, in order per conversation. On the embedded bus (`nexus dev`, load through the HTTP
 //! ingest) and on NATS JetStream (`nexus worker`, load straight on the bus).
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;

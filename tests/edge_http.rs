@@ -2,7 +2,7 @@
 //! endpoint publishes valid events only after the bus ack and answers bad input with clear
 //! 4xx codes, publishing nothing.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

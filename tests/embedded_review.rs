@@ -254,9 +254,14 @@ async fn a_full_disk_fails_publishes_clearly() {
     }
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("child.log");
+    // This test's name as libtest lists it: its module path below the crate root.
+    let name = "a_full_disk_fails_publishes_clearly";
+    let exact = match module_path!().split_once("::") {
+        Some((_, module)) => format!("{module}::{name}"),
+        None => name.to_string(),
+    };
     let script = format!(
-        "trap '' XFSZ; ulimit -f 150000; exec '{}' --exact a_full_disk_fails_publishes_clearly \
-         --nocapture --test-threads=1",
+        "trap '' XFSZ; ulimit -f 150000; exec '{}' --exact {exact} --nocapture --test-threads=1",
         std::env::current_exe().unwrap().display()
     );
     let out = std::fs::File::create(&log).unwrap();

@@ -4,7 +4,7 @@
 //! conversation, through a timeout after GWS applied a call (reconciliation), a 4xx
 //! (dead-letter), a GWS outage (the role pauses) and a SIGKILL of the worker mid-load.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -12,7 +12,7 @@
 //!   identity check has its own short timeout), so its failures count and the event is set
 //!   aside after `retry_max_attempts` instead of being cut short, uncounted, for good.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

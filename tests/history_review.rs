@@ -5,7 +5,7 @@
 //! of holding its consumer lane; a UCS answering 404 to everything (a wrong base path) is paused,
 //! not a dead letter per event, while one event's 404 is still dead-lettered.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

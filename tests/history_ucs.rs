@@ -5,7 +5,7 @@
 //! effect; a 4xx dead-letters one event only; an entry that comes just after the close is in
 //! the transcript.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //! dead-letter it (`bad_time`). Times in the range, or none (the edge's clock), still go
 //! through. The edge runs in-process as in `edge_http.rs`, on the embedded bus.
 
-mod common;
+use crate::common;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};

@@ -4,7 +4,7 @@
 //! effect exactly once and in order; then SIGKILLs of each integration worker mid-load lose and
 //! repeat nothing at UCS, GWS or a receiver, and keep the order per conversation.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};

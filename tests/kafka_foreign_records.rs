@@ -10,7 +10,7 @@
 //! 0.6 lists no aborted transactions in its fetch answers, so there every reader gets them
 //! too. The tests expect what a plain read_committed librdkafka consumer gets on the broker.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -5,7 +5,7 @@
 //! promtool comes from Debian's `prometheus` package; without it the promtool test skips with a
 //! message, unless NEXUS_TEST_REQUIRE_TOOLS=1 (set by `.ci/run`).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

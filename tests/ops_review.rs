@@ -5,7 +5,7 @@
 //! Real services (`scripts/services.sh env`): NATS JetStream, PostgreSQL and Redis, reached
 //! through a TCP relay of the test's own that can stop passing bytes (a hung dependency).
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

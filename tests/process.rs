@@ -2,7 +2,7 @@
 //! ingest endpoint publishes (lag back to 0), serves HTTPS when configured; the CLI's config,
 //! topology and schema commands behave as documented.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

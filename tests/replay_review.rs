@@ -7,7 +7,7 @@
 //! short read is the log end, and a read that cannot get the records pending interrupts the
 //! copy.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -3,7 +3,7 @@
 //! (`NEXUS_TEST_REDIS_CLUSTER_URL`, skipped without it) and the embedded store; each case under
 //! a random tenant of its own.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! (embedded bus, embedded session store, SQLite provisioning): what it does with the frames a
 //! customer may send (data frames, oversized or bad ones, pings, a close) and its idle rule.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

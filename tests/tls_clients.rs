@@ -6,7 +6,7 @@
 //! when run as root). A test whose tool is missing says so and passes, unless
 //! `NEXUS_TEST_REQUIRE_TOOLS=1` (CI).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

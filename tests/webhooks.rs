@@ -4,7 +4,7 @@
 //! hang, abort header). Standard Webhooks signatures are verified with the reference Python
 //! package `standardwebhooks` (`pip install standardwebhooks`), genesys ones by recomputing.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;

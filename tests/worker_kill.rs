@@ -2,7 +2,7 @@
 //! applied twice (the sink applies one effect per event id; redeliveries are counted and
 //! bounded by what was in flight), and each conversation's events arrive in order.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
