@@ -685,22 +685,12 @@ impl Config {
             .map_err(|e| invalid("workers.history.ucs", e))?;
         crate::workers::gws::config::validate(&self.workers.gws)
             .map_err(|m| invalid(crate::workers::gws::config::KEY, m))?;
-        // Only GWS makes an identity check: UCS would ignore the key.
-        if self.workers.history.ucs.identity_timeout_ms.is_some() {
-            return Err(invalid(
-                "workers.history.ucs.identity_timeout_ms",
-                "UCS makes no identity check; the key is workers.gws's",
-            ));
-        }
-        // A try (from the backlog) runs for the handler timeout at most: a UCS try makes at
-        // least one call; a GWS try, up to two calls and two identity checks
-        // (`gws::config::validate_try`).
+        // A try (from the backlog) runs for the handler timeout at most: a UCS step, one call
+        // and the IdentifyContact asked again after a 404 (`history::config::validate_try`);
+        // a GWS try, up to two calls and two identity checks (`gws::config::validate_try`).
         let try_time = self.consumer_handler_timeout();
-        self.workers
-            .history
-            .ucs
-            .validate_timeouts("workers.history.ucs", try_time)
-            .map_err(|e| invalid("workers.history.ucs.timeout_ms", e))?;
+        crate::workers::history::config::validate_try(&self.workers.history.ucs, try_time)
+            .map_err(|(key, e)| invalid(key, e))?;
         crate::workers::gws::config::validate_try(&self.workers.gws, try_time)
             .map_err(|e| invalid("workers.gws.timeout_ms", e))?;
         self.workers
@@ -1632,12 +1622,39 @@ mod tests {
         load("14500", Some("400")).expect("fits");
         let e = load("1000", Some("0")).unwrap_err().to_string();
         assert!(e.contains("workers.gws.identity_timeout_ms"), "{e}");
-        // UCS makes no identity check: the key is not taken there.
-        let vars = [(
-            "NEXUS_WORKERS__HISTORY__UCS__IDENTITY_TIMEOUT_MS".to_string(),
-            "500".to_string(),
-        )];
-        let e = Config::load_with_env(None, vars).unwrap_err().to_string();
+    }
+
+    /// A UCS step may make its call and then, after a 404, IdentifyContact again (is UCS at
+    /// that address?): both must fit in the handler timeout, or a step that takes them is cut
+    /// short (not counted) on every try. Before, only the call was counted.
+    #[test]
+    fn ucs_timeouts_leave_room_for_the_address_check() {
+        let load = |timeout: &str, check: Option<&str>| {
+            let mut vars = vec![
+                ("NEXUS_WORKERS__HISTORY__UCS__URL", "http://ucs.example.com"),
+                ("NEXUS_CONSUMER__HANDLER_TIMEOUT_MS", "30000"),
+                ("NEXUS_WORKERS__HISTORY__UCS__TIMEOUT_MS", timeout),
+            ];
+            if let Some(check) = check {
+                vars.push(("NEXUS_WORKERS__HISTORY__UCS__IDENTITY_TIMEOUT_MS", check));
+            }
+            Config::load_with_env(
+                None,
+                vars.into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string())),
+            )
+        };
+        // 27.9 s + the default 2 s check fits in 30 s; 28.5 s + 2 s does not, though 28.5 s
+        // alone is under it.
+        load("27900", None).expect("fits");
+        let e = load("28500", None).unwrap_err().to_string();
+        assert!(
+            e.contains("workers.history.ucs.timeout_ms")
+                && e.contains("workers.history.ucs.identity_timeout_ms"),
+            "{e}"
+        );
+        load("28500", Some("1000")).expect("a shorter check fits");
+        let e = load("1000", Some("0")).unwrap_err().to_string();
         assert!(e.contains("workers.history.ucs.identity_timeout_ms"), "{e}");
     }
 

@@ -74,10 +74,10 @@ pub struct PeerConfig {
     pub credential: String,
     /// Per-call timeout in ms.
     pub timeout_ms: u64,
-    /// Timeout in ms of the identity check of a peer that makes one
-    /// ([`Peer::with_identity_check`]: GWS's `GET /api/v2/me` after a 403 or a write's 404),
-    /// never more than the target's own timeout; unset = [`DEFAULT_IDENTITY_TIMEOUT_MS`]. A
-    /// peer without such a check (UCS) has no use for it (its config refuses it).
+    /// Timeout in ms of the check that tells whose a refusal is: GWS's `GET /api/v2/me`
+    /// after a 403 or a write's 404 ([`Peer::with_identity_check`]), UCS's IdentifyContact
+    /// asked again after a 404 ([`NotFound::Ask`]); never more than the target's own timeout;
+    /// unset = [`DEFAULT_IDENTITY_TIMEOUT_MS`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity_timeout_ms: Option<u64>,
     /// Failed calls (5xx, timeout, refused) for this many different conversations, with no
@@ -230,24 +230,6 @@ impl PeerConfig {
         for (tenant, t) in &self.tenants {
             check(format!("{key}.tenants.{tenant}.url"), &t.url)?;
             credential(format!("{key}.tenants.{tenant}.credential"), &t.credential)?;
-        }
-        Ok(())
-    }
-
-    /// Every configured target's timeout (its own, else the global one) is at least 1 ms and
-    /// under `most`, what one call may take within a try of the backlog: a call that needs
-    /// longer would be cut on every try, each cut not counted as a failure, and its event would
-    /// be tried forever.
-    pub fn validate_timeouts(&self, key: &str, most: Duration) -> Result<(), String> {
-        let most_ms = u64::try_from(most.as_millis()).unwrap_or(u64::MAX);
-        for (k, ms) in self.call_timeouts(key) {
-            if ms == 0 || ms >= most_ms {
-                return Err(format!(
-                    "{k}: {ms} ms; must be at least 1 and under {most_ms} ms (what one call may \
-                     take within consumer.handler_timeout_ms), or a call that takes it could \
-                     never complete"
-                ));
-            }
         }
         Ok(())
     }
@@ -854,7 +836,10 @@ impl Peer {
         let mut request = self
             .client
             .post(&asked)
-            .timeout(Duration::from_millis(target.timeout_ms.max(1)))
+            .timeout(Duration::from_millis(identity_timeout_ms(
+                self.identity_timeout_ms,
+                target.timeout_ms,
+            )))
             .json(body);
         if !target.credential.is_empty() {
             request = request.bearer_auth(&target.credential);

@@ -1,9 +1,14 @@
 //! Settings of the `history` role (`[workers.history]`): where UCS is, globally or per tenant,
 //! and when a target is paused.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 use crate::workers::peer::PeerConfig;
+
+/// The config table of the role's UCS target.
+pub const KEY: &str = "workers.history.ucs";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -31,4 +36,36 @@ impl Default for HistoryConfig {
             ucs: PeerConfig::default(),
         }
     }
+}
+
+/// Checks that one step of a try fits in `try_time` (the handler timeout) for every target:
+/// its call and, after a 404, the IdentifyContact asked again to tell whose the 404 is
+/// (bounded by `identity_timeout_ms`, at most the call's timeout). A step cut short by the
+/// handler timeout does not count, so one that never fits would be tried for good. The error
+/// names the key to change.
+pub fn validate_try(c: &PeerConfig, try_time: Duration) -> Result<(), (&'static str, String)> {
+    if c.identity_timeout_ms == Some(0) {
+        return Err((
+            "workers.history.ucs.identity_timeout_ms",
+            "must be at least 1".into(),
+        ));
+    }
+    let most = u64::try_from(try_time.as_millis()).unwrap_or(u64::MAX);
+    for (key, timeout) in c.call_timeouts(KEY) {
+        let check = c.identity_timeout_for(timeout);
+        let step = timeout.saturating_add(check);
+        if timeout == 0 || step >= most {
+            return Err((
+                "workers.history.ucs.timeout_ms",
+                format!(
+                    "{key}: {timeout} ms, with {KEY}.identity_timeout_ms at {check} ms (at most \
+                     the call's timeout): a step may make its call and then, after a 404, \
+                     IdentifyContact again, {step} ms, which must be under \
+                     consumer.handler_timeout_ms ({most} ms), or a step that takes it is cut \
+                     short and never counts; lower the timeouts or raise the handler timeout"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }

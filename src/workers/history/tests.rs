@@ -510,6 +510,9 @@ type Methods = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String,
 /// A UCS on loopback: `POST /ucs/v1/{Service}/{Method}` answers the status set for the method
 /// (200 with a ContactId by default) and counts the calls by method; any other path is axum's
 /// 404, as a wrong base path meets.
+/// The status that makes [`ucs_server`] answer a method only after a minute.
+const HANG: u16 = 1;
+
 async fn ucs_server() -> (String, Methods) {
     use axum::extract::{Path, State};
     use axum::http::StatusCode;
@@ -523,6 +526,9 @@ async fn ucs_server() -> (String, Methods) {
             entry.1 += 1;
             entry.0
         };
+        if status == HANG {
+            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+        }
         let body = match status {
             200 => json!({"ContactId": "contact-1", "Id": "c1"}),
             404 => json!({"error": "unknown InteractionId"}),
@@ -666,5 +672,33 @@ async fn a_404_is_the_events_only_where_ucs_answers_its_identify_contact() {
         ucs().call(&right, "c1", transcript(), &contact).await,
         Err(PeerFailure::Retry { .. })
     ));
+    assert_eq!(misconfigured() - before, 3.0);
+
+    // IdentifyContact hanging: the check gives up after `identity_timeout_ms`, not the call's
+    // own timeout, so the call and its check fit in a try (the config check counts both).
+    set("IdentifyContact", HANG);
+    let quick_check = ucs::Ucs::new(Peer::new(
+        ROLE,
+        "ucs",
+        reqwest::Client::new(),
+        &PeerConfig {
+            identity_timeout_ms: Some(300),
+            ..PeerConfig::default()
+        },
+    ));
+    let slow = PeerTarget {
+        timeout_ms: 30_000,
+        ..at(url.clone())
+    };
+    let started_at = std::time::Instant::now();
+    assert!(matches!(
+        quick_check.call(&slow, "c1", transcript(), &contact).await,
+        Err(PeerFailure::Retry { .. })
+    ));
+    assert!(
+        started_at.elapsed() < std::time::Duration::from_secs(15),
+        "the check waited {:?}, as long as the call may",
+        started_at.elapsed()
+    );
     assert_eq!(misconfigured() - before, 3.0);
 }
