@@ -536,7 +536,10 @@ fn plan_reports_jetstream_stream_settings_nexus_relies_on() {
         assert!(
             line.contains("retention policy workqueue on the bus, nexus needs limits (records are deleted once consumed")
                 && line.contains("storage memory on the bus, nexus needs file (records are lost when the server restarts)")
-                && line.contains("change it by hand"),
+                && line.contains(
+                    "the backend cannot change it in place: recreate the topic (copy its records \
+                     out first and back after, e.g. with `nexus replay --copy-to`)"
+                ),
             "{backend}: {line}"
         );
         assert!(
@@ -548,7 +551,8 @@ fn plan_reports_jetstream_stream_settings_nexus_relies_on() {
         assert!(
             err.contains("apply refused, nothing changed")
                 && err.contains(&format!(
-                    "{wq} has retention policy workqueue on the bus, nexus needs limits (change it by hand)"
+                    "{wq} has retention policy workqueue on the bus, nexus needs limits: the \
+                     backend cannot change it in place, recreate the topic"
                 )),
             "{backend}: {err}"
         );
@@ -608,7 +612,9 @@ fn plan_reports_jetstream_stream_settings_nexus_relies_on() {
 /// A Kafka topic made by hand with `cleanup.policy=compact` (compaction keeps only each key's
 /// last record, so a conversation's earlier events go) and a `retention.bytes` limit: plan
 /// shows both as updates for apply, which sets them back, or (a broker without AlterConfigs,
-/// Tansu 0.6) fails naming the operation. Before, the topic planned as unchanged.
+/// Tansu 0.6) fails naming the operation. Before, the topic planned as unchanged. The plan warns
+/// that switching to delete deletes the old records compaction kept. What AlterConfigs writes
+/// is checked without a broker (`bus::kafka` unit tests).
 #[test]
 fn plan_reports_a_compacted_kafka_topic() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -652,6 +658,9 @@ fn plan_reports_a_compacted_kafka_topic() {
         assert!(
             line.contains(
                 "cleanup.policy compact → delete (compaction keeps only each key's last record"
+            ) && line.contains(
+                "switching to delete deletes at once every record older than the topic's \
+                 retention that compaction had kept"
             ) && line.contains("retention.bytes 1048576 → unlimited"),
             "{backend}: {line}"
         );

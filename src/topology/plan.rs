@@ -49,11 +49,17 @@ pub enum Change {
     Conflict {
         /// `Some((bus, declared))` when the bus has more partitions than declared.
         partitions: Option<(u32, u32)>,
-        /// Settings the operator must change by hand.
+        /// Settings the backend cannot change in place: the operator must recreate the topic.
         settings: Vec<TopicSetting>,
         then: Updates,
     },
 }
+
+/// What to do about a setting the backend cannot change in place (a JetStream stream's
+/// work-queue or interest retention, memory storage: the server refuses the edit), in the plan
+/// and in apply's refusal.
+const RECREATE: &str = "recreate the topic (copy its records out first and back after, e.g. \
+                        with `nexus replay --copy-to`)";
 
 /// One topic's line of a plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,7 +220,8 @@ pub async fn apply(bus: &dyn Bus, topology: &Topology) -> Result<Plan, TopologyE
             });
             let settings = settings.iter().map(|s| {
                 format!(
-                    "{name} has {} {} on the bus, nexus needs {} (change it by hand)",
+                    "{name} has {} {} on the bus, nexus needs {}: the backend cannot change it \
+                     in place, {RECREATE}",
                     s.name, s.value, s.required
                 )
             });
@@ -332,7 +339,7 @@ impl fmt::Display for TopicPlan {
                 for s in settings {
                     parts.push(format!(
                         "{} {} on the bus, nexus needs {} ({}); the backend cannot change it \
-                         in place, change it by hand",
+                         in place: {RECREATE}",
                         s.name, s.value, s.required, s.why
                     ));
                 }
@@ -690,8 +697,9 @@ mod tests {
         assert!(
             line.starts_with(
                 "! conflict t: policy workqueue on the bus, nexus needs limits (it matters); \
-                 the backend cannot change it in place, change it by hand (apply refuses); \
-                 partitions 1 → 2"
+                 the backend cannot change it in place: recreate the topic (copy its records \
+                 out first and back after, e.g. with `nexus replay --copy-to`) (apply \
+                 refuses); partitions 1 → 2"
             ) && line.ends_with("discard new → old (it matters) once resolved"),
             "{line}"
         );

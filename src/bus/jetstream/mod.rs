@@ -1176,7 +1176,12 @@ const STREAM_SETTINGS: [StreamSetting; 7] = [
             .to_owned()
         },
         required: "old",
-        set: Some(|c| c.discard = stream::DiscardPolicy::Old),
+        // Per-subject discard needs discard new (and a per-subject limit): the server refuses
+        // an update that keeps it.
+        set: Some(|c| {
+            c.discard = stream::DiscardPolicy::Old;
+            c.discard_new_per_subject = false;
+        }),
         why: "a full stream refuses publishes",
     },
     StreamSetting {
@@ -1205,7 +1210,10 @@ const STREAM_SETTINGS: [StreamSetting; 7] = [
         name: "max messages per subject",
         read: |c| limit(c.max_messages_per_subject),
         required: UNLIMITED,
-        set: Some(|c| c.max_messages_per_subject = -1),
+        set: Some(|c| {
+            c.max_messages_per_subject = -1;
+            c.discard_new_per_subject = false;
+        }),
         why: "a partition's records are deleted before the topic's retention",
     },
 ];

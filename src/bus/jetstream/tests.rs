@@ -311,6 +311,55 @@ async fn topics_are_created_grown_and_never_shrunk() {
     );
 }
 
+/// A stream made by hand that refuses a publish once a partition has a record (discard new per
+/// subject, one record per subject): apply sets discard old and no per-subject limit, which the
+/// server only takes with per-subject discard off, and the stream then has what nexus needs.
+#[tokio::test]
+async fn apply_lifts_per_subject_discard() {
+    let Some(config) = test_config() else { return };
+    let bus = connect(&config).await;
+    let topic = format!("nexus.test.t{}", uuid::Uuid::new_v4().simple());
+    bus.js
+        .create_stream(jetstream::stream::Config {
+            name: stream_name(&topic),
+            subjects: vec![subject(&topic, 0)],
+            discard: jetstream::stream::DiscardPolicy::New,
+            discard_new_per_subject: true,
+            max_messages_per_subject: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("stream made by hand");
+    let spec = TopicSpec {
+        name: topic.clone(),
+        partitions: 1,
+        retention: None,
+    };
+    bus.apply_topic(&spec).await.expect("apply");
+    let info = bus.topic_info(&topic).await.expect("info").expect("exists");
+    assert!(
+        info.settings.iter().all(TopicSetting::is_required),
+        "{:?}",
+        info.settings
+    );
+    let config = bus
+        .js
+        .get_stream(stream_name(&topic))
+        .await
+        .expect("stream")
+        .info()
+        .await
+        .expect("stream info")
+        .config
+        .clone();
+    assert!(!config.discard_new_per_subject, "{config:?}");
+    for n in 0..2 {
+        bus.publish(&topic, OutRecord::new("k", format!("k:{n}")))
+            .await
+            .expect("publish past the old per-subject limit");
+    }
+}
+
 #[tokio::test]
 async fn offsets_counts_reads_and_times_per_partition() {
     let Some(config) = test_config() else { return };

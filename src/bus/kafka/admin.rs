@@ -24,10 +24,13 @@ use crate::bus::{
 
 const RETENTION_MS: &str = "retention.ms";
 
-/// A topic config nexus relies on besides partitions and `retention.ms`: what `topology plan`
-/// compares and `apply` sets. Both kinds are dynamic topic configs, so AlterConfigs changes them
-/// in place like retention; that deletes nothing and stops the topic deleting records early.
-struct TopicConfig {
+/// A topic config nexus relies on besides partitions and `retention.ms`: what a topic is created
+/// with, what `topology plan` compares and `apply` sets. Both kinds are dynamic topic configs, so
+/// AlterConfigs changes them in place like retention and stops the topic deleting records
+/// early. Lifting a `retention.bytes` limit deletes nothing; switching `cleanup.policy` from
+/// `compact` to `delete` does: the broker then deletes at once every record older than
+/// `retention.ms` that compaction had kept (a key's last record), so the plan says so.
+pub(super) struct TopicConfig {
     name: &'static str,
     /// The broker's value as the plan shows it.
     read: fn(&str) -> String,
@@ -45,7 +48,8 @@ const TOPIC_CONFIGS: [TopicConfig; 2] = [
         required: "delete",
         write: "delete",
         why: "compaction keeps only each key's last record: a conversation's earlier events \
-              are deleted before the topic's retention",
+              are deleted before the topic's retention; switching to delete deletes at once \
+              every record older than the topic's retention that compaction had kept",
     },
     TopicConfig {
         name: "retention.bytes",
@@ -75,6 +79,61 @@ fn topic_settings(configs: &HashMap<String, (String, ConfigSource)>) -> Vec<Topi
             })
         })
         .collect()
+}
+
+/// The [`TOPIC_CONFIGS`] the broker describes with a value other than nexus's.
+pub(super) fn stale_configs(
+    configs: &HashMap<String, (String, ConfigSource)>,
+) -> Vec<&'static TopicConfig> {
+    TOPIC_CONFIGS
+        .iter()
+        .filter(|c| {
+            configs
+                .get(c.name)
+                .is_some_and(|(value, _)| (c.read)(value) != c.required)
+        })
+        .collect()
+}
+
+/// A new topic with `retention` (milliseconds, as [`retention_ms`] writes it) and every
+/// [`TOPIC_CONFIGS`] entry set to nexus's value: left to the broker's defaults
+/// (`log.cleanup.policy=compact`, a `log.retention.bytes`), the plan after the create would
+/// see an update and apply would fail as not converged.
+pub(super) fn new_topic<'a>(name: &'a str, partitions: i32, retention: &'a str) -> NewTopic<'a> {
+    // Replication -1: the broker's default replication factor (KIP-464).
+    let mut new =
+        NewTopic::new(name, partitions, TopicReplication::Fixed(-1)).set(RETENTION_MS, retention);
+    for c in &TOPIC_CONFIGS {
+        new = new.set(c.name, c.write);
+    }
+    new
+}
+
+/// The AlterConfigs request that sets `retention` (milliseconds) and the `stale` settings to
+/// nexus's values. AlterConfigs (rdkafka has no incremental variant) replaces the topic's whole
+/// dynamic config, so the other dynamic topic entries (`configs` as the broker describes them,
+/// an operator's `min.insync.replicas`, ...) are sent along unchanged; default and static
+/// entries are not, or they would become the topic's own.
+pub(super) fn alter_config<'a>(
+    topic: &'a str,
+    configs: &'a HashMap<String, (String, ConfigSource)>,
+    retention: &'a str,
+    stale: &[&'static TopicConfig],
+) -> AlterConfig<'a> {
+    let mut alter = AlterConfig::new(ResourceSpecifier::Topic(topic));
+    for (name, (value, source)) in configs {
+        if *source == ConfigSource::DynamicTopic
+            && name != RETENTION_MS
+            && !stale.iter().any(|c| c.name == name)
+        {
+            alter = alter.set(name, value);
+        }
+    }
+    alter = alter.set(RETENTION_MS, retention);
+    for c in stale {
+        alter = alter.set(c.name, c.write);
+    }
+    alter
 }
 
 /// Group id of replay readers (required by librdkafka's `assign`; never joined or committed).
@@ -212,9 +271,7 @@ pub(super) async fn apply_topic(bus: &KafkaBus, spec: &TopicSpec) -> Result<(), 
     let current = match bus.fetch_partition_count(&spec.name).await? {
         Some(n) => n,
         None => {
-            // Replication -1: the broker's default replication factor (KIP-464).
-            let new = NewTopic::new(&spec.name, partitions, TopicReplication::Fixed(-1))
-                .set(RETENTION_MS, &retention);
+            let new = new_topic(&spec.name, partitions, &retention);
             let results = bus
                 .admin
                 .create_topics(&[new], &admin_options())
@@ -264,30 +321,9 @@ pub(super) async fn apply_topic(bus: &KafkaBus, spec: &TopicSpec) -> Result<(), 
         warn!(topic = %spec.name, "the broker cannot describe this topic's config; its retention is left as it is (set it by hand)");
         return Ok(());
     };
-    let stale: Vec<&TopicConfig> = TOPIC_CONFIGS
-        .iter()
-        .filter(|c| {
-            configs
-                .get(c.name)
-                .is_some_and(|(value, _)| (c.read)(value) != c.required)
-        })
-        .collect();
+    let stale = stale_configs(&configs);
     if parse_retention(&configs) != spec.retention || !stale.is_empty() {
-        // AlterConfigs (rdkafka has no incremental variant) replaces the topic's whole dynamic
-        // config, so the dynamic entries an operator set are sent along unchanged.
-        let mut alter = AlterConfig::new(ResourceSpecifier::Topic(&spec.name));
-        for (name, (value, source)) in &configs {
-            if *source == ConfigSource::DynamicTopic
-                && name != RETENTION_MS
-                && !stale.iter().any(|c| c.name == name)
-            {
-                alter = alter.set(name, value);
-            }
-        }
-        alter = alter.set(RETENTION_MS, &retention);
-        for c in &stale {
-            alter = alter.set(c.name, c.write);
-        }
+        let alter = alter_config(&spec.name, &configs, &retention, &stale);
         const OPERATION: &str = "set retention and settings (AlterConfigs)";
         let results = bus
             .admin

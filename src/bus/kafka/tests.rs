@@ -91,6 +91,93 @@ fn parses_subscription_metadata() {
     assert_eq!(admin::subscribed_topics(&[0, 1, 0, 0, 0, 5, 0]), None);
 }
 
+/// A topic is created with every setting the plan compares at nexus's value, so a broker
+/// whose defaults differ (`log.cleanup.policy=compact`, a `log.retention.bytes`) does not make
+/// the first apply see an update and fail as not converged.
+#[test]
+fn a_new_topic_has_every_setting_nexus_needs() {
+    let new = admin::new_topic("t", 3, "604800000");
+    assert_eq!((new.name, new.num_partitions), ("t", 3));
+    let mut config = new.config.clone();
+    config.sort_unstable();
+    assert_eq!(
+        config,
+        [
+            ("cleanup.policy", "delete"),
+            ("retention.bytes", "-1"),
+            ("retention.ms", "604800000"),
+        ]
+    );
+    // What the topic was created with is what the plan reads as required.
+    let described: HashMap<String, (String, rdkafka::admin::ConfigSource)> = config
+        .iter()
+        .map(|(k, v)| {
+            let source = rdkafka::admin::ConfigSource::DynamicTopic;
+            (k.to_string(), (v.to_string(), source))
+        })
+        .collect();
+    assert!(admin::stale_configs(&described).is_empty());
+}
+
+/// AlterConfigs replaces a topic's whole dynamic config: apply writes nexus's values of the
+/// stale settings and retention, sends the operator's other dynamic topic entries along
+/// unchanged, and does not make the broker's defaults or static configs the topic's own.
+#[test]
+fn alter_configs_sets_nexus_values_and_keeps_the_operators() {
+    use rdkafka::admin::{ConfigSource, ResourceSpecifier};
+    let configs: HashMap<String, (String, ConfigSource)> = [
+        ("cleanup.policy", "compact", ConfigSource::DynamicTopic),
+        ("retention.bytes", "1048576", ConfigSource::DynamicTopic),
+        ("retention.ms", "604800000", ConfigSource::DynamicTopic),
+        ("min.insync.replicas", "2", ConfigSource::DynamicTopic),
+        ("segment.bytes", "1073741824", ConfigSource::Default),
+        (
+            "message.timestamp.type",
+            "CreateTime",
+            ConfigSource::StaticBroker,
+        ),
+        ("max.message.bytes", "2000000", ConfigSource::DynamicBroker),
+        (
+            "compression.type",
+            "producer",
+            ConfigSource::DynamicDefaultBroker,
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v, source)| (k.to_owned(), (v.to_owned(), source)))
+    .collect();
+    let stale = admin::stale_configs(&configs);
+    let alter = admin::alter_config("t", &configs, "86400000", &stale);
+    assert_eq!(alter.specifier, ResourceSpecifier::Topic("t"));
+    assert_eq!(
+        alter.entries,
+        HashMap::from([
+            ("cleanup.policy", "delete"),
+            ("retention.bytes", "-1"),
+            ("retention.ms", "86400000"),
+            ("min.insync.replicas", "2"),
+        ])
+    );
+
+    // Only retention differs: the settings already right are kept as they are, and one the
+    // broker gives by default is still not written.
+    let configs: HashMap<String, (String, ConfigSource)> = [
+        ("cleanup.policy", "delete", ConfigSource::DynamicTopic),
+        ("retention.bytes", "-1", ConfigSource::Default),
+        ("retention.ms", "604800000", ConfigSource::DynamicTopic),
+    ]
+    .into_iter()
+    .map(|(k, v, source)| (k.to_owned(), (v.to_owned(), source)))
+    .collect();
+    let stale = admin::stale_configs(&configs);
+    assert!(stale.is_empty());
+    let alter = admin::alter_config("t", &configs, "-1", &stale);
+    assert_eq!(
+        alter.entries,
+        HashMap::from([("cleanup.policy", "delete"), ("retention.ms", "-1")])
+    );
+}
+
 #[tokio::test]
 async fn publish_places_keys_like_every_backend() {
     let Some(bus) = bus().await else { return };
@@ -131,6 +218,13 @@ async fn apply_topic_creates_grows_and_refuses_to_shrink() {
     bus.apply_topic(&spec(2, day)).await.unwrap();
     let info = bus.topic_info(&t).await.unwrap().unwrap();
     assert_eq!((info.partitions, info.retention), (2, day));
+    // Created with nexus's settings, not the broker's defaults (and so described even by a
+    // broker that describes only what a topic was created with).
+    assert!(
+        !info.settings.is_empty() && info.settings.iter().all(TopicSetting::is_required),
+        "{:?}",
+        info.settings
+    );
     // Re-applying the same spec changes nothing (no admin call the broker may lack).
     bus.apply_topic(&spec(2, day)).await.unwrap();
     match bus.apply_topic(&spec(3, day)).await {
