@@ -823,6 +823,43 @@ impl Peer {
         }
     }
 
+    /// Sends a check that tells whose a refusal is (`request` to `asked`, with the call's
+    /// credential and headers), within the identity timeout: a check comes on top of the call
+    /// it follows, within one try (see `workers::gws::config::validate_try` and
+    /// `workers::history::config::validate_try`). Answers its status and whether the answer is
+    /// the peer's own (no HTML page, not redirected elsewhere); a check that got no answer is
+    /// an unknown refusal, named by `what` (the check and what it is for).
+    async fn check(
+        &self,
+        request: reqwest::RequestBuilder,
+        asked: &str,
+        target: &PeerTarget,
+        headers: &[(&str, &str)],
+        what: &str,
+    ) -> Result<(reqwest::StatusCode, bool), Refusal> {
+        let timeout = identity_timeout_ms(self.identity_timeout_ms, target.timeout_ms);
+        let mut request = request.timeout(Duration::from_millis(timeout));
+        if !target.credential.is_empty() {
+            request = request.bearer_auth(&target.credential);
+        }
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| Refusal::Unknown(format!("{what} failed: {}", e.without_url())))?;
+        let html = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(is_html);
+        Ok((
+            response.status(),
+            !html && same_place(asked, response.url()),
+        ))
+    }
+
     /// Asks `path` (a call with no 404 at the right address, see [`NotFound::Ask`]) whether a
     /// 404 `target` gave is its address's: not the peer there, or no such route.
     async fn address_refusal(
@@ -833,36 +870,13 @@ impl Peer {
         headers: &[(&str, &str)],
     ) -> Refusal {
         let asked = format!("{}{path}", target.url);
-        let mut request = self
-            .client
-            .post(&asked)
-            .timeout(Duration::from_millis(identity_timeout_ms(
-                self.identity_timeout_ms,
-                target.timeout_ms,
-            )))
-            .json(body);
-        if !target.credential.is_empty() {
-            request = request.bearer_auth(&target.credential);
-        }
-        for (k, v) in headers {
-            request = request.header(*k, *v);
-        }
-        let response = match request.send().await {
-            Ok(r) => r,
-            Err(e) => {
-                return Refusal::Unknown(format!(
-                    "POST {path}, to tell whether the address is wrong, failed: {}",
-                    e.without_url()
-                ))
-            }
+        let what = format!("POST {path}, to tell whether the address is wrong,");
+        let request = self.client.post(&asked).json(body);
+        let (status, peers_answer) = match self.check(request, &asked, target, headers, &what).await
+        {
+            Ok(answer) => answer,
+            Err(unknown) => return unknown,
         };
-        let status = response.status();
-        let html = response
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(is_html);
-        let peers_answer = !html && same_place(&asked, response.url());
         if matches!(status.as_u16(), 401 | 404 | 407) {
             Refusal::Caller(format!(", and POST {path} {status}"))
         } else if peers_answer
@@ -873,9 +887,7 @@ impl Peer {
             // so the 404 was the request's.
             Refusal::Request
         } else {
-            Refusal::Unknown(format!(
-                "POST {path}, to tell whether the address is wrong, answered {status}"
-            ))
+            Refusal::Unknown(format!("{what} answered {status}"))
         }
     }
 
@@ -888,35 +900,14 @@ impl Peer {
         headers: &[(&str, &str)],
     ) -> Refusal {
         let asked = format!("{}{path}", target.url);
-        // A timeout of its own, shorter than the call's: the check comes on top of the call it
-        // follows, within one try (see `workers::gws::config::validate_try`).
-        let timeout = identity_timeout_ms(self.identity_timeout_ms, target.timeout_ms);
-        let mut request = self
-            .client
-            .get(&asked)
-            .timeout(Duration::from_millis(timeout));
-        if !target.credential.is_empty() {
-            request = request.bearer_auth(&target.credential);
-        }
-        for (k, v) in headers {
-            request = request.header(*k, *v);
-        }
-        let response = match request.send().await {
-            Ok(r) => r,
-            Err(e) => {
-                return Refusal::Unknown(format!(
-                    "GET {path}, to tell whether it refuses nexus itself, failed: {}",
-                    e.without_url()
-                ))
-            }
+        let what = format!("GET {path}, to tell whether it refuses nexus itself,");
+        let request = self.client.get(&asked);
+        let (status, peers_answer) = match self.check(request, &asked, target, headers, &what).await
+        {
+            Ok(answer) => answer,
+            Err(unknown) => return unknown,
         };
-        let status = response.status();
-        let html = response
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(is_html);
-        if status.is_success() && !html && same_place(&asked, response.url()) {
+        if status.is_success() && peers_answer {
             Refusal::Request
         } else if matches!(status.as_u16(), 401 | 407)
             || (call == Call::Read && matches!(status.as_u16(), 403 | 404))
@@ -927,9 +918,7 @@ impl Peer {
             // agent GWS refuses, not nexus; one agent must not pause the target for everyone.
             Refusal::Request
         } else {
-            Refusal::Unknown(format!(
-                "GET {path}, to tell whether it refuses nexus itself, answered {status}"
-            ))
+            Refusal::Unknown(format!("{what} answered {status}"))
         }
     }
 }
