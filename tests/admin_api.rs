@@ -1021,6 +1021,110 @@ async fn other_pods_see_key_changes_within_the_cache_ttl(backend: Backend) {
     h.finish().await;
 }
 
+/// A chat stream open on another pod ends within that pod's cache TTL of its key being
+/// disabled, as that pod's requests do (README, `stores.auth_cache_ttl_ms`), whenever the
+/// stream's periodic checks fall against the pod's cached lookup of the key. Pod B (TTL 2 s)
+/// reads the key again 2.4 s after the stream opened (its own write to another key emptied its
+/// cache; a request of another customer does the same), then pod A disables the key: a check
+/// that takes a lookup up to a TTL old, made a TTL apart, kept the stream 3.6 s.
+async fn a_stream_on_another_pod_ends_within_the_cache_ttl(backend: Backend) {
+    let h = harness(backend).await;
+    let t = h.tenant("acme").await;
+    let base = format!("/v1/admin/tenants/{t}/api-keys");
+    let created = h
+        .create(&base, json!({"name": "widget", "permissions": ["chat"]}))
+        .await;
+    let raw = created["key"].as_str().expect("key").to_string();
+    let other = id(&h
+        .create(&base, json!({"name": "other", "permissions": ["chat"]}))
+        .await);
+    let ttl = Duration::from_millis(2_000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::defaults();
+    config.bus = common::bus_config("embedded", Some(&dir.path().join("bus")));
+    config.stores.auth_cache_ttl_ms = 2_000;
+    let bus = nexus::bus::connect(&config.bus).await.expect("bus");
+    for spec in nexus::topology::Topology::builtin().topic_specs() {
+        bus.apply_topic(&spec).await.expect("topic");
+    }
+    let sessions: Arc<dyn nexus::stores::session::SessionStore> = Arc::new(
+        nexus::stores::session::embedded::EmbeddedStore::open(&dir.path().join("sessions"))
+            .await
+            .expect("session store"),
+    );
+    let pod_b = AppState::new(
+        Arc::new(config),
+        bus,
+        Arc::new(nexus::topology::Topology::builtin()),
+        nexus::telemetry::init_metrics(),
+        Arc::new(
+            Provisioning::connect(&h.target, &EncryptionKey::generate())
+                .await
+                .expect("pod B's store")
+                .with_auth_cache_ttl(ttl),
+        ),
+        sessions,
+    );
+    let session = common::fixtures::start(&pod_b, &raw, "Ed").await;
+    let opened = tokio::time::Instant::now();
+    let request = Request::get(format!(
+        "/nexus/v3/chat/sessions/{}/events?api_key={raw}&client_key={}",
+        session.id, session.ck
+    ))
+    .body(Body::empty())
+    .expect("request");
+    let response = edge::app(pod_b.clone())
+        .oneshot(request)
+        .await
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    tokio::time::sleep_until(opened + Duration::from_millis(2_400)).await;
+    pod_b
+        .provisioning
+        .update_api_key(
+            &t,
+            &other,
+            serde_json::from_value(json!({"name": "other-2"})).expect("patch"),
+        )
+        .await
+        .expect("a write on pod B");
+    pod_b
+        .provisioning
+        .authenticate_api_key(&raw)
+        .await
+        .expect("pod B reads the key again");
+    let (status, v) = h
+        .call(
+            Method::PATCH,
+            &format!("{base}/{}", id(&created)),
+            Some(json!({"enabled": false})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let disabled_at = tokio::time::Instant::now();
+    let mut body = response.into_body();
+    let mut text = String::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.expect("frame").into_data() {
+                text.push_str(&String::from_utf8_lossy(&data));
+                if text.contains("API_KEY_DISABLED") {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream never ended: {text}");
+    let after = disabled_at.elapsed();
+    assert!(
+        after <= ttl + Duration::from_millis(300),
+        "the stream on pod B ended {after:?} after its key was disabled (TTL {ttl:?}): {text}"
+    );
+    pod_b.provisioning.close().await;
+    h.finish().await;
+}
+
 async fn bot_credentials_are_encrypted_and_never_returned(backend: Backend) {
     let h = harness(backend).await;
     let t = h.tenant("acme").await;
@@ -2118,6 +2222,19 @@ async fn error_messages_quote_at_most_64_characters(backend: Backend) {
         );
         assert_quotes_little(&format!("serde at {path}"), &v);
     }
+    // A list's query: serde names an unknown parameter, which the URL may carry at any length.
+    for path in [
+        format!("{tp}/queues?{big}=1"),
+        format!("/v1/admin/tenants?limit=2&{big}"),
+    ] {
+        let (status, v) = h.call(Method::GET, &path, None).await;
+        assert_eq!(
+            (status, code(&v)),
+            (StatusCode::BAD_REQUEST, "INVALID_QUERY"),
+            "{v}"
+        );
+        assert_quotes_little("an unknown query parameter", &v);
+    }
     h.finish().await;
 }
 
@@ -2355,6 +2472,7 @@ on_both_backends!(
     admin_token_is_required,
     api_keys_are_shown_once_and_authenticate,
     other_pods_see_key_changes_within_the_cache_ttl,
+    a_stream_on_another_pod_ends_within_the_cache_ttl,
     bot_credentials_are_encrypted_and_never_returned,
     webhook_subscriptions_secrets_and_target_policy,
     agent_tokens_authenticate_and_rotate,

@@ -61,11 +61,19 @@ fn refused(e: AuthError, what: &str) -> ApiError {
     }
 }
 
-/// The grant of a tenant API key.
-pub async fn api_key(state: &AppState, raw: &str) -> Result<ApiKeyGrant, ApiError> {
+/// The grant of a tenant API key, from a lookup at most `max_age` old (`Duration::MAX`: the
+/// store's cache TTL decides; a periodic check passes less, see
+/// [`Provisioning::authenticate_api_key_within`]).
+///
+/// [`Provisioning::authenticate_api_key_within`]: crate::stores::provisioning::Provisioning::authenticate_api_key_within
+pub async fn api_key(
+    state: &AppState,
+    raw: &str,
+    max_age: std::time::Duration,
+) -> Result<ApiKeyGrant, ApiError> {
     state
         .provisioning
-        .authenticate_api_key(raw)
+        .authenticate_api_key_within(raw, max_age)
         .await
         .map_err(|e| refused(e, "API key"))
 }

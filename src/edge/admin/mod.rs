@@ -260,7 +260,15 @@ impl<S: Send + Sync> FromRequestParts<S> for Listing {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let Query(params) = Query::<ListParams>::from_request_parts(parts, state).await?;
+        // The rejection quotes what it refuses (an unknown parameter's name, the query itself),
+        // as long as the URL carries it: clipped like a body's.
+        let Query(params) = Query::<ListParams>::from_request_parts(parts, state)
+            .await
+            .map_err(|rejection| {
+                let mut e = ApiError::from(rejection);
+                e.message = clipped(&e.message);
+                e
+            })?;
         Ok(Self(params))
     }
 }

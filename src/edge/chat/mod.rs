@@ -127,11 +127,21 @@ async fn v2_plain_path(request: Request, next: Next) -> Response {
 
 /// The tenant of a request's `x-api-key`, which must have the chat permission.
 pub(crate) async fn chat_tenant(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
+    chat_tenant_within(state, headers, std::time::Duration::MAX).await
+}
+
+/// [`chat_tenant`] from a lookup of the key at most `max_age` old (an open stream's periodic
+/// check bounds it).
+pub(crate) async fn chat_tenant_within(
+    state: &AppState,
+    headers: &HeaderMap,
+    max_age: std::time::Duration,
+) -> Result<String, ApiError> {
     let raw = headers
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| ApiError::unauthorized("send the tenant's API key in `x-api-key`"))?;
-    let grant = super::auth::api_key(state, raw).await?;
+    let grant = super::auth::api_key(state, raw, max_age).await?;
     if !grant.permissions.contains(&Permission::Chat) {
         return Err(ApiError::new(
             axum::http::StatusCode::FORBIDDEN,

@@ -79,16 +79,22 @@ async fn authorize(
 /// expired, deleted, its chat permission taken away).
 const API_KEY_REVOKED_CLOSE: u16 = 4003;
 
-/// The tenant API key a stream was opened with, checked again every `stores.auth_cache_ttl_ms`
-/// (a second at least): an open stream ends with its key, as requests do. Each check that
-/// passes is also the customer's sign of life (see `presence`), so checks come at least as
-/// often as the sign of life needs.
+/// The tenant API key a stream was opened with, checked again every half
+/// `stores.auth_cache_ttl_ms` (a second at least) against a lookup at most the rest of the TTL
+/// old: an open stream ends with its key within the TTL of a change on any pod, as requests
+/// do. Each check that passes is also the customer's sign of life (see `presence`), so checks
+/// come at least as often as the sign of life needs.
 struct KeyCheck {
     headers: HeaderMap,
     tenant: String,
     claims: Claims,
     lookups: Periodic<Result<String, ApiError>>,
+    /// Oldest cached lookup of the key a check takes.
+    max_age: Duration,
 }
+
+/// Shortest period of a stream's key check: bounds the checks of a short (or zero) TTL.
+const MIN_KEY_CHECK_PERIOD: Duration = Duration::from_secs(1);
 
 /// A lookup started once per period whose run outlives a caller cut short: a stream's loop
 /// drops the pending check at every push or client frame, and a lookup restarted each time
@@ -127,13 +133,20 @@ impl<T> Periodic<T> {
 
 impl KeyCheck {
     fn new(state: &AppState, headers: HeaderMap, tenant: String, claims: Claims) -> Self {
-        let every = Duration::from_millis(state.config.stores.auth_cache_ttl_ms.max(1_000));
+        // A check a period after the last that takes a lookup up to `max_age` old sees a change
+        // made on another pod at most `every + max_age` late: the TTL, as for requests. (Checks
+        // a TTL apart taking a TTL-old lookup kept a stream up to twice that.) Streams of one key
+        // share the lookup, so a pod asks the database about a key about twice per TTL, not
+        // once per stream.
+        let ttl = Duration::from_millis(state.config.stores.auth_cache_ttl_ms);
+        let every = (ttl / 2).max(MIN_KEY_CHECK_PERIOD);
         let every = state.presence.every().map_or(every, |p| every.min(p));
         Self {
             headers,
             tenant,
             claims,
             lookups: Periodic::new(every),
+            max_age: ttl.saturating_sub(every),
         }
     }
 
@@ -141,12 +154,14 @@ impl KeyCheck {
     /// [`Periodic`]). The store being down is no reason to end a working stream.
     async fn revoked(&mut self, state: &AppState) -> ApiError {
         loop {
-            let headers = &self.headers;
+            let (headers, max_age) = (&self.headers, self.max_age);
             let found = self
                 .lookups
                 .next(|| {
                     let (state, headers) = (state.clone(), headers.clone());
-                    Box::pin(async move { super::chat_tenant(&state, &headers).await })
+                    Box::pin(
+                        async move { super::chat_tenant_within(&state, &headers, max_age).await },
+                    )
                 })
                 .await;
             match found {

@@ -1,6 +1,8 @@
 //! API keys of a tenant (permission, enabled flag, expiry) and their authentication. A key is
 //! stored as its SHA-256 only; the raw key is answered once, at creation.
 
+use std::time::Duration;
+
 use sqlx::any::AnyRow;
 
 use super::auth_cache::CachedKey;
@@ -137,11 +139,24 @@ impl Provisioning {
     /// The grant of a raw API key (`x-api-key`): `Unknown`, `Disabled` or `Expired` otherwise,
     /// so the caller can answer 401 or 403 with a code. The key is never logged.
     pub async fn authenticate_api_key(&self, raw: &str) -> Result<ApiKeyGrant, AuthError> {
+        self.authenticate_api_key_within(raw, Duration::MAX).await
+    }
+
+    /// [`Self::authenticate_api_key`] taking this process's cached lookup of the key only if it
+    /// is younger than `max_age` (zero: the database is asked). For a check repeated every
+    /// `period` (an open stream's): with `max_age` the TTL less the period, a key changed on
+    /// another pod fails the check within the TTL, as it fails requests; a lookup up to a TTL
+    /// old, checked a period apart, let it pass for up to a TTL plus the period.
+    pub async fn authenticate_api_key_within(
+        &self,
+        raw: &str,
+        max_age: Duration,
+    ) -> Result<ApiKeyGrant, AuthError> {
         if !raw.starts_with(API_KEY_PREFIX) {
             return Err(AuthError::Unknown);
         }
         let hash = secrets::hash_token(raw);
-        let key = match self.auth_cache.get(&hash) {
+        let key = match self.auth_cache.get(&hash, max_age) {
             Some(key) => key,
             None => {
                 let ticket = self.auth_cache.ticket();

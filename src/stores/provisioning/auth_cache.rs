@@ -1,7 +1,9 @@
 //! A short-lived cache of API-key lookups, so a busy chat edge does not query the database on
 //! every request. Only keys that exist are cached (garbage keys cannot grow it); revocation by
 //! another pod takes effect within the TTL of the read, by this pod at once (its writes clear
-//! the cache, and a lookup that read before such a write caches nothing).
+//! the cache, and a lookup that read before such a write caches nothing). A check repeated on a
+//! period (an open stream's) takes a lookup only as old as the TTL less that period, so it too
+//! ends within the TTL of a change made on another pod.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -56,13 +58,17 @@ impl AuthCache {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub(super) fn get(&self, hash: &str) -> Option<CachedKey> {
-        if self.ttl.is_zero() {
+    /// The lookup of `hash` if it is younger than the TTL and than `max_age` (a check repeated
+    /// on a period bounds it, so that the period plus the age of what it is told stays within
+    /// the TTL).
+    pub(super) fn get(&self, hash: &str, max_age: Duration) -> Option<CachedKey> {
+        let max_age = self.ttl.min(max_age);
+        if max_age.is_zero() {
             return None;
         }
         let entries = self.entries();
         let (key, at) = entries.keys.get(hash)?;
-        (at.elapsed() < self.ttl).then(|| key.clone())
+        (at.elapsed() < max_age).then(|| key.clone())
     }
 
     /// Before the database read whose row goes to [`Self::put`].
@@ -117,13 +123,19 @@ mod tests {
     fn entries_live_for_the_ttl_and_clear_empties() {
         let cache = AuthCache::new(Duration::from_millis(50));
         cache.put("h".into(), key(), cache.ticket());
-        assert_eq!(cache.get("h").map(|k| k.grant.key_id), Some("k".into()));
-        assert!(cache.get("other").is_none());
+        assert_eq!(
+            cache.get("h", Duration::MAX).map(|k| k.grant.key_id),
+            Some("k".into())
+        );
+        assert!(cache.get("other", Duration::MAX).is_none());
         cache.clear();
-        assert!(cache.get("h").is_none());
+        assert!(cache.get("h", Duration::MAX).is_none());
         cache.put("h".into(), key(), cache.ticket());
         std::thread::sleep(Duration::from_millis(60));
-        assert!(cache.get("h").is_none(), "stale after the ttl");
+        assert!(
+            cache.get("h", Duration::MAX).is_none(),
+            "stale after the ttl"
+        );
     }
 
     /// A lookup that read the row before an admin write (a key disabled meanwhile) must not put
@@ -134,9 +146,15 @@ mod tests {
         let before = cache.ticket();
         cache.clear();
         cache.put("h".into(), key(), before);
-        assert!(cache.get("h").is_none(), "the row read before the clear");
+        assert!(
+            cache.get("h", Duration::MAX).is_none(),
+            "the row read before the clear"
+        );
         cache.put("h".into(), key(), cache.ticket());
-        assert!(cache.get("h").is_some(), "a read after the clear is kept");
+        assert!(
+            cache.get("h", Duration::MAX).is_some(),
+            "a read after the clear is kept"
+        );
     }
 
     /// An entry ages from when its read began, not from when the read came back.
@@ -147,16 +165,27 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         cache.put("h".into(), key(), read);
         assert!(
-            cache.get("h").is_none(),
+            cache.get("h", Duration::MAX).is_none(),
             "older than the ttl when it came back"
         );
+    }
+
+    /// A check that bounds the age it accepts reads the key again sooner than the TTL.
+    #[test]
+    fn a_bounded_get_refuses_an_older_entry() {
+        let cache = AuthCache::new(Duration::from_secs(60));
+        cache.put("h".into(), key(), cache.ticket());
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(cache.get("h", Duration::from_millis(20)).is_none());
+        assert!(cache.get("h", Duration::ZERO).is_none());
+        assert!(cache.get("h", Duration::from_secs(1)).is_some());
     }
 
     #[test]
     fn a_zero_ttl_caches_nothing() {
         let cache = AuthCache::new(Duration::ZERO);
         cache.put("h".into(), key(), cache.ticket());
-        assert!(cache.get("h").is_none());
+        assert!(cache.get("h", Duration::MAX).is_none());
     }
 
     #[test]
@@ -166,6 +195,8 @@ mod tests {
             cache.put(format!("h{i}"), key(), cache.ticket());
         }
         assert!(cache.entries().keys.len() <= MAX_ENTRIES);
-        assert!(cache.get(&format!("h{MAX_ENTRIES}")).is_some());
+        assert!(cache
+            .get(&format!("h{MAX_ENTRIES}"), Duration::MAX)
+            .is_some());
     }
 }
