@@ -323,6 +323,16 @@ impl Config {
     /// Cross-field and format rules.
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_bus_url(&self.bus.url)?;
+        // A token read from a secret file often ends in a newline: no `Authorization` header
+        // can carry it, so every admin call would answer 401 with nothing saying why.
+        let token = &self.http.admin_token;
+        if token.trim() != token || token.chars().any(char::is_control) {
+            return Err(invalid(
+                "http.admin_token",
+                "has whitespace at an end or a control character (a newline from a secret \
+                 file?); no Authorization header can carry it",
+            ));
+        }
         match self.bus.kafka.partition_assignment_strategy.as_str() {
             "cooperative-sticky" | "range" | "roundrobin" => {}
             other => {
@@ -1656,6 +1666,23 @@ mod tests {
         load("28500", Some("1000")).expect("a shorter check fits");
         let e = load("1000", Some("0")).unwrap_err().to_string();
         assert!(e.contains("workers.history.ucs.identity_timeout_ms"), "{e}");
+    }
+
+    /// An admin token no header can carry is refused at load, naming the key and not the
+    /// token; it made every admin call answer 401.
+    #[test]
+    fn an_admin_token_with_a_newline_is_refused() {
+        for token in ["s3cret-token\n", " s3cret-token", "s3cret\u{7}token"] {
+            let vars = [("NEXUS_HTTP__ADMIN_TOKEN".to_string(), token.to_string())];
+            let e = Config::load_with_env(None, vars).unwrap_err().to_string();
+            assert!(e.contains("http.admin_token"), "{e}");
+            assert!(!e.contains("s3cret"), "the token is not quoted: {e}");
+        }
+        let vars = [(
+            "NEXUS_HTTP__ADMIN_TOKEN".to_string(),
+            "s3cret-token".to_string(),
+        )];
+        Config::load_with_env(None, vars).expect("a plain token loads");
     }
 
     #[test]

@@ -854,6 +854,36 @@ async fn admin_token_is_required(backend: Backend) {
 async fn api_keys_are_shown_once_and_authenticate(backend: Backend) {
     let h = harness(backend).await;
     let t = h.tenant("acme").await;
+    // An answer with a secret shown once is kept by no cache on the way (nor is any other
+    // admin answer, a refusal included).
+    for token in [Some(TOKEN), None] {
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("/v1/admin/tenants/{t}/api-keys"))
+            .header("content-type", "application/json");
+        let req = match token {
+            Some(token) => req.header("authorization", format!("Bearer {token}")),
+            None => req,
+        };
+        let body = json!({"name": "cached?", "permissions": ["chat"]}).to_string();
+        let resp = edge::app(h.state.clone())
+            .oneshot(req.body(Body::from(body)).expect("request"))
+            .await
+            .expect("response");
+        let want = if token.is_some() {
+            StatusCode::CREATED
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        assert_eq!(resp.status(), want);
+        assert_eq!(
+            resp.headers()
+                .get("cache-control")
+                .and_then(|v| v.to_str().ok()),
+            Some("no-store"),
+            "{want}"
+        );
+    }
     // The answers that carry a secret once never print it in a log line.
     let created = h
         .store()
