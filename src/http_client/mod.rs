@@ -73,6 +73,39 @@ pub async fn read_capped(
     Ok(body)
 }
 
+/// Most bytes of a request error's text that [`describe`] keeps.
+const MAX_ERROR_TEXT: usize = 512;
+
+/// A request error as logs and attempt logs show it: reqwest's message without the URL (its
+/// query may carry a receiver's key), then the causes, which say what to fix ("tcp connect
+/// error: Connection refused", "dns error: ...", "invalid peer certificate: Expired"), where
+/// reqwest's own text is only "error sending request". Control characters are dropped (a
+/// PostgreSQL text column refuses NUL) and the text is cut at [`MAX_ERROR_TEXT`] bytes.
+pub fn describe(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        // Another reqwest error would print its URL; a cause that repeats what its wrapper
+        // already printed adds nothing.
+        let part = c.to_string();
+        if c.downcast_ref::<reqwest::Error>().is_none() && !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = c.source();
+    }
+    let mut text: String = text.chars().filter(|c| !c.is_control()).collect();
+    if text.len() > MAX_ERROR_TEXT {
+        let mut end = MAX_ERROR_TEXT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
 /// A URL as errors, logs and events show it: without user info and with every query value masked
 /// (a receiver's key often rides there: `code=`, `sig=`, `api_key=`, …).
 pub fn shown_url(url: &str) -> String {

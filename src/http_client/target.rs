@@ -33,7 +33,6 @@ fn internal_v4(ip: Ipv4Addr) -> bool {
         || ip.is_loopback()
         || ip.is_link_local()
         || ip.is_unspecified()
-        || ip.is_broadcast()
         || ip.is_multicast()
         // 100.64.0.0/10 carrier-grade NAT, 0.0.0.0/8 "this network", 192.0.0.0/24 protocol
         // assignments, 198.18.0.0/15 benchmarking: none is a public receiver.
@@ -41,6 +40,14 @@ fn internal_v4(ip: Ipv4Addr) -> bool {
         || o[0] == 0
         || (o[0] == 192 && o[1] == 0 && o[2] == 0)
         || (o[0] == 198 && (o[1] & 0xfe) == 18)
+        // 240.0.0.0/4 reserved, broadcast included: not routed on the internet, yet some
+        // clouds number pods and services from it (GKE's class E ranges), so it can be
+        // internal. The documentation networks (192.0.2.0/24, 198.51.100.0/24,
+        // 203.0.113.0/24) hold no receiver either.
+        || o[0] >= 240
+        || (o[0] == 192 && o[1] == 0 && o[2] == 2)
+        || (o[0] == 198 && o[1] == 51 && o[2] == 100)
+        || (o[0] == 203 && o[1] == 0 && o[2] == 113)
 }
 
 fn internal_v6(ip: Ipv6Addr) -> bool {
@@ -53,9 +60,14 @@ fn internal_v6(ip: Ipv6Addr) -> bool {
     ip.is_loopback()
         || ip.is_unspecified()
         || ip.is_multicast()
-        // fc00::/7 unique local, fe80::/10 link-local.
+        // fc00::/7 unique local, fe80::/10 link-local, fec0::/10 site-local (deprecated, yet
+        // still routed inside the sites that used it), 2001:db8::/32 documentation, 100::/64
+        // discard-only.
         || (s[0] & 0xfe00) == 0xfc00
         || (s[0] & 0xffc0) == 0xfe80
+        || (s[0] & 0xffc0) == 0xfec0
+        || s[..2] == [0x2001, 0x0db8]
+        || s[..4] == [0x0100, 0, 0, 0]
         // Forms that carry an IPv4 address, which a gateway may turn into that address:
         // IPv4-compatible ::a.b.c.d, IPv4-translated ::ffff:0:a.b.c.d, NAT64 64:ff9b::/96,
         // 6to4 2002:AABB:CCDD::/48; the local-use NAT64 prefix 64:ff9b:1::/48 whole (where
@@ -103,6 +115,16 @@ pub fn literal_ip(url: &reqwest::Url) -> Option<IpAddr> {
         .trim_end_matches(']')
         .parse::<IpAddr>()
         .ok()
+}
+
+/// The name a request's send-time resolver refused (it answered only internal addresses), if
+/// that is why `e` (a request error, causes included) failed: the target policy's refusal,
+/// not a receiver that is down.
+pub fn refused_name<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a str> {
+    std::iter::successors(Some(e), |e| e.source()).find_map(|e| match e.downcast_ref() {
+        Some(TargetError::Private(name)) => Some(name.as_str()),
+        _ => None,
+    })
 }
 
 /// A resolver that answers only public addresses.
@@ -169,6 +191,41 @@ mod tests {
             "::ffff:0:808:808",
         ] {
             assert!(!is_internal(ip.parse().expect("ip")), "{ip}");
+        }
+    }
+
+    /// Special-purpose ranges no public receiver lives in, beyond the private ones: IPv4
+    /// 240.0.0.0/4 (reserved; some clouds number pods and services from it), the documentation
+    /// networks; IPv6 site-local fec0::/10, documentation 2001:db8::/32 and discard-only
+    /// 100::/64; and the IPv6 forms that carry such an IPv4 address.
+    #[tokio::test]
+    async fn reserved_documentation_and_site_local_ranges_are_internal() {
+        for ip in [
+            "240.0.0.1",
+            "250.10.0.5",
+            "255.255.255.254",
+            "192.0.2.10",
+            "198.51.100.7",
+            "203.0.113.9",
+            "::ffff:240.0.0.1",
+            "64:ff9b::f000:1",
+            "2002:f000:1::1",
+            "fec0::1",
+            "feff:ffff::1",
+            "2001:db8::1",
+            "100::1",
+        ] {
+            assert!(is_internal(ip.parse().expect("ip")), "{ip}");
+        }
+        for ip in ["223.255.255.1", "198.52.0.1", "2001:db9::1", "101::1"] {
+            assert!(!is_internal(ip.parse().expect("ip")), "{ip}");
+        }
+        for url in [
+            "http://240.0.0.1/x",
+            "http://4026531841/x",
+            "http://[fec0::1]/x",
+        ] {
+            assert!(check_url(url, false).await.is_err(), "{url}");
         }
     }
 

@@ -583,7 +583,9 @@ impl Provisioning {
     /// Disables an enabled endpoint whose failure clock still runs from `failing_since_ms`;
     /// whether this call did it (so one disable is one event). A failure of the streak before
     /// a re-enable (an attempt still in flight then) does not disable it again: the re-enable
-    /// reset the clock.
+    /// reset the clock. The disable owes its event from now (`disable_event_pending` holds
+    /// that time; a row an earlier release marked 1 counts as owed long ago): the caller
+    /// publishes it, [`Provisioning::pending_disable_events`] finds it should the caller not.
     pub async fn disable_webhook(
         &self,
         id: &str,
@@ -591,12 +593,13 @@ impl Provisioning {
         failing_since_ms: i64,
     ) -> Result<bool, ProvisioningError> {
         let done = sqlx::query(
-            "UPDATE webhooks SET enabled = 0, disabled_reason = $2, disable_event_pending = 1 \
+            "UPDATE webhooks SET enabled = 0, disabled_reason = $2, disable_event_pending = $4 \
              WHERE id = $1 AND enabled = 1 AND failing_since_ms = $3",
         )
         .bind(id.to_string())
         .bind(reason.to_string())
         .bind(failing_since_ms)
+        .bind(sql::now_ms().max(1))
         .execute(&self.pool)
         .await
         .map_err(sql::unavailable)?;
@@ -615,17 +618,20 @@ pub struct PendingDisable {
 }
 
 impl Provisioning {
-    /// Disables still owing their event (see migration 0016), at most `limit`.
+    /// Disables owing their event since `owed_before_ms` or earlier (see migration 0016), at
+    /// most `limit`: a later one is still its disabler's to publish.
     pub async fn pending_disable_events(
         &self,
         limit: usize,
+        owed_before_ms: i64,
     ) -> Result<Vec<PendingDisable>, ProvisioningError> {
         let rows = sqlx::query(
             "SELECT id, tenant_id, url, failing_since_ms, disabled_reason FROM webhooks \
-             WHERE disable_event_pending = 1 AND enabled = 0 AND failing_since_ms IS NOT NULL \
-             ORDER BY id LIMIT $1",
+             WHERE disable_event_pending > 0 AND disable_event_pending <= $2 AND enabled = 0 \
+             AND failing_since_ms IS NOT NULL ORDER BY id LIMIT $1",
         )
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(owed_before_ms)
         .fetch_all(&self.pool)
         .await
         .map_err(sql::unavailable)?;

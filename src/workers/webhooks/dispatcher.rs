@@ -7,8 +7,13 @@
 //! message: this process sends it nothing more until then, gives back what it held, and marks
 //! the endpoint paused in the database so no pod claims its messages before the time. (Another
 //! pod's own new messages, sent before they are written, learn it from their own answer.)
+//!
+//! A stop drains: nothing new is leased or started, what the process held goes back due at
+//! once, and the attempts under way finish and are logged (up to `timeout_ms` + 5 s), so a
+//! rolling restart neither repeats them nor leaves held messages waiting out their leases.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -72,7 +77,8 @@ const MAX_ANSWER_BYTES: usize = 64 * 1024;
 const MAX_LOG_BATCH: usize = 512;
 /// Log statements in flight at once: the next batch gathers while one is written.
 const LOG_WRITERS: usize = 2;
-/// After shutdown, how long the log writer waits for the outcomes of attempts still running.
+/// Once the drain after a stop is over, how long the log writer still waits for an outcome
+/// (one sent as the last permits came back) before it stops.
 const LOG_DRAIN: Duration = Duration::from_millis(500);
 /// How long a failed dead-letter publish waits before the next try (the bus is down).
 const DEAD_LETTER_RETRY_MS: i64 = super::store::EXHAUSTED_RECLAIM_MS;
@@ -93,6 +99,12 @@ fn renew_in(held_ms: i64) -> Duration {
     let due = held_ms - DEAD_LETTER_HOLD_MS + period;
     Duration::from_millis(u64::try_from(due - now_ms()).unwrap_or(0).max(100))
 }
+
+/// How long a disable is its disabler's to announce before the periodic pass publishes its
+/// event: longer than that announce takes (a subscription read, then a bus publish: JetStream
+/// 5 s, Kafka up to `bus.kafka.message_timeout_ms`, 30 s by default), so the two do not both
+/// put one disable on the topic.
+const DISABLE_EVENT_GRACE_MS: i64 = 60_000;
 
 /// The producer name on events this role publishes.
 const PRODUCER: &str = "webhooks";
@@ -302,6 +314,11 @@ pub struct Dispatcher {
     /// Finished attempts to the log writer, which writes them in batches.
     outcomes: mpsc::UnboundedSender<Outcome>,
     outcomes_rx: Mutex<Option<mpsc::UnboundedReceiver<Outcome>>>,
+    /// Set when the dispatch loop stops: no new message is leased or started.
+    stopping: AtomicBool,
+    /// Cancelled once the attempts under way at the stop have ended (or the drain gave up on
+    /// them): the log writer then writes what is left and stops.
+    drained: CancellationToken,
 }
 
 impl Dispatcher {
@@ -333,6 +350,8 @@ impl Dispatcher {
                 swept: Instant::now(),
             }),
             cleared: Mutex::new(HashMap::new()),
+            stopping: AtomicBool::new(false),
+            drained: CancellationToken::new(),
         }
     }
 
@@ -351,6 +370,10 @@ impl Dispatcher {
         let per_tenant = self.config.max_in_flight_per_tenant;
         let lease = self.lease_until(now_ms());
         let lanes = self.lock_lanes();
+        if self.stopping.load(Ordering::SeqCst) {
+            // The loop is draining: other pods claim them, at once (no lease to lapse).
+            return vec![None; ms.len()];
+        }
         let mut room = (ADOPT_GLOBAL_FACTOR * self.config.max_in_flight)
             .saturating_sub(lanes.endpoints.values().map(|l| l.held.len()).sum());
         let mut taken: HashMap<&str, usize> = HashMap::new();
@@ -433,15 +456,52 @@ impl Dispatcher {
                     _ = tokio::time::sleep(wait) => claim = true,
                 }
             }
+            self.drain().await;
             tracing::info!("webhook dispatcher stopped");
         }
         .instrument(tracing::info_span!("webhooks.dispatch"))
         .await
     }
 
-    /// The log writer, until `stop` (then until the attempts still running have logged, at
-    /// most [`LOG_DRAIN`] after the last): writes finished attempts in batches of what
-    /// gathered while the previous statement ran, [`LOG_WRITERS`] statements at a time.
+    /// After the stop (SIGTERM of a rolling deploy): what this process holds goes back at once,
+    /// due now, for the other pods (rather than after its lease, `timeout_ms` + 5 s), and the
+    /// attempts under way finish and are logged, for at most `timeout_ms` + 5 s (an attempt
+    /// cut off by the exit would be sent again under the same webhook-id once its lease
+    /// lapsed). Then the log writer may stop.
+    async fn drain(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let held: Vec<(String, i64)> = {
+            let mut lanes = self.lock_lanes();
+            lanes
+                .endpoints
+                .values_mut()
+                .flat_map(|l| l.held.drain(..))
+                .map(|h| (h.msg.id, h.msg.lease_until_ms))
+                .collect()
+        };
+        if !held.is_empty() {
+            tracing::info!(
+                given_back = held.len(),
+                "stopping; held webhook messages given back"
+            );
+            self.give_back(&held, now_ms()).await;
+        }
+        // Each attempt holds a process-wide permit until its outcome is logged and followed up.
+        let all = u32::try_from(self.config.max_in_flight).unwrap_or(u32::MAX);
+        let limit = self.config.timeout() + LEASE_MARGIN;
+        if tokio::time::timeout(limit, self.global.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!("webhook attempts still under way after the drain; they go again under the same webhook-id");
+        }
+        self.drained.cancel();
+    }
+
+    /// The log writer, until `stop` and then until the attempts under way at the stop have
+    /// logged (see [`Dispatcher::drain`]; without a dispatch loop, at most `timeout_ms` + 5 s):
+    /// writes finished attempts in batches of what gathered while the previous statement ran,
+    /// [`LOG_WRITERS`] statements at a time.
     pub async fn log_writer(self: Arc<Self>, stop: CancellationToken) {
         let taken = self
             .outcomes_rx
@@ -451,14 +511,28 @@ impl Dispatcher {
         let Some(mut rx) = taken else { return };
         let writers = Arc::new(Semaphore::new(LOG_WRITERS));
         async {
+            let mut give_up = None;
             loop {
                 let Ok(slot) = writers.clone().acquire_owned().await else {
                     break;
                 };
-                let first = if stop.is_cancelled() {
+                let first = if self.drained.is_cancelled() {
+                    // Every attempt under way at the stop has logged: what is left, then stop.
                     match tokio::time::timeout(LOG_DRAIN, rx.recv()).await {
                         Ok(Some(o)) => o,
                         _ => break,
+                    }
+                } else if stop.is_cancelled() {
+                    let until = *give_up.get_or_insert_with(|| {
+                        tokio::time::Instant::now()
+                            + self.config.timeout()
+                            + LEASE_MARGIN
+                            + LOG_DRAIN
+                    });
+                    tokio::select! {
+                        _ = self.drained.cancelled() => continue,
+                        _ = tokio::time::sleep_until(until) => break,
+                        o = rx.recv() => match o { Some(o) => o, None => break },
                     }
                 } else {
                     tokio::select! {
@@ -628,6 +702,11 @@ impl Dispatcher {
     /// message held longer than [`RENEW_AFTER`] renews its lease first (and is dropped if it
     /// lost it).
     async fn start_held(self: &Arc<Self>) {
+        if self.stopping.load(Ordering::SeqCst) {
+            // Draining: nothing new starts (it would be cut off by the exit); what is held was
+            // given back, and a message adopted since keeps its lease until it lapses.
+            return;
+        }
         let per = self.config.max_in_flight_per_endpoint;
         let per_tenant = self.config.max_in_flight_per_tenant;
         let starts = self
@@ -984,16 +1063,26 @@ impl Dispatcher {
                     )
                 }
             }
-            Err(e) => {
-                let outcome = if e.is_timeout() { "timeout" } else { "failed" };
-                (
-                    outcome,
+            // The resolver refused the name (every address internal, DNS rebinding among
+            // them): the policy's refusal, as for an internal IP literal, and said so in the
+            // attempt log, where a generic connection failure would send the tenant looking
+            // for a receiver that is down.
+            Err(e) => match target::refused_name(&e) {
+                Some(name) => (
+                    "refused",
                     None,
-                    Some(e.without_url().to_string()),
+                    Some(format!(
+                        "the name {name} resolves only to internal addresses (private, loopback, link-local or reserved)"
+                    )),
                     false,
                     false,
-                )
-            }
+                ),
+                None => {
+                    let outcome = if e.is_timeout() { "timeout" } else { "failed" };
+                    let error = crate::http_client::describe(e);
+                    (outcome, None, Some(error), false, false)
+                }
+            },
         };
         Sent {
             record: AttemptRecord {
@@ -1290,9 +1379,14 @@ impl Dispatcher {
     }
 
     /// Publishes the events of disables still owing them (a publish that failed, a pod that
-    /// died between the disable and its publish).
+    /// died between the disable and its publish), once [`DISABLE_EVENT_GRACE_MS`] old.
     async fn republish_disables(&self) {
-        match self.provisioning.pending_disable_events(16).await {
+        let owed_before = now_ms() - DISABLE_EVENT_GRACE_MS;
+        match self
+            .provisioning
+            .pending_disable_events(16, owed_before)
+            .await
+        {
             Ok(pending) => {
                 for mut d in pending {
                     d.url = crate::http_client::shown_url(&d.url);
@@ -1441,6 +1535,309 @@ mod tests {
         if let Some(n) = lanes.tenants.get_mut(tenant) {
             *n -= 1;
         }
+    }
+
+    /// A dispatcher over a SQLite log and an embedded bus in `dir`, sending through the
+    /// worker's client under `allow_private_targets`.
+    async fn dispatcher(dir: &std::path::Path, allow_private: bool) -> Dispatcher {
+        dispatcher_with(dir, allow_private).await.0
+    }
+
+    /// [`dispatcher`], with its provisioning store and bus.
+    async fn dispatcher_with(
+        dir: &std::path::Path,
+        allow_private: bool,
+    ) -> (
+        Dispatcher,
+        Arc<Provisioning>,
+        Arc<crate::bus::embedded::EmbeddedBus>,
+    ) {
+        let defaults = crate::config::Config::defaults();
+        let prov = Arc::new(Provisioning::temporary(&dir.join("db")).await);
+        let store = MessageStore::new(prov.pool().clone(), prov.kind());
+        let bus = Arc::new(
+            crate::bus::embedded::EmbeddedBus::open(&dir.join("bus"), &defaults.bus)
+                .expect("embedded bus"),
+        );
+        let mut config = defaults.workers.webhooks;
+        config.allow_private_targets = allow_private;
+        config.timeout_ms = 5_000;
+        let mut builder = crate::http_client::builder(&defaults.http_client)
+            .expect("client")
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(resolver) = target::resolver(allow_private) {
+            builder = builder.dns_resolver(resolver).no_proxy();
+        }
+        let client = builder.build().expect("client");
+        let d = Dispatcher::new(store, prov.clone(), bus.clone(), client, config);
+        (d, prov, bus)
+    }
+
+    /// The periodic pass publishes the `WebhookEndpointDisabled` of a disable whose sender did
+    /// not (its publish failed, or it died), once; not that of a disable made a moment ago,
+    /// whose sender is publishing it: both would put the event on the topic twice, where one
+    /// disable is one event.
+    #[tokio::test]
+    async fn the_periodic_pass_leaves_a_fresh_disable_to_its_sender() {
+        use crate::bus::{Bus, TopicSpec};
+        use crate::stores::provisioning::webhooks::NewWebhook;
+        use crate::stores::provisioning::NewTenant;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (d, prov, bus) = dispatcher_with(dir.path(), false).await;
+        bus.apply_topic(&TopicSpec {
+            name: WEBHOOK_EVENTS_TOPIC.into(),
+            partitions: 1,
+            retention: None,
+        })
+        .await
+        .expect("topic");
+        let records = || async {
+            let mut n = 0;
+            for p in bus
+                .partition_offsets(WEBHOOK_EVENTS_TOPIC)
+                .await
+                .expect("offsets")
+            {
+                n += bus
+                    .read(WEBHOOK_EVENTS_TOPIC, p.partition, p.low, 100)
+                    .await
+                    .expect("read")
+                    .len();
+            }
+            n
+        };
+        let tenant = prov
+            .create_tenant(NewTenant { name: "t".into() })
+            .await
+            .expect("tenant");
+        let hook = prov
+            .create_webhook(
+                &tenant.id,
+                NewWebhook {
+                    url: "https://hooks.example.com/in".into(),
+                    events: None,
+                    media: None,
+                    format: WebhookFormat::Standard,
+                    enabled: None,
+                    secret: None,
+                },
+            )
+            .await
+            .expect("webhook")
+            .webhook
+            .id;
+        let since = prov.webhook_failed(&hook, now_ms()).await.expect("failed");
+        assert!(prov
+            .disable_webhook(&hook, "down", since)
+            .await
+            .expect("disable"));
+        d.republish_disables().await;
+        assert_eq!(
+            records().await,
+            0,
+            "a fresh disable is its sender's to announce"
+        );
+        // Owed for long (as a disable written before the mark carried its time).
+        sqlx::query("UPDATE webhooks SET disable_event_pending = 1 WHERE id = $1")
+            .bind(hook.clone())
+            .execute(prov.pool())
+            .await
+            .expect("owed");
+        d.republish_disables().await;
+        d.republish_disables().await;
+        assert_eq!(records().await, 1, "an owed disable is announced, once");
+    }
+
+    fn target_at(url: &str) -> Arc<WebhookTarget> {
+        use crate::stores::provisioning::webhooks::generate_secret;
+        use crate::stores::provisioning::{SigningSecrets, Webhook, WebhookMedia};
+        Arc::new(WebhookTarget {
+            webhook: Webhook {
+                id: "wh".into(),
+                tenant_id: "t".into(),
+                url: url.into(),
+                events: vec![crate::stores::provisioning::WebhookEvent::Started],
+                media: vec![WebhookMedia::Chat],
+                format: WebhookFormat::Standard,
+                enabled: true,
+                disabled_reason: None,
+                created_at_ms: 0,
+            },
+            secrets: SigningSecrets {
+                current: generate_secret(WebhookFormat::Standard),
+                previous: vec![],
+            },
+        })
+    }
+
+    /// What the attempt log says of an attempt that never reached a receiver: a name the
+    /// send-time resolver answers only with internal addresses is `refused` and says so (not
+    /// a receiver down, which the tenant would go looking for); a connection that failed says
+    /// why (refused, DNS, TLS), not only "error sending request".
+    #[tokio::test]
+    async fn an_attempt_that_reached_no_receiver_is_logged_with_its_cause() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let guarded = dispatcher(&dir.path().join("guarded"), false).await;
+        let sent = guarded
+            .send(
+                &claimed("t", "wh", 1),
+                Some(target_at("http://localhost:9/in")),
+            )
+            .await;
+        assert_eq!(sent.record.outcome, "refused", "{:?}", sent.record);
+        let error = sent.record.error.unwrap_or_default();
+        assert!(
+            error.contains("localhost") && error.contains("internal"),
+            "{error}"
+        );
+        // A port nobody listens on (bound, then freed).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let open = dispatcher(&dir.path().join("open"), true).await;
+        let sent = open
+            .send(
+                &claimed("t", "wh", 2),
+                Some(target_at(&format!("http://127.0.0.1:{port}/in?key=s3cret"))),
+            )
+            .await;
+        assert_eq!(sent.record.outcome, "failed", "{:?}", sent.record);
+        let error = sent.record.error.unwrap_or_default();
+        assert!(error.to_lowercase().contains("connect"), "{error}");
+        assert!(error.len() > "error sending request".len(), "{error}");
+        assert!(!error.contains("s3cret"), "{error}");
+    }
+
+    /// A graceful stop (SIGTERM of a rolling deploy) drains: the attempt under way finishes and
+    /// is logged, so the next pod does not send it again once its lease lapses, and what the
+    /// process held goes back at once instead of waiting out its lease (timeout + 5 s).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_finishes_the_attempts_under_way_and_gives_back_the_held_ones() {
+        use crate::stores::provisioning::webhooks::NewWebhook;
+        use crate::stores::provisioning::NewTenant;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        // A receiver that answers after 1.5 s: longer than the log writer's drain used to wait.
+        let got = Arc::new(AtomicUsize::new(0));
+        let app = {
+            let got = got.clone();
+            axum::Router::new().route(
+                "/slow",
+                axum::routing::post(move || {
+                    let got = got.clone();
+                    async move {
+                        got.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(1500)).await;
+                        axum::http::StatusCode::NO_CONTENT
+                    }
+                }),
+            )
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let defaults = crate::config::Config::defaults();
+        let prov = Arc::new(Provisioning::temporary(&dir.path().join("db")).await);
+        let tenant = prov
+            .create_tenant(NewTenant { name: "t".into() })
+            .await
+            .expect("tenant");
+        let hook = prov
+            .create_webhook(
+                &tenant.id,
+                NewWebhook {
+                    url: format!("http://{addr}/slow"),
+                    events: None,
+                    media: None,
+                    format: WebhookFormat::Standard,
+                    enabled: None,
+                    secret: None,
+                },
+            )
+            .await
+            .expect("webhook")
+            .webhook
+            .id;
+        let store = MessageStore::new(prov.pool().clone(), prov.kind());
+        let now = now_ms();
+        for n in 1..=2 {
+            let mut m = claimed(&tenant.id, &hook, n);
+            m.conversation_id = format!("c{n}");
+            let m = NewMessage {
+                id: m.id,
+                tenant_id: m.tenant_id,
+                webhook_id: m.webhook_id,
+                event_id: m.event_id,
+                conversation_id: m.conversation_id,
+                event: crate::stores::provisioning::WebhookEvent::Started,
+                body: m.body,
+            };
+            assert!(store.insert(&m, now).await.expect("insert"));
+        }
+        let bus = crate::bus::embedded::EmbeddedBus::open(&dir.path().join("bus"), &defaults.bus)
+            .expect("embedded bus");
+        let mut config = defaults.workers.webhooks;
+        config.allow_private_targets = true;
+        config.timeout_ms = 5_000;
+        config.poll_interval_ms = 50;
+        // One at a time: the second message waits in the endpoint's lane.
+        config.max_in_flight_per_endpoint = 1;
+        let client = crate::http_client::builder(&defaults.http_client)
+            .expect("client")
+            .build()
+            .expect("client");
+        let d = Arc::new(Dispatcher::new(
+            store.clone(),
+            prov.clone(),
+            Arc::new(bus),
+            client,
+            config,
+        ));
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(d.clone().run(stop.clone()));
+        let writer = tokio::spawn(d.clone().log_writer(stop.clone()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while got.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "no attempt started");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stop.cancel();
+        for task in [run, writer] {
+            tokio::time::timeout(Duration::from_secs(15), task)
+                .await
+                .expect("the dispatcher stops within its drain")
+                .expect("task");
+        }
+        let row = |id: String| {
+            let pool = prov.pool().clone();
+            async move {
+                sqlx::query_as::<_, (String, Option<i64>)>(
+                    "SELECT status, lease_until_ms FROM webhook_messages WHERE id = $1",
+                )
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .expect("row")
+            }
+        };
+        assert_eq!(
+            row(format!("{hook}-1")).await,
+            ("delivered".to_string(), None),
+            "the attempt under way was logged"
+        );
+        assert_eq!(
+            row(format!("{hook}-2")).await,
+            ("pending".to_string(), None),
+            "the held message was given back"
+        );
+        assert_eq!(got.load(Ordering::SeqCst), 1, "nothing new started");
     }
 
     #[test]
