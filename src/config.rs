@@ -1410,14 +1410,15 @@ mod tests {
         c.stores.redis_min_replicas = 0;
         c.validate().expect("no wait: its timeout is not used");
 
-        // A peer call that cannot finish within a try (the 30 s handler timeout; for GWS, all
-        // the calls of a try: see `gws_timeouts_leave_room_for_every_call_of_a_try`), or one
-        // with no time at all.
+        // A peer call that cannot finish within a try (the 30 s handler timeout, with UCS's
+        // 2 s address check after it; for GWS, all the calls of a try: see
+        // `gws_timeouts_leave_room_for_every_call_of_a_try`), or one with no time at all.
         for (ucs_ms, tenant_ms, ok) in [
             (0, 0, false),
             (30_000, 0, false),
             (10_000, 31_000, false),
-            (10_000, 29_999, true),
+            (10_000, 28_000, false),
+            (10_000, 27_999, true),
         ] {
             let mut c = Config::defaults();
             c.workers.history.ucs.url = "http://ucs.example.com".into();
