@@ -281,3 +281,52 @@ async fn invisible_format_characters_leave_file_names() {
     let cd = fx.disposition(&s, file_id).await;
     assert!(cd.contains("filename*=UTF-8''invoice.txt"), "{cd}");
 }
+
+/// The start's answer carries the session's client key, a transcript the conversation: no
+/// browser or proxy cache on the way may keep either (nor a refusal); a file download keeps its
+/// own `private, no-store`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_answers_are_not_cached() {
+    let fx = fixture().await;
+    let start = Request::builder()
+        .method("POST")
+        .uri("/nexus/v3/chat/sessions")
+        .header("x-api-key", &fx.api_key)
+        .header("content-type", "application/json")
+        .body(Body::from(json!({"nickname": "Ann"}).to_string()))
+        .expect("request");
+    let started = fx.call(start).await;
+    assert!(started.status.is_success(), "{}", started.body);
+    assert!(
+        started.body.to_string().contains("client"),
+        "{}",
+        started.body
+    );
+    let s = fx.open_chat().await;
+    let read = fx.get(&s, "messages").await;
+    assert_eq!(read.status, StatusCode::OK, "{}", read.body);
+    let refused = fx
+        .call(
+            Request::builder()
+                .method("GET")
+                .uri(format!("/nexus/v3/chat/sessions/{}/messages", s.id))
+                .header("x-api-key", &fx.api_key)
+                .header("x-nexus-client-key", "not-the-key")
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await;
+    assert!(refused.status.is_client_error(), "{}", refused.body);
+    for (what, a) in [
+        ("start", &started),
+        ("transcript", &read),
+        ("refusal", &refused),
+    ] {
+        assert_eq!(
+            a.headers.get("cache-control").and_then(|v| v.to_str().ok()),
+            Some("no-store"),
+            "{what}: {}",
+            a.body
+        );
+    }
+}

@@ -139,9 +139,22 @@ pub fn ops_app(state: AppState) -> Router {
 
 /// The routes browsers call: the customer chat APIs and the agent API, open to the pages of
 /// `http.cors_allowed_origins`.
+/// API answers carry credentials (a client key, an agent token, a secret shown once) and a
+/// tenant's conversations: no browser or proxy cache along the way may keep them. An answer
+/// that says how it may be cached itself (a file download) keeps its own.
+pub(crate) async fn no_store(mut response: axum::response::Response) -> axum::response::Response {
+    response
+        .headers_mut()
+        .entry(axum::http::header::CACHE_CONTROL)
+        .or_insert(axum::http::HeaderValue::from_static("no-store"));
+    response
+}
+
 fn browser_routes(state: &AppState) -> Router<AppState> {
     let max_file_bytes = state.config.chat.max_file_bytes;
-    let routes = chat::routes(max_file_bytes).merge(agent::routes(max_file_bytes));
+    let routes = chat::routes(max_file_bytes)
+        .merge(agent::routes(max_file_bytes))
+        .layer(axum::middleware::map_response(no_store));
     match cors::layer(&state.config.http) {
         Some(cors) => routes.layer(cors),
         None => routes,
@@ -155,7 +168,7 @@ pub fn app(state: AppState) -> Router {
         .merge(admin::router(state.clone()))
         .merge(ingest::routes(state.clone()))
         .merge(browser_routes(&state))
-        .merge(bot::routes())
+        .merge(bot::routes().layer(axum::middleware::map_response(no_store)))
         .merge(demo::routes())
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

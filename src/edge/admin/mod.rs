@@ -130,17 +130,8 @@ pub fn router(state: AppState) -> Router<AppState> {
         .method_not_allowed_fallback(crate::edge::error::method_not_allowed)
         .route_layer(middleware::from_fn(crate::edge::path::require_plain))
         .route_layer(middleware::from_fn_with_state(state, require_admin))
-        .layer(middleware::map_response(no_store))
-}
-
-/// Admin answers carry secrets shown once (a new API key, agent or bot token, webhook secret)
-/// and tenant data: no browser or proxy cache along the way may keep them.
-async fn no_store(mut response: axum::response::Response) -> axum::response::Response {
-    response.headers_mut().insert(
-        axum::http::header::CACHE_CONTROL,
-        axum::http::HeaderValue::from_static("no-store"),
-    );
-    response
+        // Secrets shown once (a new API key, agent or bot token, webhook secret) and tenant data.
+        .layer(middleware::map_response(crate::edge::no_store))
 }
 
 /// Middleware: the admin token first, before any extractor reads the request (the ingest
