@@ -252,6 +252,34 @@ impl PeerConfig {
         global.into_iter().chain(tenants).collect()
     }
 
+    /// Checks every configured target (under `key`, the peer's table) against `try_time`, how
+    /// long one try may run: `calls` calls, each followed by its check (see
+    /// [`Self::identity_timeout_ms`]), one after another, must end within it, as `calls_are`
+    /// says them. A try cut short does not count, so one that never fits would be tried for
+    /// good. The error names the target's timeout key.
+    pub fn validate_try(
+        &self,
+        key: &str,
+        calls: u64,
+        calls_are: &str,
+        try_time: Duration,
+    ) -> Result<(), String> {
+        let most = u64::try_from(try_time.as_millis()).unwrap_or(u64::MAX);
+        for (k, timeout) in self.call_timeouts(key) {
+            let check = self.identity_timeout_for(timeout);
+            let total = calls.saturating_mul(timeout.saturating_add(check));
+            if timeout == 0 || total >= most {
+                return Err(format!(
+                    "{k}: {timeout} ms, with {key}.identity_timeout_ms at {check} ms (at most \
+                     the call's timeout): {calls_are}, {total} ms, which must be under \
+                     consumer.handler_timeout_ms ({most} ms), or a try that takes it is cut \
+                     short and never counts; lower the timeouts or raise the handler timeout"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// How long the identity check after a call of `timeout_ms` may take (see
     /// [`Self::identity_timeout_ms`]).
     pub fn identity_timeout_for(&self, timeout_ms: u64) -> u64 {

@@ -42,21 +42,11 @@ const CALLS_PER_TRY: u64 = 2;
 /// `GET /api/v2/me` to tell whose refusal it is: two calls of up to `timeout_ms` and two
 /// checks of up to the identity timeout.
 pub fn validate_try(c: &GwsConfig, try_time: Duration) -> Result<(), String> {
-    let most = u64::try_from(try_time.as_millis()).unwrap_or(u64::MAX);
-    for (key, timeout) in c.call_timeouts(KEY) {
-        let identity = c.identity_timeout_for(timeout);
-        let calls = CALLS_PER_TRY.saturating_mul(timeout.saturating_add(identity));
-        if timeout == 0 || calls >= most {
-            return Err(format!(
-                "{key}: {timeout} ms, with {KEY}.identity_timeout_ms at {identity} ms (at most \
-                 the call's timeout): one try may make {CALLS_PER_TRY} calls and \
-                 {CALLS_PER_TRY} identity checks one after another, {calls} ms, which must be \
-                 under consumer.handler_timeout_ms ({most} ms), or a try that takes it is cut \
-                 short and never counts; lower the timeouts or raise the handler timeout"
-            ));
-        }
-    }
-    Ok(())
+    let calls_are = format!(
+        "one try may make {CALLS_PER_TRY} calls and {CALLS_PER_TRY} identity checks one after \
+         another"
+    );
+    c.validate_try(KEY, CALLS_PER_TRY, &calls_are, try_time)
 }
 
 #[cfg(test)]

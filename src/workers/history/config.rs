@@ -50,22 +50,11 @@ pub fn validate_try(c: &PeerConfig, try_time: Duration) -> Result<(), (&'static 
             "must be at least 1".into(),
         ));
     }
-    let most = u64::try_from(try_time.as_millis()).unwrap_or(u64::MAX);
-    for (key, timeout) in c.call_timeouts(KEY) {
-        let check = c.identity_timeout_for(timeout);
-        let step = timeout.saturating_add(check);
-        if timeout == 0 || step >= most {
-            return Err((
-                "workers.history.ucs.timeout_ms",
-                format!(
-                    "{key}: {timeout} ms, with {KEY}.identity_timeout_ms at {check} ms (at most \
-                     the call's timeout): a step may make its call and then, after a 404, \
-                     IdentifyContact again, {step} ms, which must be under \
-                     consumer.handler_timeout_ms ({most} ms), or a step that takes it is cut \
-                     short and never counts; lower the timeouts or raise the handler timeout"
-                ),
-            ));
-        }
-    }
-    Ok(())
+    c.validate_try(
+        KEY,
+        1,
+        "a step may make its call and then, after a 404, IdentifyContact again",
+        try_time,
+    )
+    .map_err(|e| ("workers.history.ucs.timeout_ms", e))
 }
