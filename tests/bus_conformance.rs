@@ -1185,8 +1185,43 @@ async fn a_read_whose_first_fetch_comes_back_empty(t: TestBus) {
         "{}",
         t.backend
     );
+    // A lookup by time meets the same: one empty fetch is tried again, and fetches that keep
+    // coming back empty are an error, never the log end (a replay would move a group past its
+    // backlog, a copy would skip the partition).
+    let at = read[2].timestamp_ms;
+    let first_at = read
+        .iter()
+        .find(|m| m.timestamp_ms >= at)
+        .map(|m| m.offset)
+        .expect("record 2 is at or after its own time");
+    if let Some(proxy) = &proxy {
+        proxy.answer_empty(1);
+    }
+    assert_eq!(
+        reader
+            .offset_for_time(&topic, 0, at)
+            .await
+            .expect("offset for time"),
+        first_at,
+        "{}",
+        t.backend
+    );
     let Some(proxy) = proxy else { return };
-    assert_eq!(proxy.answered(), 1, "the first fetch came back empty");
+    assert_eq!(
+        proxy.answered(),
+        2,
+        "one read and one lookup came back empty"
+    );
+    proxy.answer_empty(usize::MAX);
+    let err = reader
+        .offset_for_time(&topic, 0, at)
+        .await
+        .expect_err("nothing can be fetched");
+    assert!(
+        matches!(err, BusError::Unavailable(_)) && err.to_string().contains("came back empty"),
+        "{err}"
+    );
+    proxy.answer_empty(0);
 
     proxy.answer_empty(usize::MAX);
     let err = reader

@@ -1327,6 +1327,15 @@ fn grace_checks_see_drain_times_set_in_env() {
             r#"edge.env=[{"name":"NEXUS_HTTP__SHUTDOWN_GRACE_MS","value":"60000"}]"#,
             "edge: terminationGracePeriodSeconds 40 is too short to drain",
         ),
+        // The webhook dispatcher's attempts under way finish within the same grace.
+        (
+            r#"workers.overrides.webhooks.env=[{"name":"NEXUS_WORKERS__WEBHOOKS__TIMEOUT_MS","value":"56000"}]"#,
+            "worker webhooks: terminationGracePeriodSeconds 60 is too short to drain (workers.webhooks.timeout_ms + 5 s = 61000ms",
+        ),
+        (
+            r#"config={"workers":{"webhooks":{"timeout_ms":56000}}}"#,
+            "worker webhooks: terminationGracePeriodSeconds 60 is too short to drain",
+        ),
         // A value the chart cannot read is refused rather than assumed.
         (
             r#"edge.env=[{"name":"NEXUS_HTTP__SHUTDOWN_GRACE_MS","valueFrom":{"configMapKeyRef":{"name":"x","key":"y"}}}]"#,
@@ -1347,6 +1356,12 @@ fn grace_checks_see_drain_times_set_in_env() {
         ],
     );
     check_common(&objs, "drain in env");
+    // A webhook timeout within the grace renders (50 s + 5 s + 5 s to exit = 60 s).
+    render(
+        &helm,
+        &[],
+        &["--set", "config.workers.webhooks.timeout_ms=50000"],
+    );
     assert_eq!(
         env_value(container_of(&objs, "gws"), "NEXUS_CONSUMER__DRAIN_MS").as_deref(),
         Some("60000")

@@ -80,8 +80,13 @@ fn internal_v6(ip: Ipv6Addr) -> bool {
         || (s[0] == 0x2002 && embedded(s[1], s[2]))
 }
 
+/// How long [`check_url`] waits for DNS: it runs inside an admin request, and a slow resolver
+/// would otherwise hold that request (and its client) for the system resolver's whole retry
+/// cycle. A name not resolved by then is accepted, as one that does not resolve yet.
+const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Checks a URL: an IP-literal host directly, a name through DNS (a name that does not
-/// resolve yet is accepted; send time checks again).
+/// resolve yet, or not within [`LOOKUP_TIMEOUT`], is accepted; send time checks again).
 pub async fn check_url(url: &str, allow_private: bool) -> Result<(), TargetError> {
     let parsed = reqwest::Url::parse(url).map_err(|_| TargetError::BadUrl(url.to_string()))?;
     if allow_private {
@@ -98,14 +103,33 @@ pub async fn check_url(url: &str, allow_private: bool) -> Result<(), TargetError
         .host_str()
         .ok_or_else(|| TargetError::BadUrl(url.to_string()))?;
     let port = parsed.port_or_known_default().unwrap_or(443);
-    if let Ok(addrs) = tokio::net::lookup_host((host, port)).await {
-        for a in addrs {
-            if is_internal(a.ip()) {
-                return Err(TargetError::Private(format!("{host} ({})", a.ip())));
+    check_resolved(host, tokio::net::lookup_host((host, port)), LOOKUP_TIMEOUT).await
+}
+
+/// Refuses `host` if `lookup` answers an internal address within `limit`.
+async fn check_resolved<I>(
+    host: &str,
+    lookup: impl std::future::Future<Output = std::io::Result<I>>,
+    limit: std::time::Duration,
+) -> Result<(), TargetError>
+where
+    I: Iterator<Item = SocketAddr>,
+{
+    match tokio::time::timeout(limit, lookup).await {
+        Ok(Ok(addrs)) => {
+            for a in addrs {
+                if is_internal(a.ip()) {
+                    return Err(TargetError::Private(format!("{host} ({})", a.ip())));
+                }
             }
+            Ok(())
+        }
+        Ok(Err(_)) => Ok(()),
+        Err(_) => {
+            tracing::debug!(%host, "no DNS answer in time; the target is checked again at send time");
+            Ok(())
         }
     }
-    Ok(())
 }
 
 /// The host of `url` when it is an IP literal (the resolver is not asked for those).
@@ -158,6 +182,25 @@ pub fn resolver(allow_private: bool) -> Option<Arc<PublicOnly>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A resolver that never answers does not hold the admin request: the name is accepted
+    /// after the limit (send time checks it again); an internal answer in time is refused.
+    #[tokio::test]
+    async fn a_silent_resolver_does_not_hold_the_check() {
+        let never = std::future::pending::<std::io::Result<std::vec::IntoIter<SocketAddr>>>();
+        let limit = std::time::Duration::from_millis(50);
+        let checked = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            check_resolved("slow.example", never, limit),
+        )
+        .await;
+        assert!(matches!(checked, Ok(Ok(()))), "{checked:?}");
+        let internal = async { Ok(vec![SocketAddr::from(([10, 0, 0, 1], 443))].into_iter()) };
+        assert!(matches!(
+            check_resolved("inside.example", internal, limit).await,
+            Err(TargetError::Private(name)) if name == "inside.example (10.0.0.1)"
+        ));
+    }
 
     #[test]
     fn internal_ranges_are_recognised() {

@@ -297,8 +297,10 @@ pub async fn plan(bus: &dyn Bus, req: &ReplayRequest) -> Result<ReplayPlan, Repl
 /// Moves the group to the planned targets and returns the plan it carried out.
 ///
 /// Refuses with [`ReplayError::ActiveMembers`] while members are subscribed, unless `force`:
-/// a live member would overwrite the new position with its next commit. Partitions already at
-/// their target are left alone, so running it twice changes nothing more.
+/// a live member would overwrite the new position with its next commit. A partition already
+/// at its target is moved all the same: records acked above its position (one left unacked,
+/// the later ones acked) are what the plan counts too, and only a move makes them come again.
+/// Running it twice moves the group to the same place.
 pub async fn execute(
     bus: &dyn Bus,
     req: &ReplayRequest,
@@ -314,9 +316,6 @@ pub async fn execute(
         });
     }
     for p in &plan.partitions {
-        if p.current == Some(p.target) {
-            continue;
-        }
         bus.seek_group(&req.group, &req.topic, p.partition, p.target)
             .await?;
     }

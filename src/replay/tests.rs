@@ -232,6 +232,54 @@ async fn execute_refuses_active_members_unless_forced() {
     consume(bus, "g", "t", 10).await;
 }
 
+/// A group whose position is the target already can still have acks above it (one record
+/// left unacked, the ones after it acked): executing moves it all the same, so everything the
+/// plan counts is processed again, not only the unacked record.
+#[tokio::test]
+async fn execute_at_the_current_position_replays_what_was_acked_above_it() {
+    let (bus, _dir) = embedded_bus();
+    let bus = bus.as_ref();
+    topic(bus, "t", 1).await;
+    publish(bus, "t", 0..10).await;
+    let mut sub = bus
+        .subscribe("g", "t", SubscribeOptions::default())
+        .await
+        .unwrap();
+    let mut unacked = None;
+    for _ in 0..10 {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("delivery in time")
+            .expect("subscription open")
+            .unwrap();
+        if delivery.message.offset == 1 {
+            unacked = Some(delivery);
+        } else {
+            delivery.ack().await.unwrap();
+        }
+    }
+    drop(unacked);
+    sub.close().await.unwrap();
+
+    let req = request("t", "g", ReplayFrom::Offset(1));
+    let moved = execute(bus, &req, false).await.unwrap();
+    let p = moved.partition(0).unwrap();
+    assert_eq!((p.current, p.target, p.to_process), (Some(1), 1, 9));
+
+    let mut sub = bus
+        .subscribe("g", "t", SubscribeOptions::default())
+        .await
+        .unwrap();
+    let mut offsets = Vec::new();
+    while let Ok(Some(delivery)) = tokio::time::timeout(Duration::from_secs(2), sub.next()).await {
+        let delivery = delivery.unwrap();
+        offsets.push(delivery.message.offset);
+        delivery.ack().await.unwrap();
+    }
+    sub.close().await.unwrap();
+    assert_eq!(offsets, (1..10).collect::<Vec<u64>>());
+}
+
 #[tokio::test]
 async fn requests_are_checked() {
     let (bus, _dir) = embedded_bus();

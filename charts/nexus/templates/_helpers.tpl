@@ -370,8 +370,16 @@ The ms value of config key `key` (e.g. consumer.drain_ms) a pod runs with: its e
 Secret or ConfigMap cannot be checked: refused. Args: (dict "root" $ "what" W "env" LIST "key" K "default" D).
 */}}
 {{- define "nexus.effectiveMs" -}}
-{{- $parts := splitList "." .key -}}
-{{- $v := dig (index $parts 0) (index $parts 1) .default (.root.Values.config | default dict) -}}
+{{- $v := .default -}}
+{{- $at := .root.Values.config | default dict -}}
+{{- range $i, $part := splitList "." .key -}}
+{{- if and (kindIs "map" $at) (hasKey $at $part) -}}
+{{- $at = get $at $part -}}
+{{- else -}}
+{{- $at = dict -}}
+{{- end -}}
+{{- end -}}
+{{- if not (kindIs "map" $at) -}}{{- $v = $at -}}{{- end -}}
 {{- $var := printf "NEXUS_%s" (.key | replace "." "__" | upper) -}}
 {{- range .env -}}
 {{- if and (kindIs "map" .) (eq (upper (toString (get . "name"))) $var) -}}

@@ -322,10 +322,6 @@ fn consumer_error(what: &str, e: &jetstream::stream::ConsumerError) -> BusError 
     }
 }
 
-fn batch_error(what: &str, e: &pull::BatchError) -> BusError {
-    BusError::Unavailable(format!("{what}: {e}"))
-}
-
 /// A failed connection attempt. A handshake the TLS layer refused is [`BusError::Tls`] naming
 /// the certificate problem and the `bus.*` setting to change (async-nats files it under `Io`).
 fn connect_error(url: &str, e: &async_nats::ConnectError, config: &BusConfig) -> BusError {
@@ -1062,6 +1058,28 @@ async fn read_round(
     }
 }
 
+/// The stream sequence of the first record `consumer` delivers (one no-wait fetch); `None`
+/// when the fetch comes back empty.
+async fn first_sequence(
+    consumer: &consumer::Consumer<pull::Config>,
+    what: &str,
+) -> Result<Option<u64>, String> {
+    let mut batch = consumer
+        .fetch()
+        .max_messages(1)
+        .messages()
+        .await
+        .map_err(|e| format!("{what}: {e}"))?;
+    match batch.next().await {
+        Some(Ok(m)) => m
+            .info()
+            .map(|i| Some(i.stream_sequence))
+            .map_err(|e| format!("{what}: a delivery without JetStream metadata ({e})")),
+        Some(Err(e)) => Err(format!("{what}: {e}")),
+        None => Ok(None),
+    }
+}
+
 /// One fetch of up to `want` records into `range`, each taken as it comes; `true` once
 /// nothing is left to read. A delivery that shows an earlier one was lost ends the fetch
 /// (`Err`): taking it would skip the lost record.
@@ -1541,37 +1559,43 @@ impl Bus for JetStreamBus {
         )
         .map_err(|e| BusError::Config(format!("start time {at}: {e}")))?;
         let subject = codec::subject(topic, partition);
-        let consumer = self.ephemeral(&meta.stream, &subject, deliver).await?;
-        let found = if consumer.cached_info().num_pending == 0 {
-            None
-        } else {
-            let what = format!("offset for time on {topic}/{partition}");
-            let first = async {
-                let mut batch = consumer
-                    .fetch()
-                    .max_messages(1)
-                    .messages()
-                    .await
-                    .map_err(|e| batch_error(&what, &e))?;
-                match batch.next().await {
-                    Some(Ok(m)) => Ok(m.info().map(|i| i.stream_sequence).ok()),
-                    Some(Err(e)) => Err(BusError::Unavailable(format!("{what}: {e}"))),
-                    None => Ok(None),
-                }
+        let what = format!("offset for time on {topic}/{partition}");
+        // As in `read_range`: a fetch can come back empty, or its answer be lost, while the
+        // consumer counts records pending; taking that for "none at or after the time" would
+        // answer the log end and a replay would move a group past its backlog. So a new
+        // consumer tries again, and after the last try the answer is an error.
+        let mut pauses = READ_RETRY_PAUSES.iter();
+        loop {
+            let consumer = self
+                .ephemeral(&meta.stream, &subject, deliver.clone())
+                .await?;
+            let pending = consumer.cached_info().num_pending;
+            if pending == 0 {
+                self.drop_ephemeral(&meta.stream, &consumer).await;
+                return Ok(self.bounds(&meta, topic, partition).await?.1);
             }
-            .await;
-            match first {
-                Ok(seq) => seq,
-                Err(e) => {
-                    self.drop_ephemeral(&meta.stream, &consumer).await;
-                    return Err(e);
-                }
-            }
-        };
-        self.drop_ephemeral(&meta.stream, &consumer).await;
-        match found {
-            Some(seq) => Ok(seq - 1),
-            None => Ok(self.bounds(&meta, topic, partition).await?.1),
+            let first = tokio::time::timeout(READ_FETCH_TIMEOUT, first_sequence(&consumer, &what))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(format!(
+                        "{what}: a fetch did not end within {READ_FETCH_TIMEOUT:?}"
+                    ))
+                });
+            self.drop_ephemeral(&meta.stream, &consumer).await;
+            let why = match first {
+                Ok(Some(seq)) => return Ok(seq - 1),
+                Ok(None) => format!("{what}: a fetch came back empty"),
+                Err(why) => why,
+            };
+            let Some(pause) = pauses.next() else {
+                return Err(BusError::Unavailable(format!(
+                    "{why} while {pending} record(s) at or after the time are pending ({} \
+                     consumers in a row)",
+                    READ_RETRY_PAUSES.len() + 1
+                )));
+            };
+            tracing::debug!(topic, partition, pending, reason = %why, "looking up an offset by time again");
+            tokio::time::sleep(*pause).await;
         }
     }
 
