@@ -24,6 +24,12 @@
 //! (the runtime works on different keys at once), the committed offset only moves over a prefix
 //! that is entirely acked. Nothing is ordered across partitions.
 //!
+//! Start: a partition resumes at the group's commit. Without one it starts where
+//! `bus.start_from` says; a commit below the log start (records deleted by retention before the
+//! group read them) resumes at the log start, the oldest record kept, as on the other backends:
+//! librdkafka's `earliest` reset does that, and a `latest` group's member commits the log start
+//! before it reads (`MemberContext::place_partitions`), or librdkafka would reset it to the end.
+//!
 //! Offsets that are no records (transaction markers, which librdkafka consumes without handing
 //! them out; aborted records a read_committed fetch leaves out) are committed past from the
 //! consumer's position once every record taken is acked (`PartTrack::commit_point`): a log
@@ -639,21 +645,38 @@ pub(super) struct MemberContext {
 }
 
 impl MemberContext {
-    /// Places partitions the group never committed on, before their first record, when the
-    /// group starts at `latest`. librdkafka resolves `latest` at the first fetch and keeps it
-    /// nowhere until the first ack: a member restarting before that would start at the new
-    /// end, skipping what was published meanwhile, and lag would count the whole log. (The
-    /// embedded log commits its end at join the same way.)
+    /// Places, before their first record, the partitions of a `latest` group that librdkafka
+    /// would otherwise start where `auto.offset.reset = latest` says (see [`placement`]):
     ///
-    /// A new group (no commit on any partition of the topic) commits the log end of **every**
-    /// partition, its own and the others': a partition that has no commit once the group has
-    /// begun was added to the topic since, and starts at its beginning, as on JetStream (at
-    /// its end, what was published to it before a member got it would be skipped). Members of
-    /// a new group joining together each place the whole topic; the later commit of a
-    /// partition another member already reads from moves its position on only by what was
-    /// published between the two commits, which matters only if that member dies before its
-    /// first ack.
-    fn place_new_partitions(&self, consumer: &Member, tpl: &TopicPartitionList) {
+    /// - Partitions the group never committed on. librdkafka resolves `latest` at the first
+    ///   fetch and keeps it nowhere until the first ack: a member restarting before that would
+    ///   start at the new end, skipping what was published meanwhile, and lag would count the
+    ///   whole log. (The embedded log commits its end at join the same way.) A new group (no
+    ///   commit on any partition of the topic) commits the log end of **every** partition, its
+    ///   own and the others': a partition that has no commit once the group has begun was added
+    ///   to the topic since, and starts at its beginning, as on JetStream (at its end, what was
+    ///   published to it before a member got it would be skipped). Members of a new group
+    ///   joining together each place the whole topic; the later commit of a partition another
+    ///   member already reads from moves its position on only by what was published between the
+    ///   two commits, which matters only if that member dies before its first ack.
+    /// - Its own partitions whose commit is below the log start (retention deleted records the
+    ///   group had not read: it was stopped longer than the retention). librdkafka takes such a
+    ///   commit as out of range and resets it to the log end, skipping every record still kept;
+    ///   committed up to the log start, the group resumes at the oldest record kept, as on
+    ///   JetStream and the embedded log. An `earliest` group needs none of this: librdkafka's
+    ///   `earliest` reset is that log start. Left to librdkafka's `latest` reset (the log end):
+    ///   a log start that passes the commit between this check and the first fetch (one round
+    ///   trip), and a member that, while it owns the partition, falls so far behind that
+    ///   retention deletes records it has not fetched yet.
+    ///
+    /// Why here and not by `auto.offset.reset = error` on the member thread: librdkafka leaves a
+    /// partition it refused to reset in a fetch state that `seek` refuses (only a new assignment
+    /// starts it again, outside the rebalance bookkeeping), rust-rdkafka's consumer error does
+    /// not say which partition, and the error would come for every partition without a commit
+    /// as well. Here the partition is not fetched yet, and nobody else commits on it: a revoke
+    /// committed before it was given to this member. The cost is the log bounds of the assigned
+    /// partitions, one request per leader and bound, at each assignment, nothing per record.
+    fn place_partitions(&self, consumer: &Member, tpl: &TopicPartitionList) {
         let t = &self.tracker;
         let assigned: Vec<i32> = tpl
             .elements_for_topic(&t.topic)
@@ -685,13 +708,13 @@ impl MemberContext {
                     }
                 }
             }
-            let Some((place, at)) = &plan else { continue };
-            if place.count() == 0 {
+            let Some(plan) = &plan else { continue };
+            if plan.place.count() == 0 {
                 return;
             }
-            match consumer.commit(place, CommitMode::Sync) {
+            match consumer.commit(&plan.place, CommitMode::Sync) {
                 Ok(()) => {
-                    info!(topic = %t.topic, group = %t.group, partitions = place.count(), at, "new partitions placed");
+                    plan.log(t);
                     return;
                 }
                 Err(e) => failure = format!("commit: {e}"),
@@ -699,19 +722,17 @@ impl MemberContext {
         }
         tracing::error!(
             topic = %t.topic, group = %t.group, error = %failure,
-            "placing new partitions failed; they start where librdkafka resolves latest, and a \
-             new group's partition left without a commit is read from its start at the next \
-             rebalance"
+            "placing partitions failed; they start where librdkafka resolves latest (a new \
+             group's partition left without a commit is read from its start at the next \
+             rebalance; a commit below the log start resumes at the log end)"
         );
     }
 
-    /// Where the partitions the group never committed on go: the log end of every partition
-    /// for a new group, the start of this member's for one that has begun.
-    fn plan_placement(
-        &self,
-        consumer: &Member,
-        assigned: &[i32],
-    ) -> Result<(TopicPartitionList, &'static str), String> {
+    /// Where the partitions this member places go (see [`place_partitions`] and
+    /// [`placement`]).
+    ///
+    /// [`place_partitions`]: MemberContext::place_partitions
+    fn plan_placement(&self, consumer: &Member, assigned: &[i32]) -> Result<Placement, String> {
         let t = &self.tracker;
         let known = consumer
             .fetch_metadata(Some(&t.topic), super::REQUEST_TIMEOUT)
@@ -731,28 +752,146 @@ impl MemberContext {
         let committed = consumer
             .committed_offsets(asked, super::REQUEST_TIMEOUT)
             .map_err(|e| format!("committed offsets unknown: {e}"))?;
-        let uncommitted: Vec<i32> = committed
-            .elements_for_topic(&t.topic)
+        let elements = committed.elements_for_topic(&t.topic);
+        let new_group = elements.iter().all(|e| e.offset() == Offset::Invalid);
+        let commits: Vec<(i32, Option<i64>)> = elements
             .iter()
-            .filter(|e| e.offset() == Offset::Invalid)
-            .map(|e| e.partition())
+            .filter_map(|e| match e.offset() {
+                Offset::Invalid => Some((e.partition(), None)),
+                Offset::Offset(c) => Some((e.partition(), Some(c))),
+                // Not an offset a commit leaves: librdkafka resolves it.
+                _ => None,
+            })
             .collect();
-        let new_group = uncommitted.len() == committed.count();
-        let mut place = TopicPartitionList::new();
-        for p in uncommitted {
-            if !new_group && !assigned.contains(&p) {
-                continue; // its owner places it
+        let decide = to_decide(&commits, assigned, new_group);
+        let mut plan = Placement {
+            place: TopicPartitionList::new(),
+            new_group,
+            fresh: 0,
+            below_start: Vec::new(),
+        };
+        if decide.is_empty() {
+            return Ok(plan);
+        }
+        let partitions: Vec<i32> = decide.iter().map(|d| d.0).collect();
+        let bounds = log_bounds(consumer, &t.topic, &partitions)?;
+        for (p, c) in decide {
+            let (low, high) = *bounds
+                .get(&p)
+                .ok_or_else(|| format!("partition {p}'s offsets unknown"))?;
+            let Some(at) = placement(c, new_group, low, high) else {
+                continue;
+            };
+            match c {
+                None => plan.fresh += 1,
+                Some(c) => plan.below_start.push((p, c, at)),
             }
-            let (low, high) = consumer
-                .fetch_watermarks(&t.topic, p, super::REQUEST_TIMEOUT)
-                .map_err(|e| format!("partition {p}'s offsets unknown: {e}"))?;
-            let at = if new_group { high } else { low };
-            place
+            plan.place
                 .add_partition_offset(&t.topic, p, Offset::Offset(at))
                 .map_err(|e| format!("cannot place partition {p}: {e}"))?;
         }
-        Ok((place, if new_group { "end" } else { "start" }))
+        Ok(plan)
     }
+}
+
+/// What [`MemberContext::plan_placement`] decided: the commits to make before the assignment.
+struct Placement {
+    place: TopicPartitionList,
+    new_group: bool,
+    /// Partitions without a commit among them.
+    fresh: usize,
+    /// Partitions whose commit was below the log start: (partition, commit, log start).
+    below_start: Vec<(i32, i64, i64)>,
+}
+
+impl Placement {
+    /// Logs a placement once committed.
+    fn log(&self, t: &Tracker) {
+        if self.fresh > 0 {
+            let at = if self.new_group { "end" } else { "start" };
+            info!(topic = %t.topic, group = %t.group, partitions = self.fresh, at, "new partitions placed");
+        }
+        if !self.below_start.is_empty() {
+            warn!(
+                topic = %t.topic, group = %t.group, moved = ?self.below_start,
+                "the group's commit was below the log start (retention deleted records it had \
+                 not read); resuming at the oldest record kept"
+            );
+        }
+    }
+}
+
+/// The partitions whose placement a member of a `latest` group decides, each with the group's
+/// commit on it: every partition of a new group (no commit on any), its own otherwise (another
+/// member's partition is that member's to place).
+pub(super) fn to_decide(
+    commits: &[(i32, Option<i64>)],
+    assigned: &[i32],
+    new_group: bool,
+) -> Vec<(i32, Option<i64>)> {
+    commits
+        .iter()
+        .filter(|(p, _)| new_group || assigned.contains(p))
+        .copied()
+        .collect()
+}
+
+/// Where a member of a `latest` group commits a partition before reading it, if anywhere, from
+/// the group's commit on it and its log start (`low`) and end (`high`): a partition without a
+/// commit goes to the end in a new group and to the start in one that has begun (it was added
+/// since); a commit below the log start goes up to it (the oldest record kept). A commit at or
+/// above the log start stays: librdkafka resumes there (one past the end is reset as
+/// `auto.offset.reset` says).
+pub(super) fn placement(
+    committed: Option<i64>,
+    new_group: bool,
+    low: i64,
+    high: i64,
+) -> Option<i64> {
+    match committed {
+        None if new_group => Some(high),
+        None => Some(low),
+        Some(c) if c < low => Some(low),
+        Some(_) => None,
+    }
+}
+
+/// The log start and end of each of `partitions`: one ListOffsets request per leader and bound
+/// (the same requests as librdkafka's watermark query, which asks for one partition at a time).
+fn log_bounds(
+    consumer: &Member,
+    topic: &str,
+    partitions: &[i32],
+) -> Result<HashMap<i32, (i64, i64)>, String> {
+    let query = |bound: Offset| -> Result<HashMap<i32, i64>, String> {
+        let mut tpl = TopicPartitionList::with_capacity(partitions.len());
+        for p in partitions {
+            tpl.add_partition_offset(topic, *p, bound)
+                .map_err(|e| format!("partition {p}'s offsets: {e}"))?;
+        }
+        let found = consumer
+            .offsets_for_times(tpl, super::REQUEST_TIMEOUT)
+            .map_err(|e| format!("log offsets unknown: {e}"))?;
+        found
+            .elements_for_topic(topic)
+            .iter()
+            .map(|e| {
+                let p = e.partition();
+                e.error()
+                    .map_err(|err| format!("partition {p}'s offsets unknown: {err}"))?;
+                match e.offset() {
+                    Offset::Offset(o) => Ok((p, o)),
+                    other => Err(format!("partition {p}'s offsets unknown: {other:?}")),
+                }
+            })
+            .collect()
+    };
+    let lows = query(Offset::Beginning)?;
+    let highs = query(Offset::End)?;
+    Ok(lows
+        .into_iter()
+        .filter_map(|(p, low)| highs.get(&p).map(|high| (p, (low, *high))))
+        .collect())
 }
 
 /// Waits before each try of a placement (the first at once).
@@ -786,7 +925,7 @@ impl ConsumerContext for MemberContext {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 if self.start_latest {
-                    self.place_new_partitions(consumer, tpl);
+                    self.place_partitions(consumer, tpl);
                 }
                 self.tracker.on_assign(tpl)
             }
@@ -961,6 +1100,9 @@ impl KafkaSubscription {
         };
         // Heartbeats must be well inside the session timeout (Kafka's rule of thumb: a third).
         let heartbeat = (k.session_timeout_ms / 3).clamp(100, 3000);
+        // Where a partition has no usable commit. A `latest` group's member commits its
+        // partitions' places before reading them (`MemberContext::place_partitions`), so the
+        // `latest` reset only applies where that failed or came too late (see there).
         cc.set("auto.offset.reset", start)
             .set(
                 "partition.assignment.strategy",

@@ -419,6 +419,76 @@ async fn a_latest_group_reads_a_partition_added_since_it_began_from_its_start() 
     sub.close().await.unwrap();
 }
 
+/// A `latest` group whose commit fell below the log start (stopped longer than the retention)
+/// resumes at the oldest record kept, as on JetStream and the embedded log; before, the commit
+/// was left to librdkafka, which takes it as out of range and resets it to the log end,
+/// skipping every record still kept. Tansu 0.6 never moves a log start (DeleteRecords is
+/// `todo!()` in its memory storage, which enforces no retention either), so the decision the
+/// member makes at assignment is tested here; `a_latest_group_resumes_at_its_commit` runs it
+/// against the broker.
+#[test]
+fn a_latest_group_below_the_log_start_resumes_at_the_oldest_record_kept() {
+    use consumer::{placement, to_decide};
+    // (commit, new group, log start, log end): records 0..10 deleted, 10..20 kept.
+    assert_eq!(placement(Some(3), false, 10, 20), Some(10));
+    assert_eq!(placement(Some(9), false, 10, 20), Some(10));
+    // Everything deleted: the log start is its end.
+    assert_eq!(placement(Some(0), false, 20, 20), Some(20));
+    // A commit in the log, at its start or at its end, is where the group resumes.
+    for c in [10, 15, 20] {
+        assert_eq!(placement(Some(c), false, 10, 20), None, "commit {c}");
+    }
+    // Past the end (a log cut back): librdkafka's reset, as before.
+    assert_eq!(placement(Some(25), false, 10, 20), None);
+    // No commit: as before, a new group at the end, a partition added since at its start.
+    assert_eq!(placement(None, true, 10, 20), Some(20));
+    assert_eq!(placement(None, false, 10, 20), Some(10));
+
+    // A member of a group that has begun places its own partitions only: partition 1's commit
+    // is below the log start too, but another member was given it.
+    let commits = [
+        (0, Some(3)),
+        (1, Some(3)),
+        (2, None),
+        (3, None),
+        (4, Some(12)),
+    ];
+    let own = [0, 2, 4];
+    let plan: Vec<(i32, i64)> = to_decide(&commits, &own, false)
+        .into_iter()
+        .filter_map(|(p, c)| placement(c, false, 10, 20).map(|at| (p, at)))
+        .collect();
+    assert_eq!(plan, vec![(0, 10), (2, 10)]);
+    // A new group places every partition at its end, its own and the others'.
+    let fresh = [(0, None), (1, None)];
+    assert_eq!(to_decide(&fresh, &[1], true), fresh.to_vec());
+}
+
+/// A `latest` group with a commit inside the log resumes there: the member reads the log
+/// bounds of its partitions at assignment and leaves a commit at or above the log start alone.
+#[tokio::test]
+async fn a_latest_group_resumes_at_its_commit() {
+    let Some(bus) = bus().await else { return };
+    let t = topic(&bus, 1).await;
+    let g = name("g");
+    for i in 0..4 {
+        bus.publish(&t, OutRecord::new("k", format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    bus.seek_group(&g, &t, 0, 2).await.unwrap();
+    let latest = SubscribeOptions {
+        start: StartFrom::Latest,
+        ..SubscribeOptions::default()
+    };
+    let mut sub = bus.subscribe(&g, &t, latest).await.unwrap();
+    let d = next(&mut sub).await;
+    assert_eq!(d.message.offset, 2, "where the group committed");
+    d.ack().await.unwrap();
+    sub.close().await.unwrap();
+    assert_eq!(committed(&bus, &g, &t, 0).await, Some(3));
+}
+
 #[tokio::test]
 async fn max_in_flight_holds_back_records() {
     let Some(bus) = bus().await else { return };
