@@ -2484,6 +2484,461 @@ async fn a_stored_url_with_a_password_is_never_answered(backend: Backend) {
     h.finish().await;
 }
 
+/// `expires_at_ms` holds at most 9999-12-31T23:59:59.999Z: a JavaScript client reads a larger
+/// number rounded (past 2^53), so it would never see the expiry it set. Refused on create and
+/// on change, naming the field; the last millisecond of 9999 is taken.
+async fn an_expiry_past_the_year_9999_is_refused(backend: Backend) {
+    let h = harness(backend).await;
+    let t = h.tenant("acme").await;
+    let base = format!("/v1/admin/tenants/{t}/api-keys");
+    const LAST: i64 = 253_402_300_799_999;
+    for past in [LAST + 1, 9_007_199_254_740_993, i64::MAX] {
+        let (status, v) = h
+            .call(
+                Method::POST,
+                &base,
+                Some(json!({"name": "k", "permissions": ["chat"], "expires_at_ms": past})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{past}: {v}");
+        assert_eq!(code(&v), "INVALID_FIELD", "{past}: {v}");
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("`expires_at_ms`"), "{message}");
+        assert!(message.contains("253402300799999"), "{message}");
+    }
+    let created = h
+        .create(
+            &base,
+            json!({"name": "k", "permissions": ["chat"], "expires_at_ms": LAST}),
+        )
+        .await;
+    assert_eq!(created["expires_at_ms"], LAST);
+    let path = format!("{base}/{}", id(&created));
+    let (status, v) = h
+        .call(
+            Method::PATCH,
+            &path,
+            Some(json!({"expires_at_ms": LAST + 1})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(code(&v), "INVALID_FIELD", "{v}");
+    let (_, v) = h.call(Method::GET, &path, None).await;
+    assert_eq!(v["expires_at_ms"], LAST, "a refused change changed nothing");
+    h.finish().await;
+}
+
+/// A binary rolled back after a newer release migrated the database still opens it (no crash
+/// loop): the migration it does not know is reported, not refused. A migration it knows whose
+/// file changed since it was applied (its checksum) is still refused.
+async fn a_database_a_newer_release_migrated_still_opens(backend: Backend) {
+    let h = harness(backend).await;
+    let t = h.tenant("acme").await;
+    let later = 9_999_000_001_i64;
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES ($1, $2, TRUE, $3, 0)",
+    )
+    .bind(later)
+    .bind("from a newer release")
+    .bind(vec![7u8; 48])
+    .execute(&h.raw)
+    .await
+    .expect("a later migration");
+    let rolled_back = Provisioning::connect(&h.target, &EncryptionKey::generate())
+        .await
+        .expect("the older binary opens a database migrated further");
+    let unknown: Vec<(i64, &str)> = rolled_back
+        .unknown_migrations()
+        .iter()
+        .map(|m| (m.version, m.description.as_str()))
+        .collect();
+    assert_eq!(unknown, [(later, "from a newer release")]);
+    assert_eq!(rolled_back.tenant(&t).await.expect("tenant").name, "acme");
+    rolled_back.close().await;
+    assert!(h.store().unknown_migrations().is_empty());
+
+    sqlx::query("UPDATE _sqlx_migrations SET checksum = $1 WHERE version = 1")
+        .bind(vec![0u8; 48])
+        .execute(&h.raw)
+        .await
+        .expect("a changed checksum");
+    match Provisioning::connect(&h.target, &EncryptionKey::generate()).await {
+        Ok(_) => panic!("a changed migration was accepted"),
+        Err(e) => assert!(
+            e.to_string()
+                .contains("previously applied but has been modified"),
+            "{e}"
+        ),
+    }
+    h.finish().await;
+}
+
+fn redis_url() -> String {
+    std::env::var("NEXUS_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// One tenant's live session data, as the edge and the conversation worker would have stored
+/// it, and the credentials that reach it.
+struct Live {
+    tenant: String,
+    key: String,
+    agent: String,
+    token: String,
+    session: common::fixtures::Session,
+}
+
+/// A tenant with a chat key and an agent, a chat started through the API, and what the worker
+/// stores for it: record, transcript, the agent's presence and slot, a queue place, a timer of
+/// `kind`, the customer's sign of life.
+async fn live_tenant(h: &Harness, name: &str, kind: &str) -> Live {
+    use nexus::stores::session::{
+        customer_mark, ConversationState, EntryKind, NewEntry, Party, PartyKind, Reserve, Timer,
+    };
+    let tenant = h.tenant(name).await;
+    let tp = format!("/v1/admin/tenants/{tenant}");
+    let key = h
+        .create(
+            &format!("{tp}/api-keys"),
+            json!({"name": "widget", "permissions": ["chat"]}),
+        )
+        .await["key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let agent = h
+        .create(
+            &format!("{tp}/agents"),
+            json!({"name": "ada", "capacity": {"chat": 2}}),
+        )
+        .await;
+    let (agent, token) = (
+        id(&agent),
+        agent["token"].as_str().expect("token").to_string(),
+    );
+    let session = common::fixtures::start(&h.state, &key, "Ann").await;
+    let s = h.state.sessions.clone().expect("a session store");
+    let mut c = common::fixtures::conversation(&tenant, &session.id, ConversationState::Queued);
+    c.customer.participant_id = session.pid.clone();
+    assert!(s.put_conversation(&c).await.expect("record"));
+    let entry = NewEntry {
+        event_id: uuid::Uuid::new_v4().to_string(),
+        kind: EntryKind::Message,
+        from: Party {
+            participant_id: session.pid.clone(),
+            nickname: "Ann".into(),
+            kind: PartyKind::Customer,
+        },
+        text: Some(format!("hello from {name}")),
+        message_id: Some("m1".into()),
+        data: BTreeMap::new(),
+        at_ms: 1_700_000_000_000,
+    };
+    s.append(&tenant, &session.id, &entry)
+        .await
+        .expect("transcript");
+    let capacity = BTreeMap::from([("chat".to_string(), 2)]);
+    s.set_presence(&tenant, &agent, true, &[], &capacity, 1)
+        .await
+        .expect("presence");
+    let reserve = Reserve {
+        conversation_id: session.id.clone(),
+        media: "chat".into(),
+        skills: vec![],
+        exclude: vec![],
+        only: None,
+        now_ms: 2,
+    };
+    assert_eq!(
+        s.reserve_agent(&tenant, &reserve).await.expect("reserve"),
+        Some(agent.clone())
+    );
+    s.enqueue(&tenant, "q", &session.id, 0, 1)
+        .await
+        .expect("enqueue");
+    let timer = Timer {
+        kind: kind.into(),
+        tenant_id: tenant.clone(),
+        id: session.id.clone(),
+    };
+    s.schedule(&timer, 1).await.expect("timer");
+    s.refresh(
+        &customer_mark(&tenant, &session.id),
+        Duration::from_secs(300),
+    )
+    .await
+    .expect("customer mark");
+    Live {
+        tenant,
+        key,
+        agent,
+        token,
+        session,
+    }
+}
+
+/// How much of `live`'s session data the store still holds, item by item.
+async fn live_left(h: &Harness, live: &Live) -> Vec<&'static str> {
+    use nexus::stores::session::{customer_mark, start_mark};
+    let s = h.state.sessions.clone().expect("a session store");
+    let (t, c) = (live.tenant.as_str(), live.session.id.as_str());
+    let mut left = Vec::new();
+    if s.conversation(t, c).await.expect("record").is_some() {
+        left.push("record");
+    }
+    if s.transcript_len(t, c).await.expect("transcript") > 0 {
+        left.push("transcript");
+    }
+    if s.presence(t, &live.agent)
+        .await
+        .expect("presence")
+        .is_some()
+    {
+        left.push("presence");
+    }
+    if !s.slot_holders(t, c).await.expect("holders").is_empty() {
+        left.push("slot holder");
+    }
+    if !s
+        .agent_conversations(t, &live.agent)
+        .await
+        .expect("slots")
+        .is_empty()
+    {
+        left.push("agent slot");
+    }
+    if !s.waiting(t, "q", 10).await.expect("queue").is_empty() {
+        left.push("queue place");
+    }
+    if s.seen(&start_mark(t, c)).await.expect("start mark") {
+        left.push("start mark");
+    }
+    if s.seen(&customer_mark(t, c)).await.expect("customer mark") {
+        left.push("customer mark");
+    }
+    left
+}
+
+const ALL_LIVE: [&str; 8] = [
+    "record",
+    "transcript",
+    "presence",
+    "slot holder",
+    "agent slot",
+    "queue place",
+    "start mark",
+    "customer mark",
+];
+
+/// Deleting a tenant purges its live session data (the embedded store beside SQLite, Redis
+/// beside PostgreSQL, as deployed) and ends its open customer stream and agent socket at their
+/// next credential check; another tenant's sessions, socket and timers stay as they were.
+/// A purge that fails leaves the delete to be repeated: 503 `TENANT_PURGE_PENDING`, the tenant
+/// already gone, and the same DELETE then purges and answers 204 (not 404).
+async fn deleting_a_tenant_purges_its_live_sessions_only(backend: Backend) {
+    use nexus::stores::session::Timer;
+    let mut h = harness(backend).await;
+    let namespace = format!("nx-admin-{}", uuid::Uuid::new_v4().simple());
+    if let Backend::Postgres = backend {
+        let redis = nexus::stores::session::redis::RedisStore::connect_in(&redis_url(), &namespace)
+            .await
+            .expect("Redis reachable (NEXUS_TEST_REDIS_URL)");
+        h.state.sessions = Some(Arc::new(redis));
+    }
+    let mut config = (*h.state.config).clone();
+    config.stores.auth_cache_ttl_ms = 1_000;
+    h.state.config = Arc::new(config);
+    let kind = format!("purge-{}", uuid::Uuid::new_v4().simple());
+    let (a, b) = (
+        live_tenant(&h, "acme", &kind).await,
+        live_tenant(&h, "globex", &kind).await,
+    );
+    assert_eq!(live_left(&h, &a).await, ALL_LIVE);
+
+    // A's customer stream and both agents' sockets, open before the delete.
+    let addr = common::inproc::serve(h.state.clone()).await;
+    let socket = |token: String| {
+        let addr = addr.clone();
+        async move {
+            let (mut ws, _) =
+                tokio_tungstenite::connect_async(format!("ws://{addr}/v1/agent/ws?token={token}"))
+                    .await
+                    .expect("agent socket");
+            let hello = common::ws::next_frame(&mut ws).await;
+            assert!(
+                matches!(&hello, Some(Ok(m)) if m.to_string().contains("hello")),
+                "{hello:?}"
+            );
+            ws
+        }
+    };
+    let (mut ws_a, mut ws_b) = (socket(a.token.clone()).await, socket(b.token.clone()).await);
+    let stream = Request::get(format!(
+        "/nexus/v3/chat/sessions/{}/events?api_key={}&client_key={}",
+        a.session.id, a.key, a.session.ck
+    ))
+    .body(Body::empty())
+    .expect("request");
+    let stream = edge::app(h.state.clone())
+        .oneshot(stream)
+        .await
+        .expect("response");
+    assert_eq!(stream.status(), StatusCode::OK);
+
+    let (status, v) = h
+        .call(
+            Method::DELETE,
+            &format!("/v1/admin/tenants/{}", a.tenant),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{v}");
+    assert_eq!(live_left(&h, &a).await, Vec::<&str>::new());
+    assert_eq!(live_left(&h, &b).await, ALL_LIVE, "the other tenant's data");
+    let s = h.state.sessions.clone().expect("a session store");
+    let due = s.claim_due(&kind, 10, 100).await.expect("timers");
+    let b_timer = Timer {
+        kind: kind.clone(),
+        tenant_id: b.tenant.clone(),
+        id: b.session.id.clone(),
+    };
+    assert_eq!(
+        due,
+        std::slice::from_ref(&b_timer),
+        "only the other tenant's timer is left"
+    );
+    s.complete_timer(&b_timer, 10).await.expect("complete");
+
+    // The deleted tenant's stream and socket end; the other agent's socket stays.
+    let mut body = stream.into_body();
+    let mut text = String::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.expect("frame").into_data() {
+                text.push_str(&String::from_utf8_lossy(&data));
+                if text.contains("INVALID_CREDENTIALS") {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the deleted tenant's stream goes on: {text}");
+    let closed = common::ws::close_within(&mut ws_a, Duration::from_secs(10))
+        .await
+        .expect("the deleted tenant's agent socket stays open");
+    assert_eq!(closed.map(|f| u16::from(f.code)), Some(4001));
+    assert!(
+        common::ws::close_within(&mut ws_b, Duration::from_millis(2_500))
+            .await
+            .is_err(),
+        "the other tenant's agent socket closed"
+    );
+
+    let (status, v) = h
+        .call(
+            Method::DELETE,
+            &format!("/v1/admin/tenants/{}", a.tenant),
+            None,
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "a purged tenant is gone: {v}"
+    );
+    assert_eq!(code(&v), "TENANT_NOT_FOUND");
+
+    // A purge that fails: the tenant is deleted, its data still there, and the DELETE again
+    // finishes it.
+    let c = live_tenant(&h, "initech", &kind).await;
+    let working = h.state.sessions.clone();
+    let acl_user = format!("nexus-purge-{}", uuid::Uuid::new_v4().simple());
+    let mut raw_redis = None;
+    match backend {
+        // A process without a session store cannot purge.
+        Backend::Sqlite => h.state.sessions = None,
+        // A Redis user that may not delete keys.
+        Backend::Postgres => {
+            let mut raw = ::redis::Client::open(redis_url())
+                .expect("redis url")
+                .get_multiplexed_async_connection()
+                .await
+                .expect("redis");
+            ::redis::cmd("ACL")
+                .arg(vec![
+                    "SETUSER",
+                    acl_user.as_str(),
+                    "on",
+                    "nopass",
+                    "~*",
+                    "&*",
+                    "+@all",
+                    "-unlink",
+                ])
+                .query_async::<()>(&mut raw)
+                .await
+                .expect("acl user");
+            let url = redis_url().replacen("redis://", &format!("redis://{acl_user}:x@"), 1);
+            let limited = nexus::stores::session::redis::RedisStore::connect_in(&url, &namespace)
+                .await
+                .expect("the limited user connects");
+            h.state.sessions = Some(Arc::new(limited));
+            raw_redis = Some(raw);
+        }
+    }
+    let path = format!("/v1/admin/tenants/{}", c.tenant);
+    let (status, v) = h.call(Method::DELETE, &path, None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(code(&v), "TENANT_PURGE_PENDING", "{v}");
+    h.state.sessions = working;
+    let (status, _) = h.call(Method::GET, &path, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "the tenant is deleted");
+    assert_eq!(live_left(&h, &c).await, ALL_LIVE, "nothing purged yet");
+    let (status, v) = h.call(Method::DELETE, &path, None).await;
+    assert_eq!(
+        status,
+        StatusCode::NO_CONTENT,
+        "the repeated DELETE purges: {v}"
+    );
+    assert_eq!(live_left(&h, &c).await, Vec::<&str>::new());
+    let (status, _) = h.call(Method::DELETE, &path, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(live_left(&h, &b).await, ALL_LIVE, "the other tenant's data");
+
+    if let Some(mut raw) = raw_redis {
+        ::redis::cmd("ACL")
+            .arg(vec!["DELUSER", acl_user.as_str()])
+            .query_async::<()>(&mut raw)
+            .await
+            .expect("acl deluser");
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = ::redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{namespace}:*"))
+                .arg("COUNT")
+                .arg(1_000)
+                .query_async(&mut raw)
+                .await
+                .expect("scan");
+            if !keys.is_empty() {
+                ::redis::cmd("DEL")
+                    .arg(&keys)
+                    .query_async::<()>(&mut raw)
+                    .await
+                    .expect("cleanup");
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    h.finish().await;
+}
+
 macro_rules! on_both_backends {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -2515,4 +2970,7 @@ on_both_backends!(
     a_cursor_of_another_list_or_tenant_is_refused,
     a_url_with_a_password_is_refused,
     a_stored_url_with_a_password_is_never_answered,
+    an_expiry_past_the_year_9999_is_refused,
+    a_database_a_newer_release_migrated_still_opens,
+    deleting_a_tenant_purges_its_live_sessions_only,
 );

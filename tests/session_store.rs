@@ -415,12 +415,24 @@ async fn append_is_idempotent(t: TestStore) {
         (again.position, again.duplicate, again.retried),
         (5, true, true)
     );
+    // So is a custom notice given a send's id (the client was answered 202 for both); a
+    // retried notice is not.
+    let mut notice = message("e8", Some("m1"), "page=checkout");
+    notice.kind = EntryKind::CustomNotice;
+    let first_notice = s.append(&t.tenant, "c1", &notice).await.expect("append");
+    assert_eq!((first_notice.position, first_notice.duplicate), (6, false));
+    notice.event_id = "e9".into();
+    let again = s.append(&t.tenant, "c1", &notice).await.expect("append");
+    assert_eq!(
+        (again.position, again.duplicate, again.retried),
+        (6, true, true)
+    );
     let all = s.transcript(&t.tenant, "c1", 1, 100).await.expect("all");
     assert_eq!(
         all.iter()
             .map(|e| e.entry.event_id.as_str())
             .collect::<Vec<_>>(),
-        ["e1", "e2", "e5", "e4", "e6"]
+        ["e1", "e2", "e5", "e4", "e6", "e8"]
     );
 }
 
@@ -1432,6 +1444,137 @@ async fn tenants_are_isolated(t: TestStore) {
     assert!(!s.dequeue(&b, "q", "c1").await.expect("dequeue"));
 }
 
+/// A tenant's purge (a deleted tenant) removes its records, transcripts (one without a record
+/// and one closed and expiring too), presence, slots, queues, timers and marks, and nothing of
+/// another tenant, even one whose id starts with the purged one's; done twice, the second
+/// finds nothing. The purged tenant's id holds glob characters: a key pattern that does not
+/// escape them would take the other tenant's keys.
+async fn purging_a_tenant_leaves_the_others(t: TestStore) {
+    use nexus::stores::session::{customer_mark, start_mark, start_request_key};
+    let s = &t.store;
+    let (a, b) = (format!("{}*", t.tenant), format!("{}-b", t.tenant));
+    let kind = unique("purge");
+    let keep = Duration::from_secs(300);
+    for tenant in [&a, &b] {
+        assert!(s
+            .put_conversation(&conversation(tenant, "c1"))
+            .await
+            .expect("put"));
+        s.append(tenant, "c1", &message("e1", Some("m1"), "hi"))
+            .await
+            .expect("append");
+        s.append(tenant, "orphan", &message("e2", None, "no record"))
+            .await
+            .expect("append");
+        let mut closed = conversation(tenant, "c2");
+        closed.state = ConversationState::Closed;
+        assert!(s.put_conversation(&closed).await.expect("put"));
+        s.expire_conversation(tenant, "c2", keep)
+            .await
+            .expect("expire");
+        s.set_presence(tenant, "agent", true, &[], &chat(2), 1)
+            .await
+            .expect("presence");
+        assert_eq!(
+            s.reserve_agent(tenant, &reserve("c1", &[], &[]))
+                .await
+                .expect("reserve")
+                .as_deref(),
+            Some("agent")
+        );
+        s.enqueue(tenant, "q", "c3", 0, 1).await.expect("enqueue");
+        s.schedule(&timer(&kind, tenant, "c1"), 100)
+            .await
+            .expect("timer");
+        assert!(s
+            .remember(&start_mark(tenant, "c1"), keep)
+            .await
+            .expect("mark"));
+        s.refresh(&customer_mark(tenant, "c1"), keep)
+            .await
+            .expect("mark");
+        assert_eq!(
+            s.claim(&start_request_key(tenant, "r1"), tenant, keep)
+                .await
+                .expect("claim"),
+            None
+        );
+    }
+    assert!(s.purge_tenant(&a).await.expect("purge") > 0);
+    for (tenant, kept) in [(&a, false), (&b, true)] {
+        let what = if kept { "kept" } else { "purged" };
+        for c in ["c1", "c2"] {
+            assert_eq!(
+                s.conversation(tenant, c).await.expect("get").is_some(),
+                kept,
+                "{tenant} {c} {what}"
+            );
+        }
+        for (c, len) in [("c1", 1), ("orphan", 1)] {
+            let expected = if kept { len } else { 0 };
+            assert_eq!(
+                s.transcript_len(tenant, c).await.expect("len"),
+                expected,
+                "{tenant} {c}"
+            );
+            assert_eq!(
+                s.transcript(tenant, c, 1, 10).await.expect("t").len() as u64,
+                expected,
+                "{tenant} {c}"
+            );
+        }
+        assert_eq!(
+            s.presence(tenant, "agent").await.expect("p").is_some(),
+            kept,
+            "{tenant}"
+        );
+        let held = if kept {
+            vec!["agent".to_string()]
+        } else {
+            vec![]
+        };
+        assert_eq!(s.slot_holders(tenant, "c1").await.expect("h"), held);
+        let slots = if kept { vec!["c1".to_string()] } else { vec![] };
+        assert_eq!(
+            s.agent_conversations(tenant, "agent").await.expect("s"),
+            slots
+        );
+        let waiting = if kept { vec!["c3".to_string()] } else { vec![] };
+        assert_eq!(s.waiting(tenant, "q", 10).await.expect("w"), waiting);
+        assert_eq!(s.seen(&start_mark(tenant, "c1")).await.expect("seen"), kept);
+        assert_eq!(
+            s.seen(&customer_mark(tenant, "c1")).await.expect("seen"),
+            kept
+        );
+    }
+    assert_eq!(
+        s.claim(&start_request_key(&b, "r1"), "again", keep)
+            .await
+            .expect("claim")
+            .as_deref(),
+        Some(b.as_str()),
+        "the other tenant's start request"
+    );
+    assert_eq!(
+        s.claim_due(&kind, 1_000, 10).await.expect("claim"),
+        [timer(&kind, &b, "c1")]
+    );
+    s.complete_timer(&timer(&kind, &b, "c1"), 1_000)
+        .await
+        .expect("complete");
+    assert_eq!(s.purge_tenant(&a).await.expect("again"), 0);
+    // The purged tenant starts afresh: the record is new, the transcript starts at 1.
+    assert!(s
+        .put_conversation(&conversation(&a, "c1"))
+        .await
+        .expect("put"));
+    let first = s
+        .append(&a, "c1", &message("e1", Some("m1"), "again"))
+        .await
+        .expect("append");
+    assert_eq!((first.position, first.duplicate), (1, false));
+}
+
 per_store!(
     conversation_put_get_replace_absent,
     conversation_compare_and_set_race,
@@ -1462,6 +1605,7 @@ per_store!(
     a_closed_conversation_takes_no_more_entries,
     a_closed_conversation_reserves_no_agent,
     tenants_are_isolated,
+    purging_a_tenant_leaves_the_others,
 );
 
 /// The embedded store keeps everything across a restart (drop and reopen of the directory).

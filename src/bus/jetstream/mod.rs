@@ -1566,9 +1566,7 @@ impl Bus for JetStreamBus {
         // consumer tries again, and after the last try the answer is an error.
         let mut pauses = READ_RETRY_PAUSES.iter();
         loop {
-            let consumer = self
-                .ephemeral(&meta.stream, &subject, deliver.clone())
-                .await?;
+            let consumer = self.ephemeral(&meta.stream, &subject, deliver).await?;
             let pending = consumer.cached_info().num_pending;
             if pending == 0 {
                 self.drop_ephemeral(&meta.stream, &consumer).await;

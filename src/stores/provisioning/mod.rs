@@ -143,6 +143,55 @@ pub struct Provisioning {
     cipher: Cipher,
     kind: &'static str,
     auth_cache: auth_cache::AuthCache,
+    /// See [`Provisioning::unknown_migrations`].
+    unknown_migrations: Vec<AppliedMigration>,
+}
+
+/// A migration recorded in the database's `_sqlx_migrations`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedMigration {
+    pub version: i64,
+    pub description: String,
+}
+
+/// Applies this binary's pending migrations and answers those the database applied that it
+/// does not know. A binary rolled back after a newer one migrated the database starts on that
+/// schema (which is why every migration must stay readable by the release before it: add
+/// tables and columns with defaults, never drop, rename or retype what that release uses),
+/// with a warning naming what it does not know. A known migration whose file changed since it
+/// was applied is still refused.
+async fn migrate(pool: &AnyPool, kind: &str) -> Result<Vec<AppliedMigration>, ProvisioningError> {
+    let failed =
+        |e: &dyn fmt::Display| ProvisioningError::Unavailable(format!("migrations ({kind}): {e}"));
+    let mut migrator = sqlx::migrate!("src/stores/provisioning/migrations");
+    migrator.set_ignore_missing(true);
+    migrator.run(pool).await.map_err(|e| failed(&e))?;
+    let rows = sqlx::query("SELECT version, description FROM _sqlx_migrations ORDER BY version")
+        .fetch_all(pool)
+        .await
+        .map_err(|e| failed(&e))?;
+    let mut unknown = Vec::new();
+    for row in rows {
+        use sqlx::Row as _;
+        let version: i64 = row.try_get("version").map_err(|e| failed(&e))?;
+        if !migrator.version_exists(version) {
+            unknown.push(AppliedMigration {
+                version,
+                description: row.try_get("description").map_err(|e| failed(&e))?,
+            });
+        }
+    }
+    if !unknown.is_empty() {
+        let names: Vec<String> = unknown
+            .iter()
+            .map(|m| format!("{} {}", m.version, m.description))
+            .collect();
+        tracing::warn!(
+            unknown = %names.join(", "),
+            "the provisioning database applied migrations this binary does not know (a newer release ran on it); starting on its schema"
+        );
+    }
+    Ok(unknown)
 }
 
 impl fmt::Debug for Provisioning {
@@ -205,16 +254,20 @@ impl Provisioning {
             .connect(&url)
             .await
             .map_err(|e| ProvisioningError::Unavailable(format!("connect ({kind}): {e}")))?;
-        sqlx::migrate!("src/stores/provisioning/migrations")
-            .run(&pool)
-            .await
-            .map_err(|e| ProvisioningError::Unavailable(format!("migrations ({kind}): {e}")))?;
+        let unknown_migrations = migrate(&pool, kind).await?;
         Ok(Self {
             pool,
             cipher: Cipher::new(key),
             kind,
             auth_cache: auth_cache::AuthCache::new(AUTH_CACHE_TTL),
+            unknown_migrations,
         })
+    }
+
+    /// Migrations the database applied that this binary does not know (a newer release ran
+    /// on it); empty unless the schema is ahead. Logged at start.
+    pub fn unknown_migrations(&self) -> &[AppliedMigration] {
+        &self.unknown_migrations
     }
 
     /// How long an API-key lookup is reused (zero: every request asks the database).

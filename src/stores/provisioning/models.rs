@@ -554,12 +554,24 @@ pub(super) fn permissions(values: &[Permission]) -> Result<Vec<Permission>, Prov
 /// 2001-09-09): refused rather than answered with a key that is already expired.
 const MIN_EXPIRY_MS: i64 = 1_000_000_000_000;
 
+/// The last millisecond of year 9999 (9999-12-31T23:59:59.999Z): the latest time RFC 3339 and
+/// JavaScript's `Date` write, and far inside the integers a JavaScript number holds exactly
+/// (2^53), so a client reading the value back gets the one it stored rather than a rounding.
+pub const MAX_EXPIRY_MS: i64 = 253_402_300_799_999;
+
 pub(super) fn expiry(value: Option<i64>) -> Result<Option<i64>, ProvisioningError> {
     match value {
         Some(ms) if ms < MIN_EXPIRY_MS => Err(invalid(
             "expires_at_ms",
             format!(
                 "must be a Unix time in milliseconds ({ms} looks like seconds or is not a time)"
+            ),
+        )),
+        Some(ms) if ms > MAX_EXPIRY_MS => Err(invalid(
+            "expires_at_ms",
+            format!(
+                "must be at most {MAX_EXPIRY_MS} (9999-12-31T23:59:59.999Z); {ms} is past it \
+                 (omit it, or send null, for a key that never expires)"
             ),
         )),
         other => Ok(other),
@@ -734,6 +746,19 @@ mod tests {
         assert!(url("https://bot.example/hook").is_ok());
         assert!(permissions(&[]).is_err());
         assert!(expiry(Some(-1)).is_err());
+        assert_eq!(expiry(Some(MAX_EXPIRY_MS)).ok(), Some(Some(MAX_EXPIRY_MS)));
+        for past in [MAX_EXPIRY_MS + 1, i64::MAX] {
+            assert!(
+                matches!(
+                    expiry(Some(past)),
+                    Err(ProvisioningError::Invalid {
+                        field: "expires_at_ms",
+                        ..
+                    })
+                ),
+                "{past}"
+            );
+        }
     }
 
     #[test]

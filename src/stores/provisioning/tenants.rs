@@ -91,7 +91,9 @@ impl Provisioning {
 
     /// Deletes the tenant with all its keys, queues, agents, rules, bots, files, webhook
     /// subscriptions and their delivery log, and the integration workers' state of its
-    /// conversations (history transcripts, GWS effects, backlogs), in one transaction.
+    /// conversations (history transcripts, GWS effects, backlogs), in one transaction, which
+    /// also records the tenant's live session data as owed a purge
+    /// ([`Self::tenant_purge_pending`]) until [`Self::tenant_purged`].
     pub async fn delete_tenant(&self, id: &str) -> Result<(), ProvisioningError> {
         let mut tx = self.pool.begin().await.map_err(sql::unavailable)?;
         let done = sqlx::query("DELETE FROM tenants WHERE id = $1")
@@ -117,8 +119,42 @@ impl Provisioning {
                 .await
                 .map_err(sql::unavailable)?;
         }
+        // A tenant deleted before (and created again with the same id, which only a restore
+        // does) keeps one row.
+        sqlx::query("DELETE FROM tenant_purges WHERE tenant_id = $1")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(sql::unavailable)?;
+        sqlx::query("INSERT INTO tenant_purges (tenant_id, deleted_at_ms) VALUES ($1, $2)")
+            .bind(id.to_string())
+            .bind(sql::now_ms())
+            .execute(&mut *tx)
+            .await
+            .map_err(sql::unavailable)?;
         tx.commit().await.map_err(sql::unavailable)?;
         self.auth_cache.clear();
+        Ok(())
+    }
+
+    /// Whether the tenant was deleted and its live session data not purged since: a DELETE
+    /// of it then purges again rather than answering 404.
+    pub async fn tenant_purge_pending(&self, id: &str) -> Result<bool, ProvisioningError> {
+        let row = sqlx::query("SELECT tenant_id FROM tenant_purges WHERE tenant_id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(sql::unavailable)?;
+        Ok(row.is_some())
+    }
+
+    /// The deleted tenant's live session data is purged: nothing is owed any more.
+    pub async fn tenant_purged(&self, id: &str) -> Result<(), ProvisioningError> {
+        sqlx::query("DELETE FROM tenant_purges WHERE tenant_id = $1")
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(sql::unavailable)?;
         Ok(())
     }
 }

@@ -23,6 +23,8 @@
 //!   `queue_index`: (tenant, queue, conversation) → (rank, at ms).
 //! - `timers`: (kind, due ms, tenant, id); `timer_index`: (kind, tenant, id) → due ms.
 //! - `seen`: key → expiry ms, and `seen_by_time` (ms, key) for the sweep.
+//!
+//! A deleted tenant's rows go in one transaction (`purge_tenant`): a range per table.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -707,6 +709,160 @@ fn release_in(
     Ok(true)
 }
 
+/// Removes every row of `def` in `range`; how many.
+fn drain<'a, K, V, KR>(
+    txn: &WriteTransaction,
+    def: TableDefinition<K, V>,
+    range: impl std::ops::RangeBounds<KR> + 'a,
+) -> Result<u64, StoreError>
+where
+    K: redb::Key + 'static,
+    V: redb::Value + 'static,
+    KR: std::borrow::Borrow<K::SelfType<'a>> + 'a,
+{
+    let mut table = txn.open_table(def).map_err(storage("open table"))?;
+    let mut n = 0;
+    for row in table
+        .extract_from_if(range, |_, _| true)
+        .map_err(storage("purge"))?
+    {
+        row.map_err(storage("purge"))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// The first string after every string that starts with `prefix` (not empty): the end of the
+/// range of keys with that prefix.
+fn prefix_end(prefix: &str) -> String {
+    let mut end = prefix.to_string();
+    // The mark prefixes end in `:`, so the last character always has a successor.
+    if let Some(last) = end.pop() {
+        end.push(char::from_u32(u32::from(last) + 1).unwrap_or(char::MAX));
+    }
+    end
+}
+
+/// Everything of `tenant` ([`SessionStore::purge_tenant`]), in one transaction. Tables lead
+/// with the tenant (timers with their kind), so each is a range: `(tenant, ..)` up to the
+/// first key of `tenant` + NUL, the string right after it.
+fn purge_tenant_in(txn: &WriteTransaction, tenant: &str) -> Result<u64, StoreError> {
+    let (t, next) = (tenant, format!("{tenant}\0"));
+    let n = next.as_str();
+    let mut removed = 0;
+    // Expiries first: their time index is keyed by time, so each entry goes by its value.
+    let expiries: Vec<(String, i64)> = {
+        let mut expiry = txn.open_table(EXPIRY).map_err(storage("open expiry"))?;
+        let mut out = Vec::new();
+        for row in expiry
+            .extract_from_if((t, "")..(n, ""), |_, _| true)
+            .map_err(storage("purge expiry"))?
+        {
+            let (k, at) = row.map_err(storage("purge expiry"))?;
+            out.push((k.value().1.to_string(), at.value()));
+        }
+        out
+    };
+    let mut by_time = txn
+        .open_table(EXPIRY_BY_TIME)
+        .map_err(storage("open expiry"))?;
+    for (conversation, at) in &expiries {
+        by_time
+            .remove((*at, t, conversation.as_str()))
+            .map_err(storage("purge expiry"))?;
+    }
+    drop(by_time);
+    removed += expiries.len() as u64;
+    removed += drain(txn, CONVERSATIONS, (t, "")..(n, ""))?;
+    removed += drain(txn, TRANSCRIPT_LEN, (t, "")..(n, ""))?;
+    removed += drain(txn, ENTRIES, (t, "", 0)..(n, "", 0))?;
+    removed += drain(txn, ENTRY_IDS, (t, "", "")..(n, "", ""))?;
+    removed += drain(txn, AGENTS, (t, "")..(n, ""))?;
+    removed += drain(txn, SLOTS, (t, "", "")..(n, "", ""))?;
+    removed += drain(txn, HOLDERS, (t, "", "")..(n, "", ""))?;
+    removed += drain(
+        txn,
+        QUEUE,
+        (t, "", 0, i64::MIN, "")..(n, "", 0, i64::MIN, ""),
+    )?;
+    removed += drain(txn, QUEUE_INDEX, (t, "", "")..(n, "", ""))?;
+    removed += purge_tenant_timers(txn, t)?;
+    // Marks named after the tenant: chats started, customers' signs of life, start requests'
+    // claims (the value, and its lifetime in `seen`).
+    let claim_prefix = super::start_request_prefix(t);
+    let claim_end = prefix_end(&claim_prefix);
+    removed += drain(txn, CLAIMS, claim_prefix.as_str()..claim_end.as_str())?;
+    for prefix in [
+        super::start_mark(t, ""),
+        super::customer_mark(t, ""),
+        claim_seen_key(&claim_prefix),
+    ] {
+        let end = prefix_end(&prefix);
+        let marks: Vec<(String, i64)> = {
+            let mut seen = txn.open_table(SEEN).map_err(storage("open seen"))?;
+            let mut out = Vec::new();
+            for row in seen
+                .extract_from_if(prefix.as_str()..end.as_str(), |_, _| true)
+                .map_err(storage("purge seen"))?
+            {
+                let (k, at) = row.map_err(storage("purge seen"))?;
+                out.push((k.value().to_string(), at.value()));
+            }
+            out
+        };
+        let mut by_time = txn.open_table(SEEN_BY_TIME).map_err(storage("open seen"))?;
+        for (key, at) in &marks {
+            by_time
+                .remove((*at, key.as_str()))
+                .map_err(storage("purge seen"))?;
+        }
+        removed += marks.len() as u64;
+    }
+    Ok(removed)
+}
+
+/// The tenant's timers of every kind: the index leads with the kind, so it goes kind by kind,
+/// skipping from one kind to the next.
+fn purge_tenant_timers(txn: &WriteTransaction, tenant: &str) -> Result<u64, StoreError> {
+    let next = format!("{tenant}\0");
+    let mut index = txn
+        .open_table(TIMER_INDEX)
+        .map_err(storage("open timers"))?;
+    let mut timers = txn.open_table(TIMERS).map_err(storage("open timers"))?;
+    let mut removed = 0;
+    let mut from = String::new();
+    loop {
+        let kind = match index
+            .range((from.as_str(), "", "")..)
+            .map_err(storage("scan timers"))?
+            .next()
+        {
+            Some(row) => row.map_err(storage("read timer"))?.0.value().0.to_string(),
+            None => break,
+        };
+        let k = kind.as_str();
+        let due: Vec<(String, i64)> = {
+            let mut out = Vec::new();
+            for row in index
+                .extract_from_if((k, tenant, "")..(k, next.as_str(), ""), |_, _| true)
+                .map_err(storage("purge timers"))?
+            {
+                let (key, at) = row.map_err(storage("purge timers"))?;
+                out.push((key.value().2.to_string(), at.value()));
+            }
+            out
+        };
+        for (id, at) in &due {
+            timers
+                .remove((k, *at, tenant, id.as_str()))
+                .map_err(storage("purge timers"))?;
+        }
+        removed += due.len() as u64;
+        from = format!("{kind}\0");
+    }
+    Ok(removed)
+}
+
 #[async_trait]
 impl SessionStore for EmbeddedStore {
     async fn put_conversation(&self, c: &Conversation) -> Result<bool, StoreError> {
@@ -1383,6 +1539,11 @@ impl SessionStore for EmbeddedStore {
             Ok(())
         })
         .await
+    }
+
+    async fn purge_tenant(&self, tenant: &str) -> Result<u64, StoreError> {
+        let tenant = tenant.to_string();
+        self.write(move |txn| purge_tenant_in(txn, &tenant)).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

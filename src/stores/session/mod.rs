@@ -152,13 +152,14 @@ pub struct Appended {
 }
 
 /// The key an entry's message id is remembered under: per sender, so one party's ids (a
-/// customer's are chosen freely) never match another's, and apart for uploads, so a send and
-/// an upload given the same id by a client are two messages, not a retry of one.
+/// customer's are chosen freely) never match another's, and apart for uploads and custom
+/// notices, so a send, an upload and a notice given the same id by a client are three entries,
+/// not retries of one (each was answered 202).
 pub(crate) fn message_key(entry: &NewEntry) -> Option<String> {
-    let space = if entry.kind == EntryKind::FileUploaded {
-        "f"
-    } else {
-        "m"
+    let space = match entry.kind {
+        EntryKind::FileUploaded => "f",
+        EntryKind::CustomNotice => "n",
+        _ => "m",
     };
     entry
         .message_id
@@ -483,7 +484,12 @@ pub fn start_request_key(tenant: &str, request_id: &str) -> String {
     use sha2::Digest;
     let hash = sha2::Sha256::digest(request_id.as_bytes());
     let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
-    format!("chat-start-request:{tenant}:{hex}")
+    format!("{}{hex}", start_request_prefix(tenant))
+}
+
+/// What every [`start_request_key`] of `tenant` starts with.
+pub(crate) fn start_request_prefix(tenant: &str) -> String {
+    format!("chat-start-request:{tenant}:")
 }
 
 /// The [`SessionStore::refresh`] key of a live chat's customer: edges refresh it while the
@@ -691,6 +697,14 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Drops a remembered `key` before its `ttl` (nothing if it is not there).
     async fn forget(&self, key: &str) -> Result<(), StoreError>;
+
+    /// Deletes what the store holds of `tenant` (a deleted tenant's): its conversations'
+    /// records, transcripts and dedup ids, agent presence and slots, queues, timers, and the
+    /// start and customer marks of its conversations; nothing of another tenant. Idempotent:
+    /// a purge cut short is finished by the next. Answers how many stored items it removed
+    /// (keys on Redis, rows in redb), for the log. Writes of the tenant racing it (an event in
+    /// flight) may store a little again; a start request's claim lapses with its ttl.
+    async fn purge_tenant(&self, tenant: &str) -> Result<u64, StoreError>;
 
     /// Reachable (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;

@@ -20,9 +20,15 @@
 //! - `nx:{t:T}:qidx:<queue>`: hash conversation → its queue member (idempotent enqueue, dequeue).
 //!
 //! Global keys: `nx:timers:<kind>` (sorted set by due time, member the JSON array
-//! `[tenant, id]`) and `nx:seen:<key>` for [`SessionStore::remember`], `seen` and `forget`;
-//! each command or script on them touches that one key. So the store runs on one server or on
-//! a Redis Cluster (`stores.redis_cluster`), unchanged.
+//! `[tenant, id]`), `nx:timer-kinds` (set of the kinds ever scheduled, added to once per kind
+//! and process, for a tenant's purge) and `nx:seen:<key>` for [`SessionStore::remember`],
+//! `seen` and `forget`; each command or script on them touches that one key. So the store runs
+//! on one server or on a Redis Cluster (`stores.redis_cluster`), unchanged.
+//!
+//! A deleted tenant's purge ([`SessionStore::purge_tenant`]) walks its keys with `SCAN MATCH`
+//! on its prefix (on a cluster only on the master of the tenant's slot, which holds them all),
+//! never `KEYS`; then the marks of the conversations it found, one key each, and its members of
+//! each kind's timers with `ZSCAN MATCH`.
 //!
 //! `nx` is the namespace (`stores.redis_namespace`): deployments sharing one Redis set their own,
 //! or one deployment's workers would fire the other's timers on the wrong bus.
@@ -37,12 +43,14 @@
 //! connection. `WAIT` holds its connection, so a process's writes to one master wait for
 //! replicas one after another; reads keep their own connection.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::ClusterClientBuilder;
 use ::redis::cluster_async::ClusterConnection;
+use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use ::redis::{
     AsyncCommands, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, Script, Value,
 };
@@ -71,6 +79,14 @@ const RECONNECT_MAX_DELAY_MS: u64 = 1_000;
 /// Retries of a cluster request: waits drawn from 250 ms up to a bound doubling to 2.5 s, up
 /// to about 16 s in all.
 const CLUSTER_RETRIES: u32 = 12;
+
+/// A tenant purge's `SCAN`/`ZSCAN` `COUNT` hint, so also about the most keys one `UNLINK` or
+/// `ZREM` of it takes: each call stays short for the server, as `SCAN` is meant to.
+const PURGE_BATCH: usize = 1_000;
+/// Marks of a purged tenant's conversations deleted at once: each is a key of its own (on a
+/// cluster in a slot of its own), so one round trip each, overlapped on the multiplexed
+/// connection rather than one after another.
+const PURGE_CONCURRENCY: usize = 32;
 
 /// Compare-and-set of a conversation record on its `version`; KEEPTTL so a closed
 /// conversation written again keeps expiring. A record saved closed marks the transcript's ids
@@ -493,6 +509,8 @@ pub struct RedisStore {
     namespace: String,
     /// See [`super::ORPHAN_ENTRIES_TTL`].
     orphan_ttl: Duration,
+    /// Timer kinds this process added to the `timer-kinds` set (see the module docs).
+    timer_kinds: Mutex<HashSet<String>>,
 }
 
 /// The namespace of a store connected without one.
@@ -574,6 +592,7 @@ impl RedisStore {
             scripts: Scripts::new(),
             namespace: namespace.to_string(),
             orphan_ttl: super::ORPHAN_ENTRIES_TTL,
+            timer_kinds: Mutex::new(HashSet::new()),
         }
     }
 
@@ -613,6 +632,90 @@ impl RedisStore {
 
     fn claim_key(&self, key: &str) -> String {
         format!("{}:claim:{key}", self.namespace)
+    }
+
+    /// The set of timer kinds ever scheduled, which a tenant's purge goes through.
+    fn timer_kinds_key(&self) -> String {
+        format!("{}:timer-kinds", self.namespace)
+    }
+
+    /// Adds `kind` to the timer kinds, once per process: a timer's schedule costs one round
+    /// trip more only the first time its kind is used.
+    async fn register_timer_kind(&self, kind: &str) -> Result<(), StoreError> {
+        let known = self
+            .timer_kinds
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(kind);
+        if known {
+            return Ok(());
+        }
+        self.writer()
+            .sadd::<_, _, ()>(self.timer_kinds_key(), kind)
+            .await
+            .map_err(redis_err)?;
+        self.timer_kinds
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(kind.to_string());
+        Ok(())
+    }
+
+    /// One `SCAN` step over the keys of `tenant`: on a cluster, on the master of the tenant's
+    /// slot (`SCAN` is a per-node command; every key of the tenant is in that slot).
+    async fn scan_tenant(
+        &self,
+        tenant: &str,
+        cursor: u64,
+    ) -> Result<(u64, Vec<String>), StoreError> {
+        let prefix = self.prefix(tenant);
+        let mut cmd = ::redis::cmd("SCAN");
+        cmd.arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{}*", glob_escape(&prefix)))
+            .arg("COUNT")
+            .arg(PURGE_BATCH);
+        let answer = match self.conn() {
+            Conn::Single(mut c) => c.req_packed_command(&cmd).await,
+            Conn::Cluster(mut c) => {
+                let route = Route::new(key_slot(prefix.as_bytes()), SlotAddr::Master);
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                c.route_command(&cmd, routing).await
+            }
+        };
+        ::redis::from_redis_value(&answer.map_err(redis_err)?).map_err(redis_err)
+    }
+
+    /// Deletes the tenant's members of the `kind` timers; how many.
+    async fn purge_timers(&self, tenant: &str, kind: &str) -> Result<u64, StoreError> {
+        let key = self.timers_key(kind);
+        let pattern = format!("{}*", glob_escape(&timer_member_prefix(tenant)?));
+        let (mut cursor, mut removed) = (0u64, 0u64);
+        loop {
+            // Members and scores, alternately.
+            let (next, found): (u64, Vec<String>) = ::redis::cmd("ZSCAN")
+                .arg(&key)
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(PURGE_BATCH)
+                .query_async(&mut self.conn())
+                .await
+                .map_err(redis_err)?;
+            let members: Vec<&String> = found.iter().step_by(2).collect();
+            if !members.is_empty() {
+                removed += self
+                    .writer()
+                    .zrem::<_, _, u64>(&key, members)
+                    .await
+                    .map_err(redis_err)?;
+            }
+            if next == 0 {
+                return Ok(removed);
+            }
+            cursor = next;
+        }
     }
 }
 
@@ -702,6 +805,52 @@ fn escape_tenant(tenant: &str) -> String {
 /// `<namespace>:{t:<tenant>}:`: the prefix of every key of a tenant.
 fn tenant_prefix(namespace: &str, tenant: &str) -> String {
     format!("{namespace}:{{t:{}}}:", escape_tenant(tenant))
+}
+
+/// `s` matched literally in a `SCAN MATCH` pattern: the glob characters escaped.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The Redis Cluster slot of `key`: CRC16 (XMODEM) of its hash tag (of the key when it has
+/// none) modulo 16384, as the cluster spec defines it.
+fn key_slot(key: &[u8]) -> u16 {
+    let tag = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            rest.iter()
+                .position(|&b| b == b'}')
+                .filter(|&close| close > 0)
+                .map(|close| &rest[..close])
+        })
+        .unwrap_or(key);
+    let mut crc: u16 = 0;
+    for &b in tag {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16_384
+}
+
+/// What every timer member of `tenant` starts with: `["<tenant>",` (see [`timer_member`]).
+fn timer_member_prefix(tenant: &str) -> Result<String, StoreError> {
+    let quoted = serde_json::to_string(tenant).map_err(|e| corrupt("timer member", e))?;
+    Ok(format!("[{quoted},"))
 }
 
 fn timer_member(timer: &Timer) -> Result<String, StoreError> {
@@ -1130,6 +1279,7 @@ impl SessionStore for RedisStore {
     }
 
     async fn schedule(&self, timer: &Timer, due_ms: i64) -> Result<(), StoreError> {
+        self.register_timer_kind(&timer.kind).await?;
         self.writer()
             .zadd::<_, _, _, ()>(self.timers_key(&timer.kind), timer_member(timer)?, due_ms)
             .await
@@ -1253,6 +1403,67 @@ impl SessionStore for RedisStore {
             .map_err(redis_err)
     }
 
+    async fn purge_tenant(&self, tenant: &str) -> Result<u64, StoreError> {
+        use futures::{StreamExt, TryStreamExt};
+        let prefix = self.prefix(tenant);
+        let mut removed = 0u64;
+        let mut conversations = HashSet::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys) = self.scan_tenant(tenant, cursor).await?;
+            for key in &keys {
+                let named = key.strip_prefix(&prefix).and_then(|k| k.split_once(':'));
+                if let Some(("conv" | "tx" | "txids" | "holder", id)) = named {
+                    conversations.insert(id.to_string());
+                }
+            }
+            if !keys.is_empty() {
+                // One slot (the tenant's hash tag), so one command on a cluster too.
+                removed += ::redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async::<u64>(&mut self.writer())
+                    .await
+                    .map_err(redis_err)?;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        // The marks are global keys (the edge and the worker name them by tenant and
+        // conversation), so they go by the conversations found.
+        let marks: Vec<String> = conversations
+            .iter()
+            .flat_map(|c| {
+                [
+                    super::start_mark(tenant, c),
+                    super::customer_mark(tenant, c),
+                ]
+            })
+            .map(|k| self.seen_key(&k))
+            .collect();
+        removed += futures::stream::iter(marks)
+            .map(|key| async move {
+                ::redis::cmd("UNLINK")
+                    .arg(key)
+                    .query_async::<u64>(&mut self.writer())
+                    .await
+                    .map_err(redis_err)
+            })
+            .buffer_unordered(PURGE_CONCURRENCY)
+            .try_fold(0, |sum, n| async move { Ok(sum + n) })
+            .await?;
+        let kinds: Vec<String> = self
+            .conn()
+            .smembers(self.timer_kinds_key())
+            .await
+            .map_err(redis_err)?;
+        for kind in kinds {
+            removed += self.purge_timers(tenant, &kind).await?;
+        }
+        Ok(removed)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         // A read routed by its key: on a cluster, PING would go to every master and fail with
         // any one of them, taking every pod out of service for one shard.
@@ -1274,6 +1485,35 @@ mod tests {
         assert_ne!(key("a}:conv:x", "y"), key("a", "x}:conv:y"));
         assert_eq!(key("t{1}", "c"), "nx:{t:t%7B1%7D}:conv:c");
         assert_ne!(tenant_prefix("nx", "t"), tenant_prefix("nx2", "t"));
+    }
+
+    /// The slots `CLUSTER KEYSLOT` answers (Redis Cluster spec and command docs).
+    #[test]
+    fn key_slots_follow_the_cluster_spec() {
+        // The CRC16/XMODEM check value, below 16384.
+        assert_eq!(key_slot(b"123456789"), 0x31C3);
+        assert_eq!(key_slot(b"somekey"), 11_058);
+        assert_eq!(key_slot(b"foo{hash_tag}"), 2_515);
+        assert_eq!(key_slot(b"hash_tag"), 2_515);
+        let prefix = tenant_prefix("nx", "t-1");
+        assert_eq!(
+            key_slot(format!("{prefix}conv:c").as_bytes()),
+            key_slot(b"t:t-1")
+        );
+    }
+
+    #[test]
+    fn purge_patterns_match_only_their_tenant() {
+        assert_eq!(glob_escape("nx:{t:a*[b]?}:"), "nx:{t:a\\*\\[b\\]\\?}:");
+        assert_eq!(timer_member_prefix("t\"x").expect("prefix"), "[\"t\\\"x\",");
+        let member = timer_member(&Timer {
+            kind: "k".into(),
+            tenant_id: "t-1".into(),
+            id: "c".into(),
+        })
+        .expect("member");
+        assert!(member.starts_with(&timer_member_prefix("t-1").expect("prefix")));
+        assert!(!member.starts_with(&timer_member_prefix("t-").expect("prefix")));
     }
 
     #[test]
