@@ -288,6 +288,8 @@ impl Config {
         file: Option<&Path>,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
+        let vars: Vec<(String, String)> = vars.into_iter().collect();
+        check_env_names(&vars)?;
         let mut figment = Figment::from(Toml::string(DEFAULT_CONFIG));
         if let Some(path) = file {
             check_file(path)?;
@@ -325,12 +327,20 @@ impl Config {
         check_bus_url(&self.bus.url)?;
         // A token read from a secret file often ends in a newline: no `Authorization` header
         // can carry it, so every admin call would answer 401 with nothing saying why.
+        // Nor can a header read as text carry bytes beyond ASCII.
         let token = &self.http.admin_token;
         if token.trim() != token || token.chars().any(char::is_control) {
             return Err(invalid(
                 "http.admin_token",
                 "has whitespace at an end or a control character (a newline from a secret \
                  file?); no Authorization header can carry it",
+            ));
+        }
+        if !token.is_ascii() {
+            return Err(invalid(
+                "http.admin_token",
+                "has a character beyond ASCII; an Authorization header carries visible ASCII \
+                 only (use a random hex or base64 token)",
             ));
         }
         match self.bus.kafka.partition_assignment_strategy.as_str() {
@@ -891,6 +901,29 @@ fn env_settings(
                 .any(|p| key.starts_with(p));
         (!tooling && !is_service_link(&key, &value)).then_some((key, value))
     })
+}
+
+/// Refuses a `NEXUS_*` variable whose key has an empty part (`NEXUS_HTTP____LISTEN`,
+/// `NEXUS_HTTP__LISTEN__`, a templating slip): [`env_settings`] could only leave it out, and
+/// the setting it was meant for would silently keep its value.
+fn check_env_names(vars: &[(String, String)]) -> Result<(), ConfigError> {
+    for (name, _) in vars {
+        let name = name.trim();
+        let Some(rest) = name
+            .get(..ENV_PREFIX.len())
+            .filter(|p| p.eq_ignore_ascii_case(ENV_PREFIX))
+            .and_then(|_| name.get(ENV_PREFIX.len()..))
+        else {
+            continue;
+        };
+        if !rest.trim().is_empty() && rest.replace("__", ".").split('.').any(str::is_empty) {
+            return Err(ConfigError::Load(format!(
+                "environment variable {name} has an empty key part (`____`, or `__` at an \
+                 end): write NEXUS_<SECTION>__<KEY>, e.g. NEXUS_HTTP__LISTEN"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// What Kubernetes puts in a service-link variable.
@@ -1598,6 +1631,29 @@ mod tests {
         let c = Config::load_with_env(None, vars).expect("loads");
         assert_eq!(c.http.listen, "0.0.0.0:9000");
         assert_eq!(c.consumer.concurrency, 3);
+    }
+
+    /// A variable whose key has an empty part is refused naming it, not left out while the
+    /// setting it meant keeps its value.
+    #[test]
+    fn env_variables_with_an_empty_key_part_are_refused() {
+        for name in ["NEXUS_HTTP____LISTEN", "NEXUS_HTTP__LISTEN__"] {
+            let vars = [(name.to_string(), "0.0.0.0:9000".to_string())];
+            let err = Config::load_with_env(None, vars).expect_err(name);
+            assert!(err.to_string().contains(name), "{name}: {err}");
+        }
+    }
+
+    /// An admin token beyond ASCII cannot come in an Authorization header that is read as
+    /// text: refused at load, not a 401 on every call.
+    #[test]
+    fn an_admin_token_beyond_ascii_is_refused() {
+        let vars = [(
+            "NEXUS_HTTP__ADMIN_TOKEN".to_string(),
+            "pässwörd".to_string(),
+        )];
+        let err = Config::load_with_env(None, vars).expect_err("refused");
+        assert!(err.to_string().contains("http.admin_token"), "{err}");
     }
 
     /// A GWS try may make two calls and two identity checks (`GET /api/v2/me`) one after
