@@ -1132,20 +1132,8 @@ async fn a_stream_on_another_pod_ends_within_the_cache_ttl(backend: Backend) {
         .await;
     assert_eq!(status, StatusCode::OK, "{v}");
     let disabled_at = tokio::time::Instant::now();
-    let mut body = response.into_body();
-    let mut text = String::new();
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(frame) = body.frame().await {
-            if let Ok(data) = frame.expect("frame").into_data() {
-                text.push_str(&String::from_utf8_lossy(&data));
-                if text.contains("API_KEY_DISABLED") {
-                    return;
-                }
-            }
-        }
-    })
-    .await;
-    assert!(ended.is_ok(), "the stream never ended: {text}");
+    let (ended, text) = stream_until(response, "API_KEY_DISABLED").await;
+    assert!(ended, "the stream never ended: {text}");
     let after = disabled_at.elapsed();
     assert!(
         after <= ttl + Duration::from_millis(300),
@@ -2810,20 +2798,8 @@ async fn deleting_a_tenant_purges_its_live_sessions_only(backend: Backend) {
     s.complete_timer(&b_timer, 10).await.expect("complete");
 
     // The deleted tenant's stream and socket end; the other agent's socket stays.
-    let mut body = stream.into_body();
-    let mut text = String::new();
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(frame) = body.frame().await {
-            if let Ok(data) = frame.expect("frame").into_data() {
-                text.push_str(&String::from_utf8_lossy(&data));
-                if text.contains("INVALID_CREDENTIALS") {
-                    return;
-                }
-            }
-        }
-    })
-    .await;
-    assert!(ended.is_ok(), "the deleted tenant's stream goes on: {text}");
+    let (ended, text) = stream_until(stream, "INVALID_CREDENTIALS").await;
+    assert!(ended, "the deleted tenant's stream goes on: {text}");
     let closed = common::ws::close_within(&mut ws_a, Duration::from_secs(10))
         .await
         .expect("the deleted tenant's agent socket stays open");
@@ -2974,3 +2950,22 @@ on_both_backends!(
     a_database_a_newer_release_migrated_still_opens,
     deleting_a_tenant_purges_its_live_sessions_only,
 );
+
+/// Reads a streamed answer (SSE) until its text holds `needle`, for up to 10 s: whether it did,
+/// and the text read.
+async fn stream_until(response: axum::response::Response, needle: &str) -> (bool, String) {
+    let mut body = response.into_body();
+    let mut text = String::new();
+    let found = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.expect("frame").into_data() {
+                text.push_str(&String::from_utf8_lossy(&data));
+                if text.contains(needle) {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    (found.is_ok(), text)
+}
