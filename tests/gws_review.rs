@@ -287,6 +287,23 @@ async fn an_event_whose_ids_no_store_can_key_holds_no_gws_lane() {
     assert_eq!(system.backlog().await, 0.0, "nothing waits in the backlog");
 }
 
+/// nexus pointed at a wrong GWS base path: everything answers 404, the agent's own user too,
+/// with or without an agent's id. That is nexus's address to fix, not every agent's refusal:
+/// GWS is taken for down (paused, counted `misconfigured`), the events wait in the backlog,
+/// nothing is dead-lettered, and once the address answers every event goes through once, in
+/// order. Before, the 404 to the agent's own user was taken for the agent's: every event was
+/// dead-lettered as `gws_rejected`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_base_url_pauses_gws_until_it_answers() {
+    let _serial = SERIAL.lock().await;
+    let gws = FakeGws::start(GWS_TOKEN).await;
+    let system = System::start(&gws).await;
+    gws.wrong_address(true);
+    let chats = refused_outage(&system, &gws, "a wrong base URL", 404).await;
+    gws.wrong_address(false);
+    recovered(&system, &gws, &chats).await;
+}
+
 /// GWS stops taking nexus's credential (rotated at GWS, not yet in nexus's config): every call
 /// is answered 401. Before, each event was dead-lettered as `gws_rejected` (to be replayed by
 /// hand) and the circuit took the 401s for GWS being up. Now GWS is taken for down: the role
@@ -316,9 +333,10 @@ async fn a_rotated_credential_pauses_gws_until_it_is_taken_again() {
     recovered(&system, &gws, &chats).await;
 }
 
-/// A 403 or 404 whose agent's own user GWS refuses with a 403 or 404 too is that agent's
-/// refusal (an agent GWS no longer knows), not GWS refusing nexus: the check carries the
-/// agent's id, so pausing GWS for every tenant over one agent would be wrong. Such events are
+/// A 403 or 404 whose agent's own user GWS refuses with a 403 or 404 too (a 404 only when
+/// asked for that agent) is that agent's refusal (an agent GWS no longer knows), not GWS
+/// refusing nexus: the check carries the agent's id, so pausing GWS for every tenant over one
+/// agent would be wrong. Such events are
 /// dead-lettered (`gws_rejected`), nothing paused, nothing counted `misconfigured`. A 403 to one
 /// event while GWS answers the agent's own user is that event's refusal too: dead-lettered at
 /// once, its conversation going on.

@@ -341,6 +341,10 @@ pub enum PeerFailure {
         /// The answer's body as errors may quote it: without the target's secrets, control
         /// characters escaped, at most 512 bytes.
         detail: String,
+        /// The identity check, made with the call's headers, was refused as well: the peer
+        /// refuses whoever those headers name (GWS: the agent), not only this request, so a
+        /// refused read says nothing about what the request's call did.
+        identity_refused: bool,
     },
 }
 
@@ -657,10 +661,11 @@ impl Peer {
             Err(e) if e.is_timeout() => {
                 Err(("timeout", PeerFailure::retry(format!("{url}: timed out"))))
             }
-            // Without reqwest's copy of the URL, which keeps a query's credentials.
+            // Without reqwest's copy of the URL, which keeps a query's credentials; with the
+            // causes (a certificate, DNS, a refused connection), which reqwest's text leaves out.
             Err(e) => Err((
                 "failed",
-                PeerFailure::retry(format!("{url}: {}", e.without_url())),
+                PeerFailure::retry(format!("{url}: {}", crate::http_client::describe(e))),
             )),
             Ok(response) => {
                 let status = response.status();
@@ -723,12 +728,13 @@ impl Peer {
                         .refusal(status.as_u16(), call, target, headers, not_found)
                         .await
                     {
-                        Refusal::Request => Err((
+                        Refusal::Request { identity_refused } => Err((
                             "rejected",
                             PeerFailure::Rejected {
                                 peer: self.name,
                                 status: status.as_u16(),
                                 detail: quoted,
+                                identity_refused,
                             },
                         )),
                         // Taken for down, like a 5xx: the circuit counts it, the event waits.
@@ -810,8 +816,8 @@ pub enum NotFound<'a> {
 
 /// Whose a 4xx refusal is.
 enum Refusal {
-    /// The request's: dead-lettered.
-    Request,
+    /// The request's: dead-lettered. `identity_refused`: see [`PeerFailure::Rejected`].
+    Request { identity_refused: bool },
     /// nexus's (its credential, its base URL), with what the identity check said.
     Caller(String),
     /// Unknown: the identity check got no answer.
@@ -836,23 +842,28 @@ impl Peer {
         // for a read, at all (a read is never dead-lettered for it; see gws's reconciliation).
         match (status, self.identity) {
             (401 | 407, _) => Refusal::Caller(String::new()),
-            (403, Some(path)) => self.identity_refusal(path, call, target, headers).await,
+            (403, Some(path)) => self.identity_refusal(path, target, headers).await,
             (404, Some(path)) if call == Call::Write => {
-                self.identity_refusal(path, call, target, headers).await
+                self.identity_refusal(path, target, headers).await
             }
             (404, None) if call == Call::Write => match not_found {
-                NotFound::Request => Refusal::Request,
+                NotFound::Request => Refusal::Request {
+                    identity_refused: false,
+                },
                 NotFound::Address => Refusal::Caller(String::new()),
                 NotFound::Ask { path, body } => {
                     self.address_refusal(path, body, target, headers).await
                 }
             },
-            _ => Refusal::Request,
+            _ => Refusal::Request {
+                identity_refused: false,
+            },
         }
     }
 
     /// Sends a check that tells whose a refusal is (`request` to `asked`, with the call's
-    /// credential and headers), within the identity timeout: a check comes on top of the call
+    /// credential and `headers`), within `timeout` (the identity timeout, or what a check
+    /// asked twice has left of it): a check comes on top of the call
     /// it follows, within one try (see `workers::gws::config::validate_try` and
     /// `workers::history::config::validate_try`). Answers its status and whether the answer is
     /// the peer's own (no HTML page, not redirected elsewhere); a check that got no answer is
@@ -864,19 +875,21 @@ impl Peer {
         target: &PeerTarget,
         headers: &[(&str, &str)],
         what: &str,
+        timeout: Duration,
     ) -> Result<(reqwest::StatusCode, bool), Refusal> {
-        let timeout = identity_timeout_ms(self.identity_timeout_ms, target.timeout_ms);
-        let mut request = request.timeout(Duration::from_millis(timeout));
+        let mut request = request.timeout(timeout);
         if !target.credential.is_empty() {
             request = request.bearer_auth(&target.credential);
         }
         for (k, v) in headers {
             request = request.header(*k, *v);
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| Refusal::Unknown(format!("{what} failed: {}", e.without_url())))?;
+        let response = request.send().await.map_err(|e| {
+            Refusal::Unknown(format!(
+                "{what} failed: {}",
+                crate::http_client::describe(e)
+            ))
+        })?;
         let html = response
             .headers()
             .get(reqwest::header::CONTENT_TYPE)
@@ -900,7 +913,13 @@ impl Peer {
         let asked = format!("{}{path}", target.url);
         let what = format!("POST {path}, to tell whether the address is wrong,");
         let request = self.client.post(&asked).json(body);
-        let (status, peers_answer) = match self.check(request, &asked, target, headers, &what).await
+        let budget = Duration::from_millis(identity_timeout_ms(
+            self.identity_timeout_ms,
+            target.timeout_ms,
+        ));
+        let (status, peers_answer) = match self
+            .check(request, &asked, target, headers, &what, budget)
+            .await
         {
             Ok(answer) => answer,
             Err(unknown) => return unknown,
@@ -913,40 +932,73 @@ impl Peer {
         {
             // The peer took the call or refused it for its own reasons: the address is its,
             // so the 404 was the request's.
-            Refusal::Request
+            Refusal::Request {
+                identity_refused: false,
+            }
         } else {
             Refusal::Unknown(format!("{what} answered {status}"))
         }
     }
 
-    /// Asks `path` whether `target` still takes nexus's credential and address.
+    /// Asks `path` whether `target` still takes nexus's credential and address, with the
+    /// call's headers (GWS's `X-Agent-Id`): a 2xx, the refusal is the request's; 401 or 407,
+    /// the target refuses nexus; 403, it refuses whoever the headers name (an agent GWS no
+    /// longer knows), so the request's, for one agent must not pause the target for everyone;
+    /// 404, asked again without the call's headers, within what is left of the same check
+    /// time: a 404 there too is the address's (a wrong base path answers 404 to everything),
+    /// any other answer makes the first one the named caller's.
     async fn identity_refusal(
         &self,
         path: &str,
-        call: Call,
         target: &PeerTarget,
         headers: &[(&str, &str)],
     ) -> Refusal {
         let asked = format!("{}{path}", target.url);
         let what = format!("GET {path}, to tell whether it refuses nexus itself,");
+        let budget = Duration::from_millis(identity_timeout_ms(
+            self.identity_timeout_ms,
+            target.timeout_ms,
+        ));
+        let started = Instant::now();
         let request = self.client.get(&asked);
-        let (status, peers_answer) = match self.check(request, &asked, target, headers, &what).await
+        let (status, peers_answer) = match self
+            .check(request, &asked, target, headers, &what, budget)
+            .await
         {
             Ok(answer) => answer,
             Err(unknown) => return unknown,
         };
-        if status.is_success() && peers_answer {
-            Refusal::Request
-        } else if matches!(status.as_u16(), 401 | 407)
-            || (call == Call::Read && matches!(status.as_u16(), 403 | 404))
-        {
-            Refusal::Caller(format!(", and GET {path} {status}"))
-        } else if matches!(status.as_u16(), 403 | 404) {
-            // The check carries the call's headers (GWS's `X-Agent-Id`): refused so, it is that
-            // agent GWS refuses, not nexus; one agent must not pause the target for everyone.
-            Refusal::Request
-        } else {
-            Refusal::Unknown(format!("{what} answered {status}"))
+        let named_refused = Refusal::Request {
+            identity_refused: true,
+        };
+        match status.as_u16() {
+            _ if status.is_success() && peers_answer => Refusal::Request {
+                identity_refused: false,
+            },
+            401 | 407 => Refusal::Caller(format!(", and GET {path} {status}")),
+            403 if peers_answer => named_refused,
+            404 if peers_answer && !headers.is_empty() => {
+                let what = format!(
+                    "GET {path} without the call's headers, to tell whether the address is wrong,"
+                );
+                let left = budget.saturating_sub(started.elapsed());
+                if left.is_zero() {
+                    return Refusal::Unknown(format!("{what} had no time left"));
+                }
+                let request = self.client.get(&asked);
+                match self.check(request, &asked, target, &[], &what, left).await {
+                    Err(unknown) => unknown,
+                    Ok((again, true)) if again.as_u16() == 404 => Refusal::Caller(format!(
+                        ", and GET {path} {again} with or without the call's headers"
+                    )),
+                    Ok((_, true)) => named_refused,
+                    Ok((again, false)) => {
+                        Refusal::Unknown(format!("{what} answered {again}, not the peer's answer"))
+                    }
+                }
+            }
+            404 if peers_answer => Refusal::Caller(format!(", and GET {path} {status}")),
+            _ => Refusal::Unknown(format!("{what} answered {status}")),
         }
     }
 }
@@ -1610,6 +1662,17 @@ mod tests {
                 axum::routing::post(|| async { axum::response::Redirect::temporary("/plain") }),
             )
             .route("/read", axum::routing::get(|| async { "{}" }))
+            // An identity that does not know the agent a request names (and answers without).
+            .route(
+                "/agent-unknown",
+                axum::routing::get(|headers: axum::http::HeaderMap| async move {
+                    if headers.contains_key("x-agent") {
+                        (StatusCode::NOT_FOUND, "no such agent")
+                    } else {
+                        (StatusCode::OK, "{}")
+                    }
+                }),
+            )
             .route(
                 "/unauthorized",
                 axum::routing::post(|| async { (StatusCode::UNAUTHORIZED, "no such key") })
@@ -1880,28 +1943,38 @@ mod tests {
     }
 
     /// With an identity check (GWS's own user), a 403, or a write's 404, is the request's when
-    /// the identity is answered or refused with a 403 or 404 (the check carries the call's
-    /// agent: it is that agent refused, not nexus), and nexus's when the identity is refused as
-    /// an authentication (401, 407); a read's 403 is nexus's when the identity is refused at
-    /// all; a read's 404 is no refusal at all.
+    /// the identity is answered, or refused with a 403 (the check carries the call's agent: it
+    /// is that agent refused, not nexus), or with a 404 only when asked for that agent; nexus's
+    /// when the identity is refused as an authentication (401, 407), or is 404 with and without
+    /// the call's headers (a wrong base path). A read's 403 is the request's as well, marked
+    /// when the identity refused the agent (the read then says nothing of the agent's calls);
+    /// a read's 404 is no refusal at all.
     #[tokio::test]
     async fn an_identity_check_tells_whose_refusal_it_is() {
         let (url, _) = peer_server().await;
         let t = target(&url);
+        let agent = [("x-agent", "a1")];
         let answered =
             Peer::new("r", "p", reqwest::Client::new(), &config()).with_identity_check("/read");
         for path in ["/forbidden", "/nowhere"] {
             assert!(
                 matches!(
                     post(&answered, &t, "chat-1", path).await,
-                    Err(PeerFailure::Rejected { .. })
+                    Err(PeerFailure::Rejected {
+                        identity_refused: false,
+                        ..
+                    })
                 ),
                 "{path}, the identity answered: the request's refusal"
             );
         }
         assert!(matches!(
             answered.get_json(&t, "chat-1", "/forbidden", &[]).await,
-            Err(PeerFailure::Rejected { status: 403, .. })
+            Err(PeerFailure::Rejected {
+                status: 403,
+                identity_refused: false,
+                ..
+            })
         ));
         let unauthenticated = Peer::new("r", "p", reqwest::Client::new(), &config())
             .with_identity_check("/unauthorized");
@@ -1913,28 +1986,70 @@ mod tests {
                 other => panic!("{path}, the identity unauthenticated: {other:?}"),
             }
         }
-        let refused =
-            Peer::new("r", "p", reqwest::Client::new(), &config()).with_identity_check("/nowhere");
+        let refused = Peer::new("r", "p", reqwest::Client::new(), &config())
+            .with_identity_check("/forbidden");
         for path in ["/forbidden", "/nowhere"] {
             assert!(
                 matches!(
                     post(&refused, &t, "chat-1", path).await,
-                    Err(PeerFailure::Rejected { .. })
+                    Err(PeerFailure::Rejected {
+                        identity_refused: true,
+                        ..
+                    })
                 ),
                 "{path}, the agent's identity refused: that agent's request refused"
             );
         }
         assert!(matches!(
-            refused.get_json(&t, "chat-1", "/forbidden", &[]).await,
+            refused.get_json(&t, "chat-1", "/forbidden", &agent).await,
+            Err(PeerFailure::Rejected {
+                status: 403,
+                identity_refused: true,
+                ..
+            })
+        ));
+        // A wrong base path answers 404 to everything, the identity too, with or without the
+        // agent: nexus's address to fix, not every agent's request.
+        let nowhere =
+            Peer::new("r", "p", reqwest::Client::new(), &config()).with_identity_check("/nowhere");
+        for (path, headers) in [
+            ("/forbidden", &[][..]),
+            ("/nowhere", &[][..]),
+            ("/nowhere", &agent[..]),
+        ] {
+            match nowhere
+                .post_json(&t, "chat-1", path, headers, &serde_json::json!({}))
+                .await
+            {
+                Err(PeerFailure::Retry { detail, .. }) => {
+                    assert!(detail.contains("GET /nowhere 404"), "{path}: {detail}")
+                }
+                other => panic!("{path}, the identity not found: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            nowhere.get_json(&t, "chat-1", "/forbidden", &agent).await,
             Err(PeerFailure::Retry { .. })
         ));
         assert!(
             matches!(
-                refused.get_json(&t, "chat-1", "/nowhere", &[]).await,
+                nowhere.get_json(&t, "chat-1", "/nowhere", &agent).await,
                 Ok(None)
             ),
             "a read's 404 is an answer"
         );
+        // The identity not found for this agent only: that agent's.
+        let unknown_agent = Peer::new("r", "p", reqwest::Client::new(), &config())
+            .with_identity_check("/agent-unknown");
+        assert!(matches!(
+            unknown_agent
+                .post_json(&t, "chat-1", "/nowhere", &agent, &serde_json::json!({}))
+                .await,
+            Err(PeerFailure::Rejected {
+                identity_refused: true,
+                ..
+            })
+        ));
         // The identity answering neither way (a 405 here, or a 5xx, a timeout): a retryable
         // failure, nobody's refusal yet.
         let unknown =
@@ -1943,6 +2058,25 @@ mod tests {
             post(&unknown, &t, "chat-1", "/forbidden").await,
             Err(PeerFailure::Retry { .. })
         ));
+    }
+
+    /// A call that reached no peer names its cause (what the operator reads in the backlog's
+    /// `last_error`), not only reqwest's "error sending request".
+    #[tokio::test]
+    async fn a_call_that_reached_no_peer_names_its_cause() {
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", closed.local_addr().expect("addr"));
+        drop(closed);
+        let peer = Peer::new("r", "p", reqwest::Client::new(), &config());
+        match post(&peer, &target(&url), "chat-1", "/ok").await {
+            Err(PeerFailure::Retry { detail, .. }) => assert!(
+                detail.to_ascii_lowercase().contains("connection refused"),
+                "{detail}"
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     /// `nexus_worker_paused` of a role, as /metrics renders it.

@@ -54,8 +54,11 @@ pub struct Request {
 pub struct GwsState {
     pub chats: HashMap<String, Chat>,
     pub requests: Vec<Request>,
-    /// Answer every request with this while set.
+    /// Answer every request with this while set (the agent's own user: only when asked for an
+    /// agent, as a GWS refusing that agent would).
     pub fail_all: Option<u16>,
+    /// Answer everything 404, as a server asked at a wrong base path does.
+    pub wrong_address: bool,
     /// One-shot rules by (chat, operation).
     pub rules: Vec<(String, String, Action)>,
     /// Wait this long after applying before answering.
@@ -106,6 +109,11 @@ impl FakeGws {
 
     pub fn fail_all(&self, status: Option<u16>) {
         self.state.lock().unwrap().fail_all = status;
+    }
+
+    /// Makes every request answered 404 (nexus pointed at a wrong base path) while set.
+    pub fn wrong_address(&self, wrong: bool) {
+        self.state.lock().unwrap().wrong_address = wrong;
     }
 
     /// Makes GWS take only `token` as the credential from now on (a rotated key: every call
@@ -250,7 +258,9 @@ async fn read(
 ) -> (StatusCode, Json<Value>) {
     slow(&state, &id).await;
     let mut s = state.lock().unwrap();
-    let status = if !bearer_ok(&s, &headers) {
+    let status = if s.wrong_address {
+        404
+    } else if !bearer_ok(&s, &headers) {
         401
     } else if let Some(code) = s.fail_all {
         code
@@ -284,7 +294,8 @@ async fn read(
 }
 
 /// `GET /api/v2/me`: the agent's own user, for any agent id, to a caller with the credential;
-/// `fail_all` answers it too (not recorded among the chat requests).
+/// `fail_all` answers it too when asked for an agent, `wrong_address` always (not recorded
+/// among the chat requests).
 async fn me(
     State(state): State<Arc<Mutex<GwsState>>>,
     headers: HeaderMap,
@@ -298,8 +309,12 @@ async fn me(
         tokio::time::sleep(delay).await;
     }
     let mut s = state.lock().unwrap();
-    let status = if !bearer_ok(&s, &headers) {
+    let status = if s.wrong_address {
+        404
+    } else if !bearer_ok(&s, &headers) {
         401
+    } else if agent_of(&headers).is_empty() {
+        200
     } else {
         s.fail_all.unwrap_or(200)
     };
@@ -391,7 +406,9 @@ async fn operate(
             .position(|(c, o, _)| *c == id && *o == operation)
             .map(|i| s.rules.remove(i).2);
         let mut wait = s.delay;
-        let outcome = if !bearer_ok(&s, &headers) {
+        let outcome = if s.wrong_address {
+            Err(404)
+        } else if !bearer_ok(&s, &headers) {
             Err(401)
         } else if agent.is_empty() {
             Err(400)

@@ -26,13 +26,15 @@ pub struct GwsClient {
 }
 
 /// The chat's path; `None` for an id that cannot be a path segment as is (nexus conversation
-/// ids are UUIDs).
+/// ids are UUIDs): `.` and `..` are refused too, which URL parsing would turn into another
+/// GWS resource (`/api/v2/me/chats/..` is the agent's own user).
 pub fn chat_path(conversation_id: &str) -> Option<String> {
     let ok = !conversation_id.is_empty()
         && conversation_id.len() <= 128
         && conversation_id
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !conversation_id.bytes().all(|b| b == b'.');
     ok.then(|| format!("/api/v2/me/chats/{conversation_id}"))
 }
 
@@ -101,7 +103,9 @@ mod tests {
             chat_path("0190a1b2-c3d4").as_deref(),
             Some("/api/v2/me/chats/0190a1b2-c3d4")
         );
-        for bad in ["", "a/b", "../x", "a b", "a?b"] {
+        assert_eq!(chat_path("v1.2").as_deref(), Some("/api/v2/me/chats/v1.2"));
+        // `.` and `..` would be resolved away: `/api/v2/me/chats/..` is the agent's user.
+        for bad in ["", "a/b", "../x", "a b", "a?b", ".", "..", "..."] {
             assert_eq!(chat_path(bad), None, "{bad:?}");
         }
     }

@@ -147,7 +147,6 @@ impl GwsWorker {
             .open(key, &e.event_id.to_string(), op.kind.name())
             .await
             .map_err(store_failed)?;
-        let mut reopened = false;
         match entry.status {
             Status::Done => {
                 emit(op, "duplicate");
@@ -159,16 +158,17 @@ impl GwsWorker {
             Status::Rejected => {
                 self.log.reopen(key).await.map_err(store_failed)?;
                 entry.attempted_at_ms = None;
-                reopened = true;
             }
             Status::Pending => {}
         }
-        if entry.attempts > 0 {
-            // A previous call may have reached GWS: look before calling again.
-            let age = entry
-                .attempted_at_ms
-                .map(|at| chrono::Utc::now().timestamp_millis().saturating_sub(at))
-                .unwrap_or(i64::MAX);
+        // A previous call may have reached GWS only if one was claimed and not released since:
+        // a call GWS refused (4xx) or that never left is released (`attempted_at_ms` cleared,
+        // a replayed refusal too), and the read before it had found every earlier call over
+        // and without effect. Only then: look before calling again.
+        if let Some(attempted_at) = entry.attempted_at_ms.filter(|_| entry.attempts > 0) {
+            let age = chrono::Utc::now()
+                .timestamp_millis()
+                .saturating_sub(attempted_at);
             // A claimed call leaves at once and takes up to the call timeout; the handler
             // timeout on top covers a handling that stalled between the claim and the send.
             // Only past both is it surely over. (A call refused or never sent was released:
@@ -190,14 +190,16 @@ impl GwsWorker {
                 Ok(chat) => ops::applied(op, chat.as_ref()),
                 // The read forbidden (403) to the agent after a transfer or completion whose
                 // answer was lost: the agent is out of the chat, which is what those calls do.
-                // The peer asked GWS for the agent's own user first: had GWS refused that too,
-                // the credential (or base URL) is what it refuses, and this comes as a
-                // retryable failure, the target taken for down, nothing taken for done. Not
-                // after a refusal being replayed (that call took no effect), nor for any other
-                // 4xx: the call goes again, and GWS's answer to it is the verdict.
-                Err(PeerFailure::Rejected { status: 403, .. }) if !reopened && ops::leaves(op) => {
-                    true
-                }
+                // The peer asked GWS for the agent's own user first: had GWS refused the
+                // credential (401, 407) or the address (404 with or without the agent), this
+                // comes as a retryable failure, the target taken for down; had it refused the
+                // agent itself (403), the read says nothing of the call. Then, as for any other
+                // 4xx, the call goes again, and GWS's answer to it is the verdict.
+                Err(PeerFailure::Rejected {
+                    status: 403,
+                    identity_refused: false,
+                    ..
+                }) if ops::leaves(op) => true,
                 Err(PeerFailure::Rejected { .. }) => false,
                 // No call of this try to release: the one before is older than its window.
                 Err(f) => return Err(self.refused(key, op, f, None).await),

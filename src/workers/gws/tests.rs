@@ -19,18 +19,31 @@ use crate::stores::provisioning::Provisioning;
 /// A GWS that counts POSTs and answers `status` (changeable) with a plain-text body, as a
 /// proxy in front of it may; it knows no chat (GET is 404) and answers the agent's own user.
 async fn gws(status: u16) -> (String, Arc<Mutex<u32>>, Arc<Mutex<u16>>) {
-    gws_with_me(status, StatusCode::OK).await
+    gws_with_me(status, StatusCode::OK, StatusCode::OK).await
 }
 
 /// [`gws`], its agent's own user (`GET /api/v2/me`) answered with `me`.
-async fn gws_with_me(status: u16, me: StatusCode) -> (String, Arc<Mutex<u32>>, Arc<Mutex<u16>>) {
+/// A GWS whose chat POSTs answer `status` and whose agent's own user (`GET /api/v2/me`)
+/// answers `me` when asked with an agent's id (`X-Agent-Id`), `me_anonymous` without.
+async fn gws_with_me(
+    status: u16,
+    me: StatusCode,
+    me_anonymous: StatusCode,
+) -> (String, Arc<Mutex<u32>>, Arc<Mutex<u16>>) {
     let calls = Arc::new(Mutex::new(0u32));
     let status = Arc::new(Mutex::new(status));
     type S = State<(Arc<Mutex<u32>>, Arc<Mutex<u16>>)>;
     let app = Router::new()
         .route(
             "/api/v2/me",
-            get(move || async move { (me, r#"{"id": "a1"}"#) }),
+            get(move |headers: axum::http::HeaderMap| async move {
+                let code = if headers.contains_key(client::AGENT_HEADER) {
+                    me
+                } else {
+                    me_anonymous
+                };
+                (code, r#"{"id": "a1"}"#)
+            }),
         )
         .route(
             "/api/v2/me/chats/{id}",
@@ -148,28 +161,34 @@ async fn a_refused_call_is_dead_lettered_and_a_replay_tries_again() {
 }
 
 /// GWS refusing nexus itself (a rotated credential: 401, 407; a 403 or a POST's 404 whose
-/// agent's own user gets a 401 too) is GWS down, not a refusal of the event: retried (the event
-/// waits in the backlog), the effect still pending, nothing dead-lettered. A 403 or 404 while
-/// GWS answers the agent's own user, or refuses it with a 403 or 404 (that agent unknown to GWS
-/// now: pausing GWS for everyone over one agent would be wrong), or another 4xx, is the event's
-/// refusal: dead-lettered at once. Before, every 4xx dead-lettered its event, so a rotated key
-/// dead-lettered them all.
+/// agent's own user gets a 401 too; a wrong base URL, whose agent's own user is 404 with and
+/// without the agent's id) is GWS down, not a refusal of the event: retried (the event waits
+/// in the backlog), the effect still pending, nothing dead-lettered. A 403 or 404 while GWS
+/// answers the agent's own user, or refuses it with a 403, or with a 404 only when asked for
+/// that agent (that agent unknown to GWS now: pausing GWS for everyone over one agent would be
+/// wrong), or another 4xx, is the event's refusal: dead-lettered at once. Before, every 4xx
+/// dead-lettered its event, so a rotated key dead-lettered them all, and a wrong base URL did
+/// too (its 404 to the agent's own user was taken for the agent's).
 #[tokio::test]
 async fn a_refusal_of_nexus_itself_is_retried_and_of_the_event_dead_lettered() {
+    use StatusCode as S;
     let cases = [
-        (401, StatusCode::OK, false),
-        (407, StatusCode::OK, false),
-        (403, StatusCode::FORBIDDEN, true),
-        (403, StatusCode::UNAUTHORIZED, false),
-        (404, StatusCode::NOT_FOUND, true),
-        (404, StatusCode::UNAUTHORIZED, false),
-        (403, StatusCode::OK, true),
-        (404, StatusCode::OK, true),
-        (409, StatusCode::FORBIDDEN, true),
+        (401, S::OK, S::OK, false),
+        (407, S::OK, S::OK, false),
+        (403, S::FORBIDDEN, S::FORBIDDEN, true),
+        (403, S::UNAUTHORIZED, S::UNAUTHORIZED, false),
+        (404, S::NOT_FOUND, S::NOT_FOUND, false),
+        (403, S::NOT_FOUND, S::NOT_FOUND, false),
+        (404, S::NOT_FOUND, S::OK, true),
+        (404, S::NOT_FOUND, S::UNAUTHORIZED, true),
+        (404, S::UNAUTHORIZED, S::UNAUTHORIZED, false),
+        (403, S::OK, S::OK, true),
+        (404, S::OK, S::OK, true),
+        (409, S::FORBIDDEN, S::FORBIDDEN, true),
     ];
-    for (post, me, rejected) in cases {
+    for (post, me, me_anonymous, rejected) in cases {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (url, calls, _) = gws_with_me(post, me).await;
+        let (url, calls, _) = gws_with_me(post, me, me_anonymous).await;
         let (w, db) = worker(&url, dir.path()).await;
         let got = w.apply(&accepted(), &message()).await;
         let status: String = sqlx::query_scalar("SELECT status FROM gws_effects")
@@ -179,22 +198,22 @@ async fn a_refusal_of_nexus_itself_is_retried_and_of_the_event_dead_lettered() {
         if rejected {
             assert!(
                 matches!(&got, Err(HandleError::Reject { reason, .. }) if *reason == REJECTED),
-                "{post} with {me} to the agent's user: {got:?}"
+                "{post} with {me}/{me_anonymous} to the agent's user: {got:?}"
             );
-            assert_eq!(status, "rejected", "{post}/{me}");
+            assert_eq!(status, "rejected", "{post}/{me}/{me_anonymous}");
         } else {
             match &got {
                 Err(HandleError::Retry(reason)) | Err(HandleError::RetryLater { reason, .. }) => {
                     assert!(
                         reason.contains(&post.to_string()) && reason.contains("credential"),
-                        "{post}/{me}: {reason}"
+                        "{post}/{me}/{me_anonymous}: {reason}"
                     )
                 }
-                other => panic!("{post} with {me} to the agent's user: {other:?}"),
+                other => panic!("{post} with {me}/{me_anonymous} to the agent's user: {other:?}"),
             }
-            assert_eq!(status, "pending", "{post}/{me}");
+            assert_eq!(status, "pending", "{post}/{me}/{me_anonymous}");
         }
-        assert_eq!(*calls.lock().unwrap(), 1, "{post}/{me}");
+        assert_eq!(*calls.lock().unwrap(), 1, "{post}/{me}/{me_anonymous}");
         db.close().await;
     }
 }
@@ -248,10 +267,19 @@ async fn a_completion_whose_read_is_refused_is_reconciled_as_done() {
     completion_with_a_refused_read(StatusCode::OK).await;
 }
 
-/// The same, but GWS refuses the agent's own user too (`GET /api/v2/me`): the credential is
-/// what it refuses, so the completion is not taken for done (before, any 403 to the read was).
+/// The same, but GWS refuses the credential on the agent's own user (`GET /api/v2/me`, 401):
+/// the completion is not taken for done (before, any 403 to the read was), GWS is taken for
+/// down.
 #[tokio::test]
 async fn a_refused_read_with_a_refused_credential_is_not_taken_for_done() {
+    completion_with_a_refused_read(StatusCode::UNAUTHORIZED).await;
+}
+
+/// The same, but GWS refuses the agent itself (403 to its own user): the read says nothing of
+/// the completion, which is called again for GWS's answer to decide. Before, the read's 403
+/// was taken for GWS refusing nexus: the target paused for every tenant over one agent.
+#[tokio::test]
+async fn a_refused_read_for_a_refused_agent_calls_again() {
     completion_with_a_refused_read(StatusCode::FORBIDDEN).await;
 }
 
@@ -308,6 +336,13 @@ async fn completion_with_a_refused_read(me: StatusCode) {
         w.apply(&e, &message()).await.expect("reconciled");
         assert_eq!(*posts.lock().unwrap(), 1, "not called again");
         w.apply(&e, &message()).await.expect("done");
+    } else if me == StatusCode::FORBIDDEN {
+        let again = w.apply(&e, &message()).await;
+        assert!(
+            matches!(&again, Err(HandleError::Retry(reason)) | Err(HandleError::RetryLater { reason, .. }) if reason.contains("503")),
+            "{again:?}"
+        );
+        assert_eq!(*posts.lock().unwrap(), 2, "called again");
     } else {
         // GWS taken for down (it refuses nexus's credential): retried, not counted against
         // the event while GWS answers nobody.
@@ -318,6 +353,68 @@ async fn completion_with_a_refused_read(me: StatusCode) {
         );
         assert!(w.apply(&e, &message()).await.is_err(), "still not done");
     }
+    db.close().await;
+}
+
+/// A refused completion replayed from the dead-letter topic is called again, never taken for
+/// done by a read: the refused call took no effect (nor did any before it), so there is nothing
+/// to look for. Before, the replay's first try read the chat; when that try failed (GWS's 503
+/// to the read), the next one took the read's 403 for the agent having left by that call, and
+/// marked done a completion GWS never applied.
+#[tokio::test]
+async fn a_replayed_refusal_is_called_again_not_reconciled() {
+    let (posts, reads) = (Arc::new(Mutex::new(0u32)), Arc::new(Mutex::new(0u32)));
+    let (counted_posts, counted_reads) = (posts.clone(), reads.clone());
+    let app = Router::new()
+        .route(
+            "/api/v2/me",
+            get(|| async { (StatusCode::OK, r#"{"id": "a1"}"#) }),
+        )
+        .route(
+            "/api/v2/me/chats/{id}",
+            get(move || {
+                let reads = counted_reads.clone();
+                async move {
+                    let mut n = reads.lock().unwrap_or_else(|p| p.into_inner());
+                    *n += 1;
+                    // The first read fails, the next ones are forbidden to the agent.
+                    if *n == 1 {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        StatusCode::FORBIDDEN
+                    }
+                }
+            })
+            .post(move || {
+                let posts = counted_posts.clone();
+                async move {
+                    *posts.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+                    StatusCode::FORBIDDEN
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (w, db) = worker(&url, dir.path()).await;
+    let e = completion();
+    for round in ["first", "replayed", "replayed again"] {
+        let got = w.apply(&e, &message()).await;
+        assert!(
+            matches!(&got, Err(HandleError::Reject { reason, .. }) if *reason == REJECTED),
+            "{round}: {got:?}"
+        );
+    }
+    assert_eq!(*posts.lock().unwrap(), 3, "called each time");
+    assert_eq!(*reads.lock().unwrap(), 0, "nothing to look for");
+    let status: String = sqlx::query_scalar("SELECT status FROM gws_effects")
+        .fetch_one(db.pool())
+        .await
+        .expect("the effect's row");
+    assert_eq!(status, "rejected");
     db.close().await;
 }
 
@@ -434,8 +531,9 @@ async fn patient_worker(url: &str, dir: &std::path::Path) -> (GwsWorker, Provisi
 
 /// GWS refusing nexus itself (401, 407; a 403 or a POST's 404 whose agent's own user is
 /// answered 401) proves the call took no effect: once the credential is taken again, the next
-/// try reads the chat and calls at once. Before, it waited the whole in-flight window (here ten
-/// minutes: the try was refused "may still be in flight") for a call GWS had refused.
+/// try calls at once, with no read of the chat (no earlier call can have taken effect). Before,
+/// it waited the whole in-flight window (here ten minutes: the try was refused "may still be in
+/// flight") for a call GWS had refused.
 #[tokio::test]
 async fn a_call_gws_refused_as_misconfigured_is_not_waited_for() {
     for (post, me) in [(401, 200), (407, 200), (403, 401), (404, 401)] {
@@ -459,9 +557,7 @@ async fn a_call_gws_refused_as_misconfigured_is_not_waited_for() {
         if me != 200 {
             want.push(format!("GET /me {me}"));
         }
-        // The chat read first (an earlier call, had there been one, may have taken effect),
-        // then the call.
-        want.extend(["GET chat 404".to_string(), "POST 200".to_string()]);
+        want.push("POST 200".to_string());
         assert_eq!(*seen.lock().unwrap(), want, "{post}/{me}");
         let status: String = sqlx::query_scalar("SELECT status FROM gws_effects")
             .fetch_one(db.pool())

@@ -491,6 +491,7 @@ fn a_refusal_names_its_call() {
         peer: "ucs",
         status: 400,
         detail: "no".into(),
+        identity_refused: false,
     }) {
         HandleError::Reject { reason, detail } => {
             assert_eq!(reason, REJECTED);
