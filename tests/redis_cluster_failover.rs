@@ -563,6 +563,7 @@ async fn a_write_no_replica_has_is_not_acknowledged() {
     }
     let cluster = Cluster::start().await;
     let waiting = connect(&cluster, one_replica(300)).await;
+    let other_waiting = connect(&cluster, one_replica(300)).await;
     let plain = connect(&cluster, None).await;
     let tenant = format!("tenant-{}", uuid::Uuid::new_v4().simple());
     // A replica just synced may take a moment to answer its first WAIT: retried, as a
@@ -570,6 +571,17 @@ async fn a_write_no_replica_has_is_not_acknowledged() {
     let first = wait_for("an append its replica takes", || {
         let (waiting, tenant) = (waiting.clone(), tenant.clone());
         async move { waiting.append(&tenant, "chat", &entry(0, 0)).await.ok() }
+    })
+    .await;
+    // The other waiting connection's last write, before the stall, is one its replica has.
+    wait_for("the other connection's write its replica takes", || {
+        let (other_waiting, tenant) = (other_waiting.clone(), tenant.clone());
+        async move {
+            other_waiting
+                .append(&tenant, "warm", &entry(1, 0))
+                .await
+                .ok()
+        }
     })
     .await;
     let (master, _) = master_of(&cluster, &tenant).await;
@@ -589,6 +601,17 @@ async fn a_write_no_replica_has_is_not_acknowledged() {
         .append(&tenant, "chat", &entry(0, 2))
         .await
         .expect("without the wait the master's word is enough");
+    // The same entry retried through another waiting connection (another pod, a reconnect) is
+    // answered "duplicate" without a write of its own: not acknowledged either while the
+    // replica lacks the entry. Before, its `WAIT` covered only its own connection's writes
+    // (none) and vouched at once for an entry a failover would have lost.
+    match other_waiting.append(&tenant, "chat", &entry(0, 2)).await {
+        Err(StoreError::Unavailable(detail)) => assert!(
+            detail.contains("stores.redis_min_replicas"),
+            "the failure names the setting: {detail}"
+        ),
+        other => panic!("a duplicate no replica has was acknowledged: {other:?}"),
+    }
     sleeper.await.expect("sleeper");
 
     let retried = wait_for("the retry acknowledged once the replica is back", || {
@@ -1456,4 +1479,50 @@ async fn a_timer_claimed_in_a_slot_being_moved_is_leased_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_seen_mark_refreshed_in_a_slot_being_moved_takes_effect_once() {
     run_in_a_moving_slot(Op::Refresh).await;
+}
+
+/// A tenant's purge after its slot moved to another master, sent by a store whose slot map
+/// still names the old one (it touched the tenant before the move), removes the tenant's keys
+/// where they are now. Before, `SCAN` (which names no key, so no node answers it MOVED) walked
+/// the old master, found nothing, and the purge passed for done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_purge_after_a_reshard_finds_the_tenants_keys() {
+    if redis_tools().is_none() {
+        return;
+    }
+    let cluster = Cluster::start().await;
+    let store = connect(&cluster, None).await;
+    let tenant = format!("tenant-{}", uuid::Uuid::new_v4().simple());
+    for n in 0..3 {
+        store
+            .append(&tenant, "chat", &entry(0, n))
+            .await
+            .expect("append");
+    }
+    let (from, slot) = master_of(&cluster, &tenant).await;
+    let to = cluster
+        .in_role("master")
+        .await
+        .into_iter()
+        .find(|p| *p != from)
+        .expect("another master");
+    // Moved by hand, with no request of the store in between: its map stays stale.
+    open_slot(&slot, from, to).await;
+    loop {
+        let key = command(from, &["CLUSTER", "GETKEYSINSLOT", &slot, "1"])
+            .await
+            .expect("CLUSTER GETKEYSINSLOT");
+        if key.is_empty() {
+            break;
+        }
+        migrate(from, to, &key).await;
+    }
+    close_slot(&cluster, &slot, from, to).await;
+
+    let removed = store.purge_tenant(&tenant).await.expect("purge");
+    assert!(removed >= 2, "the tenant's keys found: {removed} removed");
+    let left = command(to, &["CLUSTER", "COUNTKEYSINSLOT", &slot])
+        .await
+        .expect("CLUSTER COUNTKEYSINSLOT");
+    assert_eq!(left, "0", "the tenant's keys left on its new master");
 }

@@ -272,3 +272,51 @@ async fn redis_version_at_its_limit_is_corrupt_not_a_panic() {
     assert!(matches!(saved, Err(StoreError::Corrupt(_))), "{saved:?}");
     raw.del::<_, ()>(&key).await.expect("cleanup");
 }
+
+/// With a replica wait, a `WAIT` the server refuses (here a user without the right to it; a
+/// master demoted while it waits answers `-UNBLOCKED` the same way) fails the write for its
+/// event to be retried, naming the setting. Before, the error answer was read as a number that
+/// did not parse: `Corrupt`, which dead-letters the event whose write had been made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_refused_wait_is_a_retryable_failure_not_corrupt_data() {
+    let user = unique("nowait");
+    let mut raw = raw_redis().await;
+    ::redis::cmd("ACL")
+        .arg(&["SETUSER", &user, "on", ">pw", "~*", "&*", "+@all", "-wait"])
+        .query_async::<()>(&mut raw)
+        .await
+        .expect("ACL SETUSER");
+    let url = redis_url().replacen("redis://", &format!("redis://{user}:pw@"), 1);
+    let s = RedisStore::connect(&url)
+        .await
+        .expect("connect as the user")
+        .with_replica_wait(Some(nexus::stores::session::redis::ReplicaWait {
+            replicas: 1,
+            timeout: Duration::from_millis(100),
+        }))
+        .await
+        .expect("the writers' connection");
+    let tn = unique("review");
+    let entry = NewEntry {
+        event_id: "e1".into(),
+        kind: EntryKind::Message,
+        from: party("customer"),
+        text: Some("hello".into()),
+        message_id: None,
+        data: BTreeMap::new(),
+        at_ms: 1,
+    };
+    let got = s.append(&tn, "c1", &entry).await;
+    ::redis::cmd("ACL")
+        .arg(&["DELUSER", &user])
+        .query_async::<()>(&mut raw)
+        .await
+        .expect("ACL DELUSER");
+    match got {
+        Err(StoreError::Unavailable(detail)) => assert!(
+            detail.contains("stores.redis_min_replicas"),
+            "the failure names the setting: {detail}"
+        ),
+        other => panic!("a refused WAIT: {other:?}"),
+    }
+}

@@ -40,8 +40,12 @@
 //! write, and the write fails (its caller retries it, idempotently) if they do not within the
 //! wait. Write and `WAIT` go together, to whichever master takes the key (a redirect or a
 //! reconnect sends both again), so a `WAIT` never vouches for a write made on another
-//! connection. `WAIT` holds its connection, so a process's writes to one master wait for
-//! replicas one after another; reads keep their own connection.
+//! connection. A write answered from what is stored (a retried append answered "duplicate",
+//! a reserve of the agent already held) writes nothing, and `WAIT` covers only its own
+//! connection's writes: so a small barrier write in the key's slot goes between them, and
+//! once a replica has it, it has everything the master applied before, the other
+//! connection's write included. `WAIT` holds its connection, so a process's writes to one
+//! master wait for replicas one after another; reads keep their own connection.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Mutex, PoisonError};
@@ -419,19 +423,41 @@ impl Writer {
         let timeout_ms = u64::try_from(wait.timeout.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
-        let mut pipe = Pipeline::with_capacity(2);
+        let mut pipe = Pipeline::with_capacity(3);
         pipe.add_command(cmd.clone());
+        let barrier = barrier_key(cmd).ok_or_else(|| {
+            RedisError::from((
+                ErrorKind::ClientError,
+                "a write through the replica-waiting writer names no key",
+            ))
+        })?;
+        pipe.cmd("SET")
+            .arg(barrier)
+            .arg(1)
+            .arg("PX")
+            .arg(BARRIER_TTL_MS);
         pipe.cmd("WAIT").arg(wait.replicas).arg(timeout_ms);
-        let mut answers = self.conn.req_packed_commands(&pipe, 0, 2).await?;
-        let (Some(acked), Some(written)) = (answers.pop(), answers.pop()) else {
+        let mut answers = self.conn.req_packed_commands(&pipe, 0, 3).await?;
+        let (Some(acked), Some(_barrier), Some(written)) =
+            (answers.pop(), answers.pop(), answers.pop())
+        else {
             return Err(RedisError::from((
                 ErrorKind::ResponseError,
-                "a write with its WAIT got fewer than two answers",
+                "a write with its WAIT got fewer than three answers",
             )));
         };
         // The write's own error (NOSCRIPT, a script's refusal) first, as without the wait.
         let written = written.extract_error()?;
-        let acked: i64 = ::redis::from_redis_value(&acked)?;
+        // An error answer to `WAIT` (a master demoted while it waited, `-UNBLOCKED`; a user
+        // without the right, `-NOPERM`) comes as a value on one server: an error, so the write
+        // is retried, not a number that does not parse, which reads as corrupt data.
+        let acked: i64 = ::redis::from_redis_value(&acked.extract_error().map_err(|e| {
+            RedisError::from((
+                ErrorKind::ResponseError,
+                "WAIT refused",
+                format!("{e} (stores.redis_min_replicas)"),
+            ))
+        })?)?;
         if acked < i64::from(wait.replicas) {
             return Err(RedisError::from((
                 ErrorKind::ResponseError,
@@ -478,6 +504,47 @@ impl ConnectionLike for Writer {
     fn get_db(&self) -> i64 {
         self.conn.get_db()
     }
+}
+
+/// How long a replica-wait barrier key lives: longer than any wait (at most 4 s).
+const BARRIER_TTL_MS: u64 = 10_000;
+
+/// The barrier key written between a waited command and its `WAIT`: in the slot of the
+/// command's first key (its hash tag, or the whole key as a tag when it has none), so the
+/// three go to one master.
+fn barrier_key(cmd: &Cmd) -> Option<Vec<u8>> {
+    let args: Vec<&[u8]> = cmd
+        .args_iter()
+        .filter_map(|a| match a {
+            ::redis::Arg::Simple(b) => Some(b),
+            ::redis::Arg::Cursor => None,
+        })
+        .collect();
+    let name = args.first()?;
+    let key = if name.eq_ignore_ascii_case(b"EVALSHA") || name.eq_ignore_ascii_case(b"EVAL") {
+        let keys: usize = std::str::from_utf8(args.get(2)?).ok()?.parse().ok()?;
+        if keys == 0 {
+            return None;
+        }
+        args.get(3)?
+    } else {
+        args.get(1)?
+    };
+    let tag = hash_tag(key).unwrap_or(key);
+    let mut barrier = Vec::with_capacity(tag.len() + 8);
+    barrier.push(b'{');
+    barrier.extend_from_slice(tag);
+    barrier.extend_from_slice(b"}~wait");
+    Some(barrier)
+}
+
+/// The hash tag of `key` as Redis Cluster reads it: what is between its first `{` and the
+/// next `}`, if that is not empty.
+fn hash_tag(key: &[u8]) -> Option<&[u8]> {
+    let open = key.iter().position(|&b| b == b'{')?;
+    let rest = &key[open + 1..];
+    let close = rest.iter().position(|&b| b == b'}')?;
+    (close > 0).then(|| &rest[..close])
 }
 
 fn is_script_load(cmd: &Cmd) -> bool {
@@ -678,6 +745,17 @@ impl RedisStore {
         let answer = match self.conn() {
             Conn::Single(mut c) => c.req_packed_command(&cmd).await,
             Conn::Cluster(mut c) => {
+                if cursor == 0 {
+                    // `SCAN` names no key, so no node answers it MOVED: sent by a slot map
+                    // that a reshard made stale, it would walk the slot's old master, find
+                    // nothing, and the purge would pass for done. A command on a key of the
+                    // slot first follows any redirect and refreshes the map.
+                    ::redis::cmd("EXISTS")
+                        .arg(format!("{prefix}conv"))
+                        .query_async::<i64>(&mut c)
+                        .await
+                        .map_err(redis_err)?;
+                }
                 let route = Route::new(key_slot(prefix.as_bytes()), SlotAddr::Master);
                 let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
                 c.route_command(&cmd, routing).await
@@ -822,17 +900,7 @@ fn glob_escape(s: &str) -> String {
 /// The Redis Cluster slot of `key`: CRC16 (XMODEM) of its hash tag (of the key when it has
 /// none) modulo 16384, as the cluster spec defines it.
 fn key_slot(key: &[u8]) -> u16 {
-    let tag = key
-        .iter()
-        .position(|&b| b == b'{')
-        .and_then(|open| {
-            let rest = &key[open + 1..];
-            rest.iter()
-                .position(|&b| b == b'}')
-                .filter(|&close| close > 0)
-                .map(|close| &rest[..close])
-        })
-        .unwrap_or(key);
+    let tag = hash_tag(key).unwrap_or(key);
     let mut crc: u16 = 0;
     for &b in tag {
         crc ^= u16::from(b) << 8;
