@@ -1058,12 +1058,12 @@ async fn claimed_timers_come_back_unless_completed(t: TestStore) {
     let kind = unique("offer");
     let tn = &t.tenant;
     let lease = nexus::stores::session::TIMER_LEASE_MS;
-    for c in ["lost", "done", "moved"] {
+    for c in ["lost", "done", "moved", "again"] {
         s.schedule(&timer(&kind, tn, c), 100)
             .await
             .expect("schedule");
     }
-    assert_eq!(s.claim_due(&kind, 100, 10).await.expect("claim").len(), 3);
+    assert_eq!(s.claim_due(&kind, 100, 10).await.expect("claim").len(), 4);
     // "lost": its worker died before acting. "done": acted and completed. "moved": its action
     // rescheduled it, and completing must not undo that.
     s.complete_timer(&timer(&kind, tn, "done"), 100)
@@ -1075,6 +1075,14 @@ async fn claimed_timers_come_back_unless_completed(t: TestStore) {
     s.complete_timer(&timer(&kind, tn, "moved"), 100)
         .await
         .expect("complete moved");
+    // Scheduled again for the very millisecond its lease ends (another pod's handler, the
+    // default offer timeout being the lease's length): kept all the same.
+    s.schedule(&timer(&kind, tn, "again"), 100 + lease)
+        .await
+        .expect("schedule again");
+    s.complete_timer(&timer(&kind, tn, "again"), 100)
+        .await
+        .expect("complete again");
     assert!(
         s.claim_due(&kind, 100 + lease - 1, 10)
             .await
@@ -1082,10 +1090,13 @@ async fn claimed_timers_come_back_unless_completed(t: TestStore) {
             .is_empty(),
         "leased timers came back before their lease ended"
     );
+    let mut due = s.claim_due(&kind, 100 + lease, 10).await.expect("claim");
+    due.sort_by(|a, b| a.id.cmp(&b.id));
     assert_eq!(
-        s.claim_due(&kind, 100 + lease, 10).await.expect("claim"),
-        [timer(&kind, tn, "lost")],
-        "a claimed timer that was not completed fires again after the lease"
+        due,
+        [timer(&kind, tn, "again"), timer(&kind, tn, "lost")],
+        "a claimed timer that was not completed fires again after the lease, and one scheduled \
+         for that millisecond since is not taken for the lease"
     );
     assert_eq!(
         s.claim_due(&kind, 100 + lease + 500, 10)

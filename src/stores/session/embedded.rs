@@ -66,6 +66,10 @@ const QUEUE: TableDefinition<(&str, &str, u64, i64, &str), ()> = TableDefinition
 const QUEUE_INDEX: TableDefinition<Triple, (u64, i64)> = TableDefinition::new("queue_index");
 const TIMERS: TableDefinition<(&str, i64, &str, &str), ()> = TableDefinition::new("timers");
 const TIMER_INDEX: TableDefinition<Triple, i64> = TableDefinition::new("timer_index");
+/// Timers under a claim's lease, with the lease's due time: a completion removes a timer only
+/// while it is still the lease, not one a handler scheduled again since, even for the very
+/// millisecond the lease ends (a due time alone cannot tell them apart).
+const TIMER_LEASES: TableDefinition<Triple, i64> = TableDefinition::new("timer_leases");
 const SEEN: TableDefinition<&str, i64> = TableDefinition::new("seen");
 const SEEN_BY_TIME: TableDefinition<(i64, &str), ()> = TableDefinition::new("seen_by_time");
 /// Values of [`SessionStore::claim`] keys; their lifetimes live in `seen` under
@@ -187,6 +191,8 @@ impl EmbeddedStore {
                     .map_err(storage("create table"))?;
                 txn.open_table(TIMERS).map_err(storage("create table"))?;
                 txn.open_table(TIMER_INDEX)
+                    .map_err(storage("create table"))?;
+                txn.open_table(TIMER_LEASES)
                     .map_err(storage("create table"))?;
                 txn.open_table(SEEN).map_err(storage("create table"))?;
                 txn.open_table(SEEN_BY_TIME)
@@ -852,9 +858,15 @@ fn purge_tenant_timers(txn: &WriteTransaction, tenant: &str) -> Result<u64, Stor
             }
             out
         };
+        let mut leases = txn
+            .open_table(TIMER_LEASES)
+            .map_err(storage("open timers"))?;
         for (id, at) in &due {
             timers
                 .remove((k, *at, tenant, id.as_str()))
+                .map_err(storage("purge timers"))?;
+            leases
+                .remove((k, tenant, id.as_str()))
                 .map_err(storage("purge timers"))?;
         }
         removed += due.len() as u64;
@@ -1373,6 +1385,10 @@ impl SessionStore for EmbeddedStore {
             timers
                 .insert((k, due_ms, t, id), ())
                 .map_err(storage("write timer"))?;
+            txn.open_table(TIMER_LEASES)
+                .map_err(storage("open timers"))?
+                .remove((k, t, id))
+                .map_err(storage("write timer"))?;
             Ok(())
         })
         .await
@@ -1394,6 +1410,10 @@ impl SessionStore for EmbeddedStore {
                     .remove((k, old, t, id))
                     .map_err(storage("remove timer"))?;
             }
+            txn.open_table(TIMER_LEASES)
+                .map_err(storage("open timers"))?
+                .remove((k, t, id))
+                .map_err(storage("remove timer"))?;
             Ok(())
         })
         .await
@@ -1426,6 +1446,9 @@ impl SessionStore for EmbeddedStore {
             let mut index = txn
                 .open_table(TIMER_INDEX)
                 .map_err(storage("open timers"))?;
+            let mut leases = txn
+                .open_table(TIMER_LEASES)
+                .map_err(storage("open timers"))?;
             let lease = super::timer_lease_until(now_ms);
             let mut out = Vec::with_capacity(due.len());
             for (at, tenant_id, id) in due {
@@ -1437,6 +1460,9 @@ impl SessionStore for EmbeddedStore {
                     .insert((k, lease, t, i), ())
                     .map_err(storage("lease timer"))?;
                 index
+                    .insert((k, t, i), lease)
+                    .map_err(storage("lease timer"))?;
+                leases
                     .insert((k, t, i), lease)
                     .map_err(storage("lease timer"))?;
                 out.push(Timer {
@@ -1462,12 +1488,20 @@ impl SessionStore for EmbeddedStore {
                 .get((k, t, id))
                 .map_err(storage("read timer"))?
                 .map(|v| v.value());
-            if at == Some(lease) {
+            let mut leases = txn
+                .open_table(TIMER_LEASES)
+                .map_err(storage("open timers"))?;
+            let leased = leases
+                .get((k, t, id))
+                .map_err(storage("read timer"))?
+                .map(|v| v.value());
+            if at == Some(lease) && leased == Some(lease) {
                 index.remove((k, t, id)).map_err(storage("remove timer"))?;
                 txn.open_table(TIMERS)
                     .map_err(storage("open timers"))?
                     .remove((k, lease, t, id))
                     .map_err(storage("remove timer"))?;
+                leases.remove((k, t, id)).map_err(storage("remove timer"))?;
             }
             Ok(())
         })

@@ -316,7 +316,10 @@ for _, m in ipairs(due) do redis.call('ZADD', KEYS[1], 'XX', ARGV[3], m) end
 return due
 "#;
 
-/// Removes a timer only while it is still at its lease score.
+/// Removes a timer only while it is still at its lease score. A lease's score is half a
+/// millisecond before its end ([`lease_score`]), which no scheduled due time (whole
+/// milliseconds) can be: a timer a handler scheduled again since, even for the very millisecond
+/// the lease ends, is kept.
 const COMPLETE_TIMER: &str = r#"
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if score and tonumber(score) == tonumber(ARGV[2]) then redis.call('ZREM', KEYS[1], ARGV[1]) end
@@ -921,6 +924,12 @@ fn timer_member_prefix(tenant: &str) -> Result<String, StoreError> {
     Ok(format!("[{quoted},"))
 }
 
+/// The score of a timer claimed at `now_ms` (see `COMPLETE_TIMER`): half a millisecond before
+/// its lease ends, so a claim at the lease's end takes it, as a whole-millisecond score would.
+fn lease_score(now_ms: i64) -> String {
+    format!("{}.5", super::timer_lease_until(now_ms).saturating_sub(1))
+}
+
 fn timer_member(timer: &Timer) -> Result<String, StoreError> {
     serde_json::to_string(&(&timer.tenant_id, &timer.id)).map_err(|e| corrupt("timer member", e))
 }
@@ -1378,7 +1387,7 @@ impl SessionStore for RedisStore {
             .key(self.timers_key(kind))
             .arg(now_ms)
             .arg(max)
-            .arg(super::timer_lease_until(now_ms))
+            .arg(lease_score(now_ms))
             .invoke_async(&mut self.conn())
             .await
             .map_err(redis_err)?;
@@ -1409,7 +1418,7 @@ impl SessionStore for RedisStore {
             .complete_timer
             .key(self.timers_key(&timer.kind))
             .arg(timer_member(timer)?)
-            .arg(super::timer_lease_until(now_ms))
+            .arg(lease_score(now_ms))
             .invoke_async::<()>(&mut self.writer())
             .await
             .map_err(redis_err)
