@@ -18,14 +18,14 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
 
-use apache_avro::schema::RecordSchema;
+use apache_avro::schema::{ArraySchema, MapSchema, Name, RecordSchema, UnionSchema};
 use apache_avro::schema_compatibility::SchemaCompatibility;
 use apache_avro::Schema;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use super::node::{Node, Plan, RecordNode, Step};
+use super::node::{fixed_uuid, Node, Plan, RecordNode, Step};
 use super::pcf;
 
 include!(concat!(env!("OUT_DIR"), "/schema_files.rs"));
@@ -280,10 +280,11 @@ impl Registry {
     }
 
     /// The version a writer uses for `body`, and the body fields that version leaves out: the
-    /// oldest version whose readers see this body as it is, i.e. every field added since holds
-    /// the default such a reader fills in (else the latest). A pod that knows only that
-    /// version then reads what a newer pod writes, as long as it uses nothing new: what makes
-    /// a rolling upgrade of a role that reads its own events safe.
+    /// oldest version whose readers see this body as it is, i.e. every field it has is defined
+    /// as in the latest (type, default, order) and every field added since holds the latest's
+    /// default, which a reader resolving to the latest fills in (else the latest). A pod that
+    /// knows only that version then reads what a newer pod writes, as long as it uses nothing
+    /// new: what makes a rolling upgrade of a role that reads its own events safe.
     pub fn writer_for(
         &self,
         event_type: &str,
@@ -302,6 +303,27 @@ impl Registry {
             Some(d) => (&self.schemas[d.index], d.added.as_slice()),
             None => (latest, &[]),
         })
+    }
+
+    /// Every version of an event type, oldest first.
+    pub fn versions<'a>(&'a self, event_type: &'a str) -> impl Iterator<Item = &'a EventSchema> {
+        self.schemas
+            .iter()
+            .filter(move |s| s.event_type == event_type)
+    }
+
+    /// The earlier versions [`Registry::writer_for`] still writes, oldest first, each with the
+    /// body fields it leaves out (used only when they hold these, the latest's, defaults).
+    pub fn earlier_writers<'a>(
+        &'a self,
+        event_type: &str,
+    ) -> impl Iterator<Item = (&'a EventSchema, &'a [(String, Value)])> {
+        self.earlier
+            .get(event_type)
+            .map(|&at| self.downgrades[at].as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(|d| (&self.schemas[d.index], d.added.as_slice()))
     }
 
     /// One version of an event type.
@@ -327,11 +349,12 @@ impl Registry {
 
     /// The rules of `schemas/README.md`: every released version is kept and unchanged (its
     /// fingerprint equals the lock), each version can read the data of every earlier version
-    /// (`SchemaCompatibility::can_read(writer = old, reader = new)`, less the bytes → string
-    /// and string → uuid reads nexus's reader refuses for some values) and a field of the event
-    /// record or of a nested one is removed only if it had a default, versions are numbered
-    /// 1..N, record names never change, the envelope comes first, every schema and field has
-    /// a `doc`, every enum has a `default`. A version missing from the lock is reported as new.
+    /// (`SchemaCompatibility::can_read(writer = old, reader = new)` on the schemas with named
+    /// type references inlined, less the bytes → string and string → uuid reads nexus's reader
+    /// refuses for some values) and a field of the event record or of a nested one is removed
+    /// only if it had a default, versions are numbered 1..N, record names never change, the
+    /// envelope comes first, every schema and field has a `doc`, every enum has a `default`. A
+    /// version missing from the lock is reported as new.
     pub fn check(&self) -> Result<CheckReport, Vec<SchemaError>> {
         let mut errors = self.lint.clone();
         let mut by_type: Vec<(&str, Vec<&EventSchema>)> = Vec::new();
@@ -351,6 +374,10 @@ impl Registry {
                     break;
                 }
             }
+            let inlined: Vec<Schema> = versions
+                .iter()
+                .map(|s| inline_references(&s.schema))
+                .collect();
             for (j, newer) in versions.iter().enumerate() {
                 if newer.full_name != versions[0].full_name {
                     errors.push(invalid(
@@ -358,11 +385,11 @@ impl Registry {
                         format!("record name changed from {}", versions[0].full_name),
                     ));
                 }
-                for older in &versions[..j] {
+                for (i, older) in versions[..j].iter().enumerate() {
                     let removed = removed_without_default(&older.schema, &newer.schema);
                     let old_node = Node::Record(Arc::clone(&older.node));
                     let new_node = Node::Record(Arc::clone(&newer.node));
-                    if let Err(e) = SchemaCompatibility::can_read(&older.schema, &newer.schema) {
+                    if let Err(e) = SchemaCompatibility::can_read(&inlined[i], &inlined[j]) {
                         errors.push(SchemaError::Incompatible {
                             event_type: t.to_string(),
                             version: newer.version,
@@ -521,10 +548,11 @@ impl Registry {
 }
 
 /// An earlier version of a type that writes a body like the latest does when the fields added
-/// since hold their defaults: its fields are the latest's minus those, of the same types.
+/// since hold their defaults: its fields are the latest's minus those, each defined the same.
 pub(crate) struct Downgrade {
     index: usize,
-    /// The body fields added since, with their defaults.
+    /// The body fields added since, with the latest's defaults in nexus's JSON form (what a
+    /// body holds: base64 for bytes and fixed).
     added: Vec<(String, Value)>,
 }
 
@@ -535,35 +563,46 @@ impl Downgrade {
                 .get("fields")?
                 .as_array()?
                 .iter()
-                .map(|f| Some((f.get("name")?.as_str()?.to_owned(), f.clone())))
+                .map(|f| Some((f.get("name")?.as_str()?.to_owned(), without_docs(f))))
                 .collect()
         };
         let (old_fields, new_fields) = (fields(old)?, fields(latest)?);
-        // Every old field is in the latest with the same type (docs aside).
-        let same = old_fields.iter().all(|(name, f)| {
-            new_fields
-                .iter()
-                .any(|(n, g)| n == name && without_docs(&f["type"]) == without_docs(&g["type"]))
-        });
+        // Every old field is in the latest with the same definition, docs aside: the same type,
+        // and the same default and order. A default the latest added or changed would have the
+        // old version refuse a body without the field ("missing required field") or write its
+        // own default where the latest writes another.
+        let same = old_fields
+            .iter()
+            .all(|(name, f)| new_fields.iter().any(|(n, g)| n == name && f == g));
         if !same {
             return None;
         }
-        let added = new_fields
+        let added = latest
+            .node
+            .fields
             .iter()
-            .filter(|(n, _)| !old_fields.iter().any(|(o, _)| o == n))
-            .map(|(n, f)| Some((n.clone(), f.get("default")?.clone())))
+            .filter(|f| !old_fields.iter().any(|(o, _)| *o == f.name))
+            .map(|f| Some((f.name.clone(), f.default.as_ref()?.0.clone())))
             .collect::<Option<Vec<_>>>()?;
         Some(Downgrade { index, added })
     }
 }
 
-/// A schema's JSON without its `doc` attributes (corrected freely between versions).
+/// A schema's JSON without its `doc` attributes (corrected freely between versions). Default
+/// values are kept whole: a record default's `doc` key is data.
 fn without_docs(v: &Value) -> Value {
     match v {
         Value::Object(m) => Value::Object(
             m.iter()
                 .filter(|(k, _)| k.as_str() != "doc")
-                .map(|(k, v)| (k.clone(), without_docs(v)))
+                .map(|(k, v)| {
+                    let v = if k == "default" {
+                        v.clone()
+                    } else {
+                        without_docs(v)
+                    };
+                    (k.clone(), v)
+                })
                 .collect(),
         ),
         Value::Array(a) => Value::Array(a.iter().map(without_docs).collect()),
@@ -697,6 +736,9 @@ fn load_event(
     }
     first["type"] = envelope.clone();
 
+    if let Some(message) = fixed_uuid(&composed) {
+        return Err(invalid(path, message));
+    }
     let schema = apache_avro::Schema::parse(&composed).map_err(|e| invalid(path, e.to_string()))?;
     let canonical_form = pcf::canonical_form(&composed).map_err(|e| invalid(path, e))?;
     let fingerprint = pcf::crc64_avro(canonical_form.as_bytes());
@@ -931,6 +973,52 @@ fn removed_without_default(older: &Schema, newer: &Schema) -> Option<String> {
             .find(|f| !new.fields.iter().any(|n| n.name == f.name))
             .map(|f| format!("{}.{}", old.name.name, f.name))
     })
+}
+
+/// `schema` with each reference to a named type replaced by the type's definition. apache-avro's
+/// `can_read` takes a reference as equal to a reference of the same name without comparing the
+/// definitions, and answers "inconclusive" for a reference against a definition: both happen
+/// when a version moves where a type is defined (removes the field that defined it inline, so a
+/// later field now does). Inlined, every use is compared by Avro's rules as a definition.
+/// Recursive types, the only ones that must stay references, are refused at load.
+fn inline_references(schema: &Schema) -> Schema {
+    fn inline(schema: &Schema, defined: &mut HashMap<Name, Schema>) -> Schema {
+        match schema {
+            Schema::Ref { name } => defined.get(name).cloned().unwrap_or_else(|| schema.clone()),
+            Schema::Record(r) => {
+                let mut r = r.clone();
+                for f in &mut r.fields {
+                    f.schema = inline(&f.schema, defined);
+                }
+                defined.insert(r.name.clone(), Schema::Record(r.clone()));
+                Schema::Record(r)
+            }
+            Schema::Enum(e) => {
+                defined.insert(e.name.clone(), schema.clone());
+                schema.clone()
+            }
+            Schema::Fixed(f) => {
+                defined.insert(f.name.clone(), schema.clone());
+                schema.clone()
+            }
+            Schema::Array(a) => Schema::Array(ArraySchema {
+                items: Box::new(inline(&a.items, defined)),
+                attributes: a.attributes.clone(),
+            }),
+            Schema::Map(m) => Schema::Map(MapSchema {
+                types: Box::new(inline(&m.types, defined)),
+                attributes: m.attributes.clone(),
+            }),
+            Schema::Union(u) => {
+                let branches = u.variants().iter().map(|b| inline(b, defined)).collect();
+                // Inlining keeps each branch's kind (a reference becomes the named type it
+                // names), so the union stays valid; were it refused, the original is checked.
+                UnionSchema::new(branches).map_or_else(|_| schema.clone(), Schema::Union)
+            }
+            other => other.clone(),
+        }
+    }
+    inline(schema, &mut HashMap::new())
 }
 
 /// Every record `schema` defines, outermost first. A named type is defined once; its later

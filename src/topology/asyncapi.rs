@@ -1,6 +1,9 @@
 //! The AsyncAPI 3.0 document of the topology: one channel per topic (dead-letter topics
-//! included), one message per event type with its Avro schema as payload, a `receive`
-//! operation per role and topic and a `send` operation per producer and topic.
+//! included), one message per event type and schema version with that version's Avro schema as
+//! payload (`<Type>` is the latest, `<Type>.v<N>` each earlier one: the bus carries every
+//! version, written before the next existed, by writers that still use an earlier version for
+//! bodies that need nothing newer, or copied by `nexus replay`), a `receive` operation per role
+//! and topic and a `send` operation per producer and topic.
 //!
 //! Built as an ordered YAML mapping rather than typed structs: the document is write-only for
 //! nexus, and insertion order keeps it readable top-down (info, servers, channels, ...).
@@ -9,7 +12,7 @@ use serde_yaml::{Mapping, Value};
 
 use super::{Role, Topic, Topology};
 use crate::bus::headers;
-use crate::events::Registry;
+use crate::events::{EventSchema, Registry};
 
 /// The AsyncAPI version written.
 pub const ASYNCAPI_VERSION: &str = "3.0.0";
@@ -46,8 +49,8 @@ fn document(topology: &Topology, registry: &Registry) -> Value {
         ),
         ("defaultContentType", s(CONTENT_TYPE)),
         ("servers", servers()),
-        ("channels", channels(topology)),
-        ("operations", operations(topology)),
+        ("channels", channels(topology, registry)),
+        ("operations", operations(topology, registry)),
         ("components", map([("messages", messages(topology, registry))])),
     ])
 }
@@ -81,18 +84,37 @@ fn channel_ref(topic: &str) -> Value {
     map([("$ref", s(format!("#/channels/{topic}")))])
 }
 
-fn channels(topology: &Topology) -> Value {
+/// The message ids of an event type, as in `components/messages` and in each channel: the type
+/// name for the latest version, then `<Type>.v<N>` for each earlier version, oldest first (the
+/// type name alone when the registry does not know the type).
+fn message_ids(event: &str, registry: &Registry) -> Vec<String> {
+    let latest = registry.latest(event).map_or(0, |l| l.version);
+    std::iter::once(event.to_owned())
+        .chain(
+            registry
+                .versions(event)
+                .filter(|v| v.version < latest)
+                .map(|v| earlier_id(event, v.version)),
+        )
+        .collect()
+}
+
+fn earlier_id(event: &str, version: u32) -> String {
+    format!("{event}.v{version}")
+}
+
+fn channels(topology: &Topology, registry: &Registry) -> Value {
     let mut channels = Mapping::new();
     for topic in &topology.topics {
-        channels.insert(s(&topic.name), channel(topic, &topic.name, false));
+        channels.insert(s(&topic.name), channel(topic, &topic.name, false, registry));
         if let Some(dlq) = topic.dlq_name() {
-            channels.insert(s(&dlq), channel(topic, &dlq, true));
+            channels.insert(s(&dlq), channel(topic, &dlq, true, registry));
         }
     }
     Value::Mapping(channels)
 }
 
-fn channel(topic: &Topic, address: &str, dead_letter: bool) -> Value {
+fn channel(topic: &Topic, address: &str, dead_letter: bool, registry: &Registry) -> Value {
     let (description, partitions, retention) = if dead_letter {
         let d = format!(
             "Dead letters of `{}`: records a consumer could not decode or failed on for good, \
@@ -120,11 +142,9 @@ fn channel(topic: &Topic, address: &str, dead_letter: bool) -> Value {
         .0
         .map_or(-1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
     let mut messages = Mapping::new();
-    for event in &topic.events {
-        messages.insert(
-            s(event),
-            map([("$ref", s(format!("#/components/messages/{event}")))]),
-        );
+    for id in topic.events.iter().flat_map(|e| message_ids(e, registry)) {
+        let reference = map([("$ref", s(format!("#/components/messages/{id}")))]);
+        messages.insert(s(id), reference);
     }
     map([
         ("address", s(address)),
@@ -155,13 +175,15 @@ fn channel(topic: &Topic, address: &str, dead_letter: bool) -> Value {
     ])
 }
 
-/// References to every message of a channel, as operations must list them.
-fn channel_messages(topic: &Topic, channel: &str) -> Value {
+/// References to every message of a channel, every version of each event type, as operations
+/// must list them.
+fn channel_messages(topic: &Topic, channel: &str, registry: &Registry) -> Value {
     Value::Sequence(
         topic
             .events
             .iter()
-            .map(|e| map([("$ref", s(format!("#/channels/{channel}/messages/{e}")))]))
+            .flat_map(|e| message_ids(e, registry))
+            .map(|id| map([("$ref", s(format!("#/channels/{channel}/messages/{id}")))]))
             .collect(),
     )
 }
@@ -191,7 +213,7 @@ fn group_binding(role: &Role) -> Value {
     )])
 }
 
-fn operations(topology: &Topology) -> Value {
+fn operations(topology: &Topology, registry: &Registry) -> Value {
     let mut ops = Mapping::new();
     for role in &topology.roles {
         for topic in role.topics.iter().filter_map(|t| topology.topic(t)) {
@@ -214,7 +236,7 @@ fn operations(topology: &Topology) -> Value {
                     ("title", s(format!("{} reads {}", role.name, topic.name))),
                     ("summary", s(role.description.trim())),
                     ("description", s(format!("Role `{}`: {mode}.", role.name))),
-                    ("messages", channel_messages(topic, &topic.name)),
+                    ("messages", channel_messages(topic, &topic.name, registry)),
                     ("x-nexus-role", s(&role.name)),
                     ("x-nexus-concurrency", Value::from(role.concurrency)),
                     ("bindings", group_binding(role)),
@@ -235,7 +257,7 @@ fn operations(topology: &Topology) -> Value {
                             "summary",
                             s("What the role cannot decode or fails on for good, unchanged."),
                         ),
-                        ("messages", channel_messages(topic, &dlq)),
+                        ("messages", channel_messages(topic, &dlq, registry)),
                         ("x-nexus-role", s(&role.name)),
                     ]),
                 );
@@ -261,7 +283,7 @@ fn operations(topology: &Topology) -> Value {
                             topic.key
                         )),
                     ),
-                    ("messages", channel_messages(topic, &topic.name)),
+                    ("messages", channel_messages(topic, &topic.name, registry)),
                 ]),
             );
         }
@@ -277,13 +299,26 @@ fn messages(topology: &Topology, registry: &Registry) -> Value {
             if messages.contains_key(&key) {
                 continue;
             }
-            messages.insert(key, message(topology, event, registry));
+            messages.insert(key, message(topology, event, registry, None));
+            let latest = registry.latest(event).map_or(0, |l| l.version);
+            for earlier in registry.versions(event).filter(|v| v.version < latest) {
+                messages.insert(
+                    s(earlier_id(event, earlier.version)),
+                    message(topology, event, registry, Some(earlier)),
+                );
+            }
         }
     }
     Value::Mapping(messages)
 }
 
-fn message(topology: &Topology, event: &str, registry: &Registry) -> Value {
+/// The message of an event type: its latest version, or `earlier`, one of its earlier versions.
+fn message(
+    topology: &Topology,
+    event: &str,
+    registry: &Registry,
+    earlier: Option<&EventSchema>,
+) -> Value {
     let topics: Vec<&str> = topology
         .topics
         .iter()
@@ -294,10 +329,20 @@ fn message(topology: &Topology, event: &str, registry: &Registry) -> Value {
         .topic(topics[0])
         .map_or("conversation id", |t| t.key.as_str())
         .to_owned();
+    let latest = registry.latest(event);
+    let schema = earlier.or(latest);
     let mut m = Mapping::new();
-    m.insert(s("name"), s(event));
-    m.insert(s("title"), s(event));
-    let schema = registry.latest(event);
+    match earlier {
+        Some(e) => {
+            let id = earlier_id(event, e.version);
+            m.insert(s("name"), s(&id));
+            m.insert(s("title"), s(format!("{event} v{}", e.version)));
+        }
+        None => {
+            m.insert(s("name"), s(event));
+            m.insert(s("title"), s(event));
+        }
+    }
     let summary = schema
         .and_then(|sch| sch.json.get("doc"))
         .and_then(|d| d.as_str())
@@ -305,14 +350,47 @@ fn message(topology: &Topology, event: &str, registry: &Registry) -> Value {
         .unwrap_or_else(|| format!("{event} on {}.", topics.join(", ")));
     m.insert(s("summary"), s(summary));
     m.insert(s("contentType"), s(CONTENT_TYPE));
-    m.insert(
-        s("description"),
-        s(
-            "Avro single-object encoding: the marker C3 01, the writer schema's CRC-64-AVRO \
-           fingerprint (8 bytes, little-endian), then the Avro binary body. Readers resolve to \
-           the latest schema version; what they cannot decode goes to the dead-letter topic.",
-        ),
+    let mut description = String::from(
+        "Avro single-object encoding: the marker C3 01, the writer schema's CRC-64-AVRO \
+         fingerprint (8 bytes, little-endian), then the Avro binary body. Readers resolve to \
+         the latest schema version; what they cannot decode goes to the dead-letter topic.",
     );
+    let latest_version = latest.map_or(0, |l| l.version);
+    match earlier {
+        None if latest_version > 1 => description.push_str(&format!(
+            " Payloads of earlier versions are on the bus too: messages {} (a reader accepts \
+             every fingerprint in `x-nexus-reader-fingerprints`).",
+            (1..latest_version)
+                .map(|v| format!("`{}`", earlier_id(event, v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        None => {}
+        Some(e) => {
+            description.push_str(&format!(
+                " Version {} of {event} (the latest is v{latest_version}): written by pods \
+                 that predate v{} and copied as is by `nexus replay`",
+                e.version,
+                e.version + 1
+            ));
+            match written_when(registry, event, e.version) {
+                Some(fields) if fields.is_empty() => {
+                    description.push_str(", and still by current writers.")
+                }
+                Some(fields) => description.push_str(&format!(
+                    ", and still by current writers for bodies whose fields added since hold \
+                     their defaults ({}; else they write a later version).",
+                    fields
+                        .iter()
+                        .map(|f| format!("`{f}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+                None => description.push('.'),
+            }
+        }
+    }
+    m.insert(s("description"), s(description));
     m.insert(s("headers"), message_headers(event));
     match schema {
         Some(schema) => {
@@ -328,6 +406,17 @@ fn message(topology: &Topology, event: &str, registry: &Registry) -> Value {
                 s("x-nexus-fingerprint"),
                 s(format!("{:016x}", schema.fingerprint)),
             );
+            if earlier.is_none() {
+                let all = registry
+                    .versions(event)
+                    .map(|v| s(format!("{:016x}", v.fingerprint)))
+                    .collect();
+                m.insert(s("x-nexus-reader-fingerprints"), Value::Sequence(all));
+            }
+            if let Some(fields) = earlier.and_then(|e| written_when(registry, event, e.version)) {
+                let fields = fields.into_iter().map(s).collect();
+                m.insert(s("x-nexus-written-when-defaults"), Value::Sequence(fields));
+            }
         }
         None => {
             m.insert(
@@ -347,6 +436,15 @@ fn message(topology: &Topology, event: &str, registry: &Registry) -> Value {
         )]),
     );
     Value::Mapping(m)
+}
+
+/// The fields that must hold their defaults for current writers to write `version` of `event`
+/// (see `Registry::writer_for`); `None` when they never write it.
+fn written_when<'a>(registry: &'a Registry, event: &str, version: u32) -> Option<Vec<&'a str>> {
+    registry
+        .earlier_writers(event)
+        .find(|(schema, _)| schema.version == version)
+        .map(|(_, left_out)| left_out.iter().map(|(f, _)| f.as_str()).collect())
 }
 
 fn message_headers(event: &str) -> Value {
@@ -496,6 +594,91 @@ mod tests {
                 assert_eq!(back, schema.json, "{event}");
             }
         }
+    }
+
+    /// Writers still put earlier schema versions on the bus (`MessageSent` v1 while
+    /// `visibility` holds its default, any version written before the next existed), so every
+    /// version of every type is a message of each channel carrying the type, dead letters
+    /// included, with its own schema and fingerprint, and in each operation on the channel.
+    #[test]
+    fn every_schema_version_is_a_message_of_the_channels_of_its_type() {
+        let topology = Topology::builtin();
+        let registry = Registry::builtin();
+        let doc = parsed(&topology);
+        let messages = &doc["components"]["messages"];
+
+        let v1 = &messages["MessageSent.v1"];
+        assert_eq!(v1["name"].as_str(), Some("MessageSent.v1"));
+        assert_eq!(v1["x-nexus-schema-version"].as_u64(), Some(1));
+        assert_eq!(
+            v1["x-nexus-written-when-defaults"],
+            serde_yaml::from_str::<Value>("[visibility]").unwrap()
+        );
+        assert_eq!(
+            v1["headers"]["properties"][headers::EVENT_TYPE]["const"].as_str(),
+            Some("MessageSent")
+        );
+
+        let mut earlier = 0;
+        for schema in registry.all() {
+            let t = schema.event_type.as_str();
+            let carriers: Vec<&Topic> = topology
+                .topics
+                .iter()
+                .filter(|topic| topic.events.iter().any(|e| e == t))
+                .collect();
+            if carriers.is_empty() {
+                continue;
+            }
+            let latest = registry.latest(t).unwrap();
+            let id = if schema.version == latest.version {
+                t.to_owned()
+            } else {
+                earlier += 1;
+                format!("{t}.v{}", schema.version)
+            };
+            let fingerprint = format!("{:016x}", schema.fingerprint);
+            let message = &messages[id.as_str()];
+            assert_eq!(
+                message["x-nexus-fingerprint"].as_str(),
+                Some(fingerprint.as_str()),
+                "{id}"
+            );
+            let back: serde_json::Value =
+                serde_yaml::from_value(message["payload"]["schema"].clone()).unwrap();
+            assert_eq!(back, schema.json, "{id}");
+            assert!(
+                messages[t]["x-nexus-reader-fingerprints"]
+                    .as_sequence()
+                    .is_some_and(|all| all.iter().any(|f| f.as_str() == Some(&fingerprint))),
+                "{id}"
+            );
+            for topic in carriers {
+                for channel in std::iter::once(topic.name.clone()).chain(topic.dlq_name()) {
+                    assert_eq!(
+                        doc["channels"][channel.as_str()]["messages"][id.as_str()]["$ref"].as_str(),
+                        Some(format!("#/components/messages/{id}").as_str()),
+                        "{channel} {id}"
+                    );
+                }
+                let reference = format!("#/channels/{}/messages/{id}", topic.name);
+                let operations = doc["operations"].as_mapping().unwrap().values();
+                for op in operations.filter(|op| {
+                    op["channel"]["$ref"].as_str() == Some(&format!("#/channels/{}", topic.name))
+                }) {
+                    assert!(
+                        op["messages"]
+                            .as_sequence()
+                            .unwrap()
+                            .iter()
+                            .any(|m| m["$ref"].as_str() == Some(&reference)),
+                        "{} lists {id}",
+                        op["title"].as_str().unwrap_or("?")
+                    );
+                }
+            }
+        }
+        assert!(earlier >= 4, "the built-in registry has earlier versions");
     }
 
     #[test]
