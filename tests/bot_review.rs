@@ -350,6 +350,83 @@ async fn a_bot_handoff_to_a_queue_id_no_queue_can_have_goes_to_the_rules_queue()
     assert_eq!(sys.texts(&id).await, ["I need a person", "passing you on"]);
 }
 
+/// A bot that hands off through the bot API while its turn's call is still out, then fails
+/// that call (a 500): the worker does not fall back on the record it read before (no "Connecting
+/// you to an agent." notice pushed into a chat that is the queue's, no entry in the rule's
+/// queue besides the one the bot chose). Before, the failure path acted on that stale record.
+#[tokio::test]
+async fn a_turn_failed_after_the_bot_handed_off_falls_back_to_nothing() {
+    let sys = Arc::new(sys().await);
+    let (called_tx, mut called) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let app = {
+        let release = release.clone();
+        axum::Router::new().route(
+            "/bot",
+            axum::routing::post(move || {
+                let (called_tx, release) = (called_tx.clone(), release.clone());
+                async move {
+                    let _ = called_tx.send(());
+                    release.notified().await;
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                }
+            }),
+        )
+    };
+    let url = serve(app).await;
+    let (bot, token) = sys.bot(&url).await;
+    let id = sys.with_bot(&bot, BTreeMap::new()).await;
+    let (event, message) = sys.customer_says(&id, "hello");
+    let turn = {
+        let sys = sys.clone();
+        tokio::spawn(async move {
+            for _ in 0..5 {
+                match sys.worker.handle(&event, &message).await {
+                    Ok(()) => return,
+                    Err(HandleError::Retry(_)) => continue,
+                    Err(e) => panic!("customer message: {e}"),
+                }
+            }
+            panic!("the customer message never applied");
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(10), called.recv())
+        .await
+        .expect("the bot is called")
+        .expect("called");
+
+    let before = sys.messages(AGENT_TOPIC).await.len();
+    let (status, body) = sys
+        .bot_api(
+            &token,
+            "POST",
+            &format!("/v1/bot/conversations/{id}/handoff"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(sys.apply_from(AGENT_TOPIC, before).await, 1);
+    let handed = sys.record(&id).await;
+    assert_eq!(handed.state, ConversationState::Queued);
+
+    release.notify_one();
+    turn.await.expect("turn task");
+    assert_eq!(
+        sys.texts(&id).await,
+        ["hello"],
+        "a fallback notice after the handoff"
+    );
+    let record = sys.record(&id).await;
+    assert_eq!(record.state, ConversationState::Queued);
+    assert_eq!(record.queue_id, handed.queue_id);
+    let pushed = sys
+        .messages("nexus.delivery.v1")
+        .await
+        .iter()
+        .any(|m| String::from_utf8_lossy(&m.payload).contains("Connecting you"));
+    assert!(!pushed, "a push of the fallback notice");
+}
+
 /// A bot that hands off through the bot API while its turn's call is still out, then answers
 /// that call: the answer is not written after the handoff (the customer and the agent the
 /// chat goes to never see it), as a bot API post racing a handoff is dropped. Before, the

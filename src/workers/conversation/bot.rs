@@ -107,12 +107,20 @@ impl DownBots {
         }
     }
 
-    /// The failure a call now would repeat, while the bot's window lasts.
+    /// The failure a call now would repeat, while the bot's window lasts. Once it is over, one
+    /// caller (the probe) is let through and the window starts again for the others: every
+    /// turn due then calling a bot that still hangs would tie up a lane each for the call's
+    /// timeout. The probe's outcome then closes the window or keeps it open.
     pub fn recently(&self, bot: &(String, String)) -> Option<BotError> {
-        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        seen.get(bot)
-            .filter(|(at, _)| at.elapsed() < self.window)
-            .map(|(_, why)| BotError::Down(format!("{why} (seen down, not called again yet)")))
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let (at, why) = seen.get_mut(bot)?;
+        if at.elapsed() < self.window {
+            return Some(BotError::Down(format!(
+                "{why} (seen down, not called again yet)"
+            )));
+        }
+        *at = std::time::Instant::now();
+        None
     }
 
     /// Notes a call's outcome: a bot down opens its window, an answer (even a refusal or a
@@ -294,6 +302,34 @@ pub async fn call(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Once a bot's window is over, one turn calls it (the probe) and the others keep failing
+    /// as the last call did until that probe's outcome is noted. Before, every turn due after
+    /// the window called a bot that still hung, each holding a lane for the call's timeout.
+    #[test]
+    fn one_probe_goes_once_a_down_bots_window_is_over() {
+        let bots = DownBots::new(std::time::Duration::from_millis(50));
+        let bot = ("t1".to_string(), "b1".to_string());
+        assert!(bots.recently(&bot).is_none(), "never seen down");
+        bots.note(&bot, &Err(BotError::Down("timed out".into())));
+        assert!(matches!(bots.recently(&bot), Some(BotError::Down(_))));
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        assert!(bots.recently(&bot).is_none(), "the probe goes");
+        for _ in 0..3 {
+            assert!(
+                matches!(bots.recently(&bot), Some(BotError::Down(_))),
+                "a second caller while the probe runs"
+            );
+        }
+        bots.note(
+            &bot,
+            &Ok(BotTurn {
+                replies: Vec::new(),
+                handoff: None,
+            }),
+        );
+        assert!(bots.recently(&bot).is_none(), "answered: no window");
+    }
 
     fn limits() -> Limits {
         Limits {

@@ -928,6 +928,15 @@ impl ConversationWorker {
         let turn = match call {
             Some(Ok(turn)) => turn,
             failed => {
+                // The bot may have handed off through its API while its call hung: the queue
+                // notice and hand-off below would act on a record no longer the bot's (a
+                // notice pushed mid-conversation with an agent, an entry in another queue).
+                if !self.still_with_bot(c, &bot_id).await? {
+                    return Err(HandleError::Retry(format!(
+                        "conversation {} left the bot while its call failed; applying again",
+                        c.conversation_id
+                    )));
+                }
                 if let Some(Err(err)) = &failed {
                     let retrying = self.config.bot_fallback == super::config::BotFallback::Retry;
                     // How long the turn may be tried again for, and the wait the bot asked.
