@@ -322,6 +322,41 @@ impl Config {
             .min(self.workers.conversation.closed_retention_s)
     }
 
+    /// On a Kafka bus, settings that would otherwise be dropped without a word: TLS files on
+    /// a plaintext URL (a `kafka://` client never reads them), SASL credentials without a
+    /// mechanism (the client would connect without SASL). Other buses never read the Kafka
+    /// settings (one config serves pods of every kind).
+    fn check_kafka_security(&self) -> Result<(), ConfigError> {
+        let Ok(BusUrl::Kafka { tls, .. }) = BusUrl::parse(&self.bus.url) else {
+            return Ok(());
+        };
+        if !tls {
+            for (key, value) in [
+                ("bus.ca_file", &self.bus.ca_file),
+                ("bus.client_cert_file", &self.bus.client_cert_file),
+            ] {
+                if !value.is_empty() {
+                    return Err(invalid(
+                        key,
+                        "is for TLS only: bus.url must be kafka+ssl:// for the Kafka client to use it",
+                    ));
+                }
+            }
+        }
+        let k = &self.bus.kafka;
+        if k.sasl_mechanism.is_empty()
+            && !(k.sasl_username.is_empty() && k.sasl_password.is_empty())
+        {
+            return Err(invalid(
+                "bus.kafka.sasl_mechanism",
+                "is empty while bus.kafka.sasl_username or sasl_password is set: without a \
+                 mechanism the client connects without SASL (set PLAIN, SCRAM-SHA-256 or \
+                 SCRAM-SHA-512)",
+            ));
+        }
+        Ok(())
+    }
+
     /// Cross-field and format rules.
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_bus_url(&self.bus.url)?;
@@ -400,6 +435,7 @@ impl Config {
                 "set both client_cert_file and client_key_file, or neither",
             ));
         }
+        self.check_kafka_security()?;
         if self.consumer.concurrency == 0 {
             return Err(invalid("consumer.concurrency", "must be at least 1"));
         }
@@ -1642,6 +1678,66 @@ mod tests {
             let err = Config::load_with_env(None, vars).expect_err(name);
             assert!(err.to_string().contains(name), "{name}: {err}");
         }
+    }
+
+    /// Kafka security settings the client would drop without a word are refused naming the
+    /// key: TLS files on a plaintext `kafka://` URL, SASL credentials without a mechanism (the
+    /// chart sets only the password from its Secret). Other buses never read them.
+    #[test]
+    fn kafka_security_settings_the_client_would_drop_are_refused() {
+        let load = |vars: &[(&str, &str)]| {
+            Config::load_with_env(
+                None,
+                vars.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+            )
+        };
+        for (vars, key, why) in [
+            (
+                &[
+                    ("NEXUS_BUS__URL", "kafka://k:9092"),
+                    ("NEXUS_BUS__CA_FILE", "/ca.pem"),
+                ][..],
+                "bus.ca_file",
+                "TLS only",
+            ),
+            (
+                &[
+                    ("NEXUS_BUS__URL", "kafka://k:9092"),
+                    ("NEXUS_BUS__CLIENT_CERT_FILE", "/c.pem"),
+                    ("NEXUS_BUS__CLIENT_KEY_FILE", "/k.pem"),
+                ][..],
+                "bus.client_cert_file",
+                "TLS only",
+            ),
+            (
+                &[
+                    ("NEXUS_BUS__URL", "kafka+ssl://k:9093"),
+                    ("NEXUS_BUS__KAFKA__SASL_PASSWORD", "p"),
+                ][..],
+                "bus.kafka.sasl_mechanism",
+                "without SASL",
+            ),
+        ] {
+            // Not `expect_err`: its message would print the loaded config.
+            let Err(err) = load(vars) else {
+                panic!("{key}: accepted");
+            };
+            let err = err.to_string();
+            assert!(err.contains(key) && err.contains(why), "{key}: {err}");
+        }
+        load(&[
+            ("NEXUS_BUS__URL", "kafka+ssl://k:9093"),
+            ("NEXUS_BUS__CA_FILE", ""),
+            ("NEXUS_BUS__KAFKA__SASL_MECHANISM", "SCRAM-SHA-512"),
+            ("NEXUS_BUS__KAFKA__SASL_USERNAME", "u"),
+            ("NEXUS_BUS__KAFKA__SASL_PASSWORD", "p"),
+        ])
+        .expect("SASL with its mechanism");
+        load(&[
+            ("NEXUS_BUS__URL", "nats://n:4222"),
+            ("NEXUS_BUS__KAFKA__SASL_PASSWORD", "p"),
+        ])
+        .expect("Kafka settings on another bus are not read");
     }
 
     /// An admin token beyond ASCII cannot come in an Authorization header that is read as
