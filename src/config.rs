@@ -485,6 +485,15 @@ impl Config {
         } else {
             None
         };
+        // librdkafka's `max.poll.interval.ms`, which must cover a Kafka member's wait, stops at
+        // 24 h (see `bus::kafka::consumer::max_poll_interval_ms`).
+        if kind == "kafka" && self.bus.kafka.handover_wait_ms > 82_800_000 {
+            return Err(invalid(
+                "bus.kafka.handover_wait_ms",
+                "must be at most 82800000 (23 h): librdkafka takes a member out of its group \
+                 after 24 h in a rebalance",
+            ));
+        }
         if let Some((key, wait, what)) = handover {
             if wait < self.consumer.handler_timeout_ms {
                 return Err(invalid(
@@ -1353,7 +1362,7 @@ mod tests {
         c.stores.redis_cluster = true;
         c.stores.redis_url = "rediss://:pw@r1:7000, rediss://:pw@r2:7000/0".into();
         c.validate().expect("a cluster's nodes");
-        let cases: [(&str, Set); 16] = [
+        let cases: [(&str, Set); 17] = [
             ("stores.redis_url", |c| {
                 c.stores.redis_cluster = true;
                 c.stores.redis_url = "redis://r1:7000,rediss://:s3cret@r2:7000".into()
@@ -1385,6 +1394,10 @@ mod tests {
             ("bus.kafka.handover_wait_ms", |c| {
                 c.bus.url = "kafka://127.0.0.1:9092".into();
                 c.bus.kafka.handover_wait_ms = 1000;
+            }),
+            ("bus.kafka.handover_wait_ms", |c| {
+                c.bus.url = "kafka://127.0.0.1:9092".into();
+                c.bus.kafka.handover_wait_ms = 82_800_001;
             }),
             ("bus.embedded.handover_wait_ms", |c| {
                 c.consumer.handler_timeout_ms = 60_000;

@@ -31,6 +31,11 @@ pub const HTTP_REQUESTS_TOTAL: &str = "nexus_http_requests_total";
 pub const HTTP_REQUEST_SECONDS: &str = "nexus_http_request_duration_seconds";
 /// 1 while the bus answers, 0 otherwise (readiness probe result).
 pub const BUS_UP: &str = "nexus_bus_up";
+/// Kafka producers replaced after a fatal error, per `code` (librdkafka's).
+pub const BUS_PRODUCER_RECREATED_TOTAL: &str = "nexus_bus_producer_recreated_total";
+/// Kafka consumer errors librdkafka recovers from by itself, per `reader` (member, tail) and
+/// `code`.
+pub const BUS_CONSUMER_ERRORS_TOTAL: &str = "nexus_bus_consumer_errors_total";
 /// Calls to bot endpoints, per `outcome` (ok, failed, throttled: a 429).
 pub const BOT_CALLS_TOTAL: &str = "nexus_bot_calls_total";
 /// WebSockets dropped because the client answered no ping for three intervals.
@@ -112,6 +117,14 @@ pub(super) fn register_alerting_counters() {
 
 pub(super) fn describe_all() {
     describe_webhooks();
+    describe_counter!(
+        BUS_PRODUCER_RECREATED_TOTAL,
+        "Kafka producers replaced after a fatal error (librdkafka refuses every record after one), by code."
+    );
+    describe_counter!(
+        BUS_CONSUMER_ERRORS_TOTAL,
+        "Kafka consumer errors librdkafka recovers from by itself (a broker down, a handshake failing while it restarts), by reader (member, tail) and code."
+    );
     describe_counter!(
         GWS_OPERATIONS_TOTAL,
         "GWS operations of the gws role by operation and outcome (applied, reconciled, duplicate, rejected, skipped)."

@@ -407,13 +407,15 @@ pub(super) async fn group_positions(
         let committed = client
             .committed_offsets(tpl, REQUEST_TIMEOUT)
             .map_err(map_err)?;
+        let committed: HashMap<i32, Offset> =
+            committed_of(&committed, &topic)?.into_iter().collect();
         Ok(offsets
             .iter()
             .map(|o| {
                 let c = committed
-                    .find_partition(&topic, o.partition as i32)
-                    .and_then(|e| match e.offset() {
-                        Offset::Offset(c) => u64::try_from(c).ok(),
+                    .get(&(o.partition as i32))
+                    .and_then(|offset| match offset {
+                        Offset::Offset(c) => u64::try_from(*c).ok(),
                         _ => None,
                     });
                 // Never committed: everything still kept is ahead of the group. Records below
@@ -429,6 +431,40 @@ pub(super) async fn group_positions(
             .collect())
     })
     .await
+}
+
+/// The group's commit on each partition of `topic` in a committed-offsets answer
+/// (`Offset::Invalid` where it never committed); see [`commits_of`].
+pub(super) fn committed_of(
+    committed: &TopicPartitionList,
+    topic: &str,
+) -> Result<Vec<(i32, Offset)>, BusError> {
+    commits_of(
+        committed
+            .elements_for_topic(topic)
+            .iter()
+            .map(|e| (e.partition(), e.offset(), e.error())),
+    )
+}
+
+/// The commits of (partition, offset, partition error) entries. librdkafka answers a partition
+/// the broker could not answer with `Offset::Invalid`, that is "never committed", and the
+/// partition's error, while the whole request succeeds: such a partition fails the whole answer
+/// with its error, or it would be taken for one without a commit (a `latest` group's member
+/// would place it, lag would count from the log start).
+pub(super) fn commits_of(
+    entries: impl IntoIterator<Item = (i32, Offset, Result<(), KafkaError>)>,
+) -> Result<Vec<(i32, Offset)>, BusError> {
+    entries
+        .into_iter()
+        .map(|(p, offset, error)| match error {
+            Ok(()) => Ok((p, offset)),
+            Err(e) => Err(match e.rdkafka_error_code() {
+                Some(code) => map_code(code, &format!("partition {p}'s committed offset")),
+                None => BusError::Unavailable(format!("partition {p}'s committed offset: {e}")),
+            }),
+        })
+        .collect()
 }
 
 pub(super) async fn offset_for_time(

@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
@@ -752,13 +753,15 @@ impl MemberContext {
         let committed = consumer
             .committed_offsets(asked, super::REQUEST_TIMEOUT)
             .map_err(|e| format!("committed offsets unknown: {e}"))?;
-        let elements = committed.elements_for_topic(&t.topic);
-        let new_group = elements.iter().all(|e| e.offset() == Offset::Invalid);
+        // A partition the broker failed reads as "no commit" unless its error is checked.
+        let elements = super::admin::committed_of(&committed, &t.topic)
+            .map_err(|e| format!("committed offsets unknown: {e}"))?;
+        let new_group = elements.iter().all(|e| e.1 == Offset::Invalid);
         let commits: Vec<(i32, Option<i64>)> = elements
             .iter()
-            .filter_map(|e| match e.offset() {
-                Offset::Invalid => Some((e.partition(), None)),
-                Offset::Offset(c) => Some((e.partition(), Some(c))),
+            .filter_map(|&(p, offset)| match offset {
+                Offset::Invalid => Some((p, None)),
+                Offset::Offset(c) => Some((p, Some(c))),
                 // Not an offset a commit leaves: librdkafka resolves it.
                 _ => None,
             })
@@ -898,6 +901,68 @@ fn log_bounds(
 const PLACE_RETRY_MS: [u64; 3] = [0, 200, 1_000];
 /// The longest a placement is tried.
 const PLACE_DEADLINE: Duration = Duration::from_secs(15);
+
+/// The longest one synchronous commit can take: librdkafka's `socket.timeout.ms` (its default,
+/// which nexus keeps) bounds the request.
+const SYNC_COMMIT_BUDGET: Duration = Duration::from_secs(60);
+
+/// The longest a placement can keep the member in its assign callback: tries start until
+/// [`PLACE_DEADLINE`], and one started just before it asks metadata, committed offsets and both
+/// log bounds (each bounded by `REQUEST_TIMEOUT`) and commits.
+const PLACE_BUDGET: Duration = PLACE_DEADLINE
+    .saturating_add(super::REQUEST_TIMEOUT.saturating_mul(4))
+    .saturating_add(SYNC_COMMIT_BUDGET);
+
+/// Slack on top of the callbacks' budgets for the member loop between two polls.
+const MAX_POLL_MARGIN: Duration = Duration::from_secs(30);
+
+/// librdkafka's default `max.poll.interval.ms`: a member never polls less often than that allows.
+const MAX_POLL_DEFAULT_MS: u64 = 300_000;
+/// The largest `max.poll.interval.ms` librdkafka accepts (a day).
+const MAX_POLL_LIMIT_MS: u64 = 86_400_000;
+
+/// `max.poll.interval.ms` for a member. The rebalance callbacks run on the member thread between
+/// two polls (rust-rdkafka serves them after librdkafka's poll returned), and librdkafka makes a
+/// member that does not poll for this long leave the group: its partitions would go to another
+/// member, which reads from the last commit while this member's handlers still run, the very
+/// overlap the hand-over wait is there to prevent. So it covers a revoke's wait for acks
+/// (`handover_wait_ms`) and its commit, plus a placement, plus a margin; never below librdkafka's
+/// default, nor below `session.timeout.ms` (librdkafka refuses that), nor above its maximum.
+pub(super) fn max_poll_interval_ms(handover_wait_ms: u64, session_timeout_ms: u64) -> u64 {
+    let callbacks = SYNC_COMMIT_BUDGET + PLACE_BUDGET + MAX_POLL_MARGIN;
+    handover_wait_ms
+        .saturating_add(u64::try_from(callbacks.as_millis()).unwrap_or(u64::MAX))
+        .max(MAX_POLL_DEFAULT_MS)
+        .max(session_timeout_ms)
+        .min(MAX_POLL_LIMIT_MS)
+}
+
+/// The librdkafka settings of a group member of `group` starting at `start`.
+pub(super) fn member_config(settings: &Settings, group: &str, start: StartFrom) -> ClientConfig {
+    let k = &settings.config.kafka;
+    let mut cc = settings.consumer_config(Some(group));
+    let start = match start {
+        StartFrom::Earliest => "earliest",
+        StartFrom::Latest => "latest",
+    };
+    // Heartbeats must be well inside the session timeout (Kafka's rule of thumb: a third).
+    let heartbeat = (k.session_timeout_ms / 3).clamp(100, 3000);
+    // Where a partition has no usable commit. A `latest` group's member commits its
+    // partitions' places before reading them (`MemberContext::place_partitions`), so the
+    // `latest` reset only applies where that failed or came too late (see there).
+    cc.set("auto.offset.reset", start)
+        .set(
+            "partition.assignment.strategy",
+            &k.partition_assignment_strategy,
+        )
+        .set("session.timeout.ms", k.session_timeout_ms.to_string())
+        .set("heartbeat.interval.ms", heartbeat.to_string())
+        .set(
+            "max.poll.interval.ms",
+            max_poll_interval_ms(k.handover_wait_ms, k.session_timeout_ms).to_string(),
+        );
+    cc
+}
 
 impl ClientContext for MemberContext {}
 
@@ -1093,23 +1158,7 @@ impl KafkaSubscription {
         options: SubscribeOptions,
     ) -> Result<(Self, MemberHandle), BusError> {
         let k = &settings.config.kafka;
-        let mut cc = settings.consumer_config(Some(group));
-        let start = match options.start {
-            StartFrom::Earliest => "earliest",
-            StartFrom::Latest => "latest",
-        };
-        // Heartbeats must be well inside the session timeout (Kafka's rule of thumb: a third).
-        let heartbeat = (k.session_timeout_ms / 3).clamp(100, 3000);
-        // Where a partition has no usable commit. A `latest` group's member commits its
-        // partitions' places before reading them (`MemberContext::place_partitions`), so the
-        // `latest` reset only applies where that failed or came too late (see there).
-        cc.set("auto.offset.reset", start)
-            .set(
-                "partition.assignment.strategy",
-                &k.partition_assignment_strategy,
-            )
-            .set("session.timeout.ms", k.session_timeout_ms.to_string())
-            .set("heartbeat.interval.ms", heartbeat.to_string());
+        let cc = member_config(settings, group, options.start);
         let tracker = Arc::new(Tracker::new(
             topic,
             group,
@@ -1305,17 +1354,10 @@ impl MemberThread {
             if !self.hand_over(batch) {
                 break;
             }
-            match failed {
-                None => {}
-                Some(KafkaError::MessageConsumptionFatal(code)) => {
-                    let e = super::map_code(code, "kafka consumer failed fatally");
-                    warn!(error = %e, "consumer stopped");
-                    let _ = self.tx.blocking_send(Item::Failed(e));
-                    break;
-                }
-                // librdkafka retries transport and coordinator errors itself; they are reported
-                // here for visibility only.
-                Some(e) => warn!(error = %e, "consumer error; librdkafka retries"),
+            if let Some(e) = failed.and_then(|e| stopping_error(&e, "member")) {
+                warn!(error = %e, "consumer stopped");
+                let _ = self.tx.blocking_send(Item::Failed(e));
+                break;
             }
         }
         self.leave();
@@ -1484,6 +1526,27 @@ enum Item {
     Records(Vec<(Message, u64)>),
     /// The consumer failed for good; the subscription ends after it.
     Failed(BusError),
+}
+
+/// Consumer errors librdkafka reported and recovers from by itself, by reader (`member` or
+/// `tail`) and code.
+pub(crate) use crate::telemetry::metrics::BUS_CONSUMER_ERRORS_TOTAL as CONSUMER_ERRORS_TOTAL;
+
+/// What a consumer (a group member or the tail) does with an error its poll returned: the error
+/// that ends it if librdkafka flagged it fatal (the client is then unusable); otherwise `None`,
+/// after a WARN and a count of [`CONSUMER_ERRORS_TOTAL`]: librdkafka reports transport,
+/// coordinator and a partition's fetch errors for visibility and retries them itself, so the
+/// consumer rides them out. `reader` labels the count.
+pub(super) fn stopping_error(e: &KafkaError, reader: &'static str) -> Option<BusError> {
+    if let KafkaError::MessageConsumptionFatal(code) = e {
+        return Some(super::map_code(*code, "kafka consumer failed fatally"));
+    }
+    let code = e
+        .rdkafka_error_code()
+        .map_or_else(|| "other".to_string(), |c| format!("{c:?}"));
+    warn!(error = %e, reader, "consumer error; librdkafka retries");
+    metrics::counter!(CONSUMER_ERRORS_TOTAL, "reader" => reader, "code" => code).increment(1);
+    None
 }
 
 /// A record's headers. rdkafka panics on a header name that is not UTF-8, which any producer

@@ -12,6 +12,13 @@
 //!   the rebalance handling that keeps commits exact across partition moves.
 //! - `admin`: topics, offsets, group positions, replay reads and health.
 //!
+//! A fatal producer error (librdkafka raises one when the idempotent producer's sequence
+//! numbers cannot be brought back in step) leaves the producer refusing every record for good;
+//! librdkafka's guidance is to create a new one. The publish that meets it (or the readiness
+//! check that sees it) replaces the producer, logs librdkafka's reason at ERROR and counts
+//! [`PRODUCER_RECREATED_TOTAL`]; that publish fails as `Unavailable` (retryable), the next ones
+//! go through the new producer.
+//!
 //! Ordering: the producer picks the partition from the key with [`partition_for`], so one key's
 //! records keep their publish order within one partition (librdkafka's idempotent producer keeps
 //! order across retries). Nothing is ordered across partitions or across topics.
@@ -26,6 +33,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
@@ -54,9 +62,18 @@ const PARTITION_CACHE_TTL: Duration = Duration::from_secs(30);
 /// leave commits and sends LeaveGroup, which takes milliseconds unless the broker is down.
 const LEAVE_ORDER_WAIT: Duration = Duration::from_secs(10);
 
+/// Producers replaced after a fatal error, by the error's code (see the module doc).
+pub(crate) use crate::telemetry::metrics::BUS_PRODUCER_RECREATED_TOTAL as PRODUCER_RECREATED_TOTAL;
+
+/// How long a replaced producer is kept for the publishes still holding it, beyond their own
+/// `message.timeout.ms`: librdkafka answers each of them by then, and dropping the producer
+/// (which purges and flushes for up to 500 ms, then joins its threads) is left to a thread of
+/// its own instead of the async worker that happens to drop the last reference.
+const RETIRE_MARGIN: Duration = Duration::from_secs(5);
+
 /// The Kafka backend.
 pub struct KafkaBus {
-    producer: FutureProducer,
+    producer: ProducerSlot,
     admin: AdminClient<DefaultClientContext>,
     /// Groupless consumer for watermarks and offset lookups (no group, never subscribes).
     meta: Arc<BaseConsumer>,
@@ -67,6 +84,17 @@ pub struct KafkaBus {
     /// Members started by this bus, per group, so a join waits for a leave in progress.
     members: Mutex<HashMap<String, Vec<consumer::MemberHandle>>>,
     settings: Arc<Settings>,
+}
+
+/// The producer in use and what replacing it needs. Publishes take the current producer with an
+/// atomic load (no lock); only a replacement takes `replacing`.
+struct ProducerSlot {
+    current: ArcSwap<FutureProducer>,
+    /// The producer's settings, to create its replacement.
+    config: ClientConfig,
+    /// Held while the producer is replaced, so publishes that meet the same fatal error at once
+    /// replace it once (the later ones find it replaced already).
+    replacing: Mutex<()>,
 }
 
 /// What every client of this bus shares: addresses, security and the Kafka settings.
@@ -168,6 +196,11 @@ impl KafkaBus {
             // under load records still batch while earlier requests are in flight.
             .set("linger.ms", "1");
         let producer: FutureProducer = pc.create().map_err(config_err)?;
+        let producer = ProducerSlot {
+            current: ArcSwap::from_pointee(producer),
+            config: pc,
+            replacing: Mutex::new(()),
+        };
         let admin: AdminClient<DefaultClientContext> =
             settings.client_config().create().map_err(config_err)?;
         let meta: BaseConsumer = settings
@@ -202,6 +235,56 @@ impl KafkaBus {
         Ok(n)
     }
 
+    /// The producer to publish with: one atomic load and a reference count, no lock. Held by
+    /// the caller until its record is answered, so a replacement never drops it under a send.
+    fn producer(&self) -> Arc<FutureProducer> {
+        self.producer.current.load_full()
+    }
+
+    /// Replaces `failed`, which reported the fatal error `fatal` (librdkafka's code and reason),
+    /// with a new producer, unless another caller already did; true if replaced here. Logs,
+    /// counts [`PRODUCER_RECREATED_TOTAL`] and retires `failed` once the publishes still holding
+    /// it are answered.
+    pub(crate) fn recreate_producer(
+        &self,
+        failed: &Arc<FutureProducer>,
+        fatal: &(RDKafkaErrorCode, String),
+    ) -> Result<bool, BusError> {
+        let (code, reason) = fatal;
+        let _replacing = lock(&self.producer.replacing);
+        if !Arc::ptr_eq(&self.producer.current.load(), failed) {
+            return Ok(false);
+        }
+        let fresh: FutureProducer = self.producer.config.create().map_err(|e| {
+            tracing::error!(code = ?code, reason = %reason, error = %e, "the Kafka producer failed fatally and creating a new one failed; publishes fail until one is created");
+            BusError::Unavailable(format!("creating a new Kafka producer: {e}"))
+        })?;
+        let old = self.producer.current.swap(Arc::new(fresh));
+        tracing::error!(code = ?code, reason = %reason, "the Kafka producer failed fatally (librdkafka refuses every record after that); replaced it with a new one, records it had not delivered are retried by their publishers");
+        metrics::counter!(PRODUCER_RECREATED_TOTAL, "code" => format!("{code:?}")).increment(1);
+        let keep =
+            Duration::from_millis(self.settings.config.kafka.message_timeout_ms) + RETIRE_MARGIN;
+        retire(old, keep);
+        Ok(true)
+    }
+
+    /// Replaces `producer` if it has a fatal error (after a publish on it failed with `code`);
+    /// the error for the caller if so.
+    fn check_fatal(
+        &self,
+        producer: &Arc<FutureProducer>,
+        code: Option<RDKafkaErrorCode>,
+    ) -> Option<BusError> {
+        let fatal = fatal_error_of(code, producer.client().fatal_error())?;
+        if let Err(e) = self.recreate_producer(producer, &fatal) {
+            return Some(e);
+        }
+        Some(BusError::Unavailable(format!(
+            "the Kafka producer failed fatally ({:?}: {}); a new one takes the next publishes",
+            fatal.0, fatal.1
+        )))
+    }
+
     fn forget_partitions(&self, topic: &str) {
         lock(&self.partitions).remove(topic);
     }
@@ -211,7 +294,7 @@ impl KafkaBus {
     /// placed on a partition just added is one the producer knows (it refuses a partition past
     /// its own count, and on its own looks again only every metadata refresh interval).
     async fn fetch_partition_count(&self, topic: &str) -> Result<Option<u32>, BusError> {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         let name = topic.to_string();
         blocking(move || {
             let md = producer
@@ -344,13 +427,17 @@ impl Bus for KafkaBus {
             .payload(record.payload.as_ref())
             .headers(headers);
         let timeout = Duration::from_millis(self.settings.config.kafka.message_timeout_ms);
-        match self.producer.send(fr, timeout).await {
+        let producer = self.producer();
+        match producer.send(fr, timeout).await {
             Ok(d) => Ok(Published {
                 partition: u32::try_from(d.partition).map_err(|_| bad_data("partition"))?,
                 offset: u64::try_from(d.offset).map_err(|_| bad_data("offset"))?,
             }),
             Err((e, _)) => {
                 let m = map_err(e);
+                if let Some(e) = self.check_fatal(&producer, m.code) {
+                    return Err(e);
+                }
                 match m.code {
                     Some(
                         RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic,
@@ -453,6 +540,11 @@ impl Bus for KafkaBus {
     }
 
     async fn health(&self) -> Result<(), BusError> {
+        // A producer with a fatal error refuses every publish: not ready. It is replaced here
+        // too, so a pod that gets no publishes while unready does not stay so.
+        if let Some(e) = self.check_fatal(&self.producer(), None) {
+            return Err(e);
+        }
         let meta = Arc::clone(&self.meta);
         blocking(move || {
             let md = meta
@@ -485,6 +577,44 @@ where
 /// bookkeeping data, which stays consistent between statements, so it is used as is.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The fatal error a publish that failed with `code` met, from the producer's own fatal error
+/// (`rd_kafka_fatal_error`), if the producer must be replaced: once librdkafka raised one it
+/// refuses every record with `_FATAL`, fails those queued at that moment with `_PURGE_QUEUE`
+/// and those in flight with the broker's code (`OUT_OF_ORDER_SEQUENCE_NUMBER`, ...). The same
+/// broker codes without a fatal error are ones librdkafka recovers from by itself (it bumps the
+/// idempotent producer's epoch), so the producer stays.
+fn fatal_error_of(
+    code: Option<RDKafkaErrorCode>,
+    client_fatal: Option<(RDKafkaErrorCode, String)>,
+) -> Option<(RDKafkaErrorCode, String)> {
+    match (code, client_fatal) {
+        (_, Some(fatal)) => Some(fatal),
+        (Some(RDKafkaErrorCode::Fatal), None) => Some((
+            RDKafkaErrorCode::Fatal,
+            "librdkafka refused the record as fatal without saying why".into(),
+        )),
+        _ => None,
+    }
+}
+
+/// Drops a replaced producer on a thread of its own once nobody else holds it (the publishes
+/// in flight on it are answered) or after `keep`, whichever comes first.
+fn retire(old: Arc<FutureProducer>, keep: Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("kafka-retire".into())
+        .spawn(move || {
+            let deadline = Instant::now() + keep;
+            while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            drop(old);
+        });
+    if let Err(e) = spawned {
+        // The producer is then dropped by whoever holds it last.
+        tracing::warn!(error = %e, "cannot start the thread retiring a replaced Kafka producer");
+    }
 }
 
 fn config_err(e: KafkaError) -> BusError {

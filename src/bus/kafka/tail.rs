@@ -4,6 +4,8 @@
 //! librdkafka keeps the fetch position across reconnects, so a broker outage neither skips nor
 //! repeats. The partition count is re-read every [`PARTITIONS_REFRESH`]: a partition added
 //! while the reader runs is assigned from its first record, since all of it came after the start.
+//! Errors librdkafka reports and recovers from (a broker down, a fetch refused) are logged and
+//! counted, as a group member does; only a fatal one ends the reader.
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +13,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{info, warn};
 
-use super::consumer::to_message;
+use super::consumer::{stopping_error, to_message};
 use super::{blocking, map_err, KafkaBus, REQUEST_TIMEOUT};
 use crate::bus::tail::{TailFeed, TailSubscription};
 use crate::bus::BusError;
@@ -106,7 +108,16 @@ impl Reading {
                     };
                     Ok(to_message(&m, partition, offset))
                 }
-                Some(Err(e)) => Err(BusError::from(map_err(e))),
+                // Only a fatal error ends the tail (and with it the runtime reading it, which
+                // stops the process); the rest librdkafka rides out, as a group member does.
+                Some(Err(e)) => match stopping_error(&e, "tail") {
+                    Some(fatal) => {
+                        warn!(error = %fatal, "tail reader stopped");
+                        let _ = feed.tx.blocking_send(Err(fatal));
+                        return;
+                    }
+                    None => continue,
+                },
             };
             if feed.tx.blocking_send(item).is_err() {
                 return;

@@ -824,3 +824,230 @@ async fn a_record_waiting_to_retry_does_not_hold_a_revoke() {
     stop.cancel();
     run.await.unwrap().unwrap();
 }
+
+/// A counter as /metrics renders it, summed over the series whose labels contain `labels`.
+fn counter(name: &str, labels: &str) -> f64 {
+    crate::telemetry::init_metrics()
+        .render()
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A publish that failed finds the producer dead when librdkafka raised a fatal error on it,
+/// whatever code the record itself failed with (`_FATAL` for a record produced after it,
+/// `_PURGE_QUEUE` for one queued at that moment, the broker's for one in flight); the same
+/// broker codes without a fatal error are ones librdkafka recovers from, and keep the producer.
+#[test]
+fn a_fatal_producer_error_is_told_apart() {
+    use RDKafkaErrorCode as C;
+    let fatal = || {
+        Some((
+            C::OutOfOrderSequenceNumber,
+            "sequence desynchronized".to_string(),
+        ))
+    };
+    for code in [
+        Some(C::Fatal),
+        Some(C::PurgeQueue),
+        Some(C::OutOfOrderSequenceNumber),
+        Some(C::UnknownProducerId),
+        Some(C::MessageTimedOut),
+        None,
+    ] {
+        assert_eq!(
+            fatal_error_of(code, fatal()),
+            fatal(),
+            "{code:?} on a producer with a fatal error"
+        );
+    }
+    for code in [
+        Some(C::OutOfOrderSequenceNumber),
+        Some(C::UnknownProducerId),
+        Some(C::InvalidProducerEpoch),
+        Some(C::MessageTimedOut),
+        Some(C::QueueFull),
+        Some(C::MessageSizeTooLarge),
+        None,
+    ] {
+        assert_eq!(fatal_error_of(code, None), None, "{code:?}");
+    }
+    // `_FATAL` always means the producer is dead, even if its reason could not be read.
+    assert_eq!(
+        fatal_error_of(Some(C::Fatal), None).map(|f| f.0),
+        Some(C::Fatal)
+    );
+}
+
+/// Replacing the producer (what a publish that meets a fatal error does; no broker can be made
+/// to raise one on purpose) keeps publishing working: publishes before, during and after it are
+/// answered, none hangs on the producer being replaced, concurrent replacements of the same
+/// producer make one new producer, the replacement is counted and readiness holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_recreated_producer_keeps_publishing() {
+    let Some(bus) = bus().await else { return };
+    let bus = Arc::new(bus);
+    let t = topic(&bus, 2).await;
+    bus.publish(&t, OutRecord::new("k", "before"))
+        .await
+        .unwrap();
+    let counted = counter(PRODUCER_RECREATED_TOTAL, "code=\"Fatal\"");
+
+    let failed = bus.producer();
+    let in_flight: Vec<_> = (0..200)
+        .map(|i| {
+            let bus = Arc::clone(&bus);
+            let t = t.clone();
+            tokio::spawn(async move {
+                bus.publish(&t, OutRecord::new(format!("k{i}"), "during"))
+                    .await
+            })
+        })
+        .collect();
+    // Replaced while records of those publishes wait in it for the broker's answer.
+    let until = Instant::now() + Duration::from_secs(10);
+    while failed.in_flight_count() == 0 {
+        assert!(Instant::now() < until, "publishes in flight");
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let fatal = (RDKafkaErrorCode::Fatal, "replaced by a test".to_string());
+    // Several publishes meeting the same fatal error at once replace the producer once.
+    let replaced: Vec<bool> = std::thread::scope(|s| {
+        let tries: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| bus.recreate_producer(&failed, &fatal).unwrap()))
+            .collect();
+        tries.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(replaced.iter().filter(|r| **r).count(), 1, "{replaced:?}");
+    assert!(!Arc::ptr_eq(&failed, &bus.producer()), "a new producer");
+    let retired = Arc::downgrade(&failed);
+    drop(failed);
+
+    for p in in_flight {
+        let r = tokio::time::timeout(Duration::from_secs(30), p)
+            .await
+            .expect("a publish in flight during the replacement is answered")
+            .unwrap();
+        if let Err(e) = r {
+            assert!(e.is_transient(), "retryable: {e}");
+        }
+    }
+    let after = bus.publish(&t, OutRecord::new("k", "after")).await.unwrap();
+    let read = bus
+        .read(&t, after.partition, after.offset, 1)
+        .await
+        .unwrap();
+    assert_eq!(&read[0].payload[..], b"after");
+    bus.health().await.unwrap();
+    // The replaced producer is dropped once its publishes are answered, not kept.
+    let until = Instant::now() + Duration::from_secs(10);
+    while retired.upgrade().is_some() {
+        assert!(Instant::now() < until, "the replaced producer is dropped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        counter(PRODUCER_RECREATED_TOTAL, "code=\"Fatal\"") - counted,
+        1.0,
+        "one replacement counted"
+    );
+}
+
+/// A member's `max.poll.interval.ms` covers a revoke's hand-over wait and commit and a
+/// placement: librdkafka makes a member that spends longer between two polls (rebalance
+/// callbacks run there) leave the group, and another member would then read from the last
+/// commit while this one's handlers still run. Before, it was librdkafka's 5 minutes whatever
+/// the hand-over wait.
+#[test]
+fn a_member_polls_within_its_handover_wait() {
+    use consumer::{max_poll_interval_ms, member_config};
+    // The defaults stay at librdkafka's default.
+    assert_eq!(max_poll_interval_ms(30_000, 10_000), 300_000);
+    assert_eq!(max_poll_interval_ms(0, 10_000), 300_000);
+    // A long hand-over wait: the wait plus a commit, a placement and a margin.
+    let long = max_poll_interval_ms(600_000, 10_000);
+    assert!(long >= 600_000 + 60_000 + 15_000 + 60_000, "{long}");
+    assert!(long < 600_000 + 300_000, "{long}");
+    // A 5-minute wait is no longer cut at librdkafka's 5 minutes.
+    assert!(max_poll_interval_ms(300_000, 10_000) > 300_000 + 60_000);
+    // Never below the session timeout (librdkafka refuses that), never past its maximum.
+    assert_eq!(max_poll_interval_ms(0, 3_600_000), 3_600_000);
+    assert_eq!(max_poll_interval_ms(u64::MAX, 10_000), 86_400_000);
+
+    let mut config = Config::defaults().bus;
+    config.kafka.handover_wait_ms = 600_000;
+    let settings = Settings {
+        brokers: "127.0.0.1:1".into(),
+        tls: false,
+        config,
+    };
+    let cc = member_config(&settings, "g", StartFrom::Earliest);
+    assert_eq!(
+        cc.get("max.poll.interval.ms"),
+        Some(long.to_string().as_str()),
+        "the member's config carries it"
+    );
+    // librdkafka takes it (it refuses a value below session.timeout.ms when creating).
+    let created: Result<rdkafka::consumer::BaseConsumer, _> = cc.create();
+    assert!(created.is_ok(), "{:?}", created.err());
+}
+
+/// Group members and the tail share one rule: only an error librdkafka flagged fatal ends the
+/// reader; the others (a broker down, an SSL or SASL handshake failing while it restarts, a
+/// fetch refused) librdkafka retries itself, so they are logged and counted. Before, the tail
+/// handed every one to the runtime, which stopped on any it took for permanent (an SSL error
+/// maps to a configuration error) and with it the edge process and every WebSocket.
+#[test]
+fn only_a_fatal_consumer_error_ends_a_reader() {
+    use consumer::{stopping_error, CONSUMER_ERRORS_TOTAL};
+    let before = counter(CONSUMER_ERRORS_TOTAL, "reader=\"tail\",code=\"SSL\"");
+    for code in [
+        RDKafkaErrorCode::SSL,
+        RDKafkaErrorCode::Authentication,
+        RDKafkaErrorCode::AllBrokersDown,
+        RDKafkaErrorCode::BrokerTransportFailure,
+        RDKafkaErrorCode::TopicAuthorizationFailed,
+        RDKafkaErrorCode::UnknownTopicOrPartition,
+    ] {
+        assert!(
+            stopping_error(&KafkaError::MessageConsumption(code), "tail").is_none(),
+            "{code:?} is ridden out"
+        );
+    }
+    assert_eq!(
+        counter(CONSUMER_ERRORS_TOTAL, "reader=\"tail\",code=\"SSL\"") - before,
+        1.0,
+        "counted"
+    );
+    let fatal = stopping_error(
+        &KafkaError::MessageConsumptionFatal(RDKafkaErrorCode::Fatal),
+        "member",
+    );
+    assert!(fatal.is_some(), "a fatal error ends the reader");
+}
+
+/// A partition the broker could not answer in a committed-offsets request comes back from
+/// librdkafka as `Offset::Invalid` with the partition's error, the request succeeding: it fails
+/// the whole answer instead of reading as "never committed" (a `latest` group would place the
+/// partition anew, lag would count from the log start). Tansu never fails a single partition
+/// (it answers unknown partitions and topics as uncommitted), so the rule is tested on entries.
+#[test]
+fn an_errored_partition_fails_the_committed_offsets() {
+    use admin::commits_of;
+    use rdkafka::Offset;
+    let ok = commits_of([(0, Offset::Offset(5), Ok(())), (1, Offset::Invalid, Ok(()))]).unwrap();
+    assert_eq!(ok, vec![(0, Offset::Offset(5)), (1, Offset::Invalid)]);
+    let failed = commits_of([
+        (0, Offset::Offset(5), Ok(())),
+        (
+            1,
+            Offset::Invalid,
+            Err(KafkaError::OffsetFetch(
+                RDKafkaErrorCode::UnstableOffsetCommit,
+            )),
+        ),
+    ])
+    .expect_err("an errored partition fails the answer");
+    assert!(failed.is_transient(), "retried as placement is: {failed}");
+    assert!(failed.to_string().contains("partition 1"), "{failed}");
+}
