@@ -216,7 +216,9 @@ impl KafkaBus {
             members: Mutex::new(HashMap::new()),
             settings,
         };
-        bus.health().await?;
+        // A first request also opens the connections, which takes longer than a readiness
+        // check allows on a busy node: the request timeout, not the health one.
+        bus.brokers_answer(REQUEST_TIMEOUT).await?;
         Ok(bus)
     }
 
@@ -545,11 +547,18 @@ impl Bus for KafkaBus {
         if let Some(e) = self.check_fatal(&self.producer(), None) {
             return Err(e);
         }
+        self.brokers_answer(HEALTH_TIMEOUT).await
+    }
+}
+
+impl KafkaBus {
+    /// Whether the cluster answers a metadata request within `timeout` with some brokers.
+    async fn brokers_answer(&self, timeout: Duration) -> Result<(), BusError> {
         let meta = Arc::clone(&self.meta);
         blocking(move || {
             let md = meta
                 .client()
-                .fetch_metadata(None, HEALTH_TIMEOUT)
+                .fetch_metadata(None, timeout)
                 .map_err(map_err)?;
             if md.brokers().is_empty() {
                 return Err(BusError::Unavailable(
