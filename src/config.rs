@@ -47,7 +47,7 @@ pub struct Config {
 }
 
 /// The web chat APIs (v3 and legacy v2).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChatConfig {
     /// Secret: signs client keys. Every edge pod needs the same one; "" = a random key per
@@ -92,7 +92,7 @@ pub struct WorkersConfig {
 }
 
 /// The bus: which one and how to talk to it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BusConfig {
     /// `embedded://<dir>`, `kafka://h:p[,h:p]`, `kafka+ssl://...`, `nats://h:p`, `tls://h:p`.
@@ -117,7 +117,7 @@ pub enum StartFromConfig {
     Latest,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Group session timeout (ms).
@@ -139,7 +139,7 @@ pub struct KafkaConfig {
     pub sasl_password: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NatsConfig {
     /// Redelivery time of an unacked record (ms).
@@ -187,7 +187,7 @@ pub struct ConsumerConfig {
     pub drain_ms: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     /// Listen address.
@@ -218,7 +218,7 @@ pub struct HttpClientConfig {
     pub ca_file: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoresConfig {
     /// Secret (may carry a password): Redis URL, "" for the embedded store.
@@ -269,6 +269,114 @@ pub enum LogFormat {
 }
 
 const REDACTED: &str = "<redacted>";
+
+/// A secret as `Debug` shows it: [`REDACTED`] when set.
+fn shown_secret(secret: &str) -> &'static str {
+    if secret.is_empty() {
+        ""
+    } else {
+        REDACTED
+    }
+}
+
+/// `Debug` for a config section holding secrets (a `?config` in a log line, a failed
+/// assertion): `secret` fields show as [`REDACTED`], `url` fields without their passwords. The
+/// section is destructured whole, so a field added to it must be listed here to compile.
+macro_rules! debug_redacted {
+    ($t:ident { plain: [$($f:ident),* $(,)?], secret: [$($s:ident),* $(,)?], url: [$($u:ident),* $(,)?] $(,)? }) => {
+        impl std::fmt::Debug for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let $t { $($f,)* $($s,)* $($u,)* } = self;
+                f.debug_struct(stringify!($t))
+                    $(.field(stringify!($f), $f))*
+                    $(.field(stringify!($s), &shown_secret($s)))*
+                    $(.field(stringify!($u), &redact_url_list($u)))*
+                    .finish()
+            }
+        }
+    };
+}
+
+debug_redacted!(ChatConfig {
+    plain: [
+        max_message_chars,
+        max_nickname_chars,
+        max_user_data_entries,
+        file_types,
+        max_file_bytes,
+        max_files_per_session,
+        max_uploads_in_flight,
+        client_key_ttl_s,
+        file_retention_s,
+        file_sweep_interval_ms,
+    ],
+    secret: [client_key_secret],
+    url: [],
+});
+debug_redacted!(BusConfig {
+    plain: [
+        start_from,
+        ca_file,
+        client_cert_file,
+        client_key_file,
+        kafka,
+        nats,
+        embedded
+    ],
+    secret: [],
+    url: [url],
+});
+debug_redacted!(KafkaConfig {
+    plain: [
+        session_timeout_ms,
+        partition_assignment_strategy,
+        enable_idempotence,
+        message_timeout_ms,
+        prefetch_kbytes,
+        handover_wait_ms,
+        sasl_mechanism,
+        sasl_username,
+    ],
+    secret: [sasl_password],
+    url: [],
+});
+debug_redacted!(NatsConfig {
+    plain: [
+        ack_wait_ms,
+        lease_ttl_ms,
+        partitions_refresh_ms,
+        replicas,
+        user
+    ],
+    secret: [password, token],
+    url: [],
+});
+debug_redacted!(HttpConfig {
+    plain: [
+        listen,
+        tls_cert_file,
+        tls_key_file,
+        max_body_bytes,
+        shutdown_grace_ms,
+        ws_ping_interval_ms,
+        cors_allowed_origins,
+    ],
+    secret: [admin_token],
+    url: [],
+});
+debug_redacted!(StoresConfig {
+    plain: [
+        redis_cluster,
+        redis_ca_file,
+        redis_namespace,
+        redis_min_replicas,
+        redis_replica_wait_ms,
+        data_dir,
+        auth_cache_ttl_ms,
+    ],
+    secret: [provisioning_key],
+    url: [redis_url, postgres_url],
+});
 
 impl Config {
     /// Defaults → optional file → `NEXUS_*` env, then validated.
@@ -1751,6 +1859,67 @@ mod tests {
             ("NEXUS_BUS__KAFKA__SASL_PASSWORD", "p"),
         ])
         .expect("Kafka settings on another bus are not read");
+    }
+
+    /// `Debug` of the config (a `?config` in a log line, a failed assertion) shows no secret:
+    /// before, every section derived it and printed tokens, keys and URL passwords whole.
+    #[test]
+    fn debug_shows_no_secret() {
+        let secrets = [
+            (
+                "NEXUS_BUS__URL",
+                "nats://nuser:natsurlpw@n:4222",
+                "natsurlpw",
+            ),
+            ("NEXUS_BUS__NATS__PASSWORD", "natspw1", "natspw1"),
+            ("NEXUS_BUS__NATS__TOKEN", "natstok1", "natstok1"),
+            ("NEXUS_BUS__KAFKA__SASL_PASSWORD", "saslpw1", "saslpw1"),
+            ("NEXUS_HTTP__ADMIN_TOKEN", "admintok1", "admintok1"),
+            (
+                "NEXUS_CHAT__CLIENT_KEY_SECRET",
+                "ckeysecret1",
+                "ckeysecret1",
+            ),
+            (
+                "NEXUS_STORES__PROVISIONING_KEY",
+                "00".repeat(32).leak(),
+                "0000000000000000",
+            ),
+            (
+                "NEXUS_STORES__POSTGRES_URL",
+                "postgres://u:pgpw1@db/n",
+                "pgpw1",
+            ),
+            (
+                "NEXUS_STORES__REDIS_URL",
+                "redis://:redispw1@r:6379",
+                "redispw1",
+            ),
+            (
+                "NEXUS_WORKERS__TAP__URL",
+                "https://tap.example/in?api_key=tapkey1",
+                "tapkey1",
+            ),
+            ("NEXUS_WORKERS__GWS__CREDENTIAL", "gwscred1", "gwscred1"),
+        ];
+        let vars = secrets
+            .iter()
+            .map(|(k, v, _)| (k.to_string(), v.to_string()))
+            .chain([(
+                "NEXUS_WORKERS__GWS__URL".to_string(),
+                "https://gws.example".to_string(),
+            )]);
+        let Ok(c) = Config::load_with_env(None, vars) else {
+            panic!("the config loads");
+        };
+        let shown = format!("{c:?}");
+        for (key, _, secret) in secrets {
+            assert!(!shown.contains(secret), "{key} shown by Debug");
+        }
+        assert!(
+            shown.contains("nats://nuser:"),
+            "the rest is shown: {shown}"
+        );
     }
 
     /// An admin token beyond ASCII cannot come in an Authorization header that is read as
