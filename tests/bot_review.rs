@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::Request;
+use axum::response::IntoResponse;
 use http_body_util::BodyExt;
 use nexus::bus::consumer::{HandleError, Handler};
 use nexus::bus::{Bus, Message};
@@ -357,18 +358,50 @@ async fn a_bot_handoff_to_a_queue_id_no_queue_can_have_goes_to_the_rules_queue()
 #[tokio::test]
 async fn a_turn_failed_after_the_bot_handed_off_falls_back_to_nothing() {
     let sys = Arc::new(sys().await);
+    let (id, handed) = handed_off_during_its_call(&sys, || {
+        axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response()
+    })
+    .await;
+    assert_eq!(
+        sys.texts(&id).await,
+        ["hello"],
+        "a fallback notice after the handoff"
+    );
+    let record = sys.record(&id).await;
+    assert_eq!(record.state, ConversationState::Queued);
+    assert_eq!(record.queue_id, handed.queue_id);
+    let pushed = sys
+        .messages("nexus.delivery.v1")
+        .await
+        .iter()
+        .any(|m| String::from_utf8_lossy(&m.payload).contains("Connecting you"));
+    assert!(!pushed, "a push of the fallback notice");
+}
+
+/// A chat with a bot whose customer says "hello"; the bot's first call for it waits while the
+/// bot hands off through the bot API, then answers `answer`. The turn is applied (again until
+/// it goes through, as the consumer redelivers it); answers the chat's id and its record right
+/// after the handoff.
+async fn handed_off_during_its_call(
+    sys: &Arc<Sys>,
+    answer: fn() -> axum::response::Response,
+) -> (String, Conversation) {
+    let calls = Arc::new(AtomicUsize::new(0));
     let (called_tx, mut called) = tokio::sync::mpsc::unbounded_channel::<()>();
     let release = Arc::new(tokio::sync::Notify::new());
     let app = {
-        let release = release.clone();
+        let (calls, release) = (calls.clone(), release.clone());
         axum::Router::new().route(
             "/bot",
             axum::routing::post(move || {
+                let n = calls.fetch_add(1, Ordering::SeqCst);
                 let (called_tx, release) = (called_tx.clone(), release.clone());
                 async move {
-                    let _ = called_tx.send(());
-                    release.notified().await;
-                    axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                    if n == 0 {
+                        let _ = called_tx.send(());
+                        release.notified().await;
+                    }
+                    answer()
                 }
             }),
         )
@@ -411,20 +444,7 @@ async fn a_turn_failed_after_the_bot_handed_off_falls_back_to_nothing() {
 
     release.notify_one();
     turn.await.expect("turn task");
-    assert_eq!(
-        sys.texts(&id).await,
-        ["hello"],
-        "a fallback notice after the handoff"
-    );
-    let record = sys.record(&id).await;
-    assert_eq!(record.state, ConversationState::Queued);
-    assert_eq!(record.queue_id, handed.queue_id);
-    let pushed = sys
-        .messages("nexus.delivery.v1")
-        .await
-        .iter()
-        .any(|m| String::from_utf8_lossy(&m.payload).contains("Connecting you"));
-    assert!(!pushed, "a push of the fallback notice");
+    (id, handed)
 }
 
 /// A bot that hands off through the bot API while its turn's call is still out, then answers
@@ -434,65 +454,12 @@ async fn a_turn_failed_after_the_bot_handed_off_falls_back_to_nothing() {
 #[tokio::test]
 async fn a_turn_answered_after_the_bot_handed_off_is_not_written() {
     let sys = Arc::new(sys().await);
-    let calls = Arc::new(AtomicUsize::new(0));
-    let (called_tx, mut called) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let release = Arc::new(tokio::sync::Notify::new());
-    let app = {
-        let (calls, release) = (calls.clone(), release.clone());
-        axum::Router::new().route(
-            "/bot",
-            axum::routing::post(move || {
-                let n = calls.fetch_add(1, Ordering::SeqCst);
-                let (called_tx, release) = (called_tx.clone(), release.clone());
-                async move {
-                    if n == 0 {
-                        // The first call waits while the test hands off through the API.
-                        let _ = called_tx.send(());
-                        release.notified().await;
-                    }
-                    json!({"replies": [{"text": "late reply"}]}).to_string()
-                }
-            }),
-        )
-    };
-    let url = serve(app).await;
-    let (bot, token) = sys.bot(&url).await;
-    let id = sys.with_bot(&bot, BTreeMap::new()).await;
-    let (event, message) = sys.customer_says(&id, "hello");
-    let turn = {
-        let sys = sys.clone();
-        tokio::spawn(async move {
-            // Applied again until it goes through, as the consumer redelivers it.
-            for _ in 0..5 {
-                match sys.worker.handle(&event, &message).await {
-                    Ok(()) => return,
-                    Err(HandleError::Retry(_)) => continue,
-                    Err(e) => panic!("customer message: {e}"),
-                }
-            }
-            panic!("the customer message never applied");
-        })
-    };
-    tokio::time::timeout(Duration::from_secs(10), called.recv())
-        .await
-        .expect("the bot is called")
-        .expect("called");
-
-    let before = sys.messages(AGENT_TOPIC).await.len();
-    let (status, body) = sys
-        .bot_api(
-            &token,
-            "POST",
-            &format!("/v1/bot/conversations/{id}/handoff"),
-            json!({}),
-        )
-        .await;
-    assert_eq!(status, 202, "{body}");
-    assert_eq!(sys.apply_from(AGENT_TOPIC, before).await, 1);
-    assert_eq!(sys.record(&id).await.state, ConversationState::Queued);
-
-    release.notify_one();
-    turn.await.expect("turn task");
+    let (id, _) = handed_off_during_its_call(&sys, || {
+        json!({"replies": [{"text": "late reply"}]})
+            .to_string()
+            .into_response()
+    })
+    .await;
     let texts = sys.texts(&id).await;
     assert!(
         !texts.iter().any(|t| t == "late reply"),

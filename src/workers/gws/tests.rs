@@ -54,12 +54,18 @@ async fn gws_with_me(
             }),
         )
         .with_state((calls.clone(), status.clone()));
+    let addr = serve(app).await;
+    (addr, calls, status)
+}
+
+/// Serves `app` on a loopback port: its base URL.
+async fn serve(app: Router) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
-    let addr = listener.local_addr().expect("addr");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://{addr}"), calls, status)
+    url
 }
 
 async fn worker(url: &str, dir: &std::path::Path) -> (GwsWorker, Provisioning) {
@@ -302,11 +308,7 @@ async fn completion_with_a_refused_read(me: StatusCode) {
                 }
             }),
         );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let url = serve(app).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let key = EncryptionKey::parse(&"00".repeat(32)).expect("key");
     let db = Provisioning::connect(&dir.path().join("p.db").display().to_string(), &key)
@@ -393,11 +395,7 @@ async fn a_replayed_refusal_is_called_again_not_reconciled() {
                 }
             }),
         );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let url = serve(app).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (w, db) = worker(&url, dir.path()).await;
     let e = completion();
@@ -504,12 +502,8 @@ async fn recording_gws() -> (String, Arc<Mutex<Vec<String>>>, Refusing) {
             }),
         )
         .with_state((seen.clone(), refusing.clone()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://{addr}"), seen, refusing)
+    let addr = serve(app).await;
+    (addr, seen, refusing)
 }
 
 /// A worker whose in-flight window is ten minutes (the 10 s GWS timeout plus a handler
@@ -579,11 +573,7 @@ async fn a_call_that_timed_out_is_still_waited_for() {
             StatusCode::OK
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let url = serve(app).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let key = EncryptionKey::parse(&"00".repeat(32)).expect("key");
     let db = Provisioning::connect(&dir.path().join("p.db").display().to_string(), &key)
