@@ -34,6 +34,12 @@ pub enum AppError {
     Sessions(#[from] crate::stores::session::StoreError),
     #[error("{0}")]
     Roles(String),
+    #[error(
+        "`{0}` holds no embedded bus (no `db` in it); nothing was created there. \
+         `nexus topology apply --bus embedded://{0}` creates one (`nexus dev --data-dir X` keeps \
+         its bus in `X/bus`); a misspelt directory would otherwise get an empty bus of its own"
+    )]
+    NoEmbeddedBus(String),
 }
 
 /// Pods on a broker bus share their state through servers: a pod left on the embedded stores
@@ -111,6 +117,12 @@ pub async fn run(
     };
     check_shared_state(&config, &mode, needs_sessions)?;
     let topology = Arc::new(load_topology(&config)?);
+    // Only `nexus dev` (and `topology apply`) create an embedded bus.
+    if let Ok(bus::BusUrl::Embedded { dir }) = bus::BusUrl::parse(&config.bus.url) {
+        if !matches!(mode, Mode::Dev) && !bus::embedded::holds_bus(&dir) {
+            return Err(AppError::NoEmbeddedBus(dir.display().to_string()));
+        }
+    }
     let bus = bus::connect(&config.bus).await?;
     let provisioning = Arc::new(Provisioning::from_config(&config.stores).await?);
     let sessions = if needs_sessions {
@@ -163,6 +175,18 @@ pub async fn run(
                         .join(", ")
                 )));
             }
+            // A broadcast role (the edges' read of the delivery topic) is `nexus edge`'s: as a
+            // worker it would join a consumer group that acks every event and feeds no socket.
+            if let Some(r) = topology
+                .roles
+                .iter()
+                .find(|r| r.broadcast && roles.contains(&r.name))
+            {
+                return Err(AppError::Roles(format!(
+                    "`{}` is read by every `nexus edge` process (a broadcast role), not by a worker",
+                    r.name
+                )));
+            }
             for role in roles {
                 topology::ensure_role_topics(bus.as_ref(), &topology, role).await?;
             }
@@ -170,6 +194,15 @@ pub async fn run(
         }
     };
 
+    // Bound before any consumer joins its group: a port already taken then fails the start
+    // before a rebalance hands this process partitions it would leave stalled.
+    let bound = server::bind(&config.http).await?;
+    let demo = if matches!(mode, Mode::Dev) {
+        let dir = std::path::Path::new(&config.stores.data_dir);
+        Some(Arc::new(edge::demo::ensure(&provisioning, dir).await?))
+    } else {
+        None
+    };
     let mut tasks: JoinSet<Result<(), AppError>> = JoinSet::new();
     for role in &roles {
         spawn_role(
@@ -191,10 +224,7 @@ pub async fn run(
         sessions,
     );
     state.shutdown = shutdown.clone();
-    if matches!(mode, Mode::Dev) {
-        let dir = std::path::Path::new(&config.stores.data_dir);
-        state.demo = Some(Arc::new(edge::demo::ensure(&provisioning, dir).await?));
-    }
+    state.demo = demo;
     if matches!(mode, Mode::Dev | Mode::Edge) {
         spawn_socket_feed(&mut tasks, &config, &topology, &state, shutdown.clone())?;
         let (sweeper, stop) = (state.clone(), shutdown.clone());
@@ -203,7 +233,6 @@ pub async fn run(
             Ok(())
         });
     }
-    let bound = server::bind(&config.http).await?;
     info!(addr = %bound.addr, tls = bound.is_tls(), "listening");
     let grace = Duration::from_millis(config.http.shutdown_grace_ms);
     let http_shutdown = shutdown.clone();

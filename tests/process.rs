@@ -332,19 +332,40 @@ fn schemas_check_passes_on_the_built_in_schemas() {
     assert!(ok, "{out}{err}");
 }
 
-#[test]
-fn worker_refuses_to_start_when_topics_are_missing() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_refuses_to_start_when_topics_are_missing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let bus = format!("embedded://{}", dir.path().join("bus").display());
-    let (ok, _, err) = run(
-        &["worker", "conversation"],
-        &[
-            ("NEXUS_BUS__URL", bus),
+    let path = dir.path().join("bus");
+    let bus = format!("embedded://{}", path.display());
+    let env = |bus: &str| {
+        [
+            ("NEXUS_BUS__URL", bus.to_string()),
             ("NEXUS_HTTP__LISTEN", LISTEN_ANY.to_string()),
-        ],
-    );
+        ]
+    };
+    // No bus in that directory (a misspelt path): refused, and nothing created there (before,
+    // an empty bus was, and `topology apply` on it gave the worker a bus nobody writes to).
+    let (ok, _, err) = run(&["worker", "conversation"], &env(&bus));
     assert!(!ok);
-    assert!(err.contains("nexus topology apply"), "{err}");
+    assert!(
+        err.contains("holds no embedded bus") && err.contains("nexus topology apply"),
+        "{err}"
+    );
+    assert!(!path.exists(), "a bus was created at {}", path.display());
+    // A bus without the role's topics: refused, saying to run apply.
+    let mut config = nexus::config::Config::defaults().bus;
+    config.url = bus.clone();
+    drop(nexus::bus::connect(&config).await.expect("an empty bus"));
+    let (ok, _, err) = run(&["worker", "conversation"], &env(&bus));
+    assert!(!ok);
+    assert!(
+        err.contains("nexus topology apply") && !err.contains("holds no embedded bus"),
+        "{err}"
+    );
+    // The edges' broadcast read is no worker role.
+    let (ok, _, err) = run(&["worker", "edge"], &env(&bus));
+    assert!(!ok);
+    assert!(err.contains("broadcast role"), "{err}");
 }
 
 /// `nexus replay` from the command line on an embedded bus: the dry run prints the counts and

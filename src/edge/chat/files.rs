@@ -613,13 +613,15 @@ pub async fn sweep(state: AppState, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        sweep_once(&state)
+        sweep_once(&state, &stop)
             .instrument(info_span!("chat_file_sweep"))
             .await;
     }
 }
 
-async fn sweep_once(state: &AppState) {
+/// One sweep, batch by batch until done or `stop` (a backlog of expired files must not hold a
+/// stopping edge past its grace; the next pod's sweep goes on).
+async fn sweep_once(state: &AppState, stop: &CancellationToken) {
     let now = now_ms();
     // A transcript names a file until `closed_retention_s` after its chat closed, which comes
     // after the file expired: a live chat closes within 30 days of its last activity (async:
@@ -634,8 +636,11 @@ async fn sweep_once(state: &AppState) {
     let keep_ms = i64::try_from(keep_s.saturating_mul(1000)).unwrap_or(i64::MAX);
     let p = &state.provisioning;
     let (swept, forgotten) = (
-        in_batches(|| p.sweep_files(now, SWEEP_BATCH)).await,
-        in_batches(|| p.forget_swept_files(now.saturating_sub(keep_ms), SWEEP_BATCH)).await,
+        in_batches(stop, || p.sweep_files(now, SWEEP_BATCH)).await,
+        in_batches(stop, || {
+            p.forget_swept_files(now.saturating_sub(keep_ms), SWEEP_BATCH)
+        })
+        .await,
     );
     metrics::counter!(m::CHAT_FILES_EXPIRED_TOTAL).increment(swept.0);
     for ((n, outcome), what) in [(swept, "emptied"), (forgotten, "forgotten")] {
@@ -650,15 +655,21 @@ async fn sweep_once(state: &AppState) {
     }
 }
 
-/// Runs `step` (one statement of up to [`SWEEP_BATCH`] rows) until a batch comes back short;
-/// the rows it took in all, and how it ended.
-async fn in_batches<F, Fut>(mut step: F) -> (u64, Result<(), ProvisioningError>)
+/// Runs `step` (one statement of up to [`SWEEP_BATCH`] rows) until a batch comes back short or
+/// `stop`; the rows it took in all, and how it ended.
+async fn in_batches<F, Fut>(
+    stop: &CancellationToken,
+    mut step: F,
+) -> (u64, Result<(), ProvisioningError>)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<u64, ProvisioningError>>,
 {
     let mut total = 0;
     loop {
+        if stop.is_cancelled() {
+            return (total, Ok(()));
+        }
         match step().await {
             Ok(n) => {
                 total += n;
@@ -674,6 +685,30 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sweep of a large backlog stops between two batches once the process stops (the
+    /// next pod's sweep goes on), instead of running statement after statement past the
+    /// pod's grace.
+    #[tokio::test]
+    async fn a_sweep_stops_between_batches() {
+        let stop = CancellationToken::new();
+        let steps = std::sync::atomic::AtomicUsize::new(0);
+        let swept = tokio::time::timeout(
+            Duration::from_secs(5),
+            in_batches(&stop, || {
+                let n = steps.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if n == 0 {
+                    stop.cancel();
+                }
+                // Full batches for ever: only the stop ends it.
+                async { Ok(SWEEP_BATCH as u64) }
+            }),
+        )
+        .await
+        .expect("the sweep stopped");
+        assert!(matches!(swept, (500, Ok(()))), "{swept:?}");
+        assert_eq!(steps.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
 
     #[test]
     fn names_keep_the_last_component_without_controls() {

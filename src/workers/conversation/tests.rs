@@ -1332,6 +1332,31 @@ async fn user_data_stays_within_the_limit_when_updates_race() {
     );
 }
 
+/// A stopping process fires no more timers: a pass begun is left between two timers, and the
+/// timers it claimed go back due at once (for another pod, not after their lease).
+#[tokio::test]
+async fn a_stopping_timer_pass_gives_back_what_it_claimed() {
+    use crate::stores::session::Timer;
+    let rig = rig().await;
+    let timer = Timer {
+        kind: flow::QUEUED_TIMER.into(),
+        tenant_id: rig.tenant.clone(),
+        id: CONVERSATION.into(),
+    };
+    rig.store.schedule(&timer, 1_000).await.expect("schedule");
+    let stop = tokio_util::sync::CancellationToken::new();
+    stop.cancel();
+    timers::fire_due(&rig.worker, 1_000, &stop).await;
+    assert_eq!(
+        rig.store
+            .claim_due(flow::QUEUED_TIMER, 1_000, 10)
+            .await
+            .expect("claim"),
+        vec![timer],
+        "the timer is still due, not fired nor leased"
+    );
+}
+
 /// A firing timer that moves itself by exactly the claim's lease (`requeue_interval_ms` of
 /// 30 s here) keeps the move: completing the firing must not take it for a timer left on its
 /// lease and remove it.

@@ -37,12 +37,20 @@ pub async fn run(worker: Arc<ConversationWorker>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        run_once(&worker, chrono::Utc::now().timestamp_millis()).await;
+        fire_due(&worker, chrono::Utc::now().timestamp_millis(), &stop).await;
     }
 }
 
-/// Claims and fires every timer due at `now`, kind by kind.
+/// [`fire_due`] with no stop (tests).
+#[cfg(test)]
 pub(super) async fn run_once(worker: &ConversationWorker, now: i64) {
+    fire_due(worker, now, &CancellationToken::new()).await;
+}
+
+/// Claims and fires every timer due at `now`, kind by kind, until `stop`: a pass over many
+/// timers (each may publish) must not hold a stopping process past its grace. Timers claimed
+/// and not fired by then go back due at once, for another pod, rather than after their lease.
+pub(super) async fn fire_due(worker: &ConversationWorker, now: i64, stop: &CancellationToken) {
     for kind in [
         OFFER_TIMER,
         QUEUED_TIMER,
@@ -56,12 +64,18 @@ pub(super) async fn run_once(worker: &ConversationWorker, now: i64) {
         async {
                 match worker.store.claim_due(kind, now, CLAIM_BATCH).await {
                     Ok(due) => {
-                        for timer in due {
+                        for (i, timer) in due.iter().enumerate() {
+                            if stop.is_cancelled() {
+                                for rest in &due[i..] {
+                                    let _ = worker.store.schedule(rest, now).await;
+                                }
+                                break;
+                            }
                             metrics::counter!(m::TIMERS_FIRED_TOTAL, "kind" => kind).increment(1);
-                            match fire(worker, &timer, now).await {
+                            match fire(worker, timer, now).await {
                                 // Done: end the lease (a timer the action moved stays moved).
                                 Ok(()) => {
-                                    if let Err(e) = worker.store.complete_timer(&timer, now).await {
+                                    if let Err(e) = worker.store.complete_timer(timer, now).await {
                                         // It fires again after the lease; actions are idempotent.
                                         warn!(error = %e, conversation_id = %timer.id, "cannot complete a fired timer");
                                     }
@@ -70,7 +84,7 @@ pub(super) async fn run_once(worker: &ConversationWorker, now: i64) {
                                     // Not acted on: due again soon rather than after the lease.
                                     warn!(error = %e, conversation_id = %timer.id, "timer failed; retried");
                                     metrics::counter!(m::TIMER_ERRORS_TOTAL, "kind" => kind).increment(1);
-                                    let _ = worker.store.schedule(&timer, now.saturating_add(1_000)).await;
+                                    let _ = worker.store.schedule(timer, now.saturating_add(1_000)).await;
                                 }
                             }
                         }
@@ -83,6 +97,9 @@ pub(super) async fn run_once(worker: &ConversationWorker, now: i64) {
             }
             .instrument(span)
             .await;
+        if stop.is_cancelled() {
+            return;
+        }
     }
 }
 
