@@ -87,24 +87,7 @@ async fn harness(backend: Backend) -> Harness {
     let mut config = Config::defaults();
     config.bus = common::bus_config("embedded", Some(&dir.path().join("bus")));
     config.http.admin_token = TOKEN.into();
-    let bus = nexus::bus::connect(&config.bus).await.expect("bus");
-    // Some admin writes publish (an agent's profile, its not-ready state on delete).
-    for spec in nexus::topology::Topology::builtin().topic_specs() {
-        bus.apply_topic(&spec).await.expect("topic");
-    }
-    let sessions: Arc<dyn nexus::stores::session::SessionStore> = Arc::new(
-        nexus::stores::session::embedded::EmbeddedStore::open(&dir.path().join("sessions"))
-            .await
-            .expect("session store"),
-    );
-    let state = AppState::new(
-        Arc::new(config),
-        bus,
-        Arc::new(nexus::topology::Topology::builtin()),
-        nexus::telemetry::init_metrics(),
-        Arc::new(provisioning),
-        sessions,
-    );
+    let state = pod_state(config, dir.path(), provisioning).await;
     Harness {
         state,
         raw,
@@ -112,6 +95,29 @@ async fn harness(backend: Backend) -> Harness {
         target,
         _dir: dir,
     }
+}
+
+/// A pod's state on `provisioning`: `config`'s embedded bus with the built-in topics (some
+/// admin writes publish: an agent's profile, its not-ready state on delete) and an embedded
+/// session store, both under `dir`.
+async fn pod_state(config: Config, dir: &std::path::Path, provisioning: Provisioning) -> AppState {
+    let bus = nexus::bus::connect(&config.bus).await.expect("bus");
+    for spec in nexus::topology::Topology::builtin().topic_specs() {
+        bus.apply_topic(&spec).await.expect("topic");
+    }
+    let sessions: Arc<dyn nexus::stores::session::SessionStore> = Arc::new(
+        nexus::stores::session::embedded::EmbeddedStore::open(&dir.join("sessions"))
+            .await
+            .expect("session store"),
+    );
+    AppState::new(
+        Arc::new(config),
+        bus,
+        Arc::new(nexus::topology::Topology::builtin()),
+        nexus::telemetry::init_metrics(),
+        Arc::new(provisioning),
+        sessions,
+    )
 }
 
 impl Harness {
@@ -1073,28 +1079,15 @@ async fn a_stream_on_another_pod_ends_within_the_cache_ttl(backend: Backend) {
     let mut config = Config::defaults();
     config.bus = common::bus_config("embedded", Some(&dir.path().join("bus")));
     config.stores.auth_cache_ttl_ms = 2_000;
-    let bus = nexus::bus::connect(&config.bus).await.expect("bus");
-    for spec in nexus::topology::Topology::builtin().topic_specs() {
-        bus.apply_topic(&spec).await.expect("topic");
-    }
-    let sessions: Arc<dyn nexus::stores::session::SessionStore> = Arc::new(
-        nexus::stores::session::embedded::EmbeddedStore::open(&dir.path().join("sessions"))
+    let pod_b = pod_state(
+        config,
+        dir.path(),
+        Provisioning::connect(&h.target, &EncryptionKey::generate())
             .await
-            .expect("session store"),
-    );
-    let pod_b = AppState::new(
-        Arc::new(config),
-        bus,
-        Arc::new(nexus::topology::Topology::builtin()),
-        nexus::telemetry::init_metrics(),
-        Arc::new(
-            Provisioning::connect(&h.target, &EncryptionKey::generate())
-                .await
-                .expect("pod B's store")
-                .with_auth_cache_ttl(ttl),
-        ),
-        sessions,
-    );
+            .expect("pod B's store")
+            .with_auth_cache_ttl(ttl),
+    )
+    .await;
     let session = common::fixtures::start(&pod_b, &raw, "Ed").await;
     let opened = tokio::time::Instant::now();
     let request = Request::get(format!(

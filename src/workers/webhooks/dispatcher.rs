@@ -1495,6 +1495,8 @@ fn still_ours(msg: &Claimed, answer: Result<bool, super::store::StoreError>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stores::provisioning::webhooks::NewWebhook;
+    use crate::stores::provisioning::{NewTenant, Tenant};
 
     fn claimed(tenant: &str, webhook: &str, n: usize) -> Claimed {
         Claimed::first(NewMessage {
@@ -1539,6 +1541,31 @@ mod tests {
 
     /// A dispatcher over a SQLite log and an embedded bus in `dir`, sending through the
     /// worker's client under `allow_private_targets`.
+    /// A tenant with one standard subscription at `url`; its id.
+    async fn tenant_with_webhook(prov: &Provisioning, url: &str) -> (Tenant, String) {
+        let tenant = prov
+            .create_tenant(NewTenant { name: "t".into() })
+            .await
+            .expect("tenant");
+        let hook = prov
+            .create_webhook(
+                &tenant.id,
+                NewWebhook {
+                    url: url.into(),
+                    events: None,
+                    media: None,
+                    format: WebhookFormat::Standard,
+                    enabled: None,
+                    secret: None,
+                },
+            )
+            .await
+            .expect("webhook")
+            .webhook
+            .id;
+        (tenant, hook)
+    }
+
     async fn dispatcher(dir: &std::path::Path, allow_private: bool) -> Dispatcher {
         dispatcher_with(dir, allow_private).await.0
     }
@@ -1580,8 +1607,6 @@ mod tests {
     #[tokio::test]
     async fn the_periodic_pass_leaves_a_fresh_disable_to_its_sender() {
         use crate::bus::{Bus, TopicSpec};
-        use crate::stores::provisioning::webhooks::NewWebhook;
-        use crate::stores::provisioning::NewTenant;
 
         let dir = tempfile::tempdir().expect("tempdir");
         let (d, prov, bus) = dispatcher_with(dir.path(), false).await;
@@ -1607,26 +1632,7 @@ mod tests {
             }
             n
         };
-        let tenant = prov
-            .create_tenant(NewTenant { name: "t".into() })
-            .await
-            .expect("tenant");
-        let hook = prov
-            .create_webhook(
-                &tenant.id,
-                NewWebhook {
-                    url: "https://hooks.example.com/in".into(),
-                    events: None,
-                    media: None,
-                    format: WebhookFormat::Standard,
-                    enabled: None,
-                    secret: None,
-                },
-            )
-            .await
-            .expect("webhook")
-            .webhook
-            .id;
+        let (_, hook) = tenant_with_webhook(&prov, "https://hooks.example.com/in").await;
         let since = prov.webhook_failed(&hook, now_ms()).await.expect("failed");
         assert!(prov
             .disable_webhook(&hook, "down", since)
@@ -1715,8 +1721,6 @@ mod tests {
     /// process held goes back at once instead of waiting out its lease (timeout + 5 s).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stop_finishes_the_attempts_under_way_and_gives_back_the_held_ones() {
-        use crate::stores::provisioning::webhooks::NewWebhook;
-        use crate::stores::provisioning::NewTenant;
         use std::sync::atomic::{AtomicUsize, Ordering};
 
         // A receiver that answers after 1.5 s: longer than the log writer's drain used to wait.
@@ -1744,26 +1748,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let defaults = crate::config::Config::defaults();
         let prov = Arc::new(Provisioning::temporary(&dir.path().join("db")).await);
-        let tenant = prov
-            .create_tenant(NewTenant { name: "t".into() })
-            .await
-            .expect("tenant");
-        let hook = prov
-            .create_webhook(
-                &tenant.id,
-                NewWebhook {
-                    url: format!("http://{addr}/slow"),
-                    events: None,
-                    media: None,
-                    format: WebhookFormat::Standard,
-                    enabled: None,
-                    secret: None,
-                },
-            )
-            .await
-            .expect("webhook")
-            .webhook
-            .id;
+        let (tenant, hook) = tenant_with_webhook(&prov, &format!("http://{addr}/slow")).await;
         let store = MessageStore::new(prov.pool().clone(), prov.kind());
         let now = now_ms();
         for n in 1..=2 {
